@@ -1,0 +1,320 @@
+//! Primitive encodings shared by every message: big-endian integers, `u16`-length UTF-8
+//! strings, `u32`-length byte strings, `u8`-tagged options and `u32`-counted arrays.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+
+/// A value with a wire encoding.
+pub trait Wire: Sized {
+    fn encode(&self, buf: &mut BytesMut);
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError>;
+
+    /// Encodes into a fresh buffer.
+    fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+
+    /// Decodes exactly one value from `bytes`; trailing bytes are an error.
+    fn from_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let value = Self::decode(&mut reader)?;
+        reader.finish()?;
+        Ok(value)
+    }
+}
+
+/// A cursor over shared bytes; byte-string fields are zero-copy slices of it.
+#[derive(Debug)]
+pub struct Reader {
+    bytes: Bytes,
+}
+
+impl Reader {
+    pub fn new(bytes: Bytes) -> Reader {
+        Reader { bytes }
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn finish(self) -> Result<(), DecodeError> {
+        match self.bytes.len() {
+            0 => Ok(()),
+            extra => Err(DecodeError::TrailingBytes(extra)),
+        }
+    }
+
+    fn need(&self, field: &'static str, needed: usize) -> Result<(), DecodeError> {
+        if self.bytes.len() < needed {
+            return Err(DecodeError::Truncated {
+                field,
+                needed,
+                available: self.bytes.len(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn take(&mut self, field: &'static str, len: usize) -> Result<Bytes, DecodeError> {
+        self.need(field, len)?;
+        Ok(self.bytes.split_to(len))
+    }
+
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        self.need(field, 1)?;
+        Ok(self.bytes.get_u8())
+    }
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        self.need(field, 2)?;
+        Ok(self.bytes.get_u16())
+    }
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        self.need(field, 4)?;
+        Ok(self.bytes.get_u32())
+    }
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        self.need(field, 8)?;
+        Ok(self.bytes.get_u64())
+    }
+
+    /// An array count, bounded by the bytes left (every element takes at least one byte), so a
+    /// hostile count cannot make the decoder allocate.
+    pub fn count(&mut self, field: &'static str) -> Result<usize, DecodeError> {
+        let count = self.u32(field)? as usize;
+        if count > self.bytes.len() {
+            return Err(DecodeError::Truncated {
+                field,
+                needed: count,
+                available: self.remaining(),
+            });
+        }
+        Ok(count)
+    }
+}
+
+macro_rules! wire_int {
+    ($($ty:ty => $read:ident, $put:ident;)*) => {$(
+        impl Wire for $ty {
+            fn encode(&self, buf: &mut BytesMut) {
+                buf.$put(*self);
+            }
+            fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+                Ok(reader.$read(stringify!($ty))? as $ty)
+            }
+        }
+    )*};
+}
+
+wire_int! {
+    u8 => u8, put_u8;
+    i8 => u8, put_i8;
+    u16 => u16, put_u16;
+    i16 => u16, put_i16;
+    u32 => u32, put_u32;
+    i32 => u32, put_i32;
+    u64 => u64, put_u64;
+    i64 => u64, put_i64;
+}
+
+impl Wire for bool {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u8(u8::from(*self));
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        match reader.u8("bool")? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(DecodeError::InvalidValue {
+                field: "bool",
+                value: i64::from(other),
+            }),
+        }
+    }
+}
+
+/// Strings are at most `u16::MAX` bytes; names in Ketch are far shorter. Longer strings are a
+/// caller bug and are truncated at a character boundary rather than corrupting the frame.
+impl Wire for String {
+    fn encode(&self, buf: &mut BytesMut) {
+        let mut end = self.len().min(usize::from(u16::MAX));
+        while !self.is_char_boundary(end) {
+            end -= 1;
+        }
+        buf.put_u16(end as u16);
+        buf.put_slice(&self.as_bytes()[..end]);
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        let len = reader.u16("string length")?;
+        let bytes = reader.take("string", usize::from(len))?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { field: "string" })
+    }
+}
+
+impl Wire for Bytes {
+    fn encode(&self, buf: &mut BytesMut) {
+        assert!(self.len() <= u32::MAX as usize, "byte string over 4 GiB");
+        buf.put_u32(self.len() as u32);
+        buf.put_slice(self);
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        let len = reader.u32("bytes length")?;
+        reader.take("bytes", len as usize)
+    }
+}
+
+impl<T: Wire> Wire for Option<T> {
+    fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            None => buf.put_u8(0),
+            Some(value) => {
+                buf.put_u8(1);
+                value.encode(buf);
+            }
+        }
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        match reader.u8("option tag")? {
+            0 => Ok(None),
+            1 => Ok(Some(T::decode(reader)?)),
+            other => Err(DecodeError::InvalidValue {
+                field: "option tag",
+                value: i64::from(other),
+            }),
+        }
+    }
+}
+
+impl<T: Wire> Wire for Vec<T> {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u32(self.len() as u32);
+        for item in self {
+            item.encode(buf);
+        }
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        let count = reader.count("array count")?;
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(T::decode(reader)?);
+        }
+        Ok(items)
+    }
+}
+
+/// Deterministic pseudo-random values for round-trip tests of every message.
+#[cfg(test)]
+pub(crate) mod sample {
+    use bytes::Bytes;
+
+    /// SplitMix64: tiny, seedable, good enough to vary field values.
+    #[derive(Debug)]
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    pub trait Sample {
+        fn sample(rng: &mut Rng) -> Self;
+    }
+
+    macro_rules! sample_int {
+        ($($ty:ty),*) => {$(
+            impl Sample for $ty {
+                fn sample(rng: &mut Rng) -> Self {
+                    // Favour edge values: they are where codecs break.
+                    match rng.below(4) {
+                        0 => <$ty>::MIN,
+                        1 => <$ty>::MAX,
+                        _ => rng.next() as $ty,
+                    }
+                }
+            }
+        )*};
+    }
+    sample_int!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+    impl Sample for bool {
+        fn sample(rng: &mut Rng) -> Self {
+            rng.below(2) == 1
+        }
+    }
+    impl Sample for String {
+        fn sample(rng: &mut Rng) -> Self {
+            const ALPHABET: &[char] = &['a', 'z', '0', '-', '.', '_', 'é', '日', '🦀'];
+            let len = rng.below(12) as usize;
+            (0..len)
+                .map(|_| ALPHABET[rng.below(ALPHABET.len() as u64) as usize])
+                .collect()
+        }
+    }
+    impl Sample for Bytes {
+        fn sample(rng: &mut Rng) -> Self {
+            let len = rng.below(40) as usize;
+            (0..len)
+                .map(|_| rng.next() as u8)
+                .collect::<Vec<u8>>()
+                .into()
+        }
+    }
+    impl<T: Sample> Sample for Option<T> {
+        fn sample(rng: &mut Rng) -> Self {
+            (rng.below(3) > 0).then(|| T::sample(rng))
+        }
+    }
+    impl<T: Sample> Sample for Vec<T> {
+        fn sample(rng: &mut Rng) -> Self {
+            let len = rng.below(4) as usize;
+            (0..len).map(|_| T::sample(rng)).collect()
+        }
+    }
+}
+
+/// Defines a struct whose wire encoding is its fields in declaration order.
+macro_rules! wire_struct {
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    )*) => {$(
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Default)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $crate::wire::Wire for $name {
+            #[allow(unused_variables)]
+            fn encode(&self, buf: &mut ::bytes::BytesMut) {
+                $( $crate::wire::Wire::encode(&self.$field, buf); )*
+            }
+            #[allow(unused_variables)]
+            fn decode(reader: &mut $crate::wire::Reader) -> Result<Self, $crate::error::DecodeError> {
+                Ok($name { $( $field: <$ty as $crate::wire::Wire>::decode(reader)?, )* })
+            }
+        }
+
+        #[cfg(test)]
+        impl $crate::wire::sample::Sample for $name {
+            #[allow(unused_variables)]
+            fn sample(rng: &mut $crate::wire::sample::Rng) -> Self {
+                $name { $( $field: $crate::wire::sample::Sample::sample(rng), )* }
+            }
+        }
+    )*};
+}
+pub(crate) use wire_struct;
