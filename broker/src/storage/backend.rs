@@ -1,0 +1,116 @@
+//! The file backend: the only door from storage to the disk.
+//!
+//! Storage needs few operations (positioned reads and writes, `set_len`, `fdatasync`, a directory
+//! listing, create/remove/rename, and a directory sync) and keeps them behind two small traits so
+//! the same code runs on the real file system ([`StdBackend`]) and on the deterministic in-memory
+//! simulator ([`super::sim::SimBackend`]) that models what survives a crash.
+
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One open file. Every method is positioned; there is no cursor, so one handle serves the
+/// writer thread and any number of readers at once.
+pub trait StorageFile: Send + Sync + Debug {
+    /// Fills `buf` from `position`; fails with `UnexpectedEof` if the file is shorter.
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `position`, extending the file if needed.
+    fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()>;
+    /// Truncates or extends (with zeros) the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Makes the written bytes and the length durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// A directory of files. Paths are the directory joined with a plain file name.
+pub trait FileBackend: Send + Sync + Debug + 'static {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// File names (not paths) in `dir`, in no particular order.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates the file, or truncates it to zero if it exists; opened for reading and writing.
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Unlinks a file. Open handles keep working (POSIX semantics).
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creations, removals, renames) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real file system through `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdBackend;
+
+#[derive(Debug)]
+struct StdFile {
+    file: File,
+}
+
+impl StorageFile for StdFile {
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, position)
+    }
+
+    fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, position)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+impl FileBackend for StdBackend {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(Arc::new(StdFile { file }))
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Arc::new(StdFile { file }))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}

@@ -1,0 +1,505 @@
+//! One segment: a `.log` file of batches plus its two indexes, and the scans over it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ketch_protocol::batch::{BATCH_HEADER_BYTES, BatchHeader, verify_crc};
+
+use super::backend::{FileBackend, StorageFile};
+use super::error::StorageError;
+use super::index::{
+    SegmentIndex, decode_offsets, decode_times, encode_offsets, encode_times, relative,
+};
+use super::{RECOVERY_CHUNK_BYTES, SCAN_CHUNK_BYTES};
+
+pub(crate) const LOG_EXTENSION: &str = "log";
+pub(crate) const OFFSET_INDEX_EXTENSION: &str = "index";
+pub(crate) const TIME_INDEX_EXTENSION: &str = "timeindex";
+
+/// `00000000000000000042.log`: the base offset, 20 digits, so names sort like offsets.
+pub(crate) fn segment_file_name(base_offset: i64, extension: &str) -> String {
+    assert!(base_offset >= 0, "negative base offset {base_offset}");
+    format!("{base_offset:020}.{extension}")
+}
+
+/// The base offset named by a segment file name with `extension`, if it is one.
+pub(crate) fn parse_segment_file_name(name: &str, extension: &str) -> Option<i64> {
+    let stem = name.strip_suffix(extension)?.strip_suffix('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub base_offset: i64,
+    pub log_path: PathBuf,
+    pub offset_index_path: PathBuf,
+    pub time_index_path: PathBuf,
+    pub log: Arc<dyn StorageFile>,
+    pub offset_index_file: Arc<dyn StorageFile>,
+    pub time_index_file: Arc<dyn StorageFile>,
+    /// Bytes written to the log file.
+    pub size: u64,
+    /// Bytes of batches below the high watermark: what readers may see.
+    pub committed_size: u64,
+    /// Offset after the last batch written.
+    pub next_offset: i64,
+    pub index: SegmentIndex,
+    /// `now_ms` of the first append into this segment since it was created or opened.
+    pub first_append_ms: Option<i64>,
+}
+
+pub(crate) struct SegmentPaths {
+    pub log: PathBuf,
+    pub offset_index: PathBuf,
+    pub time_index: PathBuf,
+}
+
+impl SegmentPaths {
+    pub fn new(dir: &Path, base_offset: i64) -> SegmentPaths {
+        SegmentPaths {
+            log: dir.join(segment_file_name(base_offset, LOG_EXTENSION)),
+            offset_index: dir.join(segment_file_name(base_offset, OFFSET_INDEX_EXTENSION)),
+            time_index: dir.join(segment_file_name(base_offset, TIME_INDEX_EXTENSION)),
+        }
+    }
+}
+
+impl Segment {
+    /// Creates the three (empty) files of a new segment. The caller syncs the directory.
+    pub fn create(
+        backend: &dyn FileBackend,
+        dir: &Path,
+        base_offset: i64,
+    ) -> Result<Segment, StorageError> {
+        let paths = SegmentPaths::new(dir, base_offset);
+        let create = |path: &PathBuf| {
+            backend.create(path).map_err(|e| StorageError::io("create", path.clone(), e))
+        };
+        Ok(Segment {
+            base_offset,
+            log: create(&paths.log)?,
+            offset_index_file: create(&paths.offset_index)?,
+            time_index_file: create(&paths.time_index)?,
+            log_path: paths.log,
+            offset_index_path: paths.offset_index,
+            time_index_path: paths.time_index,
+            size: 0,
+            committed_size: 0,
+            next_offset: base_offset,
+            index: SegmentIndex::new(),
+            first_append_ms: None,
+        })
+    }
+
+    pub fn max_timestamp(&self) -> i64 {
+        self.index.cursor.max_timestamp
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Where a read for `offset` (inside this segment) may start, bounded by `committed_size`.
+    pub fn read_plan(&self, offset: i64, segment_end_offset: i64) -> ReadPlan {
+        let floor = self.index.floor(relative(self.base_offset, offset));
+        ReadPlan {
+            log: self.log.clone(),
+            path: self.log_path.clone(),
+            segment_end_offset,
+            start_position: u64::from(floor.position),
+            start_offset: self.base_offset + i64::from(floor.relative_offset),
+            limit: self.committed_size,
+        }
+    }
+
+    pub fn files(&self) -> [(&Arc<dyn StorageFile>, &PathBuf); 3] {
+        [
+            (&self.log, &self.log_path),
+            (&self.offset_index_file, &self.offset_index_path),
+            (&self.time_index_file, &self.time_index_path),
+        ]
+    }
+
+}
+
+/// What a reader needs from a segment, copied out under the lock so the I/O runs without it.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadPlan {
+    pub log: Arc<dyn StorageFile>,
+    pub path: PathBuf,
+    /// The next segment's base offset (or the log end): no batch here reaches it.
+    pub segment_end_offset: i64,
+    /// A batch boundary at or before the wanted offset, from the index.
+    pub start_position: u64,
+    /// The base offset of the batch at `start_position`.
+    pub start_offset: i64,
+    /// Readers never look at or past this byte.
+    pub limit: u64,
+}
+
+impl ReadPlan {
+    pub fn corrupt(&self, position: u64, reason: impl Into<String>) -> StorageError {
+        StorageError::Corrupt { segment: self.path.clone(), position, reason: reason.into() }
+    }
+
+    /// Walks batch headers from the plan's start, checking they are dense, and returns the
+    /// first batch for which `stop` says yes, or `None` if the limit comes first.
+    pub fn find(
+        &self,
+        mut stop: impl FnMut(&BatchHeader) -> bool,
+    ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
+        let mut expected = self.start_offset;
+        let mut found = None;
+        let end = scan_headers(
+            self.log.as_ref(),
+            &self.path,
+            self.start_position,
+            self.limit,
+            |position, header| {
+                if header.base_offset != expected {
+                    return Err(format!(
+                        "batch base offset {} where {} was expected",
+                        header.base_offset, expected
+                    ));
+                }
+                if header.next_offset() > self.segment_end_offset {
+                    return Err(format!(
+                        "batch ends at offset {} past the segment end {}",
+                        header.next_offset(),
+                        self.segment_end_offset
+                    ));
+                }
+                expected = header.next_offset();
+                if stop(header) {
+                    found = Some((position, *header));
+                    return Ok(false);
+                }
+                Ok(true)
+            },
+        )?;
+        match end {
+            ScanEnd::Broken { position, reason } => Err(self.corrupt(position, reason)),
+            ScanEnd::Limit | ScanEnd::Stopped => Ok(found),
+        }
+    }
+}
+
+pub(crate) enum ScanEnd {
+    /// Every batch up to the limit was visited.
+    Limit,
+    /// The visitor asked to stop.
+    Stopped,
+    /// A header failed to parse, ran past the limit, or the visitor rejected it.
+    Broken { position: u64, reason: String },
+}
+
+/// Visits the batch headers of `file` from `start` to `limit` (reading headers only, in chunks).
+/// `visit(position, header)` returns `Ok(true)` to go on, `Ok(false)` to stop, or `Err(reason)`
+/// to report the batch as broken.
+pub(crate) fn scan_headers(
+    file: &dyn StorageFile,
+    path: &Path,
+    start: u64,
+    limit: u64,
+    mut visit: impl FnMut(u64, &BatchHeader) -> Result<bool, String>,
+) -> Result<ScanEnd, StorageError> {
+    let mut chunk = vec![0u8; SCAN_CHUNK_BYTES];
+    let mut chunk_start = 0u64;
+    let mut chunk_len = 0usize;
+    let mut position = start;
+    while position < limit {
+        let header_end = position + BATCH_HEADER_BYTES as u64;
+        if header_end > limit {
+            return Ok(ScanEnd::Broken { position, reason: "truncated batch header".into() });
+        }
+        if position < chunk_start || header_end > chunk_start + chunk_len as u64 {
+            let len = (limit - position).min(SCAN_CHUNK_BYTES as u64) as usize;
+            file.read_at(&mut chunk[..len], position)
+                .map_err(|e| StorageError::io("read", path, e))?;
+            chunk_start = position;
+            chunk_len = len;
+        }
+        let at = (position - chunk_start) as usize;
+        let header = match BatchHeader::parse(&chunk[at..chunk_len]) {
+            Ok(header) => header,
+            Err(e) => return Ok(ScanEnd::Broken { position, reason: e.to_string() }),
+        };
+        let batch_end = position + header.total_bytes() as u64;
+        if batch_end > limit {
+            return Ok(ScanEnd::Broken { position, reason: "batch runs past the end".into() });
+        }
+        match visit(position, &header) {
+            Ok(true) => position = batch_end,
+            Ok(false) => return Ok(ScanEnd::Stopped),
+            Err(reason) => return Ok(ScanEnd::Broken { position, reason }),
+        }
+    }
+    Ok(ScanEnd::Limit)
+}
+
+/// The result of validating a log file batch by batch (header, CRC, dense offsets).
+#[derive(Debug)]
+pub(crate) struct TailScan {
+    /// Bytes of valid batches from the start of the file.
+    pub valid_bytes: u64,
+    pub next_offset: i64,
+    pub index: SegmentIndex,
+    /// Why the scan stopped before the end of the file, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Reads the whole log file, checking every batch, and rebuilds the index as it goes.
+pub(crate) fn scan_log_fully(
+    file: &dyn StorageFile,
+    path: &Path,
+    size: u64,
+    base_offset: i64,
+    index_interval_bytes: u32,
+) -> Result<TailScan, StorageError> {
+    let mut buffer = vec![0u8; RECOVERY_CHUNK_BYTES];
+    let mut buffer_start = 0u64;
+    let mut buffer_len = 0usize;
+    let mut index = SegmentIndex::new();
+    let mut position = 0u64;
+    let mut expected = base_offset;
+    let mut stopped = None;
+    // Makes `[position, position + len)` available in the buffer.
+    let ensure = |position: u64,
+                      len: usize,
+                      buffer: &mut Vec<u8>,
+                      buffer_start: &mut u64,
+                      buffer_len: &mut usize|
+     -> Result<usize, StorageError> {
+        let end = position + len as u64;
+        if position < *buffer_start || end > *buffer_start + *buffer_len as u64 {
+            let read = (size - position).min(RECOVERY_CHUNK_BYTES.max(len) as u64) as usize;
+            if buffer.len() < read {
+                buffer.resize(read, 0);
+            }
+            file.read_at(&mut buffer[..read], position)
+                .map_err(|e| StorageError::io("read", path, e))?;
+            *buffer_start = position;
+            *buffer_len = read;
+        }
+        Ok((position - *buffer_start) as usize)
+    };
+    while position < size {
+        if size - position < BATCH_HEADER_BYTES as u64 {
+            stopped = Some("torn batch header".to_owned());
+            break;
+        }
+        let at = ensure(position, BATCH_HEADER_BYTES, &mut buffer, &mut buffer_start, &mut buffer_len)?;
+        let header = match BatchHeader::parse(&buffer[at..buffer_len]) {
+            Ok(header) => header,
+            Err(e) => {
+                stopped = Some(format!("bad batch header: {e}"));
+                break;
+            }
+        };
+        let total = header.total_bytes();
+        if position + total as u64 > size {
+            stopped = Some("torn batch".to_owned());
+            break;
+        }
+        let at = ensure(position, total, &mut buffer, &mut buffer_start, &mut buffer_len)?;
+        if let Err(e) = verify_crc(&buffer[at..at + total]) {
+            stopped = Some(format!("bad batch: {e}"));
+            break;
+        }
+        if header.base_offset != expected {
+            stopped = Some(format!(
+                "batch base offset {} where {expected} was expected",
+                header.base_offset
+            ));
+            break;
+        }
+        if i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1 {
+            stopped = Some("batch offsets are not dense".to_owned());
+            break;
+        }
+        index.observe(base_offset, position as u32, &header, index_interval_bytes);
+        expected = header.next_offset();
+        position += total as u64;
+    }
+    Ok(TailScan { valid_bytes: position, next_offset: expected, index, stopped })
+}
+
+/// Rebuilds a sealed segment's index from its log, reading headers only. Returns the index,
+/// the offset after the last batch reached and, if the header chain breaks before the end,
+/// where and why.
+pub(crate) fn rebuild_sealed_index(
+    file: &dyn StorageFile,
+    path: &Path,
+    size: u64,
+    base_offset: i64,
+    index_interval_bytes: u32,
+) -> Result<(SegmentIndex, i64, Option<(u64, String)>), StorageError> {
+    let mut index = SegmentIndex::new();
+    let mut expected = base_offset;
+    let end = scan_headers(file, path, 0, size, |position, header| {
+        if header.base_offset != expected {
+            return Err(format!("batch base offset {} where {expected} was expected", header.base_offset));
+        }
+        index.observe(base_offset, position as u32, header, index_interval_bytes);
+        expected = header.next_offset();
+        Ok(true)
+    })?;
+    index.seal(base_offset);
+    let broken = match end {
+        ScanEnd::Broken { position, reason } => Some((position, reason)),
+        ScanEnd::Limit | ScanEnd::Stopped => None,
+    };
+    Ok((index, expected, broken))
+}
+
+/// Loads a sealed segment's index from its files and checks it against the log cheaply:
+/// structure, then the tail of the log after the last offset entry (dense, ends exactly at
+/// the next segment's base offset, every batch there within one interval of the entry and
+/// no later than the seal entry's timestamp), then the seal entry itself.
+pub(crate) fn load_sealed_index(
+    segment: &Segment,
+    offset_index_bytes: &[u8],
+    time_index_bytes: &[u8],
+    next_segment_base_offset: i64,
+    index_interval_bytes: u32,
+) -> Result<Result<SegmentIndex, String>, StorageError> {
+    let relative_end = (next_segment_base_offset - segment.base_offset).max(0) as u64;
+    let offsets = match decode_offsets(offset_index_bytes, segment.size, relative_end) {
+        Ok(offsets) => offsets,
+        Err(reason) => return Ok(Err(format!("offset index: {reason}"))),
+    };
+    let times = match decode_times(time_index_bytes, relative_end) {
+        Ok(times) => times,
+        Err(reason) => return Ok(Err(format!("time index: {reason}"))),
+    };
+    if segment.size == 0 {
+        if !offsets.is_empty() || !times.is_empty() {
+            return Ok(Err("entries for an empty log".into()));
+        }
+        return Ok(Ok(SegmentIndex::new()));
+    }
+    let Some(seal) = times.last().copied() else {
+        return Ok(Err("time index of a sealed segment is empty".into()));
+    };
+    let mut index = SegmentIndex { offsets, times, cursor: super::index::IndexCursor::EMPTY };
+    let last = index.floor(u32::MAX);
+    let mut expected = segment.base_offset + i64::from(last.relative_offset);
+    let mut seal_seen = false;
+    let seal_offset = segment.base_offset + i64::from(seal.relative_offset);
+    let end = scan_headers(
+        segment.log.as_ref(),
+        &segment.log_path,
+        u64::from(last.position),
+        segment.size,
+        |position, header| {
+            if header.base_offset != expected {
+                return Err("offset index entry does not point at its batch".into());
+            }
+            if position > u64::from(last.position)
+                && position - u64::from(last.position) >= u64::from(index_interval_bytes)
+            {
+                return Err("offset index is missing entries at its end".into());
+            }
+            if header.max_timestamp > seal.timestamp {
+                return Err("time index is missing its seal entry".into());
+            }
+            if header.base_offset == seal_offset {
+                seal_seen = header.max_timestamp == seal.timestamp;
+            }
+            expected = header.next_offset();
+            Ok(true)
+        },
+    )?;
+    if let ScanEnd::Broken { reason, .. } = end {
+        return Ok(Err(reason));
+    }
+    if expected != next_segment_base_offset {
+        return Ok(Err(format!(
+            "log ends at offset {expected}, the next segment starts at {next_segment_base_offset}"
+        )));
+    }
+    if !seal_seen && seal_offset < segment.base_offset + i64::from(last.relative_offset) {
+        // The seal entry's batch lies before the last offset entry: look it up.
+        let plan = ReadPlan {
+            log: segment.log.clone(),
+            path: segment.log_path.clone(),
+            segment_end_offset: next_segment_base_offset,
+            start_position: u64::from(index.floor(seal.relative_offset).position),
+            start_offset: segment.base_offset
+                + i64::from(index.floor(seal.relative_offset).relative_offset),
+            limit: segment.size,
+        };
+        match plan.find(|h| h.base_offset >= seal_offset) {
+            Ok(Some((_, h))) => seal_seen = h.base_offset == seal_offset && h.max_timestamp == seal.timestamp,
+            Ok(None) | Err(StorageError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !seal_seen {
+        return Ok(Err("time index seal entry does not match its batch".into()));
+    }
+    index.cursor = super::index::IndexCursor {
+        last_entry_position: last.position,
+        last_time_entry_timestamp: Some(seal.timestamp),
+        max_timestamp: seal.timestamp,
+        offset_of_max_timestamp: seal_offset,
+    };
+    Ok(Ok(index))
+}
+
+/// Replaces a file's contents with `bytes` (used to write rebuilt indexes) and syncs it.
+pub(crate) fn rewrite_file(
+    backend: &dyn FileBackend,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Arc<dyn StorageFile>, StorageError> {
+    let file = backend.create(path).map_err(|e| StorageError::io("create", path, e))?;
+    if !bytes.is_empty() {
+        file.write_at(bytes, 0).map_err(|e| StorageError::io("write", path, e))?;
+    }
+    file.sync_data().map_err(|e| StorageError::io("fsync", path, e))?;
+    Ok(file)
+}
+
+/// Reads a whole (small) file; a missing file reads as `None`.
+pub(crate) fn read_whole_file(
+    backend: &dyn FileBackend,
+    path: &Path,
+) -> Result<Option<(Arc<dyn StorageFile>, Vec<u8>)>, StorageError> {
+    let file = match backend.open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StorageError::io("open", path, e)),
+    };
+    let len = file.len().map_err(|e| StorageError::io("stat", path, e))?;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_at(&mut bytes, 0).map_err(|e| StorageError::io("read", path, e))?;
+    Ok(Some((file, bytes)))
+}
+
+pub(crate) fn encode_index_files(index: &SegmentIndex) -> (Vec<u8>, Vec<u8>) {
+    (encode_offsets(&index.offsets), encode_times(&index.times))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_file_names_round_trip() {
+        for (base, name) in [(0, "00000000000000000000.log"), (42, "00000000000000000042.log")] {
+            assert_eq!(segment_file_name(base, LOG_EXTENSION), name);
+            assert_eq!(parse_segment_file_name(name, LOG_EXTENSION), Some(base));
+        }
+        for bad in ["0042.log", "00000000000000000042.index", "0000000000000000004x.log", "x.log"] {
+            assert_eq!(parse_segment_file_name(bad, LOG_EXTENSION), None, "{bad}");
+        }
+        assert_eq!(
+            parse_segment_file_name("00000000000000000007.timeindex", TIME_INDEX_EXTENSION),
+            Some(7)
+        );
+    }
+}
