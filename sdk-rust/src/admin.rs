@@ -1,0 +1,500 @@
+//! Administrative operations: topics, groups, offsets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ketch_protocol::ErrorCode;
+use ketch_protocol::messages::{
+    ConfigEntry, CreateTopicRequest, DeleteTopicRequest, DescribeGroupRequest,
+    DescribeGroupResponse, DescribeTopicRequest, ListGroupsRequest, ListOffsetsPartition,
+    ListOffsetsRequest, ListTopicsRequest, OffsetFetchRequest, OffsetSpec, PartitionMetadata,
+};
+
+use crate::TopicPartition;
+use crate::client::Client;
+use crate::consumer::Offset;
+use crate::error::{Error, Result};
+
+/// A topic to create.
+///
+/// ```
+/// use ketch_client::NewTopic;
+/// let topic = NewTopic {
+///     configs: vec![("retention.ms".into(), "86400000".into())],
+///     ..NewTopic::new("events", 6)
+/// };
+/// assert_eq!(topic.replication_factor, 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+    /// Topic configuration (`retention.ms`, `retention.bytes`, ...).
+    pub configs: Vec<(String, String)>,
+}
+
+impl NewTopic {
+    /// A topic with `partitions` partitions, one replica each, default configuration.
+    pub fn new(name: impl Into<String>, partitions: u32) -> NewTopic {
+        NewTopic {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+            configs: Vec::new(),
+        }
+    }
+}
+
+/// A topic in [`Admin::list_topics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSummary {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+}
+
+/// A topic's partitions and configuration, from [`Admin::describe_topic`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub name: String,
+    pub partitions: Vec<PartitionDescription>,
+    pub configs: Vec<(String, String)>,
+}
+
+/// One partition of a [`TopicDescription`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDescription {
+    pub partition: u32,
+    /// `None` when the partition has no leader right now.
+    pub leader: Option<u32>,
+    pub leader_epoch: i32,
+    pub replicas: Vec<u32>,
+    pub log_start_offset: i64,
+    pub high_watermark: i64,
+}
+
+/// A group in [`Admin::list_groups`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    pub group: String,
+    pub state: String,
+    pub members: u32,
+}
+
+/// A group's members, assignments and offsets, from [`Admin::describe_group`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub group: String,
+    pub state: String,
+    pub group_epoch: i32,
+    pub members: Vec<GroupMemberDescription>,
+    pub offsets: Vec<GroupOffset>,
+}
+
+impl GroupDescription {
+    /// Records not yet consumed by the group, over all partitions.
+    pub fn total_lag(&self) -> i64 {
+        self.offsets.iter().map(|offset| offset.lag.max(0)).sum()
+    }
+}
+
+/// One member of a [`GroupDescription`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMemberDescription {
+    pub member_id: String,
+    pub client_id: String,
+    pub member_epoch: i32,
+    pub topics: Vec<String>,
+    pub assignment: Vec<TopicPartition>,
+}
+
+/// A group's committed offset and lag on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOffset {
+    pub partition: TopicPartition,
+    /// `None` when the group never committed on this partition.
+    pub committed_offset: Option<i64>,
+    pub high_watermark: i64,
+    /// `high_watermark - committed_offset` (from the log start when nothing was committed).
+    pub lag: i64,
+}
+
+/// Topic and group administration. Cheap to clone.
+///
+/// ```no_run
+/// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+/// use ketch_client::NewTopic;
+/// let admin = client.admin();
+/// admin.create_topic(NewTopic::new("events", 3)).await?;
+/// let topic = admin.describe_topic("events").await?;
+/// assert_eq!(topic.partitions.len(), 3);
+/// for group in admin.list_groups().await? {
+///     let described = admin.describe_group(&group.group).await?;
+///     println!("{}: lag {}", described.group, described.total_lag());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    pub(crate) fn new(client: Client) -> Admin {
+        Admin { client }
+    }
+
+    /// Creates a topic. Fails with [`ErrorCode::TopicAlreadyExists`] if it exists.
+    pub async fn create_topic(&self, topic: NewTopic) -> Result<()> {
+        let request = CreateTopicRequest {
+            name: topic.name,
+            partitions: topic.partitions,
+            replication_factor: topic.replication_factor,
+            configs: topic
+                .configs
+                .into_iter()
+                .map(|(key, value)| ConfigEntry { key, value })
+                .collect(),
+        };
+        self.client.inner.call_controller(&request).await?;
+        self.refresh().await;
+        Ok(())
+    }
+
+    /// Deletes a topic and its records.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let request = DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        self.client.inner.call_controller(&request).await?;
+        self.refresh().await;
+        Ok(())
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
+        let response = self
+            .client
+            .inner
+            .call_controller(&ListTopicsRequest {})
+            .await?;
+        Ok(response
+            .topics
+            .into_iter()
+            .map(|t| TopicSummary {
+                name: t.name,
+                partitions: t.partitions,
+                replication_factor: t.replication_factor,
+            })
+            .collect())
+    }
+
+    /// A topic's partitions (leaders, offsets) and configuration.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let request = DescribeTopicRequest {
+            name: name.to_owned(),
+        };
+        let response = self.client.inner.call_controller(&request).await?;
+        Ok(TopicDescription {
+            name: response.name,
+            partitions: response
+                .partitions
+                .into_iter()
+                .map(partition_description)
+                .collect(),
+            configs: response
+                .configs
+                .into_iter()
+                .map(|c| (c.key, c.value))
+                .collect(),
+        })
+    }
+
+    /// Every consumer group.
+    pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
+        let response = self
+            .client
+            .inner
+            .call_controller(&ListGroupsRequest {})
+            .await?;
+        Ok(response
+            .groups
+            .into_iter()
+            .map(|g| GroupSummary {
+                group: g.group,
+                state: g.state,
+                members: g.members,
+            })
+            .collect())
+    }
+
+    /// A group's members, their assignments, its committed offsets and its lag.
+    pub async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let request = DescribeGroupRequest {
+            group: group.to_owned(),
+        };
+        let response = self.client.inner.call_controller(&request).await?;
+        Ok(group_description(response))
+    }
+
+    /// A group's committed offsets (the next offset to consume, per partition).
+    pub async fn committed_offsets(&self, group: &str) -> Result<Vec<(TopicPartition, i64)>> {
+        let request = OffsetFetchRequest {
+            group: group.to_owned(),
+            partitions: None,
+        };
+        let response = self.client.inner.call_controller(&request).await?;
+        Ok(response
+            .offsets
+            .into_iter()
+            .filter(|c| c.error == ErrorCode::None && c.offset >= 0)
+            .map(|c| (TopicPartition::new(c.topic, c.partition), c.offset))
+            .collect())
+    }
+
+    /// The offset of each partition at a position: the log start, the end (the next offset
+    /// to be written), or the first record at or after a time (the end when there is none).
+    pub async fn list_offsets(
+        &self,
+        partitions: &[TopicPartition],
+        at: Offset,
+    ) -> Result<Vec<i64>> {
+        let spec = match at {
+            Offset::Beginning => OffsetSpec::Earliest,
+            Offset::End => OffsetSpec::Latest,
+            Offset::Timestamp(ms) => OffsetSpec::Timestamp(ms),
+            Offset::At(offset) => return Ok(vec![offset; partitions.len()]),
+        };
+        let specs: Vec<_> = partitions.iter().map(|p| (p.clone(), spec)).collect();
+        list_offsets(&self.client, &specs)
+            .await?
+            .into_iter()
+            .collect()
+    }
+
+    async fn refresh(&self) {
+        if let Err(error) = self
+            .client
+            .inner
+            .refresh_metadata(Some(Instant::now()))
+            .await
+        {
+            tracing::debug!(%error, "metadata refresh after a topic change failed");
+        }
+    }
+}
+
+fn partition_description(p: PartitionMetadata) -> PartitionDescription {
+    PartitionDescription {
+        partition: p.partition,
+        leader: (p.error == ErrorCode::None).then_some(p.leader),
+        leader_epoch: p.leader_epoch,
+        replicas: p.replicas,
+        log_start_offset: p.log_start_offset,
+        high_watermark: p.high_watermark,
+    }
+}
+
+fn group_description(response: DescribeGroupResponse) -> GroupDescription {
+    GroupDescription {
+        group: response.group,
+        state: response.state,
+        group_epoch: response.group_epoch,
+        members: response
+            .members
+            .into_iter()
+            .map(|m| GroupMemberDescription {
+                member_id: m.member_id,
+                client_id: m.client_id,
+                member_epoch: m.member_epoch,
+                topics: m.topics,
+                assignment: m
+                    .assignment
+                    .into_iter()
+                    .flat_map(|t| {
+                        let topic = t.topic;
+                        t.partitions
+                            .into_iter()
+                            .map(move |p| TopicPartition::new(topic.clone(), p))
+                    })
+                    .collect(),
+            })
+            .collect(),
+        offsets: response
+            .offsets
+            .into_iter()
+            .map(|o| GroupOffset {
+                partition: TopicPartition::new(o.topic, o.partition),
+                committed_offset: (o.committed_offset >= 0).then_some(o.committed_offset),
+                high_watermark: o.high_watermark,
+                lag: o.lag,
+            })
+            .collect(),
+    }
+}
+
+/// ListOffsets for each partition at its leader, in input order. A timestamp with no record
+/// at or after it resolves to the end of the log.
+pub(crate) async fn list_offsets(
+    client: &Client,
+    specs: &[(TopicPartition, OffsetSpec)],
+) -> Result<Vec<Result<i64>>> {
+    let deadline = Instant::now() + client.config().request_timeout;
+    let mut attempt = 0;
+    loop {
+        match list_offsets_once(client, specs).await {
+            Ok(results) => {
+                let retry = results.iter().find_map(|r| match r {
+                    Err(error) if error.is_retriable() => Some(error.clone()),
+                    _ => None,
+                });
+                match retry {
+                    Some(error) if Instant::now() < deadline => {
+                        client
+                            .inner
+                            .after_retriable(&error, attempt, deadline)
+                            .await;
+                        attempt += 1;
+                    }
+                    _ => return Ok(results),
+                }
+            }
+            Err(error) if error.is_retriable() && Instant::now() < deadline => {
+                client
+                    .inner
+                    .after_retriable(&error, attempt, deadline)
+                    .await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn list_offsets_once(
+    client: &Client,
+    specs: &[(TopicPartition, OffsetSpec)],
+) -> Result<Vec<Result<i64>>> {
+    let mut by_leader: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+    let mut results: Vec<Result<i64>> = vec![Ok(-1); specs.len()];
+    for (index, (partition, _)) in specs.iter().enumerate() {
+        match client.inner.leader(partition).await {
+            Ok(addr) => by_leader.entry(addr).or_default().push(index),
+            Err(error) => results[index] = Err(error),
+        }
+    }
+    for (addr, indexes) in by_leader {
+        let request = ListOffsetsRequest {
+            partitions: indexes
+                .iter()
+                .map(|&i| ListOffsetsPartition {
+                    topic: specs[i].0.topic.clone(),
+                    partition: specs[i].0.partition,
+                    spec: specs[i].1,
+                })
+                .collect(),
+        };
+        let response = client
+            .inner
+            .transport
+            .call(addr, &request, client.config().request_timeout)
+            .await?;
+        let mut ends = Vec::new();
+        for &index in &indexes {
+            let (partition, spec) = &specs[index];
+            let answer = response
+                .partitions
+                .iter()
+                .find(|p| p.topic == partition.topic && p.partition == partition.partition);
+            results[index] = match answer {
+                None => Err(Error::Transport(format!(
+                    "list offsets response has no result for {partition}"
+                ))),
+                Some(a) if a.error != ErrorCode::None => Err(Error::from_code(
+                    a.error,
+                    format!("listing offsets of {partition} failed"),
+                )),
+                Some(a) if a.offset < 0 && matches!(spec, OffsetSpec::Timestamp(_)) => {
+                    ends.push(index);
+                    Ok(-1)
+                }
+                Some(a) => Ok(a.offset),
+            };
+        }
+        if !ends.is_empty() {
+            let latest: Vec<_> = ends
+                .iter()
+                .map(|&i| (specs[i].0.clone(), OffsetSpec::Latest))
+                .collect();
+            let resolved = Box::pin(list_offsets_once(client, &latest)).await?;
+            for (index, result) in ends.into_iter().zip(resolved) {
+                results[index] = result;
+            }
+        }
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ketch_protocol::messages::{GroupMember, GroupPartitionLag, TopicPartitions};
+
+    #[test]
+    fn group_description_flattens_assignments_and_maps_missing_commits() {
+        let described = group_description(DescribeGroupResponse {
+            group: "g".into(),
+            state: "stable".into(),
+            group_epoch: 3,
+            members: vec![GroupMember {
+                member_id: "m1".into(),
+                client_id: "c".into(),
+                member_epoch: 3,
+                topics: vec!["t".into()],
+                assignment: vec![TopicPartitions {
+                    topic: "t".into(),
+                    partitions: vec![0, 2],
+                }],
+            }],
+            offsets: vec![
+                GroupPartitionLag {
+                    topic: "t".into(),
+                    partition: 0,
+                    committed_offset: 5,
+                    high_watermark: 9,
+                    lag: 4,
+                },
+                GroupPartitionLag {
+                    topic: "t".into(),
+                    partition: 2,
+                    committed_offset: -1,
+                    high_watermark: 3,
+                    lag: 3,
+                },
+            ],
+        });
+        assert_eq!(
+            described.members[0].assignment,
+            [TopicPartition::new("t", 0), TopicPartition::new("t", 2)]
+        );
+        assert_eq!(described.offsets[0].committed_offset, Some(5));
+        assert_eq!(described.offsets[1].committed_offset, None);
+        assert_eq!(described.total_lag(), 7);
+    }
+
+    #[test]
+    fn partition_without_leader() {
+        let p = partition_description(PartitionMetadata {
+            partition: 1,
+            error: ErrorCode::NotLeader,
+            leader: 0,
+            leader_epoch: 2,
+            replicas: vec![0],
+            log_start_offset: 0,
+            high_watermark: 10,
+        });
+        assert_eq!(p.leader, None);
+    }
+}

@@ -1,0 +1,410 @@
+//! The client: connections to the brokers and the metadata cache every handle shares.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ketch_protocol::ErrorCode;
+use ketch_protocol::messages::{Api, MetadataRequest, MetadataResponse};
+
+use crate::admin::Admin;
+use crate::config::{ClientConfig, ConsumerConfig, ProducerConfig, backoff};
+use crate::consumer::Consumer;
+use crate::error::{Error, Result};
+use crate::producer::Producer;
+use crate::transport::{Transport, resolve};
+use crate::{TopicPartition, admin};
+
+/// A connection to a Ketch cluster: the entry point of the crate.
+///
+/// Cheap to clone (an `Arc` inside); every clone shares the QUIC connections (one per broker)
+/// and the metadata cache. Producers, consumers and admin handles made from it share them too.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), ketch_client::Error> {
+/// use ketch_client::{Client, ClientConfig, Tls};
+/// let client = Client::connect(ClientConfig {
+///     tls: Tls::CaFile("ketch-data/ca.pem".into()),
+///     ..Default::default()
+/// })
+/// .await?;
+/// for topic in client.admin().list_topics().await? {
+///     println!("{} ({} partitions)", topic.name, topic.partitions);
+/// }
+/// client.close();
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ClientInner {
+    pub(crate) config: ClientConfig,
+    pub(crate) transport: Transport,
+    bootstrap: Vec<SocketAddr>,
+    metadata: Mutex<Metadata>,
+    /// Serialises refreshes so that a burst of errors triggers one Metadata request.
+    refresh_lock: tokio::sync::Mutex<()>,
+}
+
+/// Cached cluster layout.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Metadata {
+    pub(crate) brokers: HashMap<u32, SocketAddr>,
+    pub(crate) controller: Option<u32>,
+    pub(crate) topics: HashMap<String, Arc<TopicLayout>>,
+    pub(crate) updated: Option<Instant>,
+}
+
+/// One topic's partitions and their leaders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TopicLayout {
+    /// Leader node of each partition, indexed by partition number.
+    pub(crate) leaders: Vec<Option<u32>>,
+}
+
+impl TopicLayout {
+    pub(crate) fn partition_count(&self) -> u32 {
+        self.leaders.len() as u32
+    }
+}
+
+impl Client {
+    /// Validates the configuration, connects to the first bootstrap broker that answers and
+    /// loads the cluster metadata.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        let transport = Transport::new(&config)?;
+        let mut bootstrap = Vec::new();
+        let mut last_error = None;
+        for address in &config.bootstrap {
+            match resolve(address).await {
+                Ok(addrs) => bootstrap.extend(addrs),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if bootstrap.is_empty() {
+            return Err(last_error.unwrap_or_else(|| Error::Config("no bootstrap".into())));
+        }
+        let client = Client {
+            inner: Arc::new(ClientInner {
+                config,
+                transport,
+                bootstrap,
+                metadata: Mutex::new(Metadata::default()),
+                refresh_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        client.inner.refresh_metadata(None).await?;
+        Ok(client)
+    }
+
+    /// The configuration this client was made with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// A producer on this client's connections. Idempotent producers get their producer id
+    /// here.
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{ProducerConfig, ProducerRecord};
+    /// let producer = client.producer(ProducerConfig::default()).await?;
+    /// let delivery = producer.send(ProducerRecord::new("events", "hello")).await?;
+    /// let metadata = delivery.await?;
+    /// println!("written at {}/{}", metadata.partition, metadata.offset);
+    /// # Ok(()) }
+    /// ```
+    pub async fn producer(&self, config: ProducerConfig) -> Result<Producer> {
+        Producer::new(self.clone(), config).await
+    }
+
+    /// A consumer of a group's share of `topics`, assigned by the broker.
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::ConsumerConfig;
+    /// let consumer = client.subscribe(
+    ///     ConsumerConfig { group: Some("billing".into()), ..Default::default() },
+    ///     &["events"],
+    /// )?;
+    /// let record = consumer.recv().await?;
+    /// println!("{}/{}@{}", record.topic, record.partition, record.offset);
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe(&self, config: ConsumerConfig, topics: &[&str]) -> Result<Consumer> {
+        Consumer::subscribe(self.clone(), config, topics)
+    }
+
+    /// A consumer of exactly these partitions, with no group membership (a group in the
+    /// configuration is still used for committed offsets).
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{ConsumerConfig, TopicPartition};
+    /// let consumer = client.assign(ConsumerConfig::default(), &[TopicPartition::new("events", 0)])?;
+    /// let record = consumer.recv().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn assign(
+        &self,
+        config: ConsumerConfig,
+        partitions: &[TopicPartition],
+    ) -> Result<Consumer> {
+        Consumer::assign(self.clone(), config, partitions)
+    }
+
+    /// Administrative operations: topics and groups.
+    pub fn admin(&self) -> Admin {
+        admin::Admin::new(self.clone())
+    }
+
+    /// The number of partitions of a topic, from the cache or a refresh.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32> {
+        Ok(self.inner.topic(topic).await?.partition_count())
+    }
+
+    /// Closes every connection. Handles made from this client fail with
+    /// [`Error::Closed`](crate::Error::Closed) or a transport error afterwards; close
+    /// producers and consumers first to flush and commit.
+    pub fn close(&self) {
+        self.inner.transport.close();
+    }
+}
+
+impl ClientInner {
+    /// Loads the cluster metadata from the first broker that answers.
+    pub(crate) async fn refresh_metadata(&self, requested_at: Option<Instant>) -> Result<()> {
+        let _guard = self.refresh_lock.lock().await;
+        if let Some(requested_at) = requested_at {
+            let updated = self.metadata.lock().expect("metadata lock").updated;
+            if updated.is_some_and(|updated| updated > requested_at) {
+                return Ok(());
+            }
+        }
+        let started = Instant::now();
+        let mut candidates: Vec<SocketAddr> = {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            metadata.brokers.values().copied().collect()
+        };
+        for addr in &self.bootstrap {
+            if !candidates.contains(addr) {
+                candidates.push(*addr);
+            }
+        }
+        let mut last_error = None;
+        for addr in candidates {
+            match self
+                .transport
+                .call(
+                    addr,
+                    &MetadataRequest { topics: None },
+                    self.config.request_timeout,
+                )
+                .await
+            {
+                Ok(response) => {
+                    let metadata = self.metadata_from(addr, response, started).await;
+                    *self.metadata.lock().expect("metadata lock") = metadata;
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(%addr, %error, "metadata request failed");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::Config("no broker address".into())))
+    }
+
+    async fn metadata_from(
+        &self,
+        answered_by: SocketAddr,
+        response: MetadataResponse,
+        started: Instant,
+    ) -> Metadata {
+        let mut brokers = HashMap::new();
+        for broker in &response.brokers {
+            let addr = broker_address(&broker.host, broker.port, answered_by).await;
+            brokers.insert(broker.node_id, addr);
+        }
+        let mut topics = HashMap::new();
+        for topic in response.topics {
+            if topic.error != ErrorCode::None {
+                continue;
+            }
+            let count = topic
+                .partitions
+                .iter()
+                .map(|p| p.partition + 1)
+                .max()
+                .unwrap_or(0);
+            let mut leaders = vec![None; count as usize];
+            for partition in &topic.partitions {
+                if partition.error == ErrorCode::None && brokers.contains_key(&partition.leader) {
+                    leaders[partition.partition as usize] = Some(partition.leader);
+                }
+            }
+            topics.insert(topic.name, Arc::new(TopicLayout { leaders }));
+        }
+        Metadata {
+            brokers,
+            controller: Some(response.controller_id),
+            topics,
+            updated: Some(started),
+        }
+    }
+
+    fn metadata_snapshot(&self) -> Metadata {
+        self.metadata.lock().expect("metadata lock").clone()
+    }
+
+    fn metadata_is_fresh(&self) -> bool {
+        self.metadata
+            .lock()
+            .expect("metadata lock")
+            .updated
+            .is_some_and(|updated| updated.elapsed() < self.config.metadata_max_age)
+    }
+
+    /// A topic's layout, refreshing once if it is unknown or the cache is old.
+    pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicLayout>> {
+        if self.metadata_is_fresh()
+            && let Some(layout) = self.metadata_snapshot().topics.get(topic)
+        {
+            return Ok(layout.clone());
+        }
+        self.refresh_metadata(Some(Instant::now())).await?;
+        self.metadata_snapshot()
+            .topics
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| {
+                Error::from_code(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {topic:?} not found"),
+                )
+            })
+    }
+
+    /// The address of a partition's leader from the cache; `None` if unknown.
+    pub(crate) fn cached_leader(&self, partition: &TopicPartition) -> Option<SocketAddr> {
+        let metadata = self.metadata.lock().expect("metadata lock");
+        let layout = metadata.topics.get(&partition.topic)?;
+        let node = (*layout.leaders.get(partition.partition as usize)?)?;
+        metadata.brokers.get(&node).copied()
+    }
+
+    /// The leader of a partition, refreshing metadata if it is not cached.
+    pub(crate) async fn leader(&self, partition: &TopicPartition) -> Result<SocketAddr> {
+        if let Some(addr) = self.cached_leader(partition) {
+            return Ok(addr);
+        }
+        let layout = self.topic(&partition.topic).await?;
+        if partition.partition >= layout.partition_count() {
+            return Err(Error::from_code(
+                ErrorCode::UnknownPartition,
+                format!("{partition} does not exist"),
+            ));
+        }
+        self.cached_leader(partition).ok_or_else(|| {
+            Error::from_code(ErrorCode::NotLeader, format!("{partition} has no leader"))
+        })
+    }
+
+    /// The broker for cluster-wide requests (topic admin, groups): the controller when known,
+    /// else the first bootstrap address.
+    pub(crate) fn controller(&self) -> SocketAddr {
+        let metadata = self.metadata.lock().expect("metadata lock");
+        metadata
+            .controller
+            .and_then(|node| metadata.brokers.get(&node).copied())
+            .unwrap_or(self.bootstrap[0])
+    }
+
+    /// Sends a request to the controller, retrying retriable failures (with metadata refresh)
+    /// until `request_timeout` has passed.
+    pub(crate) async fn call_controller<R: Api>(&self, request: &R) -> Result<R::Response> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let addr = self.controller();
+            let result = self
+                .transport
+                .call(addr, request, self.config.request_timeout)
+                .await;
+            match result {
+                Err(error) if error.is_retriable() && Instant::now() < deadline => {
+                    self.after_retriable(&error, attempt, deadline).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Backs off before a retry and refreshes metadata when the error says it is stale.
+    pub(crate) async fn after_retriable(&self, error: &Error, attempt: u32, deadline: Instant) {
+        tracing::debug!(%error, attempt, "retrying");
+        let delay = backoff(
+            self.config.reconnect_backoff_initial,
+            self.config.reconnect_backoff_max,
+            attempt,
+        );
+        let until = (Instant::now() + delay).min(deadline);
+        tokio::time::sleep_until(until.into()).await;
+        if error.invalidates_metadata() {
+            let _ = self.refresh_metadata(Some(Instant::now())).await;
+        }
+    }
+
+    /// Time limit of a request that waits `wait` at the broker on purpose (a long poll).
+    pub(crate) fn timeout_with_wait(&self, wait: Duration) -> Duration {
+        self.config.request_timeout + wait
+    }
+}
+
+/// A broker's advertised address, or the address that answered when the broker advertises
+/// an unspecified host or port (a single node listening on `0.0.0.0`).
+async fn broker_address(host: &str, port: u16, answered_by: SocketAddr) -> SocketAddr {
+    if port == 0 {
+        return answered_by;
+    }
+    let resolved = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Err(_) => resolve(&format!("{host}:{port}"))
+            .await
+            .ok()
+            .and_then(|addrs| addrs.first().copied()),
+    };
+    match resolved {
+        Some(addr) if !addr.ip().is_unspecified() => addr,
+        _ => answered_by,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unspecified_advertised_addresses_fall_back_to_the_answering_broker() {
+        let answered: SocketAddr = "127.0.0.1:9192".parse().unwrap();
+        let check = async |host: &str, port: u16, expected: &str| {
+            assert_eq!(
+                broker_address(host, port, answered).await,
+                expected.parse::<SocketAddr>().unwrap(),
+                "{host}:{port}"
+            );
+        };
+        check("127.0.0.2", 7000, "127.0.0.2:7000").await;
+        check("0.0.0.0", 7000, "127.0.0.1:9192").await;
+        check("127.0.0.2", 0, "127.0.0.1:9192").await;
+        check("::", 7000, "127.0.0.1:9192").await;
+        check("localhost", 7000, "127.0.0.1:7000").await;
+    }
+}

@@ -1,0 +1,1322 @@
+//! The consumer: group membership, positions, long-poll fetching, commits.
+//!
+//! Two background tasks serve a consumer. The *fetcher* resolves where each partition starts
+//! (committed offset, reset policy, or a seek), long-polls the leaders, checks every batch's
+//! CRC and queues records per partition into a bounded channel (back-pressure when `recv` is
+//! slow). The *coordinator* (group consumers) heartbeats the group, applies the assignment
+//! (revocations commit first), and auto-commits.
+//!
+//! Every partition has an *epoch* that changes on assignment and seek; fetched records carry
+//! the epoch they were fetched under, and `recv` drops records of an old epoch. So a seek
+//! takes effect at once, even with records of the old position already queued.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
+use ketch_protocol::messages::{
+    CommitOffset, FetchPartition, FetchPartitionResponse, FetchRequest, GroupHeartbeatRequest,
+    GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, TopicPartitions,
+};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::TopicPartition;
+use crate::admin::list_offsets;
+use crate::client::Client;
+use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
+use crate::error::{Error, Result};
+
+/// A record read from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+}
+
+impl ConsumerRecord {
+    /// The record's partition.
+    pub fn topic_partition(&self) -> TopicPartition {
+        TopicPartition::new(self.topic.clone(), self.partition)
+    }
+}
+
+/// Where to move a partition's position with [`Consumer::seek`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Offset {
+    /// The oldest record still in the log.
+    Beginning,
+    /// After the newest committed record: only new records.
+    End,
+    /// This exact offset.
+    At(i64),
+    /// The first record at or after this time (ms since the Unix epoch); the end if none.
+    Timestamp(i64),
+}
+
+/// A change of a group consumer's partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rebalance {
+    /// These partitions are now this consumer's.
+    Assigned(Vec<TopicPartition>),
+    /// These partitions were taken away (with auto-commit, after their positions were
+    /// committed).
+    Revoked(Vec<TopicPartition>),
+    /// The group forgot this member (session timeout, fenced): its partitions were dropped
+    /// without a commit, and it joins again.
+    Lost(Vec<TopicPartition>),
+}
+
+/// A stream of [`Rebalance`] events of one consumer.
+///
+/// ```no_run
+/// # async fn example(consumer: ketch_client::Consumer) {
+/// let mut events = consumer.rebalance_events();
+/// while let Some(event) = events.recv().await {
+///     println!("{event:?}");
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RebalanceEvents {
+    receiver: broadcast::Receiver<Rebalance>,
+}
+
+impl RebalanceEvents {
+    /// The next event; `None` once the consumer is closed. If this receiver fell more than 64
+    /// events behind, the oldest were dropped (the current assignment is always
+    /// [`Consumer::assignment`]).
+    pub async fn recv(&mut self) -> Option<Rebalance> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// Reads records from partitions: a group's share of topics ([`Client::subscribe`]) or
+/// explicit partitions ([`Client::assign`]).
+///
+/// Cheap to clone: clones share the position, the fetched records and the membership.
+/// `recv` hands each record out once, to whichever clone asks.
+///
+/// ```no_run
+/// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+/// use ketch_client::{AutoOffsetReset, ConsumerConfig};
+/// let consumer = client.subscribe(
+///     ConsumerConfig {
+///         group: Some("billing".into()),
+///         auto_offset_reset: AutoOffsetReset::Earliest,
+///         auto_commit: false,
+///         ..Default::default()
+///     },
+///     &["orders"],
+/// )?;
+/// loop {
+///     let record = consumer.recv().await?;
+///     println!("{}@{}: {:?}", record.partition, record.offset, record.value);
+///     consumer.commit().await?;
+/// #   break;
+/// }
+/// consumer.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    shared: Arc<Shared>,
+    _handle: Arc<HandleGuard>,
+}
+
+/// Dropped with the last user handle: commits (with auto-commit) and leaves the group in the
+/// background, on the runtime the consumer was made on.
+#[derive(Debug)]
+struct HandleGuard {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        let shared = self.shared.clone();
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        // A runtime that is shutting down drops the task unrun, and its own tasks with it.
+        self.runtime.spawn(async move {
+            let _ = shared.close().await;
+        });
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client,
+    config: ConsumerConfig,
+    /// `Some` for a group member: the topics it subscribes to.
+    subscription: Option<Vec<String>>,
+    state: Mutex<State>,
+    inbox: tokio::sync::Mutex<Inbox>,
+    wake_fetcher: Notify,
+    events: broadcast::Sender<Rebalance>,
+    cancel: CancellationToken,
+    closed: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Positions and membership, shared by the handle and the tasks.
+#[derive(Debug, Default)]
+struct State {
+    partitions: BTreeMap<TopicPartition, PartitionState>,
+    next_epoch: u64,
+    member_id: String,
+    member_epoch: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PartitionState {
+    epoch: u64,
+    fetch: FetchPosition,
+    /// The offset of the next record `recv` hands out.
+    position: Option<i64>,
+    /// The last offset this consumer committed (or found committed).
+    committed: Option<i64>,
+    /// Raised when a batch did not fit the per-partition fetch limit.
+    fetch_bytes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchPosition {
+    /// Start from the group's committed offset, else the reset policy.
+    Committed,
+    /// Look the offset up with ListOffsets.
+    Lookup(OffsetSpec),
+    /// Fetch from here.
+    At(i64),
+    /// Not fetched: being revoked, or stopped by an error until the next seek.
+    Paused,
+}
+
+/// Records of one partition from one fetch, tagged with the epoch they were fetched under.
+#[derive(Debug)]
+struct Chunk {
+    partition: TopicPartition,
+    epoch: u64,
+    records: std::vec::IntoIter<ConsumerRecord>,
+}
+
+#[derive(Debug)]
+struct Inbox {
+    receiver: mpsc::Receiver<Result<Chunk>>,
+    current: Option<Chunk>,
+}
+
+impl State {
+    fn epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    fn add(&mut self, partition: TopicPartition, fetch_bytes: u32) {
+        let epoch = self.epoch();
+        self.partitions.insert(
+            partition,
+            PartitionState {
+                epoch,
+                fetch: FetchPosition::Committed,
+                position: None,
+                committed: None,
+                fetch_bytes,
+            },
+        );
+    }
+
+    /// Accepts a record for delivery if its partition is still assigned under the same epoch
+    /// and it is not below the position, advancing the position past it.
+    fn accept(&mut self, partition: &TopicPartition, epoch: u64, offset: i64) -> bool {
+        let Some(state) = self.partitions.get_mut(partition) else {
+            return false;
+        };
+        if state.epoch != epoch || state.position.is_some_and(|position| offset < position) {
+            return false;
+        }
+        state.position = Some(offset + 1);
+        true
+    }
+
+    fn seek(&mut self, partition: &TopicPartition, offset: Offset) -> Result<()> {
+        let epoch = self.epoch();
+        let Some(state) = self.partitions.get_mut(partition) else {
+            return Err(Error::InvalidOperation(format!(
+                "cannot seek {partition}: not assigned to this consumer"
+            )));
+        };
+        state.epoch = epoch;
+        (state.fetch, state.position) = match offset {
+            Offset::At(offset) => (FetchPosition::At(offset), Some(offset)),
+            Offset::Beginning => (FetchPosition::Lookup(OffsetSpec::Earliest), None),
+            Offset::End => (FetchPosition::Lookup(OffsetSpec::Latest), None),
+            Offset::Timestamp(ms) => (FetchPosition::Lookup(OffsetSpec::Timestamp(ms)), None),
+        };
+        Ok(())
+    }
+
+    /// Positions that moved past the last commit.
+    fn uncommitted(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(partition, state)| match state.position {
+                Some(position) if state.committed != Some(position) => {
+                    Some((partition.clone(), position))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn owned(&self) -> Vec<TopicPartitions> {
+        group_by_topic(self.partitions.keys().cloned())
+    }
+}
+
+/// Partitions in the wire's per-topic shape.
+fn group_by_topic(partitions: impl IntoIterator<Item = TopicPartition>) -> Vec<TopicPartitions> {
+    let mut topics: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for partition in partitions {
+        topics
+            .entry(partition.topic)
+            .or_default()
+            .push(partition.partition);
+    }
+    topics
+        .into_iter()
+        .map(|(topic, partitions)| TopicPartitions { topic, partitions })
+        .collect()
+}
+
+fn flatten(assignment: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
+    assignment
+        .iter()
+        .flat_map(|topic| {
+            topic
+                .partitions
+                .iter()
+                .map(|&partition| TopicPartition::new(topic.topic.clone(), partition))
+        })
+        .collect()
+}
+
+/// What an assignment changes: (revoked, added).
+fn assignment_diff(
+    owned: &BTreeSet<TopicPartition>,
+    assigned: &BTreeSet<TopicPartition>,
+) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
+    (
+        owned.difference(assigned).cloned().collect(),
+        assigned.difference(owned).cloned().collect(),
+    )
+}
+
+/// Decodes a partition's fetched bytes: checks each batch's CRC, skips records below
+/// `fetch_offset` (fetches return whole batches). Records before a bad batch are kept; the
+/// error is returned beside them. The `bool` says a trailing partial batch was cut off by the
+/// byte limit with no complete batch before it.
+fn decode_fetched(
+    partition: &TopicPartition,
+    fetch_offset: i64,
+    bytes: Bytes,
+) -> (Vec<ConsumerRecord>, Option<Error>, bool) {
+    let corrupt = |source| Error::CorruptBatch {
+        topic: partition.topic.clone(),
+        partition: partition.partition,
+        source,
+    };
+    let (batches, rest) = split_batches(bytes);
+    let starved = batches.is_empty() && !rest.is_empty();
+    let mut records = Vec::new();
+    for batch in batches {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => return (records, Some(corrupt(error)), false),
+        };
+        if batch.header().next_offset() <= fetch_offset {
+            continue;
+        }
+        for record in batch.records() {
+            let record = match record {
+                Ok(record) => record,
+                Err(error) => return (records, Some(corrupt(error)), false),
+            };
+            if record.offset < fetch_offset {
+                continue;
+            }
+            records.push(ConsumerRecord {
+                topic: partition.topic.clone(),
+                partition: partition.partition,
+                offset: record.offset,
+                timestamp: record.timestamp,
+                key: record.key,
+                value: record.value,
+                headers: record.headers,
+            });
+        }
+    }
+    (records, None, starved)
+}
+
+impl Consumer {
+    pub(crate) fn subscribe(
+        client: Client,
+        config: ConsumerConfig,
+        topics: &[&str],
+    ) -> Result<Consumer> {
+        if config.group.is_none() {
+            return Err(Error::Config("subscribing needs a group".into()));
+        }
+        if topics.is_empty() {
+            return Err(Error::Config("subscribe to at least one topic".into()));
+        }
+        let topics = topics.iter().map(|t| (*t).to_owned()).collect();
+        Consumer::start(client, config, Some(topics), &[])
+    }
+
+    pub(crate) fn assign(
+        client: Client,
+        config: ConsumerConfig,
+        partitions: &[TopicPartition],
+    ) -> Result<Consumer> {
+        if partitions.is_empty() {
+            return Err(Error::Config("assign at least one partition".into()));
+        }
+        Consumer::start(client, config, None, partitions)
+    }
+
+    fn start(
+        client: Client,
+        config: ConsumerConfig,
+        subscription: Option<Vec<String>>,
+        partitions: &[TopicPartition],
+    ) -> Result<Consumer> {
+        config.validate()?;
+        let (sender, receiver) = mpsc::channel(config.prefetch_chunks_max);
+        let mut state = State::default();
+        for partition in partitions {
+            state.add(partition.clone(), config.partition_fetch_bytes_max);
+        }
+        let shared = Arc::new(Shared {
+            client,
+            subscription,
+            state: Mutex::new(state),
+            inbox: tokio::sync::Mutex::new(Inbox {
+                receiver,
+                current: None,
+            }),
+            wake_fetcher: Notify::new(),
+            events: broadcast::channel(64).0,
+            cancel: CancellationToken::new(),
+            closed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let mut tasks = vec![tokio::spawn(fetcher(shared.clone(), sender.clone()))];
+        if shared.config.group.is_some() {
+            tasks.push(tokio::spawn(coordinator(shared.clone(), sender)));
+        }
+        *shared.tasks.lock().expect("tasks lock") = tasks;
+        Ok(Consumer {
+            _handle: Arc::new(HandleGuard {
+                shared: shared.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+            shared,
+        })
+    }
+
+    /// The next record. Waits for one; fails with fetch errors that retrying cannot fix
+    /// (a corrupt batch, an offset out of range with [`AutoOffsetReset::Error`], a
+    /// subscription the group refuses) and with [`Error::Closed`] after `close`.
+    ///
+    /// Cancel-safe: a record is handed out only when this future completes.
+    pub async fn recv(&self) -> Result<ConsumerRecord> {
+        let mut inbox = self.shared.inbox.lock().await;
+        loop {
+            if self.shared.closed.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            if let Some(chunk) = &mut inbox.current {
+                let mut state = self.shared.state.lock().expect("consumer state lock");
+                for record in chunk.records.by_ref() {
+                    if state.accept(&chunk.partition, chunk.epoch, record.offset) {
+                        return Ok(record);
+                    }
+                }
+                drop(state);
+                inbox.current = None;
+            }
+            match inbox.receiver.recv().await {
+                Some(Ok(chunk)) => inbox.current = Some(chunk),
+                Some(Err(error)) => return Err(error),
+                None => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// The records as a stream (each item is what [`recv`](Consumer::recv) returns).
+    ///
+    /// ```no_run
+    /// # async fn example(consumer: ketch_client::Consumer) -> Result<(), ketch_client::Error> {
+    /// use futures_util::StreamExt;
+    /// let mut records = std::pin::pin!(consumer.stream());
+    /// while let Some(record) = records.next().await {
+    ///     println!("{:?}", record?.value);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn stream(&self) -> impl Stream<Item = Result<ConsumerRecord>> + Send + 'static {
+        futures_util::stream::unfold(self.clone(), |consumer| async move {
+            match consumer.recv().await {
+                Err(Error::Closed) => None,
+                item => Some((item, consumer)),
+            }
+        })
+    }
+
+    /// Moves a partition's position; the next record `recv` returns from it is at the new
+    /// position. The partition must be assigned.
+    ///
+    /// ```no_run
+    /// # fn example(consumer: ketch_client::Consumer) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{Offset, TopicPartition};
+    /// consumer.seek(&TopicPartition::new("events", 0), Offset::Beginning)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn seek(&self, partition: &TopicPartition, offset: Offset) -> Result<()> {
+        self.shared
+            .state
+            .lock()
+            .expect("consumer state lock")
+            .seek(partition, offset)?;
+        self.shared.wake_fetcher.notify_one();
+        Ok(())
+    }
+
+    /// The partitions currently assigned to this consumer.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        let state = self.shared.state.lock().expect("consumer state lock");
+        state.partitions.keys().cloned().collect()
+    }
+
+    /// The offset of the next record `recv` will return from a partition, once known.
+    pub fn position(&self, partition: &TopicPartition) -> Option<i64> {
+        let state = self.shared.state.lock().expect("consumer state lock");
+        state.partitions.get(partition)?.position
+    }
+
+    /// Assignment changes from now on.
+    pub fn rebalance_events(&self) -> RebalanceEvents {
+        RebalanceEvents {
+            receiver: self.shared.events.subscribe(),
+        }
+    }
+
+    /// Commits the position of every assigned partition (the offset after the last record
+    /// `recv` returned). Needs a group.
+    pub async fn commit(&self) -> Result<()> {
+        let offsets = self
+            .shared
+            .state
+            .lock()
+            .expect("consumer state lock")
+            .uncommitted();
+        self.shared.commit(offsets).await
+    }
+
+    /// Commits explicit offsets: for each partition, the offset of the next record to read
+    /// (the last processed offset + 1). Needs a group.
+    pub async fn commit_offsets(&self, offsets: &[(TopicPartition, i64)]) -> Result<()> {
+        self.shared.commit(offsets.to_vec()).await
+    }
+
+    /// Commits (with auto-commit), leaves the group and stops the background tasks. `recv`
+    /// fails with [`Error::Closed`] afterwards.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.close().await
+    }
+}
+
+impl Shared {
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        if self.config.auto_commit && self.config.group.is_some() {
+            let offsets = self
+                .state
+                .lock()
+                .expect("consumer state lock")
+                .uncommitted();
+            result = self.commit(offsets).await;
+        }
+        if let (Some(group), Some(_)) = (&self.config.group, &self.subscription) {
+            let member_id = self.state.lock().expect("state").member_id.clone();
+            if !member_id.is_empty() {
+                let leave = GroupLeaveRequest {
+                    group: group.clone(),
+                    member_id,
+                };
+                if let Err(error) = self.client.inner.call_controller(&leave).await {
+                    tracing::debug!(%error, "leaving the group failed");
+                }
+            }
+        }
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn commit(&self, offsets: Vec<(TopicPartition, i64)>) -> Result<()> {
+        let Some(group) = &self.config.group else {
+            return Err(Error::InvalidOperation(
+                "committing offsets needs a group in ConsumerConfig".into(),
+            ));
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let (member_id, member_epoch) = {
+            let state = self.state.lock().expect("consumer state lock");
+            if self.subscription.is_some() {
+                (state.member_id.clone(), state.member_epoch)
+            } else {
+                // A consumer of explicit partitions commits outside group membership.
+                (String::new(), -1)
+            }
+        };
+        let request = OffsetCommitRequest {
+            group: group.clone(),
+            member_id,
+            member_epoch,
+            offsets: offsets
+                .iter()
+                .map(|(partition, offset)| CommitOffset {
+                    topic: partition.topic.clone(),
+                    partition: partition.partition,
+                    offset: *offset,
+                    metadata: String::new(),
+                })
+                .collect(),
+        };
+        let response = self.client.inner.call_controller(&request).await?;
+        let mut first_error = None;
+        {
+            let mut state = self.state.lock().expect("consumer state lock");
+            for (partition, offset) in &offsets {
+                let error = response
+                    .partitions
+                    .iter()
+                    .find(|p| p.topic == partition.topic && p.partition == partition.partition)
+                    .map(|p| p.error)
+                    .unwrap_or(ErrorCode::None);
+                if error == ErrorCode::None {
+                    if let Some(partition_state) = state.partitions.get_mut(partition) {
+                        partition_state.committed = Some(*offset);
+                    }
+                } else if first_error.is_none() {
+                    first_error = Some(Error::from_code(
+                        error,
+                        format!("committing {partition} at {offset} failed"),
+                    ));
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn emit(&self, event: Rebalance) {
+        // No subscriber is fine: events are optional.
+        let _ = self.events.send(event);
+    }
+}
+
+/// The fetcher task: resolve positions, long-poll, queue records.
+async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
+    let mut attempt = 0u32;
+    loop {
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        let result = tokio::select! {
+            result = fetch_round(&shared, &sender) => result,
+            _ = shared.cancel.cancelled() => return,
+        };
+        match result {
+            Ok(true) => attempt = 0,
+            Ok(false) => {
+                // Nothing to fetch: wait for an assignment or a seek.
+                tokio::select! {
+                    _ = shared.wake_fetcher.notified() => {}
+                    _ = shared.cancel.cancelled() => return,
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "fetch round failed");
+                let delay = backoff(
+                    shared.client.config().reconnect_backoff_initial,
+                    shared.client.config().reconnect_backoff_max,
+                    attempt,
+                );
+                attempt += 1;
+                if error.invalidates_metadata() {
+                    let _ = shared
+                        .client
+                        .inner
+                        .refresh_metadata(Some(Instant::now()))
+                        .await;
+                }
+                if !error.is_retriable() && sender.send(Err(error)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.wake_fetcher.notified() => {}
+                    _ = shared.cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// One round: resolve unknown positions, then one fetch per leader. `Ok(false)` when there
+/// was nothing to fetch.
+async fn fetch_round(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>) -> Result<bool> {
+    resolve_positions(shared, sender).await?;
+    let fetchable: Vec<(TopicPartition, i64, u64, u32)> = {
+        let state = shared.state.lock().expect("consumer state lock");
+        state
+            .partitions
+            .iter()
+            .filter_map(|(partition, s)| match s.fetch {
+                FetchPosition::At(offset) => {
+                    Some((partition.clone(), offset, s.epoch, s.fetch_bytes))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    if fetchable.is_empty() {
+        return Ok(false);
+    }
+    let mut by_leader: HashMap<SocketAddr, Vec<(TopicPartition, i64, u64, u32)>> = HashMap::new();
+    for entry in fetchable {
+        let leader = shared.client.inner.leader(&entry.0).await?;
+        by_leader.entry(leader).or_default().push(entry);
+    }
+    let fetches = by_leader
+        .into_iter()
+        .map(|(addr, partitions)| fetch_from(shared, sender, addr, partitions));
+    let results = futures_util::future::join_all(fetches).await;
+    for result in results {
+        result?;
+    }
+    Ok(true)
+}
+
+async fn fetch_from(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    addr: SocketAddr,
+    partitions: Vec<(TopicPartition, i64, u64, u32)>,
+) -> Result<()> {
+    let config = &shared.config;
+    let request = FetchRequest {
+        max_wait_ms: config.fetch_wait_max.as_millis() as u32,
+        min_bytes: config.fetch_bytes_min,
+        max_bytes: config.fetch_bytes_max,
+        partitions: partitions
+            .iter()
+            .map(|(partition, offset, _, bytes)| FetchPartition {
+                topic: partition.topic.clone(),
+                partition: partition.partition,
+                offset: *offset,
+                partition_max_bytes: *bytes,
+            })
+            .collect(),
+    };
+    let timeout = shared.client.inner.timeout_with_wait(config.fetch_wait_max);
+    let response = shared
+        .client
+        .inner
+        .transport
+        .call(addr, &request, timeout)
+        .await?;
+    let mut stale_metadata = None;
+    for answer in response.partitions {
+        let partition = TopicPartition::new(answer.topic.clone(), answer.partition);
+        let Some((_, offset, epoch, _)) = partitions.iter().find(|p| p.0 == partition) else {
+            continue;
+        };
+        if let Some(error) =
+            handle_fetched(shared, sender, &partition, *offset, *epoch, answer).await?
+        {
+            stale_metadata = Some(error);
+        }
+    }
+    match stale_metadata {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Applies one partition's fetch answer. Returns a retriable error that needs a metadata
+/// refresh; fails only when the consumer is closing.
+async fn handle_fetched(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    partition: &TopicPartition,
+    offset: i64,
+    epoch: u64,
+    answer: FetchPartitionResponse,
+) -> Result<Option<Error>> {
+    let current = |state: &State| {
+        state
+            .partitions
+            .get(partition)
+            .is_some_and(|s| s.epoch == epoch)
+    };
+    match answer.error {
+        ErrorCode::None => {}
+        ErrorCode::OffsetOutOfRange => {
+            let paused = {
+                let mut state = shared.state.lock().expect("consumer state lock");
+                match state.partitions.get_mut(partition) {
+                    Some(s) if s.epoch == epoch => {
+                        s.fetch = match reset_spec(shared.config.auto_offset_reset) {
+                            Some(spec) => FetchPosition::Lookup(spec),
+                            None => FetchPosition::Paused,
+                        };
+                        s.fetch == FetchPosition::Paused
+                    }
+                    _ => false,
+                }
+            };
+            if paused {
+                let error = Error::from_code(
+                    ErrorCode::OffsetOutOfRange,
+                    format!("offset {offset} of {partition} is out of range"),
+                );
+                send(sender, Err(error)).await?;
+            }
+            return Ok(None);
+        }
+        code => {
+            let error = Error::from_code(
+                code,
+                answer
+                    .error_message
+                    .unwrap_or_else(|| format!("fetching {partition} failed")),
+            );
+            if error.is_retriable() {
+                return Ok(Some(error));
+            }
+            pause(shared, partition, epoch);
+            send(sender, Err(error)).await?;
+            return Ok(None);
+        }
+    }
+    let (records, error, starved) = decode_fetched(partition, offset, answer.records);
+    if let Some(last) = records.last() {
+        let next = last.offset + 1;
+        let mut state = shared.state.lock().expect("consumer state lock");
+        if current(&state) {
+            state.partitions.get_mut(partition).expect("checked").fetch = FetchPosition::At(next);
+        }
+    }
+    if starved {
+        let mut state = shared.state.lock().expect("consumer state lock");
+        if current(&state) {
+            let s = state.partitions.get_mut(partition).expect("checked");
+            s.fetch_bytes = s.fetch_bytes.saturating_mul(2).min(BATCH_BYTES_MAX as u32);
+        }
+    }
+    if !records.is_empty() {
+        let chunk = Chunk {
+            partition: partition.clone(),
+            epoch,
+            records: records.into_iter(),
+        };
+        send(sender, Ok(chunk)).await?;
+    }
+    if let Some(error) = error {
+        pause(shared, partition, epoch);
+        send(sender, Err(error)).await?;
+    }
+    Ok(None)
+}
+
+fn pause(shared: &Shared, partition: &TopicPartition, epoch: u64) {
+    let mut state = shared.state.lock().expect("consumer state lock");
+    if let Some(s) = state.partitions.get_mut(partition)
+        && s.epoch == epoch
+    {
+        s.fetch = FetchPosition::Paused;
+    }
+}
+
+async fn send(sender: &mpsc::Sender<Result<Chunk>>, item: Result<Chunk>) -> Result<()> {
+    sender.send(item).await.map_err(|_| Error::Closed)
+}
+
+fn reset_spec(policy: AutoOffsetReset) -> Option<OffsetSpec> {
+    match policy {
+        AutoOffsetReset::Earliest => Some(OffsetSpec::Earliest),
+        AutoOffsetReset::Latest => Some(OffsetSpec::Latest),
+        AutoOffsetReset::Error => None,
+    }
+}
+
+/// Finds a fetch offset for every partition that has none: the committed offset, then the
+/// reset policy or a seek's lookup.
+async fn resolve_positions(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>) -> Result<()> {
+    let (committed, lookups): (Vec<_>, Vec<_>) = {
+        let state = shared.state.lock().expect("consumer state lock");
+        state
+            .partitions
+            .iter()
+            .filter(|(_, s)| matches!(s.fetch, FetchPosition::Committed | FetchPosition::Lookup(_)))
+            .map(|(partition, s)| (partition.clone(), s.epoch, s.fetch))
+            .partition(|(_, _, fetch)| *fetch == FetchPosition::Committed)
+    };
+    let mut lookups: Vec<(TopicPartition, u64, OffsetSpec)> = lookups
+        .into_iter()
+        .filter_map(|(partition, epoch, fetch)| match fetch {
+            FetchPosition::Lookup(spec) => Some((partition, epoch, spec)),
+            _ => None,
+        })
+        .collect();
+    if !committed.is_empty() {
+        let found = match &shared.config.group {
+            Some(group) => {
+                let request = OffsetFetchRequest {
+                    group: group.clone(),
+                    partitions: Some(group_by_topic(committed.iter().map(|c| c.0.clone()))),
+                };
+                shared.client.inner.call_controller(&request).await?.offsets
+            }
+            None => Vec::new(),
+        };
+        for (partition, epoch, _) in committed {
+            let offset = found
+                .iter()
+                .find(|c| {
+                    c.topic == partition.topic
+                        && c.partition == partition.partition
+                        && c.error == ErrorCode::None
+                })
+                .map(|c| c.offset)
+                .filter(|offset| *offset >= 0);
+            if let Some(offset) = offset {
+                let mut state = shared.state.lock().expect("consumer state lock");
+                if let Some(s) = state.partitions.get_mut(&partition)
+                    && s.epoch == epoch
+                {
+                    s.fetch = FetchPosition::At(offset);
+                    s.position = Some(offset);
+                    s.committed = Some(offset);
+                }
+                continue;
+            }
+            match reset_spec(shared.config.auto_offset_reset) {
+                Some(spec) => lookups.push((partition, epoch, spec)),
+                None => {
+                    pause(shared, &partition, epoch);
+                    let error = Error::from_code(
+                        ErrorCode::OffsetOutOfRange,
+                        format!(
+                            "{partition} has no committed offset and auto_offset_reset is Error"
+                        ),
+                    );
+                    send(sender, Err(error)).await?;
+                }
+            }
+        }
+    }
+    if lookups.is_empty() {
+        return Ok(());
+    }
+    let specs: Vec<_> = lookups
+        .iter()
+        .map(|(partition, _, spec)| (partition.clone(), *spec))
+        .collect();
+    let offsets = list_offsets(&shared.client, &specs).await?;
+    let mut state = shared.state.lock().expect("consumer state lock");
+    for ((partition, epoch, _), offset) in lookups.into_iter().zip(offsets) {
+        let offset = offset?;
+        if let Some(s) = state.partitions.get_mut(&partition)
+            && s.epoch == epoch
+        {
+            s.fetch = FetchPosition::At(offset);
+            s.position = Some(offset);
+        }
+    }
+    Ok(())
+}
+
+/// The coordinator task: heartbeats (group members) and auto-commits.
+async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
+    let config = &shared.config;
+    let group = config.group.clone().expect("coordinator runs for groups");
+    let mut interval = Duration::from_secs(1);
+    let mut next_commit = Instant::now() + config.auto_commit_interval;
+    let mut attempt = 0u32;
+    loop {
+        let mut delay = interval;
+        if let Some(topics) = &shared.subscription {
+            match heartbeat(&shared, &group, topics).await {
+                Ok((heartbeat_interval, changed)) => {
+                    attempt = 0;
+                    interval = heartbeat_interval;
+                    delay = if changed { Duration::ZERO } else { interval };
+                }
+                Err(error)
+                    if matches!(
+                        error.code(),
+                        Some(ErrorCode::UnknownMember | ErrorCode::StaleMemberEpoch)
+                    ) =>
+                {
+                    tracing::info!(%error, "fenced from the group; joining again");
+                    lose_all(&shared);
+                    delay = Duration::ZERO;
+                }
+                Err(error) if error.is_retriable() => {
+                    tracing::debug!(%error, "heartbeat failed");
+                    delay = backoff(
+                        shared.client.config().reconnect_backoff_initial,
+                        interval,
+                        attempt,
+                    );
+                    attempt += 1;
+                    if error.invalidates_metadata() {
+                        let _ = shared
+                            .client
+                            .inner
+                            .refresh_metadata(Some(Instant::now()))
+                            .await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the group refused this member");
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+        if config.auto_commit && Instant::now() >= next_commit {
+            let offsets = shared.state.lock().expect("state").uncommitted();
+            if let Err(error) = shared.commit(offsets).await {
+                tracing::warn!(%error, "auto-commit failed");
+            }
+            next_commit = Instant::now() + config.auto_commit_interval;
+        }
+        if config.auto_commit {
+            delay = delay.min(next_commit.saturating_duration_since(Instant::now()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// One heartbeat and the assignment it brings. Returns the heartbeat interval and whether
+/// partitions were revoked (the coordinator should hear about it at once).
+async fn heartbeat(shared: &Shared, group: &str, topics: &[String]) -> Result<(Duration, bool)> {
+    let request = {
+        let state = shared.state.lock().expect("consumer state lock");
+        GroupHeartbeatRequest {
+            group: group.to_owned(),
+            member_id: state.member_id.clone(),
+            member_epoch: state.member_epoch,
+            client_id: shared.client.config().client_id.clone(),
+            session_timeout_ms: shared.config.session_timeout.as_millis() as u32,
+            topics: topics.to_vec(),
+            owned: state.owned(),
+        }
+    };
+    let addr = shared.client.inner.controller();
+    let timeout = shared.client.config().request_timeout;
+    let response = shared
+        .client
+        .inner
+        .transport
+        .call(addr, &request, timeout)
+        .await?;
+    {
+        let mut state = shared.state.lock().expect("consumer state lock");
+        state.member_id = response.member_id;
+        state.member_epoch = response.member_epoch;
+    }
+    let interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
+    let revoked = reconcile(shared, &flatten(&response.assignment)).await;
+    Ok((interval, revoked))
+}
+
+/// Applies a target assignment: revoke first (committing with auto-commit), then add.
+async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool {
+    let (revoked, added) = {
+        let owned: BTreeSet<_> = shared
+            .state
+            .lock()
+            .expect("state")
+            .partitions
+            .keys()
+            .cloned()
+            .collect();
+        assignment_diff(&owned, assigned)
+    };
+    if !revoked.is_empty() {
+        // Stop handing out records of these partitions, so the committed position is final.
+        let offsets = {
+            let mut state = shared.state.lock().expect("state");
+            for partition in &revoked {
+                let epoch = state.epoch();
+                if let Some(s) = state.partitions.get_mut(partition) {
+                    s.epoch = epoch;
+                    s.fetch = FetchPosition::Paused;
+                }
+            }
+            state
+                .uncommitted()
+                .into_iter()
+                .filter(|(partition, _)| revoked.contains(partition))
+                .collect::<Vec<_>>()
+        };
+        if shared.config.auto_commit
+            && let Err(error) = shared.commit(offsets).await
+        {
+            tracing::warn!(%error, "commit before revocation failed");
+        }
+        let mut state = shared.state.lock().expect("state");
+        for partition in &revoked {
+            state.partitions.remove(partition);
+        }
+        drop(state);
+        shared.emit(Rebalance::Revoked(revoked.clone()));
+    }
+    if !added.is_empty() {
+        let mut state = shared.state.lock().expect("state");
+        for partition in &added {
+            state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
+        }
+        drop(state);
+        shared.emit(Rebalance::Assigned(added));
+        shared.wake_fetcher.notify_one();
+    }
+    !revoked.is_empty()
+}
+
+/// The group no longer knows this member: drop every partition without committing and
+/// join again as a new member.
+fn lose_all(shared: &Shared) {
+    let lost: Vec<_> = {
+        let mut state = shared.state.lock().expect("state");
+        state.member_id.clear();
+        state.member_epoch = 0;
+        std::mem::take(&mut state.partitions).into_keys().collect()
+    };
+    if !lost.is_empty() {
+        shared.emit(Rebalance::Lost(lost));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ketch_protocol::batch::{BatchBuilder, set_base_offset};
+
+    fn tp(partition: u32) -> TopicPartition {
+        TopicPartition::new("t", partition)
+    }
+
+    fn batch(base_offset: i64, values: &[&str]) -> Vec<u8> {
+        let mut builder = BatchBuilder::new(1 << 20);
+        for value in values {
+            assert!(builder.try_append(1000, None, Some(value.as_bytes()), &[]));
+        }
+        let mut bytes = builder.finish().to_vec();
+        set_base_offset(&mut bytes, base_offset);
+        bytes
+    }
+
+    fn values(records: &[ConsumerRecord]) -> Vec<(i64, String)> {
+        records
+            .iter()
+            .map(|r| {
+                let value = String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap();
+                (r.offset, value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fetched_batches_skip_records_below_the_fetch_offset() {
+        let mut bytes = batch(10, &["a", "b", "c"]);
+        bytes.extend(batch(13, &["d", "e"]));
+        let (records, error, starved) = decode_fetched(&tp(0), 12, Bytes::from(bytes.clone()));
+        assert_eq!(error, None);
+        assert!(!starved);
+        assert_eq!(
+            values(&records),
+            [(12, "c".into()), (13, "d".into()), (14, "e".into())]
+        );
+        // A whole batch below the offset is skipped without decoding its records.
+        let (records, _, _) = decode_fetched(&tp(0), 13, Bytes::from(bytes));
+        assert_eq!(values(&records)[0], (13, "d".into()));
+    }
+
+    #[test]
+    fn a_corrupt_batch_keeps_the_records_before_it_and_reports_crc() {
+        let mut bytes = batch(0, &["a"]);
+        let mut bad = batch(1, &["b"]);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        bytes.extend(bad);
+        let (records, error, _) = decode_fetched(&tp(3), 0, Bytes::from(bytes));
+        assert_eq!(values(&records), [(0, "a".into())]);
+        match error {
+            Some(Error::CorruptBatch {
+                topic, partition, ..
+            }) => assert_eq!((topic.as_str(), partition), ("t", 3)),
+            other => panic!("expected a corrupt batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partial_batch_alone_asks_for_more_bytes() {
+        let bytes = batch(0, &["a", "b"]);
+        let cut = Bytes::from(bytes[..bytes.len() - 3].to_vec());
+        let (records, error, starved) = decode_fetched(&tp(0), 0, cut);
+        assert!(records.is_empty() && error.is_none() && starved);
+        let (_, _, starved) = decode_fetched(&tp(0), 0, Bytes::new());
+        assert!(!starved);
+    }
+
+    #[test]
+    fn records_of_an_old_epoch_or_below_the_position_are_dropped() {
+        let mut state = State::default();
+        state.add(tp(0), 1024);
+        let epoch = state.partitions[&tp(0)].epoch;
+        state.partitions.get_mut(&tp(0)).unwrap().position = Some(5);
+        assert!(!state.accept(&tp(0), epoch, 4));
+        assert!(state.accept(&tp(0), epoch, 5));
+        assert_eq!(state.partitions[&tp(0)].position, Some(6));
+        // A seek changes the epoch: records fetched before it are dropped.
+        state.seek(&tp(0), Offset::At(100)).unwrap();
+        assert!(!state.accept(&tp(0), epoch, 6));
+        let epoch = state.partitions[&tp(0)].epoch;
+        assert_eq!(state.partitions[&tp(0)].fetch, FetchPosition::At(100));
+        assert!(state.accept(&tp(0), epoch, 100));
+        // Unassigned partitions deliver nothing.
+        assert!(!state.accept(&tp(1), epoch, 0));
+    }
+
+    #[test]
+    fn seek_targets() {
+        let mut state = State::default();
+        state.add(tp(0), 1024);
+        let check = |state: &mut State, offset, fetch, position| {
+            state.seek(&tp(0), offset).unwrap();
+            assert_eq!(state.partitions[&tp(0)].fetch, fetch);
+            assert_eq!(state.partitions[&tp(0)].position, position);
+        };
+        check(
+            &mut state,
+            Offset::Beginning,
+            FetchPosition::Lookup(OffsetSpec::Earliest),
+            None,
+        );
+        check(
+            &mut state,
+            Offset::End,
+            FetchPosition::Lookup(OffsetSpec::Latest),
+            None,
+        );
+        check(
+            &mut state,
+            Offset::Timestamp(1_700_000_000_000),
+            FetchPosition::Lookup(OffsetSpec::Timestamp(1_700_000_000_000)),
+            None,
+        );
+        check(&mut state, Offset::At(7), FetchPosition::At(7), Some(7));
+        assert!(matches!(
+            state.seek(&tp(9), Offset::At(0)),
+            Err(Error::InvalidOperation(_))
+        ));
+    }
+
+    #[test]
+    fn uncommitted_positions_only() {
+        let mut state = State::default();
+        state.add(tp(0), 1024);
+        state.add(tp(1), 1024);
+        state.add(tp(2), 1024);
+        state.partitions.get_mut(&tp(0)).unwrap().position = Some(5);
+        let p1 = state.partitions.get_mut(&tp(1)).unwrap();
+        p1.position = Some(3);
+        p1.committed = Some(3);
+        assert_eq!(state.uncommitted(), [(tp(0), 5)]);
+    }
+
+    #[test]
+    fn assignment_diff_revokes_and_adds() {
+        let owned: BTreeSet<_> = [tp(0), tp(1), tp(2)].into();
+        let assigned = flatten(&[
+            TopicPartitions {
+                topic: "t".into(),
+                partitions: vec![1, 2, 3],
+            },
+            TopicPartitions {
+                topic: "u".into(),
+                partitions: vec![0],
+            },
+        ]);
+        let (revoked, added) = assignment_diff(&owned, &assigned);
+        assert_eq!(revoked, [tp(0)]);
+        assert_eq!(added, [tp(3), TopicPartition::new("u", 0)]);
+        assert_eq!(
+            group_by_topic(assigned),
+            [
+                TopicPartitions {
+                    topic: "t".into(),
+                    partitions: vec![1, 2, 3]
+                },
+                TopicPartitions {
+                    topic: "u".into(),
+                    partitions: vec![0]
+                },
+            ]
+        );
+    }
+}

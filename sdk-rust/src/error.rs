@@ -1,0 +1,241 @@
+//! The client's error type.
+
+use ketch_protocol::batch::BatchError;
+use ketch_protocol::frame::ErrorResponse;
+use ketch_protocol::{DecodeError, ErrorCode};
+
+/// Result alias used throughout the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the client.
+///
+/// Errors are `Clone` because one failure (a produce batch rejected, a connection lost) is
+/// reported to every record and caller it concerns. Wire failures keep the broker's
+/// [`ErrorCode`] and message; use [`Error::code`] to branch on them and
+/// [`Error::is_retriable`] to decide whether to try again.
+///
+/// ```
+/// use ketch_client::{Error, ErrorCode};
+/// let error = Error::Broker { code: ErrorCode::NotLeader, raw_code: 15, message: "moved".into() };
+/// assert_eq!(error.code(), Some(ErrorCode::NotLeader));
+/// assert!(error.is_retriable());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker answered with an error code (for the whole request or for one partition).
+    #[error("broker error {code}: {message}")]
+    Broker {
+        code: ErrorCode,
+        /// The number on the wire, which may be newer than this build's [`ErrorCode`]
+        /// (then `code` is [`ErrorCode::Unknown`]).
+        raw_code: u16,
+        message: String,
+    },
+    /// A configuration value is invalid; the message names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// TLS set-up failed: the CA file could not be read or parsed.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// No QUIC connection could be made to a broker.
+    #[error("cannot connect to {addr}: {message}")]
+    Connect { addr: String, message: String },
+    /// An established connection or stream failed (the broker went away, the network broke).
+    /// Retriable: the client reconnects.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The broker sent bytes this client cannot decode.
+    #[error("protocol: {0}")]
+    Protocol(#[from] DecodeError),
+    /// A fetched record batch failed its CRC or structure check.
+    #[error("corrupt batch from {topic}/{partition}: {source}")]
+    CorruptBatch {
+        topic: String,
+        partition: u32,
+        source: BatchError,
+    },
+    /// A record is larger than the producer can ever buffer or send.
+    #[error("record of {bytes} bytes exceeds the limit of {limit} bytes")]
+    RecordTooLarge { bytes: usize, limit: usize },
+    /// An operation did not complete within its time limit.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The handle (or the client under it) was closed.
+    #[error("closed")]
+    Closed,
+    /// The operation does not apply to this handle (for example committing without a group).
+    #[error("invalid operation: {0}")]
+    InvalidOperation(String),
+}
+
+impl Error {
+    /// The wire error code, when the error came from (or is equivalent to) one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            Error::CorruptBatch { .. } => Some(ErrorCode::CorruptBatch),
+            Error::RecordTooLarge { .. } => Some(ErrorCode::RecordTooLarge),
+            Error::Timeout(_) => Some(ErrorCode::Timeout),
+            Error::Protocol(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+
+    /// Whether the same operation may succeed if retried after a backoff (the client
+    /// refreshes metadata and reconnects as needed).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Broker { code, .. } => code.is_retriable(),
+            Error::Connect { .. } | Error::Transport(_) | Error::Timeout(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the error means cached metadata (leaders, partition counts) is stale.
+    pub(crate) fn invalidates_metadata(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::NotLeader | ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+        ) || matches!(self, Error::Connect { .. } | Error::Transport(_))
+    }
+
+    /// A broker error from a code and message carried inside a response body.
+    pub(crate) fn from_code(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error::Broker {
+            code,
+            raw_code: code.as_u16(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ErrorResponse> for Error {
+    fn from(response: ErrorResponse) -> Error {
+        Error::Broker {
+            code: response.code,
+            raw_code: response.raw_code,
+            message: response.message,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for Error {
+    fn from(error: quinn::ConnectionError) -> Error {
+        Error::Transport(error.to_string())
+    }
+}
+
+impl From<quinn::WriteError> for Error {
+    fn from(error: quinn::WriteError) -> Error {
+        Error::Transport(error.to_string())
+    }
+}
+
+impl From<quinn::ReadExactError> for Error {
+    fn from(error: quinn::ReadExactError) -> Error {
+        Error::Transport(error.to_string())
+    }
+}
+
+impl From<quinn::ClosedStream> for Error {
+    fn from(error: quinn::ClosedStream) -> Error {
+        Error::Transport(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(error: Error, code: Option<ErrorCode>, retriable: bool, stale_metadata: bool) {
+        assert_eq!(error.code(), code, "{error}");
+        assert_eq!(error.is_retriable(), retriable, "{error}");
+        assert_eq!(error.invalidates_metadata(), stale_metadata, "{error}");
+    }
+
+    #[test]
+    fn error_mapping() {
+        check(
+            Error::from_code(ErrorCode::NotLeader, "x"),
+            Some(ErrorCode::NotLeader),
+            true,
+            true,
+        );
+        check(
+            Error::from_code(ErrorCode::UnknownTopic, "x"),
+            Some(ErrorCode::UnknownTopic),
+            true,
+            true,
+        );
+        check(
+            Error::from_code(ErrorCode::Overloaded, "x"),
+            Some(ErrorCode::Overloaded),
+            true,
+            false,
+        );
+        check(
+            Error::from_code(ErrorCode::OutOfOrderSequence, "x"),
+            Some(ErrorCode::OutOfOrderSequence),
+            false,
+            false,
+        );
+        check(
+            Error::from_code(ErrorCode::TopicAlreadyExists, "x"),
+            Some(ErrorCode::TopicAlreadyExists),
+            false,
+            false,
+        );
+        check(Error::Transport("reset".into()), None, true, true);
+        check(
+            Error::Connect {
+                addr: "127.0.0.1:1".into(),
+                message: "refused".into(),
+            },
+            None,
+            true,
+            true,
+        );
+        check(
+            Error::Timeout("produce".into()),
+            Some(ErrorCode::Timeout),
+            true,
+            false,
+        );
+        check(Error::Closed, None, false, false);
+        check(Error::Config("x".into()), None, false, false);
+        check(
+            Error::RecordTooLarge { bytes: 2, limit: 1 },
+            Some(ErrorCode::RecordTooLarge),
+            false,
+            false,
+        );
+        check(
+            Error::Protocol(DecodeError::TrailingBytes(1)),
+            Some(ErrorCode::MalformedFrame),
+            false,
+            false,
+        );
+    }
+
+    #[test]
+    fn wire_error_response_keeps_code_number_and_message() {
+        let error = Error::from(ErrorResponse {
+            code: ErrorCode::Unknown,
+            raw_code: 999,
+            message: "from the future".into(),
+        });
+        assert_eq!(
+            error,
+            Error::Broker {
+                code: ErrorCode::Unknown,
+                raw_code: 999,
+                message: "from the future".into()
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "broker error unknown (1): from the future"
+        );
+    }
+}

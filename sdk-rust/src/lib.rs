@@ -1,0 +1,119 @@
+//! The Ketch client core: connections, producer, consumer and admin over QUIC.
+//!
+//! Ketch is an event log with Kafka's model (topics, partitions, offsets, consumer groups)
+//! spoken over QUIC. This crate is the one client implementation; the Python and Node
+//! packages wrap it.
+//!
+//! # Quickstart
+//!
+//! Start a broker with `ketch serve` (it prints where its dev CA is), then:
+//!
+//! ```no_run
+//! use ketch_client::{
+//!     AutoOffsetReset, Client, ClientConfig, ConsumerConfig, NewTopic, ProducerConfig,
+//!     ProducerRecord, Tls,
+//! };
+//!
+//! # async fn quickstart() -> Result<(), ketch_client::Error> {
+//! let client = Client::connect(ClientConfig {
+//!     bootstrap: vec!["127.0.0.1:9192".into()],
+//!     tls: Tls::CaFile("ketch-data/ca.pem".into()),
+//!     ..Default::default()
+//! })
+//! .await?;
+//!
+//! client.admin().create_topic(NewTopic::new("events", 3)).await?;
+//!
+//! let producer = client.producer(ProducerConfig::default()).await?;
+//! let delivery = producer
+//!     .send(ProducerRecord::keyed("events", "user-1", "signed up"))
+//!     .await?;
+//! let written = delivery.await?;
+//! println!("written to partition {} at offset {}", written.partition, written.offset);
+//! producer.close().await?;
+//!
+//! let consumer = client.subscribe(
+//!     ConsumerConfig {
+//!         group: Some("welcome-mails".into()),
+//!         auto_offset_reset: AutoOffsetReset::Earliest,
+//!         ..Default::default()
+//!     },
+//!     &["events"],
+//! )?;
+//! let record = consumer.recv().await?;
+//! println!("{:?} => {:?}", record.key, record.value);
+//! consumer.close().await?;
+//! client.close();
+//! # Ok(()) }
+//! ```
+//!
+//! # Shape of the API
+//!
+//! - [`Client`] owns one QUIC connection per broker (reconnecting with a bounded exponential
+//!   backoff) and the metadata cache, which is refreshed when a broker answers `NotLeader`,
+//!   `UnknownTopic` or `UnknownPartition`.
+//! - [`Producer`] batches per partition (`linger`, `batch_bytes_max`), bounds its memory
+//!   (`buffer_bytes_max`: `send` waits), and retries idempotently: every batch carries the
+//!   producer id and a per-partition sequence number, and a retry resends the same bytes.
+//! - [`Consumer`] reads a group's assignment (or explicit partitions) with long-poll
+//!   fetches, checks every batch's CRC, and commits automatically or on demand.
+//! - [`Admin`] creates, deletes and describes topics and groups.
+//! - [`blocking`] wraps all of it for synchronous callers.
+//!
+//! Handles are `Clone` (an `Arc` inside), own their data, and have `close` methods, so
+//! language bindings can hold them without lifetimes. Every future is cancel-safe: dropping
+//! it leaves the handle usable.
+
+mod admin;
+pub mod blocking;
+mod client;
+mod config;
+mod consumer;
+mod error;
+mod partitioner;
+mod producer;
+mod transport;
+
+pub use admin::{
+    Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupSummary, NewTopic,
+    PartitionDescription, TopicDescription, TopicSummary,
+};
+pub use client::Client;
+pub use config::{
+    AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientConfig, ConsumerConfig,
+    NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
+};
+pub use consumer::{Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents};
+pub use error::{Error, Result};
+pub use ketch_protocol::ErrorCode;
+pub use ketch_protocol::batch::Header;
+pub use ketch_protocol::messages::Acks;
+pub use partitioner::{murmur2, partition_for_key};
+pub use producer::{DeliveryFuture, Producer, ProducerRecord, RecordMetadata};
+
+/// A partition of a topic.
+///
+/// ```
+/// let partition = ketch_client::TopicPartition::new("events", 2);
+/// assert_eq!(partition.to_string(), "events/2");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<String>, partition: u32) -> TopicPartition {
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}

@@ -1,0 +1,304 @@
+//! Per-partition batching, sans-IO: records go into open batches; batches become ready when
+//! full, when their linger expired, or on flush. Time is passed in, so every rule is tested
+//! without a clock. At most one batch per partition is in flight, which keeps retries of
+//! idempotent batches in sequence order.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ketch_protocol::batch::{BatchBuilder, Header};
+
+use crate::TopicPartition;
+
+/// One record about to be appended, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordRef<'a> {
+    pub timestamp: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: &'a [Header],
+}
+
+/// A batch being filled or waiting to be sent, with one delivery slot per record (in record
+/// order).
+#[derive(Debug)]
+pub(crate) struct PendingBatch<D> {
+    pub builder: BatchBuilder,
+    pub created_at: Instant,
+    pub slots: Vec<D>,
+    /// No more records go in: it was full, a later batch exists, or a flush sealed it.
+    sealed: bool,
+}
+
+#[derive(Debug)]
+struct PartitionQueue<D> {
+    batches: VecDeque<PendingBatch<D>>,
+    in_flight: bool,
+}
+
+impl<D> Default for PartitionQueue<D> {
+    fn default() -> Self {
+        PartitionQueue {
+            batches: VecDeque::new(),
+            in_flight: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Accumulator<D> {
+    batch_bytes_max: usize,
+    linger: Duration,
+    queues: HashMap<TopicPartition, PartitionQueue<D>>,
+}
+
+impl<D> Accumulator<D> {
+    pub(crate) fn new(batch_bytes_max: usize, linger: Duration) -> Accumulator<D> {
+        Accumulator {
+            batch_bytes_max,
+            linger,
+            queues: HashMap::new(),
+        }
+    }
+
+    /// Appends a record to the partition's open batch, opening a new batch when the record
+    /// does not fit. Returns whether the sender should look again (a batch was opened, which
+    /// starts a linger, or sealed, which makes it ready). Gives the slot back if the record
+    /// cannot travel in any batch.
+    pub(crate) fn append(
+        &mut self,
+        partition: &TopicPartition,
+        record: RecordRef<'_>,
+        slot: D,
+        now: Instant,
+    ) -> Result<bool, D> {
+        let queue = match self.queues.get_mut(partition) {
+            Some(queue) => queue,
+            None => self.queues.entry(partition.clone()).or_default(),
+        };
+        if let Some(open) = queue.batches.back_mut().filter(|b| !b.sealed) {
+            if open
+                .builder
+                .try_append(record.timestamp, record.key, record.value, record.headers)
+            {
+                open.slots.push(slot);
+                open.sealed = open.builder.size_bytes() >= self.batch_bytes_max;
+                return Ok(open.sealed);
+            }
+            open.sealed = true;
+        }
+        let mut builder = BatchBuilder::new(self.batch_bytes_max);
+        if !builder.try_append(record.timestamp, record.key, record.value, record.headers) {
+            if queue.batches.is_empty() && !queue.in_flight {
+                self.queues.remove(partition);
+            }
+            return Err(slot);
+        }
+        let sealed = builder.size_bytes() >= self.batch_bytes_max;
+        queue.batches.push_back(PendingBatch {
+            builder,
+            created_at: now,
+            slots: vec![slot],
+            sealed,
+        });
+        Ok(true)
+    }
+
+    /// Partitions whose front batch may be sent now: none of theirs is in flight, and the batch
+    /// is sealed, lingered long enough, or `flushing` is set.
+    pub(crate) fn ready(&self, now: Instant, flushing: bool) -> Vec<TopicPartition> {
+        self.queues
+            .iter()
+            .filter(|(_, queue)| !queue.in_flight)
+            .filter(|(_, queue)| {
+                queue.batches.front().is_some_and(|batch| {
+                    flushing || batch.sealed || now >= batch.created_at + self.linger
+                })
+            })
+            .map(|(partition, _)| partition.clone())
+            .collect()
+    }
+
+    /// Takes the front batch of a partition for sending and marks the partition in flight.
+    pub(crate) fn drain(&mut self, partition: &TopicPartition) -> Option<PendingBatch<D>> {
+        let queue = self.queues.get_mut(partition)?;
+        assert!(!queue.in_flight, "one batch per partition in flight");
+        let batch = queue.batches.pop_front()?;
+        queue.in_flight = true;
+        Some(batch)
+    }
+
+    /// The partition's in-flight batch finished (delivered or failed for good).
+    pub(crate) fn complete(&mut self, partition: &TopicPartition) {
+        let queue = self
+            .queues
+            .get_mut(partition)
+            .expect("completing a partition with a batch in flight");
+        assert!(
+            queue.in_flight,
+            "completing a partition with nothing in flight"
+        );
+        queue.in_flight = false;
+        if queue.batches.is_empty() {
+            self.queues.remove(partition);
+        }
+    }
+
+    /// Removes every batch queued (not in flight) for a partition, to fail them.
+    pub(crate) fn take_queued(&mut self, partition: &TopicPartition) -> Vec<PendingBatch<D>> {
+        let Some(queue) = self.queues.get_mut(partition) else {
+            return Vec::new();
+        };
+        let batches: Vec<_> = queue.batches.drain(..).collect();
+        if !queue.in_flight {
+            self.queues.remove(partition);
+        }
+        batches
+    }
+
+    /// Seals every open batch so that all of them are ready.
+    pub(crate) fn seal_all(&mut self) {
+        for queue in self.queues.values_mut() {
+            for batch in &mut queue.batches {
+                batch.sealed = true;
+            }
+        }
+    }
+
+    /// When the earliest unsent batch's linger ends (`None`: nothing is waiting).
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.queues
+            .values()
+            .filter(|queue| !queue.in_flight)
+            .filter_map(|queue| queue.batches.front())
+            .map(|batch| batch.created_at + self.linger)
+            .min()
+    }
+
+    /// Nothing queued and nothing in flight.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    #[cfg(test)]
+    fn batch_counts(&self, partition: &TopicPartition) -> Vec<usize> {
+        self.queues
+            .get(partition)
+            .map(|q| q.batches.iter().map(|b| b.slots.len()).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ketch_protocol::batch::RecordBatch;
+
+    fn tp(partition: u32) -> TopicPartition {
+        TopicPartition::new("t", partition)
+    }
+
+    fn record(value: &[u8]) -> RecordRef<'_> {
+        RecordRef {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(value),
+            headers: &[],
+        }
+    }
+
+    #[test]
+    fn linger_holds_a_batch_until_it_expires() {
+        let start = Instant::now();
+        let linger = Duration::from_millis(10);
+        let mut acc = Accumulator::new(1024, linger);
+        acc.append(&tp(0), record(b"a"), 1, start).unwrap();
+        acc.append(&tp(0), record(b"b"), 2, start + Duration::from_millis(5))
+            .unwrap();
+        assert!(
+            acc.ready(start + Duration::from_millis(9), false)
+                .is_empty()
+        );
+        // The linger counts from the batch's first record.
+        assert_eq!(acc.next_deadline(), Some(start + linger));
+        assert_eq!(acc.ready(start + linger, false), [tp(0)]);
+        // A flush makes it ready at once.
+        assert_eq!(acc.ready(start, true), [tp(0)]);
+        let batch = acc.drain(&tp(0)).unwrap();
+        assert_eq!(batch.slots, [1, 2]);
+        let bytes = batch.builder.finish();
+        let records = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
+        assert_eq!(records.len(), 2);
+        // In flight: nothing else of the partition is ready, nor counted for the deadline.
+        acc.append(&tp(0), record(b"c"), 3, start).unwrap();
+        assert!(acc.ready(start + linger, true).is_empty());
+        assert_eq!(acc.next_deadline(), None);
+        acc.complete(&tp(0));
+        assert_eq!(acc.ready(start + linger, false), [tp(0)]);
+    }
+
+    #[test]
+    fn a_full_batch_is_sealed_and_ready_before_its_linger() {
+        let start = Instant::now();
+        let mut acc = Accumulator::new(200, Duration::from_secs(60));
+        let value = [7u8; 50];
+        for slot in 0..5 {
+            acc.append(&tp(0), record(&value), slot, start).unwrap();
+        }
+        // 61 header bytes + ~57 per record: two fit under 200, the third opens a new batch.
+        assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 1]);
+        assert_eq!(acc.ready(start, false), [tp(0)]);
+        let first = acc.drain(&tp(0)).unwrap();
+        assert_eq!(first.slots, [0, 1]);
+        assert!(first.builder.size_bytes() <= 200);
+        acc.complete(&tp(0));
+        // The second is sealed because a later batch exists; the last still lingers.
+        assert_eq!(acc.drain(&tp(0)).unwrap().slots, [2, 3]);
+        acc.complete(&tp(0));
+        assert!(acc.ready(start, false).is_empty());
+        assert!(!acc.is_empty());
+    }
+
+    #[test]
+    fn a_record_larger_than_the_cap_travels_alone() {
+        let start = Instant::now();
+        let mut acc = Accumulator::new(128, Duration::from_secs(60));
+        acc.append(&tp(0), record(b"small"), 0, start).unwrap();
+        let big = vec![1u8; 1000];
+        acc.append(&tp(0), record(&big), 1, start).unwrap();
+        acc.append(&tp(0), record(b"small"), 2, start).unwrap();
+        assert_eq!(acc.batch_counts(&tp(0)), [1, 1, 1]);
+    }
+
+    #[test]
+    fn seal_all_and_take_queued() {
+        let start = Instant::now();
+        let mut acc = Accumulator::new(1024, Duration::from_secs(60));
+        acc.append(&tp(0), record(b"a"), 0, start).unwrap();
+        acc.append(&tp(1), record(b"b"), 1, start).unwrap();
+        acc.seal_all();
+        let mut ready = acc.ready(start, false);
+        ready.sort();
+        assert_eq!(ready, [tp(0), tp(1)]);
+        // A sealed batch takes no more records: the next one opens a new batch.
+        acc.append(&tp(0), record(b"c"), 2, start).unwrap();
+        assert_eq!(acc.batch_counts(&tp(0)), [1, 1]);
+        let failed = acc.take_queued(&tp(0));
+        assert_eq!(failed.len(), 2);
+        assert_eq!(acc.take_queued(&tp(1)).len(), 1);
+        assert!(acc.is_empty());
+    }
+
+    #[test]
+    fn partitions_batch_independently() {
+        let start = Instant::now();
+        let mut acc = Accumulator::new(1024, Duration::from_millis(10));
+        acc.append(&tp(0), record(b"a"), 0, start).unwrap();
+        acc.append(&tp(1), record(b"b"), 1, start + Duration::from_millis(4))
+            .unwrap();
+        assert_eq!(acc.ready(start + Duration::from_millis(10), false), [tp(0)]);
+        assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(10)));
+        acc.drain(&tp(0)).unwrap();
+        assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(14)));
+    }
+}

@@ -1,0 +1,887 @@
+//! The producer: batching, partitioning, idempotent retries, delivery reports.
+//!
+//! `send` puts a record into its partition's open batch (waiting while the buffer is full)
+//! and returns a [`DeliveryFuture`]. One background task per producer drains ready batches,
+//! stamps them with the producer id and the partition's next sequence number, groups them by
+//! leader into produce requests, and settles each record's future with its offset or error.
+//! A retried batch is resent byte for byte, so the broker recognises a duplicate
+//! (`DuplicateSequence`) and answers with the original offset.
+
+mod accumulator;
+mod sequence;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{
+    BATCH_BYTES_MAX, BATCH_HEADER_BYTES, BatchBuilder, Header, ProducerStamp,
+};
+use ketch_protocol::messages::{
+    Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+
+use crate::TopicPartition;
+use crate::client::Client;
+use crate::config::{ProducerConfig, backoff};
+use crate::error::{Error, Result};
+use crate::partitioner::Partitioner;
+use accumulator::{Accumulator, RecordRef};
+use sequence::Sequences;
+
+/// A record to produce.
+///
+/// ```
+/// use ketch_client::ProducerRecord;
+/// let plain = ProducerRecord::new("events", "hello");
+/// let keyed = ProducerRecord::keyed("events", "user-42", "clicked");
+/// let pinned = ProducerRecord { partition: Some(3), ..ProducerRecord::new("events", "x") };
+/// assert_eq!(keyed.key.as_deref(), Some(&b"user-42"[..]));
+/// # let _ = (plain, pinned);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProducerRecord {
+    pub topic: String,
+    /// An explicit partition; `None` lets the partitioner choose (by key hash when there is
+    /// a key).
+    pub partition: Option<u32>,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch; `None` stamps the time of `send`.
+    pub timestamp: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A keyless record with a value.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord {
+            topic: topic.into(),
+            value: Some(value.into()),
+            ..Default::default()
+        }
+    }
+
+    /// A record with a key (which chooses its partition) and a value.
+    pub fn keyed(
+        topic: impl Into<String>,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> ProducerRecord {
+        ProducerRecord {
+            topic: topic.into(),
+            key: Some(key.into()),
+            value: Some(value.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordMetadata {
+    pub topic: String,
+    pub partition: u32,
+    /// The record's offset; `-1` with `acks=none`, where the broker does not say.
+    pub offset: i64,
+    /// The record's timestamp (ms since the Unix epoch) as sent.
+    pub timestamp: i64,
+}
+
+/// Resolves when the record is written (or has failed for good). Dropping it does not cancel
+/// the delivery.
+///
+/// ```no_run
+/// # async fn example(producer: ketch_client::Producer) -> Result<(), ketch_client::Error> {
+/// use ketch_client::ProducerRecord;
+/// let delivery = producer.send(ProducerRecord::new("events", "x")).await?;
+/// let metadata = delivery.await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a delivery future reports whether the record was written"]
+pub struct DeliveryFuture {
+    receiver: oneshot::Receiver<Result<i64>>,
+    topic: String,
+    partition: u32,
+    timestamp: i64,
+}
+
+impl DeliveryFuture {
+    /// The partition the record was put in.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match Pin::new(&mut self.receiver).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(result)) => result,
+            Poll::Ready(Err(_)) => Err(Error::Closed),
+        };
+        Poll::Ready(result.map(|offset| RecordMetadata {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            timestamp: self.timestamp,
+        }))
+    }
+}
+
+/// Produces records to topics. Cheap to clone; clones share batches and the background task.
+///
+/// Dropping the last clone sends what is buffered in the background; call
+/// [`close`](Producer::close) to wait for it.
+///
+/// ```no_run
+/// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+/// use ketch_client::{ProducerConfig, ProducerRecord};
+/// let producer = client.producer(ProducerConfig::default()).await?;
+/// let mut deliveries = Vec::new();
+/// for i in 0..100 {
+///     let record = ProducerRecord::keyed("events", format!("user-{i}"), "signed up");
+///     deliveries.push(producer.send(record).await?);
+/// }
+/// producer.flush().await?;
+/// for delivery in deliveries {
+///     let written = delivery.await?;
+///     assert!(written.offset >= 0);
+/// }
+/// producer.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+    _handle: Arc<HandleGuard>,
+}
+
+/// Dropped with the last user handle: tells the background task to send what is left and
+/// stop.
+#[derive(Debug)]
+struct HandleGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    /// Bytes of records buffered or in flight; `send` waits for permits.
+    buffer: Arc<Semaphore>,
+    wake: Notify,
+    flushing: AtomicUsize,
+    /// No new records; the task sends what is buffered and exits.
+    closing: AtomicBool,
+    pending: Arc<watch::Sender<usize>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct State {
+    accumulator: Accumulator<Delivery>,
+    partitioner: Partitioner,
+}
+
+/// One record's delivery slot: its reply channel, its share of the buffer and its deadline.
+#[derive(Debug)]
+struct Delivery {
+    reply: oneshot::Sender<Result<i64>>,
+    deadline: Instant,
+    _buffer: OwnedSemaphorePermit,
+    _pending: PendingGuard,
+}
+
+/// Counts a record as pending until its slot is dropped, however it ends.
+#[derive(Debug)]
+struct PendingGuard(Arc<watch::Sender<usize>>);
+
+impl PendingGuard {
+    fn new(pending: Arc<watch::Sender<usize>>) -> PendingGuard {
+        pending.send_modify(|pending| *pending += 1);
+        PendingGuard(pending)
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|pending| *pending -= 1);
+    }
+}
+
+impl Delivery {
+    fn settle(self, result: Result<i64>) {
+        // The caller may have dropped its future; the record was still settled.
+        let _ = self.reply.send(result);
+    }
+}
+
+impl Producer {
+    pub(crate) async fn new(client: Client, config: ProducerConfig) -> Result<Producer> {
+        config.validate()?;
+        let sequences = if config.idempotent {
+            let id = client
+                .inner
+                .call_controller(&InitProducerIdRequest {})
+                .await?;
+            Some(Sequences::new(id.producer_id, id.producer_epoch))
+        } else {
+            None
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                accumulator: Accumulator::new(config.batch_bytes_max, config.linger),
+                partitioner: Partitioner::new(config.null_key_partitioning, config.batch_bytes_max),
+            }),
+            buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            wake: Notify::new(),
+            flushing: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            pending: Arc::new(watch::Sender::new(0)),
+            task: Mutex::new(None),
+            client,
+            config,
+        });
+        let task = tokio::spawn(Sender::new(shared.clone(), sequences).run());
+        *shared.task.lock().expect("task lock") = Some(task);
+        Ok(Producer {
+            _handle: Arc::new(HandleGuard {
+                shared: shared.clone(),
+            }),
+            shared,
+        })
+    }
+
+    /// Queues a record and returns the future of its delivery. Waits while the buffer is full
+    /// (`buffer_bytes_max`). Cancelling this call before it returns queues nothing.
+    ///
+    /// Fails at once for an unknown topic or partition, a record that can never fit, or a
+    /// closed producer.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let layout = shared.client.inner.topic(&record.topic).await?;
+        let partitions = layout.partition_count();
+        if let Some(partition) = record.partition
+            && partition >= partitions
+        {
+            return Err(Error::from_code(
+                ErrorCode::UnknownPartition,
+                format!("{}/{partition} does not exist", record.topic),
+            ));
+        }
+        if partitions == 0 {
+            return Err(Error::from_code(
+                ErrorCode::UnknownPartition,
+                format!("{} has no partitions", record.topic),
+            ));
+        }
+        let timestamp = record.timestamp.unwrap_or_else(now_ms);
+        let record_bytes = record_bytes(&record);
+        let limit = shared
+            .config
+            .buffer_bytes_max
+            .min(BATCH_BYTES_MAX - BATCH_HEADER_BYTES);
+        if record_bytes > limit {
+            return Err(Error::RecordTooLarge {
+                bytes: record_bytes,
+                limit,
+            });
+        }
+        let permit = shared
+            .buffer
+            .clone()
+            .acquire_many_owned(record_bytes as u32)
+            .await
+            .map_err(|_| Error::Closed)?;
+        if shared.closing.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let (reply, receiver) = oneshot::channel();
+        let delivery = Delivery {
+            reply,
+            deadline: Instant::now() + shared.config.delivery_timeout,
+            _buffer: permit,
+            _pending: PendingGuard::new(shared.pending.clone()),
+        };
+        let (partition, wake) = {
+            let mut state = shared.state.lock().expect("producer state lock");
+            let partition = match record.partition {
+                Some(partition) => partition,
+                None => state.partitioner.partition(
+                    &record.topic,
+                    record.key.as_deref(),
+                    partitions,
+                    record_bytes,
+                ),
+            };
+            let tp = TopicPartition::new(record.topic.clone(), partition);
+            let appended = state.accumulator.append(
+                &tp,
+                RecordRef {
+                    timestamp,
+                    key: record.key.as_deref(),
+                    value: record.value.as_deref(),
+                    headers: &record.headers,
+                },
+                delivery,
+                Instant::now(),
+            );
+            match appended {
+                Ok(wake) => (partition, wake),
+                Err(_) => {
+                    return Err(Error::RecordTooLarge {
+                        bytes: record_bytes,
+                        limit,
+                    });
+                }
+            }
+        };
+        if wake {
+            shared.wake.notify_one();
+        }
+        Ok(DeliveryFuture {
+            receiver,
+            topic: record.topic,
+            partition,
+            timestamp,
+        })
+    }
+
+    /// Sends every buffered record now (ignoring `linger`) and waits until all records sent
+    /// before and during the call are delivered or failed. Cancel-safe.
+    pub async fn flush(&self) -> Result<()> {
+        struct Flushing<'a>(&'a Shared);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.flushing.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let shared = &self.shared;
+        shared.flushing.fetch_add(1, Ordering::SeqCst);
+        let _flushing = Flushing(shared);
+        shared
+            .state
+            .lock()
+            .expect("producer state lock")
+            .accumulator
+            .seal_all();
+        shared.wake.notify_one();
+        let mut pending = shared.pending.subscribe();
+        pending
+            .wait_for(|pending| *pending == 0)
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(())
+    }
+
+    /// Stops accepting records, delivers what is buffered (within `delivery_timeout`) and
+    /// stops the background task. Other clones fail with [`Error::Closed`] afterwards.
+    pub async fn close(&self) -> Result<()> {
+        let shared = &self.shared;
+        shared.closing.store(true, Ordering::SeqCst);
+        shared.wake.notify_one();
+        let task = shared.task.lock().expect("task lock").take();
+        if let Some(task) = task {
+            task.await
+                .map_err(|e| Error::Transport(format!("producer task failed: {e}")))?;
+        }
+        shared.buffer.close();
+        Ok(())
+    }
+
+    /// Records queued or in flight, not yet settled.
+    pub fn pending_records(&self) -> usize {
+        *self.shared.pending.borrow()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The record's share of the buffer: its encoded size with the largest deltas.
+fn record_bytes(record: &ProducerRecord) -> usize {
+    BatchBuilder::record_bytes(
+        i64::MAX,
+        i32::MAX,
+        record.key.as_deref(),
+        record.value.as_deref(),
+        &record.headers,
+    )
+}
+
+/// A batch that has been stamped and finished: the bytes every attempt sends.
+#[derive(Debug)]
+struct InFlightBatch {
+    partition: TopicPartition,
+    bytes: Bytes,
+    stamp: ProducerStamp,
+    slots: Vec<Delivery>,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+impl InFlightBatch {
+    fn records(&self) -> i32 {
+        self.slots.len() as i32
+    }
+
+    fn deadline(&self) -> Instant {
+        self.slots
+            .iter()
+            .map(|slot| slot.deadline)
+            .min()
+            .expect("a batch has records")
+    }
+}
+
+/// What a produce attempt of one batch came to.
+type Outcome = (InFlightBatch, Result<i64>);
+
+/// The background task: owns the sequence numbers and every batch from drain to settle.
+struct Sender {
+    shared: Arc<Shared>,
+    sequences: Option<Sequences>,
+    /// The producer id must be renewed before more batches are stamped: a batch failed
+    /// without knowing whether the broker appended it, or the broker forgot the producer.
+    renew_identity: bool,
+    retries: Vec<InFlightBatch>,
+    requests: Arc<Semaphore>,
+    outcomes_tx: mpsc::UnboundedSender<Vec<Outcome>>,
+    outcomes_rx: mpsc::UnboundedReceiver<Vec<Outcome>>,
+    /// Batches handed to request tasks and not yet back.
+    in_flight: usize,
+}
+
+impl Sender {
+    fn new(shared: Arc<Shared>, sequences: Option<Sequences>) -> Sender {
+        let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
+        Sender {
+            requests: Arc::new(Semaphore::new(shared.config.in_flight_requests_max)),
+            shared,
+            sequences,
+            renew_identity: false,
+            retries: Vec::new(),
+            outcomes_tx,
+            outcomes_rx,
+            in_flight: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut identity_retry_at = Instant::now();
+        loop {
+            let now = Instant::now();
+            let closing = self.shared.closing.load(Ordering::SeqCst);
+            if self.renew_identity && now >= identity_retry_at {
+                match self.renew().await {
+                    Ok(()) => self.renew_identity = false,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot renew the producer id");
+                        identity_retry_at = now + self.shared.config.retry_backoff_max;
+                    }
+                }
+            }
+            let mut to_send = Vec::new();
+            if !self.renew_identity {
+                to_send = self.drain(now, closing);
+            }
+            let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+                .into_iter()
+                .partition(|batch| batch.retry_at <= now);
+            self.retries = waiting;
+            to_send.extend(due);
+            self.dispatch(to_send).await;
+
+            if closing
+                && self.in_flight == 0
+                && self.retries.is_empty()
+                && self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .accumulator
+                    .is_empty()
+            {
+                break;
+            }
+            let linger_deadline = if self.renew_identity {
+                Some(identity_retry_at)
+            } else {
+                self.shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .accumulator
+                    .next_deadline()
+            };
+            let deadline = self
+                .retries
+                .iter()
+                .map(|batch| batch.retry_at)
+                .chain(linger_deadline)
+                .min();
+            tokio::select! {
+                _ = self.shared.wake.notified() => {}
+                Some(outcomes) = self.outcomes_rx.recv() => {
+                    self.settle_all(outcomes);
+                    while let Ok(outcomes) = self.outcomes_rx.try_recv() {
+                        self.settle_all(outcomes);
+                    }
+                }
+                _ = sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn renew(&mut self) -> Result<()> {
+        let id = self
+            .shared
+            .client
+            .inner
+            .call_controller(&InitProducerIdRequest {})
+            .await?;
+        if let Some(sequences) = &mut self.sequences {
+            tracing::info!(producer_id = id.producer_id, "renewed producer id");
+            sequences.reset(id.producer_id, id.producer_epoch);
+        }
+        Ok(())
+    }
+
+    /// Takes the ready batches, stamps and finishes them.
+    fn drain(&mut self, now: Instant, closing: bool) -> Vec<InFlightBatch> {
+        let flushing = closing || self.shared.flushing.load(Ordering::SeqCst) > 0;
+        let mut state = self.shared.state.lock().expect("producer state lock");
+        let ready = state.accumulator.ready(now, flushing);
+        let mut batches = Vec::with_capacity(ready.len());
+        for partition in ready {
+            let Some(batch) = state.accumulator.drain(&partition) else {
+                continue;
+            };
+            let records = batch.slots.len() as i32;
+            let stamp = match &mut self.sequences {
+                Some(sequences) => sequences.stamp(&partition, records),
+                None => ProducerStamp::NONE,
+            };
+            batches.push(InFlightBatch {
+                bytes: batch.builder.with_producer(stamp).finish(),
+                partition,
+                stamp,
+                slots: batch.slots,
+                attempts: 0,
+                retry_at: now,
+            });
+        }
+        batches
+    }
+
+    /// Groups batches by leader and starts one produce request per leader.
+    async fn dispatch(&mut self, batches: Vec<InFlightBatch>) {
+        let mut by_leader: HashMap<SocketAddr, Vec<InFlightBatch>> = HashMap::new();
+        for batch in batches {
+            match self.shared.client.inner.leader(&batch.partition).await {
+                Ok(addr) => by_leader.entry(addr).or_default().push(batch),
+                Err(error) => self.settle(batch, Err(error)),
+            }
+        }
+        for (addr, batches) in by_leader {
+            self.in_flight += batches.len();
+            let shared = self.shared.clone();
+            let requests = self.requests.clone();
+            let outcomes = self.outcomes_tx.clone();
+            tokio::spawn(async move {
+                let _permit = requests.acquire_owned().await;
+                let results = produce(&shared, addr, batches).await;
+                let _ = outcomes.send(results);
+            });
+        }
+    }
+
+    fn settle_all(&mut self, outcomes: Vec<Outcome>) {
+        for (batch, result) in outcomes {
+            self.in_flight -= 1;
+            self.settle(batch, result);
+        }
+    }
+
+    /// Decides a batch's fate after an attempt: deliver, retry, or fail.
+    fn settle(&mut self, mut batch: InFlightBatch, result: Result<i64>) {
+        let partition = batch.partition.clone();
+        let error = match result {
+            Ok(base_offset) => {
+                for (index, slot) in batch.slots.into_iter().enumerate() {
+                    let offset = if base_offset < 0 {
+                        -1
+                    } else {
+                        base_offset + index as i64
+                    };
+                    slot.settle(Ok(offset));
+                }
+                self.complete(&partition);
+                return;
+            }
+            Err(error) => error,
+        };
+        let now = Instant::now();
+        let delay = backoff(
+            self.shared.config.retry_backoff_initial,
+            self.shared.config.retry_backoff_max,
+            batch.attempts,
+        );
+        match error.code() {
+            Some(ErrorCode::OutOfOrderSequence) => {
+                // The broker and this producer disagree about the partition's sequence: every
+                // record queued for it would be out of order too. Fail them all, and start a
+                // new identity so that later records can be written.
+                tracing::error!(%partition, %error, "out-of-order sequence; failing the partition's queued records");
+                let queued = self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .accumulator
+                    .take_queued(&partition);
+                fail_slots(batch.slots, &error);
+                for queued in queued {
+                    fail_slots(queued.slots, &error);
+                }
+                self.complete(&partition);
+                self.renew_identity = self.sequences.is_some();
+                return;
+            }
+            Some(ErrorCode::UnknownProducer | ErrorCode::InvalidProducerEpoch) => {
+                fail_slots(batch.slots, &error);
+                self.complete(&partition);
+                self.renew_identity = self.sequences.is_some();
+                return;
+            }
+            _ => {}
+        }
+        if error.is_retriable() && now + delay < batch.deadline() {
+            if error.invalidates_metadata() {
+                let client = self.shared.client.clone();
+                tokio::spawn(async move {
+                    let _ = client.inner.refresh_metadata(Some(Instant::now())).await;
+                });
+            }
+            tracing::debug!(%partition, attempt = batch.attempts, %error, "retrying batch");
+            batch.attempts += 1;
+            batch.retry_at = now + delay;
+            self.retries.push(batch);
+            return;
+        }
+        // Failed for good. A wire error means the broker did not append the batch, so its
+        // sequence numbers go back to the partition; otherwise nobody knows, and only a new
+        // producer id makes the next batch's sequence acceptable.
+        if let Some(sequences) = &mut self.sequences {
+            let rejected = matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. });
+            if !(rejected && sequences.rewind(&partition, batch.stamp, batch.records())) {
+                self.renew_identity = batch.stamp.producer_id == sequences.producer_id();
+            }
+        }
+        fail_slots(batch.slots, &error);
+        self.complete(&partition);
+    }
+
+    fn complete(&mut self, partition: &TopicPartition) {
+        self.shared
+            .state
+            .lock()
+            .expect("state")
+            .accumulator
+            .complete(partition);
+        // The partition's next batch may be ready now.
+        self.shared.wake.notify_one();
+    }
+}
+
+fn fail_slots(slots: Vec<Delivery>, error: &Error) {
+    for slot in slots {
+        slot.settle(Err(error.clone()));
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One produce request to one leader; the result of each batch.
+async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>) -> Vec<Outcome> {
+    let config = &shared.config;
+    let mut topics: Vec<ProduceTopic> = Vec::new();
+    for batch in &batches {
+        let partition = ProducePartition {
+            partition: batch.partition.partition,
+            records: batch.bytes.clone(),
+        };
+        match topics.iter_mut().find(|t| t.name == batch.partition.topic) {
+            Some(topic) => topic.partitions.push(partition),
+            None => topics.push(ProduceTopic {
+                name: batch.partition.topic.clone(),
+                partitions: vec![partition],
+            }),
+        }
+    }
+    let request = ProduceRequest {
+        acks: config.acks,
+        timeout_ms: config.request_timeout.as_millis() as u32,
+        topics,
+    };
+    let timeout = shared
+        .client
+        .inner
+        .timeout_with_wait(config.request_timeout);
+    let response = shared
+        .client
+        .inner
+        .transport
+        .call(addr, &request, timeout)
+        .await;
+    match response {
+        Ok(response) => batches
+            .into_iter()
+            .map(|batch| {
+                let result = partition_result(&response, &batch.partition, config.acks);
+                (batch, result)
+            })
+            .collect(),
+        Err(error) => batches
+            .into_iter()
+            .map(|batch| (batch, Err(error.clone())))
+            .collect(),
+    }
+}
+
+/// A partition's base offset from a produce response. A duplicate of a batch the broker
+/// already has is a success: the broker answers with the original offset.
+fn partition_result(
+    response: &ProduceResponse,
+    partition: &TopicPartition,
+    acks: Acks,
+) -> Result<i64> {
+    let found = response
+        .topics
+        .iter()
+        .filter(|topic| topic.name == partition.topic)
+        .flat_map(|topic| &topic.partitions)
+        .find(|p| p.partition == partition.partition);
+    let Some(answer) = found else {
+        return Err(Error::Transport(format!(
+            "produce response has no result for {partition}"
+        )));
+    };
+    match answer.error {
+        ErrorCode::None => Ok(if acks == Acks::None {
+            -1
+        } else {
+            answer.base_offset
+        }),
+        ErrorCode::DuplicateSequence if answer.base_offset >= 0 => Ok(answer.base_offset),
+        code => Err(Error::from_code(
+            code,
+            answer
+                .error_message
+                .clone()
+                .unwrap_or_else(|| format!("produce to {partition} failed")),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ketch_protocol::messages::{ProducePartitionResponse, ProduceTopicResponse};
+
+    fn response(error: ErrorCode, base_offset: i64) -> ProduceResponse {
+        ProduceResponse {
+            topics: vec![ProduceTopicResponse {
+                name: "t".into(),
+                partitions: vec![ProducePartitionResponse {
+                    partition: 1,
+                    error,
+                    error_message: None,
+                    base_offset,
+                    log_append_time_ms: -1,
+                    log_start_offset: 0,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn produce_partition_results() {
+        let tp = TopicPartition::new("t", 1);
+        let check = |error, base, acks, expected: Result<i64>| {
+            assert_eq!(
+                partition_result(&response(error, base), &tp, acks),
+                expected
+            );
+        };
+        check(ErrorCode::None, 42, Acks::All, Ok(42));
+        check(ErrorCode::None, 42, Acks::None, Ok(-1));
+        // A duplicate is a success with the original offset.
+        check(ErrorCode::DuplicateSequence, 40, Acks::All, Ok(40));
+        check(
+            ErrorCode::NotLeader,
+            -1,
+            Acks::All,
+            Err(Error::from_code(
+                ErrorCode::NotLeader,
+                "produce to t/1 failed",
+            )),
+        );
+        check(
+            ErrorCode::OutOfOrderSequence,
+            -1,
+            Acks::All,
+            Err(Error::from_code(
+                ErrorCode::OutOfOrderSequence,
+                "produce to t/1 failed",
+            )),
+        );
+        let missing = partition_result(
+            &response(ErrorCode::None, 1),
+            &TopicPartition::new("t", 2),
+            Acks::All,
+        );
+        assert!(matches!(missing, Err(Error::Transport(_))));
+    }
+
+    #[test]
+    fn record_bytes_bounds_the_encoded_size() {
+        let record = ProducerRecord::keyed("t", "key", "value");
+        let mut builder = BatchBuilder::new(1 << 20);
+        assert!(builder.try_append(now_ms(), Some(b"key"), Some(b"value"), &[]));
+        assert!(record_bytes(&record) >= builder.size_bytes() - BATCH_HEADER_BYTES);
+    }
+}
