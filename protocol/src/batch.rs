@@ -51,6 +51,9 @@ const OFFSET_PRODUCER_EPOCH: usize = 51;
 const OFFSET_BASE_SEQUENCE: usize = 53;
 const OFFSET_RECORDS_COUNT: usize = 57;
 
+/// Headers reserved up front when decoding a record; more grow the vector as they decode.
+const HEADERS_PREALLOCATED_MAX: usize = 16;
+
 const _: () = assert!(OFFSET_RECORDS_COUNT + 4 == BATCH_HEADER_BYTES);
 const _: () = assert!(BATCH_BYTES_MAX <= i32::MAX as usize);
 
@@ -71,6 +74,8 @@ pub enum BatchError {
     Truncated { needed: usize, available: usize },
     #[error("unsupported batch magic {0} (only magic 2 is supported)")]
     UnsupportedMagic(i8),
+    #[error("base offset {0} is negative or leaves no room for the batch's offsets")]
+    BadBaseOffset(i64),
     #[error("batch length {0} is out of range")]
     BadLength(i32),
     #[error("batch of {0} bytes exceeds the limit of {BATCH_BYTES_MAX} bytes")]
@@ -143,6 +148,15 @@ impl BatchHeader {
         };
         if header.magic != MAGIC {
             return Err(BatchError::UnsupportedMagic(header.magic));
+        }
+        // Offsets must stay representable: every record's offset is base + delta.
+        if header.base_offset < 0
+            || header
+                .base_offset
+                .checked_add(i64::from(header.records_count.max(0)))
+                .is_none()
+        {
+            return Err(BatchError::BadBaseOffset(header.base_offset));
         }
         let min_length = (BATCH_HEADER_BYTES - BATCH_LENGTH_PREFIX_BYTES) as i32;
         if header.batch_length < min_length {
@@ -567,10 +581,12 @@ impl RecordIter {
         let key = cursor.nullable().map_err(|e| e.into_error(index))?;
         let value = cursor.nullable().map_err(|e| e.into_error(index))?;
         let headers_count = cursor.varint().map_err(varint_err)?;
-        if headers_count < 0 || headers_count as usize > body_len as usize {
+        // A header takes at least two bytes (two varint lengths).
+        if headers_count < 0 || headers_count as usize > (end - cursor.position) / 2 {
             return Err(bad("header count out of range"));
         }
-        let mut headers = Vec::with_capacity(headers_count as usize);
+        let mut headers =
+            Vec::with_capacity((headers_count as usize).min(HEADERS_PREALLOCATED_MAX));
         for _ in 0..headers_count {
             let key = cursor
                 .nullable()

@@ -5,6 +5,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
 
+/// Elements reserved up front when decoding an array.
+const ARRAY_PREALLOCATED_MAX: usize = 64;
+
 /// A value with a wire encoding.
 pub trait Wire: Sized {
     fn encode(&self, buf: &mut BytesMut);
@@ -197,7 +200,9 @@ impl<T: Wire> Wire for Vec<T> {
     }
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
         let count = reader.count("array count")?;
-        let mut items = Vec::with_capacity(count);
+        // The count is bounded by the bytes left, but an element may be far larger in memory
+        // than on the wire: reserve a little and let the vector grow as elements decode.
+        let mut items = Vec::with_capacity(count.min(ARRAY_PREALLOCATED_MAX));
         for _ in 0..count {
             items.push(T::decode(reader)?);
         }

@@ -208,3 +208,24 @@ fn header_checks() {
         BatchError::TooLarge((1 << 30) + 12),
     );
 }
+
+/// Found by the `batch_decoder` fuzz target: a valid CRC with a base offset near `i64::MAX`
+/// overflowed record offsets. Now refused at the header.
+#[test]
+fn base_offset_overflow_is_refused() {
+    let hex = "7fffffffffffffff00000041ffffffff02430e650200000000000100000000000000000000000000000000ffffffffffffffffffffffffffff000000020e000000010261000e00000201026200";
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(
+        verify_crc(&bytes).unwrap_err(),
+        BatchError::BadBaseOffset(i64::MAX)
+    );
+    let mut negative = bytes.clone();
+    negative[..8].copy_from_slice(&(-5i64).to_be_bytes());
+    assert_eq!(
+        verify_crc(&negative).unwrap_err(),
+        BatchError::BadBaseOffset(-5)
+    );
+}
