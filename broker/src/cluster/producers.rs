@@ -1,0 +1,246 @@
+//! Idempotent producer state of one partition: the last few batches of each producer id, so a
+//! retried batch is recognised as a duplicate and a gap in sequences is refused.
+
+use std::collections::{HashMap, VecDeque};
+
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::BatchHeader;
+
+/// Batches remembered per producer (Kafka keeps five, matching its in-flight limit).
+pub const PRODUCER_BATCHES_REMEMBERED_MAX: usize = 5;
+/// Producers remembered per partition; the least recently seen is forgotten beyond this.
+pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchSeen {
+    first_sequence: i32,
+    last_sequence: i32,
+    /// `None` while the append is in flight.
+    base_offset: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct ProducerEntry {
+    epoch: i16,
+    batches: VecDeque<BatchSeen>,
+    last_seen: u64,
+}
+
+/// What to do with an incoming idempotent batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// New and in order: append it.
+    Append,
+    /// Already appended at this base offset: answer success without appending.
+    Duplicate { base_offset: i64 },
+    /// Refused.
+    Reject { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, Default)]
+pub struct ProducerTable {
+    producers: HashMap<i64, ProducerEntry>,
+    clock: u64,
+}
+
+fn last_sequence(header: &BatchHeader) -> i32 {
+    header.base_sequence.wrapping_add(header.records_count - 1) & i32::MAX
+}
+
+impl ProducerTable {
+    pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
+        let reject = |code, message: String| SequenceCheck::Reject { code, message };
+        if header.base_sequence < 0 || header.producer_epoch < 0 {
+            return reject(ErrorCode::InvalidRequest, "idempotent batch with a negative sequence or epoch".into());
+        }
+        let Some(entry) = self.producers.get(&header.producer_id) else {
+            if header.base_sequence == 0 {
+                return SequenceCheck::Append;
+            }
+            return reject(
+                ErrorCode::OutOfOrderSequence,
+                format!(
+                    "producer {} is unknown to this partition and starts at sequence {}, not 0",
+                    header.producer_id, header.base_sequence
+                ),
+            );
+        };
+        if header.producer_epoch < entry.epoch {
+            return reject(
+                ErrorCode::InvalidProducerEpoch,
+                format!("producer {} epoch {} is older than {}", header.producer_id, header.producer_epoch, entry.epoch),
+            );
+        }
+        if header.producer_epoch > entry.epoch {
+            if header.base_sequence == 0 {
+                return SequenceCheck::Append;
+            }
+            return reject(ErrorCode::OutOfOrderSequence, "a new producer epoch must start at sequence 0".into());
+        }
+        let last = last_sequence(header);
+        if let Some(seen) =
+            entry.batches.iter().find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
+        {
+            return match seen.base_offset {
+                Some(base_offset) => SequenceCheck::Duplicate { base_offset },
+                None => reject(ErrorCode::Overloaded, "the original of this retried batch is still being appended".into()),
+            };
+        }
+        let expected = entry.batches.back().map_or(0, |b| b.last_sequence.wrapping_add(1) & i32::MAX);
+        if header.base_sequence != expected {
+            return reject(
+                ErrorCode::OutOfOrderSequence,
+                format!(
+                    "producer {} sent sequence {}, expected {}",
+                    header.producer_id, header.base_sequence, expected
+                ),
+            );
+        }
+        SequenceCheck::Append
+    }
+
+    /// Notes a batch that passed [`Self::check`] and is being appended.
+    pub fn begin(&mut self, header: &BatchHeader) {
+        self.clock += 1;
+        if !self.producers.contains_key(&header.producer_id) && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX {
+            if let Some(oldest) = self.producers.iter().min_by_key(|(_, e)| e.last_seen).map(|(id, _)| *id) {
+                self.producers.remove(&oldest);
+            }
+        }
+        let entry = self.producers.entry(header.producer_id).or_default();
+        if header.producer_epoch > entry.epoch || entry.batches.is_empty() {
+            entry.epoch = header.producer_epoch;
+            entry.batches.clear();
+        }
+        entry.last_seen = self.clock;
+        if entry.batches.len() == PRODUCER_BATCHES_REMEMBERED_MAX {
+            entry.batches.pop_front();
+        }
+        entry.batches.push_back(BatchSeen {
+            first_sequence: header.base_sequence,
+            last_sequence: last_sequence(header),
+            base_offset: None,
+        });
+    }
+
+    /// Records where a begun batch landed.
+    pub fn complete(&mut self, header: &BatchHeader, base_offset: i64) {
+        if let Some(entry) = self.producers.get_mut(&header.producer_id) {
+            let last = last_sequence(header);
+            if let Some(seen) =
+                entry.batches.iter_mut().find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
+            {
+                seen.base_offset = Some(base_offset);
+            }
+        }
+    }
+
+    /// Forgets a begun batch whose append failed, so its retry is not mistaken for a
+    /// duplicate.
+    pub fn abort(&mut self, header: &BatchHeader) {
+        if let Some(entry) = self.producers.get_mut(&header.producer_id) {
+            let last = last_sequence(header);
+            entry.batches.retain(|b| !(b.first_sequence == header.base_sequence && b.last_sequence == last));
+        }
+    }
+
+    /// Rebuilds state from a batch found in the log at startup (its base offset is final).
+    pub fn replay(&mut self, header: &BatchHeader) {
+        if !header.is_idempotent() {
+            return;
+        }
+        self.begin(header);
+        self.complete(header, header.base_offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(producer_id: i64, epoch: i16, base_sequence: i32, records: i32) -> BatchHeader {
+        BatchHeader {
+            base_offset: 0,
+            batch_length: 0,
+            partition_leader_epoch: 0,
+            magic: 2,
+            crc: 0,
+            attributes: 0,
+            last_offset_delta: records - 1,
+            base_timestamp: 0,
+            max_timestamp: 0,
+            producer_id,
+            producer_epoch: epoch,
+            base_sequence,
+            records_count: records,
+        }
+    }
+
+    fn kind(check: &SequenceCheck) -> String {
+        match check {
+            SequenceCheck::Append => "append".into(),
+            SequenceCheck::Duplicate { base_offset } => format!("duplicate@{base_offset}"),
+            SequenceCheck::Reject { code, .. } => code.name().into(),
+        }
+    }
+
+    /// Each step: (producer, epoch, base sequence, records, expected outcome); accepted batches
+    /// are appended at the next offset.
+    fn check(steps: &[(i64, i16, i32, i32, &str)]) {
+        let mut table = ProducerTable::default();
+        let mut next_offset = 0;
+        for (i, &(pid, epoch, seq, records, expected)) in steps.iter().enumerate() {
+            let h = header(pid, epoch, seq, records);
+            let outcome = table.check(&h);
+            assert_eq!(kind(&outcome), expected, "step {i}: {steps:?}");
+            if outcome == SequenceCheck::Append {
+                table.begin(&h);
+                table.complete(&h, next_offset);
+                next_offset += i64::from(records);
+            }
+        }
+    }
+
+    #[test]
+    fn sequences() {
+        check(&[(1, 0, 0, 3, "append"), (1, 0, 3, 2, "append"), (1, 0, 0, 3, "duplicate@0"), (1, 0, 3, 2, "duplicate@3")]);
+        check(&[(1, 0, 0, 3, "append"), (1, 0, 4, 1, "out_of_order_sequence"), (1, 0, 3, 1, "append")]);
+        check(&[(1, 0, 5, 1, "out_of_order_sequence")]);
+        check(&[(1, 1, 0, 1, "append"), (1, 0, 1, 1, "invalid_producer_epoch"), (1, 2, 0, 1, "append")]);
+        check(&[(1, 0, 0, 1, "append"), (1, 1, 7, 1, "out_of_order_sequence")]);
+        check(&[(1, 0, 0, 1, "append"), (2, 0, 0, 1, "append"), (1, 0, 1, 1, "append"), (2, 0, 0, 1, "duplicate@1")]);
+        // Sequences wrap at i32::MAX back to 0.
+        let mut table = ProducerTable::default();
+        let first = header(9, 0, 0, 1);
+        table.begin(&first);
+        table.complete(&first, 0);
+        let near_end = header(9, 0, 1, i32::MAX - 1);
+        assert_eq!(table.check(&near_end), SequenceCheck::Append);
+        table.begin(&near_end);
+        table.complete(&near_end, 1);
+        assert_eq!(table.check(&header(9, 0, 0, 1)), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn aborted_batches_can_be_retried_and_in_flight_duplicates_wait() {
+        let mut table = ProducerTable::default();
+        let h = header(1, 0, 0, 2);
+        table.begin(&h);
+        assert_eq!(kind(&table.check(&h)), "overloaded");
+        table.abort(&h);
+        assert_eq!(table.check(&h), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn remembers_only_the_last_batches() {
+        let mut table = ProducerTable::default();
+        for seq in 0..(PRODUCER_BATCHES_REMEMBERED_MAX as i32 + 1) {
+            let h = header(1, 0, seq, 1);
+            table.begin(&h);
+            table.complete(&h, i64::from(seq));
+        }
+        // The oldest batch fell out of the window: it is no longer a known duplicate.
+        assert_eq!(kind(&table.check(&header(1, 0, 0, 1))), "out_of_order_sequence");
+        assert_eq!(kind(&table.check(&header(1, 0, 1, 1))), "duplicate@1");
+    }
+}

@@ -1,0 +1,179 @@
+//! Broker configuration: a TOML file, `KETCH_*` environment variables and flags, in rising
+//! precedence (the binary layers flags and environment over the file).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// When appends reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Every acknowledged append is on disk (group commit shares one `fdatasync`).
+    Always,
+    /// The log is synced at most this often; acknowledgements do not wait for it.
+    IntervalMs(u64),
+    /// Never synced by Ketch (the OS writes back; replication is the durability).
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fsync, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "never" => Ok(Fsync::Never),
+            other => other
+                .strip_prefix("interval:")
+                .and_then(|ms| ms.parse().ok())
+                .filter(|ms| *ms > 0)
+                .map(Fsync::IntervalMs)
+                .ok_or_else(|| format!("fsync must be always, never or interval:MS, not {other:?}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fsync {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fsync, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything `ketch serve` can be told. Field names are the TOML keys; the environment
+/// variable of a field is `KETCH_` + its name in upper case.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Name clients use to reach this broker (for metadata); defaults to the listen address.
+    pub advertised_host: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub fsync: Fsync,
+    pub segment_bytes_max: u64,
+    pub segment_age_ms_max: i64,
+    /// Default retention for new topics; `-1` keeps records forever.
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub retention_check_interval_ms: u64,
+    /// Largest record batch a producer may send (Kafka's `message.max.bytes`).
+    pub batch_bytes_max: u32,
+    /// Largest request frame; a longer one is refused from its length prefix.
+    pub frame_bytes_max: u32,
+    pub streams_per_connection_max: u32,
+    pub requests_in_flight_max: u32,
+    /// Request bytes held in memory across all connections.
+    pub request_bytes_in_flight_max: u64,
+    pub partitions_per_topic_max: u32,
+    pub fetch_wait_ms_max: u32,
+    pub group_session_timeout_ms_min: u32,
+    pub group_session_timeout_ms_max: u32,
+    pub group_heartbeat_interval_ms: u32,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            data_dir: PathBuf::from("./ketch-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
+            advertised_host: None,
+            tls_cert: None,
+            tls_key: None,
+            fsync: Fsync::Always,
+            segment_bytes_max: 256 * 1024 * 1024,
+            segment_age_ms_max: 7 * 24 * 3600 * 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            retention_check_interval_ms: 30_000,
+            batch_bytes_max: 1024 * 1024,
+            frame_bytes_max: 8 * 1024 * 1024,
+            streams_per_connection_max: 256,
+            requests_in_flight_max: 4096,
+            request_bytes_in_flight_max: 512 * 1024 * 1024,
+            partitions_per_topic_max: 4096,
+            fetch_wait_ms_max: 30_000,
+            group_session_timeout_ms_min: 1_000,
+            group_session_timeout_ms_max: 300_000,
+            group_heartbeat_interval_ms: 1_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; missing keys keep their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Checks relationships between limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert and tls_key go together".into());
+        }
+        if (self.batch_bytes_max as usize) > ketch_protocol::batch::BATCH_BYTES_MAX {
+            return invalid(format!("batch_bytes_max is at most {}", ketch_protocol::batch::BATCH_BYTES_MAX));
+        }
+        if self.frame_bytes_max < self.batch_bytes_max + 64 * 1024 {
+            return invalid("frame_bytes_max must exceed batch_bytes_max by at least 64 KiB".into());
+        }
+        if self.segment_bytes_max < u64::from(self.batch_bytes_max) {
+            return invalid("segment_bytes_max must hold at least one batch_bytes_max batch".into());
+        }
+        if self.group_session_timeout_ms_min > self.group_session_timeout_ms_max {
+            return invalid("group_session_timeout_ms_min exceeds the max".into());
+        }
+        if self.request_bytes_in_flight_max < u64::from(self.frame_bytes_max) {
+            return invalid("request_bytes_in_flight_max must hold one frame_bytes_max frame".into());
+        }
+        if self.streams_per_connection_max == 0 || self.requests_in_flight_max == 0 {
+            return invalid("stream and request limits must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_parses() {
+        let cases = [
+            ("always", Ok(Fsync::Always)),
+            ("never", Ok(Fsync::Never)),
+            ("interval:5", Ok(Fsync::IntervalMs(5))),
+            ("interval:0", Err(())),
+            ("sometimes", Err(())),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(text.parse::<Fsync>().map_err(|_| ()), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let config: BrokerConfig = toml::from_str("fsync = \"never\"\nlisten = \"0.0.0.0:1\"").unwrap();
+        assert_eq!(config.fsync, Fsync::Never);
+        assert_eq!(config.listen.port(), 1);
+        assert_eq!(config.data_dir, PathBuf::from("./ketch-data"));
+        assert!(toml::from_str::<BrokerConfig>("no_such_key = 1").is_err());
+        BrokerConfig::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,11 @@
+//! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
+//! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
+//! ([`server`]) and configuration ([`config`]). The `ketch` binary wraps it.
+//!
+//! `storage` and `group` are deterministic: no network, no async runtime, no clock.
+
+pub mod cluster;
+pub mod config;
+pub mod group;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,491 @@
+//! One function per API: decode is done, the request is typed; each returns a response frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{self, BatchBuilder};
+use ketch_protocol::frame;
+use ketch_protocol::messages::*;
+use ketch_protocol::wire::Wire;
+
+use super::State;
+use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, now_ms};
+use crate::group::OffsetRecord;
+
+fn respond<T: Wire>(result: Result<T, ClusterError>) -> Bytes {
+    match result {
+        Ok(response) => frame::encode_response(&response),
+        Err(e) => frame::encode_error_response(e.code, &e.message),
+    }
+}
+
+pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Bytes {
+    match request {
+        Request::Metadata(r) => respond(Ok(metadata(state, r))),
+        Request::CreateTopic(r) => respond(create_topic(state, r).await),
+        Request::DeleteTopic(r) => respond(state.cluster.delete_topic(&r.name).await.map(|()| DeleteTopicResponse {})),
+        Request::ListTopics(_) => respond(Ok(list_topics(state))),
+        Request::DescribeTopic(r) => respond(describe_topic(state, &r.name)),
+        Request::Produce(r) => respond(Ok(produce(state, r).await)),
+        Request::Fetch(r) => respond(Ok(fetch(state, r).await)),
+        Request::ListOffsets(r) => respond(Ok(list_offsets(state, r))),
+        Request::Subscribe(_) => unreachable!("subscribe streams are served by `subscribe`"),
+        Request::GroupHeartbeat(r) => respond(group_heartbeat(state, r)),
+        Request::GroupLeave(r) => respond(group_leave(state, r)),
+        Request::OffsetCommit(r) => respond(offset_commit(state, r).await),
+        Request::OffsetFetch(r) => respond(Ok(state.groups.lock().expect("groups lock").offset_fetch(&r))),
+        Request::ListGroups(_) => respond(Ok(ListGroupsResponse { groups: state.groups.lock().expect("groups lock").list_groups() })),
+        Request::DescribeGroup(r) => respond(describe_group(state, &r.group)),
+        Request::InitProducerId(_) => respond(
+            state.cluster.allocate_producer_id().map(|producer_id| InitProducerIdResponse { producer_id, producer_epoch: 0 }),
+        ),
+        Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => frame::encode_error_response(
+            ErrorCode::UnsupportedApi,
+            "Wasm filters are not available on this broker yet",
+        ),
+        Request::ApiVersions(_) => respond(Ok(ApiVersionsResponse {
+            apis: ApiKey::ALL
+                .iter()
+                .filter(|k| !matches!(k, ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete))
+                .map(|k| ApiVersionRange { api_key: *k as u16, min_version: 0, max_version: 0 })
+                .collect(),
+        })),
+    }
+}
+
+fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata {
+    let offsets = partition.offsets();
+    PartitionMetadata {
+        partition: partition.index,
+        error: ErrorCode::None,
+        leader: node_id,
+        leader_epoch: 0,
+        replicas: vec![node_id],
+        log_start_offset: offsets.log_start,
+        high_watermark: offsets.high_watermark,
+    }
+}
+
+const NODE_ID: u32 = 0;
+
+fn metadata(state: &State, request: MetadataRequest) -> MetadataResponse {
+    let host = state.config.advertised_host.clone().unwrap_or_else(|| state.local_addr.ip().to_string());
+    let describe = |name: &str| match state.cluster.topic(name) {
+        Some(topic) => TopicMetadata {
+            error: ErrorCode::None,
+            name: name.to_owned(),
+            partitions: topic.partitions.iter().map(|p| partition_metadata(p, NODE_ID)).collect(),
+        },
+        None => TopicMetadata { error: ErrorCode::UnknownTopic, name: name.to_owned(), partitions: vec![] },
+    };
+    let topics = match request.topics {
+        Some(names) => names.iter().map(|n| describe(n)).collect(),
+        None => state.cluster.topics().iter().map(|t| describe(&t.name)).collect(),
+    };
+    MetadataResponse {
+        brokers: vec![BrokerInfo { node_id: NODE_ID, host, port: state.local_addr.port() }],
+        controller_id: NODE_ID,
+        topics,
+    }
+}
+
+async fn create_topic(state: &State, request: CreateTopicRequest) -> Result<CreateTopicResponse, ClusterError> {
+    if request.replication_factor > 1 {
+        return Err(ClusterError::new(
+            ErrorCode::InvalidConfig,
+            format!("replication factor {} needs more brokers; this one runs alone", request.replication_factor),
+        ));
+    }
+    let topic = state.cluster.create_topic(&request.name, request.partitions, &request.configs).await?;
+    Ok(CreateTopicResponse { name: topic.name.clone(), partitions: topic.config.partitions })
+}
+
+fn list_topics(state: &State) -> ListTopicsResponse {
+    ListTopicsResponse {
+        topics: state
+            .cluster
+            .topics()
+            .iter()
+            .map(|t| TopicSummary { name: t.name.clone(), partitions: t.config.partitions, replication_factor: 1 })
+            .collect(),
+    }
+}
+
+fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
+    let topic = state
+        .cluster
+        .topic(name)
+        .ok_or_else(|| ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}")))?;
+    Ok(DescribeTopicResponse {
+        name: topic.name.clone(),
+        partitions: topic.partitions.iter().map(|p| partition_metadata(p, NODE_ID)).collect(),
+        configs: topic.config.entries(),
+    })
+}
+
+/// Appends every batch in `records` to one partition, in order; returns the first base offset.
+async fn append_all(state: &State, topic: &str, partition: u32, records: Bytes) -> Result<(i64, i64), ClusterError> {
+    if topic == OFFSETS_TOPIC {
+        return Err(ClusterError::new(ErrorCode::Unauthorized, "the offsets topic is written by the broker only"));
+    }
+    let partition = state.cluster.partition(topic, partition)?;
+    let (batches, rest) = batch::split_batches(records);
+    if !rest.is_empty() {
+        return Err(ClusterError::new(ErrorCode::CorruptBatch, format!("{} bytes of a truncated batch", rest.len())));
+    }
+    if batches.is_empty() {
+        return Err(ClusterError::new(ErrorCode::CorruptBatch, "produce request without a record batch"));
+    }
+    let now = now_ms();
+    let mut first = None;
+    for batch in batches {
+        let batch = batch.map_err(|e| {
+            let code = match e {
+                batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
+                _ => ErrorCode::CorruptBatch,
+            };
+            ClusterError::new(code, e.to_string())
+        })?;
+        let appended = partition.append(batch.into_bytes(), now).await?;
+        first.get_or_insert(appended.base_offset);
+    }
+    Ok((first.expect("at least one batch"), partition.offsets().log_start))
+}
+
+async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
+    let acks = request.acks;
+    let mut work = Vec::new();
+    for topic in request.topics {
+        for p in topic.partitions {
+            let name = topic.name.clone();
+            let state = state.clone();
+            // Partitions append concurrently; batches within one partition stay in order.
+            work.push(tokio::spawn(async move {
+                let result = append_all(&state, &name, p.partition, p.records).await;
+                (name, p.partition, result)
+            }));
+        }
+    }
+    if acks == Acks::None {
+        // The appends go on; the client asked not to wait for them.
+        return ProduceResponse { topics: vec![] };
+    }
+    let mut topics: Vec<ProduceTopicResponse> = Vec::new();
+    for task in work {
+        let (name, partition, result) = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "produce task failed");
+                continue;
+            }
+        };
+        let response = match result {
+            Ok((base_offset, log_start_offset)) => ProducePartitionResponse {
+                partition,
+                error: ErrorCode::None,
+                error_message: None,
+                base_offset,
+                log_append_time_ms: -1,
+                log_start_offset,
+            },
+            Err(e) => ProducePartitionResponse {
+                partition,
+                error: e.code,
+                error_message: Some(e.message),
+                base_offset: -1,
+                log_append_time_ms: -1,
+                log_start_offset: -1,
+            },
+        };
+        match topics.iter_mut().find(|t| t.name == name) {
+            Some(topic) => topic.partitions.push(response),
+            None => topics.push(ProduceTopicResponse { name, partitions: vec![response] }),
+        }
+    }
+    ProduceResponse { topics }
+}
+
+fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPartitionResponse {
+    let mut response = FetchPartitionResponse {
+        topic: p.topic.clone(),
+        partition: p.partition,
+        error: ErrorCode::None,
+        error_message: None,
+        high_watermark: -1,
+        log_start_offset: -1,
+        records: Bytes::new(),
+    };
+    let result = state.cluster.partition(&p.topic, p.partition).and_then(|partition| {
+        let offsets = partition.offsets();
+        response.high_watermark = offsets.high_watermark;
+        response.log_start_offset = offsets.log_start;
+        if p.offset < offsets.log_start || p.offset > offsets.high_watermark {
+            return Err(ClusterError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!("offset {} is outside [{}, {}]", p.offset, offsets.log_start, offsets.high_watermark),
+            ));
+        }
+        partition.read(p.offset, max_bytes)
+    });
+    match result {
+        Ok(records) => response.records = records,
+        Err(e) => {
+            response.error = e.code;
+            response.error_message = Some(e.message);
+        }
+    }
+    response
+}
+
+async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
+    let wait = Duration::from_millis(u64::from(request.max_wait_ms.min(state.config.fetch_wait_ms_max)));
+    let deadline = tokio::time::Instant::now() + wait;
+    // Watch every partition's high watermark before reading, so no append slips between the
+    // read and the wait.
+    let mut watches: Vec<_> = request
+        .partitions
+        .iter()
+        .filter_map(|p| state.cluster.partition(&p.topic, p.partition).ok())
+        .map(|p| p.watch_high_watermark())
+        .collect();
+    loop {
+        for watch in &mut watches {
+            watch.mark_unchanged();
+        }
+        let mut budget = request.max_bytes.max(1);
+        let mut partitions = Vec::with_capacity(request.partitions.len());
+        for p in &request.partitions {
+            let limit = p.partition_max_bytes.min(budget).max(1);
+            let response = fetch_partition(state, p, limit);
+            budget = budget.saturating_sub(response.records.len() as u32);
+            partitions.push(response);
+        }
+        let total: usize = partitions.iter().map(|p| p.records.len()).sum();
+        let errors = partitions.iter().any(|p| p.error != ErrorCode::None);
+        if total >= request.min_bytes as usize || errors || watches.is_empty() || tokio::time::Instant::now() >= deadline {
+            return FetchResponse { partitions };
+        }
+        let changed = futures_select_changed(&mut watches);
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            // One last read: the deadline passed.
+            let partitions = request.partitions.iter().map(|p| fetch_partition(state, p, p.partition_max_bytes)).collect();
+            return FetchResponse { partitions };
+        }
+    }
+}
+
+/// Resolves when any of the watched high watermarks moves.
+async fn futures_select_changed(watches: &mut [tokio::sync::watch::Receiver<i64>]) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut tasks = Vec::with_capacity(watches.len());
+    for watch in watches.iter() {
+        let mut watch = watch.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            if watch.changed().await.is_ok() {
+                let _ = tx.try_send(());
+            }
+        }));
+    }
+    drop(tx);
+    let _ = rx.recv().await;
+    for task in tasks {
+        task.abort();
+    }
+}
+
+fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    let partitions = request
+        .partitions
+        .into_iter()
+        .map(|p| {
+            let result = state.cluster.partition(&p.topic, p.partition).and_then(|part| part.list_offset(p.spec));
+            let (error, offset, timestamp_ms) = match result {
+                Ok((offset, ts)) => (ErrorCode::None, offset, ts),
+                Err(e) => (e.code, -1, -1),
+            };
+            ListOffsetsPartitionResponse { topic: p.topic, partition: p.partition, error, offset, timestamp_ms }
+        })
+        .collect();
+    ListOffsetsResponse { partitions }
+}
+
+/// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
+/// with `write_all`, so a consumer that stops reading stops the loop (QUIC flow control); the
+/// broker holds at most one push of `push_bytes_max` per subscription.
+pub(super) async fn subscribe(state: &State, request: SubscribeRequest, send: &mut quinn::SendStream) {
+    let push_bytes_max = request.push_bytes_max.clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
+    let partition = match state.cluster.partition(&request.topic, request.partition) {
+        Ok(partition) => partition,
+        Err(e) => {
+            let _ = send.write_all(&frame::encode_error_response(e.code, &e.message)).await;
+            return;
+        }
+    };
+    let mut watch = partition.watch_high_watermark();
+    let mut offset = request.offset;
+    loop {
+        watch.mark_unchanged();
+        let fetch = FetchPartition {
+            topic: request.topic.clone(),
+            partition: request.partition,
+            offset,
+            partition_max_bytes: push_bytes_max,
+        };
+        let response = fetch_partition(state, &fetch, push_bytes_max);
+        let failed = response.error != ErrorCode::None;
+        if failed || !response.records.is_empty() {
+            if let Some(next) = next_offset_after(&response.records) {
+                offset = next;
+            }
+            let frame = frame::encode_response(&response);
+            let write = tokio::select! {
+                w = send.write_all(&frame) => w,
+                () = state.shutdown.cancelled() => return,
+            };
+            if write.is_err() || failed {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = watch.changed() => if changed.is_err() { return },
+            _ = send.stopped() => return,
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn next_offset_after(records: &Bytes) -> Option<i64> {
+    let mut rest = &records[..];
+    let mut next = None;
+    while let Ok(header) = batch::BatchHeader::parse(rest) {
+        if header.total_bytes() > rest.len() {
+            break;
+        }
+        next = Some(header.next_offset());
+        rest = &rest[header.total_bytes()..];
+    }
+    next
+}
+
+// ---- consumer groups ----
+
+fn partitions_of(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
+    move |topic: &str| state.cluster.topic(topic).map(|t| t.config.partitions)
+}
+
+fn group_heartbeat(state: &State, request: GroupHeartbeatRequest) -> Result<GroupHeartbeatResponse, ClusterError> {
+    let partitions_of = partitions_of(state);
+    state
+        .groups
+        .lock()
+        .expect("groups lock")
+        .heartbeat(&request, &partitions_of, now_ms())
+        .map_err(|e| ClusterError::new(e.code(), e.to_string()))
+}
+
+fn group_leave(state: &State, request: GroupLeaveRequest) -> Result<GroupLeaveResponse, ClusterError> {
+    state
+        .groups
+        .lock()
+        .expect("groups lock")
+        .leave(&request.group, &request.member_id, now_ms())
+        .map(|_| GroupLeaveResponse {})
+        .map_err(|e| ClusterError::new(e.code(), e.to_string()))
+}
+
+pub(super) fn expire_group_members(state: &State) {
+    let expired = state.groups.lock().expect("groups lock").expire(now_ms());
+    if !expired.is_empty() {
+        tracing::info!(?expired, "group members expired");
+    }
+}
+
+fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, ClusterError> {
+    let lag_of = |topic: &str, partition: u32| {
+        state.cluster.partition(topic, partition).ok().map(|p| {
+            let offsets = p.offsets();
+            (offsets.log_start, offsets.high_watermark)
+        })
+    };
+    state
+        .groups
+        .lock()
+        .expect("groups lock")
+        .describe(group, &lag_of)
+        .ok_or_else(|| ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}")))
+}
+
+/// Commits are records in the offsets topic: appended durably first, applied after.
+async fn offset_commit(state: &State, request: OffsetCommitRequest) -> Result<OffsetCommitResponse, ClusterError> {
+    let partitions_of = partitions_of(state);
+    let plan = state
+        .groups
+        .lock()
+        .expect("groups lock")
+        .commit(&request, &partitions_of, now_ms())
+        .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+    let mut partitions = plan.rejected;
+    if !plan.records.is_empty() {
+        let offsets = state.cluster.partition(OFFSETS_TOPIC, 0)?;
+        let now = now_ms();
+        let batch_bytes_max = state.config.batch_bytes_max as usize;
+        let mut builder = BatchBuilder::new(batch_bytes_max);
+        let mut batches = Vec::new();
+        for record in &plan.records {
+            let key = record.encode_key();
+            let value = record.encode_value();
+            if !builder.try_append(now, Some(&key), value.as_deref(), &[]) {
+                batches.push(std::mem::replace(&mut builder, BatchBuilder::new(batch_bytes_max)).finish());
+                let appended = builder.try_append(now, Some(&key), value.as_deref(), &[]);
+                assert!(appended, "an empty batch takes any record");
+            }
+        }
+        batches.push(builder.finish());
+        for batch in batches {
+            offsets.append(batch, now).await?;
+        }
+        let mut groups = state.groups.lock().expect("groups lock");
+        for record in &plan.records {
+            groups.apply_commit(record);
+            partitions.push(PartitionError { topic: record.topic.clone(), partition: record.partition, error: ErrorCode::None });
+        }
+    }
+    Ok(OffsetCommitResponse { partitions })
+}
+
+/// Replays the offsets topic into the coordinator at startup.
+pub(super) async fn load_group_offsets(state: &State) -> Result<(), ClusterError> {
+    let partition = state.cluster.partition(OFFSETS_TOPIC, 0)?;
+    let mut offset = partition.offsets().log_start;
+    let end = partition.offsets().high_watermark;
+    let mut loaded = 0usize;
+    while offset < end {
+        let bytes = partition.read(offset, 4 * 1024 * 1024)?;
+        let (batches, _) = batch::split_batches(bytes);
+        if batches.is_empty() {
+            break;
+        }
+        let mut groups = state.groups.lock().expect("groups lock");
+        for batch in batches {
+            let batch = batch.map_err(|e| ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}")))?;
+            offset = batch.header().next_offset();
+            for record in batch.records() {
+                let record = record.map_err(|e| ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}")))?;
+                let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else { continue };
+                match OffsetRecord::decode(key, value.map(|v| &v[..])) {
+                    Ok(commit) => {
+                        groups.apply_commit(&commit);
+                        loaded += 1;
+                    }
+                    Err(e) => tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record"),
+                }
+            }
+        }
+    }
+    tracing::info!(records = loaded, "loaded committed group offsets");
+    Ok(())
+}

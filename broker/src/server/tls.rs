@@ -1,0 +1,123 @@
+//! TLS for the QUIC endpoint: a production chain from files, or a development CA and server
+//! certificate generated once into the data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Where a generated development CA lives, relative to the data directory.
+pub const DEV_CA_FILE: &str = "ca.pem";
+const DEV_CA_KEY_FILE: &str = "ca-key.pem";
+const DEV_SERVER_CERT_FILE: &str = "server.pem";
+const DEV_SERVER_KEY_FILE: &str = "server-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("generating the development certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// Set when the identity was generated: the CA clients must trust.
+    pub dev_ca_path: Option<PathBuf>,
+}
+
+/// Loads a PEM chain and key from files (production).
+pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<ServerIdentity, TlsError> {
+    Ok(ServerIdentity { chain: read_chain(cert_path)?, key: read_key(key_path)?, dev_ca_path: None })
+}
+
+/// Loads the development identity from `data_dir`, generating a CA and a server certificate
+/// for `localhost` / `127.0.0.1` / `::1` (plus `extra_names`) the first time.
+pub fn dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<ServerIdentity, TlsError> {
+    let ca_path = data_dir.join(DEV_CA_FILE);
+    let cert_path = data_dir.join(DEV_SERVER_CERT_FILE);
+    let key_path = data_dir.join(DEV_SERVER_KEY_FILE);
+    if !(ca_path.exists() && cert_path.exists() && key_path.exists()) {
+        generate_dev_identity(data_dir, extra_names)?;
+        tracing::info!(ca = %ca_path.display(), "generated a development CA; clients trust it with --ca-cert");
+    }
+    let mut identity = load_identity(&cert_path, &key_path)?;
+    identity.dev_ca_path = Some(ca_path);
+    Ok(identity)
+}
+
+fn generate_dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<(), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "Ketch development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    names.extend(extra_names.iter().cloned());
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(names)?;
+    server_params.distinguished_name.push(DnType::CommonName, "ketch broker");
+    let server_cert = server_params.signed_by(&server_key, &ca_cert, &ca_key)?;
+
+    write_file(&data_dir.join(DEV_CA_KEY_FILE), ca_key.serialize_pem().as_bytes(), true)?;
+    write_file(&data_dir.join(DEV_SERVER_KEY_FILE), server_key.serialize_pem().as_bytes(), true)?;
+    write_file(&data_dir.join(DEV_SERVER_CERT_FILE), server_cert.pem().as_bytes(), false)?;
+    // The CA last: its presence marks a complete identity.
+    write_file(&data_dir.join(DEV_CA_FILE), ca_cert.pem().as_bytes(), false)?;
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TlsError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem { path: path.to_owned(), message: "no certificate found".into() });
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })
+}
+
+/// A rustls server config for QUIC: TLS 1.3 only, ALPN `ketch/1`, ring provider.
+pub fn server_crypto(identity: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = vec![ketch_protocol::ALPN.to_vec()];
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of the project from a clean clone, installing what the tests need first.
+# CI calls this through .ci/run; developers run it as is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+rustc --version
+cargo --version
+
+step "format"
+cargo fmt --all -- --check
+
+step "build (debug; binaries first: the system tests start real brokers)"
+cargo build --locked --workspace --bins
+cargo build --locked --workspace --all-targets
+
+step "Rust tests"
+cargo test --locked --workspace --no-fail-fast
+
+step "PROTOCOL.md tables match the code"
+python3 protocol/tools/gen_protocol_tables.py --check
+
+step "fuzz targets build (stable; long fuzzing runs are a separate job)"
+cargo build --locked --manifest-path protocol/fuzz/Cargo.toml --target-dir target/fuzz
+
+step "all tests passed"
