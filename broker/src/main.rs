@@ -1,5 +1,6 @@
 //! `ketch`: the broker (`ketch serve`) and the command-line client.
 
+mod cli;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -8,8 +9,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "ketch", version, about = "Ketch: a durable, replicated event log over QUIC")]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ketch_broker=debug`.
-    #[arg(long, env = "KETCH_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "KETCH_LOG", default_value = "warn,ketch=info,ketch_broker=info", global = true)]
     log: String,
+    #[command(flatten)]
+    connection: cli::Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -18,6 +21,16 @@ struct Cli {
 enum Command {
     /// Run a broker.
     Serve(serve::ServeArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(cli::TopicCommand),
+    /// Write one record per line of stdin.
+    Produce(cli::ProduceArgs),
+    /// Print records, one line each.
+    Consume(cli::ConsumeArgs),
+    /// List and describe consumer groups.
+    #[command(subcommand)]
+    Group(cli::GroupCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +42,10 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Topic(command) => cli::topic(&cli.connection, command),
+        Command::Produce(args) => cli::produce(&cli.connection, args),
+        Command::Consume(args) => cli::consume(&cli.connection, args),
+        Command::Group(command) => cli::group(&cli.connection, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

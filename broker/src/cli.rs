@@ -1,0 +1,475 @@
+//! The client subcommands of `ketch`: topic, produce, consume, group. Thin over
+//! `ketch-client`; output is for people and for scripts (one line per item).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Subcommand};
+use ketch_client::{
+    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, NewTopic, Offset, ProducerConfig,
+    ProducerRecord, TopicPartition, Tls,
+};
+
+/// Where the broker is and how to trust it.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Broker address (UDP).
+    #[arg(long, global = true, env = "KETCH_BROKER", default_value = "127.0.0.1:9192")]
+    broker: String,
+    /// CA certificate (PEM) to verify the broker with; defaults to ./ketch-data/ca.pem when
+    /// it exists (the development CA of a local `ketch serve`).
+    #[arg(long, global = true, env = "KETCH_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// TLS server name to verify.
+    #[arg(long, global = true, env = "KETCH_SERVER_NAME", default_value = "localhost")]
+    server_name: String,
+}
+
+impl Connection {
+    fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let ca = match &self.ca_cert {
+            Some(path) => path.clone(),
+            None => {
+                let local = PathBuf::from("ketch-data/ca.pem");
+                if !local.exists() {
+                    bail!("no CA certificate: pass --ca-cert or set KETCH_CA_CERT (a local `ketch serve` writes ./ketch-data/ca.pem)");
+                }
+                local
+            }
+        };
+        Ok(ClientConfig {
+            bootstrap: vec![self.broker.clone()],
+            server_name: self.server_name.clone(),
+            tls: Tls::CaFile(ca),
+            client_id: "ketch-cli".into(),
+            ..ClientConfig::default()
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let config = self.client_config()?;
+        Client::connect(config).await.with_context(|| format!("connecting to {}", self.broker))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Delete records older than this (ms); -1 keeps them forever.
+        #[arg(long)]
+        retention_ms: Option<i64>,
+        /// Keep at most this many bytes per partition; -1 for no limit.
+        #[arg(long)]
+        retention_bytes: Option<i64>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions, offsets and configuration.
+    Describe { name: String },
+    /// Delete a topic and its records.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// List consumer groups.
+    List,
+    /// Show a group's members, partitions, committed offsets and lag.
+    Describe { group: String },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AcksArg {
+    None,
+    Leader,
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    topic: String,
+    /// Split each line at the first SEP: the part before is the key.
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// Write every record to this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    #[arg(long, value_enum, default_value = "all")]
+    acks: AcksArg,
+    /// How long a batch waits for more records (ms).
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    topic: String,
+    /// Consume as a member of this group (committing offsets on exit).
+    #[arg(long)]
+    group: Option<String>,
+    /// beginning | end | OFFSET | @TIMESTAMP_MS. With --group, where to start on partitions
+    /// without a committed offset (beginning or end).
+    #[arg(long, default_value = "beginning")]
+    from: String,
+    /// Read only this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Exit after this many records.
+    #[arg(long)]
+    max_records: Option<u64>,
+    /// Exit after this long without a new record (ms).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Output per record: %t topic, %p partition, %o offset, %k key, %v value, %T timestamp,
+    /// %% a percent sign, \n and \t.
+    #[arg(long, default_value = "%v")]
+    format: String,
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("starting the async runtime")
+        .block_on(future)
+}
+
+pub fn topic(connection: &Connection, command: TopicCommand) -> anyhow::Result<()> {
+    block_on(async {
+        let client = connection.connect().await?;
+        let admin = client.admin();
+        let mut out = std::io::stdout().lock();
+        match command {
+            TopicCommand::Create { name, partitions, retention_ms, retention_bytes } => {
+                let mut topic = NewTopic::new(&name, partitions);
+                if let Some(ms) = retention_ms {
+                    topic.configs.push(("retention.ms".into(), ms.to_string()));
+                }
+                if let Some(bytes) = retention_bytes {
+                    topic.configs.push(("retention.bytes".into(), bytes.to_string()));
+                }
+                admin.create_topic(topic).await?;
+                writeln!(out, "created topic {name} with {partitions} partitions")?;
+            }
+            TopicCommand::List => {
+                for topic in admin.list_topics().await? {
+                    writeln!(out, "{}\tpartitions={}\treplicas={}", topic.name, topic.partitions, topic.replication_factor)?;
+                }
+            }
+            TopicCommand::Describe { name } => {
+                let topic = admin.describe_topic(&name).await?;
+                writeln!(out, "topic {}", topic.name)?;
+                for (key, value) in &topic.configs {
+                    writeln!(out, "  {key}={value}")?;
+                }
+                writeln!(out, "PARTITION\tLEADER\tLOG-START\tHIGH-WATERMARK")?;
+                for p in &topic.partitions {
+                    let leader = p.leader.map_or("-".to_owned(), |l| l.to_string());
+                    writeln!(out, "{}\t{}\t{}\t{}", p.partition, leader, p.log_start_offset, p.high_watermark)?;
+                }
+            }
+            TopicCommand::Delete { name } => {
+                admin.delete_topic(&name).await?;
+                writeln!(out, "deleted topic {name}")?;
+            }
+        }
+        client.close();
+        Ok(())
+    })
+}
+
+pub fn group(connection: &Connection, command: GroupCommand) -> anyhow::Result<()> {
+    block_on(async {
+        let client = connection.connect().await?;
+        let admin = client.admin();
+        let mut out = std::io::stdout().lock();
+        match command {
+            GroupCommand::List => {
+                for group in admin.list_groups().await? {
+                    writeln!(out, "{}\tstate={}\tmembers={}", group.group, group.state, group.members)?;
+                }
+            }
+            GroupCommand::Describe { group } => {
+                let description = admin.describe_group(&group).await?;
+                writeln!(out, "group {} state={} epoch={}", description.group, description.state, description.group_epoch)?;
+                for member in &description.members {
+                    let partitions: Vec<String> =
+                        member.assignment.iter().map(|tp| format!("{}-{}", tp.topic, tp.partition)).collect();
+                    writeln!(out, "  member {} client={} partitions=[{}]", member.member_id, member.client_id, partitions.join(","))?;
+                }
+                writeln!(out, "TOPIC\tPARTITION\tCOMMITTED\tHIGH-WATERMARK\tLAG")?;
+                for offset in &description.offsets {
+                    let committed = offset.committed_offset.map_or("-".to_owned(), |o| o.to_string());
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}\t{}",
+                        offset.partition.topic, offset.partition.partition, committed, offset.high_watermark, offset.lag
+                    )?;
+                }
+                writeln!(out, "total lag {}", description.total_lag())?;
+            }
+        }
+        client.close();
+        Ok(())
+    })
+}
+
+/// Deliveries awaited in order, at most this many outstanding.
+const PRODUCE_OUTSTANDING_MAX: usize = 100_000;
+
+pub fn produce(connection: &Connection, args: ProduceArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let client = connection.connect().await?;
+        let acks = match args.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::All => Acks::All,
+        };
+        let producer = client
+            .producer(ProducerConfig {
+                acks,
+                linger: Duration::from_millis(args.linger_ms),
+                idempotent: acks != Acks::None,
+                ..ProducerConfig::default()
+            })
+            .await?;
+        let progress = Progress::new("produced");
+        let mut outstanding = std::collections::VecDeque::new();
+        let mut delivered = 0u64;
+        let stdin = std::io::stdin().lock();
+        for line in stdin.lines() {
+            let line = line.context("reading stdin")?;
+            let (key, value) = match &args.key_separator {
+                Some(sep) => match line.split_once(sep.as_str()) {
+                    Some((key, value)) => (Some(key.to_owned()), value.to_owned()),
+                    None => (None, line),
+                },
+                None => (None, line),
+            };
+            let record = ProducerRecord {
+                topic: args.topic.clone(),
+                partition: args.partition,
+                key: key.map(Into::into),
+                value: Some(value.into()),
+                ..ProducerRecord::default()
+            };
+            outstanding.push_back(producer.send(record).await?);
+            if outstanding.len() >= PRODUCE_OUTSTANDING_MAX {
+                outstanding.pop_front().expect("non-empty").await?;
+                delivered += 1;
+                progress.update(delivered);
+            }
+        }
+        producer.flush().await?;
+        while let Some(delivery) = outstanding.pop_front() {
+            delivery.await?;
+            delivered += 1;
+            progress.update(delivered);
+        }
+        producer.close().await?;
+        progress.finish(delivered);
+        client.close();
+        Ok(())
+    })
+}
+
+fn parse_from(from: &str) -> anyhow::Result<Offset> {
+    Ok(match from {
+        "beginning" => Offset::Beginning,
+        "end" => Offset::End,
+        other => match other.strip_prefix('@') {
+            Some(ts) => Offset::Timestamp(ts.parse().map_err(|_| anyhow!("--from @TIMESTAMP_MS needs a number, not {ts:?}"))?),
+            None => Offset::At(other.parse().map_err(|_| anyhow!("--from must be beginning, end, OFFSET or @TIMESTAMP_MS, not {other:?}"))?),
+        },
+    })
+}
+
+fn format_record(format: &str, record: &ConsumerRecord, out: &mut Vec<u8>) {
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('%', Some(&spec)) => {
+                chars.next();
+                match spec {
+                    't' => out.extend_from_slice(record.topic.as_bytes()),
+                    'p' => out.extend_from_slice(record.partition.to_string().as_bytes()),
+                    'o' => out.extend_from_slice(record.offset.to_string().as_bytes()),
+                    'k' => out.extend_from_slice(record.key.as_deref().unwrap_or_default()),
+                    'v' => out.extend_from_slice(record.value.as_deref().unwrap_or_default()),
+                    'T' => out.extend_from_slice(record.timestamp.to_string().as_bytes()),
+                    '%' => out.push(b'%'),
+                    other => {
+                        out.push(b'%');
+                        out.extend_from_slice(other.to_string().as_bytes());
+                    }
+                }
+            }
+            ('\\', Some(&'n')) => {
+                chars.next();
+                out.push(b'\n');
+            }
+            ('\\', Some(&'t')) => {
+                chars.next();
+                out.push(b'\t');
+            }
+            (c, _) => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'\n');
+}
+
+pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()> {
+    let from = parse_from(&args.from)?;
+    block_on(async {
+        let client = connection.connect().await?;
+        let consumer = match &args.group {
+            Some(group) => {
+                let auto_offset_reset = match from {
+                    Offset::Beginning => AutoOffsetReset::Earliest,
+                    Offset::End => AutoOffsetReset::Latest,
+                    _ => bail!("with --group, --from takes beginning or end (committed offsets decide the rest)"),
+                };
+                if args.partition.is_some() {
+                    bail!("--partition and --group do not go together: the group assigns partitions");
+                }
+                let config = ConsumerConfig { group: Some(group.clone()), auto_offset_reset, ..ConsumerConfig::default() };
+                client.subscribe(config, &[args.topic.as_str()])?
+            }
+            None => {
+                let partitions: Vec<TopicPartition> = match args.partition {
+                    Some(p) => vec![TopicPartition::new(&args.topic, p)],
+                    None => {
+                        let count = client.partition_count(&args.topic).await?;
+                        (0..count).map(|p| TopicPartition::new(&args.topic, p)).collect()
+                    }
+                };
+                let consumer = client.assign(ConsumerConfig::default(), &partitions)?;
+                for partition in &partitions {
+                    consumer.seek(partition, from)?;
+                }
+                consumer
+            }
+        };
+        let idle = args.timeout_ms.map(Duration::from_millis);
+        let mut stdout = std::io::stdout().lock();
+        let mut line = Vec::with_capacity(256);
+        let mut count = 0u64;
+        let mut last_record = Instant::now();
+        let result = loop {
+            if args.max_records.is_some_and(|max| count >= max) {
+                break Ok(());
+            }
+            let next = match idle {
+                Some(idle) => {
+                    let remaining = idle.saturating_sub(last_record.elapsed());
+                    match tokio::time::timeout(remaining, consumer.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => break Ok(()),
+                    }
+                }
+                None => tokio::select! {
+                    next = consumer.recv() => next,
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                },
+            };
+            match next {
+                Ok(record) => {
+                    line.clear();
+                    format_record(&args.format, &record, &mut line);
+                    if let Err(e) = stdout.write_all(&line) {
+                        break Err(anyhow::Error::from(e).context("writing stdout"));
+                    }
+                    count += 1;
+                    last_record = Instant::now();
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        stdout.flush()?;
+        if args.group.is_some() && result.is_ok() {
+            consumer.commit().await.context("committing offsets")?;
+        }
+        consumer.close().await?;
+        client.close();
+        result
+    })
+}
+
+/// A progress line on stderr, only when it is a terminal.
+struct Progress {
+    label: &'static str,
+    started: Instant,
+    last: std::cell::Cell<Instant>,
+    enabled: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str) -> Progress {
+        let now = Instant::now();
+        Progress { label, started: now, last: std::cell::Cell::new(now), enabled: std::io::stderr().is_terminal() }
+    }
+
+    fn update(&self, count: u64) {
+        if self.enabled && self.last.get().elapsed() >= Duration::from_millis(200) {
+            self.last.set(Instant::now());
+            let rate = count as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            eprint!("\r{} {count} records ({rate:.0}/s)", self.label);
+        }
+    }
+
+    fn finish(&self, count: u64) {
+        if self.enabled {
+            let secs = self.started.elapsed().as_secs_f64();
+            eprintln!("\r{} {count} records in {secs:.2}s", self.label);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let record = ConsumerRecord {
+            topic: "t".into(),
+            partition: 2,
+            offset: 41,
+            timestamp: 1700,
+            key: Some("k".into()),
+            value: Some("v".into()),
+            headers: vec![],
+        };
+        let cases = [
+            ("%v", "v\n"),
+            ("%t/%p@%o %k=%v %T", "t/2@41 k=v 1700\n"),
+            ("100%% %x", "100% %x\n"),
+            ("%k\\t%v", "k\tv\n"),
+        ];
+        for (format, expected) in cases {
+            let mut out = Vec::new();
+            format_record(format, &record, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{format}");
+        }
+    }
+
+    #[test]
+    fn from_values() {
+        assert_eq!(parse_from("beginning").unwrap(), Offset::Beginning);
+        assert_eq!(parse_from("end").unwrap(), Offset::End);
+        assert_eq!(parse_from("42").unwrap(), Offset::At(42));
+        assert_eq!(parse_from("@1700").unwrap(), Offset::Timestamp(1700));
+        assert!(parse_from("yesterday").is_err());
+        assert!(parse_from("@soon").is_err());
+    }
+}
