@@ -169,9 +169,6 @@ impl LogConfig {
         if u64::from(self.batch_bytes_max) > self.append_queue_bytes_max {
             return fail("append_queue_bytes_max must hold at least one largest batch".into());
         }
-        if u64::from(self.index_interval_bytes) > self.segment_bytes_max {
-            return fail("index_interval_bytes must not exceed segment_bytes_max".into());
-        }
         Ok(())
     }
 }
@@ -200,9 +197,10 @@ mod tests {
         check(LogConfig { retention_ms: Some(-1), ..LogConfig::default() }, false);
         check(LogConfig { batch_bytes_max: 10, ..LogConfig::default() }, false);
         check(LogConfig { append_queue_bytes_max: 1000, ..LogConfig::default() }, false);
+        // An interval larger than a segment is allowed: such segments have no offset entries.
         check(
             LogConfig { segment_bytes_max: 4096, index_interval_bytes: 4097, ..LogConfig::default() },
-            false,
+            true,
         );
     }
 }

@@ -108,6 +108,7 @@ impl Segment {
         ReadPlan {
             log: self.log.clone(),
             path: self.log_path.clone(),
+            segment_base_offset: self.base_offset,
             segment_end_offset,
             start_position: u64::from(floor.position),
             start_offset: self.base_offset + i64::from(floor.relative_offset),
@@ -130,6 +131,7 @@ impl Segment {
 pub(crate) struct ReadPlan {
     pub log: Arc<dyn StorageFile>,
     pub path: PathBuf,
+    pub segment_base_offset: i64,
     /// The next segment's base offset (or the log end): no batch here reaches it.
     pub segment_end_offset: i64,
     /// A batch boundary at or before the wanted offset, from the index.
@@ -146,17 +148,38 @@ impl ReadPlan {
     }
 
     /// Walks batch headers from the plan's start, checking they are dense, and returns the
-    /// first batch for which `stop` says yes, or `None` if the limit comes first.
+    /// first batch for which `stop` says yes, or `None` if the limit comes first. If the index
+    /// entry it started from proves wrong, it warns and walks from the segment's start.
     pub fn find(
         &self,
         mut stop: impl FnMut(&BatchHeader) -> bool,
     ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
-        let mut expected = self.start_offset;
+        match self.find_from(self.start_position, self.start_offset, &mut stop) {
+            Err(StorageError::Corrupt { position, reason, .. })
+                if position == self.start_position && self.start_position > 0 =>
+            {
+                tracing::warn!(
+                    segment = %self.path.display(), position, %reason,
+                    "offset index entry is wrong; scanning the segment from its start"
+                );
+                self.find_from(0, self.segment_base_offset, &mut stop)
+            }
+            other => other,
+        }
+    }
+
+    fn find_from(
+        &self,
+        start_position: u64,
+        start_offset: i64,
+        stop: &mut impl FnMut(&BatchHeader) -> bool,
+    ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
+        let mut expected = start_offset;
         let mut found = None;
         let end = scan_headers(
             self.log.as_ref(),
             &self.path,
-            self.start_position,
+            start_position,
             self.limit,
             |position, header| {
                 if header.base_offset != expected {
@@ -358,7 +381,8 @@ pub(crate) fn rebuild_sealed_index(
 /// Loads a sealed segment's index from its files and checks it against the log cheaply:
 /// structure, then the tail of the log after the last offset entry (dense, ends exactly at
 /// the next segment's base offset, every batch there within one interval of the entry and
-/// no later than the seal entry's timestamp), then the seal entry itself.
+/// no later than the seal entry's timestamp), then a sample of entries including the first,
+/// the last and the seal entry.
 pub(crate) fn load_sealed_index(
     segment: &Segment,
     offset_index_bytes: &[u8],
@@ -387,8 +411,6 @@ pub(crate) fn load_sealed_index(
     let mut index = SegmentIndex { offsets, times, cursor: super::index::IndexCursor::EMPTY };
     let last = index.floor(u32::MAX);
     let mut expected = segment.base_offset + i64::from(last.relative_offset);
-    let mut seal_seen = false;
-    let seal_offset = segment.base_offset + i64::from(seal.relative_offset);
     let end = scan_headers(
         segment.log.as_ref(),
         &segment.log_path,
@@ -406,9 +428,6 @@ pub(crate) fn load_sealed_index(
             if header.max_timestamp > seal.timestamp {
                 return Err("time index is missing its seal entry".into());
             }
-            if header.base_offset == seal_offset {
-                seal_seen = header.max_timestamp == seal.timestamp;
-            }
             expected = header.next_offset();
             Ok(true)
         },
@@ -421,26 +440,41 @@ pub(crate) fn load_sealed_index(
             "log ends at offset {expected}, the next segment starts at {next_segment_base_offset}"
         )));
     }
-    if !seal_seen && seal_offset < segment.base_offset + i64::from(last.relative_offset) {
-        // The seal entry's batch lies before the last offset entry: look it up.
+    // Spot checks against the log: a few offset entries (first and last included) must point
+    // at their batch, a few time entries (the seal included) must name a batch with that max
+    // timestamp. A wrong entry that escapes the sample costs a slower read, not a wrong one
+    // (see `ReadPlan::find`).
+    for i in sample_indices(index.offsets.len()) {
+        let entry = index.offsets[i];
+        let wanted = segment.base_offset + i64::from(entry.relative_offset);
+        match read_header_at(segment, u64::from(entry.position))? {
+            Some(header) if header.base_offset == wanted => {}
+            _ => return Ok(Err(format!("offset index entry {i} does not point at its batch"))),
+        }
+    }
+    for i in sample_indices(index.times.len()) {
+        let entry = index.times[i];
+        let wanted = segment.base_offset + i64::from(entry.relative_offset);
+        let floor = index.floor(entry.relative_offset);
         let plan = ReadPlan {
             log: segment.log.clone(),
             path: segment.log_path.clone(),
+            segment_base_offset: segment.base_offset,
             segment_end_offset: next_segment_base_offset,
-            start_position: u64::from(index.floor(seal.relative_offset).position),
-            start_offset: segment.base_offset
-                + i64::from(index.floor(seal.relative_offset).relative_offset),
+            start_position: u64::from(floor.position),
+            start_offset: segment.base_offset + i64::from(floor.relative_offset),
             limit: segment.size,
         };
-        match plan.find(|h| h.base_offset >= seal_offset) {
-            Ok(Some((_, h))) => seal_seen = h.base_offset == seal_offset && h.max_timestamp == seal.timestamp,
-            Ok(None) | Err(StorageError::Corrupt { .. }) => {}
+        let matches = match plan.find(|h| h.base_offset >= wanted) {
+            Ok(Some((_, h))) => h.base_offset == wanted && h.max_timestamp == entry.timestamp,
+            Ok(None) | Err(StorageError::Corrupt { .. }) => false,
             Err(e) => return Err(e),
+        };
+        if !matches {
+            return Ok(Err(format!("time index entry {i} does not match its batch")));
         }
     }
-    if !seal_seen {
-        return Ok(Err("time index seal entry does not match its batch".into()));
-    }
+    let seal_offset = segment.base_offset + i64::from(seal.relative_offset);
     index.cursor = super::index::IndexCursor {
         last_entry_position: last.position,
         last_time_entry_timestamp: Some(seal.timestamp),
@@ -448,6 +482,28 @@ pub(crate) fn load_sealed_index(
         offset_of_max_timestamp: seal_offset,
     };
     Ok(Ok(index))
+}
+
+/// At most this many entries of each index of a sealed segment are checked against the log
+/// at open (evenly spread, first and last included).
+const INDEX_SAMPLE_ENTRIES: usize = 8;
+
+fn sample_indices(len: usize) -> impl Iterator<Item = usize> {
+    let samples = len.min(INDEX_SAMPLE_ENTRIES);
+    (0..samples).map(move |i| if samples == 1 { len - 1 } else { i * (len - 1) / (samples - 1) })
+}
+
+/// The header of the batch at `position`, if one parses there.
+fn read_header_at(segment: &Segment, position: u64) -> Result<Option<BatchHeader>, StorageError> {
+    if position + BATCH_HEADER_BYTES as u64 > segment.size {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; BATCH_HEADER_BYTES];
+    segment
+        .log
+        .read_at(&mut bytes, position)
+        .map_err(|e| StorageError::io("read", segment.log_path.clone(), e))?;
+    Ok(BatchHeader::parse(&bytes).ok())
 }
 
 /// Replaces a file's contents with `bytes` (used to write rebuilt indexes) and syncs it.

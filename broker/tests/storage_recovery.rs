@@ -1,0 +1,247 @@
+//! Recovery on open: torn tails, corrupt bytes, damaged indexes.
+
+mod storage_support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use ketch_broker::storage::{FsyncPolicy, LogConfig, PartitionLog, StorageError};
+use ketch_protocol::batch::BatchHeader;
+use storage_support::*;
+
+fn config() -> LogConfig {
+    LogConfig { fsync: FsyncPolicy::Never, ..small_config() }
+}
+
+/// Builds a closed log of `count` batches in `dir`; returns the appended batches with their
+/// base offsets.
+fn build(dir: &Path, count: u64, rng: &mut Rng) -> Vec<(i64, Bytes)> {
+    let (log, _) = open_std(dir, config());
+    let mut appended = Vec::new();
+    for tag in 0..count {
+        let bytes = batch(rng.range(1, 6) as usize, rng.range(10, 400) as usize, 1_000 + tag as i64, tag);
+        appended.push((append(&log, &bytes, 0).base_offset, bytes));
+    }
+    log.close().unwrap();
+    appended
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The `.log` files of a log directory, oldest first.
+fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `(position, header)` of every batch in a log file.
+fn batches_in(file: &Path) -> Vec<(u64, BatchHeader)> {
+    let bytes = fs::read(file).unwrap();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < bytes.len() {
+        let header = BatchHeader::parse(&bytes[at..]).unwrap();
+        out.push((at as u64, header));
+        at += header.total_bytes();
+    }
+    out
+}
+
+fn assert_log_holds(log: &PartitionLog, expect: &[(i64, Bytes)]) {
+    let stored = read_all(log, 1 << 20).unwrap();
+    assert_eq!(stored.len(), expect.len());
+    for (batch, (base_offset, bytes)) in stored.iter().zip(expect) {
+        assert_same_batch(batch.as_bytes(), bytes, *base_offset);
+    }
+    let end = expect.last().map_or(0, |(base, bytes)| {
+        base + i64::from(BatchHeader::parse(bytes).unwrap().last_offset_delta) + 1
+    });
+    assert_eq!(log.log_end_offset(), end);
+    assert_eq!(log.high_watermark(), end);
+}
+
+#[test]
+fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
+    let mut rng = Rng::from_env("torn_tail_at_every_byte_of_the_last_batch");
+    let template = tempfile::tempdir().unwrap();
+    let appended = build(template.path(), 40, &mut rng);
+    let tail = log_files(template.path()).pop().unwrap();
+    let tail_name = tail.file_name().unwrap().to_owned();
+    let (last_position, last_header) = *batches_in(&tail).last().unwrap();
+    assert!(log_files(template.path()).len() > 3, "the log spans several segments");
+    let kept = &appended[..appended.len() - 1];
+    for cut in 0..last_header.total_bytes() as u64 {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let file = fs::OpenOptions::new().write(true).open(dir.path().join(&tail_name)).unwrap();
+        file.set_len(last_position + cut).unwrap();
+        drop(file);
+
+        let (log, report) = open_std(dir.path(), config());
+        assert_eq!(report.bytes_truncated(), cut, "cut at +{cut}");
+        assert_eq!(report.truncation.is_some(), cut > 0, "cut at +{cut}");
+        assert_log_holds(&log, kept);
+        let again = batch(2, 5, 0, 999);
+        let outcome = append(&log, &again, 0);
+        assert_eq!(outcome.base_offset, last_header.base_offset, "appends continue densely");
+        log.close().unwrap();
+        drop(log);
+        let (log, report) = open_std(dir.path(), config());
+        assert!(report.is_clean(), "cut at +{cut}: {report:?}");
+        let mut expect = kept.to_vec();
+        expect.push((outcome.base_offset, again));
+        assert_log_holds(&log, &expect);
+    }
+}
+
+#[test]
+fn corrupt_byte_in_a_sealed_segment_is_reported_when_read_never_served() {
+    let mut rng = Rng::from_env("corrupt_byte_in_a_sealed_segment");
+    let dir = tempfile::tempdir().unwrap();
+    let appended = build(dir.path(), 60, &mut rng);
+    let files = log_files(dir.path());
+    assert!(files.len() > 3);
+    let sealed = &files[1];
+    let batches = batches_in(sealed);
+    assert!(batches.len() >= 3);
+    let (position, header) = batches[batches.len() / 2];
+    let mut bytes = fs::read(sealed).unwrap();
+    bytes[position as usize + header.total_bytes() - 3] ^= 0x01; // a byte inside the last record
+    fs::write(sealed, &bytes).unwrap();
+
+    let (log, report) = open_std(dir.path(), config());
+    assert!(report.truncation.is_none(), "a sealed segment is never truncated: {report:?}");
+    match log.read(header.base_offset, 1 << 20) {
+        Err(StorageError::Corrupt { segment, position: at, .. }) => {
+            assert_eq!((segment.as_path(), at), (sealed.as_path(), position));
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // A read that starts earlier in the segment stops before the corrupt batch.
+    let first_in_segment = batches[0].1.base_offset;
+    let (returned, _) = ketch_protocol::batch::split_batches(log.read(first_in_segment, 1 << 20).unwrap());
+    let last = returned.last().unwrap().as_ref().unwrap().header().next_offset();
+    assert_eq!(last, header.base_offset);
+    // Everything else is served.
+    let after = header.next_offset();
+    assert!(!log.read(after, 1).unwrap().is_empty());
+    let expect_before: Vec<_> = appended.iter().filter(|(b, _)| *b < first_in_segment).cloned().collect();
+    let mut offset = 0;
+    let mut seen = 0;
+    while offset < first_in_segment {
+        let (batches, _) = ketch_protocol::batch::split_batches(log.read(offset, 1).unwrap());
+        let batch = batches.into_iter().next().unwrap().unwrap();
+        offset = batch.header().next_offset();
+        seen += 1;
+    }
+    assert_eq!(seen, expect_before.len());
+}
+
+#[test]
+fn corrupt_byte_in_the_tail_segment_is_truncated_at_recovery() {
+    let mut rng = Rng::from_env("corrupt_byte_in_the_tail_segment");
+    let dir = tempfile::tempdir().unwrap();
+    let appended = build(dir.path(), 45, &mut rng);
+    let tail = log_files(dir.path()).pop().unwrap();
+    let batches = batches_in(&tail);
+    assert!(batches.len() >= 3, "the tail has a middle batch");
+    let (position, header) = batches[1];
+    let mut bytes = fs::read(&tail).unwrap();
+    let size = bytes.len() as u64;
+    bytes[position as usize + 40] ^= 0x80; // inside the CRC-covered header fields
+    fs::write(&tail, &bytes).unwrap();
+
+    let (log, report) = open_std(dir.path(), config());
+    let truncation = report.truncation.clone().expect("truncated");
+    assert_eq!((truncation.segment.as_path(), truncation.position), (tail.as_path(), position));
+    assert_eq!(truncation.bytes, size - position);
+    assert!(truncation.reason.contains("CRC"), "{}", truncation.reason);
+    let kept: Vec<_> = appended.iter().filter(|(b, _)| *b < header.base_offset).cloned().collect();
+    assert_log_holds(&log, &kept);
+    assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, header.base_offset);
+}
+
+/// Damages index files with `damage`, reopens, and expects exactly the files named by
+/// `expect_rebuilt` (as `(segment number, extension)`, negative numbers from the end) to be rebuilt, byte-identical to the
+/// originals, with reads and timestamp lookups unchanged.
+fn check_index_damage(damage: fn(&[PathBuf]), expect_rebuilt: &[(isize, &str)]) {
+    let mut rng = Rng::seeded(7);
+    let dir = tempfile::tempdir().unwrap();
+    let appended = build(dir.path(), 50, &mut rng);
+    let logs = log_files(dir.path());
+    assert!(logs.len() >= 4);
+    let originals: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "log"))
+        .map(|p| (p.clone(), fs::read(&p).unwrap()))
+        .collect();
+    damage(&logs);
+
+    let (log, report) = open_std(dir.path(), config());
+    let mut rebuilt = report.indexes_rebuilt.clone();
+    rebuilt.sort();
+    let mut expect: Vec<PathBuf> =
+        expect_rebuilt.iter().map(|(i, ext)| logs[i.rem_euclid(logs.len() as isize) as usize].with_extension(ext)).collect();
+    expect.sort();
+    assert_eq!(rebuilt, expect);
+    assert!(report.truncation.is_none() && report.damaged_segments.is_empty(), "{report:?}");
+    for (path, bytes) in &originals {
+        assert_eq!(&fs::read(path).unwrap(), bytes, "{} differs after rebuild", path.display());
+    }
+    assert_log_holds(&log, &appended);
+    let max_timestamps: Vec<i64> =
+        appended.iter().map(|(_, b)| BatchHeader::parse(b).unwrap().max_timestamp).collect();
+    for target in 990..1_070 {
+        let expect = max_timestamps.iter().position(|&m| m >= target).map(|i| appended[i].0);
+        assert_eq!(log.find_offset_by_timestamp(target).unwrap(), expect, "target {target}");
+    }
+    for (base_offset, _) in &appended {
+        let (batches, _) = ketch_protocol::batch::split_batches(log.read(*base_offset, 1).unwrap());
+        assert_eq!(batches[0].as_ref().unwrap().header().base_offset, *base_offset);
+    }
+}
+
+fn truncate_by(path: &Path, bytes: u64) {
+    let len = fs::metadata(path).unwrap().len();
+    fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len - bytes).unwrap();
+}
+
+fn overwrite(path: &Path, at: usize, bytes: &[u8]) {
+    let mut contents = fs::read(path).unwrap();
+    contents[at..at + bytes.len()].copy_from_slice(bytes);
+    fs::write(path, contents).unwrap();
+}
+
+#[test]
+fn damaged_or_missing_indexes_are_rebuilt_from_the_log() {
+    check_index_damage(|_| {}, &[]);
+    check_index_damage(|logs| fs::remove_file(logs[0].with_extension("index")).unwrap(), &[(0, "index")]);
+    check_index_damage(
+        |logs| fs::remove_file(logs[1].with_extension("timeindex")).unwrap(),
+        &[(1, "timeindex")],
+    );
+    check_index_damage(|logs| truncate_by(&logs[1].with_extension("index"), 8), &[(1, "index")]);
+    check_index_damage(|logs| truncate_by(&logs[2].with_extension("index"), 3), &[(2, "index")]);
+    check_index_damage(|logs| truncate_by(&logs[0].with_extension("timeindex"), 12), &[(0, "timeindex")]);
+    check_index_damage(|logs| overwrite(&logs[2].with_extension("index"), 4, &[0xff; 4]), &[(2, "index")]);
+    check_index_damage(|logs| overwrite(&logs[1].with_extension("index"), 0, &[0, 0, 0, 1]), &[(1, "index")]);
+    check_index_damage(
+        |logs| overwrite(&logs[0].with_extension("timeindex"), 0, &[0x7f; 8]),
+        &[(0, "timeindex")],
+    );
+    // The tail's indexes are rebuilt from the recovery scan.
+    check_index_damage(|logs| fs::remove_file(logs[logs.len() - 1].with_extension("index")).unwrap(), &[(-1, "index")]);
+    check_index_damage(|logs| truncate_by(&logs[logs.len() - 1].with_extension("timeindex"), 12), &[(-1, "timeindex")]);
+}

@@ -1,0 +1,225 @@
+//! Crash consistency, poisoning, back-pressure and group commit on the simulated disk.
+
+mod storage_support;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ketch_broker::storage::sim::SimBackend;
+use ketch_broker::storage::{AppendOutcome, FsyncPolicy, LogConfig, StorageError};
+use storage_support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn sim_config(fsync: FsyncPolicy) -> LogConfig {
+    LogConfig { fsync, segment_bytes_max: 16 * 1024, index_interval_bytes: 1024, ..LogConfig::default() }
+}
+
+/// Several threads append under `Always`; the machine crashes while appends are in flight.
+/// Every acknowledged append must be found after recovery, at its offsets, byte for byte.
+fn check_crash_keeps_every_acknowledged_append(seed: u64, torn: bool) {
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, sim_config(FsyncPolicy::Always));
+    let log = Arc::new(log);
+    let acked: Arc<Mutex<Vec<(AppendOutcome, Bytes)>>> = Arc::default();
+    let threads = 4;
+    let crash_after = 40 + (seed % 40) as usize;
+    let mut handles = Vec::new();
+    for thread in 0..threads {
+        let log = log.clone();
+        let acked = acked.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng::seeded(seed * 31 + thread);
+            for i in 0..200u64 {
+                let bytes = batch(rng.range(1, 5) as usize, rng.range(1, 300) as usize, i as i64, thread * 1000 + i);
+                let Ok(pending) = log.append(bytes.clone(), i as i64) else { return };
+                match block_on(pending) {
+                    Ok(outcome) => acked.lock().unwrap().push((outcome, bytes)),
+                    Err(StorageError::Poisoned { .. } | StorageError::Closed) => return,
+                    Err(e) => panic!("unexpected append error {e}"),
+                }
+            }
+        }));
+    }
+    // Wait (bounded) until enough appends were acknowledged, then pull the plug.
+    let deadline = std::time::Instant::now() + WAIT;
+    while acked.lock().unwrap().len() < crash_after {
+        assert!(std::time::Instant::now() < deadline, "seed {seed}: appends stalled");
+        std::thread::yield_now();
+    }
+    if torn { sim.crash_torn(seed) } else { sim.crash() }
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    drop(log);
+    let acked = acked.lock().unwrap().clone();
+    let (log, report) = open_sim(&sim, sim_config(FsyncPolicy::Always));
+    let stored = read_all(&log, 1 << 20).unwrap();
+    let by_offset: std::collections::HashMap<i64, &ketch_protocol::batch::RecordBatch> =
+        stored.iter().map(|b| (b.header().base_offset, b)).collect();
+    for (outcome, bytes) in &acked {
+        let batch = by_offset.get(&outcome.base_offset).unwrap_or_else(|| {
+            panic!("seed {seed}: acknowledged batch at {} lost; {report:?}", outcome.base_offset)
+        });
+        assert_same_batch(batch.as_bytes(), bytes, outcome.base_offset);
+        assert_eq!(batch.header().last_offset(), outcome.last_offset);
+    }
+    // And the log goes on densely.
+    let end = log.log_end_offset();
+    assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, end);
+}
+
+#[test]
+fn crash_under_always_keeps_every_acknowledged_append() {
+    let mut rng = Rng::from_env("crash_under_always_keeps_every_acknowledged_append");
+    for _ in 0..12 {
+        let seed = rng.next() % 1_000_000;
+        check_crash_keeps_every_acknowledged_append(seed, seed % 2 == 0);
+    }
+}
+
+#[test]
+fn crash_under_never_leaves_a_valid_prefix() {
+    let mut rng = Rng::from_env("crash_under_never_leaves_a_valid_prefix");
+    for _ in 0..12 {
+        let seed = rng.next() % 1_000_000;
+        let sim = SimBackend::new();
+        let config = sim_config(FsyncPolicy::Never);
+        let (log, _) = open_sim(&sim, config.clone());
+        let mut appended = Vec::new();
+        let mut pending = Vec::new();
+        for i in 0..300u64 {
+            let bytes = batch(Rng::seeded(seed + i).range(1, 4) as usize, 100, i as i64, i);
+            pending.push(log.append(bytes.clone(), i as i64).unwrap());
+            appended.push(bytes);
+        }
+        let outcomes: Vec<AppendOutcome> = pending.into_iter().map(|p| block_on(p).unwrap()).collect();
+        sim.crash_torn(seed);
+        drop(log);
+        let (log, report) = open_sim(&sim, config);
+        let stored = read_all(&log, 1 << 20).unwrap();
+        assert!(stored.len() <= appended.len());
+        for (i, batch) in stored.iter().enumerate() {
+            assert_same_batch(batch.as_bytes(), &appended[i], outcomes[i].base_offset);
+        }
+        println!("seed {seed}: {} of {} batches survived ({} bytes cut)", stored.len(), appended.len(), report.bytes_truncated());
+        let end = log.log_end_offset();
+        assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, end);
+    }
+}
+
+/// After `inject`, the next append fails with `Poisoned` (naming the injected cause), every
+/// later one fails at once, reads of acknowledged data go on, and a reopened log works.
+fn check_poisoning(inject: fn(&SimBackend), fsync: FsyncPolicy) {
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, sim_config(fsync));
+    for tag in 0..5 {
+        append(&log, &batch(2, 50, 0, tag), 0);
+    }
+    let high_watermark = log.high_watermark();
+    inject(&sim);
+    let failed = block_on(log.append(batch(2, 50, 0, 5), 0).unwrap());
+    match failed {
+        Err(StorageError::Poisoned { cause }) => assert!(cause.contains("injected"), "{cause}"),
+        other => panic!("expected Poisoned, got {other:?}"),
+    }
+    match log.append(batch(2, 50, 0, 6), 0) {
+        Err(StorageError::Poisoned { cause }) => assert!(cause.contains("injected"), "{cause}"),
+        other => panic!("expected an immediate Poisoned, got {other:?}"),
+    }
+    assert!(matches!(log.flush(), Err(StorageError::Poisoned { .. })));
+    assert!(matches!(log.truncate_suffix(0), Err(StorageError::Poisoned { .. })));
+    assert_eq!(log.high_watermark(), high_watermark, "nothing was acknowledged");
+    assert_eq!(read_all(&log, 1 << 20).unwrap().len(), 5, "reads go on");
+    assert!(matches!(log.close(), Err(StorageError::Poisoned { .. })));
+    drop(log);
+    let (log, _) = open_sim(&sim, sim_config(fsync));
+    assert!(log.log_end_offset() >= 10);
+    let end = log.log_end_offset();
+    assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, end);
+}
+
+#[test]
+fn failed_fsync_or_write_poisons_the_log() {
+    check_poisoning(|sim| sim.fail_nth_sync_data(1), FsyncPolicy::Always);
+    check_poisoning(|sim| sim.fail_nth_write(1), FsyncPolicy::Always);
+    check_poisoning(|sim| sim.fail_nth_write(1), FsyncPolicy::Never);
+}
+
+#[test]
+fn a_full_queue_rejects_appends_at_once_with_a_retriable_error() {
+    let sim = SimBackend::new();
+    let one = batch(1, 1000, 0, 0);
+    let config = LogConfig {
+        append_queue_bytes_max: 2 * one.len() as u64,
+        batch_bytes_max: 2 * one.len() as u32,
+        ..sim_config(FsyncPolicy::Always)
+    };
+    let (log, _) = open_sim(&sim, config);
+    sim.hold_syncs();
+    let first = log.append(one.clone(), 0).unwrap(); // the writer takes it and waits in fsync
+    assert!(sim.wait_for_held_syncs(1, WAIT));
+    let queued = [log.append(one.clone(), 0).unwrap(), log.append(one.clone(), 0).unwrap()];
+    match log.append(one.clone(), 0) {
+        Err(e @ StorageError::QueueFull { .. }) => assert!(e.is_retriable()),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    sim.release_syncs();
+    assert_eq!(block_on(first).unwrap().base_offset, 0);
+    for (i, pending) in queued.into_iter().enumerate() {
+        assert_eq!(block_on(pending).unwrap().base_offset, 1 + i as i64);
+    }
+    assert_eq!(append(&log, &one, 0).base_offset, 3, "accepted again once drained");
+}
+
+#[test]
+fn queued_appends_share_one_fsync() {
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, sim_config(FsyncPolicy::Always));
+    let log = Arc::new(log);
+    sim.hold_syncs();
+    let first = log.append(batch(1, 10, 0, 0), 0).unwrap();
+    assert!(sim.wait_for_held_syncs(1, WAIT));
+    // 64 appends from 8 threads queue up while the writer waits in fsync.
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                (0..8).map(|i| log.append(batch(1, 10, 0, t * 8 + i), 0).unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let pending: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    sim.release_syncs();
+    block_on(first).unwrap();
+    let mut offsets: Vec<i64> = pending.into_iter().map(|p| block_on(p).unwrap().base_offset).collect();
+    offsets.sort();
+    assert_eq!(offsets, (1..65).collect::<Vec<i64>>());
+    let stats = log.stats();
+    assert_eq!(stats.batches_appended, 65);
+    assert_eq!(stats.write_groups, 2, "the first append's group, then one group for all 64");
+    assert_eq!(stats.fsyncs, 2, "one fsync per group");
+}
+
+#[test]
+fn appends_are_acknowledged_only_after_their_fsync_under_always() {
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, sim_config(FsyncPolicy::Always));
+    sim.hold_syncs();
+    let mut pending = log.append(batch(1, 10, 0, 0), 0).unwrap();
+    assert!(sim.wait_for_held_syncs(1, WAIT));
+    let waker = futures_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(std::pin::Pin::new(&mut pending).poll(&mut cx).is_pending(), "not acknowledged before the fsync");
+    assert_eq!(log.high_watermark(), 0, "not visible before the fsync");
+    assert!(log.read(0, 100).unwrap().is_empty());
+    sim.release_syncs();
+    block_on(pending).unwrap();
+    assert_eq!(log.high_watermark(), 1);
+}
+
+fn futures_waker() -> std::task::Waker {
+    std::task::Waker::noop().clone()
+}
