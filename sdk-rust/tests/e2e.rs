@@ -1,0 +1,511 @@
+//! End-to-end tests of the client against a real `ketch` broker process.
+//!
+//! The broker binary is `$KETCH_BIN`, or `ketch` in the target directory of this test
+//! executable (`cargo build -p ketch-broker --bin ketch` builds it; the workspace test script
+//! builds every binary before the tests). Each test starts its own broker on an ephemeral
+//! loopback port with a fresh data directory and kills exactly that process when done.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use ketch_client::{
+    AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, ErrorCode, Header,
+    NewTopic, Offset, ProducerConfig, ProducerRecord, Rebalance, Tls, TopicPartition,
+    partition_for_key,
+};
+
+/// Every wait in these tests is bounded by this.
+const WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// A running broker process, killed (by PID) on drop.
+struct Broker {
+    child: Child,
+    listen: String,
+    ca: PathBuf,
+    log: PathBuf,
+    _data_dir: tempfile::TempDir,
+}
+
+fn ketch_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("KETCH_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/debug/deps/e2e-<hash> -> target/debug/ketch
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("ketch")
+}
+
+impl Broker {
+    fn start() -> anyhow::Result<Broker> {
+        let bin = ketch_bin();
+        if !bin.exists() {
+            bail!(
+                "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
+                bin.display()
+            );
+        }
+        let data_dir = tempfile::tempdir()?;
+        let log = data_dir.path().join("broker.log");
+        let mut child = Command::new(&bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("ketch ready ") {
+                    let _ = ready_tx.send(line);
+                }
+            }
+        });
+        let mut broker = Broker {
+            child,
+            listen: String::new(),
+            ca: PathBuf::new(),
+            log,
+            _data_dir: data_dir,
+        };
+        let line = ready_rx.recv_timeout(WAIT_MAX).map_err(|_| {
+            anyhow!(
+                "no ready line within {WAIT_MAX:?}; broker log:\n{}",
+                broker.log_text()
+            )
+        })?;
+        for field in line.split_whitespace() {
+            if let Some(listen) = field.strip_prefix("listen=") {
+                broker.listen = listen.to_owned();
+            } else if let Some(ca) = field.strip_prefix("ca=") {
+                broker.ca = PathBuf::from(ca);
+            }
+        }
+        if broker.listen.is_empty() || !broker.ca.exists() {
+            bail!("unexpected ready line {line:?}");
+        }
+        Ok(broker)
+    }
+
+    fn config(&self) -> ClientConfig {
+        ClientConfig {
+            bootstrap: vec![self.listen.clone()],
+            tls: Tls::CaFile(self.ca.clone()),
+            request_timeout: Duration::from_secs(10),
+            ..Default::default()
+        }
+    }
+
+    async fn client(&self) -> Client {
+        within(Client::connect(self.config()))
+            .await
+            .expect("connect")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // Only the process this test started, by its PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("broker log:\n{}", self.log_text());
+        }
+    }
+}
+
+async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(WAIT_MAX, future)
+        .await
+        .expect("operation did not finish within the test bound")
+}
+
+fn text(bytes: &Option<Bytes>) -> String {
+    String::from_utf8(bytes.clone().expect("non-null").to_vec()).expect("utf-8")
+}
+
+async fn recv_n(consumer: &ketch_client::Consumer, n: usize) -> Vec<ConsumerRecord> {
+    let mut records = Vec::with_capacity(n);
+    while records.len() < n {
+        records.push(within(consumer.recv()).await.expect("recv"));
+    }
+    records
+}
+
+fn earliest(group: Option<&str>) -> ConsumerConfig {
+    ConsumerConfig {
+        group: group.map(str::to_owned),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        fetch_wait_max: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_then_consume_round_trip_with_seek() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("round-trip", 1)))
+        .await
+        .expect("create topic");
+
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    for i in 0..100 {
+        let record = ProducerRecord {
+            headers: vec![Header {
+                key: Bytes::from_static(b"index"),
+                value: Some(Bytes::from(i.to_string())),
+            }],
+            ..ProducerRecord::keyed("round-trip", format!("k{i}"), format!("v{i}"))
+        };
+        deliveries.push(within(producer.send(record)).await.expect("send"));
+    }
+    within(producer.flush()).await.expect("flush");
+    assert_eq!(producer.pending_records(), 0);
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        let written = within(delivery).await.expect("delivered");
+        assert_eq!(
+            (written.topic.as_str(), written.partition, written.offset),
+            ("round-trip", 0, i as i64)
+        );
+    }
+
+    let partition = TopicPartition::new("round-trip", 0);
+    let consumer = client
+        .assign(earliest(None), std::slice::from_ref(&partition))
+        .expect("consumer");
+    let records = recv_n(&consumer, 100).await;
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(record.offset, i as i64);
+        assert_eq!(text(&record.key), format!("k{i}"));
+        assert_eq!(text(&record.value), format!("v{i}"));
+        assert_eq!(text(&record.headers[0].value), i.to_string());
+    }
+    assert_eq!(consumer.position(&partition), Some(100));
+
+    // Seek back to an offset in the middle of a batch: records below it are skipped.
+    consumer.seek(&partition, Offset::At(57)).expect("seek");
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 57);
+    consumer.seek(&partition, Offset::Beginning).expect("seek");
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 0);
+    // From the end, only new records arrive. The end is looked up lazily: wait until it is
+    // known before producing, or the new record could be counted in the end.
+    consumer.seek(&partition, Offset::End).expect("seek");
+    within(async {
+        while consumer.position(&partition) != Some(100) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let late = within(producer.send(ProducerRecord::new("round-trip", "late")))
+        .await
+        .expect("send");
+    assert_eq!(within(late).await.expect("delivered").offset, 100);
+    let record = within(consumer.recv()).await.expect("recv");
+    assert_eq!((record.offset, text(&record.value)), (100, "late".into()));
+
+    within(producer.close()).await.expect("close producer");
+    assert!(matches!(
+        producer.send(ProducerRecord::new("round-trip", "x")).await,
+        Err(ketch_client::Error::Closed)
+    ));
+    within(consumer.close()).await.expect("close consumer");
+    client.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_land_where_kafka_would_put_them() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("keyed", 4)))
+        .await
+        .expect("create topic");
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..Default::default()
+    }))
+    .await
+    .expect("producer");
+    let keys: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let mut deliveries = Vec::new();
+    for key in &keys {
+        let delivery = within(producer.send(ProducerRecord::keyed("keyed", key.clone(), "x")))
+            .await
+            .expect("send");
+        assert_eq!(delivery.partition(), partition_for_key(key.as_bytes(), 4));
+        deliveries.push(delivery);
+    }
+    let mut used = BTreeSet::new();
+    for (key, delivery) in keys.iter().zip(deliveries) {
+        let written = within(delivery).await.expect("delivered");
+        assert_eq!(written.partition, partition_for_key(key.as_bytes(), 4));
+        used.insert(written.partition);
+    }
+    assert!(used.len() > 1, "40 keys all hashed to one partition");
+
+    // An explicit partition wins over the key; a partition that does not exist fails at once.
+    let pinned = ProducerRecord {
+        partition: Some(3),
+        ..ProducerRecord::keyed("keyed", "user-0", "pinned")
+    };
+    let written = within(within(producer.send(pinned)).await.expect("send"))
+        .await
+        .expect("delivered");
+    assert_eq!(written.partition, 3);
+    let missing = ProducerRecord {
+        partition: Some(4),
+        ..ProducerRecord::new("keyed", "x")
+    };
+    let error = within(producer.send(missing)).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::UnknownPartition));
+    let error = within(producer.send(ProducerRecord::new("no-such-topic", "x")))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::UnknownTopic));
+    within(producer.close()).await.expect("close");
+
+    // Each partition holds exactly the keys that hash to it.
+    for partition in 0..4 {
+        let tp = TopicPartition::new("keyed", partition);
+        let expected: Vec<&String> = keys
+            .iter()
+            .filter(|k| partition_for_key(k.as_bytes(), 4) == partition)
+            .collect();
+        let consumer = client
+            .assign(earliest(None), std::slice::from_ref(&tp))
+            .expect("consumer");
+        let records = recv_n(&consumer, expected.len()).await;
+        let got: Vec<String> = records.iter().map(|r| text(&r.key)).collect();
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "{tp}");
+        within(consumer.close()).await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_consumers_share_partitions_and_commit() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("orders", 2)))
+        .await
+        .expect("create topic");
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    for i in 0..20u32 {
+        let record = ProducerRecord {
+            partition: Some(i % 2),
+            ..ProducerRecord::new("orders", format!("order-{i}"))
+        };
+        let _ = within(producer.send(record)).await.expect("send");
+    }
+    within(producer.flush()).await.expect("flush");
+
+    let config = ConsumerConfig {
+        auto_commit: false,
+        ..earliest(Some("billing"))
+    };
+    let first = client
+        .subscribe(config.clone(), &["orders"])
+        .expect("subscribe");
+    let mut events = first.rebalance_events();
+    let records = recv_n(&first, 20).await;
+    let values: BTreeSet<String> = records.iter().map(|r| text(&r.value)).collect();
+    assert_eq!(values.len(), 20);
+    let mut assignment = first.assignment();
+    assignment.sort();
+    assert_eq!(
+        assignment,
+        [
+            TopicPartition::new("orders", 0),
+            TopicPartition::new("orders", 1)
+        ]
+    );
+    within(first.commit()).await.expect("commit");
+
+    let admin = client.admin();
+    let described = within(admin.describe_group("billing"))
+        .await
+        .expect("describe group");
+    assert_eq!(described.members.len(), 1);
+    assert_eq!(described.members[0].assignment.len(), 2);
+    assert_eq!(described.total_lag(), 0, "{described:?}");
+    let mut committed = within(admin.committed_offsets("billing"))
+        .await
+        .expect("committed offsets");
+    committed.sort();
+    assert_eq!(
+        committed,
+        [
+            (TopicPartition::new("orders", 0), 10),
+            (TopicPartition::new("orders", 1), 10)
+        ]
+    );
+    let groups = within(admin.list_groups()).await.expect("list groups");
+    assert!(groups.iter().any(|g| g.group == "billing"), "{groups:?}");
+
+    // A second member joins: each ends up with one partition, the first after a revocation.
+    let second = client.subscribe(config, &["orders"]).expect("subscribe");
+    within(async {
+        loop {
+            match events.recv().await {
+                Some(Rebalance::Revoked(revoked)) => {
+                    assert_eq!(revoked.len(), 1);
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("consumer closed"),
+            }
+        }
+    })
+    .await;
+    within(async {
+        while second.assignment().len() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(first.assignment().len(), 1);
+    assert_ne!(first.assignment(), second.assignment());
+
+    // New records reach whichever member owns their partition; committed ones are not redone.
+    for i in 0..2u32 {
+        let record = ProducerRecord {
+            partition: Some(i),
+            ..ProducerRecord::new("orders", format!("late-{i}"))
+        };
+        let _ = within(producer.send(record)).await.expect("send");
+    }
+    within(producer.flush()).await.expect("flush");
+    let from_first = within(first.recv()).await.expect("recv");
+    let from_second = within(second.recv()).await.expect("recv");
+    assert_eq!(from_first.offset, 10);
+    assert_eq!(from_second.offset, 10);
+    assert_ne!(from_first.partition, from_second.partition);
+
+    within(first.close()).await.expect("close");
+    within(second.close()).await.expect("close");
+    within(producer.close()).await.expect("close");
+    // Committing needs a group.
+    let groupless = client
+        .assign(earliest(None), &[TopicPartition::new("orders", 0)])
+        .expect("consumer");
+    assert!(matches!(
+        groupless.commit().await,
+        Err(ketch_client::Error::InvalidOperation(_))
+    ));
+    within(groupless.close()).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_topics_lifecycle() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    let admin = client.admin();
+    within(admin.create_topic(NewTopic::new("audit", 3)))
+        .await
+        .expect("create");
+    let error = within(admin.create_topic(NewTopic::new("audit", 3)))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::TopicAlreadyExists), "{error}");
+    assert!(!error.is_retriable());
+
+    let topics = within(admin.list_topics()).await.expect("list");
+    let audit = topics.iter().find(|t| t.name == "audit").expect("listed");
+    assert_eq!(audit.partitions, 3);
+    let described = within(admin.describe_topic("audit"))
+        .await
+        .expect("describe");
+    assert_eq!(described.partitions.len(), 3);
+    assert!(described.partitions.iter().all(|p| p.leader.is_some()));
+    assert_eq!(within(client.partition_count("audit")).await.unwrap(), 3);
+
+    let partitions: Vec<_> = (0..3).map(|p| TopicPartition::new("audit", p)).collect();
+    let ends = within(admin.list_offsets(&partitions, Offset::End))
+        .await
+        .expect("offsets");
+    assert_eq!(ends, [0, 0, 0]);
+
+    within(admin.delete_topic("audit")).await.expect("delete");
+    let topics = within(admin.list_topics()).await.expect("list");
+    assert!(topics.iter().all(|t| t.name != "audit"));
+    let error = within(admin.describe_topic("audit")).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::UnknownTopic), "{error}");
+}
+
+#[test]
+fn blocking_facade_round_trip() {
+    let broker = Broker::start().expect("broker");
+    let client = ketch_client::blocking::Client::connect(broker.config()).expect("connect");
+    client
+        .admin()
+        .create_topic(NewTopic::new("blocking", 1))
+        .expect("create");
+    let producer = client
+        .producer(ProducerConfig::default())
+        .expect("producer");
+    let delivery = producer
+        .send(ProducerRecord::new("blocking", "hello"))
+        .expect("send");
+    let written = delivery.wait().expect("delivered");
+    assert_eq!(written.offset, 0);
+    let consumer = client
+        .assign(earliest(None), &[TopicPartition::new("blocking", 0)])
+        .expect("consumer");
+    let record = consumer
+        .poll(WAIT_MAX)
+        .expect("poll")
+        .expect("a record within the bound");
+    assert_eq!(text(&record.value), "hello");
+    assert_eq!(
+        consumer.poll(Duration::from_millis(200)).expect("poll"),
+        None
+    );
+    producer.close().expect("close");
+    consumer.close().expect("close");
+    client.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_ca_is_refused_and_danger_option_connects() {
+    let broker = Broker::start().expect("broker");
+    let other = Broker::start().expect("second broker");
+    // The second broker's CA did not sign the first broker's certificate.
+    let error = within(Client::connect(ClientConfig {
+        tls: Tls::CaFile(other.ca.clone()),
+        connect_timeout: Duration::from_secs(5),
+        ..broker.config()
+    }))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, ketch_client::Error::Connect { .. }),
+        "{error:?}"
+    );
+    let client = within(Client::connect(ClientConfig {
+        tls: Tls::DangerAcceptInvalidCerts,
+        ..broker.config()
+    }))
+    .await
+    .expect("connect without verification");
+    within(client.admin().list_topics()).await.expect("list");
+}
