@@ -320,6 +320,12 @@ impl Transport {
         let frame = match result {
             Ok(frame) => frame,
             Err(error) => {
+                if matches!(error, Error::Timeout(_)) {
+                    // A peer that restarted never answers on the old connection (and cannot
+                    // reset it), which would otherwise stay open until the idle timeout. As
+                    // Kafka clients do, drop the connection on a request timeout.
+                    connection.close(0u32.into(), b"request timed out");
+                }
                 if connection.close_reason().is_some() {
                     self.forget(addr, &connection);
                 }

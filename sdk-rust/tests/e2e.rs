@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use bytes::Bytes;
 use ketch_client::{
     AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, ErrorCode, Header,
@@ -29,7 +29,7 @@ struct Broker {
     listen: String,
     ca: PathBuf,
     log: PathBuf,
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 fn ketch_bin() -> PathBuf {
@@ -46,46 +46,16 @@ fn ketch_bin() -> PathBuf {
 
 impl Broker {
     fn start() -> anyhow::Result<Broker> {
-        let bin = ketch_bin();
-        if !bin.exists() {
-            bail!(
-                "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
-                bin.display()
-            );
-        }
         let data_dir = tempfile::tempdir()?;
         let log = data_dir.path().join("broker.log");
-        let mut child = Command::new(&bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log)?))
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("ketch ready ") {
-                    let _ = ready_tx.send(line);
-                }
-            }
-        });
+        let (child, line) = spawn(data_dir.path(), "127.0.0.1:0", &log)?;
         let mut broker = Broker {
             child,
             listen: String::new(),
             ca: PathBuf::new(),
             log,
-            _data_dir: data_dir,
+            data_dir: data_dir,
         };
-        let line = ready_rx.recv_timeout(WAIT_MAX).map_err(|_| {
-            anyhow!(
-                "no ready line within {WAIT_MAX:?}; broker log:\n{}",
-                broker.log_text()
-            )
-        })?;
         for field in line.split_whitespace() {
             if let Some(listen) = field.strip_prefix("listen=") {
                 broker.listen = listen.to_owned();
@@ -97,6 +67,18 @@ impl Broker {
             bail!("unexpected ready line {line:?}");
         }
         Ok(broker)
+    }
+
+    /// Kills the broker and starts it again on the same port with the same data.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, line) = spawn(self.data_dir.path(), &self.listen, &self.log)?;
+        self.child = child;
+        if !line.contains(&format!("listen={}", self.listen)) {
+            bail!("restarted broker listens elsewhere: {line:?}");
+        }
+        Ok(())
     }
 
     fn config(&self) -> ClientConfig {
@@ -116,6 +98,50 @@ impl Broker {
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts `ketch serve` and waits (bounded) for its ready line.
+fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, String)> {
+    let bin = ketch_bin();
+    if !bin.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
+            bin.display()
+        );
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut child = Command::new(&bin)
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("ketch ready ") {
+                let _ = ready_tx.send(line);
+            }
+        }
+    });
+    match ready_rx.recv_timeout(WAIT_MAX) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "no ready line within {WAIT_MAX:?}; broker log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        }
     }
 }
 
@@ -508,4 +534,45 @@ async fn wrong_ca_is_refused_and_danger_option_connects() {
     .await
     .expect("connect without verification");
     within(client.admin().list_topics()).await.expect("list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_and_consumer_reconnect_after_a_broker_restart() {
+    let mut broker = Broker::start().expect("broker");
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(2),
+        reconnect_backoff_max: Duration::from_millis(500),
+        ..broker.config()
+    }))
+    .await
+    .expect("connect");
+    within(client.admin().create_topic(NewTopic::new("durable", 1)))
+        .await
+        .expect("create topic");
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    let partition = TopicPartition::new("durable", 0);
+    let consumer = client
+        .assign(earliest(None), std::slice::from_ref(&partition))
+        .expect("consumer");
+    let send = async |value: &str| {
+        let delivery = within(producer.send(ProducerRecord::new("durable", value.to_owned())))
+            .await
+            .expect("send");
+        within(delivery).await
+    };
+    assert_eq!(send("before").await.expect("delivered").offset, 0);
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 0);
+
+    broker.restart().expect("restart");
+
+    // The old connection is dead: requests time out, the client reconnects with backoff, the
+    // producer retries the same batch, and the consumer's fetches resume where they were.
+    let written = send("after").await.expect("delivered after restart");
+    assert_eq!(written.offset, 1);
+    let record = within(consumer.recv()).await.expect("recv after restart");
+    assert_eq!((record.offset, text(&record.value)), (1, "after".into()));
+    within(producer.close()).await.expect("close");
+    within(consumer.close()).await.expect("close");
 }
