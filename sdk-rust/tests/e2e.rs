@@ -54,7 +54,7 @@ impl Broker {
             listen: String::new(),
             ca: PathBuf::new(),
             log,
-            data_dir: data_dir,
+            data_dir,
         };
         for field in line.split_whitespace() {
             if let Some(listen) = field.strip_prefix("listen=") {
@@ -341,7 +341,7 @@ async fn group_consumers_share_partitions_and_commit() {
             partition: Some(i % 2),
             ..ProducerRecord::new("orders", format!("order-{i}"))
         };
-        let _ = within(producer.send(record)).await.expect("send");
+        drop(within(producer.send(record)).await.expect("send"));
     }
     within(producer.flush()).await.expect("flush");
 
@@ -418,7 +418,7 @@ async fn group_consumers_share_partitions_and_commit() {
             partition: Some(i),
             ..ProducerRecord::new("orders", format!("late-{i}"))
         };
-        let _ = within(producer.send(record)).await.expect("send");
+        drop(within(producer.send(record)).await.expect("send"));
     }
     within(producer.flush()).await.expect("flush");
     let from_first = within(first.recv()).await.expect("recv");

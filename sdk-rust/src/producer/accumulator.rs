@@ -301,4 +301,41 @@ mod tests {
         acc.drain(&tp(0)).unwrap();
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(14)));
     }
+
+    proptest::proptest! {
+        /// Whatever the record sizes, every record comes out once, in order per partition, in
+        /// batches within the cap (a lone oversized record excepted), and the batches decode.
+        #[test]
+        fn every_record_drains_once_in_order_within_the_cap(
+            sizes in proptest::collection::vec(0usize..400, 1..60),
+            cap in 128usize..1024,
+            partitions in 1u32..4,
+        ) {
+            let start = Instant::now();
+            let mut acc = Accumulator::new(cap, Duration::from_millis(5));
+            for (slot, size) in sizes.iter().enumerate() {
+                let value = vec![slot as u8; *size];
+                acc.append(&tp(slot as u32 % partitions), record(&value), slot, start).unwrap();
+            }
+            let mut drained: Vec<Vec<usize>> = vec![Vec::new(); partitions as usize];
+            while !acc.is_empty() {
+                for partition in acc.ready(start, true) {
+                    let batch = acc.drain(&partition).unwrap();
+                    let records = batch.slots.len();
+                    proptest::prop_assert!(records == 1 || batch.builder.size_bytes() <= cap);
+                    let bytes = batch.builder.finish();
+                    let decoded = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
+                    proptest::prop_assert_eq!(decoded.len(), records);
+                    drained[partition.partition as usize].extend(batch.slots);
+                    acc.complete(&partition);
+                }
+            }
+            for (partition, slots) in drained.iter().enumerate() {
+                let expected: Vec<usize> = (0..sizes.len())
+                    .filter(|slot| *slot as u32 % partitions == partition as u32)
+                    .collect();
+                proptest::prop_assert_eq!(slots, &expected);
+            }
+        }
+    }
 }
