@@ -353,7 +353,13 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                         (0..count).map(|p| TopicPartition::new(&args.topic, p)).collect()
                     }
                 };
-                let consumer = client.assign(ConsumerConfig::default(), &partitions)?;
+                // An explicit offset outside the log is an error, not a silent reset.
+                let auto_offset_reset = match from {
+                    Offset::At(_) => AutoOffsetReset::Error,
+                    _ => AutoOffsetReset::Earliest,
+                };
+                let config = ConsumerConfig { auto_offset_reset, ..ConsumerConfig::default() };
+                let consumer = client.assign(config, &partitions)?;
                 for partition in &partitions {
                     consumer.seek(partition, from)?;
                 }
