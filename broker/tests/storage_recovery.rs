@@ -11,7 +11,10 @@ use ketch_protocol::batch::BatchHeader;
 use storage_support::*;
 
 fn config() -> LogConfig {
-    LogConfig { fsync: FsyncPolicy::Never, ..small_config() }
+    LogConfig {
+        fsync: FsyncPolicy::Never,
+        ..small_config()
+    }
 }
 
 /// Builds a closed log of `count` batches in `dir`; returns the appended batches with their
@@ -20,7 +23,12 @@ fn build(dir: &Path, count: u64, rng: &mut Rng) -> Vec<(i64, Bytes)> {
     let (log, _) = open_std(dir, config());
     let mut appended = Vec::new();
     for tag in 0..count {
-        let bytes = batch(rng.range(1, 6) as usize, rng.range(10, 400) as usize, 1_000 + tag as i64, tag);
+        let bytes = batch(
+            rng.range(1, 6) as usize,
+            rng.range(10, 400) as usize,
+            1_000 + tag as i64,
+            tag,
+        );
         appended.push((append(&log, &bytes, 0).base_offset, bytes));
     }
     log.close().unwrap();
@@ -79,12 +87,18 @@ fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
     let tail = log_files(template.path()).pop().unwrap();
     let tail_name = tail.file_name().unwrap().to_owned();
     let (last_position, last_header) = *batches_in(&tail).last().unwrap();
-    assert!(log_files(template.path()).len() > 3, "the log spans several segments");
+    assert!(
+        log_files(template.path()).len() > 3,
+        "the log spans several segments"
+    );
     let kept = &appended[..appended.len() - 1];
     for cut in 0..last_header.total_bytes() as u64 {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(template.path(), dir.path());
-        let file = fs::OpenOptions::new().write(true).open(dir.path().join(&tail_name)).unwrap();
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(&tail_name))
+            .unwrap();
         file.set_len(last_position + cut).unwrap();
         drop(file);
 
@@ -94,7 +108,10 @@ fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
         assert_log_holds(&log, kept);
         let again = batch(2, 5, 0, 999);
         let outcome = append(&log, &again, 0);
-        assert_eq!(outcome.base_offset, last_header.base_offset, "appends continue densely");
+        assert_eq!(
+            outcome.base_offset, last_header.base_offset,
+            "appends continue densely"
+        );
         log.close().unwrap();
         drop(log);
         let (log, report) = open_std(dir.path(), config());
@@ -121,22 +138,40 @@ fn corrupt_byte_in_a_sealed_segment_is_reported_when_read_never_served() {
     fs::write(sealed, &bytes).unwrap();
 
     let (log, report) = open_std(dir.path(), config());
-    assert!(report.truncation.is_none(), "a sealed segment is never truncated: {report:?}");
+    assert!(
+        report.truncation.is_none(),
+        "a sealed segment is never truncated: {report:?}"
+    );
     match log.read(header.base_offset, 1 << 20) {
-        Err(StorageError::Corrupt { segment, position: at, .. }) => {
+        Err(StorageError::Corrupt {
+            segment,
+            position: at,
+            ..
+        }) => {
             assert_eq!((segment.as_path(), at), (sealed.as_path(), position));
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
     // A read that starts earlier in the segment stops before the corrupt batch.
     let first_in_segment = batches[0].1.base_offset;
-    let (returned, _) = ketch_protocol::batch::split_batches(log.read(first_in_segment, 1 << 20).unwrap());
-    let last = returned.last().unwrap().as_ref().unwrap().header().next_offset();
+    let (returned, _) =
+        ketch_protocol::batch::split_batches(log.read(first_in_segment, 1 << 20).unwrap());
+    let last = returned
+        .last()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .header()
+        .next_offset();
     assert_eq!(last, header.base_offset);
     // Everything else is served.
     let after = header.next_offset();
     assert!(!log.read(after, 1).unwrap().is_empty());
-    let expect_before: Vec<_> = appended.iter().filter(|(b, _)| *b < first_in_segment).cloned().collect();
+    let expect_before: Vec<_> = appended
+        .iter()
+        .filter(|(b, _)| *b < first_in_segment)
+        .cloned()
+        .collect();
     let mut offset = 0;
     let mut seen = 0;
     while offset < first_in_segment {
@@ -164,12 +199,22 @@ fn corrupt_byte_in_the_tail_segment_is_truncated_at_recovery() {
 
     let (log, report) = open_std(dir.path(), config());
     let truncation = report.truncation.clone().expect("truncated");
-    assert_eq!((truncation.segment.as_path(), truncation.position), (tail.as_path(), position));
+    assert_eq!(
+        (truncation.segment.as_path(), truncation.position),
+        (tail.as_path(), position)
+    );
     assert_eq!(truncation.bytes, size - position);
     assert!(truncation.reason.contains("CRC"), "{}", truncation.reason);
-    let kept: Vec<_> = appended.iter().filter(|(b, _)| *b < header.base_offset).cloned().collect();
+    let kept: Vec<_> = appended
+        .iter()
+        .filter(|(b, _)| *b < header.base_offset)
+        .cloned()
+        .collect();
     assert_log_holds(&log, &kept);
-    assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, header.base_offset);
+    assert_eq!(
+        append(&log, &batch(1, 1, 0, 0), 0).base_offset,
+        header.base_offset
+    );
 }
 
 /// Damages index files with `damage`, reopens, and expects exactly the files named by
@@ -192,30 +237,57 @@ fn check_index_damage(damage: fn(&[PathBuf]), expect_rebuilt: &[(isize, &str)]) 
     let (log, report) = open_std(dir.path(), config());
     let mut rebuilt = report.indexes_rebuilt.clone();
     rebuilt.sort();
-    let mut expect: Vec<PathBuf> =
-        expect_rebuilt.iter().map(|(i, ext)| logs[i.rem_euclid(logs.len() as isize) as usize].with_extension(ext)).collect();
+    let mut expect: Vec<PathBuf> = expect_rebuilt
+        .iter()
+        .map(|(i, ext)| logs[i.rem_euclid(logs.len() as isize) as usize].with_extension(ext))
+        .collect();
     expect.sort();
     assert_eq!(rebuilt, expect);
-    assert!(report.truncation.is_none() && report.damaged_segments.is_empty(), "{report:?}");
+    assert!(
+        report.truncation.is_none() && report.damaged_segments.is_empty(),
+        "{report:?}"
+    );
     for (path, bytes) in &originals {
-        assert_eq!(&fs::read(path).unwrap(), bytes, "{} differs after rebuild", path.display());
+        assert_eq!(
+            &fs::read(path).unwrap(),
+            bytes,
+            "{} differs after rebuild",
+            path.display()
+        );
     }
     assert_log_holds(&log, &appended);
-    let max_timestamps: Vec<i64> =
-        appended.iter().map(|(_, b)| BatchHeader::parse(b).unwrap().max_timestamp).collect();
+    let max_timestamps: Vec<i64> = appended
+        .iter()
+        .map(|(_, b)| BatchHeader::parse(b).unwrap().max_timestamp)
+        .collect();
     for target in 990..1_070 {
-        let expect = max_timestamps.iter().position(|&m| m >= target).map(|i| appended[i].0);
-        assert_eq!(log.find_offset_by_timestamp(target).unwrap(), expect, "target {target}");
+        let expect = max_timestamps
+            .iter()
+            .position(|&m| m >= target)
+            .map(|i| appended[i].0);
+        assert_eq!(
+            log.find_offset_by_timestamp(target).unwrap(),
+            expect,
+            "target {target}"
+        );
     }
     for (base_offset, _) in &appended {
         let (batches, _) = ketch_protocol::batch::split_batches(log.read(*base_offset, 1).unwrap());
-        assert_eq!(batches[0].as_ref().unwrap().header().base_offset, *base_offset);
+        assert_eq!(
+            batches[0].as_ref().unwrap().header().base_offset,
+            *base_offset
+        );
     }
 }
 
 fn truncate_by(path: &Path, bytes: u64) {
     let len = fs::metadata(path).unwrap().len();
-    fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len - bytes).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
 }
 
 fn overwrite(path: &Path, at: usize, bytes: &[u8]) {
@@ -227,21 +299,45 @@ fn overwrite(path: &Path, at: usize, bytes: &[u8]) {
 #[test]
 fn damaged_or_missing_indexes_are_rebuilt_from_the_log() {
     check_index_damage(|_| {}, &[]);
-    check_index_damage(|logs| fs::remove_file(logs[0].with_extension("index")).unwrap(), &[(0, "index")]);
+    check_index_damage(
+        |logs| fs::remove_file(logs[0].with_extension("index")).unwrap(),
+        &[(0, "index")],
+    );
     check_index_damage(
         |logs| fs::remove_file(logs[1].with_extension("timeindex")).unwrap(),
         &[(1, "timeindex")],
     );
-    check_index_damage(|logs| truncate_by(&logs[1].with_extension("index"), 8), &[(1, "index")]);
-    check_index_damage(|logs| truncate_by(&logs[2].with_extension("index"), 3), &[(2, "index")]);
-    check_index_damage(|logs| truncate_by(&logs[0].with_extension("timeindex"), 12), &[(0, "timeindex")]);
-    check_index_damage(|logs| overwrite(&logs[2].with_extension("index"), 4, &[0xff; 4]), &[(2, "index")]);
-    check_index_damage(|logs| overwrite(&logs[1].with_extension("index"), 0, &[0, 0, 0, 1]), &[(1, "index")]);
+    check_index_damage(
+        |logs| truncate_by(&logs[1].with_extension("index"), 8),
+        &[(1, "index")],
+    );
+    check_index_damage(
+        |logs| truncate_by(&logs[2].with_extension("index"), 3),
+        &[(2, "index")],
+    );
+    check_index_damage(
+        |logs| truncate_by(&logs[0].with_extension("timeindex"), 12),
+        &[(0, "timeindex")],
+    );
+    check_index_damage(
+        |logs| overwrite(&logs[2].with_extension("index"), 4, &[0xff; 4]),
+        &[(2, "index")],
+    );
+    check_index_damage(
+        |logs| overwrite(&logs[1].with_extension("index"), 0, &[0, 0, 0, 1]),
+        &[(1, "index")],
+    );
     check_index_damage(
         |logs| overwrite(&logs[0].with_extension("timeindex"), 0, &[0x7f; 8]),
         &[(0, "timeindex")],
     );
     // The tail's indexes are rebuilt from the recovery scan.
-    check_index_damage(|logs| fs::remove_file(logs[logs.len() - 1].with_extension("index")).unwrap(), &[(-1, "index")]);
-    check_index_damage(|logs| truncate_by(&logs[logs.len() - 1].with_extension("timeindex"), 12), &[(-1, "timeindex")]);
+    check_index_damage(
+        |logs| fs::remove_file(logs[logs.len() - 1].with_extension("index")).unwrap(),
+        &[(-1, "index")],
+    );
+    check_index_damage(
+        |logs| truncate_by(&logs[logs.len() - 1].with_extension("timeindex"), 12),
+        &[(-1, "timeindex")],
+    );
 }

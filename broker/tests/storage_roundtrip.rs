@@ -19,7 +19,10 @@ fn round_trip_batches_of_varying_sizes() {
         let value_bytes = rng.range(0, 600) as usize;
         let bytes = batch(records, value_bytes, 1_000 + tag as i64, tag);
         let outcome = append(&log, &bytes, tag as i64);
-        assert_eq!(outcome.last_offset - outcome.base_offset + 1, records as i64);
+        assert_eq!(
+            outcome.last_offset - outcome.base_offset + 1,
+            records as i64
+        );
         appended.push((outcome, bytes, tag, records, value_bytes));
     }
     assert!(log.segments().len() > 10, "small segments roll");
@@ -34,7 +37,10 @@ fn round_trip_batches_of_varying_sizes() {
         assert_eq!(decoded.len(), *records);
         for (i, record) in decoded.iter().enumerate() {
             assert_eq!(record.offset, outcome.base_offset + i as i64);
-            assert_eq!(record.value.as_deref(), Some(&value_for(*tag, i, *value_bytes)[..]));
+            assert_eq!(
+                record.value.as_deref(),
+                Some(&value_for(*tag, i, *value_bytes)[..])
+            );
         }
     }
     assert_eq!(log.offsets().log_end_offset, next);
@@ -55,8 +61,14 @@ fn check_read(max_bytes_in_batches: f64, offset: i64, expect_bases: &[i64]) {
     let max_bytes = (max_bytes_in_batches * size as f64) as usize;
     let (batches, rest) = split_batches(log.read(offset, max_bytes).unwrap());
     assert!(rest.is_empty());
-    let bases: Vec<i64> = batches.into_iter().map(|b| b.unwrap().header().base_offset).collect();
-    assert_eq!(bases, expect_bases, "max_bytes {max_bytes_in_batches} batches, offset {offset}");
+    let bases: Vec<i64> = batches
+        .into_iter()
+        .map(|b| b.unwrap().header().base_offset)
+        .collect();
+    assert_eq!(
+        bases, expect_bases,
+        "max_bytes {max_bytes_in_batches} batches, offset {offset}"
+    );
 }
 
 #[test]
@@ -75,13 +87,23 @@ fn reads_outside_the_log_are_out_of_range_and_at_the_end_empty() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = open_std(dir.path(), LogConfig::default());
     append(&log, &batch(4, 10, 0, 1), 0);
-    let check = |offset: i64, expect: Result<bool, (i64, i64)>| match (log.read(offset, 1024), expect) {
-        (Ok(bytes), Ok(non_empty)) => assert_eq!(!bytes.is_empty(), non_empty, "offset {offset}"),
-        (Err(StorageError::OffsetOutOfRange { requested, log_start, log_end }), Err(range)) => {
-            assert_eq!((requested, (log_start, log_end)), (offset, range));
-        }
-        (other, _) => panic!("offset {offset}: unexpected {other:?}"),
-    };
+    let check =
+        |offset: i64, expect: Result<bool, (i64, i64)>| match (log.read(offset, 1024), expect) {
+            (Ok(bytes), Ok(non_empty)) => {
+                assert_eq!(!bytes.is_empty(), non_empty, "offset {offset}")
+            }
+            (
+                Err(StorageError::OffsetOutOfRange {
+                    requested,
+                    log_start,
+                    log_end,
+                }),
+                Err(range),
+            ) => {
+                assert_eq!((requested, (log_start, log_end)), (offset, range));
+            }
+            (other, _) => panic!("offset {offset}: unexpected {other:?}"),
+        };
     check(-1, Err((0, 4)));
     check(0, Ok(true));
     check(3, Ok(true));
@@ -107,7 +129,10 @@ fn check_rejected(bad: Bytes, config: LogConfig, expect: fn(&StorageError) -> bo
     }
     append(&log, &batch(2, 10, 0, 1), 0);
     let offsets = log.offsets();
-    assert_eq!(offsets.log_end_offset, 4, "the rejected batch took no offsets");
+    assert_eq!(
+        offsets.log_end_offset, 4,
+        "the rejected batch took no offsets"
+    );
     assert_eq!(log.segments()[0].size_bytes, before[0].size_bytes * 2);
 }
 
@@ -117,11 +142,16 @@ fn bad_batches_are_rejected_before_anything_is_written() {
     let mut flipped = good.clone();
     flipped[100] ^= 0x40;
     check_rejected(Bytes::from(flipped), LogConfig::default(), |e| {
-        matches!(e, StorageError::InvalidBatch(ketch_protocol::batch::BatchError::CrcMismatch { .. }))
+        matches!(
+            e,
+            StorageError::InvalidBatch(ketch_protocol::batch::BatchError::CrcMismatch { .. })
+        )
     });
-    check_rejected(Bytes::from(good[..good.len() - 1].to_vec()), LogConfig::default(), |e| {
-        matches!(e, StorageError::InvalidBatch(_))
-    });
+    check_rejected(
+        Bytes::from(good[..good.len() - 1].to_vec()),
+        LogConfig::default(),
+        |e| matches!(e, StorageError::InvalidBatch(_)),
+    );
     let mut bad_magic = good.clone();
     bad_magic[16] = 1;
     check_rejected(Bytes::from(bad_magic), LogConfig::default(), |e| {
@@ -130,19 +160,40 @@ fn bad_batches_are_rejected_before_anything_is_written() {
     let mut gap = good.clone();
     gap[23..27].copy_from_slice(&5i32.to_be_bytes()); // last_offset_delta != records_count - 1
     check_rejected(with_crc(gap), LogConfig::default(), |e| {
-        matches!(e, StorageError::MalformedBatch { .. } | StorageError::InvalidBatch(_))
+        matches!(
+            e,
+            StorageError::MalformedBatch { .. } | StorageError::InvalidBatch(_)
+        )
     });
     let big = batch(10, 1000, 0, 3);
-    let config = LogConfig { batch_bytes_max: 4096, ..LogConfig::default() };
-    check_rejected(big, config, |e| matches!(e, StorageError::BatchTooLarge { batch_bytes_max: 4096, .. }));
-    let e = StorageError::QueueFull { queued_bytes: 1, append_queue_bytes_max: 1 };
+    let config = LogConfig {
+        batch_bytes_max: 4096,
+        ..LogConfig::default()
+    };
+    check_rejected(big, config, |e| {
+        matches!(
+            e,
+            StorageError::BatchTooLarge {
+                batch_bytes_max: 4096,
+                ..
+            }
+        )
+    });
+    let e = StorageError::QueueFull {
+        queued_bytes: 1,
+        append_queue_bytes_max: 1,
+    };
     assert!(e.is_retriable());
 }
 
 #[test]
 fn segments_roll_by_size_and_by_age_and_are_named_by_base_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_bytes_max: 4096, segment_age_ms_max: 1_000, ..LogConfig::default() };
+    let config = LogConfig {
+        segment_bytes_max: 4096,
+        segment_age_ms_max: 1_000,
+        ..LogConfig::default()
+    };
     let (log, _) = open_std(dir.path(), config);
     let one = batch(1, 1200, 0, 0);
     assert_eq!(4096 / one.len(), 3, "three batches fill a segment");
@@ -160,7 +211,13 @@ fn segments_roll_by_size_and_by_age_and_are_named_by_base_offset() {
     let segments = log.segments();
     let names: Vec<String> = segments
         .iter()
-        .map(|s| s.log_path.file_name().unwrap().to_string_lossy().into_owned())
+        .map(|s| {
+            s.log_path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     assert_eq!(names[2], "00000000000000000006.log");
     for name in &names {
@@ -183,7 +240,11 @@ fn timestamp_lookup_finds_the_first_batch_whose_max_timestamp_reaches_the_target
     }
     assert!(log.segments().len() > 3);
     let check = |target: i64, expect: Option<i64>| {
-        assert_eq!(log.find_offset_by_timestamp(target).unwrap(), expect, "target {target}");
+        assert_eq!(
+            log.find_offset_by_timestamp(target).unwrap(),
+            expect,
+            "target {target}"
+        );
     };
     check(i64::MIN, Some(0));
     check(1000, Some(0));
@@ -201,10 +262,21 @@ fn timestamp_lookup_finds_the_first_batch_whose_max_timestamp_reaches_the_target
 #[test]
 fn interval_policy_syncs_when_enough_time_has_passed_between_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { fsync: FsyncPolicy::Interval { ms: 100 }, ..LogConfig::default() };
+    let config = LogConfig {
+        fsync: FsyncPolicy::Interval { ms: 100 },
+        ..LogConfig::default()
+    };
     let (log, _) = open_std(dir.path(), config);
     let one = batch(1, 10, 0, 0);
-    for (now, fsyncs) in [(0, 0), (50, 0), (99, 0), (100, 1), (150, 1), (250, 2), (251, 2)] {
+    for (now, fsyncs) in [
+        (0, 0),
+        (50, 0),
+        (99, 0),
+        (100, 1),
+        (150, 1),
+        (250, 2),
+        (251, 2),
+    ] {
         append(&log, &one, now);
         assert_eq!(log.stats().fsyncs, fsyncs, "after the append at {now}");
     }
@@ -217,15 +289,25 @@ fn interval_policy_syncs_when_enough_time_has_passed_between_groups() {
 #[test]
 fn never_policy_acknowledges_without_fsync_and_close_syncs() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::default() };
+    let config = LogConfig {
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    };
     let (log, _) = open_std(dir.path(), config.clone());
     for tag in 0..10 {
         append(&log, &batch(3, 10, 0, tag), 0);
     }
     assert_eq!(log.stats().fsyncs, 0);
     log.close().unwrap();
-    assert!(matches!(log.append(batch(1, 1, 0, 0), 0), Err(StorageError::Closed)));
-    assert_eq!(read_all(&log, 1 << 20).unwrap().len(), 10, "reads go on after close");
+    assert!(matches!(
+        log.append(batch(1, 1, 0, 0), 0),
+        Err(StorageError::Closed)
+    ));
+    assert_eq!(
+        read_all(&log, 1 << 20).unwrap().len(),
+        10,
+        "reads go on after close"
+    );
     drop(log);
     let (log, report) = open_std(dir.path(), config);
     assert!(report.is_clean(), "{report:?}");
@@ -240,9 +322,15 @@ fn stored_batches_decode_to_the_appended_records() {
     let outcome = append(&log, &bytes, 0);
     let original = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
     let stored = RecordBatch::new(log.read(0, 1).unwrap()).unwrap();
-    assert_eq!(BatchHeader::parse(stored.as_bytes()).unwrap().base_offset, outcome.base_offset);
+    assert_eq!(
+        BatchHeader::parse(stored.as_bytes()).unwrap().base_offset,
+        outcome.base_offset
+    );
     let decoded = stored.decode_all().unwrap();
     for (a, b) in original.iter().zip(&decoded) {
-        assert_eq!((&a.key, &a.value, a.timestamp), (&b.key, &b.value, b.timestamp));
+        assert_eq!(
+            (&a.key, &a.value, a.timestamp),
+            (&b.key, &b.value, b.timestamp)
+        );
     }
 }

@@ -24,12 +24,20 @@ fn a_million_records_across_many_segments_scan_back_exactly() {
         let mut builder = BatchBuilder::new(1 << 20);
         for r in 0..RECORDS_PER_BATCH {
             let offset = b * RECORDS_PER_BATCH + r;
-            assert!(builder.try_append(TIMESTAMP_BASE_MS + offset, None, Some(&offset.to_le_bytes()), &[]));
+            assert!(builder.try_append(
+                TIMESTAMP_BASE_MS + offset,
+                None,
+                Some(&offset.to_le_bytes()),
+                &[]
+            ));
         }
         pending.push(log.append(builder.finish(), b).unwrap());
     }
     for (b, pending) in pending.into_iter().enumerate() {
-        assert_eq!(block_on(pending).unwrap().base_offset, b as i64 * RECORDS_PER_BATCH);
+        assert_eq!(
+            block_on(pending).unwrap().base_offset,
+            b as i64 * RECORDS_PER_BATCH
+        );
     }
     let total = BATCHES * RECORDS_PER_BATCH;
     assert_eq!(log.high_watermark(), total);
@@ -56,5 +64,9 @@ fn a_million_records_across_many_segments_scan_back_exactly() {
         }
     }
     assert_eq!(next, total);
-    assert_eq!(log.find_offset_by_timestamp(TIMESTAMP_BASE_MS + 555_555).unwrap(), Some(555_500));
+    assert_eq!(
+        log.find_offset_by_timestamp(TIMESTAMP_BASE_MS + 555_555)
+            .unwrap(),
+        Some(555_500)
+    );
 }

@@ -14,7 +14,12 @@ use storage_support::*;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn sim_config(fsync: FsyncPolicy) -> LogConfig {
-    LogConfig { fsync, segment_bytes_max: 16 * 1024, index_interval_bytes: 1024, ..LogConfig::default() }
+    LogConfig {
+        fsync,
+        segment_bytes_max: 16 * 1024,
+        index_interval_bytes: 1024,
+        ..LogConfig::default()
+    }
 }
 
 /// Several threads append under `Always`; the machine crashes while appends are in flight.
@@ -33,8 +38,15 @@ fn check_crash_keeps_every_acknowledged_append(seed: u64, torn: bool) {
         handles.push(std::thread::spawn(move || {
             let mut rng = Rng::seeded(seed * 31 + thread);
             for i in 0..200u64 {
-                let bytes = batch(rng.range(1, 5) as usize, rng.range(1, 300) as usize, i as i64, thread * 1000 + i);
-                let Ok(pending) = log.append(bytes.clone(), i as i64) else { return };
+                let bytes = batch(
+                    rng.range(1, 5) as usize,
+                    rng.range(1, 300) as usize,
+                    i as i64,
+                    thread * 1000 + i,
+                );
+                let Ok(pending) = log.append(bytes.clone(), i as i64) else {
+                    return;
+                };
                 match block_on(pending) {
                     Ok(outcome) => acked.lock().unwrap().push((outcome, bytes)),
                     Err(StorageError::Poisoned { .. } | StorageError::Closed) => return,
@@ -46,10 +58,17 @@ fn check_crash_keeps_every_acknowledged_append(seed: u64, torn: bool) {
     // Wait (bounded) until enough appends were acknowledged, then pull the plug.
     let deadline = std::time::Instant::now() + WAIT;
     while acked.lock().unwrap().len() < crash_after {
-        assert!(std::time::Instant::now() < deadline, "seed {seed}: appends stalled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seed {seed}: appends stalled"
+        );
         std::thread::yield_now();
     }
-    if torn { sim.crash_torn(seed) } else { sim.crash() }
+    if torn {
+        sim.crash_torn(seed)
+    } else {
+        sim.crash()
+    }
     for handle in handles {
         handle.join().unwrap();
     }
@@ -61,7 +80,10 @@ fn check_crash_keeps_every_acknowledged_append(seed: u64, torn: bool) {
         stored.iter().map(|b| (b.header().base_offset, b)).collect();
     for (outcome, bytes) in &acked {
         let batch = by_offset.get(&outcome.base_offset).unwrap_or_else(|| {
-            panic!("seed {seed}: acknowledged batch at {} lost; {report:?}", outcome.base_offset)
+            panic!(
+                "seed {seed}: acknowledged batch at {} lost; {report:?}",
+                outcome.base_offset
+            )
         });
         assert_same_batch(batch.as_bytes(), bytes, outcome.base_offset);
         assert_eq!(batch.header().last_offset(), outcome.last_offset);
@@ -76,7 +98,7 @@ fn crash_under_always_keeps_every_acknowledged_append() {
     let mut rng = Rng::from_env("crash_under_always_keeps_every_acknowledged_append");
     for _ in 0..12 {
         let seed = rng.next() % 1_000_000;
-        check_crash_keeps_every_acknowledged_append(seed, seed % 2 == 0);
+        check_crash_keeps_every_acknowledged_append(seed, seed.is_multiple_of(2));
     }
 }
 
@@ -95,7 +117,8 @@ fn crash_under_never_leaves_a_valid_prefix() {
             pending.push(log.append(bytes.clone(), i as i64).unwrap());
             appended.push(bytes);
         }
-        let outcomes: Vec<AppendOutcome> = pending.into_iter().map(|p| block_on(p).unwrap()).collect();
+        let outcomes: Vec<AppendOutcome> =
+            pending.into_iter().map(|p| block_on(p).unwrap()).collect();
         sim.crash_torn(seed);
         drop(log);
         let (log, report) = open_sim(&sim, config);
@@ -104,7 +127,12 @@ fn crash_under_never_leaves_a_valid_prefix() {
         for (i, batch) in stored.iter().enumerate() {
             assert_same_batch(batch.as_bytes(), &appended[i], outcomes[i].base_offset);
         }
-        println!("seed {seed}: {} of {} batches survived ({} bytes cut)", stored.len(), appended.len(), report.bytes_truncated());
+        println!(
+            "seed {seed}: {} of {} batches survived ({} bytes cut)",
+            stored.len(),
+            appended.len(),
+            report.bytes_truncated()
+        );
         let end = log.log_end_offset();
         assert_eq!(append(&log, &batch(1, 1, 0, 0), 0).base_offset, end);
     }
@@ -130,8 +158,15 @@ fn check_poisoning(inject: fn(&SimBackend), fsync: FsyncPolicy) {
         other => panic!("expected an immediate Poisoned, got {other:?}"),
     }
     assert!(matches!(log.flush(), Err(StorageError::Poisoned { .. })));
-    assert!(matches!(log.truncate_suffix(0), Err(StorageError::Poisoned { .. })));
-    assert_eq!(log.high_watermark(), high_watermark, "nothing was acknowledged");
+    assert!(matches!(
+        log.truncate_suffix(0),
+        Err(StorageError::Poisoned { .. })
+    ));
+    assert_eq!(
+        log.high_watermark(),
+        high_watermark,
+        "nothing was acknowledged"
+    );
     assert_eq!(read_all(&log, 1 << 20).unwrap().len(), 5, "reads go on");
     assert!(matches!(log.close(), Err(StorageError::Poisoned { .. })));
     drop(log);
@@ -161,7 +196,10 @@ fn a_full_queue_rejects_appends_at_once_with_a_retriable_error() {
     sim.hold_syncs();
     let first = log.append(one.clone(), 0).unwrap(); // the writer takes it and waits in fsync
     assert!(sim.wait_for_held_syncs(1, WAIT));
-    let queued = [log.append(one.clone(), 0).unwrap(), log.append(one.clone(), 0).unwrap()];
+    let queued = [
+        log.append(one.clone(), 0).unwrap(),
+        log.append(one.clone(), 0).unwrap(),
+    ];
     match log.append(one.clone(), 0) {
         Err(e @ StorageError::QueueFull { .. }) => assert!(e.is_retriable()),
         other => panic!("expected QueueFull, got {other:?}"),
@@ -171,7 +209,11 @@ fn a_full_queue_rejects_appends_at_once_with_a_retriable_error() {
     for (i, pending) in queued.into_iter().enumerate() {
         assert_eq!(block_on(pending).unwrap().base_offset, 1 + i as i64);
     }
-    assert_eq!(append(&log, &one, 0).base_offset, 3, "accepted again once drained");
+    assert_eq!(
+        append(&log, &one, 0).base_offset,
+        3,
+        "accepted again once drained"
+    );
 }
 
 #[test]
@@ -187,19 +229,30 @@ fn queued_appends_share_one_fsync() {
         .map(|t| {
             let log = log.clone();
             std::thread::spawn(move || {
-                (0..8).map(|i| log.append(batch(1, 10, 0, t * 8 + i), 0).unwrap()).collect::<Vec<_>>()
+                (0..8)
+                    .map(|i| log.append(batch(1, 10, 0, t * 8 + i), 0).unwrap())
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    let pending: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let pending: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     sim.release_syncs();
     block_on(first).unwrap();
-    let mut offsets: Vec<i64> = pending.into_iter().map(|p| block_on(p).unwrap().base_offset).collect();
+    let mut offsets: Vec<i64> = pending
+        .into_iter()
+        .map(|p| block_on(p).unwrap().base_offset)
+        .collect();
     offsets.sort();
     assert_eq!(offsets, (1..65).collect::<Vec<i64>>());
     let stats = log.stats();
     assert_eq!(stats.batches_appended, 65);
-    assert_eq!(stats.write_groups, 2, "the first append's group, then one group for all 64");
+    assert_eq!(
+        stats.write_groups, 2,
+        "the first append's group, then one group for all 64"
+    );
     assert_eq!(stats.fsyncs, 2, "one fsync per group");
 }
 
@@ -212,7 +265,10 @@ fn appends_are_acknowledged_only_after_their_fsync_under_always() {
     assert!(sim.wait_for_held_syncs(1, WAIT));
     let waker = futures_waker();
     let mut cx = std::task::Context::from_waker(&waker);
-    assert!(std::pin::Pin::new(&mut pending).poll(&mut cx).is_pending(), "not acknowledged before the fsync");
+    assert!(
+        std::pin::Pin::new(&mut pending).poll(&mut cx).is_pending(),
+        "not acknowledged before the fsync"
+    );
     assert_eq!(log.high_watermark(), 0, "not visible before the fsync");
     assert!(log.read(0, 100).unwrap().is_empty());
     sim.release_syncs();

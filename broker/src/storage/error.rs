@@ -26,13 +26,19 @@ pub enum StorageError {
 
     /// The batch is larger than this log accepts; nothing was written.
     #[error("rejected batch of {batch_bytes} bytes: this log accepts at most {batch_bytes_max}")]
-    BatchTooLarge { batch_bytes: usize, batch_bytes_max: u32 },
+    BatchTooLarge {
+        batch_bytes: usize,
+        batch_bytes_max: u32,
+    },
 
     /// The append queue is full; retry after earlier appends complete.
     #[error(
         "append queue is full ({queued_bytes} bytes queued, limit {append_queue_bytes_max}); retry later"
     )]
-    QueueFull { queued_bytes: u64, append_queue_bytes_max: u64 },
+    QueueFull {
+        queued_bytes: u64,
+        append_queue_bytes_max: u64,
+    },
 
     /// An earlier write or fsync failed; the log refuses writes until it is reopened, because
     /// after a failed fsync the kernel may have dropped the dirty pages and nothing written
@@ -42,15 +48,29 @@ pub enum StorageError {
 
     /// The offset is below the log start or above the log end.
     #[error("offset {requested} is out of range: the log holds [{log_start}, {log_end})")]
-    OffsetOutOfRange { requested: i64, log_start: i64, log_end: i64 },
+    OffsetOutOfRange {
+        requested: i64,
+        log_start: i64,
+        log_end: i64,
+    },
 
     /// Stored bytes failed their check when read; they are never served.
     #[error("corrupt data in segment {} at byte {position}: {reason}", segment.display())]
-    Corrupt { segment: PathBuf, position: u64, reason: String },
+    Corrupt {
+        segment: PathBuf,
+        position: u64,
+        reason: String,
+    },
 
     /// `truncate_suffix` needs an offset where a batch starts.
-    #[error("offset {offset} is inside the batch [{batch_base_offset}, {batch_last_offset}], not at a batch boundary")]
-    NotBatchBoundary { offset: i64, batch_base_offset: i64, batch_last_offset: i64 },
+    #[error(
+        "offset {offset} is inside the batch [{batch_base_offset}, {batch_last_offset}], not at a batch boundary"
+    )]
+    NotBatchBoundary {
+        offset: i64,
+        batch_base_offset: i64,
+        batch_last_offset: i64,
+    },
 
     #[error("invalid log configuration: {0}")]
     InvalidConfig(String),
@@ -67,6 +87,10 @@ impl StorageError {
     }
 
     pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        StorageError::Io { operation, path: path.into(), source }
+        StorageError::Io {
+            operation,
+            path: path.into(),
+            source,
+        }
     }
 }

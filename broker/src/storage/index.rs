@@ -70,9 +70,14 @@ impl IndexCursor {
             return (None, None);
         }
         self.last_entry_position = position;
-        let offset_entry =
-            OffsetEntry { relative_offset: relative(segment_base_offset, header.base_offset), position };
-        (Some(offset_entry), self.time_entry_if_grown(segment_base_offset))
+        let offset_entry = OffsetEntry {
+            relative_offset: relative(segment_base_offset, header.base_offset),
+            position,
+        };
+        (
+            Some(offset_entry),
+            self.time_entry_if_grown(segment_base_offset),
+        )
     }
 
     /// The last time entry of a sealed segment: its maximum timestamp, if not recorded yet.
@@ -84,7 +89,10 @@ impl IndexCursor {
     }
 
     fn time_entry_if_grown(&mut self, segment_base_offset: i64) -> Option<TimeEntry> {
-        if self.last_time_entry_timestamp.is_some_and(|last| self.max_timestamp <= last) {
+        if self
+            .last_time_entry_timestamp
+            .is_some_and(|last| self.max_timestamp <= last)
+        {
             return None;
         }
         self.last_time_entry_timestamp = Some(self.max_timestamp);
@@ -115,7 +123,11 @@ pub(crate) struct SegmentIndex {
 
 impl SegmentIndex {
     pub fn new() -> SegmentIndex {
-        SegmentIndex { offsets: Vec::new(), times: Vec::new(), cursor: IndexCursor::EMPTY }
+        SegmentIndex {
+            offsets: Vec::new(),
+            times: Vec::new(),
+            cursor: IndexCursor::EMPTY,
+        }
     }
 
     pub fn observe(
@@ -126,7 +138,8 @@ impl SegmentIndex {
         index_interval_bytes: u32,
     ) {
         let (offset_entry, time_entry) =
-            self.cursor.observe(segment_base_offset, position, header, index_interval_bytes);
+            self.cursor
+                .observe(segment_base_offset, position, header, index_interval_bytes);
         self.offsets.extend(offset_entry);
         self.times.extend(time_entry);
     }
@@ -138,9 +151,14 @@ impl SegmentIndex {
 
     /// The last offset entry at or below `relative_offset`: where a scan for it may start.
     pub fn floor(&self, relative_offset: u32) -> OffsetEntry {
-        let after = self.offsets.partition_point(|e| e.relative_offset <= relative_offset);
+        let after = self
+            .offsets
+            .partition_point(|e| e.relative_offset <= relative_offset);
         match after {
-            0 => OffsetEntry { relative_offset: 0, position: 0 },
+            0 => OffsetEntry {
+                relative_offset: 0,
+                position: 0,
+            },
             n => self.offsets[n - 1],
         }
     }
@@ -148,7 +166,9 @@ impl SegmentIndex {
     /// The relative offset a timestamp search may start from: the batch of the last time
     /// entry whose timestamp is below `target` (every batch before it is below too).
     pub fn time_floor(&self, target_timestamp: i64) -> u32 {
-        let after = self.times.partition_point(|e| e.timestamp < target_timestamp);
+        let after = self
+            .times
+            .partition_point(|e| e.timestamp < target_timestamp);
         match after {
             0 => 0,
             n => self.times[n - 1].relative_offset,
@@ -188,7 +208,10 @@ pub(crate) fn decode_offsets(
     relative_offset_end: u64,
 ) -> Result<Vec<OffsetEntry>, String> {
     if !bytes.len().is_multiple_of(OFFSET_INDEX_ENTRY_BYTES) {
-        return Err(format!("length {} is not a multiple of {OFFSET_INDEX_ENTRY_BYTES}", bytes.len()));
+        return Err(format!(
+            "length {} is not a multiple of {OFFSET_INDEX_ENTRY_BYTES}",
+            bytes.len()
+        ));
     }
     let mut entries: Vec<OffsetEntry> = Vec::with_capacity(bytes.len() / OFFSET_INDEX_ENTRY_BYTES);
     for chunk in bytes.chunks_exact(OFFSET_INDEX_ENTRY_BYTES) {
@@ -206,7 +229,10 @@ pub(crate) fn decode_offsets(
             return Err(format!("entry {} points outside the log", entries.len()));
         }
         if u64::from(entry.relative_offset) >= relative_offset_end {
-            return Err(format!("entry {} points past the segment's offsets", entries.len()));
+            return Err(format!(
+                "entry {} points past the segment's offsets",
+                entries.len()
+            ));
         }
         entries.push(entry);
     }
@@ -215,9 +241,15 @@ pub(crate) fn decode_offsets(
 
 /// Decodes a time index and checks: whole entries, timestamps and offsets strictly increasing,
 /// offsets below `relative_offset_end`.
-pub(crate) fn decode_times(bytes: &[u8], relative_offset_end: u64) -> Result<Vec<TimeEntry>, String> {
+pub(crate) fn decode_times(
+    bytes: &[u8],
+    relative_offset_end: u64,
+) -> Result<Vec<TimeEntry>, String> {
     if !bytes.len().is_multiple_of(TIME_INDEX_ENTRY_BYTES) {
-        return Err(format!("length {} is not a multiple of {TIME_INDEX_ENTRY_BYTES}", bytes.len()));
+        return Err(format!(
+            "length {} is not a multiple of {TIME_INDEX_ENTRY_BYTES}",
+            bytes.len()
+        ));
     }
     let mut entries: Vec<TimeEntry> = Vec::with_capacity(bytes.len() / TIME_INDEX_ENTRY_BYTES);
     for chunk in bytes.chunks_exact(TIME_INDEX_ENTRY_BYTES) {
@@ -232,7 +264,10 @@ pub(crate) fn decode_times(bytes: &[u8], relative_offset_end: u64) -> Result<Vec
             return Err(format!("entry {} does not increase", entries.len()));
         }
         if u64::from(entry.relative_offset) >= relative_offset_end {
-            return Err(format!("entry {} points past the segment's offsets", entries.len()));
+            return Err(format!(
+                "entry {} points past the segment's offsets",
+                entries.len()
+            ));
         }
         entries.push(entry);
     }
@@ -255,7 +290,10 @@ mod tests {
 
     /// Feeds batches of `(position, records, max_timestamp)` with interval 100 and compares the
     /// index with `(offsets, times)` in the form `(relative_offset, position)` / `(ts, rel)`.
-    fn check(batches: &[(u32, usize, i64)], seal: bool, expect: (&[(u32, u32)], &[(i64, u32)])) {
+    /// `(relative_offset, position)` offset entries and `(timestamp, relative_offset)` time entries.
+    type Entries<'a> = (&'a [(u32, u32)], &'a [(i64, u32)]);
+
+    fn check(batches: &[(u32, usize, i64)], seal: bool, expect: Entries<'_>) {
         let base = 1000;
         let mut index = SegmentIndex::new();
         let mut next = base;
@@ -267,13 +305,22 @@ mod tests {
         if seal {
             index.seal(base);
         }
-        let offsets: Vec<(u32, u32)> =
-            index.offsets.iter().map(|e| (e.relative_offset, e.position)).collect();
-        let times: Vec<(i64, u32)> =
-            index.times.iter().map(|e| (e.timestamp, e.relative_offset)).collect();
+        let offsets: Vec<(u32, u32)> = index
+            .offsets
+            .iter()
+            .map(|e| (e.relative_offset, e.position))
+            .collect();
+        let times: Vec<(i64, u32)> = index
+            .times
+            .iter()
+            .map(|e| (e.timestamp, e.relative_offset))
+            .collect();
         assert_eq!((offsets.as_slice(), times.as_slice()), expect);
         let encoded = encode_offsets(&index.offsets);
-        assert_eq!(decode_offsets(&encoded, 1 << 20, u64::MAX).unwrap(), index.offsets);
+        assert_eq!(
+            decode_offsets(&encoded, 1 << 20, u64::MAX).unwrap(),
+            index.offsets
+        );
         let encoded = encode_times(&index.times);
         assert_eq!(decode_times(&encoded, u64::MAX).unwrap(), index.times);
     }
@@ -284,46 +331,98 @@ mod tests {
         check(&[(0, 1, 10), (50, 1, 20)], false, (&[], &[]));
         check(&[(0, 1, 10), (50, 1, 20)], true, (&[], &[(20, 1)]));
         check(
-            &[(0, 2, 10), (60, 1, 30), (120, 3, 20), (180, 1, 25), (240, 1, 40)],
+            &[
+                (0, 2, 10),
+                (60, 1, 30),
+                (120, 3, 20),
+                (180, 1, 25),
+                (240, 1, 40),
+            ],
             true,
             (&[(3, 120), (7, 240)], &[(30, 2), (40, 7)]),
         );
         // The time entry names the batch where the maximum first appeared.
-        check(&[(0, 1, 50), (100, 1, 10), (200, 1, 60)], false, (&[(1, 100), (2, 200)], &[(50, 0), (60, 2)]));
+        check(
+            &[(0, 1, 50), (100, 1, 10), (200, 1, 60)],
+            false,
+            (&[(1, 100), (2, 200)], &[(50, 0), (60, 2)]),
+        );
     }
 
     #[test]
     fn decode_rejects_damaged_indexes() {
         let good = encode_offsets(&[
-            OffsetEntry { relative_offset: 3, position: 100 },
-            OffsetEntry { relative_offset: 9, position: 300 },
+            OffsetEntry {
+                relative_offset: 3,
+                position: 100,
+            },
+            OffsetEntry {
+                relative_offset: 9,
+                position: 300,
+            },
         ]);
         assert!(decode_offsets(&good, 400, 20).is_ok());
-        assert!(decode_offsets(&good[..12], 400, 20).is_err(), "partial entry");
-        assert!(decode_offsets(&good, 300, 20).is_err(), "position past the log");
-        assert!(decode_offsets(&good, 400, 9).is_err(), "offset past the segment");
+        assert!(
+            decode_offsets(&good[..12], 400, 20).is_err(),
+            "partial entry"
+        );
+        assert!(
+            decode_offsets(&good, 300, 20).is_err(),
+            "position past the log"
+        );
+        assert!(
+            decode_offsets(&good, 400, 9).is_err(),
+            "offset past the segment"
+        );
         let mut swapped = good[8..].to_vec();
         swapped.extend_from_slice(&good[..8]);
         assert!(decode_offsets(&swapped, 400, 20).is_err(), "not increasing");
         let times = encode_times(&[
-            TimeEntry { timestamp: 5, relative_offset: 1 },
-            TimeEntry { timestamp: 5, relative_offset: 2 },
+            TimeEntry {
+                timestamp: 5,
+                relative_offset: 1,
+            },
+            TimeEntry {
+                timestamp: 5,
+                relative_offset: 2,
+            },
         ]);
-        assert!(decode_times(&times, 20).is_err(), "timestamps must increase");
+        assert!(
+            decode_times(&times, 20).is_err(),
+            "timestamps must increase"
+        );
     }
 
     #[test]
     fn floors() {
         let mut index = SegmentIndex::new();
         index.offsets = vec![
-            OffsetEntry { relative_offset: 10, position: 100 },
-            OffsetEntry { relative_offset: 20, position: 200 },
+            OffsetEntry {
+                relative_offset: 10,
+                position: 100,
+            },
+            OffsetEntry {
+                relative_offset: 20,
+                position: 200,
+            },
         ];
         index.times = vec![
-            TimeEntry { timestamp: 50, relative_offset: 5 },
-            TimeEntry { timestamp: 70, relative_offset: 15 },
+            TimeEntry {
+                timestamp: 50,
+                relative_offset: 5,
+            },
+            TimeEntry {
+                timestamp: 70,
+                relative_offset: 15,
+            },
         ];
-        assert_eq!(index.floor(9), OffsetEntry { relative_offset: 0, position: 0 });
+        assert_eq!(
+            index.floor(9),
+            OffsetEntry {
+                relative_offset: 0,
+                position: 0
+            }
+        );
         assert_eq!(index.floor(10).position, 100);
         assert_eq!(index.floor(25).position, 200);
         assert_eq!(index.time_floor(50), 0);

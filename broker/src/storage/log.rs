@@ -226,11 +226,15 @@ impl View {
 
     /// The offset no batch of segment `i` reaches.
     fn segment_end(&self, i: usize) -> i64 {
-        self.segments.get(i + 1).map_or(self.log_end, |s| s.base_offset)
+        self.segments
+            .get(i + 1)
+            .map_or(self.log_end, |s| s.base_offset)
     }
 
     fn active(&self) -> &Segment {
-        self.segments.last().expect("a log always has an active segment")
+        self.segments
+            .last()
+            .expect("a log always has an active segment")
     }
 }
 
@@ -287,9 +291,14 @@ impl PartitionLog {
     ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
         config.validate()?;
         let dir = dir.into();
-        backend.create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
+        backend
+            .create_dir_all(&dir)
+            .map_err(io_error("create directory", &dir))?;
         let (mut view, report) = recover(backend.as_ref(), &dir, &config)?;
-        let active = view.segments.last_mut().expect("a log always has an active segment");
+        let active = view
+            .segments
+            .last_mut()
+            .expect("a log always has an active segment");
         if !active.is_empty() {
             // When the first append into it happened is lost with the process; count from now.
             active.first_append_ms = Some(now_ms);
@@ -319,7 +328,13 @@ impl PartitionLog {
             .name(format!("ketch-log-{dir_name}"))
             .spawn(move || run_writer(&writer_shared))
             .map_err(io_error("spawn the writer thread for", &shared.dir))?;
-        Ok((PartitionLog { shared, writer: Mutex::new(Some(writer)) }, report))
+        Ok((
+            PartitionLog {
+                shared,
+                writer: Mutex::new(Some(writer)),
+            },
+            report,
+        ))
     }
 
     pub fn dir(&self) -> &Path {
@@ -359,7 +374,12 @@ impl PartitionLog {
                 });
             }
             queue.bytes += batch_bytes;
-            queue.requests.push(Request::Append(PendingAppend { batch, header, now_ms, done }));
+            queue.requests.push(Request::Append(PendingAppend {
+                batch,
+                header,
+                now_ms,
+                done,
+            }));
         }
         self.shared.queue_ready.notify_one();
         Ok(Completion { receiver })
@@ -423,7 +443,11 @@ impl PartitionLog {
     /// its CRC check; a corrupt first batch is [`StorageError::Corrupt`], a corrupt later
     /// one ends the read before it.
     pub fn read(&self, offset: i64, max_bytes: usize) -> Result<Bytes, StorageError> {
-        let _reading = self.shared.truncation.read().unwrap_or_else(|e| e.into_inner());
+        let _reading = self
+            .shared
+            .truncation
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let plan = {
             let view = lock(&self.shared.view);
             if offset < view.log_start || offset > view.log_end {
@@ -442,10 +466,17 @@ impl PartitionLog {
             ));
         };
         let first_bytes = first.total_bytes() as u64;
-        let read_bytes = (max_bytes as u64).max(first_bytes).min(plan.limit - position);
-        assert!(read_bytes >= first_bytes, "the found batch lies within the limit");
+        let read_bytes = (max_bytes as u64)
+            .max(first_bytes)
+            .min(plan.limit - position);
+        assert!(
+            read_bytes >= first_bytes,
+            "the found batch lies within the limit"
+        );
         let mut buffer = vec![0u8; read_bytes as usize];
-        plan.log.read_at(&mut buffer, position).map_err(io_error("read", &plan.path))?;
+        plan.log
+            .read_at(&mut buffer, position)
+            .map_err(io_error("read", &plan.path))?;
         let whole = checked_batches_len(&plan, &buffer, position, first.base_offset)?;
         assert!(whole >= first_bytes as usize);
         buffer.truncate(whole);
@@ -456,7 +487,11 @@ impl PartitionLog {
     /// has `max_timestamp >= timestamp_ms`: Kafka's ListOffsets by time, at batch
     /// granularity. `None` if no such batch.
     pub fn find_offset_by_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, StorageError> {
-        let _reading = self.shared.truncation.read().unwrap_or_else(|e| e.into_inner());
+        let _reading = self
+            .shared
+            .truncation
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let (plan, log_start) = {
             let view = lock(&self.shared.view);
             let first = view.segment_for(view.log_start);
@@ -467,7 +502,10 @@ impl PartitionLog {
             let Some(i) = candidate else { return Ok(None) };
             let segment = &view.segments[i];
             let start = segment.base_offset + i64::from(segment.index.time_floor(timestamp_ms));
-            (segment.read_plan(start, view.segment_end(i)), view.log_start)
+            (
+                segment.read_plan(start, view.segment_end(i)),
+                view.log_start,
+            )
         };
         let found =
             plan.find(|h| h.max_timestamp >= timestamp_ms && h.last_offset() >= log_start)?;
@@ -531,12 +569,19 @@ impl PartitionLog {
                 batch_last_offset: header.last_offset(),
             });
         }
-        let _exclusive = self.shared.truncation.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self
+            .shared
+            .truncation
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let removed = lock(&self.shared.view).segments.split_off(i + 1);
-        let result = self.shared.truncate_segments(&removed, position, from_offset);
+        let result = self
+            .shared
+            .truncate_segments(&removed, position, from_offset);
         if let Err(e) = &result {
             // The files may now be half cut: refuse writes rather than guess.
-            self.shared.poison(format!("truncate_suffix({from_offset}) failed: {e}"));
+            self.shared
+                .poison(format!("truncate_suffix({from_offset}) failed: {e}"));
         }
         write.unsynced = false;
         result
@@ -554,7 +599,9 @@ impl PartitionLog {
             if up_to_offset <= view.log_start {
                 return Ok(());
             }
-            (1..view.segments.len()).take_while(|&i| view.segments[i].base_offset <= up_to_offset).count()
+            (1..view.segments.len())
+                .take_while(|&i| view.segments[i].base_offset <= up_to_offset)
+                .count()
         };
         self.shared.delete_oldest_segments(count)?;
         let first_base = {
@@ -585,14 +632,18 @@ impl PartitionLog {
     /// segment and its indexes. Later appends fail with [`StorageError::Closed`]; reads go
     /// on. Closing twice is a no-op. Dropping the log closes it, ignoring errors.
     pub fn close(&self) -> Result<(), StorageError> {
-        let Some(writer) = lock(&self.writer).take() else { return Ok(()) };
+        let Some(writer) = lock(&self.writer).take() else {
+            return Ok(());
+        };
         lock(&self.shared.queue).closing = true;
         self.shared.queue_ready.notify_all();
         let joined = writer.join();
         let _write = lock(&self.shared.write);
         lock(&self.shared.queue).check_not_poisoned()?;
         if joined.is_err() {
-            return Err(StorageError::Poisoned { cause: "the writer thread panicked".into() });
+            return Err(StorageError::Poisoned {
+                cause: "the writer thread panicked".into(),
+            });
         }
         self.shared.sync_active_files()
     }
@@ -609,7 +660,9 @@ impl Drop for PartitionLog {
 impl Queue {
     fn check_not_poisoned(&self) -> Result<(), StorageError> {
         match &self.poisoned {
-            Some(cause) => Err(StorageError::Poisoned { cause: cause.clone() }),
+            Some(cause) => Err(StorageError::Poisoned {
+                cause: cause.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -734,7 +787,10 @@ fn run_writer(shared: &Shared) {
                 if queue.closing {
                     return;
                 }
-                queue = shared.queue_ready.wait(queue).unwrap_or_else(|e| e.into_inner());
+                queue = shared
+                    .queue_ready
+                    .wait(queue)
+                    .unwrap_or_else(|e| e.into_inner());
             }
             queue.bytes = 0;
             std::mem::take(&mut queue.requests)
@@ -767,13 +823,19 @@ impl Shared {
     fn sync_active_files(&self) -> Result<(), StorageError> {
         let files: Vec<(Arc<dyn StorageFile>, PathBuf)> = {
             let view = lock(&self.view);
-            view.active().files().iter().map(|(f, p)| ((*f).clone(), (*p).clone())).collect()
+            view.active()
+                .files()
+                .iter()
+                .map(|(f, p)| ((*f).clone(), (*p).clone()))
+                .collect()
         };
         for (file, path) in files {
             file.sync_data().map_err(io_error("fsync", &path))?;
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.backend.sync_dir(&self.dir).map_err(io_error("fsync", &self.dir))
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))
     }
 
     fn poison(&self, cause: String) {
@@ -799,7 +861,9 @@ impl Shared {
             None => {
                 let mut outcomes = Vec::with_capacity(appends.len());
                 self.write_group(write, &appends, &mut outcomes)
-                    .and_then(|group_now_ms| self.sync_group(write, group_now_ms, !flushes.is_empty()))
+                    .and_then(|group_now_ms| {
+                        self.sync_group(write, group_now_ms, !flushes.is_empty())
+                    })
                     .map(|()| outcomes)
                     .inspect_err(|e| self.poison(e.to_string()))
             }
@@ -808,7 +872,9 @@ impl Shared {
         match result {
             Ok(mut outcomes) => {
                 let log_start = self.publish_high_watermark();
-                self.stats.batches_appended.fetch_add(appends.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .batches_appended
+                    .fetch_add(appends.len() as u64, Ordering::Relaxed);
                 for (append, outcome) in appends.into_iter().zip(outcomes.iter_mut()) {
                     outcome.log_start_offset = log_start;
                     let _ = append.done.send(Ok(*outcome));
@@ -823,10 +889,14 @@ impl Shared {
                     other => other.to_string(),
                 };
                 for append in appends {
-                    let _ = append.done.send(Err(StorageError::Poisoned { cause: cause.clone() }));
+                    let _ = append.done.send(Err(StorageError::Poisoned {
+                        cause: cause.clone(),
+                    }));
                 }
                 for done in flushes {
-                    let _ = done.send(Err(StorageError::Poisoned { cause: cause.clone() }));
+                    let _ = done.send(Err(StorageError::Poisoned {
+                        cause: cause.clone(),
+                    }));
                 }
             }
         }
@@ -862,7 +932,10 @@ impl Shared {
             }
             let base_offset = active.next_offset;
             let position = active.size;
-            assert!(position < u64::from(u32::MAX), "batch position fits the index");
+            assert!(
+                position < u64::from(u32::MAX),
+                "batch position fits the index"
+            );
             let start = buffer.len();
             buffer.extend_from_slice(&append.batch);
             set_base_offset(&mut buffer[start..], base_offset);
@@ -905,9 +978,18 @@ impl Shared {
         buffer: &mut Vec<u8>,
     ) -> Result<(), StorageError> {
         if !buffer.is_empty() {
-            let on_disk = active.log.len().map_err(io_error("stat", &active.log_path))?;
-            assert_eq!(on_disk, active.written, "log file size matches the segment size");
-            active.log.write_at(buffer, active.written).map_err(io_error("write", &active.log_path))?;
+            let on_disk = active
+                .log
+                .len()
+                .map_err(io_error("stat", &active.log_path))?;
+            assert_eq!(
+                on_disk, active.written,
+                "log file size matches the segment size"
+            );
+            active
+                .log
+                .write_at(buffer, active.written)
+                .map_err(io_error("write", &active.log_path))?;
             active.written += buffer.len() as u64;
             buffer.clear();
             write.unsynced = true;
@@ -955,7 +1037,9 @@ impl Shared {
         buffer: &mut Vec<u8>,
     ) -> Result<(), StorageError> {
         self.write_out(write, active, buffer)?;
-        active.pending_times.extend(active.cursor.seal(active.base_offset));
+        active
+            .pending_times
+            .extend(active.cursor.seal(active.base_offset));
         self.write_out(write, active, buffer)?;
         for (file, path) in [
             (&active.log, &active.log_path),
@@ -966,7 +1050,9 @@ impl Shared {
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         let segment = Segment::create(self.backend.as_ref(), &self.dir, active.next_offset)?;
-        self.backend.sync_dir(&self.dir).map_err(io_error("fsync", &self.dir))?;
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))?;
         tracing::debug!(
             dir = %self.dir.display(), base_offset = segment.base_offset, "rolled to a new segment"
         );
@@ -1027,7 +1113,10 @@ impl Shared {
     fn delete_oldest_segments(&self, count: usize) -> Result<RetentionOutcome, StorageError> {
         let (removed, log_start) = {
             let mut view = lock(&self.view);
-            assert!(count < view.segments.len(), "the active segment is never deleted");
+            assert!(
+                count < view.segments.len(),
+                "the active segment is never deleted"
+            );
             let removed: Vec<Segment> = view.segments.drain(..count).collect();
             view.log_start = view.log_start.max(view.segments[0].base_offset);
             (removed, view.log_start)
@@ -1061,7 +1150,9 @@ impl Shared {
                 }
             }
         }
-        self.backend.sync_dir(&self.dir).map_err(io_error("fsync", &self.dir))
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))
     }
 
     /// The I/O of `truncate_suffix`: `removed` are the detached later segments; the last
@@ -1089,15 +1180,24 @@ impl Shared {
                 s.index.clone(),
             )
         };
-        log.set_len(position).map_err(io_error("truncate", &log_path))?;
+        log.set_len(position)
+            .map_err(io_error("truncate", &log_path))?;
         log.sync_data().map_err(io_error("fsync", &log_path))?;
         index.truncate(relative(base, from_offset));
         let offsets_len = (index.offsets.len() * OFFSET_INDEX_ENTRY_BYTES) as u64;
-        offset_file.set_len(offsets_len).map_err(io_error("truncate", &offset_path))?;
-        offset_file.sync_data().map_err(io_error("fsync", &offset_path))?;
+        offset_file
+            .set_len(offsets_len)
+            .map_err(io_error("truncate", &offset_path))?;
+        offset_file
+            .sync_data()
+            .map_err(io_error("fsync", &offset_path))?;
         let times_len = (index.times.len() * TIME_INDEX_ENTRY_BYTES) as u64;
-        time_file.set_len(times_len).map_err(io_error("truncate", &time_path))?;
-        time_file.sync_data().map_err(io_error("fsync", &time_path))?;
+        time_file
+            .set_len(times_len)
+            .map_err(io_error("truncate", &time_path))?;
+        time_file
+            .sync_data()
+            .map_err(io_error("fsync", &time_path))?;
         index.cursor = recompute_cursor(log.as_ref(), &log_path, base, &index, position)?;
         let mut view = lock(&self.view);
         view.log_end = from_offset;
@@ -1117,8 +1217,12 @@ impl Shared {
         let mut bytes = log_start.to_be_bytes().to_vec();
         bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
         rewrite_file(self.backend.as_ref(), &tmp, &bytes)?;
-        self.backend.rename(&tmp, &path).map_err(io_error("rename", &tmp))?;
-        self.backend.sync_dir(&self.dir).map_err(io_error("fsync", &self.dir))
+        self.backend
+            .rename(&tmp, &path)
+            .map_err(io_error("rename", &tmp))?;
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))
     }
 }
 
@@ -1137,17 +1241,28 @@ fn recompute_cursor(
         last_entry_position: last_entry.position,
         last_time_entry_timestamp: last_time.map(|t| t.timestamp),
         max_timestamp: last_time.map_or(i64::MIN, |t| t.timestamp),
-        offset_of_max_timestamp: last_time.map_or(-1, |t| base_offset + i64::from(t.relative_offset)),
+        offset_of_max_timestamp: last_time
+            .map_or(-1, |t| base_offset + i64::from(t.relative_offset)),
     };
-    let end = scan_headers(log, log_path, u64::from(last_entry.position), size, |_, header| {
-        if header.max_timestamp > cursor.max_timestamp {
-            cursor.max_timestamp = header.max_timestamp;
-            cursor.offset_of_max_timestamp = header.base_offset;
-        }
-        Ok(true)
-    })?;
+    let end = scan_headers(
+        log,
+        log_path,
+        u64::from(last_entry.position),
+        size,
+        |_, header| {
+            if header.max_timestamp > cursor.max_timestamp {
+                cursor.max_timestamp = header.max_timestamp;
+                cursor.offset_of_max_timestamp = header.base_offset;
+            }
+            Ok(true)
+        },
+    )?;
     if let ScanEnd::Broken { position, reason } = end {
-        return Err(StorageError::Corrupt { segment: log_path.to_owned(), position, reason });
+        return Err(StorageError::Corrupt {
+            segment: log_path.to_owned(),
+            position,
+            reason,
+        });
     }
     Ok(cursor)
 }
@@ -1185,8 +1300,10 @@ fn recover(
 ) -> Result<(View, RecoveryReport), StorageError> {
     let mut report = RecoveryReport::default();
     let names = backend.list_dir(dir).map_err(io_error("list", dir))?;
-    let bases: BTreeSet<i64> =
-        names.iter().filter_map(|n| parse_segment_file_name(n, LOG_EXTENSION)).collect();
+    let bases: BTreeSet<i64> = names
+        .iter()
+        .filter_map(|n| parse_segment_file_name(n, LOG_EXTENSION))
+        .collect();
     let mut dir_changed = false;
     for name in &names {
         let orphan_index = [OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION]
@@ -1203,12 +1320,18 @@ fn recover(
     let bases: Vec<i64> = bases.into_iter().collect();
     let mut segments = Vec::with_capacity(bases.len().max(1));
     if bases.is_empty() {
-        segments.push(Segment::create(backend, dir, checkpoint.unwrap_or(0).max(0))?);
+        segments.push(Segment::create(
+            backend,
+            dir,
+            checkpoint.unwrap_or(0).max(0),
+        )?);
         dir_changed = true;
     }
     for (i, &base_offset) in bases.iter().enumerate() {
         let paths = SegmentPaths::new(dir, base_offset);
-        let log = backend.open(&paths.log).map_err(io_error("open", &paths.log))?;
+        let log = backend
+            .open(&paths.log)
+            .map_err(io_error("open", &paths.log))?;
         let size = log.len().map_err(io_error("stat", &paths.log))?;
         let offset_index = read_whole_file(backend, &paths.offset_index)?;
         let time_index = read_whole_file(backend, &paths.time_index)?;
@@ -1232,17 +1355,22 @@ fn recover(
         };
         let on_disk = (offset_index_bytes, time_index_bytes);
         let rebuilt = match bases.get(i + 1) {
-            Some(&next_base) => recover_sealed(&mut segment, &on_disk, next_base, config, &mut report)?,
+            Some(&next_base) => {
+                recover_sealed(&mut segment, &on_disk, next_base, config, &mut report)?
+            }
             None => recover_tail(&mut segment, config, &mut report)?,
         };
         let (offsets_bytes, times_bytes) = encode_index_files(&rebuilt);
         if on_disk.0.as_deref() != Some(offsets_bytes.as_slice()) {
             segment.offset_index_file =
                 rewrite_file(backend, &segment.offset_index_path, &offsets_bytes)?;
-            report.indexes_rebuilt.push(segment.offset_index_path.clone());
+            report
+                .indexes_rebuilt
+                .push(segment.offset_index_path.clone());
         }
         if on_disk.1.as_deref() != Some(times_bytes.as_slice()) {
-            segment.time_index_file = rewrite_file(backend, &segment.time_index_path, &times_bytes)?;
+            segment.time_index_file =
+                rewrite_file(backend, &segment.time_index_path, &times_bytes)?;
             report.indexes_rebuilt.push(segment.time_index_path.clone());
         }
         segment.index = rebuilt;
@@ -1254,11 +1382,18 @@ fn recover(
     }
     let log_end = segments.last().expect("at least one segment").next_offset;
     let first_base = segments[0].base_offset;
-    let log_start = checkpoint.map_or(first_base, |c| c.max(first_base)).min(log_end);
+    let log_start = checkpoint
+        .map_or(first_base, |c| c.max(first_base))
+        .min(log_end);
     report.segments = segments.len();
     report.log_start_offset = log_start;
     report.log_end_offset = log_end;
-    let view = View { segments, log_start, high_watermark: log_end, log_end };
+    let view = View {
+        segments,
+        log_start,
+        high_watermark: log_end,
+        log_end,
+    };
     Ok((view, report))
 }
 
@@ -1286,25 +1421,26 @@ fn recover_sealed(
         Ok(index) => Ok(index),
         Err(reason) => {
             tracing::warn!(segment = %segment.log_path.display(), %reason, "index failed validation");
-            let (index, end_offset, broken) = rebuild_sealed_index(
+            let rebuilt = rebuild_sealed_index(
                 segment.log.as_ref(),
                 &segment.log_path,
                 segment.size,
                 segment.base_offset,
                 config.index_interval_bytes,
             )?;
-            if let Some((position, reason)) = broken {
+            if let Some((position, reason)) = rebuilt.broken {
                 report.damaged_segments.push(format!(
                     "{} at byte {position}: {reason}",
                     segment.log_path.display()
                 ));
-            } else if end_offset != next_base_offset {
+            } else if rebuilt.end_offset != next_base_offset {
                 report.damaged_segments.push(format!(
-                    "{} ends at offset {end_offset} but the next segment starts at {next_base_offset}",
-                    segment.log_path.display()
+                    "{} ends at offset {} but the next segment starts at {next_base_offset}",
+                    segment.log_path.display(),
+                    rebuilt.end_offset,
                 ));
             }
-            Ok(index)
+            Ok(rebuilt.index)
         }
     }
 }
@@ -1325,7 +1461,10 @@ fn recover_tail(
     )?;
     if let Some(reason) = scan.stopped {
         let path = &segment.log_path;
-        segment.log.set_len(scan.valid_bytes).map_err(io_error("truncate", path))?;
+        segment
+            .log
+            .set_len(scan.valid_bytes)
+            .map_err(io_error("truncate", path))?;
         segment.log.sync_data().map_err(io_error("fsync", path))?;
         report.truncation = Some(TailTruncation {
             segment: path.clone(),
@@ -1344,7 +1483,9 @@ fn read_log_start_checkpoint(
     dir: &Path,
 ) -> Result<Option<i64>, StorageError> {
     let path = dir.join(LOG_START_CHECKPOINT_FILE);
-    let Some((_, bytes)) = read_whole_file(backend, &path)? else { return Ok(None) };
+    let Some((_, bytes)) = read_whole_file(backend, &path)? else {
+        return Ok(None);
+    };
     if bytes.len() == LOG_START_CHECKPOINT_BYTES {
         let value: [u8; 8] = bytes[..8].try_into().expect("8 bytes");
         let crc = u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes"));

@@ -148,10 +148,14 @@ impl LogConfig {
     pub fn validate(&self) -> Result<(), StorageError> {
         let fail = |what: String| Err(StorageError::InvalidConfig(what));
         if self.segment_bytes_max < SEGMENT_BYTES_MIN {
-            return fail(format!("segment_bytes_max must be at least {SEGMENT_BYTES_MIN}"));
+            return fail(format!(
+                "segment_bytes_max must be at least {SEGMENT_BYTES_MIN}"
+            ));
         }
         if self.segment_bytes_max > SEGMENT_BYTES_LIMIT {
-            return fail(format!("segment_bytes_max must be at most {SEGMENT_BYTES_LIMIT}"));
+            return fail(format!(
+                "segment_bytes_max must be at most {SEGMENT_BYTES_LIMIT}"
+            ));
         }
         if self.segment_age_ms_max < 1 {
             return fail("segment_age_ms_max must be positive".into());
@@ -189,17 +193,70 @@ mod tests {
     #[test]
     fn config_validation() {
         check(LogConfig::default(), true);
-        check(LogConfig { segment_bytes_max: SEGMENT_BYTES_MIN, index_interval_bytes: 0, ..LogConfig::default() }, true);
-        check(LogConfig { segment_bytes_max: SEGMENT_BYTES_MIN - 1, ..LogConfig::default() }, false);
-        check(LogConfig { segment_bytes_max: u32::MAX.into(), ..LogConfig::default() }, false);
-        check(LogConfig { segment_bytes_max: SEGMENT_BYTES_LIMIT, ..LogConfig::default() }, true);
-        check(LogConfig { segment_age_ms_max: 0, ..LogConfig::default() }, false);
-        check(LogConfig { retention_ms: Some(-1), ..LogConfig::default() }, false);
-        check(LogConfig { batch_bytes_max: 10, ..LogConfig::default() }, false);
-        check(LogConfig { append_queue_bytes_max: 1000, ..LogConfig::default() }, false);
+        check(
+            LogConfig {
+                segment_bytes_max: SEGMENT_BYTES_MIN,
+                index_interval_bytes: 0,
+                ..LogConfig::default()
+            },
+            true,
+        );
+        check(
+            LogConfig {
+                segment_bytes_max: SEGMENT_BYTES_MIN - 1,
+                ..LogConfig::default()
+            },
+            false,
+        );
+        check(
+            LogConfig {
+                segment_bytes_max: u32::MAX.into(),
+                ..LogConfig::default()
+            },
+            false,
+        );
+        check(
+            LogConfig {
+                segment_bytes_max: SEGMENT_BYTES_LIMIT,
+                ..LogConfig::default()
+            },
+            true,
+        );
+        check(
+            LogConfig {
+                segment_age_ms_max: 0,
+                ..LogConfig::default()
+            },
+            false,
+        );
+        check(
+            LogConfig {
+                retention_ms: Some(-1),
+                ..LogConfig::default()
+            },
+            false,
+        );
+        check(
+            LogConfig {
+                batch_bytes_max: 10,
+                ..LogConfig::default()
+            },
+            false,
+        );
+        check(
+            LogConfig {
+                append_queue_bytes_max: 1000,
+                ..LogConfig::default()
+            },
+            false,
+        );
         // An interval larger than a segment is allowed: such segments have no offset entries.
         check(
-            LogConfig { segment_bytes_max: 4096, index_interval_bytes: 4097, ..LogConfig::default() },
+            LogConfig {
+                segment_bytes_max: 4096,
+                index_interval_bytes: 4097,
+                ..LogConfig::default()
+            },
             true,
         );
     }

@@ -76,7 +76,9 @@ impl Segment {
     ) -> Result<Segment, StorageError> {
         let paths = SegmentPaths::new(dir, base_offset);
         let create = |path: &PathBuf| {
-            backend.create(path).map_err(|e| StorageError::io("create", path.clone(), e))
+            backend
+                .create(path)
+                .map_err(|e| StorageError::io("create", path.clone(), e))
         };
         Ok(Segment {
             base_offset,
@@ -123,7 +125,6 @@ impl Segment {
             (&self.time_index_file, &self.time_index_path),
         ]
     }
-
 }
 
 /// What a reader needs from a segment, copied out under the lock so the I/O runs without it.
@@ -144,7 +145,11 @@ pub(crate) struct ReadPlan {
 
 impl ReadPlan {
     pub fn corrupt(&self, position: u64, reason: impl Into<String>) -> StorageError {
-        StorageError::Corrupt { segment: self.path.clone(), position, reason: reason.into() }
+        StorageError::Corrupt {
+            segment: self.path.clone(),
+            position,
+            reason: reason.into(),
+        }
     }
 
     /// Walks batch headers from the plan's start, checking they are dense, and returns the
@@ -155,9 +160,9 @@ impl ReadPlan {
         mut stop: impl FnMut(&BatchHeader) -> bool,
     ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
         match self.find_from(self.start_position, self.start_offset, &mut stop) {
-            Err(StorageError::Corrupt { position, reason, .. })
-                if position == self.start_position && self.start_position > 0 =>
-            {
+            Err(StorageError::Corrupt {
+                position, reason, ..
+            }) if position == self.start_position && self.start_position > 0 => {
                 tracing::warn!(
                     segment = %self.path.display(), position, %reason,
                     "offset index entry is wrong; scanning the segment from its start"
@@ -236,7 +241,10 @@ pub(crate) fn scan_headers(
     while position < limit {
         let header_end = position + BATCH_HEADER_BYTES as u64;
         if header_end > limit {
-            return Ok(ScanEnd::Broken { position, reason: "truncated batch header".into() });
+            return Ok(ScanEnd::Broken {
+                position,
+                reason: "truncated batch header".into(),
+            });
         }
         if position < chunk_start || header_end > chunk_start + chunk_len as u64 {
             let len = (limit - position).min(SCAN_CHUNK_BYTES as u64) as usize;
@@ -248,11 +256,19 @@ pub(crate) fn scan_headers(
         let at = (position - chunk_start) as usize;
         let header = match BatchHeader::parse(&chunk[at..chunk_len]) {
             Ok(header) => header,
-            Err(e) => return Ok(ScanEnd::Broken { position, reason: e.to_string() }),
+            Err(e) => {
+                return Ok(ScanEnd::Broken {
+                    position,
+                    reason: e.to_string(),
+                });
+            }
         };
         let batch_end = position + header.total_bytes() as u64;
         if batch_end > limit {
-            return Ok(ScanEnd::Broken { position, reason: "batch runs past the end".into() });
+            return Ok(ScanEnd::Broken {
+                position,
+                reason: "batch runs past the end".into(),
+            });
         }
         match visit(position, &header) {
             Ok(true) => position = batch_end,
@@ -291,10 +307,10 @@ pub(crate) fn scan_log_fully(
     let mut stopped = None;
     // Makes `[position, position + len)` available in the buffer.
     let ensure = |position: u64,
-                      len: usize,
-                      buffer: &mut Vec<u8>,
-                      buffer_start: &mut u64,
-                      buffer_len: &mut usize|
+                  len: usize,
+                  buffer: &mut Vec<u8>,
+                  buffer_start: &mut u64,
+                  buffer_len: &mut usize|
      -> Result<usize, StorageError> {
         let end = position + len as u64;
         if position < *buffer_start || end > *buffer_start + *buffer_len as u64 {
@@ -314,7 +330,13 @@ pub(crate) fn scan_log_fully(
             stopped = Some("torn batch header".to_owned());
             break;
         }
-        let at = ensure(position, BATCH_HEADER_BYTES, &mut buffer, &mut buffer_start, &mut buffer_len)?;
+        let at = ensure(
+            position,
+            BATCH_HEADER_BYTES,
+            &mut buffer,
+            &mut buffer_start,
+            &mut buffer_len,
+        )?;
         let header = match BatchHeader::parse(&buffer[at..buffer_len]) {
             Ok(header) => header,
             Err(e) => {
@@ -327,7 +349,13 @@ pub(crate) fn scan_log_fully(
             stopped = Some("torn batch".to_owned());
             break;
         }
-        let at = ensure(position, total, &mut buffer, &mut buffer_start, &mut buffer_len)?;
+        let at = ensure(
+            position,
+            total,
+            &mut buffer,
+            &mut buffer_start,
+            &mut buffer_len,
+        )?;
         if let Err(e) = verify_crc(&buffer[at..at + total]) {
             stopped = Some(format!("bad batch: {e}"));
             break;
@@ -347,24 +375,39 @@ pub(crate) fn scan_log_fully(
         expected = header.next_offset();
         position += total as u64;
     }
-    Ok(TailScan { valid_bytes: position, next_offset: expected, index, stopped })
+    Ok(TailScan {
+        valid_bytes: position,
+        next_offset: expected,
+        index,
+        stopped,
+    })
 }
 
-/// Rebuilds a sealed segment's index from its log, reading headers only. Returns the index,
-/// the offset after the last batch reached and, if the header chain breaks before the end,
-/// where and why.
+/// A sealed segment's index rebuilt from its log.
+pub(crate) struct RebuiltIndex {
+    pub index: SegmentIndex,
+    /// The offset after the last batch the header chain reached.
+    pub end_offset: i64,
+    /// Where and why the header chain broke before the end of the file, if it did.
+    pub broken: Option<(u64, String)>,
+}
+
+/// Rebuilds a sealed segment's index from its log, reading headers only.
 pub(crate) fn rebuild_sealed_index(
     file: &dyn StorageFile,
     path: &Path,
     size: u64,
     base_offset: i64,
     index_interval_bytes: u32,
-) -> Result<(SegmentIndex, i64, Option<(u64, String)>), StorageError> {
+) -> Result<RebuiltIndex, StorageError> {
     let mut index = SegmentIndex::new();
     let mut expected = base_offset;
     let end = scan_headers(file, path, 0, size, |position, header| {
         if header.base_offset != expected {
-            return Err(format!("batch base offset {} where {expected} was expected", header.base_offset));
+            return Err(format!(
+                "batch base offset {} where {expected} was expected",
+                header.base_offset
+            ));
         }
         index.observe(base_offset, position as u32, header, index_interval_bytes);
         expected = header.next_offset();
@@ -375,7 +418,11 @@ pub(crate) fn rebuild_sealed_index(
         ScanEnd::Broken { position, reason } => Some((position, reason)),
         ScanEnd::Limit | ScanEnd::Stopped => None,
     };
-    Ok((index, expected, broken))
+    Ok(RebuiltIndex {
+        index,
+        end_offset: expected,
+        broken,
+    })
 }
 
 /// Loads a sealed segment's index from its files and checks it against the log cheaply:
@@ -408,7 +455,11 @@ pub(crate) fn load_sealed_index(
     let Some(seal) = times.last().copied() else {
         return Ok(Err("time index of a sealed segment is empty".into()));
     };
-    let mut index = SegmentIndex { offsets, times, cursor: super::index::IndexCursor::EMPTY };
+    let mut index = SegmentIndex {
+        offsets,
+        times,
+        cursor: super::index::IndexCursor::EMPTY,
+    };
     let last = index.floor(u32::MAX);
     let mut expected = segment.base_offset + i64::from(last.relative_offset);
     let end = scan_headers(
@@ -449,7 +500,11 @@ pub(crate) fn load_sealed_index(
         let wanted = segment.base_offset + i64::from(entry.relative_offset);
         match read_header_at(segment, u64::from(entry.position))? {
             Some(header) if header.base_offset == wanted => {}
-            _ => return Ok(Err(format!("offset index entry {i} does not point at its batch"))),
+            _ => {
+                return Ok(Err(format!(
+                    "offset index entry {i} does not point at its batch"
+                )));
+            }
         }
     }
     for i in sample_indices(index.times.len()) {
@@ -471,7 +526,9 @@ pub(crate) fn load_sealed_index(
             Err(e) => return Err(e),
         };
         if !matches {
-            return Ok(Err(format!("time index entry {i} does not match its batch")));
+            return Ok(Err(format!(
+                "time index entry {i} does not match its batch"
+            )));
         }
     }
     let seal_offset = segment.base_offset + i64::from(seal.relative_offset);
@@ -490,7 +547,13 @@ const INDEX_SAMPLE_ENTRIES: usize = 8;
 
 fn sample_indices(len: usize) -> impl Iterator<Item = usize> {
     let samples = len.min(INDEX_SAMPLE_ENTRIES);
-    (0..samples).map(move |i| if samples == 1 { len - 1 } else { i * (len - 1) / (samples - 1) })
+    (0..samples).map(move |i| {
+        if samples == 1 {
+            len - 1
+        } else {
+            i * (len - 1) / (samples - 1)
+        }
+    })
 }
 
 /// The header of the batch at `position`, if one parses there.
@@ -512,19 +575,26 @@ pub(crate) fn rewrite_file(
     path: &Path,
     bytes: &[u8],
 ) -> Result<Arc<dyn StorageFile>, StorageError> {
-    let file = backend.create(path).map_err(|e| StorageError::io("create", path, e))?;
+    let file = backend
+        .create(path)
+        .map_err(|e| StorageError::io("create", path, e))?;
     if !bytes.is_empty() {
-        file.write_at(bytes, 0).map_err(|e| StorageError::io("write", path, e))?;
+        file.write_at(bytes, 0)
+            .map_err(|e| StorageError::io("write", path, e))?;
     }
-    file.sync_data().map_err(|e| StorageError::io("fsync", path, e))?;
+    file.sync_data()
+        .map_err(|e| StorageError::io("fsync", path, e))?;
     Ok(file)
 }
+
+/// A file's handle and its whole contents.
+pub(crate) type OpenedFile = (Arc<dyn StorageFile>, Vec<u8>);
 
 /// Reads a whole (small) file; a missing file reads as `None`.
 pub(crate) fn read_whole_file(
     backend: &dyn FileBackend,
     path: &Path,
-) -> Result<Option<(Arc<dyn StorageFile>, Vec<u8>)>, StorageError> {
+) -> Result<Option<OpenedFile>, StorageError> {
     let file = match backend.open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -532,7 +602,8 @@ pub(crate) fn read_whole_file(
     };
     let len = file.len().map_err(|e| StorageError::io("stat", path, e))?;
     let mut bytes = vec![0u8; len as usize];
-    file.read_at(&mut bytes, 0).map_err(|e| StorageError::io("read", path, e))?;
+    file.read_at(&mut bytes, 0)
+        .map_err(|e| StorageError::io("read", path, e))?;
     Ok(Some((file, bytes)))
 }
 
@@ -546,11 +617,19 @@ mod tests {
 
     #[test]
     fn segment_file_names_round_trip() {
-        for (base, name) in [(0, "00000000000000000000.log"), (42, "00000000000000000042.log")] {
+        for (base, name) in [
+            (0, "00000000000000000000.log"),
+            (42, "00000000000000000042.log"),
+        ] {
             assert_eq!(segment_file_name(base, LOG_EXTENSION), name);
             assert_eq!(parse_segment_file_name(name, LOG_EXTENSION), Some(base));
         }
-        for bad in ["0042.log", "00000000000000000042.index", "0000000000000000004x.log", "x.log"] {
+        for bad in [
+            "0042.log",
+            "00000000000000000042.index",
+            "0000000000000000004x.log",
+            "x.log",
+        ] {
             assert_eq!(parse_segment_file_name(bad, LOG_EXTENSION), None, "{bad}");
         }
         assert_eq!(

@@ -79,7 +79,10 @@ fn stale() -> io::Error {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{} not found (SimBackend)", path.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found (SimBackend)", path.display()),
+    )
 }
 
 impl SimBackend {
@@ -102,7 +105,11 @@ impl SimBackend {
     pub fn crash_torn(&self, seed: u64) {
         let mut rng = seed;
         self.crash_keeping(|unsynced| {
-            if unsynced == 0 { 0 } else { (splitmix64(&mut rng) % (unsynced as u64 + 1)) as usize }
+            if unsynced == 0 {
+                0
+            } else {
+                (splitmix64(&mut rng) % (unsynced as u64 + 1)) as usize
+            }
         });
     }
 
@@ -166,7 +173,12 @@ impl SimBackend {
             if now >= deadline {
                 return false;
             }
-            state = self.inner.gate.wait_timeout(state, deadline - now).expect("sim lock").0;
+            state = self
+                .inner
+                .gate
+                .wait_timeout(state, deadline - now)
+                .expect("sim lock")
+                .0;
         }
         true
     }
@@ -190,7 +202,12 @@ impl SimBackend {
     }
 
     fn file(&self, path: &Path, id: u64, generation: u64) -> Arc<dyn StorageFile> {
-        Arc::new(SimFile { inner: self.inner.clone(), id, generation, path: path.to_owned() })
+        Arc::new(SimFile {
+            inner: self.inner.clone(),
+            id,
+            generation,
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -214,9 +231,14 @@ impl StorageFile for SimFile {
         let mut state = self.lock()?;
         let file = file_mut(&mut state, self.id, &self.path)?;
         let start = position as usize;
-        let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("overflow"))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| io::Error::other("overflow"))?;
         if end > file.data.len() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of file",
+            ));
         }
         buf.copy_from_slice(&file.data[start..end]);
         Ok(())
@@ -319,9 +341,13 @@ impl FileBackend for SimBackend {
             None => {
                 let id = state.next_file_id;
                 state.next_file_id += 1;
-                state
-                    .files
-                    .insert(id, SimFileData { dirty_from: usize::MAX, ..SimFileData::default() });
+                state.files.insert(
+                    id,
+                    SimFileData {
+                        dirty_from: usize::MAX,
+                        ..SimFileData::default()
+                    },
+                );
                 state.live.insert(path.to_owned(), id);
                 id
             }
@@ -340,7 +366,11 @@ impl FileBackend for SimBackend {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.live.remove(path).map(|_| ()).ok_or_else(|| not_found(path))
+        state
+            .live
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| not_found(path))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -425,7 +455,11 @@ mod tests {
         sim.fail_nth_write(2);
         f.write_at(b"ok", 0).unwrap();
         assert!(f.write_at(b"fail", 2).is_err());
-        assert_eq!(sim.contents(&path("f")).unwrap(), b"okfa", "a failed write is short");
+        assert_eq!(
+            sim.contents(&path("f")).unwrap(),
+            b"okfa",
+            "a failed write is short"
+        );
         f.write_at(b"ok", 6).unwrap();
         sim.fail_nth_sync_data(1);
         assert!(f.sync_data().is_err());

@@ -47,14 +47,21 @@ pub fn batch(records: usize, value_bytes: usize, timestamp: i64, tag: u64) -> By
     for i in 0..records {
         let value = value_for(tag, i, value_bytes);
         let key = format!("k{tag}-{i}");
-        assert!(builder.try_append(timestamp + i as i64, Some(key.as_bytes()), Some(&value), &[]));
+        assert!(builder.try_append(
+            timestamp + i as i64,
+            Some(key.as_bytes()),
+            Some(&value),
+            &[]
+        ));
     }
     builder.finish()
 }
 
 pub fn value_for(tag: u64, index: usize, value_bytes: usize) -> Vec<u8> {
     let mut state = tag.wrapping_mul(1_000_003).wrapping_add(index as u64);
-    (0..value_bytes).map(|_| splitmix64(&mut state) as u8).collect()
+    (0..value_bytes)
+        .map(|_| splitmix64(&mut state) as u8)
+        .collect()
 }
 
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
@@ -63,7 +70,8 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 /// Appends and waits for the acknowledgement.
 pub fn append(log: &PartitionLog, batch: &Bytes, now_ms: i64) -> AppendOutcome {
-    block_on(log.append(batch.clone(), now_ms).expect("append queued")).expect("append acknowledged")
+    block_on(log.append(batch.clone(), now_ms).expect("append queued"))
+        .expect("append acknowledged")
 }
 
 pub fn open_std(dir: &Path, config: LogConfig) -> (PartitionLog, RecoveryReport) {
@@ -95,7 +103,10 @@ pub fn read_all(log: &PartitionLog, max_bytes: usize) -> Result<Vec<RecordBatch>
     let end = log.high_watermark();
     while offset < end {
         let bytes = log.read(offset, max_bytes)?;
-        assert!(!bytes.is_empty(), "read below the high watermark returned nothing");
+        assert!(
+            !bytes.is_empty(),
+            "read below the high watermark returned nothing"
+        );
         let (parsed, rest) = split_batches(bytes);
         assert!(rest.is_empty(), "reads return whole batches only");
         for batch in parsed {
@@ -111,7 +122,11 @@ pub fn read_all(log: &PartitionLog, max_bytes: usize) -> Result<Vec<RecordBatch>
 pub fn assert_same_batch(stored: &[u8], appended: &[u8], base_offset: i64) {
     assert_eq!(stored.len(), appended.len());
     assert_eq!(BatchHeader::parse(stored).unwrap().base_offset, base_offset);
-    assert_eq!(stored[8..], appended[8..], "stored bytes differ beyond the base offset");
+    assert_eq!(
+        stored[8..],
+        appended[8..],
+        "stored bytes differ beyond the base offset"
+    );
 }
 
 pub fn records(batch: &RecordBatch) -> Vec<Record> {
