@@ -707,3 +707,47 @@ pub fn split_batches(mut bytes: Bytes) -> (Vec<Result<RecordBatch, BatchError>>,
     }
     (batches, bytes)
 }
+
+/// Iterates concatenated batches by their headers alone (no CRC check, no record decoding):
+/// for the broker, which verifies each batch once where it appends it, and for offset
+/// bookkeeping over stored bytes. Stops at a partial batch at the end (see
+/// [`BatchSlices::remainder`]) and after the first header that does not parse.
+#[derive(Debug)]
+pub struct BatchSlices {
+    rest: Bytes,
+    failed: bool,
+}
+
+impl BatchSlices {
+    pub fn new(bytes: Bytes) -> BatchSlices {
+        BatchSlices {
+            rest: bytes,
+            failed: false,
+        }
+    }
+
+    /// Bytes left after the last whole batch returned so far.
+    pub fn remainder(&self) -> &Bytes {
+        &self.rest
+    }
+}
+
+impl Iterator for BatchSlices {
+    type Item = Result<(BatchHeader, Bytes), BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.rest.len() < BATCH_HEADER_BYTES {
+            return None;
+        }
+        match BatchHeader::parse(&self.rest) {
+            Ok(header) if header.total_bytes() <= self.rest.len() => {
+                Some(Ok((header, self.rest.split_to(header.total_bytes()))))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

@@ -229,3 +229,30 @@ fn base_offset_overflow_is_refused() {
         BatchError::BadBaseOffset(-5)
     );
 }
+
+#[test]
+fn batch_slices_walk_headers_and_keep_the_partial_tail() {
+    let records = vec![TestRecord {
+        timestamp: 1,
+        key: None,
+        value: Some(b"v".to_vec()),
+        headers: vec![],
+    }];
+    let (one, _) = build(&records, 1024, ProducerStamp::NONE);
+    let mut stream = Vec::new();
+    for base in [0i64, 1] {
+        let mut batch = one.to_vec();
+        set_base_offset(&mut batch, base);
+        stream.extend_from_slice(&batch);
+    }
+    stream.extend_from_slice(&one[..BATCH_HEADER_BYTES + 1]);
+    let mut slices = ketch_protocol::batch::BatchSlices::new(stream.into());
+    let offsets: Vec<i64> = slices.by_ref().map(|r| r.unwrap().0.base_offset).collect();
+    assert_eq!(offsets, vec![0, 1]);
+    assert_eq!(slices.remainder().len(), BATCH_HEADER_BYTES + 1);
+
+    let mut bad = one.to_vec();
+    bad[16] = 7;
+    let results: Vec<_> = ketch_protocol::batch::BatchSlices::new(bad.into()).collect();
+    assert_eq!(results, vec![Err(BatchError::UnsupportedMagic(7))]);
+}

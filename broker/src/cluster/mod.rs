@@ -42,22 +42,32 @@ pub struct ClusterError {
 
 impl ClusterError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ClusterError {
-        ClusterError { code, message: message.into() }
+        ClusterError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 impl From<StorageError> for ClusterError {
     fn from(error: StorageError) -> ClusterError {
         let code = match &error {
-            StorageError::InvalidBatch(batch::BatchError::UnsupportedCompression(_)) => ErrorCode::UnsupportedCompression,
-            StorageError::InvalidBatch(_) | StorageError::MalformedBatch { .. } => ErrorCode::CorruptBatch,
+            StorageError::InvalidBatch(batch::BatchError::UnsupportedCompression(_)) => {
+                ErrorCode::UnsupportedCompression
+            }
+            StorageError::InvalidBatch(_) | StorageError::MalformedBatch { .. } => {
+                ErrorCode::CorruptBatch
+            }
             StorageError::BatchTooLarge { .. } => ErrorCode::RecordTooLarge,
             StorageError::QueueFull { .. } => ErrorCode::Overloaded,
             StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             StorageError::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::StorageFailed,
         };
-        ClusterError { code, message: error.to_string() }
+        ClusterError {
+            code,
+            message: error.to_string(),
+        }
     }
 }
 
@@ -74,8 +84,14 @@ pub struct TopicConfig {
 impl TopicConfig {
     pub fn entries(&self) -> Vec<ConfigEntry> {
         vec![
-            ConfigEntry { key: "retention.ms".into(), value: self.retention_ms.to_string() },
-            ConfigEntry { key: "retention.bytes".into(), value: self.retention_bytes.to_string() },
+            ConfigEntry {
+                key: "retention.ms".into(),
+                value: self.retention_ms.to_string(),
+            },
+            ConfigEntry {
+                key: "retention.bytes".into(),
+                value: self.retention_bytes.to_string(),
+            },
         ]
     }
 }
@@ -130,10 +146,15 @@ impl Partition {
         if batch_bytes.len() > self.batch_bytes_max as usize {
             return Err(ClusterError::new(
                 ErrorCode::RecordTooLarge,
-                format!("batch of {} bytes exceeds batch_bytes_max {}", batch_bytes.len(), self.batch_bytes_max),
+                format!(
+                    "batch of {} bytes exceeds batch_bytes_max {}",
+                    batch_bytes.len(),
+                    self.batch_bytes_max
+                ),
             ));
         }
-        let header = batch::verify_crc(&batch_bytes).map_err(|e| {
+        // The header is enough for the checks here; the storage verifies the CRC before writing.
+        let header = BatchHeader::parse(&batch_bytes).map_err(|e| {
             let code = match e {
                 batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
                 _ => ErrorCode::CorruptBatch,
@@ -143,7 +164,10 @@ impl Partition {
         if header.compression() != 0 {
             return Err(ClusterError::new(
                 ErrorCode::UnsupportedCompression,
-                format!("compression codec {} is not supported yet", header.compression()),
+                format!(
+                    "compression codec {} is not supported yet",
+                    header.compression()
+                ),
             ));
         }
         let idempotent = header.is_idempotent();
@@ -155,9 +179,14 @@ impl Partition {
                 match producers.check(&header) {
                     SequenceCheck::Append => {}
                     SequenceCheck::Duplicate { base_offset } => {
-                        return Ok(Appended { base_offset, duplicate: true });
+                        return Ok(Appended {
+                            base_offset,
+                            duplicate: true,
+                        });
                     }
-                    SequenceCheck::Reject { code, message } => return Err(ClusterError::new(code, message)),
+                    SequenceCheck::Reject { code, message } => {
+                        return Err(ClusterError::new(code, message));
+                    }
                 }
             }
             let pending = self.log.append(batch_bytes, now_ms)?;
@@ -175,7 +204,10 @@ impl Partition {
                 }
                 drop(producers);
                 self.publish_high_watermark();
-                Ok(Appended { base_offset: outcome.base_offset, duplicate: false })
+                Ok(Appended {
+                    base_offset: outcome.base_offset,
+                    duplicate: false,
+                })
             }
             Err(error) => {
                 if idempotent {
@@ -242,18 +274,15 @@ impl Partition {
         let end = self.log.high_watermark();
         while offset < end {
             let bytes = self.log.read(offset, 1024 * 1024)?;
-            if bytes.is_empty() {
-                break;
-            }
-            let mut rest = &bytes[..];
-            while rest.len() >= batch::BATCH_HEADER_BYTES {
-                let header = BatchHeader::parse(rest).map_err(|e| ClusterError::new(ErrorCode::StorageFailed, e.to_string()))?;
-                if header.total_bytes() > rest.len() {
-                    break;
-                }
+            let before = offset;
+            for slice in batch::BatchSlices::new(bytes) {
+                let (header, _) = slice
+                    .map_err(|e| ClusterError::new(ErrorCode::StorageFailed, e.to_string()))?;
                 producers.replay(&header);
                 offset = header.next_offset();
-                rest = &rest[header.total_bytes()..];
+            }
+            if offset == before {
+                break;
             }
         }
         Ok(())
@@ -287,21 +316,32 @@ pub fn now_ms() -> i64 {
 
 /// Checks a topic name: Kafka's rules (`[a-zA-Z0-9._-]`, 1 to 249 bytes, not `.` or `..`).
 pub fn validate_topic_name(name: &str) -> Result<(), ClusterError> {
-    let invalid = |why: &str| Err(ClusterError::new(ErrorCode::InvalidTopicName, format!("topic name {name:?} {why}")));
+    let invalid = |why: &str| {
+        Err(ClusterError::new(
+            ErrorCode::InvalidTopicName,
+            format!("topic name {name:?} {why}"),
+        ))
+    };
     if name.is_empty() || name.len() > TOPIC_NAME_BYTES_MAX {
         return invalid(&format!("must be 1 to {TOPIC_NAME_BYTES_MAX} bytes"));
     }
     if name == "." || name == ".." {
         return invalid("is reserved");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         return invalid("may only contain ASCII letters, digits, '.', '_' and '-'");
     }
     Ok(())
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> ClusterError {
-    ClusterError::new(ErrorCode::StorageFailed, format!("{what} {}: {e}", path.display()))
+    ClusterError::new(
+        ErrorCode::StorageFailed,
+        format!("{what} {}: {e}", path.display()),
+    )
 }
 
 fn write_durably(path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
@@ -329,7 +369,10 @@ impl Cluster {
         let producer_id_path = config.data_dir.join(PRODUCER_ID_FILE);
         let next = match std::fs::read_to_string(&producer_id_path) {
             Ok(text) => text.trim().parse::<i64>().map_err(|e| {
-                ClusterError::new(ErrorCode::StorageFailed, format!("{}: {e}", producer_id_path.display()))
+                ClusterError::new(
+                    ErrorCode::StorageFailed,
+                    format!("{}: {e}", producer_id_path.display()),
+                )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_error("reading", &producer_id_path, e)),
@@ -338,10 +381,15 @@ impl Cluster {
             topics_dir: topics_dir.clone(),
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
-            producer_ids: Mutex::new(ProducerIds { next, reserved_until: next, path: producer_id_path }),
+            producer_ids: Mutex::new(ProducerIds {
+                next,
+                reserved_until: next,
+                path: producer_id_path,
+            }),
             config,
         };
-        let entries = std::fs::read_dir(&topics_dir).map_err(|e| io_error("listing", &topics_dir, e))?;
+        let entries =
+            std::fs::read_dir(&topics_dir).map_err(|e| io_error("listing", &topics_dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| io_error("listing", &topics_dir, e))?;
             let dir = entry.path();
@@ -363,16 +411,31 @@ impl Cluster {
                 Err(e) => return Err(io_error("reading", &metadata_path, e)),
             };
             let topic_config: TopicConfig = serde_json::from_str(&text).map_err(|e| {
-                ClusterError::new(ErrorCode::StorageFailed, format!("{}: {e}", metadata_path.display()))
+                ClusterError::new(
+                    ErrorCode::StorageFailed,
+                    format!("{}: {e}", metadata_path.display()),
+                )
             })?;
             let topic = cluster.open_topic(&name, topic_config, dir)?;
-            cluster.topics.write().expect("topics lock").insert(name, Arc::new(topic));
+            cluster
+                .topics
+                .write()
+                .expect("topics lock")
+                .insert(name, Arc::new(topic));
         }
         if cluster.topic(OFFSETS_TOPIC).is_none() {
-            let config = TopicConfig { partitions: 1, retention_ms: -1, retention_bytes: -1 };
+            let config = TopicConfig {
+                partitions: 1,
+                retention_ms: -1,
+                retention_bytes: -1,
+            };
             let dir = cluster.topics_dir.join(OFFSETS_TOPIC);
             let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config, &dir)?;
-            cluster.topics.write().expect("topics lock").insert(OFFSETS_TOPIC.into(), Arc::new(topic));
+            cluster
+                .topics
+                .write()
+                .expect("topics lock")
+                .insert(OFFSETS_TOPIC.into(), Arc::new(topic));
         }
         Ok(cluster)
     }
@@ -396,7 +459,12 @@ impl Cluster {
         log
     }
 
-    fn open_topic(&self, name: &str, config: TopicConfig, dir: PathBuf) -> Result<Topic, ClusterError> {
+    fn open_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        dir: PathBuf,
+    ) -> Result<Topic, ClusterError> {
         let now = now_ms();
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for index in 0..config.partitions {
@@ -415,10 +483,20 @@ impl Cluster {
             partition.rebuild_producer_state()?;
             partitions.push(Arc::new(partition));
         }
-        Ok(Topic { name: name.to_owned(), config, partitions, dir })
+        Ok(Topic {
+            name: name.to_owned(),
+            config,
+            partitions,
+            dir,
+        })
     }
 
-    fn create_topic_dir(&self, name: &str, config: &TopicConfig, dir: &Path) -> Result<Topic, ClusterError> {
+    fn create_topic_dir(
+        &self,
+        name: &str,
+        config: &TopicConfig,
+        dir: &Path,
+    ) -> Result<Topic, ClusterError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
         let topic = self.open_topic(name, config.clone(), dir.to_owned())?;
         let json = serde_json::to_vec_pretty(config).expect("topic config serialises");
@@ -432,30 +510,53 @@ impl Cluster {
     }
 
     pub fn topics(&self) -> Vec<Arc<Topic>> {
-        self.topics.read().expect("topics lock").values().cloned().collect()
+        self.topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, ClusterError> {
-        let topic_ref = self
-            .topic(topic)
-            .ok_or_else(|| ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}")))?;
-        topic_ref.partitions.get(partition as usize).cloned().ok_or_else(|| {
-            ClusterError::new(
-                ErrorCode::UnknownPartition,
-                format!("topic {topic:?} has {} partitions; {partition} does not exist", topic_ref.partitions.len()),
-            )
-        })
+        let topic_ref = self.topic(topic).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+        })?;
+        topic_ref
+            .partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| {
+                ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!(
+                        "topic {topic:?} has {} partitions; {partition} does not exist",
+                        topic_ref.partitions.len()
+                    ),
+                )
+            })
     }
 
-    pub async fn create_topic(&self, name: &str, partitions: u32, configs: &[ConfigEntry]) -> Result<Arc<Topic>, ClusterError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[ConfigEntry],
+    ) -> Result<Arc<Topic>, ClusterError> {
         validate_topic_name(name)?;
         if name.starts_with("__") {
-            return Err(ClusterError::new(ErrorCode::InvalidTopicName, "names starting with \"__\" are reserved"));
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "names starting with \"__\" are reserved",
+            ));
         }
         if partitions == 0 || partitions > self.config.partitions_per_topic_max {
             return Err(ClusterError::new(
                 ErrorCode::InvalidPartitions,
-                format!("partitions must be 1 to {}, not {partitions}", self.config.partitions_per_topic_max),
+                format!(
+                    "partitions must be 1 to {}, not {partitions}",
+                    self.config.partitions_per_topic_max
+                ),
             ));
         }
         let mut config = TopicConfig {
@@ -465,34 +566,54 @@ impl Cluster {
         };
         for entry in configs {
             let value: i64 = entry.value.parse().map_err(|_| {
-                ClusterError::new(ErrorCode::InvalidConfig, format!("{} must be an integer, not {:?}", entry.key, entry.value))
+                ClusterError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{} must be an integer, not {:?}", entry.key, entry.value),
+                )
             })?;
             if value < -1 {
-                return Err(ClusterError::new(ErrorCode::InvalidConfig, format!("{} must be >= -1", entry.key)));
+                return Err(ClusterError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{} must be >= -1", entry.key),
+                ));
             }
             match entry.key.as_str() {
                 "retention.ms" => config.retention_ms = value,
                 "retention.bytes" => config.retention_bytes = value,
-                other => return Err(ClusterError::new(ErrorCode::InvalidConfig, format!("unknown topic config {other:?}"))),
+                other => {
+                    return Err(ClusterError::new(
+                        ErrorCode::InvalidConfig,
+                        format!("unknown topic config {other:?}"),
+                    ));
+                }
             }
         }
         let _admin = self.admin.lock().await;
         if self.topic(name).is_some() {
-            return Err(ClusterError::new(ErrorCode::TopicAlreadyExists, format!("topic {name:?} already exists")));
+            return Err(ClusterError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name:?} already exists"),
+            ));
         }
         let dir = self.topics_dir.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io_error("clearing", &dir, e))?;
         }
         let topic = Arc::new(self.create_topic_dir(name, &config, &dir)?);
-        self.topics.write().expect("topics lock").insert(name.to_owned(), topic.clone());
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(name.to_owned(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
         if name == OFFSETS_TOPIC {
-            return Err(ClusterError::new(ErrorCode::InvalidTopicName, "the offsets topic cannot be deleted"));
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "the offsets topic cannot be deleted",
+            ));
         }
         let _admin = self.admin.lock().await;
         let topic = self
@@ -500,7 +621,9 @@ impl Cluster {
             .write()
             .expect("topics lock")
             .remove(name)
-            .ok_or_else(|| ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}")))?;
+            .ok_or_else(|| {
+                ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+            })?;
         // Rename first (atomic): a crash after this point finishes the deletion at startup.
         let graveyard = self.topics_dir.join(format!("{name}.deleted-{}", now_ms()));
         std::fs::rename(&topic.dir, &graveyard).map_err(|e| io_error("deleting", &topic.dir, e))?;

@@ -25,7 +25,13 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Bytes {
     match request {
         Request::Metadata(r) => respond(Ok(metadata(state, r))),
         Request::CreateTopic(r) => respond(create_topic(state, r).await),
-        Request::DeleteTopic(r) => respond(state.cluster.delete_topic(&r.name).await.map(|()| DeleteTopicResponse {})),
+        Request::DeleteTopic(r) => respond(
+            state
+                .cluster
+                .delete_topic(&r.name)
+                .await
+                .map(|()| DeleteTopicResponse {}),
+        ),
         Request::ListTopics(_) => respond(Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(describe_topic(state, &r.name)),
         Request::Produce(r) => respond(Ok(produce(state, r).await)),
@@ -35,21 +41,43 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Bytes {
         Request::GroupHeartbeat(r) => respond(group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(group_leave(state, r)),
         Request::OffsetCommit(r) => respond(offset_commit(state, r).await),
-        Request::OffsetFetch(r) => respond(Ok(state.groups.lock().expect("groups lock").offset_fetch(&r))),
-        Request::ListGroups(_) => respond(Ok(ListGroupsResponse { groups: state.groups.lock().expect("groups lock").list_groups() })),
+        Request::OffsetFetch(r) => respond(Ok(state
+            .groups
+            .lock()
+            .expect("groups lock")
+            .offset_fetch(&r))),
+        Request::ListGroups(_) => respond(Ok(ListGroupsResponse {
+            groups: state.groups.lock().expect("groups lock").list_groups(),
+        })),
         Request::DescribeGroup(r) => respond(describe_group(state, &r.group)),
-        Request::InitProducerId(_) => respond(
-            state.cluster.allocate_producer_id().map(|producer_id| InitProducerIdResponse { producer_id, producer_epoch: 0 }),
-        ),
-        Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => frame::encode_error_response(
-            ErrorCode::UnsupportedApi,
-            "Wasm filters are not available on this broker yet",
-        ),
+        Request::InitProducerId(_) => {
+            respond(state.cluster.allocate_producer_id().map(|producer_id| {
+                InitProducerIdResponse {
+                    producer_id,
+                    producer_epoch: 0,
+                }
+            }))
+        }
+        Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => {
+            frame::encode_error_response(
+                ErrorCode::UnsupportedApi,
+                "Wasm filters are not available on this broker yet",
+            )
+        }
         Request::ApiVersions(_) => respond(Ok(ApiVersionsResponse {
             apis: ApiKey::ALL
                 .iter()
-                .filter(|k| !matches!(k, ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete))
-                .map(|k| ApiVersionRange { api_key: *k as u16, min_version: 0, max_version: 0 })
+                .filter(|k| {
+                    !matches!(
+                        k,
+                        ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete
+                    )
+                })
+                .map(|k| ApiVersionRange {
+                    api_key: *k as u16,
+                    min_version: 0,
+                    max_version: 0,
+                })
                 .collect(),
         })),
     }
@@ -71,35 +99,68 @@ fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata 
 const NODE_ID: u32 = 0;
 
 fn metadata(state: &State, request: MetadataRequest) -> MetadataResponse {
-    let host = state.config.advertised_host.clone().unwrap_or_else(|| state.local_addr.ip().to_string());
+    let host = state
+        .config
+        .advertised_host
+        .clone()
+        .unwrap_or_else(|| state.local_addr.ip().to_string());
     let describe = |name: &str| match state.cluster.topic(name) {
         Some(topic) => TopicMetadata {
             error: ErrorCode::None,
             name: name.to_owned(),
-            partitions: topic.partitions.iter().map(|p| partition_metadata(p, NODE_ID)).collect(),
+            partitions: topic
+                .partitions
+                .iter()
+                .map(|p| partition_metadata(p, NODE_ID))
+                .collect(),
         },
-        None => TopicMetadata { error: ErrorCode::UnknownTopic, name: name.to_owned(), partitions: vec![] },
+        None => TopicMetadata {
+            error: ErrorCode::UnknownTopic,
+            name: name.to_owned(),
+            partitions: vec![],
+        },
     };
     let topics = match request.topics {
         Some(names) => names.iter().map(|n| describe(n)).collect(),
-        None => state.cluster.topics().iter().map(|t| describe(&t.name)).collect(),
+        None => state
+            .cluster
+            .topics()
+            .iter()
+            .map(|t| describe(&t.name))
+            .collect(),
     };
     MetadataResponse {
-        brokers: vec![BrokerInfo { node_id: NODE_ID, host, port: state.local_addr.port() }],
+        brokers: vec![BrokerInfo {
+            node_id: NODE_ID,
+            host,
+            port: state.local_addr.port(),
+        }],
         controller_id: NODE_ID,
         topics,
     }
 }
 
-async fn create_topic(state: &State, request: CreateTopicRequest) -> Result<CreateTopicResponse, ClusterError> {
+async fn create_topic(
+    state: &State,
+    request: CreateTopicRequest,
+) -> Result<CreateTopicResponse, ClusterError> {
     if request.replication_factor > 1 {
         return Err(ClusterError::new(
             ErrorCode::InvalidConfig,
-            format!("replication factor {} needs more brokers; this one runs alone", request.replication_factor),
+            format!(
+                "replication factor {} needs more brokers; this one runs alone",
+                request.replication_factor
+            ),
         ));
     }
-    let topic = state.cluster.create_topic(&request.name, request.partitions, &request.configs).await?;
-    Ok(CreateTopicResponse { name: topic.name.clone(), partitions: topic.config.partitions })
+    let topic = state
+        .cluster
+        .create_topic(&request.name, request.partitions, &request.configs)
+        .await?;
+    Ok(CreateTopicResponse {
+        name: topic.name.clone(),
+        partitions: topic.config.partitions,
+    })
 }
 
 fn list_topics(state: &State) -> ListTopicsResponse {
@@ -108,50 +169,73 @@ fn list_topics(state: &State) -> ListTopicsResponse {
             .cluster
             .topics()
             .iter()
-            .map(|t| TopicSummary { name: t.name.clone(), partitions: t.config.partitions, replication_factor: 1 })
+            .map(|t| TopicSummary {
+                name: t.name.clone(),
+                partitions: t.config.partitions,
+                replication_factor: 1,
+            })
             .collect(),
     }
 }
 
 fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
-    let topic = state
-        .cluster
-        .topic(name)
-        .ok_or_else(|| ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}")))?;
+    let topic = state.cluster.topic(name).ok_or_else(|| {
+        ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+    })?;
     Ok(DescribeTopicResponse {
         name: topic.name.clone(),
-        partitions: topic.partitions.iter().map(|p| partition_metadata(p, NODE_ID)).collect(),
+        partitions: topic
+            .partitions
+            .iter()
+            .map(|p| partition_metadata(p, NODE_ID))
+            .collect(),
         configs: topic.config.entries(),
     })
 }
 
 /// Appends every batch in `records` to one partition, in order; returns the first base offset.
-async fn append_all(state: &State, topic: &str, partition: u32, records: Bytes) -> Result<(i64, i64), ClusterError> {
+async fn append_all(
+    state: &State,
+    topic: &str,
+    partition: u32,
+    records: Bytes,
+) -> Result<(i64, i64), ClusterError> {
     if topic == OFFSETS_TOPIC {
-        return Err(ClusterError::new(ErrorCode::Unauthorized, "the offsets topic is written by the broker only"));
+        return Err(ClusterError::new(
+            ErrorCode::Unauthorized,
+            "the offsets topic is written by the broker only",
+        ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    let (batches, rest) = batch::split_batches(records);
-    if !rest.is_empty() {
-        return Err(ClusterError::new(ErrorCode::CorruptBatch, format!("{} bytes of a truncated batch", rest.len())));
+    // Header checks only here: the storage verifies each batch's CRC once, before it writes.
+    let mut slices = batch::BatchSlices::new(records);
+    let mut batches = Vec::new();
+    for slice in slices.by_ref() {
+        let (_, bytes) = slice.map_err(batch_error)?;
+        batches.push(bytes);
+    }
+    if !slices.remainder().is_empty() {
+        return Err(ClusterError::new(
+            ErrorCode::CorruptBatch,
+            format!("{} bytes of a truncated batch", slices.remainder().len()),
+        ));
     }
     if batches.is_empty() {
-        return Err(ClusterError::new(ErrorCode::CorruptBatch, "produce request without a record batch"));
+        return Err(ClusterError::new(
+            ErrorCode::CorruptBatch,
+            "produce request without a record batch",
+        ));
     }
     let now = now_ms();
     let mut first = None;
     for batch in batches {
-        let batch = batch.map_err(|e| {
-            let code = match e {
-                batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
-                _ => ErrorCode::CorruptBatch,
-            };
-            ClusterError::new(code, e.to_string())
-        })?;
-        let appended = partition.append(batch.into_bytes(), now).await?;
+        let appended = partition.append(batch, now).await?;
         first.get_or_insert(appended.base_offset);
     }
-    Ok((first.expect("at least one batch"), partition.offsets().log_start))
+    Ok((
+        first.expect("at least one batch"),
+        partition.offsets().log_start,
+    ))
 }
 
 async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
@@ -201,7 +285,10 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
         };
         match topics.iter_mut().find(|t| t.name == name) {
             Some(topic) => topic.partitions.push(response),
-            None => topics.push(ProduceTopicResponse { name, partitions: vec![response] }),
+            None => topics.push(ProduceTopicResponse {
+                name,
+                partitions: vec![response],
+            }),
         }
     }
     ProduceResponse { topics }
@@ -217,18 +304,24 @@ fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPa
         log_start_offset: -1,
         records: Bytes::new(),
     };
-    let result = state.cluster.partition(&p.topic, p.partition).and_then(|partition| {
-        let offsets = partition.offsets();
-        response.high_watermark = offsets.high_watermark;
-        response.log_start_offset = offsets.log_start;
-        if p.offset < offsets.log_start || p.offset > offsets.high_watermark {
-            return Err(ClusterError::new(
-                ErrorCode::OffsetOutOfRange,
-                format!("offset {} is outside [{}, {}]", p.offset, offsets.log_start, offsets.high_watermark),
-            ));
-        }
-        partition.read(p.offset, max_bytes)
-    });
+    let result = state
+        .cluster
+        .partition(&p.topic, p.partition)
+        .and_then(|partition| {
+            let offsets = partition.offsets();
+            response.high_watermark = offsets.high_watermark;
+            response.log_start_offset = offsets.log_start;
+            if p.offset < offsets.log_start || p.offset > offsets.high_watermark {
+                return Err(ClusterError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "offset {} is outside [{}, {}]",
+                        p.offset, offsets.log_start, offsets.high_watermark
+                    ),
+                ));
+            }
+            partition.read(p.offset, max_bytes)
+        });
     match result {
         Ok(records) => response.records = records,
         Err(e) => {
@@ -240,7 +333,9 @@ fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPa
 }
 
 async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
-    let wait = Duration::from_millis(u64::from(request.max_wait_ms.min(state.config.fetch_wait_ms_max)));
+    let wait = Duration::from_millis(u64::from(
+        request.max_wait_ms.min(state.config.fetch_wait_ms_max),
+    ));
     let deadline = tokio::time::Instant::now() + wait;
     // Watch every partition's high watermark before reading, so no append slips between the
     // read and the wait.
@@ -264,13 +359,21 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
         }
         let total: usize = partitions.iter().map(|p| p.records.len()).sum();
         let errors = partitions.iter().any(|p| p.error != ErrorCode::None);
-        if total >= request.min_bytes as usize || errors || watches.is_empty() || tokio::time::Instant::now() >= deadline {
+        if total >= request.min_bytes as usize
+            || errors
+            || watches.is_empty()
+            || tokio::time::Instant::now() >= deadline
+        {
             return FetchResponse { partitions };
         }
         let changed = futures_select_changed(&mut watches);
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             // One last read: the deadline passed.
-            let partitions = request.partitions.iter().map(|p| fetch_partition(state, p, p.partition_max_bytes)).collect();
+            let partitions = request
+                .partitions
+                .iter()
+                .map(|p| fetch_partition(state, p, p.partition_max_bytes))
+                .collect();
             return FetchResponse { partitions };
         }
     }
@@ -301,12 +404,21 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
         .partitions
         .into_iter()
         .map(|p| {
-            let result = state.cluster.partition(&p.topic, p.partition).and_then(|part| part.list_offset(p.spec));
+            let result = state
+                .cluster
+                .partition(&p.topic, p.partition)
+                .and_then(|part| part.list_offset(p.spec));
             let (error, offset, timestamp_ms) = match result {
                 Ok((offset, ts)) => (ErrorCode::None, offset, ts),
                 Err(e) => (e.code, -1, -1),
             };
-            ListOffsetsPartitionResponse { topic: p.topic, partition: p.partition, error, offset, timestamp_ms }
+            ListOffsetsPartitionResponse {
+                topic: p.topic,
+                partition: p.partition,
+                error,
+                offset,
+                timestamp_ms,
+            }
         })
         .collect();
     ListOffsetsResponse { partitions }
@@ -315,12 +427,20 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
 /// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
 /// with `write_all`, so a consumer that stops reading stops the loop (QUIC flow control); the
 /// broker holds at most one push of `push_bytes_max` per subscription.
-pub(super) async fn subscribe(state: &State, request: SubscribeRequest, send: &mut quinn::SendStream) {
-    let push_bytes_max = request.push_bytes_max.clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
+pub(super) async fn subscribe(
+    state: &State,
+    request: SubscribeRequest,
+    send: &mut quinn::SendStream,
+) {
+    let push_bytes_max = request
+        .push_bytes_max
+        .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
     let partition = match state.cluster.partition(&request.topic, request.partition) {
         Ok(partition) => partition,
         Err(e) => {
-            let _ = send.write_all(&frame::encode_error_response(e.code, &e.message)).await;
+            let _ = send
+                .write_all(&frame::encode_error_response(e.code, &e.message))
+                .await;
             return;
         }
     };
@@ -359,16 +479,19 @@ pub(super) async fn subscribe(state: &State, request: SubscribeRequest, send: &m
 }
 
 fn next_offset_after(records: &Bytes) -> Option<i64> {
-    let mut rest = &records[..];
-    let mut next = None;
-    while let Ok(header) = batch::BatchHeader::parse(rest) {
-        if header.total_bytes() > rest.len() {
-            break;
-        }
-        next = Some(header.next_offset());
-        rest = &rest[header.total_bytes()..];
-    }
-    next
+    batch::BatchSlices::new(records.clone())
+        .map_while(Result::ok)
+        .last()
+        .map(|(header, _)| header.next_offset())
+}
+
+fn batch_error(error: batch::BatchError) -> ClusterError {
+    let code = match error {
+        batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
+        batch::BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
+        _ => ErrorCode::CorruptBatch,
+    };
+    ClusterError::new(code, error.to_string())
 }
 
 // ---- consumer groups ----
@@ -377,7 +500,10 @@ fn partitions_of(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
     move |topic: &str| state.cluster.topic(topic).map(|t| t.config.partitions)
 }
 
-fn group_heartbeat(state: &State, request: GroupHeartbeatRequest) -> Result<GroupHeartbeatResponse, ClusterError> {
+fn group_heartbeat(
+    state: &State,
+    request: GroupHeartbeatRequest,
+) -> Result<GroupHeartbeatResponse, ClusterError> {
     let partitions_of = partitions_of(state);
     state
         .groups
@@ -387,7 +513,10 @@ fn group_heartbeat(state: &State, request: GroupHeartbeatRequest) -> Result<Grou
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))
 }
 
-fn group_leave(state: &State, request: GroupLeaveRequest) -> Result<GroupLeaveResponse, ClusterError> {
+fn group_leave(
+    state: &State,
+    request: GroupLeaveRequest,
+) -> Result<GroupLeaveResponse, ClusterError> {
     state
         .groups
         .lock()
@@ -416,11 +545,16 @@ fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, C
         .lock()
         .expect("groups lock")
         .describe(group, &lag_of)
-        .ok_or_else(|| ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}")))
+        .ok_or_else(|| {
+            ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}"))
+        })
 }
 
 /// Commits are records in the offsets topic: appended durably first, applied after.
-async fn offset_commit(state: &State, request: OffsetCommitRequest) -> Result<OffsetCommitResponse, ClusterError> {
+async fn offset_commit(
+    state: &State,
+    request: OffsetCommitRequest,
+) -> Result<OffsetCommitResponse, ClusterError> {
     let partitions_of = partitions_of(state);
     let plan = state
         .groups
@@ -439,7 +573,9 @@ async fn offset_commit(state: &State, request: OffsetCommitRequest) -> Result<Of
             let key = record.encode_key();
             let value = record.encode_value();
             if !builder.try_append(now, Some(&key), value.as_deref(), &[]) {
-                batches.push(std::mem::replace(&mut builder, BatchBuilder::new(batch_bytes_max)).finish());
+                batches.push(
+                    std::mem::replace(&mut builder, BatchBuilder::new(batch_bytes_max)).finish(),
+                );
                 let appended = builder.try_append(now, Some(&key), value.as_deref(), &[]);
                 assert!(appended, "an empty batch takes any record");
             }
@@ -451,7 +587,11 @@ async fn offset_commit(state: &State, request: OffsetCommitRequest) -> Result<Of
         let mut groups = state.groups.lock().expect("groups lock");
         for record in &plan.records {
             groups.apply_commit(record);
-            partitions.push(PartitionError { topic: record.topic.clone(), partition: record.partition, error: ErrorCode::None });
+            partitions.push(PartitionError {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                error: ErrorCode::None,
+            });
         }
     }
     Ok(OffsetCommitResponse { partitions })
@@ -471,17 +611,25 @@ pub(super) async fn load_group_offsets(state: &State) -> Result<(), ClusterError
         }
         let mut groups = state.groups.lock().expect("groups lock");
         for batch in batches {
-            let batch = batch.map_err(|e| ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}")))?;
+            let batch = batch.map_err(|e| {
+                ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
+            })?;
             offset = batch.header().next_offset();
             for record in batch.records() {
-                let record = record.map_err(|e| ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}")))?;
-                let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else { continue };
+                let record = record.map_err(|e| {
+                    ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
+                })?;
+                let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else {
+                    continue;
+                };
                 match OffsetRecord::decode(key, value.map(|v| &v[..])) {
                     Ok(commit) => {
                         groups.apply_commit(&commit);
                         loaded += 1;
                     }
-                    Err(e) => tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record"),
+                    Err(e) => {
+                        tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record")
+                    }
                 }
             }
         }
