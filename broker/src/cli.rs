@@ -8,22 +8,32 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use ketch_client::{
-    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, NewTopic, Offset, ProducerConfig,
-    ProducerRecord, TopicPartition, Tls,
+    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, NewTopic, Offset,
+    ProducerConfig, ProducerRecord, Tls, TopicPartition,
 };
 
 /// Where the broker is and how to trust it.
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Broker address (UDP).
-    #[arg(long, global = true, env = "KETCH_BROKER", default_value = "127.0.0.1:9192")]
+    #[arg(
+        long,
+        global = true,
+        env = "KETCH_BROKER",
+        default_value = "127.0.0.1:9192"
+    )]
     broker: String,
     /// CA certificate (PEM) to verify the broker with; defaults to ./ketch-data/ca.pem when
     /// it exists (the development CA of a local `ketch serve`).
     #[arg(long, global = true, env = "KETCH_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// TLS server name to verify.
-    #[arg(long, global = true, env = "KETCH_SERVER_NAME", default_value = "localhost")]
+    #[arg(
+        long,
+        global = true,
+        env = "KETCH_SERVER_NAME",
+        default_value = "localhost"
+    )]
     server_name: String,
 }
 
@@ -34,7 +44,9 @@ impl Connection {
             None => {
                 let local = PathBuf::from("ketch-data/ca.pem");
                 if !local.exists() {
-                    bail!("no CA certificate: pass --ca-cert or set KETCH_CA_CERT (a local `ketch serve` writes ./ketch-data/ca.pem)");
+                    bail!(
+                        "no CA certificate: pass --ca-cert or set KETCH_CA_CERT (a local `ketch serve` writes ./ketch-data/ca.pem)"
+                    );
                 }
                 local
             }
@@ -50,7 +62,9 @@ impl Connection {
 
     async fn connect(&self) -> anyhow::Result<Client> {
         let config = self.client_config()?;
-        Client::connect(config).await.with_context(|| format!("connecting to {}", self.broker))
+        Client::connect(config)
+            .await
+            .with_context(|| format!("connecting to {}", self.broker))
     }
 }
 
@@ -147,20 +161,31 @@ pub fn topic(connection: &Connection, command: TopicCommand) -> anyhow::Result<(
         let admin = client.admin();
         let mut out = std::io::stdout().lock();
         match command {
-            TopicCommand::Create { name, partitions, retention_ms, retention_bytes } => {
+            TopicCommand::Create {
+                name,
+                partitions,
+                retention_ms,
+                retention_bytes,
+            } => {
                 let mut topic = NewTopic::new(&name, partitions);
                 if let Some(ms) = retention_ms {
                     topic.configs.push(("retention.ms".into(), ms.to_string()));
                 }
                 if let Some(bytes) = retention_bytes {
-                    topic.configs.push(("retention.bytes".into(), bytes.to_string()));
+                    topic
+                        .configs
+                        .push(("retention.bytes".into(), bytes.to_string()));
                 }
                 admin.create_topic(topic).await?;
                 writeln!(out, "created topic {name} with {partitions} partitions")?;
             }
             TopicCommand::List => {
                 for topic in admin.list_topics().await? {
-                    writeln!(out, "{}\tpartitions={}\treplicas={}", topic.name, topic.partitions, topic.replication_factor)?;
+                    writeln!(
+                        out,
+                        "{}\tpartitions={}\treplicas={}",
+                        topic.name, topic.partitions, topic.replication_factor
+                    )?;
                 }
             }
             TopicCommand::Describe { name } => {
@@ -172,7 +197,11 @@ pub fn topic(connection: &Connection, command: TopicCommand) -> anyhow::Result<(
                 writeln!(out, "PARTITION\tLEADER\tLOG-START\tHIGH-WATERMARK")?;
                 for p in &topic.partitions {
                     let leader = p.leader.map_or("-".to_owned(), |l| l.to_string());
-                    writeln!(out, "{}\t{}\t{}\t{}", p.partition, leader, p.log_start_offset, p.high_watermark)?;
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}",
+                        p.partition, leader, p.log_start_offset, p.high_watermark
+                    )?;
                 }
             }
             TopicCommand::Delete { name } => {
@@ -193,24 +222,47 @@ pub fn group(connection: &Connection, command: GroupCommand) -> anyhow::Result<(
         match command {
             GroupCommand::List => {
                 for group in admin.list_groups().await? {
-                    writeln!(out, "{}\tstate={}\tmembers={}", group.group, group.state, group.members)?;
+                    writeln!(
+                        out,
+                        "{}\tstate={}\tmembers={}",
+                        group.group, group.state, group.members
+                    )?;
                 }
             }
             GroupCommand::Describe { group } => {
                 let description = admin.describe_group(&group).await?;
-                writeln!(out, "group {} state={} epoch={}", description.group, description.state, description.group_epoch)?;
+                writeln!(
+                    out,
+                    "group {} state={} epoch={}",
+                    description.group, description.state, description.group_epoch
+                )?;
                 for member in &description.members {
-                    let partitions: Vec<String> =
-                        member.assignment.iter().map(|tp| format!("{}-{}", tp.topic, tp.partition)).collect();
-                    writeln!(out, "  member {} client={} partitions=[{}]", member.member_id, member.client_id, partitions.join(","))?;
+                    let partitions: Vec<String> = member
+                        .assignment
+                        .iter()
+                        .map(|tp| format!("{}-{}", tp.topic, tp.partition))
+                        .collect();
+                    writeln!(
+                        out,
+                        "  member {} client={} partitions=[{}]",
+                        member.member_id,
+                        member.client_id,
+                        partitions.join(",")
+                    )?;
                 }
                 writeln!(out, "TOPIC\tPARTITION\tCOMMITTED\tHIGH-WATERMARK\tLAG")?;
                 for offset in &description.offsets {
-                    let committed = offset.committed_offset.map_or("-".to_owned(), |o| o.to_string());
+                    let committed = offset
+                        .committed_offset
+                        .map_or("-".to_owned(), |o| o.to_string());
                     writeln!(
                         out,
                         "{}\t{}\t{}\t{}\t{}",
-                        offset.partition.topic, offset.partition.partition, committed, offset.high_watermark, offset.lag
+                        offset.partition.topic,
+                        offset.partition.partition,
+                        committed,
+                        offset.high_watermark,
+                        offset.lag
                     )?;
                 }
                 writeln!(out, "total lag {}", description.total_lag())?;
@@ -285,8 +337,13 @@ fn parse_from(from: &str) -> anyhow::Result<Offset> {
         "beginning" => Offset::Beginning,
         "end" => Offset::End,
         other => match other.strip_prefix('@') {
-            Some(ts) => Offset::Timestamp(ts.parse().map_err(|_| anyhow!("--from @TIMESTAMP_MS needs a number, not {ts:?}"))?),
-            None => Offset::At(other.parse().map_err(|_| anyhow!("--from must be beginning, end, OFFSET or @TIMESTAMP_MS, not {other:?}"))?),
+            Some(ts) => Offset::Timestamp(
+                ts.parse()
+                    .map_err(|_| anyhow!("--from @TIMESTAMP_MS needs a number, not {ts:?}"))?,
+            ),
+            None => Offset::At(other.parse().map_err(|_| {
+                anyhow!("--from must be beginning, end, OFFSET or @TIMESTAMP_MS, not {other:?}")
+            })?),
         },
     })
 }
@@ -337,12 +394,20 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                 let auto_offset_reset = match from {
                     Offset::Beginning => AutoOffsetReset::Earliest,
                     Offset::End => AutoOffsetReset::Latest,
-                    _ => bail!("with --group, --from takes beginning or end (committed offsets decide the rest)"),
+                    _ => bail!(
+                        "with --group, --from takes beginning or end (committed offsets decide the rest)"
+                    ),
                 };
                 if args.partition.is_some() {
-                    bail!("--partition and --group do not go together: the group assigns partitions");
+                    bail!(
+                        "--partition and --group do not go together: the group assigns partitions"
+                    );
                 }
-                let config = ConsumerConfig { group: Some(group.clone()), auto_offset_reset, ..ConsumerConfig::default() };
+                let config = ConsumerConfig {
+                    group: Some(group.clone()),
+                    auto_offset_reset,
+                    ..ConsumerConfig::default()
+                };
                 client.subscribe(config, &[args.topic.as_str()])?
             }
             None => {
@@ -350,7 +415,9 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                     Some(p) => vec![TopicPartition::new(&args.topic, p)],
                     None => {
                         let count = client.partition_count(&args.topic).await?;
-                        (0..count).map(|p| TopicPartition::new(&args.topic, p)).collect()
+                        (0..count)
+                            .map(|p| TopicPartition::new(&args.topic, p))
+                            .collect()
                     }
                 };
                 // An explicit offset outside the log is an error, not a silent reset.
@@ -358,7 +425,10 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                     Offset::At(_) => AutoOffsetReset::Error,
                     _ => AutoOffsetReset::Earliest,
                 };
-                let config = ConsumerConfig { auto_offset_reset, ..ConsumerConfig::default() };
+                let config = ConsumerConfig {
+                    auto_offset_reset,
+                    ..ConsumerConfig::default()
+                };
                 let consumer = client.assign(config, &partitions)?;
                 for partition in &partitions {
                     consumer.seek(partition, from)?;
@@ -422,7 +492,12 @@ struct Progress {
 impl Progress {
     fn new(label: &'static str) -> Progress {
         let now = Instant::now();
-        Progress { label, started: now, last: std::cell::Cell::new(now), enabled: std::io::stderr().is_terminal() }
+        Progress {
+            label,
+            started: now,
+            last: std::cell::Cell::new(now),
+            enabled: std::io::stderr().is_terminal(),
+        }
     }
 
     fn update(&self, count: u64) {

@@ -28,14 +28,18 @@ impl std::str::FromStr for Fsync {
                 .and_then(|ms| ms.parse().ok())
                 .filter(|ms| *ms > 0)
                 .map(Fsync::IntervalMs)
-                .ok_or_else(|| format!("fsync must be always, never or interval:MS, not {other:?}")),
+                .ok_or_else(|| {
+                    format!("fsync must be always, never or interval:MS, not {other:?}")
+                }),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for Fsync {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fsync, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -107,9 +111,15 @@ impl Default for BrokerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -117,8 +127,14 @@ pub enum ConfigError {
 impl BrokerConfig {
     /// Reads a TOML file; missing keys keep their defaults.
     pub fn from_file(path: &std::path::Path) -> Result<BrokerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Checks relationships between limits.
@@ -128,19 +144,28 @@ impl BrokerConfig {
             return invalid("tls_cert and tls_key go together".into());
         }
         if (self.batch_bytes_max as usize) > ketch_protocol::batch::BATCH_BYTES_MAX {
-            return invalid(format!("batch_bytes_max is at most {}", ketch_protocol::batch::BATCH_BYTES_MAX));
+            return invalid(format!(
+                "batch_bytes_max is at most {}",
+                ketch_protocol::batch::BATCH_BYTES_MAX
+            ));
         }
         if self.frame_bytes_max < self.batch_bytes_max + 64 * 1024 {
-            return invalid("frame_bytes_max must exceed batch_bytes_max by at least 64 KiB".into());
+            return invalid(
+                "frame_bytes_max must exceed batch_bytes_max by at least 64 KiB".into(),
+            );
         }
         if self.segment_bytes_max < u64::from(self.batch_bytes_max) {
-            return invalid("segment_bytes_max must hold at least one batch_bytes_max batch".into());
+            return invalid(
+                "segment_bytes_max must hold at least one batch_bytes_max batch".into(),
+            );
         }
         if self.group_session_timeout_ms_min > self.group_session_timeout_ms_max {
             return invalid("group_session_timeout_ms_min exceeds the max".into());
         }
         if self.request_bytes_in_flight_max < u64::from(self.frame_bytes_max) {
-            return invalid("request_bytes_in_flight_max must hold one frame_bytes_max frame".into());
+            return invalid(
+                "request_bytes_in_flight_max must hold one frame_bytes_max frame".into(),
+            );
         }
         if self.streams_per_connection_max == 0 || self.requests_in_flight_max == 0 {
             return invalid("stream and request limits must be positive".into());
@@ -169,7 +194,8 @@ mod tests {
 
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
-        let config: BrokerConfig = toml::from_str("fsync = \"never\"\nlisten = \"0.0.0.0:1\"").unwrap();
+        let config: BrokerConfig =
+            toml::from_str("fsync = \"never\"\nlisten = \"0.0.0.0:1\"").unwrap();
         assert_eq!(config.fsync, Fsync::Never);
         assert_eq!(config.listen.port(), 1);
         assert_eq!(config.data_dir, PathBuf::from("./ketch-data"));

@@ -6,10 +6,19 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ketch", version, about = "Ketch: a durable, replicated event log over QUIC")]
+#[command(
+    name = "ketch",
+    version,
+    about = "Ketch: a durable, replicated event log over QUIC"
+)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ketch_broker=debug`.
-    #[arg(long, env = "KETCH_LOG", default_value = "warn,ketch=info,ketch_broker=info", global = true)]
+    #[arg(
+        long,
+        env = "KETCH_LOG",
+        default_value = "warn,ketch=info,ketch_broker=info",
+        global = true
+    )]
     log: String,
     #[command(flatten)]
     connection: cli::Connection,
@@ -36,7 +45,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -104,7 +104,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let data_dir = config.data_dir.clone();
         let broker = Broker::bind(config).await.context("starting the broker")?;
-        let ca = broker.dev_ca_path().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
+        let ca = broker
+            .dev_ca_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into());
         tracing::info!(
             listen = %broker.local_addr(),
             data_dir = %data_dir.display(),

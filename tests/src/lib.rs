@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
+pub mod raw;
+
 /// How long a broker may take to print its ready line.
 pub const BROKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -23,7 +25,10 @@ pub fn ketch_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/<test> -> target/debug/ketch
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     dir.join("ketch")
 }
 
@@ -48,11 +53,17 @@ impl BrokerProcess {
     fn spawn(data_dir: &Path, listen: &str, args: Vec<String>) -> anyhow::Result<BrokerProcess> {
         let bin = ketch_bin();
         if !bin.exists() {
-            bail!("{} does not exist; run `cargo build --bins` first or set KETCH_BIN", bin.display());
+            bail!(
+                "{} does not exist; run `cargo build --bins` first or set KETCH_BIN",
+                bin.display()
+            );
         }
         std::fs::create_dir_all(data_dir)?;
         let log_path = data_dir.join(format!("broker-{}.log", std::process::id()));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let mut child = Command::new(&bin)
             .arg("serve")
             .arg("--data-dir")
@@ -60,7 +71,10 @@ impl BrokerProcess {
             .arg("--listen")
             .arg(listen)
             .args(&args)
-            .env("KETCH_LOG", std::env::var("KETCH_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "KETCH_LOG",
+                std::env::var("KETCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -89,7 +103,9 @@ impl BrokerProcess {
             Err(_) => {
                 let log = process.log();
                 process.kill();
-                bail!("broker did not become ready within {BROKER_READY_TIMEOUT:?}; its log:\n{log}");
+                bail!(
+                    "broker did not become ready within {BROKER_READY_TIMEOUT:?}; its log:\n{log}"
+                );
             }
         };
         for field in line.split_whitespace() {
@@ -129,8 +145,13 @@ impl BrokerProcess {
 
     /// SIGTERM and wait (bounded) for a graceful exit; returns whether it exited cleanly.
     pub fn terminate(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else { return Ok(false) };
-        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
         if !status.success() {
             bail!("kill -TERM {} failed", child.id());
         }
@@ -160,7 +181,10 @@ impl BrokerProcess {
     /// A `ketch` client command pointed at this broker.
     pub fn cli(&self) -> Command {
         let mut command = Command::new(ketch_bin());
-        command.env("KETCH_BROKER", self.broker_arg()).env("KETCH_CA_CERT", &self.ca).env("KETCH_LOG", "warn");
+        command
+            .env("KETCH_BROKER", self.broker_arg())
+            .env("KETCH_CA_CERT", &self.ca)
+            .env("KETCH_LOG", "warn");
         command
     }
 }

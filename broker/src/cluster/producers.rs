@@ -51,7 +51,10 @@ impl ProducerTable {
     pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
         let reject = |code, message: String| SequenceCheck::Reject { code, message };
         if header.base_sequence < 0 || header.producer_epoch < 0 {
-            return reject(ErrorCode::InvalidRequest, "idempotent batch with a negative sequence or epoch".into());
+            return reject(
+                ErrorCode::InvalidRequest,
+                "idempotent batch with a negative sequence or epoch".into(),
+            );
         }
         let Some(entry) = self.producers.get(&header.producer_id) else {
             if header.base_sequence == 0 {
@@ -68,25 +71,39 @@ impl ProducerTable {
         if header.producer_epoch < entry.epoch {
             return reject(
                 ErrorCode::InvalidProducerEpoch,
-                format!("producer {} epoch {} is older than {}", header.producer_id, header.producer_epoch, entry.epoch),
+                format!(
+                    "producer {} epoch {} is older than {}",
+                    header.producer_id, header.producer_epoch, entry.epoch
+                ),
             );
         }
         if header.producer_epoch > entry.epoch {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
-            return reject(ErrorCode::OutOfOrderSequence, "a new producer epoch must start at sequence 0".into());
+            return reject(
+                ErrorCode::OutOfOrderSequence,
+                "a new producer epoch must start at sequence 0".into(),
+            );
         }
         let last = last_sequence(header);
-        if let Some(seen) =
-            entry.batches.iter().find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
+        if let Some(seen) = entry
+            .batches
+            .iter()
+            .find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
         {
             return match seen.base_offset {
                 Some(base_offset) => SequenceCheck::Duplicate { base_offset },
-                None => reject(ErrorCode::Overloaded, "the original of this retried batch is still being appended".into()),
+                None => reject(
+                    ErrorCode::Overloaded,
+                    "the original of this retried batch is still being appended".into(),
+                ),
             };
         }
-        let expected = entry.batches.back().map_or(0, |b| b.last_sequence.wrapping_add(1) & i32::MAX);
+        let expected = entry
+            .batches
+            .back()
+            .map_or(0, |b| b.last_sequence.wrapping_add(1) & i32::MAX);
         if header.base_sequence != expected {
             return reject(
                 ErrorCode::OutOfOrderSequence,
@@ -102,8 +119,15 @@ impl ProducerTable {
     /// Notes a batch that passed [`Self::check`] and is being appended.
     pub fn begin(&mut self, header: &BatchHeader) {
         self.clock += 1;
-        if !self.producers.contains_key(&header.producer_id) && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX {
-            if let Some(oldest) = self.producers.iter().min_by_key(|(_, e)| e.last_seen).map(|(id, _)| *id) {
+        if !self.producers.contains_key(&header.producer_id)
+            && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
+        {
+            if let Some(oldest) = self
+                .producers
+                .iter()
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(id, _)| *id)
+            {
                 self.producers.remove(&oldest);
             }
         }
@@ -127,8 +151,10 @@ impl ProducerTable {
     pub fn complete(&mut self, header: &BatchHeader, base_offset: i64) {
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
-            if let Some(seen) =
-                entry.batches.iter_mut().find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
+            if let Some(seen) = entry
+                .batches
+                .iter_mut()
+                .find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
             {
                 seen.base_offset = Some(base_offset);
             }
@@ -140,7 +166,9 @@ impl ProducerTable {
     pub fn abort(&mut self, header: &BatchHeader) {
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
-            entry.batches.retain(|b| !(b.first_sequence == header.base_sequence && b.last_sequence == last));
+            entry
+                .batches
+                .retain(|b| !(b.first_sequence == header.base_sequence && b.last_sequence == last));
         }
     }
 
@@ -203,12 +231,33 @@ mod tests {
 
     #[test]
     fn sequences() {
-        check(&[(1, 0, 0, 3, "append"), (1, 0, 3, 2, "append"), (1, 0, 0, 3, "duplicate@0"), (1, 0, 3, 2, "duplicate@3")]);
-        check(&[(1, 0, 0, 3, "append"), (1, 0, 4, 1, "out_of_order_sequence"), (1, 0, 3, 1, "append")]);
+        check(&[
+            (1, 0, 0, 3, "append"),
+            (1, 0, 3, 2, "append"),
+            (1, 0, 0, 3, "duplicate@0"),
+            (1, 0, 3, 2, "duplicate@3"),
+        ]);
+        check(&[
+            (1, 0, 0, 3, "append"),
+            (1, 0, 4, 1, "out_of_order_sequence"),
+            (1, 0, 3, 1, "append"),
+        ]);
         check(&[(1, 0, 5, 1, "out_of_order_sequence")]);
-        check(&[(1, 1, 0, 1, "append"), (1, 0, 1, 1, "invalid_producer_epoch"), (1, 2, 0, 1, "append")]);
-        check(&[(1, 0, 0, 1, "append"), (1, 1, 7, 1, "out_of_order_sequence")]);
-        check(&[(1, 0, 0, 1, "append"), (2, 0, 0, 1, "append"), (1, 0, 1, 1, "append"), (2, 0, 0, 1, "duplicate@1")]);
+        check(&[
+            (1, 1, 0, 1, "append"),
+            (1, 0, 1, 1, "invalid_producer_epoch"),
+            (1, 2, 0, 1, "append"),
+        ]);
+        check(&[
+            (1, 0, 0, 1, "append"),
+            (1, 1, 7, 1, "out_of_order_sequence"),
+        ]);
+        check(&[
+            (1, 0, 0, 1, "append"),
+            (2, 0, 0, 1, "append"),
+            (1, 0, 1, 1, "append"),
+            (2, 0, 0, 1, "duplicate@1"),
+        ]);
         // Sequences wrap at i32::MAX back to 0.
         let mut table = ProducerTable::default();
         let first = header(9, 0, 0, 1);
@@ -240,7 +289,10 @@ mod tests {
             table.complete(&h, i64::from(seq));
         }
         // The oldest batch fell out of the window: it is no longer a known duplicate.
-        assert_eq!(kind(&table.check(&header(1, 0, 0, 1))), "out_of_order_sequence");
+        assert_eq!(
+            kind(&table.check(&header(1, 0, 0, 1))),
+            "out_of_order_sequence"
+        );
         assert_eq!(kind(&table.check(&header(1, 0, 1, 1))), "duplicate@1");
     }
 }

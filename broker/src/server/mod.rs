@@ -36,7 +36,10 @@ pub enum StartError {
     #[error("opening the data directory: {0}")]
     Cluster(#[from] ClusterError),
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("QUIC configuration: {0}")]
     Quic(String),
 }
@@ -90,7 +93,10 @@ impl Broker {
     pub async fn bind(config: BrokerConfig) -> Result<Broker, StartError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            ClusterError::new(ErrorCode::StorageFailed, format!("creating {}: {e}", config.data_dir.display()))
+            ClusterError::new(
+                ErrorCode::StorageFailed,
+                format!("creating {}: {e}", config.data_dir.display()),
+            )
         })?;
         let identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => tls::load_identity(cert, key)?,
@@ -105,7 +111,11 @@ impl Broker {
         transport
             .max_concurrent_bidi_streams(config.streams_per_connection_max.into())
             .max_concurrent_uni_streams(0u32.into())
-            .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("idle timeout fits")))
+            .max_idle_timeout(Some(
+                Duration::from_secs(60)
+                    .try_into()
+                    .expect("idle timeout fits"),
+            ))
             .stream_receive_window((8u32 * 1024 * 1024).into())
             .receive_window((64u32 * 1024 * 1024).into())
             .send_window(64 * 1024 * 1024);
@@ -122,10 +132,18 @@ impl Broker {
             heartbeat_interval_ms: config.group_heartbeat_interval_ms,
             ..Default::default()
         });
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS);
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            StartError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES)
+            .min(Semaphore::MAX_PERMITS);
         let state = Arc::new(State {
             cluster: Arc::new(cluster),
             groups: std::sync::Mutex::new(groups),
@@ -136,7 +154,11 @@ impl Broker {
             config,
         });
         handlers::load_group_offsets(&state).await?;
-        Ok(Broker { state, endpoint, dev_ca_path })
+        Ok(Broker {
+            state,
+            endpoint,
+            dev_ca_path,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -167,13 +189,17 @@ impl Broker {
         state.shutdown.cancel();
         let all = state.config.requests_in_flight_max;
         let grace = Duration::from_millis(state.config.shutdown_grace_ms);
-        if tokio::time::timeout(grace, state.requests.acquire_many(all)).await.is_err() {
+        if tokio::time::timeout(grace, state.requests.acquire_many(all))
+            .await
+            .is_err()
+        {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         background.abort();
         let cluster = state.cluster.clone();
         let _ = tokio::task::spawn_blocking(move || cluster.sync_all()).await;
-        self.endpoint.close(CONNECTION_SHUTDOWN.into(), b"broker shutting down");
+        self.endpoint
+            .close(CONNECTION_SHUTDOWN.into(), b"broker shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         tracing::info!("shut down");
     }
@@ -181,7 +207,9 @@ impl Broker {
 
 /// Retention and group session expiry, at their own pace.
 async fn background_tasks(state: Arc<State>) {
-    let mut retention = tokio::time::interval(Duration::from_millis(state.config.retention_check_interval_ms.max(100)));
+    let mut retention = tokio::time::interval(Duration::from_millis(
+        state.config.retention_check_interval_ms.max(100),
+    ));
     let mut groups = tokio::time::interval(Duration::from_millis(250));
     let flush_ms = match state.config.fsync {
         crate::config::Fsync::IntervalMs(ms) => ms,
@@ -235,9 +263,15 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
 }
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, state: Arc<State>) {
-    let Ok(_request_permit) = state.requests.clone().acquire_owned().await else { return };
+    let Ok(_request_permit) = state.requests.clone().acquire_owned().await else {
+        return;
+    };
     if state.shutdown.is_cancelled() {
-        let _ = write_frame(&mut send, frame::encode_error_response(ErrorCode::ShuttingDown, "broker is shutting down")).await;
+        let _ = write_frame(
+            &mut send,
+            frame::encode_error_response(ErrorCode::ShuttingDown, "broker is shutting down"),
+        )
+        .await;
         return;
     }
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
@@ -250,12 +284,23 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         Err(e) => {
             // Refused from the prefix: nothing of the body is read into memory.
             let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(&mut send, frame::encode_error_response(e.code(), &e.to_string())).await;
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(e.code(), &e.to_string()),
+            )
+            .await;
             return;
         }
     };
     let permits = (length.div_ceil(MEMORY_PERMIT_BYTES) as u32).max(1);
-    let Ok(_memory_permit) = state.request_memory.clone().acquire_many_owned(permits).await else { return };
+    let Ok(_memory_permit) = state
+        .request_memory
+        .clone()
+        .acquire_many_owned(permits)
+        .await
+    else {
+        return;
+    };
     let mut body = vec![0u8; length];
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut body)).await {
         Ok(Ok(())) => {}
@@ -265,7 +310,11 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         }
         Err(_) => {
             let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(&mut send, frame::encode_error_response(ErrorCode::Timeout, "request not received in time")).await;
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(ErrorCode::Timeout, "request not received in time"),
+            )
+            .await;
             return;
         }
     }

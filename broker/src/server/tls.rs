@@ -16,7 +16,10 @@ const DEV_SERVER_KEY_FILE: &str = "server-key.pem";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
     #[error("generating the development certificate: {0}")]
@@ -36,7 +39,11 @@ pub struct ServerIdentity {
 
 /// Loads a PEM chain and key from files (production).
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<ServerIdentity, TlsError> {
-    Ok(ServerIdentity { chain: read_chain(cert_path)?, key: read_key(key_path)?, dev_ca_path: None })
+    Ok(ServerIdentity {
+        chain: read_chain(cert_path)?,
+        key: read_key(key_path)?,
+        dev_ca_path: None,
+    })
 }
 
 /// Loads the development identity from `data_dir`, generating a CA and a server certificate
@@ -59,21 +66,41 @@ fn generate_dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<(), 
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "Ketch development CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Ketch development CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     names.extend(extra_names.iter().cloned());
     let server_key = KeyPair::generate()?;
     let mut server_params = CertificateParams::new(names)?;
-    server_params.distinguished_name.push(DnType::CommonName, "ketch broker");
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "ketch broker");
     let server_cert = server_params.signed_by(&server_key, &ca_cert, &ca_key)?;
 
-    write_file(&data_dir.join(DEV_CA_KEY_FILE), ca_key.serialize_pem().as_bytes(), true)?;
-    write_file(&data_dir.join(DEV_SERVER_KEY_FILE), server_key.serialize_pem().as_bytes(), true)?;
-    write_file(&data_dir.join(DEV_SERVER_CERT_FILE), server_cert.pem().as_bytes(), false)?;
+    write_file(
+        &data_dir.join(DEV_CA_KEY_FILE),
+        ca_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(
+        &data_dir.join(DEV_SERVER_KEY_FILE),
+        server_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(
+        &data_dir.join(DEV_SERVER_CERT_FILE),
+        server_cert.pem().as_bytes(),
+        false,
+    )?;
     // The CA last: its presence marks a complete identity.
     write_file(&data_dir.join(DEV_CA_FILE), ca_cert.pem().as_bytes(), false)?;
     Ok(())
@@ -82,7 +109,10 @@ fn generate_dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<(), 
 fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| TlsError::Io { path: path.to_owned(), source };
+    let io = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -99,15 +129,24 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })?;
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
     if chain.is_empty() {
-        return Err(TlsError::Pem { path: path.to_owned(), message: "no certificate found".into() });
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            message: "no certificate found".into(),
+        });
     }
     Ok(chain)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// A rustls server config for QUIC: TLS 1.3 only, ALPN `ketch/1`, ring provider.
