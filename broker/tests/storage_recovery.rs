@@ -341,3 +341,44 @@ fn damaged_or_missing_indexes_are_rebuilt_from_the_log() {
         &[(-1, "timeindex")],
     );
 }
+
+#[test]
+fn a_wrong_index_entry_that_escapes_validation_costs_a_scan_not_a_wrong_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        index_interval_bytes: 128,
+        ..config()
+    };
+    let (log, _) = open_std(dir.path(), config.clone());
+    let mut appended = Vec::new();
+    for tag in 0..80 {
+        let bytes = batch(3, 60, 1_000, tag);
+        appended.push((append(&log, &bytes, 0).base_offset, bytes));
+    }
+    log.close().unwrap();
+    drop(log);
+    let sealed = log_files(dir.path())[1].with_extension("index");
+    let mut index = fs::read(&sealed).unwrap();
+    let entries = index.len() / 8;
+    assert!(
+        entries >= 16,
+        "entry 1 is not among the sampled ones ({entries} entries)"
+    );
+    // Entry 1 now claims the next offset for the same position; entry 2 is still above it.
+    let relative = u32::from_be_bytes(index[8..12].try_into().unwrap());
+    index[8..12].copy_from_slice(&(relative + 1).to_be_bytes());
+    fs::write(&sealed, &index).unwrap();
+
+    let (log, report) = open_std(dir.path(), config);
+    assert!(
+        report.indexes_rebuilt.is_empty(),
+        "sampling missed it, as intended: {report:?}"
+    );
+    assert_log_holds(&log, &appended);
+    for (base_offset, bytes) in &appended {
+        for offset in *base_offset..*base_offset + 3 {
+            let stored = log.read(offset, 1).unwrap();
+            assert_same_batch(&stored, bytes, *base_offset);
+        }
+    }
+}

@@ -3,9 +3,24 @@
 //! A [`PartitionLog`] is a directory of segments. Each segment is a `.log` file of Kafka v2 record
 //! batches stored verbatim (only the base offset is patched), named by its base offset
 //! (`00000000000000000000.log`, 20 digits), with a sparse `.index` (relative offset → file
-//! position) and a `.timeindex` (max timestamp so far → relative offset) beside it; the byte
-//! layout of the indexes is in [`index`]. The log rolls to a new segment by size
-//! ([`LogConfig::segment_bytes_max`]) and by age ([`LogConfig::segment_age_ms_max`]).
+//! position) and a `.timeindex` (max timestamp so far → relative offset) beside it. The log
+//! rolls to a new segment by size ([`LogConfig::segment_bytes_max`]) and by age
+//! ([`LogConfig::segment_age_ms_max`], counted from the segment's first append).
+//!
+//! On disk (all integers big-endian, files append-only, no headers):
+//!
+//! ```text
+//! NNNNNNNNNNNNNNNNNNNN.log        record batches, back to back (Kafka v2 layout)
+//! NNNNNNNNNNNNNNNNNNNN.index      8-byte entries:  relative_offset u32 | position u32
+//! NNNNNNNNNNNNNNNNNNNN.timeindex  12-byte entries: max_timestamp i64 | relative_offset u32
+//! log-start-offset.checkpoint     log_start i64 | crc32c(log_start) u32 (after purge_prefix)
+//! ```
+//!
+//! An offset entry is written for a batch that starts at least `index_interval_bytes` after
+//! the previous entry; at those points a time entry (maximum timestamp so far, batch where it
+//! first appeared) is written if the maximum grew, and a rolled segment gets a last time entry
+//! with its maximum timestamp. Entries depend only on the batches, so a rebuild reproduces the
+//! files byte for byte.
 //!
 //! **Writes** go through one writer thread per log (`ketch-log-<dir name>`): [`PartitionLog::append`]
 //! checks the batch (header, CRC, size) on the caller's thread, queues it (bounded by
