@@ -233,6 +233,13 @@ async fn produce_then_consume_round_trip_with_seek() {
     assert_eq!(within(consumer.recv()).await.expect("recv").offset, 57);
     consumer.seek(&partition, Offset::Beginning).expect("seek");
     assert_eq!(within(consumer.recv()).await.expect("recv").offset, 0);
+    consumer.seek(&partition, Offset::At(90)).expect("seek");
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 90);
+    // Every record was stamped at or after this test started.
+    consumer
+        .seek(&partition, Offset::Timestamp(0))
+        .expect("seek");
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 0);
     // From the end, only new records arrive. The end is looked up lazily: wait until it is
     // known before producing, or the new record could be counted in the end.
     consumer.seek(&partition, Offset::End).expect("seek");
@@ -574,5 +581,53 @@ async fn producer_and_consumer_reconnect_after_a_broker_restart() {
     let record = within(consumer.recv()).await.expect("recv after restart");
     assert_eq!((record.offset, text(&record.value)), (1, "after".into()));
     within(producer.close()).await.expect("close");
+    within(consumer.close()).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_on_close_and_acks_none() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("fire", 1)))
+        .await
+        .expect("create topic");
+    // acks=none: the broker does not report offsets, so neither does the delivery.
+    let producer = within(client.producer(ProducerConfig {
+        acks: ketch_client::Acks::None,
+        idempotent: false,
+        ..Default::default()
+    }))
+    .await
+    .expect("producer");
+    let mut deliveries = Vec::new();
+    for i in 0..5 {
+        deliveries.push(
+            within(producer.send(ProducerRecord::new("fire", format!("{i}"))))
+                .await
+                .expect("send"),
+        );
+    }
+    for delivery in deliveries {
+        assert_eq!(within(delivery).await.expect("delivered").offset, -1);
+    }
+    within(producer.close()).await.expect("close");
+
+    let partition = TopicPartition::new("fire", 0);
+    let consumer = client
+        .assign(earliest(Some("auditors")), std::slice::from_ref(&partition))
+        .expect("consumer");
+    let records = recv_n(&consumer, 3).await;
+    assert_eq!(records.last().unwrap().offset, 2);
+    within(consumer.close()).await.expect("close commits");
+    let committed = within(client.admin().committed_offsets("auditors"))
+        .await
+        .expect("committed offsets");
+    assert_eq!(committed, [(partition.clone(), 3)]);
+
+    // A new consumer of the group starts from the committed offset.
+    let consumer = client
+        .assign(earliest(Some("auditors")), std::slice::from_ref(&partition))
+        .expect("consumer");
+    assert_eq!(within(consumer.recv()).await.expect("recv").offset, 3);
     within(consumer.close()).await.expect("close");
 }

@@ -25,6 +25,8 @@ const WAIT_MAX: Duration = Duration::from_secs(20);
 /// What the fake does with one request.
 enum Reply {
     Frame(Bytes),
+    /// Answer after a delay.
+    After(Duration, Bytes),
     /// Reset the stream without answering: the client cannot know what happened.
     Reset,
 }
@@ -134,6 +136,12 @@ async fn serve(endpoint: quinn::Endpoint, script: Arc<Script>, log: Arc<Mutex<Ve
                     };
                     match script(&request, seen) {
                         Reply::Frame(frame) => {
+                            let _ = send.write_all(&frame).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        }
+                        Reply::After(delay, frame) => {
+                            tokio::time::sleep(delay).await;
                             let _ = send.write_all(&frame).await;
                             let _ = send.finish();
                             let _ = send.stopped().await;
@@ -416,4 +424,47 @@ async fn a_corrupt_fetched_batch_is_reported_not_delivered() {
     assert_eq!(error.code(), Some(ErrorCode::CorruptBatch));
     assert_eq!(consumer.position(&partition), Some(1));
     within(consumer.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_waits_while_the_buffer_is_full_and_cancelling_it_queues_nothing() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(scripted(|seen| {
+        Reply::After(
+            Duration::from_millis(300),
+            produced(ErrorCode::None, seen as i64),
+        )
+    }));
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(ProducerConfig {
+        batch_bytes_max: 128,
+        buffer_bytes_max: 128,
+        ..fast_retries()
+    }))
+    .await
+    .unwrap();
+    let record = || ProducerRecord::new("t", vec![b'x'; 60]);
+    let first = within(producer.send(record()))
+        .await
+        .expect("fits the buffer");
+    // The second record does not fit until the first is delivered: `send` waits. Giving up
+    // on the wait queues nothing.
+    let waited = tokio::time::timeout(Duration::from_millis(100), producer.send(record())).await;
+    assert!(waited.is_err(), "send should wait for buffer space");
+    assert_eq!(producer.pending_records(), 1);
+    let second = within(producer.send(record()))
+        .await
+        .expect("space after delivery");
+    assert_eq!(within(first).await.expect("delivered").offset, 0);
+    assert_eq!(within(second).await.expect("delivered").offset, 1);
+    assert_eq!(broker.produced_batches().len(), 2);
+    // A record that can never fit fails at once.
+    let error = within(producer.send(ProducerRecord::new("t", vec![0u8; 200])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::RecordTooLarge { limit: 128, .. }),
+        "{error:?}"
+    );
+    within(producer.close()).await.unwrap();
 }

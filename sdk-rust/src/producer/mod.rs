@@ -796,6 +796,10 @@ fn partition_result(
         .flat_map(|topic| &topic.partitions)
         .find(|p| p.partition == partition.partition);
     let Some(answer) = found else {
+        if acks == Acks::None {
+            // A broker may answer `acks=none` before (and without) any partition result.
+            return Ok(-1);
+        }
         return Err(Error::Transport(format!(
             "produce response has no result for {partition}"
         )));
@@ -869,6 +873,9 @@ mod tests {
                 "produce to t/1 failed",
             )),
         );
+        // With acks=none the broker may say nothing about the partition at all.
+        let silent = ProduceResponse { topics: vec![] };
+        assert_eq!(partition_result(&silent, &tp, Acks::None), Ok(-1));
         let missing = partition_result(
             &response(ErrorCode::None, 1),
             &TopicPartition::new("t", 2),
