@@ -2,10 +2,11 @@
 
 /// Error numbers carried in responses. **Append-only**: a code's number never changes and a
 /// retired code is never reused. `0` is success.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[repr(u16)]
 #[non_exhaustive]
 pub enum ErrorCode {
+    #[default]
     None = 0,
     /// The broker failed in a way it could not classify; the message says more.
     Unknown = 1,

@@ -29,12 +29,6 @@ impl Wire for ErrorCode {
     }
 }
 
-impl Default for ErrorCode {
-    fn default() -> Self {
-        ErrorCode::None
-    }
-}
-
 #[cfg(test)]
 impl crate::wire::sample::Sample for ErrorCode {
     fn sample(rng: &mut crate::wire::sample::Rng) -> Self {
@@ -221,6 +215,8 @@ wire_struct! {
         pub partition: u32,
         pub records: Bytes,
     }
+    /// With `acks=none` the broker answers at once with an empty `topics` list: the appends
+    /// go on, and their offsets are not reported.
     pub struct ProduceResponse {
         pub topics: Vec<ProduceTopicResponse>,
     }
@@ -228,7 +224,9 @@ wire_struct! {
         pub name: String,
         pub partitions: Vec<ProducePartitionResponse>,
     }
-    /// `base_offset` is the first offset given to the records (-1 on error or `acks=none`).
+    /// `base_offset` is the first offset given to the records (-1 on error). A retried
+    /// idempotent batch that is already in the log succeeds (`error` 0) with the base offset it
+    /// was first written at; the broker does not append it again.
     pub struct ProducePartitionResponse {
         pub partition: u32,
         pub error: ErrorCode,
@@ -326,6 +324,9 @@ wire_struct! {
         pub member_id: String,
     }
     pub struct GroupLeaveResponse {}
+    /// A member commits with its id and current epoch, for partitions it holds. A consumer
+    /// without membership commits with `member_id` "" and `member_epoch` -1, which the broker
+    /// accepts only while the group has no members.
     pub struct OffsetCommitRequest {
         pub group: String,
         pub member_id: String,

@@ -210,6 +210,42 @@ impl<T: Wire> Wire for Vec<T> {
     }
 }
 
+/// Defines a struct whose wire encoding is its fields in declaration order.
+macro_rules! wire_struct {
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    )*) => {$(
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Default)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $crate::wire::Wire for $name {
+            #[allow(unused_variables)]
+            fn encode(&self, buf: &mut ::bytes::BytesMut) {
+                $( $crate::wire::Wire::encode(&self.$field, buf); )*
+            }
+            #[allow(unused_variables)]
+            fn decode(reader: &mut $crate::wire::Reader) -> Result<Self, $crate::error::DecodeError> {
+                Ok($name { $( $field: <$ty as $crate::wire::Wire>::decode(reader)?, )* })
+            }
+        }
+
+        #[cfg(test)]
+        impl $crate::wire::sample::Sample for $name {
+            #[allow(unused_variables)]
+            fn sample(rng: &mut $crate::wire::sample::Rng) -> Self {
+                $name { $( $field: $crate::wire::sample::Sample::sample(rng), )* }
+            }
+        }
+    )*};
+}
+pub(crate) use wire_struct;
+
 /// Deterministic pseudo-random values for round-trip tests of every message.
 #[cfg(test)]
 pub(crate) mod sample {
@@ -287,39 +323,3 @@ pub(crate) mod sample {
         }
     }
 }
-
-/// Defines a struct whose wire encoding is its fields in declaration order.
-macro_rules! wire_struct {
-    ($(
-        $(#[$meta:meta])*
-        pub struct $name:ident {
-            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty, )*
-        }
-    )*) => {$(
-        $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq, Eq, Default)]
-        pub struct $name {
-            $( $(#[$field_meta])* pub $field: $ty, )*
-        }
-
-        impl $crate::wire::Wire for $name {
-            #[allow(unused_variables)]
-            fn encode(&self, buf: &mut ::bytes::BytesMut) {
-                $( $crate::wire::Wire::encode(&self.$field, buf); )*
-            }
-            #[allow(unused_variables)]
-            fn decode(reader: &mut $crate::wire::Reader) -> Result<Self, $crate::error::DecodeError> {
-                Ok($name { $( $field: <$ty as $crate::wire::Wire>::decode(reader)?, )* })
-            }
-        }
-
-        #[cfg(test)]
-        impl $crate::wire::sample::Sample for $name {
-            #[allow(unused_variables)]
-            fn sample(rng: &mut $crate::wire::sample::Rng) -> Self {
-                $name { $( $field: $crate::wire::sample::Sample::sample(rng), )* }
-            }
-        }
-    )*};
-}
-pub(crate) use wire_struct;
