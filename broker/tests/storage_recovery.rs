@@ -6,7 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use ketch_broker::storage::{FsyncPolicy, LogConfig, PartitionLog, StorageError};
+use ketch_broker::storage::sim::SimBackend;
+use ketch_broker::storage::{FileBackend, FsyncPolicy, LogConfig, PartitionLog, StorageError};
 use ketch_protocol::batch::BatchHeader;
 use storage_support::*;
 
@@ -79,6 +80,36 @@ fn assert_log_holds(log: &PartitionLog, expect: &[(i64, Bytes)]) {
     assert_eq!(log.high_watermark(), end);
 }
 
+/// Opens a log whose last batch was cut `cut` bytes into it and checks that the batch is
+/// gone, everything before is intact, and appends continue densely.
+fn check_torn_tail(
+    open: &dyn Fn() -> (PartitionLog, ketch_broker::storage::RecoveryReport),
+    cut: u64,
+    kept: &[(i64, Bytes)],
+    last_base_offset: i64,
+    reopen: bool,
+) {
+    let (log, report) = open();
+    assert_eq!(report.bytes_truncated(), cut, "cut at +{cut}");
+    assert_eq!(report.truncation.is_some(), cut > 0, "cut at +{cut}");
+    assert_log_holds(&log, kept);
+    let again = batch(2, 5, 0, 999);
+    let outcome = append(&log, &again, 0);
+    assert_eq!(
+        outcome.base_offset, last_base_offset,
+        "appends continue densely"
+    );
+    log.close().unwrap();
+    drop(log);
+    if reopen {
+        let (log, report) = open();
+        assert!(report.is_clean(), "cut at +{cut}: {report:?}");
+        let mut expect = kept.to_vec();
+        expect.push((outcome.base_offset, again));
+        assert_log_holds(&log, &expect);
+    }
+}
+
 #[test]
 fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
     let mut rng = Rng::from_env("torn_tail_at_every_byte_of_the_last_batch");
@@ -92,7 +123,26 @@ fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
         "the log spans several segments"
     );
     let kept = &appended[..appended.len() - 1];
-    for cut in 0..last_header.total_bytes() as u64 {
+    let last_bytes = last_header.total_bytes() as u64;
+    // Every cut on the simulated disk (same code, no fsync latency) ...
+    for cut in 0..last_bytes {
+        let sim = SimBackend::new();
+        for entry in fs::read_dir(template.path()).unwrap() {
+            let entry = entry.unwrap();
+            let mut bytes = fs::read(entry.path()).unwrap();
+            if entry.file_name() == tail_name {
+                bytes.truncate((last_position + cut) as usize);
+            }
+            let file = sim.create(&sim_dir().join(entry.file_name())).unwrap();
+            file.write_at(&bytes, 0).unwrap();
+            file.sync_data().unwrap();
+        }
+        sim.sync_dir(&sim_dir()).unwrap();
+        let open = || open_sim(&sim, config());
+        check_torn_tail(&open, cut, kept, last_header.base_offset, true);
+    }
+    // ... and a spread of cuts on the real file system.
+    for cut in [0, 1, 12, 60, 61, 62, last_bytes / 2, last_bytes - 1] {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(template.path(), dir.path());
         let file = fs::OpenOptions::new()
@@ -101,24 +151,8 @@ fn torn_tail_at_every_byte_of_the_last_batch_is_cut_and_appends_continue() {
             .unwrap();
         file.set_len(last_position + cut).unwrap();
         drop(file);
-
-        let (log, report) = open_std(dir.path(), config());
-        assert_eq!(report.bytes_truncated(), cut, "cut at +{cut}");
-        assert_eq!(report.truncation.is_some(), cut > 0, "cut at +{cut}");
-        assert_log_holds(&log, kept);
-        let again = batch(2, 5, 0, 999);
-        let outcome = append(&log, &again, 0);
-        assert_eq!(
-            outcome.base_offset, last_header.base_offset,
-            "appends continue densely"
-        );
-        log.close().unwrap();
-        drop(log);
-        let (log, report) = open_std(dir.path(), config());
-        assert!(report.is_clean(), "cut at +{cut}: {report:?}");
-        let mut expect = kept.to_vec();
-        expect.push((outcome.base_offset, again));
-        assert_log_holds(&log, &expect);
+        let open = || open_std(dir.path(), config());
+        check_torn_tail(&open, cut, kept, last_header.base_offset, true);
     }
 }
 
