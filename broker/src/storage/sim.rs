@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::backend::{FileBackend, StorageFile};
 
@@ -166,21 +166,13 @@ impl SimBackend {
 
     /// Waits (at most `timeout`) until `count` `sync_data` calls are waiting at the gate.
     pub fn wait_for_held_syncs(&self, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.syncs_waiting < count {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            state = self
-                .inner
-                .gate
-                .wait_timeout(state, deadline - now)
-                .expect("sim lock")
-                .0;
-        }
-        true
+        let state = self.lock();
+        let (state, _) = self
+            .inner
+            .gate
+            .wait_timeout_while(state, timeout, |s| s.syncs_waiting < count)
+            .expect("sim lock");
+        state.syncs_waiting >= count
     }
 
     pub fn counts(&self) -> SimCounts {
