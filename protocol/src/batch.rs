@@ -82,7 +82,7 @@ pub enum BatchError {
     TooLarge(usize),
     #[error("batch CRC mismatch: header says {expected:#010x}, bytes hash to {actual:#010x}")]
     CrcMismatch { expected: u32, actual: u32 },
-    #[error("compressed batches (codec {0}) are not supported yet")]
+    #[error("compression (codec {0}) is not supported yet")]
     UnsupportedCompression(i16),
     #[error("batch declares {0} records; a batch holds 1 to 2^31-1 records")]
     BadRecordCount(i32),
@@ -750,4 +750,74 @@ impl Iterator for BatchSlices {
             }
         }
     }
+}
+
+/// Checks a complete batch the way a broker must before accepting it: header, CRC, and the
+/// framing of every record (lengths, dense offset deltas, non-null header keys, no trailing
+/// bytes), without allocating. Compressed batches are refused (not supported yet).
+pub fn validate(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = verify_crc(batch)?;
+    if header.compression() != 0 {
+        return Err(BatchError::UnsupportedCompression(header.compression()));
+    }
+    let mut position = BATCH_HEADER_BYTES;
+    for index in 0..header.records_count as usize {
+        let bad = |reason| BatchError::BadRecord { index, reason };
+        let varint_err = |source| BatchError::BadVarint { index, source };
+        let (body_len, used) = varint::get_varint(&batch[position..]).map_err(varint_err)?;
+        if body_len < 0 || used + body_len as usize > batch.len() - position {
+            return Err(bad("record length runs past the end of the batch"));
+        }
+        let body = &batch[position + used..position + used + body_len as usize];
+        let mut at = 0usize;
+        let varlong = |at: &mut usize| -> Result<i64, BatchError> {
+            let (value, used) = varint::get_varlong(&body[*at..]).map_err(varint_err)?;
+            *at += used;
+            Ok(value)
+        };
+        if body.is_empty() {
+            return Err(bad("missing attributes"));
+        }
+        at += 1;
+        varlong(&mut at)?; // timestamp delta
+        let offset_delta = varlong(&mut at)?;
+        if offset_delta != index as i64 {
+            return Err(BatchError::OffsetDeltaOutOfOrder {
+                index,
+                found: i32::try_from(offset_delta).unwrap_or(i32::MAX),
+            });
+        }
+        let field = |at: &mut usize, nullable: bool| -> Result<(), BatchError> {
+            let length = varlong(at)?;
+            if length == -1 && nullable {
+                return Ok(());
+            }
+            if length < 0 || length as usize > body.len() - *at {
+                return Err(bad("field length runs past the end of the record"));
+            }
+            *at += length as usize;
+            Ok(())
+        };
+        field(&mut at, true)?; // key
+        field(&mut at, true)?; // value
+        let headers = varlong(&mut at)?;
+        if headers < 0 || headers as usize > (body.len() - at) / 2 {
+            return Err(bad("header count out of range"));
+        }
+        for _ in 0..headers {
+            field(&mut at, false).map_err(|e| match e {
+                BatchError::BadRecord { .. } => bad("header key is null or runs past the record"),
+                other => other,
+            })?;
+            field(&mut at, true)?;
+        }
+        if at != body.len() {
+            return Err(bad("record length does not match its fields"));
+        }
+        position += used + body_len as usize;
+    }
+    if position != batch.len() {
+        return Err(BatchError::TrailingBytes(batch.len() - position));
+    }
+    Ok(header)
 }

@@ -256,3 +256,32 @@ fn batch_slices_walk_headers_and_keep_the_partial_tail() {
     let results: Vec<_> = ketch_protocol::batch::BatchSlices::new(bad.into()).collect();
     assert_eq!(results, vec![Err(BatchError::UnsupportedMagic(7))]);
 }
+
+proptest! {
+    /// `validate` (allocation-free, for the broker) and the decoding reader agree on every
+    /// batch with a valid CRC: mutations of the record bytes are refused by both or by neither.
+    #[test]
+    fn validate_agrees_with_the_reader(
+        records in proptest::collection::vec(record_strategy(), 1..6),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let (bytes, _) = build(&records, 1 << 20, ProducerStamp::NONE);
+        let mut bytes = bytes.to_vec();
+        for (index, value) in edits {
+            let at = BATCH_HEADER_BYTES + index.index(bytes.len() - BATCH_HEADER_BYTES);
+            bytes[at] = value;
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(BATCH_HEADER_BYTES + cut.index(bytes.len() - BATCH_HEADER_BYTES));
+        }
+        // Re-seal length and CRC so only the records are wrong.
+        let length = (bytes.len() - 12) as i32;
+        bytes[8..12].copy_from_slice(&length.to_be_bytes());
+        let crc = crc32c::crc32c(&bytes[21..]);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        let validated = ketch_protocol::batch::validate(&bytes);
+        let decoded = RecordBatch::new(Bytes::from(bytes)).and_then(|b| b.decode_all());
+        prop_assert_eq!(validated.is_ok(), decoded.is_ok(), "validate {:?} vs decode {:?}", validated, decoded);
+    }
+}

@@ -71,6 +71,16 @@ impl From<StorageError> for ClusterError {
     }
 }
 
+/// The wire error for a batch that fails its checks.
+pub fn batch_error(error: batch::BatchError) -> ClusterError {
+    let code = match error {
+        batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
+        batch::BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
+        _ => ErrorCode::CorruptBatch,
+    };
+    ClusterError::new(code, error.to_string())
+}
+
 /// Per-topic settings, persisted in `topic.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -141,35 +151,49 @@ impl Partition {
         }
     }
 
-    /// Validates and appends one batch; resolves when the fsync policy is satisfied.
-    pub async fn append(&self, batch_bytes: Bytes, now_ms: i64) -> Result<Appended, ClusterError> {
-        if batch_bytes.len() > self.batch_bytes_max as usize {
+    /// Validates every batch in `records` (concatenated batches: header, size, CRC and the
+    /// framing of each record), then appends them in order; if any is invalid, none is
+    /// appended. Resolves when the fsync policy is satisfied, with the first base offset.
+    pub async fn append(&self, records: Bytes, now_ms: i64) -> Result<Appended, ClusterError> {
+        let mut slices = batch::BatchSlices::new(records);
+        let mut batches = Vec::new();
+        for slice in slices.by_ref() {
+            let (_, bytes) = slice.map_err(batch_error)?;
+            if bytes.len() > self.batch_bytes_max as usize {
+                return Err(ClusterError::new(
+                    ErrorCode::RecordTooLarge,
+                    format!(
+                        "batch of {} bytes exceeds batch_bytes_max {}",
+                        bytes.len(),
+                        self.batch_bytes_max
+                    ),
+                ));
+            }
+            let header = batch::validate(&bytes).map_err(batch_error)?;
+            batches.push((header, bytes));
+        }
+        if !slices.remainder().is_empty() {
             return Err(ClusterError::new(
-                ErrorCode::RecordTooLarge,
-                format!(
-                    "batch of {} bytes exceeds batch_bytes_max {}",
-                    batch_bytes.len(),
-                    self.batch_bytes_max
-                ),
+                ErrorCode::CorruptBatch,
+                format!("{} bytes of a truncated batch", slices.remainder().len()),
             ));
         }
-        // The header is enough for the checks here; the storage verifies the CRC before writing.
-        let header = BatchHeader::parse(&batch_bytes).map_err(|e| {
-            let code = match e {
-                batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
-                _ => ErrorCode::CorruptBatch,
-            };
-            ClusterError::new(code, e.to_string())
-        })?;
-        if header.compression() != 0 {
-            return Err(ClusterError::new(
-                ErrorCode::UnsupportedCompression,
-                format!(
-                    "compression codec {} is not supported yet",
-                    header.compression()
-                ),
-            ));
+        let mut first: Option<Appended> = None;
+        for (header, bytes) in batches {
+            let appended = self.append_validated(header, bytes, now_ms).await?;
+            first.get_or_insert(appended);
         }
+        first.ok_or_else(|| ClusterError::new(ErrorCode::CorruptBatch, "produce request without a record batch"))
+    }
+
+    /// Appends one batch that passed [`batch::validate`]. (The storage checks the CRC again
+    /// right before it writes: its own assertion, independent of this caller.)
+    async fn append_validated(
+        &self,
+        header: BatchHeader,
+        batch_bytes: Bytes,
+        now_ms: i64,
+    ) -> Result<Appended, ClusterError> {
         let idempotent = header.is_idempotent();
         // The sequence check and the submission happen under one lock, so sequence order is
         // offset order.

@@ -260,14 +260,19 @@ mod tests {
         ]);
         // Sequences wrap at i32::MAX back to 0.
         let mut table = ProducerTable::default();
-        let first = header(9, 0, 0, 1);
-        table.begin(&first);
-        table.complete(&first, 0);
-        let near_end = header(9, 0, 1, i32::MAX - 1);
-        assert_eq!(table.check(&near_end), SequenceCheck::Append);
-        table.begin(&near_end);
-        table.complete(&near_end, 1);
-        assert_eq!(table.check(&header(9, 0, 0, 1)), SequenceCheck::Append);
+        let mut offset = 0;
+        for (base_sequence, records) in [(0, i32::MAX), (i32::MAX, 1), (0, 2)] {
+            let h = header(9, 0, base_sequence, records);
+            assert_eq!(
+                table.check(&h),
+                SequenceCheck::Append,
+                "batch at sequence {base_sequence}"
+            );
+            table.begin(&h);
+            table.complete(&h, offset);
+            offset += i64::from(records);
+        }
+        assert_eq!(kind(&table.check(&header(9, 0, 2, 1))), "append");
     }
 
     #[test]

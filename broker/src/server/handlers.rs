@@ -207,35 +207,8 @@ async fn append_all(
         ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    // Header checks only here: the storage verifies each batch's CRC once, before it writes.
-    let mut slices = batch::BatchSlices::new(records);
-    let mut batches = Vec::new();
-    for slice in slices.by_ref() {
-        let (_, bytes) = slice.map_err(batch_error)?;
-        batches.push(bytes);
-    }
-    if !slices.remainder().is_empty() {
-        return Err(ClusterError::new(
-            ErrorCode::CorruptBatch,
-            format!("{} bytes of a truncated batch", slices.remainder().len()),
-        ));
-    }
-    if batches.is_empty() {
-        return Err(ClusterError::new(
-            ErrorCode::CorruptBatch,
-            "produce request without a record batch",
-        ));
-    }
-    let now = now_ms();
-    let mut first = None;
-    for batch in batches {
-        let appended = partition.append(batch, now).await?;
-        first.get_or_insert(appended.base_offset);
-    }
-    Ok((
-        first.expect("at least one batch"),
-        partition.offsets().log_start,
-    ))
+    let appended = partition.append(records, now_ms()).await?;
+    Ok((appended.base_offset, partition.offsets().log_start))
 }
 
 async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
@@ -485,15 +458,6 @@ fn next_offset_after(records: &Bytes) -> Option<i64> {
         .map(|(header, _)| header.next_offset())
 }
 
-fn batch_error(error: batch::BatchError) -> ClusterError {
-    let code = match error {
-        batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
-        batch::BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
-        _ => ErrorCode::CorruptBatch,
-    };
-    ClusterError::new(code, error.to_string())
-}
-
 // ---- consumer groups ----
 
 fn partitions_of(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
@@ -555,6 +519,10 @@ async fn offset_commit(
     state: &State,
     request: OffsetCommitRequest,
 ) -> Result<OffsetCommitResponse, ClusterError> {
+    // Validation, append and apply happen in one critical section per broker, so the
+    // coordinator applies commits in the order the offsets partition holds them: memory always
+    // equals what a replay of the partition would build.
+    let _serial = state.commits.lock().await;
     let partitions_of = partitions_of(state);
     let plan = state
         .groups
@@ -563,29 +531,28 @@ async fn offset_commit(
         .commit(&request, &partitions_of, now_ms())
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
     let mut partitions = plan.rejected;
-    if !plan.records.is_empty() {
-        let offsets = state.cluster.partition(OFFSETS_TOPIC, 0)?;
-        let now = now_ms();
-        let batch_bytes_max = state.config.batch_bytes_max as usize;
+    if plan.records.is_empty() {
+        return Ok(OffsetCommitResponse { partitions });
+    }
+    let offsets = state.cluster.partition(OFFSETS_TOPIC, 0)?;
+    let now = now_ms();
+    let batch_bytes_max = state.config.batch_bytes_max as usize;
+    let mut pending = plan.records.as_slice();
+    while !pending.is_empty() {
         let mut builder = BatchBuilder::new(batch_bytes_max);
-        let mut batches = Vec::new();
-        for record in &plan.records {
+        let mut taken = 0;
+        for record in pending {
             let key = record.encode_key();
-            let value = record.encode_value();
-            if !builder.try_append(now, Some(&key), value.as_deref(), &[]) {
-                batches.push(
-                    std::mem::replace(&mut builder, BatchBuilder::new(batch_bytes_max)).finish(),
-                );
-                let appended = builder.try_append(now, Some(&key), value.as_deref(), &[]);
-                assert!(appended, "an empty batch takes any record");
+            if !builder.try_append(now, Some(&key), record.encode_value().as_deref(), &[]) {
+                break;
             }
+            taken += 1;
         }
-        batches.push(builder.finish());
-        for batch in batches {
-            offsets.append(batch, now).await?;
-        }
+        // Each batch is applied right after its own append is durable: a later failure
+        // leaves memory equal to the log.
+        offsets.append(builder.finish(), now).await?;
         let mut groups = state.groups.lock().expect("groups lock");
-        for record in &plan.records {
+        for record in &pending[..taken] {
             groups.apply_commit(record);
             partitions.push(PartitionError {
                 topic: record.topic.clone(),
@@ -593,6 +560,7 @@ async fn offset_commit(
                 error: ErrorCode::None,
             });
         }
+        pending = &pending[taken..];
     }
     Ok(OffsetCommitResponse { partitions })
 }

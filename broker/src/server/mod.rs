@@ -49,6 +49,8 @@ pub enum StartError {
 pub(crate) struct State {
     pub cluster: Arc<Cluster>,
     pub groups: std::sync::Mutex<GroupCoordinator>,
+    /// Serialises offset commits: validate, append to the offsets partition, apply.
+    pub commits: tokio::sync::Mutex<()>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -126,12 +128,16 @@ impl Broker {
         let cluster = tokio::task::spawn_blocking(move || Cluster::open(cluster_config))
             .await
             .map_err(|e| StartError::Quic(format!("opening the cluster panicked: {e}")))??;
-        let groups = GroupCoordinator::new(crate::group::GroupConfig {
+        let group_config = crate::group::GroupConfig {
             session_timeout_ms_min: config.group_session_timeout_ms_min,
             session_timeout_ms_max: config.group_session_timeout_ms_max,
             heartbeat_interval_ms: config.group_heartbeat_interval_ms,
             ..Default::default()
-        });
+        };
+        group_config
+            .validate()
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("consumer groups: {e}")))?;
+        let groups = GroupCoordinator::new(group_config);
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             StartError::Bind {
                 addr: config.listen,
@@ -147,6 +153,7 @@ impl Broker {
         let state = Arc::new(State {
             cluster: Arc::new(cluster),
             groups: std::sync::Mutex::new(groups),
+            commits: tokio::sync::Mutex::new(()),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             shutdown: tokio_util_shutdown::Token::new(),
@@ -277,6 +284,17 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut prefix)).await {
         Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
+            let message =
+                format!("request ended after {read} bytes, inside the 4-byte length prefix");
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
+            )
+            .await;
+            return;
+        }
+        // Reset by the client, connection gone, or silent: nobody to answer.
         _ => return,
     }
     let length = match frame::frame_length(prefix, state.config.frame_bytes_max as usize) {
@@ -304,8 +322,19 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let mut body = vec![0u8; length];
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut body)).await {
         Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
+            let message = format!(
+                "request ended after {read} of the {length} bytes its length prefix announced"
+            );
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
+            )
+            .await;
+            return;
+        }
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "request stream ended early");
+            tracing::debug!(error = %e, "request stream failed");
             return;
         }
         Err(_) => {
