@@ -352,24 +352,10 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
     }
 }
 
-/// Resolves when any of the watched high watermarks moves.
+/// Resolves when any of the watched high watermarks moves (or its partition goes away).
 async fn futures_select_changed(watches: &mut [tokio::sync::watch::Receiver<i64>]) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut tasks = Vec::with_capacity(watches.len());
-    for watch in watches.iter() {
-        let mut watch = watch.clone();
-        let tx = tx.clone();
-        tasks.push(tokio::spawn(async move {
-            if watch.changed().await.is_ok() {
-                let _ = tx.try_send(());
-            }
-        }));
-    }
-    drop(tx);
-    let _ = rx.recv().await;
-    for task in tasks {
-        task.abort();
-    }
+    let changes = watches.iter_mut().map(|watch| Box::pin(watch.changed()));
+    let _ = futures_util::future::select_all(changes).await;
 }
 
 fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsResponse {
