@@ -183,7 +183,12 @@ impl Partition {
             let appended = self.append_validated(header, bytes, now_ms).await?;
             first.get_or_insert(appended);
         }
-        first.ok_or_else(|| ClusterError::new(ErrorCode::CorruptBatch, "produce request without a record batch"))
+        first.ok_or_else(|| {
+            ClusterError::new(
+                ErrorCode::CorruptBatch,
+                "produce request without a record batch",
+            )
+        })
     }
 
     /// Appends one batch that passed [`batch::validate`]. (The storage checks the CRC again
@@ -469,18 +474,19 @@ impl Cluster {
     }
 
     fn log_config(&self, topic: &TopicConfig) -> storage::LogConfig {
-        let mut log = storage::LogConfig::default();
-        log.segment_bytes_max = self.config.segment_bytes_max;
-        log.segment_age_ms_max = self.config.segment_age_ms_max;
-        log.batch_bytes_max = self.config.batch_bytes_max;
-        log.fsync = match self.config.fsync {
-            Fsync::Always => storage::FsyncPolicy::Always,
-            Fsync::IntervalMs(ms) => storage::FsyncPolicy::Interval { ms },
-            Fsync::Never => storage::FsyncPolicy::Never,
-        };
-        log.retention_ms = (topic.retention_ms >= 0).then_some(topic.retention_ms);
-        log.retention_bytes = (topic.retention_bytes >= 0).then_some(topic.retention_bytes as u64);
-        log
+        storage::LogConfig {
+            segment_bytes_max: self.config.segment_bytes_max,
+            segment_age_ms_max: self.config.segment_age_ms_max,
+            batch_bytes_max: self.config.batch_bytes_max,
+            fsync: match self.config.fsync {
+                Fsync::Always => storage::FsyncPolicy::Always,
+                Fsync::IntervalMs(ms) => storage::FsyncPolicy::Interval { ms },
+                Fsync::Never => storage::FsyncPolicy::Never,
+            },
+            retention_ms: (topic.retention_ms >= 0).then_some(topic.retention_ms),
+            retention_bytes: (topic.retention_bytes >= 0).then_some(topic.retention_bytes as u64),
+            ..storage::LogConfig::default()
+        }
     }
 
     fn open_topic(

@@ -121,15 +121,13 @@ impl ProducerTable {
         self.clock += 1;
         if !self.producers.contains_key(&header.producer_id)
             && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
-        {
-            if let Some(oldest) = self
+            && let Some(oldest) = self
                 .producers
                 .iter()
                 .min_by_key(|(_, e)| e.last_seen)
                 .map(|(id, _)| *id)
-            {
-                self.producers.remove(&oldest);
-            }
+        {
+            self.producers.remove(&oldest);
         }
         let entry = self.producers.entry(header.producer_id).or_default();
         if header.producer_epoch > entry.epoch || entry.batches.is_empty() {
