@@ -178,6 +178,15 @@ impl BrokerProcess {
         Ok(())
     }
 
+    /// Client settings that reach and trust this broker.
+    pub fn client_config(&self) -> ketch_client::ClientConfig {
+        ketch_client::ClientConfig {
+            bootstrap: vec![self.broker_arg()],
+            tls: ketch_client::Tls::CaFile(self.ca.clone()),
+            ..ketch_client::ClientConfig::default()
+        }
+    }
+
     /// A `ketch` client command pointed at this broker.
     pub fn cli(&self) -> Command {
         let mut command = Command::new(ketch_bin());
@@ -192,5 +201,43 @@ impl BrokerProcess {
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A broker and its own temporary data directory; the broker is stopped before the directory
+/// goes.
+#[derive(Debug)]
+pub struct TestBroker {
+    pub process: BrokerProcess,
+    _data_dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    pub fn start(extra_args: &[&str]) -> anyhow::Result<TestBroker> {
+        let data_dir = tempfile::tempdir()?;
+        let process = BrokerProcess::start(data_dir.path(), extra_args)?;
+        Ok(TestBroker {
+            process,
+            _data_dir: data_dir,
+        })
+    }
+
+    pub async fn raw(&self) -> anyhow::Result<raw::RawClient> {
+        raw::RawClient::connect(self.process.addr, &self.process.ca).await
+    }
+
+    pub fn client_config(&self) -> ketch_client::ClientConfig {
+        self.process.client_config()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<ketch_client::Client> {
+        Ok(ketch_client::Client::connect(self.client_config()).await?)
+    }
+
+    /// Fails unless a new connection is still served (after `after` happened).
+    pub async fn assert_serving(&self, after: &str) -> anyhow::Result<()> {
+        raw::assert_serving(self.process.addr, &self.process.ca)
+            .await
+            .with_context(|| format!("the broker stopped serving after {after}"))
     }
 }

@@ -15,10 +15,10 @@ use ketch_client::{
     AutoOffsetReset, Client, ClientConfig, ConsumerConfig, Error, ProducerConfig, ProducerRecord,
     Tls, TopicPartition,
 };
-use ketch_e2e::BrokerProcess;
+use ketch_e2e::TestBroker;
 use ketch_e2e::raw::{
-    ConnectOptions, RawClient, SERVER_NAME, Subscription, Trust, assert_serving,
-    decode_response_frame, untrusted_ca_pem,
+    ConnectOptions, RawClient, SERVER_NAME, Subscription, Trust, decode_response_frame,
+    untrusted_ca_pem,
 };
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, attributes, compute_crc, split_batches};
@@ -30,45 +30,6 @@ use ketch_protocol::messages::{
 
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(60);
-
-/// A broker and its data directory; the broker is stopped before the directory goes.
-struct TestBroker {
-    process: BrokerProcess,
-    _data_dir: tempfile::TempDir,
-}
-
-impl TestBroker {
-    fn start(extra_args: &[&str]) -> anyhow::Result<TestBroker> {
-        let data_dir = tempfile::tempdir()?;
-        let process = BrokerProcess::start(data_dir.path(), extra_args)?;
-        Ok(TestBroker {
-            process,
-            _data_dir: data_dir,
-        })
-    }
-
-    async fn raw(&self) -> anyhow::Result<RawClient> {
-        RawClient::connect(self.process.addr, &self.process.ca).await
-    }
-
-    fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            bootstrap: vec![self.process.broker_arg()],
-            tls: Tls::CaFile(self.process.ca.clone()),
-            ..Default::default()
-        }
-    }
-
-    async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(self.client_config()).await?)
-    }
-
-    async fn assert_serving(&self, after: &str) -> anyhow::Result<()> {
-        assert_serving(self.process.addr, &self.process.ca)
-            .await
-            .with_context(|| format!("the broker stopped serving after {after}"))
-    }
-}
 
 /// A one-record batch as `BatchBuilder` writes it.
 fn batch(value: &[u8]) -> Bytes {

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use ketch_client::{Client, ClientConfig, ProducerConfig, ProducerRecord, Tls};
-use ketch_e2e::BrokerProcess;
+use ketch_client::{Client, ClientConfig, ProducerConfig, ProducerRecord};
+use ketch_e2e::TestBroker;
 use ketch_e2e::raw::RawClient;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, ProducerStamp};
@@ -18,35 +18,6 @@ use ketch_protocol::messages::InitProducerIdRequest;
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(60);
 const TOPIC: &str = "idem";
-
-/// A broker and its data directory; the broker is stopped before the directory goes.
-struct TestBroker {
-    process: BrokerProcess,
-    _data_dir: tempfile::TempDir,
-}
-
-impl TestBroker {
-    fn start(extra_args: &[&str]) -> anyhow::Result<TestBroker> {
-        let data_dir = tempfile::tempdir()?;
-        let process = BrokerProcess::start(data_dir.path(), extra_args)?;
-        Ok(TestBroker {
-            process,
-            _data_dir: data_dir,
-        })
-    }
-
-    async fn raw(&self) -> anyhow::Result<RawClient> {
-        RawClient::connect(self.process.addr, &self.process.ca).await
-    }
-
-    fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            bootstrap: vec![self.process.broker_arg()],
-            tls: Tls::CaFile(self.process.ca.clone()),
-            ..Default::default()
-        }
-    }
-}
 
 fn now_ms() -> i64 {
     SystemTime::now()

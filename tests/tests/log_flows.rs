@@ -9,21 +9,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use ketch_client::{
     Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ErrorCode, NewTopic, Offset,
-    ProducerConfig, ProducerRecord, Tls, TopicPartition,
+    ProducerConfig, ProducerRecord, TopicPartition,
 };
 use ketch_e2e::BrokerProcess;
 
-fn client_config(broker: &BrokerProcess) -> ClientConfig {
-    ClientConfig {
-        bootstrap: vec![broker.broker_arg()],
-        tls: Tls::CaFile(broker.ca.clone()),
-        request_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
-}
-
 async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
-    Ok(Client::connect(client_config(broker)).await?)
+    Ok(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(10),
+        ..broker.client_config()
+    })
+    .await?)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -254,25 +249,7 @@ async fn wait_balanced(client: &Client, group: &str, members: usize) -> anyhow::
 }
 
 async fn produce_range(client: &Client, range: std::ops::Range<usize>) -> anyhow::Result<()> {
-    let producer = client.producer(ProducerConfig::default()).await?;
-    let mut deliveries = Vec::new();
-    for i in range {
-        deliveries.push(
-            producer
-                .send(ProducerRecord::keyed(
-                    "events",
-                    format!("k{i}"),
-                    format!("v{i}"),
-                ))
-                .await?,
-        );
-    }
-    producer.flush().await?;
-    for delivery in deliveries {
-        delivery.await?;
-    }
-    producer.close().await?;
-    Ok(())
+    produce_range_to(client, "events", range).await
 }
 
 #[test]
