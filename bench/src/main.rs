@@ -1,0 +1,358 @@
+//! `ketch-bench`: Ketch side by side with NATS JetStream and this machine's raw QUIC and
+//! disk ceilings. See `bench/README.md`.
+
+mod baseline;
+mod process;
+mod progress;
+mod report;
+mod scenario;
+mod stats;
+mod suite;
+mod systems;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use scenario::{AcksLevel, Amount, Durability, Scenario, Workload};
+
+/// Ketch throughput and latency, side by side with NATS JetStream, as ratios of this
+/// machine's ceilings. With no command, runs the whole suite.
+#[derive(Debug, Parser)]
+#[command(name = "ketch-bench", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    suite: SuiteArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The whole suite: ceilings, start-up, every target workload, targets table.
+    Suite(SuiteArgs),
+    /// One scenario, configured by flags, on Ketch and/or NATS.
+    Run(RunArgs),
+    /// (internal) the sink end of the raw QUIC ceiling, run as a child process.
+    #[command(hide = true)]
+    QuicSink {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct OutputArgs {
+    /// Print the report as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Where temporary data directories go (default: the system temp dir). Put it on the
+    /// disk you want measured.
+    #[arg(long, env = "KETCH_BENCH_SCRATCH")]
+    scratch: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SuiteArgs {
+    /// A short run (under a minute): shorter phases, fewer samples, noisier figures.
+    #[arg(long)]
+    quick: bool,
+    /// Leave NATS out even when nats-server is installed.
+    #[arg(long)]
+    skip_nats: bool,
+    /// Producers (each with its own partition) in the fsync never/always pair.
+    #[arg(long, default_value_t = 4)]
+    group_commit_producers: usize,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Systems {
+    Ketch,
+    Nats,
+    Both,
+}
+
+#[derive(Debug, Clone, Args)]
+struct RunArgs {
+    #[arg(long, value_enum, default_value_t = Systems::Both)]
+    system: Systems,
+    #[arg(long, value_enum, default_value_t = Workload::Produce)]
+    workload: Workload,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Total records to produce (instead of --duration).
+    #[arg(long, conflicts_with = "duration")]
+    records: Option<u64>,
+    /// How long to produce: 500ms, 5s, 2m.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Records per second over all producers (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// never | always | interval:MS (NATS: default | sync_interval always | MSms).
+    #[arg(long, default_value = "never")]
+    fsync: Durability,
+    /// Ketch acks.
+    #[arg(long, value_enum, default_value_t = AcksLevel::Leader)]
+    acks: AcksLevel,
+    /// Ketch producer batch cap in bytes.
+    #[arg(long)]
+    batch_bytes: Option<usize>,
+    /// Ketch producer linger: 0ms, 5ms.
+    #[arg(long, value_parser = parse_duration)]
+    linger: Option<Duration>,
+    /// Ketch producer buffer cap in bytes.
+    #[arg(long)]
+    buffer_bytes: Option<usize>,
+    /// Ketch produce requests in flight per producer.
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// Ketch producer without idempotence.
+    #[arg(long)]
+    no_idempotence: bool,
+    /// Ketch consumer bytes per partition per fetch.
+    #[arg(long)]
+    partition_fetch_bytes: Option<u32>,
+    /// NATS publishes awaiting their ack, per producer.
+    #[arg(long)]
+    nats_ack_window: Option<usize>,
+    /// NATS messages per pull request.
+    #[arg(long)]
+    nats_pull_batch: Option<usize>,
+    /// Give up on a run after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    timeout: Duration,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+impl RunArgs {
+    fn scenario(&self) -> Scenario {
+        let mut s = Scenario::new(
+            format!("{} {}B", self.workload.name(), self.record_bytes),
+            self.workload,
+            self.record_bytes,
+        );
+        s.amount = match self.records {
+            Some(n) => Amount::Records(n),
+            None => Amount::Duration(self.duration),
+        };
+        s.rate = self.rate;
+        s.producers = self.producers;
+        s.consumers = self.consumers;
+        s.partitions = self.partitions;
+        s.durability = self.fsync;
+        s.timeout = self.timeout;
+        s.ketch.acks = self.acks;
+        s.ketch.idempotent = !self.no_idempotence;
+        if let Some(v) = self.batch_bytes {
+            s.ketch.batch_bytes_max = v;
+        }
+        if let Some(v) = self.linger {
+            s.ketch.linger = v;
+        }
+        if let Some(v) = self.buffer_bytes {
+            s.ketch.buffer_bytes_max = v;
+        }
+        if let Some(v) = self.in_flight {
+            s.ketch.in_flight_requests_max = v;
+        }
+        if let Some(v) = self.partition_fetch_bytes {
+            s.ketch.partition_fetch_bytes_max = v;
+        }
+        if let Some(v) = self.nats_ack_window {
+            s.nats.ack_window = v;
+        }
+        if let Some(v) = self.nats_pull_batch {
+            s.nats.pull_batch = v;
+        }
+        s
+    }
+}
+
+/// `250ms`, `5s`, `2m`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit in {text:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+fn scratch(output: &OutputArgs) -> anyhow::Result<PathBuf> {
+    let path = output
+        .scratch
+        .clone()
+        .unwrap_or_else(suite::default_scratch);
+    suite::check_scratch(&path)?;
+    Ok(path)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Some(Command::QuicSink { dir }) => runtime.block_on(baseline::quic_sink(&dir)),
+        Some(Command::Run(args)) => runtime.block_on(run_one(args)),
+        Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
+        None => runtime.block_on(run_suite(cli.suite)),
+    }
+}
+
+async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
+    let options = suite::SuiteOptions {
+        size: if args.quick {
+            suite::SuiteSize::quick()
+        } else {
+            suite::SuiteSize::full()
+        },
+        scratch: scratch(&args.output)?,
+        skip_nats: args.skip_nats,
+        group_commit_producers: args.group_commit_producers,
+        quiet: args.output.quiet,
+    };
+    let report = suite::run(&options).await?;
+    let text = report::suite_text(&report);
+    if args.output.json {
+        eprint!("{text}");
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn run_one(args: RunArgs) -> anyhow::Result<()> {
+    let scenario = args.scenario();
+    if scenario.replication_factor != 1 {
+        bail!("only replication factor 1 is supported by single-node servers");
+    }
+    let scratch = scratch(&args.output)?;
+    let mut measurements = Vec::new();
+    let mut errors = Vec::new();
+    if matches!(args.system, Systems::Ketch | Systems::Both) {
+        let ketch = systems::ketch::Ketch::locate(&scratch)?;
+        match systems::run(&ketch, &scenario, args.output.quiet).await {
+            Ok(m) => measurements.push(m),
+            Err(e) => errors.push(format!("ketch: {e:#}")),
+        }
+    }
+    if matches!(args.system, Systems::Nats | Systems::Both) {
+        match systems::nats::Nats::locate(&scratch) {
+            Ok(nats) => match systems::run(&nats, &scenario, args.output.quiet).await {
+                Ok(m) => measurements.push(m),
+                Err(e) => errors.push(format!("nats: {e:#}")),
+            },
+            Err(e) => errors.push(format!("NATS peer skipped: {e:#}")),
+        }
+    }
+    let text = report::single_text(&scenario, &measurements, &errors);
+    if args.output.json {
+        eprint!("{text}");
+        let json = serde_json::json!({
+            "scenario": scenario,
+            "measurements": measurements,
+            "errors": errors,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{text}");
+    }
+    if measurements.is_empty() {
+        bail!("no system produced a figure");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases: &[(&str, Option<Duration>)] = &[
+            ("500ms", Some(Duration::from_millis(500))),
+            ("5s", Some(Duration::from_secs(5))),
+            ("2m", Some(Duration::from_secs(120))),
+            ("3", Some(Duration::from_secs(3))),
+            ("1.5s", Some(Duration::from_millis(1500))),
+            ("5h", None),
+            ("fast", None),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse_duration(input).ok(), *expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn run_flags_become_a_scenario() {
+        let cli = Cli::try_parse_from([
+            "ketch-bench",
+            "run",
+            "--workload",
+            "end-to-end",
+            "--record-bytes",
+            "100",
+            "--records",
+            "1000",
+            "--rate",
+            "10000",
+            "--fsync",
+            "always",
+            "--linger",
+            "0ms",
+            "--nats-ack-window",
+            "64",
+        ])
+        .unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("not a run command");
+        };
+        let s = args.scenario();
+        assert_eq!(s.workload, Workload::EndToEnd);
+        assert_eq!(s.record_bytes, 100);
+        assert_eq!(s.amount, Amount::Records(1000));
+        assert_eq!(s.rate, Some(10_000));
+        assert_eq!(s.durability, Durability::Always);
+        assert_eq!(s.ketch.linger, Duration::ZERO);
+        assert_eq!(s.nats.ack_window, 64);
+        assert_eq!(s.ketch.acks, AcksLevel::Leader);
+    }
+
+    #[test]
+    fn suite_is_the_default_command() {
+        let cli = Cli::try_parse_from(["ketch-bench", "--quick", "--json"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(cli.suite.quick && cli.suite.output.json);
+        assert!(
+            Cli::try_parse_from(["ketch-bench", "run", "--records", "1", "--duration", "1s"])
+                .is_err()
+        );
+    }
+}
