@@ -319,9 +319,9 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     else {
         return;
     };
-    let mut body = vec![0u8; length];
-    match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut body)).await {
-        Ok(Ok(())) => {}
+    let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, length)).await
+    {
+        Ok(Ok(body)) => body,
         Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
             let message = format!(
                 "request ended after {read} of the {length} bytes its length prefix announced"
@@ -346,8 +346,8 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             .await;
             return;
         }
-    }
-    let request = match frame::decode_request(Bytes::from(body)) {
+    };
+    let request = match frame::decode_request(body) {
         Ok(request) => request,
         Err(e) => {
             let _ = write_frame(&mut send, decode_error_response(&e)).await;
@@ -364,6 +364,30 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     if let Err(e) = write_frame(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
+}
+
+/// Reads exactly `length` bytes of a request body. A body that arrives in one chunk is used as
+/// it is (no copy); otherwise chunks are gathered into one buffer, without zero-filling it
+/// first.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    length: usize,
+) -> Result<Bytes, quinn::ReadExactError> {
+    let mut gathered: Option<bytes::BytesMut> = None;
+    let mut read = 0;
+    while read < length {
+        let Some(chunk) = recv.read_chunk(length - read, true).await? else {
+            return Err(quinn::ReadExactError::FinishedEarly(read));
+        };
+        read += chunk.bytes.len();
+        if read == length && gathered.is_none() {
+            return Ok(chunk.bytes);
+        }
+        gathered
+            .get_or_insert_with(|| bytes::BytesMut::with_capacity(length))
+            .extend_from_slice(&chunk.bytes);
+    }
+    Ok(gathered.map(bytes::BytesMut::freeze).unwrap_or_default())
 }
 
 fn decode_error_response(error: &DecodeError) -> Bytes {
