@@ -259,36 +259,32 @@ impl ClientInner {
         }
     }
 
-    fn metadata_snapshot(&self) -> Metadata {
-        self.metadata.lock().expect("metadata lock").clone()
-    }
-
-    fn metadata_is_fresh(&self) -> bool {
-        self.metadata
-            .lock()
-            .expect("metadata lock")
-            .updated
-            .is_some_and(|updated| updated.elapsed() < self.config.metadata_max_age)
+    /// A topic's layout from the cache, if known; `fresh_only` skips a cache older than
+    /// `metadata_max_age`. Clones only the layout's `Arc`, under the lock.
+    fn cached_topic(&self, topic: &str, fresh_only: bool) -> Option<Arc<TopicLayout>> {
+        let metadata = self.metadata.lock().expect("metadata lock");
+        if fresh_only
+            && !metadata
+                .updated
+                .is_some_and(|updated| updated.elapsed() < self.config.metadata_max_age)
+        {
+            return None;
+        }
+        metadata.topics.get(topic).cloned()
     }
 
     /// A topic's layout, refreshing once if it is unknown or the cache is old.
     pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicLayout>> {
-        if self.metadata_is_fresh()
-            && let Some(layout) = self.metadata_snapshot().topics.get(topic)
-        {
-            return Ok(layout.clone());
+        if let Some(layout) = self.cached_topic(topic, true) {
+            return Ok(layout);
         }
         self.refresh_metadata(Some(Instant::now())).await?;
-        self.metadata_snapshot()
-            .topics
-            .get(topic)
-            .cloned()
-            .ok_or_else(|| {
-                Error::from_code(
-                    ErrorCode::UnknownTopic,
-                    format!("topic {topic:?} not found"),
-                )
-            })
+        self.cached_topic(topic, false).ok_or_else(|| {
+            Error::from_code(
+                ErrorCode::UnknownTopic,
+                format!("topic {topic:?} not found"),
+            )
+        })
     }
 
     /// The address of a partition's leader from the cache; `None` if unknown.
