@@ -27,7 +27,7 @@ use ketch_protocol::batch::{
 use ketch_protocol::messages::{
     Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::TopicPartition;
 use crate::client::Client;
@@ -193,7 +193,7 @@ struct Shared {
     flushing: AtomicUsize,
     /// No new records; the task sends what is buffered and exits.
     closing: AtomicBool,
-    pending: Arc<watch::Sender<usize>>,
+    pending: Arc<Pending>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -212,20 +212,46 @@ struct Delivery {
     _pending: PendingGuard,
 }
 
+/// Records queued or in flight, not yet settled; `idle` is notified when the count drops to 0.
+#[derive(Debug, Default)]
+struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Pending {
+    /// Waits until no record is pending.
+    async fn wait_idle(&self) {
+        loop {
+            // Register before checking the count, so that a drop to 0 between the check and
+            // the wait still wakes this waiter.
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Counts a record as pending until its slot is dropped, however it ends.
 #[derive(Debug)]
-struct PendingGuard(Arc<watch::Sender<usize>>);
+struct PendingGuard(Arc<Pending>);
 
 impl PendingGuard {
-    fn new(pending: Arc<watch::Sender<usize>>) -> PendingGuard {
-        pending.send_modify(|pending| *pending += 1);
+    fn new(pending: Arc<Pending>) -> PendingGuard {
+        pending.count.fetch_add(1, Ordering::SeqCst);
         PendingGuard(pending)
     }
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.0.send_modify(|pending| *pending -= 1);
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -257,7 +283,7 @@ impl Producer {
             wake: Notify::new(),
             flushing: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
-            pending: Arc::new(watch::Sender::new(0)),
+            pending: Arc::new(Pending::default()),
             task: Mutex::new(None),
             client,
             config,
@@ -389,11 +415,7 @@ impl Producer {
             .accumulator
             .seal_all();
         shared.wake.notify_one();
-        let mut pending = shared.pending.subscribe();
-        pending
-            .wait_for(|pending| *pending == 0)
-            .await
-            .map_err(|_| Error::Closed)?;
+        shared.pending.wait_idle().await;
         Ok(())
     }
 
@@ -414,7 +436,7 @@ impl Producer {
 
     /// Records queued or in flight, not yet settled.
     pub fn pending_records(&self) -> usize {
-        *self.shared.pending.borrow()
+        self.shared.pending.count.load(Ordering::SeqCst)
     }
 }
 
