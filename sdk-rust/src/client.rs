@@ -259,14 +259,19 @@ impl ClientInner {
         }
     }
 
-    /// A topic's layout from the cache, if known; `fresh_only` skips a cache older than
-    /// `metadata_max_age`. Clones only the layout's `Arc`, under the lock.
-    fn cached_topic(&self, topic: &str, fresh_only: bool) -> Option<Arc<TopicLayout>> {
+    /// A topic's layout from the cache, if known; with `fresh_at`, `None` as well when the
+    /// cache is older than `metadata_max_age` at that time. Clones only the layout's `Arc`,
+    /// under the lock.
+    pub(crate) fn cached_topic(
+        &self,
+        topic: &str,
+        fresh_at: Option<Instant>,
+    ) -> Option<Arc<TopicLayout>> {
         let metadata = self.metadata.lock().expect("metadata lock");
-        if fresh_only
-            && !metadata
-                .updated
-                .is_some_and(|updated| updated.elapsed() < self.config.metadata_max_age)
+        if let Some(now) = fresh_at
+            && !metadata.updated.is_some_and(|updated| {
+                now.saturating_duration_since(updated) < self.config.metadata_max_age
+            })
         {
             return None;
         }
@@ -275,11 +280,11 @@ impl ClientInner {
 
     /// A topic's layout, refreshing once if it is unknown or the cache is old.
     pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicLayout>> {
-        if let Some(layout) = self.cached_topic(topic, true) {
+        if let Some(layout) = self.cached_topic(topic, Some(Instant::now())) {
             return Ok(layout);
         }
         self.refresh_metadata(Some(Instant::now())).await?;
-        self.cached_topic(topic, false).ok_or_else(|| {
+        self.cached_topic(topic, None).ok_or_else(|| {
             Error::from_code(
                 ErrorCode::UnknownTopic,
                 format!("topic {topic:?} not found"),

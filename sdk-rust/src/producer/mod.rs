@@ -27,7 +27,7 @@ use ketch_protocol::batch::{
 use ketch_protocol::messages::{
     Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 
 use crate::TopicPartition;
 use crate::client::Client;
@@ -308,7 +308,17 @@ impl Producer {
         if shared.closing.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let layout = shared.client.inner.topic(&record.topic).await?;
+        // The one clock reading of this call (metadata age, delivery deadline, linger start),
+        // taken again only after waiting.
+        let mut now = Instant::now();
+        let layout = match shared.client.inner.cached_topic(&record.topic, Some(now)) {
+            Some(layout) => layout,
+            None => {
+                let layout = shared.client.inner.topic(&record.topic).await?;
+                now = Instant::now();
+                layout
+            }
+        };
         let partitions = layout.partition_count();
         if let Some(partition) = record.partition
             && partition >= partitions
@@ -336,19 +346,31 @@ impl Producer {
                 limit,
             });
         }
-        let permit = shared
+        let permit = match shared
             .buffer
             .clone()
-            .acquire_many_owned(record_bytes as u32)
-            .await
-            .map_err(|_| Error::Closed)?;
+            .try_acquire_many_owned(record_bytes as u32)
+        {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Error::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                let permit = shared
+                    .buffer
+                    .clone()
+                    .acquire_many_owned(record_bytes as u32)
+                    .await
+                    .map_err(|_| Error::Closed)?;
+                now = Instant::now();
+                permit
+            }
+        };
         if shared.closing.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
         let (reply, receiver) = oneshot::channel();
         let delivery = Delivery {
             reply,
-            deadline: Instant::now() + shared.config.delivery_timeout,
+            deadline: now + shared.config.delivery_timeout,
             _buffer: permit,
             _pending: PendingGuard::new(shared.pending.clone()),
         };
@@ -373,7 +395,7 @@ impl Producer {
                     headers: &record.headers,
                 },
                 delivery,
-                Instant::now(),
+                now,
             );
             match appended {
                 Ok(wake) => (partition, wake),
