@@ -45,11 +45,19 @@ impl<D> Default for PartitionQueue<D> {
     }
 }
 
+impl<D> PartitionQueue<D> {
+    fn is_idle(&self) -> bool {
+        self.batches.is_empty() && !self.in_flight
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Accumulator<D> {
     batch_bytes_max: usize,
     linger: Duration,
-    queues: HashMap<TopicPartition, PartitionQueue<D>>,
+    /// Each topic's queues, indexed by partition. Looked up by `&str`, so appending a record
+    /// allocates no key; idle queues stay in place (at most one per partition ever used).
+    queues: HashMap<String, Vec<PartitionQueue<D>>>,
 }
 
 impl<D> Accumulator<D> {
@@ -67,15 +75,21 @@ impl<D> Accumulator<D> {
     /// cannot travel in any batch.
     pub(crate) fn append(
         &mut self,
-        partition: &TopicPartition,
+        topic: &str,
+        partition: u32,
         record: RecordRef<'_>,
         slot: D,
         now: Instant,
     ) -> Result<bool, D> {
-        let queue = match self.queues.get_mut(partition) {
-            Some(queue) => queue,
-            None => self.queues.entry(partition.clone()).or_default(),
+        let queues = match self.queues.get_mut(topic) {
+            Some(queues) => queues,
+            None => self.queues.entry(topic.to_owned()).or_default(),
         };
+        let index = partition as usize;
+        if queues.len() <= index {
+            queues.resize_with(index + 1, PartitionQueue::default);
+        }
+        let queue = &mut queues[index];
         if let Some(open) = queue.batches.back_mut().filter(|b| !b.sealed) {
             if open
                 .builder
@@ -89,9 +103,6 @@ impl<D> Accumulator<D> {
         }
         let mut builder = BatchBuilder::new(self.batch_bytes_max);
         if !builder.try_append(record.timestamp, record.key, record.value, record.headers) {
-            if queue.batches.is_empty() && !queue.in_flight {
-                self.queues.remove(partition);
-            }
             return Err(slot);
         }
         let sealed = builder.size_bytes() >= self.batch_bytes_max;
@@ -109,19 +120,38 @@ impl<D> Accumulator<D> {
     pub(crate) fn ready(&self, now: Instant, flushing: bool) -> Vec<TopicPartition> {
         self.queues
             .iter()
-            .filter(|(_, queue)| !queue.in_flight)
-            .filter(|(_, queue)| {
+            .flat_map(|(topic, queues)| {
+                queues
+                    .iter()
+                    .enumerate()
+                    .map(move |(partition, queue)| (topic, partition, queue))
+            })
+            .filter(|(_, _, queue)| !queue.in_flight)
+            .filter(|(_, _, queue)| {
                 queue.batches.front().is_some_and(|batch| {
                     flushing || batch.sealed || now >= batch.created_at + self.linger
                 })
             })
-            .map(|(partition, _)| partition.clone())
+            .map(|(topic, partition, _)| TopicPartition::new(topic.clone(), partition as u32))
             .collect()
+    }
+
+    #[cfg(test)]
+    fn queue(&self, partition: &TopicPartition) -> Option<&PartitionQueue<D>> {
+        self.queues
+            .get(partition.topic.as_str())?
+            .get(partition.partition as usize)
+    }
+
+    fn queue_mut(&mut self, partition: &TopicPartition) -> Option<&mut PartitionQueue<D>> {
+        self.queues
+            .get_mut(partition.topic.as_str())?
+            .get_mut(partition.partition as usize)
     }
 
     /// Takes the front batch of a partition for sending and marks the partition in flight.
     pub(crate) fn drain(&mut self, partition: &TopicPartition) -> Option<PendingBatch<D>> {
-        let queue = self.queues.get_mut(partition)?;
+        let queue = self.queue_mut(partition)?;
         assert!(!queue.in_flight, "one batch per partition in flight");
         let batch = queue.batches.pop_front()?;
         queue.in_flight = true;
@@ -131,34 +161,26 @@ impl<D> Accumulator<D> {
     /// The partition's in-flight batch finished (delivered or failed for good).
     pub(crate) fn complete(&mut self, partition: &TopicPartition) {
         let queue = self
-            .queues
-            .get_mut(partition)
+            .queue_mut(partition)
             .expect("completing a partition with a batch in flight");
         assert!(
             queue.in_flight,
             "completing a partition with nothing in flight"
         );
         queue.in_flight = false;
-        if queue.batches.is_empty() {
-            self.queues.remove(partition);
-        }
     }
 
     /// Removes every batch queued (not in flight) for a partition, to fail them.
     pub(crate) fn take_queued(&mut self, partition: &TopicPartition) -> Vec<PendingBatch<D>> {
-        let Some(queue) = self.queues.get_mut(partition) else {
+        let Some(queue) = self.queue_mut(partition) else {
             return Vec::new();
         };
-        let batches: Vec<_> = queue.batches.drain(..).collect();
-        if !queue.in_flight {
-            self.queues.remove(partition);
-        }
-        batches
+        queue.batches.drain(..).collect()
     }
 
     /// Seals every open batch so that all of them are ready.
     pub(crate) fn seal_all(&mut self) {
-        for queue in self.queues.values_mut() {
+        for queue in self.queues.values_mut().flatten() {
             for batch in &mut queue.batches {
                 batch.sealed = true;
             }
@@ -169,6 +191,7 @@ impl<D> Accumulator<D> {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queues
             .values()
+            .flatten()
             .filter(|queue| !queue.in_flight)
             .filter_map(|queue| queue.batches.front())
             .map(|batch| batch.created_at + self.linger)
@@ -177,13 +200,12 @@ impl<D> Accumulator<D> {
 
     /// Nothing queued and nothing in flight.
     pub(crate) fn is_empty(&self) -> bool {
-        self.queues.is_empty()
+        self.queues.values().flatten().all(PartitionQueue::is_idle)
     }
 
     #[cfg(test)]
     fn batch_counts(&self, partition: &TopicPartition) -> Vec<usize> {
-        self.queues
-            .get(partition)
+        self.queue(partition)
             .map(|q| q.batches.iter().map(|b| b.slots.len()).collect())
             .unwrap_or_default()
     }
@@ -212,8 +234,8 @@ mod tests {
         let start = Instant::now();
         let linger = Duration::from_millis(10);
         let mut acc = Accumulator::new(1024, linger);
-        acc.append(&tp(0), record(b"a"), 1, start).unwrap();
-        acc.append(&tp(0), record(b"b"), 2, start + Duration::from_millis(5))
+        acc.append("t", 0, record(b"a"), 1, start).unwrap();
+        acc.append("t", 0, record(b"b"), 2, start + Duration::from_millis(5))
             .unwrap();
         assert!(
             acc.ready(start + Duration::from_millis(9), false)
@@ -230,7 +252,7 @@ mod tests {
         let records = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
         assert_eq!(records.len(), 2);
         // In flight: nothing else of the partition is ready, nor counted for the deadline.
-        acc.append(&tp(0), record(b"c"), 3, start).unwrap();
+        acc.append("t", 0, record(b"c"), 3, start).unwrap();
         assert!(acc.ready(start + linger, true).is_empty());
         assert_eq!(acc.next_deadline(), None);
         acc.complete(&tp(0));
@@ -243,7 +265,7 @@ mod tests {
         let mut acc = Accumulator::new(200, Duration::from_secs(60));
         let value = [7u8; 50];
         for slot in 0..5 {
-            acc.append(&tp(0), record(&value), slot, start).unwrap();
+            acc.append("t", 0, record(&value), slot, start).unwrap();
         }
         // 61 header bytes + ~57 per record: two fit under 200, the third opens a new batch.
         assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 1]);
@@ -263,10 +285,10 @@ mod tests {
     fn a_record_larger_than_the_cap_travels_alone() {
         let start = Instant::now();
         let mut acc = Accumulator::new(128, Duration::from_secs(60));
-        acc.append(&tp(0), record(b"small"), 0, start).unwrap();
+        acc.append("t", 0, record(b"small"), 0, start).unwrap();
         let big = vec![1u8; 1000];
-        acc.append(&tp(0), record(&big), 1, start).unwrap();
-        acc.append(&tp(0), record(b"small"), 2, start).unwrap();
+        acc.append("t", 0, record(&big), 1, start).unwrap();
+        acc.append("t", 0, record(b"small"), 2, start).unwrap();
         assert_eq!(acc.batch_counts(&tp(0)), [1, 1, 1]);
     }
 
@@ -274,14 +296,14 @@ mod tests {
     fn seal_all_and_take_queued() {
         let start = Instant::now();
         let mut acc = Accumulator::new(1024, Duration::from_secs(60));
-        acc.append(&tp(0), record(b"a"), 0, start).unwrap();
-        acc.append(&tp(1), record(b"b"), 1, start).unwrap();
+        acc.append("t", 0, record(b"a"), 0, start).unwrap();
+        acc.append("t", 1, record(b"b"), 1, start).unwrap();
         acc.seal_all();
         let mut ready = acc.ready(start, false);
         ready.sort();
         assert_eq!(ready, [tp(0), tp(1)]);
         // A sealed batch takes no more records: the next one opens a new batch.
-        acc.append(&tp(0), record(b"c"), 2, start).unwrap();
+        acc.append("t", 0, record(b"c"), 2, start).unwrap();
         assert_eq!(acc.batch_counts(&tp(0)), [1, 1]);
         let failed = acc.take_queued(&tp(0));
         assert_eq!(failed.len(), 2);
@@ -293,8 +315,8 @@ mod tests {
     fn partitions_batch_independently() {
         let start = Instant::now();
         let mut acc = Accumulator::new(1024, Duration::from_millis(10));
-        acc.append(&tp(0), record(b"a"), 0, start).unwrap();
-        acc.append(&tp(1), record(b"b"), 1, start + Duration::from_millis(4))
+        acc.append("t", 0, record(b"a"), 0, start).unwrap();
+        acc.append("t", 1, record(b"b"), 1, start + Duration::from_millis(4))
             .unwrap();
         assert_eq!(acc.ready(start + Duration::from_millis(10), false), [tp(0)]);
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(10)));
@@ -315,7 +337,7 @@ mod tests {
             let mut acc = Accumulator::new(cap, Duration::from_millis(5));
             for (slot, size) in sizes.iter().enumerate() {
                 let value = vec![slot as u8; *size];
-                acc.append(&tp(slot as u32 % partitions), record(&value), slot, start).unwrap();
+                acc.append("t", slot as u32 % partitions, record(&value), slot, start).unwrap();
             }
             let mut drained: Vec<Vec<usize>> = vec![Vec::new(); partitions as usize];
             while !acc.is_empty() {

@@ -385,9 +385,9 @@ impl Producer {
                     record_bytes,
                 ),
             };
-            let tp = TopicPartition::new(record.topic.clone(), partition);
             let appended = state.accumulator.append(
-                &tp,
+                &record.topic,
+                partition,
                 RecordRef {
                     timestamp,
                     key: record.key.as_deref(),
