@@ -350,7 +350,8 @@ async fn exchange(
     frame_bytes_max: usize,
 ) -> Result<Bytes> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    send.write_all(&frame).await?;
+    // The frame is handed over, not copied into quinn's buffer.
+    send.write_chunk(frame).await?;
     send.finish()?;
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     recv.read_exact(&mut prefix).await?;
