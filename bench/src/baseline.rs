@@ -56,24 +56,6 @@ impl Ceiling {
 
 // ---- raw QUIC --------------------------------------------------------------------------
 
-/// The broker's server transport settings (`broker/src/server/mod.rs`), copied so that the
-/// ceiling is measured under the same flow-control windows.
-fn server_transport() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(256u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .max_idle_timeout(Some(
-            Duration::from_secs(60)
-                .try_into()
-                .expect("idle timeout fits"),
-        ))
-        .stream_receive_window((8u32 * 1024 * 1024).into())
-        .receive_window((64u32 * 1024 * 1024).into())
-        .send_window(64 * 1024 * 1024);
-    transport
-}
-
 /// The client's transport settings (`sdk-rust/src/transport.rs`: defaults plus idle timeout
 /// and keep-alive).
 fn client_transport() -> quinn::TransportConfig {
@@ -109,7 +91,9 @@ pub async fn quic_sink(dir: &Path) -> anyhow::Result<()> {
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?,
     ));
-    config.transport_config(Arc::new(server_transport()));
+    config.transport_config(Arc::new(ketch_broker::server::transport_config(
+        &ketch_broker::config::BrokerConfig::default(),
+    )));
     let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
     println!(
         "quic-sink ready listen={} ca={}",

@@ -82,6 +82,24 @@ mod tokio_util_shutdown {
     }
 }
 
+/// The broker's QUIC transport settings (flow-control windows, stream limits, idle timeout).
+/// Public so the benchmark's raw-QUIC ceiling runs under the same settings.
+pub fn transport_config(config: &BrokerConfig) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(config.streams_per_connection_max.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(
+            Duration::from_secs(60)
+                .try_into()
+                .expect("idle timeout fits"),
+        ))
+        .stream_receive_window((8u32 * 1024 * 1024).into())
+        .receive_window((64u32 * 1024 * 1024).into())
+        .send_window(64 * 1024 * 1024);
+    transport
+}
+
 /// A bound, ready broker.
 #[derive(Debug)]
 pub struct Broker {
@@ -109,19 +127,7 @@ impl Broker {
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(config.streams_per_connection_max.into())
-            .max_concurrent_uni_streams(0u32.into())
-            .max_idle_timeout(Some(
-                Duration::from_secs(60)
-                    .try_into()
-                    .expect("idle timeout fits"),
-            ))
-            .stream_receive_window((8u32 * 1024 * 1024).into())
-            .receive_window((64u32 * 1024 * 1024).into())
-            .send_window(64 * 1024 * 1024);
-        server_config.transport_config(Arc::new(transport));
+        server_config.transport_config(Arc::new(transport_config(&config)));
         server_config.migration(true);
 
         let cluster_config = config.clone();
