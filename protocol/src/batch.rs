@@ -274,6 +274,11 @@ pub struct Record {
     pub headers: Vec<Header>,
 }
 
+/// Batches of one idempotent producer and partition that may be in flight at once. A broker
+/// remembers at least this many recent batches per producer, so a retry of any of them is
+/// recognised as a duplicate (Kafka's limit too).
+pub const IDEMPOTENT_IN_FLIGHT_BATCHES_MAX: usize = 5;
+
 /// Producer identity stamped on a batch for idempotent appends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerStamp {

@@ -18,6 +18,10 @@ pub const BOOTSTRAP_DEFAULT: &str = "127.0.0.1:9192";
 pub const SERVER_NAME_DEFAULT: &str = "localhost";
 /// Where `ketch serve` with no arguments writes its dev CA.
 pub const CA_CERT_PATH_DEFAULT: &str = "ketch-data/ca.pem";
+/// Most batches of one partition in flight: as many as the broker remembers per producer to
+/// recognise retries.
+pub const PARTITION_IN_FLIGHT_BATCHES_LIMIT: usize =
+    ketch_protocol::batch::IDEMPOTENT_IN_FLIGHT_BATCHES_MAX;
 
 /// How the client verifies the broker's certificate.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -187,9 +191,14 @@ pub struct ProducerConfig {
     pub batch_bytes_max: usize,
     /// Cap of bytes buffered and in flight; `send` waits while it is full.
     pub buffer_bytes_max: usize,
-    /// Produce requests in flight at once across all brokers. Each partition has at most one
-    /// batch in flight, which keeps retries in order.
+    /// Produce requests in flight at once across all brokers.
     pub in_flight_requests_max: usize,
+    /// Batches of one partition in flight at once (1..=5), pipelined in sequence order. The
+    /// broker keeps order and drops duplicates by the idempotent sequence numbers, and
+    /// remembers the last five batches per producer, hence the cap. Without `idempotent`
+    /// a partition has one batch in flight whatever this says, so that a retry cannot
+    /// overtake a later batch.
+    pub partition_in_flight_batches_max: usize,
     /// Stamp batches with a producer id and per-partition sequence numbers so that retries
     /// never duplicate records. Needs `acks` other than `None`.
     pub idempotent: bool,
@@ -211,6 +220,7 @@ impl Default for ProducerConfig {
             batch_bytes_max: 256 * 1024,
             buffer_bytes_max: 32 * 1024 * 1024,
             in_flight_requests_max: 16,
+            partition_in_flight_batches_max: 5,
             idempotent: true,
             delivery_timeout: Duration::from_secs(120),
             retry_backoff_initial: Duration::from_millis(50),
@@ -239,6 +249,12 @@ impl ProducerConfig {
         }
         if self.in_flight_requests_max == 0 {
             return Err(Error::Config("in_flight_requests_max is 0".into()));
+        }
+        if !(1..=PARTITION_IN_FLIGHT_BATCHES_LIMIT).contains(&self.partition_in_flight_batches_max)
+        {
+            return Err(Error::Config(format!(
+                "partition_in_flight_batches_max must be within 1..={PARTITION_IN_FLIGHT_BATCHES_LIMIT}"
+            )));
         }
         if self.idempotent && self.acks == Acks::None {
             return Err(Error::Config(
@@ -438,6 +454,15 @@ mod tests {
             Some("buffer_bytes_max"),
         );
         check(with(|c| c.in_flight_requests_max = 0), Some("in_flight"));
+        check(
+            with(|c| c.partition_in_flight_batches_max = 0),
+            Some("partition_in_flight_batches_max"),
+        );
+        check(
+            with(|c| c.partition_in_flight_batches_max = 6),
+            Some("partition_in_flight_batches_max"),
+        );
+        check(with(|c| c.partition_in_flight_batches_max = 1), None);
         check(with(|c| c.acks = Acks::None), Some("idempotent"));
         check(
             with(|c| {

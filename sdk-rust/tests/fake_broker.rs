@@ -29,6 +29,8 @@ enum Reply {
     After(Duration, Bytes),
     /// Reset the stream without answering: the client cannot know what happened.
     Reset,
+    /// Reset after a delay.
+    ResetAfter(Duration),
 }
 
 type Script = dyn Fn(&Request, usize) -> Reply + Send + Sync;
@@ -147,6 +149,10 @@ async fn serve(endpoint: quinn::Endpoint, script: Arc<Script>, log: Arc<Mutex<Ve
                             let _ = send.stopped().await;
                         }
                         Reply::Reset => {
+                            let _ = send.reset(0u32.into());
+                        }
+                        Reply::ResetAfter(delay) => {
+                            tokio::time::sleep(delay).await;
                             let _ = send.reset(0u32.into());
                         }
                     }
@@ -322,6 +328,85 @@ async fn out_of_order_sequence_fails_the_batch_and_renews_the_producer_id() {
     let renewed = header(&batches[1]);
     assert_eq!((renewed.producer_id, renewed.base_sequence), (101, 0));
     assert_eq!(broker.count(ApiKey::InitProducerId), 2);
+}
+
+/// Pipelined batches of one partition: the first request's fate is unknown (reset after a
+/// delay) while its successors arrive and are refused as out of order, as a real broker does
+/// when the gap is not filled in time. The client retries the first, then the others after
+/// it: every record is written once, in sequence order, with no new producer id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_order_refusal_behind_a_lost_batch_is_retried_after_it() {
+    let _serial = SERIAL.lock().await;
+    // A one-partition log that appends by sequence number, like the broker.
+    let next_sequence = Arc::new(Mutex::new(0i32));
+    let first_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let broker = start(move |request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
+        Request::Produce(produce) => {
+            let batch = header(&produce.topics[0].partitions[0].records);
+            if batch.base_sequence == 0
+                && !first_lost.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                // Held long enough for the later batches to arrive first, then lost.
+                return Reply::ResetAfter(Duration::from_millis(150));
+            }
+            let mut next = next_sequence.lock().unwrap();
+            if batch.base_sequence == *next {
+                *next += batch.records_count;
+                Reply::Frame(produced(ErrorCode::None, i64::from(batch.base_sequence)))
+            } else if batch.base_sequence < *next {
+                Reply::Frame(produced(
+                    ErrorCode::DuplicateSequence,
+                    i64::from(batch.base_sequence),
+                ))
+            } else {
+                Reply::Frame(produced(ErrorCode::OutOfOrderSequence, -1))
+            }
+        }
+        _ => Reply::Frame(encode_error_response(
+            ErrorCode::UnsupportedApi,
+            "not scripted",
+        )),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(ProducerConfig {
+        // 100-byte values travel one per batch.
+        batch_bytes_max: 128,
+        partition_in_flight_batches_max: 5,
+        ..fast_retries()
+    }))
+    .await
+    .unwrap();
+    let mut deliveries = Vec::new();
+    for value in ["a", "b", "c"] {
+        let record = ProducerRecord::new("t", value.repeat(100));
+        deliveries.push(within(producer.send(record)).await.unwrap());
+    }
+    let mut offsets = Vec::new();
+    for delivery in deliveries {
+        offsets.push(within(delivery).await.unwrap().offset);
+    }
+    assert_eq!(offsets, [0, 1, 2]);
+    let batches = broker.produced_batches();
+    let sequences: Vec<i32> = batches.iter().map(|b| header(b).base_sequence).collect();
+    // One batch in flight would send exactly four requests (0 lost, 0, 1, 2); pipelining
+    // sends 1 and 2 while 0 is outstanding, and they are refused and sent again.
+    assert!(
+        batches.len() > 4,
+        "the later batches did not go while the first was in flight: {sequences:?}"
+    );
+    for sequence in 0..3 {
+        let copies: Vec<&Bytes> = batches
+            .iter()
+            .filter(|b| header(b).base_sequence == sequence)
+            .collect();
+        assert!(
+            copies.windows(2).all(|pair| pair[0] == pair[1]),
+            "every attempt of sequence {sequence} resends the same bytes"
+        );
+    }
+    assert_eq!(broker.count(ApiKey::InitProducerId), 1, "no new identity");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,6 +242,60 @@ async fn retried_batches_are_written_once_gaps_and_fenced_epochs_are_refused() -
     Ok(())
 }
 
+/// A pipelining producer's requests travel on separate QUIC streams and may arrive in any
+/// order: a batch that arrives before its predecessor is held (not refused) until the
+/// predecessor is appended, and the log keeps sequence order. One that nothing fills is
+/// refused as out of order after the bounded wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_arriving_before_its_predecessor_waits_for_it() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&[])?;
+    let raw = broker.raw().await?;
+    raw.create_topic(TOPIC, 1).await?;
+    let id = raw.call_ok(&InitProducerIdRequest {}).await?;
+    let (pid, epoch) = (id.producer_id, id.producer_epoch);
+
+    let later = raw.produce(TOPIC, 0, batch(stamp(pid, epoch, 3), &["b0", "b1"]));
+    tokio::pin!(later);
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(200), &mut later)
+            .await
+            .is_err(),
+        "the batch at sequence 3 was answered before sequence 0 arrived"
+    );
+    ensure!(raw.high_watermark(TOPIC, 0).await? == 0, "appended early");
+    let first = raw
+        .produce(TOPIC, 0, batch(stamp(pid, epoch, 0), &["a0", "a1", "a2"]))
+        .await?;
+    let later = tokio::time::timeout(WAIT_MAX, later).await??;
+    ensure!(
+        (first.error, first.base_offset) == (ErrorCode::None, 0),
+        "sequence 0: {} at {}",
+        first.error,
+        first.base_offset
+    );
+    ensure!(
+        (later.error, later.base_offset) == (ErrorCode::None, 3),
+        "sequence 3 after its predecessor: {} at {} ({:?})",
+        later.error,
+        later.base_offset,
+        later.error_message
+    );
+    assert_eq!(values(&raw).await?, ["a0", "a1", "a2", "b0", "b1"]);
+
+    // A gap nothing fills: refused once the wait runs out, nothing written.
+    check(
+        &raw,
+        &[Step {
+            name: "sequence 9 with 5..9 never sent",
+            stamp: stamp(pid, epoch, 9),
+            values: &["gap"],
+            expect: Expect::Refused(ErrorCode::OutOfOrderSequence, "did not arrive within"),
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_state_survives_a_broker_crash() -> anyhow::Result<()> {
     let mut broker = TestBroker::start(&["--fsync", "always"])?;

@@ -10,13 +10,14 @@ mod producers;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader};
 use ketch_protocol::messages::{ConfigEntry, OffsetSpec};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::{BrokerConfig, Fsync};
 use crate::storage::{self, PartitionLog, StorageError};
@@ -31,6 +32,10 @@ const TOPIC_METADATA_FILE: &str = "topic.json";
 const PRODUCER_ID_FILE: &str = "producer-id-block";
 /// Producer ids reserved on disk at a time, so allocating one rarely writes.
 const PRODUCER_ID_BLOCK: i64 = 1000;
+/// How long an idempotent batch that arrived ahead of its predecessors waits for them before
+/// it is refused as out of order. A pipelining producer sends them moments apart; the wait
+/// covers scheduling, not a lost request (the producer retries that one, then the rest).
+pub const SEQUENCE_GAP_WAIT_MAX: Duration = Duration::from_millis(1000);
 
 /// A failed operation, as the wire reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +126,9 @@ pub struct Partition {
     pub index: u32,
     log: PartitionLog,
     producers: Mutex<ProducerTable>,
+    /// Notified (under the `producers` lock) whenever a producer's next expected sequence
+    /// moves, waking batches that arrived ahead of their predecessors.
+    sequence_moved: Notify,
     /// Publishes the high watermark; readers waiting for new records watch it.
     high_watermark: watch::Sender<i64>,
     batch_bytes_max: u32,
@@ -200,13 +208,28 @@ impl Partition {
         now_ms: i64,
     ) -> Result<Appended, ClusterError> {
         let idempotent = header.is_idempotent();
+        let gap_deadline = tokio::time::Instant::now() + SEQUENCE_GAP_WAIT_MAX;
         // The sequence check and the submission happen under one lock, so sequence order is
-        // offset order.
-        let pending = {
-            let mut producers = self.producers.lock().expect("producer table lock");
-            if idempotent {
-                match producers.check(&header) {
-                    SequenceCheck::Append => {}
+        // offset order. A batch ahead of its predecessors waits for them (bounded).
+        let pending = loop {
+            let sequence_moved = self.sequence_moved.notified();
+            let mut sequence_moved = std::pin::pin!(sequence_moved);
+            let gap = {
+                let mut producers = self.producers.lock().expect("producer table lock");
+                let check = if idempotent {
+                    producers.check(&header)
+                } else {
+                    SequenceCheck::Append
+                };
+                match check {
+                    SequenceCheck::Append => {
+                        let pending = self.log.append(batch_bytes.clone(), now_ms)?;
+                        if idempotent {
+                            producers.begin(&header);
+                            self.sequence_moved.notify_waiters();
+                        }
+                        break pending;
+                    }
                     SequenceCheck::Duplicate { base_offset } => {
                         return Ok(Appended {
                             base_offset,
@@ -216,13 +239,25 @@ impl Partition {
                     SequenceCheck::Reject { code, message } => {
                         return Err(ClusterError::new(code, message));
                     }
+                    SequenceCheck::Gap { message } => {
+                        // Registered under the lock: a move right after it still wakes us.
+                        sequence_moved.as_mut().enable();
+                        message
+                    }
                 }
+            };
+            if tokio::time::timeout_at(gap_deadline, sequence_moved)
+                .await
+                .is_err()
+            {
+                return Err(ClusterError::new(
+                    ErrorCode::OutOfOrderSequence,
+                    format!(
+                        "{gap}; the batches before it did not arrive within {} ms",
+                        SEQUENCE_GAP_WAIT_MAX.as_millis()
+                    ),
+                ));
             }
-            let pending = self.log.append(batch_bytes, now_ms)?;
-            if idempotent {
-                producers.begin(&header);
-            }
-            pending
         };
         let outcome = pending.await;
         let mut producers = self.producers.lock().expect("producer table lock");
@@ -241,6 +276,7 @@ impl Partition {
             Err(error) => {
                 if idempotent {
                     producers.abort(&header);
+                    self.sequence_moved.notify_waiters();
                 }
                 Err(error.into())
             }
@@ -507,6 +543,7 @@ impl Cluster {
                 index,
                 log,
                 producers: Mutex::new(ProducerTable::default()),
+                sequence_moved: Notify::new(),
                 high_watermark: watch::Sender::new(hwm),
                 batch_bytes_max: self.config.batch_bytes_max,
             };

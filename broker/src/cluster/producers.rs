@@ -4,10 +4,14 @@
 use std::collections::{HashMap, VecDeque};
 
 use ketch_protocol::ErrorCode;
-use ketch_protocol::batch::BatchHeader;
+use ketch_protocol::batch::{self, BatchHeader};
 
-/// Batches remembered per producer (Kafka keeps five, matching its in-flight limit).
-pub const PRODUCER_BATCHES_REMEMBERED_MAX: usize = 5;
+/// Batches remembered per producer: as many as a producer may have in flight.
+pub const PRODUCER_BATCHES_REMEMBERED_MAX: usize = batch::IDEMPOTENT_IN_FLIGHT_BATCHES_MAX;
+/// A batch up to this many sequence numbers ahead of the next expected one is a gap that
+/// batches in flight may fill; further ahead or behind (half the sequence space, which
+/// wraps at `i32::MAX`) it can only be out of order.
+const SEQUENCE_AHEAD_MAX: i32 = 1 << 30;
 /// Producers remembered per partition; the least recently seen is forgotten beyond this.
 pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
 
@@ -33,6 +37,10 @@ pub enum SequenceCheck {
     Append,
     /// Already appended at this base offset: answer success without appending.
     Duplicate { base_offset: i64 },
+    /// Ahead of the next expected sequence: the batches before it may still be on their way
+    /// (a pipelining producer's requests can arrive in any order). Wait for them, or refuse it
+    /// as out of order with this message.
+    Gap { message: String },
     /// Refused.
     Reject { code: ErrorCode, message: String },
 }
@@ -60,13 +68,12 @@ impl ProducerTable {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
-            return reject(
-                ErrorCode::OutOfOrderSequence,
-                format!(
+            return SequenceCheck::Gap {
+                message: format!(
                     "producer {} is unknown to this partition and starts at sequence {}, not 0",
                     header.producer_id, header.base_sequence
                 ),
-            );
+            };
         };
         if header.producer_epoch < entry.epoch {
             return reject(
@@ -81,10 +88,12 @@ impl ProducerTable {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
-            return reject(
-                ErrorCode::OutOfOrderSequence,
-                "a new producer epoch must start at sequence 0".into(),
-            );
+            return SequenceCheck::Gap {
+                message: format!(
+                    "producer {} epoch {} is new to this partition and starts at sequence {}, not 0",
+                    header.producer_id, header.producer_epoch, header.base_sequence
+                ),
+            };
         }
         let last = last_sequence(header);
         if let Some(seen) = entry
@@ -105,13 +114,16 @@ impl ProducerTable {
             .back()
             .map_or(0, |b| b.last_sequence.wrapping_add(1) & i32::MAX);
         if header.base_sequence != expected {
-            return reject(
-                ErrorCode::OutOfOrderSequence,
-                format!(
-                    "producer {} sent sequence {}, expected {}",
-                    header.producer_id, header.base_sequence, expected
-                ),
+            let message = format!(
+                "producer {} sent sequence {}, expected {}",
+                header.producer_id, header.base_sequence, expected
             );
+            // Distance forward from the expected sequence, in the wrapping sequence space.
+            let ahead = header.base_sequence.wrapping_sub(expected) & i32::MAX;
+            if ahead < SEQUENCE_AHEAD_MAX {
+                return SequenceCheck::Gap { message };
+            }
+            return reject(ErrorCode::OutOfOrderSequence, message);
         }
         SequenceCheck::Append
     }
@@ -207,6 +219,7 @@ mod tests {
             SequenceCheck::Append => "append".into(),
             SequenceCheck::Duplicate { base_offset } => format!("duplicate@{base_offset}"),
             SequenceCheck::Reject { code, .. } => code.name().into(),
+            SequenceCheck::Gap { .. } => "gap".into(),
         }
     }
 
@@ -237,19 +250,28 @@ mod tests {
         ]);
         check(&[
             (1, 0, 0, 3, "append"),
-            (1, 0, 4, 1, "out_of_order_sequence"),
+            (1, 0, 4, 1, "gap"),
             (1, 0, 3, 1, "append"),
+            (1, 0, 4, 1, "append"),
         ]);
-        check(&[(1, 0, 5, 1, "out_of_order_sequence")]);
+        check(&[
+            (1, 0, 5, 1, "gap"),
+            (1, 0, 0, 5, "append"),
+            (1, 0, 5, 1, "append"),
+        ]);
+        // Behind the remembered batches: out of order at once, nothing to wait for.
+        check(&[
+            (1, 0, 0, 3, "append"),
+            (1, 0, 3, 3, "append"),
+            (1, 0, 1, 1, "out_of_order_sequence"),
+            (1, 0, 0, 4, "out_of_order_sequence"),
+        ]);
         check(&[
             (1, 1, 0, 1, "append"),
             (1, 0, 1, 1, "invalid_producer_epoch"),
             (1, 2, 0, 1, "append"),
         ]);
-        check(&[
-            (1, 0, 0, 1, "append"),
-            (1, 1, 7, 1, "out_of_order_sequence"),
-        ]);
+        check(&[(1, 0, 0, 1, "append"), (1, 1, 7, 1, "gap")]);
         check(&[
             (1, 0, 0, 1, "append"),
             (2, 0, 0, 1, "append"),

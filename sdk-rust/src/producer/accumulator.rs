@@ -1,7 +1,7 @@
 //! Per-partition batching, sans-IO: records go into open batches; batches become ready when
 //! full, when their linger expired, or on flush. Time is passed in, so every rule is tested
-//! without a clock. At most one batch per partition is in flight, which keeps retries of
-//! idempotent batches in sequence order.
+//! without a clock. Up to `in_flight_max` batches per partition are in flight at once, taken
+//! strictly in the order their records were appended.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,21 +33,22 @@ pub(crate) struct PendingBatch<D> {
 #[derive(Debug)]
 struct PartitionQueue<D> {
     batches: VecDeque<PendingBatch<D>>,
-    in_flight: bool,
+    /// Batches drained and not yet completed.
+    in_flight: usize,
 }
 
 impl<D> Default for PartitionQueue<D> {
     fn default() -> Self {
         PartitionQueue {
             batches: VecDeque::new(),
-            in_flight: false,
+            in_flight: 0,
         }
     }
 }
 
 impl<D> PartitionQueue<D> {
     fn is_idle(&self) -> bool {
-        self.batches.is_empty() && !self.in_flight
+        self.batches.is_empty() && self.in_flight == 0
     }
 }
 
@@ -55,16 +56,24 @@ impl<D> PartitionQueue<D> {
 pub(crate) struct Accumulator<D> {
     batch_bytes_max: usize,
     linger: Duration,
+    /// Batches of one partition in flight at once (at least 1).
+    in_flight_max: usize,
     /// Each topic's queues, indexed by partition. Looked up by `&str`, so appending a record
     /// allocates no key; idle queues stay in place (at most one per partition ever used).
     queues: HashMap<String, Vec<PartitionQueue<D>>>,
 }
 
 impl<D> Accumulator<D> {
-    pub(crate) fn new(batch_bytes_max: usize, linger: Duration) -> Accumulator<D> {
+    pub(crate) fn new(
+        batch_bytes_max: usize,
+        linger: Duration,
+        in_flight_max: usize,
+    ) -> Accumulator<D> {
+        assert!(in_flight_max >= 1, "at least one batch in flight");
         Accumulator {
             batch_bytes_max,
             linger,
+            in_flight_max,
             queues: HashMap::new(),
         }
     }
@@ -115,8 +124,16 @@ impl<D> Accumulator<D> {
         Ok(true)
     }
 
-    /// Partitions whose front batch may be sent now: none of theirs is in flight, and the batch
-    /// is sealed, lingered long enough, or `flushing` is set.
+    /// Whether a queue's front batch may be sent now: the partition has room in flight, and
+    /// the batch is sealed, lingered long enough, or `flushing` is set.
+    fn front_ready(&self, queue: &PartitionQueue<D>, now: Instant, flushing: bool) -> bool {
+        queue.in_flight < self.in_flight_max
+            && queue.batches.front().is_some_and(|batch| {
+                flushing || batch.sealed || now >= batch.created_at + self.linger
+            })
+    }
+
+    /// Partitions whose front batch may be sent now (see [`Self::drain`]).
     pub(crate) fn ready(&self, now: Instant, flushing: bool) -> Vec<TopicPartition> {
         self.queues
             .iter()
@@ -126,12 +143,7 @@ impl<D> Accumulator<D> {
                     .enumerate()
                     .map(move |(partition, queue)| (topic, partition, queue))
             })
-            .filter(|(_, _, queue)| !queue.in_flight)
-            .filter(|(_, _, queue)| {
-                queue.batches.front().is_some_and(|batch| {
-                    flushing || batch.sealed || now >= batch.created_at + self.linger
-                })
-            })
+            .filter(|(_, _, queue)| self.front_ready(queue, now, flushing))
             .map(|(topic, partition, _)| TopicPartition::new(topic.clone(), partition as u32))
             .collect()
     }
@@ -149,25 +161,37 @@ impl<D> Accumulator<D> {
             .get_mut(partition.partition as usize)
     }
 
-    /// Takes the front batch of a partition for sending and marks the partition in flight.
-    pub(crate) fn drain(&mut self, partition: &TopicPartition) -> Option<PendingBatch<D>> {
+    /// Takes the front batch of a partition for sending, if it is ready (sealed, lingered or
+    /// `flushing`) and the partition has room in flight. Call it again for the next one.
+    pub(crate) fn drain(
+        &mut self,
+        partition: &TopicPartition,
+        now: Instant,
+        flushing: bool,
+    ) -> Option<PendingBatch<D>> {
+        let queue = self
+            .queues
+            .get(partition.topic.as_str())?
+            .get(partition.partition as usize)?;
+        if !self.front_ready(queue, now, flushing) {
+            return None;
+        }
         let queue = self.queue_mut(partition)?;
-        assert!(!queue.in_flight, "one batch per partition in flight");
         let batch = queue.batches.pop_front()?;
-        queue.in_flight = true;
+        queue.in_flight += 1;
         Some(batch)
     }
 
-    /// The partition's in-flight batch finished (delivered or failed for good).
+    /// One of the partition's in-flight batches finished (delivered or failed for good).
     pub(crate) fn complete(&mut self, partition: &TopicPartition) {
         let queue = self
             .queue_mut(partition)
             .expect("completing a partition with a batch in flight");
         assert!(
-            queue.in_flight,
+            queue.in_flight > 0,
             "completing a partition with nothing in flight"
         );
-        queue.in_flight = false;
+        queue.in_flight -= 1;
     }
 
     /// Removes every batch queued (not in flight) for a partition, to fail them.
@@ -192,7 +216,7 @@ impl<D> Accumulator<D> {
         self.queues
             .values()
             .flatten()
-            .filter(|queue| !queue.in_flight)
+            .filter(|queue| queue.in_flight < self.in_flight_max)
             .filter_map(|queue| queue.batches.front())
             .map(|batch| batch.created_at + self.linger)
             .min()
@@ -233,7 +257,7 @@ mod tests {
     fn linger_holds_a_batch_until_it_expires() {
         let start = Instant::now();
         let linger = Duration::from_millis(10);
-        let mut acc = Accumulator::new(1024, linger);
+        let mut acc = Accumulator::new(1024, linger, 1);
         acc.append("t", 0, record(b"a"), 1, start).unwrap();
         acc.append("t", 0, record(b"b"), 2, start + Duration::from_millis(5))
             .unwrap();
@@ -246,7 +270,9 @@ mod tests {
         assert_eq!(acc.ready(start + linger, false), [tp(0)]);
         // A flush makes it ready at once.
         assert_eq!(acc.ready(start, true), [tp(0)]);
-        let batch = acc.drain(&tp(0)).unwrap();
+        // Not ready: draining takes nothing.
+        assert!(acc.drain(&tp(0), start, false).is_none());
+        let batch = acc.drain(&tp(0), start, true).unwrap();
         assert_eq!(batch.slots, [1, 2]);
         let bytes = batch.builder.finish();
         let records = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
@@ -262,7 +288,7 @@ mod tests {
     #[test]
     fn a_full_batch_is_sealed_and_ready_before_its_linger() {
         let start = Instant::now();
-        let mut acc = Accumulator::new(200, Duration::from_secs(60));
+        let mut acc = Accumulator::new(200, Duration::from_secs(60), 1);
         let value = [7u8; 50];
         for slot in 0..5 {
             acc.append("t", 0, record(&value), slot, start).unwrap();
@@ -270,12 +296,12 @@ mod tests {
         // 61 header bytes + ~57 per record: two fit under 200, the third opens a new batch.
         assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 1]);
         assert_eq!(acc.ready(start, false), [tp(0)]);
-        let first = acc.drain(&tp(0)).unwrap();
+        let first = acc.drain(&tp(0), start, false).unwrap();
         assert_eq!(first.slots, [0, 1]);
         assert!(first.builder.size_bytes() <= 200);
         acc.complete(&tp(0));
         // The second is sealed because a later batch exists; the last still lingers.
-        assert_eq!(acc.drain(&tp(0)).unwrap().slots, [2, 3]);
+        assert_eq!(acc.drain(&tp(0), start, false).unwrap().slots, [2, 3]);
         acc.complete(&tp(0));
         assert!(acc.ready(start, false).is_empty());
         assert!(!acc.is_empty());
@@ -284,7 +310,7 @@ mod tests {
     #[test]
     fn a_record_larger_than_the_cap_travels_alone() {
         let start = Instant::now();
-        let mut acc = Accumulator::new(128, Duration::from_secs(60));
+        let mut acc = Accumulator::new(128, Duration::from_secs(60), 1);
         acc.append("t", 0, record(b"small"), 0, start).unwrap();
         let big = vec![1u8; 1000];
         acc.append("t", 0, record(&big), 1, start).unwrap();
@@ -295,7 +321,7 @@ mod tests {
     #[test]
     fn seal_all_and_take_queued() {
         let start = Instant::now();
-        let mut acc = Accumulator::new(1024, Duration::from_secs(60));
+        let mut acc = Accumulator::new(1024, Duration::from_secs(60), 1);
         acc.append("t", 0, record(b"a"), 0, start).unwrap();
         acc.append("t", 1, record(b"b"), 1, start).unwrap();
         acc.seal_all();
@@ -314,14 +340,46 @@ mod tests {
     #[test]
     fn partitions_batch_independently() {
         let start = Instant::now();
-        let mut acc = Accumulator::new(1024, Duration::from_millis(10));
+        let mut acc = Accumulator::new(1024, Duration::from_millis(10), 1);
         acc.append("t", 0, record(b"a"), 0, start).unwrap();
         acc.append("t", 1, record(b"b"), 1, start + Duration::from_millis(4))
             .unwrap();
         assert_eq!(acc.ready(start + Duration::from_millis(10), false), [tp(0)]);
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(10)));
-        acc.drain(&tp(0)).unwrap();
+        acc.drain(&tp(0), start + Duration::from_millis(10), false)
+            .unwrap();
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(14)));
+    }
+
+    #[test]
+    fn up_to_in_flight_max_batches_of_a_partition_go_at_once_in_order() {
+        let start = Instant::now();
+        let mut acc = Accumulator::new(200, Duration::from_secs(60), 2);
+        let value = [7u8; 50];
+        for slot in 0..7 {
+            acc.append("t", 0, record(&value), slot, start).unwrap();
+        }
+        assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 2, 1]);
+        let first = acc.drain(&tp(0), start, false).unwrap();
+        let second = acc.drain(&tp(0), start, false).unwrap();
+        assert_eq!((first.slots, second.slots), (vec![0, 1], vec![2, 3]));
+        // Two in flight: the third waits although it is sealed, and no linger is counted.
+        assert!(acc.drain(&tp(0), start, true).is_none());
+        assert!(acc.ready(start, true).is_empty());
+        assert_eq!(acc.next_deadline(), None);
+        acc.complete(&tp(0));
+        assert_eq!(acc.ready(start, false), [tp(0)]);
+        assert_eq!(acc.drain(&tp(0), start, false).unwrap().slots, [4, 5]);
+        // The last batch is still open: it waits for its linger (or a flush).
+        assert!(acc.drain(&tp(0), start, false).is_none());
+        assert_eq!(acc.next_deadline(), None);
+        acc.complete(&tp(0));
+        assert_eq!(acc.next_deadline(), Some(start + Duration::from_secs(60)));
+        acc.complete(&tp(0));
+        assert!(!acc.is_empty());
+        assert_eq!(acc.drain(&tp(0), start, true).unwrap().slots, [6]);
+        acc.complete(&tp(0));
+        assert!(acc.is_empty());
     }
 
     proptest::proptest! {
@@ -332,23 +390,32 @@ mod tests {
             sizes in proptest::collection::vec(0usize..400, 1..60),
             cap in 128usize..1024,
             partitions in 1u32..4,
+            in_flight_max in 1usize..6,
         ) {
             let start = Instant::now();
-            let mut acc = Accumulator::new(cap, Duration::from_millis(5));
+            let mut acc = Accumulator::new(cap, Duration::from_millis(5), in_flight_max);
             for (slot, size) in sizes.iter().enumerate() {
                 let value = vec![slot as u8; *size];
                 acc.append("t", slot as u32 % partitions, record(&value), slot, start).unwrap();
             }
             let mut drained: Vec<Vec<usize>> = vec![Vec::new(); partitions as usize];
             while !acc.is_empty() {
+                let mut completing = Vec::new();
                 for partition in acc.ready(start, true) {
-                    let batch = acc.drain(&partition).unwrap();
-                    let records = batch.slots.len();
-                    proptest::prop_assert!(records == 1 || batch.builder.size_bytes() <= cap);
-                    let bytes = batch.builder.finish();
-                    let decoded = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
-                    proptest::prop_assert_eq!(decoded.len(), records);
-                    drained[partition.partition as usize].extend(batch.slots);
+                    let mut taken = 0;
+                    while let Some(batch) = acc.drain(&partition, start, true) {
+                        let records = batch.slots.len();
+                        proptest::prop_assert!(records == 1 || batch.builder.size_bytes() <= cap);
+                        let bytes = batch.builder.finish();
+                        let decoded = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
+                        proptest::prop_assert_eq!(decoded.len(), records);
+                        drained[partition.partition as usize].extend(batch.slots);
+                        completing.push(partition.clone());
+                        taken += 1;
+                    }
+                    proptest::prop_assert!(taken >= 1 && taken <= in_flight_max);
+                }
+                for partition in completing {
                     acc.complete(&partition);
                 }
             }

@@ -6,11 +6,19 @@
 //! leader into produce requests, and settles each record's future with its offset or error.
 //! A retried batch is resent byte for byte, so the broker recognises a duplicate
 //! (`DuplicateSequence`) and answers with the original offset.
+//!
+//! An idempotent producer pipelines up to `partition_in_flight_batches_max` batches per
+//! partition, each in its own request (QUIC streams, so no request waits behind another). The
+//! requests may reach the broker in any order; the broker appends by sequence number, holding
+//! a batch that arrives ahead of its predecessor for a bounded time. A batch the broker
+//! refuses as out of order while an earlier batch of its partition is still unsettled is
+//! retried after it (Kafka's rule), so one lost request delays its successors but never
+//! reorders or fails them.
 
 mod accumulator;
 mod sequence;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -276,7 +284,15 @@ impl Producer {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                accumulator: Accumulator::new(config.batch_bytes_max, config.linger),
+                accumulator: Accumulator::new(
+                    config.batch_bytes_max,
+                    config.linger,
+                    if config.idempotent {
+                        config.partition_in_flight_batches_max
+                    } else {
+                        1
+                    },
+                ),
                 partitioner: Partitioner::new(config.null_key_partitioning, config.batch_bytes_max),
             }),
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
@@ -483,6 +499,8 @@ fn record_bytes(record: &ProducerRecord) -> usize {
 /// A batch that has been stamped and finished: the bytes every attempt sends.
 #[derive(Debug)]
 struct InFlightBatch {
+    /// Drain order, increasing across the producer (so in sequence order per partition).
+    number: u64,
     partition: TopicPartition,
     bytes: Bytes,
     stamp: ProducerStamp,
@@ -521,6 +539,10 @@ struct Sender {
     outcomes_rx: mpsc::UnboundedReceiver<Vec<Outcome>>,
     /// Batches handed to request tasks and not yet back.
     in_flight: usize,
+    next_number: u64,
+    /// Per partition, the numbers of the batches drained and not yet settled for good, in
+    /// drain order.
+    unsettled: HashMap<TopicPartition, VecDeque<u64>>,
 }
 
 impl Sender {
@@ -535,6 +557,8 @@ impl Sender {
             outcomes_tx,
             outcomes_rx,
             in_flight: 0,
+            next_number: 0,
+            unsettled: HashMap::new(),
         }
     }
 
@@ -556,12 +580,14 @@ impl Sender {
             if !self.renew_identity {
                 to_send = self.drain(now, closing);
             }
-            let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            let (mut due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
                 .into_iter()
                 .partition(|batch| batch.retry_at <= now);
             self.retries = waiting;
-            to_send.extend(due);
-            self.dispatch(to_send).await;
+            // Retries are older than anything drained now: they go first, oldest first.
+            due.sort_by_key(|batch| batch.number);
+            due.append(&mut to_send);
+            self.dispatch(due).await;
 
             if closing
                 && self.in_flight == 0
@@ -626,36 +652,55 @@ impl Sender {
         let ready = state.accumulator.ready(now, flushing);
         let mut batches = Vec::with_capacity(ready.len());
         for partition in ready {
-            let Some(batch) = state.accumulator.drain(&partition) else {
-                continue;
-            };
-            let records = batch.slots.len() as i32;
-            let stamp = match &mut self.sequences {
-                Some(sequences) => sequences.stamp(&partition, records),
-                None => ProducerStamp::NONE,
-            };
-            batches.push(InFlightBatch {
-                bytes: batch.builder.with_producer(stamp).finish(),
-                partition,
-                stamp,
-                slots: batch.slots,
-                attempts: 0,
-                retry_at: now,
-            });
+            while let Some(batch) = state.accumulator.drain(&partition, now, flushing) {
+                let records = batch.slots.len() as i32;
+                let stamp = match &mut self.sequences {
+                    Some(sequences) => sequences.stamp(&partition, records),
+                    None => ProducerStamp::NONE,
+                };
+                let number = self.next_number;
+                self.next_number += 1;
+                match self.unsettled.get_mut(&partition) {
+                    Some(numbers) => numbers.push_back(number),
+                    None => {
+                        self.unsettled
+                            .insert(partition.clone(), VecDeque::from([number]));
+                    }
+                }
+                batches.push(InFlightBatch {
+                    number,
+                    bytes: batch.builder.with_producer(stamp).finish(),
+                    partition: partition.clone(),
+                    stamp,
+                    slots: batch.slots,
+                    attempts: 0,
+                    retry_at: now,
+                });
+            }
         }
         batches
     }
 
-    /// Groups batches by leader and starts one produce request per leader.
+    /// Groups batches by leader into produce requests, at most one batch of a partition per
+    /// request (the broker appends the partitions of one request concurrently), and starts
+    /// the requests in the order of their oldest batch.
     async fn dispatch(&mut self, batches: Vec<InFlightBatch>) {
-        let mut by_leader: HashMap<SocketAddr, Vec<InFlightBatch>> = HashMap::new();
+        let mut requests: Vec<(SocketAddr, Vec<InFlightBatch>)> = Vec::new();
         for batch in batches {
             match self.shared.client.inner.leader(&batch.partition).await {
-                Ok(addr) => by_leader.entry(addr).or_default().push(batch),
+                Ok(addr) => {
+                    let open = requests.iter_mut().find(|(to, batches)| {
+                        *to == addr && batches.iter().all(|b| b.partition != batch.partition)
+                    });
+                    match open {
+                        Some((_, batches)) => batches.push(batch),
+                        None => requests.push((addr, vec![batch])),
+                    }
+                }
                 Err(error) => self.settle(batch, Err(error)),
             }
         }
-        for (addr, batches) in by_leader {
+        for (addr, batches) in requests {
             self.in_flight += batches.len();
             let shared = self.shared.clone();
             let requests = self.requests.clone();
@@ -688,7 +733,7 @@ impl Sender {
                     };
                     slot.settle(Ok(offset));
                 }
-                self.complete(&partition);
+                self.complete(&partition, batch.number);
                 return;
             }
             Err(error) => error,
@@ -699,6 +744,23 @@ impl Sender {
             self.shared.config.retry_backoff_max,
             batch.attempts,
         );
+        // Out of order behind an earlier batch that is not settled yet (lost, being retried,
+        // or still in flight): that batch fills the gap, so this one goes again after it.
+        let behind_unsettled = self
+            .unsettled
+            .get(&partition)
+            .and_then(|numbers| numbers.front())
+            .is_some_and(|oldest| *oldest < batch.number);
+        if error.code() == Some(ErrorCode::OutOfOrderSequence)
+            && behind_unsettled
+            && now + delay < batch.deadline()
+        {
+            tracing::debug!(%partition, attempt = batch.attempts, %error, "batch arrived before an earlier one; retrying after it");
+            batch.attempts += 1;
+            batch.retry_at = now + delay;
+            self.retries.push(batch);
+            return;
+        }
         match error.code() {
             Some(ErrorCode::OutOfOrderSequence) => {
                 // The broker and this producer disagree about the partition's sequence: every
@@ -716,13 +778,13 @@ impl Sender {
                 for queued in queued {
                     fail_slots(queued.slots, &error);
                 }
-                self.complete(&partition);
+                self.complete(&partition, batch.number);
                 self.renew_identity = self.sequences.is_some();
                 return;
             }
             Some(ErrorCode::UnknownProducer | ErrorCode::InvalidProducerEpoch) => {
                 fail_slots(batch.slots, &error);
-                self.complete(&partition);
+                self.complete(&partition, batch.number);
                 self.renew_identity = self.sequences.is_some();
                 return;
             }
@@ -751,10 +813,19 @@ impl Sender {
             }
         }
         fail_slots(batch.slots, &error);
-        self.complete(&partition);
+        self.complete(&partition, batch.number);
     }
 
-    fn complete(&mut self, partition: &TopicPartition) {
+    /// A batch is settled for good: its partition has room for the next one.
+    fn complete(&mut self, partition: &TopicPartition, number: u64) {
+        if let Some(numbers) = self.unsettled.get_mut(partition) {
+            if let Some(index) = numbers.iter().position(|n| *n == number) {
+                numbers.remove(index);
+            }
+            if numbers.is_empty() {
+                self.unsettled.remove(partition);
+            }
+        }
         self.shared
             .state
             .lock()
