@@ -56,14 +56,27 @@ impl Ceiling {
 
 // ---- raw QUIC --------------------------------------------------------------------------
 
-/// The client's transport settings (`sdk-rust/src/transport.rs`: defaults plus idle timeout
-/// and keep-alive).
+/// The client's transport settings (`sdk-rust/src/transport.rs`: defaults plus idle timeout,
+/// keep-alive and the larger datagrams of `ketch_protocol::UDP_PAYLOAD_BYTES_MAX`).
 fn client_transport() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     let idle = Duration::from_secs(30);
     transport.max_idle_timeout(Some(idle.try_into().expect("idle timeout fits")));
     transport.keep_alive_interval(Some(idle / 3));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
+    transport.mtu_discovery_config(Some(mtu));
     transport
+}
+
+/// A UDP endpoint with the broker's endpoint settings (the client uses the same).
+fn endpoint(server: Option<quinn::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::new(
+        ketch_broker::server::endpoint_config(),
+        server,
+        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
@@ -94,7 +107,7 @@ pub async fn quic_sink(dir: &Path) -> anyhow::Result<()> {
     config.transport_config(Arc::new(ketch_broker::server::transport_config(
         &ketch_broker::config::BrokerConfig::default(),
     )));
-    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+    let endpoint = endpoint(Some(config))?;
     println!(
         "quic-sink ready listen={} ca={}",
         endpoint.local_addr()?,
@@ -178,7 +191,7 @@ async fn quic_connect(addr: SocketAddr, ca: &PathBuf) -> anyhow::Result<quinn::C
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
     ));
     config.transport_config(Arc::new(client_transport()));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut endpoint = endpoint(None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint.connect(addr, "localhost")?.await?)
 }

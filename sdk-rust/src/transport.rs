@@ -175,6 +175,14 @@ struct SlotState {
     last_failure: Option<Instant>,
 }
 
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(ketch_protocol::UDP_PAYLOAD_BYTES_MAX)
+        .expect("a valid UDP payload size");
+    config
+}
+
 impl Transport {
     pub(crate) fn new(config: &ClientConfig) -> Result<Transport> {
         let crypto = rustls_config(&config.tls)?;
@@ -187,6 +195,9 @@ impl Transport {
                 .map_err(|_| Error::Config("idle_timeout is too large".into()))?,
         ));
         transport.keep_alive_interval(Some(config.idle_timeout / 3));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
+        transport.mtu_discovery_config(Some(mtu));
         client_config.transport_config(Arc::new(transport));
         Ok(Transport {
             endpoints: Mutex::new(HashMap::new()),
@@ -212,7 +223,15 @@ impl Transport {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(bind)
+        let mut endpoint = std::net::UdpSocket::bind(bind)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    endpoint_config(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(|e| Error::Transport(format!("cannot bind UDP {bind}: {e}")))?;
         endpoint.set_default_client_config(self.client_config.clone());
         endpoints.insert(ipv6, endpoint.clone());

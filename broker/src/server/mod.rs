@@ -97,7 +97,19 @@ pub fn transport_config(config: &BrokerConfig) -> quinn::TransportConfig {
         .stream_receive_window((8u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
         .send_window(64 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
+    transport.mtu_discovery_config(Some(mtu));
     transport
+}
+
+/// The endpoint settings: accept datagrams up to [`ketch_protocol::UDP_PAYLOAD_BYTES_MAX`].
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(ketch_protocol::UDP_PAYLOAD_BYTES_MAX)
+        .expect("a valid UDP payload size");
+    config
 }
 
 /// A bound, ready broker.
@@ -144,12 +156,20 @@ impl Broker {
             .validate()
             .map_err(|e| crate::config::ConfigError::Invalid(format!("consumer groups: {e}")))?;
         let groups = GroupCoordinator::new(group_config);
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            StartError::Bind {
+        let socket = std::net::UdpSocket::bind(config.listen);
+        let endpoint = socket
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    endpoint_config(),
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|source| StartError::Bind {
                 addr: config.listen,
                 source,
-            }
-        })?;
+            })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
