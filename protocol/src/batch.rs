@@ -321,8 +321,17 @@ impl BatchBuilder {
     /// A builder whose finished batch never exceeds `batch_bytes_max` bytes (header included).
     /// The first record is always accepted if it fits [`BATCH_BYTES_MAX`].
     pub fn new(batch_bytes_max: usize) -> BatchBuilder {
+        BatchBuilder::with_capacity(batch_bytes_max, 64 * 1024)
+    }
+
+    /// A builder whose buffer starts with room for `capacity_bytes` (at most the cap), so a
+    /// caller that knows how large its batches grow avoids reallocating (and copying) as
+    /// records arrive.
+    pub fn with_capacity(batch_bytes_max: usize, capacity_bytes: usize) -> BatchBuilder {
         let batch_bytes_max = batch_bytes_max.min(BATCH_BYTES_MAX);
-        let mut buf = BytesMut::with_capacity(batch_bytes_max.min(64 * 1024));
+        let capacity =
+            capacity_bytes.clamp(BATCH_HEADER_BYTES, batch_bytes_max.max(BATCH_HEADER_BYTES));
+        let mut buf = BytesMut::with_capacity(capacity);
         buf.put_bytes(0, BATCH_HEADER_BYTES);
         BatchBuilder {
             buf,

@@ -19,15 +19,30 @@ pub(crate) struct RecordRef<'a> {
     pub headers: &'a [Header],
 }
 
-/// A batch being filled or waiting to be sent, with one delivery slot per record (in record
-/// order).
+/// A batch being filled or waiting to be sent, with the caller's ledger of its records
+/// (created with the batch, updated by the caller for each record appended).
 #[derive(Debug)]
 pub(crate) struct PendingBatch<D> {
     pub builder: BatchBuilder,
     pub created_at: Instant,
-    pub slots: Vec<D>,
+    pub ledger: D,
     /// No more records go in: it was full, a later batch exists, or a flush sealed it.
     sealed: bool,
+}
+
+impl<D> PendingBatch<D> {
+    pub(crate) fn records(&self) -> usize {
+        self.builder.records_count() as usize
+    }
+}
+
+/// Where a record went: its batch's ledger and its index in the batch.
+#[derive(Debug)]
+pub(crate) struct Appended<'a, D> {
+    /// The sender should look again: a batch was opened (a linger starts) or sealed (ready).
+    pub wake: bool,
+    pub ledger: &'a mut D,
+    pub index: usize,
 }
 
 #[derive(Debug)]
@@ -35,13 +50,20 @@ struct PartitionQueue<D> {
     batches: VecDeque<PendingBatch<D>>,
     /// Batches drained and not yet completed.
     in_flight: usize,
+    /// Size of the last batch drained: the starting capacity of the next one, so batches
+    /// that fill up are allocated once instead of growing by copies.
+    last_batch_bytes: usize,
 }
+
+/// Starting capacity of a partition's first batch.
+const BATCH_CAPACITY_BYTES_INITIAL: usize = 16 * 1024;
 
 impl<D> Default for PartitionQueue<D> {
     fn default() -> Self {
         PartitionQueue {
             batches: VecDeque::new(),
             in_flight: 0,
+            last_batch_bytes: BATCH_CAPACITY_BYTES_INITIAL,
         }
     }
 }
@@ -78,50 +100,63 @@ impl<D> Accumulator<D> {
         }
     }
 
-    /// Appends a record to the partition's open batch, opening a new batch when the record
-    /// does not fit. Returns whether the sender should look again (a batch was opened, which
-    /// starts a linger, or sealed, which makes it ready). Gives the slot back if the record
-    /// cannot travel in any batch.
+    /// Appends a record to the partition's open batch, opening a new batch (and its ledger,
+    /// from `open`) when the record does not fit. `None` if the record cannot travel in any
+    /// batch.
     pub(crate) fn append(
         &mut self,
         topic: &str,
         partition: u32,
         record: RecordRef<'_>,
-        slot: D,
         now: Instant,
-    ) -> Result<bool, D> {
-        let queues = match self.queues.get_mut(topic) {
-            Some(queues) => queues,
-            None => self.queues.entry(topic.to_owned()).or_default(),
-        };
+        open: impl FnOnce() -> D,
+    ) -> Option<Appended<'_, D>> {
+        if !self.queues.contains_key(topic) {
+            self.queues.insert(topic.to_owned(), Vec::new());
+        }
+        let queues = self.queues.get_mut(topic).expect("inserted above");
         let index = partition as usize;
         if queues.len() <= index {
             queues.resize_with(index + 1, PartitionQueue::default);
         }
         let queue = &mut queues[index];
-        if let Some(open) = queue.batches.back_mut().filter(|b| !b.sealed) {
-            if open
-                .builder
-                .try_append(record.timestamp, record.key, record.value, record.headers)
-            {
-                open.slots.push(slot);
-                open.sealed = open.builder.size_bytes() >= self.batch_bytes_max;
-                return Ok(open.sealed);
+        let appended_to_open = match queue.batches.back_mut().filter(|b| !b.sealed) {
+            Some(open) => {
+                let fits = open.builder.try_append(
+                    record.timestamp,
+                    record.key,
+                    record.value,
+                    record.headers,
+                );
+                // Full, or a later batch is about to exist: no more records go in.
+                open.sealed = !fits || open.builder.size_bytes() >= self.batch_bytes_max;
+                fits
             }
-            open.sealed = true;
+            None => false,
+        };
+        if !appended_to_open {
+            let mut builder =
+                BatchBuilder::with_capacity(self.batch_bytes_max, queue.last_batch_bytes);
+            if !builder.try_append(record.timestamp, record.key, record.value, record.headers) {
+                return None;
+            }
+            let sealed = builder.size_bytes() >= self.batch_bytes_max;
+            queue.batches.push_back(PendingBatch {
+                builder,
+                created_at: now,
+                ledger: open(),
+                sealed,
+            });
         }
-        let mut builder = BatchBuilder::new(self.batch_bytes_max);
-        if !builder.try_append(record.timestamp, record.key, record.value, record.headers) {
-            return Err(slot);
-        }
-        let sealed = builder.size_bytes() >= self.batch_bytes_max;
-        queue.batches.push_back(PendingBatch {
-            builder,
-            created_at: now,
-            slots: vec![slot],
-            sealed,
-        });
-        Ok(true)
+        let batch = queue
+            .batches
+            .back_mut()
+            .expect("the batch just appended to");
+        Some(Appended {
+            wake: !appended_to_open || batch.sealed,
+            index: batch.records() - 1,
+            ledger: &mut batch.ledger,
+        })
     }
 
     /// Whether a queue's front batch may be sent now: the partition has room in flight, and
@@ -179,6 +214,7 @@ impl<D> Accumulator<D> {
         let queue = self.queue_mut(partition)?;
         let batch = queue.batches.pop_front()?;
         queue.in_flight += 1;
+        queue.last_batch_bytes = batch.builder.size_bytes();
         Some(batch)
     }
 
@@ -230,7 +266,7 @@ impl<D> Accumulator<D> {
     #[cfg(test)]
     fn batch_counts(&self, partition: &TopicPartition) -> Vec<usize> {
         self.queue(partition)
-            .map(|q| q.batches.iter().map(|b| b.slots.len()).collect())
+            .map(|q| q.batches.iter().map(PendingBatch::records).collect())
             .unwrap_or_default()
     }
 }
@@ -253,13 +289,30 @@ mod tests {
         }
     }
 
+    /// The test ledger: the slot numbers of the batch's records, in order.
+    type Slots = Vec<usize>;
+
+    trait Put {
+        /// Appends a record numbered `slot`; returns the wake flag, `None` if it cannot fit.
+        fn put(&mut self, partition: u32, value: &[u8], slot: usize, now: Instant) -> Option<bool>;
+    }
+
+    impl Put for Accumulator<Slots> {
+        fn put(&mut self, partition: u32, value: &[u8], slot: usize, now: Instant) -> Option<bool> {
+            let appended = self.append("t", partition, record(value), now, Vec::new)?;
+            assert_eq!(appended.index, appended.ledger.len(), "index in the batch");
+            appended.ledger.push(slot);
+            Some(appended.wake)
+        }
+    }
+
     #[test]
     fn linger_holds_a_batch_until_it_expires() {
         let start = Instant::now();
         let linger = Duration::from_millis(10);
         let mut acc = Accumulator::new(1024, linger, 1);
-        acc.append("t", 0, record(b"a"), 1, start).unwrap();
-        acc.append("t", 0, record(b"b"), 2, start + Duration::from_millis(5))
+        acc.put(0, b"a", 1, start).unwrap();
+        acc.put(0, b"b", 2, start + Duration::from_millis(5))
             .unwrap();
         assert!(
             acc.ready(start + Duration::from_millis(9), false)
@@ -273,12 +326,12 @@ mod tests {
         // Not ready: draining takes nothing.
         assert!(acc.drain(&tp(0), start, false).is_none());
         let batch = acc.drain(&tp(0), start, true).unwrap();
-        assert_eq!(batch.slots, [1, 2]);
+        assert_eq!(batch.ledger, [1, 2]);
         let bytes = batch.builder.finish();
         let records = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
         assert_eq!(records.len(), 2);
         // In flight: nothing else of the partition is ready, nor counted for the deadline.
-        acc.append("t", 0, record(b"c"), 3, start).unwrap();
+        acc.put(0, b"c", 3, start).unwrap();
         assert!(acc.ready(start + linger, true).is_empty());
         assert_eq!(acc.next_deadline(), None);
         acc.complete(&tp(0));
@@ -291,17 +344,17 @@ mod tests {
         let mut acc = Accumulator::new(200, Duration::from_secs(60), 1);
         let value = [7u8; 50];
         for slot in 0..5 {
-            acc.append("t", 0, record(&value), slot, start).unwrap();
+            acc.put(0, &value, slot, start).unwrap();
         }
         // 61 header bytes + ~57 per record: two fit under 200, the third opens a new batch.
         assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 1]);
         assert_eq!(acc.ready(start, false), [tp(0)]);
         let first = acc.drain(&tp(0), start, false).unwrap();
-        assert_eq!(first.slots, [0, 1]);
+        assert_eq!(first.ledger, [0, 1]);
         assert!(first.builder.size_bytes() <= 200);
         acc.complete(&tp(0));
         // The second is sealed because a later batch exists; the last still lingers.
-        assert_eq!(acc.drain(&tp(0), start, false).unwrap().slots, [2, 3]);
+        assert_eq!(acc.drain(&tp(0), start, false).unwrap().ledger, [2, 3]);
         acc.complete(&tp(0));
         assert!(acc.ready(start, false).is_empty());
         assert!(!acc.is_empty());
@@ -311,10 +364,10 @@ mod tests {
     fn a_record_larger_than_the_cap_travels_alone() {
         let start = Instant::now();
         let mut acc = Accumulator::new(128, Duration::from_secs(60), 1);
-        acc.append("t", 0, record(b"small"), 0, start).unwrap();
+        acc.put(0, b"small", 0, start).unwrap();
         let big = vec![1u8; 1000];
-        acc.append("t", 0, record(&big), 1, start).unwrap();
-        acc.append("t", 0, record(b"small"), 2, start).unwrap();
+        acc.put(0, &big, 1, start).unwrap();
+        acc.put(0, b"small", 2, start).unwrap();
         assert_eq!(acc.batch_counts(&tp(0)), [1, 1, 1]);
     }
 
@@ -322,14 +375,14 @@ mod tests {
     fn seal_all_and_take_queued() {
         let start = Instant::now();
         let mut acc = Accumulator::new(1024, Duration::from_secs(60), 1);
-        acc.append("t", 0, record(b"a"), 0, start).unwrap();
-        acc.append("t", 1, record(b"b"), 1, start).unwrap();
+        acc.put(0, b"a", 0, start).unwrap();
+        acc.put(1, b"b", 1, start).unwrap();
         acc.seal_all();
         let mut ready = acc.ready(start, false);
         ready.sort();
         assert_eq!(ready, [tp(0), tp(1)]);
         // A sealed batch takes no more records: the next one opens a new batch.
-        acc.append("t", 0, record(b"c"), 2, start).unwrap();
+        acc.put(0, b"c", 2, start).unwrap();
         assert_eq!(acc.batch_counts(&tp(0)), [1, 1]);
         let failed = acc.take_queued(&tp(0));
         assert_eq!(failed.len(), 2);
@@ -341,8 +394,8 @@ mod tests {
     fn partitions_batch_independently() {
         let start = Instant::now();
         let mut acc = Accumulator::new(1024, Duration::from_millis(10), 1);
-        acc.append("t", 0, record(b"a"), 0, start).unwrap();
-        acc.append("t", 1, record(b"b"), 1, start + Duration::from_millis(4))
+        acc.put(0, b"a", 0, start).unwrap();
+        acc.put(1, b"b", 1, start + Duration::from_millis(4))
             .unwrap();
         assert_eq!(acc.ready(start + Duration::from_millis(10), false), [tp(0)]);
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_millis(10)));
@@ -357,19 +410,19 @@ mod tests {
         let mut acc = Accumulator::new(200, Duration::from_secs(60), 2);
         let value = [7u8; 50];
         for slot in 0..7 {
-            acc.append("t", 0, record(&value), slot, start).unwrap();
+            acc.put(0, &value, slot, start).unwrap();
         }
         assert_eq!(acc.batch_counts(&tp(0)), [2, 2, 2, 1]);
         let first = acc.drain(&tp(0), start, false).unwrap();
         let second = acc.drain(&tp(0), start, false).unwrap();
-        assert_eq!((first.slots, second.slots), (vec![0, 1], vec![2, 3]));
+        assert_eq!((first.ledger, second.ledger), (vec![0, 1], vec![2, 3]));
         // Two in flight: the third waits although it is sealed, and no linger is counted.
         assert!(acc.drain(&tp(0), start, true).is_none());
         assert!(acc.ready(start, true).is_empty());
         assert_eq!(acc.next_deadline(), None);
         acc.complete(&tp(0));
         assert_eq!(acc.ready(start, false), [tp(0)]);
-        assert_eq!(acc.drain(&tp(0), start, false).unwrap().slots, [4, 5]);
+        assert_eq!(acc.drain(&tp(0), start, false).unwrap().ledger, [4, 5]);
         // The last batch is still open: it waits for its linger (or a flush).
         assert!(acc.drain(&tp(0), start, false).is_none());
         assert_eq!(acc.next_deadline(), None);
@@ -377,7 +430,7 @@ mod tests {
         assert_eq!(acc.next_deadline(), Some(start + Duration::from_secs(60)));
         acc.complete(&tp(0));
         assert!(!acc.is_empty());
-        assert_eq!(acc.drain(&tp(0), start, true).unwrap().slots, [6]);
+        assert_eq!(acc.drain(&tp(0), start, true).unwrap().ledger, [6]);
         acc.complete(&tp(0));
         assert!(acc.is_empty());
     }
@@ -396,7 +449,7 @@ mod tests {
             let mut acc = Accumulator::new(cap, Duration::from_millis(5), in_flight_max);
             for (slot, size) in sizes.iter().enumerate() {
                 let value = vec![slot as u8; *size];
-                acc.append("t", slot as u32 % partitions, record(&value), slot, start).unwrap();
+                acc.put(slot as u32 % partitions, &value, slot, start).unwrap();
             }
             let mut drained: Vec<Vec<usize>> = vec![Vec::new(); partitions as usize];
             while !acc.is_empty() {
@@ -404,12 +457,12 @@ mod tests {
                 for partition in acc.ready(start, true) {
                     let mut taken = 0;
                     while let Some(batch) = acc.drain(&partition, start, true) {
-                        let records = batch.slots.len();
+                        let records = batch.ledger.len();
                         proptest::prop_assert!(records == 1 || batch.builder.size_bytes() <= cap);
                         let bytes = batch.builder.finish();
                         let decoded = RecordBatch::new(bytes).unwrap().decode_all().unwrap();
                         proptest::prop_assert_eq!(decoded.len(), records);
-                        drained[partition.partition as usize].extend(batch.slots);
+                        drained[partition.partition as usize].extend(batch.ledger);
                         completing.push(partition.clone());
                         taken += 1;
                     }

@@ -23,9 +23,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ketch_protocol::ErrorCode;
@@ -35,7 +35,7 @@ use ketch_protocol::batch::{
 use ketch_protocol::messages::{
     Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
 use crate::TopicPartition;
 use crate::client::Client;
@@ -117,7 +117,9 @@ pub struct RecordMetadata {
 #[derive(Debug)]
 #[must_use = "a delivery future reports whether the record was written"]
 pub struct DeliveryFuture {
-    receiver: oneshot::Receiver<Result<i64>>,
+    outcome: Arc<BatchOutcome>,
+    /// The record's index in its batch: its offset is the batch's base offset plus this.
+    index: u32,
     topic: String,
     partition: u32,
     timestamp: i64,
@@ -133,18 +135,59 @@ impl DeliveryFuture {
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = match Pin::new(&mut self.receiver).poll(cx) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match self.outcome.poll(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(result)) => result,
-            Poll::Ready(Err(_)) => Err(Error::Closed),
+            Poll::Ready(result) => result.clone(),
         };
-        Poll::Ready(result.map(|offset| RecordMetadata {
+        Poll::Ready(result.map(|base_offset| RecordMetadata {
             topic: self.topic.clone(),
             partition: self.partition,
-            offset,
+            offset: if base_offset < 0 {
+                -1
+            } else {
+                base_offset + i64::from(self.index)
+            },
             timestamp: self.timestamp,
         }))
+    }
+}
+
+/// How a batch ended, shared by the delivery futures of its records: one allocation and one
+/// wake-up per batch rather than a channel per record.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    /// The batch's base offset (`-1` with `acks=none`), or why it failed.
+    result: OnceLock<Result<i64>>,
+    /// Tasks waiting for `result` (one per task, however many of its records it awaits).
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl BatchOutcome {
+    /// Settles the batch (the first result wins) and wakes every waiting task.
+    fn set(&self, result: Result<i64>) {
+        if self.result.set(result).is_ok() {
+            let wakers = std::mem::take(&mut *self.wakers.lock().expect("wakers lock"));
+            for waker in wakers {
+                waker.wake();
+            }
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<&Result<i64>> {
+        if let Some(result) = self.result.get() {
+            return Poll::Ready(result);
+        }
+        let mut wakers = self.wakers.lock().expect("wakers lock");
+        // `set` stores the result before it takes the wakers: checked again under the lock,
+        // either the result is here or `set` has yet to take (and wake) this waker.
+        if let Some(result) = self.result.get() {
+            return Poll::Ready(result);
+        }
+        if !wakers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -207,17 +250,62 @@ struct Shared {
 
 #[derive(Debug)]
 struct State {
-    accumulator: Accumulator<Delivery>,
+    accumulator: Accumulator<BatchDelivery>,
+    clock: WallClock,
     partitioner: Partitioner,
 }
 
-/// One record's delivery slot: its reply channel, its share of the buffer and its deadline.
+/// A batch's side of its records' deliveries: the shared outcome, the earliest deadline, and
+/// the buffer bytes and pending count its records hold until it is settled. Dropped
+/// unsettled (the producer task ended), its records fail with [`Error::Closed`].
 #[derive(Debug)]
-struct Delivery {
-    reply: oneshot::Sender<Result<i64>>,
+struct BatchDelivery {
+    outcome: Arc<BatchOutcome>,
+    /// The earliest delivery deadline of its records.
     deadline: Instant,
-    _buffer: OwnedSemaphorePermit,
-    _pending: PendingGuard,
+    /// Bytes of `buffer_bytes_max` its records hold.
+    buffer_bytes: usize,
+    records: usize,
+    buffer: Arc<Semaphore>,
+    pending: Arc<Pending>,
+}
+
+impl BatchDelivery {
+    fn new(shared: &Shared, deadline: Instant) -> BatchDelivery {
+        BatchDelivery {
+            outcome: Arc::new(BatchOutcome::default()),
+            deadline,
+            buffer_bytes: 0,
+            records: 0,
+            buffer: shared.buffer.clone(),
+            pending: shared.pending.clone(),
+        }
+    }
+
+    /// Counts one more record of `bytes` buffer bytes (already taken from the semaphore).
+    fn add(&mut self, bytes: usize, deadline: Instant) {
+        self.buffer_bytes += bytes;
+        self.records += 1;
+        self.deadline = self.deadline.min(deadline);
+        self.pending.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Settles every record of the batch and gives back what they held.
+    fn settle(self, result: Result<i64>) {
+        self.outcome.set(result);
+    }
+}
+
+impl Drop for BatchDelivery {
+    fn drop(&mut self) {
+        self.outcome.set(Err(Error::Closed));
+        self.buffer.add_permits(self.buffer_bytes);
+        if self.records > 0
+            && self.pending.count.fetch_sub(self.records, Ordering::SeqCst) == self.records
+        {
+            self.pending.idle.notify_waiters();
+        }
+    }
 }
 
 /// Records queued or in flight, not yet settled; `idle` is notified when the count drops to 0.
@@ -244,29 +332,37 @@ impl Pending {
     }
 }
 
-/// Counts a record as pending until its slot is dropped, however it ends.
+/// Record timestamps (ms since the Unix epoch) from the monotonic reading `send` takes
+/// anyway: the wall clock is read once per second, not once per record.
 #[derive(Debug)]
-struct PendingGuard(Arc<Pending>);
-
-impl PendingGuard {
-    fn new(pending: Arc<Pending>) -> PendingGuard {
-        pending.count.fetch_add(1, Ordering::SeqCst);
-        PendingGuard(pending)
-    }
+struct WallClock {
+    anchor: Instant,
+    anchor_ms: i64,
 }
 
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+/// How long a wall-clock reading serves before it is taken again (so clock adjustments show
+/// up within this).
+const WALL_CLOCK_REREAD: Duration = Duration::from_secs(1);
+
+impl WallClock {
+    fn new() -> WallClock {
+        WallClock {
+            anchor: Instant::now(),
+            anchor_ms: now_ms(),
         }
     }
-}
 
-impl Delivery {
-    fn settle(self, result: Result<i64>) {
-        // The caller may have dropped its future; the record was still settled.
-        let _ = self.reply.send(result);
+    fn at(&mut self, now: Instant) -> i64 {
+        match now.checked_duration_since(self.anchor) {
+            Some(elapsed) if elapsed < WALL_CLOCK_REREAD => {
+                self.anchor_ms + elapsed.as_millis() as i64
+            }
+            _ => {
+                self.anchor = now;
+                self.anchor_ms = now_ms();
+                self.anchor_ms
+            }
+        }
     }
 }
 
@@ -294,6 +390,7 @@ impl Producer {
                     },
                 ),
                 partitioner: Partitioner::new(config.null_key_partitioning, config.batch_bytes_max),
+                clock: WallClock::new(),
             }),
             buffer: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             wake: Notify::new(),
@@ -350,7 +447,6 @@ impl Producer {
                 format!("{} has no partitions", record.topic),
             ));
         }
-        let timestamp = record.timestamp.unwrap_or_else(now_ms);
         let record_bytes = record_bytes(&record);
         let limit = shared
             .config
@@ -362,18 +458,15 @@ impl Producer {
                 limit,
             });
         }
-        let permit = match shared
-            .buffer
-            .clone()
-            .try_acquire_many_owned(record_bytes as u32)
-        {
+        // The record's share of the buffer, handed to its batch once it is in one (dropped,
+        // so given back, if this call is cancelled or fails first).
+        let permit = match shared.buffer.try_acquire_many(record_bytes as u32) {
             Ok(permit) => permit,
             Err(TryAcquireError::Closed) => return Err(Error::Closed),
             Err(TryAcquireError::NoPermits) => {
                 let permit = shared
                     .buffer
-                    .clone()
-                    .acquire_many_owned(record_bytes as u32)
+                    .acquire_many(record_bytes as u32)
                     .await
                     .map_err(|_| Error::Closed)?;
                 now = Instant::now();
@@ -383,15 +476,14 @@ impl Producer {
         if shared.closing.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let (reply, receiver) = oneshot::channel();
-        let delivery = Delivery {
-            reply,
-            deadline: now + shared.config.delivery_timeout,
-            _buffer: permit,
-            _pending: PendingGuard::new(shared.pending.clone()),
-        };
-        let (partition, wake) = {
+        let deadline = now + shared.config.delivery_timeout;
+        let (partition, timestamp, outcome, index, wake) = {
             let mut state = shared.state.lock().expect("producer state lock");
+            let state = &mut *state;
+            let timestamp = match record.timestamp {
+                Some(timestamp) => timestamp,
+                None => state.clock.at(now),
+            };
             let partition = match record.partition {
                 Some(partition) => partition,
                 None => state.partitioner.partition(
@@ -410,24 +502,31 @@ impl Producer {
                     value: record.value.as_deref(),
                     headers: &record.headers,
                 },
-                delivery,
                 now,
+                || BatchDelivery::new(shared, deadline),
             );
-            match appended {
-                Ok(wake) => (partition, wake),
-                Err(_) => {
-                    return Err(Error::RecordTooLarge {
-                        bytes: record_bytes,
-                        limit,
-                    });
-                }
-            }
+            let Some(appended) = appended else {
+                return Err(Error::RecordTooLarge {
+                    bytes: record_bytes,
+                    limit,
+                });
+            };
+            appended.ledger.add(record_bytes, deadline);
+            permit.forget();
+            (
+                partition,
+                timestamp,
+                appended.ledger.outcome.clone(),
+                appended.index as u32,
+                appended.wake,
+            )
         };
         if wake {
             shared.wake.notify_one();
         }
         Ok(DeliveryFuture {
-            receiver,
+            outcome,
+            index,
             topic: record.topic,
             partition,
             timestamp,
@@ -504,22 +603,19 @@ struct InFlightBatch {
     partition: TopicPartition,
     bytes: Bytes,
     stamp: ProducerStamp,
-    slots: Vec<Delivery>,
+    records: i32,
+    delivery: BatchDelivery,
     attempts: u32,
     retry_at: Instant,
 }
 
 impl InFlightBatch {
     fn records(&self) -> i32 {
-        self.slots.len() as i32
+        self.records
     }
 
     fn deadline(&self) -> Instant {
-        self.slots
-            .iter()
-            .map(|slot| slot.deadline)
-            .min()
-            .expect("a batch has records")
+        self.delivery.deadline
     }
 }
 
@@ -653,7 +749,7 @@ impl Sender {
         let mut batches = Vec::with_capacity(ready.len());
         for partition in ready {
             while let Some(batch) = state.accumulator.drain(&partition, now, flushing) {
-                let records = batch.slots.len() as i32;
+                let records = batch.records() as i32;
                 let stamp = match &mut self.sequences {
                     Some(sequences) => sequences.stamp(&partition, records),
                     None => ProducerStamp::NONE,
@@ -672,7 +768,8 @@ impl Sender {
                     bytes: batch.builder.with_producer(stamp).finish(),
                     partition: partition.clone(),
                     stamp,
-                    slots: batch.slots,
+                    records,
+                    delivery: batch.ledger,
                     attempts: 0,
                     retry_at: now,
                 });
@@ -725,14 +822,7 @@ impl Sender {
         let partition = batch.partition.clone();
         let error = match result {
             Ok(base_offset) => {
-                for (index, slot) in batch.slots.into_iter().enumerate() {
-                    let offset = if base_offset < 0 {
-                        -1
-                    } else {
-                        base_offset + index as i64
-                    };
-                    slot.settle(Ok(offset));
-                }
+                batch.delivery.settle(Ok(base_offset.max(-1)));
                 self.complete(&partition, batch.number);
                 return;
             }
@@ -774,16 +864,16 @@ impl Sender {
                     .expect("state")
                     .accumulator
                     .take_queued(&partition);
-                fail_slots(batch.slots, &error);
+                batch.delivery.settle(Err(error.clone()));
                 for queued in queued {
-                    fail_slots(queued.slots, &error);
+                    queued.ledger.settle(Err(error.clone()));
                 }
                 self.complete(&partition, batch.number);
                 self.renew_identity = self.sequences.is_some();
                 return;
             }
             Some(ErrorCode::UnknownProducer | ErrorCode::InvalidProducerEpoch) => {
-                fail_slots(batch.slots, &error);
+                batch.delivery.settle(Err(error.clone()));
                 self.complete(&partition, batch.number);
                 self.renew_identity = self.sequences.is_some();
                 return;
@@ -812,7 +902,7 @@ impl Sender {
                 self.renew_identity = batch.stamp.producer_id == sequences.producer_id();
             }
         }
-        fail_slots(batch.slots, &error);
+        batch.delivery.settle(Err(error));
         self.complete(&partition, batch.number);
     }
 
@@ -834,12 +924,6 @@ impl Sender {
             .complete(partition);
         // The partition's next batch may be ready now.
         self.shared.wake.notify_one();
-    }
-}
-
-fn fail_slots(slots: Vec<Delivery>, error: &Error) {
-    for slot in slots {
-        slot.settle(Err(error.clone()));
     }
 }
 
@@ -997,6 +1081,78 @@ mod tests {
             Acks::All,
         );
         assert!(matches!(missing, Err(Error::Transport(_))));
+    }
+
+    fn future(outcome: &Arc<BatchOutcome>, index: u32) -> DeliveryFuture {
+        DeliveryFuture {
+            outcome: outcome.clone(),
+            index,
+            topic: "t".into(),
+            partition: 1,
+            timestamp: 5,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_outcome_settles_each_record_at_its_offset() {
+        let outcome = Arc::new(BatchOutcome::default());
+        // Awaited from separate tasks, before and after the batch settles.
+        let early: Vec<_> = (0..3)
+            .map(|index| tokio::spawn(future(&outcome, index)))
+            .collect();
+        tokio::task::yield_now().await;
+        outcome.set(Ok(40));
+        // The first result wins.
+        outcome.set(Err(Error::Closed));
+        let mut offsets = Vec::new();
+        for handle in early {
+            offsets.push(handle.await.unwrap().unwrap().offset);
+        }
+        offsets.push(future(&outcome, 3).await.unwrap().offset);
+        assert_eq!(offsets, [40, 41, 42, 43]);
+        // acks=none: the broker gives no offset, nor does any record.
+        let silent = Arc::new(BatchOutcome::default());
+        silent.set(Ok(-1));
+        assert_eq!(future(&silent, 7).await.unwrap().offset, -1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_dropped_unsettled_fails_its_records_and_gives_back_what_they_held() {
+        let buffer = Arc::new(Semaphore::new(100));
+        let pending = Arc::new(Pending::default());
+        let mut delivery = BatchDelivery {
+            outcome: Arc::new(BatchOutcome::default()),
+            deadline: Instant::now() + Duration::from_secs(60),
+            buffer_bytes: 0,
+            records: 0,
+            buffer: buffer.clone(),
+            pending: pending.clone(),
+        };
+        for bytes in [30, 40] {
+            buffer.try_acquire_many(bytes).unwrap().forget();
+            delivery.add(bytes as usize, Instant::now() + Duration::from_secs(1));
+        }
+        assert!(delivery.deadline < Instant::now() + Duration::from_secs(2));
+        assert_eq!(
+            (
+                buffer.available_permits(),
+                pending.count.load(Ordering::SeqCst)
+            ),
+            (30, 2)
+        );
+        let record = future(&delivery.outcome, 1);
+        drop(delivery);
+        assert_eq!(record.await, Err(Error::Closed));
+        assert_eq!(
+            (
+                buffer.available_permits(),
+                pending.count.load(Ordering::SeqCst)
+            ),
+            (100, 0)
+        );
+        tokio::time::timeout(Duration::from_secs(5), pending.wait_idle())
+            .await
+            .expect("idle once the batch is gone");
     }
 
     #[test]
