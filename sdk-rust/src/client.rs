@@ -1,6 +1,6 @@
 //! The client: connections to the brokers and the metadata cache every handle shares.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

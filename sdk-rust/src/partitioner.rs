@@ -4,7 +4,7 @@
 //! partition number as it would with a Kafka Java client. Keyless records are spread sticky
 //! (KIP-794) or round-robin.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::config::NullKeyPartitioning;
 
@@ -94,10 +94,7 @@ impl Partitioner {
         if let Some(key) = key {
             return partition_for_key(key, partitions);
         }
-        let state = match self.topics.get_mut(topic) {
-            Some(state) => state,
-            None => self.topics.entry(topic.to_owned()).or_default(),
-        };
+        let state = self.topics.entry_ref(topic).or_default();
         match self.mode {
             NullKeyPartitioning::RoundRobin => {
                 let partition = state.next % partitions;

@@ -3,7 +3,9 @@
 //! without a clock. Up to `in_flight_max` batches per partition are in flight at once, taken
 //! strictly in the order their records were appended.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::time::{Duration, Instant};
 
 use ketch_protocol::batch::{BatchBuilder, Header};
@@ -111,10 +113,7 @@ impl<D> Accumulator<D> {
         now: Instant,
         open: impl FnOnce() -> D,
     ) -> Option<Appended<'_, D>> {
-        if !self.queues.contains_key(topic) {
-            self.queues.insert(topic.to_owned(), Vec::new());
-        }
-        let queues = self.queues.get_mut(topic).expect("inserted above");
+        let queues = self.queues.entry_ref(topic).or_default();
         let index = partition as usize;
         if queues.len() <= index {
             queues.resize_with(index + 1, PartitionQueue::default);
