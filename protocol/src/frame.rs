@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, ErrorCode};
 use crate::messages::{Api, Request};
-use crate::wire::{Reader, Wire};
+use crate::wire::{Chunked, Reader, Wire};
 
 /// Bytes of the length prefix.
 pub const FRAME_LENGTH_BYTES: usize = 4;
@@ -58,6 +58,16 @@ pub fn encode_request<R: Api>(request: &R) -> Bytes {
     })
 }
 
+/// A request frame as chunks (see [`Chunked`]): record batches are not copied into it.
+/// Written one after the other they are the bytes of [`encode_request`].
+pub fn encode_request_chunks<R: Api>(request: &R) -> Vec<Bytes> {
+    encode_frame_chunks(|out| {
+        out.buf().put_u16(R::KEY as u16);
+        out.buf().put_u16(R::VERSION);
+        request.encode_chunked(out);
+    })
+}
+
 /// Encodes a complete request frame for a dynamically typed request.
 pub fn encode_any_request(request: &Request) -> Bytes {
     encode_frame(|buf| {
@@ -90,6 +100,15 @@ pub fn encode_response<T: Wire>(response: &T) -> Bytes {
     encode_frame(|buf| {
         buf.put_u16(ErrorCode::None.as_u16());
         response.encode(buf);
+    })
+}
+
+/// A response frame as chunks (see [`Chunked`]): fetched records are not copied into it.
+/// Written one after the other they are the bytes of [`encode_response`].
+pub fn encode_response_chunks<T: Wire>(response: &T) -> Vec<Bytes> {
+    encode_frame_chunks(|out| {
+        out.buf().put_u16(ErrorCode::None.as_u16());
+        response.encode_chunked(out);
     })
 }
 
@@ -139,6 +158,18 @@ fn encode_frame(body: impl FnOnce(&mut BytesMut)) -> Bytes {
     assert!(length <= u32::MAX as usize, "frame over 4 GiB");
     buf[..FRAME_LENGTH_BYTES].copy_from_slice(&(length as u32).to_be_bytes());
     buf.freeze()
+}
+
+fn encode_frame_chunks(body: impl FnOnce(&mut Chunked)) -> Vec<Bytes> {
+    let mut out = Chunked::new();
+    out.buf().reserve(64);
+    out.buf().put_u32(0);
+    body(&mut out);
+    let length = out.len() - FRAME_LENGTH_BYTES;
+    assert!(length <= u32::MAX as usize, "frame over 4 GiB");
+    out.first_mut(FRAME_LENGTH_BYTES)
+        .copy_from_slice(&(length as u32).to_be_bytes());
+    out.into_chunks()
 }
 
 /// Incremental, sans-IO frame splitter for byte streams: push bytes as they arrive, pop whole

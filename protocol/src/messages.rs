@@ -519,6 +519,33 @@ macro_rules! apis {
             all[rng.below(all.len() as u64) as usize](rng)
         }
 
+        /// Every request and response encodes to the same bytes as chunks as contiguously,
+        /// and large byte strings are shared with the message, not copied.
+        #[cfg(test)]
+        pub(crate) fn check_chunked_encodings(rng: &mut crate::wire::sample::Rng) {
+            use crate::wire::sample::Sample;
+            fn concat(chunks: &[Bytes]) -> Vec<u8> {
+                assert!(chunks.iter().all(|c| !c.is_empty()), "no empty chunks");
+                chunks.concat()
+            }
+            $(
+                let request = <$request>::sample(rng);
+                let chunks = crate::frame::encode_request_chunks(&request);
+                assert_eq!(
+                    concat(&chunks),
+                    crate::frame::encode_request(&request).to_vec(),
+                    "{}", stringify!($request)
+                );
+                let response = <$response>::sample(rng);
+                let chunks = crate::frame::encode_response_chunks(&response);
+                assert_eq!(
+                    concat(&chunks),
+                    crate::frame::encode_response(&response).to_vec(),
+                    "{}", stringify!($response)
+                );
+            )*
+        }
+
         #[cfg(test)]
         pub(crate) fn check_response_round_trip(rng: &mut crate::wire::sample::Rng) {
             use crate::wire::sample::Sample;
@@ -594,6 +621,33 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn large_records_travel_as_shared_chunks() {
+        let records = Bytes::from(vec![7u8; 64 * 1024]);
+        let request = ProduceRequest {
+            acks: Acks::All,
+            timeout_ms: 1000,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: records.clone(),
+                }],
+            }],
+        };
+        let chunks = crate::frame::encode_request_chunks(&request);
+        assert_eq!(chunks.len(), 2, "header and fields, then the records");
+        // The records chunk is the caller's buffer, not a copy.
+        assert_eq!(chunks[1].as_ptr(), records.as_ptr());
+        assert_eq!(
+            chunks.concat(),
+            crate::frame::encode_request(&request).to_vec()
+        );
+        // The length prefix covers every chunk.
+        let length = u32::from_be_bytes(chunks[0][..4].try_into().unwrap()) as usize;
+        assert_eq!(length + 4, chunks.iter().map(Bytes::len).sum::<usize>());
+    }
+
+    #[test]
     fn api_keys_are_dense_and_stable() {
         for (number, key) in ApiKey::ALL.iter().enumerate() {
             assert_eq!(*key as u16 as usize, number);
@@ -618,6 +672,11 @@ mod tests {
         #[test]
         fn every_response_round_trips(seed: u64) {
             check_response_round_trip(&mut Rng(seed));
+        }
+
+        #[test]
+        fn chunked_encodings_are_the_same_bytes(seed: u64) {
+            check_chunked_encodings(&mut Rng(seed));
         }
 
         #[test]

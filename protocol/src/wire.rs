@@ -13,6 +13,12 @@ pub trait Wire: Sized {
     fn encode(&self, buf: &mut BytesMut);
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError>;
 
+    /// The same bytes as [`Wire::encode`], written into `out`, where large byte strings
+    /// (record batches) are kept as shared chunks instead of being copied.
+    fn encode_chunked(&self, out: &mut Chunked) {
+        self.encode(out.buf());
+    }
+
     /// Encodes into a fresh buffer.
     fn to_bytes(&self) -> Bytes {
         let mut buf = BytesMut::new();
@@ -26,6 +32,82 @@ pub trait Wire: Sized {
         let value = Self::decode(&mut reader)?;
         reader.finish()?;
         Ok(value)
+    }
+}
+
+/// Byte strings at least this long are passed along by [`Chunked`] rather than copied.
+pub const SHARED_CHUNK_BYTES_MIN: usize = 1024;
+
+/// An encoding as a list of chunks: small fields are written into a growing buffer, large
+/// byte strings are kept as the shared [`Bytes`] they already are. Writing the chunks one
+/// after the other (QUIC `write_chunks`) sends the same bytes as the contiguous encoding
+/// without copying records into it.
+#[derive(Debug, Default)]
+pub struct Chunked {
+    /// Finished chunks; the first stays mutable so a frame's length prefix can be patched.
+    head: Option<BytesMut>,
+    chunks: Vec<Bytes>,
+    current: BytesMut,
+    len: usize,
+}
+
+impl Chunked {
+    pub fn new() -> Chunked {
+        Chunked::default()
+    }
+
+    /// The buffer small fields are written into.
+    pub fn buf(&mut self) -> &mut BytesMut {
+        &mut self.current
+    }
+
+    /// Appends `bytes` as a chunk of its own (after what was written so far).
+    pub fn put_shared(&mut self, bytes: Bytes) {
+        if bytes.len() < SHARED_CHUNK_BYTES_MIN {
+            self.current.extend_from_slice(&bytes);
+            return;
+        }
+        let written = self.current.split();
+        self.len += written.len();
+        if self.head.is_none() {
+            self.head = Some(written);
+        } else if !written.is_empty() {
+            self.chunks.push(written.freeze());
+        }
+        self.len += bytes.len();
+        self.chunks.push(bytes);
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.len + self.current.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first bytes written (at least `n` must have been written before the first shared
+    /// chunk), to patch in place.
+    pub fn first_mut(&mut self, n: usize) -> &mut [u8] {
+        let first = self.head.as_mut().unwrap_or(&mut self.current);
+        &mut first[..n]
+    }
+
+    /// The chunks in order; empty ones left out.
+    pub fn into_chunks(mut self) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.chunks.len() + 2);
+        let rest = self.current.split();
+        match self.head {
+            Some(head) => {
+                out.push(head.freeze());
+                out.extend(self.chunks);
+                out.push(rest.freeze());
+            }
+            None => out.push(rest.freeze()),
+        }
+        out.retain(|chunk| !chunk.is_empty());
+        out
     }
 }
 
@@ -163,6 +245,11 @@ impl Wire for Bytes {
         buf.put_u32(self.len() as u32);
         buf.put_slice(self);
     }
+    fn encode_chunked(&self, out: &mut Chunked) {
+        assert!(self.len() <= u32::MAX as usize, "byte string over 4 GiB");
+        out.buf().put_u32(self.len() as u32);
+        out.put_shared(self.clone());
+    }
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
         let len = reader.u32("bytes length")?;
         reader.take("bytes", len as usize)
@@ -176,6 +263,15 @@ impl<T: Wire> Wire for Option<T> {
             Some(value) => {
                 buf.put_u8(1);
                 value.encode(buf);
+            }
+        }
+    }
+    fn encode_chunked(&self, out: &mut Chunked) {
+        match self {
+            None => out.buf().put_u8(0),
+            Some(value) => {
+                out.buf().put_u8(1);
+                value.encode_chunked(out);
             }
         }
     }
@@ -196,6 +292,12 @@ impl<T: Wire> Wire for Vec<T> {
         buf.put_u32(self.len() as u32);
         for item in self {
             item.encode(buf);
+        }
+    }
+    fn encode_chunked(&self, out: &mut Chunked) {
+        out.buf().put_u32(self.len() as u32);
+        for item in self {
+            item.encode_chunked(out);
         }
     }
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
@@ -228,6 +330,10 @@ macro_rules! wire_struct {
             #[allow(unused_variables)]
             fn encode(&self, buf: &mut ::bytes::BytesMut) {
                 $( $crate::wire::Wire::encode(&self.$field, buf); )*
+            }
+            #[allow(unused_variables)]
+            fn encode_chunked(&self, out: &mut $crate::wire::Chunked) {
+                $( $crate::wire::Wire::encode_chunked(&self.$field, out); )*
             }
             #[allow(unused_variables)]
             fn decode(reader: &mut $crate::wire::Reader) -> Result<Self, $crate::error::DecodeError> {
@@ -304,7 +410,12 @@ pub(crate) mod sample {
     }
     impl Sample for Bytes {
         fn sample(rng: &mut Rng) -> Self {
-            let len = rng.below(40) as usize;
+            // Now and then long enough to travel as a shared chunk (`Chunked`).
+            let len = if rng.below(8) == 0 {
+                super::SHARED_CHUNK_BYTES_MIN + rng.below(3000) as usize
+            } else {
+                rng.below(40) as usize
+            };
             (0..len)
                 .map(|_| rng.next() as u8)
                 .collect::<Vec<u8>>()

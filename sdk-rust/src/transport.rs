@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ketch_protocol::ALPN;
-use ketch_protocol::frame::{FRAME_LENGTH_BYTES, decode_response, encode_request, frame_length};
+use ketch_protocol::frame::{
+    FRAME_LENGTH_BYTES, decode_response, encode_request_chunks, frame_length,
+};
 use ketch_protocol::messages::Api;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -326,7 +328,7 @@ impl Transport {
         request: &R,
         timeout: Duration,
     ) -> Result<R::Response> {
-        let frame = encode_request(request);
+        let frame = encode_request_chunks(request);
         let connection = self.connection(addr).await?;
         let exchange = exchange(&connection, frame, self.frame_bytes_max);
         let result = match tokio::time::timeout(timeout, exchange).await {
@@ -365,19 +367,42 @@ impl Transport {
 /// One request/response exchange on a fresh bidirectional stream.
 async fn exchange(
     connection: &quinn::Connection,
-    frame: Bytes,
+    mut frame: Vec<Bytes>,
     frame_bytes_max: usize,
 ) -> Result<Bytes> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    // The frame is handed over, not copied into quinn's buffer.
-    send.write_chunk(frame).await?;
+    // The frame's chunks (record batches among them) are handed over, not copied into
+    // quinn's buffer.
+    send.write_all_chunks(&mut frame).await?;
     send.finish()?;
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     recv.read_exact(&mut prefix).await?;
     let length = frame_length(prefix, frame_bytes_max)?;
-    let mut body = vec![0u8; length];
-    recv.read_exact(&mut body).await?;
-    Ok(Bytes::from(body))
+    read_body(&mut recv, length).await
+}
+
+/// Reads exactly `length` bytes of a frame body: a body that arrives in one chunk is used as
+/// it is; otherwise the chunks are gathered into one buffer, without zero-filling it first.
+async fn read_body(recv: &mut quinn::RecvStream, length: usize) -> Result<Bytes> {
+    let mut gathered: Option<bytes::BytesMut> = None;
+    let mut read = 0;
+    while read < length {
+        let chunk = recv
+            .read_chunk(length - read, true)
+            .await
+            .map_err(quinn::ReadExactError::ReadError)?;
+        let Some(chunk) = chunk else {
+            return Err(quinn::ReadExactError::FinishedEarly(read).into());
+        };
+        read += chunk.bytes.len();
+        if read == length && gathered.is_none() {
+            return Ok(chunk.bytes);
+        }
+        gathered
+            .get_or_insert_with(|| bytes::BytesMut::with_capacity(length))
+            .extend_from_slice(&chunk.bytes);
+    }
+    Ok(gathered.map(bytes::BytesMut::freeze).unwrap_or_default())
 }
 
 #[cfg(test)]

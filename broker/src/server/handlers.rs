@@ -14,14 +14,16 @@ use super::State;
 use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, now_ms};
 use crate::group::OffsetRecord;
 
-fn respond<T: Wire>(result: Result<T, ClusterError>) -> Bytes {
+/// A response frame as chunks: records read from the log go out without being copied into
+/// the frame.
+fn respond<T: Wire>(result: Result<T, ClusterError>) -> Vec<Bytes> {
     match result {
-        Ok(response) => frame::encode_response(&response),
-        Err(e) => frame::encode_error_response(e.code, &e.message),
+        Ok(response) => frame::encode_response_chunks(&response),
+        Err(e) => vec![frame::encode_error_response(e.code, &e.message)],
     }
 }
 
-pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Bytes {
+pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes> {
     match request {
         Request::Metadata(r) => respond(Ok(metadata(state, r))),
         Request::CreateTopic(r) => respond(create_topic(state, r).await),
@@ -59,10 +61,10 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Bytes {
             }))
         }
         Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => {
-            frame::encode_error_response(
+            vec![frame::encode_error_response(
                 ErrorCode::UnsupportedApi,
                 "Wasm filters are not available on this broker yet",
-            )
+            )]
         }
         Request::ApiVersions(_) => respond(Ok(ApiVersionsResponse {
             apis: ApiKey::ALL
@@ -419,9 +421,9 @@ pub(super) async fn subscribe(
             if let Some(next) = next_offset_after(&response.records) {
                 offset = next;
             }
-            let frame = frame::encode_response(&response);
+            let mut frame = frame::encode_response_chunks(&response);
             let write = tokio::select! {
-                w = send.write_all(&frame) => w,
+                w = send.write_all_chunks(&mut frame) => w,
                 () = state.shutdown.cancelled() => return,
             };
             if write.is_err() || failed {

@@ -387,7 +387,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     }
     let api = request.api_key();
     let response = handlers::dispatch(&state, request).await;
-    if let Err(e) = write_frame(&mut send, response).await {
+    if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
 }
@@ -421,7 +421,16 @@ fn decode_error_response(error: &DecodeError) -> Bytes {
 }
 
 async fn write_frame(send: &mut quinn::SendStream, frame: Bytes) -> Result<(), quinn::WriteError> {
-    send.write_all(&frame).await?;
+    write_chunks(send, vec![frame]).await
+}
+
+/// Writes a response frame's chunks and finishes the stream. The chunks (fetched records
+/// among them) are handed to quinn, not copied into its buffer.
+async fn write_chunks(
+    send: &mut quinn::SendStream,
+    mut chunks: Vec<Bytes>,
+) -> Result<(), quinn::WriteError> {
+    send.write_all_chunks(&mut chunks).await?;
     let _ = send.finish();
     Ok(())
 }
