@@ -12,7 +12,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, ErrorCode};
-use crate::messages::{Api, Request};
+use crate::messages::{Api, FetchPartitionResponse, Request};
 use crate::wire::{Reader, Wire};
 
 /// Bytes of the length prefix.
@@ -91,6 +91,23 @@ pub fn encode_response<T: Wire>(response: &T) -> Bytes {
         buf.put_u16(ErrorCode::None.as_u16());
         response.encode(buf);
     })
+}
+
+/// Encodes a successful [`FetchPartitionResponse`] frame in two parts, so that stored record
+/// batches go out without being copied into the frame: everything up to the records, then
+/// the records themselves. Written one after the other they are [`encode_response`]'s bytes.
+pub fn encode_fetch_partition_response(mut response: FetchPartitionResponse) -> [Bytes; 2] {
+    let records = std::mem::take(&mut response.records);
+    let mut head = BytesMut::from(encode_response(&response));
+    // `records` is the message's last field: its u32 length, zero so far, ends the head.
+    let end = head.len();
+    assert_eq!(head[end - 4..], [0; 4], "records is the last field");
+    let records_length = u32::try_from(records.len()).expect("records under 4 GiB");
+    head[end - 4..].copy_from_slice(&records_length.to_be_bytes());
+    let length =
+        u32::try_from(end - FRAME_LENGTH_BYTES + records.len()).expect("frame under 4 GiB");
+    head[..FRAME_LENGTH_BYTES].copy_from_slice(&length.to_be_bytes());
+    [head.freeze(), records]
 }
 
 /// Encodes a failed response frame: an error code and a human-readable message.
@@ -231,6 +248,28 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!((decoded.code, decoded.raw_code), (ErrorCode::Unknown, 999));
+    }
+
+    #[test]
+    fn a_fetch_partition_response_in_two_parts_is_the_same_frame() {
+        let check = |records: &'static [u8], error: ErrorCode| {
+            let response = FetchPartitionResponse {
+                topic: "t".into(),
+                partition: 3,
+                error,
+                error_message: (error != ErrorCode::None).then(|| "why".into()),
+                high_watermark: 10,
+                log_start_offset: 2,
+                records: Bytes::from_static(records),
+            };
+            let whole = encode_response(&response);
+            let [head, tail] = encode_fetch_partition_response(response);
+            assert_eq!(tail, records);
+            assert_eq!([head, tail].concat(), whole.to_vec());
+        };
+        check(b"", ErrorCode::None);
+        check(b"batches", ErrorCode::None);
+        check(b"", ErrorCode::OffsetOutOfRange);
     }
 
     #[test]

@@ -384,8 +384,8 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
 }
 
 /// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
-/// with `write_all`, so a consumer that stops reading stops the loop (QUIC flow control); the
-/// broker holds at most one push of `push_bytes_max` per subscription.
+/// whole before the next is read, so a consumer that stops reading stops the loop (QUIC flow
+/// control); the broker holds at most one push of `push_bytes_max` per subscription.
 pub(super) async fn subscribe(
     state: &State,
     request: SubscribeRequest,
@@ -419,9 +419,10 @@ pub(super) async fn subscribe(
             if let Some(next) = next_offset_after(&response.records) {
                 offset = next;
             }
-            let frame = frame::encode_response(&response);
+            // The records are handed to QUIC as they were read, not copied into the frame.
+            let mut frame = frame::encode_fetch_partition_response(response);
             let write = tokio::select! {
-                w = send.write_all(&frame) => w,
+                w = send.write_all_chunks(&mut frame) => w,
                 () = state.shutdown.cancelled() => return,
             };
             if write.is_err() || failed {
