@@ -394,8 +394,10 @@ pub(super) async fn subscribe(
     let push_bytes_max = request
         .push_bytes_max
         .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
-    let partition = match state.cluster.partition(&request.topic, request.partition) {
-        Ok(partition) => partition,
+    // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
+    // which ends the wait below.
+    let mut watch = match state.cluster.partition(&request.topic, request.partition) {
+        Ok(partition) => partition.watch_high_watermark(),
         Err(e) => {
             let _ = send
                 .write_all(&frame::encode_error_response(e.code, &e.message))
@@ -403,7 +405,6 @@ pub(super) async fn subscribe(
             return;
         }
     };
-    let mut watch = partition.watch_high_watermark();
     let mut offset = request.offset;
     loop {
         watch.mark_unchanged();
@@ -431,7 +432,19 @@ pub(super) async fn subscribe(
             continue;
         }
         tokio::select! {
-            changed = watch.changed() => if changed.is_err() { return },
+            changed = watch.changed() => if changed.is_err() {
+                // The partition is gone: say so, as a fetch would, and end the stream.
+                let gone = FetchPartitionResponse {
+                    error: ErrorCode::UnknownTopic,
+                    error_message: Some(format!(
+                        "{}/{} was deleted while subscribed",
+                        request.topic, request.partition
+                    )),
+                    ..response
+                };
+                let _ = send.write_all(&frame::encode_response(&gone)).await;
+                return;
+            },
             _ = send.stopped() => return,
             () = state.shutdown.cancelled() => return,
         }
