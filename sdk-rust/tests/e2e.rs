@@ -178,7 +178,6 @@ fn earliest(group: Option<&str>) -> ConsumerConfig {
     ConsumerConfig {
         group: group.map(str::to_owned),
         auto_offset_reset: AutoOffsetReset::Earliest,
-        fetch_wait_max: Duration::from_millis(100),
         ..Default::default()
     }
 }
