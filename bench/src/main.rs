@@ -124,7 +124,7 @@ struct RunArgs {
     /// Ketch producer without idempotence.
     #[arg(long)]
     no_idempotence: bool,
-    /// Ketch consumer bytes per partition per fetch.
+    /// Ketch consumer bytes per partition per push.
     #[arg(long)]
     partition_fetch_bytes: Option<u32>,
     /// NATS publishes awaiting their ack, per producer.

@@ -363,7 +363,7 @@ impl ClientInner {
         }
     }
 
-    /// Time limit of a request that waits `wait` at the broker on purpose (a long poll).
+    /// Time limit of a request that waits `wait` at the broker on purpose (`acks=all`).
     pub(crate) fn timeout_with_wait(&self, wait: Duration) -> Duration {
         self.config.request_timeout + wait
     }

@@ -73,7 +73,8 @@ pub struct ClientConfig {
     pub tls: Tls,
     /// Sent to the broker in group membership requests; shows up in `describe_group`.
     pub client_id: String,
-    /// Time limit of one request round trip (a long-poll fetch adds its own wait to this).
+    /// Time limit of one request round trip (a request that waits at the broker on purpose,
+    /// such as a produce with `acks=all`, adds its own wait to this).
     pub request_timeout: Duration,
     /// Time limit of one QUIC handshake.
     pub connect_timeout: Duration,
@@ -315,14 +316,14 @@ pub struct ConsumerConfig {
     pub auto_commit_interval: Duration,
     /// The coordinator removes a member it has not heard from for this long.
     pub session_timeout: Duration,
-    /// Longest time a fetch waits at the broker for records.
-    pub fetch_wait_max: Duration,
-    /// The broker answers a fetch once this many bytes are ready (or the wait ends).
-    pub fetch_bytes_min: u32,
-    /// Cap of one fetch response, and of one partition in it.
-    pub fetch_bytes_max: u32,
+    /// Cap of one push of a partition's records: the broker pushes batches as they commit,
+    /// at most this many bytes at a time but always at least one whole batch.
     pub partition_fetch_bytes_max: u32,
-    /// Fetched chunks (one partition's records from one fetch) buffered ahead of `recv`.
+    /// Fetched chunks (one partition's records from one push) buffered ahead of `recv`,
+    /// across all partitions. While they are all taken, the consumer stops reading its push
+    /// streams and QUIC flow control holds the brokers back: memory stays within about
+    /// `prefetch_chunks_max * partition_fetch_bytes_max`, plus a push and a stream window per
+    /// partition.
     pub prefetch_chunks_max: usize,
 }
 
@@ -334,9 +335,6 @@ impl Default for ConsumerConfig {
             auto_commit: true,
             auto_commit_interval: Duration::from_secs(5),
             session_timeout: Duration::from_secs(30),
-            fetch_wait_max: Duration::from_millis(500),
-            fetch_bytes_min: 1,
-            fetch_bytes_max: 50 * 1024 * 1024,
             partition_fetch_bytes_max: 1024 * 1024,
             prefetch_chunks_max: 64,
         }
@@ -355,20 +353,13 @@ impl ConsumerConfig {
             non_zero("auto_commit_interval", self.auto_commit_interval)?;
         }
         non_zero("session_timeout", self.session_timeout)?;
-        if self.fetch_wait_max.as_millis() > u128::from(u32::MAX)
-            || self.session_timeout.as_millis() > u128::from(u32::MAX)
-        {
+        if self.session_timeout.as_millis() > u128::from(u32::MAX) {
             return Err(Error::Config(
-                "fetch_wait_max and session_timeout must fit u32 milliseconds".into(),
+                "session_timeout must fit u32 milliseconds".into(),
             ));
         }
-        if self.fetch_bytes_max == 0 || self.partition_fetch_bytes_max == 0 {
-            return Err(Error::Config("fetch byte limits must be positive".into()));
-        }
-        if self.partition_fetch_bytes_max > self.fetch_bytes_max {
-            return Err(Error::Config(
-                "partition_fetch_bytes_max exceeds fetch_bytes_max".into(),
-            ));
+        if self.partition_fetch_bytes_max == 0 {
+            return Err(Error::Config("partition_fetch_bytes_max is 0".into()));
         }
         if self.prefetch_chunks_max == 0 {
             return Err(Error::Config("prefetch_chunks_max is 0".into()));
@@ -498,8 +489,12 @@ mod tests {
             None,
         );
         check(
-            with(|c| c.fetch_bytes_max = 10),
+            with(|c| c.partition_fetch_bytes_max = 0),
             Some("partition_fetch_bytes_max"),
+        );
+        check(
+            with(|c| c.session_timeout = Duration::from_secs(1 << 32)),
+            Some("session_timeout"),
         );
         check(with(|c| c.prefetch_chunks_max = 0), Some("prefetch"));
     }

@@ -1,14 +1,17 @@
-//! The consumer: group membership, positions, long-poll fetching, commits.
+//! The consumer: group membership, positions, push streams, commits.
 //!
-//! Two background tasks serve a consumer. The *fetcher* resolves where each partition starts
-//! (committed offset, reset policy, or a seek), long-polls the leaders, checks every batch's
-//! CRC and queues records per partition into a bounded channel (back-pressure when `recv` is
-//! slow). The *coordinator* (group consumers) heartbeats the group, applies the assignment
-//! (revocations commit first), and auto-commits.
+//! Background tasks serve a consumer. The *fetcher* resolves where each partition starts
+//! (committed offset, reset policy, or a seek) and keeps one *push stream* per partition: a
+//! Subscribe stream at the partition's leader, on which the broker pushes batches as they
+//! commit. A push stream's task checks every batch's CRC and queues records into a bounded
+//! channel shared by all partitions; while it is full the task stops reading its stream, and
+//! QUIC flow control holds the broker back. The *coordinator* (group consumers) heartbeats
+//! the group, applies the assignment (revocations commit first), and auto-commits.
 //!
 //! Every partition has an *epoch* that changes on assignment and seek; fetched records carry
 //! the epoch they were fetched under, and `recv` drops records of an old epoch. So a seek
-//! takes effect at once, even with records of the old position already queued.
+//! takes effect at once, even with records of the old position already queued; the stream
+//! of the old position is stopped and a new one opened at the new position.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -21,8 +24,9 @@ use futures_util::Stream;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
-    CommitOffset, FetchPartition, FetchPartitionResponse, FetchRequest, GroupHeartbeatRequest,
-    GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, TopicPartitions,
+    ApiVersionsRequest, CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest,
+    GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest,
+    TopicPartitions,
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -197,7 +201,7 @@ struct PartitionState {
     position: Option<i64>,
     /// The last offset this consumer committed (or found committed).
     committed: Option<i64>,
-    /// Raised when a batch did not fit the per-partition fetch limit.
+    /// The push limit asked of the broker; raised when a batch did not fit it.
     fetch_bytes: u32,
 }
 
@@ -207,13 +211,13 @@ enum FetchPosition {
     Committed,
     /// Look the offset up with ListOffsets.
     Lookup(OffsetSpec),
-    /// Fetch from here.
+    /// Stream from here.
     At(i64),
-    /// Not fetched: being revoked, or stopped by an error until the next seek.
+    /// Not streamed: being revoked, or stopped by an error until the next seek.
     Paused,
 }
 
-/// Records of one partition from one fetch, tagged with the epoch they were fetched under.
+/// Records of one partition from one push, tagged with the epoch they were fetched under.
 #[derive(Debug)]
 struct Chunk {
     partition: TopicPartition,
@@ -334,7 +338,7 @@ fn assignment_diff(
 }
 
 /// Decodes a partition's fetched bytes: checks each batch's CRC, skips records below
-/// `fetch_offset` (fetches return whole batches). Records before a bad batch are kept; the
+/// `fetch_offset` (the broker sends whole batches, from the one holding the offset). Records before a bad batch are kept; the
 /// error is returned beside them. The `bool` says a trailing partial batch was cut off by the
 /// byte limit with no complete batch before it.
 fn decode_fetched(
@@ -661,137 +665,251 @@ impl Shared {
     }
 }
 
-/// The fetcher task: resolve positions, long-poll, queue records.
+/// One partition's push stream: the task reading it and how to stop it.
+#[derive(Debug)]
+struct PushStream {
+    /// The partition's epoch when the stream was opened: records of another epoch are stale.
+    epoch: u64,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The fetcher task: resolves unknown positions and keeps one push stream (a Subscribe
+/// stream at the partition's leader) per partition whose position is known. A seek, a
+/// revocation or an error that moves a position stops that partition's stream; the
+/// fetcher then opens a new one where the position is. Woken by assignments, seeks,
+/// revocations and ending streams.
 async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
+    let mut streams: HashMap<TopicPartition, PushStream> = HashMap::new();
     let mut attempt = 0u32;
     loop {
-        if shared.cancel.is_cancelled() {
-            return;
-        }
-        let result = tokio::select! {
-            result = fetch_round(&shared, &sender) => result,
-            _ = shared.cancel.cancelled() => return,
+        let resolved = tokio::select! {
+            result = resolve_positions(&shared, &sender) => result,
+            _ = shared.cancel.cancelled() => break,
         };
-        match result {
-            Ok(true) => attempt = 0,
-            Ok(false) => {
-                // Nothing to fetch: wait for an assignment or a seek.
+        let mut retry = None;
+        if let Err(error) = resolved {
+            tracing::debug!(%error, "resolving positions failed");
+            retry = Some(backoff(
+                shared.client.config().reconnect_backoff_initial,
+                shared.client.config().reconnect_backoff_max,
+                attempt,
+            ));
+            attempt += 1;
+            if error.invalidates_metadata() {
+                let _ = shared
+                    .client
+                    .inner
+                    .refresh_metadata(Some(Instant::now()))
+                    .await;
+            }
+            if !error.is_retriable() {
                 tokio::select! {
-                    _ = shared.wake_fetcher.notified() => {}
-                    _ = shared.cancel.cancelled() => return,
+                    sent = sender.send(Err(error)) => if sent.is_err() { break },
+                    _ = shared.cancel.cancelled() => break,
                 }
             }
-            Err(error) => {
-                tracing::debug!(%error, "fetch round failed");
-                let delay = backoff(
-                    shared.client.config().reconnect_backoff_initial,
-                    shared.client.config().reconnect_backoff_max,
-                    attempt,
-                );
-                attempt += 1;
-                if error.invalidates_metadata() {
-                    let _ = shared
-                        .client
-                        .inner
-                        .refresh_metadata(Some(Instant::now()))
-                        .await;
-                }
-                if !error.is_retriable() && sender.send(Err(error)).await.is_err() {
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shared.wake_fetcher.notified() => {}
-                    _ = shared.cancel.cancelled() => return,
-                }
-            }
+        } else {
+            attempt = 0;
         }
+        restart_streams(&shared, &sender, &mut streams);
+        tokio::select! {
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+            _ = shared.wake_fetcher.notified() => {}
+            _ = shared.cancel.cancelled() => break,
+        }
+    }
+    for stream in streams.into_values() {
+        stream.cancel.cancel();
+        let _ = stream.task.await;
     }
 }
 
-/// One round: resolve unknown positions, then one fetch per leader. `Ok(false)` when there
-/// was nothing to fetch.
-async fn fetch_round(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>) -> Result<bool> {
-    resolve_positions(shared, sender).await?;
-    let fetchable: Vec<(TopicPartition, i64, u64, u32)> = {
+/// Stops the push streams whose partition moved on (another epoch, no known position, no
+/// longer assigned) or that ended, and opens one for every partition at a known position
+/// that has none.
+fn restart_streams(
+    shared: &Arc<Shared>,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    streams: &mut HashMap<TopicPartition, PushStream>,
+) {
+    let wanted: BTreeMap<TopicPartition, u64> = {
         let state = shared.state.lock().expect("consumer state lock");
         state
             .partitions
             .iter()
-            .filter_map(|(partition, s)| match s.fetch {
-                FetchPosition::At(offset) => {
-                    Some((partition.clone(), offset, s.epoch, s.fetch_bytes))
-                }
-                _ => None,
-            })
+            .filter(|(_, s)| matches!(s.fetch, FetchPosition::At(_)))
+            .map(|(partition, s)| (partition.clone(), s.epoch))
             .collect()
     };
-    if fetchable.is_empty() {
-        return Ok(false);
+    streams.retain(|partition, stream| {
+        let current = !stream.task.is_finished() && wanted.get(partition) == Some(&stream.epoch);
+        if !current {
+            stream.cancel.cancel();
+        }
+        current
+    });
+    for (partition, epoch) in wanted {
+        if streams.contains_key(&partition) {
+            continue;
+        }
+        let cancel = shared.cancel.child_token();
+        let task = tokio::spawn(push_stream(
+            shared.clone(),
+            sender.clone(),
+            partition.clone(),
+            epoch,
+            cancel.clone(),
+        ));
+        streams.insert(
+            partition,
+            PushStream {
+                epoch,
+                cancel,
+                task,
+            },
+        );
     }
-    let mut by_leader: HashMap<SocketAddr, Vec<(TopicPartition, i64, u64, u32)>> = HashMap::new();
-    for entry in fetchable {
-        let leader = shared.client.inner.leader(&entry.0).await?;
-        by_leader.entry(leader).or_default().push(entry);
-    }
-    let fetches = by_leader
-        .into_iter()
-        .map(|(addr, partitions)| fetch_from(shared, sender, addr, partitions));
-    let results = futures_util::future::join_all(fetches).await;
-    for result in results {
-        result?;
-    }
-    Ok(true)
 }
 
-async fn fetch_from(
+/// A push stream's task: runs until cancelled or until the partition's position is no
+/// longer this stream's, then wakes the fetcher (which resolves a position an error reset).
+async fn push_stream(
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<Result<Chunk>>,
+    partition: TopicPartition,
+    epoch: u64,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
+        () = cancel.cancelled() => {}
+    }
+    shared.wake_fetcher.notify_one();
+}
+
+/// Subscribes at the partition's position and resubscribes from the current position,
+/// after a backoff, when the stream fails with a retriable error (connection lost, broker
+/// restarted, leader moved: with a metadata refresh). A non-retriable error pauses the
+/// partition and goes to `recv`.
+async fn subscribe_partition(
     shared: &Shared,
     sender: &mpsc::Sender<Result<Chunk>>,
-    addr: SocketAddr,
-    partitions: Vec<(TopicPartition, i64, u64, u32)>,
-) -> Result<()> {
-    let config = &shared.config;
-    let request = FetchRequest {
-        max_wait_ms: config.fetch_wait_max.as_millis() as u32,
-        min_bytes: config.fetch_bytes_min,
-        max_bytes: config.fetch_bytes_max,
-        partitions: partitions
-            .iter()
-            .map(|(partition, offset, _, bytes)| FetchPartition {
-                topic: partition.topic.clone(),
-                partition: partition.partition,
-                offset: *offset,
-                partition_max_bytes: *bytes,
-            })
-            .collect(),
-    };
-    let timeout = shared.client.inner.timeout_with_wait(config.fetch_wait_max);
-    let response = shared
-        .client
-        .inner
-        .transport
-        .call(addr, &request, timeout)
-        .await?;
-    let mut stale_metadata = None;
-    for answer in response.partitions {
-        let partition = TopicPartition::new(answer.topic.clone(), answer.partition);
-        let Some((_, offset, epoch, _)) = partitions.iter().find(|p| p.0 == partition) else {
-            continue;
+    partition: &TopicPartition,
+    epoch: u64,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let error = match read_pushes(shared, sender, partition, epoch, &mut attempt).await {
+            Ok(()) | Err(Error::Closed) => return,
+            Err(error) => error,
         };
-        if let Some(error) =
-            handle_fetched(shared, sender, &partition, *offset, *epoch, answer).await?
-        {
-            stale_metadata = Some(error);
+        if !error.is_retriable() {
+            pause(shared, partition, epoch);
+            let _ = sender.send(Err(error)).await;
+            return;
         }
-    }
-    match stale_metadata {
-        Some(error) => Err(error),
-        None => Ok(()),
+        tracing::debug!(%partition, %error, attempt, "push stream failed; resubscribing");
+        if error.invalidates_metadata() {
+            let _ = shared
+                .client
+                .inner
+                .refresh_metadata(Some(Instant::now()))
+                .await;
+        }
+        tokio::time::sleep(backoff(
+            shared.client.config().reconnect_backoff_initial,
+            shared.client.config().reconnect_backoff_max,
+            attempt,
+        ))
+        .await;
+        attempt += 1;
     }
 }
 
-/// Applies one partition's fetch answer. Returns a retriable error that needs a metadata
-/// refresh; fails only when the consumer is closing.
+/// One Subscribe stream: applies every pushed frame as a fetched answer (waiting while the
+/// prefetch channel is full, which stops reading the stream, so QUIC flow control holds the
+/// broker back). Returns `Ok` once the position is no longer this stream's; a batch larger
+/// than the push limit resubscribes with a larger one.
+async fn read_pushes(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    partition: &TopicPartition,
+    epoch: u64,
+    attempt: &mut u32,
+) -> Result<()> {
+    loop {
+        let Some((mut offset, push_bytes)) = stream_position(shared, partition, epoch) else {
+            return Ok(());
+        };
+        let leader = shared.client.inner.leader(partition).await?;
+        let request = SubscribeRequest {
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            offset,
+            push_bytes_max: push_bytes,
+        };
+        let timeout = shared.client.config().request_timeout;
+        let transport = &shared.client.inner.transport;
+        let mut stream = transport.open_stream(leader, &request, timeout).await?;
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next?,
+                () = tokio::time::sleep(timeout) => {
+                    probe(shared, leader, timeout).await?;
+                    continue;
+                }
+            };
+            let Some(answer) = next else {
+                return Err(Error::Transport(format!(
+                    "{leader} ended the push stream of {partition}"
+                )));
+            };
+            if let Some(error) =
+                handle_fetched(shared, sender, partition, offset, epoch, answer).await?
+            {
+                return Err(error);
+            }
+            *attempt = 0;
+            match stream_position(shared, partition, epoch) {
+                None => return Ok(()),
+                Some((_, bytes)) if bytes != push_bytes => break,
+                Some((next, _)) => offset = next,
+            }
+        }
+    }
+}
+
+/// Checks that a broker whose push stream has been quiet for `timeout` is still there: a
+/// stream waiting for records has no request timeout of its own, and a broker that restarted
+/// never resets the old connection. A probe left unanswered for `timeout` closes the
+/// connection (see `Transport::call`), which ends every stream on it.
+async fn probe(shared: &Shared, leader: SocketAddr, timeout: Duration) -> Result<()> {
+    let transport = &shared.client.inner.transport;
+    match transport
+        .call(leader, &ApiVersionsRequest {}, timeout)
+        .await
+    {
+        // Any answer, even a refusal, says the broker is there.
+        Ok(_) | Err(Error::Broker { .. }) => Ok(()),
+        Err(error) => Err(Error::Transport(format!(
+            "{leader} did not answer while a push stream waited: {error}"
+        ))),
+    }
+}
+
+/// The partition's position and push limit while they are still the stream's of `epoch`.
+fn stream_position(shared: &Shared, partition: &TopicPartition, epoch: u64) -> Option<(i64, u32)> {
+    let state = shared.state.lock().expect("consumer state lock");
+    let s = state.partitions.get(partition)?;
+    match s.fetch {
+        FetchPosition::At(offset) if s.epoch == epoch => Some((offset, s.fetch_bytes)),
+        _ => None,
+    }
+}
+
+/// Applies one pushed answer of a partition (records from `offset` on). Returns a retriable
+/// error (to resubscribe after a metadata refresh); fails only when the consumer is closing.
 async fn handle_fetched(
     shared: &Shared,
     sender: &mpsc::Sender<Result<Chunk>>,
@@ -1107,6 +1225,8 @@ async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool
                     s.fetch = FetchPosition::Paused;
                 }
             }
+            // Their push streams stop now, not after the commit.
+            shared.wake_fetcher.notify_one();
             state
                 .uncommitted()
                 .into_iter()
@@ -1146,6 +1266,7 @@ fn lose_all(shared: &Shared) {
         state.member_epoch = 0;
         std::mem::take(&mut state.partitions).into_keys().collect()
     };
+    shared.wake_fetcher.notify_one();
     if !lost.is_empty() {
         shared.emit(Rebalance::Lost(lost));
     }

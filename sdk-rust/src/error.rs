@@ -138,6 +138,12 @@ impl From<quinn::ReadExactError> for Error {
     }
 }
 
+impl From<quinn::ReadError> for Error {
+    fn from(error: quinn::ReadError) -> Error {
+        Error::Transport(error.to_string())
+    }
+}
+
 impl From<quinn::ClosedStream> for Error {
     fn from(error: quinn::ClosedStream) -> Error {
         Error::Transport(error.to_string())

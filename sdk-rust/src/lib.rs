@@ -55,8 +55,9 @@
 //! - [`Producer`] batches per partition (`linger`, `batch_bytes_max`), bounds its memory
 //!   (`buffer_bytes_max`: `send` waits), and retries idempotently: every batch carries the
 //!   producer id and a per-partition sequence number, and a retry resends the same bytes.
-//! - [`Consumer`] reads a group's assignment (or explicit partitions) with long-poll
-//!   fetches, checks every batch's CRC, and commits automatically or on demand.
+//! - [`Consumer`] reads a group's assignment (or explicit partitions) from push streams (one
+//!   Subscribe stream per partition, on which the broker sends batches as they commit),
+//!   checks every batch's CRC, and commits automatically or on demand.
 //! - [`Admin`] creates, deletes and describes topics and groups.
 //! - [`blocking`] wraps all of it for synchronous callers.
 //!

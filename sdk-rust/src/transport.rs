@@ -1,7 +1,9 @@
 //! QUIC transport: TLS set-up, one connection per broker with reconnect backoff, and the
-//! request/response exchange (one request per bidirectional stream).
+//! request/response exchange (one request per bidirectional stream; a Subscribe stream
+//! carries many response frames).
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,9 +11,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ketch_protocol::ALPN;
 use ketch_protocol::frame::{
-    FRAME_LENGTH_BYTES, decode_response, encode_request_chunks, frame_length,
+    FRAME_LENGTH_BYTES, FrameDecoder, decode_response, encode_request, encode_request_chunks,
+    frame_length,
 };
 use ketch_protocol::messages::Api;
+use ketch_protocol::wire::Wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
@@ -19,6 +23,10 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::config::{CA_CERT_PATH_DEFAULT, ClientConfig, Tls, backoff};
 use crate::error::{Error, Result};
+
+/// Most bytes taken from a response stream at a time (QUIC hands them over a packet's worth
+/// at a time anyway).
+const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
 /// The ring provider, chosen explicitly so that a second provider compiled into the same
 /// binary (aws-lc-rs, through some other crate's features) can never make rustls panic.
@@ -356,6 +364,47 @@ impl Transport {
         Ok(decode_response::<R::Response>(frame)??)
     }
 
+    /// Sends a request whose answer is a sequence of response frames (Subscribe) on its own
+    /// stream, within `timeout`, and returns the stream to read them from. Dropping the
+    /// [`ResponseStream`] stops it: the broker sees the stream stopped and ends the pushes.
+    pub(crate) async fn open_stream<R: Api>(
+        &self,
+        addr: SocketAddr,
+        request: &R,
+        timeout: Duration,
+    ) -> Result<ResponseStream<R::Response>> {
+        let frame = encode_request(request);
+        let connection = self.connection(addr).await?;
+        let open = async {
+            let (mut send, recv) = connection.open_bi().await?;
+            send.write_chunk(frame).await?;
+            send.finish()?;
+            Ok::<_, Error>(recv)
+        };
+        let recv = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(recv)) => recv,
+            Ok(Err(error)) => {
+                if connection.close_reason().is_some() {
+                    self.forget(addr, &connection);
+                }
+                return Err(error);
+            }
+            // Unlike `call`, the connection stays: the likely cause is that the broker grants
+            // no more streams for now, and closing would end every stream it carries.
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "opening a {} stream to {addr} after {timeout:?}",
+                    R::KEY.name()
+                )));
+            }
+        };
+        Ok(ResponseStream {
+            recv,
+            decoder: FrameDecoder::new(self.frame_bytes_max),
+            response: PhantomData,
+        })
+    }
+
     /// Closes every connection and endpoint.
     pub(crate) fn close(&self) {
         for endpoint in self.endpoints.lock().expect("endpoints lock").values() {
@@ -403,6 +452,38 @@ async fn read_body(recv: &mut quinn::RecvStream, length: usize) -> Result<Bytes>
             .extend_from_slice(&chunk.bytes);
     }
     Ok(gathered.map(bytes::BytesMut::freeze).unwrap_or_default())
+}
+
+/// The response frames of one request stream, read one by one (each bounded by
+/// `frame_bytes_max`). Dropped, it stops the stream.
+#[derive(Debug)]
+pub(crate) struct ResponseStream<T> {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    response: PhantomData<fn() -> T>,
+}
+
+impl<T: Wire> ResponseStream<T> {
+    /// The next response; a request-level error frame is an [`Error::Broker`]. `None` when the
+    /// broker finished the stream after a whole frame. Cancel-safe: bytes read so far stay
+    /// buffered for the next call.
+    pub(crate) async fn next(&mut self) -> Result<Option<T>> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(decode_response::<T>(frame)??));
+            }
+            match self.recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None if self.decoder.buffered() == 0 => return Ok(None),
+                None => {
+                    return Err(Error::Transport(format!(
+                        "the stream ended {} bytes into a frame",
+                        self.decoder.buffered()
+                    )));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

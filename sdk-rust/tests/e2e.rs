@@ -178,7 +178,6 @@ fn earliest(group: Option<&str>) -> ConsumerConfig {
     ConsumerConfig {
         group: group.map(str::to_owned),
         auto_offset_reset: AutoOffsetReset::Earliest,
-        fetch_wait_max: Duration::from_millis(100),
         ..Default::default()
     }
 }
@@ -629,5 +628,199 @@ async fn auto_commit_on_close_and_acks_none() {
         .assign(earliest(Some("auditors")), std::slice::from_ref(&partition))
         .expect("consumer");
     assert_eq!(within(consumer.recv()).await.expect("recv").offset, 3);
+    within(consumer.close()).await.expect("close");
+}
+
+/// Produces `values` to `partition` of `topic` and waits for every delivery.
+async fn produce_to(client: &Client, topic: &str, partition: u32, values: Vec<String>) {
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    let mut deliveries = Vec::with_capacity(values.len());
+    for value in values {
+        let record = ProducerRecord {
+            partition: Some(partition),
+            ..ProducerRecord::new(topic, value)
+        };
+        deliveries.push(within(producer.send(record)).await.expect("send"));
+    }
+    for delivery in deliveries {
+        within(delivery).await.expect("delivered");
+    }
+    within(producer.close()).await.expect("close producer");
+}
+
+/// Receives `n` records and checks they are `first..first + n` of one partition, in order,
+/// each valued by its offset.
+async fn expect_offsets(consumer: &ketch_client::Consumer, first: i64, n: i64) {
+    for offset in first..first + n {
+        let record = within(consumer.recv()).await.expect("recv");
+        assert_eq!(record.offset, offset, "records in order, each once");
+        assert_eq!(text(&record.value), offset.to_string());
+    }
+}
+
+/// A consumer that started on empty partitions receives records as a producer writes them,
+/// every record once and in order, on the push streams the broker keeps open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_receives_records_while_they_are_produced() {
+    const RECORDS: usize = 20_000;
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("live", 2)))
+        .await
+        .expect("create topic");
+    let partitions = [
+        TopicPartition::new("live", 0),
+        TopicPartition::new("live", 1),
+    ];
+    let consumer = client
+        .assign(earliest(None), &partitions)
+        .expect("consumer");
+    // Streams are open at the start of both empty partitions before anything is written.
+    within(async {
+        while partitions.iter().any(|p| consumer.position(p) != Some(0)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..Default::default()
+    }))
+    .await
+    .expect("producer");
+    let feeder = tokio::spawn(async move {
+        for i in 0..RECORDS {
+            let record = ProducerRecord {
+                partition: Some((i % 2) as u32),
+                ..ProducerRecord::new("live", (i / 2).to_string())
+            };
+            let delivery = producer.send(record).await.expect("send");
+            drop(delivery);
+            if i % 100 == 0 {
+                // Spread the writes out: the consumer reads while they go on.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        producer.close().await.expect("close producer");
+    });
+    let mut next = [0i64; 2];
+    for _ in 0..RECORDS {
+        let record = within(consumer.recv()).await.expect("recv");
+        let partition = record.partition as usize;
+        assert_eq!(
+            record.offset, next[partition],
+            "records in order, each once"
+        );
+        assert_eq!(text(&record.value), record.offset.to_string());
+        next[partition] += 1;
+    }
+    within(feeder).await.expect("feeder");
+    assert_eq!(next, [RECORDS as i64 / 2; 2]);
+    within(consumer.close()).await.expect("close");
+}
+
+/// A seek while the stream still has thousands of records to push: the next records are
+/// from the new offset, with nothing stale from the old position in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_mid_stream_delivers_from_the_new_offset_only() {
+    const RECORDS: i64 = 50_000;
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("backlog", 1)))
+        .await
+        .expect("create topic");
+    produce_to(
+        &client,
+        "backlog",
+        0,
+        (0..RECORDS).map(|i| i.to_string()).collect(),
+    )
+    .await;
+    let partition = TopicPartition::new("backlog", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                // Small pushes, so the seek lands while most of the log is still to come.
+                partition_fetch_bytes_max: 16 * 1024,
+                prefetch_chunks_max: 4,
+                ..earliest(None)
+            },
+            std::slice::from_ref(&partition),
+        )
+        .expect("consumer");
+    expect_offsets(&consumer, 0, 100).await;
+    consumer.seek(&partition, Offset::At(40_000)).expect("seek");
+    expect_offsets(&consumer, 40_000, 100).await;
+    // Back to where the first stream was, in the middle of a batch.
+    consumer.seek(&partition, Offset::At(57)).expect("seek");
+    expect_offsets(&consumer, 57, 100).await;
+    consumer
+        .seek(&partition, Offset::At(RECORDS - 10))
+        .expect("seek");
+    expect_offsets(&consumer, RECORDS - 10, 10).await;
+    within(consumer.close()).await.expect("close");
+}
+
+/// The broker is killed and restarted while a consumer that only consumes is in the middle
+/// of a partition: its quiet stream notices the broker is gone, and it resubscribes from its
+/// position, so every record arrives exactly once, then new ones as they are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_resumes_from_its_position_after_a_broker_restart() {
+    const RECORDS: i64 = 2_000;
+    let mut broker = Broker::start().expect("broker");
+    let setup = broker.client().await;
+    within(setup.admin().create_topic(NewTopic::new("resume", 1)))
+        .await
+        .expect("create topic");
+    // 2 KB records: the log is larger than what the consumer buffers ahead.
+    let value = |i: i64| format!("{i}:{}", "x".repeat(2000));
+    produce_to(&setup, "resume", 0, (0..RECORDS).map(value).collect()).await;
+    setup.close();
+
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(2),
+        reconnect_backoff_max: Duration::from_millis(500),
+        ..broker.config()
+    }))
+    .await
+    .expect("connect");
+    let partition = TopicPartition::new("resume", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                partition_fetch_bytes_max: 16 * 1024,
+                prefetch_chunks_max: 2,
+                ..earliest(None)
+            },
+            std::slice::from_ref(&partition),
+        )
+        .expect("consumer");
+    let check = |record: &ConsumerRecord, offset: i64| {
+        assert_eq!(record.offset, offset, "records in order, each once");
+        assert_eq!(text(&record.value), value(offset));
+    };
+    for offset in 0..RECORDS / 4 {
+        check(&within(consumer.recv()).await.expect("recv"), offset);
+    }
+
+    broker.restart().expect("restart");
+
+    for offset in RECORDS / 4..RECORDS {
+        check(
+            &within(consumer.recv()).await.expect("recv after restart"),
+            offset,
+        );
+    }
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    let delivery = within(producer.send(ProducerRecord::new("resume", value(RECORDS))))
+        .await
+        .expect("send");
+    assert_eq!(within(delivery).await.expect("delivered").offset, RECORDS);
+    check(&within(consumer.recv()).await.expect("recv"), RECORDS);
+    within(producer.close()).await.expect("close");
     within(consumer.close()).await.expect("close");
 }

@@ -3,16 +3,19 @@
 //!
 //! The fake answers each request with a script: a function of the request and how many
 //! requests of that API came before. Every request is logged, so tests can check what the
-//! client sent (metadata refreshes, identical retried batch bytes, sequence numbers).
+//! client sent (metadata refreshes, identical retried batch bytes, sequence numbers). A
+//! Subscribe answer is a push stream: several frames on one stream, which stays open until
+//! the client stops it (or the script resets or ends it).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ketch_client::{
-    Client, ClientConfig, ConsumerConfig, Error, ErrorCode, ProducerConfig, ProducerRecord, Tls,
-    TopicPartition,
+    AutoOffsetReset, Client, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, Error,
+    ErrorCode, Offset, ProducerConfig, ProducerRecord, Tls, TopicPartition,
 };
 use ketch_protocol::batch::{BatchBuilder, BatchHeader};
 use ketch_protocol::frame::{
@@ -31,6 +34,43 @@ enum Reply {
     Reset,
     /// Reset after a delay.
     ResetAfter(Duration),
+    /// Push frames on the stream, `interval` apart (a Subscribe stream), then `then`.
+    Push {
+        frames: Vec<Bytes>,
+        interval: Duration,
+        then: AfterPush,
+    },
+}
+
+/// How a push stream goes on after its frames.
+enum AfterPush {
+    /// Stays open until the client stops it, as a broker's stream waiting for records.
+    Hold,
+    /// Finishes cleanly, as a broker does after an error frame.
+    Finish,
+    /// Is reset once notified (after the test saw the frames arrive): the client sees the
+    /// stream fail.
+    ResetWhen(Arc<tokio::sync::Notify>),
+}
+
+impl Reply {
+    /// Frames pushed at once, then held open.
+    fn push(frames: Vec<Bytes>) -> Reply {
+        Reply::Push {
+            frames,
+            interval: Duration::ZERO,
+            then: AfterPush::Hold,
+        }
+    }
+}
+
+/// What happened on the fake's push streams.
+#[derive(Default)]
+struct PushCounts {
+    /// Frames written completely.
+    frames: AtomicUsize,
+    /// Held streams the client stopped.
+    stopped: AtomicUsize,
 }
 
 type Script = dyn Fn(&Request, usize) -> Reply + Send + Sync;
@@ -39,6 +79,7 @@ struct FakeBroker {
     addr: SocketAddr,
     ca_pem: Vec<u8>,
     log: Arc<Mutex<Vec<Request>>>,
+    pushes: Arc<PushCounts>,
     endpoint: quinn::Endpoint,
 }
 
@@ -62,12 +103,14 @@ impl FakeBroker {
             quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind");
         let addr = endpoint.local_addr().expect("local addr");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let pushes = Arc::new(PushCounts::default());
         let script: Arc<Script> = Arc::new(script);
-        tokio::spawn(serve(endpoint.clone(), script, log.clone()));
+        tokio::spawn(serve(endpoint.clone(), script, log.clone(), pushes.clone()));
         FakeBroker {
             addr,
             ca_pem: certified.cert.pem().into_bytes(),
             log,
+            pushes,
             endpoint,
         }
     }
@@ -94,6 +137,25 @@ impl FakeBroker {
             .count()
     }
 
+    /// Every Subscribe request, in order.
+    fn subscribes(&self) -> Vec<SubscribeRequest> {
+        self.requests()
+            .into_iter()
+            .filter_map(|r| match r {
+                Request::Subscribe(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pushed_frames(&self) -> usize {
+        self.pushes.frames.load(Ordering::SeqCst)
+    }
+
+    fn stopped_streams(&self) -> usize {
+        self.pushes.stopped.load(Ordering::SeqCst)
+    }
+
     /// The record bytes of every produce request, in order.
     fn produced_batches(&self) -> Vec<Bytes> {
         self.requests()
@@ -112,15 +174,20 @@ impl Drop for FakeBroker {
     }
 }
 
-async fn serve(endpoint: quinn::Endpoint, script: Arc<Script>, log: Arc<Mutex<Vec<Request>>>) {
+async fn serve(
+    endpoint: quinn::Endpoint,
+    script: Arc<Script>,
+    log: Arc<Mutex<Vec<Request>>>,
+    pushes: Arc<PushCounts>,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let (script, log) = (script.clone(), log.clone());
+        let (script, log, pushes) = (script.clone(), log.clone(), pushes.clone());
         tokio::spawn(async move {
             let Ok(connection) = incoming.await else {
                 return;
             };
             while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-                let (script, log) = (script.clone(), log.clone());
+                let (script, log, pushes) = (script.clone(), log.clone(), pushes.clone());
                 tokio::spawn(async move {
                     let Ok(frame) = recv.read_to_end(1 << 24).await else {
                         return;
@@ -154,6 +221,38 @@ async fn serve(endpoint: quinn::Endpoint, script: Arc<Script>, log: Arc<Mutex<Ve
                         Reply::ResetAfter(delay) => {
                             tokio::time::sleep(delay).await;
                             let _ = send.reset(0u32.into());
+                        }
+                        Reply::Push {
+                            frames,
+                            interval,
+                            then,
+                        } => {
+                            for frame in frames {
+                                tokio::time::sleep(interval).await;
+                                match send.write_all(&frame).await {
+                                    Ok(()) => pushes.frames.fetch_add(1, Ordering::SeqCst),
+                                    Err(quinn::WriteError::Stopped(_)) => {
+                                        pushes.stopped.fetch_add(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                    Err(_) => return,
+                                };
+                            }
+                            match then {
+                                AfterPush::Hold => {
+                                    if let Ok(Some(_)) = send.stopped().await {
+                                        pushes.stopped.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                }
+                                AfterPush::Finish => {
+                                    let _ = send.finish();
+                                    let _ = send.stopped().await;
+                                }
+                                AfterPush::ResetWhen(notified) => {
+                                    notified.notified().await;
+                                    let _ = send.reset(0u32.into());
+                                }
+                            }
                         }
                     }
                 });
@@ -201,6 +300,79 @@ fn produced(error: ErrorCode, base_offset: i64) -> Bytes {
     })
 }
 
+fn not_scripted() -> Reply {
+    Reply::Frame(encode_error_response(
+        ErrorCode::UnsupportedApi,
+        "not scripted",
+    ))
+}
+
+/// A ListOffsets answer: `offset` for every partition asked about.
+fn listed(request: &ListOffsetsRequest, offset: i64) -> Bytes {
+    encode_response(&ListOffsetsResponse {
+        partitions: request
+            .partitions
+            .iter()
+            .map(|p| ListOffsetsPartitionResponse {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                error: ErrorCode::None,
+                offset,
+                timestamp_ms: -1,
+            })
+            .collect(),
+    })
+}
+
+/// One batch of `count` records of `t/partition` from `base_offset`, each valued
+/// `"{partition}-{offset}"`.
+fn numbered(partition: u32, base_offset: i64, count: i64) -> Bytes {
+    let mut builder = BatchBuilder::new(1 << 20).with_base_offset(base_offset);
+    for offset in base_offset..base_offset + count {
+        let value = format!("{partition}-{offset}");
+        assert!(builder.try_append(1, None, Some(value.as_bytes()), &[]));
+    }
+    builder.finish()
+}
+
+/// A push frame of `t/partition` holding `records`.
+fn pushed(partition: u32, records: Bytes) -> Bytes {
+    encode_response(&FetchPartitionResponse {
+        topic: "t".into(),
+        partition,
+        error: ErrorCode::None,
+        error_message: None,
+        high_watermark: -1,
+        log_start_offset: 0,
+        records,
+    })
+}
+
+/// A push frame that reports an error for `t/partition`.
+fn push_failed(partition: u32, error: ErrorCode) -> Bytes {
+    encode_response(&FetchPartitionResponse {
+        topic: "t".into(),
+        partition,
+        error,
+        error_message: Some(format!("scripted {error}")),
+        high_watermark: -1,
+        log_start_offset: -1,
+        records: Bytes::new(),
+    })
+}
+
+/// `frames` pushes of one `per_frame`-record batch each, from `offset` on.
+fn pushes_from(partition: u32, offset: i64, frames: i64, per_frame: i64) -> Vec<Bytes> {
+    (0..frames)
+        .map(|i| {
+            pushed(
+                partition,
+                numbered(partition, offset + i * per_frame, per_frame),
+            )
+        })
+        .collect()
+}
+
 fn producer_id(id: i64) -> Bytes {
     encode_response(&InitProducerIdResponse {
         producer_id: id,
@@ -241,6 +413,46 @@ async fn within<F: Future>(future: F) -> F::Output {
     tokio::time::timeout(WAIT_MAX, future)
         .await
         .expect("operation did not finish within the test bound")
+}
+
+/// Waits (bounded by [`WAIT_MAX`]) until `condition` holds.
+async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT_MAX, wait).await.is_err() {
+        panic!("{what}: not within {WAIT_MAX:?}");
+    }
+}
+
+fn earliest() -> ConsumerConfig {
+    ConsumerConfig {
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        ..Default::default()
+    }
+}
+
+async fn recv(consumer: &Consumer) -> ConsumerRecord {
+    within(consumer.recv()).await.expect("a record")
+}
+
+/// Receives `n` records and checks each against `"{partition}-{offset}"`; returns the
+/// offsets in order.
+async fn recv_offsets(consumer: &Consumer, n: usize) -> Vec<i64> {
+    let mut offsets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let record = recv(consumer).await;
+        let value = String::from_utf8(record.value.clone().unwrap().to_vec()).unwrap();
+        assert_eq!(value, format!("{}-{}", record.partition, record.offset));
+        offsets.push(record.offset);
+    }
+    offsets
+}
+
+fn offsets_from(start: i64, n: i64) -> Vec<i64> {
+    (start..start + n).collect()
 }
 
 fn fast_retries() -> ProducerConfig {
@@ -468,31 +680,10 @@ async fn a_corrupt_fetched_batch_is_reported_not_delivered() {
     let records = Bytes::from(records);
     let broker = start(move |request, seen| match request {
         Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
-        Request::Fetch(_) if seen == 0 => Reply::Frame(encode_response(&FetchResponse {
-            partitions: vec![FetchPartitionResponse {
-                topic: "t".into(),
-                partition: 0,
-                error: ErrorCode::None,
-                error_message: None,
-                high_watermark: 2,
-                log_start_offset: 0,
-                records: records.clone(),
-            }],
-        })),
-        Request::Fetch(_) => Reply::Frame(encode_response(&FetchResponse { partitions: vec![] })),
-        Request::ListOffsets(_) => Reply::Frame(encode_response(&ListOffsetsResponse {
-            partitions: vec![ListOffsetsPartitionResponse {
-                topic: "t".into(),
-                partition: 0,
-                error: ErrorCode::None,
-                offset: 0,
-                timestamp_ms: -1,
-            }],
-        })),
-        _ => Reply::Frame(encode_error_response(
-            ErrorCode::UnsupportedApi,
-            "not scripted",
-        )),
+        Request::Subscribe(_) if seen == 0 => Reply::push(vec![pushed(0, records.clone())]),
+        Request::Subscribe(_) => Reply::push(vec![]),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        _ => not_scripted(),
     });
     let client = within(Client::connect(broker.config())).await.unwrap();
     let partition = TopicPartition::new("t", 0);
@@ -552,4 +743,354 @@ async fn send_waits_while_the_buffer_is_full_and_cancelling_it_queues_nothing() 
         "{error:?}"
     );
     within(producer.close()).await.unwrap();
+}
+
+/// The broker pushes records as they come on one Subscribe stream per partition: the
+/// consumer reads them all, in order and once, without a single Fetch round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partition_streams_from_one_subscription_without_fetches() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 2)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        // A producer keeps writing: a push every few milliseconds.
+        Request::Subscribe(s) => Reply::Push {
+            frames: pushes_from(s.partition, s.offset, 20, 5),
+            interval: Duration::from_millis(5),
+            then: AfterPush::Hold,
+        },
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partitions = [TopicPartition::new("t", 0), TopicPartition::new("t", 1)];
+    let consumer = client.assign(earliest(), &partitions).unwrap();
+    let mut next = [0i64; 2];
+    for record in recv_all(&consumer, 200).await {
+        let partition = record.partition as usize;
+        assert_eq!(record.offset, next[partition], "in order, each once");
+        next[partition] += 1;
+    }
+    assert_eq!(next, [100, 100]);
+    assert_eq!(broker.count(ApiKey::Fetch), 0, "no fetch round trips");
+    let mut subscribed: Vec<(u32, i64)> = broker
+        .subscribes()
+        .iter()
+        .map(|s| (s.partition, s.offset))
+        .collect();
+    subscribed.sort();
+    assert_eq!(subscribed, [(0, 0), (1, 0)], "one stream per partition");
+    wait_for("all 40 pushes written", || broker.pushed_frames() == 40).await;
+    within(consumer.close()).await.unwrap();
+    wait_for("close stops both streams", || broker.stopped_streams() == 2).await;
+}
+
+async fn recv_all(consumer: &Consumer, n: usize) -> Vec<ConsumerRecord> {
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        records.push(recv(consumer).await);
+    }
+    records
+}
+
+/// A seek while records stream in stops the old stream and opens one at the new offset;
+/// nothing from the old position is delivered after the seek, even what was already queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_mid_stream_resubscribes_at_the_new_offset_and_drops_stale_records() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        Request::Subscribe(s) => Reply::Push {
+            frames: pushes_from(0, s.offset, 100, 10),
+            interval: Duration::from_millis(2),
+            then: AfterPush::Hold,
+        },
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 25).await, offsets_from(0, 25));
+    consumer.seek(&partition, Offset::At(5000)).unwrap();
+    assert_eq!(recv_offsets(&consumer, 30).await, offsets_from(5000, 30));
+    // Back into the range of the first stream, in the middle of a pushed batch.
+    consumer.seek(&partition, Offset::At(3)).unwrap();
+    assert_eq!(recv_offsets(&consumer, 30).await, offsets_from(3, 30));
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 5000, 3]);
+    wait_for("the seeks stop the old streams", || {
+        broker.stopped_streams() == 2
+    })
+    .await;
+    assert_eq!(broker.count(ApiKey::Fetch), 0);
+    within(consumer.close()).await.unwrap();
+}
+
+/// Retention deleted the position under a stream: the broker ends it with
+/// offset_out_of_range, and the consumer resets per `auto_offset_reset` (here to the new
+/// log start) and streams on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        // The log starts at 0, and at 100 once retention ran.
+        Request::ListOffsets(r) => Reply::Frame(listed(r, if seen == 0 { 0 } else { 100 })),
+        Request::Subscribe(s) if s.offset < 100 => Reply::Push {
+            frames: vec![
+                pushed(0, numbered(0, s.offset, 10)),
+                push_failed(0, ErrorCode::OffsetOutOfRange),
+            ],
+            interval: Duration::ZERO,
+            then: AfterPush::Finish,
+        },
+        Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    let mut expected = offsets_from(0, 10);
+    expected.extend(offsets_from(100, 20));
+    assert_eq!(recv_offsets(&consumer, 30).await, expected);
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 100]);
+    assert_eq!(broker.count(ApiKey::ListOffsets), 2);
+    within(consumer.close()).await.unwrap();
+}
+
+/// With `AutoOffsetReset::Error`, the same out-of-range push pauses the partition and
+/// reports the error once; a seek resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_out_of_range_on_a_stream_is_reported_with_reset_error() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::OffsetFetch(_) => Reply::Frame(encode_response(&OffsetFetchResponse {
+            offsets: vec![CommittedOffset {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                metadata: String::new(),
+                error: ErrorCode::None,
+            }],
+        })),
+        Request::Subscribe(s) if s.offset < 100 => Reply::Push {
+            frames: vec![
+                pushed(0, numbered(0, s.offset, 10)),
+                push_failed(0, ErrorCode::OffsetOutOfRange),
+            ],
+            interval: Duration::ZERO,
+            then: AfterPush::Finish,
+        },
+        Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 1, 10)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                group: Some("g".into()),
+                auto_offset_reset: AutoOffsetReset::Error,
+                auto_commit: false,
+                ..Default::default()
+            },
+            std::slice::from_ref(&partition),
+        )
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 10).await, offsets_from(0, 10));
+    let error = within(consumer.recv()).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::OffsetOutOfRange), "{error}");
+    assert_eq!(consumer.position(&partition), Some(10));
+    consumer.seek(&partition, Offset::At(100)).unwrap();
+    assert_eq!(recv_offsets(&consumer, 10).await, offsets_from(100, 10));
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 100], "paused until the seek");
+    within(consumer.close()).await.unwrap();
+}
+
+/// A stream that breaks (reset: a lost connection or a restarted broker) and a leader that
+/// moved both resubscribe from the current position, the latter after a metadata refresh:
+/// nothing is lost or delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_or_a_moved_leader_resubscribes_from_the_position() {
+    let _serial = SERIAL.lock().await;
+    let break_stream = Arc::new(tokio::sync::Notify::new());
+    let trigger = break_stream.clone();
+    let broker = start(move |request, seen| match (request, seen) {
+        (Request::Metadata(_), _) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        (Request::ListOffsets(r), _) => Reply::Frame(listed(r, 0)),
+        (Request::Subscribe(s), 0) => Reply::Push {
+            frames: pushes_from(0, s.offset, 2, 10),
+            interval: Duration::ZERO,
+            then: AfterPush::ResetWhen(trigger.clone()),
+        },
+        (Request::Subscribe(_), 1) => Reply::Push {
+            frames: vec![push_failed(0, ErrorCode::NotLeader)],
+            interval: Duration::ZERO,
+            then: AfterPush::Finish,
+        },
+        (Request::Subscribe(s), _) => Reply::push(pushes_from(0, s.offset, 2, 10)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 20).await, offsets_from(0, 20));
+    break_stream.notify_one();
+    assert_eq!(recv_offsets(&consumer, 20).await, offsets_from(20, 20));
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 20, 20]);
+    // The connect, the leader lookup, and the refresh after not_leader.
+    assert!(broker.count(ApiKey::Metadata) >= 2, "no metadata refresh");
+    within(consumer.close()).await.unwrap();
+}
+
+/// While the prefetch buffer is full the consumer stops reading its stream, and QUIC flow
+/// control stops the broker's pushes: the fake cannot write far ahead of `recv`. Reading
+/// again resumes the pushes where they stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_prefetch_buffer_holds_the_pushes_back() {
+    let _serial = SERIAL.lock().await;
+    const FRAMES: usize = 400;
+    const PER_FRAME: i64 = 10;
+    let value = vec![b'v'; 1000];
+    let broker = start(move |request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        // About 10 KB a push, 4 MB in all: more than the stream's flow-control window.
+        Request::Subscribe(s) => Reply::push(
+            (0..FRAMES as i64)
+                .map(|i| {
+                    let mut builder =
+                        BatchBuilder::new(1 << 20).with_base_offset(s.offset + i * PER_FRAME);
+                    for _ in 0..PER_FRAME {
+                        assert!(builder.try_append(1, None, Some(&value), &[]));
+                    }
+                    pushed(0, builder.finish())
+                })
+                .collect(),
+        ),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                prefetch_chunks_max: 1,
+                ..earliest()
+            },
+            std::slice::from_ref(&partition),
+        )
+        .unwrap();
+    // Wait until the pushes stall: no new frame for a while.
+    let mut pushed = broker.pushed_frames();
+    within(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = broker.pushed_frames();
+            if now == pushed && now > 0 {
+                break;
+            }
+            pushed = now;
+        }
+    })
+    .await;
+    assert!(
+        pushed < FRAMES / 2,
+        "{pushed} of {FRAMES} pushes went out while nothing was received"
+    );
+    let records = recv_all(&consumer, FRAMES * PER_FRAME as usize).await;
+    assert!(
+        records
+            .iter()
+            .enumerate()
+            .all(|(i, record)| record.offset == i as i64),
+        "records in order, each once"
+    );
+    wait_for("every push written", || broker.pushed_frames() == FRAMES).await;
+    assert_eq!(broker.subscribes().len(), 1);
+    within(consumer.close()).await.unwrap();
+}
+
+/// A stream waiting for records has no request timeout: after `request_timeout` of quiet the
+/// consumer checks that the broker still answers. One that does not (a restarted broker
+/// never resets the old connection) is left: the connection is closed and the partition
+/// resubscribes on a new one from its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_checks_the_broker_and_leaves_one_that_stopped_answering() {
+    let _serial = SERIAL.lock().await;
+    let versions = encode_response(&ApiVersionsResponse { apis: vec![] });
+    let broker = start(move |request, seen| match (request, seen) {
+        (Request::Metadata(_), _) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        (Request::ListOffsets(r), _) => Reply::Frame(listed(r, 0)),
+        (Request::Subscribe(s), _) => Reply::push(pushes_from(0, s.offset, 1, 10)),
+        // The first check is answered, the second never.
+        (Request::ApiVersions(_), 1) => Reply::After(Duration::from_secs(60), versions.clone()),
+        (Request::ApiVersions(_), _) => Reply::Frame(versions.clone()),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_millis(300),
+        ..broker.config()
+    }))
+    .await
+    .unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 10).await, offsets_from(0, 10));
+    assert_eq!(recv_offsets(&consumer, 10).await, offsets_from(10, 10));
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 10]);
+    assert!(broker.count(ApiKey::ApiVersions) >= 2);
+    within(consumer.close()).await.unwrap();
+}
+
+/// A push holding only the start of a batch larger than the push limit: the consumer
+/// subscribes again from the same offset with twice the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_push_limit_resubscribes_with_a_larger_one() {
+    let _serial = SERIAL.lock().await;
+    let whole = numbered(0, 0, 10);
+    let cut = whole.slice(..whole.len() / 2);
+    let broker = start(move |request, seen| match (request, seen) {
+        (Request::Metadata(_), _) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        (Request::ListOffsets(r), _) => Reply::Frame(listed(r, 0)),
+        (Request::Subscribe(_), 0) => Reply::push(vec![pushed(0, cut.clone())]),
+        (Request::Subscribe(_), _) => Reply::push(vec![pushed(0, whole.clone())]),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                partition_fetch_bytes_max: 100,
+                ..earliest()
+            },
+            std::slice::from_ref(&partition),
+        )
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 10).await, offsets_from(0, 10));
+    let asked: Vec<(i64, u32)> = broker
+        .subscribes()
+        .iter()
+        .map(|s| (s.offset, s.push_bytes_max))
+        .collect();
+    assert_eq!(asked, [(0, 100), (0, 200)]);
+    wait_for("the first stream is stopped", || {
+        broker.stopped_streams() == 1
+    })
+    .await;
+    within(consumer.close()).await.unwrap();
 }

@@ -187,7 +187,6 @@ fn start_member(
         auto_offset_reset: AutoOffsetReset::Earliest,
         auto_commit_interval: Duration::from_millis(200),
         session_timeout: Duration::from_secs(10),
-        fetch_wait_max: Duration::from_millis(100),
         ..Default::default()
     };
     let consumer = client.subscribe(config, &["events"])?;

@@ -225,16 +225,13 @@ impl super::Session for KetchSession {
                 _client: client,
             });
         }
-        let defaults = ConsumerConfig::default();
-        let fetch_max = scenario.ketch.partition_fetch_bytes_max;
         let consumer = client
             .assign(
                 ConsumerConfig {
                     auto_offset_reset: AutoOffsetReset::Earliest,
                     auto_commit: false,
-                    partition_fetch_bytes_max: fetch_max,
-                    fetch_bytes_max: defaults.fetch_bytes_max.max(fetch_max),
-                    ..defaults
+                    partition_fetch_bytes_max: scenario.ketch.partition_fetch_bytes_max,
+                    ..ConsumerConfig::default()
                 },
                 &partitions,
             )

@@ -386,8 +386,8 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
 }
 
 /// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
-/// with `write_all`, so a consumer that stops reading stops the loop (QUIC flow control); the
-/// broker holds at most one push of `push_bytes_max` per subscription.
+/// whole before the next is read, so a consumer that stops reading stops the loop (QUIC flow
+/// control); the broker holds at most one push of `push_bytes_max` per subscription.
 pub(super) async fn subscribe(
     state: &State,
     request: SubscribeRequest,
@@ -396,8 +396,10 @@ pub(super) async fn subscribe(
     let push_bytes_max = request
         .push_bytes_max
         .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
-    let partition = match state.cluster.partition(&request.topic, request.partition) {
-        Ok(partition) => partition,
+    // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
+    // which ends the wait below.
+    let mut watch = match state.cluster.partition(&request.topic, request.partition) {
+        Ok(partition) => partition.watch_high_watermark(),
         Err(e) => {
             let _ = send
                 .write_all(&frame::encode_error_response(e.code, &e.message))
@@ -405,7 +407,6 @@ pub(super) async fn subscribe(
             return;
         }
     };
-    let mut watch = partition.watch_high_watermark();
     let mut offset = request.offset;
     loop {
         watch.mark_unchanged();
@@ -421,6 +422,7 @@ pub(super) async fn subscribe(
             if let Some(next) = next_offset_after(&response.records) {
                 offset = next;
             }
+            // The records are handed to QUIC as they were read, not copied into the frame.
             let mut frame = frame::encode_response_chunks(&response);
             let write = tokio::select! {
                 w = send.write_all_chunks(&mut frame) => w,
@@ -432,7 +434,19 @@ pub(super) async fn subscribe(
             continue;
         }
         tokio::select! {
-            changed = watch.changed() => if changed.is_err() { return },
+            changed = watch.changed() => if changed.is_err() {
+                // The partition is gone: say so, as a fetch would, and end the stream.
+                let gone = FetchPartitionResponse {
+                    error: ErrorCode::UnknownTopic,
+                    error_message: Some(format!(
+                        "{}/{} was deleted while subscribed",
+                        request.topic, request.partition
+                    )),
+                    ..response
+                };
+                let _ = send.write_all(&frame::encode_response(&gone)).await;
+                return;
+            },
             _ = send.stopped() => return,
             () = state.shutdown.cancelled() => return,
         }
