@@ -72,12 +72,14 @@ async fn deleting_a_topic_ends_its_push_streams_with_unknown_topic() -> anyhow::
         .await
 }
 
-/// With four request slots, three rounds of four streams: streams stopped while waiting
+/// With four request slots, three rounds of three streams (the fourth slot serves the
+/// produce that wakes the first round, and the final check): streams stopped while waiting
 /// for records, then streams stopped while the broker was blocked writing to them. Had a
 /// stopped stream kept its slot, a later round would wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_push_streams_give_their_request_slots_back() -> anyhow::Result<()> {
     const SLOTS: usize = 4;
+    const STREAMS: usize = SLOTS - 1;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("ketch.toml");
     std::fs::write(&config, format!("requests_in_flight_max = {SLOTS}\n"))?;
@@ -94,7 +96,7 @@ async fn stopped_push_streams_give_their_request_slots_back() -> anyhow::Result<
 
     // Waiting at the end of the log.
     let mut idle = Vec::new();
-    for _ in 0..SLOTS {
+    for _ in 0..STREAMS {
         idle.push(streams.subscribe(&subscribe_at("backlog", end)).await?);
     }
     raw.produce("backlog", 0, batch(1, 10)).await?;
@@ -105,7 +107,7 @@ async fn stopped_push_streams_give_their_request_slots_back() -> anyhow::Result<
 
     // Held back by flow control: read once, then never again.
     let mut blocked = Vec::new();
-    for _ in 0..SLOTS {
+    for _ in 0..STREAMS {
         let mut subscription = streams.subscribe(&subscribe_at("backlog", 0)).await?;
         first_push(&mut subscription).await?;
         blocked.push(subscription);
@@ -113,7 +115,7 @@ async fn stopped_push_streams_give_their_request_slots_back() -> anyhow::Result<
     drop(blocked);
 
     let mut last = Vec::new();
-    for _ in 0..SLOTS {
+    for _ in 0..STREAMS {
         let mut subscription = streams.subscribe(&subscribe_at("backlog", 0)).await?;
         first_push(&mut subscription).await?;
         last.push(subscription);
