@@ -565,6 +565,18 @@ impl Consumer {
 }
 
 impl Shared {
+    /// Refreshes the metadata cache when `error` says it is out of date (a leader moved, a
+    /// partition is unknown), so the next attempt goes to the right broker.
+    async fn refresh_metadata_if_stale(&self, error: &Error) {
+        if error.invalidates_metadata() {
+            let _ = self
+                .client
+                .inner
+                .refresh_metadata(Some(Instant::now()))
+                .await;
+        }
+    }
+
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -696,13 +708,7 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                 attempt,
             ));
             attempt += 1;
-            if error.invalidates_metadata() {
-                let _ = shared
-                    .client
-                    .inner
-                    .refresh_metadata(Some(Instant::now()))
-                    .await;
-            }
+            shared.refresh_metadata_if_stale(&error).await;
             if !error.is_retriable() {
                 tokio::select! {
                     sent = sender.send(Err(error)) => if sent.is_err() { break },
@@ -810,13 +816,7 @@ async fn subscribe_partition(
             return;
         }
         tracing::debug!(%partition, %error, attempt, "push stream failed; resubscribing");
-        if error.invalidates_metadata() {
-            let _ = shared
-                .client
-                .inner
-                .refresh_metadata(Some(Instant::now()))
-                .await;
-        }
+        shared.refresh_metadata_if_stale(&error).await;
         tokio::time::sleep(backoff(
             shared.client.config().reconnect_backoff_initial,
             shared.client.config().reconnect_backoff_max,
@@ -1136,13 +1136,7 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                         attempt,
                     );
                     attempt += 1;
-                    if error.invalidates_metadata() {
-                        let _ = shared
-                            .client
-                            .inner
-                            .refresh_metadata(Some(Instant::now()))
-                            .await;
-                    }
+                    shared.refresh_metadata_if_stale(&error).await;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the group refused this member");

@@ -831,6 +831,19 @@ async fn a_seek_mid_stream_resubscribes_at_the_new_offset_and_drops_stale_record
 /// Retention deleted the position under a stream: the broker ends it with
 /// offset_out_of_range, and the consumer resets per `auto_offset_reset` (here to the new
 /// log start) and streams on from there.
+/// A push stream below offset 100: ten records from `offset`, then `offset_out_of_range` (as
+/// when retention removed the position while the consumer read).
+fn ten_then_out_of_range(offset: i64) -> Reply {
+    Reply::Push {
+        frames: vec![
+            pushed(0, numbered(0, offset, 10)),
+            push_failed(0, ErrorCode::OffsetOutOfRange),
+        ],
+        interval: Duration::ZERO,
+        then: AfterPush::Finish,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
     let _serial = SERIAL.lock().await;
@@ -838,14 +851,7 @@ async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
         Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
         // The log starts at 0, and at 100 once retention ran.
         Request::ListOffsets(r) => Reply::Frame(listed(r, if seen == 0 { 0 } else { 100 })),
-        Request::Subscribe(s) if s.offset < 100 => Reply::Push {
-            frames: vec![
-                pushed(0, numbered(0, s.offset, 10)),
-                push_failed(0, ErrorCode::OffsetOutOfRange),
-            ],
-            interval: Duration::ZERO,
-            then: AfterPush::Finish,
-        },
+        Request::Subscribe(s) if s.offset < 100 => ten_then_out_of_range(s.offset),
         Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
         _ => not_scripted(),
     });
@@ -879,14 +885,7 @@ async fn offset_out_of_range_on_a_stream_is_reported_with_reset_error() {
                 error: ErrorCode::None,
             }],
         })),
-        Request::Subscribe(s) if s.offset < 100 => Reply::Push {
-            frames: vec![
-                pushed(0, numbered(0, s.offset, 10)),
-                push_failed(0, ErrorCode::OffsetOutOfRange),
-            ],
-            interval: Duration::ZERO,
-            then: AfterPush::Finish,
-        },
+        Request::Subscribe(s) if s.offset < 100 => ten_then_out_of_range(s.offset),
         Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 1, 10)),
         _ => not_scripted(),
     });
