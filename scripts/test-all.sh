@@ -13,6 +13,11 @@ cargo --version
 step "format"
 cargo fmt --all -- --check
 
+step "Python venv for the metrics test (prometheus_client parses /metrics independently)"
+python3 -m venv target/test-venv
+target/test-venv/bin/pip install --quiet --disable-pip-version-check "prometheus_client==0.21.1"
+export KETCH_PYTHON="$PWD/target/test-venv/bin/python"
+
 step "build (debug; binaries first: the system tests start real brokers)"
 cargo build --locked --workspace --bins
 cargo build --locked --workspace --all-targets

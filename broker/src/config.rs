@@ -43,6 +43,33 @@ impl<'de> Deserialize<'de> for Fsync {
     }
 }
 
+/// Where the Prometheus endpoint listens (`HOST:PORT`), or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    Addr(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MetricsListen, String> {
+        if s == "off" {
+            return Ok(MetricsListen::Off);
+        }
+        s.parse()
+            .map(MetricsListen::Addr)
+            .map_err(|_| format!("metrics_listen must be HOST:PORT or off, not {s:?}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MetricsListen, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything `ketch serve` can be told. Field names are the TOML keys; the environment
 /// variable of a field is `KETCH_` + its name in upper case.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +103,11 @@ pub struct BrokerConfig {
     pub group_heartbeat_interval_ms: u32,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// The HTTP endpoint serving `/metrics`, `/health` and `/ready`.
+    pub metrics_listen: MetricsListen,
+    /// Label partition gauges by partition; `false` sums them per topic (for brokers with
+    /// many partitions).
+    pub metrics_partition_labels: bool,
 }
 
 impl Default for BrokerConfig {
@@ -103,6 +135,8 @@ impl Default for BrokerConfig {
             group_session_timeout_ms_max: 300_000,
             group_heartbeat_interval_ms: 1_000,
             shutdown_grace_ms: 10_000,
+            metrics_listen: MetricsListen::Addr(SocketAddr::from(([127, 0, 0, 1], 9193))),
+            metrics_partition_labels: true,
         }
     }
 }
@@ -189,6 +223,31 @@ mod tests {
         ];
         for (text, expected) in cases {
             assert_eq!(text.parse::<Fsync>().map_err(|_| ()), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_parses() {
+        let cases = [
+            ("off", Ok(MetricsListen::Off)),
+            (
+                "127.0.0.1:0",
+                Ok(MetricsListen::Addr(([127, 0, 0, 1], 0).into())),
+            ),
+            (
+                "0.0.0.0:9193",
+                Ok(MetricsListen::Addr(([0, 0, 0, 0], 9193).into())),
+            ),
+            ("Off", Err(())),
+            ("9193", Err(())),
+            ("", Err(())),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(
+                text.parse::<MetricsListen>().map_err(|_| ()),
+                expected,
+                "{text}"
+            );
         }
     }
 

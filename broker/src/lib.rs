@@ -1,11 +1,13 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
 //! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
-//! ([`server`]) and configuration ([`config`]). The `ketch` binary wraps it.
+//! ([`server`]), configuration ([`config`]) and what it measures ([`metrics`]). The `ketch`
+//! binary (crate `ketch-cli`) wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
 
 pub mod cluster;
 pub mod config;
 pub mod group;
+pub mod metrics;
 pub mod server;
 pub mod storage;

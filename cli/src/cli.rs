@@ -12,10 +12,11 @@ use ketch_client::{
     ProducerConfig, ProducerRecord, Tls, TopicPartition,
 };
 
-/// Where the broker is and how to trust it.
+/// Where the broker is and how to trust it (flags of the client commands only).
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection")]
 pub struct Connection {
-    /// Broker address (UDP).
+    /// Broker address (UDP, HOST:PORT).
     #[arg(
         long,
         global = true,
@@ -27,7 +28,7 @@ pub struct Connection {
     /// it exists (the development CA of a local `ketch serve`).
     #[arg(long, global = true, env = "KETCH_CA_CERT")]
     ca_cert: Option<PathBuf>,
-    /// TLS server name to verify.
+    /// TLS server name to verify in the broker's certificate.
     #[arg(
         long,
         global = true,
@@ -68,17 +69,38 @@ impl Connection {
     }
 }
 
+/// `ketch topic ...`: the connection flags apply to every topic subcommand.
+#[derive(Debug, Args)]
+pub struct TopicArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: TopicCommand,
+}
+
+/// `ketch group ...`.
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: GroupCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic.
     Create {
         name: String,
+        /// Number of partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
-        /// Delete records older than this (ms); -1 keeps them forever.
+        /// Delete records older than this, in milliseconds; -1 keeps them forever.
+        /// [default: the broker's --retention-ms]
         #[arg(long)]
         retention_ms: Option<i64>,
         /// Keep at most this many bytes per partition; -1 for no limit.
+        /// [default: the broker's --retention-bytes]
         #[arg(long)]
         retention_bytes: Option<i64>,
     },
@@ -107,38 +129,46 @@ pub enum AcksArg {
 
 #[derive(Debug, Args)]
 pub struct ProduceArgs {
+    #[command(flatten)]
+    connection: Connection,
     topic: String,
-    /// Split each line at the first SEP: the part before is the key.
-    #[arg(long)]
+    /// Split each line at the first SEP: the part before is the key. [default: no key]
+    #[arg(long, value_name = "SEP")]
     key_separator: Option<String>,
-    /// Write every record to this partition.
+    /// Write every record to this partition. [default: by key hash, round robin without key]
     #[arg(long)]
     partition: Option<u32>,
+    /// Acknowledgement to wait for: none, leader (the leader's append) or all (every in-sync
+    /// replica, durable per the broker's fsync policy).
     #[arg(long, value_enum, default_value = "all")]
     acks: AcksArg,
-    /// How long a batch waits for more records (ms).
+    /// How long a batch waits for more records, in milliseconds.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
 }
 
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
+    #[command(flatten)]
+    connection: Connection,
     topic: String,
-    /// Consume as a member of this group (committing offsets on exit).
+    /// Consume as a member of this group (committing offsets on exit). [default: no group:
+    /// read every partition]
     #[arg(long)]
     group: Option<String>,
     /// beginning | end | OFFSET | @TIMESTAMP_MS. With --group, where to start on partitions
     /// without a committed offset (beginning or end).
     #[arg(long, default_value = "beginning")]
     from: String,
-    /// Read only this partition.
+    /// Read only this partition. [default: all partitions]
     #[arg(long)]
     partition: Option<u32>,
-    /// Exit after this many records.
+    /// Exit after this many records. [default: no limit]
     #[arg(long)]
     max_records: Option<u64>,
-    /// Exit after this long without a new record (ms).
-    #[arg(long)]
+    /// Exit after this long without a new record, in milliseconds. [default: wait until
+    /// Ctrl-C]
+    #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
     /// Output per record: %t topic, %p partition, %o offset, %k key, %v value, %T timestamp,
     /// %% a percent sign, \n and \t.
@@ -155,7 +185,11 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
-pub fn topic(connection: &Connection, command: TopicCommand) -> anyhow::Result<()> {
+pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
+    let TopicArgs {
+        connection,
+        command,
+    } = args;
     block_on(async {
         let client = connection.connect().await?;
         let admin = client.admin();
@@ -214,7 +248,11 @@ pub fn topic(connection: &Connection, command: TopicCommand) -> anyhow::Result<(
     })
 }
 
-pub fn group(connection: &Connection, command: GroupCommand) -> anyhow::Result<()> {
+pub fn group(args: GroupArgs) -> anyhow::Result<()> {
+    let GroupArgs {
+        connection,
+        command,
+    } = args;
     block_on(async {
         let client = connection.connect().await?;
         let admin = client.admin();
@@ -276,9 +314,9 @@ pub fn group(connection: &Connection, command: GroupCommand) -> anyhow::Result<(
 /// Deliveries awaited in order, at most this many outstanding.
 const PRODUCE_OUTSTANDING_MAX: usize = 100_000;
 
-pub fn produce(connection: &Connection, args: ProduceArgs) -> anyhow::Result<()> {
+pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     block_on(async {
-        let client = connection.connect().await?;
+        let client = args.connection.connect().await?;
         let acks = match args.acks {
             AcksArg::None => Acks::None,
             AcksArg::Leader => Acks::Leader,
@@ -385,10 +423,10 @@ fn format_record(format: &str, record: &ConsumerRecord, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()> {
+pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
     block_on(async {
-        let client = connection.connect().await?;
+        let client = args.connection.connect().await?;
         let consumer = match &args.group {
             Some(group) => {
                 let auto_offset_reset = match from {

@@ -1,6 +1,7 @@
 //! `ketch`: the broker (`ketch serve`) and the command-line client.
 
 mod cli;
+mod metrics_http;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -20,10 +21,24 @@ struct Cli {
         global = true
     )]
     log: String,
-    #[command(flatten)]
-    connection: cli::Connection,
+    /// Log lines on stderr as human-readable text or as one JSON object per line (for log
+    /// shippers).
+    #[arg(
+        long,
+        env = "KETCH_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,32 +46,41 @@ enum Command {
     /// Run a broker.
     Serve(serve::ServeArgs),
     /// Create, list, describe and delete topics.
-    #[command(subcommand)]
-    Topic(cli::TopicCommand),
+    Topic(cli::TopicArgs),
     /// Write one record per line of stdin.
     Produce(cli::ProduceArgs),
     /// Print records, one line each.
     Consume(cli::ConsumeArgs),
     /// List and describe consumer groups.
-    #[command(subcommand)]
-    Group(cli::GroupCommand),
+    Group(cli::GroupArgs),
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(&cli.log, cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Topic(command) => cli::topic(&cli.connection, command),
-        Command::Produce(args) => cli::produce(&cli.connection, args),
-        Command::Consume(args) => cli::consume(&cli.connection, args),
-        Command::Group(command) => cli::group(&cli.connection, command),
+        Command::Topic(args) => cli::topic(args),
+        Command::Produce(args) => cli::produce(args),
+        Command::Consume(args) => cli::consume(args),
+        Command::Group(args) => cli::group(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -64,5 +88,90 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn help(path: &[&str]) -> String {
+        let mut command = Cli::command();
+        command.build();
+        let mut sub = &mut command;
+        for name in path {
+            sub = sub.find_subcommand_mut(name).expect("subcommand");
+        }
+        sub.render_long_help().to_string()
+    }
+
+    const CLIENT_FLAGS: [&str; 3] = ["--broker", "--ca-cert", "--server-name"];
+
+    #[test]
+    fn serve_help_has_no_client_flags_and_documents_every_default() {
+        let text = help(&["serve"]);
+        for flag in CLIENT_FLAGS {
+            assert!(
+                !text.contains(flag),
+                "`ketch serve --help` shows {flag}:\n{text}"
+            );
+        }
+        let serve = Cli::command();
+        let serve = serve.find_subcommand("serve").expect("serve");
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["config", "help", "log", "log_format"].contains(&id) {
+                continue;
+            }
+            let doc = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string());
+            let doc = doc.unwrap_or_default();
+            assert!(
+                doc.contains("[default:"),
+                "--{id} documents no default: {doc:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_commands_show_connection_flags() {
+        for path in [
+            &["topic", "create"][..],
+            &["topic", "list"],
+            &["produce"],
+            &["consume"],
+            &["group", "describe"],
+        ] {
+            let text = help(path);
+            for flag in CLIENT_FLAGS {
+                assert!(text.contains(flag), "`ketch {path:?} --help` lacks {flag}");
+            }
+            assert!(
+                !text.contains("--data-dir"),
+                "`ketch {path:?} --help` shows --data-dir"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_flags_go_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "ketch",
+            "topic",
+            "create",
+            "t",
+            "--broker",
+            "h:1",
+            "--partitions",
+            "3",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Topic(_)));
+        assert!(Cli::try_parse_from(["ketch", "serve", "--broker", "h:1"]).is_err());
+        let cli = Cli::try_parse_from(["ketch", "serve", "--log-format", "json"]).expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Json);
     }
 }

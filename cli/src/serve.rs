@@ -2,57 +2,107 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 
-use ketch_broker::config::{BrokerConfig, Fsync};
+use ketch_broker::config::{BrokerConfig, Fsync, MetricsListen};
 use ketch_broker::server::Broker;
 
+use crate::metrics_http;
+
 /// Flags of `ketch serve`. Each also reads `KETCH_<NAME>` from the environment; flags win over
-/// the environment, which wins over the TOML file, which wins over defaults.
+/// the environment, which wins over the TOML file, which wins over the defaults shown.
 #[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Broker")]
 pub struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "KETCH_CONFIG")]
+    /// TOML configuration file; its keys are the flag names with `_` for `-`.
+    #[arg(long, env = "KETCH_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Data directory (logs, topic metadata, development certificates).
-    #[arg(long, env = "KETCH_DATA_DIR")]
+    /// Data directory (logs, topic metadata, development certificates). [default: ./ketch-data]
+    #[arg(long, env = "KETCH_DATA_DIR", value_name = "PATH")]
     data_dir: Option<PathBuf>,
-    /// UDP address to listen on; port 0 picks a free port.
-    #[arg(long, env = "KETCH_LISTEN")]
+    /// UDP address of the QUIC listener; port 0 picks a free port. [default: 127.0.0.1:9192]
+    #[arg(long, env = "KETCH_LISTEN", value_name = "HOST:PORT")]
     listen: Option<SocketAddr>,
-    /// Host name clients should use for this broker.
-    #[arg(long, env = "KETCH_ADVERTISED_HOST")]
+    /// Host name clients should use for this broker. [default: the listen address]
+    #[arg(long, env = "KETCH_ADVERTISED_HOST", value_name = "HOST")]
     advertised_host: Option<String>,
-    /// PEM certificate chain (production; without it a development CA is generated).
-    #[arg(long, env = "KETCH_TLS_CERT")]
+    /// PEM certificate chain (production). [default: none: a development CA is generated in
+    /// the data directory]
+    #[arg(long, env = "KETCH_TLS_CERT", value_name = "PATH")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key matching --tls-cert.
-    #[arg(long, env = "KETCH_TLS_KEY")]
+    /// PEM private key matching --tls-cert. [default: none]
+    #[arg(long, env = "KETCH_TLS_KEY", value_name = "PATH")]
     tls_key: Option<PathBuf>,
-    /// always | never | interval:MS
-    #[arg(long, env = "KETCH_FSYNC")]
+    /// When appends reach the disk: always (group commit: every acknowledged append is
+    /// durable), interval:MS (at most MS milliseconds apart), never. [default: always]
+    #[arg(long, env = "KETCH_FSYNC", value_name = "POLICY")]
     fsync: Option<Fsync>,
-    #[arg(long, env = "KETCH_SEGMENT_BYTES_MAX")]
+    /// Roll to a new segment when the current one would grow past this, in bytes.
+    /// [default: 268435456 (256 MiB)]
+    #[arg(long, env = "KETCH_SEGMENT_BYTES_MAX", value_name = "BYTES")]
     segment_bytes_max: Option<u64>,
-    /// Default retention of new topics in ms (-1: forever).
-    #[arg(long, env = "KETCH_RETENTION_MS")]
+    /// Roll a segment this long after its first append, in milliseconds.
+    /// [default: 604800000 (7 days)]
+    #[arg(long, env = "KETCH_SEGMENT_AGE_MS_MAX", value_name = "MS")]
+    segment_age_ms_max: Option<i64>,
+    /// Default time retention of new topics, in milliseconds; -1 keeps records forever.
+    /// [default: 604800000 (7 days)]
+    #[arg(long, env = "KETCH_RETENTION_MS", value_name = "MS")]
     retention_ms: Option<i64>,
-    /// Default size retention of new topics per partition in bytes (-1: none).
-    #[arg(long, env = "KETCH_RETENTION_BYTES")]
+    /// Default size retention of new topics per partition, in bytes; -1 for none. [default: -1]
+    #[arg(long, env = "KETCH_RETENTION_BYTES", value_name = "BYTES")]
     retention_bytes: Option<i64>,
-    #[arg(long, env = "KETCH_RETENTION_CHECK_INTERVAL_MS")]
+    /// How often retention is applied, in milliseconds. [default: 30000]
+    #[arg(long, env = "KETCH_RETENTION_CHECK_INTERVAL_MS", value_name = "MS")]
     retention_check_interval_ms: Option<u64>,
-    /// Largest record batch accepted.
-    #[arg(long, env = "KETCH_BATCH_BYTES_MAX")]
+    /// Largest record batch accepted, in bytes. [default: 1048576 (1 MiB)]
+    #[arg(long, env = "KETCH_BATCH_BYTES_MAX", value_name = "BYTES")]
     batch_bytes_max: Option<u32>,
-    /// Largest request frame accepted.
-    #[arg(long, env = "KETCH_FRAME_BYTES_MAX")]
+    /// Largest request frame accepted, in bytes; refused from its length prefix.
+    /// [default: 8388608 (8 MiB)]
+    #[arg(long, env = "KETCH_FRAME_BYTES_MAX", value_name = "BYTES")]
     frame_bytes_max: Option<u32>,
-    #[arg(long, env = "KETCH_REQUEST_BYTES_IN_FLIGHT_MAX")]
+    /// Concurrent streams (requests and push subscriptions) per connection. [default: 256]
+    #[arg(long, env = "KETCH_STREAMS_PER_CONNECTION_MAX", value_name = "COUNT")]
+    streams_per_connection_max: Option<u32>,
+    /// Requests served at once across all connections; more wait. [default: 4096]
+    #[arg(long, env = "KETCH_REQUESTS_IN_FLIGHT_MAX", value_name = "COUNT")]
+    requests_in_flight_max: Option<u32>,
+    /// Request bytes held in memory across all connections; more wait, in bytes.
+    /// [default: 536870912 (512 MiB)]
+    #[arg(long, env = "KETCH_REQUEST_BYTES_IN_FLIGHT_MAX", value_name = "BYTES")]
     request_bytes_in_flight_max: Option<u64>,
-    #[arg(long, env = "KETCH_GROUP_SESSION_TIMEOUT_MS_MIN")]
+    /// Most partitions a topic may have. [default: 4096]
+    #[arg(long, env = "KETCH_PARTITIONS_PER_TOPIC_MAX", value_name = "COUNT")]
+    partitions_per_topic_max: Option<u32>,
+    /// Longest a fetch may wait for records, in milliseconds. [default: 30000]
+    #[arg(long, env = "KETCH_FETCH_WAIT_MS_MAX", value_name = "MS")]
+    fetch_wait_ms_max: Option<u32>,
+    /// Shortest consumer-group session timeout a member may ask for, in milliseconds.
+    /// [default: 1000]
+    #[arg(long, env = "KETCH_GROUP_SESSION_TIMEOUT_MS_MIN", value_name = "MS")]
     group_session_timeout_ms_min: Option<u32>,
+    /// Longest consumer-group session timeout a member may ask for, in milliseconds.
+    /// [default: 300000]
+    #[arg(long, env = "KETCH_GROUP_SESSION_TIMEOUT_MS_MAX", value_name = "MS")]
+    group_session_timeout_ms_max: Option<u32>,
+    /// Heartbeat interval handed to group members, in milliseconds. [default: 1000]
+    #[arg(long, env = "KETCH_GROUP_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    group_heartbeat_interval_ms: Option<u32>,
+    /// How long a graceful shutdown (SIGTERM, Ctrl-C) waits for in-flight requests, in
+    /// milliseconds. [default: 10000]
+    #[arg(long, env = "KETCH_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// HTTP address serving Prometheus metrics (/metrics), /health and /ready; port 0 picks a
+    /// free port; `off` disables it. [default: 127.0.0.1:9193]
+    #[arg(long, env = "KETCH_METRICS_LISTEN", value_name = "HOST:PORT|off")]
+    metrics_listen: Option<MetricsListen>,
+    /// Label log and lag gauges by partition (true) or sum them per topic (false, for brokers
+    /// with many partitions). [default: true]
+    #[arg(long, env = "KETCH_METRICS_PARTITION_LABELS", value_name = "BOOL")]
+    metrics_partition_labels: Option<bool>,
 }
 
 impl ServeArgs {
@@ -71,13 +121,23 @@ impl ServeArgs {
             listen,
             fsync,
             segment_bytes_max,
+            segment_age_ms_max,
             retention_ms,
             retention_bytes,
             retention_check_interval_ms,
             batch_bytes_max,
             frame_bytes_max,
+            streams_per_connection_max,
+            requests_in_flight_max,
             request_bytes_in_flight_max,
-            group_session_timeout_ms_min
+            partitions_per_topic_max,
+            fetch_wait_ms_max,
+            group_session_timeout_ms_min,
+            group_session_timeout_ms_max,
+            group_heartbeat_interval_ms,
+            shutdown_grace_ms,
+            metrics_listen,
+            metrics_partition_labels
         );
         if self.advertised_host.is_some() {
             config.advertised_host = self.advertised_host;
@@ -103,20 +163,41 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let started = std::time::Instant::now();
         let data_dir = config.data_dir.clone();
+        // The endpoint comes up first: /health answers and /ready says "not yet" while the
+        // logs are recovered.
+        let broker_probe = Arc::new(OnceLock::new());
+        let metrics_addr = match config.metrics_listen {
+            MetricsListen::Off => None,
+            MetricsListen::Addr(addr) => {
+                let endpoint = metrics_http::Endpoint {
+                    handle: metrics_http::install_recorder()?,
+                    broker: broker_probe.clone(),
+                };
+                Some(metrics_http::start(addr, endpoint).await?)
+            }
+        };
         let broker = Broker::bind(config).await.context("starting the broker")?;
+        let _ = broker_probe.set(broker.probe());
         let ca = broker
             .dev_ca_path()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "-".into());
+        let metrics = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
         tracing::info!(
             listen = %broker.local_addr(),
             data_dir = %data_dir.display(),
             ca = %ca,
+            metrics = %metrics,
             startup_ms = started.elapsed().as_millis() as u64,
             "ketch broker ready"
         );
         // A machine-readable line for scripts and tests.
-        println!("ketch ready listen={} ca={}", broker.local_addr(), ca);
+        println!(
+            "ketch ready listen={} ca={} metrics={}",
+            broker.local_addr(),
+            ca,
+            metrics
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
         broker.serve(shutdown_signal()).await;

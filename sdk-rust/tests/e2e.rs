@@ -117,6 +117,8 @@ fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, St
     let mut child = Command::new(&bin)
         .args(["serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
+        // Brokers of parallel tests must not share the default metrics port.
+        .env("KETCH_METRICS_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))

@@ -38,6 +38,8 @@ pub struct BrokerProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub ca: PathBuf,
+    /// The HTTP endpoint (`/metrics`, `/health`, `/ready`), unless it is off.
+    pub metrics: Option<SocketAddr>,
     pub data_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
@@ -71,6 +73,8 @@ impl BrokerProcess {
             .arg("--listen")
             .arg(listen)
             .args(&args)
+            // Many brokers run at once: each gets its own metrics port (a flag in `args` wins).
+            .env("KETCH_METRICS_LISTEN", "127.0.0.1:0")
             .env(
                 "KETCH_LOG",
                 std::env::var("KETCH_LOG").unwrap_or_else(|_| "info".into()),
@@ -94,6 +98,7 @@ impl BrokerProcess {
             child: Some(child),
             addr: "127.0.0.1:0".parse().expect("address"),
             ca: PathBuf::new(),
+            metrics: None,
             data_dir: data_dir.to_owned(),
             log_path,
             args,
@@ -113,6 +118,8 @@ impl BrokerProcess {
                 process.addr = addr.parse().context("ready line address")?;
             } else if let Some(ca) = field.strip_prefix("ca=") {
                 process.ca = PathBuf::from(ca);
+            } else if let Some(metrics) = field.strip_prefix("metrics=") {
+                process.metrics = metrics.parse().ok();
             }
         }
         if process.addr.port() == 0 {

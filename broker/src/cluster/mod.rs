@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::config::{BrokerConfig, Fsync};
+use crate::metrics::{FsyncMetrics, TopicMetrics};
 use crate::storage::{self, PartitionLog, StorageError};
 use producers::{ProducerTable, SequenceCheck};
 
@@ -132,6 +133,7 @@ pub struct Partition {
     /// Publishes the high watermark; readers waiting for new records watch it.
     high_watermark: watch::Sender<i64>,
     batch_bytes_max: u32,
+    metrics: Arc<TopicMetrics>,
 }
 
 /// The offsets of a partition's log.
@@ -208,6 +210,7 @@ impl Partition {
         now_ms: i64,
     ) -> Result<Appended, ClusterError> {
         let idempotent = header.is_idempotent();
+        let (records, bytes) = (header.records_count.max(0) as u64, batch_bytes.len() as u64);
         let gap_deadline = tokio::time::Instant::now() + SEQUENCE_GAP_WAIT_MAX;
         // The sequence check and the submission happen under one lock, so sequence order is
         // offset order. A batch ahead of its predecessors waits for them (bounded).
@@ -268,6 +271,7 @@ impl Partition {
                 }
                 drop(producers);
                 self.publish_high_watermark();
+                self.metrics.produced(records, bytes);
                 Ok(Appended {
                     base_offset: outcome.base_offset,
                     duplicate: false,
@@ -303,6 +307,23 @@ impl Partition {
             return Ok(Bytes::new());
         }
         Ok(self.log.read(offset, max_bytes as usize)?)
+    }
+
+    /// Event counters of this partition's topic.
+    pub(crate) fn metrics(&self) -> &TopicMetrics {
+        &self.metrics
+    }
+
+    /// Segment count and total bytes of the log.
+    pub fn segments_and_bytes(&self) -> (u64, u64) {
+        let segments = self.log.segments();
+        let bytes = segments.iter().map(|s| s.size_bytes).sum();
+        (segments.len() as u64, bytes)
+    }
+
+    /// Bytes queued for the log's writer.
+    pub fn append_queue_bytes(&self) -> u64 {
+        self.log.append_queue_bytes()
     }
 
     /// A receiver that changes whenever the high watermark advances.
@@ -363,6 +384,7 @@ pub struct Cluster {
     /// Serialises topic creation and deletion (the directory work), not reads.
     admin: tokio::sync::Mutex<()>,
     producer_ids: Mutex<ProducerIds>,
+    fsync_metrics: Arc<FsyncMetrics>,
 }
 
 #[derive(Debug)]
@@ -451,6 +473,7 @@ impl Cluster {
                 reserved_until: next,
                 path: producer_id_path,
             }),
+            fsync_metrics: FsyncMetrics::new(),
             config,
         };
         let entries =
@@ -532,10 +555,16 @@ impl Cluster {
         dir: PathBuf,
     ) -> Result<Topic, ClusterError> {
         let now = now_ms();
+        let metrics = Arc::new(TopicMetrics::new(name));
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for index in 0..config.partitions {
             let partition_dir = dir.join(index.to_string());
-            let (log, report) = PartitionLog::open(&partition_dir, self.log_config(&config), now)?;
+            let (log, report) = PartitionLog::open_observed(
+                &partition_dir,
+                self.log_config(&config),
+                now,
+                self.fsync_metrics.clone(),
+            )?;
             tracing::debug!(topic = name, partition = index, ?report, "opened partition");
             let hwm = log.high_watermark();
             let partition = Partition {
@@ -546,6 +575,7 @@ impl Cluster {
                 sequence_moved: Notify::new(),
                 high_watermark: watch::Sender::new(hwm),
                 batch_bytes_max: self.config.batch_bytes_max,
+                metrics: metrics.clone(),
             };
             partition.rebuild_producer_state()?;
             partitions.push(Arc::new(partition));

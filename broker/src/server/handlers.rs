@@ -16,72 +16,90 @@ use crate::group::OffsetRecord;
 
 /// A response frame as chunks: records read from the log go out without being copied into
 /// the frame.
-fn respond<T: Wire>(result: Result<T, ClusterError>) -> Vec<Bytes> {
+fn respond<T: Wire>(state: &State, api: ApiKey, result: Result<T, ClusterError>) -> Vec<Bytes> {
     match result {
         Ok(response) => frame::encode_response_chunks(&response),
-        Err(e) => vec![frame::encode_error_response(e.code, &e.message)],
+        Err(e) => {
+            state.metrics.error(Some(api), e.code);
+            vec![frame::encode_error_response(e.code, &e.message)]
+        }
     }
 }
 
 pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes> {
+    let api = request.api_key();
     match request {
-        Request::Metadata(r) => respond(Ok(metadata(state, r))),
-        Request::CreateTopic(r) => respond(create_topic(state, r).await),
+        Request::Metadata(r) => respond(state, api, Ok(metadata(state, r))),
+        Request::CreateTopic(r) => respond(state, api, create_topic(state, r).await),
         Request::DeleteTopic(r) => respond(
+            state,
+            api,
             state
                 .cluster
                 .delete_topic(&r.name)
                 .await
                 .map(|()| DeleteTopicResponse {}),
         ),
-        Request::ListTopics(_) => respond(Ok(list_topics(state))),
-        Request::DescribeTopic(r) => respond(describe_topic(state, &r.name)),
-        Request::Produce(r) => respond(Ok(produce(state, r).await)),
-        Request::Fetch(r) => respond(Ok(fetch(state, r).await)),
-        Request::ListOffsets(r) => respond(Ok(list_offsets(state, r))),
+        Request::ListTopics(_) => respond(state, api, Ok(list_topics(state))),
+        Request::DescribeTopic(r) => respond(state, api, describe_topic(state, &r.name)),
+        Request::Produce(r) => respond(state, api, Ok(produce(state, r).await)),
+        Request::Fetch(r) => respond(state, api, Ok(fetch(state, r).await)),
+        Request::ListOffsets(r) => respond(state, api, Ok(list_offsets(state, r))),
         Request::Subscribe(_) => unreachable!("subscribe streams are served by `subscribe`"),
-        Request::GroupHeartbeat(r) => respond(group_heartbeat(state, r)),
-        Request::GroupLeave(r) => respond(group_leave(state, r)),
-        Request::OffsetCommit(r) => respond(offset_commit(state, r).await),
-        Request::OffsetFetch(r) => respond(Ok(state
-            .groups
-            .lock()
-            .expect("groups lock")
-            .offset_fetch(&r))),
-        Request::ListGroups(_) => respond(Ok(ListGroupsResponse {
-            groups: state.groups.lock().expect("groups lock").list_groups(),
-        })),
-        Request::DescribeGroup(r) => respond(describe_group(state, &r.group)),
-        Request::InitProducerId(_) => {
-            respond(state.cluster.allocate_producer_id().map(|producer_id| {
-                InitProducerIdResponse {
+        Request::GroupHeartbeat(r) => respond(state, api, group_heartbeat(state, r)),
+        Request::GroupLeave(r) => respond(state, api, group_leave(state, r)),
+        Request::OffsetCommit(r) => respond(state, api, offset_commit(state, r).await),
+        Request::OffsetFetch(r) => respond(
+            state,
+            api,
+            Ok(state.groups.lock().expect("groups lock").offset_fetch(&r)),
+        ),
+        Request::ListGroups(_) => respond(
+            state,
+            api,
+            Ok(ListGroupsResponse {
+                groups: state.groups.lock().expect("groups lock").list_groups(),
+            }),
+        ),
+        Request::DescribeGroup(r) => respond(state, api, describe_group(state, &r.group)),
+        Request::InitProducerId(_) => respond(
+            state,
+            api,
+            state
+                .cluster
+                .allocate_producer_id()
+                .map(|producer_id| InitProducerIdResponse {
                     producer_id,
                     producer_epoch: 0,
-                }
-            }))
-        }
+                }),
+        ),
         Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => {
+            state.metrics.error(Some(api), ErrorCode::UnsupportedApi);
             vec![frame::encode_error_response(
                 ErrorCode::UnsupportedApi,
                 "Wasm filters are not available on this broker yet",
             )]
         }
-        Request::ApiVersions(_) => respond(Ok(ApiVersionsResponse {
-            apis: ApiKey::ALL
-                .iter()
-                .filter(|k| {
-                    !matches!(
-                        k,
-                        ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete
-                    )
-                })
-                .map(|k| ApiVersionRange {
-                    api_key: *k as u16,
-                    min_version: 0,
-                    max_version: 0,
-                })
-                .collect(),
-        })),
+        Request::ApiVersions(_) => respond(
+            state,
+            api,
+            Ok(ApiVersionsResponse {
+                apis: ApiKey::ALL
+                    .iter()
+                    .filter(|k| {
+                        !matches!(
+                            k,
+                            ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete
+                        )
+                    })
+                    .map(|k| ApiVersionRange {
+                        api_key: *k as u16,
+                        min_version: 0,
+                        max_version: 0,
+                    })
+                    .collect(),
+            }),
+        ),
     }
 }
 
@@ -214,6 +232,7 @@ async fn append_all(
 }
 
 async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
+    let started = std::time::Instant::now();
     let acks = request.acks;
     let mut work = Vec::new();
     for topic in request.topics {
@@ -229,6 +248,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
     }
     if acks == Acks::None {
         // The appends go on; the client asked not to wait for them.
+        state.metrics.produce_acked(acks, started);
         return ProduceResponse { topics: vec![] };
     }
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();
@@ -251,7 +271,10 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
             },
             Err(e) => ProducePartitionResponse {
                 partition,
-                error: e.code,
+                error: {
+                    state.metrics.error(Some(ApiKey::Produce), e.code);
+                    e.code
+                },
                 error_message: Some(e.message),
                 base_offset: -1,
                 log_append_time_ms: -1,
@@ -266,10 +289,17 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
             }),
         }
     }
+    state.metrics.produce_acked(acks, started);
     ProduceResponse { topics }
 }
 
-fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPartitionResponse {
+/// `api` is the request the read serves (Fetch or Subscribe), for the error metrics.
+fn fetch_partition(
+    state: &State,
+    api: ApiKey,
+    p: &FetchPartition,
+    max_bytes: u32,
+) -> FetchPartitionResponse {
     let mut response = FetchPartitionResponse {
         topic: p.topic.clone(),
         partition: p.partition,
@@ -295,11 +325,14 @@ fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPa
                     ),
                 ));
             }
-            partition.read(p.offset, max_bytes)
+            let records = partition.read(p.offset, max_bytes)?;
+            partition.metrics().consumed(&records);
+            Ok(records)
         });
     match result {
         Ok(records) => response.records = records,
         Err(e) => {
+            state.metrics.error(Some(api), e.code);
             response.error = e.code;
             response.error_message = Some(e.message);
         }
@@ -328,7 +361,7 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for p in &request.partitions {
             let limit = p.partition_max_bytes.min(budget).max(1);
-            let response = fetch_partition(state, p, limit);
+            let response = fetch_partition(state, ApiKey::Fetch, p, limit);
             budget = budget.saturating_sub(response.records.len() as u32);
             partitions.push(response);
         }
@@ -347,7 +380,7 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
             let partitions = request
                 .partitions
                 .iter()
-                .map(|p| fetch_partition(state, p, p.partition_max_bytes))
+                .map(|p| fetch_partition(state, ApiKey::Fetch, p, p.partition_max_bytes))
                 .collect();
             return FetchResponse { partitions };
         }
@@ -416,7 +449,7 @@ pub(super) async fn subscribe(
             offset,
             partition_max_bytes: push_bytes_max,
         };
-        let response = fetch_partition(state, &fetch, push_bytes_max);
+        let response = fetch_partition(state, ApiKey::Subscribe, &fetch, push_bytes_max);
         let failed = response.error != ErrorCode::None;
         if failed || !response.records.is_empty() {
             if let Some(next) = next_offset_after(&response.records) {

@@ -6,7 +6,8 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ketch_protocol::frame::{self, FRAME_LENGTH_BYTES};
@@ -17,6 +18,7 @@ use tokio::sync::Semaphore;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
 use crate::group::GroupCoordinator;
+use crate::metrics::{GaugeGuard, ServerMetrics};
 
 /// How long a client may take to send a request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,7 +57,12 @@ pub(crate) struct State {
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
     request_memory: Arc<Semaphore>,
+    /// Permits of `request_memory` when nothing is held.
+    memory_permits: usize,
     shutdown: tokio_util_shutdown::Token,
+    /// True while the accept loop runs and the broker is not draining.
+    serving: AtomicBool,
+    pub(crate) metrics: ServerMetrics,
 }
 
 /// A tiny cancellation token (a watch channel): set once, awaited by many.
@@ -182,7 +189,10 @@ impl Broker {
             commits: tokio::sync::Mutex::new(()),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
+            memory_permits,
             shutdown: tokio_util_shutdown::Token::new(),
+            serving: AtomicBool::new(false),
+            metrics: ServerMetrics::new(),
             local_addr,
             config,
         });
@@ -198,6 +208,13 @@ impl Broker {
         self.state.local_addr
     }
 
+    /// A handle for health checks and metric scrapes; valid before, during and after `serve`.
+    pub fn probe(&self) -> BrokerProbe {
+        BrokerProbe {
+            state: self.state.clone(),
+        }
+    }
+
     /// The generated development CA, when the broker runs without configured certificates.
     pub fn dev_ca_path(&self) -> Option<&std::path::Path> {
         self.dev_ca_path.as_deref()
@@ -209,6 +226,7 @@ impl Broker {
         let state = self.state.clone();
         let background = tokio::spawn(background_tasks(state.clone()));
         tokio::pin!(shutdown);
+        state.serving.store(true, Ordering::SeqCst);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
@@ -219,6 +237,7 @@ impl Broker {
             }
         }
         tracing::info!("shutting down: draining in-flight requests");
+        state.serving.store(false, Ordering::SeqCst);
         state.shutdown.cancel();
         let all = state.config.requests_in_flight_max;
         let grace = Duration::from_millis(state.config.shutdown_grace_ms);
@@ -275,6 +294,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         }
     };
     tracing::debug!(%remote, "connection open");
+    let _open = GaugeGuard::new(&state.metrics.connections);
     loop {
         let stream = tokio::select! {
             stream = connection.accept_bi() => stream,
@@ -296,10 +316,20 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
 }
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, state: Arc<State>) {
-    let Ok(_request_permit) = state.requests.clone().acquire_owned().await else {
+    let started = Instant::now();
+    let _open = GaugeGuard::new(&state.metrics.streams);
+    let request_permit = match state.requests.clone().try_acquire_owned() {
+        Ok(permit) => Ok(permit),
+        Err(_) => {
+            state.metrics.throttled_by_requests.increment(1);
+            state.requests.clone().acquire_owned().await
+        }
+    };
+    let Ok(_request_permit) = request_permit else {
         return;
     };
     if state.shutdown.is_cancelled() {
+        state.metrics.error(None, ErrorCode::ShuttingDown);
         let _ = write_frame(
             &mut send,
             frame::encode_error_response(ErrorCode::ShuttingDown, "broker is shutting down"),
@@ -311,6 +341,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut prefix)).await {
         Ok(Ok(())) => {}
         Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
+            state.metrics.error(None, ErrorCode::MalformedFrame);
             let message =
                 format!("request ended after {read} bytes, inside the 4-byte length prefix");
             let _ = write_frame(
@@ -326,6 +357,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let length = match frame::frame_length(prefix, state.config.frame_bytes_max as usize) {
         Ok(length) => length,
         Err(e) => {
+            state.metrics.error(None, e.code());
             // Refused from the prefix: nothing of the body is read into memory.
             let _ = recv.stop(STREAM_REFUSED.into());
             let _ = write_frame(
@@ -337,18 +369,25 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         }
     };
     let permits = (length.div_ceil(MEMORY_PERMIT_BYTES) as u32).max(1);
-    let Ok(_memory_permit) = state
-        .request_memory
-        .clone()
-        .acquire_many_owned(permits)
-        .await
-    else {
+    let memory_permit = match state.request_memory.clone().try_acquire_many_owned(permits) {
+        Ok(permit) => Ok(permit),
+        Err(_) => {
+            state.metrics.throttled_by_memory.increment(1);
+            state
+                .request_memory
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+        }
+    };
+    let Ok(_memory_permit) = memory_permit else {
         return;
     };
     let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, length)).await
     {
         Ok(Ok(body)) => body,
         Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
+            state.metrics.error(None, ErrorCode::MalformedFrame);
             let message = format!(
                 "request ended after {read} of the {length} bytes its length prefix announced"
             );
@@ -364,6 +403,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             return;
         }
         Err(_) => {
+            state.metrics.error(None, ErrorCode::Timeout);
             let _ = recv.stop(STREAM_REFUSED.into());
             let _ = write_frame(
                 &mut send,
@@ -376,11 +416,15 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let request = match frame::decode_request(body) {
         Ok(request) => request,
         Err(e) => {
+            state.metrics.error(None, e.code());
             let _ = write_frame(&mut send, decode_error_response(&e)).await;
             return;
         }
     };
+    state.metrics.request_received(request.api_key());
     if let Request::Subscribe(subscribe) = request {
+        // A push stream lives as long as its subscriber; its duration is not a latency.
+        let _subscribed = GaugeGuard::new(&state.metrics.push_subscriptions);
         handlers::subscribe(&state, subscribe, &mut send).await;
         let _ = send.finish();
         return;
@@ -389,6 +433,46 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let response = handlers::dispatch(&state, request).await;
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
+    }
+    state.metrics.request_done(api, started);
+}
+
+/// What health checks and metric scrapes may ask of a broker, from outside its tasks.
+#[derive(Debug, Clone)]
+pub struct BrokerProbe {
+    state: Arc<State>,
+}
+
+impl BrokerProbe {
+    /// True while the broker accepts and serves requests: storage open, listener bound, accept
+    /// loop running, not draining for shutdown.
+    pub fn is_serving(&self) -> bool {
+        self.state.is_serving()
+    }
+
+    /// Sets the gauges that describe state (offsets, segments, queues, lag, memory in use)
+    /// from what the broker holds now. Called by the scraper right before it renders.
+    pub fn collect_metrics(&self) {
+        crate::metrics::collect(&self.state);
+    }
+}
+
+impl State {
+    pub(crate) fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    /// Request bytes held in memory now, in permit units.
+    pub(crate) fn request_memory_bytes(&self) -> u64 {
+        let held = self
+            .memory_permits
+            .saturating_sub(self.request_memory.available_permits());
+        (held * MEMORY_PERMIT_BYTES) as u64
+    }
+
+    pub(crate) fn requests_in_flight(&self) -> u64 {
+        u64::from(self.config.requests_in_flight_max)
+            .saturating_sub(self.requests.available_permits() as u64)
     }
 }
 

@@ -25,7 +25,7 @@ use super::segment::{
     TIME_INDEX_EXTENSION, encode_index_files, load_sealed_index, parse_segment_file_name,
     read_whole_file, rebuild_sealed_index, rewrite_file, scan_headers, scan_log_fully,
 };
-use super::{FsyncPolicy, LogConfig, WRITE_BUFFER_BYTES_MAX, ms_i64};
+use super::{FsyncPolicy, LogConfig, StorageObserver, WRITE_BUFFER_BYTES_MAX, ms_i64};
 
 /// Where a log start offset that is not a segment base (after `purge_prefix`) is kept.
 const LOG_START_CHECKPOINT_FILE: &str = "log-start-offset.checkpoint";
@@ -257,6 +257,7 @@ struct Shared {
     /// read sees bytes that are being cut and rewritten.
     truncation: RwLock<()>,
     stats: Stats,
+    observer: Option<Arc<dyn StorageObserver>>,
 }
 
 /// Locks a mutex even if a panicking thread poisoned it: the writer's exit guard must still
@@ -282,12 +283,33 @@ impl PartitionLog {
         PartitionLog::open_with_backend(Arc::new(StdBackend), dir, config, now_ms)
     }
 
+    /// Opens (or creates) the log in `dir` on the real file system, telling `observer` about
+    /// the writer's syncs.
+    pub fn open_observed(
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        now_ms: i64,
+        observer: Arc<dyn StorageObserver>,
+    ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
+        PartitionLog::open_inner(Arc::new(StdBackend), dir, config, now_ms, Some(observer))
+    }
+
     /// Opens (or creates) the log in `dir` through `backend`, recovering as needed.
     pub fn open_with_backend(
         backend: Arc<dyn FileBackend>,
         dir: impl Into<PathBuf>,
         config: LogConfig,
         now_ms: i64,
+    ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
+        PartitionLog::open_inner(backend, dir, config, now_ms, None)
+    }
+
+    fn open_inner(
+        backend: Arc<dyn FileBackend>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        now_ms: i64,
+        observer: Option<Arc<dyn StorageObserver>>,
     ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
         config.validate()?;
         let dir = dir.into();
@@ -318,6 +340,7 @@ impl PartitionLog {
             view: Mutex::new(view),
             truncation: RwLock::new(()),
             stats: Stats::default(),
+            observer,
         });
         let dir_name = shared.dir.file_name().map_or_else(
             || shared.dir.display().to_string(),
@@ -421,6 +444,11 @@ impl PartitionLog {
             write_groups: stats.write_groups.load(Ordering::Relaxed),
             fsyncs: stats.fsyncs.load(Ordering::Relaxed),
         }
+    }
+
+    /// Bytes of batches queued for the writer (bounded by `append_queue_bytes_max`).
+    pub fn append_queue_bytes(&self) -> u64 {
+        lock(&self.shared.queue).bytes
     }
 
     pub fn segments(&self) -> Vec<SegmentInfo> {
@@ -819,6 +847,22 @@ impl Drop for WriterExit<'_> {
 }
 
 impl Shared {
+    /// One `fdatasync` round of the writer: counted, and shown to the observer.
+    fn observed_sync(
+        &self,
+        sync: impl FnOnce() -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let started = self.observer.as_ref().map(|o| o.sync_started());
+        let result = sync();
+        if result.is_ok() {
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(observer), Some(started)) = (&self.observer, started) {
+            observer.sync_finished(started, result.is_ok());
+        }
+        result
+    }
+
     /// Syncs the active segment's log and indexes, and the directory.
     fn sync_active_files(&self) -> Result<(), StorageError> {
         let files: Vec<(Arc<dyn StorageFile>, PathBuf)> = {
@@ -829,10 +873,12 @@ impl Shared {
                 .map(|(f, p)| ((*f).clone(), (*p).clone()))
                 .collect()
         };
-        for (file, path) in files {
-            file.sync_data().map_err(io_error("fsync", &path))?;
-        }
-        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.observed_sync(|| {
+            for (file, path) in files {
+                file.sync_data().map_err(io_error("fsync", &path))?;
+            }
+            Ok(())
+        })?;
         self.backend
             .sync_dir(&self.dir)
             .map_err(io_error("fsync", &self.dir))
@@ -1041,14 +1087,16 @@ impl Shared {
             .pending_times
             .extend(active.cursor.seal(active.base_offset));
         self.write_out(write, active, buffer)?;
-        for (file, path) in [
-            (&active.log, &active.log_path),
-            (&active.offset_index_file, &active.offset_index_path),
-            (&active.time_index_file, &active.time_index_path),
-        ] {
-            file.sync_data().map_err(io_error("fsync", path))?;
-        }
-        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.observed_sync(|| {
+            for (file, path) in [
+                (&active.log, &active.log_path),
+                (&active.offset_index_file, &active.offset_index_path),
+                (&active.time_index_file, &active.time_index_path),
+            ] {
+                file.sync_data().map_err(io_error("fsync", path))?;
+            }
+            Ok(())
+        })?;
         let segment = Segment::create(self.backend.as_ref(), &self.dir, active.next_offset)?;
         self.backend
             .sync_dir(&self.dir)
@@ -1085,8 +1133,7 @@ impl Shared {
                 let view = lock(&self.view);
                 (view.active().log.clone(), view.active().log_path.clone())
             };
-            log.sync_data().map_err(io_error("fsync", &path))?;
-            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.observed_sync(|| log.sync_data().map_err(io_error("fsync", &path)))?;
             write.unsynced = false;
         }
         if let Some(now) = group_now_ms {

@@ -67,6 +67,7 @@ pub mod backend;
 mod error;
 pub(crate) mod index;
 mod log;
+mod observer;
 mod segment;
 pub mod sim;
 
@@ -76,6 +77,7 @@ pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,
 };
+pub use observer::{StorageObserver, SyncStarted};
 
 use ketch_protocol::batch::{BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 
