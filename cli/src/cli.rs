@@ -330,7 +330,7 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 ..ProducerConfig::default()
             })
             .await?;
-        let progress = Progress::new("produced");
+        let progress = Progress::new("produced", false);
         let mut outstanding = std::collections::VecDeque::new();
         let mut delivered = 0u64;
         let stdin = std::io::stdin().lock();
@@ -475,6 +475,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             }
         };
         let idle = args.timeout_ms.map(Duration::from_millis);
+        let progress = Progress::new("consumed", true);
         let mut stdout = std::io::stdout().lock();
         let mut line = Vec::with_capacity(256);
         let mut count = 0u64;
@@ -504,12 +505,14 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                         break Err(anyhow::Error::from(e).context("writing stdout"));
                     }
                     count += 1;
+                    progress.update(count);
                     last_record = Instant::now();
                 }
                 Err(e) => break Err(e.into()),
             }
         };
         stdout.flush()?;
+        progress.finish(count);
         if args.group.is_some() && result.is_ok() {
             consumer.commit().await.context("committing offsets")?;
         }
@@ -519,38 +522,47 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// A progress line on stderr, only when it is a terminal.
+/// A progress line on stderr (indicatif), drawn only when stderr is a terminal; silent
+/// otherwise, so scripts and pipes see nothing.
 struct Progress {
+    bar: indicatif::ProgressBar,
     label: &'static str,
-    started: Instant,
-    last: std::cell::Cell<Instant>,
-    enabled: bool,
 }
 
 impl Progress {
-    fn new(label: &'static str) -> Progress {
-        let now = Instant::now();
-        Progress {
-            label,
-            started: now,
-            last: std::cell::Cell::new(now),
-            enabled: std::io::stderr().is_terminal(),
-        }
+    /// `also_needs_quiet_stdout`: records go to stdout, so draw only when stdout is not the
+    /// same terminal (the progress line would be interleaved with them).
+    fn new(label: &'static str, also_needs_quiet_stdout: bool) -> Progress {
+        let visible = std::io::stderr().is_terminal()
+            && !(also_needs_quiet_stdout && std::io::stdout().is_terminal());
+        let bar = if visible {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {prefix} {human_pos} records ({per_sec}) {elapsed}",
+                )
+                .expect("a valid progress template"),
+            );
+            bar.set_prefix(label);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        Progress { bar, label }
     }
 
     fn update(&self, count: u64) {
-        if self.enabled && self.last.get().elapsed() >= Duration::from_millis(200) {
-            self.last.set(Instant::now());
-            let rate = count as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-            eprint!("\r{} {count} records ({rate:.0}/s)", self.label);
-        }
+        self.bar.set_position(count);
     }
 
     fn finish(&self, count: u64) {
-        if self.enabled {
-            let secs = self.started.elapsed().as_secs_f64();
-            eprintln!("\r{} {count} records in {secs:.2}s", self.label);
+        if self.bar.is_hidden() {
+            return;
         }
+        let secs = self.bar.elapsed().as_secs_f64();
+        self.bar.finish_and_clear();
+        eprintln!("{} {count} records in {secs:.2}s", self.label);
     }
 }
 
