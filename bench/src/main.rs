@@ -2,6 +2,7 @@
 //! disk ceilings. See `bench/README.md`.
 
 mod baseline;
+mod plot;
 mod process;
 mod progress;
 mod report;
@@ -51,6 +52,10 @@ struct OutputArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Also write SVG charts into DIR: throughput.svg (records/s per workload, systems side by
+    /// side) and latency.svg (HDR percentile curves of the fixed-rate runs).
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
     /// Where temporary data directories go (default: the system temp dir). Put it on the
     /// disk you want measured.
     #[arg(long, env = "KETCH_BENCH_SCRATCH")]
@@ -238,6 +243,26 @@ async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
         quiet: args.output.quiet,
     };
     let report = suite::run(&options).await?;
+    if let Some(dir) = &args.output.plot {
+        let groups: Vec<plot::Group<'_>> = report
+            .comparisons
+            .iter()
+            .map(|c| plot::Group {
+                label: c.scenario.label.clone(),
+                fixed_rate: c.scenario.rate.is_some(),
+                measurements: c.ketch.iter().chain(c.nats.iter()).collect(),
+            })
+            .collect();
+        let title = format!(
+            "{}{}, {}",
+            report.machine.date_utc,
+            if args.quick { " (--quick)" } else { "" },
+            report.machine.cpu
+        );
+        for path in plot::write(dir, &title, &groups)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     let text = report::suite_text(&report);
     if args.output.json {
         eprint!("{text}");
@@ -270,6 +295,16 @@ async fn run_one(args: RunArgs) -> anyhow::Result<()> {
                 Err(e) => errors.push(format!("nats: {e:#}")),
             },
             Err(e) => errors.push(format!("NATS peer skipped: {e:#}")),
+        }
+    }
+    if let Some(dir) = &args.output.plot {
+        let groups = [plot::Group {
+            label: scenario.label.clone(),
+            fixed_rate: scenario.rate.is_some(),
+            measurements: measurements.iter().collect(),
+        }];
+        for path in plot::write(dir, &scenario.describe(), &groups)? {
+            eprintln!("wrote {}", path.display());
         }
     }
     let text = report::single_text(&scenario, &measurements, &errors);

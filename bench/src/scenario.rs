@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::stats::{self, Latency, LatencySummary};
+use crate::stats::{self, Latency, LatencySummary, PercentilePoint};
 
 /// The shape of the load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -231,6 +231,9 @@ pub struct Measurement {
     pub ack_latency: Option<LatencySummary>,
     /// Send → delivered to a consumer.
     pub e2e_latency: Option<LatencySummary>,
+    /// The percentile curves behind the summaries (for `--plot`).
+    pub ack_curve: Vec<PercentilePoint>,
+    pub e2e_curve: Vec<PercentilePoint>,
     pub notes: Vec<String>,
 }
 
@@ -254,6 +257,8 @@ impl Measurement {
             mb_per_sec: stats::megabytes_per_second(bytes, elapsed),
             ack_latency: ack_latency.summary(),
             e2e_latency: e2e_latency.summary(),
+            ack_curve: ack_latency.curve(),
+            e2e_curve: e2e_latency.curve(),
             notes: Vec::new(),
         }
     }

@@ -66,6 +66,35 @@ impl Latency {
     }
 }
 
+/// One point of an HDR percentile curve: the latency (µs) at or below which `percentile`
+/// percent of the samples fall.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PercentilePoint {
+    pub percentile: f64,
+    pub us: f64,
+}
+
+impl Latency {
+    /// The percentile curve (HDR "percentile distribution"): points get denser towards the
+    /// tail, `ticks_per_half` per halving of the distance to 100%. Empty without samples.
+    pub fn curve(&self) -> Vec<PercentilePoint> {
+        const TICKS_PER_HALF: u32 = 5;
+        if self.histogram.is_empty() {
+            return Vec::new();
+        }
+        let mut points: Vec<PercentilePoint> = self
+            .histogram
+            .iter_quantiles(TICKS_PER_HALF)
+            .map(|step| PercentilePoint {
+                percentile: step.quantile_iterated_to() * 100.0,
+                us: self.histogram.highest_equivalent(step.value_iterated_to()) as f64 / 1_000.0,
+            })
+            .collect();
+        points.dedup_by(|b, a| a.percentile == b.percentile);
+        points
+    }
+}
+
 /// Percentiles of one latency distribution, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LatencySummary {
@@ -171,6 +200,27 @@ pub fn median(samples: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curve_rises_to_the_maximum() {
+        let mut latency = Latency::new();
+        assert!(latency.curve().is_empty());
+        for us in 1..=10_000u64 {
+            latency.record(Duration::from_micros(us));
+        }
+        let curve = latency.curve();
+        assert!(curve.len() > 20, "{} points", curve.len());
+        for pair in curve.windows(2) {
+            assert!(pair[0].percentile < pair[1].percentile, "{pair:?}");
+            assert!(pair[0].us <= pair[1].us, "{pair:?}");
+        }
+        let last = curve.last().unwrap();
+        assert_eq!(last.percentile, 100.0);
+        let max = latency.summary().unwrap().max_us;
+        assert!((last.us - max).abs() / max < 0.001, "{} vs {max}", last.us);
+        let median = curve.iter().find(|p| p.percentile >= 50.0).unwrap();
+        assert!((median.us - 5_000.0).abs() < 10.0, "{median:?}");
+    }
 
     fn micros(us: u64) -> Duration {
         Duration::from_micros(us)
