@@ -20,12 +20,13 @@
 //! the component, and read state in `collect_metrics`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch;
 use ketch_protocol::messages::{Acks, ApiKey};
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Histogram, Unit};
 
 use crate::server::State;
 use crate::storage::{StorageObserver, SyncStarted};
@@ -60,6 +61,10 @@ pub mod names {
     pub const THROTTLED_REQUESTS: &str = "ketch_throttled_requests_total";
     pub const SERVING: &str = "ketch_serving";
 }
+
+/// A gauge not set for this long is dropped from the exposition. Every live gauge is set at
+/// each scrape, so only those of deleted topics and vanished groups go.
+pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Histogram buckets (seconds) for request, ack and fsync latencies: 50 µs to 10 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -297,9 +302,9 @@ pub(crate) struct ServerMetrics {
     apis: Vec<ApiMetrics>,
     /// acks = none, leader, all.
     ack_duration: [Histogram; 3],
-    pub(crate) connections: Gauge,
-    pub(crate) streams: Gauge,
-    pub(crate) push_subscriptions: Gauge,
+    pub(crate) connections: AtomicU64,
+    pub(crate) streams: AtomicU64,
+    pub(crate) push_subscriptions: AtomicU64,
     pub(crate) throttled_by_requests: Counter,
     pub(crate) throttled_by_memory: Counter,
 }
@@ -326,9 +331,9 @@ impl ServerMetrics {
         ServerMetrics {
             apis,
             ack_duration: [ack("none"), ack("leader"), ack("all")],
-            connections: metrics::gauge!(names::CONNECTIONS),
-            streams: metrics::gauge!(names::STREAMS),
-            push_subscriptions: metrics::gauge!(names::PUSH_SUBSCRIPTIONS),
+            connections: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+            push_subscriptions: AtomicU64::new(0),
             throttled_by_requests: throttled("requests_in_flight"),
             throttled_by_memory: throttled("request_memory"),
         }
@@ -429,6 +434,10 @@ pub(crate) fn collect(state: &State) {
             }
         }
     }
+    let open = |count: &AtomicU64| count.load(Ordering::Relaxed) as f64;
+    gauge!(CONNECTIONS).set(open(&state.metrics.connections));
+    gauge!(STREAMS).set(open(&state.metrics.streams));
+    gauge!(PUSH_SUBSCRIPTIONS).set(open(&state.metrics.push_subscriptions));
     gauge!(REQUEST_MEMORY_BYTES).set(state.request_memory_bytes() as f64);
     gauge!(REQUEST_MEMORY_LIMIT_BYTES).set(state.config.request_bytes_in_flight_max as f64);
     gauge!(REQUESTS_IN_FLIGHT).set(state.requests_in_flight() as f64);
@@ -450,20 +459,21 @@ fn set_log_gauges(labels: &[(&'static str, String)], values: [f64; 5]) {
     }
 }
 
-/// Increments a gauge for as long as it lives.
+/// Counts something open (a connection, a stream) for as long as it lives; the gauge is set
+/// from the count at scrape time.
 #[derive(Debug)]
-pub(crate) struct GaugeGuard(Gauge);
+pub(crate) struct OpenGuard<'a>(&'a AtomicU64);
 
-impl GaugeGuard {
-    pub(crate) fn new(gauge: &Gauge) -> GaugeGuard {
-        gauge.increment(1.0);
-        GaugeGuard(gauge.clone())
+impl<'a> OpenGuard<'a> {
+    pub(crate) fn new(open: &'a AtomicU64) -> OpenGuard<'a> {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(open)
     }
 }
 
-impl Drop for GaugeGuard {
+impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

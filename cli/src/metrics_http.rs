@@ -12,9 +12,10 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ketch_broker::metrics::LATENCY_BUCKETS_SECONDS;
+use ketch_broker::metrics::{GAUGE_IDLE_TIMEOUT, LATENCY_BUCKETS_SECONDS};
 use ketch_broker::server::BrokerProbe;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tokio::sync::Semaphore;
 
 /// Scrapers and probes served at once; more wait for a slot.
@@ -29,6 +30,8 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
         .context("histogram buckets")?
+        // Every live gauge is set at each scrape; those of deleted topics and groups go.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
         .install_recorder()
         .context("installing the metrics recorder")?;
     ketch_broker::metrics::describe();

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
 use crate::group::GroupCoordinator;
-use crate::metrics::{GaugeGuard, ServerMetrics};
+use crate::metrics::{OpenGuard, ServerMetrics};
 
 /// How long a client may take to send a request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -294,7 +294,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         }
     };
     tracing::debug!(%remote, "connection open");
-    let _open = GaugeGuard::new(&state.metrics.connections);
+    let _open = OpenGuard::new(&state.metrics.connections);
     loop {
         let stream = tokio::select! {
             stream = connection.accept_bi() => stream,
@@ -317,7 +317,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
 
 async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, state: Arc<State>) {
     let started = Instant::now();
-    let _open = GaugeGuard::new(&state.metrics.streams);
+    let _open = OpenGuard::new(&state.metrics.streams);
     let request_permit = match state.requests.clone().try_acquire_owned() {
         Ok(permit) => Ok(permit),
         Err(_) => {
@@ -424,7 +424,7 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     state.metrics.request_received(request.api_key());
     if let Request::Subscribe(subscribe) = request {
         // A push stream lives as long as its subscriber; its duration is not a latency.
-        let _subscribed = GaugeGuard::new(&state.metrics.push_subscriptions);
+        let _subscribed = OpenGuard::new(&state.metrics.push_subscriptions);
         handlers::subscribe(&state, subscribe, &mut send).await;
         let _ = send.finish();
         return;
