@@ -129,8 +129,6 @@ pub enum AcksArg {
 
 #[derive(Debug, Args)]
 pub struct ProduceArgs {
-    #[command(flatten)]
-    connection: Connection,
     topic: String,
     /// Split each line at the first SEP: the part before is the key. [default: no key]
     #[arg(long, value_name = "SEP")]
@@ -145,12 +143,12 @@ pub struct ProduceArgs {
     /// How long a batch waits for more records, in milliseconds.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    #[command(flatten)]
-    connection: Connection,
     topic: String,
     /// Consume as a member of this group (committing offsets on exit). [default: no group:
     /// read every partition]
@@ -174,6 +172,8 @@ pub struct ConsumeArgs {
     /// %% a percent sign, \n and \t.
     #[arg(long, default_value = "%v")]
     format: String,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
