@@ -89,7 +89,7 @@ fn throughput_chart(
             ("sans-serif", 20),
         )
         .margin(16)
-        .x_label_area_size(90)
+        .x_label_area_size(40)
         .y_label_area_size(80)
         .build_cartesian_2d(0f64..n as f64, (1f64..max * 2.0).log_scale())?;
     let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
