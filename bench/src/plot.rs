@@ -106,11 +106,7 @@ fn throughput_chart(
                 String::new()
             }
         })
-        .x_label_style(
-            ("sans-serif", 11)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_label_style(("sans-serif", 12))
         .y_desc("records/s (log)")
         .y_label_formatter(&|y| crate::stats::format_rate(*y))
         .draw()?;
