@@ -20,6 +20,13 @@ cargo build --locked --workspace --all-targets
 step "Rust tests"
 cargo test --locked --workspace --no-fail-fast
 
+step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
+python3 -m venv target/py-venv
+target/py-venv/bin/pip install --quiet 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
+(cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
+# -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
+target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
+
 step "PROTOCOL.md tables match the code"
 python3 protocol/tools/gen_protocol_tables.py --check
 
