@@ -222,3 +222,21 @@ def test_closed_consumer_ends_iteration(client: ketch.Client, topic: str) -> Non
     assert list(consumer) == []
     with pytest.raises(ketch.Closed):
         consumer.poll(timeout=0.1)
+
+
+def test_closed_member_releases_partitions_promptly(client: ketch.Client, topic: str) -> None:
+    group = unique("release")
+    first = client.consumer([topic], group=group, start="earliest")
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(first.assignment()) < 3 and time.monotonic() < deadline:
+        first.poll(timeout=0.1)
+    assert len(first.assignment()) == 3
+    with client.consumer([topic], group=group, start="earliest") as second:
+        second.poll(timeout=0.2)
+        first.close()
+        closed = time.monotonic()
+        while len(second.assignment()) < 3 and time.monotonic() - closed < WAIT_SECONDS:
+            second.poll(timeout=0.1)
+        took = time.monotonic() - closed
+        assert len(second.assignment()) == 3
+        assert took < 5.0, f"the partitions took {took:.1f}s to move"
