@@ -28,7 +28,6 @@ pub struct AsyncClient {
 impl AsyncClient {
     #[staticmethod]
     #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
-    #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
         bootstrap: Vec<String>,
@@ -49,9 +48,7 @@ impl AsyncClient {
             danger_accept_invalid_certs,
         )?;
         into_awaitable(py, async move {
-            let inner = ketch_client::Client::connect(config)
-                .await
-                .map_err(to_py)?;
+            let inner = ketch_client::Client::connect(config).await.map_err(to_py)?;
             Ok(AsyncClient {
                 inner,
                 owner: Owner::here(),
@@ -60,7 +57,6 @@ impl AsyncClient {
     }
 
     #[pyo3(signature = (name, partitions=1, *, replication_factor=1, retention_ms=None, retention_bytes=None, config=None))]
-    #[allow(clippy::too_many_arguments)]
     fn create_topic<'py>(
         &self,
         py: Python<'py>,
@@ -81,13 +77,19 @@ impl AsyncClient {
             config,
         );
         let admin = self.inner.admin();
-        into_awaitable(py, async move { admin.create_topic(topic).await.map_err(to_py) })
+        into_awaitable(
+            py,
+            async move { admin.create_topic(topic).await.map_err(to_py) },
+        )
     }
 
     fn delete_topic<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
         self.owner.check()?;
         let admin = self.inner.admin();
-        into_awaitable(py, async move { admin.delete_topic(&name).await.map_err(to_py) })
+        into_awaitable(
+            py,
+            async move { admin.delete_topic(&name).await.map_err(to_py) },
+        )
     }
 
     fn list_topics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -100,7 +102,6 @@ impl AsyncClient {
     }
 
     #[pyo3(signature = (*, acks="all", linger_ms=5, batch_bytes_max=None, buffer_bytes_max=None, idempotent=true, delivery_timeout=None))]
-    #[allow(clippy::too_many_arguments)]
     fn producer<'py>(
         &self,
         py: Python<'py>,
@@ -129,7 +130,6 @@ impl AsyncClient {
     }
 
     #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None))]
-    #[allow(clippy::too_many_arguments)]
     fn consumer(
         &self,
         py: Python<'_>,
@@ -178,7 +178,6 @@ pub struct AsyncProducer {
 impl AsyncProducer {
     /// Queues a record and waits for its delivery.
     #[pyo3(signature = (topic, value, *, key=None, headers=None, partition=None, timestamp=None))]
-    #[allow(clippy::too_many_arguments)]
     fn send<'py>(
         &self,
         py: Python<'py>,
@@ -215,7 +214,10 @@ impl AsyncProducer {
                 let delivery = producer.send(record).await.map_err(|error| {
                     to_py_with(
                         error,
-                        format!("record {index} (the {} before it are queued)", deliveries.len()),
+                        format!(
+                            "record {index} (the {} before it are queued)",
+                            deliveries.len()
+                        ),
                     )
                 })?;
                 deliveries.push(delivery);
@@ -260,7 +262,12 @@ impl AsyncConsumer {
     /// The next record (waits for one).
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.owner.check()?;
-        if let Some(error) = self.deferred.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             return Err(to_py(error));
         }
         let consumer = self.inner.clone();
@@ -282,7 +289,12 @@ impl AsyncConsumer {
         if max_records == 0 {
             return Err(PyValueError::new_err("max_records must be at least 1"));
         }
-        if let Some(error) = self.deferred.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             return Err(to_py(error));
         }
         let timeout = timeout.map(seconds).transpose()?;

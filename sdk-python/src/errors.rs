@@ -48,8 +48,12 @@ pub fn class_name(code: &str) -> &'static str {
         "unknown_member" | "stale_member_epoch" | "invalid_group_id" | "group_not_found" => {
             "GroupError"
         }
-        "corrupt_batch" | "malformed_frame" | "unsupported_api" | "unsupported_version"
-        | "unsupported_compression" | "invalid_request" => "ProtocolError",
+        "corrupt_batch"
+        | "malformed_frame"
+        | "unsupported_api"
+        | "unsupported_version"
+        | "unsupported_compression"
+        | "invalid_request" => "ProtocolError",
         "invalid_operation" => "InvalidOperation",
         _ => "KetchError",
     }

@@ -9,6 +9,9 @@
 //! - asyncio calls return awaitables driven by the same tokio runtime (pyo3-async-runtimes).
 //! - The runtime is per process: a forked child makes its own (see [`runtime::runtime`]).
 
+// Methods mirror Python signatures with many keyword arguments.
+#![allow(clippy::too_many_arguments)]
+
 mod aio;
 mod errors;
 mod runtime;

@@ -95,9 +95,8 @@ where
             None => SIGNAL_CHECK_INTERVAL,
         };
         let fut = fut.as_mut();
-        let output = py.detach(|| {
-            runtime.block_on(async move { tokio::time::timeout(step, fut).await.ok() })
-        });
+        let output = py
+            .detach(|| runtime.block_on(async move { tokio::time::timeout(step, fut).await.ok() }));
         if let Some(output) = output {
             return Ok(Some(output));
         }

@@ -43,7 +43,6 @@ impl Owner {
 }
 
 /// Client settings shared by `Client` and `AsyncClient`.
-#[allow(clippy::too_many_arguments)]
 pub fn client_config(
     bootstrap: Vec<String>,
     ca_cert: Option<String>,
@@ -196,7 +195,6 @@ pub struct Client {
 impl Client {
     #[new]
     #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
-    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         bootstrap: Vec<String>,
@@ -272,7 +270,6 @@ impl Client {
     }
 
     #[pyo3(signature = (*, acks="all", linger_ms=5, batch_bytes_max=None, buffer_bytes_max=None, idempotent=true, delivery_timeout=None))]
-    #[allow(clippy::too_many_arguments)]
     fn producer(
         &self,
         py: Python<'_>,
@@ -300,7 +297,6 @@ impl Client {
     }
 
     #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, on_assign=None, on_revoke=None))]
-    #[allow(clippy::too_many_arguments)]
     fn consumer(
         &self,
         py: Python<'_>,
@@ -458,7 +454,12 @@ impl Consumer {
 
     fn next_record(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Record>> {
         self.owner.check()?;
-        if let Some(error) = self.deferred.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             return Err(to_py(error));
         }
         self.run_callbacks(py)?;
@@ -483,7 +484,10 @@ pub fn take_events(events: Option<&Mutex<ketch_client::RebalanceEvents>>) -> Vec
     out
 }
 
-pub fn partition_list(py: Python<'_>, partitions: Vec<TopicPartition>) -> PyResult<Bound<'_, PyList>> {
+pub fn partition_list(
+    py: Python<'_>,
+    partitions: Vec<TopicPartition>,
+) -> PyResult<Bound<'_, PyList>> {
     let items: Vec<Bound<'_, PyTuple>> = partitions
         .into_iter()
         .map(|tp| (tp.topic, tp.partition).into_pyobject(py))
@@ -492,7 +496,11 @@ pub fn partition_list(py: Python<'_>, partitions: Vec<TopicPartition>) -> PyResu
 }
 
 /// Where `seek` moves a partition.
-pub fn seek_offset(offset: Option<i64>, timestamp: Option<i64>, to: Option<&str>) -> PyResult<Offset> {
+pub fn seek_offset(
+    offset: Option<i64>,
+    timestamp: Option<i64>,
+    to: Option<&str>,
+) -> PyResult<Offset> {
     match (offset, timestamp, to) {
         (Some(offset), None, None) => Ok(Offset::At(offset)),
         (None, Some(ms), None) => Ok(Offset::Timestamp(ms)),
@@ -616,7 +624,9 @@ impl Consumer {
             Some(offsets) => {
                 let offsets: Vec<(TopicPartition, i64)> = offsets
                     .into_iter()
-                    .map(|(topic, partition, offset)| (TopicPartition::new(topic, partition), offset))
+                    .map(|(topic, partition, offset)| {
+                        (TopicPartition::new(topic, partition), offset)
+                    })
                     .collect();
                 wait(py, self.inner.commit_offsets(&offsets))?
             }

@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ketch_client::{
-    AutoOffsetReset, ConsumerRecord, Error, Header, ProducerRecord, TopicSummary,
-};
+use ketch_client::{AutoOffsetReset, ConsumerRecord, Error, Header, ProducerRecord, TopicSummary};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -270,12 +268,12 @@ pub fn headers(value: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Header>> {
         return Ok(Vec::new());
     }
     let header = |name: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>| -> PyResult<Header> {
-        let name = name.cast::<PyString>().map_err(|_| {
-            PyTypeError::new_err("header names must be str")
-        })?;
-        let value = value.cast::<PyBytes>().map_err(|_| {
-            PyTypeError::new_err("header values must be bytes")
-        })?;
+        let name = name
+            .cast::<PyString>()
+            .map_err(|_| PyTypeError::new_err("header names must be str"))?;
+        let value = value
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err("header values must be bytes"))?;
         Ok(Header {
             key: Bytes::copy_from_slice(name.to_cow()?.as_bytes()),
             value: Some(Bytes::copy_from_slice(value.as_bytes())),
@@ -287,9 +285,9 @@ pub fn headers(value: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Header>> {
     let mut out = Vec::new();
     for pair in value.try_iter()? {
         let pair = pair?;
-        let pair = pair.cast::<PyTuple>().map_err(|_| {
-            PyTypeError::new_err("headers must be a dict or (name, value) pairs")
-        })?;
+        let pair = pair
+            .cast::<PyTuple>()
+            .map_err(|_| PyTypeError::new_err("headers must be a dict or (name, value) pairs"))?;
         if pair.len() != 2 {
             return Err(PyTypeError::new_err(
                 "headers must be a dict or (name, value) pairs",
@@ -353,9 +351,9 @@ pub fn producer_records(topic: &str, records: &Bound<'_, PyAny>) -> PyResult<Vec
                     .as_bytes(),
             ))
         };
-        let value = value.cast::<PyBytes>().map_err(|_| {
-            PyTypeError::new_err(format!("record {index}: value must be bytes"))
-        })?;
+        let value = value
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err(format!("record {index}: value must be bytes")))?;
         out.push(ProducerRecord {
             topic: topic.to_owned(),
             partition: None,
