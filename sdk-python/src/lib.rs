@@ -33,6 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::RecordMetadata>()?;
     m.add_class::<types::TopicInfo>()?;
     m.add_class::<types::DeliveryFuture>()?;
+    m.add_function(wrap_pyfunction!(runtime::_after_fork_in_child, m)?)?;
     m.add(
         "SIGNAL_CHECK_INTERVAL_SECONDS",
         runtime::SIGNAL_CHECK_INTERVAL.as_secs_f64(),

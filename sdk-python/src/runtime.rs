@@ -46,6 +46,19 @@ pub fn runtime(_py: Python<'_>) -> &'static Runtime {
     runtime
 }
 
+/// Called by `os.register_at_fork(after_in_child=...)` (see `ketch/__init__.py`) on the thread
+/// that forked: gives it a fresh thread RNG. quinn draws connection IDs from it, and a child
+/// that kept its parent's RNG state would pick the very IDs of the parent's next connection:
+/// the broker then routes the parent's handshake to the child's connection and it times out.
+#[pyfunction]
+pub fn _after_fork_in_child() -> PyResult<()> {
+    rand::rng().reseed().map_err(|error| {
+        pyo3::exceptions::PyOSError::new_err(format!(
+            "reseeding the thread RNG after fork: {error}"
+        ))
+    })
+}
+
 fn worker_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())

@@ -77,6 +77,10 @@ __all__ = [
     "BOOTSTRAP_DEFAULT",
 ]
 
+# A forked child must not share its parent's random state (see _native._after_fork_in_child).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_native._after_fork_in_child)
+
 #: Where ``ketch serve`` listens with no arguments.
 BOOTSTRAP_DEFAULT = "127.0.0.1:9192"
 

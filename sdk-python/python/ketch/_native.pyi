@@ -13,9 +13,12 @@ __all__ = [
     "RecordMetadata",
     "SIGNAL_CHECK_INTERVAL_SECONDS",
     "TopicInfo",
+    "_after_fork_in_child",
 ]
 
 SIGNAL_CHECK_INTERVAL_SECONDS: float
+
+def _after_fork_in_child() -> None: ...
 
 @final
 class Record:
