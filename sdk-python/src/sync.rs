@@ -349,7 +349,7 @@ pub struct Producer {
 
 #[pymethods]
 impl Producer {
-    #[pyo3(signature = (topic, value, *, key=None, headers=None, partition=None, timestamp=None))]
+    #[pyo3(signature = (topic, value, key=None, headers=None, partition=None, timestamp=None))]
     fn send(
         &self,
         py: Python<'_>,

@@ -292,9 +292,8 @@ class Producer:
         """Queues a record; ``future.result(timeout)`` gives its :class:`RecordMetadata`.
         Records with the same key go to the same partition. ``timestamp`` is ms since the
         epoch (now by default)."""
-        return self._native.send(
-            topic, value, key=key, headers=headers, partition=partition, timestamp=timestamp
-        )
+        # Positional: the per-record hot path (keyword passing costs more than the call).
+        return self._native.send(topic, value, key, headers, partition, timestamp)
 
     def send_many(
         self,

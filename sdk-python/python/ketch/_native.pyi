@@ -122,7 +122,6 @@ class Producer:
         self,
         topic: str,
         value: bytes,
-        *,
         key: Optional[bytes] = None,
         headers: Optional[Any] = None,
         partition: Optional[int] = None,
