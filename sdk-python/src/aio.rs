@@ -11,8 +11,8 @@ use pyo3::types::PyList;
 use crate::errors::{to_py, to_py_with};
 use crate::runtime::{into_awaitable, runtime};
 use crate::sync::{
-    Owner, client_config, consumer_config, make_consumer, new_topic, partition_list,
-    producer_config, seek_offset, take_events, take_queued,
+    Owner, RebalanceTracker, client_config, consumer_config, make_consumer, new_topic,
+    partition_list, producer_config, seek_offset, take_events, take_queued,
 };
 use crate::types::{Record, RecordMetadata, TopicInfo, producer_record, producer_records, seconds};
 
@@ -150,7 +150,7 @@ impl AsyncClient {
             session_timeout,
         )?;
         let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
-        let events = Mutex::new(inner.rebalance_events());
+        let events = Mutex::new(RebalanceTracker::new(&inner));
         Ok(AsyncConsumer {
             inner,
             owner: self.owner,
@@ -253,7 +253,7 @@ impl AsyncProducer {
 pub struct AsyncConsumer {
     inner: ketch_client::Consumer,
     owner: Owner,
-    events: Mutex<ketch_client::RebalanceEvents>,
+    events: Mutex<RebalanceTracker>,
     deferred: Arc<Mutex<Option<Error>>>,
 }
 

@@ -1,6 +1,7 @@
 //! The blocking classes: every wait releases the GIL and runs signal handlers, so Ctrl-C
 //! interrupts it.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -320,7 +321,7 @@ impl Client {
         )?;
         let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
         let events = (on_assign.is_some() || on_revoke.is_some())
-            .then(|| Mutex::new(inner.rebalance_events()));
+            .then(|| Mutex::new(RebalanceTracker::new(&inner)));
         Ok(Consumer {
             inner,
             owner: self.owner,
@@ -429,7 +430,7 @@ impl Producer {
 pub struct Consumer {
     inner: ketch_client::Consumer,
     owner: Owner,
-    events: Option<Mutex<ketch_client::RebalanceEvents>>,
+    events: Option<Mutex<RebalanceTracker>>,
     on_assign: Option<Py<PyAny>>,
     on_revoke: Option<Py<PyAny>>,
     /// An error `poll_many` met after it had records to return: raised by the next call.
@@ -471,17 +472,77 @@ impl Consumer {
     }
 }
 
-/// The rebalance events queued so far, without waiting.
-pub fn take_events(events: Option<&Mutex<ketch_client::RebalanceEvents>>) -> Vec<Rebalance> {
-    let Some(events) = events else {
-        return Vec::new();
-    };
-    let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out = Vec::new();
-    while let Some(Some(event)) = events.recv().now_or_never() {
-        out.push(event);
+/// A consumer's rebalance events as the binding hands them to callbacks: subscribed when the
+/// consumer is made, with the partitions it already had then reported as a first assignment
+/// (the core may assign before the binding subscribes), and each partition reported once per
+/// change (an event that repeats what the snapshot already said is dropped).
+#[derive(Debug)]
+pub struct RebalanceTracker {
+    events: ketch_client::RebalanceEvents,
+    known: BTreeSet<TopicPartition>,
+    first: Option<Vec<TopicPartition>>,
+}
+
+impl RebalanceTracker {
+    pub fn new(consumer: &ketch_client::Consumer) -> RebalanceTracker {
+        let events = consumer.rebalance_events();
+        let known: BTreeSet<TopicPartition> = consumer.assignment().into_iter().collect();
+        let first = (!known.is_empty()).then(|| known.iter().cloned().collect());
+        RebalanceTracker {
+            events,
+            known,
+            first,
+        }
     }
-    out
+
+    /// The changes since the last call, without waiting.
+    pub fn take(&mut self) -> Vec<Rebalance> {
+        let mut out = Vec::new();
+        if let Some(first) = self.first.take() {
+            out.push(Rebalance::Assigned(first));
+        }
+        while let Some(Some(event)) = self.events.recv().now_or_never() {
+            match event {
+                Rebalance::Assigned(partitions) => {
+                    let new: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.insert(p.clone()))
+                        .collect();
+                    if !new.is_empty() {
+                        out.push(Rebalance::Assigned(new));
+                    }
+                }
+                Rebalance::Revoked(partitions) => {
+                    let gone: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.remove(p))
+                        .collect();
+                    if !gone.is_empty() {
+                        out.push(Rebalance::Revoked(gone));
+                    }
+                }
+                Rebalance::Lost(partitions) => {
+                    let gone: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.remove(p))
+                        .collect();
+                    if !gone.is_empty() {
+                        out.push(Rebalance::Lost(gone));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The rebalance changes queued so far, without waiting.
+pub fn take_events(tracker: Option<&Mutex<RebalanceTracker>>) -> Vec<Rebalance> {
+    match tracker {
+        Some(tracker) => tracker.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        None => Vec::new(),
+    }
 }
 
 pub fn partition_list(

@@ -240,3 +240,25 @@ def test_closed_member_releases_partitions_promptly(client: ketch.Client, topic:
         took = time.monotonic() - closed
         assert len(second.assignment()) == 3
         assert took < 5.0, f"the partitions took {took:.1f}s to move"
+
+
+def test_on_revoke_reports_what_a_joining_member_takes(client: ketch.Client, topic: str) -> None:
+    group = unique("revoke")
+    held: Set[ketch.TopicPartition] = set()
+    revoked: List[ketch.TopicPartition] = []
+
+    def on_revoke(partitions: List[ketch.TopicPartition]) -> None:
+        revoked.extend(partitions)
+        held.difference_update(partitions)
+
+    with client.consumer([topic], group=group, on_assign=held.update, on_revoke=on_revoke) as first:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(held) < 3 and time.monotonic() < deadline:
+            first.poll(timeout=0.1)
+        assert len(held) == 3
+        with client.consumer([topic], group=group) as second:
+            while not revoked and time.monotonic() < deadline:
+                first.poll(timeout=0.1)
+                second.poll(timeout=0.1)
+            assert revoked, "no on_revoke when a member joined"
+            assert held == set(first.assignment())
