@@ -150,6 +150,44 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Batches of one produce request that hold their place in a partition's order (see
+/// [`Partition::submit`]); [`Submitted::wait`] resolves when the log has them.
+#[derive(Debug)]
+#[must_use = "the producer state settles only when `wait` is awaited"]
+pub struct Submitted {
+    partition: Arc<Partition>,
+    batches: Vec<SubmittedBatch>,
+}
+
+#[derive(Debug)]
+enum SubmittedBatch {
+    Pending {
+        header: BatchHeader,
+        pending: storage::AppendFuture,
+    },
+    Duplicate {
+        base_offset: i64,
+    },
+}
+
+impl Submitted {
+    /// Resolves when every batch satisfied the fsync policy (or one failed), with the first
+    /// base offset.
+    pub async fn wait(self) -> Result<Appended, ClusterError> {
+        let mut first: Option<Result<Appended, ClusterError>> = None;
+        // Every batch is settled, even after a failure: each one's producer state must be.
+        for batch in self.batches {
+            let result = self.partition.settle(batch).await;
+            match (&first, result) {
+                (None, result) => first = Some(result),
+                (Some(Ok(_)), Err(error)) => first = Some(Err(error)),
+                _ => {}
+            }
+        }
+        first.expect("a submitted request holds at least one batch")
+    }
+}
+
 impl Partition {
     pub fn offsets(&self) -> PartitionOffsets {
         PartitionOffsets {
@@ -162,7 +200,24 @@ impl Partition {
     /// Validates every batch in `records` (concatenated batches: header, size, CRC and the
     /// framing of each record), then appends them in order; if any is invalid, none is
     /// appended. Resolves when the fsync policy is satisfied, with the first base offset.
-    pub async fn append(&self, records: Bytes, now_ms: i64) -> Result<Appended, ClusterError> {
+    pub async fn append(
+        self: &Arc<Self>,
+        records: Bytes,
+        now_ms: i64,
+    ) -> Result<Appended, ClusterError> {
+        self.submit(records, now_ms).await?.wait().await
+    }
+
+    /// The first half of [`Self::append`]: validates every batch and hands each, in order, to
+    /// the log's writer (after its sequence check). When this resolves, the batches hold their
+    /// place in the partition's order: a later `submit` lands after them, whatever happens to
+    /// the tasks awaiting either. `acks=none` answers here; every other setting goes on to
+    /// [`Submitted::wait`], which must be awaited (it settles the producer state).
+    pub async fn submit(
+        self: &Arc<Self>,
+        records: Bytes,
+        now_ms: i64,
+    ) -> Result<Submitted, ClusterError> {
         let mut slices = batch::BatchSlices::new(records);
         let mut batches = Vec::new();
         for slice in slices.by_ref() {
@@ -186,32 +241,44 @@ impl Partition {
                 format!("{} bytes of a truncated batch", slices.remainder().len()),
             ));
         }
-        let mut first: Option<Appended> = None;
-        for (header, bytes) in batches {
-            let appended = self.append_validated(header, bytes, now_ms).await?;
-            first.get_or_insert(appended);
-        }
-        first.ok_or_else(|| {
-            ClusterError::new(
+        if batches.is_empty() {
+            return Err(ClusterError::new(
                 ErrorCode::CorruptBatch,
                 "produce request without a record batch",
-            )
-        })
+            ));
+        }
+        let mut submitted = Submitted {
+            partition: self.clone(),
+            batches: Vec::with_capacity(batches.len()),
+        };
+        for (header, bytes) in batches {
+            match self.submit_validated(header, bytes, now_ms).await {
+                Ok(batch) => submitted.batches.push(batch),
+                Err(error) => {
+                    // The batches before it are in the log's queue: settle them, then refuse.
+                    if !submitted.batches.is_empty() {
+                        let _ = submitted.wait().await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(submitted)
     }
 
-    /// Appends one batch that passed [`batch::validate`]. (The storage checks the CRC again
-    /// right before it writes: its own assertion, independent of this caller.)
-    async fn append_validated(
+    /// Hands one batch that passed [`batch::validate`] to the log. (The storage checks the CRC
+    /// again right before it writes: its own assertion, independent of this caller.)
+    async fn submit_validated(
         &self,
         header: BatchHeader,
         batch_bytes: Bytes,
         now_ms: i64,
-    ) -> Result<Appended, ClusterError> {
+    ) -> Result<SubmittedBatch, ClusterError> {
         let idempotent = header.is_idempotent();
         let gap_deadline = tokio::time::Instant::now() + SEQUENCE_GAP_WAIT_MAX;
         // The sequence check and the submission happen under one lock, so sequence order is
         // offset order. A batch ahead of its predecessors waits for them (bounded).
-        let pending = loop {
+        loop {
             let sequence_moved = self.sequence_moved.notified();
             let mut sequence_moved = std::pin::pin!(sequence_moved);
             let gap = {
@@ -228,13 +295,10 @@ impl Partition {
                             producers.begin(&header);
                             self.sequence_moved.notify_waiters();
                         }
-                        break pending;
+                        return Ok(SubmittedBatch::Pending { header, pending });
                     }
                     SequenceCheck::Duplicate { base_offset } => {
-                        return Ok(Appended {
-                            base_offset,
-                            duplicate: true,
-                        });
+                        return Ok(SubmittedBatch::Duplicate { base_offset });
                     }
                     SequenceCheck::Reject { code, message } => {
                         return Err(ClusterError::new(code, message));
@@ -258,7 +322,21 @@ impl Partition {
                     ),
                 ));
             }
+        }
+    }
+
+    /// Settles one submitted batch once the log has it (or failed it).
+    async fn settle(&self, batch: SubmittedBatch) -> Result<Appended, ClusterError> {
+        let (header, pending) = match batch {
+            SubmittedBatch::Duplicate { base_offset } => {
+                return Ok(Appended {
+                    base_offset,
+                    duplicate: true,
+                });
+            }
+            SubmittedBatch::Pending { header, pending } => (header, pending),
         };
+        let idempotent = header.is_idempotent();
         let outcome = pending.await;
         let mut producers = self.producers.lock().expect("producer table lock");
         match outcome {
@@ -363,6 +441,9 @@ pub struct Cluster {
     /// Serialises topic creation and deletion (the directory work), not reads.
     admin: tokio::sync::Mutex<()>,
     producer_ids: Mutex<ProducerIds>,
+    /// The first producer id this run of the broker hands out: lower ids were allocated
+    /// before it started.
+    fresh_producer_id_min: i64,
 }
 
 #[derive(Debug)]
@@ -451,6 +532,7 @@ impl Cluster {
                 reserved_until: next,
                 path: producer_id_path,
             }),
+            fresh_producer_id_min: next,
             config,
         };
         let entries =
@@ -542,7 +624,7 @@ impl Cluster {
                 topic: name.to_owned(),
                 index,
                 log,
-                producers: Mutex::new(ProducerTable::default()),
+                producers: Mutex::new(ProducerTable::new(self.fresh_producer_id_min)),
                 sequence_moved: Notify::new(),
                 high_watermark: watch::Sender::new(hwm),
                 batch_bytes_max: self.config.batch_bytes_max,

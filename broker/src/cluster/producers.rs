@@ -1,7 +1,7 @@
 //! Idempotent producer state of one partition: the last few batches of each producer id, so a
 //! retried batch is recognised as a duplicate and a gap in sequences is refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader};
@@ -14,6 +14,8 @@ pub const PRODUCER_BATCHES_REMEMBERED_MAX: usize = batch::IDEMPOTENT_IN_FLIGHT_B
 const SEQUENCE_AHEAD_MAX: i32 = 1 << 30;
 /// Producers remembered per partition; the least recently seen is forgotten beyond this.
 pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
+/// Ids of producers forgotten by eviction that a partition still recognises as forgotten.
+pub const FORGOTTEN_PRODUCERS_MAX: usize = PRODUCERS_PER_PARTITION_MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BatchSeen {
@@ -49,6 +51,13 @@ pub enum SequenceCheck {
 pub struct ProducerTable {
     producers: HashMap<i64, ProducerEntry>,
     clock: u64,
+    /// Producer ids from this one up were handed out since the broker started; a lower id
+    /// this table does not know was known before (its state went with retention or an
+    /// eviction before a restart).
+    fresh_producer_id_min: i64,
+    /// Evicted producer ids (the newest [`FORGOTTEN_PRODUCERS_MAX`]), oldest first.
+    forgotten: VecDeque<i64>,
+    forgotten_set: HashSet<i64>,
 }
 
 fn last_sequence(header: &BatchHeader) -> i32 {
@@ -56,6 +65,21 @@ fn last_sequence(header: &BatchHeader) -> i32 {
 }
 
 impl ProducerTable {
+    /// An empty table; ids from `fresh_producer_id_min` up were allocated in this run of the
+    /// broker.
+    pub fn new(fresh_producer_id_min: i64) -> ProducerTable {
+        ProducerTable {
+            fresh_producer_id_min,
+            ..ProducerTable::default()
+        }
+    }
+
+    /// Whether this partition knew `producer_id` and lost its state: evicted, or allocated
+    /// before this run of the broker (the state rebuilt at startup did not have it).
+    fn forgot(&self, producer_id: i64) -> bool {
+        self.forgotten_set.contains(&producer_id) || producer_id < self.fresh_producer_id_min
+    }
+
     pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
         let reject = |code, message: String| SequenceCheck::Reject { code, message };
         if header.base_sequence < 0 || header.producer_epoch < 0 {
@@ -68,6 +92,20 @@ impl ProducerTable {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
+            if self.forgot(header.producer_id) {
+                // Nothing is on its way that could fill the gap: the producer's earlier
+                // batches were appended long ago. Tell it at once, so it can re-initialise.
+                return reject(
+                    ErrorCode::UnknownProducer,
+                    format!(
+                        "producer {} continues at sequence {}, but this partition no longer \
+                         has its state (evicted, or its batches removed by retention)",
+                        header.producer_id, header.base_sequence
+                    ),
+                );
+            }
+            // A producer allocated in this run whose first batch here may still be on its
+            // way (a pipelining producer's requests travel on separate streams).
             return SequenceCheck::Gap {
                 message: format!(
                     "producer {} is unknown to this partition and starts at sequence {}, not 0",
@@ -140,6 +178,17 @@ impl ProducerTable {
                 .map(|(id, _)| *id)
         {
             self.producers.remove(&oldest);
+            if self.forgotten.len() == FORGOTTEN_PRODUCERS_MAX
+                && let Some(dropped) = self.forgotten.pop_front()
+            {
+                self.forgotten_set.remove(&dropped);
+            }
+            if self.forgotten_set.insert(oldest) {
+                self.forgotten.push_back(oldest);
+            }
+        }
+        if self.forgotten_set.remove(&header.producer_id) {
+            self.forgotten.retain(|id| *id != header.producer_id);
         }
         let entry = self.producers.entry(header.producer_id).or_default();
         if header.producer_epoch > entry.epoch || entry.batches.is_empty() {
@@ -293,6 +342,34 @@ mod tests {
             offset += i64::from(records);
         }
         assert_eq!(kind(&table.check(&header(9, 0, 2, 1))), "append");
+    }
+
+    /// A producer the partition knew and lost (evicted, or allocated before this run and
+    /// absent from the rebuilt state) that continues past sequence 0 is told at once; one
+    /// allocated in this run may still have its first batch on the way, so it is a gap.
+    #[test]
+    fn forgotten_producers_are_unknown_at_once_new_ones_may_wait() {
+        let mut table = ProducerTable::new(100);
+        assert_eq!(kind(&table.check(&header(7, 0, 5, 1))), "unknown_producer");
+        assert_eq!(kind(&table.check(&header(100, 0, 5, 1))), "gap");
+        assert_eq!(kind(&table.check(&header(7, 0, 0, 1))), "append");
+        for pid in 100..(100 + PRODUCERS_PER_PARTITION_MAX as i64 + 1) {
+            let h = header(pid, 0, 0, 1);
+            table.begin(&h);
+            table.complete(&h, 0);
+        }
+        // Producer 100 was the least recently seen: evicted, so forgotten, not a gap.
+        assert_eq!(
+            kind(&table.check(&header(100, 0, 1, 1))),
+            "unknown_producer"
+        );
+        assert_eq!(kind(&table.check(&header(101, 0, 1, 1))), "append");
+        // Starting over at sequence 0 makes it known again.
+        let h = header(100, 0, 0, 1);
+        assert_eq!(table.check(&h), SequenceCheck::Append);
+        table.begin(&h);
+        table.complete(&h, 1);
+        assert_eq!(kind(&table.check(&header(100, 0, 1, 1))), "append");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ketch_protocol::messages::*;
 use ketch_protocol::wire::Wire;
 
 use super::State;
-use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, now_ms};
+use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, Submitted, now_ms};
 use crate::group::OffsetRecord;
 
 /// A response frame as chunks: records read from the log go out without being copied into
@@ -195,13 +195,13 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
     })
 }
 
-/// Appends every batch in `records` to one partition, in order; returns the first base offset.
-async fn append_all(
+/// Validates every batch in `records` and hands them, in order, to one partition's log.
+async fn submit_all(
     state: &State,
     topic: &str,
     partition: u32,
     records: Bytes,
-) -> Result<(i64, i64), ClusterError> {
+) -> Result<(Arc<Partition>, Submitted), ClusterError> {
     if topic == OFFSETS_TOPIC {
         return Err(ClusterError::new(
             ErrorCode::Unauthorized,
@@ -209,26 +209,44 @@ async fn append_all(
         ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    let appended = partition.append(records, now_ms()).await?;
-    Ok((appended.base_offset, partition.offsets().log_start))
+    let submitted = partition.submit(records, now_ms()).await?;
+    Ok((partition, submitted))
 }
 
 async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
     let acks = request.acks;
     let mut work = Vec::new();
+    let mut all_submitted = Vec::new();
     for topic in request.topics {
         for p in topic.partitions {
             let name = topic.name.clone();
             let state = state.clone();
+            let (submitted_tx, submitted_rx) = tokio::sync::oneshot::channel::<()>();
+            all_submitted.push(submitted_rx);
             // Partitions append concurrently; batches within one partition stay in order.
+            // The task owns the whole append, so nothing is left half-settled if this
+            // request's handler goes away.
             work.push(tokio::spawn(async move {
-                let result = append_all(&state, &name, p.partition, p.records).await;
+                let submitted = submit_all(&state, &name, p.partition, p.records).await;
+                drop(submitted_tx);
+                let result = match submitted {
+                    Ok((partition, submitted)) => submitted
+                        .wait()
+                        .await
+                        .map(|appended| (appended.base_offset, partition.offsets().log_start)),
+                    Err(error) => Err(error),
+                };
                 (name, p.partition, result)
             }));
         }
     }
     if acks == Acks::None {
-        // The appends go on; the client asked not to wait for them.
+        // The client asked not to wait for the appends, but the answer waits until each
+        // partition's batches hold their place in its order: the client's next request for
+        // the partition, sent after this answer, lands after them.
+        for submitted in all_submitted {
+            let _ = submitted.await;
+        }
         return ProduceResponse { topics: vec![] };
     }
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();

@@ -1,0 +1,280 @@
+//! Per-partition order under every acks setting, producers the broker has forgotten, and the
+//! life of a topic (create, delete, re-create) across restarts.
+//!
+//! Each test starts its own broker on an ephemeral loopback port in a temporary directory and
+//! stops exactly that process when it ends.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use ketch_client::{Client, ClientConfig, NewTopic, ProducerConfig, ProducerRecord};
+use ketch_e2e::TestBroker;
+use ketch_e2e::raw::RawClient;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{self, BatchBuilder, ProducerStamp};
+use ketch_protocol::messages::{
+    Acks, FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, OffsetSpec,
+    ProducePartition, ProduceRequest, ProduceTopic,
+};
+
+/// Bound of every wait in these tests.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// One batch: `count` records of `value_bytes` bytes each, the first value starting with
+/// `label` (so the test can tell batches apart when it reads them back).
+fn batch(stamp: ProducerStamp, label: &str, count: usize, value_bytes: usize) -> Bytes {
+    let mut builder = BatchBuilder::new(1024 * 1024).with_producer(stamp);
+    for i in 0..count {
+        let mut value = if i == 0 {
+            label.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        value.resize(value_bytes.max(value.len()), b'.');
+        assert!(builder.try_append(now_ms(), None, Some(&value), &[]));
+    }
+    builder.finish()
+}
+
+async fn produce_with(
+    raw: &RawClient,
+    acks: Acks,
+    topic: &str,
+    records: Bytes,
+) -> anyhow::Result<()> {
+    raw.call_ok(&ProduceRequest {
+        acks,
+        timeout_ms: 30_000,
+        topics: vec![ProduceTopic {
+            name: topic.to_owned(),
+            partitions: vec![ProducePartition {
+                partition: 0,
+                records,
+            }],
+        }],
+    })
+    .await?;
+    Ok(())
+}
+
+/// The labels of the partition's batches, in offset order.
+async fn labels(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<String>> {
+    Ok(raw
+        .read_all(topic, 0)
+        .await?
+        .into_iter()
+        .filter_map(|r| r.value)
+        .map(|v| String::from_utf8_lossy(&v).trim_end_matches('.').to_owned())
+        .filter(|label| !label.is_empty())
+        .collect())
+}
+
+/// A client that sends its next request only after the previous answer sees its batches in
+/// the order it sent them, for every acks setting. A large batch (slow to validate) followed
+/// by a tiny one is the case that reordered under `acks=none`: the answer came before the
+/// large batch was queued, and the tiny one overtook it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acks_setting_keeps_partition_order() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&[])?;
+    let raw = broker.raw().await?;
+    for (topic, acks) in [
+        ("order-none", Acks::None),
+        ("order-leader", Acks::Leader),
+        ("order-all", Acks::All),
+    ] {
+        raw.create_topic(topic, 1).await?;
+        let mut sent = Vec::new();
+        for round in 0..20 {
+            let big = format!("big-{round}");
+            let small = format!("small-{round}");
+            produce_with(
+                &raw,
+                acks,
+                topic,
+                batch(ProducerStamp::NONE, &big, 4000, 200),
+            )
+            .await?;
+            produce_with(&raw, acks, topic, batch(ProducerStamp::NONE, &small, 1, 1)).await?;
+            sent.extend([big, small]);
+        }
+        // acks=none answers before the appends finish: wait (bounded) until all are in.
+        let expected_records = 20 * 4001;
+        let deadline = Instant::now() + WAIT_MAX;
+        while raw.high_watermark(topic, 0).await? < expected_records {
+            ensure!(Instant::now() < deadline, "{topic}: appends did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored = labels(&raw, topic).await.context(topic)?;
+        ensure!(
+            stored == sent,
+            "{topic} ({acks:?}): batches stored out of the order sent:\n  sent   {sent:?}\n  stored {stored:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The values of every record from the partition's log start to its high watermark (the log
+/// may not start at 0: retention removed its head).
+async fn values_from_start(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<String>> {
+    let start = values_start(raw, topic).await?;
+    let end = raw.high_watermark(topic, 0).await?;
+    let mut offset = start;
+    let mut values = Vec::new();
+    let deadline = Instant::now() + WAIT_MAX;
+    while offset < end {
+        ensure!(Instant::now() < deadline, "reading {topic} did not finish");
+        let response = raw
+            .call_ok(&FetchRequest {
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: 1024 * 1024,
+                partitions: vec![FetchPartition {
+                    topic: topic.to_owned(),
+                    partition: 0,
+                    offset,
+                    partition_max_bytes: 1024 * 1024,
+                }],
+            })
+            .await?;
+        let partition = &response.partitions[0];
+        ensure!(
+            partition.error == ErrorCode::None,
+            "fetch {topic}@{offset}: {}",
+            partition.error
+        );
+        let (batches, _) = batch::split_batches(partition.records.clone());
+        for batch in batches {
+            let batch = batch?;
+            for record in batch.records() {
+                let record = record?;
+                if record.offset >= offset {
+                    values.push(String::from_utf8_lossy(&record.value.unwrap_or_default()).into());
+                }
+            }
+            offset = offset.max(batch.header().next_offset());
+        }
+    }
+    Ok(values)
+}
+
+/// An idempotent producer whose state the broker lost (retention removed every batch it
+/// wrote, then the broker restarted) and that goes on at sequence > 0 is told
+/// `unknown_producer` at once; the client renews its id and resends, so every record is
+/// stored once, in order. (Before: each batch waited a second as a gap, was refused as out
+/// of order, and the client failed the partition's records.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_the_broker_forgot_continues_without_loss_or_duplicates() -> anyhow::Result<()> {
+    const TOPIC: &str = "forgotten";
+    let mut broker = TestBroker::start(&[
+        "--batch-bytes-max",
+        "16384",
+        "--segment-bytes-max",
+        "32768",
+        "--retention-check-interval-ms",
+        "100",
+    ])?;
+    // Short timeouts so the client notices the restarted broker's dead connection quickly.
+    let client = Client::connect(ClientConfig {
+        idle_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+        ..broker.client_config()
+    })
+    .await?;
+    let mut topic = NewTopic::new(TOPIC, 1);
+    topic
+        .configs
+        .push(("retention.bytes".into(), "65536".into()));
+    client.admin().create_topic(topic).await?;
+    let producer = client.producer(ProducerConfig::default()).await?;
+    let send_numbered = |range: std::ops::Range<usize>| {
+        let producer = &producer;
+        async move {
+            let mut deliveries = Vec::new();
+            for i in range {
+                deliveries.push(
+                    producer
+                        .send(ProducerRecord::new(TOPIC, format!("p-{i}")))
+                        .await?,
+                );
+                // One batch per record: the producer moves through many sequences.
+                producer.flush().await?;
+            }
+            for delivery in deliveries {
+                delivery.await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    send_numbered(0..10).await?;
+    let last_of_producer = broker.raw().await?.high_watermark(TOPIC, 0).await? - 1;
+
+    // Someone else's records push the producer's batches out of retention.
+    let raw = broker.raw().await?;
+    let filler = "f".repeat(200);
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        let mut builder = BatchBuilder::new(16384);
+        while builder.try_append(now_ms(), None, Some(filler.as_bytes()), &[]) {}
+        raw.produce(TOPIC, 0, builder.finish()).await?;
+        let start = values_start(&raw, TOPIC).await?;
+        if start > last_of_producer {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "retention did not pass offset {last_of_producer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(raw);
+    ensure!(
+        broker.process.terminate()?,
+        "the broker did not stop cleanly"
+    );
+    broker.process.restart()?;
+
+    let started = Instant::now();
+    tokio::time::timeout(WAIT_MAX, send_numbered(10..20))
+        .await
+        .context("the producer did not finish")??;
+    println!(
+        "10 records after the broker forgot the producer: {:?}",
+        started.elapsed()
+    );
+    producer.close().await?;
+
+    let raw = broker.raw().await?;
+    let stored: Vec<String> = values_from_start(&raw, TOPIC)
+        .await?
+        .into_iter()
+        .filter(|v| v.starts_with("p-"))
+        .collect();
+    let expected: Vec<String> = (10..20).map(|i| format!("p-{i}")).collect();
+    ensure!(
+        stored == expected,
+        "records after the restart: expected {expected:?}, stored {stored:?}"
+    );
+    Ok(())
+}
+
+async fn values_start(raw: &RawClient, topic: &str) -> anyhow::Result<i64> {
+    Ok(raw
+        .call_ok(&ListOffsetsRequest {
+            partitions: vec![ListOffsetsPartition {
+                topic: topic.to_owned(),
+                partition: 0,
+                spec: OffsetSpec::Earliest,
+            }],
+        })
+        .await?
+        .partitions[0]
+        .offset)
+}
