@@ -29,6 +29,11 @@ pub use crate::group::OFFSETS_TOPIC;
 /// Longest topic name (Kafka's limit).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 const TOPIC_METADATA_FILE: &str = "topic.json";
+/// Topic directories live here, one per topic, named by the topic.
+const TOPICS_DIR: &str = "topics";
+/// Deleted topics are moved here (named by their id) before their files are removed: outside
+/// `topics/`, where no topic name can reach, and with short names whatever the topic's.
+const DELETED_TOPICS_DIR: &str = "deleted-topics";
 const PRODUCER_ID_FILE: &str = "producer-id-block";
 /// Producer ids reserved on disk at a time, so allocating one rarely writes.
 const PRODUCER_ID_BLOCK: i64 = 1000;
@@ -111,9 +116,47 @@ impl TopicConfig {
     }
 }
 
+/// One incarnation of a topic: a name deleted and created again is a new topic with a new
+/// id, so nothing keyed by the old one (group offsets) applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TopicId(pub u64);
+
+impl TopicId {
+    /// A fresh id: 64 random bits (the standard library's per-process random hasher keys,
+    /// mixed with the clock and a counter), never 0.
+    pub fn generate() -> TopicId {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_i64(now_ms());
+        hasher.write_u32(std::process::id());
+        TopicId(hasher.finish().max(1))
+    }
+}
+
+impl std::fmt::Display for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The contents of `topic.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TopicFile {
+    /// Absent in files written before topics had ids; one is assigned at open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<TopicId>,
+    #[serde(flatten)]
+    config: TopicConfig,
+}
+
 #[derive(Debug)]
 pub struct Topic {
     pub name: String,
+    pub id: TopicId,
     pub config: TopicConfig,
     pub partitions: Vec<Arc<Partition>>,
     dir: PathBuf,
@@ -437,6 +480,7 @@ impl Partition {
 pub struct Cluster {
     config: BrokerConfig,
     topics_dir: PathBuf,
+    deleted_dir: PathBuf,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serialises topic creation and deletion (the directory work), not reads.
     admin: tokio::sync::Mutex<()>,
@@ -490,6 +534,13 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> ClusterError {
     )
 }
 
+/// Makes a directory's entries (creations, renames, removals in it) durable.
+fn sync_dir(dir: &Path) -> Result<(), ClusterError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("syncing directory", dir, e))
+}
+
 fn write_durably(path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -506,12 +557,36 @@ fn write_durably(path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
     write().map_err(|e| io_error("writing", path, e))
 }
 
+/// Writes `topic.json` durably (temp file, fsync, rename, fsync of the topic directory).
+fn write_topic_file(dir: &Path, id: TopicId, config: &TopicConfig) -> Result<(), ClusterError> {
+    let file = TopicFile {
+        id: Some(id),
+        config: config.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&file).expect("topic file serialises");
+    write_durably(&dir.join(TOPIC_METADATA_FILE), &json)
+}
+
 impl Cluster {
     /// Opens every topic under `<data_dir>/topics`, recovering each partition log, and makes
     /// sure the internal offsets topic exists.
     pub fn open(config: BrokerConfig) -> Result<Cluster, ClusterError> {
-        let topics_dir = config.data_dir.join("topics");
-        std::fs::create_dir_all(&topics_dir).map_err(|e| io_error("creating", &topics_dir, e))?;
+        let topics_dir = config.data_dir.join(TOPICS_DIR);
+        let deleted_dir = config.data_dir.join(DELETED_TOPICS_DIR);
+        for dir in [&topics_dir, &deleted_dir] {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+                sync_dir(&config.data_dir)?;
+            }
+        }
+        // Deletions that did not finish before a crash or stop: their topics are gone already.
+        let leftovers =
+            std::fs::read_dir(&deleted_dir).map_err(|e| io_error("listing", &deleted_dir, e))?;
+        for entry in leftovers.flatten() {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "could not remove a deleted topic's files");
+            }
+        }
         let producer_id_path = config.data_dir.join(PRODUCER_ID_FILE);
         let next = match std::fs::read_to_string(&producer_id_path) {
             Ok(text) => text.trim().parse::<i64>().map_err(|e| {
@@ -525,6 +600,7 @@ impl Cluster {
         };
         let cluster = Cluster {
             topics_dir: topics_dir.clone(),
+            deleted_dir,
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             producer_ids: Mutex::new(ProducerIds {
@@ -541,9 +617,8 @@ impl Cluster {
             let entry = entry.map_err(|e| io_error("listing", &topics_dir, e))?;
             let dir = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.contains(".deleted-") {
-                // A deletion that did not finish before a crash.
-                let _ = std::fs::remove_dir_all(&dir);
+            if validate_topic_name(&name).is_err() {
+                tracing::warn!(dir = %dir.display(), "ignoring a directory that is not a topic");
                 continue;
             }
             let metadata_path = dir.join(TOPIC_METADATA_FILE);
@@ -557,13 +632,22 @@ impl Cluster {
                 }
                 Err(e) => return Err(io_error("reading", &metadata_path, e)),
             };
-            let topic_config: TopicConfig = serde_json::from_str(&text).map_err(|e| {
+            let file: TopicFile = serde_json::from_str(&text).map_err(|e| {
                 ClusterError::new(
                     ErrorCode::StorageFailed,
                     format!("{}: {e}", metadata_path.display()),
                 )
             })?;
-            let topic = cluster.open_topic(&name, topic_config, dir)?;
+            let id = match file.id {
+                Some(id) => id,
+                None => {
+                    let id = TopicId::generate();
+                    write_topic_file(&dir, id, &file.config)?;
+                    tracing::info!(topic = name, %id, "assigned an id to a topic created before ids");
+                    id
+                }
+            };
+            let topic = cluster.open_topic(&name, id, file.config, dir)?;
             cluster
                 .topics
                 .write()
@@ -576,8 +660,7 @@ impl Cluster {
                 retention_ms: -1,
                 retention_bytes: -1,
             };
-            let dir = cluster.topics_dir.join(OFFSETS_TOPIC);
-            let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config, &dir)?;
+            let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config)?;
             cluster
                 .topics
                 .write()
@@ -610,6 +693,7 @@ impl Cluster {
     fn open_topic(
         &self,
         name: &str,
+        id: TopicId,
         config: TopicConfig,
         dir: PathBuf,
     ) -> Result<Topic, ClusterError> {
@@ -634,24 +718,36 @@ impl Cluster {
         }
         Ok(Topic {
             name: name.to_owned(),
+            id,
             config,
             partitions,
             dir,
         })
     }
 
-    fn create_topic_dir(
-        &self,
-        name: &str,
-        config: &TopicConfig,
-        dir: &Path,
-    ) -> Result<Topic, ClusterError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
-        let topic = self.open_topic(name, config.clone(), dir.to_owned())?;
-        let json = serde_json::to_vec_pretty(config).expect("topic config serialises");
-        // Written last: a topic directory without it is an unfinished creation.
-        write_durably(&dir.join(TOPIC_METADATA_FILE), &json)?;
-        Ok(topic)
+    /// Creates a topic's directory and partitions, durably: `topic.json` is written last (a
+    /// directory without it is an unfinished creation, removed at startup), and `topics/` is
+    /// synced so the new directory survives a power loss.
+    fn create_topic_dir(&self, name: &str, config: &TopicConfig) -> Result<Topic, ClusterError> {
+        let dir = self.topics_dir.join(name);
+        if dir.exists() {
+            // An unfinished creation (no `topic.json`): nothing of it was acknowledged.
+            std::fs::remove_dir_all(&dir).map_err(|e| io_error("clearing", &dir, e))?;
+        }
+        std::fs::create_dir(&dir).map_err(|e| io_error("creating", &dir, e))?;
+        let id = TopicId::generate();
+        let created = self
+            .open_topic(name, id, config.clone(), dir.clone())
+            .and_then(|topic| {
+                write_topic_file(&dir, id, config)?;
+                sync_dir(&self.topics_dir)?;
+                Ok(topic)
+            });
+        if created.is_err() {
+            // Changes nothing: without `topic.json` the directory is not a topic anyway.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        created
     }
 
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
@@ -744,16 +840,12 @@ impl Cluster {
                 format!("topic {name:?} already exists"),
             ));
         }
-        let dir = self.topics_dir.join(name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| io_error("clearing", &dir, e))?;
-        }
-        let topic = Arc::new(self.create_topic_dir(name, &config, &dir)?);
+        let topic = Arc::new(self.create_topic_dir(name, &config)?);
         self.topics
             .write()
             .expect("topics lock")
             .insert(name.to_owned(), topic.clone());
-        tracing::info!(topic = name, partitions, "created topic");
+        tracing::info!(topic = name, id = %topic.id, partitions, "created topic");
         Ok(topic)
     }
 
@@ -765,17 +857,16 @@ impl Cluster {
             ));
         }
         let _admin = self.admin.lock().await;
-        let topic = self
-            .topics
-            .write()
-            .expect("topics lock")
-            .remove(name)
-            .ok_or_else(|| {
-                ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
-            })?;
-        // Rename first (atomic): a crash after this point finishes the deletion at startup.
-        let graveyard = self.topics_dir.join(format!("{name}.deleted-{}", now_ms()));
+        let topic = self.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        // One atomic rename takes the topic away, to a short name outside `topics/`; both
+        // directories are synced before the answer, so the deletion survives a power loss.
+        // If the rename fails, nothing changed.
+        let graveyard = self.deleted_dir.join(topic.id.to_string());
         std::fs::rename(&topic.dir, &graveyard).map_err(|e| io_error("deleting", &topic.dir, e))?;
+        self.topics.write().expect("topics lock").remove(name);
+        let synced = sync_dir(&self.topics_dir).and_then(|()| sync_dir(&self.deleted_dir));
         for partition in &topic.partitions {
             if let Err(e) = partition.log.close() {
                 tracing::warn!(topic = name, partition = partition.index, error = %e, "closing a deleted partition");
@@ -787,6 +878,7 @@ impl Cluster {
                 tracing::warn!(dir = %graveyard.display(), error = %e, "could not remove deleted topic files");
             }
         });
+        synced?;
         tracing::info!(topic = name, "deleted topic");
         Ok(())
     }
