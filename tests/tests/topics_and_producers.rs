@@ -14,8 +14,9 @@ use ketch_e2e::raw::RawClient;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchBuilder, ProducerStamp};
 use ketch_protocol::messages::{
-    Acks, FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, OffsetSpec,
-    ProducePartition, ProduceRequest, ProduceTopic,
+    Acks, FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest,
+    OffsetFetchRequest, OffsetSpec, ProducePartition, ProduceRequest, ProduceTopic,
+    TopicPartitions,
 };
 
 /// Bound of every wait in these tests.
@@ -277,4 +278,114 @@ async fn values_start(raw: &RawClient, topic: &str) -> anyhow::Result<i64> {
         .await?
         .partitions[0]
         .offset)
+}
+
+/// Runs a `ketch` client command with stdin, returns stdout; fails with its stderr.
+fn ketch(broker: &TestBroker, args: &[&str], stdin: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = broker
+        .process
+        .cli()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "ketch {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+async fn committed(raw: &RawClient, group: &str, topic: &str) -> anyhow::Result<i64> {
+    let response = raw
+        .call_ok(&OffsetFetchRequest {
+            group: group.to_owned(),
+            partitions: Some(vec![TopicPartitions {
+                topic: topic.to_owned(),
+                partitions: vec![0],
+            }]),
+        })
+        .await?;
+    Ok(response.offsets.first().map_or(-1, |o| o.offset))
+}
+
+/// A group's committed offsets belong to one incarnation of a topic: after the topic is
+/// deleted and created again, the old group starts from the new topic's first record
+/// (before a restart and after one), instead of resuming at the old offset and silently
+/// skipping records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_starts_old_groups_afresh() -> anyhow::Result<()> {
+    let mut broker = TestBroker::start(&[])?;
+    ketch(&broker, &["topic", "create", "t"], "")?;
+    ketch(&broker, &["produce", "t"], "a0\na1\na2\n")?;
+    let consumed = ketch(
+        &broker,
+        &[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--max-records",
+            "3",
+            "--timeout-ms",
+            "10000",
+        ],
+        "",
+    )?;
+    ensure!(
+        consumed == "a0\na1\na2\n",
+        "first incarnation: {consumed:?}"
+    );
+    let raw = broker.raw().await?;
+    ensure!(
+        committed(&raw, "g", "t").await? == 3,
+        "the group did not commit 3"
+    );
+
+    ketch(&broker, &["topic", "delete", "t"], "")?;
+    ketch(&broker, &["topic", "create", "t"], "")?;
+    ensure!(
+        committed(&raw, "g", "t").await? == -1,
+        "the re-created topic has the old topic's committed offset"
+    );
+    ketch(&broker, &["produce", "t"], "b0\nb1\nb2\nb3\nb4\n")?;
+    drop(raw);
+    ensure!(
+        broker.process.terminate()?,
+        "the broker did not stop cleanly"
+    );
+    broker.process.restart()?;
+    let raw = broker.raw().await?;
+    ensure!(
+        committed(&raw, "g", "t").await? == -1,
+        "after a restart, the re-created topic has the old topic's committed offset"
+    );
+    let consumed = ketch(
+        &broker,
+        &[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--max-records",
+            "5",
+            "--timeout-ms",
+            "10000",
+        ],
+        "",
+    )?;
+    ensure!(
+        consumed == "b0\nb1\nb2\nb3\nb4\n",
+        "the old group on the re-created topic read {consumed:?}"
+    );
+    Ok(())
 }

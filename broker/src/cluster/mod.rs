@@ -456,22 +456,43 @@ impl Partition {
     /// Replays idempotent producer state from the whole log (startup).
     fn rebuild_producer_state(&self) -> Result<(), ClusterError> {
         let mut producers = self.producers.lock().expect("producer table lock");
-        let mut offset = self.log.log_start_offset();
+        self.replay(self.log.log_start_offset(), 1024 * 1024, |batch| {
+            producers.replay(batch.header());
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Calls `visit` with every batch from the one holding `from` up to the high watermark,
+    /// in offset order, reading at most `read_bytes_max` at a time (startup replays: producer
+    /// state, group offsets). Returns the offset after the last batch visited.
+    pub fn replay(
+        &self,
+        from: i64,
+        read_bytes_max: u32,
+        mut visit: impl FnMut(&batch::RecordBatch) -> Result<(), ClusterError>,
+    ) -> Result<i64, ClusterError> {
+        let mut offset = from;
         let end = self.log.high_watermark();
         while offset < end {
-            let bytes = self.log.read(offset, 1024 * 1024)?;
+            let bytes = self.read(offset, read_bytes_max)?;
             let before = offset;
-            for slice in batch::BatchSlices::new(bytes) {
-                let (header, _) = slice
-                    .map_err(|e| ClusterError::new(ErrorCode::StorageFailed, e.to_string()))?;
-                producers.replay(&header);
-                offset = header.next_offset();
+            let (batches, _) = batch::split_batches(bytes);
+            for batch in batches {
+                let batch = batch.map_err(|e| {
+                    ClusterError::new(
+                        ErrorCode::StorageFailed,
+                        format!("{}/{} at {offset}: {e}", self.topic, self.index),
+                    )
+                })?;
+                visit(&batch)?;
+                offset = batch.header().next_offset();
             }
             if offset == before {
                 break;
             }
         }
-        Ok(())
+        Ok(offset)
     }
 }
 

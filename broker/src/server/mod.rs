@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
-use crate::group::GroupCoordinator;
+use crate::groups::Groups;
 
 /// How long a client may take to send a request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,9 +48,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub(crate) struct State {
     pub cluster: Arc<Cluster>,
-    pub groups: std::sync::Mutex<GroupCoordinator>,
-    /// Serialises offset commits: validate, append to the offsets partition, apply.
-    pub commits: tokio::sync::Mutex<()>,
+    pub groups: Groups,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -155,7 +153,6 @@ impl Broker {
         group_config
             .validate()
             .map_err(|e| crate::config::ConfigError::Invalid(format!("consumer groups: {e}")))?;
-        let groups = GroupCoordinator::new(group_config);
         let socket = std::net::UdpSocket::bind(config.listen);
         let endpoint = socket
             .and_then(|socket| {
@@ -176,17 +173,23 @@ impl Broker {
         })?;
         let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES)
             .min(Semaphore::MAX_PERMITS);
+        let cluster = Arc::new(cluster);
+        let groups_cluster = cluster.clone();
+        let groups =
+            tokio::task::spawn_blocking(move || Groups::open(groups_cluster, group_config))
+                .await
+                .map_err(|e| {
+                    StartError::Quic(format!("loading consumer groups panicked: {e}"))
+                })??;
         let state = Arc::new(State {
-            cluster: Arc::new(cluster),
-            groups: std::sync::Mutex::new(groups),
-            commits: tokio::sync::Mutex::new(()),
+            cluster,
+            groups,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             shutdown: tokio_util_shutdown::Token::new(),
             local_addr,
             config,
         });
-        handlers::load_group_offsets(&state).await?;
         Ok(Broker {
             state,
             endpoint,
