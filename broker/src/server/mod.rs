@@ -18,10 +18,19 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
 use crate::groups::Groups;
 
-/// How long a client may take to send a request frame once its stream is open.
+/// How long a client may take to send a whole request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Units of the request-memory semaphore.
+/// How long a request may go without a byte arriving (inside the length prefix too) before
+/// the broker gives up on it: a stalled frame holds its stream and the memory of what it sent.
+const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Units of the request-memory semaphores.
 const MEMORY_PERMIT_BYTES: usize = 1024;
+/// Request memory is reserved as the body arrives, this much at a time: a length prefix that
+/// claims a large frame reserves nothing until its bytes come.
+const REQUEST_READ_CHUNK_BYTES: usize = 256 * 1024;
+/// The share of `request_bytes_in_flight_max` one connection may hold: a client that stalls
+/// its requests (or floods them) waits on its own share, not on everyone's.
+const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -268,6 +277,24 @@ async fn background_tasks(state: Arc<State>) {
     }
 }
 
+/// What one connection may hold of the broker's request memory.
+#[derive(Debug)]
+struct ConnectionShare {
+    remote: SocketAddr,
+    request_memory: Arc<Semaphore>,
+}
+
+/// Request memory held by one request: its connection's share and the broker's, released
+/// together when the request is done.
+struct RequestMemory {
+    _connection: tokio::sync::OwnedSemaphorePermit,
+    _broker: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn memory_permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
+}
+
 async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
@@ -278,6 +305,15 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         }
     };
     tracing::debug!(%remote, "connection open");
+    let connection_memory = (state.config.request_bytes_in_flight_max
+        / CONNECTION_REQUEST_MEMORY_DIVISOR)
+        .max(u64::from(state.config.frame_bytes_max));
+    let share = Arc::new(ConnectionShare {
+        remote,
+        request_memory: Arc::new(Semaphore::new(
+            (connection_memory as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
+        )),
+    });
     loop {
         let stream = tokio::select! {
             stream = connection.accept_bi() => stream,
@@ -288,7 +324,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         };
         match stream {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(send, recv, state.clone()));
+                tokio::spawn(serve_stream(send, recv, state.clone(), share.clone()));
             }
             Err(e) => {
                 tracing::debug!(%remote, error = %e, "connection closed");
@@ -298,7 +334,12 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, state: Arc<State>) {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    state: Arc<State>,
+    share: Arc<ConnectionShare>,
+) {
     let Ok(_request_permit) = state.requests.clone().acquire_owned().await else {
         return;
     };
@@ -310,71 +351,15 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         .await;
         return;
     }
-    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
-    match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut prefix)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
-            let message =
-                format!("request ended after {read} bytes, inside the 4-byte length prefix");
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
-            )
-            .await;
-            return;
-        }
-        // Reset by the client, connection gone, or silent: nobody to answer.
-        _ => return,
-    }
-    let length = match frame::frame_length(prefix, state.config.frame_bytes_max as usize) {
-        Ok(length) => length,
-        Err(e) => {
-            // Refused from the prefix: nothing of the body is read into memory.
+    let (body, _memory) = match read_request(&mut recv, &state, &share).await {
+        Ok(read) => read,
+        Err(ReadFailure::Answer { code, message }) => {
             let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(e.code(), &e.to_string()),
-            )
-            .await;
+            let _ = write_frame(&mut send, frame::encode_error_response(code, &message)).await;
             return;
         }
-    };
-    let permits = (length.div_ceil(MEMORY_PERMIT_BYTES) as u32).max(1);
-    let Ok(_memory_permit) = state
-        .request_memory
-        .clone()
-        .acquire_many_owned(permits)
-        .await
-    else {
-        return;
-    };
-    let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, length)).await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
-            let message = format!(
-                "request ended after {read} of the {length} bytes its length prefix announced"
-            );
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
-            )
-            .await;
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "request stream failed");
-            return;
-        }
-        Err(_) => {
-            let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::Timeout, "request not received in time"),
-            )
-            .await;
-            return;
-        }
+        // Reset by the client, or the connection is gone: nobody to answer.
+        Err(ReadFailure::Gone) => return,
     };
     let request = match frame::decode_request(body) {
         Ok(request) => request,
@@ -395,28 +380,144 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     }
 }
 
-/// Reads exactly `length` bytes of a request body. A body that arrives in one chunk is used as
-/// it is (no copy); otherwise chunks are gathered into one buffer, without zero-filling it
-/// first.
-async fn read_body(
+/// Why a request frame was not read.
+enum ReadFailure {
+    /// Answer the client with this error.
+    Answer {
+        code: ErrorCode,
+        message: String,
+    },
+    Gone,
+}
+
+/// Reads one request frame. Memory is reserved as the body arrives, in chunks, from the
+/// connection's share and then the broker's; every wait is bounded: no byte for
+/// [`REQUEST_STALL_TIMEOUT`] (inside the length prefix too) or the whole frame not within
+/// [`REQUEST_READ_TIMEOUT`] ends the request with `timeout`, and is logged.
+async fn read_request(
     recv: &mut quinn::RecvStream,
-    length: usize,
-) -> Result<Bytes, quinn::ReadExactError> {
-    let mut gathered: Option<bytes::BytesMut> = None;
+    state: &State,
+    share: &ConnectionShare,
+) -> Result<(Bytes, Option<RequestMemory>), ReadFailure> {
+    let deadline = tokio::time::Instant::now() + REQUEST_READ_TIMEOUT;
+    let stalled = |what: String| {
+        tracing::warn!(remote = %share.remote, "{what}; dropping the request");
+        ReadFailure::Answer {
+            code: ErrorCode::Timeout,
+            message: what,
+        }
+    };
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     let mut read = 0;
+    while read < FRAME_LENGTH_BYTES {
+        let wait = tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT;
+        match tokio::time::timeout_at(wait.min(deadline), recv.read(&mut prefix[read..])).await {
+            Ok(Ok(Some(n))) => read += n,
+            Ok(Ok(None)) => {
+                return Err(ReadFailure::Answer {
+                    code: ErrorCode::MalformedFrame,
+                    message: format!(
+                        "request ended after {read} bytes, inside the 4-byte length prefix"
+                    ),
+                });
+            }
+            Ok(Err(_)) => return Err(ReadFailure::Gone),
+            Err(_) => {
+                return Err(stalled(format!(
+                    "request stalled after {read} of the 4 bytes of its length prefix"
+                )));
+            }
+        }
+    }
+    let length = frame::frame_length(prefix, state.config.frame_bytes_max as usize).map_err(
+        // Refused from the prefix: nothing of the body is read into memory.
+        |e| ReadFailure::Answer {
+            code: e.code(),
+            message: e.to_string(),
+        },
+    )?;
+    let mut gathered: Option<bytes::BytesMut> = None;
+    let mut single: Option<Bytes> = None;
+    let mut memory: Option<RequestMemory> = None;
+    let mut reserved = 0usize;
+    let mut read = 0usize;
     while read < length {
-        let Some(chunk) = recv.read_chunk(length - read, true).await? else {
-            return Err(quinn::ReadExactError::FinishedEarly(read));
+        if reserved <= read {
+            let chunk = REQUEST_READ_CHUNK_BYTES.min(length - reserved);
+            let permits = memory_permits(chunk);
+            let reserve = async {
+                let connection = share
+                    .request_memory
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .ok()?;
+                let broker = state
+                    .request_memory
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .ok()?;
+                Some((connection, broker))
+            };
+            let (mut connection, mut broker) = tokio::time::timeout_at(deadline, reserve)
+                .await
+                .map_err(|_| {
+                    stalled(format!(
+                        "no request memory for {length} bytes within {} s",
+                        REQUEST_READ_TIMEOUT.as_secs()
+                    ))
+                })?
+                .ok_or(ReadFailure::Gone)?;
+            if let Some(held) = memory.take() {
+                connection.merge(held._connection);
+                broker.merge(held._broker);
+            }
+            memory = Some(RequestMemory {
+                _connection: connection,
+                _broker: broker,
+            });
+            reserved += chunk;
+        }
+        let wait = (tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT).min(deadline);
+        let chunk = match tokio::time::timeout_at(wait, recv.read_chunk(reserved - read, true))
+            .await
+        {
+            Ok(Ok(Some(chunk))) => chunk.bytes,
+            Ok(Ok(None)) => {
+                return Err(ReadFailure::Answer {
+                    code: ErrorCode::MalformedFrame,
+                    message: format!(
+                        "request ended after {read} of the {length} bytes its length prefix announced"
+                    ),
+                });
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "request stream failed");
+                return Err(ReadFailure::Gone);
+            }
+            Err(_) => {
+                return Err(stalled(format!(
+                    "request stalled after {read} of the {length} bytes its length prefix announced"
+                )));
+            }
         };
-        read += chunk.bytes.len();
-        if read == length && gathered.is_none() {
-            return Ok(chunk.bytes);
+        read += chunk.len();
+        // A body that arrives in one chunk is used as it is (no copy); otherwise chunks are
+        // gathered into one buffer that grows with what arrived (at most twice what is
+        // reserved), not with what the prefix claims.
+        if gathered.is_none() && read == length {
+            single = Some(chunk);
+            break;
         }
         gathered
-            .get_or_insert_with(|| bytes::BytesMut::with_capacity(length))
-            .extend_from_slice(&chunk.bytes);
+            .get_or_insert_with(|| bytes::BytesMut::with_capacity(reserved))
+            .extend_from_slice(&chunk);
     }
-    Ok(gathered.map(bytes::BytesMut::freeze).unwrap_or_default())
+    let body = single
+        .or_else(|| gathered.map(bytes::BytesMut::freeze))
+        .unwrap_or_default();
+    Ok((body, memory))
 }
 
 fn decode_error_response(error: &DecodeError) -> Bytes {
