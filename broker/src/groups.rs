@@ -13,11 +13,14 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::BatchBuilder;
 use ketch_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse, PartitionError};
 
+use crate::cluster::checkpoint::{self, Kind};
 use crate::cluster::{Cluster, ClusterError, OFFSETS_TOPIC};
 use crate::group::{GroupConfig, GroupCoordinator, OffsetRecord, OffsetValue};
 
 /// How much of the offsets partition startup reads at a time.
 const REPLAY_READ_BYTES_MAX: u32 = 4 * 1024 * 1024;
+/// The group-offsets checkpoint, in the offsets topic's directory.
+const CHECKPOINT_FILE: &str = "group-offsets.checkpoint";
 
 #[derive(Debug)]
 pub struct Groups {
@@ -26,16 +29,49 @@ pub struct Groups {
     /// Serialises what writes the offsets partition (commits, a topic's deletion), so the
     /// coordinator applies records in the order the partition holds them.
     writes: tokio::sync::Mutex<()>,
+    checkpoint_path: std::path::PathBuf,
+    /// The offsets partition's high watermark the checkpoint on disk covers.
+    checkpointed: std::sync::atomic::AtomicI64,
 }
 
 impl Groups {
-    /// Replays the offsets partition into a new coordinator (startup), then forgets the
-    /// offsets of topics that no longer exist or were re-created since.
+    /// Rebuilds the coordinator's offsets (startup) from the checkpoint and the offsets
+    /// partition after it (or the whole partition, without a usable checkpoint), then
+    /// forgets the offsets of topics that no longer exist or were re-created since.
     pub fn open(cluster: Arc<Cluster>, config: GroupConfig) -> Result<Groups, ClusterError> {
         let mut coordinator = GroupCoordinator::new(config);
         let partition = cluster.partition(OFFSETS_TOPIC, 0)?;
+        let checkpoint_path = cluster
+            .topic(OFFSETS_TOPIC)
+            .expect("the offsets topic exists")
+            .dir()
+            .join(CHECKPOINT_FILE);
+        let offsets = partition.offsets();
+        let mut from = offsets.log_start;
+        match checkpoint::read(&checkpoint_path, Kind::GroupOffsets) {
+            Some((offset, _)) if offset > offsets.high_watermark => {
+                tracing::warn!(
+                    offset,
+                    high_watermark = offsets.high_watermark,
+                    "the group offsets checkpoint is ahead of the log; replaying the log"
+                );
+            }
+            Some((offset, body)) => match decode_checkpoint(&body) {
+                Some(records) => {
+                    for record in &records {
+                        coordinator.apply_commit(record);
+                    }
+                    from = offset.max(offsets.log_start);
+                }
+                None => {
+                    tracing::warn!("malformed group offsets checkpoint; replaying the log");
+                }
+            },
+            None => {}
+        }
+        let replay_from = from;
         let mut loaded = 0usize;
-        partition.replay(partition.offsets().log_start, REPLAY_READ_BYTES_MAX, |batch| {
+        partition.replay(from, REPLAY_READ_BYTES_MAX, |batch| {
             for record in batch.records() {
                 let record = record.map_err(|e| {
                     ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
@@ -57,6 +93,7 @@ impl Groups {
         })?;
         let stale = coordinator.retain_offsets(&|topic, value| live(&cluster, topic, value));
         tracing::info!(
+            replayed_from = replay_from,
             records = loaded,
             stale_offsets_dropped = stale,
             "loaded committed group offsets"
@@ -65,7 +102,41 @@ impl Groups {
             cluster,
             coordinator: Mutex::new(coordinator),
             writes: tokio::sync::Mutex::new(()),
+            checkpoint_path,
+            checkpointed: std::sync::atomic::AtomicI64::new(-1),
         })
+    }
+
+    /// Saves every committed offset with the offsets partition's high watermark, if commits
+    /// happened since the last checkpoint and none is under way (blocking file I/O).
+    pub fn checkpoint(&self) -> Result<(), ClusterError> {
+        use std::sync::atomic::Ordering;
+        let Ok(_serial) = self.writes.try_lock() else {
+            return Ok(());
+        };
+        let high_watermark = self
+            .cluster
+            .partition(OFFSETS_TOPIC, 0)?
+            .offsets()
+            .high_watermark;
+        if high_watermark == self.checkpointed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let body = encode_checkpoint(&self.coordinator().committed_offsets());
+        checkpoint::write(
+            &self.checkpoint_path,
+            Kind::GroupOffsets,
+            high_watermark,
+            &body,
+        )
+        .map_err(|e| {
+            ClusterError::new(
+                ErrorCode::StorageFailed,
+                format!("writing {}: {e}", self.checkpoint_path.display()),
+            )
+        })?;
+        self.checkpointed.store(high_watermark, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The coordinator, for the calls that do not write (heartbeats, fetches, listings).
@@ -175,4 +246,34 @@ fn live(cluster: &Cluster, topic: &str, value: &OffsetValue) -> bool {
         Some(current) => value.topic_id == 0 || value.topic_id == current.id.0,
         None => value.topic_id == 0,
     }
+}
+
+/// `count:u32 | { key_len:u32 | key | value_len:u32 | value }`, each an [`OffsetRecord`]'s
+/// encoding.
+fn encode_checkpoint(records: &[OffsetRecord]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for record in records {
+        let key = record.encode_key();
+        let value = record.encode_value().unwrap_or_default();
+        body.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        body.extend_from_slice(&key);
+        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        body.extend_from_slice(&value);
+    }
+    body
+}
+
+fn decode_checkpoint(body: &[u8]) -> Option<Vec<OffsetRecord>> {
+    let mut reader = checkpoint::Reader::new(body);
+    let count = reader.u32()? as usize;
+    let mut records = Vec::with_capacity(count.min(body.len() / 8));
+    for _ in 0..count {
+        let key_len = reader.u32()? as usize;
+        let key = reader.take(key_len)?;
+        let value_len = reader.u32()? as usize;
+        let value = reader.take(value_len)?;
+        records.push(OffsetRecord::decode(key, Some(value)).ok()?);
+    }
+    reader.is_empty().then_some(records)
 }

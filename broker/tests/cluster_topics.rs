@@ -142,3 +142,70 @@ fn a_recreated_topic_has_a_new_id_that_survives_restart() {
     cluster = restart(cluster, dir.path());
     assert_eq!(cluster.topic("t").unwrap().id, second);
 }
+
+/// Startup reads the producer checkpoint and only the log after it: a clean restart replays
+/// nothing, a restart without a fresh checkpoint (a crash) replays only what followed the
+/// last one, and either way retries of batches on both sides are still duplicates.
+#[test]
+fn startup_replays_only_the_log_after_the_producer_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let rt = runtime();
+    let pid = cluster.allocate_producer_id().unwrap();
+    let stamp = |base_sequence| ProducerStamp {
+        producer_id: pid,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    rt.block_on(async {
+        cluster.create_topic("t", 1, &[]).await.unwrap();
+        let partition = cluster.partition("t", 0).unwrap();
+        for seq in 0..10 {
+            partition
+                .append(batch(stamp(seq), &["v"]), 0)
+                .await
+                .unwrap();
+        }
+    });
+    // Clean restart: sync_all checkpoints; nothing is replayed.
+    cluster = restart(cluster, dir.path());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 10);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(9), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 9, "{retry:?}");
+        for seq in 10..15 {
+            partition
+                .append(batch(stamp(seq), &["v"]), 0)
+                .await
+                .unwrap();
+        }
+    });
+    // A crash: no checkpoint since offset 10; only 10..15 is replayed.
+    drop(partition);
+    drop(cluster);
+    cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 10);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(14), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 14, "{retry:?}");
+        let next = partition.append(batch(stamp(15), &["v"]), 0).await.unwrap();
+        assert!(!next.duplicate && next.base_offset == 15, "{next:?}");
+    });
+    // A damaged checkpoint is ignored: the whole log is replayed, nothing is lost.
+    drop(partition);
+    cluster.sync_all();
+    drop(cluster);
+    let path = dir.path().join("topics/t/producers-0.checkpoint");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 0);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(15), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 15, "{retry:?}");
+    });
+}

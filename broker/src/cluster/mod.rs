@@ -5,6 +5,7 @@
 //! Replication will put an openraft group under each [`Partition`]; the server talks to
 //! partitions only through the methods here.
 
+pub(crate) mod checkpoint;
 mod producers;
 
 use std::collections::BTreeMap;
@@ -162,6 +163,13 @@ pub struct Topic {
     dir: PathBuf,
 }
 
+impl Topic {
+    /// The topic's directory (its partitions' logs, `topic.json`, checkpoints).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// One partition's log plus what the broker keeps beside it.
 #[derive(Debug)]
 pub struct Partition {
@@ -175,6 +183,13 @@ pub struct Partition {
     /// Publishes the high watermark; readers waiting for new records watch it.
     high_watermark: watch::Sender<i64>,
     batch_bytes_max: u32,
+    /// Where this partition's producer-state checkpoint lives (in the topic's directory, so
+    /// it goes with the topic).
+    producers_checkpoint: PathBuf,
+    /// The producer table version the checkpoint on disk holds.
+    producers_checkpointed: std::sync::atomic::AtomicU64,
+    /// Where startup's replay of the log began (after the checkpoint, when there was one).
+    replayed_from: std::sync::atomic::AtomicI64,
 }
 
 /// The offsets of a partition's log.
@@ -453,13 +468,65 @@ impl Partition {
         Ok(())
     }
 
-    /// Replays idempotent producer state from the whole log (startup).
+    /// Rebuilds idempotent producer state at startup: from the checkpoint and the log that
+    /// follows it, or (no usable checkpoint) from the whole log.
     fn rebuild_producer_state(&self) -> Result<(), ClusterError> {
         let mut producers = self.producers.lock().expect("producer table lock");
-        self.replay(self.log.log_start_offset(), 1024 * 1024, |batch| {
+        let log_start = self.log.log_start_offset();
+        let high_watermark = self.log.high_watermark();
+        let mut from = log_start;
+        if let Some((offset, body)) =
+            checkpoint::read(&self.producers_checkpoint, checkpoint::Kind::Producers)
+        {
+            if offset > high_watermark {
+                tracing::warn!(topic = %self.topic, partition = self.index, offset, high_watermark, "the producer checkpoint is ahead of the log (records lost since); replaying the log");
+            } else if producers.restore_checkpoint(&body, log_start).is_some() {
+                from = offset.max(log_start);
+            } else {
+                tracing::warn!(topic = %self.topic, partition = self.index, "malformed producer checkpoint; replaying the log");
+            }
+        }
+        self.replayed_from
+            .store(from, std::sync::atomic::Ordering::Relaxed);
+        self.replay(from, 1024 * 1024, |batch| {
             producers.replay(batch.header());
             Ok(())
         })?;
+        tracing::debug!(topic = %self.topic, partition = self.index, from, to = high_watermark, "rebuilt producer state");
+        Ok(())
+    }
+
+    /// The offset from which startup replayed this partition's log to rebuild producer state:
+    /// the checkpoint's, or the log start without one.
+    pub fn producer_state_replayed_from(&self) -> i64 {
+        self.replayed_from
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Saves the producer state with the offset it covers, if it changed and no batch is
+    /// being appended (then every idempotent batch below the high watermark is in it).
+    pub fn checkpoint_producers(&self) -> Result<(), ClusterError> {
+        use std::sync::atomic::Ordering;
+        let (version, offset, body) = {
+            let producers = self.producers.lock().expect("producer table lock");
+            let version = producers.version();
+            if version == self.producers_checkpointed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let Some(body) = producers.encode_checkpoint() else {
+                return Ok(());
+            };
+            (version, self.log.high_watermark(), body)
+        };
+        checkpoint::write(
+            &self.producers_checkpoint,
+            checkpoint::Kind::Producers,
+            offset,
+            &body,
+        )
+        .map_err(|e| io_error("writing", &self.producers_checkpoint, e))?;
+        self.producers_checkpointed
+            .store(version, Ordering::Relaxed);
         Ok(())
     }
 
@@ -733,6 +800,9 @@ impl Cluster {
                 sequence_moved: Notify::new(),
                 high_watermark: watch::Sender::new(hwm),
                 batch_bytes_max: self.config.batch_bytes_max,
+                producers_checkpoint: dir.join(format!("producers-{index}.checkpoint")),
+                producers_checkpointed: std::sync::atomic::AtomicU64::new(0),
+                replayed_from: std::sync::atomic::AtomicI64::new(0),
             };
             partition.rebuild_producer_state()?;
             partitions.push(Arc::new(partition));
@@ -939,12 +1009,25 @@ impl Cluster {
         }
     }
 
-    /// Syncs every log (graceful shutdown).
+    /// Syncs every log, then checkpoints its producer state (graceful shutdown).
     pub fn sync_all(&self) {
         for topic in self.topics() {
             for partition in &topic.partitions {
                 if let Err(e) = partition.sync() {
                     tracing::error!(topic = %topic.name, partition = partition.index, error = %e, "sync at shutdown failed");
+                }
+            }
+        }
+        self.checkpoint_all();
+    }
+
+    /// Checkpoints the producer state of every partition that changed (on a timer, and at
+    /// shutdown), so startup reads only the log that follows.
+    pub fn checkpoint_all(&self) {
+        for topic in self.topics() {
+            for partition in &topic.partitions {
+                if let Err(e) = partition.checkpoint_producers() {
+                    tracing::warn!(topic = %topic.name, partition = partition.index, error = %e, "producer checkpoint failed");
                 }
             }
         }

@@ -58,6 +58,8 @@ pub struct ProducerTable {
     /// Evicted producer ids (the newest [`FORGOTTEN_PRODUCERS_MAX`]), oldest first.
     forgotten: VecDeque<i64>,
     forgotten_set: HashSet<i64>,
+    /// Bumped by every change: a checkpoint is rewritten only when it moved.
+    version: u64,
 }
 
 fn last_sequence(header: &BatchHeader) -> i32 {
@@ -166,9 +168,91 @@ impl ProducerTable {
         SequenceCheck::Append
     }
 
+    /// Bumped by every change of the table.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The table as a checkpoint body, or `None` while a batch is being appended (its offset
+    /// is not known yet; the checkpoint waits for a quiet moment). Producers in least recently
+    /// seen order; per producer its remembered batches:
+    ///
+    /// ```text
+    /// count:u32 | { producer_id:i64 | epoch:i16 | batches:u8
+    ///               | { first_sequence:i32 | last_sequence:i32 | base_offset:i64 } }
+    /// ```
+    pub fn encode_checkpoint(&self) -> Option<Vec<u8>> {
+        let mut entries: Vec<(&i64, &ProducerEntry)> = self.producers.iter().collect();
+        entries.sort_by_key(|(_, entry)| entry.last_seen);
+        let mut body = Vec::with_capacity(4 + entries.len() * (8 + 2 + 1 + 16));
+        body.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for (producer_id, entry) in entries {
+            body.extend_from_slice(&producer_id.to_be_bytes());
+            body.extend_from_slice(&entry.epoch.to_be_bytes());
+            body.push(entry.batches.len() as u8);
+            for batch in &entry.batches {
+                body.extend_from_slice(&batch.first_sequence.to_be_bytes());
+                body.extend_from_slice(&batch.last_sequence.to_be_bytes());
+                body.extend_from_slice(&batch.base_offset?.to_be_bytes());
+            }
+        }
+        Some(body)
+    }
+
+    /// Restores a checkpoint body into this (empty) table, keeping only batches the log still
+    /// holds (at or above `log_start`): a producer whose batches retention removed is
+    /// forgotten, as a replay of the log would. `None` if the body is malformed (the table is
+    /// then left empty).
+    pub fn restore_checkpoint(&mut self, body: &[u8], log_start: i64) -> Option<()> {
+        let restored = self.decode_checkpoint(body, log_start);
+        if restored.is_none() {
+            self.producers.clear();
+        }
+        restored
+    }
+
+    fn decode_checkpoint(&mut self, body: &[u8], log_start: i64) -> Option<()> {
+        let mut reader = super::checkpoint::Reader::new(body);
+        let count = reader.u32()? as usize;
+        if count > PRODUCERS_PER_PARTITION_MAX {
+            return None;
+        }
+        for _ in 0..count {
+            let producer_id = reader.i64()?;
+            let epoch = reader.i16()?;
+            let batches = reader.u8()? as usize;
+            if batches > PRODUCER_BATCHES_REMEMBERED_MAX {
+                return None;
+            }
+            let mut entry = ProducerEntry {
+                epoch,
+                ..ProducerEntry::default()
+            };
+            for _ in 0..batches {
+                let first_sequence = reader.i32()?;
+                let last_sequence = reader.i32()?;
+                let base_offset = reader.i64()?;
+                if base_offset >= log_start {
+                    entry.batches.push_back(BatchSeen {
+                        first_sequence,
+                        last_sequence,
+                        base_offset: Some(base_offset),
+                    });
+                }
+            }
+            if !entry.batches.is_empty() {
+                self.clock += 1;
+                entry.last_seen = self.clock;
+                self.producers.insert(producer_id, entry);
+            }
+        }
+        reader.is_empty().then_some(())
+    }
+
     /// Notes a batch that passed [`Self::check`] and is being appended.
     pub fn begin(&mut self, header: &BatchHeader) {
         self.clock += 1;
+        self.version += 1;
         if !self.producers.contains_key(&header.producer_id)
             && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
             && let Some(oldest) = self
@@ -208,6 +292,7 @@ impl ProducerTable {
 
     /// Records where a begun batch landed.
     pub fn complete(&mut self, header: &BatchHeader, base_offset: i64) {
+        self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
             if let Some(seen) = entry
@@ -223,6 +308,7 @@ impl ProducerTable {
     /// Forgets a begun batch whose append failed, so its retry is not mistaken for a
     /// duplicate.
     pub fn abort(&mut self, header: &BatchHeader) {
+        self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
             entry
@@ -370,6 +456,45 @@ mod tests {
         table.begin(&h);
         table.complete(&h, 1);
         assert_eq!(kind(&table.check(&header(100, 0, 1, 1))), "append");
+    }
+
+    /// A checkpoint restores what a replay would: duplicates are still recognised, the next
+    /// sequence is still expected, batches below the log start are dropped, and in-flight
+    /// batches prevent a checkpoint.
+    #[test]
+    fn checkpoints_restore_the_table_a_replay_would_build() {
+        let mut table = ProducerTable::new(0);
+        let mut offset = 0;
+        for (pid, seq, records) in [(1, 0, 2), (2, 0, 1), (1, 2, 3), (3, 0, 1)] {
+            let h = header(pid, 0, seq, records);
+            table.begin(&h);
+            table.complete(&h, offset);
+            offset += i64::from(records);
+        }
+        let body = table.encode_checkpoint().expect("nothing in flight");
+        let mut restored = ProducerTable::new(0);
+        restored.restore_checkpoint(&body, 0).expect("a valid body");
+        assert_eq!(kind(&restored.check(&header(1, 0, 2, 3))), "duplicate@3");
+        assert_eq!(kind(&restored.check(&header(1, 0, 5, 1))), "append");
+        assert_eq!(kind(&restored.check(&header(2, 0, 0, 1))), "duplicate@2");
+        // Log start 3: producer 2's only batch (offset 2) is gone, so is producer 2.
+        let mut trimmed = ProducerTable::new(10);
+        trimmed.restore_checkpoint(&body, 3).expect("a valid body");
+        assert_eq!(
+            kind(&trimmed.check(&header(2, 0, 1, 1))),
+            "unknown_producer"
+        );
+        assert_eq!(kind(&trimmed.check(&header(1, 0, 5, 1))), "append");
+        for len in 0..body.len() {
+            assert!(
+                ProducerTable::new(0)
+                    .restore_checkpoint(&body[..len], 0)
+                    .is_none(),
+                "cut at {len}"
+            );
+        }
+        table.begin(&header(3, 0, 1, 1));
+        assert!(table.encode_checkpoint().is_none(), "a batch is in flight");
     }
 
     #[test]

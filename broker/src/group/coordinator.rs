@@ -627,6 +627,24 @@ impl GroupCoordinator {
         removed
     }
 
+    /// Every committed offset, as the records that would restore it (a checkpoint).
+    pub fn committed_offsets(&self) -> Vec<OffsetRecord> {
+        let mut records = Vec::new();
+        for (group_id, group) in &self.groups {
+            for (topic, partitions) in &group.offsets {
+                for (partition, value) in partitions {
+                    records.push(OffsetRecord {
+                        group: group_id.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                        value: Some(value.clone()),
+                    });
+                }
+            }
+        }
+        records
+    }
+
     /// The committed offset of a partition, if any.
     pub fn committed(&self, group: &str, topic: &str, partition: u32) -> Option<&OffsetValue> {
         self.groups.get(group)?.offsets.get(topic)?.get(&partition)

@@ -31,6 +31,9 @@ const REQUEST_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// The share of `request_bytes_in_flight_max` one connection may hold: a client that stalls
 /// its requests (or floods them) waits on its own share, not on everyone's.
 const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
+/// How often producer state and group offsets are checkpointed (and at shutdown), bounding
+/// what startup replays after a crash.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -241,8 +244,14 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         background.abort();
-        let cluster = state.cluster.clone();
-        let _ = tokio::task::spawn_blocking(move || cluster.sync_all()).await;
+        let shutting = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            shutting.cluster.sync_all();
+            if let Err(e) = shutting.groups.checkpoint() {
+                tracing::warn!(error = %e, "group offsets checkpoint at shutdown failed");
+            }
+        })
+        .await;
         self.endpoint
             .close(CONNECTION_SHUTDOWN.into(), b"broker shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -256,6 +265,7 @@ async fn background_tasks(state: Arc<State>) {
         state.config.retention_check_interval_ms.max(100),
     ));
     let mut groups = tokio::time::interval(Duration::from_millis(250));
+    let mut checkpoints = tokio::time::interval(CHECKPOINT_INTERVAL);
     let flush_ms = match state.config.fsync {
         crate::config::Fsync::IntervalMs(ms) => ms,
         // Only the interval policy needs a timer; the others never tick meaningfully.
@@ -273,6 +283,16 @@ async fn background_tasks(state: Arc<State>) {
                 let _ = tokio::task::spawn_blocking(move || cluster.apply_retention(crate::cluster::now_ms())).await;
             }
             _ = groups.tick() => handlers::expire_group_members(&state),
+            _ = checkpoints.tick() => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    state.cluster.checkpoint_all();
+                    if let Err(e) = state.groups.checkpoint() {
+                        tracing::warn!(error = %e, "group offsets checkpoint failed");
+                    }
+                })
+                .await;
+            }
         }
     }
 }
