@@ -64,6 +64,8 @@ pub(crate) struct State {
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
+    /// Push subscriptions hold one of these for their life, not a request permit.
+    subscriptions: Arc<Semaphore>,
     request_memory: Arc<Semaphore>,
     shutdown: tokio_util_shutdown::Token,
 }
@@ -197,6 +199,7 @@ impl Broker {
             cluster,
             groups,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
+            subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             shutdown: tokio_util_shutdown::Token::new(),
             local_addr,
@@ -360,7 +363,7 @@ async fn serve_stream(
     state: Arc<State>,
     share: Arc<ConnectionShare>,
 ) {
-    let Ok(_request_permit) = state.requests.clone().acquire_owned().await else {
+    let Ok(request_permit) = state.requests.clone().acquire_owned().await else {
         return;
     };
     if state.shutdown.is_cancelled() {
@@ -371,7 +374,7 @@ async fn serve_stream(
         .await;
         return;
     }
-    let (body, _memory) = match read_request(&mut recv, &state, &share).await {
+    let (body, memory) = match read_request(&mut recv, &state, &share).await {
         Ok(read) => read,
         Err(ReadFailure::Answer { code, message }) => {
             let _ = recv.stop(STREAM_REFUSED.into());
@@ -389,6 +392,22 @@ async fn serve_stream(
         }
     };
     if let Request::Subscribe(subscribe) = request {
+        // A subscription lives long: it gives back the request permit and memory, and holds
+        // a subscription permit instead. None left is said, never a silent stall.
+        drop((request_permit, memory));
+        let Ok(_subscription) = state.subscriptions.clone().try_acquire_owned() else {
+            let message = format!(
+                "this broker already serves subscriptions_max = {} subscriptions",
+                state.config.subscriptions_max
+            );
+            tracing::warn!(remote = %share.remote, "{message}; refusing a subscription");
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(ErrorCode::Overloaded, &message),
+            )
+            .await;
+            return;
+        };
         handlers::subscribe(&state, subscribe, &mut send).await;
         let _ = send.finish();
         return;
