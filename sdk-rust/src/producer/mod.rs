@@ -690,6 +690,22 @@ impl Sender {
                     batch.retry_at <= now && !self.resequence.contains(&batch.partition)
                 });
             self.retries = waiting;
+            // A batch held for re-stamping (its identity is being renewed) still fails at its
+            // delivery deadline.
+            let (expired, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+                .into_iter()
+                .partition(|batch| {
+                    self.resequence.contains(&batch.partition) && batch.deadline() <= now
+                });
+            self.retries = held;
+            for batch in expired {
+                let partition = batch.partition.clone();
+                let number = batch.number;
+                batch.delivery.settle(Err(Error::Timeout(format!(
+                    "delivery to {partition} while renewing the producer id"
+                ))));
+                self.complete(&partition, number);
+            }
             // Retries are older than anything drained now: they go first, oldest first.
             due.sort_by_key(|batch| batch.number);
             due.append(&mut to_send);
