@@ -20,6 +20,15 @@ if ! command -v strace >/dev/null 2>&1; then
     fi
 fi
 strace -V | head -n 1
+# python3 with venv: the Python SDK's tests run in target/py-venv (Debian splits venv out).
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv >/dev/null
+    fi
+fi
+python3 --version
 
 step "format"
 cargo fmt --all -- --check
