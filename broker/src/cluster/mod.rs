@@ -305,6 +305,12 @@ impl Partition {
         Ok(self.log.read(offset, max_bytes as usize)?)
     }
 
+    /// [`Self::read`] with the storage error, for replays that skip damaged offsets
+    /// ([`StorageError::damaged_offsets`]).
+    pub fn read_log(&self, offset: i64, max_bytes: usize) -> Result<Bytes, StorageError> {
+        self.log.read(offset, max_bytes)
+    }
+
     /// A receiver that changes whenever the high watermark advances.
     pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
         self.high_watermark.subscribe()
@@ -338,7 +344,21 @@ impl Partition {
         let mut offset = self.log.log_start_offset();
         let end = self.log.high_watermark();
         while offset < end {
-            let bytes = self.log.read(offset, 1024 * 1024)?;
+            let bytes = match self.log.read(offset, 1024 * 1024) {
+                Ok(bytes) => bytes,
+                // Damaged offsets were logged by storage; the producers they held are
+                // re-learnt from later batches (or answered as unknown).
+                Err(e) if e.damaged_offsets().is_some() => {
+                    let skip = e.damaged_offsets().expect("checked");
+                    tracing::error!(
+                        dir = %self.log.dir().display(), error = %e,
+                        "producer state: skipping damaged offsets [{}, {})", skip.from, skip.to
+                    );
+                    offset = skip.to.max(offset + 1);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let before = offset;
             for slice in batch::BatchSlices::new(bytes) {
                 let (header, _) = slice

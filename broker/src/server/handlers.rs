@@ -574,7 +574,20 @@ pub(super) async fn load_group_offsets(state: &State) -> Result<(), ClusterError
     let end = partition.offsets().high_watermark;
     let mut loaded = 0usize;
     while offset < end {
-        let bytes = partition.read(offset, 4 * 1024 * 1024)?;
+        let bytes = match partition.read_log(offset, 4 * 1024 * 1024) {
+            Ok(bytes) => bytes,
+            Err(e) if e.damaged_offsets().is_some() => {
+                let skip = e.damaged_offsets().expect("checked");
+                tracing::error!(
+                    error = %e,
+                    "group offsets: skipping damaged offsets [{}, {}) of {OFFSETS_TOPIC}",
+                    skip.from, skip.to
+                );
+                offset = skip.to.max(offset + 1);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (batches, _) = batch::split_batches(bytes);
         if batches.is_empty() {
             break;

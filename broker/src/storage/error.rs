@@ -3,6 +3,23 @@ use std::path::PathBuf;
 
 use ketch_protocol::batch::BatchError;
 
+/// Offsets `[from, to)` that a damaged part of a segment held: they cannot be read, and the
+/// offsets from `to` on can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DamagedOffsets {
+    pub from: i64,
+    pub to: i64,
+}
+
+fn describe_offsets(offsets: &Option<DamagedOffsets>) -> String {
+    match offsets {
+        Some(DamagedOffsets { from, to }) => {
+            format!(" (offsets [{from}, {to}) are unreadable; reading resumes at {to})")
+        }
+        None => String::new(),
+    }
+}
+
 /// Everything that can go wrong in partition storage.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,12 +71,18 @@ pub enum StorageError {
         log_end: i64,
     },
 
-    /// Stored bytes failed their check when read; they are never served.
-    #[error("corrupt data in segment {} at byte {position}: {reason}", segment.display())]
+    /// Stored bytes failed their check when read; they are never served. `offsets`, when
+    /// known, is the damaged range a reader cannot get: reading resumes at `offsets.to`.
+    #[error(
+        "corrupt data in segment {} at byte {position}{}: {reason}",
+        segment.display(),
+        describe_offsets(offsets)
+    )]
     Corrupt {
         segment: PathBuf,
         position: u64,
         reason: String,
+        offsets: Option<DamagedOffsets>,
     },
 
     /// `truncate_suffix` needs an offset where a batch starts.
@@ -84,6 +107,15 @@ impl StorageError {
     /// Whether the same request may succeed if retried later without any other change.
     pub fn is_retriable(&self) -> bool {
         matches!(self, StorageError::QueueFull { .. })
+    }
+
+    /// The offsets a reader must skip to get past this error, if it is damage with known
+    /// offsets.
+    pub fn damaged_offsets(&self) -> Option<DamagedOffsets> {
+        match self {
+            StorageError::Corrupt { offsets, .. } => *offsets,
+            _ => None,
+        }
     }
 
     pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {

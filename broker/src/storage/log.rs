@@ -15,15 +15,16 @@ use futures_channel::oneshot;
 use ketch_protocol::batch::{BATCH_HEADER_BYTES, BatchHeader, set_base_offset, verify_crc};
 
 use super::backend::{FileBackend, StdBackend, StorageFile};
-use super::error::StorageError;
+use super::error::{DamagedOffsets, StorageError};
 use super::index::{
     IndexCursor, OFFSET_INDEX_ENTRY_BYTES, OffsetEntry, SegmentIndex, TIME_INDEX_ENTRY_BYTES,
     TimeEntry, encode_offsets, encode_times, relative,
 };
 use super::segment::{
-    LOG_EXTENSION, OFFSET_INDEX_EXTENSION, ReadPlan, ScanEnd, Segment, SegmentPaths,
-    TIME_INDEX_EXTENSION, encode_index_files, load_sealed_index, parse_segment_file_name,
-    read_whole_file, rebuild_sealed_index, rewrite_file, scan_headers, scan_log_fully,
+    LOG_EXTENSION, OFFSET_INDEX_EXTENSION, PastDamage, ReadPlan, ScanEnd, Segment, SegmentDamage,
+    SegmentPaths, TIME_INDEX_EXTENSION, encode_index_files, load_sealed_index,
+    parse_segment_file_name, read_whole_file, rebuild_sealed_index, resync, rewrite_file,
+    scan_headers, scan_log_fully,
 };
 use super::{FsyncPolicy, LogConfig, WRITE_BUFFER_BYTES_MAX, ms_i64};
 
@@ -115,6 +116,8 @@ pub struct TailTruncation {
     pub position: u64,
     pub bytes: u64,
     pub reason: String,
+    /// The offsets of the batch that was cut, if its header could be read.
+    pub offsets: Option<DamagedOffsets>,
 }
 
 /// What recovery found and did when the log was opened.
@@ -128,8 +131,9 @@ pub struct RecoveryReport {
     pub indexes_rebuilt: Vec<PathBuf>,
     /// Index files without a log file, and temporary files, deleted.
     pub stray_files_removed: Vec<PathBuf>,
-    /// Sealed segments whose log itself is damaged; reads there report `Corrupt`.
-    pub damaged_segments: Vec<String>,
+    /// Damaged stretches of log files (sealed or tail) that recovery kept: reads of their
+    /// offsets report `Corrupt`, everything around them is served.
+    pub damage: Vec<SegmentDamage>,
 }
 
 impl RecoveryReport {
@@ -142,7 +146,7 @@ impl RecoveryReport {
         self.truncation.is_none()
             && self.indexes_rebuilt.is_empty()
             && self.stray_files_removed.is_empty()
-            && self.damaged_segments.is_empty()
+            && self.damage.is_empty()
     }
 }
 
@@ -459,7 +463,9 @@ impl PartitionLog {
             let i = view.segment_for(offset);
             view.segments[i].read_plan(offset, view.segment_end(i))
         };
-        let Some((position, first)) = plan.find(|h| h.last_offset() >= offset)? else {
+        let Some((position, first)) =
+            plan.find(PastDamage::FailAt(offset), |h| h.last_offset() >= offset)?
+        else {
             return Err(plan.corrupt(
                 plan.limit,
                 format!("offset {offset} is below the high watermark but not in the segment"),
@@ -507,8 +513,9 @@ impl PartitionLog {
                 view.log_start,
             )
         };
-        let found =
-            plan.find(|h| h.max_timestamp >= timestamp_ms && h.last_offset() >= log_start)?;
+        let found = plan.find(PastDamage::Skip, |h| {
+            h.max_timestamp >= timestamp_ms && h.last_offset() >= log_start
+        })?;
         Ok(found.map(|(_, header)| header.base_offset.max(log_start)))
     }
 
@@ -559,7 +566,10 @@ impl PartitionLog {
             plan.limit = view.segments[i].size;
             (i, plan)
         };
-        let Some((position, header)) = plan.find(|h| h.last_offset() >= from_offset)? else {
+        let Some((position, header)) = plan.find(PastDamage::FailAt(from_offset), |h| {
+            h.last_offset() >= from_offset
+        })?
+        else {
             return Err(plan.corrupt(plan.limit, format!("offset {from_offset} not found")));
         };
         if header.base_offset != from_offset {
@@ -718,7 +728,23 @@ fn checked_batches_len(
         };
         if let Some(reason) = problem {
             if at == 0 {
-                return Err(plan.corrupt(batch_position, reason));
+                // The walk found this batch by its header; the next whole batch says where
+                // the damage ends.
+                let next = resync(
+                    plan.log.as_ref(),
+                    &plan.path,
+                    batch_position + 1,
+                    plan.limit,
+                    first_offset,
+                    plan.segment_end_offset,
+                )?;
+                let to = next.map_or(plan.segment_end_offset, |(_, h)| h.base_offset);
+                tracing::error!(
+                    segment = %plan.path.display(), position = batch_position, %reason,
+                    from_offset = first_offset, to_offset = to,
+                    "damaged batch: these offsets cannot be read"
+                );
+                return Err(plan.damaged(batch_position, reason, first_offset, to));
             }
             tracing::warn!(
                 segment = %plan.path.display(), position = batch_position, %reason,
@@ -1129,7 +1155,7 @@ impl Shared {
         if removed.is_empty() {
             return Ok(outcome);
         }
-        self.remove_segment_files(&removed)?;
+        self.remove_segment_files(&removed, Oldest::First)?;
         tracing::info!(
             dir = %self.dir.display(), segments = outcome.segments_deleted,
             bytes = outcome.bytes_deleted, log_start, "deleted old segments"
@@ -1137,10 +1163,21 @@ impl Shared {
         Ok(outcome)
     }
 
-    /// Removes the files of detached segments, newest first (a crash midway leaves a log
-    /// that is still dense), then syncs the directory. Readers holding a handle keep reading.
-    fn remove_segment_files(&self, segments: &[Segment]) -> Result<(), StorageError> {
-        for segment in segments.iter().rev() {
+    /// Removes the files of detached segments in `order`, then syncs the directory. A crash
+    /// midway keeps some prefix of the unlinks, so the order decides what the survivors look
+    /// like: a prefix deletion goes oldest first and a suffix deletion newest first, so that
+    /// what remains is always one dense run of segments. Readers holding a handle keep
+    /// reading.
+    fn remove_segment_files(
+        &self,
+        segments: &[Segment],
+        order: Oldest,
+    ) -> Result<(), StorageError> {
+        let ordered: Box<dyn Iterator<Item = &Segment>> = match order {
+            Oldest::First => Box::new(segments.iter()),
+            Oldest::Last => Box::new(segments.iter().rev()),
+        };
+        for segment in ordered {
             for (_, path) in segment.files() {
                 match self.backend.remove(path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -1164,7 +1201,7 @@ impl Shared {
         from_offset: i64,
     ) -> Result<(), StorageError> {
         if !removed.is_empty() {
-            self.remove_segment_files(removed)?;
+            self.remove_segment_files(removed, Oldest::Last)?;
         }
         let (log, log_path, offset_file, offset_path, time_file, time_path, base, mut index) = {
             let view = lock(&self.view);
@@ -1226,6 +1263,13 @@ impl Shared {
     }
 }
 
+/// The order in which a run of segments is deleted.
+#[derive(Debug, Clone, Copy)]
+enum Oldest {
+    First,
+    Last,
+}
+
 /// The index cursor of a segment cut to `size` bytes: the last entries say where the rule
 /// stands; the batches after the last offset entry may raise the maximum timestamp.
 fn recompute_cursor(
@@ -1262,6 +1306,7 @@ fn recompute_cursor(
             segment: log_path.to_owned(),
             position,
             reason,
+            offsets: None,
         });
     }
     Ok(cursor)
@@ -1269,16 +1314,27 @@ fn recompute_cursor(
 
 fn log_report(dir: &Path, report: &RecoveryReport) {
     if let Some(t) = &report.truncation {
-        tracing::warn!(
-            segment = %t.segment.display(), position = t.position, bytes = t.bytes,
-            reason = %t.reason, "recovery truncated a torn or corrupt tail"
-        );
+        match t.offsets {
+            Some(lost) => tracing::error!(
+                segment = %t.segment.display(), position = t.position, bytes = t.bytes,
+                reason = %t.reason, from_offset = lost.from, to_offset = lost.to,
+                "recovery cut a bad batch at the very end of the log (a torn write if the \
+                 broker crashed): these offsets are gone"
+            ),
+            None => tracing::warn!(
+                segment = %t.segment.display(), position = t.position, bytes = t.bytes,
+                reason = %t.reason, "recovery cut a torn tail (bytes that are no whole batch)"
+            ),
+        }
     }
     for path in &report.indexes_rebuilt {
         tracing::warn!(index = %path.display(), "recovery rebuilt an index from its log");
     }
-    for damage in &report.damaged_segments {
-        tracing::error!(dir = %dir.display(), %damage, "sealed segment is damaged");
+    for damage in &report.damage {
+        tracing::error!(
+            dir = %dir.display(), %damage,
+            "DAMAGED DATA: these offsets cannot be read; the rest of the log is served"
+        );
     }
     tracing::info!(
         dir = %dir.display(),
@@ -1421,25 +1477,31 @@ fn recover_sealed(
         Ok(index) => Ok(index),
         Err(reason) => {
             tracing::warn!(segment = %segment.log_path.display(), %reason, "index failed validation");
-            let rebuilt = rebuild_sealed_index(
+            let mut rebuilt = rebuild_sealed_index(
                 segment.log.as_ref(),
                 &segment.log_path,
                 segment.size,
                 segment.base_offset,
+                next_base_offset,
                 config.index_interval_bytes,
             )?;
-            if let Some((position, reason)) = rebuilt.broken {
-                report.damaged_segments.push(format!(
-                    "{} at byte {position}: {reason}",
-                    segment.log_path.display()
-                ));
-            } else if rebuilt.end_offset != next_base_offset {
-                report.damaged_segments.push(format!(
-                    "{} ends at offset {} but the next segment starts at {next_base_offset}",
-                    segment.log_path.display(),
-                    rebuilt.end_offset,
-                ));
+            if rebuilt.end_offset != next_base_offset {
+                // The later batches are gone (a crash between unlinks, or a lost file).
+                rebuilt.damage.push(SegmentDamage {
+                    segment: segment.log_path.clone(),
+                    position: segment.size,
+                    end_position: segment.size,
+                    offsets: DamagedOffsets {
+                        from: rebuilt.end_offset,
+                        to: next_base_offset,
+                    },
+                    reason: format!(
+                        "the segment ends at offset {} but the next one starts at {next_base_offset}",
+                        rebuilt.end_offset
+                    ),
+                });
             }
+            report.damage.append(&mut rebuilt.damage);
             Ok(rebuilt.index)
         }
     }
@@ -1459,6 +1521,7 @@ fn recover_tail(
         segment.base_offset,
         config.index_interval_bytes,
     )?;
+    report.damage.extend(scan.damage);
     if let Some(reason) = scan.stopped {
         let path = &segment.log_path;
         segment
@@ -1471,6 +1534,7 @@ fn recover_tail(
             position: scan.valid_bytes,
             bytes: segment.size - scan.valid_bytes,
             reason,
+            offsets: scan.cut_batch_offsets,
         });
         segment.size = scan.valid_bytes;
     }

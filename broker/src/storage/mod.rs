@@ -71,11 +71,12 @@ mod segment;
 pub mod sim;
 
 pub use backend::{FileBackend, StdBackend, StorageFile};
-pub use error::StorageError;
+pub use error::{DamagedOffsets, StorageError};
 pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,
 };
+pub use segment::SegmentDamage;
 
 use ketch_protocol::batch::{BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 
