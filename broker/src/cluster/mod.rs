@@ -278,6 +278,11 @@ impl Partition {
                     producers.abort(&header);
                     self.sequence_moved.notify_waiters();
                 }
+                if matches!(error, StorageError::NoSpace { .. }) {
+                    // Settled under the producers lock: a batch that assumed this one would
+                    // succeed was refused by the log, none can be written after the hole.
+                    self.log.resume_writes();
+                }
                 Err(error.into())
             }
         }

@@ -63,6 +63,17 @@ pub enum StorageError {
     #[error("log is poisoned and refuses writes until reopened; cause: {cause}")]
     Poisoned { cause: String },
 
+    /// The disk is full: a write failed with ENOSPC and was undone, so nothing of it reached
+    /// the log. Appends fail with this until the owner calls
+    /// [`super::PartitionLog::resume_writes`] (it does so once it has settled what the failed
+    /// appends meant, e.g. idempotent sequences); then the next write tries the disk again.
+    #[error(
+        "no space left on the device (ENOSPC) writing {}: the write was undone and nothing of \
+         it is in the log; writes resume when space is freed",
+        path.display()
+    )]
+    NoSpace { path: PathBuf },
+
     /// The offset is below the log start or above the log end.
     #[error("offset {requested} is out of range: the log holds [{log_start}, {log_end})")]
     OffsetOutOfRange {

@@ -183,6 +183,8 @@ struct Queue {
     /// Bytes of queued batches (the bound is on this).
     bytes: u64,
     poisoned: Option<String>,
+    /// Set when a write hit ENOSPC and was undone: appends fail until `resume_writes`.
+    no_space: Option<PathBuf>,
     closing: bool,
     writer_gone: bool,
 }
@@ -387,6 +389,13 @@ impl PartitionLog {
         }
         self.shared.queue_ready.notify_one();
         Ok(Completion { receiver })
+    }
+
+    /// Accepts appends again after a [`StorageError::NoSpace`]. The owner calls it once it
+    /// has settled the failed appends, so that an append submitted in between (which assumed
+    /// the failed one would succeed) is refused rather than written after a hole.
+    pub fn resume_writes(&self) {
+        lock(&self.shared.queue).no_space = None;
     }
 
     /// Resolves when everything appended before this call is on disk (one fsync, shared with
@@ -679,6 +688,9 @@ impl Queue {
 
     fn check_open(&self) -> Result<(), StorageError> {
         self.check_not_poisoned()?;
+        if let Some(path) = &self.no_space {
+            return Err(StorageError::NoSpace { path: path.clone() });
+        }
         if self.closing || self.writer_gone {
             return Err(StorageError::Closed);
         }
@@ -891,7 +903,17 @@ impl Shared {
                         self.sync_group(write, group_now_ms, !flushes.is_empty())
                     })
                     .map(|()| outcomes)
-                    .inspect_err(|e| self.poison(e.to_string()))
+                    .inspect_err(|e| match e {
+                        StorageError::NoSpace { path } => {
+                            tracing::error!(
+                                dir = %self.dir.display(), path = %path.display(),
+                                "disk full (ENOSPC): the write was undone; appends fail until \
+                                 space is freed"
+                            );
+                            lock(&self.queue).no_space = Some(path.clone());
+                        }
+                        e => self.poison(e.to_string()),
+                    })
             }
         };
         self.stats.write_groups.fetch_add(1, Ordering::Relaxed);
@@ -907,6 +929,31 @@ impl Shared {
                 }
                 for done in flushes {
                     let _ = done.send(Ok(()));
+                }
+            }
+            Err(StorageError::NoSpace { path }) => {
+                // Everything queued behind the failed group assumed it would succeed.
+                let queued = {
+                    let mut queue = lock(&self.queue);
+                    queue.bytes = 0;
+                    std::mem::take(&mut queue.requests)
+                };
+                let fail = || StorageError::NoSpace { path: path.clone() };
+                for append in appends {
+                    let _ = append.done.send(Err(fail()));
+                }
+                for done in flushes {
+                    let _ = done.send(Err(fail()));
+                }
+                for request in queued {
+                    match request {
+                        Request::Append(append) => {
+                            let _ = append.done.send(Err(fail()));
+                        }
+                        Request::Flush(done) => {
+                            let _ = done.send(Err(fail()));
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -939,10 +986,69 @@ impl Shared {
         if appends.is_empty() {
             return Ok(None);
         }
-        let config = &self.config;
-        let mut active = Active::of(lock(&self.view).active());
+        let (mut active, before) = {
+            let view = lock(&self.view);
+            (Active::of(view.active()), GroupStart::of(&view))
+        };
         let mut buffer = std::mem::take(&mut write.buffer);
         buffer.clear();
+        let result = self.write_group_into(write, appends, outcomes, &mut active, &mut buffer);
+        write.buffer = buffer;
+        match result {
+            Err(StorageError::Io { source, path, .. })
+                if is_no_space(&source) && active.base_offset == before.base_offset =>
+            {
+                outcomes.clear();
+                self.undo_group(&active, &before)
+                    .map_err(|undo| StorageError::Poisoned {
+                        cause: format!(
+                            "disk full writing {}, and undoing the write failed: {undo}",
+                            path.display()
+                        ),
+                    })?;
+                Err(StorageError::NoSpace { path })
+            }
+            other => other,
+        }
+    }
+
+    /// Cuts the active segment's files back to where the group started (nothing of it was
+    /// acknowledged or visible: readers stop at the high watermark).
+    fn undo_group(&self, active: &Active, before: &GroupStart) -> Result<(), StorageError> {
+        active
+            .log
+            .set_len(before.size)
+            .map_err(io_error("truncate", &active.log_path))?;
+        active
+            .offset_index_file
+            .set_len((before.offset_entries * OFFSET_INDEX_ENTRY_BYTES) as u64)
+            .map_err(io_error("truncate", &active.offset_index_path))?;
+        active
+            .time_index_file
+            .set_len((before.time_entries * TIME_INDEX_ENTRY_BYTES) as u64)
+            .map_err(io_error("truncate", &active.time_index_path))?;
+        let mut view = lock(&self.view);
+        view.log_end = before.log_end;
+        let segment = view.segments.last_mut().expect("active segment");
+        assert_eq!(segment.base_offset, before.base_offset);
+        segment.size = before.size;
+        segment.next_offset = before.log_end;
+        segment.index.offsets.truncate(before.offset_entries);
+        segment.index.times.truncate(before.time_entries);
+        segment.index.cursor = before.cursor;
+        segment.first_append_ms = before.first_append_ms;
+        Ok(())
+    }
+
+    fn write_group_into(
+        &self,
+        write: &mut WriteState,
+        appends: &[PendingAppend],
+        outcomes: &mut Vec<AppendOutcome>,
+        active: &mut Active,
+        buffer: &mut Vec<u8>,
+    ) -> Result<Option<i64>, StorageError> {
+        let config = &self.config;
         let mut group_now_ms = i64::MIN;
         for append in appends {
             group_now_ms = group_now_ms.max(append.now_ms);
@@ -954,7 +1060,7 @@ impl Shared {
             });
             let offsets_overflow = last_offset - active.base_offset > i64::from(u32::MAX);
             if active.size > 0 && (full || old || offsets_overflow) {
-                self.roll(write, &mut active, &mut buffer)?;
+                self.roll(write, active, buffer)?;
             }
             let base_offset = active.next_offset;
             let position = active.size;
@@ -987,11 +1093,10 @@ impl Shared {
                 log_start_offset: -1,
             });
             if buffer.len() >= WRITE_BUFFER_BYTES_MAX {
-                self.write_out(write, &mut active, &mut buffer)?;
+                self.write_out(write, active, buffer)?;
             }
         }
-        self.write_out(write, &mut active, &mut buffer)?;
-        write.buffer = buffer;
+        self.write_out(write, active, buffer)?;
         Ok(Some(group_now_ms))
     }
 
@@ -1261,6 +1366,39 @@ impl Shared {
             .sync_dir(&self.dir)
             .map_err(io_error("fsync", &self.dir))
     }
+}
+
+/// The active segment as a write group found it, to undo the group after ENOSPC.
+struct GroupStart {
+    base_offset: i64,
+    size: u64,
+    log_end: i64,
+    offset_entries: usize,
+    time_entries: usize,
+    cursor: IndexCursor,
+    first_append_ms: Option<i64>,
+}
+
+impl GroupStart {
+    fn of(view: &View) -> GroupStart {
+        let active = view.active();
+        assert_eq!(active.next_offset, view.log_end);
+        GroupStart {
+            base_offset: active.base_offset,
+            size: active.size,
+            log_end: view.log_end,
+            offset_entries: active.index.offsets.len(),
+            time_entries: active.index.times.len(),
+            cursor: active.index.cursor,
+            first_append_ms: active.first_append_ms,
+        }
+    }
+}
+
+/// ENOSPC (or EDQUOT): the write did not fit; nothing says the disk is unreliable.
+fn is_no_space(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || matches!(error.raw_os_error(), Some(28 | 122))
 }
 
 /// The order in which a run of segments is deleted.

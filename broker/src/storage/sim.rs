@@ -48,6 +48,8 @@ struct SimState {
     /// Directory operations since the last `sync_dir` of their directory, oldest first.
     unsynced_dir_ops: Vec<DirOp>,
     write_failure_countdown: Option<u64>,
+    /// Every write fails with ENOSPC after writing half its bytes (a short write).
+    disk_full: bool,
     sync_data_failure_countdown: Option<u64>,
     namespace_failure_countdown: Option<u64>,
     /// Crash at this mutating step (counted in `counts.steps`), keeping what `seed` chooses.
@@ -278,6 +280,12 @@ impl SimBackend {
         self.lock().write_failure_countdown = Some(n);
     }
 
+    /// While `full`, every `write_at` writes half its bytes and fails with ENOSPC
+    /// (`ErrorKind::StorageFull`), as a write into a full file system does.
+    pub fn set_disk_full(&self, full: bool) {
+        self.lock().disk_full = full;
+    }
+
     /// The `n`th `sync_data` from now (1 = the next one) fails; the bytes stay unsynced.
     pub fn fail_nth_sync_data(&self, n: u64) {
         assert!(n >= 1, "n counts from 1");
@@ -376,7 +384,8 @@ impl StorageFile for SimFile {
         let mut state = self.lock()?;
         state.counts.writes += 1;
         let crash = state.step();
-        let mut fail = crash;
+        let full = state.disk_full;
+        let mut fail = crash || full;
         if let Some(n) = state.write_failure_countdown {
             if n == 1 {
                 state.write_failure_countdown = None;
@@ -396,6 +405,12 @@ impl StorageFile for SimFile {
         file.dirty_from = file.dirty_from.min(start);
         if crash {
             return Err(state.crash_at_step());
+        }
+        if full {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (SimBackend)",
+            ));
         }
         if fail { Err(injected("write")) } else { Ok(()) }
     }
