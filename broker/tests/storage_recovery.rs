@@ -266,6 +266,44 @@ fn corrupt_byte_in_the_tail_segment_keeps_the_valid_batches_after_it() {
     }
 }
 
+/// Issue 8 item 7, the very end: after a clean stop nothing can be torn, so a damaged *last*
+/// batch keeps its bytes and offsets (reported as damage, never handed out again); after a
+/// crash (no clean-shutdown marker) it is what a torn write looks like and is cut, with its
+/// offsets in the report.
+#[test]
+fn a_damaged_last_batch_is_kept_after_a_clean_stop_and_cut_after_a_crash() {
+    for clean in [true, false] {
+        let mut rng = Rng::from_env("a_damaged_last_batch");
+        let dir = tempfile::tempdir().unwrap();
+        let appended = build(dir.path(), 45, &mut rng);
+        let end = log_end_of(&appended);
+        if !clean {
+            fs::remove_file(dir.path().join("clean-shutdown")).unwrap();
+        }
+        let tail = log_files(dir.path()).pop().unwrap();
+        let (position, header) = *batches_in(&tail).last().unwrap();
+        overwrite(&tail, position as usize + header.total_bytes() - 2, &[0x55]);
+        let (log, report) = open_std(dir.path(), config());
+        assert_eq!(report.clean_shutdown, clean);
+        let (from, to) = (header.base_offset, header.next_offset());
+        if clean {
+            assert!(report.truncation.is_none(), "{report:?}");
+            assert_eq!(report.damage.len(), 1, "{report:?}");
+            assert_eq!(
+                (report.damage[0].offsets.from, report.damage[0].offsets.to),
+                (from, to)
+            );
+            assert_eq!(log.log_end_offset(), end);
+            check_served_around(&log, &appended, from, to);
+        } else {
+            let cut = report.truncation.clone().expect("cut");
+            assert_eq!(cut.position, position);
+            assert_eq!(cut.offsets.map(|o| (o.from, o.to)), Some((from, to)));
+            assert_eq!(log.log_end_offset(), from);
+        }
+    }
+}
+
 /// The offset after the last appended batch.
 fn log_end_of(appended: &[(i64, Bytes)]) -> i64 {
     appended.last().map_or(0, |(base, bytes)| {

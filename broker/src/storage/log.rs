@@ -31,6 +31,9 @@ use super::{FsyncPolicy, LogConfig, WRITE_BUFFER_BYTES_MAX, ms_i64};
 /// Where a log start offset that is not a segment base (after `purge_prefix`) is kept.
 const LOG_START_CHECKPOINT_FILE: &str = "log-start-offset.checkpoint";
 const LOG_START_CHECKPOINT_TMP_FILE: &str = "log-start-offset.checkpoint.tmp";
+/// Written by `close` after everything is synced, removed at open: its presence tells
+/// recovery that no write can have been torn.
+const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
 /// i64 big-endian + CRC32C of those 8 bytes.
 const LOG_START_CHECKPOINT_BYTES: usize = 12;
 
@@ -129,6 +132,8 @@ pub struct RecoveryReport {
     pub truncation: Option<TailTruncation>,
     /// Index files that failed validation (or were missing) and were rewritten from the log.
     pub indexes_rebuilt: Vec<PathBuf>,
+    /// The log was closed cleanly last time (no write can have been torn).
+    pub clean_shutdown: bool,
     /// Index files without a log file, and temporary files, deleted.
     pub stray_files_removed: Vec<PathBuf>,
     /// Damaged stretches of log files (sealed or tail) that recovery kept: reads of their
@@ -664,7 +669,13 @@ impl PartitionLog {
                 cause: "the writer thread panicked".into(),
             });
         }
-        self.shared.sync_active_files()
+        self.shared.sync_active_files()?;
+        let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
+        rewrite_file(self.shared.backend.as_ref(), &marker, &[])?;
+        self.shared
+            .backend
+            .sync_dir(&self.shared.dir)
+            .map_err(io_error("fsync", &self.shared.dir))
     }
 }
 
@@ -1494,6 +1505,8 @@ fn recover(
 ) -> Result<(View, RecoveryReport), StorageError> {
     let mut report = RecoveryReport::default();
     let names = backend.list_dir(dir).map_err(io_error("list", dir))?;
+    let clean = names.iter().any(|n| n == CLEAN_SHUTDOWN_FILE);
+    report.clean_shutdown = clean;
     let bases: BTreeSet<i64> = names
         .iter()
         .filter_map(|n| parse_segment_file_name(n, LOG_EXTENSION))
@@ -1552,7 +1565,7 @@ fn recover(
             Some(&next_base) => {
                 recover_sealed(&mut segment, &on_disk, next_base, config, &mut report)?
             }
-            None => recover_tail(&mut segment, config, &mut report)?,
+            None => recover_tail(&mut segment, config, clean, &mut report)?,
         };
         let (offsets_bytes, times_bytes) = encode_index_files(&rebuilt);
         if on_disk.0.as_deref() != Some(offsets_bytes.as_slice()) {
@@ -1570,6 +1583,14 @@ fn recover(
         segment.index = rebuilt;
         segment.committed_size = segment.size;
         segments.push(segment);
+    }
+    if clean {
+        // From now on a crash is possible again.
+        let marker = dir.join(CLEAN_SHUTDOWN_FILE);
+        backend
+            .remove(&marker)
+            .map_err(io_error("remove", &marker))?;
+        dir_changed = true;
     }
     if dir_changed {
         backend.sync_dir(dir).map_err(io_error("fsync", dir))?;
@@ -1650,15 +1671,36 @@ fn recover_sealed(
 fn recover_tail(
     segment: &mut Segment,
     config: &LogConfig,
+    clean_shutdown: bool,
     report: &mut RecoveryReport,
 ) -> Result<SegmentIndex, StorageError> {
-    let scan = scan_log_fully(
+    let mut scan = scan_log_fully(
         segment.log.as_ref(),
         &segment.log_path,
         segment.size,
         segment.base_offset,
         config.index_interval_bytes,
     )?;
+    if clean_shutdown
+        && let (Some(reason), Some((offsets, end_position))) =
+            (scan.stopped.clone(), scan.cut_batch_whole)
+    {
+        // After a clean stop nothing was torn: a whole batch that fails its check is damage.
+        // Keep its bytes and offsets (never hand them out again); cut only what follows it
+        // and is no batch.
+        scan.damage.push(SegmentDamage {
+            segment: segment.log_path.clone(),
+            position: scan.valid_bytes,
+            end_position,
+            offsets,
+            reason,
+        });
+        scan.valid_bytes = end_position;
+        scan.next_offset = offsets.to;
+        scan.stopped =
+            (end_position < segment.size).then(|| "bytes after a damaged last batch".to_owned());
+        scan.cut_batch_offsets = None;
+    }
     report.damage.extend(scan.damage);
     if let Some(reason) = scan.stopped {
         let path = &segment.log_path;

@@ -472,6 +472,9 @@ pub(crate) struct TailScan {
     pub damage: Vec<SegmentDamage>,
     /// Offsets of the batch at `valid_bytes`, if its header was readable (what a cut loses).
     pub cut_batch_offsets: Option<DamagedOffsets>,
+    /// The same, and where that batch ends, if it lies wholly in the file and its header is
+    /// consistent (dense offsets): a whole batch that failed its check, not a torn one.
+    pub cut_batch_whole: Option<(DamagedOffsets, u64)>,
 }
 
 /// Reads the whole log file, checking every batch, and rebuilds the index as it goes. A bad
@@ -494,6 +497,7 @@ pub(crate) fn scan_log_fully(
     let mut stopped = None;
     let mut damage = Vec::new();
     let mut cut_batch_offsets = None;
+    let mut cut_batch_whole = None;
     // Makes `[position, position + len)` available in the buffer.
     let ensure = |position: u64,
                   len: usize,
@@ -587,6 +591,11 @@ pub(crate) fn scan_log_fully(
                         from: h.base_offset,
                         to: h.next_offset(),
                     });
+                cut_batch_whole = cut_batch_offsets.zip(parsed).and_then(|(offsets, h)| {
+                    let end = position + h.total_bytes() as u64;
+                    let dense = i64::from(h.last_offset_delta) == i64::from(h.records_count) - 1;
+                    (end <= size && dense).then_some((offsets, end))
+                });
                 stopped = Some(reason);
                 break;
             }
@@ -599,6 +608,7 @@ pub(crate) fn scan_log_fully(
         stopped,
         damage,
         cut_batch_offsets,
+        cut_batch_whole,
     })
 }
 
