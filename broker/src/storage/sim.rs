@@ -119,10 +119,7 @@ impl SimState {
     /// Counts one mutating step; true if the machine must crash at it.
     fn step(&mut self) -> bool {
         self.counts.steps += 1;
-        match self.crash_at {
-            Some((step, _)) if step == self.counts.steps => true,
-            _ => false,
-        }
+        matches!(self.crash_at, Some((step, _)) if step == self.counts.steps)
     }
 
     /// Counts one namespace operation toward an injected failure.
