@@ -350,3 +350,37 @@ fn stored_batches_decode_to_the_appended_records() {
         );
     }
 }
+
+/// The clean-shutdown marker costs an idle log nothing at open: it is removed (with a
+/// directory sync) only before the first write, and a crash after that write is not taken
+/// for a clean stop.
+#[test]
+fn opening_a_cleanly_closed_log_syncs_nothing_until_the_first_write() {
+    let sim = ketch_broker::storage::sim::SimBackend::new();
+    let config = LogConfig::default();
+    let (log, _) = open_sim(&sim, config.clone());
+    append(&log, &batch(3, 10, 0, 1), 0);
+    log.close().unwrap();
+    drop(log);
+    let before = sim.counts();
+    let (log, report) = open_sim(&sim, config.clone());
+    assert!(report.clean_shutdown && report.is_clean(), "{report:?}");
+    assert_eq!(
+        sim.counts().sync_dirs,
+        before.sync_dirs,
+        "open synced a directory"
+    );
+    assert_eq!(
+        sim.counts().sync_datas,
+        before.sync_datas,
+        "open synced a file"
+    );
+    append(&log, &batch(3, 10, 0, 2), 0);
+    sim.crash();
+    drop(log);
+    let (_, report) = open_sim(&sim, config);
+    assert!(
+        !report.clean_shutdown,
+        "a crash after a write is no clean stop"
+    );
+}

@@ -14,7 +14,7 @@
 //! NNNNNNNNNNNNNNNNNNNN.index      8-byte entries:  relative_offset u32 | position u32
 //! NNNNNNNNNNNNNNNNNNNN.timeindex  12-byte entries: max_timestamp i64 | relative_offset u32
 //! log-start-offset.checkpoint     log_start i64 | crc32c(log_start) u32 (after purge_prefix)
-//! clean-shutdown                  empty; present only between a clean close and the next open
+//! clean-shutdown                  empty; from a clean close until the next write
 //! ```
 //!
 //! An offset entry is written for a batch that starts at least `index_interval_bytes` after
@@ -45,7 +45,8 @@
 //! rebuilt from the scan). A bad batch followed by valid ones is damage, kept and reported
 //! ([`RecoveryReport::damage`], logged at ERROR), never a reason to drop what follows; only
 //! bytes after the last valid batch of the tail are cut, as a torn write. `close` leaves a
-//! `clean-shutdown` marker (removed at open): after a clean stop nothing was torn, so a whole
+//! `clean-shutdown` marker (removed before the first write after open, so an idle log pays
+//! no directory fsync): after a clean stop nothing was torn, so a whole
 //! but damaged last batch is kept as damage too. A sealed segment that ends before the next
 //! one starts (files lost) reports the missing offsets the same way. Segments other than the
 //! tail were synced (with their indexes) when they were rolled, so only the tail can be torn

@@ -212,6 +212,9 @@ struct WriteState {
     /// Bytes were written to the active log file since its last fsync.
     unsynced: bool,
     buffer: Vec<u8>,
+    /// The clean-shutdown marker is on disk: removed (and the removal synced) before the
+    /// first change to the log's data, so an idle log opens and closes without a dir fsync.
+    clean_marker: bool,
 }
 
 /// What readers see; locked briefly, never across I/O.
@@ -333,6 +336,7 @@ impl PartitionLog {
             queue: Mutex::new(Queue::default()),
             queue_ready: Condvar::new(),
             write: Mutex::new(WriteState {
+                clean_marker: report.clean_shutdown,
                 last_sync_ms: None,
                 unsynced: false,
                 buffer: Vec::new(),
@@ -489,7 +493,7 @@ impl PartitionLog {
         lock(&self.shared.queue).closing = true;
         self.shared.queue_ready.notify_all();
         let joined = writer.join();
-        let _write = lock(&self.shared.write);
+        let mut write = lock(&self.shared.write);
         lock(&self.shared.queue).check_not_poisoned()?;
         if joined.is_err() {
             return Err(StorageError::Poisoned {
@@ -497,12 +501,16 @@ impl PartitionLog {
             });
         }
         self.shared.sync_active_files()?;
-        let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
-        rewrite_file(self.shared.backend.as_ref(), &marker, &[])?;
-        self.shared
-            .backend
-            .sync_dir(&self.shared.dir)
-            .map_err(io_error("fsync", &self.shared.dir))
+        if !write.clean_marker {
+            let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
+            rewrite_file(self.shared.backend.as_ref(), &marker, &[])?;
+            self.shared
+                .backend
+                .sync_dir(&self.shared.dir)
+                .map_err(io_error("fsync", &self.shared.dir))?;
+            write.clean_marker = true;
+        }
+        Ok(())
     }
 }
 
@@ -554,6 +562,25 @@ impl Shared {
         self.backend
             .sync_dir(&self.dir)
             .map_err(io_error("fsync", &self.dir))
+    }
+
+    /// Removes the clean-shutdown marker before the log's data changes (see `WriteState`).
+    fn leave_clean_state(&self, write: &mut WriteState) -> Result<(), StorageError> {
+        if !write.clean_marker {
+            return Ok(());
+        }
+        let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
+        match self.backend.remove(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StorageError::io("remove", marker, e));
+            }
+            _ => {}
+        }
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))?;
+        write.clean_marker = false;
+        Ok(())
     }
 
     fn poison(&self, cause: String) {

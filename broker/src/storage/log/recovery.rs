@@ -126,14 +126,6 @@ pub(super) fn recover(
         segment.committed_size = segment.size;
         segments.push(segment);
     }
-    if clean {
-        // From now on a crash is possible again.
-        let marker = dir.join(CLEAN_SHUTDOWN_FILE);
-        backend
-            .remove(&marker)
-            .map_err(io_error("remove", &marker))?;
-        dir_changed = true;
-    }
     if dir_changed {
         backend.sync_dir(dir).map_err(io_error("fsync", dir))?;
     }

@@ -41,6 +41,7 @@ impl PartitionLog {
             .truncation
             .write()
             .unwrap_or_else(|e| e.into_inner());
+        self.shared.leave_clean_state(&mut write)?;
         let removed = lock(&self.shared.view).segments.split_off(i + 1);
         let result = self
             .shared

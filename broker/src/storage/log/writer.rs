@@ -194,6 +194,7 @@ impl Shared {
         if appends.is_empty() {
             return Ok(None);
         }
+        self.leave_clean_state(write)?;
         let (mut active, before) = {
             let view = lock(&self.view);
             (Active::of(view.active()), GroupStart::of(&view))
