@@ -23,10 +23,12 @@
 //! with its maximum timestamp. Entries depend only on the batches, so a rebuild reproduces the
 //! files byte for byte.
 //!
-//! **Writes** go through one writer thread per log (`ketch-log-<dir name>`, `log/writer.rs`): [`PartitionLog::append`]
+//! **Writes** go through a bounded pool of writer threads shared by every log of the process
+//! (`ketch-writer-N`, at most [`WRITER_THREADS_MAX`], `log/pool.rs`; one write group per turn,
+//! round robin over the logs with queued work, so a thousand idle logs cost no thread): [`PartitionLog::append`]
 //! checks the batch (header, CRC, size) on the caller's thread, queues it (bounded by
 //! [`LogConfig::append_queue_bytes_max`]; a full queue is a retriable error) and returns a
-//! runtime-agnostic future. The writer drains everything queued, assigns offsets, writes the
+//! runtime-agnostic future. A writer drains everything queued, assigns offsets, writes the
 //! whole group, issues one `fdatasync` for the group when the [`FsyncPolicy`] asks for it, and
 //! only then completes the futures and advances the high watermark. A failed write or fsync
 //! poisons the log: that append and every later one fail with [`StorageError::Poisoned`]
@@ -88,6 +90,7 @@ pub mod sim;
 
 pub use backend::{FileBackend, StdBackend, StorageFile};
 pub use error::{DamagedOffsets, StorageError};
+pub use log::WRITER_THREADS_MAX;
 pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,

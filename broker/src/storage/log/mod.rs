@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
-use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -30,14 +29,15 @@ use super::segment::{
 };
 use super::{FsyncPolicy, LogConfig, WRITE_BUFFER_BYTES_MAX, ms_i64};
 
+mod pool;
 mod read;
 mod recovery;
 mod retention;
 mod truncation;
 mod writer;
 
+pub use pool::WRITER_THREADS_MAX;
 use recovery::{log_report, recover};
-use writer::run_writer;
 
 /// Where a log start offset that is not a segment base (after `purge_prefix`) is kept.
 const LOG_START_CHECKPOINT_FILE: &str = "log-start-offset.checkpoint";
@@ -169,7 +169,6 @@ impl RecoveryReport {
 /// The durable log of one partition. See the [module docs](super).
 pub struct PartitionLog {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for PartitionLog {
@@ -202,7 +201,8 @@ struct Queue {
     /// Set when a write hit ENOSPC and was undone: appends fail until `resume_writes`.
     no_space: Option<PathBuf>,
     closing: bool,
-    writer_gone: bool,
+    /// The log is in the writer pool's ready queue or a worker is running its group.
+    scheduled: bool,
 }
 
 /// State only the writer side touches: the holder of this lock is the only one mutating
@@ -345,22 +345,7 @@ impl PartitionLog {
             truncation: RwLock::new(()),
             stats: Stats::default(),
         });
-        let dir_name = shared.dir.file_name().map_or_else(
-            || shared.dir.display().to_string(),
-            |name| name.to_string_lossy().into_owned(),
-        );
-        let writer_shared = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name(format!("ketch-log-{dir_name}"))
-            .spawn(move || run_writer(&writer_shared))
-            .map_err(io_error("spawn the writer thread for", &shared.dir))?;
-        Ok((
-            PartitionLog {
-                shared,
-                writer: Mutex::new(Some(writer)),
-            },
-            report,
-        ))
+        Ok((PartitionLog { shared }, report))
     }
 
     pub fn dir(&self) -> &Path {
@@ -406,9 +391,18 @@ impl PartitionLog {
                 now_ms,
                 done,
             }));
+            self.schedule(queue);
         }
-        self.shared.queue_ready.notify_one();
         Ok(Completion { receiver })
+    }
+
+    /// Hands the log to the writer pool unless it is there already.
+    fn schedule(&self, mut queue: MutexGuard<'_, Queue>) {
+        if !queue.scheduled {
+            queue.scheduled = true;
+            drop(queue);
+            pool::pool().schedule(self.shared.clone());
+        }
     }
 
     /// Accepts appends again after a [`StorageError::NoSpace`]. The owner calls it once it
@@ -426,8 +420,8 @@ impl PartitionLog {
             let mut queue = lock(&self.shared.queue);
             queue.check_open()?;
             queue.requests.push(Request::Flush(done));
+            self.schedule(queue);
         }
-        self.shared.queue_ready.notify_one();
         Ok(Completion { receiver })
     }
 
@@ -487,19 +481,23 @@ impl PartitionLog {
     /// segment and its indexes. Later appends fail with [`StorageError::Closed`]; reads go
     /// on. Closing twice is a no-op. Dropping the log closes it, ignoring errors.
     pub fn close(&self) -> Result<(), StorageError> {
-        let Some(writer) = lock(&self.writer).take() else {
-            return Ok(());
-        };
-        lock(&self.shared.queue).closing = true;
-        self.shared.queue_ready.notify_all();
-        let joined = writer.join();
+        {
+            let mut queue = lock(&self.shared.queue);
+            if queue.closing {
+                return Ok(());
+            }
+            queue.closing = true;
+            // The pool completes everything queued before the log is closed.
+            while queue.scheduled {
+                queue = self
+                    .shared
+                    .queue_ready
+                    .wait(queue)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
         let mut write = lock(&self.shared.write);
         lock(&self.shared.queue).check_not_poisoned()?;
-        if joined.is_err() {
-            return Err(StorageError::Poisoned {
-                cause: "the writer thread panicked".into(),
-            });
-        }
         self.shared.sync_active_files()?;
         if !write.clean_marker {
             let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
@@ -537,7 +535,7 @@ impl Queue {
         if let Some(path) = &self.no_space {
             return Err(StorageError::NoSpace { path: path.clone() });
         }
-        if self.closing || self.writer_gone {
+        if self.closing {
             return Err(StorageError::Closed);
         }
         Ok(())

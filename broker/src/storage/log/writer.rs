@@ -51,48 +51,8 @@ impl Active {
     }
 }
 
-pub(super) fn run_writer(shared: &Shared) {
-    let _exit = WriterExit(shared);
-    loop {
-        let requests = {
-            let mut queue = lock(&shared.queue);
-            while queue.requests.is_empty() {
-                if queue.closing {
-                    return;
-                }
-                queue = shared
-                    .queue_ready
-                    .wait(queue)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
-            queue.bytes = 0;
-            std::mem::take(&mut queue.requests)
-        };
-        let mut write = lock(&shared.write);
-        shared.process_group(&mut write, requests);
-    }
-}
-
-/// Runs when the writer thread ends, normally or by panic: later appends fail at once
-/// instead of waiting forever, and queued ones are failed.
-struct WriterExit<'a>(&'a Shared);
-
-impl Drop for WriterExit<'_> {
-    fn drop(&mut self) {
-        let requests = {
-            let mut queue = lock(&self.0.queue);
-            queue.writer_gone = true;
-            if std::thread::panicking() && queue.poisoned.is_none() {
-                queue.poisoned = Some("the writer thread panicked".to_owned());
-            }
-            std::mem::take(&mut queue.requests)
-        };
-        drop(requests); // dropped senders resolve their futures with `Closed`
-    }
-}
-
 impl Shared {
-    fn process_group(&self, write: &mut WriteState, requests: Vec<Request>) {
+    pub(super) fn process_group(&self, write: &mut WriteState, requests: Vec<Request>) {
         let mut appends = Vec::with_capacity(requests.len());
         let mut flushes = Vec::new();
         for request in requests {
