@@ -63,20 +63,32 @@ impl WriterPool {
     }
 
     fn run_worker(&'static self) {
+        let mut next: Option<Arc<Shared>> = None;
         loop {
-            let shared = {
-                let mut state = lock(&self.state);
-                loop {
-                    if let Some(shared) = state.logs.pop_front() {
-                        break shared;
+            let shared = match next.take() {
+                Some(shared) => shared,
+                None => {
+                    let mut state = lock(&self.state);
+                    loop {
+                        if let Some(shared) = state.logs.pop_front() {
+                            break shared;
+                        }
+                        state.idle += 1;
+                        state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+                        state.idle -= 1;
                     }
-                    state.idle += 1;
-                    state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
-                    state.idle -= 1;
                 }
             };
             if run_one_group(&shared) {
-                self.schedule(shared);
+                // More arrived: go on with it unless another log is waiting its turn (no
+                // hand-over to another thread when this log is the only busy one).
+                let state = lock(&self.state);
+                if state.logs.is_empty() {
+                    next = Some(shared);
+                } else {
+                    drop(state);
+                    self.schedule(shared);
+                }
             }
         }
     }
