@@ -414,6 +414,11 @@ impl Partition {
                     producers.abort(&header);
                     self.sequence_moved.notify_waiters();
                 }
+                if matches!(error, StorageError::NoSpace { .. }) {
+                    // Settled under the producers lock: a batch that assumed this one would
+                    // succeed was refused by the log, none can be written after the hole.
+                    self.log.resume_writes();
+                }
                 Err(error.into())
             }
         }
@@ -542,7 +547,21 @@ impl Partition {
         let mut offset = from;
         let end = self.log.high_watermark();
         while offset < end {
-            let bytes = self.read(offset, read_bytes_max)?;
+            let bytes = match self.log.read(offset, read_bytes_max as usize) {
+                Ok(bytes) => bytes,
+                // Damaged offsets were logged by storage; what they held (producer state,
+                // commits) is re-learnt from later batches or answered as unknown.
+                Err(e) if e.damaged_offsets().is_some() => {
+                    let skip = e.damaged_offsets().expect("checked");
+                    tracing::error!(
+                        topic = %self.topic, partition = self.index, error = %e,
+                        "replay: skipping damaged offsets [{}, {})", skip.from, skip.to
+                    );
+                    offset = skip.to.max(offset + 1);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let before = offset;
             let (batches, _) = batch::split_batches(bytes);
             for batch in batches {
