@@ -1,13 +1,14 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
-//! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
-//! ([`server`]), configuration ([`config`]) and what it measures ([`metrics`]). The `ketch`
-//! binary (crate `ketch-cli`) wraps it.
+//! node ([`cluster`]), the consumer-group coordinator ([`group`]) and its durable store
+//! ([`groups`]), the QUIC server ([`server`]), configuration ([`config`]) and what it measures
+//! ([`metrics`]). The `ketch` binary (crate `ketch-cli`) wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
 
 pub mod cluster;
 pub mod config;
 pub mod group;
+pub mod groups;
 pub mod metrics;
 pub mod server;
 pub mod storage;

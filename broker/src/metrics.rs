@@ -410,7 +410,7 @@ pub(crate) fn collect(state: &State) {
         })
     };
     {
-        let groups = state.groups.lock().expect("groups lock");
+        let groups = state.groups.coordinator();
         for summary in groups.list_groups() {
             gauge!(GROUP_MEMBERS, "group" => summary.group.clone()).set(summary.members as f64);
             let Some(described) = groups.describe(&summary.group, &lag_of) else {
