@@ -20,6 +20,14 @@ cargo build --locked --workspace --all-targets
 step "Rust tests"
 cargo test --locked --workspace --no-fail-fast
 
+step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"
+(
+  cd sdk-node
+  npm install --no-audit --no-fund
+  npm run build
+  npm test
+)
+
 step "PROTOCOL.md tables match the code"
 python3 protocol/tools/gen_protocol_tables.py --check
 
