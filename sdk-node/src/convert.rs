@@ -10,11 +10,12 @@
 //! Consume: per record `topic index, partition, offset, timestamp, key length, value length,
 //! header count`, then per header `key length, value length`; bytes in the same order. Topic
 //! names travel once per chunk in a table.
+//!
+//! No napi here (errors are messages the caller maps), so `tests/conversions.rs` can test it
+//! outside Node.
 
 use bytes::Bytes;
 use ketch_client::{ConsumerRecord, Header, ProducerRecord};
-
-use crate::error::invalid_argument;
 
 /// Numbers per produced record before its headers.
 const PRODUCE_RECORD_NUMBERS: usize = 5;
@@ -26,40 +27,38 @@ struct Numbers<'a> {
 }
 
 impl Numbers<'_> {
-    fn next(&mut self, what: &str) -> napi::Result<f64> {
-        let number = *self.numbers.get(self.at).ok_or_else(|| {
-            invalid_argument(format!(
-                "packed records end early: no {what} at {}",
-                self.at
-            ))
-        })?;
+    fn next(&mut self, what: &str) -> Result<f64, String> {
+        let number = *self
+            .numbers
+            .get(self.at)
+            .ok_or_else(|| format!("packed records end early: no {what} at {}", self.at))?;
         self.at += 1;
         Ok(number)
     }
 
     /// A non-negative integer below 2^32, or `None` for -1.
-    fn optional_u32(&mut self, what: &str) -> napi::Result<Option<u32>> {
+    fn optional_u32(&mut self, what: &str) -> Result<Option<u32>, String> {
         let number = self.next(what)?;
         if number == -1.0 {
             return Ok(None);
         }
         if number.fract() != 0.0 || !(0.0..=f64::from(u32::MAX)).contains(&number) {
-            return Err(invalid_argument(format!(
+            return Err(format!(
                 "packed records: {what} {number} is not -1 or a 32-bit unsigned integer"
-            )));
+            ));
         }
         Ok(Some(number as u32))
     }
 }
 
 /// Cuts `len` bytes off the front of `data` (shared, not copied).
-fn take(data: &mut Bytes, len: Option<u32>, what: &str) -> napi::Result<Option<Bytes>> {
+fn take(data: &mut Bytes, len: Option<u32>, what: &str) -> Result<Option<Bytes>, String> {
     let Some(len) = len else { return Ok(None) };
     let len = len as usize;
     if len > data.len() {
-        return Err(invalid_argument(format!(
+        return Err(format!(
             "packed records: {what} of {len} bytes runs past the end of the data"
-        )));
+        ));
     }
     Ok(Some(data.split_to(len)))
 }
@@ -69,7 +68,7 @@ pub(crate) fn unpack_records(
     topic: &str,
     numbers: &[f64],
     data: &[u8],
-) -> napi::Result<Vec<ProducerRecord>> {
+) -> Result<Vec<ProducerRecord>, String> {
     // One copy of all the bytes; every key, value and header is a slice of it.
     let mut data = Bytes::copy_from_slice(data);
     let mut numbers = Numbers { numbers, at: 0 };
@@ -82,22 +81,22 @@ pub(crate) fn unpack_records(
         } else if timestamp.fract() == 0.0 && timestamp.abs() <= MAX_SAFE_INTEGER {
             Some(timestamp as i64)
         } else {
-            return Err(invalid_argument(format!(
+            return Err(format!(
                 "timestamp {timestamp} is not a safe integer of milliseconds"
-            )));
+            ));
         };
         let key_len = numbers.optional_u32("key length")?;
         let value_len = numbers.optional_u32("value length")?;
         let header_count = numbers
             .optional_u32("header count")?
-            .ok_or_else(|| invalid_argument("packed records: header count is -1"))?;
+            .ok_or_else(|| String::from("packed records: header count is -1"))?;
         let key = take(&mut data, key_len, "key")?;
         let value = take(&mut data, value_len, "value")?;
         let mut headers = Vec::with_capacity(header_count.min(1024) as usize);
         for _ in 0..header_count {
             let key_len = numbers
                 .optional_u32("header key length")?
-                .ok_or_else(|| invalid_argument("a header key is null"))?;
+                .ok_or_else(|| String::from("a header key is null"))?;
             let value_len = numbers.optional_u32("header value length")?;
             let key = take(&mut data, Some(key_len), "header key")?.unwrap_or_default();
             let value = take(&mut data, value_len, "header value")?;
@@ -113,10 +112,10 @@ pub(crate) fn unpack_records(
         });
     }
     if !data.is_empty() {
-        return Err(invalid_argument(format!(
+        return Err(format!(
             "packed records: {} bytes left over after the last record",
             data.len()
-        )));
+        ));
     }
     Ok(records)
 }
@@ -170,7 +169,7 @@ impl PackedChunk {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn record(
@@ -225,11 +224,7 @@ mod tests {
     fn bad_packing_is_an_error_not_a_panic() {
         let check = |numbers: &[f64], data: &[u8], fragment: &str| {
             let error = unpack_records("t", numbers, data).unwrap_err();
-            assert!(
-                error.reason.contains(fragment),
-                "{} lacks {fragment}",
-                error.reason
-            );
+            assert!(error.contains(fragment), "{error} lacks {fragment}");
         };
         check(&[-1.0, f64::NAN, 5.0, -1.0, 0.0], b"abc", "past the end");
         check(&[-1.0, f64::NAN, 1.0, -1.0, 0.0], b"abc", "left over");

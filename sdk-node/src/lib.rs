@@ -11,6 +11,7 @@
 mod client;
 mod consumer;
 mod convert;
+mod encode;
 mod error;
 mod producer;
 

@@ -6,7 +6,8 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::convert::unpack_records;
-use crate::error::{encode, to_napi};
+use crate::encode::encode;
+use crate::error::{invalid_argument, to_napi};
 
 /// Where each record of a batch went, index for index: numbers as typed arrays (no object
 /// per record); `errors` holds `(index, encoded error)` for the records that failed.
@@ -47,7 +48,7 @@ impl NativeProducer {
         numbers: Float64Array,
         data: Buffer,
     ) -> Result<PromiseRaw<'env, DeliveryReport>> {
-        let records = unpack_records(&topic, &numbers, &data)?;
+        let records = unpack_records(&topic, &numbers, &data).map_err(invalid_argument)?;
         drop((numbers, data));
         let producer = self.producer.clone();
         env.spawn_future(async move {
