@@ -516,7 +516,7 @@ export class Consumer extends EventEmitter {
       }),
     )
     if (options.topics !== undefined) {
-      this.#native.onRebalance((kind, partitions) => this.#rebalanced(kind, partitions))
+      this.#native.onRebalance(([kind, partitions]) => this.#rebalanced(kind, partitions))
     }
   }
 

@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use futures_util::FutureExt;
-use ketch_client::{Consumer, Offset, Rebalance, TopicPartition};
+use ketch_client::{Consumer, Offset, Rebalance, RebalanceEvents, TopicPartition};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi_derive::napi;
@@ -21,9 +21,9 @@ pub struct RecordChunk {
     pub data: Buffer,
 }
 
-/// The JS side of rebalance events: called with the kind (`"assign"`, `"revoke"`, `"lost"`)
-/// and the partitions; the next event waits until its Promise settles. Weak, so it never
-/// keeps the process alive.
+/// The JS side of rebalance events: called with one `[kind, partitions]` array (kind
+/// `"assign"`, `"revoke"` or `"lost"`); the next event waits until its Promise settles. Weak,
+/// so it never keeps the process alive.
 type RebalanceCallback = ThreadsafeFunction<
     (String, Vec<NativeTopicPartition>),
     Promise<Option<bool>>,
@@ -42,11 +42,15 @@ pub struct NativeConsumer {
     pending_error: Mutex<Option<ketch_client::Error>>,
     /// Set on close (and dropped with the handle): ends the rebalance event task.
     closed: watch::Sender<bool>,
+    /// Subscribed as the consumer is made, so the first assignment is not missed; taken by
+    /// `on_rebalance`.
+    events: Mutex<Option<RebalanceEvents>>,
 }
 
 impl NativeConsumer {
     pub(crate) fn new(consumer: Consumer) -> NativeConsumer {
         NativeConsumer {
+            events: Mutex::new(Some(consumer.rebalance_events())),
             consumer,
             pending_error: Mutex::new(None),
             closed: watch::channel(false).0,
@@ -156,10 +160,11 @@ impl NativeConsumer {
             .position(&TopicPartition::new(topic, partition))
     }
 
-    /// Calls `callback(kind, partitions)` for each rebalance event from now on, one at a
-    /// time: the next waits for the Promise the callback returns.
+    /// Calls `callback([kind, partitions])` for each rebalance event since the consumer was
+    /// made, one at a time: the next waits for the Promise the callback returns. Once per
+    /// consumer.
     #[napi(
-        ts_args_type = "callback: (kind: string, partitions: NativeTopicPartition[]) => Promise<void>"
+        ts_args_type = "callback: (event: [kind: string, partitions: NativeTopicPartition[]]) => Promise<void>"
     )]
     pub fn on_rebalance(
         &self,
@@ -170,7 +175,16 @@ impl NativeConsumer {
             .weak::<true>()
             .callee_handled::<false>()
             .build()?;
-        let mut events = self.consumer.rebalance_events();
+        let mut events = self
+            .events
+            .lock()
+            .expect("events lock")
+            .take()
+            .ok_or_else(|| {
+                to_napi(ketch_client::Error::InvalidOperation(
+                    "rebalance events already have a callback".into(),
+                ))
+            })?;
         let mut closed = self.closed.subscribe();
         napi::bindgen_prelude::spawn(async move {
             loop {
