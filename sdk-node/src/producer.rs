@@ -1,6 +1,5 @@
 //! The producer handle: packed batches in, delivery reports out.
 
-use futures_util::future::join_all;
 use ketch_client::Producer;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -66,9 +65,11 @@ impl NativeProducer {
             let mut offsets = vec![-1.0f64; count];
             let mut timestamps = vec![0.0f64; count];
             let mut failed: Vec<(usize, ketch_client::Error)> = early_errors;
-            let (indexes, futures): (Vec<usize>, Vec<_>) = deliveries.into_iter().unzip();
-            for (index, result) in indexes.into_iter().zip(join_all(futures).await) {
-                match result {
+            // One after the other in this one task: the futures of a batch share its outcome,
+            // which keeps one waker per task (a join of thousands of futures, each with its own
+            // waker, would make every poll scan them all).
+            for (index, delivery) in deliveries {
+                match delivery.await {
                     Ok(metadata) => {
                         partitions[index] = metadata.partition;
                         offsets[index] = metadata.offset as f64;
