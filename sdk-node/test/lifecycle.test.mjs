@@ -80,3 +80,35 @@ test('break out of for await keeps read-ahead records for the next loop', async 
     await consumer.close()
   }
 })
+
+test('the event loop keeps turning while sends wait for buffer space and receives wait for records', async () => {
+  const { monitorEventLoopDelay } = await import('node:perf_hooks')
+  const topic = uniqueTopic('loop')
+  await client.createTopic(topic)
+  // A buffer of 256 KiB for 16 MiB of records: most of the call waits for deliveries to
+  // free space, on the core's runtime.
+  const producer = client.producer({ bufferBytesMax: 256 * 1024, batchBytesMax: 64 * 1024, lingerMs: 1 })
+  const consumer = client.consumer({ partitions: [{ topic, partition: 0 }], start: 'latest' })
+  const waiting = consumer.recv() // pending on the runtime the whole time
+  const delay = monitorEventLoopDelay({ resolution: 5 })
+  let ticks = 0
+  const ticker = setInterval(() => { ticks += 1 }, 10)
+  try {
+    const value = Buffer.alloc(1024, 1)
+    const records = Array.from({ length: 16 * 1024 }, () => ({ value }))
+    delay.enable()
+    const started = performance.now()
+    await within(60_000, 'sendMany through a small buffer', producer.sendMany(topic, records))
+    const elapsed = performance.now() - started
+    delay.disable()
+    const maxMs = delay.max / 1e6
+    assert.ok(elapsed > 50, `the send took ${elapsed.toFixed(0)} ms: long enough to measure`)
+    assert.ok(ticks >= Math.floor(elapsed / 10 / 4), `${ticks} ticks of 10 ms in ${elapsed.toFixed(0)} ms`)
+    assert.ok(maxMs < 250, `the event loop stalled for ${maxMs.toFixed(0)} ms`)
+  } finally {
+    clearInterval(ticker)
+    await producer.close()
+    await consumer.close()
+    await waiting.catch(() => {})
+  }
+})
