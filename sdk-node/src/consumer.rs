@@ -1,5 +1,6 @@
 //! The consumer handle: packed chunks of records out, rebalance events to a JS callback.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use futures_util::FutureExt;
@@ -42,15 +43,21 @@ pub struct NativeConsumer {
     pending_error: Mutex<Option<ketch_client::Error>>,
     /// Set on close (and dropped with the handle): ends the rebalance event task.
     closed: watch::Sender<bool>,
-    /// Subscribed as the consumer is made, so the first assignment is not missed; taken by
-    /// `on_rebalance`.
-    events: Mutex<Option<RebalanceEvents>>,
+    /// Subscribed as the consumer is made, with the assignment seen right after subscribing;
+    /// taken by `on_rebalance`.
+    events: Mutex<Option<(RebalanceEvents, Vec<TopicPartition>)>>,
 }
 
 impl NativeConsumer {
     pub(crate) fn new(consumer: Consumer) -> NativeConsumer {
+        // The core starts the consumer's tasks before it returns, so events may have been
+        // emitted already. The core updates the assignment before it emits, so the snapshot
+        // taken after subscribing holds whatever this receiver missed; `on_rebalance` reports
+        // it first and skips what the receiver repeats of it.
+        let events = consumer.rebalance_events();
+        let assigned = consumer.assignment();
         NativeConsumer {
-            events: Mutex::new(Some(consumer.rebalance_events())),
+            events: Mutex::new(Some((events, assigned))),
             consumer,
             pending_error: Mutex::new(None),
             closed: watch::channel(false).0,
@@ -175,30 +182,56 @@ impl NativeConsumer {
             .weak::<true>()
             .callee_handled::<false>()
             .build()?;
-        let mut events = self
-            .events
-            .lock()
-            .expect("events lock")
-            .take()
-            .ok_or_else(|| {
-                to_napi(ketch_client::Error::InvalidOperation(
-                    "rebalance events already have a callback".into(),
-                ))
-            })?;
+        let (mut events, assigned) =
+            self.events
+                .lock()
+                .expect("events lock")
+                .take()
+                .ok_or_else(|| {
+                    to_napi(ketch_client::Error::InvalidOperation(
+                        "rebalance events already have a callback".into(),
+                    ))
+                })?;
         let mut closed = self.closed.subscribe();
         napi::bindgen_prelude::spawn(async move {
+            // Partitions reported as assigned: an assignment the snapshot already reported is
+            // not reported again.
+            let mut known: BTreeSet<TopicPartition> = BTreeSet::new();
+            let mut first = (!assigned.is_empty()).then_some(Rebalance::Assigned(assigned));
             loop {
-                let event = tokio::select! {
-                    event = events.recv() => event,
-                    _ = closed.wait_for(|closed| *closed) => None,
+                let event = match first.take() {
+                    Some(event) => Some(event),
+                    None => tokio::select! {
+                        event = events.recv() => event,
+                        _ = closed.wait_for(|closed| *closed) => None,
+                    },
                 };
                 // core: the awaited on_revoked listener (issue 9) replaces this broadcast;
                 // until then a revocation is reported after the partitions are released.
                 let (kind, partitions) = match event {
                     None => break,
-                    Some(Rebalance::Assigned(partitions)) => ("assign", partitions),
-                    Some(Rebalance::Revoked(partitions)) => ("revoke", partitions),
-                    Some(Rebalance::Lost(partitions)) => ("lost", partitions),
+                    Some(Rebalance::Assigned(partitions)) => {
+                        let new: Vec<_> = partitions
+                            .into_iter()
+                            .filter(|p| known.insert(p.clone()))
+                            .collect();
+                        if new.is_empty() {
+                            continue;
+                        }
+                        ("assign", new)
+                    }
+                    Some(Rebalance::Revoked(partitions)) => {
+                        partitions.iter().for_each(|p| {
+                            known.remove(p);
+                        });
+                        ("revoke", partitions)
+                    }
+                    Some(Rebalance::Lost(partitions)) => {
+                        partitions.iter().for_each(|p| {
+                            known.remove(p);
+                        });
+                        ("lost", partitions)
+                    }
                     Some(_) => continue,
                 };
                 let args = (kind.to_owned(), topic_partitions(partitions));
