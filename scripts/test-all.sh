@@ -52,6 +52,14 @@ target/py-venv/bin/pip install --quiet 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=
 # -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
 target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
 
+step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"
+(
+  cd sdk-node
+  npm install --no-audit --no-fund
+  npm run build
+  npm test
+)
+
 step "PROTOCOL.md tables match the code"
 python3 protocol/tools/gen_protocol_tables.py --check
 
