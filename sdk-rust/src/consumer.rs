@@ -24,14 +24,16 @@ use futures_util::Stream;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
-    ApiVersionsRequest, CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest,
+    CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest,
     GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest,
     TopicPartitions,
 };
+use futures_util::FutureExt;
+use futures_util::future::Shared as SharedFuture;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::TopicPartition;
+use crate::{BoxFuture, TopicPartition};
 use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
@@ -40,20 +42,58 @@ use crate::error::{Error, Result};
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    pub topic: String,
+    /// The record's topic, shared by every record of its partition (no allocation per
+    /// record).
+    pub topic: Arc<str>,
+    /// The record's partition.
     pub partition: u32,
+    /// The record's offset in its partition.
     pub offset: i64,
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
+    /// The record's key, if it has one (a slice of the fetched bytes, not a copy).
     pub key: Option<Bytes>,
+    /// The record's value; `None` for a tombstone.
     pub value: Option<Bytes>,
+    /// The record's headers, in order.
     pub headers: Vec<Header>,
 }
 
 impl ConsumerRecord {
     /// The record's partition.
     pub fn topic_partition(&self) -> TopicPartition {
-        TopicPartition::new(self.topic.clone(), self.partition)
+        TopicPartition::new(&*self.topic, self.partition)
+    }
+}
+
+/// Hooks a group consumer awaits when its partitions change (see
+/// [`Client::subscribe_with_listener`](crate::Client::subscribe_with_listener)).
+///
+/// Each call gets a [`Consumer`] handle on the consumer it concerns (to commit, seek or
+/// look at positions; keeping it does not keep the consumer open) and is bounded by
+/// [`ConsumerConfig::assignment_listener_timeout`]. Calls are never concurrent.
+pub trait AssignmentListener: Send + Sync + std::fmt::Debug + 'static {
+    /// These partitions are now this consumer's; no record of them has been read yet
+    /// (a [`seek`](Consumer::seek) here sets where reading starts).
+    fn on_assigned(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
+    }
+
+    /// These partitions are about to go back to the group: `recv` hands out no more of
+    /// their records, and they are released only after this returns, so committing here
+    /// ([`Consumer::commit_partitions`]) is what makes manual commits duplicate-free. Also
+    /// called for every partition on [`Consumer::close`].
+    fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
+    }
+
+    /// The group forgot this member (session timeout, fenced): these partitions may already
+    /// be someone else's, so do not commit them.
+    fn on_lost(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
     }
 }
 
@@ -145,29 +185,29 @@ impl RebalanceEvents {
 #[derive(Debug, Clone)]
 pub struct Consumer {
     shared: Arc<Shared>,
-    _handle: Arc<HandleGuard>,
+    /// `None` in the handles given to an [`AssignmentListener`], which must not keep the
+    /// consumer open.
+    _handle: Option<Arc<HandleGuard>>,
 }
 
-/// Dropped with the last user handle: commits (with auto-commit) and leaves the group in the
-/// background, on the runtime the consumer was made on.
+/// Dropped with the last user handle: closes the consumer (commits with auto-commit, leaves
+/// the group) in the background, on the client's runtime.
 #[derive(Debug)]
 struct HandleGuard {
     shared: Arc<Shared>,
-    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for HandleGuard {
     fn drop(&mut self) {
-        let shared = self.shared.clone();
-        if shared.closed.load(Ordering::SeqCst) {
-            return;
+        if !self.shared.closed.load(Ordering::SeqCst) {
+            // A runtime that is shutting down drops the task unrun, and its own tasks with it.
+            let _ = self.shared.close();
         }
-        // A runtime that is shutting down drops the task unrun, and its own tasks with it.
-        self.runtime.spawn(async move {
-            let _ = shared.close().await;
-        });
     }
 }
+
+/// The outcome of the one close of a consumer, shared by every caller of `close`.
+type CloseFuture = SharedFuture<BoxFuture<Result<()>>>;
 
 #[derive(Debug)]
 struct Shared {
@@ -175,12 +215,16 @@ struct Shared {
     config: ConsumerConfig,
     /// `Some` for a group member: the topics it subscribes to.
     subscription: Option<Vec<String>>,
+    listener: Option<Arc<dyn AssignmentListener>>,
     state: Mutex<State>,
     inbox: tokio::sync::Mutex<Inbox>,
     wake_fetcher: Notify,
     events: broadcast::Sender<Rebalance>,
     cancel: CancellationToken,
     closed: AtomicBool,
+    /// The close, started once (on a task of its own, so that it finishes whatever happens
+    /// to the future of the `close` call that started it).
+    closing: Mutex<Option<CloseFuture>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -229,6 +273,9 @@ struct Chunk {
 struct Inbox {
     receiver: mpsc::Receiver<Result<Chunk>>,
     current: Option<Chunk>,
+    /// An error taken from the channel by `recv_many` after it had records to return: the
+    /// next `recv` or `recv_many` reports it.
+    error: Option<Error>,
 }
 
 impl State {
@@ -343,6 +390,7 @@ fn assignment_diff(
 /// byte limit with no complete batch before it.
 fn decode_fetched(
     partition: &TopicPartition,
+    topic: &Arc<str>,
     fetch_offset: i64,
     bytes: Bytes,
 ) -> (Vec<ConsumerRecord>, Option<Error>, bool) {
@@ -371,7 +419,7 @@ fn decode_fetched(
                 continue;
             }
             records.push(ConsumerRecord {
-                topic: partition.topic.clone(),
+                topic: topic.clone(),
                 partition: partition.partition,
                 offset: record.offset,
                 timestamp: record.timestamp,
@@ -388,7 +436,8 @@ impl Consumer {
     pub(crate) fn subscribe(
         client: Client,
         config: ConsumerConfig,
-        topics: &[&str],
+        topics: Vec<String>,
+        listener: Option<Arc<dyn AssignmentListener>>,
     ) -> Result<Consumer> {
         if config.group.is_none() {
             return Err(Error::Config("subscribing needs a group".into()));
@@ -396,8 +445,7 @@ impl Consumer {
         if topics.is_empty() {
             return Err(Error::Config("subscribe to at least one topic".into()));
         }
-        let topics = topics.iter().map(|t| (*t).to_owned()).collect();
-        Consumer::start(client, config, Some(topics), &[])
+        Consumer::start(client, config, Some(topics), listener, &[])
     }
 
     pub(crate) fn assign(
@@ -408,48 +456,62 @@ impl Consumer {
         if partitions.is_empty() {
             return Err(Error::Config("assign at least one partition".into()));
         }
-        Consumer::start(client, config, None, partitions)
+        Consumer::start(client, config, None, None, partitions)
     }
 
     fn start(
         client: Client,
         config: ConsumerConfig,
         subscription: Option<Vec<String>>,
+        listener: Option<Arc<dyn AssignmentListener>>,
         partitions: &[TopicPartition],
     ) -> Result<Consumer> {
         config.validate()?;
+        client.inner.check_open()?;
         let (sender, receiver) = mpsc::channel(config.prefetch_chunks_max);
         let mut state = State::default();
         for partition in partitions {
             state.add(partition.clone(), config.partition_fetch_bytes_max);
         }
+        let runtime = client.inner.runtime.clone();
         let shared = Arc::new(Shared {
+            cancel: client.inner.closed.child_token(),
             client,
             subscription,
+            listener,
             state: Mutex::new(state),
             inbox: tokio::sync::Mutex::new(Inbox {
                 receiver,
                 current: None,
+                error: None,
             }),
             wake_fetcher: Notify::new(),
             events: broadcast::channel(64).0,
-            cancel: CancellationToken::new(),
             closed: AtomicBool::new(false),
+            closing: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             config,
         });
-        let mut tasks = vec![tokio::spawn(fetcher(shared.clone(), sender.clone()))];
+        let mut tasks = vec![runtime.spawn(fetcher(shared.clone(), sender.clone()))];
         if shared.config.group.is_some() {
-            tasks.push(tokio::spawn(coordinator(shared.clone(), sender)));
+            tasks.push(runtime.spawn(coordinator(shared.clone(), sender)));
         }
         *shared.tasks.lock().expect("tasks lock") = tasks;
         Ok(Consumer {
-            _handle: Arc::new(HandleGuard {
+            _handle: Some(Arc::new(HandleGuard {
                 shared: shared.clone(),
-                runtime: tokio::runtime::Handle::current(),
-            }),
+            })),
             shared,
         })
+    }
+
+    /// A handle for an [`AssignmentListener`] call: shares everything but does not keep
+    /// the consumer open.
+    fn for_listener(shared: &Arc<Shared>) -> Consumer {
+        Consumer {
+            shared: shared.clone(),
+            _handle: None,
+        }
     }
 
     /// The next record. Waits for one; fails with fetch errors that retrying cannot fix
@@ -460,8 +522,11 @@ impl Consumer {
     pub async fn recv(&self) -> Result<ConsumerRecord> {
         let mut inbox = self.shared.inbox.lock().await;
         loop {
-            if self.shared.closed.load(Ordering::SeqCst) {
+            if self.shared.is_closed() {
                 return Err(Error::Closed);
+            }
+            if let Some(error) = inbox.error.take() {
+                return Err(error);
             }
             if let Some(chunk) = &mut inbox.current {
                 let mut state = self.shared.state.lock().expect("consumer state lock");
@@ -479,6 +544,86 @@ impl Consumer {
                 None => return Err(Error::Closed),
             }
         }
+    }
+
+    /// Up to `max_records` records at once: waits up to `timeout` for the first, then takes
+    /// what is already queued without waiting more. An empty `Vec` when nothing came within
+    /// `timeout`. Fails like [`recv`](Consumer::recv) when no record came first (an error
+    /// met after some records is reported by the next call).
+    ///
+    /// Cancel-safe: records are handed out only when this future completes.
+    ///
+    /// ```no_run
+    /// # async fn example(consumer: ketch_client::Consumer) -> Result<(), ketch_client::Error> {
+    /// use std::time::Duration;
+    /// let records = consumer.recv_many(500, Duration::from_millis(100)).await?;
+    /// println!("{} records", records.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv_many(
+        &self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ConsumerRecord>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Ok(mut inbox) = tokio::time::timeout_at(deadline, self.shared.inbox.lock()).await
+        else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        while records.len() < max_records {
+            if self.shared.is_closed() {
+                return if records.is_empty() {
+                    Err(Error::Closed)
+                } else {
+                    Ok(records)
+                };
+            }
+            if records.is_empty()
+                && let Some(error) = inbox.error.take()
+            {
+                return Err(error);
+            }
+            if let Some(chunk) = &mut inbox.current {
+                let mut state = self.shared.state.lock().expect("consumer state lock");
+                while records.len() < max_records {
+                    let Some(record) = chunk.records.next() else {
+                        break;
+                    };
+                    if state.accept(&chunk.partition, chunk.epoch, record.offset) {
+                        records.push(record);
+                    }
+                }
+                if records.len() == max_records {
+                    break;
+                }
+                drop(state);
+                inbox.current = None;
+            }
+            let next = if records.is_empty() {
+                match tokio::time::timeout_at(deadline, inbox.receiver.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            } else {
+                match inbox.receiver.try_recv() {
+                    Ok(next) => Some(next),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            match next {
+                Some(Ok(chunk)) => inbox.current = Some(chunk),
+                Some(Err(error)) if records.is_empty() => return Err(error),
+                Some(Err(error)) => {
+                    inbox.error = Some(error);
+                    break;
+                }
+                None if records.is_empty() => return Err(Error::Closed),
+                None => break,
+            }
+        }
+        Ok(records)
     }
 
     /// The records as a stream (each item is what [`recv`](Consumer::recv) returns).
@@ -551,14 +696,34 @@ impl Consumer {
         self.shared.commit(offsets).await
     }
 
+    /// Commits the positions of these partitions (those that moved since the last commit),
+    /// typically from [`AssignmentListener::on_revoked`]. Needs a group.
+    pub async fn commit_partitions(&self, partitions: &[TopicPartition]) -> Result<()> {
+        let offsets = self
+            .shared
+            .state
+            .lock()
+            .expect("consumer state lock")
+            .uncommitted()
+            .into_iter()
+            .filter(|(partition, _)| partitions.contains(partition))
+            .collect();
+        self.shared.commit(offsets).await
+    }
+
     /// Commits explicit offsets: for each partition, the offset of the next record to read
     /// (the last processed offset + 1). Needs a group.
     pub async fn commit_offsets(&self, offsets: &[(TopicPartition, i64)]) -> Result<()> {
         self.shared.commit(offsets.to_vec()).await
     }
 
-    /// Commits (with auto-commit), leaves the group and stops the background tasks. `recv`
-    /// fails with [`Error::Closed`] afterwards.
+    /// Stops the background tasks (and with them every push stream and heartbeat), calls
+    /// the listener's `on_revoked` for the partitions held, commits (with auto-commit) and
+    /// leaves the group. `recv` fails with [`Error::Closed`] from the moment this is called.
+    ///
+    /// Cancel-safe and idempotent: the close runs on a task of its own, so it completes even
+    /// if this future is dropped; every call (on any clone) waits for that one close and
+    /// reports its outcome.
     pub async fn close(&self) -> Result<()> {
         self.shared.close().await
     }
@@ -577,9 +742,53 @@ impl Shared {
         }
     }
 
-    async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || self.client.inner.is_closed()
+    }
+
+    /// Starts the close (once) and returns its shared outcome.
+    fn close(self: &Arc<Self>) -> CloseFuture {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut closing = self.closing.lock().expect("closing lock");
+        if let Some(close) = &*closing {
+            return close.clone();
+        }
+        let shared = self.clone();
+        let task = self
+            .client
+            .inner
+            .runtime
+            .spawn(async move { shared.shut_down().await });
+        let close: BoxFuture<Result<()>> =
+            Box::pin(async move { task.await.unwrap_or(Err(Error::Closed)) });
+        let close = close.shared();
+        *closing = Some(close.clone());
+        close
+    }
+
+    async fn shut_down(self: Arc<Self>) -> Result<()> {
+        // The tasks first: no heartbeat, reconciliation or stream outlives this point.
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if self.subscription.is_some() {
+            let held: Vec<TopicPartition> = {
+                let mut state = self.state.lock().expect("consumer state lock");
+                let held: Vec<_> = state.partitions.keys().cloned().collect();
+                for partition in &held {
+                    let epoch = state.epoch();
+                    if let Some(s) = state.partitions.get_mut(partition) {
+                        s.epoch = epoch;
+                        s.fetch = FetchPosition::Paused;
+                    }
+                }
+                held
+            };
+            if !held.is_empty() {
+                call_listener(&self, ListenerCall::Revoked, held).await;
+            }
         }
         let mut result = Ok(());
         if self.config.auto_commit && self.config.group.is_some() {
@@ -601,11 +810,6 @@ impl Shared {
                     tracing::debug!(%error, "leaving the group failed");
                 }
             }
-        }
-        self.cancel.cancel();
-        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
-        for task in tasks {
-            let _ = task.await;
         }
         result
     }
@@ -658,7 +862,8 @@ impl Shared {
                         partition_state.committed = Some(*offset);
                     }
                 } else if first_error.is_none() {
-                    first_error = Some(Error::from_code(
+                    first_error = Some(Error::for_partition(
+                        partition,
                         error,
                         format!("committing {partition} at {offset} failed"),
                     ));
@@ -760,7 +965,7 @@ fn restart_streams(
             continue;
         }
         let cancel = shared.cancel.child_token();
-        let task = tokio::spawn(push_stream(
+        let task = shared.client.inner.runtime.spawn(push_stream(
             shared.clone(),
             sender.clone(),
             partition.clone(),
@@ -838,6 +1043,8 @@ async fn read_pushes(
     epoch: u64,
     attempt: &mut u32,
 ) -> Result<()> {
+    // One allocation of the topic name for every record this stream delivers.
+    let topic: Arc<str> = partition.topic.as_str().into();
     loop {
         let Some((mut offset, push_bytes)) = stream_position(shared, partition, epoch) else {
             return Ok(());
@@ -866,7 +1073,7 @@ async fn read_pushes(
                 )));
             };
             if let Some(error) =
-                handle_fetched(shared, sender, partition, offset, epoch, answer).await?
+                handle_fetched(shared, sender, partition, &topic, offset, epoch, answer).await?
             {
                 return Err(error);
             }
@@ -882,16 +1089,13 @@ async fn read_pushes(
 
 /// Checks that a broker whose push stream has been quiet for `timeout` is still there: a
 /// stream waiting for records has no request timeout of its own, and a broker that restarted
-/// never resets the old connection. A probe left unanswered for `timeout` closes the
-/// connection (see `Transport::call`), which ends every stream on it.
+/// never resets the old connection. A check left unanswered for `timeout` closes the
+/// connection (see `Transport::check_liveness`), which ends every stream on it.
 async fn probe(shared: &Shared, leader: SocketAddr, timeout: Duration) -> Result<()> {
     let transport = &shared.client.inner.transport;
-    match transport
-        .call(leader, &ApiVersionsRequest {}, timeout)
-        .await
-    {
-        // Any answer, even a refusal, says the broker is there.
-        Ok(_) | Err(Error::Broker { .. }) => Ok(()),
+    match transport.check_liveness(leader, timeout).await {
+        Ok(()) => Ok(()),
+        Err(Error::Closed) => Err(Error::Closed),
         Err(error) => Err(Error::Transport(format!(
             "{leader} did not answer while a push stream waited: {error}"
         ))),
@@ -914,6 +1118,7 @@ async fn handle_fetched(
     shared: &Shared,
     sender: &mpsc::Sender<Result<Chunk>>,
     partition: &TopicPartition,
+    topic: &Arc<str>,
     offset: i64,
     epoch: u64,
     answer: FetchPartitionResponse,
@@ -941,7 +1146,8 @@ async fn handle_fetched(
                 }
             };
             if paused {
-                let error = Error::from_code(
+                let error = Error::for_partition(
+                    partition,
                     ErrorCode::OffsetOutOfRange,
                     format!("offset {offset} of {partition} is out of range"),
                 );
@@ -950,7 +1156,8 @@ async fn handle_fetched(
             return Ok(None);
         }
         code => {
-            let error = Error::from_code(
+            let error = Error::for_partition(
+                partition,
                 code,
                 answer
                     .error_message
@@ -964,7 +1171,7 @@ async fn handle_fetched(
             return Ok(None);
         }
     }
-    let (records, error, starved) = decode_fetched(partition, offset, answer.records);
+    let (records, error, starved) = decode_fetched(partition, topic, offset, answer.records);
     if let Some(last) = records.last() {
         let next = last.offset + 1;
         let mut state = shared.state.lock().expect("consumer state lock");
@@ -1070,7 +1277,8 @@ async fn resolve_positions(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>
                 Some(spec) => lookups.push((partition, epoch, spec)),
                 None => {
                     pause(shared, &partition, epoch);
-                    let error = Error::from_code(
+                    let error = Error::for_partition(
+                        &partition,
                         ErrorCode::OffsetOutOfRange,
                         format!(
                             "{partition} has no committed offset and auto_offset_reset is Error"
@@ -1112,7 +1320,11 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
     loop {
         let mut delay = interval;
         if let Some(topics) = &shared.subscription {
-            match heartbeat(&shared, &group, topics).await {
+            let heartbeat = tokio::select! {
+                result = heartbeat(&shared, &group, topics) => result,
+                () = shared.cancel.cancelled() => return,
+            };
+            match heartbeat {
                 Ok((heartbeat_interval, changed)) => {
                     attempt = 0;
                     interval = heartbeat_interval;
@@ -1125,7 +1337,10 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                     ) =>
                 {
                     tracing::info!(%error, "fenced from the group; joining again");
-                    lose_all(&shared);
+                    tokio::select! {
+                        () = lose_all(&shared) => {}
+                        () = shared.cancel.cancelled() => return,
+                    }
                     delay = Duration::ZERO;
                 }
                 Err(error) if error.is_retriable() => {
@@ -1140,14 +1355,21 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the group refused this member");
-                    let _ = sender.send(Err(error)).await;
+                    tokio::select! {
+                        _ = sender.send(Err(error)) => {}
+                        () = shared.cancel.cancelled() => {}
+                    }
                     return;
                 }
             }
         }
         if config.auto_commit && Instant::now() >= next_commit {
             let offsets = shared.state.lock().expect("state").uncommitted();
-            if let Err(error) = shared.commit(offsets).await {
+            let committed = tokio::select! {
+                result = shared.commit(offsets) => result,
+                () = shared.cancel.cancelled() => return,
+            };
+            if let Err(error) = committed {
                 tracing::warn!(%error, "auto-commit failed");
             }
             next_commit = Instant::now() + config.auto_commit_interval;
@@ -1164,7 +1386,11 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
 
 /// One heartbeat and the assignment it brings. Returns the heartbeat interval and whether
 /// partitions were revoked (the coordinator should hear about it at once).
-async fn heartbeat(shared: &Shared, group: &str, topics: &[String]) -> Result<(Duration, bool)> {
+async fn heartbeat(
+    shared: &Arc<Shared>,
+    group: &str,
+    topics: &[String],
+) -> Result<(Duration, bool)> {
     let request = {
         let state = shared.state.lock().expect("consumer state lock");
         GroupHeartbeatRequest {
@@ -1195,8 +1421,10 @@ async fn heartbeat(shared: &Shared, group: &str, topics: &[String]) -> Result<(D
     Ok((interval, revoked))
 }
 
-/// Applies a target assignment: revoke first (committing with auto-commit), then add.
-async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool {
+/// Applies a target assignment: revoke first (the listener's `on_revoked`, then a commit with
+/// auto-commit, all before the next heartbeat gives the partitions back), then add (the
+/// listener's `on_assigned` before the new partitions are read).
+async fn reconcile(shared: &Arc<Shared>, assigned: &BTreeSet<TopicPartition>) -> bool {
     let (revoked, added) = {
         let owned: BTreeSet<_> = shared
             .state
@@ -1227,6 +1455,7 @@ async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool
                 .filter(|(partition, _)| revoked.contains(partition))
                 .collect::<Vec<_>>()
         };
+        call_listener(shared, ListenerCall::Revoked, revoked.clone()).await;
         if shared.config.auto_commit
             && let Err(error) = shared.commit(offsets).await
         {
@@ -1240,20 +1469,65 @@ async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool
         shared.emit(Rebalance::Revoked(revoked.clone()));
     }
     if !added.is_empty() {
-        let mut state = shared.state.lock().expect("state");
-        for partition in &added {
-            state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
+        let mut epochs = Vec::with_capacity(added.len());
+        {
+            let mut state = shared.state.lock().expect("state");
+            for partition in &added {
+                state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
+                let s = state.partitions.get_mut(partition).expect("just added");
+                if shared.listener.is_some() {
+                    // Not read before `on_assigned` returns (unless it seeks).
+                    s.fetch = FetchPosition::Paused;
+                }
+                epochs.push(s.epoch);
+            }
         }
-        drop(state);
+        if shared.listener.is_some() {
+            call_listener(shared, ListenerCall::Assigned, added.clone()).await;
+            let mut state = shared.state.lock().expect("state");
+            for (partition, epoch) in added.iter().zip(epochs) {
+                if let Some(s) = state.partitions.get_mut(partition)
+                    && s.epoch == epoch
+                    && s.fetch == FetchPosition::Paused
+                {
+                    s.fetch = FetchPosition::Committed;
+                }
+            }
+        }
         shared.emit(Rebalance::Assigned(added));
         shared.wake_fetcher.notify_one();
     }
     !revoked.is_empty()
 }
 
+/// Which [`AssignmentListener`] method to call.
+#[derive(Debug, Clone, Copy)]
+enum ListenerCall {
+    Assigned,
+    Revoked,
+    Lost,
+}
+
+/// Calls the listener, if any, and waits for it at most `assignment_listener_timeout`.
+async fn call_listener(shared: &Arc<Shared>, call: ListenerCall, partitions: Vec<TopicPartition>) {
+    let Some(listener) = &shared.listener else {
+        return;
+    };
+    let consumer = Consumer::for_listener(shared);
+    let future = match call {
+        ListenerCall::Assigned => listener.on_assigned(consumer, partitions),
+        ListenerCall::Revoked => listener.on_revoked(consumer, partitions),
+        ListenerCall::Lost => listener.on_lost(consumer, partitions),
+    };
+    let timeout = shared.config.assignment_listener_timeout;
+    if tokio::time::timeout(timeout, future).await.is_err() {
+        tracing::warn!(?call, ?timeout, "the assignment listener did not return in time; going on without it");
+    }
+}
+
 /// The group no longer knows this member: drop every partition without committing and
 /// join again as a new member.
-fn lose_all(shared: &Shared) {
+async fn lose_all(shared: &Arc<Shared>) {
     let lost: Vec<_> = {
         let mut state = shared.state.lock().expect("state");
         state.member_id.clear();
@@ -1262,7 +1536,8 @@ fn lose_all(shared: &Shared) {
     };
     shared.wake_fetcher.notify_one();
     if !lost.is_empty() {
-        shared.emit(Rebalance::Lost(lost));
+        shared.emit(Rebalance::Lost(lost.clone()));
+        call_listener(shared, ListenerCall::Lost, lost).await;
     }
 }
 
@@ -1299,7 +1574,7 @@ mod tests {
     fn fetched_batches_skip_records_below_the_fetch_offset() {
         let mut bytes = batch(10, &["a", "b", "c"]);
         bytes.extend(batch(13, &["d", "e"]));
-        let (records, error, starved) = decode_fetched(&tp(0), 12, Bytes::from(bytes.clone()));
+        let (records, error, starved) = decode_fetched(&tp(0), &"t".into(), 12, Bytes::from(bytes.clone()));
         assert_eq!(error, None);
         assert!(!starved);
         assert_eq!(
@@ -1307,7 +1582,7 @@ mod tests {
             [(12, "c".into()), (13, "d".into()), (14, "e".into())]
         );
         // A whole batch below the offset is skipped without decoding its records.
-        let (records, _, _) = decode_fetched(&tp(0), 13, Bytes::from(bytes));
+        let (records, _, _) = decode_fetched(&tp(0), &"t".into(), 13, Bytes::from(bytes));
         assert_eq!(values(&records)[0], (13, "d".into()));
     }
 
@@ -1318,7 +1593,7 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
         bytes.extend(bad);
-        let (records, error, _) = decode_fetched(&tp(3), 0, Bytes::from(bytes));
+        let (records, error, _) = decode_fetched(&tp(3), &"t".into(), 0, Bytes::from(bytes));
         assert_eq!(values(&records), [(0, "a".into())]);
         match error {
             Some(Error::CorruptBatch {
@@ -1332,9 +1607,9 @@ mod tests {
     fn a_partial_batch_alone_asks_for_more_bytes() {
         let bytes = batch(0, &["a", "b"]);
         let cut = Bytes::from(bytes[..bytes.len() - 3].to_vec());
-        let (records, error, starved) = decode_fetched(&tp(0), 0, cut);
+        let (records, error, starved) = decode_fetched(&tp(0), &"t".into(), 0, cut);
         assert!(records.is_empty() && error.is_none() && starved);
-        let (_, _, starved) = decode_fetched(&tp(0), 0, Bytes::new());
+        let (_, _, starved) = decode_fetched(&tp(0), &"t".into(), 0, Bytes::new());
         assert!(!starved);
     }
 

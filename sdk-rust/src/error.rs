@@ -4,6 +4,8 @@ use ketch_protocol::batch::BatchError;
 use ketch_protocol::frame::ErrorResponse;
 use ketch_protocol::{DecodeError, ErrorCode};
 
+use crate::TopicPartition;
+
 /// Result alias used throughout the client.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -16,7 +18,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// ```
 /// use ketch_client::{Error, ErrorCode};
-/// let error = Error::Broker { code: ErrorCode::NotLeader, raw_code: 15, message: "moved".into() };
+/// let error = Error::Broker {
+///     code: ErrorCode::NotLeader,
+///     raw_code: 15,
+///     message: "moved".into(),
+///     partition: None,
+/// };
 /// assert_eq!(error.code(), Some(ErrorCode::NotLeader));
 /// assert!(error.is_retriable());
 /// ```
@@ -26,11 +33,18 @@ pub enum Error {
     /// The broker answered with an error code (for the whole request or for one partition).
     #[error("broker error {code}: {message}")]
     Broker {
+        /// What went wrong, as this build knows the codes.
         code: ErrorCode,
         /// The number on the wire, which may be newer than this build's [`ErrorCode`]
         /// (then `code` is [`ErrorCode::Unknown`]).
         raw_code: u16,
+        /// The broker's explanation (or the client's, for per-partition codes).
         message: String,
+        /// The partition the failure concerns, for per-partition failures (an offset out of
+        /// range, a refused batch, a failed commit): the caller can [`seek`] it.
+        ///
+        /// [`seek`]: crate::Consumer::seek
+        partition: Option<TopicPartition>,
     },
     /// A configuration value is invalid; the message names it.
     #[error("invalid configuration: {0}")]
@@ -40,7 +54,12 @@ pub enum Error {
     Tls(String),
     /// No QUIC connection could be made to a broker.
     #[error("cannot connect to {addr}: {message}")]
-    Connect { addr: String, message: String },
+    Connect {
+        /// The broker address tried.
+        addr: String,
+        /// Why it failed.
+        message: String,
+    },
     /// An established connection or stream failed (the broker went away, the network broke).
     /// Retriable: the client reconnects.
     #[error("transport: {0}")]
@@ -51,13 +70,21 @@ pub enum Error {
     /// A fetched record batch failed its CRC or structure check.
     #[error("corrupt batch from {topic}/{partition}: {source}")]
     CorruptBatch {
+        /// The batch's topic.
         topic: String,
+        /// The batch's partition.
         partition: u32,
+        /// What the check found.
         source: BatchError,
     },
     /// A record is larger than the producer can ever buffer or send.
     #[error("record of {bytes} bytes exceeds the limit of {limit} bytes")]
-    RecordTooLarge { bytes: usize, limit: usize },
+    RecordTooLarge {
+        /// The record's encoded size.
+        bytes: usize,
+        /// The most the producer takes (`buffer_bytes_max` or the batch format's limit).
+        limit: usize,
+    },
     /// An operation did not complete within its time limit.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -67,6 +94,11 @@ pub enum Error {
     /// The operation does not apply to this handle (for example committing without a group).
     #[error("invalid operation: {0}")]
     InvalidOperation(String),
+    /// A non-blocking call could not proceed without waiting (the producer's buffer is
+    /// full, or the topic's metadata is not loaded yet); the message says which. Retry later
+    /// or use the waiting variant.
+    #[error("would block: {0}")]
+    WouldBlock(String),
 }
 
 impl Error {
@@ -87,8 +119,22 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::Broker { code, .. } => code.is_retriable(),
-            Error::Connect { .. } | Error::Transport(_) | Error::Timeout(_) => true,
+            Error::Connect { .. }
+            | Error::Transport(_)
+            | Error::Timeout(_)
+            | Error::WouldBlock(_) => true,
             _ => false,
+        }
+    }
+
+    /// The partition a per-partition failure concerns.
+    pub fn partition(&self) -> Option<TopicPartition> {
+        match self {
+            Error::Broker { partition, .. } => partition.clone(),
+            Error::CorruptBatch {
+                topic, partition, ..
+            } => Some(TopicPartition::new(topic.clone(), *partition)),
+            _ => None,
         }
     }
 
@@ -106,6 +152,21 @@ impl Error {
             code,
             raw_code: code.as_u16(),
             message: message.into(),
+            partition: None,
+        }
+    }
+
+    /// A broker error about one partition.
+    pub(crate) fn for_partition(
+        partition: &TopicPartition,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::Broker {
+            code,
+            raw_code: code.as_u16(),
+            message: message.into(),
+            partition: Some(partition.clone()),
         }
     }
 }
@@ -116,6 +177,7 @@ impl From<ErrorResponse> for Error {
             code: response.code,
             raw_code: response.raw_code,
             message: response.message,
+            partition: None,
         }
     }
 }
@@ -225,6 +287,16 @@ mod tests {
     }
 
     #[test]
+    fn per_partition_errors_name_their_partition() {
+        let partition = TopicPartition::new("t", 3);
+        let error = Error::for_partition(&partition, ErrorCode::OffsetOutOfRange, "x");
+        assert_eq!(error.partition(), Some(partition));
+        assert_eq!(error.code(), Some(ErrorCode::OffsetOutOfRange));
+        assert_eq!(Error::from_code(ErrorCode::NotLeader, "x").partition(), None);
+        check(Error::WouldBlock("full".into()), None, true, false);
+    }
+
+    #[test]
     fn wire_error_response_keeps_code_number_and_message() {
         let error = Error::from(ErrorResponse {
             code: ErrorCode::Unknown,
@@ -236,7 +308,8 @@ mod tests {
             Error::Broker {
                 code: ErrorCode::Unknown,
                 raw_code: 999,
-                message: "from the future".into()
+                message: "from the future".into(),
+                partition: None,
             }
         );
         assert_eq!(
