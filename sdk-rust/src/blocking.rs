@@ -93,6 +93,16 @@ impl Client {
         Ok(Client { runtime, inner })
     }
 
+    /// Connects another client on this client's runtime (its two threads serve both), so
+    /// that a program with several clients does not run a runtime per client.
+    pub fn connect_sharing_runtime(&self, config: ClientConfig) -> Result<Client> {
+        let inner = self.runtime.block_on(crate::Client::connect(config))?;
+        Ok(Client {
+            runtime: self.runtime.clone(),
+            inner,
+        })
+    }
+
     /// The async client under this one, for mixing both styles.
     pub fn as_async(&self) -> &crate::Client {
         &self.inner

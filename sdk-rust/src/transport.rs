@@ -624,7 +624,6 @@ impl<T: Wire> ResponseStream<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::client::ResolvesClientCert;
 
     #[test]
     fn ca_pem_errors_are_typed() {
