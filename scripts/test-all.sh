@@ -20,6 +20,9 @@ cargo build --locked --workspace --all-targets
 step "Rust tests"
 cargo test --locked --workspace --no-fail-fast
 
+step "behaviour scenarios (tests/scenarios/*.toml), Rust runner against real brokers"
+cargo test --locked -p ketch-client --test scenarios
+
 step "PROTOCOL.md tables match the code"
 python3 protocol/tools/gen_protocol_tables.py --check
 

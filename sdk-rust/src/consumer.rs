@@ -20,24 +20,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::Stream;
+use futures_util::future::Shared as SharedFuture;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
-    CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest,
-    GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest,
-    TopicPartitions,
+    CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest, GroupLeaveRequest,
+    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest, TopicPartitions,
 };
-use futures_util::FutureExt;
-use futures_util::future::Shared as SharedFuture;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::{BoxFuture, TopicPartition};
 use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
 use crate::error::{Error, Result};
+use crate::{BoxFuture, TopicPartition};
 
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +246,9 @@ struct PartitionState {
     committed: Option<i64>,
     /// The push limit asked of the broker; raised when a batch did not fit it.
     fetch_bytes: u32,
+    /// After a seek by time: records older than this are skipped until the first that is
+    /// not (the broker finds the batch holding the time; this finds the record in it).
+    skip_before_timestamp: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,21 +296,31 @@ impl State {
                 position: None,
                 committed: None,
                 fetch_bytes,
+                skip_before_timestamp: None,
             },
         );
     }
 
     /// Accepts a record for delivery if its partition is still assigned under the same epoch
-    /// and it is not below the position, advancing the position past it.
-    fn accept(&mut self, partition: &TopicPartition, epoch: u64, offset: i64) -> bool {
+    /// and it is not below the position (nor before the time of a seek by time), advancing
+    /// the position past it.
+    fn accept(&mut self, partition: &TopicPartition, epoch: u64, record: &ConsumerRecord) -> bool {
         let Some(state) = self.partitions.get_mut(partition) else {
             return false;
         };
+        let offset = record.offset;
         if state.epoch != epoch || state.position.is_some_and(|position| offset < position) {
             return false;
         }
         state.position = Some(offset + 1);
-        true
+        match state.skip_before_timestamp {
+            Some(time) if record.timestamp < time => false,
+            Some(_) => {
+                state.skip_before_timestamp = None;
+                true
+            }
+            None => true,
+        }
     }
 
     fn seek(&mut self, partition: &TopicPartition, offset: Offset) -> Result<()> {
@@ -319,6 +331,10 @@ impl State {
             )));
         };
         state.epoch = epoch;
+        state.skip_before_timestamp = match offset {
+            Offset::Timestamp(ms) => Some(ms),
+            _ => None,
+        };
         (state.fetch, state.position) = match offset {
             Offset::At(offset) => (FetchPosition::At(offset), Some(offset)),
             Offset::Beginning => (FetchPosition::Lookup(OffsetSpec::Earliest), None),
@@ -531,7 +547,7 @@ impl Consumer {
             if let Some(chunk) = &mut inbox.current {
                 let mut state = self.shared.state.lock().expect("consumer state lock");
                 for record in chunk.records.by_ref() {
-                    if state.accept(&chunk.partition, chunk.epoch, record.offset) {
+                    if state.accept(&chunk.partition, chunk.epoch, &record) {
                         return Ok(record);
                     }
                 }
@@ -590,7 +606,7 @@ impl Consumer {
                     let Some(record) = chunk.records.next() else {
                         break;
                     };
-                    if state.accept(&chunk.partition, chunk.epoch, record.offset) {
+                    if state.accept(&chunk.partition, chunk.epoch, &record) {
                         records.push(record);
                     }
                 }
@@ -1521,7 +1537,11 @@ async fn call_listener(shared: &Arc<Shared>, call: ListenerCall, partitions: Vec
     };
     let timeout = shared.config.assignment_listener_timeout;
     if tokio::time::timeout(timeout, future).await.is_err() {
-        tracing::warn!(?call, ?timeout, "the assignment listener did not return in time; going on without it");
+        tracing::warn!(
+            ?call,
+            ?timeout,
+            "the assignment listener did not return in time; going on without it"
+        );
     }
 }
 
@@ -1574,7 +1594,8 @@ mod tests {
     fn fetched_batches_skip_records_below_the_fetch_offset() {
         let mut bytes = batch(10, &["a", "b", "c"]);
         bytes.extend(batch(13, &["d", "e"]));
-        let (records, error, starved) = decode_fetched(&tp(0), &"t".into(), 12, Bytes::from(bytes.clone()));
+        let (records, error, starved) =
+            decode_fetched(&tp(0), &"t".into(), 12, Bytes::from(bytes.clone()));
         assert_eq!(error, None);
         assert!(!starved);
         assert_eq!(
@@ -1615,21 +1636,40 @@ mod tests {
 
     #[test]
     fn records_of_an_old_epoch_or_below_the_position_are_dropped() {
+        let record = |offset: i64, timestamp: i64| ConsumerRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+        };
         let mut state = State::default();
         state.add(tp(0), 1024);
         let epoch = state.partitions[&tp(0)].epoch;
         state.partitions.get_mut(&tp(0)).unwrap().position = Some(5);
-        assert!(!state.accept(&tp(0), epoch, 4));
-        assert!(state.accept(&tp(0), epoch, 5));
+        assert!(!state.accept(&tp(0), epoch, &record(4, 0)));
+        assert!(state.accept(&tp(0), epoch, &record(5, 0)));
         assert_eq!(state.partitions[&tp(0)].position, Some(6));
         // A seek changes the epoch: records fetched before it are dropped.
         state.seek(&tp(0), Offset::At(100)).unwrap();
-        assert!(!state.accept(&tp(0), epoch, 6));
+        assert!(!state.accept(&tp(0), epoch, &record(6, 0)));
         let epoch = state.partitions[&tp(0)].epoch;
         assert_eq!(state.partitions[&tp(0)].fetch, FetchPosition::At(100));
-        assert!(state.accept(&tp(0), epoch, 100));
+        assert!(state.accept(&tp(0), epoch, &record(100, 0)));
         // Unassigned partitions deliver nothing.
-        assert!(!state.accept(&tp(1), epoch, 0));
+        assert!(!state.accept(&tp(1), epoch, &record(0, 0)));
+        // After a seek by time, the records of the found batch older than the time are
+        // skipped; from the first that is not, every record goes (timestamps need not grow).
+        state.seek(&tp(0), Offset::Timestamp(2000)).unwrap();
+        let epoch = state.partitions[&tp(0)].epoch;
+        let accepted: Vec<bool> = [(10, 1000), (11, 1999), (12, 2000), (13, 1500)]
+            .iter()
+            .map(|&(offset, time)| state.accept(&tp(0), epoch, &record(offset, time)))
+            .collect();
+        assert_eq!(accepted, [false, false, true, true]);
+        assert_eq!(state.partitions[&tp(0)].position, Some(14));
     }
 
     #[test]

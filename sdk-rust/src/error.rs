@@ -292,7 +292,10 @@ mod tests {
         let error = Error::for_partition(&partition, ErrorCode::OffsetOutOfRange, "x");
         assert_eq!(error.partition(), Some(partition));
         assert_eq!(error.code(), Some(ErrorCode::OffsetOutOfRange));
-        assert_eq!(Error::from_code(ErrorCode::NotLeader, "x").partition(), None);
+        assert_eq!(
+            Error::from_code(ErrorCode::NotLeader, "x").partition(),
+            None
+        );
         check(Error::WouldBlock("full".into()), None, true, false);
     }
 

@@ -88,8 +88,7 @@ mod transport;
 
 pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
-    NewTopic,
-    PartitionDescription, TopicDescription, TopicSummary,
+    NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
 pub use client::Client;
 pub use config::{

@@ -124,7 +124,9 @@ fn client_identity(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls(format!("client certificate PEM: {e}")))?;
     if chain.is_empty() {
-        return Err(Error::Tls("client certificate PEM holds no certificate".into()));
+        return Err(Error::Tls(
+            "client certificate PEM holds no certificate".into(),
+        ));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| Error::Tls(format!("client key PEM: {e}")))?;
@@ -651,11 +653,12 @@ mod tests {
         };
         let config = rustls_config(&Tls::DangerAcceptInvalidCerts, Some(&good)).unwrap();
         assert!(config.client_auth_cert_resolver.has_certs());
-        let check = |certificate: ClientCertificate, expected: &str| {
-            match rustls_config(&Tls::DangerAcceptInvalidCerts, Some(&certificate)) {
-                Err(Error::Tls(message)) => assert!(message.contains(expected), "{message}"),
-                other => panic!("expected a TLS error naming {expected:?}, got {other:?}"),
-            }
+        let check = |certificate: ClientCertificate, expected: &str| match rustls_config(
+            &Tls::DangerAcceptInvalidCerts,
+            Some(&certificate),
+        ) {
+            Err(Error::Tls(message)) => assert!(message.contains(expected), "{message}"),
+            other => panic!("expected a TLS error naming {expected:?}, got {other:?}"),
         };
         check(
             ClientCertificate::Pem {

@@ -5,168 +5,18 @@
 //! builds every binary before the tests). Each test starts its own broker on an ephemeral
 //! loopback port with a fresh data directory and kills exactly that process when done.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use bytes::Bytes;
 use ketch_client::{
-    AssignmentListener, AutoOffsetReset, BoxFuture, Client, ClientConfig, Consumer,
-    ConsumerConfig, ConsumerRecord, Error, ErrorCode, Header, NewTopic, Offset, ProducerConfig,
-    ProducerRecord, Rebalance, Tls, TopicPartition, partition_for_key,
+    AssignmentListener, AutoOffsetReset, BoxFuture, Client, ClientConfig, Consumer, ConsumerConfig,
+    ConsumerRecord, Error, ErrorCode, Header, NewTopic, Offset, ProducerConfig, ProducerRecord,
+    Rebalance, Tls, TopicPartition, partition_for_key,
 };
-
-/// Every wait in these tests is bounded by this.
-const WAIT_MAX: Duration = Duration::from_secs(30);
-
-/// A running broker process, killed (by PID) on drop.
-struct Broker {
-    child: Child,
-    listen: String,
-    ca: PathBuf,
-    log: PathBuf,
-    data_dir: tempfile::TempDir,
-}
-
-fn ketch_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("KETCH_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/debug/deps/e2e-<hash> -> target/debug/ketch
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("ketch")
-}
-
-impl Broker {
-    fn start() -> anyhow::Result<Broker> {
-        let data_dir = tempfile::tempdir()?;
-        let log = data_dir.path().join("broker.log");
-        let (child, line) = spawn(data_dir.path(), "127.0.0.1:0", &log)?;
-        let mut broker = Broker {
-            child,
-            listen: String::new(),
-            ca: PathBuf::new(),
-            log,
-            data_dir,
-        };
-        for field in line.split_whitespace() {
-            if let Some(listen) = field.strip_prefix("listen=") {
-                broker.listen = listen.to_owned();
-            } else if let Some(ca) = field.strip_prefix("ca=") {
-                broker.ca = PathBuf::from(ca);
-            }
-        }
-        if broker.listen.is_empty() || !broker.ca.exists() {
-            bail!("unexpected ready line {line:?}");
-        }
-        Ok(broker)
-    }
-
-    /// Kills the broker and starts it again on the same port with the same data.
-    fn restart(&mut self) -> anyhow::Result<()> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (child, line) = spawn(self.data_dir.path(), &self.listen, &self.log)?;
-        self.child = child;
-        if !line.contains(&format!("listen={}", self.listen)) {
-            bail!("restarted broker listens elsewhere: {line:?}");
-        }
-        Ok(())
-    }
-
-    /// Kills the broker (SIGKILL, by PID) and leaves it dead.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn config(&self) -> ClientConfig {
-        ClientConfig {
-            bootstrap: vec![self.listen.clone()],
-            tls: Tls::CaFile(self.ca.clone()),
-            request_timeout: Duration::from_secs(10),
-            ..Default::default()
-        }
-    }
-
-    async fn client(&self) -> Client {
-        within(Client::connect(self.config()))
-            .await
-            .expect("connect")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Starts `ketch serve` and waits (bounded) for its ready line.
-fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, String)> {
-    let bin = ketch_bin();
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
-            bin.display()
-        );
-    }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut child = Command::new(&bin)
-        .args(["serve", "--listen", listen, "--data-dir"])
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .with_context(|| format!("spawning {}", bin.display()))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("ketch ready ") {
-                let _ = ready_tx.send(line);
-            }
-        }
-    });
-    match ready_rx.recv_timeout(WAIT_MAX) {
-        Ok(line) => Ok((child, line)),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "no ready line within {WAIT_MAX:?}; broker log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // Only the process this test started, by its PID.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("broker log:\n{}", self.log_text());
-        }
-    }
-}
-
-async fn within<F: Future>(future: F) -> F::Output {
-    tokio::time::timeout(WAIT_MAX, future)
-        .await
-        .expect("operation did not finish within the test bound")
-}
+use support::{Broker, WAIT_MAX, within};
 
 fn text(bytes: &Option<Bytes>) -> String {
     String::from_utf8(bytes.clone().expect("non-null").to_vec()).expect("utf-8")
@@ -916,14 +766,18 @@ async fn a_producer_whose_broker_stays_dead_fails_every_record_after_the_deliver
     }))
     .await
     .expect("producer");
-    within(within(producer.send(ProducerRecord::new("doomed", "alive"))).await.expect("send"))
-        .await
-        .expect("written while the broker lives");
+    within(
+        within(producer.send(ProducerRecord::new("doomed", "alive")))
+            .await
+            .expect("send"),
+    )
+    .await
+    .expect("written while the broker lives");
     broker.kill();
     let started = std::time::Instant::now();
-    let deliveries = within(producer.send_many(
-        (0..50).map(|i| ProducerRecord::new("doomed", format!("lost-{i}"))),
-    ))
+    let deliveries = within(
+        producer.send_many((0..50).map(|i| ProducerRecord::new("doomed", format!("lost-{i}")))),
+    )
     .await;
     let bound = delivery_timeout + Duration::from_secs(5);
     for delivery in deliveries {
@@ -956,7 +810,9 @@ async fn a_dropped_consumer_close_still_releases_its_partitions() {
         .await
         .expect("create topic");
     let config = earliest(Some("close-group"));
-    let first = client.subscribe(config.clone(), ["shared"]).expect("subscribe");
+    let first = client
+        .subscribe(config.clone(), ["shared"])
+        .expect("subscribe");
     wait_until("the first member holds both partitions", || {
         first.assignment().len() == 2
     })
@@ -978,7 +834,9 @@ async fn a_dropped_consumer_close_still_releases_its_partitions() {
         "released by leaving, not by the session timeout: {:?}",
         started.elapsed()
     );
-    within(first.close()).await.expect("the first close's outcome");
+    within(first.close())
+        .await
+        .expect("the first close's outcome");
     assert!(matches!(within(first.recv()).await, Err(Error::Closed)));
     within(second.close()).await.expect("close");
 }
@@ -1072,8 +930,7 @@ async fn manual_commits_in_on_revoked_deliver_each_record_once_across_join_and_l
     let (second, second_task) = member("second");
     within(produce(400, 800)).await;
     wait_until("both members hold partitions", || {
-        first.assignment().len() + second.assignment().len() == 4
-            && !second.assignment().is_empty()
+        first.assignment().len() + second.assignment().len() == 4 && !second.assignment().is_empty()
     })
     .await;
     within(first.close()).await.expect("first leaves");
@@ -1087,7 +944,12 @@ async fn manual_commits_in_on_revoked_deliver_each_record_once_across_join_and_l
     let seen = seen.lock().unwrap().clone();
     let unique: BTreeSet<(u32, i64)> = seen.iter().copied().collect();
     assert_eq!(unique.len(), total, "every record");
-    assert_eq!(seen.len(), total, "each once: {} duplicates", seen.len() - unique.len());
+    assert_eq!(
+        seen.len(),
+        total,
+        "each once: {} duplicates",
+        seen.len() - unique.len()
+    );
     within(producer.close()).await.expect("close");
 }
 
@@ -1105,10 +967,9 @@ async fn batch_calls_send_many_on_delivery_try_send_and_recv_many() {
         .await
         .expect("producer");
     let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
-    let deliveries = within(producer.send_many(
-        (0..300).map(|i| ProducerRecord::new("bulk", format!("r{i}"))),
-    ))
-    .await;
+    let deliveries =
+        within(producer.send_many((0..300).map(|i| ProducerRecord::new("bulk", format!("r{i}")))))
+            .await;
     for delivery in deliveries {
         let reports = reports.clone();
         delivery.expect("queued").on_delivery(move |report| {

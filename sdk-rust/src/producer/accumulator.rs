@@ -444,7 +444,10 @@ mod tests {
             Some(now + Duration::from_secs(1))
         );
         let expired = acc.take_expired(|d| *d <= 2);
-        let expired: Vec<_> = expired.iter().map(|(p, b)| (p.partition, b.ledger)).collect();
+        let expired: Vec<_> = expired
+            .iter()
+            .map(|(p, b)| (p.partition, b.ledger))
+            .collect();
         assert_eq!(expired, [(0, 1), (0, 2)]);
         assert_eq!(acc.batch_counts(&tp(0)), [1]);
         assert!(acc.take_expired(|d| *d <= 2).is_empty());

@@ -893,7 +893,13 @@ impl Sender {
                 // to nobody.
                 self.shared.closing.store(true, Ordering::SeqCst);
                 self.shared.buffer.close();
-                let queued = self.shared.state.lock().expect("state").accumulator.take_all();
+                let queued = self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .accumulator
+                    .take_all();
                 drop(queued);
                 self.retries.clear();
                 break;
@@ -1286,11 +1292,7 @@ async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>)
         .map(InFlightBatch::deadline)
         .min()
         .unwrap_or_else(|| Instant::now() + timeout);
-    let call = shared
-        .client
-        .inner
-        .transport
-        .call(addr, &request, timeout);
+    let call = shared.client.inner.transport.call(addr, &request, timeout);
     let response = match tokio::time::timeout_at(deadline.into(), call).await {
         Ok(response) => response,
         Err(_) => Err(Error::Timeout(format!(
