@@ -2,7 +2,7 @@
 //! end-to-end tests and the scenario runner).
 //!
 //! The broker binary is `$KETCH_BIN`, or `ketch` in the target directory of the test
-//! executable (`cargo build --bin ketch` builds it; the workspace test script builds every
+//! executable (`cargo build -p ketch-cli --bin ketch` builds it; the workspace test script builds every
 //! binary before the tests). Each broker listens on an ephemeral loopback port with a fresh
 //! data directory, and exactly that process is killed (by PID) when done.
 
@@ -109,7 +109,7 @@ fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, St
     let bin = ketch_bin();
     if !bin.exists() {
         bail!(
-            "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
+            "{} does not exist: build it with `cargo build -p ketch-cli --bin ketch` or set KETCH_BIN",
             bin.display()
         );
     }
