@@ -118,9 +118,13 @@ impl Client {
     }
 
     /// A blocking group consumer (see [`crate::Client::subscribe`]).
-    pub fn subscribe(&self, config: ConsumerConfig, topics: &[&str]) -> Result<Consumer> {
-        let _entered = self.runtime.get().enter();
-        let inner = self.inner.subscribe(config, topics)?;
+    pub fn subscribe<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+    ) -> Result<Consumer> {
+        let inner = self.inner.subscribe(group, topics, config)?;
         Ok(Consumer {
             runtime: self.runtime.clone(),
             inner,
@@ -222,10 +226,7 @@ impl Delivery {
 /// ```no_run
 /// # fn example(client: ketch_client::blocking::Client) -> Result<(), ketch_client::Error> {
 /// use ketch_client::ConsumerConfig;
-/// let consumer = client.subscribe(
-///     ConsumerConfig { group: Some("billing".into()), ..Default::default() },
-///     &["orders"],
-/// )?;
+/// let consumer = client.subscribe("billing", ["orders"], ConsumerConfig::default())?;
 /// for record in consumer.iter().take(10) {
 ///     println!("{:?}", record?.value);
 /// }

@@ -138,28 +138,26 @@ impl Client {
         Producer::new(self.clone(), config).await
     }
 
-    /// A consumer of a group's share of `topics`, assigned by the broker. The group is
-    /// `config.group` (required). Needs no runtime context: the consumer's tasks run on the
-    /// client's runtime.
+    /// A member of `group` reading the group's share of `topics`, assigned by the broker.
+    /// (`config.group` may be left `None`; if set, it must name the same group.) Needs no
+    /// runtime context: the consumer's tasks run on the client's runtime.
     ///
     /// ```no_run
     /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
     /// use ketch_client::ConsumerConfig;
-    /// let consumer = client.subscribe(
-    ///     ConsumerConfig { group: Some("billing".into()), ..Default::default() },
-    ///     &["events"],
-    /// )?;
+    /// let consumer = client.subscribe("billing", ["events"], ConsumerConfig::default())?;
     /// let record = consumer.recv().await?;
     /// println!("{}/{}@{}", record.topic, record.partition, record.offset);
     /// # Ok(()) }
     /// ```
     pub fn subscribe<T: AsRef<str>>(
         &self,
-        config: ConsumerConfig,
+        group: impl Into<String>,
         topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
     ) -> Result<Consumer> {
         let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        Consumer::subscribe(self.clone(), config, topics, None)
+        Consumer::subscribe(self.clone(), group.into(), topics, config, None)
     }
 
     /// [`subscribe`](Client::subscribe) with an [`AssignmentListener`]: the consumer awaits
@@ -184,20 +182,28 @@ impl Client {
     /// }
     ///
     /// let consumer = client.subscribe_with_listener(
-    ///     ConsumerConfig { group: Some("billing".into()), auto_commit: false, ..Default::default() },
+    ///     "billing",
     ///     ["events"],
+    ///     ConsumerConfig { auto_commit: false, ..Default::default() },
     ///     CommitOnRevoke,
     /// )?;
     /// # Ok(()) }
     /// ```
     pub fn subscribe_with_listener<T: AsRef<str>>(
         &self,
-        config: ConsumerConfig,
+        group: impl Into<String>,
         topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
         listener: impl AssignmentListener,
     ) -> Result<Consumer> {
         let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        Consumer::subscribe(self.clone(), config, topics, Some(Arc::new(listener)))
+        Consumer::subscribe(
+            self.clone(),
+            group.into(),
+            topics,
+            config,
+            Some(Arc::new(listener)),
+        )
     }
 
     /// A consumer of exactly these partitions, with no group membership (a group in the

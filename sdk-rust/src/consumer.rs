@@ -164,13 +164,13 @@ impl RebalanceEvents {
 /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
 /// use ketch_client::{AutoOffsetReset, ConsumerConfig};
 /// let consumer = client.subscribe(
+///     "billing",
+///     ["orders"],
 ///     ConsumerConfig {
-///         group: Some("billing".into()),
 ///         auto_offset_reset: AutoOffsetReset::Earliest,
 ///         auto_commit: false,
 ///         ..Default::default()
 ///     },
-///     &["orders"],
 /// )?;
 /// loop {
 ///     let record = consumer.recv().await?;
@@ -451,13 +451,19 @@ fn decode_fetched(
 impl Consumer {
     pub(crate) fn subscribe(
         client: Client,
-        config: ConsumerConfig,
+        group: String,
         topics: Vec<String>,
+        mut config: ConsumerConfig,
         listener: Option<Arc<dyn AssignmentListener>>,
     ) -> Result<Consumer> {
-        if config.group.is_none() {
-            return Err(Error::Config("subscribing needs a group".into()));
+        if config.group.as_ref().is_some_and(|other| *other != group) {
+            return Err(Error::Config(format!(
+                "subscribing to group {group:?} with config.group {:?}: leave config.group \
+                 None, or name the same group",
+                config.group.as_deref().unwrap_or_default()
+            )));
         }
+        config.group = Some(group);
         if topics.is_empty() {
             return Err(Error::Config("subscribe to at least one topic".into()));
         }

@@ -33,12 +33,12 @@
 //! producer.close().await?;
 //!
 //! let consumer = client.subscribe(
+//!     "welcome-mails",
+//!     ["events"],
 //!     ConsumerConfig {
-//!         group: Some("welcome-mails".into()),
 //!         auto_offset_reset: AutoOffsetReset::Earliest,
 //!         ..Default::default()
 //!     },
-//!     &["events"],
 //! )?;
 //! let record = consumer.recv().await?;
 //! println!("{:?} => {:?}", record.key, record.value);

@@ -212,7 +212,7 @@ async fn group_consumers_share_partitions_and_commit() {
         ..earliest(Some("billing"))
     };
     let first = client
-        .subscribe(config.clone(), &["orders"])
+        .subscribe("billing", ["orders"], config.clone())
         .expect("subscribe");
     let mut events = first.rebalance_events();
     let records = recv_n(&first, 20).await;
@@ -251,7 +251,9 @@ async fn group_consumers_share_partitions_and_commit() {
     assert!(groups.iter().any(|g| g.group == "billing"), "{groups:?}");
 
     // A second member joins: each ends up with one partition, the first after a revocation.
-    let second = client.subscribe(config, &["orders"]).expect("subscribe");
+    let second = client
+        .subscribe("billing", ["orders"], config)
+        .expect("subscribe");
     within(async {
         loop {
             match events.recv().await {
@@ -811,13 +813,15 @@ async fn a_dropped_consumer_close_still_releases_its_partitions() {
         .expect("create topic");
     let config = earliest(Some("close-group"));
     let first = client
-        .subscribe(config.clone(), ["shared"])
+        .subscribe("close-group", ["shared"], config.clone())
         .expect("subscribe");
     wait_until("the first member holds both partitions", || {
         first.assignment().len() == 2
     })
     .await;
-    let second = client.subscribe(config, ["shared"]).expect("subscribe");
+    let second = client
+        .subscribe("close-group", ["shared"], config)
+        .expect("subscribe");
     wait_until("each member holds one partition", || {
         first.assignment().len() == 1 && second.assignment().len() == 1
     })
@@ -892,7 +896,7 @@ async fn manual_commits_in_on_revoked_deliver_each_record_once_across_join_and_l
     };
     let member = |name: &'static str| {
         let consumer = client
-            .subscribe_with_listener(config.clone(), ["ledger"], CommitOnRevoke)
+            .subscribe_with_listener("ledger-group", ["ledger"], config.clone(), CommitOnRevoke)
             .expect("subscribe");
         let seen = seen.clone();
         let reader = consumer.clone();

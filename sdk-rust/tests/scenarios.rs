@@ -328,12 +328,11 @@ impl Run {
                 auto_commit,
             } => {
                 let config = ConsumerConfig {
-                    group: Some(group.clone()),
                     auto_offset_reset: AutoOffsetReset::Earliest,
                     auto_commit: *auto_commit,
                     ..Default::default()
                 };
-                let handle = self.client.subscribe(config, topics)?;
+                let handle = self.client.subscribe(group, topics, config)?;
                 self.consumers.insert(consumer.clone(), handle);
             }
             Step::Assign {
