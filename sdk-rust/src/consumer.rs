@@ -199,8 +199,9 @@ struct HandleGuard {
 impl Drop for HandleGuard {
     fn drop(&mut self) {
         if !self.shared.closed.load(Ordering::SeqCst) {
-            // A runtime that is shutting down drops the task unrun, and its own tasks with it.
-            let _ = self.shared.close();
+            // The close runs on its own task; its shared outcome is not needed here. A runtime
+            // that is shutting down drops the task unrun, and its own tasks with it.
+            drop(self.shared.close());
         }
     }
 }
