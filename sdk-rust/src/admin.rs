@@ -491,7 +491,7 @@ async fn list_offsets_once(
                 .iter()
                 .find(|p| p.topic == partition.topic && p.partition == partition.partition);
             results[index] = match answer {
-                None => Err(Error::Transport(format!(
+                None => Err(Error::transport(format!(
                     "list offsets response has no result for {partition}"
                 ))),
                 Some(a) if a.error != ErrorCode::None => Err(Error::from_code(

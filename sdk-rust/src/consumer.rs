@@ -1091,7 +1091,7 @@ async fn read_pushes(
                 }
             };
             let Some(answer) = next else {
-                return Err(Error::Transport(format!(
+                return Err(Error::transport(format!(
                     "{leader} ended the push stream of {partition}"
                 )));
             };
@@ -1119,7 +1119,7 @@ async fn probe(shared: &Shared, leader: SocketAddr, timeout: Duration) -> Result
     match transport.check_liveness(leader, timeout).await {
         Ok(()) => Ok(()),
         Err(Error::Closed) => Err(Error::Closed),
-        Err(error) => Err(Error::Transport(format!(
+        Err(error) => Err(Error::transport(format!(
             "{leader} did not answer while a push stream waited: {error}"
         ))),
     }

@@ -49,9 +49,14 @@ pub enum Error {
     /// A configuration value is invalid; the message names it.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// TLS set-up failed: the CA file could not be read or parsed.
-    #[error("TLS configuration: {0}")]
-    Tls(String),
+    /// TLS set-up failed: a CA or client certificate file could not be read or parsed.
+    #[error("TLS configuration: {message}")]
+    Tls {
+        /// What failed, naming the file or setting.
+        message: String,
+        /// The underlying error (I/O, PEM, rustls), when there is one.
+        source: Option<Cause>,
+    },
     /// No QUIC connection could be made to a broker.
     #[error("cannot connect to {addr}: {message}")]
     Connect {
@@ -59,11 +64,18 @@ pub enum Error {
         addr: String,
         /// Why it failed.
         message: String,
+        /// The underlying error (resolution, QUIC handshake), when there is one.
+        source: Option<Cause>,
     },
     /// An established connection or stream failed (the broker went away, the network broke).
     /// Retriable: the client reconnects.
-    #[error("transport: {0}")]
-    Transport(String),
+    #[error("transport: {message}")]
+    Transport {
+        /// What failed.
+        message: String,
+        /// The underlying error (the QUIC connection or stream error), when there is one.
+        source: Option<Cause>,
+    },
     /// The broker sent bytes this client cannot decode.
     #[error("protocol: {0}")]
     Protocol(#[from] DecodeError),
@@ -120,7 +132,7 @@ impl Error {
         match self {
             Error::Broker { code, .. } => code.is_retriable(),
             Error::Connect { .. }
-            | Error::Transport(_)
+            | Error::Transport { .. }
             | Error::Timeout(_)
             | Error::WouldBlock(_) => true,
             _ => false,
@@ -143,7 +155,34 @@ impl Error {
         matches!(
             self.code(),
             Some(ErrorCode::NotLeader | ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
-        ) || matches!(self, Error::Connect { .. } | Error::Transport(_))
+        ) || matches!(self, Error::Connect { .. } | Error::Transport { .. })
+    }
+
+    /// A transport failure without an underlying error.
+    pub(crate) fn transport(message: impl Into<String>) -> Error {
+        Error::Transport {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A TLS set-up failure without an underlying error.
+    pub(crate) fn tls(message: impl Into<String>) -> Error {
+        Error::Tls {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A TLS set-up failure caused by `source`.
+    pub(crate) fn tls_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Tls {
+            message: message.into(),
+            source: Some(Cause::new(source)),
+        }
     }
 
     /// A broker error from a code and message carried inside a response body.
@@ -184,33 +223,86 @@ impl From<ErrorResponse> for Error {
 
 impl From<quinn::ConnectionError> for Error {
     fn from(error: quinn::ConnectionError) -> Error {
-        Error::Transport(error.to_string())
+        Error::Transport {
+            message: error.to_string(),
+            source: Some(Cause::new(error)),
+        }
     }
 }
 
 impl From<quinn::WriteError> for Error {
     fn from(error: quinn::WriteError) -> Error {
-        Error::Transport(error.to_string())
+        Error::Transport {
+            message: error.to_string(),
+            source: Some(Cause::new(error)),
+        }
     }
 }
 
 impl From<quinn::ReadExactError> for Error {
     fn from(error: quinn::ReadExactError) -> Error {
-        Error::Transport(error.to_string())
+        Error::Transport {
+            message: error.to_string(),
+            source: Some(Cause::new(error)),
+        }
     }
 }
 
 impl From<quinn::ReadError> for Error {
     fn from(error: quinn::ReadError) -> Error {
-        Error::Transport(error.to_string())
+        Error::Transport {
+            message: error.to_string(),
+            source: Some(Cause::new(error)),
+        }
     }
 }
 
 impl From<quinn::ClosedStream> for Error {
     fn from(error: quinn::ClosedStream) -> Error {
-        Error::Transport(error.to_string())
+        Error::Transport {
+            message: error.to_string(),
+            source: Some(Cause::new(error)),
+        }
     }
 }
+
+/// The underlying error of a transport, TLS or connection failure, as
+/// [`std::error::Error::source`] of the [`Error`]. Shared (an `Arc`), so errors stay `Clone`;
+/// two causes are equal when they read the same.
+#[derive(Clone)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    pub(crate) fn new(error: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(std::sync::Arc::new(error))
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Cause) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}
 
 #[cfg(test)]
 mod tests {
@@ -254,11 +346,12 @@ mod tests {
             false,
             false,
         );
-        check(Error::Transport("reset".into()), None, true, true);
+        check(Error::transport("reset"), None, true, true);
         check(
             Error::Connect {
                 addr: "127.0.0.1:1".into(),
                 message: "refused".into(),
+                source: None,
             },
             None,
             true,
@@ -284,6 +377,22 @@ mod tests {
             false,
             false,
         );
+    }
+
+    #[test]
+    fn transport_errors_keep_their_cause() {
+        use std::error::Error as _;
+        let error = Error::from(quinn::ConnectionError::TimedOut);
+        let cause = error.source().expect("a cause");
+        assert_eq!(
+            cause.to_string(),
+            quinn::ConnectionError::TimedOut.to_string()
+        );
+        assert!(matches!(error, Error::Transport { .. }));
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = Error::tls_from("cannot read CA file x.pem", io);
+        assert_eq!(error.source().expect("a cause").to_string(), "no such file");
+        assert_eq!(Error::transport("x").source().map(|_| ()), None);
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub use config::{
 pub use consumer::{
     AssignmentListener, Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents,
 };
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;

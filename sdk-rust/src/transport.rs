@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig, Tls, backoff};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// Most bytes taken from a response stream at a time (QUIC hands them over a packet's worth
 /// at a time anyway).
@@ -39,26 +39,28 @@ fn crypto_provider() -> Arc<CryptoProvider> {
 fn ca_certificates(tls: &Tls) -> Result<Vec<CertificateDer<'static>>> {
     let pem = match tls {
         Tls::CaPem(pem) => pem.clone(),
-        Tls::CaFile(path) => std::fs::read(path)
-            .map_err(|e| Error::Tls(format!("cannot read CA file {}: {e}", path.display())))?,
+        Tls::CaFile(path) => std::fs::read(path).map_err(|e| {
+            Error::tls_from(format!("cannot read CA file {}: {e}", path.display()), e)
+        })?,
         Tls::FromEnv => {
             let path = std::env::var_os("KETCH_CA_CERT")
                 .map(std::path::PathBuf::from)
                 .unwrap_or_else(|| CA_CERT_PATH_DEFAULT.into());
             std::fs::read(&path).map_err(|e| {
-                Error::Tls(format!(
+                let message = format!(
                     "cannot read CA file {} (set KETCH_CA_CERT or Tls::CaFile): {e}",
                     path.display()
-                ))
+                );
+                Error::tls_from(message, e)
             })?
         }
         Tls::DangerAcceptInvalidCerts => return Ok(Vec::new()),
     };
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("CA PEM: {e}")))?;
+        .map_err(|e| Error::tls_from(format!("CA PEM: {e}"), e))?;
     if certificates.is_empty() {
-        return Err(Error::Tls("CA PEM holds no certificate".into()));
+        return Err(Error::tls("CA PEM holds no certificate"));
     }
     Ok(certificates)
 }
@@ -72,7 +74,7 @@ pub(crate) fn rustls_config(
     let provider = crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?;
+        .map_err(|e| Error::tls_from(e.to_string(), e))?;
     let builder = if matches!(tls, Tls::DangerAcceptInvalidCerts) {
         builder
             .dangerous()
@@ -82,7 +84,7 @@ pub(crate) fn rustls_config(
         for certificate in ca_certificates(tls)? {
             roots
                 .add(certificate)
-                .map_err(|e| Error::Tls(format!("CA certificate: {e}")))?;
+                .map_err(|e| Error::tls_from(format!("CA certificate: {e}"), e))?;
         }
         builder.with_root_certificates(roots)
     };
@@ -92,7 +94,7 @@ pub(crate) fn rustls_config(
             let (chain, key) = client_identity(certificate)?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::Tls(format!("client certificate: {e}")))?
+                .map_err(|e| Error::tls_from(format!("client certificate: {e}"), e))?
         }
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -105,7 +107,7 @@ fn client_identity(
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path)
-            .map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
+            .map_err(|e| Error::tls_from(format!("cannot read {what} {}: {e}", path.display()), e))
     };
     let (chain_pem, key_pem) = match certificate {
         ClientCertificate::Files {
@@ -122,14 +124,12 @@ fn client_identity(
     };
     let chain = CertificateDer::pem_slice_iter(&chain_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("client certificate PEM: {e}")))?;
+        .map_err(|e| Error::tls_from(format!("client certificate PEM: {e}"), e))?;
     if chain.is_empty() {
-        return Err(Error::Tls(
-            "client certificate PEM holds no certificate".into(),
-        ));
+        return Err(Error::tls("client certificate PEM holds no certificate"));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| Error::Tls(format!("client key PEM: {e}")))?;
+        .map_err(|e| Error::tls_from(format!("client key PEM: {e}"), e))?;
     Ok((chain, key))
 }
 
@@ -194,12 +194,14 @@ pub(crate) async fn resolve(address: &str) -> Result<Vec<SocketAddr>> {
         .map_err(|e| Error::Connect {
             addr: address.to_owned(),
             message: format!("cannot resolve: {e}"),
+            source: Some(Cause::new(e)),
         })?
         .collect();
     if addrs.is_empty() {
         return Err(Error::Connect {
             addr: address.to_owned(),
             message: "resolves to no address".into(),
+            source: None,
         });
     }
     Ok(addrs)
@@ -249,7 +251,7 @@ impl Transport {
     pub(crate) fn new(config: &ClientConfig, closed: CancellationToken) -> Result<Transport> {
         let crypto = rustls_config(&config.tls, config.client_certificate.as_ref())?;
         let quic_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-            .map_err(|e| Error::Tls(e.to_string()))?;
+            .map_err(|e| Error::tls_from(e.to_string(), e))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_idle_timeout(Some(
@@ -296,7 +298,10 @@ impl Transport {
                     Arc::new(quinn::TokioRuntime),
                 )
             })
-            .map_err(|e| Error::Transport(format!("cannot bind UDP {bind}: {e}")))?;
+            .map_err(|e| Error::Transport {
+                message: format!("cannot bind UDP {bind}: {e}"),
+                source: Some(Cause::new(e)),
+            })?;
         endpoint.set_default_client_config(self.client_config.clone());
         endpoints.insert(ipv6, endpoint.clone());
         Ok(endpoint)
@@ -359,23 +364,24 @@ impl Transport {
 
     async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
         let endpoint = self.endpoint(addr.is_ipv6())?;
-        let connect_error = |message: String| Error::Connect {
+        let connect_error = |message: String, source: Option<Cause>| Error::Connect {
             addr: addr.to_string(),
             message,
+            source,
         };
         let connecting = endpoint
             .connect(addr, &self.server_name)
-            .map_err(|e| connect_error(e.to_string()))?;
+            .map_err(|e| connect_error(e.to_string(), Some(Cause::new(e))))?;
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(connection)) => {
                 tracing::debug!(%addr, "connected");
                 Ok(connection)
             }
-            Ok(Err(e)) => Err(connect_error(e.to_string())),
-            Err(_) => Err(connect_error(format!(
-                "handshake timed out after {:?}",
-                self.connect_timeout
-            ))),
+            Ok(Err(e)) => Err(connect_error(e.to_string(), Some(Cause::new(e)))),
+            Err(_) => Err(connect_error(
+                format!("handshake timed out after {:?}", self.connect_timeout),
+                None,
+            )),
         }
     }
 
@@ -543,7 +549,7 @@ async fn liveness(
         Err(_) => {
             tracing::debug!(%addr, ?timeout, "connection did not answer a liveness check; closing it");
             connection.close(0u32.into(), b"no answer to a liveness check");
-            Err(Error::Transport(format!(
+            Err(Error::transport(format!(
                 "{addr} did not answer a liveness check within {timeout:?}"
             )))
         }
@@ -613,7 +619,7 @@ impl<T: Wire> ResponseStream<T> {
                 Some(chunk) => self.decoder.push(&chunk.bytes),
                 None if self.decoder.buffered() == 0 => return Ok(None),
                 None => {
-                    return Err(Error::Transport(format!(
+                    return Err(Error::transport(format!(
                         "the stream ended {} bytes into a frame",
                         self.decoder.buffered()
                     )));
@@ -631,11 +637,11 @@ mod tests {
     fn ca_pem_errors_are_typed() {
         assert!(matches!(
             ca_certificates(&Tls::CaPem(b"not a pem".to_vec())),
-            Err(Error::Tls(message)) if message.contains("no certificate")
+            Err(Error::Tls { message, .. }) if message.contains("no certificate")
         ));
         assert!(matches!(
             ca_certificates(&Tls::CaFile("/nonexistent/ca.pem".into())),
-            Err(Error::Tls(message)) if message.contains("/nonexistent/ca.pem")
+            Err(Error::Tls { message, source: Some(_) }) if message.contains("/nonexistent/ca.pem")
         ));
         assert!(
             ca_certificates(&Tls::DangerAcceptInvalidCerts)
@@ -657,7 +663,7 @@ mod tests {
             &Tls::DangerAcceptInvalidCerts,
             Some(&certificate),
         ) {
-            Err(Error::Tls(message)) => assert!(message.contains(expected), "{message}"),
+            Err(Error::Tls { message, .. }) => assert!(message.contains(expected), "{message}"),
             other => panic!("expected a TLS error naming {expected:?}, got {other:?}"),
         };
         check(

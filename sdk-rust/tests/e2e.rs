@@ -791,7 +791,7 @@ async fn a_producer_whose_broker_stays_dead_fails_every_record_after_the_deliver
         assert!(
             matches!(
                 error,
-                Error::Timeout(_) | Error::Connect { .. } | Error::Transport(_)
+                Error::Timeout(_) | Error::Connect { .. } | Error::Transport { .. }
             ),
             "a clear error: {error:?}"
         );

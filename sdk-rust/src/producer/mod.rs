@@ -483,9 +483,20 @@ impl BatchDelivery {
         self.pending.count.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Settles every record of the batch and gives back what they held.
-    fn settle(self, result: Result<i64>) {
+    /// Settles every record of the batch and gives back what they held. The pending count
+    /// drops before the records' futures resolve (so a caller that saw its deliveries
+    /// settle sees them counted out), and `flush` is woken after (so a flush that returns
+    /// finds every outcome set).
+    fn settle(mut self, result: Result<i64>) {
+        let records = std::mem::take(&mut self.records);
+        self.buffer
+            .add_permits(std::mem::take(&mut self.buffer_bytes));
+        let idle =
+            records > 0 && self.pending.count.fetch_sub(records, Ordering::SeqCst) == records;
         self.outcome.set(result);
+        if idle {
+            self.pending.idle.notify_waiters();
+        }
     }
 }
 
@@ -761,7 +772,7 @@ impl Producer {
         let task = shared.task.lock().expect("task lock").take();
         if let Some(task) = task {
             task.await
-                .map_err(|e| Error::Transport(format!("producer task failed: {e}")))?;
+                .map_err(|e| Error::transport(format!("producer task failed: {e}")))?;
         }
         shared.buffer.close();
         Ok(())
@@ -1333,7 +1344,7 @@ fn partition_result(
             // A broker may answer `acks=none` before (and without) any partition result.
             return Ok(-1);
         }
-        return Err(Error::Transport(format!(
+        return Err(Error::transport(format!(
             "produce response has no result for {partition}"
         )));
     };
@@ -1417,7 +1428,7 @@ mod tests {
             &TopicPartition::new("t", 2),
             Acks::All,
         );
-        assert!(matches!(missing, Err(Error::Transport(_))));
+        assert!(matches!(missing, Err(Error::Transport { .. })));
     }
 
     fn future(outcome: &Arc<BatchOutcome>, index: u32) -> DeliveryFuture {
