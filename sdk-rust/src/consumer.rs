@@ -923,9 +923,14 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
     let mut streams: HashMap<TopicPartition, PushStream> = HashMap::new();
     let mut attempt = 0u32;
     loop {
+        // Cancellation first in every wait here (`biased`): with random order, a fetcher
+        // woken at once by a stream that ended because of the close and by the close itself
+        // could go round once more and open a new stream after the close — which made
+        // `each_partition_streams_from_one_subscription_without_fetches` flaky.
         let resolved = tokio::select! {
-            result = resolve_positions(&shared, &sender) => result,
+            biased;
             _ = shared.cancel.cancelled() => break,
+            result = resolve_positions(&shared, &sender) => result,
         };
         let mut retry = None;
         if let Err(error) = resolved {
@@ -939,8 +944,9 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
             shared.refresh_metadata_if_stale(&error).await;
             if !error.is_retriable() {
                 tokio::select! {
-                    sent = sender.send(Err(error)) => if sent.is_err() { break },
+                    biased;
                     _ = shared.cancel.cancelled() => break,
+                    sent = sender.send(Err(error)) => if sent.is_err() { break },
                 }
             }
         } else {
@@ -948,9 +954,10 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
         }
         restart_streams(&shared, &sender, &mut streams);
         tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break,
             _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
             _ = shared.wake_fetcher.notified() => {}
-            _ = shared.cancel.cancelled() => break,
         }
     }
     for stream in streams.into_values() {
@@ -983,6 +990,9 @@ fn restart_streams(
         }
         current
     });
+    if shared.cancel.is_cancelled() {
+        return;
+    }
     for (partition, epoch) in wanted {
         if streams.contains_key(&partition) {
             continue;
@@ -1015,9 +1025,11 @@ async fn push_stream(
     epoch: u64,
     cancel: CancellationToken,
 ) {
+    // A cancelled stream never takes another step (it could open a new stream in one poll).
     tokio::select! {
-        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
+        biased;
         () = cancel.cancelled() => {}
+        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
     }
     shared.wake_fetcher.notify_one();
 }

@@ -422,6 +422,18 @@ async fn within<F: Future>(future: F) -> F::Output {
         .expect("operation did not finish within the test bound")
 }
 
+/// [`wait_for`], saying what `state` reports when the wait fails.
+async fn wait_for_or(what: &str, state: impl Fn() -> String, condition: impl Fn() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT_MAX, wait).await.is_err() {
+        panic!("{what}: not within {WAIT_MAX:?}; {}", state());
+    }
+}
+
 /// Waits (bounded by [`WAIT_MAX`]) until `condition` holds.
 async fn wait_for(what: &str, condition: impl Fn() -> bool) {
     let wait = async {
@@ -788,9 +800,30 @@ async fn each_partition_streams_from_one_subscription_without_fetches() {
     assert_eq!(subscribed, [(0, 0), (1, 0)], "one stream per partition");
     wait_for("all 40 pushes written", || broker.pushed_frames() == 40).await;
     within(consumer.close()).await.unwrap();
-    wait_for("close stops both streams", || broker.stopped_streams() == 2).await;
-    assert_eq!(broker.subscribes().len(), 2, "no stream opened again");
-    assert_eq!(broker.connections(), 1);
+    let streams = || {
+        let subscribed: Vec<(u32, i64)> = broker
+            .subscribes()
+            .iter()
+            .map(|s| (s.partition, s.offset))
+            .collect();
+        format!(
+            "subscribed {subscribed:?}, stopped {}, pushed {}, connections {}",
+            broker.stopped_streams(),
+            broker.pushed_frames(),
+            broker.connections()
+        )
+    };
+    wait_for_or("close stops both streams", streams, || {
+        broker.stopped_streams() == 2
+    })
+    .await;
+    assert_eq!(
+        broker.subscribes().len(),
+        2,
+        "no stream opened again: {}",
+        streams()
+    );
+    assert_eq!(broker.connections(), 1, "{}", streams());
 }
 
 /// A close whose future is dropped at once (an asyncio `wait_for` timeout, a Rust
