@@ -10,6 +10,26 @@ step "toolchain"
 rustc --version
 cargo --version
 
+step "system tools the tests use"
+# strace: the topic durability test checks the broker's directory fsyncs from its syscalls.
+if ! command -v strace >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq strace >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq strace >/dev/null
+    fi
+fi
+strace -V | head -n 1
+# python3 with venv: the Python SDK's tests run in target/py-venv (Debian splits venv out).
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv >/dev/null
+    fi
+fi
+python3 --version
+
 step "format"
 cargo fmt --all -- --check
 
@@ -22,6 +42,21 @@ cargo test --locked --workspace --no-fail-fast
 
 step "behaviour scenarios (tests/scenarios/*.toml), Rust runner against real brokers"
 cargo test --locked -p ketch-client --test scenarios
+
+step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
+python3 -m venv target/py-venv
+target/py-venv/bin/pip install --quiet 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
+(cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
+# -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
+target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
+
+step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"
+(
+  cd sdk-node
+  npm install --no-audit --no-fund
+  npm run build
+  npm test
+)
 
 step "PROTOCOL.md tables match the code"
 python3 protocol/tools/gen_protocol_tables.py --check

@@ -1,5 +1,6 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
-//! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
+//! node ([`cluster`]), the consumer-group coordinator ([`group`]) and its durable store
+//! ([`groups`]), the QUIC server
 //! ([`server`]) and configuration ([`config`]). The `ketch` binary wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
@@ -7,5 +8,6 @@
 pub mod cluster;
 pub mod config;
 pub mod group;
+pub mod groups;
 pub mod server;
 pub mod storage;

@@ -70,3 +70,54 @@ fn a_million_records_across_many_segments_scan_back_exactly() {
         Some(555_500)
     );
 }
+
+/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task; names
+/// are cut to 15 bytes there).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// Issue 8 "Scale": many logs share a bounded pool of writer threads. Before the pool each
+/// log had its own thread (`ketch-log-<dir>`): 300 logs, 300 threads.
+#[test]
+fn many_logs_share_a_bounded_pool_of_writer_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes_max: 64 * 1024,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let logs: Vec<_> = (0..300)
+        .map(|i| open_std(&dir.path().join(format!("p-{i}")), config.clone()).0)
+        .collect();
+    // Appends to every log in flight at once, then all acknowledged, each at its offsets.
+    for round in 0..3u64 {
+        let pending: Vec<_> = logs
+            .iter()
+            .enumerate()
+            .map(|(i, log)| {
+                log.append(batch(2, 100, 0, i as u64 * 10 + round), 0)
+                    .unwrap()
+            })
+            .collect();
+        for pending in pending {
+            assert_eq!(block_on(pending).unwrap().base_offset, round as i64 * 2);
+        }
+    }
+    // Counted while the logs are open (threads of other tests in this binary count too, so
+    // the bound is the pool's, not a per-test number).
+    let writers = threads_named("ketch-writer-");
+    assert!(
+        (1..=ketch_broker::storage::WRITER_THREADS_MAX).contains(&writers),
+        "{writers} writer threads"
+    );
+    assert_eq!(threads_named("ketch-log-"), 0, "no thread per log");
+    for log in &logs {
+        log.close().unwrap();
+        assert_eq!(read_all(log, 1 << 20).unwrap().len(), 3);
+    }
+}

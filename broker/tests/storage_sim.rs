@@ -279,3 +279,77 @@ fn appends_are_acknowledged_only_after_their_fsync_under_always() {
 fn futures_waker() -> std::task::Waker {
     std::task::Waker::noop().clone()
 }
+
+/// Issue 8 item 15: ENOSPC on a write is undone and reported as `NoSpace` (not poisoning):
+/// appends fail with it, reads go on, and once the owner resumes and space is back the log
+/// takes writes at the next dense offset, with no trace of the failed ones. A failed fsync
+/// still poisons (`failed_fsync_or_write_poisons_the_log`). Before the fix the first append
+/// failed as `Poisoned` and every later one until a restart.
+#[test]
+fn disk_full_is_reported_and_writes_resume_when_space_returns() {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
+        let sim = SimBackend::new();
+        let (log, _) = open_sim(&sim, sim_config(fsync));
+        let mut kept = Vec::new();
+        for tag in 0..40 {
+            let bytes = batch(2, 200, 0, tag);
+            kept.push((append(&log, &bytes, 0).base_offset, bytes));
+        }
+        let end = log.log_end_offset();
+        let segments = log.segments().len();
+        sim.set_disk_full(true);
+        let failed = block_on(log.append(batch(2, 200, 0, 100), 0).unwrap());
+        match failed {
+            Err(StorageError::NoSpace { path }) => {
+                assert!(path.to_string_lossy().ends_with(".log"), "{path:?}")
+            }
+            other => panic!("{fsync:?}: expected NoSpace, got {other:?}"),
+        }
+        // Until the owner settles the failure, appends are refused with the same reason.
+        assert!(matches!(
+            log.append(batch(1, 1, 0, 101), 0),
+            Err(StorageError::NoSpace { .. })
+        ));
+        assert_eq!(
+            log.log_end_offset(),
+            end,
+            "{fsync:?}: the failed write was undone"
+        );
+        assert_eq!(log.segments().len(), segments);
+        assert_eq!(
+            read_all(&log, 1 << 20).unwrap().len(),
+            kept.len(),
+            "reads go on"
+        );
+        // Still full: the next try fails the same way, and nothing poisons.
+        log.resume_writes();
+        assert!(matches!(
+            block_on(log.append(batch(1, 1, 0, 102), 0).unwrap()),
+            Err(StorageError::NoSpace { .. })
+        ));
+        sim.set_disk_full(false);
+        log.resume_writes();
+        for tag in 200..220 {
+            let bytes = batch(2, 200, 0, tag);
+            let outcome = append(&log, &bytes, 0);
+            assert_eq!(outcome.base_offset, kept.last().map_or(0, |(b, _)| b + 2));
+            kept.push((outcome.base_offset, bytes));
+        }
+        let check = |log: &ketch_broker::storage::PartitionLog| {
+            let stored = read_all(log, 1 << 20).unwrap();
+            assert_eq!(stored.len(), kept.len());
+            for (batch, (base, bytes)) in stored.iter().zip(&kept) {
+                assert_same_batch(batch.as_bytes(), bytes, *base);
+            }
+        };
+        check(&log);
+        log.close().unwrap();
+        drop(log);
+        let (log, report) = open_sim(&sim, sim_config(fsync));
+        assert!(
+            report.damage.is_empty() && report.truncation.is_none(),
+            "{report:?}"
+        );
+        check(&log);
+    }
+}

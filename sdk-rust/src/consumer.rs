@@ -1236,13 +1236,17 @@ async fn handle_fetched(
     Ok(None)
 }
 
-fn pause(shared: &Shared, partition: &TopicPartition, epoch: u64) {
+/// Pauses the partition if it is still at `epoch`; returns whether it did (a seek since
+/// then makes the caller's error stale).
+fn pause(shared: &Shared, partition: &TopicPartition, epoch: u64) -> bool {
     let mut state = shared.state.lock().expect("consumer state lock");
     if let Some(s) = state.partitions.get_mut(partition)
         && s.epoch == epoch
     {
         s.fetch = FetchPosition::Paused;
+        return true;
     }
+    false
 }
 
 async fn send(sender: &mpsc::Sender<Result<Chunk>>, item: Result<Chunk>) -> Result<()> {
@@ -1310,8 +1314,10 @@ async fn resolve_positions(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>
             }
             match reset_spec(shared.config.auto_offset_reset) {
                 Some(spec) => lookups.push((partition, epoch, spec)),
+                // A seek right after `assign` (the CLI's `--from OFFSET`) may have replaced
+                // this position meanwhile: then there is nothing to report.
+                None if !pause(shared, &partition, epoch) => {}
                 None => {
-                    pause(shared, &partition, epoch);
                     let error = Error::for_partition(
                         &partition,
                         ErrorCode::OffsetOutOfRange,

@@ -342,8 +342,13 @@ fn group_members_share_partitions_as_they_join_and_leave() -> anyhow::Result<()>
     })
 }
 
+/// A killed *process* loses no acknowledged record or committed offset. SIGKILL keeps the
+/// page cache, so this shows the broker acknowledges only what it wrote and recovers it; it
+/// does not show the writes were fsynced (it would pass with `--fsync never`). Power loss is
+/// the storage crash model's job: `crash_under_always_keeps_every_acknowledged_append` and
+/// `storage_crash_steps.rs` drop every unsynced byte and directory entry.
 #[test]
-fn kill_9_loses_no_acknowledged_record() -> anyhow::Result<()> {
+fn process_kill_9_loses_no_acknowledged_record_or_commit() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut broker = BrokerProcess::start(dir.path(), &["--fsync", "always"])?;
     let rt = runtime();

@@ -3,6 +3,23 @@ use std::path::PathBuf;
 
 use ketch_protocol::batch::BatchError;
 
+/// Offsets `[from, to)` that a damaged part of a segment held: they cannot be read, and the
+/// offsets from `to` on can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DamagedOffsets {
+    pub from: i64,
+    pub to: i64,
+}
+
+fn describe_offsets(offsets: &Option<DamagedOffsets>) -> String {
+    match offsets {
+        Some(DamagedOffsets { from, to }) => {
+            format!(" (offsets [{from}, {to}) are unreadable; reading resumes at {to})")
+        }
+        None => String::new(),
+    }
+}
+
 /// Everything that can go wrong in partition storage.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,6 +63,17 @@ pub enum StorageError {
     #[error("log is poisoned and refuses writes until reopened; cause: {cause}")]
     Poisoned { cause: String },
 
+    /// The disk is full: a write failed with ENOSPC and was undone, so nothing of it reached
+    /// the log. Appends fail with this until the owner calls
+    /// [`super::PartitionLog::resume_writes`] (it does so once it has settled what the failed
+    /// appends meant, e.g. idempotent sequences); then the next write tries the disk again.
+    #[error(
+        "no space left on the device (ENOSPC) writing {}: the write was undone and nothing of \
+         it is in the log; writes resume when space is freed",
+        path.display()
+    )]
+    NoSpace { path: PathBuf },
+
     /// The offset is below the log start or above the log end.
     #[error("offset {requested} is out of range: the log holds [{log_start}, {log_end})")]
     OffsetOutOfRange {
@@ -54,12 +82,18 @@ pub enum StorageError {
         log_end: i64,
     },
 
-    /// Stored bytes failed their check when read; they are never served.
-    #[error("corrupt data in segment {} at byte {position}: {reason}", segment.display())]
+    /// Stored bytes failed their check when read; they are never served. `offsets`, when
+    /// known, is the damaged range a reader cannot get: reading resumes at `offsets.to`.
+    #[error(
+        "corrupt data in segment {} at byte {position}{}: {reason}",
+        segment.display(),
+        describe_offsets(offsets)
+    )]
     Corrupt {
         segment: PathBuf,
         position: u64,
         reason: String,
+        offsets: Option<DamagedOffsets>,
     },
 
     /// `truncate_suffix` needs an offset where a batch starts.
@@ -84,6 +118,15 @@ impl StorageError {
     /// Whether the same request may succeed if retried later without any other change.
     pub fn is_retriable(&self) -> bool {
         matches!(self, StorageError::QueueFull { .. })
+    }
+
+    /// The offsets a reader must skip to get past this error, if it is damage with known
+    /// offsets.
+    pub fn damaged_offsets(&self) -> Option<DamagedOffsets> {
+        match self {
+            StorageError::Corrupt { offsets, .. } => *offsets,
+            _ => None,
+        }
     }
 
     pub(crate) fn io(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {

@@ -14,6 +14,7 @@
 //! NNNNNNNNNNNNNNNNNNNN.index      8-byte entries:  relative_offset u32 | position u32
 //! NNNNNNNNNNNNNNNNNNNN.timeindex  12-byte entries: max_timestamp i64 | relative_offset u32
 //! log-start-offset.checkpoint     log_start i64 | crc32c(log_start) u32 (after purge_prefix)
+//! clean-shutdown                  empty; from a clean close until the next write
 //! ```
 //!
 //! An offset entry is written for a batch that starts at least `index_interval_bytes` after
@@ -22,10 +23,12 @@
 //! with its maximum timestamp. Entries depend only on the batches, so a rebuild reproduces the
 //! files byte for byte.
 //!
-//! **Writes** go through one writer thread per log (`ketch-log-<dir name>`): [`PartitionLog::append`]
+//! **Writes** go through a bounded pool of writer threads shared by every log of the process
+//! (`ketch-writer-N`, at most [`WRITER_THREADS_MAX`], `log/pool.rs`; one write group per turn,
+//! round robin over the logs with queued work, so a thousand idle logs cost no thread): [`PartitionLog::append`]
 //! checks the batch (header, CRC, size) on the caller's thread, queues it (bounded by
 //! [`LogConfig::append_queue_bytes_max`]; a full queue is a retriable error) and returns a
-//! runtime-agnostic future. The writer drains everything queued, assigns offsets, writes the
+//! runtime-agnostic future. A writer drains everything queued, assigns offsets, writes the
 //! whole group, issues one `fdatasync` for the group when the [`FsyncPolicy`] asks for it, and
 //! only then completes the futures and advances the high watermark. A failed write or fsync
 //! poisons the log: that append and every later one fail with [`StorageError::Poisoned`]
@@ -34,13 +37,28 @@
 //! **Reads** ([`PartitionLog::read`]) return stored bytes without decoding records, starting at the
 //! batch that holds the offset, up to `max_bytes` (at least one whole batch), never past the
 //! high watermark. Every batch is CRC-checked after it is read and before it is returned; bad
-//! bytes become [`StorageError::Corrupt`], never data.
+//! bytes become [`StorageError::Corrupt`], never data. Past a damaged stretch a reader resumes
+//! at the next whole, CRC-valid batch (`segment::resync`), so damage costs only its own
+//! offsets: a read of them reports `Corrupt` with the range (`offsets`,
+//! [`StorageError::damaged_offsets`]; replays skip to `offsets.to`), everything else is served.
 //!
-//! **Recovery** ([`PartitionLog::open`]) validates the tail segment batch by batch (header, CRC, dense
-//! offsets), truncates a torn or corrupt tail, and rebuilds any index that fails validation
-//! (the tail's indexes are always rebuilt from the scan), and returns a [`RecoveryReport`] of
-//! what it did (also logged with `tracing`). Segments other than the tail were synced (with their indexes) when they were rolled,
-//! so only the tail can be torn by a crash.
+//! **Recovery** ([`PartitionLog::open`]) validates the tail segment batch by batch (header, CRC,
+//! dense offsets) and rebuilds any index that fails validation (the tail's indexes are always
+//! rebuilt from the scan). A bad batch followed by valid ones is damage, kept and reported
+//! ([`RecoveryReport::damage`], logged at ERROR), never a reason to drop what follows; only
+//! bytes after the last valid batch of the tail are cut, as a torn write. `close` leaves a
+//! `clean-shutdown` marker (removed before the first write after open, so an idle log pays
+//! no directory fsync): after a clean stop nothing was torn, so a whole
+//! but damaged last batch is kept as damage too. A sealed segment that ends before the next
+//! one starts (files lost) reports the missing offsets the same way. Segments other than the
+//! tail were synced (with their indexes) when they were rolled, so only the tail can be torn
+//! by a crash. Prefix deletion (retention, `purge_prefix`) unlinks oldest first and suffix
+//! truncation newest first, so a crash between unlinks leaves one dense run of segments.
+//!
+//! **Disk full**: a write group that fails with ENOSPC is undone (files cut back, nothing
+//! acknowledged) and its appends fail with [`StorageError::NoSpace`]; the log refuses appends
+//! until the owner calls [`PartitionLog::resume_writes`] (after settling the failed appends),
+//! then tries the disk again. A failed fsync still poisons.
 //!
 //! **Time** is always passed in (`now_ms`); storage reads no clock and does no network I/O.
 //! All file access goes through [`backend::FileBackend`], so tests run the same code on the
@@ -71,11 +89,13 @@ mod segment;
 pub mod sim;
 
 pub use backend::{FileBackend, StdBackend, StorageFile};
-pub use error::StorageError;
+pub use error::{DamagedOffsets, StorageError};
+pub use log::WRITER_THREADS_MAX;
 pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,
 };
+pub use segment::SegmentDamage;
 
 use ketch_protocol::batch::{BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ketch_protocol::batch::{BATCH_HEADER_BYTES, BatchHeader, verify_crc};
 
 use super::backend::{FileBackend, StorageFile};
-use super::error::StorageError;
+use super::error::{DamagedOffsets, StorageError};
 use super::index::{
     SegmentIndex, decode_offsets, decode_times, encode_offsets, encode_times, relative,
 };
@@ -115,6 +115,7 @@ impl Segment {
             start_position: u64::from(floor.position),
             start_offset: self.base_offset + i64::from(floor.relative_offset),
             limit: self.committed_size,
+            limit_is_segment_end: self.committed_size == self.size,
         }
     }
 
@@ -141,6 +142,25 @@ pub(crate) struct ReadPlan {
     pub start_offset: i64,
     /// Readers never look at or past this byte.
     pub limit: u64,
+    /// Whether `limit` is the end of the segment's file and `segment_end_offset` the next
+    /// segment's base (a sealed segment, or the whole committed part of the active one).
+    pub limit_is_segment_end: bool,
+}
+
+enum Walk {
+    Done(Option<(u64, BatchHeader)>),
+    /// The walk broke right at the index entry it started from.
+    WrongIndexEntry(String),
+}
+
+/// What a walk over a segment does when it meets damage between its start and its target.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PastDamage {
+    /// Damage whose offsets cover or follow this offset is an error (reads by offset):
+    /// damage wholly below it is skipped.
+    FailAt(i64),
+    /// Skip every damaged part (searches by timestamp).
+    Skip,
 }
 
 impl ReadPlan {
@@ -149,27 +169,54 @@ impl ReadPlan {
             segment: self.path.clone(),
             position,
             reason: reason.into(),
+            offsets: None,
+        }
+    }
+
+    pub fn damaged(
+        &self,
+        position: u64,
+        reason: impl Into<String>,
+        from: i64,
+        to: i64,
+    ) -> StorageError {
+        StorageError::Corrupt {
+            segment: self.path.clone(),
+            position,
+            reason: reason.into(),
+            offsets: Some(DamagedOffsets { from, to }),
         }
     }
 
     /// Walks batch headers from the plan's start, checking they are dense, and returns the
     /// first batch for which `stop` says yes, or `None` if the limit comes first. If the index
-    /// entry it started from proves wrong, it warns and walks from the segment's start.
+    /// entry it started from proves wrong, it warns and walks from the segment's start. Past a
+    /// damaged stretch it resumes at the next whole batch (see [`resync`]); `past_damage`
+    /// says whether the damage is in the way of what the caller looks for.
     pub fn find(
         &self,
+        past_damage: PastDamage,
         mut stop: impl FnMut(&BatchHeader) -> bool,
     ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
-        match self.find_from(self.start_position, self.start_offset, &mut stop) {
-            Err(StorageError::Corrupt {
-                position, reason, ..
-            }) if position == self.start_position && self.start_position > 0 => {
+        let from_index = self.start_position > 0;
+        match self.find_from(
+            self.start_position,
+            self.start_offset,
+            from_index,
+            past_damage,
+            &mut stop,
+        )? {
+            Walk::Done(found) => Ok(found),
+            Walk::WrongIndexEntry(reason) => {
                 tracing::warn!(
-                    segment = %self.path.display(), position, %reason,
+                    segment = %self.path.display(), position = self.start_position, %reason,
                     "offset index entry is wrong; scanning the segment from its start"
                 );
-                self.find_from(0, self.segment_base_offset, &mut stop)
+                match self.find_from(0, self.segment_base_offset, false, past_damage, &mut stop)? {
+                    Walk::Done(found) => Ok(found),
+                    Walk::WrongIndexEntry(_) => unreachable!("not started from an index entry"),
+                }
             }
-            other => other,
         }
     }
 
@@ -177,42 +224,147 @@ impl ReadPlan {
         &self,
         start_position: u64,
         start_offset: i64,
+        from_index: bool,
+        past_damage: PastDamage,
         stop: &mut impl FnMut(&BatchHeader) -> bool,
-    ) -> Result<Option<(u64, BatchHeader)>, StorageError> {
+    ) -> Result<Walk, StorageError> {
+        let mut position = start_position;
         let mut expected = start_offset;
-        let mut found = None;
-        let end = scan_headers(
-            self.log.as_ref(),
-            &self.path,
-            start_position,
-            self.limit,
-            |position, header| {
-                if header.base_offset != expected {
-                    return Err(format!(
-                        "batch base offset {} where {} was expected",
-                        header.base_offset, expected
-                    ));
+        // Each pass either ends or resumes strictly further into the file.
+        loop {
+            let mut found = None;
+            let end = scan_headers(
+                self.log.as_ref(),
+                &self.path,
+                position,
+                self.limit,
+                |at, header| {
+                    if header.base_offset != expected {
+                        return Err(format!(
+                            "batch base offset {} where {} was expected",
+                            header.base_offset, expected
+                        ));
+                    }
+                    if header.next_offset() > self.segment_end_offset {
+                        return Err(format!(
+                            "batch ends at offset {} past the segment end {}",
+                            header.next_offset(),
+                            self.segment_end_offset
+                        ));
+                    }
+                    expected = header.next_offset();
+                    if stop(header) {
+                        found = Some((at, *header));
+                        return Ok(false);
+                    }
+                    Ok(true)
+                },
+            )?;
+            let (broken_at, reason) = match end {
+                ScanEnd::Stopped => return Ok(Walk::Done(found)),
+                ScanEnd::Limit => {
+                    // A sealed segment that ends before the next one starts lost its last
+                    // batches: a reader looking for them learns which offsets are gone.
+                    let sealed_end = self.segment_end_offset;
+                    return match past_damage {
+                        PastDamage::FailAt(target)
+                            if expected < sealed_end
+                                && target >= expected
+                                && target < sealed_end
+                                && self.limit_is_segment_end =>
+                        {
+                            Err(self.damaged(
+                                self.limit,
+                                format!(
+                                    "the segment ends at offset {expected}, the next one starts at {sealed_end}"
+                                ),
+                                expected,
+                                sealed_end,
+                            ))
+                        }
+                        _ => Ok(Walk::Done(None)),
+                    };
                 }
-                if header.next_offset() > self.segment_end_offset {
-                    return Err(format!(
-                        "batch ends at offset {} past the segment end {}",
-                        header.next_offset(),
-                        self.segment_end_offset
-                    ));
+                ScanEnd::Broken { position, reason } => (position, reason),
+            };
+            if from_index && broken_at == start_position {
+                return Ok(Walk::WrongIndexEntry(reason));
+            }
+            let next = resync(
+                self.log.as_ref(),
+                &self.path,
+                broken_at + 1,
+                self.limit,
+                expected,
+                self.segment_end_offset,
+            )?;
+            let resume_offset = next.map_or(self.segment_end_offset, |(_, h)| h.base_offset);
+            tracing::error!(
+                segment = %self.path.display(), position = broken_at, %reason,
+                from_offset = expected, to_offset = resume_offset,
+                "damaged batches: these offsets cannot be read"
+            );
+            match past_damage {
+                PastDamage::FailAt(target) if target < resume_offset || next.is_none() => {
+                    return Err(self.damaged(broken_at, reason, expected, resume_offset));
                 }
-                expected = header.next_offset();
-                if stop(header) {
-                    found = Some((position, *header));
-                    return Ok(false);
-                }
-                Ok(true)
-            },
-        )?;
-        match end {
-            ScanEnd::Broken { position, reason } => Err(self.corrupt(position, reason)),
-            ScanEnd::Limit | ScanEnd::Stopped => Ok(found),
+                _ => {}
+            }
+            let (resume_position, header) = next.expect("checked above");
+            position = resume_position;
+            expected = header.base_offset;
         }
     }
+}
+
+/// The first whole batch after damage: looks at every byte position from `from` on (before
+/// `limit`) for a header whose offsets lie in `[min_offset, end_offset)`, dense, whose whole
+/// batch fits and passes its CRC. A false match would need a CRC32C collision on bytes that
+/// also parse as a header.
+pub(crate) fn resync(
+    file: &dyn StorageFile,
+    path: &Path,
+    from: u64,
+    limit: u64,
+    min_offset: i64,
+    end_offset: i64,
+) -> Result<Option<(u64, BatchHeader)>, StorageError> {
+    const MAGIC_BYTE: usize = 16;
+    let mut chunk = vec![0u8; RECOVERY_CHUNK_BYTES];
+    let mut batch = Vec::new();
+    let mut position = from;
+    while position + BATCH_HEADER_BYTES as u64 <= limit {
+        let len = (limit - position).min(RECOVERY_CHUNK_BYTES as u64) as usize;
+        file.read_at(&mut chunk[..len], position)
+            .map_err(|e| StorageError::io("read", path, e))?;
+        // Positions whose whole header lies in this chunk; the next chunk starts after them.
+        let candidates = len - BATCH_HEADER_BYTES + 1;
+        for at in 0..candidates {
+            if chunk[at + MAGIC_BYTE] as i8 != ketch_protocol::batch::MAGIC {
+                continue;
+            }
+            let Ok(header) = BatchHeader::parse(&chunk[at..len]) else {
+                continue;
+            };
+            let candidate = position + at as u64;
+            let total = header.total_bytes() as u64;
+            if header.base_offset < min_offset
+                || header.next_offset() > end_offset
+                || i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1
+                || candidate + total > limit
+            {
+                continue;
+            }
+            batch.resize(total as usize, 0);
+            file.read_at(&mut batch, candidate)
+                .map_err(|e| StorageError::io("read", path, e))?;
+            if verify_crc(&batch).is_ok() {
+                return Ok(Some((candidate, header)));
+            }
+        }
+        position += candidates as u64;
+    }
+    Ok(None)
 }
 
 pub(crate) enum ScanEnd {
@@ -279,18 +431,56 @@ pub(crate) fn scan_headers(
     Ok(ScanEnd::Limit)
 }
 
+/// A damaged stretch of a log file that recovery skipped: its bytes stay, its offsets are
+/// unreadable, the batches after it are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentDamage {
+    pub segment: PathBuf,
+    /// Where the first bad batch starts.
+    pub position: u64,
+    /// Where the next whole batch starts (the end of the file if none does).
+    pub end_position: u64,
+    pub offsets: DamagedOffsets,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SegmentDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes [{}, {}), offsets [{}, {}): {}",
+            self.segment.display(),
+            self.position,
+            self.end_position,
+            self.offsets.from,
+            self.offsets.to,
+            self.reason
+        )
+    }
+}
+
 /// The result of validating a log file batch by batch (header, CRC, dense offsets).
 #[derive(Debug)]
 pub(crate) struct TailScan {
-    /// Bytes of valid batches from the start of the file.
+    /// Bytes up to the end of the last whole, valid batch.
     pub valid_bytes: u64,
     pub next_offset: i64,
     pub index: SegmentIndex,
-    /// Why the scan stopped before the end of the file, if it did.
+    /// Why the file ends in bytes that are no batch (and where they start), if it does.
     pub stopped: Option<String>,
+    /// Damaged stretches followed by valid batches (kept; reads there report `Corrupt`).
+    pub damage: Vec<SegmentDamage>,
+    /// Offsets of the batch at `valid_bytes`, if its header was readable (what a cut loses).
+    pub cut_batch_offsets: Option<DamagedOffsets>,
+    /// The same, and where that batch ends, if it lies wholly in the file and its header is
+    /// consistent (dense offsets): a whole batch that failed its check, not a torn one.
+    pub cut_batch_whole: Option<(DamagedOffsets, u64)>,
 }
 
-/// Reads the whole log file, checking every batch, and rebuilds the index as it goes.
+/// Reads the whole log file, checking every batch, and rebuilds the index as it goes. A bad
+/// batch followed by valid ones is damage, not a torn write: the scan resumes at the next
+/// whole batch (see [`resync`]). Only what follows the last valid batch is reported as the
+/// stopping point.
 pub(crate) fn scan_log_fully(
     file: &dyn StorageFile,
     path: &Path,
@@ -305,6 +495,9 @@ pub(crate) fn scan_log_fully(
     let mut position = 0u64;
     let mut expected = base_offset;
     let mut stopped = None;
+    let mut damage = Vec::new();
+    let mut cut_batch_offsets = None;
+    let mut cut_batch_whole = None;
     // Makes `[position, position + len)` available in the buffer.
     let ensure = |position: u64,
                   len: usize,
@@ -326,102 +519,164 @@ pub(crate) fn scan_log_fully(
         Ok((position - *buffer_start) as usize)
     };
     while position < size {
+        let mut problem = None;
+        let mut parsed = None;
         if size - position < BATCH_HEADER_BYTES as u64 {
-            stopped = Some("torn batch header".to_owned());
-            break;
+            problem = Some("torn batch header".to_owned());
+        } else {
+            let at = ensure(
+                position,
+                BATCH_HEADER_BYTES,
+                &mut buffer,
+                &mut buffer_start,
+                &mut buffer_len,
+            )?;
+            match BatchHeader::parse(&buffer[at..buffer_len]) {
+                Err(e) => problem = Some(format!("bad batch header: {e}")),
+                Ok(header) => {
+                    parsed = Some(header);
+                    let total = header.total_bytes();
+                    if position + total as u64 > size {
+                        problem = Some("torn batch".to_owned());
+                    } else {
+                        let at = ensure(
+                            position,
+                            total,
+                            &mut buffer,
+                            &mut buffer_start,
+                            &mut buffer_len,
+                        )?;
+                        if let Err(e) = verify_crc(&buffer[at..at + total]) {
+                            problem = Some(format!("bad batch: {e}"));
+                        } else if header.base_offset != expected {
+                            problem = Some(format!(
+                                "batch base offset {} where {expected} was expected",
+                                header.base_offset
+                            ));
+                        } else if i64::from(header.last_offset_delta)
+                            != i64::from(header.records_count) - 1
+                        {
+                            problem = Some("batch offsets are not dense".to_owned());
+                        }
+                    }
+                }
+            }
         }
-        let at = ensure(
-            position,
-            BATCH_HEADER_BYTES,
-            &mut buffer,
-            &mut buffer_start,
-            &mut buffer_len,
-        )?;
-        let header = match BatchHeader::parse(&buffer[at..buffer_len]) {
-            Ok(header) => header,
-            Err(e) => {
-                stopped = Some(format!("bad batch header: {e}"));
+        let Some(reason) = problem else {
+            let header = parsed.expect("a valid batch has a header");
+            index.observe(base_offset, position as u32, &header, index_interval_bytes);
+            expected = header.next_offset();
+            position += header.total_bytes() as u64;
+            continue;
+        };
+        match resync(file, path, position + 1, size, expected, i64::MAX)? {
+            Some((next_position, next)) => {
+                damage.push(SegmentDamage {
+                    segment: path.to_owned(),
+                    position,
+                    end_position: next_position,
+                    offsets: DamagedOffsets {
+                        from: expected,
+                        to: next.base_offset,
+                    },
+                    reason,
+                });
+                position = next_position;
+                expected = next.base_offset;
+            }
+            None => {
+                cut_batch_offsets = parsed
+                    .filter(|h| h.base_offset == expected && h.records_count > 0)
+                    .map(|h| DamagedOffsets {
+                        from: h.base_offset,
+                        to: h.next_offset(),
+                    });
+                cut_batch_whole = cut_batch_offsets.zip(parsed).and_then(|(offsets, h)| {
+                    let end = position + h.total_bytes() as u64;
+                    let dense = i64::from(h.last_offset_delta) == i64::from(h.records_count) - 1;
+                    (end <= size && dense).then_some((offsets, end))
+                });
+                stopped = Some(reason);
                 break;
             }
-        };
-        let total = header.total_bytes();
-        if position + total as u64 > size {
-            stopped = Some("torn batch".to_owned());
-            break;
         }
-        let at = ensure(
-            position,
-            total,
-            &mut buffer,
-            &mut buffer_start,
-            &mut buffer_len,
-        )?;
-        if let Err(e) = verify_crc(&buffer[at..at + total]) {
-            stopped = Some(format!("bad batch: {e}"));
-            break;
-        }
-        if header.base_offset != expected {
-            stopped = Some(format!(
-                "batch base offset {} where {expected} was expected",
-                header.base_offset
-            ));
-            break;
-        }
-        if i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1 {
-            stopped = Some("batch offsets are not dense".to_owned());
-            break;
-        }
-        index.observe(base_offset, position as u32, &header, index_interval_bytes);
-        expected = header.next_offset();
-        position += total as u64;
     }
     Ok(TailScan {
         valid_bytes: position,
         next_offset: expected,
         index,
         stopped,
+        damage,
+        cut_batch_offsets,
+        cut_batch_whole,
     })
 }
 
 /// A sealed segment's index rebuilt from its log.
 pub(crate) struct RebuiltIndex {
     pub index: SegmentIndex,
-    /// The offset after the last batch the header chain reached.
+    /// The offset after the last batch the header chain reached (the next segment's base if
+    /// the last damage runs to the end of the file).
     pub end_offset: i64,
-    /// Where and why the header chain broke before the end of the file, if it did.
-    pub broken: Option<(u64, String)>,
+    /// Stretches where the header chain broke; the chain resumed after each but the last
+    /// one may run to the end of the file.
+    pub damage: Vec<SegmentDamage>,
 }
 
-/// Rebuilds a sealed segment's index from its log, reading headers only.
+/// Rebuilds a sealed segment's index from its log, reading headers only (and, past a break
+/// in the chain, looking for the next whole batch). `end_offset` is the next segment's base.
 pub(crate) fn rebuild_sealed_index(
     file: &dyn StorageFile,
     path: &Path,
     size: u64,
     base_offset: i64,
+    end_offset: i64,
     index_interval_bytes: u32,
 ) -> Result<RebuiltIndex, StorageError> {
     let mut index = SegmentIndex::new();
     let mut expected = base_offset;
-    let end = scan_headers(file, path, 0, size, |position, header| {
-        if header.base_offset != expected {
-            return Err(format!(
-                "batch base offset {} where {expected} was expected",
-                header.base_offset
-            ));
-        }
-        index.observe(base_offset, position as u32, header, index_interval_bytes);
-        expected = header.next_offset();
-        Ok(true)
-    })?;
+    let mut damage = Vec::new();
+    let mut position = 0;
+    loop {
+        let end = scan_headers(file, path, position, size, |position, header| {
+            if header.base_offset != expected {
+                return Err(format!(
+                    "batch base offset {} where {expected} was expected",
+                    header.base_offset
+                ));
+            }
+            index.observe(base_offset, position as u32, header, index_interval_bytes);
+            expected = header.next_offset();
+            Ok(true)
+        })?;
+        let ScanEnd::Broken {
+            position: broken_at,
+            reason,
+        } = end
+        else {
+            break;
+        };
+        let next = resync(file, path, broken_at + 1, size, expected, end_offset)?;
+        let (end_position, to) = next.map_or((size, end_offset), |(p, h)| (p, h.base_offset));
+        damage.push(SegmentDamage {
+            segment: path.to_owned(),
+            position: broken_at,
+            end_position,
+            offsets: DamagedOffsets { from: expected, to },
+            reason,
+        });
+        let Some((next_position, next)) = next else {
+            expected = end_offset;
+            break;
+        };
+        position = next_position;
+        expected = next.base_offset;
+    }
     index.seal(base_offset);
-    let broken = match end {
-        ScanEnd::Broken { position, reason } => Some((position, reason)),
-        ScanEnd::Limit | ScanEnd::Stopped => None,
-    };
     Ok(RebuiltIndex {
         index,
         end_offset: expected,
-        broken,
+        damage,
     })
 }
 
@@ -519,8 +774,9 @@ pub(crate) fn load_sealed_index(
             start_position: u64::from(floor.position),
             start_offset: segment.base_offset + i64::from(floor.relative_offset),
             limit: segment.size,
+            limit_is_segment_end: true,
         };
-        let matches = match plan.find(|h| h.base_offset >= wanted) {
+        let matches = match plan.find(PastDamage::FailAt(wanted), |h| h.base_offset >= wanted) {
             Ok(Some((_, h))) => h.base_offset == wanted && h.max_timestamp == entry.timestamp,
             Ok(None) | Err(StorageError::Corrupt { .. }) => false,
             Err(e) => return Err(e),

@@ -1,15 +1,21 @@
 //! A deterministic in-memory [`FileBackend`] for crash and fault tests.
 //!
 //! Every file keeps two images: the bytes written so far and the bytes a `sync_data` made
-//! durable. The directory keeps two namespaces the same way: the live one and the one the last
-//! `sync_dir` made durable. [`SimBackend::crash`] throws away everything that was not made
-//! durable (and invalidates every open handle, so a writer still running fails instead of
-//! writing into the new world); [`SimBackend::crash_torn`] keeps, per file, a seeded random
-//! prefix of bytes appended since the last sync, the way a real disk tears an unsynced tail.
+//! durable. The directory keeps a live namespace, a durable one, and the list of directory
+//! operations (create, unlink, rename) made since, in order: `sync_dir` makes a directory's
+//! operations durable. [`SimBackend::crash`] throws away everything that was not made durable
+//! (and invalidates every open handle, so a writer still running fails instead of writing
+//! into the new world); [`SimBackend::crash_torn`] keeps, per file, a seeded random prefix of
+//! bytes appended since the last sync, the way a real disk tears an unsynced tail, and a
+//! seeded random prefix of the unsynced directory operations (a journaling file system
+//! commits them in order, but any number of them may have made it).
 //!
-//! Faults: fail the Nth `write_at` (after writing half of its bytes, as a short write would)
-//! or the Nth `sync_data` from now; hold `sync_data` calls at a gate to make a test's
-//! interleavings deterministic.
+//! Faults: fail the Nth `write_at` (after writing half of its bytes, as a short write would),
+//! the Nth `sync_data`, or the Nth directory operation or `set_len` from now; crash the
+//! machine *at* the Nth mutating operation ([`SimBackend::crash_at_step`]: the operation is
+//! half done — a write half written, a directory operation among the unsynced ones a crash
+//! may or may not keep); hold `sync_data` calls at a gate to make a test's interleavings
+//! deterministic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -39,8 +45,20 @@ struct SimState {
     files: HashMap<u64, SimFileData>,
     live: BTreeMap<PathBuf, u64>,
     durable: BTreeMap<PathBuf, u64>,
+    /// Directory operations since the last `sync_dir` of their directory, oldest first.
+    unsynced_dir_ops: Vec<DirOp>,
     write_failure_countdown: Option<u64>,
+    /// Every write fails with ENOSPC after writing half its bytes (a short write).
+    disk_full: bool,
     sync_data_failure_countdown: Option<u64>,
+    namespace_failure_countdown: Option<u64>,
+    /// Crash at this mutating step (counted in `counts.steps`), keeping what `seed` chooses.
+    crash_at: Option<(u64, u64)>,
+    /// Whether a `crash_at_step` crash happened.
+    crashed_at_step: bool,
+    /// After a `crash_at_step` crash, until [`SimBackend::power_on`]: every operation fails,
+    /// so the crashed process cannot touch the disk the next one will find.
+    down: bool,
     syncs_held: bool,
     syncs_waiting: usize,
     counts: SimCounts,
@@ -60,6 +78,111 @@ pub struct SimCounts {
     pub writes: u64,
     pub sync_datas: u64,
     pub sync_dirs: u64,
+    /// Mutating operations of every kind: writes, `set_len`, syncs, create, remove, rename.
+    pub steps: u64,
+}
+
+#[derive(Debug, Clone)]
+enum DirOp {
+    Create { path: PathBuf, id: u64 },
+    Remove { path: PathBuf },
+    Rename { from: PathBuf, to: PathBuf, id: u64 },
+}
+
+impl DirOp {
+    fn touches(&self, dir: &Path) -> bool {
+        match self {
+            DirOp::Create { path, .. } | DirOp::Remove { path } => path.parent() == Some(dir),
+            DirOp::Rename { from, to, .. } => {
+                from.parent() == Some(dir) || to.parent() == Some(dir)
+            }
+        }
+    }
+
+    fn apply(&self, names: &mut BTreeMap<PathBuf, u64>) {
+        match self {
+            DirOp::Create { path, id } => {
+                names.insert(path.clone(), *id);
+            }
+            DirOp::Remove { path } => {
+                names.remove(path);
+            }
+            DirOp::Rename { from, to, id } => {
+                names.remove(from);
+                names.insert(to.clone(), *id);
+            }
+        }
+    }
+}
+
+impl SimState {
+    /// Counts one mutating step; true if the machine must crash at it.
+    fn step(&mut self) -> bool {
+        self.counts.steps += 1;
+        matches!(self.crash_at, Some((step, _)) if step == self.counts.steps)
+    }
+
+    /// Counts one namespace operation toward an injected failure.
+    fn namespace_fault(&mut self) -> io::Result<()> {
+        if let Some(n) = self.namespace_failure_countdown {
+            if n == 1 {
+                self.namespace_failure_countdown = None;
+                return Err(injected("directory operation or set_len"));
+            }
+            self.namespace_failure_countdown = Some(n - 1);
+        }
+        Ok(())
+    }
+
+    /// Power loss: see [`SimBackend::crash_torn`]; `seed` `None` keeps nothing unsynced.
+    fn crash(&mut self, seed: Option<u64>) {
+        let mut rng = seed.unwrap_or(0);
+        let mut keep = |unsynced: usize| match seed {
+            None => 0,
+            Some(_) if unsynced == 0 => 0,
+            Some(_) => (splitmix64(&mut rng) % (unsynced as u64 + 1)) as usize,
+        };
+        self.generation += 1;
+        let ops = std::mem::take(&mut self.unsynced_dir_ops);
+        let kept_ops = keep(ops.len());
+        let mut names = self.durable.clone();
+        for op in &ops[..kept_ops] {
+            op.apply(&mut names);
+        }
+        self.durable = names.clone();
+        self.live = names;
+        let referenced: std::collections::BTreeSet<u64> = self.live.values().copied().collect();
+        self.files.retain(|id, _| referenced.contains(id));
+        // Deterministic order for the seeded choice.
+        let mut ids: Vec<u64> = self.files.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let file = self.files.get_mut(&id).expect("listed id");
+            let appended_only = file.dirty_from >= file.durable.len();
+            let mut image = file.durable.clone();
+            if appended_only && file.data.len() > image.len() {
+                let unsynced = &file.data[image.len()..];
+                let kept = keep(unsynced.len()).min(unsynced.len());
+                image.extend_from_slice(&unsynced[..kept]);
+            }
+            file.durable = image.clone();
+            file.data = image;
+            file.dirty_from = usize::MAX;
+        }
+        self.write_failure_countdown = None;
+        self.sync_data_failure_countdown = None;
+        self.namespace_failure_countdown = None;
+        self.syncs_held = false;
+    }
+
+    /// The crash of `crash_at_step`, at the current step.
+    fn crash_at_step(&mut self) -> io::Error {
+        let (_, seed) = self.crash_at.take().expect("a crash step was set");
+        self.crashed_at_step = true;
+        self.down = true;
+        self.crash(Some(seed));
+        io::Error::other("the simulated machine crashed during this operation")
+    }
 }
 
 #[derive(Debug)]
@@ -94,52 +217,58 @@ impl SimBackend {
         self.inner.state.lock().expect("sim state lock poisoned")
     }
 
+    /// The state, for a directory operation: fails while the machine is down.
+    fn lock_up(&self) -> io::Result<MutexGuard<'_, SimState>> {
+        let state = self.lock();
+        if state.down {
+            return Err(stale());
+        }
+        Ok(state)
+    }
+
     /// Simulated power loss: every file goes back to its last synced image, the directory to
     /// its last synced namespace, and every open handle stops working.
     pub fn crash(&self) {
-        self.crash_keeping(|_| 0);
+        self.lock().crash(None);
+        self.inner.gate.notify_all();
     }
 
     /// Like [`Self::crash`], but a file that was only appended to since its last sync keeps a
-    /// random part (chosen by `seed`) of the appended bytes, as a torn write would.
+    /// random part (chosen by `seed`) of the appended bytes, as a torn write would, and a
+    /// random prefix of the unsynced directory operations survives.
     pub fn crash_torn(&self, seed: u64) {
-        let mut rng = seed;
-        self.crash_keeping(|unsynced| {
-            if unsynced == 0 {
-                0
-            } else {
-                (splitmix64(&mut rng) % (unsynced as u64 + 1)) as usize
-            }
-        });
+        self.lock().crash(Some(seed));
+        self.inner.gate.notify_all();
     }
 
-    fn crash_keeping(&self, mut keep_unsynced: impl FnMut(usize) -> usize) {
+    /// The machine crashes at the `n`th mutating operation from now (1 = the next one), as
+    /// [`Self::crash_torn`] with `seed` would, with that operation half done: a write keeps a
+    /// random part, a directory operation joins the unsynced ones a crash may keep, a sync
+    /// or `set_len` does not happen. The operation and everything after fail like stale
+    /// handles.
+    pub fn crash_at_step(&self, n: u64, seed: u64) {
+        assert!(n >= 1, "n counts from 1");
         let mut state = self.lock();
-        state.generation += 1;
-        state.live = state.durable.clone();
-        let referenced: std::collections::BTreeSet<u64> = state.live.values().copied().collect();
-        state.files.retain(|id, _| referenced.contains(id));
-        // Deterministic order for the seeded choice.
-        let mut ids: Vec<u64> = state.files.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            let file = state.files.get_mut(&id).expect("listed id");
-            let appended_only = file.dirty_from >= file.durable.len();
-            let mut image = file.durable.clone();
-            if appended_only && file.data.len() > image.len() {
-                let unsynced = &file.data[image.len()..];
-                let keep = keep_unsynced(unsynced.len()).min(unsynced.len());
-                image.extend_from_slice(&unsynced[..keep]);
-            }
-            file.durable = image.clone();
-            file.data = image;
-            file.dirty_from = usize::MAX;
-        }
-        state.write_failure_countdown = None;
-        state.sync_data_failure_countdown = None;
-        state.syncs_held = false;
-        drop(state);
-        self.inner.gate.notify_all();
+        let at = state.counts.steps + n;
+        state.crash_at = Some((at, seed));
+        state.crashed_at_step = false;
+    }
+
+    /// Boots the machine after a [`Self::crash_at_step`] crash: operations work again.
+    pub fn power_on(&self) {
+        self.lock().down = false;
+    }
+
+    /// Whether the crash set by [`Self::crash_at_step`] happened.
+    pub fn crashed_at_step(&self) -> bool {
+        self.lock().crashed_at_step
+    }
+
+    /// The `n`th create, remove, rename or `set_len` from now (1 = the next one) fails before
+    /// it changes anything.
+    pub fn fail_nth_namespace_op(&self, n: u64) {
+        assert!(n >= 1, "n counts from 1");
+        self.lock().namespace_failure_countdown = Some(n);
     }
 
     /// The `n`th `write_at` from now (1 = the next one) writes half its bytes and fails.
@@ -148,10 +277,22 @@ impl SimBackend {
         self.lock().write_failure_countdown = Some(n);
     }
 
+    /// While `full`, every `write_at` writes half its bytes and fails with ENOSPC
+    /// (`ErrorKind::StorageFull`), as a write into a full file system does.
+    pub fn set_disk_full(&self, full: bool) {
+        self.lock().disk_full = full;
+    }
+
     /// The `n`th `sync_data` from now (1 = the next one) fails; the bytes stay unsynced.
     pub fn fail_nth_sync_data(&self, n: u64) {
         assert!(n >= 1, "n counts from 1");
         self.lock().sync_data_failure_countdown = Some(n);
+    }
+
+    /// The directory operations made since the last sync of their directory (for tests that
+    /// check an operation syncs what it changed).
+    pub fn unsynced_dir_ops(&self) -> usize {
+        self.lock().unsynced_dir_ops.len()
     }
 
     /// From now on `sync_data` calls wait at a gate until [`Self::release_syncs`].
@@ -239,7 +380,9 @@ impl StorageFile for SimFile {
     fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
         let mut state = self.lock()?;
         state.counts.writes += 1;
-        let mut fail = false;
+        let crash = state.step();
+        let full = state.disk_full;
+        let mut fail = crash || full;
         if let Some(n) = state.write_failure_countdown {
             if n == 1 {
                 state.write_failure_countdown = None;
@@ -257,11 +400,24 @@ impl StorageFile for SimFile {
         }
         file.data[start..end].copy_from_slice(buf);
         file.dirty_from = file.dirty_from.min(start);
+        if crash {
+            return Err(state.crash_at_step());
+        }
+        if full {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (SimBackend)",
+            ));
+        }
         if fail { Err(injected("write")) } else { Ok(()) }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut state = self.lock()?;
+        if state.step() {
+            return Err(state.crash_at_step());
+        }
+        state.namespace_fault()?;
         let file = file_mut(&mut state, self.id, &self.path)?;
         file.data.resize(len as usize, 0);
         file.dirty_from = file.dirty_from.min(len as usize);
@@ -287,6 +443,12 @@ impl StorageFile for SimFile {
             }
         }
         state.counts.sync_datas += 1;
+        if state.step() {
+            let error = state.crash_at_step();
+            drop(state);
+            self.inner.gate.notify_all();
+            return Err(error);
+        }
         if let Some(n) = state.sync_data_failure_countdown {
             if n == 1 {
                 state.sync_data_failure_countdown = None;
@@ -307,11 +469,11 @@ impl StorageFile for SimFile {
 impl FileBackend for SimBackend {
     fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
         // Directories are implicit: a file's parent is its directory.
-        Ok(())
+        self.lock_up().map(drop)
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
-        let state = self.lock();
+        let state = self.lock_up()?;
         Ok(state
             .live
             .keys()
@@ -321,7 +483,11 @@ impl FileBackend for SimBackend {
     }
 
     fn create(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        let mut state = self.lock();
+        let mut state = self.lock_up()?;
+        let crash = state.step();
+        if !crash {
+            state.namespace_fault()?;
+        }
         let generation = state.generation;
         let id = match state.live.get(path) {
             Some(&id) => {
@@ -341,15 +507,25 @@ impl FileBackend for SimBackend {
                     },
                 );
                 state.live.insert(path.to_owned(), id);
+                state.unsynced_dir_ops.push(DirOp::Create {
+                    path: path.to_owned(),
+                    id,
+                });
                 id
             }
         };
+        if crash {
+            let error = state.crash_at_step();
+            drop(state);
+            self.inner.gate.notify_all();
+            return Err(error);
+        }
         drop(state);
         Ok(self.file(path, id, generation))
     }
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        let state = self.lock();
+        let state = self.lock_up()?;
         let id = *state.live.get(path).ok_or_else(|| not_found(path))?;
         let generation = state.generation;
         drop(state);
@@ -357,32 +533,67 @@ impl FileBackend for SimBackend {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
-        let mut state = self.lock();
-        state
-            .live
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| not_found(path))
+        let mut state = self.lock_up()?;
+        let crash = state.step();
+        if !crash {
+            state.namespace_fault()?;
+        }
+        state.live.remove(path).ok_or_else(|| not_found(path))?;
+        state.unsynced_dir_ops.push(DirOp::Remove {
+            path: path.to_owned(),
+        });
+        if crash {
+            let error = state.crash_at_step();
+            drop(state);
+            self.inner.gate.notify_all();
+            return Err(error);
+        }
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.lock_up()?;
+        let crash = state.step();
+        if !crash {
+            state.namespace_fault()?;
+        }
         let id = state.live.remove(from).ok_or_else(|| not_found(from))?;
         state.live.insert(to.to_owned(), id);
+        state.unsynced_dir_ops.push(DirOp::Rename {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            id,
+        });
+        if crash {
+            let error = state.crash_at_step();
+            drop(state);
+            self.inner.gate.notify_all();
+            return Err(error);
+        }
         Ok(())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.lock_up()?;
         state.counts.sync_dirs += 1;
-        state.durable.retain(|path, _| path.parent() != Some(dir));
-        let entries: Vec<(PathBuf, u64)> = state
-            .live
-            .iter()
-            .filter(|(path, _)| path.parent() == Some(dir))
-            .map(|(path, id)| (path.clone(), *id))
-            .collect();
-        state.durable.extend(entries);
+        if state.step() {
+            let error = state.crash_at_step();
+            drop(state);
+            self.inner.gate.notify_all();
+            return Err(error);
+        }
+        let ops = std::mem::take(&mut state.unsynced_dir_ops);
+        let mut durable = std::mem::take(&mut state.durable);
+        let mut rest = Vec::new();
+        for op in ops {
+            if op.touches(dir) {
+                op.apply(&mut durable);
+            } else {
+                rest.push(op);
+            }
+        }
+        state.durable = durable;
+        state.unsynced_dir_ops = rest;
         Ok(())
     }
 }
@@ -457,6 +668,37 @@ mod tests {
         assert!(f.sync_data().is_err());
         f.sync_data().unwrap();
         assert_eq!(sim.counts().sync_datas, 2);
+    }
+
+    #[test]
+    fn a_crash_keeps_a_seeded_prefix_of_the_unsynced_directory_operations() {
+        let mut kept_counts = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            let sim = SimBackend::new();
+            let names = ["a", "b", "c", "d"];
+            for name in names {
+                sim.create(&path(name)).unwrap();
+            }
+            sim.remove(&path("a")).unwrap();
+            sim.crash_torn(seed);
+            let mut after = sim.list_dir(Path::new("/sim")).unwrap();
+            after.sort();
+            // Ops: create a, b, c, d, remove a. A prefix of them, applied in order.
+            let prefixes: [&[&str]; 6] = [
+                &[],
+                &["a"],
+                &["a", "b"],
+                &["a", "b", "c"],
+                &["a", "b", "c", "d"],
+                &["b", "c", "d"],
+            ];
+            let kept = prefixes
+                .iter()
+                .position(|p| after == *p)
+                .unwrap_or_else(|| panic!("seed {seed}: {after:?} is no prefix"));
+            kept_counts.insert(kept);
+        }
+        assert!(kept_counts.len() > 3, "seeds choose different prefixes");
     }
 
     #[test]

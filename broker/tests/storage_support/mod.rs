@@ -118,6 +118,47 @@ pub fn read_all(log: &PartitionLog, max_bytes: usize) -> Result<Vec<RecordBatch>
     Ok(batches)
 }
 
+/// Like [`read_all`], but a read that reports damage with its offsets skips them, the way a
+/// replay at start-up does. Returns the batches and the damaged ranges met.
+pub fn read_all_past_damage(
+    log: &PartitionLog,
+    max_bytes: usize,
+) -> (Vec<RecordBatch>, Vec<ketch_broker::storage::DamagedOffsets>) {
+    let mut batches = Vec::new();
+    let mut damaged = Vec::new();
+    let mut offset = log.log_start_offset();
+    let end = log.high_watermark();
+    while offset < end {
+        let bytes = match log.read(offset, max_bytes) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let skip = e
+                    .damaged_offsets()
+                    .unwrap_or_else(|| panic!("read at {offset} failed without offsets: {e}"));
+                assert!(
+                    skip.from <= offset && offset < skip.to,
+                    "{skip:?} covers {offset}"
+                );
+                damaged.push(skip);
+                offset = skip.to;
+                continue;
+            }
+        };
+        assert!(
+            !bytes.is_empty(),
+            "read below the high watermark returned nothing"
+        );
+        let (parsed, rest) = split_batches(bytes);
+        assert!(rest.is_empty(), "reads return whole batches only");
+        for batch in parsed {
+            let batch = batch.expect("returned batches pass their CRC");
+            offset = batch.header().next_offset();
+            batches.push(batch);
+        }
+    }
+    (batches, damaged)
+}
+
 /// The bytes of a stored batch equal the appended ones except for the base offset.
 pub fn assert_same_batch(stored: &[u8], appended: &[u8], base_offset: i64) {
     assert_eq!(stored.len(), appended.len());

@@ -1,0 +1,591 @@
+//! [`PartitionLog`]: the segments of one partition. This module holds the API, the shared
+//! state and open/close; each job has its own module: `writer` (the group-commit thread),
+//! `read`, `recovery`, `retention` (prefix deletion) and `truncation` (suffix).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_channel::oneshot;
+use ketch_protocol::batch::{BATCH_HEADER_BYTES, BatchHeader, set_base_offset, verify_crc};
+
+use super::backend::{FileBackend, StdBackend, StorageFile};
+use super::error::{DamagedOffsets, StorageError};
+use super::index::{
+    IndexCursor, OFFSET_INDEX_ENTRY_BYTES, OffsetEntry, SegmentIndex, TIME_INDEX_ENTRY_BYTES,
+    TimeEntry, encode_offsets, encode_times, relative,
+};
+use super::segment::{
+    LOG_EXTENSION, OFFSET_INDEX_EXTENSION, PastDamage, ReadPlan, ScanEnd, Segment, SegmentDamage,
+    SegmentPaths, TIME_INDEX_EXTENSION, encode_index_files, load_sealed_index,
+    parse_segment_file_name, read_whole_file, rebuild_sealed_index, resync, rewrite_file,
+    scan_headers, scan_log_fully,
+};
+use super::{FsyncPolicy, LogConfig, WRITE_BUFFER_BYTES_MAX, ms_i64};
+
+mod pool;
+mod read;
+mod recovery;
+mod retention;
+mod truncation;
+mod writer;
+
+pub use pool::WRITER_THREADS_MAX;
+use recovery::{log_report, recover};
+
+/// Where a log start offset that is not a segment base (after `purge_prefix`) is kept.
+const LOG_START_CHECKPOINT_FILE: &str = "log-start-offset.checkpoint";
+const LOG_START_CHECKPOINT_TMP_FILE: &str = "log-start-offset.checkpoint.tmp";
+/// Written by `close` after everything is synced, removed at open: its presence tells
+/// recovery that no write can have been torn.
+const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
+/// i64 big-endian + CRC32C of those 8 bytes.
+const LOG_START_CHECKPOINT_BYTES: usize = 12;
+
+/// A future completed by the log's writer thread; runtime-agnostic.
+#[derive(Debug)]
+#[must_use = "the operation is only known to have succeeded when the future resolves"]
+pub struct Completion<T> {
+    receiver: oneshot::Receiver<Result<T, StorageError>>,
+}
+
+impl<T> Future for Completion<T> {
+    type Output = Result<T, StorageError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.receiver).poll(cx) {
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(oneshot::Canceled)) => Poll::Ready(Err(StorageError::Closed)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Resolves when the append satisfied the fsync policy.
+pub type AppendFuture = Completion<AppendOutcome>;
+/// Resolves when everything appended before the flush is durable.
+pub type FlushFuture = Completion<()>;
+
+/// Where an acknowledged batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub max_timestamp: i64,
+    /// The log start offset when the append completed (Kafka returns it to producers).
+    pub log_start_offset: i64,
+}
+
+/// The three offsets of a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogOffsets {
+    /// The first offset still stored.
+    pub log_start_offset: i64,
+    /// Offsets below it are acknowledged and visible to readers.
+    pub high_watermark: i64,
+    /// The offset the next append will get.
+    pub log_end_offset: i64,
+}
+
+/// Counters since the log was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogStats {
+    pub batches_appended: u64,
+    /// Write groups: each is one pass of the writer over everything queued.
+    pub write_groups: u64,
+    /// `fdatasync` calls of the writer on log files (group commits, rolls, flushes).
+    pub fsyncs: u64,
+}
+
+/// One segment, as seen from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub base_offset: i64,
+    pub next_offset: i64,
+    pub size_bytes: u64,
+    /// Largest batch `max_timestamp`, `None` for an empty segment.
+    pub max_timestamp: Option<i64>,
+    pub log_path: PathBuf,
+}
+
+/// What [`PartitionLog::apply_retention`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionOutcome {
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+    pub log_start_offset: i64,
+}
+
+/// A torn or corrupt tail cut off at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailTruncation {
+    pub segment: PathBuf,
+    /// The log file now ends here.
+    pub position: u64,
+    pub bytes: u64,
+    pub reason: String,
+    /// The offsets of the batch that was cut, if its header could be read.
+    pub offsets: Option<DamagedOffsets>,
+}
+
+/// What recovery found and did when the log was opened.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+    pub truncation: Option<TailTruncation>,
+    /// Index files that failed validation (or were missing) and were rewritten from the log.
+    pub indexes_rebuilt: Vec<PathBuf>,
+    /// The log was closed cleanly last time (no write can have been torn).
+    pub clean_shutdown: bool,
+    /// Index files without a log file, and temporary files, deleted.
+    pub stray_files_removed: Vec<PathBuf>,
+    /// Damaged stretches of log files (sealed or tail) that recovery kept: reads of their
+    /// offsets report `Corrupt`, everything around them is served.
+    pub damage: Vec<SegmentDamage>,
+}
+
+impl RecoveryReport {
+    pub fn bytes_truncated(&self) -> u64 {
+        self.truncation.as_ref().map_or(0, |t| t.bytes)
+    }
+
+    /// Whether the log was exactly as a clean close left it.
+    pub fn is_clean(&self) -> bool {
+        self.truncation.is_none()
+            && self.indexes_rebuilt.is_empty()
+            && self.stray_files_removed.is_empty()
+            && self.damage.is_empty()
+    }
+}
+
+/// The durable log of one partition. See the [module docs](super).
+pub struct PartitionLog {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PartitionLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartitionLog")
+            .field("dir", &self.shared.dir)
+            .field("offsets", &self.offsets())
+            .finish_non_exhaustive()
+    }
+}
+
+struct PendingAppend {
+    batch: Bytes,
+    header: BatchHeader,
+    now_ms: i64,
+    done: oneshot::Sender<Result<AppendOutcome, StorageError>>,
+}
+
+enum Request {
+    Append(PendingAppend),
+    Flush(oneshot::Sender<Result<(), StorageError>>),
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: Vec<Request>,
+    /// Bytes of queued batches (the bound is on this).
+    bytes: u64,
+    poisoned: Option<String>,
+    /// Set when a write hit ENOSPC and was undone: appends fail until `resume_writes`.
+    no_space: Option<PathBuf>,
+    closing: bool,
+    /// The log is in the writer pool's ready queue or a worker is running its group.
+    scheduled: bool,
+}
+
+/// State only the writer side touches: the holder of this lock is the only one mutating
+/// segments (the writer during a group; truncate, purge and retention between groups).
+struct WriteState {
+    last_sync_ms: Option<i64>,
+    /// Bytes were written to the active log file since its last fsync.
+    unsynced: bool,
+    buffer: Vec<u8>,
+    /// The clean-shutdown marker is on disk: removed (and the removal synced) before the
+    /// first change to the log's data, so an idle log opens and closes without a dir fsync.
+    clean_marker: bool,
+}
+
+/// What readers see; locked briefly, never across I/O.
+struct View {
+    segments: Vec<Segment>,
+    log_start: i64,
+    high_watermark: i64,
+    log_end: i64,
+}
+
+impl View {
+    fn offsets(&self) -> LogOffsets {
+        LogOffsets {
+            log_start_offset: self.log_start,
+            high_watermark: self.high_watermark,
+            log_end_offset: self.log_end,
+        }
+    }
+
+    fn out_of_range(&self, requested: i64) -> StorageError {
+        StorageError::OffsetOutOfRange {
+            requested,
+            log_start: self.log_start,
+            log_end: self.log_end,
+        }
+    }
+
+    /// Index of the segment holding `offset` (which is at or above the first base offset).
+    fn segment_for(&self, offset: i64) -> usize {
+        let after = self.segments.partition_point(|s| s.base_offset <= offset);
+        assert!(after > 0, "offset {offset} below the first segment");
+        after - 1
+    }
+
+    /// The offset no batch of segment `i` reaches.
+    fn segment_end(&self, i: usize) -> i64 {
+        self.segments
+            .get(i + 1)
+            .map_or(self.log_end, |s| s.base_offset)
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .last()
+            .expect("a log always has an active segment")
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    batches_appended: AtomicU64,
+    write_groups: AtomicU64,
+    fsyncs: AtomicU64,
+}
+
+struct Shared {
+    backend: Arc<dyn FileBackend>,
+    dir: PathBuf,
+    config: LogConfig,
+    queue: Mutex<Queue>,
+    queue_ready: Condvar,
+    write: Mutex<WriteState>,
+    view: Mutex<View>,
+    /// Readers hold it shared across their I/O; `truncate_suffix` takes it exclusively so no
+    /// read sees bytes that are being cut and rewritten.
+    truncation: RwLock<()>,
+    stats: Stats,
+}
+
+/// Locks a mutex even if a panicking thread poisoned it: the writer's exit guard must still
+/// be able to fail the queue, and the state stays consistent (it is only changed between
+/// checks that panic before mutating).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.to_owned();
+    move |e| StorageError::io(operation, path, e)
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the log in `dir` on the real file system, recovering as needed.
+    /// `now_ms` starts the age clock of the recovered active segment.
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        now_ms: i64,
+    ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
+        PartitionLog::open_with_backend(Arc::new(StdBackend), dir, config, now_ms)
+    }
+
+    /// Opens (or creates) the log in `dir` through `backend`, recovering as needed.
+    pub fn open_with_backend(
+        backend: Arc<dyn FileBackend>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        now_ms: i64,
+    ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
+        config.validate()?;
+        let dir = dir.into();
+        backend
+            .create_dir_all(&dir)
+            .map_err(io_error("create directory", &dir))?;
+        let (mut view, report) = recover(backend.as_ref(), &dir, &config)?;
+        let active = view
+            .segments
+            .last_mut()
+            .expect("a log always has an active segment");
+        if !active.is_empty() {
+            // When the first append into it happened is lost with the process; count from now.
+            active.first_append_ms = Some(now_ms);
+        }
+        log_report(&dir, &report);
+        let shared = Arc::new(Shared {
+            backend,
+            dir,
+            config,
+            queue: Mutex::new(Queue::default()),
+            queue_ready: Condvar::new(),
+            write: Mutex::new(WriteState {
+                clean_marker: report.clean_shutdown,
+                last_sync_ms: None,
+                unsynced: false,
+                buffer: Vec::new(),
+            }),
+            view: Mutex::new(view),
+            truncation: RwLock::new(()),
+            stats: Stats::default(),
+        });
+        Ok((PartitionLog { shared }, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// Queues a batch for the writer. The batch is checked here (size, header, CRC, dense
+    /// offset deltas); a bad batch, a full queue or a poisoned log fail at once and nothing is
+    /// written. The storage assigns the offsets: the batch's base offset is overwritten.
+    pub fn append(&self, batch: Bytes, now_ms: i64) -> Result<AppendFuture, StorageError> {
+        let config = &self.shared.config;
+        if batch.len() > config.batch_bytes_max as usize {
+            return Err(StorageError::BatchTooLarge {
+                batch_bytes: batch.len(),
+                batch_bytes_max: config.batch_bytes_max,
+            });
+        }
+        let header = verify_crc(&batch)?;
+        if i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1 {
+            return Err(StorageError::MalformedBatch {
+                reason: "last offset delta must be records count - 1",
+            });
+        }
+        let (done, receiver) = oneshot::channel();
+        {
+            let mut queue = lock(&self.shared.queue);
+            queue.check_open()?;
+            let batch_bytes = batch.len() as u64;
+            if queue.bytes > 0 && queue.bytes + batch_bytes > config.append_queue_bytes_max {
+                return Err(StorageError::QueueFull {
+                    queued_bytes: queue.bytes,
+                    append_queue_bytes_max: config.append_queue_bytes_max,
+                });
+            }
+            queue.bytes += batch_bytes;
+            queue.requests.push(Request::Append(PendingAppend {
+                batch,
+                header,
+                now_ms,
+                done,
+            }));
+            self.schedule(queue);
+        }
+        Ok(Completion { receiver })
+    }
+
+    /// Hands the log to the writer pool unless it is there already.
+    fn schedule(&self, mut queue: MutexGuard<'_, Queue>) {
+        if !queue.scheduled {
+            queue.scheduled = true;
+            drop(queue);
+            pool::pool().schedule(self.shared.clone());
+        }
+    }
+
+    /// Accepts appends again after a [`StorageError::NoSpace`]. The owner calls it once it
+    /// has settled the failed appends, so that an append submitted in between (which assumed
+    /// the failed one would succeed) is refused rather than written after a hole.
+    pub fn resume_writes(&self) {
+        lock(&self.shared.queue).no_space = None;
+    }
+
+    /// Resolves when everything appended before this call is on disk (one fsync, shared with
+    /// the writer's current group). Under `Interval` the owner calls this from a timer.
+    pub fn flush(&self) -> Result<FlushFuture, StorageError> {
+        let (done, receiver) = oneshot::channel();
+        {
+            let mut queue = lock(&self.shared.queue);
+            queue.check_open()?;
+            queue.requests.push(Request::Flush(done));
+            self.schedule(queue);
+        }
+        Ok(Completion { receiver })
+    }
+
+    pub fn offsets(&self) -> LogOffsets {
+        lock(&self.shared.view).offsets()
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        lock(&self.shared.view).log_start
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        lock(&self.shared.view).high_watermark
+    }
+
+    pub fn log_end_offset(&self) -> i64 {
+        lock(&self.shared.view).log_end
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let stats = &self.shared.stats;
+        LogStats {
+            batches_appended: stats.batches_appended.load(Ordering::Relaxed),
+            write_groups: stats.write_groups.load(Ordering::Relaxed),
+            fsyncs: stats.fsyncs.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let view = lock(&self.shared.view);
+        view.segments
+            .iter()
+            .map(|s| SegmentInfo {
+                base_offset: s.base_offset,
+                next_offset: s.next_offset,
+                size_bytes: s.size,
+                max_timestamp: (!s.is_empty()).then(|| s.max_timestamp()),
+                log_path: s.log_path.clone(),
+            })
+            .collect()
+    }
+
+    /// Makes everything acknowledged so far durable, now, on the caller's thread (waits for
+    /// the writer's current group). [`Self::flush`] is the asynchronous form.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        let mut write = lock(&self.shared.write);
+        lock(&self.shared.queue).check_not_poisoned()?;
+        let result = self.shared.sync_active_files();
+        match &result {
+            Ok(()) => write.unsynced = false,
+            Err(e) => self.shared.poison(e.to_string()),
+        }
+        result
+    }
+
+    /// Stops the writer after it has completed everything queued, then syncs the active
+    /// segment and its indexes. Later appends fail with [`StorageError::Closed`]; reads go
+    /// on. Closing twice is a no-op. Dropping the log closes it, ignoring errors.
+    pub fn close(&self) -> Result<(), StorageError> {
+        {
+            let mut queue = lock(&self.shared.queue);
+            if queue.closing {
+                return Ok(());
+            }
+            queue.closing = true;
+            // The pool completes everything queued before the log is closed.
+            while queue.scheduled {
+                queue = self
+                    .shared
+                    .queue_ready
+                    .wait(queue)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let mut write = lock(&self.shared.write);
+        lock(&self.shared.queue).check_not_poisoned()?;
+        self.shared.sync_active_files()?;
+        if !write.clean_marker {
+            let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
+            rewrite_file(self.shared.backend.as_ref(), &marker, &[])?;
+            self.shared
+                .backend
+                .sync_dir(&self.shared.dir)
+                .map_err(io_error("fsync", &self.shared.dir))?;
+            write.clean_marker = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(dir = %self.shared.dir.display(), error = %e, "closing the log failed");
+        }
+    }
+}
+
+impl Queue {
+    fn check_not_poisoned(&self) -> Result<(), StorageError> {
+        match &self.poisoned {
+            Some(cause) => Err(StorageError::Poisoned {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_open(&self) -> Result<(), StorageError> {
+        self.check_not_poisoned()?;
+        if let Some(path) = &self.no_space {
+            return Err(StorageError::NoSpace { path: path.clone() });
+        }
+        if self.closing {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Syncs the active segment's log and indexes, and the directory.
+    fn sync_active_files(&self) -> Result<(), StorageError> {
+        let files: Vec<(Arc<dyn StorageFile>, PathBuf)> = {
+            let view = lock(&self.view);
+            view.active()
+                .files()
+                .iter()
+                .map(|(f, p)| ((*f).clone(), (*p).clone()))
+                .collect()
+        };
+        for (file, path) in files {
+            file.sync_data().map_err(io_error("fsync", &path))?;
+        }
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))
+    }
+
+    /// Removes the clean-shutdown marker before the log's data changes (see `WriteState`).
+    fn leave_clean_state(&self, write: &mut WriteState) -> Result<(), StorageError> {
+        if !write.clean_marker {
+            return Ok(());
+        }
+        let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
+        match self.backend.remove(&marker) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StorageError::io("remove", marker, e));
+            }
+            _ => {}
+        }
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))?;
+        write.clean_marker = false;
+        Ok(())
+    }
+
+    fn poison(&self, cause: String) {
+        let mut queue = lock(&self.queue);
+        if queue.poisoned.is_none() {
+            tracing::error!(dir = %self.dir.display(), %cause, "log poisoned: refusing writes");
+            queue.poisoned = Some(cause);
+        }
+    }
+}

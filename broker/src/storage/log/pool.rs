@@ -1,0 +1,123 @@
+//! The bounded pool of writer threads shared by every log of the process (instead of one
+//! thread per log, which 10,000 partitions cannot afford).
+//!
+//! A log with queued requests is *scheduled*: it sits once in the pool's ready queue (the
+//! `scheduled` flag of its queue keeps it from being there twice, so the ready queue is
+//! bounded by the number of logs). A worker takes the oldest ready log, runs one write group
+//! for it (everything queued: one write, one fsync under `Always`), and puts it back at the
+//! end of the queue if more arrived meanwhile, so a busy log cannot starve the others.
+//! Threads start lazily, up to [`WRITER_THREADS_MAX`].
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use super::{Shared, lock};
+
+/// Writer threads of the process at most (each blocks in `write`/`fdatasync` for one log at a
+/// time, so this is also how many logs sync in parallel).
+pub const WRITER_THREADS_MAX: usize = 8;
+
+pub(super) struct WriterPool {
+    state: Mutex<PoolState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    logs: VecDeque<Arc<Shared>>,
+    threads: usize,
+    idle: usize,
+}
+
+static POOL: OnceLock<WriterPool> = OnceLock::new();
+
+pub(super) fn pool() -> &'static WriterPool {
+    POOL.get_or_init(|| WriterPool {
+        state: Mutex::new(PoolState::default()),
+        ready: Condvar::new(),
+    })
+}
+
+impl WriterPool {
+    /// Queues a log whose `scheduled` flag the caller just set.
+    pub(super) fn schedule(&'static self, shared: Arc<Shared>) {
+        let mut state = lock(&self.state);
+        state.logs.push_back(shared);
+        if state.idle == 0 && state.threads < WRITER_THREADS_MAX {
+            let number = state.threads;
+            let spawned = std::thread::Builder::new()
+                .name(format!("ketch-writer-{number}"))
+                .spawn(move || self.run_worker());
+            match spawned {
+                Ok(_) => state.threads += 1,
+                // The threads already running will get to it.
+                Err(e) if state.threads > 0 => {
+                    tracing::warn!(error = %e, "could not start another storage writer thread");
+                }
+                Err(e) => panic!("cannot start any storage writer thread: {e}"),
+            }
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    fn run_worker(&'static self) {
+        let mut next: Option<Arc<Shared>> = None;
+        loop {
+            let shared = match next.take() {
+                Some(shared) => shared,
+                None => {
+                    let mut state = lock(&self.state);
+                    loop {
+                        if let Some(shared) = state.logs.pop_front() {
+                            break shared;
+                        }
+                        state.idle += 1;
+                        state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+                        state.idle -= 1;
+                    }
+                }
+            };
+            if run_one_group(&shared) {
+                // More arrived: go on with it unless another log is waiting its turn (no
+                // hand-over to another thread when this log is the only busy one).
+                let state = lock(&self.state);
+                if state.logs.is_empty() {
+                    next = Some(shared);
+                } else {
+                    drop(state);
+                    self.schedule(shared);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one write group of `shared`; returns whether the log must be scheduled again.
+fn run_one_group(shared: &Shared) -> bool {
+    let requests = {
+        let mut queue = lock(&shared.queue);
+        queue.bytes = 0;
+        std::mem::take(&mut queue.requests)
+    };
+    if !requests.is_empty() {
+        let mut write = lock(&shared.write);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            shared.process_group(&mut write, requests)
+        }));
+        if outcome.is_err() {
+            // The group's futures resolved as `Closed` when their senders dropped.
+            shared.poison("a storage writer thread panicked during a write group".to_owned());
+        }
+    }
+    let mut queue = lock(&shared.queue);
+    if queue.requests.is_empty() {
+        queue.scheduled = false;
+        drop(queue);
+        shared.queue_ready.notify_all();
+        false
+    } else {
+        true
+    }
+}

@@ -1,0 +1,157 @@
+//! Suffix truncation (`truncate_suffix`, raft's conflicting entries).
+
+use super::retention::Oldest;
+use super::*;
+
+impl PartitionLog {
+    /// Removes every record at or above `from_offset`, which must be where a batch starts (or
+    /// the log end). Later segments are deleted; the log end and high watermark move back.
+    /// For raft: the follower's conflicting suffix.
+    pub fn truncate_suffix(&self, from_offset: i64) -> Result<(), StorageError> {
+        let mut write = lock(&self.shared.write);
+        lock(&self.shared.queue).check_not_poisoned()?;
+        let (i, plan) = {
+            let view = lock(&self.shared.view);
+            if from_offset < view.log_start || from_offset > view.log_end {
+                return Err(view.out_of_range(from_offset));
+            }
+            if from_offset == view.log_end {
+                return Ok(());
+            }
+            let i = view.segment_for(from_offset);
+            let mut plan = view.segments[i].read_plan(from_offset, view.segment_end(i));
+            plan.limit = view.segments[i].size;
+            (i, plan)
+        };
+        let Some((position, header)) = plan.find(PastDamage::FailAt(from_offset), |h| {
+            h.last_offset() >= from_offset
+        })?
+        else {
+            return Err(plan.corrupt(plan.limit, format!("offset {from_offset} not found")));
+        };
+        if header.base_offset != from_offset {
+            return Err(StorageError::NotBatchBoundary {
+                offset: from_offset,
+                batch_base_offset: header.base_offset,
+                batch_last_offset: header.last_offset(),
+            });
+        }
+        let _exclusive = self
+            .shared
+            .truncation
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.leave_clean_state(&mut write)?;
+        let removed = lock(&self.shared.view).segments.split_off(i + 1);
+        let result = self
+            .shared
+            .truncate_segments(&removed, position, from_offset);
+        if let Err(e) = &result {
+            // The files may now be half cut: refuse writes rather than guess.
+            self.shared
+                .poison(format!("truncate_suffix({from_offset}) failed: {e}"));
+        }
+        write.unsynced = false;
+        result
+    }
+}
+
+impl Shared {
+    /// The I/O of `truncate_suffix`: `removed` are the detached later segments; the last
+    /// segment of the view is cut at `position`, where the batch `from_offset` starts.
+    fn truncate_segments(
+        &self,
+        removed: &[Segment],
+        position: u64,
+        from_offset: i64,
+    ) -> Result<(), StorageError> {
+        if !removed.is_empty() {
+            self.remove_segment_files(removed, Oldest::Last)?;
+        }
+        let (log, log_path, offset_file, offset_path, time_file, time_path, base, mut index) = {
+            let view = lock(&self.view);
+            let s = view.active();
+            (
+                s.log.clone(),
+                s.log_path.clone(),
+                s.offset_index_file.clone(),
+                s.offset_index_path.clone(),
+                s.time_index_file.clone(),
+                s.time_index_path.clone(),
+                s.base_offset,
+                s.index.clone(),
+            )
+        };
+        log.set_len(position)
+            .map_err(io_error("truncate", &log_path))?;
+        log.sync_data().map_err(io_error("fsync", &log_path))?;
+        index.truncate(relative(base, from_offset));
+        let offsets_len = (index.offsets.len() * OFFSET_INDEX_ENTRY_BYTES) as u64;
+        offset_file
+            .set_len(offsets_len)
+            .map_err(io_error("truncate", &offset_path))?;
+        offset_file
+            .sync_data()
+            .map_err(io_error("fsync", &offset_path))?;
+        let times_len = (index.times.len() * TIME_INDEX_ENTRY_BYTES) as u64;
+        time_file
+            .set_len(times_len)
+            .map_err(io_error("truncate", &time_path))?;
+        time_file
+            .sync_data()
+            .map_err(io_error("fsync", &time_path))?;
+        index.cursor = recompute_cursor(log.as_ref(), &log_path, base, &index, position)?;
+        let mut view = lock(&self.view);
+        view.log_end = from_offset;
+        view.high_watermark = view.high_watermark.min(from_offset);
+        let segment = view.segments.last_mut().expect("active segment");
+        segment.size = position;
+        segment.committed_size = segment.committed_size.min(position);
+        segment.next_offset = from_offset;
+        segment.index = index;
+        tracing::info!(dir = %self.dir.display(), from_offset, "truncated the log suffix");
+        Ok(())
+    }
+}
+
+/// The index cursor of a segment cut to `size` bytes: the last entries say where the rule
+/// stands; the batches after the last offset entry may raise the maximum timestamp.
+fn recompute_cursor(
+    log: &dyn StorageFile,
+    log_path: &Path,
+    base_offset: i64,
+    index: &SegmentIndex,
+    size: u64,
+) -> Result<IndexCursor, StorageError> {
+    let last_entry = index.floor(u32::MAX);
+    let last_time = index.times.last();
+    let mut cursor = IndexCursor {
+        last_entry_position: last_entry.position,
+        last_time_entry_timestamp: last_time.map(|t| t.timestamp),
+        max_timestamp: last_time.map_or(i64::MIN, |t| t.timestamp),
+        offset_of_max_timestamp: last_time
+            .map_or(-1, |t| base_offset + i64::from(t.relative_offset)),
+    };
+    let end = scan_headers(
+        log,
+        log_path,
+        u64::from(last_entry.position),
+        size,
+        |_, header| {
+            if header.max_timestamp > cursor.max_timestamp {
+                cursor.max_timestamp = header.max_timestamp;
+                cursor.offset_of_max_timestamp = header.base_offset;
+            }
+            Ok(true)
+        },
+    )?;
+    if let ScanEnd::Broken { position, reason } = end {
+        return Err(StorageError::Corrupt {
+            segment: log_path.to_owned(),
+            position,
+            reason,
+            offsets: None,
+        });
+    }
+    Ok(cursor)
+}

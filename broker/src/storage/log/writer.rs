@@ -1,0 +1,444 @@
+//! The writer thread: group commit (write the queued batches, one fsync), rolls, and
+//! undoing a group that hit ENOSPC.
+
+use super::*;
+
+/// The writer's copy of the active segment's append state during one group.
+struct Active {
+    base_offset: i64,
+    log: Arc<dyn StorageFile>,
+    log_path: PathBuf,
+    offset_index_file: Arc<dyn StorageFile>,
+    offset_index_path: PathBuf,
+    time_index_file: Arc<dyn StorageFile>,
+    time_index_path: PathBuf,
+    /// Bytes of the segment including those still in the write buffer.
+    size: u64,
+    /// Bytes on disk.
+    written: u64,
+    next_offset: i64,
+    /// Base offset of the first batch in the write buffer.
+    buffered_from_offset: Option<i64>,
+    first_append_ms: Option<i64>,
+    cursor: IndexCursor,
+    offset_entries_written: usize,
+    time_entries_written: usize,
+    pending_offsets: Vec<OffsetEntry>,
+    pending_times: Vec<TimeEntry>,
+}
+
+impl Active {
+    fn of(segment: &Segment) -> Active {
+        Active {
+            base_offset: segment.base_offset,
+            log: segment.log.clone(),
+            log_path: segment.log_path.clone(),
+            offset_index_file: segment.offset_index_file.clone(),
+            offset_index_path: segment.offset_index_path.clone(),
+            time_index_file: segment.time_index_file.clone(),
+            time_index_path: segment.time_index_path.clone(),
+            size: segment.size,
+            written: segment.size,
+            next_offset: segment.next_offset,
+            buffered_from_offset: None,
+            first_append_ms: segment.first_append_ms,
+            cursor: segment.index.cursor,
+            offset_entries_written: segment.index.offsets.len(),
+            time_entries_written: segment.index.times.len(),
+            pending_offsets: Vec::new(),
+            pending_times: Vec::new(),
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn process_group(&self, write: &mut WriteState, requests: Vec<Request>) {
+        let mut appends = Vec::with_capacity(requests.len());
+        let mut flushes = Vec::new();
+        for request in requests {
+            match request {
+                Request::Append(append) => appends.push(append),
+                Request::Flush(done) => flushes.push(done),
+            }
+        }
+        let poisoned = lock(&self.queue).poisoned.clone();
+        let result = match poisoned {
+            Some(cause) => Err(StorageError::Poisoned { cause }),
+            None => {
+                let mut outcomes = Vec::with_capacity(appends.len());
+                self.write_group(write, &appends, &mut outcomes)
+                    .and_then(|group_now_ms| {
+                        self.sync_group(write, group_now_ms, !flushes.is_empty())
+                    })
+                    .map(|()| outcomes)
+                    .inspect_err(|e| match e {
+                        StorageError::NoSpace { path } => {
+                            tracing::error!(
+                                dir = %self.dir.display(), path = %path.display(),
+                                "disk full (ENOSPC): the write was undone; appends fail until \
+                                 space is freed"
+                            );
+                            lock(&self.queue).no_space = Some(path.clone());
+                        }
+                        e => self.poison(e.to_string()),
+                    })
+            }
+        };
+        self.stats.write_groups.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(mut outcomes) => {
+                let log_start = self.publish_high_watermark();
+                self.stats
+                    .batches_appended
+                    .fetch_add(appends.len() as u64, Ordering::Relaxed);
+                for (append, outcome) in appends.into_iter().zip(outcomes.iter_mut()) {
+                    outcome.log_start_offset = log_start;
+                    let _ = append.done.send(Ok(*outcome));
+                }
+                for done in flushes {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(StorageError::NoSpace { path }) => {
+                // Everything queued behind the failed group assumed it would succeed.
+                let queued = {
+                    let mut queue = lock(&self.queue);
+                    queue.bytes = 0;
+                    std::mem::take(&mut queue.requests)
+                };
+                let fail = || StorageError::NoSpace { path: path.clone() };
+                for append in appends {
+                    let _ = append.done.send(Err(fail()));
+                }
+                for done in flushes {
+                    let _ = done.send(Err(fail()));
+                }
+                for request in queued {
+                    match request {
+                        Request::Append(append) => {
+                            let _ = append.done.send(Err(fail()));
+                        }
+                        Request::Flush(done) => {
+                            let _ = done.send(Err(fail()));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let cause = match e {
+                    StorageError::Poisoned { cause } => cause,
+                    other => other.to_string(),
+                };
+                for append in appends {
+                    let _ = append.done.send(Err(StorageError::Poisoned {
+                        cause: cause.clone(),
+                    }));
+                }
+                for done in flushes {
+                    let _ = done.send(Err(StorageError::Poisoned {
+                        cause: cause.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Assigns offsets and writes the group, rolling segments as needed. Returns the group's
+    /// latest `now_ms`, if it had appends.
+    fn write_group(
+        &self,
+        write: &mut WriteState,
+        appends: &[PendingAppend],
+        outcomes: &mut Vec<AppendOutcome>,
+    ) -> Result<Option<i64>, StorageError> {
+        if appends.is_empty() {
+            return Ok(None);
+        }
+        self.leave_clean_state(write)?;
+        let (mut active, before) = {
+            let view = lock(&self.view);
+            (Active::of(view.active()), GroupStart::of(&view))
+        };
+        let mut buffer = std::mem::take(&mut write.buffer);
+        buffer.clear();
+        let result = self.write_group_into(write, appends, outcomes, &mut active, &mut buffer);
+        write.buffer = buffer;
+        match result {
+            Err(StorageError::Io { source, path, .. })
+                if is_no_space(&source) && active.base_offset == before.base_offset =>
+            {
+                outcomes.clear();
+                self.undo_group(&active, &before)
+                    .map_err(|undo| StorageError::Poisoned {
+                        cause: format!(
+                            "disk full writing {}, and undoing the write failed: {undo}",
+                            path.display()
+                        ),
+                    })?;
+                Err(StorageError::NoSpace { path })
+            }
+            other => other,
+        }
+    }
+
+    /// Cuts the active segment's files back to where the group started (nothing of it was
+    /// acknowledged or visible: readers stop at the high watermark).
+    fn undo_group(&self, active: &Active, before: &GroupStart) -> Result<(), StorageError> {
+        active
+            .log
+            .set_len(before.size)
+            .map_err(io_error("truncate", &active.log_path))?;
+        active
+            .offset_index_file
+            .set_len((before.offset_entries * OFFSET_INDEX_ENTRY_BYTES) as u64)
+            .map_err(io_error("truncate", &active.offset_index_path))?;
+        active
+            .time_index_file
+            .set_len((before.time_entries * TIME_INDEX_ENTRY_BYTES) as u64)
+            .map_err(io_error("truncate", &active.time_index_path))?;
+        let mut view = lock(&self.view);
+        view.log_end = before.log_end;
+        let segment = view.segments.last_mut().expect("active segment");
+        assert_eq!(segment.base_offset, before.base_offset);
+        segment.size = before.size;
+        segment.next_offset = before.log_end;
+        segment.index.offsets.truncate(before.offset_entries);
+        segment.index.times.truncate(before.time_entries);
+        segment.index.cursor = before.cursor;
+        segment.first_append_ms = before.first_append_ms;
+        Ok(())
+    }
+
+    fn write_group_into(
+        &self,
+        write: &mut WriteState,
+        appends: &[PendingAppend],
+        outcomes: &mut Vec<AppendOutcome>,
+        active: &mut Active,
+        buffer: &mut Vec<u8>,
+    ) -> Result<Option<i64>, StorageError> {
+        let config = &self.config;
+        let mut group_now_ms = i64::MIN;
+        for append in appends {
+            group_now_ms = group_now_ms.max(append.now_ms);
+            let batch_bytes = append.batch.len() as u64;
+            let last_offset = active.next_offset + i64::from(append.header.last_offset_delta);
+            let full = active.size + batch_bytes > config.segment_bytes_max;
+            let old = active.first_append_ms.is_some_and(|first| {
+                append.now_ms.saturating_sub(first) >= config.segment_age_ms_max
+            });
+            let offsets_overflow = last_offset - active.base_offset > i64::from(u32::MAX);
+            if active.size > 0 && (full || old || offsets_overflow) {
+                self.roll(write, active, buffer)?;
+            }
+            let base_offset = active.next_offset;
+            let position = active.size;
+            assert!(
+                position < u64::from(u32::MAX),
+                "batch position fits the index"
+            );
+            let start = buffer.len();
+            buffer.extend_from_slice(&append.batch);
+            set_base_offset(&mut buffer[start..], base_offset);
+            let header = BatchHeader::parse(&buffer[start..]).expect("checked by append");
+            assert_eq!(header.base_offset, base_offset);
+            assert_eq!(header.total_bytes() as u64, batch_bytes);
+            active.buffered_from_offset.get_or_insert(base_offset);
+            let (offset_entry, time_entry) = active.cursor.observe(
+                active.base_offset,
+                position as u32,
+                &header,
+                config.index_interval_bytes,
+            );
+            active.pending_offsets.extend(offset_entry);
+            active.pending_times.extend(time_entry);
+            active.size += batch_bytes;
+            active.next_offset = header.next_offset();
+            active.first_append_ms.get_or_insert(append.now_ms);
+            outcomes.push(AppendOutcome {
+                base_offset,
+                last_offset: header.last_offset(),
+                max_timestamp: header.max_timestamp,
+                log_start_offset: -1,
+            });
+            if buffer.len() >= WRITE_BUFFER_BYTES_MAX {
+                self.write_out(write, active, buffer)?;
+            }
+        }
+        self.write_out(write, active, buffer)?;
+        Ok(Some(group_now_ms))
+    }
+
+    /// Writes the buffered batches and new index entries of the active segment, then
+    /// publishes its new size and entries to readers (who still stop at the high watermark).
+    fn write_out(
+        &self,
+        write: &mut WriteState,
+        active: &mut Active,
+        buffer: &mut Vec<u8>,
+    ) -> Result<(), StorageError> {
+        if !buffer.is_empty() {
+            let on_disk = active
+                .log
+                .len()
+                .map_err(io_error("stat", &active.log_path))?;
+            assert_eq!(
+                on_disk, active.written,
+                "log file size matches the segment size"
+            );
+            active
+                .log
+                .write_at(buffer, active.written)
+                .map_err(io_error("write", &active.log_path))?;
+            active.written += buffer.len() as u64;
+            buffer.clear();
+            write.unsynced = true;
+        }
+        assert_eq!(active.written, active.size);
+        if !active.pending_offsets.is_empty() {
+            let position = (active.offset_entries_written * OFFSET_INDEX_ENTRY_BYTES) as u64;
+            active
+                .offset_index_file
+                .write_at(&encode_offsets(&active.pending_offsets), position)
+                .map_err(io_error("write", &active.offset_index_path))?;
+            active.offset_entries_written += active.pending_offsets.len();
+        }
+        if !active.pending_times.is_empty() {
+            let position = (active.time_entries_written * TIME_INDEX_ENTRY_BYTES) as u64;
+            active
+                .time_index_file
+                .write_at(&encode_times(&active.pending_times), position)
+                .map_err(io_error("write", &active.time_index_path))?;
+            active.time_entries_written += active.pending_times.len();
+        }
+        let mut view = lock(&self.view);
+        if let Some(first) = active.buffered_from_offset.take() {
+            assert_eq!(first, view.log_end, "appended offsets are dense");
+        }
+        view.log_end = active.next_offset;
+        let segment = view.segments.last_mut().expect("active segment");
+        assert_eq!(segment.base_offset, active.base_offset);
+        segment.size = active.size;
+        segment.next_offset = active.next_offset;
+        segment.index.offsets.append(&mut active.pending_offsets);
+        segment.index.times.append(&mut active.pending_times);
+        segment.index.cursor = active.cursor;
+        segment.first_append_ms = active.first_append_ms;
+        Ok(())
+    }
+
+    /// Seals the active segment (seal entry, fsync of log and indexes) and opens a new one at
+    /// the log end. Sealed segments are always durable, whatever the fsync policy, so only
+    /// the tail can be torn by a crash.
+    fn roll(
+        &self,
+        write: &mut WriteState,
+        active: &mut Active,
+        buffer: &mut Vec<u8>,
+    ) -> Result<(), StorageError> {
+        self.write_out(write, active, buffer)?;
+        active
+            .pending_times
+            .extend(active.cursor.seal(active.base_offset));
+        self.write_out(write, active, buffer)?;
+        for (file, path) in [
+            (&active.log, &active.log_path),
+            (&active.offset_index_file, &active.offset_index_path),
+            (&active.time_index_file, &active.time_index_path),
+        ] {
+            file.sync_data().map_err(io_error("fsync", path))?;
+        }
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let segment = Segment::create(self.backend.as_ref(), &self.dir, active.next_offset)?;
+        self.backend
+            .sync_dir(&self.dir)
+            .map_err(io_error("fsync", &self.dir))?;
+        tracing::debug!(
+            dir = %self.dir.display(), base_offset = segment.base_offset, "rolled to a new segment"
+        );
+        *active = Active::of(&segment);
+        lock(&self.view).segments.push(segment);
+        write.unsynced = false;
+        Ok(())
+    }
+
+    /// One fsync for the whole group, if the policy (or a flush request) asks for it.
+    fn sync_group(
+        &self,
+        write: &mut WriteState,
+        group_now_ms: Option<i64>,
+        flush_requested: bool,
+    ) -> Result<(), StorageError> {
+        let policy_wants = match (self.config.fsync, group_now_ms) {
+            (_, None) | (FsyncPolicy::Never, _) => false,
+            (FsyncPolicy::Always, Some(_)) => true,
+            (FsyncPolicy::Interval { ms }, Some(now)) => {
+                let last = *write.last_sync_ms.get_or_insert(now);
+                now.saturating_sub(last) >= ms_i64(ms)
+            }
+        };
+        if !(policy_wants || flush_requested) {
+            return Ok(());
+        }
+        if write.unsynced {
+            let (log, path) = {
+                let view = lock(&self.view);
+                (view.active().log.clone(), view.active().log_path.clone())
+            };
+            log.sync_data().map_err(io_error("fsync", &path))?;
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            write.unsynced = false;
+        }
+        if let Some(now) = group_now_ms {
+            write.last_sync_ms = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Everything written is acknowledged: readers may see it. Returns the log start.
+    fn publish_high_watermark(&self) -> i64 {
+        let mut view = lock(&self.view);
+        let previous = view.high_watermark;
+        for segment in view.segments.iter_mut().rev() {
+            if segment.next_offset <= previous && segment.committed_size == segment.size {
+                break;
+            }
+            segment.committed_size = segment.size;
+        }
+        view.high_watermark = view.log_end;
+        view.log_start
+    }
+}
+
+/// The active segment as a write group found it, to undo the group after ENOSPC.
+struct GroupStart {
+    base_offset: i64,
+    size: u64,
+    log_end: i64,
+    offset_entries: usize,
+    time_entries: usize,
+    cursor: IndexCursor,
+    first_append_ms: Option<i64>,
+}
+
+impl GroupStart {
+    fn of(view: &View) -> GroupStart {
+        let active = view.active();
+        assert_eq!(active.next_offset, view.log_end);
+        GroupStart {
+            base_offset: active.base_offset,
+            size: active.size,
+            log_end: view.log_end,
+            offset_entries: active.index.offsets.len(),
+            time_entries: active.index.times.len(),
+            cursor: active.index.cursor,
+            first_append_ms: active.first_append_ms,
+        }
+    }
+}
+
+/// ENOSPC (or EDQUOT): the write did not fit; nothing says the disk is unreliable.
+fn is_no_space(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || matches!(error.raw_os_error(), Some(28 | 122))
+}

@@ -1,0 +1,380 @@
+//! `connect`, the client handle and admin calls.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ketch_client::{
+    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, NewTopic, NullKeyPartitioning,
+    ProducerConfig, Tls, TopicPartition,
+};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::consumer::NativeConsumer;
+use crate::error::{invalid_argument, to_napi};
+use crate::producer::NativeProducer;
+
+/// Client settings; the facade fills in the defaults from the environment.
+#[napi(object)]
+pub struct ClientOptions {
+    pub bootstrap: Vec<String>,
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca_cert: Option<String>,
+    /// The CA as PEM text (instead of `ca_cert`).
+    pub ca_pem: Option<String>,
+    /// Skip certificate verification: for tests only.
+    pub danger_accept_invalid_certs: Option<bool>,
+    pub server_name: Option<String>,
+    pub client_id: Option<String>,
+    pub request_timeout_ms: Option<u32>,
+    pub connect_timeout_ms: Option<u32>,
+    pub metadata_max_age_ms: Option<u32>,
+    pub idle_timeout_ms: Option<u32>,
+}
+
+/// Producer settings (`ProducerConfig`); absent fields keep the core's defaults.
+#[napi(object)]
+pub struct ProducerOptions {
+    /// `"all"`, `"leader"` or `"none"`.
+    pub acks: Option<String>,
+    pub linger_ms: Option<u32>,
+    pub batch_bytes_max: Option<u32>,
+    pub buffer_bytes_max: Option<u32>,
+    pub in_flight_requests_max: Option<u32>,
+    pub partition_in_flight_batches_max: Option<u32>,
+    pub idempotent: Option<bool>,
+    pub delivery_timeout_ms: Option<u32>,
+    pub request_timeout_ms: Option<u32>,
+    /// `"sticky"` or `"round-robin"`.
+    pub null_key_partitioning: Option<String>,
+}
+
+/// A partition of a topic.
+#[napi(object)]
+pub struct NativeTopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+/// Consumer settings (`ConsumerConfig`) and what to read: `topics` with a group, or
+/// explicit `partitions`.
+#[napi(object)]
+pub struct ConsumerOptions {
+    pub topics: Option<Vec<String>>,
+    pub partitions: Option<Vec<NativeTopicPartition>>,
+    pub group: Option<String>,
+    /// `"earliest"`, `"latest"` or `"error"`.
+    pub start: Option<String>,
+    pub auto_commit: Option<bool>,
+    pub auto_commit_interval_ms: Option<u32>,
+    pub session_timeout_ms: Option<u32>,
+    pub partition_fetch_bytes_max: Option<u32>,
+    pub prefetch_chunks_max: Option<u32>,
+}
+
+/// A topic in `listTopics`.
+#[napi(object)]
+pub struct NativeTopicSummary {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u32,
+}
+
+/// A partition in `describeTopic`.
+#[napi(object)]
+pub struct NativePartitionDescription {
+    pub partition: u32,
+    pub leader: Option<u32>,
+    pub log_start_offset: i64,
+    pub high_watermark: i64,
+}
+
+/// A topic's partitions and configuration.
+#[napi(object)]
+pub struct NativeTopicDescription {
+    pub name: String,
+    pub partitions: Vec<NativePartitionDescription>,
+    pub configs: HashMap<String, String>,
+}
+
+/// A group in `listGroups`.
+#[napi(object)]
+pub struct NativeGroupSummary {
+    pub group: String,
+    pub state: String,
+    pub members: u32,
+}
+
+/// A group's committed offset on a partition.
+#[napi(object)]
+pub struct NativeCommittedOffset {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+}
+
+fn millis(value: Option<u32>, default: Duration) -> Duration {
+    value.map_or(default, |ms| Duration::from_millis(u64::from(ms)))
+}
+
+fn client_config(options: ClientOptions) -> Result<ClientConfig> {
+    let defaults = ClientConfig::default();
+    let tls = match (
+        options.ca_cert,
+        options.ca_pem,
+        options.danger_accept_invalid_certs,
+    ) {
+        (_, _, Some(true)) => Tls::DangerAcceptInvalidCerts,
+        (Some(_), Some(_), _) => {
+            return Err(invalid_argument("give caCert or caPem, not both"));
+        }
+        (Some(path), None, _) => Tls::CaFile(path.into()),
+        (None, Some(pem), _) => Tls::CaPem(pem.into_bytes()),
+        (None, None, _) => Tls::FromEnv,
+    };
+    Ok(ClientConfig {
+        bootstrap: options.bootstrap,
+        tls,
+        server_name: options.server_name.unwrap_or(defaults.server_name),
+        client_id: options.client_id.unwrap_or_else(|| "ketch-node".into()),
+        request_timeout: millis(options.request_timeout_ms, defaults.request_timeout),
+        connect_timeout: millis(options.connect_timeout_ms, defaults.connect_timeout),
+        metadata_max_age: millis(options.metadata_max_age_ms, defaults.metadata_max_age),
+        idle_timeout: millis(options.idle_timeout_ms, defaults.idle_timeout),
+        ..defaults
+    })
+}
+
+fn producer_config(options: ProducerOptions) -> Result<ProducerConfig> {
+    let defaults = ProducerConfig::default();
+    let acks = match options.acks.as_deref() {
+        None | Some("all") => Acks::All,
+        Some("leader") => Acks::Leader,
+        Some("none") => Acks::None,
+        Some(other) => {
+            return Err(invalid_argument(format!(
+                "acks must be 'all', 'leader' or 'none', not {other:?}"
+            )));
+        }
+    };
+    let null_key_partitioning = match options.null_key_partitioning.as_deref() {
+        None | Some("sticky") => NullKeyPartitioning::Sticky,
+        Some("round-robin") => NullKeyPartitioning::RoundRobin,
+        Some(other) => {
+            return Err(invalid_argument(format!(
+                "nullKeyPartitioning must be 'sticky' or 'round-robin', not {other:?}"
+            )));
+        }
+    };
+    let size = |value: Option<u32>, default: usize| value.map_or(default, |v| v as usize);
+    Ok(ProducerConfig {
+        acks,
+        linger: millis(options.linger_ms, defaults.linger),
+        batch_bytes_max: size(options.batch_bytes_max, defaults.batch_bytes_max),
+        buffer_bytes_max: size(options.buffer_bytes_max, defaults.buffer_bytes_max),
+        in_flight_requests_max: size(
+            options.in_flight_requests_max,
+            defaults.in_flight_requests_max,
+        ),
+        partition_in_flight_batches_max: size(
+            options.partition_in_flight_batches_max,
+            defaults.partition_in_flight_batches_max,
+        ),
+        // Acks none cannot retry, so it cannot be idempotent: follow acks unless told.
+        idempotent: options.idempotent.unwrap_or(acks != Acks::None),
+        delivery_timeout: millis(options.delivery_timeout_ms, defaults.delivery_timeout),
+        request_timeout: millis(options.request_timeout_ms, defaults.request_timeout),
+        null_key_partitioning,
+        ..defaults
+    })
+}
+
+fn consumer_config(options: &ConsumerOptions) -> Result<ConsumerConfig> {
+    let defaults = ConsumerConfig::default();
+    let auto_offset_reset = match options.start.as_deref() {
+        None | Some("latest") => AutoOffsetReset::Latest,
+        Some("earliest") => AutoOffsetReset::Earliest,
+        Some("error") => AutoOffsetReset::Error,
+        Some(other) => {
+            return Err(invalid_argument(format!(
+                "start must be 'earliest', 'latest' or 'error', not {other:?}"
+            )));
+        }
+    };
+    Ok(ConsumerConfig {
+        group: options.group.clone(),
+        assignment_listener_timeout: defaults.assignment_listener_timeout,
+        auto_offset_reset,
+        auto_commit: options.auto_commit.unwrap_or(defaults.auto_commit),
+        auto_commit_interval: millis(
+            options.auto_commit_interval_ms,
+            defaults.auto_commit_interval,
+        ),
+        session_timeout: millis(options.session_timeout_ms, defaults.session_timeout),
+        partition_fetch_bytes_max: options
+            .partition_fetch_bytes_max
+            .unwrap_or(defaults.partition_fetch_bytes_max),
+        prefetch_chunks_max: options
+            .prefetch_chunks_max
+            .map_or(defaults.prefetch_chunks_max, |n| n as usize),
+    })
+}
+
+/// Connects to the cluster: resolves once the metadata is loaded.
+#[napi]
+pub async fn connect(options: ClientOptions) -> Result<NativeClient> {
+    let config = client_config(options)?;
+    let client = Client::connect(config).await.map_err(to_napi)?;
+    Ok(NativeClient { client })
+}
+
+/// A connected client (`Client` in the facade).
+#[napi]
+pub struct NativeClient {
+    client: Client,
+}
+
+#[napi]
+impl NativeClient {
+    #[napi]
+    pub async fn create_topic(
+        &self,
+        name: String,
+        partitions: u32,
+        replication_factor: Option<u32>,
+        configs: Option<HashMap<String, String>>,
+    ) -> Result<()> {
+        let replication_factor = u16::try_from(replication_factor.unwrap_or(1))
+            .map_err(|_| invalid_argument("replicationFactor must fit 16 bits"))?;
+        let topic = NewTopic {
+            replication_factor,
+            configs: configs.unwrap_or_default().into_iter().collect(),
+            ..NewTopic::new(name, partitions)
+        };
+        self.client
+            .admin()
+            .create_topic(topic)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn delete_topic(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .delete_topic(&name)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn list_topics(&self) -> Result<Vec<NativeTopicSummary>> {
+        let topics = self.client.admin().list_topics().await.map_err(to_napi)?;
+        Ok(topics
+            .into_iter()
+            .map(|t| NativeTopicSummary {
+                name: t.name,
+                partitions: t.partitions,
+                replication_factor: u32::from(t.replication_factor),
+            })
+            .collect())
+    }
+
+    #[napi]
+    pub async fn describe_topic(&self, name: String) -> Result<NativeTopicDescription> {
+        let topic = self
+            .client
+            .admin()
+            .describe_topic(&name)
+            .await
+            .map_err(to_napi)?;
+        Ok(NativeTopicDescription {
+            name: topic.name,
+            partitions: topic
+                .partitions
+                .into_iter()
+                .map(|p| NativePartitionDescription {
+                    partition: p.partition,
+                    leader: p.leader,
+                    log_start_offset: p.log_start_offset,
+                    high_watermark: p.high_watermark,
+                })
+                .collect(),
+            configs: topic.configs.into_iter().collect(),
+        })
+    }
+
+    #[napi]
+    pub async fn list_groups(&self) -> Result<Vec<NativeGroupSummary>> {
+        let groups = self.client.admin().list_groups().await.map_err(to_napi)?;
+        Ok(groups
+            .into_iter()
+            .map(|g| NativeGroupSummary {
+                group: g.group,
+                state: g.state.to_string(),
+                members: g.members,
+            })
+            .collect())
+    }
+
+    #[napi]
+    pub async fn committed_offsets(&self, group: String) -> Result<Vec<NativeCommittedOffset>> {
+        let offsets = self
+            .client
+            .admin()
+            .committed_offsets(&group)
+            .await
+            .map_err(to_napi)?;
+        Ok(offsets
+            .into_iter()
+            .map(|(partition, offset)| NativeCommittedOffset {
+                topic: partition.topic.to_string(),
+                partition: partition.partition,
+                offset,
+            })
+            .collect())
+    }
+
+    /// A producer; resolves once it has its producer id.
+    #[napi]
+    pub async fn producer(&self, options: ProducerOptions) -> Result<NativeProducer> {
+        let config = producer_config(options)?;
+        let producer = self.client.producer(config).await.map_err(to_napi)?;
+        Ok(NativeProducer::new(producer))
+    }
+
+    /// A consumer: a group member for `topics`, or a reader of explicit `partitions`.
+    #[napi]
+    pub fn consumer(&self, options: ConsumerOptions) -> Result<NativeConsumer> {
+        let config = consumer_config(&options)?;
+        // The core spawns the consumer's tasks here, so enter napi-rs's runtime.
+        let consumer = napi::bindgen_prelude::within_runtime_if_available(|| {
+            match (&options.topics, &options.partitions) {
+                (Some(topics), None) => match config.group.clone() {
+                    Some(group) => self.client.subscribe(group, topics, config),
+                    None => Err(ketch_client::Error::Config(
+                        "subscribing needs a group".into(),
+                    )),
+                },
+                (None, Some(partitions)) => {
+                    let partitions: Vec<TopicPartition> = partitions
+                        .iter()
+                        .map(|p| TopicPartition::new(p.topic.clone(), p.partition))
+                        .collect();
+                    self.client.assign(config, &partitions)
+                }
+                _ => Err(ketch_client::Error::Config(
+                    "give either topics (with a group) or partitions".into(),
+                )),
+            }
+        })
+        .map_err(to_napi)?;
+        Ok(NativeConsumer::new(consumer))
+    }
+
+    /// Closes every connection; handles made from this client fail afterwards.
+    #[napi]
+    pub fn close(&self) {
+        self.client.close();
+    }
+}

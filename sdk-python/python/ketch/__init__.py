@@ -1,0 +1,405 @@
+"""Ketch for Python: a typed client for the Ketch event log, sync and asyncio.
+
+A thin layer over the Rust client core (``ketch-client``): every byte of the protocol is
+handled in Rust, with the GIL released while it runs.
+
+>>> import ketch
+>>> client = ketch.Client("127.0.0.1:9192", ca_cert="ketch-data/ca.pem")  # doctest: +SKIP
+>>> with client.producer(acks="all") as producer:                         # doctest: +SKIP
+...     producer.send("orders", b"value", key=b"user-1").result(timeout=10)
+
+For asyncio, use :mod:`ketch.aio`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+from typing import (
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
+
+from . import _native
+from ._errors import (
+    BrokerUnavailable,
+    Closed,
+    ConfigError,
+    FilterError,
+    GroupError,
+    InvalidOperation,
+    KetchError,
+    KetchTimeout,
+    NotAuthorized,
+    OffsetOutOfRange,
+    PartitionNotFound,
+    ProtocolError,
+    RecordTooLarge,
+    TopicAlreadyExists,
+    TopicNotFound,
+)
+from ._native import DeliveryFuture, Record, RecordMetadata, TopicInfo
+
+__all__ = [
+    "Client",
+    "Producer",
+    "Consumer",
+    "Record",
+    "RecordMetadata",
+    "TopicInfo",
+    "TopicPartition",
+    "DeliveryFuture",
+    "Headers",
+    "KetchError",
+    "TopicNotFound",
+    "PartitionNotFound",
+    "TopicAlreadyExists",
+    "RecordTooLarge",
+    "NotAuthorized",
+    "FilterError",
+    "BrokerUnavailable",
+    "Closed",
+    "KetchTimeout",
+    "ConfigError",
+    "OffsetOutOfRange",
+    "GroupError",
+    "ProtocolError",
+    "InvalidOperation",
+    "BOOTSTRAP_DEFAULT",
+]
+
+# A forked child must not share its parent's random state (see _native._after_fork_in_child).
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_native._after_fork_in_child)
+
+#: Where ``ketch serve`` listens with no arguments.
+BOOTSTRAP_DEFAULT = "127.0.0.1:9192"
+
+#: Record headers as given to ``send``: a ``dict`` of name to value, or ``(name, value)``
+#: pairs (names may repeat). Records read back carry a list of pairs, in order.
+Headers = Union[Mapping[str, bytes], Sequence[Tuple[str, bytes]]]
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a topic."""
+
+    topic: str
+    partition: int
+
+
+#: Called with the partitions assigned to or revoked from a group consumer.
+RebalanceCallback = Callable[[List[TopicPartition]], object]
+
+
+def _bootstrap(bootstrap: Union[str, Sequence[str], None]) -> List[str]:
+    if bootstrap is None:
+        bootstrap = os.environ.get("KETCH_BROKER") or os.environ.get(
+            "KETCH_BOOTSTRAP", BOOTSTRAP_DEFAULT
+        )
+    if isinstance(bootstrap, str):
+        return [b.strip() for b in bootstrap.split(",") if b.strip()]
+    return list(bootstrap)
+
+
+def _partitions(pairs: Iterable[Tuple[str, int]]) -> List[TopicPartition]:
+    return [TopicPartition(topic, partition) for topic, partition in pairs]
+
+
+class Client:
+    """A connection to a Ketch cluster (blocking calls; see :mod:`ketch.aio` for asyncio).
+
+    ``bootstrap`` is ``"host:port"``, a comma-separated list or a list of them; it defaults to
+    ``$KETCH_BROKER`` or ``127.0.0.1:9192``. ``ca_cert`` is the PEM file of the CA that signed
+    the broker's certificate; it defaults to ``$KETCH_CA_CERT`` or ``./ketch-data/ca.pem`` (the
+    dev CA ``ketch serve`` writes). Connecting loads the cluster metadata, so a wrong address
+    fails here with :class:`BrokerUnavailable`.
+
+    Usable as a context manager (closes on exit). Handles made in a parent process before a
+    ``fork`` raise :class:`Closed` in the child: make a new ``Client`` there.
+    """
+
+    def __init__(
+        self,
+        bootstrap: Union[str, Sequence[str], None] = None,
+        *,
+        ca_cert: Optional[Union[str, "os.PathLike[str]"]] = None,
+        server_name: Optional[str] = None,
+        client_id: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+        connect_timeout: Optional[float] = None,
+        danger_accept_invalid_certs: bool = False,
+    ) -> None:
+        self._native = _native.Client(
+            _bootstrap(bootstrap),
+            ca_cert=None if ca_cert is None else os.fspath(ca_cert),
+            server_name=server_name,
+            client_id=client_id,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            danger_accept_invalid_certs=danger_accept_invalid_certs,
+        )
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        *,
+        replication_factor: int = 1,
+        retention_ms: Optional[int] = None,
+        retention_bytes: Optional[int] = None,
+        config: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        """Creates a topic; raises :class:`TopicAlreadyExists` if the name is taken."""
+        self._native.create_topic(
+            name,
+            partitions,
+            replication_factor=replication_factor,
+            retention_ms=retention_ms,
+            retention_bytes=retention_bytes,
+            config=None if config is None else list(config.items()),
+        )
+
+    def delete_topic(self, name: str) -> None:
+        """Deletes a topic and its records; raises :class:`TopicNotFound` if there is none."""
+        self._native.delete_topic(name)
+
+    def list_topics(self) -> List[TopicInfo]:
+        """Every topic of the cluster."""
+        return self._native.list_topics()
+
+    def committed_offsets(self, group: str) -> dict[TopicPartition, int]:
+        """A group's committed offsets: the next offset it reads, per partition."""
+        return {
+            TopicPartition(topic, partition): offset
+            for topic, partition, offset in self._native.committed_offsets(group)
+        }
+
+    def producer(
+        self,
+        *,
+        acks: str = "all",
+        linger_ms: int = 5,
+        batch_bytes_max: Optional[int] = None,
+        buffer_bytes_max: Optional[int] = None,
+        idempotent: bool = True,
+        delivery_timeout: Optional[float] = None,
+    ) -> "Producer":
+        """A producer. ``acks`` is ``"all"`` (durable), ``"leader"`` or ``"none"``;
+        ``linger_ms`` is how long a batch waits for more records. As a context manager it
+        flushes and closes on exit."""
+        return Producer(
+            self._native.producer(
+                acks=acks,
+                linger_ms=linger_ms,
+                batch_bytes_max=batch_bytes_max,
+                buffer_bytes_max=buffer_bytes_max,
+                idempotent=idempotent,
+                delivery_timeout=delivery_timeout,
+            )
+        )
+
+    def consumer(
+        self,
+        topics: Optional[Sequence[str]] = None,
+        *,
+        group: Optional[str] = None,
+        start: str = "latest",
+        auto_commit: bool = True,
+        auto_commit_interval: float = 5.0,
+        session_timeout: Optional[float] = None,
+        partitions: Optional[Sequence[Tuple[str, int]]] = None,
+        on_assign: Optional[RebalanceCallback] = None,
+        on_revoke: Optional[RebalanceCallback] = None,
+    ) -> "Consumer":
+        """A consumer of a group's share of ``topics`` (``group`` required), or of exactly
+        ``partitions`` (``[(topic, partition), ...]``, no membership; a ``group`` is then only
+        used for commits).
+
+        ``start`` is where a partition without a committed offset starts: ``"earliest"``,
+        ``"latest"`` or ``"error"``. ``on_assign`` / ``on_revoke`` are called with
+        :class:`TopicPartition` lists on the thread that iterates or polls the consumer.
+        """
+        if isinstance(topics, str):
+            topics = [topics]
+        if topics is not None and group is None:
+            raise ConfigError(
+                "subscribing to topics needs a group; use partitions= to read without one",
+                code="config",
+            )
+
+        def wrap(callback: Optional[RebalanceCallback]) -> Optional[Callable[[List[Tuple[str, int]]], object]]:
+            if callback is None:
+                return None
+            return lambda pairs: callback(_partitions(pairs))
+
+        return Consumer(
+            self._native.consumer(
+                None if topics is None else list(topics),
+                group=group,
+                start=start,
+                auto_commit=auto_commit,
+                auto_commit_interval=auto_commit_interval,
+                session_timeout=session_timeout,
+                partitions=None if partitions is None else [(t, p) for t, p in partitions],
+                on_assign=wrap(on_assign),
+                on_revoke=wrap(on_revoke),
+            )
+        )
+
+    def close(self) -> None:
+        """Closes every connection; handles made from this client fail afterwards."""
+        self._native.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+
+class Producer:
+    """Sends records. ``send`` returns at once with a :class:`DeliveryFuture` (it waits only
+    while the buffer is full); ``flush`` waits for everything sent. Safe to share between
+    threads. As a context manager, flushes and closes on exit."""
+
+    def __init__(self, native: _native.Producer) -> None:
+        self._native = native
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: Optional[bytes] = None,
+        headers: Optional[Headers] = None,
+        partition: Optional[int] = None,
+        timestamp: Optional[int] = None,
+    ) -> DeliveryFuture:
+        """Queues a record; ``future.result(timeout)`` gives its :class:`RecordMetadata`.
+        Records with the same key go to the same partition. ``timestamp`` is ms since the
+        epoch (now by default)."""
+        # Positional: the per-record hot path (keyword passing costs more than the call).
+        return self._native.send(topic, value, key, headers, partition, timestamp)
+
+    def send_many(
+        self,
+        topic: str,
+        records: Iterable[
+            Union[Tuple[Optional[bytes], bytes], Tuple[Optional[bytes], bytes, Headers]]
+        ],
+    ) -> List[DeliveryFuture]:
+        """Queues many ``(key, value)`` or ``(key, value, headers)`` records of one topic in
+        one call into Rust; returns their deliveries in order."""
+        return self._native.send_many(topic, records)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Sends what is buffered and waits for every record sent so far to settle."""
+        self._native.flush(timeout)
+
+    def close(self) -> None:
+        """Delivers what is buffered and stops; later sends raise :class:`Closed`."""
+        self._native.close()
+
+    @property
+    def pending_records(self) -> int:
+        """Records queued or in flight, not yet settled."""
+        return self._native.pending_records()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
+
+
+class Consumer:
+    """Reads records. Iterating blocks until a record comes (Ctrl-C interrupts it) and ends
+    when the consumer is closed. As a context manager, closes on exit (committing with
+    auto-commit)."""
+
+    def __init__(self, native: _native.Consumer) -> None:
+        self._native = native
+
+    def __iter__(self) -> Iterator[Record]:
+        return self._native
+
+    def poll(self, timeout: Optional[float] = None) -> Optional[Record]:
+        """The next record, or ``None`` when none comes within ``timeout`` seconds."""
+        return self._native.poll(timeout)
+
+    def poll_many(self, max_records: int = 500, timeout: Optional[float] = None) -> List[Record]:
+        """Up to ``max_records`` records: waits (at most ``timeout`` seconds) for the first,
+        then takes what is already fetched; ``[]`` when nothing came."""
+        return self._native.poll_many(max_records, timeout)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Moves a partition's position to ``offset`` (the partition must be assigned)."""
+        self._native.seek(topic, partition, offset)
+
+    def seek_to_timestamp(self, topic: str, partition: int, timestamp: int) -> None:
+        """Moves to the first record at or after ``timestamp`` (ms since the epoch)."""
+        self._native.seek(topic, partition, timestamp=timestamp)
+
+    def seek_to_beginning(self, topic: str, partition: int) -> None:
+        """Moves to the oldest record still in the log."""
+        self._native.seek(topic, partition, to="beginning")
+
+    def seek_to_end(self, topic: str, partition: int) -> None:
+        """Moves past the newest record: only new records follow."""
+        self._native.seek(topic, partition, to="end")
+
+    def assignment(self) -> List[TopicPartition]:
+        """The partitions this consumer reads now."""
+        return _partitions(self._native.assignment())
+
+    def position(self, topic: str, partition: int) -> Optional[int]:
+        """The offset of the next record from a partition, once known."""
+        return self._native.position(topic, partition)
+
+    def commit(self, offsets: Optional[Mapping[TopicPartition, int]] = None) -> None:
+        """Commits the position of every assigned partition, or the given next offsets."""
+        if offsets is None:
+            self._native.commit(None)
+        else:
+            self._native.commit([(tp[0], tp[1], o) for tp, o in offsets.items()])
+
+    def close(self) -> None:
+        """Commits (with auto-commit), leaves the group and stops."""
+        self._native.close()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+
+from . import aio  # noqa: E402  (aio uses the names above)

@@ -1,0 +1,394 @@
+//! The asyncio classes: every call returns an awaitable that runs on the module's tokio
+//! runtime (pyo3-async-runtimes), so the event loop never blocks.
+
+use std::sync::{Arc, Mutex};
+
+use ketch_client::{Error, Rebalance, TopicPartition};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::errors::{to_py, to_py_with};
+use crate::runtime::{into_awaitable, runtime};
+use crate::sync::{
+    Owner, RebalanceTracker, client_config, consumer_config, make_consumer, new_topic,
+    partition_list, producer_config, seek_offset, take_events, take_queued,
+};
+use crate::types::{Record, RecordMetadata, TopicInfo, producer_record, producer_records, seconds};
+
+/// A connection to a Ketch cluster (asyncio). Made by `AsyncClient.connect`.
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct AsyncClient {
+    inner: ketch_client::Client,
+    owner: Owner,
+}
+
+#[pymethods]
+impl AsyncClient {
+    #[staticmethod]
+    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
+    fn connect(
+        py: Python<'_>,
+        bootstrap: Vec<String>,
+        ca_cert: Option<String>,
+        server_name: Option<String>,
+        client_id: Option<String>,
+        request_timeout: Option<f64>,
+        connect_timeout: Option<f64>,
+        danger_accept_invalid_certs: bool,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let config = client_config(
+            bootstrap,
+            ca_cert,
+            server_name,
+            client_id,
+            request_timeout,
+            connect_timeout,
+            danger_accept_invalid_certs,
+        )?;
+        into_awaitable(py, async move {
+            let inner = ketch_client::Client::connect(config).await.map_err(to_py)?;
+            Ok(AsyncClient {
+                inner,
+                owner: Owner::here(),
+            })
+        })
+    }
+
+    #[pyo3(signature = (name, partitions=1, *, replication_factor=1, retention_ms=None, retention_bytes=None, config=None))]
+    fn create_topic<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<i64>,
+        config: Option<Vec<(String, String)>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let topic = new_topic(
+            name,
+            partitions,
+            replication_factor,
+            retention_ms,
+            retention_bytes,
+            config,
+        );
+        let admin = self.inner.admin();
+        into_awaitable(
+            py,
+            async move { admin.create_topic(topic).await.map_err(to_py) },
+        )
+    }
+
+    fn delete_topic<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(
+            py,
+            async move { admin.delete_topic(&name).await.map_err(to_py) },
+        )
+    }
+
+    fn list_topics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let topics = admin.list_topics().await.map_err(to_py)?;
+            Ok(topics.into_iter().map(TopicInfo::from).collect::<Vec<_>>())
+        })
+    }
+
+    #[pyo3(signature = (*, acks="all", linger_ms=5, batch_bytes_max=None, buffer_bytes_max=None, idempotent=true, delivery_timeout=None))]
+    fn producer<'py>(
+        &self,
+        py: Python<'py>,
+        acks: &str,
+        linger_ms: u64,
+        batch_bytes_max: Option<usize>,
+        buffer_bytes_max: Option<usize>,
+        idempotent: bool,
+        delivery_timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let config = producer_config(
+            acks,
+            linger_ms,
+            batch_bytes_max,
+            buffer_bytes_max,
+            idempotent,
+            delivery_timeout,
+        )?;
+        let client = self.inner.clone();
+        let owner = self.owner;
+        into_awaitable(py, async move {
+            let inner = client.producer(config).await.map_err(to_py)?;
+            Ok(AsyncProducer { inner, owner })
+        })
+    }
+
+    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None))]
+    fn consumer(
+        &self,
+        py: Python<'_>,
+        topics: Option<Vec<String>>,
+        group: Option<String>,
+        start: &str,
+        auto_commit: bool,
+        auto_commit_interval: f64,
+        session_timeout: Option<f64>,
+        partitions: Option<Vec<(String, u32)>>,
+    ) -> PyResult<AsyncConsumer> {
+        self.owner.check()?;
+        let config = consumer_config(
+            group,
+            start,
+            auto_commit,
+            auto_commit_interval,
+            session_timeout,
+        )?;
+        let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
+        let events = Mutex::new(RebalanceTracker::new(&inner));
+        Ok(AsyncConsumer {
+            inner,
+            owner: self.owner,
+            events,
+            deferred: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn close(&self) {
+        if self.owner.check().is_ok() {
+            self.inner.close();
+        }
+    }
+}
+
+/// Produces records (asyncio).
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct AsyncProducer {
+    inner: ketch_client::Producer,
+    owner: Owner,
+}
+
+#[pymethods]
+impl AsyncProducer {
+    /// Queues a record and waits for its delivery.
+    #[pyo3(signature = (topic, value, *, key=None, headers=None, partition=None, timestamp=None))]
+    fn send<'py>(
+        &self,
+        py: Python<'py>,
+        topic: &str,
+        value: &[u8],
+        key: Option<&[u8]>,
+        headers: Option<&Bound<'py, PyAny>>,
+        partition: Option<u32>,
+        timestamp: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let record = producer_record(topic, value, key, headers, partition, timestamp)?;
+        let producer = self.inner.clone();
+        into_awaitable(py, async move {
+            let delivery = producer.send(record).await.map_err(to_py)?;
+            Ok(RecordMetadata::from(delivery.await.map_err(to_py)?))
+        })
+    }
+
+    /// Queues many records of one topic and waits for all their deliveries.
+    fn send_many<'py>(
+        &self,
+        py: Python<'py>,
+        topic: &str,
+        records: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let records = producer_records(topic, records)?;
+        let producer = self.inner.clone();
+        into_awaitable(py, async move {
+            let mut deliveries = Vec::with_capacity(records.len());
+            // core: replace with send_many when it lands
+            for (index, record) in records.into_iter().enumerate() {
+                let delivery = producer.send(record).await.map_err(|error| {
+                    to_py_with(
+                        error,
+                        format!(
+                            "record {index} (the {} before it are queued)",
+                            deliveries.len()
+                        ),
+                    )
+                })?;
+                deliveries.push(delivery);
+            }
+            let mut written = Vec::with_capacity(deliveries.len());
+            for (index, delivery) in deliveries.into_iter().enumerate() {
+                written.push(RecordMetadata::from(
+                    delivery
+                        .await
+                        .map_err(|error| to_py_with(error, format!("record {index}")))?,
+                ));
+            }
+            Ok(written)
+        })
+    }
+
+    fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let producer = self.inner.clone();
+        into_awaitable(py, async move { producer.flush().await.map_err(to_py) })
+    }
+
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let producer = self.inner.clone();
+        into_awaitable(py, async move { producer.close().await.map_err(to_py) })
+    }
+}
+
+/// Reads records (asyncio).
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct AsyncConsumer {
+    inner: ketch_client::Consumer,
+    owner: Owner,
+    events: Mutex<RebalanceTracker>,
+    deferred: Arc<Mutex<Option<Error>>>,
+}
+
+#[pymethods]
+impl AsyncConsumer {
+    /// The next record (waits for one).
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(to_py(error));
+        }
+        let consumer = self.inner.clone();
+        into_awaitable(py, async move {
+            Ok(Record::from(consumer.recv().await.map_err(to_py)?))
+        })
+    }
+
+    /// Up to `max_records` records: waits (at most `timeout` seconds) for the first, then
+    /// takes what is already fetched.
+    #[pyo3(signature = (max_records=500, timeout=None))]
+    fn poll_many<'py>(
+        &self,
+        py: Python<'py>,
+        max_records: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        if max_records == 0 {
+            return Err(PyValueError::new_err("max_records must be at least 1"));
+        }
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(to_py(error));
+        }
+        let timeout = timeout.map(seconds).transpose()?;
+        let consumer = self.inner.clone();
+        let deferred = self.deferred.clone();
+        into_awaitable(py, async move {
+            let first = match timeout {
+                None => Some(consumer.recv().await),
+                Some(timeout) => tokio::time::timeout(timeout, consumer.recv()).await.ok(),
+            };
+            let Some(first) = first else {
+                return Ok(Vec::new());
+            };
+            let mut records = vec![first.map_err(to_py)?];
+            if let Some(error) = take_queued(&consumer, &mut records, max_records) {
+                *deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+            }
+            Ok(records.into_iter().map(Record::from).collect::<Vec<_>>())
+        })
+    }
+
+    /// Rebalance events since the last call, without waiting: `("assigned" | "revoked" |
+    /// "lost", [(topic, partition), ...])` pairs.
+    fn take_rebalance_events<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(&'static str, Bound<'py, PyList>)>> {
+        take_events(Some(&self.events))
+            .into_iter()
+            .filter_map(|event| match event {
+                Rebalance::Assigned(p) => Some(("assigned", p)),
+                Rebalance::Revoked(p) => Some(("revoked", p)),
+                Rebalance::Lost(p) => Some(("lost", p)),
+                _ => None,
+            })
+            .map(|(kind, p)| Ok((kind, partition_list(py, p)?)))
+            .collect()
+    }
+
+    #[pyo3(signature = (topic, partition, offset=None, *, timestamp=None, to=None))]
+    fn seek(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: Option<i64>,
+        timestamp: Option<i64>,
+        to: Option<&str>,
+    ) -> PyResult<()> {
+        self.owner.check()?;
+        let offset = seek_offset(offset, timestamp, to)?;
+        self.inner
+            .seek(&TopicPartition::new(topic, partition), offset)
+            .map_err(to_py)
+    }
+
+    fn assignment<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut partitions = self.inner.assignment();
+        partitions.sort();
+        partition_list(py, partitions)
+    }
+
+    fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.inner.position(&TopicPartition::new(topic, partition))
+    }
+
+    #[pyo3(signature = (offsets=None))]
+    fn commit<'py>(
+        &self,
+        py: Python<'py>,
+        offsets: Option<Vec<(String, u32, i64)>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let consumer = self.inner.clone();
+        into_awaitable(py, async move {
+            match offsets {
+                None => consumer.commit().await,
+                Some(offsets) => {
+                    let offsets: Vec<(TopicPartition, i64)> = offsets
+                        .into_iter()
+                        .map(|(topic, partition, offset)| {
+                            (TopicPartition::new(topic, partition), offset)
+                        })
+                        .collect();
+                    consumer.commit_offsets(&offsets).await
+                }
+            }
+            .map_err(to_py)
+        })
+    }
+
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let consumer = self.inner.clone();
+        let _entered = runtime(py).enter();
+        into_awaitable(py, async move { consumer.close().await.map_err(to_py) })
+    }
+}

@@ -1,0 +1,173 @@
+//! The core's errors as the exceptions of `ketch._errors` (one class per family, each with the
+//! stable `code` string, `retriable`, and the cause chain in the message).
+
+use ketch_client::{Error, ErrorCode};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyModule};
+
+static ERRORS_MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+
+/// The stable code string of an error: the wire code's name, or the name of the client-side
+/// failure.
+pub fn code_name(error: &Error) -> &'static str {
+    match error {
+        Error::Broker { code, .. } => code.name(),
+        Error::Config(_) => "config",
+        Error::Tls { .. } => "tls",
+        Error::Connect { .. } => "connect",
+        Error::Transport { .. } => "transport",
+        Error::Protocol(e) => e.code().name(),
+        Error::CorruptBatch { .. } => ErrorCode::CorruptBatch.name(),
+        Error::RecordTooLarge { .. } => ErrorCode::RecordTooLarge.name(),
+        Error::Timeout(_) => ErrorCode::Timeout.name(),
+        Error::Closed => "closed",
+        Error::InvalidOperation(_) => "invalid_operation",
+        _ => "unknown",
+    }
+}
+
+/// The `ketch._errors` class for a code string.
+pub fn class_name(code: &str) -> &'static str {
+    match code {
+        "unknown_topic" => "TopicNotFound",
+        "unknown_partition" => "PartitionNotFound",
+        "topic_already_exists" => "TopicAlreadyExists",
+        "record_too_large" | "frame_too_large" => "RecordTooLarge",
+        "unauthorized" => "NotAuthorized",
+        "unknown_filter" | "invalid_filter" | "filter_rejected" => "FilterError",
+        "connect" | "transport" | "shutting_down" | "not_leader" | "overloaded" => {
+            "BrokerUnavailable"
+        }
+        "closed" => "Closed",
+        "timeout" => "KetchTimeout",
+        "config" | "tls" | "invalid_config" | "invalid_topic_name" | "invalid_partitions" => {
+            "ConfigError"
+        }
+        "offset_out_of_range" => "OffsetOutOfRange",
+        "unknown_member" | "stale_member_epoch" | "invalid_group_id" | "group_not_found" => {
+            "GroupError"
+        }
+        "corrupt_batch"
+        | "malformed_frame"
+        | "unsupported_api"
+        | "unsupported_version"
+        | "unsupported_compression"
+        | "invalid_request" => "ProtocolError",
+        "invalid_operation" => "InvalidOperation",
+        _ => "KetchError",
+    }
+}
+
+/// The error's message followed by its causes.
+pub fn message(error: &Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// The Python exception for a core error.
+pub fn to_py(error: Error) -> PyErr {
+    Python::attach(|py| build(py, &error, None))
+}
+
+/// [`to_py`] with a prefix naming what failed (for example which record of a batch).
+pub fn to_py_with(error: Error, context: String) -> PyErr {
+    Python::attach(|py| build(py, &error, Some(context)))
+}
+
+fn build(py: Python<'_>, error: &Error, context: Option<String>) -> PyErr {
+    let code = code_name(error);
+    let mut text = message(error);
+    if let Some(context) = context {
+        text = format!("{context}: {text}");
+    }
+    match raise(py, class_name(code), &text, code, error) {
+        Ok(err) | Err(err) => err,
+    }
+}
+
+fn raise(py: Python<'_>, class: &str, text: &str, code: &str, error: &Error) -> PyResult<PyErr> {
+    let module = ERRORS_MODULE.get_or_try_init(py, || {
+        PyModule::import(py, "ketch._errors").map(Bound::unbind)
+    })?;
+    let class = module.bind(py).getattr(class)?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("code", code)?;
+    kwargs.set_item("retriable", error.is_retriable())?;
+    if let Error::Broker { raw_code, .. } = error {
+        kwargs.set_item("raw_code", *raw_code)?;
+    }
+    if class_name(code) == "FilterError"
+        && let Error::Broker { message, .. } = error
+    {
+        let (module, reason) = filter_parts(message);
+        kwargs.set_item("module", module)?;
+        kwargs.set_item("reason", reason)?;
+    }
+    let value = class.call((text,), Some(&kwargs))?;
+    Ok(PyErr::from_value(value))
+}
+
+/// A filter error's module name and reason from the broker's message, which names the module
+/// first (`module "high-value": trap: ...`) when it knows it.
+fn filter_parts(message: &str) -> (Option<&str>, &str) {
+    if let Some(rest) = message.strip_prefix("module \"")
+        && let Some((module, reason)) = rest.split_once('"')
+    {
+        return (Some(module), reason.trim_start_matches(':').trim());
+    }
+    (None, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_code_has_a_family() {
+        let check = |code: ErrorCode, class: &str| {
+            assert_eq!(class_name(code.name()), class, "{code:?}");
+        };
+        check(ErrorCode::UnknownTopic, "TopicNotFound");
+        check(ErrorCode::RecordTooLarge, "RecordTooLarge");
+        check(ErrorCode::Unauthorized, "NotAuthorized");
+        check(ErrorCode::FilterRejected, "FilterError");
+        check(ErrorCode::ShuttingDown, "BrokerUnavailable");
+        check(ErrorCode::Timeout, "KetchTimeout");
+        check(ErrorCode::DuplicateSequence, "KetchError");
+        for code in ErrorCode::ALL {
+            assert!(!class_name(code.name()).is_empty());
+        }
+    }
+
+    #[test]
+    fn client_errors_have_codes() {
+        assert_eq!(code_name(&Error::Closed), "closed");
+        assert_eq!(class_name(code_name(&Error::Closed)), "Closed");
+        let connect = Error::Connect {
+            addr: "127.0.0.1:1".into(),
+            message: "refused".into(),
+            source: None,
+        };
+        assert_eq!(class_name(code_name(&connect)), "BrokerUnavailable");
+        assert_eq!(
+            class_name(code_name(&Error::Config("x".into()))),
+            "ConfigError"
+        );
+    }
+
+    #[test]
+    fn filter_messages_split_into_module_and_reason() {
+        assert_eq!(
+            filter_parts("module \"high-value\": trap: unreachable"),
+            (Some("high-value"), "trap: unreachable")
+        );
+        assert_eq!(filter_parts("no such filter"), (None, "no such filter"));
+    }
+}

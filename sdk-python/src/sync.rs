@@ -1,0 +1,715 @@
+//! The blocking classes: every wait releases the GIL and runs signal handlers, so Ctrl-C
+//! interrupts it.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use ketch_client::{
+    ClientConfig, ConsumerConfig, Error, NewTopic, Offset, ProducerConfig, Rebalance, Tls,
+    TopicPartition,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::errors::{to_py, to_py_with};
+use crate::runtime::{runtime, wait, wait_with};
+use crate::types::{
+    self, DeliveryFuture, Record, TopicInfo, acks, millis, producer_record, producer_records,
+    seconds,
+};
+
+/// The process a handle was made in. A forked child inherits its parent's handles, but not
+/// the runtime threads that drive them: there they fail with `Closed` at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner(u32);
+
+impl Owner {
+    pub fn here() -> Owner {
+        Owner(std::process::id())
+    }
+
+    pub fn check(self) -> PyResult<()> {
+        if self.0 == std::process::id() {
+            Ok(())
+        } else {
+            Err(crate::errors::to_py_with(
+                Error::Closed,
+                "this handle was made in the parent process before a fork; make a new Client in the child".into(),
+            ))
+        }
+    }
+}
+
+/// Client settings shared by `Client` and `AsyncClient`.
+pub fn client_config(
+    bootstrap: Vec<String>,
+    ca_cert: Option<String>,
+    server_name: Option<String>,
+    client_id: Option<String>,
+    request_timeout: Option<f64>,
+    connect_timeout: Option<f64>,
+    danger_accept_invalid_certs: bool,
+) -> PyResult<ClientConfig> {
+    let mut config = ClientConfig {
+        bootstrap,
+        client_id: "ketch-python".into(),
+        ..ClientConfig::default()
+    };
+    config.tls = match (ca_cert, danger_accept_invalid_certs) {
+        (Some(_), true) => {
+            return Err(PyValueError::new_err(
+                "ca_cert and danger_accept_invalid_certs exclude each other",
+            ));
+        }
+        (Some(path), false) => Tls::CaFile(path.into()),
+        (None, true) => Tls::DangerAcceptInvalidCerts,
+        (None, false) => Tls::FromEnv,
+    };
+    if let Some(server_name) = server_name {
+        config.server_name = server_name;
+    }
+    if let Some(client_id) = client_id {
+        config.client_id = client_id;
+    }
+    if let Some(timeout) = request_timeout {
+        config.request_timeout = seconds(timeout)?;
+    }
+    if let Some(timeout) = connect_timeout {
+        config.connect_timeout = seconds(timeout)?;
+    }
+    Ok(config)
+}
+
+/// Topic settings from `create_topic`'s arguments.
+pub fn new_topic(
+    name: &str,
+    partitions: u32,
+    replication_factor: u16,
+    retention_ms: Option<i64>,
+    retention_bytes: Option<i64>,
+    config: Option<Vec<(String, String)>>,
+) -> NewTopic {
+    let mut topic = NewTopic::new(name, partitions);
+    topic.replication_factor = replication_factor;
+    if let Some(ms) = retention_ms {
+        topic.configs.push(("retention.ms".into(), ms.to_string()));
+    }
+    if let Some(bytes) = retention_bytes {
+        topic
+            .configs
+            .push(("retention.bytes".into(), bytes.to_string()));
+    }
+    topic.configs.extend(config.unwrap_or_default());
+    topic
+}
+
+/// Producer settings from `producer`'s arguments.
+pub fn producer_config(
+    acks_arg: &str,
+    linger_ms: u64,
+    batch_bytes_max: Option<usize>,
+    buffer_bytes_max: Option<usize>,
+    idempotent: bool,
+    delivery_timeout: Option<f64>,
+) -> PyResult<ProducerConfig> {
+    let mut config = ProducerConfig {
+        acks: acks(acks_arg)?,
+        linger: millis("linger_ms", linger_ms)?,
+        idempotent,
+        ..ProducerConfig::default()
+    };
+    if let Some(bytes) = batch_bytes_max {
+        config.batch_bytes_max = bytes;
+    }
+    if let Some(bytes) = buffer_bytes_max {
+        config.buffer_bytes_max = bytes;
+    }
+    if let Some(timeout) = delivery_timeout {
+        config.delivery_timeout = seconds(timeout)?;
+    }
+    config.validate().map_err(to_py)?;
+    Ok(config)
+}
+
+/// Consumer settings from `consumer`'s arguments.
+pub fn consumer_config(
+    group: Option<String>,
+    start: &str,
+    auto_commit: bool,
+    auto_commit_interval: f64,
+    session_timeout: Option<f64>,
+) -> PyResult<ConsumerConfig> {
+    let mut config = ConsumerConfig {
+        group,
+        auto_offset_reset: types::start(start)?,
+        auto_commit,
+        auto_commit_interval: seconds(auto_commit_interval)?,
+        ..ConsumerConfig::default()
+    };
+    if let Some(timeout) = session_timeout {
+        config.session_timeout = seconds(timeout)?;
+    }
+    config.validate().map_err(to_py)?;
+    Ok(config)
+}
+
+/// Makes a subscribed or assigned consumer on the calling thread (the core spawns its tasks
+/// on the current runtime).
+pub fn make_consumer(
+    py: Python<'_>,
+    client: &ketch_client::Client,
+    config: ConsumerConfig,
+    topics: Option<Vec<String>>,
+    partitions: Option<Vec<(String, u32)>>,
+) -> PyResult<ketch_client::Consumer> {
+    let _entered = runtime(py).enter();
+    match (topics, partitions) {
+        (Some(topics), None) => {
+            let group = config.group.clone().ok_or_else(|| {
+                to_py(ketch_client::Error::Config(
+                    "subscribing needs a group".into(),
+                ))
+            })?;
+            client.subscribe(group, topics, config).map_err(to_py)
+        }
+        (None, Some(partitions)) => {
+            let partitions: Vec<TopicPartition> = partitions
+                .into_iter()
+                .map(|(topic, partition)| TopicPartition::new(topic, partition))
+                .collect();
+            client.assign(config, &partitions).map_err(to_py)
+        }
+        _ => Err(PyValueError::new_err(
+            "give either topics (a group subscription) or partitions (an explicit assignment)",
+        )),
+    }
+}
+
+/// A connection to a Ketch cluster (blocking).
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct Client {
+    inner: ketch_client::Client,
+    owner: Owner,
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
+    fn new(
+        py: Python<'_>,
+        bootstrap: Vec<String>,
+        ca_cert: Option<String>,
+        server_name: Option<String>,
+        client_id: Option<String>,
+        request_timeout: Option<f64>,
+        connect_timeout: Option<f64>,
+        danger_accept_invalid_certs: bool,
+    ) -> PyResult<Client> {
+        let config = client_config(
+            bootstrap,
+            ca_cert,
+            server_name,
+            client_id,
+            request_timeout,
+            connect_timeout,
+            danger_accept_invalid_certs,
+        )?;
+        let inner = wait(py, ketch_client::Client::connect(config))?.map_err(to_py)?;
+        Ok(Client {
+            inner,
+            owner: Owner::here(),
+        })
+    }
+
+    #[pyo3(signature = (name, partitions=1, *, replication_factor=1, retention_ms=None, retention_bytes=None, config=None))]
+    fn create_topic(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<i64>,
+        config: Option<Vec<(String, String)>>,
+    ) -> PyResult<()> {
+        self.owner.check()?;
+        let topic = new_topic(
+            name,
+            partitions,
+            replication_factor,
+            retention_ms,
+            retention_bytes,
+            config,
+        );
+        let admin = self.inner.admin();
+        wait(py, admin.create_topic(topic))?.map_err(to_py)
+    }
+
+    fn delete_topic(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.delete_topic(name))?.map_err(to_py)
+    }
+
+    fn list_topics(&self, py: Python<'_>) -> PyResult<Vec<TopicInfo>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let topics = wait(py, admin.list_topics())?.map_err(to_py)?;
+        Ok(topics.into_iter().map(TopicInfo::from).collect())
+    }
+
+    /// Committed offsets of a group: `(topic, partition, offset)` triples.
+    fn committed_offsets(&self, py: Python<'_>, group: &str) -> PyResult<Vec<(String, u32, i64)>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let offsets = wait(py, admin.committed_offsets(group))?.map_err(to_py)?;
+        Ok(offsets
+            .into_iter()
+            .map(|(tp, offset)| (tp.topic, tp.partition, offset))
+            .collect())
+    }
+
+    #[pyo3(signature = (*, acks="all", linger_ms=5, batch_bytes_max=None, buffer_bytes_max=None, idempotent=true, delivery_timeout=None))]
+    fn producer(
+        &self,
+        py: Python<'_>,
+        acks: &str,
+        linger_ms: u64,
+        batch_bytes_max: Option<usize>,
+        buffer_bytes_max: Option<usize>,
+        idempotent: bool,
+        delivery_timeout: Option<f64>,
+    ) -> PyResult<Producer> {
+        self.owner.check()?;
+        let config = producer_config(
+            acks,
+            linger_ms,
+            batch_bytes_max,
+            buffer_bytes_max,
+            idempotent,
+            delivery_timeout,
+        )?;
+        let inner = wait(py, self.inner.producer(config))?.map_err(to_py)?;
+        Ok(Producer {
+            inner,
+            owner: self.owner,
+        })
+    }
+
+    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, on_assign=None, on_revoke=None))]
+    fn consumer(
+        &self,
+        py: Python<'_>,
+        topics: Option<Vec<String>>,
+        group: Option<String>,
+        start: &str,
+        auto_commit: bool,
+        auto_commit_interval: f64,
+        session_timeout: Option<f64>,
+        partitions: Option<Vec<(String, u32)>>,
+        on_assign: Option<Py<PyAny>>,
+        on_revoke: Option<Py<PyAny>>,
+    ) -> PyResult<Consumer> {
+        self.owner.check()?;
+        let config = consumer_config(
+            group,
+            start,
+            auto_commit,
+            auto_commit_interval,
+            session_timeout,
+        )?;
+        let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
+        let events = (on_assign.is_some() || on_revoke.is_some())
+            .then(|| Mutex::new(RebalanceTracker::new(&inner)));
+        Ok(Consumer {
+            inner,
+            owner: self.owner,
+            events,
+            on_assign,
+            on_revoke,
+            deferred: Mutex::new(None),
+        })
+    }
+
+    /// Closes every connection; handles made from this client fail afterwards.
+    fn close(&self) {
+        if self.owner.check().is_ok() {
+            self.inner.close();
+        }
+    }
+}
+
+/// Produces records (blocking waits only when the buffer is full).
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct Producer {
+    inner: ketch_client::Producer,
+    owner: Owner,
+}
+
+#[pymethods]
+impl Producer {
+    #[pyo3(signature = (topic, value, key=None, headers=None, partition=None, timestamp=None))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        value: &[u8],
+        key: Option<&[u8]>,
+        headers: Option<&Bound<'_, PyAny>>,
+        partition: Option<u32>,
+        timestamp: Option<i64>,
+    ) -> PyResult<DeliveryFuture> {
+        self.owner.check()?;
+        let record = producer_record(topic, value, key, headers, partition, timestamp)?;
+        let delivery = wait(py, self.inner.send(record))?.map_err(to_py)?;
+        Ok(DeliveryFuture::new(delivery))
+    }
+
+    /// Queues many records of one topic in one call; returns their deliveries in order. On an
+    /// error, the records before the failing one are queued (the message says which failed).
+    fn send_many<'py>(
+        &self,
+        py: Python<'py>,
+        topic: &str,
+        records: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.owner.check()?;
+        let records = producer_records(topic, records)?;
+        let producer = &self.inner;
+        // core: replace with send_many when it lands
+        let sent = wait(py, async move {
+            let mut deliveries = Vec::with_capacity(records.len());
+            for (index, record) in records.into_iter().enumerate() {
+                match producer.send(record).await {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => return Err((index, error, deliveries.len())),
+                }
+            }
+            Ok(deliveries)
+        })?;
+        match sent {
+            Ok(deliveries) => PyList::new(py, deliveries.into_iter().map(DeliveryFuture::new)),
+            Err((index, error, queued)) => Err(to_py_with(
+                error,
+                format!("record {index} (the {queued} before it are queued)"),
+            )),
+        }
+    }
+
+    /// Sends what is buffered and waits for every record sent so far to settle.
+    #[pyo3(signature = (timeout=None))]
+    fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        self.owner.check()?;
+        let timeout = timeout.map(seconds).transpose()?;
+        match wait_with(py, self.inner.flush(), timeout, |_| Ok(()))? {
+            Some(result) => result.map_err(to_py),
+            None => Err(to_py(Error::Timeout(format!(
+                "flush did not finish within {:?}",
+                timeout.unwrap_or_default()
+            )))),
+        }
+    }
+
+    /// Delivers what is buffered and stops the producer.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.owner.check()?;
+        wait(py, self.inner.close())?.map_err(to_py)
+    }
+
+    /// Records queued or in flight, not yet settled.
+    fn pending_records(&self) -> usize {
+        self.inner.pending_records()
+    }
+}
+
+/// Reads records (blocking iterator, `poll`, `poll_many`).
+#[pyclass(module = "ketch._native", frozen)]
+#[derive(Debug)]
+pub struct Consumer {
+    inner: ketch_client::Consumer,
+    owner: Owner,
+    events: Option<Mutex<RebalanceTracker>>,
+    on_assign: Option<Py<PyAny>>,
+    on_revoke: Option<Py<PyAny>>,
+    /// An error `poll_many` met after it had records to return: raised by the next call.
+    deferred: Mutex<Option<Error>>,
+}
+
+impl Consumer {
+    /// Runs the rebalance callbacks of the events so far, on the calling thread.
+    fn run_callbacks(&self, py: Python<'_>) -> PyResult<()> {
+        for event in take_events(self.events.as_ref()) {
+            let (callback, partitions) = match event {
+                Rebalance::Assigned(p) => (&self.on_assign, p),
+                Rebalance::Revoked(p) | Rebalance::Lost(p) => (&self.on_revoke, p),
+                _ => continue,
+            };
+            if let Some(callback) = callback {
+                callback.call1(py, (partition_list(py, partitions)?,))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn next_record(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Option<Record>> {
+        self.owner.check()?;
+        if let Some(error) = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(to_py(error));
+        }
+        self.run_callbacks(py)?;
+        let received = wait_with(py, self.inner.recv(), timeout, |py| self.run_callbacks(py))?;
+        match received {
+            None => Ok(None),
+            Some(record) => Ok(Some(Record::from(record.map_err(to_py)?))),
+        }
+    }
+}
+
+/// A consumer's rebalance events as the binding hands them to callbacks: subscribed when the
+/// consumer is made, with the partitions it already had then reported as a first assignment
+/// (the core may assign before the binding subscribes), and each partition reported once per
+/// change (an event that repeats what the snapshot already said is dropped).
+#[derive(Debug)]
+pub struct RebalanceTracker {
+    events: ketch_client::RebalanceEvents,
+    known: BTreeSet<TopicPartition>,
+    first: Option<Vec<TopicPartition>>,
+}
+
+impl RebalanceTracker {
+    pub fn new(consumer: &ketch_client::Consumer) -> RebalanceTracker {
+        let events = consumer.rebalance_events();
+        let known: BTreeSet<TopicPartition> = consumer.assignment().into_iter().collect();
+        let first = (!known.is_empty()).then(|| known.iter().cloned().collect());
+        RebalanceTracker {
+            events,
+            known,
+            first,
+        }
+    }
+
+    /// The changes since the last call, without waiting.
+    pub fn take(&mut self) -> Vec<Rebalance> {
+        let mut out = Vec::new();
+        if let Some(first) = self.first.take() {
+            out.push(Rebalance::Assigned(first));
+        }
+        while let Some(Some(event)) = self.events.recv().now_or_never() {
+            match event {
+                Rebalance::Assigned(partitions) => {
+                    let new: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.insert(p.clone()))
+                        .collect();
+                    if !new.is_empty() {
+                        out.push(Rebalance::Assigned(new));
+                    }
+                }
+                Rebalance::Revoked(partitions) => {
+                    let gone: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.remove(p))
+                        .collect();
+                    if !gone.is_empty() {
+                        out.push(Rebalance::Revoked(gone));
+                    }
+                }
+                Rebalance::Lost(partitions) => {
+                    let gone: Vec<_> = partitions
+                        .into_iter()
+                        .filter(|p| self.known.remove(p))
+                        .collect();
+                    if !gone.is_empty() {
+                        out.push(Rebalance::Lost(gone));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The rebalance changes queued so far, without waiting.
+pub fn take_events(tracker: Option<&Mutex<RebalanceTracker>>) -> Vec<Rebalance> {
+    match tracker {
+        Some(tracker) => tracker.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        None => Vec::new(),
+    }
+}
+
+pub fn partition_list(
+    py: Python<'_>,
+    partitions: Vec<TopicPartition>,
+) -> PyResult<Bound<'_, PyList>> {
+    let items: Vec<Bound<'_, PyTuple>> = partitions
+        .into_iter()
+        .map(|tp| (tp.topic, tp.partition).into_pyobject(py))
+        .collect::<PyResult<_>>()?;
+    PyList::new(py, items)
+}
+
+/// Where `seek` moves a partition.
+pub fn seek_offset(
+    offset: Option<i64>,
+    timestamp: Option<i64>,
+    to: Option<&str>,
+) -> PyResult<Offset> {
+    match (offset, timestamp, to) {
+        (Some(offset), None, None) => Ok(Offset::At(offset)),
+        (None, Some(ms), None) => Ok(Offset::Timestamp(ms)),
+        (None, None, Some("beginning")) => Ok(Offset::Beginning),
+        (None, None, Some("end")) => Ok(Offset::End),
+        (None, None, Some(other)) => Err(PyValueError::new_err(format!(
+            "to must be \"beginning\" or \"end\", not {other:?}"
+        ))),
+        _ => Err(PyValueError::new_err(
+            "give exactly one of offset, timestamp= or to=",
+        )),
+    }
+}
+
+/// Whatever records are already fetched, up to `max_records` (none when nothing is queued),
+/// and the error met after them, if any.
+pub fn take_queued(
+    consumer: &ketch_client::Consumer,
+    records: &mut Vec<ketch_client::ConsumerRecord>,
+    max_records: usize,
+) -> Option<Error> {
+    // core: replace with recv_many when it lands
+    while records.len() < max_records {
+        match consumer.recv().now_or_never() {
+            Some(Ok(record)) => records.push(record),
+            Some(Err(error)) => return Some(error),
+            None => break,
+        }
+    }
+    None
+}
+
+#[pymethods]
+impl Consumer {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// The next record, waiting for ever; stops the iteration once the consumer is closed.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Record>> {
+        match self.next_record(py, None) {
+            Err(error) if is_closed(py, &error) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// The next record, or `None` when none comes within `timeout` seconds.
+    #[pyo3(signature = (timeout=None))]
+    fn poll(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Record>> {
+        let timeout = timeout.map(seconds).transpose()?;
+        self.next_record(py, timeout)
+    }
+
+    /// Up to `max_records` records: waits (at most `timeout` seconds) for the first, then
+    /// takes what is already fetched. An empty list when nothing came in time.
+    #[pyo3(signature = (max_records=500, timeout=None))]
+    fn poll_many(
+        &self,
+        py: Python<'_>,
+        max_records: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Record>> {
+        if max_records == 0 {
+            return Err(PyValueError::new_err("max_records must be at least 1"));
+        }
+        let timeout = timeout.map(seconds).transpose()?;
+        let Some(first) = self.next_record(py, timeout)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![first];
+        let _entered = runtime(py).enter();
+        // core: replace with recv_many when it lands
+        while out.len() < max_records {
+            match self.inner.recv().now_or_never() {
+                Some(Ok(record)) => out.push(Record::from(record)),
+                Some(Err(error)) => {
+                    *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a partition's position: to `offset`, to the first record at or after
+    /// `timestamp` (ms), or `to="beginning"` / `to="end"`.
+    #[pyo3(signature = (topic, partition, offset=None, *, timestamp=None, to=None))]
+    fn seek(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: Option<i64>,
+        timestamp: Option<i64>,
+        to: Option<&str>,
+    ) -> PyResult<()> {
+        self.owner.check()?;
+        let offset = seek_offset(offset, timestamp, to)?;
+        self.inner
+            .seek(&TopicPartition::new(topic, partition), offset)
+            .map_err(to_py)
+    }
+
+    fn assignment<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut partitions = self.inner.assignment();
+        partitions.sort();
+        partition_list(py, partitions)
+    }
+
+    fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.inner.position(&TopicPartition::new(topic, partition))
+    }
+
+    /// Commits the position of every assigned partition, or the given `(topic, partition,
+    /// next_offset)` triples.
+    #[pyo3(signature = (offsets=None))]
+    fn commit(&self, py: Python<'_>, offsets: Option<Vec<(String, u32, i64)>>) -> PyResult<()> {
+        self.owner.check()?;
+        let result = match offsets {
+            None => wait(py, self.inner.commit())?,
+            Some(offsets) => {
+                let offsets: Vec<(TopicPartition, i64)> = offsets
+                    .into_iter()
+                    .map(|(topic, partition, offset)| {
+                        (TopicPartition::new(topic, partition), offset)
+                    })
+                    .collect();
+                wait(py, self.inner.commit_offsets(&offsets))?
+            }
+        };
+        result.map_err(to_py)
+    }
+
+    /// Commits (with auto-commit), leaves the group and stops; iteration ends afterwards.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.owner.check()?;
+        wait(py, self.inner.close())?.map_err(to_py)
+    }
+}
+
+fn is_closed(py: Python<'_>, error: &PyErr) -> bool {
+    error
+        .value(py)
+        .getattr("code")
+        .and_then(|code| code.extract::<String>())
+        .is_ok_and(|code| code == "closed")
+}
