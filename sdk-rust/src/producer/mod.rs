@@ -817,6 +817,9 @@ struct InFlightBatch {
     /// An attempt failed without an answer (lost, timed out): the broker may have appended
     /// the batch, so its sequence numbers can never be given back.
     maybe_appended: bool,
+    /// Why the last attempt failed: what the batch reports if the delivery timeout then cuts
+    /// an attempt short.
+    last_error: Option<Error>,
 }
 
 /// Where the CRC and the base sequence sit in a batch (see `ketch_protocol::batch`).
@@ -1146,6 +1149,7 @@ impl Sender {
                     attempts: 0,
                     retry_at: now,
                     maybe_appended: false,
+                    last_error: None,
                 });
             }
         }
@@ -1194,7 +1198,16 @@ impl Sender {
     /// Decides a batch's fate after an attempt: deliver, retry, or fail.
     fn settle(&mut self, mut batch: InFlightBatch, result: Result<i64>) {
         let partition = batch.partition.clone();
+        let result = match result {
+            // The delivery timeout cut an attempt short: the failure that made it retry is
+            // the one to report.
+            Err(Error::Timeout(message)) if message.starts_with(DELIVERY_TIMEOUT_CUT) => {
+                Err(batch.last_error.clone().unwrap_or(Error::Timeout(message)))
+            }
+            result => result,
+        };
         if let Err(error) = &result {
+            batch.last_error = Some(error.clone());
             self.last_error = Some(error.clone());
             if !matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. }) {
                 batch.maybe_appended = true;
@@ -1368,6 +1381,9 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How the error of an attempt cut short by the delivery timeout begins.
+const DELIVERY_TIMEOUT_CUT: &str = "delivery_timeout";
+
 /// One produce request to one leader; the result of each batch.
 async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>) -> Vec<Outcome> {
     let config = &shared.config;
@@ -1404,7 +1420,7 @@ async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>)
     let response = match tokio::time::timeout_at(deadline.into(), call).await {
         Ok(response) => response,
         Err(_) => Err(Error::Timeout(format!(
-            "delivery_timeout ({:?}) passed while a produce request to {addr} was in flight",
+            "{DELIVERY_TIMEOUT_CUT} ({:?}) passed while a produce request to {addr} was in flight",
             config.delivery_timeout
         ))),
     };
