@@ -45,6 +45,9 @@ cargo build --locked --workspace --all-targets
 step "Rust tests"
 cargo test --locked --workspace --no-fail-fast
 
+step "behaviour scenarios (tests/scenarios/*.toml), Rust runner against real brokers"
+cargo test --locked -p ketch-client --test scenarios
+
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
 python3 -m venv target/py-venv
 target/py-venv/bin/pip install --quiet 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'

@@ -446,7 +446,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                     auto_offset_reset,
                     ..ConsumerConfig::default()
                 };
-                client.subscribe(config, &[args.topic.as_str()])?
+                client.subscribe(group.as_str(), [args.topic.as_str()], config)?
             }
             None => {
                 let partitions: Vec<TopicPartition> = match args.partition {

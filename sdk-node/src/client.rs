@@ -203,6 +203,7 @@ fn consumer_config(options: &ConsumerOptions) -> Result<ConsumerConfig> {
     };
     Ok(ConsumerConfig {
         group: options.group.clone(),
+        assignment_listener_timeout: defaults.assignment_listener_timeout,
         auto_offset_reset,
         auto_commit: options.auto_commit.unwrap_or(defaults.auto_commit),
         auto_commit_interval: millis(
@@ -349,10 +350,12 @@ impl NativeClient {
         // The core spawns the consumer's tasks here, so enter napi-rs's runtime.
         let consumer = napi::bindgen_prelude::within_runtime_if_available(|| {
             match (&options.topics, &options.partitions) {
-                (Some(topics), None) => {
-                    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                    self.client.subscribe(config, &topics)
-                }
+                (Some(topics), None) => match config.group.clone() {
+                    Some(group) => self.client.subscribe(group, topics, config),
+                    None => Err(ketch_client::Error::Config(
+                        "subscribing needs a group".into(),
+                    )),
+                },
                 (None, Some(partitions)) => {
                     let partitions: Vec<TopicPartition> = partitions
                         .iter()

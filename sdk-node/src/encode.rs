@@ -18,9 +18,9 @@ pub(crate) fn code_name(error: &Error) -> &'static str {
     match error {
         Error::Broker { code, .. } => code.name(),
         Error::Config(_) => "config",
-        Error::Tls(_) => "tls",
+        Error::Tls { .. } => "tls",
         Error::Connect { .. } => "connect",
-        Error::Transport(_) => "transport",
+        Error::Transport { .. } => "transport",
         Error::Protocol(_) => "protocol",
         Error::CorruptBatch { .. } => "corrupt_batch",
         Error::RecordTooLarge { .. } => "record_too_large",
@@ -60,6 +60,7 @@ pub(crate) mod tests {
                 code: ErrorCode::UnknownTopic,
                 raw_code: 6,
                 message: "no such topic".into(),
+                partition: None,
             },
             "KETCH|unknown_topic|6|1|broker error unknown_topic (6): no such topic",
         );
@@ -68,6 +69,7 @@ pub(crate) mod tests {
                 code: ErrorCode::Unknown,
                 raw_code: 999,
                 message: "newer".into(),
+                partition: None,
             },
             "KETCH|unknown|999|0|broker error unknown (1): newer",
         );
@@ -80,6 +82,7 @@ pub(crate) mod tests {
             Error::Connect {
                 addr: "127.0.0.1:1".into(),
                 message: "refused".into(),
+                source: None,
             },
             "KETCH|connect|-1|1|cannot connect to 127.0.0.1:1: refused",
         );

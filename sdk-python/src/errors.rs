@@ -14,9 +14,9 @@ pub fn code_name(error: &Error) -> &'static str {
     match error {
         Error::Broker { code, .. } => code.name(),
         Error::Config(_) => "config",
-        Error::Tls(_) => "tls",
+        Error::Tls { .. } => "tls",
         Error::Connect { .. } => "connect",
-        Error::Transport(_) => "transport",
+        Error::Transport { .. } => "transport",
         Error::Protocol(e) => e.code().name(),
         Error::CorruptBatch { .. } => ErrorCode::CorruptBatch.name(),
         Error::RecordTooLarge { .. } => ErrorCode::RecordTooLarge.name(),
@@ -153,6 +153,7 @@ mod tests {
         let connect = Error::Connect {
             addr: "127.0.0.1:1".into(),
             message: "refused".into(),
+            source: None,
         };
         assert_eq!(class_name(code_name(&connect)), "BrokerUnavailable");
         assert_eq!(

@@ -168,8 +168,12 @@ pub fn make_consumer(
     let _entered = runtime(py).enter();
     match (topics, partitions) {
         (Some(topics), None) => {
-            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-            client.subscribe(config, &topics).map_err(to_py)
+            let group = config.group.clone().ok_or_else(|| {
+                to_py(ketch_client::Error::Config(
+                    "subscribing needs a group".into(),
+                ))
+            })?;
+            client.subscribe(group, topics, config).map_err(to_py)
         }
         (None, Some(partitions)) => {
             let partitions: Vec<TopicPartition> = partitions

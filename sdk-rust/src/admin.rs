@@ -28,8 +28,11 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTopic {
+    /// The topic's name.
     pub name: String,
+    /// How many partitions it has (at least 1).
     pub partitions: u32,
+    /// Copies of each partition (1 on a single node).
     pub replication_factor: u16,
     /// Topic configuration (`retention.ms`, `retention.bytes`, ...).
     pub configs: Vec<(String, String)>,
@@ -50,46 +53,118 @@ impl NewTopic {
 /// A topic in [`Admin::list_topics`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSummary {
+    /// The topic's name.
     pub name: String,
+    /// How many partitions it has.
     pub partitions: u32,
+    /// Copies of each partition.
     pub replication_factor: u16,
 }
 
 /// A topic's partitions and configuration, from [`Admin::describe_topic`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicDescription {
+    /// The topic's name.
     pub name: String,
+    /// Each partition, in order.
     pub partitions: Vec<PartitionDescription>,
+    /// The topic's configuration entries.
     pub configs: Vec<(String, String)>,
 }
 
 /// One partition of a [`TopicDescription`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionDescription {
+    /// The partition's number.
     pub partition: u32,
     /// `None` when the partition has no leader right now.
     pub leader: Option<u32>,
+    /// Bumped each time the leader changes.
     pub leader_epoch: i32,
+    /// The nodes holding a copy.
     pub replicas: Vec<u32>,
+    /// The oldest offset still stored.
     pub log_start_offset: i64,
+    /// The offset after the last committed record.
     pub high_watermark: i64,
+}
+
+/// The state of a consumer group, as its coordinator reports it.
+///
+/// ```
+/// use ketch_client::GroupState;
+/// assert_eq!(GroupState::from_wire("stable"), GroupState::Stable);
+/// assert_eq!(GroupState::Stable.to_string(), "stable");
+/// assert_eq!(GroupState::from_wire("rebalancing"), GroupState::Unknown("rebalancing".into()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GroupState {
+    /// No members (offsets may still be committed).
+    Empty,
+    /// Every member holds its target assignment.
+    Stable,
+    /// Partitions are moving between members.
+    Reconciling,
+    /// The group does not exist (or no longer).
+    Dead,
+    /// A state this client does not know (a newer broker), as the broker named it.
+    Unknown(String),
+}
+
+impl GroupState {
+    /// The state a broker names.
+    pub fn from_wire(name: &str) -> GroupState {
+        match name {
+            "empty" => GroupState::Empty,
+            "stable" => GroupState::Stable,
+            "reconciling" => GroupState::Reconciling,
+            "dead" => GroupState::Dead,
+            other => GroupState::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The broker's name for the state.
+    pub fn as_str(&self) -> &str {
+        match self {
+            GroupState::Empty => "empty",
+            GroupState::Stable => "stable",
+            GroupState::Reconciling => "reconciling",
+            GroupState::Dead => "dead",
+            GroupState::Unknown(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for GroupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A group in [`Admin::list_groups`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupSummary {
+    /// The group's name.
     pub group: String,
-    pub state: String,
+    /// The group's state.
+    pub state: GroupState,
+    /// How many members it has.
     pub members: u32,
 }
 
 /// A group's members, assignments and offsets, from [`Admin::describe_group`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupDescription {
+    /// The group's name.
     pub group: String,
-    pub state: String,
+    /// The group's state.
+    pub state: GroupState,
+    /// Bumped each time the group's target assignment changes.
     pub group_epoch: i32,
+    /// The members, with their assignments.
     pub members: Vec<GroupMemberDescription>,
+    /// Committed offsets and lag per partition.
     pub offsets: Vec<GroupOffset>,
 }
 
@@ -103,19 +178,26 @@ impl GroupDescription {
 /// One member of a [`GroupDescription`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupMemberDescription {
+    /// The member's id, given by the coordinator.
     pub member_id: String,
+    /// The `client_id` the member's client sent.
     pub client_id: String,
+    /// The member's epoch (bumped as its assignment changes).
     pub member_epoch: i32,
+    /// The topics it subscribes to.
     pub topics: Vec<String>,
+    /// The partitions it holds.
     pub assignment: Vec<TopicPartition>,
 }
 
 /// A group's committed offset and lag on one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupOffset {
+    /// The partition.
     pub partition: TopicPartition,
     /// `None` when the group never committed on this partition.
     pub committed_offset: Option<i64>,
+    /// The offset after the partition's last committed record.
     pub high_watermark: i64,
     /// `high_watermark - committed_offset` (from the log start when nothing was committed).
     pub lag: i64,
@@ -224,7 +306,7 @@ impl Admin {
             .into_iter()
             .map(|g| GroupSummary {
                 group: g.group,
-                state: g.state,
+                state: GroupState::from_wire(&g.state),
                 members: g.members,
             })
             .collect())
@@ -300,7 +382,7 @@ fn partition_description(p: PartitionMetadata) -> PartitionDescription {
 fn group_description(response: DescribeGroupResponse) -> GroupDescription {
     GroupDescription {
         group: response.group,
-        state: response.state,
+        state: GroupState::from_wire(&response.state),
         group_epoch: response.group_epoch,
         members: response
             .members
@@ -409,7 +491,7 @@ async fn list_offsets_once(
                 .iter()
                 .find(|p| p.topic == partition.topic && p.partition == partition.partition);
             results[index] = match answer {
-                None => Err(Error::Transport(format!(
+                None => Err(Error::transport(format!(
                     "list offsets response has no result for {partition}"
                 ))),
                 Some(a) if a.error != ErrorCode::None => Err(Error::from_code(

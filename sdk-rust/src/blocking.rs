@@ -93,6 +93,16 @@ impl Client {
         Ok(Client { runtime, inner })
     }
 
+    /// Connects another client on this client's runtime (its two threads serve both), so
+    /// that a program with several clients does not run a runtime per client.
+    pub fn connect_sharing_runtime(&self, config: ClientConfig) -> Result<Client> {
+        let inner = self.runtime.block_on(crate::Client::connect(config))?;
+        Ok(Client {
+            runtime: self.runtime.clone(),
+            inner,
+        })
+    }
+
     /// The async client under this one, for mixing both styles.
     pub fn as_async(&self) -> &crate::Client {
         &self.inner
@@ -108,9 +118,13 @@ impl Client {
     }
 
     /// A blocking group consumer (see [`crate::Client::subscribe`]).
-    pub fn subscribe(&self, config: ConsumerConfig, topics: &[&str]) -> Result<Consumer> {
-        let _entered = self.runtime.get().enter();
-        let inner = self.inner.subscribe(config, topics)?;
+    pub fn subscribe<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+    ) -> Result<Consumer> {
+        let inner = self.inner.subscribe(group, topics, config)?;
         Ok(Consumer {
             runtime: self.runtime.clone(),
             inner,
@@ -212,10 +226,7 @@ impl Delivery {
 /// ```no_run
 /// # fn example(client: ketch_client::blocking::Client) -> Result<(), ketch_client::Error> {
 /// use ketch_client::ConsumerConfig;
-/// let consumer = client.subscribe(
-///     ConsumerConfig { group: Some("billing".into()), ..Default::default() },
-///     &["orders"],
-/// )?;
+/// let consumer = client.subscribe("billing", ["orders"], ConsumerConfig::default())?;
 /// for record in consumer.iter().take(10) {
 ///     println!("{:?}", record?.value);
 /// }

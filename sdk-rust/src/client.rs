@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::messages::{Api, MetadataRequest, MetadataResponse};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::admin::Admin;
 use crate::config::{ClientConfig, ConsumerConfig, ProducerConfig, backoff};
-use crate::consumer::Consumer;
+use crate::consumer::{AssignmentListener, Consumer};
 use crate::error::{Error, Result};
 use crate::producer::Producer;
 use crate::transport::{Transport, resolve};
@@ -44,6 +46,14 @@ pub struct Client {
 pub(crate) struct ClientInner {
     pub(crate) config: ClientConfig,
     pub(crate) transport: Transport,
+    /// The runtime the client was made on: every background task of every handle runs
+    /// here, so handles can be made and dropped outside a runtime (bindings, blocking code).
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Cancelled by [`Client::close`]: every call fails with [`Error::Closed`] and every
+    /// background task (consumers' streams and heartbeats, producers' senders) ends.
+    pub(crate) closed: CancellationToken,
+    /// The same as `closed`, readable without a lock (checked once per record).
+    closed_flag: std::sync::atomic::AtomicBool,
     bootstrap: Vec<SocketAddr>,
     metadata: Mutex<Metadata>,
     /// Serialises refreshes so that a burst of errors triggers one Metadata request.
@@ -74,10 +84,12 @@ impl TopicLayout {
 
 impl Client {
     /// Validates the configuration, connects to the first bootstrap broker that answers and
-    /// loads the cluster metadata.
+    /// loads the cluster metadata. Background tasks of every handle made from this client
+    /// run on the runtime this is called on.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         config.validate()?;
-        let transport = Transport::new(&config)?;
+        let closed = CancellationToken::new();
+        let transport = Transport::new(&config, closed.clone())?;
         let mut bootstrap = Vec::new();
         let mut last_error = None;
         for address in &config.bootstrap {
@@ -93,6 +105,9 @@ impl Client {
             inner: Arc::new(ClientInner {
                 config,
                 transport,
+                runtime: tokio::runtime::Handle::current(),
+                closed,
+                closed_flag: std::sync::atomic::AtomicBool::new(false),
                 bootstrap,
                 metadata: Mutex::new(Metadata::default()),
                 refresh_lock: tokio::sync::Mutex::new(()),
@@ -123,21 +138,72 @@ impl Client {
         Producer::new(self.clone(), config).await
     }
 
-    /// A consumer of a group's share of `topics`, assigned by the broker.
+    /// A member of `group` reading the group's share of `topics`, assigned by the broker.
+    /// (`config.group` may be left `None`; if set, it must name the same group.) Needs no
+    /// runtime context: the consumer's tasks run on the client's runtime.
     ///
     /// ```no_run
     /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
     /// use ketch_client::ConsumerConfig;
-    /// let consumer = client.subscribe(
-    ///     ConsumerConfig { group: Some("billing".into()), ..Default::default() },
-    ///     &["events"],
-    /// )?;
+    /// let consumer = client.subscribe("billing", ["events"], ConsumerConfig::default())?;
     /// let record = consumer.recv().await?;
     /// println!("{}/{}@{}", record.topic, record.partition, record.offset);
     /// # Ok(()) }
     /// ```
-    pub fn subscribe(&self, config: ConsumerConfig, topics: &[&str]) -> Result<Consumer> {
-        Consumer::subscribe(self.clone(), config, topics)
+    pub fn subscribe<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+    ) -> Result<Consumer> {
+        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        Consumer::subscribe(self.clone(), group.into(), topics, config, None)
+    }
+
+    /// [`subscribe`](Client::subscribe) with an [`AssignmentListener`]: the consumer awaits
+    /// its `on_revoked` before it gives partitions back to the group (so a consumer that
+    /// commits by hand can commit what it processed there, and no record is delivered
+    /// twice), and its `on_assigned` before it starts reading new partitions.
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{AssignmentListener, BoxFuture, Consumer, ConsumerConfig, TopicPartition};
+    ///
+    /// #[derive(Debug)]
+    /// struct CommitOnRevoke;
+    /// impl AssignmentListener for CommitOnRevoke {
+    ///     fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+    ///         Box::pin(async move {
+    ///             if let Err(error) = consumer.commit_partitions(&partitions).await {
+    ///                 eprintln!("commit before revocation failed: {error}");
+    ///             }
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// let consumer = client.subscribe_with_listener(
+    ///     "billing",
+    ///     ["events"],
+    ///     ConsumerConfig { auto_commit: false, ..Default::default() },
+    ///     CommitOnRevoke,
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe_with_listener<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+        listener: impl AssignmentListener,
+    ) -> Result<Consumer> {
+        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        Consumer::subscribe(
+            self.clone(),
+            group.into(),
+            topics,
+            config,
+            Some(Arc::new(listener)),
+        )
     }
 
     /// A consumer of exactly these partitions, with no group membership (a group in the
@@ -168,11 +234,21 @@ impl Client {
         Ok(self.inner.topic(topic).await?.partition_count())
     }
 
-    /// Closes every connection. Handles made from this client fail with
-    /// [`Error::Closed`](crate::Error::Closed) or a transport error afterwards; close
-    /// producers and consumers first to flush and commit.
+    /// Closes the client: every call on it or on a handle made from it fails at once with
+    /// [`Error::Closed`](crate::Error::Closed) afterwards, records not yet delivered fail
+    /// with it, and every background task ends. Close producers and consumers first to
+    /// flush and commit. Idempotent.
     pub fn close(&self) {
+        self.inner
+            .closed_flag
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.closed.cancel();
         self.inner.transport.close();
+    }
+
+    /// Whether [`close`](Client::close) was called (on any clone).
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
     }
 }
 
@@ -327,6 +403,19 @@ impl ClientInner {
             .unwrap_or(self.bootstrap[0])
     }
 
+    /// Whether the client was closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed_flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// [`Error::Closed`] once the client is closed.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
     /// Sends a request to the controller, retrying retriable failures (with metadata refresh)
     /// until `request_timeout` has passed.
     pub(crate) async fn call_controller<R: Api>(&self, request: &R) -> Result<R::Response> {
@@ -357,7 +446,10 @@ impl ClientInner {
             attempt,
         );
         let until = (Instant::now() + delay).min(deadline);
-        tokio::time::sleep_until(until.into()).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => {}
+            () = self.closed.cancelled() => return,
+        }
         if error.invalidates_metadata() {
             let _ = self.refresh_metadata(Some(Instant::now())).await;
         }

@@ -64,12 +64,13 @@ impl std::fmt::Debug for Tls {
 /// };
 /// config.validate().unwrap();
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// `host:port` of one or more brokers (UDP). The first that answers gives the metadata.
     pub bootstrap: Vec<String>,
     /// TLS server name the broker's certificate must be valid for.
     pub server_name: String,
+    /// How the broker's certificate is verified.
     pub tls: Tls,
     /// Sent to the broker in group membership requests; shows up in `describe_group`.
     pub client_id: String,
@@ -81,6 +82,7 @@ pub struct ClientConfig {
     /// First delay before reconnecting to a broker after a failed attempt; doubles per
     /// failure up to `reconnect_backoff_max`.
     pub reconnect_backoff_initial: Duration,
+    /// Longest delay between reconnection attempts.
     pub reconnect_backoff_max: Duration,
     /// Metadata older than this is refreshed before it is used.
     pub metadata_max_age: Duration,
@@ -88,6 +90,54 @@ pub struct ClientConfig {
     pub frame_bytes_max: usize,
     /// QUIC idle timeout; keep-alives are sent at a third of it.
     pub idle_timeout: Duration,
+    /// A client certificate (mutual TLS): presented to brokers that ask for one.
+    pub client_certificate: Option<ClientCertificate>,
+    /// A bearer token for brokers that authenticate clients by token. Kept for the security
+    /// work: today's brokers do not ask for one, and the client does not send it yet.
+    /// Never printed by `Debug`.
+    pub bearer_token: Option<String>,
+}
+
+/// A client certificate chain and its private key, as PEM (files or text).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientCertificate {
+    /// Read the chain and the key from these PEM files.
+    Files {
+        /// The certificate chain, leaf first.
+        certificate_chain: PathBuf,
+        /// The private key (PKCS#8, PKCS#1 or SEC1).
+        private_key: PathBuf,
+    },
+    /// The chain and the key as PEM text.
+    Pem {
+        /// The certificate chain, leaf first.
+        certificate_chain: Vec<u8>,
+        /// The private key (PKCS#8, PKCS#1 or SEC1).
+        private_key: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientCertificate::Files {
+                certificate_chain,
+                private_key,
+            } => f
+                .debug_struct("Files")
+                .field("certificate_chain", certificate_chain)
+                .field("private_key", private_key)
+                .finish(),
+            ClientCertificate::Pem {
+                certificate_chain, ..
+            } => write!(
+                f,
+                "Pem {{ certificate_chain: {} bytes, private_key: <redacted> }}",
+                certificate_chain.len()
+            ),
+        }
+    }
 }
 
 impl Default for ClientConfig {
@@ -104,7 +154,32 @@ impl Default for ClientConfig {
             metadata_max_age: Duration::from_secs(300),
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             idle_timeout: Duration::from_secs(30),
+            client_certificate: None,
+            bearer_token: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("server_name", &self.server_name)
+            .field("tls", &self.tls)
+            .field("client_id", &self.client_id)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_backoff_initial", &self.reconnect_backoff_initial)
+            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .field("metadata_max_age", &self.metadata_max_age)
+            .field("frame_bytes_max", &self.frame_bytes_max)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("client_certificate", &self.client_certificate)
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
     }
 }
 
@@ -207,9 +282,11 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// First delay before a retry; doubles per attempt up to `retry_backoff_max`.
     pub retry_backoff_initial: Duration,
+    /// Longest delay between retries of a batch.
     pub retry_backoff_max: Duration,
     /// The broker's time limit for `acks=all` replication, sent with each request.
     pub request_timeout: Duration,
+    /// Where keyless records without a partition go.
     pub null_key_partitioning: NullKeyPartitioning,
 }
 
@@ -309,10 +386,12 @@ pub enum AutoOffsetReset {
 pub struct ConsumerConfig {
     /// Consumer group: needed to subscribe and to commit offsets.
     pub group: Option<String>,
+    /// Where to start a partition that has no committed offset (or whose offset is gone).
     pub auto_offset_reset: AutoOffsetReset,
     /// Commit the consumed position every `auto_commit_interval`, before a partition is
     /// revoked, and on close.
     pub auto_commit: bool,
+    /// How often positions are committed with `auto_commit`.
     pub auto_commit_interval: Duration,
     /// The coordinator removes a member it has not heard from for this long.
     pub session_timeout: Duration,
@@ -325,6 +404,10 @@ pub struct ConsumerConfig {
     /// `prefetch_chunks_max * partition_fetch_bytes_max`, plus a push and a stream window per
     /// partition.
     pub prefetch_chunks_max: usize,
+    /// Longest wait for one call of an [`AssignmentListener`](crate::AssignmentListener)
+    /// method: after it the consumer goes on (and gives revoked partitions back) without it,
+    /// so a stuck listener cannot hold partitions from the group forever.
+    pub assignment_listener_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -337,6 +420,7 @@ impl Default for ConsumerConfig {
             session_timeout: Duration::from_secs(30),
             partition_fetch_bytes_max: 1024 * 1024,
             prefetch_chunks_max: 64,
+            assignment_listener_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -364,6 +448,10 @@ impl ConsumerConfig {
         if self.prefetch_chunks_max == 0 {
             return Err(Error::Config("prefetch_chunks_max is 0".into()));
         }
+        non_zero(
+            "assignment_listener_timeout",
+            self.assignment_listener_timeout,
+        )?;
         Ok(())
     }
 }

@@ -20,40 +20,79 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::Stream;
+use futures_util::future::Shared as SharedFuture;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
-    ApiVersionsRequest, CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest,
-    GroupLeaveRequest, OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest,
-    TopicPartitions,
+    CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest, GroupLeaveRequest,
+    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest, TopicPartitions,
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::TopicPartition;
 use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
 use crate::error::{Error, Result};
+use crate::{BoxFuture, TopicPartition};
 
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    pub topic: String,
+    /// The record's topic, shared by every record of its partition (no allocation per
+    /// record).
+    pub topic: Arc<str>,
+    /// The record's partition.
     pub partition: u32,
+    /// The record's offset in its partition.
     pub offset: i64,
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
+    /// The record's key, if it has one (a slice of the fetched bytes, not a copy).
     pub key: Option<Bytes>,
+    /// The record's value; `None` for a tombstone.
     pub value: Option<Bytes>,
+    /// The record's headers, in order.
     pub headers: Vec<Header>,
 }
 
 impl ConsumerRecord {
     /// The record's partition.
     pub fn topic_partition(&self) -> TopicPartition {
-        TopicPartition::new(self.topic.clone(), self.partition)
+        TopicPartition::new(&*self.topic, self.partition)
+    }
+}
+
+/// Hooks a group consumer awaits when its partitions change (see
+/// [`Client::subscribe_with_listener`](crate::Client::subscribe_with_listener)).
+///
+/// Each call gets a [`Consumer`] handle on the consumer it concerns (to commit, seek or
+/// look at positions; keeping it does not keep the consumer open) and is bounded by
+/// [`ConsumerConfig::assignment_listener_timeout`]. Calls are never concurrent.
+pub trait AssignmentListener: Send + Sync + std::fmt::Debug + 'static {
+    /// These partitions are now this consumer's; no record of them has been read yet
+    /// (a [`seek`](Consumer::seek) here sets where reading starts).
+    fn on_assigned(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
+    }
+
+    /// These partitions are about to go back to the group: `recv` hands out no more of
+    /// their records, and they are released only after this returns, so committing here
+    /// ([`Consumer::commit_partitions`]) is what makes manual commits duplicate-free. Also
+    /// called for every partition on [`Consumer::close`].
+    fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
+    }
+
+    /// The group forgot this member (session timeout, fenced): these partitions may already
+    /// be someone else's, so do not commit them.
+    fn on_lost(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        let _ = (consumer, partitions);
+        Box::pin(async {})
     }
 }
 
@@ -125,13 +164,13 @@ impl RebalanceEvents {
 /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
 /// use ketch_client::{AutoOffsetReset, ConsumerConfig};
 /// let consumer = client.subscribe(
+///     "billing",
+///     ["orders"],
 ///     ConsumerConfig {
-///         group: Some("billing".into()),
 ///         auto_offset_reset: AutoOffsetReset::Earliest,
 ///         auto_commit: false,
 ///         ..Default::default()
 ///     },
-///     &["orders"],
 /// )?;
 /// loop {
 ///     let record = consumer.recv().await?;
@@ -145,29 +184,30 @@ impl RebalanceEvents {
 #[derive(Debug, Clone)]
 pub struct Consumer {
     shared: Arc<Shared>,
-    _handle: Arc<HandleGuard>,
+    /// `None` in the handles given to an [`AssignmentListener`], which must not keep the
+    /// consumer open.
+    _handle: Option<Arc<HandleGuard>>,
 }
 
-/// Dropped with the last user handle: commits (with auto-commit) and leaves the group in the
-/// background, on the runtime the consumer was made on.
+/// Dropped with the last user handle: closes the consumer (commits with auto-commit, leaves
+/// the group) in the background, on the client's runtime.
 #[derive(Debug)]
 struct HandleGuard {
     shared: Arc<Shared>,
-    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for HandleGuard {
     fn drop(&mut self) {
-        let shared = self.shared.clone();
-        if shared.closed.load(Ordering::SeqCst) {
-            return;
+        if !self.shared.closed.load(Ordering::SeqCst) {
+            // The close runs on its own task; its shared outcome is not needed here. A runtime
+            // that is shutting down drops the task unrun, and its own tasks with it.
+            drop(self.shared.close());
         }
-        // A runtime that is shutting down drops the task unrun, and its own tasks with it.
-        self.runtime.spawn(async move {
-            let _ = shared.close().await;
-        });
     }
 }
+
+/// The outcome of the one close of a consumer, shared by every caller of `close`.
+type CloseFuture = SharedFuture<BoxFuture<Result<()>>>;
 
 #[derive(Debug)]
 struct Shared {
@@ -175,12 +215,16 @@ struct Shared {
     config: ConsumerConfig,
     /// `Some` for a group member: the topics it subscribes to.
     subscription: Option<Vec<String>>,
+    listener: Option<Arc<dyn AssignmentListener>>,
     state: Mutex<State>,
     inbox: tokio::sync::Mutex<Inbox>,
     wake_fetcher: Notify,
     events: broadcast::Sender<Rebalance>,
     cancel: CancellationToken,
     closed: AtomicBool,
+    /// The close, started once (on a task of its own, so that it finishes whatever happens
+    /// to the future of the `close` call that started it).
+    closing: Mutex<Option<CloseFuture>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -203,6 +247,9 @@ struct PartitionState {
     committed: Option<i64>,
     /// The push limit asked of the broker; raised when a batch did not fit it.
     fetch_bytes: u32,
+    /// After a seek by time: records older than this are skipped until the first that is
+    /// not (the broker finds the batch holding the time; this finds the record in it).
+    skip_before_timestamp: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +276,9 @@ struct Chunk {
 struct Inbox {
     receiver: mpsc::Receiver<Result<Chunk>>,
     current: Option<Chunk>,
+    /// An error taken from the channel by `recv_many` after it had records to return: the
+    /// next `recv` or `recv_many` reports it.
+    error: Option<Error>,
 }
 
 impl State {
@@ -247,21 +297,31 @@ impl State {
                 position: None,
                 committed: None,
                 fetch_bytes,
+                skip_before_timestamp: None,
             },
         );
     }
 
     /// Accepts a record for delivery if its partition is still assigned under the same epoch
-    /// and it is not below the position, advancing the position past it.
-    fn accept(&mut self, partition: &TopicPartition, epoch: u64, offset: i64) -> bool {
+    /// and it is not below the position (nor before the time of a seek by time), advancing
+    /// the position past it.
+    fn accept(&mut self, partition: &TopicPartition, epoch: u64, record: &ConsumerRecord) -> bool {
         let Some(state) = self.partitions.get_mut(partition) else {
             return false;
         };
+        let offset = record.offset;
         if state.epoch != epoch || state.position.is_some_and(|position| offset < position) {
             return false;
         }
         state.position = Some(offset + 1);
-        true
+        match state.skip_before_timestamp {
+            Some(time) if record.timestamp < time => false,
+            Some(_) => {
+                state.skip_before_timestamp = None;
+                true
+            }
+            None => true,
+        }
     }
 
     fn seek(&mut self, partition: &TopicPartition, offset: Offset) -> Result<()> {
@@ -272,6 +332,10 @@ impl State {
             )));
         };
         state.epoch = epoch;
+        state.skip_before_timestamp = match offset {
+            Offset::Timestamp(ms) => Some(ms),
+            _ => None,
+        };
         (state.fetch, state.position) = match offset {
             Offset::At(offset) => (FetchPosition::At(offset), Some(offset)),
             Offset::Beginning => (FetchPosition::Lookup(OffsetSpec::Earliest), None),
@@ -343,6 +407,7 @@ fn assignment_diff(
 /// byte limit with no complete batch before it.
 fn decode_fetched(
     partition: &TopicPartition,
+    topic: &Arc<str>,
     fetch_offset: i64,
     bytes: Bytes,
 ) -> (Vec<ConsumerRecord>, Option<Error>, bool) {
@@ -371,7 +436,7 @@ fn decode_fetched(
                 continue;
             }
             records.push(ConsumerRecord {
-                topic: partition.topic.clone(),
+                topic: topic.clone(),
                 partition: partition.partition,
                 offset: record.offset,
                 timestamp: record.timestamp,
@@ -387,17 +452,23 @@ fn decode_fetched(
 impl Consumer {
     pub(crate) fn subscribe(
         client: Client,
-        config: ConsumerConfig,
-        topics: &[&str],
+        group: String,
+        topics: Vec<String>,
+        mut config: ConsumerConfig,
+        listener: Option<Arc<dyn AssignmentListener>>,
     ) -> Result<Consumer> {
-        if config.group.is_none() {
-            return Err(Error::Config("subscribing needs a group".into()));
+        if config.group.as_ref().is_some_and(|other| *other != group) {
+            return Err(Error::Config(format!(
+                "subscribing to group {group:?} with config.group {:?}: leave config.group \
+                 None, or name the same group",
+                config.group.as_deref().unwrap_or_default()
+            )));
         }
+        config.group = Some(group);
         if topics.is_empty() {
             return Err(Error::Config("subscribe to at least one topic".into()));
         }
-        let topics = topics.iter().map(|t| (*t).to_owned()).collect();
-        Consumer::start(client, config, Some(topics), &[])
+        Consumer::start(client, config, Some(topics), listener, &[])
     }
 
     pub(crate) fn assign(
@@ -408,48 +479,62 @@ impl Consumer {
         if partitions.is_empty() {
             return Err(Error::Config("assign at least one partition".into()));
         }
-        Consumer::start(client, config, None, partitions)
+        Consumer::start(client, config, None, None, partitions)
     }
 
     fn start(
         client: Client,
         config: ConsumerConfig,
         subscription: Option<Vec<String>>,
+        listener: Option<Arc<dyn AssignmentListener>>,
         partitions: &[TopicPartition],
     ) -> Result<Consumer> {
         config.validate()?;
+        client.inner.check_open()?;
         let (sender, receiver) = mpsc::channel(config.prefetch_chunks_max);
         let mut state = State::default();
         for partition in partitions {
             state.add(partition.clone(), config.partition_fetch_bytes_max);
         }
+        let runtime = client.inner.runtime.clone();
         let shared = Arc::new(Shared {
+            cancel: client.inner.closed.child_token(),
             client,
             subscription,
+            listener,
             state: Mutex::new(state),
             inbox: tokio::sync::Mutex::new(Inbox {
                 receiver,
                 current: None,
+                error: None,
             }),
             wake_fetcher: Notify::new(),
             events: broadcast::channel(64).0,
-            cancel: CancellationToken::new(),
             closed: AtomicBool::new(false),
+            closing: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             config,
         });
-        let mut tasks = vec![tokio::spawn(fetcher(shared.clone(), sender.clone()))];
+        let mut tasks = vec![runtime.spawn(fetcher(shared.clone(), sender.clone()))];
         if shared.config.group.is_some() {
-            tasks.push(tokio::spawn(coordinator(shared.clone(), sender)));
+            tasks.push(runtime.spawn(coordinator(shared.clone(), sender)));
         }
         *shared.tasks.lock().expect("tasks lock") = tasks;
         Ok(Consumer {
-            _handle: Arc::new(HandleGuard {
+            _handle: Some(Arc::new(HandleGuard {
                 shared: shared.clone(),
-                runtime: tokio::runtime::Handle::current(),
-            }),
+            })),
             shared,
         })
+    }
+
+    /// A handle for an [`AssignmentListener`] call: shares everything but does not keep
+    /// the consumer open.
+    fn for_listener(shared: &Arc<Shared>) -> Consumer {
+        Consumer {
+            shared: shared.clone(),
+            _handle: None,
+        }
     }
 
     /// The next record. Waits for one; fails with fetch errors that retrying cannot fix
@@ -460,13 +545,16 @@ impl Consumer {
     pub async fn recv(&self) -> Result<ConsumerRecord> {
         let mut inbox = self.shared.inbox.lock().await;
         loop {
-            if self.shared.closed.load(Ordering::SeqCst) {
+            if self.shared.is_closed() {
                 return Err(Error::Closed);
+            }
+            if let Some(error) = inbox.error.take() {
+                return Err(error);
             }
             if let Some(chunk) = &mut inbox.current {
                 let mut state = self.shared.state.lock().expect("consumer state lock");
                 for record in chunk.records.by_ref() {
-                    if state.accept(&chunk.partition, chunk.epoch, record.offset) {
+                    if state.accept(&chunk.partition, chunk.epoch, &record) {
                         return Ok(record);
                     }
                 }
@@ -479,6 +567,86 @@ impl Consumer {
                 None => return Err(Error::Closed),
             }
         }
+    }
+
+    /// Up to `max_records` records at once: waits up to `timeout` for the first, then takes
+    /// what is already queued without waiting more. An empty `Vec` when nothing came within
+    /// `timeout`. Fails like [`recv`](Consumer::recv) when no record came first (an error
+    /// met after some records is reported by the next call).
+    ///
+    /// Cancel-safe: records are handed out only when this future completes.
+    ///
+    /// ```no_run
+    /// # async fn example(consumer: ketch_client::Consumer) -> Result<(), ketch_client::Error> {
+    /// use std::time::Duration;
+    /// let records = consumer.recv_many(500, Duration::from_millis(100)).await?;
+    /// println!("{} records", records.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv_many(
+        &self,
+        max_records: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ConsumerRecord>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Ok(mut inbox) = tokio::time::timeout_at(deadline, self.shared.inbox.lock()).await
+        else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        while records.len() < max_records {
+            if self.shared.is_closed() {
+                return if records.is_empty() {
+                    Err(Error::Closed)
+                } else {
+                    Ok(records)
+                };
+            }
+            if records.is_empty()
+                && let Some(error) = inbox.error.take()
+            {
+                return Err(error);
+            }
+            if let Some(chunk) = &mut inbox.current {
+                let mut state = self.shared.state.lock().expect("consumer state lock");
+                while records.len() < max_records {
+                    let Some(record) = chunk.records.next() else {
+                        break;
+                    };
+                    if state.accept(&chunk.partition, chunk.epoch, &record) {
+                        records.push(record);
+                    }
+                }
+                if records.len() == max_records {
+                    break;
+                }
+                drop(state);
+                inbox.current = None;
+            }
+            let next = if records.is_empty() {
+                match tokio::time::timeout_at(deadline, inbox.receiver.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            } else {
+                match inbox.receiver.try_recv() {
+                    Ok(next) => Some(next),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            match next {
+                Some(Ok(chunk)) => inbox.current = Some(chunk),
+                Some(Err(error)) if records.is_empty() => return Err(error),
+                Some(Err(error)) => {
+                    inbox.error = Some(error);
+                    break;
+                }
+                None if records.is_empty() => return Err(Error::Closed),
+                None => break,
+            }
+        }
+        Ok(records)
     }
 
     /// The records as a stream (each item is what [`recv`](Consumer::recv) returns).
@@ -551,14 +719,34 @@ impl Consumer {
         self.shared.commit(offsets).await
     }
 
+    /// Commits the positions of these partitions (those that moved since the last commit),
+    /// typically from [`AssignmentListener::on_revoked`]. Needs a group.
+    pub async fn commit_partitions(&self, partitions: &[TopicPartition]) -> Result<()> {
+        let offsets = self
+            .shared
+            .state
+            .lock()
+            .expect("consumer state lock")
+            .uncommitted()
+            .into_iter()
+            .filter(|(partition, _)| partitions.contains(partition))
+            .collect();
+        self.shared.commit(offsets).await
+    }
+
     /// Commits explicit offsets: for each partition, the offset of the next record to read
     /// (the last processed offset + 1). Needs a group.
     pub async fn commit_offsets(&self, offsets: &[(TopicPartition, i64)]) -> Result<()> {
         self.shared.commit(offsets.to_vec()).await
     }
 
-    /// Commits (with auto-commit), leaves the group and stops the background tasks. `recv`
-    /// fails with [`Error::Closed`] afterwards.
+    /// Stops the background tasks (and with them every push stream and heartbeat), calls
+    /// the listener's `on_revoked` for the partitions held, commits (with auto-commit) and
+    /// leaves the group. `recv` fails with [`Error::Closed`] from the moment this is called.
+    ///
+    /// Cancel-safe and idempotent: the close runs on a task of its own, so it completes even
+    /// if this future is dropped; every call (on any clone) waits for that one close and
+    /// reports its outcome.
     pub async fn close(&self) -> Result<()> {
         self.shared.close().await
     }
@@ -577,9 +765,53 @@ impl Shared {
         }
     }
 
-    async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || self.client.inner.is_closed()
+    }
+
+    /// Starts the close (once) and returns its shared outcome.
+    fn close(self: &Arc<Self>) -> CloseFuture {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut closing = self.closing.lock().expect("closing lock");
+        if let Some(close) = &*closing {
+            return close.clone();
+        }
+        let shared = self.clone();
+        let task = self
+            .client
+            .inner
+            .runtime
+            .spawn(async move { shared.shut_down().await });
+        let close: BoxFuture<Result<()>> =
+            Box::pin(async move { task.await.unwrap_or(Err(Error::Closed)) });
+        let close = close.shared();
+        *closing = Some(close.clone());
+        close
+    }
+
+    async fn shut_down(self: Arc<Self>) -> Result<()> {
+        // The tasks first: no heartbeat, reconciliation or stream outlives this point.
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if self.subscription.is_some() {
+            let held: Vec<TopicPartition> = {
+                let mut state = self.state.lock().expect("consumer state lock");
+                let held: Vec<_> = state.partitions.keys().cloned().collect();
+                for partition in &held {
+                    let epoch = state.epoch();
+                    if let Some(s) = state.partitions.get_mut(partition) {
+                        s.epoch = epoch;
+                        s.fetch = FetchPosition::Paused;
+                    }
+                }
+                held
+            };
+            if !held.is_empty() {
+                call_listener(&self, ListenerCall::Revoked, held).await;
+            }
         }
         let mut result = Ok(());
         if self.config.auto_commit && self.config.group.is_some() {
@@ -601,11 +833,6 @@ impl Shared {
                     tracing::debug!(%error, "leaving the group failed");
                 }
             }
-        }
-        self.cancel.cancel();
-        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
-        for task in tasks {
-            let _ = task.await;
         }
         result
     }
@@ -658,7 +885,8 @@ impl Shared {
                         partition_state.committed = Some(*offset);
                     }
                 } else if first_error.is_none() {
-                    first_error = Some(Error::from_code(
+                    first_error = Some(Error::for_partition(
+                        partition,
                         error,
                         format!("committing {partition} at {offset} failed"),
                     ));
@@ -695,9 +923,14 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
     let mut streams: HashMap<TopicPartition, PushStream> = HashMap::new();
     let mut attempt = 0u32;
     loop {
+        // Cancellation first in every wait here (`biased`): with random order, a fetcher
+        // woken at once by a stream that ended because of the close and by the close itself
+        // could go round once more and open a new stream after the close — which made
+        // `each_partition_streams_from_one_subscription_without_fetches` flaky.
         let resolved = tokio::select! {
-            result = resolve_positions(&shared, &sender) => result,
+            biased;
             _ = shared.cancel.cancelled() => break,
+            result = resolve_positions(&shared, &sender) => result,
         };
         let mut retry = None;
         if let Err(error) = resolved {
@@ -711,8 +944,9 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
             shared.refresh_metadata_if_stale(&error).await;
             if !error.is_retriable() {
                 tokio::select! {
-                    sent = sender.send(Err(error)) => if sent.is_err() { break },
+                    biased;
                     _ = shared.cancel.cancelled() => break,
+                    sent = sender.send(Err(error)) => if sent.is_err() { break },
                 }
             }
         } else {
@@ -720,9 +954,10 @@ async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
         }
         restart_streams(&shared, &sender, &mut streams);
         tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break,
             _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
             _ = shared.wake_fetcher.notified() => {}
-            _ = shared.cancel.cancelled() => break,
         }
     }
     for stream in streams.into_values() {
@@ -755,12 +990,15 @@ fn restart_streams(
         }
         current
     });
+    if shared.cancel.is_cancelled() {
+        return;
+    }
     for (partition, epoch) in wanted {
         if streams.contains_key(&partition) {
             continue;
         }
         let cancel = shared.cancel.child_token();
-        let task = tokio::spawn(push_stream(
+        let task = shared.client.inner.runtime.spawn(push_stream(
             shared.clone(),
             sender.clone(),
             partition.clone(),
@@ -787,9 +1025,11 @@ async fn push_stream(
     epoch: u64,
     cancel: CancellationToken,
 ) {
+    // A cancelled stream never takes another step (it could open a new stream in one poll).
     tokio::select! {
-        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
+        biased;
         () = cancel.cancelled() => {}
+        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
     }
     shared.wake_fetcher.notify_one();
 }
@@ -838,6 +1078,8 @@ async fn read_pushes(
     epoch: u64,
     attempt: &mut u32,
 ) -> Result<()> {
+    // One allocation of the topic name for every record this stream delivers.
+    let topic: Arc<str> = partition.topic.as_str().into();
     loop {
         let Some((mut offset, push_bytes)) = stream_position(shared, partition, epoch) else {
             return Ok(());
@@ -861,12 +1103,12 @@ async fn read_pushes(
                 }
             };
             let Some(answer) = next else {
-                return Err(Error::Transport(format!(
+                return Err(Error::transport(format!(
                     "{leader} ended the push stream of {partition}"
                 )));
             };
             if let Some(error) =
-                handle_fetched(shared, sender, partition, offset, epoch, answer).await?
+                handle_fetched(shared, sender, partition, &topic, offset, epoch, answer).await?
             {
                 return Err(error);
             }
@@ -882,17 +1124,14 @@ async fn read_pushes(
 
 /// Checks that a broker whose push stream has been quiet for `timeout` is still there: a
 /// stream waiting for records has no request timeout of its own, and a broker that restarted
-/// never resets the old connection. A probe left unanswered for `timeout` closes the
-/// connection (see `Transport::call`), which ends every stream on it.
+/// never resets the old connection. A check left unanswered for `timeout` closes the
+/// connection (see `Transport::check_liveness`), which ends every stream on it.
 async fn probe(shared: &Shared, leader: SocketAddr, timeout: Duration) -> Result<()> {
     let transport = &shared.client.inner.transport;
-    match transport
-        .call(leader, &ApiVersionsRequest {}, timeout)
-        .await
-    {
-        // Any answer, even a refusal, says the broker is there.
-        Ok(_) | Err(Error::Broker { .. }) => Ok(()),
-        Err(error) => Err(Error::Transport(format!(
+    match transport.check_liveness(leader, timeout).await {
+        Ok(()) => Ok(()),
+        Err(Error::Closed) => Err(Error::Closed),
+        Err(error) => Err(Error::transport(format!(
             "{leader} did not answer while a push stream waited: {error}"
         ))),
     }
@@ -914,6 +1153,7 @@ async fn handle_fetched(
     shared: &Shared,
     sender: &mpsc::Sender<Result<Chunk>>,
     partition: &TopicPartition,
+    topic: &Arc<str>,
     offset: i64,
     epoch: u64,
     answer: FetchPartitionResponse,
@@ -941,7 +1181,8 @@ async fn handle_fetched(
                 }
             };
             if paused {
-                let error = Error::from_code(
+                let error = Error::for_partition(
+                    partition,
                     ErrorCode::OffsetOutOfRange,
                     format!("offset {offset} of {partition} is out of range"),
                 );
@@ -950,7 +1191,8 @@ async fn handle_fetched(
             return Ok(None);
         }
         code => {
-            let error = Error::from_code(
+            let error = Error::for_partition(
+                partition,
                 code,
                 answer
                     .error_message
@@ -964,7 +1206,7 @@ async fn handle_fetched(
             return Ok(None);
         }
     }
-    let (records, error, starved) = decode_fetched(partition, offset, answer.records);
+    let (records, error, starved) = decode_fetched(partition, topic, offset, answer.records);
     if let Some(last) = records.last() {
         let next = last.offset + 1;
         let mut state = shared.state.lock().expect("consumer state lock");
@@ -1076,7 +1318,8 @@ async fn resolve_positions(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>
                 // this position meanwhile: then there is nothing to report.
                 None if !pause(shared, &partition, epoch) => {}
                 None => {
-                    let error = Error::from_code(
+                    let error = Error::for_partition(
+                        &partition,
                         ErrorCode::OffsetOutOfRange,
                         format!(
                             "{partition} has no committed offset and auto_offset_reset is Error"
@@ -1118,7 +1361,11 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
     loop {
         let mut delay = interval;
         if let Some(topics) = &shared.subscription {
-            match heartbeat(&shared, &group, topics).await {
+            let heartbeat = tokio::select! {
+                result = heartbeat(&shared, &group, topics) => result,
+                () = shared.cancel.cancelled() => return,
+            };
+            match heartbeat {
                 Ok((heartbeat_interval, changed)) => {
                     attempt = 0;
                     interval = heartbeat_interval;
@@ -1131,7 +1378,10 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                     ) =>
                 {
                     tracing::info!(%error, "fenced from the group; joining again");
-                    lose_all(&shared);
+                    tokio::select! {
+                        () = lose_all(&shared) => {}
+                        () = shared.cancel.cancelled() => return,
+                    }
                     delay = Duration::ZERO;
                 }
                 Err(error) if error.is_retriable() => {
@@ -1146,14 +1396,21 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the group refused this member");
-                    let _ = sender.send(Err(error)).await;
+                    tokio::select! {
+                        _ = sender.send(Err(error)) => {}
+                        () = shared.cancel.cancelled() => {}
+                    }
                     return;
                 }
             }
         }
         if config.auto_commit && Instant::now() >= next_commit {
             let offsets = shared.state.lock().expect("state").uncommitted();
-            if let Err(error) = shared.commit(offsets).await {
+            let committed = tokio::select! {
+                result = shared.commit(offsets) => result,
+                () = shared.cancel.cancelled() => return,
+            };
+            if let Err(error) = committed {
                 tracing::warn!(%error, "auto-commit failed");
             }
             next_commit = Instant::now() + config.auto_commit_interval;
@@ -1170,7 +1427,11 @@ async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
 
 /// One heartbeat and the assignment it brings. Returns the heartbeat interval and whether
 /// partitions were revoked (the coordinator should hear about it at once).
-async fn heartbeat(shared: &Shared, group: &str, topics: &[String]) -> Result<(Duration, bool)> {
+async fn heartbeat(
+    shared: &Arc<Shared>,
+    group: &str,
+    topics: &[String],
+) -> Result<(Duration, bool)> {
     let request = {
         let state = shared.state.lock().expect("consumer state lock");
         GroupHeartbeatRequest {
@@ -1201,8 +1462,10 @@ async fn heartbeat(shared: &Shared, group: &str, topics: &[String]) -> Result<(D
     Ok((interval, revoked))
 }
 
-/// Applies a target assignment: revoke first (committing with auto-commit), then add.
-async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool {
+/// Applies a target assignment: revoke first (the listener's `on_revoked`, then a commit with
+/// auto-commit, all before the next heartbeat gives the partitions back), then add (the
+/// listener's `on_assigned` before the new partitions are read).
+async fn reconcile(shared: &Arc<Shared>, assigned: &BTreeSet<TopicPartition>) -> bool {
     let (revoked, added) = {
         let owned: BTreeSet<_> = shared
             .state
@@ -1233,6 +1496,7 @@ async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool
                 .filter(|(partition, _)| revoked.contains(partition))
                 .collect::<Vec<_>>()
         };
+        call_listener(shared, ListenerCall::Revoked, revoked.clone()).await;
         if shared.config.auto_commit
             && let Err(error) = shared.commit(offsets).await
         {
@@ -1246,20 +1510,69 @@ async fn reconcile(shared: &Shared, assigned: &BTreeSet<TopicPartition>) -> bool
         shared.emit(Rebalance::Revoked(revoked.clone()));
     }
     if !added.is_empty() {
-        let mut state = shared.state.lock().expect("state");
-        for partition in &added {
-            state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
+        let mut epochs = Vec::with_capacity(added.len());
+        {
+            let mut state = shared.state.lock().expect("state");
+            for partition in &added {
+                state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
+                let s = state.partitions.get_mut(partition).expect("just added");
+                if shared.listener.is_some() {
+                    // Not read before `on_assigned` returns (unless it seeks).
+                    s.fetch = FetchPosition::Paused;
+                }
+                epochs.push(s.epoch);
+            }
         }
-        drop(state);
+        if shared.listener.is_some() {
+            call_listener(shared, ListenerCall::Assigned, added.clone()).await;
+            let mut state = shared.state.lock().expect("state");
+            for (partition, epoch) in added.iter().zip(epochs) {
+                if let Some(s) = state.partitions.get_mut(partition)
+                    && s.epoch == epoch
+                    && s.fetch == FetchPosition::Paused
+                {
+                    s.fetch = FetchPosition::Committed;
+                }
+            }
+        }
         shared.emit(Rebalance::Assigned(added));
         shared.wake_fetcher.notify_one();
     }
     !revoked.is_empty()
 }
 
+/// Which [`AssignmentListener`] method to call.
+#[derive(Debug, Clone, Copy)]
+enum ListenerCall {
+    Assigned,
+    Revoked,
+    Lost,
+}
+
+/// Calls the listener, if any, and waits for it at most `assignment_listener_timeout`.
+async fn call_listener(shared: &Arc<Shared>, call: ListenerCall, partitions: Vec<TopicPartition>) {
+    let Some(listener) = &shared.listener else {
+        return;
+    };
+    let consumer = Consumer::for_listener(shared);
+    let future = match call {
+        ListenerCall::Assigned => listener.on_assigned(consumer, partitions),
+        ListenerCall::Revoked => listener.on_revoked(consumer, partitions),
+        ListenerCall::Lost => listener.on_lost(consumer, partitions),
+    };
+    let timeout = shared.config.assignment_listener_timeout;
+    if tokio::time::timeout(timeout, future).await.is_err() {
+        tracing::warn!(
+            ?call,
+            ?timeout,
+            "the assignment listener did not return in time; going on without it"
+        );
+    }
+}
+
 /// The group no longer knows this member: drop every partition without committing and
 /// join again as a new member.
-fn lose_all(shared: &Shared) {
+async fn lose_all(shared: &Arc<Shared>) {
     let lost: Vec<_> = {
         let mut state = shared.state.lock().expect("state");
         state.member_id.clear();
@@ -1268,7 +1581,8 @@ fn lose_all(shared: &Shared) {
     };
     shared.wake_fetcher.notify_one();
     if !lost.is_empty() {
-        shared.emit(Rebalance::Lost(lost));
+        shared.emit(Rebalance::Lost(lost.clone()));
+        call_listener(shared, ListenerCall::Lost, lost).await;
     }
 }
 
@@ -1305,7 +1619,8 @@ mod tests {
     fn fetched_batches_skip_records_below_the_fetch_offset() {
         let mut bytes = batch(10, &["a", "b", "c"]);
         bytes.extend(batch(13, &["d", "e"]));
-        let (records, error, starved) = decode_fetched(&tp(0), 12, Bytes::from(bytes.clone()));
+        let (records, error, starved) =
+            decode_fetched(&tp(0), &"t".into(), 12, Bytes::from(bytes.clone()));
         assert_eq!(error, None);
         assert!(!starved);
         assert_eq!(
@@ -1313,7 +1628,7 @@ mod tests {
             [(12, "c".into()), (13, "d".into()), (14, "e".into())]
         );
         // A whole batch below the offset is skipped without decoding its records.
-        let (records, _, _) = decode_fetched(&tp(0), 13, Bytes::from(bytes));
+        let (records, _, _) = decode_fetched(&tp(0), &"t".into(), 13, Bytes::from(bytes));
         assert_eq!(values(&records)[0], (13, "d".into()));
     }
 
@@ -1324,7 +1639,7 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
         bytes.extend(bad);
-        let (records, error, _) = decode_fetched(&tp(3), 0, Bytes::from(bytes));
+        let (records, error, _) = decode_fetched(&tp(3), &"t".into(), 0, Bytes::from(bytes));
         assert_eq!(values(&records), [(0, "a".into())]);
         match error {
             Some(Error::CorruptBatch {
@@ -1338,29 +1653,48 @@ mod tests {
     fn a_partial_batch_alone_asks_for_more_bytes() {
         let bytes = batch(0, &["a", "b"]);
         let cut = Bytes::from(bytes[..bytes.len() - 3].to_vec());
-        let (records, error, starved) = decode_fetched(&tp(0), 0, cut);
+        let (records, error, starved) = decode_fetched(&tp(0), &"t".into(), 0, cut);
         assert!(records.is_empty() && error.is_none() && starved);
-        let (_, _, starved) = decode_fetched(&tp(0), 0, Bytes::new());
+        let (_, _, starved) = decode_fetched(&tp(0), &"t".into(), 0, Bytes::new());
         assert!(!starved);
     }
 
     #[test]
     fn records_of_an_old_epoch_or_below_the_position_are_dropped() {
+        let record = |offset: i64, timestamp: i64| ConsumerRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+        };
         let mut state = State::default();
         state.add(tp(0), 1024);
         let epoch = state.partitions[&tp(0)].epoch;
         state.partitions.get_mut(&tp(0)).unwrap().position = Some(5);
-        assert!(!state.accept(&tp(0), epoch, 4));
-        assert!(state.accept(&tp(0), epoch, 5));
+        assert!(!state.accept(&tp(0), epoch, &record(4, 0)));
+        assert!(state.accept(&tp(0), epoch, &record(5, 0)));
         assert_eq!(state.partitions[&tp(0)].position, Some(6));
         // A seek changes the epoch: records fetched before it are dropped.
         state.seek(&tp(0), Offset::At(100)).unwrap();
-        assert!(!state.accept(&tp(0), epoch, 6));
+        assert!(!state.accept(&tp(0), epoch, &record(6, 0)));
         let epoch = state.partitions[&tp(0)].epoch;
         assert_eq!(state.partitions[&tp(0)].fetch, FetchPosition::At(100));
-        assert!(state.accept(&tp(0), epoch, 100));
+        assert!(state.accept(&tp(0), epoch, &record(100, 0)));
         // Unassigned partitions deliver nothing.
-        assert!(!state.accept(&tp(1), epoch, 0));
+        assert!(!state.accept(&tp(1), epoch, &record(0, 0)));
+        // After a seek by time, the records of the found batch older than the time are
+        // skipped; from the first that is not, every record goes (timestamps need not grow).
+        state.seek(&tp(0), Offset::Timestamp(2000)).unwrap();
+        let epoch = state.partitions[&tp(0)].epoch;
+        let accepted: Vec<bool> = [(10, 1000), (11, 1999), (12, 2000), (13, 1500)]
+            .iter()
+            .map(|&(offset, time)| state.accept(&tp(0), epoch, &record(offset, time)))
+            .collect();
+        assert_eq!(accepted, [false, false, true, true]);
+        assert_eq!(state.partitions[&tp(0)].position, Some(14));
     }
 
     #[test]

@@ -33,12 +33,12 @@
 //! producer.close().await?;
 //!
 //! let consumer = client.subscribe(
+//!     "welcome-mails",
+//!     ["events"],
 //!     ConsumerConfig {
-//!         group: Some("welcome-mails".into()),
 //!         auto_offset_reset: AutoOffsetReset::Earliest,
 //!         ..Default::default()
 //!     },
-//!     &["events"],
 //! )?;
 //! let record = consumer.recv().await?;
 //! println!("{:?} => {:?}", record.key, record.value);
@@ -61,9 +61,20 @@
 //! - [`Admin`] creates, deletes and describes topics and groups.
 //! - [`blocking`] wraps all of it for synchronous callers.
 //!
-//! Handles are `Clone` (an `Arc` inside), own their data, and have `close` methods, so
-//! language bindings can hold them without lifetimes. Every future is cancel-safe: dropping
-//! it leaves the handle usable.
+//! Handles are `Clone` (an `Arc` inside), own their data, are `Send + Sync + 'static`, and
+//! have `close` methods, so language bindings can hold them without lifetimes. Every future
+//! is cancel-safe: dropping it leaves the handle usable (and a dropped
+//! [`Consumer::close`] still finishes). Background tasks run on the runtime the [`Client`]
+//! was connected on, so handles can be made and dropped from any thread. After
+//! [`Client::close`] every call fails with [`Error::Closed`] and every task ends.
+//!
+//! # What the API re-exports
+//!
+//! Only what a caller needs to build requests and read answers: [`ErrorCode`] (stable wire
+//! error numbers, for [`Error::code`]), [`Header`] (record headers), [`Acks`] (producer
+//! durability). The protocol crate's other types stay behind this API.
+
+#![warn(missing_docs)]
 
 mod admin;
 pub mod blocking;
@@ -76,21 +87,26 @@ mod producer;
 mod transport;
 
 pub use admin::{
-    Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupSummary, NewTopic,
-    PartitionDescription, TopicDescription, TopicSummary,
+    Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
+    NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
 pub use client::Client;
 pub use config::{
-    AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientConfig, ConsumerConfig,
-    NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
+    AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig,
+    ConsumerConfig, NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
 };
-pub use consumer::{Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents};
-pub use error::{Error, Result};
+pub use consumer::{
+    AssignmentListener, Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents,
+};
+pub use error::{Cause, Error, Result};
 pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;
 pub use partitioner::{murmur2, partition_for_key};
 pub use producer::{DeliveryFuture, Producer, ProducerRecord, RecordMetadata};
+
+/// A boxed, `Send` future: what [`AssignmentListener`] methods return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A partition of a topic.
 ///
@@ -100,11 +116,14 @@ pub use producer::{DeliveryFuture, Producer, ProducerRecord, RecordMetadata};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
+    /// The topic's name.
     pub topic: String,
+    /// The partition's number, from 0.
     pub partition: u32,
 }
 
 impl TopicPartition {
+    /// A partition of `topic`.
     pub fn new(topic: impl Into<String>, partition: u32) -> TopicPartition {
         TopicPartition {
             topic: topic.into(),
@@ -116,5 +135,45 @@ impl TopicPartition {
 impl std::fmt::Display for TopicPartition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// Compile-time checks that every handle can be shared across threads and held by a binding
+/// (`Send + Sync + 'static`), and that the futures of the calls a binding awaits on another
+/// thread are `Send`.
+#[allow(dead_code)]
+mod assertions {
+    use super::*;
+
+    fn handle<T: Send + Sync + 'static>() {}
+    fn send<T: Send>(_: &T) {}
+
+    fn handles() {
+        handle::<Client>();
+        handle::<Producer>();
+        handle::<Consumer>();
+        handle::<Admin>();
+        handle::<DeliveryFuture>();
+        handle::<RebalanceEvents>();
+        handle::<Error>();
+        handle::<blocking::Client>();
+        handle::<blocking::Producer>();
+        handle::<blocking::Consumer>();
+        handle::<blocking::Admin>();
+        handle::<blocking::Delivery>();
+    }
+
+    fn futures(producer: Producer, consumer: Consumer, client: Client) {
+        send(&producer.send(ProducerRecord::new("t", "v")));
+        send(&producer.send_many(vec![ProducerRecord::new("t", "v")]));
+        send(&producer.flush());
+        send(&producer.close());
+        send(&consumer.recv());
+        send(&consumer.recv_many(10, std::time::Duration::ZERO));
+        send(&consumer.commit());
+        send(&consumer.close());
+        send(&Client::connect(ClientConfig::default()));
+        send(&client.producer(ProducerConfig::default()));
+        send(&client.admin().list_topics());
     }
 }

@@ -14,15 +14,16 @@ use ketch_protocol::frame::{
     FRAME_LENGTH_BYTES, FrameDecoder, decode_response, encode_request, encode_request_chunks,
     frame_length,
 };
-use ketch_protocol::messages::Api;
+use ketch_protocol::messages::{Api, ApiVersionsRequest};
 use ketch_protocol::wire::Wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{CA_CERT_PATH_DEFAULT, ClientConfig, Tls, backoff};
-use crate::error::{Error, Result};
+use crate::config::{CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig, Tls, backoff};
+use crate::error::{Cause, Error, Result};
 
 /// Most bytes taken from a response stream at a time (QUIC hands them over a packet's worth
 /// at a time anyway).
@@ -38,52 +39,98 @@ fn crypto_provider() -> Arc<CryptoProvider> {
 fn ca_certificates(tls: &Tls) -> Result<Vec<CertificateDer<'static>>> {
     let pem = match tls {
         Tls::CaPem(pem) => pem.clone(),
-        Tls::CaFile(path) => std::fs::read(path)
-            .map_err(|e| Error::Tls(format!("cannot read CA file {}: {e}", path.display())))?,
+        Tls::CaFile(path) => std::fs::read(path).map_err(|e| {
+            Error::tls_from(format!("cannot read CA file {}: {e}", path.display()), e)
+        })?,
         Tls::FromEnv => {
             let path = std::env::var_os("KETCH_CA_CERT")
                 .map(std::path::PathBuf::from)
                 .unwrap_or_else(|| CA_CERT_PATH_DEFAULT.into());
             std::fs::read(&path).map_err(|e| {
-                Error::Tls(format!(
+                let message = format!(
                     "cannot read CA file {} (set KETCH_CA_CERT or Tls::CaFile): {e}",
                     path.display()
-                ))
+                );
+                Error::tls_from(message, e)
             })?
         }
         Tls::DangerAcceptInvalidCerts => return Ok(Vec::new()),
     };
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("CA PEM: {e}")))?;
+        .map_err(|e| Error::tls_from(format!("CA PEM: {e}"), e))?;
     if certificates.is_empty() {
-        return Err(Error::Tls("CA PEM holds no certificate".into()));
+        return Err(Error::tls("CA PEM holds no certificate"));
     }
     Ok(certificates)
 }
 
-/// The rustls configuration: TLS 1.3 only, ALPN `ketch/1`, server verified against the CA.
-pub(crate) fn rustls_config(tls: &Tls) -> Result<rustls::ClientConfig> {
+/// The rustls configuration: TLS 1.3 only, ALPN `ketch/1`, server verified against the CA,
+/// and the client certificate when one is configured.
+pub(crate) fn rustls_config(
+    tls: &Tls,
+    client_certificate: Option<&ClientCertificate>,
+) -> Result<rustls::ClientConfig> {
     let provider = crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut config = if matches!(tls, Tls::DangerAcceptInvalidCerts) {
+        .map_err(|e| Error::tls_from(e.to_string(), e))?;
+    let builder = if matches!(tls, Tls::DangerAcceptInvalidCerts) {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { provider }))
-            .with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for certificate in ca_certificates(tls)? {
             roots
                 .add(certificate)
-                .map_err(|e| Error::Tls(format!("CA certificate: {e}")))?;
+                .map_err(|e| Error::tls_from(format!("CA certificate: {e}"), e))?;
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match client_certificate {
+        None => builder.with_no_client_auth(),
+        Some(certificate) => {
+            let (chain, key) = client_identity(certificate)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::tls_from(format!("client certificate: {e}"), e))?
+        }
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// Reads a client certificate chain and its key.
+fn client_identity(
+    certificate: &ClientCertificate,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| Error::tls_from(format!("cannot read {what} {}: {e}", path.display()), e))
+    };
+    let (chain_pem, key_pem) = match certificate {
+        ClientCertificate::Files {
+            certificate_chain,
+            private_key,
+        } => (
+            read(certificate_chain, "client certificate")?,
+            read(private_key, "client key")?,
+        ),
+        ClientCertificate::Pem {
+            certificate_chain,
+            private_key,
+        } => (certificate_chain.clone(), private_key.clone()),
+    };
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::tls_from(format!("client certificate PEM: {e}"), e))?;
+    if chain.is_empty() {
+        return Err(Error::tls("client certificate PEM holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| Error::tls_from(format!("client key PEM: {e}"), e))?;
+    Ok((chain, key))
 }
 
 /// Skips certificate validation but still checks the handshake signatures, so the session is
@@ -147,12 +194,14 @@ pub(crate) async fn resolve(address: &str) -> Result<Vec<SocketAddr>> {
         .map_err(|e| Error::Connect {
             addr: address.to_owned(),
             message: format!("cannot resolve: {e}"),
+            source: Some(Cause::new(e)),
         })?
         .collect();
     if addrs.is_empty() {
         return Err(Error::Connect {
             addr: address.to_owned(),
             message: "resolves to no address".into(),
+            source: None,
         });
     }
     Ok(addrs)
@@ -169,6 +218,11 @@ pub(crate) struct Transport {
     reconnect_backoff_max: Duration,
     frame_bytes_max: usize,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
+    /// The client's close: no new connection, no new request.
+    closed: CancellationToken,
+    /// Connections (by `stable_id`) whose liveness is being checked after a request timed
+    /// out, so a burst of timeouts sends one check.
+    checking: Arc<Mutex<std::collections::HashSet<usize>>>,
 }
 
 /// One broker's connection. The async mutex serialises (re)connect attempts, so concurrent
@@ -194,10 +248,10 @@ fn endpoint_config() -> quinn::EndpointConfig {
 }
 
 impl Transport {
-    pub(crate) fn new(config: &ClientConfig) -> Result<Transport> {
-        let crypto = rustls_config(&config.tls)?;
+    pub(crate) fn new(config: &ClientConfig, closed: CancellationToken) -> Result<Transport> {
+        let crypto = rustls_config(&config.tls, config.client_certificate.as_ref())?;
         let quic_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-            .map_err(|e| Error::Tls(e.to_string()))?;
+            .map_err(|e| Error::tls_from(e.to_string(), e))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_idle_timeout(Some(
@@ -218,6 +272,8 @@ impl Transport {
             reconnect_backoff_max: config.reconnect_backoff_max,
             frame_bytes_max: config.frame_bytes_max,
             slots: Mutex::new(HashMap::new()),
+            closed,
+            checking: Arc::new(Mutex::new(std::collections::HashSet::new())),
         })
     }
 
@@ -242,7 +298,10 @@ impl Transport {
                     Arc::new(quinn::TokioRuntime),
                 )
             })
-            .map_err(|e| Error::Transport(format!("cannot bind UDP {bind}: {e}")))?;
+            .map_err(|e| Error::Transport {
+                message: format!("cannot bind UDP {bind}: {e}"),
+                source: Some(Cause::new(e)),
+            })?;
         endpoint.set_default_client_config(self.client_config.clone());
         endpoints.insert(ipv6, endpoint.clone());
         Ok(endpoint)
@@ -251,6 +310,16 @@ impl Transport {
     /// A live connection to `addr`: the cached one, or a new one. After failed attempts the
     /// next attempt waits out an exponential backoff (capped), shared by all callers.
     pub(crate) async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection> {
+        tokio::select! {
+            connection = self.connection_or_connect(addr) => connection,
+            () = self.closed.cancelled() => Err(Error::Closed),
+        }
+    }
+
+    async fn connection_or_connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed);
+        }
         let slot = self
             .slots
             .lock()
@@ -295,23 +364,24 @@ impl Transport {
 
     async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection> {
         let endpoint = self.endpoint(addr.is_ipv6())?;
-        let connect_error = |message: String| Error::Connect {
+        let connect_error = |message: String, source: Option<Cause>| Error::Connect {
             addr: addr.to_string(),
             message,
+            source,
         };
         let connecting = endpoint
             .connect(addr, &self.server_name)
-            .map_err(|e| connect_error(e.to_string()))?;
+            .map_err(|e| connect_error(e.to_string(), Some(Cause::new(e))))?;
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(connection)) => {
                 tracing::debug!(%addr, "connected");
                 Ok(connection)
             }
-            Ok(Err(e)) => Err(connect_error(e.to_string())),
-            Err(_) => Err(connect_error(format!(
-                "handshake timed out after {:?}",
-                self.connect_timeout
-            ))),
+            Ok(Err(e)) => Err(connect_error(e.to_string(), Some(Cause::new(e)))),
+            Err(_) => Err(connect_error(
+                format!("handshake timed out after {:?}", self.connect_timeout),
+                None,
+            )),
         }
     }
 
@@ -330,6 +400,12 @@ impl Transport {
     }
 
     /// Sends one request on its own stream and reads its one response, within `timeout`.
+    ///
+    /// A request that times out is abandoned alone: its stream is stopped (the broker sees
+    /// it reset), and the connection stays, with every other request and push stream on it.
+    /// Only if the connection then fails a liveness check of its own (a broker that
+    /// restarted never resets the old connection) is it closed. Fails with
+    /// [`Error::Closed`] once the client is closed.
     pub(crate) async fn call<R: Api>(
         &self,
         addr: SocketAddr,
@@ -339,21 +415,21 @@ impl Transport {
         let frame = encode_request_chunks(request);
         let connection = self.connection(addr).await?;
         let exchange = exchange(&connection, frame, self.frame_bytes_max);
-        let result = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout(format!(
-                "{} request to {addr} after {timeout:?}",
-                R::KEY.name()
-            ))),
+        let result = tokio::select! {
+            result = tokio::time::timeout(timeout, exchange) => match result {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout(format!(
+                    "{} request to {addr} after {timeout:?}",
+                    R::KEY.name()
+                ))),
+            },
+            () = self.closed.cancelled() => Err(Error::Closed),
         };
         let frame = match result {
             Ok(frame) => frame,
             Err(error) => {
                 if matches!(error, Error::Timeout(_)) {
-                    // A peer that restarted never answers on the old connection (and cannot
-                    // reset it), which would otherwise stay open until the idle timeout. As
-                    // Kafka clients do, drop the connection on a request timeout.
-                    connection.close(0u32.into(), b"request timed out");
+                    self.check_liveness_in_background(addr, &connection, timeout);
                 }
                 if connection.close_reason().is_some() {
                     self.forget(addr, &connection);
@@ -362,6 +438,48 @@ impl Transport {
             }
         };
         Ok(decode_response::<R::Response>(frame)??)
+    }
+
+    /// Checks, on a task of its own, that a connection on which a request timed out still
+    /// answers; closes it if it does not (see [`Transport::check_liveness`]).
+    fn check_liveness_in_background(
+        &self,
+        addr: SocketAddr,
+        connection: &quinn::Connection,
+        timeout: Duration,
+    ) {
+        let id = connection.stable_id();
+        if !self.checking.lock().expect("checking lock").insert(id) {
+            return;
+        }
+        let (connection, checking, frame_bytes_max) = (
+            connection.clone(),
+            self.checking.clone(),
+            self.frame_bytes_max,
+        );
+        let closed = self.closed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = liveness(&connection, addr, timeout, frame_bytes_max) => {}
+                () = closed.cancelled() => {}
+            }
+            checking.lock().expect("checking lock").remove(&id);
+        });
+    }
+
+    /// Whether the connection to `addr` answers an `ApiVersions` request within `timeout`
+    /// (any answer counts, even a refusal). One that does not is closed (and forgotten), so
+    /// every stream on it fails and the next call reconnects.
+    pub(crate) async fn check_liveness(&self, addr: SocketAddr, timeout: Duration) -> Result<()> {
+        let connection = self.connection(addr).await?;
+        let result = tokio::select! {
+            result = liveness(&connection, addr, timeout, self.frame_bytes_max) => result,
+            () = self.closed.cancelled() => Err(Error::Closed),
+        };
+        if connection.close_reason().is_some() {
+            self.forget(addr, &connection);
+        }
+        result
     }
 
     /// Sends a request whose answer is a sequence of response frames (Subscribe) on its own
@@ -375,6 +493,9 @@ impl Transport {
     ) -> Result<ResponseStream<R::Response>> {
         let frame = encode_request(request);
         let connection = self.connection(addr).await?;
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed);
+        }
         let open = async {
             let (mut send, recv) = connection.open_bi().await?;
             send.write_chunk(frame).await?;
@@ -409,6 +530,28 @@ impl Transport {
     pub(crate) fn close(&self) {
         for endpoint in self.endpoints.lock().expect("endpoints lock").values() {
             endpoint.close(0u32.into(), b"client closed");
+        }
+    }
+}
+
+/// Sends `ApiVersions` on the connection; closes the connection when no answer comes within
+/// `timeout` (the peer is gone or restarted).
+async fn liveness(
+    connection: &quinn::Connection,
+    addr: SocketAddr,
+    timeout: Duration,
+    frame_bytes_max: usize,
+) -> Result<()> {
+    let frame = encode_request_chunks(&ApiVersionsRequest {});
+    match tokio::time::timeout(timeout, exchange(connection, frame, frame_bytes_max)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error),
+        Err(_) => {
+            tracing::debug!(%addr, ?timeout, "connection did not answer a liveness check; closing it");
+            connection.close(0u32.into(), b"no answer to a liveness check");
+            Err(Error::transport(format!(
+                "{addr} did not answer a liveness check within {timeout:?}"
+            )))
         }
     }
 }
@@ -476,7 +619,7 @@ impl<T: Wire> ResponseStream<T> {
                 Some(chunk) => self.decoder.push(&chunk.bytes),
                 None if self.decoder.buffered() == 0 => return Ok(None),
                 None => {
-                    return Err(Error::Transport(format!(
+                    return Err(Error::transport(format!(
                         "the stream ended {} bytes into a frame",
                         self.decoder.buffered()
                     )));
@@ -494,11 +637,11 @@ mod tests {
     fn ca_pem_errors_are_typed() {
         assert!(matches!(
             ca_certificates(&Tls::CaPem(b"not a pem".to_vec())),
-            Err(Error::Tls(message)) if message.contains("no certificate")
+            Err(Error::Tls { message, .. }) if message.contains("no certificate")
         ));
         assert!(matches!(
             ca_certificates(&Tls::CaFile("/nonexistent/ca.pem".into())),
-            Err(Error::Tls(message)) if message.contains("/nonexistent/ca.pem")
+            Err(Error::Tls { message, source: Some(_) }) if message.contains("/nonexistent/ca.pem")
         ));
         assert!(
             ca_certificates(&Tls::DangerAcceptInvalidCerts)
@@ -508,8 +651,47 @@ mod tests {
     }
 
     #[test]
+    fn client_certificates_load_or_fail_with_a_named_cause() {
+        let certified = rcgen::generate_simple_self_signed(vec!["client".to_owned()]).unwrap();
+        let good = ClientCertificate::Pem {
+            certificate_chain: certified.cert.pem().into_bytes(),
+            private_key: certified.key_pair.serialize_pem().into_bytes(),
+        };
+        let config = rustls_config(&Tls::DangerAcceptInvalidCerts, Some(&good)).unwrap();
+        assert!(config.client_auth_cert_resolver.has_certs());
+        let check = |certificate: ClientCertificate, expected: &str| match rustls_config(
+            &Tls::DangerAcceptInvalidCerts,
+            Some(&certificate),
+        ) {
+            Err(Error::Tls { message, .. }) => assert!(message.contains(expected), "{message}"),
+            other => panic!("expected a TLS error naming {expected:?}, got {other:?}"),
+        };
+        check(
+            ClientCertificate::Pem {
+                certificate_chain: b"nothing".to_vec(),
+                private_key: certified.key_pair.serialize_pem().into_bytes(),
+            },
+            "no certificate",
+        );
+        check(
+            ClientCertificate::Pem {
+                certificate_chain: certified.cert.pem().into_bytes(),
+                private_key: b"nothing".to_vec(),
+            },
+            "client key",
+        );
+        check(
+            ClientCertificate::Files {
+                certificate_chain: "/nonexistent/client.pem".into(),
+                private_key: "/nonexistent/client.key".into(),
+            },
+            "/nonexistent/client.pem",
+        );
+    }
+
+    #[test]
     fn danger_config_negotiates_ketch_alpn_over_tls13_only() {
-        let config = rustls_config(&Tls::DangerAcceptInvalidCerts).unwrap();
+        let config = rustls_config(&Tls::DangerAcceptInvalidCerts, None).unwrap();
         assert_eq!(config.alpn_protocols, [ALPN.to_vec()]);
         assert!(quinn::crypto::rustls::QuicClientConfig::try_from(config).is_ok());
     }

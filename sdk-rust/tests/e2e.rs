@@ -5,164 +5,18 @@
 //! builds every binary before the tests). Each test starts its own broker on an ephemeral
 //! loopback port with a fresh data directory and kills exactly that process when done.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use bytes::Bytes;
 use ketch_client::{
-    AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, ErrorCode, Header,
-    NewTopic, Offset, ProducerConfig, ProducerRecord, Rebalance, Tls, TopicPartition,
-    partition_for_key,
+    AssignmentListener, AutoOffsetReset, BoxFuture, Client, ClientConfig, Consumer, ConsumerConfig,
+    ConsumerRecord, Error, ErrorCode, Header, NewTopic, Offset, ProducerConfig, ProducerRecord,
+    Rebalance, Tls, TopicPartition, partition_for_key,
 };
-
-/// Every wait in these tests is bounded by this.
-const WAIT_MAX: Duration = Duration::from_secs(30);
-
-/// A running broker process, killed (by PID) on drop.
-struct Broker {
-    child: Child,
-    listen: String,
-    ca: PathBuf,
-    log: PathBuf,
-    data_dir: tempfile::TempDir,
-}
-
-fn ketch_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("KETCH_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/debug/deps/e2e-<hash> -> target/debug/ketch
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("ketch")
-}
-
-impl Broker {
-    fn start() -> anyhow::Result<Broker> {
-        let data_dir = tempfile::tempdir()?;
-        let log = data_dir.path().join("broker.log");
-        let (child, line) = spawn(data_dir.path(), "127.0.0.1:0", &log)?;
-        let mut broker = Broker {
-            child,
-            listen: String::new(),
-            ca: PathBuf::new(),
-            log,
-            data_dir,
-        };
-        for field in line.split_whitespace() {
-            if let Some(listen) = field.strip_prefix("listen=") {
-                broker.listen = listen.to_owned();
-            } else if let Some(ca) = field.strip_prefix("ca=") {
-                broker.ca = PathBuf::from(ca);
-            }
-        }
-        if broker.listen.is_empty() || !broker.ca.exists() {
-            bail!("unexpected ready line {line:?}");
-        }
-        Ok(broker)
-    }
-
-    /// Kills the broker and starts it again on the same port with the same data.
-    fn restart(&mut self) -> anyhow::Result<()> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (child, line) = spawn(self.data_dir.path(), &self.listen, &self.log)?;
-        self.child = child;
-        if !line.contains(&format!("listen={}", self.listen)) {
-            bail!("restarted broker listens elsewhere: {line:?}");
-        }
-        Ok(())
-    }
-
-    fn config(&self) -> ClientConfig {
-        ClientConfig {
-            bootstrap: vec![self.listen.clone()],
-            tls: Tls::CaFile(self.ca.clone()),
-            request_timeout: Duration::from_secs(10),
-            ..Default::default()
-        }
-    }
-
-    async fn client(&self) -> Client {
-        within(Client::connect(self.config()))
-            .await
-            .expect("connect")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Starts `ketch serve` and waits (bounded) for its ready line.
-fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, String)> {
-    let bin = ketch_bin();
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it with `cargo build -p ketch-cli --bin ketch` or set KETCH_BIN",
-            bin.display()
-        );
-    }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut child = Command::new(&bin)
-        .args(["serve", "--listen", listen, "--data-dir"])
-        .arg(data_dir)
-        // Brokers of parallel tests must not share the default metrics port.
-        .env("KETCH_METRICS_LISTEN", "127.0.0.1:0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .with_context(|| format!("spawning {}", bin.display()))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("ketch ready ") {
-                let _ = ready_tx.send(line);
-            }
-        }
-    });
-    match ready_rx.recv_timeout(WAIT_MAX) {
-        Ok(line) => Ok((child, line)),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "no ready line within {WAIT_MAX:?}; broker log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // Only the process this test started, by its PID.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("broker log:\n{}", self.log_text());
-        }
-    }
-}
-
-async fn within<F: Future>(future: F) -> F::Output {
-    tokio::time::timeout(WAIT_MAX, future)
-        .await
-        .expect("operation did not finish within the test bound")
-}
+use support::{Broker, WAIT_MAX, within};
 
 fn text(bytes: &Option<Bytes>) -> String {
     String::from_utf8(bytes.clone().expect("non-null").to_vec()).expect("utf-8")
@@ -358,7 +212,7 @@ async fn group_consumers_share_partitions_and_commit() {
         ..earliest(Some("billing"))
     };
     let first = client
-        .subscribe(config.clone(), &["orders"])
+        .subscribe("billing", ["orders"], config.clone())
         .expect("subscribe");
     let mut events = first.rebalance_events();
     let records = recv_n(&first, 20).await;
@@ -397,7 +251,9 @@ async fn group_consumers_share_partitions_and_commit() {
     assert!(groups.iter().any(|g| g.group == "billing"), "{groups:?}");
 
     // A second member joins: each ends up with one partition, the first after a revocation.
-    let second = client.subscribe(config, &["orders"]).expect("subscribe");
+    let second = client
+        .subscribe("billing", ["orders"], config)
+        .expect("subscribe");
     within(async {
         loop {
             match events.recv().await {
@@ -825,4 +681,360 @@ async fn a_consumer_resumes_from_its_position_after_a_broker_restart() {
     check(&within(consumer.recv()).await.expect("recv"), RECORDS);
     within(producer.close()).await.expect("close");
     within(consumer.close()).await.expect("close");
+}
+
+/// Issue 8 item 13: a record the broker refuses on its own merits (2 MiB against a 1 MiB
+/// batch limit) fails alone, with its own reason; the pipelined records after it are stored
+/// (their sequence numbers move down into the refused batch's), in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_on_its_own_merits_fails_alone() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("mixed", 1)))
+        .await
+        .expect("create topic");
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        batch_bytes_max: 4 * 1024,
+        ..ProducerConfig::default()
+    }))
+    .await
+    .expect("producer");
+    let mut records: Vec<ProducerRecord> = (0..100)
+        .map(|i| ProducerRecord::new("mixed", format!("line-{i}")))
+        .collect();
+    records.push(ProducerRecord::new("mixed", vec![b'x'; 2 * 1024 * 1024]));
+    records.extend((100..200).map(|i| ProducerRecord::new("mixed", format!("line-{i}"))));
+    let deliveries = within(producer.send_many(records)).await;
+    within(producer.flush()).await.expect("flush");
+    let mut written = Vec::new();
+    let mut failed = Vec::new();
+    for (index, delivery) in deliveries.into_iter().enumerate() {
+        match within(delivery.expect("queued")).await {
+            Ok(metadata) => written.push(metadata.offset),
+            Err(error) => failed.push((index, error)),
+        }
+    }
+    assert_eq!(
+        failed.len(),
+        1,
+        "only the oversized record fails: {:?}",
+        &failed[..failed.len().min(3)]
+    );
+    let (index, error) = &failed[0];
+    assert_eq!(*index, 100);
+    assert_eq!(error.code(), Some(ErrorCode::RecordTooLarge), "{error}");
+    assert!(error.to_string().contains("batch_bytes_max"), "{error}");
+    assert_eq!(error.partition(), Some(TopicPartition::new("mixed", 0)));
+    assert_eq!(written, (0..200).collect::<Vec<i64>>());
+    let consumer = client
+        .assign(earliest(None), &[TopicPartition::new("mixed", 0)])
+        .expect("consumer");
+    let values: Vec<String> = recv_n(&consumer, 200)
+        .await
+        .iter()
+        .map(|r| text(&r.value))
+        .collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("line-{i}")).collect();
+    assert_eq!(values, expected);
+    within(consumer.close()).await.expect("close");
+    within(producer.close()).await.expect("close");
+}
+
+/// Issue 8 item 14: a producer whose broker dies and stays dead fails every pending record
+/// with a clear error once `delivery_timeout` has passed, instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_whose_broker_stays_dead_fails_every_record_after_the_delivery_timeout() {
+    let mut broker = Broker::start().expect("broker");
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        ..broker.config()
+    }))
+    .await
+    .expect("connect");
+    within(client.admin().create_topic(NewTopic::new("doomed", 2)))
+        .await
+        .expect("create topic");
+    let delivery_timeout = Duration::from_secs(3);
+    // Small batches, one in flight per partition: most records wait in the queue, which
+    // nothing drains once the producer id cannot be renewed.
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        delivery_timeout,
+        batch_bytes_max: 256,
+        partition_in_flight_batches_max: 1,
+        ..ProducerConfig::default()
+    }))
+    .await
+    .expect("producer");
+    within(
+        within(producer.send(ProducerRecord::new("doomed", "alive")))
+            .await
+            .expect("send"),
+    )
+    .await
+    .expect("written while the broker lives");
+    broker.kill();
+    let started = std::time::Instant::now();
+    let deliveries = within(
+        producer.send_many((0..50).map(|i| ProducerRecord::new("doomed", format!("lost-{i}")))),
+    )
+    .await;
+    let bound = delivery_timeout + Duration::from_secs(5);
+    for delivery in deliveries {
+        let delivery = delivery.expect("queued: metadata is cached");
+        let error = tokio::time::timeout(bound, delivery)
+            .await
+            .expect("every record settles within the delivery timeout and a margin")
+            .expect_err("the broker is dead");
+        assert!(
+            matches!(
+                error,
+                Error::Timeout(_) | Error::Connect { .. } | Error::Transport { .. }
+            ),
+            "a clear error: {error:?}"
+        );
+    }
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert_eq!(producer.pending_records(), 0);
+    within(producer.close()).await.expect("close ends");
+}
+
+/// A close whose future is dropped (an asyncio `wait_for` timeout) still leaves the group:
+/// the other member gets every partition promptly (not after the 30 s session timeout), and
+/// a second close reports the first's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_consumer_close_still_releases_its_partitions() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("shared", 2)))
+        .await
+        .expect("create topic");
+    let config = earliest(Some("close-group"));
+    let first = client
+        .subscribe("close-group", ["shared"], config.clone())
+        .expect("subscribe");
+    wait_until("the first member holds both partitions", || {
+        first.assignment().len() == 2
+    })
+    .await;
+    let second = client
+        .subscribe("close-group", ["shared"], config)
+        .expect("subscribe");
+    wait_until("each member holds one partition", || {
+        first.assignment().len() == 1 && second.assignment().len() == 1
+    })
+    .await;
+    // Polled once, then dropped (it may or may not have finished by then).
+    let _ = tokio::time::timeout(Duration::ZERO, first.close()).await;
+    let started = std::time::Instant::now();
+    wait_until("the second member takes both partitions", || {
+        second.assignment().len() == 2
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "released by leaving, not by the session timeout: {:?}",
+        started.elapsed()
+    );
+    within(first.close())
+        .await
+        .expect("the first close's outcome");
+    assert!(matches!(within(first.recv()).await, Err(Error::Closed)));
+    within(second.close()).await.expect("close");
+}
+
+/// Waits (bounded) until `condition` holds.
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT_MAX, wait).await.is_err() {
+        panic!("{what}: not within {WAIT_MAX:?}");
+    }
+}
+
+/// Commits the revoked partitions' positions before they go back to the group.
+#[derive(Debug)]
+struct CommitOnRevoke;
+
+impl AssignmentListener for CommitOnRevoke {
+    fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+        Box::pin(async move {
+            consumer
+                .commit_partitions(&partitions)
+                .await
+                .expect("commit before revocation");
+        })
+    }
+}
+
+/// With manual commits made in `on_revoked`, a group whose members join and leave while
+/// records flow delivers every record exactly once: the listener runs before the heartbeat
+/// that gives the partitions back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_commits_in_on_revoked_deliver_each_record_once_across_join_and_leave() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("ledger", 4)))
+        .await
+        .expect("create topic");
+    let total = 1200usize;
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    }))
+    .await
+    .expect("producer");
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(u32, i64)>>> = Default::default();
+    let config = ConsumerConfig {
+        auto_commit: false,
+        ..earliest(Some("ledger-group"))
+    };
+    let member = |name: &'static str| {
+        let consumer = client
+            .subscribe_with_listener("ledger-group", ["ledger"], config.clone(), CommitOnRevoke)
+            .expect("subscribe");
+        let seen = seen.clone();
+        let reader = consumer.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match reader.recv_many(100, Duration::from_millis(100)).await {
+                    Ok(records) => seen
+                        .lock()
+                        .unwrap()
+                        .extend(records.iter().map(|r| (r.partition, r.offset))),
+                    Err(Error::Closed) => return,
+                    Err(error) => panic!("{name}: {error}"),
+                }
+            }
+        });
+        (consumer, task)
+    };
+    let produce = |from: usize, to: usize| {
+        let producer = producer.clone();
+        async move {
+            for i in from..to {
+                let record = ProducerRecord::keyed("ledger", format!("k{i}"), format!("v{i}"));
+                drop(producer.send(record).await.expect("send"));
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            producer.flush().await.expect("flush");
+        }
+    };
+    let count = || seen.lock().unwrap().len();
+    let (first, first_task) = member("first");
+    within(produce(0, 400)).await;
+    wait_until("the first member read the first third", || count() >= 300).await;
+    let (second, second_task) = member("second");
+    within(produce(400, 800)).await;
+    wait_until("both members hold partitions", || {
+        first.assignment().len() + second.assignment().len() == 4 && !second.assignment().is_empty()
+    })
+    .await;
+    within(first.close()).await.expect("first leaves");
+    within(first_task).await.expect("first reader");
+    within(produce(800, total)).await;
+    wait_until("every record read", || count() >= total).await;
+    // A moment for duplicates, if any, to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    within(second.close()).await.expect("second leaves");
+    within(second_task).await.expect("second reader");
+    let seen = seen.lock().unwrap().clone();
+    let unique: BTreeSet<(u32, i64)> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), total, "every record");
+    assert_eq!(
+        seen.len(),
+        total,
+        "each once: {} duplicates",
+        seen.len() - unique.len()
+    );
+    within(producer.close()).await.expect("close");
+}
+
+/// The batch calls a binding uses to cross its language boundary once per batch:
+/// `send_many`, delivery reports by callback, `try_send` (with `WouldBlock` when the buffer
+/// is full) and `recv_many`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_calls_send_many_on_delivery_try_send_and_recv_many() {
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(client.admin().create_topic(NewTopic::new("bulk", 1)))
+        .await
+        .expect("create topic");
+    let producer = within(client.producer(ProducerConfig::default()))
+        .await
+        .expect("producer");
+    let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let deliveries =
+        within(producer.send_many((0..300).map(|i| ProducerRecord::new("bulk", format!("r{i}")))))
+            .await;
+    for delivery in deliveries {
+        let reports = reports.clone();
+        delivery.expect("queued").on_delivery(move |report| {
+            let _ = reports.send(report);
+        });
+    }
+    drop(reports);
+    let mut offsets = Vec::new();
+    while let Some(report) = within(received.recv()).await {
+        offsets.push(report.expect("written").offset);
+    }
+    offsets.sort();
+    assert_eq!(offsets, (0..300).collect::<Vec<i64>>());
+
+    // A buffer of 4 KiB and a long linger: try_send fills it, then says so.
+    let small = within(client.producer(ProducerConfig {
+        buffer_bytes_max: 4096,
+        batch_bytes_max: 4096,
+        linger: Duration::from_secs(60),
+        ..ProducerConfig::default()
+    }))
+    .await
+    .expect("producer");
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        match small.try_send(ProducerRecord::new("bulk", vec![b'y'; 500])) {
+            Ok(delivery) => accepted.push(delivery),
+            Err(error) => break error,
+        }
+        assert!(accepted.len() < 100, "the buffer never filled");
+    };
+    assert!(
+        matches!(&refusal, Error::WouldBlock(why) if why.contains("buffer is full")),
+        "{refusal:?}"
+    );
+    assert!(!accepted.is_empty());
+    within(small.flush()).await.expect("flush");
+    for delivery in accepted {
+        within(delivery).await.expect("written");
+    }
+    let delivery = small
+        .try_send(ProducerRecord::new("bulk", "after"))
+        .expect("room again");
+    within(small.flush()).await.expect("flush");
+    within(delivery).await.expect("written");
+
+    let consumer = client
+        .assign(earliest(None), &[TopicPartition::new("bulk", 0)])
+        .expect("consumer");
+    let mut records = Vec::new();
+    while records.len() < 300 {
+        let batch = within(consumer.recv_many(64, Duration::from_secs(5)))
+            .await
+            .expect("recv_many");
+        assert!(!batch.is_empty() && batch.len() <= 64, "{}", batch.len());
+        records.extend(batch);
+    }
+    let offsets: Vec<i64> = records.iter().take(300).map(|r| r.offset).collect();
+    assert_eq!(offsets, (0..300).collect::<Vec<i64>>());
+    assert!(records.iter().all(|r| &*r.topic == "bulk"));
+    within(consumer.close()).await.expect("close");
+    within(small.close()).await.expect("close");
+    within(producer.close()).await.expect("close");
 }

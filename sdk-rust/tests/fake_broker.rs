@@ -71,6 +71,8 @@ struct PushCounts {
     frames: AtomicUsize,
     /// Held streams the client stopped.
     stopped: AtomicUsize,
+    /// Connections accepted.
+    connections: AtomicUsize,
 }
 
 type Script = dyn Fn(&Request, usize) -> Reply + Send + Sync;
@@ -156,6 +158,10 @@ impl FakeBroker {
         self.pushes.stopped.load(Ordering::SeqCst)
     }
 
+    fn connections(&self) -> usize {
+        self.pushes.connections.load(Ordering::SeqCst)
+    }
+
     /// The record bytes of every produce request, in order.
     fn produced_batches(&self) -> Vec<Bytes> {
         self.requests()
@@ -186,6 +192,7 @@ async fn serve(
             let Ok(connection) = incoming.await else {
                 return;
             };
+            pushes.connections.fetch_add(1, Ordering::SeqCst);
             while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                 let (script, log, pushes) = (script.clone(), log.clone(), pushes.clone());
                 tokio::spawn(async move {
@@ -413,6 +420,18 @@ async fn within<F: Future>(future: F) -> F::Output {
     tokio::time::timeout(WAIT_MAX, future)
         .await
         .expect("operation did not finish within the test bound")
+}
+
+/// [`wait_for`], saying what `state` reports when the wait fails.
+async fn wait_for_or(what: &str, state: impl Fn() -> String, condition: impl Fn() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT_MAX, wait).await.is_err() {
+        panic!("{what}: not within {WAIT_MAX:?}; {}", state());
+    }
 }
 
 /// Waits (bounded by [`WAIT_MAX`]) until `condition` holds.
@@ -781,7 +800,180 @@ async fn each_partition_streams_from_one_subscription_without_fetches() {
     assert_eq!(subscribed, [(0, 0), (1, 0)], "one stream per partition");
     wait_for("all 40 pushes written", || broker.pushed_frames() == 40).await;
     within(consumer.close()).await.unwrap();
-    wait_for("close stops both streams", || broker.stopped_streams() == 2).await;
+    let streams = || {
+        let subscribed: Vec<(u32, i64)> = broker
+            .subscribes()
+            .iter()
+            .map(|s| (s.partition, s.offset))
+            .collect();
+        format!(
+            "subscribed {subscribed:?}, stopped {}, pushed {}, connections {}",
+            broker.stopped_streams(),
+            broker.pushed_frames(),
+            broker.connections()
+        )
+    };
+    wait_for_or("close stops both streams", streams, || {
+        broker.stopped_streams() == 2
+    })
+    .await;
+    assert_eq!(
+        broker.subscribes().len(),
+        2,
+        "no stream opened again: {}",
+        streams()
+    );
+    assert_eq!(broker.connections(), 1, "{}", streams());
+}
+
+/// A close whose future is dropped at once (an asyncio `wait_for` timeout, a Rust
+/// `timeout`) still stops every stream; a second close reports the first one's outcome, and
+/// `recv` fails with `Closed` from the first call on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_close_still_stops_every_stream_and_a_second_close_reports_it() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 2)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        Request::Subscribe(s) => Reply::push(pushes_from(s.partition, s.offset, 1, 5)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partitions = [TopicPartition::new("t", 0), TopicPartition::new("t", 1)];
+    let consumer = client.assign(earliest(), &partitions).unwrap();
+    recv_all(&consumer, 10).await;
+    // Polled once, then dropped (it may or may not have finished by then).
+    let _ = tokio::time::timeout(Duration::ZERO, consumer.close()).await;
+    assert_eq!(within(consumer.recv()).await, Err(Error::Closed));
+    wait_for("the dropped close stops both streams", || {
+        broker.stopped_streams() == 2
+    })
+    .await;
+    within(consumer.close()).await.unwrap();
+    within(consumer.clone().close()).await.unwrap();
+}
+
+/// After `Client::close` every handle fails at once with `Closed`: no reconnect through the
+/// closed endpoint, no retry for `request_timeout`, push streams end, queued records fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_fails_every_handle_at_once_and_ends_every_task() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        Request::InitProducerId(_) => Reply::Frame(producer_id(7)),
+        Request::Subscribe(s) => Reply::push(pushes_from(s.partition, s.offset, 1, 5)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(30),
+        ..broker.config()
+    }))
+    .await
+    .unwrap();
+    let consumer = client
+        .assign(earliest(), &[TopicPartition::new("t", 0)])
+        .unwrap();
+    recv_all(&consumer, 5).await;
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_secs(60),
+        ..ProducerConfig::default()
+    }))
+    .await
+    .unwrap();
+    let queued = within(producer.send(ProducerRecord::new("t", "never sent")))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    client.close();
+    assert!(client.is_closed());
+    // Each bounded well below `request_timeout`: they fail, they do not retry.
+    let quick = Duration::from_secs(5);
+    let timed = |what: &'static str| {
+        move |result: Result<Result<(), Error>, tokio::time::error::Elapsed>| {
+            result.unwrap_or_else(|_| panic!("{what} did not fail at once"))
+        }
+    };
+    assert_eq!(
+        timed("queued record")(tokio::time::timeout(quick, async { queued.await.map(drop) }).await),
+        Err(Error::Closed)
+    );
+    assert_eq!(
+        timed("recv")(tokio::time::timeout(quick, async { consumer.recv().await.map(drop) }).await),
+        Err(Error::Closed)
+    );
+    assert_eq!(
+        timed("send")(
+            tokio::time::timeout(quick, async {
+                producer.send(ProducerRecord::new("t", "x")).await.map(drop)
+            })
+            .await
+        ),
+        Err(Error::Closed)
+    );
+    assert_eq!(
+        timed("admin")(
+            tokio::time::timeout(quick, async {
+                client.admin().list_topics().await.map(drop)
+            })
+            .await
+        ),
+        Err(Error::Closed)
+    );
+    assert_eq!(
+        timed("new producer")(
+            tokio::time::timeout(quick, async {
+                client.producer(ProducerConfig::default()).await.map(drop)
+            })
+            .await
+        ),
+        Err(Error::Closed)
+    );
+    assert!(matches!(
+        client.assign(earliest(), &[TopicPartition::new("t", 0)]),
+        Err(Error::Closed)
+    ));
+    within(producer.close()).await.unwrap();
+    within(consumer.close()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// One request that times out is abandoned alone: the connection, and the push stream on
+/// it, stay (before, the connection was closed, which ended every stream on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_timeout_stops_its_stream_not_the_connection() {
+    let _serial = SERIAL.lock().await;
+    let topics = encode_response(&ListTopicsResponse { topics: vec![] });
+    let broker = start(move |request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        Request::Subscribe(s) => Reply::push(pushes_from(s.partition, s.offset, 1, 5)),
+        // Never answered in time.
+        Request::ListTopics(_) => Reply::After(Duration::from_secs(60), topics.clone()),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_millis(300),
+        ..broker.config()
+    }))
+    .await
+    .unwrap();
+    let consumer = client
+        .assign(earliest(), &[TopicPartition::new("t", 0)])
+        .unwrap();
+    assert_eq!(recv_offsets(&consumer, 5).await, offsets_from(0, 5));
+    let error = within(client.admin().list_topics()).await.unwrap_err();
+    assert!(matches!(error, Error::Timeout(_)), "{error:?}");
+    // The liveness check that follows a timeout is answered: nothing else changes.
+    wait_for("a liveness check after the timeout", || {
+        broker.count(ApiKey::ApiVersions) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(broker.connections(), 1, "the connection stays");
+    assert_eq!(broker.subscribes().len(), 1, "the push stream stays");
+    assert_eq!(broker.stopped_streams(), 0);
+    within(consumer.close()).await.unwrap();
 }
 
 async fn recv_all(consumer: &Consumer, n: usize) -> Vec<ConsumerRecord> {

@@ -691,7 +691,7 @@ impl ClientError {
     fn matches(self, error: &Error) -> bool {
         match self {
             ClientError::Connect => matches!(error, Error::Connect { .. }),
-            ClientError::Tls => matches!(error, Error::Tls(_)),
+            ClientError::Tls => matches!(error, Error::Tls { .. }),
         }
     }
 }

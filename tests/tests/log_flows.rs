@@ -189,7 +189,7 @@ fn start_member(
         session_timeout: Duration::from_secs(10),
         ..Default::default()
     };
-    let consumer = client.subscribe(config, &["events"])?;
+    let consumer = client.subscribe(group, ["events"], config)?;
     let reader = consumer.clone();
     let task = tokio::spawn(async move {
         while let Ok(record) = reader.recv().await {
@@ -362,13 +362,13 @@ fn process_kill_9_loses_no_acknowledged_record_or_commit() -> anyhow::Result<()>
             produce_range_to(&client, "payments", 0..3000).await?;
             // A group commits part of the stream before the crash.
             let consumer = client.subscribe(
+                "billing",
+                ["payments"],
                 ConsumerConfig {
-                    group: Some("billing".into()),
                     auto_offset_reset: AutoOffsetReset::Earliest,
                     auto_commit: false,
                     ..Default::default()
                 },
-                &["payments"],
             )?;
             for _ in 0..1000 {
                 tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;

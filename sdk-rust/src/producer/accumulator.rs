@@ -237,6 +237,43 @@ impl<D> Accumulator<D> {
         queue.batches.drain(..).collect()
     }
 
+    /// Removes every batch queued (not in flight), of every partition.
+    pub(crate) fn take_all(&mut self) -> Vec<PendingBatch<D>> {
+        self.queues
+            .values_mut()
+            .flatten()
+            .flat_map(|queue| queue.batches.drain(..))
+            .collect()
+    }
+
+    /// Removes the queued batches (not in flight) that `expired` says are past their time,
+    /// from the front of each partition's queue (later batches are younger).
+    pub(crate) fn take_expired(
+        &mut self,
+        expired: impl Fn(&D) -> bool,
+    ) -> Vec<(TopicPartition, PendingBatch<D>)> {
+        let mut taken = Vec::new();
+        for (topic, queues) in &mut self.queues {
+            for (partition, queue) in queues.iter_mut().enumerate() {
+                while queue.batches.front().is_some_and(|b| expired(&b.ledger)) {
+                    let batch = queue.batches.pop_front().expect("checked");
+                    taken.push((TopicPartition::new(topic.as_str(), partition as u32), batch));
+                }
+            }
+        }
+        taken
+    }
+
+    /// The earliest `deadline` of a queued batch at the front of its partition's queue.
+    pub(crate) fn next_expiry(&self, deadline: impl Fn(&D) -> Instant) -> Option<Instant> {
+        self.queues
+            .values()
+            .flatten()
+            .filter_map(|queue| queue.batches.front())
+            .map(|batch| deadline(&batch.ledger))
+            .min()
+    }
+
     /// Seals every open batch so that all of them are ready.
     pub(crate) fn seal_all(&mut self) {
         for queue in self.queues.values_mut().flatten() {
@@ -387,6 +424,36 @@ mod tests {
         assert_eq!(failed.len(), 2);
         assert_eq!(acc.take_queued(&tp(1)).len(), 1);
         assert!(acc.is_empty());
+    }
+
+    #[test]
+    fn expired_batches_leave_from_the_front_of_each_queue() {
+        let now = Instant::now();
+        // The ledger is the batch's deadline, in seconds from `now`.
+        let mut acc: Accumulator<u64> = Accumulator::new(128, Duration::from_secs(60), 1);
+        let mut put = |partition: u32, value: &[u8], deadline: u64| {
+            acc.append("t", partition, record(value), now, || deadline)
+                .expect("fits");
+        };
+        put(0, &[0; 100], 1);
+        put(0, &[0; 100], 2);
+        put(0, &[0; 100], 3);
+        put(1, &[0; 100], 5);
+        assert_eq!(
+            acc.next_expiry(|d| now + Duration::from_secs(*d)),
+            Some(now + Duration::from_secs(1))
+        );
+        let expired = acc.take_expired(|d| *d <= 2);
+        let expired: Vec<_> = expired
+            .iter()
+            .map(|(p, b)| (p.partition, b.ledger))
+            .collect();
+        assert_eq!(expired, [(0, 1), (0, 2)]);
+        assert_eq!(acc.batch_counts(&tp(0)), [1]);
+        assert!(acc.take_expired(|d| *d <= 2).is_empty());
+        assert_eq!(acc.take_all().len(), 2);
+        assert!(acc.is_empty());
+        assert_eq!(acc.next_expiry(|d| now + Duration::from_secs(*d)), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{
-    BATCH_BYTES_MAX, BATCH_HEADER_BYTES, BatchBuilder, Header, ProducerStamp,
+    BATCH_BYTES_MAX, BATCH_HEADER_BYTES, BatchBuilder, Header, ProducerStamp, compute_crc,
 };
 use ketch_protocol::messages::{
     Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
@@ -38,12 +38,12 @@ use ketch_protocol::messages::{
 use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
 use crate::TopicPartition;
-use crate::client::Client;
+use crate::client::{Client, TopicLayout};
 use crate::config::{ProducerConfig, backoff};
 use crate::error::{Error, Result};
 use crate::partitioner::Partitioner;
 use accumulator::{Accumulator, RecordRef};
-use sequence::Sequences;
+use sequence::{Sequences, decrement_sequence};
 
 /// A record to produce.
 ///
@@ -57,12 +57,16 @@ use sequence::Sequences;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProducerRecord {
+    /// The topic to write to.
     pub topic: String,
     /// An explicit partition; `None` lets the partitioner choose (by key hash when there is
     /// a key).
     pub partition: Option<u32>,
+    /// The key: chooses the partition (murmur2, as Kafka) unless `partition` is set.
     pub key: Option<Bytes>,
+    /// The value; `None` writes a tombstone.
     pub value: Option<Bytes>,
+    /// Headers, kept in order.
     pub headers: Vec<Header>,
     /// Milliseconds since the Unix epoch; `None` stamps the time of `send`.
     pub timestamp: Option<i64>,
@@ -96,7 +100,9 @@ impl ProducerRecord {
 /// Where a record was written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RecordMetadata {
+    /// The record's topic.
     pub topic: String,
+    /// The partition the record was written to.
     pub partition: u32,
     /// The record's offset; `-1` with `acks=none`, where the broker does not say.
     pub offset: i64,
@@ -130,7 +136,55 @@ impl DeliveryFuture {
     pub fn partition(&self) -> u32 {
         self.partition
     }
+
+    /// Reports the delivery to `callback` instead of through this future: called once, with
+    /// what awaiting the future would give, on the producer's background task (so it should
+    /// be quick: hand the report over, do not block), or at once if the record is settled
+    /// already. A binding can send thousands of records and hold no future per record.
+    ///
+    /// ```no_run
+    /// # async fn example(producer: ketch_client::Producer) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::ProducerRecord;
+    /// let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    /// for i in 0..1000 {
+    ///     let reports = reports.clone();
+    ///     producer
+    ///         .send(ProducerRecord::new("events", format!("{i}")))
+    ///         .await?
+    ///         .on_delivery(move |report| {
+    ///             let _ = reports.send(report);
+    ///         });
+    /// }
+    /// drop(reports);
+    /// while let Some(report) = received.recv().await {
+    ///     report?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn on_delivery(self, callback: impl FnOnce(Result<RecordMetadata>) + Send + 'static) {
+        let outcome = self.outcome.clone();
+        let report: Callback = Box::new(move |base_offset: &Result<i64>| {
+            callback(self.metadata(base_offset.clone()));
+        });
+        outcome.on_settled(report);
+    }
+
+    fn metadata(&self, base_offset: Result<i64>) -> Result<RecordMetadata> {
+        base_offset.map(|base_offset| RecordMetadata {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: if base_offset < 0 {
+                -1
+            } else {
+                base_offset + i64::from(self.index)
+            },
+            timestamp: self.timestamp,
+        })
+    }
 }
+
+/// A delivery report callback, given the batch's outcome.
+type Callback = Box<dyn FnOnce(&Result<i64>) + Send>;
 
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata>;
@@ -140,38 +194,61 @@ impl Future for DeliveryFuture {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(result) => result.clone(),
         };
-        Poll::Ready(result.map(|base_offset| RecordMetadata {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: if base_offset < 0 {
-                -1
-            } else {
-                base_offset + i64::from(self.index)
-            },
-            timestamp: self.timestamp,
-        }))
+        Poll::Ready(self.metadata(result))
     }
 }
 
 /// How a batch ended, shared by the delivery futures of its records: one allocation and one
 /// wake-up per batch rather than a channel per record.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct BatchOutcome {
     /// The batch's base offset (`-1` with `acks=none`), or why it failed.
     result: OnceLock<Result<i64>>,
     /// Tasks waiting for `result` (one per task, however many of its records it awaits).
     wakers: Mutex<Vec<Waker>>,
+    /// Delivery report callbacks of its records ([`DeliveryFuture::on_delivery`]), behind
+    /// the same lock as the wakers.
+    callbacks: Mutex<Vec<Callback>>,
+}
+
+impl std::fmt::Debug for BatchOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchOutcome")
+            .field("result", &self.result.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BatchOutcome {
-    /// Settles the batch (the first result wins) and wakes every waiting task.
+    /// Settles the batch (the first result wins), wakes every waiting task and calls every
+    /// callback.
     fn set(&self, result: Result<i64>) {
         if self.result.set(result).is_ok() {
             let wakers = std::mem::take(&mut *self.wakers.lock().expect("wakers lock"));
             for waker in wakers {
                 waker.wake();
             }
+            let callbacks = std::mem::take(&mut *self.callbacks.lock().expect("callbacks lock"));
+            let result = self.result.get().expect("just set");
+            for callback in callbacks {
+                callback(result);
+            }
         }
+    }
+
+    /// Calls `callback` with the result once there is one (now, if there is).
+    fn on_settled(&self, callback: Callback) {
+        if let Some(result) = self.result.get() {
+            return callback(result);
+        }
+        let mut callbacks = self.callbacks.lock().expect("callbacks lock");
+        // `set` stores the result before it takes the callbacks: checked again under the
+        // lock, either the result is here or `set` has yet to take (and call) this one.
+        if let Some(result) = self.result.get() {
+            drop(callbacks);
+            return callback(result);
+        }
+        callbacks.push(callback);
     }
 
     fn poll(&self, cx: &mut Context<'_>) -> Poll<&Result<i64>> {
@@ -248,6 +325,122 @@ struct Shared {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+impl Shared {
+    /// [`Error::Closed`] once the producer or its client is closed.
+    fn check_open(&self) -> Result<()> {
+        if self.closing.load(Ordering::SeqCst) || self.client.inner.is_closed() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Checks that the record's partition exists and that it can ever be sent; its share
+    /// of the buffer.
+    fn check_record(&self, record: &ProducerRecord, layout: &TopicLayout) -> Result<usize> {
+        let partitions = layout.partition_count();
+        if let Some(partition) = record.partition
+            && partition >= partitions
+        {
+            return Err(Error::for_partition(
+                &TopicPartition::new(record.topic.as_str(), partition),
+                ErrorCode::UnknownPartition,
+                format!("{}/{partition} does not exist", record.topic),
+            ));
+        }
+        if partitions == 0 {
+            return Err(Error::from_code(
+                ErrorCode::UnknownPartition,
+                format!("{} has no partitions", record.topic),
+            ));
+        }
+        let record_bytes = record_bytes(record);
+        let limit = self.record_bytes_limit();
+        if record_bytes > limit {
+            return Err(Error::RecordTooLarge {
+                bytes: record_bytes,
+                limit,
+            });
+        }
+        Ok(record_bytes)
+    }
+
+    fn record_bytes_limit(&self) -> usize {
+        self.config
+            .buffer_bytes_max
+            .min(BATCH_BYTES_MAX - BATCH_HEADER_BYTES)
+    }
+
+    /// Puts a checked record, whose buffer share is `permit`, into its partition's batch.
+    fn enqueue(
+        &self,
+        record: ProducerRecord,
+        layout: &TopicLayout,
+        record_bytes: usize,
+        permit: tokio::sync::SemaphorePermit<'_>,
+        now: Instant,
+    ) -> Result<DeliveryFuture> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let partitions = layout.partition_count();
+        let deadline = now + self.config.delivery_timeout;
+        let (partition, timestamp, outcome, index, wake) = {
+            let mut state = self.state.lock().expect("producer state lock");
+            let state = &mut *state;
+            let timestamp = match record.timestamp {
+                Some(timestamp) => timestamp,
+                None => state.clock.at(now),
+            };
+            let partition = match record.partition {
+                Some(partition) => partition,
+                None => state.partitioner.partition(
+                    &record.topic,
+                    record.key.as_deref(),
+                    partitions,
+                    record_bytes,
+                ),
+            };
+            let appended = state.accumulator.append(
+                &record.topic,
+                partition,
+                RecordRef {
+                    timestamp,
+                    key: record.key.as_deref(),
+                    value: record.value.as_deref(),
+                    headers: &record.headers,
+                },
+                now,
+                || BatchDelivery::new(self, deadline),
+            );
+            let Some(appended) = appended else {
+                return Err(Error::RecordTooLarge {
+                    bytes: record_bytes,
+                    limit: self.record_bytes_limit(),
+                });
+            };
+            appended.ledger.add(record_bytes, deadline);
+            permit.forget();
+            (
+                partition,
+                timestamp,
+                appended.ledger.outcome.clone(),
+                appended.index as u32,
+                appended.wake,
+            )
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(DeliveryFuture {
+            outcome,
+            index,
+            topic: record.topic,
+            partition,
+            timestamp,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct State {
     accumulator: Accumulator<BatchDelivery>,
@@ -290,9 +483,20 @@ impl BatchDelivery {
         self.pending.count.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Settles every record of the batch and gives back what they held.
-    fn settle(self, result: Result<i64>) {
+    /// Settles every record of the batch and gives back what they held. The pending count
+    /// drops before the records' futures resolve (so a caller that saw its deliveries
+    /// settle sees them counted out), and `flush` is woken after (so a flush that returns
+    /// finds every outcome set).
+    fn settle(mut self, result: Result<i64>) {
+        let records = std::mem::take(&mut self.records);
+        self.buffer
+            .add_permits(std::mem::take(&mut self.buffer_bytes));
+        let idle =
+            records > 0 && self.pending.count.fetch_sub(records, Ordering::SeqCst) == records;
         self.outcome.set(result);
+        if idle {
+            self.pending.idle.notify_waiters();
+        }
     }
 }
 
@@ -401,7 +605,11 @@ impl Producer {
             client,
             config,
         });
-        let task = tokio::spawn(Sender::new(shared.clone(), sequences).run());
+        let task = shared
+            .client
+            .inner
+            .runtime
+            .spawn(Sender::new(shared.clone(), sequences).run());
         *shared.task.lock().expect("task lock") = Some(task);
         Ok(Producer {
             _handle: Arc::new(HandleGuard {
@@ -415,12 +623,10 @@ impl Producer {
     /// (`buffer_bytes_max`). Cancelling this call before it returns queues nothing.
     ///
     /// Fails at once for an unknown topic or partition, a record that can never fit, or a
-    /// closed producer.
+    /// closed producer or client.
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
         let shared = &self.shared;
-        if shared.closing.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
+        shared.check_open()?;
         // The one clock reading of this call (metadata age, delivery deadline, linger start),
         // taken again only after waiting.
         let mut now = Instant::now();
@@ -432,32 +638,7 @@ impl Producer {
                 layout
             }
         };
-        let partitions = layout.partition_count();
-        if let Some(partition) = record.partition
-            && partition >= partitions
-        {
-            return Err(Error::from_code(
-                ErrorCode::UnknownPartition,
-                format!("{}/{partition} does not exist", record.topic),
-            ));
-        }
-        if partitions == 0 {
-            return Err(Error::from_code(
-                ErrorCode::UnknownPartition,
-                format!("{} has no partitions", record.topic),
-            ));
-        }
-        let record_bytes = record_bytes(&record);
-        let limit = shared
-            .config
-            .buffer_bytes_max
-            .min(BATCH_BYTES_MAX - BATCH_HEADER_BYTES);
-        if record_bytes > limit {
-            return Err(Error::RecordTooLarge {
-                bytes: record_bytes,
-                limit,
-            });
-        }
+        let record_bytes = shared.check_record(&record, &layout)?;
         // The record's share of the buffer, handed to its batch once it is in one (dropped,
         // so given back, if this call is cancelled or fails first).
         let permit = match shared.buffer.try_acquire_many(record_bytes as u32) {
@@ -473,64 +654,90 @@ impl Producer {
                 permit
             }
         };
-        if shared.closing.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let deadline = now + shared.config.delivery_timeout;
-        let (partition, timestamp, outcome, index, wake) = {
-            let mut state = shared.state.lock().expect("producer state lock");
-            let state = &mut *state;
-            let timestamp = match record.timestamp {
-                Some(timestamp) => timestamp,
-                None => state.clock.at(now),
-            };
-            let partition = match record.partition {
-                Some(partition) => partition,
-                None => state.partitioner.partition(
-                    &record.topic,
-                    record.key.as_deref(),
-                    partitions,
-                    record_bytes,
-                ),
-            };
-            let appended = state.accumulator.append(
-                &record.topic,
-                partition,
-                RecordRef {
-                    timestamp,
-                    key: record.key.as_deref(),
-                    value: record.value.as_deref(),
-                    headers: &record.headers,
-                },
-                now,
-                || BatchDelivery::new(shared, deadline),
-            );
-            let Some(appended) = appended else {
-                return Err(Error::RecordTooLarge {
-                    bytes: record_bytes,
-                    limit,
+        shared.enqueue(record, &layout, record_bytes, permit, now)
+    }
+
+    /// Queues a record without waiting: like [`send`](Producer::send), but fails with
+    /// [`Error::WouldBlock`] when the buffer is full or the topic's metadata is not loaded
+    /// yet (its loading is started, so a later try can succeed). Never waits, so a binding
+    /// can call it while holding its interpreter lock.
+    ///
+    /// ```no_run
+    /// # fn example(producer: ketch_client::Producer) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{Error, ProducerRecord};
+    /// match producer.try_send(ProducerRecord::new("events", "x")) {
+    ///     Ok(delivery) => delivery.on_delivery(|report| println!("{report:?}")),
+    ///     Err(Error::WouldBlock(why)) => println!("try again later: {why}"),
+    ///     Err(error) => return Err(error),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn try_send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let now = Instant::now();
+        let inner = &shared.client.inner;
+        let layout = match inner.cached_topic(&record.topic, Some(now)) {
+            Some(layout) => layout,
+            None => {
+                // Stale metadata serves this record; either way a refresh starts.
+                let client = shared.client.clone();
+                inner.runtime.spawn(async move {
+                    let _ = client.inner.refresh_metadata(Some(Instant::now())).await;
                 });
-            };
-            appended.ledger.add(record_bytes, deadline);
-            permit.forget();
-            (
-                partition,
-                timestamp,
-                appended.ledger.outcome.clone(),
-                appended.index as u32,
-                appended.wake,
-            )
+                inner.cached_topic(&record.topic, None).ok_or_else(|| {
+                    Error::WouldBlock(format!(
+                        "the metadata of topic {:?} is not loaded yet (loading it now)",
+                        record.topic
+                    ))
+                })?
+            }
         };
-        if wake {
-            shared.wake.notify_one();
+        let record_bytes = shared.check_record(&record, &layout)?;
+        let permit = match shared.buffer.try_acquire_many(record_bytes as u32) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Error::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                return Err(Error::WouldBlock(format!(
+                    "the producer buffer is full: {} of buffer_bytes_max {} bytes free, the \
+                     record needs {record_bytes}",
+                    shared.buffer.available_permits(),
+                    shared.config.buffer_bytes_max
+                )));
+            }
+        };
+        shared.enqueue(record, &layout, record_bytes, permit, now)
+    }
+
+    /// Queues many records in one call (one crossing of a language boundary per batch, not
+    /// per record), waiting for buffer space as [`send`](Producer::send) does. Returns one
+    /// result per record, in order: a record that fails (unknown partition, too large)
+    /// fails alone.
+    ///
+    /// Dropping this future part way leaves the records queued so far queued (they are
+    /// delivered; their futures are lost) and the rest unsent.
+    ///
+    /// ```no_run
+    /// # async fn example(producer: ketch_client::Producer) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::ProducerRecord;
+    /// let records = (0..100).map(|i| ProducerRecord::new("events", format!("{i}")));
+    /// let deliveries = producer.send_many(records).await;
+    /// producer.flush().await?;
+    /// for delivery in deliveries {
+    ///     delivery?.await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_many(
+        &self,
+        records: impl IntoIterator<Item = ProducerRecord>,
+    ) -> Vec<Result<DeliveryFuture>> {
+        let records = records.into_iter();
+        let mut deliveries = Vec::with_capacity(records.size_hint().0);
+        for record in records {
+            deliveries.push(self.send(record).await);
         }
-        Ok(DeliveryFuture {
-            outcome,
-            index,
-            topic: record.topic,
-            partition,
-            timestamp,
-        })
+        deliveries
     }
 
     /// Sends every buffered record now (ignoring `linger`) and waits until all records sent
@@ -565,7 +772,7 @@ impl Producer {
         let task = shared.task.lock().expect("task lock").take();
         if let Some(task) = task {
             task.await
-                .map_err(|e| Error::Transport(format!("producer task failed: {e}")))?;
+                .map_err(|e| Error::transport(format!("producer task failed: {e}")))?;
         }
         shared.buffer.close();
         Ok(())
@@ -607,11 +814,35 @@ struct InFlightBatch {
     delivery: BatchDelivery,
     attempts: u32,
     retry_at: Instant,
+    /// An attempt failed without an answer (lost, timed out): the broker may have appended
+    /// the batch, so its sequence numbers can never be given back.
+    maybe_appended: bool,
+    /// Why the last attempt failed: what the batch reports if the delivery timeout then cuts
+    /// an attempt short.
+    last_error: Option<Error>,
 }
+
+/// Where the CRC and the base sequence sit in a batch (see `ketch_protocol::batch`).
+const BATCH_CRC_BYTE: usize = 17;
+const BATCH_BASE_SEQUENCE_BYTE: usize = 53;
 
 impl InFlightBatch {
     fn records(&self) -> i32 {
         self.records
+    }
+
+    /// Moves the batch's sequence numbers down by `records` (an earlier batch of its
+    /// partition was refused, so its numbers are free again): patches the base sequence
+    /// and the CRC, which covers it.
+    fn restamp_down(&mut self, records: i32) {
+        let base_sequence = decrement_sequence(self.stamp.base_sequence, records);
+        let mut bytes = bytes::BytesMut::from(&self.bytes[..]);
+        bytes[BATCH_BASE_SEQUENCE_BYTE..BATCH_BASE_SEQUENCE_BYTE + 4]
+            .copy_from_slice(&base_sequence.to_be_bytes());
+        let crc = compute_crc(&bytes);
+        bytes[BATCH_CRC_BYTE..BATCH_CRC_BYTE + 4].copy_from_slice(&crc.to_be_bytes());
+        self.bytes = bytes.freeze();
+        self.stamp.base_sequence = base_sequence;
     }
 
     fn deadline(&self) -> Instant {
@@ -639,6 +870,12 @@ struct Sender {
     /// Per partition, the numbers of the batches drained and not yet settled for good, in
     /// drain order.
     unsettled: HashMap<TopicPartition, VecDeque<u64>>,
+    /// Batches in flight whose sequence numbers must move down by this many when they come
+    /// back (an earlier batch of their partition was refused meanwhile): the attempt in
+    /// flight carries numbers the broker cannot accept, so it is sent again, renumbered.
+    shifts: HashMap<u64, i32>,
+    /// The last failure, named in the error of records that time out.
+    last_error: Option<Error>,
     /// Partitions whose broker forgot this producer: their batches wait (nothing new is
     /// drained for them) until none is in flight and the identity is renewed, then all are
     /// re-stamped, in order, under the new identity.
@@ -659,24 +896,50 @@ impl Sender {
             in_flight: 0,
             next_number: 0,
             unsettled: HashMap::new(),
+            shifts: HashMap::new(),
+            last_error: None,
             resequence: HashSet::new(),
         }
     }
 
     async fn run(mut self) {
         let mut identity_retry_at = Instant::now();
+        let client_closed = self.shared.client.inner.closed.clone();
         loop {
+            if client_closed.is_cancelled() {
+                // Every record not delivered fails with `Closed`: the batches queued and
+                // waiting to be retried here, those in flight when their requests return
+                // to nobody.
+                self.shared.closing.store(true, Ordering::SeqCst);
+                self.shared.buffer.close();
+                let queued = self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .accumulator
+                    .take_all();
+                drop(queued);
+                self.retries.clear();
+                break;
+            }
             let now = Instant::now();
             let closing = self.shared.closing.load(Ordering::SeqCst);
             if self.renew_identity && now >= identity_retry_at {
-                match self.renew().await {
+                let renewed = tokio::select! {
+                    renewed = self.renew() => renewed,
+                    () = client_closed.cancelled() => continue,
+                };
+                match renewed {
                     Ok(()) => self.renew_identity = false,
                     Err(error) => {
                         tracing::warn!(%error, "cannot renew the producer id");
+                        self.last_error = Some(error);
                         identity_retry_at = now + self.shared.config.retry_backoff_max;
                     }
                 }
             }
+            self.expire_queued(Instant::now());
             if !self.renew_identity {
                 self.restamp_forgotten(now);
             }
@@ -734,12 +997,20 @@ impl Sender {
                     .accumulator
                     .next_deadline()
             };
+            let expiry = self
+                .shared
+                .state
+                .lock()
+                .expect("state")
+                .accumulator
+                .next_expiry(|delivery| delivery.deadline);
             let mut deadline = self
                 .retries
                 .iter()
                 .filter(|batch| !self.resequence.contains(&batch.partition))
                 .map(|batch| batch.retry_at)
                 .chain(linger_deadline)
+                .chain(expiry)
                 .min();
             if !self.resequence.is_empty() {
                 // Held partitions may look ready to the accumulator; an outcome wakes us.
@@ -747,6 +1018,7 @@ impl Sender {
                 deadline = Some(deadline.map_or(floor, |d| d.max(floor)));
             }
             tokio::select! {
+                () = client_closed.cancelled() => {}
                 _ = self.shared.wake.notified() => {}
                 Some(outcomes) = self.outcomes_rx.recv() => {
                     self.settle_all(outcomes);
@@ -756,6 +1028,33 @@ impl Sender {
                 }
                 _ = sleep_until(deadline) => {}
             }
+        }
+    }
+
+    /// Fails the queued batches (never sent) whose delivery timeout has passed: nothing else
+    /// would, while no batch can be sent (the broker is gone, the producer id cannot be
+    /// renewed).
+    fn expire_queued(&mut self, now: Instant) {
+        let expired = self
+            .shared
+            .state
+            .lock()
+            .expect("state")
+            .accumulator
+            .take_expired(|delivery| delivery.deadline <= now);
+        for (partition, batch) in expired {
+            let last_error = match &self.last_error {
+                Some(error) => format!("; last error: {error}"),
+                None => String::new(),
+            };
+            let error = Error::Timeout(format!(
+                "delivery_timeout ({:?}) passed before {} records for {partition} could be \
+                 sent{last_error}",
+                self.shared.config.delivery_timeout,
+                batch.records(),
+            ));
+            tracing::warn!(%partition, %error, "records expired unsent");
+            batch.ledger.settle(Err(error));
         }
     }
 
@@ -849,6 +1148,8 @@ impl Sender {
                     delivery: batch.ledger,
                     attempts: 0,
                     retry_at: now,
+                    maybe_appended: false,
+                    last_error: None,
                 });
             }
         }
@@ -897,6 +1198,33 @@ impl Sender {
     /// Decides a batch's fate after an attempt: deliver, retry, or fail.
     fn settle(&mut self, mut batch: InFlightBatch, result: Result<i64>) {
         let partition = batch.partition.clone();
+        let result = match result {
+            // The delivery timeout cut an attempt short: the failure that made it retry is
+            // the one to report.
+            Err(Error::Timeout(message)) if message.starts_with(DELIVERY_TIMEOUT_CUT) => {
+                Err(batch.last_error.clone().unwrap_or(Error::Timeout(message)))
+            }
+            result => result,
+        };
+        if let Err(error) = &result {
+            batch.last_error = Some(error.clone());
+            self.last_error = Some(error.clone());
+            if !matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. }) {
+                batch.maybe_appended = true;
+            }
+        }
+        if let Some(shift) = self.shifts.remove(&batch.number) {
+            // Renumbered while in flight: the attempt carried numbers past a gap, which the
+            // broker refuses; the renumbered batch goes again (its own refusal, if any,
+            // comes on that attempt).
+            batch.restamp_down(shift);
+            if result.is_err() && Instant::now() < batch.deadline() {
+                batch.attempts += 1;
+                batch.retry_at = Instant::now();
+                self.retries.push(batch);
+                return;
+            }
+        }
         let error = match result {
             Ok(base_offset) => {
                 batch.delivery.settle(Ok(base_offset.max(-1)));
@@ -991,16 +1319,38 @@ impl Sender {
             return;
         }
         // Failed for good. A wire error means the broker did not append the batch, so its
-        // sequence numbers go back to the partition; otherwise nobody knows, and only a new
-        // producer id makes the next batch's sequence acceptable.
+        // sequence numbers go back to the partition, and the partition's later batches move
+        // down into them (KIP-360's answer, without a new identity): a record refused on its
+        // own merits fails alone. Otherwise nobody knows whether it was appended, and only a
+        // new producer id makes the next batch's sequence acceptable.
         if let Some(sequences) = &mut self.sequences {
-            let rejected = matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. });
-            if !(rejected && sequences.rewind(&partition, batch.stamp, batch.records())) {
+            let rejected = !batch.maybe_appended
+                && matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. });
+            if rejected && sequences.rewind(&partition, batch.stamp, batch.records()) {
+                self.shift_later(&partition, batch.number, batch.records());
+            } else {
                 self.renew_identity = batch.stamp.producer_id == sequences.producer_id();
             }
         }
         batch.delivery.settle(Err(error));
         self.complete(&partition, batch.number);
+    }
+
+    /// Moves the sequence numbers of the partition's batches drained after batch `number`
+    /// down by `records`: now for those waiting to be retried, when they come back for
+    /// those in flight.
+    fn shift_later(&mut self, partition: &TopicPartition, number: u64, records: i32) {
+        let later: Vec<u64> = self
+            .unsettled
+            .get(partition)
+            .map(|numbers| numbers.iter().copied().filter(|n| *n > number).collect())
+            .unwrap_or_default();
+        for later in later {
+            match self.retries.iter_mut().find(|batch| batch.number == later) {
+                Some(batch) => batch.restamp_down(records),
+                None => *self.shifts.entry(later).or_default() += records,
+            }
+        }
     }
 
     /// A batch is settled for good: its partition has room for the next one.
@@ -1031,6 +1381,9 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How the error of an attempt cut short by the delivery timeout begins.
+const DELIVERY_TIMEOUT_CUT: &str = "delivery_timeout";
+
 /// One produce request to one leader; the result of each batch.
 async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>) -> Vec<Outcome> {
     let config = &shared.config;
@@ -1057,12 +1410,20 @@ async fn produce(shared: &Shared, addr: SocketAddr, batches: Vec<InFlightBatch>)
         .client
         .inner
         .timeout_with_wait(config.request_timeout);
-    let response = shared
-        .client
-        .inner
-        .transport
-        .call(addr, &request, timeout)
-        .await;
+    // No attempt outlives the delivery timeout of its batches (connecting included).
+    let deadline = batches
+        .iter()
+        .map(InFlightBatch::deadline)
+        .min()
+        .unwrap_or_else(|| Instant::now() + timeout);
+    let call = shared.client.inner.transport.call(addr, &request, timeout);
+    let response = match tokio::time::timeout_at(deadline.into(), call).await {
+        Ok(response) => response,
+        Err(_) => Err(Error::Timeout(format!(
+            "{DELIVERY_TIMEOUT_CUT} ({:?}) passed while a produce request to {addr} was in flight",
+            config.delivery_timeout
+        ))),
+    };
     match response {
         Ok(response) => batches
             .into_iter()
@@ -1096,7 +1457,7 @@ fn partition_result(
             // A broker may answer `acks=none` before (and without) any partition result.
             return Ok(-1);
         }
-        return Err(Error::Transport(format!(
+        return Err(Error::transport(format!(
             "produce response has no result for {partition}"
         )));
     };
@@ -1107,7 +1468,8 @@ fn partition_result(
             answer.base_offset
         }),
         ErrorCode::DuplicateSequence if answer.base_offset >= 0 => Ok(answer.base_offset),
-        code => Err(Error::from_code(
+        code => Err(Error::for_partition(
+            partition,
             code,
             answer
                 .error_message
@@ -1155,7 +1517,8 @@ mod tests {
             ErrorCode::NotLeader,
             -1,
             Acks::All,
-            Err(Error::from_code(
+            Err(Error::for_partition(
+                &tp,
                 ErrorCode::NotLeader,
                 "produce to t/1 failed",
             )),
@@ -1164,7 +1527,8 @@ mod tests {
             ErrorCode::OutOfOrderSequence,
             -1,
             Acks::All,
-            Err(Error::from_code(
+            Err(Error::for_partition(
+                &tp,
                 ErrorCode::OutOfOrderSequence,
                 "produce to t/1 failed",
             )),
@@ -1177,7 +1541,7 @@ mod tests {
             &TopicPartition::new("t", 2),
             Acks::All,
         );
-        assert!(matches!(missing, Err(Error::Transport(_))));
+        assert!(matches!(missing, Err(Error::Transport { .. })));
     }
 
     fn future(outcome: &Arc<BatchOutcome>, index: u32) -> DeliveryFuture {

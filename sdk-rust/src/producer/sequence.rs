@@ -2,9 +2,10 @@
 //! number of each partition.
 //!
 //! A batch's base sequence is fixed when it is first sent and stamped into its bytes; retries
-//! resend the same bytes, so the broker can recognise a duplicate. Because each partition has
-//! at most one batch in flight, a batch the broker definitely rejected can give its sequence
-//! numbers back ([`Sequences::rewind`]) and the next batch reuses them.
+//! resend the same bytes, so the broker can recognise a duplicate. A batch the broker
+//! definitely refused gives its sequence numbers back ([`Sequences::rewind`]): the
+//! partition's later batches (which the broker cannot have appended past the gap) move down
+//! into them, renumbered by the producer's sender.
 
 use std::collections::HashMap;
 
@@ -27,6 +28,17 @@ pub(crate) fn increment_sequence(sequence: i32, increment: i32) -> i32 {
         increment - (i32::MAX - sequence) - 1
     } else {
         sequence + increment
+    }
+}
+
+/// The sequence `decrement` numbers before `sequence` (the inverse of
+/// [`increment_sequence`], wrapping the same way).
+pub(crate) fn decrement_sequence(sequence: i32, decrement: i32) -> i32 {
+    debug_assert!(sequence >= 0 && decrement >= 0);
+    if sequence >= decrement {
+        sequence - decrement
+    } else {
+        i32::MAX - (decrement - sequence) + 1
     }
 }
 
@@ -55,8 +67,9 @@ impl Sequences {
         }
     }
 
-    /// Gives back the sequence numbers of a batch the broker did not append, if it was the
-    /// last stamped for its partition under the current identity. Returns whether it did.
+    /// Gives back the sequence numbers of a batch the broker did not append, stamped under
+    /// the current identity: the partition's next number moves down by its record count (the
+    /// caller moves the batches stamped after it down as much). Returns whether it did.
     pub(crate) fn rewind(
         &mut self,
         partition: &TopicPartition,
@@ -67,15 +80,14 @@ impl Sequences {
             return false;
         }
         match self.next.get_mut(partition) {
-            Some(next) if *next == increment_sequence(stamp.base_sequence, records) => {
-                *next = stamp.base_sequence;
+            Some(next) => {
+                *next = decrement_sequence(*next, records);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
-    /// A new producer identity: every partition starts again at sequence 0.
     pub(crate) fn reset(&mut self, producer_id: i64, producer_epoch: i16) {
         self.producer_id = producer_id;
         self.producer_epoch = producer_epoch;
@@ -110,21 +122,23 @@ mod tests {
     }
 
     #[test]
-    fn rewind_only_the_latest_batch_of_the_same_identity() {
+    fn rewinding_a_refused_batch_frees_its_numbers_for_the_later_ones() {
         let mut sequences = Sequences::new(7, 1);
         let first = sequences.stamp(&tp(0), 3);
-        let second = sequences.stamp(&tp(0), 2);
-        // Not the latest: refused.
-        assert!(!sequences.rewind(&tp(0), first, 3));
-        assert!(sequences.rewind(&tp(0), second, 2));
-        assert_eq!(sequences.stamp(&tp(0), 4).base_sequence, 3);
-        // After a new identity, a batch of the old one gives nothing back.
+        let _second = sequences.stamp(&tp(0), 2);
+        // The first batch (0..3) was refused: the second (3..5) moves down to 0..2 and the
+        // next batch starts at 2.
+        assert!(sequences.rewind(&tp(0), first, 3));
+        assert_eq!(sequences.stamp(&tp(0), 4).base_sequence, 2);
+        // Another identity's batch frees nothing.
         let old = sequences.stamp(&tp(0), 1);
         sequences.reset(8, 0);
         assert!(!sequences.rewind(&tp(0), old, 1));
         let fresh = sequences.stamp(&tp(0), 1);
         assert_eq!((fresh.producer_id, fresh.base_sequence), (8, 0));
         assert_eq!(sequences.producer_id(), 8);
+        // A partition never stamped has nothing to rewind.
+        assert!(!sequences.rewind(&tp(5), fresh, 1));
     }
 
     #[test]
@@ -133,11 +147,19 @@ mod tests {
         assert_eq!(increment_sequence(i32::MAX - 1, 1), i32::MAX);
         assert_eq!(increment_sequence(i32::MAX, 1), 0);
         assert_eq!(increment_sequence(i32::MAX - 2, 5), 2);
+        for (sequence, step) in [(5, 5), (0, 1), (2, 5), (i32::MAX, 3), (100, 7)] {
+            assert_eq!(
+                decrement_sequence(increment_sequence(sequence, step), step),
+                sequence,
+                "{sequence} + {step} - {step}"
+            );
+        }
         let mut sequences = Sequences::new(1, 0);
         sequences.next.insert(tp(0), i32::MAX - 1);
         let stamp = sequences.stamp(&tp(0), 4);
         assert_eq!(stamp.base_sequence, i32::MAX - 1);
         assert_eq!(sequences.stamp(&tp(0), 1).base_sequence, 2);
-        assert!(!sequences.rewind(&tp(0), stamp, 4));
+        assert!(sequences.rewind(&tp(0), stamp, 4));
+        assert_eq!(sequences.stamp(&tp(0), 1).base_sequence, i32::MAX);
     }
 }
