@@ -12,6 +12,15 @@ cargo --version
 
 step "format"
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path wasm-filters/Cargo.toml -- --check
+
+step "Wasm filters: guest SDK and examples for wasm32-unknown-unknown (the tests load them)"
+# A workspace of its own (excluded from the host one), built into the one target dir.
+rustup target add wasm32-unknown-unknown
+cargo build --locked --release --target wasm32-unknown-unknown \
+    --manifest-path wasm-filters/Cargo.toml --target-dir target/wasm
+# The AssemblyScript library and example (from npm), into target/wasm/as.
+(cd wasm-filters/assemblyscript && npm install --no-audit --no-fund && npm run build)
 
 step "build (debug; binaries first: the system tests start real brokers)"
 cargo build --locked --workspace --bins

@@ -60,7 +60,7 @@ impl Connection {
         })
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let config = self.client_config()?;
         Client::connect(config)
             .await
@@ -144,9 +144,16 @@ pub struct ConsumeArgs {
     /// %% a percent sign, \n and \t.
     #[arg(long, default_value = "%v")]
     format: String,
+    /// Read through this Wasm filter (deployed with `ketch filter deploy`): the broker runs
+    /// it and sends only what it keeps, at the source offsets.
+    #[arg(long)]
+    filter: Option<String>,
+    /// JSON params handed to the filter's init.
+    #[arg(long, requires = "filter")]
+    filter_params: Option<String>,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -387,6 +394,9 @@ fn format_record(format: &str, record: &ConsumerRecord, out: &mut Vec<u8>) {
 
 pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
+    let filter = args.filter.as_ref().map(|name| {
+        ketch_client::FilterSpec::new(name).with_params(args.filter_params.clone().unwrap_or_default())
+    });
     block_on(async {
         let client = connection.connect().await?;
         let consumer = match &args.group {
@@ -406,6 +416,7 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                 let config = ConsumerConfig {
                     group: Some(group.clone()),
                     auto_offset_reset,
+                    filter: filter.clone(),
                     ..ConsumerConfig::default()
                 };
                 client.subscribe(config, &[args.topic.as_str()])?
@@ -427,6 +438,7 @@ pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()>
                 };
                 let config = ConsumerConfig {
                     auto_offset_reset,
+                    filter: filter.clone(),
                     ..ConsumerConfig::default()
                 };
                 let consumer = client.assign(config, &partitions)?;

@@ -1,6 +1,7 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
 //! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
-//! ([`server`]) and configuration ([`config`]). The `ketch` binary wraps it.
+//! ([`server`]), Wasm transforms ([`transform`], the only module that knows wasmtime) and
+//! configuration ([`config`]). The `ketch` binary wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
 
@@ -9,3 +10,4 @@ pub mod config;
 pub mod group;
 pub mod server;
 pub mod storage;
+pub mod transform;

@@ -1,6 +1,7 @@
 //! `ketch`: the broker (`ketch serve`) and the command-line client.
 
 mod cli;
+mod filter_cli;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Command {
     /// List and describe consumer groups.
     #[command(subcommand)]
     Group(cli::GroupCommand),
+    /// Deploy, list, describe and delete Wasm filters.
+    #[command(subcommand)]
+    Filter(filter_cli::FilterCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Produce(args) => cli::produce(&cli.connection, args),
         Command::Consume(args) => cli::consume(&cli.connection, args),
         Command::Group(command) => cli::group(&cli.connection, command),
+        Command::Filter(command) => filter_cli::filter(&cli.connection, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

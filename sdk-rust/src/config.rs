@@ -325,6 +325,10 @@ pub struct ConsumerConfig {
     /// `prefetch_chunks_max * partition_fetch_bytes_max`, plus a push and a stream window per
     /// partition.
     pub prefetch_chunks_max: usize,
+    /// Read through a Wasm filter: the broker runs it on every batch and pushes only what it
+    /// keeps, at the source offsets. A filter failure is a non-retriable error from `recv`
+    /// naming the module, its version and the reason.
+    pub filter: Option<crate::filters::FilterSpec>,
 }
 
 impl Default for ConsumerConfig {
@@ -337,6 +341,7 @@ impl Default for ConsumerConfig {
             session_timeout: Duration::from_secs(30),
             partition_fetch_bytes_max: 1024 * 1024,
             prefetch_chunks_max: 64,
+            filter: None,
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::TopicPartition;
 use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
+use crate::filters::PartitionPushStream;
 use crate::error::{Error, Result};
 
 /// A record read from a partition.
@@ -851,7 +852,8 @@ async fn read_pushes(
         };
         let timeout = shared.client.config().request_timeout;
         let transport = &shared.client.inner.transport;
-        let mut stream = transport.open_stream(leader, &request, timeout).await?;
+        let filter = shared.config.filter.as_ref();
+        let mut stream = PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
         loop {
             let next = tokio::select! {
                 next = stream.next() => next?,
@@ -860,7 +862,7 @@ async fn read_pushes(
                     continue;
                 }
             };
-            let Some(answer) = next else {
+            let Some((answer, next_offset)) = next else {
                 return Err(Error::Transport(format!(
                     "{leader} ended the push stream of {partition}"
                 )));
@@ -869,6 +871,10 @@ async fn read_pushes(
                 handle_fetched(shared, sender, partition, offset, epoch, answer).await?
             {
                 return Err(error);
+            }
+            if let Some(next_offset) = next_offset {
+                // A filtered push: records the filter dropped move the position too.
+                skip_to(shared, partition, epoch, next_offset);
             }
             *attempt = 0;
             match stream_position(shared, partition, epoch) {
@@ -992,6 +998,18 @@ async fn handle_fetched(
         send(sender, Err(error)).await?;
     }
     Ok(None)
+}
+
+/// Moves the fetch position forward to `next` (never back) while it is `epoch`'s.
+fn skip_to(shared: &Shared, partition: &TopicPartition, epoch: u64, next: i64) {
+    let mut state = shared.state.lock().expect("consumer state lock");
+    if let Some(s) = state.partitions.get_mut(partition)
+        && s.epoch == epoch
+        && let FetchPosition::At(at) = s.fetch
+        && at < next
+    {
+        s.fetch = FetchPosition::At(next);
+    }
 }
 
 fn pause(shared: &Shared, partition: &TopicPartition, epoch: u64) {

@@ -58,7 +58,8 @@
 //! - [`Consumer`] reads a group's assignment (or explicit partitions) from push streams (one
 //!   Subscribe stream per partition, on which the broker sends batches as they commit),
 //!   checks every batch's CRC, and commits automatically or on demand.
-//! - [`Admin`] creates, deletes and describes topics and groups.
+//! - [`Admin`] creates, deletes and describes topics and groups, and uploads, lists,
+//!   describes and deletes Wasm filters ([`ConsumerConfig::filter`] reads through one).
 //! - [`blocking`] wraps all of it for synchronous callers.
 //!
 //! Handles are `Clone` (an `Arc` inside), own their data, and have `close` methods, so
@@ -71,10 +72,12 @@ mod client;
 mod config;
 mod consumer;
 mod error;
+mod filters;
 mod partitioner;
 mod producer;
 mod transport;
 
+pub use filters::{FilterDescription, FilterSpec, FilterVersion};
 pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupSummary, NewTopic,
     PartitionDescription, TopicDescription, TopicSummary,

@@ -39,7 +39,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::Produce(r) => respond(Ok(produce(state, r).await)),
         Request::Fetch(r) => respond(Ok(fetch(state, r).await)),
         Request::ListOffsets(r) => respond(Ok(list_offsets(state, r))),
-        Request::Subscribe(_) => unreachable!("subscribe streams are served by `subscribe`"),
+        Request::Subscribe(_) | Request::SubscribeFiltered(_) => {
+            unreachable!("push streams are served by `subscribe` and `subscribe_filtered`")
+        }
         Request::GroupHeartbeat(r) => respond(group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(group_leave(state, r)),
         Request::OffsetCommit(r) => respond(offset_commit(state, r).await),
@@ -60,21 +62,13 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                 }
             }))
         }
-        Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => {
-            vec![frame::encode_error_response(
-                ErrorCode::UnsupportedApi,
-                "Wasm filters are not available on this broker yet",
-            )]
-        }
+        Request::FilterUpload(r) => respond(super::filters::upload(state, r).await),
+        Request::FilterList(_) => respond(Ok(super::filters::list(state))),
+        Request::FilterDescribe(r) => respond(super::filters::describe(state, &r)),
+        Request::FilterDelete(r) => respond(super::filters::delete(state, &r)),
         Request::ApiVersions(_) => respond(Ok(ApiVersionsResponse {
             apis: ApiKey::ALL
                 .iter()
-                .filter(|k| {
-                    !matches!(
-                        k,
-                        ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete
-                    )
-                })
                 .map(|k| ApiVersionRange {
                     api_key: *k as u16,
                     min_version: 0,
@@ -269,7 +263,11 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
     ProduceResponse { topics }
 }
 
-fn fetch_partition(state: &State, p: &FetchPartition, max_bytes: u32) -> FetchPartitionResponse {
+pub(super) fn fetch_partition(
+    state: &State,
+    p: &FetchPartition,
+    max_bytes: u32,
+) -> FetchPartitionResponse {
     let mut response = FetchPartitionResponse {
         topic: p.topic.clone(),
         partition: p.partition,

@@ -1,6 +1,7 @@
 //! The QUIC endpoint: TLS, connections, one request per bidirectional stream, bounded
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
+mod filters;
 mod handlers;
 pub mod tls;
 
@@ -17,6 +18,7 @@ use tokio::sync::Semaphore;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
 use crate::group::GroupCoordinator;
+use crate::transform::Transforms;
 
 /// How long a client may take to send a request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +44,8 @@ pub enum StartError {
     },
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    #[error("Wasm filters: {0}")]
+    Transforms(#[from] crate::transform::TransformError),
 }
 
 /// Shared state of a running broker.
@@ -51,6 +55,8 @@ pub(crate) struct State {
     pub groups: std::sync::Mutex<GroupCoordinator>,
     /// Serialises offset commits: validate, append to the offsets partition, apply.
     pub commits: tokio::sync::Mutex<()>,
+    /// Wasm filters: registry, engine and the threads modules run on.
+    pub transforms: Arc<Transforms>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -146,6 +152,13 @@ impl Broker {
         let cluster = tokio::task::spawn_blocking(move || Cluster::open(cluster_config))
             .await
             .map_err(|e| StartError::Quic(format!("opening the cluster panicked: {e}")))??;
+        let transforms_dir = config.data_dir.clone();
+        let transform_config = config.transform_config();
+        let transforms = tokio::task::spawn_blocking(move || {
+            Transforms::open(&transforms_dir, transform_config)
+        })
+        .await
+        .map_err(|e| StartError::Quic(format!("opening the filter registry panicked: {e}")))??;
         let group_config = crate::group::GroupConfig {
             session_timeout_ms_min: config.group_session_timeout_ms_min,
             session_timeout_ms_max: config.group_session_timeout_ms_max,
@@ -180,6 +193,7 @@ impl Broker {
             cluster: Arc::new(cluster),
             groups: std::sync::Mutex::new(groups),
             commits: tokio::sync::Mutex::new(()),
+            transforms: Arc::new(transforms),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             shutdown: tokio_util_shutdown::Token::new(),
@@ -323,19 +337,49 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         // Reset by the client, connection gone, or silent: nobody to answer.
         _ => return,
     }
-    let length = match frame::frame_length(prefix, state.config.frame_bytes_max as usize) {
-        Ok(length) => length,
-        Err(e) => {
+    let length = u32::from_be_bytes(prefix) as usize;
+    // Only a filter upload may exceed `frame_bytes_max` (up to the module limit): a longer
+    // frame's API key is read next, and anything else is refused before its body is read.
+    let frame_bytes_max = state.config.frame_bytes_max as usize;
+    let mut key_read = None;
+    if length > frame_bytes_max {
+        let mut key = [0u8; 2];
+        if length < key.len()
+            || !matches!(
+                tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut key)).await,
+                Ok(Ok(()))
+            )
+        {
+            return;
+        }
+        let upload = u16::from_be_bytes(key) == ketch_protocol::messages::ApiKey::FilterUpload as u16;
+        let upload_frame_bytes_max = state.config.filter_upload_frame_bytes_max();
+        let refusal = match upload {
+            true if length <= upload_frame_bytes_max => None,
+            true => Some(format!(
+                "filter upload frame of {length} bytes exceeds the limit of {upload_frame_bytes_max} bytes (filter_module_bytes_max {} + 64 KiB)",
+                state.config.filter_module_bytes_max
+            )),
+            false => Some(
+                ketch_protocol::DecodeError::FrameTooLarge {
+                    length,
+                    limit: frame_bytes_max,
+                }
+                .to_string(),
+            ),
+        };
+        if let Some(message) = refusal {
             // Refused from the prefix: nothing of the body is read into memory.
             let _ = recv.stop(STREAM_REFUSED.into());
             let _ = write_frame(
                 &mut send,
-                frame::encode_error_response(e.code(), &e.to_string()),
+                frame::encode_error_response(ErrorCode::FrameTooLarge, &message),
             )
             .await;
             return;
         }
-    };
+        key_read = Some(key);
+    }
     let permits = (length.div_ceil(MEMORY_PERMIT_BYTES) as u32).max(1);
     let Ok(_memory_permit) = state
         .request_memory
@@ -345,9 +389,22 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     else {
         return;
     };
-    let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, length)).await
+    let already = key_read.map_or(0, |k| k.len());
+    let body = match tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        read_body(&mut recv, length - already),
+    )
+    .await
     {
-        Ok(Ok(body)) => body,
+        Ok(Ok(body)) => match key_read {
+            None => body,
+            Some(key) => {
+                let mut whole = bytes::BytesMut::with_capacity(length);
+                whole.extend_from_slice(&key);
+                whole.extend_from_slice(&body);
+                whole.freeze()
+            }
+        },
         Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
             let message = format!(
                 "request ended after {read} of the {length} bytes its length prefix announced"
@@ -382,6 +439,11 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     };
     if let Request::Subscribe(subscribe) = request {
         handlers::subscribe(&state, subscribe, &mut send).await;
+        let _ = send.finish();
+        return;
+    }
+    if let Request::SubscribeFiltered(subscribe) = request {
+        filters::subscribe_filtered(&state, subscribe, &mut send).await;
         let _ = send.finish();
         return;
     }

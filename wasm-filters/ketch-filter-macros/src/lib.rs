@@ -22,9 +22,11 @@ fn function_name(item: &TokenStream) -> Result<String, TokenStream> {
             break;
         }
     }
-    Err("compile_error!(\"a ketch_filter attribute goes on a function\");"
-        .parse()
-        .expect("valid tokens"))
+    Err(
+        "compile_error!(\"a ketch_filter attribute goes on a function\");"
+            .parse()
+            .expect("valid tokens"),
+    )
 }
 
 fn with_exports(item: TokenStream, runner: &str) -> TokenStream {

@@ -126,7 +126,11 @@ pub fn init(_ptr: i32, len: i32, user: fn(&str) -> Result<(), String>) -> i64 {
 
 fn records(len: i32) -> (&'static [u8], u32) {
     let input = input(len);
-    let count = if input.len() >= HEADER_BYTES { rd_u32(input, 4) } else { 0 };
+    let count = if input.len() >= HEADER_BYTES {
+        rd_u32(input, 4)
+    } else {
+        0
+    };
     (input, count)
 }
 

@@ -37,7 +37,13 @@ fn init(params: &str) -> Result<(), String> {
         .get("field")
         .and_then(|f| f.as_str())
         .ok_or("params need \"field\": a string")?;
-    let ops = [("gt", Op::Gt), ("gte", Op::Gte), ("lt", Op::Lt), ("lte", Op::Lte), ("eq", Op::Eq)];
+    let ops = [
+        ("gt", Op::Gt),
+        ("gte", Op::Gte),
+        ("lt", Op::Lt),
+        ("lte", Op::Lte),
+        ("eq", Op::Eq),
+    ];
     let mut rule = None;
     for (name, op) in ops {
         if let Some(bound) = params.get(name) {
@@ -47,7 +53,11 @@ fn init(params: &str) -> Result<(), String> {
             if rule.is_some() {
                 return Err("give exactly one of gt, gte, lt, lte, eq".into());
             }
-            rule = Some(Rule { field: field.as_bytes().to_vec(), op, bound });
+            rule = Some(Rule {
+                field: field.as_bytes().to_vec(),
+                op,
+                bound,
+            });
         }
     }
     let rule = rule.ok_or("params need one of gt, gte, lt, lte, eq")?;
@@ -59,7 +69,9 @@ fn init(params: &str) -> Result<(), String> {
 fn keep(record: &Record) -> bool {
     RULE.with(|rule| {
         let rule = rule.borrow();
-        let Some(rule) = rule.as_ref() else { return false };
+        let Some(rule) = rule.as_ref() else {
+            return false;
+        };
         match top_level_number(record.value(), &rule.field) {
             Some(v) => match rule.op {
                 Op::Gt => v > rule.bound,
@@ -121,7 +133,8 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
         }
         _ => {
             let mut j = i;
-            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
                 j += 1;
             }
             Some(j)

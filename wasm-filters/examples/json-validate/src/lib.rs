@@ -17,15 +17,18 @@ fn init(params: &str) -> Result<(), String> {
     }
     let params: serde_json::Value =
         serde_json::from_str(params).map_err(|e| format!("params are not JSON: {e}"))?;
-    let require = params.get("require_object").and_then(|v| v.as_bool()).unwrap_or(false);
+    let require = params
+        .get("require_object")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     REQUIRE_OBJECT.with(|r| r.set(require));
     Ok(())
 }
 
 #[ketch_filter::filter]
 fn valid(record: &Record) -> Result<bool, String> {
-    let value: serde_json::Value = serde_json::from_slice(record.value())
-        .map_err(|e| format!("malformed JSON: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(record.value()).map_err(|e| format!("malformed JSON: {e}"))?;
     if REQUIRE_OBJECT.with(Cell::get) && !value.is_object() {
         return Err("expected a JSON object".into());
     }

@@ -31,9 +31,14 @@ fn init(params: &str) -> Result<(), String> {
         let topic = topic
             .as_str()
             .ok_or_else(|| format!("route {prefix:?} must name a topic (a string)"))?;
-        routes.by_prefix.insert(prefix.as_bytes().to_vec(), topic.to_owned());
+        routes
+            .by_prefix
+            .insert(prefix.as_bytes().to_vec(), topic.to_owned());
     }
-    routes.default = params.get("default").and_then(|d| d.as_str()).map(str::to_owned);
+    routes.default = params
+        .get("default")
+        .and_then(|d| d.as_str())
+        .map(str::to_owned);
     ROUTES.with(|r| *r.borrow_mut() = routes);
     Ok(())
 }

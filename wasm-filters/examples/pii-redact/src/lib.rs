@@ -75,7 +75,11 @@ fn luhn(digits: &[u8]) -> bool {
         .enumerate()
         .map(|(i, &d)| {
             let d = u32::from(d);
-            if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d }
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
         })
         .sum();
     sum % 10 == 0
