@@ -10,6 +10,17 @@ step "toolchain"
 rustc --version
 cargo --version
 
+step "system tools the tests use"
+# strace: the topic durability test checks the broker's directory fsyncs from its syscalls.
+if ! command -v strace >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq strace >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq strace >/dev/null
+    fi
+fi
+strace -V | head -n 1
+
 step "format"
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path wasm-filters/Cargo.toml -- --check

@@ -67,6 +67,9 @@ pub struct BrokerConfig {
     pub frame_bytes_max: u32,
     pub streams_per_connection_max: u32,
     pub requests_in_flight_max: u32,
+    /// Push subscriptions (Subscribe streams) open at once, across connections: their own
+    /// limit, apart from `requests_in_flight_max`; one beyond it is refused with `overloaded`.
+    pub subscriptions_max: u32,
     /// Request bytes held in memory across all connections.
     pub request_bytes_in_flight_max: u64,
     pub partitions_per_topic_max: u32,
@@ -102,15 +105,17 @@ impl Default for BrokerConfig {
             tls_cert: None,
             tls_key: None,
             fsync: Fsync::Always,
-            segment_bytes_max: 256 * 1024 * 1024,
-            segment_age_ms_max: 7 * 24 * 3600 * 1000,
+            // One source for each default: the storage's and the protocol's own.
+            segment_bytes_max: crate::storage::SEGMENT_BYTES_MAX_DEFAULT,
+            segment_age_ms_max: crate::storage::SEGMENT_AGE_MS_MAX_DEFAULT,
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: -1,
             retention_check_interval_ms: 30_000,
             batch_bytes_max: 1024 * 1024,
-            frame_bytes_max: 8 * 1024 * 1024,
+            frame_bytes_max: ketch_protocol::frame::REQUEST_FRAME_BYTES_MAX_DEFAULT as u32,
             streams_per_connection_max: 256,
             requests_in_flight_max: 4096,
+            subscriptions_max: 16_384,
             request_bytes_in_flight_max: 512 * 1024 * 1024,
             partitions_per_topic_max: 4096,
             fetch_wait_ms_max: 30_000,
@@ -228,6 +233,11 @@ impl BrokerConfig {
             return invalid(
                 "request_bytes_in_flight_max must hold one frame_bytes_max frame".into(),
             );
+        }
+        if self.subscriptions_max == 0 {
+            return Err(ConfigError::Invalid(
+                "subscriptions_max must be at least 1".into(),
+            ));
         }
         if self.streams_per_connection_max == 0 || self.requests_in_flight_max == 0 {
             return invalid("stream and request limits must be positive".into());

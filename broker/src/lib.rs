@@ -1,13 +1,14 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
-//! node ([`cluster`]), the consumer-group coordinator ([`group`]), the QUIC server
-//! ([`server`]), Wasm transforms ([`transform`], the only module that knows wasmtime) and
-//! configuration ([`config`]). The `ketch` binary wraps it.
+//! node ([`cluster`]), the consumer-group coordinator ([`group`]) and its durable store
+//! ([`groups`]), the QUIC server ([`server`]), Wasm transforms ([`transform`], the only
+//! module that knows wasmtime) and configuration ([`config`]). The `ketch` binary wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
 
 pub mod cluster;
 pub mod config;
 pub mod group;
+pub mod groups;
 pub mod server;
 pub mod storage;
 pub mod transform;

@@ -38,6 +38,7 @@ fn record(
             offset,
             metadata: metadata.to_owned(),
             commit_timestamp_ms,
+            topic_id: 0x0102_0304_0506_0708,
         }),
     }
 }
@@ -79,12 +80,23 @@ fn the_byte_format_is_pinned() {
     assert_eq!(
         &record.encode_value().expect("a value")[..],
         &[
-            0, 0, // version
+            0, 1, // version
             0, 0, 0, 0, 0, 0, 0, 5, // offset
             0, 1, b'm', // metadata
             0, 0, 0, 0, 0, 0, 0, 9, // commit timestamp
+            1, 2, 3, 4, 5, 6, 7, 8, // topic id
         ][..]
     );
+    // Version 0, written before topics had ids, still reads: topic id 0 (unknown).
+    let version_0 = [
+        0, 0, // version
+        0, 0, 0, 0, 0, 0, 0, 5, // offset
+        0, 1, b'm', // metadata
+        0, 0, 0, 0, 0, 0, 0, 9, // commit timestamp
+    ];
+    let decoded = OffsetRecord::decode(&record.encode_key(), Some(&version_0)).unwrap();
+    let value = decoded.value.expect("a value");
+    assert_eq!((value.offset, value.topic_id), (5, 0));
 }
 
 type Case = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);

@@ -237,6 +237,17 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
     batch[OFFSET_BASE_OFFSET..OFFSET_BASE_OFFSET + 8].copy_from_slice(&base_offset.to_be_bytes());
 }
 
+/// Re-stamps a finished batch with another producer identity and base sequence (a producer
+/// that re-initialises resends its unacknowledged batches under its new identity). The CRC
+/// covers these fields, so it is recomputed: a batch that was valid stays valid.
+pub fn set_producer_stamp(batch: &mut [u8], stamp: ProducerStamp) {
+    batch[OFFSET_PRODUCER_ID..][..8].copy_from_slice(&stamp.producer_id.to_be_bytes());
+    batch[OFFSET_PRODUCER_EPOCH..][..2].copy_from_slice(&stamp.producer_epoch.to_be_bytes());
+    batch[OFFSET_BASE_SEQUENCE..][..4].copy_from_slice(&stamp.base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Rewrites the partition leader epoch; the CRC does not cover it.
 pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
     batch[OFFSET_LEADER_EPOCH..OFFSET_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_be_bytes());

@@ -21,10 +21,15 @@ pub const FRAME_LENGTH_BYTES: usize = 4;
 pub const REQUEST_HEADER_BYTES: usize = 4;
 /// Bytes of a response header after the length: the error code.
 pub const RESPONSE_HEADER_BYTES: usize = 2;
-/// Default largest frame (after the length prefix) a peer accepts.
+/// Default largest frame (after the length prefix) a peer accepts: what a client accepts as
+/// a response (a fetch may carry many partitions' batches).
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
+/// Default largest request frame a broker accepts (its `frame_bytes_max`): a produce request
+/// carries a few batches, so it is smaller, and a broker reserves memory for it.
+pub const REQUEST_FRAME_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
 
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT > crate::batch::BATCH_BYTES_MAX + 64 * 1024);
+const _: () = assert!(REQUEST_FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_DEFAULT);
 
 /// Reads a frame's length prefix and checks it against `frame_bytes_max` before anything
 /// of the frame is read into memory.

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use ketch_protocol::batch::{
     BATCH_HEADER_BYTES, BatchBuilder, BatchError, BatchHeader, Header, ProducerStamp, RecordBatch,
-    set_base_offset, split_batches, verify_crc,
+    set_base_offset, set_producer_stamp, split_batches, verify_crc,
 };
 use proptest::prelude::*;
 
@@ -92,6 +92,16 @@ proptest! {
             prop_assert_eq!(got.value.as_deref(), want.value.as_deref());
             prop_assert_eq!(&got.headers, &headers_of(want));
         }
+        // Re-stamped under another identity: still valid, same records, the new stamp.
+        let mut restamped = bytes.to_vec();
+        let new_stamp = ProducerStamp { producer_id: producer_id ^ 1, producer_epoch: 4, base_sequence: 0 };
+        set_producer_stamp(&mut restamped, new_stamp);
+        let header = verify_crc(&restamped).unwrap();
+        prop_assert_eq!(
+            (header.producer_id, header.producer_epoch, header.base_sequence),
+            (producer_id ^ 1, 4, 0)
+        );
+        prop_assert_eq!(&restamped[BATCH_HEADER_BYTES..], &bytes[BATCH_HEADER_BYTES..]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! End-to-end tests of the client against a real `ketch` broker process.
 //!
 //! The broker binary is `$KETCH_BIN`, or `ketch` in the target directory of this test
-//! executable (`cargo build -p ketch-broker --bin ketch` builds it; the workspace test script
+//! executable (`cargo build -p ketch-cli --bin ketch` builds it; the workspace test script
 //! builds every binary before the tests). Each test starts its own broker on an ephemeral
 //! loopback port with a fresh data directory and kills exactly that process when done.
 
@@ -106,7 +106,7 @@ fn spawn(data_dir: &Path, listen: &str, log: &Path) -> anyhow::Result<(Child, St
     let bin = ketch_bin();
     if !bin.exists() {
         bail!(
-            "{} does not exist: build it with `cargo build -p ketch-broker --bin ketch` or set KETCH_BIN",
+            "{} does not exist: build it with `cargo build -p ketch-cli --bin ketch` or set KETCH_BIN",
             bin.display()
         );
     }

@@ -2,7 +2,7 @@
 //! stops exactly the processes it started (by PID), on drop too.
 //!
 //! The binary is `$KETCH_BIN`, or `ketch` next to the test executable's `deps/` directory
-//! (`target/debug/ketch`, built by `cargo build --bins` or by cargo before integration tests).
+//! (`target/debug/ketch`, built by `cargo build -p ketch-cli` or `cargo build --workspace --bins`).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -234,7 +234,7 @@ async fn hostile_modules_are_refused_or_stopped_while_others_work() -> anyhow::R
     let error = admin.upload_filter("huge", "", huge).await.unwrap_err();
     println!("100 MiB upload: refused in {:?}: {error}", started.elapsed());
     assert_eq!(error.code(), Some(ErrorCode::FrameTooLarge), "{error}");
-    assert!(error.to_string().contains("exceeds the limit of 16842752 bytes (filter_module_bytes_max 16777216"), "{error}");
+    assert!(error.to_string().contains("exceeds the limit of 16842752 bytes (filter_module_bytes_max 16777216 + 64 KiB for filter uploads"), "{error}");
 
     let stopped_at_run_time = [
         ("infinite-loop.wat", "timed out: ran longer than 100 ms on one batch"),

@@ -126,3 +126,65 @@ async fn stopped_push_streams_give_their_request_slots_back() -> anyhow::Result<
         .context("no request slot came back")??;
     Ok(())
 }
+
+/// Subscriptions have their own limit, apart from request permits: with `subscriptions_max`
+/// = 2 and `requests_in_flight_max` = 2, two open subscriptions leave every request slot
+/// free (a produce and a metadata call are served), a third subscription is refused with
+/// `overloaded` saying which limit (never a silent stall), and one ending frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_have_their_own_limit_and_hitting_it_is_said() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ketch.toml");
+    std::fs::write(
+        &config,
+        "subscriptions_max = 2\nrequests_in_flight_max = 2\n",
+    )?;
+    let broker = TestBroker::start(&["--config", config.to_str().context("utf-8 path")?])?;
+    let raw = broker.raw().await?;
+    raw.create_topic("limited", 1).await?;
+    raw.produce("limited", 0, batch(1, 10)).await?;
+    let mut first = raw.subscribe(&subscribe_at("limited", 0)).await?;
+    first_push(&mut first).await?;
+    let mut second = raw.subscribe(&subscribe_at("limited", 0)).await?;
+    first_push(&mut second).await?;
+
+    // Both request slots are free for ordinary requests.
+    tokio::time::timeout(WAIT_MAX, async {
+        raw.produce("limited", 0, batch(1, 10)).await?;
+        raw.call_ok(&ApiVersionsRequest {}).await
+    })
+    .await
+    .context("requests stalled behind subscriptions")??;
+
+    let mut third = raw.subscribe(&subscribe_at("limited", 0)).await?;
+    let refused = tokio::time::timeout(WAIT_MAX, third.next())
+        .await
+        .context("the third subscription got no answer")??;
+    let error = match refused {
+        Err(error) => error,
+        Ok(push) => anyhow::bail!("a third subscription was served: {:?}", push.error),
+    };
+    ensure!(
+        error.code == ErrorCode::Overloaded && error.message.contains("subscriptions_max = 2"),
+        "third subscription: {error}"
+    );
+
+    // One ends: its place is free again (bounded wait for the broker to notice).
+    drop(first);
+    drop(second);
+    let other = broker.raw().await?;
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    loop {
+        let mut again = other.subscribe(&subscribe_at("limited", 0)).await?;
+        match tokio::time::timeout(WAIT_MAX, again.next()).await?? {
+            Ok(push) if push.error == ErrorCode::None => break,
+            outcome => ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no subscription place came free: {:?}",
+                outcome.err()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

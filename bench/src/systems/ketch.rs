@@ -33,7 +33,7 @@ impl Ketch {
         let bin = locate_binary("KETCH_BIN", &[exe_dir().join("ketch")]).ok_or_else(|| {
             anyhow!(
                 "no ketch binary next to {} (build it with `cargo build --release -p \
-                 ketch-broker --bin ketch` or set KETCH_BIN)",
+                 ketch-cli --bin ketch` or set KETCH_BIN)",
                 exe_dir().display()
             )
         })?;

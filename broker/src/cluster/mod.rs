@@ -5,6 +5,7 @@
 //! Replication will put an openraft group under each [`Partition`]; the server talks to
 //! partitions only through the methods here.
 
+pub(crate) mod checkpoint;
 mod producers;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,11 @@ pub use crate::group::OFFSETS_TOPIC;
 /// Longest topic name (Kafka's limit).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 const TOPIC_METADATA_FILE: &str = "topic.json";
+/// Topic directories live here, one per topic, named by the topic.
+const TOPICS_DIR: &str = "topics";
+/// Deleted topics are moved here (named by their id) before their files are removed: outside
+/// `topics/`, where no topic name can reach, and with short names whatever the topic's.
+const DELETED_TOPICS_DIR: &str = "deleted-topics";
 const PRODUCER_ID_FILE: &str = "producer-id-block";
 /// Producer ids reserved on disk at a time, so allocating one rarely writes.
 const PRODUCER_ID_BLOCK: i64 = 1000;
@@ -111,12 +117,57 @@ impl TopicConfig {
     }
 }
 
+/// One incarnation of a topic: a name deleted and created again is a new topic with a new
+/// id, so nothing keyed by the old one (group offsets) applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TopicId(pub u64);
+
+impl TopicId {
+    /// A fresh id: 64 random bits (the standard library's per-process random hasher keys,
+    /// mixed with the clock and a counter), never 0.
+    pub fn generate() -> TopicId {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_i64(now_ms());
+        hasher.write_u32(std::process::id());
+        TopicId(hasher.finish().max(1))
+    }
+}
+
+impl std::fmt::Display for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The contents of `topic.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TopicFile {
+    /// Absent in files written before topics had ids; one is assigned at open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<TopicId>,
+    #[serde(flatten)]
+    config: TopicConfig,
+}
+
 #[derive(Debug)]
 pub struct Topic {
     pub name: String,
+    pub id: TopicId,
     pub config: TopicConfig,
     pub partitions: Vec<Arc<Partition>>,
     dir: PathBuf,
+}
+
+impl Topic {
+    /// The topic's directory (its partitions' logs, `topic.json`, checkpoints).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// One partition's log plus what the broker keeps beside it.
@@ -132,6 +183,13 @@ pub struct Partition {
     /// Publishes the high watermark; readers waiting for new records watch it.
     high_watermark: watch::Sender<i64>,
     batch_bytes_max: u32,
+    /// Where this partition's producer-state checkpoint lives (in the topic's directory, so
+    /// it goes with the topic).
+    producers_checkpoint: PathBuf,
+    /// The producer table version the checkpoint on disk holds.
+    producers_checkpointed: std::sync::atomic::AtomicU64,
+    /// Where startup's replay of the log began (after the checkpoint, when there was one).
+    replayed_from: std::sync::atomic::AtomicI64,
 }
 
 /// The offsets of a partition's log.
@@ -150,6 +208,44 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Batches of one produce request that hold their place in a partition's order (see
+/// [`Partition::submit`]); [`Submitted::wait`] resolves when the log has them.
+#[derive(Debug)]
+#[must_use = "the producer state settles only when `wait` is awaited"]
+pub struct Submitted {
+    partition: Arc<Partition>,
+    batches: Vec<SubmittedBatch>,
+}
+
+#[derive(Debug)]
+enum SubmittedBatch {
+    Pending {
+        header: BatchHeader,
+        pending: storage::AppendFuture,
+    },
+    Duplicate {
+        base_offset: i64,
+    },
+}
+
+impl Submitted {
+    /// Resolves when every batch satisfied the fsync policy (or one failed), with the first
+    /// base offset.
+    pub async fn wait(self) -> Result<Appended, ClusterError> {
+        let mut first: Option<Result<Appended, ClusterError>> = None;
+        // Every batch is settled, even after a failure: each one's producer state must be.
+        for batch in self.batches {
+            let result = self.partition.settle(batch).await;
+            match (&first, result) {
+                (None, result) => first = Some(result),
+                (Some(Ok(_)), Err(error)) => first = Some(Err(error)),
+                _ => {}
+            }
+        }
+        first.expect("a submitted request holds at least one batch")
+    }
+}
+
 impl Partition {
     pub fn offsets(&self) -> PartitionOffsets {
         PartitionOffsets {
@@ -162,7 +258,24 @@ impl Partition {
     /// Validates every batch in `records` (concatenated batches: header, size, CRC and the
     /// framing of each record), then appends them in order; if any is invalid, none is
     /// appended. Resolves when the fsync policy is satisfied, with the first base offset.
-    pub async fn append(&self, records: Bytes, now_ms: i64) -> Result<Appended, ClusterError> {
+    pub async fn append(
+        self: &Arc<Self>,
+        records: Bytes,
+        now_ms: i64,
+    ) -> Result<Appended, ClusterError> {
+        self.submit(records, now_ms).await?.wait().await
+    }
+
+    /// The first half of [`Self::append`]: validates every batch and hands each, in order, to
+    /// the log's writer (after its sequence check). When this resolves, the batches hold their
+    /// place in the partition's order: a later `submit` lands after them, whatever happens to
+    /// the tasks awaiting either. `acks=none` answers here; every other setting goes on to
+    /// [`Submitted::wait`], which must be awaited (it settles the producer state).
+    pub async fn submit(
+        self: &Arc<Self>,
+        records: Bytes,
+        now_ms: i64,
+    ) -> Result<Submitted, ClusterError> {
         let mut slices = batch::BatchSlices::new(records);
         let mut batches = Vec::new();
         for slice in slices.by_ref() {
@@ -186,32 +299,44 @@ impl Partition {
                 format!("{} bytes of a truncated batch", slices.remainder().len()),
             ));
         }
-        let mut first: Option<Appended> = None;
-        for (header, bytes) in batches {
-            let appended = self.append_validated(header, bytes, now_ms).await?;
-            first.get_or_insert(appended);
-        }
-        first.ok_or_else(|| {
-            ClusterError::new(
+        if batches.is_empty() {
+            return Err(ClusterError::new(
                 ErrorCode::CorruptBatch,
                 "produce request without a record batch",
-            )
-        })
+            ));
+        }
+        let mut submitted = Submitted {
+            partition: self.clone(),
+            batches: Vec::with_capacity(batches.len()),
+        };
+        for (header, bytes) in batches {
+            match self.submit_validated(header, bytes, now_ms).await {
+                Ok(batch) => submitted.batches.push(batch),
+                Err(error) => {
+                    // The batches before it are in the log's queue: settle them, then refuse.
+                    if !submitted.batches.is_empty() {
+                        let _ = submitted.wait().await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(submitted)
     }
 
-    /// Appends one batch that passed [`batch::validate`]. (The storage checks the CRC again
-    /// right before it writes: its own assertion, independent of this caller.)
-    async fn append_validated(
+    /// Hands one batch that passed [`batch::validate`] to the log. (The storage checks the CRC
+    /// again right before it writes: its own assertion, independent of this caller.)
+    async fn submit_validated(
         &self,
         header: BatchHeader,
         batch_bytes: Bytes,
         now_ms: i64,
-    ) -> Result<Appended, ClusterError> {
+    ) -> Result<SubmittedBatch, ClusterError> {
         let idempotent = header.is_idempotent();
         let gap_deadline = tokio::time::Instant::now() + SEQUENCE_GAP_WAIT_MAX;
         // The sequence check and the submission happen under one lock, so sequence order is
         // offset order. A batch ahead of its predecessors waits for them (bounded).
-        let pending = loop {
+        loop {
             let sequence_moved = self.sequence_moved.notified();
             let mut sequence_moved = std::pin::pin!(sequence_moved);
             let gap = {
@@ -228,13 +353,10 @@ impl Partition {
                             producers.begin(&header);
                             self.sequence_moved.notify_waiters();
                         }
-                        break pending;
+                        return Ok(SubmittedBatch::Pending { header, pending });
                     }
                     SequenceCheck::Duplicate { base_offset } => {
-                        return Ok(Appended {
-                            base_offset,
-                            duplicate: true,
-                        });
+                        return Ok(SubmittedBatch::Duplicate { base_offset });
                     }
                     SequenceCheck::Reject { code, message } => {
                         return Err(ClusterError::new(code, message));
@@ -258,7 +380,21 @@ impl Partition {
                     ),
                 ));
             }
+        }
+    }
+
+    /// Settles one submitted batch once the log has it (or failed it).
+    async fn settle(&self, batch: SubmittedBatch) -> Result<Appended, ClusterError> {
+        let (header, pending) = match batch {
+            SubmittedBatch::Duplicate { base_offset } => {
+                return Ok(Appended {
+                    base_offset,
+                    duplicate: true,
+                });
+            }
+            SubmittedBatch::Pending { header, pending } => (header, pending),
         };
+        let idempotent = header.is_idempotent();
         let outcome = pending.await;
         let mut producers = self.producers.lock().expect("producer table lock");
         match outcome {
@@ -332,25 +468,98 @@ impl Partition {
         Ok(())
     }
 
-    /// Replays idempotent producer state from the whole log (startup).
+    /// Rebuilds idempotent producer state at startup: from the checkpoint and the log that
+    /// follows it, or (no usable checkpoint) from the whole log.
     fn rebuild_producer_state(&self) -> Result<(), ClusterError> {
         let mut producers = self.producers.lock().expect("producer table lock");
-        let mut offset = self.log.log_start_offset();
+        let log_start = self.log.log_start_offset();
+        let high_watermark = self.log.high_watermark();
+        let mut from = log_start;
+        if let Some((offset, body)) =
+            checkpoint::read(&self.producers_checkpoint, checkpoint::Kind::Producers)
+        {
+            if offset > high_watermark {
+                tracing::warn!(topic = %self.topic, partition = self.index, offset, high_watermark, "the producer checkpoint is ahead of the log (records lost since); replaying the log");
+            } else if producers.restore_checkpoint(&body, log_start).is_some() {
+                from = offset.max(log_start);
+            } else {
+                tracing::warn!(topic = %self.topic, partition = self.index, "malformed producer checkpoint; replaying the log");
+            }
+        }
+        self.replayed_from
+            .store(from, std::sync::atomic::Ordering::Relaxed);
+        self.replay(from, 1024 * 1024, |batch| {
+            producers.replay(batch.header());
+            Ok(())
+        })?;
+        tracing::debug!(topic = %self.topic, partition = self.index, from, to = high_watermark, "rebuilt producer state");
+        Ok(())
+    }
+
+    /// The offset from which startup replayed this partition's log to rebuild producer state:
+    /// the checkpoint's, or the log start without one.
+    pub fn producer_state_replayed_from(&self) -> i64 {
+        self.replayed_from
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Saves the producer state with the offset it covers, if it changed and no batch is
+    /// being appended (then every idempotent batch below the high watermark is in it).
+    pub fn checkpoint_producers(&self) -> Result<(), ClusterError> {
+        use std::sync::atomic::Ordering;
+        let (version, offset, body) = {
+            let producers = self.producers.lock().expect("producer table lock");
+            let version = producers.version();
+            if version == self.producers_checkpointed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let Some(body) = producers.encode_checkpoint() else {
+                return Ok(());
+            };
+            (version, self.log.high_watermark(), body)
+        };
+        checkpoint::write(
+            &self.producers_checkpoint,
+            checkpoint::Kind::Producers,
+            offset,
+            &body,
+        )
+        .map_err(|e| io_error("writing", &self.producers_checkpoint, e))?;
+        self.producers_checkpointed
+            .store(version, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Calls `visit` with every batch from the one holding `from` up to the high watermark,
+    /// in offset order, reading at most `read_bytes_max` at a time (startup replays: producer
+    /// state, group offsets). Returns the offset after the last batch visited.
+    pub fn replay(
+        &self,
+        from: i64,
+        read_bytes_max: u32,
+        mut visit: impl FnMut(&batch::RecordBatch) -> Result<(), ClusterError>,
+    ) -> Result<i64, ClusterError> {
+        let mut offset = from;
         let end = self.log.high_watermark();
         while offset < end {
-            let bytes = self.log.read(offset, 1024 * 1024)?;
+            let bytes = self.read(offset, read_bytes_max)?;
             let before = offset;
-            for slice in batch::BatchSlices::new(bytes) {
-                let (header, _) = slice
-                    .map_err(|e| ClusterError::new(ErrorCode::StorageFailed, e.to_string()))?;
-                producers.replay(&header);
-                offset = header.next_offset();
+            let (batches, _) = batch::split_batches(bytes);
+            for batch in batches {
+                let batch = batch.map_err(|e| {
+                    ClusterError::new(
+                        ErrorCode::StorageFailed,
+                        format!("{}/{} at {offset}: {e}", self.topic, self.index),
+                    )
+                })?;
+                visit(&batch)?;
+                offset = batch.header().next_offset();
             }
             if offset == before {
                 break;
             }
         }
-        Ok(())
+        Ok(offset)
     }
 }
 
@@ -359,10 +568,14 @@ impl Partition {
 pub struct Cluster {
     config: BrokerConfig,
     topics_dir: PathBuf,
+    deleted_dir: PathBuf,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serialises topic creation and deletion (the directory work), not reads.
     admin: tokio::sync::Mutex<()>,
     producer_ids: Mutex<ProducerIds>,
+    /// The first producer id this run of the broker hands out: lower ids were allocated
+    /// before it started.
+    fresh_producer_id_min: i64,
 }
 
 #[derive(Debug)]
@@ -409,6 +622,13 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> ClusterError {
     )
 }
 
+/// Makes a directory's entries (creations, renames, removals in it) durable.
+fn sync_dir(dir: &Path) -> Result<(), ClusterError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("syncing directory", dir, e))
+}
+
 fn write_durably(path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -425,12 +645,36 @@ fn write_durably(path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
     write().map_err(|e| io_error("writing", path, e))
 }
 
+/// Writes `topic.json` durably (temp file, fsync, rename, fsync of the topic directory).
+fn write_topic_file(dir: &Path, id: TopicId, config: &TopicConfig) -> Result<(), ClusterError> {
+    let file = TopicFile {
+        id: Some(id),
+        config: config.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&file).expect("topic file serialises");
+    write_durably(&dir.join(TOPIC_METADATA_FILE), &json)
+}
+
 impl Cluster {
     /// Opens every topic under `<data_dir>/topics`, recovering each partition log, and makes
     /// sure the internal offsets topic exists.
     pub fn open(config: BrokerConfig) -> Result<Cluster, ClusterError> {
-        let topics_dir = config.data_dir.join("topics");
-        std::fs::create_dir_all(&topics_dir).map_err(|e| io_error("creating", &topics_dir, e))?;
+        let topics_dir = config.data_dir.join(TOPICS_DIR);
+        let deleted_dir = config.data_dir.join(DELETED_TOPICS_DIR);
+        for dir in [&topics_dir, &deleted_dir] {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+                sync_dir(&config.data_dir)?;
+            }
+        }
+        // Deletions that did not finish before a crash or stop: their topics are gone already.
+        let leftovers =
+            std::fs::read_dir(&deleted_dir).map_err(|e| io_error("listing", &deleted_dir, e))?;
+        for entry in leftovers.flatten() {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "could not remove a deleted topic's files");
+            }
+        }
         let producer_id_path = config.data_dir.join(PRODUCER_ID_FILE);
         let next = match std::fs::read_to_string(&producer_id_path) {
             Ok(text) => text.trim().parse::<i64>().map_err(|e| {
@@ -444,6 +688,7 @@ impl Cluster {
         };
         let cluster = Cluster {
             topics_dir: topics_dir.clone(),
+            deleted_dir,
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             producer_ids: Mutex::new(ProducerIds {
@@ -451,6 +696,7 @@ impl Cluster {
                 reserved_until: next,
                 path: producer_id_path,
             }),
+            fresh_producer_id_min: next,
             config,
         };
         let entries =
@@ -459,9 +705,8 @@ impl Cluster {
             let entry = entry.map_err(|e| io_error("listing", &topics_dir, e))?;
             let dir = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.contains(".deleted-") {
-                // A deletion that did not finish before a crash.
-                let _ = std::fs::remove_dir_all(&dir);
+            if validate_topic_name(&name).is_err() {
+                tracing::warn!(dir = %dir.display(), "ignoring a directory that is not a topic");
                 continue;
             }
             let metadata_path = dir.join(TOPIC_METADATA_FILE);
@@ -475,13 +720,22 @@ impl Cluster {
                 }
                 Err(e) => return Err(io_error("reading", &metadata_path, e)),
             };
-            let topic_config: TopicConfig = serde_json::from_str(&text).map_err(|e| {
+            let file: TopicFile = serde_json::from_str(&text).map_err(|e| {
                 ClusterError::new(
                     ErrorCode::StorageFailed,
                     format!("{}: {e}", metadata_path.display()),
                 )
             })?;
-            let topic = cluster.open_topic(&name, topic_config, dir)?;
+            let id = match file.id {
+                Some(id) => id,
+                None => {
+                    let id = TopicId::generate();
+                    write_topic_file(&dir, id, &file.config)?;
+                    tracing::info!(topic = name, %id, "assigned an id to a topic created before ids");
+                    id
+                }
+            };
+            let topic = cluster.open_topic(&name, id, file.config, dir)?;
             cluster
                 .topics
                 .write()
@@ -494,8 +748,7 @@ impl Cluster {
                 retention_ms: -1,
                 retention_bytes: -1,
             };
-            let dir = cluster.topics_dir.join(OFFSETS_TOPIC);
-            let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config, &dir)?;
+            let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config)?;
             cluster
                 .topics
                 .write()
@@ -528,6 +781,7 @@ impl Cluster {
     fn open_topic(
         &self,
         name: &str,
+        id: TopicId,
         config: TopicConfig,
         dir: PathBuf,
     ) -> Result<Topic, ClusterError> {
@@ -542,34 +796,49 @@ impl Cluster {
                 topic: name.to_owned(),
                 index,
                 log,
-                producers: Mutex::new(ProducerTable::default()),
+                producers: Mutex::new(ProducerTable::new(self.fresh_producer_id_min)),
                 sequence_moved: Notify::new(),
                 high_watermark: watch::Sender::new(hwm),
                 batch_bytes_max: self.config.batch_bytes_max,
+                producers_checkpoint: dir.join(format!("producers-{index}.checkpoint")),
+                producers_checkpointed: std::sync::atomic::AtomicU64::new(0),
+                replayed_from: std::sync::atomic::AtomicI64::new(0),
             };
             partition.rebuild_producer_state()?;
             partitions.push(Arc::new(partition));
         }
         Ok(Topic {
             name: name.to_owned(),
+            id,
             config,
             partitions,
             dir,
         })
     }
 
-    fn create_topic_dir(
-        &self,
-        name: &str,
-        config: &TopicConfig,
-        dir: &Path,
-    ) -> Result<Topic, ClusterError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
-        let topic = self.open_topic(name, config.clone(), dir.to_owned())?;
-        let json = serde_json::to_vec_pretty(config).expect("topic config serialises");
-        // Written last: a topic directory without it is an unfinished creation.
-        write_durably(&dir.join(TOPIC_METADATA_FILE), &json)?;
-        Ok(topic)
+    /// Creates a topic's directory and partitions, durably: `topic.json` is written last (a
+    /// directory without it is an unfinished creation, removed at startup), and `topics/` is
+    /// synced so the new directory survives a power loss.
+    fn create_topic_dir(&self, name: &str, config: &TopicConfig) -> Result<Topic, ClusterError> {
+        let dir = self.topics_dir.join(name);
+        if dir.exists() {
+            // An unfinished creation (no `topic.json`): nothing of it was acknowledged.
+            std::fs::remove_dir_all(&dir).map_err(|e| io_error("clearing", &dir, e))?;
+        }
+        std::fs::create_dir(&dir).map_err(|e| io_error("creating", &dir, e))?;
+        let id = TopicId::generate();
+        let created = self
+            .open_topic(name, id, config.clone(), dir.clone())
+            .and_then(|topic| {
+                write_topic_file(&dir, id, config)?;
+                sync_dir(&self.topics_dir)?;
+                Ok(topic)
+            });
+        if created.is_err() {
+            // Changes nothing: without `topic.json` the directory is not a topic anyway.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        created
     }
 
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
@@ -662,16 +931,12 @@ impl Cluster {
                 format!("topic {name:?} already exists"),
             ));
         }
-        let dir = self.topics_dir.join(name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| io_error("clearing", &dir, e))?;
-        }
-        let topic = Arc::new(self.create_topic_dir(name, &config, &dir)?);
+        let topic = Arc::new(self.create_topic_dir(name, &config)?);
         self.topics
             .write()
             .expect("topics lock")
             .insert(name.to_owned(), topic.clone());
-        tracing::info!(topic = name, partitions, "created topic");
+        tracing::info!(topic = name, id = %topic.id, partitions, "created topic");
         Ok(topic)
     }
 
@@ -683,17 +948,16 @@ impl Cluster {
             ));
         }
         let _admin = self.admin.lock().await;
-        let topic = self
-            .topics
-            .write()
-            .expect("topics lock")
-            .remove(name)
-            .ok_or_else(|| {
-                ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
-            })?;
-        // Rename first (atomic): a crash after this point finishes the deletion at startup.
-        let graveyard = self.topics_dir.join(format!("{name}.deleted-{}", now_ms()));
+        let topic = self.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        // One atomic rename takes the topic away, to a short name outside `topics/`; both
+        // directories are synced before the answer, so the deletion survives a power loss.
+        // If the rename fails, nothing changed.
+        let graveyard = self.deleted_dir.join(topic.id.to_string());
         std::fs::rename(&topic.dir, &graveyard).map_err(|e| io_error("deleting", &topic.dir, e))?;
+        self.topics.write().expect("topics lock").remove(name);
+        let synced = sync_dir(&self.topics_dir).and_then(|()| sync_dir(&self.deleted_dir));
         for partition in &topic.partitions {
             if let Err(e) = partition.log.close() {
                 tracing::warn!(topic = name, partition = partition.index, error = %e, "closing a deleted partition");
@@ -705,6 +969,7 @@ impl Cluster {
                 tracing::warn!(dir = %graveyard.display(), error = %e, "could not remove deleted topic files");
             }
         });
+        synced?;
         tracing::info!(topic = name, "deleted topic");
         Ok(())
     }
@@ -744,12 +1009,25 @@ impl Cluster {
         }
     }
 
-    /// Syncs every log (graceful shutdown).
+    /// Syncs every log, then checkpoints its producer state (graceful shutdown).
     pub fn sync_all(&self) {
         for topic in self.topics() {
             for partition in &topic.partitions {
                 if let Err(e) = partition.sync() {
                     tracing::error!(topic = %topic.name, partition = partition.index, error = %e, "sync at shutdown failed");
+                }
+            }
+        }
+        self.checkpoint_all();
+    }
+
+    /// Checkpoints the producer state of every partition that changed (on a timer, and at
+    /// shutdown), so startup reads only the log that follows.
+    pub fn checkpoint_all(&self) {
+        for topic in self.topics() {
+            for partition in &topic.partitions {
+                if let Err(e) = partition.checkpoint_producers() {
+                    tracing::warn!(topic = %topic.name, partition = partition.index, error = %e, "producer checkpoint failed");
                 }
             }
         }

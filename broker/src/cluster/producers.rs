@@ -1,7 +1,7 @@
 //! Idempotent producer state of one partition: the last few batches of each producer id, so a
 //! retried batch is recognised as a duplicate and a gap in sequences is refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader};
@@ -14,6 +14,8 @@ pub const PRODUCER_BATCHES_REMEMBERED_MAX: usize = batch::IDEMPOTENT_IN_FLIGHT_B
 const SEQUENCE_AHEAD_MAX: i32 = 1 << 30;
 /// Producers remembered per partition; the least recently seen is forgotten beyond this.
 pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
+/// Ids of producers forgotten by eviction that a partition still recognises as forgotten.
+pub const FORGOTTEN_PRODUCERS_MAX: usize = PRODUCERS_PER_PARTITION_MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BatchSeen {
@@ -49,6 +51,15 @@ pub enum SequenceCheck {
 pub struct ProducerTable {
     producers: HashMap<i64, ProducerEntry>,
     clock: u64,
+    /// Producer ids from this one up were handed out since the broker started; a lower id
+    /// this table does not know was known before (its state went with retention or an
+    /// eviction before a restart).
+    fresh_producer_id_min: i64,
+    /// Evicted producer ids (the newest [`FORGOTTEN_PRODUCERS_MAX`]), oldest first.
+    forgotten: VecDeque<i64>,
+    forgotten_set: HashSet<i64>,
+    /// Bumped by every change: a checkpoint is rewritten only when it moved.
+    version: u64,
 }
 
 fn last_sequence(header: &BatchHeader) -> i32 {
@@ -56,6 +67,21 @@ fn last_sequence(header: &BatchHeader) -> i32 {
 }
 
 impl ProducerTable {
+    /// An empty table; ids from `fresh_producer_id_min` up were allocated in this run of the
+    /// broker.
+    pub fn new(fresh_producer_id_min: i64) -> ProducerTable {
+        ProducerTable {
+            fresh_producer_id_min,
+            ..ProducerTable::default()
+        }
+    }
+
+    /// Whether this partition knew `producer_id` and lost its state: evicted, or allocated
+    /// before this run of the broker (the state rebuilt at startup did not have it).
+    fn forgot(&self, producer_id: i64) -> bool {
+        self.forgotten_set.contains(&producer_id) || producer_id < self.fresh_producer_id_min
+    }
+
     pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
         let reject = |code, message: String| SequenceCheck::Reject { code, message };
         if header.base_sequence < 0 || header.producer_epoch < 0 {
@@ -68,6 +94,20 @@ impl ProducerTable {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
+            if self.forgot(header.producer_id) {
+                // Nothing is on its way that could fill the gap: the producer's earlier
+                // batches were appended long ago. Tell it at once, so it can re-initialise.
+                return reject(
+                    ErrorCode::UnknownProducer,
+                    format!(
+                        "producer {} continues at sequence {}, but this partition no longer \
+                         has its state (evicted, or its batches removed by retention)",
+                        header.producer_id, header.base_sequence
+                    ),
+                );
+            }
+            // A producer allocated in this run whose first batch here may still be on its
+            // way (a pipelining producer's requests travel on separate streams).
             return SequenceCheck::Gap {
                 message: format!(
                     "producer {} is unknown to this partition and starts at sequence {}, not 0",
@@ -128,9 +168,91 @@ impl ProducerTable {
         SequenceCheck::Append
     }
 
+    /// Bumped by every change of the table.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The table as a checkpoint body, or `None` while a batch is being appended (its offset
+    /// is not known yet; the checkpoint waits for a quiet moment). Producers in least recently
+    /// seen order; per producer its remembered batches:
+    ///
+    /// ```text
+    /// count:u32 | { producer_id:i64 | epoch:i16 | batches:u8
+    ///               | { first_sequence:i32 | last_sequence:i32 | base_offset:i64 } }
+    /// ```
+    pub fn encode_checkpoint(&self) -> Option<Vec<u8>> {
+        let mut entries: Vec<(&i64, &ProducerEntry)> = self.producers.iter().collect();
+        entries.sort_by_key(|(_, entry)| entry.last_seen);
+        let mut body = Vec::with_capacity(4 + entries.len() * (8 + 2 + 1 + 16));
+        body.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for (producer_id, entry) in entries {
+            body.extend_from_slice(&producer_id.to_be_bytes());
+            body.extend_from_slice(&entry.epoch.to_be_bytes());
+            body.push(entry.batches.len() as u8);
+            for batch in &entry.batches {
+                body.extend_from_slice(&batch.first_sequence.to_be_bytes());
+                body.extend_from_slice(&batch.last_sequence.to_be_bytes());
+                body.extend_from_slice(&batch.base_offset?.to_be_bytes());
+            }
+        }
+        Some(body)
+    }
+
+    /// Restores a checkpoint body into this (empty) table, keeping only batches the log still
+    /// holds (at or above `log_start`): a producer whose batches retention removed is
+    /// forgotten, as a replay of the log would. `None` if the body is malformed (the table is
+    /// then left empty).
+    pub fn restore_checkpoint(&mut self, body: &[u8], log_start: i64) -> Option<()> {
+        let restored = self.decode_checkpoint(body, log_start);
+        if restored.is_none() {
+            self.producers.clear();
+        }
+        restored
+    }
+
+    fn decode_checkpoint(&mut self, body: &[u8], log_start: i64) -> Option<()> {
+        let mut reader = super::checkpoint::Reader::new(body);
+        let count = reader.u32()? as usize;
+        if count > PRODUCERS_PER_PARTITION_MAX {
+            return None;
+        }
+        for _ in 0..count {
+            let producer_id = reader.i64()?;
+            let epoch = reader.i16()?;
+            let batches = reader.u8()? as usize;
+            if batches > PRODUCER_BATCHES_REMEMBERED_MAX {
+                return None;
+            }
+            let mut entry = ProducerEntry {
+                epoch,
+                ..ProducerEntry::default()
+            };
+            for _ in 0..batches {
+                let first_sequence = reader.i32()?;
+                let last_sequence = reader.i32()?;
+                let base_offset = reader.i64()?;
+                if base_offset >= log_start {
+                    entry.batches.push_back(BatchSeen {
+                        first_sequence,
+                        last_sequence,
+                        base_offset: Some(base_offset),
+                    });
+                }
+            }
+            if !entry.batches.is_empty() {
+                self.clock += 1;
+                entry.last_seen = self.clock;
+                self.producers.insert(producer_id, entry);
+            }
+        }
+        reader.is_empty().then_some(())
+    }
+
     /// Notes a batch that passed [`Self::check`] and is being appended.
     pub fn begin(&mut self, header: &BatchHeader) {
         self.clock += 1;
+        self.version += 1;
         if !self.producers.contains_key(&header.producer_id)
             && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
             && let Some(oldest) = self
@@ -140,6 +262,17 @@ impl ProducerTable {
                 .map(|(id, _)| *id)
         {
             self.producers.remove(&oldest);
+            if self.forgotten.len() == FORGOTTEN_PRODUCERS_MAX
+                && let Some(dropped) = self.forgotten.pop_front()
+            {
+                self.forgotten_set.remove(&dropped);
+            }
+            if self.forgotten_set.insert(oldest) {
+                self.forgotten.push_back(oldest);
+            }
+        }
+        if self.forgotten_set.remove(&header.producer_id) {
+            self.forgotten.retain(|id| *id != header.producer_id);
         }
         let entry = self.producers.entry(header.producer_id).or_default();
         if header.producer_epoch > entry.epoch || entry.batches.is_empty() {
@@ -159,6 +292,7 @@ impl ProducerTable {
 
     /// Records where a begun batch landed.
     pub fn complete(&mut self, header: &BatchHeader, base_offset: i64) {
+        self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
             if let Some(seen) = entry
@@ -174,6 +308,7 @@ impl ProducerTable {
     /// Forgets a begun batch whose append failed, so its retry is not mistaken for a
     /// duplicate.
     pub fn abort(&mut self, header: &BatchHeader) {
+        self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
             entry
@@ -293,6 +428,73 @@ mod tests {
             offset += i64::from(records);
         }
         assert_eq!(kind(&table.check(&header(9, 0, 2, 1))), "append");
+    }
+
+    /// A producer the partition knew and lost (evicted, or allocated before this run and
+    /// absent from the rebuilt state) that continues past sequence 0 is told at once; one
+    /// allocated in this run may still have its first batch on the way, so it is a gap.
+    #[test]
+    fn forgotten_producers_are_unknown_at_once_new_ones_may_wait() {
+        let mut table = ProducerTable::new(100);
+        assert_eq!(kind(&table.check(&header(7, 0, 5, 1))), "unknown_producer");
+        assert_eq!(kind(&table.check(&header(100, 0, 5, 1))), "gap");
+        assert_eq!(kind(&table.check(&header(7, 0, 0, 1))), "append");
+        for pid in 100..(100 + PRODUCERS_PER_PARTITION_MAX as i64 + 1) {
+            let h = header(pid, 0, 0, 1);
+            table.begin(&h);
+            table.complete(&h, 0);
+        }
+        // Producer 100 was the least recently seen: evicted, so forgotten, not a gap.
+        assert_eq!(
+            kind(&table.check(&header(100, 0, 1, 1))),
+            "unknown_producer"
+        );
+        assert_eq!(kind(&table.check(&header(101, 0, 1, 1))), "append");
+        // Starting over at sequence 0 makes it known again.
+        let h = header(100, 0, 0, 1);
+        assert_eq!(table.check(&h), SequenceCheck::Append);
+        table.begin(&h);
+        table.complete(&h, 1);
+        assert_eq!(kind(&table.check(&header(100, 0, 1, 1))), "append");
+    }
+
+    /// A checkpoint restores what a replay would: duplicates are still recognised, the next
+    /// sequence is still expected, batches below the log start are dropped, and in-flight
+    /// batches prevent a checkpoint.
+    #[test]
+    fn checkpoints_restore_the_table_a_replay_would_build() {
+        let mut table = ProducerTable::new(0);
+        let mut offset = 0;
+        for (pid, seq, records) in [(1, 0, 2), (2, 0, 1), (1, 2, 3), (3, 0, 1)] {
+            let h = header(pid, 0, seq, records);
+            table.begin(&h);
+            table.complete(&h, offset);
+            offset += i64::from(records);
+        }
+        let body = table.encode_checkpoint().expect("nothing in flight");
+        let mut restored = ProducerTable::new(0);
+        restored.restore_checkpoint(&body, 0).expect("a valid body");
+        assert_eq!(kind(&restored.check(&header(1, 0, 2, 3))), "duplicate@3");
+        assert_eq!(kind(&restored.check(&header(1, 0, 5, 1))), "append");
+        assert_eq!(kind(&restored.check(&header(2, 0, 0, 1))), "duplicate@2");
+        // Log start 3: producer 2's only batch (offset 2) is gone, so is producer 2.
+        let mut trimmed = ProducerTable::new(10);
+        trimmed.restore_checkpoint(&body, 3).expect("a valid body");
+        assert_eq!(
+            kind(&trimmed.check(&header(2, 0, 1, 1))),
+            "unknown_producer"
+        );
+        assert_eq!(kind(&trimmed.check(&header(1, 0, 5, 1))), "append");
+        for len in 0..body.len() {
+            assert!(
+                ProducerTable::new(0)
+                    .restore_checkpoint(&body[..len], 0)
+                    .is_none(),
+                "cut at {len}"
+            );
+        }
+        table.begin(&header(3, 0, 1, 1));
+        assert!(table.encode_checkpoint().is_none(), "a batch is in flight");
     }
 
     #[test]

@@ -97,3 +97,16 @@ impl GroupConfig {
         requested_ms.clamp(self.session_timeout_ms_min, self.session_timeout_ms_max)
     }
 }
+
+/// Why `id` is not a valid group id, if it is not.
+pub(crate) fn group_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("empty")
+    } else if id.len() > GROUP_ID_BYTES_MAX {
+        Some("longer than 255 bytes")
+    } else if id.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
+    }
+}

@@ -11,7 +11,7 @@ use ketch_protocol::messages::{
 
 use super::assign::{AssignorMember, assign};
 use super::config::{
-    CLIENT_ID_BYTES_MAX, GROUP_ID_BYTES_MAX, GroupConfig, SUBSCRIPTION_TOPIC_BYTES_MAX,
+    CLIENT_ID_BYTES_MAX, GroupConfig, SUBSCRIPTION_TOPIC_BYTES_MAX, group_id_problem,
 };
 use super::error::GroupError;
 use super::record::{OffsetRecord, OffsetValue};
@@ -152,19 +152,6 @@ enum Heartbeat {
     /// The previous epoch: the last response was lost. Its `owned` list may predate
     /// partitions handed out since, so it releases nothing.
     Previous,
-}
-
-/// Why `id` is not a valid group id, if it is not.
-pub(crate) fn group_id_problem(id: &str) -> Option<&'static str> {
-    if id.is_empty() {
-        Some("empty")
-    } else if id.len() > GROUP_ID_BYTES_MAX {
-        Some("longer than 255 bytes")
-    } else if id.chars().any(char::is_control) {
-        Some("contains a control character")
-    } else {
-        None
-    }
 }
 
 fn validate_group_id(id: &str) -> Result<(), GroupError> {
@@ -558,6 +545,8 @@ impl GroupCoordinator {
                         offset: commit.offset,
                         metadata: commit.metadata.clone(),
                         commit_timestamp_ms: now_ms,
+                        // The caller, which knows topics, stamps the incarnation.
+                        topic_id: 0,
                     }),
                 });
             } else {
@@ -601,6 +590,59 @@ impl GroupCoordinator {
             }
         }
         self.debug_check_group(&record.group);
+    }
+
+    /// Tombstones for every group's committed offsets of `topic` (deleted, or a different
+    /// incarnation): append them like a commit's records, then apply each.
+    pub fn tombstones_for_topic(&self, topic: &str) -> Vec<OffsetRecord> {
+        let mut tombstones = Vec::new();
+        for (group_id, group) in &self.groups {
+            for partition in group.offsets.get(topic).into_iter().flat_map(|p| p.keys()) {
+                tombstones.push(OffsetRecord {
+                    group: group_id.clone(),
+                    topic: topic.to_owned(),
+                    partition: *partition,
+                    value: None,
+                });
+            }
+        }
+        tombstones
+    }
+
+    /// Forgets every committed offset for which `keep(topic, value)` is false (startup: the
+    /// offsets of topics that were deleted, or of an older incarnation of a topic's name),
+    /// and the groups left with neither members nor offsets.
+    pub fn retain_offsets(&mut self, keep: &dyn Fn(&str, &OffsetValue) -> bool) -> usize {
+        let mut removed = 0;
+        for group in self.groups.values_mut() {
+            for (topic, partitions) in group.offsets.iter_mut() {
+                let before = partitions.len();
+                partitions.retain(|_, value| keep(topic, value));
+                removed += before - partitions.len();
+            }
+            group.offsets.retain(|_, partitions| !partitions.is_empty());
+        }
+        self.groups
+            .retain(|_, group| !group.members.is_empty() || !group.offsets.is_empty());
+        removed
+    }
+
+    /// Every committed offset, as the records that would restore it (a checkpoint).
+    pub fn committed_offsets(&self) -> Vec<OffsetRecord> {
+        let mut records = Vec::new();
+        for (group_id, group) in &self.groups {
+            for (topic, partitions) in &group.offsets {
+                for (partition, value) in partitions {
+                    records.push(OffsetRecord {
+                        group: group_id.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                        value: Some(value.clone()),
+                    });
+                }
+            }
+        }
+        records
     }
 
     /// The committed offset of a partition, if any.

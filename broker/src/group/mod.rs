@@ -35,14 +35,18 @@
 //! are accepted but release nothing. `broker/tests/group_simulation.rs` checks this against
 //! lost, late and repeated requests.
 //!
-//! # How the server drives it
+//! # How it is driven
 //!
+//! `crate::groups` owns the coordinator and its durable store:
 //! - Heartbeat, leave, describe, list, offset fetch: call and answer.
 //! - Commit: [`GroupCoordinator::commit`] validates and returns records; append them to the
 //!   `__consumer_offsets` partition; once durable, [`GroupCoordinator::apply_commit`] each, in
 //!   log order; answer with the accepted and the rejected partitions.
+//! - Topic deletion: [`GroupCoordinator::tombstones_for_topic`], appended and applied the same
+//!   way.
 //! - Startup: replay every record of `__consumer_offsets` in order through
-//!   [`OffsetRecord::decode`] and [`GroupCoordinator::apply_commit`] before serving.
+//!   [`OffsetRecord::decode`] and [`GroupCoordinator::apply_commit`], then
+//!   [`GroupCoordinator::retain_offsets`] drops offsets of deleted topic incarnations.
 //! - Every few hundred milliseconds (at most a heartbeat interval apart):
 //!   [`GroupCoordinator::expire`] with the current time.
 

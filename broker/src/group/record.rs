@@ -6,8 +6,14 @@
 //!
 //! ```text
 //! key   = key_version:u16 (0) | group:string | topic:string | partition:u32
-//! value = value_version:u16 (0) | offset:i64 | metadata:string | commit_timestamp_ms:i64
+//! value = value_version:u16 (1) | offset:i64 | metadata:string | commit_timestamp_ms:i64
+//!         | topic_id:u64
 //! ```
+//!
+//! `topic_id` is the incarnation of the topic the offset was committed for: a topic deleted
+//! and created again under the same name has a new id, and offsets of the old one do not
+//! apply to it. Version 0 values (no `topic_id`, written before topics had ids) read as
+//! topic id 0, "unknown".
 //!
 //! A record with a null value is a tombstone: the group's offset for that partition is deleted.
 //! The key version doubles as the record type, Kafka's way: other record kinds (group
@@ -19,7 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ketch_protocol::DecodeError;
 use ketch_protocol::wire::{Reader, Wire};
 
-use super::coordinator::group_id_problem;
+use super::config::group_id_problem;
 
 /// The internal topic (one partition) that holds committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
@@ -42,6 +48,9 @@ pub struct OffsetValue {
     pub metadata: String,
     /// When the coordinator accepted the commit.
     pub commit_timestamp_ms: i64,
+    /// The incarnation of the topic it was committed for; 0 when unknown (a version 0
+    /// record, written before topics had ids).
+    pub topic_id: u64,
 }
 
 /// Why a record of the offsets partition could not be read.
@@ -67,7 +76,7 @@ pub enum OffsetRecordError {
 
 impl OffsetRecord {
     pub const KEY_VERSION: u16 = 0;
-    pub const VALUE_VERSION: u16 = 0;
+    pub const VALUE_VERSION: u16 = 1;
 
     pub fn encode_key(&self) -> Bytes {
         self.assert_valid();
@@ -83,11 +92,12 @@ impl OffsetRecord {
     pub fn encode_value(&self) -> Option<Bytes> {
         self.assert_valid();
         let value = self.value.as_ref()?;
-        let mut buf = BytesMut::with_capacity(2 + 8 + 2 + value.metadata.len() + 8);
+        let mut buf = BytesMut::with_capacity(2 + 8 + 2 + value.metadata.len() + 8 + 8);
         buf.put_u16(Self::VALUE_VERSION);
         buf.put_i64(value.offset);
         value.metadata.encode(&mut buf);
         buf.put_i64(value.commit_timestamp_ms);
+        buf.put_u64(value.topic_id);
         Some(buf.freeze())
     }
 
@@ -114,12 +124,17 @@ impl OffsetRecord {
             Some(value) => {
                 let mut reader = Reader::new(Bytes::copy_from_slice(value));
                 let version = reader.u16("value version").map_err(malformed("value"))?;
-                if version != Self::VALUE_VERSION {
+                if version > Self::VALUE_VERSION {
                     return Err(OffsetRecordError::UnsupportedValueVersion(version));
                 }
                 let offset = i64::decode(&mut reader).map_err(malformed("value"))?;
                 let metadata = String::decode(&mut reader).map_err(malformed("value"))?;
                 let commit_timestamp_ms = i64::decode(&mut reader).map_err(malformed("value"))?;
+                let topic_id = if version >= 1 {
+                    reader.u64("topic id").map_err(malformed("value"))?
+                } else {
+                    0
+                };
                 reader.finish().map_err(malformed("value"))?;
                 if offset < 0 {
                     return Err(OffsetRecordError::NegativeOffset(offset));
@@ -128,6 +143,7 @@ impl OffsetRecord {
                     offset,
                     metadata,
                     commit_timestamp_ms,
+                    topic_id,
                 })
             }
         };

@@ -5,14 +5,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ketch_protocol::ErrorCode;
-use ketch_protocol::batch::{self, BatchBuilder};
+use ketch_protocol::batch;
 use ketch_protocol::frame;
 use ketch_protocol::messages::*;
 use ketch_protocol::wire::Wire;
 
 use super::State;
-use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, now_ms};
-use crate::group::OffsetRecord;
+use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, Submitted, now_ms};
 
 /// A response frame as chunks: records read from the log go out without being copied into
 /// the frame.
@@ -29,8 +28,8 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::CreateTopic(r) => respond(create_topic(state, r).await),
         Request::DeleteTopic(r) => respond(
             state
-                .cluster
-                .delete_topic(&r.name)
+                .groups
+                .delete_topic(&r.name, now_ms())
                 .await
                 .map(|()| DeleteTopicResponse {}),
         ),
@@ -44,14 +43,10 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         }
         Request::GroupHeartbeat(r) => respond(group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(group_leave(state, r)),
-        Request::OffsetCommit(r) => respond(offset_commit(state, r).await),
-        Request::OffsetFetch(r) => respond(Ok(state
-            .groups
-            .lock()
-            .expect("groups lock")
-            .offset_fetch(&r))),
+        Request::OffsetCommit(r) => respond(state.groups.commit(&r, now_ms()).await),
+        Request::OffsetFetch(r) => respond(Ok(state.groups.coordinator().offset_fetch(&r))),
         Request::ListGroups(_) => respond(Ok(ListGroupsResponse {
-            groups: state.groups.lock().expect("groups lock").list_groups(),
+            groups: state.groups.coordinator().list_groups(),
         })),
         Request::DescribeGroup(r) => respond(describe_group(state, &r.group)),
         Request::InitProducerId(_) => {
@@ -189,13 +184,13 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
     })
 }
 
-/// Appends every batch in `records` to one partition, in order; returns the first base offset.
-async fn append_all(
+/// Validates every batch in `records` and hands them, in order, to one partition's log.
+async fn submit_all(
     state: &State,
     topic: &str,
     partition: u32,
     records: Bytes,
-) -> Result<(i64, i64), ClusterError> {
+) -> Result<(Arc<Partition>, Submitted), ClusterError> {
     if topic == OFFSETS_TOPIC {
         return Err(ClusterError::new(
             ErrorCode::Unauthorized,
@@ -203,26 +198,44 @@ async fn append_all(
         ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    let appended = partition.append(records, now_ms()).await?;
-    Ok((appended.base_offset, partition.offsets().log_start))
+    let submitted = partition.submit(records, now_ms()).await?;
+    Ok((partition, submitted))
 }
 
 async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
     let acks = request.acks;
     let mut work = Vec::new();
+    let mut all_submitted = Vec::new();
     for topic in request.topics {
         for p in topic.partitions {
             let name = topic.name.clone();
             let state = state.clone();
+            let (submitted_tx, submitted_rx) = tokio::sync::oneshot::channel::<()>();
+            all_submitted.push(submitted_rx);
             // Partitions append concurrently; batches within one partition stay in order.
+            // The task owns the whole append, so nothing is left half-settled if this
+            // request's handler goes away.
             work.push(tokio::spawn(async move {
-                let result = append_all(&state, &name, p.partition, p.records).await;
+                let submitted = submit_all(&state, &name, p.partition, p.records).await;
+                drop(submitted_tx);
+                let result = match submitted {
+                    Ok((partition, submitted)) => submitted
+                        .wait()
+                        .await
+                        .map(|appended| (appended.base_offset, partition.offsets().log_start)),
+                    Err(error) => Err(error),
+                };
                 (name, p.partition, result)
             }));
         }
     }
     if acks == Acks::None {
-        // The appends go on; the client asked not to wait for them.
+        // The client asked not to wait for the appends, but the answer waits until each
+        // partition's batches hold their place in its order: the client's next request for
+        // the partition, sent after this answer, lands after them.
+        for submitted in all_submitted {
+            let _ = submitted.await;
+        }
         return ProduceResponse { topics: vec![] };
     }
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();
@@ -471,8 +484,7 @@ fn group_heartbeat(
     let partitions_of = partitions_of(state);
     state
         .groups
-        .lock()
-        .expect("groups lock")
+        .coordinator()
         .heartbeat(&request, &partitions_of, now_ms())
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))
 }
@@ -483,15 +495,14 @@ fn group_leave(
 ) -> Result<GroupLeaveResponse, ClusterError> {
     state
         .groups
-        .lock()
-        .expect("groups lock")
+        .coordinator()
         .leave(&request.group, &request.member_id, now_ms())
         .map(|_| GroupLeaveResponse {})
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))
 }
 
 pub(super) fn expire_group_members(state: &State) {
-    let expired = state.groups.lock().expect("groups lock").expire(now_ms());
+    let expired = state.groups.coordinator().expire(now_ms());
     if !expired.is_empty() {
         tracing::info!(?expired, "group members expired");
     }
@@ -506,102 +517,9 @@ fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, C
     };
     state
         .groups
-        .lock()
-        .expect("groups lock")
+        .coordinator()
         .describe(group, &lag_of)
         .ok_or_else(|| {
             ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}"))
         })
-}
-
-/// Commits are records in the offsets topic: appended durably first, applied after.
-async fn offset_commit(
-    state: &State,
-    request: OffsetCommitRequest,
-) -> Result<OffsetCommitResponse, ClusterError> {
-    // Validation, append and apply happen in one critical section per broker, so the
-    // coordinator applies commits in the order the offsets partition holds them: memory always
-    // equals what a replay of the partition would build.
-    let _serial = state.commits.lock().await;
-    let partitions_of = partitions_of(state);
-    let plan = state
-        .groups
-        .lock()
-        .expect("groups lock")
-        .commit(&request, &partitions_of, now_ms())
-        .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
-    let mut partitions = plan.rejected;
-    if plan.records.is_empty() {
-        return Ok(OffsetCommitResponse { partitions });
-    }
-    let offsets = state.cluster.partition(OFFSETS_TOPIC, 0)?;
-    let now = now_ms();
-    let batch_bytes_max = state.config.batch_bytes_max as usize;
-    let mut pending = plan.records.as_slice();
-    while !pending.is_empty() {
-        let mut builder = BatchBuilder::new(batch_bytes_max);
-        let mut taken = 0;
-        for record in pending {
-            let key = record.encode_key();
-            if !builder.try_append(now, Some(&key), record.encode_value().as_deref(), &[]) {
-                break;
-            }
-            taken += 1;
-        }
-        // Each batch is applied right after its own append is durable: a later failure
-        // leaves memory equal to the log.
-        offsets.append(builder.finish(), now).await?;
-        let mut groups = state.groups.lock().expect("groups lock");
-        for record in &pending[..taken] {
-            groups.apply_commit(record);
-            partitions.push(PartitionError {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                error: ErrorCode::None,
-            });
-        }
-        pending = &pending[taken..];
-    }
-    Ok(OffsetCommitResponse { partitions })
-}
-
-/// Replays the offsets topic into the coordinator at startup.
-pub(super) async fn load_group_offsets(state: &State) -> Result<(), ClusterError> {
-    let partition = state.cluster.partition(OFFSETS_TOPIC, 0)?;
-    let mut offset = partition.offsets().log_start;
-    let end = partition.offsets().high_watermark;
-    let mut loaded = 0usize;
-    while offset < end {
-        let bytes = partition.read(offset, 4 * 1024 * 1024)?;
-        let (batches, _) = batch::split_batches(bytes);
-        if batches.is_empty() {
-            break;
-        }
-        let mut groups = state.groups.lock().expect("groups lock");
-        for batch in batches {
-            let batch = batch.map_err(|e| {
-                ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
-            })?;
-            offset = batch.header().next_offset();
-            for record in batch.records() {
-                let record = record.map_err(|e| {
-                    ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
-                })?;
-                let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else {
-                    continue;
-                };
-                match OffsetRecord::decode(key, value.map(|v| &v[..])) {
-                    Ok(commit) => {
-                        groups.apply_commit(&commit);
-                        loaded += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record")
-                    }
-                }
-            }
-        }
-    }
-    tracing::info!(records = loaded, "loaded committed group offsets");
-    Ok(())
 }

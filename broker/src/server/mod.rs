@@ -17,13 +17,25 @@ use tokio::sync::Semaphore;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
-use crate::group::GroupCoordinator;
+use crate::groups::Groups;
 use crate::transform::Transforms;
 
-/// How long a client may take to send a request frame once its stream is open.
+/// How long a client may take to send a whole request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Units of the request-memory semaphore.
+/// How long a request may go without a byte arriving (inside the length prefix too) before
+/// the broker gives up on it: a stalled frame holds its stream and the memory of what it sent.
+const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Units of the request-memory semaphores.
 const MEMORY_PERMIT_BYTES: usize = 1024;
+/// Request memory is reserved as the body arrives, this much at a time: a length prefix that
+/// claims a large frame reserves nothing until its bytes come.
+const REQUEST_READ_CHUNK_BYTES: usize = 256 * 1024;
+/// The share of `request_bytes_in_flight_max` one connection may hold: a client that stalls
+/// its requests (or floods them) waits on its own share, not on everyone's.
+const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
+/// How often producer state and group offsets are checkpointed (and at shutdown), bounding
+/// what startup replays after a crash.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -52,14 +64,14 @@ pub enum StartError {
 #[derive(Debug)]
 pub(crate) struct State {
     pub cluster: Arc<Cluster>,
-    pub groups: std::sync::Mutex<GroupCoordinator>,
-    /// Serialises offset commits: validate, append to the offsets partition, apply.
-    pub commits: tokio::sync::Mutex<()>,
+    pub groups: Groups,
     /// Wasm filters: registry, engine and the threads modules run on.
     pub transforms: Arc<Transforms>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
+    /// Push subscriptions hold one of these for their life, not a request permit.
+    subscriptions: Arc<Semaphore>,
     request_memory: Arc<Semaphore>,
     shutdown: tokio_util_shutdown::Token,
 }
@@ -168,7 +180,6 @@ impl Broker {
         group_config
             .validate()
             .map_err(|e| crate::config::ConfigError::Invalid(format!("consumer groups: {e}")))?;
-        let groups = GroupCoordinator::new(group_config);
         let socket = std::net::UdpSocket::bind(config.listen);
         let endpoint = socket
             .and_then(|socket| {
@@ -189,18 +200,25 @@ impl Broker {
         })?;
         let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES)
             .min(Semaphore::MAX_PERMITS);
+        let cluster = Arc::new(cluster);
+        let groups_cluster = cluster.clone();
+        let groups =
+            tokio::task::spawn_blocking(move || Groups::open(groups_cluster, group_config))
+                .await
+                .map_err(|e| {
+                    StartError::Quic(format!("loading consumer groups panicked: {e}"))
+                })??;
         let state = Arc::new(State {
-            cluster: Arc::new(cluster),
-            groups: std::sync::Mutex::new(groups),
-            commits: tokio::sync::Mutex::new(()),
+            cluster,
+            groups,
             transforms: Arc::new(transforms),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
+            subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             shutdown: tokio_util_shutdown::Token::new(),
             local_addr,
             config,
         });
-        handlers::load_group_offsets(&state).await?;
         Ok(Broker {
             state,
             endpoint,
@@ -243,8 +261,14 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         background.abort();
-        let cluster = state.cluster.clone();
-        let _ = tokio::task::spawn_blocking(move || cluster.sync_all()).await;
+        let shutting = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            shutting.cluster.sync_all();
+            if let Err(e) = shutting.groups.checkpoint() {
+                tracing::warn!(error = %e, "group offsets checkpoint at shutdown failed");
+            }
+        })
+        .await;
         self.endpoint
             .close(CONNECTION_SHUTDOWN.into(), b"broker shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -258,6 +282,7 @@ async fn background_tasks(state: Arc<State>) {
         state.config.retention_check_interval_ms.max(100),
     ));
     let mut groups = tokio::time::interval(Duration::from_millis(250));
+    let mut checkpoints = tokio::time::interval(CHECKPOINT_INTERVAL);
     let flush_ms = match state.config.fsync {
         crate::config::Fsync::IntervalMs(ms) => ms,
         // Only the interval policy needs a timer; the others never tick meaningfully.
@@ -275,8 +300,36 @@ async fn background_tasks(state: Arc<State>) {
                 let _ = tokio::task::spawn_blocking(move || cluster.apply_retention(crate::cluster::now_ms())).await;
             }
             _ = groups.tick() => handlers::expire_group_members(&state),
+            _ = checkpoints.tick() => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    state.cluster.checkpoint_all();
+                    if let Err(e) = state.groups.checkpoint() {
+                        tracing::warn!(error = %e, "group offsets checkpoint failed");
+                    }
+                })
+                .await;
+            }
         }
     }
+}
+
+/// What one connection may hold of the broker's request memory.
+#[derive(Debug)]
+struct ConnectionShare {
+    remote: SocketAddr,
+    request_memory: Arc<Semaphore>,
+}
+
+/// Request memory held by one request: its connection's share and the broker's, released
+/// together when the request is done.
+struct RequestMemory {
+    _connection: tokio::sync::OwnedSemaphorePermit,
+    _broker: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn memory_permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
 async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
@@ -289,6 +342,15 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         }
     };
     tracing::debug!(%remote, "connection open");
+    let connection_memory = (state.config.request_bytes_in_flight_max
+        / CONNECTION_REQUEST_MEMORY_DIVISOR)
+        .max(u64::from(state.config.frame_bytes_max));
+    let share = Arc::new(ConnectionShare {
+        remote,
+        request_memory: Arc::new(Semaphore::new(
+            (connection_memory as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
+        )),
+    });
     loop {
         let stream = tokio::select! {
             stream = connection.accept_bi() => stream,
@@ -299,7 +361,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         };
         match stream {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(send, recv, state.clone()));
+                tokio::spawn(serve_stream(send, recv, state.clone(), share.clone()));
             }
             Err(e) => {
                 tracing::debug!(%remote, error = %e, "connection closed");
@@ -309,8 +371,13 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
     }
 }
 
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, state: Arc<State>) {
-    let Ok(_request_permit) = state.requests.clone().acquire_owned().await else {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    state: Arc<State>,
+    share: Arc<ConnectionShare>,
+) {
+    let Ok(request_permit) = state.requests.clone().acquire_owned().await else {
         return;
     };
     if state.shutdown.is_cancelled() {
@@ -321,114 +388,15 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         .await;
         return;
     }
-    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
-    match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut prefix)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
-            let message =
-                format!("request ended after {read} bytes, inside the 4-byte length prefix");
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
-            )
-            .await;
-            return;
-        }
-        // Reset by the client, connection gone, or silent: nobody to answer.
-        _ => return,
-    }
-    let length = u32::from_be_bytes(prefix) as usize;
-    // Only a filter upload may exceed `frame_bytes_max` (up to the module limit): a longer
-    // frame's API key is read next, and anything else is refused before its body is read.
-    let frame_bytes_max = state.config.frame_bytes_max as usize;
-    let mut key_read = None;
-    if length > frame_bytes_max {
-        let mut key = [0u8; 2];
-        if length < key.len()
-            || !matches!(
-                tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut key)).await,
-                Ok(Ok(()))
-            )
-        {
-            return;
-        }
-        let upload = u16::from_be_bytes(key) == ketch_protocol::messages::ApiKey::FilterUpload as u16;
-        let upload_frame_bytes_max = state.config.filter_upload_frame_bytes_max();
-        let refusal = match upload {
-            true if length <= upload_frame_bytes_max => None,
-            true => Some(format!(
-                "filter upload frame of {length} bytes exceeds the limit of {upload_frame_bytes_max} bytes (filter_module_bytes_max {} + 64 KiB)",
-                state.config.filter_module_bytes_max
-            )),
-            false => Some(
-                ketch_protocol::DecodeError::FrameTooLarge {
-                    length,
-                    limit: frame_bytes_max,
-                }
-                .to_string(),
-            ),
-        };
-        if let Some(message) = refusal {
-            // Refused from the prefix: nothing of the body is read into memory.
+    let (body, memory) = match read_request(&mut recv, &state, &share).await {
+        Ok(read) => read,
+        Err(ReadFailure::Answer { code, message }) => {
             let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::FrameTooLarge, &message),
-            )
-            .await;
+            let _ = write_frame(&mut send, frame::encode_error_response(code, &message)).await;
             return;
         }
-        key_read = Some(key);
-    }
-    let permits = (length.div_ceil(MEMORY_PERMIT_BYTES) as u32).max(1);
-    let Ok(_memory_permit) = state
-        .request_memory
-        .clone()
-        .acquire_many_owned(permits)
-        .await
-    else {
-        return;
-    };
-    let already = key_read.map_or(0, |k| k.len());
-    let body = match tokio::time::timeout(
-        REQUEST_READ_TIMEOUT,
-        read_body(&mut recv, length - already),
-    )
-    .await
-    {
-        Ok(Ok(body)) => match key_read {
-            None => body,
-            Some(key) => {
-                let mut whole = bytes::BytesMut::with_capacity(length);
-                whole.extend_from_slice(&key);
-                whole.extend_from_slice(&body);
-                whole.freeze()
-            }
-        },
-        Ok(Err(quinn::ReadExactError::FinishedEarly(read))) => {
-            let message = format!(
-                "request ended after {read} of the {length} bytes its length prefix announced"
-            );
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::MalformedFrame, &message),
-            )
-            .await;
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "request stream failed");
-            return;
-        }
-        Err(_) => {
-            let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(
-                &mut send,
-                frame::encode_error_response(ErrorCode::Timeout, "request not received in time"),
-            )
-            .await;
-            return;
-        }
+        // Reset by the client, or the connection is gone: nobody to answer.
+        Err(ReadFailure::Gone) => return,
     };
     let request = match frame::decode_request(body) {
         Ok(request) => request,
@@ -438,6 +406,22 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         }
     };
     if let Request::Subscribe(subscribe) = request {
+        // A subscription lives long: it gives back the request permit and memory, and holds
+        // a subscription permit instead. None left is said, never a silent stall.
+        drop((request_permit, memory));
+        let Ok(_subscription) = state.subscriptions.clone().try_acquire_owned() else {
+            let message = format!(
+                "this broker already serves subscriptions_max = {} subscriptions",
+                state.config.subscriptions_max
+            );
+            tracing::warn!(remote = %share.remote, "{message}; refusing a subscription");
+            let _ = write_frame(
+                &mut send,
+                frame::encode_error_response(ErrorCode::Overloaded, &message),
+            )
+            .await;
+            return;
+        };
         handlers::subscribe(&state, subscribe, &mut send).await;
         let _ = send.finish();
         return;
@@ -454,28 +438,176 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     }
 }
 
-/// Reads exactly `length` bytes of a request body. A body that arrives in one chunk is used as
-/// it is (no copy); otherwise chunks are gathered into one buffer, without zero-filling it
-/// first.
-async fn read_body(
+/// Why a request frame was not read.
+enum ReadFailure {
+    /// Answer the client with this error.
+    Answer {
+        code: ErrorCode,
+        message: String,
+    },
+    Gone,
+}
+
+/// Reads one request frame. Memory is reserved as the body arrives, in chunks, from the
+/// connection's share and then the broker's; every wait is bounded: no byte for
+/// [`REQUEST_STALL_TIMEOUT`] (inside the length prefix too) or the whole frame not within
+/// [`REQUEST_READ_TIMEOUT`] ends the request with `timeout`, and is logged.
+async fn read_request(
     recv: &mut quinn::RecvStream,
-    length: usize,
-) -> Result<Bytes, quinn::ReadExactError> {
-    let mut gathered: Option<bytes::BytesMut> = None;
+    state: &State,
+    share: &ConnectionShare,
+) -> Result<(Bytes, Option<RequestMemory>), ReadFailure> {
+    let deadline = tokio::time::Instant::now() + REQUEST_READ_TIMEOUT;
+    let stalled = |what: String| {
+        tracing::warn!(remote = %share.remote, "{what}; dropping the request");
+        ReadFailure::Answer {
+            code: ErrorCode::Timeout,
+            message: what,
+        }
+    };
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     let mut read = 0;
+    while read < FRAME_LENGTH_BYTES {
+        let wait = tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT;
+        match tokio::time::timeout_at(wait.min(deadline), recv.read(&mut prefix[read..])).await {
+            Ok(Ok(Some(n))) => read += n,
+            Ok(Ok(None)) => {
+                return Err(ReadFailure::Answer {
+                    code: ErrorCode::MalformedFrame,
+                    message: format!(
+                        "request ended after {read} bytes, inside the 4-byte length prefix"
+                    ),
+                });
+            }
+            Ok(Err(_)) => return Err(ReadFailure::Gone),
+            Err(_) => {
+                return Err(stalled(format!(
+                    "request stalled after {read} of the 4 bytes of its length prefix"
+                )));
+            }
+        }
+    }
+    // Only a filter upload may exceed `frame_bytes_max` (up to the module limit): such a
+    // frame is refused after its first chunk unless its API key is `FilterUpload`.
+    let frame_bytes_max = state.config.frame_bytes_max as usize;
+    let upload_frame_bytes_max = state.config.filter_upload_frame_bytes_max();
+    let length = frame::frame_length(prefix, upload_frame_bytes_max).map_err(
+        // Refused from the prefix: nothing of the body is read into memory.
+        |e| ReadFailure::Answer {
+            code: e.code(),
+            message: format!(
+                "{e} (filter_module_bytes_max {} + 64 KiB for filter uploads, frame_bytes_max {frame_bytes_max} for other requests)",
+                state.config.filter_module_bytes_max
+            ),
+        },
+    )?;
+    let key_checked_at = if length > frame_bytes_max { 2 } else { usize::MAX };
+    let mut gathered: Option<bytes::BytesMut> = None;
+    let mut single: Option<Bytes> = None;
+    let mut memory: Option<RequestMemory> = None;
+    let mut reserved = 0usize;
+    let mut read = 0usize;
     while read < length {
-        let Some(chunk) = recv.read_chunk(length - read, true).await? else {
-            return Err(quinn::ReadExactError::FinishedEarly(read));
+        if reserved <= read {
+            let chunk = REQUEST_READ_CHUNK_BYTES.min(length - reserved);
+            let permits = memory_permits(chunk);
+            let reserve = async {
+                let connection = share
+                    .request_memory
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .ok()?;
+                let broker = state
+                    .request_memory
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .ok()?;
+                Some((connection, broker))
+            };
+            let (mut connection, mut broker) = tokio::time::timeout_at(deadline, reserve)
+                .await
+                .map_err(|_| {
+                    stalled(format!(
+                        "no request memory for {length} bytes within {} s",
+                        REQUEST_READ_TIMEOUT.as_secs()
+                    ))
+                })?
+                .ok_or(ReadFailure::Gone)?;
+            if let Some(held) = memory.take() {
+                connection.merge(held._connection);
+                broker.merge(held._broker);
+            }
+            memory = Some(RequestMemory {
+                _connection: connection,
+                _broker: broker,
+            });
+            reserved += chunk;
+        }
+        let wait = (tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT).min(deadline);
+        let chunk = match tokio::time::timeout_at(wait, recv.read_chunk(reserved - read, true))
+            .await
+        {
+            Ok(Ok(Some(chunk))) => chunk.bytes,
+            Ok(Ok(None)) => {
+                return Err(ReadFailure::Answer {
+                    code: ErrorCode::MalformedFrame,
+                    message: format!(
+                        "request ended after {read} of the {length} bytes its length prefix announced"
+                    ),
+                });
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "request stream failed");
+                return Err(ReadFailure::Gone);
+            }
+            Err(_) => {
+                return Err(stalled(format!(
+                    "request stalled after {read} of the {length} bytes its length prefix announced"
+                )));
+            }
         };
-        read += chunk.bytes.len();
-        if read == length && gathered.is_none() {
-            return Ok(chunk.bytes);
+        // The first two bytes are the API key: a frame above `frame_bytes_max` that is not a
+        // filter upload is refused here, with one read chunk in memory.
+        let key_byte = |i: usize| {
+            gathered
+                .as_ref()
+                .map(|g| g.as_ref())
+                .unwrap_or_default()
+                .iter()
+                .chain(chunk.iter())
+                .nth(i)
+                .copied()
+        };
+        if read < key_checked_at
+            && read + chunk.len() >= key_checked_at
+            && let (Some(hi), Some(lo)) = (key_byte(0), key_byte(1))
+            && u16::from_be_bytes([hi, lo]) != ketch_protocol::messages::ApiKey::FilterUpload as u16
+        {
+            return Err(ReadFailure::Answer {
+                code: ErrorCode::FrameTooLarge,
+                message: format!(
+                    "frame of {length} bytes exceeds the limit of {frame_bytes_max} bytes"
+                ),
+            });
+        }
+        read += chunk.len();
+        // A body that arrives in one chunk is used as it is (no copy); otherwise chunks are
+        // gathered into one buffer that grows with what arrived (at most twice what is
+        // reserved), not with what the prefix claims.
+        if gathered.is_none() && read == length {
+            single = Some(chunk);
+            break;
         }
         gathered
-            .get_or_insert_with(|| bytes::BytesMut::with_capacity(length))
-            .extend_from_slice(&chunk.bytes);
+            .get_or_insert_with(|| bytes::BytesMut::with_capacity(reserved))
+            .extend_from_slice(&chunk);
     }
-    Ok(gathered.map(bytes::BytesMut::freeze).unwrap_or_default())
+    let body = single
+        .or_else(|| gathered.map(bytes::BytesMut::freeze))
+        .unwrap_or_default();
+    Ok((body, memory))
 }
 
 fn decode_error_response(error: &DecodeError) -> Bytes {

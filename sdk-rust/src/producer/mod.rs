@@ -18,7 +18,7 @@
 mod accumulator;
 mod sequence;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -639,6 +639,10 @@ struct Sender {
     /// Per partition, the numbers of the batches drained and not yet settled for good, in
     /// drain order.
     unsettled: HashMap<TopicPartition, VecDeque<u64>>,
+    /// Partitions whose broker forgot this producer: their batches wait (nothing new is
+    /// drained for them) until none is in flight and the identity is renewed, then all are
+    /// re-stamped, in order, under the new identity.
+    resequence: HashSet<TopicPartition>,
 }
 
 impl Sender {
@@ -655,6 +659,7 @@ impl Sender {
             in_flight: 0,
             next_number: 0,
             unsettled: HashMap::new(),
+            resequence: HashSet::new(),
         }
     }
 
@@ -672,14 +677,35 @@ impl Sender {
                     }
                 }
             }
+            if !self.renew_identity {
+                self.restamp_forgotten(now);
+            }
             let mut to_send = Vec::new();
             if !self.renew_identity {
                 to_send = self.drain(now, closing);
             }
             let (mut due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
                 .into_iter()
-                .partition(|batch| batch.retry_at <= now);
+                .partition(|batch| {
+                    batch.retry_at <= now && !self.resequence.contains(&batch.partition)
+                });
             self.retries = waiting;
+            // A batch held for re-stamping (its identity is being renewed) still fails at its
+            // delivery deadline.
+            let (expired, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+                .into_iter()
+                .partition(|batch| {
+                    self.resequence.contains(&batch.partition) && batch.deadline() <= now
+                });
+            self.retries = held;
+            for batch in expired {
+                let partition = batch.partition.clone();
+                let number = batch.number;
+                batch.delivery.settle(Err(Error::Timeout(format!(
+                    "delivery to {partition} while renewing the producer id"
+                ))));
+                self.complete(&partition, number);
+            }
             // Retries are older than anything drained now: they go first, oldest first.
             due.sort_by_key(|batch| batch.number);
             due.append(&mut to_send);
@@ -708,12 +734,18 @@ impl Sender {
                     .accumulator
                     .next_deadline()
             };
-            let deadline = self
+            let mut deadline = self
                 .retries
                 .iter()
+                .filter(|batch| !self.resequence.contains(&batch.partition))
                 .map(|batch| batch.retry_at)
                 .chain(linger_deadline)
                 .min();
+            if !self.resequence.is_empty() {
+                // Held partitions may look ready to the accumulator; an outcome wakes us.
+                let floor = now + self.shared.config.retry_backoff_initial;
+                deadline = Some(deadline.map_or(floor, |d| d.max(floor)));
+            }
             tokio::select! {
                 _ = self.shared.wake.notified() => {}
                 Some(outcomes) = self.outcomes_rx.recv() => {
@@ -741,6 +773,48 @@ impl Sender {
         Ok(())
     }
 
+    /// Re-stamps, under the current identity, the waiting batches of each partition whose
+    /// broker forgot this producer, once none of its batches is in flight: in drain order,
+    /// with fresh sequences, so they go again in the order they were first sent.
+    fn restamp_forgotten(&mut self, now: Instant) {
+        let Some(sequences) = &mut self.sequences else {
+            self.resequence.clear();
+            return;
+        };
+        let ready: Vec<TopicPartition> = self
+            .resequence
+            .iter()
+            .filter(|partition| {
+                let waiting = self
+                    .retries
+                    .iter()
+                    .filter(|b| &b.partition == *partition)
+                    .count();
+                let unsettled = self.unsettled.get(*partition).map_or(0, VecDeque::len);
+                waiting == unsettled
+            })
+            .cloned()
+            .collect();
+        for partition in ready {
+            self.resequence.remove(&partition);
+            let mut held: Vec<&mut InFlightBatch> = self
+                .retries
+                .iter_mut()
+                .filter(|b| b.partition == partition)
+                .collect();
+            held.sort_by_key(|b| b.number);
+            for batch in held {
+                let stamp = sequences.stamp(&partition, batch.records);
+                let mut bytes = batch.bytes.to_vec();
+                ketch_protocol::batch::set_producer_stamp(&mut bytes, stamp);
+                batch.bytes = Bytes::from(bytes);
+                batch.stamp = stamp;
+                batch.retry_at = now;
+            }
+            tracing::info!(%partition, producer_id = sequences.producer_id(), "resending the partition's batches under the renewed producer id");
+        }
+    }
+
     /// Takes the ready batches, stamps and finishes them.
     fn drain(&mut self, now: Instant, closing: bool) -> Vec<InFlightBatch> {
         let flushing = closing || self.shared.flushing.load(Ordering::SeqCst) > 0;
@@ -748,6 +822,9 @@ impl Sender {
         let ready = state.accumulator.ready(now, flushing);
         let mut batches = Vec::with_capacity(ready.len());
         for partition in ready {
+            if self.resequence.contains(&partition) {
+                continue;
+            }
             while let Some(batch) = state.accumulator.drain(&partition, now, flushing) {
                 let records = batch.records() as i32;
                 let stamp = match &mut self.sequences {
@@ -841,7 +918,8 @@ impl Sender {
             .get(&partition)
             .and_then(|numbers| numbers.front())
             .is_some_and(|oldest| *oldest < batch.number);
-        if error.code() == Some(ErrorCode::OutOfOrderSequence)
+        let unknown_producer = error.code() == Some(ErrorCode::UnknownProducer);
+        if (error.code() == Some(ErrorCode::OutOfOrderSequence) || unknown_producer)
             && behind_unsettled
             && now + delay < batch.deadline()
         {
@@ -870,6 +948,25 @@ impl Sender {
                 }
                 self.complete(&partition, batch.number);
                 self.renew_identity = self.sequences.is_some();
+                return;
+            }
+            Some(ErrorCode::UnknownProducer)
+                if self.sequences.is_some() && now + delay < batch.deadline() =>
+            {
+                // The broker forgot this producer (evicted its state, or retention removed
+                // its batches), so this batch, the oldest unsettled of its partition, was not
+                // appended. Renew the identity and send the partition's batches again under
+                // it, in order: nothing lost, nothing written twice.
+                tracing::info!(%partition, %error, "the broker forgot this producer; renewing its id");
+                if let Some(sequences) = &self.sequences
+                    && batch.stamp.producer_id == sequences.producer_id()
+                {
+                    self.renew_identity = true;
+                }
+                self.resequence.insert(partition);
+                batch.attempts += 1;
+                batch.retry_at = now;
+                self.retries.push(batch);
                 return;
             }
             Some(ErrorCode::UnknownProducer | ErrorCode::InvalidProducerEpoch) => {

@@ -1,0 +1,211 @@
+//! Topics on one node through `Cluster`, against a real data directory: the produce path's
+//! idempotence and order, and the life of a topic (create, delete, re-create, restart).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ketch_broker::cluster::Cluster;
+use ketch_broker::config::BrokerConfig;
+use ketch_protocol::batch::{BatchBuilder, ProducerStamp};
+
+fn config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        data_dir: dir.to_owned(),
+        ..BrokerConfig::default()
+    }
+}
+
+fn batch(stamp: ProducerStamp, values: &[&str]) -> Bytes {
+    let mut builder = BatchBuilder::new(1024 * 1024).with_producer(stamp);
+    for value in values {
+        assert!(builder.try_append(0, None, Some(value.as_bytes()), &[]));
+    }
+    builder.finish()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn idempotent_batches_append_in_sequence_and_retries_are_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    runtime().block_on(async {
+        cluster.create_topic("t", 1, &[]).await.unwrap();
+        let partition = cluster.partition("t", 0).unwrap();
+        let pid = cluster.allocate_producer_id().unwrap();
+        let stamp = |base_sequence| ProducerStamp {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence,
+        };
+        let a = partition
+            .append(batch(stamp(0), &["a0", "a1"]), 0)
+            .await
+            .unwrap();
+        let b = partition.append(batch(stamp(2), &["b0"]), 0).await.unwrap();
+        let again = partition
+            .append(batch(stamp(0), &["a0", "a1"]), 0)
+            .await
+            .unwrap();
+        assert_eq!((a.base_offset, b.base_offset), (0, 2));
+        assert!(again.duplicate && again.base_offset == 0, "{again:?}");
+    });
+}
+
+/// Syncs and drops a cluster, then opens the same directory again (a clean restart).
+fn restart(cluster: Arc<Cluster>, dir: &std::path::Path) -> Arc<Cluster> {
+    cluster.sync_all();
+    drop(cluster);
+    Arc::new(Cluster::open(config(dir)).unwrap())
+}
+
+fn topic_names(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .topics()
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| !n.starts_with("__"))
+        .collect()
+}
+
+/// Names that look like the old tombstone pattern are ordinary topics: they survive a
+/// restart. Deleted topics are moved out of `topics/`, where no name can reach.
+#[test]
+fn a_topic_named_like_a_deleted_one_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let names = [
+        "x.deleted-5",
+        "deleted-topics",
+        ".deleted",
+        "y.deleted-1700000000000",
+    ];
+    runtime().block_on(async {
+        for name in names {
+            cluster.create_topic(name, 1, &[]).await.unwrap();
+        }
+        cluster.create_topic("gone", 1, &[]).await.unwrap();
+        cluster.delete_topic("gone").await.unwrap();
+    });
+    cluster = restart(cluster, dir.path());
+    let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(topic_names(&cluster), expected);
+}
+
+/// The longest names (234 to 249 bytes) used to fail deletion half-way (the tombstone name
+/// was too long for the file system): the topic vanished and came back after a restart. A
+/// delete succeeds or changes nothing.
+#[test]
+fn deleting_topics_with_the_longest_names_succeeds_and_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let names: Vec<String> = [234, 240, 249].iter().map(|n| "n".repeat(*n)).collect();
+    runtime().block_on(async {
+        for name in &names {
+            cluster.create_topic(name, 2, &[]).await.unwrap();
+            cluster
+                .delete_topic(name)
+                .await
+                .unwrap_or_else(|e| panic!("deleting a {}-byte name: {e}", name.len()));
+        }
+    });
+    cluster = restart(cluster, dir.path());
+    assert_eq!(topic_names(&cluster), Vec::<String>::new());
+    runtime().block_on(async {
+        for name in &names {
+            cluster.create_topic(name, 1, &[]).await.unwrap();
+        }
+    });
+    cluster = restart(cluster, dir.path());
+    assert_eq!(topic_names(&cluster).len(), names.len());
+}
+
+/// A topic re-created under a deleted one's name is a new incarnation: a new id, kept
+/// across restarts.
+#[test]
+fn a_recreated_topic_has_a_new_id_that_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let (first, second) = runtime().block_on(async {
+        let first = cluster.create_topic("t", 1, &[]).await.unwrap().id;
+        cluster.delete_topic("t").await.unwrap();
+        let second = cluster.create_topic("t", 1, &[]).await.unwrap().id;
+        (first, second)
+    });
+    assert_ne!(first, second);
+    cluster = restart(cluster, dir.path());
+    assert_eq!(cluster.topic("t").unwrap().id, second);
+}
+
+/// Startup reads the producer checkpoint and only the log after it: a clean restart replays
+/// nothing, a restart without a fresh checkpoint (a crash) replays only what followed the
+/// last one, and either way retries of batches on both sides are still duplicates.
+#[test]
+fn startup_replays_only_the_log_after_the_producer_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let rt = runtime();
+    let pid = cluster.allocate_producer_id().unwrap();
+    let stamp = |base_sequence| ProducerStamp {
+        producer_id: pid,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    rt.block_on(async {
+        cluster.create_topic("t", 1, &[]).await.unwrap();
+        let partition = cluster.partition("t", 0).unwrap();
+        for seq in 0..10 {
+            partition
+                .append(batch(stamp(seq), &["v"]), 0)
+                .await
+                .unwrap();
+        }
+    });
+    // Clean restart: sync_all checkpoints; nothing is replayed.
+    cluster = restart(cluster, dir.path());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 10);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(9), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 9, "{retry:?}");
+        for seq in 10..15 {
+            partition
+                .append(batch(stamp(seq), &["v"]), 0)
+                .await
+                .unwrap();
+        }
+    });
+    // A crash: no checkpoint since offset 10; only 10..15 is replayed.
+    drop(partition);
+    drop(cluster);
+    cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 10);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(14), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 14, "{retry:?}");
+        let next = partition.append(batch(stamp(15), &["v"]), 0).await.unwrap();
+        assert!(!next.duplicate && next.base_offset == 15, "{next:?}");
+    });
+    // A damaged checkpoint is ignored: the whole log is replayed, nothing is lost.
+    drop(partition);
+    cluster.sync_all();
+    drop(cluster);
+    let path = dir.path().join("topics/t/producers-0.checkpoint");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let partition = cluster.partition("t", 0).unwrap();
+    assert_eq!(partition.producer_state_replayed_from(), 0);
+    rt.block_on(async {
+        let retry = partition.append(batch(stamp(15), &["v"]), 0).await.unwrap();
+        assert!(retry.duplicate && retry.base_offset == 15, "{retry:?}");
+    });
+}
