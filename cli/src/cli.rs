@@ -395,7 +395,8 @@ fn format_record(format: &str, record: &ConsumerRecord, out: &mut Vec<u8>) {
 pub fn consume(connection: &Connection, args: ConsumeArgs) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
     let filter = args.filter.as_ref().map(|name| {
-        ketch_client::FilterSpec::new(name).with_params(args.filter_params.clone().unwrap_or_default())
+        ketch_client::FilterSpec::new(name)
+            .with_params(args.filter_params.clone().unwrap_or_default())
     });
     block_on(async {
         let client = connection.connect().await?;

@@ -39,8 +39,8 @@ pub fn filter(connection: &Connection, command: FilterCommand) -> anyhow::Result
                 path,
                 description,
             } => {
-                let bytes = std::fs::read(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 let version = admin
                     .upload_filter(&name, &description, bytes)
                     .await

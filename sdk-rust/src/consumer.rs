@@ -35,8 +35,8 @@ use crate::TopicPartition;
 use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
-use crate::filters::PartitionPushStream;
 use crate::error::{Error, Result};
+use crate::filters::PartitionPushStream;
 
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -853,7 +853,8 @@ async fn read_pushes(
         let timeout = shared.client.config().request_timeout;
         let transport = &shared.client.inner.transport;
         let filter = shared.config.filter.as_ref();
-        let mut stream = PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
+        let mut stream =
+            PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
         loop {
             let next = tokio::select! {
                 next = stream.next() => next?,

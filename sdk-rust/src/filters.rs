@@ -174,7 +174,9 @@ impl PartitionPushStream {
         timeout: std::time::Duration,
     ) -> Result<PartitionPushStream> {
         Ok(match filter {
-            None => PartitionPushStream::Plain(transport.open_stream(leader, &request, timeout).await?),
+            None => {
+                PartitionPushStream::Plain(transport.open_stream(leader, &request, timeout).await?)
+            }
             Some(filter) => {
                 let request = SubscribeFilteredRequest {
                     topic: request.topic,
@@ -185,7 +187,9 @@ impl PartitionPushStream {
                     filter_version: filter.version.unwrap_or(0),
                     params: filter.params.clone(),
                 };
-                PartitionPushStream::Filtered(transport.open_stream(leader, &request, timeout).await?)
+                PartitionPushStream::Filtered(
+                    transport.open_stream(leader, &request, timeout).await?,
+                )
             }
         })
     }
@@ -193,9 +197,12 @@ impl PartitionPushStream {
     /// Cancel-safe, like [`ResponseStream::next`].
     pub(crate) async fn next(&mut self) -> Result<Option<(FetchPartitionResponse, Option<i64>)>> {
         match self {
-            PartitionPushStream::Plain(stream) => Ok(stream.next().await?.map(|answer| (answer, None))),
+            PartitionPushStream::Plain(stream) => {
+                Ok(stream.next().await?.map(|answer| (answer, None)))
+            }
             PartitionPushStream::Filtered(stream) => Ok(stream.next().await?.map(|push| {
-                let next = (push.error == ketch_protocol::ErrorCode::None).then_some(push.next_offset);
+                let next =
+                    (push.error == ketch_protocol::ErrorCode::None).then_some(push.next_offset);
                 (
                     FetchPartitionResponse {
                         topic: push.topic,

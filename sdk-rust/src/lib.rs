@@ -77,7 +77,6 @@ mod partitioner;
 mod producer;
 mod transport;
 
-pub use filters::{FilterDescription, FilterSpec, FilterVersion};
 pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupSummary, NewTopic,
     PartitionDescription, TopicDescription, TopicSummary,
@@ -89,6 +88,7 @@ pub use config::{
 };
 pub use consumer::{Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents};
 pub use error::{Error, Result};
+pub use filters::{FilterDescription, FilterSpec, FilterVersion};
 pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;

@@ -132,10 +132,7 @@ pub(super) async fn subscribe_filtered(
         }
     };
     let version = (request.filter_version != 0).then_some(request.filter_version);
-    let user = format!(
-        "subscription to {}/{}",
-        request.topic, request.partition
-    );
+    let user = format!("subscription to {}/{}", request.topic, request.partition);
     let session = state
         .transforms
         .session(&request.filter, version, request.params.clone(), user)
@@ -144,7 +141,9 @@ pub(super) async fn subscribe_filtered(
         Ok(session) => Some(session),
         Err(e) => {
             // The stream is open (the request decoded); the failure is its one frame.
-            let _ = send.write_all(&error_frame(&request, e.code(), e.to_string())).await;
+            let _ = send
+                .write_all(&error_frame(&request, e.code(), e.to_string()))
+                .await;
             return;
         }
     };
@@ -193,11 +192,15 @@ pub(super) async fn subscribe_filtered(
                 }
                 Ok((_, Err(e))) => {
                     tracing::info!(error = %e, "filtered subscription failed");
-                    let _ = send.write_all(&error_frame(&request, e.code(), e.to_string())).await;
+                    let _ = send
+                        .write_all(&error_frame(&request, e.code(), e.to_string()))
+                        .await;
                     return;
                 }
                 Err(e) => {
-                    let _ = send.write_all(&error_frame(&request, e.code(), e.to_string())).await;
+                    let _ = send
+                        .write_all(&error_frame(&request, e.code(), e.to_string()))
+                        .await;
                     return;
                 }
             };

@@ -501,7 +501,11 @@ async fn read_request(
             ),
         },
     )?;
-    let key_checked_at = if length > frame_bytes_max { 2 } else { usize::MAX };
+    let key_checked_at = if length > frame_bytes_max {
+        2
+    } else {
+        usize::MAX
+    };
     let mut gathered: Option<bytes::BytesMut> = None;
     let mut single: Option<Bytes> = None;
     let mut memory: Option<RequestMemory> = None;

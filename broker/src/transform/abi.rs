@@ -198,7 +198,9 @@ pub fn decode_output(bytes: &[u8], record_count: usize) -> Result<Output, String
                     "keep bitmap covers {count} records, the batch has {record_count}"
                 ));
             }
-            Ok(Output::Keep(c.take(count.div_ceil(8), "the keep bitmap")?.to_vec()))
+            Ok(Output::Keep(
+                c.take(count.div_ceil(8), "the keep bitmap")?.to_vec(),
+            ))
         }
         1 => {
             let count = c.u32("the action count")? as usize;
@@ -308,19 +310,35 @@ mod tests {
 
     #[test]
     fn outputs_are_checked_field_by_field() {
-        check(&words(&[0, 3, 0b101]), 3, Ok(Output::Keep(vec![5, 0, 0, 0])));
+        check(
+            &words(&[0, 3, 0b101]),
+            3,
+            Ok(Output::Keep(vec![5, 0, 0, 0])),
+        );
         check(&words(&[0, 2]), 3, Err("covers 2 records, the batch has 3"));
         check(&words(&[0, 9]), 9, Err("ends inside the keep bitmap"));
         check(&words(&[7]), 1, Err("unknown output kind 7"));
         check(&[1, 0], 1, Err("ends inside the output kind"));
-        check(&words(&[1, 1, 0, 0]), 1, Ok(Output::Actions(vec![Action::Keep(0)])));
-        check(&words(&[1, 1, 0, 5]), 2, Err("names record 5, the batch has 2"));
+        check(
+            &words(&[1, 1, 0, 0]),
+            1,
+            Ok(Output::Actions(vec![Action::Keep(0)])),
+        );
+        check(
+            &words(&[1, 1, 0, 5]),
+            2,
+            Err("names record 5, the batch has 2"),
+        );
         check(&words(&[1, 2, 0, 1, 0, 0]), 2, Err("after record 1"));
         check(&words(&[1, 1_000_000, 0, 0]), 1, Err("cannot fit"));
         check(&words(&[1, 1, 9, 0]), 1, Err("unknown op 9"));
         let mut error = words(&[1, 1, 2, 0, 3]);
         error.extend_from_slice(b"bad");
-        check(&error, 1, Ok(Output::Actions(vec![Action::Error(0, "bad".into())])));
+        check(
+            &error,
+            1,
+            Ok(Output::Actions(vec![Action::Error(0, "bad".into())])),
+        );
         let mut emit = words(&[1, 1, 1, 0, u32::MAX, 2, 1, 1]);
         emit.extend_from_slice(b"hit");
         emit.extend_from_slice(&words(&[1, u32::MAX]));
@@ -333,12 +351,19 @@ mod tests {
                 EmittedRecord {
                     key: None,
                     value: Bytes::from_static(b"hi"),
-                    headers: vec![Header { key: Bytes::from_static(b"h"), value: None }],
+                    headers: vec![Header {
+                        key: Bytes::from_static(b"h"),
+                        value: None,
+                    }],
                     topic: Some("t".into()),
                 },
             )])),
         );
-        check(&words(&[1, 1, 1, 0, 50, 0, 0, 0]), 1, Err("ends inside a key"));
+        check(
+            &words(&[1, 1, 1, 0, 50, 0, 0, 0]),
+            1,
+            Err("ends inside a key"),
+        );
         let mut message = words(&[2, 4]);
         message.extend_from_slice(b"oops");
         check(&message, 0, Ok(Output::Error("oops".into())));
@@ -348,9 +373,21 @@ mod tests {
     fn output_spans_stay_inside_memory_and_the_limit() {
         let pack = |ptr: u64, len: u64| ((ptr << 32) | len) as i64;
         assert_eq!(output_span(pack(16, 8), 64, 1024), Ok((16, 8)));
-        assert!(output_span(pack(60, 8), 64, 1024).unwrap_err().contains("outside"));
-        assert!(output_span(pack(u32::MAX as u64, 4), 64, 1024).unwrap_err().contains("outside"));
-        assert!(output_span(pack(0, 2048), 1 << 20, 1024).unwrap_err().contains("exceeds the limit"));
+        assert!(
+            output_span(pack(60, 8), 64, 1024)
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            output_span(pack(u32::MAX as u64, 4), 64, 1024)
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            output_span(pack(0, 2048), 1 << 20, 1024)
+                .unwrap_err()
+                .contains("exceeds the limit")
+        );
     }
 
     #[test]
@@ -360,7 +397,10 @@ mod tests {
             timestamp: 9,
             key: None,
             value: Some(Bytes::from_static(b"v")),
-            headers: vec![Header { key: Bytes::from_static(b"h"), value: Some(Bytes::from_static(b"x")) }],
+            headers: vec![Header {
+                key: Bytes::from_static(b"h"),
+                value: Some(Bytes::from_static(b"x")),
+            }],
         }];
         let mut out = Vec::new();
         encode_input("tp", 3, &records, &mut out);
@@ -372,10 +412,16 @@ mod tests {
         let e = INPUT_HEADER_BYTES;
         assert_eq!(i64::from_le_bytes(out[e..e + 8].try_into().unwrap()), 7);
         assert_eq!(u32_at(e + 20), u32::MAX, "no key");
-        assert_eq!(&out[u32_at(e + 24) as usize..][..u32_at(e + 28) as usize], b"v");
+        assert_eq!(
+            &out[u32_at(e + 24) as usize..][..u32_at(e + 28) as usize],
+            b"v"
+        );
         let h = u32_at(e + 32) as usize;
         assert_eq!(u32_at(e + 36), 1);
         assert_eq!(&out[u32_at(h) as usize..][..u32_at(h + 4) as usize], b"h");
-        assert_eq!(&out[u32_at(h + 8) as usize..][..u32_at(h + 12) as usize], b"x");
+        assert_eq!(
+            &out[u32_at(h + 8) as usize..][..u32_at(h + 12) as usize],
+            b"x"
+        );
     }
 }

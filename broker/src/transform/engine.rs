@@ -10,8 +10,8 @@ use wasmtime::{
     OptLevel, PoolingAllocationConfig, ResourceLimiter, Store, Trap, TypedFunc, ValType,
 };
 
-use super::abi::{self, Output};
 use super::FailureReason;
+use super::abi::{self, Output};
 
 /// How often the ticker advances the engine's epoch; batch deadlines are counted in ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -199,8 +199,18 @@ impl FilterEngine {
             }
         }
         let funcs: [(&str, &[ValType], &[ValType], &str); 4] = [
-            (abi::EXPORT_ABI_VERSION, &[], &[ValType::I32], "(func (result i32))"),
-            (abi::EXPORT_ALLOC, &[ValType::I32], &[ValType::I32], "(func (param i32) (result i32))"),
+            (
+                abi::EXPORT_ABI_VERSION,
+                &[],
+                &[ValType::I32],
+                "(func (result i32))",
+            ),
+            (
+                abi::EXPORT_ALLOC,
+                &[ValType::I32],
+                &[ValType::I32],
+                "(func (param i32) (result i32))",
+            ),
             (
                 abi::EXPORT_INIT,
                 &[ValType::I32, ValType::I32],
@@ -228,7 +238,9 @@ impl FilterEngine {
                 _ => false,
             };
             if !ok {
-                return Err(format!("export `{name}` has the wrong type; it must be {text}"));
+                return Err(format!(
+                    "export `{name}` has the wrong type; it must be {text}"
+                ));
             }
         }
         match module.get_export(abi::EXPORT_MEMORY) {
@@ -331,7 +343,12 @@ impl FilterEngine {
 
 /// The `ketch.log` import: bounds-checked, rate-limited; a panic-level message is kept as the
 /// reason of the trap that follows it.
-fn host_log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> wasmtime::Result<()> {
+fn host_log(
+    mut caller: Caller<'_, HostState>,
+    level: i32,
+    ptr: i32,
+    len: i32,
+) -> wasmtime::Result<()> {
     let Some(memory) = caller
         .get_export(abi::EXPORT_MEMORY)
         .and_then(|e| e.into_memory())
@@ -347,7 +364,8 @@ fn host_log(mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -
             data.len()
         )));
     };
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(LOG_MESSAGE_BYTES_MAX)]).into_owned();
+    let text =
+        String::from_utf8_lossy(&bytes[..bytes.len().min(LOG_MESSAGE_BYTES_MAX)]).into_owned();
     let state = caller.data_mut();
     if level == abi::LOG_LEVEL_PANIC {
         state.panic_message = Some(text);
@@ -455,7 +473,12 @@ impl Instance {
         self.call(false, input, record_count)
     }
 
-    fn call(&mut self, init: bool, input: &[u8], record_count: usize) -> Result<Output, FailureReason> {
+    fn call(
+        &mut self,
+        init: bool,
+        input: &[u8],
+        record_count: usize,
+    ) -> Result<Output, FailureReason> {
         self.arm();
         let len = i32::try_from(input.len())
             .map_err(|_| FailureReason::BadOutput("input larger than 2 GiB".into()))?;
@@ -464,13 +487,21 @@ impl Instance {
             .call(&mut self.store, len)
             .map_err(|e| self.fail(&e))? as u32 as usize;
         let memory_bytes = self.memory.data_size(&self.store);
-        if ptr % 8 != 0 || ptr.checked_add(input.len()).is_none_or(|end| end > memory_bytes) {
+        if ptr % 8 != 0
+            || ptr
+                .checked_add(input.len())
+                .is_none_or(|end| end > memory_bytes)
+        {
             return Err(FailureReason::BadOutput(format!(
                 "`ketch_alloc({len})` returned {ptr:#x}, not an 8-aligned buffer inside memory of {memory_bytes} bytes"
             )));
         }
         self.memory.data_mut(&mut self.store)[ptr..ptr + input.len()].copy_from_slice(input);
-        let func = if init { self.init.clone() } else { self.process.clone() };
+        let func = if init {
+            self.init.clone()
+        } else {
+            self.process.clone()
+        };
         let packed = func
             .call(&mut self.store, (ptr as i32, len))
             .map_err(|e| self.fail(&e))?;

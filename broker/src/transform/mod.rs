@@ -274,14 +274,21 @@ impl FilterSession {
             .engine
             .instantiate(&self.module.module, name)
             .map_err(|r| self.error(r, None))?;
-        instance.init(&self.params).map_err(|r| self.error(r, None))?;
+        instance
+            .init(&self.params)
+            .map_err(|r| self.error(r, None))?;
         self.instance = Some(instance);
         Ok(())
     }
 
     /// Runs the module on `records` (one call). A failed call throws the instance away; the
     /// next call makes a fresh one.
-    pub fn run(&mut self, topic: &str, partition: u32, records: &[Record]) -> Result<Output, FilterError> {
+    pub fn run(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+    ) -> Result<Output, FilterError> {
         self.prepare()?;
         abi::encode_input(topic, partition, records, &mut self.input);
         let instance = self.instance.as_mut().expect("prepared");
@@ -367,16 +374,17 @@ impl FilterSession {
                 let mut actions = actions.into_iter().peekable();
                 for &(first, count, _) in &spans {
                     let mut builder = Reencoder::new();
-                    while let Some(action) = actions.next_if(|a| (a.index() as usize) < first + count) {
+                    while let Some(action) =
+                        actions.next_if(|a| (a.index() as usize) < first + count)
+                    {
                         let record = &records[action.index() as usize];
                         let placed = match action {
                             Action::Keep(_) => builder.push_record(record, None),
                             Action::Emit(_, emitted) => builder.push_record(record, Some(&emitted)),
                             Action::Error(_, message) => {
-                                return Err(self.error(
-                                    FailureReason::Record(message),
-                                    Some(record.offset),
-                                ));
+                                return Err(
+                                    self.error(FailureReason::Record(message), Some(record.offset))
+                                );
                             }
                         };
                         if !placed {

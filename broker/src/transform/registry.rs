@@ -152,10 +152,13 @@ impl Registry {
         {
             return Ok(latest);
         }
-        let (artifact, module) = engine.compile(bytes).map_err(|reason| TransformError::Invalid {
-            name: name.to_owned(),
-            reason,
-        })?;
+        let (artifact, module) =
+            engine
+                .compile(bytes)
+                .map_err(|reason| TransformError::Invalid {
+                    name: name.to_owned(),
+                    reason,
+                })?;
         let mut entries = self.entries.lock().expect("registry lock");
         let entry = entries.entry(name.to_owned()).or_default();
         entry.meta.name = name.to_owned();
@@ -283,7 +286,12 @@ impl Registry {
         ))
     }
 
-    fn load(&self, engine: &FilterEngine, name: &str, version: u32) -> Result<Module, TransformError> {
+    fn load(
+        &self,
+        engine: &FilterEngine,
+        name: &str,
+        version: u32,
+    ) -> Result<Module, TransformError> {
         let dir = self.filter_dir(name);
         let cwasm = dir.join(format!("v{version}.cwasm"));
         if let Ok(artifact) = std::fs::read(&cwasm) {
@@ -296,10 +304,13 @@ impl Registry {
         }
         let wasm = dir.join(format!("v{version}.wasm"));
         let bytes = std::fs::read(&wasm).map_err(|e| storage("reading", &wasm, e))?;
-        let (artifact, module) = engine.compile(&bytes).map_err(|reason| TransformError::Invalid {
-            name: name.to_owned(),
-            reason,
-        })?;
+        let (artifact, module) =
+            engine
+                .compile(&bytes)
+                .map_err(|reason| TransformError::Invalid {
+                    name: name.to_owned(),
+                    reason,
+                })?;
         self.compiled_from_source.fetch_add(1, Ordering::Relaxed);
         write_durably(&cwasm, &artifact).map_err(|e| storage("writing", &cwasm, e))?;
         Ok(module)
