@@ -225,7 +225,7 @@ async fn the_cli_deploys_lists_consumes_through_and_deletes_filters() -> anyhow:
         "--timeout-ms",
         "20000",
         "--format",
-        "%o %v\n",
+        "%o %v",
     ])?;
     assert_eq!(out, "0 write to [email]\n1 no pii\n2 card [card]\n");
     let out = ok(&[
@@ -240,7 +240,7 @@ async fn the_cli_deploys_lists_consumes_through_and_deletes_filters() -> anyhow:
         "--timeout-ms",
         "20000",
         "--format",
-        "%o\n",
+        "%o",
     ])?;
     assert_eq!(out, "0\n2\n");
 

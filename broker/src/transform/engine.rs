@@ -149,6 +149,7 @@ impl FilterEngine {
         if !bytes.starts_with(b"\0asm") {
             return Err("not a WebAssembly binary (no \\0asm magic at offset 0)".into());
         }
+        self.check_memory_minimum(bytes)?;
         let artifact = self
             .engine
             .precompile_module(bytes)
@@ -157,6 +158,21 @@ impl FilterEngine {
         self.check_shape(&module)?;
         self.check_abi_version(&module)?;
         Ok((artifact, module))
+    }
+
+    /// The declared memory minimum, checked before compiling (the pooling allocator would
+    /// refuse the module later with a less useful message).
+    fn check_memory_minimum(&self, bytes: &[u8]) -> Result<(), String> {
+        for minimum_pages in declared_memory_minimums(bytes) {
+            let minimum = minimum_pages.saturating_mul(WASM_PAGE_BYTES);
+            if minimum > self.limits.memory_bytes_max as u64 {
+                return Err(format!(
+                    "memory minimum of {minimum} bytes exceeds the limit (filter_memory_bytes_max) of {} bytes",
+                    self.limits.memory_bytes_max
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Loads a module this engine precompiled.
@@ -339,6 +355,53 @@ impl FilterEngine {
             .max(1)
             + 1
     }
+}
+
+/// The minimum page counts of the memories a module's memory section declares (section 5 of
+/// the binary format). Malformed input yields what was read so far: compiling reports it.
+fn declared_memory_minimums(bytes: &[u8]) -> Vec<u64> {
+    fn leb(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut minimums = Vec::new();
+    let mut at = 8; // magic and version
+    while at < bytes.len() {
+        let id = bytes[at];
+        at += 1;
+        let Some(size) = leb(bytes, &mut at) else {
+            break;
+        };
+        let end = at.saturating_add(size as usize).min(bytes.len());
+        if id == 5 {
+            let mut p = at;
+            let count = leb(bytes, &mut p).unwrap_or(0);
+            for _ in 0..count {
+                let Some(&flags) = bytes.get(p) else { break };
+                p += 1;
+                let Some(minimum) = leb(bytes, &mut p) else {
+                    break;
+                };
+                minimums.push(minimum);
+                if flags & 0x01 != 0 && leb(bytes, &mut p).is_none() {
+                    break;
+                }
+                if flags & 0x08 != 0 && leb(bytes, &mut p).is_none() {
+                    break;
+                }
+            }
+        }
+        at = end;
+    }
+    minimums
 }
 
 /// The `ketch.log` import: bounds-checked, rate-limited; a panic-level message is kept as the
