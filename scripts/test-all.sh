@@ -32,6 +32,15 @@ python3 --version
 
 step "format"
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path wasm-filters/Cargo.toml -- --check
+
+step "Wasm filters: guest SDK and examples for wasm32-unknown-unknown (the tests load them)"
+# A workspace of its own (excluded from the host one), built into the one target dir.
+rustup target add wasm32-unknown-unknown
+cargo build --locked --release --target wasm32-unknown-unknown \
+    --manifest-path wasm-filters/Cargo.toml --target-dir target/wasm
+# The AssemblyScript library and example (from npm), into target/wasm/as.
+(cd wasm-filters/assemblyscript && npm install --no-audit --no-fund && npm run build)
 
 step "Python venv (target/py-venv): prometheus_client for the metrics test, maturin/pytest/mypy for the Python SDK"
 python3 -m venv target/py-venv

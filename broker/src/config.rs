@@ -111,6 +111,21 @@ pub struct BrokerConfig {
     /// Label partition gauges by partition; `false` sums them per topic (for brokers with
     /// many partitions).
     pub metrics_partition_labels: bool,
+    /// Wasm filters: linear memory one instance may use.
+    pub filter_memory_bytes_max: u64,
+    /// Wasm filters: CPU time one call (one batch) may take, enforced by epoch interruption.
+    pub filter_batch_time_ms_max: u64,
+    /// Wasm filters: bytes one call may return.
+    pub filter_output_bytes_max: u64,
+    /// Wasm filters: size of an uploaded module. Upload frames may be this much (plus 64 KiB)
+    /// even when it is above `frame_bytes_max`: the limit is raised for that one API.
+    pub filter_module_bytes_max: u64,
+    /// Wasm filters: threads that run modules (never the QUIC or tokio threads).
+    pub filter_threads: u32,
+    /// Wasm filters: calls waiting for a filter thread before callers get `overloaded`.
+    pub filter_queue_max: u32,
+    /// Wasm filters: instances alive at once (pooling allocator slots).
+    pub filter_instances_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -142,6 +157,13 @@ impl Default for BrokerConfig {
             shutdown_grace_ms: 10_000,
             metrics_listen: MetricsListen::Addr(SocketAddr::from(([127, 0, 0, 1], 9193))),
             metrics_partition_labels: true,
+            filter_memory_bytes_max: 32 * 1024 * 1024,
+            filter_batch_time_ms_max: 100,
+            filter_output_bytes_max: 8 * 1024 * 1024,
+            filter_module_bytes_max: 16 * 1024 * 1024,
+            filter_threads: 2,
+            filter_queue_max: 1024,
+            filter_instances_max: 256,
         }
     }
 }
@@ -164,6 +186,27 @@ pub enum ConfigError {
 }
 
 impl BrokerConfig {
+    /// The largest `FilterUpload` frame: a module of `filter_module_bytes_max` with room for
+    /// its name and description. Only that API may exceed `frame_bytes_max`.
+    pub fn filter_upload_frame_bytes_max(&self) -> usize {
+        (self.filter_module_bytes_max as usize + 64 * 1024).max(self.frame_bytes_max as usize)
+    }
+
+    /// The settings of the Wasm transform subsystem.
+    pub fn transform_config(&self) -> crate::transform::TransformConfig {
+        crate::transform::TransformConfig {
+            limits: crate::transform::Limits {
+                memory_bytes_max: self.filter_memory_bytes_max as usize,
+                batch_time_ms_max: self.filter_batch_time_ms_max,
+                output_bytes_max: self.filter_output_bytes_max as usize,
+                module_bytes_max: self.filter_module_bytes_max as usize,
+                instances_max: self.filter_instances_max.max(1),
+            },
+            threads: self.filter_threads as usize,
+            queue_max: self.filter_queue_max.max(1) as usize,
+        }
+    }
+
     /// Reads a TOML file; missing keys keep their defaults.
     pub fn from_file(path: &std::path::Path) -> Result<BrokerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -191,6 +234,25 @@ impl BrokerConfig {
         if self.frame_bytes_max < self.batch_bytes_max + 64 * 1024 {
             return invalid(
                 "frame_bytes_max must exceed batch_bytes_max by at least 64 KiB".into(),
+            );
+        }
+        if self.request_bytes_in_flight_max < self.filter_upload_frame_bytes_max() as u64 {
+            return invalid(
+                "request_bytes_in_flight_max must hold one filter upload (filter_module_bytes_max + 64 KiB)".into(),
+            );
+        }
+        if self.filter_memory_bytes_max < 64 * 1024 || self.filter_memory_bytes_max > 4 << 30 {
+            return invalid("filter_memory_bytes_max must be between 64 KiB and 4 GiB".into());
+        }
+        if self.filter_batch_time_ms_max == 0 || self.filter_threads == 0 {
+            return invalid("filter_batch_time_ms_max and filter_threads must be positive".into());
+        }
+        if self.filter_output_bytes_max > u64::from(u32::MAX)
+            || self.filter_module_bytes_max > 1 << 30
+        {
+            return invalid(
+                "filter_output_bytes_max is at most 4 GiB and filter_module_bytes_max at most 1 GiB"
+                    .into(),
             );
         }
         if self.segment_bytes_max < u64::from(self.batch_bytes_max) {

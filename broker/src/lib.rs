@@ -1,6 +1,7 @@
 //! The Ketch broker library: partition storage ([`storage`]), topics and partitions on this
 //! node ([`cluster`]), the consumer-group coordinator ([`group`]) and its durable store
-//! ([`groups`]), the QUIC server ([`server`]), configuration ([`config`]) and what it measures
+//! ([`groups`]), the QUIC server ([`server`]), Wasm transforms ([`transform`], the only
+//! module that knows wasmtime), configuration ([`config`]) and what it measures
 //! ([`metrics`]). The `ketch` binary (crate `ketch-cli`) wraps it.
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
@@ -12,3 +13,4 @@ pub mod groups;
 pub mod metrics;
 pub mod server;
 pub mod storage;
+pub mod transform;

@@ -61,7 +61,7 @@ impl Connection {
         })
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let config = self.client_config()?;
         Client::connect(config)
             .await
@@ -174,9 +174,16 @@ pub struct ConsumeArgs {
     format: String,
     #[command(flatten)]
     connection: Connection,
+    /// Read through this Wasm filter (deployed with `ketch filter deploy`): the broker runs
+    /// it and sends only what it keeps, at the source offsets.
+    #[arg(long)]
+    filter: Option<String>,
+    /// JSON params handed to the filter's init.
+    #[arg(long, requires = "filter")]
+    filter_params: Option<String>,
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -425,6 +432,10 @@ fn format_record(format: &str, record: &ConsumerRecord, out: &mut Vec<u8>) {
 
 pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
+    let filter = args.filter.as_ref().map(|name| {
+        ketch_client::FilterSpec::new(name)
+            .with_params(args.filter_params.clone().unwrap_or_default())
+    });
     block_on(async {
         let client = args.connection.connect().await?;
         let consumer = match &args.group {
@@ -444,6 +455,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                 let config = ConsumerConfig {
                     group: Some(group.clone()),
                     auto_offset_reset,
+                    filter: filter.clone(),
                     ..ConsumerConfig::default()
                 };
                 client.subscribe(group.as_str(), [args.topic.as_str()], config)?
@@ -465,6 +477,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                 };
                 let config = ConsumerConfig {
                     auto_offset_reset,
+                    filter: filter.clone(),
                     ..ConsumerConfig::default()
                 };
                 let consumer = client.assign(config, &partitions)?;

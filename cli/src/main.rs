@@ -1,6 +1,7 @@
 //! `ketch`: the broker (`ketch serve`) and the command-line client.
 
 mod cli;
+mod filter_cli;
 mod metrics_http;
 mod serve;
 
@@ -53,6 +54,8 @@ enum Command {
     Consume(cli::ConsumeArgs),
     /// List and describe consumer groups.
     Group(cli::GroupArgs),
+    /// Deploy, list, describe and delete Wasm filters.
+    Filter(filter_cli::FilterArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Produce(args) => cli::produce(args),
         Command::Consume(args) => cli::consume(args),
         Command::Group(args) => cli::group(args),
+        Command::Filter(args) => filter_cli::filter_command(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

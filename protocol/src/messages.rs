@@ -432,10 +432,54 @@ wire_struct! {
         pub module_bytes: u64,
         pub digest: Bytes,
     }
+    /// Deletes every version. Refused with `filter_in_use` while a topic, subscription or
+    /// transform uses the filter, unless `force`.
     pub struct FilterDeleteRequest {
         pub name: String,
+        pub force: bool,
     }
     pub struct FilterDeleteResponse {}
+
+    // ---- Wasm filters, continued (20-21) ----
+
+    pub struct FilterDescribeRequest {
+        pub name: String,
+    }
+    pub struct FilterDescribeResponse {
+        pub name: String,
+        /// Every stored version, oldest first.
+        pub versions: Vec<FilterInfo>,
+        /// Where the filter is attached (topics, subscriptions, transforms).
+        pub in_use_by: Vec<String>,
+    }
+
+    /// Opens a push stream through a Wasm filter: like `Subscribe`, but the broker runs the
+    /// module (`filter_version` 0: the latest) with `params` (JSON text) on every batch and
+    /// pushes only what it keeps, at the source offsets. Every frame carries `next_offset`,
+    /// so a batch filtered to nothing still moves the consumer on. A module failure ends the
+    /// stream with one error frame naming the module, its version and the reason.
+    pub struct SubscribeFilteredRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub offset: i64,
+        pub push_bytes_max: u32,
+        pub filter: String,
+        pub filter_version: u32,
+        pub params: String,
+    }
+    pub struct FilteredPushResponse {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub error_message: Option<String>,
+        pub high_watermark: i64,
+        pub log_start_offset: i64,
+        /// The source offset to read next: after the last record the filter saw.
+        pub next_offset: i64,
+        /// Source records the filter saw for this frame.
+        pub records_in: u32,
+        pub records: Bytes,
+    }
 
     // ---- API versions (19) ----
 
@@ -579,6 +623,8 @@ apis! {
     17 FilterList => FilterListRequest, FilterListResponse;
     18 FilterDelete => FilterDeleteRequest, FilterDeleteResponse;
     19 ApiVersions => ApiVersionsRequest, ApiVersionsResponse;
+    20 FilterDescribe => FilterDescribeRequest, FilterDescribeResponse;
+    21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
 }
 
 impl Request {
@@ -609,7 +655,9 @@ impl Request {
             FilterUpload,
             FilterList,
             FilterDelete,
-            ApiVersions
+            ApiVersions,
+            FilterDescribe,
+            SubscribeFiltered
         )
     }
 }

@@ -217,6 +217,8 @@ fn consumer_config(options: &ConsumerOptions) -> Result<ConsumerConfig> {
         prefetch_chunks_max: options
             .prefetch_chunks_max
             .map_or(defaults.prefetch_chunks_max, |n| n as usize),
+        // Filters through the Node SDK wait for their option to be wired (issue 12's filter test).
+        filter: None,
     })
 }
 

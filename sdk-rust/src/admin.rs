@@ -220,7 +220,7 @@ pub struct GroupOffset {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Admin {
-    client: Client,
+    pub(crate) client: Client,
 }
 
 impl Admin {

@@ -408,6 +408,10 @@ pub struct ConsumerConfig {
     /// method: after it the consumer goes on (and gives revoked partitions back) without it,
     /// so a stuck listener cannot hold partitions from the group forever.
     pub assignment_listener_timeout: Duration,
+    /// Read through a Wasm filter: the broker runs it on every batch and pushes only what it
+    /// keeps, at the source offsets. A filter failure is a non-retriable error from `recv`
+    /// naming the module, its version and the reason.
+    pub filter: Option<crate::filters::FilterSpec>,
 }
 
 impl Default for ConsumerConfig {
@@ -421,6 +425,7 @@ impl Default for ConsumerConfig {
             partition_fetch_bytes_max: 1024 * 1024,
             prefetch_chunks_max: 64,
             assignment_listener_timeout: Duration::from_secs(30),
+            filter: None,
         }
     }
 }

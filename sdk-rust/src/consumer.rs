@@ -36,6 +36,7 @@ use crate::admin::list_offsets;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
 use crate::error::{Error, Result};
+use crate::filters::PartitionPushStream;
 use crate::{BoxFuture, TopicPartition};
 
 /// A record read from a partition.
@@ -1093,7 +1094,9 @@ async fn read_pushes(
         };
         let timeout = shared.client.config().request_timeout;
         let transport = &shared.client.inner.transport;
-        let mut stream = transport.open_stream(leader, &request, timeout).await?;
+        let filter = shared.config.filter.as_ref();
+        let mut stream =
+            PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
         loop {
             let next = tokio::select! {
                 next = stream.next() => next?,
@@ -1102,7 +1105,7 @@ async fn read_pushes(
                     continue;
                 }
             };
-            let Some(answer) = next else {
+            let Some((answer, next_offset)) = next else {
                 return Err(Error::transport(format!(
                     "{leader} ended the push stream of {partition}"
                 )));
@@ -1111,6 +1114,10 @@ async fn read_pushes(
                 handle_fetched(shared, sender, partition, &topic, offset, epoch, answer).await?
             {
                 return Err(error);
+            }
+            if let Some(next_offset) = next_offset {
+                // A filtered push: records the filter dropped move the position too.
+                skip_to(shared, partition, epoch, next_offset);
             }
             *attempt = 0;
             match stream_position(shared, partition, epoch) {
@@ -1234,6 +1241,18 @@ async fn handle_fetched(
         send(sender, Err(error)).await?;
     }
     Ok(None)
+}
+
+/// Moves the fetch position forward to `next` (never back) while it is `epoch`'s.
+fn skip_to(shared: &Shared, partition: &TopicPartition, epoch: u64, next: i64) {
+    let mut state = shared.state.lock().expect("consumer state lock");
+    if let Some(s) = state.partitions.get_mut(partition)
+        && s.epoch == epoch
+        && let FetchPosition::At(at) = s.fetch
+        && at < next
+    {
+        s.fetch = FetchPosition::At(next);
+    }
 }
 
 /// Pauses the partition if it is still at `epoch`; returns whether it did (a seek since

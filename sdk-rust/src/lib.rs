@@ -58,7 +58,8 @@
 //! - [`Consumer`] reads a group's assignment (or explicit partitions) from push streams (one
 //!   Subscribe stream per partition, on which the broker sends batches as they commit),
 //!   checks every batch's CRC, and commits automatically or on demand.
-//! - [`Admin`] creates, deletes and describes topics and groups.
+//! - [`Admin`] creates, deletes and describes topics and groups, and uploads, lists,
+//!   describes and deletes Wasm filters ([`ConsumerConfig::filter`] reads through one).
 //! - [`blocking`] wraps all of it for synchronous callers.
 //!
 //! Handles are `Clone` (an `Arc` inside), own their data, are `Send + Sync + 'static`, and
@@ -82,6 +83,7 @@ mod client;
 mod config;
 mod consumer;
 mod error;
+mod filters;
 mod partitioner;
 mod producer;
 mod transport;
@@ -99,6 +101,7 @@ pub use consumer::{
     AssignmentListener, Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents,
 };
 pub use error::{Cause, Error, Result};
+pub use filters::{FilterDescription, FilterSpec, FilterVersion};
 pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;

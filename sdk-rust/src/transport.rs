@@ -565,8 +565,13 @@ async fn exchange(
     let (mut send, mut recv) = connection.open_bi().await?;
     // The frame's chunks (record batches among them) are handed over, not copied into
     // quinn's buffer.
-    send.write_all_chunks(&mut frame).await?;
-    send.finish()?;
+    match send.write_all_chunks(&mut frame).await {
+        Ok(()) => send.finish()?,
+        // The broker refused the request before reading all of it (a frame over its limit,
+        // say) and stopped the stream: its answer says why.
+        Err(quinn::WriteError::Stopped(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     recv.read_exact(&mut prefix).await?;
     let length = frame_length(prefix, frame_bytes_max)?;

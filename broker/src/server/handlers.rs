@@ -44,7 +44,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::Produce(r) => respond(state, api, Ok(produce(state, r).await)),
         Request::Fetch(r) => respond(state, api, Ok(fetch(state, r).await)),
         Request::ListOffsets(r) => respond(state, api, Ok(list_offsets(state, r))),
-        Request::Subscribe(_) => unreachable!("subscribe streams are served by `subscribe`"),
+        Request::Subscribe(_) | Request::SubscribeFiltered(_) => {
+            unreachable!("push streams are served by `subscribe` and `subscribe_filtered`")
+        }
         Request::GroupHeartbeat(r) => respond(state, api, group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(state, api, group_leave(state, r)),
         Request::OffsetCommit(r) => respond(state, api, state.groups.commit(&r, now_ms()).await),
@@ -70,25 +72,16 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                     producer_epoch: 0,
                 }),
         ),
-        Request::FilterUpload(_) | Request::FilterList(_) | Request::FilterDelete(_) => {
-            state.metrics.error(Some(api), ErrorCode::UnsupportedApi);
-            vec![frame::encode_error_response(
-                ErrorCode::UnsupportedApi,
-                "Wasm filters are not available on this broker yet",
-            )]
-        }
+        Request::FilterUpload(r) => respond(state, api, super::filters::upload(state, r).await),
+        Request::FilterList(_) => respond(state, api, Ok(super::filters::list(state))),
+        Request::FilterDescribe(r) => respond(state, api, super::filters::describe(state, &r)),
+        Request::FilterDelete(r) => respond(state, api, super::filters::delete(state, &r)),
         Request::ApiVersions(_) => respond(
             state,
             api,
             Ok(ApiVersionsResponse {
                 apis: ApiKey::ALL
                     .iter()
-                    .filter(|k| {
-                        !matches!(
-                            k,
-                            ApiKey::FilterUpload | ApiKey::FilterList | ApiKey::FilterDelete
-                        )
-                    })
                     .map(|k| ApiVersionRange {
                         api_key: *k as u16,
                         min_version: 0,
@@ -308,8 +301,9 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
     ProduceResponse { topics }
 }
 
-/// `api` is the request the read serves (Fetch or Subscribe), for the error metrics.
-fn fetch_partition(
+/// `api` is the request the read serves (Fetch, Subscribe or SubscribeFiltered), for the error
+/// metrics.
+pub(super) fn fetch_partition(
     state: &State,
     api: ApiKey,
     p: &FetchPartition,

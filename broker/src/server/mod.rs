@@ -1,6 +1,7 @@
 //! The QUIC endpoint: TLS, connections, one request per bidirectional stream, bounded
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
+mod filters;
 mod handlers;
 pub mod tls;
 
@@ -19,6 +20,7 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::config::BrokerConfig;
 use crate::groups::Groups;
 use crate::metrics::{OpenGuard, ServerMetrics};
+use crate::transform::Transforms;
 
 /// How long a client may take to send a whole request frame once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,6 +58,8 @@ pub enum StartError {
     },
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    #[error("Wasm filters: {0}")]
+    Transforms(#[from] crate::transform::TransformError),
 }
 
 /// Shared state of a running broker.
@@ -63,6 +67,8 @@ pub enum StartError {
 pub(crate) struct State {
     pub cluster: Arc<Cluster>,
     pub groups: Groups,
+    /// Wasm filters: registry, engine and the threads modules run on.
+    pub transforms: Arc<Transforms>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -165,6 +171,13 @@ impl Broker {
         let cluster = tokio::task::spawn_blocking(move || Cluster::open(cluster_config))
             .await
             .map_err(|e| StartError::Quic(format!("opening the cluster panicked: {e}")))??;
+        let transforms_dir = config.data_dir.clone();
+        let transform_config = config.transform_config();
+        let transforms = tokio::task::spawn_blocking(move || {
+            Transforms::open(&transforms_dir, transform_config)
+        })
+        .await
+        .map_err(|e| StartError::Quic(format!("opening the filter registry panicked: {e}")))??;
         let group_config = crate::group::GroupConfig {
             session_timeout_ms_min: config.group_session_timeout_ms_min,
             session_timeout_ms_max: config.group_session_timeout_ms_max,
@@ -205,6 +218,7 @@ impl Broker {
         let state = Arc::new(State {
             cluster,
             groups,
+            transforms: Arc::new(transforms),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
@@ -446,6 +460,11 @@ async fn serve_stream(
         let _ = send.finish();
         return;
     }
+    if let Request::SubscribeFiltered(subscribe) = request {
+        filters::subscribe_filtered(&state, subscribe, &mut send).await;
+        let _ = send.finish();
+        return;
+    }
     let api = request.api_key();
     let response = handlers::dispatch(&state, request).await;
     if let Err(e) = write_chunks(&mut send, response).await {
@@ -542,13 +561,25 @@ async fn read_request(
             }
         }
     }
-    let length = frame::frame_length(prefix, state.config.frame_bytes_max as usize).map_err(
+    // Only a filter upload may exceed `frame_bytes_max` (up to the module limit): such a
+    // frame is refused after its first chunk unless its API key is `FilterUpload`.
+    let frame_bytes_max = state.config.frame_bytes_max as usize;
+    let upload_frame_bytes_max = state.config.filter_upload_frame_bytes_max();
+    let length = frame::frame_length(prefix, upload_frame_bytes_max).map_err(
         // Refused from the prefix: nothing of the body is read into memory.
         |e| ReadFailure::Answer {
             code: e.code(),
-            message: e.to_string(),
+            message: format!(
+                "{e} (filter_module_bytes_max {} + 64 KiB for filter uploads, frame_bytes_max {frame_bytes_max} for other requests)",
+                state.config.filter_module_bytes_max
+            ),
         },
     )?;
+    let key_checked_at = if length > frame_bytes_max {
+        2
+    } else {
+        usize::MAX
+    };
     let mut gathered: Option<bytes::BytesMut> = None;
     let mut single: Option<Bytes> = None;
     let mut memory: Option<RequestMemory> = None;
@@ -620,6 +651,30 @@ async fn read_request(
                 )));
             }
         };
+        // The first two bytes are the API key: a frame above `frame_bytes_max` that is not a
+        // filter upload is refused here, with one read chunk in memory.
+        let key_byte = |i: usize| {
+            gathered
+                .as_ref()
+                .map(|g| g.as_ref())
+                .unwrap_or_default()
+                .iter()
+                .chain(chunk.iter())
+                .nth(i)
+                .copied()
+        };
+        if read < key_checked_at
+            && read + chunk.len() >= key_checked_at
+            && let (Some(hi), Some(lo)) = (key_byte(0), key_byte(1))
+            && u16::from_be_bytes([hi, lo]) != ketch_protocol::messages::ApiKey::FilterUpload as u16
+        {
+            return Err(ReadFailure::Answer {
+                code: ErrorCode::FrameTooLarge,
+                message: format!(
+                    "frame of {length} bytes exceeds the limit of {frame_bytes_max} bytes"
+                ),
+            });
+        }
         read += chunk.len();
         // A body that arrives in one chunk is used as it is (no copy); otherwise chunks are
         // gathered into one buffer that grows with what arrived (at most twice what is

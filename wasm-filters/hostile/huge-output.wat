@@ -1,0 +1,8 @@
+;; Hostile: claims a 16 MiB output (inside its memory, above the output limit).
+(module
+  (memory (export "memory") 272)
+  (func (export "ketch_abi_version") (result i32) (i32.const 1))
+  (func (export "ketch_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "ketch_init") (param i32 i32) (result i64) (i64.const 8))
+  (func (export "ketch_process") (param i32 i32) (result i64)
+    (i64.const 0x0000000001000000)))

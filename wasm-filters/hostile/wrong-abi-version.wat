@@ -1,0 +1,7 @@
+;; Hostile: speaks ABI version 99. Refused at upload.
+(module
+  (memory (export "memory") 1)
+  (func (export "ketch_abi_version") (result i32) (i32.const 99))
+  (func (export "ketch_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "ketch_init") (param i32 i32) (result i64) (i64.const 8))
+  (func (export "ketch_process") (param i32 i32) (result i64) (i64.const 8)))
