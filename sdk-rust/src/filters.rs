@@ -15,9 +15,13 @@ use crate::transport::{ResponseStream, Transport};
 /// A stored version of a filter module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterVersion {
+    /// The filter's name, as deployed.
     pub name: String,
+    /// Version number, 1 for the first upload, one more for each upload of different bytes.
     pub version: u32,
+    /// Free text given at upload.
     pub description: String,
+    /// Size of the uploaded module.
     pub module_bytes: u64,
     /// SHA-256 of the module bytes, lower-case hex.
     pub digest: String,
@@ -26,9 +30,12 @@ pub struct FilterVersion {
 /// A filter's versions and where it is attached, from [`Admin::describe_filter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterDescription {
+    /// The filter's name.
     pub name: String,
     /// Oldest first.
     pub versions: Vec<FilterVersion>,
+    /// What uses the filter now (consumers' subscriptions, topics' chains); a delete without
+    /// `force` is refused while this is not empty.
     pub in_use_by: Vec<String>,
 }
 
@@ -46,6 +53,7 @@ pub struct FilterDescription {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterSpec {
+    /// The deployed filter's name.
     pub name: String,
     /// `None`: the latest version when the stream opens.
     pub version: Option<u32>,
@@ -54,6 +62,7 @@ pub struct FilterSpec {
 }
 
 impl FilterSpec {
+    /// The latest version of filter `name`, with empty params.
     pub fn new(name: impl Into<String>) -> FilterSpec {
         FilterSpec {
             name: name.into(),
@@ -62,11 +71,13 @@ impl FilterSpec {
         }
     }
 
+    /// The JSON text handed to the module's `init`.
     pub fn with_params(mut self, params: impl Into<String>) -> FilterSpec {
         self.params = params.into();
         self
     }
 
+    /// Pins one stored version instead of the latest.
     pub fn with_version(mut self, version: u32) -> FilterSpec {
         self.version = Some(version);
         self
@@ -127,6 +138,7 @@ impl Admin {
         Ok(response.filters.into_iter().map(version_of).collect())
     }
 
+    /// Every stored version of filter `name`, and what uses it.
     pub async fn describe_filter(&self, name: &str) -> Result<FilterDescription> {
         let response = self
             .client

@@ -125,13 +125,13 @@ async fn a_json_filter_keeps_source_offsets_and_a_group_resumes_through_it() -> 
     consumer.close().await?;
 
     // A group reads through the filter, commits, and a new member resumes after the commit.
-    let group = client.subscribe(filtered(Some(spec.clone()), Some("big")), &["orders"])?;
+    let group = client.subscribe("big", ["orders"], filtered(Some(spec.clone()), Some("big")))?;
     for expected in 901..951 {
         assert_eq!(recv(&group).await?.offset, expected);
     }
     group.commit().await?;
     group.close().await?;
-    let resumed = client.subscribe(filtered(Some(spec.clone()), Some("big")), &["orders"])?;
+    let resumed = client.subscribe("big", ["orders"], filtered(Some(spec.clone()), Some("big")))?;
     assert_eq!(
         recv(&resumed).await?.offset,
         951,
