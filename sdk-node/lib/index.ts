@@ -492,6 +492,10 @@ export class Consumer extends EventEmitter {
   #receiving: Promise<ConsumerRecord | undefined> | undefined
   #closed = false
   #closing: Promise<void> | undefined
+  /** Set once the core's close is done; until then a revoke handler run by `close()` commits. */
+  #released = false
+  /** Partitions revoked (without auto-commit) or lost: a chunk received as they went is not handed out. */
+  readonly #gone = new Set<string>()
 
   /** @internal Use `client.consumer()`. */
   constructor(client: native.NativeClient, options: ConsumerOptions, handles: Set<{ close(): Promise<void> }>) {
@@ -502,36 +506,52 @@ export class Consumer extends EventEmitter {
     if (this.#maxBatchRecords === 0) {
       throw new InvalidArgumentError('maxBatchRecords must be at least 1', { code: 'invalid_argument' })
     }
+    // A group member's revoke handlers run as the core's assignment listener: the core waits
+    // for them before it releases the partitions, so a commit there is the last word.
+    const onRebalance =
+      options.topics !== undefined
+        ? ([kind, partitions]: [string, native.NativeTopicPartition[]]) => this.#rebalanced(kind, partitions)
+        : undefined
     this.#native = callSync(() =>
-      client.consumer({
-        topics: options.topics,
-        partitions: options.partitions,
-        group: options.group,
-        start: options.start,
-        autoCommit: options.autoCommit,
-        autoCommitIntervalMs: nonNegativeInteger(options.autoCommitIntervalMs, 'autoCommitIntervalMs'),
-        sessionTimeoutMs: nonNegativeInteger(options.sessionTimeoutMs, 'sessionTimeoutMs'),
-        partitionFetchBytesMax: nonNegativeInteger(options.partitionFetchBytesMax, 'partitionFetchBytesMax'),
-        prefetchChunksMax: nonNegativeInteger(options.prefetchChunksMax, 'prefetchChunksMax'),
-      }),
+      client.consumer(
+        {
+          topics: options.topics,
+          partitions: options.partitions,
+          group: options.group,
+          start: options.start,
+          autoCommit: options.autoCommit,
+          autoCommitIntervalMs: nonNegativeInteger(options.autoCommitIntervalMs, 'autoCommitIntervalMs'),
+          sessionTimeoutMs: nonNegativeInteger(options.sessionTimeoutMs, 'sessionTimeoutMs'),
+          partitionFetchBytesMax: nonNegativeInteger(options.partitionFetchBytesMax, 'partitionFetchBytesMax'),
+          prefetchChunksMax: nonNegativeInteger(options.prefetchChunksMax, 'prefetchChunksMax'),
+        },
+        onRebalance,
+      ),
     )
-    if (options.topics !== undefined) {
-      this.#native.onRebalance(([kind, partitions]) => this.#rebalanced(kind, partitions))
-    }
   }
 
+  /**
+   * Runs the handlers of a rebalance event; the core waits for the returned Promise. On
+   * `'revoke'` the core already hands out no more records of the partitions and releases them
+   * only after this settles: what the loop was given is still in `commit()` for the handlers.
+   */
   async #rebalanced(kind: string, partitions: TopicPartition[]): Promise<void> {
+    const gone = new Set(partitions.map((p) => partitionKey(p.topic, p.partition)))
     if (kind === 'revoke' || kind === 'lost') {
-      const gone = new Set(partitions.map((p) => partitionKey(p.topic, p.partition)))
-      for (const key of gone) this.#consumed.delete(key)
-      // With auto-commit the core committed past the records read ahead before it let the
-      // partitions go: the next owner starts after them, so hand them out here. Otherwise
-      // (or when the partitions were lost without a commit) the next owner reads them again.
+      // With auto-commit the core commits past the records read ahead after the handlers:
+      // the next owner starts after them, so the loop still gets them. Otherwise (or when the
+      // partitions were lost without a commit) the next owner reads them, so the loop must not.
       if (kind === 'lost' || !this.#autoCommit) {
+        for (const key of gone) this.#gone.add(key)
         this.#dropBuffered((record) => gone.has(partitionKey(record.topic, record.partition)))
       }
+    } else if (kind === 'assign') {
+      for (const key of gone) this.#gone.delete(key)
     }
     const results = await Promise.allSettled(this.listeners(kind).map((listener) => listener.call(this, partitions)))
+    if (kind === 'revoke' || kind === 'lost') {
+      for (const key of gone) this.#consumed.delete(key)
+    }
     for (const result of results) {
       if (result.status === 'rejected') {
         if (this.listenerCount('error') > 0) this.emit('error', result.reason)
@@ -591,7 +611,10 @@ export class Consumer extends EventEmitter {
       throw failure
     }
     if (this.#closed) return undefined
-    const records = unpackRecords(chunk)
+    let records = unpackRecords(chunk)
+    if (this.#gone.size > 0) {
+      records = records.filter((record) => !this.#gone.has(partitionKey(record.topic, record.partition)))
+    }
     this.#buffer = this.#next < this.#buffer.length ? this.#buffer.slice(this.#next).concat(records) : records
     this.#next = 0
     return undefined
@@ -618,7 +641,7 @@ export class Consumer extends EventEmitter {
    * (records read ahead but not yet handed out are not committed). Needs a group.
    */
   async commit(): Promise<void> {
-    if (this.#closed) throw closedError('the consumer')
+    if (this.#released) throw closedError('the consumer')
     const offsets = [...this.#consumed.values()]
     if (offsets.length === 0) return
     await call(() => this.#native.commitOffsets(offsets))
@@ -626,7 +649,7 @@ export class Consumer extends EventEmitter {
 
   /** Commits explicit offsets: per partition, the offset of the next record to read. */
   async commitOffsets(offsets: Array<TopicPartition & { offset: number }>): Promise<void> {
-    if (this.#closed) throw closedError('the consumer')
+    if (this.#released) throw closedError('the consumer')
     await call(() => this.#native.commitOffsets(offsets))
   }
 
@@ -694,7 +717,11 @@ export class Consumer extends EventEmitter {
           // No longer assigned: its new owner reads from the committed offset.
         }
       }
-      await call(() => this.#native.close())
+      try {
+        await call(() => this.#native.close())
+      } finally {
+        this.#released = true
+      }
     })()
     return this.#closing
   }

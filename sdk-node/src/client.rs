@@ -10,7 +10,7 @@ use ketch_client::{
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::consumer::NativeConsumer;
+use crate::consumer::{JsListener, NativeConsumer, RebalanceFunction};
 use crate::error::{invalid_argument, to_napi};
 use crate::producer::NativeProducer;
 
@@ -345,16 +345,38 @@ impl NativeClient {
         Ok(NativeProducer::new(producer))
     }
 
-    /// A consumer: a group member for `topics`, or a reader of explicit `partitions`.
-    #[napi]
-    pub fn consumer(&self, options: ConsumerOptions) -> Result<NativeConsumer> {
+    /// A consumer: a group member for `topics`, or a reader of explicit `partitions`. A group
+    /// member calls `onRebalance([kind, partitions])` (kind `"assign"`, `"revoke"` or
+    /// `"lost"`) as the core's assignment listener: the core waits for the Promise it returns,
+    /// so a revocation's handler finishes before the partitions are released.
+    #[napi(
+        ts_args_type = "options: ConsumerOptions, onRebalance?: (event: [kind: string, partitions: NativeTopicPartition[]]) => Promise<void>"
+    )]
+    pub fn consumer(
+        &self,
+        options: ConsumerOptions,
+        on_rebalance: Option<RebalanceFunction<'_>>,
+    ) -> Result<NativeConsumer> {
         let config = consumer_config(&options)?;
+        let listener = match on_rebalance {
+            Some(callback) => Some(JsListener::new(
+                callback
+                    .build_threadsafe_function()
+                    .weak::<true>()
+                    .callee_handled::<false>()
+                    .build()?,
+            )),
+            None => None,
+        };
         // The core spawns the consumer's tasks here, so enter napi-rs's runtime.
         let consumer = napi::bindgen_prelude::within_runtime_if_available(|| {
             match (&options.topics, &options.partitions) {
-                (Some(topics), None) => match config.group.clone() {
-                    Some(group) => self.client.subscribe(group, topics, config),
-                    None => Err(ketch_client::Error::Config(
+                (Some(topics), None) => match (config.group.clone(), listener) {
+                    (Some(group), Some(listener)) => self
+                        .client
+                        .subscribe_with_listener(group, topics, config, listener),
+                    (Some(group), None) => self.client.subscribe(group, topics, config),
+                    (None, _) => Err(ketch_client::Error::Config(
                         "subscribing needs a group".into(),
                     )),
                 },

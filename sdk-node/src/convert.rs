@@ -162,10 +162,6 @@ impl PackedChunk {
             }
         }
     }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.numbers.is_empty()
-    }
 }
 
 #[cfg(test)]

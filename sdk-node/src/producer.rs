@@ -52,19 +52,17 @@ impl NativeProducer {
         let producer = self.producer.clone();
         env.spawn_future(async move {
             let count = records.len();
-            // core: replace with send_many when it lands (one call queues the whole batch).
             let mut deliveries = Vec::with_capacity(count);
-            let mut early_errors = Vec::new();
-            for (index, record) in records.into_iter().enumerate() {
-                match producer.send(record).await {
+            let mut failed: Vec<(usize, ketch_client::Error)> = Vec::new();
+            for (index, delivery) in producer.send_many(records).await.into_iter().enumerate() {
+                match delivery {
                     Ok(delivery) => deliveries.push((index, delivery)),
-                    Err(error) => early_errors.push((index, error)),
+                    Err(error) => failed.push((index, error)),
                 }
             }
             let mut partitions = vec![0u32; count];
             let mut offsets = vec![-1.0f64; count];
             let mut timestamps = vec![0.0f64; count];
-            let mut failed: Vec<(usize, ketch_client::Error)> = early_errors;
             // One after the other in this one task: the futures of a batch share its outcome,
             // which keeps one waker per task (a join of thousands of futures, each with its own
             // waker, would make every poll scan them all).

@@ -145,3 +145,85 @@ test('seek by offset, to the beginning, to the end and by timestamp', async () =
     await producer.close()
   }
 })
+
+test('manual commits in the revoke handler: members join and leave, every record once', async () => {
+  const topic = uniqueTopic('revokecommit')
+  const group = uniqueTopic('g')
+  await client.createTopic(topic, { partitions: 4 })
+  const count = 3000
+  await produce(topic, count)
+  const seen = new Map()
+  const duplicates = []
+  const commitErrors = []
+  const revokes = []
+  let reached = []
+  let gate
+  let openGate
+  const join = async (name) => {
+    const joined = member(name)
+    members.push(joined)
+    await within(60_000, `${name} gets partitions`, new Promise((resolve) => {
+      const poll = setInterval(() => {
+        if (joined.consumer.assignment().length > 0) {
+          clearInterval(poll)
+          resolve()
+        }
+      }, 20)
+    }))
+    gate = undefined
+    openGate()
+  }
+  const waitFor = (n) => new Promise((resolve) => { reached.push([n, resolve]) })
+  const member = (name) => {
+    const consumer = client.consumer({ topics: [topic], group, start: 'earliest', autoCommit: false, maxBatchRecords: 8 })
+    consumer.on('revoke', async (partitions) => {
+      revokes.push([name, partitions.length])
+      // The core releases the partitions only after this settles.
+      try {
+        await consumer.commit()
+      } catch (error) {
+        commitErrors.push(`${name}: ${error}`)
+      }
+    })
+    const loop = (async () => {
+      for await (const record of consumer) {
+        const value = record.value.toString()
+        if (seen.has(value)) duplicates.push(`${value} (${seen.get(value)}, then ${name})`)
+        else seen.set(value, name)
+        // At a quarter and at half the loops stop (in the middle of processing) until the next
+        // member has partitions: the rebalance happens while records are in flight.
+        if ((seen.size === count / 4 || seen.size === count / 2) && gate === undefined) {
+          gate = new Promise((resolve) => { openGate = resolve })
+        }
+        reached = reached.filter(([n, resolve]) => (seen.size >= n ? (resolve(), false) : true))
+        while (gate !== undefined) await gate
+        await new Promise((resolve) => setTimeout(resolve, 1))
+      }
+    })()
+    return { consumer, loop }
+  }
+  const a = member('a')
+  const members = [a]
+  try {
+    await within(60_000, 'a reads a quarter', waitFor(count / 4))
+    await join('b')
+    await within(60_000, 'a and b read half', waitFor(count / 2))
+    await join('c')
+    await within(60_000, 'three quarters read', waitFor((count * 3) / 4))
+    await a.consumer.close()
+    await within(60_000, `all ${count} records read`, waitFor(count))
+  } finally {
+    gate = undefined
+    openGate?.()
+    await Promise.all(members.map((m) => m.consumer.close()))
+  }
+  await within(10_000, 'loops end once their consumers close', Promise.all(members.map((m) => m.loop)))
+  assert.deepEqual(duplicates, [], 'no record delivered twice')
+  assert.deepEqual(commitErrors, [], 'every commit in a revoke handler succeeded')
+  assert.equal(seen.size, count)
+  // a gave partitions back as b joined (mid-stream, the loops held at a quarter) and as it closed.
+  assert.ok(revokes.filter(([name]) => name === 'a').length >= 2, `revokes: ${JSON.stringify(revokes)}`)
+  // Each member committed only in its revoke handlers (rebalances and close): together they cover the topic.
+  const committed = await client.committedOffsets(group)
+  assert.equal(committed.reduce((sum, c) => sum + c.offset, 0), count, JSON.stringify(committed))
+})

@@ -193,15 +193,17 @@ class Runner {
   async wait_assignment(s) {
     const consumer = this.consumer(s.consumer)
     const holds = () => consumer.assignment().length === s.partitions
-    await within(s.within_ms, `${s.consumer} holds ${s.partitions} partitions`, new Promise((resolve) => {
-      if (holds()) return resolve()
-      const check = () => {
-        if (!holds()) return
-        for (const event of ['assign', 'revoke', 'lost']) consumer.off(event, check)
-        resolve()
-      }
-      for (const event of ['assign', 'revoke', 'lost']) consumer.on(event, check)
-    }))
+    // Polled as well as checked on events: a 'revoke' handler runs before the core releases
+    // the partitions, so the assignment shrinks after the last event.
+    let poll
+    try {
+      await within(s.within_ms, `${s.consumer} holds ${s.partitions} partitions`, new Promise((resolve) => {
+        if (holds()) return resolve()
+        poll = setInterval(() => holds() && resolve(), 20)
+      }))
+    } finally {
+      clearInterval(poll)
+    }
   }
 
   async closeAll() {
