@@ -12,7 +12,7 @@ use crate::errors::{to_py, to_py_with};
 use crate::runtime::{into_awaitable, runtime};
 use crate::sync::{
     Owner, RebalanceTracker, client_config, consumer_config, make_consumer, new_topic,
-    partition_list, producer_config, seek_offset, take_events, take_queued,
+    partition_list, producer_config, queued_deliveries, seek_offset, take_events, take_queued,
 };
 use crate::types::{Record, RecordMetadata, TopicInfo, producer_record, producer_records, seconds};
 
@@ -208,20 +208,7 @@ impl AsyncProducer {
         let records = producer_records(topic, records)?;
         let producer = self.inner.clone();
         into_awaitable(py, async move {
-            let mut deliveries = Vec::with_capacity(records.len());
-            // core: replace with send_many when it lands
-            for (index, record) in records.into_iter().enumerate() {
-                let delivery = producer.send(record).await.map_err(|error| {
-                    to_py_with(
-                        error,
-                        format!(
-                            "record {index} (the {} before it are queued)",
-                            deliveries.len()
-                        ),
-                    )
-                })?;
-                deliveries.push(delivery);
-            }
+            let deliveries = queued_deliveries(producer.send_many(records).await)?;
             let mut written = Vec::with_capacity(deliveries.len());
             for (index, delivery) in deliveries.into_iter().enumerate() {
                 written.push(RecordMetadata::from(

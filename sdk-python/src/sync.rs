@@ -371,8 +371,9 @@ impl Producer {
         Ok(DeliveryFuture::new(delivery))
     }
 
-    /// Queues many records of one topic in one call; returns their deliveries in order. On an
-    /// error, the records before the failing one are queued (the message says which failed).
+    /// Queues many records of one topic in one call; returns their deliveries in order. A
+    /// record that fails fails alone: the others are queued, and the error names the first
+    /// that failed.
     fn send_many<'py>(
         &self,
         py: Python<'py>,
@@ -381,25 +382,8 @@ impl Producer {
     ) -> PyResult<Bound<'py, PyList>> {
         self.owner.check()?;
         let records = producer_records(topic, records)?;
-        let producer = &self.inner;
-        // core: replace with send_many when it lands
-        let sent = wait(py, async move {
-            let mut deliveries = Vec::with_capacity(records.len());
-            for (index, record) in records.into_iter().enumerate() {
-                match producer.send(record).await {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err(error) => return Err((index, error, deliveries.len())),
-                }
-            }
-            Ok(deliveries)
-        })?;
-        match sent {
-            Ok(deliveries) => PyList::new(py, deliveries.into_iter().map(DeliveryFuture::new)),
-            Err((index, error, queued)) => Err(to_py_with(
-                error,
-                format!("record {index} (the {queued} before it are queued)"),
-            )),
-        }
+        let sent = wait(py, self.inner.send_many(records))?;
+        delivery_list(py, sent)
     }
 
     /// Sends what is buffered and waits for every record sent so far to settle.
@@ -580,22 +564,66 @@ pub fn seek_offset(
     }
 }
 
-/// Whatever records are already fetched, up to `max_records` (none when nothing is queued),
-/// and the error met after them, if any.
+/// The core's `send_many` results as deliveries, or the first failure (naming the record and
+/// how many of the others were queued).
+pub fn queued_deliveries(
+    sent: Vec<Result<ketch_client::DeliveryFuture, Error>>,
+) -> PyResult<Vec<ketch_client::DeliveryFuture>> {
+    let total = sent.len();
+    let mut deliveries = Vec::with_capacity(total);
+    let mut failed = None;
+    for (index, result) in sent.into_iter().enumerate() {
+        match result {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(error) => {
+                failed.get_or_insert((index, error));
+            }
+        }
+    }
+    match failed {
+        None => Ok(deliveries),
+        Some((index, error)) => Err(to_py_with(
+            error,
+            format!(
+                "record {index} (the other {} of {total} records are queued)",
+                deliveries.len()
+            ),
+        )),
+    }
+}
+
+fn delivery_list(
+    py: Python<'_>,
+    sent: Vec<Result<ketch_client::DeliveryFuture, Error>>,
+) -> PyResult<Bound<'_, PyList>> {
+    PyList::new(
+        py,
+        queued_deliveries(sent)?
+            .into_iter()
+            .map(DeliveryFuture::new),
+    )
+}
+
+/// Whatever records are already fetched, up to `max_records` in all (none when nothing is
+/// queued), and the error met after them, if any. Needs the runtime's context (a zero timeout
+/// of the core's `recv_many`).
 pub fn take_queued(
     consumer: &ketch_client::Consumer,
     records: &mut Vec<ketch_client::ConsumerRecord>,
     max_records: usize,
 ) -> Option<Error> {
-    // core: replace with recv_many when it lands
-    while records.len() < max_records {
-        match consumer.recv().now_or_never() {
-            Some(Ok(record)) => records.push(record),
-            Some(Err(error)) => return Some(error),
-            None => break,
-        }
+    let wanted = max_records.saturating_sub(records.len());
+    if wanted == 0 {
+        return None;
     }
-    None
+    match consumer.recv_many(wanted, Duration::ZERO).now_or_never() {
+        Some(Ok(more)) => {
+            records.extend(more);
+            None
+        }
+        Some(Err(error)) => Some(error),
+        None => None,
+    }
 }
 
 #[pymethods]
@@ -635,19 +663,14 @@ impl Consumer {
         let Some(first) = self.next_record(py, timeout)? else {
             return Ok(Vec::new());
         };
-        let mut out = vec![first];
+        let mut records = Vec::with_capacity(max_records);
         let _entered = runtime(py).enter();
-        // core: replace with recv_many when it lands
-        while out.len() < max_records {
-            match self.inner.recv().now_or_never() {
-                Some(Ok(record)) => out.push(Record::from(record)),
-                Some(Err(error)) => {
-                    *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-                    break;
-                }
-                None => break,
-            }
+        if let Some(error) = take_queued(&self.inner, &mut records, max_records - 1) {
+            *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
         }
+        let mut out = Vec::with_capacity(records.len() + 1);
+        out.push(first);
+        out.extend(records.into_iter().map(Record::from));
         Ok(out)
     }
 
