@@ -33,10 +33,12 @@ python3 --version
 step "format"
 cargo fmt --all -- --check
 
-step "Python venv for the metrics test (prometheus_client parses /metrics independently)"
-python3 -m venv target/test-venv
-target/test-venv/bin/pip install --quiet --disable-pip-version-check "prometheus_client==0.21.1"
-export KETCH_PYTHON="$PWD/target/test-venv/bin/python"
+step "Python venv (target/py-venv): prometheus_client for the metrics test, maturin/pytest/mypy for the Python SDK"
+python3 -m venv target/py-venv
+target/py-venv/bin/pip install --quiet --disable-pip-version-check \
+    "prometheus_client==0.21.1" 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
+# The metrics test parses /metrics with prometheus_client, independently of the exporter.
+export KETCH_PYTHON="$PWD/target/py-venv/bin/python"
 
 step "build (debug; binaries first: the system tests start real brokers)"
 cargo build --locked --workspace --bins
@@ -49,8 +51,6 @@ step "behaviour scenarios (tests/scenarios/*.toml), Rust runner against real bro
 cargo test --locked -p ketch-client --test scenarios
 
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
-python3 -m venv target/py-venv
-target/py-venv/bin/pip install --quiet 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
 (cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
 # -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
 target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
