@@ -138,7 +138,6 @@ impl AsyncClient {
     /// them (`next_rebalance_event`) and finish their callbacks; `recv`, `poll_many` and
     /// `close` then return `None` / `False` early when a change is waiting.
     #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, rebalance_events=false))]
-    #[allow(clippy::too_many_arguments)]
     fn consumer(
         &self,
         py: Python<'_>,
