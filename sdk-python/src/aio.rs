@@ -1,18 +1,23 @@
 //! The asyncio classes: every call returns an awaitable that runs on the module's tokio
 //! runtime (pyo3-async-runtimes), so the event loop never blocks.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 
-use ketch_client::{Error, Rebalance, TopicPartition};
+use futures_util::future::{self, Either};
+
+use ketch_client::{Error, TopicPartition};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::errors::{to_py, to_py_with};
+use crate::listener::{Changes, RebalanceEvent};
 use crate::runtime::{into_awaitable, runtime};
 use crate::sync::{
-    Owner, RebalanceTracker, client_config, consumer_config, make_consumer, new_topic,
-    partition_list, producer_config, seek_offset, take_events, take_queued,
+    Owner, client_config, consumer_config, make_consumer, new_topic, partition_list,
+    producer_config, queued_deliveries, seek_offset, take_queued,
 };
 use crate::types::{Record, RecordMetadata, TopicInfo, producer_record, producer_records, seconds};
 
@@ -129,7 +134,10 @@ impl AsyncClient {
         })
     }
 
-    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None))]
+    /// With `rebalance_events`, the consumer's partition changes wait for the facade to take
+    /// them (`next_rebalance_event`) and finish their callbacks; `recv`, `poll_many` and
+    /// `close` then return `None` / `False` early when a change is waiting.
+    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, rebalance_events=false))]
     fn consumer(
         &self,
         py: Python<'_>,
@@ -140,6 +148,7 @@ impl AsyncClient {
         auto_commit_interval: f64,
         session_timeout: Option<f64>,
         partitions: Option<Vec<(String, u32)>>,
+        rebalance_events: bool,
     ) -> PyResult<AsyncConsumer> {
         self.owner.check()?;
         let config = consumer_config(
@@ -149,12 +158,18 @@ impl AsyncClient {
             auto_commit_interval,
             session_timeout,
         )?;
-        let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
-        let events = Mutex::new(RebalanceTracker::new(&inner));
+        let (inner, changes) = make_consumer(
+            py,
+            &self.inner,
+            config,
+            topics,
+            partitions,
+            rebalance_events,
+        )?;
         Ok(AsyncConsumer {
             inner,
             owner: self.owner,
-            events,
+            changes: changes.map(Arc::new),
             deferred: Arc::new(Mutex::new(None)),
         })
     }
@@ -208,20 +223,7 @@ impl AsyncProducer {
         let records = producer_records(topic, records)?;
         let producer = self.inner.clone();
         into_awaitable(py, async move {
-            let mut deliveries = Vec::with_capacity(records.len());
-            // core: replace with send_many when it lands
-            for (index, record) in records.into_iter().enumerate() {
-                let delivery = producer.send(record).await.map_err(|error| {
-                    to_py_with(
-                        error,
-                        format!(
-                            "record {index} (the {} before it are queued)",
-                            deliveries.len()
-                        ),
-                    )
-                })?;
-                deliveries.push(delivery);
-            }
+            let deliveries = queued_deliveries(producer.send_many(records).await)?;
             let mut written = Vec::with_capacity(deliveries.len());
             for (index, delivery) in deliveries.into_iter().enumerate() {
                 written.push(RecordMetadata::from(
@@ -253,13 +255,14 @@ impl AsyncProducer {
 pub struct AsyncConsumer {
     inner: ketch_client::Consumer,
     owner: Owner,
-    events: Mutex<RebalanceTracker>,
+    /// Partition changes waiting for the facade's callbacks (with `rebalance_events`).
+    changes: Option<Arc<Changes>>,
     deferred: Arc<Mutex<Option<Error>>>,
 }
 
 #[pymethods]
 impl AsyncConsumer {
-    /// The next record (waits for one).
+    /// The next record (waits for one); `None` when a partition change is waiting first.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.owner.check()?;
         if let Some(error) = self
@@ -271,13 +274,17 @@ impl AsyncConsumer {
             return Err(to_py(error));
         }
         let consumer = self.inner.clone();
+        let changes = self.changes.clone();
         into_awaitable(py, async move {
-            Ok(Record::from(consumer.recv().await.map_err(to_py)?))
+            match unless_change(changes.as_deref(), consumer.recv()).await {
+                Some(record) => Ok(Some(Record::from(record.map_err(to_py)?))),
+                None => Ok(None),
+            }
         })
     }
 
     /// Up to `max_records` records: waits (at most `timeout` seconds) for the first, then
-    /// takes what is already fetched.
+    /// takes what is already fetched; `None` when a partition change is waiting first.
     #[pyo3(signature = (max_records=500, timeout=None))]
     fn poll_many<'py>(
         &self,
@@ -300,38 +307,37 @@ impl AsyncConsumer {
         let timeout = timeout.map(seconds).transpose()?;
         let consumer = self.inner.clone();
         let deferred = self.deferred.clone();
+        let changes = self.changes.clone();
         into_awaitable(py, async move {
-            let first = match timeout {
-                None => Some(consumer.recv().await),
-                Some(timeout) => tokio::time::timeout(timeout, consumer.recv()).await.ok(),
+            let first = async {
+                match timeout {
+                    None => Some(consumer.recv().await),
+                    Some(timeout) => tokio::time::timeout(timeout, consumer.recv()).await.ok(),
+                }
+            };
+            let Some(first) = unless_change(changes.as_deref(), first).await else {
+                return Ok(None);
             };
             let Some(first) = first else {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             };
             let mut records = vec![first.map_err(to_py)?];
             if let Some(error) = take_queued(&consumer, &mut records, max_records) {
                 *deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
             }
-            Ok(records.into_iter().map(Record::from).collect::<Vec<_>>())
+            Ok(Some(
+                records.into_iter().map(Record::from).collect::<Vec<_>>(),
+            ))
         })
     }
 
-    /// Rebalance events since the last call, without waiting: `("assigned" | "revoked" |
-    /// "lost", [(topic, partition), ...])` pairs.
-    fn take_rebalance_events<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Vec<(&'static str, Bound<'py, PyList>)>> {
-        take_events(Some(&self.events))
-            .into_iter()
-            .filter_map(|event| match event {
-                Rebalance::Assigned(p) => Some(("assigned", p)),
-                Rebalance::Revoked(p) => Some(("revoked", p)),
-                Rebalance::Lost(p) => Some(("lost", p)),
-                _ => None,
-            })
-            .map(|(kind, p)| Ok((kind, partition_list(py, p)?)))
-            .collect()
+    /// The oldest partition change waiting for its callback, without waiting; the consumer
+    /// goes on with it once the event's `done()` is called (or the event is dropped).
+    fn next_rebalance_event(&self) -> Option<RebalanceEvent> {
+        self.changes
+            .as_ref()
+            .and_then(|changes| changes.next())
+            .map(RebalanceEvent::new)
     }
 
     #[pyo3(signature = (topic, partition, offset=None, *, timestamp=None, to=None))]
@@ -385,10 +391,32 @@ impl AsyncConsumer {
         })
     }
 
+    /// Runs the close (on_revoke first, commits with auto-commit, leaves the group): `True`
+    /// once closed, `False` as soon as a partition change waits for its callback (run it,
+    /// then call again: the close goes on meanwhile).
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.owner.check()?;
         let consumer = self.inner.clone();
+        let changes = self.changes.clone();
         let _entered = runtime(py).enter();
-        into_awaitable(py, async move { consumer.close().await.map_err(to_py) })
+        into_awaitable(py, async move {
+            match unless_change(changes.as_deref(), consumer.close()).await {
+                Some(closed) => closed.map(|()| true).map_err(to_py),
+                None => Ok(false),
+            }
+        })
+    }
+}
+
+/// `fut`'s output, or `None` as soon as a partition change may be waiting for the facade's
+/// callbacks (the core waits for them, so the facade must not sit in `fut` meanwhile). `fut`
+/// is one of the core's cancel-safe futures.
+async fn unless_change<F: Future>(changes: Option<&Changes>, fut: F) -> Option<F::Output> {
+    let Some(changes) = changes else {
+        return Some(fut.await);
+    };
+    match future::select(pin!(changes.ready()), pin!(fut)).await {
+        Either::Left(((), _)) => None,
+        Either::Right((output, _)) => Some(output),
     }
 }

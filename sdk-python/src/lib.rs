@@ -14,6 +14,7 @@
 
 mod aio;
 mod errors;
+mod listener;
 mod runtime;
 mod sync;
 mod types;
@@ -33,6 +34,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::RecordMetadata>()?;
     m.add_class::<types::TopicInfo>()?;
     m.add_class::<types::DeliveryFuture>()?;
+    m.add_class::<listener::RebalanceEvent>()?;
     m.add_function(wrap_pyfunction!(runtime::_after_fork_in_child, m)?)?;
     m.add(
         "SIGNAL_CHECK_INTERVAL_SECONDS",

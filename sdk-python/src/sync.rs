@@ -1,20 +1,19 @@
 //! The blocking classes: every wait releases the GIL and runs signal handlers, so Ctrl-C
 //! interrupts it.
 
-use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use ketch_client::{
-    ClientConfig, ConsumerConfig, Error, NewTopic, Offset, ProducerConfig, Rebalance, Tls,
-    TopicPartition,
+    ClientConfig, ConsumerConfig, Error, NewTopic, Offset, ProducerConfig, Tls, TopicPartition,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use crate::errors::{to_py, to_py_with};
+use crate::listener::{Change, Changes};
 use crate::runtime::{runtime, wait, wait_with};
 use crate::types::{
     self, DeliveryFuture, Record, TopicInfo, acks, millis, producer_record, producer_records,
@@ -157,14 +156,17 @@ pub fn consumer_config(
 }
 
 /// Makes a subscribed or assigned consumer on the calling thread (the core spawns its tasks
-/// on the current runtime).
+/// on the current runtime). With `callbacks`, also the queue of partition changes its
+/// callbacks are fed from: a subscription's come from the core's assignment listener (the
+/// core waits for them), an explicit assignment's partitions are reported once.
 pub fn make_consumer(
     py: Python<'_>,
     client: &ketch_client::Client,
     config: ConsumerConfig,
     topics: Option<Vec<String>>,
     partitions: Option<Vec<(String, u32)>>,
-) -> PyResult<ketch_client::Consumer> {
+    callbacks: bool,
+) -> PyResult<(ketch_client::Consumer, Option<Changes>)> {
     let _entered = runtime(py).enter();
     match (topics, partitions) {
         (Some(topics), None) => {
@@ -173,14 +175,28 @@ pub fn make_consumer(
                     "subscribing needs a group".into(),
                 ))
             })?;
-            client.subscribe(group, topics, config).map_err(to_py)
+            if !callbacks {
+                let consumer = client.subscribe(group, topics, config).map_err(to_py)?;
+                return Ok((consumer, None));
+            }
+            let (listener, changes) = Changes::new();
+            let consumer = client
+                .subscribe_with_listener(group, topics, config, listener)
+                .map_err(to_py)?;
+            Ok((consumer, Some(changes)))
         }
         (None, Some(partitions)) => {
             let partitions: Vec<TopicPartition> = partitions
                 .into_iter()
                 .map(|(topic, partition)| TopicPartition::new(topic, partition))
                 .collect();
-            client.assign(config, &partitions).map_err(to_py)
+            let consumer = client.assign(config, &partitions).map_err(to_py)?;
+            let changes = callbacks.then(|| {
+                let (_, changes) = Changes::new();
+                changes.seed(Change::Assigned, partitions);
+                changes
+            });
+            Ok((consumer, changes))
         }
         _ => Err(PyValueError::new_err(
             "give either topics (a group subscription) or partitions (an explicit assignment)",
@@ -323,13 +339,13 @@ impl Client {
             auto_commit_interval,
             session_timeout,
         )?;
-        let inner = make_consumer(py, &self.inner, config, topics, partitions)?;
-        let events = (on_assign.is_some() || on_revoke.is_some())
-            .then(|| Mutex::new(RebalanceTracker::new(&inner)));
+        let callbacks = on_assign.is_some() || on_revoke.is_some();
+        let (inner, changes) =
+            make_consumer(py, &self.inner, config, topics, partitions, callbacks)?;
         Ok(Consumer {
             inner,
             owner: self.owner,
-            events,
+            changes,
             on_assign,
             on_revoke,
             deferred: Mutex::new(None),
@@ -371,8 +387,9 @@ impl Producer {
         Ok(DeliveryFuture::new(delivery))
     }
 
-    /// Queues many records of one topic in one call; returns their deliveries in order. On an
-    /// error, the records before the failing one are queued (the message says which failed).
+    /// Queues many records of one topic in one call; returns their deliveries in order. A
+    /// record that fails fails alone: the others are queued, and the error names the first
+    /// that failed.
     fn send_many<'py>(
         &self,
         py: Python<'py>,
@@ -381,25 +398,8 @@ impl Producer {
     ) -> PyResult<Bound<'py, PyList>> {
         self.owner.check()?;
         let records = producer_records(topic, records)?;
-        let producer = &self.inner;
-        // core: replace with send_many when it lands
-        let sent = wait(py, async move {
-            let mut deliveries = Vec::with_capacity(records.len());
-            for (index, record) in records.into_iter().enumerate() {
-                match producer.send(record).await {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err(error) => return Err((index, error, deliveries.len())),
-                }
-            }
-            Ok(deliveries)
-        })?;
-        match sent {
-            Ok(deliveries) => PyList::new(py, deliveries.into_iter().map(DeliveryFuture::new)),
-            Err((index, error, queued)) => Err(to_py_with(
-                error,
-                format!("record {index} (the {queued} before it are queued)"),
-            )),
-        }
+        let sent = wait(py, self.inner.send_many(records))?;
+        delivery_list(py, sent)
     }
 
     /// Sends what is buffered and waits for every record sent so far to settle.
@@ -434,7 +434,8 @@ impl Producer {
 pub struct Consumer {
     inner: ketch_client::Consumer,
     owner: Owner,
-    events: Option<Mutex<RebalanceTracker>>,
+    /// Partition changes waiting for `on_assign` / `on_revoke` (with either callback).
+    changes: Option<Changes>,
     on_assign: Option<Py<PyAny>>,
     on_revoke: Option<Py<PyAny>>,
     /// An error `poll_many` met after it had records to return: raised by the next call.
@@ -442,17 +443,21 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Runs the rebalance callbacks of the events so far, on the calling thread.
+    /// Runs the rebalance callbacks of the changes waiting, on the calling thread; the core
+    /// goes on with each change once its callback has returned (or raised).
     fn run_callbacks(&self, py: Python<'_>) -> PyResult<()> {
-        for event in take_events(self.events.as_ref()) {
-            let (callback, partitions) = match event {
-                Rebalance::Assigned(p) => (&self.on_assign, p),
-                Rebalance::Revoked(p) | Rebalance::Lost(p) => (&self.on_revoke, p),
-                _ => continue,
+        let Some(changes) = &self.changes else {
+            return Ok(());
+        };
+        while let Some(pending) = changes.next() {
+            let callback = match pending.change {
+                Change::Assigned => &self.on_assign,
+                Change::Revoked | Change::Lost => &self.on_revoke,
             };
             if let Some(callback) = callback {
-                callback.call1(py, (partition_list(py, partitions)?,))?;
+                callback.call1(py, (partition_list(py, pending.partitions.clone())?,))?;
             }
+            drop(pending);
         }
         Ok(())
     }
@@ -473,79 +478,6 @@ impl Consumer {
             None => Ok(None),
             Some(record) => Ok(Some(Record::from(record.map_err(to_py)?))),
         }
-    }
-}
-
-/// A consumer's rebalance events as the binding hands them to callbacks: subscribed when the
-/// consumer is made, with the partitions it already had then reported as a first assignment
-/// (the core may assign before the binding subscribes), and each partition reported once per
-/// change (an event that repeats what the snapshot already said is dropped).
-#[derive(Debug)]
-pub struct RebalanceTracker {
-    events: ketch_client::RebalanceEvents,
-    known: BTreeSet<TopicPartition>,
-    first: Option<Vec<TopicPartition>>,
-}
-
-impl RebalanceTracker {
-    pub fn new(consumer: &ketch_client::Consumer) -> RebalanceTracker {
-        let events = consumer.rebalance_events();
-        let known: BTreeSet<TopicPartition> = consumer.assignment().into_iter().collect();
-        let first = (!known.is_empty()).then(|| known.iter().cloned().collect());
-        RebalanceTracker {
-            events,
-            known,
-            first,
-        }
-    }
-
-    /// The changes since the last call, without waiting.
-    pub fn take(&mut self) -> Vec<Rebalance> {
-        let mut out = Vec::new();
-        if let Some(first) = self.first.take() {
-            out.push(Rebalance::Assigned(first));
-        }
-        while let Some(Some(event)) = self.events.recv().now_or_never() {
-            match event {
-                Rebalance::Assigned(partitions) => {
-                    let new: Vec<_> = partitions
-                        .into_iter()
-                        .filter(|p| self.known.insert(p.clone()))
-                        .collect();
-                    if !new.is_empty() {
-                        out.push(Rebalance::Assigned(new));
-                    }
-                }
-                Rebalance::Revoked(partitions) => {
-                    let gone: Vec<_> = partitions
-                        .into_iter()
-                        .filter(|p| self.known.remove(p))
-                        .collect();
-                    if !gone.is_empty() {
-                        out.push(Rebalance::Revoked(gone));
-                    }
-                }
-                Rebalance::Lost(partitions) => {
-                    let gone: Vec<_> = partitions
-                        .into_iter()
-                        .filter(|p| self.known.remove(p))
-                        .collect();
-                    if !gone.is_empty() {
-                        out.push(Rebalance::Lost(gone));
-                    }
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-}
-
-/// The rebalance changes queued so far, without waiting.
-pub fn take_events(tracker: Option<&Mutex<RebalanceTracker>>) -> Vec<Rebalance> {
-    match tracker {
-        Some(tracker) => tracker.lock().unwrap_or_else(|e| e.into_inner()).take(),
-        None => Vec::new(),
     }
 }
 
@@ -580,22 +512,66 @@ pub fn seek_offset(
     }
 }
 
-/// Whatever records are already fetched, up to `max_records` (none when nothing is queued),
-/// and the error met after them, if any.
+/// The core's `send_many` results as deliveries, or the first failure (naming the record and
+/// how many of the others were queued).
+pub fn queued_deliveries(
+    sent: Vec<Result<ketch_client::DeliveryFuture, Error>>,
+) -> PyResult<Vec<ketch_client::DeliveryFuture>> {
+    let total = sent.len();
+    let mut deliveries = Vec::with_capacity(total);
+    let mut failed = None;
+    for (index, result) in sent.into_iter().enumerate() {
+        match result {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(error) => {
+                failed.get_or_insert((index, error));
+            }
+        }
+    }
+    match failed {
+        None => Ok(deliveries),
+        Some((index, error)) => Err(to_py_with(
+            error,
+            format!(
+                "record {index} (the other {} of {total} records are queued)",
+                deliveries.len()
+            ),
+        )),
+    }
+}
+
+fn delivery_list(
+    py: Python<'_>,
+    sent: Vec<Result<ketch_client::DeliveryFuture, Error>>,
+) -> PyResult<Bound<'_, PyList>> {
+    PyList::new(
+        py,
+        queued_deliveries(sent)?
+            .into_iter()
+            .map(DeliveryFuture::new),
+    )
+}
+
+/// Whatever records are already fetched, up to `max_records` in all (none when nothing is
+/// queued), and the error met after them, if any. Needs the runtime's context (a zero timeout
+/// of the core's `recv_many`).
 pub fn take_queued(
     consumer: &ketch_client::Consumer,
     records: &mut Vec<ketch_client::ConsumerRecord>,
     max_records: usize,
 ) -> Option<Error> {
-    // core: replace with recv_many when it lands
-    while records.len() < max_records {
-        match consumer.recv().now_or_never() {
-            Some(Ok(record)) => records.push(record),
-            Some(Err(error)) => return Some(error),
-            None => break,
-        }
+    let wanted = max_records.saturating_sub(records.len());
+    if wanted == 0 {
+        return None;
     }
-    None
+    match consumer.recv_many(wanted, Duration::ZERO).now_or_never() {
+        Some(Ok(more)) => {
+            records.extend(more);
+            None
+        }
+        Some(Err(error)) => Some(error),
+        None => None,
+    }
 }
 
 #[pymethods]
@@ -635,19 +611,14 @@ impl Consumer {
         let Some(first) = self.next_record(py, timeout)? else {
             return Ok(Vec::new());
         };
-        let mut out = vec![first];
+        let mut records = Vec::with_capacity(max_records);
         let _entered = runtime(py).enter();
-        // core: replace with recv_many when it lands
-        while out.len() < max_records {
-            match self.inner.recv().now_or_never() {
-                Some(Ok(record)) => out.push(Record::from(record)),
-                Some(Err(error)) => {
-                    *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-                    break;
-                }
-                None => break,
-            }
+        if let Some(error) = take_queued(&self.inner, &mut records, max_records - 1) {
+            *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
         }
+        let mut out = Vec::with_capacity(records.len() + 1);
+        out.push(first);
+        out.extend(records.into_iter().map(Record::from));
         Ok(out)
     }
 
@@ -699,10 +670,12 @@ impl Consumer {
         result.map_err(to_py)
     }
 
-    /// Commits (with auto-commit), leaves the group and stops; iteration ends afterwards.
+    /// Runs `on_revoke` for the partitions held, commits (with auto-commit), leaves the group
+    /// and stops; iteration ends afterwards.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         self.owner.check()?;
-        wait(py, self.inner.close())?.map_err(to_py)
+        let closed = wait_with(py, self.inner.close(), None, |py| self.run_callbacks(py))?;
+        closed.expect("no timeout").map_err(to_py)
     }
 }
 

@@ -174,3 +174,83 @@ def test_cancelled_await_leaves_the_consumer_usable(broker: Broker) -> None:
         await consumer.close()
 
     run(main())
+
+
+def test_commit_in_on_revoke_while_a_member_joins_and_leaves_reads_each_record_once(
+    broker: Broker,
+) -> None:
+    """As the blocking test of that name: the async on_revoke (awaiting a commit) finishes
+    before the partitions go to the joining member, and the leaving member's close runs its
+    own, so no record is read twice."""
+
+    async def main() -> None:
+        client = await connect(broker)
+        topic, group = unique("revoke-commit"), unique("g")
+        await client.create_topic(topic, partitions=3)
+        seen: List[Tuple[str, int, int]] = []
+        revokes = {"a": 0, "b": 0}
+        assigned = {"a": 0, "b": 0}
+        stop = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+        async def member(name: str) -> None:
+            holder: List[ketch.aio.Consumer] = []
+
+            async def on_assign(partitions: List[Any]) -> None:
+                assigned[name] += len(partitions)
+
+            async def on_revoke(partitions: List[Any]) -> None:
+                revokes[name] += 1
+                await holder[0].commit()
+
+            consumer = client.consumer(
+                [topic],
+                group=group,
+                start="earliest",
+                auto_commit=False,
+                on_assign=on_assign,
+                on_revoke=on_revoke,
+            )
+            holder.append(consumer)
+            async with consumer:
+                while not stop[name].is_set():
+                    for r in await consumer.poll_many(20, timeout=0.1):
+                        seen.append((name, r.partition, r.offset))
+
+        async def wait_for(what: str, done: Any) -> None:
+            deadline = time.monotonic() + WAIT_SECONDS
+            while not done():
+                assert time.monotonic() < deadline, (
+                    f"timed out waiting for {what}: assigned {assigned}, revokes {revokes}, "
+                    f"{len(seen)} records read"
+                )
+                await asyncio.sleep(0.02)
+
+        per_round = 200
+        async with client.producer(linger_ms=0) as producer:
+
+            async def produce(round_: int) -> None:
+                await producer.send_many(
+                    topic, [(f"k{i}".encode(), f"{round_}-{i}".encode()) for i in range(per_round)]
+                )
+
+            a = asyncio.create_task(member("a"))
+            await produce(0)
+            await wait_for("a to read", lambda: any(n == "a" for n, _, _ in seen))
+            b = asyncio.create_task(member("b"))
+            await wait_for("b to join", lambda: revokes["a"] > 0 and assigned["b"] > 0)
+            await produce(1)
+            await wait_for("b to read", lambda: any(n == "b" for n, _, _ in seen))
+            stop["b"].set()
+            await asyncio.wait_for(b, WAIT_SECONDS)
+            await produce(2)
+            await wait_for("every record", lambda: len(seen) >= 3 * per_round)
+            await asyncio.sleep(0.5)  # room for a duplicate to show up
+            stop["a"].set()
+            await asyncio.wait_for(a, WAIT_SECONDS)
+        assert revokes["b"] > 0, "b's close did not call on_revoke"
+        keys = [(p, o) for _, p, o in seen]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        assert not duplicates, f"read twice: {duplicates[:10]} (of {len(duplicates)})"
+        assert len(keys) == 3 * per_round
+
+    run(main())

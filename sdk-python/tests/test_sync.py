@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import pytest
 
@@ -262,3 +262,101 @@ def test_on_revoke_reports_what_a_joining_member_takes(client: ketch.Client, top
                 second.poll(timeout=0.1)
             assert revoked, "no on_revoke when a member joined"
             assert held == set(first.assignment())
+
+
+def test_commit_in_on_revoke_while_a_member_joins_and_leaves_reads_each_record_once(
+    client: ketch.Client, topic: str
+) -> None:
+    """Both members commit only in on_revoke (auto-commit off). The core waits for the
+    callback before it releases a partition, so whoever takes it over starts after the
+    last record the other one read: no record is read twice, none is skipped."""
+    group = unique("revoke-commit")
+    seen: List[Tuple[str, int, int]] = []
+    revokes: Dict[str, int] = {"a": 0, "b": 0}
+    assigned: Dict[str, int] = {"a": 0, "b": 0}
+    lock = threading.Lock()
+    errors: List[BaseException] = []
+    stop = {"a": threading.Event(), "b": threading.Event()}
+    started = {"a": threading.Event(), "b": threading.Event()}
+
+    def member(name: str) -> None:
+        try:
+            holder: List[ketch.Consumer] = []
+
+            def on_revoke(partitions: List[ketch.TopicPartition]) -> None:
+                with lock:
+                    revokes[name] += 1
+                holder[0].commit()
+
+            def on_assign(partitions: List[ketch.TopicPartition]) -> None:
+                with lock:
+                    assigned[name] += len(partitions)
+
+            consumer = client.consumer(
+                [topic],
+                group=group,
+                start="earliest",
+                auto_commit=False,
+                on_assign=on_assign,
+                on_revoke=on_revoke,
+            )
+            holder.append(consumer)
+            with consumer:
+                while not stop[name].is_set():
+                    for r in consumer.poll_many(20, timeout=0.1):
+                        with lock:
+                            seen.append((name, r.partition, r.offset))
+                        started[name].set()
+        except BaseException as e:
+            errors.append(e)
+
+    def wait_for(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not done():
+            assert not errors, errors
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}: assigned {assigned}, revokes {revokes}, "
+                f"{count()} records read"
+            )
+            time.sleep(0.02)
+
+    def count() -> int:
+        with lock:
+            return len(seen)
+
+    per_round = 300
+    with client.producer(linger_ms=0) as producer:
+
+        def produce(round_: int) -> None:
+            producer.send_many(
+                topic, [(f"k{i}".encode(), f"{round_}-{i}".encode()) for i in range(per_round)]
+            )
+            producer.flush()
+
+        a = threading.Thread(target=member, args=("a",))
+        a.start()
+        produce(0)
+        wait_for("member a to read", started["a"].is_set)
+        b = threading.Thread(target=member, args=("b",))
+        b.start()
+        # a read round 0 and committed nothing: it commits in on_revoke when b joins, and b
+        # starts from there.
+        wait_for("b to join", lambda: revokes["a"] > 0 and assigned["b"] > 0)
+        produce(1)  # read by both
+        wait_for("b to read", started["b"].is_set)
+        produce(2)
+        stop["b"].set()  # b leaves: its close revokes (and commits) everything it holds
+        b.join(WAIT_SECONDS)
+        assert not b.is_alive()
+        produce(3)  # read by a alone, from where b committed
+        wait_for("every record", lambda: count() >= 4 * per_round)
+        time.sleep(0.5)  # room for a duplicate to show up
+        stop["a"].set()
+        a.join(WAIT_SECONDS)
+    assert not errors, errors
+    assert revokes["b"] > 0, "b's close did not call on_revoke"
+    keys = [(p, o) for _, p, o in seen]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    assert not duplicates, f"read twice: {duplicates[:10]} (of {len(duplicates)})"
+    assert len(keys) == 4 * per_round
+    assert {n for n, _, _ in seen} == {"a", "b"}

@@ -226,7 +226,9 @@ class Client:
 
         ``start`` is where a partition without a committed offset starts: ``"earliest"``,
         ``"latest"`` or ``"error"``. ``on_assign`` / ``on_revoke`` are called with
-        :class:`TopicPartition` lists on the thread that iterates or polls the consumer.
+        :class:`TopicPartition` lists on the thread that iterates, polls or closes the
+        consumer; revoked partitions go back to the group only once ``on_revoke`` has returned
+        (at most 30 s), so a ``commit()`` there makes manual commits duplicate-free.
         """
         if isinstance(topics, str):
             topics = [topics]

@@ -13,6 +13,7 @@ The calls run on the Rust client core's own runtime; the event loop never blocks
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 from types import TracebackType
@@ -141,7 +142,9 @@ class Client:
         on_revoke: Optional[AsyncRebalanceCallback] = None,
     ) -> "Consumer":
         """A consumer (arguments as :meth:`ketch.Client.consumer`); ``async for`` reads it.
-        Rebalance callbacks run in the task that reads, before its next record."""
+        Rebalance callbacks run in the task that reads (or closes); a revoked partition is
+        released to the group only after ``on_revoke`` has finished, so committing there
+        makes manual commits duplicate-free."""
         if isinstance(topics, str):
             topics = [topics]
         if topics is not None and group is None:
@@ -157,6 +160,7 @@ class Client:
             auto_commit_interval=auto_commit_interval,
             session_timeout=session_timeout,
             partitions=None if partitions is None else [(t, p) for t, p in partitions],
+            rebalance_events=on_assign is not None or on_revoke is not None,
         )
         return Consumer(native, on_assign, on_revoke)
 
@@ -266,22 +270,31 @@ class Consumer:
             return
         from . import TopicPartition
 
-        for kind, pairs in self._native.take_rebalance_events():
-            callback = self._on_assign if kind == "assigned" else self._on_revoke
-            if callback is not None:
-                result = callback([TopicPartition(t, p) for t, p in pairs])
-                if inspect.isawaitable(result):
-                    await result
+        while True:
+            event = self._native.next_rebalance_event()
+            if event is None:
+                return
+            try:
+                callback = self._on_assign if event.kind == "assigned" else self._on_revoke
+                if callback is not None:
+                    result = callback([TopicPartition(t, p) for t, p in event.partitions])
+                    if inspect.isawaitable(result):
+                        await result
+            finally:
+                event.done()
 
     def __aiter__(self) -> AsyncIterator[Record]:
         return self
 
     async def __anext__(self) -> Record:
-        await self._run_callbacks()
-        try:
-            return await self._native.recv()
-        except Closed:
-            raise StopAsyncIteration from None
+        while True:
+            await self._run_callbacks()
+            try:
+                record = await self._native.recv()
+            except Closed:
+                raise StopAsyncIteration from None
+            if record is not None:
+                return record
 
     async def poll(self, timeout: Optional[float] = None) -> Optional[Record]:
         """The next record, or ``None`` when none comes within ``timeout`` seconds."""
@@ -291,8 +304,14 @@ class Consumer:
     async def poll_many(self, max_records: int = 500, timeout: Optional[float] = None) -> List[Record]:
         """Up to ``max_records`` records: waits (at most ``timeout`` seconds) for the first,
         then takes what is already fetched."""
-        await self._run_callbacks()
-        return await self._native.poll_many(max_records, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            await self._run_callbacks()
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            records = await self._native.poll_many(max_records, left)
+            if records is not None:
+                return records
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         """Moves a partition's position to ``offset``."""
@@ -328,8 +347,10 @@ class Consumer:
             await self._native.commit([(tp[0], tp[1], o) for tp, o in offsets.items()])
 
     async def close(self) -> None:
-        """Commits (with auto-commit), leaves the group and stops."""
-        await self._native.close()
+        """Runs ``on_revoke`` for the partitions held, commits (with auto-commit), leaves the
+        group and stops."""
+        while not await self._native.close():
+            await self._run_callbacks()
 
     async def __aenter__(self) -> "Consumer":
         return self
