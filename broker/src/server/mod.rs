@@ -27,6 +27,9 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request may go without a byte arriving (inside the length prefix too) before
 /// the broker gives up on it: a stalled frame holds its stream and the memory of what it sent.
 const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the API key of a frame longer than `frame_bytes_max` may trail its length prefix
+/// (only filter uploads may be that long; a client writes prefix and key together).
+const OVERSIZED_FRAME_KEY_WAIT: Duration = Duration::from_secs(1);
 /// Units of the request-memory semaphores.
 const MEMORY_PERMIT_BYTES: usize = 1024;
 /// Request memory is reserved as the body arrives, this much at a time: a length prefix that
@@ -562,7 +565,7 @@ async fn read_request(
         }
     }
     // Only a filter upload may exceed `frame_bytes_max` (up to the module limit): such a
-    // frame is refused after its first chunk unless its API key is `FilterUpload`.
+    // frame is refused from its prefix and API key unless the key is `FilterUpload`.
     let frame_bytes_max = state.config.frame_bytes_max as usize;
     let upload_frame_bytes_max = state.config.filter_upload_frame_bytes_max();
     let length = frame::frame_length(prefix, upload_frame_bytes_max).map_err(
@@ -575,16 +578,48 @@ async fn read_request(
             ),
         },
     )?;
-    let key_checked_at = if length > frame_bytes_max {
-        2
-    } else {
-        usize::MAX
-    };
     let mut gathered: Option<bytes::BytesMut> = None;
     let mut single: Option<Bytes> = None;
+    let mut read = 0usize;
+    if length > frame_bytes_max {
+        // Only a filter upload may be this large: its API key follows the prefix at once (a
+        // client writes them together), so wait for those two bytes only briefly, before any
+        // memory is reserved, and refuse anything else from the prefix and key alone.
+        let too_large = |why: &str| ReadFailure::Answer {
+            code: ErrorCode::FrameTooLarge,
+            message: format!(
+                "frame of {length} bytes exceeds the limit of {frame_bytes_max} bytes{why}"
+            ),
+        };
+        let mut key = [0u8; 2];
+        let wait = tokio::time::Instant::now() + OVERSIZED_FRAME_KEY_WAIT;
+        match tokio::time::timeout_at(wait, recv.read_exact(&mut key)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
+                return Err(ReadFailure::Answer {
+                    code: ErrorCode::MalformedFrame,
+                    message: format!(
+                        "request ended after {n} of the {length} bytes its length prefix announced"
+                    ),
+                });
+            }
+            Ok(Err(quinn::ReadExactError::ReadError(_))) => return Err(ReadFailure::Gone),
+            Err(_) => {
+                return Err(too_large(
+                    " (only a filter upload may be larger, and no API key followed the prefix)",
+                ));
+            }
+        }
+        if u16::from_be_bytes(key) != ketch_protocol::messages::ApiKey::FilterUpload as u16 {
+            return Err(too_large(""));
+        }
+        let mut buffer = bytes::BytesMut::with_capacity(REQUEST_READ_CHUNK_BYTES);
+        buffer.extend_from_slice(&key);
+        gathered = Some(buffer);
+        read = key.len();
+    }
     let mut memory: Option<RequestMemory> = None;
     let mut reserved = 0usize;
-    let mut read = 0usize;
     while read < length {
         if reserved <= read {
             let chunk = REQUEST_READ_CHUNK_BYTES.min(length - reserved);
@@ -651,30 +686,6 @@ async fn read_request(
                 )));
             }
         };
-        // The first two bytes are the API key: a frame above `frame_bytes_max` that is not a
-        // filter upload is refused here, with one read chunk in memory.
-        let key_byte = |i: usize| {
-            gathered
-                .as_ref()
-                .map(|g| g.as_ref())
-                .unwrap_or_default()
-                .iter()
-                .chain(chunk.iter())
-                .nth(i)
-                .copied()
-        };
-        if read < key_checked_at
-            && read + chunk.len() >= key_checked_at
-            && let (Some(hi), Some(lo)) = (key_byte(0), key_byte(1))
-            && u16::from_be_bytes([hi, lo]) != ketch_protocol::messages::ApiKey::FilterUpload as u16
-        {
-            return Err(ReadFailure::Answer {
-                code: ErrorCode::FrameTooLarge,
-                message: format!(
-                    "frame of {length} bytes exceeds the limit of {frame_bytes_max} bytes"
-                ),
-            });
-        }
         read += chunk.len();
         // A body that arrives in one chunk is used as it is (no copy); otherwise chunks are
         // gathered into one buffer that grows with what arrived (at most twice what is
