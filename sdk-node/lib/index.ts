@@ -160,7 +160,7 @@ function closedError(what: string): ClosedError {
 
 function unsupported(what: string): KetchError {
   return new KetchError(
-    `${what}: this build of the client core has no Wasm filter API yet (the broker-side Wasm work is in progress)`,
+    `${what}: the Node SDK does not expose Wasm filters yet (the client core has them since issue 10; this binding has not wired them)`,
     { code: 'unsupported' },
   )
 }

@@ -1,8 +1,8 @@
 """A Wasm filter uploaded from Python and applied on consume.
 
-Waits for the Wasm issue (issue 10): `ketch-client` has no filter API yet (upload, list, delete,
-a consumer's filter and parameters), so the SDK has none to wrap. The test runs as soon as
-`ketch.Client` has `upload_filter`.
+Waits for the SDK to wire the client core's filter API (upload, list, delete, a consumer's
+filter and parameters), which landed with the Wasm issue (10) after this SDK. The test runs as
+soon as `ketch.Client` has `upload_filter`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import ketch
 from conftest import unique
 
 REASON = (
-    "waits for the Wasm issue (10): ketch-client has no filter API yet, so ketch.Client has no "
-    "upload_filter and consumer() no filter=/filter_params="
+    "waits for the Python SDK to wire the client core filter API (landed with issue 10 after "
+    "this SDK): ketch.Client has no upload_filter and consumer() no filter=/filter_params= yet"
 )
 
 
