@@ -550,7 +550,7 @@ impl Instance {
             .call(&mut self.store, len)
             .map_err(|e| self.fail(&e))? as u32 as usize;
         let memory_bytes = self.memory.data_size(&self.store);
-        if ptr % 8 != 0
+        if !ptr.is_multiple_of(8)
             || ptr
                 .checked_add(input.len())
                 .is_none_or(|end| end > memory_bytes)
