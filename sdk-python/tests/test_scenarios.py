@@ -1,8 +1,9 @@
 """The shared behaviour scenarios of the client-core issue (9), run through the Python SDK.
 
-The scenario files (`tests/scenarios/` at the repository root) and their format come with
-issue 9's Rust runner, which is not on main yet; until then each scenario it lists is covered by
-a hand-written test here (see SCENARIOS) and this runner says why it waits.
+The scenario files (`tests/scenarios/` at the repository root, format in its README.md) landed
+with issue 9's Rust runner after this SDK; the Python runner for them is still to be written
+(issue 11). Until it is, each scenario of the issue's list is covered by a hand-written test here
+(see SCENARIOS) and the runner's placeholder says why it waits.
 """
 
 from __future__ import annotations
