@@ -820,6 +820,10 @@ struct InFlightBatch {
     /// Why the last attempt failed: what the batch reports if the delivery timeout then cuts
     /// an attempt short.
     last_error: Option<Error>,
+    /// When the latest attempt was sent, an earlier batch of the partition was unsettled: an
+    /// out-of-order refusal of this attempt may only mean that batch had not been appended
+    /// yet, even if it has been acknowledged by the time the refusal is read.
+    sent_behind_unsettled: bool,
 }
 
 /// Where the CRC and the base sequence sit in a batch (see `ketch_protocol::batch`).
@@ -1150,6 +1154,7 @@ impl Sender {
                     retry_at: now,
                     maybe_appended: false,
                     last_error: None,
+                    sent_behind_unsettled: false,
                 });
             }
         }
@@ -1161,7 +1166,8 @@ impl Sender {
     /// the requests in the order of their oldest batch.
     async fn dispatch(&mut self, batches: Vec<InFlightBatch>) {
         let mut requests: Vec<(SocketAddr, Vec<InFlightBatch>)> = Vec::new();
-        for batch in batches {
+        for mut batch in batches {
+            batch.sent_behind_unsettled = self.behind_unsettled(&batch);
             match self.shared.client.inner.leader(&batch.partition).await {
                 Ok(addr) => {
                     let open = requests.iter_mut().find(|(to, batches)| {
@@ -1193,6 +1199,14 @@ impl Sender {
             self.in_flight -= 1;
             self.settle(batch, result);
         }
+    }
+
+    /// Whether an earlier batch of `batch`'s partition is unsettled.
+    fn behind_unsettled(&self, batch: &InFlightBatch) -> bool {
+        self.unsettled
+            .get(&batch.partition)
+            .and_then(|numbers| numbers.front())
+            .is_some_and(|oldest| *oldest < batch.number)
     }
 
     /// Decides a batch's fate after an attempt: deliver, retry, or fail.
@@ -1240,12 +1254,10 @@ impl Sender {
             batch.attempts,
         );
         // Out of order behind an earlier batch that is not settled yet (lost, being retried,
-        // or still in flight): that batch fills the gap, so this one goes again after it.
-        let behind_unsettled = self
-            .unsettled
-            .get(&partition)
-            .and_then(|numbers| numbers.front())
-            .is_some_and(|oldest| *oldest < batch.number);
+        // or still in flight), or that was not when this attempt went: that batch fills the
+        // gap, so this one goes again after it. Only a refusal of an attempt sent with every
+        // earlier batch acknowledged means the broker and this producer disagree.
+        let behind_unsettled = batch.sent_behind_unsettled || self.behind_unsettled(&batch);
         let unknown_producer = error.code() == Some(ErrorCode::UnknownProducer);
         if (error.code() == Some(ErrorCode::OutOfOrderSequence) || unknown_producer)
             && behind_unsettled
