@@ -49,8 +49,9 @@ target/py-venv/bin/pip install --quiet --disable-pip-version-check \
 # The metrics test parses /metrics with prometheus_client, independently of the exporter.
 export KETCH_PYTHON="$PWD/target/py-venv/bin/python"
 
-step "build (debug; binaries first: the system tests start real brokers)"
-cargo build --locked --workspace --bins
+step "build (debug, every target: the system tests start the real broker binary)"
+# One build with the features of every target: a --bins build first would resolve
+# dependency features without the dev-dependencies and compile wasmtime a second time.
 cargo build --locked --workspace --all-targets
 
 step "Rust tests"

@@ -298,8 +298,8 @@ struct ApiMetrics {
 /// Event metrics of the QUIC server.
 #[derive(Debug)]
 pub(crate) struct ServerMetrics {
-    /// Indexed by `ApiKey as usize` (the keys are dense).
-    apis: Vec<ApiMetrics>,
+    /// Indexed by `ApiKey as usize` (keys may leave gaps: `None` there).
+    apis: Vec<Option<ApiMetrics>>,
     /// acks = none, leader, all.
     ack_duration: [Histogram; 3],
     pub(crate) connections: AtomicU64,
@@ -311,19 +311,16 @@ pub(crate) struct ServerMetrics {
 
 impl ServerMetrics {
     pub(crate) fn new() -> ServerMetrics {
-        let apis = ApiKey::ALL
-            .iter()
-            .enumerate()
-            .map(|(index, api)| {
-                debug_assert_eq!(*api as usize, index);
-                let label = [("api", api.name())];
-                ApiMetrics {
-                    name: api.name(),
-                    requests: metrics::counter!(names::REQUESTS, &label),
-                    duration: metrics::histogram!(names::REQUEST_DURATION, &label),
-                }
-            })
-            .collect();
+        let slots = ApiKey::ALL.iter().map(|api| *api as usize + 1).max();
+        let mut apis: Vec<Option<ApiMetrics>> = (0..slots.unwrap_or(0)).map(|_| None).collect();
+        for api in ApiKey::ALL {
+            let label = [("api", api.name())];
+            apis[*api as usize] = Some(ApiMetrics {
+                name: api.name(),
+                requests: metrics::counter!(names::REQUESTS, &label),
+                duration: metrics::histogram!(names::REQUEST_DURATION, &label),
+            });
+        }
         let ack =
             |acks: &'static str| metrics::histogram!(names::PRODUCE_ACK_DURATION, "acks" => acks);
         let throttled =
@@ -339,14 +336,20 @@ impl ServerMetrics {
         }
     }
 
+    fn api(&self, api: ApiKey) -> &ApiMetrics {
+        self.apis[api as usize]
+            .as_ref()
+            .expect("every ApiKey has a slot")
+    }
+
     /// A request of `api` arrived (decoded).
     pub(crate) fn request_received(&self, api: ApiKey) {
-        self.apis[api as usize].requests.increment(1);
+        self.api(api).requests.increment(1);
     }
 
     /// A request of `api` whose stream opened at `started` was answered.
     pub(crate) fn request_done(&self, api: ApiKey, started: Instant) {
-        self.apis[api as usize]
+        self.api(api)
             .duration
             .record(started.elapsed().as_secs_f64());
     }
@@ -364,7 +367,7 @@ impl ServerMetrics {
     /// An error answered to a request of `api` (`None`: the request could not be decoded).
     /// Errors are rare; the label lookup happens here, not on the success path.
     pub(crate) fn error(&self, api: Option<ApiKey>, code: ErrorCode) {
-        let api = api.map_or("unknown", |api| self.apis[api as usize].name);
+        let api = api.map_or("unknown", |api| self.api(api).name);
         metrics::counter!(names::REQUEST_ERRORS, "api" => api, "code" => code.name()).increment(1);
     }
 }
