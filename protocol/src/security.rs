@@ -116,7 +116,10 @@ mod tests {
             assert_eq!(ResourceType::from_u8(r.as_u8()), Some(*r));
             assert_eq!(r.name().parse::<ResourceType>(), Ok(*r));
         }
-        assert_eq!("DEPLOY_FILTER".parse::<Operation>(), Ok(Operation::DeployFilter));
+        assert_eq!(
+            "DEPLOY_FILTER".parse::<Operation>(),
+            Ok(Operation::DeployFilter)
+        );
         assert!("fly".parse::<Operation>().is_err());
         assert_eq!(Operation::from_u8(8), None);
         assert_eq!(Permission::from_u8(2), None);

@@ -76,6 +76,20 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::FilterList(_) => respond(state, api, Ok(super::filters::list(state))),
         Request::FilterDescribe(r) => respond(state, api, super::filters::describe(state, &r)),
         Request::FilterDelete(r) => respond(state, api, super::filters::delete(state, &r)),
+        // Answered by `access::check` before dispatch; here only if that changes.
+        Request::Authenticate(_)
+        | Request::TokenCreate(_)
+        | Request::TokenRevoke(_)
+        | Request::AclChange(_)
+        | Request::QuotaSet(_)
+        | Request::SecurityList(_) => respond::<ApiVersionsResponse>(
+            state,
+            api,
+            Err(ClusterError::new(
+                ErrorCode::InvalidRequest,
+                format!("{} is answered by the security hook", api.name()),
+            )),
+        ),
         Request::ApiVersions(_) => respond(
             state,
             api,
@@ -173,7 +187,7 @@ async fn create_topic(
     })
 }
 
-fn list_topics(state: &State) -> ListTopicsResponse {
+pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
     ListTopicsResponse {
         topics: state
             .cluster

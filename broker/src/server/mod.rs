@@ -1,6 +1,7 @@
 //! The QUIC endpoint: TLS, connections, one request per bidirectional stream, bounded
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
+mod access;
 mod filters;
 mod handlers;
 pub mod tls;
@@ -63,6 +64,8 @@ pub enum StartError {
     Quic(String),
     #[error("Wasm filters: {0}")]
     Transforms(#[from] crate::transform::TransformError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// Shared state of a running broker.
@@ -72,6 +75,8 @@ pub(crate) struct State {
     pub groups: Groups,
     /// Wasm filters: registry, engine and the threads modules run on.
     pub transforms: Arc<Transforms>,
+    /// Tokens, ACLs, quotas and producer-id owners.
+    pub security: crate::auth::Security,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -146,6 +151,7 @@ pub struct Broker {
     state: Arc<State>,
     endpoint: quinn::Endpoint,
     dev_ca_path: Option<std::path::PathBuf>,
+    admin_token_path: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -163,7 +169,7 @@ impl Broker {
             _ => tls::dev_identity(&config.data_dir, config.advertised_host.as_slice())?,
         };
         let dev_ca_path = identity.dev_ca_path.clone();
-        let crypto = tls::server_crypto(identity)?;
+        let crypto = tls::server_crypto(identity, config.client_ca.as_deref())?;
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
@@ -210,6 +216,27 @@ impl Broker {
         })?;
         let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES)
             .min(Semaphore::MAX_PERMITS);
+        let (security, admin_token_path) = crate::auth::Security::open(
+            &config.data_dir,
+            config.security_config(),
+            crate::cluster::now_ms(),
+        )?;
+        match security.mode() {
+            crate::auth::AuthMode::None => tracing::warn!(
+                listen = %local_addr,
+                "AUTHENTICATION IS OFF (auth none): every client may do everything; use --auth required beyond development"
+            ),
+            crate::auth::AuthMode::Optional => tracing::warn!(
+                listen = %local_addr,
+                "anonymous clients are allowed (auth optional); ACLs apply to the ANONYMOUS principal"
+            ),
+            crate::auth::AuthMode::Required => {
+                tracing::info!(listen = %local_addr, "authentication required")
+            }
+        }
+        if let Some(path) = &admin_token_path {
+            tracing::warn!(path = %path.display(), principal = crate::auth::ADMIN_PRINCIPAL, "wrote the first admin token (mode 0600); use it with --token and keep it secret");
+        }
         let cluster = Arc::new(cluster);
         let groups_cluster = cluster.clone();
         let groups =
@@ -222,6 +249,7 @@ impl Broker {
             cluster,
             groups,
             transforms: Arc::new(transforms),
+            security,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
@@ -236,6 +264,7 @@ impl Broker {
             state,
             endpoint,
             dev_ca_path,
+            admin_token_path,
         })
     }
 
@@ -253,6 +282,11 @@ impl Broker {
     /// The generated development CA, when the broker runs without configured certificates.
     pub fn dev_ca_path(&self) -> Option<&std::path::Path> {
         self.dev_ca_path.as_deref()
+    }
+
+    /// The admin token this start wrote (first start with `auth required`), if it did.
+    pub fn admin_token_path(&self) -> Option<&std::path::Path> {
+        self.admin_token_path.as_deref()
     }
 
     /// Serves until `shutdown` resolves, then drains: stops accepting, lets in-flight requests
@@ -341,6 +375,8 @@ async fn background_tasks(state: Arc<State>) {
 struct ConnectionShare {
     remote: SocketAddr,
     request_memory: Arc<Semaphore>,
+    /// Who the connection is.
+    auth: access::ConnectionAuth,
 }
 
 /// Request memory held by one request: its connection's share and the broker's, released
@@ -369,6 +405,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         / CONNECTION_REQUEST_MEMORY_DIVISOR)
         .max(u64::from(state.config.frame_bytes_max));
     let share = Arc::new(ConnectionShare {
+        auth: access::ConnectionAuth::new(&state, &connection),
         remote,
         request_memory: Arc::new(Semaphore::new(
             (connection_memory as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
@@ -440,7 +477,16 @@ async fn serve_stream(
             return;
         }
     };
-    state.metrics.request_received(request.api_key());
+    let api = request.api_key();
+    state.metrics.request_received(api);
+    let (request, principal) = match access::check(&state, &share.auth, request).await {
+        access::Checked::Proceed { request, principal } => (request, principal),
+        access::Checked::Answer(response) => {
+            let _ = write_chunks(&mut send, response).await;
+            state.metrics.request_done(api, started);
+            return;
+        }
+    };
     if let Request::Subscribe(subscribe) = request {
         // A subscription lives long: it gives back the request permit and memory, and holds
         // a subscription permit instead. None left is said, never a silent stall.
@@ -468,8 +514,10 @@ async fn serve_stream(
         let _ = send.finish();
         return;
     }
-    let api = request.api_key();
     let response = handlers::dispatch(&state, request).await;
+    if api == ketch_protocol::messages::ApiKey::Fetch {
+        access::after_fetch(&state, &principal, &response).await;
+    }
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
