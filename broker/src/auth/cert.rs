@@ -121,6 +121,7 @@ mod tests {
     fn certificate(cn: Option<&str>, o: Option<&str>) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["client".to_owned()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
         if let Some(cn) = cn {
             params
                 .distinguished_name
