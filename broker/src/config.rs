@@ -138,6 +138,8 @@ pub struct BrokerConfig {
     pub super_users: Vec<String>,
     /// How a client certificate's subject becomes a principal: `{CN}`, `{O}`, `{OU}`.
     pub client_principal_template: String,
+    /// QUIC connections one source IP may hold open (handshakes included); more are refused.
+    pub connections_per_ip_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -181,6 +183,7 @@ impl Default for BrokerConfig {
             allow_anonymous: false,
             super_users: vec![crate::auth::ADMIN_PRINCIPAL.to_owned()],
             client_principal_template: crate::auth::cert::PRINCIPAL_TEMPLATE_DEFAULT.to_owned(),
+            connections_per_ip_max: 1024,
         }
     }
 }
@@ -322,6 +325,9 @@ impl BrokerConfig {
         }
         crate::auth::cert::validate_template(&self.client_principal_template)
             .map_err(ConfigError::Invalid)?;
+        if self.connections_per_ip_max == 0 {
+            return invalid("connections_per_ip_max must be at least 1".into());
+        }
         if self.streams_per_connection_max == 0 || self.requests_in_flight_max == 0 {
             return invalid("stream and request limits must be positive".into());
         }

@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// [default: {CN}]
     #[arg(long, env = "KETCH_CLIENT_PRINCIPAL_TEMPLATE", value_name = "TEMPLATE")]
     client_principal_template: Option<String>,
+    /// QUIC connections (handshakes included) one source IP may hold; more are refused.
+    /// [default: 1024]
+    #[arg(long, env = "KETCH_CONNECTIONS_PER_IP_MAX", value_name = "COUNT")]
+    connections_per_ip_max: Option<u32>,
     /// Label log and lag gauges by partition (true) or sum them per topic (false, for brokers
     /// with many partitions). [default: true]
     #[arg(long, env = "KETCH_METRICS_PARTITION_LABELS", value_name = "BOOL")]
@@ -162,7 +166,8 @@ impl ServeArgs {
             group_heartbeat_interval_ms,
             shutdown_grace_ms,
             metrics_listen,
-            metrics_partition_labels
+            metrics_partition_labels,
+            connections_per_ip_max
         );
         if self.advertised_host.is_some() {
             config.advertised_host = self.advertised_host;

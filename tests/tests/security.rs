@@ -1038,3 +1038,34 @@ async fn a_quota_holds_a_greedy_producer_to_its_rate() -> anyhow::Result<()> {
     admin.close();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_ip_holds_at_most_its_connections() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&["--connections-per-ip-max", "2"])?;
+    let first = broker.raw().await?;
+    let second = broker.raw().await?;
+    first.call_ok(&ApiVersionsRequest {}).await?;
+    second.call_ok(&ApiVersionsRequest {}).await?;
+    let third = broker.raw().await;
+    ensure!(
+        third.is_err(),
+        "a third connection from one IP was accepted"
+    );
+    // Those already open are still served, and a place freed is a place taken.
+    first.call_ok(&ApiVersionsRequest {}).await?;
+    second.close();
+    eventually(
+        "a freed place is taken",
+        Duration::from_secs(10),
+        || async {
+            match broker.raw().await {
+                Ok(raw) => raw.call_ok(&ApiVersionsRequest {}).await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
+    .await?;
+    let log = broker.process.log();
+    ensure!(log.contains("connection_limit"), "not audited:\n{log}");
+    Ok(())
+}

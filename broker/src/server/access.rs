@@ -609,6 +609,12 @@ async fn produce(
 /// Holds a fetch answer back when the principal is over its fetch rate.
 pub(super) async fn after_fetch(state: &State, principal: &str, chunks: &[Bytes]) {
     let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    hold_back_reader(state, principal, bytes).await;
+}
+
+/// Counts `bytes` read against `principal`'s fetch rate and waits out what is over it (a
+/// push stream then reads its next batch that much later).
+pub(super) async fn hold_back_reader(state: &State, principal: &str, bytes: u64) {
     let delay = state
         .security
         .quotas()

@@ -448,6 +448,7 @@ pub(super) async fn subscribe(
     state: &State,
     request: SubscribeRequest,
     send: &mut quinn::SendStream,
+    principal: &str,
 ) {
     let push_bytes_max = request
         .push_bytes_max
@@ -478,6 +479,7 @@ pub(super) async fn subscribe(
             if let Some(next) = next_offset_after(&response.records) {
                 offset = next;
             }
+            let pushed_bytes = response.records.len() as u64;
             // The records are handed to QUIC as they were read, not copied into the frame.
             let mut frame = frame::encode_response_chunks(&response);
             let write = tokio::select! {
@@ -486,6 +488,11 @@ pub(super) async fn subscribe(
             };
             if write.is_err() || failed {
                 return;
+            }
+            // A principal over its fetch quota reads on later.
+            tokio::select! {
+                () = super::access::hold_back_reader(state, principal, pushed_bytes) => {}
+                () = state.shutdown.cancelled() => return,
             }
             continue;
         }

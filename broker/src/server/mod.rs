@@ -42,6 +42,8 @@ const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
 /// How often producer state and group offsets are checkpointed (and at shutdown), bounding
 /// what startup replays after a crash.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a QUIC handshake may take; a slow or stalled one is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -88,6 +90,8 @@ pub(crate) struct State {
     shutdown: tokio_util_shutdown::Token,
     /// True while the accept loop runs and the broker is not draining.
     serving: AtomicBool,
+    /// Connections (and handshakes) open per source IP.
+    connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
     pub(crate) metrics: ServerMetrics,
 }
 
@@ -256,6 +260,7 @@ impl Broker {
             memory_permits,
             shutdown: tokio_util_shutdown::Token::new(),
             serving: AtomicBool::new(false),
+            connections_per_ip: Arc::default(),
             metrics: ServerMetrics::new(),
             local_addr,
             config,
@@ -300,7 +305,22 @@ impl Broker {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(serve_connection(incoming, state.clone()));
+                    let ip = incoming.remote_address().ip();
+                    match IpSlot::take(&state, ip) {
+                        Some(slot) => {
+                            tokio::spawn(serve_connection(incoming, state.clone(), slot));
+                        }
+                        None => {
+                            state.security.audit(
+                                crate::cluster::now_ms(),
+                                "connection_limit",
+                                "",
+                                &ip.to_string(),
+                                &format!("connections_per_ip_max = {} reached", state.config.connections_per_ip_max),
+                            );
+                            incoming.refuse();
+                        }
+                    }
                 }
                 () = &mut shutdown => break,
             }
@@ -370,6 +390,43 @@ async fn background_tasks(state: Arc<State>) {
     }
 }
 
+/// One of a source IP's `connections_per_ip_max` places, given back when the connection ends.
+#[derive(Debug)]
+struct IpSlot {
+    ip: std::net::IpAddr,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+impl IpSlot {
+    fn take(state: &State, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut counts = state
+            .connections_per_ip
+            .lock()
+            .expect("connection counts lock");
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= state.config.connections_per_ip_max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            ip,
+            counts: state.connections_per_ip.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("connection counts lock");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What one connection may hold of the broker's request memory.
 #[derive(Debug)]
 struct ConnectionShare {
@@ -390,12 +447,24 @@ fn memory_permits(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
-async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
+async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: IpSlot) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
         Err(e) => {
+            tracing::debug!(%remote, error = %e, "connection refused");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        // Dropping the handshake closes it.
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
             return;
         }
     };
@@ -505,7 +574,7 @@ async fn serve_stream(
             return;
         };
         let _subscribed = OpenGuard::new(&state.metrics.push_subscriptions);
-        handlers::subscribe(&state, subscribe, &mut send).await;
+        handlers::subscribe(&state, subscribe, &mut send, &principal).await;
         let _ = send.finish();
         return;
     }
