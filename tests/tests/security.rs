@@ -1035,6 +1035,55 @@ async fn a_quota_holds_a_greedy_producer_to_its_rate() -> anyhow::Result<()> {
         "greedy ran at {rate:.0} B/s, quota {RATE}"
     );
     ensure!(p99 < Duration::from_millis(250), "polite p99 {p99:?}");
+
+    // A reader over its fetch quota is pushed the records that much slower.
+    let reader = a.create_token("reader", None).await?;
+    a.add_acls(&[Acl::allow("reader", Operation::Read).topic("t")])
+        .await?;
+    a.set_quota(&Quota {
+        principal: "reader".into(),
+        produce_bytes_per_s: 0,
+        fetch_bytes_per_s: RATE,
+    })
+    .await?;
+    let reader_raw = raw_as(&broker, &reader.token).await?;
+    let end = reader_raw.high_watermark("t", 0).await?;
+    let mut subscription = reader_raw
+        .subscribe(&SubscribeRequest {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            push_bytes_max: 64 * 1024,
+        })
+        .await?;
+    let started = Instant::now();
+    // Each push waits for the ones before it: the last one's bytes are not yet paid for when
+    // it arrives, so the rate is counted without them.
+    let (mut last_push, mut bytes, mut offset) = (0u64, 0u64, 0i64);
+    while offset < end {
+        let push = subscription
+            .next()
+            .await?
+            .map_err(|e| anyhow!("push failed: {e}"))?;
+        let batches: Vec<_> = ketch_protocol::batch::BatchSlices::new(push.records.clone())
+            .collect::<Result<_, _>>()?;
+        let Some((last, _)) = batches.last() else {
+            continue;
+        };
+        offset = last.next_offset();
+        last_push = push.records.len() as u64;
+        bytes += last_push;
+    }
+    let elapsed = started.elapsed();
+    let bytes = bytes - last_push;
+    let rate = bytes as f64 / elapsed.as_secs_f64();
+    println!(
+        "fetch quota {RATE} B/s: subscription read {rate:.0} B/s ({bytes} bytes before the last push, {elapsed:?})"
+    );
+    ensure!(
+        (rate - RATE as f64).abs() <= RATE as f64 * 0.10,
+        "the reader ran at {rate:.0} B/s, quota {RATE}"
+    );
     admin.close();
     Ok(())
 }
