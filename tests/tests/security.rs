@@ -1118,3 +1118,61 @@ async fn one_source_ip_holds_at_most_its_connections() -> anyhow::Result<()> {
     ensure!(log.contains("connection_limit"), "not audited:\n{log}");
     Ok(())
 }
+
+/// The Python with aioquic (`scripts/test-all.sh` makes the venv and sets `KETCH_PYTHON`).
+fn python() -> PathBuf {
+    std::env::var_os("KETCH_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
+}
+
+/// Runs the aioquic client; its JSON line.
+fn aioquic(broker: &TestBroker, token: &str) -> anyhow::Result<serde_json::Value> {
+    let output = std::process::Command::new(python())
+        .arg(repo().join("tests/quic/aioquic_client.py"))
+        .arg(broker.process.addr.ip().to_string())
+        .arg(broker.process.addr.port().to_string())
+        .arg(&broker.process.ca)
+        .arg(token)
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (set KETCH_PYTHON to a Python with aioquic; scripts/test-all.sh makes one)",
+                python().display()
+            )
+        })?;
+    ensure!(
+        output.status.success(),
+        "aioquic client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_quic_stack_handshakes_authenticates_and_asks() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&["--auth", "required"])?;
+    let token = admin_token(&broker)?;
+    let admin = client_with_token(&broker, &token).await?;
+    admin
+        .admin()
+        .create_topic(NewTopic::new("from-rust", 1))
+        .await?;
+    admin.close();
+    let seen = aioquic(&broker, &token)?;
+    println!("aioquic saw {seen}");
+    ensure!(seen["alpn"] == "ketch/1", "{seen}");
+    ensure!(
+        seen["authenticate_code"] == 0 && seen["principal"] == "admin",
+        "{seen}"
+    );
+    ensure!(seen["list_topics_code"] == 0, "{seen}");
+    let topics = seen["topics"].as_array().cloned().unwrap_or_default();
+    ensure!(topics.contains(&serde_json::json!("from-rust")), "{seen}");
+    // A bad token: the same stack is refused, by the stable code.
+    let refused = aioquic(&broker, "ketch_nope")?;
+    ensure!(
+        refused["authenticate_code"] == ErrorCode::AuthenticationFailed.as_u16()
+            && refused["list_topics_code"] == ErrorCode::AuthenticationFailed.as_u16(),
+        "{refused}"
+    );
+    Ok(())
+}
