@@ -307,7 +307,9 @@ mod tests {
 
     #[test]
     fn evaluation() {
-        let cases: &[(&[&str], &str, &str, &str, &str, bool)] = &[
+        /// Rules, then principal, operation, resource type, name, and the decision.
+        type Case<'a> = (&'a [&'a str], &'a str, &'a str, &'a str, &'a str, bool);
+        let cases: &[Case<'_>] = &[
             // Nothing allowed by default.
             (&[], "alice", "read", "topic", "orders", false),
             (

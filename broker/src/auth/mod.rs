@@ -464,7 +464,12 @@ mod tests {
             permission: 0,
         })
         .unwrap();
-        assert_eq!(security.change_acls(&[rule.clone()], &[]).unwrap(), (1, 0));
+        assert_eq!(
+            security
+                .change_acls(std::slice::from_ref(&rule), &[])
+                .unwrap(),
+            (1, 0)
+        );
         security
             .set_quota(
                 "alice",
