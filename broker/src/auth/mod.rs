@@ -139,6 +139,23 @@ struct AuditLimiter {
     suppressed: u64,
 }
 
+impl AuditLimiter {
+    /// Whether an event at `now_ms` is written; if so, how many were left out before it.
+    fn admit(&mut self, now_ms: i64) -> Option<u64> {
+        let second = now_ms.div_euclid(1000);
+        if self.second != second {
+            self.second = second;
+            self.written = 0;
+        }
+        if self.written >= AUDIT_EVENTS_PER_S_MAX {
+            self.suppressed += 1;
+            return None;
+        }
+        self.written += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 /// Whether a producer id may be used by a principal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProducerCheck {
@@ -404,19 +421,8 @@ impl Security {
     /// Writes an audit event (target `ketch::audit`), at most [`AUDIT_EVENTS_PER_S_MAX`] a
     /// second; the ones over are counted and reported with the next written.
     pub fn audit(&self, now_ms: i64, event: &str, principal: &str, remote: &str, detail: &str) {
-        let suppressed = {
-            let mut audit = self.audit.lock().expect("audit lock");
-            let second = now_ms.div_euclid(1000);
-            if audit.second != second {
-                audit.second = second;
-                audit.written = 0;
-            }
-            if audit.written >= AUDIT_EVENTS_PER_S_MAX {
-                audit.suppressed += 1;
-                return;
-            }
-            audit.written += 1;
-            std::mem::take(&mut audit.suppressed)
+        let Some(suppressed) = self.audit.lock().expect("audit lock").admit(now_ms) else {
+            return;
         };
         tracing::warn!(
             target: "ketch::audit",
@@ -516,6 +522,19 @@ mod tests {
         // Nothing is checked in mode none.
         let (open, _) = Security::open(dir.path(), config(AuthMode::None), 5).unwrap();
         assert!(open.authorize("anyone", Operation::Delete, ResourceType::Topic, "t"));
+    }
+
+    #[test]
+    fn audit_lines_are_rate_limited_and_count_what_they_left_out() {
+        let mut limiter = AuditLimiter::default();
+        let written = (0..100).filter(|_| limiter.admit(5_000).is_some()).count();
+        assert_eq!(written, AUDIT_EVENTS_PER_S_MAX as usize);
+        // The next second's first line reports the 80 left out.
+        assert_eq!(
+            limiter.admit(6_000),
+            Some(100 - u64::from(AUDIT_EVENTS_PER_S_MAX))
+        );
+        assert_eq!(limiter.admit(6_001), Some(0));
     }
 
     #[test]
