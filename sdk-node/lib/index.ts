@@ -78,6 +78,12 @@ export interface ClientOptions {
   requestTimeoutMs?: number
   /** Time limit of one QUIC handshake (default 10 s). */
   connectTimeoutMs?: number
+  /** Bearer token for brokers that authenticate clients by token. */
+  token?: string
+  /** PEM file of a client certificate chain, leaf first (mutual TLS); needs `clientKey`. */
+  clientCert?: string
+  /** PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1). */
+  clientKey?: string
 }
 
 /** Producer settings; each defaults to the Rust core's default. */
@@ -131,9 +137,41 @@ export interface ConsumerOptions {
   prefetchChunksMax?: number
   /** Records taken from the core's queue per napi call (default 512). */
   maxBatchRecords?: number
-  /** A Wasm filter the broker applies before sending (needs broker-side filters). */
+  /**
+   * How long the core waits for the `'assign'` / `'revoke'` handlers of one rebalance before
+   * it goes on without them (default 30 000 ms): a revoked partition is released to the group
+   * once its handlers finished or this passed.
+   */
+  assignmentListenerTimeoutMs?: number
+  /**
+   * A Wasm filter uploaded with `client.uploadFilter`: the broker runs it on the partitions'
+   * records and sends only what it keeps, at their own offsets (commits and seeks work as
+   * without). A filter that is unknown or fails rejects the read with a `FilterError`.
+   */
   filter?: string
-  filterParams?: Record<string, unknown>
+  /** Parameters for the filter's `init`: serialised as JSON (a string is sent as it is). */
+  filterParams?: Record<string, unknown> | string
+  /** A stored version of the filter (default: the latest when each partition's stream opens). */
+  filterVersion?: number
+}
+
+/** A stored version of a Wasm filter module. */
+export interface FilterVersion {
+  name: string
+  /** 1 for the first upload, one more for each upload of different bytes. */
+  version: number
+  description: string
+  moduleBytes: number
+  /** SHA-256 of the module, lower-case hex. */
+  digest: string
+}
+
+/** A filter's stored versions (oldest first) and what uses it. */
+export interface FilterDescription {
+  name: string
+  versions: FilterVersion[]
+  /** Subscriptions and topics the filter is attached to: a delete without `force` is refused meanwhile. */
+  inUseBy: string[]
 }
 
 /** Options of `createTopic`. */
@@ -156,13 +194,6 @@ export type SeekTarget = number | 'beginning' | 'end' | { timestamp: number | Da
 
 function closedError(what: string): ClosedError {
   return new ClosedError(`${what} is closed`, { code: 'closed' })
-}
-
-function unsupported(what: string): KetchError {
-  return new KetchError(
-    `${what}: the Node SDK does not expose Wasm filters yet (the client core has them since issue 10; this binding has not wired them)`,
-    { code: 'unsupported' },
-  )
 }
 
 function nonNegativeInteger(value: unknown, name: string, max = 0xffffffff): number | undefined {
@@ -207,6 +238,9 @@ export class Client {
         clientId: options.clientId,
         requestTimeoutMs: nonNegativeInteger(options.requestTimeoutMs, 'requestTimeoutMs'),
         connectTimeoutMs: nonNegativeInteger(options.connectTimeoutMs, 'connectTimeoutMs'),
+        token: options.token,
+        clientCert: options.clientCert,
+        clientKey: options.clientKey,
       }),
     )
     return new Client(client)
@@ -265,30 +299,38 @@ export class Client {
   /** A consumer: a group member of `topics`, or a reader of explicit `partitions`. */
   consumer(options: ConsumerOptions): Consumer {
     this.#check()
-    if (options.filter !== undefined || options.filterParams !== undefined) {
-      throw unsupported(`consumer filter ${JSON.stringify(options.filter)}`)
-    }
     const consumer = new Consumer(this.#native, options, this.#handles)
     this.#handles.add(consumer)
     return consumer
   }
 
-  /** Uploads a Wasm filter module under a name. */
-  async uploadFilter(name: string, _module: Uint8Array): Promise<void> {
+  /**
+   * Uploads a Wasm module (the bytes of a `.wasm` file) as filter `name`. The broker
+   * validates and compiles it; a new version is numbered unless the bytes equal the latest
+   * version's. A module that breaks the ABI or a limit rejects with a `FilterError`.
+   */
+  async uploadFilter(name: string, module: Uint8Array, options: { description?: string } = {}): Promise<FilterVersion> {
     this.#check()
-    throw unsupported(`uploadFilter(${JSON.stringify(name)})`)
+    const bytes = Buffer.isBuffer(module) ? module : Buffer.from(module.buffer, module.byteOffset, module.byteLength)
+    return await call(() => this.#native.uploadFilter(name, bytes, options.description))
   }
 
-  /** The uploaded filters. */
-  async listFilters(): Promise<string[]> {
+  /** Every filter, with its latest version. */
+  async listFilters(): Promise<FilterVersion[]> {
     this.#check()
-    throw unsupported('listFilters()')
+    return await call(() => this.#native.listFilters())
   }
 
-  /** Deletes an uploaded filter. */
-  async deleteFilter(name: string): Promise<void> {
+  /** Every stored version of filter `name` and what uses it. */
+  async describeFilter(name: string): Promise<FilterDescription> {
     this.#check()
-    throw unsupported(`deleteFilter(${JSON.stringify(name)})`)
+    return await call(() => this.#native.describeFilter(name))
+  }
+
+  /** Deletes every version of a filter; while it is in use this rejects (`filter_in_use`) unless `force`. */
+  async deleteFilter(name: string, options: { force?: boolean } = {}): Promise<void> {
+    this.#check()
+    await call(() => this.#native.deleteFilter(name, options.force))
   }
 
   /**
@@ -524,6 +566,15 @@ export class Consumer extends EventEmitter {
           sessionTimeoutMs: nonNegativeInteger(options.sessionTimeoutMs, 'sessionTimeoutMs'),
           partitionFetchBytesMax: nonNegativeInteger(options.partitionFetchBytesMax, 'partitionFetchBytesMax'),
           prefetchChunksMax: nonNegativeInteger(options.prefetchChunksMax, 'prefetchChunksMax'),
+          assignmentListenerTimeoutMs: nonNegativeInteger(
+            options.assignmentListenerTimeoutMs,
+            'assignmentListenerTimeoutMs',
+          ),
+          filter: options.filter,
+          filterParams: typeof options.filterParams === 'string' || options.filterParams === undefined
+            ? options.filterParams
+            : JSON.stringify(options.filterParams),
+          filterVersion: nonNegativeInteger(options.filterVersion, 'filterVersion'),
         },
         onRebalance,
       ),
