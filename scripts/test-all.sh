@@ -62,7 +62,7 @@ cargo test --locked -p ketch-client --test scenarios
 
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
 (cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
-# -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
+# -rs prints the reason of every skipped test (NotAuthorized from a real broker waits for broker-side auth).
 target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
 
 step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"
