@@ -20,6 +20,15 @@ if ! command -v strace >/dev/null 2>&1; then
     fi
 fi
 strace -V | head -n 1
+# openssl: the Python and Node SDKs' client-certificate tests make a certificate with it.
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq openssl >/dev/null
+    fi
+fi
+openssl version
 # python3 with venv: the Python SDK's tests run in target/py-venv (Debian splits venv out).
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
