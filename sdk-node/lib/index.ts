@@ -529,6 +529,8 @@ export class Consumer extends EventEmitter {
   /** Records taken from the core but not yet handed to the loop. */
   #buffer: ConsumerRecord[] = []
   #next = 0
+  /** Records of `#buffer` below this index are accounted in `#consumed` (see `#foldConsumed`). */
+  #folded = 0
   /** The offset after the last record handed out, per partition: what `commit` commits. */
   readonly #consumed = new Map<string, TopicPartition & { offset: number }>()
   #receiving: Promise<ConsumerRecord | undefined> | undefined
@@ -601,6 +603,7 @@ export class Consumer extends EventEmitter {
     }
     const results = await Promise.allSettled(this.listeners(kind).map((listener) => listener.call(this, partitions)))
     if (kind === 'revoke' || kind === 'lost') {
+      this.#foldConsumed()
       for (const key of gone) this.#consumed.delete(key)
     }
     for (const result of results) {
@@ -612,28 +615,48 @@ export class Consumer extends EventEmitter {
   }
 
   #dropBuffered(drop: (record: ConsumerRecord) => boolean): void {
+    this.#foldConsumed()
     this.#buffer = this.#buffer.slice(this.#next).filter((record) => !drop(record))
     this.#next = 0
+    this.#folded = 0
+  }
+
+  /**
+   * Accounts the records handed out since the last fold in `#consumed`: per partition, the
+   * offset after the last one. Done when the buffer changes or `#consumed` is read, not per
+   * record (the loop's hot path only moves an index).
+   */
+  #foldConsumed(): void {
+    if (this.#folded >= this.#next) return
+    const seen = new Set<string>()
+    let topic: string | undefined
+    let partition = -1
+    // Backwards: a partition's first record met is the last one handed out.
+    for (let j = this.#next - 1; j >= this.#folded; j--) {
+      const record = this.#buffer[j]!
+      if (record.partition === partition && record.topic === topic) continue
+      topic = record.topic
+      partition = record.partition
+      const key = partitionKey(topic, partition)
+      if (seen.has(key)) continue
+      seen.add(key)
+      this.#consumed.set(key, { topic, partition, offset: record.offset + 1 })
+    }
+    this.#folded = this.#next
   }
 
   /** The next record (waits for one); rejects with `ClosedError` once closed. */
-  async recv(): Promise<ConsumerRecord> {
-    const record = await this.#nextRecord()
-    if (record === undefined) throw closedError('the consumer')
-    return record
+  recv(): Promise<ConsumerRecord> {
+    const buffered = this.#take()
+    if (buffered !== undefined) return Promise.resolve(buffered)
+    return this.#nextRecord().then((record) => {
+      if (record === undefined) throw closedError('the consumer')
+      return record
+    })
   }
 
   #take(): ConsumerRecord | undefined {
-    if (this.#next >= this.#buffer.length) return undefined
-    const record = this.#buffer[this.#next]!
-    this.#buffer[this.#next++] = undefined as unknown as ConsumerRecord
-    if (this.#next === this.#buffer.length) {
-      this.#buffer = []
-      this.#next = 0
-    }
-    const key = partitionKey(record.topic, record.partition)
-    this.#consumed.set(key, { topic: record.topic, partition: record.partition, offset: record.offset + 1 })
-    return record
+    return this.#next < this.#buffer.length ? this.#buffer[this.#next++] : undefined
   }
 
   /** The next record, or `undefined` once closed. One native receive at a time. */
@@ -666,8 +689,10 @@ export class Consumer extends EventEmitter {
     if (this.#gone.size > 0) {
       records = records.filter((record) => !this.#gone.has(partitionKey(record.topic, record.partition)))
     }
+    this.#foldConsumed()
     this.#buffer = this.#next < this.#buffer.length ? this.#buffer.slice(this.#next).concat(records) : records
     this.#next = 0
+    this.#folded = 0
     return undefined
   }
 
@@ -677,9 +702,13 @@ export class Consumer extends EventEmitter {
    */
   [Symbol.asyncIterator](): AsyncIterableIterator<ConsumerRecord> {
     const iterator: AsyncIterableIterator<ConsumerRecord> = {
-      next: async () => {
-        const record = await this.#nextRecord()
-        return record === undefined ? { done: true, value: undefined } : { done: false, value: record }
+      // Not async: a record already taken from the core resolves without another await.
+      next: (): Promise<IteratorResult<ConsumerRecord>> => {
+        const buffered = this.#take()
+        if (buffered !== undefined) return Promise.resolve({ done: false, value: buffered })
+        return this.#nextRecord().then((record) =>
+          record === undefined ? { done: true, value: undefined } : { done: false, value: record },
+        )
       },
       return: async () => ({ done: true, value: undefined }),
       [Symbol.asyncIterator]: () => iterator,
@@ -693,6 +722,7 @@ export class Consumer extends EventEmitter {
    */
   async commit(): Promise<void> {
     if (this.#released) throw closedError('the consumer')
+    this.#foldConsumed()
     const offsets = [...this.#consumed.values()]
     if (offsets.length === 0) return
     await call(() => this.#native.commitOffsets(offsets))
@@ -753,6 +783,7 @@ export class Consumer extends EventEmitter {
     this.#closing ??= (async () => {
       this.#closed = true
       this.#handles.delete(this)
+      this.#foldConsumed()
       // Give back what was read ahead, so the closing commit covers only what the loop saw.
       const firstUnread = new Map<string, ConsumerRecord>()
       for (const record of this.#buffer.slice(this.#next)) {
@@ -761,6 +792,7 @@ export class Consumer extends EventEmitter {
       }
       this.#buffer = []
       this.#next = 0
+      this.#folded = 0
       for (const record of firstUnread.values()) {
         try {
           this.#native.seek(record.topic, record.partition, 'offset', record.offset)
