@@ -20,6 +20,15 @@ if ! command -v strace >/dev/null 2>&1; then
     fi
 fi
 strace -V | head -n 1
+# openssl: the Python and Node SDKs' client-certificate tests make a certificate with it.
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq openssl >/dev/null
+    fi
+fi
+openssl version
 # python3 with venv: the Python SDK's tests run in target/py-venv (Debian splits venv out).
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
@@ -63,7 +72,7 @@ cargo test --locked -p ketch-client --test scenarios
 
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
 (cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
-# -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
+# -rs prints the reason of every skipped test (NotAuthorized from a real broker waits for broker-side auth).
 target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
 
 step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"
