@@ -51,11 +51,12 @@ cargo build --locked --release --target wasm32-unknown-unknown \
 # The AssemblyScript library and example (from npm), into target/wasm/as.
 (cd wasm-filters/assemblyscript && npm install --no-audit --no-fund && npm run build)
 
-step "Python venv (target/py-venv): prometheus_client for the metrics test, maturin/pytest/mypy for the Python SDK"
+step "Python venv (target/py-venv): prometheus_client for the metrics test, aioquic for the QUIC interop test, maturin/pytest/mypy for the Python SDK"
 python3 -m venv target/py-venv
 target/py-venv/bin/pip install --quiet --disable-pip-version-check \
-    "prometheus_client==0.21.1" 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
-# The metrics test parses /metrics with prometheus_client, independently of the exporter.
+    "prometheus_client==0.21.1" 'aioquic>=1.2,<2' 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
+# The metrics test parses /metrics with prometheus_client, independently of the exporter; the
+# security test handshakes with aioquic, an independent QUIC stack.
 export KETCH_PYTHON="$PWD/target/py-venv/bin/python"
 
 step "build (debug, every target: the system tests start the real broker binary)"
