@@ -16,6 +16,7 @@ use pyo3::types::{PyList, PyTuple};
 use crate::errors::{to_py, to_py_with};
 use crate::listener::{Change, Changes};
 use crate::runtime::{runtime, wait, wait_with};
+use crate::security::{self, Acl, NewToken, Quota, TokenInfo};
 use crate::types::{
     self, DeliveryFuture, FilterDescription, FilterVersion, Record, TopicInfo, acks, millis,
     producer_record, producer_records, seconds,
@@ -483,6 +484,77 @@ impl Client {
         self.owner.check()?;
         let admin = self.inner.admin();
         wait(py, admin.delete_filter(name, force))?.map_err(to_py)
+    }
+
+    /// Makes an API token for `principal`, valid for `expires_in` seconds (or forever).
+    #[pyo3(signature = (principal, *, expires_in=None))]
+    fn create_token(
+        &self,
+        py: Python<'_>,
+        principal: &str,
+        expires_in: Option<f64>,
+    ) -> PyResult<NewToken> {
+        self.owner.check()?;
+        let expires_in = security::expires_in(expires_in)?;
+        let admin = self.inner.admin();
+        let token = wait(py, admin.create_token(principal, expires_in))?.map_err(to_py)?;
+        Ok(NewToken::from(token))
+    }
+
+    fn list_tokens(&self, py: Python<'_>) -> PyResult<Vec<TokenInfo>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let tokens = wait(py, admin.list_tokens())?.map_err(to_py)?;
+        Ok(tokens.into_iter().map(TokenInfo::from).collect())
+    }
+
+    /// Revokes a token named by itself or its id; returns its id.
+    fn revoke_token(&self, py: Python<'_>, token_or_id: &str) -> PyResult<String> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.revoke_token(token_or_id))?.map_err(to_py)
+    }
+
+    fn add_acls(&self, py: Python<'_>, acls: Vec<PyRef<'_, Acl>>) -> PyResult<u32> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        wait(py, admin.add_acls(&acls))?.map_err(to_py)
+    }
+
+    fn remove_acls(&self, py: Python<'_>, acls: Vec<PyRef<'_, Acl>>) -> PyResult<u32> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        wait(py, admin.remove_acls(&acls))?.map_err(to_py)
+    }
+
+    fn list_acls(&self, py: Python<'_>) -> PyResult<Vec<Acl>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let acls = wait(py, admin.list_acls())?.map_err(to_py)?;
+        Ok(acls.into_iter().map(|inner| Acl { inner }).collect())
+    }
+
+    #[pyo3(signature = (principal, *, produce_bytes_per_s=0, fetch_bytes_per_s=0))]
+    fn set_quota(
+        &self,
+        py: Python<'_>,
+        principal: String,
+        produce_bytes_per_s: u64,
+        fetch_bytes_per_s: u64,
+    ) -> PyResult<()> {
+        self.owner.check()?;
+        let quota = security::quota(principal, produce_bytes_per_s, fetch_bytes_per_s)?;
+        let admin = self.inner.admin();
+        wait(py, admin.set_quota(&quota))?.map_err(to_py)
+    }
+
+    fn list_quotas(&self, py: Python<'_>) -> PyResult<Vec<Quota>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let quotas = wait(py, admin.list_quotas())?.map_err(to_py)?;
+        Ok(quotas.into_iter().map(Quota::from).collect())
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

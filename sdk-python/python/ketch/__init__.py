@@ -13,6 +13,7 @@ For asyncio, use :mod:`ketch.aio`.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from types import TracebackType
@@ -41,6 +42,7 @@ from ._errors import (
     InvalidOperation,
     KetchError,
     KetchTimeout,
+    AuthenticationFailed,
     NotAuthorized,
     OffsetOutOfRange,
     PartitionNotFound,
@@ -50,6 +52,10 @@ from ._errors import (
     TopicNotFound,
 )
 from ._native import (
+    Acl,
+    NewToken,
+    Quota,
+    TokenInfo,
     DeliveryFuture,
     FilterDescription,
     FilterVersion,
@@ -77,6 +83,11 @@ __all__ = [
     "TopicAlreadyExists",
     "RecordTooLarge",
     "NotAuthorized",
+    "AuthenticationFailed",
+    "Acl",
+    "NewToken",
+    "TokenInfo",
+    "Quota",
     "FilterError",
     "BrokerUnavailable",
     "Closed",
@@ -119,6 +130,20 @@ def _filter_params(params: Optional[FilterParams]) -> Optional[str]:
     return json.dumps(params, separators=(",", ":"))
 
 
+def _seconds(value: Optional[Union[float, "datetime.timedelta"]]) -> Optional[float]:
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return value
+
+
+def _acls(acls: Union[Acl, Iterable[Acl]]) -> List[Acl]:
+    items = [acls] if isinstance(acls, Acl) else list(acls)
+    for item in items:
+        if not isinstance(item, Acl):
+            raise TypeError(f"expected ketch.Acl, got {type(item).__name__}")
+    return items
+
+
 def _path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
     return None if path is None else os.fspath(path)
 
@@ -153,7 +178,10 @@ class Client:
     For brokers that authenticate clients: ``token`` is a bearer token, ``client_cert`` and
     ``client_key`` are the PEM files of a client certificate chain and its private key (mutual
     TLS; a missing or unreadable file fails here with :class:`ConfigError`, code ``"tls"``).
-    An operation the broker refuses to these credentials raises :class:`NotAuthorized`.
+    Credentials the broker does not accept (wrong, revoked, expired, or none where required)
+    raise :class:`AuthenticationFailed`; an operation no ACL allows to this principal raises
+    :class:`NotAuthorized`. The security admin calls (tokens, ACLs, quotas) need the broker's
+    ``admin`` principal (the token in ``DATA_DIR/admin.token``) or ``alter`` on the cluster.
 
     Usable as a context manager (closes on exit). Handles made in a parent process before a
     ``fork`` raise :class:`Closed` in the child: make a new ``Client`` there.
@@ -329,6 +357,47 @@ class Client:
         """Deletes every version of a filter; while it is in use this raises
         :class:`FilterError` (code ``"filter_in_use"``) unless ``force``."""
         self._native.delete_filter(name, force=force)
+
+    # Security administration (the broker's admin principal, or alter on the cluster).
+
+    def create_token(
+        self, principal: str, *, expires_in: Optional[Union[float, datetime.timedelta]] = None
+    ) -> NewToken:
+        """Makes an API token for ``principal``, valid for ``expires_in`` (seconds or a
+        ``timedelta``; ``None``: forever). ``.token`` is the secret, shown this once."""
+        return self._native.create_token(principal, expires_in=_seconds(expires_in))
+
+    def list_tokens(self) -> List[TokenInfo]:
+        """Every token the broker knows (revoked and expired ones too), without secrets."""
+        return self._native.list_tokens()
+
+    def revoke_token(self, token_or_id: str) -> str:
+        """Revokes a token, named by itself or its id, and returns its id. Clients using it
+        fail their next request with :class:`AuthenticationFailed`."""
+        return self._native.revoke_token(token_or_id)
+
+    def add_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Adds access rules; returns how many were new."""
+        return self._native.add_acls(_acls(acls))
+
+    def remove_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Removes access rules; returns how many were there."""
+        return self._native.remove_acls(_acls(acls))
+
+    def list_acls(self) -> List[Acl]:
+        """Every access rule."""
+        return self._native.list_acls()
+
+    def set_quota(self, principal: str, *, produce_bytes_per_s: int = 0, fetch_bytes_per_s: int = 0) -> None:
+        """Sets a principal's byte rates (0: no limit; both 0 removes its quota). A principal
+        over its rate is slowed down, not refused."""
+        self._native.set_quota(
+            principal, produce_bytes_per_s=produce_bytes_per_s, fetch_bytes_per_s=fetch_bytes_per_s
+        )
+
+    def list_quotas(self) -> List[Quota]:
+        """Every quota."""
+        return self._native.list_quotas()
 
     def close(self) -> None:
         """Closes every connection; handles made from this client fail afterwards."""

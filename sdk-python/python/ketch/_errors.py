@@ -21,6 +21,7 @@ __all__ = [
     "TopicAlreadyExists",
     "RecordTooLarge",
     "NotAuthorized",
+    "AuthenticationFailed",
     "FilterError",
     "BrokerUnavailable",
     "Closed",
@@ -71,7 +72,18 @@ class RecordTooLarge(KetchError):
 
 
 class NotAuthorized(KetchError):
-    """The broker refused the operation to this client (``unauthorized``)."""
+    """The broker knows who this client is, and an ACL does not let it do the operation
+    (``unauthorized``, wire code 29). Nothing was changed; an admin's ``add_acls`` grant
+    makes the same call work."""
+
+
+class AuthenticationFailed(KetchError):
+    """The broker does not accept this client's credentials: a wrong, revoked or expired
+    token, or none where the broker requires one (``authentication_failed``, wire code 46).
+
+    Deliberately not a :class:`NotAuthorized`: the remedy differs (new credentials, not an
+    ACL grant), as Kafka separates authentication from authorization errors. A token revoked
+    while a client uses it fails the client's next request with this error."""
 
 
 class FilterError(KetchError):
