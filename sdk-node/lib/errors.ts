@@ -39,8 +39,18 @@ export class TopicNotFoundError extends KetchError {}
 export class TopicAlreadyExistsError extends KetchError {}
 /** A record larger than the producer or the broker accepts. */
 export class RecordTooLargeError extends KetchError {}
-/** The broker refused the operation to this client. */
+/**
+ * The broker knows who this client is, and no ACL lets it do the operation (`unauthorized`,
+ * wire code 29). Nothing was changed; an admin's `addAcls` grant makes the same call work.
+ */
 export class NotAuthorizedError extends KetchError {}
+/**
+ * The broker does not accept this client's credentials: a wrong, revoked or expired token, or
+ * none where one is required (`authentication_failed`, wire code 46). Not a
+ * `NotAuthorizedError`: the remedy is new credentials, not an ACL grant (as Kafka separates
+ * authentication from authorization). A token revoked while in use fails the next request.
+ */
+export class AuthenticationFailedError extends KetchError {}
 /**
  * A Wasm filter is unknown, invalid, failed on a record, or in use (`unknown_filter`,
  * `invalid_filter`, `filter_rejected`, `filter_failed`, `filter_in_use`). `module` names the
@@ -91,6 +101,7 @@ const CLASSES: Record<string, KetchErrorClass> = {
   record_too_large: RecordTooLargeError,
   frame_too_large: RecordTooLargeError,
   unauthorized: NotAuthorizedError,
+  authentication_failed: AuthenticationFailedError,
   unknown_filter: FilterError,
   invalid_filter: FilterError,
   filter_rejected: FilterError,

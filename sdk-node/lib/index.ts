@@ -27,6 +27,18 @@ import {
   fromNative,
 } from './errors'
 import {
+  fromNativeAcl,
+  fromNativeToken,
+  fromNativeTokenDescription,
+  rate,
+  toNativeAcl,
+  type Acl,
+  type AclBinding,
+  type NewToken,
+  type Quota,
+  type TokenInfo,
+} from './security'
+import {
   packRecords,
   unpackRecords,
   type ConsumerRecord,
@@ -35,6 +47,7 @@ import {
 } from './records'
 
 export {
+  AuthenticationFailedError,
   BrokerUnavailableError,
   ClosedError,
   FilterError,
@@ -48,6 +61,16 @@ export {
   TopicNotFoundError,
   type KetchErrorOptions,
 } from './errors'
+export { aclToString } from './security'
+export type {
+  Acl,
+  AclBinding,
+  AclOperation,
+  AclResource,
+  NewToken,
+  Quota,
+  TokenInfo,
+} from './security'
 export type {
   ConsumerRecord,
   HeadersInit,
@@ -331,6 +354,79 @@ export class Client {
   async deleteFilter(name: string, options: { force?: boolean } = {}): Promise<void> {
     this.#check()
     await call(() => this.#native.deleteFilter(name, options.force))
+  }
+
+  // Security administration: the broker's `admin` principal (the token `ketch serve --auth
+  // required` writes to DATA_DIR/admin.token) or any principal allowed `alter` on the cluster.
+
+  /**
+   * Makes an API token for `principal`, valid for `expiresInMs` (or forever). The secret is
+   * in `.token`, shown this once; the broker keeps only its hash.
+   */
+  async createToken(principal: string, options: { expiresInMs?: number } = {}): Promise<NewToken> {
+    this.#check()
+    const expiresInMs = options.expiresInMs
+    if (expiresInMs !== undefined && !(Number.isSafeInteger(expiresInMs) && expiresInMs > 0)) {
+      throw new InvalidArgumentError(`expiresInMs must be a positive integer, not ${String(expiresInMs)}`, {
+        code: 'invalid_argument',
+      })
+    }
+    return fromNativeToken(await call(() => this.#native.createToken(principal, expiresInMs)))
+  }
+
+  /** Every token the broker knows (revoked and expired ones too), without secrets. */
+  async listTokens(): Promise<TokenInfo[]> {
+    this.#check()
+    return (await call(() => this.#native.listTokens())).map(fromNativeTokenDescription)
+  }
+
+  /**
+   * Revokes a token, named by itself or by its id; resolves with its id. Clients using it
+   * fail their next request with an `AuthenticationFailedError`.
+   */
+  async revokeToken(tokenOrId: string): Promise<string> {
+    this.#check()
+    return await call(() => this.#native.revokeToken(tokenOrId))
+  }
+
+  /** Adds access rules; resolves with how many were new. */
+  async addAcls(acls: Acl | readonly Acl[]): Promise<number> {
+    this.#check()
+    const rules = (Array.isArray(acls) ? acls : [acls as Acl]).map(toNativeAcl)
+    return await call(() => this.#native.addAcls(rules))
+  }
+
+  /** Removes access rules; resolves with how many were there. */
+  async removeAcls(acls: Acl | readonly Acl[]): Promise<number> {
+    this.#check()
+    const rules = (Array.isArray(acls) ? acls : [acls as Acl]).map(toNativeAcl)
+    return await call(() => this.#native.removeAcls(rules))
+  }
+
+  /** Every access rule. */
+  async listAcls(): Promise<AclBinding[]> {
+    this.#check()
+    return (await call(() => this.#native.listAcls())).map(fromNativeAcl)
+  }
+
+  /**
+   * Sets a principal's byte rates (absent or 0: no limit; both 0 removes its quota). A
+   * principal over its rate is slowed down, not refused.
+   */
+  async setQuota(principal: string, rates: { produceBytesPerS?: number; fetchBytesPerS?: number } = {}): Promise<void> {
+    this.#check()
+    const quota = {
+      principal,
+      produceBytesPerS: rate(rates.produceBytesPerS, 'produceBytesPerS'),
+      fetchBytesPerS: rate(rates.fetchBytesPerS, 'fetchBytesPerS'),
+    }
+    await call(() => this.#native.setQuota(quota))
+  }
+
+  /** Every quota. */
+  async listQuotas(): Promise<Quota[]> {
+    this.#check()
+    return await call(() => this.#native.listQuotas())
   }
 
   /**

@@ -14,6 +14,7 @@ mod convert;
 mod encode;
 mod error;
 mod producer;
+mod security;
 
 pub use client::{NativeClient, connect};
 pub use consumer::NativeConsumer;
