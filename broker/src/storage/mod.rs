@@ -96,6 +96,10 @@ pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,
 };
+pub use log::{
+    CompactionConfig, CompactionOutcome, DELETE_RETENTION_MS_DEFAULT, KEY_MAP_BYTES_MAX_DEFAULT,
+    KEY_MAP_BYTES_MIN,
+};
 pub use observer::{StorageObserver, SyncStarted};
 pub use segment::SegmentDamage;
 

@@ -120,9 +120,23 @@ impl Shared {
     }
 
     fn write_log_start_checkpoint(&self, log_start: i64) -> Result<(), StorageError> {
-        let tmp = self.dir.join(LOG_START_CHECKPOINT_TMP_FILE);
-        let path = self.dir.join(LOG_START_CHECKPOINT_FILE);
-        let mut bytes = log_start.to_be_bytes().to_vec();
+        self.write_offset_checkpoint(
+            LOG_START_CHECKPOINT_TMP_FILE,
+            LOG_START_CHECKPOINT_FILE,
+            log_start,
+        )
+    }
+
+    /// Writes an offset checkpoint (i64 + CRC32C): temp file, fsync, rename, fsync dir.
+    pub(super) fn write_offset_checkpoint(
+        &self,
+        tmp_name: &str,
+        name: &str,
+        offset: i64,
+    ) -> Result<(), StorageError> {
+        let tmp = self.dir.join(tmp_name);
+        let path = self.dir.join(name);
+        let mut bytes = offset.to_be_bytes().to_vec();
         bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
         rewrite_file(self.backend.as_ref(), &tmp, &bytes)?;
         self.backend
