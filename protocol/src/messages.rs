@@ -481,6 +481,20 @@ wire_struct! {
         pub records: Bytes,
     }
 
+    // ---- AlterTopicConfig (40) ----
+
+    /// Sets configuration entries of an existing topic (`retention.ms`, `retention.bytes`,
+    /// `cleanup.policy`, `delete.retention.ms`): all of them, or none if any is invalid.
+    pub struct AlterTopicConfigRequest {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+    /// The topic's whole configuration after the change.
+    pub struct AlterTopicConfigResponse {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -625,6 +639,7 @@ apis! {
     19 ApiVersions => ApiVersionsRequest, ApiVersionsResponse;
     20 FilterDescribe => FilterDescribeRequest, FilterDescribeResponse;
     21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
+    40 AlterTopicConfig => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
 impl Request {
@@ -657,7 +672,8 @@ impl Request {
             FilterDelete,
             ApiVersions,
             FilterDescribe,
-            SubscribeFiltered
+            SubscribeFiltered,
+            AlterTopicConfig
         )
     }
 }
