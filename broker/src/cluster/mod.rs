@@ -1260,3 +1260,58 @@ impl Cluster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Storage failures as the wire reports them: a full disk is `no_space` (retriable: the
+    /// partition takes writes again once space is freed), a failed fsync `storage_failed`.
+    #[test]
+    fn storage_errors_map_to_wire_codes() {
+        let check = |error: StorageError, code: ErrorCode, retriable: bool| {
+            let wire = ClusterError::from(error);
+            assert_eq!(wire.code, code, "{wire:?}");
+            assert_eq!(code.is_retriable(), retriable, "{code}");
+        };
+        check(
+            StorageError::NoSpace {
+                path: "/data/topics/t/0/00000000000000000000.log".into(),
+            },
+            ErrorCode::NoSpace,
+            true,
+        );
+        check(
+            StorageError::Poisoned {
+                cause: "fsync failed".into(),
+            },
+            ErrorCode::StorageFailed,
+            false,
+        );
+        check(StorageError::Closed, ErrorCode::ShuttingDown, true);
+        assert_eq!(ErrorCode::NoSpace.as_u16(), 40);
+        assert_eq!(ErrorCode::from_u16(40), Some(ErrorCode::NoSpace));
+        assert_eq!(ErrorCode::NoSpace.name(), "no_space");
+    }
+
+    #[test]
+    fn cleanup_policies_parse_like_kafka() {
+        for (text, expected) in [
+            ("delete", Ok(CleanupPolicy::Delete)),
+            ("compact", Ok(CleanupPolicy::Compact)),
+            ("compact,delete", Ok(CleanupPolicy::CompactDelete)),
+            ("delete,compact", Ok(CleanupPolicy::CompactDelete)),
+            (" compact , delete ", Ok(CleanupPolicy::CompactDelete)),
+            ("compact,compact", Ok(CleanupPolicy::Compact)),
+            ("", Err(())),
+            ("compact,", Err(())),
+            ("Compact", Err(())),
+        ] {
+            let got = text.parse::<CleanupPolicy>().map_err(|_| ());
+            assert_eq!(got, expected, "{text:?}");
+            if let Ok(policy) = got {
+                assert_eq!(policy.as_str().parse::<CleanupPolicy>(), Ok(policy));
+            }
+        }
+    }
+}
