@@ -238,7 +238,8 @@ fn topic_configs_are_set_all_or_none_and_last() {
     let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
     runtime().block_on(async {
         // (create configs, expected error or the cleanup policy it yields)
-        let creates: &[(&[(&str, &str)], Result<CleanupPolicy, ErrorCode>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<CleanupPolicy, ErrorCode>);
+        let creates: &[Case<'_>] = &[
             (&[], Ok(CleanupPolicy::Delete)),
             (&[("cleanup.policy", "compact")], Ok(CleanupPolicy::Compact)),
             (

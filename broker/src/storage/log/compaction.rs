@@ -209,7 +209,8 @@ impl PartitionLog {
                 && (outcome.passes > 0
                     || dirty_bytes * 1000 >= sealed_bytes * u64::from(config.min_dirty_per_mille));
             let expiry_due = state.tombstones_expire_at_ms.is_none_or(|at| at <= now_ms);
-            if !dirty_enough && !(outcome.passes == 0 && expiry_due) {
+            let expire_only = outcome.passes == 0 && expiry_due;
+            if !(dirty_enough || expire_only) {
                 break;
             }
             let map = if dirty_enough {
