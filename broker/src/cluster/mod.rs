@@ -953,7 +953,9 @@ impl Cluster {
         &self.config
     }
 
-    fn log_config(&self, topic: &TopicConfig) -> storage::LogConfig {
+    /// The storage config of a topic's logs. Retention is not in it: it follows the topic's
+    /// current settings (`Partition::apply_retention`), which `alter_topic_config` changes.
+    fn log_config(&self, _topic: &TopicConfig) -> storage::LogConfig {
         storage::LogConfig {
             segment_bytes_max: self.config.segment_bytes_max,
             segment_age_ms_max: self.config.segment_age_ms_max,
@@ -963,8 +965,8 @@ impl Cluster {
                 Fsync::IntervalMs(ms) => storage::FsyncPolicy::Interval { ms },
                 Fsync::Never => storage::FsyncPolicy::Never,
             },
-            retention_ms: (topic.retention_ms >= 0).then_some(topic.retention_ms),
-            retention_bytes: (topic.retention_bytes >= 0).then_some(topic.retention_bytes as u64),
+            retention_ms: None,
+            retention_bytes: None,
             ..storage::LogConfig::default()
         }
     }
