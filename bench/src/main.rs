@@ -4,7 +4,6 @@
 mod baseline;
 mod partitions;
 mod plot;
-mod process;
 mod progress;
 mod report;
 mod scenario;

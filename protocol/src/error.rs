@@ -52,6 +52,9 @@ pub enum ErrorCode {
     FilterFailed = 44,
     /// A Wasm filter is attached somewhere and was not deleted (use force).
     FilterInUse = 45,
+    /// The connection's credential was refused, revoked or expired, or the broker requires
+    /// one and none was presented (`Authenticate` first).
+    AuthenticationFailed = 46,
 }
 
 impl ErrorCode {
@@ -94,6 +97,7 @@ impl ErrorCode {
         ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
+        ErrorCode::AuthenticationFailed,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -165,6 +169,7 @@ impl ErrorCode {
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::NoSpace => "no_space",
+            ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }
 }
@@ -239,6 +244,8 @@ mod tests {
             (ErrorCode::GroupNotFound, 33),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
+            (ErrorCode::Unauthorized, 29),
+            (ErrorCode::AuthenticationFailed, 46),
         ];
         for (code, number) in pinned {
             assert_eq!(code.as_u16(), number, "{code:?}");
