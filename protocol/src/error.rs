@@ -44,6 +44,9 @@ pub enum ErrorCode {
     InvalidRequest = 31,
     UnsupportedCompression = 32,
     GroupNotFound = 33,
+    /// The broker's disk is full (ENOSPC): the append was undone, nothing of it was stored.
+    /// The partition takes writes again once space is freed.
+    NoSpace = 40,
     /// A Wasm filter trapped, timed out, exceeded its memory or returned a malformed output;
     /// the message names the module, its version and the reason.
     FilterFailed = 44,
@@ -91,6 +94,7 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedCompression,
         ErrorCode::GroupNotFound,
+        ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
         ErrorCode::AuthenticationFailed,
@@ -121,6 +125,7 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::UnknownTopic
                 | ErrorCode::UnknownPartition
+                | ErrorCode::NoSpace
         )
     }
 
@@ -163,6 +168,7 @@ impl ErrorCode {
             ErrorCode::GroupNotFound => "group_not_found",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }

@@ -564,6 +564,20 @@ wire_struct! {
         pub fetch_bytes_per_s: u64,
     }
 
+    // ---- AlterTopicConfig (40) ----
+
+    /// Sets configuration entries of an existing topic (`retention.ms`, `retention.bytes`,
+    /// `cleanup.policy`, `delete.retention.ms`): all of them, or none if any is invalid.
+    pub struct AlterTopicConfigRequest {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+    /// The topic's whole configuration after the change.
+    pub struct AlterTopicConfigResponse {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -714,6 +728,7 @@ apis! {
     25 AclChange => AclChangeRequest, AclChangeResponse;
     26 QuotaSet => QuotaSetRequest, QuotaSetResponse;
     27 SecurityList => SecurityListRequest, SecurityListResponse;
+    40 AlterTopicConfig => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
 impl Request {
@@ -752,7 +767,8 @@ impl Request {
             TokenRevoke,
             AclChange,
             QuotaSet,
-            SecurityList
+            SecurityList,
+            AlterTopicConfig
         )
     }
 }
