@@ -44,6 +44,13 @@ pub enum ErrorCode {
     InvalidRequest = 31,
     UnsupportedCompression = 32,
     GroupNotFound = 33,
+    /// The group's coordinator is another broker (or moved): find it again and retry there.
+    NotCoordinator = 34,
+    /// `acks=all` cannot be met: fewer in-sync replicas than the partition needs.
+    NotEnoughReplicas = 35,
+    /// The request named a leader epoch older than the partition's current one: refresh
+    /// metadata and retry at the current leader.
+    FencedLeaderEpoch = 36,
     /// A Wasm filter trapped, timed out, exceeded its memory or returned a malformed output;
     /// the message names the module, its version and the reason.
     FilterFailed = 44,
@@ -88,6 +95,9 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedCompression,
         ErrorCode::GroupNotFound,
+        ErrorCode::NotCoordinator,
+        ErrorCode::NotEnoughReplicas,
+        ErrorCode::FencedLeaderEpoch,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
     ];
@@ -112,6 +122,9 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::NotLeader
+                | ErrorCode::NotCoordinator
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::Overloaded
                 | ErrorCode::Timeout
                 | ErrorCode::ShuttingDown
@@ -157,6 +170,9 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::UnsupportedCompression => "unsupported_compression",
             ErrorCode::GroupNotFound => "group_not_found",
+            ErrorCode::NotCoordinator => "not_coordinator",
+            ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+            ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
         }
@@ -231,6 +247,9 @@ mod tests {
             (ErrorCode::OffsetOutOfRange, 14),
             (ErrorCode::DuplicateSequence, 19),
             (ErrorCode::GroupNotFound, 33),
+            (ErrorCode::NotCoordinator, 34),
+            (ErrorCode::NotEnoughReplicas, 35),
+            (ErrorCode::FencedLeaderEpoch, 36),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
         ];

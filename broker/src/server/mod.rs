@@ -432,8 +432,8 @@ async fn serve_stream(
         // Reset by the client, or the connection is gone: nobody to answer.
         Err(ReadFailure::Gone) => return,
     };
-    let request = match frame::decode_request(body) {
-        Ok(request) => request,
+    let (request, version) = match frame::decode_request_versioned(body) {
+        Ok(decoded) => decoded,
         Err(e) => {
             state.metrics.error(None, e.code());
             let _ = write_frame(&mut send, decode_error_response(&e)).await;
@@ -469,7 +469,7 @@ async fn serve_stream(
         return;
     }
     let api = request.api_key();
-    let response = handlers::dispatch(&state, request).await;
+    let response = handlers::dispatch(&state, request, version).await;
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
