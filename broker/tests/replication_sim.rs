@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -41,26 +42,26 @@ fn batch(values: &[String]) -> Bytes {
     builder.finish()
 }
 
-/// Three replicas of one partition.
+/// Three replicas of one partition. Methods take `&self`, so writes can be in flight while
+/// a node crashes.
 struct Cluster {
     dir: PathBuf,
     network: Arc<SimNetwork>,
     group: GroupId,
-    replicas: BTreeMap<NodeId, Option<PartitionReplica>>,
+    replicas: Mutex<BTreeMap<NodeId, Option<Arc<PartitionReplica>>>>,
     clock: Clock,
 }
 
 impl Cluster {
     async fn start(dir: &Path, seed: u64, faults: Faults) -> Cluster {
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             dir: dir.to_owned(),
             network: Arc::new(SimNetwork::new(seed, faults)),
             group: Arc::from("topic/0"),
-            replicas: BTreeMap::new(),
+            replicas: Mutex::new(BTreeMap::new()),
             clock: clock(),
         };
         for node in 1..=3 {
-            cluster.replicas.insert(node, None);
             cluster.start_node(node).await;
         }
         cluster
@@ -71,8 +72,17 @@ impl Cluster {
         cluster
     }
 
-    async fn start_node(&mut self, node: NodeId) {
-        assert!(self.replicas[&node].is_none(), "node {node} runs already");
+    fn replicas(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Option<Arc<PartitionReplica>>>> {
+        self.replicas.lock().unwrap()
+    }
+
+    async fn start_node(&self, node: NodeId) {
+        assert!(
+            self.replicas().get(&node).is_none_or(Option::is_none),
+            "node {node} runs already"
+        );
         let config = ReplicaConfig {
             heartbeat_interval_ms: 30,
             election_timeout_min_ms: 150,
@@ -94,26 +104,34 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("open node {node}: {e}"));
         self.network
             .register(&self.group, node, replica.raft().clone());
-        self.replicas.insert(node, Some(replica));
+        self.replicas().insert(node, Some(Arc::new(replica)));
     }
 
-    /// Stops a node as a crash does: unreachable at once, its tasks stopped, its log not
-    /// closed cleanly.
-    async fn crash(&mut self, node: NodeId) {
+    /// Stops a node as a crash does: unreachable at once, its writes in flight failed, its
+    /// tasks stopped. Returns once its log is closed, so it can start again on the same
+    /// directory.
+    async fn crash(&self, node: NodeId) {
         self.network.unregister(&self.group, node);
-        if let Some(replica) = self.replicas.get_mut(&node).and_then(Option::take) {
-            replica.stop().await;
+        let Some(replica) = self.replicas().get_mut(&node).and_then(Option::take) else {
+            return;
+        };
+        replica.stop().await;
+        let started = Instant::now();
+        // Writers still holding the replica see it stopped and let go.
+        while Arc::strong_count(&replica) > 1 {
+            assert!(started.elapsed() < WAIT_MAX, "node {node} is still held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    fn replica(&self, node: NodeId) -> &PartitionReplica {
-        self.replicas[&node]
-            .as_ref()
+    fn replica(&self, node: NodeId) -> Arc<PartitionReplica> {
+        self.replicas()[&node]
+            .clone()
             .unwrap_or_else(|| panic!("node {node} is down"))
     }
 
-    fn running(&self) -> impl Iterator<Item = &PartitionReplica> {
-        self.replicas.values().flatten()
+    fn running(&self) -> Vec<Arc<PartitionReplica>> {
+        self.replicas().values().flatten().cloned().collect()
     }
 
     async fn wait_for_leader(&self, not: Option<NodeId>) -> NodeId {
@@ -121,6 +139,7 @@ impl Cluster {
         loop {
             if let Some(leader) = self
                 .running()
+                .iter()
                 .find(|r| r.is_leader() && Some(r.node_id()) != not)
             {
                 return leader.node_id();
@@ -134,20 +153,29 @@ impl Cluster {
     }
 
     /// Writes `values` as one batch through whichever node leads, trying others on
-    /// `not_leader` and time-outs. `None` if no node took it within the bound.
-    async fn write(&self, values: &[String]) -> Option<(i64, i64)> {
+    /// `not_leader`, time-outs and stopped nodes. Each attempt suffixes the values with its
+    /// number (`#N`): an attempt whose answer was lost may still commit, so a retry is a new
+    /// write (these writes are not idempotent), and no attempt may be stored twice. Answers
+    /// the offsets and the values of the attempt that was acknowledged; `None` if no node
+    /// took it within the bound.
+    async fn write(&self, values: &[String]) -> Option<(i64, i64, Vec<String>)> {
         let started = Instant::now();
         let mut hint = None;
+        let mut attempt = 0;
         while started.elapsed() < WAIT_MAX {
-            let candidates: Vec<&PartitionReplica> = match hint.and_then(|n| self.replicas.get(&n))
-            {
-                Some(Some(replica)) => vec![replica],
-                _ => self.running().collect(),
+            let hinted = hint.and_then(|n| self.replicas().get(&n).cloned().flatten());
+            let candidates = match hinted {
+                Some(replica) => vec![replica],
+                None => self.running(),
             };
             hint = None;
             for replica in candidates {
-                match replica.write(batch(values), WRITE_TIMEOUT).await {
-                    Ok(appended) => return Some((appended.base_offset, appended.last_offset)),
+                attempt += 1;
+                let sent: Vec<String> = values.iter().map(|v| format!("{v}#{attempt}")).collect();
+                match replica.write(batch(&sent), WRITE_TIMEOUT).await {
+                    Ok(appended) => {
+                        return Some((appended.base_offset, appended.last_offset, sent));
+                    }
                     Err(ReplicationError::NotLeader { leader, .. }) => hint = leader,
                     Err(ReplicationError::Timeout(_)) | Err(ReplicationError::Stopped(_)) => {}
                     Err(other) => panic!("write failed: {other}"),
@@ -161,9 +189,10 @@ impl Cluster {
     /// Waits until every running replica has committed at least `end`.
     async fn wait_converged(&self, end: i64) {
         let started = Instant::now();
-        while self.running().any(|r| r.high_watermark() < end) {
+        while self.running().iter().any(|r| r.high_watermark() < end) {
             let marks: Vec<_> = self
                 .running()
+                .iter()
                 .map(|r| (r.node_id(), r.high_watermark()))
                 .collect();
             assert!(
@@ -198,8 +227,8 @@ impl Cluster {
         }
     }
 
-    async fn stop_all(mut self) {
-        let nodes: Vec<NodeId> = self.replicas.keys().copied().collect();
+    async fn stop_all(self) {
+        let nodes: Vec<NodeId> = self.replicas().keys().copied().collect();
         for node in nodes {
             self.crash(node).await;
         }
@@ -209,7 +238,7 @@ impl Cluster {
 /// Checks the history against what every replica holds: the same committed records on each,
 /// offsets dense from 0, every acknowledged write present at its offsets exactly once.
 fn check_invariants(cluster: &Cluster, acked: &[(i64, i64, Vec<String>)], context: &str) {
-    let nodes: Vec<NodeId> = cluster.running().map(|r| r.node_id()).collect();
+    let nodes: Vec<NodeId> = cluster.running().iter().map(|r| r.node_id()).collect();
     let reference = cluster.records(nodes[0]);
     for node in &nodes[1..] {
         let other = cluster.records(*node);
@@ -250,13 +279,12 @@ fn check_invariants(cluster: &Cluster, acked: &[(i64, i64, Vec<String>)], contex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_elect_replicate_and_survive_the_leader_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path(), 1, Faults::default()).await;
+    let cluster = Cluster::start(dir.path(), 1, Faults::default()).await;
     let leader = cluster.wait_for_leader(None).await;
     let mut acked = Vec::new();
     for i in 0..20 {
         let values: Vec<String> = (0..1 + i % 3).map(|j| format!("a{i}.{j}")).collect();
-        let (base, last) = cluster.write(&values).await.expect("written");
-        acked.push((base, last, values));
+        acked.push(cluster.write(&values).await.expect("written"));
     }
     // Offsets are dense from 0, and every replica commits all of them.
     let end = acked.last().unwrap().1 + 1;
@@ -275,11 +303,12 @@ async fn three_replicas_elect_replicate_and_survive_the_leader_crash() {
     );
     for i in 20..30 {
         let values = vec![format!("b{i}")];
-        let (base, last) = cluster
-            .write(&values)
-            .await
-            .expect("written after failover");
-        acked.push((base, last, values));
+        acked.push(
+            cluster
+                .write(&values)
+                .await
+                .expect("written after failover"),
+        );
     }
     assert_eq!(
         acked[20].0, end,
@@ -308,46 +337,77 @@ async fn simulate(seed: u64) {
         drop_per_mille: 30,
         delay_ms_max: 8,
     };
-    let mut cluster = Cluster::start(dir.path(), seed, faults).await;
+    let cluster = Cluster::start(dir.path(), seed, faults).await;
     let mut rng = SimRng::new(seed ^ 0x5eed);
-    let mut acked = Vec::new();
+    // The group forms before any fault: until every member has the first membership, one
+    // crash can leave no node able to win an election, which is no fault of replication.
+    let first = cluster
+        .write(&[format!("s{seed}.start")])
+        .await
+        .expect("a new group takes a write");
+    cluster.wait_converged(first.1 + 1).await;
+    let mut acked = vec![first];
+    let mut faults_made = Vec::new();
     // One fault of the cluster at a time (a node down, or one link cut), so two connected
-    // nodes, a quorum, remain: every write should then find a leader.
+    // nodes, a quorum, remain: writes then find a leader. Faults strike while up to three
+    // writes are in flight, so uncommitted entries are lost with their leader and truncated.
     let mut down: Option<NodeId> = None;
     let mut cut = false;
-    for step in 0..40u64 {
-        match rng.below(10) {
-            0 if down.is_none() && !cut => {
-                let node = 1 + rng.below(3);
-                cluster.crash(node).await;
-                down = Some(node);
-            }
-            1 => {
-                if let Some(node) = down.take() {
-                    cluster.start_node(node).await;
-                }
-            }
-            2 if down.is_none() && !cut => {
-                let a = 1 + rng.below(3);
-                let b = 1 + (a + rng.below(2)) % 3;
-                cluster.network.cut(a, b);
-                cut = true;
-            }
-            3 => {
-                cluster.network.heal();
-                cut = false;
-            }
-            _ => {}
-        }
-        let values: Vec<String> = (0..1 + rng.below(3))
-            .map(|j| format!("s{seed}.{step}.{j}"))
+    for step in 0..30u64 {
+        let writes: Vec<Vec<String>> = (0..1 + rng.below(3))
+            .map(|w| {
+                (0..1 + rng.below(3))
+                    .map(|j| format!("s{seed}.{step}.{w}.{j}"))
+                    .collect()
+            })
             .collect();
-        // With a link cut and a node down a write may find no quorum: that is allowed,
-        // losing an acknowledged one is not.
-        if let Some((base, last)) = cluster.write(&values).await {
-            acked.push((base, last, values));
+        let fault_after = Duration::from_millis(rng.below(20));
+        let fault = rng.below(10);
+        let pick = rng.next_u64();
+        let fault = async {
+            tokio::time::sleep(fault_after).await;
+            match fault {
+                0 if down.is_none() && !cut => {
+                    let node = 1 + pick % 3;
+                    cluster.crash(node).await;
+                    faults_made.push(format!("{step}: crash {node}"));
+                    down = Some(node);
+                }
+                1 => {
+                    if let Some(node) = down.take() {
+                        cluster.start_node(node).await;
+                        faults_made.push(format!("{step}: restart {node}"));
+                    }
+                }
+                2 if down.is_none() && !cut => {
+                    let a = 1 + pick % 3;
+                    let b = 1 + (a + (pick >> 8) % 2) % 3;
+                    cluster.network.cut(a, b);
+                    faults_made.push(format!("{step}: cut {a}-{b}"));
+                    cut = true;
+                }
+                3 if cut => {
+                    cluster.network.heal();
+                    faults_made.push(format!("{step}: heal"));
+                    cut = false;
+                }
+                _ => {}
+            }
+        };
+        let in_flight =
+            futures_util::future::join_all(writes.iter().map(|values| cluster.write(values)));
+        let (results, ()) = tokio::join!(in_flight, fault);
+        for (values, result) in writes.into_iter().zip(results) {
+            // A write that found no quorum in time is allowed; losing an acknowledged one
+            // is not.
+            if let Some(written) = result {
+                acked.push(written);
+            } else {
+                println!("seed {seed}: {values:?} found no quorum in time");
+            }
         }
     }
+    println!("seed {seed}: faults {faults_made:?}");
     cluster.network.heal();
     cluster.network.set_faults(Faults::default());
     if let Some(node) = down.take() {
@@ -355,11 +415,12 @@ async fn simulate(seed: u64) {
     }
     // One more write through the final leader commits everything before it.
     let last = vec![format!("s{seed}.end")];
-    let (base, end) = cluster
+    let written = cluster
         .write(&last)
         .await
         .expect("a healed cluster takes writes");
-    acked.push((base, end, last));
+    let end = written.1;
+    acked.push(written);
     cluster.wait_converged(end + 1).await;
     check_invariants(&cluster, &acked, &format!("seed {seed}"));
     println!(

@@ -290,15 +290,13 @@ impl PartitionReplica {
         Ok(out)
     }
 
-    /// Stops the replica as a crash would, but without leaving a task behind: its Raft
-    /// node stops, and once its tasks let go of the log the log is dropped without a clean
-    /// close (recovery at the next open checks its tail). Bounded by [`STOP_WAIT_MAX`].
-    pub async fn stop(self) {
+    /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its
+    /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
+    /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
+    pub async fn stop(&self) {
         let _ = self.raft.shutdown().await;
-        let PartitionReplica { raft, shared, .. } = self;
-        drop(raft);
         let released = async {
-            while Arc::strong_count(&shared) > 1 {
+            while Arc::strong_count(&self.shared) > 1 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
