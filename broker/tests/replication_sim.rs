@@ -22,6 +22,7 @@ use ketch_broker::replication::sim::{Faults, SimNetwork, SimRng};
 use ketch_broker::replication::{Clock, NodeId, PartitionReplica, ReplicaConfig, ReplicationError};
 use ketch_broker::storage::{FsyncPolicy, LogConfig};
 use ketch_protocol::batch::{BatchBuilder, RecordBatch};
+use ketch_protocol::messages::Acks;
 
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(20);
@@ -172,7 +173,7 @@ impl Cluster {
             for replica in candidates {
                 attempt += 1;
                 let sent: Vec<String> = values.iter().map(|v| format!("{v}#{attempt}")).collect();
-                match replica.write(batch(&sent), WRITE_TIMEOUT).await {
+                match replica.write(batch(&sent), Acks::All, WRITE_TIMEOUT).await {
                     Ok(appended) => {
                         return Some((appended.base_offset, appended.last_offset, sent));
                     }
@@ -326,6 +327,24 @@ async fn three_replicas_elect_replicate_and_survive_the_leader_crash() {
     let (known_leader, epoch) = cluster.replica(leader).leader();
     assert_eq!(known_leader, Some(new_leader));
     assert!(epoch >= 2, "a failover moves the leader epoch on: {epoch}");
+
+    // The whole cluster stops and starts again from its disks: votes, committed entries
+    // and offsets come back, and the log goes on where it was.
+    for node in 1..=3 {
+        cluster.crash(node).await;
+    }
+    for node in 1..=3 {
+        cluster.start_node(node).await;
+    }
+    cluster.wait_for_leader(None).await;
+    let after = cluster
+        .write(&["after the restart".into()])
+        .await
+        .expect("written after the restart");
+    assert_eq!(after.0, end, "offsets go on after a whole-cluster restart");
+    acked.push(after);
+    cluster.wait_converged(end + 1).await;
+    check_invariants(&cluster, &acked, "after a whole-cluster restart");
     cluster.stop_all().await;
 }
 
@@ -459,4 +478,55 @@ async fn seeded_simulation_of_drops_delays_cuts_and_crashes() {
             Err(_) => panic!("seed {seed} did not finish in 120 s (KETCH_SIM_SEED={seed})"),
         }
     }
+}
+
+/// `acks=leader` answers once the leader's own append is durable, `acks=all` only once a
+/// quorum has it: with the leader cut off from both followers the first is answered and the
+/// second is not. After the cut heals, every `acks=all` write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 2, Faults::default()).await;
+    let leader = cluster.wait_for_leader(None).await;
+    let first = cluster.write(&["all-1".into()]).await.expect("written");
+    cluster.wait_converged(first.1 + 1).await;
+
+    for node in (1..=3).filter(|n| *n != leader) {
+        cluster.network.cut(leader, node);
+    }
+    let replica = cluster.replica(leader);
+    let local = replica
+        .write(batch(&["leader-1".into()]), Acks::Leader, WRITE_TIMEOUT)
+        .await
+        .expect("acks=leader needs no follower");
+    assert_eq!(
+        local.base_offset,
+        first.1 + 1,
+        "placed after the committed records"
+    );
+    assert!(
+        replica.high_watermark() <= local.base_offset,
+        "answered before it could commit"
+    );
+    let quorum = replica
+        .write(
+            batch(&["all-2".into()]),
+            Acks::All,
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(
+        matches!(quorum, Err(ReplicationError::Timeout(_))),
+        "acks=all without a quorum: {quorum:?}"
+    );
+    drop(replica);
+
+    cluster.network.heal();
+    let last = cluster
+        .write(&["all-3".into()])
+        .await
+        .expect("written after the heal");
+    cluster.wait_converged(last.1 + 1).await;
+    check_invariants(&cluster, &[first, last], "after the heal");
+    cluster.stop_all().await;
 }

@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ketch_protocol::batch::{self, BatchBuilder, BatchHeader, RecordBatch, attributes};
 use openraft::{CommittedLeaderId, EntryPayload};
 
-use super::{Entry, LogId, Membership, NodeId};
+use super::{Entry, LogBatch, LogId, Membership, NodeId};
 
 /// The key of a control record.
 pub const CONTROL_KEY: &[u8] = b"ketch.raft";
@@ -213,7 +213,7 @@ pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryErr
     let term = entry.log_id.leader_id.term;
     let epoch = term_as_epoch(term)?;
     match &entry.payload {
-        EntryPayload::Normal(stored) => {
+        EntryPayload::Normal(LogBatch { bytes: stored, .. }) => {
             let header = BatchHeader::parse(stored)
                 .map_err(|source| EntryError::Batch { offset, source })?;
             if header.partition_leader_epoch == epoch && header.base_offset != offset {
@@ -296,7 +296,7 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         return Ok((
             Entry {
                 log_id,
-                payload: EntryPayload::Normal(stored),
+                payload: EntryPayload::Normal(LogBatch::new(stored)),
             },
             position,
         ));
@@ -399,7 +399,12 @@ mod tests {
                 true,
             ),
             (entry(1, 1, EntryPayload::Blank), 1, 1, true),
-            (entry(2, 2, EntryPayload::Normal(data(3))), 2, 3, false),
+            (
+                entry(2, 2, EntryPayload::Normal(LogBatch::new(data(3)))),
+                2,
+                3,
+                false,
+            ),
         ];
         for (entry, offset, records, control) in cases {
             let stored = encode(&entry, offset, 77).unwrap();
@@ -424,7 +429,9 @@ mod tests {
                 }
             );
             match (&decoded.payload, &entry.payload) {
-                (EntryPayload::Normal(got), EntryPayload::Normal(_)) => assert_eq!(got, &stored),
+                (EntryPayload::Normal(got), EntryPayload::Normal(_)) => {
+                    assert_eq!(got.bytes, stored)
+                }
                 (EntryPayload::Blank, EntryPayload::Blank) => {}
                 (EntryPayload::Membership(got), EntryPayload::Membership(sent)) => {
                     assert_eq!(got, sent)
@@ -437,8 +444,13 @@ mod tests {
     #[test]
     fn a_follower_appends_a_stamped_batch_only_at_its_leaders_offset() {
         // The leader stored this batch at offset 7 in term 3.
-        let stored = encode(&entry(3, 5, EntryPayload::Normal(data(2))), 7, 0).unwrap();
-        let replicated = entry(3, 5, EntryPayload::Normal(stored));
+        let stored = encode(
+            &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+            7,
+            0,
+        )
+        .unwrap();
+        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::new(stored)));
         assert!(encode(&replicated, 7, 0).is_ok());
         match encode(&replicated, 8, 0) {
             Err(EntryError::OffsetMismatch {
@@ -450,7 +462,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A fresh client batch (epoch -1) is placed wherever the log is.
-        assert!(encode(&entry(3, 5, EntryPayload::Normal(data(2))), 8, 0).is_ok());
+        assert!(
+            encode(
+                &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+                8,
+                0
+            )
+            .is_ok()
+        );
     }
 
     #[test]

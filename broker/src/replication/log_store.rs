@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Write;
+use std::io::Write as _;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +19,7 @@ use openraft::{CommittedLeaderId, OptionalSend, RaftLogReader, StorageIOError};
 use tokio::sync::{mpsc, watch};
 
 use super::entries::{self, LogIndex, Position};
-use super::{Clock, Entry, LogId, PartitionRaft, RaftStorageError, Vote};
+use super::{Clock, Entry, LocalAck, LogId, PartitionRaft, RaftStorageError, Vote};
 use crate::storage::{AppendFuture, PartitionLog};
 
 /// The checkpoint of the vote, committed and purged log ids, beside the partition log.
@@ -182,6 +182,8 @@ impl Shared {
         lock(&self.pending).retain(|_, (base, _)| *base >= served);
     }
 
+    // openraft's error type is what its reader trait returns: not ours to shrink.
+    #[allow(clippy::result_large_err)]
     fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
         let mut out = Vec::with_capacity((end.saturating_sub(start)).min(1024) as usize);
         let mut next = start;
@@ -286,8 +288,18 @@ impl RaftLogReader<PartitionRaft> for PartitionLogReader {
 
 /// One append call whose flush the worker awaits.
 struct InFlight {
-    writes: Vec<(u64, i64, AppendFuture)>,
+    writes: Vec<EntryWrite>,
     callback: LogFlushed<PartitionRaft>,
+}
+
+/// One entry's append: its index, the offset it must land at, and who waits for it
+/// locally (`acks=leader`).
+struct EntryWrite {
+    index: u64,
+    term: u64,
+    offset: i64,
+    future: AppendFuture,
+    local_ack: Option<LocalAck>,
 }
 
 /// openraft's [`RaftLogStorage`] over a partition log.
@@ -405,16 +417,21 @@ async fn flush_worker(
 ) {
     while let Some(InFlight { writes, callback }) = in_flight.recv().await {
         let mut result = Ok(());
-        for (index, expected, write) in writes {
-            match write.await {
-                Ok(outcome) if outcome.base_offset == expected => {}
-                Ok(outcome) => {
-                    result = Err(std::io::Error::other(format!(
-                        "append_at: entry {index} landed at offset {}, not {expected}",
-                        outcome.base_offset
-                    )));
-                }
-                Err(e) => result = Err(std::io::Error::other(format!("entry {index}: {e}"))),
+        for write in writes {
+            let expected = write.offset;
+            let outcome = match write.future.await {
+                Ok(outcome) if outcome.base_offset == expected => Ok((expected, write.term)),
+                Ok(outcome) => Err(format!(
+                    "append_at: entry {} landed at offset {}, not {expected}",
+                    write.index, outcome.base_offset
+                )),
+                Err(e) => Err(format!("entry {}: {e}", write.index)),
+            };
+            if let Err(message) = &outcome {
+                result = Err(std::io::Error::other(message.clone()));
+            }
+            if let Some(local_ack) = write.local_ack {
+                local_ack.resolve(outcome);
             }
         }
         shared.prune_pending();
@@ -503,6 +520,10 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                     ))));
                 }
                 let offset = index.next_offset();
+                let local_ack = match &entry.payload {
+                    openraft::EntryPayload::Normal(batch) => batch.local_ack.clone(),
+                    _ => None,
+                };
                 let stored =
                     entries::encode(&entry, offset, now_ms).map_err(|e| write_error(&e))?;
                 let write = self
@@ -515,7 +536,13 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                 debug_assert_eq!(stored_entry.log_id, log_id);
                 index.push(position);
                 pending.insert(log_id.index, (offset, stored_entry));
-                writes.push((log_id.index, offset, write));
+                writes.push(EntryWrite {
+                    index: log_id.index,
+                    term: log_id.leader_id.term,
+                    offset,
+                    future: write,
+                    local_ack,
+                });
             }
         }
         self.appends_made += 1;

@@ -61,6 +61,54 @@ pub use replica::{Appended, PartitionReplica, ReplicaConfig, ReplicationError};
 /// A broker's id in the cluster (the Raft node id).
 pub type NodeId = u64;
 
+/// The payload of a data entry: a record batch, and on the leader that accepted it, the
+/// handle that tells the writer when its own append is durable (`acks=leader`). The handle
+/// lives only in that leader's memory: an entry read back from a log has none.
+#[derive(Clone)]
+pub struct LogBatch {
+    pub bytes: Bytes,
+    pub local_ack: Option<LocalAck>,
+}
+
+impl LogBatch {
+    pub fn new(bytes: Bytes) -> LogBatch {
+        LogBatch {
+            bytes,
+            local_ack: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for LogBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogBatch({} bytes)", self.bytes.len())
+    }
+}
+
+/// Where an entry landed in this replica's log: its storage offset and its term.
+pub type LocalPlace = Result<(i64, u64), String>;
+
+/// Told where an entry landed once this replica's append of it is durable (or why not), once.
+#[derive(Clone, Debug)]
+pub struct LocalAck(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<LocalPlace>>>>);
+
+impl LocalAck {
+    pub fn new() -> (LocalAck, tokio::sync::oneshot::Receiver<LocalPlace>) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        (
+            LocalAck(Arc::new(std::sync::Mutex::new(Some(sender)))),
+            receiver,
+        )
+    }
+
+    pub(crate) fn resolve(&self, result: LocalPlace) {
+        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(result);
+        }
+    }
+}
+
 /// What an applied entry answers: where its records landed, in Kafka offsets (`-1` for a
 /// control entry, which has none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +120,7 @@ pub struct Applied {
 openraft::declare_raft_types!(
     /// openraft's types for a partition group: an entry's payload is a record batch.
     pub PartitionRaft:
-        D = Bytes,
+        D = LogBatch,
         R = Applied,
         NodeId = NodeId,
         Node = openraft::EmptyNode,

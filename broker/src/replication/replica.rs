@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchSlices, attributes};
+use ketch_protocol::messages::Acks;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
 use super::network::{GroupId, PeerNetwork, PeerTransport};
 use super::state_machine::PartitionStateMachine;
-use super::{Clock, NodeId, Raft};
+use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
 use crate::storage::{LogConfig, PartitionLog, StorageError};
 
 /// The directory of the partition log inside a replica's directory (the Raft state
@@ -217,11 +218,15 @@ impl PartitionReplica {
         *self.high_watermark.borrow()
     }
 
-    /// Appends `batch` (one record batch from a client, already validated) through Raft
-    /// and resolves once a quorum has it durable (`acks=all`), within `timeout`.
+    /// Appends `batch` (one record batch from a client) through Raft, within `timeout`.
+    /// `acks=all` resolves once a quorum has it durable (it is committed); `acks=leader`
+    /// once this leader's own append is durable — it may still be lost if this leader dies
+    /// before a quorum has it, as in Kafka. (`acks=none` waits like `acks=leader` here: the
+    /// produce path answers the client before.)
     pub async fn write(
         &self,
         batch: Bytes,
+        acks: Acks,
         timeout: Duration,
     ) -> Result<Appended, ReplicationError> {
         let header = batch::validate_from_client(&batch)
@@ -231,23 +236,65 @@ impl PartitionReplica {
         let mut unstamped = BytesMut::from(&batch[..]);
         batch::set_partition_leader_epoch(&mut unstamped, -1);
         debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
-        let write = self.raft.client_write(unstamped.freeze());
-        let answer = match tokio::time::timeout(timeout, write).await {
-            Err(_) => return Err(ReplicationError::Timeout(timeout)),
-            Ok(Ok(answer)) => answer,
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                return Err(ReplicationError::NotLeader {
-                    leader: forward.leader_id,
-                    epoch: self.leader().1,
+        let (local_ack, locally_durable) = LocalAck::new();
+        let payload = LogBatch {
+            bytes: unstamped.freeze(),
+            local_ack: (acks != Acks::All).then_some(local_ack),
+        };
+        let work = async {
+            let committed = self
+                .raft
+                .client_write_ff(payload)
+                .await
+                .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+            let not_leader = |result: Result<_, _>| match result {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                    Err(ReplicationError::NotLeader {
+                        leader: forward.leader_id,
+                        epoch: self.leader().1,
+                    })
+                }
+                Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
+                Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
+            };
+            if acks == Acks::All {
+                let answer: openraft::raft::ClientWriteResponse<PartitionRaft> =
+                    not_leader(committed.await)?;
+                return Ok(Appended {
+                    base_offset: answer.data.base_offset,
+                    last_offset: answer.data.last_offset,
+                    leader_epoch: answer.log_id.leader_id.term,
                 });
             }
-            Ok(Err(e)) => return Err(ReplicationError::Stopped(e.to_string())),
+            tokio::select! {
+                // Refused (not the leader) or committed before the local flush was seen.
+                result = committed => {
+                    let answer = not_leader(result)?;
+                    Ok(Appended {
+                        base_offset: answer.data.base_offset,
+                        last_offset: answer.data.last_offset,
+                        leader_epoch: answer.log_id.leader_id.term,
+                    })
+                }
+                place = locally_durable => match place {
+                    Ok(Ok((storage_offset, term))) => {
+                        let base_offset = self.shared.kafka_offset(storage_offset);
+                        Ok(Appended {
+                            base_offset,
+                            last_offset: base_offset + i64::from(header.records_count) - 1,
+                            leader_epoch: term,
+                        })
+                    }
+                    Ok(Err(message)) => Err(ReplicationError::Stopped(message)),
+                    Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
+                },
+            }
         };
-        Ok(Appended {
-            base_offset: answer.data.base_offset,
-            last_offset: answer.data.last_offset,
-            leader_epoch: answer.log_id.leader_id.term,
-        })
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
     }
 
     /// Committed data batches from Kafka offset `from` (the batch holding it first), up to
