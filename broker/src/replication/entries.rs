@@ -255,7 +255,8 @@ fn control_batch(value: &[u8], offset: i64, epoch: i32, now_ms: i64) -> Bytes {
     bytes.freeze()
 }
 
-fn encode_membership(membership: &Membership, out: &mut BytesMut) -> Result<(), EntryError> {
+/// Writes a membership as a control record holds it (see the module documentation).
+pub fn encode_membership(membership: &Membership, out: &mut BytesMut) -> Result<(), EntryError> {
     let configs = membership.get_joint_config();
     let nodes: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
     let total = nodes.len() + configs.iter().map(BTreeSet::len).sum::<usize>();
@@ -319,19 +320,9 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
     let payload = match reader.u8().ok_or(bad("no kind"))? {
         KIND_BLANK => EntryPayload::Blank,
         KIND_MEMBERSHIP => {
-            let count = reader.u8().ok_or(bad("no config count"))?;
-            if count == 0 || count > 2 {
-                return Err(bad("a membership has one or two configs"));
-            }
-            let mut configs = Vec::new();
-            for _ in 0..count {
-                configs.push(reader.ids().ok_or(bad("truncated config"))?);
-            }
-            let nodes = reader.ids().ok_or(bad("truncated nodes"))?;
-            if configs.iter().flatten().any(|id| !nodes.contains(id)) {
-                return Err(bad("a voter is missing from the nodes"));
-            }
-            EntryPayload::Membership(Membership::new(configs, nodes))
+            let (membership, used) = decode_membership(reader.0).map_err(bad)?;
+            reader.0 = &reader.0[used..];
+            EntryPayload::Membership(membership)
         }
         _ => return Err(bad("unknown control kind")),
     };
@@ -339,6 +330,28 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         return Err(bad("trailing bytes"));
     }
     Ok((Entry { log_id, payload }, position))
+}
+
+/// Reads a membership written by [`encode_membership`] from the front of `bytes`: the
+/// membership and the bytes it took.
+pub fn decode_membership(bytes: &[u8]) -> Result<(Membership, usize), &'static str> {
+    let mut reader = Reader(bytes);
+    let count = reader.u8().ok_or("no config count")?;
+    if count == 0 || count > 2 {
+        return Err("a membership has one or two configs");
+    }
+    let mut configs = Vec::new();
+    for _ in 0..count {
+        configs.push(reader.ids().ok_or("truncated config")?);
+    }
+    let nodes = reader.ids().ok_or("truncated nodes")?;
+    if configs.iter().flatten().any(|id| !nodes.contains(id)) {
+        return Err("a voter is missing from the nodes");
+    }
+    Ok((
+        Membership::new(configs, nodes),
+        bytes.len() - reader.0.len(),
+    ))
 }
 
 struct Reader<'a>(&'a [u8]);

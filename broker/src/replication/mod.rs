@@ -48,6 +48,7 @@
 pub mod entries;
 pub mod log_store;
 pub mod network;
+pub mod peer_wire;
 pub mod replica;
 pub mod sim;
 pub mod state_machine;
