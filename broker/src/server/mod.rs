@@ -3,6 +3,7 @@
 
 mod filters;
 mod handlers;
+pub mod peer;
 pub mod tls;
 
 use std::net::SocketAddr;
