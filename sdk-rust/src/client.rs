@@ -335,6 +335,11 @@ impl ClientInner {
         }
     }
 
+    /// When the cached metadata's request started (`None`: never loaded).
+    pub(crate) fn metadata_updated(&self) -> Option<Instant> {
+        self.metadata.lock().expect("metadata lock").updated
+    }
+
     /// A topic's layout from the cache, if known; with `fresh_at`, `None` as well when the
     /// cache is older than `metadata_max_age` at that time. Clones only the layout's `Arc`,
     /// under the lock.

@@ -323,7 +323,14 @@ struct Shared {
     closing: AtomicBool,
     pending: Arc<Pending>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Topics `try_send` found missing from the metadata, and since when: once a refresh
+    /// that started later still lacks one, the topic does not exist (bounded: cleared when
+    /// full).
+    missing_topics: Mutex<HashMap<String, Instant>>,
 }
+
+/// Entries of [`Shared::missing_topics`] at most.
+const MISSING_TOPICS_MAX: usize = 1024;
 
 impl Shared {
     /// [`Error::Closed`] once the producer or its client is closed.
@@ -332,6 +339,41 @@ impl Shared {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+
+    /// `try_send` found `topic` missing from the metadata at `now`: `UnknownTopic` if a
+    /// metadata refresh that started after it was first found missing does not have it
+    /// either, else `WouldBlock` (the refresh is under way).
+    fn topic_missing(&self, topic: &str, now: Instant) -> Error {
+        let updated = self.client.inner.metadata_updated();
+        let mut missing = self.missing_topics.lock().expect("missing topics");
+        let since = match missing.get(topic) {
+            Some(since) => *since,
+            None => {
+                if missing.len() >= MISSING_TOPICS_MAX {
+                    missing.clear();
+                }
+                missing.insert(topic.to_owned(), now);
+                now
+            }
+        };
+        if updated.is_some_and(|updated| updated > since) {
+            missing.remove(topic);
+            return Error::from_code(
+                ErrorCode::UnknownTopic,
+                format!("topic {topic:?} not found (the cluster metadata does not have it)"),
+            );
+        }
+        Error::WouldBlock(format!(
+            "the metadata of topic {topic:?} is not loaded yet (loading it now)"
+        ))
+    }
+
+    fn topic_found(&self, topic: &str) {
+        let mut missing = self.missing_topics.lock().expect("missing topics");
+        if !missing.is_empty() {
+            missing.remove(topic);
+        }
     }
 
     /// Checks that the record's partition exists and that it can ever be sent; its share
@@ -602,6 +644,7 @@ impl Producer {
             closing: AtomicBool::new(false),
             pending: Arc::new(Pending::default()),
             task: Mutex::new(None),
+            missing_topics: Mutex::new(HashMap::new()),
             client,
             config,
         });
@@ -685,12 +728,13 @@ impl Producer {
                 inner.runtime.spawn(async move {
                     let _ = client.inner.refresh_metadata(Some(Instant::now())).await;
                 });
-                inner.cached_topic(&record.topic, None).ok_or_else(|| {
-                    Error::WouldBlock(format!(
-                        "the metadata of topic {:?} is not loaded yet (loading it now)",
-                        record.topic
-                    ))
-                })?
+                match inner.cached_topic(&record.topic, None) {
+                    Some(layout) => {
+                        shared.topic_found(&record.topic);
+                        layout
+                    }
+                    None => return Err(shared.topic_missing(&record.topic, now)),
+                }
             }
         };
         let record_bytes = shared.check_record(&record, &layout)?;
