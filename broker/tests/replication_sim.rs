@@ -27,7 +27,7 @@ use ketch_protocol::messages::Acks;
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(20);
 /// How long one write may take before the writer tries elsewhere.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn clock() -> Clock {
     // A fake clock: stamps control batches; moves forward like a real one would.
@@ -51,6 +51,8 @@ struct Cluster {
     group: GroupId,
     replicas: Mutex<BTreeMap<NodeId, Option<Arc<PartitionReplica>>>>,
     clock: Clock,
+    /// The node that took the last write: tried first, as a client's metadata cache would.
+    last_leader: Mutex<Option<NodeId>>,
 }
 
 impl Cluster {
@@ -61,6 +63,7 @@ impl Cluster {
             group: Arc::from("topic/0"),
             replicas: Mutex::new(BTreeMap::new()),
             clock: clock(),
+            last_leader: Mutex::new(None),
         };
         for node in 1..=3 {
             cluster.start_node(node).await;
@@ -161,7 +164,7 @@ impl Cluster {
     /// took it within the bound.
     async fn write(&self, values: &[String]) -> Option<(i64, i64, Vec<String>)> {
         let started = Instant::now();
-        let mut hint = None;
+        let mut hint = *self.last_leader.lock().unwrap();
         let mut attempt = 0;
         while started.elapsed() < WAIT_MAX {
             let hinted = hint.and_then(|n| self.replicas().get(&n).cloned().flatten());
@@ -175,6 +178,7 @@ impl Cluster {
                 let sent: Vec<String> = values.iter().map(|v| format!("{v}#{attempt}")).collect();
                 match replica.write(batch(&sent), Acks::All, WRITE_TIMEOUT).await {
                     Ok(appended) => {
+                        *self.last_leader.lock().unwrap() = Some(replica.node_id());
                         return Some((appended.base_offset, appended.last_offset, sent));
                     }
                     Err(ReplicationError::NotLeader { leader, .. }) => hint = leader,
@@ -367,8 +371,8 @@ async fn simulate(seed: u64) {
     cluster.wait_converged(first.1 + 1).await;
     let mut acked = vec![first];
     let mut faults_made = Vec::new();
-    // One fault of the cluster at a time (a node down, or one link cut), so two connected
-    // nodes, a quorum, remain: writes then find a leader. Faults strike while up to three
+    // One fault of the cluster at a time (a node down, one link cut, or one node cut off),
+    // so two connected nodes, a quorum, remain: writes then find a leader. Faults strike while up to three
     // writes are in flight, so uncommitted entries are lost with their leader and truncated.
     let mut down: Option<NodeId> = None;
     let mut cut = false;
@@ -403,6 +407,16 @@ async fn simulate(seed: u64) {
                     let b = 1 + (a + (pick >> 8) % 2) % 3;
                     cluster.network.cut(a, b);
                     faults_made.push(format!("{step}: cut {a}-{b}"));
+                    cut = true;
+                }
+                4 if down.is_none() && !cut => {
+                    // Cut one node off from both others (the leader, often): what it
+                    // appends meanwhile never commits, and is truncated when it returns.
+                    let node = 1 + pick % 3;
+                    for other in (1..=3).filter(|o| *o != node) {
+                        cluster.network.cut(node, other);
+                    }
+                    faults_made.push(format!("{step}: isolate {node}"));
                     cut = true;
                 }
                 3 if cut => {
