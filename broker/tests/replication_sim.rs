@@ -53,10 +53,15 @@ struct Cluster {
     clock: Clock,
     /// The node that took the last write: tried first, as a client's metadata cache would.
     last_leader: Mutex<Option<NodeId>>,
+    fsync: FsyncPolicy,
 }
 
 impl Cluster {
     async fn start(dir: &Path, seed: u64, faults: Faults) -> Cluster {
+        Cluster::start_with(dir, seed, faults, FsyncPolicy::Always).await
+    }
+
+    async fn start_with(dir: &Path, seed: u64, faults: Faults, fsync: FsyncPolicy) -> Cluster {
         let cluster = Cluster {
             dir: dir.to_owned(),
             network: Arc::new(SimNetwork::new(seed, faults)),
@@ -64,6 +69,7 @@ impl Cluster {
             replicas: Mutex::new(BTreeMap::new()),
             clock: clock(),
             last_leader: Mutex::new(None),
+            fsync,
         };
         for node in 1..=3 {
             cluster.start_node(node).await;
@@ -88,13 +94,17 @@ impl Cluster {
             "node {node} runs already"
         );
         let config = ReplicaConfig {
-            heartbeat_interval_ms: 30,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            // Elections well apart from heartbeats: the test machine is shared and slow,
+            // and a starved heartbeat must not look like a dead leader.
+            // Elections well apart from heartbeats: the test machine is shared and slow,
+            // and a starved heartbeat must not look like a dead leader.
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
             ..ReplicaConfig::new(node, self.group.clone(), self.clock.clone())
         };
         let log_config = LogConfig {
-            fsync: FsyncPolicy::Always,
+            fsync: self.fsync,
             segment_bytes_max: 64 * 1024,
             ..LogConfig::default()
         };
@@ -200,6 +210,12 @@ impl Cluster {
                 .iter()
                 .map(|r| (r.node_id(), r.high_watermark()))
                 .collect();
+            if started.elapsed() >= WAIT_MAX {
+                // What each replica's Raft thinks, for the failure report.
+                for r in self.running() {
+                    eprintln!("node {}: {:?}", r.node_id(), r.raft().metrics().borrow());
+                }
+            }
             assert!(
                 started.elapsed() < WAIT_MAX,
                 "replicas did not commit up to {end} within {WAIT_MAX:?}: {marks:?}"
@@ -360,7 +376,14 @@ async fn simulate(seed: u64) {
         drop_per_mille: 30,
         delay_ms_max: 8,
     };
-    let cluster = Cluster::start(dir.path(), seed, faults).await;
+    // Every fsync policy: an entry is reported durable per the policy (see `log_store`).
+    let fsync = [
+        FsyncPolicy::Always,
+        FsyncPolicy::Interval { ms: 20 },
+        FsyncPolicy::Never,
+    ][(seed % 3) as usize];
+    let cluster = Cluster::start_with(dir.path(), seed, faults, fsync).await;
+    println!("seed {seed}: fsync {fsync:?}");
     let mut rng = SimRng::new(seed ^ 0x5eed);
     // The group forms before any fault: until every member has the first membership, one
     // crash can leave no node able to win an election, which is no fault of replication.

@@ -4,7 +4,9 @@
 //! `append` hands every entry to the log's writer at once (the writer groups them under one
 //! fsync) and reports them flushed from a worker task that awaits the writes in order; until
 //! the storage serves an entry (its high watermark passed it), reads take it from a small
-//! in-memory map. `truncate` and `purge` first wait for every append in flight.
+//! in-memory map. `truncate` and `purge` first wait for every append in flight. An append is
+//! reported once durable: after the group's fsync under `fsync = always`, after a flush under
+//! `interval`; under `never` after the write (replication as durability, by choice).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -20,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::entries::{self, LogIndex, Position};
 use super::{Clock, Entry, LocalAck, LogId, PartitionRaft, RaftStorageError, Vote};
-use crate::storage::{AppendFuture, PartitionLog};
+use crate::storage::{AppendFuture, FsyncPolicy, PartitionLog};
 
 /// The checkpoint of the vote, committed and purged log ids, beside the partition log.
 pub const RAFT_STATE_FILE: &str = "raft-state.checkpoint";
@@ -432,6 +434,19 @@ async fn flush_worker(
             }
             if let Some(local_ack) = write.local_ack {
                 local_ack.resolve(outcome);
+            }
+        }
+        // Raft counts an entry as this replica's once it is durable. `always` made it so;
+        // `interval` is made so here, with one fsync for the whole call; `never` is the
+        // operator's choice of replication as durability (a quorum that crashes together
+        // can then lose acknowledged entries), and reports after the write.
+        if result.is_ok() && matches!(shared.log.config().fsync, FsyncPolicy::Interval { .. }) {
+            let flushed = match shared.log.flush() {
+                Ok(flush) => flush.await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = flushed {
+                result = Err(std::io::Error::other(format!("flush: {e}")));
             }
         }
         shared.prune_pending();
