@@ -96,8 +96,6 @@ impl Cluster {
         let config = ReplicaConfig {
             // Elections well apart from heartbeats: the test machine is shared and slow,
             // and a starved heartbeat must not look like a dead leader.
-            // Elections well apart from heartbeats: the test machine is shared and slow,
-            // and a starved heartbeat must not look like a dead leader.
             heartbeat_interval_ms: 50,
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
