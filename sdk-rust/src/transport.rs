@@ -229,8 +229,11 @@ pub(crate) struct Transport {
     /// What each broker's current connection (`stable_id`) answered to ApiVersions: asked
     /// once per connection, before the first request of an API this build speaks at more
     /// than one version. One entry per broker address, like `slots`.
-    versions: Mutex<HashMap<SocketAddr, (usize, Arc<[ApiVersionRange]>)>>,
+    versions: Mutex<HashMap<SocketAddr, NegotiatedVersions>>,
 }
+
+/// A connection's `stable_id` and what its broker answered to ApiVersions.
+type NegotiatedVersions = (usize, Arc<[ApiVersionRange]>);
 
 /// One broker's connection. The async mutex serialises (re)connect attempts, so concurrent
 /// callers share one handshake and one backoff.
