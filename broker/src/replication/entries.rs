@@ -127,6 +127,16 @@ impl LogIndex {
         self.positions.back().map(|p| (self.next_index() - 1, *p))
     }
 
+    /// Makes an empty log begin at Raft index `first_index` (a log that starts after entries
+    /// it never had, as a follower's log after a snapshot does).
+    pub fn begin_at(&mut self, first_index: u64) {
+        assert!(
+            self.positions.is_empty(),
+            "only an empty log moves its start"
+        );
+        self.first_index = first_index;
+    }
+
     /// Records the next entry. Its position must continue the log.
     pub fn push(&mut self, position: Position) {
         assert_eq!(

@@ -28,8 +28,13 @@ use crate::storage::{AppendFuture, FsyncPolicy, PartitionLog};
 pub const RAFT_STATE_FILE: &str = "raft-state.checkpoint";
 const RAFT_STATE_MAGIC: u32 = u32::from_be_bytes(*b"KRS1");
 /// magic u32 | vote: present u8, term u64, node u64, committed u8 | committed: present u8,
-/// term u64, index u64 | purged: present u8, term u64, index u64 | controls_before u64 | crc u32
-const RAFT_STATE_BYTES: usize = 4 + 18 + 17 + 17 + 8 + 4;
+/// term u64, index u64 | purged: present u8, term u64, index u64 | controls_before u64 |
+/// purged_end i64 | first_index u64 | crc u32
+const RAFT_STATE_BYTES: usize = 4 + 18 + 17 + 17 + 8 + 8 + 8 + 4;
+/// The committed log id is written with every vote and purge, and otherwise once it has
+/// moved this many entries since it was last written: it is only a lower bound that spares
+/// re-applying at start-up, so an older value is safe, and an fsync per commit is not.
+pub const COMMITTED_CHECKPOINT_ENTRIES: u64 = 1024;
 /// Bytes read from storage at a time when serving entries.
 const READ_BYTES_MAX: usize = 1024 * 1024;
 /// Append calls whose flush is awaited at once (openraft pipelines a few; this bounds it).
@@ -55,6 +60,11 @@ pub struct RaftState {
     pub purged: Option<LogId>,
     /// Control records below the log start (they still shift Kafka offsets).
     pub controls_before: u64,
+    /// The storage offset after the last purged entry: where the log's entries begin, even
+    /// if a crash came between this checkpoint and the storage's own purge.
+    pub purged_end: i64,
+    /// The Raft index the log begins at when it began past 0 without a purge.
+    pub first_index: u64,
 }
 
 impl RaftState {
@@ -83,6 +93,8 @@ impl RaftState {
             }
         }
         out.extend_from_slice(&self.controls_before.to_be_bytes());
+        out.extend_from_slice(&self.purged_end.to_be_bytes());
+        out.extend_from_slice(&self.first_index.to_be_bytes());
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         debug_assert_eq!(out.len(), RAFT_STATE_BYTES);
@@ -129,6 +141,8 @@ impl RaftState {
             committed: log_id(22)?,
             purged: log_id(39)?,
             controls_before: u64_at(56),
+            purged_end: u64_at(64) as i64,
+            first_index: u64_at(72),
         })
     }
 
@@ -314,6 +328,8 @@ pub struct PartitionLogStore {
     /// Append calls made, and (from the worker) append calls whose flush was reported.
     appends_made: u64,
     appends_done: watch::Receiver<u64>,
+    /// The committed entry count last written to the checkpoint.
+    committed_written: u64,
 }
 
 impl std::fmt::Debug for PartitionLogStore {
@@ -342,10 +358,15 @@ impl PartitionLogStore {
         clock: Clock,
     ) -> Result<PartitionLogStore, LogStoreError> {
         let state = RaftState::read(&state_path)?.unwrap_or_default();
-        let first_index = state.purged.map_or(0, |p| p.index + 1);
-        let mut index = LogIndex::new(first_index, log.log_start_offset(), state.controls_before);
+        let first_index = state
+            .purged
+            .map_or(0, |p| p.index + 1)
+            .max(state.first_index);
+        // Entries begin after the last purged one, wherever the storage's own start is.
+        let first_offset = log.log_start_offset().max(state.purged_end);
+        let mut index = LogIndex::new(first_index, first_offset, state.controls_before);
         let end = log.high_watermark();
-        let mut offset = log.log_start_offset();
+        let mut offset = first_offset;
         let mut last_term = state.purged.map_or(0, |p| p.leader_id.term);
         while offset < end {
             let bytes = log.read(offset, READ_BYTES_MAX)?;
@@ -383,6 +404,7 @@ impl PartitionLogStore {
             in_flight,
             appends_made: 0,
             appends_done,
+            committed_written: state.committed.map_or(0, |id| id.index + 1),
         })
     }
 
@@ -396,7 +418,9 @@ impl PartitionLogStore {
         tokio::task::spawn_blocking(move || state.write(&path))
             .await
             .map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e.to_string())))?
-            .map_err(|e| StorageIOError::write_vote(&e).into())
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.committed_written = state.committed.map_or(0, |id| id.index + 1);
+        Ok(())
     }
 
     /// Waits until every append made so far has been reported flushed.
@@ -498,7 +522,11 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
         self.state.committed = committed;
-        self.save_state().await
+        let now = committed.map_or(0, |id| id.index + 1);
+        if now.saturating_sub(self.committed_written) >= COMMITTED_CHECKPOINT_ENTRIES {
+            self.save_state().await?;
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
@@ -516,6 +544,21 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     {
         let now_ms = (self.clock)();
         let mut writes = Vec::new();
+        let mut entries = entries.into_iter().peekable();
+        // An empty log may begin past its expected index (after entries it never had); the
+        // new beginning is checkpointed before anything is written at it.
+        if let Some(first) = entries.peek() {
+            let begins_later = {
+                let index = lock(&self.shared.index);
+                index.is_empty() && first.log_id.index > index.next_index()
+            };
+            if begins_later {
+                let first_index = first.log_id.index;
+                lock(&self.shared.index).begin_at(first_index);
+                self.state.first_index = first_index;
+                self.save_state().await?;
+            }
+        }
         {
             let mut index = lock(&self.shared.index);
             let mut pending = lock(&self.shared.pending);
@@ -586,22 +629,40 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         self.settle_appends().await?;
-        let Some(position) = self.shared.position(log_id.index) else {
+        if self
+            .state
+            .purged
+            .is_some_and(|purged| purged.index >= log_id.index)
+        {
             return Ok(());
-        };
-        let controls_before = {
+        }
+        // Purging past the last entry (below a snapshot that is ahead of this log) empties
+        // the log, which then begins after the purged index.
+        let (controls_before, purged_end) = {
             let mut index = lock(&self.shared.index);
+            let purged_end = if log_id.index < index.first_index() {
+                // Nothing stored at or below it: the log keeps beginning where it does.
+                index
+                    .get(index.first_index())
+                    .map_or(index.next_offset(), |p| p.base)
+            } else {
+                index
+                    .get(log_id.index)
+                    .map_or(index.next_offset(), |p| p.end())
+            };
             index.purge_through(log_id.index);
-            index.controls_before()
+            (index.controls_before(), purged_end)
         };
         // The checkpoint first: a crash between the two leaves entries that are both kept
-        // and marked purged, which the next open reads past.
+        // and marked purged, which the next open reads past (from `purged_end`).
         self.state.purged = Some(log_id);
         self.state.controls_before = controls_before;
+        self.state.purged_end = purged_end;
+        lock(&self.shared.pending).retain(|index, _| *index > log_id.index);
         self.save_state().await?;
         self.shared
             .log
-            .purge_prefix(position.end())
+            .purge_prefix(purged_end)
             .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
         Ok(())
     }
@@ -622,12 +683,16 @@ mod tests {
                 committed: None,
                 purged: None,
                 controls_before: 0,
+                purged_end: 0,
+                first_index: 0,
             },
             RaftState {
                 vote: Some(committed_vote),
                 committed: Some(LogId::new(CommittedLeaderId::new(7, 0), 41)),
                 purged: Some(LogId::new(CommittedLeaderId::new(5, 0), 9)),
                 controls_before: 4,
+                purged_end: 77,
+                first_index: 3,
             },
         ];
         let dir = tempfile::tempdir().unwrap();

@@ -136,6 +136,19 @@ pub struct CommittedBatch {
     pub bytes: Bytes,
 }
 
+/// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
+/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine.
+pub fn open_stores(
+    dir: &Path,
+    log_config: LogConfig,
+    clock: Clock,
+) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
+    let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, clock())?;
+    let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
+    let state_machine = PartitionStateMachine::new(store.shared());
+    Ok((store, state_machine))
+}
+
 /// A replica of one partition.
 pub struct PartitionReplica {
     node_id: NodeId,
@@ -163,14 +176,8 @@ impl PartitionReplica {
         transport: Arc<T>,
     ) -> Result<PartitionReplica, ReplicationError> {
         let raft_config = Arc::new(config.raft_config()?);
-        let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, (config.clock)())?;
-        let store = PartitionLogStore::open(
-            Arc::new(log),
-            dir.join(RAFT_STATE_FILE),
-            config.clock.clone(),
-        )?;
+        let (store, state_machine) = open_stores(dir, log_config, config.clock.clone())?;
         let shared = store.shared();
-        let state_machine = PartitionStateMachine::new(shared.clone());
         let high_watermark = state_machine.high_watermark();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
