@@ -111,12 +111,7 @@ async fn three_brokers_replicate_over_quic_and_fail_over() {
             groups.clone(),
         )
         .unwrap();
-        let config = ReplicaConfig {
-            heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
-            ..ReplicaConfig::new(id, group.clone(), clock.clone())
-        };
+        let config = ReplicaConfig::new(id, group.clone(), clock.clone());
         let replica = PartitionReplica::open(
             &dir.path().join(format!("node-{id}")),
             LogConfig::default(),

@@ -30,8 +30,9 @@ pub const PEER_ALPN: &[u8] = b"ketch-peer/1";
 pub const PEER_SERVER_NAME: &str = "ketch-peer";
 /// The largest peer message (an append of many batches).
 pub const PEER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// How long a connection attempt to a peer may take.
-pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt to a peer may take (peers share a network: a handshake
+/// that takes longer means the peer is gone).
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests a peer may have open on one connection at once (every group shares it).
 pub const PEER_STREAMS_MAX: u32 = 4096;
 
@@ -103,8 +104,15 @@ pub struct QuicPeers {
     node_id: NodeId,
     endpoint: quinn::Endpoint,
     addresses: RwLock<HashMap<NodeId, SocketAddr>>,
-    /// One connection per peer, shared by every group.
-    connections: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// One connection per peer, shared by every group. Each peer has its own slot, so a
+    /// connection attempt to a dead peer holds up requests to that peer only.
+    connections: std::sync::Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+}
+
+/// A peer's connection; the async mutex serialises (re)connecting to it.
+#[derive(Debug, Default)]
+struct PeerSlot {
+    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
 fn tls_error(e: impl std::fmt::Display) -> PeerSetupError {
@@ -180,7 +188,7 @@ impl QuicPeers {
             node_id,
             endpoint,
             addresses: RwLock::new(addresses),
-            connections: tokio::sync::Mutex::new(HashMap::new()),
+            connections: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -205,15 +213,25 @@ impl QuicPeers {
         self.endpoint.close(0u32.into(), b"broker stopping");
     }
 
+    fn slot(&self, to: NodeId) -> Arc<PeerSlot> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(to)
+            .or_default()
+            .clone()
+    }
+
     async fn connection(&self, to: NodeId) -> Result<quinn::Connection, PeerError> {
         let unreachable = |reason: String| PeerError::Unreachable { node: to, reason };
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&to)
-            && connection.close_reason().is_none()
+        let slot = self.slot(to);
+        let mut connection = slot.connection.lock().await;
+        if let Some(live) = connection.as_ref()
+            && live.close_reason().is_none()
         {
-            return Ok(connection.clone());
+            return Ok(live.clone());
         }
-        connections.remove(&to);
+        *connection = None;
         let addr = self
             .addresses
             .read()
@@ -225,12 +243,24 @@ impl QuicPeers {
             .endpoint
             .connect(addr, PEER_SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?;
-        let connection = tokio::time::timeout(PEER_CONNECT_TIMEOUT, connecting)
+        let connected = tokio::time::timeout(PEER_CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| unreachable(format!("no handshake within {PEER_CONNECT_TIMEOUT:?}")))?
             .map_err(|e| unreachable(e.to_string()))?;
-        connections.insert(to, connection.clone());
-        Ok(connection)
+        *connection = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// Forgets a peer's connection after it failed, so the next request reconnects.
+    async fn forget(&self, to: NodeId, failed: &quinn::Connection) {
+        let slot = self.slot(to);
+        let mut connection = slot.connection.lock().await;
+        if connection
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == failed.stable_id())
+        {
+            *connection = None;
+        }
     }
 }
 
@@ -281,7 +311,7 @@ impl PeerTransport for QuicPeers {
         let (mut send, mut recv) = match connection.open_bi().await {
             Ok(streams) => streams,
             Err(e) => {
-                self.connections.lock().await.remove(&to);
+                self.forget(to, &connection).await;
                 return Err(PeerError::Unreachable {
                     node: to,
                     reason: e.to_string(),
