@@ -56,6 +56,9 @@ pub enum ErrorCode {
     FilterFailed = 44,
     /// A Wasm filter is attached somewhere and was not deleted (use force).
     FilterInUse = 45,
+    /// The connection's credential was refused, revoked or expired, or the broker requires
+    /// one and none was presented (`Authenticate` first).
+    AuthenticationFailed = 46,
 }
 
 impl ErrorCode {
@@ -100,6 +103,7 @@ impl ErrorCode {
         ErrorCode::FencedLeaderEpoch,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
+        ErrorCode::AuthenticationFailed,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -175,6 +179,7 @@ impl ErrorCode {
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }
 }
@@ -252,6 +257,8 @@ mod tests {
             (ErrorCode::FencedLeaderEpoch, 36),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
+            (ErrorCode::Unauthorized, 29),
+            (ErrorCode::AuthenticationFailed, 46),
         ];
         for (code, number) in pinned {
             assert_eq!(code.as_u16(), number, "{code:?}");

@@ -94,6 +94,21 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             respond(state, api, version, super::filters::describe(state, &r))
         }
         Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
+        // Answered by `access::check` before dispatch; here only if that changes.
+        Request::Authenticate(_)
+        | Request::TokenCreate(_)
+        | Request::TokenRevoke(_)
+        | Request::AclChange(_)
+        | Request::QuotaSet(_)
+        | Request::SecurityList(_) => respond::<ApiVersionsResponse>(
+            state,
+            api,
+            version,
+            Err(ClusterError::new(
+                ErrorCode::InvalidRequest,
+                format!("{} is answered by the security hook", api.name()),
+            )),
+        ),
         Request::ApiVersions(_) => respond(
             state,
             api,
@@ -185,7 +200,7 @@ async fn create_topic(
     })
 }
 
-fn list_topics(state: &State) -> ListTopicsResponse {
+pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
     ListTopicsResponse {
         topics: state
             .cluster
@@ -449,6 +464,7 @@ pub(super) async fn subscribe(
     state: &State,
     request: SubscribeRequest,
     send: &mut quinn::SendStream,
+    principal: &str,
 ) {
     let push_bytes_max = request
         .push_bytes_max
@@ -479,6 +495,7 @@ pub(super) async fn subscribe(
             if let Some(next) = next_offset_after(&response.records) {
                 offset = next;
             }
+            let pushed_bytes = response.records.len() as u64;
             // The records are handed to QUIC as they were read, not copied into the frame.
             let mut frame = frame::encode_response_chunks(&response);
             let write = tokio::select! {
@@ -487,6 +504,11 @@ pub(super) async fn subscribe(
             };
             if write.is_err() || failed {
                 return;
+            }
+            // A principal over its fetch quota reads on later.
+            tokio::select! {
+                () = super::access::hold_back_reader(state, principal, pushed_bytes) => {}
+                () = state.shutdown.cancelled() => return,
             }
             continue;
         }
