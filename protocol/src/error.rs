@@ -51,6 +51,9 @@ pub enum ErrorCode {
     /// The request named a leader epoch older than the partition's current one: refresh
     /// metadata and retry at the current leader.
     FencedLeaderEpoch = 36,
+    /// The broker's disk is full (ENOSPC): the append was undone, nothing of it was stored.
+    /// The partition takes writes again once space is freed.
+    NoSpace = 40,
     /// A Wasm filter trapped, timed out, exceeded its memory or returned a malformed output;
     /// the message names the module, its version and the reason.
     FilterFailed = 44,
@@ -101,6 +104,7 @@ impl ErrorCode {
         ErrorCode::NotCoordinator,
         ErrorCode::NotEnoughReplicas,
         ErrorCode::FencedLeaderEpoch,
+        ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
         ErrorCode::AuthenticationFailed,
@@ -134,6 +138,7 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::UnknownTopic
                 | ErrorCode::UnknownPartition
+                | ErrorCode::NoSpace
         )
     }
 
@@ -179,6 +184,7 @@ impl ErrorCode {
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }

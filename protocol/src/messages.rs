@@ -607,6 +607,20 @@ wire_struct! {
         pub fetch_bytes_per_s: u64,
     }
 
+    // ---- AlterTopicConfig (40) ----
+
+    /// Sets configuration entries of an existing topic (`retention.ms`, `retention.bytes`,
+    /// `cleanup.policy`, `delete.retention.ms`): all of them, or none if any is invalid.
+    pub struct AlterTopicConfigRequest {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+    /// The topic's whole configuration after the change.
+    pub struct AlterTopicConfigResponse {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -789,6 +803,7 @@ apis! {
     25 AclChange [0 ..= 0] => AclChangeRequest, AclChangeResponse;
     26 QuotaSet [0 ..= 0] => QuotaSetRequest, QuotaSetResponse;
     27 SecurityList [0 ..= 0] => SecurityListRequest, SecurityListResponse;
+    40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
 impl Request {
@@ -832,7 +847,8 @@ impl Request {
             TokenRevoke,
             AclChange,
             QuotaSet,
-            SecurityList
+            SecurityList,
+            AlterTopicConfig
         )
     }
 }
