@@ -44,6 +44,13 @@ pub enum ErrorCode {
     InvalidRequest = 31,
     UnsupportedCompression = 32,
     GroupNotFound = 33,
+    /// The group's coordinator is another broker (or moved): find it again and retry there.
+    NotCoordinator = 34,
+    /// `acks=all` cannot be met: fewer in-sync replicas than the partition needs.
+    NotEnoughReplicas = 35,
+    /// The request named a leader epoch older than the partition's current one: refresh
+    /// metadata and retry at the current leader.
+    FencedLeaderEpoch = 36,
     /// The broker's disk is full (ENOSPC): the append was undone, nothing of it was stored.
     /// The partition takes writes again once space is freed.
     NoSpace = 40,
@@ -94,6 +101,9 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedCompression,
         ErrorCode::GroupNotFound,
+        ErrorCode::NotCoordinator,
+        ErrorCode::NotEnoughReplicas,
+        ErrorCode::FencedLeaderEpoch,
         ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
@@ -120,6 +130,9 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::NotLeader
+                | ErrorCode::NotCoordinator
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::Overloaded
                 | ErrorCode::Timeout
                 | ErrorCode::ShuttingDown
@@ -166,6 +179,9 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::UnsupportedCompression => "unsupported_compression",
             ErrorCode::GroupNotFound => "group_not_found",
+            ErrorCode::NotCoordinator => "not_coordinator",
+            ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+            ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::NoSpace => "no_space",
@@ -242,6 +258,9 @@ mod tests {
             (ErrorCode::OffsetOutOfRange, 14),
             (ErrorCode::DuplicateSequence, 19),
             (ErrorCode::GroupNotFound, 33),
+            (ErrorCode::NotCoordinator, 34),
+            (ErrorCode::NotEnoughReplicas, 35),
+            (ErrorCode::FencedLeaderEpoch, 36),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
             (ErrorCode::Unauthorized, 29),

@@ -91,6 +91,7 @@ pub fn batch_error(error: batch::BatchError) -> ClusterError {
     let code = match error {
         batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
         batch::BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
+        batch::BatchError::BrokerOnlyAttributes(_) => ErrorCode::InvalidRequest,
         _ => ErrorCode::CorruptBatch,
     };
     ClusterError::new(code, error.to_string())
@@ -400,7 +401,7 @@ impl Partition {
                     ),
                 ));
             }
-            let header = batch::validate(&bytes).map_err(batch_error)?;
+            let header = batch::validate_from_client(&bytes).map_err(batch_error)?;
             batches.push((header, bytes));
         }
         if !slices.remainder().is_empty() {

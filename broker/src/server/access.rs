@@ -185,7 +185,13 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
 
 /// Checks a request against the connection's identity and the ACLs; answers it here when it
 /// is refused, when it is a security request, or when its answer is narrowed.
-pub(super) async fn check(state: &Arc<State>, auth: &ConnectionAuth, request: Request) -> Checked {
+/// `version` is the request's: an answer given here is in its layout.
+pub(super) async fn check(
+    state: &Arc<State>,
+    auth: &ConnectionAuth,
+    request: Request,
+    version: u16,
+) -> Checked {
     let api = request.api_key();
     let now = now_ms();
     let remote = auth.remote.to_string();
@@ -256,7 +262,7 @@ pub(super) async fn check(state: &Arc<State>, auth: &ConnectionAuth, request: Re
     }
     match request {
         Request::InitProducerId(_) => init_producer_id(state, &principal, now, &remote).await,
-        Request::Produce(r) => produce(state, r, principal, now, &remote).await,
+        Request::Produce(r) => produce(state, r, principal, now, &remote, version).await,
         Request::Metadata(MetadataRequest { topics: None }) if security.enforced() => {
             let topics = state
                 .cluster
@@ -519,6 +525,7 @@ async fn produce(
     principal: Arc<str>,
     now: i64,
     remote: &str,
+    version: u16,
 ) -> Checked {
     let security = &state.security;
     if security.enforced() {
@@ -581,11 +588,15 @@ async fn produce(
                             base_offset: -1,
                             log_append_time_ms: -1,
                             log_start_offset: -1,
+                            current_leader: None,
                         })
                         .collect(),
                 })
                 .collect();
-            return answer(&ProduceResponse { topics });
+            return Checked::Answer(frame::encode_response_chunks_at(
+                &ProduceResponse { topics },
+                version,
+            ));
         }
     }
     let bytes: u64 = request

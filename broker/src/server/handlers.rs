@@ -13,11 +13,16 @@ use ketch_protocol::wire::Wire;
 use super::State;
 use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, Submitted, now_ms};
 
-/// A response frame as chunks: records read from the log go out without being copied into
-/// the frame.
-fn respond<T: Wire>(state: &State, api: ApiKey, result: Result<T, ClusterError>) -> Vec<Bytes> {
+/// A response frame as chunks, in the layout of the request's `version`: records read from
+/// the log go out without being copied into the frame.
+fn respond<T: Wire>(
+    state: &State,
+    api: ApiKey,
+    version: u16,
+    result: Result<T, ClusterError>,
+) -> Vec<Bytes> {
     match result {
-        Ok(response) => frame::encode_response_chunks(&response),
+        Ok(response) => frame::encode_response_chunks_at(&response, version),
         Err(e) => {
             state.metrics.error(Some(api), e.code);
             vec![frame::encode_error_response(e.code, &e.message)]
@@ -25,14 +30,16 @@ fn respond<T: Wire>(state: &State, api: ApiKey, result: Result<T, ClusterError>)
     }
 }
 
-pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes> {
+/// Answers `request`, which arrived at `version` (the response is in that version's layout).
+pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
     match request {
-        Request::Metadata(r) => respond(state, api, Ok(metadata(state, r))),
-        Request::CreateTopic(r) => respond(state, api, create_topic(state, r).await),
+        Request::Metadata(r) => respond(state, api, version, Ok(metadata(state, r))),
+        Request::CreateTopic(r) => respond(state, api, version, create_topic(state, r).await),
         Request::AlterTopicConfig(r) => respond(
             state,
             api,
+            version,
             state
                 .cluster
                 .alter_topic_config(&r.name, &r.configs)
@@ -45,37 +52,45 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::DeleteTopic(r) => respond(
             state,
             api,
+            version,
             state
                 .groups
                 .delete_topic(&r.name, now_ms())
                 .await
                 .map(|()| DeleteTopicResponse {}),
         ),
-        Request::ListTopics(_) => respond(state, api, Ok(list_topics(state))),
-        Request::DescribeTopic(r) => respond(state, api, describe_topic(state, &r.name)),
-        Request::Produce(r) => respond(state, api, Ok(produce(state, r).await)),
-        Request::Fetch(r) => respond(state, api, Ok(fetch(state, r).await)),
-        Request::ListOffsets(r) => respond(state, api, Ok(list_offsets(state, r))),
+        Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
+        Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
+        Request::Produce(r) => respond(state, api, version, Ok(produce(state, r).await)),
+        Request::Fetch(r) => respond(state, api, version, Ok(fetch(state, r).await)),
+        Request::ListOffsets(r) => respond(state, api, version, Ok(list_offsets(state, r))),
         Request::Subscribe(_) | Request::SubscribeFiltered(_) => {
             unreachable!("push streams are served by `subscribe` and `subscribe_filtered`")
         }
-        Request::GroupHeartbeat(r) => respond(state, api, group_heartbeat(state, r)),
-        Request::GroupLeave(r) => respond(state, api, group_leave(state, r)),
-        Request::OffsetCommit(r) => respond(state, api, state.groups.commit(&r, now_ms()).await),
-        Request::OffsetFetch(r) => {
-            respond(state, api, Ok(state.groups.coordinator().offset_fetch(&r)))
+        Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r)),
+        Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r)),
+        Request::OffsetCommit(r) => {
+            respond(state, api, version, state.groups.commit(&r, now_ms()).await)
         }
+        Request::OffsetFetch(r) => respond(
+            state,
+            api,
+            version,
+            Ok(state.groups.coordinator().offset_fetch(&r)),
+        ),
         Request::ListGroups(_) => respond(
             state,
             api,
+            version,
             Ok(ListGroupsResponse {
                 groups: state.groups.coordinator().list_groups(),
             }),
         ),
-        Request::DescribeGroup(r) => respond(state, api, describe_group(state, &r.group)),
+        Request::DescribeGroup(r) => respond(state, api, version, describe_group(state, &r.group)),
         Request::InitProducerId(_) => respond(
             state,
             api,
+            version,
             state
                 .cluster
                 .allocate_producer_id()
@@ -84,10 +99,14 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                     producer_epoch: 0,
                 }),
         ),
-        Request::FilterUpload(r) => respond(state, api, super::filters::upload(state, r).await),
-        Request::FilterList(_) => respond(state, api, Ok(super::filters::list(state))),
-        Request::FilterDescribe(r) => respond(state, api, super::filters::describe(state, &r)),
-        Request::FilterDelete(r) => respond(state, api, super::filters::delete(state, &r)),
+        Request::FilterUpload(r) => {
+            respond(state, api, version, super::filters::upload(state, r).await)
+        }
+        Request::FilterList(_) => respond(state, api, version, Ok(super::filters::list(state))),
+        Request::FilterDescribe(r) => {
+            respond(state, api, version, super::filters::describe(state, &r))
+        }
+        Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
         // Answered by `access::check` before dispatch; here only if that changes.
         Request::Authenticate(_)
         | Request::TokenCreate(_)
@@ -97,6 +116,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         | Request::SecurityList(_) => respond::<ApiVersionsResponse>(
             state,
             api,
+            version,
             Err(ClusterError::new(
                 ErrorCode::InvalidRequest,
                 format!("{} is answered by the security hook", api.name()),
@@ -105,15 +125,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::ApiVersions(_) => respond(
             state,
             api,
+            version,
             Ok(ApiVersionsResponse {
-                apis: ApiKey::ALL
-                    .iter()
-                    .map(|k| ApiVersionRange {
-                        api_key: *k as u16,
-                        min_version: 0,
-                        max_version: 0,
-                    })
-                    .collect(),
+                apis: supported_api_versions(),
             }),
         ),
     }
@@ -310,6 +324,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 base_offset,
                 log_append_time_ms: -1,
                 log_start_offset,
+                current_leader: None,
             },
             Err(e) => ProducePartitionResponse {
                 partition,
@@ -321,6 +336,8 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 base_offset: -1,
                 log_append_time_ms: -1,
                 log_start_offset: -1,
+                // One node leads every partition it has: no other leader to name yet.
+                current_leader: None,
             },
         };
         match topics.iter_mut().find(|t| t.name == name) {

@@ -4,6 +4,7 @@
 mod access;
 mod filters;
 mod handlers;
+pub mod peer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -548,8 +549,8 @@ async fn serve_stream(
         // Reset by the client, or the connection is gone: nobody to answer.
         Err(ReadFailure::Gone) => return,
     };
-    let request = match frame::decode_request(body) {
-        Ok(request) => request,
+    let (request, version) = match frame::decode_request_versioned(body) {
+        Ok(decoded) => decoded,
         Err(e) => {
             state.metrics.error(None, e.code());
             let _ = write_frame(&mut send, decode_error_response(&e)).await;
@@ -558,7 +559,7 @@ async fn serve_stream(
     };
     let api = request.api_key();
     state.metrics.request_received(api);
-    let (request, principal) = match access::check(&state, &share.auth, request).await {
+    let (request, principal) = match access::check(&state, &share.auth, request, version).await {
         access::Checked::Proceed { request, principal } => (request, principal),
         access::Checked::Answer(response) => {
             let _ = write_chunks(&mut send, response).await;
@@ -593,7 +594,7 @@ async fn serve_stream(
         let _ = send.finish();
         return;
     }
-    let response = handlers::dispatch(&state, request).await;
+    let response = handlers::dispatch(&state, request, version).await;
     if api == ketch_protocol::messages::ApiKey::Fetch {
         access::after_fetch(&state, &principal, &response).await;
     }
