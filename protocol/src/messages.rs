@@ -481,6 +481,39 @@ wire_struct! {
         pub records: Bytes,
     }
 
+    // ---- Produce-path filter chains (35-36) ----
+
+    /// Sets the ordered chain of Wasm filters every batch produced to `topic` runs through
+    /// before it is appended (`filters` empty: no chain). Each module is pinned at its latest
+    /// version now and gets `params` (JSON text) at init; a module that refuses its params
+    /// refuses the whole request. `on_error` says what a record error does: `fail` (the
+    /// produce fails with the module's message), `skip` (the record is dropped) or
+    /// `dead-letter:TOPIC` (the record goes to TOPIC, with the reason in a header).
+    pub struct TopicSetFiltersRequest {
+        pub topic: String,
+        pub filters: Vec<String>,
+        pub params: String,
+        pub on_error: String,
+    }
+    pub struct TopicSetFiltersResponse {
+        /// The chain as set, versions resolved.
+        pub filters: Vec<ChainFilter>,
+    }
+    pub struct ChainFilter {
+        pub name: String,
+        pub version: u32,
+    }
+    pub struct TopicFiltersRequest {
+        pub topic: String,
+    }
+    /// A topic's produce chain (`filters` empty: none).
+    pub struct TopicFiltersResponse {
+        pub topic: String,
+        pub filters: Vec<ChainFilter>,
+        pub params: String,
+        pub on_error: String,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -625,6 +658,8 @@ apis! {
     19 ApiVersions => ApiVersionsRequest, ApiVersionsResponse;
     20 FilterDescribe => FilterDescribeRequest, FilterDescribeResponse;
     21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
+    35 TopicSetFilters => TopicSetFiltersRequest, TopicSetFiltersResponse;
+    36 TopicFilters => TopicFiltersRequest, TopicFiltersResponse;
 }
 
 impl Request {
@@ -657,7 +692,9 @@ impl Request {
             FilterDelete,
             ApiVersions,
             FilterDescribe,
-            SubscribeFiltered
+            SubscribeFiltered,
+            TopicSetFilters,
+            TopicFilters
         )
     }
 }
@@ -732,7 +769,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(key in 0u16..24, version in 0u16..2, body: Vec<u8>) {
+        fn arbitrary_bodies_never_panic(key in 0u16..40, version in 0u16..2, body: Vec<u8>) {
             let _ = Request::decode(key, version, Bytes::from(body));
         }
 

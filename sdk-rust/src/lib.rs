@@ -79,6 +79,7 @@
 
 mod admin;
 pub mod blocking;
+mod chains;
 mod client;
 mod config;
 mod consumer;
@@ -92,6 +93,7 @@ pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
     NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
+pub use chains::{OnRecordError, ProduceFilters, TopicFilters};
 pub use client::Client;
 pub use config::{
     AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig,

@@ -30,15 +30,14 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
     match request {
         Request::Metadata(r) => respond(state, api, Ok(metadata(state, r))),
         Request::CreateTopic(r) => respond(state, api, create_topic(state, r).await),
-        Request::DeleteTopic(r) => respond(
-            state,
-            api,
-            state
-                .groups
-                .delete_topic(&r.name, now_ms())
-                .await
-                .map(|()| DeleteTopicResponse {}),
-        ),
+        Request::DeleteTopic(r) => {
+            let deleted = state.groups.delete_topic(&r.name, now_ms()).await;
+            if deleted.is_ok() {
+                // The chain's file went with the topic's directory; its sessions go now.
+                state.transforms.chains.set(&r.name, None);
+            }
+            respond(state, api, deleted.map(|()| DeleteTopicResponse {}))
+        }
         Request::ListTopics(_) => respond(state, api, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, describe_topic(state, &r.name)),
         Request::Produce(r) => respond(state, api, Ok(produce(state, r).await)),
@@ -76,6 +75,10 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::FilterList(_) => respond(state, api, Ok(super::filters::list(state))),
         Request::FilterDescribe(r) => respond(state, api, super::filters::describe(state, &r)),
         Request::FilterDelete(r) => respond(state, api, super::filters::delete(state, &r)),
+        Request::TopicSetFilters(r) => {
+            respond(state, api, super::chains::set_filters(state, r).await)
+        }
+        Request::TopicFilters(r) => respond(state, api, super::chains::describe(state, &r)),
         Request::ApiVersions(_) => respond(
             state,
             api,
@@ -217,7 +220,10 @@ async fn submit_all(
         ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    let submitted = partition.submit(records, now_ms()).await?;
+    let submitted = match super::chains::chain_of(state, topic) {
+        Some(chain) => super::chains::submit(state, &partition, chain?, records).await?,
+        None => partition.submit(records, now_ms()).await?,
+    };
     Ok((partition, submitted))
 }
 

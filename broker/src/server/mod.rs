@@ -1,6 +1,7 @@
 //! The QUIC endpoint: TLS, connections, one request per bidirectional stream, bounded
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
+mod chains;
 mod filters;
 mod handlers;
 pub mod tls;
@@ -232,6 +233,7 @@ impl Broker {
             local_addr,
             config,
         });
+        chains::load(&state).await;
         Ok(Broker {
             state,
             endpoint,
