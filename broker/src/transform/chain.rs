@@ -209,9 +209,11 @@ pub struct Turn {
 
 impl Turn {
     /// Waits until every request that took a turn before this one has submitted (or failed).
+    /// Cancel-safe: a dropped wait leaves the turn waiting.
     pub async fn wait_for_previous(&mut self) {
-        if let Some(previous) = self.previous.take() {
+        if let Some(previous) = self.previous.as_mut() {
             let _ = previous.await;
+            self.previous = None;
         }
     }
 }
@@ -544,6 +546,39 @@ mod tests {
             assert_eq!(last_out, last_in);
         }
         assert_eq!(output_stamp(&header(-1, -1, 4), 2), ProducerStamp::NONE);
+    }
+
+    /// Turns release in the order they were taken, whichever run ends first; partitions
+    /// are independent.
+    #[tokio::test]
+    async fn turns_submit_in_arrival_order() {
+        let turns: Mutex<HashMap<u32, tokio::sync::oneshot::Receiver<()>>> = Mutex::default();
+        let take = |partition| {
+            let (mine, next) = tokio::sync::oneshot::channel();
+            let previous = turns.lock().unwrap().insert(partition, next);
+            Turn {
+                previous,
+                _mine: mine,
+            }
+        };
+        let mut first = take(0);
+        let mut second = take(0);
+        let mut other = take(1);
+        first.wait_for_previous().await;
+        other.wait_for_previous().await;
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            second.wait_for_previous(),
+        )
+        .await;
+        assert!(waiting.is_err(), "the second turn waits for the first");
+        drop(first);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            second.wait_for_previous(),
+        )
+        .await
+        .expect("released when the first turn ends");
     }
 
     #[test]
