@@ -11,6 +11,7 @@ pub mod config;
 pub mod group;
 pub mod groups;
 pub mod metrics;
+pub mod pipeline;
 pub mod server;
 pub mod storage;
 pub mod transform;

@@ -4,6 +4,7 @@ mod cli;
 mod filter_cli;
 mod metrics_http;
 mod serve;
+mod transform_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +57,8 @@ enum Command {
     Group(cli::GroupArgs),
     /// Deploy, list, describe and delete Wasm filters.
     Filter(filter_cli::FilterArgs),
+    /// Topic-to-topic Wasm transforms run inside the broker.
+    Transform(transform_cli::TransformArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -85,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Consume(args) => cli::consume(args),
         Command::Group(args) => cli::group(args),
         Command::Filter(args) => filter_cli::filter_command(args),
+        Command::Transform(args) => transform_cli::transform_command(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -49,6 +49,10 @@ pub enum ErrorCode {
     FilterFailed = 44,
     /// A Wasm filter is attached somewhere and was not deleted (use force).
     FilterInUse = 45,
+    /// No topic-to-topic transform has this name.
+    UnknownTransform = 50,
+    /// A topic-to-topic transform of this name exists already.
+    TransformExists = 51,
 }
 
 impl ErrorCode {
@@ -90,6 +94,8 @@ impl ErrorCode {
         ErrorCode::GroupNotFound,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
+        ErrorCode::UnknownTransform,
+        ErrorCode::TransformExists,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -159,6 +165,8 @@ impl ErrorCode {
             ErrorCode::GroupNotFound => "group_not_found",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::UnknownTransform => "unknown_transform",
+            ErrorCode::TransformExists => "transform_exists",
         }
     }
 }
@@ -233,6 +241,8 @@ mod tests {
             (ErrorCode::GroupNotFound, 33),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
+            (ErrorCode::UnknownTransform, 50),
+            (ErrorCode::TransformExists, 51),
         ];
         for (code, number) in pinned {
             assert_eq!(code.as_u16(), number, "{code:?}");

@@ -514,6 +514,53 @@ wire_struct! {
         pub on_error: String,
     }
 
+    // ---- Topic-to-topic transforms (37-39) ----
+
+    /// Creates a named transform: the broker reads `input` from `from` (`beginning`, `end`
+    /// or an offset) and writes what the filter keeps or emits to `outputs` (records routed
+    /// to a topic go there, which must be one of `outputs`; others go to the first), with
+    /// its own committed input position and an idempotent producer identity.
+    pub struct TransformCreateRequest {
+        pub name: String,
+        pub filter: String,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub from: String,
+        pub params: String,
+    }
+    pub struct TransformCreateResponse {
+        pub transform: TransformInfo,
+    }
+    pub struct TransformInfo {
+        pub name: String,
+        pub filter: String,
+        pub filter_version: u32,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub params: String,
+        /// `running`, `paused` or `failed`.
+        pub status: String,
+        pub records_in: u64,
+        pub records_out: u64,
+        /// Input records not yet transformed (over all partitions).
+        pub lag: i64,
+        /// Empty when none.
+        pub last_error: String,
+    }
+    /// `name` empty: every transform.
+    pub struct TransformDescribeRequest {
+        pub name: String,
+    }
+    pub struct TransformDescribeResponse {
+        pub transforms: Vec<TransformInfo>,
+    }
+    /// `action`: `pause`, `resume` (also restarts a failed transform) or `delete`.
+    pub struct TransformAlterRequest {
+        pub name: String,
+        pub action: String,
+    }
+    pub struct TransformAlterResponse {}
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -660,6 +707,9 @@ apis! {
     21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
     35 TopicSetFilters => TopicSetFiltersRequest, TopicSetFiltersResponse;
     36 TopicFilters => TopicFiltersRequest, TopicFiltersResponse;
+    37 TransformCreate => TransformCreateRequest, TransformCreateResponse;
+    38 TransformDescribe => TransformDescribeRequest, TransformDescribeResponse;
+    39 TransformAlter => TransformAlterRequest, TransformAlterResponse;
 }
 
 impl Request {
@@ -694,7 +744,10 @@ impl Request {
             FilterDescribe,
             SubscribeFiltered,
             TopicSetFilters,
-            TopicFilters
+            TopicFilters,
+            TransformCreate,
+            TransformDescribe,
+            TransformAlter
         )
     }
 }

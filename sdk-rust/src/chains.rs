@@ -154,3 +154,174 @@ impl Admin {
         })
     }
 }
+
+/// Where a new topic-to-topic transform starts reading its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransformStart {
+    /// The oldest record of each partition.
+    #[default]
+    Beginning,
+    /// The end of each partition when the transform is created: only new records.
+    End,
+    /// This offset in every partition.
+    Offset(i64),
+}
+
+impl std::fmt::Display for TransformStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransformStart::Beginning => f.write_str("beginning"),
+            TransformStart::End => f.write_str("end"),
+            TransformStart::Offset(offset) => write!(f, "{offset}"),
+        }
+    }
+}
+
+impl std::str::FromStr for TransformStart {
+    type Err = String;
+
+    /// `beginning`, `end` or an offset.
+    fn from_str(text: &str) -> std::result::Result<TransformStart, String> {
+        match text {
+            "beginning" => Ok(TransformStart::Beginning),
+            "end" => Ok(TransformStart::End),
+            other => other
+                .parse::<i64>()
+                .ok()
+                .filter(|o| *o >= 0)
+                .map(TransformStart::Offset)
+                .ok_or_else(|| format!("{other:?} is not beginning, end or an offset")),
+        }
+    }
+}
+
+/// A topic-to-topic transform to create: the broker reads `input` continuously, runs the
+/// filter on each batch and writes what it keeps or emits to `outputs` (records the module
+/// routes to a topic go there; the others to the first output), with its own committed input
+/// position and an idempotent producer identity, so a broker crash loses no input and
+/// duplicates no output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTransform {
+    /// The transform's name.
+    pub name: String,
+    /// The deployed filter (pinned at its latest version now).
+    pub filter: String,
+    /// The topic read.
+    pub input: String,
+    /// The topics written; at least one.
+    pub outputs: Vec<String>,
+    /// Where reading starts.
+    pub from: TransformStart,
+    /// JSON text the module gets at init.
+    pub params: String,
+}
+
+/// A transform's state, from [`Admin::describe_transform`] and [`Admin::list_transforms`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransformStatus {
+    /// The transform's name.
+    pub name: String,
+    /// The filter and the version it runs.
+    pub filter: String,
+    /// The pinned version of the filter.
+    pub filter_version: u32,
+    /// The topic read.
+    pub input: String,
+    /// The topics written.
+    pub outputs: Vec<String>,
+    /// The module's params.
+    pub params: String,
+    /// `running`, `paused` or `failed`.
+    pub status: String,
+    /// Input records transformed (committed).
+    pub records_in: u64,
+    /// Records written to the outputs.
+    pub records_out: u64,
+    /// Input records not yet transformed.
+    pub lag: i64,
+    /// The last error, empty when none.
+    pub last_error: String,
+}
+
+fn status_of(info: ketch_protocol::messages::TransformInfo) -> TransformStatus {
+    TransformStatus {
+        name: info.name,
+        filter: info.filter,
+        filter_version: info.filter_version,
+        input: info.input,
+        outputs: info.outputs,
+        params: info.params,
+        status: info.status,
+        records_in: info.records_in,
+        records_out: info.records_out,
+        lag: info.lag,
+        last_error: info.last_error,
+    }
+}
+
+impl Admin {
+    /// Creates and starts a topic-to-topic transform. The module must accept its params now.
+    pub async fn create_transform(&self, transform: &NewTransform) -> Result<TransformStatus> {
+        let response = self
+            .client
+            .inner
+            .call_controller(&ketch_protocol::messages::TransformCreateRequest {
+                name: transform.name.clone(),
+                filter: transform.filter.clone(),
+                input: transform.input.clone(),
+                outputs: transform.outputs.clone(),
+                from: transform.from.to_string(),
+                params: transform.params.clone(),
+            })
+            .await?;
+        Ok(status_of(response.transform))
+    }
+
+    /// Every transform of the broker.
+    pub async fn list_transforms(&self) -> Result<Vec<TransformStatus>> {
+        self.transforms("").await
+    }
+
+    /// One transform's state; `unknown_transform` if there is none of that name.
+    pub async fn describe_transform(&self, name: &str) -> Result<TransformStatus> {
+        let mut all = self.transforms(name).await?;
+        Ok(all.remove(0))
+    }
+
+    async fn transforms(&self, name: &str) -> Result<Vec<TransformStatus>> {
+        let response = self
+            .client
+            .inner
+            .call_controller(&ketch_protocol::messages::TransformDescribeRequest {
+                name: name.to_owned(),
+            })
+            .await?;
+        Ok(response.transforms.into_iter().map(status_of).collect())
+    }
+
+    /// Stops a transform where it is (its position is kept).
+    pub async fn pause_transform(&self, name: &str) -> Result<()> {
+        self.alter_transform(name, "pause").await
+    }
+
+    /// Starts a paused or failed transform again from its committed position.
+    pub async fn resume_transform(&self, name: &str) -> Result<()> {
+        self.alter_transform(name, "resume").await
+    }
+
+    /// Stops and removes a transform (its outputs stay).
+    pub async fn delete_transform(&self, name: &str) -> Result<()> {
+        self.alter_transform(name, "delete").await
+    }
+
+    async fn alter_transform(&self, name: &str, action: &str) -> Result<()> {
+        self.client
+            .inner
+            .call_controller(&ketch_protocol::messages::TransformAlterRequest {
+                name: name.to_owned(),
+                action: action.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+}

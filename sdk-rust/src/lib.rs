@@ -93,7 +93,9 @@ pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
     NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
-pub use chains::{OnRecordError, ProduceFilters, TopicFilters};
+pub use chains::{
+    NewTransform, OnRecordError, ProduceFilters, TopicFilters, TransformStart, TransformStatus,
+};
 pub use client::Client;
 pub use config::{
     AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig,

@@ -79,6 +79,29 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
             respond(state, api, super::chains::set_filters(state, r).await)
         }
         Request::TopicFilters(r) => respond(state, api, super::chains::describe(state, &r)),
+        Request::TransformCreate(r) => respond(
+            state,
+            api,
+            pipelines(state)
+                .create(r)
+                .await
+                .map(|transform| TransformCreateResponse { transform }),
+        ),
+        Request::TransformDescribe(r) => respond(
+            state,
+            api,
+            pipelines(state)
+                .describe(&r.name)
+                .map(|transforms| TransformDescribeResponse { transforms }),
+        ),
+        Request::TransformAlter(r) => respond(
+            state,
+            api,
+            pipelines(state)
+                .alter(&r.name, &r.action)
+                .await
+                .map(|()| TransformAlterResponse {}),
+        ),
         Request::ApiVersions(_) => respond(
             state,
             api,
@@ -94,6 +117,13 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
             }),
         ),
     }
+}
+
+fn pipelines(state: &State) -> &Arc<crate::pipeline::Pipelines> {
+    state
+        .pipelines
+        .get()
+        .expect("transforms are opened before the broker serves")
 }
 
 fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata {

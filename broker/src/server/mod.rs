@@ -73,6 +73,8 @@ pub(crate) struct State {
     pub groups: Groups,
     /// Wasm filters: registry, engine and the threads modules run on.
     pub transforms: Arc<Transforms>,
+    /// Topic-to-topic transforms (started after the chains load).
+    pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -223,6 +225,7 @@ impl Broker {
             cluster,
             groups,
             transforms: Arc::new(transforms),
+            pipelines: std::sync::OnceLock::new(),
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
@@ -234,6 +237,16 @@ impl Broker {
             config,
         });
         chains::load(&state).await;
+        let pipelines = crate::pipeline::Pipelines::open(
+            &state.config.data_dir,
+            state.cluster.clone(),
+            state.transforms.clone(),
+        )
+        .map_err(|e| StartError::Quic(format!("opening the transforms: {e}")))?;
+        state
+            .pipelines
+            .set(pipelines)
+            .expect("transforms are opened once");
         Ok(Broker {
             state,
             endpoint,
