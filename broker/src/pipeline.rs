@@ -6,11 +6,12 @@
 //! One task per input partition. Each has its own committed position and its own idempotent
 //! producer identity (a producer id allocated once and stored with the position, and one
 //! sequence per output partition): `<data>/transforms/NAME/p-I.json`, written temp, fsync,
-//! rename, fsync of the directory after the outputs of a chunk are appended. The guarantee:
-//! after a crash the task resumes at the committed position and writes the same outputs
-//! (modules are deterministic) with the same sequences, so a chunk appended but not committed
-//! is answered as a duplicate (or, beyond the five batches a partition remembers, refused as
-//! behind the producer's sequence): no input is lost and no output is stored twice. Records
+//! rename, fsync of the directory. A chunk's end is stored (`pending_to`) before its outputs
+//! are appended, and the position after: after a crash the task redoes the pending chunk cut
+//! at the same end, so it writes the same outputs (modules are deterministic) with the same
+//! sequences, and what was appended before the crash is answered as a duplicate (or, beyond
+//! the five batches a partition remembers, refused as behind the producer's sequence). No
+//! input is lost and no output is stored twice. Records
 //! a module routes to a topic go there (it must be one of the outputs); the others go to the
 //! first output, in the output partition of the input partition's number modulo its count.
 //! A module failure or a record error stops the partition's task with `failed` and the
@@ -120,6 +121,11 @@ struct Position {
     sequences: BTreeMap<String, i32>,
     records_in: u64,
     records_out: u64,
+    /// Set (durably) before a chunk's outputs are written: the chunk ends here. A chunk
+    /// redone after a crash is cut at the same offset even if the log grew since, so its
+    /// outputs are the same batches with the same sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_to: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -568,6 +574,7 @@ impl Pipelines {
                     false,
                 );
                 position.offset = log_start;
+                position.pending_to = None;
             }
             let bytes = match partition.read(position.offset, CHUNK_BYTES_MAX) {
                 Ok(bytes) => bytes,
@@ -610,12 +617,17 @@ impl Pipelines {
                     }
                 }
             };
-            let (input, outputs, from) =
-                (meta.input.clone(), meta.outputs.clone(), position.offset);
+            let (input, outputs, from, until) = (
+                meta.input.clone(),
+                meta.outputs.clone(),
+                position.offset,
+                position.pending_to,
+            );
             let ran = self
                 .transforms
                 .run(move || {
-                    let chunk = transform_chunk(&mut moved, &input, index, from, bytes, &outputs);
+                    let chunk =
+                        transform_chunk(&mut moved, &input, index, from, until, bytes, &outputs);
                     (moved, chunk)
                 })
                 .await;
@@ -639,10 +651,32 @@ impl Pipelines {
                     continue;
                 }
             };
+            // A chunk written before (in this run or before a crash) may find its batches
+            // stored already; a first attempt may not.
+            let redo = position.pending_to.is_some();
+            if !redo {
+                let pending = Position {
+                    pending_to: Some(chunk.next_offset),
+                    ..position.clone()
+                };
+                if let Err(e) = save_position(path.clone(), pending.clone()).await {
+                    running.note_error(index, e.message, false);
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    continue;
+                }
+                position = pending;
+            }
             let mut sequences = position.sequences.clone();
             let mut records_out = 0u64;
             let written = self
-                .write_outputs(&position, index, &chunk, &mut sequences, &mut records_out)
+                .write_outputs(
+                    &position,
+                    index,
+                    &chunk,
+                    redo,
+                    &mut sequences,
+                    &mut records_out,
+                )
                 .await;
             if let Err(e) = written {
                 running.note_error(index, e.message, false);
@@ -658,18 +692,9 @@ impl Pipelines {
                 sequences,
                 records_in: position.records_in + chunk.records_in,
                 records_out: position.records_out + records_out,
+                pending_to: None,
             };
-            let save = committed.clone();
-            let save_path = path.clone();
-            let saved = tokio::task::spawn_blocking(move || write_durably(&save_path, &save))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(error(
-                        ErrorCode::StorageFailed,
-                        format!("saving the position panicked: {e}"),
-                    ))
-                });
-            if let Err(e) = saved {
+            if let Err(e) = save_position(path.clone(), committed.clone()).await {
                 // The outputs are written; a retry rewrites them as duplicates.
                 running.note_error(index, e.message, false);
                 tokio::time::sleep(RETRY_BACKOFF).await;
@@ -696,6 +721,7 @@ impl Pipelines {
         position: &Position,
         index: u32,
         chunk: &Chunk,
+        redo: bool,
         sequences: &mut BTreeMap<String, i32>,
         records_out: &mut u64,
     ) -> Result<(), ClusterError> {
@@ -741,9 +767,9 @@ impl Pipelines {
             for batch in batches {
                 match partition.append(batch, now_ms()).await {
                     Ok(_) => {}
-                    // Behind the producer's sequence: written before a crash, remembered no
-                    // more (a partition remembers five batches per producer).
-                    Err(e) if e.code == ErrorCode::OutOfOrderSequence => {}
+                    // A redone chunk's batch behind the producer's sequence: written before,
+                    // remembered no more (a partition remembers five batches per producer).
+                    Err(e) if redo && e.code == ErrorCode::OutOfOrderSequence => {}
                     Err(e) => {
                         return Err(ClusterError::new(
                             e.code,
@@ -759,13 +785,26 @@ impl Pipelines {
     }
 }
 
-/// Runs the module over fetched batches from `from`; records it keeps (or emits without a
-/// topic) go to the first output, routed ones to their topic.
+async fn save_position(path: PathBuf, position: Position) -> Result<(), ClusterError> {
+    tokio::task::spawn_blocking(move || write_durably(&path, &position))
+        .await
+        .unwrap_or_else(|e| {
+            Err(error(
+                ErrorCode::StorageFailed,
+                format!("saving the position panicked: {e}"),
+            ))
+        })
+}
+
+/// Runs the module over fetched batches from `from` (up to `until`, a pending chunk's end);
+/// records it keeps (or emits without a topic) go to the first output, routed ones to their
+/// topic.
 fn transform_chunk(
     session: &mut FilterSession,
     input: &str,
     partition: u32,
     from: i64,
+    until: Option<i64>,
     fetched: Bytes,
     outputs: &[String],
 ) -> Result<Chunk, String> {
@@ -775,13 +814,24 @@ fn transform_chunk(
         let (_, bytes) = slice.map_err(|e| format!("reading {input}/{partition}: {e}"))?;
         let batch =
             RecordBatch::new(bytes).map_err(|e| format!("reading {input}/{partition}: {e}"))?;
+        if until.is_some_and(|until| batch.header().base_offset >= until) {
+            break;
+        }
         for record in batch.records() {
             let record = record.map_err(|e| format!("reading {input}/{partition}: {e}"))?;
-            if record.offset >= from {
+            if record.offset >= from && until.is_none_or(|until| record.offset < until) {
                 records.push(record);
             }
         }
         next_offset = next_offset.max(batch.header().next_offset());
+    }
+    if let Some(until) = until {
+        if next_offset < until {
+            return Err(format!(
+                "re-reading the pending chunk {from}..{until} of {input}/{partition} returned only up to {next_offset}"
+            ));
+        }
+        next_offset = until;
     }
     let mut by_topic: Vec<(String, Vec<Record>)> =
         outputs.iter().map(|t| (t.clone(), Vec::new())).collect();
