@@ -11,10 +11,9 @@ use ketch_protocol::messages::{
     ListOffsetsRequest, ListTopicsRequest, OffsetFetchRequest, OffsetSpec, PartitionMetadata,
 };
 
-use crate::TopicPartition;
 use crate::client::Client;
-use crate::consumer::Offset;
 use crate::error::{Error, Result};
+use crate::{Offset, TopicPartition};
 
 /// A topic to create.
 ///
@@ -517,6 +516,14 @@ async fn list_offsets_once(
         }
     }
     Ok(results)
+}
+
+/// The admin handle: here, so the client core knows nothing of it.
+impl Client {
+    /// Administrative operations: topics and groups.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.clone())
+    }
 }
 
 #[cfg(test)]

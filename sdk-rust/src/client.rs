@@ -10,13 +10,10 @@ use ketch_protocol::messages::{Api, MetadataRequest, MetadataResponse};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Admin;
-use crate::config::{ClientConfig, ConsumerConfig, ProducerConfig, backoff};
-use crate::consumer::{AssignmentListener, Consumer};
+use crate::TopicPartition;
+use crate::config::{ClientConfig, backoff};
 use crate::error::{Error, Result};
-use crate::producer::Producer;
 use crate::transport::{Transport, resolve};
-use crate::{TopicPartition, admin};
 
 /// A connection to a Ketch cluster: the entry point of the crate.
 ///
@@ -120,113 +117,6 @@ impl Client {
     /// The configuration this client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
-    }
-
-    /// A producer on this client's connections. Idempotent producers get their producer id
-    /// here.
-    ///
-    /// ```no_run
-    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
-    /// use ketch_client::{ProducerConfig, ProducerRecord};
-    /// let producer = client.producer(ProducerConfig::default()).await?;
-    /// let delivery = producer.send(ProducerRecord::new("events", "hello")).await?;
-    /// let metadata = delivery.await?;
-    /// println!("written at {}/{}", metadata.partition, metadata.offset);
-    /// # Ok(()) }
-    /// ```
-    pub async fn producer(&self, config: ProducerConfig) -> Result<Producer> {
-        Producer::new(self.clone(), config).await
-    }
-
-    /// A member of `group` reading the group's share of `topics`, assigned by the broker.
-    /// (`config.group` may be left `None`; if set, it must name the same group.) Needs no
-    /// runtime context: the consumer's tasks run on the client's runtime.
-    ///
-    /// ```no_run
-    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
-    /// use ketch_client::ConsumerConfig;
-    /// let consumer = client.subscribe("billing", ["events"], ConsumerConfig::default())?;
-    /// let record = consumer.recv().await?;
-    /// println!("{}/{}@{}", record.topic, record.partition, record.offset);
-    /// # Ok(()) }
-    /// ```
-    pub fn subscribe<T: AsRef<str>>(
-        &self,
-        group: impl Into<String>,
-        topics: impl IntoIterator<Item = T>,
-        config: ConsumerConfig,
-    ) -> Result<Consumer> {
-        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        Consumer::subscribe(self.clone(), group.into(), topics, config, None)
-    }
-
-    /// [`subscribe`](Client::subscribe) with an [`AssignmentListener`]: the consumer awaits
-    /// its `on_revoked` before it gives partitions back to the group (so a consumer that
-    /// commits by hand can commit what it processed there, and no record is delivered
-    /// twice), and its `on_assigned` before it starts reading new partitions.
-    ///
-    /// ```no_run
-    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
-    /// use ketch_client::{AssignmentListener, BoxFuture, Consumer, ConsumerConfig, TopicPartition};
-    ///
-    /// #[derive(Debug)]
-    /// struct CommitOnRevoke;
-    /// impl AssignmentListener for CommitOnRevoke {
-    ///     fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
-    ///         Box::pin(async move {
-    ///             if let Err(error) = consumer.commit_partitions(&partitions).await {
-    ///                 eprintln!("commit before revocation failed: {error}");
-    ///             }
-    ///         })
-    ///     }
-    /// }
-    ///
-    /// let consumer = client.subscribe_with_listener(
-    ///     "billing",
-    ///     ["events"],
-    ///     ConsumerConfig { auto_commit: false, ..Default::default() },
-    ///     CommitOnRevoke,
-    /// )?;
-    /// # Ok(()) }
-    /// ```
-    pub fn subscribe_with_listener<T: AsRef<str>>(
-        &self,
-        group: impl Into<String>,
-        topics: impl IntoIterator<Item = T>,
-        config: ConsumerConfig,
-        listener: impl AssignmentListener,
-    ) -> Result<Consumer> {
-        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
-        Consumer::subscribe(
-            self.clone(),
-            group.into(),
-            topics,
-            config,
-            Some(Arc::new(listener)),
-        )
-    }
-
-    /// A consumer of exactly these partitions, with no group membership (a group in the
-    /// configuration is still used for committed offsets).
-    ///
-    /// ```no_run
-    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
-    /// use ketch_client::{ConsumerConfig, TopicPartition};
-    /// let consumer = client.assign(ConsumerConfig::default(), &[TopicPartition::new("events", 0)])?;
-    /// let record = consumer.recv().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn assign(
-        &self,
-        config: ConsumerConfig,
-        partitions: &[TopicPartition],
-    ) -> Result<Consumer> {
-        Consumer::assign(self.clone(), config, partitions)
-    }
-
-    /// Administrative operations: topics and groups.
-    pub fn admin(&self) -> Admin {
-        admin::Admin::new(self.clone())
     }
 
     /// The number of partitions of a topic, from the cache or a refresh.
@@ -333,6 +223,11 @@ impl ClientInner {
             topics,
             updated: Some(started),
         }
+    }
+
+    /// When the cached metadata's request started (`None`: never loaded).
+    pub(crate) fn metadata_updated(&self) -> Option<Instant> {
+        self.metadata.lock().expect("metadata lock").updated
     }
 
     /// A topic's layout from the cache, if known; with `fresh_at`, `None` as well when the

@@ -101,9 +101,7 @@ pub use config::{
     AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig,
     ConsumerConfig, NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
 };
-pub use consumer::{
-    AssignmentListener, Consumer, ConsumerRecord, Offset, Rebalance, RebalanceEvents,
-};
+pub use consumer::{AssignmentListener, Consumer, ConsumerRecord, Rebalance, RebalanceEvents};
 pub use error::{Cause, Error, Result};
 pub use filters::{FilterDescription, FilterSpec, FilterVersion};
 pub use ketch_protocol::ErrorCode;
@@ -183,4 +181,17 @@ mod assertions {
         send(&client.producer(ProducerConfig::default()));
         send(&client.admin().list_topics());
     }
+}
+/// Where to move a partition's position with [`Consumer::seek`]; also what [`Admin`] offset queries take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Offset {
+    /// The oldest record still in the log.
+    Beginning,
+    /// After the newest committed record: only new records.
+    End,
+    /// This exact offset.
+    At(i64),
+    /// The first record at or after this time (ms since the Unix epoch); the end if none.
+    Timestamp(i64),
 }

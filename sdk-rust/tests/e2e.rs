@@ -1020,6 +1020,24 @@ async fn batch_calls_send_many_on_delivery_try_send_and_recv_many() {
     within(small.flush()).await.expect("flush");
     within(delivery).await.expect("written");
 
+    // A topic that does not exist: `WouldBlock` while its metadata loads, then
+    // `UnknownTopic` once a refresh that started after the first try lacks it — never
+    // `WouldBlock` forever.
+    let unknown = within(async {
+        loop {
+            match small.try_send(ProducerRecord::new("no-such-topic", "x")) {
+                Err(Error::WouldBlock(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        unknown.as_ref().err().and_then(Error::code),
+        Some(ErrorCode::UnknownTopic),
+        "{unknown:?}"
+    );
+
     let consumer = client
         .assign(earliest(None), &[TopicPartition::new("bulk", 0)])
         .expect("consumer");

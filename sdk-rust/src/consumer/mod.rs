@@ -37,7 +37,13 @@ use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
 use crate::error::{Error, Result};
 use crate::filters::PartitionPushStream;
-use crate::{BoxFuture, TopicPartition};
+use crate::{BoxFuture, Offset, TopicPartition};
+
+mod fetch;
+mod group;
+
+use fetch::fetcher;
+use group::{ListenerCall, call_listener, coordinator};
 
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,20 +101,6 @@ pub trait AssignmentListener: Send + Sync + std::fmt::Debug + 'static {
         let _ = (consumer, partitions);
         Box::pin(async {})
     }
-}
-
-/// Where to move a partition's position with [`Consumer::seek`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Offset {
-    /// The oldest record still in the log.
-    Beginning,
-    /// After the newest committed record: only new records.
-    End,
-    /// This exact offset.
-    At(i64),
-    /// The first record at or after this time (ms since the Unix epoch); the end if none.
-    Timestamp(i64),
 }
 
 /// A change of a group consumer's partitions.
@@ -377,77 +369,6 @@ fn group_by_topic(partitions: impl IntoIterator<Item = TopicPartition>) -> Vec<T
         .into_iter()
         .map(|(topic, partitions)| TopicPartitions { topic, partitions })
         .collect()
-}
-
-fn flatten(assignment: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
-    assignment
-        .iter()
-        .flat_map(|topic| {
-            topic
-                .partitions
-                .iter()
-                .map(|&partition| TopicPartition::new(topic.topic.clone(), partition))
-        })
-        .collect()
-}
-
-/// What an assignment changes: (revoked, added).
-fn assignment_diff(
-    owned: &BTreeSet<TopicPartition>,
-    assigned: &BTreeSet<TopicPartition>,
-) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
-    (
-        owned.difference(assigned).cloned().collect(),
-        assigned.difference(owned).cloned().collect(),
-    )
-}
-
-/// Decodes a partition's fetched bytes: checks each batch's CRC, skips records below
-/// `fetch_offset` (the broker sends whole batches, from the one holding the offset). Records before a bad batch are kept; the
-/// error is returned beside them. The `bool` says a trailing partial batch was cut off by the
-/// byte limit with no complete batch before it.
-fn decode_fetched(
-    partition: &TopicPartition,
-    topic: &Arc<str>,
-    fetch_offset: i64,
-    bytes: Bytes,
-) -> (Vec<ConsumerRecord>, Option<Error>, bool) {
-    let corrupt = |source| Error::CorruptBatch {
-        topic: partition.topic.clone(),
-        partition: partition.partition,
-        source,
-    };
-    let (batches, rest) = split_batches(bytes);
-    let starved = batches.is_empty() && !rest.is_empty();
-    let mut records = Vec::new();
-    for batch in batches {
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => return (records, Some(corrupt(error)), false),
-        };
-        if batch.header().next_offset() <= fetch_offset {
-            continue;
-        }
-        for record in batch.records() {
-            let record = match record {
-                Ok(record) => record,
-                Err(error) => return (records, Some(corrupt(error)), false),
-            };
-            if record.offset < fetch_offset {
-                continue;
-            }
-            records.push(ConsumerRecord {
-                topic: topic.clone(),
-                partition: partition.partition,
-                offset: record.offset,
-                timestamp: record.timestamp,
-                key: record.key,
-                value: record.value,
-                headers: record.headers,
-            });
-        }
-    }
-    (records, None, starved)
 }
 
 impl Consumer {
@@ -906,707 +827,99 @@ impl Shared {
     }
 }
 
-/// One partition's push stream: the task reading it and how to stop it.
-#[derive(Debug)]
-struct PushStream {
-    /// The partition's epoch when the stream was opened: records of another epoch are stale.
-    epoch: u64,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
+/// Making consumers: here, so the client core knows nothing of them.
+impl Client {
+    /// A member of `group` reading the group's share of `topics`, assigned by the broker.
+    /// (`config.group` may be left `None`; if set, it must name the same group.) Needs no
+    /// runtime context: the consumer's tasks run on the client's runtime.
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::ConsumerConfig;
+    /// let consumer = client.subscribe("billing", ["events"], ConsumerConfig::default())?;
+    /// let record = consumer.recv().await?;
+    /// println!("{}/{}@{}", record.topic, record.partition, record.offset);
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+    ) -> Result<Consumer> {
+        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        Consumer::subscribe(self.clone(), group.into(), topics, config, None)
+    }
 
-/// The fetcher task: resolves unknown positions and keeps one push stream (a Subscribe
-/// stream at the partition's leader) per partition whose position is known. A seek, a
-/// revocation or an error that moves a position stops that partition's stream; the
-/// fetcher then opens a new one where the position is. Woken by assignments, seeks,
-/// revocations and ending streams.
-async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
-    let mut streams: HashMap<TopicPartition, PushStream> = HashMap::new();
-    let mut attempt = 0u32;
-    loop {
-        // Cancellation first in every wait here (`biased`): with random order, a fetcher
-        // woken at once by a stream that ended because of the close and by the close itself
-        // could go round once more and open a new stream after the close — which made
-        // `each_partition_streams_from_one_subscription_without_fetches` flaky.
-        let resolved = tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => break,
-            result = resolve_positions(&shared, &sender) => result,
-        };
-        let mut retry = None;
-        if let Err(error) = resolved {
-            tracing::debug!(%error, "resolving positions failed");
-            retry = Some(backoff(
-                shared.client.config().reconnect_backoff_initial,
-                shared.client.config().reconnect_backoff_max,
-                attempt,
-            ));
-            attempt += 1;
-            shared.refresh_metadata_if_stale(&error).await;
-            if !error.is_retriable() {
-                tokio::select! {
-                    biased;
-                    _ = shared.cancel.cancelled() => break,
-                    sent = sender.send(Err(error)) => if sent.is_err() { break },
-                }
-            }
-        } else {
-            attempt = 0;
-        }
-        restart_streams(&shared, &sender, &mut streams);
-        tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => break,
-            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
-            _ = shared.wake_fetcher.notified() => {}
-        }
+    /// [`subscribe`](Client::subscribe) with an [`AssignmentListener`]: the consumer awaits
+    /// its `on_revoked` before it gives partitions back to the group (so a consumer that
+    /// commits by hand can commit what it processed there, and no record is delivered
+    /// twice), and its `on_assigned` before it starts reading new partitions.
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{AssignmentListener, BoxFuture, Consumer, ConsumerConfig, TopicPartition};
+    ///
+    /// #[derive(Debug)]
+    /// struct CommitOnRevoke;
+    /// impl AssignmentListener for CommitOnRevoke {
+    ///     fn on_revoked(&self, consumer: Consumer, partitions: Vec<TopicPartition>) -> BoxFuture<()> {
+    ///         Box::pin(async move {
+    ///             if let Err(error) = consumer.commit_partitions(&partitions).await {
+    ///                 eprintln!("commit before revocation failed: {error}");
+    ///             }
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// let consumer = client.subscribe_with_listener(
+    ///     "billing",
+    ///     ["events"],
+    ///     ConsumerConfig { auto_commit: false, ..Default::default() },
+    ///     CommitOnRevoke,
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe_with_listener<T: AsRef<str>>(
+        &self,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+        config: ConsumerConfig,
+        listener: impl AssignmentListener,
+    ) -> Result<Consumer> {
+        let topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        Consumer::subscribe(
+            self.clone(),
+            group.into(),
+            topics,
+            config,
+            Some(Arc::new(listener)),
+        )
     }
-    for stream in streams.into_values() {
-        stream.cancel.cancel();
-        let _ = stream.task.await;
-    }
-}
 
-/// Stops the push streams whose partition moved on (another epoch, no known position, no
-/// longer assigned) or that ended, and opens one for every partition at a known position
-/// that has none.
-fn restart_streams(
-    shared: &Arc<Shared>,
-    sender: &mpsc::Sender<Result<Chunk>>,
-    streams: &mut HashMap<TopicPartition, PushStream>,
-) {
-    let wanted: BTreeMap<TopicPartition, u64> = {
-        let state = shared.state.lock().expect("consumer state lock");
-        state
-            .partitions
-            .iter()
-            .filter(|(_, s)| matches!(s.fetch, FetchPosition::At(_)))
-            .map(|(partition, s)| (partition.clone(), s.epoch))
-            .collect()
-    };
-    streams.retain(|partition, stream| {
-        let current = !stream.task.is_finished() && wanted.get(partition) == Some(&stream.epoch);
-        if !current {
-            stream.cancel.cancel();
-        }
-        current
-    });
-    if shared.cancel.is_cancelled() {
-        return;
-    }
-    for (partition, epoch) in wanted {
-        if streams.contains_key(&partition) {
-            continue;
-        }
-        let cancel = shared.cancel.child_token();
-        let task = shared.client.inner.runtime.spawn(push_stream(
-            shared.clone(),
-            sender.clone(),
-            partition.clone(),
-            epoch,
-            cancel.clone(),
-        ));
-        streams.insert(
-            partition,
-            PushStream {
-                epoch,
-                cancel,
-                task,
-            },
-        );
-    }
-}
-
-/// A push stream's task: runs until cancelled or until the partition's position is no
-/// longer this stream's, then wakes the fetcher (which resolves a position an error reset).
-async fn push_stream(
-    shared: Arc<Shared>,
-    sender: mpsc::Sender<Result<Chunk>>,
-    partition: TopicPartition,
-    epoch: u64,
-    cancel: CancellationToken,
-) {
-    // A cancelled stream never takes another step (it could open a new stream in one poll).
-    tokio::select! {
-        biased;
-        () = cancel.cancelled() => {}
-        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
-    }
-    shared.wake_fetcher.notify_one();
-}
-
-/// Subscribes at the partition's position and resubscribes from the current position,
-/// after a backoff, when the stream fails with a retriable error (connection lost, broker
-/// restarted, leader moved: with a metadata refresh). A non-retriable error pauses the
-/// partition and goes to `recv`.
-async fn subscribe_partition(
-    shared: &Shared,
-    sender: &mpsc::Sender<Result<Chunk>>,
-    partition: &TopicPartition,
-    epoch: u64,
-) {
-    let mut attempt = 0u32;
-    loop {
-        let error = match read_pushes(shared, sender, partition, epoch, &mut attempt).await {
-            Ok(()) | Err(Error::Closed) => return,
-            Err(error) => error,
-        };
-        if !error.is_retriable() {
-            pause(shared, partition, epoch);
-            let _ = sender.send(Err(error)).await;
-            return;
-        }
-        tracing::debug!(%partition, %error, attempt, "push stream failed; resubscribing");
-        shared.refresh_metadata_if_stale(&error).await;
-        tokio::time::sleep(backoff(
-            shared.client.config().reconnect_backoff_initial,
-            shared.client.config().reconnect_backoff_max,
-            attempt,
-        ))
-        .await;
-        attempt += 1;
-    }
-}
-
-/// One Subscribe stream: applies every pushed frame as a fetched answer (waiting while the
-/// prefetch channel is full, which stops reading the stream, so QUIC flow control holds the
-/// broker back). Returns `Ok` once the position is no longer this stream's; a batch larger
-/// than the push limit resubscribes with a larger one.
-async fn read_pushes(
-    shared: &Shared,
-    sender: &mpsc::Sender<Result<Chunk>>,
-    partition: &TopicPartition,
-    epoch: u64,
-    attempt: &mut u32,
-) -> Result<()> {
-    // One allocation of the topic name for every record this stream delivers.
-    let topic: Arc<str> = partition.topic.as_str().into();
-    loop {
-        let Some((mut offset, push_bytes)) = stream_position(shared, partition, epoch) else {
-            return Ok(());
-        };
-        let leader = shared.client.inner.leader(partition).await?;
-        let request = SubscribeRequest {
-            topic: partition.topic.clone(),
-            partition: partition.partition,
-            offset,
-            push_bytes_max: push_bytes,
-        };
-        let timeout = shared.client.config().request_timeout;
-        let transport = &shared.client.inner.transport;
-        let filter = shared.config.filter.as_ref();
-        let mut stream =
-            PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
-        loop {
-            let next = tokio::select! {
-                next = stream.next() => next?,
-                () = tokio::time::sleep(timeout) => {
-                    probe(shared, leader, timeout).await?;
-                    continue;
-                }
-            };
-            let Some((answer, next_offset)) = next else {
-                return Err(Error::transport(format!(
-                    "{leader} ended the push stream of {partition}"
-                )));
-            };
-            if let Some(error) =
-                handle_fetched(shared, sender, partition, &topic, offset, epoch, answer).await?
-            {
-                return Err(error);
-            }
-            if let Some(next_offset) = next_offset {
-                // A filtered push: records the filter dropped move the position too.
-                skip_to(shared, partition, epoch, next_offset);
-            }
-            *attempt = 0;
-            match stream_position(shared, partition, epoch) {
-                None => return Ok(()),
-                Some((_, bytes)) if bytes != push_bytes => break,
-                Some((next, _)) => offset = next,
-            }
-        }
-    }
-}
-
-/// Checks that a broker whose push stream has been quiet for `timeout` is still there: a
-/// stream waiting for records has no request timeout of its own, and a broker that restarted
-/// never resets the old connection. A check left unanswered for `timeout` closes the
-/// connection (see `Transport::check_liveness`), which ends every stream on it.
-async fn probe(shared: &Shared, leader: SocketAddr, timeout: Duration) -> Result<()> {
-    let transport = &shared.client.inner.transport;
-    match transport.check_liveness(leader, timeout).await {
-        Ok(()) => Ok(()),
-        Err(Error::Closed) => Err(Error::Closed),
-        Err(error) => Err(Error::transport(format!(
-            "{leader} did not answer while a push stream waited: {error}"
-        ))),
-    }
-}
-
-/// The partition's position and push limit while they are still the stream's of `epoch`.
-fn stream_position(shared: &Shared, partition: &TopicPartition, epoch: u64) -> Option<(i64, u32)> {
-    let state = shared.state.lock().expect("consumer state lock");
-    let s = state.partitions.get(partition)?;
-    match s.fetch {
-        FetchPosition::At(offset) if s.epoch == epoch => Some((offset, s.fetch_bytes)),
-        _ => None,
-    }
-}
-
-/// Applies one pushed answer of a partition (records from `offset` on). Returns a retriable
-/// error (to resubscribe after a metadata refresh); fails only when the consumer is closing.
-async fn handle_fetched(
-    shared: &Shared,
-    sender: &mpsc::Sender<Result<Chunk>>,
-    partition: &TopicPartition,
-    topic: &Arc<str>,
-    offset: i64,
-    epoch: u64,
-    answer: FetchPartitionResponse,
-) -> Result<Option<Error>> {
-    let current = |state: &State| {
-        state
-            .partitions
-            .get(partition)
-            .is_some_and(|s| s.epoch == epoch)
-    };
-    match answer.error {
-        ErrorCode::None => {}
-        ErrorCode::OffsetOutOfRange => {
-            let paused = {
-                let mut state = shared.state.lock().expect("consumer state lock");
-                match state.partitions.get_mut(partition) {
-                    Some(s) if s.epoch == epoch => {
-                        s.fetch = match reset_spec(shared.config.auto_offset_reset) {
-                            Some(spec) => FetchPosition::Lookup(spec),
-                            None => FetchPosition::Paused,
-                        };
-                        s.fetch == FetchPosition::Paused
-                    }
-                    _ => false,
-                }
-            };
-            if paused {
-                let error = Error::for_partition(
-                    partition,
-                    ErrorCode::OffsetOutOfRange,
-                    format!("offset {offset} of {partition} is out of range"),
-                );
-                send(sender, Err(error)).await?;
-            }
-            return Ok(None);
-        }
-        code => {
-            let error = Error::for_partition(
-                partition,
-                code,
-                answer
-                    .error_message
-                    .unwrap_or_else(|| format!("fetching {partition} failed")),
-            );
-            if error.is_retriable() {
-                return Ok(Some(error));
-            }
-            pause(shared, partition, epoch);
-            send(sender, Err(error)).await?;
-            return Ok(None);
-        }
-    }
-    let (records, error, starved) = decode_fetched(partition, topic, offset, answer.records);
-    if let Some(last) = records.last() {
-        let next = last.offset + 1;
-        let mut state = shared.state.lock().expect("consumer state lock");
-        if current(&state) {
-            state.partitions.get_mut(partition).expect("checked").fetch = FetchPosition::At(next);
-        }
-    }
-    if starved {
-        let mut state = shared.state.lock().expect("consumer state lock");
-        if current(&state) {
-            let s = state.partitions.get_mut(partition).expect("checked");
-            s.fetch_bytes = s.fetch_bytes.saturating_mul(2).min(BATCH_BYTES_MAX as u32);
-        }
-    }
-    if !records.is_empty() {
-        let chunk = Chunk {
-            partition: partition.clone(),
-            epoch,
-            records: records.into_iter(),
-        };
-        send(sender, Ok(chunk)).await?;
-    }
-    if let Some(error) = error {
-        pause(shared, partition, epoch);
-        send(sender, Err(error)).await?;
-    }
-    Ok(None)
-}
-
-/// Moves the fetch position forward to `next` (never back) while it is `epoch`'s.
-fn skip_to(shared: &Shared, partition: &TopicPartition, epoch: u64, next: i64) {
-    let mut state = shared.state.lock().expect("consumer state lock");
-    if let Some(s) = state.partitions.get_mut(partition)
-        && s.epoch == epoch
-        && let FetchPosition::At(at) = s.fetch
-        && at < next
-    {
-        s.fetch = FetchPosition::At(next);
-    }
-}
-
-/// Pauses the partition if it is still at `epoch`; returns whether it did (a seek since
-/// then makes the caller's error stale).
-fn pause(shared: &Shared, partition: &TopicPartition, epoch: u64) -> bool {
-    let mut state = shared.state.lock().expect("consumer state lock");
-    if let Some(s) = state.partitions.get_mut(partition)
-        && s.epoch == epoch
-    {
-        s.fetch = FetchPosition::Paused;
-        return true;
-    }
-    false
-}
-
-async fn send(sender: &mpsc::Sender<Result<Chunk>>, item: Result<Chunk>) -> Result<()> {
-    sender.send(item).await.map_err(|_| Error::Closed)
-}
-
-fn reset_spec(policy: AutoOffsetReset) -> Option<OffsetSpec> {
-    match policy {
-        AutoOffsetReset::Earliest => Some(OffsetSpec::Earliest),
-        AutoOffsetReset::Latest => Some(OffsetSpec::Latest),
-        AutoOffsetReset::Error => None,
-    }
-}
-
-/// Finds a fetch offset for every partition that has none: the committed offset, then the
-/// reset policy or a seek's lookup.
-async fn resolve_positions(shared: &Shared, sender: &mpsc::Sender<Result<Chunk>>) -> Result<()> {
-    let (committed, lookups): (Vec<_>, Vec<_>) = {
-        let state = shared.state.lock().expect("consumer state lock");
-        state
-            .partitions
-            .iter()
-            .filter(|(_, s)| matches!(s.fetch, FetchPosition::Committed | FetchPosition::Lookup(_)))
-            .map(|(partition, s)| (partition.clone(), s.epoch, s.fetch))
-            .partition(|(_, _, fetch)| *fetch == FetchPosition::Committed)
-    };
-    let mut lookups: Vec<(TopicPartition, u64, OffsetSpec)> = lookups
-        .into_iter()
-        .filter_map(|(partition, epoch, fetch)| match fetch {
-            FetchPosition::Lookup(spec) => Some((partition, epoch, spec)),
-            _ => None,
-        })
-        .collect();
-    if !committed.is_empty() {
-        let found = match &shared.config.group {
-            Some(group) => {
-                let request = OffsetFetchRequest {
-                    group: group.clone(),
-                    partitions: Some(group_by_topic(committed.iter().map(|c| c.0.clone()))),
-                };
-                shared.client.inner.call_controller(&request).await?.offsets
-            }
-            None => Vec::new(),
-        };
-        for (partition, epoch, _) in committed {
-            let offset = found
-                .iter()
-                .find(|c| {
-                    c.topic == partition.topic
-                        && c.partition == partition.partition
-                        && c.error == ErrorCode::None
-                })
-                .map(|c| c.offset)
-                .filter(|offset| *offset >= 0);
-            if let Some(offset) = offset {
-                let mut state = shared.state.lock().expect("consumer state lock");
-                if let Some(s) = state.partitions.get_mut(&partition)
-                    && s.epoch == epoch
-                {
-                    s.fetch = FetchPosition::At(offset);
-                    s.position = Some(offset);
-                    s.committed = Some(offset);
-                }
-                continue;
-            }
-            match reset_spec(shared.config.auto_offset_reset) {
-                Some(spec) => lookups.push((partition, epoch, spec)),
-                // A seek right after `assign` (the CLI's `--from OFFSET`) may have replaced
-                // this position meanwhile: then there is nothing to report.
-                None if !pause(shared, &partition, epoch) => {}
-                None => {
-                    let error = Error::for_partition(
-                        &partition,
-                        ErrorCode::OffsetOutOfRange,
-                        format!(
-                            "{partition} has no committed offset and auto_offset_reset is Error"
-                        ),
-                    );
-                    send(sender, Err(error)).await?;
-                }
-            }
-        }
-    }
-    if lookups.is_empty() {
-        return Ok(());
-    }
-    let specs: Vec<_> = lookups
-        .iter()
-        .map(|(partition, _, spec)| (partition.clone(), *spec))
-        .collect();
-    let offsets = list_offsets(&shared.client, &specs).await?;
-    let mut state = shared.state.lock().expect("consumer state lock");
-    for ((partition, epoch, _), offset) in lookups.into_iter().zip(offsets) {
-        let offset = offset?;
-        if let Some(s) = state.partitions.get_mut(&partition)
-            && s.epoch == epoch
-        {
-            s.fetch = FetchPosition::At(offset);
-            s.position = Some(offset);
-        }
-    }
-    Ok(())
-}
-
-/// The coordinator task: heartbeats (group members) and auto-commits.
-async fn coordinator(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
-    let config = &shared.config;
-    let group = config.group.clone().expect("coordinator runs for groups");
-    let mut interval = Duration::from_secs(1);
-    let mut next_commit = Instant::now() + config.auto_commit_interval;
-    let mut attempt = 0u32;
-    loop {
-        let mut delay = interval;
-        if let Some(topics) = &shared.subscription {
-            let heartbeat = tokio::select! {
-                result = heartbeat(&shared, &group, topics) => result,
-                () = shared.cancel.cancelled() => return,
-            };
-            match heartbeat {
-                Ok((heartbeat_interval, changed)) => {
-                    attempt = 0;
-                    interval = heartbeat_interval;
-                    delay = if changed { Duration::ZERO } else { interval };
-                }
-                Err(error)
-                    if matches!(
-                        error.code(),
-                        Some(ErrorCode::UnknownMember | ErrorCode::StaleMemberEpoch)
-                    ) =>
-                {
-                    tracing::info!(%error, "fenced from the group; joining again");
-                    tokio::select! {
-                        () = lose_all(&shared) => {}
-                        () = shared.cancel.cancelled() => return,
-                    }
-                    delay = Duration::ZERO;
-                }
-                Err(error) if error.is_retriable() => {
-                    tracing::debug!(%error, "heartbeat failed");
-                    delay = backoff(
-                        shared.client.config().reconnect_backoff_initial,
-                        interval,
-                        attempt,
-                    );
-                    attempt += 1;
-                    shared.refresh_metadata_if_stale(&error).await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "the group refused this member");
-                    tokio::select! {
-                        _ = sender.send(Err(error)) => {}
-                        () = shared.cancel.cancelled() => {}
-                    }
-                    return;
-                }
-            }
-        }
-        if config.auto_commit && Instant::now() >= next_commit {
-            let offsets = shared.state.lock().expect("state").uncommitted();
-            let committed = tokio::select! {
-                result = shared.commit(offsets) => result,
-                () = shared.cancel.cancelled() => return,
-            };
-            if let Err(error) = committed {
-                tracing::warn!(%error, "auto-commit failed");
-            }
-            next_commit = Instant::now() + config.auto_commit_interval;
-        }
-        if config.auto_commit {
-            delay = delay.min(next_commit.saturating_duration_since(Instant::now()));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shared.cancel.cancelled() => return,
-        }
-    }
-}
-
-/// One heartbeat and the assignment it brings. Returns the heartbeat interval and whether
-/// partitions were revoked (the coordinator should hear about it at once).
-async fn heartbeat(
-    shared: &Arc<Shared>,
-    group: &str,
-    topics: &[String],
-) -> Result<(Duration, bool)> {
-    let request = {
-        let state = shared.state.lock().expect("consumer state lock");
-        GroupHeartbeatRequest {
-            group: group.to_owned(),
-            member_id: state.member_id.clone(),
-            member_epoch: state.member_epoch,
-            client_id: shared.client.config().client_id.clone(),
-            session_timeout_ms: shared.config.session_timeout.as_millis() as u32,
-            topics: topics.to_vec(),
-            owned: state.owned(),
-        }
-    };
-    let addr = shared.client.inner.controller();
-    let timeout = shared.client.config().request_timeout;
-    let response = shared
-        .client
-        .inner
-        .transport
-        .call(addr, &request, timeout)
-        .await?;
-    {
-        let mut state = shared.state.lock().expect("consumer state lock");
-        state.member_id = response.member_id;
-        state.member_epoch = response.member_epoch;
-    }
-    let interval = Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
-    let revoked = reconcile(shared, &flatten(&response.assignment)).await;
-    Ok((interval, revoked))
-}
-
-/// Applies a target assignment: revoke first (the listener's `on_revoked`, then a commit with
-/// auto-commit, all before the next heartbeat gives the partitions back), then add (the
-/// listener's `on_assigned` before the new partitions are read).
-async fn reconcile(shared: &Arc<Shared>, assigned: &BTreeSet<TopicPartition>) -> bool {
-    let (revoked, added) = {
-        let owned: BTreeSet<_> = shared
-            .state
-            .lock()
-            .expect("state")
-            .partitions
-            .keys()
-            .cloned()
-            .collect();
-        assignment_diff(&owned, assigned)
-    };
-    if !revoked.is_empty() {
-        // Stop handing out records of these partitions, so the committed position is final.
-        let offsets = {
-            let mut state = shared.state.lock().expect("state");
-            for partition in &revoked {
-                let epoch = state.epoch();
-                if let Some(s) = state.partitions.get_mut(partition) {
-                    s.epoch = epoch;
-                    s.fetch = FetchPosition::Paused;
-                }
-            }
-            // Their push streams stop now, not after the commit.
-            shared.wake_fetcher.notify_one();
-            state
-                .uncommitted()
-                .into_iter()
-                .filter(|(partition, _)| revoked.contains(partition))
-                .collect::<Vec<_>>()
-        };
-        call_listener(shared, ListenerCall::Revoked, revoked.clone()).await;
-        if shared.config.auto_commit
-            && let Err(error) = shared.commit(offsets).await
-        {
-            tracing::warn!(%error, "commit before revocation failed");
-        }
-        let mut state = shared.state.lock().expect("state");
-        for partition in &revoked {
-            state.partitions.remove(partition);
-        }
-        drop(state);
-        shared.emit(Rebalance::Revoked(revoked.clone()));
-    }
-    if !added.is_empty() {
-        let mut epochs = Vec::with_capacity(added.len());
-        {
-            let mut state = shared.state.lock().expect("state");
-            for partition in &added {
-                state.add(partition.clone(), shared.config.partition_fetch_bytes_max);
-                let s = state.partitions.get_mut(partition).expect("just added");
-                if shared.listener.is_some() {
-                    // Not read before `on_assigned` returns (unless it seeks).
-                    s.fetch = FetchPosition::Paused;
-                }
-                epochs.push(s.epoch);
-            }
-        }
-        if shared.listener.is_some() {
-            call_listener(shared, ListenerCall::Assigned, added.clone()).await;
-            let mut state = shared.state.lock().expect("state");
-            for (partition, epoch) in added.iter().zip(epochs) {
-                if let Some(s) = state.partitions.get_mut(partition)
-                    && s.epoch == epoch
-                    && s.fetch == FetchPosition::Paused
-                {
-                    s.fetch = FetchPosition::Committed;
-                }
-            }
-        }
-        shared.emit(Rebalance::Assigned(added));
-        shared.wake_fetcher.notify_one();
-    }
-    !revoked.is_empty()
-}
-
-/// Which [`AssignmentListener`] method to call.
-#[derive(Debug, Clone, Copy)]
-enum ListenerCall {
-    Assigned,
-    Revoked,
-    Lost,
-}
-
-/// Calls the listener, if any, and waits for it at most `assignment_listener_timeout`.
-async fn call_listener(shared: &Arc<Shared>, call: ListenerCall, partitions: Vec<TopicPartition>) {
-    let Some(listener) = &shared.listener else {
-        return;
-    };
-    let consumer = Consumer::for_listener(shared);
-    let future = match call {
-        ListenerCall::Assigned => listener.on_assigned(consumer, partitions),
-        ListenerCall::Revoked => listener.on_revoked(consumer, partitions),
-        ListenerCall::Lost => listener.on_lost(consumer, partitions),
-    };
-    let timeout = shared.config.assignment_listener_timeout;
-    if tokio::time::timeout(timeout, future).await.is_err() {
-        tracing::warn!(
-            ?call,
-            ?timeout,
-            "the assignment listener did not return in time; going on without it"
-        );
-    }
-}
-
-/// The group no longer knows this member: drop every partition without committing and
-/// join again as a new member.
-async fn lose_all(shared: &Arc<Shared>) {
-    let lost: Vec<_> = {
-        let mut state = shared.state.lock().expect("state");
-        state.member_id.clear();
-        state.member_epoch = 0;
-        std::mem::take(&mut state.partitions).into_keys().collect()
-    };
-    shared.wake_fetcher.notify_one();
-    if !lost.is_empty() {
-        shared.emit(Rebalance::Lost(lost.clone()));
-        call_listener(shared, ListenerCall::Lost, lost).await;
+    /// A consumer of exactly these partitions, with no group membership (a group in the
+    /// configuration is still used for committed offsets).
+    ///
+    /// ```no_run
+    /// # async fn example(client: ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// use ketch_client::{ConsumerConfig, TopicPartition};
+    /// let consumer = client.assign(ConsumerConfig::default(), &[TopicPartition::new("events", 0)])?;
+    /// let record = consumer.recv().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn assign(
+        &self,
+        config: ConsumerConfig,
+        partitions: &[TopicPartition],
+    ) -> Result<Consumer> {
+        Consumer::assign(self.clone(), config, partitions)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fetch::decode_fetched;
+    use super::group::{assignment_diff, flatten};
     use super::*;
     use ketch_protocol::batch::{BatchBuilder, set_base_offset};
 
