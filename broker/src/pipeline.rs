@@ -451,13 +451,14 @@ impl Pipelines {
             "delete" => {
                 running.control.send_replace(Control::Stop);
                 let tasks = std::mem::take(&mut *running.tasks.lock().expect("transform tasks"));
-                for task in tasks {
+                for mut task in tasks {
                     // A task stops at its next step; one stuck in an append is cut off.
-                    if tokio::time::timeout(Duration::from_secs(5), task)
+                    if tokio::time::timeout(Duration::from_secs(5), &mut task)
                         .await
                         .is_err()
                     {
                         tracing::warn!(transform = name, "a transform task did not stop in 5 s");
+                        task.abort();
                     }
                 }
                 self.running.lock().expect("transforms").remove(name);
@@ -679,6 +680,14 @@ impl Pipelines {
                 )
                 .await;
             if let Err(e) = written {
+                if e.code == ErrorCode::UnknownTopic {
+                    // An output was deleted: nothing to retry until someone acts.
+                    failed(e.message);
+                    if !Self::wait_for_control(&mut control).await {
+                        return;
+                    }
+                    continue;
+                }
                 running.note_error(index, e.message, false);
                 tokio::select! {
                     () = tokio::time::sleep(RETRY_BACKOFF) => {}
