@@ -466,17 +466,35 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
 /// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
 /// whole before the next is read, so a consumer that stops reading stops the loop (QUIC flow
 /// control); the broker holds at most one push of `push_bytes_max` per subscription.
-pub(super) async fn subscribe(
+/// What a push stream does with each read: the one thing plain and filtered subscriptions do
+/// differently. The loop around it ([`push_loop`]) is shared.
+pub(super) trait Pusher {
+    /// Pushes one read (records, or an error to report); returns the offset to read next, or
+    /// `None` to end the stream.
+    async fn push(
+        &mut self,
+        state: &State,
+        send: &mut quinn::SendStream,
+        response: FetchPartitionResponse,
+        offset: i64,
+    ) -> Option<i64>;
+
+    /// The last frame when the partition is deleted while subscribed.
+    fn gone(&self, response: FetchPartitionResponse, message: String) -> Bytes;
+}
+
+/// A push stream's loop: read from `offset`, hand every non-empty read (or error) to
+/// `pusher`, and otherwise wait for the high watermark to move, the peer to stop, or shutdown.
+pub(super) async fn push_loop(
     state: &State,
-    request: SubscribeRequest,
+    api: ApiKey,
+    fetch: FetchPartition,
     send: &mut quinn::SendStream,
+    pusher: &mut impl Pusher,
 ) {
-    let push_bytes_max = request
-        .push_bytes_max
-        .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
     // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
     // which ends the wait below.
-    let mut watch = match state.cluster.partition(&request.topic, request.partition) {
+    let mut watch = match state.cluster.partition(&fetch.topic, fetch.partition) {
         Ok(partition) => partition.watch_high_watermark(),
         Err(e) => {
             let _ = send
@@ -485,50 +503,79 @@ pub(super) async fn subscribe(
             return;
         }
     };
-    let mut offset = request.offset;
+    let mut fetch = fetch;
     loop {
         watch.mark_unchanged();
-        let fetch = FetchPartition {
-            topic: request.topic.clone(),
-            partition: request.partition,
-            offset,
-            partition_max_bytes: push_bytes_max,
-        };
-        let response = fetch_partition(state, ApiKey::Subscribe, &fetch, push_bytes_max);
-        let failed = response.error != ErrorCode::None;
-        if failed || !response.records.is_empty() {
-            if let Some(next) = next_offset_after(&response.records) {
-                offset = next;
-            }
-            // The records are handed to QUIC as they were read, not copied into the frame.
-            let mut frame = frame::encode_response_chunks(&response);
-            let write = tokio::select! {
-                w = send.write_all_chunks(&mut frame) => w,
-                () = state.shutdown.cancelled() => return,
-            };
-            if write.is_err() || failed {
-                return;
+        let response = fetch_partition(state, api, &fetch, fetch.partition_max_bytes);
+        if response.error != ErrorCode::None || !response.records.is_empty() {
+            match pusher.push(state, send, response, fetch.offset).await {
+                Some(next) => fetch.offset = next,
+                None => return,
             }
             continue;
         }
         tokio::select! {
             changed = watch.changed() => if changed.is_err() {
                 // The partition is gone: say so, as a fetch would, and end the stream.
-                let gone = FetchPartitionResponse {
-                    error: ErrorCode::UnknownTopic,
-                    error_message: Some(format!(
-                        "{}/{} was deleted while subscribed",
-                        request.topic, request.partition
-                    )),
-                    ..response
-                };
-                let _ = send.write_all(&frame::encode_response(&gone)).await;
+                let message = format!(
+                    "{}/{} was deleted while subscribed",
+                    fetch.topic, fetch.partition
+                );
+                let _ = send.write_all(&pusher.gone(response, message)).await;
                 return;
             },
             _ = send.stopped() => return,
             () = state.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Plain subscriptions push what they read, verbatim.
+struct Verbatim;
+
+impl Pusher for Verbatim {
+    async fn push(
+        &mut self,
+        state: &State,
+        send: &mut quinn::SendStream,
+        response: FetchPartitionResponse,
+        offset: i64,
+    ) -> Option<i64> {
+        let failed = response.error != ErrorCode::None;
+        let next = next_offset_after(&response.records).unwrap_or(offset);
+        // The records are handed to QUIC as they were read, not copied into the frame.
+        let mut frame = frame::encode_response_chunks(&response);
+        let write = tokio::select! {
+            w = send.write_all_chunks(&mut frame) => w,
+            () = state.shutdown.cancelled() => return None,
+        };
+        (write.is_ok() && !failed).then_some(next)
+    }
+
+    fn gone(&self, response: FetchPartitionResponse, message: String) -> Bytes {
+        frame::encode_response(&FetchPartitionResponse {
+            error: ErrorCode::UnknownTopic,
+            error_message: Some(message),
+            ..response
+        })
+    }
+}
+
+pub(super) async fn subscribe(
+    state: &State,
+    request: SubscribeRequest,
+    send: &mut quinn::SendStream,
+) {
+    let push_bytes_max = request
+        .push_bytes_max
+        .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
+    let fetch = FetchPartition {
+        topic: request.topic,
+        partition: request.partition,
+        offset: request.offset,
+        partition_max_bytes: push_bytes_max,
+    };
+    push_loop(state, ApiKey::Subscribe, fetch, send, &mut Verbatim).await;
 }
 
 fn next_offset_after(records: &Bytes) -> Option<i64> {
