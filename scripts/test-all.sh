@@ -20,6 +20,15 @@ if ! command -v strace >/dev/null 2>&1; then
     fi
 fi
 strace -V | head -n 1
+# openssl: the Python and Node SDKs' client-certificate tests make a certificate with it.
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq openssl >/dev/null
+    fi
+fi
+openssl version
 # python3 with venv: the Python SDK's tests run in target/py-venv (Debian splits venv out).
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
@@ -42,11 +51,12 @@ cargo build --locked --release --target wasm32-unknown-unknown \
 # The AssemblyScript library and example (from npm), into target/wasm/as.
 (cd wasm-filters/assemblyscript && npm install --no-audit --no-fund && npm run build)
 
-step "Python venv (target/py-venv): prometheus_client for the metrics test, maturin/pytest/mypy for the Python SDK"
+step "Python venv (target/py-venv): prometheus_client for the metrics test, aioquic for the QUIC interop test, maturin/pytest/mypy for the Python SDK"
 python3 -m venv target/py-venv
 target/py-venv/bin/pip install --quiet --disable-pip-version-check \
-    "prometheus_client==0.21.1" 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
-# The metrics test parses /metrics with prometheus_client, independently of the exporter.
+    "prometheus_client==0.21.1" 'aioquic>=1.2,<2' 'maturin>=1.16,<1.17' 'pytest>=7' 'mypy>=1.10'
+# The metrics test parses /metrics with prometheus_client, independently of the exporter; the
+# security test handshakes with aioquic, an independent QUIC stack.
 export KETCH_PYTHON="$PWD/target/py-venv/bin/python"
 
 step "build (debug, every target: the system tests start the real broker binary)"
@@ -62,7 +72,7 @@ cargo test --locked -p ketch-client --test scenarios
 
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
 (cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
-# -rs prints the reason of every skipped test (the Wasm filter test waits for the client's filter API).
+# -rs prints the reason of every skipped test (NotAuthorized from a real broker waits for broker-side auth).
 target/py-venv/bin/python -m pytest sdk-python/tests -q -rs
 
 step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, node --test"

@@ -18,8 +18,8 @@ use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 
-use crate::process::{ReadyOn, ServerProcess};
 use crate::stats::{self, Latency, LatencySummary};
+use ketch_testkit::process::{ReadyOn, ServerProcess};
 
 /// Size of each write on the raw QUIC stream.
 pub const QUIC_CHUNK_BYTES: usize = 1024 * 1024;

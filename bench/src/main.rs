@@ -3,7 +3,6 @@
 
 mod baseline;
 mod plot;
-mod process;
 mod progress;
 mod report;
 mod scenario;

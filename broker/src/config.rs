@@ -126,6 +126,20 @@ pub struct BrokerConfig {
     pub filter_queue_max: u32,
     /// Wasm filters: instances alive at once (pooling allocator slots).
     pub filter_instances_max: u32,
+    /// How clients authenticate: `required`, `optional` or `none`; unset means `none` on a
+    /// loopback listener and `required` on any other.
+    pub auth: Option<crate::auth::AuthMode>,
+    /// CA certificate (PEM) that signs client certificates (mutual TLS); unset: client
+    /// certificates are not asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Lets a non-loopback listener start with anonymous access (`auth` none or optional).
+    pub allow_anonymous: bool,
+    /// Principals that every check lets through (the admin token's principal is `admin`).
+    pub super_users: Vec<String>,
+    /// How a client certificate's subject becomes a principal: `{CN}`, `{O}`, `{OU}`.
+    pub client_principal_template: String,
+    /// QUIC connections one source IP may hold open (handshakes included); more are refused.
+    pub connections_per_ip_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -164,6 +178,12 @@ impl Default for BrokerConfig {
             filter_threads: 2,
             filter_queue_max: 1024,
             filter_instances_max: 256,
+            auth: None,
+            client_ca: None,
+            allow_anonymous: false,
+            super_users: vec![crate::auth::ADMIN_PRINCIPAL.to_owned()],
+            client_principal_template: crate::auth::cert::PRINCIPAL_TEMPLATE_DEFAULT.to_owned(),
+            connections_per_ip_max: 1024,
         }
     }
 }
@@ -204,6 +224,25 @@ impl BrokerConfig {
             },
             threads: self.filter_threads as usize,
             queue_max: self.filter_queue_max.max(1) as usize,
+        }
+    }
+
+    /// The authentication mode in force: the configured one, or `none` on a loopback listener
+    /// and `required` elsewhere.
+    pub fn auth_mode(&self) -> crate::auth::AuthMode {
+        self.auth.unwrap_or(if self.listen.ip().is_loopback() {
+            crate::auth::AuthMode::None
+        } else {
+            crate::auth::AuthMode::Required
+        })
+    }
+
+    /// The settings of authentication and authorization.
+    pub fn security_config(&self) -> crate::auth::SecurityConfig {
+        crate::auth::SecurityConfig {
+            mode: self.auth_mode(),
+            super_users: self.super_users.clone(),
+            principal_template: self.client_principal_template.clone(),
         }
     }
 
@@ -272,6 +311,22 @@ impl BrokerConfig {
             return Err(ConfigError::Invalid(
                 "subscriptions_max must be at least 1".into(),
             ));
+        }
+        let mode = self.auth_mode();
+        if mode != crate::auth::AuthMode::Required
+            && !self.listen.ip().is_loopback()
+            && !self.allow_anonymous
+        {
+            return invalid(format!(
+                "auth {} on the non-loopback listener {} lets anyone in: use auth required, or allow_anonymous (--allow-anonymous) to mean it",
+                mode.name(),
+                self.listen
+            ));
+        }
+        crate::auth::cert::validate_template(&self.client_principal_template)
+            .map_err(ConfigError::Invalid)?;
+        if self.connections_per_ip_max == 0 {
+            return invalid("connections_per_ip_max must be at least 1".into());
         }
         if self.streams_per_connection_max == 0 || self.requests_in_flight_max == 0 {
             return invalid("stream and request limits must be positive".into());

@@ -6,6 +6,7 @@
 //!
 //! `storage` and `group` are deterministic: no network, no async runtime, no clock.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod group;

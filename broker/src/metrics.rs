@@ -307,6 +307,8 @@ pub(crate) struct ServerMetrics {
     pub(crate) push_subscriptions: AtomicU64,
     pub(crate) throttled_by_requests: Counter,
     pub(crate) throttled_by_memory: Counter,
+    /// Requests held back because their principal was over its quota.
+    pub(crate) throttled_by_quota: Counter,
 }
 
 impl ServerMetrics {
@@ -333,6 +335,7 @@ impl ServerMetrics {
             push_subscriptions: AtomicU64::new(0),
             throttled_by_requests: throttled("requests_in_flight"),
             throttled_by_memory: throttled("request_memory"),
+            throttled_by_quota: throttled("quota"),
         }
     }
 

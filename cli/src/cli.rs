@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use ketch_client::{
-    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, ConsumerRecord, NewTopic, Offset,
-    ProducerConfig, ProducerRecord, Tls, TopicPartition,
+    Acks, AutoOffsetReset, Client, ClientCertificate, ClientConfig, ConsumerConfig, ConsumerRecord,
+    NewTopic, Offset, ProducerConfig, ProducerRecord, Tls, TopicPartition,
 };
 
 /// Where the broker is and how to trust it (flags of the client commands only).
@@ -36,6 +36,25 @@ pub struct Connection {
         default_value = "localhost"
     )]
     server_name: String,
+    /// API token to authenticate with (`ketch token create`).
+    #[arg(long, global = true, env = "KETCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Client certificate (PEM chain) for mutual TLS; goes with --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "KETCH_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "KETCH_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
 }
 
 impl Connection {
@@ -57,6 +76,14 @@ impl Connection {
             server_name: self.server_name.clone(),
             tls: Tls::CaFile(ca),
             client_id: "ketch-cli".into(),
+            bearer_token: self.token.clone().filter(|t| !t.is_empty()),
+            client_certificate: match (&self.client_cert, &self.client_key) {
+                (Some(certificate_chain), Some(private_key)) => Some(ClientCertificate::Files {
+                    certificate_chain: certificate_chain.clone(),
+                    private_key: private_key.clone(),
+                }),
+                _ => None,
+            },
             ..ClientConfig::default()
         })
     }

@@ -3,6 +3,7 @@
 mod cli;
 mod filter_cli;
 mod metrics_http;
+mod security_cli;
 mod serve;
 mod transform_cli;
 
@@ -59,6 +60,12 @@ enum Command {
     Filter(filter_cli::FilterArgs),
     /// Topic-to-topic Wasm transforms run inside the broker.
     Transform(transform_cli::TransformArgs),
+    /// Create, list and revoke API tokens.
+    Token(security_cli::TokenArgs),
+    /// Add, remove and list access rules.
+    Acl(security_cli::AclArgs),
+    /// Set and list per-principal byte-rate quotas.
+    Quota(security_cli::QuotaArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -89,6 +96,9 @@ fn main() -> std::process::ExitCode {
         Command::Group(args) => cli::group(args),
         Command::Filter(args) => filter_cli::filter_command(args),
         Command::Transform(args) => transform_cli::transform_command(args),
+        Command::Token(args) => security_cli::token(args),
+        Command::Acl(args) => security_cli::acl(args),
+        Command::Quota(args) => security_cli::quota(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -114,7 +124,14 @@ mod tests {
         sub.render_long_help().to_string()
     }
 
-    const CLIENT_FLAGS: [&str; 3] = ["--broker", "--ca-cert", "--server-name"];
+    const CLIENT_FLAGS: [&str; 6] = [
+        "--broker",
+        "--ca-cert",
+        "--server-name",
+        "--token",
+        "--client-cert",
+        "--client-key",
+    ];
 
     #[test]
     fn serve_help_has_no_client_flags_and_documents_every_default() {
@@ -152,6 +169,10 @@ mod tests {
             &["produce"],
             &["consume"],
             &["group", "describe"],
+            &["filter", "list"],
+            &["token", "create"],
+            &["acl", "add"],
+            &["quota", "set"],
         ] {
             let text = help(path);
             for flag in CLIENT_FLAGS {

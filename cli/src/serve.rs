@@ -99,6 +99,35 @@ pub struct ServeArgs {
     /// free port; `off` disables it. [default: 127.0.0.1:9193]
     #[arg(long, env = "KETCH_METRICS_LISTEN", value_name = "HOST:PORT|off")]
     metrics_listen: Option<MetricsListen>,
+    /// How clients authenticate: required (a client certificate or an API token), optional
+    /// (anonymous clients allowed, ACLs apply) or none (no checks at all). [default: none on a
+    /// loopback listener, required on any other]
+    #[arg(long, env = "KETCH_AUTH", value_name = "MODE")]
+    auth: Option<ketch_broker::auth::AuthMode>,
+    /// CA certificate (PEM) that signs client certificates (mutual TLS). [default: none:
+    /// client certificates are not asked for]
+    #[arg(long, env = "KETCH_CLIENT_CA", value_name = "PATH")]
+    client_ca: Option<PathBuf>,
+    /// Let a non-loopback listener run with anonymous access (--auth none or optional).
+    /// [default: false]
+    #[arg(long, env = "KETCH_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    /// A principal every check lets through; repeat for more. [default: admin]
+    #[arg(
+        long = "super-user",
+        env = "KETCH_SUPER_USERS",
+        value_name = "PRINCIPAL",
+        value_delimiter = ','
+    )]
+    super_users: Vec<String>,
+    /// How a client certificate's subject becomes a principal, from {CN}, {O} and {OU}.
+    /// [default: {CN}]
+    #[arg(long, env = "KETCH_CLIENT_PRINCIPAL_TEMPLATE", value_name = "TEMPLATE")]
+    client_principal_template: Option<String>,
+    /// QUIC connections (handshakes included) one source IP may hold; more are refused.
+    /// [default: 1024]
+    #[arg(long, env = "KETCH_CONNECTIONS_PER_IP_MAX", value_name = "COUNT")]
+    connections_per_ip_max: Option<u32>,
     /// Label log and lag gauges by partition (true) or sum them per topic (false, for brokers
     /// with many partitions). [default: true]
     #[arg(long, env = "KETCH_METRICS_PARTITION_LABELS", value_name = "BOOL")]
@@ -137,7 +166,8 @@ impl ServeArgs {
             group_heartbeat_interval_ms,
             shutdown_grace_ms,
             metrics_listen,
-            metrics_partition_labels
+            metrics_partition_labels,
+            connections_per_ip_max
         );
         if self.advertised_host.is_some() {
             config.advertised_host = self.advertised_host;
@@ -147,6 +177,21 @@ impl ServeArgs {
         }
         if self.tls_key.is_some() {
             config.tls_key = self.tls_key;
+        }
+        if self.auth.is_some() {
+            config.auth = self.auth;
+        }
+        if self.client_ca.is_some() {
+            config.client_ca = self.client_ca;
+        }
+        if self.allow_anonymous {
+            config.allow_anonymous = true;
+        }
+        if !self.super_users.is_empty() {
+            config.super_users = self.super_users;
+        }
+        if let Some(template) = self.client_principal_template {
+            config.client_principal_template = template;
         }
         config.validate()?;
         Ok(config)
@@ -176,6 +221,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Some(metrics_http::start(addr, endpoint).await?)
             }
         };
+        let auth = config.auth_mode().name();
         let broker = Broker::bind(config).await.context("starting the broker")?;
         let _ = broker_probe.set(broker.probe());
         let ca = broker
@@ -191,12 +237,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             startup_ms = started.elapsed().as_millis() as u64,
             "ketch broker ready"
         );
+        if let Some(path) = broker.admin_token_path() {
+            println!(
+                "wrote the first admin token to {} (mode 0600): pass it with --token or KETCH_TOKEN",
+                path.display()
+            );
+        }
         // A machine-readable line for scripts and tests.
         println!(
-            "ketch ready listen={} ca={} metrics={}",
+            "ketch ready listen={} ca={} metrics={} auth={}",
             broker.local_addr(),
             ca,
-            metrics
+            metrics,
+            auth
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -49,6 +49,9 @@ pub enum ErrorCode {
     FilterFailed = 44,
     /// A Wasm filter is attached somewhere and was not deleted (use force).
     FilterInUse = 45,
+    /// The connection's credential was refused, revoked or expired, or the broker requires
+    /// one and none was presented (`Authenticate` first).
+    AuthenticationFailed = 46,
     /// No topic-to-topic transform has this name.
     UnknownTransform = 50,
     /// A topic-to-topic transform of this name exists already.
@@ -94,6 +97,7 @@ impl ErrorCode {
         ErrorCode::GroupNotFound,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
+        ErrorCode::AuthenticationFailed,
         ErrorCode::UnknownTransform,
         ErrorCode::TransformExists,
     ];
@@ -167,6 +171,7 @@ impl ErrorCode {
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::UnknownTransform => "unknown_transform",
             ErrorCode::TransformExists => "transform_exists",
+            ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }
 }
@@ -243,6 +248,8 @@ mod tests {
             (ErrorCode::FilterInUse, 45),
             (ErrorCode::UnknownTransform, 50),
             (ErrorCode::TransformExists, 51),
+            (ErrorCode::Unauthorized, 29),
+            (ErrorCode::AuthenticationFailed, 46),
         ];
         for (code, number) in pinned {
             assert_eq!(code.as_u16(), number, "{code:?}");

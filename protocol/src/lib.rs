@@ -9,6 +9,7 @@ pub mod batch;
 pub mod error;
 pub mod frame;
 pub mod messages;
+pub mod security;
 pub mod varint;
 pub mod wire;
 

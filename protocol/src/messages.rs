@@ -561,6 +561,89 @@ wire_struct! {
     }
     pub struct TransformAlterResponse {}
 
+    // ---- Security (22-27) ----
+
+    /// Presents a credential on this connection (`mechanism` "token": an API token made by
+    /// `TokenCreate`). Afterwards the connection acts as the principal the credential names;
+    /// the credential is checked again on every request, so a revoked or expired token stops
+    /// working at once. A failure answers `authentication_failed`.
+    pub struct AuthenticateRequest {
+        pub mechanism: String,
+        pub credential: String,
+    }
+    pub struct AuthenticateResponse {
+        pub principal: String,
+    }
+    /// Makes an API token for `principal`; `expires_in_ms` -1 never expires. The token is in
+    /// this answer only: the broker keeps its SHA-256.
+    pub struct TokenCreateRequest {
+        pub principal: String,
+        pub expires_in_ms: i64,
+    }
+    pub struct TokenCreateResponse {
+        pub id: String,
+        pub principal: String,
+        pub token: String,
+        /// -1: never.
+        pub expires_at_ms: i64,
+    }
+    /// Revokes a token, named by itself or by its id.
+    pub struct TokenRevokeRequest {
+        pub token_or_id: String,
+    }
+    pub struct TokenRevokeResponse {
+        pub id: String,
+    }
+    /// One access rule. `principal` `*` is everyone. `resource_type`: 0 topic, 1 group,
+    /// 2 filter, 3 transform, 4 cluster; `pattern_type`: 0 literal, 1 prefix; `operation`:
+    /// 0 read, 1 write, 2 create, 3 delete, 4 describe, 5 alter, 6 deploy-filter, 7 all;
+    /// `permission`: 0 allow, 1 deny.
+    pub struct AclEntry {
+        pub principal: String,
+        pub resource_type: u8,
+        pub pattern_type: u8,
+        pub resource_name: String,
+        pub operation: u8,
+        pub permission: u8,
+    }
+    /// Adds and removes rules in one durable change (removals first).
+    pub struct AclChangeRequest {
+        pub add: Vec<AclEntry>,
+        pub remove: Vec<AclEntry>,
+    }
+    pub struct AclChangeResponse {
+        pub added: u32,
+        pub removed: u32,
+    }
+    /// Sets a principal's byte rates; 0 is no limit (both 0 removes the quota).
+    pub struct QuotaSetRequest {
+        pub principal: String,
+        pub produce_bytes_per_s: u64,
+        pub fetch_bytes_per_s: u64,
+    }
+    pub struct QuotaSetResponse {}
+    /// Tokens (never their secrets), rules and quotas.
+    pub struct SecurityListRequest {}
+    pub struct SecurityListResponse {
+        pub tokens: Vec<TokenInfo>,
+        pub acls: Vec<AclEntry>,
+        pub quotas: Vec<QuotaInfo>,
+    }
+    pub struct TokenInfo {
+        pub id: String,
+        pub principal: String,
+        pub created_at_ms: i64,
+        /// -1: never.
+        pub expires_at_ms: i64,
+        /// -1: not revoked.
+        pub revoked_at_ms: i64,
+    }
+    pub struct QuotaInfo {
+        pub principal: String,
+        pub produce_bytes_per_s: u64,
+        pub fetch_bytes_per_s: u64,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -705,6 +788,12 @@ apis! {
     19 ApiVersions => ApiVersionsRequest, ApiVersionsResponse;
     20 FilterDescribe => FilterDescribeRequest, FilterDescribeResponse;
     21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
+    22 Authenticate => AuthenticateRequest, AuthenticateResponse;
+    23 TokenCreate => TokenCreateRequest, TokenCreateResponse;
+    24 TokenRevoke => TokenRevokeRequest, TokenRevokeResponse;
+    25 AclChange => AclChangeRequest, AclChangeResponse;
+    26 QuotaSet => QuotaSetRequest, QuotaSetResponse;
+    27 SecurityList => SecurityListRequest, SecurityListResponse;
     35 TopicSetFilters => TopicSetFiltersRequest, TopicSetFiltersResponse;
     36 TopicFilters => TopicFiltersRequest, TopicFiltersResponse;
     37 TransformCreate => TransformCreateRequest, TransformCreateResponse;
@@ -747,7 +836,13 @@ impl Request {
             TopicFilters,
             TransformCreate,
             TransformDescribe,
-            TransformAlter
+            TransformAlter,
+            Authenticate,
+            TokenCreate,
+            TokenRevoke,
+            AclChange,
+            QuotaSet,
+            SecurityList
         )
     }
 }
@@ -822,7 +917,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(key in 0u16..40, version in 0u16..2, body: Vec<u8>) {
+        fn arbitrary_bodies_never_panic(key in 0u16..48, version in 0u16..2, body: Vec<u8>) {
             let _ = Request::decode(key, version, Bytes::from(body));
         }
 

@@ -41,8 +41,35 @@ export class TopicAlreadyExistsError extends KetchError {}
 export class RecordTooLargeError extends KetchError {}
 /** The broker refused the operation to this client. */
 export class NotAuthorizedError extends KetchError {}
-/** A Wasm filter is unknown, invalid, or failed on a record. */
-export class FilterError extends KetchError {}
+/**
+ * A Wasm filter is unknown, invalid, failed on a record, or in use (`unknown_filter`,
+ * `invalid_filter`, `filter_rejected`, `filter_failed`, `filter_in_use`). `module` names the
+ * filter when the broker says which; `reason` is why.
+ */
+export class FilterError extends KetchError {
+  readonly module: string | undefined
+  readonly reason: string
+
+  constructor(message: string, options: KetchErrorOptions) {
+    super(message, options)
+    const parts = filterParts(message)
+    this.module = parts.module
+    this.reason = parts.reason
+  }
+}
+
+/**
+ * A filter error's module and reason from the broker's message, which names the module in
+ * backquotes when it knows it: ``filter `high-value` v2 trapped: ...``, ``filter `x` refused:
+ * ...``, ``unknown filter `x` ``.
+ */
+export function filterParts(message: string): { module: string | undefined; reason: string } {
+  const text = message.replace(/^broker error [a-z_]+ \(\d+\): /, '')
+  const match = /^(.*?)`([^`]+)`\s*(?:v\d+ )?(?:refused:)?\s*([\s\S]*)$/.exec(text)
+  if (match === null) return { module: undefined, reason: text }
+  const [, before, module, after] = match
+  return { module, reason: after!.trim() === '' ? before!.trim() : after!.trim() }
+}
 /** No broker could be reached, or the connection broke (the client retried first). */
 export class BrokerUnavailableError extends KetchError {}
 /** The client, producer or consumer was closed. */
@@ -67,9 +94,13 @@ const CLASSES: Record<string, KetchErrorClass> = {
   unknown_filter: FilterError,
   invalid_filter: FilterError,
   filter_rejected: FilterError,
+  filter_failed: FilterError,
+  filter_in_use: FilterError,
   connect: BrokerUnavailableError,
   transport: BrokerUnavailableError,
   shutting_down: BrokerUnavailableError,
+  not_leader: BrokerUnavailableError,
+  overloaded: BrokerUnavailableError,
   closed: ClosedError,
   timeout: TimeoutError,
   offset_out_of_range: OffsetOutOfRangeError,

@@ -78,6 +78,12 @@ export interface ClientOptions {
   requestTimeoutMs?: number
   /** Time limit of one QUIC handshake (default 10 s). */
   connectTimeoutMs?: number
+  /** Bearer token for brokers that authenticate clients by token. */
+  token?: string
+  /** PEM file of a client certificate chain, leaf first (mutual TLS); needs `clientKey`. */
+  clientCert?: string
+  /** PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1). */
+  clientKey?: string
 }
 
 /** Producer settings; each defaults to the Rust core's default. */
@@ -131,9 +137,41 @@ export interface ConsumerOptions {
   prefetchChunksMax?: number
   /** Records taken from the core's queue per napi call (default 512). */
   maxBatchRecords?: number
-  /** A Wasm filter the broker applies before sending (needs broker-side filters). */
+  /**
+   * How long the core waits for the `'assign'` / `'revoke'` handlers of one rebalance before
+   * it goes on without them (default 30 000 ms): a revoked partition is released to the group
+   * once its handlers finished or this passed.
+   */
+  assignmentListenerTimeoutMs?: number
+  /**
+   * A Wasm filter uploaded with `client.uploadFilter`: the broker runs it on the partitions'
+   * records and sends only what it keeps, at their own offsets (commits and seeks work as
+   * without). A filter that is unknown or fails rejects the read with a `FilterError`.
+   */
   filter?: string
-  filterParams?: Record<string, unknown>
+  /** Parameters for the filter's `init`: serialised as JSON (a string is sent as it is). */
+  filterParams?: Record<string, unknown> | string
+  /** A stored version of the filter (default: the latest when each partition's stream opens). */
+  filterVersion?: number
+}
+
+/** A stored version of a Wasm filter module. */
+export interface FilterVersion {
+  name: string
+  /** 1 for the first upload, one more for each upload of different bytes. */
+  version: number
+  description: string
+  moduleBytes: number
+  /** SHA-256 of the module, lower-case hex. */
+  digest: string
+}
+
+/** A filter's stored versions (oldest first) and what uses it. */
+export interface FilterDescription {
+  name: string
+  versions: FilterVersion[]
+  /** Subscriptions and topics the filter is attached to: a delete without `force` is refused meanwhile. */
+  inUseBy: string[]
 }
 
 /** Options of `createTopic`. */
@@ -156,13 +194,6 @@ export type SeekTarget = number | 'beginning' | 'end' | { timestamp: number | Da
 
 function closedError(what: string): ClosedError {
   return new ClosedError(`${what} is closed`, { code: 'closed' })
-}
-
-function unsupported(what: string): KetchError {
-  return new KetchError(
-    `${what}: the Node SDK does not expose Wasm filters yet (the client core has them since issue 10; this binding has not wired them)`,
-    { code: 'unsupported' },
-  )
 }
 
 function nonNegativeInteger(value: unknown, name: string, max = 0xffffffff): number | undefined {
@@ -207,6 +238,9 @@ export class Client {
         clientId: options.clientId,
         requestTimeoutMs: nonNegativeInteger(options.requestTimeoutMs, 'requestTimeoutMs'),
         connectTimeoutMs: nonNegativeInteger(options.connectTimeoutMs, 'connectTimeoutMs'),
+        token: options.token,
+        clientCert: options.clientCert,
+        clientKey: options.clientKey,
       }),
     )
     return new Client(client)
@@ -265,30 +299,38 @@ export class Client {
   /** A consumer: a group member of `topics`, or a reader of explicit `partitions`. */
   consumer(options: ConsumerOptions): Consumer {
     this.#check()
-    if (options.filter !== undefined || options.filterParams !== undefined) {
-      throw unsupported(`consumer filter ${JSON.stringify(options.filter)}`)
-    }
     const consumer = new Consumer(this.#native, options, this.#handles)
     this.#handles.add(consumer)
     return consumer
   }
 
-  /** Uploads a Wasm filter module under a name. */
-  async uploadFilter(name: string, _module: Uint8Array): Promise<void> {
+  /**
+   * Uploads a Wasm module (the bytes of a `.wasm` file) as filter `name`. The broker
+   * validates and compiles it; a new version is numbered unless the bytes equal the latest
+   * version's. A module that breaks the ABI or a limit rejects with a `FilterError`.
+   */
+  async uploadFilter(name: string, module: Uint8Array, options: { description?: string } = {}): Promise<FilterVersion> {
     this.#check()
-    throw unsupported(`uploadFilter(${JSON.stringify(name)})`)
+    const bytes = Buffer.isBuffer(module) ? module : Buffer.from(module.buffer, module.byteOffset, module.byteLength)
+    return await call(() => this.#native.uploadFilter(name, bytes, options.description))
   }
 
-  /** The uploaded filters. */
-  async listFilters(): Promise<string[]> {
+  /** Every filter, with its latest version. */
+  async listFilters(): Promise<FilterVersion[]> {
     this.#check()
-    throw unsupported('listFilters()')
+    return await call(() => this.#native.listFilters())
   }
 
-  /** Deletes an uploaded filter. */
-  async deleteFilter(name: string): Promise<void> {
+  /** Every stored version of filter `name` and what uses it. */
+  async describeFilter(name: string): Promise<FilterDescription> {
     this.#check()
-    throw unsupported(`deleteFilter(${JSON.stringify(name)})`)
+    return await call(() => this.#native.describeFilter(name))
+  }
+
+  /** Deletes every version of a filter; while it is in use this rejects (`filter_in_use`) unless `force`. */
+  async deleteFilter(name: string, options: { force?: boolean } = {}): Promise<void> {
+    this.#check()
+    await call(() => this.#native.deleteFilter(name, options.force))
   }
 
   /**
@@ -487,6 +529,8 @@ export class Consumer extends EventEmitter {
   /** Records taken from the core but not yet handed to the loop. */
   #buffer: ConsumerRecord[] = []
   #next = 0
+  /** Records of `#buffer` below this index are accounted in `#consumed` (see `#foldConsumed`). */
+  #folded = 0
   /** The offset after the last record handed out, per partition: what `commit` commits. */
   readonly #consumed = new Map<string, TopicPartition & { offset: number }>()
   #receiving: Promise<ConsumerRecord | undefined> | undefined
@@ -524,6 +568,15 @@ export class Consumer extends EventEmitter {
           sessionTimeoutMs: nonNegativeInteger(options.sessionTimeoutMs, 'sessionTimeoutMs'),
           partitionFetchBytesMax: nonNegativeInteger(options.partitionFetchBytesMax, 'partitionFetchBytesMax'),
           prefetchChunksMax: nonNegativeInteger(options.prefetchChunksMax, 'prefetchChunksMax'),
+          assignmentListenerTimeoutMs: nonNegativeInteger(
+            options.assignmentListenerTimeoutMs,
+            'assignmentListenerTimeoutMs',
+          ),
+          filter: options.filter,
+          filterParams: typeof options.filterParams === 'string' || options.filterParams === undefined
+            ? options.filterParams
+            : JSON.stringify(options.filterParams),
+          filterVersion: nonNegativeInteger(options.filterVersion, 'filterVersion'),
         },
         onRebalance,
       ),
@@ -550,6 +603,7 @@ export class Consumer extends EventEmitter {
     }
     const results = await Promise.allSettled(this.listeners(kind).map((listener) => listener.call(this, partitions)))
     if (kind === 'revoke' || kind === 'lost') {
+      this.#foldConsumed()
       for (const key of gone) this.#consumed.delete(key)
     }
     for (const result of results) {
@@ -561,28 +615,48 @@ export class Consumer extends EventEmitter {
   }
 
   #dropBuffered(drop: (record: ConsumerRecord) => boolean): void {
+    this.#foldConsumed()
     this.#buffer = this.#buffer.slice(this.#next).filter((record) => !drop(record))
     this.#next = 0
+    this.#folded = 0
+  }
+
+  /**
+   * Accounts the records handed out since the last fold in `#consumed`: per partition, the
+   * offset after the last one. Done when the buffer changes or `#consumed` is read, not per
+   * record (the loop's hot path only moves an index).
+   */
+  #foldConsumed(): void {
+    if (this.#folded >= this.#next) return
+    const seen = new Set<string>()
+    let topic: string | undefined
+    let partition = -1
+    // Backwards: a partition's first record met is the last one handed out.
+    for (let j = this.#next - 1; j >= this.#folded; j--) {
+      const record = this.#buffer[j]!
+      if (record.partition === partition && record.topic === topic) continue
+      topic = record.topic
+      partition = record.partition
+      const key = partitionKey(topic, partition)
+      if (seen.has(key)) continue
+      seen.add(key)
+      this.#consumed.set(key, { topic, partition, offset: record.offset + 1 })
+    }
+    this.#folded = this.#next
   }
 
   /** The next record (waits for one); rejects with `ClosedError` once closed. */
-  async recv(): Promise<ConsumerRecord> {
-    const record = await this.#nextRecord()
-    if (record === undefined) throw closedError('the consumer')
-    return record
+  recv(): Promise<ConsumerRecord> {
+    const buffered = this.#take()
+    if (buffered !== undefined) return Promise.resolve(buffered)
+    return this.#nextRecord().then((record) => {
+      if (record === undefined) throw closedError('the consumer')
+      return record
+    })
   }
 
   #take(): ConsumerRecord | undefined {
-    if (this.#next >= this.#buffer.length) return undefined
-    const record = this.#buffer[this.#next]!
-    this.#buffer[this.#next++] = undefined as unknown as ConsumerRecord
-    if (this.#next === this.#buffer.length) {
-      this.#buffer = []
-      this.#next = 0
-    }
-    const key = partitionKey(record.topic, record.partition)
-    this.#consumed.set(key, { topic: record.topic, partition: record.partition, offset: record.offset + 1 })
-    return record
+    return this.#next < this.#buffer.length ? this.#buffer[this.#next++] : undefined
   }
 
   /** The next record, or `undefined` once closed. One native receive at a time. */
@@ -615,8 +689,10 @@ export class Consumer extends EventEmitter {
     if (this.#gone.size > 0) {
       records = records.filter((record) => !this.#gone.has(partitionKey(record.topic, record.partition)))
     }
+    this.#foldConsumed()
     this.#buffer = this.#next < this.#buffer.length ? this.#buffer.slice(this.#next).concat(records) : records
     this.#next = 0
+    this.#folded = 0
     return undefined
   }
 
@@ -626,9 +702,13 @@ export class Consumer extends EventEmitter {
    */
   [Symbol.asyncIterator](): AsyncIterableIterator<ConsumerRecord> {
     const iterator: AsyncIterableIterator<ConsumerRecord> = {
-      next: async () => {
-        const record = await this.#nextRecord()
-        return record === undefined ? { done: true, value: undefined } : { done: false, value: record }
+      // Not async: a record already taken from the core resolves without another await.
+      next: (): Promise<IteratorResult<ConsumerRecord>> => {
+        const buffered = this.#take()
+        if (buffered !== undefined) return Promise.resolve({ done: false, value: buffered })
+        return this.#nextRecord().then((record) =>
+          record === undefined ? { done: true, value: undefined } : { done: false, value: record },
+        )
       },
       return: async () => ({ done: true, value: undefined }),
       [Symbol.asyncIterator]: () => iterator,
@@ -642,6 +722,7 @@ export class Consumer extends EventEmitter {
    */
   async commit(): Promise<void> {
     if (this.#released) throw closedError('the consumer')
+    this.#foldConsumed()
     const offsets = [...this.#consumed.values()]
     if (offsets.length === 0) return
     await call(() => this.#native.commitOffsets(offsets))
@@ -702,6 +783,7 @@ export class Consumer extends EventEmitter {
     this.#closing ??= (async () => {
       this.#closed = true
       this.#handles.delete(this)
+      this.#foldConsumed()
       // Give back what was read ahead, so the closing commit covers only what the loop saw.
       const firstUnread = new Map<string, ConsumerRecord>()
       for (const record of this.#buffer.slice(this.#next)) {
@@ -710,6 +792,7 @@ export class Consumer extends EventEmitter {
       }
       this.#buffer = []
       this.#next = 0
+      this.#folded = 0
       for (const record of firstUnread.values()) {
         try {
           this.#native.seek(record.topic, record.partition, 'offset', record.offset)

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ketch_client::{
-    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, NewTopic, NullKeyPartitioning,
-    ProducerConfig, Tls, TopicPartition,
+    Acks, AutoOffsetReset, Client, ClientCertificate, ClientConfig, ConsumerConfig, FilterSpec,
+    NewTopic, NullKeyPartitioning, ProducerConfig, Tls, TopicPartition,
 };
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -30,6 +30,12 @@ pub struct ClientOptions {
     pub connect_timeout_ms: Option<u32>,
     pub metadata_max_age_ms: Option<u32>,
     pub idle_timeout_ms: Option<u32>,
+    /// Bearer token for brokers that authenticate clients by token.
+    pub token: Option<String>,
+    /// PEM file of a client certificate chain (mutual TLS), with `client_key`.
+    pub client_cert: Option<String>,
+    /// PEM file of the client certificate's private key.
+    pub client_key: Option<String>,
 }
 
 /// Producer settings (`ProducerConfig`); absent fields keep the core's defaults.
@@ -70,6 +76,45 @@ pub struct ConsumerOptions {
     pub session_timeout_ms: Option<u32>,
     pub partition_fetch_bytes_max: Option<u32>,
     pub prefetch_chunks_max: Option<u32>,
+    /// How long the core waits for a rebalance handler's Promise (default 30 s).
+    pub assignment_listener_timeout_ms: Option<u32>,
+    /// A Wasm filter the broker reads the partitions through.
+    pub filter: Option<String>,
+    /// JSON text handed to the filter's `init`.
+    pub filter_params: Option<String>,
+    /// A stored version of the filter (the latest when absent).
+    pub filter_version: Option<u32>,
+}
+
+/// A stored version of a Wasm filter module.
+#[napi(object)]
+pub struct NativeFilterVersion {
+    pub name: String,
+    pub version: u32,
+    pub description: String,
+    pub module_bytes: i64,
+    /// SHA-256 of the module, lower-case hex.
+    pub digest: String,
+}
+
+impl From<ketch_client::FilterVersion> for NativeFilterVersion {
+    fn from(v: ketch_client::FilterVersion) -> NativeFilterVersion {
+        NativeFilterVersion {
+            name: v.name,
+            version: v.version,
+            description: v.description,
+            module_bytes: i64::try_from(v.module_bytes).unwrap_or(i64::MAX),
+            digest: v.digest,
+        }
+    }
+}
+
+/// A filter's stored versions (oldest first) and what uses it.
+#[napi(object)]
+pub struct NativeFilterDescription {
+    pub name: String,
+    pub versions: Vec<NativeFilterVersion>,
+    pub in_use_by: Vec<String>,
 }
 
 /// A topic in `listTopics`.
@@ -132,9 +177,31 @@ fn client_config(options: ClientOptions) -> Result<ClientConfig> {
         (None, Some(pem), _) => Tls::CaPem(pem.into_bytes()),
         (None, None, _) => Tls::FromEnv,
     };
+    let client_certificate = match (options.client_cert, options.client_key) {
+        (None, None) => None,
+        (Some(certificate_chain), Some(private_key)) => Some(ClientCertificate::Files {
+            certificate_chain: certificate_chain.into(),
+            private_key: private_key.into(),
+        }),
+        (Some(_), None) => {
+            return Err(invalid_argument(
+                "clientCert needs clientKey (the certificate's private key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid_argument(
+                "clientKey needs clientCert (the certificate chain it belongs to)",
+            ));
+        }
+    };
+    if options.token.as_deref() == Some("") {
+        return Err(invalid_argument("token is empty"));
+    }
     Ok(ClientConfig {
         bootstrap: options.bootstrap,
         tls,
+        client_certificate,
+        bearer_token: options.token,
         server_name: options.server_name.unwrap_or(defaults.server_name),
         client_id: options.client_id.unwrap_or_else(|| "ketch-node".into()),
         request_timeout: millis(options.request_timeout_ms, defaults.request_timeout),
@@ -201,9 +268,28 @@ fn consumer_config(options: &ConsumerOptions) -> Result<ConsumerConfig> {
             )));
         }
     };
+    let filter = match &options.filter {
+        None if options.filter_params.is_some() || options.filter_version.is_some() => {
+            return Err(invalid_argument(
+                "filterParams and filterVersion need filter (its name)",
+            ));
+        }
+        None => None,
+        Some(name) => {
+            let mut spec = FilterSpec::new(name.clone())
+                .with_params(options.filter_params.clone().unwrap_or_default());
+            if let Some(version) = options.filter_version {
+                spec = spec.with_version(version);
+            }
+            Some(spec)
+        }
+    };
     Ok(ConsumerConfig {
         group: options.group.clone(),
-        assignment_listener_timeout: defaults.assignment_listener_timeout,
+        assignment_listener_timeout: millis(
+            options.assignment_listener_timeout_ms,
+            defaults.assignment_listener_timeout,
+        ),
         auto_offset_reset,
         auto_commit: options.auto_commit.unwrap_or(defaults.auto_commit),
         auto_commit_interval: millis(
@@ -217,8 +303,7 @@ fn consumer_config(options: &ConsumerOptions) -> Result<ConsumerConfig> {
         prefetch_chunks_max: options
             .prefetch_chunks_max
             .map_or(defaults.prefetch_chunks_max, |n| n as usize),
-        // Filters through the Node SDK wait for their option to be wired (issue 12's filter test).
-        filter: None,
+        filter,
     })
 }
 
@@ -394,6 +479,54 @@ impl NativeClient {
         })
         .map_err(to_napi)?;
         Ok(NativeConsumer::new(consumer))
+    }
+
+    /// Uploads a Wasm module as filter `name`; resolves with the stored version.
+    #[napi]
+    pub async fn upload_filter(
+        &self,
+        name: String,
+        module: Buffer,
+        description: Option<String>,
+    ) -> Result<NativeFilterVersion> {
+        let module = bytes::Bytes::copy_from_slice(&module);
+        let version = self
+            .client
+            .admin()
+            .upload_filter(&name, description.as_deref().unwrap_or(""), module)
+            .await
+            .map_err(to_napi)?;
+        Ok(version.into())
+    }
+
+    #[napi]
+    pub async fn list_filters(&self) -> Result<Vec<NativeFilterVersion>> {
+        let filters = self.client.admin().list_filters().await.map_err(to_napi)?;
+        Ok(filters.into_iter().map(Into::into).collect())
+    }
+
+    #[napi]
+    pub async fn describe_filter(&self, name: String) -> Result<NativeFilterDescription> {
+        let description = self
+            .client
+            .admin()
+            .describe_filter(&name)
+            .await
+            .map_err(to_napi)?;
+        Ok(NativeFilterDescription {
+            name: description.name,
+            versions: description.versions.into_iter().map(Into::into).collect(),
+            in_use_by: description.in_use_by,
+        })
+    }
+
+    #[napi]
+    pub async fn delete_filter(&self, name: String, force: Option<bool>) -> Result<()> {
+        self.client
+            .admin()
+            .delete_filter(&name, force.unwrap_or(false))
+            .await
+            .map_err(to_napi)
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

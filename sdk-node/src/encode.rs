@@ -73,6 +73,15 @@ pub(crate) mod tests {
             },
             "KETCH|unknown|999|0|broker error unknown (1): newer",
         );
+        check(
+            Error::Broker {
+                code: ErrorCode::Unauthorized,
+                raw_code: 29,
+                message: "produce to orders: not allowed".into(),
+                partition: None,
+            },
+            "KETCH|unauthorized|29|0|broker error unauthorized (29): produce to orders: not allowed",
+        );
         check(Error::Closed, "KETCH|closed|-1|0|closed");
         check(
             Error::RecordTooLarge { bytes: 9, limit: 8 },

@@ -160,13 +160,3 @@ test('an unreadable CA file: an error naming it', async () => {
   assert.match(error.message, /nonexistent/)
 })
 
-test('filters: unsupported until this SDK wires the core filter API (issue 10)', async () => {
-  for (const call of [() => client.uploadFilter('high-value', new Uint8Array([0, 97, 115, 109])), () => client.listFilters(), () => client.deleteFilter('high-value')]) {
-    const error = await rejectsWith(call(), KetchError, 'unsupported')
-    assert.match(error.message, /filter/)
-  }
-  assert.throws(
-    () => client.consumer({ topics: ['orders'], group: 'g', filter: 'high-value', filterParams: { field: 'amount', gt: 100 } }),
-    (error) => error instanceof KetchError && error.code === 'unsupported',
-  )
-})

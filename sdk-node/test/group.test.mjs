@@ -227,3 +227,47 @@ test('manual commits in the revoke handler: members join and leave, every record
   const committed = await client.committedOffsets(group)
   assert.equal(committed.reduce((sum, c) => sum + c.offset, 0), count, JSON.stringify(committed))
 })
+
+/** Resolves once `consumer` holds at least one partition (polled, bounded). */
+function assigned(consumer, what) {
+  return within(60_000, what, new Promise((resolve) => {
+    const poll = setInterval(() => {
+      if (consumer.assignment().length > 0) {
+        clearInterval(poll)
+        resolve()
+      }
+    }, 20)
+  }))
+}
+
+test('assignmentListenerTimeoutMs bounds how long a revoke handler holds partitions', async () => {
+  const topic = uniqueTopic('listenertimeout')
+  const group = uniqueTopic('g')
+  await client.createTopic(topic, { partitions: 2 })
+  const timeoutMs = 1_000
+  const a = client.consumer({ topics: [topic], group, start: 'earliest', assignmentListenerTimeoutMs: timeoutMs })
+  let revokeStarted
+  // A handler that never settles: only the timeout lets the core go on. (Its Promise stays
+  // reachable: a collected one would end the wait as well.)
+  const stuck = []
+  a.on('revoke', () => {
+    revokeStarted ??= Date.now()
+    const never = new Promise((resolve) => stuck.push(resolve))
+    stuck.push(never)
+    return never
+  })
+  await assigned(a, 'a gets partitions')
+  assert.equal(a.assignment().length, 2)
+  const b = client.consumer({ topics: [topic], group, start: 'earliest' })
+  try {
+    // With the default (30 s) b would wait that long; here about a second.
+    await assigned(b, 'b gets a partition within 60 s')
+    const waited = Date.now() - revokeStarted
+    assert.ok(revokeStarted !== undefined, 'the revoke handler ran')
+    assert.ok(waited >= timeoutMs - 100, `b got a partition ${waited} ms after the revoke began: the core did not wait for the handler`)
+    assert.ok(waited < 15_000, `b got a partition only ${waited} ms after the revoke began`)
+  } finally {
+    await Promise.all([a.close(), b.close()])
+    assert.ok(stuck.length > 0)
+  }
+})

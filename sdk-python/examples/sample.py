@@ -57,6 +57,25 @@ async def tour_aio(topic: str) -> ketch.Record:
     raise AssertionError("the consumer ended")
 
 
+def filters_tour(wasm: bytes) -> List[str]:
+    """Wasm filters and credentials (type-checked by the tests; test_filters.py runs them)."""
+    client = ketch.Client(token="t", client_cert="client.pem", client_key="client-key.pem")
+    deployed: ketch.FilterVersion = client.upload_filter("high-value", wasm, description="amount")
+    described: ketch.FilterDescription = client.describe_filter("high-value")
+    with client.consumer(
+        ["orders"], group="big", filter="high-value", filter_params={"field": "amount", "gt": 100},
+        filter_version=deployed.version, assignment_listener_timeout=5.0,
+    ) as consumer:
+        try:
+            consumer.poll_many(10, timeout=1.0)
+        except ketch.FilterError as error:
+            print(error.module, error.reason)
+        except ketch.NotAuthorized as error:
+            print(error.code)
+    client.delete_filter("high-value", force=True)
+    return [f.digest for f in client.list_filters()] + described.in_use_by
+
+
 def main() -> int:
     records = tour(f"orders-{uuid.uuid4().hex[:8]}")
     for r in records:

@@ -16,10 +16,13 @@ use crate::errors::{to_py, to_py_with};
 use crate::listener::{Changes, RebalanceEvent};
 use crate::runtime::{into_awaitable, runtime};
 use crate::sync::{
-    Owner, client_config, consumer_config, make_consumer, new_topic, partition_list,
-    producer_config, queued_deliveries, seek_offset, take_queued,
+    Credentials, FilterArgs, Owner, client_config, consumer_config, make_consumer, new_topic,
+    partition_list, producer_config, queued_deliveries, seek_offset, take_queued,
 };
-use crate::types::{Record, RecordMetadata, TopicInfo, producer_record, producer_records, seconds};
+use crate::types::{
+    FilterDescription, FilterVersion, Record, RecordMetadata, TopicInfo, producer_record,
+    producer_records, seconds,
+};
 
 /// A connection to a Ketch cluster (asyncio). Made by `AsyncClient.connect`.
 #[pyclass(module = "ketch._native", frozen)]
@@ -32,7 +35,7 @@ pub struct AsyncClient {
 #[pymethods]
 impl AsyncClient {
     #[staticmethod]
-    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
+    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false, token=None, client_cert=None, client_key=None))]
     fn connect(
         py: Python<'_>,
         bootstrap: Vec<String>,
@@ -42,6 +45,9 @@ impl AsyncClient {
         request_timeout: Option<f64>,
         connect_timeout: Option<f64>,
         danger_accept_invalid_certs: bool,
+        token: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     ) -> PyResult<Bound<'_, PyAny>> {
         let config = client_config(
             bootstrap,
@@ -51,6 +57,11 @@ impl AsyncClient {
             request_timeout,
             connect_timeout,
             danger_accept_invalid_certs,
+            Credentials {
+                token,
+                client_cert,
+                client_key,
+            },
         )?;
         into_awaitable(py, async move {
             let inner = ketch_client::Client::connect(config).await.map_err(to_py)?;
@@ -137,7 +148,7 @@ impl AsyncClient {
     /// With `rebalance_events`, the consumer's partition changes wait for the facade to take
     /// them (`next_rebalance_event`) and finish their callbacks; `recv`, `poll_many` and
     /// `close` then return `None` / `False` early when a change is waiting.
-    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, rebalance_events=false))]
+    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, rebalance_events=false, assignment_listener_timeout=None, filter=None, filter_params=None, filter_version=None))]
     fn consumer(
         &self,
         py: Python<'_>,
@@ -149,6 +160,10 @@ impl AsyncClient {
         session_timeout: Option<f64>,
         partitions: Option<Vec<(String, u32)>>,
         rebalance_events: bool,
+        assignment_listener_timeout: Option<f64>,
+        filter: Option<String>,
+        filter_params: Option<String>,
+        filter_version: Option<u32>,
     ) -> PyResult<AsyncConsumer> {
         self.owner.check()?;
         let config = consumer_config(
@@ -157,6 +172,12 @@ impl AsyncClient {
             auto_commit,
             auto_commit_interval,
             session_timeout,
+            assignment_listener_timeout,
+            FilterArgs {
+                filter,
+                filter_params,
+                filter_version,
+            },
         )?;
         let (inner, changes) = make_consumer(
             py,
@@ -171,6 +192,62 @@ impl AsyncClient {
             owner: self.owner,
             changes: changes.map(Arc::new),
             deferred: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    #[pyo3(signature = (name, module, description=""))]
+    fn upload_filter<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        module: &[u8],
+        description: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let module = bytes::Bytes::copy_from_slice(module);
+        let description = description.to_owned();
+        into_awaitable(py, async move {
+            let version = admin
+                .upload_filter(&name, &description, module)
+                .await
+                .map_err(to_py)?;
+            Ok(FilterVersion::from(version))
+        })
+    }
+
+    fn list_filters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let filters = admin.list_filters().await.map_err(to_py)?;
+            Ok(filters
+                .into_iter()
+                .map(FilterVersion::from)
+                .collect::<Vec<_>>())
+        })
+    }
+
+    fn describe_filter<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let description = admin.describe_filter(&name).await.map_err(to_py)?;
+            Ok(FilterDescription::from(description))
+        })
+    }
+
+    #[pyo3(signature = (name, *, force=false))]
+    fn delete_filter<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        force: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.delete_filter(&name, force).await.map_err(to_py)
         })
     }
 

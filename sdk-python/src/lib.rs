@@ -33,9 +33,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::Record>()?;
     m.add_class::<types::RecordMetadata>()?;
     m.add_class::<types::TopicInfo>()?;
+    m.add_class::<types::FilterVersion>()?;
+    m.add_class::<types::FilterDescription>()?;
     m.add_class::<types::DeliveryFuture>()?;
     m.add_class::<listener::RebalanceEvent>()?;
     m.add_function(wrap_pyfunction!(runtime::_after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_exception_for_wire_code, m)?)?;
     m.add(
         "SIGNAL_CHECK_INTERVAL_SECONDS",
         runtime::SIGNAL_CHECK_INTERVAL.as_secs_f64(),

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use ketch_client::{
-    ClientConfig, ConsumerConfig, Error, NewTopic, Offset, ProducerConfig, Tls, TopicPartition,
+    ClientCertificate, ClientConfig, ConsumerConfig, Error, FilterSpec, NewTopic, Offset,
+    ProducerConfig, Tls, TopicPartition,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -16,8 +17,8 @@ use crate::errors::{to_py, to_py_with};
 use crate::listener::{Change, Changes};
 use crate::runtime::{runtime, wait, wait_with};
 use crate::types::{
-    self, DeliveryFuture, Record, TopicInfo, acks, millis, producer_record, producer_records,
-    seconds,
+    self, DeliveryFuture, FilterDescription, FilterVersion, Record, TopicInfo, acks, millis,
+    producer_record, producer_records, seconds,
 };
 
 /// The process a handle was made in. A forked child inherits its parent's handles, but not
@@ -42,6 +43,47 @@ impl Owner {
     }
 }
 
+/// How the client proves who it is to brokers that ask: a bearer token, a client
+/// certificate (mutual TLS), both or neither.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    pub token: Option<String>,
+    /// PEM file of the client's certificate chain, leaf first.
+    pub client_cert: Option<String>,
+    /// PEM file of its private key.
+    pub client_key: Option<String>,
+}
+
+impl Credentials {
+    /// Puts the credentials into the core's settings (`bearer_token`, `client_certificate`).
+    pub fn apply(self, config: &mut ClientConfig) -> PyResult<()> {
+        config.bearer_token = match self.token {
+            Some(token) if token.is_empty() => {
+                return Err(PyValueError::new_err("token is empty"));
+            }
+            token => token,
+        };
+        config.client_certificate = match (self.client_cert, self.client_key) {
+            (None, None) => None,
+            (Some(certificate_chain), Some(private_key)) => Some(ClientCertificate::Files {
+                certificate_chain: certificate_chain.into(),
+                private_key: private_key.into(),
+            }),
+            (Some(_), None) => {
+                return Err(PyValueError::new_err(
+                    "client_cert needs client_key (the certificate's private key)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "client_key needs client_cert (the certificate chain it belongs to)",
+                ));
+            }
+        };
+        Ok(())
+    }
+}
+
 /// Client settings shared by `Client` and `AsyncClient`.
 pub fn client_config(
     bootstrap: Vec<String>,
@@ -51,12 +93,14 @@ pub fn client_config(
     request_timeout: Option<f64>,
     connect_timeout: Option<f64>,
     danger_accept_invalid_certs: bool,
+    credentials: Credentials,
 ) -> PyResult<ClientConfig> {
     let mut config = ClientConfig {
         bootstrap,
         client_id: "ketch-python".into(),
         ..ClientConfig::default()
     };
+    credentials.apply(&mut config)?;
     config.tls = match (ca_cert, danger_accept_invalid_certs) {
         (Some(_), true) => {
             return Err(PyValueError::new_err(
@@ -133,6 +177,34 @@ pub fn producer_config(
     Ok(config)
 }
 
+/// The Wasm filter a consumer reads through: `filter_params` is the JSON text the facade
+/// made of the caller's parameters.
+#[derive(Debug, Default)]
+pub struct FilterArgs {
+    pub filter: Option<String>,
+    pub filter_params: Option<String>,
+    pub filter_version: Option<u32>,
+}
+
+impl FilterArgs {
+    fn spec(self) -> PyResult<Option<FilterSpec>> {
+        match self.filter {
+            None if self.filter_params.is_some() || self.filter_version.is_some() => Err(
+                PyValueError::new_err("filter_params and filter_version need filter= (its name)"),
+            ),
+            None => Ok(None),
+            Some(name) => {
+                let mut spec =
+                    FilterSpec::new(name).with_params(self.filter_params.unwrap_or_default());
+                if let Some(version) = self.filter_version {
+                    spec = spec.with_version(version);
+                }
+                Ok(Some(spec))
+            }
+        }
+    }
+}
+
 /// Consumer settings from `consumer`'s arguments.
 pub fn consumer_config(
     group: Option<String>,
@@ -140,16 +212,22 @@ pub fn consumer_config(
     auto_commit: bool,
     auto_commit_interval: f64,
     session_timeout: Option<f64>,
+    assignment_listener_timeout: Option<f64>,
+    filter: FilterArgs,
 ) -> PyResult<ConsumerConfig> {
     let mut config = ConsumerConfig {
         group,
         auto_offset_reset: types::start(start)?,
         auto_commit,
         auto_commit_interval: seconds(auto_commit_interval)?,
+        filter: filter.spec()?,
         ..ConsumerConfig::default()
     };
     if let Some(timeout) = session_timeout {
         config.session_timeout = seconds(timeout)?;
+    }
+    if let Some(timeout) = assignment_listener_timeout {
+        config.assignment_listener_timeout = seconds(timeout)?;
     }
     config.validate().map_err(to_py)?;
     Ok(config)
@@ -215,7 +293,7 @@ pub struct Client {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false))]
+    #[pyo3(signature = (bootstrap, *, ca_cert=None, server_name=None, client_id=None, request_timeout=None, connect_timeout=None, danger_accept_invalid_certs=false, token=None, client_cert=None, client_key=None))]
     fn new(
         py: Python<'_>,
         bootstrap: Vec<String>,
@@ -225,6 +303,9 @@ impl Client {
         request_timeout: Option<f64>,
         connect_timeout: Option<f64>,
         danger_accept_invalid_certs: bool,
+        token: Option<String>,
+        client_cert: Option<String>,
+        client_key: Option<String>,
     ) -> PyResult<Client> {
         let config = client_config(
             bootstrap,
@@ -234,6 +315,11 @@ impl Client {
             request_timeout,
             connect_timeout,
             danger_accept_invalid_certs,
+            Credentials {
+                token,
+                client_cert,
+                client_key,
+            },
         )?;
         let inner = wait(py, ketch_client::Client::connect(config))?.map_err(to_py)?;
         Ok(Client {
@@ -317,7 +403,7 @@ impl Client {
         })
     }
 
-    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, on_assign=None, on_revoke=None))]
+    #[pyo3(signature = (topics=None, *, group=None, start="latest", auto_commit=true, auto_commit_interval=5.0, session_timeout=None, partitions=None, on_assign=None, on_revoke=None, assignment_listener_timeout=None, filter=None, filter_params=None, filter_version=None))]
     fn consumer(
         &self,
         py: Python<'_>,
@@ -330,6 +416,10 @@ impl Client {
         partitions: Option<Vec<(String, u32)>>,
         on_assign: Option<Py<PyAny>>,
         on_revoke: Option<Py<PyAny>>,
+        assignment_listener_timeout: Option<f64>,
+        filter: Option<String>,
+        filter_params: Option<String>,
+        filter_version: Option<u32>,
     ) -> PyResult<Consumer> {
         self.owner.check()?;
         let config = consumer_config(
@@ -338,6 +428,12 @@ impl Client {
             auto_commit,
             auto_commit_interval,
             session_timeout,
+            assignment_listener_timeout,
+            FilterArgs {
+                filter,
+                filter_params,
+                filter_version,
+            },
         )?;
         let callbacks = on_assign.is_some() || on_revoke.is_some();
         let (inner, changes) =
@@ -350,6 +446,43 @@ impl Client {
             on_revoke,
             deferred: Mutex::new(None),
         })
+    }
+
+    /// Uploads a Wasm module (the bytes of a `.wasm` file) as filter `name`.
+    #[pyo3(signature = (name, module, description=""))]
+    fn upload_filter(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        module: &[u8],
+        description: &str,
+    ) -> PyResult<FilterVersion> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let module = bytes::Bytes::copy_from_slice(module);
+        let version = wait(py, admin.upload_filter(name, description, module))?.map_err(to_py)?;
+        Ok(FilterVersion::from(version))
+    }
+
+    fn list_filters(&self, py: Python<'_>) -> PyResult<Vec<FilterVersion>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let filters = wait(py, admin.list_filters())?.map_err(to_py)?;
+        Ok(filters.into_iter().map(FilterVersion::from).collect())
+    }
+
+    fn describe_filter(&self, py: Python<'_>, name: &str) -> PyResult<FilterDescription> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let description = wait(py, admin.describe_filter(name))?.map_err(to_py)?;
+        Ok(FilterDescription::from(description))
+    }
+
+    #[pyo3(signature = (name, *, force=false))]
+    fn delete_filter(&self, py: Python<'_>, name: &str, force: bool) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.delete_filter(name, force))?.map_err(to_py)
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

@@ -390,3 +390,71 @@ pub fn start(value: &str) -> PyResult<AutoOffsetReset> {
         ))),
     }
 }
+
+/// A stored version of a Wasm filter module.
+#[pyclass(module = "ketch._native", frozen, eq, get_all)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterVersion {
+    pub name: String,
+    /// 1 for the first upload, one more for each upload of different bytes.
+    pub version: u32,
+    pub description: String,
+    pub module_bytes: u64,
+    /// SHA-256 of the module, lower-case hex.
+    pub digest: String,
+}
+
+impl From<ketch_client::FilterVersion> for FilterVersion {
+    fn from(v: ketch_client::FilterVersion) -> FilterVersion {
+        FilterVersion {
+            name: v.name,
+            version: v.version,
+            description: v.description,
+            module_bytes: v.module_bytes,
+            digest: v.digest,
+        }
+    }
+}
+
+#[pymethods]
+impl FilterVersion {
+    fn __repr__(&self) -> String {
+        format!(
+            "FilterVersion(name={:?}, version={}, module_bytes={}, digest={:?})",
+            self.name, self.version, self.module_bytes, self.digest
+        )
+    }
+}
+
+/// A filter's stored versions (oldest first) and what uses it.
+#[pyclass(module = "ketch._native", frozen, eq, get_all)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterDescription {
+    pub name: String,
+    pub versions: Vec<FilterVersion>,
+    /// Subscriptions and topics the filter is attached to; a delete without `force` is
+    /// refused while this is not empty.
+    pub in_use_by: Vec<String>,
+}
+
+impl From<ketch_client::FilterDescription> for FilterDescription {
+    fn from(d: ketch_client::FilterDescription) -> FilterDescription {
+        FilterDescription {
+            name: d.name,
+            versions: d.versions.into_iter().map(FilterVersion::from).collect(),
+            in_use_by: d.in_use_by,
+        }
+    }
+}
+
+#[pymethods]
+impl FilterDescription {
+    fn __repr__(&self) -> String {
+        format!(
+            "FilterDescription(name={:?}, versions={}, in_use_by={:?})",
+            self.name,
+            self.versions.len(),
+            self.in_use_by
+        )
+    }
+}

@@ -119,14 +119,14 @@ def test_offset_out_of_range(client: ketch.Client, topic: str) -> None:
         check(lambda: consumer.poll(timeout=10), ketch.OffsetOutOfRange, "offset_out_of_range")
 
 
-@pytest.mark.skip(reason="NotAuthorized: the broker has no authorization yet (security issue); the class and its code 'unauthorized' are mapped and unit-tested in sdk-python/src/errors.rs")
+@pytest.mark.skip(reason="NotAuthorized from a real broker waits for the broker side of the security issue (14); the mapping of code 29 to NotAuthorized and the token/client_cert options are tested in test_security.py")
 def test_not_authorized() -> None:
     raise AssertionError("unreachable")
 
 
 def test_filter_error_attributes() -> None:
     # Raised by the native layer with module and reason parsed from the broker's message
-    # (sdk-python/src/errors.rs); a real broker raises it once filters land (test_filters.py).
+    # (sdk-python/src/errors.rs); test_filters.py has it from a real broker.
     error = ketch.FilterError("boom", code="filter_rejected", module="high-value", reason="trap")
     assert (error.module, error.reason, error.code) == ("high-value", "trap", "filter_rejected")
     assert isinstance(error, ketch.KetchError)

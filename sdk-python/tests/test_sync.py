@@ -242,6 +242,32 @@ def test_closed_member_releases_partitions_promptly(client: ketch.Client, topic:
         assert took < 5.0, f"the partitions took {took:.1f}s to move"
 
 
+def test_assignment_listener_timeout_bounds_a_revocation_nobody_runs(client: ketch.Client, topic: str) -> None:
+    # The first member's thread stops polling once it holds the partitions, so its on_revoke
+    # never runs: the core gives the partitions back after assignment_listener_timeout (1 s
+    # here, 30 s by default) instead of waiting for the callback.
+    group = unique("listener-timeout")
+    revoked: List[ketch.TopicPartition] = []
+    first = client.consumer(
+        [topic], group=group, start="earliest", on_revoke=revoked.extend, assignment_listener_timeout=1.0
+    )
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(first.assignment()) < 3 and time.monotonic() < deadline:
+            first.poll(timeout=0.1)
+        assert len(first.assignment()) == 3
+        with client.consumer([topic], group=group, start="earliest") as second:
+            joined = time.monotonic()
+            while not second.assignment() and time.monotonic() - joined < WAIT_SECONDS:
+                second.poll(timeout=0.1)
+            took = time.monotonic() - joined
+            assert second.assignment(), "the joining member got no partition"
+            assert took < 15.0, f"the partitions took {took:.1f}s to move: the core waited for the callback"
+            assert revoked == [], "on_revoke ran although the first member's thread never polled"
+    finally:
+        first.close()
+
+
 def test_on_revoke_reports_what_a_joining_member_takes(client: ketch.Client, topic: str) -> None:
     group = unique("revoke")
     held: Set[ketch.TopicPartition] = set()

@@ -92,9 +92,8 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// A client certificate (mutual TLS): presented to brokers that ask for one.
     pub client_certificate: Option<ClientCertificate>,
-    /// A bearer token for brokers that authenticate clients by token. Kept for the security
-    /// work: today's brokers do not ask for one, and the client does not send it yet.
-    /// Never printed by `Debug`.
+    /// An API token (`ketch token create`): presented with an `Authenticate` request on every
+    /// new connection, before any other request. Never printed by `Debug`.
     pub bearer_token: Option<String>,
 }
 

@@ -78,6 +78,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod admin_security;
 pub mod blocking;
 mod chains;
 mod client;
@@ -92,6 +93,9 @@ mod transport;
 pub use admin::{
     Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
     NewTopic, PartitionDescription, TopicDescription, TopicSummary,
+};
+pub use admin_security::{
+    Acl, NewToken, Operation, PatternType, Permission, Quota, ResourceType, TokenDescription,
 };
 pub use chains::{
     NewTransform, OnRecordError, ProduceFilters, TopicFilters, TransformStart, TransformStatus,

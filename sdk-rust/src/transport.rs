@@ -217,6 +217,8 @@ pub(crate) struct Transport {
     reconnect_backoff_initial: Duration,
     reconnect_backoff_max: Duration,
     frame_bytes_max: usize,
+    /// Presented with `Authenticate` on every new connection, before any other request.
+    bearer_token: Option<String>,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
     /// The client's close: no new connection, no new request.
     closed: CancellationToken,
@@ -271,6 +273,7 @@ impl Transport {
             reconnect_backoff_initial: config.reconnect_backoff_initial,
             reconnect_backoff_max: config.reconnect_backoff_max,
             frame_bytes_max: config.frame_bytes_max,
+            bearer_token: config.bearer_token.clone(),
             slots: Mutex::new(HashMap::new()),
             closed,
             checking: Arc::new(Mutex::new(std::collections::HashSet::new())),
@@ -375,6 +378,9 @@ impl Transport {
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(connection)) => {
                 tracing::debug!(%addr, "connected");
+                if let Some(token) = &self.bearer_token {
+                    self.authenticate(&connection, addr, token).await?;
+                }
                 Ok(connection)
             }
             Ok(Err(e)) => Err(connect_error(e.to_string(), Some(Cause::new(e)))),
@@ -382,6 +388,47 @@ impl Transport {
                 format!("handshake timed out after {:?}", self.connect_timeout),
                 None,
             )),
+        }
+    }
+
+    /// Presents the bearer token on a new connection, before it is handed to any caller; a
+    /// refused token closes the connection and fails with `authentication_failed`.
+    async fn authenticate(
+        &self,
+        connection: &quinn::Connection,
+        addr: SocketAddr,
+        token: &str,
+    ) -> Result<()> {
+        let request = ketch_protocol::messages::AuthenticateRequest {
+            mechanism: "token".into(),
+            credential: token.to_owned(),
+        };
+        let exchange = exchange(
+            connection,
+            encode_request_chunks(&request),
+            self.frame_bytes_max,
+        );
+        let outcome = match tokio::time::timeout(self.connect_timeout, exchange).await {
+            Ok(Ok(frame)) => {
+                decode_response::<ketch_protocol::messages::AuthenticateResponse>(frame)
+                    .map_err(Error::from)
+                    .and_then(|r| r.map_err(Error::from))
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::Timeout(format!(
+                "Authenticate request to {addr} after {:?}",
+                self.connect_timeout
+            ))),
+        };
+        match outcome {
+            Ok(response) => {
+                tracing::debug!(%addr, principal = %response.principal, "authenticated");
+                Ok(())
+            }
+            Err(error) => {
+                connection.close(0u32.into(), b"authentication failed");
+                Err(error)
+            }
         }
     }
 

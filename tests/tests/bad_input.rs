@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,11 +15,11 @@ use ketch_client::{
     AutoOffsetReset, Client, ClientConfig, ConsumerConfig, Error, ProducerConfig, ProducerRecord,
     Tls, TopicPartition,
 };
-use ketch_e2e::TestBroker;
 use ketch_e2e::raw::{
     ConnectOptions, RawClient, SERVER_NAME, Subscription, Trust, decode_response_frame,
     untrusted_ca_pem,
 };
+use ketch_e2e::{TestBroker, now_ms};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, attributes, compute_crc, split_batches};
 use ketch_protocol::frame::{ErrorResponse, encode_request};
@@ -36,13 +36,6 @@ fn batch(value: &[u8]) -> Bytes {
     let mut builder = BatchBuilder::new(1024 * 1024);
     assert!(builder.try_append(now_ms(), Some(b"k"), Some(value), &[]));
     builder.finish()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
 }
 
 /// Recomputes the CRC after an edit of CRC-covered bytes, so only the edit is wrong.

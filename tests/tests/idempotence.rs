@@ -4,13 +4,13 @@
 //! Each test starts its own broker on an ephemeral loopback port in a temporary directory and
 //! stops exactly that process when it ends.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use ketch_client::{Client, ClientConfig, ProducerConfig, ProducerRecord};
-use ketch_e2e::TestBroker;
 use ketch_e2e::raw::RawClient;
+use ketch_e2e::{TestBroker, now_ms};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, ProducerStamp};
 use ketch_protocol::messages::InitProducerIdRequest;
@@ -18,13 +18,6 @@ use ketch_protocol::messages::InitProducerIdRequest;
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(60);
 const TOPIC: &str = "idem";
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-}
 
 /// A batch of `values`, stamped with a producer identity and base sequence.
 fn batch(stamp: ProducerStamp, values: &[&str]) -> Bytes {

@@ -4,13 +4,13 @@
 //! Each test starts its own broker on an ephemeral loopback port in a temporary directory and
 //! stops exactly that process when it ends.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use ketch_client::{Client, ClientConfig, NewTopic, ProducerConfig, ProducerRecord};
-use ketch_e2e::TestBroker;
 use ketch_e2e::raw::RawClient;
+use ketch_e2e::{TestBroker, now_ms};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchBuilder, ProducerStamp};
 use ketch_protocol::messages::{
@@ -21,13 +21,6 @@ use ketch_protocol::messages::{
 
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(60);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-}
 
 /// One batch: `count` records of `value_bytes` bytes each, the first value starting with
 /// `label` (so the test can tell batches apart when it reads them back).

@@ -11,8 +11,8 @@ use ketch_client::{
     ProducerConfig, ProducerRecord, Tls, TopicPartition,
 };
 
-use crate::process::{ReadyOn, ServerProcess, exe_dir, locate_binary};
 use crate::scenario::{AcksLevel, Durability, Scenario};
+use ketch_testkit::process::{ReadyOn, ServerProcess, exe_dir, locate_binary};
 
 /// The topic every run writes to.
 const TOPIC: &str = "bench";

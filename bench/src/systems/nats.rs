@@ -11,8 +11,10 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::process::{ReadyOn, ServerProcess, exe_dir, free_tcp_port, locate_binary, on_path};
 use crate::scenario::{Durability, Scenario};
+use ketch_testkit::process::{
+    ReadyOn, ServerProcess, exe_dir, free_tcp_port, locate_binary, on_path,
+};
 
 const STREAM: &str = "bench";
 const SUBJECT_PREFIX: &str = "bench";

@@ -118,6 +118,7 @@ pub(super) async fn subscribe_filtered(
     state: &State,
     request: SubscribeFilteredRequest,
     send: &mut quinn::SendStream,
+    principal: &str,
 ) {
     let push_bytes_max = request
         .push_bytes_max
@@ -155,7 +156,15 @@ pub(super) async fn subscribe_filtered(
         request,
         session: Some(session),
     };
-    super::handlers::push_loop(state, ApiKey::SubscribeFiltered, fetch, send, &mut pusher).await;
+    super::handlers::push_loop(
+        state,
+        ApiKey::SubscribeFiltered,
+        fetch,
+        send,
+        &mut pusher,
+        principal,
+    )
+    .await;
 }
 
 /// Filtered subscriptions push what the module kept, with the next source offset.

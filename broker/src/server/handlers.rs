@@ -102,6 +102,20 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                 .await
                 .map(|()| TransformAlterResponse {}),
         ),
+        // Answered by `access::check` before dispatch; here only if that changes.
+        Request::Authenticate(_)
+        | Request::TokenCreate(_)
+        | Request::TokenRevoke(_)
+        | Request::AclChange(_)
+        | Request::QuotaSet(_)
+        | Request::SecurityList(_) => respond::<ApiVersionsResponse>(
+            state,
+            api,
+            Err(ClusterError::new(
+                ErrorCode::InvalidRequest,
+                format!("{} is answered by the security hook", api.name()),
+            )),
+        ),
         Request::ApiVersions(_) => respond(
             state,
             api,
@@ -206,7 +220,7 @@ async fn create_topic(
     })
 }
 
-fn list_topics(state: &State) -> ListTopicsResponse {
+pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
     ListTopicsResponse {
         topics: state
             .cluster
@@ -491,6 +505,7 @@ pub(super) async fn push_loop(
     fetch: FetchPartition,
     send: &mut quinn::SendStream,
     pusher: &mut impl Pusher,
+    principal: &str,
 ) {
     // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
     // which ends the wait below.
@@ -508,9 +523,15 @@ pub(super) async fn push_loop(
         watch.mark_unchanged();
         let response = fetch_partition(state, api, &fetch, fetch.partition_max_bytes);
         if response.error != ErrorCode::None || !response.records.is_empty() {
+            let pushed_bytes = response.records.len() as u64;
             match pusher.push(state, send, response, fetch.offset).await {
                 Some(next) => fetch.offset = next,
                 None => return,
+            }
+            // A principal over its fetch quota reads on later.
+            tokio::select! {
+                () = super::access::hold_back_reader(state, principal, pushed_bytes) => {}
+                () = state.shutdown.cancelled() => return,
             }
             continue;
         }
@@ -565,6 +586,7 @@ pub(super) async fn subscribe(
     state: &State,
     request: SubscribeRequest,
     send: &mut quinn::SendStream,
+    principal: &str,
 ) {
     let push_bytes_max = request
         .push_bytes_max
@@ -575,7 +597,15 @@ pub(super) async fn subscribe(
         offset: request.offset,
         partition_max_bytes: push_bytes_max,
     };
-    push_loop(state, ApiKey::Subscribe, fetch, send, &mut Verbatim).await;
+    push_loop(
+        state,
+        ApiKey::Subscribe,
+        fetch,
+        send,
+        &mut Verbatim,
+        principal,
+    )
+    .await;
 }
 
 fn next_offset_after(records: &Bytes) -> Option<i64> {

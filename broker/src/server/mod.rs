@@ -1,6 +1,7 @@
 //! The QUIC endpoint: TLS, connections, one request per bidirectional stream, bounded
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
+mod access;
 mod chains;
 mod filters;
 mod handlers;
@@ -42,6 +43,8 @@ const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
 /// How often producer state and group offsets are checkpointed (and at shutdown), bounding
 /// what startup replays after a crash.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a QUIC handshake may take; a slow or stalled one is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -64,6 +67,8 @@ pub enum StartError {
     Quic(String),
     #[error("Wasm filters: {0}")]
     Transforms(#[from] crate::transform::TransformError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// Shared state of a running broker.
@@ -75,6 +80,8 @@ pub(crate) struct State {
     pub transforms: Arc<Transforms>,
     /// Topic-to-topic transforms (started after the chains load).
     pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
+    /// Tokens, ACLs, quotas and producer-id owners.
+    pub security: crate::auth::Security,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -86,6 +93,8 @@ pub(crate) struct State {
     shutdown: tokio_util_shutdown::Token,
     /// True while the accept loop runs and the broker is not draining.
     serving: AtomicBool,
+    /// Connections (and handshakes) open per source IP.
+    connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
     pub(crate) metrics: ServerMetrics,
 }
 
@@ -149,6 +158,7 @@ pub struct Broker {
     state: Arc<State>,
     endpoint: quinn::Endpoint,
     dev_ca_path: Option<std::path::PathBuf>,
+    admin_token_path: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -166,7 +176,7 @@ impl Broker {
             _ => tls::dev_identity(&config.data_dir, config.advertised_host.as_slice())?,
         };
         let dev_ca_path = identity.dev_ca_path.clone();
-        let crypto = tls::server_crypto(identity)?;
+        let crypto = tls::server_crypto(identity, config.client_ca.as_deref())?;
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
@@ -213,6 +223,27 @@ impl Broker {
         })?;
         let memory_permits = (config.request_bytes_in_flight_max as usize / MEMORY_PERMIT_BYTES)
             .min(Semaphore::MAX_PERMITS);
+        let (security, admin_token_path) = crate::auth::Security::open(
+            &config.data_dir,
+            config.security_config(),
+            crate::cluster::now_ms(),
+        )?;
+        match security.mode() {
+            crate::auth::AuthMode::None => tracing::warn!(
+                listen = %local_addr,
+                "AUTHENTICATION IS OFF (auth none): every client may do everything; use --auth required beyond development"
+            ),
+            crate::auth::AuthMode::Optional => tracing::warn!(
+                listen = %local_addr,
+                "anonymous clients are allowed (auth optional); ACLs apply to the ANONYMOUS principal"
+            ),
+            crate::auth::AuthMode::Required => {
+                tracing::info!(listen = %local_addr, "authentication required")
+            }
+        }
+        if let Some(path) = &admin_token_path {
+            tracing::warn!(path = %path.display(), principal = crate::auth::ADMIN_PRINCIPAL, "wrote the first admin token (mode 0600); use it with --token and keep it secret");
+        }
         let cluster = Arc::new(cluster);
         let groups_cluster = cluster.clone();
         let groups =
@@ -226,12 +257,14 @@ impl Broker {
             groups,
             transforms: Arc::new(transforms),
             pipelines: std::sync::OnceLock::new(),
+            security,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
             request_memory: Arc::new(Semaphore::new(memory_permits)),
             memory_permits,
             shutdown: tokio_util_shutdown::Token::new(),
             serving: AtomicBool::new(false),
+            connections_per_ip: Arc::default(),
             metrics: ServerMetrics::new(),
             local_addr,
             config,
@@ -251,6 +284,7 @@ impl Broker {
             state,
             endpoint,
             dev_ca_path,
+            admin_token_path,
         })
     }
 
@@ -270,6 +304,11 @@ impl Broker {
         self.dev_ca_path.as_deref()
     }
 
+    /// The admin token this start wrote (first start with `auth required`), if it did.
+    pub fn admin_token_path(&self) -> Option<&std::path::Path> {
+        self.admin_token_path.as_deref()
+    }
+
     /// Serves until `shutdown` resolves, then drains: stops accepting, lets in-flight requests
     /// finish (bounded by `shutdown_grace_ms`), syncs every log and closes connections.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
@@ -281,7 +320,22 @@ impl Broker {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(serve_connection(incoming, state.clone()));
+                    let ip = incoming.remote_address().ip();
+                    match IpSlot::take(&state, ip) {
+                        Some(slot) => {
+                            tokio::spawn(serve_connection(incoming, state.clone(), slot));
+                        }
+                        None => {
+                            state.security.audit(
+                                crate::cluster::now_ms(),
+                                "connection_limit",
+                                "",
+                                &ip.to_string(),
+                                &format!("connections_per_ip_max = {} reached", state.config.connections_per_ip_max),
+                            );
+                            incoming.refuse();
+                        }
+                    }
                 }
                 () = &mut shutdown => break,
             }
@@ -351,11 +405,50 @@ async fn background_tasks(state: Arc<State>) {
     }
 }
 
+/// One of a source IP's `connections_per_ip_max` places, given back when the connection ends.
+#[derive(Debug)]
+struct IpSlot {
+    ip: std::net::IpAddr,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+impl IpSlot {
+    fn take(state: &State, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut counts = state
+            .connections_per_ip
+            .lock()
+            .expect("connection counts lock");
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= state.config.connections_per_ip_max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            ip,
+            counts: state.connections_per_ip.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("connection counts lock");
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What one connection may hold of the broker's request memory.
 #[derive(Debug)]
 struct ConnectionShare {
     remote: SocketAddr,
     request_memory: Arc<Semaphore>,
+    /// Who the connection is.
+    auth: access::ConnectionAuth,
 }
 
 /// Request memory held by one request: its connection's share and the broker's, released
@@ -369,12 +462,24 @@ fn memory_permits(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
-async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
+async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: IpSlot) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
         Err(e) => {
+            tracing::debug!(%remote, error = %e, "connection refused");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        // Dropping the handshake closes it.
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
             return;
         }
     };
@@ -384,6 +489,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>) {
         / CONNECTION_REQUEST_MEMORY_DIVISOR)
         .max(u64::from(state.config.frame_bytes_max));
     let share = Arc::new(ConnectionShare {
+        auth: access::ConnectionAuth::new(&state, &connection),
         remote,
         request_memory: Arc::new(Semaphore::new(
             (connection_memory as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
@@ -455,7 +561,16 @@ async fn serve_stream(
             return;
         }
     };
-    state.metrics.request_received(request.api_key());
+    let api = request.api_key();
+    state.metrics.request_received(api);
+    let (request, principal) = match access::check(&state, &share.auth, request).await {
+        access::Checked::Proceed { request, principal } => (request, principal),
+        access::Checked::Answer(response) => {
+            let _ = write_chunks(&mut send, response).await;
+            state.metrics.request_done(api, started);
+            return;
+        }
+    };
     if let Request::Subscribe(subscribe) = request {
         // A subscription lives long: it gives back the request permit and memory, and holds
         // a subscription permit instead. None left is said, never a silent stall.
@@ -474,17 +589,19 @@ async fn serve_stream(
             return;
         };
         let _subscribed = OpenGuard::new(&state.metrics.push_subscriptions);
-        handlers::subscribe(&state, subscribe, &mut send).await;
+        handlers::subscribe(&state, subscribe, &mut send, &principal).await;
         let _ = send.finish();
         return;
     }
     if let Request::SubscribeFiltered(subscribe) = request {
-        filters::subscribe_filtered(&state, subscribe, &mut send).await;
+        filters::subscribe_filtered(&state, subscribe, &mut send, &principal).await;
         let _ = send.finish();
         return;
     }
-    let api = request.api_key();
     let response = handlers::dispatch(&state, request).await;
+    if api == ketch_protocol::messages::ApiKey::Fetch {
+        access::after_fetch(&state, &principal, &response).await;
+    }
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }

@@ -149,13 +149,38 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// A rustls server config for QUIC: TLS 1.3 only, ALPN `ketch/1`, ring provider.
-pub fn server_crypto(identity: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// A rustls server config for QUIC: TLS 1.3 only, ALPN `ketch/1`, ring provider. With
+/// `client_ca`, clients may present a certificate that CA signed (mutual TLS); one it did not
+/// sign fails the handshake. Clients without one still connect (they authenticate by token,
+/// or are anonymous where the mode allows).
+pub fn server_crypto(
+    identity: ServerIdentity,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in read_chain(path)? {
+                roots.add(certificate)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Pem {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![ketch_protocol::ALPN.to_vec()];
     config.max_early_data_size = 0;
     Ok(Arc::new(config))

@@ -13,9 +13,11 @@ For asyncio, use :mod:`ketch.aio`.
 
 from __future__ import annotations
 
+import json
 import os
 from types import TracebackType
 from typing import (
+    Any,
     Callable,
     Iterable,
     Iterator,
@@ -47,7 +49,14 @@ from ._errors import (
     TopicAlreadyExists,
     TopicNotFound,
 )
-from ._native import DeliveryFuture, Record, RecordMetadata, TopicInfo
+from ._native import (
+    DeliveryFuture,
+    FilterDescription,
+    FilterVersion,
+    Record,
+    RecordMetadata,
+    TopicInfo,
+)
 
 __all__ = [
     "Client",
@@ -58,6 +67,9 @@ __all__ = [
     "TopicInfo",
     "TopicPartition",
     "DeliveryFuture",
+    "FilterVersion",
+    "FilterDescription",
+    "FilterParams",
     "Headers",
     "KetchError",
     "TopicNotFound",
@@ -96,6 +108,21 @@ class TopicPartition(NamedTuple):
     partition: int
 
 
+#: Parameters of a consumer's Wasm filter, handed to the module's ``init``: a JSON-serialisable
+#: mapping (``{"field": "amount", "gt": 100}``), or JSON text as it is.
+FilterParams = Union[Mapping[str, Any], str]
+
+
+def _filter_params(params: Optional[FilterParams]) -> Optional[str]:
+    if params is None or isinstance(params, str):
+        return params
+    return json.dumps(params, separators=(",", ":"))
+
+
+def _path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
+    return None if path is None else os.fspath(path)
+
+
 #: Called with the partitions assigned to or revoked from a group consumer.
 RebalanceCallback = Callable[[List[TopicPartition]], object]
 
@@ -123,6 +150,11 @@ class Client:
     dev CA ``ketch serve`` writes). Connecting loads the cluster metadata, so a wrong address
     fails here with :class:`BrokerUnavailable`.
 
+    For brokers that authenticate clients: ``token`` is a bearer token, ``client_cert`` and
+    ``client_key`` are the PEM files of a client certificate chain and its private key (mutual
+    TLS; a missing or unreadable file fails here with :class:`ConfigError`, code ``"tls"``).
+    An operation the broker refuses to these credentials raises :class:`NotAuthorized`.
+
     Usable as a context manager (closes on exit). Handles made in a parent process before a
     ``fork`` raise :class:`Closed` in the child: make a new ``Client`` there.
     """
@@ -137,15 +169,21 @@ class Client:
         request_timeout: Optional[float] = None,
         connect_timeout: Optional[float] = None,
         danger_accept_invalid_certs: bool = False,
+        token: Optional[str] = None,
+        client_cert: Optional[Union[str, "os.PathLike[str]"]] = None,
+        client_key: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None:
         self._native = _native.Client(
             _bootstrap(bootstrap),
-            ca_cert=None if ca_cert is None else os.fspath(ca_cert),
+            ca_cert=_path(ca_cert),
             server_name=server_name,
             client_id=client_id,
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
             danger_accept_invalid_certs=danger_accept_invalid_certs,
+            token=token,
+            client_cert=_path(client_cert),
+            client_key=_path(client_key),
         )
 
     def create_topic(
@@ -219,6 +257,10 @@ class Client:
         partitions: Optional[Sequence[Tuple[str, int]]] = None,
         on_assign: Optional[RebalanceCallback] = None,
         on_revoke: Optional[RebalanceCallback] = None,
+        assignment_listener_timeout: Optional[float] = None,
+        filter: Optional[str] = None,
+        filter_params: Optional[FilterParams] = None,
+        filter_version: Optional[int] = None,
     ) -> "Consumer":
         """A consumer of a group's share of ``topics`` (``group`` required), or of exactly
         ``partitions`` (``[(topic, partition), ...]``, no membership; a ``group`` is then only
@@ -228,7 +270,14 @@ class Client:
         ``"latest"`` or ``"error"``. ``on_assign`` / ``on_revoke`` are called with
         :class:`TopicPartition` lists on the thread that iterates, polls or closes the
         consumer; revoked partitions go back to the group only once ``on_revoke`` has returned
-        (at most 30 s), so a ``commit()`` there makes manual commits duplicate-free.
+        (at most ``assignment_listener_timeout`` seconds, 30 by default), so a ``commit()``
+        there makes manual commits duplicate-free.
+
+        ``filter`` names a Wasm filter uploaded with :meth:`upload_filter`: the broker runs it
+        on the partitions' records and sends only what it keeps, at their own offsets (commits
+        and seeks work as without). ``filter_params`` goes to the module's ``init`` as JSON;
+        ``filter_version`` pins a stored version (the latest otherwise). A filter that is
+        unknown or fails raises :class:`FilterError` from the read.
         """
         if isinstance(topics, str):
             topics = [topics]
@@ -254,8 +303,32 @@ class Client:
                 partitions=None if partitions is None else [(t, p) for t, p in partitions],
                 on_assign=wrap(on_assign),
                 on_revoke=wrap(on_revoke),
+                assignment_listener_timeout=assignment_listener_timeout,
+                filter=filter,
+                filter_params=_filter_params(filter_params),
+                filter_version=filter_version,
             )
         )
+
+    def upload_filter(self, name: str, module: bytes, *, description: str = "") -> FilterVersion:
+        """Uploads a Wasm module (the bytes of a ``.wasm`` file) as filter ``name``. The
+        broker validates and compiles it; a new version is numbered unless the bytes equal the
+        latest version's. A module that breaks the ABI or a limit raises :class:`FilterError`
+        with the reason."""
+        return self._native.upload_filter(name, bytes(module), description)
+
+    def list_filters(self) -> List[FilterVersion]:
+        """Every filter, with its latest version."""
+        return self._native.list_filters()
+
+    def describe_filter(self, name: str) -> FilterDescription:
+        """Every stored version of filter ``name`` and what uses it."""
+        return self._native.describe_filter(name)
+
+    def delete_filter(self, name: str, *, force: bool = False) -> None:
+        """Deletes every version of a filter; while it is in use this raises
+        :class:`FilterError` (code ``"filter_in_use"``) unless ``force``."""
+        self._native.delete_filter(name, force=force)
 
     def close(self) -> None:
         """Closes every connection; handles made from this client fail afterwards."""

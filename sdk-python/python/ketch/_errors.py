@@ -76,8 +76,8 @@ class NotAuthorized(KetchError):
 
 class FilterError(KetchError):
     """A Wasm filter is unknown, invalid or failed (``unknown_filter``, ``invalid_filter``,
-    ``filter_rejected``). ``module`` names the filter when the broker says which;
-    ``reason`` is why."""
+    ``filter_rejected``, ``filter_failed``, ``filter_in_use``). ``module`` names the filter
+    when the broker says which; ``reason`` is why."""
 
     module: Optional[str]
     reason: str

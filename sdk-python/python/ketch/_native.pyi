@@ -8,6 +8,8 @@ __all__ = [
     "Client",
     "Consumer",
     "DeliveryFuture",
+    "FilterDescription",
+    "FilterVersion",
     "Producer",
     "RebalanceEvent",
     "Record",
@@ -15,11 +17,13 @@ __all__ = [
     "SIGNAL_CHECK_INTERVAL_SECONDS",
     "TopicInfo",
     "_after_fork_in_child",
+    "_exception_for_wire_code",
 ]
 
 SIGNAL_CHECK_INTERVAL_SECONDS: float
 
 def _after_fork_in_child() -> None: ...
+def _exception_for_wire_code(raw_code: int, message: str) -> BaseException: ...
 
 @final
 class Record:
@@ -59,6 +63,28 @@ class TopicInfo:
     def replication_factor(self) -> int: ...
 
 @final
+class FilterVersion:
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def module_bytes(self) -> int: ...
+    @property
+    def digest(self) -> str: ...
+
+@final
+class FilterDescription:
+    @property
+    def name(self) -> str: ...
+    @property
+    def versions(self) -> List[FilterVersion]: ...
+    @property
+    def in_use_by(self) -> List[str]: ...
+
+@final
 class DeliveryFuture:
     @property
     def partition(self) -> int: ...
@@ -78,6 +104,9 @@ class Client:
         request_timeout: Optional[float] = None,
         connect_timeout: Optional[float] = None,
         danger_accept_invalid_certs: bool = False,
+        token: Optional[str] = None,
+        client_cert: Optional[str] = None,
+        client_key: Optional[str] = None,
     ) -> Client: ...
     def create_topic(
         self,
@@ -114,7 +143,15 @@ class Client:
         partitions: Optional[Sequence[Tuple[str, int]]] = None,
         on_assign: Optional[Callable[[List[Tuple[str, int]]], object]] = None,
         on_revoke: Optional[Callable[[List[Tuple[str, int]]], object]] = None,
+        assignment_listener_timeout: Optional[float] = None,
+        filter: Optional[str] = None,
+        filter_params: Optional[str] = None,
+        filter_version: Optional[int] = None,
     ) -> Consumer: ...
+    def upload_filter(self, name: str, module: bytes, description: str = "") -> FilterVersion: ...
+    def list_filters(self) -> List[FilterVersion]: ...
+    def describe_filter(self, name: str) -> FilterDescription: ...
+    def delete_filter(self, name: str, *, force: bool = False) -> None: ...
     def close(self) -> None: ...
 
 @final
@@ -165,6 +202,9 @@ class AsyncClient:
         request_timeout: Optional[float] = None,
         connect_timeout: Optional[float] = None,
         danger_accept_invalid_certs: bool = False,
+        token: Optional[str] = None,
+        client_cert: Optional[str] = None,
+        client_key: Optional[str] = None,
     ) -> Awaitable[AsyncClient]: ...
     def create_topic(
         self,
@@ -199,7 +239,17 @@ class AsyncClient:
         session_timeout: Optional[float] = None,
         partitions: Optional[Sequence[Tuple[str, int]]] = None,
         rebalance_events: bool = False,
+        assignment_listener_timeout: Optional[float] = None,
+        filter: Optional[str] = None,
+        filter_params: Optional[str] = None,
+        filter_version: Optional[int] = None,
     ) -> AsyncConsumer: ...
+    def upload_filter(
+        self, name: str, module: bytes, description: str = ""
+    ) -> Awaitable[FilterVersion]: ...
+    def list_filters(self) -> Awaitable[List[FilterVersion]]: ...
+    def describe_filter(self, name: str) -> Awaitable[FilterDescription]: ...
+    def delete_filter(self, name: str, *, force: bool = False) -> Awaitable[None]: ...
     def close(self) -> None: ...
 
 @final

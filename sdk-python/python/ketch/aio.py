@@ -35,7 +35,7 @@ from typing import (
 
 from . import _native
 from ._errors import Closed, ConfigError
-from ._native import Record, RecordMetadata, TopicInfo
+from ._native import FilterDescription, FilterVersion, Record, RecordMetadata, TopicInfo
 
 __all__ = ["Client", "Producer", "Consumer"]
 
@@ -62,18 +62,24 @@ class Client:
         request_timeout: Optional[float] = None,
         connect_timeout: Optional[float] = None,
         danger_accept_invalid_certs: bool = False,
+        token: Optional[str] = None,
+        client_cert: Optional[Union[str, "os.PathLike[str]"]] = None,
+        client_key: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> "Client":
         """Connects and loads the cluster metadata."""
-        from . import _bootstrap
+        from . import _bootstrap, _path
 
         native = await _native.AsyncClient.connect(
             _bootstrap(bootstrap),
-            ca_cert=None if ca_cert is None else os.fspath(ca_cert),
+            ca_cert=_path(ca_cert),
             server_name=server_name,
             client_id=client_id,
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
             danger_accept_invalid_certs=danger_accept_invalid_certs,
+            token=token,
+            client_cert=_path(client_cert),
+            client_key=_path(client_key),
         )
         return cls(native)
 
@@ -140,11 +146,17 @@ class Client:
         partitions: Optional[Sequence[Tuple[str, int]]] = None,
         on_assign: Optional[AsyncRebalanceCallback] = None,
         on_revoke: Optional[AsyncRebalanceCallback] = None,
+        assignment_listener_timeout: Optional[float] = None,
+        filter: Optional[str] = None,
+        filter_params: Optional[Union[Mapping[str, Any], str]] = None,
+        filter_version: Optional[int] = None,
     ) -> "Consumer":
         """A consumer (arguments as :meth:`ketch.Client.consumer`); ``async for`` reads it.
         Rebalance callbacks run in the task that reads (or closes); a revoked partition is
         released to the group only after ``on_revoke`` has finished, so committing there
         makes manual commits duplicate-free."""
+        from . import _filter_params
+
         if isinstance(topics, str):
             topics = [topics]
         if topics is not None and group is None:
@@ -161,8 +173,28 @@ class Client:
             session_timeout=session_timeout,
             partitions=None if partitions is None else [(t, p) for t, p in partitions],
             rebalance_events=on_assign is not None or on_revoke is not None,
+            assignment_listener_timeout=assignment_listener_timeout,
+            filter=filter,
+            filter_params=_filter_params(filter_params),
+            filter_version=filter_version,
         )
         return Consumer(native, on_assign, on_revoke)
+
+    async def upload_filter(self, name: str, module: bytes, *, description: str = "") -> FilterVersion:
+        """Uploads a Wasm module as filter ``name`` (see :meth:`ketch.Client.upload_filter`)."""
+        return await self._native.upload_filter(name, bytes(module), description)
+
+    async def list_filters(self) -> List[FilterVersion]:
+        """Every filter, with its latest version."""
+        return await self._native.list_filters()
+
+    async def describe_filter(self, name: str) -> FilterDescription:
+        """Every stored version of filter ``name`` and what uses it."""
+        return await self._native.describe_filter(name)
+
+    async def delete_filter(self, name: str, *, force: bool = False) -> None:
+        """Deletes every version of a filter (``force`` while it is in use)."""
+        await self._native.delete_filter(name, force=force)
 
     def close(self) -> None:
         """Closes every connection; handles made from this client fail afterwards."""

@@ -41,8 +41,12 @@ impl ServerProcess {
         log_path: &Path,
         timeout: Duration,
     ) -> anyhow::Result<ServerProcess> {
-        let log = std::fs::File::create(log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        // Appended to: a restarted server's log follows its previous life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
         let (stdout, stderr) = match ready_on {
             ReadyOn::Stdout => (Stdio::piped(), Stdio::from(log)),
             ReadyOn::Stderr => (Stdio::from(log.try_clone()?), Stdio::piped()),
@@ -106,6 +110,11 @@ impl ServerProcess {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// The PID while the process is this handle's (not killed or stopped through it).
+    pub fn running_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Resident memory (VmRSS) and its high-water mark (VmHWM), in bytes.
     pub fn memory(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
@@ -123,6 +132,42 @@ impl ServerProcess {
     }
 
     /// SIGTERM to our child's PID, then SIGKILL after a grace period. Idempotent.
+    /// SIGKILL (no chance to sync or drain) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait up to `grace` for the exit; whether it exited with success. A
+    /// process still running after `grace` is killed and that is an error.
+    pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", child.id());
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the process did not exit within {grace:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, up to 5 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
