@@ -2,6 +2,7 @@
 //! disk ceilings. See `bench/README.md`.
 
 mod baseline;
+mod partitions;
 mod plot;
 mod progress;
 mod report;
@@ -35,6 +36,9 @@ enum Command {
     Suite(SuiteArgs),
     /// One scenario, configured by flags, on Ketch and/or NATS.
     Run(RunArgs),
+    /// Many partitions on one broker: create, produce across them (vs 4 partitions), restart
+    /// with data in every partition; start-up time, RSS, threads, idle CPU.
+    Partitions(PartitionsArgs),
     /// (internal) the sink end of the raw QUIC ceiling, run as a child process.
     #[command(hide = true)]
     QuicSink {
@@ -72,6 +76,24 @@ struct SuiteArgs {
     /// Producers (each with its own partition) in the fsync never/always pair.
     #[arg(long, default_value_t = 4)]
     group_commit_producers: usize,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PartitionsArgs {
+    /// Partition counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,4000,10000")]
+    partitions: Vec<u32>,
+    /// Records per run (at least one per partition).
+    #[arg(long, default_value_t = 100_000)]
+    records: u64,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// How long the idle broker's CPU is measured after the restart.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    idle: Duration,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -224,6 +246,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::QuicSink { dir }) => runtime.block_on(baseline::quic_sink(&dir)),
         Some(Command::Run(args)) => runtime.block_on(run_one(args)),
+        Some(Command::Partitions(args)) => runtime.block_on(run_partitions(args)),
         Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
         None => runtime.block_on(run_suite(cli.suite)),
     }
@@ -266,6 +289,33 @@ async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
     if args.output.json {
         eprint!("{text}");
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
+    let scratch = scratch(&args.output)?;
+    let ketch = systems::ketch::Ketch::locate(&scratch)?;
+    let options = partitions::PartitionsOptions {
+        counts: args.partitions,
+        records: args.records,
+        record_bytes: args.record_bytes,
+        idle_window: args.idle,
+    };
+    let rows = partitions::run(&ketch, &scratch, &options).await;
+    let text = partitions::text(&rows, args.records, args.record_bytes);
+    if args.output.json {
+        eprint!("{text}");
+        let json: Vec<_> = rows
+            .iter()
+            .map(|r| match r {
+                Ok(row) => serde_json::to_value(row).expect("serialisable"),
+                Err(e) => serde_json::json!({ "error": e }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{text}");
     }

@@ -88,6 +88,15 @@ pub struct BrokerConfig {
     pub retention_ms: i64,
     pub retention_bytes: i64,
     pub retention_check_interval_ms: u64,
+    /// How often the log cleaner looks for compacted topics' partitions to compact.
+    pub log_cleaner_interval_ms: u64,
+    /// Bytes per second the log cleaner reads and writes at most.
+    pub log_cleaner_io_bytes_per_sec_max: u64,
+    /// Memory of the log cleaner's key map (one pass; more keys take more passes).
+    pub log_cleaner_key_map_bytes_max: usize,
+    /// Compact a partition when its uncompacted sealed bytes reach this share of its sealed
+    /// bytes, per mille (Kafka's `min.cleanable.dirty.ratio` of 0.5 is 500).
+    pub log_cleaner_min_dirty_per_mille: u32,
     /// Largest record batch a producer may send (Kafka's `message.max.bytes`).
     pub batch_bytes_max: u32,
     /// Largest request frame; a longer one is refused from its length prefix.
@@ -157,6 +166,10 @@ impl Default for BrokerConfig {
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: -1,
             retention_check_interval_ms: 30_000,
+            log_cleaner_interval_ms: 15_000,
+            log_cleaner_io_bytes_per_sec_max: 64 * 1024 * 1024,
+            log_cleaner_key_map_bytes_max: crate::storage::KEY_MAP_BYTES_MAX_DEFAULT,
+            log_cleaner_min_dirty_per_mille: 500,
             batch_bytes_max: 1024 * 1024,
             frame_bytes_max: ketch_protocol::frame::REQUEST_FRAME_BYTES_MAX_DEFAULT as u32,
             streams_per_connection_max: 256,
@@ -298,6 +311,18 @@ impl BrokerConfig {
             return invalid(
                 "segment_bytes_max must hold at least one batch_bytes_max batch".into(),
             );
+        }
+        if self.log_cleaner_key_map_bytes_max < crate::storage::KEY_MAP_BYTES_MIN
+            || self.log_cleaner_io_bytes_per_sec_max == 0
+            || self.log_cleaner_interval_ms == 0
+            || self.log_cleaner_min_dirty_per_mille > 1000
+        {
+            return invalid(format!(
+                "log_cleaner_key_map_bytes_max must be at least {} bytes, \
+                 log_cleaner_io_bytes_per_sec_max and log_cleaner_interval_ms positive, \
+                 log_cleaner_min_dirty_per_mille at most 1000",
+                crate::storage::KEY_MAP_BYTES_MIN
+            ));
         }
         if self.group_session_timeout_ms_min > self.group_session_timeout_ms_max {
             return invalid("group_session_timeout_ms_min exceeds the max".into());

@@ -209,3 +209,163 @@ fn startup_replays_only_the_log_after_the_producer_checkpoint() {
         assert!(retry.duplicate && retry.base_offset == 15, "{retry:?}");
     });
 }
+
+fn entry(key: &str, value: &str) -> ketch_protocol::messages::ConfigEntry {
+    ketch_protocol::messages::ConfigEntry {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn config_of(cluster: &Cluster, topic: &str) -> Vec<(String, String)> {
+    cluster
+        .topic(topic)
+        .unwrap()
+        .config
+        .entries()
+        .into_iter()
+        .map(|e| (e.key, e.value))
+        .collect()
+}
+
+/// Topic settings at create and alter: each entry valid or the whole request refused with
+/// `invalid_config` and nothing changed; the result lasts across a restart.
+#[test]
+fn topic_configs_are_set_all_or_none_and_last() {
+    use ketch_broker::cluster::CleanupPolicy;
+    use ketch_protocol::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    runtime().block_on(async {
+        // (create configs, expected error or the cleanup policy it yields)
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<CleanupPolicy, ErrorCode>);
+        let creates: &[Case<'_>] = &[
+            (&[], Ok(CleanupPolicy::Delete)),
+            (&[("cleanup.policy", "compact")], Ok(CleanupPolicy::Compact)),
+            (
+                &[("cleanup.policy", "delete,compact")],
+                Ok(CleanupPolicy::CompactDelete),
+            ),
+            (
+                &[("cleanup.policy", "compact, delete")],
+                Ok(CleanupPolicy::CompactDelete),
+            ),
+            (
+                &[("cleanup.policy", "shred")],
+                Err(ErrorCode::InvalidConfig),
+            ),
+            (&[("cleanup.policy", "")], Err(ErrorCode::InvalidConfig)),
+            (
+                &[("delete.retention.ms", "-1")],
+                Err(ErrorCode::InvalidConfig),
+            ),
+            (
+                &[("delete.retention.ms", "soon")],
+                Err(ErrorCode::InvalidConfig),
+            ),
+            (&[("topic.id", "00")], Err(ErrorCode::InvalidConfig)),
+            (&[("retention.ms", "-2")], Err(ErrorCode::InvalidConfig)),
+            (&[("segment.bytes", "1")], Err(ErrorCode::InvalidConfig)),
+        ];
+        for (i, (configs, expected)) in creates.iter().enumerate() {
+            let name = format!("t{i}");
+            let entries: Vec<_> = configs.iter().map(|(k, v)| entry(k, v)).collect();
+            let got = cluster
+                .create_topic(&name, 1, &entries)
+                .await
+                .map(|t| t.config.cleanup_policy)
+                .map_err(|e| e.code);
+            assert_eq!(&got, expected, "create with {configs:?}");
+            assert_eq!(cluster.topic(&name).is_some(), expected.is_ok());
+        }
+        // Alter: one bad entry refuses the whole request.
+        let before = config_of(&cluster, "t0");
+        let refused = cluster
+            .alter_topic_config(
+                "t0",
+                &[
+                    entry("cleanup.policy", "compact"),
+                    entry("retention.ms", "x"),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidConfig, "{refused:?}");
+        assert_eq!(config_of(&cluster, "t0"), before);
+        let unknown = cluster
+            .alter_topic_config("nope", &[entry("cleanup.policy", "compact")])
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code, ErrorCode::UnknownTopic);
+        let offsets = cluster
+            .alter_topic_config("__consumer_offsets", &[entry("cleanup.policy", "delete")])
+            .await
+            .unwrap_err();
+        assert_eq!(offsets.code, ErrorCode::InvalidConfig);
+        let altered = cluster
+            .alter_topic_config(
+                "t0",
+                &[
+                    entry("cleanup.policy", "compact"),
+                    entry("delete.retention.ms", "5"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(altered.config.cleanup_policy, CleanupPolicy::Compact);
+        assert_eq!(altered.config.delete_retention_ms, 5);
+    });
+    let altered = config_of(&cluster, "t0");
+    let offsets_policy = cluster
+        .topic("__consumer_offsets")
+        .unwrap()
+        .config
+        .cleanup_policy;
+    assert_eq!(
+        offsets_policy,
+        CleanupPolicy::Compact,
+        "committed offsets are compacted"
+    );
+    cluster = restart(cluster, dir.path());
+    assert_eq!(config_of(&cluster, "t0"), altered, "the change lasts");
+}
+
+/// A compact-only topic is never cut by retention; with `compact,delete` it is.
+#[test]
+fn retention_applies_only_where_the_cleanup_policy_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(
+        Cluster::open(BrokerConfig {
+            segment_bytes_max: 1024 * 1024,
+            batch_bytes_max: 1024 * 1024,
+            ..config(dir.path())
+        })
+        .unwrap(),
+    );
+    runtime().block_on(async {
+        for (name, policy) in [("kept", "compact"), ("cut", "compact,delete")] {
+            cluster
+                .create_topic(
+                    name,
+                    1,
+                    &[
+                        entry("cleanup.policy", policy),
+                        entry("retention.bytes", "0"),
+                    ],
+                )
+                .await
+                .unwrap();
+            let partition = cluster.partition(name, 0).unwrap();
+            let value = vec![7u8; 600 * 1024];
+            for _ in 0..3 {
+                let mut builder = BatchBuilder::new(1024 * 1024);
+                assert!(builder.try_append(0, Some(b"k"), Some(&value), &[]));
+                partition.append(builder.finish(), 0).await.unwrap();
+            }
+        }
+        cluster.apply_retention(0);
+        let start = |name| cluster.partition(name, 0).unwrap().offsets().log_start;
+        assert_eq!(start("kept"), 0, "compact only: retention does not delete");
+        assert!(start("cut") > 0, "compact,delete: retention deletes");
+    });
+}

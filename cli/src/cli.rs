@@ -130,6 +130,25 @@ pub enum TopicCommand {
         /// [default: the broker's --retention-bytes]
         #[arg(long)]
         retention_bytes: Option<i64>,
+        /// delete (retention removes old segments), compact (keep the latest record per
+        /// key), or compact,delete. [default: delete]
+        #[arg(long, value_name = "POLICY")]
+        cleanup_policy: Option<String>,
+        /// Any topic setting, Kafka's names (retention.ms, retention.bytes, cleanup.policy,
+        /// delete.retention.ms); repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
+        configs: Vec<(String, String)>,
+    },
+    /// Change settings of a topic: all given, or none if one is invalid.
+    Alter {
+        name: String,
+        /// delete, compact, or compact,delete.
+        #[arg(long, value_name = "POLICY")]
+        cleanup_policy: Option<String>,
+        /// A topic setting, Kafka's names (retention.ms, retention.bytes, cleanup.policy,
+        /// delete.retention.ms); repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config_entry)]
+        configs: Vec<(String, String)>,
     },
     /// List topics.
     List,
@@ -246,6 +265,16 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// `KEY=VALUE` of `--config`.
+fn parse_config_entry(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
 pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
     let TopicArgs {
         connection,
@@ -261,6 +290,8 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
                 partitions,
                 retention_ms,
                 retention_bytes,
+                cleanup_policy,
+                configs,
             } => {
                 let mut topic = NewTopic::new(&name, partitions);
                 if let Some(ms) = retention_ms {
@@ -271,8 +302,30 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
                         .configs
                         .push(("retention.bytes".into(), bytes.to_string()));
                 }
+                if let Some(policy) = cleanup_policy {
+                    topic.configs.push(("cleanup.policy".into(), policy));
+                }
+                topic.configs.extend(configs);
                 admin.create_topic(topic).await?;
                 writeln!(out, "created topic {name} with {partitions} partitions")?;
+            }
+            TopicCommand::Alter {
+                name,
+                cleanup_policy,
+                mut configs,
+            } => {
+                if let Some(policy) = cleanup_policy {
+                    configs.push(("cleanup.policy".into(), policy));
+                }
+                anyhow::ensure!(
+                    !configs.is_empty(),
+                    "nothing to change: give --cleanup-policy or --config KEY=VALUE"
+                );
+                let now = admin.alter_topic_config(&name, configs).await?;
+                writeln!(out, "altered topic {name}")?;
+                for (key, value) in &now {
+                    writeln!(out, "  {key}={value}")?;
+                }
             }
             TopicCommand::List => {
                 for topic in admin.list_topics().await? {

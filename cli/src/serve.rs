@@ -57,6 +57,34 @@ pub struct ServeArgs {
     /// How often retention is applied, in milliseconds. [default: 30000]
     #[arg(long, env = "KETCH_RETENTION_CHECK_INTERVAL_MS", value_name = "MS")]
     retention_check_interval_ms: Option<u64>,
+    /// How often the log cleaner compacts topics with cleanup.policy compact, in
+    /// milliseconds. [default: 15000]
+    #[arg(long, env = "KETCH_LOG_CLEANER_INTERVAL_MS", value_name = "MS")]
+    log_cleaner_interval_ms: Option<u64>,
+    /// The log cleaner's read and write rate limit, in bytes per second.
+    /// [default: 67108864 (64 MiB/s)]
+    #[arg(
+        long,
+        env = "KETCH_LOG_CLEANER_IO_BYTES_PER_SEC_MAX",
+        value_name = "BYTES"
+    )]
+    log_cleaner_io_bytes_per_sec_max: Option<u64>,
+    /// Memory of the log cleaner's key map; more keys take more passes, in bytes.
+    /// [default: 16777216 (16 MiB)]
+    #[arg(
+        long,
+        env = "KETCH_LOG_CLEANER_KEY_MAP_BYTES_MAX",
+        value_name = "BYTES"
+    )]
+    log_cleaner_key_map_bytes_max: Option<usize>,
+    /// Compact a partition once this share of its sealed bytes is not yet compacted, per
+    /// mille (Kafka's min.cleanable.dirty.ratio 0.5 = 500). [default: 500]
+    #[arg(
+        long,
+        env = "KETCH_LOG_CLEANER_MIN_DIRTY_PER_MILLE",
+        value_name = "PER-MILLE"
+    )]
+    log_cleaner_min_dirty_per_mille: Option<u32>,
     /// Largest record batch accepted, in bytes. [default: 1048576 (1 MiB)]
     #[arg(long, env = "KETCH_BATCH_BYTES_MAX", value_name = "BYTES")]
     batch_bytes_max: Option<u32>,
@@ -154,6 +182,10 @@ impl ServeArgs {
             retention_ms,
             retention_bytes,
             retention_check_interval_ms,
+            log_cleaner_interval_ms,
+            log_cleaner_io_bytes_per_sec_max,
+            log_cleaner_key_map_bytes_max,
+            log_cleaner_min_dirty_per_mille,
             batch_bytes_max,
             frame_bytes_max,
             streams_per_connection_max,

@@ -84,7 +84,10 @@ pub enum BatchError {
     CrcMismatch { expected: u32, actual: u32 },
     #[error("compression (codec {0}) is not supported yet")]
     UnsupportedCompression(i16),
-    #[error("batch declares {0} records; a batch holds 1 to 2^31-1 records")]
+    #[error(
+        "batch declares {0} records; a batch holds 0 to last offset delta + 1 records, and a \
+         produced batch at least 1"
+    )]
     BadRecordCount(i32),
     #[error("last offset delta {last_offset_delta} does not match {records_count} dense records")]
     BadLastOffsetDelta {
@@ -95,7 +98,7 @@ pub enum BatchError {
     BadRecord { index: usize, reason: &'static str },
     #[error("record {index}: {source}")]
     BadVarint { index: usize, source: VarintError },
-    #[error("record offset delta {found} at index {index} breaks the dense sequence")]
+    #[error("record offset delta {found} at index {index} breaks the sequence")]
     OffsetDeltaOutOfOrder { index: usize, found: i32 },
     #[error("batch has {0} trailing bytes after its records")]
     TrailingBytes(usize),
@@ -153,7 +156,7 @@ impl BatchHeader {
         if header.base_offset < 0
             || header
                 .base_offset
-                .checked_add(i64::from(header.records_count.max(0)))
+                .checked_add(i64::from(header.last_offset_delta.max(0)) + 1)
                 .is_none()
         {
             return Err(BatchError::BadBaseOffset(header.base_offset));
@@ -165,16 +168,18 @@ impl BatchHeader {
         if header.total_bytes() > BATCH_BYTES_MAX {
             return Err(BatchError::TooLarge(header.total_bytes()));
         }
-        // Ketch never writes or accepts empty batches (Kafka's compaction can leave them; we do
-        // not compact), and offsets inside a batch are dense.
-        if header.records_count < 1 {
-            return Err(BatchError::BadRecordCount(header.records_count));
-        }
-        if header.last_offset_delta != header.records_count - 1 {
+        // Offsets inside a batch are dense when it is produced; compaction may remove records
+        // (keeping the batch's offset range, `last_offset_delta`, as Kafka does) or all of
+        // them (an empty batch that still spans its offsets). A batch spans at least one
+        // offset and holds at most one record per offset.
+        if header.last_offset_delta < 0 {
             return Err(BatchError::BadLastOffsetDelta {
                 last_offset_delta: header.last_offset_delta,
                 records_count: header.records_count,
             });
+        }
+        if header.records_count < 0 || header.records_count > header.last_offset_delta + 1 {
+            return Err(BatchError::BadRecordCount(header.records_count));
         }
         Ok(header)
     }
@@ -230,6 +235,21 @@ pub fn verify_crc(batch: &[u8]) -> Result<BatchHeader, BatchError> {
         });
     }
     Ok(header)
+}
+
+/// Checks that a batch is as producers build it: at least one record, one per offset of its
+/// range (a compacted batch may have fewer; only storage writes those).
+pub fn check_dense(header: &BatchHeader) -> Result<(), BatchError> {
+    if header.records_count < 1 {
+        return Err(BatchError::BadRecordCount(header.records_count));
+    }
+    if header.last_offset_delta != header.records_count - 1 {
+        return Err(BatchError::BadLastOffsetDelta {
+            last_offset_delta: header.last_offset_delta,
+            records_count: header.records_count,
+        });
+    }
+    Ok(())
 }
 
 /// Rewrites the base offset; the CRC does not cover it, so the batch stays valid.
@@ -546,6 +566,7 @@ impl RecordBatch {
             bytes: self.bytes.slice(BATCH_HEADER_BYTES..),
             position: 0,
             index: 0,
+            last_offset_delta: -1,
             failed: false,
         }
     }
@@ -559,6 +580,59 @@ impl RecordBatch {
     }
 }
 
+/// The batch with only the records `keep` chose, for compaction: the header's offset range
+/// (`base_offset`, `last_offset_delta`), timestamps and producer fields stay, records keep
+/// their bytes (so their offsets), `records_count` and the length shrink and the CRC is
+/// computed again. A batch left with no records still spans its offsets.
+pub fn retain_records(
+    batch: &RecordBatch,
+    mut keep: impl FnMut(&Record) -> bool,
+) -> Result<Bytes, BatchError> {
+    let mut out = BytesMut::with_capacity(batch.bytes.len());
+    out.extend_from_slice(&batch.bytes[..BATCH_HEADER_BYTES]);
+    let mut iter = batch.records();
+    let mut kept = 0i32;
+    loop {
+        let start = iter.position;
+        let Some(record) = iter.next() else { break };
+        let record = record?;
+        if keep(&record) {
+            out.extend_from_slice(&iter.bytes[start..iter.position]);
+            kept += 1;
+        }
+    }
+    iter.finish()?;
+    let total = out.len();
+    out[OFFSET_BATCH_LENGTH..][..4]
+        .copy_from_slice(&((total - BATCH_LENGTH_PREFIX_BYTES) as i32).to_be_bytes());
+    out[OFFSET_RECORDS_COUNT..][..4].copy_from_slice(&kept.to_be_bytes());
+    let crc = compute_crc(&out);
+    out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(out.freeze())
+}
+
+/// A batch of no records spanning `offsets_count` offsets from `base_offset`: what compaction
+/// leaves where whole batches were removed, so offsets stay covered batch after batch.
+/// Not idempotent (no producer); both timestamps are `max_timestamp`.
+pub fn empty_batch(base_offset: i64, offsets_count: i32, max_timestamp: i64) -> Bytes {
+    assert!(offsets_count >= 1, "a batch spans at least one offset");
+    let mut buf = BytesMut::zeroed(BATCH_HEADER_BYTES);
+    buf[OFFSET_BASE_OFFSET..][..8].copy_from_slice(&base_offset.to_be_bytes());
+    buf[OFFSET_BATCH_LENGTH..][..4]
+        .copy_from_slice(&((BATCH_HEADER_BYTES - BATCH_LENGTH_PREFIX_BYTES) as i32).to_be_bytes());
+    buf[OFFSET_LEADER_EPOCH..][..4].copy_from_slice(&(-1i32).to_be_bytes());
+    buf[OFFSET_MAGIC] = MAGIC as u8;
+    buf[OFFSET_LAST_OFFSET_DELTA..][..4].copy_from_slice(&(offsets_count - 1).to_be_bytes());
+    buf[OFFSET_BASE_TIMESTAMP..][..8].copy_from_slice(&max_timestamp.to_be_bytes());
+    buf[OFFSET_MAX_TIMESTAMP..][..8].copy_from_slice(&max_timestamp.to_be_bytes());
+    buf[OFFSET_PRODUCER_ID..][..8].copy_from_slice(&NO_PRODUCER_ID.to_be_bytes());
+    buf[OFFSET_PRODUCER_EPOCH..][..2].copy_from_slice(&NO_PRODUCER_EPOCH.to_be_bytes());
+    buf[OFFSET_BASE_SEQUENCE..][..4].copy_from_slice(&NO_SEQUENCE.to_be_bytes());
+    let crc = compute_crc(&buf);
+    buf[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    buf.freeze()
+}
+
 /// Iterator over the records of a [`RecordBatch`].
 #[derive(Debug)]
 pub struct RecordIter {
@@ -566,6 +640,8 @@ pub struct RecordIter {
     bytes: Bytes,
     position: usize,
     index: usize,
+    /// The previous record's offset delta: deltas increase (dense unless compacted).
+    last_offset_delta: i32,
     failed: bool,
 }
 
@@ -597,7 +673,7 @@ impl RecordIter {
         let _attributes = cursor.u8().ok_or_else(|| bad("missing attributes"))?;
         let timestamp_delta = cursor.varlong().map_err(varint_err)?;
         let offset_delta = cursor.varint().map_err(varint_err)?;
-        if offset_delta != index as i32 {
+        if offset_delta <= self.last_offset_delta || offset_delta > self.header.last_offset_delta {
             return Err(BatchError::OffsetDeltaOutOfOrder {
                 index,
                 found: offset_delta,
@@ -624,6 +700,7 @@ impl RecordIter {
             return Err(bad("record length does not match its fields"));
         }
         self.position = end;
+        self.last_offset_delta = offset_delta;
         Ok(Record {
             offset: self.header.base_offset + i64::from(offset_delta),
             timestamp: self.header.base_timestamp.wrapping_add(timestamp_delta),
@@ -782,6 +859,7 @@ impl Iterator for BatchSlices {
 /// bytes), without allocating. Compressed batches are refused (not supported yet).
 pub fn validate(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     let header = verify_crc(batch)?;
+    check_dense(&header)?;
     if header.compression() != 0 {
         return Err(BatchError::UnsupportedCompression(header.compression()));
     }

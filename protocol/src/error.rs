@@ -44,6 +44,9 @@ pub enum ErrorCode {
     InvalidRequest = 31,
     UnsupportedCompression = 32,
     GroupNotFound = 33,
+    /// The broker's disk is full (ENOSPC): the append was undone, nothing of it was stored.
+    /// The partition takes writes again once space is freed.
+    NoSpace = 40,
     /// A Wasm filter trapped, timed out, exceeded its memory or returned a malformed output;
     /// the message names the module, its version and the reason.
     FilterFailed = 44,
@@ -95,6 +98,7 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedCompression,
         ErrorCode::GroupNotFound,
+        ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
         ErrorCode::AuthenticationFailed,
@@ -127,6 +131,7 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::UnknownTopic
                 | ErrorCode::UnknownPartition
+                | ErrorCode::NoSpace
         )
     }
 
@@ -171,6 +176,7 @@ impl ErrorCode {
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::UnknownTransform => "unknown_transform",
             ErrorCode::TransformExists => "transform_exists",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }
     }

@@ -644,6 +644,20 @@ wire_struct! {
         pub fetch_bytes_per_s: u64,
     }
 
+    // ---- AlterTopicConfig (40) ----
+
+    /// Sets configuration entries of an existing topic (`retention.ms`, `retention.bytes`,
+    /// `cleanup.policy`, `delete.retention.ms`): all of them, or none if any is invalid.
+    pub struct AlterTopicConfigRequest {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+    /// The topic's whole configuration after the change.
+    pub struct AlterTopicConfigResponse {
+        pub name: String,
+        pub configs: Vec<ConfigEntry>,
+    }
+
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
@@ -799,6 +813,7 @@ apis! {
     37 TransformCreate => TransformCreateRequest, TransformCreateResponse;
     38 TransformDescribe => TransformDescribeRequest, TransformDescribeResponse;
     39 TransformAlter => TransformAlterRequest, TransformAlterResponse;
+    40 AlterTopicConfig => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
 impl Request {
@@ -842,7 +857,8 @@ impl Request {
             TokenRevoke,
             AclChange,
             QuotaSet,
-            SecurityList
+            SecurityList,
+            AlterTopicConfig
         )
     }
 }

@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use ketch_protocol::batch::{
     BATCH_HEADER_BYTES, BatchBuilder, BatchError, BatchHeader, Header, ProducerStamp, RecordBatch,
-    set_base_offset, set_producer_stamp, split_batches, verify_crc,
+    empty_batch, retain_records, set_base_offset, set_producer_stamp, split_batches, validate,
+    verify_crc,
 };
 use proptest::prelude::*;
 
@@ -294,4 +295,111 @@ proptest! {
         let decoded = RecordBatch::new(Bytes::from(bytes)).and_then(|b| b.decode_all());
         prop_assert_eq!(validated.is_ok(), decoded.is_ok(), "validate {:?} vs decode {:?}", validated, decoded);
     }
+}
+
+/// Compaction keeps a batch's offset range and its records' offsets: readers see the kept
+/// records at their offsets, the batch still ends where it did, producers may not send it.
+#[test]
+fn retained_records_keep_offsets_and_range() {
+    let records: Vec<TestRecord> = (0..6u8)
+        .map(|i| TestRecord {
+            timestamp: 100 + i64::from(i),
+            key: Some(vec![b'k', i % 3]),
+            value: (i != 4).then(|| vec![i]),
+            headers: vec![(b"h".to_vec(), Some(vec![i]))],
+        })
+        .collect();
+    let (mut bytes, _) = build(&records, 4096, ProducerStamp::NONE);
+    let mut owned = bytes.to_vec();
+    set_base_offset(&mut owned, 1000);
+    bytes = owned.into();
+    let batch = RecordBatch::new(bytes).unwrap();
+    // (keep offsets, expected kept offsets)
+    for keep in [vec![1001, 1004, 1005], vec![1005], vec![1000], vec![]] {
+        let compacted = retain_records(&batch, |r| keep.contains(&r.offset)).unwrap();
+        let again = RecordBatch::new(compacted.clone()).unwrap();
+        assert_eq!(again.header().base_offset, 1000);
+        assert_eq!(again.header().next_offset(), 1006, "the range stays");
+        assert_eq!(again.header().max_timestamp, batch.header().max_timestamp);
+        assert_eq!(again.header().records_count as usize, keep.len());
+        let decoded = again.decode_all().unwrap();
+        let offsets: Vec<i64> = decoded.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, keep);
+        for record in &decoded {
+            let original = &records[(record.offset - 1000) as usize];
+            assert_eq!(record.key.as_deref(), original.key.as_deref());
+            assert_eq!(record.value.as_deref(), original.value.as_deref());
+            assert_eq!(record.timestamp, original.timestamp);
+        }
+        if keep.len() != records.len() {
+            assert!(
+                validate(&compacted).is_err(),
+                "not a batch a producer may send"
+            );
+        }
+    }
+}
+
+#[test]
+fn empty_batches_span_their_offsets() {
+    let bytes = empty_batch(77, 23, 5_000);
+    let batch = RecordBatch::new(bytes.clone()).unwrap();
+    assert_eq!(batch.header().base_offset, 77);
+    assert_eq!(batch.header().next_offset(), 100);
+    assert_eq!(batch.header().records_count, 0);
+    assert_eq!(batch.header().max_timestamp, 5_000);
+    assert!(!batch.header().is_idempotent());
+    assert!(batch.decode_all().unwrap().is_empty());
+    assert_eq!(validate(&bytes).unwrap_err(), BatchError::BadRecordCount(0));
+}
+
+/// Record offset deltas must increase and stay within the batch's range: a batch claiming
+/// more records than offsets, or a record repeating an offset, is refused.
+#[test]
+fn sparse_batches_are_checked() {
+    let records: Vec<TestRecord> = (0..3u8)
+        .map(|i| TestRecord {
+            timestamp: 1,
+            key: None,
+            value: Some(vec![i]),
+            headers: vec![],
+        })
+        .collect();
+    let (bytes, _) = build(&records, 4096, ProducerStamp::NONE);
+    let mut more = bytes.to_vec();
+    more[57..61].copy_from_slice(&4i32.to_be_bytes());
+    let crc = ketch_protocol::batch::compute_crc(&more);
+    more[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(
+        verify_crc(&more).unwrap_err(),
+        BatchError::BadRecordCount(4)
+    );
+    // Last offset delta 1 with three records: the third record's delta 2 is out of range.
+    let mut short = bytes.to_vec();
+    short[23..27].copy_from_slice(&1i32.to_be_bytes());
+    let crc = ketch_protocol::batch::compute_crc(&short);
+    short[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(
+        verify_crc(&short).unwrap_err(),
+        BatchError::BadRecordCount(3)
+    );
+    let mut negative = bytes.to_vec();
+    negative[23..27].copy_from_slice(&(-1i32).to_be_bytes());
+    let crc = ketch_protocol::batch::compute_crc(&negative);
+    negative[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert!(matches!(
+        verify_crc(&negative).unwrap_err(),
+        BatchError::BadLastOffsetDelta { .. }
+    ));
+    // A wider range than records is a compacted batch: fine to read, not to produce.
+    let mut wide = bytes.to_vec();
+    wide[23..27].copy_from_slice(&9i32.to_be_bytes());
+    let crc = ketch_protocol::batch::compute_crc(&wide);
+    wide[17..21].copy_from_slice(&crc.to_be_bytes());
+    let batch = RecordBatch::new(Bytes::from(wide.clone())).unwrap();
+    assert_eq!(batch.decode_all().unwrap().len(), 3);
+    assert!(matches!(
+        validate(&wide).unwrap_err(),
+        BatchError::BadLastOffsetDelta { .. }
+    ));
 }

@@ -222,11 +222,16 @@ fn sarama_batches_decode() {
     ));
 }
 
-/// Ketch refuses empty batches (sarama's "empty record" case): a batch holds at least one record.
+/// sarama's "empty record" batch: what Kafka's compaction leaves of a batch whose records
+/// all went. A reader takes it as no records spanning its offset; a producer may not send it.
 #[test]
-fn sarama_empty_batch_is_refused() {
+fn sarama_empty_batch_reads_as_no_records_and_is_refused_on_produce() {
+    let batch = RecordBatch::new(hex(SARAMA_EMPTY)).unwrap();
+    assert_eq!(batch.header().records_count, 0);
+    assert_eq!(batch.header().next_offset(), 1);
+    assert!(batch.decode_all().unwrap().is_empty());
     assert_eq!(
-        RecordBatch::new(hex(SARAMA_EMPTY)).unwrap_err(),
+        ketch_protocol::batch::validate(&hex(SARAMA_EMPTY)).unwrap_err(),
         BatchError::BadRecordCount(0)
     );
 }

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use ketch_protocol::ErrorCode;
 use ketch_protocol::messages::{
-    ConfigEntry, CreateTopicRequest, DeleteTopicRequest, DescribeGroupRequest,
-    DescribeGroupResponse, DescribeTopicRequest, ListGroupsRequest, ListOffsetsPartition,
-    ListOffsetsRequest, ListTopicsRequest, OffsetFetchRequest, OffsetSpec, PartitionMetadata,
+    AlterTopicConfigRequest, ConfigEntry, CreateTopicRequest, DeleteTopicRequest,
+    DescribeGroupRequest, DescribeGroupResponse, DescribeTopicRequest, ListGroupsRequest,
+    ListOffsetsPartition, ListOffsetsRequest, ListTopicsRequest, OffsetFetchRequest, OffsetSpec,
+    PartitionMetadata,
 };
 
 use crate::client::Client;
@@ -242,6 +243,39 @@ impl Admin {
         self.client.inner.call_controller(&request).await?;
         self.refresh().await;
         Ok(())
+    }
+
+    /// Sets configuration entries of a topic (Kafka's names: `retention.ms`,
+    /// `retention.bytes`, `cleanup.policy`, `delete.retention.ms`): all of them, or none
+    /// if one is invalid ([`ErrorCode::InvalidConfig`]). Returns the topic's whole
+    /// configuration afterwards.
+    ///
+    /// ```no_run
+    /// # async fn example(admin: ketch_client::Admin) -> Result<(), ketch_client::Error> {
+    /// let configs = admin
+    ///     .alter_topic_config("users", vec![("cleanup.policy".into(), "compact".into())])
+    ///     .await?;
+    /// assert!(configs.contains(&("cleanup.policy".into(), "compact".into())));
+    /// # Ok(()) }
+    /// ```
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        configs: Vec<(String, String)>,
+    ) -> Result<Vec<(String, String)>> {
+        let request = AlterTopicConfigRequest {
+            name: name.to_owned(),
+            configs: configs
+                .into_iter()
+                .map(|(key, value)| ConfigEntry { key, value })
+                .collect(),
+        };
+        let response = self.client.inner.call_controller(&request).await?;
+        Ok(response
+            .configs
+            .into_iter()
+            .map(|c| (c.key, c.value))
+            .collect())
     }
 
     /// Deletes a topic and its records.

@@ -316,8 +316,12 @@ async fn snapshot(raw: &RawClient) -> anyhow::Result<String> {
         .await?;
     let filters = raw.call_ok(&FilterListRequest {}).await?;
     let security = raw.call_ok(&SecurityListRequest {}).await?;
+    let configs = raw
+        .call_ok(&DescribeTopicRequest { name: "t".into() })
+        .await?
+        .configs;
     Ok(format!(
-        "{topics:?}\n{hw}\n{groups:?}\n{offsets:?}\n{filters:?}\n{security:?}"
+        "{topics:?}\n{hw}\n{groups:?}\n{offsets:?}\n{filters:?}\n{security:?}\n{configs:?}"
     ))
 }
 
@@ -412,6 +416,17 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
         (
             ApiKey::DescribeTopic,
             encode_request(&DescribeTopicRequest { name: "t".into() }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::AlterTopicConfig,
+            encode_request(&AlterTopicConfigRequest {
+                name: "t".into(),
+                configs: vec![ConfigEntry {
+                    key: "cleanup.policy".into(),
+                    value: "compact".into(),
+                }],
+            }),
             Unauthorized,
         ),
         (

@@ -68,6 +68,16 @@ impl Ketch {
         data_dir: &Path,
         durability: Durability,
     ) -> anyhow::Result<ServerProcess> {
+        self.spawn_in_with(data_dir, durability, &[])
+    }
+
+    /// [`Self::spawn_in`] with more `ketch serve` flags.
+    pub fn spawn_in_with(
+        &self,
+        data_dir: &Path,
+        durability: Durability,
+        extra_args: &[String],
+    ) -> anyhow::Result<ServerProcess> {
         let fsync = match durability {
             Durability::OsWriteback => "never".to_owned(),
             Durability::IntervalMs(ms) => format!("interval:{ms}"),
@@ -82,6 +92,7 @@ impl Ketch {
             .arg("127.0.0.1:0")
             .arg("--fsync")
             .arg(fsync)
+            .args(extra_args)
             // Metrics stay on (what they cost is part of what is measured), on a free port.
             // An environment variable, not a flag: brokers from before it ignore it.
             .env("KETCH_METRICS_LISTEN", "127.0.0.1:0")
@@ -111,6 +122,12 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// A broker whose data directory the caller keeps.
+    pub fn attach(process: ServerProcess) -> anyhow::Result<AttachedBroker> {
+        let (addr, ca) = parse_ready_line(&process.ready_line)?;
+        Ok(AttachedBroker { process, addr, ca })
+    }
+
     fn from_process(process: ServerProcess, dir: tempfile::TempDir) -> anyhow::Result<Broker> {
         let (addr, ca) = parse_ready_line(&process.ready_line)?;
         Ok(Broker {
@@ -140,6 +157,28 @@ impl Broker {
             .create_topic(topic)
             .await
             .context("creating the bench topic")
+    }
+}
+
+/// A running broker on a data directory someone else owns.
+#[derive(Debug)]
+pub struct AttachedBroker {
+    pub process: ServerProcess,
+    pub addr: String,
+    pub ca: PathBuf,
+}
+
+impl AttachedBroker {
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(ClientConfig {
+            bootstrap: vec![self.addr.clone()],
+            tls: Tls::CaFile(self.ca.clone()),
+            client_id: "ketch-bench".to_owned(),
+            request_timeout: std::time::Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("connecting to the broker at {}", self.addr))
     }
 }
 

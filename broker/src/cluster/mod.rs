@@ -6,6 +6,7 @@
 //! partitions only through the methods here.
 
 pub(crate) mod checkpoint;
+mod cleaner;
 mod producers;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use crate::metrics::{FsyncMetrics, TopicMetrics};
 use crate::storage::{self, PartitionLog, StorageError};
 use producers::{ProducerTable, SequenceCheck};
 
+pub use cleaner::LogCleaner;
 pub use producers::PRODUCER_BATCHES_REMEMBERED_MAX;
 
 pub use crate::group::OFFSETS_TOPIC;
@@ -74,6 +76,7 @@ impl From<StorageError> for ClusterError {
             StorageError::QueueFull { .. } => ErrorCode::Overloaded,
             StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             StorageError::Closed => ErrorCode::ShuttingDown,
+            StorageError::NoSpace { .. } => ErrorCode::NoSpace,
             _ => ErrorCode::StorageFailed,
         };
         ClusterError {
@@ -98,7 +101,8 @@ pub fn batch_error(error: batch::BatchError) -> ClusterError {
     ClusterError::new(code, error.to_string())
 }
 
-/// Per-topic settings, persisted in `topic.json`.
+/// Per-topic settings, persisted in `topic.json` (flattened beside the id). Settings added
+/// later carry serde defaults, so older files load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
     pub partitions: u32,
@@ -106,20 +110,124 @@ pub struct TopicConfig {
     pub retention_ms: i64,
     /// `-1`: no size limit.
     pub retention_bytes: i64,
+    /// Kafka's `cleanup.policy`: delete old segments (retention), compact by key, or both.
+    #[serde(default)]
+    pub cleanup_policy: CleanupPolicy,
+    /// Kafka's `delete.retention.ms`: how long compaction keeps a tombstone.
+    #[serde(default = "delete_retention_ms_default")]
+    pub delete_retention_ms: i64,
+}
+
+fn delete_retention_ms_default() -> i64 {
+    storage::DELETE_RETENTION_MS_DEFAULT
+}
+
+/// The read-only entry DescribeTopic lists with the topic's id (16 hex digits): until
+/// responses are versioned, a config entry is where old clients accept a new datum.
+pub const TOPIC_ID_CONFIG: &str = "topic.id";
+
+/// Kafka's `cleanup.policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CleanupPolicy {
+    /// Retention deletes old segments (by `retention.ms` and `retention.bytes`).
+    #[default]
+    #[serde(rename = "delete")]
+    Delete,
+    /// The log cleaner keeps the latest record per key; nothing is deleted by age or size.
+    #[serde(rename = "compact")]
+    Compact,
+    /// Both: compaction, and retention on top.
+    #[serde(rename = "compact,delete")]
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    pub fn compacts(self) -> bool {
+        matches!(self, CleanupPolicy::Compact | CleanupPolicy::CompactDelete)
+    }
+
+    pub fn deletes(self) -> bool {
+        matches!(self, CleanupPolicy::Delete | CleanupPolicy::CompactDelete)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+}
+
+impl std::str::FromStr for CleanupPolicy {
+    type Err = String;
+
+    /// `delete`, `compact`, or both as a comma-separated list in either order (Kafka's form).
+    fn from_str(text: &str) -> Result<CleanupPolicy, String> {
+        let (mut compact, mut delete) = (false, false);
+        for part in text.split(',').map(str::trim) {
+            match part {
+                "compact" => compact = true,
+                "delete" => delete = true,
+                _ => {
+                    return Err(format!(
+                        "cleanup.policy must be delete, compact or compact,delete, not {text:?}"
+                    ));
+                }
+            }
+        }
+        Ok(match (compact, delete) {
+            (true, true) => CleanupPolicy::CompactDelete,
+            (true, false) => CleanupPolicy::Compact,
+            _ => CleanupPolicy::Delete,
+        })
+    }
 }
 
 impl TopicConfig {
     pub fn entries(&self) -> Vec<ConfigEntry> {
+        let entry = |key: &str, value: String| ConfigEntry {
+            key: key.into(),
+            value,
+        };
         vec![
-            ConfigEntry {
-                key: "retention.ms".into(),
-                value: self.retention_ms.to_string(),
-            },
-            ConfigEntry {
-                key: "retention.bytes".into(),
-                value: self.retention_bytes.to_string(),
-            },
+            entry("retention.ms", self.retention_ms.to_string()),
+            entry("retention.bytes", self.retention_bytes.to_string()),
+            entry("cleanup.policy", self.cleanup_policy.as_str().into()),
+            entry("delete.retention.ms", self.delete_retention_ms.to_string()),
         ]
+    }
+
+    /// Applies one `key=value` setting (the keys `entries` lists; Kafka's names).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ClusterError> {
+        let invalid = |message: String| Err(ClusterError::new(ErrorCode::InvalidConfig, message));
+        let integer = |min: i64| -> Result<i64, ClusterError> {
+            let parsed: i64 = value.trim().parse().map_err(|_| {
+                ClusterError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{key} must be an integer, not {value:?}"),
+                )
+            })?;
+            if parsed < min {
+                return Err(ClusterError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{key} must be >= {min}, not {parsed}"),
+                ));
+            }
+            Ok(parsed)
+        };
+        match key {
+            "retention.ms" => self.retention_ms = integer(-1)?,
+            "retention.bytes" => self.retention_bytes = integer(-1)?,
+            "delete.retention.ms" => self.delete_retention_ms = integer(0)?,
+            "cleanup.policy" => match value.parse() {
+                Ok(policy) => self.cleanup_policy = policy,
+                Err(message) => return invalid(message),
+            },
+            TOPIC_ID_CONFIG => return invalid(format!("{TOPIC_ID_CONFIG} is read-only")),
+            other => return invalid(format!("unknown topic config {other:?}")),
+        }
+        Ok(())
     }
 }
 
@@ -160,7 +268,7 @@ struct TopicFile {
     config: TopicConfig,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Topic {
     pub name: String,
     pub id: TopicId,
@@ -575,9 +683,27 @@ impl Partition {
         }
     }
 
-    pub fn apply_retention(&self, now_ms: i64) -> Result<(), ClusterError> {
-        self.log.apply_retention(now_ms)?;
+    /// Deletes old segments as `config` says (nothing unless its cleanup policy deletes).
+    pub fn apply_retention(&self, now_ms: i64, config: &TopicConfig) -> Result<(), ClusterError> {
+        if config.cleanup_policy.deletes() {
+            self.log.apply_retention_limits(
+                now_ms,
+                (config.retention_ms >= 0).then_some(config.retention_ms),
+                (config.retention_bytes >= 0).then_some(config.retention_bytes as u64),
+            )?;
+        }
         Ok(())
+    }
+
+    /// Compacts the partition's sealed segments (the log cleaner's work; see
+    /// `PartitionLog::compact`).
+    pub fn compact(
+        &self,
+        config: &storage::CompactionConfig,
+        now_ms: i64,
+        throttle: &mut dyn FnMut(u64),
+    ) -> Result<storage::CompactionOutcome, ClusterError> {
+        Ok(self.log.compact(config, now_ms, throttle)?)
     }
 
     pub fn sync(&self) -> Result<(), ClusterError> {
@@ -875,11 +1001,32 @@ impl Cluster {
                 .expect("topics lock")
                 .insert(name, Arc::new(topic));
         }
+        if let Some(offsets) = cluster.topic(OFFSETS_TOPIC)
+            && !offsets.config.cleanup_policy.compacts()
+        {
+            // Written before compaction existed: committed offsets are compacted by key.
+            let config = TopicConfig {
+                cleanup_policy: CleanupPolicy::Compact,
+                ..offsets.config.clone()
+            };
+            write_topic_file(&offsets.dir, offsets.id, &config)?;
+            let upgraded = Topic {
+                config,
+                ..(*offsets).clone()
+            };
+            cluster
+                .topics
+                .write()
+                .expect("topics lock")
+                .insert(OFFSETS_TOPIC.into(), Arc::new(upgraded));
+        }
         if cluster.topic(OFFSETS_TOPIC).is_none() {
             let config = TopicConfig {
                 partitions: 1,
                 retention_ms: -1,
                 retention_bytes: -1,
+                cleanup_policy: CleanupPolicy::Compact,
+                delete_retention_ms: storage::DELETE_RETENTION_MS_DEFAULT,
             };
             let topic = cluster.create_topic_dir(OFFSETS_TOPIC, &config)?;
             cluster
@@ -895,7 +1042,9 @@ impl Cluster {
         &self.config
     }
 
-    fn log_config(&self, topic: &TopicConfig) -> storage::LogConfig {
+    /// The storage config of a topic's logs. Retention is not in it: it follows the topic's
+    /// current settings (`Partition::apply_retention`), which `alter_topic_config` changes.
+    fn log_config(&self, _topic: &TopicConfig) -> storage::LogConfig {
         storage::LogConfig {
             segment_bytes_max: self.config.segment_bytes_max,
             segment_age_ms_max: self.config.segment_age_ms_max,
@@ -905,8 +1054,8 @@ impl Cluster {
                 Fsync::IntervalMs(ms) => storage::FsyncPolicy::Interval { ms },
                 Fsync::Never => storage::FsyncPolicy::Never,
             },
-            retention_ms: (topic.retention_ms >= 0).then_some(topic.retention_ms),
-            retention_bytes: (topic.retention_bytes >= 0).then_some(topic.retention_bytes as u64),
+            retention_ms: None,
+            retention_bytes: None,
             ..storage::LogConfig::default()
         }
     }
@@ -1039,30 +1188,11 @@ impl Cluster {
             partitions,
             retention_ms: self.config.retention_ms,
             retention_bytes: self.config.retention_bytes,
+            cleanup_policy: CleanupPolicy::Delete,
+            delete_retention_ms: storage::DELETE_RETENTION_MS_DEFAULT,
         };
         for entry in configs {
-            let value: i64 = entry.value.parse().map_err(|_| {
-                ClusterError::new(
-                    ErrorCode::InvalidConfig,
-                    format!("{} must be an integer, not {:?}", entry.key, entry.value),
-                )
-            })?;
-            if value < -1 {
-                return Err(ClusterError::new(
-                    ErrorCode::InvalidConfig,
-                    format!("{} must be >= -1", entry.key),
-                ));
-            }
-            match entry.key.as_str() {
-                "retention.ms" => config.retention_ms = value,
-                "retention.bytes" => config.retention_bytes = value,
-                other => {
-                    return Err(ClusterError::new(
-                        ErrorCode::InvalidConfig,
-                        format!("unknown topic config {other:?}"),
-                    ));
-                }
-            }
+            config.set(&entry.key, &entry.value)?;
         }
         let _admin = self.admin.lock().await;
         if self.topic(name).is_some() {
@@ -1078,6 +1208,54 @@ impl Cluster {
             .insert(name.to_owned(), topic.clone());
         tracing::info!(topic = name, id = %topic.id, partitions, "created topic");
         Ok(topic)
+    }
+
+    /// Changes settings of an existing topic (`retention.ms`, `retention.bytes`,
+    /// `cleanup.policy`, `delete.retention.ms`): all of them or, on any invalid one, none.
+    /// `topic.json` is rewritten durably before the new settings apply; retention and the
+    /// log cleaner pick them up on their next round. Returns the topic as it is now.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        configs: &[ConfigEntry],
+    ) -> Result<Arc<Topic>, ClusterError> {
+        let _admin = self.admin.lock().await;
+        let topic = self.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        let mut config = topic.config.clone();
+        for entry in configs {
+            config.set(&entry.key, &entry.value)?;
+        }
+        if name == OFFSETS_TOPIC && !config.cleanup_policy.compacts() {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidConfig,
+                "the offsets topic is always compacted",
+            ));
+        }
+        if config == topic.config {
+            return Ok(topic);
+        }
+        write_topic_file(&topic.dir, topic.id, &config)?;
+        let altered = Arc::new(Topic {
+            config,
+            ..(*topic).clone()
+        });
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(name.to_owned(), altered.clone());
+        tracing::info!(topic = name, configs = ?altered.config, "altered topic config");
+        Ok(altered)
+    }
+
+    /// How the log cleaner compacts `topic` now.
+    pub fn compaction_config(&self, topic: &TopicConfig) -> storage::CompactionConfig {
+        storage::CompactionConfig {
+            key_map_bytes_max: self.config.log_cleaner_key_map_bytes_max,
+            delete_retention_ms: topic.delete_retention_ms,
+            min_dirty_per_mille: self.config.log_cleaner_min_dirty_per_mille,
+        }
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
@@ -1131,7 +1309,7 @@ impl Cluster {
     pub fn apply_retention(&self, now_ms: i64) {
         for topic in self.topics() {
             for partition in &topic.partitions {
-                if let Err(e) = partition.apply_retention(now_ms) {
+                if let Err(e) = partition.apply_retention(now_ms, &topic.config) {
                     tracing::warn!(topic = %topic.name, partition = partition.index, error = %e, "retention failed");
                 }
             }
@@ -1169,6 +1347,61 @@ impl Cluster {
                 if let Err(e) = partition.checkpoint_producers() {
                     tracing::warn!(topic = %topic.name, partition = partition.index, error = %e, "producer checkpoint failed");
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Storage failures as the wire reports them: a full disk is `no_space` (retriable: the
+    /// partition takes writes again once space is freed), a failed fsync `storage_failed`.
+    #[test]
+    fn storage_errors_map_to_wire_codes() {
+        let check = |error: StorageError, code: ErrorCode, retriable: bool| {
+            let wire = ClusterError::from(error);
+            assert_eq!(wire.code, code, "{wire:?}");
+            assert_eq!(code.is_retriable(), retriable, "{code}");
+        };
+        check(
+            StorageError::NoSpace {
+                path: "/data/topics/t/0/00000000000000000000.log".into(),
+            },
+            ErrorCode::NoSpace,
+            true,
+        );
+        check(
+            StorageError::Poisoned {
+                cause: "fsync failed".into(),
+            },
+            ErrorCode::StorageFailed,
+            false,
+        );
+        check(StorageError::Closed, ErrorCode::ShuttingDown, true);
+        assert_eq!(ErrorCode::NoSpace.as_u16(), 40);
+        assert_eq!(ErrorCode::from_u16(40), Some(ErrorCode::NoSpace));
+        assert_eq!(ErrorCode::NoSpace.name(), "no_space");
+    }
+
+    #[test]
+    fn cleanup_policies_parse_like_kafka() {
+        for (text, expected) in [
+            ("delete", Ok(CleanupPolicy::Delete)),
+            ("compact", Ok(CleanupPolicy::Compact)),
+            ("compact,delete", Ok(CleanupPolicy::CompactDelete)),
+            ("delete,compact", Ok(CleanupPolicy::CompactDelete)),
+            (" compact , delete ", Ok(CleanupPolicy::CompactDelete)),
+            ("compact,compact", Ok(CleanupPolicy::Compact)),
+            ("", Err(())),
+            ("compact,", Err(())),
+            ("Compact", Err(())),
+        ] {
+            let got = text.parse::<CleanupPolicy>().map_err(|_| ());
+            assert_eq!(got, expected, "{text:?}");
+            if let Ok(policy) = got {
+                assert_eq!(policy.as_str().parse::<CleanupPolicy>(), Ok(policy));
             }
         }
     }

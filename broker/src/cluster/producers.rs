@@ -62,8 +62,10 @@ pub struct ProducerTable {
     version: u64,
 }
 
+/// The batch's last sequence number: one per offset of its range (Kafka's rule, which holds
+/// for compacted batches too, whose records thinned but whose range stayed).
 fn last_sequence(header: &BatchHeader) -> i32 {
-    header.base_sequence.wrapping_add(header.records_count - 1) & i32::MAX
+    header.base_sequence.wrapping_add(header.last_offset_delta) & i32::MAX
 }
 
 impl ProducerTable {

@@ -128,6 +128,7 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
         Request::CreateTopic(r) => vec![need(Create, Topic, &r.name)],
         Request::DeleteTopic(r) => vec![need(Delete, Topic, &r.name)],
         Request::DescribeTopic(r) => vec![need(Describe, Topic, &r.name)],
+        Request::AlterTopicConfig(r) => vec![need(Alter, Topic, &r.name)],
         Request::Produce(r) => r
             .topics
             .iter()

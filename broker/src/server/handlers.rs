@@ -30,6 +30,18 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
     match request {
         Request::Metadata(r) => respond(state, api, Ok(metadata(state, r))),
         Request::CreateTopic(r) => respond(state, api, create_topic(state, r).await),
+        Request::AlterTopicConfig(r) => respond(
+            state,
+            api,
+            state
+                .cluster
+                .alter_topic_config(&r.name, &r.configs)
+                .await
+                .map(|topic| AlterTopicConfigResponse {
+                    name: topic.name.clone(),
+                    configs: topic.config.entries(),
+                }),
+        ),
         Request::DeleteTopic(r) => {
             let deleted = state.groups.delete_topic(&r.name, now_ms()).await;
             if deleted.is_ok() {
@@ -246,7 +258,15 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
             .iter()
             .map(|p| partition_metadata(p, NODE_ID))
             .collect(),
-        configs: topic.config.entries(),
+        configs: topic
+            .config
+            .entries()
+            .into_iter()
+            .chain([ConfigEntry {
+                key: crate::cluster::TOPIC_ID_CONFIG.into(),
+                value: topic.id.to_string(),
+            }])
+            .collect(),
     })
 }
 

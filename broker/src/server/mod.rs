@@ -314,6 +314,13 @@ impl Broker {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state.clone();
         let background = tokio::spawn(background_tasks(state.clone()));
+        let cleaner = match crate::cluster::LogCleaner::start(state.cluster.clone()) {
+            Ok(cleaner) => Some(cleaner),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the log cleaner: compacted topics grow");
+                None
+            }
+        };
         tokio::pin!(shutdown);
         state.serving.store(true, Ordering::SeqCst);
         loop {
@@ -352,6 +359,9 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         background.abort();
+        if let Some(cleaner) = cleaner {
+            let _ = tokio::task::spawn_blocking(move || cleaner.stop()).await;
+        }
         let shutting = state.clone();
         let _ = tokio::task::spawn_blocking(move || {
             shutting.cluster.sync_all();

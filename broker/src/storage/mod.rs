@@ -55,6 +55,14 @@
 //! by a crash. Prefix deletion (retention, `purge_prefix`) unlinks oldest first and suffix
 //! truncation newest first, so a crash between unlinks leaves one dense run of segments.
 //!
+//! **Compaction** ([`PartitionLog::compact`], `log/compaction.rs`) keeps the latest record per
+//! key in the sealed segments and removes expired tombstones; batches keep their offset range
+//! (records inside become sparse; a run of emptied batches becomes one empty batch), so the
+//! rest of storage still sees batches covering offsets densely. Segments are swapped one at a
+//! time through `N.log.cleaned` → `N.log.swap` (the commit) → `N.log`; recovery finishes a
+//! committed swap and removes an uncommitted one. Files: `cleaner-offset.checkpoint` (the
+//! first offset not yet compacted, same format as the log start checkpoint).
+//!
 //! **Disk full**: a write group that fails with ENOSPC is undone (files cut back, nothing
 //! acknowledged) and its appends fail with [`StorageError::NoSpace`]; the log refuses appends
 //! until the owner calls [`PartitionLog::resume_writes`] (after settling the failed appends),
@@ -95,6 +103,10 @@ pub use log::WRITER_THREADS_MAX;
 pub use log::{
     AppendFuture, AppendOutcome, Completion, FlushFuture, LogOffsets, LogStats, PartitionLog,
     RecoveryReport, RetentionOutcome, SegmentInfo, TailTruncation,
+};
+pub use log::{
+    CompactionConfig, CompactionOutcome, DELETE_RETENTION_MS_DEFAULT, KEY_MAP_BYTES_MAX_DEFAULT,
+    KEY_MAP_BYTES_MIN,
 };
 pub use observer::{StorageObserver, SyncStarted};
 pub use segment::SegmentDamage;

@@ -7,7 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 
@@ -29,6 +29,7 @@ use super::segment::{
 };
 use super::{FsyncPolicy, LogConfig, StorageObserver, WRITE_BUFFER_BYTES_MAX, ms_i64};
 
+mod compaction;
 mod pool;
 mod read;
 mod recovery;
@@ -36,8 +37,12 @@ mod retention;
 mod truncation;
 mod writer;
 
+pub use compaction::{
+    CompactionConfig, CompactionOutcome, DELETE_RETENTION_MS_DEFAULT, KEY_MAP_BYTES_MAX_DEFAULT,
+    KEY_MAP_BYTES_MIN,
+};
 pub use pool::WRITER_THREADS_MAX;
-use recovery::{log_report, recover};
+use recovery::{log_report, read_offset_checkpoint, recover};
 
 /// Where a log start offset that is not a segment base (after `purge_prefix`) is kept.
 const LOG_START_CHECKPOINT_FILE: &str = "log-start-offset.checkpoint";
@@ -283,6 +288,12 @@ struct Shared {
     truncation: RwLock<()>,
     stats: Stats,
     observer: Option<Arc<dyn StorageObserver>>,
+    /// One compaction at a time; taken before `write`, never while holding it.
+    compaction: Mutex<compaction::CompactionState>,
+    /// See [`compaction::DirtyFloor`].
+    dirty_floor: compaction::DirtyFloor,
+    /// The clean offset the cleaner checkpoint holds (0 when there is none).
+    clean_offset_on_disk: AtomicI64,
 }
 
 /// Locks a mutex even if a panicking thread poisoned it: the writer's exit guard must still
@@ -351,6 +362,11 @@ impl PartitionLog {
             active.first_append_ms = Some(now_ms);
         }
         log_report(&dir, &report);
+        let clean_offset = read_offset_checkpoint(
+            backend.as_ref(),
+            &dir.join(compaction::CLEANER_CHECKPOINT_FILE),
+        )?
+        .unwrap_or(0);
         let shared = Arc::new(Shared {
             backend,
             dir,
@@ -367,6 +383,12 @@ impl PartitionLog {
             truncation: RwLock::new(()),
             stats: Stats::default(),
             observer,
+            compaction: Mutex::new(compaction::CompactionState {
+                clean_offset,
+                tombstones_expire_at_ms: None,
+            }),
+            dirty_floor: AtomicI64::new(i64::MAX),
+            clean_offset_on_disk: AtomicI64::new(clean_offset),
         });
         Ok((PartitionLog { shared }, report))
     }
@@ -391,9 +413,11 @@ impl PartitionLog {
             });
         }
         let header = verify_crc(&batch)?;
-        if i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1 {
+        // Appended batches are dense (compaction rewrites sealed segments, never appends).
+        if ketch_protocol::batch::check_dense(&header).is_err() {
             return Err(StorageError::MalformedBatch {
-                reason: "last offset delta must be records count - 1",
+                reason: "a batch holds at least one record, and last offset delta must be \
+                         records count - 1",
             });
         }
         let (done, receiver) = oneshot::channel();

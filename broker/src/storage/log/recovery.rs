@@ -46,14 +46,18 @@ pub(super) fn recover(
     config: &LogConfig,
 ) -> Result<(View, RecoveryReport), StorageError> {
     let mut report = RecoveryReport::default();
-    let names = backend.list_dir(dir).map_err(io_error("list", dir))?;
+    let mut names = backend.list_dir(dir).map_err(io_error("list", dir))?;
+    // Compaction first: a committed swap puts its segment's new log in place.
+    let mut dir_changed = super::compaction::recover_compaction(backend, dir, &names, &mut report)?;
+    if dir_changed {
+        names = backend.list_dir(dir).map_err(io_error("list", dir))?;
+    }
     let clean = names.iter().any(|n| n == CLEAN_SHUTDOWN_FILE);
     report.clean_shutdown = clean;
     let bases: BTreeSet<i64> = names
         .iter()
         .filter_map(|n| parse_segment_file_name(n, LOG_EXTENSION))
         .collect();
-    let mut dir_changed = false;
     for name in &names {
         let orphan_index = [OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION]
             .iter()
@@ -65,7 +69,7 @@ pub(super) fn recover(
             dir_changed = true;
         }
     }
-    let checkpoint = read_log_start_checkpoint(backend, dir)?;
+    let checkpoint = read_offset_checkpoint(backend, &dir.join(LOG_START_CHECKPOINT_FILE))?;
     let bases: Vec<i64> = bases.into_iter().collect();
     let mut segments = Vec::with_capacity(bases.len().max(1));
     if bases.is_empty() {
@@ -256,12 +260,12 @@ fn recover_tail(
     Ok(scan.index)
 }
 
-fn read_log_start_checkpoint(
+/// Reads an offset checkpoint (i64 + CRC32C); a missing or damaged one reads as `None`.
+pub(super) fn read_offset_checkpoint(
     backend: &dyn FileBackend,
-    dir: &Path,
+    path: &Path,
 ) -> Result<Option<i64>, StorageError> {
-    let path = dir.join(LOG_START_CHECKPOINT_FILE);
-    let Some((_, bytes)) = read_whole_file(backend, &path)? else {
+    let Some((_, bytes)) = read_whole_file(backend, path)? else {
         return Ok(None);
     };
     if bytes.len() == LOG_START_CHECKPOINT_BYTES {
@@ -271,7 +275,8 @@ fn read_log_start_checkpoint(
             return Ok(Some(i64::from_be_bytes(value)));
         }
     }
-    // A torn checkpoint only loses a purge that was never acknowledged as durable.
-    tracing::warn!(path = %path.display(), "ignoring a damaged log start checkpoint");
+    // A torn checkpoint only loses a purge (or a compaction pass) that was never
+    // acknowledged as durable.
+    tracing::warn!(path = %path.display(), "ignoring a damaged offset checkpoint");
     Ok(None)
 }

@@ -8,19 +8,30 @@ impl PartitionLog {
     /// `now_ms - retention_ms`) and then by size (oldest first while the log is larger than
     /// `retention_bytes`). Advances the log start offset. The active segment stays.
     pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome, StorageError> {
-        let _write = lock(&self.shared.write);
         let config = &self.shared.config;
+        self.apply_retention_limits(now_ms, config.retention_ms, config.retention_bytes)
+    }
+
+    /// [`Self::apply_retention`] with limits given by the caller (a topic's settings, which
+    /// may change while the log is open) instead of the log's config.
+    pub fn apply_retention_limits(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<RetentionOutcome, StorageError> {
+        let _write = lock(&self.shared.write);
         let count = {
             let view = lock(&self.shared.view);
             let sealed = view.segments.len() - 1;
             let mut count = 0;
-            if let Some(retention_ms) = config.retention_ms {
+            if let Some(retention_ms) = retention_ms {
                 let threshold = now_ms.saturating_sub(retention_ms);
                 while count < sealed && view.segments[count].max_timestamp() < threshold {
                     count += 1;
                 }
             }
-            if let Some(retention_bytes) = config.retention_bytes {
+            if let Some(retention_bytes) = retention_bytes {
                 let mut total: u64 = view.segments[count..].iter().map(|s| s.size).sum();
                 while count < sealed && total > retention_bytes {
                     total -= view.segments[count].size;
@@ -120,9 +131,23 @@ impl Shared {
     }
 
     fn write_log_start_checkpoint(&self, log_start: i64) -> Result<(), StorageError> {
-        let tmp = self.dir.join(LOG_START_CHECKPOINT_TMP_FILE);
-        let path = self.dir.join(LOG_START_CHECKPOINT_FILE);
-        let mut bytes = log_start.to_be_bytes().to_vec();
+        self.write_offset_checkpoint(
+            LOG_START_CHECKPOINT_TMP_FILE,
+            LOG_START_CHECKPOINT_FILE,
+            log_start,
+        )
+    }
+
+    /// Writes an offset checkpoint (i64 + CRC32C): temp file, fsync, rename, fsync dir.
+    pub(super) fn write_offset_checkpoint(
+        &self,
+        tmp_name: &str,
+        name: &str,
+        offset: i64,
+    ) -> Result<(), StorageError> {
+        let tmp = self.dir.join(tmp_name);
+        let path = self.dir.join(name);
+        let mut bytes = offset.to_be_bytes().to_vec();
         bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
         rewrite_file(self.backend.as_ref(), &tmp, &bytes)?;
         self.backend

@@ -42,6 +42,7 @@ impl PartitionLog {
             .write()
             .unwrap_or_else(|e| e.into_inner());
         self.shared.leave_clean_state(&mut write)?;
+        self.shared.forget_clean_offset_above(from_offset)?;
         let removed = lock(&self.shared.view).segments.split_off(i + 1);
         let result = self
             .shared
@@ -57,6 +58,27 @@ impl PartitionLog {
 }
 
 impl Shared {
+    /// Compaction's clean offset must not stay above a cut: the offsets from there will be
+    /// written again, so they are dirty. Removes the cleaner checkpoint (a missing one means
+    /// "compact everything", which is always right). Called under the write lock.
+    fn forget_clean_offset_above(&self, from_offset: i64) -> Result<(), StorageError> {
+        self.dirty_floor.fetch_min(from_offset, Ordering::SeqCst);
+        if self.clean_offset_on_disk.load(Ordering::SeqCst) > from_offset {
+            let path = self.dir.join(super::compaction::CLEANER_CHECKPOINT_FILE);
+            match self.backend.remove(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StorageError::io("remove", path, e));
+                }
+                _ => {}
+            }
+            self.backend
+                .sync_dir(&self.dir)
+                .map_err(io_error("fsync", &self.dir))?;
+            self.clean_offset_on_disk.store(0, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// The I/O of `truncate_suffix`: `removed` are the detached later segments; the last
     /// segment of the view is cut at `position`, where the batch `from_offset` starts.
     fn truncate_segments(

@@ -1,0 +1,210 @@
+//! `ketch-bench partitions`: many partitions on one broker (issue 8's scale targets). For
+//! each partition count: create a topic with that many partitions, produce the same records
+//! spread over them (explicit partition, round robin) and over 4 partitions, stop the broker,
+//! start it again on its data (every partition holds data) and measure start to ready,
+//! resident memory, threads and idle CPU. Prints one row per count; a count the broker cannot
+//! hold prints its error instead.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use ketch_client::{Acks, ProducerConfig, ProducerRecord};
+
+use crate::scenario::Durability;
+use crate::systems::ketch::{Broker, Ketch};
+
+/// One partition count's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionsRow {
+    pub partitions: u32,
+    pub create_ms: f64,
+    pub produce_records_per_sec: f64,
+    /// The same records into a 4-partition topic of the same broker.
+    pub four_partitions_records_per_sec: f64,
+    pub restart_to_ready_ms: f64,
+    pub rss_bytes: u64,
+    pub threads: u64,
+    /// CPU of the idle broker after the restart, percent of one core.
+    pub idle_cpu_percent: f64,
+}
+
+pub struct PartitionsOptions {
+    pub counts: Vec<u32>,
+    pub records: u64,
+    pub record_bytes: usize,
+    pub idle_window: Duration,
+}
+
+pub async fn run(
+    ketch: &Ketch,
+    data_root: &Path,
+    options: &PartitionsOptions,
+) -> Vec<Result<PartitionsRow, String>> {
+    let mut rows = Vec::new();
+    for &count in &options.counts {
+        let row = one(ketch, data_root, count, options).await;
+        rows.push(row.map_err(|e| format!("{count} partitions: {e:#}")));
+    }
+    rows
+}
+
+async fn one(
+    ketch: &Ketch,
+    data_root: &Path,
+    count: u32,
+    options: &PartitionsOptions,
+) -> anyhow::Result<PartitionsRow> {
+    let dir = tempfile::Builder::new()
+        .prefix("ketch-bench-partitions-")
+        .tempdir_in(data_root)?;
+    // The producer packs one batch per partition into a request; across thousands of
+    // partitions that passes the default 8 MiB frame limit (a client limit to add), so the
+    // broker takes larger frames here.
+    let extra = [
+        "--partitions-per-topic-max".to_owned(),
+        count.max(4).to_string(),
+        "--frame-bytes-max".to_owned(),
+        (64 * 1024 * 1024).to_string(),
+    ];
+    let process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;
+    let broker = Broker::attach(process)?;
+    let client = broker.client().await?;
+    let admin = client.admin();
+    let started = Instant::now();
+    admin
+        .create_topic(ketch_client::NewTopic::new("many", count))
+        .await
+        .context("creating the topic")?;
+    let create_ms = started.elapsed().as_secs_f64() * 1e3;
+    admin
+        .create_topic(ketch_client::NewTopic::new("four", 4))
+        .await?;
+    let value = Bytes::from(vec![0x5a; options.record_bytes]);
+    let records = options.records.max(u64::from(count));
+    let produce_records_per_sec = produce(&client, "many", count, records, &value).await?;
+    let four_partitions_records_per_sec = produce(&client, "four", 4, records, &value).await?;
+    client.close();
+    drop(broker.process);
+    // A restart with data in every partition.
+    let mut process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;
+    let restart_to_ready_ms = process.start_to_ready.as_secs_f64() * 1e3;
+    let (rss_bytes, _) = process.memory()?;
+    let threads = status_field(process.pid(), "Threads:")?;
+    let cpu_before = cpu_ticks(process.pid())?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(options.idle_window).await;
+    let ticks = cpu_ticks(process.pid())? - cpu_before;
+    let idle_cpu_percent =
+        ticks as f64 / clock_ticks_per_sec() / idle_started.elapsed().as_secs_f64() * 100.0;
+    process.stop();
+    Ok(PartitionsRow {
+        partitions: count,
+        create_ms,
+        produce_records_per_sec,
+        four_partitions_records_per_sec,
+        restart_to_ready_ms,
+        rss_bytes,
+        threads,
+        idle_cpu_percent,
+    })
+}
+
+/// Produces `records` values round robin over `partitions` partitions; records per second.
+async fn produce(
+    client: &ketch_client::Client,
+    topic: &str,
+    partitions: u32,
+    records: u64,
+    value: &Bytes,
+) -> anyhow::Result<f64> {
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::Leader,
+            linger: Duration::from_millis(5),
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(records as usize);
+    for i in 0..records {
+        pending.push(
+            producer
+                .send(ProducerRecord {
+                    topic: topic.to_owned(),
+                    partition: Some((i % u64::from(partitions)) as u32),
+                    value: Some(value.clone()),
+                    ..Default::default()
+                })
+                .await?,
+        );
+    }
+    for delivery in pending {
+        delivery.await.context("a record was not delivered")?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    producer.close().await?;
+    Ok(records as f64 / elapsed)
+}
+
+fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))
+}
+
+/// utime + stime of the process, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // state is field 3 of the full line; utime and stime are 14 and 15.
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // Linux has reported USER_HZ = 100 to user space on every architecture for decades.
+    100.0
+}
+
+pub fn text(rows: &[Result<PartitionsRow, String>], records: u64, record_bytes: usize) -> String {
+    let mut out = format!(
+        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, fsync never)\n\
+         {:>10} {:>10} {:>14} {:>14} {:>7} {:>12} {:>9} {:>8} {:>9}\n",
+        "partitions",
+        "create ms",
+        "produce rec/s",
+        "4 parts rec/s",
+        "ratio",
+        "restart ms",
+        "RSS MiB",
+        "threads",
+        "idle CPU"
+    );
+    for row in rows {
+        match row {
+            Ok(r) => out.push_str(&format!(
+                "{:>10} {:>10.0} {:>14.0} {:>14.0} {:>6.0}% {:>12.0} {:>9.1} {:>8} {:>8.1}%\n",
+                r.partitions,
+                r.create_ms,
+                r.produce_records_per_sec,
+                r.four_partitions_records_per_sec,
+                r.produce_records_per_sec / r.four_partitions_records_per_sec * 100.0,
+                r.restart_to_ready_ms,
+                r.rss_bytes as f64 / (1024.0 * 1024.0),
+                r.threads,
+                r.idle_cpu_percent
+            )),
+            Err(e) => out.push_str(&format!("  failed: {e}\n")),
+        }
+    }
+    out
+}
