@@ -62,6 +62,10 @@ pub enum ErrorCode {
     /// The connection's credential was refused, revoked or expired, or the broker requires
     /// one and none was presented (`Authenticate` first).
     AuthenticationFailed = 46,
+    /// No topic-to-topic transform has this name.
+    UnknownTransform = 50,
+    /// A topic-to-topic transform of this name exists already.
+    TransformExists = 51,
 }
 
 impl ErrorCode {
@@ -108,6 +112,8 @@ impl ErrorCode {
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
         ErrorCode::AuthenticationFailed,
+        ErrorCode::UnknownTransform,
+        ErrorCode::TransformExists,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -184,6 +190,8 @@ impl ErrorCode {
             ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::UnknownTransform => "unknown_transform",
+            ErrorCode::TransformExists => "transform_exists",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }
@@ -263,6 +271,8 @@ mod tests {
             (ErrorCode::FencedLeaderEpoch, 36),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
+            (ErrorCode::UnknownTransform, 50),
+            (ErrorCode::TransformExists, 51),
             (ErrorCode::Unauthorized, 29),
             (ErrorCode::AuthenticationFailed, 46),
         ];

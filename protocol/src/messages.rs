@@ -524,6 +524,86 @@ wire_struct! {
         pub records: Bytes,
     }
 
+    // ---- Produce-path filter chains (35-36) ----
+
+    /// Sets the ordered chain of Wasm filters every batch produced to `topic` runs through
+    /// before it is appended (`filters` empty: no chain). Each module is pinned at its latest
+    /// version now and gets `params` (JSON text) at init; a module that refuses its params
+    /// refuses the whole request. `on_error` says what a record error does: `fail` (the
+    /// produce fails with the module's message), `skip` (the record is dropped) or
+    /// `dead-letter:TOPIC` (the record goes to TOPIC, with the reason in a header).
+    pub struct TopicSetFiltersRequest {
+        pub topic: String,
+        pub filters: Vec<String>,
+        pub params: String,
+        pub on_error: String,
+    }
+    pub struct TopicSetFiltersResponse {
+        /// The chain as set, versions resolved.
+        pub filters: Vec<ChainFilter>,
+    }
+    pub struct ChainFilter {
+        pub name: String,
+        pub version: u32,
+    }
+    pub struct TopicFiltersRequest {
+        pub topic: String,
+    }
+    /// A topic's produce chain (`filters` empty: none).
+    pub struct TopicFiltersResponse {
+        pub topic: String,
+        pub filters: Vec<ChainFilter>,
+        pub params: String,
+        pub on_error: String,
+    }
+
+    // ---- Topic-to-topic transforms (37-39) ----
+
+    /// Creates a named transform: the broker reads `input` from `from` (`beginning`, `end`
+    /// or an offset) and writes what the filter keeps or emits to `outputs` (records routed
+    /// to a topic go there, which must be one of `outputs`; others go to the first), with
+    /// its own committed input position and an idempotent producer identity.
+    pub struct TransformCreateRequest {
+        pub name: String,
+        pub filter: String,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub from: String,
+        pub params: String,
+    }
+    pub struct TransformCreateResponse {
+        pub transform: TransformInfo,
+    }
+    pub struct TransformInfo {
+        pub name: String,
+        pub filter: String,
+        pub filter_version: u32,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub params: String,
+        /// `running`, `paused` or `failed`.
+        pub status: String,
+        pub records_in: u64,
+        pub records_out: u64,
+        /// Input records not yet transformed (over all partitions).
+        pub lag: i64,
+        /// Empty when none.
+        pub last_error: String,
+    }
+    /// `name` empty: every transform.
+    pub struct TransformDescribeRequest {
+        pub name: String,
+    }
+    pub struct TransformDescribeResponse {
+        pub transforms: Vec<TransformInfo>,
+    }
+    /// `action`: `pause`, `resume` (also restarts a failed transform) or `delete`.
+    pub struct TransformAlterRequest {
+        pub name: String,
+        pub action: String,
+    }
+    pub struct TransformAlterResponse {}
+
     // ---- Security (22-27) ----
 
     /// Presents a credential on this connection (`mechanism` "token": an API token made by
@@ -803,6 +883,11 @@ apis! {
     25 AclChange [0 ..= 0] => AclChangeRequest, AclChangeResponse;
     26 QuotaSet [0 ..= 0] => QuotaSetRequest, QuotaSetResponse;
     27 SecurityList [0 ..= 0] => SecurityListRequest, SecurityListResponse;
+    35 TopicSetFilters [0 ..= 0] => TopicSetFiltersRequest, TopicSetFiltersResponse;
+    36 TopicFilters [0 ..= 0] => TopicFiltersRequest, TopicFiltersResponse;
+    37 TransformCreate [0 ..= 0] => TransformCreateRequest, TransformCreateResponse;
+    38 TransformDescribe [0 ..= 0] => TransformDescribeRequest, TransformDescribeResponse;
+    39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
     40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
@@ -842,6 +927,11 @@ impl Request {
             ApiVersions,
             FilterDescribe,
             SubscribeFiltered,
+            TopicSetFilters,
+            TopicFilters,
+            TransformCreate,
+            TransformDescribe,
+            TransformAlter,
             Authenticate,
             TokenCreate,
             TokenRevoke,
@@ -929,7 +1019,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(key in 0u16..30, version in 0u16..2, body: Vec<u8>) {
+        fn arbitrary_bodies_never_panic(key in 0u16..48, version in 0u16..2, body: Vec<u8>) {
             let _ = Request::decode(key, version, Bytes::from(body));
         }
 

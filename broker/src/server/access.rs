@@ -169,6 +169,33 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
         Request::FilterUpload(r) => vec![need(DeployFilter, Filter, &r.name)],
         Request::FilterDelete(r) => vec![need(Delete, Filter, &r.name)],
         Request::FilterDescribe(r) => vec![need(Describe, Filter, &r.name)],
+        // A produce chain runs its filters on every writer's records: altering the topic,
+        // and reading each filter (as a filtered subscription does); a dead-letter topic is
+        // written by it.
+        Request::TopicSetFilters(r) => std::iter::once(need(Alter, Topic, &r.topic))
+            .chain(r.filters.iter().map(|f| need(Read, Filter, f)))
+            .chain(
+                r.on_error
+                    .strip_prefix("dead-letter:")
+                    .map(|dead_letters| need(Write, Topic, dead_letters)),
+            )
+            .collect(),
+        Request::TopicFilters(r) => vec![need(Describe, Topic, &r.topic)],
+        // A transform reads its input and writes its outputs with its creator's rights.
+        Request::TransformCreate(r) => [
+            need(Create, Transform, &r.name),
+            need(Read, Topic, &r.input),
+            need(Read, Filter, &r.filter),
+        ]
+        .into_iter()
+        .chain(r.outputs.iter().map(|t| need(Write, Topic, t)))
+        .collect(),
+        Request::TransformDescribe(r) if r.name.is_empty() => vec![need(Describe, Cluster, "")],
+        Request::TransformDescribe(r) => vec![need(Describe, Transform, &r.name)],
+        Request::TransformAlter(r) if r.action == "delete" => {
+            vec![need(Delete, Transform, &r.name)]
+        }
+        Request::TransformAlter(r) => vec![need(Alter, Transform, &r.name)],
         Request::TokenCreate(_)
         | Request::TokenRevoke(_)
         | Request::AclChange(_)

@@ -2,6 +2,7 @@
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
 mod access;
+mod chains;
 mod filters;
 mod handlers;
 pub mod peer;
@@ -78,6 +79,8 @@ pub(crate) struct State {
     pub groups: Groups,
     /// Wasm filters: registry, engine and the threads modules run on.
     pub transforms: Arc<Transforms>,
+    /// Topic-to-topic transforms (started after the chains load).
+    pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
     /// Tokens, ACLs, quotas and producer-id owners.
     pub security: crate::auth::Security,
     pub config: BrokerConfig,
@@ -254,6 +257,7 @@ impl Broker {
             cluster,
             groups,
             transforms: Arc::new(transforms),
+            pipelines: std::sync::OnceLock::new(),
             security,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
@@ -266,6 +270,17 @@ impl Broker {
             local_addr,
             config,
         });
+        chains::load(&state).await;
+        let pipelines = crate::pipeline::Pipelines::open(
+            &state.config.data_dir,
+            state.cluster.clone(),
+            state.transforms.clone(),
+        )
+        .map_err(|e| StartError::Quic(format!("opening the transforms: {e}")))?;
+        state
+            .pipelines
+            .set(pipelines)
+            .expect("transforms are opened once");
         Ok(Broker {
             state,
             endpoint,
@@ -590,7 +605,7 @@ async fn serve_stream(
         return;
     }
     if let Request::SubscribeFiltered(subscribe) = request {
-        filters::subscribe_filtered(&state, subscribe, &mut send).await;
+        filters::subscribe_filtered(&state, subscribe, &mut send, &principal).await;
         let _ = send.finish();
         return;
     }
