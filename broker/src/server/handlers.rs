@@ -55,7 +55,12 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 // The chain's file went with the topic's directory; its sessions go now.
                 state.transforms.chains.set(&r.name, None);
             }
-            respond(state, api, version, deleted.map(|()| DeleteTopicResponse {}))
+            respond(
+                state,
+                api,
+                version,
+                deleted.map(|()| DeleteTopicResponse {}),
+            )
         }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
@@ -97,14 +102,23 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                     producer_epoch: 0,
                 }),
         ),
-        Request::FilterUpload(r) => respond(state, api, version, super::filters::upload(state, r).await),
-        Request::FilterList(_) => respond(state, api, version, Ok(super::filters::list(state))),
-        Request::FilterDescribe(r) => respond(state, api, version, super::filters::describe(state, &r)),
-        Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
-        Request::TopicSetFilters(r) => {
-            respond(state, api, version, super::chains::set_filters(state, r).await)
+        Request::FilterUpload(r) => {
+            respond(state, api, version, super::filters::upload(state, r).await)
         }
-        Request::TopicFilters(r) => respond(state, api, version, super::chains::describe(state, &r)),
+        Request::FilterList(_) => respond(state, api, version, Ok(super::filters::list(state))),
+        Request::FilterDescribe(r) => {
+            respond(state, api, version, super::filters::describe(state, &r))
+        }
+        Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
+        Request::TopicSetFilters(r) => respond(
+            state,
+            api,
+            version,
+            super::chains::set_filters(state, r).await,
+        ),
+        Request::TopicFilters(r) => {
+            respond(state, api, version, super::chains::describe(state, &r))
+        }
         Request::TransformCreate(r) => respond(
             state,
             api,
