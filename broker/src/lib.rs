@@ -12,6 +12,8 @@ pub mod config;
 pub mod group;
 pub mod groups;
 pub mod metrics;
+pub mod pipeline;
+pub mod replication;
 pub mod server;
 pub mod storage;
 pub mod transform;

@@ -156,6 +156,33 @@ pub enum TopicCommand {
     Describe { name: String },
     /// Delete a topic and its records.
     Delete { name: String },
+    /// Set the Wasm filters every batch produced to TOPIC runs through before it is stored
+    /// (each pinned at its latest version), or clear them with --none.
+    SetFilters {
+        topic: String,
+        /// Deployed filters, comma-separated, in the order they run.
+        #[arg(
+            value_name = "NAME[,NAME...]",
+            value_delimiter = ',',
+            required_unless_present = "none",
+            conflicts_with = "none"
+        )]
+        filters: Vec<String>,
+        /// JSON text every filter of the chain gets at init.
+        #[arg(long, default_value = "")]
+        params: String,
+        /// What a record error does: fail (the produce fails), skip (the record is dropped) or
+        /// dead-letter:TOPIC (the record goes to TOPIC).
+        #[arg(
+            long,
+            default_value = "fail",
+            value_name = "fail|skip|dead-letter:TOPIC"
+        )]
+        on_error: ketch_client::OnRecordError,
+        /// Remove the topic's filters.
+        #[arg(long)]
+        none: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +342,16 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
                 for (key, value) in &topic.configs {
                     writeln!(out, "  {key}={value}")?;
                 }
+                let chain = admin.topic_filters(&name).await?;
+                if !chain.filters.is_empty() {
+                    writeln!(
+                        out,
+                        "  produce filters: {} (on-error {}, params {:?})",
+                        chain_text(&chain.filters),
+                        chain.on_error,
+                        chain.params
+                    )?;
+                }
                 writeln!(out, "PARTITION\tLEADER\tLOG-START\tHIGH-WATERMARK")?;
                 for p in &topic.partitions {
                     let leader = p.leader.map_or("-".to_owned(), |l| l.to_string());
@@ -329,10 +366,41 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
                 admin.delete_topic(&name).await?;
                 writeln!(out, "deleted topic {name}")?;
             }
+            TopicCommand::SetFilters {
+                topic,
+                filters,
+                params,
+                on_error,
+                none,
+            } => {
+                if none {
+                    admin.clear_topic_filters(&topic).await?;
+                    writeln!(out, "topic {topic}: no produce filters")?;
+                } else {
+                    let chain = ketch_client::ProduceFilters::new(filters)
+                        .with_params(params)
+                        .with_on_error(on_error.clone());
+                    let set = admin.set_topic_filters(&topic, &chain).await?;
+                    writeln!(
+                        out,
+                        "topic {topic}: produce filters {} (on-error {on_error})",
+                        chain_text(&set)
+                    )?;
+                }
+            }
         }
         client.close();
         Ok(())
     })
+}
+
+/// `name v1, other v3`.
+fn chain_text(chain: &[(String, u32)]) -> String {
+    chain
+        .iter()
+        .map(|(name, version)| format!("{name} v{version}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn group(args: GroupArgs) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ mod filter_cli;
 mod metrics_http;
 mod security_cli;
 mod serve;
+mod transform_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -57,6 +58,8 @@ enum Command {
     Group(cli::GroupArgs),
     /// Deploy, list, describe and delete Wasm filters.
     Filter(filter_cli::FilterArgs),
+    /// Topic-to-topic Wasm transforms run inside the broker.
+    Transform(transform_cli::TransformArgs),
     /// Create, list and revoke API tokens.
     Token(security_cli::TokenArgs),
     /// Add, remove and list access rules.
@@ -92,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Consume(args) => cli::consume(args),
         Command::Group(args) => cli::group(args),
         Command::Filter(args) => filter_cli::filter_command(args),
+        Command::Transform(args) => transform_cli::transform_command(args),
         Command::Token(args) => security_cli::token(args),
         Command::Acl(args) => security_cli::acl(args),
         Command::Quota(args) => security_cli::quota(args),

@@ -102,6 +102,12 @@ pub enum BatchError {
     OffsetDeltaOutOfOrder { index: usize, found: i32 },
     #[error("batch has {0} trailing bytes after its records")]
     TrailingBytes(usize),
+    /// Control and transactional batches are written by brokers only (Raft control entries,
+    /// later transaction markers); a client that sends one is refused.
+    #[error(
+        "batch attributes {0:#06x} set the control or transactional bit, which only a broker may write"
+    )]
+    BrokerOnlyAttributes(i16),
 }
 
 /// The fixed 61-byte header of a batch, decoded.
@@ -852,6 +858,19 @@ impl Iterator for BatchSlices {
             }
         }
     }
+}
+
+/// Attribute bits a client may never set: a broker writes such batches itself.
+pub const CLIENT_FORBIDDEN_ATTRIBUTES: i16 = attributes::CONTROL | attributes::TRANSACTIONAL;
+
+/// Checks a batch a client sent: everything [`validate`] checks, and no attribute bit that
+/// only a broker may write ([`CLIENT_FORBIDDEN_ATTRIBUTES`]).
+pub fn validate_from_client(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = validate(batch)?;
+    if header.attributes & CLIENT_FORBIDDEN_ATTRIBUTES != 0 {
+        return Err(BatchError::BrokerOnlyAttributes(header.attributes));
+    }
+    Ok(header)
 }
 
 /// Checks a complete batch the way a broker must before accepting it: header, CRC, and the

@@ -44,6 +44,13 @@ pub enum ErrorCode {
     InvalidRequest = 31,
     UnsupportedCompression = 32,
     GroupNotFound = 33,
+    /// The group's coordinator is another broker (or moved): find it again and retry there.
+    NotCoordinator = 34,
+    /// `acks=all` cannot be met: fewer in-sync replicas than the partition needs.
+    NotEnoughReplicas = 35,
+    /// The request named a leader epoch older than the partition's current one: refresh
+    /// metadata and retry at the current leader.
+    FencedLeaderEpoch = 36,
     /// The broker's disk is full (ENOSPC): the append was undone, nothing of it was stored.
     /// The partition takes writes again once space is freed.
     NoSpace = 40,
@@ -55,6 +62,10 @@ pub enum ErrorCode {
     /// The connection's credential was refused, revoked or expired, or the broker requires
     /// one and none was presented (`Authenticate` first).
     AuthenticationFailed = 46,
+    /// No topic-to-topic transform has this name.
+    UnknownTransform = 50,
+    /// A topic-to-topic transform of this name exists already.
+    TransformExists = 51,
 }
 
 impl ErrorCode {
@@ -94,10 +105,15 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedCompression,
         ErrorCode::GroupNotFound,
+        ErrorCode::NotCoordinator,
+        ErrorCode::NotEnoughReplicas,
+        ErrorCode::FencedLeaderEpoch,
         ErrorCode::NoSpace,
         ErrorCode::FilterFailed,
         ErrorCode::FilterInUse,
         ErrorCode::AuthenticationFailed,
+        ErrorCode::UnknownTransform,
+        ErrorCode::TransformExists,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -120,6 +136,9 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::NotLeader
+                | ErrorCode::NotCoordinator
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::Overloaded
                 | ErrorCode::Timeout
                 | ErrorCode::ShuttingDown
@@ -166,8 +185,13 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::UnsupportedCompression => "unsupported_compression",
             ErrorCode::GroupNotFound => "group_not_found",
+            ErrorCode::NotCoordinator => "not_coordinator",
+            ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+            ErrorCode::FencedLeaderEpoch => "fenced_leader_epoch",
             ErrorCode::FilterFailed => "filter_failed",
             ErrorCode::FilterInUse => "filter_in_use",
+            ErrorCode::UnknownTransform => "unknown_transform",
+            ErrorCode::TransformExists => "transform_exists",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }
@@ -242,8 +266,13 @@ mod tests {
             (ErrorCode::OffsetOutOfRange, 14),
             (ErrorCode::DuplicateSequence, 19),
             (ErrorCode::GroupNotFound, 33),
+            (ErrorCode::NotCoordinator, 34),
+            (ErrorCode::NotEnoughReplicas, 35),
+            (ErrorCode::FencedLeaderEpoch, 36),
             (ErrorCode::FilterFailed, 44),
             (ErrorCode::FilterInUse, 45),
+            (ErrorCode::UnknownTransform, 50),
+            (ErrorCode::TransformExists, 51),
             (ErrorCode::Unauthorized, 29),
             (ErrorCode::AuthenticationFailed, 46),
         ];

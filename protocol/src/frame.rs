@@ -54,31 +54,47 @@ pub struct RequestHeader {
     pub api_version: u16,
 }
 
-/// Encodes a complete request frame (length prefix included).
+/// Encodes a complete request frame (length prefix included) at the newest version this
+/// build speaks.
 pub fn encode_request<R: Api>(request: &R) -> Bytes {
+    encode_request_at(request, R::VERSION)
+}
+
+/// Encodes a complete request frame at `version` (one both sides speak: see
+/// [`crate::messages::negotiate_version`]).
+pub fn encode_request_at<R: Api>(request: &R, version: u16) -> Bytes {
+    debug_assert!((R::MIN_VERSION..=R::VERSION).contains(&version));
     encode_frame(|buf| {
         buf.put_u16(R::KEY as u16);
-        buf.put_u16(R::VERSION);
-        request.encode(buf);
+        buf.put_u16(version);
+        request.encode_at(buf, version);
     })
 }
 
 /// A request frame as chunks (see [`Chunked`]): record batches are not copied into it.
 /// Written one after the other they are the bytes of [`encode_request`].
 pub fn encode_request_chunks<R: Api>(request: &R) -> Vec<Bytes> {
+    encode_request_chunks_at(request, R::VERSION)
+}
+
+/// [`encode_request_chunks`] at `version`.
+pub fn encode_request_chunks_at<R: Api>(request: &R, version: u16) -> Vec<Bytes> {
+    debug_assert!((R::MIN_VERSION..=R::VERSION).contains(&version));
     encode_frame_chunks(|out| {
         out.buf().put_u16(R::KEY as u16);
-        out.buf().put_u16(R::VERSION);
-        request.encode_chunked(out);
+        out.buf().put_u16(version);
+        request.encode_chunked_at(out, version);
     })
 }
 
-/// Encodes a complete request frame for a dynamically typed request.
+/// Encodes a complete request frame for a dynamically typed request, at the newest version
+/// of its API.
 pub fn encode_any_request(request: &Request) -> Bytes {
+    let version = request.api_key().versions().1;
     encode_frame(|buf| {
         buf.put_u16(request.api_key() as u16);
-        buf.put_u16(0);
-        request.encode_body(buf);
+        buf.put_u16(version);
+        request.encode_body_at(buf, version);
     })
 }
 
@@ -96,24 +112,41 @@ pub fn split_request(mut frame: Bytes) -> Result<(RequestHeader, Bytes), DecodeE
 
 /// Decodes a request frame (without its length prefix).
 pub fn decode_request(frame: Bytes) -> Result<Request, DecodeError> {
-    let (header, body) = split_request(frame)?;
-    Request::decode(header.api_key, header.api_version, body)
+    decode_request_versioned(frame).map(|(request, _)| request)
 }
 
-/// Encodes a successful response frame.
+/// Decodes a request frame (without its length prefix) and says which version it is: the
+/// response goes back in that version's layout.
+pub fn decode_request_versioned(frame: Bytes) -> Result<(Request, u16), DecodeError> {
+    let (header, body) = split_request(frame)?;
+    let request = Request::decode(header.api_key, header.api_version, body)?;
+    Ok((request, header.api_version))
+}
+
+/// Encodes a successful response frame in the newest layout.
 pub fn encode_response<T: Wire>(response: &T) -> Bytes {
+    encode_response_at(response, crate::wire::VERSION_LATEST)
+}
+
+/// Encodes a successful response frame in the layout of `version` (the request's).
+pub fn encode_response_at<T: Wire>(response: &T, version: u16) -> Bytes {
     encode_frame(|buf| {
         buf.put_u16(ErrorCode::None.as_u16());
-        response.encode(buf);
+        response.encode_at(buf, version);
     })
 }
 
 /// A response frame as chunks (see [`Chunked`]): fetched records are not copied into it.
 /// Written one after the other they are the bytes of [`encode_response`].
 pub fn encode_response_chunks<T: Wire>(response: &T) -> Vec<Bytes> {
+    encode_response_chunks_at(response, crate::wire::VERSION_LATEST)
+}
+
+/// [`encode_response_chunks`] in the layout of `version` (the request's).
+pub fn encode_response_chunks_at<T: Wire>(response: &T, version: u16) -> Vec<Bytes> {
     encode_frame_chunks(|out| {
         out.buf().put_u16(ErrorCode::None.as_u16());
-        response.encode_chunked(out);
+        response.encode_chunked_at(out, version);
     })
 }
 
@@ -136,12 +169,21 @@ pub struct ErrorResponse {
     pub message: String,
 }
 
-/// Decodes a response frame (without its length prefix).
+/// Decodes a response frame (without its length prefix) in the newest layout.
 pub fn decode_response<T: Wire>(frame: Bytes) -> Result<Result<T, ErrorResponse>, DecodeError> {
+    decode_response_at(frame, crate::wire::VERSION_LATEST)
+}
+
+/// Decodes a response frame (without its length prefix) in the layout of `version` (the
+/// version its request was sent at).
+pub fn decode_response_at<T: Wire>(
+    frame: Bytes,
+    version: u16,
+) -> Result<Result<T, ErrorResponse>, DecodeError> {
     let mut reader = Reader::new(frame);
     let raw_code = reader.u16("response error code")?;
     if raw_code == 0 {
-        let response = T::decode(&mut reader)?;
+        let response = T::decode_at(&mut reader, version)?;
         reader.finish()?;
         return Ok(Ok(response));
     }

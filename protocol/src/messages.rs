@@ -11,11 +11,45 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::{DecodeError, ErrorCode};
 use crate::wire::{Reader, Wire, wire_struct};
 
-/// A request body: its API key, the version this encoding is, and its response.
+/// A request body: its API key, the versions this build speaks, and its response.
+///
+/// A client sends the highest version both it and the broker support (see
+/// [`negotiate_version`]); the response comes back in the same version's layout.
 pub trait Api: Wire {
     const KEY: ApiKey;
+    /// The oldest version this build can encode and decode.
+    const MIN_VERSION: u16;
+    /// The newest version this build can encode and decode.
     const VERSION: u16;
     type Response: Wire;
+}
+
+/// The version of `key` to speak with a broker that announced `broker` (its
+/// `ApiVersions` answer): the highest version both sides support. A key the broker did not
+/// list is spoken at this build's oldest version (a broker answers `unsupported_api` if it
+/// does not know it); `None` when the two ranges do not overlap.
+pub fn negotiate_version(key: ApiKey, broker: &[ApiVersionRange]) -> Option<u16> {
+    let (ours_min, ours_max) = key.versions();
+    let Some(theirs) = broker.iter().find(|r| r.api_key == key as u16) else {
+        return Some(ours_min);
+    };
+    let version = ours_max.min(theirs.max_version);
+    (version >= ours_min.max(theirs.min_version)).then_some(version)
+}
+
+/// What this build supports, as an `ApiVersions` answer lists it.
+pub fn supported_api_versions() -> Vec<ApiVersionRange> {
+    ApiKey::ALL
+        .iter()
+        .map(|key| {
+            let (min_version, max_version) = key.versions();
+            ApiVersionRange {
+                api_key: *key as u16,
+                min_version,
+                max_version,
+            }
+        })
+        .collect()
 }
 
 impl Wire for ErrorCode {
@@ -226,7 +260,9 @@ wire_struct! {
     }
     /// `base_offset` is the first offset given to the records (-1 on error). A retried
     /// idempotent batch that is already in the log succeeds (`error` 0) with the base offset it
-    /// was first written at; the broker does not append it again.
+    /// was first written at; the broker does not append it again. From version 1, a
+    /// `not_leader` or `fenced_leader_epoch` answer names the partition's leader as this
+    /// broker knows it (`current_leader`, absent when it knows none).
     pub struct ProducePartitionResponse {
         pub partition: u32,
         pub error: ErrorCode,
@@ -234,6 +270,13 @@ wire_struct! {
         pub base_offset: i64,
         pub log_append_time_ms: i64,
         pub log_start_offset: i64,
+        pub current_leader: Option<LeaderHint> => since 1,
+    }
+    /// Where a partition's leader is, as the answering broker knows it: the node and the
+    /// leader epoch (the Raft term of the partition's group).
+    pub struct LeaderHint {
+        pub leader_id: u32,
+        pub leader_epoch: i32,
     }
 
     // ---- Fetch (6) and the push stream (8) ----
@@ -481,6 +524,86 @@ wire_struct! {
         pub records: Bytes,
     }
 
+    // ---- Produce-path filter chains (35-36) ----
+
+    /// Sets the ordered chain of Wasm filters every batch produced to `topic` runs through
+    /// before it is appended (`filters` empty: no chain). Each module is pinned at its latest
+    /// version now and gets `params` (JSON text) at init; a module that refuses its params
+    /// refuses the whole request. `on_error` says what a record error does: `fail` (the
+    /// produce fails with the module's message), `skip` (the record is dropped) or
+    /// `dead-letter:TOPIC` (the record goes to TOPIC, with the reason in a header).
+    pub struct TopicSetFiltersRequest {
+        pub topic: String,
+        pub filters: Vec<String>,
+        pub params: String,
+        pub on_error: String,
+    }
+    pub struct TopicSetFiltersResponse {
+        /// The chain as set, versions resolved.
+        pub filters: Vec<ChainFilter>,
+    }
+    pub struct ChainFilter {
+        pub name: String,
+        pub version: u32,
+    }
+    pub struct TopicFiltersRequest {
+        pub topic: String,
+    }
+    /// A topic's produce chain (`filters` empty: none).
+    pub struct TopicFiltersResponse {
+        pub topic: String,
+        pub filters: Vec<ChainFilter>,
+        pub params: String,
+        pub on_error: String,
+    }
+
+    // ---- Topic-to-topic transforms (37-39) ----
+
+    /// Creates a named transform: the broker reads `input` from `from` (`beginning`, `end`
+    /// or an offset) and writes what the filter keeps or emits to `outputs` (records routed
+    /// to a topic go there, which must be one of `outputs`; others go to the first), with
+    /// its own committed input position and an idempotent producer identity.
+    pub struct TransformCreateRequest {
+        pub name: String,
+        pub filter: String,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub from: String,
+        pub params: String,
+    }
+    pub struct TransformCreateResponse {
+        pub transform: TransformInfo,
+    }
+    pub struct TransformInfo {
+        pub name: String,
+        pub filter: String,
+        pub filter_version: u32,
+        pub input: String,
+        pub outputs: Vec<String>,
+        pub params: String,
+        /// `running`, `paused` or `failed`.
+        pub status: String,
+        pub records_in: u64,
+        pub records_out: u64,
+        /// Input records not yet transformed (over all partitions).
+        pub lag: i64,
+        /// Empty when none.
+        pub last_error: String,
+    }
+    /// `name` empty: every transform.
+    pub struct TransformDescribeRequest {
+        pub name: String,
+    }
+    pub struct TransformDescribeResponse {
+        pub transforms: Vec<TransformInfo>,
+    }
+    /// `action`: `pause`, `resume` (also restarts a failed transform) or `delete`.
+    pub struct TransformAlterRequest {
+        pub name: String,
+        pub action: String,
+    }
+    pub struct TransformAlterResponse {}
+
     // ---- Security (22-27) ----
 
     /// Presents a credential on this connection (`mechanism` "token": an API token made by
@@ -594,7 +717,7 @@ wire_struct! {
 /// Defines [`ApiKey`], the [`Api`] impls and the [`Request`] enum from one table, so the three
 /// can never disagree.
 macro_rules! apis {
-    ($( $key:literal $variant:ident => $request:ident, $response:ty; )*) => {
+    ($( $key:literal $variant:ident [$min:literal ..= $max:literal] => $request:ident, $response:ty; )*) => {
         /// API keys. Append-only, like error codes.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[repr(u16)]
@@ -618,12 +741,20 @@ macro_rules! apis {
                     $( ApiKey::$variant => stringify!($variant), )*
                 }
             }
+
+            /// The oldest and newest versions of this API that this build speaks.
+            pub fn versions(self) -> (u16, u16) {
+                match self {
+                    $( ApiKey::$variant => ($min, $max), )*
+                }
+            }
         }
 
         $(
             impl Api for $request {
                 const KEY: ApiKey = ApiKey::$variant;
-                const VERSION: u16 = 0;
+                const MIN_VERSION: u16 = $min;
+                const VERSION: u16 = $max;
                 type Response = $response;
             }
         )*
@@ -635,14 +766,16 @@ macro_rules! apis {
         }
 
         impl Request {
-            /// Decodes a request body of the given key and version.
+            /// Decodes a request body of the given key and version (any version this build
+            /// speaks; see [`ApiKey::versions`]).
             pub fn decode(key: u16, version: u16, body: Bytes) -> Result<Request, DecodeError> {
                 let api = ApiKey::from_u16(key).ok_or(DecodeError::UnknownApi(key))?;
-                if version != 0 {
+                let (min, max) = api.versions();
+                if version < min || version > max {
                     return Err(DecodeError::UnsupportedVersion { api: api.name(), version });
                 }
                 match api {
-                    $( ApiKey::$variant => Ok(Request::$variant(<$request>::from_bytes(body)?)), )*
+                    $( ApiKey::$variant => Ok(Request::$variant(<$request>::from_bytes_at(body, version)?)), )*
                 }
             }
 
@@ -687,6 +820,28 @@ macro_rules! apis {
             )*
         }
 
+        /// At every version an API speaks, a request and a response survive encode → decode
+        /// (fields newer than the version come back as their defaults, and encode the same).
+        #[cfg(test)]
+        pub(crate) fn check_versioned_round_trips(rng: &mut crate::wire::sample::Rng) {
+            use crate::wire::sample::Sample;
+            fn check<T: Wire + std::fmt::Debug + PartialEq>(value: &T, version: u16, name: &str) {
+                let bytes = value.to_bytes_at(version);
+                let decoded = T::from_bytes_at(bytes.clone(), version)
+                    .unwrap_or_else(|e| panic!("{name} v{version}: {e}"));
+                assert_eq!(decoded.to_bytes_at(version), bytes, "{name} v{version}");
+            }
+            $(
+                for version in $min..=$max {
+                    check(&<$request>::sample(rng), version, stringify!($request));
+                    check(&<$response>::sample(rng), version, stringify!($response));
+                }
+                let request = <$request>::sample(rng);
+                let at_newest = <$request>::from_bytes_at(request.to_bytes_at($max), $max);
+                assert_eq!(at_newest.as_ref(), Ok(&request), "{} v{}", stringify!($request), $max);
+            )*
+        }
+
         #[cfg(test)]
         pub(crate) fn check_response_round_trip(rng: &mut crate::wire::sample::Rng) {
             use crate::wire::sample::Sample;
@@ -700,43 +855,53 @@ macro_rules! apis {
 }
 
 apis! {
-    0 Metadata => MetadataRequest, MetadataResponse;
-    1 CreateTopic => CreateTopicRequest, CreateTopicResponse;
-    2 DeleteTopic => DeleteTopicRequest, DeleteTopicResponse;
-    3 ListTopics => ListTopicsRequest, ListTopicsResponse;
-    4 DescribeTopic => DescribeTopicRequest, DescribeTopicResponse;
-    5 Produce => ProduceRequest, ProduceResponse;
-    6 Fetch => FetchRequest, FetchResponse;
-    7 ListOffsets => ListOffsetsRequest, ListOffsetsResponse;
-    8 Subscribe => SubscribeRequest, FetchPartitionResponse;
-    9 GroupHeartbeat => GroupHeartbeatRequest, GroupHeartbeatResponse;
-    10 GroupLeave => GroupLeaveRequest, GroupLeaveResponse;
-    11 OffsetCommit => OffsetCommitRequest, OffsetCommitResponse;
-    12 OffsetFetch => OffsetFetchRequest, OffsetFetchResponse;
-    13 ListGroups => ListGroupsRequest, ListGroupsResponse;
-    14 DescribeGroup => DescribeGroupRequest, DescribeGroupResponse;
-    15 InitProducerId => InitProducerIdRequest, InitProducerIdResponse;
-    16 FilterUpload => FilterUploadRequest, FilterUploadResponse;
-    17 FilterList => FilterListRequest, FilterListResponse;
-    18 FilterDelete => FilterDeleteRequest, FilterDeleteResponse;
-    19 ApiVersions => ApiVersionsRequest, ApiVersionsResponse;
-    20 FilterDescribe => FilterDescribeRequest, FilterDescribeResponse;
-    21 SubscribeFiltered => SubscribeFilteredRequest, FilteredPushResponse;
-    22 Authenticate => AuthenticateRequest, AuthenticateResponse;
-    23 TokenCreate => TokenCreateRequest, TokenCreateResponse;
-    24 TokenRevoke => TokenRevokeRequest, TokenRevokeResponse;
-    25 AclChange => AclChangeRequest, AclChangeResponse;
-    26 QuotaSet => QuotaSetRequest, QuotaSetResponse;
-    27 SecurityList => SecurityListRequest, SecurityListResponse;
-    40 AlterTopicConfig => AlterTopicConfigRequest, AlterTopicConfigResponse;
+    0 Metadata [0 ..= 0] => MetadataRequest, MetadataResponse;
+    1 CreateTopic [0 ..= 0] => CreateTopicRequest, CreateTopicResponse;
+    2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
+    3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;
+    4 DescribeTopic [0 ..= 0] => DescribeTopicRequest, DescribeTopicResponse;
+    5 Produce [0 ..= 1] => ProduceRequest, ProduceResponse;
+    6 Fetch [0 ..= 0] => FetchRequest, FetchResponse;
+    7 ListOffsets [0 ..= 0] => ListOffsetsRequest, ListOffsetsResponse;
+    8 Subscribe [0 ..= 0] => SubscribeRequest, FetchPartitionResponse;
+    9 GroupHeartbeat [0 ..= 0] => GroupHeartbeatRequest, GroupHeartbeatResponse;
+    10 GroupLeave [0 ..= 0] => GroupLeaveRequest, GroupLeaveResponse;
+    11 OffsetCommit [0 ..= 0] => OffsetCommitRequest, OffsetCommitResponse;
+    12 OffsetFetch [0 ..= 0] => OffsetFetchRequest, OffsetFetchResponse;
+    13 ListGroups [0 ..= 0] => ListGroupsRequest, ListGroupsResponse;
+    14 DescribeGroup [0 ..= 0] => DescribeGroupRequest, DescribeGroupResponse;
+    15 InitProducerId [0 ..= 0] => InitProducerIdRequest, InitProducerIdResponse;
+    16 FilterUpload [0 ..= 0] => FilterUploadRequest, FilterUploadResponse;
+    17 FilterList [0 ..= 0] => FilterListRequest, FilterListResponse;
+    18 FilterDelete [0 ..= 0] => FilterDeleteRequest, FilterDeleteResponse;
+    19 ApiVersions [0 ..= 0] => ApiVersionsRequest, ApiVersionsResponse;
+    20 FilterDescribe [0 ..= 0] => FilterDescribeRequest, FilterDescribeResponse;
+    21 SubscribeFiltered [0 ..= 0] => SubscribeFilteredRequest, FilteredPushResponse;
+    22 Authenticate [0 ..= 0] => AuthenticateRequest, AuthenticateResponse;
+    23 TokenCreate [0 ..= 0] => TokenCreateRequest, TokenCreateResponse;
+    24 TokenRevoke [0 ..= 0] => TokenRevokeRequest, TokenRevokeResponse;
+    25 AclChange [0 ..= 0] => AclChangeRequest, AclChangeResponse;
+    26 QuotaSet [0 ..= 0] => QuotaSetRequest, QuotaSetResponse;
+    27 SecurityList [0 ..= 0] => SecurityListRequest, SecurityListResponse;
+    35 TopicSetFilters [0 ..= 0] => TopicSetFiltersRequest, TopicSetFiltersResponse;
+    36 TopicFilters [0 ..= 0] => TopicFiltersRequest, TopicFiltersResponse;
+    37 TransformCreate [0 ..= 0] => TransformCreateRequest, TransformCreateResponse;
+    38 TransformDescribe [0 ..= 0] => TransformDescribeRequest, TransformDescribeResponse;
+    39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
+    40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
 }
 
 impl Request {
-    /// Encodes the body (without the frame header).
+    /// Encodes the body (without the frame header) in the newest layout.
     pub fn encode_body(&self, buf: &mut BytesMut) {
+        self.encode_body_at(buf, self.api_key().versions().1);
+    }
+
+    /// Encodes the body (without the frame header) in the layout of `version`.
+    pub fn encode_body_at(&self, buf: &mut BytesMut, version: u16) {
         macro_rules! each {
             ($($variant:ident),*) => {
-                match self { $( Request::$variant(r) => r.encode(buf), )* }
+                match self { $( Request::$variant(r) => r.encode_at(buf, version), )* }
             };
         }
         each!(
@@ -762,6 +927,11 @@ impl Request {
             ApiVersions,
             FilterDescribe,
             SubscribeFiltered,
+            TopicSetFilters,
+            TopicFilters,
+            TransformCreate,
+            TransformDescribe,
+            TransformAlter,
             Authenticate,
             TokenCreate,
             TokenRevoke,
@@ -828,8 +998,14 @@ mod tests {
             let request = sample_request(&mut rng);
             let mut body = BytesMut::new();
             request.encode_body(&mut body);
-            let decoded = Request::decode(request.api_key() as u16, 0, body.freeze());
+            let newest = request.api_key().versions().1;
+            let decoded = Request::decode(request.api_key() as u16, newest, body.freeze());
             prop_assert_eq!(decoded, Ok(request), "seed {}", seed);
+        }
+
+        #[test]
+        fn every_version_round_trips(seed: u64) {
+            check_versioned_round_trips(&mut Rng(seed));
         }
 
         #[test]
@@ -843,7 +1019,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(key in 0u16..30, version in 0u16..2, body: Vec<u8>) {
+        fn arbitrary_bodies_never_panic(key in 0u16..48, version in 0u16..2, body: Vec<u8>) {
             let _ = Request::decode(key, version, Bytes::from(body));
         }
 
@@ -856,7 +1032,8 @@ mod tests {
             let body = body.freeze();
             if !body.is_empty() {
                 let cut = cut % body.len();
-                let result = Request::decode(request.api_key() as u16, 0, body.slice(..cut));
+                let newest = request.api_key().versions().1;
+                let result = Request::decode(request.api_key() as u16, newest, body.slice(..cut));
                 // The encoding is self-delimiting, so a strict prefix never decodes.
                 prop_assert!(result.is_err(), "seed {} cut {}", seed, cut);
             }
@@ -880,6 +1057,96 @@ mod tests {
             Request::decode(ApiKey::ListTopics as u16, 0, Bytes::from_static(&[0])),
             Err(DecodeError::TrailingBytes(1))
         );
+    }
+
+    #[test]
+    fn decoders_accept_exactly_the_versions_they_speak() {
+        // Produce speaks 0 and 1; 2 is refused with a typed error, as is any version of an
+        // API that speaks only 0.
+        let request = ProduceRequest::default();
+        for version in [0u16, 1] {
+            let body = request.to_bytes_at(version);
+            assert_eq!(
+                Request::decode(ApiKey::Produce as u16, version, body),
+                Ok(Request::Produce(request.clone()))
+            );
+        }
+        assert_eq!(
+            Request::decode(ApiKey::Produce as u16, 2, request.to_bytes()),
+            Err(DecodeError::UnsupportedVersion {
+                api: "Produce",
+                version: 2
+            })
+        );
+        assert_eq!(
+            Request::decode(ApiKey::Fetch as u16, 1, FetchRequest::default().to_bytes()),
+            Err(DecodeError::UnsupportedVersion {
+                api: "Fetch",
+                version: 1
+            })
+        );
+    }
+
+    #[test]
+    fn produce_response_carries_the_leader_hint_from_version_1() {
+        let partition = ProducePartitionResponse {
+            partition: 3,
+            error: ErrorCode::NotLeader,
+            error_message: Some("not the leader".into()),
+            base_offset: -1,
+            log_append_time_ms: -1,
+            log_start_offset: 0,
+            current_leader: Some(LeaderHint {
+                leader_id: 2,
+                leader_epoch: 7,
+            }),
+        };
+        let v0 = partition.to_bytes_at(0);
+        let v1 = partition.to_bytes_at(1);
+        // Version 0 is the layout every earlier client decodes: the hint is not on the wire.
+        assert_eq!(v1.len(), v0.len() + 1 + 4 + 4);
+        assert_eq!(&v1[..v0.len()], &v0[..]);
+        assert_eq!(&v1[v0.len()..], &[1, 0, 0, 0, 2, 0, 0, 0, 7]);
+        let old = ProducePartitionResponse::from_bytes_at(v0, 0).unwrap();
+        assert_eq!(old.current_leader, None);
+        assert_eq!(old.error, ErrorCode::NotLeader);
+        assert_eq!(
+            ProducePartitionResponse::from_bytes_at(v1, 1),
+            Ok(partition)
+        );
+    }
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        let range = |min, max| {
+            vec![ApiVersionRange {
+                api_key: ApiKey::Produce as u16,
+                min_version: min,
+                max_version: max,
+            }]
+        };
+        // (what the broker announces for Produce, what the client sends)
+        let cases: &[(Vec<ApiVersionRange>, Option<u16>)] = &[
+            (range(0, 0), Some(0)), // an older broker
+            (range(0, 1), Some(1)), // the same build
+            (range(0, 9), Some(1)), // a newer broker
+            (range(1, 9), Some(1)), // a newer broker that dropped v0
+            (range(2, 9), None),    // nothing in common
+            (vec![], Some(0)), // not listed: the oldest version, refused by the broker if unknown
+        ];
+        for (broker, expected) in cases {
+            assert_eq!(
+                negotiate_version(ApiKey::Produce, broker),
+                *expected,
+                "{broker:?}"
+            );
+        }
+        // A broker of this build announces what this build speaks.
+        let ours = supported_api_versions();
+        assert_eq!(ours.len(), ApiKey::ALL.len());
+        for key in ApiKey::ALL {
+            assert_eq!(negotiate_version(*key, &ours), Some(key.versions().1));
+        }
     }
 
     #[test]

@@ -8,10 +8,36 @@ use crate::error::DecodeError;
 /// Elements reserved up front when decoding an array.
 const ARRAY_PREALLOCATED_MAX: usize = 64;
 
+/// The version argument of [`Wire::encode_at`] that means "every field this build knows".
+pub const VERSION_LATEST: u16 = u16::MAX;
+
 /// A value with a wire encoding.
+///
+/// Messages change by API version: a field declared `=> since N` in [`wire_struct!`] is on
+/// the wire only at versions `N` and later (decoded as its default below them). The
+/// `*_at(version)` methods encode and decode one version's layout; `encode`/`decode` are the
+/// newest layout (every field). Types without versioned fields need only `encode`/`decode`.
 pub trait Wire: Sized {
     fn encode(&self, buf: &mut BytesMut);
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError>;
+
+    /// The layout of API version `version`.
+    fn encode_at(&self, buf: &mut BytesMut, version: u16) {
+        let _ = version;
+        self.encode(buf);
+    }
+
+    /// [`Wire::encode_chunked`] in the layout of API version `version`.
+    fn encode_chunked_at(&self, out: &mut Chunked, version: u16) {
+        let _ = version;
+        self.encode_chunked(out);
+    }
+
+    /// Decodes the layout of API version `version`.
+    fn decode_at(reader: &mut Reader, version: u16) -> Result<Self, DecodeError> {
+        let _ = version;
+        Self::decode(reader)
+    }
 
     /// The same bytes as [`Wire::encode`], written into `out`, where large byte strings
     /// (record batches) are kept as shared chunks instead of being copied.
@@ -28,10 +54,22 @@ pub trait Wire: Sized {
 
     /// Decodes exactly one value from `bytes`; trailing bytes are an error.
     fn from_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
+        Self::from_bytes_at(bytes, VERSION_LATEST)
+    }
+
+    /// [`Wire::from_bytes`] for the layout of API version `version`.
+    fn from_bytes_at(bytes: Bytes, version: u16) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(bytes);
-        let value = Self::decode(&mut reader)?;
+        let value = Self::decode_at(&mut reader, version)?;
         reader.finish()?;
         Ok(value)
+    }
+
+    /// Encodes the layout of API version `version` into a fresh buffer.
+    fn to_bytes_at(&self, version: u16) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode_at(&mut buf, version);
+        buf.freeze()
     }
 }
 
@@ -258,27 +296,36 @@ impl Wire for Bytes {
 
 impl<T: Wire> Wire for Option<T> {
     fn encode(&self, buf: &mut BytesMut) {
+        self.encode_at(buf, VERSION_LATEST);
+    }
+    fn encode_chunked(&self, out: &mut Chunked) {
+        self.encode_chunked_at(out, VERSION_LATEST);
+    }
+    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        Self::decode_at(reader, VERSION_LATEST)
+    }
+    fn encode_at(&self, buf: &mut BytesMut, version: u16) {
         match self {
             None => buf.put_u8(0),
             Some(value) => {
                 buf.put_u8(1);
-                value.encode(buf);
+                value.encode_at(buf, version);
             }
         }
     }
-    fn encode_chunked(&self, out: &mut Chunked) {
+    fn encode_chunked_at(&self, out: &mut Chunked, version: u16) {
         match self {
             None => out.buf().put_u8(0),
             Some(value) => {
                 out.buf().put_u8(1);
-                value.encode_chunked(out);
+                value.encode_chunked_at(out, version);
             }
         }
     }
-    fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+    fn decode_at(reader: &mut Reader, version: u16) -> Result<Self, DecodeError> {
         match reader.u8("option tag")? {
             0 => Ok(None),
-            1 => Ok(Some(T::decode(reader)?)),
+            1 => Ok(Some(T::decode_at(reader, version)?)),
             other => Err(DecodeError::InvalidValue {
                 field: "option tag",
                 value: i64::from(other),
@@ -289,24 +336,33 @@ impl<T: Wire> Wire for Option<T> {
 
 impl<T: Wire> Wire for Vec<T> {
     fn encode(&self, buf: &mut BytesMut) {
-        buf.put_u32(self.len() as u32);
-        for item in self {
-            item.encode(buf);
-        }
+        self.encode_at(buf, VERSION_LATEST);
     }
     fn encode_chunked(&self, out: &mut Chunked) {
-        out.buf().put_u32(self.len() as u32);
-        for item in self {
-            item.encode_chunked(out);
-        }
+        self.encode_chunked_at(out, VERSION_LATEST);
     }
     fn decode(reader: &mut Reader) -> Result<Self, DecodeError> {
+        Self::decode_at(reader, VERSION_LATEST)
+    }
+    fn encode_at(&self, buf: &mut BytesMut, version: u16) {
+        buf.put_u32(self.len() as u32);
+        for item in self {
+            item.encode_at(buf, version);
+        }
+    }
+    fn encode_chunked_at(&self, out: &mut Chunked, version: u16) {
+        out.buf().put_u32(self.len() as u32);
+        for item in self {
+            item.encode_chunked_at(out, version);
+        }
+    }
+    fn decode_at(reader: &mut Reader, version: u16) -> Result<Self, DecodeError> {
         let count = reader.count("array count")?;
         // The count is bounded by the bytes left, but an element may be far larger in memory
         // than on the wire: reserve a little and let the vector grow as elements decode.
         let mut items = Vec::with_capacity(count.min(ARRAY_PREALLOCATED_MAX));
         for _ in 0..count {
-            items.push(T::decode(reader)?);
+            items.push(T::decode_at(reader, version)?);
         }
         Ok(items)
     }
@@ -314,10 +370,12 @@ impl<T: Wire> Wire for Vec<T> {
 
 /// Defines a struct whose wire encoding is its fields in declaration order.
 macro_rules! wire_struct {
+    (@since) => { 0u16 };
+    (@since $since:literal) => { $since };
     ($(
         $(#[$meta:meta])*
         pub struct $name:ident {
-            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty, )*
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty $(=> since $since:literal)?, )*
         }
     )*) => {$(
         $(#[$meta])*
@@ -327,17 +385,40 @@ macro_rules! wire_struct {
         }
 
         impl $crate::wire::Wire for $name {
-            #[allow(unused_variables)]
             fn encode(&self, buf: &mut ::bytes::BytesMut) {
-                $( $crate::wire::Wire::encode(&self.$field, buf); )*
+                self.encode_at(buf, $crate::wire::VERSION_LATEST);
             }
-            #[allow(unused_variables)]
             fn encode_chunked(&self, out: &mut $crate::wire::Chunked) {
-                $( $crate::wire::Wire::encode_chunked(&self.$field, out); )*
+                self.encode_chunked_at(out, $crate::wire::VERSION_LATEST);
             }
-            #[allow(unused_variables)]
             fn decode(reader: &mut $crate::wire::Reader) -> Result<Self, $crate::error::DecodeError> {
-                Ok($name { $( $field: <$ty as $crate::wire::Wire>::decode(reader)?, )* })
+                Self::decode_at(reader, $crate::wire::VERSION_LATEST)
+            }
+            #[allow(unused_variables, unused_comparisons)]
+            fn encode_at(&self, buf: &mut ::bytes::BytesMut, version: u16) {
+                $(
+                    if version >= $crate::wire::wire_struct!(@since $($since)?) {
+                        $crate::wire::Wire::encode_at(&self.$field, buf, version);
+                    }
+                )*
+            }
+            #[allow(unused_variables, unused_comparisons)]
+            fn encode_chunked_at(&self, out: &mut $crate::wire::Chunked, version: u16) {
+                $(
+                    if version >= $crate::wire::wire_struct!(@since $($since)?) {
+                        $crate::wire::Wire::encode_chunked_at(&self.$field, out, version);
+                    }
+                )*
+            }
+            #[allow(unused_variables, unused_comparisons)]
+            fn decode_at(reader: &mut $crate::wire::Reader, version: u16) -> Result<Self, $crate::error::DecodeError> {
+                Ok($name { $(
+                    $field: if version >= $crate::wire::wire_struct!(@since $($since)?) {
+                        <$ty as $crate::wire::Wire>::decode_at(reader, version)?
+                    } else {
+                        <$ty as ::core::default::Default>::default()
+                    },
+                )* })
             }
         }
 

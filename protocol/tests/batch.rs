@@ -297,6 +297,45 @@ proptest! {
     }
 }
 
+/// A client may not send control or transactional batches: only a broker writes them. Every
+/// other attribute a client may set still passes.
+#[test]
+fn client_batches_with_broker_only_bits_are_refused() {
+    use ketch_protocol::batch::{attributes, validate, validate_from_client};
+    let build = |attributes: i16| {
+        let mut builder = BatchBuilder::new(1024).with_attributes(attributes);
+        assert!(builder.try_append(1_700_000_000_000, Some(b"k"), Some(b"v"), &[]));
+        builder.finish()
+    };
+    let cases: &[(i16, bool)] = &[
+        (0, true),
+        (attributes::TIMESTAMP_LOG_APPEND_TIME, true),
+        (attributes::CONTROL, false),
+        (attributes::TRANSACTIONAL, false),
+        (attributes::CONTROL | attributes::TRANSACTIONAL, false),
+        (
+            attributes::TRANSACTIONAL | attributes::TIMESTAMP_LOG_APPEND_TIME,
+            false,
+        ),
+    ];
+    for &(bits, accepted) in cases {
+        let batch = build(bits);
+        // The batch itself is well formed: a broker's own control batches pass `validate`.
+        assert!(validate(&batch).is_ok(), "attributes {bits:#x}");
+        match validate_from_client(&batch) {
+            Ok(header) => {
+                assert!(accepted, "attributes {bits:#x} accepted from a client");
+                assert_eq!(header.attributes, bits);
+            }
+            Err(error) => {
+                assert!(!accepted, "attributes {bits:#x}: {error}");
+                assert_eq!(error, BatchError::BrokerOnlyAttributes(bits));
+                assert!(error.to_string().contains("only a broker may write"));
+            }
+        }
+    }
+}
+
 /// Compaction keeps a batch's offset range and its records' offsets: readers see the kept
 /// records at their offsets, the batch still ends where it did, producers may not send it.
 #[test]

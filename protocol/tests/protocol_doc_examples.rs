@@ -7,8 +7,8 @@ use bytes::Bytes;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, RecordBatch};
 use ketch_protocol::frame::{
-    FRAME_LENGTH_BYTES, decode_request, decode_response, encode_error_response, encode_request,
-    encode_response,
+    FRAME_LENGTH_BYTES, decode_request, decode_response, decode_response_at, encode_error_response,
+    encode_request, encode_response_at,
 };
 use ketch_protocol::messages::{
     Acks, ApiKey, ProducePartition, ProducePartitionResponse, ProduceRequest, ProduceResponse,
@@ -99,13 +99,14 @@ fn produce_response_example() {
                 base_offset: 42,
                 log_append_time_ms: -1,
                 log_start_offset: 0,
+                current_leader: None,
             }],
         }],
     };
-    let frame = encode_response(&response);
+    let frame = encode_response_at(&response, 1);
     check("produce-response", &frame);
     assert_eq!(
-        decode_response::<ProduceResponse>(frame.slice(FRAME_LENGTH_BYTES..)),
+        decode_response_at::<ProduceResponse>(frame.slice(FRAME_LENGTH_BYTES..), 1),
         Ok(Ok(response))
     );
 }

@@ -93,6 +93,7 @@ class Field:
     name: str
     ty: str
     doc: str
+    since: int = 0
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Struct:
 class Api:
     key: int
     name: str
+    min_version: int
+    max_version: int
     request: str
     response: str
 
@@ -166,26 +169,27 @@ def parse_structs(messages: str) -> dict[str, Struct]:
         if line == "}":
             current = None
             continue
-        m = re.fullmatch(r"pub (\w+): ([\w<>]+),", line)
+        m = re.fullmatch(r"pub (\w+): ([\w<>]+)(?: => since (\d+))?,", line)
         if not m:
             raise SourceError(f"unexpected field line in {current.name}: {line!r}")
-        current.fields.append(Field(m.group(1), m.group(2), doc_text(pending)))
+        since = int(m.group(3)) if m.group(3) else 0
+        current.fields.append(Field(m.group(1), m.group(2), doc_text(pending), since))
         pending = []
     return structs
 
 
-def parse_apis(messages: str) -> tuple[list[Api], int]:
+def parse_apis(messages: str) -> list[Api]:
     table = block_after(messages, "\napis! {")
     apis = []
     for line in table.strip().splitlines():
-        m = re.fullmatch(r"\s*(\d+) (\w+) => (\w+), (\w+);\s*", line)
+        m = re.fullmatch(r"\s*(\d+) (\w+) \[(\d+) \.\.= (\d+)\] => (\w+), (\w+);\s*", line)
         if not m:
             raise SourceError(f"unexpected line in apis!: {line!r}")
-        apis.append(Api(int(m.group(1)), m.group(2), m.group(3), m.group(4)))
-    versions = set(re.findall(r"const VERSION: u16 = (\d+);", messages))
-    if len(versions) != 1:
-        raise SourceError(f"expected one `const VERSION` in messages.rs, found {versions}")
-    return apis, int(versions.pop())
+        low, high = int(m.group(3)), int(m.group(4))
+        if low > high:
+            raise SourceError(f"API {m.group(2)}: versions {low}..={high} are empty")
+        apis.append(Api(int(m.group(1)), m.group(2), low, high, m.group(5), m.group(6)))
+    return apis
 
 
 def parse_enum_variants(source: str, enum: str) -> list[tuple[str, str | None, str]]:
@@ -283,14 +287,17 @@ def render_struct(struct: Struct, structs: dict[str, Struct]) -> list[str]:
         return out
     out += ["| # | field | type | bytes | notes |", "|---|---|---|---|---|"]
     for i, f in enumerate(struct.fields, 1):
-        out.append(f"| {i} | `{f.name}` | {wire_type(f.ty, structs)} | {size_of(f.ty)} | {f.doc} |")
+        since = f"**Version {f.since} and later only.** " if f.since else ""
+        out.append(
+            f"| {i} | `{f.name}` | {wire_type(f.ty, structs)} | {size_of(f.ty)} | {since}{f.doc} |"
+        )
     out.append("")
     return out
 
 
 def generate(messages: str, error: str) -> dict[str, str]:
     structs = parse_structs(messages)
-    apis, version = parse_apis(messages)
+    apis = parse_apis(messages)
     for api in apis:
         for name in (api.request, api.response):
             if name not in structs:
@@ -298,10 +305,15 @@ def generate(messages: str, error: str) -> dict[str, str]:
 
     sections: dict[str, str] = {}
 
-    lines = ["| key | API | version | request | response |", "|---|---|---|---|---|"]
+    lines = ["| key | API | versions | request | response |", "|---|---|---|---|---|"]
     for api in apis:
+        versions = (
+            str(api.min_version)
+            if api.min_version == api.max_version
+            else f"{api.min_version}–{api.max_version}"
+        )
         lines.append(
-            f"| {api.key} | {api.name} | {version} | [{api.request}]({anchor(api.request)}) "
+            f"| {api.key} | {api.name} | {versions} | [{api.request}]({anchor(api.request)}) "
             f"| [{api.response}]({anchor(api.response)}) |"
         )
     sections["api-keys"] = "\n".join(lines)

@@ -154,7 +154,13 @@ impl Error {
     pub(crate) fn invalidates_metadata(&self) -> bool {
         matches!(
             self.code(),
-            Some(ErrorCode::NotLeader | ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+            Some(
+                ErrorCode::NotLeader
+                    | ErrorCode::FencedLeaderEpoch
+                    | ErrorCode::NotCoordinator
+                    | ErrorCode::UnknownTopic
+                    | ErrorCode::UnknownPartition
+            )
         ) || matches!(self, Error::Connect { .. } | Error::Transport { .. })
     }
 
@@ -321,6 +327,17 @@ mod tests {
             Some(ErrorCode::NotLeader),
             true,
             true,
+        );
+        // A leader (or coordinator) moved: retried after the metadata is fetched again.
+        for code in [ErrorCode::FencedLeaderEpoch, ErrorCode::NotCoordinator] {
+            check(Error::from_code(code, "x"), Some(code), true, true);
+        }
+        // Too few in-sync replicas: retried, the metadata is still right.
+        check(
+            Error::from_code(ErrorCode::NotEnoughReplicas, "x"),
+            Some(ErrorCode::NotEnoughReplicas),
+            true,
+            false,
         );
         check(
             Error::from_code(ErrorCode::UnknownTopic, "x"),

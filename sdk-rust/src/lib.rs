@@ -80,6 +80,7 @@
 mod admin;
 mod admin_security;
 pub mod blocking;
+mod chains;
 mod client;
 mod config;
 mod consumer;
@@ -95,6 +96,9 @@ pub use admin::{
 };
 pub use admin_security::{
     Acl, NewToken, Operation, PatternType, Permission, Quota, ResourceType, TokenDescription,
+};
+pub use chains::{
+    NewTransform, OnRecordError, ProduceFilters, TopicFilters, TransformStart, TransformStatus,
 };
 pub use client::Client;
 pub use config::{

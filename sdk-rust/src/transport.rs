@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ketch_protocol::ALPN;
+use ketch_protocol::ErrorCode;
 use ketch_protocol::frame::{
-    FRAME_LENGTH_BYTES, FrameDecoder, decode_response, encode_request, encode_request_chunks,
-    frame_length,
+    FRAME_LENGTH_BYTES, FrameDecoder, decode_response, decode_response_at, encode_request,
+    encode_request_chunks, encode_request_chunks_at, frame_length,
 };
-use ketch_protocol::messages::{Api, ApiVersionsRequest};
+use ketch_protocol::messages::{
+    Api, ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse, negotiate_version,
+};
 use ketch_protocol::wire::Wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -225,7 +228,14 @@ pub(crate) struct Transport {
     /// Connections (by `stable_id`) whose liveness is being checked after a request timed
     /// out, so a burst of timeouts sends one check.
     checking: Arc<Mutex<std::collections::HashSet<usize>>>,
+    /// What each broker's current connection (`stable_id`) answered to ApiVersions: asked
+    /// once per connection, before the first request of an API this build speaks at more
+    /// than one version. One entry per broker address, like `slots`.
+    versions: Mutex<HashMap<SocketAddr, NegotiatedVersions>>,
 }
+
+/// A connection's `stable_id` and what its broker answered to ApiVersions.
+type NegotiatedVersions = (usize, Arc<[ApiVersionRange]>);
 
 /// One broker's connection. The async mutex serialises (re)connect attempts, so concurrent
 /// callers share one handshake and one backoff.
@@ -277,6 +287,7 @@ impl Transport {
             slots: Mutex::new(HashMap::new()),
             closed,
             checking: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            versions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -459,9 +470,13 @@ impl Transport {
         request: &R,
         timeout: Duration,
     ) -> Result<R::Response> {
-        let frame = encode_request_chunks(request);
         let connection = self.connection(addr).await?;
-        let exchange = exchange(&connection, frame, self.frame_bytes_max);
+        let exchange = async {
+            let version = self.version_for::<R>(addr, &connection).await?;
+            let frame = encode_request_chunks_at(request, version);
+            let frame = exchange(&connection, frame, self.frame_bytes_max).await?;
+            Ok((frame, version))
+        };
         let result = tokio::select! {
             result = tokio::time::timeout(timeout, exchange) => match result {
                 Ok(result) => result,
@@ -472,8 +487,8 @@ impl Transport {
             },
             () = self.closed.cancelled() => Err(Error::Closed),
         };
-        let frame = match result {
-            Ok(frame) => frame,
+        let (frame, version) = match result {
+            Ok(answer) => answer,
             Err(error) => {
                 if matches!(error, Error::Timeout(_)) {
                     self.check_liveness_in_background(addr, &connection, timeout);
@@ -484,7 +499,56 @@ impl Transport {
                 return Err(error);
             }
         };
-        Ok(decode_response::<R::Response>(frame)??)
+        Ok(decode_response_at::<R::Response>(frame, version)??)
+    }
+
+    /// The version to send `R` at on `connection`: the highest both this build and the
+    /// broker speak. An API this build speaks at one version only is sent at it without
+    /// asking (the broker refuses it if it does not speak it); otherwise the broker's
+    /// ApiVersions answer is fetched once per connection and kept.
+    async fn version_for<R: Api>(
+        &self,
+        addr: SocketAddr,
+        connection: &quinn::Connection,
+    ) -> Result<u16> {
+        if R::MIN_VERSION == R::VERSION {
+            return Ok(R::VERSION);
+        }
+        let id = connection.stable_id();
+        let known = self
+            .versions
+            .lock()
+            .expect("versions lock")
+            .get(&addr)
+            .filter(|(known_id, _)| *known_id == id)
+            .map(|(_, apis)| apis.clone());
+        let apis = match known {
+            Some(apis) => apis,
+            None => {
+                // Version 0 of ApiVersions is the one every broker speaks.
+                let frame = encode_request_chunks_at(&ApiVersionsRequest {}, 0);
+                let frame = exchange(connection, frame, self.frame_bytes_max).await?;
+                let answer = decode_response_at::<ApiVersionsResponse>(frame, 0)??;
+                let apis: Arc<[ApiVersionRange]> = answer.apis.into();
+                self.versions
+                    .lock()
+                    .expect("versions lock")
+                    .insert(addr, (id, apis.clone()));
+                apis
+            }
+        };
+        negotiate_version(R::KEY, &apis).ok_or_else(|| {
+            let (min, max) = R::KEY.versions();
+            Error::from_code(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "{addr} speaks no version of {} that this client does (client {min}..={max}, \
+                     broker {:?})",
+                    R::KEY.name(),
+                    apis.iter().find(|r| r.api_key == R::KEY as u16)
+                ),
+            )
+        })
     }
 
     /// Checks, on a task of its own, that a connection on which a request timed out still

@@ -28,6 +28,9 @@ const WAIT_MAX: Duration = Duration::from_secs(20);
 /// What the fake does with one request.
 enum Reply {
     Frame(Bytes),
+    /// The script has no answer: `unsupported_api`, except for ApiVersions, which the fake
+    /// answers as a broker of this build does (clients negotiate versions with it).
+    NotScripted,
     /// Answer after a delay.
     After(Duration, Bytes),
     /// Reset the stream without answering: the client cannot know what happened.
@@ -210,7 +213,17 @@ async fn serve(
                         log.push(request.clone());
                         seen
                     };
-                    match script(&request, seen) {
+                    let reply = match script(&request, seen) {
+                        Reply::NotScripted => Reply::Frame(match request {
+                            Request::ApiVersions(_) => encode_response(&ApiVersionsResponse {
+                                apis: supported_api_versions(),
+                            }),
+                            _ => encode_error_response(ErrorCode::UnsupportedApi, "not scripted"),
+                        }),
+                        reply => reply,
+                    };
+                    match reply {
+                        Reply::NotScripted => unreachable!("answered above"),
                         Reply::Frame(frame) => {
                             let _ = send.write_all(&frame).await;
                             let _ = send.finish();
@@ -302,16 +315,14 @@ fn produced(error: ErrorCode, base_offset: i64) -> Bytes {
                 base_offset,
                 log_append_time_ms: -1,
                 log_start_offset: 0,
+                current_leader: None,
             }],
         }],
     })
 }
 
 fn not_scripted() -> Reply {
-    Reply::Frame(encode_error_response(
-        ErrorCode::UnsupportedApi,
-        "not scripted",
-    ))
+    Reply::NotScripted
 }
 
 /// A ListOffsets answer: `offset` for every partition asked about.
@@ -395,10 +406,7 @@ fn scripted(
         Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
         Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
         Request::Produce(_) => produce(seen),
-        _ => Reply::Frame(encode_error_response(
-            ErrorCode::UnsupportedApi,
-            "not scripted",
-        )),
+        _ => not_scripted(),
     }
 }
 
@@ -595,10 +603,7 @@ async fn an_out_of_order_refusal_behind_a_lost_batch_is_retried_after_it() {
                 Reply::Frame(produced(ErrorCode::OutOfOrderSequence, -1))
             }
         }
-        _ => Reply::Frame(encode_error_response(
-            ErrorCode::UnsupportedApi,
-            "not scripted",
-        )),
+        _ => not_scripted(),
     });
     let client = within(Client::connect(broker.config())).await.unwrap();
     let producer = within(client.producer(ProducerConfig {
@@ -1284,4 +1289,71 @@ async fn a_batch_larger_than_the_push_limit_resubscribes_with_a_larger_one() {
     })
     .await;
     within(consumer.close()).await.unwrap();
+}
+
+/// A broker that announces only Produce versions `min..=max` (and answers Produce in the
+/// version-0 layout).
+fn announcing_produce(min: u16, max: u16) -> impl Fn(&Request, usize) -> Reply + Send + Sync {
+    let inner = scripted(|seen| {
+        Reply::Frame(ketch_protocol::frame::encode_response_at(
+            &ProduceResponse {
+                topics: vec![ProduceTopicResponse {
+                    name: "t".into(),
+                    partitions: vec![ProducePartitionResponse {
+                        partition: 0,
+                        base_offset: seen as i64,
+                        log_append_time_ms: -1,
+                        ..Default::default()
+                    }],
+                }],
+            },
+            0,
+        ))
+    });
+    move |request, seen| match request {
+        Request::ApiVersions(_) => {
+            let mut apis = supported_api_versions();
+            for range in &mut apis {
+                if range.api_key == ApiKey::Produce as u16 {
+                    (range.min_version, range.max_version) = (min, max);
+                }
+            }
+            Reply::Frame(encode_response(&ApiVersionsResponse { apis }))
+        }
+        _ => inner(request, seen),
+    }
+}
+
+/// The client speaks the highest version both sides do: to a broker that speaks Produce
+/// v0 only it sends v0 and reads the v0 answer (a v1 reading of it would be short by the
+/// leader hint and fail); with a broker that shares no version it sends nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_sends_the_highest_version_both_sides_speak() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(announcing_produce(0, 0));
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    assert_eq!(send_one(&producer, "a").await, Ok(0));
+    assert_eq!(send_one(&producer, "b").await, Ok(1));
+    // One ApiVersions for the connection, not one per request.
+    assert_eq!(broker.count(ApiKey::ApiVersions), 1);
+    within(producer.close()).await.unwrap();
+    client.close();
+    drop(broker);
+
+    let broker = start(announcing_produce(7, 9));
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(ProducerConfig {
+        delivery_timeout: Duration::from_secs(2),
+        ..fast_retries()
+    }))
+    .await
+    .unwrap();
+    let error = send_one(&producer, "c")
+        .await
+        .expect_err("no common version");
+    assert_eq!(error.code(), Some(ErrorCode::UnsupportedVersion), "{error}");
+    assert_eq!(broker.count(ApiKey::Produce), 0, "nothing was sent");
+    within(producer.close()).await.ok();
+    client.close();
 }

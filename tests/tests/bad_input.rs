@@ -318,6 +318,38 @@ async fn oversized_and_corrupt_batches_are_refused_and_nothing_is_appended() -> 
             "compression",
         ),
         (
+            "the control bit set (CRC valid): only a broker writes control batches",
+            edited(&good, |b| {
+                b[22] |= attributes::CONTROL as u8;
+                fix_crc(b);
+            }),
+            ErrorCode::InvalidRequest,
+            "only a broker may write",
+        ),
+        (
+            "the transactional bit set (CRC valid)",
+            edited(&good, |b| {
+                b[22] |= attributes::TRANSACTIONAL as u8;
+                fix_crc(b);
+            }),
+            ErrorCode::InvalidRequest,
+            "only a broker may write",
+        ),
+        (
+            "a good batch followed by a control batch: nothing of the request is appended",
+            [
+                &good[..],
+                &edited(&good, |b| {
+                    b[22] |= (attributes::CONTROL | attributes::TRANSACTIONAL) as u8;
+                    fix_crc(b);
+                })[..],
+            ]
+            .concat()
+            .into(),
+            ErrorCode::InvalidRequest,
+            "control or transactional",
+        ),
+        (
             "a good batch followed by a corrupt one",
             [&good[..], &edited(&good, |b| b[30] ^= 1)[..]]
                 .concat()
@@ -552,6 +584,12 @@ fn frame_cases(rng: &mut Rng) -> Vec<FrameCase> {
             bytes: frame(0, 7, &[0]),
             end: StreamEnd::Finish,
             expect: Expect::Error(ErrorCode::UnsupportedVersion, "version 7"),
+        },
+        FrameCase {
+            name: "a Produce version newer than the broker speaks",
+            bytes: frame(5, 2, &[0xff, 0, 0, 0, 0, 0, 0, 0, 0]),
+            end: StreamEnd::Finish,
+            expect: Expect::Error(ErrorCode::UnsupportedVersion, "version 2"),
         },
         FrameCase {
             name: "stream ends 90 bytes short of the frame",

@@ -619,6 +619,48 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             encode_request(&SecurityListRequest {}),
             Unauthorized,
         ),
+        (
+            ApiKey::TopicSetFilters,
+            encode_request(&TopicSetFiltersRequest {
+                topic: "t".into(),
+                filters: vec![],
+                params: String::new(),
+                on_error: "fail".into(),
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::TopicFilters,
+            encode_request(&TopicFiltersRequest { topic: "t".into() }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::TransformCreate,
+            encode_request(&TransformCreateRequest {
+                name: "x".into(),
+                filter: "f".into(),
+                input: "t".into(),
+                outputs: vec!["t2".into()],
+                from: "beginning".into(),
+                params: String::new(),
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::TransformDescribe,
+            encode_request(&TransformDescribeRequest {
+                name: String::new(),
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::TransformAlter,
+            encode_request(&TransformAlterRequest {
+                name: "x".into(),
+                action: "delete".into(),
+            }),
+            Unauthorized,
+        ),
     ];
     // Every API is in the table.
     for key in ApiKey::ALL {

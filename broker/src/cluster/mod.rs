@@ -86,11 +86,17 @@ impl From<StorageError> for ClusterError {
     }
 }
 
+/// Records in a batch the broker validated or built.
+fn output_records(batch: &Bytes) -> u64 {
+    BatchHeader::parse(batch).map_or(0, |h| h.records_count.max(0) as u64)
+}
+
 /// The wire error for a batch that fails its checks.
 pub fn batch_error(error: batch::BatchError) -> ClusterError {
     let code = match error {
         batch::BatchError::TooLarge(_) => ErrorCode::RecordTooLarge,
         batch::BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
+        batch::BatchError::BrokerOnlyAttributes(_) => ErrorCode::InvalidRequest,
         _ => ErrorCode::CorruptBatch,
     };
     ClusterError::new(code, error.to_string())
@@ -330,12 +336,29 @@ pub struct Submitted {
 #[derive(Debug)]
 enum SubmittedBatch {
     Pending {
+        /// The batch as produced: its sequences are what the producer state tracks.
         header: BatchHeader,
         pending: storage::AppendFuture,
+        /// What is appended (the input, or a produce chain's output).
+        records: u64,
+        bytes: u64,
     },
     Duplicate {
         base_offset: i64,
     },
+    /// A produce chain kept none of the batch's records: nothing is appended, the sequences
+    /// are taken (the producer continues after them).
+    Dropped {
+        base_offset: i64,
+    },
+}
+
+/// A batch to append in place of a produced one (`output`: a produce chain's result, `None`
+/// when it kept nothing), with the produced batch's header: idempotence is checked on it.
+#[derive(Debug, Clone)]
+pub struct PreparedBatch {
+    pub input: BatchHeader,
+    pub output: Option<Bytes>,
 }
 
 impl Submitted {
@@ -386,21 +409,29 @@ impl Partition {
         records: Bytes,
         now_ms: i64,
     ) -> Result<Submitted, ClusterError> {
+        let batches = self
+            .validate_batches(records)?
+            .into_iter()
+            .map(|(input, bytes)| PreparedBatch {
+                input,
+                output: Some(bytes),
+            })
+            .collect();
+        self.submit_prepared(batches, now_ms).await
+    }
+
+    /// The checks of [`Self::submit`] on a produced request: every batch's size, header, CRC
+    /// and record framing. Returns each batch with its header.
+    pub fn validate_batches(
+        &self,
+        records: Bytes,
+    ) -> Result<Vec<(BatchHeader, Bytes)>, ClusterError> {
         let mut slices = batch::BatchSlices::new(records);
         let mut batches = Vec::new();
         for slice in slices.by_ref() {
             let (_, bytes) = slice.map_err(batch_error)?;
-            if bytes.len() > self.batch_bytes_max as usize {
-                return Err(ClusterError::new(
-                    ErrorCode::RecordTooLarge,
-                    format!(
-                        "batch of {} bytes exceeds batch_bytes_max {}",
-                        bytes.len(),
-                        self.batch_bytes_max
-                    ),
-                ));
-            }
-            let header = batch::validate(&bytes).map_err(batch_error)?;
+            self.check_batch_size(bytes.len())?;
+            let header = batch::validate_from_client(&bytes).map_err(batch_error)?;
             batches.push((header, bytes));
         }
         if !slices.remainder().is_empty() {
@@ -415,12 +446,43 @@ impl Partition {
                 "produce request without a record batch",
             ));
         }
+        Ok(batches)
+    }
+
+    fn check_batch_size(&self, bytes: usize) -> Result<(), ClusterError> {
+        if bytes > self.batch_bytes_max as usize {
+            return Err(ClusterError::new(
+                ErrorCode::RecordTooLarge,
+                format!(
+                    "batch of {bytes} bytes exceeds batch_bytes_max {}",
+                    self.batch_bytes_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Self::submit`] for batches already validated, each appended as its `output` with
+    /// idempotence checked on its `input` (a produce chain's result in place of the produced
+    /// batch). An output must be a valid batch (the storage checks its CRC again); it is
+    /// refused if larger than `batch_bytes_max`.
+    pub async fn submit_prepared(
+        self: &Arc<Self>,
+        batches: Vec<PreparedBatch>,
+        now_ms: i64,
+    ) -> Result<Submitted, ClusterError> {
+        assert!(!batches.is_empty(), "a request holds at least one batch");
+        for batch in &batches {
+            if let Some(output) = &batch.output {
+                self.check_batch_size(output.len())?;
+            }
+        }
         let mut submitted = Submitted {
             partition: self.clone(),
             batches: Vec::with_capacity(batches.len()),
         };
-        for (header, bytes) in batches {
-            match self.submit_validated(header, bytes, now_ms).await {
+        for batch in batches {
+            match self.submit_validated(batch, now_ms).await {
                 Ok(batch) => submitted.batches.push(batch),
                 Err(error) => {
                     // The batches before it are in the log's queue: settle them, then refuse.
@@ -438,10 +500,13 @@ impl Partition {
     /// again right before it writes: its own assertion, independent of this caller.)
     async fn submit_validated(
         &self,
-        header: BatchHeader,
-        batch_bytes: Bytes,
+        prepared: PreparedBatch,
         now_ms: i64,
     ) -> Result<SubmittedBatch, ClusterError> {
+        let PreparedBatch {
+            input: header,
+            output,
+        } = prepared;
         let idempotent = header.is_idempotent();
         let gap_deadline = tokio::time::Instant::now() + SEQUENCE_GAP_WAIT_MAX;
         // The sequence check and the submission happen under one lock, so sequence order is
@@ -458,12 +523,29 @@ impl Partition {
                 };
                 match check {
                     SequenceCheck::Append => {
-                        let pending = self.log.append(batch_bytes.clone(), now_ms)?;
+                        let Some(output) = &output else {
+                            // Nothing to append: the sequences are taken at once, at the
+                            // offset the next record gets.
+                            let base_offset = self.log.log_end_offset();
+                            if idempotent {
+                                producers.begin(&header);
+                                producers.complete(&header, base_offset);
+                                self.sequence_moved.notify_waiters();
+                            }
+                            return Ok(SubmittedBatch::Dropped { base_offset });
+                        };
+                        let (records, bytes) = (output_records(output), output.len() as u64);
+                        let pending = self.log.append(output.clone(), now_ms)?;
                         if idempotent {
                             producers.begin(&header);
                             self.sequence_moved.notify_waiters();
                         }
-                        return Ok(SubmittedBatch::Pending { header, pending });
+                        return Ok(SubmittedBatch::Pending {
+                            header,
+                            pending,
+                            records,
+                            bytes,
+                        });
                     }
                     SequenceCheck::Duplicate { base_offset } => {
                         return Ok(SubmittedBatch::Duplicate { base_offset });
@@ -495,14 +577,25 @@ impl Partition {
 
     /// Settles one submitted batch once the log has it (or failed it).
     async fn settle(&self, batch: SubmittedBatch) -> Result<Appended, ClusterError> {
-        let (header, pending) = match batch {
+        let (header, pending, records, bytes) = match batch {
             SubmittedBatch::Duplicate { base_offset } => {
                 return Ok(Appended {
                     base_offset,
                     duplicate: true,
                 });
             }
-            SubmittedBatch::Pending { header, pending } => (header, pending),
+            SubmittedBatch::Dropped { base_offset } => {
+                return Ok(Appended {
+                    base_offset,
+                    duplicate: false,
+                });
+            }
+            SubmittedBatch::Pending {
+                header,
+                pending,
+                records,
+                bytes,
+            } => (header, pending, records, bytes),
         };
         let idempotent = header.is_idempotent();
         let outcome = pending.await;
@@ -514,10 +607,7 @@ impl Partition {
                 }
                 drop(producers);
                 self.publish_high_watermark();
-                self.metrics.produced(
-                    header.records_count.max(0) as u64,
-                    header.total_bytes() as u64,
-                );
+                self.metrics.produced(records, bytes);
                 Ok(Appended {
                     base_offset: outcome.base_offset,
                     duplicate: false,

@@ -137,12 +137,12 @@ impl ProducerTable {
                 ),
             };
         }
+        // A retry is recognised by its last sequence: within an epoch no two batches end at
+        // the same sequence, and a produce chain's stored output keeps only the input's last
+        // sequence (its first differs when the chain changed the record count), so after a
+        // replay the last is all a retry of the input can match.
         let last = last_sequence(header);
-        if let Some(seen) = entry
-            .batches
-            .iter()
-            .find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
-        {
+        if let Some(seen) = entry.batches.iter().find(|b| b.last_sequence == last) {
             return match seen.base_offset {
                 Some(base_offset) => SequenceCheck::Duplicate { base_offset },
                 None => reject(
@@ -497,6 +497,25 @@ mod tests {
         }
         table.begin(&header(3, 0, 1, 1));
         assert!(table.encode_checkpoint().is_none(), "a batch is in flight");
+    }
+
+    /// A produce chain turned input sequences 10..=19 into 3 records, stored with sequences
+    /// 17..=19 (the input's last). Rebuilt from the log, the table still answers a retry of
+    /// the input as a duplicate and expects sequence 20 next.
+    #[test]
+    fn a_retry_of_a_transformed_batch_is_a_duplicate_after_a_replay() {
+        let mut table = ProducerTable::default();
+        table.replay(&header(1, 0, 0, 10));
+        let mut stored = header(1, 0, 17, 3);
+        stored.base_offset = 40;
+        table.replay(&stored);
+        assert_eq!(kind(&table.check(&header(1, 0, 10, 10))), "duplicate@40");
+        assert_eq!(kind(&table.check(&header(1, 0, 17, 3))), "duplicate@40");
+        assert_eq!(kind(&table.check(&header(1, 0, 20, 1))), "append");
+        assert_eq!(
+            kind(&table.check(&header(1, 0, 18, 1))),
+            "out_of_order_sequence"
+        );
     }
 
     #[test]

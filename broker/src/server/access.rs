@@ -169,6 +169,33 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
         Request::FilterUpload(r) => vec![need(DeployFilter, Filter, &r.name)],
         Request::FilterDelete(r) => vec![need(Delete, Filter, &r.name)],
         Request::FilterDescribe(r) => vec![need(Describe, Filter, &r.name)],
+        // A produce chain runs its filters on every writer's records: altering the topic,
+        // and reading each filter (as a filtered subscription does); a dead-letter topic is
+        // written by it.
+        Request::TopicSetFilters(r) => std::iter::once(need(Alter, Topic, &r.topic))
+            .chain(r.filters.iter().map(|f| need(Read, Filter, f)))
+            .chain(
+                r.on_error
+                    .strip_prefix("dead-letter:")
+                    .map(|dead_letters| need(Write, Topic, dead_letters)),
+            )
+            .collect(),
+        Request::TopicFilters(r) => vec![need(Describe, Topic, &r.topic)],
+        // A transform reads its input and writes its outputs with its creator's rights.
+        Request::TransformCreate(r) => [
+            need(Create, Transform, &r.name),
+            need(Read, Topic, &r.input),
+            need(Read, Filter, &r.filter),
+        ]
+        .into_iter()
+        .chain(r.outputs.iter().map(|t| need(Write, Topic, t)))
+        .collect(),
+        Request::TransformDescribe(r) if r.name.is_empty() => vec![need(Describe, Cluster, "")],
+        Request::TransformDescribe(r) => vec![need(Describe, Transform, &r.name)],
+        Request::TransformAlter(r) if r.action == "delete" => {
+            vec![need(Delete, Transform, &r.name)]
+        }
+        Request::TransformAlter(r) => vec![need(Alter, Transform, &r.name)],
         Request::TokenCreate(_)
         | Request::TokenRevoke(_)
         | Request::AclChange(_)
@@ -185,7 +212,13 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
 
 /// Checks a request against the connection's identity and the ACLs; answers it here when it
 /// is refused, when it is a security request, or when its answer is narrowed.
-pub(super) async fn check(state: &Arc<State>, auth: &ConnectionAuth, request: Request) -> Checked {
+/// `version` is the request's: an answer given here is in its layout.
+pub(super) async fn check(
+    state: &Arc<State>,
+    auth: &ConnectionAuth,
+    request: Request,
+    version: u16,
+) -> Checked {
     let api = request.api_key();
     let now = now_ms();
     let remote = auth.remote.to_string();
@@ -256,7 +289,7 @@ pub(super) async fn check(state: &Arc<State>, auth: &ConnectionAuth, request: Re
     }
     match request {
         Request::InitProducerId(_) => init_producer_id(state, &principal, now, &remote).await,
-        Request::Produce(r) => produce(state, r, principal, now, &remote).await,
+        Request::Produce(r) => produce(state, r, principal, now, &remote, version).await,
         Request::Metadata(MetadataRequest { topics: None }) if security.enforced() => {
             let topics = state
                 .cluster
@@ -519,6 +552,7 @@ async fn produce(
     principal: Arc<str>,
     now: i64,
     remote: &str,
+    version: u16,
 ) -> Checked {
     let security = &state.security;
     if security.enforced() {
@@ -581,11 +615,15 @@ async fn produce(
                             base_offset: -1,
                             log_append_time_ms: -1,
                             log_start_offset: -1,
+                            current_leader: None,
                         })
                         .collect(),
                 })
                 .collect();
-            return answer(&ProduceResponse { topics });
+            return Checked::Answer(frame::encode_response_chunks_at(
+                &ProduceResponse { topics },
+                version,
+            ));
         }
     }
     let bytes: u64 = request

@@ -8,7 +8,7 @@ use ketch_protocol::messages::*;
 
 use super::State;
 use crate::cluster::{ClusterError, now_ms};
-use crate::transform::{TransformError, VersionMeta};
+use crate::transform::{FilterSession, TransformError, VersionMeta};
 
 fn cluster_error(e: TransformError) -> ClusterError {
     ClusterError::new(e.code(), e.to_string())
@@ -118,27 +118,26 @@ pub(super) async fn subscribe_filtered(
     state: &State,
     request: SubscribeFilteredRequest,
     send: &mut quinn::SendStream,
+    principal: &str,
 ) {
     let push_bytes_max = request
         .push_bytes_max
         .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
-    let mut watch = match state.cluster.partition(&request.topic, request.partition) {
-        Ok(partition) => partition.watch_high_watermark(),
-        Err(e) => {
-            let _ = send
-                .write_all(&frame::encode_error_response(e.code, &e.message))
-                .await;
-            return;
-        }
-    };
+    // An unknown partition is reported before the module is loaded.
+    if let Err(e) = state.cluster.partition(&request.topic, request.partition) {
+        let _ = send
+            .write_all(&frame::encode_error_response(e.code, &e.message))
+            .await;
+        return;
+    }
     let version = (request.filter_version != 0).then_some(request.filter_version);
     let user = format!("subscription to {}/{}", request.topic, request.partition);
     let session = state
         .transforms
         .session(&request.filter, version, request.params.clone(), user)
         .await;
-    let mut session = match session {
-        Ok(session) => Some(session),
+    let session = match session {
+        Ok(session) => session,
         Err(e) => {
             // The stream is open (the request decoded); the failure is its one frame.
             let _ = send
@@ -147,21 +146,43 @@ pub(super) async fn subscribe_filtered(
             return;
         }
     };
-    let mut offset = request.offset;
-    loop {
-        watch.mark_unchanged();
-        let fetch = FetchPartition {
-            topic: request.topic.clone(),
-            partition: request.partition,
-            offset,
-            partition_max_bytes: push_bytes_max,
-        };
-        let response = super::handlers::fetch_partition(
-            state,
-            ApiKey::SubscribeFiltered,
-            &fetch,
-            push_bytes_max,
-        );
+    let fetch = FetchPartition {
+        topic: request.topic.clone(),
+        partition: request.partition,
+        offset: request.offset,
+        partition_max_bytes: push_bytes_max,
+    };
+    let mut pusher = Filtering {
+        request,
+        session: Some(session),
+    };
+    super::handlers::push_loop(
+        state,
+        ApiKey::SubscribeFiltered,
+        fetch,
+        send,
+        &mut pusher,
+        principal,
+    )
+    .await;
+}
+
+/// Filtered subscriptions push what the module kept, with the next source offset.
+struct Filtering {
+    request: SubscribeFilteredRequest,
+    /// Away on a filter thread while a batch runs.
+    session: Option<FilterSession>,
+}
+
+impl super::handlers::Pusher for Filtering {
+    async fn push(
+        &mut self,
+        state: &State,
+        send: &mut quinn::SendStream,
+        response: FetchPartitionResponse,
+        offset: i64,
+    ) -> Option<i64> {
+        let request = &self.request;
         if response.error != ErrorCode::None {
             let failed = FilteredPushResponse {
                 topic: response.topic,
@@ -175,73 +196,62 @@ pub(super) async fn subscribe_filtered(
                 records: Bytes::new(),
             };
             let _ = send.write_all(&frame::encode_response(&failed)).await;
-            return;
+            return None;
         }
-        if !response.records.is_empty() {
-            let mut moved = session.take().expect("session is back after every batch");
-            let topic = request.topic.clone();
-            let partition = request.partition;
-            let records = response.records.clone();
-            let from = offset;
-            let ran = state
-                .transforms
-                .run(move || {
-                    let result = moved.filter_fetched(&topic, partition, from, records);
-                    (moved, result)
-                })
-                .await;
-            let filtered = match ran {
-                Ok((back, Ok(filtered))) => {
-                    session = Some(back);
-                    filtered
-                }
-                Ok((_, Err(e))) => {
-                    tracing::info!(error = %e, "filtered subscription failed");
-                    let _ = send
-                        .write_all(&error_frame(&request, e.code(), e.to_string()))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = send
-                        .write_all(&error_frame(&request, e.code(), e.to_string()))
-                        .await;
-                    return;
-                }
-            };
-            offset = filtered.next_offset.max(offset);
-            let push = FilteredPushResponse {
-                topic: request.topic.clone(),
-                partition: request.partition,
-                error: ErrorCode::None,
-                error_message: None,
-                high_watermark: response.high_watermark,
-                log_start_offset: response.log_start_offset,
-                next_offset: offset,
-                records_in: filtered.records_in as u32,
-                records: filtered.records,
-            };
-            let mut chunks = frame::encode_response_chunks(&push);
-            let write = tokio::select! {
-                w = send.write_all_chunks(&mut chunks) => w,
-                () = state.shutdown.cancelled() => return,
-            };
-            if write.is_err() {
-                return;
+        let mut moved = self
+            .session
+            .take()
+            .expect("the session is back after every batch");
+        let topic = request.topic.clone();
+        let partition = request.partition;
+        let records = response.records.clone();
+        let ran = state
+            .transforms
+            .run(move || {
+                let result = moved.filter_fetched(&topic, partition, offset, records);
+                (moved, result)
+            })
+            .await;
+        let filtered = match ran {
+            Ok((back, Ok(filtered))) => {
+                self.session = Some(back);
+                filtered
             }
-            continue;
-        }
-        tokio::select! {
-            changed = watch.changed() => if changed.is_err() {
-                let message = format!(
-                    "{}/{} was deleted while subscribed",
-                    request.topic, request.partition
-                );
-                let _ = send.write_all(&error_frame(&request, ErrorCode::UnknownTopic, message)).await;
-                return;
-            },
-            _ = send.stopped() => return,
-            () = state.shutdown.cancelled() => return,
-        }
+            Ok((_, Err(e))) => {
+                tracing::info!(error = %e, "filtered subscription failed");
+                let _ = send
+                    .write_all(&error_frame(request, e.code(), e.to_string()))
+                    .await;
+                return None;
+            }
+            Err(e) => {
+                let _ = send
+                    .write_all(&error_frame(request, e.code(), e.to_string()))
+                    .await;
+                return None;
+            }
+        };
+        let next = filtered.next_offset.max(offset);
+        let push = FilteredPushResponse {
+            topic: request.topic.clone(),
+            partition: request.partition,
+            error: ErrorCode::None,
+            error_message: None,
+            high_watermark: response.high_watermark,
+            log_start_offset: response.log_start_offset,
+            next_offset: next,
+            records_in: filtered.records_in as u32,
+            records: filtered.records,
+        };
+        let mut chunks = frame::encode_response_chunks(&push);
+        let write = tokio::select! {
+            w = send.write_all_chunks(&mut chunks) => w,
+            () = state.shutdown.cancelled() => return None,
+        };
+        write.is_ok().then_some(next)
+    }
+
+    fn gone(&self, _response: FetchPartitionResponse, message: String) -> Bytes {
+        error_frame(&self.request, ErrorCode::UnknownTopic, message)
     }
 }

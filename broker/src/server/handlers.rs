@@ -13,11 +13,16 @@ use ketch_protocol::wire::Wire;
 use super::State;
 use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, Submitted, now_ms};
 
-/// A response frame as chunks: records read from the log go out without being copied into
-/// the frame.
-fn respond<T: Wire>(state: &State, api: ApiKey, result: Result<T, ClusterError>) -> Vec<Bytes> {
+/// A response frame as chunks, in the layout of the request's `version`: records read from
+/// the log go out without being copied into the frame.
+fn respond<T: Wire>(
+    state: &State,
+    api: ApiKey,
+    version: u16,
+    result: Result<T, ClusterError>,
+) -> Vec<Bytes> {
     match result {
-        Ok(response) => frame::encode_response_chunks(&response),
+        Ok(response) => frame::encode_response_chunks_at(&response, version),
         Err(e) => {
             state.metrics.error(Some(api), e.code);
             vec![frame::encode_error_response(e.code, &e.message)]
@@ -25,14 +30,16 @@ fn respond<T: Wire>(state: &State, api: ApiKey, result: Result<T, ClusterError>)
     }
 }
 
-pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes> {
+/// Answers `request`, which arrived at `version` (the response is in that version's layout).
+pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
     match request {
-        Request::Metadata(r) => respond(state, api, Ok(metadata(state, r))),
-        Request::CreateTopic(r) => respond(state, api, create_topic(state, r).await),
+        Request::Metadata(r) => respond(state, api, version, Ok(metadata(state, r))),
+        Request::CreateTopic(r) => respond(state, api, version, create_topic(state, r).await),
         Request::AlterTopicConfig(r) => respond(
             state,
             api,
+            version,
             state
                 .cluster
                 .alter_topic_config(&r.name, &r.configs)
@@ -42,40 +49,51 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                     configs: topic.config.entries(),
                 }),
         ),
-        Request::DeleteTopic(r) => respond(
-            state,
-            api,
-            state
-                .groups
-                .delete_topic(&r.name, now_ms())
-                .await
-                .map(|()| DeleteTopicResponse {}),
-        ),
-        Request::ListTopics(_) => respond(state, api, Ok(list_topics(state))),
-        Request::DescribeTopic(r) => respond(state, api, describe_topic(state, &r.name)),
-        Request::Produce(r) => respond(state, api, Ok(produce(state, r).await)),
-        Request::Fetch(r) => respond(state, api, Ok(fetch(state, r).await)),
-        Request::ListOffsets(r) => respond(state, api, Ok(list_offsets(state, r))),
+        Request::DeleteTopic(r) => {
+            let deleted = state.groups.delete_topic(&r.name, now_ms()).await;
+            if deleted.is_ok() {
+                // The chain's file went with the topic's directory; its sessions go now.
+                state.transforms.chains.set(&r.name, None);
+            }
+            respond(
+                state,
+                api,
+                version,
+                deleted.map(|()| DeleteTopicResponse {}),
+            )
+        }
+        Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
+        Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
+        Request::Produce(r) => respond(state, api, version, Ok(produce(state, r).await)),
+        Request::Fetch(r) => respond(state, api, version, Ok(fetch(state, r).await)),
+        Request::ListOffsets(r) => respond(state, api, version, Ok(list_offsets(state, r))),
         Request::Subscribe(_) | Request::SubscribeFiltered(_) => {
             unreachable!("push streams are served by `subscribe` and `subscribe_filtered`")
         }
-        Request::GroupHeartbeat(r) => respond(state, api, group_heartbeat(state, r)),
-        Request::GroupLeave(r) => respond(state, api, group_leave(state, r)),
-        Request::OffsetCommit(r) => respond(state, api, state.groups.commit(&r, now_ms()).await),
-        Request::OffsetFetch(r) => {
-            respond(state, api, Ok(state.groups.coordinator().offset_fetch(&r)))
+        Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r)),
+        Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r)),
+        Request::OffsetCommit(r) => {
+            respond(state, api, version, state.groups.commit(&r, now_ms()).await)
         }
+        Request::OffsetFetch(r) => respond(
+            state,
+            api,
+            version,
+            Ok(state.groups.coordinator().offset_fetch(&r)),
+        ),
         Request::ListGroups(_) => respond(
             state,
             api,
+            version,
             Ok(ListGroupsResponse {
                 groups: state.groups.coordinator().list_groups(),
             }),
         ),
-        Request::DescribeGroup(r) => respond(state, api, describe_group(state, &r.group)),
+        Request::DescribeGroup(r) => respond(state, api, version, describe_group(state, &r.group)),
         Request::InitProducerId(_) => respond(
             state,
             api,
+            version,
             state
                 .cluster
                 .allocate_producer_id()
@@ -84,10 +102,49 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
                     producer_epoch: 0,
                 }),
         ),
-        Request::FilterUpload(r) => respond(state, api, super::filters::upload(state, r).await),
-        Request::FilterList(_) => respond(state, api, Ok(super::filters::list(state))),
-        Request::FilterDescribe(r) => respond(state, api, super::filters::describe(state, &r)),
-        Request::FilterDelete(r) => respond(state, api, super::filters::delete(state, &r)),
+        Request::FilterUpload(r) => {
+            respond(state, api, version, super::filters::upload(state, r).await)
+        }
+        Request::FilterList(_) => respond(state, api, version, Ok(super::filters::list(state))),
+        Request::FilterDescribe(r) => {
+            respond(state, api, version, super::filters::describe(state, &r))
+        }
+        Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
+        Request::TopicSetFilters(r) => respond(
+            state,
+            api,
+            version,
+            super::chains::set_filters(state, r).await,
+        ),
+        Request::TopicFilters(r) => {
+            respond(state, api, version, super::chains::describe(state, &r))
+        }
+        Request::TransformCreate(r) => respond(
+            state,
+            api,
+            version,
+            pipelines(state)
+                .create(r)
+                .await
+                .map(|transform| TransformCreateResponse { transform }),
+        ),
+        Request::TransformDescribe(r) => respond(
+            state,
+            api,
+            version,
+            pipelines(state)
+                .describe(&r.name)
+                .map(|transforms| TransformDescribeResponse { transforms }),
+        ),
+        Request::TransformAlter(r) => respond(
+            state,
+            api,
+            version,
+            pipelines(state)
+                .alter(&r.name, &r.action)
+                .await
+                .map(|()| TransformAlterResponse {}),
+        ),
         // Answered by `access::check` before dispatch; here only if that changes.
         Request::Authenticate(_)
         | Request::TokenCreate(_)
@@ -97,6 +154,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         | Request::SecurityList(_) => respond::<ApiVersionsResponse>(
             state,
             api,
+            version,
             Err(ClusterError::new(
                 ErrorCode::InvalidRequest,
                 format!("{} is answered by the security hook", api.name()),
@@ -105,18 +163,19 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request) -> Vec<Bytes>
         Request::ApiVersions(_) => respond(
             state,
             api,
+            version,
             Ok(ApiVersionsResponse {
-                apis: ApiKey::ALL
-                    .iter()
-                    .map(|k| ApiVersionRange {
-                        api_key: *k as u16,
-                        min_version: 0,
-                        max_version: 0,
-                    })
-                    .collect(),
+                apis: supported_api_versions(),
             }),
         ),
     }
+}
+
+fn pipelines(state: &State) -> &Arc<crate::pipeline::Pipelines> {
+    state
+        .pipelines
+        .get()
+        .expect("transforms are opened before the broker serves")
 }
 
 fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata {
@@ -251,7 +310,10 @@ async fn submit_all(
         ));
     }
     let partition = state.cluster.partition(topic, partition)?;
-    let submitted = partition.submit(records, now_ms()).await?;
+    let submitted = match super::chains::chain_of(state, topic) {
+        Some(chain) => super::chains::submit(state, &partition, chain?, records).await?,
+        None => partition.submit(records, now_ms()).await?,
+    };
     Ok((partition, submitted))
 }
 
@@ -310,6 +372,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 base_offset,
                 log_append_time_ms: -1,
                 log_start_offset,
+                current_leader: None,
             },
             Err(e) => ProducePartitionResponse {
                 partition,
@@ -321,6 +384,8 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 base_offset: -1,
                 log_append_time_ms: -1,
                 log_start_offset: -1,
+                // One node leads every partition it has: no other leader to name yet.
+                current_leader: None,
             },
         };
         match topics.iter_mut().find(|t| t.name == name) {
@@ -464,18 +529,36 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
 /// Push stream: sends batches as they commit, starting at `offset`. Each frame is written
 /// whole before the next is read, so a consumer that stops reading stops the loop (QUIC flow
 /// control); the broker holds at most one push of `push_bytes_max` per subscription.
-pub(super) async fn subscribe(
+/// What a push stream does with each read: the one thing plain and filtered subscriptions do
+/// differently. The loop around it ([`push_loop`]) is shared.
+pub(super) trait Pusher {
+    /// Pushes one read (records, or an error to report); returns the offset to read next, or
+    /// `None` to end the stream.
+    async fn push(
+        &mut self,
+        state: &State,
+        send: &mut quinn::SendStream,
+        response: FetchPartitionResponse,
+        offset: i64,
+    ) -> Option<i64>;
+
+    /// The last frame when the partition is deleted while subscribed.
+    fn gone(&self, response: FetchPartitionResponse, message: String) -> Bytes;
+}
+
+/// A push stream's loop: read from `offset`, hand every non-empty read (or error) to
+/// `pusher`, and otherwise wait for the high watermark to move, the peer to stop, or shutdown.
+pub(super) async fn push_loop(
     state: &State,
-    request: SubscribeRequest,
+    api: ApiKey,
+    fetch: FetchPartition,
     send: &mut quinn::SendStream,
+    pusher: &mut impl Pusher,
     principal: &str,
 ) {
-    let push_bytes_max = request
-        .push_bytes_max
-        .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
     // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
     // which ends the wait below.
-    let mut watch = match state.cluster.partition(&request.topic, request.partition) {
+    let mut watch = match state.cluster.partition(&fetch.topic, fetch.partition) {
         Ok(partition) => partition.watch_high_watermark(),
         Err(e) => {
             let _ = send
@@ -484,30 +567,15 @@ pub(super) async fn subscribe(
             return;
         }
     };
-    let mut offset = request.offset;
+    let mut fetch = fetch;
     loop {
         watch.mark_unchanged();
-        let fetch = FetchPartition {
-            topic: request.topic.clone(),
-            partition: request.partition,
-            offset,
-            partition_max_bytes: push_bytes_max,
-        };
-        let response = fetch_partition(state, ApiKey::Subscribe, &fetch, push_bytes_max);
-        let failed = response.error != ErrorCode::None;
-        if failed || !response.records.is_empty() {
-            if let Some(next) = next_offset_after(&response.records) {
-                offset = next;
-            }
+        let response = fetch_partition(state, api, &fetch, fetch.partition_max_bytes);
+        if response.error != ErrorCode::None || !response.records.is_empty() {
             let pushed_bytes = response.records.len() as u64;
-            // The records are handed to QUIC as they were read, not copied into the frame.
-            let mut frame = frame::encode_response_chunks(&response);
-            let write = tokio::select! {
-                w = send.write_all_chunks(&mut frame) => w,
-                () = state.shutdown.cancelled() => return,
-            };
-            if write.is_err() || failed {
-                return;
+            match pusher.push(state, send, response, fetch.offset).await {
+                Some(next) => fetch.offset = next,
+                None => return,
             }
             // A principal over its fetch quota reads on later.
             tokio::select! {
@@ -519,21 +587,74 @@ pub(super) async fn subscribe(
         tokio::select! {
             changed = watch.changed() => if changed.is_err() {
                 // The partition is gone: say so, as a fetch would, and end the stream.
-                let gone = FetchPartitionResponse {
-                    error: ErrorCode::UnknownTopic,
-                    error_message: Some(format!(
-                        "{}/{} was deleted while subscribed",
-                        request.topic, request.partition
-                    )),
-                    ..response
-                };
-                let _ = send.write_all(&frame::encode_response(&gone)).await;
+                let message = format!(
+                    "{}/{} was deleted while subscribed",
+                    fetch.topic, fetch.partition
+                );
+                let _ = send.write_all(&pusher.gone(response, message)).await;
                 return;
             },
             _ = send.stopped() => return,
             () = state.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Plain subscriptions push what they read, verbatim.
+struct Verbatim;
+
+impl Pusher for Verbatim {
+    async fn push(
+        &mut self,
+        state: &State,
+        send: &mut quinn::SendStream,
+        response: FetchPartitionResponse,
+        offset: i64,
+    ) -> Option<i64> {
+        let failed = response.error != ErrorCode::None;
+        let next = next_offset_after(&response.records).unwrap_or(offset);
+        // The records are handed to QUIC as they were read, not copied into the frame.
+        let mut frame = frame::encode_response_chunks(&response);
+        let write = tokio::select! {
+            w = send.write_all_chunks(&mut frame) => w,
+            () = state.shutdown.cancelled() => return None,
+        };
+        (write.is_ok() && !failed).then_some(next)
+    }
+
+    fn gone(&self, response: FetchPartitionResponse, message: String) -> Bytes {
+        frame::encode_response(&FetchPartitionResponse {
+            error: ErrorCode::UnknownTopic,
+            error_message: Some(message),
+            ..response
+        })
+    }
+}
+
+pub(super) async fn subscribe(
+    state: &State,
+    request: SubscribeRequest,
+    send: &mut quinn::SendStream,
+    principal: &str,
+) {
+    let push_bytes_max = request
+        .push_bytes_max
+        .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
+    let fetch = FetchPartition {
+        topic: request.topic,
+        partition: request.partition,
+        offset: request.offset,
+        partition_max_bytes: push_bytes_max,
+    };
+    push_loop(
+        state,
+        ApiKey::Subscribe,
+        fetch,
+        send,
+        &mut Verbatim,
+        principal,
+    )
+    .await;
 }
 
 fn next_offset_after(records: &Bytes) -> Option<i64> {

@@ -2,8 +2,10 @@
 //! concurrency and memory, and dispatch to the handlers in [`handlers`].
 
 mod access;
+mod chains;
 mod filters;
 mod handlers;
+pub mod peer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -77,6 +79,8 @@ pub(crate) struct State {
     pub groups: Groups,
     /// Wasm filters: registry, engine and the threads modules run on.
     pub transforms: Arc<Transforms>,
+    /// Topic-to-topic transforms (started after the chains load).
+    pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
     /// Tokens, ACLs, quotas and producer-id owners.
     pub security: crate::auth::Security,
     pub config: BrokerConfig,
@@ -253,6 +257,7 @@ impl Broker {
             cluster,
             groups,
             transforms: Arc::new(transforms),
+            pipelines: std::sync::OnceLock::new(),
             security,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max as usize)),
@@ -265,6 +270,17 @@ impl Broker {
             local_addr,
             config,
         });
+        chains::load(&state).await;
+        let pipelines = crate::pipeline::Pipelines::open(
+            &state.config.data_dir,
+            state.cluster.clone(),
+            state.transforms.clone(),
+        )
+        .map_err(|e| StartError::Quic(format!("opening the transforms: {e}")))?;
+        state
+            .pipelines
+            .set(pipelines)
+            .expect("transforms are opened once");
         Ok(Broker {
             state,
             endpoint,
@@ -548,8 +564,8 @@ async fn serve_stream(
         // Reset by the client, or the connection is gone: nobody to answer.
         Err(ReadFailure::Gone) => return,
     };
-    let request = match frame::decode_request(body) {
-        Ok(request) => request,
+    let (request, version) = match frame::decode_request_versioned(body) {
+        Ok(decoded) => decoded,
         Err(e) => {
             state.metrics.error(None, e.code());
             let _ = write_frame(&mut send, decode_error_response(&e)).await;
@@ -558,7 +574,7 @@ async fn serve_stream(
     };
     let api = request.api_key();
     state.metrics.request_received(api);
-    let (request, principal) = match access::check(&state, &share.auth, request).await {
+    let (request, principal) = match access::check(&state, &share.auth, request, version).await {
         access::Checked::Proceed { request, principal } => (request, principal),
         access::Checked::Answer(response) => {
             let _ = write_chunks(&mut send, response).await;
@@ -589,11 +605,11 @@ async fn serve_stream(
         return;
     }
     if let Request::SubscribeFiltered(subscribe) = request {
-        filters::subscribe_filtered(&state, subscribe, &mut send).await;
+        filters::subscribe_filtered(&state, subscribe, &mut send, &principal).await;
         let _ = send.finish();
         return;
     }
-    let response = handlers::dispatch(&state, request).await;
+    let response = handlers::dispatch(&state, request, version).await;
     if api == ketch_protocol::messages::ApiKey::Fetch {
         access::after_fetch(&state, &principal, &response).await;
     }

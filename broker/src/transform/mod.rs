@@ -14,6 +14,7 @@
 //! record error the record's offset.
 
 pub mod abi;
+pub mod chain;
 pub mod engine;
 pub mod pool;
 pub mod registry;
@@ -25,6 +26,7 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, BatchSlices, Record, RecordBatch};
 
 pub use abi::{Action, EmittedRecord, Output};
+pub use chain::{ChainOutput, ChainSpec, Chains, OnError, ProduceChain};
 pub use engine::{FilterEngine, Limits};
 pub use registry::{Lease, LoadedModule, Registry, VersionMeta};
 
@@ -143,6 +145,8 @@ pub struct Transforms {
     pub registry: Arc<Registry>,
     pool: pool::FilterPool,
     config: TransformConfig,
+    /// Every topic's produce chain.
+    pub chains: Chains,
 }
 
 impl Transforms {
@@ -159,6 +163,7 @@ impl Transforms {
             registry: Arc::new(registry),
             pool,
             config,
+            chains: Chains::default(),
         })
     }
 
@@ -206,21 +211,55 @@ impl Transforms {
         let engine = self.engine.clone();
         let registry = self.registry.clone();
         let name = name.to_owned();
-        self.run(move || {
-            let (module, lease) = registry.acquire(&engine, &name, version, user)?;
-            let mut session = FilterSession {
-                engine,
-                module,
-                _lease: lease,
-                params,
-                instance: None,
-                input: Vec::new(),
-            };
-            session.prepare()?;
-            Ok(session)
-        })
-        .await?
+        self.run(move || open_session(&engine, &registry, &name, version, params, user))
+            .await?
     }
+
+    /// Opens `topic`'s produce chain (on a filter thread): every module pinned at its
+    /// version, initialised with the params.
+    pub async fn produce_chain(
+        &self,
+        topic: &str,
+        spec: ChainSpec,
+    ) -> Result<Arc<ProduceChain>, TransformError> {
+        let engine = self.engine.clone();
+        let registry = self.registry.clone();
+        let topic = topic.to_owned();
+        let idle_max = self.pool.threads;
+        self.run(move || ProduceChain::open(engine, registry, &topic, spec, idle_max).map(Arc::new))
+            .await?
+    }
+
+    /// The latest version of `name` (for pinning a chain's modules).
+    pub fn latest_version(&self, name: &str) -> Result<u32, TransformError> {
+        let (versions, _) = self.registry.describe(name)?;
+        versions
+            .last()
+            .map(|v| v.version)
+            .ok_or_else(|| TransformError::Unknown(name.to_owned()))
+    }
+}
+
+/// A session of `name` (blocking: loads and instantiates the module, runs `init`).
+fn open_session(
+    engine: &Arc<FilterEngine>,
+    registry: &Arc<Registry>,
+    name: &str,
+    version: Option<u32>,
+    params: String,
+    user: String,
+) -> Result<FilterSession, TransformError> {
+    let (module, lease) = registry.acquire(engine, name, version, user)?;
+    let mut session = FilterSession {
+        engine: engine.clone(),
+        module,
+        _lease: lease,
+        params,
+        instance: None,
+        input: Vec::new(),
+    };
+    session.prepare()?;
+    Ok(session)
 }
 
 /// A module attached somewhere, with its params and a reusable instance.

@@ -643,6 +643,7 @@ mod tests {
                     base_offset,
                     log_append_time_ms: -1,
                     log_start_offset: 0,
+                    current_leader: None,
                 }],
             }],
         }

@@ -1,0 +1,535 @@
+//! Raft entries as stored batches, and the three number lines of a replicated log.
+//!
+//! A control batch (blank or membership entry) holds one record, key `ketch.raft`, whose
+//! value is (big-endian):
+//!
+//! ```text
+//! layout:u8 = 1 | kind:u8 (0 blank, 1 membership)
+//! membership:  configs:u8 | per config: voters:u16, voter ids u64...
+//!              nodes:u16, node ids u64... (voters and learners)
+//! ```
+
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ketch_protocol::batch::{self, BatchBuilder, BatchHeader, RecordBatch, attributes};
+use openraft::{CommittedLeaderId, EntryPayload};
+
+use super::{Entry, LogBatch, LogId, Membership, NodeId};
+
+/// The key of a control record.
+pub const CONTROL_KEY: &[u8] = b"ketch.raft";
+const CONTROL_LAYOUT: u8 = 1;
+const KIND_BLANK: u8 = 0;
+const KIND_MEMBERSHIP: u8 = 1;
+/// A control batch is small; this bounds its builder.
+const CONTROL_BATCH_BYTES_MAX: usize = 64 * 1024;
+/// The largest membership a control batch holds (far above any real replica set).
+pub const MEMBERSHIP_NODES_MAX: usize = 1024;
+
+const _: () = assert!(MEMBERSHIP_NODES_MAX * 8 * 3 < CONTROL_BATCH_BYTES_MAX);
+
+/// Why stored bytes are not a Raft entry, or an entry cannot be stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    #[error("stored batch at offset {offset}: {source}")]
+    Batch {
+        offset: i64,
+        source: batch::BatchError,
+    },
+    #[error("control batch at offset {offset}: {reason}")]
+    Control { offset: i64, reason: &'static str },
+    #[error(
+        "append_at: entry {index} (term {term}) was stamped for offset {stamped}, but this log's next offset is {expected}"
+    )]
+    OffsetMismatch {
+        index: u64,
+        term: u64,
+        stamped: i64,
+        expected: i64,
+    },
+    #[error("term {0} does not fit a partition leader epoch (i32)")]
+    TermTooLarge(u64),
+    #[error("membership of {0} nodes exceeds {MEMBERSHIP_NODES_MAX}")]
+    MembershipTooLarge(usize),
+}
+
+/// Where one entry lies in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The storage offset of its batch.
+    pub base: i64,
+    pub term: u64,
+    /// Records in the batch (a control batch has one, which clients never see).
+    pub records: u32,
+    pub control: bool,
+}
+
+impl Position {
+    /// The storage offset after this entry.
+    pub fn end(&self) -> i64 {
+        self.base + i64::from(self.records)
+    }
+}
+
+/// The index ↔ offset map of a replicated log: Raft index → storage position, and storage
+/// offset → Kafka offset (control records translated out).
+#[derive(Debug, Clone)]
+pub struct LogIndex {
+    /// The Raft index of `positions[0]`.
+    first_index: u64,
+    positions: VecDeque<Position>,
+    /// The storage offset the next entry goes to.
+    next_offset: i64,
+    /// Storage offsets of the control batches still in `positions`, ascending.
+    control_offsets: VecDeque<i64>,
+    /// Control records before `positions[0]` (purged ones still shift Kafka offsets).
+    controls_before: u64,
+}
+
+impl LogIndex {
+    /// An empty log whose first entry will have Raft index `first_index` and storage offset
+    /// `first_offset`, with `controls_before` control records below it.
+    pub fn new(first_index: u64, first_offset: i64, controls_before: u64) -> LogIndex {
+        LogIndex {
+            first_index,
+            positions: VecDeque::new(),
+            next_offset: first_offset,
+            control_offsets: VecDeque::new(),
+            controls_before,
+        }
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.first_index
+    }
+
+    /// The Raft index the next entry must have.
+    pub fn next_index(&self) -> u64 {
+        self.first_index + self.positions.len() as u64
+    }
+
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    pub fn get(&self, index: u64) -> Option<Position> {
+        let i = index.checked_sub(self.first_index)?;
+        self.positions.get(usize::try_from(i).ok()?).copied()
+    }
+
+    pub fn last(&self) -> Option<(u64, Position)> {
+        self.positions.back().map(|p| (self.next_index() - 1, *p))
+    }
+
+    /// Makes an empty log begin at Raft index `first_index` (a log that starts after entries
+    /// it never had, as a follower's log after a snapshot does).
+    pub fn begin_at(&mut self, first_index: u64) {
+        assert!(
+            self.positions.is_empty(),
+            "only an empty log moves its start"
+        );
+        self.first_index = first_index;
+    }
+
+    /// Records the next entry. Its position must continue the log.
+    pub fn push(&mut self, position: Position) {
+        assert_eq!(
+            position.base, self.next_offset,
+            "entries are dense in storage"
+        );
+        assert!(position.records >= 1);
+        if position.control {
+            self.control_offsets.push_back(position.base);
+        }
+        self.next_offset = position.end();
+        self.positions.push_back(position);
+    }
+
+    /// Forgets entries from `index` on (Raft's conflicting suffix).
+    pub fn truncate_from(&mut self, index: u64) {
+        let Some(position) = self.get(index) else {
+            return;
+        };
+        let keep = (index - self.first_index) as usize;
+        self.positions.truncate(keep);
+        while self
+            .control_offsets
+            .back()
+            .is_some_and(|o| *o >= position.base)
+        {
+            self.control_offsets.pop_back();
+        }
+        self.next_offset = position.base;
+    }
+
+    /// Forgets entries up to and including `index` (purged below a snapshot).
+    pub fn purge_through(&mut self, index: u64) {
+        while self.first_index <= index && !self.positions.is_empty() {
+            let position = self.positions.pop_front().expect("not empty");
+            if position.control {
+                let front = self.control_offsets.pop_front();
+                assert_eq!(front, Some(position.base));
+                self.controls_before += 1;
+            }
+            self.first_index += 1;
+        }
+        if self.first_index <= index {
+            self.first_index = index + 1;
+        }
+    }
+
+    /// Control records below `positions[0]` (kept with the purged log id).
+    pub fn controls_before(&self) -> u64 {
+        self.controls_before
+    }
+
+    /// The Kafka offset of storage offset `offset` (of a data record, or the end of the log):
+    /// control records before it are not counted.
+    pub fn kafka_offset(&self, offset: i64) -> i64 {
+        let controls = self.control_offsets.partition_point(|o| *o < offset) as u64;
+        offset - (self.controls_before + controls) as i64
+    }
+
+    /// The storage offset of Kafka offset `kafka` (inverse of [`Self::kafka_offset`] for data
+    /// records): the first storage offset whose translation is `kafka`.
+    pub fn storage_offset(&self, kafka: i64) -> i64 {
+        let mut offset = kafka + self.controls_before as i64;
+        for control in &self.control_offsets {
+            if *control <= offset {
+                offset += 1;
+            } else {
+                break;
+            }
+        }
+        offset
+    }
+}
+
+fn term_as_epoch(term: u64) -> Result<i32, EntryError> {
+    i32::try_from(term).map_err(|_| EntryError::TermTooLarge(term))
+}
+
+/// The stored batch of `entry`, placed at storage offset `offset`: a data batch gets its base
+/// offset and leader epoch (= term) patched; a blank or membership entry becomes a control
+/// batch. A data batch already stamped with its term (a leader's stored batch replicated to
+/// this follower) must have been stamped for `offset`: that is the `append_at` check.
+pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryError> {
+    let term = entry.log_id.leader_id.term;
+    let epoch = term_as_epoch(term)?;
+    match &entry.payload {
+        EntryPayload::Normal(LogBatch { bytes: stored, .. }) => {
+            let header = BatchHeader::parse(stored)
+                .map_err(|source| EntryError::Batch { offset, source })?;
+            if header.partition_leader_epoch == epoch && header.base_offset != offset {
+                return Err(EntryError::OffsetMismatch {
+                    index: entry.log_id.index,
+                    term,
+                    stamped: header.base_offset,
+                    expected: offset,
+                });
+            }
+            let mut bytes = BytesMut::from(&stored[..]);
+            batch::set_base_offset(&mut bytes, offset);
+            batch::set_partition_leader_epoch(&mut bytes, epoch);
+            Ok(bytes.freeze())
+        }
+        EntryPayload::Blank => Ok(control_batch(
+            &[CONTROL_LAYOUT, KIND_BLANK],
+            offset,
+            epoch,
+            now_ms,
+        )),
+        EntryPayload::Membership(membership) => {
+            let mut value = BytesMut::new();
+            value.put_u8(CONTROL_LAYOUT);
+            value.put_u8(KIND_MEMBERSHIP);
+            encode_membership(membership, &mut value)?;
+            Ok(control_batch(&value, offset, epoch, now_ms))
+        }
+    }
+}
+
+fn control_batch(value: &[u8], offset: i64, epoch: i32, now_ms: i64) -> Bytes {
+    let mut builder = BatchBuilder::new(CONTROL_BATCH_BYTES_MAX)
+        .with_attributes(attributes::CONTROL)
+        .with_base_offset(offset);
+    assert!(builder.try_append(now_ms, Some(CONTROL_KEY), Some(value), &[]));
+    let mut bytes = BytesMut::from(&builder.finish()[..]);
+    batch::set_partition_leader_epoch(&mut bytes, epoch);
+    bytes.freeze()
+}
+
+/// Writes a membership as a control record holds it (see the module documentation).
+pub fn encode_membership(membership: &Membership, out: &mut BytesMut) -> Result<(), EntryError> {
+    let configs = membership.get_joint_config();
+    let nodes: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+    let total = nodes.len() + configs.iter().map(BTreeSet::len).sum::<usize>();
+    if nodes.len() > MEMBERSHIP_NODES_MAX || configs.len() > 2 || total > 3 * MEMBERSHIP_NODES_MAX {
+        return Err(EntryError::MembershipTooLarge(nodes.len()));
+    }
+    out.put_u8(configs.len() as u8);
+    for config in configs {
+        out.put_u16(config.len() as u16);
+        for id in config {
+            out.put_u64(*id);
+        }
+    }
+    out.put_u16(nodes.len() as u16);
+    for id in nodes {
+        out.put_u64(id);
+    }
+    Ok(())
+}
+
+/// Reads back the entry a stored batch holds (its index comes from the log's position).
+pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError> {
+    let header =
+        BatchHeader::parse(&stored).map_err(|source| EntryError::Batch { offset: -1, source })?;
+    let offset = header.base_offset;
+    let term = u64::try_from(header.partition_leader_epoch).map_err(|_| EntryError::Control {
+        offset,
+        reason: "a replicated batch has a negative leader epoch",
+    })?;
+    let position = Position {
+        base: offset,
+        term,
+        records: header.records_count as u32,
+        control: header.attributes & attributes::CONTROL != 0,
+    };
+    let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);
+    if !position.control {
+        return Ok((
+            Entry {
+                log_id,
+                payload: EntryPayload::Normal(LogBatch::new(stored)),
+            },
+            position,
+        ));
+    }
+    let bad = |reason| EntryError::Control { offset, reason };
+    let records = RecordBatch::new(stored)
+        .and_then(|b| b.decode_all())
+        .map_err(|source| EntryError::Batch { offset, source })?;
+    let [record] = &records[..] else {
+        return Err(bad("a control batch holds exactly one record"));
+    };
+    if record.key.as_deref() != Some(CONTROL_KEY) {
+        return Err(bad("a control record's key is ketch.raft"));
+    }
+    let value = record.value.as_deref().ok_or(bad("no value"))?;
+    let mut reader = Reader(value);
+    if reader.u8().ok_or(bad("empty"))? != CONTROL_LAYOUT {
+        return Err(bad("unknown control layout"));
+    }
+    let payload = match reader.u8().ok_or(bad("no kind"))? {
+        KIND_BLANK => EntryPayload::Blank,
+        KIND_MEMBERSHIP => {
+            let (membership, used) = decode_membership(reader.0).map_err(bad)?;
+            reader.0 = &reader.0[used..];
+            EntryPayload::Membership(membership)
+        }
+        _ => return Err(bad("unknown control kind")),
+    };
+    if !reader.0.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok((Entry { log_id, payload }, position))
+}
+
+/// Reads a membership written by [`encode_membership`] from the front of `bytes`: the
+/// membership and the bytes it took.
+pub fn decode_membership(bytes: &[u8]) -> Result<(Membership, usize), &'static str> {
+    let mut reader = Reader(bytes);
+    let count = reader.u8().ok_or("no config count")?;
+    if count == 0 || count > 2 {
+        return Err("a membership has one or two configs");
+    }
+    let mut configs = Vec::new();
+    for _ in 0..count {
+        configs.push(reader.ids().ok_or("truncated config")?);
+    }
+    let nodes = reader.ids().ok_or("truncated nodes")?;
+    if configs.iter().flatten().any(|id| !nodes.contains(id)) {
+        return Err("a voter is missing from the nodes");
+    }
+    Ok((
+        Membership::new(configs, nodes),
+        bytes.len() - reader.0.len(),
+    ))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn ids(&mut self) -> Option<BTreeSet<NodeId>> {
+        let count = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
+        if count > MEMBERSHIP_NODES_MAX {
+            return None;
+        }
+        (0..count)
+            .map(|_| Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(values: usize) -> Bytes {
+        let mut builder = BatchBuilder::new(1024);
+        for _ in 0..values {
+            assert!(builder.try_append(5, None, Some(b"v"), &[]));
+        }
+        builder.finish()
+    }
+
+    fn entry(term: u64, index: u64, payload: EntryPayload<super::super::PartitionRaft>) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 0), index),
+            payload,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_through_stored_batches() {
+        let membership = Membership::new(
+            vec![BTreeSet::from([1, 2, 3]), BTreeSet::from([2, 3, 4])],
+            BTreeSet::from([1, 2, 3, 4, 5]),
+        );
+        let cases = [
+            (
+                entry(1, 0, EntryPayload::Membership(membership.clone())),
+                0,
+                1,
+                true,
+            ),
+            (entry(1, 1, EntryPayload::Blank), 1, 1, true),
+            (
+                entry(2, 2, EntryPayload::Normal(LogBatch::new(data(3)))),
+                2,
+                3,
+                false,
+            ),
+        ];
+        for (entry, offset, records, control) in cases {
+            let stored = encode(&entry, offset, 77).unwrap();
+            batch::validate(&stored).unwrap();
+            let header = BatchHeader::parse(&stored).unwrap();
+            assert_eq!(header.base_offset, offset);
+            assert_eq!(
+                header.partition_leader_epoch as u64,
+                entry.log_id.leader_id.term
+            );
+            // Clients may never send what the replica writes as control entries.
+            assert_eq!(batch::validate_from_client(&stored).is_err(), control);
+            let (decoded, position) = decode(stored.clone(), entry.log_id.index).unwrap();
+            assert_eq!(decoded.log_id, entry.log_id);
+            assert_eq!(
+                position,
+                Position {
+                    base: offset,
+                    term: entry.log_id.leader_id.term,
+                    records,
+                    control
+                }
+            );
+            match (&decoded.payload, &entry.payload) {
+                (EntryPayload::Normal(got), EntryPayload::Normal(_)) => {
+                    assert_eq!(got.bytes, stored)
+                }
+                (EntryPayload::Blank, EntryPayload::Blank) => {}
+                (EntryPayload::Membership(got), EntryPayload::Membership(sent)) => {
+                    assert_eq!(got, sent)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_follower_appends_a_stamped_batch_only_at_its_leaders_offset() {
+        // The leader stored this batch at offset 7 in term 3.
+        let stored = encode(
+            &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+            7,
+            0,
+        )
+        .unwrap();
+        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::new(stored)));
+        assert!(encode(&replicated, 7, 0).is_ok());
+        match encode(&replicated, 8, 0) {
+            Err(EntryError::OffsetMismatch {
+                stamped: 7,
+                expected: 8,
+                index: 5,
+                term: 3,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // A fresh client batch (epoch -1) is placed wherever the log is.
+        assert!(
+            encode(
+                &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+                8,
+                0
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn control_records_are_translated_out_of_kafka_offsets() {
+        // index: 0 membership, 1 blank, 2 data×3, 3 blank, 4 data×2
+        let mut index = LogIndex::new(0, 0, 0);
+        let layout = [(true, 1), (true, 1), (false, 3), (true, 1), (false, 2)];
+        for (control, records) in layout {
+            let base = index.next_offset();
+            index.push(Position {
+                base,
+                term: 1,
+                records,
+                control,
+            });
+        }
+        // storage offsets: 0 M, 1 B, 2..5 data (kafka 0..3), 5 B, 6..8 data (kafka 3..5)
+        let cases = [(2, 0), (4, 2), (5, 3), (6, 3), (7, 4), (8, 5)];
+        for (storage, kafka) in cases {
+            assert_eq!(index.kafka_offset(storage), kafka, "storage {storage}");
+        }
+        for kafka in 0..5 {
+            let storage = index.storage_offset(kafka);
+            assert_eq!(index.kafka_offset(storage), kafka);
+            assert!(
+                ![0, 1, 5].contains(&storage),
+                "kafka {kafka} maps to a control record"
+            );
+        }
+        // Purging keeps the translation.
+        index.purge_through(1);
+        assert_eq!((index.first_index(), index.controls_before()), (2, 2));
+        assert_eq!(index.kafka_offset(6), 3);
+        assert_eq!(index.storage_offset(3), 6);
+        // Truncating the suffix drops its controls.
+        index.truncate_from(3);
+        assert_eq!((index.next_index(), index.next_offset()), (3, 5));
+        assert_eq!(index.kafka_offset(5), 3);
+    }
+}

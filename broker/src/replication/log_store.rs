@@ -1,0 +1,717 @@
+//! openraft's log storage on a [`PartitionLog`]: entries are batches (see [`super::entries`]),
+//! and the vote, committed and purged log ids live in a small checkpoint file beside the log.
+//!
+//! `append` hands every entry to the log's writer at once (the writer groups them under one
+//! fsync) and reports them flushed from a worker task that awaits the writes in order; until
+//! the storage serves an entry (its high watermark passed it), reads take it from a small
+//! in-memory map. `truncate` and `purge` first wait for every append in flight. An append is
+//! reported once durable: after the group's fsync under `fsync = always`, after a flush under
+//! `interval`; under `never` after the write (replication as durability, by choice).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Write as _;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ketch_protocol::batch::BatchSlices;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{CommittedLeaderId, OptionalSend, RaftLogReader, StorageIOError};
+use tokio::sync::{mpsc, watch};
+
+use super::entries::{self, LogIndex, Position};
+use super::{Clock, Entry, LocalAck, LogId, PartitionRaft, RaftStorageError, Vote};
+use crate::storage::{AppendFuture, FsyncPolicy, PartitionLog};
+
+/// The checkpoint of the vote, committed and purged log ids, beside the partition log.
+pub const RAFT_STATE_FILE: &str = "raft-state.checkpoint";
+const RAFT_STATE_MAGIC: u32 = u32::from_be_bytes(*b"KRS1");
+/// magic u32 | vote: present u8, term u64, node u64, committed u8 | committed: present u8,
+/// term u64, index u64 | purged: present u8, term u64, index u64 | controls_before u64 |
+/// purged_end i64 | first_index u64 | crc u32
+const RAFT_STATE_BYTES: usize = 4 + 18 + 17 + 17 + 8 + 8 + 8 + 4;
+/// The committed log id is written with every vote and purge, and otherwise once it has
+/// moved this many entries since it was last written: it is only a lower bound that spares
+/// re-applying at start-up, so an older value is safe, and an fsync per commit is not.
+pub const COMMITTED_CHECKPOINT_ENTRIES: u64 = 1024;
+/// Bytes read from storage at a time when serving entries.
+const READ_BYTES_MAX: usize = 1024 * 1024;
+/// Append calls whose flush is awaited at once (openraft pipelines a few; this bounds it).
+const APPENDS_IN_FLIGHT_MAX: usize = 1024;
+
+/// Why a replicated log cannot open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogStoreError {
+    #[error("raft state checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("replicated log: {0}")]
+    Entry(#[from] entries::EntryError),
+    #[error("replicated log storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+/// What the checkpoint file keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RaftState {
+    pub vote: Option<Vote>,
+    pub committed: Option<LogId>,
+    pub purged: Option<LogId>,
+    /// Control records below the log start (they still shift Kafka offsets).
+    pub controls_before: u64,
+    /// The storage offset after the last purged entry: where the log's entries begin, even
+    /// if a crash came between this checkpoint and the storage's own purge.
+    pub purged_end: i64,
+    /// The Raft index the log begins at when it began past 0 without a purge.
+    pub first_index: u64,
+}
+
+impl RaftState {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RAFT_STATE_BYTES);
+        out.extend_from_slice(&RAFT_STATE_MAGIC.to_be_bytes());
+        match &self.vote {
+            Some(vote) => {
+                out.push(1);
+                out.extend_from_slice(&vote.leader_id().term.to_be_bytes());
+                // `u64::MAX`: voted for nobody in this term yet.
+                let node = vote.leader_id().voted_for().unwrap_or(u64::MAX);
+                out.extend_from_slice(&node.to_be_bytes());
+                out.push(u8::from(vote.is_committed()));
+            }
+            None => out.extend_from_slice(&[0; 18]),
+        }
+        for log_id in [&self.committed, &self.purged] {
+            match log_id {
+                Some(id) => {
+                    out.push(1);
+                    out.extend_from_slice(&id.leader_id.term.to_be_bytes());
+                    out.extend_from_slice(&id.index.to_be_bytes());
+                }
+                None => out.extend_from_slice(&[0; 17]),
+            }
+        }
+        out.extend_from_slice(&self.controls_before.to_be_bytes());
+        out.extend_from_slice(&self.purged_end.to_be_bytes());
+        out.extend_from_slice(&self.first_index.to_be_bytes());
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        debug_assert_eq!(out.len(), RAFT_STATE_BYTES);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<RaftState, &'static str> {
+        if bytes.len() != RAFT_STATE_BYTES {
+            return Err("wrong length");
+        }
+        let (content, crc) = bytes.split_at(RAFT_STATE_BYTES - 4);
+        if crc32c::crc32c(content) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+            return Err("CRC mismatch");
+        }
+        let u64_at = |at: usize| u64::from_be_bytes(content[at..at + 8].try_into().expect("8"));
+        if u32::from_be_bytes(content[..4].try_into().expect("4")) != RAFT_STATE_MAGIC {
+            return Err("not a raft state checkpoint");
+        }
+        let vote = match content[4] {
+            0 => None,
+            1 => {
+                let (term, node) = (u64_at(5), u64_at(13));
+                let mut vote = Vote::new(term, node);
+                if node == u64::MAX {
+                    vote.leader_id.voted_for = None;
+                }
+                if content[21] == 1 {
+                    vote.commit();
+                }
+                Some(vote)
+            }
+            _ => return Err("bad vote tag"),
+        };
+        let log_id = |at: usize| match content[at] {
+            0 => Ok(None),
+            1 => Ok(Some(LogId::new(
+                CommittedLeaderId::new(u64_at(at + 1), 0),
+                u64_at(at + 9),
+            ))),
+            _ => Err("bad log id tag"),
+        };
+        Ok(RaftState {
+            vote,
+            committed: log_id(22)?,
+            purged: log_id(39)?,
+            controls_before: u64_at(56),
+            purged_end: u64_at(64) as i64,
+            first_index: u64_at(72),
+        })
+    }
+
+    /// Reads the checkpoint: `None` if there is none (a new replica). A damaged one is an
+    /// error, never ignored: forgetting a vote could let this node vote twice in a term.
+    pub fn read(path: &Path) -> Result<Option<RaftState>, LogStoreError> {
+        let error = |reason: String| LogStoreError::Checkpoint {
+            path: path.to_owned(),
+            reason,
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => RaftState::decode(&bytes)
+                .map(Some)
+                .map_err(|why| error(why.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(error(e.to_string())),
+        }
+    }
+
+    /// Writes the checkpoint crash-safely: temporary file, fsync, rename, fsync of the
+    /// directory.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&self.encode())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the store, its readers and the state machine share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    log: Arc<PartitionLog>,
+    index: Mutex<LogIndex>,
+    /// Appended entries the storage does not serve yet, by Raft index, with their offset.
+    pending: Mutex<BTreeMap<u64, (i64, Entry)>>,
+}
+
+impl Shared {
+    /// Drops pending entries the storage now serves.
+    fn prune_pending(&self) {
+        let served = self.log.high_watermark();
+        lock(&self.pending).retain(|_, (base, _)| *base >= served);
+    }
+
+    // openraft's error type is what its reader trait returns: not ours to shrink.
+    #[allow(clippy::result_large_err)]
+    fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
+        let mut out = Vec::with_capacity((end.saturating_sub(start)).min(1024) as usize);
+        let mut next = start;
+        while next < end {
+            if let Some((_, entry)) = lock(&self.pending).get(&next) {
+                out.push(entry.clone());
+                next += 1;
+                continue;
+            }
+            let position = lock(&self.index).get(next).ok_or_else(|| {
+                StorageIOError::read_log_at_index(next, openraft::AnyError::error("no such entry"))
+            })?;
+            let at = next;
+            let read_error = |e: &dyn std::error::Error| {
+                RaftStorageError::from(StorageIOError::read_log_at_index(
+                    at,
+                    openraft::AnyError::error(e.to_string()),
+                ))
+            };
+            let bytes = self
+                .log
+                .read(position.base, READ_BYTES_MAX)
+                .map_err(|e| read_error(&e))?;
+            let before = next;
+            for slice in BatchSlices::new(bytes) {
+                let (header, batch) = slice.map_err(|e| read_error(&e))?;
+                let Some(position) = lock(&self.index).get(next) else {
+                    break;
+                };
+                if next >= end || header.base_offset != position.base {
+                    break;
+                }
+                let (entry, _) = entries::decode(batch, next).map_err(|e| read_error(&e))?;
+                out.push(entry);
+                next += 1;
+            }
+            if next == before {
+                // Flushed and reported, yet not served: the storage's high watermark lags
+                // its completion for a moment. Never happens with the pending map pruned
+                // by the served end; report it rather than spin.
+                return Err(read_error(&std::io::Error::other(format!(
+                    "entry {next} at offset {} is not readable",
+                    position.base
+                ))));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn position(&self, index: u64) -> Option<Position> {
+        lock(&self.index).get(index)
+    }
+
+    /// The Kafka offset of a storage offset (control records translated out).
+    pub(crate) fn kafka_offset(&self, storage_offset: i64) -> i64 {
+        lock(&self.index).kafka_offset(storage_offset)
+    }
+
+    /// The storage offset of a Kafka offset.
+    pub(crate) fn storage_offset(&self, kafka_offset: i64) -> i64 {
+        lock(&self.index).storage_offset(kafka_offset)
+    }
+
+    pub(crate) fn log(&self) -> &Arc<PartitionLog> {
+        &self.log
+    }
+}
+
+/// A reader of the replicated log (openraft's replication tasks hold one each).
+#[derive(Debug, Clone)]
+pub struct PartitionLogReader {
+    shared: Arc<Shared>,
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(s) => *s,
+        Bound::Excluded(s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(e) => e + 1,
+        Bound::Excluded(e) => *e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<PartitionRaft> for PartitionLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        let (start, end) = bounds(&range);
+        let (first, next) = {
+            let index = lock(&self.shared.index);
+            (index.first_index(), index.next_index())
+        };
+        self.shared.read_entries(start.max(first), end.min(next))
+    }
+}
+
+/// One append call whose flush the worker awaits.
+struct InFlight {
+    writes: Vec<EntryWrite>,
+    callback: LogFlushed<PartitionRaft>,
+}
+
+/// One entry's append: its index, the offset it must land at, and who waits for it
+/// locally (`acks=leader`).
+struct EntryWrite {
+    index: u64,
+    term: u64,
+    offset: i64,
+    future: AppendFuture,
+    local_ack: Option<LocalAck>,
+}
+
+/// openraft's [`RaftLogStorage`] over a partition log.
+pub struct PartitionLogStore {
+    shared: Arc<Shared>,
+    state_path: PathBuf,
+    state: RaftState,
+    clock: Clock,
+    in_flight: mpsc::Sender<InFlight>,
+    /// Append calls made, and (from the worker) append calls whose flush was reported.
+    appends_made: u64,
+    appends_done: watch::Receiver<u64>,
+    /// The committed entry count last written to the checkpoint.
+    committed_written: u64,
+}
+
+impl std::fmt::Debug for PartitionLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionLogStore")
+            .field("state_path", &self.state_path)
+            .field("state", &self.state)
+            .field("appends_made", &self.appends_made)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InFlight({} writes)", self.writes.len())
+    }
+}
+
+impl PartitionLogStore {
+    /// Opens the replicated log over `log`, its checkpoint at `state_path`, rebuilding the
+    /// index ↔ offset map from the stored batch headers. Runs a worker task on the current
+    /// tokio runtime.
+    pub fn open(
+        log: Arc<PartitionLog>,
+        state_path: PathBuf,
+        clock: Clock,
+    ) -> Result<PartitionLogStore, LogStoreError> {
+        let state = RaftState::read(&state_path)?.unwrap_or_default();
+        let first_index = state
+            .purged
+            .map_or(0, |p| p.index + 1)
+            .max(state.first_index);
+        // Entries begin after the last purged one, wherever the storage's own start is.
+        let first_offset = log.log_start_offset().max(state.purged_end);
+        let mut index = LogIndex::new(first_index, first_offset, state.controls_before);
+        let end = log.high_watermark();
+        let mut offset = first_offset;
+        let mut last_term = state.purged.map_or(0, |p| p.leader_id.term);
+        while offset < end {
+            let bytes = log.read(offset, READ_BYTES_MAX)?;
+            if bytes.is_empty() {
+                break;
+            }
+            for slice in BatchSlices::new(bytes) {
+                let (_, batch) =
+                    slice.map_err(|source| entries::EntryError::Batch { offset, source })?;
+                let (_, position) = entries::decode(batch, index.next_index())?;
+                if position.base != index.next_offset() || position.term < last_term {
+                    return Err(LogStoreError::Entry(entries::EntryError::Control {
+                        offset: position.base,
+                        reason: "stored entries are not dense in offsets and terms",
+                    }));
+                }
+                last_term = position.term;
+                index.push(position);
+                offset = position.end();
+            }
+        }
+        let shared = Arc::new(Shared {
+            log,
+            index: Mutex::new(index),
+            pending: Mutex::new(BTreeMap::new()),
+        });
+        let (in_flight, receiver) = mpsc::channel(APPENDS_IN_FLIGHT_MAX);
+        let (done_tx, appends_done) = watch::channel(0u64);
+        tokio::spawn(flush_worker(shared.clone(), receiver, done_tx));
+        Ok(PartitionLogStore {
+            shared,
+            state_path,
+            state,
+            clock,
+            in_flight,
+            appends_made: 0,
+            appends_done,
+            committed_written: state.committed.map_or(0, |id| id.index + 1),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    async fn save_state(&mut self) -> Result<(), RaftStorageError> {
+        let state = self.state;
+        let path = self.state_path.clone();
+        tokio::task::spawn_blocking(move || state.write(&path))
+            .await
+            .map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e.to_string())))?
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.committed_written = state.committed.map_or(0, |id| id.index + 1);
+        Ok(())
+    }
+
+    /// Waits until every append made so far has been reported flushed.
+    async fn settle_appends(&mut self) -> Result<(), RaftStorageError> {
+        let made = self.appends_made;
+        self.appends_done
+            .wait_for(|done| *done >= made)
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                StorageIOError::write_logs(openraft::AnyError::error("flush worker gone")).into()
+            })
+    }
+}
+
+async fn flush_worker(
+    shared: Arc<Shared>,
+    mut in_flight: mpsc::Receiver<InFlight>,
+    done: watch::Sender<u64>,
+) {
+    while let Some(InFlight { writes, callback }) = in_flight.recv().await {
+        let mut result = Ok(());
+        for write in writes {
+            let expected = write.offset;
+            let outcome = match write.future.await {
+                Ok(outcome) if outcome.base_offset == expected => Ok((expected, write.term)),
+                Ok(outcome) => Err(format!(
+                    "append_at: entry {} landed at offset {}, not {expected}",
+                    write.index, outcome.base_offset
+                )),
+                Err(e) => Err(format!("entry {}: {e}", write.index)),
+            };
+            if let Err(message) = &outcome {
+                result = Err(std::io::Error::other(message.clone()));
+            }
+            if let Some(local_ack) = write.local_ack {
+                local_ack.resolve(outcome);
+            }
+        }
+        // Raft counts an entry as this replica's once it is durable. `always` made it so;
+        // `interval` is made so here, with one fsync for the whole call; `never` is the
+        // operator's choice of replication as durability (a quorum that crashes together
+        // can then lose acknowledged entries), and reports after the write.
+        if result.is_ok() && matches!(shared.log.config().fsync, FsyncPolicy::Interval { .. }) {
+            let flushed = match shared.log.flush() {
+                Ok(flush) => flush.await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = flushed {
+                result = Err(std::io::Error::other(format!("flush: {e}")));
+            }
+        }
+        shared.prune_pending();
+        done.send_modify(|n| *n += 1);
+        callback.log_io_completed(result);
+    }
+}
+
+impl RaftLogReader<PartitionRaft> for PartitionLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        PartitionLogReader {
+            shared: self.shared.clone(),
+        }
+        .try_get_log_entries(range)
+        .await
+    }
+}
+
+impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
+    type LogReader = PartitionLogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<PartitionRaft>, RaftStorageError> {
+        let last = lock(&self.shared.index)
+            .last()
+            .map(|(index, p)| LogId::new(CommittedLeaderId::new(p.term, 0), index));
+        Ok(LogState {
+            last_purged_log_id: self.state.purged,
+            last_log_id: last.or(self.state.purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        PartitionLogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), RaftStorageError> {
+        self.state.vote = Some(*vote);
+        self.save_state().await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, RaftStorageError> {
+        Ok(self.state.vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
+        self.state.committed = committed;
+        let now = committed.map_or(0, |id| id.index + 1);
+        if now.saturating_sub(self.committed_written) >= COMMITTED_CHECKPOINT_ENTRIES {
+            self.save_state().await?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
+        Ok(self.state.committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<PartitionRaft>,
+    ) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let now_ms = (self.clock)();
+        let mut writes = Vec::new();
+        let mut entries = entries.into_iter().peekable();
+        // An empty log may begin past its expected index (after entries it never had); the
+        // new beginning is checkpointed before anything is written at it.
+        if let Some(first) = entries.peek() {
+            let begins_later = {
+                let index = lock(&self.shared.index);
+                index.is_empty() && first.log_id.index > index.next_index()
+            };
+            if begins_later {
+                let first_index = first.log_id.index;
+                lock(&self.shared.index).begin_at(first_index);
+                self.state.first_index = first_index;
+                self.save_state().await?;
+            }
+        }
+        {
+            let mut index = lock(&self.shared.index);
+            let mut pending = lock(&self.shared.pending);
+            for entry in entries {
+                let log_id = entry.log_id;
+                let write_error = |e: &dyn std::error::Error| {
+                    RaftStorageError::from(StorageIOError::write_log_entry(
+                        log_id,
+                        openraft::AnyError::error(e.to_string()),
+                    ))
+                };
+                if log_id.index != index.next_index() {
+                    return Err(write_error(&std::io::Error::other(format!(
+                        "entry {} appended where entry {} belongs",
+                        log_id.index,
+                        index.next_index()
+                    ))));
+                }
+                let offset = index.next_offset();
+                let local_ack = match &entry.payload {
+                    openraft::EntryPayload::Normal(batch) => batch.local_ack.clone(),
+                    _ => None,
+                };
+                let stored =
+                    entries::encode(&entry, offset, now_ms).map_err(|e| write_error(&e))?;
+                let write = self
+                    .shared
+                    .log
+                    .append(stored.clone(), now_ms)
+                    .map_err(|e| write_error(&e))?;
+                let (stored_entry, position) =
+                    entries::decode(stored, log_id.index).map_err(|e| write_error(&e))?;
+                debug_assert_eq!(stored_entry.log_id, log_id);
+                index.push(position);
+                pending.insert(log_id.index, (offset, stored_entry));
+                writes.push(EntryWrite {
+                    index: log_id.index,
+                    term: log_id.leader_id.term,
+                    offset,
+                    future: write,
+                    local_ack,
+                });
+            }
+        }
+        self.appends_made += 1;
+        self.in_flight
+            .send(InFlight { writes, callback })
+            .await
+            .map_err(|_| {
+                StorageIOError::write_logs(openraft::AnyError::error("flush worker gone"))
+            })?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.settle_appends().await?;
+        let Some(position) = self.shared.position(log_id.index) else {
+            return Ok(());
+        };
+        self.shared
+            .log
+            .truncate_suffix(position.base)
+            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
+        lock(&self.shared.index).truncate_from(log_id.index);
+        lock(&self.shared.pending).retain(|index, _| *index < log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.settle_appends().await?;
+        if self
+            .state
+            .purged
+            .is_some_and(|purged| purged.index >= log_id.index)
+        {
+            return Ok(());
+        }
+        // Purging past the last entry (below a snapshot that is ahead of this log) empties
+        // the log, which then begins after the purged index.
+        let (controls_before, purged_end) = {
+            let mut index = lock(&self.shared.index);
+            let purged_end = if log_id.index < index.first_index() {
+                // Nothing stored at or below it: the log keeps beginning where it does.
+                index
+                    .get(index.first_index())
+                    .map_or(index.next_offset(), |p| p.base)
+            } else {
+                index
+                    .get(log_id.index)
+                    .map_or(index.next_offset(), |p| p.end())
+            };
+            index.purge_through(log_id.index);
+            (index.controls_before(), purged_end)
+        };
+        // The checkpoint first: a crash between the two leaves entries that are both kept
+        // and marked purged, which the next open reads past (from `purged_end`).
+        self.state.purged = Some(log_id);
+        self.state.controls_before = controls_before;
+        self.state.purged_end = purged_end;
+        lock(&self.shared.pending).retain(|index, _| *index > log_id.index);
+        self.save_state().await?;
+        self.shared
+            .log
+            .purge_prefix(purged_end)
+            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raft_state_round_trips_and_damage_is_an_error() {
+        let mut committed_vote = Vote::new(7, 3);
+        committed_vote.commit();
+        let states = [
+            RaftState::default(),
+            RaftState {
+                vote: Some(Vote::new(2, 1)),
+                committed: None,
+                purged: None,
+                controls_before: 0,
+                purged_end: 0,
+                first_index: 0,
+            },
+            RaftState {
+                vote: Some(committed_vote),
+                committed: Some(LogId::new(CommittedLeaderId::new(7, 0), 41)),
+                purged: Some(LogId::new(CommittedLeaderId::new(5, 0), 9)),
+                controls_before: 4,
+                purged_end: 77,
+                first_index: 3,
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RAFT_STATE_FILE);
+        assert_eq!(
+            RaftState::read(&path).unwrap(),
+            None,
+            "missing: a new replica"
+        );
+        for state in states {
+            state.write(&path).unwrap();
+            assert_eq!(RaftState::read(&path).unwrap(), Some(state));
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = RaftState::read(&path).unwrap_err().to_string();
+        assert!(error.contains("CRC mismatch"), "{error}");
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        assert!(RaftState::read(&path).is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Replicated partitions: one openraft group per partition, whose Raft log *is* the
+//! partition log.
+//!
+//! # The log
+//!
+//! Every Raft entry is one record batch in the partition's [`PartitionLog`], in index order:
+//!
+//! - a **data entry** is the producer's batch, stored verbatim except for the two header
+//!   fields the CRC does not cover: the base offset (where it lands in the log) and the
+//!   partition leader epoch, which is the entry's Raft **term**. A term names one leader
+//!   (openraft's `single-term-leader`), so the term *is* the leader epoch.
+//! - a **blank or membership entry** (what a new leader commits first, and configuration
+//!   changes) is a **control batch** written by the replica itself: attribute bit CONTROL,
+//!   one record, key `ketch.raft`, value as [`entries`] lays out. Clients can never send
+//!   such a batch (the produce path refuses the CONTROL and TRANSACTIONAL bits).
+//!
+//! So the log has three number lines, kept by [`entries::LogIndex`]: the Raft index (one per
+//! entry), the storage offset (dense over every record, control records included) and the
+//! **Kafka offset** that clients see, from which control records are translated out (as
+//! Redpanda's offset translator does): `kafka = storage − control records before it`, so the
+//! offsets of data records are dense. The index is rebuilt at open by scanning batch headers.
+//!
+//! A follower stores the leader's batches at the leader's offsets: an entry arriving stamped
+//! with its term must carry the storage offset the follower's own log has next
+//! (`append_at`), which Raft's log matching guarantees; anything else is a broken invariant
+//! and stops the replica. The vote, the committed log id and the last purged log id are
+//! checkpointed durably (`raft-state.checkpoint`, written temp + fsync + rename).
+//!
+//! # Commit and acknowledgement
+//!
+//! The **high watermark is the commit index**: the state machine ([`state_machine`]) applies
+//! committed entries in order and publishes the Kafka offset after the last applied data
+//! entry; consumers must read below it only. `acks=all` resolves when the entry is applied,
+//! i.e. a quorum has it durable (each replica reports an append only after its storage's
+//! fsync policy is met). `acks=leader` resolves after the leader's own append is durable.
+//!
+//! # Network
+//!
+//! openraft talks through [`network::PeerTransport`], our own trait: a request to a peer
+//! and its answer. [`sim::SimNetwork`] implements it in memory with seeded drops, delays,
+//! partitions and crashes, so a whole cluster runs in one test process; the QUIC transport
+//! (own ALPN, one connection per broker pair shared by every group) implements it next.
+//!
+//! **Invariant:** this module knows openraft; nothing outside it does. It does no network
+//! I/O itself and reads no wall clock: timestamps come from the [`Clock`] it is given (its
+//! timers are tokio's, as openraft's are).
+
+pub mod entries;
+pub mod log_store;
+pub mod network;
+pub mod peer_wire;
+pub mod replica;
+pub mod sim;
+pub mod state_machine;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use replica::{Appended, PartitionReplica, ReplicaConfig, ReplicationError};
+
+/// A broker's id in the cluster (the Raft node id).
+pub type NodeId = u64;
+
+/// The payload of a data entry: a record batch, and on the leader that accepted it, the
+/// handle that tells the writer when its own append is durable (`acks=leader`). The handle
+/// lives only in that leader's memory: an entry read back from a log has none.
+#[derive(Clone)]
+pub struct LogBatch {
+    pub bytes: Bytes,
+    pub local_ack: Option<LocalAck>,
+}
+
+impl LogBatch {
+    pub fn new(bytes: Bytes) -> LogBatch {
+        LogBatch {
+            bytes,
+            local_ack: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for LogBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogBatch({} bytes)", self.bytes.len())
+    }
+}
+
+/// Where an entry landed in this replica's log: its storage offset and its term.
+pub type LocalPlace = Result<(i64, u64), String>;
+
+/// Told where an entry landed once this replica's append of it is durable (or why not), once.
+#[derive(Clone, Debug)]
+pub struct LocalAck(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<LocalPlace>>>>);
+
+impl LocalAck {
+    pub fn new() -> (LocalAck, tokio::sync::oneshot::Receiver<LocalPlace>) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        (
+            LocalAck(Arc::new(std::sync::Mutex::new(Some(sender)))),
+            receiver,
+        )
+    }
+
+    pub(crate) fn resolve(&self, result: LocalPlace) {
+        let sender = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(result);
+        }
+    }
+}
+
+/// What an applied entry answers: where its records landed, in Kafka offsets (`-1` for a
+/// control entry, which has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub base_offset: i64,
+    pub last_offset: i64,
+}
+
+openraft::declare_raft_types!(
+    /// openraft's types for a partition group: an entry's payload is a record batch.
+    pub PartitionRaft:
+        D = LogBatch,
+        R = Applied,
+        NodeId = NodeId,
+        Node = openraft::EmptyNode,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+/// The openraft handle of a partition group.
+pub type Raft = openraft::Raft<PartitionRaft>;
+pub type Entry = openraft::Entry<PartitionRaft>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type Membership = openraft::Membership<NodeId, openraft::EmptyNode>;
+pub type RaftStorageError = openraft::StorageError<NodeId>;
+
+/// The time in milliseconds since the epoch, as the broker's clock gives it (tests pass a
+/// fake one). Stamps control batches and ages segments.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;

@@ -1,0 +1,218 @@
+//! The peer network behind our own trait: openraft's RPCs become [`PeerRequest`]s that a
+//! [`PeerTransport`] carries to another broker and answers. Every partition group of a broker
+//! shares one transport (one connection per broker pair), so a request names its group.
+//!
+//! [`super::sim::SimNetwork`] is the in-memory transport of the tests; the QUIC transport
+//! (ALPN of its own) is the production one.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::{NodeId, PartitionRaft, Raft};
+
+/// Which partition group a peer request belongs to (`topic-id/partition`, say).
+pub type GroupId = Arc<str>;
+
+/// An openraft RPC, as the transport carries it.
+#[derive(Debug)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest<PartitionRaft>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<PartitionRaft>),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug)]
+pub enum PeerResponse {
+    AppendEntries(AppendEntriesResponse<NodeId>),
+    Vote(VoteResponse<NodeId>),
+    InstallSnapshot(InstallSnapshotResponse<NodeId>),
+}
+
+/// Why a peer request got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The peer cannot be reached now (down, partitioned away): back off before retrying.
+    #[error("node {node} is unreachable: {reason}")]
+    Unreachable { node: NodeId, reason: String },
+    /// The request or its answer was lost on the way: retry.
+    #[error("request to node {node} lost: {reason}")]
+    Lost { node: NodeId, reason: String },
+    /// The peer answered with an error (its Raft stopped, or it does not host the group).
+    #[error("node {node} failed the request: {reason}")]
+    Remote { node: NodeId, reason: String },
+}
+
+/// Carries peer requests between brokers. Implementations decide how (memory, QUIC); they
+/// must deliver each request at most once and never reorder a request with its own answer.
+pub trait PeerTransport: Send + Sync + 'static {
+    /// Sends `request` for `group` from `from` to `to` and waits for the answer.
+    fn call(
+        &self,
+        group: &GroupId,
+        from: NodeId,
+        to: NodeId,
+        request: PeerRequest,
+    ) -> impl Future<Output = Result<PeerResponse, PeerError>> + Send;
+}
+
+/// Answers a peer request with the local replica of its group (the receiving side of every
+/// transport).
+pub async fn serve(
+    raft: &Raft,
+    node: NodeId,
+    request: PeerRequest,
+) -> Result<PeerResponse, PeerError> {
+    let remote = |e: &dyn std::fmt::Display| PeerError::Remote {
+        node,
+        reason: e.to_string(),
+    };
+    match request {
+        PeerRequest::AppendEntries(r) => raft
+            .append_entries(r)
+            .await
+            .map(PeerResponse::AppendEntries)
+            .map_err(|e| remote(&e)),
+        PeerRequest::Vote(r) => raft
+            .vote(r)
+            .await
+            .map(PeerResponse::Vote)
+            .map_err(|e| remote(&e)),
+        PeerRequest::InstallSnapshot(r) => raft
+            .install_snapshot(r)
+            .await
+            .map(PeerResponse::InstallSnapshot)
+            .map_err(|e| remote(&e)),
+    }
+}
+
+/// openraft's network factory over a [`PeerTransport`], for one group on one node.
+#[derive(Debug)]
+pub struct PeerNetwork<T> {
+    transport: Arc<T>,
+    group: GroupId,
+    from: NodeId,
+}
+
+impl<T> PeerNetwork<T> {
+    pub fn new(transport: Arc<T>, group: GroupId, from: NodeId) -> PeerNetwork<T> {
+        PeerNetwork {
+            transport,
+            group,
+            from,
+        }
+    }
+}
+
+impl<T> Clone for PeerNetwork<T> {
+    fn clone(&self) -> Self {
+        PeerNetwork {
+            transport: self.transport.clone(),
+            group: self.group.clone(),
+            from: self.from,
+        }
+    }
+}
+
+/// A connection to one peer, for one group.
+#[derive(Debug)]
+pub struct PeerClient<T> {
+    network: PeerNetwork<T>,
+    to: NodeId,
+}
+
+impl<T: PeerTransport> RaftNetworkFactory<PartitionRaft> for PeerNetwork<T> {
+    type Network = PeerClient<T>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &openraft::EmptyNode) -> PeerClient<T> {
+        PeerClient {
+            network: self.clone(),
+            to: target,
+        }
+    }
+}
+
+type RpcError<E = openraft::error::Infallible> =
+    RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId, E>>;
+
+impl<T: PeerTransport> PeerClient<T> {
+    async fn call(
+        &self,
+        request: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, PeerError> {
+        let network = &self.network;
+        let call = network
+            .transport
+            .call(&network.group, network.from, self.to, request);
+        match tokio::time::timeout(option.hard_ttl(), call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(PeerError::Lost {
+                node: self.to,
+                reason: format!("no answer within {:?}", option.hard_ttl()),
+            }),
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(error: PeerError) -> RpcError<E> {
+    match error {
+        PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+        PeerError::Lost { .. } | PeerError::Remote { .. } => {
+            RPCError::Network(NetworkError::new(&error))
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(to: NodeId, answer: &PeerResponse) -> RpcError<E> {
+    rpc_error(PeerError::Remote {
+        node: to,
+        reason: format!("answered with the wrong kind of response: {answer:?}"),
+    })
+}
+
+impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        match self.call(PeerRequest::AppendEntries(rpc), &option).await {
+            Ok(PeerResponse::AppendEntries(answer)) => Ok(answer),
+            Ok(other) => Err(unexpected(self.to, &other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        match self.call(PeerRequest::InstallSnapshot(rpc), &option).await {
+            Ok(PeerResponse::InstallSnapshot(answer)) => Ok(answer),
+            Ok(other) => Err(unexpected(self.to, &other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        match self.call(PeerRequest::Vote(rpc), &option).await {
+            Ok(PeerResponse::Vote(answer)) => Ok(answer),
+            Ok(other) => Err(unexpected(self.to, &other)),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+}

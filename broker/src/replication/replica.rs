@@ -1,0 +1,364 @@
+//! One replica of a partition: its log, its openraft group, its high watermark.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{self, BatchSlices, attributes};
+use ketch_protocol::messages::Acks;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+
+use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
+use super::network::{GroupId, PeerNetwork, PeerTransport};
+use super::state_machine::PartitionStateMachine;
+use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
+use crate::storage::{LogConfig, PartitionLog, StorageError};
+
+/// The directory of the partition log inside a replica's directory (the Raft state
+/// checkpoint sits beside it).
+pub const LOG_DIR: &str = "log";
+
+/// How long [`PartitionReplica::stop`] waits for the replica's tasks to release its log.
+pub const STOP_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// Heartbeats and elections of a partition group.
+#[derive(Clone)]
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    pub group: GroupId,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for ReplicaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaConfig")
+            .field("node_id", &self.node_id)
+            .field("group", &self.group)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("election_timeout_min_ms", &self.election_timeout_min_ms)
+            .field("election_timeout_max_ms", &self.election_timeout_max_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Defaults, for the 2 s failover target: openraft 0.9 followers refuse votes while their
+/// leader's lease (about the election timeout) lasts, so a failover takes one to two election
+/// timeouts; measured over loopback QUIC, 1.5–2.6 s. Heartbeats this often cost idle CPU per
+/// group: coalescing them per broker pair (or quiescent followers) is the way to both targets.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 100;
+pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 500;
+pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 1000;
+
+const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT * 3 <= ELECTION_TIMEOUT_MIN_MS_DEFAULT);
+const _: () = assert!(ELECTION_TIMEOUT_MIN_MS_DEFAULT < ELECTION_TIMEOUT_MAX_MS_DEFAULT);
+
+impl ReplicaConfig {
+    pub fn new(node_id: NodeId, group: GroupId, clock: Clock) -> ReplicaConfig {
+        ReplicaConfig {
+            node_id,
+            group,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS_DEFAULT,
+            election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS_DEFAULT,
+            election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS_DEFAULT,
+            clock,
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, ReplicationError> {
+        openraft::Config {
+            cluster_name: self.group.to_string(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            // The log is the data: never snapshot (and so never purge) on openraft's own.
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ReplicationError::Config(e.to_string()))
+    }
+}
+
+/// Why a replica could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicationError {
+    /// This replica does not lead the group; `leader` is the one it knows, in `epoch`.
+    #[error("not the leader (leader {leader:?}, epoch {epoch})")]
+    NotLeader { leader: Option<NodeId>, epoch: u64 },
+    #[error("the write was not committed within {0:?}")]
+    Timeout(Duration),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("the replica stopped: {0}")]
+    Stopped(String),
+    #[error("replica configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Log(#[from] LogStoreError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ReplicationError {
+    /// The wire code a produce answer carries for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplicationError::NotLeader { .. } => ErrorCode::NotLeader,
+            ReplicationError::Timeout(_) => ErrorCode::Timeout,
+            ReplicationError::InvalidBatch(_) => ErrorCode::InvalidRequest,
+            ReplicationError::Stopped(_) => ErrorCode::ShuttingDown,
+            ReplicationError::Config(_) => ErrorCode::InvalidConfig,
+            ReplicationError::Log(_) | ReplicationError::Storage(_) => ErrorCode::StorageFailed,
+        }
+    }
+}
+
+/// Where a committed write landed (Kafka offsets) and in which leader epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub leader_epoch: u64,
+}
+
+/// A committed data batch as a consumer sees it: its Kafka base offset and its bytes (the
+/// stored base offset rewritten to the Kafka one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedBatch {
+    pub base_offset: i64,
+    pub bytes: Bytes,
+}
+
+/// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
+/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine.
+pub fn open_stores(
+    dir: &Path,
+    log_config: LogConfig,
+    clock: Clock,
+) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
+    let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, clock())?;
+    let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
+    let state_machine = PartitionStateMachine::new(store.shared());
+    Ok((store, state_machine))
+}
+
+/// A replica of one partition.
+pub struct PartitionReplica {
+    node_id: NodeId,
+    raft: Raft,
+    shared: Arc<Shared>,
+    high_watermark: watch::Receiver<i64>,
+}
+
+impl std::fmt::Debug for PartitionReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionReplica")
+            .field("node_id", &self.node_id)
+            .field("high_watermark", &self.high_watermark())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionReplica {
+    /// Opens (or creates) the replica in `dir` and starts its Raft node, talking through
+    /// `transport`. A new group waits for [`Self::initialize`] on one of its members.
+    pub async fn open<T: PeerTransport>(
+        dir: &Path,
+        log_config: LogConfig,
+        config: ReplicaConfig,
+        transport: Arc<T>,
+    ) -> Result<PartitionReplica, ReplicationError> {
+        let raft_config = Arc::new(config.raft_config()?);
+        let (store, state_machine) = open_stores(dir, log_config, config.clock.clone())?;
+        let shared = store.shared();
+        let high_watermark = state_machine.high_watermark();
+        let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
+        let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
+            .await
+            .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        Ok(PartitionReplica {
+            node_id: config.node_id,
+            raft,
+            shared,
+            high_watermark,
+        })
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Makes a new group of `members` (call on one member; a group that exists already
+    /// is left as it is).
+    pub async fn initialize(&self, members: BTreeSet<NodeId>) -> Result<(), ReplicationError> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ReplicationError::Stopped(e.to_string())),
+        }
+    }
+
+    /// The leader this replica knows and the current term (the leader epoch).
+    pub fn leader(&self) -> (Option<NodeId>, u64) {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_leader, metrics.current_term)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// The Kafka offset below which records are committed.
+    pub fn high_watermark(&self) -> i64 {
+        *self.high_watermark.borrow()
+    }
+
+    /// Appends `batch` (one record batch from a client) through Raft, within `timeout`.
+    /// `acks=all` resolves once a quorum has it durable (it is committed); `acks=leader`
+    /// once this leader's own append is durable — it may still be lost if this leader dies
+    /// before a quorum has it, as in Kafka. (`acks=none` waits like `acks=leader` here: the
+    /// produce path answers the client before.)
+    pub async fn write(
+        &self,
+        batch: Bytes,
+        acks: Acks,
+        timeout: Duration,
+    ) -> Result<Appended, ReplicationError> {
+        let header = batch::validate_from_client(&batch)
+            .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+        // A client batch carries no term: an entry stamped with its own term is one a
+        // leader already placed (see `entries::encode`).
+        let mut unstamped = BytesMut::from(&batch[..]);
+        batch::set_partition_leader_epoch(&mut unstamped, -1);
+        debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
+        let (local_ack, locally_durable) = LocalAck::new();
+        let payload = LogBatch {
+            bytes: unstamped.freeze(),
+            local_ack: (acks != Acks::All).then_some(local_ack),
+        };
+        let work = async {
+            let committed = self
+                .raft
+                .client_write_ff(payload)
+                .await
+                .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+            let not_leader = |result: Result<_, _>| match result {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                    Err(ReplicationError::NotLeader {
+                        leader: forward.leader_id,
+                        epoch: self.leader().1,
+                    })
+                }
+                Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
+                Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
+            };
+            if acks == Acks::All {
+                let answer: openraft::raft::ClientWriteResponse<PartitionRaft> =
+                    not_leader(committed.await)?;
+                return Ok(Appended {
+                    base_offset: answer.data.base_offset,
+                    last_offset: answer.data.last_offset,
+                    leader_epoch: answer.log_id.leader_id.term,
+                });
+            }
+            tokio::select! {
+                // Refused (not the leader) or committed before the local flush was seen.
+                result = committed => {
+                    let answer = not_leader(result)?;
+                    Ok(Appended {
+                        base_offset: answer.data.base_offset,
+                        last_offset: answer.data.last_offset,
+                        leader_epoch: answer.log_id.leader_id.term,
+                    })
+                }
+                place = locally_durable => match place {
+                    Ok(Ok((storage_offset, term))) => {
+                        let base_offset = self.shared.kafka_offset(storage_offset);
+                        Ok(Appended {
+                            base_offset,
+                            last_offset: base_offset + i64::from(header.records_count) - 1,
+                            leader_epoch: term,
+                        })
+                    }
+                    Ok(Err(message)) => Err(ReplicationError::Stopped(message)),
+                    Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
+                },
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
+    }
+
+    /// Committed data batches from Kafka offset `from` (the batch holding it first), up to
+    /// about `max_bytes`, control batches left out, each with its Kafka base offset.
+    pub fn read_committed(
+        &self,
+        from: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<CommittedBatch>, ReplicationError> {
+        let high_watermark = self.high_watermark();
+        let mut out = Vec::new();
+        let mut storage_offset = self.shared.storage_offset(from);
+        let mut read = 0usize;
+        let log = self.shared.log();
+        while self.shared.kafka_offset(storage_offset) < high_watermark && read < max_bytes {
+            let bytes = log.read(storage_offset, max_bytes - read)?;
+            if bytes.is_empty() {
+                break;
+            }
+            for slice in BatchSlices::new(bytes) {
+                let (header, stored) =
+                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                storage_offset = header.base_offset + i64::from(header.records_count);
+                read += stored.len();
+                if header.attributes & attributes::CONTROL != 0 {
+                    continue;
+                }
+                let base_offset = self.shared.kafka_offset(header.base_offset);
+                if base_offset >= high_watermark {
+                    return Ok(out);
+                }
+                let mut bytes = BytesMut::from(&stored[..]);
+                batch::set_base_offset(&mut bytes, base_offset);
+                out.push(CommittedBatch {
+                    base_offset,
+                    bytes: bytes.freeze(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its
+    /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
+    /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
+    pub async fn stop(&self) {
+        let _ = self.raft.shutdown().await;
+        let released = async {
+            while Arc::strong_count(&self.shared) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        if tokio::time::timeout(STOP_WAIT_MAX, released).await.is_err() {
+            tracing::warn!("a stopped replica's log is still held after {STOP_WAIT_MAX:?}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Produce-path filter chains: `TopicSetFilters`, `TopicFilters`, loading chains at start-up,
+//! and produce requests to a topic that has one. The chain runs on the filter threads,
+//! outside the partition's producer lock; its output is then submitted with idempotence
+//! checked on the produced batch.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::RecordBatch;
+use ketch_protocol::messages::*;
+
+use super::State;
+use crate::cluster::{ClusterError, OFFSETS_TOPIC, Partition, PreparedBatch, Submitted, now_ms};
+use crate::transform::chain::{CHAIN_MODULES_MAX, ChainModule, dead_letter_batch};
+use crate::transform::{ChainSpec, OnError, ProduceChain, TransformError};
+
+fn cluster_error(e: TransformError) -> ClusterError {
+    ClusterError::new(e.code(), e.to_string())
+}
+
+fn invalid(message: impl Into<String>) -> ClusterError {
+    ClusterError::new(ErrorCode::InvalidConfig, message)
+}
+
+/// Opens the chain of every topic that has one. A chain that cannot open (its module was
+/// deleted with force, say) is kept as its error: produce to that topic fails with it
+/// instead of skipping the chain.
+pub(super) async fn load(state: &State) {
+    for topic in state.cluster.topics() {
+        let spec = match ChainSpec::read(topic.dir()) {
+            Ok(Some(spec)) if spec.topic_id == topic.id.0 => spec,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::error!(topic = %topic.name, error = %e, "unreadable produce chain");
+                state.transforms.chains.set(&topic.name, Some(Err(e)));
+                continue;
+            }
+        };
+        let chain = state.transforms.produce_chain(&topic.name, spec).await;
+        if let Err(e) = &chain {
+            tracing::error!(topic = %topic.name, error = %e, "the produce chain could not open; produce to this topic fails until it is set again");
+        }
+        state.transforms.chains.set(&topic.name, Some(chain));
+    }
+}
+
+pub(super) async fn set_filters(
+    state: &State,
+    request: TopicSetFiltersRequest,
+) -> Result<TopicSetFiltersResponse, ClusterError> {
+    let _admin = state.transforms.chains.admin.lock().await;
+    if request.topic == OFFSETS_TOPIC {
+        return Err(ClusterError::new(
+            ErrorCode::Unauthorized,
+            "the offsets topic is written by the broker only",
+        ));
+    }
+    let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
+        ClusterError::new(
+            ErrorCode::UnknownTopic,
+            format!("unknown topic {:?}", request.topic),
+        )
+    })?;
+    if request.filters.len() > CHAIN_MODULES_MAX {
+        return Err(invalid(format!(
+            "a produce chain holds at most {CHAIN_MODULES_MAX} filters, not {}",
+            request.filters.len()
+        )));
+    }
+    let on_error: OnError = request.on_error.parse().map_err(invalid)?;
+    if let OnError::DeadLetter(dead_letters) = &on_error {
+        if *dead_letters == request.topic {
+            return Err(invalid(
+                "the dead-letter topic must be another topic than the chain's",
+            ));
+        }
+        if state.cluster.topic(dead_letters).is_none() {
+            return Err(ClusterError::new(
+                ErrorCode::UnknownTopic,
+                format!("unknown dead-letter topic {dead_letters:?}: create it first"),
+            ));
+        }
+    }
+    if request.filters.is_empty() {
+        ChainSpec::write(topic.dir(), None).map_err(cluster_error)?;
+        state.transforms.chains.set(&request.topic, None);
+        tracing::info!(topic = %request.topic, "produce chain cleared");
+        return Ok(TopicSetFiltersResponse { filters: vec![] });
+    }
+    let mut modules = Vec::with_capacity(request.filters.len());
+    for name in &request.filters {
+        let version = state
+            .transforms
+            .latest_version(name)
+            .map_err(cluster_error)?;
+        modules.push(ChainModule {
+            name: name.clone(),
+            version,
+        });
+    }
+    let spec = ChainSpec {
+        topic_id: topic.id.0,
+        modules,
+        params: request.params,
+        on_error,
+    };
+    // Opened (every module initialised with the params) before it is stored: a module that
+    // refuses its params refuses the request, and the old chain stays.
+    let chain = state
+        .transforms
+        .produce_chain(&request.topic, spec.clone())
+        .await
+        .map_err(cluster_error)?;
+    ChainSpec::write(topic.dir(), Some(&spec)).map_err(cluster_error)?;
+    state.transforms.chains.set(&request.topic, Some(Ok(chain)));
+    tracing::info!(topic = %request.topic, chain = ?spec.modules, on_error = %spec.on_error, "produce chain set");
+    Ok(TopicSetFiltersResponse {
+        filters: spec.modules.iter().map(chain_filter).collect(),
+    })
+}
+
+fn chain_filter(m: &ChainModule) -> ChainFilter {
+    ChainFilter {
+        name: m.name.clone(),
+        version: m.version,
+    }
+}
+
+pub(super) fn describe(
+    state: &State,
+    request: &TopicFiltersRequest,
+) -> Result<TopicFiltersResponse, ClusterError> {
+    let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
+        ClusterError::new(
+            ErrorCode::UnknownTopic,
+            format!("unknown topic {:?}", request.topic),
+        )
+    })?;
+    let spec = ChainSpec::read(topic.dir())
+        .map_err(cluster_error)?
+        .filter(|spec| spec.topic_id == topic.id.0);
+    Ok(match spec {
+        Some(spec) => TopicFiltersResponse {
+            topic: request.topic.clone(),
+            filters: spec.modules.iter().map(chain_filter).collect(),
+            params: spec.params,
+            on_error: spec.on_error.to_string(),
+        },
+        None => TopicFiltersResponse {
+            topic: request.topic.clone(),
+            filters: vec![],
+            params: String::new(),
+            on_error: String::new(),
+        },
+    })
+}
+
+/// The chain of the topic `partition` belongs to, if it has one.
+pub(super) fn chain_of(
+    state: &State,
+    topic: &str,
+) -> Option<Result<Arc<ProduceChain>, ClusterError>> {
+    let id = state.cluster.topic(topic)?.id.0;
+    Some(state.transforms.chains.get(topic, id)?.map_err(|e| {
+        ClusterError::new(
+            e.code(),
+            format!("the produce chain of topic {topic:?} is not usable: {e}"),
+        )
+    }))
+}
+
+/// A produce request to a partition whose topic has a chain: validate, run the chain on every
+/// batch (on the filter threads), send dead letters, then submit the outputs with idempotence
+/// checked on the inputs. Non-idempotent requests submit in arrival order whatever order
+/// their chain runs end in; idempotent ones are ordered by their sequences.
+pub(super) async fn submit(
+    state: &State,
+    partition: &Arc<Partition>,
+    chain: Arc<ProduceChain>,
+    records: Bytes,
+) -> Result<Submitted, ClusterError> {
+    let batches = partition.validate_batches(records)?;
+    let idempotent = batches.iter().any(|(header, _)| header.is_idempotent());
+    let mut turn = (!idempotent).then(|| chain.take_turn(partition.index));
+    let index = partition.index;
+    let inputs: Vec<Bytes> = batches.iter().map(|(_, bytes)| bytes.clone()).collect();
+    let ran_chain = chain.clone();
+    let outputs = state
+        .transforms
+        .run(move || {
+            inputs
+                .into_iter()
+                .map(|bytes| {
+                    let batch = RecordBatch::new(bytes).map_err(|e| {
+                        TransformError::Storage(format!("a validated batch did not parse: {e}"))
+                    })?;
+                    ran_chain.apply(index, &batch)
+                })
+                .collect::<Result<Vec<_>, TransformError>>()
+        })
+        .await
+        .and_then(|outputs| outputs)
+        .map_err(cluster_error)?;
+    if let OnError::DeadLetter(dead_letter_topic) = &chain.spec.on_error {
+        let source = format!("{}/{}", partition.topic, partition.index);
+        for output in outputs.iter().filter(|o| !o.dead_letters.is_empty()) {
+            send_dead_letters(
+                state,
+                dead_letter_topic,
+                index,
+                &output.dead_letters,
+                &source,
+            )
+            .await?;
+        }
+    }
+    let prepared = batches
+        .into_iter()
+        .zip(outputs)
+        .map(|((input, _), output)| PreparedBatch {
+            input,
+            output: output.batch,
+        })
+        .collect();
+    if let Some(turn) = turn.as_mut() {
+        turn.wait_for_previous().await;
+    }
+    // The turn is released when this returns: the batches then hold their place.
+    partition.submit_prepared(prepared, now_ms()).await
+}
+
+/// Appends rejected records to the dead-letter topic (at least once: a retried produce sends
+/// them again), in the partition of the same number modulo its partition count.
+async fn send_dead_letters(
+    state: &State,
+    topic: &str,
+    source_partition: u32,
+    letters: &[crate::transform::chain::DeadLetter],
+    source: &str,
+) -> Result<(), ClusterError> {
+    let fail = |e: ClusterError| {
+        ClusterError::new(
+            e.code,
+            format!(
+                "sending rejected records to the dead-letter topic {topic:?}: {}",
+                e.message
+            ),
+        )
+    };
+    let partitions = state
+        .cluster
+        .topic(topic)
+        .ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+        })
+        .map_err(fail)?
+        .partitions
+        .len() as u32;
+    let partition = state
+        .cluster
+        .partition(topic, source_partition % partitions.max(1))
+        .map_err(fail)?;
+    for batch in dead_letter_batch(letters, source) {
+        partition.append(batch, now_ms()).await.map_err(fail)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! Broker-to-broker QUIC for replication: the production [`PeerTransport`].
+//!
+//! ALPN `ketch-peer/1`, TLS 1.3 with **mutual** authentication (both ends present a
+//! certificate of the cluster's CA: Raft messages are accepted from members only), one
+//! connection per broker pair shared by every partition group, one bidirectional stream per
+//! request: `length:u32 | peer_wire request`, answered by `length:u32 | peer_wire answer`
+//! (see [`crate::replication::peer_wire`]). A request names its group; the receiving broker
+//! answers with its replica of that group, or "unreachable" if it has none.
+//!
+//! Its own endpoint for now (the client endpoint speaks `ketch/1` only); moving it onto the
+//! broker's endpoint is a matter of accepting both ALPNs there.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::replication::network::{
+    GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve,
+};
+use crate::replication::peer_wire;
+use crate::replication::{NodeId, Raft};
+
+/// The ALPN of broker-to-broker connections.
+pub const PEER_ALPN: &[u8] = b"ketch-peer/1";
+/// The name peers' certificates are issued for and checked against.
+pub const PEER_SERVER_NAME: &str = "ketch-peer";
+/// The largest peer message (an append of many batches).
+pub const PEER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How long a connection attempt to a peer may take (peers share a network: a handshake
+/// that takes longer means the peer is gone).
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests a peer may have open on one connection at once (every group shares it).
+pub const PEER_STREAMS_MAX: u32 = 4096;
+
+const _: () = assert!(PEER_FRAME_BYTES_MAX >= 2 * ketch_protocol::batch::BATCH_BYTES_MAX);
+
+/// This broker's identity among its peers and the CA that issued every peer's.
+#[derive(Debug)]
+pub struct PeerTls {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+/// Why the peer endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerSetupError {
+    #[error("peer TLS: {0}")]
+    Tls(String),
+    #[error("binding the peer endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The replicas this broker serves to its peers, by group.
+#[derive(Default)]
+pub struct PeerGroups {
+    groups: RwLock<HashMap<GroupId, Raft>>,
+}
+
+impl std::fmt::Debug for PeerGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups = self.groups.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("PeerGroups")
+            .field("groups", &groups.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl PeerGroups {
+    pub fn register(&self, group: GroupId, raft: Raft) {
+        self.groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group, raft);
+    }
+
+    pub fn unregister(&self, group: &GroupId) {
+        self.groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(group);
+    }
+
+    fn get(&self, group: &GroupId) -> Option<Raft> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .cloned()
+    }
+}
+
+/// The QUIC peer transport of one broker: it answers its peers' requests and sends its own.
+#[derive(Debug)]
+pub struct QuicPeers {
+    node_id: NodeId,
+    endpoint: quinn::Endpoint,
+    addresses: RwLock<HashMap<NodeId, SocketAddr>>,
+    /// One connection per peer, shared by every group. Each peer has its own slot, so a
+    /// connection attempt to a dead peer holds up requests to that peer only.
+    connections: std::sync::Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+}
+
+/// A peer's connection; the async mutex serialises (re)connecting to it.
+#[derive(Debug, Default)]
+struct PeerSlot {
+    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+fn tls_error(e: impl std::fmt::Display) -> PeerSetupError {
+    PeerSetupError::Tls(e.to_string())
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(PEER_STREAMS_MAX.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("fits")));
+    transport
+}
+
+impl QuicPeers {
+    /// Binds the peer endpoint on `listen` and starts answering peers with `groups`.
+    /// `addresses` are the peers' endpoints, by node id.
+    pub fn bind(
+        node_id: NodeId,
+        listen: SocketAddr,
+        tls: PeerTls,
+        addresses: HashMap<NodeId, SocketAddr>,
+        groups: Arc<PeerGroups>,
+    ) -> Result<Arc<QuicPeers>, PeerSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for root in tls.roots {
+            roots.add(root).map_err(tls_error)?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(tls_error)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(tls.chain.clone(), tls.key.clone_key())
+            .map_err(tls_error)?;
+        server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+        server.max_early_data_size = 0;
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(tls.chain, tls.key)
+            .map_err(tls_error)?;
+        client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+
+        let transport = Arc::new(transport_config());
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?,
+        ));
+        server_config.transport_config(transport.clone());
+        let mut client_config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?,
+        ));
+        client_config.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server_config, listen).map_err(|source| {
+            PeerSetupError::Bind {
+                addr: listen,
+                source,
+            }
+        })?;
+        endpoint.set_default_client_config(client_config);
+        tokio::spawn(accept(endpoint.clone(), node_id, groups));
+        Ok(Arc::new(QuicPeers {
+            node_id,
+            endpoint,
+            addresses: RwLock::new(addresses),
+            connections: std::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Sets (or moves) a peer's address; its next request connects there.
+    pub fn set_address(&self, node: NodeId, addr: SocketAddr) {
+        self.addresses
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, addr);
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Closes every peer connection and stops answering.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"broker stopping");
+    }
+
+    fn slot(&self, to: NodeId) -> Arc<PeerSlot> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(to)
+            .or_default()
+            .clone()
+    }
+
+    async fn connection(&self, to: NodeId) -> Result<quinn::Connection, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable { node: to, reason };
+        let slot = self.slot(to);
+        let mut connection = slot.connection.lock().await;
+        if let Some(live) = connection.as_ref()
+            && live.close_reason().is_none()
+        {
+            return Ok(live.clone());
+        }
+        *connection = None;
+        let addr = self
+            .addresses
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&to)
+            .copied()
+            .ok_or_else(|| unreachable("no address known".into()))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, PEER_SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let connected = tokio::time::timeout(PEER_CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable(format!("no handshake within {PEER_CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        *connection = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// Forgets a peer's connection after it failed, so the next request reconnects.
+    async fn forget(&self, to: NodeId, failed: &quinn::Connection) {
+        let slot = self.slot(to);
+        let mut connection = slot.connection.lock().await;
+        if connection
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == failed.stable_id())
+        {
+            *connection = None;
+        }
+    }
+}
+
+/// Writes one length-prefixed message and finishes the stream.
+async fn write_message(send: &mut quinn::SendStream, message: Bytes) -> Result<(), String> {
+    let mut framed = BytesMut::with_capacity(4 + message.len());
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    send.write_all(&framed).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+/// Reads one length-prefixed message (bounded by [`PEER_FRAME_BYTES_MAX`]) that ends the
+/// stream.
+async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
+    let bytes = recv
+        .read_to_end(4 + PEER_FRAME_BYTES_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    if bytes.len() < 4 {
+        return Err("a peer message without its length".into());
+    }
+    let length = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+    if length != bytes.len() - 4 {
+        return Err(format!(
+            "a peer message says {length} bytes, {} came",
+            bytes.len() - 4
+        ));
+    }
+    Ok(Bytes::from(bytes).slice(4..))
+}
+
+impl PeerTransport for QuicPeers {
+    async fn call(
+        &self,
+        group: &GroupId,
+        _from: NodeId,
+        to: NodeId,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, PeerError> {
+        let message =
+            peer_wire::encode_request(group, &request).map_err(|e| PeerError::Remote {
+                node: to,
+                reason: e.to_string(),
+            })?;
+        let connection = self.connection(to).await?;
+        let lost = |reason: String| PeerError::Lost { node: to, reason };
+        let (mut send, mut recv) = match connection.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                self.forget(to, &connection).await;
+                return Err(PeerError::Unreachable {
+                    node: to,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        write_message(&mut send, message).await.map_err(lost)?;
+        let answer = read_message(&mut recv).await.map_err(lost)?;
+        peer_wire::decode_response(answer, to).map_err(|e| PeerError::Remote {
+            node: to,
+            reason: e.to_string(),
+        })?
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, node_id: NodeId, groups: Arc<PeerGroups>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let groups = groups.clone();
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a peer handshake failed");
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(answer(send, recv, node_id, groups.clone()));
+            }
+        });
+    }
+}
+
+async fn answer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    node_id: NodeId,
+    groups: Arc<PeerGroups>,
+) {
+    let message = match read_message(&mut recv).await {
+        Ok(message) => message,
+        Err(e) => {
+            tracing::debug!(error = %e, "unreadable peer request");
+            return;
+        }
+    };
+    let answer = match peer_wire::decode_request(message) {
+        Ok((group, request)) => match groups.get(&group) {
+            Some(raft) => serve(&raft, node_id, request).await,
+            None => Err(PeerError::Unreachable {
+                node: node_id,
+                reason: format!("no replica of {group} here"),
+            }),
+        },
+        Err(e) => Err(PeerError::Remote {
+            node: node_id,
+            reason: e.to_string(),
+        }),
+    };
+    let _ = write_message(&mut send, peer_wire::encode_response(&answer)).await;
+}
