@@ -7,7 +7,7 @@ import asyncio
 import datetime
 import sys
 import uuid
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import ketch
 import ketch.aio
@@ -73,6 +73,23 @@ def filters_tour(wasm: bytes) -> List[str]:
             print(error.module, error.reason)
         except ketch.NotAuthorized as error:
             print(error.code)
+    chain: List[Tuple[str, int]] = client.set_topic_filters(
+        "orders", ["validate-json"], params={"require_object": True}, on_error="dead-letter:orders-dlq"
+    )
+    current: ketch.TopicFilters = client.topic_filters("orders")
+    client.clear_topic_filters("orders")
+    moved: ketch.TransformStatus = client.create_transform(
+        "big-orders", filter="high-value", input="orders", outputs=["big"], start="end",
+        params={"field": "amount", "gt": 100},
+    )
+    client.pause_transform(moved.name)
+    client.resume_transform(moved.name)
+    lag: int = client.describe_transform(moved.name).lag
+    try:
+        client.delete_transform(moved.name)
+    except ketch.TransformError as error:
+        print(error.code)
+    print(chain, current.on_error, lag, [t.status for t in client.list_transforms()])
     client.delete_filter("high-value", force=True)
     return [f.digest for f in client.list_filters()] + described.in_use_by
 

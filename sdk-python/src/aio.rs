@@ -12,6 +12,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use crate::chains::{self, TopicFilters, TransformStatus};
 use crate::errors::{to_py, to_py_with};
 use crate::listener::{Changes, RebalanceEvent};
 use crate::runtime::{into_awaitable, runtime};
@@ -355,6 +356,120 @@ impl AsyncClient {
         into_awaitable(py, async move {
             let quotas = admin.list_quotas().await.map_err(to_py)?;
             Ok(quotas.into_iter().map(Quota::from).collect::<Vec<_>>())
+        })
+    }
+
+    #[pyo3(signature = (topic, filters, *, params=None, on_error="fail"))]
+    fn set_topic_filters<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.set_topic_filters(&topic, &chain).await.map_err(to_py)
+        })
+    }
+
+    fn clear_topic_filters<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.clear_topic_filters(&topic).await.map_err(to_py)
+        })
+    }
+
+    fn topic_filters<'py>(&self, py: Python<'py>, topic: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let chain = admin.topic_filters(&topic).await.map_err(to_py)?;
+            Ok(TopicFilters::from(chain))
+        })
+    }
+
+    #[pyo3(signature = (name, *, filter, input, outputs, start, params=None))]
+    fn create_transform<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        filter: String,
+        input: String,
+        outputs: Vec<String>,
+        start: &Bound<'py, PyAny>,
+        params: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let transform = ketch_client::NewTransform {
+            name,
+            filter,
+            input,
+            outputs,
+            from: chains::transform_start(start)?,
+            params: params.unwrap_or_default(),
+        };
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let status = admin.create_transform(&transform).await.map_err(to_py)?;
+            Ok(TransformStatus::from(status))
+        })
+    }
+
+    fn list_transforms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let all = admin.list_transforms().await.map_err(to_py)?;
+            Ok(all
+                .into_iter()
+                .map(TransformStatus::from)
+                .collect::<Vec<_>>())
+        })
+    }
+
+    fn describe_transform<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let status = admin.describe_transform(&name).await.map_err(to_py)?;
+            Ok(TransformStatus::from(status))
+        })
+    }
+
+    fn pause_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.pause_transform(&name).await.map_err(to_py)
+        })
+    }
+
+    fn resume_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.resume_transform(&name).await.map_err(to_py)
+        })
+    }
+
+    fn delete_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.delete_transform(&name).await.map_err(to_py)
         })
     }
 

@@ -13,6 +13,7 @@
 #![allow(clippy::too_many_arguments)]
 
 mod aio;
+mod chains;
 mod errors;
 mod listener;
 mod runtime;
@@ -37,6 +38,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::FilterVersion>()?;
     m.add_class::<types::FilterDescription>()?;
     m.add_class::<types::DeliveryFuture>()?;
+    m.add_class::<chains::TopicFilters>()?;
+    m.add_class::<chains::TransformStatus>()?;
     m.add_class::<security::NewToken>()?;
     m.add_class::<security::TokenInfo>()?;
     m.add_class::<security::Acl>()?;

@@ -13,6 +13,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use crate::chains::{self, TopicFilters, TransformStatus};
 use crate::errors::{to_py, to_py_with};
 use crate::listener::{Change, Changes};
 use crate::runtime::{runtime, wait, wait_with};
@@ -555,6 +556,92 @@ impl Client {
         let admin = self.inner.admin();
         let quotas = wait(py, admin.list_quotas())?.map_err(to_py)?;
         Ok(quotas.into_iter().map(Quota::from).collect())
+    }
+
+    /// Sets `topic`'s produce chain; returns its `(name, version)`s.
+    #[pyo3(signature = (topic, filters, *, params=None, on_error="fail"))]
+    fn set_topic_filters(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: &str,
+    ) -> PyResult<Vec<(String, u32)>> {
+        self.owner.check()?;
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let admin = self.inner.admin();
+        wait(py, admin.set_topic_filters(topic, &chain))?.map_err(to_py)
+    }
+
+    fn clear_topic_filters(&self, py: Python<'_>, topic: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.clear_topic_filters(topic))?.map_err(to_py)
+    }
+
+    fn topic_filters(&self, py: Python<'_>, topic: &str) -> PyResult<TopicFilters> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let chain = wait(py, admin.topic_filters(topic))?.map_err(to_py)?;
+        Ok(TopicFilters::from(chain))
+    }
+
+    #[pyo3(signature = (name, *, filter, input, outputs, start, params=None))]
+    fn create_transform(
+        &self,
+        py: Python<'_>,
+        name: String,
+        filter: String,
+        input: String,
+        outputs: Vec<String>,
+        start: &Bound<'_, PyAny>,
+        params: Option<String>,
+    ) -> PyResult<TransformStatus> {
+        self.owner.check()?;
+        let transform = ketch_client::NewTransform {
+            name,
+            filter,
+            input,
+            outputs,
+            from: chains::transform_start(start)?,
+            params: params.unwrap_or_default(),
+        };
+        let admin = self.inner.admin();
+        let status = wait(py, admin.create_transform(&transform))?.map_err(to_py)?;
+        Ok(TransformStatus::from(status))
+    }
+
+    fn list_transforms(&self, py: Python<'_>) -> PyResult<Vec<TransformStatus>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let all = wait(py, admin.list_transforms())?.map_err(to_py)?;
+        Ok(all.into_iter().map(TransformStatus::from).collect())
+    }
+
+    fn describe_transform(&self, py: Python<'_>, name: &str) -> PyResult<TransformStatus> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let status = wait(py, admin.describe_transform(name))?.map_err(to_py)?;
+        Ok(TransformStatus::from(status))
+    }
+
+    fn pause_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.pause_transform(name))?.map_err(to_py)
+    }
+
+    fn resume_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.resume_transform(name))?.map_err(to_py)
+    }
+
+    fn delete_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.delete_transform(name))?.map_err(to_py)
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

@@ -43,6 +43,7 @@ from ._errors import (
     KetchError,
     KetchTimeout,
     AuthenticationFailed,
+    TransformError,
     NotAuthorized,
     OffsetOutOfRange,
     PartitionNotFound,
@@ -54,6 +55,8 @@ from ._errors import (
 from ._native import (
     Acl,
     NewToken,
+    TopicFilters,
+    TransformStatus,
     Quota,
     TokenInfo,
     DeliveryFuture,
@@ -84,6 +87,10 @@ __all__ = [
     "RecordTooLarge",
     "NotAuthorized",
     "AuthenticationFailed",
+    "TransformError",
+    "TopicFilters",
+    "TransformStatus",
+    "TransformStart",
     "Acl",
     "NewToken",
     "TokenInfo",
@@ -142,6 +149,10 @@ def _acls(acls: Union[Acl, Iterable[Acl]]) -> List[Acl]:
         if not isinstance(item, Acl):
             raise TypeError(f"expected ketch.Acl, got {type(item).__name__}")
     return items
+
+
+#: Where a new transform starts reading: ``"beginning"``, ``"end"`` or an offset.
+TransformStart = Union[str, int]
 
 
 def _path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
@@ -357,6 +368,73 @@ class Client:
         """Deletes every version of a filter; while it is in use this raises
         :class:`FilterError` (code ``"filter_in_use"``) unless ``force``."""
         self._native.delete_filter(name, force=force)
+
+    # Produce chains and topic-to-topic transforms (Wasm filters deployed with upload_filter).
+
+    def set_topic_filters(
+        self,
+        topic: str,
+        filters: Sequence[str],
+        *,
+        params: Optional[FilterParams] = None,
+        on_error: str = "fail",
+    ) -> List[Tuple[str, int]]:
+        """Sets ``topic``'s produce chain: every batch produced to it runs through ``filters``
+        in order (each pinned at its latest version and initialised with ``params`` now)
+        before the broker appends it. ``on_error`` says what a record a module rejects does:
+        ``"fail"`` (the produce raises :class:`FilterError`), ``"skip"`` (dropped) or
+        ``"dead-letter:TOPIC"``. An empty ``filters`` clears the chain. Returns the chain's
+        ``(name, version)`` pairs; a module refusing the params raises and keeps the old chain."""
+        return self._native.set_topic_filters(
+            topic, list(filters), params=_filter_params(params), on_error=on_error
+        )
+
+    def clear_topic_filters(self, topic: str) -> None:
+        """Removes ``topic``'s produce chain."""
+        self._native.clear_topic_filters(topic)
+
+    def topic_filters(self, topic: str) -> TopicFilters:
+        """``topic``'s produce chain (``filters`` empty without one)."""
+        return self._native.topic_filters(topic)
+
+    def create_transform(
+        self,
+        name: str,
+        *,
+        filter: str,
+        input: str,
+        outputs: Sequence[str],
+        start: TransformStart = "beginning",
+        params: Optional[FilterParams] = None,
+    ) -> TransformStatus:
+        """Creates and starts a topic-to-topic transform: the broker reads ``input``
+        continuously from ``start``, runs filter ``filter`` on each batch and writes what it
+        keeps or emits to ``outputs`` (records the module routes to a topic go there, the
+        others to the first output), exactly once across broker crashes."""
+        return self._native.create_transform(
+            name, filter=filter, input=input, outputs=list(outputs), start=start,
+            params=_filter_params(params),
+        )
+
+    def list_transforms(self) -> List[TransformStatus]:
+        """Every transform, with its state."""
+        return self._native.list_transforms()
+
+    def describe_transform(self, name: str) -> TransformStatus:
+        """One transform's state; :class:`TransformError` if there is none."""
+        return self._native.describe_transform(name)
+
+    def pause_transform(self, name: str) -> None:
+        """Stops a transform where it is (its position is kept)."""
+        self._native.pause_transform(name)
+
+    def resume_transform(self, name: str) -> None:
+        """Starts a paused or failed transform again from its committed position."""
+        self._native.resume_transform(name)
+
+    def delete_transform(self, name: str) -> None:
+        """Stops and removes a transform (its outputs stay)."""
+        self._native.delete_transform(name)
 
     # Security administration (the broker's admin principal, or alter on the cluster).
 

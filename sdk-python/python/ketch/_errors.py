@@ -22,6 +22,7 @@ __all__ = [
     "RecordTooLarge",
     "NotAuthorized",
     "AuthenticationFailed",
+    "TransformError",
     "FilterError",
     "BrokerUnavailable",
     "Closed",
@@ -107,6 +108,12 @@ class FilterError(KetchError):
         super().__init__(message, code=code, retriable=retriable, raw_code=raw_code)
         self.module = module
         self.reason = message if reason is None else reason
+
+
+class TransformError(KetchError):
+    """A topic-to-topic transform of that name does not exist (``unknown_transform``) or
+    already exists (``transform_exists``). A module failing inside a transform shows in its
+    status (``last_error``), not as an exception."""
 
 
 class BrokerUnavailable(KetchError):

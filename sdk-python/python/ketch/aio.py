@@ -45,7 +45,9 @@ from ._native import (
     Record,
     RecordMetadata,
     TokenInfo,
+    TopicFilters,
     TopicInfo,
+    TransformStatus,
 )
 
 __all__ = ["Client", "Producer", "Consumer"]
@@ -206,6 +208,69 @@ class Client:
     async def delete_filter(self, name: str, *, force: bool = False) -> None:
         """Deletes every version of a filter (``force`` while it is in use)."""
         await self._native.delete_filter(name, force=force)
+
+    # Produce chains and transforms (see :class:`ketch.Client`).
+
+    async def set_topic_filters(
+        self,
+        topic: str,
+        filters: Sequence[str],
+        *,
+        params: Optional[Union[Mapping[str, Any], str]] = None,
+        on_error: str = "fail",
+    ) -> List[Tuple[str, int]]:
+        """Sets ``topic``'s produce chain (see :meth:`ketch.Client.set_topic_filters`)."""
+        from . import _filter_params
+
+        return await self._native.set_topic_filters(
+            topic, list(filters), params=_filter_params(params), on_error=on_error
+        )
+
+    async def clear_topic_filters(self, topic: str) -> None:
+        """Removes ``topic``'s produce chain."""
+        await self._native.clear_topic_filters(topic)
+
+    async def topic_filters(self, topic: str) -> TopicFilters:
+        """``topic``'s produce chain."""
+        return await self._native.topic_filters(topic)
+
+    async def create_transform(
+        self,
+        name: str,
+        *,
+        filter: str,
+        input: str,
+        outputs: Sequence[str],
+        start: Union[str, int] = "beginning",
+        params: Optional[Union[Mapping[str, Any], str]] = None,
+    ) -> TransformStatus:
+        """Creates and starts a transform (see :meth:`ketch.Client.create_transform`)."""
+        from . import _filter_params
+
+        return await self._native.create_transform(
+            name, filter=filter, input=input, outputs=list(outputs), start=start,
+            params=_filter_params(params),
+        )
+
+    async def list_transforms(self) -> List[TransformStatus]:
+        """Every transform, with its state."""
+        return await self._native.list_transforms()
+
+    async def describe_transform(self, name: str) -> TransformStatus:
+        """One transform's state."""
+        return await self._native.describe_transform(name)
+
+    async def pause_transform(self, name: str) -> None:
+        """Stops a transform where it is."""
+        await self._native.pause_transform(name)
+
+    async def resume_transform(self, name: str) -> None:
+        """Starts a paused or failed transform again."""
+        await self._native.resume_transform(name)
+
+    async def delete_transform(self, name: str) -> None:
+        """Stops and removes a transform (its outputs stay)."""
+        await self._native.delete_transform(name)
 
     # Security administration (see :class:`ketch.Client`).
 
