@@ -80,6 +80,12 @@ export function filterParts(message: string): { module: string | undefined; reas
   const [, before, module, after] = match
   return { module, reason: after!.trim() === '' ? before!.trim() : after!.trim() }
 }
+/**
+ * A topic-to-topic transform of that name does not exist (`unknown_transform`) or exists
+ * already (`transform_exists`). A module failing inside a transform shows in its status
+ * (`lastError`), not as an error.
+ */
+export class TransformError extends KetchError {}
 /** No broker could be reached, or the connection broke (the client retried first). */
 export class BrokerUnavailableError extends KetchError {}
 /** The client, producer or consumer was closed. */
@@ -102,6 +108,8 @@ const CLASSES: Record<string, KetchErrorClass> = {
   frame_too_large: RecordTooLargeError,
   unauthorized: NotAuthorizedError,
   authentication_failed: AuthenticationFailedError,
+  unknown_transform: TransformError,
+  transform_exists: TransformError,
   unknown_filter: FilterError,
   invalid_filter: FilterError,
   filter_rejected: FilterError,

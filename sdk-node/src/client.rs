@@ -10,6 +10,9 @@ use ketch_client::{
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+use crate::chains::{
+    self, NativeChainFilter, NativeNewTransform, NativeTopicFilters, NativeTransformStatus,
+};
 use crate::consumer::{JsListener, NativeConsumer, RebalanceFunction};
 use crate::error::{invalid_argument, to_napi};
 use crate::producer::NativeProducer;
@@ -598,6 +601,109 @@ impl NativeClient {
     pub async fn list_quotas(&self) -> Result<Vec<NativeQuota>> {
         let quotas = self.client.admin().list_quotas().await.map_err(to_napi)?;
         Ok(quotas.into_iter().map(Into::into).collect())
+    }
+
+    /// Sets `topic`'s produce chain; resolves with the chain's filters and versions.
+    #[napi]
+    pub async fn set_topic_filters(
+        &self,
+        topic: String,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: Option<String>,
+    ) -> Result<Vec<NativeChainFilter>> {
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let set = self
+            .client
+            .admin()
+            .set_topic_filters(&topic, &chain)
+            .await
+            .map_err(to_napi)?;
+        Ok(chains::chain_filters(set))
+    }
+
+    #[napi]
+    pub async fn clear_topic_filters(&self, topic: String) -> Result<()> {
+        self.client
+            .admin()
+            .clear_topic_filters(&topic)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn topic_filters(&self, topic: String) -> Result<NativeTopicFilters> {
+        let chain = self
+            .client
+            .admin()
+            .topic_filters(&topic)
+            .await
+            .map_err(to_napi)?;
+        Ok(chain.into())
+    }
+
+    #[napi]
+    pub async fn create_transform(
+        &self,
+        transform: NativeNewTransform,
+    ) -> Result<NativeTransformStatus> {
+        let transform = transform.to_core()?;
+        let status = self
+            .client
+            .admin()
+            .create_transform(&transform)
+            .await
+            .map_err(to_napi)?;
+        Ok(status.into())
+    }
+
+    #[napi]
+    pub async fn list_transforms(&self) -> Result<Vec<NativeTransformStatus>> {
+        let all = self
+            .client
+            .admin()
+            .list_transforms()
+            .await
+            .map_err(to_napi)?;
+        Ok(all.into_iter().map(Into::into).collect())
+    }
+
+    #[napi]
+    pub async fn describe_transform(&self, name: String) -> Result<NativeTransformStatus> {
+        let status = self
+            .client
+            .admin()
+            .describe_transform(&name)
+            .await
+            .map_err(to_napi)?;
+        Ok(status.into())
+    }
+
+    #[napi]
+    pub async fn pause_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .pause_transform(&name)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn resume_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .resume_transform(&name)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn delete_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .delete_transform(&name)
+            .await
+            .map_err(to_napi)
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

@@ -8,6 +8,7 @@
 //! Records cross the boundary in packed batches ([`convert`]), so `sendMany` and the
 //! consumer's iterator make one napi call per batch, not per record.
 
+mod chains;
 mod client;
 mod consumer;
 mod convert;
