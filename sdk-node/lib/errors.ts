@@ -39,8 +39,18 @@ export class TopicNotFoundError extends KetchError {}
 export class TopicAlreadyExistsError extends KetchError {}
 /** A record larger than the producer or the broker accepts. */
 export class RecordTooLargeError extends KetchError {}
-/** The broker refused the operation to this client. */
+/**
+ * The broker knows who this client is, and no ACL lets it do the operation (`unauthorized`,
+ * wire code 29). Nothing was changed; an admin's `addAcls` grant makes the same call work.
+ */
 export class NotAuthorizedError extends KetchError {}
+/**
+ * The broker does not accept this client's credentials: a wrong, revoked or expired token, or
+ * none where one is required (`authentication_failed`, wire code 46). Not a
+ * `NotAuthorizedError`: the remedy is new credentials, not an ACL grant (as Kafka separates
+ * authentication from authorization). A token revoked while in use fails the next request.
+ */
+export class AuthenticationFailedError extends KetchError {}
 /**
  * A Wasm filter is unknown, invalid, failed on a record, or in use (`unknown_filter`,
  * `invalid_filter`, `filter_rejected`, `filter_failed`, `filter_in_use`). `module` names the
@@ -70,6 +80,12 @@ export function filterParts(message: string): { module: string | undefined; reas
   const [, before, module, after] = match
   return { module, reason: after!.trim() === '' ? before!.trim() : after!.trim() }
 }
+/**
+ * A topic-to-topic transform of that name does not exist (`unknown_transform`) or exists
+ * already (`transform_exists`). A module failing inside a transform shows in its status
+ * (`lastError`), not as an error.
+ */
+export class TransformError extends KetchError {}
 /** No broker could be reached, or the connection broke (the client retried first). */
 export class BrokerUnavailableError extends KetchError {}
 /** The client, producer or consumer was closed. */
@@ -91,6 +107,9 @@ const CLASSES: Record<string, KetchErrorClass> = {
   record_too_large: RecordTooLargeError,
   frame_too_large: RecordTooLargeError,
   unauthorized: NotAuthorizedError,
+  authentication_failed: AuthenticationFailedError,
+  unknown_transform: TransformError,
+  transform_exists: TransformError,
   unknown_filter: FilterError,
   invalid_filter: FilterError,
   filter_rejected: FilterError,

@@ -27,6 +27,18 @@ import {
   fromNative,
 } from './errors'
 import {
+  fromNativeAcl,
+  fromNativeToken,
+  fromNativeTokenDescription,
+  rate,
+  toNativeAcl,
+  type Acl,
+  type AclBinding,
+  type NewToken,
+  type Quota,
+  type TokenInfo,
+} from './security'
+import {
   packRecords,
   unpackRecords,
   type ConsumerRecord,
@@ -35,6 +47,7 @@ import {
 } from './records'
 
 export {
+  AuthenticationFailedError,
   BrokerUnavailableError,
   ClosedError,
   FilterError,
@@ -46,8 +59,19 @@ export {
   TimeoutError,
   TopicAlreadyExistsError,
   TopicNotFoundError,
+  TransformError,
   type KetchErrorOptions,
 } from './errors'
+export { aclToString } from './security'
+export type {
+  Acl,
+  AclBinding,
+  AclOperation,
+  AclResource,
+  NewToken,
+  Quota,
+  TokenInfo,
+} from './security'
 export type {
   ConsumerRecord,
   HeadersInit,
@@ -172,6 +196,57 @@ export interface FilterDescription {
   versions: FilterVersion[]
   /** Subscriptions and topics the filter is attached to: a delete without `force` is refused meanwhile. */
   inUseBy: string[]
+}
+
+/** What a record a produce-chain module rejects does: the send fails with a `FilterError`, the record is dropped, or it goes to a dead-letter topic. */
+export type OnRecordError = 'fail' | 'skip' | `dead-letter:${string}`
+
+/** A topic's produce chain as the broker holds it. */
+export interface TopicFilters {
+  topic: string
+  /** In the order they run, each pinned at a version; empty without a chain. */
+  filters: Array<{ name: string; version: number }>
+  /** The JSON text the modules got at init. */
+  params: string
+  /** `''` without a chain. */
+  onError: OnRecordError | ''
+}
+
+/** A topic-to-topic transform to create. */
+export interface NewTransform {
+  /** The deployed filter (pinned at its latest version now). */
+  filter: string
+  /** The topic read. */
+  input: string
+  /** The topics written (at least one); records the module routes nowhere go to the first. */
+  outputs: string[]
+  /** Where reading starts (default `'beginning'`). */
+  start?: 'beginning' | 'end' | number
+  /** Handed to the module's `init`: an object (sent as JSON) or JSON text. */
+  params?: Record<string, unknown> | string
+}
+
+/** A transform's state. */
+export interface TransformStatus {
+  name: string
+  filter: string
+  filterVersion: number
+  input: string
+  outputs: string[]
+  params: string
+  status: 'running' | 'paused' | 'failed'
+  /** Input records transformed (committed). */
+  recordsIn: number
+  /** Records written to the outputs. */
+  recordsOut: number
+  /** Input records not yet transformed. */
+  lag: number
+  /** The last error; `''` when none. */
+  lastError: string
+}
+
+function jsonParams(params: Record<string, unknown> | string | undefined): string | undefined {
+  return params === undefined || typeof params === 'string' ? params : JSON.stringify(params)
 }
 
 /** Options of `createTopic`. */
@@ -331,6 +406,161 @@ export class Client {
   async deleteFilter(name: string, options: { force?: boolean } = {}): Promise<void> {
     this.#check()
     await call(() => this.#native.deleteFilter(name, options.force))
+  }
+
+  // Produce chains and topic-to-topic transforms (modules deployed with `uploadFilter`).
+
+  /**
+   * Sets `topic`'s produce chain: every batch produced to it runs through `filters` in
+   * order (each pinned at its latest version, initialised with `params` now) before the
+   * broker appends it. `onError`: `'fail'` (the send rejects with a `FilterError`, the
+   * default), `'skip'` or `'dead-letter:TOPIC'`. An empty list clears the chain. A module that
+   * refuses its params rejects, and the previous chain stays.
+   */
+  async setTopicFilters(
+    topic: string,
+    filters: readonly string[],
+    options: { params?: Record<string, unknown> | string; onError?: OnRecordError } = {},
+  ): Promise<Array<{ name: string; version: number }>> {
+    this.#check()
+    return await call(() => this.#native.setTopicFilters(topic, [...filters], jsonParams(options.params), options.onError))
+  }
+
+  /** Removes `topic`'s produce chain. */
+  async clearTopicFilters(topic: string): Promise<void> {
+    this.#check()
+    await call(() => this.#native.clearTopicFilters(topic))
+  }
+
+  /** `topic`'s produce chain. */
+  async topicFilters(topic: string): Promise<TopicFilters> {
+    this.#check()
+    return (await call(() => this.#native.topicFilters(topic))) as TopicFilters
+  }
+
+  /**
+   * Creates and starts a topic-to-topic transform `name`: the broker reads `input` from
+   * `start`, runs the filter on each batch and writes what it keeps or emits to `outputs`,
+   * exactly once across broker crashes. Rejects with a `TransformError` if `name` exists.
+   */
+  async createTransform(name: string, transform: NewTransform): Promise<TransformStatus> {
+    this.#check()
+    const start = transform.start ?? 'beginning'
+    if (typeof start === 'number' && !(Number.isSafeInteger(start) && start >= 0)) {
+      throw new InvalidArgumentError(`start must be 'beginning', 'end' or an offset >= 0, not ${start}`, { code: 'invalid_argument' })
+    }
+    const native = {
+      name,
+      filter: transform.filter,
+      input: transform.input,
+      outputs: [...transform.outputs],
+      start: String(start),
+      params: jsonParams(transform.params),
+    }
+    return (await call(() => this.#native.createTransform(native))) as TransformStatus
+  }
+
+  /** Every transform, with its state. */
+  async listTransforms(): Promise<TransformStatus[]> {
+    this.#check()
+    return (await call(() => this.#native.listTransforms())) as TransformStatus[]
+  }
+
+  /** One transform's state; rejects with a `TransformError` if there is none. */
+  async describeTransform(name: string): Promise<TransformStatus> {
+    this.#check()
+    return (await call(() => this.#native.describeTransform(name))) as TransformStatus
+  }
+
+  /** Stops a transform where it is (its position is kept). */
+  async pauseTransform(name: string): Promise<void> {
+    this.#check()
+    await call(() => this.#native.pauseTransform(name))
+  }
+
+  /** Starts a paused or failed transform again from its committed position. */
+  async resumeTransform(name: string): Promise<void> {
+    this.#check()
+    await call(() => this.#native.resumeTransform(name))
+  }
+
+  /** Stops and removes a transform (its outputs stay). */
+  async deleteTransform(name: string): Promise<void> {
+    this.#check()
+    await call(() => this.#native.deleteTransform(name))
+  }
+
+  // Security administration: the broker's `admin` principal (the token `ketch serve --auth
+  // required` writes to DATA_DIR/admin.token) or any principal allowed `alter` on the cluster.
+
+  /**
+   * Makes an API token for `principal`, valid for `expiresInMs` (or forever). The secret is
+   * in `.token`, shown this once; the broker keeps only its hash.
+   */
+  async createToken(principal: string, options: { expiresInMs?: number } = {}): Promise<NewToken> {
+    this.#check()
+    const expiresInMs = options.expiresInMs
+    if (expiresInMs !== undefined && !(Number.isSafeInteger(expiresInMs) && expiresInMs > 0)) {
+      throw new InvalidArgumentError(`expiresInMs must be a positive integer, not ${String(expiresInMs)}`, {
+        code: 'invalid_argument',
+      })
+    }
+    return fromNativeToken(await call(() => this.#native.createToken(principal, expiresInMs)))
+  }
+
+  /** Every token the broker knows (revoked and expired ones too), without secrets. */
+  async listTokens(): Promise<TokenInfo[]> {
+    this.#check()
+    return (await call(() => this.#native.listTokens())).map(fromNativeTokenDescription)
+  }
+
+  /**
+   * Revokes a token, named by itself or by its id; resolves with its id. Clients using it
+   * fail their next request with an `AuthenticationFailedError`.
+   */
+  async revokeToken(tokenOrId: string): Promise<string> {
+    this.#check()
+    return await call(() => this.#native.revokeToken(tokenOrId))
+  }
+
+  /** Adds access rules; resolves with how many were new. */
+  async addAcls(acls: Acl | readonly Acl[]): Promise<number> {
+    this.#check()
+    const rules = (Array.isArray(acls) ? acls : [acls as Acl]).map(toNativeAcl)
+    return await call(() => this.#native.addAcls(rules))
+  }
+
+  /** Removes access rules; resolves with how many were there. */
+  async removeAcls(acls: Acl | readonly Acl[]): Promise<number> {
+    this.#check()
+    const rules = (Array.isArray(acls) ? acls : [acls as Acl]).map(toNativeAcl)
+    return await call(() => this.#native.removeAcls(rules))
+  }
+
+  /** Every access rule. */
+  async listAcls(): Promise<AclBinding[]> {
+    this.#check()
+    return (await call(() => this.#native.listAcls())).map(fromNativeAcl)
+  }
+
+  /**
+   * Sets a principal's byte rates (absent or 0: no limit; both 0 removes its quota). A
+   * principal over its rate is slowed down, not refused.
+   */
+  async setQuota(principal: string, rates: { produceBytesPerS?: number; fetchBytesPerS?: number } = {}): Promise<void> {
+    this.#check()
+    const quota = {
+      principal,
+      produceBytesPerS: rate(rates.produceBytesPerS, 'produceBytesPerS'),
+      fetchBytesPerS: rate(rates.fetchBytesPerS, 'fetchBytesPerS'),
+    }
+    await call(() => this.#native.setQuota(quota))
+  }
+
+  /** Every quota. */
+  async listQuotas(): Promise<Quota[]> {
+    this.#check()
+    return await call(() => this.#native.listQuotas())
   }
 
   /**

@@ -10,9 +10,13 @@ use ketch_client::{
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+use crate::chains::{
+    self, NativeChainFilter, NativeNewTransform, NativeTopicFilters, NativeTransformStatus,
+};
 use crate::consumer::{JsListener, NativeConsumer, RebalanceFunction};
 use crate::error::{invalid_argument, to_napi};
 use crate::producer::NativeProducer;
+use crate::security::{self, NativeAcl, NativeNewToken, NativeQuota, NativeTokenDescription};
 
 /// Client settings; the facade fills in the defaults from the environment.
 #[napi(object)]
@@ -525,6 +529,179 @@ impl NativeClient {
         self.client
             .admin()
             .delete_filter(&name, force.unwrap_or(false))
+            .await
+            .map_err(to_napi)
+    }
+
+    /// Makes an API token for `principal`, valid for `expires_in_ms` (or forever).
+    #[napi]
+    pub async fn create_token(
+        &self,
+        principal: String,
+        expires_in_ms: Option<i64>,
+    ) -> Result<NativeNewToken> {
+        let expires_in = security::expires_in(expires_in_ms)?;
+        let token = self
+            .client
+            .admin()
+            .create_token(&principal, expires_in)
+            .await
+            .map_err(to_napi)?;
+        Ok(token.into())
+    }
+
+    #[napi]
+    pub async fn list_tokens(&self) -> Result<Vec<NativeTokenDescription>> {
+        let tokens = self.client.admin().list_tokens().await.map_err(to_napi)?;
+        Ok(tokens.into_iter().map(Into::into).collect())
+    }
+
+    /// Revokes a token named by itself or its id; resolves with its id.
+    #[napi]
+    pub async fn revoke_token(&self, token_or_id: String) -> Result<String> {
+        self.client
+            .admin()
+            .revoke_token(&token_or_id)
+            .await
+            .map_err(to_napi)
+    }
+
+    /// Adds rules; resolves with how many were new.
+    #[napi]
+    pub async fn add_acls(&self, acls: Vec<NativeAcl>) -> Result<u32> {
+        let acls = security::acl_list(&acls)?;
+        self.client.admin().add_acls(&acls).await.map_err(to_napi)
+    }
+
+    /// Removes rules; resolves with how many were there.
+    #[napi]
+    pub async fn remove_acls(&self, acls: Vec<NativeAcl>) -> Result<u32> {
+        let acls = security::acl_list(&acls)?;
+        self.client
+            .admin()
+            .remove_acls(&acls)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn list_acls(&self) -> Result<Vec<NativeAcl>> {
+        let acls = self.client.admin().list_acls().await.map_err(to_napi)?;
+        Ok(acls.into_iter().map(Into::into).collect())
+    }
+
+    /// Sets a principal's byte rates (0: no limit; both 0 removes the quota).
+    #[napi]
+    pub async fn set_quota(&self, quota: NativeQuota) -> Result<()> {
+        let quota = quota.to_core()?;
+        self.client.admin().set_quota(&quota).await.map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn list_quotas(&self) -> Result<Vec<NativeQuota>> {
+        let quotas = self.client.admin().list_quotas().await.map_err(to_napi)?;
+        Ok(quotas.into_iter().map(Into::into).collect())
+    }
+
+    /// Sets `topic`'s produce chain; resolves with the chain's filters and versions.
+    #[napi]
+    pub async fn set_topic_filters(
+        &self,
+        topic: String,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: Option<String>,
+    ) -> Result<Vec<NativeChainFilter>> {
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let set = self
+            .client
+            .admin()
+            .set_topic_filters(&topic, &chain)
+            .await
+            .map_err(to_napi)?;
+        Ok(chains::chain_filters(set))
+    }
+
+    #[napi]
+    pub async fn clear_topic_filters(&self, topic: String) -> Result<()> {
+        self.client
+            .admin()
+            .clear_topic_filters(&topic)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn topic_filters(&self, topic: String) -> Result<NativeTopicFilters> {
+        let chain = self
+            .client
+            .admin()
+            .topic_filters(&topic)
+            .await
+            .map_err(to_napi)?;
+        Ok(chain.into())
+    }
+
+    #[napi]
+    pub async fn create_transform(
+        &self,
+        transform: NativeNewTransform,
+    ) -> Result<NativeTransformStatus> {
+        let transform = transform.to_core()?;
+        let status = self
+            .client
+            .admin()
+            .create_transform(&transform)
+            .await
+            .map_err(to_napi)?;
+        Ok(status.into())
+    }
+
+    #[napi]
+    pub async fn list_transforms(&self) -> Result<Vec<NativeTransformStatus>> {
+        let all = self
+            .client
+            .admin()
+            .list_transforms()
+            .await
+            .map_err(to_napi)?;
+        Ok(all.into_iter().map(Into::into).collect())
+    }
+
+    #[napi]
+    pub async fn describe_transform(&self, name: String) -> Result<NativeTransformStatus> {
+        let status = self
+            .client
+            .admin()
+            .describe_transform(&name)
+            .await
+            .map_err(to_napi)?;
+        Ok(status.into())
+    }
+
+    #[napi]
+    pub async fn pause_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .pause_transform(&name)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn resume_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .resume_transform(&name)
+            .await
+            .map_err(to_napi)
+    }
+
+    #[napi]
+    pub async fn delete_transform(&self, name: String) -> Result<()> {
+        self.client
+            .admin()
+            .delete_transform(&name)
             .await
             .map_err(to_napi)
     }

@@ -8,12 +8,14 @@
 //! Records cross the boundary in packed batches ([`convert`]), so `sendMany` and the
 //! consumer's iterator make one napi call per batch, not per record.
 
+mod chains;
 mod client;
 mod consumer;
 mod convert;
 mod encode;
 mod error;
 mod producer;
+mod security;
 
 pub use client::{NativeClient, connect};
 pub use consumer::NativeConsumer;

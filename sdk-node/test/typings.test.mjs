@@ -36,13 +36,14 @@ test('tsc --strict rejects a misuse (the typings are not any)', { timeout: 120_0
   const tsc = join(sdkDir, 'node_modules', 'typescript', 'bin', 'tsc')
   const bad = join(fixtures, 'misuse.mts')
   const { writeFileSync } = await import('node:fs')
-  writeFileSync(bad, "import { Client } from 'ketch'\nconst c = await Client.connect({ bootstrap: 1 })\nc.producer({ acks: 'most' })\n")
+  writeFileSync(bad, "import { Client } from 'ketch'\nconst c = await Client.connect({ bootstrap: 1 })\nc.producer({ acks: 'most' })\nawait c.addAcls({ principal: 'a', operation: 'fly', topic: 't' })\n")
   try {
     const result = await run(process.execPath, [tsc, '--strict', '--noEmit', '--module', 'nodenext', '--moduleResolution', 'nodenext',
       '--target', 'es2022', '--types', 'node', '--typeRoots', join(sdkDir, 'node_modules', '@types'), bad], { cwd: fixtures }).catch((error) => error)
     assert.notEqual(result.code ?? 0, 0, 'tsc accepted a wrong option type')
     assert.match(result.stdout, /misuse\.mts\(2,\d+\).*'number' is not assignable/)
     assert.match(result.stdout, /misuse\.mts\(3,\d+\).*"most"/)
+    assert.match(result.stdout, /misuse\.mts\(4,\d+\)/)
   } finally {
     rmSync(bad, { force: true })
   }

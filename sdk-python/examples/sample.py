@@ -4,9 +4,10 @@ against a broker by them too (`KETCH_BROKER`, `KETCH_CA_CERT`)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sys
 import uuid
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import ketch
 import ketch.aio
@@ -72,8 +73,55 @@ def filters_tour(wasm: bytes) -> List[str]:
             print(error.module, error.reason)
         except ketch.NotAuthorized as error:
             print(error.code)
+    chain: List[Tuple[str, int]] = client.set_topic_filters(
+        "orders", ["validate-json"], params={"require_object": True}, on_error="dead-letter:orders-dlq"
+    )
+    current: ketch.TopicFilters = client.topic_filters("orders")
+    client.clear_topic_filters("orders")
+    moved: ketch.TransformStatus = client.create_transform(
+        "big-orders", filter="high-value", input="orders", outputs=["big"], start="end",
+        params={"field": "amount", "gt": 100},
+    )
+    client.pause_transform(moved.name)
+    client.resume_transform(moved.name)
+    lag: int = client.describe_transform(moved.name).lag
+    try:
+        client.delete_transform(moved.name)
+    except ketch.TransformError as error:
+        print(error.code)
+    print(chain, current.on_error, lag, [t.status for t in client.list_transforms()])
     client.delete_filter("high-value", force=True)
     return [f.digest for f in client.list_filters()] + described.in_use_by
+
+
+def security_tour(admin_token: str) -> List[str]:
+    """Security admin (type-checked by the tests; test_security.py runs it against a broker
+    started with --auth required)."""
+    admin = ketch.Client(token=admin_token)
+    alice: ketch.NewToken = admin.create_token("alice", expires_in=datetime.timedelta(days=30))
+    rules = [ketch.Acl("alice", "write", topic="orders"), ketch.Acl("alice", "read", group_prefix="billing-")]
+    added: int = admin.add_acls(rules)
+    admin.set_quota("alice", produce_bytes_per_s=1_000_000)
+    try:
+        ketch.Client(token=alice.token).create_topic("nope")
+    except ketch.NotAuthorized as error:
+        print("refused:", error.code)
+    except ketch.AuthenticationFailed as error:
+        print("bad credentials:", error.raw_code)
+    tokens: List[ketch.TokenInfo] = admin.list_tokens()
+    quotas: List[ketch.Quota] = admin.list_quotas()
+    removed: int = admin.remove_acls(rules)
+    admin.revoke_token(alice.id)
+    return [str(a) for a in admin.list_acls()] + [t.id for t in tokens] + [q.principal for q in quotas] + [str(added + removed)]
+
+
+async def security_tour_aio(admin_token: str) -> List[ketch.Acl]:
+    admin = await ketch.aio.Client.connect(token=admin_token)
+    token = await admin.create_token("bob", expires_in=60.0)
+    await admin.add_acls(ketch.Acl("bob", "read", topic_prefix="orders.", permission="deny"))
+    await admin.set_quota("bob", fetch_bytes_per_s=10)
+    await admin.revoke_token(token.token)
+    return await admin.list_acls()
 
 
 def main() -> int:

@@ -12,9 +12,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use crate::chains::{self, TopicFilters, TransformStatus};
 use crate::errors::{to_py, to_py_with};
 use crate::listener::{Changes, RebalanceEvent};
 use crate::runtime::{into_awaitable, runtime};
+use crate::security::{self, Acl, NewToken, Quota, TokenInfo};
 use crate::sync::{
     Credentials, FilterArgs, Owner, client_config, consumer_config, make_consumer, new_topic,
     partition_list, producer_config, queued_deliveries, seek_offset, take_queued,
@@ -248,6 +250,226 @@ impl AsyncClient {
         let admin = self.inner.admin();
         into_awaitable(py, async move {
             admin.delete_filter(&name, force).await.map_err(to_py)
+        })
+    }
+
+    #[pyo3(signature = (principal, *, expires_in=None))]
+    fn create_token<'py>(
+        &self,
+        py: Python<'py>,
+        principal: String,
+        expires_in: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let expires_in = security::expires_in(expires_in)?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let token = admin
+                .create_token(&principal, expires_in)
+                .await
+                .map_err(to_py)?;
+            Ok(NewToken::from(token))
+        })
+    }
+
+    fn list_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let tokens = admin.list_tokens().await.map_err(to_py)?;
+            Ok(tokens.into_iter().map(TokenInfo::from).collect::<Vec<_>>())
+        })
+    }
+
+    fn revoke_token<'py>(
+        &self,
+        py: Python<'py>,
+        token_or_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.revoke_token(&token_or_id).await.map_err(to_py)
+        })
+    }
+
+    fn add_acls<'py>(
+        &self,
+        py: Python<'py>,
+        acls: Vec<PyRef<'py, Acl>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        into_awaitable(
+            py,
+            async move { admin.add_acls(&acls).await.map_err(to_py) },
+        )
+    }
+
+    fn remove_acls<'py>(
+        &self,
+        py: Python<'py>,
+        acls: Vec<PyRef<'py, Acl>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        into_awaitable(
+            py,
+            async move { admin.remove_acls(&acls).await.map_err(to_py) },
+        )
+    }
+
+    fn list_acls<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let acls = admin.list_acls().await.map_err(to_py)?;
+            Ok(acls
+                .into_iter()
+                .map(|inner| Acl { inner })
+                .collect::<Vec<_>>())
+        })
+    }
+
+    #[pyo3(signature = (principal, *, produce_bytes_per_s=0, fetch_bytes_per_s=0))]
+    fn set_quota<'py>(
+        &self,
+        py: Python<'py>,
+        principal: String,
+        produce_bytes_per_s: u64,
+        fetch_bytes_per_s: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let quota = security::quota(principal, produce_bytes_per_s, fetch_bytes_per_s)?;
+        let admin = self.inner.admin();
+        into_awaitable(
+            py,
+            async move { admin.set_quota(&quota).await.map_err(to_py) },
+        )
+    }
+
+    fn list_quotas<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let quotas = admin.list_quotas().await.map_err(to_py)?;
+            Ok(quotas.into_iter().map(Quota::from).collect::<Vec<_>>())
+        })
+    }
+
+    #[pyo3(signature = (topic, filters, *, params=None, on_error="fail"))]
+    fn set_topic_filters<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.set_topic_filters(&topic, &chain).await.map_err(to_py)
+        })
+    }
+
+    fn clear_topic_filters<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.clear_topic_filters(&topic).await.map_err(to_py)
+        })
+    }
+
+    fn topic_filters<'py>(&self, py: Python<'py>, topic: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let chain = admin.topic_filters(&topic).await.map_err(to_py)?;
+            Ok(TopicFilters::from(chain))
+        })
+    }
+
+    #[pyo3(signature = (name, *, filter, input, outputs, start, params=None))]
+    fn create_transform<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        filter: String,
+        input: String,
+        outputs: Vec<String>,
+        start: &Bound<'py, PyAny>,
+        params: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let transform = ketch_client::NewTransform {
+            name,
+            filter,
+            input,
+            outputs,
+            from: chains::transform_start(start)?,
+            params: params.unwrap_or_default(),
+        };
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let status = admin.create_transform(&transform).await.map_err(to_py)?;
+            Ok(TransformStatus::from(status))
+        })
+    }
+
+    fn list_transforms<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let all = admin.list_transforms().await.map_err(to_py)?;
+            Ok(all
+                .into_iter()
+                .map(TransformStatus::from)
+                .collect::<Vec<_>>())
+        })
+    }
+
+    fn describe_transform<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            let status = admin.describe_transform(&name).await.map_err(to_py)?;
+            Ok(TransformStatus::from(status))
+        })
+    }
+
+    fn pause_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.pause_transform(&name).await.map_err(to_py)
+        })
+    }
+
+    fn resume_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.resume_transform(&name).await.map_err(to_py)
+        })
+    }
+
+    fn delete_transform<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        into_awaitable(py, async move {
+            admin.delete_transform(&name).await.map_err(to_py)
         })
     }
 

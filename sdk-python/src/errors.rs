@@ -35,6 +35,8 @@ pub fn class_name(code: &str) -> &'static str {
         "topic_already_exists" => "TopicAlreadyExists",
         "record_too_large" | "frame_too_large" => "RecordTooLarge",
         "unauthorized" => "NotAuthorized",
+        "authentication_failed" => "AuthenticationFailed",
+        "unknown_transform" | "transform_exists" => "TransformError",
         "unknown_filter" | "invalid_filter" | "filter_rejected" | "filter_failed"
         | "filter_in_use" => "FilterError",
         "connect" | "transport" | "shutting_down" | "not_leader" | "overloaded" => {
@@ -166,6 +168,9 @@ mod tests {
         check(ErrorCode::UnknownTopic, "TopicNotFound");
         check(ErrorCode::RecordTooLarge, "RecordTooLarge");
         check(ErrorCode::Unauthorized, "NotAuthorized");
+        check(ErrorCode::AuthenticationFailed, "AuthenticationFailed");
+        check(ErrorCode::UnknownTransform, "TransformError");
+        check(ErrorCode::TransformExists, "TransformError");
         check(ErrorCode::FilterRejected, "FilterError");
         check(ErrorCode::FilterFailed, "FilterError");
         check(ErrorCode::FilterInUse, "FilterError");

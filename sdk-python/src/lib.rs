@@ -13,9 +13,11 @@
 #![allow(clippy::too_many_arguments)]
 
 mod aio;
+mod chains;
 mod errors;
 mod listener;
 mod runtime;
+mod security;
 mod sync;
 mod types;
 
@@ -36,6 +38,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::FilterVersion>()?;
     m.add_class::<types::FilterDescription>()?;
     m.add_class::<types::DeliveryFuture>()?;
+    m.add_class::<chains::TopicFilters>()?;
+    m.add_class::<chains::TransformStatus>()?;
+    m.add_class::<security::NewToken>()?;
+    m.add_class::<security::TokenInfo>()?;
+    m.add_class::<security::Acl>()?;
+    m.add_class::<security::Quota>()?;
     m.add_class::<listener::RebalanceEvent>()?;
     m.add_function(wrap_pyfunction!(runtime::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(errors::_exception_for_wire_code, m)?)?;

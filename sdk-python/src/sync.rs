@@ -13,9 +13,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use crate::chains::{self, TopicFilters, TransformStatus};
 use crate::errors::{to_py, to_py_with};
 use crate::listener::{Change, Changes};
 use crate::runtime::{runtime, wait, wait_with};
+use crate::security::{self, Acl, NewToken, Quota, TokenInfo};
 use crate::types::{
     self, DeliveryFuture, FilterDescription, FilterVersion, Record, TopicInfo, acks, millis,
     producer_record, producer_records, seconds,
@@ -483,6 +485,163 @@ impl Client {
         self.owner.check()?;
         let admin = self.inner.admin();
         wait(py, admin.delete_filter(name, force))?.map_err(to_py)
+    }
+
+    /// Makes an API token for `principal`, valid for `expires_in` seconds (or forever).
+    #[pyo3(signature = (principal, *, expires_in=None))]
+    fn create_token(
+        &self,
+        py: Python<'_>,
+        principal: &str,
+        expires_in: Option<f64>,
+    ) -> PyResult<NewToken> {
+        self.owner.check()?;
+        let expires_in = security::expires_in(expires_in)?;
+        let admin = self.inner.admin();
+        let token = wait(py, admin.create_token(principal, expires_in))?.map_err(to_py)?;
+        Ok(NewToken::from(token))
+    }
+
+    fn list_tokens(&self, py: Python<'_>) -> PyResult<Vec<TokenInfo>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let tokens = wait(py, admin.list_tokens())?.map_err(to_py)?;
+        Ok(tokens.into_iter().map(TokenInfo::from).collect())
+    }
+
+    /// Revokes a token named by itself or its id; returns its id.
+    fn revoke_token(&self, py: Python<'_>, token_or_id: &str) -> PyResult<String> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.revoke_token(token_or_id))?.map_err(to_py)
+    }
+
+    fn add_acls(&self, py: Python<'_>, acls: Vec<PyRef<'_, Acl>>) -> PyResult<u32> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        wait(py, admin.add_acls(&acls))?.map_err(to_py)
+    }
+
+    fn remove_acls(&self, py: Python<'_>, acls: Vec<PyRef<'_, Acl>>) -> PyResult<u32> {
+        self.owner.check()?;
+        let acls = security::acl_list(acls);
+        let admin = self.inner.admin();
+        wait(py, admin.remove_acls(&acls))?.map_err(to_py)
+    }
+
+    fn list_acls(&self, py: Python<'_>) -> PyResult<Vec<Acl>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let acls = wait(py, admin.list_acls())?.map_err(to_py)?;
+        Ok(acls.into_iter().map(|inner| Acl { inner }).collect())
+    }
+
+    #[pyo3(signature = (principal, *, produce_bytes_per_s=0, fetch_bytes_per_s=0))]
+    fn set_quota(
+        &self,
+        py: Python<'_>,
+        principal: String,
+        produce_bytes_per_s: u64,
+        fetch_bytes_per_s: u64,
+    ) -> PyResult<()> {
+        self.owner.check()?;
+        let quota = security::quota(principal, produce_bytes_per_s, fetch_bytes_per_s)?;
+        let admin = self.inner.admin();
+        wait(py, admin.set_quota(&quota))?.map_err(to_py)
+    }
+
+    fn list_quotas(&self, py: Python<'_>) -> PyResult<Vec<Quota>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let quotas = wait(py, admin.list_quotas())?.map_err(to_py)?;
+        Ok(quotas.into_iter().map(Quota::from).collect())
+    }
+
+    /// Sets `topic`'s produce chain; returns its `(name, version)`s.
+    #[pyo3(signature = (topic, filters, *, params=None, on_error="fail"))]
+    fn set_topic_filters(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        filters: Vec<String>,
+        params: Option<String>,
+        on_error: &str,
+    ) -> PyResult<Vec<(String, u32)>> {
+        self.owner.check()?;
+        let chain = chains::produce_filters(filters, params, on_error)?;
+        let admin = self.inner.admin();
+        wait(py, admin.set_topic_filters(topic, &chain))?.map_err(to_py)
+    }
+
+    fn clear_topic_filters(&self, py: Python<'_>, topic: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.clear_topic_filters(topic))?.map_err(to_py)
+    }
+
+    fn topic_filters(&self, py: Python<'_>, topic: &str) -> PyResult<TopicFilters> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let chain = wait(py, admin.topic_filters(topic))?.map_err(to_py)?;
+        Ok(TopicFilters::from(chain))
+    }
+
+    #[pyo3(signature = (name, *, filter, input, outputs, start, params=None))]
+    fn create_transform(
+        &self,
+        py: Python<'_>,
+        name: String,
+        filter: String,
+        input: String,
+        outputs: Vec<String>,
+        start: &Bound<'_, PyAny>,
+        params: Option<String>,
+    ) -> PyResult<TransformStatus> {
+        self.owner.check()?;
+        let transform = ketch_client::NewTransform {
+            name,
+            filter,
+            input,
+            outputs,
+            from: chains::transform_start(start)?,
+            params: params.unwrap_or_default(),
+        };
+        let admin = self.inner.admin();
+        let status = wait(py, admin.create_transform(&transform))?.map_err(to_py)?;
+        Ok(TransformStatus::from(status))
+    }
+
+    fn list_transforms(&self, py: Python<'_>) -> PyResult<Vec<TransformStatus>> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let all = wait(py, admin.list_transforms())?.map_err(to_py)?;
+        Ok(all.into_iter().map(TransformStatus::from).collect())
+    }
+
+    fn describe_transform(&self, py: Python<'_>, name: &str) -> PyResult<TransformStatus> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        let status = wait(py, admin.describe_transform(name))?.map_err(to_py)?;
+        Ok(TransformStatus::from(status))
+    }
+
+    fn pause_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.pause_transform(name))?.map_err(to_py)
+    }
+
+    fn resume_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.resume_transform(name))?.map_err(to_py)
+    }
+
+    fn delete_transform(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        self.owner.check()?;
+        let admin = self.inner.admin();
+        wait(py, admin.delete_transform(name))?.map_err(to_py)
     }
 
     /// Closes every connection; handles made from this client fail afterwards.

@@ -108,6 +108,32 @@ def broker() -> Iterator[Broker]:
             process.stop()
 
 
+class SecureBroker(Broker):
+    """A ``ketch serve --auth required``: ``admin_token`` is the token it wrote to
+    ``DATA_DIR/admin.token`` on first start."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, ["--auth", "required"])
+        try:
+            self.admin_token = (data_dir / "admin.token").read_text().strip()
+        except OSError:
+            self.stop()
+            raise
+
+    def admin(self, **kwargs: object) -> ketch.Client:
+        return self.client(token=self.admin_token, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def secure_broker() -> Iterator[SecureBroker]:
+    with tempfile.TemporaryDirectory(prefix="ketch-py-auth-") as data:
+        process = SecureBroker(Path(data))
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
 @pytest.fixture
 def client(broker: Broker) -> Iterator[ketch.Client]:
     with broker.client() as c:

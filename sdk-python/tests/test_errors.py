@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Type
 import pytest
 
 import ketch
-from conftest import Broker, unique
+from conftest import Broker, SecureBroker, unique
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +119,19 @@ def test_offset_out_of_range(client: ketch.Client, topic: str) -> None:
         check(lambda: consumer.poll(timeout=10), ketch.OffsetOutOfRange, "offset_out_of_range")
 
 
-@pytest.mark.skip(reason="NotAuthorized from a real broker waits for the broker side of the security issue (14); the mapping of code 29 to NotAuthorized and the token/client_cert options are tested in test_security.py")
-def test_not_authorized() -> None:
-    raise AssertionError("unreachable")
+def test_not_authorized_and_authentication_failed(secure_broker: SecureBroker) -> None:
+    # A wrong token: the broker refuses the credential itself (46), at connect.
+    error = check(lambda: secure_broker.client(token="ketch_wrong"), ketch.AuthenticationFailed,
+                  "authentication_failed")
+    assert error.raw_code == 46 and not isinstance(error, ketch.NotAuthorized)
+    # A known principal without the ACL: the operation is refused (29).
+    with secure_broker.admin() as admin:
+        topic = unique("na")
+        admin.create_topic(topic)
+        token = admin.create_token(unique("nobody"))
+    with secure_broker.client(token=token.token) as client:
+        error = check(lambda: client.create_topic(unique("x")), ketch.NotAuthorized, "unauthorized")
+        assert error.raw_code == 29 and "not allowed to create" in str(error), str(error)
 
 
 def test_filter_error_attributes() -> None:

@@ -13,6 +13,7 @@ For asyncio, use :mod:`ketch.aio`.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from types import TracebackType
@@ -41,6 +42,8 @@ from ._errors import (
     InvalidOperation,
     KetchError,
     KetchTimeout,
+    AuthenticationFailed,
+    TransformError,
     NotAuthorized,
     OffsetOutOfRange,
     PartitionNotFound,
@@ -50,6 +53,12 @@ from ._errors import (
     TopicNotFound,
 )
 from ._native import (
+    Acl,
+    NewToken,
+    TopicFilters,
+    TransformStatus,
+    Quota,
+    TokenInfo,
     DeliveryFuture,
     FilterDescription,
     FilterVersion,
@@ -77,6 +86,15 @@ __all__ = [
     "TopicAlreadyExists",
     "RecordTooLarge",
     "NotAuthorized",
+    "AuthenticationFailed",
+    "TransformError",
+    "TopicFilters",
+    "TransformStatus",
+    "TransformStart",
+    "Acl",
+    "NewToken",
+    "TokenInfo",
+    "Quota",
     "FilterError",
     "BrokerUnavailable",
     "Closed",
@@ -119,6 +137,24 @@ def _filter_params(params: Optional[FilterParams]) -> Optional[str]:
     return json.dumps(params, separators=(",", ":"))
 
 
+def _seconds(value: Optional[Union[float, "datetime.timedelta"]]) -> Optional[float]:
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return value
+
+
+def _acls(acls: Union[Acl, Iterable[Acl]]) -> List[Acl]:
+    items = [acls] if isinstance(acls, Acl) else list(acls)
+    for item in items:
+        if not isinstance(item, Acl):
+            raise TypeError(f"expected ketch.Acl, got {type(item).__name__}")
+    return items
+
+
+#: Where a new transform starts reading: ``"beginning"``, ``"end"`` or an offset.
+TransformStart = Union[str, int]
+
+
 def _path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
     return None if path is None else os.fspath(path)
 
@@ -153,7 +189,10 @@ class Client:
     For brokers that authenticate clients: ``token`` is a bearer token, ``client_cert`` and
     ``client_key`` are the PEM files of a client certificate chain and its private key (mutual
     TLS; a missing or unreadable file fails here with :class:`ConfigError`, code ``"tls"``).
-    An operation the broker refuses to these credentials raises :class:`NotAuthorized`.
+    Credentials the broker does not accept (wrong, revoked, expired, or none where required)
+    raise :class:`AuthenticationFailed`; an operation no ACL allows to this principal raises
+    :class:`NotAuthorized`. The security admin calls (tokens, ACLs, quotas) need the broker's
+    ``admin`` principal (the token in ``DATA_DIR/admin.token``) or ``alter`` on the cluster.
 
     Usable as a context manager (closes on exit). Handles made in a parent process before a
     ``fork`` raise :class:`Closed` in the child: make a new ``Client`` there.
@@ -329,6 +368,114 @@ class Client:
         """Deletes every version of a filter; while it is in use this raises
         :class:`FilterError` (code ``"filter_in_use"``) unless ``force``."""
         self._native.delete_filter(name, force=force)
+
+    # Produce chains and topic-to-topic transforms (Wasm filters deployed with upload_filter).
+
+    def set_topic_filters(
+        self,
+        topic: str,
+        filters: Sequence[str],
+        *,
+        params: Optional[FilterParams] = None,
+        on_error: str = "fail",
+    ) -> List[Tuple[str, int]]:
+        """Sets ``topic``'s produce chain: every batch produced to it runs through ``filters``
+        in order (each pinned at its latest version and initialised with ``params`` now)
+        before the broker appends it. ``on_error`` says what a record a module rejects does:
+        ``"fail"`` (the produce raises :class:`FilterError`), ``"skip"`` (dropped) or
+        ``"dead-letter:TOPIC"``. An empty ``filters`` clears the chain. Returns the chain's
+        ``(name, version)`` pairs; a module refusing the params raises and keeps the old chain."""
+        return self._native.set_topic_filters(
+            topic, list(filters), params=_filter_params(params), on_error=on_error
+        )
+
+    def clear_topic_filters(self, topic: str) -> None:
+        """Removes ``topic``'s produce chain."""
+        self._native.clear_topic_filters(topic)
+
+    def topic_filters(self, topic: str) -> TopicFilters:
+        """``topic``'s produce chain (``filters`` empty without one)."""
+        return self._native.topic_filters(topic)
+
+    def create_transform(
+        self,
+        name: str,
+        *,
+        filter: str,
+        input: str,
+        outputs: Sequence[str],
+        start: TransformStart = "beginning",
+        params: Optional[FilterParams] = None,
+    ) -> TransformStatus:
+        """Creates and starts a topic-to-topic transform: the broker reads ``input``
+        continuously from ``start``, runs filter ``filter`` on each batch and writes what it
+        keeps or emits to ``outputs`` (records the module routes to a topic go there, the
+        others to the first output), exactly once across broker crashes."""
+        return self._native.create_transform(
+            name, filter=filter, input=input, outputs=list(outputs), start=start,
+            params=_filter_params(params),
+        )
+
+    def list_transforms(self) -> List[TransformStatus]:
+        """Every transform, with its state."""
+        return self._native.list_transforms()
+
+    def describe_transform(self, name: str) -> TransformStatus:
+        """One transform's state; :class:`TransformError` if there is none."""
+        return self._native.describe_transform(name)
+
+    def pause_transform(self, name: str) -> None:
+        """Stops a transform where it is (its position is kept)."""
+        self._native.pause_transform(name)
+
+    def resume_transform(self, name: str) -> None:
+        """Starts a paused or failed transform again from its committed position."""
+        self._native.resume_transform(name)
+
+    def delete_transform(self, name: str) -> None:
+        """Stops and removes a transform (its outputs stay)."""
+        self._native.delete_transform(name)
+
+    # Security administration (the broker's admin principal, or alter on the cluster).
+
+    def create_token(
+        self, principal: str, *, expires_in: Optional[Union[float, datetime.timedelta]] = None
+    ) -> NewToken:
+        """Makes an API token for ``principal``, valid for ``expires_in`` (seconds or a
+        ``timedelta``; ``None``: forever). ``.token`` is the secret, shown this once."""
+        return self._native.create_token(principal, expires_in=_seconds(expires_in))
+
+    def list_tokens(self) -> List[TokenInfo]:
+        """Every token the broker knows (revoked and expired ones too), without secrets."""
+        return self._native.list_tokens()
+
+    def revoke_token(self, token_or_id: str) -> str:
+        """Revokes a token, named by itself or its id, and returns its id. Clients using it
+        fail their next request with :class:`AuthenticationFailed`."""
+        return self._native.revoke_token(token_or_id)
+
+    def add_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Adds access rules; returns how many were new."""
+        return self._native.add_acls(_acls(acls))
+
+    def remove_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Removes access rules; returns how many were there."""
+        return self._native.remove_acls(_acls(acls))
+
+    def list_acls(self) -> List[Acl]:
+        """Every access rule."""
+        return self._native.list_acls()
+
+    def set_quota(self, principal: str, *, produce_bytes_per_s: int = 0, fetch_bytes_per_s: int = 0) -> None:
+        """Sets a principal's byte rates (0: no limit; both 0 removes its quota). A principal
+        over its rate is slowed down, not refused."""
+        self._native.set_quota(
+            principal, produce_bytes_per_s=produce_bytes_per_s, fetch_bytes_per_s=fetch_bytes_per_s
+        )
+
+    def list_quotas(self) -> List[Quota]:
+        """Every quota."""
+        return self._native.list_quotas()
 
     def close(self) -> None:
         """Closes every connection; handles made from this client fail afterwards."""

@@ -21,6 +21,8 @@ __all__ = [
     "TopicAlreadyExists",
     "RecordTooLarge",
     "NotAuthorized",
+    "AuthenticationFailed",
+    "TransformError",
     "FilterError",
     "BrokerUnavailable",
     "Closed",
@@ -71,7 +73,18 @@ class RecordTooLarge(KetchError):
 
 
 class NotAuthorized(KetchError):
-    """The broker refused the operation to this client (``unauthorized``)."""
+    """The broker knows who this client is, and an ACL does not let it do the operation
+    (``unauthorized``, wire code 29). Nothing was changed; an admin's ``add_acls`` grant
+    makes the same call work."""
+
+
+class AuthenticationFailed(KetchError):
+    """The broker does not accept this client's credentials: a wrong, revoked or expired
+    token, or none where the broker requires one (``authentication_failed``, wire code 46).
+
+    Deliberately not a :class:`NotAuthorized`: the remedy differs (new credentials, not an
+    ACL grant), as Kafka separates authentication from authorization errors. A token revoked
+    while a client uses it fails the client's next request with this error."""
 
 
 class FilterError(KetchError):
@@ -95,6 +108,12 @@ class FilterError(KetchError):
         super().__init__(message, code=code, retriable=retriable, raw_code=raw_code)
         self.module = module
         self.reason = message if reason is None else reason
+
+
+class TransformError(KetchError):
+    """A topic-to-topic transform of that name does not exist (``unknown_transform``) or
+    already exists (``transform_exists``). A module failing inside a transform shows in its
+    status (``last_error``), not as an exception."""
 
 
 class BrokerUnavailable(KetchError):

@@ -14,6 +14,7 @@ The calls run on the Rust client core's own runtime; the event loop never blocks
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
 import os
 from types import TracebackType
@@ -35,7 +36,19 @@ from typing import (
 
 from . import _native
 from ._errors import Closed, ConfigError
-from ._native import FilterDescription, FilterVersion, Record, RecordMetadata, TopicInfo
+from ._native import (
+    Acl,
+    FilterDescription,
+    FilterVersion,
+    NewToken,
+    Quota,
+    Record,
+    RecordMetadata,
+    TokenInfo,
+    TopicFilters,
+    TopicInfo,
+    TransformStatus,
+)
 
 __all__ = ["Client", "Producer", "Consumer"]
 
@@ -195,6 +208,115 @@ class Client:
     async def delete_filter(self, name: str, *, force: bool = False) -> None:
         """Deletes every version of a filter (``force`` while it is in use)."""
         await self._native.delete_filter(name, force=force)
+
+    # Produce chains and transforms (see :class:`ketch.Client`).
+
+    async def set_topic_filters(
+        self,
+        topic: str,
+        filters: Sequence[str],
+        *,
+        params: Optional[Union[Mapping[str, Any], str]] = None,
+        on_error: str = "fail",
+    ) -> List[Tuple[str, int]]:
+        """Sets ``topic``'s produce chain (see :meth:`ketch.Client.set_topic_filters`)."""
+        from . import _filter_params
+
+        return await self._native.set_topic_filters(
+            topic, list(filters), params=_filter_params(params), on_error=on_error
+        )
+
+    async def clear_topic_filters(self, topic: str) -> None:
+        """Removes ``topic``'s produce chain."""
+        await self._native.clear_topic_filters(topic)
+
+    async def topic_filters(self, topic: str) -> TopicFilters:
+        """``topic``'s produce chain."""
+        return await self._native.topic_filters(topic)
+
+    async def create_transform(
+        self,
+        name: str,
+        *,
+        filter: str,
+        input: str,
+        outputs: Sequence[str],
+        start: Union[str, int] = "beginning",
+        params: Optional[Union[Mapping[str, Any], str]] = None,
+    ) -> TransformStatus:
+        """Creates and starts a transform (see :meth:`ketch.Client.create_transform`)."""
+        from . import _filter_params
+
+        return await self._native.create_transform(
+            name, filter=filter, input=input, outputs=list(outputs), start=start,
+            params=_filter_params(params),
+        )
+
+    async def list_transforms(self) -> List[TransformStatus]:
+        """Every transform, with its state."""
+        return await self._native.list_transforms()
+
+    async def describe_transform(self, name: str) -> TransformStatus:
+        """One transform's state."""
+        return await self._native.describe_transform(name)
+
+    async def pause_transform(self, name: str) -> None:
+        """Stops a transform where it is."""
+        await self._native.pause_transform(name)
+
+    async def resume_transform(self, name: str) -> None:
+        """Starts a paused or failed transform again."""
+        await self._native.resume_transform(name)
+
+    async def delete_transform(self, name: str) -> None:
+        """Stops and removes a transform (its outputs stay)."""
+        await self._native.delete_transform(name)
+
+    # Security administration (see :class:`ketch.Client`).
+
+    async def create_token(
+        self, principal: str, *, expires_in: Optional[Union[float, datetime.timedelta]] = None
+    ) -> NewToken:
+        """Makes an API token for ``principal`` (see :meth:`ketch.Client.create_token`)."""
+        from . import _seconds
+
+        return await self._native.create_token(principal, expires_in=_seconds(expires_in))
+
+    async def list_tokens(self) -> List[TokenInfo]:
+        """Every token the broker knows, without secrets."""
+        return await self._native.list_tokens()
+
+    async def revoke_token(self, token_or_id: str) -> str:
+        """Revokes a token, named by itself or its id; returns its id."""
+        return await self._native.revoke_token(token_or_id)
+
+    async def add_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Adds access rules; returns how many were new."""
+        from . import _acls
+
+        return await self._native.add_acls(_acls(acls))
+
+    async def remove_acls(self, acls: Union[Acl, Iterable[Acl]]) -> int:
+        """Removes access rules; returns how many were there."""
+        from . import _acls
+
+        return await self._native.remove_acls(_acls(acls))
+
+    async def list_acls(self) -> List[Acl]:
+        """Every access rule."""
+        return await self._native.list_acls()
+
+    async def set_quota(
+        self, principal: str, *, produce_bytes_per_s: int = 0, fetch_bytes_per_s: int = 0
+    ) -> None:
+        """Sets a principal's byte rates (0: no limit; both 0 removes its quota)."""
+        await self._native.set_quota(
+            principal, produce_bytes_per_s=produce_bytes_per_s, fetch_bytes_per_s=fetch_bytes_per_s
+        )
+
+    async def list_quotas(self) -> List[Quota]:
+        """Every quota."""
+        return await self._native.list_quotas()
 
     def close(self) -> None:
         """Closes every connection; handles made from this client fail afterwards."""
