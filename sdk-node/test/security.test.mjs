@@ -42,6 +42,10 @@ test('wire codes become their family, keeping code, number and message', () => {
     ['filter_failed', 44, false, FilterError],
     ['filter_in_use', 45, false, FilterError],
     ['shutting_down', 30, true, BrokerUnavailableError],
+    ['not_coordinator', 34, true, BrokerUnavailableError],
+    ['not_enough_replicas', 35, true, BrokerUnavailableError],
+    ['fenced_leader_epoch', 36, true, BrokerUnavailableError],
+    ['no_space', 40, true, BrokerUnavailableError],
     ['unknown', 9999, false, KetchError],
   ]
   for (const [code, raw, retriable, Class] of cases) {

@@ -39,9 +39,15 @@ pub fn class_name(code: &str) -> &'static str {
         "unknown_transform" | "transform_exists" => "TransformError",
         "unknown_filter" | "invalid_filter" | "filter_rejected" | "filter_failed"
         | "filter_in_use" => "FilterError",
-        "connect" | "transport" | "shutting_down" | "not_leader" | "overloaded" => {
-            "BrokerUnavailable"
-        }
+        "connect"
+        | "transport"
+        | "shutting_down"
+        | "not_leader"
+        | "overloaded"
+        | "not_coordinator"
+        | "not_enough_replicas"
+        | "fenced_leader_epoch"
+        | "no_space" => "BrokerUnavailable",
         "closed" => "Closed",
         "timeout" => "KetchTimeout",
         "config" | "tls" | "invalid_config" | "invalid_topic_name" | "invalid_partitions" => {

@@ -36,6 +36,10 @@ WIRE_CODES = [
     (44, ketch.FilterError, "filter_failed", False),
     (45, ketch.FilterError, "filter_in_use", False),
     (30, ketch.BrokerUnavailable, "shutting_down", True),
+    (34, ketch.BrokerUnavailable, "not_coordinator", True),
+    (35, ketch.BrokerUnavailable, "not_enough_replicas", True),
+    (36, ketch.BrokerUnavailable, "fenced_leader_epoch", True),
+    (40, ketch.BrokerUnavailable, "no_space", True),
     (9999, ketch.KetchError, "unknown", False),
 ]
 

@@ -118,7 +118,8 @@ class TransformError(KetchError):
 
 class BrokerUnavailable(KetchError):
     """No broker could be reached or it cannot serve now (``connect``, ``transport``,
-    ``shutting_down``, ``not_leader``, ``overloaded``)."""
+    ``shutting_down``, ``not_leader``, ``overloaded``, ``not_coordinator``,
+    ``not_enough_replicas``, ``fenced_leader_epoch``, ``no_space``)."""
 
 
 class Closed(KetchError):
