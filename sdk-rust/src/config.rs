@@ -410,7 +410,7 @@ pub struct ConsumerConfig {
     /// Read through a Wasm filter: the broker runs it on every batch and pushes only what it
     /// keeps, at the source offsets. A filter failure is a non-retriable error from `recv`
     /// naming the module, its version and the reason.
-    pub filter: Option<crate::filters::FilterSpec>,
+    pub filter: Option<FilterSpec>,
 }
 
 impl Default for ConsumerConfig {
@@ -473,6 +473,51 @@ pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duratio
         .checked_mul(1u32 << attempt.min(20))
         .unwrap_or(max)
         .min(max)
+}
+
+/// The filter a consumer reads through: the broker runs the module on every batch of the
+/// consumer's partitions and pushes only what it keeps, at the source offsets (so commits,
+/// seeks and replays work unchanged).
+///
+/// ```
+/// use ketch_client::{ConsumerConfig, FilterSpec};
+/// let config = ConsumerConfig {
+///     filter: Some(FilterSpec::new("big-orders").with_params(r#"{"field":"amount","gt":100}"#)),
+///     ..Default::default()
+/// };
+/// assert_eq!(config.filter.unwrap().version, None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterSpec {
+    /// The deployed filter's name.
+    pub name: String,
+    /// `None`: the latest version when the stream opens.
+    pub version: Option<u32>,
+    /// JSON text handed to the module's `init`.
+    pub params: String,
+}
+
+impl FilterSpec {
+    /// The latest version of filter `name`, with empty params.
+    pub fn new(name: impl Into<String>) -> FilterSpec {
+        FilterSpec {
+            name: name.into(),
+            version: None,
+            params: String::new(),
+        }
+    }
+
+    /// The JSON text handed to the module's `init`.
+    pub fn with_params(mut self, params: impl Into<String>) -> FilterSpec {
+        self.params = params.into();
+        self
+    }
+
+    /// Pins one stored version instead of the latest.
+    pub fn with_version(mut self, version: u32) -> FilterSpec {
+        self.version = Some(version);
+        self
+    }
 }
 
 #[cfg(test)]

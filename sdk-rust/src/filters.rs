@@ -9,6 +9,7 @@ use ketch_protocol::messages::{
 };
 
 use crate::admin::Admin;
+use crate::config::FilterSpec;
 use crate::error::Result;
 use crate::transport::{ResponseStream, Transport};
 
@@ -37,51 +38,6 @@ pub struct FilterDescription {
     /// What uses the filter now (consumers' subscriptions, topics' chains); a delete without
     /// `force` is refused while this is not empty.
     pub in_use_by: Vec<String>,
-}
-
-/// The filter a consumer reads through: the broker runs the module on every batch of the
-/// consumer's partitions and pushes only what it keeps, at the source offsets (so commits,
-/// seeks and replays work unchanged).
-///
-/// ```
-/// use ketch_client::{ConsumerConfig, FilterSpec};
-/// let config = ConsumerConfig {
-///     filter: Some(FilterSpec::new("big-orders").with_params(r#"{"field":"amount","gt":100}"#)),
-///     ..Default::default()
-/// };
-/// assert_eq!(config.filter.unwrap().version, None);
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FilterSpec {
-    /// The deployed filter's name.
-    pub name: String,
-    /// `None`: the latest version when the stream opens.
-    pub version: Option<u32>,
-    /// JSON text handed to the module's `init`.
-    pub params: String,
-}
-
-impl FilterSpec {
-    /// The latest version of filter `name`, with empty params.
-    pub fn new(name: impl Into<String>) -> FilterSpec {
-        FilterSpec {
-            name: name.into(),
-            version: None,
-            params: String::new(),
-        }
-    }
-
-    /// The JSON text handed to the module's `init`.
-    pub fn with_params(mut self, params: impl Into<String>) -> FilterSpec {
-        self.params = params.into();
-        self
-    }
-
-    /// Pins one stored version instead of the latest.
-    pub fn with_version(mut self, version: u32) -> FilterSpec {
-        self.version = Some(version);
-        self
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {

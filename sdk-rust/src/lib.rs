@@ -103,11 +103,11 @@ pub use chains::{
 pub use client::Client;
 pub use config::{
     AutoOffsetReset, BOOTSTRAP_DEFAULT, CA_CERT_PATH_DEFAULT, ClientCertificate, ClientConfig,
-    ConsumerConfig, NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
+    ConsumerConfig, FilterSpec, NullKeyPartitioning, ProducerConfig, SERVER_NAME_DEFAULT, Tls,
 };
 pub use consumer::{AssignmentListener, Consumer, ConsumerRecord, Rebalance, RebalanceEvents};
 pub use error::{Cause, Error, Result};
-pub use filters::{FilterDescription, FilterSpec, FilterVersion};
+pub use filters::{FilterDescription, FilterVersion};
 pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;
