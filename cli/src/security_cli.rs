@@ -137,10 +137,10 @@ pub enum QuotaCommand {
     Set {
         #[arg(long)]
         principal: String,
-        /// Bytes of record batches per second it may produce. [default: 0, no limit]
+        /// Bytes of record batches per second it may produce. 0 means no limit.
         #[arg(long, value_name = "N", default_value_t = 0)]
         produce_bytes_per_s: u64,
-        /// Bytes of records per second it may fetch. [default: 0, no limit]
+        /// Bytes of records per second it may fetch. 0 means no limit.
         #[arg(long, value_name = "N", default_value_t = 0)]
         fetch_bytes_per_s: u64,
     },
