@@ -6,9 +6,11 @@
 //! ready line, and stopped by its own PID — never by name — when its handle is dropped.
 //! This crate knows nothing of Ketch's protocol: clients are the callers' business.
 
+pub mod cluster;
 pub mod ketch;
 pub mod process;
 
+pub use cluster::KetchCluster;
 pub use ketch::{KetchProcess, READY_TIMEOUT, ketch_bin};
 pub use process::{ReadyOn, ServerProcess};
 
