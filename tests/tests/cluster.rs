@@ -20,6 +20,8 @@ fn client_config(cluster: &KetchCluster) -> ClientConfig {
         // A killed broker never answers: find that out quickly and ask another.
         request_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
+        // Keep-alives every 500 ms: a connection to a killed broker is known dead in 1.5 s.
+        idle_timeout: Duration::from_millis(1500),
         ..ClientConfig::default()
     }
 }
