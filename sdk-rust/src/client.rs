@@ -52,7 +52,7 @@ pub(crate) struct ClientInner {
     /// The same as `closed`, readable without a lock (checked once per record).
     closed_flag: std::sync::atomic::AtomicBool,
     bootstrap: Vec<SocketAddr>,
-    metadata: Mutex<Metadata>,
+    pub(crate) metadata: Mutex<Metadata>,
     /// Serialises refreshes so that a burst of errors triggers one Metadata request.
     refresh_lock: tokio::sync::Mutex<()>,
 }
