@@ -105,18 +105,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             api,
             version,
             state
-                .cluster
                 .allocate_producer_id()
-                .map(|local| match &state.cluster_node {
-                    // Unique across brokers: the node id above the locally allocated bits.
-                    Some(node) => {
-                        debug_assert!(local < 1 << crate::controller::PRODUCER_ID_LOCAL_BITS);
-                        ((node.controller.node_id() as i64)
-                            << crate::controller::PRODUCER_ID_LOCAL_BITS)
-                            | local
-                    }
-                    None => local,
-                })
                 .map(|producer_id| InitProducerIdResponse {
                     producer_id,
                     producer_epoch: 0,
