@@ -34,7 +34,20 @@ fn respond<T: Wire>(
 pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
     match request {
-        Request::Metadata(r) => respond(state, api, version, Ok(metadata(state, r))),
+        Request::Metadata(r) => match &state.cluster_node {
+            // A broker still replaying the metadata log would call recent topics unknown:
+            // a retriable refusal sends the client to another broker.
+            Some(node) if !node.controller.caught_up() => respond::<MetadataResponse>(
+                state,
+                api,
+                version,
+                Err(ClusterError::new(
+                    ErrorCode::Overloaded,
+                    "this broker is still catching up with the cluster metadata",
+                )),
+            ),
+            _ => respond(state, api, version, Ok(metadata(state, r))),
+        },
         Request::CreateTopic(r) => respond(state, api, version, create_topic(state, r).await),
         Request::DeleteTopic(r) if state.cluster_node.is_some() => {
             let node = state.cluster_node.as_ref().expect("checked");
