@@ -16,7 +16,7 @@ use ketch_protocol::frame::{
     encode_request_chunks, encode_request_chunks_at, frame_length,
 };
 use ketch_protocol::messages::{
-    Api, ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse, negotiate_version,
+    Api, ApiKey, ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse, negotiate_version,
 };
 use ketch_protocol::wire::Wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -232,6 +232,9 @@ pub(crate) struct Transport {
     /// once per connection, before the first request of an API this build speaks at more
     /// than one version. One entry per broker address, like `slots`.
     versions: Mutex<HashMap<SocketAddr, NegotiatedVersions>>,
+    /// Until when a broker's quota told this client to send it no more requests of an API
+    /// (Produce, Fetch): `call` waits until then before it sends one (Kafka's KIP-219).
+    throttled_until: Mutex<HashMap<(SocketAddr, u16), Instant>>,
 }
 
 /// A connection's `stable_id` and what its broker answered to ApiVersions.
@@ -288,6 +291,7 @@ impl Transport {
             closed,
             checking: Arc::new(Mutex::new(std::collections::HashSet::new())),
             versions: Mutex::new(HashMap::new()),
+            throttled_until: Mutex::new(HashMap::new()),
         })
     }
 
@@ -471,6 +475,7 @@ impl Transport {
         timeout: Duration,
     ) -> Result<R::Response> {
         let connection = self.connection(addr).await?;
+        self.wait_out_throttle(addr, R::KEY).await?;
         let exchange = async {
             let version = self.version_for::<R>(addr, &connection).await?;
             let frame = encode_request_chunks_at(request, version);
@@ -500,6 +505,37 @@ impl Transport {
             }
         };
         Ok(decode_response_at::<R::Response>(frame, version)??)
+    }
+
+    /// Notes a broker's throttle hint: no request of `api` goes to `addr` for `throttle`.
+    pub(crate) fn throttle(&self, addr: SocketAddr, api: ApiKey, throttle: Duration) {
+        if throttle.is_zero() {
+            return;
+        }
+        let until = Instant::now() + throttle;
+        let mut throttled = self.throttled_until.lock().expect("throttle lock");
+        // Bounded by the brokers times the metered APIs: stale entries go as new ones come.
+        throttled.retain(|_, at| *at > Instant::now());
+        let at = throttled.entry((addr, api as u16)).or_insert(until);
+        *at = (*at).max(until);
+    }
+
+    /// Waits until `addr` may be sent `api` again after a throttle hint.
+    async fn wait_out_throttle(&self, addr: SocketAddr, api: ApiKey) -> Result<()> {
+        let until = self
+            .throttled_until
+            .lock()
+            .expect("throttle lock")
+            .get(&(addr, api as u16))
+            .copied();
+        let Some(until) = until.filter(|at| *at > Instant::now()) else {
+            return Ok(());
+        };
+        tracing::debug!(%addr, api = api.name(), wait = ?(until - Instant::now()), "throttled by the broker's quota");
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => Ok(()),
+            () = self.closed.cancelled() => Err(Error::Closed),
+        }
     }
 
     /// The version to send `R` at on `connection`: the highest both this build and the

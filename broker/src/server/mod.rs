@@ -609,10 +609,7 @@ async fn serve_stream(
         let _ = send.finish();
         return;
     }
-    let response = handlers::dispatch(&state, request, version).await;
-    if api == ketch_protocol::messages::ApiKey::Fetch {
-        access::after_fetch(&state, &principal, &response).await;
-    }
+    let response = access::serve_metered(&state, &share.auth, &principal, request, version).await;
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
