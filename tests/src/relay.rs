@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,11 +50,13 @@ impl Default for RelayConfig {
     }
 }
 
-/// Datagrams the relay forwarded and dropped, both directions together.
+/// Datagrams the relay forwarded and dropped, both directions together, and whether the
+/// path is down (everything dropped).
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub forwarded: AtomicU64,
     pub dropped: AtomicU64,
+    down: AtomicBool,
 }
 
 /// A running relay; dropping it stops it.
@@ -128,6 +130,11 @@ impl Relay {
     pub fn dropped(&self) -> u64 {
         self.stats.dropped.load(Ordering::Relaxed)
     }
+
+    /// Takes the path down (every datagram dropped, both ways) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.stats.down.store(down, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Relay {
@@ -147,7 +154,7 @@ async fn forward(
     to: SocketAddr,
 ) {
     let fate = schedule.lock().expect("schedule lock").fate();
-    let Some(delay) = fate else {
+    let Some(delay) = fate.filter(|_| !stats.down.load(Ordering::Relaxed)) else {
         stats.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     };

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
 use ketch_client::{
-    AutoOffsetReset, Client, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig,
-    ProducerRecord, TopicPartition,
+    AutoOffsetReset, Client, ClientConfig, Consumer, ConsumerConfig, NewTopic, Producer,
+    ProducerConfig, ProducerRecord, TopicPartition,
 };
 use ketch_e2e::TestBroker;
 use ketch_e2e::raw::{ConnectOptions, RawClient};
@@ -26,6 +26,24 @@ use ketch_protocol::messages::ApiKey;
 /// What one good round trip (produce acknowledged, then pushed to the consumer) may take,
 /// attack or not: a liveness bound, not a latency target.
 const ROUND_TRIP_MAX: Duration = Duration::from_secs(10);
+
+/// The address a broker advertises in these tests when it sits behind a relay.
+const FRONT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// A broker that advertises 127.0.0.2 and a relay on 127.0.0.2 at the broker's port in front
+/// of it, so every connection a client makes (bootstrap and leaders) goes through the relay.
+async fn broker_behind_relay(
+    relay: RelayConfig,
+) -> anyhow::Result<(TestBroker, Relay, ClientConfig)> {
+    let broker = TestBroker::start(&["--advertised-host", &FRONT_IP.to_string()])?;
+    let front = SocketAddr::new(FRONT_IP.into(), broker.process.addr.port());
+    let relay = Relay::start(front, broker.process.addr, relay).await?;
+    let config = ClientConfig {
+        bootstrap: vec![front.to_string()],
+        ..broker.client_config()
+    };
+    Ok((broker, relay, config))
+}
 
 /// p50 and p99 of `latencies`.
 fn percentiles(latencies: &mut [Duration]) -> (Duration, Duration) {
@@ -221,4 +239,130 @@ async fn slowloris_and_a_handshake_flood_leave_service_to_others() -> anyhow::Re
     broker
         .assert_serving("slowloris and a handshake flood")
         .await
+}
+
+/// A client that loses its path to the broker and reconnects resumes its TLS session: the
+/// broker presents no certificate the second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_resumes_the_tls_session() -> anyhow::Result<()> {
+    let (_broker, relay, config) = broker_behind_relay(RelayConfig::default()).await?;
+    let client = Client::connect(ClientConfig {
+        request_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        reconnect_backoff_initial: Duration::from_millis(50),
+        reconnect_backoff_max: Duration::from_millis(200),
+        ..config
+    })
+    .await?;
+    let admin = client.admin();
+    admin.create_topic(NewTopic::new("r", 1)).await?;
+    let first = client.tls_handshakes();
+    ensure!(first.full == 1 && first.resumed == 0, "{first:?}");
+
+    // The path goes down: calls time out, the liveness check that follows closes the
+    // connection, and a reconnect fails to connect; then the path comes back.
+    relay.set_down(true);
+    let mut outcomes = Vec::new();
+    for _ in 0..40 {
+        match admin.list_topics().await {
+            Err(ketch_client::Error::Connect { .. }) => break,
+            Err(error) => outcomes.push(error.to_string()),
+            Ok(_) => anyhow::bail!("a call succeeded while the path was down"),
+        }
+    }
+    ensure!(
+        outcomes.len() < 40,
+        "the dead connection was never given up: {outcomes:?}"
+    );
+    relay.set_down(false);
+    let topics = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match admin.list_topics().await {
+                Ok(topics) => return topics,
+                Err(_) => continue,
+            }
+        }
+    })
+    .await
+    .context("no reconnect within 10 s of the path coming back")?;
+    ensure!(topics.iter().any(|t| t.name == "r"));
+    let after = client.tls_handshakes();
+    println!("handshakes before the outage {first:?}, after the reconnect {after:?}");
+    ensure!(
+        after.full == 1 && after.resumed >= 1,
+        "the reconnect did not resume: {after:?}"
+    );
+    client.close();
+    Ok(())
+}
+
+/// Records each migration test produces, and when it rebinds the client's socket.
+const MIGRATION_RECORDS: usize = 3000;
+const REBIND_AT: [usize; 2] = [1000, 2000];
+
+/// A client whose address changes mid-stream (its UDP socket rebound to a new port, twice)
+/// keeps its connection: producing and a push stream go on, every record arrives once and
+/// in order, and no new handshake is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebinding_the_client_socket_keeps_connections_and_push_streams() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&[])?;
+    let client = broker.client().await?;
+    client.admin().create_topic(NewTopic::new("m", 1)).await?;
+    let (producer, consumer) = good_client(&client, "m").await?;
+    let reader = tokio::spawn(async move {
+        let mut values = Vec::with_capacity(MIGRATION_RECORDS);
+        while values.len() < MIGRATION_RECORDS {
+            let record = tokio::time::timeout(ROUND_TRIP_MAX, consumer.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!("no record for {ROUND_TRIP_MAX:?} after {}", values.len())
+                })??;
+            values.push(String::from_utf8(
+                record.value.unwrap_or_default().to_vec(),
+            )?);
+        }
+        consumer.close().await?;
+        anyhow::Ok(values)
+    });
+    let mut deliveries = Vec::with_capacity(MIGRATION_RECORDS);
+    for i in 0..MIGRATION_RECORDS {
+        if REBIND_AT.contains(&i) {
+            client.rebind()?;
+        }
+        deliveries.push(
+            producer
+                .send(ProducerRecord::new("m", format!("{i}")))
+                .await?,
+        );
+        if i % 100 == 99 {
+            // Some records in flight across each rebind, not all of them queued up front.
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut offsets = Vec::with_capacity(MIGRATION_RECORDS);
+    for delivery in deliveries {
+        offsets.push(delivery.await?.offset);
+    }
+    let values = reader.await??;
+    let expected: Vec<String> = (0..MIGRATION_RECORDS).map(|i| i.to_string()).collect();
+    ensure!(
+        values == expected,
+        "records lost, duplicated or out of order"
+    );
+    ensure!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "acknowledged offsets are not dense"
+    );
+    let handshakes = client.tls_handshakes();
+    println!(
+        "{MIGRATION_RECORDS} records produced and pushed across {} rebinds; handshakes {handshakes:?}",
+        REBIND_AT.len()
+    );
+    ensure!(
+        (handshakes.full, handshakes.resumed) == (1, 0),
+        "the client reconnected instead of migrating: {handshakes:?}"
+    );
+    producer.close().await?;
+    client.close();
+    Ok(())
 }
