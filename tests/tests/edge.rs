@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, ensure};
+use bytes::Bytes;
 use ketch_client::{
     AutoOffsetReset, Client, ClientConfig, Consumer, ConsumerConfig, NewTopic, Producer,
     ProducerConfig, ProducerRecord, TopicPartition,
@@ -364,5 +365,100 @@ async fn rebinding_the_client_socket_keeps_connections_and_push_streams() -> any
     );
     producer.close().await?;
     client.close();
+    Ok(())
+}
+
+/// Records each lossy-path run produces, and their value size.
+const LOSSY_RECORDS: usize = 5000;
+const LOSSY_VALUE_BYTES: usize = 512;
+
+/// Produce and consume through a relay that drops (0%, 1%, 5%, both ways) and delays (1 to
+/// 4 ms) datagrams by a seeded schedule: every acknowledged record arrives, none twice.
+/// Each run prints its throughput (all records sent at once), then the p50/p99 of one record
+/// at a time produced, acknowledged and pushed to the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_path_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let seed: u64 = std::env::var("KETCH_EDGE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| ketch_e2e::now_ms() as u64);
+    println!("lossy path seed {seed} (KETCH_EDGE_SEED={seed} repeats it)");
+    for loss in [0.0, 0.01, 0.05] {
+        let (_broker, relay, config) = broker_behind_relay(RelayConfig {
+            seed,
+            loss,
+            delay: Duration::from_millis(1),
+            jitter: Duration::from_millis(3),
+            ..RelayConfig::default()
+        })
+        .await?;
+        let client = Client::connect(config).await?;
+        client
+            .admin()
+            .create_topic(NewTopic::new("lossy", 1))
+            .await?;
+        let (producer, consumer) = good_client(&client, "lossy").await?;
+        let started = Instant::now();
+        let mut sends = Vec::with_capacity(LOSSY_RECORDS);
+        for i in 0..LOSSY_RECORDS {
+            let mut value = format!("{i:08}").into_bytes();
+            value.resize(LOSSY_VALUE_BYTES, b'.');
+            let delivery = producer
+                .send(ProducerRecord::new("lossy", Bytes::from(value)))
+                .await?;
+            let sent = Instant::now();
+            sends.push(tokio::spawn(async move {
+                let metadata = delivery.await?;
+                anyhow::Ok((metadata.offset, sent.elapsed()))
+            }));
+        }
+        let mut latencies = Vec::with_capacity(LOSSY_RECORDS);
+        let mut acknowledged = std::collections::BTreeMap::new();
+        for (i, send) in sends.into_iter().enumerate() {
+            let (offset, latency) = send.await??;
+            latencies.push(latency);
+            ensure!(
+                acknowledged.insert(offset, i).is_none(),
+                "two records acknowledged at offset {offset}"
+            );
+        }
+        let produced_in = started.elapsed();
+        // Every acknowledged record is read back, once, in offset order.
+        let mut seen = 0usize;
+        while seen < LOSSY_RECORDS {
+            let record = tokio::time::timeout(ROUND_TRIP_MAX, consumer.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!("loss {loss}: nothing read for {ROUND_TRIP_MAX:?} after {seen} records")
+                })??;
+            let value = record.value.unwrap_or_default();
+            let index: usize = std::str::from_utf8(&value[..8])?.parse()?;
+            ensure!(
+                acknowledged.get(&record.offset) == Some(&index),
+                "loss {loss}: offset {} holds record {index}, acknowledged as {:?}",
+                record.offset,
+                acknowledged.get(&record.offset)
+            );
+            seen += 1;
+        }
+        let end_to_end = started.elapsed();
+        let (ack_p50, ack_p99) = percentiles(&mut latencies);
+        let mut trips = round_trips(&producer, &consumer, "lossy", Duration::from_secs(2)).await?;
+        let (p50, p99) = percentiles(&mut trips);
+        println!(
+            "loss {:>2}%: {LOSSY_RECORDS} x {LOSSY_VALUE_BYTES} B produced in {produced_in:.2?} ({:.0} records/s, {:.0} KiB/s; \
+             acks p50 {ack_p50:.2?} p99 {ack_p99:.2?} behind the queue), all read back by {end_to_end:.2?}; \
+             one at a time, produce + push p50 {p50:.2?} p99 {p99:.2?} ({} trips); relay forwarded {} dropped {} datagrams",
+            (loss * 100.0) as u32,
+            LOSSY_RECORDS as f64 / produced_in.as_secs_f64(),
+            (LOSSY_RECORDS * LOSSY_VALUE_BYTES) as f64 / 1024.0 / produced_in.as_secs_f64(),
+            trips.len(),
+            relay.forwarded(),
+            relay.dropped(),
+        );
+        producer.close().await?;
+        consumer.close().await?;
+        client.close();
+    }
     Ok(())
 }
