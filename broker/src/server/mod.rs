@@ -10,7 +10,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +53,11 @@ const IP_REQUEST_MEMORY_DIVISOR: u64 = 4;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a QUIC handshake may take; a slow or stalled one is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress beyond which a new client must first prove its address with a
+/// stateless Retry (one more round trip) before the broker keeps state or does TLS work for
+/// it: a flood of handshakes that never finish, or come from spoofed addresses, then costs a
+/// token each instead of a connection.
+const HANDSHAKES_BEFORE_RETRY: usize = 64;
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -101,6 +106,8 @@ pub(crate) struct State {
     shutdown: tokio_util_shutdown::Token,
     /// True while the accept loop runs and the broker is not draining.
     serving: AtomicBool,
+    /// Handshakes accepted and not yet finished (or given up).
+    handshakes: Arc<AtomicUsize>,
     /// Connections (and handshakes) open per source IP, and the request memory they share.
     connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpShare>>>,
     pub(crate) metrics: ServerMetrics,
@@ -273,6 +280,7 @@ impl Broker {
             shutdown: tokio_util_shutdown::Token::new(),
             serving: AtomicBool::new(false),
             connections_per_ip: Arc::default(),
+            handshakes: Arc::default(),
             metrics: ServerMetrics::new(),
             local_addr,
             config,
@@ -335,6 +343,15 @@ impl Broker {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    if !incoming.remote_address_validated()
+                        && state.handshakes.load(Ordering::Relaxed) >= HANDSHAKES_BEFORE_RETRY
+                    {
+                        tracing::debug!(remote = %incoming.remote_address(), "handshakes under way: asking for a Retry");
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                        continue;
+                    }
                     let ip = incoming.remote_address().ip();
                     match IpSlot::take(&state, ip) {
                         Some(slot) => {
@@ -503,8 +520,25 @@ fn memory_permits(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
+/// Counts one handshake in progress while it lives.
+struct HandshakeGuard(Arc<AtomicUsize>);
+
+impl HandshakeGuard {
+    fn new(handshakes: &Arc<AtomicUsize>) -> HandshakeGuard {
+        handshakes.fetch_add(1, Ordering::Relaxed);
+        HandshakeGuard(handshakes.clone())
+    }
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, slot: IpSlot) {
     let remote = incoming.remote_address();
+    let handshake = HandshakeGuard::new(&state.handshakes);
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -524,6 +558,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, slot: Ip
             return;
         }
     };
+    drop(handshake);
     tracing::debug!(%remote, "connection open");
     let _open = OpenGuard::new(&state.metrics.connections);
     let connection_memory = (state.config.request_bytes_in_flight_max
