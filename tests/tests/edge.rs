@@ -247,9 +247,10 @@ async fn slowloris_and_a_handshake_flood_leave_service_to_others() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_resumes_the_tls_session() -> anyhow::Result<()> {
     let (_broker, relay, config) = broker_behind_relay(RelayConfig::default()).await?;
+    // Short enough that the outage is noticed soon, long enough for a loaded machine.
     let client = Client::connect(ClientConfig {
-        request_timeout: Duration::from_millis(500),
-        connect_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
         reconnect_backoff_initial: Duration::from_millis(50),
         reconnect_backoff_max: Duration::from_millis(200),
         ..config
@@ -258,7 +259,7 @@ async fn a_reconnect_resumes_the_tls_session() -> anyhow::Result<()> {
     let admin = client.admin();
     admin.create_topic(NewTopic::new("r", 1)).await?;
     let first = client.tls_handshakes();
-    ensure!(first.full == 1 && first.resumed == 0, "{first:?}");
+    ensure!(first.full >= 1 && first.resumed == 0, "{first:?}");
 
     // The path goes down: calls time out, the liveness check that follows closes the
     // connection, and a reconnect fails to connect; then the path comes back.
@@ -290,7 +291,7 @@ async fn a_reconnect_resumes_the_tls_session() -> anyhow::Result<()> {
     let after = client.tls_handshakes();
     println!("handshakes before the outage {first:?}, after the reconnect {after:?}");
     ensure!(
-        after.full == 1 && after.resumed >= 1,
+        after.full == first.full && after.resumed >= 1,
         "the reconnect did not resume: {after:?}"
     );
     client.close();
