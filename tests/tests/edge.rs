@@ -243,7 +243,9 @@ async fn slowloris_and_a_handshake_flood_leave_service_to_others() -> anyhow::Re
 }
 
 /// A client that loses its path to the broker and reconnects resumes its TLS session: the
-/// broker presents no certificate the second time.
+/// broker presents no certificate the second time. (Each attempt to connect spends one of the
+/// four single-use tickets the broker sent, even one lost on the way: the outage here costs
+/// one or two.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_resumes_the_tls_session() -> anyhow::Result<()> {
     let (_broker, relay, config) = broker_behind_relay(RelayConfig::default()).await?;
