@@ -183,6 +183,8 @@ async fn run(
     loop {
         while tasks.try_join_next().is_some() {}
         let Ok((length, from)) = socket.recv_from(&mut buffer).await else {
+            // An error report (ICMP) for an earlier datagram: not a reason to spin.
+            tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         };
         let upstream_socket = match clients.get(&from) {
@@ -232,6 +234,7 @@ async fn answers(
     loop {
         while tasks.try_join_next().is_some() {}
         let Ok(length) = upstream_socket.recv(&mut buffer).await else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         };
         if drop_replies {
