@@ -707,6 +707,15 @@ impl Partition {
         Ok(self.log.compact(config, now_ms, throttle)?)
     }
 
+    /// The epoch and last sequence this partition holds of an idempotent producer (a
+    /// transform's output partition tells a restarted transform how far it wrote).
+    pub fn producer_last_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        self.producers
+            .lock()
+            .expect("producer table lock")
+            .last_sequence_of(producer_id)
+    }
+
     pub fn sync(&self) -> Result<(), ClusterError> {
         self.log.sync()?;
         Ok(())

@@ -170,6 +170,12 @@ impl ProducerTable {
         SequenceCheck::Append
     }
 
+    /// The epoch and the last sequence this partition holds of `producer_id`, if it knows it.
+    pub fn last_sequence_of(&self, producer_id: i64) -> Option<(i16, i32)> {
+        let entry = self.producers.get(&producer_id)?;
+        Some((entry.epoch, entry.batches.back()?.last_sequence))
+    }
+
     /// Bumped by every change of the table.
     pub fn version(&self) -> u64 {
         self.version
