@@ -2,6 +2,7 @@
 //! disk ceilings. See `bench/README.md`.
 
 mod baseline;
+mod filter_cost;
 mod partitions;
 mod plot;
 mod progress;
@@ -39,6 +40,9 @@ enum Command {
     /// Many partitions on one broker: create, produce across them (vs 4 partitions), restart
     /// with data in every partition; start-up time, RSS, threads, idle CPU.
     Partitions(PartitionsArgs),
+    /// A Wasm filter's own cost per core: the consume path's filter step on one thread over
+    /// reads of JSON records (what the JSON filter target is checked against).
+    FilterCost(FilterCostArgs),
     /// (internal) the sink end of the raw QUIC ceiling, run as a child process.
     #[command(hide = true)]
     QuicSink {
@@ -101,6 +105,15 @@ struct PartitionsArgs {
     /// How long the idle broker's CPU is measured after the restart.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     idle: Duration,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct FilterCostArgs {
+    /// How long each filter runs on each record size.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    duration: Duration,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -272,6 +285,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::QuicSink { dir }) => runtime.block_on(baseline::quic_sink(&dir)),
         Some(Command::Run(args)) => runtime.block_on(run_one(args)),
         Some(Command::Partitions(args)) => runtime.block_on(run_partitions(args)),
+        Some(Command::FilterCost(args)) => runtime.block_on(run_filter_cost(args)),
         Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
         None => runtime.block_on(run_suite(cli.suite)),
     }
@@ -316,6 +330,19 @@ async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
     if args.output.json {
         eprint!("{text}");
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn run_filter_cost(args: FilterCostArgs) -> anyhow::Result<()> {
+    let scratch = scratch(&args.output)?;
+    let costs = filter_cost::measure(&systems::ketch::wasm_dir(), &scratch, args.duration).await?;
+    let text = report::filter_cost_text(&costs);
+    if args.output.json {
+        eprint!("{text}");
+        println!("{}", serde_json::to_string_pretty(&costs)?);
     } else {
         print!("{text}");
     }

@@ -275,6 +275,11 @@ pub fn suite_text(report: &SuiteReport) -> String {
         }
     }
 
+    if !report.filter_costs.is_empty() {
+        let _ = writeln!(out);
+        out.push_str(&filter_cost_text(&report.filter_costs));
+    }
+
     let _ = writeln!(out, "\nTargets");
     let mut table = Table::default();
     for t in &report.targets {
@@ -298,6 +303,33 @@ pub fn suite_text(report: &SuiteReport) -> String {
             let _ = writeln!(out, "  {e}");
         }
     }
+    out
+}
+
+/// The filters' own cost (`filter-cost`, and the suite's Wasm group).
+pub fn filter_cost_text(costs: &[crate::filter_cost::FilterCost]) -> String {
+    let mut out = String::from(
+        "Filter cost (FilterSession::filter_fetched on one thread, 1 MiB reads of 256 KiB \
+         batches, JSON values it keeps)\n",
+    );
+    let mut table = Table::default();
+    table.row([
+        "filter",
+        "record",
+        "records/s per core",
+        "records/s wall",
+        "CPU/record",
+    ]);
+    for c in costs {
+        table.row([
+            c.filter.clone(),
+            format!("{}B", c.record_bytes),
+            format_rate(c.records_per_core_sec),
+            format_rate(c.records_per_sec),
+            format!("{:.0}ns", c.cpu_secs * 1e9 / c.records.max(1) as f64),
+        ]);
+    }
+    out.push_str(&table.render("  "));
     out
 }
 

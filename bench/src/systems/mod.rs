@@ -150,7 +150,7 @@ fn filler(len: usize) -> Vec<u8> {
 }
 
 /// A record value of the scenario's shape.
-fn values_template(values: Values, len: usize) -> Bytes {
+pub fn values_template(values: Values, len: usize) -> Bytes {
     match values {
         Values::Filler => value_template(len),
         Values::Json => {
