@@ -5,7 +5,11 @@
 //! Every process is started on a loopback port, waited on (bounded) until it prints its
 //! ready line, and stopped by its own PID — never by name — when its handle is dropped.
 //! This crate knows nothing of Ketch's protocol: clients are the callers' business.
+//!
+//! [`history`] is the queue checker every failure test runs over what it recorded (sans-IO:
+//! the broker's in-process simulation uses it as well as the process tests).
 
+pub mod history;
 pub mod ketch;
 pub mod process;
 
