@@ -149,6 +149,45 @@ pub struct BrokerConfig {
     pub client_principal_template: String,
     /// QUIC connections one source IP may hold open (handshakes included); more are refused.
     pub connections_per_ip_max: u32,
+    /// This broker's id in its cluster (with `peers`).
+    pub node_id: Option<u64>,
+    /// The cluster's initial members, `ID@HOST:PORT,...` (this broker among them): their
+    /// client and peer endpoint (one UDP port, told apart by ALPN). Empty: a single node, as
+    /// before clustering.
+    pub peers: Option<String>,
+    /// A directory holding the cluster's development CA (`ca.pem`), created by the first
+    /// broker that finds it missing; each broker issues its own certificate from it.
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// The members of a cluster, parsed from `peers`.
+pub type ClusterPeers = std::collections::BTreeMap<u64, SocketAddr>;
+
+/// Parses `ID@HOST:PORT,ID@HOST:PORT,...` (host names are resolved now).
+pub fn parse_peers(text: &str) -> Result<ClusterPeers, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let mut peers = ClusterPeers::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('@')
+            .ok_or_else(|| invalid(format!("peer {item:?} is not ID@HOST:PORT")))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| invalid(format!("peer {item:?}: {id:?} is not a node id")))?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("peer {item:?}: {e}")))?
+            .next()
+            .ok_or_else(|| invalid(format!("peer {item:?}: no address")))?;
+        if addr.port() == 0 {
+            return Err(invalid(format!("peer {item:?}: a peer needs a fixed port")));
+        }
+        if peers.insert(id, addr).is_some() {
+            return Err(invalid(format!("node {id} is named twice in peers")));
+        }
+    }
+    Ok(peers)
 }
 
 impl Default for BrokerConfig {
@@ -197,6 +236,9 @@ impl Default for BrokerConfig {
             super_users: vec![crate::auth::ADMIN_PRINCIPAL.to_owned()],
             client_principal_template: crate::auth::cert::PRINCIPAL_TEMPLATE_DEFAULT.to_owned(),
             connections_per_ip_max: 1024,
+            node_id: None,
+            peers: None,
+            ca_dir: None,
         }
     }
 }
@@ -272,8 +314,30 @@ impl BrokerConfig {
     }
 
     /// Checks relationships between limits.
+    /// The cluster's members, when this broker is one of several (`peers` given).
+    pub fn cluster_peers(&self) -> Result<Option<ClusterPeers>, ConfigError> {
+        let Some(text) = self.peers.as_deref().filter(|t| !t.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let peers = parse_peers(text)?;
+        let node_id = self
+            .node_id
+            .ok_or_else(|| ConfigError::Invalid("--peers needs --node-id".into()))?;
+        let own = peers.get(&node_id).ok_or_else(|| {
+            ConfigError::Invalid(format!("--node-id {node_id} is not among --peers"))
+        })?;
+        if own.port() != self.listen.port() {
+            return Err(ConfigError::Invalid(format!(
+                "--peers names node {node_id} at {own}, but it listens on {}",
+                self.listen
+            )));
+        }
+        Ok(Some(peers))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        self.cluster_peers()?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert and tls_key go together".into());
         }

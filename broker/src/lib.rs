@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod controller;
 pub mod group;
 pub mod groups;
 pub mod metrics;

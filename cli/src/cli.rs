@@ -122,6 +122,9 @@ pub enum TopicCommand {
         /// Number of partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Copies of each partition, on as many brokers (a cluster's `--peers`).
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u16,
         /// Delete records older than this, in milliseconds; -1 keeps them forever.
         /// [default: the broker's --retention-ms]
         #[arg(long)]
@@ -288,12 +291,14 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
             TopicCommand::Create {
                 name,
                 partitions,
+                replication_factor,
                 retention_ms,
                 retention_bytes,
                 cleanup_policy,
                 configs,
             } => {
                 let mut topic = NewTopic::new(&name, partitions);
+                topic.replication_factor = replication_factor;
                 if let Some(ms) = retention_ms {
                     topic.configs.push(("retention.ms".into(), ms.to_string()));
                 }
@@ -352,13 +357,24 @@ pub fn topic(args: TopicArgs) -> anyhow::Result<()> {
                         chain.params
                     )?;
                 }
-                writeln!(out, "PARTITION\tLEADER\tLOG-START\tHIGH-WATERMARK")?;
+                writeln!(
+                    out,
+                    "PARTITION\tLEADER\tLOG-START\tHIGH-WATERMARK\tEPOCH\tREPLICAS\tISR"
+                )?;
+                let ids =
+                    |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                 for p in &topic.partitions {
                     let leader = p.leader.map_or("-".to_owned(), |l| l.to_string());
                     writeln!(
                         out,
-                        "{}\t{}\t{}\t{}",
-                        p.partition, leader, p.log_start_offset, p.high_watermark
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        p.partition,
+                        leader,
+                        p.log_start_offset,
+                        p.high_watermark,
+                        p.leader_epoch,
+                        ids(&p.replicas),
+                        ids(&p.in_sync_replicas)
                     )?;
                 }
             }

@@ -19,6 +19,17 @@ pub struct ServeArgs {
     /// TOML configuration file; its keys are the flag names with `_` for `-`.
     #[arg(long, env = "KETCH_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
+    /// This broker's id in its cluster (with --peers).
+    #[arg(long, env = "KETCH_NODE_ID", value_name = "N")]
+    node_id: Option<u64>,
+    /// The cluster's initial members, this broker among them: forms (or rejoins) a cluster.
+    /// Without it, a single node.
+    #[arg(long, env = "KETCH_PEERS", value_name = "ID@HOST:PORT,...")]
+    peers: Option<String>,
+    /// A directory with the cluster's development CA, created by the first broker that finds
+    /// it missing; clients trust DIR/ca.pem.
+    #[arg(long, env = "KETCH_CA_DIR", value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
     /// Data directory (logs, topic metadata, development certificates). [default: ./ketch-data]
     #[arg(long, env = "KETCH_DATA_DIR", value_name = "PATH")]
     data_dir: Option<PathBuf>,
@@ -201,6 +212,15 @@ impl ServeArgs {
             metrics_partition_labels,
             connections_per_ip_max
         );
+        if self.node_id.is_some() {
+            config.node_id = self.node_id;
+        }
+        if self.peers.is_some() {
+            config.peers = self.peers;
+        }
+        if self.ca_dir.is_some() {
+            config.ca_dir = self.ca_dir;
+        }
         if self.advertised_host.is_some() {
             config.advertised_host = self.advertised_host;
         }

@@ -197,6 +197,8 @@ wire_struct! {
         pub replicas: Vec<u32>,
         pub log_start_offset: i64,
         pub high_watermark: i64,
+        /// The replicas in sync with the leader (from version 1; a single node: itself).
+        pub isr: Vec<u32> => since 1,
     }
 
     // ---- Topics (1-4) ----
@@ -855,11 +857,11 @@ macro_rules! apis {
 }
 
 apis! {
-    0 Metadata [0 ..= 0] => MetadataRequest, MetadataResponse;
+    0 Metadata [0 ..= 1] => MetadataRequest, MetadataResponse;
     1 CreateTopic [0 ..= 0] => CreateTopicRequest, CreateTopicResponse;
     2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
     3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;
-    4 DescribeTopic [0 ..= 0] => DescribeTopicRequest, DescribeTopicResponse;
+    4 DescribeTopic [0 ..= 1] => DescribeTopicRequest, DescribeTopicResponse;
     5 Produce [0 ..= 1] => ProduceRequest, ProduceResponse;
     6 Fetch [0 ..= 0] => FetchRequest, FetchResponse;
     7 ListOffsets [0 ..= 0] => ListOffsetsRequest, ListOffsetsResponse;

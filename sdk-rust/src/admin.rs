@@ -83,6 +83,8 @@ pub struct PartitionDescription {
     pub leader_epoch: i32,
     /// The nodes holding a copy.
     pub replicas: Vec<u32>,
+    /// The copies in sync with the leader (as the answering broker knows).
+    pub in_sync_replicas: Vec<u32>,
     /// The oldest offset still stored.
     pub log_start_offset: i64,
     /// The offset after the last committed record.
@@ -404,9 +406,11 @@ impl Admin {
 fn partition_description(p: PartitionMetadata) -> PartitionDescription {
     PartitionDescription {
         partition: p.partition,
-        leader: (p.error == ErrorCode::None).then_some(p.leader),
+        // A cluster names no leader (u32::MAX) while a partition elects one.
+        leader: (p.error == ErrorCode::None && p.leader != u32::MAX).then_some(p.leader),
         leader_epoch: p.leader_epoch,
         replicas: p.replicas,
+        in_sync_replicas: p.isr,
         log_start_offset: p.log_start_offset,
         high_watermark: p.high_watermark,
     }
@@ -617,6 +621,7 @@ mod tests {
             replicas: vec![0],
             log_start_offset: 0,
             high_watermark: 10,
+            isr: vec![0],
         });
         assert_eq!(p.leader, None);
     }

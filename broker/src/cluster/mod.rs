@@ -7,7 +7,7 @@
 
 pub(crate) mod checkpoint;
 mod cleaner;
-mod producers;
+pub(crate) mod producers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1041,6 +1041,27 @@ impl Cluster {
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// The storage config of logs outside topics (replicated partitions, the metadata log).
+    pub fn log_config_default(&self) -> storage::LogConfig {
+        let mut config = self.log_config_for_replicas();
+        config.retention_ms = None;
+        config
+    }
+
+    fn log_config_for_replicas(&self) -> storage::LogConfig {
+        storage::LogConfig {
+            segment_bytes_max: self.config.segment_bytes_max,
+            segment_age_ms_max: self.config.segment_age_ms_max,
+            batch_bytes_max: self.config.batch_bytes_max,
+            fsync: match self.config.fsync {
+                Fsync::Always => storage::FsyncPolicy::Always,
+                Fsync::IntervalMs(ms) => storage::FsyncPolicy::Interval { ms },
+                Fsync::Never => storage::FsyncPolicy::Never,
+            },
+            ..storage::LogConfig::default()
+        }
     }
 
     /// The storage config of a topic's logs. Retention is not in it: it follows the topic's

@@ -26,6 +26,10 @@ pub enum PeerRequest {
     AppendEntries(AppendEntriesRequest<PartitionRaft>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<PartitionRaft>),
+    /// A record batch for the group's leader to write (`acks=all`): how a broker that does
+    /// not lead a group (the metadata controller's, say) forwards a write to the one that
+    /// does. Not an openraft RPC.
+    Propose(bytes::Bytes),
 }
 
 /// The answer to a [`PeerRequest`].
@@ -34,6 +38,8 @@ pub enum PeerResponse {
     AppendEntries(AppendEntriesResponse<NodeId>),
     Vote(VoteResponse<NodeId>),
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    /// A [`PeerRequest::Propose`] committed: where its records landed, in which term.
+    Proposed(super::Applied, u64),
 }
 
 /// Why a peer request got no answer.
@@ -91,6 +97,15 @@ pub async fn serve(
             .await
             .map(PeerResponse::InstallSnapshot)
             .map_err(|e| remote(&e)),
+        PeerRequest::Propose(batch) => {
+            ketch_protocol::batch::validate_from_client(&batch).map_err(|e| remote(&e))?;
+            let mut unstamped = bytes::BytesMut::from(&batch[..]);
+            ketch_protocol::batch::set_partition_leader_epoch(&mut unstamped, -1);
+            raft.client_write(super::LogBatch::new(unstamped.freeze()))
+                .await
+                .map(|answer| PeerResponse::Proposed(answer.data, answer.log_id.leader_id.term))
+                .map_err(|e| remote(&e))
+        }
     }
 }
 

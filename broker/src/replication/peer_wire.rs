@@ -10,7 +10,8 @@
 //! vote:     term:u64 | voted_for:u64 (u64::MAX: nobody) | committed:u8
 //! log id?:  0:u8 | 1:u8 term:u64 index:u64
 //! entry:    index:u64 | term:u64 | kind:u8 (0 blank, 1 data: len:u32 batch, 2 membership)
-//! kinds:    1 append entries, 2 vote, 3 install snapshot
+//! kinds:    1 append entries, 2 vote, 3 install snapshot, 4 propose
+//! propose:  request len:u32 batch; answer base:i64 last:i64 term:u64
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -28,6 +29,7 @@ use super::{Entry, LogBatch, LogId, NodeId, Vote};
 const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+const KIND_PROPOSE: u8 = 4;
 const ENTRY_BLANK: u8 = 0;
 const ENTRY_DATA: u8 = 1;
 const ENTRY_MEMBERSHIP: u8 = 2;
@@ -223,6 +225,11 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             out.put_slice(&r.data);
             out.put_u8(u8::from(r.done));
         }
+        PeerRequest::Propose(batch) => {
+            out.put_u8(KIND_PROPOSE);
+            out.put_u32(batch.len() as u32);
+            out.put_slice(batch);
+        }
     }
     Ok(out.freeze())
 }
@@ -277,6 +284,10 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
                 done,
             })
         }
+        KIND_PROPOSE => {
+            let len = r.u32("batch length")? as usize;
+            PeerRequest::Propose(r.bytes(len, "batch")?)
+        }
         _ => return Err(PeerWireError::Invalid("request kind")),
     };
     r.finish()?;
@@ -314,6 +325,12 @@ pub fn encode_response(answer: &std::result::Result<PeerResponse, PeerError>) ->
                 PeerResponse::InstallSnapshot(s) => {
                     out.put_u8(KIND_SNAPSHOT);
                     put_vote(&mut out, &s.vote);
+                }
+                PeerResponse::Proposed(applied, term) => {
+                    out.put_u8(KIND_PROPOSE);
+                    out.put_i64(applied.base_offset);
+                    out.put_i64(applied.last_offset);
+                    out.put_u64(*term);
                 }
             }
         }
@@ -354,6 +371,18 @@ pub fn decode_response(
             KIND_SNAPSHOT => PeerResponse::InstallSnapshot(InstallSnapshotResponse {
                 vote: vote(&mut r)?,
             }),
+            KIND_PROPOSE => {
+                let base_offset = r.u64("base offset")? as i64;
+                let last_offset = r.u64("last offset")? as i64;
+                let term = r.u64("term")?;
+                PeerResponse::Proposed(
+                    super::Applied {
+                        base_offset,
+                        last_offset,
+                    },
+                    term,
+                )
+            }
             _ => return Err(PeerWireError::Invalid("answer kind")),
         }),
         1 => {

@@ -239,6 +239,25 @@ impl PartitionReplica {
         acks: Acks,
         timeout: Duration,
     ) -> Result<Appended, ReplicationError> {
+        let pending = self.propose(batch, acks).await?;
+        match tokio::time::timeout(timeout, pending).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
+    }
+
+    /// Hands `batch` to Raft and returns, once it is queued (so batches proposed one after
+    /// another take log places in that order), the future of its outcome as [`Self::write`]
+    /// describes. The future owns what it needs: it may be awaited on another task, and it
+    /// resolves even if nobody waits on it.
+    pub async fn propose(
+        &self,
+        batch: Bytes,
+        acks: Acks,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Appended, ReplicationError>> + Send + 'static,
+        ReplicationError,
+    > {
         let header = batch::validate_from_client(&batch)
             .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
         // A client batch carries no term: an entry stamped with its own term is one a
@@ -251,18 +270,20 @@ impl PartitionReplica {
             bytes: unstamped.freeze(),
             local_ack: (acks != Acks::All).then_some(local_ack),
         };
-        let work = async {
-            let committed = self
-                .raft
-                .client_write_ff(payload)
-                .await
-                .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        let committed = self
+            .raft
+            .client_write_ff(payload)
+            .await
+            .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        let raft = self.raft.clone();
+        let shared = self.shared.clone();
+        Ok(async move {
             let not_leader = |result: Result<_, _>| match result {
                 Ok(Ok(answer)) => Ok(answer),
                 Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                     Err(ReplicationError::NotLeader {
                         leader: forward.leader_id,
-                        epoch: self.leader().1,
+                        epoch: raft.metrics().borrow().current_term,
                     })
                 }
                 Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
@@ -289,7 +310,7 @@ impl PartitionReplica {
                 }
                 place = locally_durable => match place {
                     Ok(Ok((storage_offset, term))) => {
-                        let base_offset = self.shared.kafka_offset(storage_offset);
+                        let base_offset = shared.kafka_offset(storage_offset);
                         Ok(Appended {
                             base_offset,
                             last_offset: base_offset + i64::from(header.records_count) - 1,
@@ -300,11 +321,84 @@ impl PartitionReplica {
                     Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
                 },
             }
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        })
+    }
+
+    /// The high watermark, as it moves (its sender goes when the replica stops).
+    pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
+        self.high_watermark.clone()
+    }
+
+    /// Waits until the leader or the term this replica knows differs from `known` (or the
+    /// replica stopped: `None`), and returns the new pair.
+    pub async fn leader_changed(
+        &self,
+        known: (Option<NodeId>, u64),
+    ) -> Option<(Option<NodeId>, u64)> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let now = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.current_term)
+            };
+            if now != known {
+                return Some(now);
+            }
+            metrics.changed().await.ok()?;
         }
+    }
+
+    /// On the leader: the members whose log matches the leader's to within
+    /// `lag_entries_max` entries (the leader included); elsewhere `None`.
+    pub fn in_sync_replicas(&self, lag_entries_max: u64) -> Option<Vec<NodeId>> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.state != ServerState::Leader {
+            return None;
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let mut in_sync = vec![self.node_id];
+        if let Some(replication) = &metrics.replication {
+            for (node, matched) in replication {
+                let matched = matched.map_or(0, |id| id.index);
+                if *node != self.node_id && matched + lag_entries_max >= last {
+                    in_sync.push(*node);
+                }
+            }
+        }
+        in_sync.sort_unstable();
+        Some(in_sync)
+    }
+
+    /// Every data batch header in this replica's own log, committed or not, in order, with
+    /// its Kafka base offset: what a new leader rebuilds per-partition state from (a leader
+    /// keeps every entry of its log).
+    pub fn local_data_batches(&self) -> Result<Vec<batch::BatchHeader>, ReplicationError> {
+        let log = self.shared.log();
+        let mut storage_offset = log.log_start_offset();
+        let mut out = Vec::new();
+        const SCAN_READ_BYTES: usize = 4 * 1024 * 1024;
+        while storage_offset < log.log_end_offset() {
+            let bytes = log.read(storage_offset, SCAN_READ_BYTES)?;
+            if bytes.is_empty() {
+                break;
+            }
+            let before = storage_offset;
+            for slice in BatchSlices::new(bytes) {
+                let (mut header, _) =
+                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                storage_offset = header.base_offset + i64::from(header.records_count);
+                if header.attributes & attributes::CONTROL != 0 {
+                    continue;
+                }
+                header.base_offset = self.shared.kafka_offset(header.base_offset);
+                out.push(header);
+            }
+            if storage_offset == before {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Committed data batches from Kafka offset `from` (the batch holding it first), up to

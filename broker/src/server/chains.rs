@@ -56,6 +56,14 @@ pub(super) async fn set_filters(
             "the offsets topic is written by the broker only",
         ));
     }
+    if let Some(node) = &state.cluster_node
+        && node.controller.topic(&request.topic).is_some()
+    {
+        return Err(ClusterError::new(
+            ErrorCode::InvalidRequest,
+            "produce filters on replicated topics are not supported yet",
+        ));
+    }
     let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
         ClusterError::new(
             ErrorCode::UnknownTopic,
@@ -131,6 +139,17 @@ pub(super) fn describe(
     state: &State,
     request: &TopicFiltersRequest,
 ) -> Result<TopicFiltersResponse, ClusterError> {
+    // Replicated topics have no produce chains yet (they would live in the metadata log).
+    if let Some(node) = &state.cluster_node
+        && node.controller.topic(&request.topic).is_some()
+    {
+        return Ok(TopicFiltersResponse {
+            topic: request.topic.clone(),
+            filters: vec![],
+            params: String::new(),
+            on_error: String::new(),
+        });
+    }
     let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
         ClusterError::new(
             ErrorCode::UnknownTopic,

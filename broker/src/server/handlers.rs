@@ -36,6 +36,16 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
     match request {
         Request::Metadata(r) => respond(state, api, version, Ok(metadata(state, r))),
         Request::CreateTopic(r) => respond(state, api, version, create_topic(state, r).await),
+        Request::DeleteTopic(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let deleted = node.controller.delete_topic(&r.name).await;
+            respond(
+                state,
+                api,
+                version,
+                deleted.map(|()| DeleteTopicResponse {}),
+            )
+        }
         Request::AlterTopicConfig(r) => respond(
             state,
             api,
@@ -97,6 +107,16 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             state
                 .cluster
                 .allocate_producer_id()
+                .map(|local| match &state.cluster_node {
+                    // Unique across brokers: the node id above the locally allocated bits.
+                    Some(node) => {
+                        debug_assert!(local < 1 << crate::controller::PRODUCER_ID_LOCAL_BITS);
+                        ((node.controller.node_id() as i64)
+                            << crate::controller::PRODUCER_ID_LOCAL_BITS)
+                            | local
+                    }
+                    None => local,
+                })
                 .map(|producer_id| InitProducerIdResponse {
                     producer_id,
                     producer_epoch: 0,
@@ -188,12 +208,89 @@ fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata 
         replicas: vec![node_id],
         log_start_offset: offsets.log_start,
         high_watermark: offsets.high_watermark,
+        isr: vec![node_id],
     }
 }
 
 const NODE_ID: u32 = 0;
 
+/// A partition's leader on the wire: `u32::MAX` when none is known.
+const NO_LEADER: u32 = u32::MAX;
+
+fn replicated_partition_metadata(
+    node: &super::ClusterNode,
+    topic: &crate::controller::TopicImage,
+    index: u32,
+) -> PartitionMetadata {
+    let (leader, epoch) = node.controller.leader_of(topic, index);
+    let hosted = node.controller.partition(&topic.name, index);
+    PartitionMetadata {
+        partition: index,
+        error: ErrorCode::None,
+        leader: leader.map_or(NO_LEADER, |l| l as u32),
+        leader_epoch: epoch as i32,
+        replicas: topic.replicas[index as usize]
+            .iter()
+            .map(|r| *r as u32)
+            .collect(),
+        log_start_offset: 0,
+        high_watermark: hosted.as_ref().map_or(-1, |p| p.replica.high_watermark()),
+        // The leader's view where this broker leads; elsewhere every replica, as far as
+        // this broker can tell.
+        isr: hosted
+            .map_or_else(
+                || topic.replicas[index as usize].clone(),
+                |p| p.in_sync_replicas(),
+            )
+            .into_iter()
+            .map(|r| r as u32)
+            .collect(),
+    }
+}
+
+fn cluster_metadata(node: &super::ClusterNode, request: MetadataRequest) -> MetadataResponse {
+    let image = node.controller.image();
+    let describe = |name: &str| match image.topics.get(name) {
+        Some(topic) => TopicMetadata {
+            error: ErrorCode::None,
+            name: name.to_owned(),
+            partitions: (0..topic.replicas.len() as u32)
+                .map(|p| replicated_partition_metadata(node, topic, p))
+                .collect(),
+        },
+        None => TopicMetadata {
+            error: ErrorCode::UnknownTopic,
+            name: name.to_owned(),
+            partitions: vec![],
+        },
+    };
+    let topics = match request.topics {
+        Some(names) => names.iter().map(|n| describe(n)).collect(),
+        None => image.topics.keys().map(|n| describe(n)).collect(),
+    };
+    MetadataResponse {
+        brokers: node
+            .controller
+            .peers()
+            .iter()
+            .map(|(id, addr)| BrokerInfo {
+                node_id: *id as u32,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            })
+            .collect(),
+        controller_id: node
+            .controller
+            .controller_id()
+            .unwrap_or(node.controller.node_id()) as u32,
+        topics,
+    }
+}
+
 fn metadata(state: &State, request: MetadataRequest) -> MetadataResponse {
+    if let Some(node) = &state.cluster_node {
+        return cluster_metadata(node, request);
+    }
     let host = state
         .config
         .advertised_host
@@ -239,6 +336,22 @@ async fn create_topic(
     state: &State,
     request: CreateTopicRequest,
 ) -> Result<CreateTopicResponse, ClusterError> {
+    if let Some(node) = &state.cluster_node {
+        let topic = node
+            .controller
+            .create_topic(
+                &request.name,
+                request.partitions,
+                request.replication_factor,
+                &request.configs,
+                state.config.partitions_per_topic_max,
+            )
+            .await?;
+        return Ok(CreateTopicResponse {
+            name: topic.name,
+            partitions: topic.replicas.len() as u32,
+        });
+    }
     if request.replication_factor > 1 {
         return Err(ClusterError::new(
             ErrorCode::InvalidConfig,
@@ -259,6 +372,21 @@ async fn create_topic(
 }
 
 pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
+    if let Some(node) = &state.cluster_node {
+        return ListTopicsResponse {
+            topics: node
+                .controller
+                .image()
+                .topics
+                .values()
+                .map(|t| TopicSummary {
+                    name: t.name.clone(),
+                    partitions: t.replicas.len() as u32,
+                    replication_factor: t.replicas.first().map_or(0, |r| r.len() as u16),
+                })
+                .collect(),
+        };
+    }
     ListTopicsResponse {
         topics: state
             .cluster
@@ -274,6 +402,29 @@ pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
 }
 
 fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
+    if let Some(node) = &state.cluster_node {
+        let topic = node.controller.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        return Ok(DescribeTopicResponse {
+            name: topic.name.clone(),
+            partitions: (0..topic.replicas.len() as u32)
+                .map(|p| replicated_partition_metadata(node, &topic, p))
+                .collect(),
+            configs: topic
+                .configs
+                .iter()
+                .map(|(key, value)| ConfigEntry {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .chain([ConfigEntry {
+                    key: crate::cluster::TOPIC_ID_CONFIG.into(),
+                    value: crate::cluster::TopicId(topic.id).to_string(),
+                }])
+                .collect(),
+        });
+    }
     let topic = state.cluster.topic(name).ok_or_else(|| {
         ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
     })?;
@@ -331,7 +482,23 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
             // Partitions append concurrently; batches within one partition stay in order.
             // The task owns the whole append, so nothing is left half-settled if this
             // request's handler goes away.
+            let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
             work.push(tokio::spawn(async move {
+                if let Some(node) = &state.cluster_node {
+                    drop(submitted_tx);
+                    let result = match node.controller.partition(&name, p.partition) {
+                        Some(partition) => partition
+                            .produce(p.records, acks, timeout, state.config.batch_bytes_max)
+                            .await
+                            .map(|base| (base, 0)),
+                        None => Err(node.controller.not_hosted(&name, p.partition)),
+                    };
+                    return (
+                        name,
+                        p.partition,
+                        result.map_err(|r| (r.error, hint(r.leader))),
+                    );
+                }
                 let submitted = submit_all(&state, &name, p.partition, p.records).await;
                 drop(submitted_tx);
                 let result = match submitted {
@@ -341,7 +508,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                         .map(|appended| (appended.base_offset, partition.offsets().log_start)),
                     Err(error) => Err(error),
                 };
-                (name, p.partition, result)
+                (name, p.partition, result.map_err(|e| (e, None)))
             }));
         }
     }
@@ -374,7 +541,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 log_start_offset,
                 current_leader: None,
             },
-            Err(e) => ProducePartitionResponse {
+            Err((e, current_leader)) => ProducePartitionResponse {
                 partition,
                 error: {
                     state.metrics.error(Some(ApiKey::Produce), e.code);
@@ -384,8 +551,8 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
                 base_offset: -1,
                 log_append_time_ms: -1,
                 log_start_offset: -1,
-                // One node leads every partition it has: no other leader to name yet.
-                current_leader: None,
+                // A single node leads every partition it has: no other leader to name.
+                current_leader,
             },
         };
         match topics.iter_mut().find(|t| t.name == name) {
@@ -398,6 +565,32 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
     }
     state.metrics.produce_acked(acks, started);
     ProduceResponse { topics }
+}
+
+/// The leader hint of a produce answer.
+fn hint(view: crate::controller::LeaderView) -> Option<LeaderHint> {
+    view.0.map(|leader| LeaderHint {
+        leader_id: leader as u32,
+        leader_epoch: view.1 as i32,
+    })
+}
+
+/// A partition's high watermark as it moves, replicated or not.
+pub(super) fn watch_partition(
+    state: &State,
+    topic: &str,
+    partition: u32,
+) -> Result<tokio::sync::watch::Receiver<i64>, ClusterError> {
+    if let Some(node) = &state.cluster_node {
+        return match node.controller.partition(topic, partition) {
+            Some(hosted) => Ok(hosted.replica.watch_high_watermark()),
+            None => Err(node.controller.not_hosted(topic, partition).error),
+        };
+    }
+    Ok(state
+        .cluster
+        .partition(topic, partition)?
+        .watch_high_watermark())
 }
 
 /// `api` is the request the read serves (Fetch, Subscribe or SubscribeFiltered), for the error
@@ -417,6 +610,25 @@ pub(super) fn fetch_partition(
         log_start_offset: -1,
         records: Bytes::new(),
     };
+    if let Some(node) = &state.cluster_node {
+        let result = match node.controller.partition(&p.topic, p.partition) {
+            Some(hosted) => hosted.read(p.offset, max_bytes),
+            None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
+        };
+        match result {
+            Ok((records, high_watermark)) => {
+                response.records = records;
+                response.high_watermark = high_watermark;
+                response.log_start_offset = 0;
+            }
+            Err(e) => {
+                state.metrics.error(Some(api), e.code);
+                response.error = e.code;
+                response.error_message = Some(e.message);
+            }
+        }
+        return response;
+    }
     let result = state
         .cluster
         .partition(&p.topic, p.partition)
@@ -458,8 +670,7 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
     let mut watches: Vec<_> = request
         .partitions
         .iter()
-        .filter_map(|p| state.cluster.partition(&p.topic, p.partition).ok())
-        .map(|p| p.watch_high_watermark())
+        .filter_map(|p| watch_partition(state, &p.topic, p.partition).ok())
         .collect();
     loop {
         for watch in &mut watches {
@@ -506,10 +717,16 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
         .partitions
         .into_iter()
         .map(|p| {
-            let result = state
-                .cluster
-                .partition(&p.topic, p.partition)
-                .and_then(|part| part.list_offset(p.spec));
+            let result = match &state.cluster_node {
+                Some(node) => match node.controller.partition(&p.topic, p.partition) {
+                    Some(hosted) => hosted.list_offset(p.spec).map(|offset| (offset, -1)),
+                    None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
+                },
+                None => state
+                    .cluster
+                    .partition(&p.topic, p.partition)
+                    .and_then(|part| part.list_offset(p.spec)),
+            };
             let (error, offset, timestamp_ms) = match result {
                 Ok((offset, ts)) => (ErrorCode::None, offset, ts),
                 Err(e) => (e.code, -1, -1),
@@ -558,8 +775,8 @@ pub(super) async fn push_loop(
 ) {
     // Only the watch is kept, not the partition: deleting the topic drops the watch's sender,
     // which ends the wait below.
-    let mut watch = match state.cluster.partition(&fetch.topic, fetch.partition) {
-        Ok(partition) => partition.watch_high_watermark(),
+    let mut watch = match watch_partition(state, &fetch.topic, fetch.partition) {
+        Ok(watch) => watch,
         Err(e) => {
             let _ = send
                 .write_all(&frame::encode_error_response(e.code, &e.message))
@@ -667,7 +884,14 @@ fn next_offset_after(records: &Bytes) -> Option<i64> {
 // ---- consumer groups ----
 
 fn partitions_of(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
-    move |topic: &str| state.cluster.topic(topic).map(|t| t.config.partitions)
+    move |topic: &str| match &state.cluster_node {
+        Some(node) => node
+            .controller
+            .topic(topic)
+            .map(|t| t.replicas.len() as u32)
+            .or_else(|| state.cluster.topic(topic).map(|t| t.config.partitions)),
+        None => state.cluster.topic(topic).map(|t| t.config.partitions),
+    }
 }
 
 fn group_heartbeat(

@@ -70,6 +70,8 @@ pub enum StartError {
     Transforms(#[from] crate::transform::TransformError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("cluster: {0}")]
+    Peers(#[from] peer::PeerSetupError),
 }
 
 /// Shared state of a running broker.
@@ -97,6 +99,17 @@ pub(crate) struct State {
     /// Connections (and handshakes) open per source IP.
     connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
     pub(crate) metrics: ServerMetrics,
+    /// This broker's part in a cluster (`--peers`); `None`: a single node, as before.
+    pub(crate) cluster_node: Option<ClusterNode>,
+}
+
+/// A cluster broker's replication side: the metadata controller and the hosted replicas,
+/// the peer transport on the broker's own endpoint, and the check of peers' certificates.
+#[derive(Debug)]
+pub(crate) struct ClusterNode {
+    pub controller: Arc<crate::controller::Controller<peer::QuicPeers>>,
+    pub groups: Arc<peer::PeerGroups>,
+    pub verifier: peer::PeerVerifier,
 }
 
 /// A tiny cancellation token (a watch channel): set once, awaited by many.
@@ -172,12 +185,46 @@ impl Broker {
                 format!("creating {}: {e}", config.data_dir.display()),
             )
         })?;
-        let identity = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => tls::load_identity(cert, key)?,
-            _ => tls::dev_identity(&config.data_dir, config.advertised_host.as_slice())?,
+        let cluster_peers = config.cluster_peers()?;
+        let mut peer_tls = None;
+        let crypto = match &cluster_peers {
+            None => {
+                let identity = match (&config.tls_cert, &config.tls_key) {
+                    (Some(cert), Some(key)) => tls::load_identity(cert, key)?,
+                    _ => tls::dev_identity(&config.data_dir, config.advertised_host.as_slice())?,
+                };
+                let dev_ca_path = identity.dev_ca_path.clone();
+                (
+                    tls::server_crypto(identity, config.client_ca.as_deref())?,
+                    dev_ca_path,
+                )
+            }
+            Some(_) => {
+                let ca_dir = config.ca_dir.as_deref().ok_or_else(|| {
+                    crate::config::ConfigError::Invalid(
+                        "a cluster broker (--peers) needs --ca-dir: the CA its peers share".into(),
+                    )
+                })?;
+                let mut names: Vec<String> = config.advertised_host.iter().cloned().collect();
+                names.push(config.listen.ip().to_string());
+                let identity = tls::cluster_identity(ca_dir, &names, peer::PEER_SERVER_NAME)?;
+                peer_tls = Some(peer::PeerTls {
+                    chain: identity.server.chain.clone(),
+                    key: identity.server.key.clone_key(),
+                    roots: vec![identity.ca.clone()],
+                });
+                let dev_ca_path = identity.server.dev_ca_path.clone();
+                (
+                    tls::server_crypto_with_peers(
+                        identity.server,
+                        config.client_ca.as_deref(),
+                        Some(&identity.ca),
+                    )?,
+                    dev_ca_path,
+                )
+            }
         };
-        let dev_ca_path = identity.dev_ca_path.clone();
-        let crypto = tls::server_crypto(identity, config.client_ca.as_deref())?;
+        let (crypto, dev_ca_path) = crypto;
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| StartError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
@@ -245,6 +292,38 @@ impl Broker {
         if let Some(path) = &admin_token_path {
             tracing::warn!(path = %path.display(), principal = crate::auth::ADMIN_PRINCIPAL, "wrote the first admin token (mode 0600); use it with --token and keep it secret");
         }
+        let cluster_node = match (cluster_peers, peer_tls) {
+            (Some(peers), Some(tls)) => {
+                let node_id = config.node_id.expect("validated with peers");
+                let groups = Arc::new(peer::PeerGroups::default());
+                let transport = peer::QuicPeers::on_endpoint(
+                    node_id,
+                    endpoint.clone(),
+                    &tls,
+                    peers.iter().map(|(id, addr)| (*id, *addr)).collect(),
+                )?;
+                let verifier = peer::PeerVerifier::new(tls.roots.clone())?;
+                let controller = crate::controller::Controller::start(
+                    crate::controller::ControllerConfig {
+                        node_id,
+                        peers,
+                        data_dir: config.data_dir.clone(),
+                        log_config: cluster.log_config_default(),
+                        retention_ms: config.retention_ms,
+                        clock_ms: crate::cluster::now_ms,
+                    },
+                    transport,
+                    groups.clone(),
+                )
+                .await?;
+                Some(ClusterNode {
+                    controller,
+                    groups,
+                    verifier,
+                })
+            }
+            _ => None,
+        };
         let cluster = Arc::new(cluster);
         let groups_cluster = cluster.clone();
         let groups =
@@ -269,6 +348,7 @@ impl Broker {
             metrics: ServerMetrics::new(),
             local_addr,
             config,
+            cluster_node,
         });
         chains::load(&state).await;
         let pipelines = crate::pipeline::Pipelines::open(
@@ -360,6 +440,9 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
         background.abort();
+        if let Some(node) = &state.cluster_node {
+            node.controller.stop().await;
+        }
         if let Some(cleaner) = cleaner {
             let _ = tokio::task::spawn_blocking(move || cleaner.stop()).await;
         }
@@ -494,6 +577,9 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: I
             return;
         }
     };
+    if serve_if_peer(&state, &connection).await {
+        return;
+    }
     tracing::debug!(%remote, "connection open");
     let _open = OpenGuard::new(&state.metrics.connections);
     let connection_memory = (state.config.request_bytes_in_flight_max
@@ -524,6 +610,37 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: I
             }
         }
     }
+}
+
+/// A connection that negotiated ALPN `ketch-peer/1` is another broker of the cluster: it must
+/// present a certificate of the cluster CA, and is answered by the peer transport until it
+/// closes. Returns whether the connection was a peer's (and is done).
+async fn serve_if_peer(state: &State, connection: &quinn::Connection) -> bool {
+    let alpn = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    if alpn.as_deref() != Some(peer::PEER_ALPN) {
+        return false;
+    }
+    let remote = connection.remote_address();
+    let Some(node) = &state.cluster_node else {
+        connection.close(STREAM_REFUSED.into(), b"not a cluster broker");
+        return true;
+    };
+    if let Err(e) = node.verifier.verify(connection) {
+        tracing::warn!(%remote, error = %e, "refused a peer connection");
+        connection.close(STREAM_REFUSED.into(), b"peer certificate refused");
+        return true;
+    }
+    tracing::debug!(%remote, "peer connection open");
+    peer::serve_peer_connection(
+        connection.clone(),
+        node.controller.node_id(),
+        node.groups.clone(),
+    )
+    .await;
+    true
 }
 
 async fn serve_stream(

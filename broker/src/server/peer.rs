@@ -7,8 +7,10 @@
 //! (see [`crate::replication::peer_wire`]). A request names its group; the receiving broker
 //! answers with its replica of that group, or "unreachable" if it has none.
 //!
-//! Its own endpoint for now (the client endpoint speaks `ketch/1` only); moving it onto the
-//! broker's endpoint is a matter of accepting both ALPNs there.
+//! `ketch serve` in a cluster runs it on the broker's own endpoint ([`QuicPeers::on_endpoint`]):
+//! one UDP port for clients and peers, told apart by ALPN, a peer connection checked against
+//! the cluster CA ([`PeerVerifier`]) and handed to [`serve_peer_connection`]. [`QuicPeers::bind`]
+//! gives it an endpoint of its own (the transport tests).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,6 +109,8 @@ pub struct QuicPeers {
     /// One connection per peer, shared by every group. Each peer has its own slot, so a
     /// connection attempt to a dead peer holds up requests to that peer only.
     connections: std::sync::Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+    /// How outgoing connections present this broker (ALPN `ketch-peer/1`, its certificate).
+    client_config: quinn::ClientConfig,
 }
 
 /// A peer's connection; the async mutex serialises (re)connecting to it.
@@ -129,7 +133,83 @@ fn transport_config() -> quinn::TransportConfig {
     transport
 }
 
+/// Checks that a peer connection on a shared endpoint presented a certificate of the
+/// cluster CA (the endpoint's own verifier may also accept clients' CAs).
+#[derive(Debug)]
+pub struct PeerVerifier(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl PeerVerifier {
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<PeerVerifier, PeerSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut store = rustls::RootCertStore::empty();
+        for root in roots {
+            store.add(root).map_err(tls_error)?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+                .build()
+                .map_err(tls_error)?;
+        Ok(PeerVerifier(verifier))
+    }
+
+    /// Whether `connection` presented a chain the cluster CA issued.
+    pub fn verify(&self, connection: &quinn::Connection) -> Result<(), String> {
+        let chain = connection
+            .peer_identity()
+            .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .ok_or("a peer connection without a certificate")?;
+        let (end_entity, intermediates) =
+            chain.split_first().ok_or("an empty certificate chain")?;
+        self.0
+            .verify_client_cert(
+                end_entity,
+                intermediates,
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn peer_client_config(tls: &PeerTls) -> Result<quinn::ClientConfig, PeerSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &tls.roots {
+        roots.add(root.clone()).map_err(tls_error)?;
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
+        .map_err(tls_error)?;
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut client_config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?,
+    ));
+    client_config.transport_config(Arc::new(transport_config()));
+    Ok(client_config)
+}
+
 impl QuicPeers {
+    /// The peer transport on a broker's own endpoint (which accepts `ketch-peer/1` beside
+    /// `ketch/1` and hands peer connections to [`serve_peer_connection`]): outgoing
+    /// connections leave from the same UDP port.
+    pub fn on_endpoint(
+        node_id: NodeId,
+        endpoint: quinn::Endpoint,
+        tls: &PeerTls,
+        addresses: HashMap<NodeId, SocketAddr>,
+    ) -> Result<Arc<QuicPeers>, PeerSetupError> {
+        Ok(Arc::new(QuicPeers {
+            node_id,
+            client_config: peer_client_config(tls)?,
+            endpoint,
+            addresses: RwLock::new(addresses),
+            connections: std::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
     /// Binds the peer endpoint on `listen` and starts answering peers with `groups`.
     /// `addresses` are the peers' endpoints, by node id.
     pub fn bind(
@@ -141,16 +221,14 @@ impl QuicPeers {
     ) -> Result<Arc<QuicPeers>, PeerSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        for root in tls.roots {
+        for root in tls.roots.iter().cloned() {
             roots.add(root).map_err(tls_error)?;
         }
         let roots = Arc::new(roots);
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .map_err(tls_error)?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(tls_error)?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_error)?
@@ -159,33 +237,22 @@ impl QuicPeers {
             .map_err(tls_error)?;
         server.alpn_protocols = vec![PEER_ALPN.to_vec()];
         server.max_early_data_size = 0;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_error)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(tls.chain, tls.key)
-            .map_err(tls_error)?;
-        client.alpn_protocols = vec![PEER_ALPN.to_vec()];
-
+        let client_config = peer_client_config(&tls)?;
         let transport = Arc::new(transport_config());
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?,
         ));
         server_config.transport_config(transport.clone());
-        let mut client_config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?,
-        ));
-        client_config.transport_config(transport);
-        let mut endpoint = quinn::Endpoint::server(server_config, listen).map_err(|source| {
+        let endpoint = quinn::Endpoint::server(server_config, listen).map_err(|source| {
             PeerSetupError::Bind {
                 addr: listen,
                 source,
             }
         })?;
-        endpoint.set_default_client_config(client_config);
         tokio::spawn(accept(endpoint.clone(), node_id, groups));
         Ok(Arc::new(QuicPeers {
             node_id,
+            client_config,
             endpoint,
             addresses: RwLock::new(addresses),
             connections: std::sync::Mutex::new(HashMap::new()),
@@ -241,7 +308,7 @@ impl QuicPeers {
             .ok_or_else(|| unreachable("no address known".into()))?;
         let connecting = self
             .endpoint
-            .connect(addr, PEER_SERVER_NAME)
+            .connect_with(self.client_config.clone(), addr, PEER_SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?;
         let connected = tokio::time::timeout(PEER_CONNECT_TIMEOUT, connecting)
             .await
@@ -338,10 +405,19 @@ async fn accept(endpoint: quinn::Endpoint, node_id: NodeId, groups: Arc<PeerGrou
                     return;
                 }
             };
-            while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(answer(send, recv, node_id, groups.clone()));
-            }
+            serve_peer_connection(connection, node_id, groups).await;
         });
+    }
+}
+
+/// Answers a peer's requests on `connection` (whose certificate was checked) until it closes.
+pub async fn serve_peer_connection(
+    connection: quinn::Connection,
+    node_id: NodeId,
+    groups: Arc<PeerGroups>,
+) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        tokio::spawn(answer(send, recv, node_id, groups.clone()));
     }
 }
 
@@ -372,4 +448,14 @@ async fn answer(
         }),
     };
     let _ = write_message(&mut send, peer_wire::encode_response(&answer)).await;
+}
+
+impl crate::controller::RegisterGroups for PeerGroups {
+    fn register(&self, group: GroupId, raft: Raft) {
+        PeerGroups::register(self, group, raft);
+    }
+
+    fn unregister(&self, group: &GroupId) {
+        PeerGroups::unregister(self, group);
+    }
 }

@@ -61,6 +61,118 @@ pub fn dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<ServerIde
     Ok(identity)
 }
 
+/// The cluster CA's key and certificate in one file, published with a link that never
+/// replaces: whichever broker links it first made the CA every broker uses.
+const CLUSTER_CA_BUNDLE_FILE: &str = "ca-bundle.pem";
+
+/// What a cluster broker presents and trusts: its own certificate from the cluster CA, and
+/// that CA.
+#[derive(Debug)]
+pub struct ClusterIdentity {
+    pub server: ServerIdentity,
+    pub ca: CertificateDer<'static>,
+}
+
+fn dev_ca_params() -> Result<rcgen::CertificateParams, TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Ketch development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(ca_params)
+}
+
+/// The cluster's development CA in `ca_dir` — made now if missing, atomically: a complete
+/// bundle is written to a file of this process's own and linked into place, which fails if
+/// another broker got there first (then its CA is the one) — and a certificate for this
+/// broker issued from it, for `names` (client names) and the peer name `peer_name`.
+pub fn cluster_identity(
+    ca_dir: &Path,
+    names: &[String],
+    peer_name: &str,
+) -> Result<ClusterIdentity, TlsError> {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TlsError::Io { path, source }
+    };
+    std::fs::create_dir_all(ca_dir).map_err(io(ca_dir))?;
+    let bundle_path = ca_dir.join(CLUSTER_CA_BUNDLE_FILE);
+    if !bundle_path.exists() {
+        let key = KeyPair::generate()?;
+        let cert = dev_ca_params()?.self_signed(&key)?;
+        let mut bundle = key.serialize_pem();
+        bundle.push_str(&cert.pem());
+        let own = ca_dir.join(format!(
+            ".{CLUSTER_CA_BUNDLE_FILE}.{}.tmp",
+            std::process::id()
+        ));
+        write_file(&own, bundle.as_bytes(), true)?;
+        match std::fs::hard_link(&own, &bundle_path) {
+            Ok(()) => tracing::info!(dir = %ca_dir.display(), "made the cluster's development CA"),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&bundle_path)(e)),
+        }
+        let _ = std::fs::remove_file(&own);
+        if let Ok(dir) = std::fs::File::open(ca_dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    let bundle = std::fs::read_to_string(&bundle_path).map_err(io(&bundle_path))?;
+    let ca_key = KeyPair::from_pem(&bundle).map_err(|e| TlsError::Pem {
+        path: bundle_path.clone(),
+        message: e.to_string(),
+    })?;
+    let ca_der = CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .next()
+        .ok_or_else(|| TlsError::Pem {
+            path: bundle_path.clone(),
+            message: "no CA certificate in the bundle".into(),
+        })?
+        .map_err(|e| TlsError::Pem {
+            path: bundle_path.clone(),
+            message: e.to_string(),
+        })?;
+    // The issuer as rcgen needs it: same name and key as the published CA certificate, so
+    // what it signs chains to that certificate.
+    let issuer = dev_ca_params()?.self_signed(&ca_key)?;
+    let ca_path = ca_dir.join(DEV_CA_FILE);
+    let ca_pem = &bundle[bundle.find("-----BEGIN CERTIFICATE-----").unwrap_or(0)..];
+    if std::fs::read_to_string(&ca_path).ok().as_deref() != Some(ca_pem) {
+        let own = ca_dir.join(format!(".{DEV_CA_FILE}.{}.tmp", std::process::id()));
+        write_file(&own, ca_pem.as_bytes(), false)?;
+        std::fs::rename(&own, &ca_path).map_err(io(&ca_path))?;
+    }
+    let mut all_names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+        peer_name.to_owned(),
+    ];
+    all_names.extend(names.iter().cloned());
+    all_names.sort();
+    all_names.dedup();
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(all_names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ketch broker");
+    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+    Ok(ClusterIdentity {
+        server: ServerIdentity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Pem {
+                path: bundle_path,
+                message: e.to_string(),
+            })?,
+            dev_ca_path: Some(ca_path),
+        },
+        ca: ca_der,
+    })
+}
+
 fn generate_dev_identity(data_dir: &Path, extra_names: &[String]) -> Result<(), TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
@@ -157,16 +269,33 @@ pub fn server_crypto(
     identity: ServerIdentity,
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_crypto_with_peers(identity, client_ca, None)
+}
+
+/// [`server_crypto`], and with `cluster_ca` also ALPN `ketch-peer/1` for brokers of the
+/// cluster: certificates of that CA are asked for too (a peer connection must present one;
+/// the server checks that after the handshake).
+pub fn server_crypto_with_peers(
+    identity: ServerIdentity,
+    client_ca: Option<&Path>,
+    cluster_ca: Option<&CertificateDer<'static>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
+    let builder = match (client_ca, cluster_ca) {
+        (None, None) => builder.with_no_client_auth(),
+        (path, cluster_ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for certificate in read_chain(path)? {
-                roots.add(certificate)?;
+            if let Some(path) = path {
+                for certificate in read_chain(path)? {
+                    roots.add(certificate)?;
+                }
             }
+            if let Some(ca) = cluster_ca {
+                roots.add(ca.clone())?;
+            }
+            let path = path.map(Path::to_owned).unwrap_or_default();
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -182,6 +311,9 @@ pub fn server_crypto(
     };
     let mut config = builder.with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![ketch_protocol::ALPN.to_vec()];
+    if cluster_ca.is_some() {
+        config.alpn_protocols.push(super::peer::PEER_ALPN.to_vec());
+    }
     config.max_early_data_size = 0;
     Ok(Arc::new(config))
 }

@@ -1,0 +1,769 @@
+//! The cluster's metadata, KRaft-style: a metadata log `__cluster_metadata`, replicated by a
+//! [`PartitionReplica`] over the initial members (the **controller** is its leader). Its
+//! committed records are [`MetadataCommand`]s (JSON values, one per record) that every broker
+//! applies, in order, to an in-memory [`Image`]: topics with their id, partition count,
+//! replica placement and configuration; the last leader and epoch each partition reported.
+//! Metadata, ListTopics and DescribeTopic are answered from the image on every broker.
+//!
+//! A broker proposes a command locally when it leads the metadata group, or forwards it to
+//! the leader over the peer transport (`PeerRequest::Propose`, as Kafka forwards admin
+//! requests since KIP-590): a client may send CreateTopic to any broker and needs no
+//! controller-following logic. Commands are idempotent (a topic is created once, the first
+//! create of a name wins; the proposer learns the outcome when its image applies), so a
+//! proposal retried after an ambiguous failure is harmless.
+//!
+//! Applying a `TopicCreated` that places a replica here opens it ([`ReplicatedPartition`],
+//! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); the first
+//! replica of a partition's list initializes its group, and a restart rejoins it. The image is
+//! rebuilt at start-up by replaying the metadata log (never purged yet).
+//!
+//! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
+//! coordination stays per broker (clients use the controller's); producer ids are made
+//! unique across brokers by putting the node id in their high bits.
+
+pub mod partition;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{BatchBuilder, RecordBatch};
+use ketch_protocol::messages::Acks;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
+
+use crate::cluster::{ClusterError, TopicConfig, TopicId};
+use crate::config::ClusterPeers;
+use crate::replication::network::{GroupId, PeerRequest, PeerResponse, PeerTransport};
+use crate::replication::replica::ReplicaConfig;
+use crate::replication::{Clock, NodeId, PartitionReplica, Raft};
+use crate::storage::LogConfig;
+
+/// The metadata log's group name.
+pub const METADATA_GROUP: &str = "__cluster_metadata";
+/// The directory of cluster state inside the data directory.
+pub const CLUSTER_DIR: &str = "cluster";
+/// How long an admin change waits for the controller to commit it and this broker to apply it.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a new topic's creation waits for every partition to have a known leader.
+pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
+/// The largest metadata read at once while applying.
+const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Producer ids: the node id goes above this many bits of locally allocated id.
+pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
+
+/// A change of cluster metadata: one record of the metadata log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MetadataCommand {
+    TopicCreated {
+        name: String,
+        id: u64,
+        /// Per partition, its replicas; the first is the preferred leader.
+        replicas: Vec<Vec<NodeId>>,
+        configs: Vec<(String, String)>,
+    },
+    TopicDeleted {
+        name: String,
+        id: u64,
+    },
+    /// A partition's replica became leader in `epoch` (reported by that leader).
+    PartitionLeader {
+        topic_id: u64,
+        partition: u32,
+        leader: NodeId,
+        epoch: u64,
+    },
+}
+
+/// A topic as the metadata log says.
+#[derive(Debug, Clone)]
+pub struct TopicImage {
+    pub name: String,
+    pub id: u64,
+    pub replicas: Vec<Vec<NodeId>>,
+    pub configs: Vec<(String, String)>,
+    /// The last leader and epoch each partition reported.
+    pub leaders: Vec<Option<(NodeId, u64)>>,
+}
+
+/// Every broker's in-memory replica of the cluster metadata.
+#[derive(Debug, Default, Clone)]
+pub struct Image {
+    pub topics: BTreeMap<String, TopicImage>,
+}
+
+impl Image {
+    /// Applies one command; returns what this broker must open or close.
+    fn apply(&mut self, command: MetadataCommand) -> Effect {
+        match command {
+            MetadataCommand::TopicCreated {
+                name,
+                id,
+                replicas,
+                configs,
+            } => {
+                if self.topics.contains_key(&name) {
+                    return Effect::None;
+                }
+                let topic = TopicImage {
+                    name: name.clone(),
+                    id,
+                    leaders: vec![None; replicas.len()],
+                    replicas,
+                    configs,
+                };
+                self.topics.insert(name, topic.clone());
+                Effect::Open(topic)
+            }
+            MetadataCommand::TopicDeleted { name, id } => {
+                match self.topics.get(&name) {
+                    Some(topic) if topic.id == id => {}
+                    _ => return Effect::None,
+                }
+                self.topics
+                    .remove(&name)
+                    .map_or(Effect::None, Effect::Close)
+            }
+            MetadataCommand::PartitionLeader {
+                topic_id,
+                partition,
+                leader,
+                epoch,
+            } => {
+                if let Some(topic) = self.topics.values_mut().find(|t| t.id == topic_id)
+                    && let Some(slot) = topic.leaders.get_mut(partition as usize)
+                    && slot.is_none_or(|(_, known)| known <= epoch)
+                {
+                    *slot = Some((leader, epoch));
+                }
+                Effect::None
+            }
+        }
+    }
+}
+
+enum Effect {
+    None,
+    Open(TopicImage),
+    Close(TopicImage),
+}
+
+/// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
+/// are consecutive brokers from a start that moves by one per partition (and by topic), so
+/// replicas and preferred leaders spread evenly.
+pub fn place(
+    brokers: &[NodeId],
+    partitions: u32,
+    replication_factor: usize,
+    seed: u64,
+) -> Vec<Vec<NodeId>> {
+    let n = brokers.len();
+    (0..partitions as usize)
+        .map(|p| {
+            (0..replication_factor)
+                .map(|i| brokers[(seed as usize % n + p + i) % n])
+                .collect()
+        })
+        .collect()
+}
+
+fn encode_command(command: &MetadataCommand, now_ms: i64) -> Bytes {
+    let value = serde_json::to_vec(command).expect("metadata commands serialize");
+    let mut builder = BatchBuilder::new(ketch_protocol::batch::BATCH_BYTES_MAX);
+    assert!(builder.try_append(now_ms, None, Some(&value), &[]));
+    builder.finish()
+}
+
+/// The cluster side of a broker: the metadata image and the partition replicas it hosts.
+pub struct Controller<T: PeerTransport> {
+    node_id: NodeId,
+    peers: ClusterPeers,
+    transport: Arc<T>,
+    groups: Arc<dyn RegisterGroups>,
+    metadata: PartitionReplica,
+    image: RwLock<Image>,
+    /// The metadata offset applied so far (the next to apply).
+    applied: watch::Sender<i64>,
+    partitions: RwLock<HashMap<(String, u32), Arc<ReplicatedPartition>>>,
+    dir: PathBuf,
+    log_config: LogConfig,
+    clock: Clock,
+    /// Default retention of new topics (the broker's setting).
+    retention_ms: i64,
+}
+
+impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("node_id", &self.node_id)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where replicas are registered to answer their peers (the server's `PeerGroups`).
+pub trait RegisterGroups: Send + Sync + 'static {
+    fn register(&self, group: GroupId, raft: Raft);
+    fn unregister(&self, group: &GroupId);
+}
+
+/// What the controller needs from the broker to start.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub node_id: NodeId,
+    pub peers: ClusterPeers,
+    pub data_dir: PathBuf,
+    pub log_config: LogConfig,
+    pub retention_ms: i64,
+    pub clock_ms: fn() -> i64,
+}
+
+impl<T: PeerTransport> Controller<T> {
+    /// Opens the metadata replica (initializing the group on the lowest node id of a new
+    /// cluster), replays the metadata log into the image and opens the replicas it places
+    /// here, as they commit.
+    pub async fn start(
+        config: ControllerConfig,
+        transport: Arc<T>,
+        groups: Arc<dyn RegisterGroups>,
+    ) -> Result<Arc<Controller<T>>, ClusterError> {
+        let dir = config.data_dir.join(CLUSTER_DIR);
+        let clock_fn = config.clock_ms;
+        let clock: Clock = Arc::new(clock_fn);
+        let storage =
+            |e: &dyn std::fmt::Display| ClusterError::new(ErrorCode::StorageFailed, e.to_string());
+        std::fs::create_dir_all(dir.join("partitions")).map_err(|e| storage(&e))?;
+        let group: GroupId = METADATA_GROUP.into();
+        let metadata = PartitionReplica::open(
+            &dir.join("metadata"),
+            config.log_config.clone(),
+            ReplicaConfig::new(config.node_id, group.clone(), clock.clone()),
+            transport.clone(),
+        )
+        .await
+        .map_err(|e| storage(&e))?;
+        groups.register(group, metadata.raft().clone());
+        let first = *config.peers.keys().next().expect("a cluster has members");
+        if first == config.node_id {
+            metadata
+                .initialize(config.peers.keys().copied().collect())
+                .await
+                .map_err(|e| storage(&e))?;
+        }
+        let controller = Arc::new(Controller {
+            node_id: config.node_id,
+            peers: config.peers,
+            transport,
+            groups,
+            metadata,
+            image: RwLock::default(),
+            applied: watch::Sender::new(0),
+            partitions: RwLock::default(),
+            dir,
+            log_config: config.log_config,
+            clock,
+            retention_ms: config.retention_ms,
+        });
+        tokio::spawn(controller.clone().apply_loop());
+        Ok(controller)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    pub fn peers(&self) -> &ClusterPeers {
+        &self.peers
+    }
+
+    /// The metadata group's leader as this broker knows it.
+    pub fn controller_id(&self) -> Option<NodeId> {
+        self.metadata.leader().0
+    }
+
+    pub fn image(&self) -> Image {
+        self.image.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn topic(&self, name: &str) -> Option<TopicImage> {
+        self.image
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .topics
+            .get(name)
+            .cloned()
+    }
+
+    /// The hosted replica of a partition, if this broker has one.
+    pub fn partition(&self, topic: &str, index: u32) -> Option<Arc<ReplicatedPartition>> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_owned(), index))
+            .cloned()
+    }
+
+    /// Every hosted replica.
+    pub fn hosted(&self) -> Vec<Arc<ReplicatedPartition>> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A partition's leader: the local replica's view where it hosts one, else the last one
+    /// the metadata log recorded.
+    pub fn leader_of(&self, topic: &TopicImage, index: u32) -> LeaderView {
+        if let Some(hosted) = self.partition(&topic.name, index) {
+            let view = hosted.leader();
+            if view.0.is_some() {
+                return view;
+            }
+        }
+        match topic.leaders.get(index as usize).copied().flatten() {
+            Some((leader, epoch)) => (Some(leader), epoch),
+            None => (None, 0),
+        }
+    }
+
+    /// A produce answer for a partition this broker does not host (or does not know).
+    pub fn not_hosted(&self, topic: &str, index: u32) -> ProduceRefused {
+        match self.topic(topic) {
+            Some(image) if (index as usize) < image.replicas.len() => ProduceRefused {
+                error: ClusterError::new(
+                    ErrorCode::NotLeader,
+                    format!("node {} has no replica of {topic}/{index}", self.node_id),
+                ),
+                leader: self.leader_of(&image, index),
+            },
+            Some(_) => ProduceRefused {
+                error: ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!("{topic} has no partition {index}"),
+                ),
+                leader: (None, 0),
+            },
+            None => ProduceRefused {
+                error: ClusterError::new(
+                    ErrorCode::UnknownTopic,
+                    format!("unknown topic {topic:?}"),
+                ),
+                leader: (None, 0),
+            },
+        }
+    }
+
+    async fn apply_loop(self: Arc<Self>) {
+        let mut high_watermark = self.metadata.watch_high_watermark();
+        let mut next = 0i64;
+        loop {
+            let high = *high_watermark.borrow_and_update();
+            while next < high {
+                let batches = match self.metadata.read_committed(next, APPLY_READ_BYTES_MAX) {
+                    Ok(batches) => batches,
+                    Err(e) => {
+                        tracing::error!(error = %e, offset = next, "reading the metadata log failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if batches.is_empty() {
+                    break;
+                }
+                for committed in batches {
+                    let batch = match RecordBatch::new(committed.bytes) {
+                        Ok(batch) => batch,
+                        Err(e) => {
+                            tracing::error!(error = %e, offset = committed.base_offset, "an unreadable metadata batch");
+                            next = committed.base_offset + 1;
+                            continue;
+                        }
+                    };
+                    next = batch.header().next_offset();
+                    for record in batch.records() {
+                        let command = record.map_err(|e| e.to_string()).and_then(|r| {
+                            serde_json::from_slice::<MetadataCommand>(
+                                r.value.as_deref().unwrap_or_default(),
+                            )
+                            .map_err(|e| e.to_string())
+                        });
+                        match command {
+                            Ok(command) => self.apply(command).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "an unreadable metadata record: skipped")
+                            }
+                        }
+                    }
+                }
+            }
+            self.applied.send_replace(next);
+            if high_watermark.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, command: MetadataCommand) {
+        let effect = self
+            .image
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(command);
+        match effect {
+            Effect::None => {}
+            Effect::Open(topic) => {
+                for (index, replicas) in topic.replicas.iter().enumerate() {
+                    if replicas.contains(&self.node_id)
+                        && let Err(e) = self.open_replica(&topic, index as u32, replicas).await
+                    {
+                        tracing::error!(topic = %topic.name, partition = index, error = %e, "could not open a partition replica");
+                    }
+                }
+            }
+            Effect::Close(topic) => {
+                for index in 0..topic.replicas.len() as u32 {
+                    let removed = self
+                        .partitions
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&(topic.name.clone(), index));
+                    if let Some(partition) = removed {
+                        self.groups.unregister(&partition.group);
+                        let dir = partition.dir.clone();
+                        tokio::spawn(async move {
+                            partition.replica.stop().await;
+                            drop(partition);
+                            let _ =
+                                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+                                    .await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open_replica(
+        self: &Arc<Self>,
+        topic: &TopicImage,
+        index: u32,
+        replicas: &[NodeId],
+    ) -> Result<(), ClusterError> {
+        let group: GroupId = format!("{}/{index}", TopicId(topic.id)).into();
+        let dir = self
+            .dir
+            .join("partitions")
+            .join(format!("{}-{index}", TopicId(topic.id)));
+        let replica = PartitionReplica::open(
+            &dir,
+            self.log_config.clone(),
+            ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
+            self.transport.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+        self.groups.register(group.clone(), replica.raft().clone());
+        if replicas.first() == Some(&self.node_id) {
+            replica
+                .initialize(replicas.iter().copied().collect::<BTreeSet<_>>())
+                .await
+                .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+        }
+        let partition = Arc::new(ReplicatedPartition::new(
+            topic.name.clone(),
+            topic.id,
+            index,
+            replicas.to_vec(),
+            group,
+            dir,
+            replica,
+        ));
+        self.partitions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((topic.name.clone(), index), partition.clone());
+        tokio::spawn(report_leadership(Arc::downgrade(self), partition));
+        Ok(())
+    }
+
+    /// Commits `command` through the controller (here or forwarded), within `timeout`;
+    /// returns its offset in the metadata log.
+    pub async fn propose(
+        &self,
+        command: &MetadataCommand,
+        timeout: Duration,
+    ) -> Result<i64, ClusterError> {
+        let batch = encode_command(command, (self.clock)());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let group: GroupId = METADATA_GROUP.into();
+        loop {
+            let result = match self.metadata.leader().0 {
+                Some(leader) if leader == self.node_id => self
+                    .metadata
+                    .write(batch.clone(), Acks::All, timeout)
+                    .await
+                    .map(|appended| appended.last_offset)
+                    .map_err(|e| e.to_string()),
+                Some(leader) => match self
+                    .transport
+                    .call(
+                        &group,
+                        self.node_id,
+                        leader,
+                        PeerRequest::Propose(batch.clone()),
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Proposed(applied, _)) => Ok(applied.last_offset),
+                    Ok(other) => Err(format!("the controller answered {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err("no controller is elected yet".to_owned()),
+            };
+            match result {
+                Ok(offset) => return Ok(offset),
+                Err(e) if tokio::time::Instant::now() + Duration::from_millis(100) < deadline => {
+                    tracing::debug!(error = %e, "metadata proposal: retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(ClusterError::new(
+                        ErrorCode::Timeout,
+                        format!("the controller did not commit the change within {timeout:?}: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits until this broker's image has applied the metadata log through `offset`.
+    pub async fn wait_applied(&self, offset: i64, timeout: Duration) -> Result<(), ClusterError> {
+        let mut applied = self.applied.subscribe();
+        let wait = applied.wait_for(|next| *next > offset);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ClusterError::new(
+                ErrorCode::Timeout,
+                format!("metadata offset {offset} was not applied within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Creates a replicated topic: places it, commits it, waits until this broker applied it
+    /// and every partition has a leader.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        configs: &[ketch_protocol::messages::ConfigEntry],
+        partitions_per_topic_max: u32,
+    ) -> Result<TopicImage, ClusterError> {
+        crate::cluster::validate_topic_name(name)?;
+        if partitions == 0 || partitions > partitions_per_topic_max {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidPartitions,
+                format!("partitions must be between 1 and {partitions_per_topic_max}"),
+            ));
+        }
+        let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let replication_factor = usize::from(replication_factor.max(1));
+        if replication_factor > brokers.len() {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "replication factor {replication_factor} is more than the {} brokers of this cluster",
+                    brokers.len()
+                ),
+            ));
+        }
+        let mut config = TopicConfig {
+            partitions,
+            retention_ms: self.retention_ms,
+            retention_bytes: -1,
+            cleanup_policy: Default::default(),
+            delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+        };
+        for entry in configs {
+            config.set(&entry.key, &entry.value)?;
+        }
+        if self.topic(name).is_some() {
+            return Err(ClusterError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name:?} already exists"),
+            ));
+        }
+        let id = TopicId::generate().0;
+        let replicas = place(&brokers, partitions, replication_factor, id);
+        let command = MetadataCommand::TopicCreated {
+            name: name.to_owned(),
+            id,
+            replicas,
+            configs: config
+                .entries()
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+        };
+        let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        let topic = self.topic(name).filter(|t| t.id == id).ok_or_else(|| {
+            ClusterError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name:?} already exists"),
+            )
+        })?;
+        // Clients produce right after a create: let every partition elect its leader first.
+        let leaders = async {
+            loop {
+                let current = self.topic(name);
+                let all = current.as_ref().is_some_and(|t| {
+                    (0..t.replicas.len() as u32).all(|p| self.leader_of(t, p).0.is_some())
+                });
+                if all || current.is_none() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(CREATE_LEADERS_WAIT_MAX, leaders)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                topic = name,
+                "created, but not every partition has a leader yet"
+            );
+        }
+        Ok(self.topic(name).unwrap_or(topic))
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
+        let topic = self.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        let command = MetadataCommand::TopicDeleted {
+            name: name.to_owned(),
+            id: topic.id,
+        };
+        let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await
+    }
+
+    /// Stops every replica this broker hosts (at shutdown).
+    pub async fn stop(&self) {
+        for partition in self.hosted() {
+            partition.replica.stop().await;
+        }
+        self.metadata.stop().await;
+    }
+}
+
+/// Tells the controller each time this replica becomes its partition's leader, so brokers
+/// without a replica of it can name the leader.
+async fn report_leadership<T: PeerTransport>(
+    controller: std::sync::Weak<Controller<T>>,
+    partition: Arc<ReplicatedPartition>,
+) {
+    let mut known = (None, 0);
+    while let Some(now) = partition.replica.leader_changed(known).await {
+        known = now;
+        let Some(controller) = controller.upgrade() else {
+            return;
+        };
+        if now.0 != Some(controller.node_id) {
+            continue;
+        }
+        let command = MetadataCommand::PartitionLeader {
+            topic_id: partition.topic_id,
+            partition: partition.index,
+            leader: controller.node_id,
+            epoch: now.1,
+        };
+        if let Err(e) = controller.propose(&command, PROPOSE_TIMEOUT).await {
+            tracing::warn!(topic = %partition.topic, partition = partition.index, error = %e.message, "could not record a new leader");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_spreads_replicas_and_leaders() {
+        let brokers = [1, 2, 3];
+        let placed = place(&brokers, 6, 3, 0);
+        let mut led = [0; 4];
+        for replicas in &placed {
+            assert_eq!(replicas.len(), 3);
+            let distinct: BTreeSet<_> = replicas.iter().collect();
+            assert_eq!(distinct.len(), 3, "{replicas:?}");
+            led[replicas[0] as usize] += 1;
+        }
+        assert_eq!(&led[1..], &[2, 2, 2]);
+        assert_eq!(place(&brokers, 2, 1, 4), vec![vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn the_first_create_of_a_name_wins_and_deletes_match_the_id() {
+        let mut image = Image::default();
+        let created = |id| MetadataCommand::TopicCreated {
+            name: "t".into(),
+            id,
+            replicas: vec![vec![1, 2]],
+            configs: vec![],
+        };
+        assert!(matches!(image.apply(created(7)), Effect::Open(_)));
+        assert!(matches!(image.apply(created(8)), Effect::None));
+        assert_eq!(image.topics["t"].id, 7);
+        let leader = |epoch| MetadataCommand::PartitionLeader {
+            topic_id: 7,
+            partition: 0,
+            leader: 2,
+            epoch,
+        };
+        image.apply(leader(3));
+        image.apply(MetadataCommand::PartitionLeader {
+            topic_id: 7,
+            partition: 0,
+            leader: 1,
+            epoch: 2,
+        });
+        assert_eq!(
+            image.topics["t"].leaders[0],
+            Some((2, 3)),
+            "an older epoch never wins"
+        );
+        let deleted = |id| MetadataCommand::TopicDeleted {
+            name: "t".into(),
+            id,
+        };
+        assert!(matches!(image.apply(deleted(8)), Effect::None));
+        assert!(matches!(image.apply(deleted(7)), Effect::Close(_)));
+        assert!(image.topics.is_empty());
+    }
+
+    #[test]
+    fn commands_round_trip_through_a_batch() {
+        let command = MetadataCommand::PartitionLeader {
+            topic_id: 1,
+            partition: 2,
+            leader: 3,
+            epoch: 4,
+        };
+        let batch = RecordBatch::new(encode_command(&command, 5)).expect("a batch");
+        let record = batch.records().next().expect("a record").expect("valid");
+        let back: MetadataCommand =
+            serde_json::from_slice(record.value.as_deref().expect("a value")).expect("json");
+        assert_eq!(back, command);
+    }
+}
