@@ -57,6 +57,16 @@ impl KetchProcess {
         Self::spawn(data_dir, "127.0.0.1:0", args)
     }
 
+    /// Starts `ketch serve` listening on `listen` (a port chosen beforehand, as a cluster's
+    /// `--peers` needs) with `data_dir` and extra flags.
+    pub fn start_at(
+        data_dir: &Path,
+        listen: SocketAddr,
+        extra_args: &[String],
+    ) -> anyhow::Result<KetchProcess> {
+        Self::spawn(data_dir, &listen.to_string(), extra_args.to_vec())
+    }
+
     fn spawn(data_dir: &Path, listen: &str, args: Vec<String>) -> anyhow::Result<KetchProcess> {
         let bin = ketch_bin();
         if !bin.exists() {
@@ -145,6 +155,22 @@ impl KetchProcess {
     /// SIGKILL: no chance to sync or drain.
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    /// SIGSTOP: the process freezes (its sockets stay open, its timers stop) until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.process.signal("STOP")
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.process.signal("CONT")
+    }
+
+    /// Whether it is running (or paused) under this handle.
+    pub fn is_running(&self) -> bool {
+        self.process.running_pid().is_some()
     }
 
     /// SIGTERM and wait (bounded) for a graceful exit; returns whether it exited cleanly.

@@ -9,10 +9,12 @@
 //! [`history`] is the queue checker every failure test runs over what it recorded (sans-IO:
 //! the broker's in-process simulation uses it as well as the process tests).
 
+pub mod cluster;
 pub mod history;
 pub mod ketch;
 pub mod process;
 
+pub use cluster::ClusterProcess;
 pub use ketch::{KetchProcess, READY_TIMEOUT, ketch_bin};
 pub use process::{ReadyOn, ServerProcess};
 
