@@ -105,7 +105,11 @@ impl ClusterProcess {
                 .collect();
             starts
                 .into_iter()
-                .map(|start| start.join().map_err(|_| anyhow!("a start thread panicked"))?)
+                .map(|start| {
+                    start
+                        .join()
+                        .map_err(|_| anyhow!("a start thread panicked"))?
+                })
                 .collect::<anyhow::Result<()>>()
         })
     }

@@ -135,7 +135,10 @@ impl TestCluster {
 
     /// Reads every partition of `topic` from 0 to its high watermark at its leader (plain
     /// fetches, CRC-checked) into `history` as consumer `reader`, which first seeks to 0 so
-    /// the checker sees any hole. Retries (bounded) while leaders move.
+    /// the checker sees any hole. Retries (bounded) while leaders move, and while a
+    /// partition's high watermark is below an offset the history says was acknowledged (a
+    /// new leader learns the commit index only once it commits in its own term): a record
+    /// still missing when `within` has passed is what the checker reports lost.
     pub async fn drain(
         &self,
         topic: &str,
@@ -144,21 +147,46 @@ impl TestCluster {
         reader: &str,
         within: Duration,
     ) -> anyhow::Result<()> {
+        let acknowledged_end = |partition: u32| {
+            history
+                .snapshot()
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    ketch_testkit::history::Op::Ack {
+                        partition: p,
+                        offset,
+                        ..
+                    } if *p == partition => Some(offset + 1),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0)
+        };
         for partition in 0..partitions {
             let started = Instant::now();
+            let want_end = acknowledged_end(partition);
             let records = loop {
-                let leader = self
-                    .wait_for_leader(topic, partition, &[], within)
-                    .await?;
+                let leader = self.wait_for_leader(topic, partition, &[], within).await?;
                 let read = async {
-                    let raw = RawClient::connect(self.process.addr(leader), &self.process.ca())
-                        .await?;
+                    let raw =
+                        RawClient::connect(self.process.addr(leader), &self.process.ca()).await?;
                     let records = raw.read_all(topic, partition).await;
                     raw.close();
                     records
                 };
                 match read.await {
-                    Ok(records) => break records,
+                    Ok(records) => {
+                        let end = records.last().map_or(0, |r| r.offset + 1);
+                        if end >= want_end || started.elapsed() >= within {
+                            break records;
+                        }
+                        println!(
+                            "draining {topic}/{partition} at node {leader}: the high watermark \
+                             {end} is below the acknowledged end {want_end}; again"
+                        );
+                        tokio::time::sleep(POLL).await;
+                    }
                     Err(e) if started.elapsed() < within => {
                         println!("draining {topic}/{partition} at node {leader}: {e:#}; again");
                         tokio::time::sleep(POLL).await;

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ketch_client::{
-    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord,
-    TopicPartition,
+    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
 };
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::{Recorder, Report};
@@ -154,6 +153,11 @@ async fn produce(
         })
         .await?;
     let mut deliveries = Vec::new();
+    // Why deliveries failed, counted, for the report.
+    let errors = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
     let mut i: u64 = 0;
     while !stop.load(Ordering::SeqCst) {
         let value = format!("v{i}");
@@ -168,6 +172,7 @@ async fn produce(
             Ok(delivery) => {
                 let history = history.clone();
                 let acks = acks.clone();
+                let errors = errors.clone();
                 let (done_tx, done_rx) = tokio::sync::oneshot::channel();
                 delivery.on_delivery(move |outcome| {
                     match outcome {
@@ -176,7 +181,10 @@ async fn produce(
                             acks.lock().unwrap().push((Instant::now(), meta.partition));
                         }
                         // Retries gave up: it may be stored (once) or not.
-                        Err(_) => history.record(|h| h.indeterminate(value)),
+                        Err(e) => {
+                            *errors.lock().unwrap().entry(e.to_string()).or_default() += 1;
+                            history.record(|h| h.indeterminate(value))
+                        }
                     }
                     let _ = done_tx.send(());
                 });
@@ -189,6 +197,9 @@ async fn produce(
     }
     for delivery in deliveries {
         let _ = delivery.await;
+    }
+    for (error, count) in errors.lock().unwrap().iter() {
+        println!("producer: {count} deliveries failed: {error}");
     }
     producer.close().await?;
     Ok(())
@@ -457,7 +468,10 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
             let started = Instant::now();
             while progress(&reads) < from + more {
                 if started.elapsed() > WAIT_MAX {
-                    bail!("the group member read {} of {more} records", progress(&reads) - from);
+                    bail!(
+                        "the group member read {} of {more} records",
+                        progress(&reads) - from
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -472,15 +486,28 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
         tokio::task::block_in_place(|| cluster.process.restart(node))?;
         wait_for_reads(100).await?;
     }
+    // After the last failover the group commits again.
+    let before = progress(&group_reads);
+    wait_for_reads(200).await?;
     stop.store(true, Ordering::SeqCst);
-    tokio::time::timeout(WAIT_MAX, member)
+    let commits = tokio::time::timeout(WAIT_MAX, member)
         .await
         .context("the group member did not finish")???;
     watcher.await?;
+    assert!(
+        commits.acknowledged > 0,
+        "no commit succeeded ({commits:?}, {} reads after the last restart)",
+        progress(&group_reads) - before
+    );
 
     // A new member starts where the group committed: the checker sees a seek there, then
     // its reads must be dense.
     let committed = client.admin().committed_offsets(GROUP).await?;
+    assert_eq!(
+        committed.len(),
+        PARTITIONS as usize,
+        "the group's committed offsets after the failovers: {committed:?}"
+    );
     history.record(|h| {
         for (tp, offset) in &committed {
             h.committed(GROUP, tp.partition, *offset);
@@ -502,10 +529,14 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop_second.store(true, Ordering::SeqCst);
-    tokio::time::timeout(WAIT_MAX, second)
+    let second_commits = tokio::time::timeout(WAIT_MAX, second)
         .await
         .context("the second member did not finish")???;
-    assert!(progress(&second_reads) >= 50, "the second member read too little");
+    assert!(second_commits.acknowledged > 0, "{second_commits:?}");
+    assert!(
+        progress(&second_reads) >= 50,
+        "the second member read too little"
+    );
     client.close();
     let report = workload
         .finish(&cluster, "consumer group across coordinator failover")
@@ -525,7 +556,7 @@ async fn group_member(
     history: Recorder,
     stop: Arc<AtomicBool>,
     reads: Arc<std::sync::atomic::AtomicU64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Commits> {
     let consumer = client.subscribe(
         group,
         [TOPIC],
@@ -539,6 +570,7 @@ async fn group_member(
     let mut last_read: std::collections::BTreeMap<u32, i64> = Default::default();
     let mut committed: std::collections::BTreeMap<u32, i64> = Default::default();
     let mut rereads = 0;
+    let mut commits = Commits::default();
     while !stop.load(Ordering::SeqCst) {
         let records = match consumer.recv_many(200, Duration::from_millis(100)).await {
             Ok(records) => records,
@@ -576,17 +608,32 @@ async fn group_member(
             .map(|(p, o)| (TopicPartition::new(TOPIC, *p), *o))
             .collect();
         match consumer.commit_offsets(&offsets).await {
-            Ok(()) => history.record(|h| {
-                for (p, o) in &positions {
-                    h.committed(group, *p, *o);
-                    committed.insert(*p, *o);
-                }
-            }),
+            Ok(()) => {
+                commits.acknowledged += 1;
+                history.record(|h| {
+                    for (p, o) in &positions {
+                        h.committed(group, *p, *o);
+                        committed.insert(*p, *o);
+                    }
+                })
+            }
             // Not committed (the coordinator moves): the next chunk's commit covers it.
-            Err(e) => println!("{name}: commit failed: {e}"),
+            Err(e) => {
+                commits.failed += 1;
+                if commits.failed <= 5 {
+                    println!("{name}: commit failed: {e}");
+                }
+            }
         }
     }
-    println!("{name}: {rereads} records read again after a reassignment");
+    println!("{name}: {rereads} records read again after a reassignment; commits {commits:?}");
     consumer.close().await?;
-    Ok(())
+    Ok(commits)
+}
+
+/// Commits a group member made.
+#[derive(Debug, Default, Clone, Copy)]
+struct Commits {
+    acknowledged: u64,
+    failed: u64,
 }
