@@ -1,6 +1,7 @@
 //! `ketch`: the broker (`ketch serve`) and the command-line client.
 
 mod cli;
+mod cluster_cli;
 mod filter_cli;
 mod metrics_http;
 mod security_cli;
@@ -66,6 +67,8 @@ enum Command {
     Acl(security_cli::AclArgs),
     /// Set and list per-principal byte-rate quotas.
     Quota(security_cli::QuotaArgs),
+    /// The brokers of a cluster: state, partitions led, replica lag.
+    Cluster(cluster_cli::ClusterArgs),
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -99,6 +102,7 @@ fn main() -> std::process::ExitCode {
         Command::Token(args) => security_cli::token(args),
         Command::Acl(args) => security_cli::acl(args),
         Command::Quota(args) => security_cli::quota(args),
+        Command::Cluster(args) => cluster_cli::cluster(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

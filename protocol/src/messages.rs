@@ -197,7 +197,8 @@ wire_struct! {
         pub replicas: Vec<u32>,
         pub log_start_offset: i64,
         pub high_watermark: i64,
-        /// The replicas in sync with the leader (from version 1; a single node: itself).
+        /// The replicas in sync with the leader (a single node: itself). In DescribeTopic
+        /// from version 1; Metadata does not carry it yet.
         pub isr: Vec<u32> => since 1,
     }
 
@@ -857,7 +858,7 @@ macro_rules! apis {
 }
 
 apis! {
-    0 Metadata [0 ..= 1] => MetadataRequest, MetadataResponse;
+    0 Metadata [0 ..= 0] => MetadataRequest, MetadataResponse;
     1 CreateTopic [0 ..= 0] => CreateTopicRequest, CreateTopicResponse;
     2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
     3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;

@@ -225,9 +225,107 @@ pub struct Admin {
     pub(crate) client: Client,
 }
 
+/// The brokers of a cluster as they answer now (`ketch cluster status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The metadata controller, as the first broker to answer names it.
+    pub controller: Option<u32>,
+    /// Every broker the metadata names, by node id.
+    pub brokers: Vec<BrokerStatus>,
+}
+
+/// One broker of a [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// The broker's node id.
+    pub node_id: u32,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Whether it answered a metadata request within `request_timeout`.
+    pub reachable: bool,
+    /// Partitions it leads, by its own account.
+    pub partitions_led: u32,
+    /// Partition replicas it hosts.
+    pub replicas: u32,
+    /// Records its replicas are behind their leaders in total (leader's high watermark
+    /// minus its own).
+    pub lag_records: i64,
+}
+
 impl Admin {
     pub(crate) fn new(client: Client) -> Admin {
         Admin { client }
+    }
+
+    /// Asks every broker of the cluster for its view (at once) and sums it up: who is up,
+    /// what it leads, how far its replicas are behind.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        use ketch_protocol::messages::MetadataRequest;
+        let inner = &self.client.inner;
+        inner.refresh_metadata(Some(Instant::now())).await?;
+        let (brokers, controller) = {
+            let metadata = inner.metadata.lock().expect("metadata lock");
+            let mut brokers: Vec<(u32, SocketAddr)> =
+                metadata.brokers.iter().map(|(id, a)| (*id, *a)).collect();
+            brokers.sort_unstable();
+            (brokers, metadata.controller)
+        };
+        let views = futures_util::future::join_all(brokers.iter().map(|(_, addr)| {
+            inner.transport.call(
+                *addr,
+                &MetadataRequest { topics: None },
+                inner.config.request_timeout,
+            )
+        }))
+        .await;
+        // (topic, partition) → (leader, leader's high watermark, as the leader says).
+        let mut leader_hw: HashMap<(String, u32), i64> = HashMap::new();
+        for ((node, _), view) in brokers.iter().zip(&views) {
+            let Ok(view) = view else { continue };
+            for topic in &view.topics {
+                for p in &topic.partitions {
+                    if p.leader == *node && p.high_watermark >= 0 {
+                        leader_hw.insert((topic.name.clone(), p.partition), p.high_watermark);
+                    }
+                }
+            }
+        }
+        let brokers = brokers
+            .iter()
+            .zip(&views)
+            .map(|((node, addr), view)| {
+                let mut status = BrokerStatus {
+                    node_id: *node,
+                    addr: *addr,
+                    reachable: view.is_ok(),
+                    partitions_led: 0,
+                    replicas: 0,
+                    lag_records: 0,
+                };
+                if let Ok(view) = view {
+                    for topic in &view.topics {
+                        for p in &topic.partitions {
+                            if p.high_watermark < 0 || !p.replicas.contains(node) {
+                                continue;
+                            }
+                            status.replicas += 1;
+                            if p.leader == *node {
+                                status.partitions_led += 1;
+                            } else if let Some(hw) =
+                                leader_hw.get(&(topic.name.clone(), p.partition))
+                            {
+                                status.lag_records += (hw - p.high_watermark).max(0);
+                            }
+                        }
+                    }
+                }
+                status
+            })
+            .collect();
+        Ok(ClusterStatus {
+            controller,
+            brokers,
+        })
     }
 
     /// Creates a topic. Fails with [`ErrorCode::TopicAlreadyExists`] if it exists.

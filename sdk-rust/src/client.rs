@@ -52,7 +52,7 @@ pub(crate) struct ClientInner {
     /// The same as `closed`, readable without a lock (checked once per record).
     closed_flag: std::sync::atomic::AtomicBool,
     bootstrap: Vec<SocketAddr>,
-    metadata: Mutex<Metadata>,
+    pub(crate) metadata: Mutex<Metadata>,
     /// Serialises refreshes so that a burst of errors triggers one Metadata request.
     refresh_lock: tokio::sync::Mutex<()>,
 }
@@ -162,17 +162,26 @@ impl ClientInner {
                 candidates.push(*addr);
             }
         }
+        // Every known broker at once, the first answer wins: a dead broker (its connection
+        // not yet known dead) costs nothing when another answers, which a cluster's failover
+        // needs.
+        let mut asks: futures_util::stream::FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|addr| async move {
+                let answer = self
+                    .transport
+                    .call(
+                        addr,
+                        &MetadataRequest { topics: None },
+                        self.config.request_timeout,
+                    )
+                    .await;
+                (addr, answer)
+            })
+            .collect();
         let mut last_error = None;
-        for addr in candidates {
-            match self
-                .transport
-                .call(
-                    addr,
-                    &MetadataRequest { topics: None },
-                    self.config.request_timeout,
-                )
-                .await
-            {
+        while let Some((addr, answer)) = futures_util::StreamExt::next(&mut asks).await {
+            match answer {
                 Ok(response) => {
                     let metadata = self.metadata_from(addr, response, started).await;
                     *self.metadata.lock().expect("metadata lock") = metadata;

@@ -91,8 +91,8 @@ mod producer;
 mod transport;
 
 pub use admin::{
-    Admin, GroupDescription, GroupMemberDescription, GroupOffset, GroupState, GroupSummary,
-    NewTopic, PartitionDescription, TopicDescription, TopicSummary,
+    Admin, BrokerStatus, ClusterStatus, GroupDescription, GroupMemberDescription, GroupOffset,
+    GroupState, GroupSummary, NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
 pub use admin_security::{
     Acl, NewToken, Operation, PatternType, Permission, Quota, ResourceType, TokenDescription,

@@ -57,14 +57,15 @@ impl KetchProcess {
         Self::spawn(data_dir, "127.0.0.1:0", args)
     }
 
-    /// Starts `ketch serve` listening on `listen` (a port chosen beforehand, as a cluster's
-    /// `--peers` needs) with `data_dir` and extra flags.
+    /// Starts `ketch serve` listening on `listen` (a fixed `HOST:PORT`, as a cluster's
+    /// `--peers` names it) with `data_dir` and extra flags.
     pub fn start_at(
         data_dir: &Path,
-        listen: SocketAddr,
-        extra_args: &[String],
+        listen: &str,
+        extra_args: &[&str],
     ) -> anyhow::Result<KetchProcess> {
-        Self::spawn(data_dir, &listen.to_string(), extra_args.to_vec())
+        let args = extra_args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data_dir, listen, args)
     }
 
     fn spawn(data_dir: &Path, listen: &str, args: Vec<String>) -> anyhow::Result<KetchProcess> {

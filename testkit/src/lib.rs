@@ -14,7 +14,7 @@ pub mod history;
 pub mod ketch;
 pub mod process;
 
-pub use cluster::ClusterProcess;
+pub use cluster::{ClusterProcess, KetchCluster};
 pub use ketch::{KetchProcess, READY_TIMEOUT, ketch_bin};
 pub use process::{ReadyOn, ServerProcess};
 

@@ -52,6 +52,11 @@ pub const CLUSTER_DIR: &str = "cluster";
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a new topic's creation waits for every partition to have a known leader.
 pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
+/// A follower that answered nothing for this long is out of sync (heartbeats go every
+/// 100 ms).
+pub const IN_SYNC_ANSWERED_WITHIN: Duration = Duration::from_secs(2);
+/// How often a leader checks whether its partition's in-sync replicas changed.
+pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
@@ -79,6 +84,13 @@ pub enum MetadataCommand {
         leader: NodeId,
         epoch: u64,
     },
+    /// A partition's in-sync replicas changed, as its leader in `epoch` sees them.
+    PartitionIsr {
+        topic_id: u64,
+        partition: u32,
+        epoch: u64,
+        isr: Vec<NodeId>,
+    },
 }
 
 /// A topic as the metadata log says.
@@ -90,6 +102,8 @@ pub struct TopicImage {
     pub configs: Vec<(String, String)>,
     /// The last leader and epoch each partition reported.
     pub leaders: Vec<Option<(NodeId, u64)>>,
+    /// The last in-sync replicas each partition's leader reported, with its epoch.
+    pub isr: Vec<Option<(u64, Vec<NodeId>)>>,
 }
 
 /// Every broker's in-memory replica of the cluster metadata.
@@ -115,6 +129,7 @@ impl Image {
                     name: name.clone(),
                     id,
                     leaders: vec![None; replicas.len()],
+                    isr: vec![None; replicas.len()],
                     replicas,
                     configs,
                 };
@@ -141,6 +156,20 @@ impl Image {
                     && slot.is_none_or(|(_, known)| known <= epoch)
                 {
                     *slot = Some((leader, epoch));
+                }
+                Effect::None
+            }
+            MetadataCommand::PartitionIsr {
+                topic_id,
+                partition,
+                epoch,
+                isr,
+            } => {
+                if let Some(topic) = self.topics.values_mut().find(|t| t.id == topic_id)
+                    && let Some(slot) = topic.isr.get_mut(partition as usize)
+                    && slot.as_ref().is_none_or(|(known, _)| *known <= epoch)
+                {
+                    *slot = Some((epoch, isr));
                 }
                 Effect::None
             }
@@ -331,6 +360,47 @@ impl<T: PeerTransport> Controller<T> {
         match topic.leaders.get(index as usize).copied().flatten() {
             Some((leader, epoch)) => (Some(leader), epoch),
             None => (None, 0),
+        }
+    }
+
+    /// A partition's in-sync replicas: where this broker leads it, the followers within
+    /// [`partition::IN_SYNC_LAG_ENTRIES_MAX`] entries that answered within
+    /// [`IN_SYNC_ANSWERED_WITHIN`]; elsewhere every replica (only the leader can tell).
+    pub fn in_sync_replicas(&self, partition: &ReplicatedPartition) -> Vec<NodeId> {
+        self.leader_in_sync_replicas(partition)
+            .unwrap_or_else(|| partition.replicas.clone())
+    }
+
+    /// A partition's in-sync replicas as reported: this broker's own view where it leads,
+    /// else what the leader last recorded in the metadata log, else every replica.
+    pub fn reported_in_sync_replicas(&self, topic: &TopicImage, index: u32) -> Vec<NodeId> {
+        if let Some(hosted) = self.partition(&topic.name, index)
+            && let Some(in_sync) = self.leader_in_sync_replicas(&hosted)
+        {
+            return in_sync;
+        }
+        match topic.isr.get(index as usize).cloned().flatten() {
+            Some((_, isr)) => isr,
+            None => topic.replicas[index as usize].clone(),
+        }
+    }
+
+    fn leader_in_sync_replicas(&self, partition: &ReplicatedPartition) -> Option<Vec<NodeId>> {
+        match partition
+            .replica
+            .in_sync_replicas(partition::IN_SYNC_LAG_ENTRIES_MAX)
+        {
+            Some(in_sync) => in_sync
+                .into_iter()
+                .filter(|node| {
+                    *node == self.node_id
+                        || self
+                            .transport
+                            .answered_within(*node, IN_SYNC_ANSWERED_WITHIN)
+                })
+                .collect::<Vec<_>>()
+                .into(),
+            None => None,
         }
     }
 
@@ -667,29 +737,64 @@ impl<T: PeerTransport> Controller<T> {
     }
 }
 
-/// Tells the controller each time this replica becomes its partition's leader, so brokers
-/// without a replica of it can name the leader.
+/// Tells the controller each time this replica becomes its partition's leader, and, while
+/// it leads, each change of the in-sync replicas (checked every [`ISR_CHECK_INTERVAL`]), so
+/// brokers without a replica of it can name the leader and the ISR.
 async fn report_leadership<T: PeerTransport>(
     controller: std::sync::Weak<Controller<T>>,
     partition: Arc<ReplicatedPartition>,
 ) {
     let mut known = (None, 0);
-    while let Some(now) = partition.replica.leader_changed(known).await {
-        known = now;
+    let mut reported_isr: Option<Vec<NodeId>> = None;
+    let mut tick = tokio::time::interval(ISR_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = tokio::select! {
+            changed = partition.replica.leader_changed(known) => match changed {
+                Some(now) => Some(now),
+                None => return,
+            },
+            _ = tick.tick() => None,
+        };
         let Some(controller) = controller.upgrade() else {
             return;
         };
-        if now.0 != Some(controller.node_id) {
+        if let Some(now) = changed {
+            known = now;
+            reported_isr = None;
+            if now.0 == Some(controller.node_id) {
+                let command = MetadataCommand::PartitionLeader {
+                    topic_id: partition.topic_id,
+                    partition: partition.index,
+                    leader: controller.node_id,
+                    epoch: now.1,
+                };
+                if let Err(e) = controller.propose(&command, PROPOSE_TIMEOUT).await {
+                    tracing::warn!(topic = %partition.topic, partition = partition.index, error = %e.message, "could not record a new leader");
+                }
+            }
             continue;
         }
-        let command = MetadataCommand::PartitionLeader {
+        if known.0 != Some(controller.node_id) {
+            continue;
+        }
+        let Some(isr) = controller.leader_in_sync_replicas(&partition) else {
+            continue;
+        };
+        if reported_isr.as_ref() == Some(&isr) {
+            continue;
+        }
+        let command = MetadataCommand::PartitionIsr {
             topic_id: partition.topic_id,
             partition: partition.index,
-            leader: controller.node_id,
-            epoch: now.1,
+            epoch: known.1,
+            isr: isr.clone(),
         };
-        if let Err(e) = controller.propose(&command, PROPOSE_TIMEOUT).await {
-            tracing::warn!(topic = %partition.topic, partition = partition.index, error = %e.message, "could not record a new leader");
+        match controller.propose(&command, PROPOSE_TIMEOUT).await {
+            Ok(_) => reported_isr = Some(isr),
+            Err(e) => {
+                tracing::debug!(topic = %partition.topic, error = %e.message, "could not record the ISR")
+            }
         }
     }
 }

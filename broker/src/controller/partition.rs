@@ -253,11 +253,4 @@ impl ReplicatedPartition {
             )),
         }
     }
-
-    /// The in-sync replicas, as the leader sees them (elsewhere: every replica).
-    pub fn in_sync_replicas(&self) -> Vec<NodeId> {
-        self.replica
-            .in_sync_replicas(IN_SYNC_LAG_ENTRIES_MAX)
-            .unwrap_or_else(|| self.replicas.clone())
-    }
 }

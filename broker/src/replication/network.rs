@@ -68,6 +68,13 @@ pub trait PeerTransport: Send + Sync + 'static {
         to: NodeId,
         request: PeerRequest,
     ) -> impl Future<Output = Result<PeerResponse, PeerError>> + Send;
+
+    /// Whether `node` answered a request within the last `within` (a transport that does
+    /// not track it says yes). A follower that stopped answering is out of sync however
+    /// little the log moved since.
+    fn answered_within(&self, _node: NodeId, _within: std::time::Duration) -> bool {
+        true
+    }
 }
 
 /// Answers a peer request with the local replica of its group (the receiving side of every

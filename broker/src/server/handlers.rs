@@ -235,13 +235,9 @@ fn replicated_partition_metadata(
             .collect(),
         log_start_offset: 0,
         high_watermark: hosted.as_ref().map_or(-1, |p| p.replica.high_watermark()),
-        // The leader's view where this broker leads; elsewhere every replica, as far as
-        // this broker can tell.
-        isr: hosted
-            .map_or_else(
-                || topic.replicas[index as usize].clone(),
-                |p| p.in_sync_replicas(),
-            )
+        isr: node
+            .controller
+            .reported_in_sync_replicas(topic, index)
             .into_iter()
             .map(|r| r as u32)
             .collect(),

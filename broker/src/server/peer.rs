@@ -111,6 +111,8 @@ pub struct QuicPeers {
     connections: std::sync::Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
     /// How outgoing connections present this broker (ALPN `ketch-peer/1`, its certificate).
     client_config: quinn::ClientConfig,
+    /// When each peer last answered a request.
+    answered: std::sync::Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 /// A peer's connection; the async mutex serialises (re)connecting to it.
@@ -207,6 +209,7 @@ impl QuicPeers {
             endpoint,
             addresses: RwLock::new(addresses),
             connections: std::sync::Mutex::new(HashMap::new()),
+            answered: std::sync::Mutex::default(),
         }))
     }
 
@@ -256,6 +259,7 @@ impl QuicPeers {
             endpoint,
             addresses: RwLock::new(addresses),
             connections: std::sync::Mutex::new(HashMap::new()),
+            answered: std::sync::Mutex::default(),
         }))
     }
 
@@ -361,6 +365,14 @@ async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
 }
 
 impl PeerTransport for QuicPeers {
+    fn answered_within(&self, node: NodeId, within: Duration) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node)
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+
     async fn call(
         &self,
         group: &GroupId,
@@ -387,6 +399,10 @@ impl PeerTransport for QuicPeers {
         };
         write_message(&mut send, message).await.map_err(lost)?;
         let answer = read_message(&mut recv).await.map_err(lost)?;
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(to, std::time::Instant::now());
         peer_wire::decode_response(answer, to).map_err(|e| PeerError::Remote {
             node: to,
             reason: e.to_string(),

@@ -1,0 +1,48 @@
+//! `ketch cluster status`: the brokers of a cluster as they answer now.
+
+use clap::{Args, Subcommand};
+
+use crate::cli::{Connection, block_on};
+
+/// `ketch cluster ...`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Every broker: reachable or not, partitions it leads, replicas it hosts and how many
+    /// records they are behind their leaders (asked of each broker at once).
+    Status,
+}
+
+pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    block_on(async {
+        let client = args.connection.connect().await?;
+        match args.command {
+            ClusterCommand::Status => {
+                let status = client.admin().cluster_status().await?;
+                let controller = status.controller.map_or("-".to_owned(), |c| c.to_string());
+                println!("controller {controller}");
+                println!("NODE\tADDRESS\tSTATE\tLEADS\tREPLICAS\tLAG");
+                for b in &status.brokers {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        b.node_id,
+                        b.addr,
+                        if b.reachable { "up" } else { "unreachable" },
+                        b.partitions_led,
+                        b.replicas,
+                        b.lag_records
+                    );
+                }
+            }
+        }
+        client.close();
+        anyhow::Ok(())
+    })
+}
