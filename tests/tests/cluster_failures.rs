@@ -245,6 +245,10 @@ async fn consume(
     Ok(())
 }
 
+/// One cluster at a time: two would share the machine's cores, and a starved heartbeat
+/// looks like a dead leader.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts a cluster, makes the topic (RF = nodes), waits for every partition's leader.
 async fn cluster_with_topic(nodes: usize) -> anyhow::Result<TestCluster> {
     let cluster = tokio::task::block_in_place(|| TestCluster::start(nodes, &[]))?;
@@ -265,6 +269,7 @@ async fn cluster_with_topic(nodes: usize) -> anyhow::Result<TestCluster> {
 /// lost or stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_9_under_a_continuous_acks_all_producer() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(3).await?;
     let workload = Workload::start(&cluster).await?;
     let started = Instant::now();
@@ -299,6 +304,7 @@ async fn leader_kill_9_under_a_continuous_acks_all_producer() -> anyhow::Result<
 /// back), so the restarted follower's copy must be whole for nothing to be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_killed_and_restarted_catches_up() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(3).await?;
     let workload = Workload::start(&cluster).await?;
     workload.wait_for_acks(None, Instant::now(), 200).await?;
@@ -338,6 +344,7 @@ async fn follower_killed_and_restarted_catches_up() -> anyhow::Result<()> {
 /// history shows no acknowledged record lost and no offset with two records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_leader_that_wakes_acknowledges_nothing_it_cannot_commit() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = cluster_with_topic(3).await?;
     let workload = Workload::start(&cluster).await?;
     workload.wait_for_acks(None, Instant::now(), 200).await?;
@@ -370,6 +377,7 @@ async fn paused_leader_that_wakes_acknowledges_nothing_it_cannot_commit() -> any
 /// nothing acknowledged is lost, and writes go on at the next offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_kill_9_and_restart_loses_nothing() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(3).await?;
     let workload = Workload::start(&cluster).await?;
     workload.wait_for_acks(None, Instant::now(), 300).await?;
@@ -394,6 +402,7 @@ async fn whole_cluster_kill_9_and_restart_loses_nothing() -> anyhow::Result<()> 
 /// node promises today, through the same harness and checker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_broker_kill_9_pause_and_restart_lose_nothing() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(1).await?;
     let workload = Workload::start(&cluster).await?;
     workload.wait_for_acks(None, Instant::now(), 300).await?;
@@ -423,6 +432,7 @@ async fn single_broker_kill_9_pause_and_restart_lose_nothing() -> anyhow::Result
 /// starts exactly at the committed offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     const GROUP: &str = "g";
     let mut cluster = cluster_with_topic(3).await?;
     let workload = Workload::start(&cluster).await?;
