@@ -120,8 +120,7 @@ impl TestCluster {
         let client = tokio::time::timeout(ASK_MAX, self.client())
             .await
             .map_err(|_| anyhow!("connecting timed out"))??;
-        let described =
-            tokio::time::timeout(ASK_MAX, client.admin().describe_topic(topic)).await;
+        let described = tokio::time::timeout(ASK_MAX, client.admin().describe_topic(topic)).await;
         client.close();
         let description = described.map_err(|_| anyhow!("describe timed out"))??;
         let partition = description

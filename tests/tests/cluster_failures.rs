@@ -19,7 +19,7 @@ use ketch_client::{
     Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
 };
 use ketch_e2e::cluster::TestCluster;
-use ketch_e2e::history::{Recorder, Report};
+use ketch_e2e::history::{Op, Recorder, Report};
 use ketch_testkit::cluster::NodeId;
 
 const TOPIC: &str = "events";
@@ -31,11 +31,17 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 /// Pause between two sends of the continuous producer.
 const SEND_INTERVAL: Duration = Duration::from_millis(2);
 
+/// Next offset to read, per partition.
+type Positions = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, i64>>>;
+
 /// A producer writing continuously to every partition, and a consumer of every partition
 /// reading as records commit, both recording into one history.
 struct Workload {
     history: Recorder,
     stop: Arc<AtomicBool>,
+    stop_consumer: Arc<AtomicBool>,
+    /// The live consumer's next offset per partition.
+    positions: Positions,
     /// When each acknowledgement arrived, and for which partition.
     acks: Arc<std::sync::Mutex<Vec<(Instant, u32)>>>,
     producer: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -48,6 +54,8 @@ impl Workload {
     async fn start(cluster: &TestCluster) -> anyhow::Result<Workload> {
         let history = Recorder::new();
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_consumer = Arc::new(AtomicBool::new(false));
+        let positions = Positions::default();
         let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
         let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let client = cluster.client().await?;
@@ -60,12 +68,15 @@ impl Workload {
         let consumer = tokio::spawn(consume(
             client,
             history.clone(),
-            stop.clone(),
+            stop_consumer.clone(),
             reads.clone(),
+            positions.clone(),
         ));
         Ok(Workload {
             history,
             stop,
+            stop_consumer,
+            positions,
             acks,
             producer,
             consumer,
@@ -107,13 +118,42 @@ impl Workload {
         }
     }
 
-    /// Stops producing (waiting for every outstanding delivery), lets the consumer catch
-    /// up a little, drains every partition from its leader and checks the history.
+    /// Stops producing (waiting for every outstanding delivery), waits (bounded) for the
+    /// live consumer to read up to the last acknowledged offset of every partition — it must
+    /// follow leaders through the faults — then drains every partition from its leader and
+    /// checks the history.
     async fn finish(self, cluster: &TestCluster, context: &str) -> anyhow::Result<Report> {
         self.stop.store(true, Ordering::SeqCst);
         tokio::time::timeout(WAIT_MAX * 2, self.producer)
             .await
             .context("the producer did not finish")???;
+        let mut ends = std::collections::BTreeMap::new();
+        for op in self.history.snapshot().ops {
+            if let Op::Ack {
+                partition, offset, ..
+            } = op
+            {
+                let end = ends.entry(partition).or_insert(0);
+                *end = (*end).max(offset + 1);
+            }
+        }
+        let started = Instant::now();
+        let caught_up = || {
+            let positions = self.positions.lock().unwrap();
+            ends.iter()
+                .all(|(p, end)| positions.get(p).is_some_and(|at| at >= end))
+        };
+        while !caught_up() && started.elapsed() < WAIT_MAX {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stalled = (!caught_up()).then(|| {
+            format!(
+                "the live consumer did not catch up within {WAIT_MAX:?}: at {:?}, acknowledged \
+                 ends {ends:?}",
+                self.positions.lock().unwrap()
+            )
+        });
+        self.stop_consumer.store(true, Ordering::SeqCst);
         tokio::time::timeout(WAIT_MAX, self.consumer)
             .await
             .context("the consumer did not finish")???;
@@ -130,6 +170,9 @@ impl Workload {
                 "{context}: the history has anomalies: {report}\n{}",
                 cluster.process.log_tails(20)
             );
+        }
+        if let Some(stalled) = stalled {
+            bail!("{context}: {stalled}");
         }
         Ok(report)
     }
@@ -212,6 +255,7 @@ async fn consume(
     history: Recorder,
     stop: Arc<AtomicBool>,
     reads: Arc<std::sync::atomic::AtomicU64>,
+    positions: Positions,
 ) -> anyhow::Result<()> {
     let partitions: Vec<TopicPartition> = (0..PARTITIONS)
         .map(|p| TopicPartition::new(TOPIC, p))
@@ -235,6 +279,10 @@ async fn consume(
                         .unwrap_or_default();
                     h.read("live", record.partition, record.offset, value);
                     reads.fetch_add(1, Ordering::Relaxed);
+                    positions
+                        .lock()
+                        .unwrap()
+                        .insert(record.partition, record.offset + 1);
                 }
             }),
             // The consumer retries by itself; an error here is one it reports.
