@@ -163,6 +163,9 @@ pub struct BrokerConfig {
 /// The members of a cluster, parsed from `peers`.
 pub type ClusterPeers = std::collections::BTreeMap<u64, SocketAddr>;
 
+/// Node ids are below this.
+pub const NODE_ID_LIMIT: u64 = 1 << 22;
+
 /// Parses `ID@HOST:PORT,ID@HOST:PORT,...` (host names are resolved now).
 pub fn parse_peers(text: &str) -> Result<ClusterPeers, ConfigError> {
     use std::net::ToSocketAddrs;
@@ -182,6 +185,12 @@ pub fn parse_peers(text: &str) -> Result<ClusterPeers, ConfigError> {
             .ok_or_else(|| invalid(format!("peer {item:?}: no address")))?;
         if addr.port() == 0 {
             return Err(invalid(format!("peer {item:?}: a peer needs a fixed port")));
+        }
+        // Producer ids carry the node id above 40 bits of a positive i64.
+        if id >= NODE_ID_LIMIT {
+            return Err(invalid(format!(
+                "peer {item:?}: node ids are below {NODE_ID_LIMIT}"
+            )));
         }
         if peers.insert(id, addr).is_some() {
             return Err(invalid(format!("node {id} is named twice in peers")));

@@ -197,9 +197,6 @@ wire_struct! {
         pub replicas: Vec<u32>,
         pub log_start_offset: i64,
         pub high_watermark: i64,
-        /// The replicas in sync with the leader (a single node: itself). In DescribeTopic
-        /// from version 1; Metadata does not carry it yet.
-        pub isr: Vec<u32> => since 1,
     }
 
     // ---- Topics (1-4) ----
@@ -234,6 +231,9 @@ wire_struct! {
         pub name: String,
         pub partitions: Vec<PartitionMetadata>,
         pub configs: Vec<ConfigEntry>,
+        /// From version 1: per partition, in the order of `partitions`, the replicas in sync
+        /// with its leader (a single node: itself).
+        pub in_sync_replicas: Vec<Vec<u32>> => since 1,
     }
 
     // ---- Produce (5) ----

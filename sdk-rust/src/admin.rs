@@ -412,12 +412,17 @@ impl Admin {
             name: name.to_owned(),
         };
         let response = self.client.inner.call_controller(&request).await?;
+        // A broker older than DescribeTopic v1 says nothing of the ISR: empty lists.
+        let mut in_sync = response.in_sync_replicas.into_iter();
         Ok(TopicDescription {
             name: response.name,
             partitions: response
                 .partitions
                 .into_iter()
-                .map(partition_description)
+                .map(|p| PartitionDescription {
+                    in_sync_replicas: in_sync.next().unwrap_or_default(),
+                    ..partition_description(p)
+                })
                 .collect(),
             configs: response
                 .configs
@@ -508,7 +513,7 @@ fn partition_description(p: PartitionMetadata) -> PartitionDescription {
         leader: (p.error == ErrorCode::None && p.leader != u32::MAX).then_some(p.leader),
         leader_epoch: p.leader_epoch,
         replicas: p.replicas,
-        in_sync_replicas: p.isr,
+        in_sync_replicas: Vec::new(),
         log_start_offset: p.log_start_offset,
         high_watermark: p.high_watermark,
     }
@@ -719,7 +724,6 @@ mod tests {
             replicas: vec![0],
             log_start_offset: 0,
             high_watermark: 10,
-            isr: vec![0],
         });
         assert_eq!(p.leader, None);
     }

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ketch_client::{Acks, Client, ClientConfig, NewTopic, ProducerConfig, ProducerRecord, Tls};
+use ketch_client::{
+    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, NewTopic, ProducerConfig,
+    ProducerRecord, Tls, TopicPartition,
+};
 use ketch_e2e::raw::RawClient;
 use ketch_testkit::KetchCluster;
 
@@ -133,6 +136,26 @@ async fn killing_the_leader_loses_no_acknowledged_record() -> anyhow::Result<()>
     topic.replication_factor = 3;
     client.admin().create_topic(topic).await?;
     let old_leader = leader_of(&client, "failover", 0).await?;
+    // A consumer reads the partition from the start while it all happens: its push stream
+    // must move to the new leader and deliver each offset once, in order.
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        &[TopicPartition::new("failover", 0)],
+    )?;
+    let consumed: Arc<Mutex<Vec<(i64, String)>>> = Arc::default();
+    let reader = {
+        let consumed = consumed.clone();
+        tokio::spawn(async move {
+            while let Ok(record) = consumer.recv().await {
+                let value =
+                    String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into();
+                consumed.lock().unwrap().push((record.offset, value));
+            }
+        })
+    };
 
     let producer = client
         .producer(ProducerConfig {
@@ -275,6 +298,31 @@ async fn killing_the_leader_loses_no_acknowledged_record() -> anyhow::Result<()>
         records.len(),
         records.len()
     );
+    // The consumer caught up with the log through the failover: offsets 0.. once each, in
+    // order, with the values the log holds.
+    let deadline = Instant::now() + WAIT_MAX;
+    while consumed.lock().unwrap().len() < records.len() {
+        ensure!(
+            Instant::now() < deadline,
+            "the consumer read {} of {} records",
+            consumed.lock().unwrap().len(),
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumed = consumed.lock().unwrap().clone();
+    for (i, (offset, value)) in consumed.iter().enumerate() {
+        ensure!(
+            *offset == i as i64,
+            "the consumer got offset {offset} at index {i}"
+        );
+        let stored = String::from_utf8_lossy(records[i].value.as_deref().unwrap_or_default());
+        ensure!(
+            *value == stored,
+            "offset {offset}: consumed {value:?}, stored {stored:?}"
+        );
+    }
+    reader.abort();
     client.close();
     Ok(())
 }

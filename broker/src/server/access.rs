@@ -549,7 +549,7 @@ async fn init_producer_id(
             &format!("{principal} may write no topic, so it gets no producer id"),
         ));
     }
-    match state.cluster.allocate_producer_id() {
+    match state.allocate_producer_id() {
         Ok(producer_id) => {
             if security.enforced() {
                 security.bind_producer(producer_id, principal);

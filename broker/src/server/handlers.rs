@@ -105,18 +105,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             api,
             version,
             state
-                .cluster
                 .allocate_producer_id()
-                .map(|local| match &state.cluster_node {
-                    // Unique across brokers: the node id above the locally allocated bits.
-                    Some(node) => {
-                        debug_assert!(local < 1 << crate::controller::PRODUCER_ID_LOCAL_BITS);
-                        ((node.controller.node_id() as i64)
-                            << crate::controller::PRODUCER_ID_LOCAL_BITS)
-                            | local
-                    }
-                    None => local,
-                })
                 .map(|producer_id| InitProducerIdResponse {
                     producer_id,
                     producer_epoch: 0,
@@ -208,7 +197,6 @@ fn partition_metadata(partition: &Partition, node_id: u32) -> PartitionMetadata 
         replicas: vec![node_id],
         log_start_offset: offsets.log_start,
         high_watermark: offsets.high_watermark,
-        isr: vec![node_id],
     }
 }
 
@@ -234,13 +222,7 @@ fn replicated_partition_metadata(
             .map(|r| *r as u32)
             .collect(),
         log_start_offset: 0,
-        high_watermark: hosted.as_ref().map_or(-1, |p| p.replica.high_watermark()),
-        isr: node
-            .controller
-            .reported_in_sync_replicas(topic, index)
-            .into_iter()
-            .map(|r| r as u32)
-            .collect(),
+        high_watermark: hosted.map_or(-1, |p| p.replica.high_watermark()),
     }
 }
 
@@ -407,6 +389,15 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
             partitions: (0..topic.replicas.len() as u32)
                 .map(|p| replicated_partition_metadata(node, &topic, p))
                 .collect(),
+            in_sync_replicas: (0..topic.replicas.len() as u32)
+                .map(|p| {
+                    node.controller
+                        .reported_in_sync_replicas(&topic, p)
+                        .into_iter()
+                        .map(|r| r as u32)
+                        .collect()
+                })
+                .collect(),
             configs: topic
                 .configs
                 .iter()
@@ -431,6 +422,7 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
             .iter()
             .map(|p| partition_metadata(p, NODE_ID))
             .collect(),
+        in_sync_replicas: topic.partitions.iter().map(|_| vec![NODE_ID]).collect(),
         configs: topic
             .config
             .entries()

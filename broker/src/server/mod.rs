@@ -103,6 +103,22 @@ pub(crate) struct State {
     pub(crate) cluster_node: Option<ClusterNode>,
 }
 
+impl State {
+    /// A producer id no other broker hands out: in a cluster the node id sits above the
+    /// locally allocated bits.
+    pub(crate) fn allocate_producer_id(&self) -> Result<i64, ClusterError> {
+        let local = self.cluster.allocate_producer_id()?;
+        Ok(match &self.cluster_node {
+            Some(node) => {
+                assert!(local < 1 << crate::controller::PRODUCER_ID_LOCAL_BITS);
+                ((node.controller.node_id() as i64) << crate::controller::PRODUCER_ID_LOCAL_BITS)
+                    | local
+            }
+            None => local,
+        })
+    }
+}
+
 /// A cluster broker's replication side: the metadata controller and the hosted replicas,
 /// the peer transport on the broker's own endpoint, and the check of peers' certificates.
 #[derive(Debug)]
