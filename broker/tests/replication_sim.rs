@@ -581,6 +581,21 @@ async fn simulate(seed: u64) {
                 acked.push(written);
             } else {
                 println!("seed {seed}: {values:?} found no quorum in time");
+                // What each replica's Raft thinks: a quorum that is up and elects no one is
+                // a liveness bug worth its seed.
+                for r in cluster.running() {
+                    let m = r.raft().metrics().borrow().clone();
+                    println!(
+                        "seed {seed}: node {} {:?} leader {:?} vote {} last log {:?} \
+                         applied {:?}",
+                        r.node_id(),
+                        m.state,
+                        m.current_leader,
+                        m.vote,
+                        m.last_log_index,
+                        m.last_applied
+                    );
+                }
             }
         }
         // Consumers of every replica read what committed meanwhile: a committed record
