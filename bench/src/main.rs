@@ -2,6 +2,7 @@
 //! disk ceilings. See `bench/README.md`.
 
 mod baseline;
+mod cluster;
 mod partitions;
 mod plot;
 mod progress;
@@ -39,6 +40,8 @@ enum Command {
     /// Many partitions on one broker: create, produce across them (vs 4 partitions), restart
     /// with data in every partition; start-up time, RSS, threads, idle CPU.
     Partitions(PartitionsArgs),
+    /// Produce acks=all with RF=1 on one broker vs RF=3 on three; leader failover time.
+    Cluster(ClusterArgs),
     /// (internal) the sink end of the raw QUIC ceiling, run as a child process.
     #[command(hide = true)]
     QuicSink {
@@ -78,6 +81,17 @@ struct SuiteArgs {
     group_commit_producers: usize,
     #[command(flatten)]
     output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ClusterArgs {
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// How long each produce run lasts: 500ms, 5s, 2m.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    #[arg(long, env = "KETCH_BENCH_SCRATCH")]
+    scratch: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -247,6 +261,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::QuicSink { dir }) => runtime.block_on(baseline::quic_sink(&dir)),
         Some(Command::Run(args)) => runtime.block_on(run_one(args)),
         Some(Command::Partitions(args)) => runtime.block_on(run_partitions(args)),
+        Some(Command::Cluster(args)) => runtime.block_on(cluster::run(
+            &args.scratch.unwrap_or_else(std::env::temp_dir),
+            args.record_bytes,
+            args.duration,
+        )),
         Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
         None => runtime.block_on(run_suite(cli.suite)),
     }

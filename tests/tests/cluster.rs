@@ -198,7 +198,7 @@ async fn killing_the_leader_loses_no_acknowledged_record() -> anyhow::Result<()>
                 });
                 value += 1;
                 // Continuous, not a flood: a few hundred records a second.
-                if value % 20 == 0 {
+                if value.is_multiple_of(20) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }

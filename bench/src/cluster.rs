@@ -1,0 +1,157 @@
+//! `ketch-bench cluster`: produce `record_bytes` records with `acks=all` to one partition of a
+//! topic with RF=1 on one broker, then RF=3 on a three-broker cluster (the CLI contract:
+//! `--node-id`, `--peers`, `--ca-dir`), and the time from killing a partition leader
+//! (SIGKILL) to the first acknowledged produce on its successor.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use ketch_client::{Acks, Client, ClientConfig, NewTopic, ProducerConfig, ProducerRecord, Tls};
+use ketch_testkit::{KetchCluster, KetchProcess};
+
+const TOPIC: &str = "bench-cluster";
+
+fn client_config(bootstrap: Vec<String>, ca: &Path) -> ClientConfig {
+    ClientConfig {
+        bootstrap,
+        tls: Tls::CaFile(ca.to_owned()),
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_millis(1500),
+        ..ClientConfig::default()
+    }
+}
+
+fn producer_config() -> ProducerConfig {
+    ProducerConfig {
+        acks: Acks::All,
+        idempotent: true,
+        delivery_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+/// Records per second for `duration`, one producer, one partition.
+async fn produce_rate(
+    client: &Client,
+    record_bytes: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let producer = client.producer(producer_config()).await?;
+    let value = vec![b'x'; record_bytes];
+    let started = Instant::now();
+    let mut deliveries = Vec::new();
+    let mut sent = 0u64;
+    while started.elapsed() < duration {
+        let record = ProducerRecord {
+            partition: Some(0),
+            ..ProducerRecord::new(TOPIC, value.clone())
+        };
+        deliveries.push(producer.send(record).await?);
+        sent += 1;
+        if deliveries.len() >= 10_000 {
+            for d in deliveries.drain(..) {
+                d.await?;
+            }
+        }
+    }
+    for d in deliveries {
+        d.await?;
+    }
+    let elapsed = started.elapsed();
+    producer.close().await?;
+    Ok(sent as f64 / elapsed.as_secs_f64())
+}
+
+async fn create(client: &Client, replication_factor: u16) -> anyhow::Result<()> {
+    let mut topic = NewTopic::new(TOPIC, 1);
+    topic.replication_factor = replication_factor;
+    client.admin().create_topic(topic).await?;
+    Ok(())
+}
+
+pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> anyhow::Result<()> {
+    println!(
+        "produce {record_bytes} B records, acks=all, idempotent, 1 producer, 1 partition, {duration:?} each (fsync always)"
+    );
+    let single_dir = tempfile::tempdir_in(scratch)?;
+    let single = KetchProcess::start(single_dir.path(), &[])?;
+    let client = Client::connect(client_config(vec![single.broker_arg()], &single.ca)).await?;
+    create(&client, 1).await?;
+    let rf1 = produce_rate(&client, record_bytes, duration).await?;
+    client.close();
+    drop(single);
+    println!(
+        "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s",
+        rf1 * record_bytes as f64 / 1048576.0
+    );
+
+    let base = tempfile::tempdir_in(scratch)?;
+    let mut cluster = KetchCluster::start(base.path(), 3, &[])?;
+    let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
+    create(&client, 3).await?;
+    let rf3 = produce_rate(&client, record_bytes, duration).await?;
+    println!(
+        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  ({:.0}% of RF=1)",
+        rf3 * record_bytes as f64 / 1048576.0,
+        100.0 * rf3 / rf1
+    );
+
+    // Failover: a producer writes steadily; kill the leader; time to the next ack.
+    let leader = client.admin().describe_topic(TOPIC).await?.partitions[0]
+        .leader
+        .context("no leader")?;
+    let producer = Arc::new(client.producer(producer_config()).await?);
+    let last_ack: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (producer, last_ack, stop) = (producer.clone(), last_ack.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut pending = tokio::task::JoinSet::new();
+            while !stop.load(Ordering::SeqCst) {
+                let record = ProducerRecord {
+                    partition: Some(0),
+                    ..ProducerRecord::new(TOPIC, vec![b'y'; record_bytes])
+                };
+                let delivery = producer.send(record).await?;
+                let last_ack = last_ack.clone();
+                pending.spawn(async move {
+                    if delivery.await.is_ok() {
+                        *last_ack.lock().unwrap() = Some(Instant::now());
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            while pending.join_next().await.is_some() {}
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = Instant::now();
+    cluster.node(u64::from(leader)).kill();
+    let deadline = killed_at + Duration::from_secs(60);
+    let first = loop {
+        if let Some(at) = *last_ack.lock().unwrap()
+            && at > killed_at
+        {
+            break at;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no acknowledgement within 60 s of the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    writer.await??;
+    println!(
+        "failover (kill -9 of the leader → first ack on the new leader): {:?}",
+        first - killed_at
+    );
+    client.close();
+    Ok(())
+}
