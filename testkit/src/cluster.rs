@@ -110,14 +110,11 @@ impl ClusterProcess {
                     })
                 })
                 .collect();
-            starts
-                .into_iter()
-                .map(|start| {
-                    start
-                        .join()
-                        .map_err(|_| anyhow!("a start thread panicked"))?
-                })
-                .collect::<anyhow::Result<()>>()
+            starts.into_iter().try_for_each(|start| {
+                start
+                    .join()
+                    .map_err(|_| anyhow!("a start thread panicked"))?
+            })
         })
     }
 

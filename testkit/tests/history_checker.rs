@@ -30,6 +30,9 @@ fn check_case(
     report
 }
 
+/// A hand-written history.
+type Build = Box<dyn FnOnce(&mut History)>;
+
 fn sent_and_acked(h: &mut History, values: &[(&str, u32, i64)]) {
     for (value, partition, offset) in values {
         h.invoke(*value);
@@ -48,7 +51,7 @@ const ABC: &[(&str, u32, i64)] = &[("a", 0, 0), ("b", 0, 1), ("c", 0, 2)];
 #[test]
 fn clean_histories_pass() {
     let config = CheckConfig::default();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut History)>)> = vec![
+    let cases: Vec<(&str, Build)> = vec![
         ("empty", Box::new(|_| {})),
         (
             "acknowledged and read once",
@@ -134,11 +137,7 @@ fn clean_histories_pass() {
 #[test]
 fn each_anomaly_is_found_and_counted() {
     let config = CheckConfig::default();
-    type Case = (
-        &'static str,
-        Box<dyn FnOnce(&mut History)>,
-        Vec<(AnomalyKind, usize)>,
-    );
+    type Case = (&'static str, Build, Vec<(AnomalyKind, usize)>);
     let cases: Vec<Case> = vec![
         (
             "acknowledged, never read",
