@@ -48,6 +48,10 @@ pub struct ReplicatedPartition {
     pub dir: PathBuf,
     pub replica: PartitionReplica,
     leader_state: Arc<tokio::sync::Mutex<Option<LeaderState>>>,
+    /// Woken each time a batch takes its place in the sequence order: a batch that arrived
+    /// ahead of its predecessors (a pipelining producer's requests travel on separate
+    /// streams) waits for them, bounded by `SEQUENCE_GAP_WAIT_MAX`.
+    sequence_advanced: tokio::sync::Notify,
 }
 
 fn cluster_error(e: &ReplicationError) -> ClusterError {
@@ -73,6 +77,7 @@ impl ReplicatedPartition {
             dir,
             replica,
             leader_state: Arc::default(),
+            sequence_advanced: tokio::sync::Notify::new(),
         }
     }
 
@@ -123,8 +128,12 @@ impl ReplicatedPartition {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first_base = None;
+        let gap_deadline = tokio::time::Instant::now() + crate::cluster::SEQUENCE_GAP_WAIT_MAX;
         for (header, bytes) in batches {
-            let outcome = {
+            let outcome = loop {
+                let advanced = self.sequence_advanced.notified();
+                tokio::pin!(advanced);
+                advanced.as_mut().enable();
                 let mut guard = self.leader_state.lock().await;
                 let (leader, term) = self.replica.leader();
                 if leader != Some(node_id) || !self.replica.is_leader() {
@@ -154,22 +163,33 @@ impl ReplicatedPartition {
                     *guard = Some(LeaderState { term, producers });
                 }
                 let state = guard.as_mut().expect("set above");
+                let mut duplicate = None;
                 if header.is_idempotent() {
                     match state.producers.check(&header) {
-                        SequenceCheck::Append => state.producers.begin(&header),
-                        SequenceCheck::Duplicate { base_offset } => {
-                            first_base.get_or_insert(base_offset);
-                            continue;
+                        SequenceCheck::Append => {
+                            state.producers.begin(&header);
+                            self.sequence_advanced.notify_waiters();
                         }
+                        SequenceCheck::Duplicate { base_offset } => duplicate = Some(base_offset),
                         SequenceCheck::Gap { message } => {
-                            return Err(self.refused(ErrorCode::OutOfOrderSequence, message));
+                            drop(guard);
+                            if tokio::time::timeout_at(gap_deadline, advanced)
+                                .await
+                                .is_err()
+                            {
+                                return Err(self.refused(ErrorCode::OutOfOrderSequence, message));
+                            }
+                            continue;
                         }
                         SequenceCheck::Reject { code, message } => {
                             return Err(self.refused(code, message));
                         }
                     }
                 }
-                let pending = match self.replica.propose(bytes, acks).await {
+                if let Some(base_offset) = duplicate {
+                    break Err(base_offset);
+                }
+                let pending = match self.replica.propose(bytes.clone(), acks).await {
                     Ok(pending) => pending,
                     Err(e) => {
                         if header.is_idempotent() {
@@ -200,7 +220,14 @@ impl ReplicatedPartition {
                     }
                     let _ = tx.send(result);
                 });
-                rx
+                break Ok(rx);
+            };
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(duplicate_of) => {
+                    first_base.get_or_insert(duplicate_of);
+                    continue;
+                }
             };
             let result = match tokio::time::timeout_at(deadline, outcome).await {
                 Ok(Ok(result)) => result,

@@ -205,8 +205,15 @@ impl Broker {
         let mut peer_tls = None;
         let crypto = match &cluster_peers {
             None => {
-                let identity = match (&config.tls_cert, &config.tls_key) {
-                    (Some(cert), Some(key)) => tls::load_identity(cert, key)?,
+                let identity = match (&config.tls_cert, &config.tls_key, &config.ca_dir) {
+                    (Some(cert), Some(key), _) => tls::load_identity(cert, key)?,
+                    // A single node may share a CA directory too.
+                    (_, _, Some(ca_dir)) => {
+                        let mut names: Vec<String> =
+                            config.advertised_host.iter().cloned().collect();
+                        names.push(config.listen.ip().to_string());
+                        tls::cluster_identity(ca_dir, &names, peer::PEER_SERVER_NAME)?.server
+                    }
                     _ => tls::dev_identity(&config.data_dir, config.advertised_host.as_slice())?,
                 };
                 let dev_ca_path = identity.dev_ca_path.clone();
