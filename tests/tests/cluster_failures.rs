@@ -250,8 +250,15 @@ async fn produce(
                 });
                 deliveries.push(done_rx);
             }
-            // Never buffered, so never sent.
-            Err(_) => history.record(|h| h.fail(value)),
+            // Never queued, so never sent.
+            Err(e) => {
+                *errors
+                    .lock()
+                    .unwrap()
+                    .entry(format!("send: {e}"))
+                    .or_default() += 1;
+                history.record(|h| h.fail(value))
+            }
         }
         tokio::time::sleep(SEND_INTERVAL).await;
     }
@@ -259,7 +266,7 @@ async fn produce(
         let _ = delivery.await;
     }
     for (error, count) in errors.lock().unwrap().iter() {
-        println!("producer: {count} deliveries failed: {error}");
+        println!("producer: {count} failed: {error}");
     }
     producer.close().await?;
     Ok(())
