@@ -150,8 +150,25 @@ impl Groups {
         request: &OffsetCommitRequest,
         now_ms: i64,
     ) -> Result<OffsetCommitResponse, ClusterError> {
+        self.commit_with(request, now_ms, &|_| None).await
+    }
+
+    /// [`Self::commit`], where `other_topics` gives the partition count of topics this
+    /// broker's `cluster` does not have (a cluster's replicated topics). Their offsets carry
+    /// no topic id (known limit: a topic re-created under the name keeps them).
+    pub async fn commit_with(
+        &self,
+        request: &OffsetCommitRequest,
+        now_ms: i64,
+        other_topics: &(dyn Fn(&str) -> Option<u32> + Sync),
+    ) -> Result<OffsetCommitResponse, ClusterError> {
         let _serial = self.writes.lock().await;
-        let partitions_of = |topic: &str| self.cluster.topic(topic).map(|t| t.config.partitions);
+        let partitions_of = |topic: &str| {
+            self.cluster
+                .topic(topic)
+                .map(|t| t.config.partitions)
+                .or_else(|| other_topics(topic))
+        };
         let mut plan = self
             .coordinator()
             .commit(request, &partitions_of, now_ms)

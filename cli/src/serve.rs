@@ -19,15 +19,16 @@ pub struct ServeArgs {
     /// TOML configuration file; its keys are the flag names with `_` for `-`.
     #[arg(long, env = "KETCH_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// This broker's id in its cluster (with --peers).
+    /// This broker's id in its cluster (with --peers). [default: none: a single node]
     #[arg(long, env = "KETCH_NODE_ID", value_name = "N")]
     node_id: Option<u64>,
     /// The cluster's initial members, this broker among them: forms (or rejoins) a cluster.
-    /// Without it, a single node.
+    /// [default: none: a single node]
     #[arg(long, env = "KETCH_PEERS", value_name = "ID@HOST:PORT,...")]
     peers: Option<String>,
     /// A directory with the cluster's development CA, created by the first broker that finds
-    /// it missing; clients trust DIR/ca.pem.
+    /// it missing; clients trust DIR/ca.pem. [default: none: a CA of this broker's own in
+    /// the data directory]
     #[arg(long, env = "KETCH_CA_DIR", value_name = "DIR")]
     ca_dir: Option<PathBuf>,
     /// Data directory (logs, topic metadata, development certificates). [default: ./ketch-data]

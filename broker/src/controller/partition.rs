@@ -253,11 +253,18 @@ impl ReplicatedPartition {
     /// about `max_bytes`, and the high watermark.
     pub fn read(&self, offset: i64, max_bytes: u32) -> Result<(Bytes, i64), ClusterError> {
         let high_watermark = self.replica.high_watermark();
-        if offset < 0 || offset > high_watermark {
+        // A new leader learns the commit index only once it commits in its own term, so
+        // its high watermark may lag a position a consumer already read (from the old
+        // leader): a position within the local log is waited at, not out of range.
+        let log_end = self.replica.log_end_offset().max(high_watermark);
+        if offset < 0 || offset > log_end {
             return Err(ClusterError::new(
                 ErrorCode::OffsetOutOfRange,
-                format!("offset {offset} is outside [0, {high_watermark}]"),
+                format!("offset {offset} is outside [0, {log_end}]"),
             ));
+        }
+        if offset >= high_watermark {
+            return Ok((Bytes::new(), high_watermark));
         }
         let batches = self
             .replica

@@ -324,6 +324,11 @@ impl PartitionReplica {
         })
     }
 
+    /// The Kafka offset after the last record in this replica's own log, committed or not.
+    pub fn log_end_offset(&self) -> i64 {
+        self.shared.kafka_offset(self.shared.log().log_end_offset())
+    }
+
     /// The high watermark, as it moves (its sender goes when the replica stops).
     pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
         self.high_watermark.clone()

@@ -83,7 +83,14 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r)),
         Request::OffsetCommit(r) => {
-            respond(state, api, version, state.groups.commit(&r, now_ms()).await)
+            let replicated = |topic: &str| {
+                let node = state.cluster_node.as_ref()?;
+                node.controller
+                    .topic(topic)
+                    .map(|t| t.replicas.len() as u32)
+            };
+            let committed = state.groups.commit_with(&r, now_ms(), &replicated).await;
+            respond(state, api, version, committed)
         }
         Request::OffsetFetch(r) => respond(
             state,
