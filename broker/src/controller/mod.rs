@@ -220,6 +220,9 @@ pub struct Controller<T: PeerTransport> {
     /// The metadata offset applied so far (the next to apply).
     applied: watch::Sender<i64>,
     partitions: RwLock<HashMap<(String, u32), Arc<ReplicatedPartition>>>,
+    /// Set once this broker's image has applied what the metadata log had committed when
+    /// it first heard from a controller (a restarted broker replays first).
+    caught_up: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     log_config: LogConfig,
     clock: Clock,
@@ -294,6 +297,7 @@ impl<T: PeerTransport> Controller<T> {
             image: RwLock::default(),
             applied: watch::Sender::new(0),
             partitions: RwLock::default(),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
             dir,
             log_config: config.log_config,
             clock,
@@ -314,6 +318,27 @@ impl<T: PeerTransport> Controller<T> {
     /// The metadata group's leader as this broker knows it.
     pub fn controller_id(&self) -> Option<NodeId> {
         self.metadata.leader().0
+    }
+
+    /// Whether this broker's image is current enough to answer for the cluster: its metadata
+    /// log is empty, or it knows a controller and has applied the log up to the commit point
+    /// it learnt from it.
+    /// Until then a restarted broker's image lacks recent topics; it must not call them
+    /// unknown.
+    pub fn caught_up(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.caught_up.load(Ordering::Acquire) {
+            return true;
+        }
+        // An empty metadata log has nothing to replay (a new cluster: its members are the
+        // initial ones); otherwise wait for a controller's commit point.
+        let now = self.metadata.log_end_offset() == 0
+            || (self.metadata.leader().0.is_some()
+                && *self.applied.borrow() >= self.metadata.high_watermark());
+        if now {
+            self.caught_up.store(true, Ordering::Release);
+        }
+        now
     }
 
     pub fn image(&self) -> Image {
@@ -418,6 +443,16 @@ impl<T: PeerTransport> Controller<T> {
                 error: ClusterError::new(
                     ErrorCode::UnknownPartition,
                     format!("{topic} has no partition {index}"),
+                ),
+                leader: (None, 0),
+            },
+            None if !self.caught_up() => ProduceRefused {
+                error: ClusterError::new(
+                    ErrorCode::NotLeader,
+                    format!(
+                        "node {} is still catching up with the cluster metadata",
+                        self.node_id
+                    ),
                 ),
                 leader: (None, 0),
             },

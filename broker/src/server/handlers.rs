@@ -34,7 +34,20 @@ fn respond<T: Wire>(
 pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
     match request {
-        Request::Metadata(r) => respond(state, api, version, Ok(metadata(state, r))),
+        Request::Metadata(r) => match &state.cluster_node {
+            // A broker still replaying the metadata log would call recent topics unknown:
+            // a retriable refusal sends the client to another broker.
+            Some(node) if !node.controller.caught_up() => respond::<MetadataResponse>(
+                state,
+                api,
+                version,
+                Err(ClusterError::new(
+                    ErrorCode::Overloaded,
+                    "this broker is still catching up with the cluster metadata",
+                )),
+            ),
+            _ => respond(state, api, version, Ok(metadata(state, r))),
+        },
         Request::CreateTopic(r) => respond(state, api, version, create_topic(state, r).await),
         Request::DeleteTopic(r) if state.cluster_node.is_some() => {
             let node = state.cluster_node.as_ref().expect("checked");
@@ -463,7 +476,7 @@ async fn submit_all(
     Ok((partition, submitted))
 }
 
-async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
+pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
     let started = std::time::Instant::now();
     let acks = request.acks;
     let mut work = Vec::new();
@@ -515,7 +528,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
             let _ = submitted.await;
         }
         state.metrics.produce_acked(acks, started);
-        return ProduceResponse { topics: vec![] };
+        return ProduceResponse::default();
     }
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();
     for task in work {
@@ -559,7 +572,10 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
         }
     }
     state.metrics.produce_acked(acks, started);
-    ProduceResponse { topics }
+    ProduceResponse {
+        topics,
+        throttle_time_ms: 0,
+    }
 }
 
 /// The leader hint of a produce answer.
@@ -655,7 +671,7 @@ pub(super) fn fetch_partition(
     response
 }
 
-async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
+pub(super) async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
     let wait = Duration::from_millis(u64::from(
         request.max_wait_ms.min(state.config.fetch_wait_ms_max),
     ));
@@ -686,7 +702,10 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
             || watches.is_empty()
             || tokio::time::Instant::now() >= deadline
         {
-            return FetchResponse { partitions };
+            return FetchResponse {
+                partitions,
+                throttle_time_ms: 0,
+            };
         }
         let changed = futures_select_changed(&mut watches);
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -696,7 +715,10 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
                 .iter()
                 .map(|p| fetch_partition(state, ApiKey::Fetch, p, p.partition_max_bytes))
                 .collect();
-            return FetchResponse { partitions };
+            return FetchResponse {
+                partitions,
+                throttle_time_ms: 0,
+            };
         }
     }
 }
