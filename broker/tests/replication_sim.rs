@@ -4,11 +4,18 @@
 //! - `three_replicas_*`: a leader is elected, batches replicate, the leader crashes, a new
 //!   leader takes over, the old one comes back and catches up; nothing committed is lost and
 //!   offsets stay dense.
-//! - `seeded_simulation_*`: many seeds of drops, delays, cut links and crashes, checking
-//!   the same invariants (seeds printed on failure; `KETCH_SIM_SEEDS=N` runs more,
-//!   `KETCH_SIM_SEED=S` runs one).
+//! - `seeded_simulation_*`: many seeds of drops, delays, cut links, crashes of the leader,
+//!   of a follower and of the whole cluster, checking the same invariants (seeds printed on
+//!   failure; `KETCH_SIM_SEEDS=N` runs N, `KETCH_SIM_SEED=S` runs one,
+//!   `KETCH_SIM_PARALLEL=P` runs P at once).
+//!
+//! Every test records a history — each write attempt sent, acknowledged at its offsets or
+//! left indeterminate, and every committed record each replica serves, read as it commits —
+//! and runs the queue checker of `ketch_testkit::history` over it: nothing acknowledged lost,
+//! no value at two offsets, no offset with two values (across replicas, or before and after a
+//! crash), each replica's reads dense from offset 0 and in order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -23,6 +30,7 @@ use ketch_broker::replication::{Clock, NodeId, PartitionReplica, ReplicaConfig, 
 use ketch_broker::storage::{FsyncPolicy, LogConfig};
 use ketch_protocol::batch::{BatchBuilder, RecordBatch};
 use ketch_protocol::messages::Acks;
+use ketch_testkit::history::{Recorder, Report};
 
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(20);
@@ -54,6 +62,15 @@ struct Cluster {
     /// The node that took the last write: tried first, as a client's metadata cache would.
     last_leader: Mutex<Option<NodeId>>,
     fsync: FsyncPolicy,
+    /// Every write attempt and every committed record read, for the checker.
+    history: Recorder,
+    /// Per node: the next offset to read from its committed log.
+    read_from: Mutex<BTreeMap<NodeId, i64>>,
+}
+
+/// The reader of a node's committed log in the history.
+fn reader(node: NodeId) -> String {
+    format!("node-{node}")
 }
 
 impl Cluster {
@@ -70,8 +87,13 @@ impl Cluster {
             clock: clock(),
             last_leader: Mutex::new(None),
             fsync,
+            history: Recorder::new(),
+            read_from: Mutex::new(BTreeMap::new()),
         };
         for node in 1..=3 {
+            // Each node's committed log is read from offset 0 on, densely.
+            cluster.history.record(|h| h.seek(reader(node), 0, 0));
+            cluster.read_from.lock().unwrap().insert(node, 0);
             cluster.start_node(node).await;
         }
         cluster
@@ -169,7 +191,9 @@ impl Cluster {
     /// number (`#N`): an attempt whose answer was lost may still commit, so a retry is a new
     /// write (these writes are not idempotent), and no attempt may be stored twice. Answers
     /// the offsets and the values of the attempt that was acknowledged; `None` if no node
-    /// took it within the bound.
+    /// took it within the bound. Every attempt is in the history: acknowledged at its
+    /// offsets, or indeterminate (a `not_leader` too: a leader that appended the entry and
+    /// then stepped down answers so, and the entry may still commit).
     async fn write(&self, values: &[String]) -> Option<(i64, i64, Vec<String>)> {
         let started = Instant::now();
         let mut hint = *self.last_leader.lock().unwrap();
@@ -184,7 +208,20 @@ impl Cluster {
             for replica in candidates {
                 attempt += 1;
                 let sent: Vec<String> = values.iter().map(|v| format!("{v}#{attempt}")).collect();
-                match replica.write(batch(&sent), Acks::All, WRITE_TIMEOUT).await {
+                self.history
+                    .record(|h| sent.iter().for_each(|v| h.invoke(v.clone())));
+                let result = replica.write(batch(&sent), Acks::All, WRITE_TIMEOUT).await;
+                if let Ok(appended) = &result {
+                    self.history.record(|h| {
+                        for (i, v) in sent.iter().enumerate() {
+                            h.ack(v.clone(), 0, appended.base_offset + i as i64);
+                        }
+                    });
+                } else {
+                    self.history
+                        .record(|h| sent.iter().for_each(|v| h.indeterminate(v.clone())));
+                }
+                match result {
                     Ok(appended) => {
                         *self.last_leader.lock().unwrap() = Some(replica.node_id());
                         return Some((appended.base_offset, appended.last_offset, sent));
@@ -222,6 +259,49 @@ impl Cluster {
         }
     }
 
+    /// Reads what each running replica committed since its last read into the history (as
+    /// a consumer of that replica would).
+    fn read_committed_records(&self) {
+        for replica in self.running() {
+            let node = replica.node_id();
+            let mut from = self.read_from.lock().unwrap()[&node];
+            loop {
+                let batches = replica.read_committed(from, 1024 * 1024).expect("read");
+                if batches.is_empty() {
+                    break;
+                }
+                self.history.record(|h| {
+                    for CommittedBatch { base_offset, bytes } in batches {
+                        let records = RecordBatch::new(bytes)
+                            .and_then(|b| b.decode_all())
+                            .expect("batch");
+                        for (i, record) in records.into_iter().enumerate() {
+                            let offset = base_offset + i as i64;
+                            // The batch holding `from` may start before it.
+                            if offset < from {
+                                continue;
+                            }
+                            let value = String::from_utf8(record.value.expect("value").to_vec())
+                                .expect("utf-8 value");
+                            h.read(reader(node), 0, offset, value);
+                            from = offset + 1;
+                        }
+                    }
+                });
+            }
+            self.read_from.lock().unwrap().insert(node, from);
+        }
+    }
+
+    /// Reads what every running replica committed since the last read and runs the queue
+    /// checker over the whole history; fails with the checker's report.
+    fn check_history(&self, context: &str) -> Report {
+        self.read_committed_records();
+        let report = self.history.snapshot().check();
+        assert!(report.is_valid(), "{context}: {report}");
+        report
+    }
+
     /// Every committed record of a replica: (offset, value).
     fn records(&self, node: NodeId) -> Vec<(i64, String)> {
         let replica = self.replica(node);
@@ -254,45 +334,18 @@ impl Cluster {
     }
 }
 
-/// Checks the history against what every replica holds: the same committed records on each,
-/// offsets dense from 0, every acknowledged write present at its offsets exactly once.
+/// Checks the history (every replica's committed records read through, the queue checker
+/// over it) and that each acknowledged write holds the offsets its answer named.
 fn check_invariants(cluster: &Cluster, acked: &[(i64, i64, Vec<String>)], context: &str) {
-    let nodes: Vec<NodeId> = cluster.running().iter().map(|r| r.node_id()).collect();
-    let reference = cluster.records(nodes[0]);
-    for node in &nodes[1..] {
-        let other = cluster.records(*node);
-        let common = reference.len().min(other.len());
-        assert_eq!(
-            reference[..common],
-            other[..common],
-            "{context}: nodes {} and {node} disagree on committed records",
-            nodes[0]
-        );
-    }
-    for (i, (offset, _)) in reference.iter().enumerate() {
-        assert_eq!(*offset, i as i64, "{context}: offsets are not dense at {i}");
-    }
-    let mut seen = HashMap::new();
-    for (offset, value) in &reference {
-        if let Some(first) = seen.insert(value.clone(), *offset) {
-            panic!("{context}: value {value} at offsets {first} and {offset}");
-        }
-    }
     for (base, last, values) in acked {
         assert_eq!(
             last - base + 1,
             values.len() as i64,
             "{context}: ack of {values:?}"
         );
-        for (i, value) in values.iter().enumerate() {
-            let offset = base + i as i64;
-            assert_eq!(
-                reference.get(offset as usize).map(|(_, v)| v),
-                Some(value),
-                "{context}: acknowledged {value} at offset {offset} is lost or moved"
-            );
-        }
     }
+    let report = cluster.check_history(context);
+    println!("{context}: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,8 +419,49 @@ async fn three_replicas_elect_replicate_and_survive_the_leader_crash() {
     cluster.stop_all().await;
 }
 
+/// The faults a seeded run makes: one at a time, so two connected nodes, a quorum, remain
+/// (a whole-cluster restart is brief and leaves all three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// A node, whichever it is, crashes.
+    CrashAny,
+    /// The leader crashes (uncommitted entries are lost with it and truncated later).
+    CrashLeader,
+    /// A follower crashes and, restarted later, catches up.
+    CrashFollower,
+    /// The node that is down starts again from its disk.
+    Restart,
+    /// Every node crashes, then all start again from their disks.
+    RestartAll,
+    /// One link is cut.
+    Cut,
+    /// One node (the leader, often) is cut off from both others: what it appends meanwhile
+    /// never commits, and is truncated when it returns.
+    Isolate,
+    /// Every cut link is healed.
+    Heal,
+    None,
+}
+
+impl Fault {
+    fn pick(rng: &mut SimRng) -> Fault {
+        match rng.below(16) {
+            0 => Fault::CrashAny,
+            1 => Fault::CrashLeader,
+            2 => Fault::CrashFollower,
+            3 | 4 => Fault::Restart,
+            5 => Fault::RestartAll,
+            6 => Fault::Cut,
+            7 => Fault::Isolate,
+            8 | 9 => Fault::Heal,
+            _ => Fault::None,
+        }
+    }
+}
+
 /// One seeded run: writes through whoever leads while the network drops, delays and cuts
-/// and nodes crash and return (never two down at once), then checks the invariants.
+/// and nodes crash and return (never two down at once; sometimes all restart together),
+/// reading each replica's committed log as it grows, then checks the history.
 async fn simulate(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let faults = Faults {
@@ -392,9 +486,8 @@ async fn simulate(seed: u64) {
     cluster.wait_converged(first.1 + 1).await;
     let mut acked = vec![first];
     let mut faults_made = Vec::new();
-    // One fault of the cluster at a time (a node down, one link cut, or one node cut off),
-    // so two connected nodes, a quorum, remain: writes then find a leader. Faults strike while up to three
-    // writes are in flight, so uncommitted entries are lost with their leader and truncated.
+    // Faults strike while up to three writes are in flight, so uncommitted entries are lost
+    // with their leader and truncated.
     let mut down: Option<NodeId> = None;
     let mut cut = false;
     for step in 0..30u64 {
@@ -406,33 +499,63 @@ async fn simulate(seed: u64) {
             })
             .collect();
         let fault_after = Duration::from_millis(rng.below(20));
-        let fault = rng.below(10);
+        let fault = Fault::pick(&mut rng);
         let pick = rng.next_u64();
         let fault = async {
             tokio::time::sleep(fault_after).await;
+            let healthy = down.is_none() && !cut;
+            let leader = cluster
+                .running()
+                .iter()
+                .find(|r| r.is_leader())
+                .map(|r| r.node_id());
             match fault {
-                0 if down.is_none() && !cut => {
+                Fault::CrashAny if healthy => {
                     let node = 1 + pick % 3;
                     cluster.crash(node).await;
                     faults_made.push(format!("{step}: crash {node}"));
                     down = Some(node);
                 }
-                1 => {
+                Fault::CrashLeader if healthy => {
+                    if let Some(node) = leader {
+                        cluster.crash(node).await;
+                        faults_made.push(format!("{step}: crash leader {node}"));
+                        down = Some(node);
+                    }
+                }
+                Fault::CrashFollower if healthy => {
+                    let followers: Vec<NodeId> = (1..=3).filter(|n| Some(*n) != leader).collect();
+                    let node = followers[(pick % followers.len() as u64) as usize];
+                    cluster.crash(node).await;
+                    faults_made.push(format!("{step}: crash follower {node}"));
+                    down = Some(node);
+                }
+                Fault::Restart => {
                     if let Some(node) = down.take() {
                         cluster.start_node(node).await;
                         faults_made.push(format!("{step}: restart {node}"));
                     }
                 }
-                2 if down.is_none() && !cut => {
+                Fault::RestartAll => {
+                    // Like a power cut of the whole cluster, but the page cache survives
+                    // (a process crash): every node comes back from its files.
+                    for node in 1..=3 {
+                        cluster.crash(node).await;
+                    }
+                    for node in 1..=3 {
+                        cluster.start_node(node).await;
+                    }
+                    faults_made.push(format!("{step}: restart all"));
+                    down = None;
+                }
+                Fault::Cut if healthy => {
                     let a = 1 + pick % 3;
                     let b = 1 + (a + (pick >> 8) % 2) % 3;
                     cluster.network.cut(a, b);
                     faults_made.push(format!("{step}: cut {a}-{b}"));
                     cut = true;
                 }
-                4 if down.is_none() && !cut => {
-                    // Cut one node off from both others (the leader, often): what it
-                    // appends meanwhile never commits, and is truncated when it returns.
+                Fault::Isolate if healthy => {
                     let node = 1 + pick % 3;
                     for other in (1..=3).filter(|o| *o != node) {
                         cluster.network.cut(node, other);
@@ -440,7 +563,7 @@ async fn simulate(seed: u64) {
                     faults_made.push(format!("{step}: isolate {node}"));
                     cut = true;
                 }
-                3 if cut => {
+                Fault::Heal if cut => {
                     cluster.network.heal();
                     faults_made.push(format!("{step}: heal"));
                     cut = false;
@@ -458,8 +581,26 @@ async fn simulate(seed: u64) {
                 acked.push(written);
             } else {
                 println!("seed {seed}: {values:?} found no quorum in time");
+                // What each replica's Raft thinks: a quorum that is up and elects no one is
+                // a liveness bug worth its seed.
+                for r in cluster.running() {
+                    let m = r.raft().metrics().borrow().clone();
+                    println!(
+                        "seed {seed}: node {} {:?} leader {:?} vote {} last log {:?} \
+                         applied {:?}",
+                        r.node_id(),
+                        m.state,
+                        m.current_leader,
+                        m.vote,
+                        m.last_log_index,
+                        m.last_applied
+                    );
+                }
             }
         }
+        // Consumers of every replica read what committed meanwhile: a committed record
+        // later changed or lost shows as two values at one offset, or a gap.
+        cluster.read_committed_records();
     }
     println!("seed {seed}: faults {faults_made:?}");
     cluster.network.heal();
@@ -486,15 +627,20 @@ async fn simulate(seed: u64) {
     cluster.stop_all().await;
 }
 
+/// Seeds run `KETCH_SIM_PARALLEL` at a time (default 8): a run mostly waits on timers
+/// (elections, time-outs), so runs side by side cost little more than one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_simulation_of_drops_delays_cuts_and_crashes() {
-    let seeds: Vec<u64> = match std::env::var("KETCH_SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("KETCH_SIM_SEED is a number")],
-        Err(_) => {
-            let count = std::env::var("KETCH_SIM_SEEDS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(6u64);
+    use futures_util::StreamExt;
+    let env_number = |name: &str| -> Option<u64> {
+        std::env::var(name)
+            .ok()
+            .map(|n| n.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+    };
+    let seeds: Vec<u64> = match env_number("KETCH_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let count = env_number("KETCH_SIM_SEEDS").unwrap_or(SIM_SEEDS_DEFAULT);
             let base = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -504,16 +650,39 @@ async fn seeded_simulation_of_drops_delays_cuts_and_crashes() {
                 .collect()
         }
     };
-    for seed in seeds {
-        println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
-        let run = tokio::spawn(simulate(seed));
-        match tokio::time::timeout(Duration::from_secs(120), run).await {
-            Ok(Ok(())) => {}
-            Ok(Err(panic)) => panic!("seed {seed} failed (KETCH_SIM_SEED={seed}): {panic}"),
-            Err(_) => panic!("seed {seed} did not finish in 120 s (KETCH_SIM_SEED={seed})"),
-        }
-    }
+    let parallel = env_number("KETCH_SIM_PARALLEL").unwrap_or(SIM_PARALLEL_DEFAULT) as usize;
+    let started = Instant::now();
+    let count = seeds.len();
+    let failures: Vec<String> = futures_util::stream::iter(seeds)
+        .map(|seed| async move {
+            println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
+            let run = tokio::spawn(simulate(seed));
+            match tokio::time::timeout(SEED_RUN_MAX, run).await {
+                Ok(Ok(())) => None,
+                Ok(Err(panic)) => Some(format!(
+                    "seed {seed} failed (KETCH_SIM_SEED={seed}): {panic}"
+                )),
+                Err(_) => Some(format!(
+                    "seed {seed} did not finish in {SEED_RUN_MAX:?} (KETCH_SIM_SEED={seed})"
+                )),
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .filter_map(|failure| async move { failure })
+        .collect()
+        .await;
+    println!(
+        "{count} seeds, {parallel} at a time, in {:?}",
+        started.elapsed()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Seeds per CI run, and how many run at once (see the test).
+const SIM_SEEDS_DEFAULT: u64 = 24;
+const SIM_PARALLEL_DEFAULT: u64 = 8;
+/// Bound of one seed's run.
+const SEED_RUN_MAX: Duration = Duration::from_secs(120);
 
 /// `acks=leader` answers once the leader's own append is durable, `acks=all` only once a
 /// quorum has it: with the leader cut off from both followers the first is answered and the
@@ -530,6 +699,14 @@ async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum(
         cluster.network.cut(leader, node);
     }
     let replica = cluster.replica(leader);
+    // Neither write below is acknowledged for the checker: `acks=leader` promises nothing
+    // once the leader is replaced, and `acks=all` times out.
+    cluster.history.record(|h| {
+        for value in ["leader-1", "all-2"] {
+            h.invoke(value);
+            h.indeterminate(value);
+        }
+    });
     let local = replica
         .write(batch(&["leader-1".into()]), Acks::Leader, WRITE_TIMEOUT)
         .await

@@ -1,12 +1,239 @@
-//! A cluster of `ketch serve` processes on loopback: `--node-id N --listen 127.0.0.1:PORT
-//! --peers 1@..,2@..,.. --data-dir BASE/nodeN --ca-dir BASE/ca`, as the CLI contract says.
+//! A cluster of `ketch serve` processes on 127.0.0.1: UDP ports chosen up front (each broker's
+//! `--listen` is also its address in every broker's `--peers`), a data directory per node, one
+//! shared `--ca-dir`, and faults by PID — SIGKILL, SIGSTOP/SIGCONT, restart on the same port
+//! and data. Finding leaders is the caller's business (it needs a client).
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow, bail};
 
-use crate::KetchProcess;
+use crate::ketch::KetchProcess;
+
+/// A node's id in its cluster (`--node-id`), 1-based.
+pub type NodeId = u64;
+
+/// The brokers of one cluster, node `i` at index `i - 1`.
+#[derive(Debug)]
+pub struct ClusterProcess {
+    nodes: Vec<Node>,
+    ca_dir: PathBuf,
+}
+
+#[derive(Debug)]
+struct Node {
+    id: NodeId,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    /// `None` while killed.
+    process: Option<KetchProcess>,
+}
+
+impl Node {
+    fn start(&self) -> anyhow::Result<KetchProcess> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        KetchProcess::start_at(&self.data_dir, &self.listen.to_string(), &args)
+    }
+}
+
+/// `count` distinct free UDP ports on 127.0.0.1: all bound at once (so distinct), then
+/// released for the brokers — a small race with other programs that a retry of the test
+/// would absorb.
+pub fn free_udp_addrs(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let sockets: Vec<UdpSocket> = (0..count)
+        .map(|_| UdpSocket::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    sockets
+        .iter()
+        .map(|s| s.local_addr().map_err(Into::into))
+        .collect()
+}
+
+impl ClusterProcess {
+    /// Starts `nodes` brokers under `root` (`root/node-N`, `root/ca`), all at once: a broker
+    /// may wait for a quorum before it says it is ready. `extra_args` go to every broker.
+    pub fn start(root: &Path, nodes: usize, extra_args: &[&str]) -> anyhow::Result<ClusterProcess> {
+        if nodes == 0 {
+            bail!("a cluster needs a node");
+        }
+        let addrs = free_udp_addrs(nodes)?;
+        let ca_dir = root.join("ca");
+        let peers: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("{}@{addr}", i + 1))
+            .collect();
+        let peers = peers.join(",");
+        let mut cluster = ClusterProcess {
+            nodes: Vec::new(),
+            ca_dir: ca_dir.clone(),
+        };
+        for (i, listen) in addrs.into_iter().enumerate() {
+            let id = i as NodeId + 1;
+            let mut args = vec![
+                "--node-id".to_owned(),
+                id.to_string(),
+                "--peers".to_owned(),
+                peers.clone(),
+                "--ca-dir".to_owned(),
+                ca_dir.display().to_string(),
+            ];
+            args.extend(extra_args.iter().map(|a| a.to_string()));
+            cluster.nodes.push(Node {
+                id,
+                listen,
+                data_dir: root.join(format!("node-{id}")),
+                args,
+                process: None,
+            });
+        }
+        cluster.start_stopped()?;
+        Ok(cluster)
+    }
+
+    /// Starts every node that is not running, all at once.
+    pub fn start_stopped(&mut self) -> anyhow::Result<()> {
+        std::thread::scope(|scope| {
+            let starts: Vec<_> = self
+                .nodes
+                .iter_mut()
+                .filter(|node| node.process.is_none())
+                .map(|node| {
+                    scope.spawn(move || -> anyhow::Result<()> {
+                        let process = node
+                            .start()
+                            .with_context(|| format!("starting node {}", node.id))?;
+                        node.process = Some(process);
+                        Ok(())
+                    })
+                })
+                .collect();
+            starts.into_iter().try_for_each(|start| {
+                start
+                    .join()
+                    .map_err(|_| anyhow!("a start thread panicked"))?
+            })
+        })
+    }
+
+    /// The node ids, in order.
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    fn node(&self, id: NodeId) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id} in this cluster"))
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id} in this cluster"))
+    }
+
+    /// The running broker of node `id`, if it runs (a paused one runs).
+    pub fn broker(&self, id: NodeId) -> Option<&KetchProcess> {
+        self.node(id).process.as_ref()
+    }
+
+    /// Node `id`'s address (clients and peers).
+    pub fn addr(&self, id: NodeId) -> SocketAddr {
+        self.node(id).listen
+    }
+
+    /// Every node's address, for a client's bootstrap list (any broker of the cluster will
+    /// do; dead ones are skipped by the client).
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.listen.to_string()).collect()
+    }
+
+    /// The CA every broker's certificate is issued by: clients trust it.
+    pub fn ca(&self) -> PathBuf {
+        self.ca_dir.join("ca.pem")
+    }
+
+    /// The PID of node `id`, while it runs.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.broker(id).and_then(KetchProcess::pid)
+    }
+
+    /// SIGKILL to node `id` (no chance to sync or drain). Nothing if it is not running.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut process) = self.node_mut(id).process.take() {
+            process.kill();
+        }
+    }
+
+    /// SIGKILL to every node, one after another as fast as the harness can.
+    pub fn kill_all(&mut self) {
+        for id in self.node_ids() {
+            self.kill(id);
+        }
+    }
+
+    /// SIGSTOP to node `id`.
+    pub fn pause(&self, id: NodeId) -> anyhow::Result<()> {
+        self.running(id)?.pause()
+    }
+
+    /// SIGCONT to node `id`.
+    pub fn resume(&self, id: NodeId) -> anyhow::Result<()> {
+        self.running(id)?.resume()
+    }
+
+    /// Starts node `id` again on its port and data directory (killing it first if it runs).
+    pub fn restart(&mut self, id: NodeId) -> anyhow::Result<()> {
+        self.kill(id);
+        let node = self.node_mut(id);
+        let process = node
+            .start()
+            .with_context(|| format!("restarting node {id}"))?;
+        node.process = Some(process);
+        Ok(())
+    }
+
+    fn running(&self, id: NodeId) -> anyhow::Result<&KetchProcess> {
+        self.broker(id)
+            .ok_or_else(|| anyhow!("node {id} is not running"))
+    }
+
+    /// Node `id`'s log (every life of it).
+    pub fn log(&self, id: NodeId) -> String {
+        std::fs::read_to_string(self.node(id).data_dir.join("broker.log")).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every node's log, for failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let log = self.log(node.id);
+            let all: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- node {} ({}) ---\n", node.id, node.listen));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A `ketch` client command pointed at node `id` (running or not: commands to a dead
+    /// broker are a test too).
+    pub fn cli(&self, id: NodeId) -> Command {
+        let mut command = Command::new(crate::ketch_bin());
+        command
+            .env("KETCH_BROKER", self.addr(id).to_string())
+            .env("KETCH_CA_CERT", self.ca())
+            .env("KETCH_LOG", "warn");
+        command
+    }
+}
 
 /// Brokers of one cluster, node ids `1..=size`; each is killed (SIGKILL) when dropped.
 #[derive(Debug)]

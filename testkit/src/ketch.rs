@@ -158,6 +158,22 @@ impl KetchProcess {
         self.process.kill();
     }
 
+    /// SIGSTOP: the process freezes (its sockets stay open, its timers stop) until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.process.signal("STOP")
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.process.signal("CONT")
+    }
+
+    /// Whether it is running (or paused) under this handle.
+    pub fn is_running(&self) -> bool {
+        self.process.running_pid().is_some()
+    }
+
     /// SIGTERM and wait (bounded) for a graceful exit; returns whether it exited cleanly.
     pub fn terminate(&mut self) -> anyhow::Result<bool> {
         self.process.terminate(TERMINATE_GRACE)

@@ -5,12 +5,16 @@
 //! Every process is started on a loopback port, waited on (bounded) until it prints its
 //! ready line, and stopped by its own PID — never by name — when its handle is dropped.
 //! This crate knows nothing of Ketch's protocol: clients are the callers' business.
+//!
+//! [`history`] is the queue checker every failure test runs over what it recorded (sans-IO:
+//! the broker's in-process simulation uses it as well as the process tests).
 
 pub mod cluster;
+pub mod history;
 pub mod ketch;
 pub mod process;
 
-pub use cluster::KetchCluster;
+pub use cluster::{ClusterProcess, KetchCluster};
 pub use ketch::{KetchProcess, READY_TIMEOUT, ketch_bin};
 pub use process::{ReadyOn, ServerProcess};
 

@@ -140,6 +140,23 @@ impl ServerProcess {
         }
     }
 
+    /// Sends `signal` (a name `kill` knows: `STOP`, `CONT`, ...) to our child's PID.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let Some(pid) = self.running_pid() else {
+            bail!("no process to signal (it was stopped through this handle)");
+        };
+        // std has no way to send these and unsafe code is denied: `kill` signals one PID.
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// SIGTERM and wait up to `grace` for the exit; whether it exited with success. A
     /// process still running after `grace` is killed and that is an error.
     pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<bool> {

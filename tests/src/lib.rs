@@ -8,8 +8,10 @@ use std::ops::{Deref, DerefMut};
 use std::path::Path;
 
 use anyhow::Context;
+pub use ketch_testkit::history;
 pub use ketch_testkit::{READY_TIMEOUT as BROKER_READY_TIMEOUT, ketch_bin, now_ms};
 
+pub mod cluster;
 pub mod raw;
 pub mod relay;
 
