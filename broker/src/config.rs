@@ -149,6 +149,10 @@ pub struct BrokerConfig {
     pub client_principal_template: String,
     /// QUIC connections one source IP may hold open (handshakes included); more are refused.
     pub connections_per_ip_max: u32,
+    /// Segment and index files of partition logs open at once; the least recently used are
+    /// closed (and reopened on demand) beyond it. `ketch serve` raises the soft
+    /// `RLIMIT_NOFILE` to the hard limit and lowers this to fit under it.
+    pub open_files_max: usize,
 }
 
 impl Default for BrokerConfig {
@@ -197,6 +201,7 @@ impl Default for BrokerConfig {
             super_users: vec![crate::auth::ADMIN_PRINCIPAL.to_owned()],
             client_principal_template: crate::auth::cert::PRINCIPAL_TEMPLATE_DEFAULT.to_owned(),
             connections_per_ip_max: 1024,
+            open_files_max: crate::storage::OPEN_FILES_MAX_DEFAULT,
         }
     }
 }
@@ -350,6 +355,12 @@ impl BrokerConfig {
         }
         crate::auth::cert::validate_template(&self.client_principal_template)
             .map_err(ConfigError::Invalid)?;
+        if self.open_files_max < crate::storage::OPEN_FILES_MIN {
+            return invalid(format!(
+                "open_files_max must be at least {}",
+                crate::storage::OPEN_FILES_MIN
+            ));
+        }
         if self.connections_per_ip_max == 0 {
             return invalid("connections_per_ip_max must be at least 1".into());
         }

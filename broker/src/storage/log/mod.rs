@@ -330,6 +330,18 @@ impl PartitionLog {
         PartitionLog::open_inner(Arc::new(StdBackend), dir, config, now_ms, Some(observer))
     }
 
+    /// Opens (or creates) the log in `dir` through `backend` (an [`super::OpenFiles`] to
+    /// bound open files), telling `observer` about the writer's syncs.
+    pub fn open_observed_with_backend(
+        backend: Arc<dyn FileBackend>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        now_ms: i64,
+        observer: Arc<dyn StorageObserver>,
+    ) -> Result<(PartitionLog, RecoveryReport), StorageError> {
+        PartitionLog::open_inner(backend, dir, config, now_ms, Some(observer))
+    }
+
     /// Opens (or creates) the log in `dir` through `backend`, recovering as needed.
     pub fn open_with_backend(
         backend: Arc<dyn FileBackend>,
