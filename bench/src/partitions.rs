@@ -59,14 +59,10 @@ async fn one(
     let dir = tempfile::Builder::new()
         .prefix("ketch-bench-partitions-")
         .tempdir_in(data_root)?;
-    // The producer packs one batch per partition into a request; across thousands of
-    // partitions that passes the default 8 MiB frame limit (a client limit to add), so the
-    // broker takes larger frames here.
+    // The broker's default frame limit: the producer splits requests to fit it.
     let extra = [
         "--partitions-per-topic-max".to_owned(),
         count.max(4).to_string(),
-        "--frame-bytes-max".to_owned(),
-        (64 * 1024 * 1024).to_string(),
     ];
     let process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;
     let broker = Broker::attach(process)?;
