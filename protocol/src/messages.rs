@@ -184,10 +184,13 @@ wire_struct! {
         pub host: String,
         pub port: u16,
     }
+    /// From version 1, `topic_id` is the topic's id (new each time a topic of this name is
+    /// created; 0 for an unknown topic), so a client can tell a re-created topic apart.
     pub struct TopicMetadata {
         pub error: ErrorCode,
         pub name: String,
         pub partitions: Vec<PartitionMetadata>,
+        pub topic_id: u64 => since 1,
     }
     pub struct PartitionMetadata {
         pub partition: u32,
@@ -855,7 +858,7 @@ macro_rules! apis {
 }
 
 apis! {
-    0 Metadata [0 ..= 0] => MetadataRequest, MetadataResponse;
+    0 Metadata [0 ..= 1] => MetadataRequest, MetadataResponse;
     1 CreateTopic [0 ..= 0] => CreateTopicRequest, CreateTopicResponse;
     2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
     3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;

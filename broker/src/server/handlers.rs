@@ -208,11 +208,13 @@ fn metadata(state: &State, request: MetadataRequest) -> MetadataResponse {
                 .iter()
                 .map(|p| partition_metadata(p, NODE_ID))
                 .collect(),
+            topic_id: topic.id.0,
         },
         None => TopicMetadata {
             error: ErrorCode::UnknownTopic,
             name: name.to_owned(),
             partitions: vec![],
+            topic_id: 0,
         },
     };
     let topics = match request.topics {
