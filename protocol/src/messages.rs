@@ -322,6 +322,24 @@ wire_struct! {
         pub push_bytes_max: u32,
     }
 
+    /// Opens one push stream for many partitions (API 41): the broker sends a
+    /// `FetchPartitionResponse` frame (tagged with its topic and partition) each time new
+    /// batches of one of them commit, each partition from its `offset`, in turn. QUIC flow
+    /// control is the back-pressure for the stream as a whole. A partition that fails (an
+    /// error frame: offset out of range, deleted, ...) leaves the stream; the others go on.
+    /// At most [`SUBSCRIBE_PARTITIONS_MAX`] partitions, each listed once.
+    pub struct SubscribeManyRequest {
+        pub partitions: Vec<SubscribePartition>,
+    }
+    /// One partition of a [`SubscribeManyRequest`]: where to start and how many bytes one
+    /// push of it may hold.
+    pub struct SubscribePartition {
+        pub topic: String,
+        pub partition: u32,
+        pub offset: i64,
+        pub push_bytes_max: u32,
+    }
+
     // ---- List offsets (7) ----
 
     pub struct ListOffsetsRequest {
@@ -717,6 +735,9 @@ wire_struct! {
     }
 }
 
+/// Partitions one `SubscribeMany` stream may carry (a client of more opens several).
+pub const SUBSCRIBE_PARTITIONS_MAX: usize = 16_384;
+
 /// Defines [`ApiKey`], the [`Api`] impls and the [`Request`] enum from one table, so the three
 /// can never disagree.
 macro_rules! apis {
@@ -892,6 +913,7 @@ apis! {
     38 TransformDescribe [0 ..= 0] => TransformDescribeRequest, TransformDescribeResponse;
     39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
     40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
+    41 SubscribeMany [0 ..= 0] => SubscribeManyRequest, FetchPartitionResponse;
 }
 
 impl Request {
@@ -941,7 +963,8 @@ impl Request {
             AclChange,
             QuotaSet,
             SecurityList,
-            AlterTopicConfig
+            AlterTopicConfig,
+            SubscribeMany
         )
     }
 }

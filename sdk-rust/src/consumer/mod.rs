@@ -27,7 +27,8 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
     CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest, GroupLeaveRequest,
-    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest, TopicPartitions,
+    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeManyRequest, SubscribePartition,
+    SubscribeRequest, TopicPartitions,
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
