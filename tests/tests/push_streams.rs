@@ -348,3 +348,57 @@ async fn one_consumer_of_1500_partitions_receives_every_record() -> anyhow::Resu
     consumer.close().await?;
     Ok(())
 }
+
+/// A consumer whose push stream is refused for a broker limit (`subscriptions_max`) says so
+/// through `recv` (never a silent partial read), keeps trying, and reads the partition once
+/// a place is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_refused_a_subscription_says_so_and_reads_once_a_place_frees()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ketch.toml");
+    std::fs::write(&config, "subscriptions_max = 1\n")?;
+    let broker = TestBroker::start(&["--config", config.to_str().context("utf-8 path")?])?;
+    let raw = broker.raw().await?;
+    raw.create_topic("scarce", 2).await?;
+    raw.produce("scarce", 0, batch(1, 10)).await?;
+    raw.produce("scarce", 1, batch(1, 10)).await?;
+    // Another reader holds the broker's one subscription.
+    let holder = raw.subscribe(&subscribe_at("scarce", 0)).await?;
+    let client = broker.client().await?;
+    let partitions = [
+        ketch_client::TopicPartition::new("scarce", 0),
+        ketch_client::TopicPartition::new("scarce", 1),
+    ];
+    let consumer = client.assign(
+        ketch_client::ConsumerConfig {
+            auto_offset_reset: ketch_client::AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        &partitions,
+    )?;
+    let refused = tokio::time::timeout(WAIT_MAX, consumer.recv())
+        .await
+        .context("recv said nothing while no stream was served")?;
+    match refused {
+        Err(error) => ensure!(
+            error.code() == Some(ErrorCode::Overloaded)
+                && error.to_string().contains("subscriptions_max"),
+            "{error}"
+        ),
+        Ok(record) => anyhow::bail!("read {record:?} with no subscription place"),
+    }
+    drop(holder);
+    raw.close();
+    // Once the place is free, records come (the other partition's stream may still be
+    // refused and say so: those errors are skipped here).
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    loop {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await? {
+            Ok(_) => break,
+            Err(error) => ensure!(error.code() == Some(ErrorCode::Overloaded), "{error}"),
+        }
+    }
+    consumer.close().await?;
+    Ok(())
+}

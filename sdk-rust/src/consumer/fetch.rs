@@ -278,6 +278,7 @@ async fn subscribe_many(
         };
         let tries = attempt.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%error, attempt = tries, "push streams failed; resubscribing");
+        say_if_refused_for_a_limit(sender, &error, tries).await;
         shared.refresh_metadata_if_stale(&error).await;
         tokio::select! {
             biased;
@@ -519,6 +520,7 @@ pub(super) async fn subscribe_partition(
             return;
         }
         tracing::debug!(%partition, %error, attempt, "push stream failed; resubscribing");
+        say_if_refused_for_a_limit(sender, &error, attempt).await;
         shared.refresh_metadata_if_stale(&error).await;
         tokio::time::sleep(backoff(
             shared.client.config().reconnect_backoff_initial,
@@ -594,6 +596,19 @@ pub(super) async fn read_pushes(
                 Some((next, _)) => offset = next,
             }
         }
+    }
+}
+
+/// A stream the broker refused for one of its limits (`overloaded`: `subscriptions_max`)
+/// is retried, but never silently: the first refusal of a run of failures goes to `recv`, so
+/// a reader knows that some partitions are not being read yet.
+async fn say_if_refused_for_a_limit(
+    sender: &mpsc::Sender<Result<Chunk>>,
+    error: &Error,
+    attempt: u32,
+) {
+    if attempt == 0 && error.code() == Some(ErrorCode::Overloaded) {
+        let _ = sender.send(Err(error.clone())).await;
     }
 }
 
