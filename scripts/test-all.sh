@@ -79,7 +79,10 @@ step "Node SDK: npm install, build the addon (debug) and the TypeScript facade, 
 (
   cd sdk-node
   npm install --no-audit --no-fund
-  npm run build
+  # --workspace: the addon comes out of the workspace build above (same features), so only
+  # ketch-node itself recompiles (napi-derive writes its type definitions then).
+  npm run build:native -- --workspace
+  npm run build:ts
   npm test
 )
 

@@ -520,6 +520,14 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         }
         producer.close().await?;
         progress.finish(delivered);
+        let throttled = producer.throttled();
+        if throttled.requests > 0 {
+            eprintln!(
+                "throttled: the broker's produce quota told {} request(s) to wait, {} ms in all",
+                throttled.requests,
+                throttled.total.as_millis()
+            );
+        }
         client.close();
         Ok(())
     })

@@ -253,9 +253,14 @@ wire_struct! {
         pub records: Bytes,
     }
     /// With `acks=none` the broker answers at once with an empty `topics` list: the appends
-    /// go on, and their offsets are not reported.
+    /// go on, and their offsets are not reported. From version 2, `throttle_time_ms` is how
+    /// long the principal's produce quota says the client must send no more Produce requests
+    /// to this broker (0: not throttled); the broker answered at once, and holds back a
+    /// request that comes sooner on the same connection (Kafka's KIP-219). Before version 2
+    /// the broker delays the request itself and says nothing.
     pub struct ProduceResponse {
         pub topics: Vec<ProduceTopicResponse>,
+        pub throttle_time_ms: u32 => since 2,
     }
     pub struct ProduceTopicResponse {
         pub name: String,
@@ -297,8 +302,11 @@ wire_struct! {
         pub offset: i64,
         pub partition_max_bytes: u32,
     }
+    /// From version 1, `throttle_time_ms` is how long the principal's fetch quota says the
+    /// client must send no more Fetch requests to this broker, as in Produce version 2.
     pub struct FetchResponse {
         pub partitions: Vec<FetchPartitionResponse>,
+        pub throttle_time_ms: u32 => since 1,
     }
     /// `records` holds whole stored batches, beginning with the batch that contains the
     /// requested offset (so it may start before it; clients skip records below it).
@@ -884,8 +892,8 @@ apis! {
     2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
     3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;
     4 DescribeTopic [0 ..= 0] => DescribeTopicRequest, DescribeTopicResponse;
-    5 Produce [0 ..= 1] => ProduceRequest, ProduceResponse;
-    6 Fetch [0 ..= 0] => FetchRequest, FetchResponse;
+    5 Produce [0 ..= 2] => ProduceRequest, ProduceResponse;
+    6 Fetch [0 ..= 1] => FetchRequest, FetchResponse;
     7 ListOffsets [0 ..= 0] => ListOffsetsRequest, ListOffsetsResponse;
     8 Subscribe [0 ..= 0] => SubscribeRequest, FetchPartitionResponse;
     9 GroupHeartbeat [0 ..= 0] => GroupHeartbeatRequest, GroupHeartbeatResponse;
@@ -1087,10 +1095,10 @@ mod tests {
 
     #[test]
     fn decoders_accept_exactly_the_versions_they_speak() {
-        // Produce speaks 0 and 1; 2 is refused with a typed error, as is any version of an
-        // API that speaks only 0.
+        // Produce speaks 0 to 2 and Fetch 0 and 1; one more is refused with a typed error, as
+        // is any version of an API that speaks only 0.
         let request = ProduceRequest::default();
-        for version in [0u16, 1] {
+        for version in [0u16, 1, 2] {
             let body = request.to_bytes_at(version);
             assert_eq!(
                 Request::decode(ApiKey::Produce as u16, version, body),
@@ -1098,19 +1106,57 @@ mod tests {
             );
         }
         assert_eq!(
-            Request::decode(ApiKey::Produce as u16, 2, request.to_bytes()),
+            Request::decode(ApiKey::Produce as u16, 3, request.to_bytes()),
             Err(DecodeError::UnsupportedVersion {
                 api: "Produce",
+                version: 3
+            })
+        );
+        assert_eq!(
+            Request::decode(ApiKey::Fetch as u16, 2, FetchRequest::default().to_bytes()),
+            Err(DecodeError::UnsupportedVersion {
+                api: "Fetch",
                 version: 2
             })
         );
         assert_eq!(
-            Request::decode(ApiKey::Fetch as u16, 1, FetchRequest::default().to_bytes()),
+            Request::decode(
+                ApiKey::Metadata as u16,
+                1,
+                MetadataRequest::default().to_bytes()
+            ),
             Err(DecodeError::UnsupportedVersion {
-                api: "Fetch",
+                api: "Metadata",
                 version: 1
             })
         );
+    }
+
+    #[test]
+    fn the_throttle_hint_is_on_the_wire_from_produce_2_and_fetch_1() {
+        let produce = ProduceResponse {
+            topics: vec![],
+            throttle_time_ms: 1234,
+        };
+        let (v1, v2) = (produce.to_bytes_at(1), produce.to_bytes_at(2));
+        assert_eq!(&v2[..], &[0, 0, 0, 0, 0, 0, 0x04, 0xd2]);
+        assert_eq!(&v2[..v1.len()], &v1[..]);
+        let old = ProduceResponse::from_bytes_at(v1, 1).unwrap();
+        assert_eq!(old.throttle_time_ms, 0, "an older answer says nothing");
+        assert_eq!(ProduceResponse::from_bytes_at(v2, 2), Ok(produce));
+        let fetch = FetchResponse {
+            partitions: vec![],
+            throttle_time_ms: 7,
+        };
+        let (v0, v1) = (fetch.to_bytes_at(0), fetch.to_bytes_at(1));
+        assert_eq!(v1.len(), v0.len() + 4);
+        assert_eq!(
+            FetchResponse::from_bytes_at(v0, 0)
+                .unwrap()
+                .throttle_time_ms,
+            0
+        );
+        assert_eq!(FetchResponse::from_bytes_at(v1, 1), Ok(fetch));
     }
 
     #[test]
@@ -1154,10 +1200,11 @@ mod tests {
         // (what the broker announces for Produce, what the client sends)
         let cases: &[(Vec<ApiVersionRange>, Option<u16>)] = &[
             (range(0, 0), Some(0)), // an older broker
-            (range(0, 1), Some(1)), // the same build
-            (range(0, 9), Some(1)), // a newer broker
-            (range(1, 9), Some(1)), // a newer broker that dropped v0
-            (range(2, 9), None),    // nothing in common
+            (range(0, 1), Some(1)), // an older broker
+            (range(0, 2), Some(2)), // the same build
+            (range(0, 9), Some(2)), // a newer broker
+            (range(1, 9), Some(2)), // a newer broker that dropped v0
+            (range(3, 9), None),    // nothing in common
             (vec![], Some(0)), // not listed: the oldest version, refused by the broker if unknown
         ];
         for (broker, expected) in cases {

@@ -102,11 +102,12 @@ fn produce_response_example() {
                 current_leader: None,
             }],
         }],
+        throttle_time_ms: 0,
     };
-    let frame = encode_response_at(&response, 1);
+    let frame = encode_response_at(&response, 2);
     check("produce-response", &frame);
     assert_eq!(
-        decode_response_at::<ProduceResponse>(frame.slice(FRAME_LENGTH_BYTES..), 1),
+        decode_response_at::<ProduceResponse>(frame.slice(FRAME_LENGTH_BYTES..), 2),
         Ok(Ok(response))
     );
 }

@@ -54,7 +54,16 @@ const env = {
   NAPI_FORCE_BUILD_KETCH_NODE: readFileSync(stamp, 'utf8'),
 }
 const started = Date.now()
-const cargoArgs = ['build', '--locked', '-p', CRATE, ...(release ? ['--release'] : [])]
+// --workspace: build what `cargo build --workspace --all-targets` builds (CI's build, already
+// done by then), so dependencies keep the features that build unified and are not compiled a
+// second time with the narrower set `-p ketch-node` alone resolves; only this crate recompiles.
+const workspace = process.argv.includes('--workspace')
+const cargoArgs = [
+  'build',
+  '--locked',
+  ...(workspace ? ['--workspace', '--all-targets'] : ['-p', CRATE]),
+  ...(release ? ['--release'] : []),
+]
 const built = spawnSync('cargo', cargoArgs, { cwd: sdkDir, env, stdio: 'inherit' })
 if (built.error) throw built.error
 if (built.status !== 0) process.exit(built.status ?? 1)

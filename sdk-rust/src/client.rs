@@ -140,6 +140,26 @@ impl Client {
     pub fn is_closed(&self) -> bool {
         self.inner.is_closed()
     }
+
+    /// The TLS handshakes this client's connections made: full ones, and ones that resumed
+    /// an earlier session with a ticket (a reconnect to a broker that still holds the
+    /// session costs no certificate exchange).
+    pub fn tls_handshakes(&self) -> crate::TlsHandshakes {
+        self.inner.transport.tls_handshakes()
+    }
+
+    /// Moves this client's connections to a fresh local UDP port, as a roaming device does
+    /// when its address changes (Wi-Fi to cellular, a NAT rebinding): QUIC migrates every
+    /// connection, which keeps its requests and push streams; nothing reconnects.
+    ///
+    /// ```no_run
+    /// # fn example(client: &ketch_client::Client) -> Result<(), ketch_client::Error> {
+    /// client.rebind()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn rebind(&self) -> Result<()> {
+        self.inner.transport.rebind()
+    }
 }
 
 impl ClientInner {

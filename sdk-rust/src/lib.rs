@@ -112,7 +112,8 @@ pub use ketch_protocol::ErrorCode;
 pub use ketch_protocol::batch::Header;
 pub use ketch_protocol::messages::Acks;
 pub use partitioner::{murmur2, partition_for_key};
-pub use producer::{DeliveryFuture, Producer, ProducerRecord, RecordMetadata};
+pub use producer::{DeliveryFuture, Producer, ProducerRecord, RecordMetadata, Throttled};
+pub use transport::TlsHandshakes;
 
 /// A boxed, `Send` future: what [`AssignmentListener`] methods return.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;

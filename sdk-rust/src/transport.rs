@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use ketch_protocol::frame::{
     encode_request_chunks, encode_request_chunks_at, frame_length,
 };
 use ketch_protocol::messages::{
-    Api, ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse, negotiate_version,
+    Api, ApiKey, ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse, negotiate_version,
 };
 use ketch_protocol::wire::Wire;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -69,19 +70,21 @@ fn ca_certificates(tls: &Tls) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 /// The rustls configuration: TLS 1.3 only, ALPN `ketch/1`, server verified against the CA,
-/// and the client certificate when one is configured.
+/// and the client certificate when one is configured. Session tickets are kept in memory
+/// (rustls' default store, shared by every connection made with this configuration), so a
+/// reconnect resumes the TLS session; `full_handshakes` counts the server certificates
+/// verified, which only a full (not resumed) handshake presents.
 pub(crate) fn rustls_config(
     tls: &Tls,
     client_certificate: Option<&ClientCertificate>,
+    full_handshakes: Arc<AtomicU64>,
 ) -> Result<rustls::ClientConfig> {
     let provider = crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::tls_from(e.to_string(), e))?;
-    let builder = if matches!(tls, Tls::DangerAcceptInvalidCerts) {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { provider }))
+    let verifier: Arc<dyn ServerCertVerifier> = if matches!(tls, Tls::DangerAcceptInvalidCerts) {
+        Arc::new(AcceptAnyCertificate { provider })
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for certificate in ca_certificates(tls)? {
@@ -89,8 +92,16 @@ pub(crate) fn rustls_config(
                 .add(certificate)
                 .map_err(|e| Error::tls_from(format!("CA certificate: {e}"), e))?;
         }
-        builder.with_root_certificates(roots)
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| Error::tls_from(format!("server verifier: {e}"), e))?
     };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CountingVerifier {
+            inner: verifier,
+            verified: full_handshakes,
+        }));
     let mut config = match client_certificate {
         None => builder.with_no_client_auth(),
         Some(certificate) => {
@@ -134,6 +145,61 @@ fn client_identity(
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| Error::tls_from(format!("client key PEM: {e}"), e))?;
     Ok((chain, key))
+}
+
+/// Counts the server certificates its inner verifier accepts: one per full handshake (a
+/// resumed one presents none).
+#[derive(Debug)]
+struct CountingVerifier {
+    inner: Arc<dyn ServerCertVerifier>,
+    verified: Arc<AtomicU64>,
+}
+
+impl ServerCertVerifier for CountingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.verified.fetch_add(1, Ordering::Relaxed);
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
 }
 
 /// Skips certificate validation but still checks the handshake signatures, so the session is
@@ -232,6 +298,23 @@ pub(crate) struct Transport {
     /// once per connection, before the first request of an API this build speaks at more
     /// than one version. One entry per broker address, like `slots`.
     versions: Mutex<HashMap<SocketAddr, NegotiatedVersions>>,
+    /// Until when a broker's quota told this client to send it no more requests of an API
+    /// (Produce, Fetch): `call` waits until then before it sends one (Kafka's KIP-219).
+    throttled_until: Mutex<HashMap<(SocketAddr, u16), Instant>>,
+    /// Handshakes completed, and those of them that verified a server certificate (full
+    /// ones); the rest resumed a TLS session.
+    handshakes: AtomicU64,
+    full_handshakes: Arc<AtomicU64>,
+}
+
+/// TLS handshakes a client completed ([`Client::tls_handshakes`](crate::Client::tls_handshakes)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsHandshakes {
+    /// Handshakes in which the broker presented its certificate.
+    pub full: u64,
+    /// Handshakes that resumed an earlier session with a ticket (no certificate).
+    pub resumed: u64,
 }
 
 /// A connection's `stable_id` and what its broker answered to ApiVersions.
@@ -261,7 +344,12 @@ fn endpoint_config() -> quinn::EndpointConfig {
 
 impl Transport {
     pub(crate) fn new(config: &ClientConfig, closed: CancellationToken) -> Result<Transport> {
-        let crypto = rustls_config(&config.tls, config.client_certificate.as_ref())?;
+        let full_handshakes = Arc::new(AtomicU64::new(0));
+        let crypto = rustls_config(
+            &config.tls,
+            config.client_certificate.as_ref(),
+            full_handshakes.clone(),
+        )?;
         let quic_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| Error::tls_from(e.to_string(), e))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_crypto));
@@ -288,6 +376,9 @@ impl Transport {
             closed,
             checking: Arc::new(Mutex::new(std::collections::HashSet::new())),
             versions: Mutex::new(HashMap::new()),
+            throttled_until: Mutex::new(HashMap::new()),
+            handshakes: AtomicU64::new(0),
+            full_handshakes,
         })
     }
 
@@ -388,6 +479,7 @@ impl Transport {
             .map_err(|e| connect_error(e.to_string(), Some(Cause::new(e))))?;
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(connection)) => {
+                self.handshakes.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "connected");
                 if let Some(token) = &self.bearer_token {
                     self.authenticate(&connection, addr, token).await?;
@@ -471,6 +563,7 @@ impl Transport {
         timeout: Duration,
     ) -> Result<R::Response> {
         let connection = self.connection(addr).await?;
+        self.wait_out_throttle(addr, R::KEY).await?;
         let exchange = async {
             let version = self.version_for::<R>(addr, &connection).await?;
             let frame = encode_request_chunks_at(request, version);
@@ -500,6 +593,76 @@ impl Transport {
             }
         };
         Ok(decode_response_at::<R::Response>(frame, version)??)
+    }
+
+    /// Full and resumed handshakes so far.
+    pub(crate) fn tls_handshakes(&self) -> TlsHandshakes {
+        // Read the full ones first: a handshake counts as full before it completes.
+        let full = self.full_handshakes.load(Ordering::Relaxed);
+        let all = self.handshakes.load(Ordering::Relaxed);
+        TlsHandshakes {
+            full,
+            resumed: all.saturating_sub(full),
+        }
+    }
+
+    /// Moves every endpoint of this client to a fresh UDP socket (a new local port), as when
+    /// a device changes networks: QUIC migrates the connections, which keep their streams.
+    pub(crate) fn rebind(&self) -> Result<()> {
+        let endpoints: Vec<(bool, quinn::Endpoint)> = self
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .iter()
+            .map(|(ipv6, endpoint)| (*ipv6, endpoint.clone()))
+            .collect();
+        for (ipv6, endpoint) in endpoints {
+            let bind: SocketAddr = if ipv6 {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = std::net::UdpSocket::bind(bind).map_err(|e| Error::Transport {
+                message: format!("cannot bind UDP {bind}: {e}"),
+                source: Some(Cause::new(e)),
+            })?;
+            endpoint.rebind(socket).map_err(|e| Error::Transport {
+                message: format!("cannot move to a new UDP socket: {e}"),
+                source: Some(Cause::new(e)),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Notes a broker's throttle hint: no request of `api` goes to `addr` for `throttle`.
+    pub(crate) fn throttle(&self, addr: SocketAddr, api: ApiKey, throttle: Duration) {
+        if throttle.is_zero() {
+            return;
+        }
+        let until = Instant::now() + throttle;
+        let mut throttled = self.throttled_until.lock().expect("throttle lock");
+        // Bounded by the brokers times the metered APIs: stale entries go as new ones come.
+        throttled.retain(|_, at| *at > Instant::now());
+        let at = throttled.entry((addr, api as u16)).or_insert(until);
+        *at = (*at).max(until);
+    }
+
+    /// Waits until `addr` may be sent `api` again after a throttle hint.
+    async fn wait_out_throttle(&self, addr: SocketAddr, api: ApiKey) -> Result<()> {
+        let until = self
+            .throttled_until
+            .lock()
+            .expect("throttle lock")
+            .get(&(addr, api as u16))
+            .copied();
+        let Some(until) = until.filter(|at| *at > Instant::now()) else {
+            return Ok(());
+        };
+        tracing::debug!(%addr, api = api.name(), wait = ?(until - Instant::now()), "throttled by the broker's quota");
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => Ok(()),
+            () = self.closed.cancelled() => Err(Error::Closed),
+        }
     }
 
     /// The version to send `R` at on `connection`: the highest both this build and the
@@ -773,11 +936,13 @@ mod tests {
             certificate_chain: certified.cert.pem().into_bytes(),
             private_key: certified.key_pair.serialize_pem().into_bytes(),
         };
-        let config = rustls_config(&Tls::DangerAcceptInvalidCerts, Some(&good)).unwrap();
+        let config =
+            rustls_config(&Tls::DangerAcceptInvalidCerts, Some(&good), Arc::default()).unwrap();
         assert!(config.client_auth_cert_resolver.has_certs());
         let check = |certificate: ClientCertificate, expected: &str| match rustls_config(
             &Tls::DangerAcceptInvalidCerts,
             Some(&certificate),
+            Arc::default(),
         ) {
             Err(Error::Tls { message, .. }) => assert!(message.contains(expected), "{message}"),
             other => panic!("expected a TLS error naming {expected:?}, got {other:?}"),
@@ -807,7 +972,7 @@ mod tests {
 
     #[test]
     fn danger_config_negotiates_ketch_alpn_over_tls13_only() {
-        let config = rustls_config(&Tls::DangerAcceptInvalidCerts, None).unwrap();
+        let config = rustls_config(&Tls::DangerAcceptInvalidCerts, None, Arc::default()).unwrap();
         assert_eq!(config.alpn_protocols, [ALPN.to_vec()]);
         assert!(quinn::crypto::rustls::QuicClientConfig::try_from(config).is_ok());
     }

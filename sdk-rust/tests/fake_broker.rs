@@ -319,6 +319,7 @@ fn produced(error: ErrorCode, base_offset: i64) -> Bytes {
                 current_leader: None,
             }],
         }],
+        throttle_time_ms: 0,
     })
 }
 
@@ -1310,6 +1311,7 @@ fn announcing_produce(min: u16, max: u16) -> impl Fn(&Request, usize) -> Reply +
                         ..Default::default()
                     }],
                 }],
+                throttle_time_ms: 0,
             },
             0,
         ))

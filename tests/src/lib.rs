@@ -11,6 +11,7 @@ use anyhow::Context;
 pub use ketch_testkit::{READY_TIMEOUT as BROKER_READY_TIMEOUT, ketch_bin, now_ms};
 
 pub mod raw;
+pub mod relay;
 
 /// A running broker process: the harness's [`ketch_testkit::KetchProcess`] (its fields and
 /// methods through `Deref`), plus client settings that reach it.

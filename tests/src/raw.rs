@@ -73,7 +73,8 @@ pub fn untrusted_ca_pem() -> String {
     params.self_signed(&key).expect("self-signed CA").pem()
 }
 
-fn rustls_config(options: &ConnectOptions) -> anyhow::Result<rustls::ClientConfig> {
+/// The TLS configuration [`RawClient`] connects with.
+pub fn rustls_config(options: &ConnectOptions) -> anyhow::Result<rustls::ClientConfig> {
     let pem = match &options.trust {
         Trust::CaFile(path) => {
             std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?
@@ -114,10 +115,20 @@ impl RawClient {
         addr: SocketAddr,
         options: &ConnectOptions,
     ) -> anyhow::Result<RawClient> {
+        RawClient::connect_from(addr, options, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Connects from a socket bound to `local_ip` (any of 127.0.0.0/8 on Linux loopback), so
+    /// a test can play clients on different source IPs.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        options: &ConnectOptions,
+        local_ip: std::net::IpAddr,
+    ) -> anyhow::Result<RawClient> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_config(options)?)?;
         let client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .context("binding a UDP socket")?;
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(local_ip, 0))
+            .with_context(|| format!("binding a UDP socket on {local_ip}"))?;
         endpoint.set_default_client_config(client_config);
         let connecting = endpoint.connect(addr, &options.server_name)?;
         let connection = match tokio::time::timeout(RAW_TIMEOUT, connecting).await {

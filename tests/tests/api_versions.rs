@@ -44,7 +44,7 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
     let raw = broker.raw().await?;
     raw.create_topic("t", 1).await?;
 
-    // The broker lists exactly what this build speaks: Produce at 0 and 1.
+    // The broker lists exactly what this build speaks: Produce at 0, 1 and 2.
     let listed = raw.call_ok(&ApiVersionsRequest {}).await?.apis;
     ensure!(
         listed == supported_api_versions(),
@@ -55,13 +55,13 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
         .find(|r| r.api_key == ApiKey::Produce as u16)
         .context("Produce is listed")?;
     ensure!(
-        (produce_range.min_version, produce_range.max_version) == (0, 1),
+        (produce_range.min_version, produce_range.max_version) == (0, 2),
         "{produce_range:?}"
     );
 
     // Each version gets its own layout back: decoding it in that version's layout consumes
     // the whole frame (a decoder refuses trailing bytes), and the offsets follow one another.
-    for (version, expected_offset) in [(0u16, 0i64), (1, 1)] {
+    for (version, expected_offset) in [(0u16, 0i64), (1, 1), (2, 2)] {
         let frame = encode_request_at(&produce(b"v"), version);
         let answer = raw
             .open_request(&frame)
@@ -80,12 +80,14 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
             partition.current_leader.is_none(),
             "v{version}: {partition:?}"
         );
-        // And the other layout does not fit it.
-        let other = 1 - version;
-        ensure!(
-            decode_response_at::<ProduceResponse>(answer.slice(4..), other).is_err(),
-            "a v{version} answer also decodes as v{other}"
-        );
+        ensure!(response.throttle_time_ms == 0, "v{version}: {response:?}");
+        // And no other layout fits it.
+        for other in (0..=2).filter(|other| *other != version) {
+            ensure!(
+                decode_response_at::<ProduceResponse>(answer.slice(4..), other).is_err(),
+                "a v{version} answer also decodes as v{other}"
+            );
+        }
     }
 
     // A version past the newest is refused with its code, and nothing is appended.
@@ -101,7 +103,7 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
         .err()
         .context("a too-new Produce version must be refused")?;
     ensure!(error.code == ErrorCode::UnsupportedVersion, "{error}");
-    ensure!(raw.high_watermark("t", 0).await? == 2, "nothing appended");
+    ensure!(raw.high_watermark("t", 0).await? == 3, "nothing appended");
 
     // ketch-client negotiates (ApiVersions once on its connection) and produces.
     let client = broker.client().await?;
@@ -112,7 +114,7 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
     let delivered = tokio::time::timeout(std::time::Duration::from_secs(30), delivery)
         .await
         .context("delivery")??;
-    ensure!(delivered.offset == 2, "{delivered:?}");
+    ensure!(delivered.offset == 3, "{delivered:?}");
     producer.close().await?;
     client.close();
     broker.assert_serving("after every version").await?;

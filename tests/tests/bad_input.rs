@@ -587,9 +587,10 @@ fn frame_cases(rng: &mut Rng) -> Vec<FrameCase> {
         },
         FrameCase {
             name: "a Produce version newer than the broker speaks",
-            bytes: frame(5, 2, &[0xff, 0, 0, 0, 0, 0, 0, 0, 0]),
+            // One past the newest Produce version (2: the throttle hint).
+            bytes: frame(5, 3, &[0xff, 0, 0, 0, 0, 0, 0, 0, 0]),
             end: StreamEnd::Finish,
-            expect: Expect::Error(ErrorCode::UnsupportedVersion, "version 2"),
+            expect: Expect::Error(ErrorCode::UnsupportedVersion, "version 3"),
         },
         FrameCase {
             name: "stream ends 90 bytes short of the frame",

@@ -386,10 +386,24 @@ fn ready_flips_to_unavailable_while_draining_and_health_stays() -> anyhow::Resul
         .worker_threads(1)
         .enable_all()
         .build()?;
-    // A request that never finishes arriving holds its slot: shutdown waits for it (up to
-    // the grace period), so the broker stays in its draining state long enough to look at.
+    // A long-poll fetch of an empty partition holds its request slot: shutdown waits for it
+    // (up to the grace period), so the broker stays in its draining state long enough to
+    // look at. (A request still arriving holds no slot: a slowloris client must not.)
     let raw = runtime.block_on(broker.raw())?;
-    let _held = runtime.block_on(raw.open_request(&[0, 0, 1, 0]))?;
+    runtime.block_on(raw.create_topic("held", 1))?;
+    let long_poll =
+        ketch_protocol::frame::encode_request(&ketch_protocol::messages::FetchRequest {
+            max_wait_ms: 30_000,
+            min_bytes: 1,
+            max_bytes: 1024,
+            partitions: vec![ketch_protocol::messages::FetchPartition {
+                topic: "held".into(),
+                partition: 0,
+                offset: 0,
+                partition_max_bytes: 1024,
+            }],
+        });
+    let _held = runtime.block_on(raw.open_request(&long_poll))?.finish()?;
     wait_for("the held request is in flight", || {
         Ok(scrape(metrics)?.value("ketch_requests_in_flight", &[]) >= 1.0)
     })?;

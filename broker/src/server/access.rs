@@ -6,7 +6,7 @@
 //! A refused request changes nothing: it is answered before it reaches a handler.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ketch_protocol::ErrorCode;
@@ -29,6 +29,9 @@ pub(super) struct ConnectionAuth {
     session: Mutex<Option<Session>>,
     /// Why the client certificate gave no principal, for the answers that need one.
     certificate_refused: Option<String>,
+    /// Until when the connection is muted for each quota (produce, fetch) after a throttle
+    /// hint: a request that comes sooner waits the rest (KIP-219).
+    muted_until: Mutex<[Option<Instant>; 2]>,
 }
 
 impl ConnectionAuth {
@@ -40,6 +43,7 @@ impl ConnectionAuth {
             remote,
             session: Mutex::new(None),
             certificate_refused: None,
+            muted_until: Mutex::new([None; 2]),
         };
         let certificate = connection
             .peer_identity()
@@ -571,7 +575,7 @@ async fn init_producer_id(
     }
 }
 
-/// Producer ids must be the principal's own; quotas hold the request back.
+/// Producer ids must be the principal's own (quotas are [`serve_metered`]'s).
 async fn produce(
     state: &State,
     request: ProduceRequest,
@@ -647,23 +651,13 @@ async fn produce(
                 })
                 .collect();
             return Checked::Answer(frame::encode_response_chunks_at(
-                &ProduceResponse { topics },
+                &ProduceResponse {
+                    topics,
+                    throttle_time_ms: 0,
+                },
                 version,
             ));
         }
-    }
-    let bytes: u64 = request
-        .topics
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .map(|p| p.records.len() as u64)
-        .sum();
-    let delay = security
-        .quotas()
-        .charge(&principal, Direction::Produce, bytes, now);
-    if delay > 0 {
-        state.metrics.throttled_by_quota.increment(1);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     Checked::Proceed {
         request: Request::Produce(request),
@@ -671,10 +665,91 @@ async fn produce(
     }
 }
 
-/// Holds a fetch answer back when the principal is over its fetch rate.
-pub(super) async fn after_fetch(state: &State, principal: &str, chunks: &[Bytes]) {
-    let bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    hold_back_reader(state, principal, bytes).await;
+/// The first Produce version whose answer carries `throttle_time_ms`.
+const PRODUCE_THROTTLE_HINT_VERSION: u16 = 2;
+/// The first Fetch version whose answer carries `throttle_time_ms`.
+const FETCH_THROTTLE_HINT_VERSION: u16 = 1;
+
+/// Serves a Produce or Fetch under the principal's byte-rate quota. A client that speaks the
+/// throttle hint (Produce 2, Fetch 1) is answered at once with `throttle_time_ms`, and the
+/// connection is muted for that quota as long: a request of the same kind that comes sooner
+/// waits the rest, so a client that ignores the hint is held back all the same (Kafka's
+/// KIP-219). An older client's request is held back by the delay itself, as before.
+pub(super) async fn serve_metered(
+    state: &Arc<State>,
+    auth: &ConnectionAuth,
+    principal: &str,
+    request: Request,
+    version: u16,
+) -> Vec<Bytes> {
+    let (direction, hinted) = match &request {
+        Request::Produce(_) => (Direction::Produce, version >= PRODUCE_THROTTLE_HINT_VERSION),
+        Request::Fetch(_) => (Direction::Fetch, version >= FETCH_THROTTLE_HINT_VERSION),
+        _ => return super::handlers::dispatch(state, request, version).await,
+    };
+    let muted_until = auth.muted_until.lock().expect("mute lock")[direction as usize];
+    if let Some(until) = muted_until
+        && until > Instant::now()
+    {
+        state.metrics.throttled_by_quota.increment(1);
+        tokio::time::sleep_until(until.into()).await;
+    }
+    match request {
+        Request::Produce(request) => {
+            let bytes: u64 = request
+                .topics
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.records.len() as u64)
+                .sum();
+            let throttle_ms = throttle(state, auth, principal, direction, bytes, hinted).await;
+            let mut response = super::handlers::produce(state, request).await;
+            response.throttle_time_ms = throttle_ms;
+            frame::encode_response_chunks_at(&response, version)
+        }
+        Request::Fetch(request) => {
+            // What a fetch costs is known once it is read.
+            let mut response = super::handlers::fetch(state, request).await;
+            let bytes: u64 = response
+                .partitions
+                .iter()
+                .map(|p| p.records.len() as u64)
+                .sum();
+            response.throttle_time_ms =
+                throttle(state, auth, principal, direction, bytes, hinted).await;
+            frame::encode_response_chunks_at(&response, version)
+        }
+        _ => unreachable!("only Produce and Fetch are metered"),
+    }
+}
+
+/// Charges `bytes` to the principal's quota; over it, either mutes the connection and
+/// returns the hint (`hinted`), or waits the delay out here and returns 0.
+async fn throttle(
+    state: &State,
+    auth: &ConnectionAuth,
+    principal: &str,
+    direction: Direction,
+    bytes: u64,
+    hinted: bool,
+) -> u32 {
+    let delay_ms = state
+        .security
+        .quotas()
+        .charge(principal, direction, bytes, now_ms());
+    if delay_ms == 0 {
+        return 0;
+    }
+    state.metrics.throttled_by_quota.increment(1);
+    if !hinted {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        return 0;
+    }
+    let until = Instant::now() + Duration::from_millis(delay_ms);
+    let mut muted = auth.muted_until.lock().expect("mute lock");
+    let slot = &mut muted[direction as usize];
+    *slot = Some(slot.map_or(until, |current| current.max(until)));
+    u32::try_from(delay_ms).unwrap_or(u32::MAX)
 }
 
 /// Counts `bytes` read against `principal`'s fetch rate and waits out what is over it (a

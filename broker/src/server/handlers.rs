@@ -321,7 +321,7 @@ async fn submit_all(
     Ok((partition, submitted))
 }
 
-async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
+pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
     let started = std::time::Instant::now();
     let acks = request.acks;
     let mut work = Vec::new();
@@ -357,7 +357,7 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
             let _ = submitted.await;
         }
         state.metrics.produce_acked(acks, started);
-        return ProduceResponse { topics: vec![] };
+        return ProduceResponse::default();
     }
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();
     for task in work {
@@ -401,7 +401,10 @@ async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse
         }
     }
     state.metrics.produce_acked(acks, started);
-    ProduceResponse { topics }
+    ProduceResponse {
+        topics,
+        throttle_time_ms: 0,
+    }
 }
 
 /// `api` is the request the read serves (Fetch, Subscribe or SubscribeFiltered), for the error
@@ -452,7 +455,7 @@ pub(super) fn fetch_partition(
     response
 }
 
-async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
+pub(super) async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
     let wait = Duration::from_millis(u64::from(
         request.max_wait_ms.min(state.config.fetch_wait_ms_max),
     ));
@@ -484,7 +487,10 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
             || watches.is_empty()
             || tokio::time::Instant::now() >= deadline
         {
-            return FetchResponse { partitions };
+            return FetchResponse {
+                partitions,
+                throttle_time_ms: 0,
+            };
         }
         let changed = futures_select_changed(&mut watches);
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -494,7 +500,10 @@ async fn fetch(state: &State, request: FetchRequest) -> FetchResponse {
                 .iter()
                 .map(|p| fetch_partition(state, ApiKey::Fetch, p, p.partition_max_bytes))
                 .collect();
-            return FetchResponse { partitions };
+            return FetchResponse {
+                partitions,
+                throttle_time_ms: 0,
+            };
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,17 +35,29 @@ const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const OVERSIZED_FRAME_KEY_WAIT: Duration = Duration::from_secs(1);
 /// Units of the request-memory semaphores.
 const MEMORY_PERMIT_BYTES: usize = 1024;
-/// Request memory is reserved as the body arrives, this much at a time: a length prefix that
-/// claims a large frame reserves nothing until its bytes come.
+/// Request memory is reserved as the body arrives, at most this much at a time: a length
+/// prefix that claims a large frame reserves nothing until its bytes come.
 const REQUEST_READ_CHUNK_BYTES: usize = 256 * 1024;
+/// The first reservation of a request body; each next one is as large as all before it (up
+/// to [`REQUEST_READ_CHUNK_BYTES`]), so a stream that trickles its request (slowloris) holds
+/// little, and a fast one reserves in few steps.
+const REQUEST_READ_FIRST_CHUNK_BYTES: usize = 16 * 1024;
 /// The share of `request_bytes_in_flight_max` one connection may hold: a client that stalls
 /// its requests (or floods them) waits on its own share, not on everyone's.
 const CONNECTION_REQUEST_MEMORY_DIVISOR: u64 = 8;
+/// The share of `request_bytes_in_flight_max` all connections from one source IP may hold
+/// together: many stalling connections from one place cannot take everyone's memory.
+const IP_REQUEST_MEMORY_DIVISOR: u64 = 4;
 /// How often producer state and group offsets are checkpointed (and at shutdown), bounding
 /// what startup replays after a crash.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a QUIC handshake may take; a slow or stalled one is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress beyond which a new client must first prove its address with a
+/// stateless Retry (one more round trip) before the broker keeps state or does TLS work for
+/// it: a flood of handshakes that never finish, or come from spoofed addresses, then costs a
+/// token each instead of a connection.
+const HANDSHAKES_BEFORE_RETRY: usize = 64;
 /// QUIC application error codes for streams and connections.
 pub const STREAM_REFUSED: u32 = 1;
 pub const CONNECTION_SHUTDOWN: u32 = 2;
@@ -94,8 +106,10 @@ pub(crate) struct State {
     shutdown: tokio_util_shutdown::Token,
     /// True while the accept loop runs and the broker is not draining.
     serving: AtomicBool,
-    /// Connections (and handshakes) open per source IP.
-    connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+    /// Handshakes accepted and not yet finished (or given up).
+    handshakes: Arc<AtomicUsize>,
+    /// Connections (and handshakes) open per source IP, and the request memory they share.
+    connections_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpShare>>>,
     pub(crate) metrics: ServerMetrics,
 }
 
@@ -266,6 +280,7 @@ impl Broker {
             shutdown: tokio_util_shutdown::Token::new(),
             serving: AtomicBool::new(false),
             connections_per_ip: Arc::default(),
+            handshakes: Arc::default(),
             metrics: ServerMetrics::new(),
             local_addr,
             config,
@@ -328,6 +343,15 @@ impl Broker {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    if !incoming.remote_address_validated()
+                        && state.handshakes.load(Ordering::Relaxed) >= HANDSHAKES_BEFORE_RETRY
+                    {
+                        tracing::debug!(remote = %incoming.remote_address(), "handshakes under way: asking for a Retry");
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                        continue;
+                    }
                     let ip = incoming.remote_address().ip();
                     match IpSlot::take(&state, ip) {
                         Some(slot) => {
@@ -416,11 +440,21 @@ async fn background_tasks(state: Arc<State>) {
     }
 }
 
+/// What the connections from one source IP hold together.
+#[derive(Debug)]
+struct IpShare {
+    connections: u32,
+    /// `request_bytes_in_flight_max / IP_REQUEST_MEMORY_DIVISOR`, in permits.
+    request_memory: Arc<Semaphore>,
+}
+
 /// One of a source IP's `connections_per_ip_max` places, given back when the connection ends.
 #[derive(Debug)]
 struct IpSlot {
     ip: std::net::IpAddr,
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpShare>>>,
+    /// The request memory the IP's connections share.
+    request_memory: Arc<Semaphore>,
 }
 
 impl IpSlot {
@@ -429,14 +463,24 @@ impl IpSlot {
             .connections_per_ip
             .lock()
             .expect("connection counts lock");
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= state.config.connections_per_ip_max {
+        let share = counts.entry(ip).or_insert_with(|| {
+            let bytes = (state.config.request_bytes_in_flight_max / IP_REQUEST_MEMORY_DIVISOR)
+                .max(u64::from(state.config.frame_bytes_max));
+            IpShare {
+                connections: 0,
+                request_memory: Arc::new(Semaphore::new(
+                    (bytes as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
+                )),
+            }
+        });
+        if share.connections >= state.config.connections_per_ip_max {
             return None;
         }
-        *count += 1;
+        share.connections += 1;
         Some(IpSlot {
             ip,
             counts: state.connections_per_ip.clone(),
+            request_memory: share.request_memory.clone(),
         })
     }
 }
@@ -444,9 +488,9 @@ impl IpSlot {
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().expect("connection counts lock");
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(share) = counts.get_mut(&self.ip) {
+            share.connections -= 1;
+            if share.connections == 0 {
                 counts.remove(&self.ip);
             }
         }
@@ -458,14 +502,17 @@ impl Drop for IpSlot {
 struct ConnectionShare {
     remote: SocketAddr,
     request_memory: Arc<Semaphore>,
+    /// The share of the connection's source IP (all its connections together).
+    ip_request_memory: Arc<Semaphore>,
     /// Who the connection is.
     auth: access::ConnectionAuth,
 }
 
-/// Request memory held by one request: its connection's share and the broker's, released
-/// together when the request is done.
+/// Request memory held by one request: its connection's share, its IP's and the broker's,
+/// released together when the request is done.
 struct RequestMemory {
     _connection: tokio::sync::OwnedSemaphorePermit,
+    _ip: tokio::sync::OwnedSemaphorePermit,
     _broker: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -473,8 +520,25 @@ fn memory_permits(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(MEMORY_PERMIT_BYTES).max(1)).unwrap_or(u32::MAX)
 }
 
-async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: IpSlot) {
+/// Counts one handshake in progress while it lives.
+struct HandshakeGuard(Arc<AtomicUsize>);
+
+impl HandshakeGuard {
+    fn new(handshakes: &Arc<AtomicUsize>) -> HandshakeGuard {
+        handshakes.fetch_add(1, Ordering::Relaxed);
+        HandshakeGuard(handshakes.clone())
+    }
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, slot: IpSlot) {
     let remote = incoming.remote_address();
+    let handshake = HandshakeGuard::new(&state.handshakes);
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -494,6 +558,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: I
             return;
         }
     };
+    drop(handshake);
     tracing::debug!(%remote, "connection open");
     let _open = OpenGuard::new(&state.metrics.connections);
     let connection_memory = (state.config.request_bytes_in_flight_max
@@ -505,6 +570,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, _slot: I
         request_memory: Arc::new(Semaphore::new(
             (connection_memory as usize / MEMORY_PERMIT_BYTES).min(Semaphore::MAX_PERMITS),
         )),
+        ip_request_memory: slot.request_memory.clone(),
     });
     loop {
         let stream = tokio::select! {
@@ -534,6 +600,19 @@ async fn serve_stream(
 ) {
     let started = Instant::now();
     let _open = OpenGuard::new(&state.metrics.streams);
+    let (body, memory) = match read_request(&mut recv, &state, &share).await {
+        Ok(read) => read,
+        Err(ReadFailure::Answer { code, message }) => {
+            state.metrics.error(None, code);
+            let _ = recv.stop(STREAM_REFUSED.into());
+            let _ = write_frame(&mut send, frame::encode_error_response(code, &message)).await;
+            return;
+        }
+        // Reset by the client, or the connection is gone: nobody to answer.
+        Err(ReadFailure::Gone) => return,
+    };
+    // A request takes a request permit once it is whole: one that trickles in (slowloris)
+    // holds only its stream and the memory of what it sent, never a slot others need.
     let request_permit = match state.requests.clone().try_acquire_owned() {
         Ok(permit) => Ok(permit),
         Err(_) => {
@@ -553,17 +632,6 @@ async fn serve_stream(
         .await;
         return;
     }
-    let (body, memory) = match read_request(&mut recv, &state, &share).await {
-        Ok(read) => read,
-        Err(ReadFailure::Answer { code, message }) => {
-            state.metrics.error(None, code);
-            let _ = recv.stop(STREAM_REFUSED.into());
-            let _ = write_frame(&mut send, frame::encode_error_response(code, &message)).await;
-            return;
-        }
-        // Reset by the client, or the connection is gone: nobody to answer.
-        Err(ReadFailure::Gone) => return,
-    };
     let (request, version) = match frame::decode_request_versioned(body) {
         Ok(decoded) => decoded,
         Err(e) => {
@@ -618,10 +686,7 @@ async fn serve_stream(
         let _ = send.finish();
         return;
     }
-    let response = handlers::dispatch(&state, request, version).await;
-    if api == ketch_protocol::messages::ApiKey::Fetch {
-        access::after_fetch(&state, &principal, &response).await;
-    }
+    let response = access::serve_metered(&state, &share.auth, &principal, request, version).await;
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
@@ -774,11 +839,19 @@ async fn read_request(
     let mut reserved = 0usize;
     while read < length {
         if reserved <= read {
-            let chunk = REQUEST_READ_CHUNK_BYTES.min(length - reserved);
+            let chunk = reserved
+                .clamp(REQUEST_READ_FIRST_CHUNK_BYTES, REQUEST_READ_CHUNK_BYTES)
+                .min(length - reserved);
             let permits = memory_permits(chunk);
             let reserve = async {
                 let connection = share
                     .request_memory
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .ok()?;
+                let ip = share
+                    .ip_request_memory
                     .clone()
                     .acquire_many_owned(permits)
                     .await
@@ -789,14 +862,15 @@ async fn read_request(
                     .acquire_many_owned(permits)
                     .await
                     .ok()?;
-                Some((connection, broker))
+                Some((connection, ip, broker))
             };
             if state.request_memory.available_permits() < permits as usize
                 || share.request_memory.available_permits() < permits as usize
+                || share.ip_request_memory.available_permits() < permits as usize
             {
                 state.metrics.throttled_by_memory.increment(1);
             }
-            let (mut connection, mut broker) = tokio::time::timeout_at(deadline, reserve)
+            let (mut connection, mut ip, mut broker) = tokio::time::timeout_at(deadline, reserve)
                 .await
                 .map_err(|_| {
                     stalled(format!(
@@ -807,10 +881,12 @@ async fn read_request(
                 .ok_or(ReadFailure::Gone)?;
             if let Some(held) = memory.take() {
                 connection.merge(held._connection);
+                ip.merge(held._ip);
                 broker.merge(held._broker);
             }
             memory = Some(RequestMemory {
                 _connection: connection,
+                _ip: ip,
                 _broker: broker,
             });
             reserved += chunk;

@@ -149,6 +149,11 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// TLS sessions kept for resumption (least recently used go first).
+pub const TLS_SESSIONS_MAX: usize = 16_384;
+/// Session tickets sent after each handshake (each can resume once; rustls clients keep 8).
+pub const TLS_TICKETS_PER_HANDSHAKE: usize = 4;
+
 /// A rustls server config for QUIC: TLS 1.3 only, ALPN `ketch/1`, ring provider. With
 /// `client_ca`, clients may present a certificate that CA signed (mutual TLS); one it did not
 /// sign fails the handshake. Clients without one still connect (they authenticate by token,
@@ -182,6 +187,14 @@ pub fn server_crypto(
     };
     let mut config = builder.with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![ketch_protocol::ALPN.to_vec()];
+    // 0-RTT stays off: early data can be replayed, and quinn cannot tell a request that
+    // arrived as early data from one that did not (see ARCHITECTURE.md, `server`).
     config.max_early_data_size = 0;
+    // Resumption: every full handshake leaves session tickets (stateful: the ticket names a
+    // session kept here), so a client that reconnects skips the certificate exchange.
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(TLS_SESSIONS_MAX);
+    // A ticket is used once, by every attempt to connect, even one that never reached us: a
+    // client on a bad network may spend a few before it gets through.
+    config.send_tls13_tickets = TLS_TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -175,12 +175,42 @@ struct Shared {
     /// that started later still lacks one, the topic does not exist (bounded: cleared when
     /// full).
     missing_topics: Mutex<HashMap<String, Instant>>,
+    /// Produce answers that carried a throttle hint, and the hints' sum in ms.
+    throttled_requests: AtomicU64,
+    throttle_ms_total: AtomicU64,
+}
+
+/// What a broker's quota has cost a producer ([`Producer::throttled`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Throttled {
+    /// Produce answers that carried a throttle hint.
+    pub requests: u64,
+    /// The hints' sum: how long the producer held its requests back.
+    pub total: Duration,
 }
 
 /// Entries of [`Shared::missing_topics`] at most.
 const MISSING_TOPICS_MAX: usize = 1024;
 
 impl Shared {
+    /// A produce answer from `addr` said the principal is over its produce quota: counted,
+    /// and no produce request goes to that broker for `throttle_ms`.
+    fn throttled(&self, addr: SocketAddr, throttle_ms: u32) {
+        if throttle_ms == 0 {
+            return;
+        }
+        self.throttled_requests.fetch_add(1, Ordering::Relaxed);
+        self.throttle_ms_total
+            .fetch_add(u64::from(throttle_ms), Ordering::Relaxed);
+        tracing::debug!(%addr, throttle_ms, "produce throttled by the broker's quota");
+        self.client.inner.transport.throttle(
+            addr,
+            ketch_protocol::messages::ApiKey::Produce,
+            Duration::from_millis(u64::from(throttle_ms)),
+        );
+    }
+
     /// [`Error::Closed`] once the producer or its client is closed.
     fn check_open(&self) -> Result<()> {
         if self.closing.load(Ordering::SeqCst) || self.client.inner.is_closed() {
@@ -405,6 +435,8 @@ impl Producer {
             pending: Arc::new(Pending::default()),
             task: Mutex::new(None),
             missing_topics: Mutex::new(HashMap::new()),
+            throttled_requests: AtomicU64::new(0),
+            throttle_ms_total: AtomicU64::new(0),
             client,
             config,
         });
@@ -586,6 +618,25 @@ impl Producer {
     pub fn pending_records(&self) -> usize {
         self.shared.pending.count.load(Ordering::SeqCst)
     }
+
+    /// How much the brokers' produce quotas have held this producer back so far: the
+    /// produce answers that carried a throttle hint and the hints' sum. While a hint runs,
+    /// the producer sends that broker no produce request.
+    ///
+    /// ```no_run
+    /// # fn example(producer: &ketch_client::Producer) {
+    /// let throttled = producer.throttled();
+    /// if throttled.requests > 0 {
+    ///     eprintln!("throttled {} times ({:?})", throttled.requests, throttled.total);
+    /// }
+    /// # }
+    /// ```
+    pub fn throttled(&self) -> Throttled {
+        Throttled {
+            requests: self.shared.throttled_requests.load(Ordering::Relaxed),
+            total: Duration::from_millis(self.shared.throttle_ms_total.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -646,6 +697,7 @@ mod tests {
                     current_leader: None,
                 }],
             }],
+            throttle_time_ms: 0,
         }
     }
 
@@ -683,7 +735,7 @@ mod tests {
             )),
         );
         // With acks=none the broker may say nothing about the partition at all.
-        let silent = ProduceResponse { topics: vec![] };
+        let silent = ProduceResponse::default();
         assert_eq!(partition_result(&silent, &tp, Acks::None), Ok(-1));
         let missing = partition_result(
             &response(ErrorCode::None, 1),

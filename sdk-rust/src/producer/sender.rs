@@ -660,6 +660,9 @@ pub(super) async fn produce(
             config.delivery_timeout
         ))),
     };
+    if let Ok(response) = &response {
+        shared.throttled(addr, response.throttle_time_ms);
+    }
     match response {
         Ok(response) => batches
             .into_iter()
