@@ -16,8 +16,9 @@
 //!   slot still refers to it stays open (pinned) until the slot is dropped, so readers of a
 //!   deleted segment keep working; a slot whose file is renamed follows it to the new name.
 //!
-//! A handle in use by an operation is never closed under it (the operation holds its own
-//! reference); when every open handle is busy the budget is exceeded for that moment and the
+//! A handle counts until its descriptor is closed, and one in use by an operation is never
+//! closed under it (the operation holds its own reference): eviction takes idle handles only.
+//! When every open handle is busy or pinned the budget is exceeded for that moment and the
 //! excess is counted ([`OpenFilesStats::opens_over_budget`]).
 
 use std::collections::HashMap;
@@ -69,7 +70,8 @@ struct Cache {
     ring: Mutex<Ring>,
     /// Live slots by path, for remove and rename. Taken before any slot lock, never after.
     by_path: Mutex<HashMap<PathBuf, Vec<Weak<Slot>>>>,
-    open_files: AtomicUsize,
+    /// Handles open or being opened (a handle counts until its descriptor closes).
+    open_files: Arc<Budget>,
     open_files_peak: AtomicUsize,
     opens: AtomicU64,
     evictions: AtomicU64,
@@ -118,7 +120,7 @@ impl OpenFiles {
                 open_files_max,
                 ring: Mutex::new(Ring::default()),
                 by_path: Mutex::new(HashMap::new()),
-                open_files: AtomicUsize::new(0),
+                open_files: Arc::new(Budget::default()),
                 open_files_peak: AtomicUsize::new(0),
                 opens: AtomicU64::new(0),
                 evictions: AtomicU64::new(0),
@@ -135,7 +137,7 @@ impl OpenFiles {
     pub fn stats(&self) -> OpenFilesStats {
         let c = &self.cache;
         OpenFilesStats {
-            open_files: c.open_files.load(Ordering::Relaxed),
+            open_files: c.open_files.open.load(Ordering::Relaxed),
             open_files_peak: c.open_files_peak.load(Ordering::Relaxed),
             opens: c.opens.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
@@ -191,15 +193,23 @@ impl Cache {
         open: impl FnOnce(&dyn FileBackend) -> io::Result<Arc<dyn StorageFile>>,
     ) -> io::Result<Arc<dyn StorageFile>> {
         debug_assert!(handle.file.is_none());
-        let evicted = self.make_room();
-        // Evicted handles close outside the ring lock; unsynced ones are synced first.
-        for (victim, file) in evicted {
-            self.close_evicted(&victim, file);
+        loop {
+            let (evicted, reserved) = self.make_room();
+            // Evicted handles close outside the ring lock; unsynced ones are synced first.
+            for (victim, file) in evicted {
+                self.close_evicted(&victim, file);
+            }
+            if reserved {
+                break;
+            }
         }
-        let file = match open(self.inner.as_ref()) {
-            Ok(file) => file,
+        let file: Arc<dyn StorageFile> = match open(self.inner.as_ref()) {
+            Ok(file) => Arc::new(CountedFile {
+                file: Some(file),
+                open_files: self.open_files.clone(),
+            }),
             Err(e) => {
-                self.open_files.fetch_sub(1, Ordering::Relaxed);
+                self.open_files.release();
                 return Err(e);
             }
         };
@@ -212,13 +222,32 @@ impl Cache {
     }
 
     /// Reserves one open handle, taking handles away from unused slots while the budget is
-    /// full; returns them to be closed.
-    fn make_room(&self) -> Vec<(Arc<Slot>, Arc<dyn StorageFile>)> {
+    /// full; returns them to be closed, and whether the reservation was made (if not, the
+    /// caller closes them and asks again).
+    fn make_room(&self) -> (Vec<(Arc<Slot>, Arc<dyn StorageFile>)>, bool) {
         let mut ring = lock(&self.ring);
         let mut evicted = Vec::new();
-        // Two sweeps clear every reference bit once and then find any idle slot.
+        // Two sweeps clear every reference bit once and then find any idle slot. Evicted
+        // handles still count until the caller closes them (before it opens its own).
         let mut steps_left = 2 * ring.slots.len() + 1;
-        while self.open_files.load(Ordering::Relaxed) >= self.open_files_max {
+        let mut waits_left = BUDGET_WAITS_MAX;
+        while self.open_files.open.load(Ordering::Relaxed) - evicted.len() >= self.open_files_max {
+            if (steps_left == 0 || ring.slots.is_empty()) && !evicted.is_empty() {
+                return (evicted, false);
+            }
+            if (steps_left == 0 || ring.slots.is_empty()) && waits_left > 0 {
+                // Every handle is busy, pinned or being closed by another thread (an
+                // eviction's fsync): wait for one to close rather than go over the budget.
+                waits_left -= 1;
+                ring = self
+                    .open_files
+                    .freed
+                    .wait_timeout(ring, BUDGET_WAIT)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                steps_left = 2 * ring.slots.len() + 1;
+                continue;
+            }
             if steps_left == 0 || ring.slots.is_empty() {
                 self.opens_over_budget.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -238,7 +267,12 @@ impl Cache {
                 ring.hand += 1;
                 continue;
             };
-            if handle.pinned {
+            // Pinned, or in use by an operation (it holds a reference): not evictable.
+            let busy = handle
+                .file
+                .as_ref()
+                .is_some_and(|file| Arc::strong_count(file) > 1);
+            if handle.pinned || busy {
                 ring.hand += 1;
                 continue;
             }
@@ -254,13 +288,13 @@ impl Cache {
             handle.in_ring = false;
             drop(handle);
             ring.slots.swap_remove(at);
-            self.open_files.fetch_sub(1, Ordering::Relaxed);
             self.evictions.fetch_add(1, Ordering::Relaxed);
             evicted.push((candidate, file));
         }
-        let open = self.open_files.fetch_add(1, Ordering::Relaxed) + 1;
+        // The evicted handles close before the new one opens.
+        let open = self.open_files.open.fetch_add(1, Ordering::Relaxed) + 1 - evicted.len();
         self.open_files_peak.fetch_max(open, Ordering::Relaxed);
-        evicted
+        (evicted, true)
     }
 
     fn close_evicted(&self, victim: &Slot, file: Arc<dyn StorageFile>) {
@@ -328,6 +362,71 @@ impl CachedFile {
     }
 }
 
+/// How long an open waits, in steps of [`BUDGET_WAIT`], for a handle to close when every
+/// open one is busy, before it goes over the budget (pinned handles may never close).
+const BUDGET_WAITS_MAX: u32 = 200;
+const BUDGET_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Handles counted against the budget, and a signal when one closes.
+#[derive(Debug, Default)]
+struct Budget {
+    open: AtomicUsize,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn release(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        // Waiters also wake on their own after `BUDGET_WAIT`: a notification that slips
+        // between their check and their wait costs at most that.
+        self.freed.notify_one();
+    }
+}
+
+/// A real handle, counted against the budget until its descriptor closes (its last
+/// reference drops: the slot's, or that of an operation still using it after an eviction).
+#[derive(Debug)]
+struct CountedFile {
+    /// `Some` until dropped: the descriptor closes before the budget is told.
+    file: Option<Arc<dyn StorageFile>>,
+    open_files: Arc<Budget>,
+}
+
+impl CountedFile {
+    fn file(&self) -> &dyn StorageFile {
+        self.file.as_deref().expect("present until dropped")
+    }
+}
+
+impl Drop for CountedFile {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        self.open_files.release();
+    }
+}
+
+impl StorageFile for CountedFile {
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
+        self.file().read_at(buf, position)
+    }
+
+    fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        self.file().write_at(buf, position)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file().set_len(len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.file().len()
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file().sync_data()
+    }
+}
+
 impl StorageFile for CachedFile {
     fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
         self.handle()?.read_at(buf, position)
@@ -380,7 +479,6 @@ impl Drop for CachedFile {
             if let Some(at) = ring.slots.iter().position(|s| Arc::ptr_eq(s, &self.slot)) {
                 ring.slots.swap_remove(at);
             }
-            self.cache.open_files.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
