@@ -47,7 +47,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a broker.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create, list, describe and delete topics.
     Topic(cli::TopicArgs),
     /// Write one record per line of stdin.
@@ -89,7 +89,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Topic(args) => cli::topic(args),
         Command::Produce(args) => cli::produce(args),
         Command::Consume(args) => cli::consume(args),

@@ -224,7 +224,7 @@ impl Cache {
     /// Reserves one open handle, taking handles away from unused slots while the budget is
     /// full; returns them to be closed, and whether the reservation was made (if not, the
     /// caller closes them and asks again).
-    fn make_room(&self) -> (Vec<(Arc<Slot>, Arc<dyn StorageFile>)>, bool) {
+    fn make_room(&self) -> (Vec<Evicted>, bool) {
         let mut ring = lock(&self.ring);
         let mut evicted = Vec::new();
         // Two sweeps clear every reference bit once and then find any idle slot. Evicted
@@ -341,6 +341,9 @@ impl Slot {
         self.writes.load(Ordering::Acquire) != self.synced_writes.load(Ordering::Acquire)
     }
 }
+
+/// A handle taken from its slot to be closed, with the slot (to sync on its behalf).
+type Evicted = (Arc<Slot>, Arc<dyn StorageFile>);
 
 /// A file handed out by [`OpenFiles`].
 #[derive(Debug)]
