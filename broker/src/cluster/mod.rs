@@ -958,9 +958,15 @@ impl Cluster {
                 path: producer_id_path,
             }),
             fsync_metrics: FsyncMetrics::new(),
-            open_files: storage::OpenFiles::new(
+            // Logs that sync every append are rarely dirty when evicted: sync those; the
+            // others' next interval flush (or close) syncs through a reopened handle.
+            open_files: storage::OpenFiles::with_dirty_eviction(
                 Arc::new(storage::StdBackend),
                 config.open_files_max,
+                match config.fsync {
+                    Fsync::Always => storage::DirtyEviction::Sync,
+                    Fsync::IntervalMs(_) | Fsync::Never => storage::DirtyEviction::Close,
+                },
             ),
             fresh_producer_id_min: next,
             config,

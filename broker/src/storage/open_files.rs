@@ -8,10 +8,15 @@
 //! active segment alone) holds no more than the budget in the kernel.
 //!
 //! What a closed handle must not lose:
-//! - **Durability**: a slot with writes not yet synced is given a second chance by the clock
-//!   and, if it is evicted anyway, is `fdatasync`ed before its handle closes. A failure of
-//!   that sync is kept and returned by the slot's next `sync_data`, so the writer poisons the
-//!   log exactly as it would have (fsync poisoning is unchanged).
+//! - **Durability**: a slot with writes not yet synced is given a second chance by the clock.
+//!   If it is evicted anyway, [`DirtyEviction`] says what happens: `Sync` `fdatasync`s it
+//!   before its handle closes, and a failure of that sync is kept and returned by the slot's
+//!   next `sync_data`, so the writer poisons the log exactly as it would have; `Close`
+//!   closes it and leaves the pages to the owner's next sync through a reopened handle (on
+//!   Linux `fdatasync` covers the inode's dirty pages whichever descriptor wrote them, and
+//!   since 4.16 a writeback error nobody has seen is reported to the next sync of any
+//!   descriptor, so poisoning holds there too) — for logs that do not sync every append,
+//!   where `Sync` would cost an fsync per eviction.
 //! - **POSIX semantics of unlink and rename**: a file removed or replaced by a rename while a
 //!   slot still refers to it stays open (pinned) until the slot is dropped, so readers of a
 //!   deleted segment keep working; a slot whose file is renamed follows it to the new name.
@@ -55,6 +60,17 @@ pub struct OpenFilesStats {
     pub opens_over_budget: u64,
 }
 
+/// What an eviction does with a handle that has unsynced writes (see the
+/// [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyEviction {
+    /// `fdatasync` before closing (for logs that sync every append: rarely dirty).
+    Sync,
+    /// Close; the owner's next sync covers the pages (for logs that sync on an interval or
+    /// never, where a sync per eviction would be an fsync per append).
+    Close,
+}
+
 /// See the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct OpenFiles {
@@ -65,6 +81,7 @@ pub struct OpenFiles {
 struct Cache {
     inner: Arc<dyn FileBackend>,
     open_files_max: usize,
+    dirty_eviction: DirtyEviction,
     /// Slots holding a handle (pinned ones included). Lock order: a slot's `handle`, then
     /// `ring`; with `ring` held, other slots' handles are only ever `try_lock`ed.
     ring: Mutex<Ring>,
@@ -108,8 +125,18 @@ struct Handle {
 }
 
 impl OpenFiles {
-    /// Wraps `inner` so that at most `open_files_max` of its file handles are open at once.
+    /// Wraps `inner` so that at most `open_files_max` of its file handles are open at once;
+    /// dirty handles are synced before they close.
     pub fn new(inner: Arc<dyn FileBackend>, open_files_max: usize) -> OpenFiles {
+        OpenFiles::with_dirty_eviction(inner, open_files_max, DirtyEviction::Sync)
+    }
+
+    /// [`OpenFiles::new`] with a choice of what evicting a dirty handle does.
+    pub fn with_dirty_eviction(
+        inner: Arc<dyn FileBackend>,
+        open_files_max: usize,
+        dirty_eviction: DirtyEviction,
+    ) -> OpenFiles {
         assert!(
             open_files_max >= OPEN_FILES_MIN,
             "open_files_max {open_files_max} is below {OPEN_FILES_MIN}"
@@ -118,6 +145,7 @@ impl OpenFiles {
             cache: Arc::new(Cache {
                 inner,
                 open_files_max,
+                dirty_eviction,
                 ring: Mutex::new(Ring::default()),
                 by_path: Mutex::new(HashMap::new()),
                 open_files: Arc::new(Budget::default()),
@@ -299,7 +327,9 @@ impl Cache {
 
     fn close_evicted(&self, victim: &Slot, file: Arc<dyn StorageFile>) {
         let writes = victim.writes.load(Ordering::Acquire);
-        if writes == victim.synced_writes.load(Ordering::Acquire) {
+        if writes == victim.synced_writes.load(Ordering::Acquire)
+            || self.dirty_eviction == DirtyEviction::Close
+        {
             return;
         }
         self.eviction_syncs.fetch_add(1, Ordering::Relaxed);
@@ -579,6 +609,36 @@ mod tests {
         assert!(stats.eviction_syncs > 0, "{stats:?}");
         drop(handles);
         assert_eq!(cache.stats().open_files, 0);
+    }
+
+    #[test]
+    fn close_mode_evicts_dirty_files_without_syncing_and_a_later_sync_covers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = OpenFiles::with_dirty_eviction(
+            Arc::new(StdBackend),
+            OPEN_FILES_MIN,
+            DirtyEviction::Close,
+        );
+        let handles: Vec<_> = (0..30)
+            .map(|i| {
+                let file = cache.create(&dir.path().join(format!("f{i}"))).unwrap();
+                file.write_at(format!("file {i}").as_bytes(), 0).unwrap();
+                file
+            })
+            .collect();
+        for (i, file) in handles.iter().enumerate() {
+            let want = format!("file {i}");
+            let mut buf = vec![0; want.len()];
+            file.read_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, want.as_bytes());
+            file.sync_data().unwrap();
+        }
+        let stats = cache.stats();
+        assert!(
+            stats.evictions > 20 && stats.eviction_syncs == 0,
+            "{stats:?}"
+        );
+        assert!(stats.open_files_peak <= OPEN_FILES_MIN, "{stats:?}");
     }
 
     #[test]
