@@ -158,6 +158,10 @@ pub struct BrokerConfig {
     /// A directory holding the cluster's development CA (`ca.pem`), created by the first
     /// broker that finds it missing; each broker issues its own certificate from it.
     pub ca_dir: Option<PathBuf>,
+    /// Segment and index files of partition logs open at once; the least recently used are
+    /// closed (and reopened on demand) beyond it. `ketch serve` raises the soft
+    /// `RLIMIT_NOFILE` to the hard limit and lowers this to fit under it.
+    pub open_files_max: usize,
 }
 
 /// The members of a cluster, parsed from `peers`.
@@ -248,6 +252,7 @@ impl Default for BrokerConfig {
             node_id: None,
             peers: None,
             ca_dir: None,
+            open_files_max: crate::storage::OPEN_FILES_MAX_DEFAULT,
         }
     }
 }
@@ -423,6 +428,12 @@ impl BrokerConfig {
         }
         crate::auth::cert::validate_template(&self.client_principal_template)
             .map_err(ConfigError::Invalid)?;
+        if self.open_files_max < crate::storage::OPEN_FILES_MIN {
+            return invalid(format!(
+                "open_files_max must be at least {}",
+                crate::storage::OPEN_FILES_MIN
+            ));
+        }
         if self.connections_per_ip_max == 0 {
             return invalid("connections_per_ip_max must be at least 1".into());
         }

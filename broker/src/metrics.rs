@@ -60,6 +60,8 @@ pub mod names {
     pub const REQUESTS_IN_FLIGHT_LIMIT: &str = "ketch_requests_in_flight_limit";
     pub const THROTTLED_REQUESTS: &str = "ketch_throttled_requests_total";
     pub const SERVING: &str = "ketch_serving";
+    pub const OPEN_FILES: &str = "ketch_open_files";
+    pub const OPEN_FILES_LIMIT: &str = "ketch_open_files_limit";
 }
 
 /// A gauge not set for this long is dropped from the exposition. Every live gauge is set at
@@ -188,6 +190,16 @@ pub fn describe() {
             REQUESTS_IN_FLIGHT_LIMIT,
             Unit::Count,
             "Limit on requests being served (requests_in_flight_max).",
+        ),
+        (
+            OPEN_FILES,
+            Unit::Count,
+            "Segment and index files of partition logs open now.",
+        ),
+        (
+            OPEN_FILES_LIMIT,
+            Unit::Count,
+            "Limit on open partition-log files (open_files_max); the least recently used close beyond it.",
         ),
         (
             SERVING,
@@ -448,6 +460,8 @@ pub(crate) fn collect(state: &State) {
     gauge!(REQUEST_MEMORY_LIMIT_BYTES).set(state.config.request_bytes_in_flight_max as f64);
     gauge!(REQUESTS_IN_FLIGHT).set(state.requests_in_flight() as f64);
     gauge!(REQUESTS_IN_FLIGHT_LIMIT).set(f64::from(state.config.requests_in_flight_max));
+    gauge!(OPEN_FILES).set(state.cluster.open_files_stats().open_files as f64);
+    gauge!(OPEN_FILES_LIMIT).set(state.config.open_files_max as f64);
     gauge!(SERVING).set(if state.is_serving() { 1.0 } else { 0.0 });
 }
 

@@ -369,3 +369,47 @@ fn retention_applies_only_where_the_cleanup_policy_deletes() {
         assert!(start("cut") > 0, "compact,delete: retention deletes");
     });
 }
+
+/// After a clean restart the producer checkpoints on disk are current: the first checkpoint
+/// round rewrites none. State replayed after a crash is newer than its checkpoint and is
+/// checkpointed in the first round (at thousands of partitions that round is the one burst
+/// of work an idle broker does after a crash: a file and three fsyncs per partition).
+#[test]
+fn a_current_producer_checkpoint_is_not_rewritten_after_a_restart() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let rt = runtime();
+    let pid = cluster.allocate_producer_id().unwrap();
+    let stamp = |base_sequence| ProducerStamp {
+        producer_id: pid,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    let append = |cluster: &Cluster, seq: i32| {
+        let partition = cluster.partition("t", 0).unwrap();
+        rt.block_on(partition.append(batch(stamp(seq), &["v"]), 0))
+            .unwrap();
+    };
+    rt.block_on(cluster.create_topic("t", 1, &[])).unwrap();
+    append(&cluster, 0);
+    cluster = restart(cluster, dir.path());
+    let path = dir.path().join("topics/t/producers-0.checkpoint");
+    let inode = || std::fs::metadata(&path).unwrap().ino();
+    let written = inode();
+    cluster.checkpoint_all();
+    assert_eq!(inode(), written, "a current checkpoint was written again");
+    // A crash after one more batch: the replayed state is newer than the checkpoint.
+    append(&cluster, 1);
+    drop(cluster);
+    let cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    assert_eq!(
+        cluster
+            .partition("t", 0)
+            .unwrap()
+            .producer_state_replayed_from(),
+        1
+    );
+    cluster.checkpoint_all();
+    assert_ne!(inode(), written, "replayed state was not checkpointed");
+}

@@ -168,6 +168,11 @@ pub struct ServeArgs {
     /// [default: 1024]
     #[arg(long, env = "KETCH_CONNECTIONS_PER_IP_MAX", value_name = "COUNT")]
     connections_per_ip_max: Option<u32>,
+    /// Segment and index files of partition logs open at once; the least recently used are
+    /// closed and reopened on demand. Lowered (and logged) to half the soft RLIMIT_NOFILE,
+    /// which `ketch serve` raises to the hard limit first. [default: 8192]
+    #[arg(long, env = "KETCH_OPEN_FILES_MAX", value_name = "COUNT")]
+    open_files_max: Option<usize>,
     /// Label log and lag gauges by partition (true) or sum them per topic (false, for brokers
     /// with many partitions). [default: true]
     #[arg(long, env = "KETCH_METRICS_PARTITION_LABELS", value_name = "BOOL")]
@@ -211,7 +216,8 @@ impl ServeArgs {
             shutdown_grace_ms,
             metrics_listen,
             metrics_partition_labels,
-            connections_per_ip_max
+            connections_per_ip_max,
+            open_files_max
         );
         if self.node_id.is_some() {
             config.node_id = self.node_id;
@@ -252,7 +258,8 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+    let mut config = args.into_config()?;
+    fit_open_files(&mut config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ketch-io")
@@ -309,6 +316,49 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker.serve(shutdown_signal()).await;
         anyhow::Ok(())
     })
+}
+
+/// Raises the soft limit on open files to the hard limit (a broker with many partitions needs
+/// them, and nothing is gained by a lower soft limit), then keeps `open_files_max` to half of
+/// it: the rest is for connections, checkpoints, filters and the like.
+fn fit_open_files(config: &mut BrokerConfig) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    let soft_before = limit.current.unwrap_or(u64::MAX);
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    let mut soft = soft_before;
+    if soft < hard {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the soft RLIMIT_NOFILE")
+            }
+        }
+    }
+    let fits = usize::try_from(soft / 2)
+        .unwrap_or(usize::MAX)
+        .max(ketch_broker::storage::OPEN_FILES_MIN);
+    let configured = config.open_files_max;
+    config.open_files_max = configured.min(fits);
+    tracing::info!(
+        soft_before,
+        soft,
+        hard,
+        open_files_max = config.open_files_max,
+        "open files limit"
+    );
+    if config.open_files_max < configured {
+        tracing::warn!(
+            configured,
+            open_files_max = config.open_files_max,
+            "open_files_max lowered to half the soft RLIMIT_NOFILE"
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -184,10 +184,13 @@ wire_struct! {
         pub host: String,
         pub port: u16,
     }
+    /// From version 1, `topic_id` is the topic's id (new each time a topic of this name is
+    /// created; 0 for an unknown topic), so a client can tell a re-created topic apart.
     pub struct TopicMetadata {
         pub error: ErrorCode,
         pub name: String,
         pub partitions: Vec<PartitionMetadata>,
+        pub topic_id: u64 => since 1,
     }
     pub struct PartitionMetadata {
         pub partition: u32,
@@ -324,6 +327,24 @@ wire_struct! {
     /// `FetchPartitionResponse` frame each time new batches commit, starting at `offset`.
     /// QUIC flow control is the back-pressure: a consumer that stops reading stops the pushes.
     pub struct SubscribeRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub offset: i64,
+        pub push_bytes_max: u32,
+    }
+
+    /// Opens one push stream for many partitions (API 41): the broker sends a
+    /// `FetchPartitionResponse` frame (tagged with its topic and partition) each time new
+    /// batches of one of them commit, each partition from its `offset`, in turn. QUIC flow
+    /// control is the back-pressure for the stream as a whole. A partition that fails (an
+    /// error frame: offset out of range, deleted, ...) leaves the stream; the others go on.
+    /// At most [`SUBSCRIBE_PARTITIONS_MAX`] partitions, each listed once.
+    pub struct SubscribeManyRequest {
+        pub partitions: Vec<SubscribePartition>,
+    }
+    /// One partition of a [`SubscribeManyRequest`]: where to start and how many bytes one
+    /// push of it may hold.
+    pub struct SubscribePartition {
         pub topic: String,
         pub partition: u32,
         pub offset: i64,
@@ -725,6 +746,9 @@ wire_struct! {
     }
 }
 
+/// Partitions one `SubscribeMany` stream may carry (a client of more opens several).
+pub const SUBSCRIBE_PARTITIONS_MAX: usize = 16_384;
+
 /// Defines [`ApiKey`], the [`Api`] impls and the [`Request`] enum from one table, so the three
 /// can never disagree.
 macro_rules! apis {
@@ -866,7 +890,7 @@ macro_rules! apis {
 }
 
 apis! {
-    0 Metadata [0 ..= 0] => MetadataRequest, MetadataResponse;
+    0 Metadata [0 ..= 1] => MetadataRequest, MetadataResponse;
     1 CreateTopic [0 ..= 0] => CreateTopicRequest, CreateTopicResponse;
     2 DeleteTopic [0 ..= 0] => DeleteTopicRequest, DeleteTopicResponse;
     3 ListTopics [0 ..= 0] => ListTopicsRequest, ListTopicsResponse;
@@ -900,6 +924,7 @@ apis! {
     38 TransformDescribe [0 ..= 0] => TransformDescribeRequest, TransformDescribeResponse;
     39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
     40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
+    41 SubscribeMany [0 ..= 0] => SubscribeManyRequest, FetchPartitionResponse;
 }
 
 impl Request {
@@ -949,7 +974,8 @@ impl Request {
             AclChange,
             QuotaSet,
             SecurityList,
-            AlterTopicConfig
+            AlterTopicConfig,
+            SubscribeMany
         )
     }
 }

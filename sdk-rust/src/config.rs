@@ -287,6 +287,10 @@ pub struct ProducerConfig {
     pub request_timeout: Duration,
     /// Where keyless records without a partition go.
     pub null_key_partitioning: NullKeyPartitioning,
+    /// Cap of one produce request in bytes (its frame): the batches ready for one broker
+    /// that do not fit go in further requests. A broker refuses a frame above its
+    /// `frame_bytes_max` (8 MiB by default), so this must not exceed it.
+    pub request_bytes_max: usize,
 }
 
 impl Default for ProducerConfig {
@@ -304,9 +308,14 @@ impl Default for ProducerConfig {
             retry_backoff_max: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             null_key_partitioning: NullKeyPartitioning::default(),
+            request_bytes_max: ketch_protocol::frame::REQUEST_FRAME_BYTES_MAX_DEFAULT,
         }
     }
 }
+
+/// What a produce request adds to its batches at most, beyond a few bytes per batch (the
+/// frame, the request header, acks and timeout, array counts).
+pub(crate) const REQUEST_OVERHEAD_BYTES_MAX: usize = 1024;
 
 impl ProducerConfig {
     /// Checks every value; the error names the first bad one.
@@ -323,6 +332,11 @@ impl ProducerConfig {
         }
         if self.buffer_bytes_max > u32::MAX as usize {
             return Err(Error::Config("buffer_bytes_max must fit in 32 bits".into()));
+        }
+        if self.request_bytes_max < self.batch_bytes_max + REQUEST_OVERHEAD_BYTES_MAX {
+            return Err(Error::Config(format!(
+                "request_bytes_max must hold one batch_bytes_max batch and {REQUEST_OVERHEAD_BYTES_MAX} bytes of request"
+            )));
         }
         if self.in_flight_requests_max == 0 {
             return Err(Error::Config("in_flight_requests_max is 0".into()));

@@ -1056,3 +1056,58 @@ async fn batch_calls_send_many_on_delivery_try_send_and_recv_many() {
     within(small.close()).await.expect("close");
     within(producer.close()).await.expect("close");
 }
+
+/// Thousands of partitions' batches ready at once pack more than the broker's 8 MiB frame
+/// limit: the producer splits them into requests of at most `request_bytes_max` (the
+/// broker's default frame limit), so every record is stored. (Unsplit, this request is
+/// 12.8 MB and the broker refuses it: `frame_too_large`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_for_one_broker_beyond_the_frame_limit_split_into_requests() {
+    const PARTITIONS: u32 = 64;
+    const RECORDS_PER_PARTITION: usize = 50;
+    let broker = Broker::start().expect("broker");
+    let client = broker.client().await;
+    within(
+        client
+            .admin()
+            .create_topic(NewTopic::new("wide", PARTITIONS)),
+    )
+    .await
+    .expect("create topic");
+    // 64 batches of ~200 KiB each (under batch_bytes_max, so none is full): ~12.8 MB,
+    // all made ready at once by `flush`.
+    let producer = within(client.producer(ProducerConfig {
+        linger: Duration::from_secs(60),
+        ..Default::default()
+    }))
+    .await
+    .expect("producer");
+    let value = Bytes::from(vec![0x61; 4000]);
+    let mut deliveries = Vec::new();
+    for i in 0..RECORDS_PER_PARTITION {
+        for partition in 0..PARTITIONS {
+            let record = ProducerRecord {
+                partition: Some(partition),
+                key: Some(Bytes::from(format!("{partition}-{i}"))),
+                value: Some(value.clone()),
+                ..ProducerRecord::new("wide", "")
+            };
+            deliveries.push(within(producer.send(record)).await.expect("send"));
+        }
+    }
+    within(producer.flush()).await.expect("flush");
+    for delivery in deliveries {
+        within(delivery).await.expect("every record is delivered");
+    }
+    within(producer.close()).await.expect("close");
+    let partitions: Vec<_> = (0..PARTITIONS)
+        .map(|p| TopicPartition::new("wide", p))
+        .collect();
+    let ends = within(client.admin().list_offsets(&partitions, Offset::End))
+        .await
+        .expect("list offsets");
+    assert_eq!(
+        ends,
+        vec![RECORDS_PER_PARTITION as i64; PARTITIONS as usize]
+    );
+}

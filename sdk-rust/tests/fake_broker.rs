@@ -300,6 +300,7 @@ fn metadata(addr: SocketAddr, partitions: u32) -> Bytes {
                     ..Default::default()
                 })
                 .collect(),
+            topic_id: 1,
         }],
     })
 }
@@ -1225,13 +1226,16 @@ async fn a_full_prefetch_buffer_holds_the_pushes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_checks_the_broker_and_leaves_one_that_stopped_answering() {
     let _serial = SERIAL.lock().await;
-    let versions = encode_response(&ApiVersionsResponse { apis: vec![] });
+    let versions = encode_response(&ApiVersionsResponse {
+        apis: supported_api_versions(),
+    });
     let broker = start(move |request, seen| match (request, seen) {
         (Request::Metadata(_), _) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
         (Request::ListOffsets(r), _) => Reply::Frame(listed(r, 0)),
         (Request::Subscribe(s), _) => Reply::push(pushes_from(0, s.offset, 1, 10)),
-        // The first check is answered, the second never.
-        (Request::ApiVersions(_), 1) => Reply::After(Duration::from_secs(60), versions.clone()),
+        // The first ApiVersions negotiates Metadata's version, the first check is answered,
+        // the second never.
+        (Request::ApiVersions(_), 2) => Reply::After(Duration::from_secs(60), versions.clone()),
         (Request::ApiVersions(_), _) => Reply::Frame(versions.clone()),
         _ => not_scripted(),
     });

@@ -191,6 +191,21 @@ impl RawClient {
         })
     }
 
+    /// Opens a SubscribeMany push stream (many partitions, pushes tagged with theirs).
+    pub async fn subscribe_many(
+        &self,
+        request: &ketch_protocol::messages::SubscribeManyRequest,
+    ) -> anyhow::Result<Subscription> {
+        let open = self.open_request(&encode_request(request)).await?;
+        let OpenRequest { mut send, recv } = open;
+        send.finish()?;
+        Ok(Subscription {
+            _send: send,
+            recv,
+            decoder: FrameDecoder::new(RESPONSE_BYTES_MAX),
+        })
+    }
+
     /// Creates a topic; an error response is an error.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> anyhow::Result<()> {
         self.call_ok(&CreateTopicRequest {

@@ -120,3 +120,72 @@ async fn every_listed_version_is_answered_in_its_own_layout() -> anyhow::Result<
     broker.assert_serving("after every version").await?;
     Ok(())
 }
+
+/// Metadata v1 carries each topic's id (the one `topic.id` in DescribeTopic shows, new per
+/// create); v0 is answered in its own layout, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_v1_names_the_topic_id_and_a_recreated_topic_gets_a_new_one() -> anyhow::Result<()>
+{
+    use ketch_protocol::messages::{
+        DeleteTopicRequest, DescribeTopicRequest, MetadataRequest, MetadataResponse,
+    };
+    let broker = TestBroker::start(&[])?;
+    let raw = broker.raw().await?;
+    let metadata_at = |version: u16| {
+        let raw = &raw;
+        async move {
+            let request = MetadataRequest {
+                topics: Some(vec!["t".into(), "absent".into()]),
+            };
+            let answer = raw
+                .open_request(&encode_request_at(&request, version))
+                .await?
+                .finish()?
+                .read_response()
+                .await?;
+            let response = decode_response_at::<MetadataResponse>(answer.slice(4..), version)
+                .with_context(|| format!("Metadata v{version} answer in its layout"))??;
+            anyhow::Ok(response)
+        }
+    };
+    let described_id = || async {
+        let described = raw
+            .call_ok(&DescribeTopicRequest { name: "t".into() })
+            .await?;
+        let id = described
+            .configs
+            .iter()
+            .find(|c| c.key == "topic.id")
+            .context("topic.id in DescribeTopic")?
+            .value
+            .clone();
+        anyhow::Ok(id)
+    };
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        raw.create_topic("t", 2).await?;
+        let v1 = metadata_at(1).await?;
+        let (topic, absent) = (&v1.topics[0], &v1.topics[1]);
+        ensure!(
+            topic.error == ErrorCode::None && topic.topic_id != 0,
+            "{topic:?}"
+        );
+        ensure!(
+            absent.error == ErrorCode::UnknownTopic && absent.topic_id == 0,
+            "{absent:?}"
+        );
+        let described = described_id().await?;
+        ensure!(
+            described == format!("{:016x}", topic.topic_id),
+            "round {round}: DescribeTopic says {described}, Metadata {}",
+            topic.topic_id
+        );
+        let v0 = metadata_at(0).await?;
+        ensure!(v0.topics[0].topic_id == 0 && v0.topics[0].partitions.len() == 2);
+        ids.push(topic.topic_id);
+        raw.call_ok(&DeleteTopicRequest { name: "t".into() })
+            .await?;
+    }
+    ensure!(ids[0] != ids[1], "a re-created topic has a new id: {ids:?}");
+    Ok(())
+}

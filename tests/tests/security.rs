@@ -471,6 +471,18 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             Unauthorized,
         ),
         (
+            ApiKey::SubscribeMany,
+            encode_request(&SubscribeManyRequest {
+                partitions: vec![SubscribePartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 0,
+                    push_bytes_max: 1 << 20,
+                }],
+            }),
+            Unauthorized,
+        ),
+        (
             ApiKey::GroupHeartbeat,
             encode_request(&GroupHeartbeatRequest {
                 group: "g".into(),

@@ -881,6 +881,8 @@ pub struct Cluster {
     admin: tokio::sync::Mutex<()>,
     producer_ids: Mutex<ProducerIds>,
     fsync_metrics: Arc<FsyncMetrics>,
+    /// Every partition log's files, within `open_files_max` open handles.
+    open_files: storage::OpenFiles,
     /// The first producer id this run of the broker hands out: lower ids were allocated
     /// before it started.
     fresh_producer_id_min: i64,
@@ -1005,6 +1007,16 @@ impl Cluster {
                 path: producer_id_path,
             }),
             fsync_metrics: FsyncMetrics::new(),
+            // Logs that sync every append are rarely dirty when evicted: sync those; the
+            // others' next interval flush (or close) syncs through a reopened handle.
+            open_files: storage::OpenFiles::with_dirty_eviction(
+                Arc::new(storage::StdBackend),
+                config.open_files_max,
+                match config.fsync {
+                    Fsync::Always => storage::DirtyEviction::Sync,
+                    Fsync::IntervalMs(_) | Fsync::Never => storage::DirtyEviction::Close,
+                },
+            ),
             fresh_producer_id_min: next,
             config,
         };
@@ -1113,6 +1125,11 @@ impl Cluster {
         }
     }
 
+    /// Open partition-log files against `open_files_max`.
+    pub fn open_files_stats(&self) -> storage::OpenFilesStats {
+        self.open_files.stats()
+    }
+
     /// The storage config of a topic's logs. Retention is not in it: it follows the topic's
     /// current settings (`Partition::apply_retention`), which `alter_topic_config` changes.
     fn log_config(&self, _topic: &TopicConfig) -> storage::LogConfig {
@@ -1143,7 +1160,8 @@ impl Cluster {
         let mut partitions = Vec::with_capacity(config.partitions as usize);
         for index in 0..config.partitions {
             let partition_dir = dir.join(index.to_string());
-            let (log, report) = PartitionLog::open_observed(
+            let (log, report) = PartitionLog::open_observed_with_backend(
+                Arc::new(self.open_files.clone()),
                 &partition_dir,
                 self.log_config(&config),
                 now,

@@ -149,6 +149,14 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
             .map(|p| need(Describe, Topic, &p.topic))
             .collect(),
         Request::Subscribe(r) => vec![need(Read, Topic, &r.topic)],
+        Request::SubscribeMany(r) => r
+            .partitions
+            .iter()
+            .map(|p| p.topic.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|t| need(Read, Topic, t))
+            .collect(),
         // Nobody reads through a filter what they cannot read directly, and running a filter
         // is a permission of its own.
         Request::SubscribeFiltered(r) => {

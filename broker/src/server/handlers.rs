@@ -90,8 +90,10 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         Request::Produce(r) => respond(state, api, version, Ok(produce(state, r).await)),
         Request::Fetch(r) => respond(state, api, version, Ok(fetch(state, r).await)),
         Request::ListOffsets(r) => respond(state, api, version, Ok(list_offsets(state, r))),
-        Request::Subscribe(_) | Request::SubscribeFiltered(_) => {
-            unreachable!("push streams are served by `subscribe` and `subscribe_filtered`")
+        Request::Subscribe(_) | Request::SubscribeFiltered(_) | Request::SubscribeMany(_) => {
+            unreachable!(
+                "push streams are served by `subscribe`, `subscribe_many` and `subscribe_filtered`"
+            )
         }
         Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r)),
         Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r)),
@@ -255,11 +257,13 @@ fn cluster_metadata(node: &super::ClusterNode, request: MetadataRequest) -> Meta
             partitions: (0..topic.replicas.len() as u32)
                 .map(|p| replicated_partition_metadata(node, topic, p))
                 .collect(),
+            topic_id: topic.id,
         },
         None => TopicMetadata {
             error: ErrorCode::UnknownTopic,
             name: name.to_owned(),
             partitions: vec![],
+            topic_id: 0,
         },
     };
     let topics = match request.topics {
@@ -303,11 +307,13 @@ fn metadata(state: &State, request: MetadataRequest) -> MetadataResponse {
                 .iter()
                 .map(|p| partition_metadata(p, NODE_ID))
                 .collect(),
+            topic_id: topic.id.0,
         },
         None => TopicMetadata {
             error: ErrorCode::UnknownTopic,
             name: name.to_owned(),
             partitions: vec![],
+            topic_id: 0,
         },
     };
     let topics = match request.topics {
@@ -889,6 +895,168 @@ pub(super) async fn subscribe(
         principal,
     )
     .await;
+}
+
+/// One partition of a `SubscribeMany` stream: where it reads next and its high watermark.
+struct Subscribed {
+    fetch: FetchPartition,
+    watch: tokio::sync::watch::Receiver<i64>,
+}
+
+/// A push stream of many partitions (`SubscribeMany`): each pass reads every partition that
+/// has records past its position (one push of at most its `push_bytes_max` each, in turn, so
+/// none starves the others) and pushes them tagged with their partition; a pass that finds
+/// nothing waits for any high watermark to move, the peer to stop, or shutdown. Frames are
+/// written whole one after another, so a consumer that stops reading stops the stream (QUIC
+/// flow control) and the broker holds at most one push at a time. A partition that fails
+/// (offset out of range, deleted) gets its error frame and leaves the stream; the others go
+/// on. Idle cost is one future per partition while waiting, nothing per partition per tick.
+pub(super) async fn subscribe_many(
+    state: &State,
+    request: SubscribeManyRequest,
+    send: &mut quinn::SendStream,
+    principal: &str,
+) {
+    let refuse =
+        |message: String| frame::encode_error_response(ErrorCode::InvalidRequest, &message);
+    if request.partitions.len() > SUBSCRIBE_PARTITIONS_MAX {
+        let message = format!(
+            "a SubscribeMany stream carries at most {SUBSCRIBE_PARTITIONS_MAX} partitions, not {}: open several",
+            request.partitions.len()
+        );
+        let _ = send.write_all(&refuse(message)).await;
+        return;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(request.partitions.len());
+    if let Some(twice) = request
+        .partitions
+        .iter()
+        .find(|p| !seen.insert((p.topic.as_str(), p.partition)))
+    {
+        let message = format!("{}/{} is listed twice", twice.topic, twice.partition);
+        let _ = send.write_all(&refuse(message)).await;
+        return;
+    }
+    drop(seen);
+    let push_bytes_cap = state.config.batch_bytes_max.max(1024 * 1024);
+    let mut subscribed = Vec::with_capacity(request.partitions.len());
+    for p in request.partitions {
+        let fetch = FetchPartition {
+            topic: p.topic,
+            partition: p.partition,
+            offset: p.offset,
+            partition_max_bytes: p.push_bytes_max.clamp(1, push_bytes_cap),
+        };
+        match state.cluster.partition(&fetch.topic, fetch.partition) {
+            Ok(partition) => subscribed.push(Subscribed {
+                watch: partition.watch_high_watermark(),
+                fetch,
+            }),
+            Err(e) => {
+                state.metrics.error(Some(ApiKey::SubscribeMany), e.code);
+                let gone = FetchPartitionResponse {
+                    topic: fetch.topic,
+                    partition: fetch.partition,
+                    error: e.code,
+                    error_message: Some(e.message),
+                    high_watermark: -1,
+                    log_start_offset: -1,
+                    records: Bytes::new(),
+                };
+                if send
+                    .write_all(&frame::encode_response(&gone))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    loop {
+        if subscribed.is_empty() {
+            return;
+        }
+        let mut pushed_bytes = 0u64;
+        let mut i = 0;
+        while i < subscribed.len() {
+            let entry = &mut subscribed[i];
+            // Marks the value seen: a later commit wakes the wait below.
+            let high_watermark = *entry.watch.borrow_and_update();
+            if entry.fetch.offset == high_watermark {
+                i += 1;
+                continue;
+            }
+            let response = fetch_partition(
+                state,
+                ApiKey::SubscribeMany,
+                &entry.fetch,
+                entry.fetch.partition_max_bytes,
+            );
+            let failed = response.error != ErrorCode::None;
+            if !failed && response.records.is_empty() {
+                i += 1;
+                continue;
+            }
+            let next = next_offset_after(&response.records).unwrap_or(entry.fetch.offset);
+            pushed_bytes += response.records.len() as u64;
+            let mut frame = frame::encode_response_chunks(&response);
+            let write = tokio::select! {
+                w = send.write_all_chunks(&mut frame) => w,
+                () = state.shutdown.cancelled() => return,
+            };
+            if write.is_err() {
+                return;
+            }
+            if failed {
+                subscribed.swap_remove(i);
+                continue;
+            }
+            entry.fetch.offset = next;
+            i += 1;
+        }
+        if pushed_bytes > 0 {
+            // A principal over its fetch quota reads on later.
+            tokio::select! {
+                () = super::access::hold_back_reader(state, principal, pushed_bytes) => {}
+                () = state.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let changed = {
+            let waits = subscribed
+                .iter_mut()
+                .map(|entry| Box::pin(entry.watch.changed()));
+            tokio::select! {
+                (changed, at, _) = futures_util::future::select_all(waits) => (changed, at),
+                _ = send.stopped() => return,
+                () = state.shutdown.cancelled() => return,
+            }
+        };
+        if let (Err(_), at) = changed {
+            // The partition is gone: say so, as a fetch would, and go on with the others.
+            let entry = subscribed.swap_remove(at);
+            let gone = FetchPartitionResponse {
+                error: ErrorCode::UnknownTopic,
+                error_message: Some(format!(
+                    "{}/{} was deleted while subscribed",
+                    entry.fetch.topic, entry.fetch.partition
+                )),
+                topic: entry.fetch.topic,
+                partition: entry.fetch.partition,
+                high_watermark: -1,
+                log_start_offset: -1,
+                records: Bytes::new(),
+            };
+            if send
+                .write_all(&frame::encode_response(&gone))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 fn next_offset_after(records: &Bytes) -> Option<i64> {

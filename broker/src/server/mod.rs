@@ -790,9 +790,10 @@ async fn serve_stream(
             return;
         }
     };
-    if let Request::Subscribe(subscribe) = request {
+    if let Request::Subscribe(_) | Request::SubscribeMany(_) = request {
         // A subscription lives long: it gives back the request permit and memory, and holds
-        // a subscription permit instead. None left is said, never a silent stall.
+        // a subscription permit instead (one per stream, whatever its partitions). None left
+        // is said, never a silent stall.
         drop((request_permit, memory));
         let Ok(_subscription) = state.subscriptions.clone().try_acquire_owned() else {
             let message = format!(
@@ -808,7 +809,15 @@ async fn serve_stream(
             return;
         };
         let _subscribed = OpenGuard::new(&state.metrics.push_subscriptions);
-        handlers::subscribe(&state, subscribe, &mut send, &principal).await;
+        match request {
+            Request::Subscribe(subscribe) => {
+                handlers::subscribe(&state, subscribe, &mut send, &principal).await;
+            }
+            Request::SubscribeMany(subscribe) => {
+                handlers::subscribe_many(&state, subscribe, &mut send, &principal).await;
+            }
+            _ => unreachable!("matched above"),
+        }
         let _ = send.finish();
         return;
     }

@@ -94,6 +94,7 @@ mod error;
 pub(crate) mod index;
 mod log;
 mod observer;
+pub mod open_files;
 mod segment;
 pub mod sim;
 
@@ -109,6 +110,9 @@ pub use log::{
     KEY_MAP_BYTES_MIN,
 };
 pub use observer::{StorageObserver, SyncStarted};
+pub use open_files::{
+    DirtyEviction, OPEN_FILES_MAX_DEFAULT, OPEN_FILES_MIN, OpenFiles, OpenFilesStats,
+};
 pub use segment::SegmentDamage;
 
 use ketch_protocol::batch::{BATCH_BYTES_MAX, BATCH_HEADER_BYTES};

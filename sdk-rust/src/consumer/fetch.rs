@@ -1,5 +1,7 @@
-//! The fetcher: one push stream per partition at its leader, positions resolved from
-//! committed offsets or the reset policy, fetched bytes decoded and checked.
+//! The fetcher: push streams at each partition's leader (one Subscribe stream per partition,
+//! or for more than `PARTITION_STREAMS_MAX` partitions without a filter, `SubscribeMany`
+//! streams carrying many partitions each), positions resolved from committed offsets or the
+//! reset policy, fetched bytes decoded and checked.
 
 use super::*;
 
@@ -56,7 +58,41 @@ pub(super) fn decode_fetched(
 pub(super) struct PushStream {
     /// The partition's epoch when the stream was opened: records of another epoch are stale.
     epoch: u64,
+    /// Ends the task at once (its records are stale anyway).
     cancel: CancellationToken,
+    /// Ends the task between pushes, so a push being queued is never cut (for a switch to
+    /// [`ManyStreams`], which reads on from the position the push moved).
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Above this many partitions at known positions, a consumer without a filter reads them
+/// over `SubscribeMany` streams ([`ManyStreams`]) instead of one Subscribe stream each: a
+/// broker serves `streams_per_connection_max` (256) streams per connection, and thousands of
+/// partitions must not need thousands of streams. Fewer partitions keep a stream each (a
+/// seek or a refused partition restarts only its own).
+pub(super) const PARTITION_STREAMS_MAX: usize = 32;
+
+/// Partitions one `SubscribeMany` stream carries at most (the broker takes up to
+/// `SUBSCRIBE_PARTITIONS_MAX`; 4,096 entries with the longest topic names are ~1.1 MB, well
+/// inside a request frame). 10,000 partitions at one broker take 3 streams.
+pub(super) const PARTITIONS_PER_STREAM_MAX: usize = 4096;
+const _: () =
+    assert!(PARTITIONS_PER_STREAM_MAX <= ketch_protocol::messages::SUBSCRIBE_PARTITIONS_MAX);
+
+/// The push streams of a consumer (without a filter) of many partitions: one task reading
+/// every partition at a known position over `SubscribeMany` streams, one per leader (per
+/// `PARTITIONS_PER_STREAM_MAX` partitions). The set is fixed for the task's life; when any
+/// partition's epoch, position kind or push limit changes, the fetcher replaces the task
+/// with one for the new set, which waits for the old one to finish its push in progress and
+/// then resubscribes every partition from its position (records already queued stay valid:
+/// their epochs did not change).
+#[derive(Debug)]
+pub(super) struct ManyStreams {
+    /// Each partition's epoch and push limit.
+    set: BTreeMap<TopicPartition, (u64, u32)>,
+    /// Ends the task between pushes.
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,6 +103,7 @@ pub(super) struct PushStream {
 /// revocations and ending streams.
 pub(super) async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chunk>>) {
     let mut streams: HashMap<TopicPartition, PushStream> = HashMap::new();
+    let mut many: Option<ManyStreams> = None;
     let mut attempt = 0u32;
     loop {
         // Cancellation first in every wait here (`biased`): with random order, a fetcher
@@ -98,7 +135,14 @@ pub(super) async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chu
         } else {
             attempt = 0;
         }
-        restart_streams(&shared, &sender, &mut streams);
+        // Once on `SubscribeMany` streams, a consumer stays on them.
+        if shared.config.filter.is_none()
+            && (many.is_some() || positioned_partitions(&shared) > PARTITION_STREAMS_MAX)
+        {
+            restart_many(&shared, &sender, &mut streams, &mut many);
+        } else {
+            restart_streams(&shared, &sender, &mut streams);
+        }
         tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => break,
@@ -109,6 +153,272 @@ pub(super) async fn fetcher(shared: Arc<Shared>, sender: mpsc::Sender<Result<Chu
     for stream in streams.into_values() {
         stream.cancel.cancel();
         let _ = stream.task.await;
+    }
+    if let Some(many) = many {
+        many.stop.cancel();
+        let _ = many.task.await;
+    }
+}
+
+/// Partitions at a known position (what push streams read).
+fn positioned_partitions(shared: &Shared) -> usize {
+    let state = shared.state.lock().expect("consumer state lock");
+    state
+        .partitions
+        .values()
+        .filter(|s| matches!(s.fetch, FetchPosition::At(_)))
+        .count()
+}
+
+/// Replaces the [`ManyStreams`] task when the set of partitions at known positions (with
+/// their epochs and push limits) changed or the task ended; per-partition streams still
+/// running (a consumer that just grew past `PARTITION_STREAMS_MAX`) are stopped between
+/// pushes and waited for by the new task, like the old task.
+pub(super) fn restart_many(
+    shared: &Arc<Shared>,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    streams: &mut HashMap<TopicPartition, PushStream>,
+    many: &mut Option<ManyStreams>,
+) {
+    let wanted: BTreeMap<TopicPartition, (u64, u32)> = {
+        let state = shared.state.lock().expect("consumer state lock");
+        state
+            .partitions
+            .iter()
+            .filter(|(_, s)| matches!(s.fetch, FetchPosition::At(_)))
+            .map(|(partition, s)| (partition.clone(), (s.epoch, s.fetch_bytes)))
+            .collect()
+    };
+    if let Some(current) = many.as_ref()
+        && current.set == wanted
+        && (!current.task.is_finished() || wanted.is_empty())
+        && streams.is_empty()
+    {
+        return;
+    }
+    if shared.cancel.is_cancelled() {
+        return;
+    }
+    let mut previous = Vec::new();
+    for (partition, stream) in streams.drain() {
+        if wanted.get(&partition).map(|(epoch, _)| *epoch) == Some(stream.epoch) {
+            stream.stop.cancel();
+        } else {
+            stream.cancel.cancel();
+        }
+        previous.push(stream.task);
+    }
+    if let Some(old) = many.take() {
+        old.stop.cancel();
+        previous.push(old.task);
+    }
+    let stop = CancellationToken::new();
+    let task = shared.client.inner.runtime.spawn(many_streams(
+        shared.clone(),
+        sender.clone(),
+        wanted.clone(),
+        stop.clone(),
+        previous,
+    ));
+    *many = Some(ManyStreams {
+        set: wanted,
+        stop,
+        task,
+    });
+}
+
+/// The [`ManyStreams`] task: waits for the tasks it replaces (their pushes in progress are
+/// queued before any of its own), then reads until the set is no longer current, then wakes
+/// the fetcher.
+async fn many_streams(
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<Result<Chunk>>,
+    set: BTreeMap<TopicPartition, (u64, u32)>,
+    stop: CancellationToken,
+    previous: Vec<tokio::task::JoinHandle<()>>,
+) {
+    for task in previous {
+        let _ = task.await;
+    }
+    if !set.is_empty() {
+        tokio::select! {
+            biased;
+            () = shared.cancel.cancelled() => {}
+            () = subscribe_many(&shared, &sender, &set, &stop) => {}
+        }
+    }
+    shared.wake_fetcher.notify_one();
+}
+
+/// Subscribes the set, and again from the current positions after a backoff when a stream
+/// fails with a retriable error. A stream refused for good (not authorized, say) pauses its
+/// partitions and goes to `recv`.
+async fn subscribe_many(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    set: &BTreeMap<TopicPartition, (u64, u32)>,
+    stop: &CancellationToken,
+) {
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let error = match read_many(shared, sender, set, stop, &attempt).await {
+            Ok(()) | Err((Error::Closed, _)) => return,
+            Err((error, partitions)) => {
+                if !error.is_retriable() {
+                    for partition in &partitions {
+                        if let Some((epoch, _)) = set.get(partition) {
+                            pause(shared, partition, *epoch);
+                        }
+                    }
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+                error
+            }
+        };
+        let tries = attempt.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%error, attempt = tries, "push streams failed; resubscribing");
+        say_if_refused_for_a_limit(sender, &error, tries).await;
+        shared.refresh_metadata_if_stale(&error).await;
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff(
+                shared.client.config().reconnect_backoff_initial,
+                shared.client.config().reconnect_backoff_max,
+                tries,
+            )) => {}
+        }
+    }
+}
+
+/// Opens the set's streams (partitions grouped by leader, `PARTITIONS_PER_STREAM_MAX` per
+/// stream) from the current positions and reads them all until one ends; the others then
+/// stop between pushes. `Ok` when the set is no longer current; otherwise the first error,
+/// with the partitions of the stream it ended.
+async fn read_many(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    set: &BTreeMap<TopicPartition, (u64, u32)>,
+    stop: &CancellationToken,
+    attempt: &std::sync::atomic::AtomicU32,
+) -> std::result::Result<(), (Error, Vec<TopicPartition>)> {
+    let mut by_leader: BTreeMap<SocketAddr, Vec<SubscribePartition>> = BTreeMap::new();
+    for (partition, &(epoch, bytes)) in set {
+        match stream_position(shared, partition, epoch) {
+            Some((offset, now_bytes)) if now_bytes == bytes => {
+                let leader = shared
+                    .client
+                    .inner
+                    .leader(partition)
+                    .await
+                    .map_err(|e| (e, vec![partition.clone()]))?;
+                by_leader
+                    .entry(leader)
+                    .or_default()
+                    .push(SubscribePartition {
+                        topic: partition.topic.clone(),
+                        partition: partition.partition,
+                        offset,
+                        push_bytes_max: bytes,
+                    });
+            }
+            _ => return Ok(()),
+        }
+    }
+    let done = stop.child_token();
+    let readers = by_leader.into_iter().flat_map(|(leader, partitions)| {
+        partitions
+            .chunks(PARTITIONS_PER_STREAM_MAX)
+            .map(|chunk| (leader, chunk.to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let readers = readers.map(|(leader, partitions)| {
+        let done = &done;
+        async move {
+            let carried: Vec<TopicPartition> = partitions
+                .iter()
+                .map(|p| TopicPartition::new(p.topic.clone(), p.partition))
+                .collect();
+            let result = read_many_stream(shared, sender, set, leader, partitions, done, attempt)
+                .await
+                .map_err(|e| (e, carried));
+            // One stream ending ends the others (between pushes).
+            done.cancel();
+            result
+        }
+    });
+    let results = futures_util::future::join_all(readers).await;
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(()), Err)
+}
+
+/// One `SubscribeMany` stream at `leader`: applies each push to its partition like a
+/// partition's own stream does (waiting while the prefetch channel is full, which stops
+/// reading the stream, so QUIC flow control holds the broker back). Stops only between
+/// pushes: `Ok` when `done` or when a partition's position is no longer the set's.
+async fn read_many_stream(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    set: &BTreeMap<TopicPartition, (u64, u32)>,
+    leader: SocketAddr,
+    partitions: Vec<SubscribePartition>,
+    done: &CancellationToken,
+    attempt: &std::sync::atomic::AtomicU32,
+) -> Result<()> {
+    let request = SubscribeManyRequest { partitions };
+    let timeout = shared.client.config().request_timeout;
+    let transport = &shared.client.inner.transport;
+    let mut stream = tokio::select! {
+        biased;
+        () = done.cancelled() => return Ok(()),
+        stream = transport.open_stream(leader, &request, timeout) => stream?,
+    };
+    drop(request);
+    // One allocation of each topic name for every record the stream delivers.
+    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = done.cancelled() => return Ok(()),
+            next = stream.next() => next?,
+            () = tokio::time::sleep(timeout) => {
+                tokio::select! {
+                    biased;
+                    () = done.cancelled() => return Ok(()),
+                    alive = probe(shared, leader, timeout) => alive?,
+                }
+                continue;
+            }
+        };
+        let Some(answer) = next else {
+            return Err(Error::transport(format!("{leader} ended a push stream")));
+        };
+        let partition = TopicPartition::new(answer.topic.clone(), answer.partition);
+        let Some(&(epoch, bytes)) = set.get(&partition) else {
+            return Err(Error::transport(format!(
+                "{leader} pushed {partition}, which the stream does not carry"
+            )));
+        };
+        let Some((offset, _)) = stream_position(shared, &partition, epoch) else {
+            return Ok(());
+        };
+        let topic = topics
+            .entry(answer.topic.clone())
+            .or_insert_with(|| answer.topic.as_str().into())
+            .clone();
+        if let Some(error) =
+            handle_fetched(shared, sender, &partition, &topic, offset, epoch, answer).await?
+        {
+            return Err(error);
+        }
+        attempt.store(0, Ordering::Relaxed);
+        match stream_position(shared, &partition, epoch) {
+            Some((_, now_bytes)) if now_bytes == bytes => {}
+            _ => return Ok(()),
+        }
     }
 }
 
@@ -144,18 +454,21 @@ pub(super) fn restart_streams(
             continue;
         }
         let cancel = shared.cancel.child_token();
+        let stop = CancellationToken::new();
         let task = shared.client.inner.runtime.spawn(push_stream(
             shared.clone(),
             sender.clone(),
             partition.clone(),
             epoch,
             cancel.clone(),
+            stop.clone(),
         ));
         streams.insert(
             partition,
             PushStream {
                 epoch,
                 cancel,
+                stop,
                 task,
             },
         );
@@ -170,12 +483,13 @@ pub(super) async fn push_stream(
     partition: TopicPartition,
     epoch: u64,
     cancel: CancellationToken,
+    stop: CancellationToken,
 ) {
     // A cancelled stream never takes another step (it could open a new stream in one poll).
     tokio::select! {
         biased;
         () = cancel.cancelled() => {}
-        () = subscribe_partition(&shared, &sender, &partition, epoch) => {}
+        () = subscribe_partition(&shared, &sender, &partition, epoch, &stop) => {}
     }
     shared.wake_fetcher.notify_one();
 }
@@ -189,10 +503,14 @@ pub(super) async fn subscribe_partition(
     sender: &mpsc::Sender<Result<Chunk>>,
     partition: &TopicPartition,
     epoch: u64,
+    stop: &CancellationToken,
 ) {
     let mut attempt = 0u32;
     loop {
-        let error = match read_pushes(shared, sender, partition, epoch, &mut attempt).await {
+        if stop.is_cancelled() {
+            return;
+        }
+        let error = match read_pushes(shared, sender, partition, epoch, &mut attempt, stop).await {
             Ok(()) | Err(Error::Closed) => return,
             Err(error) => error,
         };
@@ -202,6 +520,7 @@ pub(super) async fn subscribe_partition(
             return;
         }
         tracing::debug!(%partition, %error, attempt, "push stream failed; resubscribing");
+        say_if_refused_for_a_limit(sender, &error, attempt).await;
         shared.refresh_metadata_if_stale(&error).await;
         tokio::time::sleep(backoff(
             shared.client.config().reconnect_backoff_initial,
@@ -223,10 +542,14 @@ pub(super) async fn read_pushes(
     partition: &TopicPartition,
     epoch: u64,
     attempt: &mut u32,
+    stop: &CancellationToken,
 ) -> Result<()> {
     // One allocation of the topic name for every record this stream delivers.
     let topic: Arc<str> = partition.topic.as_str().into();
     loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         let Some((mut offset, push_bytes)) = stream_position(shared, partition, epoch) else {
             return Ok(());
         };
@@ -244,6 +567,8 @@ pub(super) async fn read_pushes(
             PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
         loop {
             let next = tokio::select! {
+                // Between pushes only: a push being applied is never cut.
+                () = stop.cancelled() => return Ok(()),
                 next = stream.next() => next?,
                 () = tokio::time::sleep(timeout) => {
                     probe(shared, leader, timeout).await?;
@@ -271,6 +596,19 @@ pub(super) async fn read_pushes(
                 Some((next, _)) => offset = next,
             }
         }
+    }
+}
+
+/// A stream the broker refused for one of its limits (`overloaded`: `subscriptions_max`)
+/// is retried, but never silently: the first refusal of a run of failures goes to `recv`, so
+/// a reader knows that some partitions are not being read yet.
+async fn say_if_refused_for_a_limit(
+    sender: &mpsc::Sender<Result<Chunk>>,
+    error: &Error,
+    attempt: u32,
+) {
+    if attempt == 0 && error.code() == Some(ErrorCode::Overloaded) {
+        let _ = sender.send(Err(error.clone())).await;
     }
 }
 

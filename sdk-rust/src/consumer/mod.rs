@@ -1,9 +1,11 @@
 //! The consumer: group membership, positions, push streams, commits.
 //!
 //! Background tasks serve a consumer. The *fetcher* resolves where each partition starts
-//! (committed offset, reset policy, or a seek) and keeps one *push stream* per partition: a
-//! Subscribe stream at the partition's leader, on which the broker pushes batches as they
-//! commit. A push stream's task checks every batch's CRC and queues records into a bounded
+//! (committed offset, reset policy, or a seek) and keeps *push streams* at the partitions'
+//! leaders, on which the broker pushes batches as they commit: a Subscribe stream per
+//! partition, or, for a consumer of more than `PARTITION_STREAMS_MAX` partitions without a
+//! filter, `SubscribeMany` streams carrying up to 4,096 partitions each (see `fetch.rs`).
+//! A push stream's task checks every batch's CRC and queues records into a bounded
 //! channel shared by all partitions; while it is full the task stops reading its stream, and
 //! QUIC flow control holds the broker back. The *coordinator* (group consumers) heartbeats
 //! the group, applies the assignment (revocations commit first), and auto-commits.
@@ -27,7 +29,8 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BATCH_BYTES_MAX, Header, split_batches};
 use ketch_protocol::messages::{
     CommitOffset, FetchPartitionResponse, GroupHeartbeatRequest, GroupLeaveRequest,
-    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeRequest, TopicPartitions,
+    OffsetCommitRequest, OffsetFetchRequest, OffsetSpec, SubscribeManyRequest, SubscribePartition,
+    SubscribeRequest, TopicPartitions,
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;

@@ -364,26 +364,38 @@ impl Sender {
     }
 
     /// Groups batches by leader into produce requests, at most one batch of a partition per
-    /// request (the broker appends the partitions of one request concurrently), and starts
-    /// the requests in the order of their oldest batch.
+    /// request (the broker appends the partitions of one request concurrently) and at most
+    /// `request_bytes_max` bytes per request, and starts the requests in the order of their
+    /// oldest batch.
     pub(super) async fn dispatch(&mut self, batches: Vec<InFlightBatch>) {
-        let mut requests: Vec<(SocketAddr, Vec<InFlightBatch>)> = Vec::new();
+        let request_bytes_max = self.shared.config.request_bytes_max;
+        let mut requests: Vec<(SocketAddr, usize, Vec<InFlightBatch>)> = Vec::new();
         for mut batch in batches {
             batch.sent_behind_unsettled = self.behind_unsettled(&batch);
             match self.shared.client.inner.leader(&batch.partition).await {
                 Ok(addr) => {
-                    let open = requests.iter_mut().find(|(to, batches)| {
-                        *to == addr && batches.iter().all(|b| b.partition != batch.partition)
+                    let bytes = request_bytes_of(&batch);
+                    let open = requests.iter_mut().find(|(to, size, batches)| {
+                        *to == addr
+                            && *size + bytes <= request_bytes_max
+                            && batches.iter().all(|b| b.partition != batch.partition)
                     });
                     match open {
-                        Some((_, batches)) => batches.push(batch),
-                        None => requests.push((addr, vec![batch])),
+                        Some((_, size, batches)) => {
+                            *size += bytes;
+                            batches.push(batch);
+                        }
+                        None => requests.push((
+                            addr,
+                            crate::config::REQUEST_OVERHEAD_BYTES_MAX + bytes,
+                            vec![batch],
+                        )),
                     }
                 }
                 Err(error) => self.settle(batch, Err(error)),
             }
         }
-        for (addr, batches) in requests {
+        for (addr, _, batches) in requests {
             self.in_flight += batches.len();
             let shared = self.shared.clone();
             let requests = self.requests.clone();
@@ -593,6 +605,12 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// What a batch adds to a produce request: its bytes, its partition entry and (at most) its
+/// topic's name and entry.
+fn request_bytes_of(batch: &InFlightBatch) -> usize {
+    batch.bytes.len() + batch.partition.topic.len() + 32
 }
 
 /// How the error of an attempt cut short by the delivery timeout begins.

@@ -1,0 +1,137 @@
+//! A real broker whose partitions have far more segment and index files than its
+//! `--open-files-max`: its open file descriptors stay within the budget (plus what it holds
+//! besides partition files) while every partition takes writes, and after a SIGKILL restart
+//! every record is read back by one consumer.
+//!
+//! The broker runs on an ephemeral loopback port in a temporary directory; the test stops
+//! exactly that process.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use ketch_client::{
+    AutoOffsetReset, ConsumerConfig, NewTopic, ProducerConfig, ProducerRecord, TopicPartition,
+};
+use ketch_e2e::BrokerProcess;
+
+const OPEN_FILES_MAX: usize = 64;
+const PARTITIONS: u32 = 300;
+
+/// Segment and index files the process has open (its other descriptors do not count).
+fn open_partition_files(pid: u32) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        // A descriptor closed while listing is simply gone.
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        let name = target.to_string_lossy();
+        // Not the broker's own log file: segment files live under `topics/`.
+        if name.contains("/topics/")
+            && [".log", ".index", ".timeindex"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+async fn produce_round(client: &ketch_client::Client, round: u32) -> anyhow::Result<()> {
+    let producer = client.producer(ProducerConfig::default()).await?;
+    let mut deliveries = Vec::new();
+    for partition in 0..PARTITIONS {
+        deliveries.push(
+            producer
+                .send(ProducerRecord {
+                    partition: Some(partition),
+                    value: Some(Bytes::from(format!("{partition}/{round}"))),
+                    ..ProducerRecord::new("wide", "")
+                })
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_keeps_to_its_open_files_budget_and_recovers_every_record() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let budget = OPEN_FILES_MAX.to_string();
+    let mut broker = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--open-files-max",
+            &budget,
+            "--segment-bytes-max",
+            "1048576",
+        ],
+    )?;
+    let pid = broker.pid().context("broker pid")?;
+    let client = ketch_client::Client::connect(broker.client_config()).await?;
+    client
+        .admin()
+        .create_topic(NewTopic::new("wide", PARTITIONS))
+        .await?;
+    let mut peak = open_partition_files(pid)?;
+    for round in 0..3 {
+        produce_round(&client, round).await?;
+        peak = peak.max(open_partition_files(pid)?);
+    }
+    // 300 partitions (and the offsets topic) hold over 900 files; the broker holds at most
+    // its budget of them.
+    ensure!(
+        peak <= OPEN_FILES_MAX,
+        "{peak} partition files open, budget {OPEN_FILES_MAX}"
+    );
+    ensure!(
+        peak >= OPEN_FILES_MAX / 2,
+        "the budget was never used: {peak}"
+    );
+    client.close();
+
+    broker.restart()?;
+    let pid = broker.pid().context("broker pid")?;
+    let client = ketch_client::Client::connect(broker.client_config()).await?;
+    let partitions: Vec<_> = (0..PARTITIONS)
+        .map(|p| TopicPartition::new("wide", p))
+        .collect();
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        &partitions,
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    let total = (PARTITIONS * 3) as usize;
+    while seen.len() < total {
+        let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .with_context(|| format!("read {} of {total} records", seen.len()))??;
+        let value = String::from_utf8(record.value.clone().unwrap_or_default().to_vec())?;
+        ensure!(
+            value == format!("{}/{}", record.partition, record.offset),
+            "{value} at {}/{}",
+            record.partition,
+            record.offset
+        );
+        ensure!(
+            seen.insert((record.partition, record.offset)),
+            "a duplicate"
+        );
+        let open = open_partition_files(pid)?;
+        ensure!(
+            open <= OPEN_FILES_MAX,
+            "{open} partition files open while reading"
+        );
+    }
+    consumer.close().await?;
+    Ok(())
+}
