@@ -3,6 +3,7 @@
 
 mod baseline;
 mod cluster;
+mod filter_cost;
 mod partitions;
 mod plot;
 mod progress;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use scenario::{AcksLevel, Amount, Durability, Scenario, Workload};
+use scenario::{AcksLevel, Amount, BenchFilter, Durability, Scenario, Values, Workload};
 
 /// Ketch throughput and latency, side by side with NATS JetStream, as ratios of this
 /// machine's ceilings. With no command, runs the whole suite.
@@ -42,6 +43,9 @@ enum Command {
     Partitions(PartitionsArgs),
     /// Produce acks=all with RF=1 on one broker vs RF=3 on three; leader failover time.
     Cluster(ClusterArgs),
+    /// A Wasm filter's own cost per core: the consume path's filter step on one thread over
+    /// reads of JSON records (what the JSON filter target is checked against).
+    FilterCost(FilterCostArgs),
     /// (internal) the sink end of the raw QUIC ceiling, run as a child process.
     #[command(hide = true)]
     QuicSink {
@@ -79,6 +83,13 @@ struct SuiteArgs {
     /// Producers (each with its own partition) in the fsync never/always pair.
     #[arg(long, default_value_t = 4)]
     group_commit_producers: usize,
+    /// Leave out the Wasm filter workloads (they need the modules of `wasm-filters` built).
+    #[arg(long, conflicts_with = "wasm_only")]
+    skip_wasm: bool,
+    /// Only the Wasm filter workloads (consume and produce with and without a filter, topic to
+    /// topic) and their targets.
+    #[arg(long)]
+    wasm_only: bool,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -108,6 +119,15 @@ struct PartitionsArgs {
     /// How long the idle broker's CPU is measured after the restart.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     idle: Duration,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct FilterCostArgs {
+    /// How long each filter runs on each record size.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    duration: Duration,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -146,6 +166,14 @@ struct RunArgs {
     /// never | always | interval:MS (NATS: default | sync_interval always | MSms).
     #[arg(long, default_value = "never")]
     fsync: Durability,
+    /// A Wasm filter (Ketch only): the topic's produce chain for produce, the consumer's
+    /// subscription for consume, the transform for transform. The modules come from
+    /// `$KETCH_WASM_DIR`, else `target/wasm/wasm32-unknown-unknown/release`.
+    #[arg(long, value_enum)]
+    filter: Option<BenchFilter>,
+    /// What record values look like (default: json with --filter, else filler).
+    #[arg(long, value_enum)]
+    values: Option<Values>,
     /// Ketch acks.
     #[arg(long, value_enum, default_value_t = AcksLevel::Leader)]
     acks: AcksLevel,
@@ -182,11 +210,21 @@ struct RunArgs {
 
 impl RunArgs {
     fn scenario(&self) -> Scenario {
+        let filter = self
+            .filter
+            .map(|f| format!(" {}", f.name()))
+            .unwrap_or_default();
         let mut s = Scenario::new(
-            format!("{} {}B", self.workload.name(), self.record_bytes),
+            format!("{} {}B{filter}", self.workload.name(), self.record_bytes),
             self.workload,
             self.record_bytes,
         );
+        s.filter = self.filter;
+        s.values = self.values.unwrap_or(if self.filter.is_some() {
+            Values::Json
+        } else {
+            Values::Filler
+        });
         s.amount = match self.records {
             Some(n) => Amount::Records(n),
             None => Amount::Duration(self.duration),
@@ -266,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             args.record_bytes,
             args.duration,
         )),
+        Some(Command::FilterCost(args)) => runtime.block_on(run_filter_cost(args)),
         Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
         None => runtime.block_on(run_suite(cli.suite)),
     }
@@ -281,6 +320,8 @@ async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
         scratch: scratch(&args.output)?,
         skip_nats: args.skip_nats,
         group_commit_producers: args.group_commit_producers,
+        skip_wasm: args.skip_wasm,
+        wasm_only: args.wasm_only,
         quiet: args.output.quiet,
     };
     let report = suite::run(&options).await?;
@@ -308,6 +349,19 @@ async fn run_suite(args: SuiteArgs) -> anyhow::Result<()> {
     if args.output.json {
         eprint!("{text}");
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn run_filter_cost(args: FilterCostArgs) -> anyhow::Result<()> {
+    let scratch = scratch(&args.output)?;
+    let costs = filter_cost::measure(&systems::ketch::wasm_dir(), &scratch, args.duration).await?;
+    let text = report::filter_cost_text(&costs);
+    if args.output.json {
+        eprint!("{text}");
+        println!("{}", serde_json::to_string_pretty(&costs)?);
     } else {
         print!("{text}");
     }
@@ -446,6 +500,34 @@ mod tests {
         assert_eq!(s.ketch.linger, Duration::ZERO);
         assert_eq!(s.nats.ack_window, 64);
         assert_eq!(s.ketch.acks, AcksLevel::Leader);
+    }
+
+    #[test]
+    fn filter_flags_choose_json_values() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["ketch-bench", "run"], args].concat()).unwrap();
+            let Some(Command::Run(args)) = cli.command else {
+                panic!("not a run command");
+            };
+            args.scenario()
+        };
+        let s = parse(&["--workload", "consume", "--filter", "byte-scan"]);
+        assert_eq!(s.filter, Some(BenchFilter::ByteScan));
+        assert_eq!(s.values, Values::Json);
+        assert_eq!(s.label, "consume 1024B byte-scan");
+        let s = parse(&[
+            "--workload",
+            "transform",
+            "--filter",
+            "json",
+            "--values",
+            "filler",
+        ]);
+        assert_eq!(s.workload, Workload::Transform);
+        assert_eq!(s.values, Values::Filler);
+        let s = parse(&["--values", "json"]);
+        assert_eq!((s.filter, s.values), (None, Values::Json));
+        assert!(Cli::try_parse_from(["ketch-bench", "run", "--filter", "regex"]).is_err());
     }
 
     #[test]

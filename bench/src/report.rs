@@ -226,6 +226,60 @@ pub fn suite_text(report: &SuiteReport) -> String {
         );
     }
 
+    if !report.wasm.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWasm filters (Ketch; JSON values every filter keeps; ratio to the unfiltered run \
+             above it)"
+        );
+        let mut table = Table::default();
+        table.row([
+            "workload",
+            "records/s",
+            "MB/s",
+            "vs unfiltered",
+            "broker CPU/record",
+        ]);
+        for figure in &report.wasm {
+            let Some(m) = &figure.ketch else {
+                table.row([figure.scenario.label.as_str(), "failed"]);
+                continue;
+            };
+            table.row([
+                figure.scenario.label.clone(),
+                format_rate(m.records_per_sec),
+                format!("{:.1}", m.mb_per_sec),
+                if figure.twin.is_some() {
+                    format_ratio(figure.vs_unfiltered)
+                } else {
+                    String::new()
+                },
+                cpu_per_record(m),
+            ]);
+        }
+        out.push_str(&table.render("  "));
+        for figure in &report.wasm {
+            let notes = figure.ketch.iter().flat_map(|m| m.notes.iter());
+            let notes: Vec<&str> = notes.map(String::as_str).collect();
+            let _ = writeln!(
+                out,
+                "  * {}: {}{}",
+                figure.scenario.label,
+                figure.scenario.describe(),
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", notes.join("; "))
+                }
+            );
+        }
+    }
+
+    if !report.filter_costs.is_empty() {
+        let _ = writeln!(out);
+        out.push_str(&filter_cost_text(&report.filter_costs));
+    }
+
     let _ = writeln!(out, "\nTargets");
     let mut table = Table::default();
     for t in &report.targets {
@@ -252,6 +306,41 @@ pub fn suite_text(report: &SuiteReport) -> String {
     out
 }
 
+/// The filters' own cost (`filter-cost`, and the suite's Wasm group).
+pub fn filter_cost_text(costs: &[crate::filter_cost::FilterCost]) -> String {
+    let mut out = String::from(
+        "Filter cost (FilterSession::filter_fetched on one thread, 1 MiB reads of 256 KiB \
+         batches, JSON values it keeps)\n",
+    );
+    let mut table = Table::default();
+    table.row([
+        "filter",
+        "record",
+        "records/s per core",
+        "records/s wall",
+        "CPU/record",
+    ]);
+    for c in costs {
+        table.row([
+            c.filter.clone(),
+            format!("{}B", c.record_bytes),
+            format_rate(c.records_per_core_sec),
+            format_rate(c.records_per_sec),
+            format!("{:.0}ns", c.cpu_secs * 1e9 / c.records.max(1) as f64),
+        ]);
+    }
+    out.push_str(&table.render("  "));
+    out
+}
+
+/// The server's CPU time per record of the timed phase.
+fn cpu_per_record(m: &Measurement) -> String {
+    match m.server_cpu_secs {
+        Some(cpu) if m.records > 0 => format!("{:.2}us", cpu * 1e6 / m.records as f64),
+        _ => "-".to_owned(),
+    }
+}
+
 /// One scenario's figures (the `run` command).
 pub fn single_text(scenario: &Scenario, measurements: &[Measurement], errors: &[String]) -> String {
     let mut out = String::new();
@@ -272,6 +361,14 @@ pub fn single_text(scenario: &Scenario, measurements: &[Measurement], errors: &[
     }
     out.push_str(&table.render("  "));
     for m in measurements {
+        if let Some(cpu) = m.server_cpu_secs {
+            let _ = writeln!(
+                out,
+                "  * {}: server CPU {cpu:.2} s, {} per record",
+                m.system,
+                cpu_per_record(m)
+            );
+        }
         for note in &m.notes {
             let _ = writeln!(out, "  * {}: {note}", m.system);
         }

@@ -21,6 +21,9 @@ pub enum Workload {
     Consume,
     /// Producers and consumers at once; adds produce→consume latency.
     EndToEnd,
+    /// A topic-to-topic transform (the scenario's filter) reading a topic filled beforehand
+    /// into a second topic; timed from its creation until it has committed every input record.
+    Transform,
 }
 
 impl Workload {
@@ -29,8 +32,60 @@ impl Workload {
             Workload::Produce => "produce",
             Workload::Consume => "consume",
             Workload::EndToEnd => "end-to-end",
+            Workload::Transform => "transform",
         }
     }
+}
+
+/// A Wasm module of `wasm-filters/examples`, attached where the workload says: the topic's
+/// produce chain (produce), the consumer's subscription (consume), or the transform
+/// (transform). Both keep every record of [`Values::Json`], so a filtered run delivers as
+/// much as its unfiltered twin and the difference is the filter's cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchFilter {
+    /// `byte-scan`: one pass over each value looking for `ERROR`.
+    ByteScan,
+    /// `json-field`: `amount > 100`, found by scanning the top-level object.
+    Json,
+}
+
+impl BenchFilter {
+    /// The name it is deployed under.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchFilter::ByteScan => "byte-scan",
+            BenchFilter::Json => "json-field",
+        }
+    }
+
+    /// The module's file in the wasm build directory.
+    pub fn file(self) -> &'static str {
+        match self {
+            BenchFilter::ByteScan => "byte_scan.wasm",
+            BenchFilter::Json => "json_field.wasm",
+        }
+    }
+
+    /// The params it runs with (JSON text).
+    pub fn params(self) -> &'static str {
+        match self {
+            BenchFilter::ByteScan => r#"{"needle":"ERROR"}"#,
+            BenchFilter::Json => r#"{"field":"amount","gt":100}"#,
+        }
+    }
+}
+
+/// What record values look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Values {
+    /// Printable filler, `abc…xyzabc…`.
+    Filler,
+    /// A JSON object `{"pad":"abc…","level":"ERROR","amount":150}` of the record size (longer
+    /// when the size is below its 39-byte skeleton): `ERROR` and the field the JSON filter
+    /// reads come last, so both filters read the whole value before they keep it.
+    Json,
 }
 
 /// How much each run produces.
@@ -159,6 +214,10 @@ pub struct Scenario {
     /// Copies of each record. Only 1 today (single-node servers); here so that replicated
     /// runs slot in.
     pub replication_factor: u16,
+    /// What the values look like.
+    pub values: Values,
+    /// A Wasm filter on the workload's path (Ketch only).
+    pub filter: Option<BenchFilter>,
     pub ketch: KetchOptions,
     pub nats: NatsOptions,
     /// Stop a run that has not finished after this long (a stuck system is an error, not a
@@ -180,6 +239,8 @@ impl Scenario {
             partitions: 1,
             durability: Durability::OsWriteback,
             replication_factor: 1,
+            values: Values::Filler,
+            filter: None,
             ketch: KetchOptions::default(),
             nats: NatsOptions::default(),
             timeout: Duration::from_secs(300),
@@ -202,8 +263,16 @@ impl Scenario {
             .rate
             .map(|r| format!(" at {}/s", stats::format_rate(r as f64)))
             .unwrap_or_default();
+        let values = match self.values {
+            Values::Filler => "",
+            Values::Json => " JSON",
+        };
+        let filter = self
+            .filter
+            .map(|f| format!(", filter {}", f.name()))
+            .unwrap_or_default();
         format!(
-            "{} {}B x {amount}{rate}, {}P/{}C, {} partition(s), {}",
+            "{} {}B{values} x {amount}{rate}, {}P/{}C, {} partition(s), {}{filter}",
             self.workload.name(),
             self.record_bytes,
             self.producers,
@@ -234,6 +303,9 @@ pub struct Measurement {
     /// The percentile curves behind the summaries (for `--plot`).
     pub ack_curve: Vec<PercentilePoint>,
     pub e2e_curve: Vec<PercentilePoint>,
+    /// CPU time (user + system) the server process used during the timed phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_secs: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -259,6 +331,7 @@ impl Measurement {
             e2e_latency: e2e_latency.summary(),
             ack_curve: ack_latency.curve(),
             e2e_curve: e2e_latency.curve(),
+            server_cpu_secs: None,
             notes: Vec::new(),
         }
     }
@@ -302,5 +375,13 @@ mod tests {
             "end-to-end 1024B x 10s at 10.0k/s, 1P/1C, 1 partition(s), fsync never"
         );
         assert!(scenario.stamps_records());
+        let mut scenario = Scenario::new("scan", Workload::Consume, 100);
+        scenario.values = Values::Json;
+        scenario.filter = Some(BenchFilter::ByteScan);
+        scenario.amount = Amount::Records(1000);
+        assert_eq!(
+            scenario.describe(),
+            "consume 100B JSON x 1000 records, 1P/1C, 1 partition(s), fsync never, filter byte-scan"
+        );
     }
 }

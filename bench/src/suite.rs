@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::baseline::{self, Ceiling};
 use crate::progress::Progress;
-use crate::scenario::{Amount, Durability, Measurement, Scenario, Workload};
+use crate::scenario::{Amount, BenchFilter, Durability, Measurement, Scenario, Values, Workload};
 use crate::stats::{self, median};
 use crate::systems::{self, ketch::Ketch, nats::Nats};
 
@@ -22,6 +22,12 @@ pub struct SuiteSize {
     pub ceiling: Duration,
     pub disk_bytes_max: u64,
     pub starts: usize,
+    /// Records consumed by each 100 B run of the Wasm group (1 KiB runs read a fifth).
+    pub wasm_consume_records_100b: u64,
+    /// Records filled into a transform's input.
+    pub transform_records: u64,
+    /// How long each filter's own cost is measured.
+    pub filter_cost: Duration,
 }
 
 impl SuiteSize {
@@ -33,6 +39,9 @@ impl SuiteSize {
             ceiling: Duration::from_secs(4),
             disk_bytes_max: 2 << 30,
             starts: 7,
+            wasm_consume_records_100b: 2_000_000,
+            transform_records: 1_000_000,
+            filter_cost: Duration::from_secs(3),
         }
     }
 
@@ -45,6 +54,9 @@ impl SuiteSize {
             ceiling: Duration::from_millis(1500),
             disk_bytes_max: 512 << 20,
             starts: 3,
+            wasm_consume_records_100b: 1_000_000,
+            transform_records: 300_000,
+            filter_cost: Duration::from_secs(1),
         }
     }
 }
@@ -57,6 +69,10 @@ pub struct SuiteOptions {
     pub skip_nats: bool,
     /// Producers (and partitions) of the group-commit pair.
     pub group_commit_producers: usize,
+    /// Leave out the Wasm filter workloads.
+    pub skip_wasm: bool,
+    /// Only the Wasm filter workloads (and their targets).
+    pub wasm_only: bool,
     pub quiet: bool,
 }
 
@@ -154,6 +170,18 @@ pub struct Comparison {
     pub ketch_over_quic: Option<f64>,
 }
 
+/// A Wasm workload (Ketch only) next to its unfiltered twin of the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct WasmFigure {
+    pub key: String,
+    /// The unfiltered run it is compared with.
+    pub twin: Option<String>,
+    pub scenario: Scenario,
+    pub ketch: Option<Measurement>,
+    /// Records/s over the twin's records/s.
+    pub vs_unfiltered: Option<f64>,
+}
+
 /// A target of issue 4 and where this run stands.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -171,6 +199,10 @@ pub struct SuiteReport {
     pub ceilings: Vec<Ceiling>,
     pub startup: Option<Startup>,
     pub comparisons: Vec<Comparison>,
+    /// Wasm filters on the produce and consume paths and topic to topic.
+    pub wasm: Vec<WasmFigure>,
+    /// The filters' own cost per core, outside the broker.
+    pub filter_costs: Vec<crate::filter_cost::FilterCost>,
     pub targets: Vec<Target>,
     pub errors: Vec<String>,
 }
@@ -221,6 +253,136 @@ pub fn scenarios(options: &SuiteOptions) -> Vec<(&'static str, Scenario)> {
     ]
 }
 
+/// The Wasm group, in run order: `(key, unfiltered twin, scenario)`. Values are JSON objects
+/// that both filters keep, so a filtered run delivers what its twin delivers.
+pub fn wasm_scenarios(
+    options: &SuiteOptions,
+) -> Vec<(&'static str, Option<&'static str>, Scenario)> {
+    let size = options.size;
+    let consume = |label: &str, record_bytes: usize, filter| {
+        let mut s = Scenario::new(label, Workload::Consume, record_bytes);
+        s.values = Values::Json;
+        s.filter = filter;
+        let records = size.wasm_consume_records_100b;
+        s.amount = Amount::Records(if record_bytes > 100 {
+            records / 5
+        } else {
+            records
+        });
+        s
+    };
+    let produce = |label: &str, record_bytes, filter| {
+        let mut s = Scenario::new(label, Workload::Produce, record_bytes);
+        s.values = Values::Json;
+        s.filter = filter;
+        s.amount = Amount::Duration(size.produce);
+        s
+    };
+    let mut transform = Scenario::new("transform 100B byte-scan", Workload::Transform, 100);
+    transform.values = Values::Json;
+    transform.filter = Some(BenchFilter::ByteScan);
+    transform.amount = Amount::Records(size.transform_records);
+    let scan = Some(BenchFilter::ByteScan);
+    let json = Some(BenchFilter::Json);
+    vec![
+        (
+            "consume_100b_plain",
+            None,
+            consume("consume 100B", 100, None),
+        ),
+        (
+            "consume_100b_scan",
+            Some("consume_100b_plain"),
+            consume("consume 100B byte-scan", 100, scan),
+        ),
+        (
+            "consume_100b_json",
+            Some("consume_100b_plain"),
+            consume("consume 100B json-field", 100, json),
+        ),
+        (
+            "consume_1kib_plain",
+            None,
+            consume("consume 1KiB", 1024, None),
+        ),
+        (
+            "consume_1kib_scan",
+            Some("consume_1kib_plain"),
+            consume("consume 1KiB byte-scan", 1024, scan),
+        ),
+        (
+            "consume_1kib_json",
+            Some("consume_1kib_plain"),
+            consume("consume 1KiB json-field", 1024, json),
+        ),
+        (
+            "produce_100b_plain",
+            None,
+            produce("produce 100B", 100, None),
+        ),
+        (
+            "produce_100b_chain",
+            Some("produce_100b_plain"),
+            produce("produce 100B chain byte-scan", 100, scan),
+        ),
+        (
+            "produce_1kib_plain",
+            None,
+            produce("produce 1KiB", 1024, None),
+        ),
+        (
+            "produce_1kib_chain",
+            Some("produce_1kib_plain"),
+            produce("produce 1KiB chain byte-scan", 1024, scan),
+        ),
+        ("transform_100b", None, transform),
+    ]
+}
+
+/// Runs the Wasm group on Ketch, each filtered figure next to its twin, and the filters'
+/// own cost per core.
+async fn run_wasm(ketch: &Ketch, options: &SuiteOptions, report: &mut SuiteReport) {
+    {
+        let _progress = Progress::start("filter cost per core", options.quiet);
+        let measured = crate::filter_cost::measure(
+            &ketch.wasm_dir,
+            &options.scratch,
+            options.size.filter_cost,
+        )
+        .await;
+        match measured {
+            Ok(costs) => report.filter_costs = costs,
+            Err(error) => report.errors.push(format!("filter cost: {error:#}")),
+        }
+    }
+    for (key, twin, scenario) in wasm_scenarios(options) {
+        let measured = match systems::run(ketch, &scenario, options.quiet).await {
+            Ok(m) => Some(m),
+            Err(error) => {
+                report
+                    .errors
+                    .push(format!("ketch {}: {error:#}", scenario.label));
+                None
+            }
+        };
+        let twin_rate = twin.and_then(|twin| {
+            report
+                .wasm
+                .iter()
+                .find(|f| f.key == twin)
+                .and_then(|f| f.ketch.as_ref())
+                .map(|m| m.records_per_sec)
+        });
+        report.wasm.push(WasmFigure {
+            key: key.to_owned(),
+            twin: twin.map(str::to_owned),
+            vs_unfiltered: stats::ratio(measured.as_ref().map(|m| m.records_per_sec), twin_rate),
+            scenario,
+            ketch: measured,
+        });
+    }
+}
+
 /// Runs everything. A failing part is recorded and the rest goes on.
 pub async fn run(options: &SuiteOptions) -> anyhow::Result<SuiteReport> {
     let machine = Machine::probe();
@@ -243,10 +405,33 @@ pub async fn run(options: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         ceilings: Vec::new(),
         startup: None,
         comparisons: Vec::new(),
+        wasm: Vec::new(),
+        filter_costs: Vec::new(),
         targets: Vec::new(),
         errors: Vec::new(),
     };
 
+    if !options.wasm_only {
+        run_comparisons(&ketch, nats.as_ref(), options, &mut report).await?;
+    }
+    if !options.skip_wasm {
+        run_wasm(&ketch, options, &mut report).await;
+    }
+    report.targets = if options.wasm_only {
+        wasm_targets(&report)
+    } else {
+        targets(&report)
+    };
+    Ok(report)
+}
+
+/// Ceilings, start-up and the Ketch/NATS workloads.
+async fn run_comparisons(
+    ketch: &Ketch,
+    nats: Option<&Nats>,
+    options: &SuiteOptions,
+    report: &mut SuiteReport,
+) -> anyhow::Result<()> {
     {
         let _progress = Progress::start("raw QUIC ceiling", options.quiet);
         match baseline::raw_quic(&options.scratch, options.size.ceiling).await {
@@ -269,7 +454,7 @@ pub async fn run(options: &SuiteOptions) -> anyhow::Result<SuiteReport> {
     }
     {
         let _progress = Progress::start("broker start-up and idle memory", options.quiet);
-        match startup(&ketch, nats.as_ref(), options.size.starts).await {
+        match startup(ketch, nats, options.size.starts).await {
             Ok(startup) => report.startup = Some(startup),
             Err(error) => report.errors.push(format!("start-up: {error:#}")),
         }
@@ -290,13 +475,13 @@ pub async fn run(options: &SuiteOptions) -> anyhow::Result<SuiteReport> {
             ketch_over_nats: None,
             ketch_over_quic: None,
         };
-        match systems::run(&ketch, &scenario, options.quiet).await {
+        match systems::run(ketch, &scenario, options.quiet).await {
             Ok(m) => comparison.ketch = Some(m),
             Err(error) => report
                 .errors
                 .push(format!("ketch {}: {error:#}", scenario.label)),
         }
-        match &nats {
+        match nats {
             Some(nats) => match systems::run(nats, &scenario, options.quiet).await {
                 Ok(m) => comparison.nats = Some(m),
                 Err(error) => report
@@ -317,8 +502,7 @@ pub async fn run(options: &SuiteOptions) -> anyhow::Result<SuiteReport> {
         }
         report.comparisons.push(comparison);
     }
-    report.targets = targets(&report);
-    Ok(report)
+    Ok(())
 }
 
 /// Start-up time (median of `starts` fresh starts, and a restart), idle RSS with one topic.
@@ -494,6 +678,79 @@ pub fn targets(report: &SuiteReport) -> Vec<Target> {
             format!("{:.0} ms fresh, {:.0} ms restart", s.fresh_ms, s.restart_ms)
         }),
     );
+    targets.extend(wasm_targets(report));
+    targets
+}
+
+/// The JSON filter's own cost per core, from the broker's CPU time: the consume through it
+/// less its unfiltered twin (same records, same values), per record. `None` when either run
+/// has no CPU figure; `Some(None)` when the difference is within the measurement's noise.
+pub fn json_filter_rate_per_core(report: &SuiteReport) -> Option<Option<f64>> {
+    let figure = |key: &str| report.wasm.iter().find(|f| f.key == key)?.ketch.clone();
+    let json = figure("consume_100b_json")?;
+    let plain = figure("consume_100b_plain")?;
+    let extra = json.server_cpu_secs?
+        - plain.server_cpu_secs? * json.records as f64 / plain.records.max(1) as f64;
+    Some((extra > 0.0).then(|| json.records as f64 / extra))
+}
+
+/// The targets of issue 10.
+fn wasm_targets(report: &SuiteReport) -> Vec<Target> {
+    let mut targets = Vec::new();
+    let ratio = |key: &str| {
+        report
+            .wasm
+            .iter()
+            .find(|f| f.key == key)
+            .and_then(|f| f.vs_unfiltered)
+    };
+    for (key, name, min) in [
+        ("consume_100b_scan", "byte-scan filter, consume 100B", 0.85),
+        ("consume_1kib_scan", "byte-scan filter, consume 1KiB", 0.85),
+        ("produce_100b_chain", "one-module produce chain, 100B", 0.75),
+        ("produce_1kib_chain", "one-module produce chain, 1KiB", 0.75),
+    ] {
+        let v = ratio(key);
+        targets.push(Target {
+            name: name.to_owned(),
+            goal: format!(">= {:.0}% of unfiltered", min * 100.0),
+            measured: stats::format_ratio(v),
+            met: v.map(|v| v >= min),
+        });
+    }
+    let own = report
+        .filter_costs
+        .iter()
+        .find(|c| c.filter == BenchFilter::Json.name() && c.record_bytes == 100)
+        .map(|c| c.records_per_core_sec);
+    targets.push(Target {
+        name: "JSON filter, 100B, its own cost".to_owned(),
+        goal: ">= 1M records/s per core".to_owned(),
+        measured: own.map_or("-".into(), |v| {
+            format!(
+                "{}/s per core (filter_fetched, thread CPU)",
+                stats::format_rate(v)
+            )
+        }),
+        met: own.map(|v| v >= 1e6),
+    });
+    let (measured, met) = match json_filter_rate_per_core(report) {
+        None => ("-".to_owned(), None),
+        Some(None) => ("no broker CPU above the unfiltered run's".to_owned(), None),
+        Some(Some(rate)) => (
+            format!(
+                "{}/s per core (broker CPU over the unfiltered twin)",
+                stats::format_rate(rate)
+            ),
+            Some(rate >= 1e6),
+        ),
+    };
+    targets.push(Target {
+        name: "JSON filter, 100B, in the broker".to_owned(),
+        goal: ">= 1M records/s per core".to_owned(),
+        measured,
+        met,
+    });
     targets
 }
 
@@ -528,6 +785,8 @@ mod tests {
             scratch: default_scratch(),
             skip_nats: true,
             group_commit_producers: 4,
+            skip_wasm: false,
+            wasm_only: false,
             quiet: true,
         };
         let keys: Vec<_> = scenarios(&options).iter().map(|(k, _)| *k).collect();
@@ -542,6 +801,22 @@ mod tests {
                 "latency_10k"
             ]
         );
+        // Every filtered Wasm run has an unfiltered twin of the same shape, run before it.
+        let wasm = wasm_scenarios(&options);
+        for (i, (key, twin, scenario)) in wasm.iter().enumerate() {
+            assert_eq!(scenario.values, Values::Json, "{key}");
+            let Some(twin) = twin else {
+                assert!(scenario.filter.is_none() || scenario.workload == Workload::Transform);
+                continue;
+            };
+            let (_, _, twin) = wasm[..i].iter().find(|(k, _, _)| k == twin).unwrap();
+            assert!(scenario.filter.is_some() && twin.filter.is_none(), "{key}");
+            assert_eq!(
+                (scenario.workload, scenario.record_bytes, scenario.amount),
+                (twin.workload, twin.record_bytes, twin.amount),
+                "{key}"
+            );
+        }
         let report = SuiteReport {
             machine: Machine::probe(),
             ketch_version: String::new(),
@@ -549,11 +824,13 @@ mod tests {
             ceilings: Vec::new(),
             startup: None,
             comparisons: Vec::new(),
+            wasm: Vec::new(),
+            filter_costs: Vec::new(),
             targets: Vec::new(),
             errors: Vec::new(),
         };
         let targets = targets(&report);
-        assert_eq!(targets.len(), 10);
+        assert_eq!(targets.len(), 16);
         assert!(
             targets
                 .iter()

@@ -11,7 +11,15 @@
 //! at the same end, so it writes the same outputs (modules are deterministic) with the same
 //! sequences, and what was appended before the crash is answered as a duplicate (or, beyond
 //! the five batches a partition remembers, refused as behind the producer's sequence). No
-//! input is lost and no output is stored twice. Records
+//! input is lost and no output is stored twice.
+//!
+//! Every start of a partition task is a new incarnation with a new producer epoch, stored with
+//! the position: the task first finishes what the last incarnation may have written (a
+//! pending chunk, or chunks its output partitions hold beyond the position: both in the old
+//! epoch, as a redo), then bumps the epoch (sequences start again at 0) before it writes
+//! anything new. The output partitions then refuse a batch of an older epoch
+//! (`invalid_producer_epoch`): a task of an older incarnation still writing is fenced, and
+//! stops with `failed` when it meets the refusal. Records
 //! a module routes to a topic go there (it must be one of the outputs); the others go to the
 //! first output, in the output partition of the input partition's number modulo its count.
 //! A module failure or a record error stops the partition's task with `failed` and the
@@ -117,6 +125,10 @@ pub struct Meta {
 struct Position {
     offset: i64,
     producer_id: i64,
+    /// The incarnation's epoch: bumped by every start of the task (after a redo), so outputs
+    /// refuse what an older incarnation still sends.
+    #[serde(default)]
+    producer_epoch: i16,
     /// Next sequence per output partition (`topic/partition`).
     sequences: BTreeMap<String, i32>,
     records_in: u64,
@@ -537,6 +549,8 @@ impl Pipelines {
             );
         let path = running.dir.join(format!("p-{index}.json"));
         let mut session: Option<FilterSession> = None;
+        // This incarnation's epoch is not taken yet: first finish what the last one wrote.
+        let mut bump_due = true;
         loop {
             let state = *control.borrow_and_update();
             match state {
@@ -550,6 +564,26 @@ impl Pipelines {
                 Control::Run => {}
             }
             let failed = |message: String| running.note_error(index, message, true);
+            if bump_due && position.pending_to.is_none() && !self.behind(&meta, index, &position) {
+                let next = match self.next_incarnation(&meta, index, &position) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        failed(e.message);
+                        if !Self::wait_for_control(&mut control).await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                if let Err(e) = save_position(path.clone(), next.clone()).await {
+                    running.note_error(index, e.message, false);
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    continue;
+                }
+                tracing::debug!(transform = %meta.name, partition = index, producer_id = next.producer_id, epoch = next.producer_epoch, "transform incarnation");
+                position = next;
+                bump_due = false;
+            }
             let partition = match self.cluster.topic(&meta.input) {
                 Some(topic) if topic.id.0 == meta.input_topic_id => {
                     topic.partitions[index as usize].clone()
@@ -653,9 +687,10 @@ impl Pipelines {
                 }
             };
             // A chunk written before (in this run or before a crash) may find its batches
-            // stored already; a first attempt may not.
-            let redo = position.pending_to.is_some();
-            if !redo {
+            // stored already; a first attempt may not. Before the epoch bump every chunk may
+            // have been written by the last incarnation.
+            let redo = position.pending_to.is_some() || bump_due;
+            if position.pending_to.is_none() {
                 let pending = Position {
                     pending_to: Some(chunk.next_offset),
                     ..position.clone()
@@ -680,6 +715,14 @@ impl Pipelines {
                 )
                 .await;
             if let Err(e) = written {
+                if e.code == ErrorCode::InvalidProducerEpoch {
+                    // A newer incarnation writes with a higher epoch: this task is a zombie.
+                    failed(format!(
+                        "fenced: a newer incarnation of this transform writes its outputs ({})",
+                        e.message
+                    ));
+                    return;
+                }
                 if e.code == ErrorCode::UnknownTopic {
                     // An output was deleted: nothing to retry until someone acts.
                     failed(e.message);
@@ -698,6 +741,7 @@ impl Pipelines {
             let committed = Position {
                 offset: chunk.next_offset,
                 producer_id: position.producer_id,
+                producer_epoch: position.producer_epoch,
                 sequences,
                 records_in: position.records_in + chunk.records_in,
                 records_out: position.records_out + records_out,
@@ -720,6 +764,58 @@ impl Pipelines {
                     (position.offset, position.records_in, position.records_out),
                 );
         }
+    }
+
+    /// Whether an output partition holds more of this task's records (in its epoch) than the
+    /// position says were written: a crash between writing and committing, or a position
+    /// older than the outputs. Such chunks are redone in the old epoch before the bump.
+    fn behind(&self, meta: &Meta, index: u32, position: &Position) -> bool {
+        meta.outputs.iter().any(|topic| {
+            let Some(output) = self.cluster.topic(topic) else {
+                return false;
+            };
+            let partition = &output.partitions[index as usize % output.partitions.len()];
+            let key = format!("{topic}/{}", partition.index);
+            let ours = position.sequences.get(&key).copied().unwrap_or(0);
+            match partition.producer_last_sequence(position.producer_id) {
+                Some((epoch, last)) if epoch == position.producer_epoch => {
+                    let written_beyond = (last.wrapping_add(1).wrapping_sub(ours)) & i32::MAX;
+                    written_beyond > 0 && written_beyond < (1 << 30)
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// The position of a new incarnation: an epoch above the stored one and above any the
+    /// outputs know of this producer (a position restored from an older incarnation must not
+    /// reuse a later one's epoch), sequences from 0 (a new epoch starts at 0 in every
+    /// partition). Past the last epoch, a new producer id.
+    fn next_incarnation(
+        &self,
+        meta: &Meta,
+        index: u32,
+        position: &Position,
+    ) -> Result<Position, ClusterError> {
+        let known = meta
+            .outputs
+            .iter()
+            .filter_map(|topic| {
+                let output = self.cluster.topic(topic)?;
+                let partition = &output.partitions[index as usize % output.partitions.len()];
+                partition.producer_last_sequence(position.producer_id)
+            })
+            .map(|(epoch, _)| epoch)
+            .fold(position.producer_epoch, i16::max);
+        let mut next = position.clone();
+        next.sequences.clear();
+        if known == i16::MAX {
+            next.producer_id = self.cluster.allocate_producer_id()?;
+            next.producer_epoch = 0;
+        } else {
+            next.producer_epoch = known + 1;
+        }
+        Ok(next)
     }
 
     /// Appends a chunk's outputs, stamped with the partition task's producer id and the
@@ -752,7 +848,7 @@ impl Pipelines {
                     let b = builder.get_or_insert_with(|| {
                         BatchBuilder::new(batch_bytes_max).with_producer(ProducerStamp {
                             producer_id: position.producer_id,
-                            producer_epoch: 0,
+                            producer_epoch: position.producer_epoch,
                             base_sequence: sequence,
                         })
                     });

@@ -126,6 +126,31 @@ async fn a_chain_maps_and_stamps_the_output_with_the_input_last_sequence() {
 }
 
 #[tokio::test]
+async fn a_chain_that_changes_nothing_stores_the_batch_as_produced() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = transforms(dir.path()).await;
+    let stamp = ProducerStamp {
+        producer_id: 7,
+        producer_epoch: 2,
+        base_sequence: 10,
+    };
+    let batch = input(stamp, &["{\"a\":1}", "\"plain\"", "2"]);
+    let produced = batch.as_bytes().clone();
+    // A filter that keeps every record (a map re-encodes whatever it returns).
+    let output = apply(&t, &["validate"], OnError::Fail, batch)
+        .await
+        .unwrap();
+    assert_eq!((output.records_in, output.records_out), (3, 3));
+    let stored = output.batch.unwrap();
+    assert_eq!(stored, produced);
+    assert_eq!(
+        stored.as_ptr(),
+        produced.as_ptr(),
+        "not re-encoded, not copied"
+    );
+}
+
+#[tokio::test]
 async fn record_errors_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let t = transforms(dir.path()).await;

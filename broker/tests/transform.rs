@@ -536,6 +536,50 @@ async fn the_consume_path_keeps_source_offsets_and_reencodes_changed_batches() {
         "an untouched batch is forwarded byte for byte"
     );
     assert_eq!(filtered.next_offset, 18);
+
+    // Whole, changed, whole: the untouched ones verbatim around the re-encoded one, in order.
+    let (x, z, w) = (
+        batch(20, &["ERROR x", "ERROR y"]),
+        batch(22, &["ERROR z", "no"]),
+        batch(24, &["ERROR w"]),
+    );
+    let mixed = Bytes::from([&x[..], &z[..], &w[..]].concat());
+    let mut scan = session(&t, "scan", "").await.unwrap();
+    let (scan, filtered) = t
+        .run(move || {
+            let filtered = scan.filter_fetched("t", 0, 20, mixed);
+            (scan, filtered)
+        })
+        .await
+        .unwrap();
+    let filtered = filtered.unwrap();
+    assert_eq!(
+        decode(filtered.records.clone()),
+        vec![
+            (20, "ERROR x".into()),
+            (21, "ERROR y".into()),
+            (22, "ERROR z".into()),
+            (24, "ERROR w".into())
+        ]
+    );
+    assert!(filtered.records.starts_with(&x) && filtered.records.ends_with(&w));
+    assert_eq!((filtered.records_in, filtered.records_out), (5, 4));
+    // Everything kept: the read itself goes out, not a copy of it.
+    let all = Bytes::from([&x[..], &w[..]].concat());
+    let read = all.clone();
+    let mut scan = scan;
+    let filtered = t
+        .run(move || scan.filter_fetched("t", 0, 20, read))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(filtered.records, all);
+    assert_eq!(
+        filtered.records.as_ptr(),
+        all.as_ptr(),
+        "forwarded without a copy"
+    );
+    assert_eq!(filtered.next_offset, 25);
 }
 
 #[tokio::test]

@@ -370,6 +370,75 @@ async fn idempotent_retries_through_a_chain_store_nothing_twice_even_across_kill
     Ok(())
 }
 
+/// A batch the chain empties (byte-scan keeps only values containing `keep`) takes its
+/// sequences durably: after `kill -9` with no producer checkpoint since (they are written
+/// every 30 s), the producer continues after it instead of meeting a gap, and a retry of it is
+/// still a duplicate. Emptied batches out of order across two producers, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_chain_empties_advances_its_producer_durably_across_kill_9()
+-> anyhow::Result<()> {
+    let mut broker = TestBroker::start(&[])?;
+    let scan = example_path("byte_scan")?;
+    let cli = Cli(&broker);
+    cli.ok(&["filter", "deploy", "scan", scan.to_str().unwrap()])?;
+    cli.ok(&["topic", "create", "sparse"])?;
+    cli.ok(&[
+        "topic",
+        "set-filters",
+        "sparse",
+        "scan",
+        "--params",
+        r#"{"needle":"keep"}"#,
+    ])?;
+    let raw = broker.raw().await?;
+    let a = raw.call_ok(&InitProducerIdRequest {}).await?;
+    let b = raw.call_ok(&InitProducerIdRequest {}).await?;
+    let stamp =
+        |id: &ketch_protocol::messages::InitProducerIdResponse, base_sequence| ProducerStamp {
+            producer_id: id.producer_id,
+            producer_epoch: id.producer_epoch,
+            base_sequence,
+        };
+    produce_expect(
+        &raw,
+        "sparse",
+        batch(stamp(&a, 0), &["keep a0", "keep a1"]),
+        0,
+        2,
+    )
+    .await?;
+    // Emptied: answered with the offset the next record gets; nothing stored.
+    let emptied = batch(stamp(&a, 2), &["a2", "a3", "a4"]);
+    produce_expect(&raw, "sparse", emptied.clone(), 2, 2).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&a, 5), &["a5"]), 2, 2).await?;
+    // Producer b: only emptied batches.
+    produce_expect(&raw, "sparse", batch(stamp(&b, 0), &["b0"]), 2, 2).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&b, 1), &["b1", "b2"]), 2, 2).await?;
+    raw.close();
+
+    broker.process.kill();
+    broker.process.restart()?;
+    let raw = broker.raw().await?;
+    // A retry of an emptied batch is a duplicate (its first answer's offset), not run again.
+    produce_expect(&raw, "sparse", emptied, 2, 2).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&a, 6), &["keep a6"]), 2, 3).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&b, 3), &["keep b3"]), 3, 4).await?;
+    assert_eq!(
+        values(&raw.read_all("sparse", 0).await?),
+        ["keep a0", "keep a1", "keep a6", "keep b3"]
+    );
+    // A clean restart (the checkpoint written at shutdown holds them now) changes nothing.
+    raw.close();
+    broker.process.terminate()?;
+    broker.process.restart()?;
+    let raw = broker.raw().await?;
+    produce_expect(&raw, "sparse", batch(stamp(&a, 7), &["keep a7"]), 4, 5).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&b, 4), &["b4"]), 5, 5).await?;
+    produce_expect(&raw, "sparse", batch(stamp(&b, 5), &["keep b5"]), 5, 6).await?;
+    raw.close();
+    Ok(())
+}
+
 /// A module that never returns, on `slow`'s produce path: each produce to `slow` fails with
 /// the module's name and the timeout, within a bound; produce and read on `steady` (same
 /// broker, same time) keep working, and the broker keeps serving.

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use ketch_client::{Client, NewTopic, ProducerConfig, ProducerRecord, TransformStatus};
 use ketch_e2e::TestBroker;
+use ketch_protocol::ErrorCode;
+use ketch_protocol::batch::{BatchBuilder, ProducerStamp};
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
@@ -167,6 +169,21 @@ fn check_routing(seen: &BTreeMap<String, (String, usize)>, total: usize) -> anyh
     Ok(())
 }
 
+/// Each input partition task's `(producer id, epoch)`, from its stored position.
+fn identities(positions_dir: &std::path::Path) -> anyhow::Result<Vec<(i64, i16)>> {
+    (0..2)
+        .map(|p| {
+            let path = positions_dir.join(format!("p-{p}.json"));
+            let position: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            let id = position["producer_id"].as_i64().context("producer_id")?;
+            let epoch = position["producer_epoch"]
+                .as_i64()
+                .context("producer_epoch")?;
+            Ok((id, i16::try_from(epoch)?))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyhow::Result<()> {
     let mut broker = TestBroker::start(&[])?;
@@ -244,15 +261,10 @@ async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyh
         s.records_in == 3000 && s.lag == 0
     })
     .await?;
-    // The committed positions now, to put back later: as if the broker had crashed after
-    // writing everything that follows but before committing any of it.
     let positions_dir = broker.process.data_dir.join("transforms/route");
-    let committed_at_3000: Vec<(PathBuf, Vec<u8>)> = (0..2)
-        .map(|p| {
-            let path = positions_dir.join(format!("p-{p}.json"));
-            std::fs::read(&path).map(|bytes| (path, bytes))
-        })
-        .collect::<Result<_, _>>()?;
+    // The first incarnation of each partition task writes with epoch 1.
+    let first = identities(&positions_dir)?;
+    ensure!(first.iter().all(|(_, epoch)| *epoch == 1), "{first:?}");
 
     // Pause: new input waits, and describe says so; resume catches up.
     ok(&broker, &["transform", "pause", "route"])?;
@@ -300,12 +312,56 @@ async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyh
         return Err(e);
     }
 
-    // Positions rolled back to 3000 (wider than any crash leaves: a crash leaves at most the
-    // pending chunk): the transform writes 20,030 records again with the same sequences, and
-    // the output partitions refuse every one as already written.
+    // The restart is a new incarnation: same producer ids, the next epoch.
+    let second = identities(&positions_dir)?;
+    ensure!(
+        second
+            .iter()
+            .zip(&first)
+            .all(|(now, before)| now.0 == before.0 && now.1 == 2),
+        "{first:?} then {second:?}"
+    );
+
+    // Positions rolled back (wider than any crash leaves: a crash leaves at most the pending
+    // chunk): the committed positions now, put back after 5,000 more records were transformed.
+    // The next incarnation finds its outputs ahead of its positions, writes those records
+    // again in the old epoch with the same sequences, and the output partitions refuse every
+    // one as already written; only then does it take its new epoch.
+    let committed: Vec<(PathBuf, Vec<u8>)> = (0..2)
+        .map(|p| {
+            let path = positions_dir.join(format!("p-{p}.json"));
+            std::fs::read(&path).map(|bytes| (path, bytes))
+        })
+        .collect::<Result<_, _>>()?;
+    produce(&client, total, 5_000).await?;
+    let total = total + 5_000;
+    wait_for(&client, "route", "5,000 more", |s| {
+        s.records_in == total as u64 && s.lag == 0
+    })
+    .await?;
+    // Both tasks have written to `eu` in the new epoch now: a batch of the old incarnation
+    // still on its way (a zombie task) is refused.
+    let raw = broker.raw().await?;
+    for (producer_id, epoch) in &second {
+        let mut zombie = BatchBuilder::new(1 << 20).with_producer(ProducerStamp {
+            producer_id: *producer_id,
+            producer_epoch: epoch - 1,
+            base_sequence: 0,
+        });
+        ensure!(zombie.try_append(0, Some(b"eu"), Some(b"zombie"), &[]));
+        let answer = raw.produce("eu", 0, zombie.finish()).await?;
+        ensure!(
+            answer.error == ErrorCode::InvalidProducerEpoch,
+            "a batch of epoch {} was answered {:?} {:?}",
+            epoch - 1,
+            answer.error,
+            answer.error_message
+        );
+    }
+    raw.close();
     client.close();
     broker.process.terminate()?;
-    for (path, bytes) in &committed_at_3000 {
+    for (path, bytes) in &committed {
         std::fs::write(path, bytes)?;
     }
     broker.process.restart()?;
@@ -315,6 +371,11 @@ async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyh
     })
     .await?;
     check_routing(&outputs(&client).await?, total)?;
+    let third = identities(&positions_dir)?;
+    ensure!(
+        third.iter().all(|(_, epoch)| *epoch == 3),
+        "{second:?} then {third:?}"
+    );
 
     // A route to a topic that is not an output: failed, with the reason.
     let params = r#"{"routes":{},"default":"elsewhere"}"#;

@@ -7,15 +7,25 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use ketch_client::{
-    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, DeliveryFuture, NewTopic,
-    ProducerConfig, ProducerRecord, Tls, TopicPartition,
+    Acks, AutoOffsetReset, Client, ClientConfig, ConsumerConfig, DeliveryFuture, FilterSpec,
+    NewTopic, NewTransform, ProduceFilters, ProducerConfig, ProducerRecord, Tls, TopicPartition,
+    TransformStart,
 };
 
-use crate::scenario::{AcksLevel, Durability, Scenario};
+use crate::scenario::{AcksLevel, BenchFilter, Durability, Scenario, Workload};
 use ketch_testkit::process::{ReadyOn, ServerProcess, exe_dir, locate_binary};
 
 /// The topic every run writes to.
 const TOPIC: &str = "bench";
+/// The topic a transform run writes to.
+const OUTPUT_TOPIC: &str = "bench-out";
+/// The transform of a transform run.
+const TRANSFORM: &str = "bench";
+/// Where the Wasm modules are, relative to this executable (`target/release`): where
+/// `scripts/test-all.sh` builds `wasm-filters` (`--target-dir target/wasm`).
+const WASM_DIR_FROM_EXE: &str = "../wasm/wasm32-unknown-unknown/release";
+/// How often a transform run asks how far the transform got.
+const TRANSFORM_POLL: Duration = Duration::from_millis(2);
 /// How long a broker may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -24,7 +34,31 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Ketch {
     pub bin: PathBuf,
     pub data_root: PathBuf,
+    /// Where the filter modules are (`$KETCH_WASM_DIR`, else `target/wasm/...` next to this
+    /// executable's `target/release`).
+    pub wasm_dir: PathBuf,
     version: String,
+}
+
+/// The directory holding the built `wasm-filters` modules.
+pub fn wasm_dir() -> PathBuf {
+    std::env::var_os("KETCH_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| exe_dir().join(WASM_DIR_FROM_EXE))
+}
+
+/// The bytes of `filter`'s module, or how to build it.
+pub fn read_module(wasm_dir: &Path, filter: BenchFilter) -> anyhow::Result<Vec<u8>> {
+    let path = wasm_dir.join(filter.file());
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "reading the {} module {} (build the modules with `cargo build --release --target \
+             wasm32-unknown-unknown --manifest-path wasm-filters/Cargo.toml --target-dir \
+             target/wasm`, or point KETCH_WASM_DIR at them)",
+            filter.name(),
+            path.display()
+        )
+    })
 }
 
 impl Ketch {
@@ -48,6 +82,7 @@ impl Ketch {
         Ok(Ketch {
             bin,
             data_root: data_root.to_owned(),
+            wasm_dir: wasm_dir(),
             version,
         })
     }
@@ -211,9 +246,43 @@ impl super::System for Ketch {
     }
 
     async fn start(&self, scenario: &Scenario) -> anyhow::Result<KetchSession> {
+        // A missing module fails before a broker starts.
+        let module = scenario
+            .filter
+            .map(|filter| read_module(&self.wasm_dir, filter))
+            .transpose()?;
         let broker = self.spawn_broker(scenario.durability)?;
         let admin = broker.client().await?;
         broker.create_topic(&admin, scenario).await?;
+        if let (Some(filter), Some(module)) = (scenario.filter, module) {
+            admin
+                .admin()
+                .upload_filter(filter.name(), "ketch-bench", module)
+                .await
+                .with_context(|| format!("deploying {}", filter.name()))?;
+            match scenario.workload {
+                Workload::Produce => {
+                    let chain = ProduceFilters::new([filter.name()]).with_params(filter.params());
+                    admin
+                        .admin()
+                        .set_topic_filters(TOPIC, &chain)
+                        .await
+                        .context("setting the produce chain")?;
+                }
+                Workload::Transform => {
+                    let mut topic = NewTopic::new(OUTPUT_TOPIC, scenario.partitions);
+                    topic.replication_factor = scenario.replication_factor;
+                    admin
+                        .admin()
+                        .create_topic(topic)
+                        .await
+                        .context("creating the output topic")?;
+                }
+                // The consumers subscribe through it.
+                Workload::Consume => {}
+                Workload::EndToEnd => bail!("end-to-end runs take no filter"),
+            }
+        }
         Ok(KetchSession { broker, admin })
     }
 }
@@ -273,6 +342,11 @@ impl super::Session for KetchSession {
                     auto_offset_reset: AutoOffsetReset::Earliest,
                     auto_commit: false,
                     partition_fetch_bytes_max: scenario.ketch.partition_fetch_bytes_max,
+                    filter: scenario.filter.map(|filter| FilterSpec {
+                        name: filter.name().to_owned(),
+                        version: None,
+                        params: filter.params().to_owned(),
+                    }),
                     ..ConsumerConfig::default()
                 },
                 &partitions,
@@ -293,6 +367,62 @@ impl super::Session for KetchSession {
             .sum();
         Ok((stored < records as i64)
             .then(|| format!("the broker holds {stored} records, {records} were acknowledged")))
+    }
+
+    async fn transform(
+        &self,
+        scenario: &Scenario,
+        records: u64,
+    ) -> anyhow::Result<super::Transformed> {
+        let filter = scenario.filter.context("a transform run needs a filter")?;
+        let admin = self.admin.admin();
+        let started = std::time::Instant::now();
+        admin
+            .create_transform(&NewTransform {
+                name: TRANSFORM.to_owned(),
+                filter: filter.name().to_owned(),
+                input: TOPIC.to_owned(),
+                outputs: vec![OUTPUT_TOPIC.to_owned()],
+                from: TransformStart::Beginning,
+                params: filter.params().to_owned(),
+            })
+            .await
+            .context("creating the transform")?;
+        let status = loop {
+            let status = admin.describe_transform(TRANSFORM).await?;
+            if status.records_in >= records {
+                break status;
+            }
+            if status.status == "failed" {
+                bail!("the transform failed: {}", status.last_error);
+            }
+            tokio::time::sleep(TRANSFORM_POLL).await;
+        };
+        let elapsed = started.elapsed();
+        let output = admin.describe_topic(OUTPUT_TOPIC).await?;
+        let stored: i64 = output
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark - p.log_start_offset)
+            .sum();
+        if stored < status.records_out as i64 {
+            bail!(
+                "the transform wrote {} records, the output holds {stored}",
+                status.records_out
+            );
+        }
+        Ok(super::Transformed {
+            elapsed,
+            records_in: status.records_in,
+            records_out: status.records_out,
+        })
+    }
+
+    fn server_cpu(&self) -> Option<Duration> {
+        self.broker
+            .process
+            .running_pid()
+            .and_then(super::process_cpu)
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::progress::Progress;
-use crate::scenario::{Amount, Measurement, Scenario, Workload};
+use crate::scenario::{Amount, Measurement, Scenario, Values, Workload};
 use crate::stats::Latency;
 
 /// A server under test, e.g. Ketch or NATS JetStream.
@@ -55,6 +55,49 @@ pub trait Session {
     /// Checks after a produce phase that the server holds at least the `records` records
     /// that were acknowledged; describes a shortfall.
     fn verify_stored(&self, records: u64) -> impl Future<Output = anyhow::Result<Option<String>>>;
+    /// Runs a topic-to-topic transform (the scenario's filter) over the `records` records
+    /// filled into the topic, from its creation until it has committed them all.
+    fn transform(
+        &self,
+        scenario: &Scenario,
+        records: u64,
+    ) -> impl Future<Output = anyhow::Result<Transformed>> {
+        let _ = (scenario, records);
+        async { bail!("this system has no topic-to-topic transforms") }
+    }
+    /// CPU time (user + system) the server process has used so far, when known.
+    fn server_cpu(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// What a timed transform did.
+#[derive(Debug, Clone, Copy)]
+pub struct Transformed {
+    /// Creation → every input record committed.
+    pub elapsed: Duration,
+    pub records_in: u64,
+    pub records_out: u64,
+}
+
+/// Ticks of `/proc/PID/stat` CPU times per second (`USER_HZ`, 100 on every Linux ABI).
+const USER_HZ: u64 = 100;
+
+/// User + system CPU time of process `pid` so far (Linux; `None` elsewhere or if it is
+/// gone).
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) (utime, stime) are 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
+}
+
+fn cpu_between(before: Option<Duration>, after: Option<Duration>) -> Option<f64> {
+    Some(after?.checked_sub(before?)?.as_secs_f64())
 }
 
 /// Sends records; every send yields an acknowledgement to wait for.
@@ -99,10 +142,24 @@ fn stamp_of(value: &[u8]) -> Option<Instant> {
 /// A record value: printable filler (not zeros, so nothing along the way can cheat by
 /// compressing runs).
 fn value_template(len: usize) -> Bytes {
-    (0..len)
-        .map(|i| b'a' + (i % 26) as u8)
-        .collect::<Vec<u8>>()
-        .into()
+    filler(len).into()
+}
+
+fn filler(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A record value of the scenario's shape.
+pub fn values_template(values: Values, len: usize) -> Bytes {
+    match values {
+        Values::Filler => value_template(len),
+        Values::Json => {
+            const HEAD: &[u8] = b"{\"pad\":\"";
+            const TAIL: &[u8] = b"\",\"level\":\"ERROR\",\"amount\":150}";
+            let pad = len.saturating_sub(HEAD.len() + TAIL.len());
+            [HEAD, &filler(pad), TAIL].concat().into()
+        }
+    }
 }
 
 /// What a set of producers did.
@@ -135,8 +192,20 @@ pub async fn run<S: System>(
     if scenario.producers == 0 {
         bail!("a scenario needs at least one producer");
     }
-    if scenario.workload != Workload::Produce && scenario.consumers == 0 {
+    if matches!(scenario.workload, Workload::Consume | Workload::EndToEnd)
+        && scenario.consumers == 0
+    {
         bail!("{} needs at least one consumer", scenario.workload.name());
+    }
+    if scenario.stamps_records() && (scenario.values != Values::Filler || scenario.filter.is_some())
+    {
+        bail!(
+            "end-to-end runs stamp each value's first 8 bytes: JSON values and filters are for \
+             produce, consume and transform runs"
+        );
+    }
+    if scenario.workload == Workload::Transform && scenario.filter.is_none() {
+        bail!("a transform run needs a filter (--filter byte-scan|json)");
     }
     let session = system
         .start(scenario)
@@ -147,13 +216,17 @@ pub async fn run<S: System>(
         match scenario.workload {
             Workload::Produce => {
                 let progress = Progress::start(&label, quiet);
+                let cpu_before = session.server_cpu();
                 let produced = produce(&session, scenario, &progress, false).await?;
+                let cpu = cpu_between(cpu_before, session.server_cpu());
                 drop(progress);
                 if let Some(shortfall) = session.verify_stored(produced.records).await? {
                     bail!("records were lost: {shortfall}");
                 }
                 let elapsed = span(produced.first_send, produced.end);
-                Ok(measurement(system, scenario, &produced, elapsed, None))
+                let mut m = measurement(system, scenario, &produced, elapsed, None);
+                m.server_cpu_secs = cpu;
+                Ok(m)
             }
             Workload::Consume => {
                 let fill = Progress::start(&format!("{label} (filling)"), quiet);
@@ -164,9 +237,11 @@ pub async fn run<S: System>(
                 }
                 let progress = Progress::start(&label, quiet);
                 let target = Arc::new(AtomicU64::new(produced.records));
+                let cpu_before = session.server_cpu();
                 let consumers = start_consumers(&session, scenario, &progress, target).await?;
                 let started = Instant::now();
                 let consumed = consumers.finish(scenario.timeout).await?;
+                let cpu = cpu_between(cpu_before, session.server_cpu());
                 drop(progress);
                 let elapsed = span(Some(started), consumed.last_receive);
                 let consumed_only = Produced {
@@ -175,11 +250,39 @@ pub async fn run<S: System>(
                 };
                 let mut measurement =
                     measurement(system, scenario, &consumed_only, elapsed, Some(&consumed));
+                measurement.server_cpu_secs = cpu;
                 measurement.notes.push(format!(
                     "filled with {} records before timing",
                     produced.records
                 ));
                 Ok(measurement)
+            }
+            Workload::Transform => {
+                let fill = Progress::start(&format!("{label} (filling)"), quiet);
+                let produced = produce(&session, scenario, &fill, false).await?;
+                drop(fill);
+                if let Some(note) = session.verify_stored(produced.records).await? {
+                    bail!("the input topic was not filled: {note}");
+                }
+                let _progress = Progress::start(&label, quiet);
+                let cpu_before = session.server_cpu();
+                let done = session.transform(scenario, produced.records).await?;
+                let cpu = cpu_between(cpu_before, session.server_cpu());
+                let mut m = Measurement::new(
+                    system.name(),
+                    &system.version(),
+                    done.records_in,
+                    done.records_in * scenario.record_bytes as u64,
+                    done.elapsed,
+                    &Latency::new(),
+                    &Latency::new(),
+                );
+                m.server_cpu_secs = cpu;
+                m.notes.push(format!(
+                    "input filled with {} records before timing; {} records written to the output",
+                    produced.records, done.records_out
+                ));
+                Ok(m)
             }
             Workload::EndToEnd => {
                 let progress = Progress::start(&label, quiet);
@@ -222,7 +325,7 @@ fn measurement<S: System>(
     consumed: Option<&Consumed>,
 ) -> Measurement {
     let records = match scenario.workload {
-        Workload::Produce | Workload::EndToEnd => produced.records,
+        Workload::Produce | Workload::EndToEnd | Workload::Transform => produced.records,
         Workload::Consume => consumed.map_or(0, |c| c.records),
     };
     let empty = Latency::new();
@@ -265,6 +368,7 @@ async fn produce<S: Session>(
         let plan = ProducerPlan {
             index,
             of: scenario.producers,
+            values: scenario.values,
             amount: scenario.amount,
             rate: scenario.rate,
             record_bytes: scenario.record_bytes,
@@ -307,6 +411,7 @@ fn max_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 struct ProducerPlan {
     index: usize,
     of: usize,
+    values: Values,
     amount: Amount,
     rate: Option<u64>,
     record_bytes: usize,
@@ -351,7 +456,7 @@ async fn producer_task<P: Producer>(
     plan: ProducerPlan,
     counters: Arc<crate::progress::Counters>,
 ) -> anyhow::Result<Produced> {
-    let template = value_template(plan.record_bytes);
+    let template = values_template(plan.values, plan.record_bytes);
     let deadline = match plan.amount {
         Amount::Duration(d) => Some(plan.start_line + d),
         Amount::Records(_) => None,
@@ -594,10 +699,34 @@ mod tests {
     }
 
     #[test]
+    fn json_values_have_the_record_size_and_end_with_what_filters_read() {
+        for len in [100, 1024] {
+            let value = values_template(Values::Json, len);
+            assert_eq!(value.len(), len);
+            let json: serde_json::Value = serde_json::from_slice(&value).unwrap();
+            assert_eq!(json["amount"], 150);
+            assert_eq!(json["level"], "ERROR");
+            // `ERROR` appears once, near the end: byte-scan reads the whole value.
+            let at = value.windows(5).position(|w| w == b"ERROR").unwrap();
+            assert!(at > len - 30, "{at} of {len}");
+        }
+        // Below the skeleton the value is the skeleton.
+        assert_eq!(values_template(Values::Json, 10).len(), 39);
+    }
+
+    #[test]
+    fn process_cpu_reads_this_process() {
+        let cpu = process_cpu(std::process::id()).expect("a Linux /proc");
+        assert!(cpu < Duration::from_secs(3600));
+        assert_eq!(process_cpu(u32::MAX), None);
+    }
+
+    #[test]
     fn record_counts_split_over_producers() {
         let plan = |index, of| ProducerPlan {
             index,
             of,
+            values: Values::Filler,
             amount: Amount::Records(10),
             rate: Some(3_000),
             record_bytes: 1,

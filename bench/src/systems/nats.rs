@@ -156,6 +156,9 @@ impl super::System for Nats {
     }
 
     async fn start(&self, scenario: &Scenario) -> anyhow::Result<NatsSession> {
+        if scenario.filter.is_some() || scenario.workload == crate::scenario::Workload::Transform {
+            anyhow::bail!("NATS JetStream runs no Wasm filters or transforms");
+        }
         let server = self.spawn_server(scenario.durability)?;
         let context = server.create_stream(scenario).await?;
         // One durable pull consumer that all consumer connections share (messages are
@@ -184,6 +187,13 @@ pub struct NatsSession {
 impl super::Session for NatsSession {
     type Producer = NatsProducer;
     type Consumer = NatsConsumer;
+
+    fn server_cpu(&self) -> Option<Duration> {
+        self.server
+            .process
+            .running_pid()
+            .and_then(super::process_cpu)
+    }
 
     async fn producer(&self, scenario: &Scenario, _index: usize) -> anyhow::Result<NatsProducer> {
         let client = self.server.client().await?;

@@ -7,6 +7,7 @@
 
 pub(crate) mod checkpoint;
 mod cleaner;
+mod dropped;
 pub(crate) mod producers;
 
 use std::collections::BTreeMap;
@@ -306,6 +307,8 @@ pub struct Partition {
     producers_checkpointed: std::sync::atomic::AtomicU64,
     /// Where startup's replay of the log began (after the checkpoint, when there was one).
     replayed_from: std::sync::atomic::AtomicI64,
+    /// Idempotent batches a produce chain emptied, kept until a checkpoint holds them.
+    dropped: Arc<dropped::DroppedJournal>,
 }
 
 /// The offsets of a partition's log.
@@ -347,9 +350,11 @@ enum SubmittedBatch {
         base_offset: i64,
     },
     /// A produce chain kept none of the batch's records: nothing is appended, the sequences
-    /// are taken (the producer continues after them).
+    /// are taken (the producer continues after them) and, for an idempotent batch, recorded
+    /// durably before the answer (`dropped`).
     Dropped {
         base_offset: i64,
+        dropped: Option<dropped::DroppedBatch>,
     },
 }
 
@@ -527,12 +532,26 @@ impl Partition {
                             // Nothing to append: the sequences are taken at once, at the
                             // offset the next record gets.
                             let base_offset = self.log.log_end_offset();
+                            let mut dropped = None;
                             if idempotent {
                                 producers.begin(&header);
                                 producers.complete(&header, base_offset);
                                 self.sequence_moved.notify_waiters();
+                                dropped = Some(dropped::DroppedBatch {
+                                    producer_id: header.producer_id,
+                                    epoch: header.producer_epoch,
+                                    first_sequence: header.base_sequence,
+                                    last_sequence: header
+                                        .base_sequence
+                                        .wrapping_add(header.last_offset_delta)
+                                        & i32::MAX,
+                                    base_offset,
+                                });
                             }
-                            return Ok(SubmittedBatch::Dropped { base_offset });
+                            return Ok(SubmittedBatch::Dropped {
+                                base_offset,
+                                dropped,
+                            });
                         };
                         let (records, bytes) = (output_records(output), output.len() as u64);
                         let pending = self.log.append(output.clone(), now_ms)?;
@@ -584,7 +603,19 @@ impl Partition {
                     duplicate: true,
                 });
             }
-            SubmittedBatch::Dropped { base_offset } => {
+            SubmittedBatch::Dropped {
+                base_offset,
+                dropped,
+            } => {
+                if let Some(entry) = dropped {
+                    // The log will never show these sequences: record them before answering.
+                    let journal = self.dropped.clone();
+                    tokio::task::spawn_blocking(move || journal.append(&entry))
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|written| written)
+                        .map_err(|e| io_error("appending to", self.dropped.path(), e))?;
+                }
                 return Ok(Appended {
                     base_offset,
                     duplicate: false,
@@ -707,6 +738,15 @@ impl Partition {
         Ok(self.log.compact(config, now_ms, throttle)?)
     }
 
+    /// The epoch and last sequence this partition holds of an idempotent producer (a
+    /// transform's output partition tells a restarted transform how far it wrote).
+    pub fn producer_last_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        self.producers
+            .lock()
+            .expect("producer table lock")
+            .last_sequence_of(producer_id)
+    }
+
     pub fn sync(&self) -> Result<(), ClusterError> {
         self.log.sync()?;
         Ok(())
@@ -736,6 +776,10 @@ impl Partition {
             producers.replay(batch.header());
             Ok(())
         })?;
+        let dropped = dropped::DroppedJournal::read(self.dropped.path())
+            .map_err(|e| io_error("reading", self.dropped.path(), e))?;
+        producers.restore_dropped(&dropped, log_start);
+        self.dropped.note_existing(dropped.len() as u64);
         tracing::debug!(topic = %self.topic, partition = self.index, from, to = high_watermark, "rebuilt producer state");
         Ok(())
     }
@@ -762,6 +806,8 @@ impl Partition {
             };
             (version, self.log.high_watermark(), body)
         };
+        // Read after the encoding: every batch recorded by now is in the body.
+        let dropped_entries = self.dropped.entries();
         checkpoint::write(
             &self.producers_checkpoint,
             checkpoint::Kind::Producers,
@@ -771,6 +817,9 @@ impl Partition {
         .map_err(|e| io_error("writing", &self.producers_checkpoint, e))?;
         self.producers_checkpointed
             .store(version, Ordering::Relaxed);
+        self.dropped
+            .clear_if_unchanged(dropped_entries)
+            .map_err(|e| io_error("emptying", self.dropped.path(), e))?;
         Ok(())
     }
 
@@ -1114,6 +1163,10 @@ impl Cluster {
                 producers_checkpoint: dir.join(format!("producers-{index}.checkpoint")),
                 producers_checkpointed: std::sync::atomic::AtomicU64::new(0),
                 replayed_from: std::sync::atomic::AtomicI64::new(0),
+                dropped: Arc::new(dropped::DroppedJournal::new(
+                    dir.join(format!("producers-{index}.dropped")),
+                    matches!(self.config.fsync, Fsync::Always),
+                )),
             };
             partition.rebuild_producer_state()?;
             partitions.push(Arc::new(partition));

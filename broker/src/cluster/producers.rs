@@ -170,6 +170,12 @@ impl ProducerTable {
         SequenceCheck::Append
     }
 
+    /// The epoch and the last sequence this partition holds of `producer_id`, if it knows it.
+    pub fn last_sequence_of(&self, producer_id: i64) -> Option<(i16, i32)> {
+        let entry = self.producers.get(&producer_id)?;
+        Some((entry.epoch, entry.batches.back()?.last_sequence))
+    }
+
     /// Bumped by every change of the table.
     pub fn version(&self) -> u64 {
         self.version
@@ -316,6 +322,55 @@ impl ProducerTable {
             entry
                 .batches
                 .retain(|b| !(b.first_sequence == header.base_sequence && b.last_sequence == last));
+        }
+    }
+
+    /// Takes back, after the replay at startup, batches a produce chain emptied (from the
+    /// dropped journal, in any order): each one that directly follows its producer's last
+    /// batch in its epoch, or starts a producer or a newer epoch at sequence 0, is taken, until
+    /// none is. Entries the table already holds, or below `log_start` (gone with retention, as
+    /// a replay would forget them), are left.
+    pub fn restore_dropped(&mut self, dropped: &[super::dropped::DroppedBatch], log_start: i64) {
+        let mut left: Vec<_> = dropped
+            .iter()
+            .filter(|d| d.base_offset >= log_start)
+            .collect();
+        loop {
+            let before = left.len();
+            left.retain(|d| {
+                let follows = match self.producers.get(&d.producer_id) {
+                    None => d.first_sequence == 0,
+                    Some(entry) if d.epoch > entry.epoch => d.first_sequence == 0,
+                    Some(entry) if d.epoch == entry.epoch => entry.batches.back().is_none_or(|b| {
+                        b.last_sequence.wrapping_add(1) & i32::MAX == d.first_sequence
+                    }),
+                    Some(_) => false,
+                };
+                if !follows {
+                    return true;
+                }
+                let header = BatchHeader {
+                    base_offset: d.base_offset,
+                    batch_length: 0,
+                    partition_leader_epoch: 0,
+                    magic: 2,
+                    crc: 0,
+                    attributes: 0,
+                    last_offset_delta: d.last_sequence.wrapping_sub(d.first_sequence) & i32::MAX,
+                    base_timestamp: 0,
+                    max_timestamp: 0,
+                    producer_id: d.producer_id,
+                    producer_epoch: d.epoch,
+                    base_sequence: d.first_sequence,
+                    records_count: 0,
+                };
+                self.begin(&header);
+                self.complete(&header, d.base_offset);
+                false
+            });
+            if left.len() == before {
+                break;
+            }
         }
     }
 
@@ -526,6 +581,41 @@ mod tests {
         assert_eq!(kind(&table.check(&h)), "overloaded");
         table.abort(&h);
         assert_eq!(table.check(&h), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn emptied_batches_are_taken_back_in_sequence_order_once() {
+        use super::super::dropped::DroppedBatch;
+        let dropped = |pid, epoch, first, last, base_offset| DroppedBatch {
+            producer_id: pid,
+            epoch,
+            first_sequence: first,
+            last_sequence: last,
+            base_offset,
+        };
+        let mut table = ProducerTable::new(0);
+        table.replay(&header(1, 0, 0, 5));
+        table.replay(&header(3, 2, 0, 1));
+        table.restore_dropped(
+            &[
+                // Out of order in the journal: both are taken.
+                dropped(1, 0, 8, 9, 5),
+                dropped(1, 0, 5, 7, 5),
+                // Already in the table (a checkpoint held it): left.
+                dropped(1, 0, 0, 4, 0),
+                // A producer only emptied batches told about; one below the log start.
+                dropped(2, 0, 0, 2, 5),
+                dropped(4, 0, 0, 2, 1),
+                // An older epoch.
+                dropped(3, 1, 1, 1, 5),
+            ],
+            2,
+        );
+        assert_eq!(kind(&table.check(&header(1, 0, 10, 1))), "append");
+        assert_eq!(kind(&table.check(&header(1, 0, 5, 3))), "duplicate@5");
+        assert_eq!(kind(&table.check(&header(2, 0, 3, 1))), "append");
+        assert_eq!(kind(&table.check(&header(4, 0, 3, 1))), "gap");
+        assert_eq!(kind(&table.check(&header(3, 2, 1, 1))), "append");
     }
 
     #[test]

@@ -182,6 +182,21 @@ pub fn output_stamp(input: &BatchHeader, records_out: i32) -> ProducerStamp {
     }
 }
 
+/// Whether a module's output keeps each of `count` records unchanged, in order.
+fn keeps_all(output: &Output, count: usize) -> bool {
+    match output {
+        Output::Keep(bitmap) => (0..count).all(|i| Output::kept(bitmap, i)),
+        Output::Actions(actions) => {
+            actions.len() == count
+                && actions
+                    .iter()
+                    .enumerate()
+                    .all(|(i, a)| matches!(a, Action::Keep(k) if *k as usize == i))
+        }
+        Output::Error(_) => false,
+    }
+}
+
 /// The sessions of one run of a chain: one per module.
 type SessionSet = Vec<FilterSession>;
 
@@ -317,16 +332,22 @@ impl ProduceChain {
         }
         let records_in = records.len() as u64;
         let mut dead_letters = Vec::new();
+        // Whether every module kept every record as it was: the input is then the output.
+        let mut unchanged = true;
         for session in sessions.iter_mut() {
             if records.is_empty() {
                 break;
             }
             let output = session.run(&self.topic, partition, &records)?;
+            unchanged &= keeps_all(&output, records.len());
             records = self.next_records(session, records, output, &mut dead_letters)?;
         }
         let records_out = records.len() as u64;
         let batch = if records.is_empty() {
             None
+        } else if unchanged {
+            // Same records, same sequences: stored as produced, no re-encode.
+            Some(input.as_bytes().clone())
         } else {
             let stamp = output_stamp(input.header(), records.len() as i32);
             let mut builder = BatchBuilder::with_capacity(

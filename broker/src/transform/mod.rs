@@ -356,6 +356,7 @@ impl FilterSession {
         // (first record index, count, whether every record of the stored batch is included)
         let mut spans = Vec::new();
         let mut next_offset = from_offset;
+        let source = fetched.clone();
         for slice in BatchSlices::new(fetched) {
             let log = |e: ketch_protocol::batch::BatchError| {
                 self.error(FailureReason::Log(format!("reading the log: {e}")), None)
@@ -390,23 +391,48 @@ impl FilterSession {
         let mut records_out = 0u64;
         match output {
             Output::Keep(bitmap) => {
+                // Runs of batches kept whole go out as slices of the read, not copies: a
+                // filter that keeps everything forwards the read as it is.
+                let mut pieces: Vec<Bytes> = Vec::new();
+                let mut verbatim: Option<std::ops::Range<usize>> = None;
+                let mut at = 0;
                 for (batch, &(first, count, whole)) in batches.iter().zip(&spans) {
+                    let range = at..at + batch.as_bytes().len();
+                    at = range.end;
                     let kept: Vec<usize> = (first..first + count)
                         .filter(|&i| Output::kept(&bitmap, i))
                         .collect();
                     records_out += kept.len() as u64;
-                    if kept.is_empty() {
+                    if whole && kept.len() == count {
+                        let start = verbatim.take().map_or(range.start, |run| run.start);
+                        verbatim = Some(start..range.end);
                         continue;
                     }
-                    if whole && kept.len() == count {
-                        out.extend_from_slice(batch.as_bytes());
+                    if let Some(run) = verbatim.take() {
+                        pieces.push(source.slice(run));
+                    }
+                    if kept.is_empty() {
                         continue;
                     }
                     let mut builder = Reencoder::new();
                     for i in kept {
                         builder.push_record(&records[i], None);
                     }
-                    out.extend_from_slice(&builder.finish());
+                    pieces.push(builder.finish());
+                }
+                if let Some(run) = verbatim.take() {
+                    pieces.push(source.slice(run));
+                }
+                if pieces.len() == 1 {
+                    return Ok(Filtered {
+                        records: pieces.pop().expect("one piece"),
+                        next_offset,
+                        records_in,
+                        records_out,
+                    });
+                }
+                for piece in pieces {
+                    out.extend_from_slice(&piece);
                 }
             }
             Output::Actions(actions) => {
