@@ -198,6 +198,11 @@ impl Shared {
         lock(&self.pending).retain(|_, (base, _)| *base >= served);
     }
 
+    /// Reads the entries of `start..end` that are still there: the range may have been
+    /// chosen before a truncation (or purge) removed its tail, and then the entries before
+    /// the gap are the answer — openraft allows a reader to find fewer entries than asked
+    /// for. (A replication task of a leader that just stepped down reads while the
+    /// follower it became truncates; an error here would be fatal to the whole replica.)
     // openraft's error type is what its reader trait returns: not ours to shrink.
     #[allow(clippy::result_large_err)]
     fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
@@ -209,20 +214,24 @@ impl Shared {
                 next += 1;
                 continue;
             }
-            let position = lock(&self.index).get(next).ok_or_else(|| {
-                StorageIOError::read_log_at_index(next, openraft::AnyError::error("no such entry"))
-            })?;
+            let Some(position) = lock(&self.index).get(next) else {
+                break;
+            };
+            // Truncation drops the index before the storage: if `next` is still indexed
+            // where it was, a failed read is a real error.
             let at = next;
+            let gone = || lock(&self.index).get(at) != Some(position);
             let read_error = |e: &dyn std::error::Error| {
                 RaftStorageError::from(StorageIOError::read_log_at_index(
                     at,
                     openraft::AnyError::error(e.to_string()),
                 ))
             };
-            let bytes = self
-                .log
-                .read(position.base, READ_BYTES_MAX)
-                .map_err(|e| read_error(&e))?;
+            let bytes = match self.log.read(position.base, READ_BYTES_MAX) {
+                Ok(bytes) => bytes,
+                Err(_) if gone() => break,
+                Err(e) => return Err(read_error(&e)),
+            };
             let before = next;
             for slice in BatchSlices::new(bytes) {
                 let (header, batch) = slice.map_err(|e| read_error(&e))?;
@@ -237,6 +246,9 @@ impl Shared {
                 next += 1;
             }
             if next == before {
+                if gone() {
+                    break;
+                }
                 // Flushed and reported, yet not served: the storage's high watermark lags
                 // its completion for a moment. Never happens with the pending map pruned
                 // by the served end; report it rather than spin.
@@ -618,12 +630,14 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         let Some(position) = self.shared.position(log_id.index) else {
             return Ok(());
         };
+        // The index first: a reader that finds an entry indexed can tell a failed read
+        // from one the truncation raced (see `Shared::read_entries`).
+        lock(&self.shared.index).truncate_from(log_id.index);
+        lock(&self.shared.pending).retain(|index, _| *index < log_id.index);
         self.shared
             .log
             .truncate_suffix(position.base)
             .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
-        lock(&self.shared.index).truncate_from(log_id.index);
-        lock(&self.shared.pending).retain(|index, _| *index < log_id.index);
         Ok(())
     }
 
