@@ -1098,8 +1098,8 @@ mod tests {
 
     #[test]
     fn decoders_accept_exactly_the_versions_they_speak() {
-        // Produce speaks 0 to 2 and Fetch 0 and 1; one more is refused with a typed error, as
-        // is any version of an API that speaks only 0.
+        // Produce speaks 0 to 2, Fetch and Metadata 0 and 1; one more is refused with a typed
+        // error, as is any version but 0 of an API that speaks only 0.
         let request = ProduceRequest::default();
         for version in [0u16, 1, 2] {
             let body = request.to_bytes_at(version);
@@ -1125,11 +1125,22 @@ mod tests {
         assert_eq!(
             Request::decode(
                 ApiKey::Metadata as u16,
-                1,
+                2,
                 MetadataRequest::default().to_bytes()
             ),
             Err(DecodeError::UnsupportedVersion {
                 api: "Metadata",
+                version: 2
+            })
+        );
+        assert_eq!(
+            Request::decode(
+                ApiKey::ListTopics as u16,
+                1,
+                ListTopicsRequest::default().to_bytes()
+            ),
+            Err(DecodeError::UnsupportedVersion {
+                api: "ListTopics",
                 version: 1
             })
         );
