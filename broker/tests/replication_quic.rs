@@ -70,10 +70,17 @@ async fn wait_for_leader(nodes: &HashMap<NodeId, Node>) -> NodeId {
         if let Some((id, _)) = nodes.iter().find(|(_, n)| n.replica.is_leader()) {
             return *id;
         }
-        assert!(
-            started.elapsed() < WAIT_MAX,
-            "no leader within {WAIT_MAX:?}"
-        );
+        if started.elapsed() >= WAIT_MAX {
+            // Each replica's own view, so a replica whose Raft stopped says why.
+            for (id, node) in nodes {
+                let m = node.replica.raft().metrics().borrow().clone();
+                println!(
+                    "node {id} {:?} leader {:?} vote {} last log {:?} running {:?}",
+                    m.state, m.current_leader, m.vote, m.last_log_index, m.running_state
+                );
+            }
+            panic!("no leader within {WAIT_MAX:?}");
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
