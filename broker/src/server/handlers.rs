@@ -610,6 +610,24 @@ pub(super) fn watch_partition(
         .watch_high_watermark())
 }
 
+/// A partition's answer with no records and no offsets yet (an error, or one to fill in).
+fn partition_answer(
+    topic: String,
+    partition: u32,
+    error: ErrorCode,
+    error_message: Option<String>,
+) -> FetchPartitionResponse {
+    FetchPartitionResponse {
+        topic,
+        partition,
+        error,
+        error_message,
+        high_watermark: -1,
+        log_start_offset: -1,
+        records: Bytes::new(),
+    }
+}
+
 /// `api` is the request the read serves (Fetch, Subscribe or SubscribeFiltered), for the error
 /// metrics.
 pub(super) fn fetch_partition(
@@ -618,15 +636,7 @@ pub(super) fn fetch_partition(
     p: &FetchPartition,
     max_bytes: u32,
 ) -> FetchPartitionResponse {
-    let mut response = FetchPartitionResponse {
-        topic: p.topic.clone(),
-        partition: p.partition,
-        error: ErrorCode::None,
-        error_message: None,
-        high_watermark: -1,
-        log_start_offset: -1,
-        records: Bytes::new(),
-    };
+    let mut response = partition_answer(p.topic.clone(), p.partition, ErrorCode::None, None);
     if let Some(node) = &state.cluster_node {
         let result = match node.controller.partition(&p.topic, p.partition) {
             Some(hosted) => hosted.read(p.offset, max_bytes),
@@ -954,15 +964,7 @@ pub(super) async fn subscribe_many(
             }),
             Err(e) => {
                 state.metrics.error(Some(ApiKey::SubscribeMany), e.code);
-                let gone = FetchPartitionResponse {
-                    topic: fetch.topic,
-                    partition: fetch.partition,
-                    error: e.code,
-                    error_message: Some(e.message),
-                    high_watermark: -1,
-                    log_start_offset: -1,
-                    records: Bytes::new(),
-                };
+                let gone = partition_answer(fetch.topic, fetch.partition, e.code, Some(e.message));
                 if send
                     .write_all(&frame::encode_response(&gone))
                     .await
@@ -1036,18 +1038,16 @@ pub(super) async fn subscribe_many(
         if let (Err(_), at) = changed {
             // The partition is gone: say so, as a fetch would, and go on with the others.
             let entry = subscribed.swap_remove(at);
-            let gone = FetchPartitionResponse {
-                error: ErrorCode::UnknownTopic,
-                error_message: Some(format!(
-                    "{}/{} was deleted while subscribed",
-                    entry.fetch.topic, entry.fetch.partition
-                )),
-                topic: entry.fetch.topic,
-                partition: entry.fetch.partition,
-                high_watermark: -1,
-                log_start_offset: -1,
-                records: Bytes::new(),
-            };
+            let message = format!(
+                "{}/{} was deleted while subscribed",
+                entry.fetch.topic, entry.fetch.partition
+            );
+            let gone = partition_answer(
+                entry.fetch.topic,
+                entry.fetch.partition,
+                ErrorCode::UnknownTopic,
+                Some(message),
+            );
             if send
                 .write_all(&frame::encode_response(&gone))
                 .await
