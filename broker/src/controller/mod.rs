@@ -17,9 +17,11 @@
 //! replica of a partition's list initializes its group, and a restart rejoins it. The image is
 //! rebuilt at start-up by replaying the metadata log (never purged yet).
 //!
-//! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
-//! coordination stays per broker (clients use the controller's); producer ids are made
-//! unique across brokers by putting the node id in their high bits.
+//! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
+//! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
+//!
+//! Known limits: membership is the initial `--peers` (no add-broker yet); producer ids are
+//! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
 
@@ -59,6 +61,10 @@ pub const IN_SYNC_ANSWERED_WITHIN: Duration = Duration::from_secs(2);
 pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
+pub const OFFSETS_PARTITIONS: u32 = 16;
+/// Replicas of each `__consumer_offsets` partition (fewer on a smaller cluster).
+pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
 pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
 
@@ -673,6 +679,12 @@ impl<T: PeerTransport> Controller<T> {
         partitions_per_topic_max: u32,
     ) -> Result<TopicImage, ClusterError> {
         crate::cluster::validate_topic_name(name)?;
+        if name.starts_with("__") {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "names starting with \"__\" are reserved",
+            ));
+        }
         if partitions == 0 || partitions > partitions_per_topic_max {
             return Err(ClusterError::new(
                 ErrorCode::InvalidPartitions,
@@ -751,7 +763,62 @@ impl<T: PeerTransport> Controller<T> {
         Ok(self.topic(name).unwrap_or(topic))
     }
 
+    /// Creates the cluster's `__consumer_offsets` once: [`OFFSETS_PARTITIONS`] partitions of
+    /// min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed by whichever broker
+    /// leads the metadata group once its image is current (the first create of the name
+    /// wins, so brokers racing to create it are harmless). Runs until the image has it.
+    pub async fn ensure_offsets_topic(self: Arc<Self>) {
+        let name = crate::cluster::OFFSETS_TOPIC;
+        loop {
+            if self.topic(name).is_some() {
+                return;
+            }
+            if self.caught_up() && self.controller_id() == Some(self.node_id) {
+                let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+                let id = TopicId::generate().0;
+                let config = TopicConfig {
+                    partitions: OFFSETS_PARTITIONS,
+                    retention_ms: -1,
+                    retention_bytes: -1,
+                    cleanup_policy: Default::default(),
+                    delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+                };
+                let command = MetadataCommand::TopicCreated {
+                    name: name.to_owned(),
+                    id,
+                    replicas: place(
+                        &brokers,
+                        OFFSETS_PARTITIONS,
+                        OFFSETS_REPLICATION_FACTOR_MAX.min(brokers.len()),
+                        id,
+                    ),
+                    configs: config
+                        .entries()
+                        .into_iter()
+                        .map(|e| (e.key, e.value))
+                        .collect(),
+                };
+                match self.propose(&command, PROPOSE_TIMEOUT).await {
+                    Ok(_) => tracing::info!(
+                        partitions = OFFSETS_PARTITIONS,
+                        "created the cluster's offsets topic"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "could not create the offsets topic yet")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
+        if name == crate::cluster::OFFSETS_TOPIC {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                format!("{name} is the cluster's own topic"),
+            ));
+        }
         let topic = self.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;

@@ -140,6 +140,8 @@ pub(crate) struct ClusterNode {
     pub controller: Arc<crate::controller::Controller<peer::QuicPeers>>,
     pub groups: Arc<peer::PeerGroups>,
     pub verifier: peer::PeerVerifier,
+    /// The consumer groups this broker coordinates (leader of their offsets partition).
+    pub offsets: Arc<crate::groups::replicated::ReplicatedGroups<peer::QuicPeers>>,
 }
 
 /// A tiny cancellation token (a watch channel): set once, awaited by many.
@@ -353,10 +355,15 @@ impl Broker {
                     groups.clone(),
                 )
                 .await?;
+                let offsets = crate::groups::replicated::ReplicatedGroups::start(
+                    controller.clone(),
+                    group_config.clone(),
+                );
                 Some(ClusterNode {
                     controller,
                     groups,
                     verifier,
+                    offsets,
                 })
             }
             _ => None,
