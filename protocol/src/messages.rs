@@ -479,6 +479,12 @@ wire_struct! {
     /// `__consumer_offsets` (FNV-1a 32 of the group's UTF-8 bytes, modulo the partition
     /// count); a single node answers itself. Any broker answers; while the partition has no
     /// leader (or this broker's view is stale) the answer is the error `not_coordinator`.
+    /// GroupHeartbeat, GroupLeave, OffsetCommit, OffsetFetch and DescribeGroup go to the
+    /// coordinator; another broker answers them `not_coordinator` (find it again, retry
+    /// there). ListGroups lists the groups of the answering broker: ask every broker. A commit
+    /// is acknowledged once a quorum of the offsets partition's replicas has it; a new
+    /// coordinator answers with every acknowledged offset (members re-join: their ids from
+    /// the old coordinator get `unknown_member`).
     pub struct FindCoordinatorRequest {
         pub group: String,
     }
