@@ -41,6 +41,8 @@ fn commit(group: &str, partition: u32, offset: i64) -> OffsetCommitRequest {
 fn in_group(group: &str) -> ConsumerConfig {
     ConsumerConfig {
         group: Some(group.into()),
+        // Only the commits the test makes.
+        auto_commit: false,
         ..ConsumerConfig::default()
     }
 }
@@ -71,7 +73,6 @@ async fn agreed_coordinator(
     group: &str,
 ) -> anyhow::Result<FindCoordinatorResponse> {
     let started = Instant::now();
-    let mut last = String::new();
     loop {
         let clients = raw_clients(cluster).await?;
         let mut answers = Vec::new();
@@ -100,9 +101,8 @@ async fn agreed_coordinator(
             );
             return Ok(coordinator);
         }
-        last = format!("{answers:?}");
         if started.elapsed() > WAIT_MAX {
-            bail!("the brokers never agreed on a coordinator of {group:?}: {last}");
+            bail!("the brokers never agreed on a coordinator of {group:?}: {answers:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
