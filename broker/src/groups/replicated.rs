@@ -43,6 +43,8 @@ use crate::replication::network::PeerTransport;
 pub const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
 /// How long a commit waits for a quorum.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read of committed offsets waits for a quorum to confirm the leader.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of an offsets partition a load reads at a time.
 const LOAD_READ_BYTES_MAX: usize = 4 * 1024 * 1024;
 
@@ -201,6 +203,22 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
             )));
         }
         self.slots().insert(index, slot.clone());
+        Ok(slot)
+    }
+
+    /// [`Self::coordinator_of`], once a quorum of the partition's replicas confirmed this
+    /// broker still leads it: for reads of committed offsets, which a leader deposed
+    /// without knowing it yet (a slow broker the others gave up on) must not answer from
+    /// its older state.
+    pub async fn confirmed_coordinator_of(&self, group: &str) -> Result<Arc<Slot>, ClusterError> {
+        let slot = self.coordinator_of(group).await?;
+        let node_id = self.controller.node_id();
+        let confirmed = slot.partition.replica.confirm_leader(CONFIRM_TIMEOUT).await;
+        if confirmed.is_err() || !slot.current(node_id) {
+            return Err(not_coordinator(format!(
+                "node {node_id} could not confirm it still coordinates group {group:?}"
+            )));
+        }
         Ok(slot)
     }
 

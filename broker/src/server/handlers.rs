@@ -1122,14 +1122,21 @@ fn find_coordinator(state: &State, group: &str) -> Result<FindCoordinatorRespons
 /// Runs `f` on the coordinator that holds `group`: in a cluster the one this broker has for
 /// the group's offsets partition (`not_coordinator` when it does not lead it), else the
 /// node's own.
+/// With `confirmed` (reads of committed state), a cluster's coordinator first confirms its
+/// leadership with a quorum.
 async fn with_coordinator<R>(
     state: &State,
     group: &str,
+    confirmed: bool,
     f: impl FnOnce(&mut crate::group::GroupCoordinator) -> R,
 ) -> Result<R, ClusterError> {
     match &state.cluster_node {
         Some(node) => {
-            let slot = node.offsets.coordinator_of(group).await?;
+            let slot = if confirmed {
+                node.offsets.confirmed_coordinator_of(group).await?
+            } else {
+                node.offsets.coordinator_of(group).await?
+            };
             let mut coordinator = slot.coordinator();
             Ok(f(&mut coordinator))
         }
@@ -1142,7 +1149,7 @@ pub(super) async fn offset_fetch(
     state: &State,
     request: &OffsetFetchRequest,
 ) -> Result<OffsetFetchResponse, ClusterError> {
-    with_coordinator(state, &request.group, |c| c.offset_fetch(request)).await
+    with_coordinator(state, &request.group, true, |c| c.offset_fetch(request)).await
 }
 
 /// The groups this broker coordinates (in a cluster, a client asks every broker).
@@ -1158,7 +1165,7 @@ async fn group_heartbeat(
     request: GroupHeartbeatRequest,
 ) -> Result<GroupHeartbeatResponse, ClusterError> {
     let partitions_of = partitions_of(state);
-    with_coordinator(state, &request.group, |c| {
+    with_coordinator(state, &request.group, false, |c| {
         c.heartbeat(&request, &partitions_of, now_ms())
     })
     .await?
@@ -1169,7 +1176,7 @@ async fn group_leave(
     state: &State,
     request: GroupLeaveRequest,
 ) -> Result<GroupLeaveResponse, ClusterError> {
-    with_coordinator(state, &request.group, |c| {
+    with_coordinator(state, &request.group, false, |c| {
         c.leave(&request.group, &request.member_id, now_ms())
     })
     .await?
@@ -1202,7 +1209,7 @@ async fn describe_group(
             (offsets.log_start, offsets.high_watermark)
         })
     };
-    with_coordinator(state, group, |c| c.describe(group, &lag_of))
+    with_coordinator(state, group, true, |c| c.describe(group, &lag_of))
         .await?
         .ok_or_else(|| {
             ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}"))
