@@ -126,7 +126,7 @@ pub fn describe() {
     let histograms: &[(&'static str, &'static str)] = &[
         (
             REQUEST_DURATION,
-            "Time from a request stream's opening to its response written, per API (Subscribe push streams excluded).",
+            "Time from a request stream's opening to its response ready to write, per API (Subscribe push streams excluded).",
         ),
         (
             PRODUCE_ACK_DURATION,

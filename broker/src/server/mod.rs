@@ -792,8 +792,8 @@ async fn serve_stream(
     let (request, principal) = match access::check(&state, &share.auth, request, version).await {
         access::Checked::Proceed { request, principal } => (request, principal),
         access::Checked::Answer(response) => {
-            let _ = write_chunks(&mut send, response).await;
             state.metrics.request_done(api, started);
+            let _ = write_chunks(&mut send, response).await;
             return;
         }
     };
@@ -834,10 +834,12 @@ async fn serve_stream(
         return;
     }
     let response = access::serve_metered(&state, &share.auth, &principal, request, version).await;
+    // Timed before the write: a client that has its answer finds the request counted (a
+    // scrape right after it must not see a request received but not yet timed).
+    state.metrics.request_done(api, started);
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
-    state.metrics.request_done(api, started);
 }
 
 /// What health checks and metric scrapes may ask of a broker, from outside its tasks.
