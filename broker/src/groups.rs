@@ -137,8 +137,7 @@ impl Groups {
         now_ms: i64,
     ) -> Result<OffsetCommitResponse, ClusterError> {
         let _serial = self.writes.lock().await;
-        let partitions_of =
-            |topic: &str| self.cluster.topic(topic).map(|t| t.config.partitions);
+        let partitions_of = |topic: &str| self.cluster.topic(topic).map(|t| t.config.partitions);
         let mut plan = self
             .coordinator()
             .commit(request, &partitions_of, now_ms)

@@ -437,7 +437,11 @@ impl Admin {
     /// out (its groups move to another broker when it fails), and only when none answers is
     /// it an error.
     pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
-        let answers = self.client.inner.call_every_broker(&ListGroupsRequest {}).await?;
+        let answers = self
+            .client
+            .inner
+            .call_every_broker(&ListGroupsRequest {})
+            .await?;
         let mut groups = std::collections::BTreeMap::new();
         for response in answers {
             for g in response.groups {

@@ -382,8 +382,7 @@ impl ClientInner {
         group: &str,
         request: &R,
     ) -> Result<R::Response> {
-        let deadline =
-            Instant::now() + self.config.request_timeout.max(COORDINATOR_RETRY_TIME_MIN);
+        let deadline = Instant::now() + self.config.request_timeout.max(COORDINATOR_RETRY_TIME_MIN);
         let mut attempt = 0;
         loop {
             let result = match self.coordinator(group).await {

@@ -218,7 +218,8 @@ async fn committed_offsets_survive_the_coordinators_death() -> anyhow::Result<()
             String::from_utf8_lossy(&out.stderr)
         );
         ensure!(
-            text.contains(&format!("{TOPIC}\t0\t12\t")) && text.contains(&format!("{TOPIC}\t1\t7\t")),
+            text.contains(&format!("{TOPIC}\t0\t12\t"))
+                && text.contains(&format!("{TOPIC}\t1\t7\t")),
             "{text}"
         );
     }
@@ -241,7 +242,11 @@ async fn committed_offsets_survive_the_coordinators_death() -> anyhow::Result<()
         third.node_id
     );
     // `ketch group list` through any broker finds the group at its coordinator.
-    let out = cluster.process.cli(first).args(["group", "list"]).output()?;
+    let out = cluster
+        .process
+        .cli(first)
+        .args(["group", "list"])
+        .output()?;
     ensure!(
         String::from_utf8_lossy(&out.stdout).contains(GROUP),
         "{} {}",

@@ -125,9 +125,10 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
 
     /// The coordinator of `group`: its node and address.
     pub fn find_coordinator(&self, group: &str) -> Result<(NodeId, SocketAddr), ClusterError> {
-        let topic = self.controller.topic(OFFSETS_TOPIC).ok_or_else(|| {
-            not_coordinator("the cluster has not created its offsets topic yet")
-        })?;
+        let topic = self
+            .controller
+            .topic(OFFSETS_TOPIC)
+            .ok_or_else(|| not_coordinator("the cluster has not created its offsets topic yet"))?;
         let partition = offsets_partition(group, topic.replicas.len() as u32);
         let (leader, _) = self.controller.leader_of(&topic, partition);
         let leader = leader.ok_or_else(|| {
@@ -135,9 +136,14 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
                 "{OFFSETS_TOPIC}/{partition} (group {group:?}) has no leader yet"
             ))
         })?;
-        let addr = self.controller.peers().get(&leader).copied().ok_or_else(|| {
-            not_coordinator(format!("the coordinator {leader} is not a known broker"))
-        })?;
+        let addr = self
+            .controller
+            .peers()
+            .get(&leader)
+            .copied()
+            .ok_or_else(|| {
+                not_coordinator(format!("the coordinator {leader} is not a known broker"))
+            })?;
         Ok((leader, addr))
     }
 
@@ -145,9 +151,10 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
     /// broker just became its leader; `not_coordinator` where it does not lead it.
     pub async fn coordinator_of(&self, group: &str) -> Result<Arc<Slot>, ClusterError> {
         let node_id = self.controller.node_id();
-        let topic = self.controller.topic(OFFSETS_TOPIC).ok_or_else(|| {
-            not_coordinator("the cluster has not created its offsets topic yet")
-        })?;
+        let topic = self
+            .controller
+            .topic(OFFSETS_TOPIC)
+            .ok_or_else(|| not_coordinator("the cluster has not created its offsets topic yet"))?;
         let index = offsets_partition(group, topic.replicas.len() as u32);
         let here = || {
             let partition = self
@@ -390,7 +397,11 @@ mod tests {
         assert_eq!(offsets_partition("a", u32::MAX), 0xe40c_292c % u32::MAX);
         assert_eq!(offsets_partition("g", 16), offsets_partition("g", 16));
         assert_eq!(offsets_partition("anything", 1), 0);
-        assert_eq!(offsets_partition("anything", 0), 0, "no partitions: no panic");
+        assert_eq!(
+            offsets_partition("anything", 0),
+            0,
+            "no partitions: no panic"
+        );
         let spread: std::collections::BTreeSet<u32> = (0..200)
             .map(|i| offsets_partition(&format!("group-{i}"), 16))
             .collect();

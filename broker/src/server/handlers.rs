@@ -98,9 +98,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         Request::FindCoordinator(r) => {
             respond(state, api, version, find_coordinator(state, &r.group))
         }
-        Request::GroupHeartbeat(r) => {
-            respond(state, api, version, group_heartbeat(state, r).await)
-        }
+        Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r).await),
         Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r).await),
         Request::OffsetCommit(r) => {
             let committed = match &state.cluster_node {
@@ -127,12 +125,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 groups: list_groups(state),
             }),
         ),
-        Request::DescribeGroup(r) => respond(
-            state,
-            api,
-            version,
-            describe_group(state, &r.group).await,
-        ),
+        Request::DescribeGroup(r) => {
+            respond(state, api, version, describe_group(state, &r.group).await)
+        }
         Request::InitProducerId(_) => respond(
             state,
             api,
@@ -512,13 +507,15 @@ pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> Prod
                 if let Some(node) = &state.cluster_node {
                     drop(submitted_tx);
                     let result = match node.controller.partition(&name, p.partition) {
-                        Some(_) if name == OFFSETS_TOPIC => Err(crate::controller::ProduceRefused {
-                            error: ClusterError::new(
-                                ErrorCode::Unauthorized,
-                                "the offsets topic is written by the broker only",
-                            ),
-                            leader: (None, 0),
-                        }),
+                        Some(_) if name == OFFSETS_TOPIC => {
+                            Err(crate::controller::ProduceRefused {
+                                error: ClusterError::new(
+                                    ErrorCode::Unauthorized,
+                                    "the offsets topic is written by the broker only",
+                                ),
+                                leader: (None, 0),
+                            })
+                        }
                         Some(partition) => partition
                             .produce(p.records, acks, timeout, state.config.batch_bytes_max)
                             .await
@@ -1194,10 +1191,7 @@ pub(super) fn expire_group_members(state: &State) {
     }
 }
 
-async fn describe_group(
-    state: &State,
-    group: &str,
-) -> Result<DescribeGroupResponse, ClusterError> {
+async fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, ClusterError> {
     let lag_of = |topic: &str, partition: u32| {
         if let Some(node) = &state.cluster_node
             && let Some(hosted) = node.controller.partition(topic, partition)
