@@ -64,8 +64,8 @@ pub(crate) struct ClientInner {
 /// coordinator's failover — an election, then the new leader loading the group's offsets
 /// partition — takes seconds.
 pub(crate) const COORDINATOR_RETRY_TIME_MIN: Duration = Duration::from_secs(15);
-/// After the first FindCoordinator answer that names another broker, how long to wait for a
-/// broker that names itself (it leads the group's partition: the surest answer).
+/// After the first FindCoordinator answer, how long to wait for a broker that names itself
+/// (it leads the group's partition: the surest answer) before taking what was answered.
 const COORDINATOR_SELF_ANSWER_WAIT: Duration = Duration::from_millis(300);
 
 /// Cached cluster layout.
@@ -520,11 +520,7 @@ impl ClientInner {
             match answer {
                 Ok(addr) if addr == asked => break Some(addr),
                 Ok(addr) => {
-                    if named.is_none() {
-                        named = Some(addr);
-                        wait_until =
-                            Some(tokio::time::Instant::now() + COORDINATOR_SELF_ANSWER_WAIT);
-                    }
+                    named.get_or_insert(addr);
                 }
                 Err(error) if error.code() == Some(ErrorCode::UnsupportedApi) => {
                     break Some(asked);
@@ -534,6 +530,9 @@ impl ClientInner {
                     last_error = Some(error);
                 }
             }
+            // A dead broker answers nothing until the connect timeout: once one answered,
+            // the others get a short while more.
+            wait_until.get_or_insert(tokio::time::Instant::now() + COORDINATOR_SELF_ANSWER_WAIT);
         };
         match found {
             Some(addr) => {
