@@ -1,12 +1,17 @@
-//! Security in a cluster (`--auth required` on three brokers): tokens, ACLs, quotas and the
-//! owners of producer ids live in the metadata log, so a credential or rule made through any
-//! broker holds on every broker, and a revocation through one takes effect on all. Before,
-//! each broker kept its own: a token made through one broker was unknown to the others, and
-//! a client following a partition leader to another broker was refused.
+//! What three cluster brokers share and report, with real broker processes on 127.0.0.1,
+//! the `ketch` CLI and plain HTTP scrapes; every wait bounded.
 //!
-//! Real broker processes on 127.0.0.1, the `ketch` CLI with `KETCH_TOKEN`; every wait bounded.
+//! - Security (`--auth required`): tokens, ACLs, quotas and the owners of producer ids live
+//!   in the metadata log, so a credential or rule made through any broker holds on every
+//!   broker, and a revocation through one takes effect on all. Before, each broker kept its
+//!   own: a token made through one broker was unknown to the others, and a client following
+//!   a partition leader to another broker was refused.
+//! - Replication gauges: partitions led and under-replicated partitions, per broker, each
+//!   partition counted once across the cluster; a killed broker's partitions show up as
+//!   under-replicated on the survivors.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -217,5 +222,68 @@ fn tokens_acls_and_producer_ids_hold_on_every_broker() -> anyhow::Result<()> {
         rules.matches("alice").count() >= 3,
         "restarted node 2's rules: {rules}"
     );
+    Ok(())
+}
+
+/// The value of an unlabelled gauge in a broker's `/metrics` (absent: 0).
+fn gauge(metrics: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&metrics, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split_once("\r\n\r\n").context("no header end")?.1;
+    for line in body.lines() {
+        if let Some(value) = line.strip_prefix(name).and_then(|r| r.strip_prefix(' ')) {
+            return Ok(value.trim().parse()?);
+        }
+    }
+    Ok(0.0)
+}
+
+/// Sums `name` over the running brokers.
+fn cluster_sum(cluster: &TestCluster, name: &str) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for id in cluster.process.node_ids() {
+        if let Some(broker) = cluster.process.broker(id) {
+            sum += gauge(broker.metrics.context("metrics endpoint")?, name)?;
+        }
+    }
+    Ok(sum)
+}
+
+#[test]
+fn partitions_led_and_under_replicated_partitions_add_up_across_brokers() -> anyhow::Result<()> {
+    const PARTITIONS: u32 = 3;
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "gauged", PARTITIONS, 3)?;
+    eventually("every partition led once, none under-replicated", || {
+        Ok(
+            cluster_sum(&cluster, "ketch_partitions_led")? == f64::from(PARTITIONS)
+                && cluster_sum(&cluster, "ketch_under_replicated_partitions")? == 0.0
+                && cluster_sum(&cluster, "ketch_replicas")? == f64::from(3 * PARTITIONS),
+        )
+    })?;
+    // Every partition has a replica on node 3: once its leaders notice, each partition is
+    // led by a survivor and under-replicated.
+    cluster.process.kill(3);
+    eventually(
+        "node 3's replicas missing from every partition's ISR",
+        || {
+            Ok(
+                cluster_sum(&cluster, "ketch_partitions_led")? == f64::from(PARTITIONS)
+                    && cluster_sum(&cluster, "ketch_under_replicated_partitions")?
+                        == f64::from(PARTITIONS),
+            )
+        },
+    )?;
+    cluster.process.restart(3)?;
+    eventually("node 3 back in sync", || {
+        Ok(cluster_sum(&cluster, "ketch_under_replicated_partitions")? == 0.0)
+    })?;
     Ok(())
 }
