@@ -68,6 +68,8 @@ pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
 pub const OFFSETS_PARTITIONS: u32 = 16;
+/// How long one attempt to create `__consumer_offsets` keeps trying.
+pub const OFFSETS_CREATE_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Replicas of each `__consumer_offsets` partition (fewer on a smaller cluster).
 pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
@@ -806,17 +808,20 @@ impl<T: PeerTransport> Controller<T> {
         Ok(self.topic(name).unwrap_or(topic))
     }
 
-    /// Creates the cluster's `__consumer_offsets` once: [`OFFSETS_PARTITIONS`] partitions of
-    /// min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed by whichever broker
-    /// leads the metadata group once its image is current (the first create of the name
-    /// wins, so brokers racing to create it are harmless). Runs until the image has it.
-    pub async fn ensure_offsets_topic(self: Arc<Self>) {
+    /// Creates the cluster's `__consumer_offsets`, as Kafka does on the first FindCoordinator
+    /// (a cluster that never uses groups runs no offsets replicas): [`OFFSETS_PARTITIONS`]
+    /// partitions of min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed from
+    /// this broker once its image is current (forwarded to the controller). The first create
+    /// of the name wins, so brokers racing to create it are harmless. Tries until the image
+    /// has it or [`OFFSETS_CREATE_WAIT_MAX`] passed (a later group request tries again).
+    pub async fn ensure_offsets_topic(&self) {
         let name = crate::cluster::OFFSETS_TOPIC;
-        loop {
+        let deadline = tokio::time::Instant::now() + OFFSETS_CREATE_WAIT_MAX;
+        while tokio::time::Instant::now() < deadline {
             if self.topic(name).is_some() {
                 return;
             }
-            if self.caught_up() && self.controller_id() == Some(self.node_id) {
+            if self.caught_up() {
                 let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
                 let id = TopicId::generate().0;
                 let config = TopicConfig {
@@ -842,10 +847,13 @@ impl<T: PeerTransport> Controller<T> {
                         .collect(),
                 };
                 match self.propose(&command, PROPOSE_TIMEOUT).await {
-                    Ok(_) => tracing::info!(
-                        partitions = OFFSETS_PARTITIONS,
-                        "created the cluster's offsets topic"
-                    ),
+                    Ok(offset) => {
+                        tracing::info!(
+                            partitions = OFFSETS_PARTITIONS,
+                            "proposed the cluster's offsets topic"
+                        );
+                        let _ = self.wait_applied(offset, PROPOSE_TIMEOUT).await;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e.message, "could not create the offsets topic yet")
                     }

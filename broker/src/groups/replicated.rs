@@ -1,6 +1,6 @@
 //! Consumer groups in a cluster, as Kafka coordinates them: committed offsets live in the
-//! replicated partitions of `__consumer_offsets` (created by the controller, see
-//! [`Controller::ensure_offsets_topic`]); a group belongs to one partition
+//! replicated partitions of `__consumer_offsets` (created through the controller on the
+//! first group request, see [`Controller::ensure_offsets_topic`]); a group belongs to one partition
 //! ([`offsets_partition`]: FNV-1a 32 of the group id's UTF-8 bytes, modulo the partition
 //! count — stable across brokers, restarts and versions), and the leader of that partition
 //! is the group's **coordinator**.
@@ -96,6 +96,8 @@ pub struct ReplicatedGroups<T: PeerTransport> {
     slots: Mutex<HashMap<u32, Arc<Slot>>>,
     /// One load at a time (a load reads a whole partition).
     loading: tokio::sync::Mutex<()>,
+    /// Whether this broker is getting `__consumer_offsets` created.
+    creating: Arc<AtomicBool>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for ReplicatedGroups<T> {
@@ -107,16 +109,28 @@ impl<T: PeerTransport> std::fmt::Debug for ReplicatedGroups<T> {
 }
 
 impl<T: PeerTransport> ReplicatedGroups<T> {
-    /// Coordinates the groups of the offsets partitions this broker leads; makes sure the
-    /// controller creates `__consumer_offsets`.
+    /// Coordinates the groups of the offsets partitions this broker leads.
     pub fn start(controller: Arc<Controller<T>>, config: GroupConfig) -> Arc<ReplicatedGroups<T>> {
-        tokio::spawn(controller.clone().ensure_offsets_topic());
         Arc::new(ReplicatedGroups {
             controller,
             config,
             slots: Mutex::default(),
             loading: tokio::sync::Mutex::new(()),
+            creating: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// `not_coordinator` while the cluster has no offsets topic, which the first group
+    /// request anywhere makes the controller create (one attempt at a time per broker).
+    fn no_offsets_topic(&self) -> ClusterError {
+        if !self.creating.swap(true, Ordering::AcqRel) {
+            let (controller, creating) = (self.controller.clone(), self.creating.clone());
+            tokio::spawn(async move {
+                controller.ensure_offsets_topic().await;
+                creating.store(false, Ordering::Release);
+            });
+        }
+        not_coordinator("the cluster is creating its offsets topic")
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<u32, Arc<Slot>>> {
@@ -128,7 +142,7 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
         let topic = self
             .controller
             .topic(OFFSETS_TOPIC)
-            .ok_or_else(|| not_coordinator("the cluster has not created its offsets topic yet"))?;
+            .ok_or_else(|| self.no_offsets_topic())?;
         let partition = offsets_partition(group, topic.replicas.len() as u32);
         let (leader, _) = self.controller.leader_of(&topic, partition);
         let leader = leader.ok_or_else(|| {
@@ -154,7 +168,7 @@ impl<T: PeerTransport> ReplicatedGroups<T> {
         let topic = self
             .controller
             .topic(OFFSETS_TOPIC)
-            .ok_or_else(|| not_coordinator("the cluster has not created its offsets topic yet"))?;
+            .ok_or_else(|| self.no_offsets_topic())?;
         let index = offsets_partition(group, topic.replicas.len() as u32);
         let here = || {
             let partition = self
