@@ -95,10 +95,16 @@ where
     F::Output: Send,
 {
     let runtime = runtime(py);
-    let mut fut = pin!(fut);
+    // In an `Option` so that a daemon thread parked at exit can drop it (see below).
+    let mut fut = pin!(Some(fut));
     {
         let _entered = runtime.enter();
-        if let Poll::Ready(output) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        let first = fut
+            .as_mut()
+            .as_pin_mut()
+            .expect("not dropped yet")
+            .poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready(output) = first {
             return Ok(Some(output));
         }
     }
@@ -114,13 +120,20 @@ where
             }
             None => SIGNAL_CHECK_INTERVAL,
         };
-        let fut = fut.as_mut();
         let output = py.detach(|| {
+            let running = fut
+                .as_mut()
+                .as_pin_mut()
+                .expect("dropped only before parking");
             let output =
-                runtime.block_on(async move { tokio::time::timeout(step, fut).await.ok() });
+                runtime.block_on(async move { tokio::time::timeout(step, running).await.ok() });
             if crate::exit::exiting_elsewhere() {
                 // A daemon thread while the interpreter exits: attaching again would be
-                // fatal, whether or not the call is done.
+                // fatal, so it parks for good, done or not. It drops the call first, so
+                // that nothing the exiting thread may still use (a delivery's lock, the
+                // consumer) stays held by a thread that never returns.
+                drop(output);
+                fut.set(None);
                 crate::exit::park_for_ever();
             }
             output
