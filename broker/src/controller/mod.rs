@@ -35,7 +35,7 @@ use ketch_protocol::messages::Acks;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
+pub use partition::{LeaderView, ProduceRefused, ProducerStateHook, ReplicatedPartition};
 
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
 use crate::config::ClusterPeers;
@@ -567,11 +567,13 @@ impl<T: PeerTransport> Controller<T> {
             .dir
             .join("partitions")
             .join(format!("{}-{index}", TopicId(topic.id)));
-        let replica = PartitionReplica::open(
+        let producers = ProducerStateHook::new();
+        let replica = PartitionReplica::open_with_hook(
             &dir,
             self.log_config.clone(),
             ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
             self.transport.clone(),
+            Box::new(producers.clone()),
         )
         .await
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
@@ -590,6 +592,7 @@ impl<T: PeerTransport> Controller<T> {
             group,
             dir,
             replica,
+            producers,
         ));
         self.partitions
             .write()
