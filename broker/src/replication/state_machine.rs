@@ -122,9 +122,12 @@ pub fn encode_checkpoint(state: &AppliedState, body: &[u8]) -> Result<Vec<u8>, S
     out.extend_from_slice(&APPLIED_STATE_MAGIC.to_be_bytes());
     put_log_id(&mut out, state.applied.as_ref());
     put_log_id(&mut out, state.membership.log_id().as_ref());
+    // No membership applied yet (a default, empty one): no bytes.
     let mut membership = BytesMut::new();
-    entries::encode_membership(state.membership.membership(), &mut membership)
-        .map_err(|e| e.to_string())?;
+    if state.membership.log_id().is_some() {
+        entries::encode_membership(state.membership.membership(), &mut membership)
+            .map_err(|e| e.to_string())?;
+    }
     out.extend_from_slice(&(membership.len() as u32).to_be_bytes());
     out.extend_from_slice(&membership);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -173,11 +176,19 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
     let applied = log_id()?;
     let membership_id = log_id()?;
     let membership_len = u32_of(take(4)?) as usize;
-    let (membership, used) = entries::decode_membership(take(membership_len)?)
-        .map_err(|why| format!("membership: {why}"))?;
-    if used != membership_len {
-        return Err("trailing membership bytes".into());
-    }
+    let membership_bytes = take(membership_len)?;
+    let membership = match membership_id {
+        None if membership_len == 0 => StoredMembership::default(),
+        None => return Err("membership bytes without a membership log id".into()),
+        Some(_) => {
+            let (membership, used) = entries::decode_membership(membership_bytes)
+                .map_err(|why| format!("membership: {why}"))?;
+            if used != membership_len {
+                return Err("trailing membership bytes".into());
+            }
+            StoredMembership::new(membership_id, membership)
+        }
+    };
     let body_len = u32_of(take(4)?) as usize;
     let body = take(body_len)?;
     if at != content.len() {
@@ -189,7 +200,7 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
     Ok((
         AppliedState {
             applied,
-            membership: StoredMembership::new(membership_id, membership),
+            membership,
         },
         body,
     ))
