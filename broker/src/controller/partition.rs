@@ -403,14 +403,23 @@ impl ReplicatedPartition {
         Ok((out.freeze(), high_watermark))
     }
 
-    pub fn list_offset(&self, spec: OffsetSpec) -> Result<i64, ClusterError> {
+    /// ListOffsets on this replica, answered as the single-node log answers it: the offset
+    /// and, for a lookup by time, the timestamp asked (offset -1 when no committed record is
+    /// that recent).
+    pub fn list_offset(&self, spec: OffsetSpec) -> Result<(i64, i64), ClusterError> {
         match spec {
-            OffsetSpec::Earliest => Ok(0),
-            OffsetSpec::Latest => Ok(self.replica.high_watermark()),
-            OffsetSpec::Timestamp(_) => Err(ClusterError::new(
-                ErrorCode::InvalidRequest,
-                "offset lookup by time is not supported on replicated partitions yet",
-            )),
+            OffsetSpec::Earliest => Ok((0, -1)),
+            OffsetSpec::Latest => Ok((self.replica.high_watermark(), -1)),
+            OffsetSpec::Timestamp(timestamp_ms) => Ok(
+                match self
+                    .replica
+                    .offset_for_timestamp(timestamp_ms)
+                    .map_err(|e| cluster_error(&e))?
+                {
+                    Some(offset) => (offset, timestamp_ms),
+                    None => (-1, -1),
+                },
+            ),
         }
     }
 }

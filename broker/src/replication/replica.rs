@@ -444,6 +444,45 @@ impl PartitionReplica {
         Ok(out)
     }
 
+    /// Kafka's ListOffsets by time on this replica: the Kafka offset of the first committed
+    /// data batch (at batch granularity, from the storage time index on) whose
+    /// `max_timestamp >= timestamp_ms`; `None` if no committed data batch has one. Control
+    /// batches (blank and membership entries, stamped by the broker's clock) never answer.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, ReplicationError> {
+        let log = self.shared.log();
+        let Some(mut storage_offset) = log.find_offset_by_timestamp(timestamp_ms)? else {
+            return Ok(None);
+        };
+        const SCAN_READ_BYTES: usize = 1024 * 1024;
+        loop {
+            // Read again each round: the high watermark only grows, and a batch found
+            // committed stays committed.
+            let high_watermark = self.high_watermark();
+            if self.shared.kafka_offset(storage_offset) >= high_watermark {
+                return Ok(None);
+            }
+            let bytes = log.read(storage_offset, SCAN_READ_BYTES)?;
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            for slice in BatchSlices::new(bytes) {
+                let (header, _) =
+                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                storage_offset = header.base_offset + i64::from(header.records_count);
+                if header.attributes & attributes::CONTROL != 0 {
+                    continue;
+                }
+                let base_offset = self.shared.kafka_offset(header.base_offset);
+                if base_offset >= high_watermark {
+                    return Ok(None);
+                }
+                if header.max_timestamp >= timestamp_ms {
+                    return Ok(Some(base_offset));
+                }
+            }
+        }
+    }
+
     /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its
     /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
