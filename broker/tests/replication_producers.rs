@@ -58,9 +58,10 @@ fn batch(producer_id: i64, base_sequence: i32, values: &[String]) -> Bytes {
 
 fn seeds(default_count: u64) -> Vec<u64> {
     let number = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .map(|n| n.parse::<u64>().unwrap_or_else(|_| panic!("{name} is a number")))
+        std::env::var(name).ok().map(|n| {
+            n.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
     };
     if let Some(seed) = number("KETCH_SIM_SEED") {
         return vec![seed];
@@ -160,7 +161,12 @@ impl Cluster {
     /// Stops a node (its replica checkpoints its applied state as it stops).
     async fn crash(&self, node: NodeId) {
         self.network.unregister(&self.group, node);
-        let Some(stopped) = self.nodes.lock().unwrap().get_mut(&node).and_then(Option::take)
+        let Some(stopped) = self
+            .nodes
+            .lock()
+            .unwrap()
+            .get_mut(&node)
+            .and_then(Option::take)
         else {
             return;
         };
@@ -179,7 +185,13 @@ impl Cluster {
     }
 
     fn running(&self) -> Vec<Arc<Node>> {
-        self.nodes.lock().unwrap().values().flatten().cloned().collect()
+        self.nodes
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     async fn wait_for_leader(&self, not: Option<NodeId>) -> NodeId {
@@ -190,7 +202,10 @@ impl Cluster {
             }) {
                 return leader.partition.replica.node_id();
             }
-            assert!(started.elapsed() < WAIT_MAX, "no leader within {WAIT_MAX:?}");
+            assert!(
+                started.elapsed() < WAIT_MAX,
+                "no leader within {WAIT_MAX:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -271,11 +286,19 @@ impl Cluster {
         for node in self.running() {
             let id = node.partition.replica.node_id();
             assert_eq!(self.records(id), expected, "{context}: node {id}'s records");
-            states.insert(id, node.producers.committed_bytes().expect("no batch in flight"));
+            states.insert(
+                id,
+                node.producers
+                    .committed_bytes()
+                    .expect("no batch in flight"),
+            );
         }
         let first = states.values().next().expect("a node runs").clone();
         for (id, state) in &states {
-            assert!(*state == first, "{context}: node {id}'s producer state differs");
+            assert!(
+                *state == first,
+                "{context}: node {id}'s producer state differs"
+            );
         }
     }
 
@@ -360,12 +383,18 @@ async fn failover_retries(seed: u64) {
         &mut expected,
     )
     .await;
-    assert_eq!(next[0].2, written.last().map_or(0, |w| w.2 + w.1.len() as i64));
+    assert_eq!(
+        next[0].2,
+        written.last().map_or(0, |w| w.2 + w.1.len() as i64)
+    );
     cluster.start_node(leader).await;
     cluster.wait_converged(expected.len() as i64).await;
     cluster.check_replicas(&expected, &format!("seed {seed}"));
     assert_eq!(
-        cluster.node(leader).producers.committed_last_sequence(producer_id),
+        cluster
+            .node(leader)
+            .producers
+            .committed_last_sequence(producer_id),
         Some((0, next_sequence - 1)),
         "seed {seed}: the restarted old leader's state"
     );
@@ -403,7 +432,11 @@ async fn a_retry_of_a_batch_not_yet_committed_waits_and_is_a_duplicate() {
         )
         .await
         .expect_err("no quorum: the write cannot commit");
-    assert_eq!(refused.error.code, ketch_protocol::ErrorCode::Timeout, "{refused:?}");
+    assert_eq!(
+        refused.error.code,
+        ketch_protocol::ErrorCode::Timeout,
+        "{refused:?}"
+    );
     // Its retry waits for the original; a follower comes back and it commits.
     let retry = tokio::spawn({
         let partition = partition.clone();
@@ -423,7 +456,10 @@ async fn a_retry_of_a_batch_not_yet_committed_waits_and_is_a_duplicate() {
     assert!(!retry.is_finished(), "the retry waits for its original");
     cluster.start_node(followers[0]).await;
     let answer = retry.await.unwrap().expect("the retry is answered");
-    assert_eq!(answer, 1, "the retry is answered with the original's offset");
+    assert_eq!(
+        answer, 1,
+        "the retry is answered with the original's offset"
+    );
     cluster.start_node(followers[1]).await;
     cluster.wait_converged(3).await;
     let expected: Vec<(i64, String)> = vec![
@@ -505,7 +541,10 @@ async fn checkpoint_restarts(seed: u64) {
         }
         cluster.start_node(node).await;
         cluster.wait_converged(expected.len() as i64).await;
-        cluster.check_replicas(&expected, &format!("seed {seed}: node {node} restarted ({way})"));
+        cluster.check_replicas(
+            &expected,
+            &format!("seed {seed}: node {node} restarted ({way})"),
+        );
     }
     Arc::into_inner(cluster)
         .expect("the writers are done")

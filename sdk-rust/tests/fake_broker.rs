@@ -681,7 +681,10 @@ async fn a_retried_oldest_batch_stays_within_the_brokers_window_of_five() {
                     return Reply::Frame(produced(ErrorCode::None, offset));
                 }
                 let window = &log[log.len().saturating_sub(REMEMBERED)..];
-                match window.iter().find(|b| b.0 == batch.base_sequence && b.1 == last) {
+                match window
+                    .iter()
+                    .find(|b| b.0 == batch.base_sequence && b.1 == last)
+                {
                     Some(original) => {
                         Reply::Frame(produced(ErrorCode::DuplicateSequence, original.2))
                     }

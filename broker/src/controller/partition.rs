@@ -309,14 +309,11 @@ impl ReplicatedPartition {
                         Some(SequenceCheck::InFlight) => Some((
                             deadline,
                             ErrorCode::Timeout,
-                            "the original of this retried batch did not commit in time"
-                                .to_owned(),
+                            "the original of this retried batch did not commit in time".to_owned(),
                         )),
-                        Some(SequenceCheck::Gap { message }) => Some((
-                            gap_deadline,
-                            ErrorCode::OutOfOrderSequence,
-                            message,
-                        )),
+                        Some(SequenceCheck::Gap { message }) => {
+                            Some((gap_deadline, ErrorCode::OutOfOrderSequence, message))
+                        }
                     };
                     if let Some((until, code, message)) = wait_until {
                         drop(turn);
@@ -332,7 +329,11 @@ impl ReplicatedPartition {
                         if idempotent {
                             // Never handed to Raft: not in the log.
                             let mut state = lock(&self.producers.state);
-                            if state.proposals.back().is_some_and(|p| same_batch(p, &header)) {
+                            if state
+                                .proposals
+                                .back()
+                                .is_some_and(|p| same_batch(p, &header))
+                            {
                                 state.proposals.pop_back();
                             }
                         }

@@ -143,7 +143,10 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
         return Err(format!("{} bytes is too short", bytes.len()));
     }
     if bytes.len() > APPLIED_STATE_BYTES_MAX {
-        return Err(format!("{} bytes is over {APPLIED_STATE_BYTES_MAX}", bytes.len()));
+        return Err(format!(
+            "{} bytes is over {APPLIED_STATE_BYTES_MAX}",
+            bytes.len()
+        ));
     }
     let (content, crc) = bytes.split_at(bytes.len() - 4);
     if crc32c::crc32c(content) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
@@ -351,16 +354,16 @@ fn load_checkpoint(
     let (state, body) = decode_checkpoint(&bytes)?;
     let Some(applied) = state.applied else {
         hook.restore(body)?;
-        return Ok(Some((state, shared.kafka_offset(shared.log().log_start_offset()))));
+        return Ok(Some((
+            state,
+            shared.kafka_offset(shared.log().log_start_offset()),
+        )));
     };
     // The entry it ends at must be in the log as it was applied: a log that lost its tail
     // (`fsync = never`, or a follower's unsynced entries) cannot re-apply from here.
-    let position = shared.position(applied.index).ok_or_else(|| {
-        format!(
-            "its last applied entry {} is not in the log",
-            applied.index
-        )
-    })?;
+    let position = shared
+        .position(applied.index)
+        .ok_or_else(|| format!("its last applied entry {} is not in the log", applied.index))?;
     if position.term != applied.leader_id.term {
         return Err(format!(
             "its last applied entry {} is of term {}, the log's of term {}",
@@ -564,7 +567,10 @@ mod tests {
                 for flip in 0..bytes.len() {
                     let mut damaged = bytes.clone();
                     damaged[flip] ^= 0x10;
-                    assert!(decode_checkpoint(&damaged).is_err(), "bit flipped at {flip}");
+                    assert!(
+                        decode_checkpoint(&damaged).is_err(),
+                        "bit flipped at {flip}"
+                    );
                 }
             }
         }
