@@ -539,7 +539,18 @@ async fn checkpoint_restarts(seed: u64) {
                 std::fs::write(&path, &bytes).unwrap();
             }
         }
+        let started = Instant::now();
         cluster.start_node(node).await;
+        println!(
+            "seed {seed}: node {node} opened {} in {:?} ({} records in its log)",
+            [
+                "from a mid-run checkpoint",
+                "with no checkpoint",
+                "with a damaged checkpoint"
+            ][way.min(2)],
+            started.elapsed(),
+            expected.len()
+        );
         cluster.wait_converged(expected.len() as i64).await;
         cluster.check_replicas(
             &expected,
