@@ -333,9 +333,12 @@ impl ProducerTable {
         self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
+            // The newest match: the one just begun (a log that holds a batch twice must not
+            // leave the second without its offset).
             if let Some(seen) = entry
                 .batches
                 .iter_mut()
+                .rev()
                 .find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
             {
                 seen.base_offset = Some(base_offset);
@@ -647,6 +650,37 @@ mod tests {
         assert_eq!(kind(&table.check(&header(2, 0, 3, 1))), "append");
         assert_eq!(kind(&table.check(&header(4, 0, 3, 1))), "gap");
         assert_eq!(kind(&table.check(&header(3, 2, 1, 1))), "append");
+    }
+
+    /// A log that holds a batch twice (written before duplicates were caught on every
+    /// leader) still replays to a table with every offset known, so it can be checkpointed;
+    /// and a check against pending batches sees them as in flight.
+    #[test]
+    fn a_batch_replayed_twice_and_pending_batches() {
+        let mut table = ProducerTable::default();
+        let mut first = header(1, 0, 0, 2);
+        table.replay(&first);
+        first.base_offset = 2;
+        table.replay(&first);
+        assert!(table.encode_checkpoint().is_some(), "every offset is known");
+        let pending = [header(1, 0, 2, 1), header(2, 0, 0, 1)];
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 2, 1), &pending)),
+            "in_flight"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 3, 1), &pending)),
+            "append"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(2, 0, 1, 1), &pending)),
+            "append"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 4, 1), &pending)),
+            "gap"
+        );
+        assert_eq!(kind(&table.check(&header(1, 0, 3, 1))), "gap");
     }
 
     #[test]
