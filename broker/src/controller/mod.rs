@@ -416,8 +416,8 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
-    /// A partition's in-sync replicas: where this broker leads it, the followers within
-    /// [`partition::IN_SYNC_LAG_ENTRIES_MAX`] entries that answered within
+    /// A partition's in-sync replicas: where this broker leads it, the followers holding
+    /// what it had [`partition::IN_SYNC_LAG_TIME_MAX`] ago that answered within
     /// [`IN_SYNC_ANSWERED_WITHIN`]; elsewhere every replica (only the leader can tell).
     pub fn in_sync_replicas(&self, partition: &ReplicatedPartition) -> Vec<NodeId> {
         self.leader_in_sync_replicas(partition)
@@ -441,7 +441,7 @@ impl<T: PeerTransport> Controller<T> {
     fn leader_in_sync_replicas(&self, partition: &ReplicatedPartition) -> Option<Vec<NodeId>> {
         match partition
             .replica
-            .in_sync_replicas(partition::IN_SYNC_LAG_ENTRIES_MAX)
+            .in_sync_replicas(partition::IN_SYNC_LAG_TIME_MAX)
         {
             Some(in_sync) => in_sync
                 .into_iter()

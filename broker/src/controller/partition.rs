@@ -17,8 +17,10 @@ use crate::cluster::producers::{ProducerTable, SequenceCheck};
 use crate::replication::network::GroupId;
 use crate::replication::{AppliedEntry, ApplyHook, NodeId, PartitionReplica, ReplicationError};
 
-/// A follower whose log is within this many entries of the leader's counts as in sync.
-pub const IN_SYNC_LAG_ENTRIES_MAX: u64 = 1000;
+/// A follower that holds every entry its leader had this long ago counts as in sync
+/// (Kafka's `replica.lag.time.max.ms`, 30 s there; shorter here, so a follower that stopped
+/// storing leaves the in-sync set soon).
+pub const IN_SYNC_LAG_TIME_MAX: Duration = Duration::from_secs(5);
 
 /// Where a partition's leader is, as this broker knows it: node and epoch (Raft term).
 pub type LeaderView = (Option<NodeId>, u64);
