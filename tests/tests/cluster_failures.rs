@@ -384,9 +384,6 @@ async fn leader_kill_9_under_a_continuous_acks_all_producer() -> anyhow::Result<
 /// needs the restarted one; then the leader is killed too (after the other follower is
 /// back), so the restarted follower's copy must be whole for nothing to be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs retries of stored batches answered as duplicates after a leader change: \
-            898 deliveries failed out_of_order_sequence (producer sent sequence 82, expected \
-            3018) and 897 of those records are in the log (cluster a3d099c)"]
 async fn follower_killed_and_restarted_catches_up() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(3).await?;

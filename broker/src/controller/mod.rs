@@ -41,7 +41,7 @@ use ketch_protocol::messages::Acks;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
+pub use partition::{LeaderView, ProduceRefused, ProducerStateHook, ReplicatedPartition};
 
 use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
@@ -243,6 +243,9 @@ pub struct Controller<T: PeerTransport> {
     /// Set once this broker's image has applied what the metadata log had committed when
     /// it first heard from a controller (a restarted broker replays first).
     caught_up: std::sync::atomic::AtomicBool,
+    /// The end of the metadata log as this broker stored it before it started: a restarted
+    /// broker is caught up only once it applied that far (or its log was cut shorter).
+    metadata_end_at_open: i64,
     dir: PathBuf,
     log_config: LogConfig,
     clock: Clock,
@@ -311,6 +314,7 @@ impl<T: PeerTransport> Controller<T> {
                 .await
                 .map_err(|e| storage(&e))?;
         }
+        let metadata_end_at_open = metadata.log_end_offset();
         let controller = Arc::new(Controller {
             node_id: config.node_id,
             peers: config.peers,
@@ -321,6 +325,7 @@ impl<T: PeerTransport> Controller<T> {
             applied: watch::Sender::new(0),
             partitions: RwLock::default(),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            metadata_end_at_open,
             dir,
             log_config: config.log_config,
             clock,
@@ -356,9 +361,16 @@ impl<T: PeerTransport> Controller<T> {
         }
         // An empty metadata log has nothing to replay (a new cluster: its members are the
         // initial ones); otherwise wait for a controller's commit point.
-        let now = self.metadata.log_end_offset() == 0
+        // A controller being known says nothing of how far this broker applied: right after
+        // a restart its high watermark is a commit point saved long ago (the topics created
+        // since are in its own log, not applied yet), so it must reach its log's end as it
+        // was at start (or as it is, if the leader cut the tail).
+        let log_end = self.metadata.log_end_offset();
+        let high_watermark = self.metadata.high_watermark();
+        let now = log_end == 0
             || (self.metadata.leader().0.is_some()
-                && *self.applied.borrow() >= self.metadata.high_watermark());
+                && *self.applied.borrow() >= high_watermark
+                && high_watermark >= self.metadata_end_at_open.min(log_end));
         if now {
             self.caught_up.store(true, Ordering::Release);
         }
@@ -608,11 +620,13 @@ impl<T: PeerTransport> Controller<T> {
             .dir
             .join("partitions")
             .join(format!("{}-{index}", TopicId(topic.id)));
-        let replica = PartitionReplica::open(
+        let producers = ProducerStateHook::new();
+        let replica = PartitionReplica::open_with_hook(
             &dir,
             self.log_config.clone(),
             ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
             self.transport.clone(),
+            Box::new(producers.clone()),
         )
         .await
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
@@ -631,6 +645,7 @@ impl<T: PeerTransport> Controller<T> {
             group,
             dir,
             replica,
+            producers,
         ));
         self.partitions
             .write()

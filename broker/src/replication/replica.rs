@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
 use super::network::{GroupId, PeerNetwork, PeerTransport};
-use super::state_machine::PartitionStateMachine;
+use super::state_machine::{AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine};
 use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
 use crate::storage::{LogConfig, PartitionLog, StorageError};
 
@@ -140,15 +140,27 @@ pub struct CommittedBatch {
 }
 
 /// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
-/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine.
+/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine (with
+/// nothing derived from the entries: see [`open_stores_with_hook`]).
 pub fn open_stores(
     dir: &Path,
     log_config: LogConfig,
     clock: Clock,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
+    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook))
+}
+
+/// [`open_stores`], with `hook` applying committed data batches (its state checkpointed
+/// beside the log with the applied log id, and restored from there).
+pub fn open_stores_with_hook(
+    dir: &Path,
+    log_config: LogConfig,
+    clock: Clock,
+    hook: Box<dyn ApplyHook>,
+) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
     let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, clock())?;
     let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
-    let state_machine = PartitionStateMachine::new(store.shared());
+    let state_machine = PartitionStateMachine::open(store.shared(), dir, hook);
     Ok((store, state_machine))
 }
 
@@ -158,6 +170,7 @@ pub struct PartitionReplica {
     raft: Raft,
     shared: Arc<Shared>,
     high_watermark: watch::Receiver<i64>,
+    applied: AppliedHandle,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
 }
@@ -225,10 +238,25 @@ impl PartitionReplica {
         config: ReplicaConfig,
         transport: Arc<T>,
     ) -> Result<PartitionReplica, ReplicationError> {
+        Self::open_with_hook(dir, log_config, config, transport, Box::new(NoApplyHook)).await
+    }
+
+    /// [`Self::open`], with `hook` applying every committed data batch on this replica (see
+    /// [`ApplyHook`]): restored from the checkpoint beside the log, then told of the
+    /// committed entries after it.
+    pub async fn open_with_hook<T: PeerTransport>(
+        dir: &Path,
+        log_config: LogConfig,
+        config: ReplicaConfig,
+        transport: Arc<T>,
+        hook: Box<dyn ApplyHook>,
+    ) -> Result<PartitionReplica, ReplicationError> {
         let raft_config = Arc::new(config.raft_config()?);
-        let (store, state_machine) = open_stores(dir, log_config, config.clock.clone())?;
+        let (store, state_machine) =
+            open_stores_with_hook(dir, log_config, config.clock.clone(), hook)?;
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
+        let applied = state_machine.handle();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
@@ -238,6 +266,7 @@ impl PartitionReplica {
             raft,
             shared,
             high_watermark,
+            applied,
             last_index_samples: std::sync::Mutex::default(),
         })
     }
@@ -451,37 +480,6 @@ impl PartitionReplica {
         Some(in_sync)
     }
 
-    /// Every data batch header in this replica's own log, committed or not, in order, with
-    /// its Kafka base offset: what a new leader rebuilds per-partition state from (a leader
-    /// keeps every entry of its log).
-    pub fn local_data_batches(&self) -> Result<Vec<batch::BatchHeader>, ReplicationError> {
-        let log = self.shared.log();
-        let mut storage_offset = log.log_start_offset();
-        let mut out = Vec::new();
-        const SCAN_READ_BYTES: usize = 4 * 1024 * 1024;
-        while storage_offset < log.log_end_offset() {
-            let bytes = log.read(storage_offset, SCAN_READ_BYTES)?;
-            if bytes.is_empty() {
-                break;
-            }
-            let before = storage_offset;
-            for slice in BatchSlices::new(bytes) {
-                let (mut header, _) =
-                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
-                storage_offset = header.base_offset + i64::from(header.records_count);
-                if header.attributes & attributes::CONTROL != 0 {
-                    continue;
-                }
-                header.base_offset = self.shared.kafka_offset(header.base_offset);
-                out.push(header);
-            }
-            if storage_offset == before {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     /// Committed data batches from Kafka offset `from` (the batch holding it first), up to
     /// about `max_bytes`, control batches left out, each with its Kafka base offset.
     pub fn read_committed(
@@ -566,6 +564,13 @@ impl PartitionReplica {
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
     pub async fn stop(&self) {
         let _ = self.raft.shutdown().await;
+        // openraft applies nothing more: the next start re-applies nothing.
+        let applied = self.applied.clone();
+        match tokio::task::spawn_blocking(move || applied.checkpoint_now()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "applied-state checkpoint at stop failed"),
+            Err(e) => tracing::warn!(error = %e, "applied-state checkpoint at stop failed"),
+        }
         let released = async {
             while Arc::strong_count(&self.shared) > 1 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
