@@ -1,4 +1,5 @@
-//! `ketch cluster status`: the brokers of a cluster as they answer now.
+//! `ketch cluster status` (the brokers of a cluster as they answer now) and the cluster
+//! administration commands: `transfer-leader`.
 
 use clap::{Args, Subcommand};
 
@@ -18,6 +19,15 @@ pub enum ClusterCommand {
     /// Every broker: reachable or not, partitions it leads, replicas it hosts and how many
     /// records they are behind their leaders (asked of each broker at once).
     Status,
+    /// Moves a partition's leadership to BROKER, one of its caught-up replicas
+    /// (`__cluster_metadata 0 BROKER` moves the controller).
+    TransferLeader {
+        topic: String,
+        partition: u32,
+        /// The node id of the new leader.
+        #[arg(value_name = "BROKER")]
+        new_leader: u32,
+    },
 }
 
 pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
@@ -40,6 +50,20 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
                         b.lag_records
                     );
                 }
+            }
+            ClusterCommand::TransferLeader {
+                topic,
+                partition,
+                new_leader,
+            } => {
+                let moved = client
+                    .admin()
+                    .transfer_leader(&topic, partition, new_leader)
+                    .await?;
+                println!(
+                    "{topic}/{partition}: leader {} (epoch {})",
+                    moved.leader, moved.leader_epoch
+                );
             }
         }
         client.close();

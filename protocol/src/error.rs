@@ -66,6 +66,12 @@ pub enum ErrorCode {
     UnknownTransform = 50,
     /// A topic-to-topic transform of this name exists already.
     TransformExists = 51,
+    /// A leadership transfer did not complete in time (the target did not catch up or win
+    /// its election); the old leader leads again, nothing was changed.
+    LeaderTransferFailed = 67,
+    /// The broker named is not a member of the cluster, not a replica of the partition, or a
+    /// replica list is malformed (empty, repeated brokers, more brokers than exist).
+    InvalidReplicaAssignment = 68,
 }
 
 impl ErrorCode {
@@ -114,6 +120,8 @@ impl ErrorCode {
         ErrorCode::AuthenticationFailed,
         ErrorCode::UnknownTransform,
         ErrorCode::TransformExists,
+        ErrorCode::LeaderTransferFailed,
+        ErrorCode::InvalidReplicaAssignment,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -192,6 +200,8 @@ impl ErrorCode {
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::UnknownTransform => "unknown_transform",
             ErrorCode::TransformExists => "transform_exists",
+            ErrorCode::LeaderTransferFailed => "leader_transfer_failed",
+            ErrorCode::InvalidReplicaAssignment => "invalid_replica_assignment",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }

@@ -57,6 +57,8 @@ pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
 pub const IN_SYNC_ANSWERED_WITHIN: Duration = Duration::from_secs(2);
 /// How often a leader checks whether its partition's in-sync replicas changed.
 pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a leadership transfer may take before it is given up (and undone).
+pub const TRANSFER_LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
@@ -761,6 +763,67 @@ impl<T: PeerTransport> Controller<T> {
         };
         let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
         self.wait_applied(offset, PROPOSE_TIMEOUT).await
+    }
+
+    /// Moves the leadership of `topic`'s `partition` (or of the metadata group,
+    /// [`METADATA_GROUP`] partition 0) to `target`, when this broker leads it; see
+    /// [`PartitionReplica::transfer_leader`]. Returns the new leader and its epoch.
+    pub async fn transfer_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        target: NodeId,
+    ) -> Result<(NodeId, u64), ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        if !self.peers.contains_key(&target) {
+            return Err(invalid(format!(
+                "broker {target} is not a member of the cluster"
+            )));
+        }
+        let hosted;
+        let replica = if topic == METADATA_GROUP {
+            if partition != 0 {
+                return Err(ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!("{METADATA_GROUP} has only partition 0"),
+                ));
+            }
+            &self.metadata
+        } else {
+            let image = self.topic(topic).ok_or_else(|| {
+                ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+            })?;
+            let replicas = image.replicas.get(partition as usize).ok_or_else(|| {
+                ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!("{topic} has no partition {partition}"),
+                )
+            })?;
+            if !replicas.contains(&target) {
+                return Err(invalid(format!(
+                    "broker {target} is not a replica of {topic}/{partition} (replicas {replicas:?})"
+                )));
+            }
+            hosted = self
+                .partition(topic, partition)
+                .ok_or_else(|| self.not_hosted(topic, partition).error)?;
+            &hosted.replica
+        };
+        replica
+            .transfer_leader(&*self.transport, target, TRANSFER_LEADER_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    ClusterError::new(
+                        ErrorCode::NotLeader,
+                        format!(
+                            "node {} does not lead {topic}/{partition} (leader {leader:?}, epoch {epoch})",
+                            self.node_id
+                        ),
+                    )
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })
     }
 
     /// Stops every replica this broker hosts (at shutdown).

@@ -14,7 +14,7 @@ use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
-use super::network::{GroupId, PeerNetwork, PeerTransport};
+use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
 use super::state_machine::PartitionStateMachine;
 use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
 use crate::storage::{LogConfig, PartitionLog, StorageError};
@@ -107,6 +107,13 @@ pub enum ReplicationError {
     Log(#[from] LogStoreError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A leadership transfer did not complete; this replica leads again (or another one
+    /// was elected the ordinary way).
+    #[error("leadership transfer failed: {0}")]
+    TransferFailed(String),
+    /// The node named is not a voter of this group.
+    #[error("node {0} is not a voting replica of this group")]
+    NotAVoter(NodeId),
 }
 
 impl ReplicationError {
@@ -119,6 +126,8 @@ impl ReplicationError {
             ReplicationError::Stopped(_) => ErrorCode::ShuttingDown,
             ReplicationError::Config(_) => ErrorCode::InvalidConfig,
             ReplicationError::Log(_) | ReplicationError::Storage(_) => ErrorCode::StorageFailed,
+            ReplicationError::TransferFailed(_) => ErrorCode::LeaderTransferFailed,
+            ReplicationError::NotAVoter(_) => ErrorCode::InvalidReplicaAssignment,
         }
     }
 }
@@ -155,9 +164,17 @@ pub fn open_stores(
 /// A replica of one partition.
 pub struct PartitionReplica {
     node_id: NodeId,
+    group: GroupId,
     raft: Raft,
     shared: Arc<Shared>,
     high_watermark: watch::Receiver<i64>,
+    /// Set while this leader hands its leadership over: new writes are refused, so the
+    /// target can catch up and nothing refreshes the followers' leader lease.
+    writes_held: std::sync::atomic::AtomicBool,
+    /// One transfer at a time.
+    transfer: tokio::sync::Mutex<()>,
+    /// The leader lease openraft gives (its `election_timeout_max`).
+    leader_lease: Duration,
 }
 
 impl std::fmt::Debug for PartitionReplica {
@@ -183,14 +200,19 @@ impl PartitionReplica {
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
+        let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
         Ok(PartitionReplica {
             node_id: config.node_id,
+            group: config.group,
             raft,
             shared,
             high_watermark,
+            writes_held: std::sync::atomic::AtomicBool::new(false),
+            transfer: tokio::sync::Mutex::new(()),
+            leader_lease,
         })
     }
 
@@ -260,6 +282,12 @@ impl PartitionReplica {
     > {
         let header = batch::validate_from_client(&batch)
             .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+        if self.writes_held.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ReplicationError::NotLeader {
+                leader: Some(self.node_id),
+                epoch: self.leader().1,
+            });
+        }
         // A client batch carries no term: an entry stamped with its own term is one a
         // leader already placed (see `entries::encode`).
         let mut unstamped = BytesMut::from(&batch[..]);
@@ -444,6 +472,183 @@ impl PartitionReplica {
             }
         }
         Ok(out)
+    }
+
+    /// The voting members of the group as this replica knows them.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Hands this leader's leadership to `target`, a voter, within `timeout`; returns the
+    /// new leader and its epoch. openraft 0.9 has no transfer call, so this is a plain Raft
+    /// election arranged to be won by `target`:
+    ///
+    /// 1. new writes here are refused (`NotLeader`, this node as the hint) and the target's
+    ///    log must match the leader's last entry: it is then at least as up to date as any
+    ///    voter, so the others grant it their vote;
+    /// 2. the other voters hold their own elections back ([`PeerRequest::HoldElections`],
+    ///    bounded, so a transfer whose leader dies cannot leave the group without one), as
+    ///    does this node; this leader stops its heartbeats;
+    /// 3. once every voter's leader lease (`election_timeout_max` after the last heartbeat)
+    ///    has run out, the target campaigns ([`PeerRequest::Elect`], repeated until it leads
+    ///    or time is up).
+    ///
+    /// In every outcome heartbeats, elections and writes are restored. Nothing acknowledged
+    /// can be lost: the new leader won an ordinary vote, so it holds every committed entry.
+    pub async fn transfer_leader<T: PeerTransport>(
+        &self,
+        transport: &T,
+        target: NodeId,
+        timeout: Duration,
+    ) -> Result<(NodeId, u64), ReplicationError> {
+        use std::sync::atomic::Ordering;
+        let (leader, epoch) = self.leader();
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader { leader, epoch });
+        }
+        let voters = self.voters();
+        if !voters.contains(&target) {
+            return Err(ReplicationError::NotAVoter(target));
+        }
+        if target == self.node_id {
+            return Ok((self.node_id, epoch));
+        }
+        if !transport.answered_within(target, 2 * self.leader_lease) {
+            return Err(ReplicationError::TransferFailed(format!(
+                "node {target} has not answered for {:?}",
+                2 * self.leader_lease
+            )));
+        }
+        let Ok(_one) = self.transfer.try_lock() else {
+            return Err(ReplicationError::TransferFailed(
+                "another transfer of this group is in progress".into(),
+            ));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let others: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|n| *n != self.node_id && *n != target)
+            .collect();
+        self.writes_held.store(true, Ordering::Release);
+        let outcome = self
+            .hand_over(transport, target, &others, epoch, deadline)
+            .await;
+        // Restore whatever happened.
+        self.raft.runtime_config().heartbeat(true);
+        self.raft.runtime_config().elect(true);
+        for node in &others {
+            let _ = tokio::time::timeout(
+                self.leader_lease,
+                transport.call(
+                    &self.group,
+                    self.node_id,
+                    *node,
+                    PeerRequest::HoldElections(0),
+                ),
+            )
+            .await;
+        }
+        self.writes_held.store(false, Ordering::Release);
+        outcome
+    }
+
+    async fn hand_over<T: PeerTransport>(
+        &self,
+        transport: &T,
+        target: NodeId,
+        others: &[NodeId],
+        epoch: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(NodeId, u64), ReplicationError> {
+        let failed = |why: String| Err(ReplicationError::TransferFailed(why));
+        // 1. The target catches up with everything this leader has (no new writes come).
+        let mut metrics = self.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader || m.current_term != epoch {
+                    return Err(ReplicationError::TransferFailed(format!(
+                        "this node stopped leading (term {}) before the handover",
+                        m.current_term
+                    )));
+                }
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).copied().flatten());
+                matched.is_some() && matched.map(|id| id.index) == m.last_log_index
+            };
+            if caught_up {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return failed(format!("node {target} did not catch up in time"));
+            }
+        }
+        // 2. Nobody but the target campaigns; this leader goes quiet.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let hold_ms = (remaining + self.leader_lease).as_millis() as u64;
+        for node in others {
+            let _ = tokio::time::timeout(
+                self.leader_lease,
+                transport.call(
+                    &self.group,
+                    self.node_id,
+                    *node,
+                    PeerRequest::HoldElections(hold_ms),
+                ),
+            )
+            .await;
+        }
+        self.raft.runtime_config().elect(false);
+        self.raft.runtime_config().heartbeat(false);
+        // 3. After the leases ran out, the target campaigns until it leads.
+        let lease_over =
+            tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(100);
+        tokio::time::sleep_until(lease_over.min(deadline)).await;
+        let mut last_error = String::from("the target did not win its election");
+        loop {
+            let now_leader = metrics.borrow_and_update().current_leader;
+            if now_leader == Some(target) {
+                let term = metrics.borrow().current_term;
+                return Ok((target, term));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return failed(format!("{last_error} (leader now {now_leader:?})"));
+            }
+            match tokio::time::timeout_at(
+                deadline,
+                transport.call(&self.group, self.node_id, target, PeerRequest::Elect),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => {}
+            }
+            let wait = tokio::time::Instant::now() + self.leader_lease / 2;
+            let _ = tokio::time::timeout_at(wait.min(deadline), async {
+                loop {
+                    if metrics.borrow_and_update().current_leader == Some(target) {
+                        return;
+                    }
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its

@@ -30,6 +30,14 @@ fn respond<T: Wire>(
     }
 }
 
+/// The answer to a cluster administration request on a broker started without `--peers`.
+fn not_a_cluster() -> ClusterError {
+    ClusterError::new(
+        ErrorCode::InvalidRequest,
+        "this broker is not part of a cluster (started without --peers)",
+    )
+}
+
 /// Answers `request`, which arrived at `version` (the response is in that version's layout).
 pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
@@ -84,6 +92,30 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 version,
                 deleted.map(|()| DeleteTopicResponse {}),
             )
+        }
+        Request::TransferLeader(r) => {
+            let result = match &state.cluster_node {
+                Some(node) => node
+                    .controller
+                    .transfer_leader(&r.topic, r.partition, u64::from(r.broker))
+                    .await
+                    .map(|(leader, epoch)| TransferLeaderResponse {
+                        leader: leader as u32,
+                        leader_epoch: epoch,
+                    }),
+                None => Err(not_a_cluster()),
+            };
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(_) | Request::AddBroker(_) => {
+            let refused = match &state.cluster_node {
+                Some(_) => ClusterError::new(
+                    ErrorCode::UnsupportedApi,
+                    format!("{} is not implemented yet", api.name()),
+                ),
+                None => not_a_cluster(),
+            };
+            respond::<AddBrokerResponse>(state, api, version, Err(refused))
         }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),

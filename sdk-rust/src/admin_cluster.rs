@@ -1,0 +1,101 @@
+//! Cluster administration: leadership transfer, replica reassignment, adding brokers
+//! (`ketch cluster transfer-leader | reassign | add-broker`).
+
+use std::time::Instant;
+
+use ketch_protocol::ErrorCode;
+use ketch_protocol::messages::{Api, TransferLeaderRequest};
+
+use crate::TopicPartition;
+use crate::admin::Admin;
+use crate::error::Result;
+
+/// The metadata log's name: [`Admin::transfer_leader`] of its partition 0 moves the
+/// controller.
+pub const CLUSTER_METADATA_TOPIC: &str = "__cluster_metadata";
+
+/// Where a partition's leadership went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderMoved {
+    /// The broker that leads it now.
+    pub leader: u32,
+    /// Its leader epoch (Raft term).
+    pub leader_epoch: u64,
+}
+
+impl Admin {
+    /// Moves the leadership of `topic`'s `partition` to `broker`, one of its replicas that
+    /// is caught up. The partition's writes pause for about one election timeout; nothing
+    /// acknowledged is lost (the new leader wins an ordinary Raft election). With
+    /// [`CLUSTER_METADATA_TOPIC`] partition 0 it moves the controller.
+    ///
+    /// Fails with [`crate::ErrorCode::InvalidReplicaAssignment`] when `broker` is not a
+    /// replica, [`crate::ErrorCode::LeaderTransferFailed`] when the move did not happen in
+    /// time (the old leader leads on).
+    pub async fn transfer_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        broker: u32,
+    ) -> Result<LeaderMoved> {
+        let request = TransferLeaderRequest {
+            topic: topic.to_owned(),
+            partition,
+            broker,
+        };
+        let answer = self
+            .call_leader(&TopicPartition::new(topic, partition), &request)
+            .await?;
+        self.refresh().await;
+        Ok(LeaderMoved {
+            leader: answer.leader,
+            leader_epoch: answer.leader_epoch,
+        })
+    }
+
+    /// Sends `request` to the leader of `partition` (the controller for the metadata log),
+    /// following `not_leader` answers with a metadata refresh, within `request_timeout`.
+    async fn call_leader<R: Api>(
+        &self,
+        partition: &TopicPartition,
+        request: &R,
+    ) -> Result<R::Response> {
+        let inner = &self.client.inner;
+        let deadline = Instant::now() + inner.config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let addr = if partition.topic == CLUSTER_METADATA_TOPIC {
+                Ok(inner.controller())
+            } else {
+                inner.leader(partition).await
+            };
+            let result = match addr {
+                Ok(addr) => {
+                    inner
+                        .transport
+                        .call(addr, request, inner.config.request_timeout)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            // A topic or partition still unknown after one refresh is an answer, not a race.
+            let unknown = |error: &crate::Error| {
+                matches!(
+                    error.code(),
+                    Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+                )
+            };
+            match result {
+                Err(error)
+                    if error.is_retriable()
+                        && !(attempt > 0 && unknown(&error))
+                        && Instant::now() < deadline =>
+                {
+                    inner.after_retriable(&error, attempt, deadline).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
