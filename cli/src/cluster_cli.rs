@@ -1,5 +1,5 @@
 //! `ketch cluster status` (the brokers of a cluster as they answer now) and the cluster
-//! administration commands: `transfer-leader`.
+//! administration commands: `transfer-leader`, `reassign`.
 
 use clap::{Args, Subcommand};
 
@@ -27,6 +27,20 @@ pub enum ClusterCommand {
         /// The node id of the new leader.
         #[arg(value_name = "BROKER")]
         new_leader: u32,
+    },
+    /// Changes a partition's replicas to the brokers listed (node ids, comma-separated, the
+    /// first the preferred leader), e.g. `ketch cluster reassign events 0 1,2,4`. New
+    /// replicas copy the log before they vote; replicas left out delete theirs. Keep at
+    /// least one current replica (move in steps).
+    Reassign {
+        topic: String,
+        partition: u32,
+        #[arg(
+            value_name = "BROKER[,BROKER...]",
+            value_delimiter = ',',
+            required = true
+        )]
+        replicas: Vec<u32>,
     },
 }
 
@@ -64,6 +78,18 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
                     "{topic}/{partition}: leader {} (epoch {})",
                     moved.leader, moved.leader_epoch
                 );
+            }
+            ClusterCommand::Reassign {
+                topic,
+                partition,
+                replicas,
+            } => {
+                let now = client
+                    .admin()
+                    .reassign_partition(&topic, partition, &replicas)
+                    .await?;
+                let now: Vec<String> = now.iter().map(u32::to_string).collect();
+                println!("{topic}/{partition}: replicas {}", now.join(","));
             }
         }
         client.close();

@@ -72,6 +72,10 @@ pub enum ErrorCode {
     /// The broker named is not a member of the cluster, not a replica of the partition, or a
     /// replica list is malformed (empty, repeated brokers, more brokers than exist).
     InvalidReplicaAssignment = 68,
+    /// A partition's replica change did not finish in time (a new replica did not catch up,
+    /// or the membership change did not commit); the partition is served as it is, and the
+    /// same request again finishes the change.
+    ReassignmentIncomplete = 69,
 }
 
 impl ErrorCode {
@@ -122,6 +126,7 @@ impl ErrorCode {
         ErrorCode::TransformExists,
         ErrorCode::LeaderTransferFailed,
         ErrorCode::InvalidReplicaAssignment,
+        ErrorCode::ReassignmentIncomplete,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -202,6 +207,7 @@ impl ErrorCode {
             ErrorCode::TransformExists => "transform_exists",
             ErrorCode::LeaderTransferFailed => "leader_transfer_failed",
             ErrorCode::InvalidReplicaAssignment => "invalid_replica_assignment",
+            ErrorCode::ReassignmentIncomplete => "reassignment_incomplete",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use ketch_protocol::ErrorCode;
-use ketch_protocol::messages::{Api, TransferLeaderRequest};
+use ketch_protocol::messages::{Api, ReassignPartitionRequest, TransferLeaderRequest};
 
 use crate::TopicPartition;
 use crate::admin::Admin;
@@ -51,6 +51,36 @@ impl Admin {
             leader: answer.leader,
             leader_epoch: answer.leader_epoch,
         })
+    }
+
+    /// Changes the replicas of `topic`'s `partition` to `replicas` (broker node ids; the
+    /// first is the preferred leader) and answers them once the change is committed: new
+    /// replicas catch up as learners, the partition's Raft voters change by joint
+    /// consensus, replicas left out delete their log. The partition is served throughout.
+    /// At least one current replica must stay (move further in steps). If the leader itself
+    /// leaves, leadership moves first to a replica that stays.
+    ///
+    /// Fails with [`crate::ErrorCode::InvalidReplicaAssignment`] for an empty or repeated
+    /// list or a broker not in the cluster, and with
+    /// [`crate::ErrorCode::ReassignmentIncomplete`] when a step did not finish in time (a
+    /// new replica is down, say): the partition is served as it is, and asking again
+    /// finishes the change.
+    pub async fn reassign_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: &[u32],
+    ) -> Result<Vec<u32>> {
+        let request = ReassignPartitionRequest {
+            topic: topic.to_owned(),
+            partition,
+            replicas: replicas.to_vec(),
+        };
+        let answer = self
+            .call_leader(&TopicPartition::new(topic, partition), &request)
+            .await?;
+        self.refresh().await;
+        Ok(answer.replicas)
     }
 
     /// Sends `request` to the leader of `partition` (the controller for the metadata log),

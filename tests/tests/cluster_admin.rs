@@ -455,3 +455,174 @@ async fn bad_transfers_are_refused_and_change_nothing() -> anyhow::Result<()> {
     client.close();
     Ok(())
 }
+
+/// Partition directories of node `node` (`cluster/partitions/*`).
+fn partition_dirs(cluster: &TestCluster, node: NodeId) -> anyhow::Result<usize> {
+    let dir = cluster
+        .dir()
+        .join(format!("node-{node}"))
+        .join("cluster")
+        .join("partitions");
+    Ok(std::fs::read_dir(dir)?.count())
+}
+
+/// The replicas `ketch topic describe` shows through node `via`, once they are `want`.
+async fn wait_described_replicas(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    want: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let (_, replicas) = described(cluster, via, topic, 0)?;
+        if replicas == want {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {via} describes {topic}/0 on {replicas}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn reassign(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    replicas: &str,
+) -> anyhow::Result<(bool, String, String)> {
+    let started = Instant::now();
+    let answer = cli(cluster, via, &["cluster", "reassign", topic, "0", replicas])?;
+    println!(
+        "reassign {topic}/0 to {replicas} via {via}: {:?}: {}{}",
+        started.elapsed(),
+        answer.1.trim(),
+        answer.2.trim()
+    );
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassign_shrinks_grows_and_moves_replicas_under_load() -> anyhow::Result<()> {
+    const TOPIC: &str = "moving";
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 3)?;
+    let history = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = cluster.client().await?;
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop.clone(),
+    ));
+    wait_for_more_acks(&history, 100).await?;
+
+    // 3 of 3 → 2 of 3: the one left out (not the leader) deletes its replica.
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let mut others = cluster.process.node_ids();
+    others.retain(|n| *n != leader);
+    let (kept, dropped) = (others[0], others[1]);
+    let before = partition_dirs(&cluster, dropped)?;
+    let two = format!("{leader},{kept}");
+    let (ok, out, err) = reassign(&cluster, dropped, TOPIC, &two)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    for node in cluster.process.node_ids() {
+        wait_described_replicas(&cluster, node, TOPIC, &two).await?;
+    }
+    let started = Instant::now();
+    while partition_dirs(&cluster, dropped)? != before - 1 {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {dropped} kept its replica's directory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_more_acks(&history, 100).await?;
+
+    // And back to 3: the returning replica copies the log before it votes.
+    let three = format!("{leader},{kept},{dropped}");
+    let (ok, out, err) = reassign(&cluster, kept, TOPIC, &three)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, dropped, TOPIC, &three).await?;
+    wait_for_more_acks(&history, 100).await?;
+
+    // Without the leader: leadership moves to a replica that stays first.
+    let without_leader = format!("{kept},{dropped}");
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &without_leader)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, leader, TOPIC, &without_leader).await?;
+    let now = cluster
+        .wait_for_leader(TOPIC, 0, &[leader], WAIT_MAX)
+        .await?;
+    ensure!(now != leader);
+    wait_for_more_acks(&history, 100).await?;
+
+    // Bad lists change nothing.
+    for (bad, want) in [
+        ("9", "invalid_replica_assignment"),
+        ("1,1", "invalid_replica_assignment"),
+    ] {
+        let (ok, out, err) = reassign(&cluster, 1, TOPIC, bad)?;
+        ensure!(!ok, "reassign to {bad} succeeded: {out}");
+        ensure!(err.contains(want), "{bad}: wanted {want}: {out}{err}");
+    }
+    let (ok, _, err) = cli(&cluster, 1, &["cluster", "reassign", "nope", "0", "1"])?;
+    ensure!(!ok && err.contains("unknown_topic"), "{err}");
+    wait_described_replicas(&cluster, 1, TOPIC, &without_leader).await?;
+
+    stop.store(true, Ordering::SeqCst);
+    let failed = tokio::time::timeout(WAIT_MAX * 2, producer)
+        .await
+        .context("the producer did not finish")???;
+    cluster.drain(TOPIC, 1, &history, "drain", WAIT_MAX).await?;
+    let report = history.snapshot().check();
+    println!("reassign under load: {report}");
+    ensure!(report.is_valid(), "anomalies: {report}");
+    ensure!(failed == 0, "{failed} sends failed");
+    client.close();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
+-> anyhow::Result<()> {
+    const TOPIC: &str = "halfway";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 2)?;
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
+    let outsider = (1..=3)
+        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
+        .expect("RF 2 of 3");
+    cluster.process.kill(outsider);
+    let all = format!("{replicas},{outsider}");
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &all)?;
+    ensure!(!ok, "a reassignment onto a dead broker succeeded: {out}");
+    ensure!(err.contains("reassignment_incomplete"), "{out}{err}");
+    // Still served, on the old replicas.
+    wait_described_replicas(&cluster, leader, TOPIC, &replicas).await?;
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..ProducerConfig::default()
+        })
+        .await?;
+    let send = |value: &'static str| ProducerRecord {
+        partition: Some(0),
+        ..ProducerRecord::new(TOPIC, value)
+    };
+    producer.send(send("while cut short")).await?.await?;
+    // The broker comes back; the same request finishes the change.
+    cluster.process.restart(outsider)?;
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &all)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, outsider, TOPIC, &all).await?;
+    producer.send(send("after")).await?.await?;
+    producer.close().await?;
+    client.close();
+    Ok(())
+}

@@ -114,6 +114,10 @@ pub enum ReplicationError {
     /// The node named is not a voter of this group.
     #[error("node {0} is not a voting replica of this group")]
     NotAVoter(NodeId),
+    /// A change of the group's voters did not finish; the group serves on in whatever
+    /// membership committed, and asking again finishes it.
+    #[error("replica change incomplete: {0}")]
+    MembershipIncomplete(String),
 }
 
 impl ReplicationError {
@@ -128,6 +132,7 @@ impl ReplicationError {
             ReplicationError::Log(_) | ReplicationError::Storage(_) => ErrorCode::StorageFailed,
             ReplicationError::TransferFailed(_) => ErrorCode::LeaderTransferFailed,
             ReplicationError::NotAVoter(_) => ErrorCode::InvalidReplicaAssignment,
+            ReplicationError::MembershipIncomplete(_) => ErrorCode::ReassignmentIncomplete,
         }
     }
 }
@@ -483,6 +488,111 @@ impl PartitionReplica {
             .membership()
             .voter_ids()
             .collect()
+    }
+
+    /// On the leader: makes `voters` the group's voting members, within `timeout`. Each new
+    /// one joins as a learner first and must come within `lag_entries_max` entries of the
+    /// leader's log; then openraft's joint change commits the new voters, and members left
+    /// out are removed. Asking again after a failure (or at a new leader) finishes the
+    /// change: members already added are not added again.
+    pub async fn change_voters(
+        &self,
+        voters: BTreeSet<NodeId>,
+        lag_entries_max: u64,
+        timeout: Duration,
+    ) -> Result<(), ReplicationError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let incomplete = |m: String| ReplicationError::MembershipIncomplete(m);
+        let not_leader = |replica: &PartitionReplica| {
+            let (leader, epoch) = replica.leader();
+            ReplicationError::NotLeader { leader, epoch }
+        };
+        let write_error =
+            |replica: &PartitionReplica,
+             e: RaftError<NodeId, ClientWriteError<NodeId, openraft::EmptyNode>>| {
+                match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                        not_leader(replica)
+                    }
+                    e => incomplete(e.to_string()),
+                }
+            };
+        if !self.is_leader() {
+            return Err(not_leader(self));
+        }
+        let (current, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.voter_ids().collect(),
+                membership.learner_ids().collect(),
+            )
+        };
+        for node in voters.difference(&current) {
+            if learners.contains(node) {
+                continue;
+            }
+            match tokio::time::timeout_at(
+                deadline,
+                self.raft.add_learner(*node, openraft::EmptyNode {}, false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(write_error(self, e)),
+                Err(_) => {
+                    return Err(incomplete(format!(
+                        "adding node {node} as a learner timed out"
+                    )));
+                }
+            }
+        }
+        // New members catch up before they can vote.
+        let mut metrics = self.raft.metrics();
+        loop {
+            let behind: Vec<NodeId> = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err(not_leader(self));
+                }
+                let last = m.last_log_index.unwrap_or(0);
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.node_id)
+                    .filter(|n| {
+                        let matched = m
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(n).copied().flatten())
+                            .map(|id| id.index);
+                        matched.is_none_or(|i| i + lag_entries_max < last)
+                    })
+                    .collect()
+            };
+            if behind.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(incomplete(format!(
+                    "nodes {behind:?} did not catch up in time"
+                )));
+            }
+        }
+        if voters == current {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, self.raft.change_membership(voters, false)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(write_error(self, e)),
+            Err(_) => Err(incomplete(
+                "the membership change did not commit in time".into(),
+            )),
+        }
     }
 
     /// Hands this leader's leadership to `target`, a voter, within `timeout`; returns the

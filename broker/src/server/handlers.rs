@@ -107,6 +107,18 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             };
             respond(state, api, version, result)
         }
+        Request::ReassignPartition(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let target: Vec<u64> = r.replicas.iter().map(|n| u64::from(*n)).collect();
+            let result = node
+                .controller
+                .reassign(&r.topic, r.partition, &target)
+                .await
+                .map(|replicas| ReassignPartitionResponse {
+                    replicas: replicas.into_iter().map(|n| n as u32).collect(),
+                });
+            respond(state, api, version, result)
+        }
         Request::ReassignPartition(_) | Request::AddBroker(_) => {
             let refused = match &state.cluster_node {
                 Some(_) => ClusterError::new(
