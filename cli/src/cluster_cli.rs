@@ -1,5 +1,5 @@
 //! `ketch cluster status` (the brokers of a cluster as they answer now) and the cluster
-//! administration commands: `transfer-leader`, `reassign`.
+//! administration commands: `transfer-leader`, `reassign`, `add-broker`.
 
 use clap::{Args, Subcommand};
 
@@ -41,6 +41,13 @@ pub enum ClusterCommand {
             required = true
         )]
         replicas: Vec<u32>,
+    },
+    /// Registers a broker started after the cluster (`ketch serve --node-id N --listen
+    /// HOST:PORT --peers <the existing brokers> --ca-dir DIR`), given as `ID@HOST:PORT`: it
+    /// receives the cluster metadata and can be given replicas (`reassign`).
+    AddBroker {
+        #[arg(value_name = "ID@HOST:PORT")]
+        new_broker: String,
     },
 }
 
@@ -90,6 +97,16 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
                     .await?;
                 let now: Vec<String> = now.iter().map(u32::to_string).collect();
                 println!("{topic}/{partition}: replicas {}", now.join(","));
+            }
+            ClusterCommand::AddBroker { new_broker } => {
+                let (id, address) = new_broker
+                    .split_once('@')
+                    .ok_or_else(|| anyhow::anyhow!("{new_broker:?} is not ID@HOST:PORT"))?;
+                let id: u32 = id
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{new_broker:?}: {id:?} is not a node id"))?;
+                client.admin().add_broker(id, address).await?;
+                println!("added broker {id} at {address}");
             }
         }
         client.close();

@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use ketch_protocol::ErrorCode;
-use ketch_protocol::messages::{Api, ReassignPartitionRequest, TransferLeaderRequest};
+use ketch_protocol::messages::{
+    AddBrokerRequest, Api, ReassignPartitionRequest, TransferLeaderRequest,
+};
 
 use crate::TopicPartition;
 use crate::admin::Admin;
@@ -81,6 +83,25 @@ impl Admin {
             .await?;
         self.refresh().await;
         Ok(answer.replicas)
+    }
+
+    /// Registers broker `node_id` listening at `address` (`HOST:PORT`, an IP), started
+    /// after the cluster with `ketch serve --node-id N --peers <the existing brokers>`:
+    /// every broker learns its address, it receives the cluster metadata (as a learner of
+    /// the metadata log) and can be given replicas ([`Admin::reassign_partition`], new
+    /// topics). Asking again is harmless.
+    ///
+    /// Fails with [`crate::ErrorCode::InvalidReplicaAssignment`] when the node id is taken
+    /// at another address, and [`crate::ErrorCode::ReassignmentIncomplete`] when the broker
+    /// did not catch up with the metadata in time (it is registered; ask again).
+    pub async fn add_broker(&self, node_id: u32, address: &str) -> Result<()> {
+        let request = AddBrokerRequest {
+            node_id,
+            address: address.to_owned(),
+        };
+        self.client.inner.call_controller(&request).await?;
+        self.refresh().await;
+        Ok(())
     }
 
     /// Sends `request` to the leader of `partition` (the controller for the metadata log),

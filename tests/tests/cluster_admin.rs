@@ -626,3 +626,107 @@ async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
     client.close();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_broker_gets_metadata_and_takes_a_replica() -> anyhow::Result<()> {
+    const TOPIC: &str = "grow";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 3)?;
+    let history = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = cluster.client().await?;
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop.clone(),
+    ));
+    wait_for_more_acks(&history, 100).await?;
+
+    let new = cluster.process.start_joining()?;
+    let addr = cluster.process.addr(new);
+    // Unknown to the cluster until added.
+    let (ok, _, err) = reassign(&cluster, 1, TOPIC, &format!("1,2,{new}"))?;
+    ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
+    let started = Instant::now();
+    let (ok, out, err) = cli(
+        &cluster,
+        2,
+        &["cluster", "add-broker", &format!("{new}@{addr}")],
+    )?;
+    println!(
+        "add-broker {new}@{addr}: {:?}: {}{}",
+        started.elapsed(),
+        out.trim(),
+        err.trim()
+    );
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    // Again: harmless. The same id elsewhere: refused.
+    let (ok, out, err) = cli(
+        &cluster,
+        3,
+        &["cluster", "add-broker", &format!("{new}@{addr}")],
+    )?;
+    ensure!(ok, "{out}{err}");
+    let (ok, _, err) = cli(
+        &cluster,
+        3,
+        &["cluster", "add-broker", &format!("{new}@127.0.0.1:1")],
+    )?;
+    ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
+    let (ok, _, err) = cli(&cluster, 3, &["cluster", "add-broker", "four@127.0.0.1:1"])?;
+    ensure!(!ok && err.contains("not a node id"), "{err}");
+
+    // `cluster status` lists it, through any broker; it answers for the cluster itself.
+    let (ok, out, err) = cli(&cluster, 1, &["cluster", "status"])?;
+    ensure!(ok, "{out}{err}");
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{new}\t{addr}\tup"))),
+        "status lacks node {new}:\n{out}"
+    );
+    let started = Instant::now();
+    while described(&cluster, new, TOPIC, 0).is_err() {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {new} never learnt of {TOPIC}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 1,2,3 → two of them and the new broker.
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let kept = (1..=3).find(|n| *n != leader).expect("three");
+    let target = format!("{leader},{kept},{new}");
+    let (ok, out, err) = reassign(&cluster, new, TOPIC, &target)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    for node in [1, 2, 3, new] {
+        wait_described_replicas(&cluster, node, TOPIC, &target).await?;
+    }
+    ensure!(
+        partition_dirs(&cluster, new)? >= 1,
+        "node {new} hosts no replica"
+    );
+    wait_for_more_acks(&history, 100).await?;
+    // The new broker can lead it.
+    let (ok, out, err) = cli(
+        &cluster,
+        1,
+        &["cluster", "transfer-leader", TOPIC, "0", &new.to_string()],
+    )?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_leader(&cluster, 1, TOPIC, 0, new).await?;
+    wait_for_more_acks(&history, 100).await?;
+
+    stop.store(true, Ordering::SeqCst);
+    let failed = tokio::time::timeout(WAIT_MAX * 2, producer)
+        .await
+        .context("the producer did not finish")???;
+    cluster.drain(TOPIC, 1, &history, "drain", WAIT_MAX).await?;
+    let report = history.snapshot().check();
+    println!("add-broker and reassign under load: {report}");
+    ensure!(report.is_valid(), "anomalies: {report}");
+    ensure!(failed == 0, "{failed} sends failed");
+    client.close();
+    Ok(())
+}

@@ -65,6 +65,8 @@ pub const TRANSFER_LEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a replica reassignment may take (new replicas catching up included) before it
 /// answers `reassignment_incomplete`; asking again continues it.
 pub const REASSIGN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A broker being added counts as caught up with the metadata log within this many entries.
+pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
@@ -113,6 +115,12 @@ pub enum MetadataCommand {
         partition: u32,
         replicas: Vec<NodeId>,
     },
+    /// A broker joined the cluster after start (`ketch cluster add-broker`): every broker
+    /// learns its address; it may be placed replicas.
+    BrokerAdded {
+        node_id: NodeId,
+        address: String,
+    },
 }
 
 /// A topic as the metadata log says.
@@ -147,6 +155,8 @@ impl TopicImage {
 #[derive(Debug, Default, Clone)]
 pub struct Image {
     pub topics: BTreeMap<String, TopicImage>,
+    /// Brokers added after start (the initial ones are every broker's `--peers`).
+    pub added_brokers: BTreeMap<NodeId, std::net::SocketAddr>,
 }
 
 impl Image {
@@ -234,11 +244,20 @@ impl Image {
                 }
                 _ => Effect::None,
             },
+            MetadataCommand::BrokerAdded { node_id, address } => match address.parse() {
+                Ok(addr) => {
+                    self.added_brokers.insert(node_id, addr);
+                    Effect::BrokerAdded(node_id, addr)
+                }
+                Err(_) => Effect::None,
+            },
         }
     }
 }
 
 enum Effect {
+    /// A broker joined: the transport learns its address.
+    BrokerAdded(NodeId, std::net::SocketAddr),
     None,
     Open(TopicImage),
     Close(TopicImage),
@@ -376,6 +395,14 @@ impl<T: PeerTransport> Controller<T> {
 
     pub fn peers(&self) -> &ClusterPeers {
         &self.peers
+    }
+
+    /// Every broker of the cluster: the initial `--peers` and those added since.
+    pub fn brokers(&self) -> ClusterPeers {
+        let mut brokers = self.peers.clone();
+        let image = self.image.read().unwrap_or_else(|e| e.into_inner());
+        brokers.extend(image.added_brokers.iter().map(|(id, addr)| (*id, *addr)));
+        brokers
     }
 
     /// The metadata group's leader as this broker knows it.
@@ -608,6 +635,7 @@ impl<T: PeerTransport> Controller<T> {
                     drop(self.close_replica(&topic.name, index));
                 }
             }
+            Effect::BrokerAdded(node, addr) => self.transport.learn_address(node, addr),
             Effect::Reconcile(topic, index) => {
                 let host = topic.hosts(index).contains(&self.node_id);
                 let hosted = self.partition(&topic.name, index).is_some();
@@ -780,7 +808,7 @@ impl<T: PeerTransport> Controller<T> {
                 format!("partitions must be between 1 and {partitions_per_topic_max}"),
             ));
         }
-        let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let brokers: Vec<NodeId> = self.brokers().keys().copied().collect();
         let replication_factor = usize::from(replication_factor.max(1));
         if replication_factor > brokers.len() {
             return Err(ClusterError::new(
@@ -874,9 +902,11 @@ impl<T: PeerTransport> Controller<T> {
         target: NodeId,
     ) -> Result<(NodeId, u64), ClusterError> {
         let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
-        if !self.peers.contains_key(&target) {
+        let brokers = self.brokers();
+        if !brokers.contains_key(&target) {
             return Err(invalid(format!(
-                "broker {target} is not a member of the cluster"
+                "broker {target} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
             )));
         }
         let hosted;
@@ -958,9 +988,11 @@ impl<T: PeerTransport> Controller<T> {
                 "replicas {target:?}: give one or more distinct brokers"
             )));
         }
-        if let Some(unknown) = target.iter().find(|n| !self.peers.contains_key(n)) {
+        let brokers = self.brokers();
+        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
             return Err(invalid(format!(
-                "broker {unknown} is not a member of the cluster"
+                "broker {unknown} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
             )));
         }
         let hosted = self
@@ -1004,6 +1036,56 @@ impl<T: PeerTransport> Controller<T> {
         let offset = self.propose(&done, PROPOSE_TIMEOUT).await?;
         self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
         Ok(target.to_vec())
+    }
+
+    /// Registers broker `node` at `addr`, started after the cluster (`ketch serve --node-id
+    /// N` with the existing `--peers`), on the controller: `BrokerAdded` is committed (every
+    /// broker learns its address, placement and `reassign` may use it) and the broker joins
+    /// the metadata group as a learner and catches up (bounded), so it answers Metadata.
+    /// Asking again is harmless.
+    pub async fn add_broker(
+        &self,
+        node: NodeId,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        if node == 0 || node >= crate::config::NODE_ID_LIMIT {
+            return Err(invalid(format!(
+                "node id {node} must be between 1 and {}",
+                crate::config::NODE_ID_LIMIT - 1
+            )));
+        }
+        match self.brokers().get(&node) {
+            Some(known) if *known != addr => {
+                return Err(invalid(format!(
+                    "node {node} is already a broker, at {known}"
+                )));
+            }
+            _ => {}
+        }
+        if !self.metadata.is_leader() {
+            return Err(self.not_hosted_here(METADATA_GROUP, 0, self.metadata.leader()));
+        }
+        if !self.image().added_brokers.contains_key(&node) && !self.peers.contains_key(&node) {
+            let command = MetadataCommand::BrokerAdded {
+                node_id: node,
+                address: addr.to_string(),
+            };
+            let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
+            self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        }
+        if self.peers.contains_key(&node) {
+            return Ok(());
+        }
+        self.metadata
+            .add_learner(node, ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX, REASSIGN_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    self.not_hosted_here(METADATA_GROUP, 0, (leader, epoch))
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })
     }
 
     fn not_hosted_here(&self, topic: &str, partition: u32, leader: LeaderView) -> ClusterError {

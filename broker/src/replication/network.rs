@@ -84,6 +84,10 @@ pub trait PeerTransport: Send + Sync + 'static {
     fn answered_within(&self, _node: NodeId, _within: std::time::Duration) -> bool {
         true
     }
+
+    /// Learns where a broker added to the cluster after start listens (`add-broker`); a
+    /// transport that does not route by address ignores it.
+    fn learn_address(&self, _node: NodeId, _addr: std::net::SocketAddr) {}
 }
 
 /// Answers a peer request with the local replica of its group (the receiving side of every

@@ -490,6 +490,69 @@ impl PartitionReplica {
             .collect()
     }
 
+    /// On the leader: adds `node` as a learner (unless it is a member already) and waits,
+    /// within `timeout`, until its log is within `lag_entries_max` entries of the leader's.
+    pub async fn add_learner(
+        &self,
+        node: NodeId,
+        lag_entries_max: u64,
+        timeout: Duration,
+    ) -> Result<(), ReplicationError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (leader, epoch) = self.leader();
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader { leader, epoch });
+        }
+        let member = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            membership.voter_ids().any(|n| n == node) || membership.learner_ids().any(|n| n == node)
+        };
+        if !member {
+            match tokio::time::timeout_at(
+                deadline,
+                self.raft.add_learner(node, openraft::EmptyNode {}, false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    let (leader, epoch) = self.leader();
+                    return Err(ReplicationError::NotLeader { leader, epoch });
+                }
+                Ok(Err(e)) => return Err(ReplicationError::MembershipIncomplete(e.to_string())),
+                Err(_) => {
+                    return Err(ReplicationError::MembershipIncomplete(format!(
+                        "adding node {node} as a learner timed out"
+                    )));
+                }
+            }
+        }
+        let mut metrics = self.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                let last = m.last_log_index.unwrap_or(0);
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node).copied().flatten())
+                    .is_some_and(|id| id.index + lag_entries_max >= last)
+            };
+            if caught_up {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(ReplicationError::MembershipIncomplete(format!(
+                    "node {node} did not catch up in time"
+                )));
+            }
+        }
+    }
+
     /// On the leader: makes `voters` the group's voting members, within `timeout`. Each new
     /// one joins as a learner first and must come within `lag_entries_max` entries of the
     /// leader's log; then openraft's joint change commits the new voters, and members left

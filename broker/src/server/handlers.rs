@@ -119,15 +119,29 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 });
             respond(state, api, version, result)
         }
-        Request::ReassignPartition(_) | Request::AddBroker(_) => {
-            let refused = match &state.cluster_node {
-                Some(_) => ClusterError::new(
-                    ErrorCode::UnsupportedApi,
-                    format!("{} is not implemented yet", api.name()),
-                ),
-                None => not_a_cluster(),
+        Request::AddBroker(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let result = match r.address.parse::<std::net::SocketAddr>() {
+                Ok(addr) => node
+                    .controller
+                    .add_broker(u64::from(r.node_id), addr)
+                    .await
+                    .map(|()| AddBrokerResponse {}),
+                Err(e) => Err(ClusterError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "broker address {:?}: {e} (want HOST:PORT with an IP)",
+                        r.address
+                    ),
+                )),
             };
-            respond::<AddBrokerResponse>(state, api, version, Err(refused))
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(_) => {
+            respond::<ReassignPartitionResponse>(state, api, version, Err(not_a_cluster()))
+        }
+        Request::AddBroker(_) => {
+            respond::<AddBrokerResponse>(state, api, version, Err(not_a_cluster()))
         }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
@@ -317,7 +331,7 @@ fn cluster_metadata(node: &super::ClusterNode, request: MetadataRequest) -> Meta
     MetadataResponse {
         brokers: node
             .controller
-            .peers()
+            .brokers()
             .iter()
             .map(|(id, addr)| BrokerInfo {
                 node_id: *id as u32,
