@@ -96,7 +96,7 @@ pub(crate) struct State {
     /// Topic-to-topic transforms (started after the chains load).
     pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
     /// Tokens, ACLs, quotas and producer-id owners.
-    pub security: crate::auth::Security,
+    pub security: Arc<crate::auth::Security>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -130,6 +130,28 @@ impl State {
             }
             None => local,
         })
+    }
+}
+
+/// Puts this broker's `admin` tokens (the one its first `--auth required` start wrote) into
+/// the metadata log, so they hold on every broker of the cluster. Idempotent, on every
+/// start; retried while no controller commits (bounded), then said.
+async fn share_admin_tokens(
+    controller: Arc<crate::controller::Controller<peer::QuicPeers>>,
+    security: Arc<crate::auth::Security>,
+) {
+    const TRIES_MAX: u32 = 8;
+    for record in security.tokens_of(crate::auth::ADMIN_PRINCIPAL) {
+        let id = record.id.clone();
+        let change = crate::auth::SecurityChange::TokenCreated { record };
+        let mut tries = 0;
+        while let Err(e) = controller.change_security(change.clone()).await {
+            tries += 1;
+            if tries >= TRIES_MAX {
+                tracing::error!(token = %id, error = %e.message, "the admin token could not be shared with the cluster: it works on this broker only");
+                break;
+            }
+        }
     }
 }
 
@@ -313,6 +335,7 @@ impl Broker {
             config.security_config(),
             crate::cluster::now_ms(),
         )?;
+        let security = Arc::new(security);
         match security.mode() {
             crate::auth::AuthMode::None => tracing::warn!(
                 listen = %local_addr,
@@ -348,11 +371,15 @@ impl Broker {
                         log_config: cluster.log_config_default(),
                         retention_ms: config.retention_ms,
                         clock_ms: crate::cluster::now_ms,
+                        security: Some(security.clone()),
                     },
                     transport,
                     groups.clone(),
                 )
                 .await?;
+                if security.mode() == crate::auth::AuthMode::Required {
+                    tokio::spawn(share_admin_tokens(controller.clone(), security.clone()));
+                }
                 Some(ClusterNode {
                     controller,
                     groups,
