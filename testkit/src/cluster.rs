@@ -161,6 +161,7 @@ impl ClusterProcess {
             listen,
             data_dir: root.join(format!("node-{id}")),
             args,
+            wrapper: Vec::new(),
             process: None,
         };
         node.process = Some(
