@@ -21,7 +21,10 @@
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
 //! its `Security`.
 //!
-//! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
+//! Administration: [`Controller::transfer_leader`], [`Controller::reassign`] and
+//! [`Controller::add_broker`] (brokers added after start are learners of the metadata log).
+//!
+//! Known limits: the metadata group's voters are the initial `--peers`; consumer-group
 //! coordination stays per broker (clients use the controller's); producer ids are made
 //! unique across brokers by putting the node id in their high bits.
 
