@@ -21,12 +21,14 @@
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
 //! its `Security`.
 //!
+//! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
+//! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
+//!
 //! Administration: [`Controller::transfer_leader`], [`Controller::reassign`] and
 //! [`Controller::add_broker`] (brokers added after start are learners of the metadata log).
 //!
-//! Known limits: the metadata group's voters are the initial `--peers`; consumer-group
-//! coordination stays per broker (clients use the controller's); producer ids are made
-//! unique across brokers by putting the node id in their high bits.
+//! Known limits: the metadata group's voters are the initial `--peers`; producer ids are
+//! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
 
@@ -79,6 +81,12 @@ pub const REASSIGN_CATCH_UP_LAG_ENTRIES_MAX: u64 = 1000;
 pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
+pub const OFFSETS_PARTITIONS: u32 = 16;
+/// How long one attempt to create `__consumer_offsets` keeps trying.
+pub const OFFSETS_CREATE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Replicas of each `__consumer_offsets` partition (fewer on a smaller cluster).
+pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
 pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
 
@@ -850,6 +858,12 @@ impl<T: PeerTransport> Controller<T> {
         partitions_per_topic_max: u32,
     ) -> Result<TopicImage, ClusterError> {
         crate::cluster::validate_topic_name(name)?;
+        if name.starts_with("__") {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "names starting with \"__\" are reserved",
+            ));
+        }
         if partitions == 0 || partitions > partitions_per_topic_max {
             return Err(ClusterError::new(
                 ErrorCode::InvalidPartitions,
@@ -928,7 +942,68 @@ impl<T: PeerTransport> Controller<T> {
         Ok(self.topic(name).unwrap_or(topic))
     }
 
+    /// Creates the cluster's `__consumer_offsets`, as Kafka does on the first FindCoordinator
+    /// (a cluster that never uses groups runs no offsets replicas): [`OFFSETS_PARTITIONS`]
+    /// partitions of min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed from
+    /// this broker once its image is current (forwarded to the controller). The first create
+    /// of the name wins, so brokers racing to create it are harmless. Tries until the image
+    /// has it or [`OFFSETS_CREATE_WAIT_MAX`] passed (a later group request tries again).
+    pub async fn ensure_offsets_topic(&self) {
+        let name = crate::cluster::OFFSETS_TOPIC;
+        let deadline = tokio::time::Instant::now() + OFFSETS_CREATE_WAIT_MAX;
+        while tokio::time::Instant::now() < deadline {
+            if self.topic(name).is_some() {
+                return;
+            }
+            if self.caught_up() {
+                let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+                let id = TopicId::generate().0;
+                let config = TopicConfig {
+                    partitions: OFFSETS_PARTITIONS,
+                    retention_ms: -1,
+                    retention_bytes: -1,
+                    cleanup_policy: Default::default(),
+                    delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+                };
+                let command = MetadataCommand::TopicCreated {
+                    name: name.to_owned(),
+                    id,
+                    replicas: place(
+                        &brokers,
+                        OFFSETS_PARTITIONS,
+                        OFFSETS_REPLICATION_FACTOR_MAX.min(brokers.len()),
+                        id,
+                    ),
+                    configs: config
+                        .entries()
+                        .into_iter()
+                        .map(|e| (e.key, e.value))
+                        .collect(),
+                };
+                match self.propose(&command, PROPOSE_TIMEOUT).await {
+                    Ok(offset) => {
+                        tracing::info!(
+                            partitions = OFFSETS_PARTITIONS,
+                            "proposed the cluster's offsets topic"
+                        );
+                        let _ = self.wait_applied(offset, PROPOSE_TIMEOUT).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "could not create the offsets topic yet")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
+        if name == crate::cluster::OFFSETS_TOPIC {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                format!("{name} is the cluster's own topic"),
+            ));
+        }
         let topic = self.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;

@@ -298,6 +298,20 @@ impl PartitionReplica {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
+    /// Confirms with a quorum (a round of heartbeats) that this replica still leads its
+    /// group, within `timeout`: a leader deposed without knowing it yet fails here, so what
+    /// it reads from its own state afterwards is not stale.
+    pub async fn confirm_leader(&self, timeout: Duration) -> Result<(), ReplicationError> {
+        match tokio::time::timeout(timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => {
+                let (leader, epoch) = self.leader();
+                Err(ReplicationError::NotLeader { leader, epoch })
+            }
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
+    }
+
     /// The Kafka offset below which records are committed.
     pub fn high_watermark(&self) -> i64 {
         *self.high_watermark.borrow()
