@@ -736,3 +736,30 @@ async fn an_added_broker_gets_metadata_and_takes_a_replica() -> anyhow::Result<(
     client.close();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_refuses_cluster_administration() -> anyhow::Result<()> {
+    let broker = ketch_e2e::TestBroker::start(&[])?;
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let output = broker.process.cli().args(args).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+    let (ok, out) = run(&["topic", "create", "solo", "--partitions", "1"])?;
+    ensure!(ok, "{out}");
+    for args in [
+        vec!["cluster", "transfer-leader", "solo", "0", "1"],
+        vec!["cluster", "reassign", "solo", "0", "1"],
+        vec!["cluster", "add-broker", "2@127.0.0.1:1"],
+    ] {
+        let (ok, err) = run(&args)?;
+        ensure!(!ok, "{args:?} succeeded on a single node");
+        ensure!(
+            err.contains("invalid_request") && err.contains("not part of a cluster"),
+            "{args:?}: {err}"
+        );
+    }
+    Ok(())
+}
