@@ -202,6 +202,38 @@ wire_struct! {
         pub high_watermark: i64,
     }
 
+    // ---- Cluster administration (53-55) ----
+
+    /// Moves a partition's leadership to `broker`, a caught-up voter of it. Sent to the
+    /// partition's leader (`__cluster_metadata` partition 0: the controller); another broker
+    /// answers `not_leader`.
+    pub struct TransferLeaderRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub broker: u32,
+    }
+    pub struct TransferLeaderResponse {
+        pub leader: u32,
+        pub leader_epoch: u64,
+    }
+    /// Changes a partition's replicas to `replicas` (the first is the preferred leader).
+    /// Sent to the partition's leader.
+    pub struct ReassignPartitionRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub replicas: Vec<u32>,
+    }
+    pub struct ReassignPartitionResponse {
+        pub replicas: Vec<u32>,
+    }
+    /// Registers a broker started outside the initial membership (`--node-id N` with the
+    /// existing `--peers`), so partitions can be placed or moved onto it. Any broker.
+    pub struct AddBrokerRequest {
+        pub node_id: u32,
+        pub address: String,
+    }
+    pub struct AddBrokerResponse {}
+
     // ---- Topics (1-4) ----
 
     pub struct CreateTopicRequest {
@@ -945,6 +977,9 @@ apis! {
     39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
     40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
     41 SubscribeMany [0 ..= 0] => SubscribeManyRequest, FetchPartitionResponse;
+    53 TransferLeader [0 ..= 0] => TransferLeaderRequest, TransferLeaderResponse;
+    54 ReassignPartition [0 ..= 0] => ReassignPartitionRequest, ReassignPartitionResponse;
+    55 AddBroker [0 ..= 0] => AddBrokerRequest, AddBrokerResponse;
 }
 
 impl Request {
@@ -996,7 +1031,10 @@ impl Request {
             SecurityList,
             FindCoordinator,
             AlterTopicConfig,
-            SubscribeMany
+            SubscribeMany,
+            TransferLeader,
+            ReassignPartition,
+            AddBroker
         )
     }
 }

@@ -499,7 +499,7 @@ impl Admin {
             .collect()
     }
 
-    async fn refresh(&self) {
+    pub(crate) async fn refresh(&self) {
         if let Err(error) = self
             .client
             .inner

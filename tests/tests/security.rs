@@ -678,6 +678,32 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             }),
             Unauthorized,
         ),
+        (
+            ApiKey::TransferLeader,
+            encode_request(&TransferLeaderRequest {
+                topic: "t".into(),
+                partition: 0,
+                broker: 1,
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::ReassignPartition,
+            encode_request(&ReassignPartitionRequest {
+                topic: "t".into(),
+                partition: 0,
+                replicas: vec![1],
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::AddBroker,
+            encode_request(&AddBrokerRequest {
+                node_id: 4,
+                address: "127.0.0.1:1".into(),
+            }),
+            Unauthorized,
+        ),
     ];
     // Every API is in the table.
     for key in ApiKey::ALL {

@@ -214,6 +214,9 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
         | Request::AclChange(_)
         | Request::QuotaSet(_) => vec![need(Alter, Cluster, "")],
         Request::SecurityList(_) => vec![need(Describe, Cluster, "")],
+        Request::TransferLeader(_) | Request::ReassignPartition(_) | Request::AddBroker(_) => {
+            vec![need(Alter, Cluster, "")]
+        }
         Request::ListTopics(_)
         | Request::ListGroups(_)
         | Request::FilterList(_)

@@ -30,6 +30,14 @@ fn respond<T: Wire>(
     }
 }
 
+/// The answer to a cluster administration request on a broker started without `--peers`.
+fn not_a_cluster() -> ClusterError {
+    ClusterError::new(
+        ErrorCode::InvalidRequest,
+        "this broker is not part of a cluster (started without --peers)",
+    )
+}
+
 /// Answers `request`, which arrived at `version` (the response is in that version's layout).
 pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
@@ -84,6 +92,56 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 version,
                 deleted.map(|()| DeleteTopicResponse {}),
             )
+        }
+        Request::TransferLeader(r) => {
+            let result = match &state.cluster_node {
+                Some(node) => node
+                    .controller
+                    .transfer_leader(&r.topic, r.partition, u64::from(r.broker))
+                    .await
+                    .map(|(leader, epoch)| TransferLeaderResponse {
+                        leader: leader as u32,
+                        leader_epoch: epoch,
+                    }),
+                None => Err(not_a_cluster()),
+            };
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let target: Vec<u64> = r.replicas.iter().map(|n| u64::from(*n)).collect();
+            let result = node
+                .controller
+                .reassign(&r.topic, r.partition, &target)
+                .await
+                .map(|replicas| ReassignPartitionResponse {
+                    replicas: replicas.into_iter().map(|n| n as u32).collect(),
+                });
+            respond(state, api, version, result)
+        }
+        Request::AddBroker(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let result = match r.address.parse::<std::net::SocketAddr>() {
+                Ok(addr) => node
+                    .controller
+                    .add_broker(u64::from(r.node_id), addr)
+                    .await
+                    .map(|()| AddBrokerResponse {}),
+                Err(e) => Err(ClusterError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "broker address {:?}: {e} (want HOST:PORT with an IP)",
+                        r.address
+                    ),
+                )),
+            };
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(_) => {
+            respond::<ReassignPartitionResponse>(state, api, version, Err(not_a_cluster()))
+        }
+        Request::AddBroker(_) => {
+            respond::<AddBrokerResponse>(state, api, version, Err(not_a_cluster()))
         }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
@@ -279,7 +337,7 @@ fn cluster_metadata(node: &super::ClusterNode, request: MetadataRequest) -> Meta
     MetadataResponse {
         brokers: node
             .controller
-            .peers()
+            .brokers()
             .iter()
             .map(|(id, addr)| BrokerInfo {
                 node_id: *id as u32,
