@@ -13,6 +13,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
+use super::elections::ElectionTiming;
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
 use super::network::{GroupId, PeerNetwork, PeerTransport};
 use super::state_machine::PartitionStateMachine;
@@ -81,6 +82,9 @@ impl ReplicaConfig {
             // The log is the data: never snapshot (and so never purge) on openraft's own.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: u64::MAX,
+            // Elections are started by our own timer, which draws a fresh timeout each
+            // round (openraft 0.9 draws one per node for its lifetime): see `elections`.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -139,6 +143,56 @@ pub struct CommittedBatch {
     pub bytes: Bytes,
 }
 
+/// Why a Raft stopped on its own, from its `running_state`: `None` while it runs or when it
+/// was shut down on purpose.
+pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<NodeId>>) -> Option<String> {
+    match running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(fatal) => Some(fatal.to_string()),
+    }
+}
+
+/// Waits until the Raft behind `metrics` stops on its own and says why; `None` once it was
+/// shut down on purpose or dropped.
+async fn wait_for_failure(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, openraft::EmptyNode>>,
+) -> Option<String> {
+    loop {
+        {
+            let now = metrics.borrow_and_update();
+            match &now.running_state {
+                Ok(()) => {}
+                Err(openraft::error::Fatal::Stopped) => return None,
+                Err(_) => return fatal_reason(&now.running_state),
+            }
+        }
+        metrics.changed().await.ok()?;
+    }
+}
+
+/// Runs a replica's election timer and says, in the log, when its Raft stops on its own (a
+/// Raft that stops on a fatal error is never silent).
+async fn supervise(raft: Raft, node: NodeId, group: String, timing: ElectionTiming) {
+    let failure = wait_for_failure(raft.metrics());
+    tokio::pin!(failure);
+    let log = |reason: &str| {
+        tracing::error!(node, group = %group, reason, "a replica's Raft stopped on a fatal error");
+    };
+    tokio::select! {
+        () = super::elections::drive(raft.clone(), node, group.clone(), timing) => {}
+        reason = &mut failure => {
+            if let Some(reason) = reason {
+                log(&reason);
+            }
+            return;
+        }
+    }
+    // The timer ends when the Raft does; its metrics say why soon after.
+    if let Ok(Some(reason)) = tokio::time::timeout(STOP_WAIT_MAX, failure).await {
+        log(&reason);
+    }
+}
+
 /// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
 /// log in `dir/log` and the Raft state checkpoint beside it) and its state machine.
 pub fn open_stores(
@@ -158,6 +212,14 @@ pub struct PartitionReplica {
     raft: Raft,
     shared: Arc<Shared>,
     high_watermark: watch::Receiver<i64>,
+    /// The group's election timer ([`super::elections`]), stopped with the replica.
+    elections: tokio::task::AbortHandle,
+}
+
+impl Drop for PartitionReplica {
+    fn drop(&mut self) {
+        self.elections.abort();
+    }
 }
 
 impl std::fmt::Debug for PartitionReplica {
@@ -186,11 +248,23 @@ impl PartitionReplica {
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        let timing = ElectionTiming {
+            election_timeout_min_ms: config.election_timeout_min_ms,
+            election_timeout_max_ms: config.election_timeout_max_ms,
+        };
+        let elections = tokio::spawn(supervise(
+            raft.clone(),
+            config.node_id,
+            config.group.to_string(),
+            timing,
+        ))
+        .abort_handle();
         Ok(PartitionReplica {
             node_id: config.node_id,
             raft,
             shared,
             high_watermark,
+            elections,
         })
     }
 
@@ -324,6 +398,18 @@ impl PartitionReplica {
         })
     }
 
+    /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
+    /// `None` while it runs and after [`Self::stop`].
+    pub fn failure(&self) -> Option<String> {
+        fatal_reason(&self.raft.metrics().borrow().running_state)
+    }
+
+    /// Resolves, with the reason, once this replica's Raft stops on its own; with `None` once
+    /// it is stopped on purpose. It does not hold the replica: a supervisor may await it.
+    pub fn failed(&self) -> impl std::future::Future<Output = Option<String>> + Send + 'static {
+        wait_for_failure(self.raft.metrics())
+    }
+
     /// The Kafka offset after the last record in this replica's own log, committed or not.
     pub fn log_end_offset(&self) -> i64 {
         self.shared.kafka_offset(self.shared.log().log_end_offset())
@@ -335,7 +421,7 @@ impl PartitionReplica {
     }
 
     /// Waits until the leader or the term this replica knows differs from `known` (or the
-    /// replica stopped: `None`), and returns the new pair.
+    /// replica stopped, on purpose or not: `None`), and returns the new pair.
     pub async fn leader_changed(
         &self,
         known: (Option<NodeId>, u64),
@@ -344,6 +430,9 @@ impl PartitionReplica {
         loop {
             let now = {
                 let m = metrics.borrow_and_update();
+                if m.running_state.is_err() {
+                    return None;
+                }
                 (m.current_leader, m.current_term)
             };
             if now != known {
@@ -450,6 +539,7 @@ impl PartitionReplica {
     /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
     pub async fn stop(&self) {
+        self.elections.abort();
         let _ = self.raft.shutdown().await;
         let released = async {
             while Arc::strong_count(&self.shared) > 1 {
