@@ -15,9 +15,12 @@
 //! heard from for the leader lease plus a random election timeout (voters refuse votes while
 //! their lease lasts), a candidate stands again after a random election timeout. "Heard from"
 //! is openraft's own vote time (`RaftState::vote_last_modified`, touched by every accepted
-//! heartbeat, append and granted vote). The randomness is a seeded generator (node and group),
+//! heartbeat, append and granted vote); a node told by a voter that its log is shorter waits
+//! longer before it stands again, as openraft's timer does. The randomness is a seeded generator (node and group),
 //! no wall clock is read: the waits run on tokio's timer, like openraft's.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::ServerState;
@@ -36,6 +39,12 @@ impl ElectionTiming {
     /// 0.9's lease is the largest election timeout).
     fn leader_lease(&self) -> Duration {
         Duration::from_millis(self.election_timeout_max_ms)
+    }
+
+    /// How much longer a node whose vote request a longer log refused waits before standing
+    /// again (openraft 0.9's `smaller_log_timeout`): the node with the longer log stands first.
+    fn smaller_log_delay(&self) -> Duration {
+        Duration::from_millis(2 * self.election_timeout_max_ms)
     }
 }
 
@@ -98,7 +107,16 @@ async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
 }
 
 /// Runs the election timer of `node`'s replica of `group` until its Raft stops.
-pub async fn drive(raft: Raft, node: NodeId, group: String, timing: ElectionTiming) {
+/// `greater_log_seen` is set by the group's network when a voter refused this node's vote
+/// because its log is longer; the timer then waits the smaller-log delay more before it
+/// stands again.
+pub async fn drive(
+    raft: Raft,
+    node: NodeId,
+    group: String,
+    timing: ElectionTiming,
+    greater_log_seen: Arc<AtomicBool>,
+) {
     let mut draws = Draws::new(node, &group);
     loop {
         let timeout = draws.timeout(&timing);
@@ -116,6 +134,11 @@ pub async fn drive(raft: Raft, node: NodeId, group: String, timing: ElectionTimi
         };
         let since = before.heard_at.unwrap_or_else(tokio::time::Instant::now);
         tokio::time::sleep_until(since + wait).await;
+        if greater_log_seen.swap(false, Ordering::Relaxed) {
+            // The last election showed a voter with a longer log: let it stand first.
+            tokio::time::sleep(timing.smaller_log_delay()).await;
+            continue;
+        }
         let Some(after) = seen(&raft, node).await else {
             return;
         };

@@ -122,6 +122,10 @@ pub struct PeerNetwork<T> {
     transport: Arc<T>,
     group: GroupId,
     from: NodeId,
+    /// Set when a voter refused this node's vote request because its log is longer: the
+    /// election timer ([`super::elections`]) then waits longer before standing again, so a
+    /// node with the longer log wins (openraft's own timer does the same).
+    greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<T> PeerNetwork<T> {
@@ -130,7 +134,13 @@ impl<T> PeerNetwork<T> {
             transport,
             group,
             from,
+            greater_log_seen: Arc::default(),
         }
+    }
+
+    /// The flag [`Self`] sets when a voter had a longer log (the election timer clears it).
+    pub fn greater_log_seen(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.greater_log_seen.clone()
     }
 }
 
@@ -140,6 +150,7 @@ impl<T> Clone for PeerNetwork<T> {
             transport: self.transport.clone(),
             group: self.group.clone(),
             from: self.from,
+            greater_log_seen: self.greater_log_seen.clone(),
         }
     }
 }
@@ -231,8 +242,16 @@ impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcError> {
+        let last_log_id = rpc.last_log_id;
         match self.call(PeerRequest::Vote(rpc), &option).await {
-            Ok(PeerResponse::Vote(answer)) => Ok(answer),
+            Ok(PeerResponse::Vote(answer)) => {
+                if !answer.vote_granted && answer.last_log_id > last_log_id {
+                    self.network
+                        .greater_log_seen
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(answer)
+            }
             Ok(other) => Err(unexpected(self.to, &other)),
             Err(e) => Err(rpc_error(e)),
         }

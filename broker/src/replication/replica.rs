@@ -172,14 +172,20 @@ async fn wait_for_failure(
 
 /// Runs a replica's election timer and says, in the log, when its Raft stops on its own (a
 /// Raft that stops on a fatal error is never silent).
-async fn supervise(raft: Raft, node: NodeId, group: String, timing: ElectionTiming) {
+async fn supervise(
+    raft: Raft,
+    node: NodeId,
+    group: String,
+    timing: ElectionTiming,
+    greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
+) {
     let failure = wait_for_failure(raft.metrics());
     tokio::pin!(failure);
     let log = |reason: &str| {
         tracing::error!(node, group = %group, reason, "a replica's Raft stopped on a fatal error");
     };
     tokio::select! {
-        () = super::elections::drive(raft.clone(), node, group.clone(), timing) => {}
+        () = super::elections::drive(raft.clone(), node, group.clone(), timing, greater_log_seen) => {}
         reason = &mut failure => {
             if let Some(reason) = reason {
                 log(&reason);
@@ -245,6 +251,7 @@ impl PartitionReplica {
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
+        let greater_log_seen = network.greater_log_seen();
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
@@ -257,6 +264,7 @@ impl PartitionReplica {
             config.node_id,
             config.group.to_string(),
             timing,
+            greater_log_seen,
         ))
         .abort_handle();
         Ok(PartitionReplica {
