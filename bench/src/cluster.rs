@@ -166,7 +166,12 @@ pub async fn idle(scratch: &Path, partitions: u32, window: Duration) -> anyhow::
     const SETTLE: Duration = Duration::from_secs(5);
     let base = tempfile::tempdir_in(scratch)?;
     let cluster = KetchCluster::start(base.path(), 3, &[])?;
-    let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
+    // Creating hundreds of groups takes longer than a produce's timeout.
+    let config = ClientConfig {
+        request_timeout: LEADERS_WAIT_MAX,
+        ..client_config(cluster.bootstrap(), &cluster.ca)
+    };
+    let client = Client::connect(config).await?;
     let mut topic = NewTopic::new(IDLE_TOPIC, partitions);
     topic.replication_factor = 3;
     client.admin().create_topic(topic).await?;
