@@ -475,6 +475,25 @@ wire_struct! {
         pub lag: i64,
     }
 
+    /// Which broker coordinates `group`: in a cluster, the leader of the group's partition of
+    /// `__consumer_offsets` (FNV-1a 32 of the group's UTF-8 bytes, modulo the partition
+    /// count); a single node answers itself. Any broker answers; while the partition has no
+    /// leader (or this broker's view is stale) the answer is the error `not_coordinator`.
+    /// GroupHeartbeat, GroupLeave, OffsetCommit, OffsetFetch and DescribeGroup go to the
+    /// coordinator; another broker answers them `not_coordinator` (find it again, retry
+    /// there). ListGroups lists the groups of the answering broker: ask every broker. A commit
+    /// is acknowledged once a quorum of the offsets partition's replicas has it; a new
+    /// coordinator answers with every acknowledged offset (members re-join: their ids from
+    /// the old coordinator get `unknown_member`).
+    pub struct FindCoordinatorRequest {
+        pub group: String,
+    }
+    pub struct FindCoordinatorResponse {
+        pub node_id: u32,
+        pub host: String,
+        pub port: u16,
+    }
+
     // ---- Idempotent producers (15) ----
 
     pub struct InitProducerIdRequest {}
@@ -918,6 +937,7 @@ apis! {
     25 AclChange [0 ..= 0] => AclChangeRequest, AclChangeResponse;
     26 QuotaSet [0 ..= 0] => QuotaSetRequest, QuotaSetResponse;
     27 SecurityList [0 ..= 0] => SecurityListRequest, SecurityListResponse;
+    28 FindCoordinator [0 ..= 0] => FindCoordinatorRequest, FindCoordinatorResponse;
     35 TopicSetFilters [0 ..= 0] => TopicSetFiltersRequest, TopicSetFiltersResponse;
     36 TopicFilters [0 ..= 0] => TopicFiltersRequest, TopicFiltersResponse;
     37 TransformCreate [0 ..= 0] => TransformCreateRequest, TransformCreateResponse;
@@ -974,6 +994,7 @@ impl Request {
             AclChange,
             QuotaSet,
             SecurityList,
+            FindCoordinator,
             AlterTopicConfig,
             SubscribeMany
         )

@@ -1363,3 +1363,64 @@ async fn the_client_sends_the_highest_version_both_sides_speak() {
     within(producer.close()).await.ok();
     client.close();
 }
+
+/// A group request answered `not_coordinator` makes the client find the coordinator again
+/// (FindCoordinator) and retry there; the coordinator it found is cached for the next calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_refused_not_coordinator_finds_the_coordinator_again_and_retries() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::FindCoordinator(_) => {
+            let addr = *ADDR.lock().unwrap();
+            Reply::Frame(encode_response(&FindCoordinatorResponse {
+                node_id: 0,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            }))
+        }
+        Request::OffsetCommit(_) if seen == 0 => Reply::Frame(encode_error_response(
+            ErrorCode::NotCoordinator,
+            "the group moved",
+        )),
+        Request::OffsetCommit(r) => Reply::Frame(encode_response(&OffsetCommitResponse {
+            partitions: r
+                .offsets
+                .iter()
+                .map(|o| PartitionError {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    error: ErrorCode::None,
+                })
+                .collect(),
+        })),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                group: Some("g".into()),
+                auto_commit: false,
+                ..Default::default()
+            },
+            std::slice::from_ref(&partition),
+        )
+        .unwrap();
+    within(consumer.commit_offsets(&[(partition.clone(), 5)]))
+        .await
+        .unwrap();
+    assert_eq!(broker.count(ApiKey::OffsetCommit), 2, "retried once");
+    assert_eq!(
+        broker.count(ApiKey::FindCoordinator),
+        2,
+        "found, then found again after not_coordinator"
+    );
+    within(consumer.commit_offsets(&[(partition, 6)]))
+        .await
+        .unwrap();
+    assert_eq!(broker.count(ApiKey::OffsetCommit), 3);
+    assert_eq!(broker.count(ApiKey::FindCoordinator), 2, "cached");
+    within(consumer.close()).await.unwrap();
+}

@@ -537,6 +537,11 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             Unauthorized,
         ),
         (
+            ApiKey::FindCoordinator,
+            encode_request(&FindCoordinatorRequest { group: "g".into() }),
+            Unauthorized,
+        ),
+        (
             ApiKey::InitProducerId,
             encode_request(&InitProducerIdRequest {}),
             Unauthorized,

@@ -17,9 +17,15 @@
 //! replica of a partition's list initializes its group, and a restart rejoins it. The image is
 //! rebuilt at start-up by replaying the metadata log (never purged yet).
 //!
-//! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
-//! coordination stays per broker (clients use the controller's); producer ids are made
-//! unique across brokers by putting the node id in their high bits.
+//! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
+//! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
+//! its `Security`.
+//!
+//! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
+//! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
+//!
+//! Known limits: membership is the initial `--peers` (no add-broker yet); producer ids are
+//! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
 
@@ -37,6 +43,7 @@ use tokio::sync::watch;
 
 pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
 
+use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
 use crate::config::ClusterPeers;
 use crate::replication::network::{GroupId, PeerRequest, PeerResponse, PeerTransport};
@@ -64,6 +71,12 @@ pub const REPLICA_RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
+pub const OFFSETS_PARTITIONS: u32 = 16;
+/// How long one attempt to create `__consumer_offsets` keeps trying.
+pub const OFFSETS_CREATE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Replicas of each `__consumer_offsets` partition (fewer on a smaller cluster).
+pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
 pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
 
@@ -95,6 +108,11 @@ pub enum MetadataCommand {
         partition: u32,
         epoch: u64,
         isr: Vec<NodeId>,
+    },
+    /// Tokens, ACLs, quotas and producer-id owners: every broker applies the same changes,
+    /// so a credential or rule made through any broker holds on all of them.
+    Security {
+        change: SecurityChange,
     },
 }
 
@@ -178,6 +196,7 @@ impl Image {
                 }
                 Effect::None
             }
+            MetadataCommand::Security { change } => Effect::Security(change),
         }
     }
 }
@@ -186,6 +205,7 @@ enum Effect {
     None,
     Open(TopicImage),
     Close(TopicImage),
+    Security(SecurityChange),
 }
 
 /// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
@@ -233,6 +253,7 @@ pub struct Controller<T: PeerTransport> {
     clock: Clock,
     /// Default retention of new topics (the broker's setting).
     retention_ms: i64,
+    security: Option<Arc<Security>>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
@@ -259,6 +280,8 @@ pub struct ControllerConfig {
     pub log_config: LogConfig,
     pub retention_ms: i64,
     pub clock_ms: fn() -> i64,
+    /// The broker's security state, kept by the metadata log's `Security` commands.
+    pub security: Option<Arc<Security>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -307,6 +330,7 @@ impl<T: PeerTransport> Controller<T> {
             log_config: config.log_config,
             clock,
             retention_ms: config.retention_ms,
+            security: config.security,
         });
         tokio::spawn(controller.clone().apply_loop());
         Ok(controller)
@@ -393,8 +417,8 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
-    /// A partition's in-sync replicas: where this broker leads it, the followers within
-    /// [`partition::IN_SYNC_LAG_ENTRIES_MAX`] entries that answered within
+    /// A partition's in-sync replicas: where this broker leads it, the followers holding
+    /// what it had [`partition::IN_SYNC_LAG_TIME_MAX`] ago that answered within
     /// [`IN_SYNC_ANSWERED_WITHIN`]; elsewhere every replica (only the leader can tell).
     pub fn in_sync_replicas(&self, partition: &ReplicatedPartition) -> Vec<NodeId> {
         self.leader_in_sync_replicas(partition)
@@ -418,7 +442,7 @@ impl<T: PeerTransport> Controller<T> {
     fn leader_in_sync_replicas(&self, partition: &ReplicatedPartition) -> Option<Vec<NodeId>> {
         match partition
             .replica
-            .in_sync_replicas(partition::IN_SYNC_LAG_ENTRIES_MAX)
+            .in_sync_replicas(partition::IN_SYNC_LAG_TIME_MAX)
         {
             Some(in_sync) => in_sync
                 .into_iter()
@@ -529,6 +553,23 @@ impl<T: PeerTransport> Controller<T> {
             .apply(command);
         match effect {
             Effect::None => {}
+            Effect::Security(change) => {
+                let Some(security) = self.security.clone() else {
+                    return;
+                };
+                let applied =
+                    tokio::task::spawn_blocking(move || security.apply(&change).map(|_| change))
+                        .await;
+                match applied {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        // This broker's copy now differs from the log: said loudly; a
+                        // restart replays the log over it.
+                        tracing::error!(error = %e, "could not apply a security change from the metadata log");
+                    }
+                    Err(e) => tracing::error!(error = %e, "applying a security change panicked"),
+                }
+            }
             Effect::Open(topic) => {
                 for (index, replicas) in topic.replicas.iter().enumerate() {
                     if replicas.contains(&self.node_id)
@@ -741,6 +782,16 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// Commits a security change through the controller and waits until this broker
+    /// applied it (so the answer to the client holds here at once, and on every other
+    /// broker as soon as it applies the same log).
+    pub async fn change_security(&self, change: SecurityChange) -> Result<(), ClusterError> {
+        let offset = self
+            .propose(&MetadataCommand::Security { change }, PROPOSE_TIMEOUT)
+            .await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await
+    }
+
     /// Waits until this broker's image has applied the metadata log through `offset`.
     pub async fn wait_applied(&self, offset: i64, timeout: Duration) -> Result<(), ClusterError> {
         let mut applied = self.applied.subscribe();
@@ -765,6 +816,12 @@ impl<T: PeerTransport> Controller<T> {
         partitions_per_topic_max: u32,
     ) -> Result<TopicImage, ClusterError> {
         crate::cluster::validate_topic_name(name)?;
+        if name.starts_with("__") {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "names starting with \"__\" are reserved",
+            ));
+        }
         if partitions == 0 || partitions > partitions_per_topic_max {
             return Err(ClusterError::new(
                 ErrorCode::InvalidPartitions,
@@ -843,7 +900,68 @@ impl<T: PeerTransport> Controller<T> {
         Ok(self.topic(name).unwrap_or(topic))
     }
 
+    /// Creates the cluster's `__consumer_offsets`, as Kafka does on the first FindCoordinator
+    /// (a cluster that never uses groups runs no offsets replicas): [`OFFSETS_PARTITIONS`]
+    /// partitions of min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed from
+    /// this broker once its image is current (forwarded to the controller). The first create
+    /// of the name wins, so brokers racing to create it are harmless. Tries until the image
+    /// has it or [`OFFSETS_CREATE_WAIT_MAX`] passed (a later group request tries again).
+    pub async fn ensure_offsets_topic(&self) {
+        let name = crate::cluster::OFFSETS_TOPIC;
+        let deadline = tokio::time::Instant::now() + OFFSETS_CREATE_WAIT_MAX;
+        while tokio::time::Instant::now() < deadline {
+            if self.topic(name).is_some() {
+                return;
+            }
+            if self.caught_up() {
+                let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+                let id = TopicId::generate().0;
+                let config = TopicConfig {
+                    partitions: OFFSETS_PARTITIONS,
+                    retention_ms: -1,
+                    retention_bytes: -1,
+                    cleanup_policy: Default::default(),
+                    delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+                };
+                let command = MetadataCommand::TopicCreated {
+                    name: name.to_owned(),
+                    id,
+                    replicas: place(
+                        &brokers,
+                        OFFSETS_PARTITIONS,
+                        OFFSETS_REPLICATION_FACTOR_MAX.min(brokers.len()),
+                        id,
+                    ),
+                    configs: config
+                        .entries()
+                        .into_iter()
+                        .map(|e| (e.key, e.value))
+                        .collect(),
+                };
+                match self.propose(&command, PROPOSE_TIMEOUT).await {
+                    Ok(offset) => {
+                        tracing::info!(
+                            partitions = OFFSETS_PARTITIONS,
+                            "proposed the cluster's offsets topic"
+                        );
+                        let _ = self.wait_applied(offset, PROPOSE_TIMEOUT).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "could not create the offsets topic yet")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
+        if name == crate::cluster::OFFSETS_TOPIC {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                format!("{name} is the cluster's own topic"),
+            ));
+        }
         let topic = self.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;
