@@ -1,7 +1,8 @@
 //! `ketch-bench cluster`: produce `record_bytes` records with `acks=all` to one partition of a
 //! topic with RF=1 on one broker, then RF=3 on a three-broker cluster (the CLI contract:
 //! `--node-id`, `--peers`, `--ca-dir`), and the time from killing a partition leader
-//! (SIGKILL) to the first acknowledged produce on its successor.
+//! (SIGKILL) to the first acknowledged produce on its successor; with `--idle-partitions N`,
+//! the CPU and RSS of three idle brokers hosting a topic of N partitions (RF=3).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,5 +154,76 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
         first - killed_at
     );
     client.close();
+    Ok(())
+}
+
+/// Three brokers, one topic of `partitions` partitions (RF=3), every partition led, nothing
+/// produced: the CPU of the three brokers together over `window` (percent of one core) and
+/// each one's RSS.
+pub async fn idle(scratch: &Path, partitions: u32, window: Duration) -> anyhow::Result<()> {
+    const IDLE_TOPIC: &str = "bench-idle";
+    const LEADERS_WAIT_MAX: Duration = Duration::from_secs(180);
+    const SETTLE: Duration = Duration::from_secs(5);
+    let base = tempfile::tempdir_in(scratch)?;
+    let cluster = KetchCluster::start(base.path(), 3, &[])?;
+    // Creating hundreds of groups takes longer than a produce's timeout.
+    let config = ClientConfig {
+        request_timeout: LEADERS_WAIT_MAX,
+        ..client_config(cluster.bootstrap(), &cluster.ca)
+    };
+    let client = Client::connect(config).await?;
+    let mut topic = NewTopic::new(IDLE_TOPIC, partitions);
+    topic.replication_factor = 3;
+    client.admin().create_topic(topic).await?;
+    let started = Instant::now();
+    loop {
+        let described = client.admin().describe_topic(IDLE_TOPIC).await?;
+        let led = described
+            .partitions
+            .iter()
+            .filter(|p| p.leader.is_some())
+            .count();
+        if led == partitions as usize {
+            break;
+        }
+        ensure!(
+            started.elapsed() < LEADERS_WAIT_MAX,
+            "{led} of {partitions} partitions have a leader after {LEADERS_WAIT_MAX:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "idle cluster: 3 brokers, {partitions} partitions RF=3, all led after {:?}",
+        started.elapsed()
+    );
+    client.close();
+    tokio::time::sleep(SETTLE).await;
+    let pids: Vec<u32> = cluster
+        .brokers
+        .iter()
+        .map(|b| b.pid().context("a broker stopped"))
+        .collect::<anyhow::Result<_>>()?;
+    let cpu = futures_util::future::try_join_all(
+        pids.iter()
+            .map(|pid| crate::partitions::cpu_percent(*pid, window)),
+    )
+    .await?;
+    let rss_kib: Vec<u64> = pids
+        .iter()
+        .map(|pid| crate::partitions::status_field(*pid, "VmRSS:"))
+        .collect::<anyhow::Result<_>>()?;
+    println!(
+        "idle over {window:?}: CPU {:.1}% of one core (brokers {}), RSS {} MiB",
+        cpu.iter().sum::<f64>(),
+        cpu.iter()
+            .map(|c| format!("{c:.1}%"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        rss_kib
+            .iter()
+            .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     Ok(())
 }

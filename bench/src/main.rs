@@ -103,6 +103,16 @@ struct ClusterArgs {
     duration: Duration,
     #[arg(long, env = "KETCH_BENCH_SCRATCH")]
     scratch: Option<PathBuf>,
+    /// Also measure an idle cluster: 3 brokers with a topic of this many partitions (RF=3),
+    /// CPU (percent of one core, the three brokers together) and RSS. 0: skip.
+    #[arg(long, default_value_t = 0)]
+    idle_partitions: u32,
+    /// How long the idle cluster's CPU is measured.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    idle_window: Duration,
+    /// Only the idle measurement (no produce runs, no failover).
+    #[arg(long)]
+    idle_only: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -299,11 +309,16 @@ fn main() -> anyhow::Result<()> {
         Some(Command::QuicSink { dir }) => runtime.block_on(baseline::quic_sink(&dir)),
         Some(Command::Run(args)) => runtime.block_on(run_one(args)),
         Some(Command::Partitions(args)) => runtime.block_on(run_partitions(args)),
-        Some(Command::Cluster(args)) => runtime.block_on(cluster::run(
-            &args.scratch.unwrap_or_else(std::env::temp_dir),
-            args.record_bytes,
-            args.duration,
-        )),
+        Some(Command::Cluster(args)) => runtime.block_on(async {
+            let scratch = args.scratch.unwrap_or_else(std::env::temp_dir);
+            if !args.idle_only {
+                cluster::run(&scratch, args.record_bytes, args.duration).await?;
+            }
+            if args.idle_partitions > 0 {
+                cluster::idle(&scratch, args.idle_partitions, args.idle_window).await?;
+            }
+            anyhow::Ok(())
+        }),
         Some(Command::FilterCost(args)) => runtime.block_on(run_filter_cost(args)),
         Some(Command::Suite(args)) => runtime.block_on(run_suite(args)),
         None => runtime.block_on(run_suite(cli.suite)),

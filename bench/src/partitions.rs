@@ -122,7 +122,7 @@ async fn one(
 }
 
 /// CPU the process uses over `window`, percent of one core.
-async fn cpu_percent(pid: u32, window: Duration) -> anyhow::Result<f64> {
+pub(crate) async fn cpu_percent(pid: u32, window: Duration) -> anyhow::Result<f64> {
     let before = cpu_ticks(pid)?;
     let started = Instant::now();
     tokio::time::sleep(window).await;
@@ -204,7 +204,7 @@ async fn produce(
     Ok(records as f64 / elapsed)
 }
 
-fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -43,6 +43,7 @@ pub mod names {
     pub const PRODUCE_ACK_DURATION: &str = "ketch_produce_ack_duration_seconds";
     pub const FSYNCS: &str = "ketch_fsyncs_total";
     pub const FSYNC_FAILURES: &str = "ketch_fsync_failures_total";
+    pub const REPLICA_FAILURES: &str = "ketch_replica_failures_total";
     pub const FSYNC_DURATION: &str = "ketch_fsync_duration_seconds";
     pub const APPEND_QUEUE_BYTES: &str = "ketch_append_queue_bytes";
     pub const LOG_SEGMENTS: &str = "ketch_log_segments";
@@ -116,6 +117,11 @@ pub fn describe() {
             FSYNC_FAILURES,
             Unit::Count,
             "fdatasync rounds that failed (each poisons its log).",
+        ),
+        (
+            REPLICA_FAILURES,
+            Unit::Count,
+            "Partition replicas whose Raft stopped on a fatal error (each is logged and restarted).",
         ),
         (
             THROTTLED_REQUESTS,

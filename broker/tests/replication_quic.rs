@@ -102,6 +102,11 @@ fn values(replica: &PartitionReplica) -> Vec<(i64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_brokers_replicate_over_quic_and_fail_over() {
+    // `RUST_LOG=openraft=info,ketch_broker=debug` shows each election when one is slow.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let tls = peer_tls();
     let group: GroupId = Arc::from("orders/0");

@@ -843,6 +843,53 @@ async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum(
     cluster.stop_all().await;
 }
 
+/// A replica whose storage fails under its Raft (its directory replaced by a file, so saving
+/// a vote fails) is never a silent dead group: its Raft stops with a fatal error that
+/// `failure()` and `failed()` name, while a replica stopped on purpose reports none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_storage_fails_says_why_and_one_stopped_on_purpose_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 3, Faults::default()).await;
+    let leader = cluster.wait_for_leader(None).await;
+    cluster.write(&["before".into()]).await.expect("written");
+    let mut followers = (1..=3).filter(|n| *n != leader);
+    let (broken, other) = (followers.next().unwrap(), followers.next().unwrap());
+    let broken_replica = cluster.replica(broken);
+    let failed = broken_replica.failed();
+    assert_eq!(
+        broken_replica.failure(),
+        None,
+        "a running replica has not failed"
+    );
+    let broken_dir = dir.path().join(format!("node-{broken}"));
+    std::fs::remove_dir_all(&broken_dir).unwrap();
+    std::fs::write(&broken_dir, b"not a directory").unwrap();
+
+    // The leader goes: the followers elect, and the broken one must save a vote.
+    let other_replica = cluster.replica(other);
+    let other_failed = other_replica.failed();
+    cluster.crash(leader).await;
+    let reason = tokio::time::timeout(WAIT_MAX, failed)
+        .await
+        .expect("the broken replica's Raft stopped within the bound")
+        .expect("it stopped on a fatal error, not on purpose");
+    println!("node {broken} failed: {reason}");
+    assert_eq!(broken_replica.failure().as_deref(), Some(reason.as_str()));
+    assert!(!broken_replica.is_leader());
+
+    // Stopped on purpose: no failure reported.
+    drop(other_replica);
+    cluster.crash(other).await;
+    assert_eq!(
+        tokio::time::timeout(WAIT_MAX, other_failed)
+            .await
+            .expect("resolves once stopped"),
+        None
+    );
+    drop(broken_replica);
+    cluster.crash(broken).await;
+}
+
 /// ListOffsets by time on a replicated partition, on every replica: the first committed data
 /// batch whose newest record is at or after the time (batch granularity, as Kafka's index);
 /// the control batches the replicas write (election blanks, stamped later by the broker's

@@ -79,6 +79,11 @@ pub const REASSIGN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const REASSIGN_CATCH_UP_LAG_ENTRIES_MAX: u64 = 1000;
 /// A broker being added counts as caught up with the metadata log within this many entries.
 pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
+/// How long a partition replica whose Raft stopped on a fatal error waits before its first
+/// restart; each further restart of it waits twice as long, up to
+/// [`REPLICA_RESTART_BACKOFF_MAX`].
+pub const REPLICA_RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
@@ -742,45 +747,133 @@ impl<T: PeerTransport> Controller<T> {
         index: u32,
         initialize: bool,
     ) -> Result<(), ClusterError> {
-        let replicas = &topic.replicas[index as usize];
-        let group: GroupId = format!("{}/{index}", TopicId(topic.id)).into();
-        let dir = self
-            .dir
-            .join("partitions")
-            .join(format!("{}-{index}", TopicId(topic.id)));
-        let producers = ProducerStateHook::new();
-        let replica = PartitionReplica::open_with_hook(
-            &dir,
-            self.log_config.clone(),
-            ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
-            self.transport.clone(),
-            Box::new(producers.clone()),
-        )
-        .await
-        .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
-        self.groups.register(group.clone(), replica.raft().clone());
-        if initialize {
-            replica
-                .initialize(replicas.iter().copied().collect::<BTreeSet<_>>())
-                .await
-                .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+        self.open_replica_after_restarts(topic, index, initialize, 0)
+            .await
+    }
+
+    /// Opens a replica that failed and restarted `restarts` times before.
+    fn open_replica_after_restarts<'a>(
+        self: &'a Arc<Self>,
+        topic: &'a TopicImage,
+        index: u32,
+        initialize: bool,
+        restarts: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClusterError>> + Send + 'a>>
+    {
+        // Boxed: a replica that fails is reopened by a task this spawns (a cycle of futures).
+        Box::pin(async move {
+            let replicas = &topic.replicas[index as usize];
+            let group: GroupId = format!("{}/{index}", TopicId(topic.id)).into();
+            let dir = self
+                .dir
+                .join("partitions")
+                .join(format!("{}-{index}", TopicId(topic.id)));
+            let producers = ProducerStateHook::new();
+            let replica = PartitionReplica::open_with_hook(
+                &dir,
+                self.log_config.clone(),
+                ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
+                self.transport.clone(),
+                Box::new(producers.clone()),
+            )
+            .await
+            .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+            self.groups.register(group.clone(), replica.raft().clone());
+            if initialize {
+                replica
+                    .initialize(replicas.iter().copied().collect::<BTreeSet<_>>())
+                    .await
+                    .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+            }
+            let partition = Arc::new(ReplicatedPartition::new(
+                topic.name.clone(),
+                topic.id,
+                index,
+                replicas.to_vec(),
+                group,
+                dir,
+                replica,
+                producers,
+            ));
+            self.partitions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((topic.name.clone(), index), partition.clone());
+            tokio::spawn(restart_on_failure(
+                Arc::downgrade(self),
+                topic.id,
+                Arc::downgrade(&partition),
+                partition.replica.failed(),
+                restarts,
+            ));
+            tokio::spawn(report_leadership(Arc::downgrade(self), partition));
+            Ok(())
+        })
+    }
+
+    /// Takes `failed` (a replica whose Raft stopped on a fatal error) out of service and, after
+    /// a backoff, opens it again on its data; a replica that cannot be opened stays out of
+    /// service (not hosted: its peers lead and replicate without it), and says so.
+    async fn restart_replica(
+        self: &Arc<Self>,
+        topic_id: u64,
+        failed: Arc<ReplicatedPartition>,
+        reason: String,
+        restarts: u32,
+    ) {
+        let key = (failed.topic.clone(), failed.index);
+        let removed = {
+            let mut partitions = self.partitions.write().unwrap_or_else(|e| e.into_inner());
+            match partitions.get(&key) {
+                Some(current) if Arc::ptr_eq(current, &failed) => partitions.remove(&key),
+                // Deleted or replaced meanwhile.
+                _ => None,
+            }
+        };
+        if removed.is_none() {
+            return;
         }
-        let partition = Arc::new(ReplicatedPartition::new(
-            topic.name.clone(),
-            topic.id,
-            index,
-            replicas.to_vec(),
-            group,
-            dir,
-            replica,
-            producers,
-        ));
-        self.partitions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((topic.name.clone(), index), partition.clone());
-        tokio::spawn(report_leadership(Arc::downgrade(self), partition));
-        Ok(())
+        metrics::counter!(crate::metrics::names::REPLICA_FAILURES).increment(1);
+        let backoff = REPLICA_RESTART_BACKOFF_INITIAL
+            .saturating_mul(1u32 << restarts.min(16))
+            .min(REPLICA_RESTART_BACKOFF_MAX);
+        tracing::error!(
+            topic = %failed.topic,
+            partition = failed.index,
+            reason,
+            restarts,
+            ?backoff,
+            "a partition replica's Raft stopped on a fatal error: restarting it"
+        );
+        self.groups.unregister(&failed.group);
+        failed.replica.stop().await;
+        let (topic, index) = key;
+        drop(failed);
+        drop(removed);
+        tokio::time::sleep(backoff).await;
+        let Some(image) = self.topic(&topic).filter(|t| t.id == topic_id) else {
+            return;
+        };
+        if !image.hosts(index).contains(&self.node_id) {
+            return;
+        }
+        // Never initialized again: the group exists (its log is on disk).
+        match self
+            .open_replica_after_restarts(&image, index, false, restarts + 1)
+            .await
+        {
+            Ok(()) => tracing::info!(
+                topic,
+                partition = index,
+                "a failed partition replica restarted"
+            ),
+            Err(e) => tracing::error!(
+                topic,
+                partition = index,
+                error = %e.message,
+                "a failed partition replica could not restart: it stays out of service"
+            ),
+        }
     }
 
     /// Commits `command` through the controller (here or forwarded), within `timeout`;
@@ -1243,6 +1336,26 @@ impl<T: PeerTransport> Controller<T> {
         }
         self.metadata.stop().await;
     }
+}
+
+/// Waits until `partition`'s Raft stops on a fatal error, then has the controller restart it
+/// (a failed group is never left silent); ends when the replica is stopped on purpose.
+async fn restart_on_failure<T: PeerTransport>(
+    controller: std::sync::Weak<Controller<T>>,
+    topic_id: u64,
+    partition: std::sync::Weak<ReplicatedPartition>,
+    failed: impl std::future::Future<Output = Option<String>>,
+    restarts: u32,
+) {
+    let Some(reason) = failed.await else {
+        return;
+    };
+    let (Some(controller), Some(partition)) = (controller.upgrade(), partition.upgrade()) else {
+        return;
+    };
+    controller
+        .restart_replica(topic_id, partition, reason, restarts)
+        .await;
 }
 
 /// Tells the controller each time this replica becomes its partition's leader, and, while

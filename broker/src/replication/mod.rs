@@ -47,6 +47,7 @@
 //! I/O itself and reads no wall clock: timestamps come from the [`Clock`] it is given (its
 //! timers are tokio's, as openraft's are).
 
+pub mod elections;
 pub mod entries;
 pub mod log_store;
 pub mod network;
@@ -59,7 +60,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use replica::{Appended, PartitionReplica, ReplicaConfig, ReplicationError};
+pub use replica::{Appended, PartitionReplica, ReplicaConfig, ReplicationError, fatal_reason};
 pub use state_machine::{AppliedEntry, ApplyHook, NoApplyHook};
 
 /// A broker's id in the cluster (the Raft node id).

@@ -95,6 +95,7 @@ pub trait PeerTransport: Send + Sync + 'static {
 pub async fn serve(
     raft: &Raft,
     node: NodeId,
+    group: &GroupId,
     request: PeerRequest,
 ) -> Result<PeerResponse, PeerError> {
     let remote = |e: &dyn std::fmt::Display| PeerError::Remote {
@@ -127,7 +128,7 @@ pub async fn serve(
                 .map_err(|e| remote(&e))
         }
         PeerRequest::HoldElections(ms) => {
-            hold_elections(raft, std::time::Duration::from_millis(ms));
+            super::elections::hold(node, group, std::time::Duration::from_millis(ms));
             Ok(PeerResponse::Done)
         }
         PeerRequest::Elect => raft
@@ -139,29 +140,16 @@ pub async fn serve(
     }
 }
 
-/// Holds `raft`'s own elections back for `hold` (zero: allowed again now). The timer always
-/// lets elections go at its end, even if a newer hold started meanwhile: an early release only
-/// costs a transfer its protection against a competing candidate (it may then fail and be
-/// retried), while a hold that never ended would leave a group unable to elect.
-pub fn hold_elections(raft: &Raft, hold: std::time::Duration) {
-    if hold.is_zero() {
-        raft.runtime_config().elect(true);
-        return;
-    }
-    raft.runtime_config().elect(false);
-    let raft = raft.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(hold).await;
-        raft.runtime_config().elect(true);
-    });
-}
-
 /// openraft's network factory over a [`PeerTransport`], for one group on one node.
 #[derive(Debug)]
 pub struct PeerNetwork<T> {
     transport: Arc<T>,
     group: GroupId,
     from: NodeId,
+    /// Set when a voter refused this node's vote request because its log is longer: the
+    /// election timer ([`super::elections`]) then waits longer before standing again, so a
+    /// node with the longer log wins (openraft's own timer does the same).
+    greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<T> PeerNetwork<T> {
@@ -170,7 +158,13 @@ impl<T> PeerNetwork<T> {
             transport,
             group,
             from,
+            greater_log_seen: Arc::default(),
         }
+    }
+
+    /// The flag [`Self`] sets when a voter had a longer log (the election timer clears it).
+    pub fn greater_log_seen(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.greater_log_seen.clone()
     }
 }
 
@@ -180,6 +174,7 @@ impl<T> Clone for PeerNetwork<T> {
             transport: self.transport.clone(),
             group: self.group.clone(),
             from: self.from,
+            greater_log_seen: self.greater_log_seen.clone(),
         }
     }
 }
@@ -271,8 +266,16 @@ impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcError> {
+        let last_log_id = rpc.last_log_id;
         match self.call(PeerRequest::Vote(rpc), &option).await {
-            Ok(PeerResponse::Vote(answer)) => Ok(answer),
+            Ok(PeerResponse::Vote(answer)) => {
+                if !answer.vote_granted && answer.last_log_id > last_log_id {
+                    self.network
+                        .greater_log_seen
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(answer)
+            }
             Ok(other) => Err(unexpected(self.to, &other)),
             Err(e) => Err(rpc_error(e)),
         }

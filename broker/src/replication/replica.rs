@@ -13,6 +13,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
+use super::elections::ElectionTiming;
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
 use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
 use super::state_machine::{AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine};
@@ -81,6 +82,9 @@ impl ReplicaConfig {
             // The log is the data: never snapshot (and so never purge) on openraft's own.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: u64::MAX,
+            // Elections are started by our own timer, which draws a fresh timeout each
+            // round (openraft 0.9 draws one per node for its lifetime): see `elections`.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -153,6 +157,62 @@ pub struct CommittedBatch {
     pub bytes: Bytes,
 }
 
+/// Why a Raft stopped on its own, from its `running_state`: `None` while it runs or when it
+/// was shut down on purpose.
+pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<NodeId>>) -> Option<String> {
+    match running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(fatal) => Some(fatal.to_string()),
+    }
+}
+
+/// Waits until the Raft behind `metrics` stops on its own and says why; `None` once it was
+/// shut down on purpose or dropped.
+async fn wait_for_failure(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, openraft::EmptyNode>>,
+) -> Option<String> {
+    loop {
+        {
+            let now = metrics.borrow_and_update();
+            match &now.running_state {
+                Ok(()) => {}
+                Err(openraft::error::Fatal::Stopped) => return None,
+                Err(_) => return fatal_reason(&now.running_state),
+            }
+        }
+        metrics.changed().await.ok()?;
+    }
+}
+
+/// Runs a replica's election timer and says, in the log, when its Raft stops on its own (a
+/// Raft that stops on a fatal error is never silent).
+async fn supervise(
+    raft: Raft,
+    node: NodeId,
+    group: String,
+    timing: ElectionTiming,
+    greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let failure = wait_for_failure(raft.metrics());
+    tokio::pin!(failure);
+    let log = |reason: &str| {
+        tracing::error!(node, group = %group, reason, "a replica's Raft stopped on a fatal error");
+    };
+    tokio::select! {
+        () = super::elections::drive(raft.clone(), node, group.clone(), timing, greater_log_seen) => {}
+        reason = &mut failure => {
+            if let Some(reason) = reason {
+                log(&reason);
+            }
+            return;
+        }
+    }
+    // The timer ends when the Raft does; its metrics say why soon after.
+    if let Ok(Some(reason)) = tokio::time::timeout(STOP_WAIT_MAX, failure).await {
+        log(&reason);
+    }
+}
+
 /// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
 /// log in `dir/log` and the Raft state checkpoint beside it) and its state machine (with
 /// nothing derived from the entries: see [`open_stores_with_hook`]).
@@ -193,6 +253,8 @@ pub struct PartitionReplica {
     transfer: tokio::sync::Mutex<()>,
     /// The leader lease openraft gives (its `election_timeout_max`).
     leader_lease: Duration,
+    /// The group's election timer ([`super::elections`]), stopped with the replica.
+    elections: tokio::task::AbortHandle,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
 }
@@ -242,6 +304,12 @@ impl LastIndexSamples {
     }
 }
 
+impl Drop for PartitionReplica {
+    fn drop(&mut self) {
+        self.elections.abort();
+    }
+}
+
 impl std::fmt::Debug for PartitionReplica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionReplica")
@@ -281,9 +349,22 @@ impl PartitionReplica {
         let applied = state_machine.handle();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
         let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
+        let greater_log_seen = network.greater_log_seen();
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
+        let timing = ElectionTiming {
+            election_timeout_min_ms: config.election_timeout_min_ms,
+            election_timeout_max_ms: config.election_timeout_max_ms,
+        };
+        let elections = tokio::spawn(supervise(
+            raft.clone(),
+            config.node_id,
+            config.group.to_string(),
+            timing,
+            greater_log_seen,
+        ))
+        .abort_handle();
         Ok(PartitionReplica {
             node_id: config.node_id,
             group: config.group,
@@ -294,6 +375,7 @@ impl PartitionReplica {
             writes_held: std::sync::atomic::AtomicBool::new(false),
             transfer: tokio::sync::Mutex::new(()),
             leader_lease,
+            elections,
             last_index_samples: std::sync::Mutex::default(),
         })
     }
@@ -448,6 +530,18 @@ impl PartitionReplica {
         })
     }
 
+    /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
+    /// `None` while it runs and after [`Self::stop`].
+    pub fn failure(&self) -> Option<String> {
+        fatal_reason(&self.raft.metrics().borrow().running_state)
+    }
+
+    /// Resolves, with the reason, once this replica's Raft stops on its own; with `None` once
+    /// it is stopped on purpose. It does not hold the replica: a supervisor may await it.
+    pub fn failed(&self) -> impl std::future::Future<Output = Option<String>> + Send + 'static {
+        wait_for_failure(self.raft.metrics())
+    }
+
     /// The Kafka offset after the last record in this replica's own log, committed or not.
     pub fn log_end_offset(&self) -> i64 {
         self.shared.kafka_offset(self.shared.log().log_end_offset())
@@ -459,7 +553,7 @@ impl PartitionReplica {
     }
 
     /// Waits until the leader or the term this replica knows differs from `known` (or the
-    /// replica stopped: `None`), and returns the new pair.
+    /// replica stopped, on purpose or not: `None`), and returns the new pair.
     pub async fn leader_changed(
         &self,
         known: (Option<NodeId>, u64),
@@ -468,6 +562,9 @@ impl PartitionReplica {
         loop {
             let now = {
                 let m = metrics.borrow_and_update();
+                if m.running_state.is_err() {
+                    return None;
+                }
                 (m.current_leader, m.current_term)
             };
             if now != known {
@@ -828,7 +925,7 @@ impl PartitionReplica {
             .await;
         // Restore whatever happened.
         self.raft.runtime_config().heartbeat(true);
-        self.raft.runtime_config().elect(true);
+        super::elections::hold(self.node_id, &self.group, Duration::ZERO);
         for node in &others {
             let _ = tokio::time::timeout(
                 self.leader_lease,
@@ -896,7 +993,7 @@ impl PartitionReplica {
             )
             .await;
         }
-        self.raft.runtime_config().elect(false);
+        super::elections::hold(self.node_id, &self.group, Duration::from_millis(hold_ms));
         self.raft.runtime_config().heartbeat(false);
         // 3. After the leases ran out, the target campaigns until it leads.
         let lease_over =
@@ -941,6 +1038,7 @@ impl PartitionReplica {
     /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
     pub async fn stop(&self) {
+        self.elections.abort();
         let _ = self.raft.shutdown().await;
         // openraft applies nothing more: the next start re-applies nothing.
         let applied = self.applied.clone();

@@ -220,6 +220,44 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
     config
 }
 
+/// The file in the data directory holding the broker's QUIC stateless-reset key.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+const RESET_KEY_BYTES: usize = 64;
+
+/// The endpoint settings of a broker whose data lives in `data_dir`: those of
+/// [`endpoint_config`], with a stateless-reset key kept in `data_dir/`[`RESET_KEY_FILE`]
+/// (made on first start). A broker that restarts after `kill -9` then answers the packets of
+/// its previous life's connections with resets its peers and clients recognise, so they drop
+/// those connections at once and reconnect; with a fresh key each start they would keep
+/// sending into them until their idle timeout (30 s for peers: no replication to the
+/// restarted broker meanwhile).
+pub fn endpoint_config_in(data_dir: &std::path::Path) -> std::io::Result<quinn::EndpointConfig> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    let key = match std::fs::read(&path) {
+        Ok(key) if key.len() == RESET_KEY_BYTES => key,
+        Ok(_) | Err(_) => {
+            let mut key = vec![0u8; RESET_KEY_BYTES];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| std::io::Error::other("no system randomness for the reset key"))?;
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            key
+        }
+    };
+    let mut config = endpoint_config();
+    config.reset_key(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &key,
+    )));
+    Ok(config)
+}
+
 /// A bound, ready broker.
 #[derive(Debug)]
 pub struct Broker {
@@ -316,7 +354,7 @@ impl Broker {
         let endpoint = socket
             .and_then(|socket| {
                 quinn::Endpoint::new(
-                    endpoint_config(),
+                    endpoint_config_in(&config.data_dir)?,
                     Some(server_config),
                     socket,
                     Arc::new(quinn::TokioRuntime),

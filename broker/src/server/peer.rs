@@ -459,7 +459,7 @@ async fn answer(
     };
     let answer = match peer_wire::decode_request(message) {
         Ok((group, request)) => match groups.get(&group) {
-            Some(raft) => serve(&raft, node_id, request).await,
+            Some(raft) => serve(&raft, node_id, &group, request).await,
             None => Err(PeerError::Unreachable {
                 node: node_id,
                 reason: format!("no replica of {group} here"),
