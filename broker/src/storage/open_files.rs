@@ -34,8 +34,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::backend::{FileBackend, StorageFile};
 
-/// A default that leaves room under common soft limits for sockets and the rest.
-pub const OPEN_FILES_MAX_DEFAULT: usize = 8192;
+/// Enough for one open log file per partition at 10,000 partitions and their readers (a
+/// round robin over more logs than handles reopens a file per append); `ketch serve` lowers
+/// it to fit under the process's limit on open files.
+pub const OPEN_FILES_MAX_DEFAULT: usize = 65_536;
 /// Fewer than this cannot hold one log's active segment (three files) and a reader.
 pub const OPEN_FILES_MIN: usize = 8;
 
