@@ -62,6 +62,9 @@ pub mod names {
     pub const SERVING: &str = "ketch_serving";
     pub const OPEN_FILES: &str = "ketch_open_files";
     pub const OPEN_FILES_LIMIT: &str = "ketch_open_files_limit";
+    pub const REPLICAS: &str = "ketch_replicas";
+    pub const PARTITIONS_LED: &str = "ketch_partitions_led";
+    pub const UNDER_REPLICATED_PARTITIONS: &str = "ketch_under_replicated_partitions";
 }
 
 /// A gauge not set for this long is dropped from the exposition. Every live gauge is set at
@@ -126,7 +129,7 @@ pub fn describe() {
     let histograms: &[(&'static str, &'static str)] = &[
         (
             REQUEST_DURATION,
-            "Time from a request stream's opening to its response written, per API (Subscribe push streams excluded).",
+            "Time from a request stream's opening to its response ready to write, per API (Subscribe push streams excluded).",
         ),
         (
             PRODUCE_ACK_DURATION,
@@ -205,6 +208,21 @@ pub fn describe() {
             SERVING,
             Unit::Count,
             "1 while the broker accepts requests, 0 while starting or draining.",
+        ),
+        (
+            REPLICAS,
+            Unit::Count,
+            "Partition replicas this cluster broker hosts (the metadata log not counted).",
+        ),
+        (
+            PARTITIONS_LED,
+            Unit::Count,
+            "Partitions this cluster broker leads.",
+        ),
+        (
+            UNDER_REPLICATED_PARTITIONS,
+            Unit::Count,
+            "Partitions this broker leads with fewer in-sync replicas than replicas (summed over brokers: each partition counted once).",
         ),
     ];
     for (name, unit, help) in gauges {
@@ -463,6 +481,22 @@ pub(crate) fn collect(state: &State) {
     gauge!(OPEN_FILES).set(state.cluster.open_files_stats().open_files as f64);
     gauge!(OPEN_FILES_LIMIT).set(state.config.open_files_max as f64);
     gauge!(SERVING).set(if state.is_serving() { 1.0 } else { 0.0 });
+    if let Some(node) = &state.cluster_node {
+        let hosted = node.controller.hosted();
+        let (mut led, mut under_replicated) = (0usize, 0usize);
+        for partition in &hosted {
+            if !partition.replica.is_leader() {
+                continue;
+            }
+            led += 1;
+            if node.controller.in_sync_replicas(partition).len() < partition.replicas.len() {
+                under_replicated += 1;
+            }
+        }
+        gauge!(REPLICAS).set(hosted.len() as f64);
+        gauge!(PARTITIONS_LED).set(led as f64);
+        gauge!(UNDER_REPLICATED_PARTITIONS).set(under_replicated as f64);
+    }
 }
 
 fn set_log_gauges(labels: &[(&'static str, String)], values: [f64; 5]) {

@@ -842,3 +842,59 @@ async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum(
     check_invariants(&cluster, &[first, last], "after the heal");
     cluster.stop_all().await;
 }
+
+/// ListOffsets by time on a replicated partition, on every replica: the first committed data
+/// batch whose newest record is at or after the time (batch granularity, as Kafka's index);
+/// the control batches the replicas write (election blanks, stamped later by the broker's
+/// clock than every data record here) never answer; a time past every data record finds
+/// none — before this, replicated partitions refused the lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_for_timestamp_finds_committed_data_batches_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 3, Faults::default()).await;
+    let leader = cluster.wait_for_leader(None).await;
+    let replica = cluster.replica(leader);
+    const T0: i64 = 1_600_000_000_000;
+    const RECORDS: i64 = 3;
+    let mut bases = Vec::new();
+    for i in 0..5i64 {
+        let mut builder = BatchBuilder::new(1024 * 1024);
+        for r in 0..RECORDS {
+            assert!(builder.try_append(T0 + i * 1000 + r, None, Some(b"v"), &[]));
+        }
+        let appended = replica
+            .write(builder.finish(), Acks::All, WAIT_MAX)
+            .await
+            .expect("written");
+        bases.push(appended.base_offset);
+    }
+    drop(replica);
+    cluster.wait_converged(bases[4] + RECORDS).await;
+    for node in 1..=3 {
+        let replica = cluster.replica(node);
+        let find = |t: i64| replica.offset_for_timestamp(t).expect("lookup");
+        assert_eq!(find(0), Some(bases[0]), "node {node}: before everything");
+        for (i, base) in bases.iter().enumerate() {
+            let t = T0 + i as i64 * 1000;
+            assert_eq!(
+                find(t),
+                Some(*base),
+                "node {node}: batch {i}'s first record"
+            );
+            assert_eq!(find(t + RECORDS - 1), Some(*base), "node {node}: its last");
+            if i + 1 < bases.len() {
+                assert_eq!(
+                    find(t + RECORDS),
+                    Some(bases[i + 1]),
+                    "node {node}: past it"
+                );
+            }
+        }
+        assert_eq!(
+            find(T0 + 4 * 1000 + RECORDS),
+            None,
+            "node {node}: past every data record (the newer control batches never answer)"
+        );
+    }
+    cluster.stop_all().await;
+}

@@ -27,6 +27,8 @@ struct Node {
     listen: SocketAddr,
     data_dir: PathBuf,
     args: Vec<String>,
+    /// A command the broker runs under (see [`KetchProcess::start_wrapped`]); empty: none.
+    wrapper: Vec<String>,
     /// `None` while killed.
     process: Option<KetchProcess>,
 }
@@ -34,7 +36,12 @@ struct Node {
 impl Node {
     fn start(&self) -> anyhow::Result<KetchProcess> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        KetchProcess::start_at(&self.data_dir, &self.listen.to_string(), &args)
+        KetchProcess::start_wrapped(
+            &self.data_dir,
+            &self.listen.to_string(),
+            &args,
+            self.wrapper.clone(),
+        )
     }
 }
 
@@ -55,6 +62,17 @@ impl ClusterProcess {
     /// Starts `nodes` brokers under `root` (`root/node-N`, `root/ca`), all at once: a broker
     /// may wait for a quorum before it says it is ready. `extra_args` go to every broker.
     pub fn start(root: &Path, nodes: usize, extra_args: &[&str]) -> anyhow::Result<ClusterProcess> {
+        Self::start_wrapped(root, nodes, extra_args, &|_, _| Vec::new())
+    }
+
+    /// Like [`ClusterProcess::start`], each node run under `wrapper(id, data_dir)` (empty:
+    /// none), e.g. one node's data on a small disk of its own ([`crate::disk::small_disk`]).
+    pub fn start_wrapped(
+        root: &Path,
+        nodes: usize,
+        extra_args: &[&str],
+        wrapper: &dyn Fn(NodeId, &Path) -> Vec<String>,
+    ) -> anyhow::Result<ClusterProcess> {
         if nodes == 0 {
             bail!("a cluster needs a node");
         }
@@ -81,10 +99,12 @@ impl ClusterProcess {
                 ca_dir.display().to_string(),
             ];
             args.extend(extra_args.iter().map(|a| a.to_string()));
+            let data_dir = root.join(format!("node-{id}"));
             cluster.nodes.push(Node {
                 id,
                 listen,
-                data_dir: root.join(format!("node-{id}")),
+                wrapper: wrapper(id, &data_dir),
+                data_dir,
                 args,
                 process: None,
             });

@@ -47,6 +47,8 @@ pub struct KetchProcess {
     pub data_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
+    /// A command the broker runs under (`wrapper... ketch serve ...`), kept for restarts.
+    wrapper: Vec<String>,
 }
 
 impl KetchProcess {
@@ -54,7 +56,7 @@ impl KetchProcess {
     /// flags. Its metrics endpoint gets an ephemeral port too (a flag in `extra_args` wins).
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<KetchProcess> {
         let args = extra_args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(data_dir, "127.0.0.1:0", args)
+        Self::spawn(data_dir, "127.0.0.1:0", args, Vec::new())
     }
 
     /// Starts `ketch serve` listening on `listen` (a fixed `HOST:PORT`, as a cluster's
@@ -65,10 +67,28 @@ impl KetchProcess {
         extra_args: &[&str],
     ) -> anyhow::Result<KetchProcess> {
         let args = extra_args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(data_dir, listen, args)
+        Self::spawn(data_dir, listen, args, Vec::new())
     }
 
-    fn spawn(data_dir: &Path, listen: &str, args: Vec<String>) -> anyhow::Result<KetchProcess> {
+    /// Like [`KetchProcess::start_at`], with the broker run under `wrapper` (a command and
+    /// its arguments, the broker's command line appended; it must `exec` it, so the PID is
+    /// the broker's): e.g. [`crate::disk::small_disk`].
+    pub fn start_wrapped(
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+        wrapper: Vec<String>,
+    ) -> anyhow::Result<KetchProcess> {
+        let args = extra_args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(data_dir, listen, args, wrapper)
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        listen: &str,
+        args: Vec<String>,
+        wrapper: Vec<String>,
+    ) -> anyhow::Result<KetchProcess> {
         let bin = ketch_bin();
         if !bin.exists() {
             bail!(
@@ -79,7 +99,14 @@ impl KetchProcess {
         }
         std::fs::create_dir_all(data_dir)?;
         let log_path = data_dir.join("broker.log");
-        let mut command = Command::new(&bin);
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&bin);
+                command
+            }
+            None => Command::new(&bin),
+        };
         command
             .arg("serve")
             .arg("--data-dir")
@@ -109,6 +136,7 @@ impl KetchProcess {
             data_dir: data_dir.to_owned(),
             log_path,
             args,
+            wrapper,
         };
         for field in broker.process.ready_line.clone().split_whitespace() {
             if let Some(addr) = field.strip_prefix("listen=") {
@@ -184,7 +212,12 @@ impl KetchProcess {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         let listen = self.addr.to_string();
-        let fresh = Self::spawn(&self.data_dir, &listen, self.args.clone())?;
+        let fresh = Self::spawn(
+            &self.data_dir,
+            &listen,
+            self.args.clone(),
+            self.wrapper.clone(),
+        )?;
         if fresh.addr != self.addr {
             bail!(
                 "the restarted broker listens on {}, not {}",

@@ -10,6 +10,7 @@
 //! the broker's in-process simulation uses it as well as the process tests).
 
 pub mod cluster;
+pub mod disk;
 pub mod history;
 pub mod ketch;
 pub mod process;

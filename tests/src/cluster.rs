@@ -31,6 +31,18 @@ impl TestCluster {
         Ok(TestCluster { process, _dir: dir })
     }
 
+    /// Starts `nodes` brokers with `extra_args` each, node `id` run under `wrapper(id,
+    /// data_dir)` (empty: none; see `ketch_testkit::disk::small_disk`).
+    pub fn start_wrapped(
+        nodes: usize,
+        extra_args: &[&str],
+        wrapper: &dyn Fn(NodeId, &Path) -> Vec<String>,
+    ) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::tempdir()?;
+        let process = ClusterProcess::start_wrapped(dir.path(), nodes, extra_args, wrapper)?;
+        Ok(TestCluster { process, _dir: dir })
+    }
+
     /// The data directory of the whole cluster (every node's under it).
     pub fn dir(&self) -> &Path {
         self._dir.path()

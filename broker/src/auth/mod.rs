@@ -94,6 +94,47 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// One change of the security state, as it is applied: by this broker alone, or — in a
+/// cluster — by every broker from the metadata log, in log order (so each is deterministic:
+/// a token's secret never travels, only its record; a revocation carries its time).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum SecurityChange {
+    TokenCreated {
+        record: TokenRecord,
+    },
+    TokenRevoked {
+        id: String,
+        at_ms: i64,
+    },
+    AclsChanged {
+        add: Vec<Acl>,
+        remove: Vec<Acl>,
+    },
+    QuotaSet {
+        principal: String,
+        limits: QuotaLimits,
+    },
+    /// A producer id issued to a principal (cluster brokers check ids other brokers issued).
+    ProducerIssued {
+        producer_id: i64,
+        principal: String,
+    },
+}
+
+/// What applying a [`SecurityChange`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// A revocation of a token that does not exist.
+    NoSuchToken,
+    /// ACL rules added and removed.
+    Acls {
+        added: u32,
+        removed: u32,
+    },
+}
+
 /// What `Security::open` needs.
 #[derive(Debug, Clone)]
 pub struct SecurityConfig {
@@ -299,18 +340,35 @@ impl Security {
         expires_at_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<(TokenRecord, String), AuthError> {
+        let (change, token) = Security::new_token(principal, expires_at_ms, now_ms)?;
+        self.apply(&change)?;
+        let SecurityChange::TokenCreated { record } = change else {
+            unreachable!("new_token makes a TokenCreated")
+        };
+        Ok((record, token))
+    }
+
+    /// A new token for `principal` (its creation, to apply, and the token itself), checked.
+    pub fn new_token(
+        principal: &str,
+        expires_at_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(SecurityChange, String), AuthError> {
         if principal.is_empty() || principal == acl::ANY_PRINCIPAL || principal == ANONYMOUS {
             return Err(AuthError::Invalid(format!(
                 "{principal:?} cannot be a token's principal"
             )));
         }
-        let _change = self.change.lock().expect("change lock");
         let (record, token) = Tokens::make(principal, now_ms, expires_at_ms);
-        let mut next = self.tokens.read().expect("tokens lock").clone();
-        next.tokens.insert(record.id.clone(), record.clone());
-        store::write_json(&self.dir.join(TOKENS_FILE), &next)?;
-        *self.tokens.write().expect("tokens lock") = next;
-        Ok((record, token))
+        Ok((SecurityChange::TokenCreated { record }, token))
+    }
+
+    /// The id of the token named by itself or its id, if there is one.
+    pub fn resolve_token(&self, token_or_id: &str) -> Option<String> {
+        self.tokens
+            .read()
+            .expect("tokens lock")
+            .resolve(token_or_id)
     }
 
     /// Revokes the token named by itself or its id; `Ok(None)` if there is no such token.
@@ -319,50 +377,123 @@ impl Security {
         token_or_id: &str,
         now_ms: i64,
     ) -> Result<Option<String>, AuthError> {
-        let _change = self.change.lock().expect("change lock");
-        let mut next = self.tokens.read().expect("tokens lock").clone();
-        let Some(id) = next.resolve(token_or_id) else {
+        let Some(id) = self.resolve_token(token_or_id) else {
             return Ok(None);
         };
-        let record = next.tokens.get_mut(&id).expect("resolved ids exist");
-        if record.revoked_at_ms.is_none() {
-            record.revoked_at_ms = Some(now_ms);
-            store::write_json(&self.dir.join(TOKENS_FILE), &next)?;
-            *self.tokens.write().expect("tokens lock") = next;
+        match self.apply(&SecurityChange::TokenRevoked {
+            id: id.clone(),
+            at_ms: now_ms,
+        })? {
+            Applied::NoSuchToken => Ok(None),
+            _ => Ok(Some(id)),
         }
-        Ok(Some(id))
     }
 
     /// Removes `remove` and adds `add` in one durable change; the decision cache starts
     /// afresh. Returns how many were added and removed.
     pub fn change_acls(&self, add: &[Acl], remove: &[Acl]) -> Result<(u32, u32), AuthError> {
-        let _change = self.change.lock().expect("change lock");
-        let (rules, added, removed) = self.acl_table().changed(add, remove);
-        if added > 0 || removed > 0 {
-            let file = AclFile { acls: rules };
-            store::write_json(&self.dir.join(ACLS_FILE), &file)?;
-            *self.acls.write().expect("acls lock") = Arc::new(AclTable::new(file.acls));
+        match self.apply(&SecurityChange::AclsChanged {
+            add: add.to_vec(),
+            remove: remove.to_vec(),
+        })? {
+            Applied::Acls { added, removed } => Ok((added, removed)),
+            other => unreachable!("an ACL change applied as {other:?}"),
         }
-        Ok((added, removed))
+    }
+
+    /// How many of `add` and `remove` would take effect on today's rules.
+    pub fn acl_change_counts(&self, add: &[Acl], remove: &[Acl]) -> (u32, u32) {
+        let (_, added, removed) = self.acl_table().changed(add, remove);
+        (added, removed)
     }
 
     /// Sets (or, with both rates 0, removes) a principal's quota, durably.
     pub fn set_quota(&self, principal: &str, limits: QuotaLimits) -> Result<(), AuthError> {
+        self.apply(&SecurityChange::QuotaSet {
+            principal: principal.to_owned(),
+            limits,
+        })
+        .map(|_| ())
+    }
+
+    /// Applies one change: written durably first, then swapped into memory (a change that
+    /// fails to persist changes nothing). Applying the same change again changes nothing
+    /// more, so a broker replaying the metadata log over the files it wrote converges.
+    pub fn apply(&self, change: &SecurityChange) -> Result<Applied, AuthError> {
         let _change = self.change.lock().expect("change lock");
-        let mut all = self.quotas.limits();
-        if limits.is_unlimited() {
-            all.remove(principal);
-        } else {
-            all.insert(principal.to_owned(), limits);
+        match change {
+            SecurityChange::TokenCreated { record } => {
+                let mut next = self.tokens.read().expect("tokens lock").clone();
+                if next.tokens.get(&record.id) != Some(record) {
+                    // A revocation applied before (a replay over newer files) stays.
+                    let mut record = record.clone();
+                    if let Some(known) = next.tokens.get(&record.id) {
+                        record.revoked_at_ms = record.revoked_at_ms.or(known.revoked_at_ms);
+                    }
+                    next.tokens.insert(record.id.clone(), record);
+                    store::write_json(&self.dir.join(TOKENS_FILE), &next)?;
+                    *self.tokens.write().expect("tokens lock") = next;
+                }
+                Ok(Applied::Done)
+            }
+            SecurityChange::TokenRevoked { id, at_ms } => {
+                let mut next = self.tokens.read().expect("tokens lock").clone();
+                let Some(record) = next.tokens.get_mut(id) else {
+                    return Ok(Applied::NoSuchToken);
+                };
+                if record.revoked_at_ms.is_none() {
+                    record.revoked_at_ms = Some(*at_ms);
+                    store::write_json(&self.dir.join(TOKENS_FILE), &next)?;
+                    *self.tokens.write().expect("tokens lock") = next;
+                }
+                Ok(Applied::Done)
+            }
+            SecurityChange::AclsChanged { add, remove } => {
+                let (rules, added, removed) = self.acl_table().changed(add, remove);
+                if added > 0 || removed > 0 {
+                    let file = AclFile { acls: rules };
+                    store::write_json(&self.dir.join(ACLS_FILE), &file)?;
+                    *self.acls.write().expect("acls lock") = Arc::new(AclTable::new(file.acls));
+                }
+                Ok(Applied::Acls { added, removed })
+            }
+            SecurityChange::QuotaSet { principal, limits } => {
+                let mut all = self.quotas.limits();
+                if limits.is_unlimited() {
+                    all.remove(principal);
+                } else {
+                    all.insert(principal.clone(), *limits);
+                }
+                if all != self.quotas.limits() {
+                    store::write_json(
+                        &self.dir.join(QUOTAS_FILE),
+                        &QuotaFile {
+                            quotas: all.clone(),
+                        },
+                    )?;
+                }
+                self.quotas.set(principal, *limits);
+                Ok(Applied::Done)
+            }
+            SecurityChange::ProducerIssued {
+                producer_id,
+                principal,
+            } => {
+                self.bind_producer(*producer_id, &Arc::from(principal.as_str()));
+                Ok(Applied::Done)
+            }
         }
-        store::write_json(
-            &self.dir.join(QUOTAS_FILE),
-            &QuotaFile {
-                quotas: all.clone(),
-            },
-        )?;
-        self.quotas.set(principal, limits);
-        Ok(())
+    }
+
+    /// Every token record of `principal`.
+    pub fn tokens_of(&self, principal: &str) -> Vec<TokenRecord> {
+        let tokens = self.tokens.read().expect("tokens lock");
+        tokens
+            .tokens
+            .values()
+            .filter(|r| r.principal == principal)
+            .cloned()
+            .collect()
     }
 
     pub fn quotas(&self) -> &Quotas {

@@ -17,6 +17,10 @@
 //! replica of a partition's list initializes its group, and a restart rejoins it. The image is
 //! rebuilt at start-up by replaying the metadata log (never purged yet).
 //!
+//! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
+//! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
+//! its `Security`.
+//!
 //! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
 //! coordination stays per broker (clients use the controller's); producer ids are made
 //! unique across brokers by putting the node id in their high bits.
@@ -37,6 +41,7 @@ use tokio::sync::watch;
 
 pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
 
+use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
 use crate::config::ClusterPeers;
 use crate::replication::network::{GroupId, PeerRequest, PeerResponse, PeerTransport};
@@ -90,6 +95,11 @@ pub enum MetadataCommand {
         partition: u32,
         epoch: u64,
         isr: Vec<NodeId>,
+    },
+    /// Tokens, ACLs, quotas and producer-id owners: every broker applies the same changes,
+    /// so a credential or rule made through any broker holds on all of them.
+    Security {
+        change: SecurityChange,
     },
 }
 
@@ -173,6 +183,7 @@ impl Image {
                 }
                 Effect::None
             }
+            MetadataCommand::Security { change } => Effect::Security(change),
         }
     }
 }
@@ -181,6 +192,7 @@ enum Effect {
     None,
     Open(TopicImage),
     Close(TopicImage),
+    Security(SecurityChange),
 }
 
 /// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
@@ -228,6 +240,7 @@ pub struct Controller<T: PeerTransport> {
     clock: Clock,
     /// Default retention of new topics (the broker's setting).
     retention_ms: i64,
+    security: Option<Arc<Security>>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
@@ -254,6 +267,8 @@ pub struct ControllerConfig {
     pub log_config: LogConfig,
     pub retention_ms: i64,
     pub clock_ms: fn() -> i64,
+    /// The broker's security state, kept by the metadata log's `Security` commands.
+    pub security: Option<Arc<Security>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -302,6 +317,7 @@ impl<T: PeerTransport> Controller<T> {
             log_config: config.log_config,
             clock,
             retention_ms: config.retention_ms,
+            security: config.security,
         });
         tokio::spawn(controller.clone().apply_loop());
         Ok(controller)
@@ -388,8 +404,8 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
-    /// A partition's in-sync replicas: where this broker leads it, the followers within
-    /// [`partition::IN_SYNC_LAG_ENTRIES_MAX`] entries that answered within
+    /// A partition's in-sync replicas: where this broker leads it, the followers holding
+    /// what it had [`partition::IN_SYNC_LAG_TIME_MAX`] ago that answered within
     /// [`IN_SYNC_ANSWERED_WITHIN`]; elsewhere every replica (only the leader can tell).
     pub fn in_sync_replicas(&self, partition: &ReplicatedPartition) -> Vec<NodeId> {
         self.leader_in_sync_replicas(partition)
@@ -413,7 +429,7 @@ impl<T: PeerTransport> Controller<T> {
     fn leader_in_sync_replicas(&self, partition: &ReplicatedPartition) -> Option<Vec<NodeId>> {
         match partition
             .replica
-            .in_sync_replicas(partition::IN_SYNC_LAG_ENTRIES_MAX)
+            .in_sync_replicas(partition::IN_SYNC_LAG_TIME_MAX)
         {
             Some(in_sync) => in_sync
                 .into_iter()
@@ -524,6 +540,23 @@ impl<T: PeerTransport> Controller<T> {
             .apply(command);
         match effect {
             Effect::None => {}
+            Effect::Security(change) => {
+                let Some(security) = self.security.clone() else {
+                    return;
+                };
+                let applied =
+                    tokio::task::spawn_blocking(move || security.apply(&change).map(|_| change))
+                        .await;
+                match applied {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        // This broker's copy now differs from the log: said loudly; a
+                        // restart replays the log over it.
+                        tracing::error!(error = %e, "could not apply a security change from the metadata log");
+                    }
+                    Err(e) => tracing::error!(error = %e, "applying a security change panicked"),
+                }
+            }
             Effect::Open(topic) => {
                 for (index, replicas) in topic.replicas.iter().enumerate() {
                     if replicas.contains(&self.node_id)
@@ -647,6 +680,16 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
         }
+    }
+
+    /// Commits a security change through the controller and waits until this broker
+    /// applied it (so the answer to the client holds here at once, and on every other
+    /// broker as soon as it applies the same log).
+    pub async fn change_security(&self, change: SecurityChange) -> Result<(), ClusterError> {
+        let offset = self
+            .propose(&MetadataCommand::Security { change }, PROPOSE_TIMEOUT)
+            .await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await
     }
 
     /// Waits until this broker's image has applied the metadata log through `offset`.

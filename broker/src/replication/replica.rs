@@ -158,6 +158,53 @@ pub struct PartitionReplica {
     raft: Raft,
     shared: Arc<Shared>,
     high_watermark: watch::Receiver<i64>,
+    /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
+    last_index_samples: std::sync::Mutex<LastIndexSamples>,
+}
+
+/// How often the leader's last log index is sampled (at most) to judge followers' lag in time.
+const LAST_INDEX_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Samples of the leader's last log index in one term, oldest first: one taken at most
+/// every [`LAST_INDEX_SAMPLE_INTERVAL`], none kept older than the one that names the lag
+/// window's start.
+#[derive(Debug, Default)]
+struct LastIndexSamples {
+    term: u64,
+    samples: std::collections::VecDeque<(tokio::time::Instant, u64)>,
+}
+
+impl LastIndexSamples {
+    /// Records `last` at `now` and returns the leader's last index as of `lag_time_max` ago
+    /// (0 while this term is younger than that: every follower has the benefit of the doubt,
+    /// as a new Kafka leader gives its followers).
+    fn reference(
+        &mut self,
+        term: u64,
+        last: u64,
+        now: tokio::time::Instant,
+        lag_time_max: Duration,
+    ) -> u64 {
+        if self.term != term {
+            self.term = term;
+            self.samples.clear();
+        }
+        if self
+            .samples
+            .back()
+            .is_none_or(|(at, _)| now.duration_since(*at) >= LAST_INDEX_SAMPLE_INTERVAL)
+        {
+            self.samples.push_back((now, last));
+        }
+        // Keep the newest sample at least `lag_time_max` old; drop those before it.
+        while self.samples.len() >= 2 && now.duration_since(self.samples[1].0) >= lag_time_max {
+            self.samples.pop_front();
+        }
+        match self.samples.front() {
+            Some((at, index)) if now.duration_since(*at) >= lag_time_max => *index,
+            _ => 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for PartitionReplica {
@@ -191,6 +238,7 @@ impl PartitionReplica {
             raft,
             shared,
             high_watermark,
+            last_index_samples: std::sync::Mutex::default(),
         })
     }
 
@@ -353,20 +401,34 @@ impl PartitionReplica {
         }
     }
 
-    /// On the leader: the members whose log matches the leader's to within
-    /// `lag_entries_max` entries (the leader included); elsewhere `None`.
-    pub fn in_sync_replicas(&self, lag_entries_max: u64) -> Option<Vec<NodeId>> {
+    /// On the leader: itself and the followers that hold every entry the leader had
+    /// `lag_time_max` ago (Kafka's `replica.lag.time.max.ms`: a follower that keeps up is in
+    /// sync however far its last entries trail; one that stopped storing — crashed, its disk
+    /// full — falls out once the leader has moved on for that long); elsewhere `None`.
+    /// Judged from samples of the leader's last index taken by these calls (the controller
+    /// makes one a second per led partition).
+    pub fn in_sync_replicas(&self, lag_time_max: Duration) -> Option<Vec<NodeId>> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
         if metrics.state != ServerState::Leader {
             return None;
         }
         let last = metrics.last_log_index.unwrap_or(0);
+        let reference = self
+            .last_index_samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reference(
+                metrics.current_term,
+                last,
+                tokio::time::Instant::now(),
+                lag_time_max,
+            );
         let mut in_sync = vec![self.node_id];
         if let Some(replication) = &metrics.replication {
             for (node, matched) in replication {
                 let matched = matched.map_or(0, |id| id.index);
-                if *node != self.node_id && matched + lag_entries_max >= last {
+                if *node != self.node_id && matched >= reference.min(last) {
                     in_sync.push(*node);
                 }
             }
@@ -446,6 +508,45 @@ impl PartitionReplica {
         Ok(out)
     }
 
+    /// Kafka's ListOffsets by time on this replica: the Kafka offset of the first committed
+    /// data batch (at batch granularity, from the storage time index on) whose
+    /// `max_timestamp >= timestamp_ms`; `None` if no committed data batch has one. Control
+    /// batches (blank and membership entries, stamped by the broker's clock) never answer.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, ReplicationError> {
+        let log = self.shared.log();
+        let Some(mut storage_offset) = log.find_offset_by_timestamp(timestamp_ms)? else {
+            return Ok(None);
+        };
+        const SCAN_READ_BYTES: usize = 1024 * 1024;
+        loop {
+            // Read again each round: the high watermark only grows, and a batch found
+            // committed stays committed.
+            let high_watermark = self.high_watermark();
+            if self.shared.kafka_offset(storage_offset) >= high_watermark {
+                return Ok(None);
+            }
+            let bytes = log.read(storage_offset, SCAN_READ_BYTES)?;
+            if bytes.is_empty() {
+                return Ok(None);
+            }
+            for slice in BatchSlices::new(bytes) {
+                let (header, _) =
+                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                storage_offset = header.base_offset + i64::from(header.records_count);
+                if header.attributes & attributes::CONTROL != 0 {
+                    continue;
+                }
+                let base_offset = self.shared.kafka_offset(header.base_offset);
+                if base_offset >= high_watermark {
+                    return Ok(None);
+                }
+                if header.max_timestamp >= timestamp_ms {
+                    return Ok(Some(base_offset));
+                }
+            }
+        }
+    }
+
     /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its
     /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
@@ -459,5 +560,41 @@ impl PartitionReplica {
         if tokio::time::timeout(STOP_WAIT_MAX, released).await.is_err() {
             tracing::warn!("a stopped replica's log is still held after {STOP_WAIT_MAX:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference index is the leader's last index as of `lag_time_max` ago, judged from
+    /// samples; 0 until the term is that old; a new term starts over.
+    #[test]
+    fn the_lag_reference_is_the_last_index_one_window_ago() {
+        let lag = Duration::from_secs(5);
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut samples = LastIndexSamples::default();
+        // (time ms, leader's last index, expected reference)
+        let steps: &[(u64, u64, u64)] = &[
+            (0, 10, 0),
+            (1_000, 20, 0),
+            (4_999, 30, 0),
+            (5_000, 40, 10), // 1 ms after the last sample: not sampled
+            (5_100, 45, 10),
+            (6_000, 50, 20),
+            (9_999, 60, 30),
+            (10_000, 60, 30),
+            (60_000, 60, 60), // idle: one old sample names the window's start
+        ];
+        for (ms, last, expected) in steps {
+            assert_eq!(
+                samples.reference(1, *last, at(*ms), lag),
+                *expected,
+                "at {ms} ms, last {last}"
+            );
+            assert!(samples.samples.len() <= 2 + (lag.as_millis() / 250) as usize);
+        }
+        assert_eq!(samples.reference(2, 70, at(60_001), lag), 0, "a new term");
     }
 }

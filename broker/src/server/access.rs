@@ -19,7 +19,7 @@ use ketch_protocol::wire::Wire;
 use super::State;
 use crate::auth::acl::Acl;
 use crate::auth::quota::{Direction, QuotaLimits};
-use crate::auth::{ANONYMOUS, AuthMode, ProducerCheck, Session};
+use crate::auth::{ANONYMOUS, Applied, AuthMode, ProducerCheck, Security, SecurityChange, Session};
 use crate::cluster::now_ms;
 
 /// Who one connection is.
@@ -316,11 +316,18 @@ pub(super) async fn check(
         Request::InitProducerId(_) => init_producer_id(state, &principal, now, remote).await,
         Request::Produce(r) => produce(state, r, principal, now, remote, version).await,
         Request::Metadata(MetadataRequest { topics: None }) if security.enforced() => {
-            let topics = state
-                .cluster
-                .topics()
-                .iter()
-                .map(|t| t.name.clone())
+            // A cluster broker answers Metadata from the metadata image, not its local topics.
+            let names: Vec<String> = match &state.cluster_node {
+                Some(node) => node.controller.image().topics.into_keys().collect(),
+                None => state
+                    .cluster
+                    .topics()
+                    .iter()
+                    .map(|t| t.name.clone())
+                    .collect(),
+            };
+            let topics = names
+                .into_iter()
                 .filter(|name| {
                     security.authorize(&principal, Operation::Describe, ResourceType::Topic, name)
                 })
@@ -382,13 +389,16 @@ pub(super) async fn check(
         }
         Request::TokenCreate(r) => {
             let expires = (r.expires_in_ms >= 0).then(|| now.saturating_add(r.expires_in_ms));
-            let security = state.clone();
-            let made = tokio::task::spawn_blocking(move || {
-                security.security.create_token(&r.principal, expires, now)
-            })
-            .await;
-            match made {
-                Ok(Ok((record, token))) => {
+            let (change, token) = match Security::new_token(&r.principal, expires, now) {
+                Ok(made) => made,
+                Err(e) => return Checked::Answer(change_failed(state, api, e)),
+            };
+            let SecurityChange::TokenCreated { record } = &change else {
+                unreachable!("new_token makes a TokenCreated")
+            };
+            let record = record.clone();
+            match commit_security(state, api, change).await {
+                Ok(_) => {
                     tracing::info!(target: "ketch::audit", event = "token_created", by = %principal, id = %record.id, for_principal = %record.principal, "security audit");
                     answer(&TokenCreateResponse {
                         id: record.id,
@@ -397,33 +407,32 @@ pub(super) async fn check(
                         expires_at_ms: record.expires_at_ms.unwrap_or(-1),
                     })
                 }
-                Ok(Err(e)) => Checked::Answer(change_failed(state, api, e)),
-                Err(e) => {
-                    Checked::Answer(error_frame(state, api, ErrorCode::Unknown, &e.to_string()))
-                }
+                Err(frame) => Checked::Answer(frame),
             }
         }
         Request::TokenRevoke(r) => {
-            let shared = state.clone();
-            let revoked = tokio::task::spawn_blocking(move || {
-                shared.security.revoke_token(&r.token_or_id, now)
-            })
-            .await;
-            match revoked {
-                Ok(Ok(Some(id))) => {
-                    tracing::info!(target: "ketch::audit", event = "token_revoked", by = %principal, id = %id, "security audit");
-                    answer(&TokenRevokeResponse { id })
-                }
-                Ok(Ok(None)) => Checked::Answer(error_frame(
+            let no_such_token = || {
+                Checked::Answer(error_frame(
                     state,
                     api,
                     ErrorCode::InvalidRequest,
                     "no token has that id (or is that token)",
-                )),
-                Ok(Err(e)) => Checked::Answer(change_failed(state, api, e)),
-                Err(e) => {
-                    Checked::Answer(error_frame(state, api, ErrorCode::Unknown, &e.to_string()))
+                ))
+            };
+            let Some(id) = security.resolve_token(&r.token_or_id) else {
+                return no_such_token();
+            };
+            let change = SecurityChange::TokenRevoked {
+                id: id.clone(),
+                at_ms: now,
+            };
+            match commit_security(state, api, change).await {
+                Ok(Some(Applied::NoSuchToken)) => no_such_token(),
+                Ok(_) => {
+                    tracing::info!(target: "ketch::audit", event = "token_revoked", by = %principal, id = %id, "security audit");
+                    answer(&TokenRevokeResponse { id })
                 }
+                Err(frame) => Checked::Answer(frame),
             }
         }
         Request::AclChange(r) => {
@@ -444,19 +453,18 @@ pub(super) async fn check(
                     ));
                 }
             };
-            let shared = state.clone();
-            let changed =
-                tokio::task::spawn_blocking(move || shared.security.change_acls(&add, &remove))
-                    .await;
-            match changed {
-                Ok(Ok((added, removed))) => {
+            // In a cluster the counts are against the rules this broker has applied.
+            let (added, removed) = security.acl_change_counts(&add, &remove);
+            match commit_security(state, api, SecurityChange::AclsChanged { add, remove }).await {
+                Ok(applied) => {
+                    let (added, removed) = match applied {
+                        Some(Applied::Acls { added, removed }) => (added, removed),
+                        _ => (added, removed),
+                    };
                     tracing::info!(target: "ketch::audit", event = "acls_changed", by = %principal, added, removed, "security audit");
                     answer(&AclChangeResponse { added, removed })
                 }
-                Ok(Err(e)) => Checked::Answer(change_failed(state, api, e)),
-                Err(e) => {
-                    Checked::Answer(error_frame(state, api, ErrorCode::Unknown, &e.to_string()))
-                }
+                Err(frame) => Checked::Answer(frame),
             }
         }
         Request::QuotaSet(r) => {
@@ -472,21 +480,43 @@ pub(super) async fn check(
                 produce_bytes_per_s: r.produce_bytes_per_s,
                 fetch_bytes_per_s: r.fetch_bytes_per_s,
             };
-            let shared = state.clone();
-            let set = tokio::task::spawn_blocking(move || {
-                shared.security.set_quota(&r.principal, limits)
-            })
-            .await;
-            match set {
-                Ok(Ok(())) => answer(&QuotaSetResponse {}),
-                Ok(Err(e)) => Checked::Answer(change_failed(state, api, e)),
-                Err(e) => {
-                    Checked::Answer(error_frame(state, api, ErrorCode::Unknown, &e.to_string()))
-                }
+            let change = SecurityChange::QuotaSet {
+                principal: r.principal,
+                limits,
+            };
+            match commit_security(state, api, change).await {
+                Ok(_) => answer(&QuotaSetResponse {}),
+                Err(frame) => Checked::Answer(frame),
             }
         }
         Request::SecurityList(_) => answer(&security.list()),
         request => Checked::Proceed { request, principal },
+    }
+}
+
+/// Applies a security change: on this broker alone, or — in a cluster — through the
+/// metadata log, so that every broker applies it (this one before the client is answered).
+/// What the local apply did (`None` in a cluster); an error is the answer to send.
+async fn commit_security(
+    state: &Arc<State>,
+    api: ApiKey,
+    change: SecurityChange,
+) -> Result<Option<Applied>, Vec<Bytes>> {
+    match &state.cluster_node {
+        Some(node) => node
+            .controller
+            .change_security(change)
+            .await
+            .map(|()| None)
+            .map_err(|e| error_frame(state, api, e.code, &e.message)),
+        None => {
+            let shared = state.clone();
+            match tokio::task::spawn_blocking(move || shared.security.apply(&change)).await {
+                Ok(Ok(applied)) => Ok(Some(applied)),
+                Ok(Err(e)) => Err(change_failed(state, api, e)),
+                Err(e) => Err(error_frame(state, api, ErrorCode::Unknown, &e.to_string())),
+            }
+        }
     }
 }
 
@@ -564,7 +594,20 @@ async fn init_producer_id(
     match state.allocate_producer_id() {
         Ok(producer_id) => {
             if security.enforced() {
-                security.bind_producer(producer_id, principal);
+                match &state.cluster_node {
+                    // Its batches may go to any broker that leads a partition: each learns
+                    // the owner from the metadata log before the producer has its id.
+                    Some(node) => {
+                        let change = SecurityChange::ProducerIssued {
+                            producer_id,
+                            principal: principal.to_string(),
+                        };
+                        if let Err(e) = node.controller.change_security(change).await {
+                            return Checked::Answer(error_frame(state, api, e.code, &e.message));
+                        }
+                    }
+                    None => security.bind_producer(producer_id, principal),
+                }
             }
             answer(&InitProducerIdResponse {
                 producer_id,

@@ -752,7 +752,7 @@ fn list_offsets(state: &State, request: ListOffsetsRequest) -> ListOffsetsRespon
         .map(|p| {
             let result = match &state.cluster_node {
                 Some(node) => match node.controller.partition(&p.topic, p.partition) {
-                    Some(hosted) => hosted.list_offset(p.spec).map(|offset| (offset, -1)),
+                    Some(hosted) => hosted.list_offset(p.spec),
                     None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
                 },
                 None => state

@@ -102,7 +102,7 @@ pub(crate) struct State {
     /// Topic-to-topic transforms (started after the chains load).
     pub pipelines: std::sync::OnceLock<Arc<crate::pipeline::Pipelines>>,
     /// Tokens, ACLs, quotas and producer-id owners.
-    pub security: crate::auth::Security,
+    pub security: Arc<crate::auth::Security>,
     pub config: BrokerConfig,
     pub local_addr: SocketAddr,
     requests: Arc<Semaphore>,
@@ -136,6 +136,28 @@ impl State {
             }
             None => local,
         })
+    }
+}
+
+/// Puts this broker's `admin` tokens (the one its first `--auth required` start wrote) into
+/// the metadata log, so they hold on every broker of the cluster. Idempotent, on every
+/// start; retried while no controller commits (bounded), then said.
+async fn share_admin_tokens(
+    controller: Arc<crate::controller::Controller<peer::QuicPeers>>,
+    security: Arc<crate::auth::Security>,
+) {
+    const TRIES_MAX: u32 = 8;
+    for record in security.tokens_of(crate::auth::ADMIN_PRINCIPAL) {
+        let id = record.id.clone();
+        let change = crate::auth::SecurityChange::TokenCreated { record };
+        let mut tries = 0;
+        while let Err(e) = controller.change_security(change.clone()).await {
+            tries += 1;
+            if tries >= TRIES_MAX {
+                tracing::error!(token = %id, error = %e.message, "the admin token could not be shared with the cluster: it works on this broker only");
+                break;
+            }
+        }
     }
 }
 
@@ -319,6 +341,7 @@ impl Broker {
             config.security_config(),
             crate::cluster::now_ms(),
         )?;
+        let security = Arc::new(security);
         match security.mode() {
             crate::auth::AuthMode::None => tracing::warn!(
                 listen = %local_addr,
@@ -354,11 +377,15 @@ impl Broker {
                         log_config: cluster.log_config_default(),
                         retention_ms: config.retention_ms,
                         clock_ms: crate::cluster::now_ms,
+                        security: Some(security.clone()),
                     },
                     transport,
                     groups.clone(),
                 )
                 .await?;
+                if security.mode() == crate::auth::AuthMode::Required {
+                    tokio::spawn(share_admin_tokens(controller.clone(), security.clone()));
+                }
                 Some(ClusterNode {
                     controller,
                     groups,
@@ -802,8 +829,8 @@ async fn serve_stream(
     let (request, principal) = match access::check(&state, &share.auth, request, version).await {
         access::Checked::Proceed { request, principal } => (request, principal),
         access::Checked::Answer(response) => {
-            let _ = write_chunks(&mut send, response).await;
             state.metrics.request_done(api, started);
+            let _ = write_chunks(&mut send, response).await;
             return;
         }
     };
@@ -844,10 +871,12 @@ async fn serve_stream(
         return;
     }
     let response = access::serve_metered(&state, &share.auth, &principal, request, version).await;
+    // Timed before the write: a client that has its answer finds the request counted (a
+    // scrape right after it must not see a request received but not yet timed).
+    state.metrics.request_done(api, started);
     if let Err(e) = write_chunks(&mut send, response).await {
         tracing::debug!(api = api.name(), error = %e, "could not write response");
     }
-    state.metrics.request_done(api, started);
 }
 
 /// What health checks and metric scrapes may ask of a broker, from outside its tasks.
