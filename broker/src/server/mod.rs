@@ -54,9 +54,12 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// Producer checkpoints are written on this tick, at most [`PRODUCER_CHECKPOINTS_PER_TICK_MAX`]
 /// each time (a partition at most once per [`CHECKPOINT_INTERVAL`]), so that thousands of
 /// partitions that changed together (a restart after a crash replays them all) are written
-/// as a trickle rather than a burst of fsyncs.
+/// as a trickle rather than a burst of fsyncs. A checkpoint write (new file, fsync, rename,
+/// directory fsync) measured about 1 ms of kernel CPU on ext4 with 10,000 partitions (inode
+/// allocation past the recently deleted ones dominates), so 20 a second stay within 2% of a
+/// core; 10,000 partitions that all changed are written within about 8 minutes.
 const PRODUCER_CHECKPOINT_TICK: Duration = Duration::from_secs(1);
-const PRODUCER_CHECKPOINTS_PER_TICK_MAX: usize = 100;
+const PRODUCER_CHECKPOINTS_PER_TICK_MAX: usize = 20;
 /// How long a QUIC handshake may take; a slow or stalled one is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress beyond which a new client must first prove its address with a
