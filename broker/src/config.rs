@@ -337,9 +337,17 @@ impl BrokerConfig {
         let node_id = self
             .node_id
             .ok_or_else(|| ConfigError::Invalid("--peers needs --node-id".into()))?;
-        let own = peers.get(&node_id).ok_or_else(|| {
-            ConfigError::Invalid(format!("--node-id {node_id} is not among --peers"))
-        })?;
+        // A node id not among `--peers` joins a running cluster: it is registered with
+        // `ketch cluster add-broker` and receives the metadata log as a learner.
+        if node_id == 0 || node_id >= NODE_ID_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "--node-id {node_id} must be between 1 and {}",
+                NODE_ID_LIMIT - 1
+            )));
+        }
+        let Some(own) = peers.get(&node_id) else {
+            return Ok(Some(peers));
+        };
         if own.port() != self.listen.port() {
             return Err(ConfigError::Invalid(format!(
                 "--peers names node {node_id} at {own}, but it listens on {}",

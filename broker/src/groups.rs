@@ -17,6 +17,8 @@ use crate::cluster::checkpoint::{self, Kind};
 use crate::cluster::{Cluster, ClusterError, OFFSETS_TOPIC};
 use crate::group::{GroupConfig, GroupCoordinator, OffsetRecord, OffsetValue};
 
+pub mod replicated;
+
 /// How much of the offsets partition startup reads at a time.
 const REPLAY_READ_BYTES_MAX: u32 = 4 * 1024 * 1024;
 /// The group-offsets checkpoint, in the offsets topic's directory.
@@ -72,23 +74,7 @@ impl Groups {
         let replay_from = from;
         let mut loaded = 0usize;
         partition.replay(from, REPLAY_READ_BYTES_MAX, |batch| {
-            for record in batch.records() {
-                let record = record.map_err(|e| {
-                    ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
-                })?;
-                let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else {
-                    continue;
-                };
-                match OffsetRecord::decode(key, value.map(|v| &v[..])) {
-                    Ok(commit) => {
-                        coordinator.apply_commit(&commit);
-                        loaded += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record")
-                    }
-                }
-            }
+            loaded += apply_offsets_batch(&mut coordinator, batch)?;
             Ok(())
         })?;
         let stale = coordinator.retain_offsets(&|topic, value| live(&cluster, topic, value));
@@ -150,25 +136,8 @@ impl Groups {
         request: &OffsetCommitRequest,
         now_ms: i64,
     ) -> Result<OffsetCommitResponse, ClusterError> {
-        self.commit_with(request, now_ms, &|_| None).await
-    }
-
-    /// [`Self::commit`], where `other_topics` gives the partition count of topics this
-    /// broker's `cluster` does not have (a cluster's replicated topics). Their offsets carry
-    /// no topic id (known limit: a topic re-created under the name keeps them).
-    pub async fn commit_with(
-        &self,
-        request: &OffsetCommitRequest,
-        now_ms: i64,
-        other_topics: &(dyn Fn(&str) -> Option<u32> + Sync),
-    ) -> Result<OffsetCommitResponse, ClusterError> {
         let _serial = self.writes.lock().await;
-        let partitions_of = |topic: &str| {
-            self.cluster
-                .topic(topic)
-                .map(|t| t.config.partitions)
-                .or_else(|| other_topics(topic))
-        };
+        let partitions_of = |topic: &str| self.cluster.topic(topic).map(|t| t.config.partitions);
         let mut plan = self
             .coordinator()
             .commit(request, &partitions_of, now_ms)
@@ -220,17 +189,8 @@ impl Groups {
         };
         let batch_bytes_max = self.cluster.config().batch_bytes_max as usize;
         let mut done = 0;
-        while done < records.len() {
-            let mut builder = BatchBuilder::new(batch_bytes_max);
-            let mut taken = 0;
-            for record in &records[done..] {
-                let key = record.encode_key();
-                if !builder.try_append(now_ms, Some(&key), record.encode_value().as_deref(), &[]) {
-                    break;
-                }
-                taken += 1;
-            }
-            if let Err(e) = partition.append(builder.finish(), now_ms).await {
+        for (batch, taken) in offsets_batches(records, batch_bytes_max, now_ms) {
+            if let Err(e) = partition.append(batch, now_ms).await {
                 return Applied(done, Err(e));
             }
             let mut coordinator = self.coordinator();
@@ -241,6 +201,61 @@ impl Groups {
         }
         Applied(done, Ok(()))
     }
+}
+
+/// Applies every offset record of one batch of `__consumer_offsets` to `coordinator`, in
+/// order (the one replay of committed offsets: the single node's log at startup, a cluster's
+/// offsets partition when this broker starts leading it). Returns how many it applied; an
+/// unreadable record is skipped and logged.
+pub(crate) fn apply_offsets_batch(
+    coordinator: &mut GroupCoordinator,
+    batch: &ketch_protocol::batch::RecordBatch,
+) -> Result<usize, ClusterError> {
+    let mut applied = 0;
+    for record in batch.records() {
+        let record = record.map_err(|e| {
+            ClusterError::new(ErrorCode::StorageFailed, format!("offsets topic: {e}"))
+        })?;
+        let (Some(key), value) = (record.key.as_ref(), record.value.as_ref()) else {
+            continue;
+        };
+        match OffsetRecord::decode(key, value.map(|v| &v[..])) {
+            Ok(commit) => {
+                coordinator.apply_commit(&commit);
+                applied += 1;
+            }
+            Err(e) => {
+                tracing::warn!(offset = record.offset, error = %e, "skipping an unreadable offset record")
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// The records of `records` as batches of at most `batch_bytes_max`, each with how many
+/// records it holds (every commit path writes offsets this way).
+pub(crate) fn offsets_batches(
+    records: &[OffsetRecord],
+    batch_bytes_max: usize,
+    now_ms: i64,
+) -> Vec<(bytes::Bytes, usize)> {
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < records.len() {
+        let mut builder = BatchBuilder::new(batch_bytes_max);
+        let mut taken = 0;
+        for record in &records[done..] {
+            let key = record.encode_key();
+            if !builder.try_append(now_ms, Some(&key), record.encode_value().as_deref(), &[]) {
+                break;
+            }
+            taken += 1;
+        }
+        assert!(taken > 0, "an offset record fits in an empty batch");
+        out.push((builder.finish(), taken));
+        done += taken;
+    }
+    out
 }
 
 /// How many records were appended and applied, and how it ended.

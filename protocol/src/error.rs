@@ -66,6 +66,16 @@ pub enum ErrorCode {
     UnknownTransform = 50,
     /// A topic-to-topic transform of this name exists already.
     TransformExists = 51,
+    /// A leadership transfer did not complete in time (the target did not catch up or win
+    /// its election); the old leader leads again, nothing was changed.
+    LeaderTransferFailed = 67,
+    /// The broker named is not a member of the cluster, not a replica of the partition, or a
+    /// replica list is malformed (empty, repeated brokers, more brokers than exist).
+    InvalidReplicaAssignment = 68,
+    /// A partition's replica change did not finish in time (a new replica did not catch up,
+    /// or the membership change did not commit); the partition is served as it is, and the
+    /// same request again finishes the change.
+    ReassignmentIncomplete = 69,
 }
 
 impl ErrorCode {
@@ -114,6 +124,9 @@ impl ErrorCode {
         ErrorCode::AuthenticationFailed,
         ErrorCode::UnknownTransform,
         ErrorCode::TransformExists,
+        ErrorCode::LeaderTransferFailed,
+        ErrorCode::InvalidReplicaAssignment,
+        ErrorCode::ReassignmentIncomplete,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -192,6 +205,9 @@ impl ErrorCode {
             ErrorCode::FilterInUse => "filter_in_use",
             ErrorCode::UnknownTransform => "unknown_transform",
             ErrorCode::TransformExists => "transform_exists",
+            ErrorCode::LeaderTransferFailed => "leader_transfer_failed",
+            ErrorCode::InvalidReplicaAssignment => "invalid_replica_assignment",
+            ErrorCode::ReassignmentIncomplete => "reassignment_incomplete",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }

@@ -202,6 +202,38 @@ wire_struct! {
         pub high_watermark: i64,
     }
 
+    // ---- Cluster administration (53-55) ----
+
+    /// Moves a partition's leadership to `broker`, a caught-up voter of it. Sent to the
+    /// partition's leader (`__cluster_metadata` partition 0: the controller); another broker
+    /// answers `not_leader`.
+    pub struct TransferLeaderRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub broker: u32,
+    }
+    pub struct TransferLeaderResponse {
+        pub leader: u32,
+        pub leader_epoch: u64,
+    }
+    /// Changes a partition's replicas to `replicas` (the first is the preferred leader).
+    /// Sent to the partition's leader.
+    pub struct ReassignPartitionRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub replicas: Vec<u32>,
+    }
+    pub struct ReassignPartitionResponse {
+        pub replicas: Vec<u32>,
+    }
+    /// Registers a broker started outside the initial membership (`--node-id N` with the
+    /// existing `--peers`), so partitions can be placed or moved onto it. Any broker.
+    pub struct AddBrokerRequest {
+        pub node_id: u32,
+        pub address: String,
+    }
+    pub struct AddBrokerResponse {}
+
     // ---- Topics (1-4) ----
 
     pub struct CreateTopicRequest {
@@ -473,6 +505,25 @@ wire_struct! {
         pub committed_offset: i64,
         pub high_watermark: i64,
         pub lag: i64,
+    }
+
+    /// Which broker coordinates `group`: in a cluster, the leader of the group's partition of
+    /// `__consumer_offsets` (FNV-1a 32 of the group's UTF-8 bytes, modulo the partition
+    /// count); a single node answers itself. Any broker answers; while the partition has no
+    /// leader (or this broker's view is stale) the answer is the error `not_coordinator`.
+    /// GroupHeartbeat, GroupLeave, OffsetCommit, OffsetFetch and DescribeGroup go to the
+    /// coordinator; another broker answers them `not_coordinator` (find it again, retry
+    /// there). ListGroups lists the groups of the answering broker: ask every broker. A commit
+    /// is acknowledged once a quorum of the offsets partition's replicas has it; a new
+    /// coordinator answers with every acknowledged offset (members re-join: their ids from
+    /// the old coordinator get `unknown_member`).
+    pub struct FindCoordinatorRequest {
+        pub group: String,
+    }
+    pub struct FindCoordinatorResponse {
+        pub node_id: u32,
+        pub host: String,
+        pub port: u16,
     }
 
     // ---- Idempotent producers (15) ----
@@ -918,6 +969,7 @@ apis! {
     25 AclChange [0 ..= 0] => AclChangeRequest, AclChangeResponse;
     26 QuotaSet [0 ..= 0] => QuotaSetRequest, QuotaSetResponse;
     27 SecurityList [0 ..= 0] => SecurityListRequest, SecurityListResponse;
+    28 FindCoordinator [0 ..= 0] => FindCoordinatorRequest, FindCoordinatorResponse;
     35 TopicSetFilters [0 ..= 0] => TopicSetFiltersRequest, TopicSetFiltersResponse;
     36 TopicFilters [0 ..= 0] => TopicFiltersRequest, TopicFiltersResponse;
     37 TransformCreate [0 ..= 0] => TransformCreateRequest, TransformCreateResponse;
@@ -925,6 +977,9 @@ apis! {
     39 TransformAlter [0 ..= 0] => TransformAlterRequest, TransformAlterResponse;
     40 AlterTopicConfig [0 ..= 0] => AlterTopicConfigRequest, AlterTopicConfigResponse;
     41 SubscribeMany [0 ..= 0] => SubscribeManyRequest, FetchPartitionResponse;
+    53 TransferLeader [0 ..= 0] => TransferLeaderRequest, TransferLeaderResponse;
+    54 ReassignPartition [0 ..= 0] => ReassignPartitionRequest, ReassignPartitionResponse;
+    55 AddBroker [0 ..= 0] => AddBrokerRequest, AddBrokerResponse;
 }
 
 impl Request {
@@ -974,8 +1029,12 @@ impl Request {
             AclChange,
             QuotaSet,
             SecurityList,
+            FindCoordinator,
             AlterTopicConfig,
-            SubscribeMany
+            SubscribeMany,
+            TransferLeader,
+            ReassignPartition,
+            AddBroker
         )
     }
 }

@@ -80,14 +80,23 @@ pub fn message(error: &Error) -> String {
     message
 }
 
-/// The Python exception for a core error.
+/// The Python exception for a core error. Built attached (the `ketch._errors` class, with
+/// its attributes); on a runtime thread once the interpreter exits, a plain `RuntimeError`
+/// built without attaching, which nobody will see (the future it would complete is leaked).
 pub fn to_py(error: Error) -> PyErr {
-    Python::attach(|py| build(py, &error, None))
+    crate::exit::attach(|py| build(py, &error, None)).unwrap_or_else(|| exiting(&error))
 }
 
 /// [`to_py`] with a prefix naming what failed (for example which record of a batch).
 pub fn to_py_with(error: Error, context: String) -> PyErr {
-    Python::attach(|py| build(py, &error, Some(context)))
+    crate::exit::attach(|py| build(py, &error, Some(context))).unwrap_or_else(|| exiting(&error))
+}
+
+fn exiting(error: &Error) -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(format!(
+        "the interpreter is exiting: {}",
+        message(error)
+    ))
 }
 
 fn build(py: Python<'_>, error: &Error, context: Option<String>) -> PyErr {

@@ -8,6 +8,8 @@
 //!   [`runtime::SIGNAL_CHECK_INTERVAL`] to run signal handlers, so Ctrl-C interrupts them.
 //! - asyncio calls return awaitables driven by the same tokio runtime (pyo3-async-runtimes).
 //! - The runtime is per process: a forked child makes its own (see [`runtime::runtime`]).
+//! - At interpreter exit an `atexit` hook stops the runtime's threads from attaching to
+//!   Python again before CPython finalizes (see [`exit`]).
 
 // Methods mirror Python signatures with many keyword arguments.
 #![allow(clippy::too_many_arguments)]
@@ -15,6 +17,7 @@
 mod aio;
 mod chains;
 mod errors;
+mod exit;
 mod listener;
 mod runtime;
 mod security;
@@ -46,6 +49,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<security::Quota>()?;
     m.add_class::<listener::RebalanceEvent>()?;
     m.add_function(wrap_pyfunction!(runtime::_after_fork_in_child, m)?)?;
+    // Not a module attribute: only `atexit` calls it (see `exit`).
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (wrap_pyfunction!(exit::_at_exit, m)?,))?;
     m.add_function(wrap_pyfunction!(errors::_exception_for_wire_code, m)?)?;
     m.add(
         "SIGNAL_CHECK_INTERVAL_SECONDS",

@@ -38,6 +38,7 @@ pub fn runtime(_py: Python<'_>) -> &'static Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(worker_threads())
             .thread_name("ketch-runtime")
+            .on_thread_start(crate::exit::mark_runtime_thread)
             .enable_all()
             .build()
             .expect("building the ketch tokio runtime"),
@@ -52,6 +53,7 @@ pub fn runtime(_py: Python<'_>) -> &'static Runtime {
 /// the broker then routes the parent's handshake to the child's connection and it times out.
 #[pyfunction]
 pub fn _after_fork_in_child() -> PyResult<()> {
+    crate::exit::after_fork_in_child();
     rand::rng().reseed().map_err(|error| {
         pyo3::exceptions::PyOSError::new_err(format!(
             "reseeding the thread RNG after fork: {error}"
@@ -66,11 +68,16 @@ fn worker_threads() -> usize {
         .clamp(2, 8)
 }
 
-/// The runtime of this process, for the tasks pyo3-async-runtimes spawns. It spawns from the
-/// Python thread that creates the awaitable, which holds the GIL, so attaching is only a
-/// count; it keeps every use of [`RUNTIME`] under the GIL.
-fn runtime_detached() -> &'static Runtime {
-    Python::attach(runtime)
+/// The runtime of this process, for the tasks pyo3-async-runtimes spawns: from the Python
+/// thread that creates the awaitable (attached, so attaching is only a count, which keeps
+/// every use of [`RUNTIME`] under the GIL), and from the runtime's own threads (when the
+/// future is done), which must not attach to find it: they are inside it.
+fn runtime_handle() -> tokio::runtime::Handle {
+    if crate::exit::on_runtime_thread() {
+        tokio::runtime::Handle::current()
+    } else {
+        Python::attach(runtime).handle().clone()
+    }
 }
 
 /// Waits for `fut` from a Python thread: one poll with the GIL held (most calls finish there),
@@ -88,10 +95,16 @@ where
     F::Output: Send,
 {
     let runtime = runtime(py);
-    let mut fut = pin!(fut);
+    // In an `Option` so that a daemon thread parked at exit can drop it (see below).
+    let mut fut = pin!(Some(fut));
     {
         let _entered = runtime.enter();
-        if let Poll::Ready(output) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        let first = fut
+            .as_mut()
+            .as_pin_mut()
+            .expect("not dropped yet")
+            .poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready(output) = first {
             return Ok(Some(output));
         }
     }
@@ -107,9 +120,24 @@ where
             }
             None => SIGNAL_CHECK_INTERVAL,
         };
-        let fut = fut.as_mut();
-        let output = py
-            .detach(|| runtime.block_on(async move { tokio::time::timeout(step, fut).await.ok() }));
+        let output = py.detach(|| {
+            let running = fut
+                .as_mut()
+                .as_pin_mut()
+                .expect("dropped only before parking");
+            let output =
+                runtime.block_on(async move { tokio::time::timeout(step, running).await.ok() });
+            if crate::exit::exiting_elsewhere() {
+                // A daemon thread while the interpreter exits: attaching again would be
+                // fatal, so it parks for good, done or not. It drops the call first, so
+                // that nothing the exiting thread may still use (a delivery's lock, the
+                // consumer) stays held by a thread that never returns.
+                drop(output);
+                fut.set(None);
+                crate::exit::park_for_ever();
+            }
+            output
+        });
         if let Some(output) = output {
             return Ok(Some(output));
         }
@@ -153,14 +181,19 @@ impl AsyncRuntime for KetchRuntime {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        runtime_detached().spawn(fut)
+        runtime_handle().spawn(fut)
     }
 
     fn spawn_blocking<F>(f: F) -> Self::JoinHandle
     where
         F: FnOnce() + Send + 'static,
     {
-        runtime_detached().spawn_blocking(f)
+        // pyo3-async-runtimes attaches in `f` to complete the asyncio future; once the
+        // interpreter exits, `f` (and the Python objects it holds) is leaked instead.
+        runtime_handle().spawn_blocking(move || match crate::exit::Pass::take() {
+            Some(_pass) => f(),
+            None => std::mem::forget(f),
+        })
     }
 }
 

@@ -432,22 +432,27 @@ impl Admin {
         })
     }
 
-    /// Every consumer group.
+    /// Every consumer group. Each broker lists the groups it coordinates, so every known
+    /// broker is asked at once and the answers merged; a broker that does not answer is left
+    /// out (its groups move to another broker when it fails), and only when none answers is
+    /// it an error.
     pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
-        let response = self
+        let answers = self
             .client
             .inner
-            .call_controller(&ListGroupsRequest {})
+            .call_every_broker(&ListGroupsRequest {})
             .await?;
-        Ok(response
-            .groups
-            .into_iter()
-            .map(|g| GroupSummary {
-                group: g.group,
-                state: GroupState::from_wire(&g.state),
-                members: g.members,
-            })
-            .collect())
+        let mut groups = std::collections::BTreeMap::new();
+        for response in answers {
+            for g in response.groups {
+                groups.entry(g.group.clone()).or_insert(GroupSummary {
+                    group: g.group,
+                    state: GroupState::from_wire(&g.state),
+                    members: g.members,
+                });
+            }
+        }
+        Ok(groups.into_values().collect())
     }
 
     /// A group's members, their assignments, its committed offsets and its lag.
@@ -455,7 +460,7 @@ impl Admin {
         let request = DescribeGroupRequest {
             group: group.to_owned(),
         };
-        let response = self.client.inner.call_controller(&request).await?;
+        let response = self.client.inner.call_coordinator(group, &request).await?;
         Ok(group_description(response))
     }
 
@@ -465,7 +470,7 @@ impl Admin {
             group: group.to_owned(),
             partitions: None,
         };
-        let response = self.client.inner.call_controller(&request).await?;
+        let response = self.client.inner.call_coordinator(group, &request).await?;
         Ok(response
             .offsets
             .into_iter()
@@ -494,7 +499,7 @@ impl Admin {
             .collect()
     }
 
-    async fn refresh(&self) {
+    pub(crate) async fn refresh(&self) {
         if let Err(error) = self
             .client
             .inner

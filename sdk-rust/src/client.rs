@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ketch_protocol::ErrorCode;
-use ketch_protocol::messages::{Api, MetadataRequest, MetadataResponse};
+use ketch_protocol::messages::{Api, FindCoordinatorRequest, MetadataRequest, MetadataResponse};
 
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +55,18 @@ pub(crate) struct ClientInner {
     pub(crate) metadata: Mutex<Metadata>,
     /// Serialises refreshes so that a burst of errors triggers one Metadata request.
     refresh_lock: tokio::sync::Mutex<()>,
+    /// Each group's coordinator as FindCoordinator last answered; forgotten on
+    /// `not_coordinator` or a failed call.
+    coordinators: Mutex<HashMap<String, SocketAddr>>,
 }
+
+/// A group call retries (finding the coordinator again) for at least this long: a
+/// coordinator's failover — an election, then the new leader loading the group's offsets
+/// partition — takes seconds.
+pub(crate) const COORDINATOR_RETRY_TIME_MIN: Duration = Duration::from_secs(15);
+/// After the first FindCoordinator answer, how long to wait for a broker that names itself
+/// (it leads the group's partition: the surest answer) before taking what was answered.
+const COORDINATOR_SELF_ANSWER_WAIT: Duration = Duration::from_millis(300);
 
 /// Cached cluster layout.
 #[derive(Debug, Default, Clone)]
@@ -108,6 +119,7 @@ impl Client {
                 bootstrap,
                 metadata: Mutex::new(Metadata::default()),
                 refresh_lock: tokio::sync::Mutex::new(()),
+                coordinators: Mutex::default(),
             }),
         };
         client.inner.refresh_metadata(None).await?;
@@ -358,6 +370,181 @@ impl ClientInner {
                 }
                 result => return result,
             }
+        }
+    }
+
+    /// Sends a group request to the group's coordinator (found with FindCoordinator and
+    /// cached), finding it again and retrying on `not_coordinator` and other retriable
+    /// failures, with backoff, for at least [`COORDINATOR_RETRY_TIME_MIN`] and
+    /// `request_timeout`.
+    pub(crate) async fn call_coordinator<R: Api>(
+        &self,
+        group: &str,
+        request: &R,
+    ) -> Result<R::Response> {
+        let deadline = Instant::now() + self.config.request_timeout.max(COORDINATOR_RETRY_TIME_MIN);
+        let mut attempt = 0;
+        loop {
+            let result = match self.coordinator(group).await {
+                Ok(addr) => {
+                    let result = self
+                        .transport
+                        .call(addr, request, self.config.request_timeout)
+                        .await;
+                    if result.as_ref().is_err_and(Error::is_retriable) {
+                        self.forget_coordinator(group, addr);
+                    }
+                    result
+                }
+                Err(error) => Err(error),
+            };
+            match result {
+                Err(error) if error.is_retriable() && Instant::now() < deadline => {
+                    self.after_retriable(&error, attempt, deadline).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One attempt of a group request at the group's coordinator (the caller retries): the
+    /// coordinator is forgotten when the call fails in a way that may mean it moved.
+    pub(crate) async fn call_coordinator_once<R: Api>(
+        &self,
+        group: &str,
+        request: &R,
+    ) -> Result<R::Response> {
+        let addr = self.coordinator(group).await?;
+        let result = self
+            .transport
+            .call(addr, request, self.config.request_timeout)
+            .await;
+        if result.as_ref().is_err_and(Error::is_retriable) {
+            self.forget_coordinator(group, addr);
+        }
+        result
+    }
+
+    /// Sends `request` to every known broker at once; the answers of those that answered
+    /// (an error only when none did).
+    pub(crate) async fn call_every_broker<R: Api>(&self, request: &R) -> Result<Vec<R::Response>> {
+        let mut candidates: Vec<SocketAddr> = {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            metadata.brokers.values().copied().collect()
+        };
+        if candidates.is_empty() {
+            candidates.push(self.controller());
+        }
+        let answers = futures_util::future::join_all(candidates.into_iter().map(|addr| {
+            self.transport
+                .call(addr, request, self.config.request_timeout)
+        }))
+        .await;
+        let mut answered = Vec::new();
+        let mut last_error = None;
+        for answer in answers {
+            match answer {
+                Ok(response) => answered.push(response),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        match (answered.is_empty(), last_error) {
+            (true, Some(error)) => Err(error),
+            _ => Ok(answered),
+        }
+    }
+
+    fn forget_coordinator(&self, group: &str, addr: SocketAddr) {
+        let mut coordinators = self.coordinators.lock().expect("coordinators lock");
+        if coordinators.get(group) == Some(&addr) {
+            coordinators.remove(group);
+        }
+    }
+
+    /// The coordinator of `group`: cached, or asked of every known broker at once. A broker
+    /// that names itself wins (it leads the group's offsets partition); otherwise the first
+    /// answer, after a short wait for such a broker. A broker that does not know
+    /// FindCoordinator (an older one) coordinates its own groups: the controller is used.
+    async fn coordinator(&self, group: &str) -> Result<SocketAddr> {
+        if let Some(addr) = self
+            .coordinators
+            .lock()
+            .expect("coordinators lock")
+            .get(group)
+            .copied()
+        {
+            return Ok(addr);
+        }
+        let mut candidates = vec![self.controller()];
+        {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            candidates.extend(metadata.brokers.values().copied());
+        }
+        candidates.extend(self.bootstrap.iter().copied());
+        let mut seen = std::collections::HashSet::new();
+        candidates.retain(|addr| seen.insert(*addr));
+        let request = FindCoordinatorRequest {
+            group: group.to_owned(),
+        };
+        let request = &request;
+        let mut asks: futures_util::stream::FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|asked| async move {
+                let answer = self
+                    .transport
+                    .call(asked, request, self.config.request_timeout)
+                    .await;
+                let answer = match answer {
+                    Ok(found) => Ok(broker_address(&found.host, found.port, asked).await),
+                    Err(e) => Err(e),
+                };
+                (asked, answer)
+            })
+            .collect();
+        let mut named: Option<SocketAddr> = None;
+        let mut last_error = None;
+        let mut wait_until: Option<tokio::time::Instant> = None;
+        let found = loop {
+            let next = futures_util::StreamExt::next(&mut asks);
+            let next = match wait_until {
+                Some(until) => match tokio::time::timeout_at(until, next).await {
+                    Ok(next) => next,
+                    Err(_) => break named,
+                },
+                None => next.await,
+            };
+            let Some((asked, answer)) = next else {
+                break named;
+            };
+            match answer {
+                Ok(addr) if addr == asked => break Some(addr),
+                Ok(addr) => {
+                    named.get_or_insert(addr);
+                }
+                Err(error) if error.code() == Some(ErrorCode::UnsupportedApi) => {
+                    break Some(asked);
+                }
+                Err(error) => {
+                    tracing::debug!(%asked, %error, group, "FindCoordinator failed");
+                    last_error = Some(error);
+                }
+            }
+            // A dead broker answers nothing until the connect timeout: once one answered,
+            // the others get a short while more.
+            wait_until.get_or_insert(tokio::time::Instant::now() + COORDINATOR_SELF_ANSWER_WAIT);
+        };
+        match found {
+            Some(addr) => {
+                self.coordinators
+                    .lock()
+                    .expect("coordinators lock")
+                    .insert(group.to_owned(), addr);
+                Ok(addr)
+            }
+            None => Err(last_error.unwrap_or_else(|| {
+                Error::from_code(ErrorCode::NotCoordinator, "no broker named a coordinator")
+            })),
         }
     }
 

@@ -78,6 +78,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod admin_cluster;
 mod admin_security;
 pub mod blocking;
 mod chains;
@@ -94,6 +95,7 @@ pub use admin::{
     Admin, BrokerStatus, ClusterStatus, GroupDescription, GroupMemberDescription, GroupOffset,
     GroupState, GroupSummary, NewTopic, PartitionDescription, TopicDescription, TopicSummary,
 };
+pub use admin_cluster::{CLUSTER_METADATA_TOPIC, LeaderMoved};
 pub use admin_security::{
     Acl, NewToken, Operation, PatternType, Permission, Quota, ResourceType, TokenDescription,
 };

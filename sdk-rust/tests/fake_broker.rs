@@ -647,6 +647,76 @@ async fn an_out_of_order_refusal_behind_a_lost_batch_is_retried_after_it() {
     assert_eq!(broker.count(ApiKey::InitProducerId), 1, "no new identity");
 }
 
+/// The first batch is appended but its answer is lost (its leader died after the successor
+/// had it) while the later batches of the partition are answered at once. The broker, like
+/// the real one, remembers the last 5 batches of a producer: the later batches must not
+/// push the first out of that window before its retry arrives (at most
+/// `partition_in_flight_batches_max` batches from the oldest unsettled one on), so the
+/// retry is a duplicate and every record is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_oldest_batch_stays_within_the_brokers_window_of_five() {
+    let _serial = SERIAL.lock().await;
+    const REMEMBERED: usize = 5;
+    // Appended batches: (base sequence, last sequence, offset).
+    let log = Arc::new(Mutex::new(Vec::<(i32, i32, i64)>::new()));
+    let first_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let broker = start({
+        let log = log.clone();
+        move |request, seen| match request {
+            Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+            Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
+            Request::Produce(produce) => {
+                let batch = header(&produce.topics[0].partitions[0].records);
+                let last = batch.base_sequence + batch.records_count - 1;
+                let mut log = log.lock().unwrap();
+                let next = log.last().map_or(0, |b| b.1 + 1);
+                if batch.base_sequence == next {
+                    let offset = log.last().map_or(0, |b| i64::from(b.1) + 1);
+                    log.push((batch.base_sequence, last, offset));
+                    if batch.base_sequence == 0
+                        && !first_lost.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        return Reply::ResetAfter(Duration::from_millis(300));
+                    }
+                    return Reply::Frame(produced(ErrorCode::None, offset));
+                }
+                let window = &log[log.len().saturating_sub(REMEMBERED)..];
+                match window
+                    .iter()
+                    .find(|b| b.0 == batch.base_sequence && b.1 == last)
+                {
+                    Some(original) => {
+                        Reply::Frame(produced(ErrorCode::DuplicateSequence, original.2))
+                    }
+                    None => Reply::Frame(produced(ErrorCode::OutOfOrderSequence, -1)),
+                }
+            }
+            _ => not_scripted(),
+        }
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(ProducerConfig {
+        // 100-byte values travel one per batch.
+        batch_bytes_max: 128,
+        partition_in_flight_batches_max: REMEMBERED,
+        ..fast_retries()
+    }))
+    .await
+    .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..20 {
+        let record = ProducerRecord::new("t", format!("{i:0>100}"));
+        deliveries.push(within(producer.send(record)).await.unwrap());
+    }
+    let mut offsets = Vec::new();
+    for delivery in deliveries {
+        offsets.push(within(delivery).await.map(|written| written.offset));
+    }
+    assert_eq!(offsets, (0..20).map(Ok).collect::<Vec<_>>());
+    assert_eq!(log.lock().unwrap().len(), 20, "each batch appended once");
+    assert_eq!(broker.count(ApiKey::InitProducerId), 1, "no new identity");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_gives_its_sequence_numbers_back() {
     let _serial = SERIAL.lock().await;
@@ -1362,4 +1432,65 @@ async fn the_client_sends_the_highest_version_both_sides_speak() {
     assert_eq!(broker.count(ApiKey::Produce), 0, "nothing was sent");
     within(producer.close()).await.ok();
     client.close();
+}
+
+/// A group request answered `not_coordinator` makes the client find the coordinator again
+/// (FindCoordinator) and retry there; the coordinator it found is cached for the next calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_refused_not_coordinator_finds_the_coordinator_again_and_retries() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::FindCoordinator(_) => {
+            let addr = *ADDR.lock().unwrap();
+            Reply::Frame(encode_response(&FindCoordinatorResponse {
+                node_id: 0,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            }))
+        }
+        Request::OffsetCommit(_) if seen == 0 => Reply::Frame(encode_error_response(
+            ErrorCode::NotCoordinator,
+            "the group moved",
+        )),
+        Request::OffsetCommit(r) => Reply::Frame(encode_response(&OffsetCommitResponse {
+            partitions: r
+                .offsets
+                .iter()
+                .map(|o| PartitionError {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    error: ErrorCode::None,
+                })
+                .collect(),
+        })),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(
+            ConsumerConfig {
+                group: Some("g".into()),
+                auto_commit: false,
+                ..Default::default()
+            },
+            std::slice::from_ref(&partition),
+        )
+        .unwrap();
+    within(consumer.commit_offsets(&[(partition.clone(), 5)]))
+        .await
+        .unwrap();
+    assert_eq!(broker.count(ApiKey::OffsetCommit), 2, "retried once");
+    assert_eq!(
+        broker.count(ApiKey::FindCoordinator),
+        2,
+        "found, then found again after not_coordinator"
+    );
+    within(consumer.commit_offsets(&[(partition, 6)]))
+        .await
+        .unwrap();
+    assert_eq!(broker.count(ApiKey::OffsetCommit), 3);
+    assert_eq!(broker.count(ApiKey::FindCoordinator), 2, "cached");
+    within(consumer.close()).await.unwrap();
 }

@@ -138,6 +138,40 @@ impl ClusterProcess {
         })
     }
 
+    /// Starts one more broker that is not in the initial membership: the next node id, a
+    /// new port, the same `--peers` (the initial brokers) and `--ca-dir`, its data beside
+    /// the others'. It joins once `ketch cluster add-broker ID@ADDR` registers it.
+    pub fn start_joining(&mut self) -> anyhow::Result<NodeId> {
+        let first = self.nodes.first().expect("a cluster has a node");
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let listen = free_udp_addrs(1)?[0];
+        let root = first
+            .data_dir
+            .parent()
+            .ok_or_else(|| anyhow!("node data directories have a parent"))?
+            .to_path_buf();
+        let mut args = first.args.clone();
+        let at = args
+            .iter()
+            .position(|a| a == "--node-id")
+            .ok_or_else(|| anyhow!("nodes are started with --node-id"))?;
+        args[at + 1] = id.to_string();
+        let mut node = Node {
+            id,
+            listen,
+            data_dir: root.join(format!("node-{id}")),
+            args,
+            wrapper: Vec::new(),
+            process: None,
+        };
+        node.process = Some(
+            node.start()
+                .with_context(|| format!("starting node {id}"))?,
+        );
+        self.nodes.push(node);
+        Ok(id)
+    }
+
     /// The node ids, in order.
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.nodes.iter().map(|n| n.id).collect()

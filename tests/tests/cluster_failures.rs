@@ -384,9 +384,6 @@ async fn leader_kill_9_under_a_continuous_acks_all_producer() -> anyhow::Result<
 /// needs the restarted one; then the leader is killed too (after the other follower is
 /// back), so the restarted follower's copy must be whole for nothing to be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs retries of stored batches answered as duplicates after a leader change: \
-            898 deliveries failed out_of_order_sequence (producer sent sequence 82, expected \
-            3018) and 897 of those records are in the log (cluster a3d099c)"]
 async fn follower_killed_and_restarted_catches_up() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = cluster_with_topic(3).await?;
@@ -515,10 +512,13 @@ async fn single_broker_kill_9_pause_and_restart_lose_nothing() -> anyhow::Result
 /// partition (after a failover) never below what was committed; a new member of the group
 /// starts exactly at the committed offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs committed offsets that survive a coordinator failover: after one, the \
-            member re-reads partitions from 0 although commits up to 1039 were acknowledged \
-            (3 runs of 3: also `committed 2/37 after 2/70`, unknown_member on every commit, \
-            903 deliveries failed out_of_order_sequence; cluster a3d099c)"]
+#[ignore = "the group side passes (groups branch: no group anomaly in 5 of 5 runs with \
+            replicated offsets, FindCoordinator and quorum-confirmed reads; 2 of them passed \
+            whole), but the producer under it still fails after a broker restarts: \
+            out_of_order_sequence (`sent sequence 87, expected 1113`, 2 of 5 runs, as in \
+            follower_killed_and_restarted_catches_up) and unknown_topic from a restarted \
+            broker that answers Metadata before its image caught up (2 of 5 runs; \
+            `caught_up` can be true while openraft still re-applies the metadata log)"]
 async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     const GROUP: &str = "g";
@@ -528,6 +528,7 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
     let history = workload.history.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let group_reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acked = Acked::default();
     let client = cluster.client().await?;
     let member = tokio::spawn(group_member(
         client.clone(),
@@ -536,12 +537,15 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
         history.clone(),
         stop.clone(),
         group_reads.clone(),
+        acked.clone(),
     ));
     // What the cluster says the group committed, from any broker.
     let watcher = {
-        let (client, history, stop) = (client.clone(), history.clone(), stop.clone());
+        let (client, history, stop, acked) =
+            (client.clone(), history.clone(), stop.clone(), acked.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
+                let acked_before = acked.lock().expect("acked").clone();
                 if let Ok(Ok(offsets)) = tokio::time::timeout(
                     Duration::from_secs(5),
                     client.admin().committed_offsets(GROUP),
@@ -549,11 +553,21 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
                 .await
                 {
                     history.record(|h| {
+                        let acked_now = acked.lock().expect("acked");
                         for (tp, offset) in offsets {
-                            // Together with the member's commits, and alone, so a
-                            // report says which of the two went backwards.
-                            h.committed(GROUP, tp.partition, offset);
-                            h.committed("g as the cluster reports it", tp.partition, offset);
+                            let p = tp.partition;
+                            // Alone: what the cluster reports never goes backwards.
+                            h.committed("g as the cluster reports it", p, offset);
+                            // Together with the member's commits, so a report says which
+                            // of the two went backwards. A commit acknowledged while this
+                            // request was under way may be in the answer or not (the
+                            // operations overlap); one acknowledged before it started must
+                            // be: an older answer is recorded after it, a regression.
+                            let before = acked_before.get(&p).copied().unwrap_or(i64::MIN);
+                            let now = acked_now.get(&p).copied().unwrap_or(i64::MIN);
+                            if offset >= now || offset < before {
+                                h.committed(GROUP, p, offset);
+                            }
                         }
                     });
                 }
@@ -639,6 +653,7 @@ async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
         history.clone(),
         stop_second.clone(),
         second_reads.clone(),
+        acked.clone(),
     ));
     let started = Instant::now();
     while progress(&second_reads) < 50 && started.elapsed() < WAIT_MAX {
@@ -672,6 +687,7 @@ async fn group_member(
     history: Recorder,
     stop: Arc<AtomicBool>,
     reads: Arc<std::sync::atomic::AtomicU64>,
+    acked: Acked,
 ) -> anyhow::Result<Commits> {
     let consumer = client.subscribe(
         group,
@@ -731,6 +747,7 @@ async fn group_member(
                         h.committed(group, *p, *o);
                         h.committed(format!("{group} as acknowledged to {name}"), *p, *o);
                         committed.insert(*p, *o);
+                        acked.lock().expect("acked").insert(*p, *o);
                     }
                 })
             }
@@ -747,6 +764,10 @@ async fn group_member(
     consumer.close().await?;
     Ok(commits)
 }
+
+/// The offsets last acknowledged to a group member, per partition: changed under the
+/// history's lock, as the member records them.
+type Acked = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, i64>>>;
 
 /// Commits a group member made.
 #[derive(Debug, Default, Clone, Copy)]

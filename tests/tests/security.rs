@@ -537,6 +537,11 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             Unauthorized,
         ),
         (
+            ApiKey::FindCoordinator,
+            encode_request(&FindCoordinatorRequest { group: "g".into() }),
+            Unauthorized,
+        ),
+        (
             ApiKey::InitProducerId,
             encode_request(&InitProducerIdRequest {}),
             Unauthorized,
@@ -670,6 +675,32 @@ async fn every_api_without_permission_is_unauthorized_and_changes_nothing() -> a
             encode_request(&TransformAlterRequest {
                 name: "x".into(),
                 action: "delete".into(),
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::TransferLeader,
+            encode_request(&TransferLeaderRequest {
+                topic: "t".into(),
+                partition: 0,
+                broker: 1,
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::ReassignPartition,
+            encode_request(&ReassignPartitionRequest {
+                topic: "t".into(),
+                partition: 0,
+                replicas: vec![1],
+            }),
+            Unauthorized,
+        ),
+        (
+            ApiKey::AddBroker,
+            encode_request(&AddBrokerRequest {
+                node_id: 4,
+                address: "127.0.0.1:1".into(),
             }),
             Unauthorized,
         ),

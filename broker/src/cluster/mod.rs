@@ -571,6 +571,12 @@ impl Partition {
                     SequenceCheck::Duplicate { base_offset } => {
                         return Ok(SubmittedBatch::Duplicate { base_offset });
                     }
+                    SequenceCheck::InFlight => {
+                        return Err(ClusterError::new(
+                            ErrorCode::Overloaded,
+                            "the original of this retried batch is still being appended",
+                        ));
+                    }
                     SequenceCheck::Reject { code, message } => {
                         return Err(ClusterError::new(code, message));
                     }

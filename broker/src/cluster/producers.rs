@@ -25,11 +25,30 @@ struct BatchSeen {
     base_offset: Option<i64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ProducerEntry {
     epoch: i16,
     batches: VecDeque<BatchSeen>,
     last_seen: u64,
+}
+
+impl ProducerEntry {
+    /// Remembers a batch accepted after the others (a newer epoch starts afresh), at
+    /// `base_offset` if known.
+    fn note(&mut self, header: &BatchHeader, base_offset: Option<i64>) {
+        if header.producer_epoch > self.epoch || self.batches.is_empty() {
+            self.epoch = header.producer_epoch;
+            self.batches.clear();
+        }
+        if self.batches.len() == PRODUCER_BATCHES_REMEMBERED_MAX {
+            self.batches.pop_front();
+        }
+        self.batches.push_back(BatchSeen {
+            first_sequence: header.base_sequence,
+            last_sequence: last_sequence(header),
+            base_offset,
+        });
+    }
 }
 
 /// What to do with an incoming idempotent batch.
@@ -43,6 +62,9 @@ pub enum SequenceCheck {
     /// (a pipelining producer's requests can arrive in any order). Wait for them, or refuse it
     /// as out of order with this message.
     Gap { message: String },
+    /// A retry of a batch whose original is still being appended (or, on a replicated
+    /// partition's leader, proposed and not yet committed): its fate decides the answer.
+    InFlight,
     /// Refused.
     Reject { code: ErrorCode, message: String },
 }
@@ -85,6 +107,28 @@ impl ProducerTable {
     }
 
     pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
+        self.check_entry(self.producers.get(&header.producer_id), header)
+    }
+
+    /// Checks `header` against this table with `pending` on top: batches accepted after the
+    /// table's state and not in it yet (a replicated partition's leader: its proposals not
+    /// yet applied), in the order they will be. Only `header`'s producer is looked at, so
+    /// this costs a copy of one producer's few batches, not of the table.
+    pub fn check_with_pending<'a>(
+        &self,
+        header: &BatchHeader,
+        pending: impl IntoIterator<Item = &'a BatchHeader>,
+    ) -> SequenceCheck {
+        let mut view: Option<ProducerEntry> = self.producers.get(&header.producer_id).cloned();
+        for proposed in pending {
+            if proposed.producer_id == header.producer_id {
+                view.get_or_insert_default().note(proposed, None);
+            }
+        }
+        self.check_entry(view.as_ref(), header)
+    }
+
+    fn check_entry(&self, entry: Option<&ProducerEntry>, header: &BatchHeader) -> SequenceCheck {
         let reject = |code, message: String| SequenceCheck::Reject { code, message };
         if header.base_sequence < 0 || header.producer_epoch < 0 {
             return reject(
@@ -92,7 +136,7 @@ impl ProducerTable {
                 "idempotent batch with a negative sequence or epoch".into(),
             );
         }
-        let Some(entry) = self.producers.get(&header.producer_id) else {
+        let Some(entry) = entry else {
             if header.base_sequence == 0 {
                 return SequenceCheck::Append;
             }
@@ -145,10 +189,7 @@ impl ProducerTable {
         if let Some(seen) = entry.batches.iter().find(|b| b.last_sequence == last) {
             return match seen.base_offset {
                 Some(base_offset) => SequenceCheck::Duplicate { base_offset },
-                None => reject(
-                    ErrorCode::Overloaded,
-                    "the original of this retried batch is still being appended".into(),
-                ),
+                None => SequenceCheck::InFlight,
             };
         }
         let expected = entry
@@ -283,19 +324,8 @@ impl ProducerTable {
             self.forgotten.retain(|id| *id != header.producer_id);
         }
         let entry = self.producers.entry(header.producer_id).or_default();
-        if header.producer_epoch > entry.epoch || entry.batches.is_empty() {
-            entry.epoch = header.producer_epoch;
-            entry.batches.clear();
-        }
         entry.last_seen = self.clock;
-        if entry.batches.len() == PRODUCER_BATCHES_REMEMBERED_MAX {
-            entry.batches.pop_front();
-        }
-        entry.batches.push_back(BatchSeen {
-            first_sequence: header.base_sequence,
-            last_sequence: last_sequence(header),
-            base_offset: None,
-        });
+        entry.note(header, None);
     }
 
     /// Records where a begun batch landed.
@@ -303,9 +333,12 @@ impl ProducerTable {
         self.version += 1;
         if let Some(entry) = self.producers.get_mut(&header.producer_id) {
             let last = last_sequence(header);
+            // The newest match: the one just begun (a log that holds a batch twice must not
+            // leave the second without its offset).
             if let Some(seen) = entry
                 .batches
                 .iter_mut()
+                .rev()
                 .find(|b| b.first_sequence == header.base_sequence && b.last_sequence == last)
             {
                 seen.base_offset = Some(base_offset);
@@ -412,6 +445,7 @@ mod tests {
             SequenceCheck::Duplicate { base_offset } => format!("duplicate@{base_offset}"),
             SequenceCheck::Reject { code, .. } => code.name().into(),
             SequenceCheck::Gap { .. } => "gap".into(),
+            SequenceCheck::InFlight => "in_flight".into(),
         }
     }
 
@@ -578,7 +612,7 @@ mod tests {
         let mut table = ProducerTable::default();
         let h = header(1, 0, 0, 2);
         table.begin(&h);
-        assert_eq!(kind(&table.check(&h)), "overloaded");
+        assert_eq!(kind(&table.check(&h)), "in_flight");
         table.abort(&h);
         assert_eq!(table.check(&h), SequenceCheck::Append);
     }
@@ -616,6 +650,37 @@ mod tests {
         assert_eq!(kind(&table.check(&header(2, 0, 3, 1))), "append");
         assert_eq!(kind(&table.check(&header(4, 0, 3, 1))), "gap");
         assert_eq!(kind(&table.check(&header(3, 2, 1, 1))), "append");
+    }
+
+    /// A log that holds a batch twice (written before duplicates were caught on every
+    /// leader) still replays to a table with every offset known, so it can be checkpointed;
+    /// and a check against pending batches sees them as in flight.
+    #[test]
+    fn a_batch_replayed_twice_and_pending_batches() {
+        let mut table = ProducerTable::default();
+        let mut first = header(1, 0, 0, 2);
+        table.replay(&first);
+        first.base_offset = 2;
+        table.replay(&first);
+        assert!(table.encode_checkpoint().is_some(), "every offset is known");
+        let pending = [header(1, 0, 2, 1), header(2, 0, 0, 1)];
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 2, 1), &pending)),
+            "in_flight"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 3, 1), &pending)),
+            "append"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(2, 0, 1, 1), &pending)),
+            "append"
+        );
+        assert_eq!(
+            kind(&table.check_with_pending(&header(1, 0, 4, 1), &pending)),
+            "gap"
+        );
+        assert_eq!(kind(&table.check(&header(1, 0, 3, 1))), "gap");
     }
 
     #[test]

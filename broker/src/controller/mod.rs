@@ -21,9 +21,14 @@
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
 //! its `Security`.
 //!
-//! Known limits: membership is the initial `--peers` (no add-broker yet); consumer-group
-//! coordination stays per broker (clients use the controller's); producer ids are made
-//! unique across brokers by putting the node id in their high bits.
+//! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
+//! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
+//!
+//! Administration: [`Controller::transfer_leader`], [`Controller::reassign`] and
+//! [`Controller::add_broker`] (brokers added after start are learners of the metadata log).
+//!
+//! Known limits: the metadata group's voters are the initial `--peers`; producer ids are
+//! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
 
@@ -39,7 +44,7 @@ use ketch_protocol::messages::Acks;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use partition::{LeaderView, ProduceRefused, ReplicatedPartition};
+pub use partition::{LeaderView, ProduceRefused, ProducerStateHook, ReplicatedPartition};
 
 use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
@@ -55,6 +60,9 @@ pub const METADATA_GROUP: &str = "__cluster_metadata";
 pub const CLUSTER_DIR: &str = "cluster";
 /// How long an admin change waits for the controller to commit it and this broker to apply it.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one forwarded proposal may take before it is asked again (of the controller
+/// known then; commands are idempotent).
+pub const PROPOSE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a new topic's creation waits for every partition to have a known leader.
 pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
 /// A follower that answered nothing for this long is out of sync (heartbeats go every
@@ -62,8 +70,23 @@ pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
 pub const IN_SYNC_ANSWERED_WITHIN: Duration = Duration::from_secs(2);
 /// How often a leader checks whether its partition's in-sync replicas changed.
 pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a leadership transfer may take before it is given up (and undone).
+pub const TRANSFER_LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a replica reassignment may take (new replicas catching up included) before it
+/// answers `reassignment_incomplete`; asking again continues it.
+pub const REASSIGN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A new replica may vote once its log is within this many entries of its leader's.
+pub const REASSIGN_CATCH_UP_LAG_ENTRIES_MAX: u64 = 1000;
+/// A broker being added counts as caught up with the metadata log within this many entries.
+pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
+pub const OFFSETS_PARTITIONS: u32 = 16;
+/// How long one attempt to create `__consumer_offsets` keeps trying.
+pub const OFFSETS_CREATE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Replicas of each `__consumer_offsets` partition (fewer on a smaller cluster).
+pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
 pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
 
@@ -96,6 +119,26 @@ pub enum MetadataCommand {
         epoch: u64,
         isr: Vec<NodeId>,
     },
+    /// A partition's replicas are being changed to `target`: brokers of `target` open a
+    /// replica (uninitialized; its leader adds it as a learner).
+    PartitionReassigning {
+        topic_id: u64,
+        partition: u32,
+        target: Vec<NodeId>,
+    },
+    /// A partition's replica set is now `replicas` (its Raft voters committed): brokers left
+    /// out close their replica and delete its log.
+    PartitionReassigned {
+        topic_id: u64,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
+    /// A broker joined the cluster after start (`ketch cluster add-broker`): every broker
+    /// learns its address; it may be placed replicas.
+    BrokerAdded {
+        node_id: NodeId,
+        address: String,
+    },
     /// Tokens, ACLs, quotas and producer-id owners: every broker applies the same changes,
     /// so a credential or rule made through any broker holds on all of them.
     Security {
@@ -114,12 +157,29 @@ pub struct TopicImage {
     pub leaders: Vec<Option<(NodeId, u64)>>,
     /// The last in-sync replicas each partition's leader reported, with its epoch.
     pub isr: Vec<Option<(u64, Vec<NodeId>)>>,
+    /// Per partition, the replica set a reassignment in progress moves it to.
+    pub reassigning: Vec<Option<Vec<NodeId>>>,
+}
+
+impl TopicImage {
+    /// The brokers that should host a replica of `partition`: its replicas and, during a
+    /// reassignment, the target's.
+    pub fn hosts(&self, partition: u32) -> BTreeSet<NodeId> {
+        let index = partition as usize;
+        self.replicas[index]
+            .iter()
+            .chain(self.reassigning[index].iter().flatten())
+            .copied()
+            .collect()
+    }
 }
 
 /// Every broker's in-memory replica of the cluster metadata.
 #[derive(Debug, Default, Clone)]
 pub struct Image {
     pub topics: BTreeMap<String, TopicImage>,
+    /// Brokers added after start (the initial ones are every broker's `--peers`).
+    pub added_brokers: BTreeMap<NodeId, std::net::SocketAddr>,
 }
 
 impl Image {
@@ -140,6 +200,7 @@ impl Image {
                     id,
                     leaders: vec![None; replicas.len()],
                     isr: vec![None; replicas.len()],
+                    reassigning: vec![None; replicas.len()],
                     replicas,
                     configs,
                 };
@@ -183,15 +244,49 @@ impl Image {
                 }
                 Effect::None
             }
+            MetadataCommand::PartitionReassigning {
+                topic_id,
+                partition,
+                target,
+            } => match self.topics.values_mut().find(|t| t.id == topic_id) {
+                Some(topic) if (partition as usize) < topic.replicas.len() => {
+                    topic.reassigning[partition as usize] = Some(target);
+                    Effect::Reconcile(topic.clone(), partition)
+                }
+                _ => Effect::None,
+            },
+            MetadataCommand::PartitionReassigned {
+                topic_id,
+                partition,
+                replicas,
+            } => match self.topics.values_mut().find(|t| t.id == topic_id) {
+                Some(topic) if (partition as usize) < topic.replicas.len() => {
+                    topic.replicas[partition as usize] = replicas;
+                    topic.reassigning[partition as usize] = None;
+                    Effect::Reconcile(topic.clone(), partition)
+                }
+                _ => Effect::None,
+            },
+            MetadataCommand::BrokerAdded { node_id, address } => match address.parse() {
+                Ok(addr) => {
+                    self.added_brokers.insert(node_id, addr);
+                    Effect::BrokerAdded(node_id, addr)
+                }
+                Err(_) => Effect::None,
+            },
             MetadataCommand::Security { change } => Effect::Security(change),
         }
     }
 }
 
 enum Effect {
+    /// A broker joined: the transport learns its address.
+    BrokerAdded(NodeId, std::net::SocketAddr),
     None,
     Open(TopicImage),
     Close(TopicImage),
+    /// Open or close this broker's replica of one partition to match [`TopicImage::hosts`].
+    Reconcile(TopicImage, u32),
     Security(SecurityChange),
 }
 
@@ -235,6 +330,9 @@ pub struct Controller<T: PeerTransport> {
     /// Set once this broker's image has applied what the metadata log had committed when
     /// it first heard from a controller (a restarted broker replays first).
     caught_up: std::sync::atomic::AtomicBool,
+    /// The end of the metadata log as this broker stored it before it started: a restarted
+    /// broker is caught up only once it applied that far (or its log was cut shorter).
+    metadata_end_at_open: i64,
     dir: PathBuf,
     log_config: LogConfig,
     clock: Clock,
@@ -303,6 +401,7 @@ impl<T: PeerTransport> Controller<T> {
                 .await
                 .map_err(|e| storage(&e))?;
         }
+        let metadata_end_at_open = metadata.log_end_offset();
         let controller = Arc::new(Controller {
             node_id: config.node_id,
             peers: config.peers,
@@ -313,6 +412,7 @@ impl<T: PeerTransport> Controller<T> {
             applied: watch::Sender::new(0),
             partitions: RwLock::default(),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            metadata_end_at_open,
             dir,
             log_config: config.log_config,
             clock,
@@ -329,6 +429,14 @@ impl<T: PeerTransport> Controller<T> {
 
     pub fn peers(&self) -> &ClusterPeers {
         &self.peers
+    }
+
+    /// Every broker of the cluster: the initial `--peers` and those added since.
+    pub fn brokers(&self) -> ClusterPeers {
+        let mut brokers = self.peers.clone();
+        let image = self.image.read().unwrap_or_else(|e| e.into_inner());
+        brokers.extend(image.added_brokers.iter().map(|(id, addr)| (*id, *addr)));
+        brokers
     }
 
     /// The metadata group's leader as this broker knows it.
@@ -348,9 +456,16 @@ impl<T: PeerTransport> Controller<T> {
         }
         // An empty metadata log has nothing to replay (a new cluster: its members are the
         // initial ones); otherwise wait for a controller's commit point.
-        let now = self.metadata.log_end_offset() == 0
+        // A controller being known says nothing of how far this broker applied: right after
+        // a restart its high watermark is a commit point saved long ago (the topics created
+        // since are in its own log, not applied yet), so it must reach its log's end as it
+        // was at start (or as it is, if the leader cut the tail).
+        let log_end = self.metadata.log_end_offset();
+        let high_watermark = self.metadata.high_watermark();
+        let now = log_end == 0
             || (self.metadata.leader().0.is_some()
-                && *self.applied.borrow() >= self.metadata.high_watermark());
+                && *self.applied.borrow() >= high_watermark
+                && high_watermark >= self.metadata_end_at_open.min(log_end));
         if now {
             self.caught_up.store(true, Ordering::Release);
         }
@@ -560,7 +675,13 @@ impl<T: PeerTransport> Controller<T> {
             Effect::Open(topic) => {
                 for (index, replicas) in topic.replicas.iter().enumerate() {
                     if replicas.contains(&self.node_id)
-                        && let Err(e) = self.open_replica(&topic, index as u32, replicas).await
+                        && let Err(e) = self
+                            .open_replica(
+                                &topic,
+                                index as u32,
+                                replicas.first() == Some(&self.node_id),
+                            )
+                            .await
                     {
                         tracing::error!(topic = %topic.name, partition = index, error = %e, "could not open a partition replica");
                     }
@@ -568,48 +689,77 @@ impl<T: PeerTransport> Controller<T> {
             }
             Effect::Close(topic) => {
                 for index in 0..topic.replicas.len() as u32 {
-                    let removed = self
-                        .partitions
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&(topic.name.clone(), index));
-                    if let Some(partition) = removed {
-                        self.groups.unregister(&partition.group);
-                        let dir = partition.dir.clone();
-                        tokio::spawn(async move {
-                            partition.replica.stop().await;
-                            drop(partition);
-                            let _ =
-                                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-                                    .await;
-                        });
+                    // A deleted topic's directories are never reused (named by topic id).
+                    drop(self.close_replica(&topic.name, index));
+                }
+            }
+            Effect::BrokerAdded(node, addr) => self.transport.learn_address(node, addr),
+            Effect::Reconcile(topic, index) => {
+                let host = topic.hosts(index).contains(&self.node_id);
+                let hosted = self.partition(&topic.name, index).is_some();
+                if host && !hosted {
+                    // Never initialized here: the partition's group exists, its leader adds
+                    // this replica as a learner.
+                    if let Err(e) = self.open_replica(&topic, index, false).await {
+                        tracing::error!(topic = %topic.name, partition = index, error = %e, "could not open a reassigned replica");
+                    }
+                } else if !host && hosted {
+                    tracing::info!(topic = %topic.name, partition = index, "replica moved away: closing it and deleting its log");
+                    // Awaited: a later reassignment back here reopens the same directory.
+                    if let Some(closing) = self.close_replica(&topic.name, index) {
+                        let _ = closing.await;
                     }
                 }
             }
         }
     }
 
+    /// Stops this broker's replica of `topic`/`index`, if any, and deletes its directory (in
+    /// the task returned).
+    fn close_replica(&self, topic: &str, index: u32) -> Option<tokio::task::JoinHandle<()>> {
+        let removed = self
+            .partitions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(topic.to_owned(), index));
+        if let Some(partition) = removed {
+            self.groups.unregister(&partition.group);
+            let dir = partition.dir.clone();
+            return Some(tokio::spawn(async move {
+                partition.replica.stop().await;
+                drop(partition);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            }));
+        }
+        None
+    }
+
+    /// Opens this broker's replica of `topic`/`index`; `initialize` makes the group (the
+    /// first replica of a new topic's placement does).
     async fn open_replica(
         self: &Arc<Self>,
         topic: &TopicImage,
         index: u32,
-        replicas: &[NodeId],
+        initialize: bool,
     ) -> Result<(), ClusterError> {
+        let replicas = &topic.replicas[index as usize];
         let group: GroupId = format!("{}/{index}", TopicId(topic.id)).into();
         let dir = self
             .dir
             .join("partitions")
             .join(format!("{}-{index}", TopicId(topic.id)));
-        let replica = PartitionReplica::open(
+        let producers = ProducerStateHook::new();
+        let replica = PartitionReplica::open_with_hook(
             &dir,
             self.log_config.clone(),
             ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
             self.transport.clone(),
+            Box::new(producers.clone()),
         )
         .await
         .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
         self.groups.register(group.clone(), replica.raft().clone());
-        if replicas.first() == Some(&self.node_id) {
+        if initialize {
             replica
                 .initialize(replicas.iter().copied().collect::<BTreeSet<_>>())
                 .await
@@ -623,6 +773,7 @@ impl<T: PeerTransport> Controller<T> {
             group,
             dir,
             replica,
+            producers,
         ));
         self.partitions
             .write()
@@ -650,19 +801,25 @@ impl<T: PeerTransport> Controller<T> {
                     .await
                     .map(|appended| appended.last_offset)
                     .map_err(|e| e.to_string()),
-                Some(leader) => match self
-                    .transport
-                    .call(
+                // Bounded per attempt: a controller that died mid-call is replaced by an
+                // election, and the next attempt asks the new one.
+                Some(leader) => match tokio::time::timeout_at(
+                    deadline.min(tokio::time::Instant::now() + PROPOSE_ATTEMPT_TIMEOUT),
+                    self.transport.call(
                         &group,
                         self.node_id,
                         leader,
                         PeerRequest::Propose(batch.clone()),
-                    )
-                    .await
+                    ),
+                )
+                .await
                 {
-                    Ok(PeerResponse::Proposed(applied, _)) => Ok(applied.last_offset),
-                    Ok(other) => Err(format!("the controller answered {other:?}")),
-                    Err(e) => Err(e.to_string()),
+                    Ok(Ok(PeerResponse::Proposed(applied, _))) => Ok(applied.last_offset),
+                    Ok(Ok(other)) => Err(format!("the controller answered {other:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "node {leader} did not answer within {PROPOSE_ATTEMPT_TIMEOUT:?}"
+                    )),
                 },
                 None => Err("no controller is elected yet".to_owned()),
             };
@@ -716,13 +873,19 @@ impl<T: PeerTransport> Controller<T> {
         partitions_per_topic_max: u32,
     ) -> Result<TopicImage, ClusterError> {
         crate::cluster::validate_topic_name(name)?;
+        if name.starts_with("__") {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                "names starting with \"__\" are reserved",
+            ));
+        }
         if partitions == 0 || partitions > partitions_per_topic_max {
             return Err(ClusterError::new(
                 ErrorCode::InvalidPartitions,
                 format!("partitions must be between 1 and {partitions_per_topic_max}"),
             ));
         }
-        let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let brokers: Vec<NodeId> = self.brokers().keys().copied().collect();
         let replication_factor = usize::from(replication_factor.max(1));
         if replication_factor > brokers.len() {
             return Err(ClusterError::new(
@@ -794,7 +957,68 @@ impl<T: PeerTransport> Controller<T> {
         Ok(self.topic(name).unwrap_or(topic))
     }
 
+    /// Creates the cluster's `__consumer_offsets`, as Kafka does on the first FindCoordinator
+    /// (a cluster that never uses groups runs no offsets replicas): [`OFFSETS_PARTITIONS`]
+    /// partitions of min([`OFFSETS_REPLICATION_FACTOR_MAX`], brokers) replicas, proposed from
+    /// this broker once its image is current (forwarded to the controller). The first create
+    /// of the name wins, so brokers racing to create it are harmless. Tries until the image
+    /// has it or [`OFFSETS_CREATE_WAIT_MAX`] passed (a later group request tries again).
+    pub async fn ensure_offsets_topic(&self) {
+        let name = crate::cluster::OFFSETS_TOPIC;
+        let deadline = tokio::time::Instant::now() + OFFSETS_CREATE_WAIT_MAX;
+        while tokio::time::Instant::now() < deadline {
+            if self.topic(name).is_some() {
+                return;
+            }
+            if self.caught_up() {
+                let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
+                let id = TopicId::generate().0;
+                let config = TopicConfig {
+                    partitions: OFFSETS_PARTITIONS,
+                    retention_ms: -1,
+                    retention_bytes: -1,
+                    cleanup_policy: Default::default(),
+                    delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+                };
+                let command = MetadataCommand::TopicCreated {
+                    name: name.to_owned(),
+                    id,
+                    replicas: place(
+                        &brokers,
+                        OFFSETS_PARTITIONS,
+                        OFFSETS_REPLICATION_FACTOR_MAX.min(brokers.len()),
+                        id,
+                    ),
+                    configs: config
+                        .entries()
+                        .into_iter()
+                        .map(|e| (e.key, e.value))
+                        .collect(),
+                };
+                match self.propose(&command, PROPOSE_TIMEOUT).await {
+                    Ok(offset) => {
+                        tracing::info!(
+                            partitions = OFFSETS_PARTITIONS,
+                            "proposed the cluster's offsets topic"
+                        );
+                        let _ = self.wait_applied(offset, PROPOSE_TIMEOUT).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "could not create the offsets topic yet")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {
+        if name == crate::cluster::OFFSETS_TOPIC {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidTopicName,
+                format!("{name} is the cluster's own topic"),
+            ));
+        }
         let topic = self.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;
@@ -804,6 +1028,212 @@ impl<T: PeerTransport> Controller<T> {
         };
         let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
         self.wait_applied(offset, PROPOSE_TIMEOUT).await
+    }
+
+    /// Moves the leadership of `topic`'s `partition` (or of the metadata group,
+    /// [`METADATA_GROUP`] partition 0) to `target`, when this broker leads it; see
+    /// [`PartitionReplica::transfer_leader`]. Returns the new leader and its epoch.
+    pub async fn transfer_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        target: NodeId,
+    ) -> Result<(NodeId, u64), ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        let brokers = self.brokers();
+        if !brokers.contains_key(&target) {
+            return Err(invalid(format!(
+                "broker {target} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
+            )));
+        }
+        let hosted;
+        let replica = if topic == METADATA_GROUP {
+            if partition != 0 {
+                return Err(ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!("{METADATA_GROUP} has only partition 0"),
+                ));
+            }
+            &self.metadata
+        } else {
+            let image = self.topic(topic).ok_or_else(|| {
+                ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+            })?;
+            let replicas = image.replicas.get(partition as usize).ok_or_else(|| {
+                ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!("{topic} has no partition {partition}"),
+                )
+            })?;
+            if !replicas.contains(&target) {
+                return Err(invalid(format!(
+                    "broker {target} is not a replica of {topic}/{partition} (replicas {replicas:?})"
+                )));
+            }
+            hosted = self
+                .partition(topic, partition)
+                .ok_or_else(|| self.not_hosted(topic, partition).error)?;
+            &hosted.replica
+        };
+        replica
+            .transfer_leader(&*self.transport, target, TRANSFER_LEADER_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    ClusterError::new(
+                        ErrorCode::NotLeader,
+                        format!(
+                            "node {} does not lead {topic}/{partition} (leader {leader:?}, epoch {epoch})",
+                            self.node_id
+                        ),
+                    )
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })
+    }
+
+    /// Changes the replicas of `topic`'s `partition` to `target` (the first is the preferred
+    /// leader), on the partition's leader. Crash-safe in steps, each idempotent, so asking
+    /// again (at whichever broker leads then) finishes a change that was cut short:
+    ///
+    /// 1. if this leader is not in `target`, leadership first moves to a replica that stays,
+    ///    and the client is told `not_leader` (it retries there);
+    /// 2. `PartitionReassigning` is committed: brokers of `target` open a replica;
+    /// 3. the Raft group changes voters ([`PartitionReplica::change_voters`]: learners catch
+    ///    up, joint consensus, old members removed) — the partition is served throughout;
+    /// 4. `PartitionReassigned` is committed: the image's replicas change, and brokers left
+    ///    out close their replica and delete its log.
+    pub async fn reassign(
+        &self,
+        topic: &str,
+        partition: u32,
+        target: &[NodeId],
+    ) -> Result<Vec<NodeId>, ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        let image = self.topic(topic).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+        })?;
+        let current = image.replicas.get(partition as usize).ok_or_else(|| {
+            ClusterError::new(
+                ErrorCode::UnknownPartition,
+                format!("{topic} has no partition {partition}"),
+            )
+        })?;
+        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
+        if target.is_empty() || wanted.len() != target.len() {
+            return Err(invalid(format!(
+                "replicas {target:?}: give one or more distinct brokers"
+            )));
+        }
+        let brokers = self.brokers();
+        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
+            return Err(invalid(format!(
+                "broker {unknown} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
+            )));
+        }
+        let hosted = self
+            .partition(topic, partition)
+            .ok_or_else(|| self.not_hosted(topic, partition).error)?;
+        let replica = &hosted.replica;
+        if !replica.is_leader() {
+            return Err(self.not_hosted_here(topic, partition, replica.leader()));
+        }
+        if !wanted.contains(&self.node_id) {
+            let voters = replica.voters();
+            let Some(stays) = target.iter().find(|n| voters.contains(n)) else {
+                return Err(invalid(format!(
+                    "replicas {target:?} keep none of {current:?}: move in steps that keep one"
+                )));
+            };
+            let (leader, epoch) = self.transfer_leader(topic, partition, *stays).await?;
+            return Err(self.not_hosted_here(topic, partition, (Some(leader), epoch)));
+        }
+        let start = MetadataCommand::PartitionReassigning {
+            topic_id: image.id,
+            partition,
+            target: target.to_vec(),
+        };
+        let offset = self.propose(&start, PROPOSE_TIMEOUT).await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        replica
+            .change_voters(wanted, REASSIGN_CATCH_UP_LAG_ENTRIES_MAX, REASSIGN_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    self.not_hosted_here(topic, partition, (leader, epoch))
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })?;
+        let done = MetadataCommand::PartitionReassigned {
+            topic_id: image.id,
+            partition,
+            replicas: target.to_vec(),
+        };
+        let offset = self.propose(&done, PROPOSE_TIMEOUT).await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        Ok(target.to_vec())
+    }
+
+    /// Registers broker `node` at `addr`, started after the cluster (`ketch serve --node-id
+    /// N` with the existing `--peers`), on the controller: `BrokerAdded` is committed (every
+    /// broker learns its address, placement and `reassign` may use it) and the broker joins
+    /// the metadata group as a learner and catches up (bounded), so it answers Metadata.
+    /// Asking again is harmless.
+    pub async fn add_broker(
+        &self,
+        node: NodeId,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        if node == 0 || node >= crate::config::NODE_ID_LIMIT {
+            return Err(invalid(format!(
+                "node id {node} must be between 1 and {}",
+                crate::config::NODE_ID_LIMIT - 1
+            )));
+        }
+        match self.brokers().get(&node) {
+            Some(known) if *known != addr => {
+                return Err(invalid(format!(
+                    "node {node} is already a broker, at {known}"
+                )));
+            }
+            _ => {}
+        }
+        if !self.metadata.is_leader() {
+            return Err(self.not_hosted_here(METADATA_GROUP, 0, self.metadata.leader()));
+        }
+        if !self.image().added_brokers.contains_key(&node) && !self.peers.contains_key(&node) {
+            let command = MetadataCommand::BrokerAdded {
+                node_id: node,
+                address: addr.to_string(),
+            };
+            let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
+            self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        }
+        if self.peers.contains_key(&node) {
+            return Ok(());
+        }
+        self.metadata
+            .add_learner(node, ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX, REASSIGN_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    self.not_hosted_here(METADATA_GROUP, 0, (leader, epoch))
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })
+    }
+
+    fn not_hosted_here(&self, topic: &str, partition: u32, leader: LeaderView) -> ClusterError {
+        ClusterError::new(
+            ErrorCode::NotLeader,
+            format!(
+                "node {} does not lead {topic}/{partition} (leader {:?}, epoch {})",
+                self.node_id, leader.0, leader.1
+            ),
+        )
     }
 
     /// Stops every replica this broker hosts (at shutdown).

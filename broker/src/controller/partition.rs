@@ -10,10 +10,12 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader, BatchSlices};
 use ketch_protocol::messages::{Acks, OffsetSpec};
 
+use std::collections::VecDeque;
+
 use crate::cluster::ClusterError;
 use crate::cluster::producers::{ProducerTable, SequenceCheck};
 use crate::replication::network::GroupId;
-use crate::replication::{Appended, NodeId, PartitionReplica, ReplicationError};
+use crate::replication::{AppliedEntry, ApplyHook, NodeId, PartitionReplica, ReplicationError};
 
 /// A follower that holds every entry its leader had this long ago counts as in sync
 /// (Kafka's `replica.lag.time.max.ms`, 30 s there; shorter here, so a follower that stopped
@@ -30,13 +32,119 @@ pub struct ProduceRefused {
     pub leader: LeaderView,
 }
 
-/// Idempotent producer state on the leader: rebuilt from the leader's own log when it starts
-/// leading a term (a leader keeps every entry of its log, and every one of them commits
-/// under it), then kept as it proposes. Known limit: the rebuild reads the whole local log.
-#[derive(Debug)]
-struct LeaderState {
-    term: u64,
-    producers: ProducerTable,
+/// Idempotent producer state of a replicated partition, on every replica.
+///
+/// `committed` is applied at commit by the replica's state machine (through
+/// [`ProducerStateHook`]), checkpointed with it, and restored from the checkpoint at open, so
+/// every replica holds what the log's committed batches say, and a new leader dedups
+/// retries exactly as the old one did, with no log scan.
+///
+/// **The leader's rule.** A leader of term T checks an idempotent batch against `committed`
+/// with its own proposals of term T that are not applied yet on top (`proposals`, in the
+/// order they were proposed — the per-partition proposal lock makes that the log's order),
+/// and only once an entry of term T has been applied: a new leader's first entry is its
+/// blank one, so by then every entry of earlier terms in its log is applied and `committed`
+/// is complete; every later entry is one of its proposals. A batch accepted joins
+/// `proposals` before it is handed to Raft and leaves it when the state machine applies it;
+/// the list is dropped when another term begins (an entry of an ended term commits only
+/// under a later leader, which waits for it as above). A retry of a proposal not yet
+/// applied waits (bounded) for it and is then answered as a duplicate with its offset.
+#[derive(Debug, Default)]
+struct ProducerState {
+    committed: ProducerTable,
+    /// The term of the last entry applied.
+    applied_term: u64,
+    /// The term `proposals` belong to.
+    proposals_term: u64,
+    /// This replica's idempotent proposals of `proposals_term` not applied yet, in order.
+    proposals: VecDeque<BatchHeader>,
+}
+
+fn same_batch(a: &BatchHeader, b: &BatchHeader) -> bool {
+    (
+        a.producer_id,
+        a.producer_epoch,
+        a.base_sequence,
+        a.last_offset_delta,
+    ) == (
+        b.producer_id,
+        b.producer_epoch,
+        b.base_sequence,
+        b.last_offset_delta,
+    )
+}
+
+fn lock(state: &std::sync::Mutex<ProducerState>) -> std::sync::MutexGuard<'_, ProducerState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The replica state machine's [`ApplyHook`] of a partition: applies committed idempotent
+/// batches to its [`ProducerState`] and wakes produce requests waiting on it.
+#[derive(Debug, Clone)]
+pub struct ProducerStateHook {
+    state: Arc<std::sync::Mutex<ProducerState>>,
+    applied: Arc<tokio::sync::Notify>,
+}
+
+impl ProducerStateHook {
+    pub fn new() -> ProducerStateHook {
+        ProducerStateHook {
+            state: Arc::default(),
+            applied: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The epoch and last sequence the committed state holds of `producer_id` (tests).
+    pub fn committed_last_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        lock(&self.state).committed.last_sequence_of(producer_id)
+    }
+
+    /// The committed state as checkpoint bytes (tests compare replicas with it).
+    pub fn committed_bytes(&self) -> Option<Vec<u8>> {
+        lock(&self.state).committed.encode_checkpoint()
+    }
+}
+
+impl Default for ProducerStateHook {
+    fn default() -> Self {
+        ProducerStateHook::new()
+    }
+}
+
+impl ApplyHook for ProducerStateHook {
+    fn apply(&mut self, entry: AppliedEntry<'_>) {
+        {
+            let mut state = lock(&self.state);
+            state.applied_term = entry.term;
+            if let Some(header) = entry.batch.filter(|h| h.is_idempotent()) {
+                state.committed.replay(header);
+                if state.proposals_term == entry.term
+                    && let Some(at) = state.proposals.iter().position(|p| same_batch(p, header))
+                {
+                    state.proposals.remove(at);
+                }
+            }
+        }
+        self.applied.notify_waiters();
+    }
+
+    fn checkpoint(&self) -> Option<Vec<u8>> {
+        lock(&self.state).committed.encode_checkpoint()
+    }
+
+    fn restore(&mut self, body: &[u8]) -> Result<(), String> {
+        let mut state = lock(&self.state);
+        *state = ProducerState::default();
+        // Replicated logs are not trimmed below their start yet: every batch is kept.
+        state
+            .committed
+            .restore_checkpoint(body, 0)
+            .ok_or_else(|| "a malformed producer table".to_owned())
+    }
+
+    fn reset(&mut self) {
+        *lock(&self.state) = ProducerState::default();
+    }
 }
 
 /// One hosted replica of a replicated partition.
@@ -49,11 +157,10 @@ pub struct ReplicatedPartition {
     pub group: GroupId,
     pub dir: PathBuf,
     pub replica: PartitionReplica,
-    leader_state: Arc<tokio::sync::Mutex<Option<LeaderState>>>,
-    /// Woken each time a batch takes its place in the sequence order: a batch that arrived
-    /// ahead of its predecessors (a pipelining producer's requests travel on separate
-    /// streams) waits for them, bounded by `SEQUENCE_GAP_WAIT_MAX`.
-    sequence_advanced: tokio::sync::Notify,
+    /// Held from a batch's check to its hand-over to Raft: proposals take log places in
+    /// the order they were checked.
+    propose_turn: tokio::sync::Mutex<()>,
+    producers: ProducerStateHook,
 }
 
 fn cluster_error(e: &ReplicationError) -> ClusterError {
@@ -61,6 +168,9 @@ fn cluster_error(e: &ReplicationError) -> ClusterError {
 }
 
 impl ReplicatedPartition {
+    /// A hosted replica; `producers` must be the hook its `replica` was opened with
+    /// ([`PartitionReplica::open_with_hook`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         topic: String,
         topic_id: u64,
@@ -69,6 +179,7 @@ impl ReplicatedPartition {
         group: GroupId,
         dir: PathBuf,
         replica: PartitionReplica,
+        producers: ProducerStateHook,
     ) -> ReplicatedPartition {
         ReplicatedPartition {
             topic,
@@ -78,8 +189,8 @@ impl ReplicatedPartition {
             group,
             dir,
             replica,
-            leader_state: Arc::default(),
-            sequence_advanced: tokio::sync::Notify::new(),
+            propose_turn: tokio::sync::Mutex::new(()),
+            producers,
         }
     }
 
@@ -132,11 +243,14 @@ impl ReplicatedPartition {
         let mut first_base = None;
         let gap_deadline = tokio::time::Instant::now() + crate::cluster::SEQUENCE_GAP_WAIT_MAX;
         for (header, bytes) in batches {
-            let outcome = loop {
-                let advanced = self.sequence_advanced.notified();
-                tokio::pin!(advanced);
-                advanced.as_mut().enable();
-                let mut guard = self.leader_state.lock().await;
+            let idempotent = header.is_idempotent();
+            let pending = loop {
+                // Registered before the state is looked at: an apply or a proposal right
+                // after the look still wakes this request.
+                let moved = self.producers.applied.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                let turn = self.propose_turn.lock().await;
                 let (leader, term) = self.replica.leader();
                 if leader != Some(node_id) || !self.replica.is_leader() {
                     return Err(ProduceRefused {
@@ -150,52 +264,80 @@ impl ReplicatedPartition {
                         leader: (leader, term),
                     });
                 }
-                if guard.as_ref().is_none_or(|s| s.term != term) {
-                    let mut producers = ProducerTable::new(0);
-                    let headers =
-                        self.replica
-                            .local_data_batches()
-                            .map_err(|e| ProduceRefused {
-                                error: cluster_error(&e),
-                                leader: (leader, term),
-                            })?;
-                    for h in &headers {
-                        producers.replay(h);
-                    }
-                    *guard = Some(LeaderState { term, producers });
-                }
-                let state = guard.as_mut().expect("set above");
-                let mut duplicate = None;
-                if header.is_idempotent() {
-                    match state.producers.check(&header) {
-                        SequenceCheck::Append => {
-                            state.producers.begin(&header);
-                            self.sequence_advanced.notify_waiters();
+                if idempotent {
+                    let check = {
+                        let mut state = lock(&self.producers.state);
+                        if state.proposals_term != term {
+                            state.proposals_term = term;
+                            state.proposals.clear();
                         }
-                        SequenceCheck::Duplicate { base_offset } => duplicate = Some(base_offset),
-                        SequenceCheck::Gap { message } => {
-                            drop(guard);
-                            if tokio::time::timeout_at(gap_deadline, advanced)
-                                .await
-                                .is_err()
-                            {
-                                return Err(self.refused(ErrorCode::OutOfOrderSequence, message));
+                        if state.applied_term < term {
+                            // Entries of earlier terms may still be unapplied: the table is
+                            // not complete until this term's first entry applies.
+                            None
+                        } else {
+                            let check = state
+                                .committed
+                                .check_with_pending(&header, state.proposals.iter());
+                            if check == SequenceCheck::Append {
+                                state.proposals.push_back(header);
+                            }
+                            Some(check)
+                        }
+                    };
+                    let wait_until = match check {
+                        None => {
+                            drop(turn);
+                            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                                return Err(self.refused(
+                                    ErrorCode::Timeout,
+                                    format!(
+                                        "the leader of epoch {term} has not committed its first \
+                                         entry within {timeout:?}"
+                                    ),
+                                ));
                             }
                             continue;
                         }
-                        SequenceCheck::Reject { code, message } => {
+                        Some(SequenceCheck::Append) => None,
+                        Some(SequenceCheck::Duplicate { base_offset }) => {
+                            break Err(base_offset);
+                        }
+                        Some(SequenceCheck::Reject { code, message }) => {
                             return Err(self.refused(code, message));
                         }
+                        // Its original is proposed and not committed yet: answered once
+                        // it is (or once the term ends, by the next leader).
+                        Some(SequenceCheck::InFlight) => Some((
+                            deadline,
+                            ErrorCode::Timeout,
+                            "the original of this retried batch did not commit in time".to_owned(),
+                        )),
+                        Some(SequenceCheck::Gap { message }) => {
+                            Some((gap_deadline, ErrorCode::OutOfOrderSequence, message))
+                        }
+                    };
+                    if let Some((until, code, message)) = wait_until {
+                        drop(turn);
+                        if tokio::time::timeout_at(until, moved).await.is_err() {
+                            return Err(self.refused(code, message));
+                        }
+                        continue;
                     }
-                }
-                if let Some(base_offset) = duplicate {
-                    break Err(base_offset);
                 }
                 let pending = match self.replica.propose(bytes.clone(), acks).await {
                     Ok(pending) => pending,
                     Err(e) => {
-                        if header.is_idempotent() {
-                            state.producers.abort(&header);
+                        if idempotent {
+                            // Never handed to Raft: not in the log.
+                            let mut state = lock(&self.producers.state);
+                            if state
+                                .proposals
+                                .back()
+                                .is_some_and(|p| same_batch(p, &header))
+                            {
+                                state.proposals.pop_back();
+                            }
                         }
                         return Err(ProduceRefused {
                             error: cluster_error(&e),
@@ -203,37 +345,22 @@ impl ReplicatedPartition {
                         });
                     }
                 };
-                // The outcome is recorded in the producer table whoever waits for it: a
-                // client that gave up and retries must find the batch where it landed.
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let leader_state = self.leader_state.clone();
-                tokio::spawn(async move {
-                    let result: Result<Appended, ReplicationError> = pending.await;
-                    if header.is_idempotent() {
-                        let mut guard = leader_state.lock().await;
-                        if let Some(state) = guard.as_mut().filter(|s| s.term == term) {
-                            match &result {
-                                Ok(appended) => {
-                                    state.producers.complete(&header, appended.base_offset)
-                                }
-                                Err(_) => state.producers.abort(&header),
-                            }
-                        }
-                    }
-                    let _ = tx.send(result);
-                });
-                break Ok(rx);
+                drop(turn);
+                if idempotent {
+                    // A batch that waited for this one may follow it now.
+                    self.producers.applied.notify_waiters();
+                }
+                break Ok(pending);
             };
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
+            let pending = match pending {
+                Ok(pending) => pending,
                 Err(duplicate_of) => {
                     first_base.get_or_insert(duplicate_of);
                     continue;
                 }
             };
-            let result = match tokio::time::timeout_at(deadline, outcome).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(ReplicationError::Stopped("the write was dropped".into())),
+            let result = match tokio::time::timeout_at(deadline, pending).await {
+                Ok(result) => result,
                 Err(_) => Err(ReplicationError::Timeout(timeout)),
             };
             match result {

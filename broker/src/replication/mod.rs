@@ -30,7 +30,9 @@
 //!
 //! The **high watermark is the commit index**: the state machine ([`state_machine`]) applies
 //! committed entries in order and publishes the Kafka offset after the last applied data
-//! entry; consumers must read below it only. `acks=all` resolves when the entry is applied,
+//! entry; consumers must read below it only. It also tells an [`ApplyHook`] of each
+//! committed batch (the broker keeps its idempotent producer state so, on every replica) and
+//! checkpoints what it applied, so a restart re-applies only the entries after it. `acks=all` resolves when the entry is applied,
 //! i.e. a quorum has it durable (each replica reports an append only after its storage's
 //! fsync policy is met). `acks=leader` resolves after the leader's own append is durable.
 //!
@@ -58,6 +60,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use replica::{Appended, PartitionReplica, ReplicaConfig, ReplicationError};
+pub use state_machine::{AppliedEntry, ApplyHook, NoApplyHook};
 
 /// A broker's id in the cluster (the Raft node id).
 pub type NodeId = u64;

@@ -30,6 +30,13 @@ pub enum PeerRequest {
     /// not lead a group (the metadata controller's, say) forwards a write to the one that
     /// does. Not an openraft RPC.
     Propose(bytes::Bytes),
+    /// Leadership transfer: the receiving replica starts no election of its own for this
+    /// many milliseconds (0: elections allowed again at once). Bounded, so a transfer whose
+    /// leader died cannot leave the group unable to elect. Not an openraft RPC.
+    HoldElections(u64),
+    /// Leadership transfer: the receiving replica campaigns now (openraft's
+    /// `trigger().elect()`). Not an openraft RPC.
+    Elect,
 }
 
 /// The answer to a [`PeerRequest`].
@@ -40,6 +47,8 @@ pub enum PeerResponse {
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
     /// A [`PeerRequest::Propose`] committed: where its records landed, in which term.
     Proposed(super::Applied, u64),
+    /// A [`PeerRequest::HoldElections`] or [`PeerRequest::Elect`] was done.
+    Done,
 }
 
 /// Why a peer request got no answer.
@@ -75,6 +84,10 @@ pub trait PeerTransport: Send + Sync + 'static {
     fn answered_within(&self, _node: NodeId, _within: std::time::Duration) -> bool {
         true
     }
+
+    /// Learns where a broker added to the cluster after start listens (`add-broker`); a
+    /// transport that does not route by address ignores it.
+    fn learn_address(&self, _node: NodeId, _addr: std::net::SocketAddr) {}
 }
 
 /// Answers a peer request with the local replica of its group (the receiving side of every
@@ -113,7 +126,34 @@ pub async fn serve(
                 .map(|answer| PeerResponse::Proposed(answer.data, answer.log_id.leader_id.term))
                 .map_err(|e| remote(&e))
         }
+        PeerRequest::HoldElections(ms) => {
+            hold_elections(raft, std::time::Duration::from_millis(ms));
+            Ok(PeerResponse::Done)
+        }
+        PeerRequest::Elect => raft
+            .trigger()
+            .elect()
+            .await
+            .map(|()| PeerResponse::Done)
+            .map_err(|e| remote(&e)),
     }
+}
+
+/// Holds `raft`'s own elections back for `hold` (zero: allowed again now). The timer always
+/// lets elections go at its end, even if a newer hold started meanwhile: an early release only
+/// costs a transfer its protection against a competing candidate (it may then fail and be
+/// retried), while a hold that never ended would leave a group unable to elect.
+pub fn hold_elections(raft: &Raft, hold: std::time::Duration) {
+    if hold.is_zero() {
+        raft.runtime_config().elect(true);
+        return;
+    }
+    raft.runtime_config().elect(false);
+    let raft = raft.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        raft.runtime_config().elect(true);
+    });
 }
 
 /// openraft's network factory over a [`PeerTransport`], for one group on one node.

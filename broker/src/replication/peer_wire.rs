@@ -30,6 +30,10 @@ const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 const KIND_PROPOSE: u8 = 4;
+// Leadership transfer (kinds from 0x35 up, apart from other additions).
+const KIND_HOLD_ELECTIONS: u8 = 0x35;
+const KIND_ELECT: u8 = 0x36;
+const KIND_DONE: u8 = 0x37;
 const ENTRY_BLANK: u8 = 0;
 const ENTRY_DATA: u8 = 1;
 const ENTRY_MEMBERSHIP: u8 = 2;
@@ -230,6 +234,11 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             out.put_u32(batch.len() as u32);
             out.put_slice(batch);
         }
+        PeerRequest::HoldElections(ms) => {
+            out.put_u8(KIND_HOLD_ELECTIONS);
+            out.put_u64(*ms);
+        }
+        PeerRequest::Elect => out.put_u8(KIND_ELECT),
     }
     Ok(out.freeze())
 }
@@ -288,6 +297,8 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
             let len = r.u32("batch length")? as usize;
             PeerRequest::Propose(r.bytes(len, "batch")?)
         }
+        KIND_HOLD_ELECTIONS => PeerRequest::HoldElections(r.u64("hold ms")?),
+        KIND_ELECT => PeerRequest::Elect,
         _ => return Err(PeerWireError::Invalid("request kind")),
     };
     r.finish()?;
@@ -332,6 +343,7 @@ pub fn encode_response(answer: &std::result::Result<PeerResponse, PeerError>) ->
                     out.put_i64(applied.last_offset);
                     out.put_u64(*term);
                 }
+                PeerResponse::Done => out.put_u8(KIND_DONE),
             }
         }
         Err(error) => {
@@ -383,6 +395,7 @@ pub fn decode_response(
                     term,
                 )
             }
+            KIND_DONE => PeerResponse::Done,
             _ => return Err(PeerWireError::Invalid("answer kind")),
         }),
         1 => {
@@ -474,6 +487,9 @@ mod tests {
                 data: vec![1, 2, 3],
                 done: true,
             }),
+            PeerRequest::HoldElections(5_000),
+            PeerRequest::HoldElections(0),
+            PeerRequest::Elect,
         ]
     }
 
@@ -513,6 +529,7 @@ mod tests {
             Ok(PeerResponse::InstallSnapshot(InstallSnapshotResponse {
                 vote: Vote::new(2, 2),
             })),
+            Ok(PeerResponse::Done),
             Err(PeerError::Remote {
                 node: 7,
                 reason: "stopped".into(),

@@ -14,8 +14,8 @@ use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
-use super::network::{GroupId, PeerNetwork, PeerTransport};
-use super::state_machine::PartitionStateMachine;
+use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
+use super::state_machine::{AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine};
 use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
 use crate::storage::{LogConfig, PartitionLog, StorageError};
 
@@ -107,6 +107,17 @@ pub enum ReplicationError {
     Log(#[from] LogStoreError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A leadership transfer did not complete; this replica leads again (or another one
+    /// was elected the ordinary way).
+    #[error("leadership transfer failed: {0}")]
+    TransferFailed(String),
+    /// The node named is not a voter of this group.
+    #[error("node {0} is not a voting replica of this group")]
+    NotAVoter(NodeId),
+    /// A change of the group's voters did not finish; the group serves on in whatever
+    /// membership committed, and asking again finishes it.
+    #[error("replica change incomplete: {0}")]
+    MembershipIncomplete(String),
 }
 
 impl ReplicationError {
@@ -119,6 +130,9 @@ impl ReplicationError {
             ReplicationError::Stopped(_) => ErrorCode::ShuttingDown,
             ReplicationError::Config(_) => ErrorCode::InvalidConfig,
             ReplicationError::Log(_) | ReplicationError::Storage(_) => ErrorCode::StorageFailed,
+            ReplicationError::TransferFailed(_) => ErrorCode::LeaderTransferFailed,
+            ReplicationError::NotAVoter(_) => ErrorCode::InvalidReplicaAssignment,
+            ReplicationError::MembershipIncomplete(_) => ErrorCode::ReassignmentIncomplete,
         }
     }
 }
@@ -140,24 +154,45 @@ pub struct CommittedBatch {
 }
 
 /// Opens the two halves openraft drives for a replica in `dir`: its log store (the partition
-/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine.
+/// log in `dir/log` and the Raft state checkpoint beside it) and its state machine (with
+/// nothing derived from the entries: see [`open_stores_with_hook`]).
 pub fn open_stores(
     dir: &Path,
     log_config: LogConfig,
     clock: Clock,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
+    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook))
+}
+
+/// [`open_stores`], with `hook` applying committed data batches (its state checkpointed
+/// beside the log with the applied log id, and restored from there).
+pub fn open_stores_with_hook(
+    dir: &Path,
+    log_config: LogConfig,
+    clock: Clock,
+    hook: Box<dyn ApplyHook>,
+) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
     let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, clock())?;
     let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
-    let state_machine = PartitionStateMachine::new(store.shared());
+    let state_machine = PartitionStateMachine::open(store.shared(), dir, hook);
     Ok((store, state_machine))
 }
 
 /// A replica of one partition.
 pub struct PartitionReplica {
     node_id: NodeId,
+    group: GroupId,
     raft: Raft,
     shared: Arc<Shared>,
     high_watermark: watch::Receiver<i64>,
+    applied: AppliedHandle,
+    /// Set while this leader hands its leadership over: new writes are refused, so the
+    /// target can catch up and nothing refreshes the followers' leader lease.
+    writes_held: std::sync::atomic::AtomicBool,
+    /// One transfer at a time.
+    transfer: tokio::sync::Mutex<()>,
+    /// The leader lease openraft gives (its `election_timeout_max`).
+    leader_lease: Duration,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
 }
@@ -225,19 +260,40 @@ impl PartitionReplica {
         config: ReplicaConfig,
         transport: Arc<T>,
     ) -> Result<PartitionReplica, ReplicationError> {
+        Self::open_with_hook(dir, log_config, config, transport, Box::new(NoApplyHook)).await
+    }
+
+    /// [`Self::open`], with `hook` applying every committed data batch on this replica (see
+    /// [`ApplyHook`]): restored from the checkpoint beside the log, then told of the
+    /// committed entries after it.
+    pub async fn open_with_hook<T: PeerTransport>(
+        dir: &Path,
+        log_config: LogConfig,
+        config: ReplicaConfig,
+        transport: Arc<T>,
+        hook: Box<dyn ApplyHook>,
+    ) -> Result<PartitionReplica, ReplicationError> {
         let raft_config = Arc::new(config.raft_config()?);
-        let (store, state_machine) = open_stores(dir, log_config, config.clock.clone())?;
+        let (store, state_machine) =
+            open_stores_with_hook(dir, log_config, config.clock.clone(), hook)?;
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
+        let applied = state_machine.handle();
         let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
+        let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
         Ok(PartitionReplica {
             node_id: config.node_id,
+            group: config.group,
             raft,
             shared,
             high_watermark,
+            applied,
+            writes_held: std::sync::atomic::AtomicBool::new(false),
+            transfer: tokio::sync::Mutex::new(()),
+            leader_lease,
             last_index_samples: std::sync::Mutex::default(),
         })
     }
@@ -269,6 +325,20 @@ impl PartitionReplica {
 
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Confirms with a quorum (a round of heartbeats) that this replica still leads its
+    /// group, within `timeout`: a leader deposed without knowing it yet fails here, so what
+    /// it reads from its own state afterwards is not stale.
+    pub async fn confirm_leader(&self, timeout: Duration) -> Result<(), ReplicationError> {
+        match tokio::time::timeout(timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => {
+                let (leader, epoch) = self.leader();
+                Err(ReplicationError::NotLeader { leader, epoch })
+            }
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
     }
 
     /// The Kafka offset below which records are committed.
@@ -308,6 +378,12 @@ impl PartitionReplica {
     > {
         let header = batch::validate_from_client(&batch)
             .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+        if self.writes_held.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ReplicationError::NotLeader {
+                leader: Some(self.node_id),
+                epoch: self.leader().1,
+            });
+        }
         // A client batch carries no term: an entry stamped with its own term is one a
         // leader already placed (see `entries::encode`).
         let mut unstamped = BytesMut::from(&batch[..]);
@@ -437,37 +513,6 @@ impl PartitionReplica {
         Some(in_sync)
     }
 
-    /// Every data batch header in this replica's own log, committed or not, in order, with
-    /// its Kafka base offset: what a new leader rebuilds per-partition state from (a leader
-    /// keeps every entry of its log).
-    pub fn local_data_batches(&self) -> Result<Vec<batch::BatchHeader>, ReplicationError> {
-        let log = self.shared.log();
-        let mut storage_offset = log.log_start_offset();
-        let mut out = Vec::new();
-        const SCAN_READ_BYTES: usize = 4 * 1024 * 1024;
-        while storage_offset < log.log_end_offset() {
-            let bytes = log.read(storage_offset, SCAN_READ_BYTES)?;
-            if bytes.is_empty() {
-                break;
-            }
-            let before = storage_offset;
-            for slice in BatchSlices::new(bytes) {
-                let (mut header, _) =
-                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
-                storage_offset = header.base_offset + i64::from(header.records_count);
-                if header.attributes & attributes::CONTROL != 0 {
-                    continue;
-                }
-                header.base_offset = self.shared.kafka_offset(header.base_offset);
-                out.push(header);
-            }
-            if storage_offset == before {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     /// Committed data batches from Kafka offset `from` (the batch holding it first), up to
     /// about `max_bytes`, control batches left out, each with its Kafka base offset.
     pub fn read_committed(
@@ -506,6 +551,80 @@ impl PartitionReplica {
             }
         }
         Ok(out)
+    }
+
+    /// The voting members of the group as this replica knows them.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// On the leader: adds `node` as a learner (unless it is a member already) and waits,
+    /// within `timeout`, until its log is within `lag_entries_max` entries of the leader's.
+    pub async fn add_learner(
+        &self,
+        node: NodeId,
+        lag_entries_max: u64,
+        timeout: Duration,
+    ) -> Result<(), ReplicationError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (leader, epoch) = self.leader();
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader { leader, epoch });
+        }
+        let member = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            membership.voter_ids().any(|n| n == node) || membership.learner_ids().any(|n| n == node)
+        };
+        if !member {
+            match tokio::time::timeout_at(
+                deadline,
+                self.raft.add_learner(node, openraft::EmptyNode {}, false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    let (leader, epoch) = self.leader();
+                    return Err(ReplicationError::NotLeader { leader, epoch });
+                }
+                Ok(Err(e)) => return Err(ReplicationError::MembershipIncomplete(e.to_string())),
+                Err(_) => {
+                    return Err(ReplicationError::MembershipIncomplete(format!(
+                        "adding node {node} as a learner timed out"
+                    )));
+                }
+            }
+        }
+        let mut metrics = self.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                let last = m.last_log_index.unwrap_or(0);
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node).copied().flatten())
+                    .is_some_and(|id| id.index + lag_entries_max >= last)
+            };
+            if caught_up {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(ReplicationError::MembershipIncomplete(format!(
+                    "node {node} did not catch up in time"
+                )));
+            }
+        }
     }
 
     /// Kafka's ListOffsets by time on this replica: the Kafka offset of the first committed
@@ -547,11 +666,289 @@ impl PartitionReplica {
         }
     }
 
+    /// On the leader: makes `voters` the group's voting members, within `timeout`. Each new
+    /// one joins as a learner first and must come within `lag_entries_max` entries of the
+    /// leader's log; then openraft's joint change commits the new voters, and members left
+    /// out are removed. Asking again after a failure (or at a new leader) finishes the
+    /// change: members already added are not added again.
+    pub async fn change_voters(
+        &self,
+        voters: BTreeSet<NodeId>,
+        lag_entries_max: u64,
+        timeout: Duration,
+    ) -> Result<(), ReplicationError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let incomplete = |m: String| ReplicationError::MembershipIncomplete(m);
+        let not_leader = |replica: &PartitionReplica| {
+            let (leader, epoch) = replica.leader();
+            ReplicationError::NotLeader { leader, epoch }
+        };
+        let write_error =
+            |replica: &PartitionReplica,
+             e: RaftError<NodeId, ClientWriteError<NodeId, openraft::EmptyNode>>| {
+                match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                        not_leader(replica)
+                    }
+                    e => incomplete(e.to_string()),
+                }
+            };
+        if !self.is_leader() {
+            return Err(not_leader(self));
+        }
+        let (current, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.voter_ids().collect(),
+                membership.learner_ids().collect(),
+            )
+        };
+        for node in voters.difference(&current) {
+            if learners.contains(node) {
+                continue;
+            }
+            match tokio::time::timeout_at(
+                deadline,
+                self.raft.add_learner(*node, openraft::EmptyNode {}, false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(write_error(self, e)),
+                Err(_) => {
+                    return Err(incomplete(format!(
+                        "adding node {node} as a learner timed out"
+                    )));
+                }
+            }
+        }
+        // New members catch up before they can vote.
+        let mut metrics = self.raft.metrics();
+        loop {
+            let behind: Vec<NodeId> = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err(not_leader(self));
+                }
+                let last = m.last_log_index.unwrap_or(0);
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != self.node_id)
+                    .filter(|n| {
+                        let matched = m
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(n).copied().flatten())
+                            .map(|id| id.index);
+                        matched.is_none_or(|i| i + lag_entries_max < last)
+                    })
+                    .collect()
+            };
+            if behind.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return Err(incomplete(format!(
+                    "nodes {behind:?} did not catch up in time"
+                )));
+            }
+        }
+        if voters == current {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, self.raft.change_membership(voters, false)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(write_error(self, e)),
+            Err(_) => Err(incomplete(
+                "the membership change did not commit in time".into(),
+            )),
+        }
+    }
+
+    /// Hands this leader's leadership to `target`, a voter, within `timeout`; returns the
+    /// new leader and its epoch. openraft 0.9 has no transfer call, so this is a plain Raft
+    /// election arranged to be won by `target`:
+    ///
+    /// 1. new writes here are refused (`NotLeader`, this node as the hint) and the target's
+    ///    log must match the leader's last entry: it is then at least as up to date as any
+    ///    voter, so the others grant it their vote;
+    /// 2. the other voters hold their own elections back ([`PeerRequest::HoldElections`],
+    ///    bounded, so a transfer whose leader dies cannot leave the group without one), as
+    ///    does this node; this leader stops its heartbeats;
+    /// 3. once every voter's leader lease (`election_timeout_max` after the last heartbeat)
+    ///    has run out, the target campaigns ([`PeerRequest::Elect`], repeated until it leads
+    ///    or time is up).
+    ///
+    /// In every outcome heartbeats, elections and writes are restored. Nothing acknowledged
+    /// can be lost: the new leader won an ordinary vote, so it holds every committed entry.
+    pub async fn transfer_leader<T: PeerTransport>(
+        &self,
+        transport: &T,
+        target: NodeId,
+        timeout: Duration,
+    ) -> Result<(NodeId, u64), ReplicationError> {
+        use std::sync::atomic::Ordering;
+        let (leader, epoch) = self.leader();
+        if !self.is_leader() {
+            return Err(ReplicationError::NotLeader { leader, epoch });
+        }
+        let voters = self.voters();
+        if !voters.contains(&target) {
+            return Err(ReplicationError::NotAVoter(target));
+        }
+        if target == self.node_id {
+            return Ok((self.node_id, epoch));
+        }
+        if !transport.answered_within(target, 2 * self.leader_lease) {
+            return Err(ReplicationError::TransferFailed(format!(
+                "node {target} has not answered for {:?}",
+                2 * self.leader_lease
+            )));
+        }
+        let Ok(_one) = self.transfer.try_lock() else {
+            return Err(ReplicationError::TransferFailed(
+                "another transfer of this group is in progress".into(),
+            ));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let others: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|n| *n != self.node_id && *n != target)
+            .collect();
+        self.writes_held.store(true, Ordering::Release);
+        let outcome = self
+            .hand_over(transport, target, &others, epoch, deadline)
+            .await;
+        // Restore whatever happened.
+        self.raft.runtime_config().heartbeat(true);
+        self.raft.runtime_config().elect(true);
+        for node in &others {
+            let _ = tokio::time::timeout(
+                self.leader_lease,
+                transport.call(
+                    &self.group,
+                    self.node_id,
+                    *node,
+                    PeerRequest::HoldElections(0),
+                ),
+            )
+            .await;
+        }
+        self.writes_held.store(false, Ordering::Release);
+        outcome
+    }
+
+    async fn hand_over<T: PeerTransport>(
+        &self,
+        transport: &T,
+        target: NodeId,
+        others: &[NodeId],
+        epoch: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(NodeId, u64), ReplicationError> {
+        let failed = |why: String| Err(ReplicationError::TransferFailed(why));
+        // 1. The target catches up with everything this leader has (no new writes come).
+        let mut metrics = self.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader || m.current_term != epoch {
+                    return Err(ReplicationError::TransferFailed(format!(
+                        "this node stopped leading (term {}) before the handover",
+                        m.current_term
+                    )));
+                }
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).copied().flatten());
+                matched.is_some() && matched.map(|id| id.index) == m.last_log_index
+            };
+            if caught_up {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, metrics.changed())
+                .await
+                .is_err()
+            {
+                return failed(format!("node {target} did not catch up in time"));
+            }
+        }
+        // 2. Nobody but the target campaigns; this leader goes quiet.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let hold_ms = (remaining + self.leader_lease).as_millis() as u64;
+        for node in others {
+            let _ = tokio::time::timeout(
+                self.leader_lease,
+                transport.call(
+                    &self.group,
+                    self.node_id,
+                    *node,
+                    PeerRequest::HoldElections(hold_ms),
+                ),
+            )
+            .await;
+        }
+        self.raft.runtime_config().elect(false);
+        self.raft.runtime_config().heartbeat(false);
+        // 3. After the leases ran out, the target campaigns until it leads.
+        let lease_over =
+            tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(100);
+        tokio::time::sleep_until(lease_over.min(deadline)).await;
+        let mut last_error = String::from("the target did not win its election");
+        loop {
+            let now_leader = metrics.borrow_and_update().current_leader;
+            if now_leader == Some(target) {
+                let term = metrics.borrow().current_term;
+                return Ok((target, term));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return failed(format!("{last_error} (leader now {now_leader:?})"));
+            }
+            match tokio::time::timeout_at(
+                deadline,
+                transport.call(&self.group, self.node_id, target, PeerRequest::Elect),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => {}
+            }
+            let wait = tokio::time::Instant::now() + self.leader_lease / 2;
+            let _ = tokio::time::timeout_at(wait.min(deadline), async {
+                loop {
+                    if metrics.borrow_and_update().current_leader == Some(target) {
+                        return;
+                    }
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
     /// Stops the replica's Raft node and waits (bounded by [`STOP_WAIT_MAX`]) until its
     /// tasks let go of the log: afterwards only this handle holds it, and dropping the last
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
     pub async fn stop(&self) {
         let _ = self.raft.shutdown().await;
+        // openraft applies nothing more: the next start re-applies nothing.
+        let applied = self.applied.clone();
+        match tokio::task::spawn_blocking(move || applied.checkpoint_now()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "applied-state checkpoint at stop failed"),
+            Err(e) => tracing::warn!(error = %e, "applied-state checkpoint at stop failed"),
+        }
         let released = async {
             while Arc::strong_count(&self.shared) > 1 {
                 tokio::time::sleep(Duration::from_millis(5)).await;

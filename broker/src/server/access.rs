@@ -178,6 +178,7 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
             )
             .collect(),
         Request::DescribeGroup(r) => vec![need(Describe, Group, &r.group)],
+        Request::FindCoordinator(r) => vec![need(Describe, Group, &r.group)],
         Request::FilterUpload(r) => vec![need(DeployFilter, Filter, &r.name)],
         Request::FilterDelete(r) => vec![need(Delete, Filter, &r.name)],
         Request::FilterDescribe(r) => vec![need(Describe, Filter, &r.name)],
@@ -213,6 +214,9 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
         | Request::AclChange(_)
         | Request::QuotaSet(_) => vec![need(Alter, Cluster, "")],
         Request::SecurityList(_) => vec![need(Describe, Cluster, "")],
+        Request::TransferLeader(_) | Request::ReassignPartition(_) | Request::AddBroker(_) => {
+            vec![need(Alter, Cluster, "")]
+        }
         Request::ListTopics(_)
         | Request::ListGroups(_)
         | Request::FilterList(_)
@@ -352,7 +356,7 @@ pub(super) async fn check(
             answer(&response)
         }
         Request::ListGroups(_) if security.enforced() => {
-            let mut groups = state.groups.coordinator().list_groups();
+            let mut groups = super::handlers::list_groups(state);
             groups.retain(|g| {
                 security.authorize(
                     &principal,
@@ -364,7 +368,10 @@ pub(super) async fn check(
             answer(&ListGroupsResponse { groups })
         }
         Request::OffsetFetch(r) if security.enforced() => {
-            let mut response = state.groups.coordinator().offset_fetch(&r);
+            let mut response = match super::handlers::offset_fetch(state, &r).await {
+                Ok(response) => response,
+                Err(e) => return Checked::Answer(error_frame(state, api, e.code, &e.message)),
+            };
             response.offsets.retain(|o| {
                 security.authorize(
                     &principal,

@@ -30,6 +30,14 @@ fn respond<T: Wire>(
     }
 }
 
+/// The answer to a cluster administration request on a broker started without `--peers`.
+fn not_a_cluster() -> ClusterError {
+    ClusterError::new(
+        ErrorCode::InvalidRequest,
+        "this broker is not part of a cluster (started without --peers)",
+    )
+}
+
 /// Answers `request`, which arrived at `version` (the response is in that version's layout).
 pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16) -> Vec<Bytes> {
     let api = request.api_key();
@@ -85,6 +93,56 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 deleted.map(|()| DeleteTopicResponse {}),
             )
         }
+        Request::TransferLeader(r) => {
+            let result = match &state.cluster_node {
+                Some(node) => node
+                    .controller
+                    .transfer_leader(&r.topic, r.partition, u64::from(r.broker))
+                    .await
+                    .map(|(leader, epoch)| TransferLeaderResponse {
+                        leader: leader as u32,
+                        leader_epoch: epoch,
+                    }),
+                None => Err(not_a_cluster()),
+            };
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let target: Vec<u64> = r.replicas.iter().map(|n| u64::from(*n)).collect();
+            let result = node
+                .controller
+                .reassign(&r.topic, r.partition, &target)
+                .await
+                .map(|replicas| ReassignPartitionResponse {
+                    replicas: replicas.into_iter().map(|n| n as u32).collect(),
+                });
+            respond(state, api, version, result)
+        }
+        Request::AddBroker(r) if state.cluster_node.is_some() => {
+            let node = state.cluster_node.as_ref().expect("checked");
+            let result = match r.address.parse::<std::net::SocketAddr>() {
+                Ok(addr) => node
+                    .controller
+                    .add_broker(u64::from(r.node_id), addr)
+                    .await
+                    .map(|()| AddBrokerResponse {}),
+                Err(e) => Err(ClusterError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "broker address {:?}: {e} (want HOST:PORT with an IP)",
+                        r.address
+                    ),
+                )),
+            };
+            respond(state, api, version, result)
+        }
+        Request::ReassignPartition(_) => {
+            respond::<ReassignPartitionResponse>(state, api, version, Err(not_a_cluster()))
+        }
+        Request::AddBroker(_) => {
+            respond::<AddBrokerResponse>(state, api, version, Err(not_a_cluster()))
+        }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
         Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
         Request::Produce(r) => respond(state, api, version, Ok(produce(state, r).await)),
@@ -95,33 +153,39 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 "push streams are served by `subscribe`, `subscribe_many` and `subscribe_filtered`"
             )
         }
-        Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r)),
-        Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r)),
+        Request::FindCoordinator(r) => {
+            respond(state, api, version, find_coordinator(state, &r.group))
+        }
+        Request::GroupHeartbeat(r) => respond(state, api, version, group_heartbeat(state, r).await),
+        Request::GroupLeave(r) => respond(state, api, version, group_leave(state, r).await),
         Request::OffsetCommit(r) => {
-            let replicated = |topic: &str| {
-                let node = state.cluster_node.as_ref()?;
-                node.controller
-                    .topic(topic)
-                    .map(|t| t.replicas.len() as u32)
+            let committed = match &state.cluster_node {
+                Some(node) => {
+                    node.offsets
+                        .commit(
+                            &r,
+                            now_ms(),
+                            &partitions_of(state),
+                            state.config.batch_bytes_max,
+                        )
+                        .await
+                }
+                None => state.groups.commit(&r, now_ms()).await,
             };
-            let committed = state.groups.commit_with(&r, now_ms(), &replicated).await;
             respond(state, api, version, committed)
         }
-        Request::OffsetFetch(r) => respond(
-            state,
-            api,
-            version,
-            Ok(state.groups.coordinator().offset_fetch(&r)),
-        ),
+        Request::OffsetFetch(r) => respond(state, api, version, offset_fetch(state, &r).await),
         Request::ListGroups(_) => respond(
             state,
             api,
             version,
             Ok(ListGroupsResponse {
-                groups: state.groups.coordinator().list_groups(),
+                groups: list_groups(state),
             }),
         ),
-        Request::DescribeGroup(r) => respond(state, api, version, describe_group(state, &r.group)),
+        Request::DescribeGroup(r) => {
+            respond(state, api, version, describe_group(state, &r.group).await)
+        }
         Request::InitProducerId(_) => respond(
             state,
             api,
@@ -273,7 +337,7 @@ fn cluster_metadata(node: &super::ClusterNode, request: MetadataRequest) -> Meta
     MetadataResponse {
         brokers: node
             .controller
-            .peers()
+            .brokers()
             .iter()
             .map(|(id, addr)| BrokerInfo {
                 node_id: *id as u32,
@@ -501,6 +565,15 @@ pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> Prod
                 if let Some(node) = &state.cluster_node {
                     drop(submitted_tx);
                     let result = match node.controller.partition(&name, p.partition) {
+                        Some(_) if name == OFFSETS_TOPIC => {
+                            Err(crate::controller::ProduceRefused {
+                                error: ClusterError::new(
+                                    ErrorCode::Unauthorized,
+                                    "the offsets topic is written by the broker only",
+                                ),
+                                leader: (None, 0),
+                            })
+                        }
                         Some(partition) => partition
                             .produce(p.records, acks, timeout, state.config.batch_bytes_max)
                             .await
@@ -1079,48 +1152,117 @@ fn partitions_of(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
     }
 }
 
-fn group_heartbeat(
+/// Which broker coordinates `group`: the leader of its offsets partition in a cluster, this
+/// broker on a single node.
+fn find_coordinator(state: &State, group: &str) -> Result<FindCoordinatorResponse, ClusterError> {
+    if let Some(node) = &state.cluster_node {
+        let (node_id, addr) = node.offsets.find_coordinator(group)?;
+        return Ok(FindCoordinatorResponse {
+            node_id: node_id as u32,
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        });
+    }
+    Ok(FindCoordinatorResponse {
+        node_id: NODE_ID,
+        host: state
+            .config
+            .advertised_host
+            .clone()
+            .unwrap_or_else(|| state.local_addr.ip().to_string()),
+        port: state.local_addr.port(),
+    })
+}
+
+/// Runs `f` on the coordinator that holds `group`: in a cluster the one this broker has for
+/// the group's offsets partition (`not_coordinator` when it does not lead it), else the
+/// node's own.
+/// With `confirmed` (reads of committed state), a cluster's coordinator first confirms its
+/// leadership with a quorum.
+async fn with_coordinator<R>(
+    state: &State,
+    group: &str,
+    confirmed: bool,
+    f: impl FnOnce(&mut crate::group::GroupCoordinator) -> R,
+) -> Result<R, ClusterError> {
+    match &state.cluster_node {
+        Some(node) => {
+            let slot = if confirmed {
+                node.offsets.confirmed_coordinator_of(group).await?
+            } else {
+                node.offsets.coordinator_of(group).await?
+            };
+            let mut coordinator = slot.coordinator();
+            Ok(f(&mut coordinator))
+        }
+        None => Ok(f(&mut state.groups.coordinator())),
+    }
+}
+
+/// The committed offsets of a group, from its coordinator.
+pub(super) async fn offset_fetch(
+    state: &State,
+    request: &OffsetFetchRequest,
+) -> Result<OffsetFetchResponse, ClusterError> {
+    with_coordinator(state, &request.group, true, |c| c.offset_fetch(request)).await
+}
+
+/// The groups this broker coordinates (in a cluster, a client asks every broker).
+pub(super) fn list_groups(state: &State) -> Vec<GroupSummary> {
+    match &state.cluster_node {
+        Some(node) => node.offsets.list_groups(),
+        None => state.groups.coordinator().list_groups(),
+    }
+}
+
+async fn group_heartbeat(
     state: &State,
     request: GroupHeartbeatRequest,
 ) -> Result<GroupHeartbeatResponse, ClusterError> {
     let partitions_of = partitions_of(state);
-    state
-        .groups
-        .coordinator()
-        .heartbeat(&request, &partitions_of, now_ms())
-        .map_err(|e| ClusterError::new(e.code(), e.to_string()))
+    with_coordinator(state, &request.group, false, |c| {
+        c.heartbeat(&request, &partitions_of, now_ms())
+    })
+    .await?
+    .map_err(|e| ClusterError::new(e.code(), e.to_string()))
 }
 
-fn group_leave(
+async fn group_leave(
     state: &State,
     request: GroupLeaveRequest,
 ) -> Result<GroupLeaveResponse, ClusterError> {
-    state
-        .groups
-        .coordinator()
-        .leave(&request.group, &request.member_id, now_ms())
-        .map(|_| GroupLeaveResponse {})
-        .map_err(|e| ClusterError::new(e.code(), e.to_string()))
+    with_coordinator(state, &request.group, false, |c| {
+        c.leave(&request.group, &request.member_id, now_ms())
+    })
+    .await?
+    .map(|_| GroupLeaveResponse {})
+    .map_err(|e| ClusterError::new(e.code(), e.to_string()))
 }
 
 pub(super) fn expire_group_members(state: &State) {
-    let expired = state.groups.coordinator().expire(now_ms());
+    let mut expired = state.groups.coordinator().expire(now_ms());
+    if let Some(node) = &state.cluster_node {
+        expired.extend(node.offsets.expire(now_ms()));
+    }
     if !expired.is_empty() {
         tracing::info!(?expired, "group members expired");
     }
 }
 
-fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, ClusterError> {
+async fn describe_group(state: &State, group: &str) -> Result<DescribeGroupResponse, ClusterError> {
     let lag_of = |topic: &str, partition: u32| {
+        if let Some(node) = &state.cluster_node
+            && let Some(hosted) = node.controller.partition(topic, partition)
+        {
+            return Some((0, hosted.replica.high_watermark()));
+        }
         state.cluster.partition(topic, partition).ok().map(|p| {
             let offsets = p.offsets();
             (offsets.log_start, offsets.high_watermark)
         })
     };
-    state
-        .groups
-        .coordinator()
-        .describe(group, &lag_of)
+    with_coordinator(state, group, true, |c| c.describe(group, &lag_of))
+        .await?
         .ok_or_else(|| {
             ClusterError::new(ErrorCode::GroupNotFound, format!("unknown group {group:?}"))
         })

@@ -171,6 +171,8 @@ pub(crate) struct ClusterNode {
     pub controller: Arc<crate::controller::Controller<peer::QuicPeers>>,
     pub groups: Arc<peer::PeerGroups>,
     pub verifier: peer::PeerVerifier,
+    /// The consumer groups this broker coordinates (leader of their offsets partition).
+    pub offsets: Arc<crate::groups::replicated::ReplicatedGroups<peer::QuicPeers>>,
 }
 
 /// A tiny cancellation token (a watch channel): set once, awaited by many.
@@ -386,6 +388,10 @@ impl Broker {
                     groups.clone(),
                 )
                 .await?;
+                let offsets = crate::groups::replicated::ReplicatedGroups::start(
+                    controller.clone(),
+                    group_config.clone(),
+                );
                 if security.mode() == crate::auth::AuthMode::Required {
                     tokio::spawn(share_admin_tokens(controller.clone(), security.clone()));
                 }
@@ -393,6 +399,7 @@ impl Broker {
                     controller,
                     groups,
                     verifier,
+                    offsets,
                 })
             }
             _ => None,

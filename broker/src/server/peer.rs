@@ -365,6 +365,13 @@ async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
 }
 
 impl PeerTransport for QuicPeers {
+    fn learn_address(&self, node: NodeId, addr: SocketAddr) {
+        self.addresses
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, addr);
+    }
+
     fn answered_within(&self, node: NodeId, within: Duration) -> bool {
         self.answered
             .lock()

@@ -796,7 +796,12 @@ pub(super) async fn resolve_positions(
                     group: group.clone(),
                     partitions: Some(group_by_topic(committed.iter().map(|c| c.0.clone()))),
                 };
-                shared.client.inner.call_controller(&request).await?.offsets
+                shared
+                    .client
+                    .inner
+                    .call_coordinator(group, &request)
+                    .await?
+                    .offsets
             }
             None => Vec::new(),
         };

@@ -119,13 +119,11 @@ pub(super) async fn heartbeat(
             owned: state.owned(),
         }
     };
-    let addr = shared.client.inner.controller();
-    let timeout = shared.client.config().request_timeout;
+    // One attempt: the coordinator task retries with its own backoff.
     let response = shared
         .client
         .inner
-        .transport
-        .call(addr, &request, timeout)
+        .call_coordinator_once(group, &request)
         .await?;
     {
         let mut state = shared.state.lock().expect("consumer state lock");

@@ -754,7 +754,7 @@ impl Shared {
                     group: group.clone(),
                     member_id,
                 };
-                if let Err(error) = self.client.inner.call_controller(&leave).await {
+                if let Err(error) = self.client.inner.call_coordinator(group, &leave).await {
                     tracing::debug!(%error, "leaving the group failed");
                 }
             }
@@ -794,7 +794,7 @@ impl Shared {
                 })
                 .collect(),
         };
-        let response = self.client.inner.call_controller(&request).await?;
+        let response = self.client.inner.call_coordinator(group, &request).await?;
         let mut first_error = None;
         {
             let mut state = self.state.lock().expect("consumer state lock");

@@ -76,6 +76,16 @@ pub(super) struct Sender {
     /// Per partition, the numbers of the batches drained and not yet settled for good, in
     /// drain order.
     pub(super) unsettled: HashMap<TopicPartition, VecDeque<u64>>,
+    /// Per partition (idempotent producers), batches settled while an older batch of the
+    /// partition is not: each keeps its in-flight slot until every older one settles, so
+    /// the batches from the oldest unsettled one on never number more than
+    /// `partition_in_flight_batches_max` — the broker remembers that many per producer, and
+    /// a retry of the oldest (its answer lost, say, to a leader that died after its
+    /// successor had the batch) is then still recognised as a duplicate. Without the
+    /// hold, later batches kept settling and being replaced while the oldest was retried,
+    /// and its retry fell out of the broker's window: `out_of_order_sequence` for a batch
+    /// the log holds.
+    pub(super) settled_ahead: HashMap<TopicPartition, std::collections::BTreeSet<u64>>,
     /// Batches in flight whose sequence numbers must move down by this many when they come
     /// back (an earlier batch of their partition was refused meanwhile): the attempt in
     /// flight carries numbers the broker cannot accept, so it is sent again, renumbered.
@@ -102,6 +112,7 @@ impl Sender {
             in_flight: 0,
             next_number: 0,
             unsettled: HashMap::new(),
+            settled_ahead: HashMap::new(),
             shifts: HashMap::new(),
             last_error: None,
             resequence: HashSet::new(),
@@ -437,7 +448,15 @@ impl Sender {
         if let Err(error) = &result {
             batch.last_error = Some(error.clone());
             self.last_error = Some(error.clone());
-            if !matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. }) {
+            // A broker's refusal means it did not append the batch, except for these: a
+            // replicated partition's leader answers them for a batch it proposed that may
+            // still commit (under it or its successor).
+            let after_append = matches!(
+                error.code(),
+                Some(ErrorCode::Timeout | ErrorCode::NotLeader | ErrorCode::ShuttingDown)
+            );
+            if after_append || !matches!(error, Error::Broker { .. } | Error::RecordTooLarge { .. })
+            {
                 batch.maybe_appended = true;
             }
         }
@@ -579,22 +598,41 @@ impl Sender {
         }
     }
 
-    /// A batch is settled for good: its partition has room for the next one.
+    /// A batch is settled for good: its partition has room for the next one — once every
+    /// older batch of the partition is settled too (see `settled_ahead`).
     pub(super) fn complete(&mut self, partition: &TopicPartition, number: u64) {
+        let mut freed = 1;
         if let Some(numbers) = self.unsettled.get_mut(partition) {
+            let oldest = numbers.front().copied();
             if let Some(index) = numbers.iter().position(|n| *n == number) {
                 numbers.remove(index);
+            }
+            if self.sequences.is_some() && oldest.is_some_and(|oldest| oldest < number) {
+                self.settled_ahead
+                    .entry(partition.clone())
+                    .or_default()
+                    .insert(number);
+                freed = 0;
+            } else if let Some(ahead) = self.settled_ahead.get_mut(partition) {
+                // The oldest settled: so are the held ones up to the next unsettled.
+                let next_unsettled = numbers.front().copied().unwrap_or(u64::MAX);
+                let still_held = ahead.split_off(&next_unsettled);
+                freed += ahead.len();
+                *ahead = still_held;
+                if ahead.is_empty() {
+                    self.settled_ahead.remove(partition);
+                }
             }
             if numbers.is_empty() {
                 self.unsettled.remove(partition);
             }
         }
-        self.shared
-            .state
-            .lock()
-            .expect("state")
-            .accumulator
-            .complete(partition);
+        {
+            let mut state = self.shared.state.lock().expect("state");
+            for _ in 0..freed {
+                state.accumulator.complete(partition);
+            }
+        }
         // The partition's next batch may be ready now.
         self.shared.wake.notify_one();
     }

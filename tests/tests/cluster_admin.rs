@@ -1,0 +1,765 @@
+//! Cluster administration on real brokers (`ketch cluster transfer-leader`): a partition's
+//! leadership moves under a continuous `acks=all` producer and a live consumer with no
+//! acknowledged record lost (the queue checker judges the history), the controller moves,
+//! and bad requests are refused with a clear error and change nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use ketch_client::{
+    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
+};
+use ketch_e2e::cluster::TestCluster;
+use ketch_e2e::history::{Op, Recorder};
+use ketch_testkit::cluster::NodeId;
+
+/// Bound of every wait.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Runs `ketch ARGS` against node `via`; answers (success, stdout, stderr).
+fn cli(
+    cluster: &TestCluster,
+    via: NodeId,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    let output = cluster
+        .process
+        .cli(via)
+        .args(args)
+        .output()
+        .with_context(|| format!("running ketch {args:?}"))?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// `ketch topic describe TOPIC` through node `via`: (leader, replicas) of `partition`.
+fn described(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<(Option<NodeId>, String)> {
+    let (ok, out, err) = cli(cluster, via, &["topic", "describe", topic])?;
+    ensure!(ok, "ketch topic describe {topic}: {out}{err}");
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() == 7 && fields[0] == partition.to_string() {
+            return Ok((fields[1].parse().ok(), fields[5].to_owned()));
+        }
+    }
+    bail!("no partition {partition} in:\n{out}")
+}
+
+/// Waits until `ketch topic describe` through node `via` names `want` the leader.
+async fn wait_described_leader(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    partition: u32,
+    want: NodeId,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let (leader, _) = described(cluster, via, topic, partition)?;
+        if leader == Some(want) {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {via} describes {topic}/{partition} led by {leader:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `v0`, `v1`, ... to `topic`/0 (`acks=all`, idempotent) until told to stop; records
+/// each send and its outcome. Answers the number of failed sends.
+async fn produce(
+    client: Client,
+    topic: &'static str,
+    history: Recorder,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u64> {
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            idempotent: true,
+            delivery_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(5),
+            ..ProducerConfig::default()
+        })
+        .await?;
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut deliveries = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let value = format!("v{i}");
+        i += 1;
+        history.record(|h| h.invoke(value.clone()));
+        let record = ProducerRecord {
+            partition: Some(0),
+            ..ProducerRecord::new(topic, value.clone())
+        };
+        match producer.send(record).await {
+            Ok(delivery) => {
+                let history = history.clone();
+                let failed = failed.clone();
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                delivery.on_delivery(move |outcome| {
+                    match outcome {
+                        Ok(meta) => history.record(|h| h.ack(value, meta.partition, meta.offset)),
+                        Err(e) => {
+                            println!("producer: delivery failed: {e}");
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            history.record(|h| h.indeterminate(value))
+                        }
+                    }
+                    let _ = done_tx.send(());
+                });
+                deliveries.push(done_rx);
+            }
+            Err(e) => {
+                println!("producer: send failed: {e}");
+                failed.fetch_add(1, Ordering::SeqCst);
+                history.record(|h| h.fail(value))
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for delivery in deliveries {
+        let _ = delivery.await;
+    }
+    producer.close().await?;
+    Ok(failed.load(Ordering::SeqCst))
+}
+
+/// Reads `topic`/0 from offset 0 as records commit, following the leader, until told to
+/// stop; records each read as consumer `live`. Answers the next offset it would read.
+async fn consume(
+    client: Client,
+    topic: &'static str,
+    history: Recorder,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<i64> {
+    history.record(|h| h.seek("live", 0, 0));
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            auto_commit: false,
+            ..ConsumerConfig::default()
+        },
+        &[TopicPartition::new(topic, 0)],
+    )?;
+    let mut next = 0;
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.recv_many(500, Duration::from_millis(100)).await {
+            Ok(records) => history.record(|h| {
+                for record in records {
+                    let value = record
+                        .value
+                        .map(|v| String::from_utf8_lossy(&v).into_owned())
+                        .unwrap_or_default();
+                    h.read("live", record.partition, record.offset, value);
+                    next = record.offset + 1;
+                }
+            }),
+            Err(e) => println!("live consumer: {e}"),
+        }
+    }
+    consumer.close().await?;
+    Ok(next)
+}
+
+fn acknowledged(history: &Recorder) -> usize {
+    history
+        .snapshot()
+        .ops
+        .iter()
+        .filter(|op| matches!(op, Op::Ack { .. }))
+        .count()
+}
+
+async fn wait_for_more_acks(history: &Recorder, more: usize) -> anyhow::Result<()> {
+    let want = acknowledged(history) + more;
+    let started = Instant::now();
+    while acknowledged(history) < want {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "{} of {want} acknowledgements within {WAIT_MAX:?}",
+            acknowledged(history)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_leader_moves_a_partition_under_load_and_loses_nothing() -> anyhow::Result<()> {
+    const TOPIC: &str = "moved";
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 3)?;
+    let history = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_consumer = Arc::new(AtomicBool::new(false));
+    let client = cluster.client().await?;
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop.clone(),
+    ));
+    let consumer = tokio::spawn(consume(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop_consumer.clone(),
+    ));
+    wait_for_more_acks(&history, 100).await?;
+
+    // Two moves, each asked through a broker that does not lead the partition (the client
+    // finds the leader itself), while the producer keeps writing.
+    for round in 0..2 {
+        let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+        let target = cluster
+            .process
+            .node_ids()
+            .into_iter()
+            .find(|n| *n != leader)
+            .expect("three nodes");
+        let via = cluster
+            .process
+            .node_ids()
+            .into_iter()
+            .find(|n| *n != leader && *n != target)
+            .expect("three nodes");
+        let started = Instant::now();
+        let (ok, out, err) = cli(
+            &cluster,
+            via,
+            &[
+                "cluster",
+                "transfer-leader",
+                TOPIC,
+                "0",
+                &target.to_string(),
+            ],
+        )?;
+        ensure!(
+            ok,
+            "round {round}: transfer-leader {leader} -> {target} via {via}: {out}{err}\n{}",
+            cluster.process.log_tails(30)
+        );
+        println!(
+            "round {round}: {leader} -> {target} in {:?}: {}",
+            started.elapsed(),
+            out.trim()
+        );
+        ensure!(out.contains(&format!("leader {target} ")), "{out}");
+        for node in cluster.process.node_ids() {
+            wait_described_leader(&cluster, node, TOPIC, 0, target).await?;
+        }
+        // Produce and consume go on at the new leader.
+        wait_for_more_acks(&history, 100).await?;
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    let failed = tokio::time::timeout(WAIT_MAX * 2, producer)
+        .await
+        .context("the producer did not finish")???;
+    let end = history
+        .snapshot()
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Ack { offset, .. } => Some(offset + 1),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    // The live consumer follows the leader to the end.
+    let started = Instant::now();
+    let read_to = |history: &Recorder| {
+        history
+            .snapshot()
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Read {
+                    consumer, offset, ..
+                } if consumer == "live" => Some(offset + 1),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    while read_to(&history) < end && started.elapsed() < WAIT_MAX {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_consumer.store(true, Ordering::SeqCst);
+    tokio::time::timeout(WAIT_MAX, consumer)
+        .await
+        .context("the consumer did not finish")???;
+    ensure!(
+        read_to(&history) >= end,
+        "the live consumer read to {} of {end}",
+        read_to(&history)
+    );
+    cluster.drain(TOPIC, 1, &history, "drain", WAIT_MAX).await?;
+    let report = history.snapshot().check();
+    println!("transfer-leader under load: {report}");
+    ensure!(report.is_valid(), "anomalies: {report}");
+    ensure!(failed == 0, "{failed} sends failed");
+    client.close();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_leader_moves_the_controller() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[])?;
+    let controller = |via: NodeId| -> anyhow::Result<Option<NodeId>> {
+        let (ok, out, err) = cli(&cluster, via, &["cluster", "status"])?;
+        ensure!(ok, "cluster status: {out}{err}");
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix("controller "))
+            .and_then(|c| c.trim().parse().ok()))
+    };
+    let started = Instant::now();
+    let before = loop {
+        if let Some(c) = controller(1)? {
+            break c;
+        }
+        ensure!(started.elapsed() < WAIT_MAX, "no controller");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let target = if before == 3 { 2 } else { 3 };
+    let (ok, out, err) = cli(
+        &cluster,
+        1,
+        &[
+            "cluster",
+            "transfer-leader",
+            "__cluster_metadata",
+            "0",
+            &target.to_string(),
+        ],
+    )?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    let started = Instant::now();
+    while controller(1)? != Some(target) {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "the controller stayed {before}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The moved controller commits metadata: a topic can be made through any broker.
+    cluster.create_topic(before, "after-move", 2, 3)?;
+    for p in 0..2 {
+        cluster
+            .wait_for_leader("after-move", p, &[], WAIT_MAX)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_transfers_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    const TOPIC: &str = "pair";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 2)?;
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
+    let replicas: Vec<NodeId> = replicas
+        .split(',')
+        .map(|r| r.parse())
+        .collect::<Result<_, _>>()?;
+    let outsider = (1..=3).find(|n| !replicas.contains(n)).expect("RF 2 of 3");
+    let follower = *replicas.iter().find(|n| **n != leader).expect("RF 2");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["nope".into(), "0".into(), follower.to_string()],
+            "unknown_topic",
+        ),
+        (
+            vec![TOPIC.into(), "7".into(), follower.to_string()],
+            "unknown_partition",
+        ),
+        (
+            vec![TOPIC.into(), "0".into(), "9".into()],
+            "invalid_replica_assignment",
+        ),
+        (
+            vec![TOPIC.into(), "0".into(), outsider.to_string()],
+            "invalid_replica_assignment",
+        ),
+        (
+            vec!["__cluster_metadata".into(), "1".into(), "2".into()],
+            "unknown_partition",
+        ),
+    ];
+    for (args, want) in &cases {
+        let mut all = vec!["cluster", "transfer-leader"];
+        all.extend(args.iter().map(String::as_str));
+        let started = Instant::now();
+        let (ok, out, err) = cli(&cluster, outsider, &all)?;
+        println!("{all:?} -> {:?}: {}", started.elapsed(), err.trim());
+        ensure!(!ok, "{all:?} succeeded: {out}");
+        ensure!(err.contains(want), "{all:?}: wanted {want}, got {out}{err}");
+    }
+    // A transfer to a dead replica fails, and the leader stays.
+    cluster.process.kill(follower);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let (ok, out, err) = cli(
+        &cluster,
+        leader,
+        &[
+            "cluster",
+            "transfer-leader",
+            TOPIC,
+            "0",
+            &follower.to_string(),
+        ],
+    )?;
+    println!(
+        "to dead node {follower}: {:?}: {}",
+        started.elapsed(),
+        err.trim()
+    );
+    ensure!(!ok, "a transfer to a dead broker succeeded: {out}");
+    ensure!(err.contains("leader_transfer_failed"), "{out}{err}");
+    let (now, _) = described(&cluster, leader, TOPIC, 0)?;
+    ensure!(now == Some(leader), "the leader moved to {now:?}");
+    // It still takes writes.
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::Leader,
+            ..ProducerConfig::default()
+        })
+        .await?;
+    producer
+        .send(ProducerRecord {
+            partition: Some(0),
+            ..ProducerRecord::new(TOPIC, "still here")
+        })
+        .await?
+        .await?;
+    producer.close().await?;
+    client.close();
+    Ok(())
+}
+
+/// The partition directories of node `node` (`cluster/partitions/*`, by name).
+fn partition_dirs(
+    cluster: &TestCluster,
+    node: NodeId,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let dir = cluster
+        .dir()
+        .join(format!("node-{node}"))
+        .join("cluster")
+        .join("partitions");
+    std::fs::read_dir(dir)?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// The replicas `ketch topic describe` shows through node `via`, once they are `want`.
+async fn wait_described_replicas(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    want: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let (_, replicas) = described(cluster, via, topic, 0)?;
+        if replicas == want {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {via} describes {topic}/0 on {replicas}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn reassign(
+    cluster: &TestCluster,
+    via: NodeId,
+    topic: &str,
+    replicas: &str,
+) -> anyhow::Result<(bool, String, String)> {
+    let started = Instant::now();
+    let answer = cli(cluster, via, &["cluster", "reassign", topic, "0", replicas])?;
+    println!(
+        "reassign {topic}/0 to {replicas} via {via}: {:?}: {}{}",
+        started.elapsed(),
+        answer.1.trim(),
+        answer.2.trim()
+    );
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassign_shrinks_grows_and_moves_replicas_under_load() -> anyhow::Result<()> {
+    const TOPIC: &str = "moving";
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 3)?;
+    let history = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = cluster.client().await?;
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop.clone(),
+    ));
+    wait_for_more_acks(&history, 100).await?;
+
+    // 3 of 3 → 2 of 3: the one left out (not the leader) deletes its replica.
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let mut others = cluster.process.node_ids();
+    others.retain(|n| *n != leader);
+    let (kept, dropped) = (others[0], others[1]);
+    let before = partition_dirs(&cluster, dropped)?;
+    let two = format!("{leader},{kept}");
+    let (ok, out, err) = reassign(&cluster, dropped, TOPIC, &two)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    for node in cluster.process.node_ids() {
+        wait_described_replicas(&cluster, node, TOPIC, &two).await?;
+    }
+    let started = Instant::now();
+    // Other partitions (`__consumer_offsets`) may appear meanwhile: one that was there goes.
+    while partition_dirs(&cluster, dropped)?.is_superset(&before) {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {dropped} kept its replica's directory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_more_acks(&history, 100).await?;
+
+    // And back to 3: the returning replica copies the log before it votes.
+    let three = format!("{leader},{kept},{dropped}");
+    let (ok, out, err) = reassign(&cluster, kept, TOPIC, &three)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, dropped, TOPIC, &three).await?;
+    wait_for_more_acks(&history, 100).await?;
+
+    // Without the leader: leadership moves to a replica that stays first.
+    let without_leader = format!("{kept},{dropped}");
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &without_leader)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, leader, TOPIC, &without_leader).await?;
+    let now = cluster
+        .wait_for_leader(TOPIC, 0, &[leader], WAIT_MAX)
+        .await?;
+    ensure!(now != leader);
+    wait_for_more_acks(&history, 100).await?;
+
+    // Bad lists change nothing.
+    for (bad, want) in [
+        ("9", "invalid_replica_assignment"),
+        ("1,1", "invalid_replica_assignment"),
+    ] {
+        let (ok, out, err) = reassign(&cluster, 1, TOPIC, bad)?;
+        ensure!(!ok, "reassign to {bad} succeeded: {out}");
+        ensure!(err.contains(want), "{bad}: wanted {want}: {out}{err}");
+    }
+    let (ok, _, err) = cli(&cluster, 1, &["cluster", "reassign", "nope", "0", "1"])?;
+    ensure!(!ok && err.contains("unknown_topic"), "{err}");
+    wait_described_replicas(&cluster, 1, TOPIC, &without_leader).await?;
+
+    stop.store(true, Ordering::SeqCst);
+    let failed = tokio::time::timeout(WAIT_MAX * 2, producer)
+        .await
+        .context("the producer did not finish")???;
+    cluster.drain(TOPIC, 1, &history, "drain", WAIT_MAX).await?;
+    let report = history.snapshot().check();
+    println!("reassign under load: {report}");
+    ensure!(report.is_valid(), "anomalies: {report}");
+    ensure!(failed == 0, "{failed} sends failed");
+    client.close();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
+-> anyhow::Result<()> {
+    const TOPIC: &str = "halfway";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 2)?;
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
+    let outsider = (1..=3)
+        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
+        .expect("RF 2 of 3");
+    cluster.process.kill(outsider);
+    let all = format!("{replicas},{outsider}");
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &all)?;
+    ensure!(!ok, "a reassignment onto a dead broker succeeded: {out}");
+    ensure!(err.contains("reassignment_incomplete"), "{out}{err}");
+    // Still served, on the old replicas.
+    wait_described_replicas(&cluster, leader, TOPIC, &replicas).await?;
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..ProducerConfig::default()
+        })
+        .await?;
+    let send = |value: &'static str| ProducerRecord {
+        partition: Some(0),
+        ..ProducerRecord::new(TOPIC, value)
+    };
+    producer.send(send("while cut short")).await?.await?;
+    // The broker comes back; the same request finishes the change.
+    cluster.process.restart(outsider)?;
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &all)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_replicas(&cluster, outsider, TOPIC, &all).await?;
+    producer.send(send("after")).await?.await?;
+    producer.close().await?;
+    client.close();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_broker_gets_metadata_and_takes_a_replica() -> anyhow::Result<()> {
+    const TOPIC: &str = "grow";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 3)?;
+    let history = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = cluster.client().await?;
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        TOPIC,
+        history.clone(),
+        stop.clone(),
+    ));
+    wait_for_more_acks(&history, 100).await?;
+
+    let new = cluster.process.start_joining()?;
+    let addr = cluster.process.addr(new);
+    // Unknown to the cluster until added.
+    let (ok, _, err) = reassign(&cluster, 1, TOPIC, &format!("1,2,{new}"))?;
+    ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
+    let started = Instant::now();
+    let (ok, out, err) = cli(
+        &cluster,
+        2,
+        &["cluster", "add-broker", &format!("{new}@{addr}")],
+    )?;
+    println!(
+        "add-broker {new}@{addr}: {:?}: {}{}",
+        started.elapsed(),
+        out.trim(),
+        err.trim()
+    );
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    // Again: harmless. The same id elsewhere: refused.
+    let (ok, out, err) = cli(
+        &cluster,
+        3,
+        &["cluster", "add-broker", &format!("{new}@{addr}")],
+    )?;
+    ensure!(ok, "{out}{err}");
+    let (ok, _, err) = cli(
+        &cluster,
+        3,
+        &["cluster", "add-broker", &format!("{new}@127.0.0.1:1")],
+    )?;
+    ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
+    let (ok, _, err) = cli(&cluster, 3, &["cluster", "add-broker", "four@127.0.0.1:1"])?;
+    ensure!(!ok && err.contains("not a node id"), "{err}");
+
+    // `cluster status` lists it, through any broker; it answers for the cluster itself.
+    let (ok, out, err) = cli(&cluster, 1, &["cluster", "status"])?;
+    ensure!(ok, "{out}{err}");
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{new}\t{addr}\tup"))),
+        "status lacks node {new}:\n{out}"
+    );
+    let started = Instant::now();
+    while described(&cluster, new, TOPIC, 0).is_err() {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {new} never learnt of {TOPIC}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 1,2,3 → two of them and the new broker.
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let kept = (1..=3).find(|n| *n != leader).expect("three");
+    let target = format!("{leader},{kept},{new}");
+    let (ok, out, err) = reassign(&cluster, new, TOPIC, &target)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    for node in [1, 2, 3, new] {
+        wait_described_replicas(&cluster, node, TOPIC, &target).await?;
+    }
+    ensure!(
+        !partition_dirs(&cluster, new)?.is_empty(),
+        "node {new} hosts no replica"
+    );
+    wait_for_more_acks(&history, 100).await?;
+    // The new broker can lead it.
+    let (ok, out, err) = cli(
+        &cluster,
+        1,
+        &["cluster", "transfer-leader", TOPIC, "0", &new.to_string()],
+    )?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    wait_described_leader(&cluster, 1, TOPIC, 0, new).await?;
+    wait_for_more_acks(&history, 100).await?;
+
+    stop.store(true, Ordering::SeqCst);
+    let failed = tokio::time::timeout(WAIT_MAX * 2, producer)
+        .await
+        .context("the producer did not finish")???;
+    cluster.drain(TOPIC, 1, &history, "drain", WAIT_MAX).await?;
+    let report = history.snapshot().check();
+    println!("add-broker and reassign under load: {report}");
+    ensure!(report.is_valid(), "anomalies: {report}");
+    ensure!(failed == 0, "{failed} sends failed");
+    client.close();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_refuses_cluster_administration() -> anyhow::Result<()> {
+    let broker = ketch_e2e::TestBroker::start(&[])?;
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let output = broker.process.cli().args(args).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+    let (ok, out) = run(&["topic", "create", "solo", "--partitions", "1"])?;
+    ensure!(ok, "{out}");
+    for args in [
+        vec!["cluster", "transfer-leader", "solo", "0", "1"],
+        vec!["cluster", "reassign", "solo", "0", "1"],
+        vec!["cluster", "add-broker", "2@127.0.0.1:1"],
+    ] {
+        let (ok, err) = run(&args)?;
+        ensure!(!ok, "{args:?} succeeded on a single node");
+        ensure!(
+            err.contains("invalid_request") && err.contains("not part of a cluster"),
+            "{args:?}: {err}"
+        );
+    }
+    Ok(())
+}
