@@ -413,3 +413,73 @@ fn a_current_producer_checkpoint_is_not_rewritten_after_a_restart() {
     cluster.checkpoint_all();
     assert_ne!(inode(), written, "replayed state was not checkpointed");
 }
+
+/// The timer's producer checkpoints are paced: after a crash every partition's replayed
+/// state is newer than its checkpoint, and the writes go out at most `writes_max` per call
+/// (a trickle, not a burst of fsyncs); a partition written is not written again within the
+/// interval even if it changed, so busy partitions cannot take every turn.
+#[test]
+fn paced_producer_checkpoints_write_a_bounded_number_per_call() {
+    const PARTITIONS: u32 = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let rt = runtime();
+    let pid = cluster.allocate_producer_id().unwrap();
+    let stamp = |base_sequence| ProducerStamp {
+        producer_id: pid,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    let append = |cluster: &Cluster, partition: u32, seq: i32| {
+        let partition = cluster.partition("t", partition).unwrap();
+        rt.block_on(partition.append(batch(stamp(seq), &["v"]), 0))
+            .unwrap();
+    };
+    rt.block_on(cluster.create_topic("t", PARTITIONS, &[]))
+        .unwrap();
+    for p in 0..PARTITIONS {
+        append(&cluster, p, 0);
+    }
+    // A crash: no checkpoint was written.
+    drop(cluster);
+    let cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    let now = 1_000_000;
+    let written: Vec<usize> = (0..4)
+        .map(|_| cluster.checkpoint_due(now, 30_000, 3))
+        .collect();
+    assert_eq!(written, [3, 3, 1, 0]);
+    for p in 0..PARTITIONS {
+        assert!(
+            dir.path()
+                .join(format!("topics/t/producers-{p}.checkpoint"))
+                .exists(),
+            "partition {p}"
+        );
+    }
+    // Partition 0 changes again: not due before the interval has passed since its write.
+    append(&cluster, 0, 1);
+    assert_eq!(cluster.checkpoint_due(now + 29_999, 30_000, 3), 0);
+    assert_eq!(cluster.checkpoint_due(now + 30_000, 30_000, 3), 1);
+    assert_eq!(
+        cluster.checkpoint_due(now + 90_000, 30_000, 3),
+        0,
+        "unchanged"
+    );
+    // What was written is what startup reads: nothing to replay after a crash now.
+    drop(cluster);
+    let cluster = Arc::new(Cluster::open(config(dir.path())).unwrap());
+    assert_eq!(
+        cluster
+            .partition("t", 0)
+            .unwrap()
+            .producer_state_replayed_from(),
+        2
+    );
+    assert_eq!(
+        cluster
+            .partition("t", 6)
+            .unwrap()
+            .producer_state_replayed_from(),
+        1
+    );
+}

@@ -413,8 +413,9 @@ fn a_hole_between_segments_is_reported_with_its_offsets_and_the_rest_served() {
 }
 
 /// Damages index files with `damage`, reopens, and expects exactly the files named by
-/// `expect_rebuilt` (as `(segment number, extension)`, negative numbers from the end) to be rebuilt, byte-identical to the
-/// originals, with reads and timestamp lookups unchanged.
+/// `expect_rebuilt` (as `(segment number, extension)`, negative numbers from the end) to be
+/// rebuilt, reads and timestamp lookups unchanged, and after the next close every index file
+/// byte-identical to the originals (the tail's entries reach its files at close).
 fn check_index_damage(damage: fn(&[PathBuf]), expect_rebuilt: &[(isize, &str)]) {
     let mut rng = Rng::seeded(7);
     let dir = tempfile::tempdir().unwrap();
@@ -442,14 +443,6 @@ fn check_index_damage(damage: fn(&[PathBuf]), expect_rebuilt: &[(isize, &str)]) 
         report.truncation.is_none() && report.damage.is_empty(),
         "{report:?}"
     );
-    for (path, bytes) in &originals {
-        assert_eq!(
-            &fs::read(path).unwrap(),
-            bytes,
-            "{} differs after rebuild",
-            path.display()
-        );
-    }
     assert_log_holds(&log, &appended);
     let max_timestamps: Vec<i64> = appended
         .iter()
@@ -471,6 +464,15 @@ fn check_index_damage(damage: fn(&[PathBuf]), expect_rebuilt: &[(isize, &str)]) 
         assert_eq!(
             batches[0].as_ref().unwrap().header().base_offset,
             *base_offset
+        );
+    }
+    log.close().unwrap();
+    for (path, bytes) in &originals {
+        assert_eq!(
+            &fs::read(path).unwrap(),
+            bytes,
+            "{} differs after rebuild and close",
+            path.display()
         );
     }
 }
@@ -531,10 +533,98 @@ fn damaged_or_missing_indexes_are_rebuilt_from_the_log() {
         |logs| fs::remove_file(logs[logs.len() - 1].with_extension("index")).unwrap(),
         &[(-1, "index")],
     );
+    // A tail index one entry short is how a crash leaves the active segment's index (its
+    // entries are written at roll and close): kept, and completed at close.
     check_index_damage(
         |logs| truncate_by(&logs[logs.len() - 1].with_extension("timeindex"), 12),
-        &[(-1, "timeindex")],
+        &[],
     );
+    check_index_damage(
+        |logs| truncate_by(&logs[logs.len() - 1].with_extension("index"), 8),
+        &[],
+    );
+    // Not a whole-entry prefix: rebuilt.
+    check_index_damage(
+        |logs| truncate_by(&logs[logs.len() - 1].with_extension("index"), 3),
+        &[(-1, "index")],
+    );
+    check_index_damage(
+        |logs| overwrite(&logs[logs.len() - 1].with_extension("index"), 0, &[0x7f; 4]),
+        &[(-1, "index")],
+    );
+}
+
+/// The active segment's index is kept in memory and reaches its files only at roll and close
+/// (one open file per partition instead of three). A crash loses those entries: the tail's
+/// index files on disk are empty, recovery rebuilds the index from its scan (every read by
+/// offset and timestamp finds its batch), and the next close writes what a rebuild writes.
+#[test]
+fn a_crash_loses_the_unwritten_active_index_and_recovery_rebuilds_it() {
+    let sim = SimBackend::new();
+    let config = LogConfig {
+        fsync: FsyncPolicy::Always,
+        segment_bytes_max: 1 << 20,
+        index_interval_bytes: 256,
+        ..LogConfig::default()
+    };
+    let (log, _) = open_sim(&sim, config.clone());
+    let mut appended = Vec::new();
+    for tag in 0..60u64 {
+        let bytes = batch(2, 100, 1_000 + tag as i64 * 10, tag);
+        appended.push((append(&log, &bytes, 0).base_offset, bytes));
+    }
+    assert_eq!(
+        log.segments().len(),
+        1,
+        "everything is in the active segment"
+    );
+    let segment_log = log.segments()[0].log_path.clone();
+    let offset_index = segment_log.with_extension("index");
+    let time_index = segment_log.with_extension("timeindex");
+    assert_eq!(
+        sim.contents(&offset_index),
+        Some(Vec::new()),
+        "not written while active"
+    );
+    assert_eq!(sim.contents(&time_index), Some(Vec::new()));
+    // Power loss: every append was fsynced (`Always`), the index files never written.
+    sim.crash();
+    drop(log);
+    let (log, report) = open_sim(&sim, config.clone());
+    assert!(
+        report.truncation.is_none() && report.damage.is_empty(),
+        "{report:?}"
+    );
+    // Empty files are a prefix of any index: kept, nothing rewritten at open.
+    assert!(report.indexes_rebuilt.is_empty(), "{report:?}");
+    for (base_offset, bytes) in &appended {
+        for offset in *base_offset..*base_offset + 2 {
+            assert_same_batch(&log.read(offset, 1).unwrap(), bytes, *base_offset);
+        }
+        let header = BatchHeader::parse(bytes).unwrap();
+        assert_eq!(
+            log.find_offset_by_timestamp(header.max_timestamp).unwrap(),
+            Some(*base_offset)
+        );
+    }
+    // The next close completes the files, exactly as a rebuild from the log writes them.
+    append(&log, &batch(1, 100, 5_000, 99), 0);
+    log.close().unwrap();
+    drop(log);
+    let offsets_written = sim.durable_contents(&offset_index).unwrap();
+    let times_written = sim.durable_contents(&time_index).unwrap();
+    assert!(
+        offsets_written.len() >= 8 * 20,
+        "{} bytes",
+        offsets_written.len()
+    );
+    sim.remove(&offset_index).unwrap();
+    sim.remove(&time_index).unwrap();
+    let (log, report) = open_sim(&sim, config);
+    assert_eq!(report.indexes_rebuilt.len(), 2, "{report:?}");
+    assert_eq!(sim.contents(&offset_index).unwrap(), offsets_written);
+    assert_eq!(sim.contents(&time_index).unwrap(), times_written);
+    drop(log);
 }
 
 #[test]

@@ -169,8 +169,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KETCH_CONNECTIONS_PER_IP_MAX", value_name = "COUNT")]
     connections_per_ip_max: Option<u32>,
     /// Segment and index files of partition logs open at once; the least recently used are
-    /// closed and reopened on demand. Lowered (and logged) to half the soft RLIMIT_NOFILE,
-    /// which `ketch serve` raises to the hard limit first. [default: 8192]
+    /// closed and reopened on demand. Lowered (and logged) to three quarters of the soft
+    /// RLIMIT_NOFILE, which `ketch serve` raises to the hard limit first. [default: 65536]
     #[arg(long, env = "KETCH_OPEN_FILES_MAX", value_name = "COUNT")]
     open_files_max: Option<usize>,
     /// Label log and lag gauges by partition (true) or sum them per topic (false, for brokers
@@ -319,8 +319,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Raises the soft limit on open files to the hard limit (a broker with many partitions needs
-/// them, and nothing is gained by a lower soft limit), then keeps `open_files_max` to half of
-/// it: the rest is for connections, checkpoints, filters and the like.
+/// them, and nothing is gained by a lower soft limit), then keeps `open_files_max` to three
+/// quarters of it: the rest is for checkpoints, filters, the metrics endpoint and the like
+/// (QUIC connections share the endpoint's one socket).
 fn fit_open_files(config: &mut BrokerConfig) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
@@ -340,7 +341,7 @@ fn fit_open_files(config: &mut BrokerConfig) {
             }
         }
     }
-    let fits = usize::try_from(soft / 2)
+    let fits = usize::try_from(soft - soft / 4)
         .unwrap_or(usize::MAX)
         .max(ketch_broker::storage::OPEN_FILES_MIN);
     let configured = config.open_files_max;
@@ -352,11 +353,15 @@ fn fit_open_files(config: &mut BrokerConfig) {
         open_files_max = config.open_files_max,
         "open files limit"
     );
-    if config.open_files_max < configured {
+    // The default is meant to be fitted; a configured value that does not fit is worth a
+    // warning.
+    if config.open_files_max < configured
+        && configured != ketch_broker::storage::OPEN_FILES_MAX_DEFAULT
+    {
         tracing::warn!(
             configured,
             open_files_max = config.open_files_max,
-            "open_files_max lowered to half the soft RLIMIT_NOFILE"
+            "open_files_max lowered to three quarters of the soft RLIMIT_NOFILE"
         );
     }
 }

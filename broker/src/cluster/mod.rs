@@ -305,6 +305,8 @@ pub struct Partition {
     producers_checkpoint: PathBuf,
     /// The producer table version the checkpoint on disk holds.
     producers_checkpointed: std::sync::atomic::AtomicU64,
+    /// `now_ms` of the last paced checkpoint write ([`Cluster::checkpoint_due`]).
+    producers_checkpointed_at_ms: std::sync::atomic::AtomicI64,
     /// Where startup's replay of the log began (after the checkpoint, when there was one).
     replayed_from: std::sync::atomic::AtomicI64,
     /// Idempotent batches a produce chain emptied, kept until a checkpoint holds them.
@@ -799,16 +801,17 @@ impl Partition {
 
     /// Saves the producer state with the offset it covers, if it changed and no batch is
     /// being appended (then every idempotent batch below the high watermark is in it).
-    pub fn checkpoint_producers(&self) -> Result<(), ClusterError> {
+    /// Returns whether it wrote a checkpoint.
+    pub fn checkpoint_producers(&self) -> Result<bool, ClusterError> {
         use std::sync::atomic::Ordering;
         let (version, offset, body) = {
             let producers = self.producers.lock().expect("producer table lock");
             let version = producers.version();
             if version == self.producers_checkpointed.load(Ordering::Relaxed) {
-                return Ok(());
+                return Ok(false);
             }
             let Some(body) = producers.encode_checkpoint() else {
-                return Ok(());
+                return Ok(false);
             };
             (version, self.log.high_watermark(), body)
         };
@@ -826,7 +829,16 @@ impl Partition {
         self.dropped
             .clear_if_unchanged(dropped_entries)
             .map_err(|e| io_error("emptying", self.dropped.path(), e))?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether the producer state changed since its checkpoint was written.
+    fn producers_changed(&self) -> bool {
+        let producers = self.producers.lock().expect("producer table lock");
+        producers.version()
+            != self
+                .producers_checkpointed
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Calls `visit` with every batch from the one holding `from` up to the high watermark,
@@ -1186,6 +1198,7 @@ impl Cluster {
                 metrics: metrics.clone(),
                 producers_checkpoint: dir.join(format!("producers-{index}.checkpoint")),
                 producers_checkpointed: std::sync::atomic::AtomicU64::new(0),
+                producers_checkpointed_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
                 replayed_from: std::sync::atomic::AtomicI64::new(0),
                 dropped: Arc::new(dropped::DroppedJournal::new(
                     dir.join(format!("producers-{index}.dropped")),
@@ -1438,8 +1451,8 @@ impl Cluster {
         self.checkpoint_all();
     }
 
-    /// Checkpoints the producer state of every partition that changed (on a timer, and at
-    /// shutdown), so startup reads only the log that follows.
+    /// Checkpoints the producer state of every partition that changed (at shutdown), so
+    /// startup reads only the log that follows.
     pub fn checkpoint_all(&self) {
         for topic in self.topics() {
             for partition in &topic.partitions {
@@ -1448,6 +1461,44 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// The timer's checkpoints, paced: writes the producer state of partitions that changed
+    /// and were last written at least `interval_ms` ago, at most `writes_max` of them (each
+    /// is a write and two fsyncs). Returns how many it wrote. Called often with a small
+    /// budget, it spreads the work: after a crash every partition's replayed state is new,
+    /// and 10,000 partitions written at once kept a restarted broker busy for many seconds.
+    /// A partition written is not due again for `interval_ms`, so a busy one cannot take
+    /// every turn from the others.
+    pub fn checkpoint_due(&self, now_ms: i64, interval_ms: i64, writes_max: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        let mut written = 0;
+        for topic in self.topics() {
+            for partition in &topic.partitions {
+                if written == writes_max {
+                    return written;
+                }
+                let last = partition
+                    .producers_checkpointed_at_ms
+                    .load(Ordering::Relaxed);
+                if now_ms.saturating_sub(last) < interval_ms || !partition.producers_changed() {
+                    continue;
+                }
+                match partition.checkpoint_producers() {
+                    Ok(true) => {
+                        written += 1;
+                        partition
+                            .producers_checkpointed_at_ms
+                            .store(now_ms, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(topic = %topic.name, partition = partition.index, error = %e, "producer checkpoint failed");
+                    }
+                }
+            }
+        }
+        written
     }
 }
 

@@ -34,8 +34,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::backend::{FileBackend, StorageFile};
 
-/// A default that leaves room under common soft limits for sockets and the rest.
-pub const OPEN_FILES_MAX_DEFAULT: usize = 8192;
+/// Enough for one open log file per partition at 10,000 partitions and their readers (a
+/// round robin over more logs than handles reopens a file per append); `ketch serve` lowers
+/// it to fit under the process's limit on open files.
+pub const OPEN_FILES_MAX_DEFAULT: usize = 65_536;
 /// Fewer than this cannot hold one log's active segment (three files) and a reader.
 pub const OPEN_FILES_MIN: usize = 8;
 
@@ -58,6 +60,9 @@ pub struct OpenFilesStats {
     pub eviction_syncs: u64,
     /// Opens that found every open handle busy or pinned and went over the budget.
     pub opens_over_budget: u64,
+    /// Slots the clock hand looked at to find handles to close (amortized a few per
+    /// eviction; one sweep of the ring per eviction would make every reopen cost the budget).
+    pub clock_steps: u64,
 }
 
 /// What an eviction does with a handle that has unsynced writes (see the
@@ -94,6 +99,7 @@ struct Cache {
     evictions: AtomicU64,
     eviction_syncs: AtomicU64,
     opens_over_budget: AtomicU64,
+    clock_steps: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +160,7 @@ impl OpenFiles {
                 evictions: AtomicU64::new(0),
                 eviction_syncs: AtomicU64::new(0),
                 opens_over_budget: AtomicU64::new(0),
+                clock_steps: AtomicU64::new(0),
             }),
         }
     }
@@ -171,6 +178,7 @@ impl OpenFiles {
             evictions: c.evictions.load(Ordering::Relaxed),
             eviction_syncs: c.eviction_syncs.load(Ordering::Relaxed),
             opens_over_budget: c.opens_over_budget.load(Ordering::Relaxed),
+            clock_steps: c.clock_steps.load(Ordering::Relaxed),
         }
     }
 
@@ -259,8 +267,10 @@ impl Cache {
         // handles still count until the caller closes them (before it opens its own).
         let mut steps_left = 2 * ring.slots.len() + 1;
         let mut waits_left = BUDGET_WAITS_MAX;
+        let mut steps_taken = 0u64;
         while self.open_files.open.load(Ordering::Relaxed) - evicted.len() >= self.open_files_max {
             if (steps_left == 0 || ring.slots.is_empty()) && !evicted.is_empty() {
+                self.clock_steps.fetch_add(steps_taken, Ordering::Relaxed);
                 return (evicted, false);
             }
             if (steps_left == 0 || ring.slots.is_empty()) && waits_left > 0 {
@@ -281,6 +291,7 @@ impl Cache {
                 break;
             }
             steps_left -= 1;
+            steps_taken += 1;
             if ring.hand >= ring.slots.len() {
                 ring.hand = 0;
             }
@@ -305,7 +316,13 @@ impl Cache {
                 continue;
             }
             // A slot with unsynced writes gets one more chance before it costs an fsync.
-            if candidate.is_dirty() && steps_left > ring.slots.len() {
+            // Under `Close` closing a dirty handle costs nothing more than a clean one, and
+            // every log there is dirty between its rare syncs: a second chance for them
+            // would make each eviction sweep the whole ring.
+            if self.dirty_eviction == DirtyEviction::Sync
+                && candidate.is_dirty()
+                && steps_left > ring.slots.len()
+            {
                 ring.hand += 1;
                 continue;
             }
@@ -319,6 +336,7 @@ impl Cache {
             self.evictions.fetch_add(1, Ordering::Relaxed);
             evicted.push((candidate, file));
         }
+        self.clock_steps.fetch_add(steps_taken, Ordering::Relaxed);
         // The evicted handles close before the new one opens.
         let open = self.open_files.open.fetch_add(1, Ordering::Relaxed) + 1 - evicted.len();
         self.open_files_peak.fetch_max(open, Ordering::Relaxed);
@@ -639,6 +657,34 @@ mod tests {
             "{stats:?}"
         );
         assert!(stats.open_files_peak <= OPEN_FILES_MIN, "{stats:?}");
+    }
+
+    /// Round-robin writes over twice as many files as the budget, every file dirty (no
+    /// syncs, as under `fsync never`): each write reopens its file and closes another. The
+    /// clock finds a handle to close in a few steps, never by sweeping the ring each time.
+    #[test]
+    fn evicting_dirty_handles_in_close_mode_costs_a_few_clock_steps_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 256;
+        let cache =
+            OpenFiles::with_dirty_eviction(Arc::new(StdBackend), budget, DirtyEviction::Close);
+        let handles: Vec<_> = (0..2 * budget)
+            .map(|i| cache.create(&dir.path().join(format!("f{i}"))).unwrap())
+            .collect();
+        for round in 0..4u64 {
+            for file in &handles {
+                file.write_at(&round.to_be_bytes(), round * 8).unwrap();
+            }
+        }
+        let stats = cache.stats();
+        assert!(stats.evictions >= 4 * budget as u64, "{stats:?}");
+        assert_eq!(stats.eviction_syncs, 0, "{stats:?}");
+        assert!(
+            stats.clock_steps <= 3 * stats.evictions,
+            "{} clock steps for {} evictions: {stats:?}",
+            stats.clock_steps,
+            stats.evictions
+        );
     }
 
     #[test]

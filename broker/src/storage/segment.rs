@@ -47,6 +47,12 @@ pub(crate) struct Segment {
     /// Offset after the last batch written.
     pub next_offset: i64,
     pub index: SegmentIndex,
+    /// Entries of `index.offsets` / `index.times` in the index files: all of them for a
+    /// sealed segment; for the active one a prefix, since its entries are written at roll
+    /// and close only (an active index file would be one more open file per partition, and
+    /// recovery rebuilds the tail's index from its scan anyway).
+    pub offset_entries_on_disk: usize,
+    pub time_entries_on_disk: usize,
     /// `now_ms` of the first append into this segment since it was created or opened.
     pub first_append_ms: Option<i64>,
 }
@@ -92,6 +98,8 @@ impl Segment {
             committed_size: 0,
             next_offset: base_offset,
             index: SegmentIndex::new(),
+            offset_entries_on_disk: 0,
+            time_entries_on_disk: 0,
             first_append_ms: None,
         })
     }

@@ -361,6 +361,8 @@ impl PartitionLog {
             size,
             committed_size: size,
             next_offset: segment.end_offset,
+            offset_entries_on_disk: index.offsets.len(),
+            time_entries_on_disk: index.times.len(),
             index,
             first_append_ms: None,
         };

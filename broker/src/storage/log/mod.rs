@@ -565,7 +565,13 @@ impl PartitionLog {
         if write.clean_marker {
             // Untouched since a clean open: everything is as durable as the last close left
             // it, and the marker stands (a broker of thousands of idle partitions stops
-            // without four fsyncs each).
+            // without four fsyncs each). Only a tail index that recovery found short (and
+            // completed in memory) is written out; the marker says nothing about indexes.
+            if self.shared.write_active_index()? {
+                for (file, path) in self.shared.active_files().iter().skip(1) {
+                    file.sync_data().map_err(io_error("fsync", path))?;
+                }
+            }
             return Ok(());
         }
         self.shared.sync_active_files()?;
@@ -629,16 +635,68 @@ impl Shared {
         result
     }
 
-    /// Syncs the active segment's log and indexes, and the directory.
-    fn sync_active_files(&self) -> Result<(), StorageError> {
-        let files: Vec<(Arc<dyn StorageFile>, PathBuf)> = {
+    /// The active segment's log and index files.
+    fn active_files(&self) -> Vec<(Arc<dyn StorageFile>, PathBuf)> {
+        let view = lock(&self.view);
+        view.active()
+            .files()
+            .iter()
+            .map(|(f, p)| ((*f).clone(), (*p).clone()))
+            .collect()
+    }
+
+    /// Writes the active segment's index entries that are only in memory to its index files
+    /// (at roll and close; see `Segment::offset_entries_on_disk`). The caller holds `write`,
+    /// so the active segment and its index do not change meanwhile. Returns whether it wrote.
+    fn write_active_index(&self) -> Result<bool, StorageError> {
+        let (base_offset, offsets, times) = {
             let view = lock(&self.view);
-            view.active()
-                .files()
-                .iter()
-                .map(|(f, p)| ((*f).clone(), (*p).clone()))
-                .collect()
+            let s = view.active();
+            let offsets = (s.offset_entries_on_disk < s.index.offsets.len()).then(|| {
+                (
+                    s.offset_index_file.clone(),
+                    s.offset_index_path.clone(),
+                    encode_offsets(&s.index.offsets[s.offset_entries_on_disk..]),
+                    (s.offset_entries_on_disk * OFFSET_INDEX_ENTRY_BYTES) as u64,
+                    s.index.offsets.len(),
+                )
+            });
+            let times = (s.time_entries_on_disk < s.index.times.len()).then(|| {
+                (
+                    s.time_index_file.clone(),
+                    s.time_index_path.clone(),
+                    encode_times(&s.index.times[s.time_entries_on_disk..]),
+                    (s.time_entries_on_disk * TIME_INDEX_ENTRY_BYTES) as u64,
+                    s.index.times.len(),
+                )
+            });
+            (s.base_offset, offsets, times)
         };
+        let mut written = [None, None];
+        for (slot, entries) in written.iter_mut().zip([offsets, times]) {
+            if let Some((file, path, bytes, position, entries)) = entries {
+                file.write_at(&bytes, position)
+                    .map_err(io_error("write", &path))?;
+                *slot = Some(entries);
+            }
+        }
+        let mut view = lock(&self.view);
+        let segment = view.segments.last_mut().expect("active segment");
+        assert_eq!(segment.base_offset, base_offset);
+        if let Some(entries) = written[0] {
+            segment.offset_entries_on_disk = entries;
+        }
+        if let Some(entries) = written[1] {
+            segment.time_entries_on_disk = entries;
+        }
+        Ok(written.iter().any(Option::is_some))
+    }
+
+    /// Syncs the active segment's log and indexes (writing the index entries only in memory
+    /// first), and the directory.
+    fn sync_active_files(&self) -> Result<(), StorageError> {
+        let _: bool = self.write_active_index()?;
+        let files = self.active_files();
         self.observed_sync(|| {
             for (file, path) in files {
                 file.sync_data().map_err(io_error("fsync", &path))?;

@@ -104,9 +104,12 @@ pub(super) fn recover(
             committed_size: 0,
             next_offset: base_offset,
             index: SegmentIndex::new(),
+            offset_entries_on_disk: 0,
+            time_entries_on_disk: 0,
             first_append_ms: None,
         };
         let on_disk = (offset_index_bytes, time_index_bytes);
+        let tail = bases.get(i + 1).is_none();
         let rebuilt = match bases.get(i + 1) {
             Some(&next_base) => {
                 recover_sealed(&mut segment, &on_disk, next_base, config, &mut report)?
@@ -114,17 +117,35 @@ pub(super) fn recover(
             None => recover_tail(&mut segment, config, clean, &mut report)?,
         };
         let (offsets_bytes, times_bytes) = encode_index_files(&rebuilt);
-        if on_disk.0.as_deref() != Some(offsets_bytes.as_slice()) {
-            segment.offset_index_file =
-                rewrite_file(backend, &segment.offset_index_path, &offsets_bytes)?;
-            report
-                .indexes_rebuilt
-                .push(segment.offset_index_path.clone());
+        match entries_kept(
+            on_disk.0.as_deref(),
+            &offsets_bytes,
+            tail,
+            OFFSET_INDEX_ENTRY_BYTES,
+        ) {
+            Some(entries) => segment.offset_entries_on_disk = entries,
+            None => {
+                segment.offset_index_file =
+                    rewrite_file(backend, &segment.offset_index_path, &offsets_bytes)?;
+                segment.offset_entries_on_disk = rebuilt.offsets.len();
+                report
+                    .indexes_rebuilt
+                    .push(segment.offset_index_path.clone());
+            }
         }
-        if on_disk.1.as_deref() != Some(times_bytes.as_slice()) {
-            segment.time_index_file =
-                rewrite_file(backend, &segment.time_index_path, &times_bytes)?;
-            report.indexes_rebuilt.push(segment.time_index_path.clone());
+        match entries_kept(
+            on_disk.1.as_deref(),
+            &times_bytes,
+            tail,
+            TIME_INDEX_ENTRY_BYTES,
+        ) {
+            Some(entries) => segment.time_entries_on_disk = entries,
+            None => {
+                segment.time_index_file =
+                    rewrite_file(backend, &segment.time_index_path, &times_bytes)?;
+                segment.time_entries_on_disk = rebuilt.times.len();
+                report.indexes_rebuilt.push(segment.time_index_path.clone());
+            }
         }
         segment.index = rebuilt;
         segment.committed_size = segment.size;
@@ -148,6 +169,23 @@ pub(super) fn recover(
         log_end,
     };
     Ok((view, report))
+}
+
+/// How many entries of an index file recovery keeps as they are: all of them when the file is
+/// exactly the rebuilt index; for the tail segment also a shorter whole-entry prefix of it
+/// (the active segment's entries are written at roll and close only, so after a crash its
+/// file holds those of the last close, and the rest is written at the next roll or close).
+/// `None`: the file is missing or wrong and is rewritten.
+fn entries_kept(
+    on_disk: Option<&[u8]>,
+    rebuilt: &[u8],
+    tail: bool,
+    entry_bytes: usize,
+) -> Option<usize> {
+    let on_disk = on_disk?;
+    let kept = on_disk == rebuilt
+        || (tail && on_disk.len().is_multiple_of(entry_bytes) && rebuilt.starts_with(on_disk));
+    kept.then_some(on_disk.len() / entry_bytes)
 }
 
 /// A sealed segment: keep its indexes if they pass validation, else rebuild from the log.

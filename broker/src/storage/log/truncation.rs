@@ -104,18 +104,27 @@ impl Shared {
                 s.index.clone(),
             )
         };
+        let (offsets_on_disk, times_on_disk) = {
+            let view = lock(&self.view);
+            let s = view.active();
+            (s.offset_entries_on_disk, s.time_entries_on_disk)
+        };
         log.set_len(position)
             .map_err(io_error("truncate", &log_path))?;
         log.sync_data().map_err(io_error("fsync", &log_path))?;
         index.truncate(relative(base, from_offset));
-        let offsets_len = (index.offsets.len() * OFFSET_INDEX_ENTRY_BYTES) as u64;
+        // The files hold a prefix of the index (all of it if the segment was sealed): cut
+        // them to the entries that stay, if they hold more.
+        let offsets_on_disk = offsets_on_disk.min(index.offsets.len());
+        let times_on_disk = times_on_disk.min(index.times.len());
+        let offsets_len = (offsets_on_disk * OFFSET_INDEX_ENTRY_BYTES) as u64;
         offset_file
             .set_len(offsets_len)
             .map_err(io_error("truncate", &offset_path))?;
         offset_file
             .sync_data()
             .map_err(io_error("fsync", &offset_path))?;
-        let times_len = (index.times.len() * TIME_INDEX_ENTRY_BYTES) as u64;
+        let times_len = (times_on_disk * TIME_INDEX_ENTRY_BYTES) as u64;
         time_file
             .set_len(times_len)
             .map_err(io_error("truncate", &time_path))?;
@@ -131,6 +140,8 @@ impl Shared {
         segment.committed_size = segment.committed_size.min(position);
         segment.next_offset = from_offset;
         segment.index = index;
+        segment.offset_entries_on_disk = offsets_on_disk;
+        segment.time_entries_on_disk = times_on_disk;
         tracing::info!(dir = %self.dir.display(), from_offset, "truncated the log suffix");
         Ok(())
     }

@@ -8,10 +8,6 @@ struct Active {
     base_offset: i64,
     log: Arc<dyn StorageFile>,
     log_path: PathBuf,
-    offset_index_file: Arc<dyn StorageFile>,
-    offset_index_path: PathBuf,
-    time_index_file: Arc<dyn StorageFile>,
-    time_index_path: PathBuf,
     /// Bytes of the segment including those still in the write buffer.
     size: u64,
     /// Bytes on disk.
@@ -21,8 +17,7 @@ struct Active {
     buffered_from_offset: Option<i64>,
     first_append_ms: Option<i64>,
     cursor: IndexCursor,
-    offset_entries_written: usize,
-    time_entries_written: usize,
+    /// Index entries of this group, for the view (the files get them at roll or close).
     pending_offsets: Vec<OffsetEntry>,
     pending_times: Vec<TimeEntry>,
 }
@@ -33,18 +28,12 @@ impl Active {
             base_offset: segment.base_offset,
             log: segment.log.clone(),
             log_path: segment.log_path.clone(),
-            offset_index_file: segment.offset_index_file.clone(),
-            offset_index_path: segment.offset_index_path.clone(),
-            time_index_file: segment.time_index_file.clone(),
-            time_index_path: segment.time_index_path.clone(),
             size: segment.size,
             written: segment.size,
             next_offset: segment.next_offset,
             buffered_from_offset: None,
             first_append_ms: segment.first_append_ms,
             cursor: segment.index.cursor,
-            offset_entries_written: segment.index.offsets.len(),
-            time_entries_written: segment.index.times.len(),
             pending_offsets: Vec::new(),
             pending_times: Vec::new(),
         }
@@ -181,21 +170,15 @@ impl Shared {
         }
     }
 
-    /// Cuts the active segment's files back to where the group started (nothing of it was
-    /// acknowledged or visible: readers stop at the high watermark).
+    /// Cuts the active segment's log back to where the group started (nothing of it was
+    /// acknowledged or visible: readers stop at the high watermark). The group wrote no
+    /// index entries to the files (the active segment's are written at roll and close, and
+    /// the group did not roll).
     fn undo_group(&self, active: &Active, before: &GroupStart) -> Result<(), StorageError> {
         active
             .log
             .set_len(before.size)
             .map_err(io_error("truncate", &active.log_path))?;
-        active
-            .offset_index_file
-            .set_len((before.offset_entries * OFFSET_INDEX_ENTRY_BYTES) as u64)
-            .map_err(io_error("truncate", &active.offset_index_path))?;
-        active
-            .time_index_file
-            .set_len((before.time_entries * TIME_INDEX_ENTRY_BYTES) as u64)
-            .map_err(io_error("truncate", &active.time_index_path))?;
         let mut view = lock(&self.view);
         view.log_end = before.log_end;
         let segment = view.segments.last_mut().expect("active segment");
@@ -269,8 +252,9 @@ impl Shared {
         Ok(Some(group_now_ms))
     }
 
-    /// Writes the buffered batches and new index entries of the active segment, then
-    /// publishes its new size and entries to readers (who still stop at the high watermark).
+    /// Writes the buffered batches of the active segment, then publishes its new size and
+    /// index entries to readers (who still stop at the high watermark). The entries reach
+    /// the index files at roll or close (`Shared::write_active_index`).
     fn write_out(
         &self,
         write: &mut WriteState,
@@ -295,22 +279,6 @@ impl Shared {
             write.unsynced = true;
         }
         assert_eq!(active.written, active.size);
-        if !active.pending_offsets.is_empty() {
-            let position = (active.offset_entries_written * OFFSET_INDEX_ENTRY_BYTES) as u64;
-            active
-                .offset_index_file
-                .write_at(&encode_offsets(&active.pending_offsets), position)
-                .map_err(io_error("write", &active.offset_index_path))?;
-            active.offset_entries_written += active.pending_offsets.len();
-        }
-        if !active.pending_times.is_empty() {
-            let position = (active.time_entries_written * TIME_INDEX_ENTRY_BYTES) as u64;
-            active
-                .time_index_file
-                .write_at(&encode_times(&active.pending_times), position)
-                .map_err(io_error("write", &active.time_index_path))?;
-            active.time_entries_written += active.pending_times.len();
-        }
         let mut view = lock(&self.view);
         if let Some(first) = active.buffered_from_offset.take() {
             assert_eq!(first, view.log_end, "appended offsets are dense");
@@ -341,12 +309,10 @@ impl Shared {
             .pending_times
             .extend(active.cursor.seal(active.base_offset));
         self.write_out(write, active, buffer)?;
+        let _: bool = self.write_active_index()?;
+        let files = self.active_files();
         self.observed_sync(|| {
-            for (file, path) in [
-                (&active.log, &active.log_path),
-                (&active.offset_index_file, &active.offset_index_path),
-                (&active.time_index_file, &active.time_index_path),
-            ] {
+            for (file, path) in &files {
                 file.sync_data().map_err(io_error("fsync", path))?;
             }
             Ok(())
