@@ -196,7 +196,7 @@ impl PeerTransport for SimNetwork {
                 reason: "went down".into(),
             });
         }
-        let answer = serve(&target, to, &group, request).await;
+        let answer = serve(&target, to, group, request).await;
         tokio::time::sleep(plan.answer_delay).await;
         let mut state = self.state();
         if plan.drop_answer || state.cut.contains(&(to, from)) {
