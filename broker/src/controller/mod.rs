@@ -84,6 +84,8 @@ pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// [`REPLICA_RESTART_BACKOFF_MAX`].
 pub const REPLICA_RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a replica restarted after a fatal error holds its own elections back.
+pub const RESTARTED_REPLICA_ELECTION_HOLD: Duration = Duration::from_secs(10);
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
@@ -778,6 +780,16 @@ impl<T: PeerTransport> Controller<T> {
             )
             .await
             .map_err(|e| ClusterError::new(e.code(), e.to_string()))?;
+            if restarts > 0 {
+                // It failed (a full disk, a broken file): it follows, it does not stand for
+                // election for a while — a leader that cannot append would fail again and
+                // take every write down with it, round after round.
+                crate::replication::elections::hold(
+                    self.node_id,
+                    &group,
+                    RESTARTED_REPLICA_ELECTION_HOLD,
+                );
+            }
             self.groups.register(group.clone(), replica.raft().clone());
             if initialize {
                 replica

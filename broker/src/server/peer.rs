@@ -125,13 +125,23 @@ fn tls_error(e: impl std::fmt::Display) -> PeerSetupError {
     PeerSetupError::Tls(e.to_string())
 }
 
+/// Keep-alives on peer connections: far more often than any idle timeout could expire.
+const PEER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// A peer connection with nothing received for this long is closed (negotiated: the smaller
+/// of both sides' limits).
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
 fn transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(PEER_STREAMS_MAX.into())
         .max_concurrent_uni_streams(0u32.into())
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("fits")));
+        // A peer that stops answering (killed, restarted on the same port) is dropped within
+        // PEER_IDLE_TIMEOUT, so the next call connects afresh instead of sending into the old
+        // connection until a long idle timeout ran out (a restarted broker stayed out of its
+        // groups ~30 s so, its own elections raising terms the leaders never reached).
+        .keep_alive_interval(Some(PEER_KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")));
     transport
 }
 
