@@ -512,13 +512,6 @@ async fn single_broker_kill_9_pause_and_restart_lose_nothing() -> anyhow::Result
 /// partition (after a failover) never below what was committed; a new member of the group
 /// starts exactly at the committed offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the group side passes (groups branch: no group anomaly in 5 of 5 runs with \
-            replicated offsets, FindCoordinator and quorum-confirmed reads; 2 of them passed \
-            whole), but the producer under it still fails after a broker restarts: \
-            out_of_order_sequence (`sent sequence 87, expected 1113`, 2 of 5 runs, as in \
-            follower_killed_and_restarted_catches_up) and unknown_topic from a restarted \
-            broker that answers Metadata before its image caught up (2 of 5 runs; \
-            `caught_up` can be true while openraft still re-applies the metadata log)"]
 async fn consumer_group_across_coordinator_failover() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     const GROUP: &str = "g";
