@@ -58,6 +58,9 @@ pub(crate) struct ClientInner {
     /// Each group's coordinator as FindCoordinator last answered; forgotten on
     /// `not_coordinator` or a failed call.
     coordinators: Mutex<HashMap<String, SocketAddr>>,
+    /// One FindCoordinator lookup at a time: callers that found no coordinator cached while
+    /// another lookup ran take its answer instead of asking every broker again.
+    coordinator_lookup: tokio::sync::Mutex<()>,
 }
 
 /// A group call retries (finding the coordinator again) for at least this long: a
@@ -120,6 +123,7 @@ impl Client {
                 metadata: Mutex::new(Metadata::default()),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 coordinators: Mutex::default(),
+                coordinator_lookup: tokio::sync::Mutex::new(()),
             }),
         };
         client.inner.refresh_metadata(None).await?;
@@ -467,13 +471,18 @@ impl ClientInner {
     /// answer, after a short wait for such a broker. A broker that does not know
     /// FindCoordinator (an older one) coordinates its own groups: the controller is used.
     async fn coordinator(&self, group: &str) -> Result<SocketAddr> {
-        if let Some(addr) = self
-            .coordinators
-            .lock()
-            .expect("coordinators lock")
-            .get(group)
-            .copied()
-        {
+        let cached = || {
+            self.coordinators
+                .lock()
+                .expect("coordinators lock")
+                .get(group)
+                .copied()
+        };
+        if let Some(addr) = cached() {
+            return Ok(addr);
+        }
+        let _lookup = self.coordinator_lookup.lock().await;
+        if let Some(addr) = cached() {
             return Ok(addr);
         }
         let mut candidates = vec![self.controller()];
