@@ -389,20 +389,7 @@ impl ClientInner {
         let deadline = Instant::now() + self.config.request_timeout.max(COORDINATOR_RETRY_TIME_MIN);
         let mut attempt = 0;
         loop {
-            let result = match self.coordinator(group).await {
-                Ok(addr) => {
-                    let result = self
-                        .transport
-                        .call(addr, request, self.config.request_timeout)
-                        .await;
-                    if result.as_ref().is_err_and(Error::is_retriable) {
-                        self.forget_coordinator(group, addr);
-                    }
-                    result
-                }
-                Err(error) => Err(error),
-            };
-            match result {
+            match self.call_coordinator_once(group, request).await {
                 Err(error) if error.is_retriable() && Instant::now() < deadline => {
                     self.after_retriable(&error, attempt, deadline).await;
                     attempt += 1;

@@ -568,6 +568,7 @@ impl PartitionLog {
             // without four fsyncs each). Only a tail index that recovery found short (and
             // completed in memory) is written out; the marker says nothing about indexes.
             if self.shared.write_active_index()? {
+                // The segment (first) was not written: only its index files were.
                 for (file, path) in self.shared.active_files().iter().skip(1) {
                     file.sync_data().map_err(io_error("fsync", path))?;
                 }
