@@ -61,12 +61,19 @@ pub(crate) struct ClientInner {
     /// One FindCoordinator lookup at a time: callers that found no coordinator cached while
     /// another lookup ran take its answer instead of asking every broker again.
     coordinator_lookup: tokio::sync::Mutex<()>,
+    /// When the last leader probe of each topic started: a probe asked for after that
+    /// takes its answer instead of asking again, so a burst of unanswered requests sends
+    /// one probe. One probe at a time.
+    leader_probes: tokio::sync::Mutex<HashMap<String, Instant>>,
 }
 
 /// A group call retries (finding the coordinator again) for at least this long: a
 /// coordinator's failover — an election, then the new leader loading the group's offsets
 /// partition — takes seconds.
 pub(crate) const COORDINATOR_RETRY_TIME_MIN: Duration = Duration::from_secs(15);
+/// After the first answer to a leader probe, how long to wait for the other brokers' (one
+/// of them may have seen a newer election); a dead broker never answers.
+const LEADER_PROBE_ANSWERS_WAIT: Duration = Duration::from_millis(100);
 /// After the first FindCoordinator answer, how long to wait for a broker that names itself
 /// (it leads the group's partition: the surest answer) before taking what was answered.
 const COORDINATOR_SELF_ANSWER_WAIT: Duration = Duration::from_millis(300);
@@ -83,8 +90,14 @@ pub(crate) struct Metadata {
 /// One topic's partitions and their leaders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TopicLayout {
+    /// The topic's id (0 from a broker that does not send one): a re-created topic has a new
+    /// one, and its leader epochs start again.
+    pub(crate) topic_id: u64,
     /// Leader node of each partition, indexed by partition number.
     pub(crate) leaders: Vec<Option<u32>>,
+    /// The leader epoch each answer named with its leader, indexed by partition number: of
+    /// two views of a partition, the one with the higher epoch is the newer.
+    pub(crate) leader_epochs: Vec<i32>,
 }
 
 impl TopicLayout {
@@ -124,6 +137,7 @@ impl Client {
                 refresh_lock: tokio::sync::Mutex::new(()),
                 coordinators: Mutex::default(),
                 coordinator_lookup: tokio::sync::Mutex::new(()),
+                leader_probes: tokio::sync::Mutex::default(),
             }),
         };
         client.inner.refresh_metadata(None).await?;
@@ -219,8 +233,16 @@ impl ClientInner {
         while let Some((addr, answer)) = futures_util::StreamExt::next(&mut asks).await {
             match answer {
                 Ok(response) => {
-                    let metadata = self.metadata_from(addr, response, started).await;
-                    *self.metadata.lock().expect("metadata lock") = metadata;
+                    let mut metadata = self.metadata_from(addr, response, started).await;
+                    let mut cached = self.metadata.lock().expect("metadata lock");
+                    // A broker that has not seen an election yet must not undo what a
+                    // probe learnt from the new leader.
+                    for (name, layout) in metadata.topics.iter_mut() {
+                        if let Some(known) = cached.topics.get(name) {
+                            *layout = Arc::new(newer_leaders(known, layout, &metadata.brokers));
+                        }
+                    }
+                    *cached = metadata;
                     return Ok(());
                 }
                 Err(error) => {
@@ -255,12 +277,21 @@ impl ClientInner {
                 .max()
                 .unwrap_or(0);
             let mut leaders = vec![None; count as usize];
+            let mut leader_epochs = vec![-1; count as usize];
             for partition in &topic.partitions {
                 if partition.error == ErrorCode::None && brokers.contains_key(&partition.leader) {
                     leaders[partition.partition as usize] = Some(partition.leader);
+                    leader_epochs[partition.partition as usize] = partition.leader_epoch;
                 }
             }
-            topics.insert(topic.name, Arc::new(TopicLayout { leaders }));
+            topics.insert(
+                topic.name,
+                Arc::new(TopicLayout {
+                    topic_id: topic.topic_id,
+                    leaders,
+                    leader_epochs,
+                }),
+            );
         }
         Metadata {
             brokers,
@@ -363,9 +394,15 @@ impl ClientInner {
         let mut attempt = 0;
         loop {
             let addr = self.controller();
-            let result = self
+            let call = self
                 .transport
-                .call(addr, request, self.config.request_timeout)
+                .call(addr, request, self.config.request_timeout);
+            let result = self
+                .call_following(addr, call, || async {
+                    let _ = self.refresh_metadata(Some(Instant::now())).await;
+                    let now = self.controller();
+                    (now != addr).then(|| format!("the controller is {now} now"))
+                })
                 .await;
             match result {
                 Err(error) if error.is_retriable() && Instant::now() < deadline => {
@@ -407,9 +444,21 @@ impl ClientInner {
         request: &R,
     ) -> Result<R::Response> {
         let addr = self.coordinator(group).await?;
-        let result = self
+        let call = self
             .transport
-            .call(addr, request, self.config.request_timeout)
+            .call(addr, request, self.config.request_timeout);
+        let result = self
+            .call_following(addr, call, || async {
+                let found = self.find_coordinator(group).await.ok()?;
+                if found == addr {
+                    return None;
+                }
+                self.coordinators
+                    .lock()
+                    .expect("coordinators lock")
+                    .insert(group.to_owned(), found);
+                Some(format!("group {group:?} is coordinated by {found} now"))
+            })
             .await;
         if result.as_ref().is_err_and(Error::is_retriable) {
             self.forget_coordinator(group, addr);
@@ -472,6 +521,17 @@ impl ClientInner {
         if let Some(addr) = cached() {
             return Ok(addr);
         }
+        let addr = self.find_coordinator(group).await?;
+        self.coordinators
+            .lock()
+            .expect("coordinators lock")
+            .insert(group.to_owned(), addr);
+        Ok(addr)
+    }
+
+    /// Asks every known broker at once who coordinates `group` (see
+    /// [`coordinator`](Self::coordinator)); the cache is left as it is.
+    async fn find_coordinator(&self, group: &str) -> Result<SocketAddr> {
         let mut candidates = vec![self.controller()];
         {
             let metadata = self.metadata.lock().expect("metadata lock");
@@ -531,16 +591,111 @@ impl ClientInner {
             wait_until.get_or_insert(tokio::time::Instant::now() + COORDINATOR_SELF_ANSWER_WAIT);
         };
         match found {
-            Some(addr) => {
-                self.coordinators
-                    .lock()
-                    .expect("coordinators lock")
-                    .insert(group.to_owned(), addr);
-                Ok(addr)
-            }
+            Some(addr) => Ok(addr),
             None => Err(last_error.unwrap_or_else(|| {
                 Error::from_code(ErrorCode::NotCoordinator, "no broker named a coordinator")
             })),
+        }
+    }
+
+    /// Runs `call`, a request to `addr` (connecting included). Each time
+    /// `leader_probe_after` passes without an answer, `moved` looks for where the request's
+    /// target (a partition's leader, a group's coordinator, the controller) is now; when it
+    /// says the target left `addr`, the request is abandoned — its stream is reset, its
+    /// connection stays — with a retriable [`Error::Transport`] naming why, and the caller
+    /// sends it again where the target now is. A leader that died without a word is thus
+    /// left in about an election's time, not after `request_timeout` (or, while
+    /// reconnecting, `connect_timeout`).
+    pub(crate) async fn call_following<T, Probe: Future<Output = Option<String>>>(
+        &self,
+        addr: SocketAddr,
+        call: impl Future<Output = Result<T>>,
+        mut moved: impl FnMut() -> Probe,
+    ) -> Result<T> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => return result,
+                () = tokio::time::sleep(self.config.leader_probe_after) => {}
+            }
+            let verdict = {
+                let probe = moved();
+                tokio::select! {
+                    result = &mut call => return result,
+                    verdict = probe => verdict,
+                }
+            };
+            if let Some(reason) = verdict {
+                tracing::debug!(%addr, %reason, "abandoning an unanswered request");
+                return Err(Error::transport(format!(
+                    "abandoned an unanswered request to {addr}: {reason}"
+                )));
+            }
+        }
+    }
+
+    /// Asks every known broker at once for the leaders of `topics` and keeps, per
+    /// partition, the answer with the highest leader epoch: a partition's replicas answer
+    /// from their own Raft state, so a new leader is known as soon as one replica has heard
+    /// from it, before the metadata log records it. Waits for every answer but at most
+    /// [`LEADER_PROBE_ANSWERS_WAIT`] after the first. A probe that started at or after
+    /// `asked_at` (another caller's) answers for this one.
+    pub(crate) async fn probe_leaders(&self, topics: &[String], asked_at: Instant) {
+        let mut probes = self.leader_probes.lock().await;
+        let mut wanted: Vec<String> = topics
+            .iter()
+            .filter(|topic| probes.get(*topic).is_none_or(|started| *started < asked_at))
+            .cloned()
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        for topic in &wanted {
+            probes.insert(topic.clone(), started);
+        }
+        let candidates: Vec<SocketAddr> = {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            metadata.brokers.values().copied().collect()
+        };
+        let request = MetadataRequest {
+            topics: Some(wanted),
+        };
+        let request = &request;
+        let mut asks: futures_util::stream::FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|addr| async move {
+                let answer = self
+                    .transport
+                    .call(addr, request, self.config.request_timeout)
+                    .await;
+                (addr, answer)
+            })
+            .collect();
+        let mut wait_until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = futures_util::StreamExt::next(&mut asks);
+            let next = match wait_until {
+                Some(until) => match tokio::time::timeout_at(until, next).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => next.await,
+            };
+            let Some((addr, answer)) = next else { break };
+            match answer {
+                Ok(response) => {
+                    let answered = self.metadata_from(addr, response, started).await;
+                    merge_newer_leaders(
+                        &mut self.metadata.lock().expect("metadata lock"),
+                        answered,
+                    );
+                }
+                Err(error) => tracing::debug!(%addr, %error, "leader probe failed"),
+            }
+            wait_until.get_or_insert(tokio::time::Instant::now() + LEADER_PROBE_ANSWERS_WAIT);
         }
     }
 
@@ -565,6 +720,54 @@ impl ClientInner {
     /// Time limit of a request that waits `wait` at the broker on purpose (`acks=all`).
     pub(crate) fn timeout_with_wait(&self, wait: Duration) -> Duration {
         self.config.request_timeout + wait
+    }
+}
+
+/// `answered`'s layout, except for the partitions whose leader `known` has from a higher
+/// leader epoch (and that leader is among `brokers`): an answer from a broker that has not
+/// seen the latest election yet never undoes what a newer one said.
+fn newer_leaders(
+    known: &TopicLayout,
+    answered: &TopicLayout,
+    brokers: &HashMap<u32, SocketAddr>,
+) -> TopicLayout {
+    let mut layout = answered.clone();
+    if known.topic_id != answered.topic_id {
+        return layout;
+    }
+    for (index, leader) in layout.leaders.iter_mut().enumerate() {
+        let (Some(known_epoch), Some(known_leader)) = (
+            known.leader_epochs.get(index).copied(),
+            known.leaders.get(index).copied().flatten(),
+        ) else {
+            continue;
+        };
+        if known_epoch > layout.leader_epochs[index] && brokers.contains_key(&known_leader) {
+            *leader = Some(known_leader);
+            layout.leader_epochs[index] = known_epoch;
+        }
+    }
+    layout
+}
+
+/// Merges a probe's answer into the cache: brokers it names that the cache lacks, and each
+/// partition's leader where the answer's epoch is higher. Topics the cache does not hold (or
+/// holds under another id) are left to the next full refresh.
+fn merge_newer_leaders(cached: &mut Metadata, answered: Metadata) {
+    for (node, addr) in answered.brokers {
+        cached.brokers.entry(node).or_insert(addr);
+    }
+    for (name, layout) in answered.topics {
+        if let Some(known) = cached.topics.get_mut(&name)
+            && known.topic_id == layout.topic_id
+            && known.leaders.len() == layout.leaders.len()
+        {
+            let merged = newer_leaders(&layout, known, &cached.brokers);
+            if merged != **known {
+                tracing::debug!(topic = %name, leaders = ?merged.leaders, epochs = ?merged.leader_epochs, "a probe found newer leaders");
+                *known = Arc::new(merged);
+            }
+        }
     }
 }
 

@@ -18,6 +18,9 @@ pub const BOOTSTRAP_DEFAULT: &str = "127.0.0.1:9192";
 pub const SERVER_NAME_DEFAULT: &str = "localhost";
 /// Where `ketch serve` with no arguments writes its dev CA.
 pub const CA_CERT_PATH_DEFAULT: &str = "ketch-data/ca.pem";
+/// Default of [`ClientConfig::leader_probe_after`]: a few times a healthy request's round
+/// trip on a loaded machine, a small part of an election (≈1–2 s).
+pub const LEADER_PROBE_AFTER_DEFAULT: Duration = Duration::from_millis(300);
 /// Most batches of one partition in flight: as many as the broker remembers per producer to
 /// recognise retries.
 pub const PARTITION_IN_FLIGHT_BATCHES_LIMIT: usize =
@@ -79,6 +82,15 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Time limit of one QUIC handshake.
     pub connect_timeout: Duration,
+    /// How long a request to a partition's leader (or a group's coordinator, or the
+    /// controller) may go unanswered before the client asks the other brokers who leads now,
+    /// and again every time this passes while it stays unanswered. When they name another
+    /// leader (a higher leader epoch), the request is abandoned and sent there at once: a
+    /// leader that died is left behind in about an election's time, not after
+    /// `request_timeout` or `connect_timeout`. Idempotent sequences make the resend safe. Not
+    /// a time limit: a slow leader that still leads keeps the request until
+    /// `request_timeout`.
+    pub leader_probe_after: Duration,
     /// First delay before reconnecting to a broker after a failed attempt; doubles per
     /// failure up to `reconnect_backoff_max`.
     pub reconnect_backoff_initial: Duration,
@@ -148,6 +160,7 @@ impl Default for ClientConfig {
             client_id: "ketch-rust".to_owned(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            leader_probe_after: LEADER_PROBE_AFTER_DEFAULT,
             reconnect_backoff_initial: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             metadata_max_age: Duration::from_secs(300),
@@ -168,6 +181,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("client_id", &self.client_id)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("leader_probe_after", &self.leader_probe_after)
             .field("reconnect_backoff_initial", &self.reconnect_backoff_initial)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
             .field("metadata_max_age", &self.metadata_max_age)
@@ -218,6 +232,7 @@ impl ClientConfig {
         }
         non_zero("request_timeout", self.request_timeout)?;
         non_zero("connect_timeout", self.connect_timeout)?;
+        non_zero("leader_probe_after", self.leader_probe_after)?;
         non_zero("reconnect_backoff_initial", self.reconnect_backoff_initial)?;
         non_zero("idle_timeout", self.idle_timeout)?;
         if self.reconnect_backoff_max < self.reconnect_backoff_initial {

@@ -690,7 +690,18 @@ pub(super) async fn produce(
         .map(InFlightBatch::deadline)
         .min()
         .unwrap_or_else(|| Instant::now() + timeout);
-    let call = shared.client.inner.transport.call(addr, &request, timeout);
+    let inner = &shared.client.inner;
+    let call = inner.transport.call(addr, &request, timeout);
+    // Unanswered for a while: ask who leads these partitions now, and go there if it is
+    // no longer `addr` (a leader that died answers nothing until `timeout`).
+    let topics: Vec<String> = batches.iter().map(|b| b.partition.topic.clone()).collect();
+    let call = inner.call_following(addr, call, || async {
+        inner.probe_leaders(&topics, Instant::now()).await;
+        batches.iter().find_map(|batch| {
+            let now = inner.cached_leader(&batch.partition)?;
+            (now != addr).then(|| format!("{} is led by {now} now", batch.partition))
+        })
+    });
     let response = match tokio::time::timeout_at(deadline.into(), call).await {
         Ok(response) => response,
         Err(_) => Err(Error::Timeout(format!(
