@@ -623,10 +623,10 @@ async fn list_offsets_once(
                 })
                 .collect(),
         };
+        let partitions: Vec<TopicPartition> = indexes.iter().map(|&i| specs[i].0.clone()).collect();
         let response = client
             .inner
-            .transport
-            .call(addr, &request, client.config().request_timeout)
+            .call_leader(addr, &partitions, &request, client.config().request_timeout)
             .await?;
         let mut ends = Vec::new();
         for &index in &indexes {

@@ -74,6 +74,8 @@ pub(crate) const COORDINATOR_RETRY_TIME_MIN: Duration = Duration::from_secs(15);
 /// After the first answer to a leader probe, how long to wait for the other brokers' (one
 /// of them may have seen a newer election); a dead broker never answers.
 const LEADER_PROBE_ANSWERS_WAIT: Duration = Duration::from_millis(100);
+/// A leader probe gives up after this long without an answer.
+const LEADER_PROBE_TIME_MAX: Duration = Duration::from_secs(1);
 /// After the first FindCoordinator answer, how long to wait for a broker that names itself
 /// (it leads the group's partition: the surest answer) before taking what was answered.
 const COORDINATOR_SELF_ANSWER_WAIT: Duration = Duration::from_millis(300);
@@ -634,11 +636,61 @@ impl ClientInner {
         }
     }
 
+    /// Sends `request` to `addr`, the cached leader of `partitions`; unanswered, it follows
+    /// them to a new leader (see [`call_following`](Self::call_following)): a probe of their
+    /// topics finds one of them led elsewhere.
+    pub(crate) async fn call_leader<R: Api>(
+        &self,
+        addr: SocketAddr,
+        partitions: &[TopicPartition],
+        request: &R,
+        timeout: Duration,
+    ) -> Result<R::Response> {
+        let call = self.transport.call(addr, request, timeout);
+        self.call_following(addr, call, || self.leader_moved_from(addr, partitions))
+            .await
+    }
+
+    /// Probes the leaders of `partitions`' topics; why one of them is no longer led at
+    /// `addr`, if one is not (`None` too while no leader is known).
+    pub(crate) async fn leader_moved_from(
+        &self,
+        addr: SocketAddr,
+        partitions: &[TopicPartition],
+    ) -> Option<String> {
+        let topics: Vec<String> = partitions.iter().map(|p| p.topic.clone()).collect();
+        self.probe_leaders(&topics, Instant::now()).await;
+        partitions.iter().find_map(|partition| {
+            let now = self.cached_leader(partition)?;
+            (now != addr).then(|| format!("{partition} is led by {now} now"))
+        })
+    }
+
+    /// Notes a leader a broker named for `partition` in `epoch` (a `not_leader` answer's
+    /// hint) when it is newer than the cached one and the broker is known.
+    pub(crate) fn note_leader(&self, partition: &TopicPartition, leader: u32, epoch: i32) {
+        let mut metadata = self.metadata.lock().expect("metadata lock");
+        if !metadata.brokers.contains_key(&leader) {
+            return;
+        }
+        let Some(layout) = metadata.topics.get_mut(&partition.topic) else {
+            return;
+        };
+        let index = partition.partition as usize;
+        if index >= layout.leaders.len() || layout.leader_epochs[index] >= epoch {
+            return;
+        }
+        let layout = Arc::make_mut(layout);
+        layout.leaders[index] = Some(leader);
+        layout.leader_epochs[index] = epoch;
+        tracing::debug!(%partition, leader, epoch, "a broker named a newer leader");
+    }
+
     /// Asks every known broker at once for the leaders of `topics` and keeps, per
     /// partition, the answer with the highest leader epoch: a partition's replicas answer
     /// from their own Raft state, so a new leader is known as soon as one replica has heard
     /// from it, before the metadata log records it. Waits for every answer but at most
-    /// [`LEADER_PROBE_ANSWERS_WAIT`] after the first. A probe that started at or after
+    /// [`LEADER_PROBE_ANSWERS_WAIT`] after the first, and [`LEADER_PROBE_TIME_MAX`] in all. A probe that started at or after
     /// `asked_at` (another caller's) answers for this one.
     pub(crate) async fn probe_leaders(&self, topics: &[String], asked_at: Instant) {
         let mut probes = self.leader_probes.lock().await;
@@ -674,17 +726,14 @@ impl ClientInner {
                 (addr, answer)
             })
             .collect();
-        let mut wait_until: Option<tokio::time::Instant> = None;
+        // Bounded even when no broker answers (they are all busy or gone): the caller asks
+        // again later.
+        let mut wait_until = tokio::time::Instant::now() + LEADER_PROBE_TIME_MAX;
         loop {
             let next = futures_util::StreamExt::next(&mut asks);
-            let next = match wait_until {
-                Some(until) => match tokio::time::timeout_at(until, next).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                },
-                None => next.await,
+            let Ok(Some((addr, answer))) = tokio::time::timeout_at(wait_until, next).await else {
+                break;
             };
-            let Some((addr, answer)) = next else { break };
             match answer {
                 Ok(response) => {
                     let answered = self.metadata_from(addr, response, started).await;
@@ -695,7 +744,7 @@ impl ClientInner {
                 }
                 Err(error) => tracing::debug!(%addr, %error, "leader probe failed"),
             }
-            wait_until.get_or_insert(tokio::time::Instant::now() + LEADER_PROBE_ANSWERS_WAIT);
+            wait_until = wait_until.min(tokio::time::Instant::now() + LEADER_PROBE_ANSWERS_WAIT);
         }
     }
 
@@ -793,6 +842,59 @@ async fn broker_address(host: &str, port: u16, answered_by: SocketAddr) -> Socke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One partition per entry: (leader, epoch) as known, as answered; what the cache keeps.
+    #[test]
+    fn an_answer_never_undoes_a_leader_known_from_a_newer_epoch() {
+        let brokers: HashMap<u32, SocketAddr> = [
+            (1, "127.0.0.1:1".parse().unwrap()),
+            (2, "127.0.0.1:2".parse().unwrap()),
+        ]
+        .into();
+        let layout = |id: u64, parts: &[(Option<u32>, i32)]| TopicLayout {
+            topic_id: id,
+            leaders: parts.iter().map(|p| p.0).collect(),
+            leader_epochs: parts.iter().map(|p| p.1).collect(),
+        };
+        let check = |known: TopicLayout, answered: TopicLayout, expected: TopicLayout| {
+            assert_eq!(
+                newer_leaders(&known, &answered, &brokers),
+                expected,
+                "{known:?} + {answered:?}"
+            );
+        };
+        // Partition 0: the answer is older (a replica that has not seen the election);
+        // partition 1: the answer is newer; partition 2: same epoch, the answer wins.
+        check(
+            layout(7, &[(Some(2), 5), (Some(1), 3), (Some(1), 4)]),
+            layout(7, &[(Some(1), 4), (Some(2), 4), (Some(2), 4)]),
+            layout(7, &[(Some(2), 5), (Some(2), 4), (Some(2), 4)]),
+        );
+        // No leader in the answer (an election under way): the known newer one stays.
+        check(
+            layout(7, &[(Some(2), 5)]),
+            layout(7, &[(None, -1)]),
+            layout(7, &[(Some(2), 5)]),
+        );
+        // A leader the answer's brokers do not list is not kept.
+        check(
+            layout(7, &[(Some(9), 5)]),
+            layout(7, &[(Some(1), 4)]),
+            layout(7, &[(Some(1), 4)]),
+        );
+        // A re-created topic (another id): its epochs start again; the answer is taken.
+        check(
+            layout(7, &[(Some(2), 5)]),
+            layout(8, &[(Some(1), 1)]),
+            layout(8, &[(Some(1), 1)]),
+        );
+        // More partitions in the answer: the new ones as answered.
+        check(
+            layout(7, &[(Some(2), 5)]),
+            layout(7, &[(Some(1), 4), (Some(1), 1)]),
+            layout(7, &[(Some(2), 5), (Some(1), 1)]),
+        );
+    }
 
     #[tokio::test]
     async fn unspecified_advertised_addresses_fall_back_to_the_answering_broker() {

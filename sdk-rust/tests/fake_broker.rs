@@ -1494,3 +1494,141 @@ async fn a_commit_refused_not_coordinator_finds_the_coordinator_again_and_retrie
     assert_eq!(broker.count(ApiKey::FindCoordinator), 2, "cached");
     within(consumer.close()).await.unwrap();
 }
+
+/// Two brokers (node 0 at `addrs[0]`, node 1 at `addrs[1]`) and topic `t` of one partition
+/// led by `leader` in `epoch`, as one broker sees it.
+fn metadata_of_two(addrs: [SocketAddr; 2], leader: u32, epoch: i32) -> Bytes {
+    encode_response(&MetadataResponse {
+        brokers: (0..2)
+            .map(|node| BrokerInfo {
+                node_id: node,
+                host: addrs[node as usize].ip().to_string(),
+                port: addrs[node as usize].port(),
+            })
+            .collect(),
+        controller_id: 0,
+        topics: vec![TopicMetadata {
+            error: ErrorCode::None,
+            name: "t".into(),
+            partitions: vec![PartitionMetadata {
+                partition: 0,
+                leader,
+                leader_epoch: epoch,
+                replicas: vec![0, 1],
+                ..Default::default()
+            }],
+            topic_id: 1,
+        }],
+    })
+}
+
+/// A leader (node 0) that takes a produce request and never answers it, as one killed
+/// with `kill -9` (or cut off) does, and a broker (node 1) that was elected in its place:
+/// its metadata names itself in a higher epoch, while node 0's still names node 0. `old`
+/// answers produce requests after `old_answers_after`.
+fn old_and_new_leader(old_answers_after: Duration) -> (FakeBroker, FakeBroker) {
+    let addrs: Arc<std::sync::OnceLock<[SocketAddr; 2]>> = Arc::default();
+    let seen_by_old = addrs.clone();
+    let old = FakeBroker::start(move |request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata_of_two(*seen_by_old.get().unwrap(), 0, 1)),
+        Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
+        Request::Produce(_) => Reply::After(old_answers_after, produced(ErrorCode::None, 3)),
+        _ => not_scripted(),
+    });
+    let seen_by_new = addrs.clone();
+    let new = FakeBroker::start(move |request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata_of_two(*seen_by_new.get().unwrap(), 1, 2)),
+        Request::Produce(_) => Reply::Frame(produced(ErrorCode::None, 5)),
+        _ => not_scripted(),
+    });
+    addrs.set([old.addr, new.addr]).unwrap();
+    (old, new)
+}
+
+/// The leader dies with a produce request in flight; the client, hearing nothing, asks the
+/// other broker, which names a newer leader (itself): the same batch — same bytes, same
+/// producer id and sequence — goes there and is acknowledged, long before the dead
+/// leader's request would time out. Nothing here depends on how fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_produce_is_resent_to_the_leader_a_replica_names_in_a_newer_epoch() {
+    let _serial = SERIAL.lock().await;
+    let (old, new) = old_and_new_leader(Duration::from_secs(3600));
+    let client = within(Client::connect(ClientConfig {
+        request_timeout: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(3600),
+        // Each fake has a certificate of its own.
+        tls: Tls::DangerAcceptInvalidCerts,
+        ..old.config()
+    }))
+    .await
+    .unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    assert_eq!(
+        send_one(&producer, "a").await,
+        Ok(5),
+        "acknowledged by the new leader"
+    );
+    let (sent_to_old, sent_to_new) = (old.produced_batches(), new.produced_batches());
+    assert_eq!(sent_to_old.len(), 1, "{sent_to_old:?}");
+    assert_eq!(sent_to_new.len(), 1, "{sent_to_new:?}");
+    assert_eq!(
+        sent_to_old[0], sent_to_new[0],
+        "the resend carries the same bytes"
+    );
+    let stamp = header(&sent_to_new[0]);
+    assert_eq!((stamp.producer_id, stamp.base_sequence), (100, 0));
+    assert!(
+        new.count(ApiKey::Metadata) >= 1,
+        "the new leader was asked who leads"
+    );
+    // The next record goes straight to the new leader, continuing the sequence.
+    assert_eq!(send_one(&producer, "b").await, Ok(5));
+    let sent_to_new = new.produced_batches();
+    assert_eq!(sent_to_new.len(), 2);
+    assert_eq!(header(&sent_to_new[1]).base_sequence, 1);
+    assert_eq!(
+        old.produced_batches().len(),
+        1,
+        "nothing more to the old leader"
+    );
+    client.close();
+}
+
+/// A slow leader that still leads (every broker names it, in the same epoch) keeps its
+/// request: asking who leads is not a time limit, and nothing is resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_leader_that_still_leads_keeps_its_request() {
+    let _serial = SERIAL.lock().await;
+    let addrs: Arc<std::sync::OnceLock<[SocketAddr; 2]>> = Arc::default();
+    let (seen_by_leader, seen_by_follower) = (addrs.clone(), addrs.clone());
+    let leader = FakeBroker::start(move |request, seen| match request {
+        Request::Metadata(_) => Reply::Frame(metadata_of_two(*seen_by_leader.get().unwrap(), 0, 1)),
+        Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
+        Request::Produce(_) => Reply::After(Duration::from_secs(2), produced(ErrorCode::None, 3)),
+        _ => not_scripted(),
+    });
+    let follower = FakeBroker::start(move |request, _| match request {
+        Request::Metadata(_) => {
+            Reply::Frame(metadata_of_two(*seen_by_follower.get().unwrap(), 0, 1))
+        }
+        _ => not_scripted(),
+    });
+    addrs.set([leader.addr, follower.addr]).unwrap();
+    let client = within(Client::connect(ClientConfig {
+        leader_probe_after: Duration::from_millis(100),
+        // Each fake has a certificate of its own.
+        tls: Tls::DangerAcceptInvalidCerts,
+        ..leader.config()
+    }))
+    .await
+    .unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    assert_eq!(send_one(&producer, "a").await, Ok(3));
+    assert_eq!(leader.produced_batches().len(), 1, "not resent");
+    assert_eq!(follower.count(ApiKey::Produce), 0);
+    assert!(
+        follower.count(ApiKey::Metadata) >= 1,
+        "the other broker was asked who leads while the leader was slow"
+    );
+    client.close();
+}

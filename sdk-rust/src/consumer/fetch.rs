@@ -72,6 +72,11 @@ pub(super) struct PushStream {
 /// partitions must not need thousands of streams. Fewer partitions keep a stream each (a
 /// seek or a refused partition restarts only its own).
 pub(super) const PARTITION_STREAMS_MAX: usize = 32;
+/// A push stream quiet for this long (or `leader_probe_after`, if longer) asks who leads its
+/// partition, and again as often while it stays quiet: a stream waiting for records costs
+/// its client one small Metadata request to each broker per topic this often (probes of one
+/// topic are shared by its partitions' streams).
+const PUSH_STREAM_LEADER_CHECK_MIN: Duration = Duration::from_secs(1);
 
 /// Partitions one `SubscribeMany` stream carries at most (the broker takes up to
 /// `SUBSCRIBE_PARTITIONS_MAX`; 4,096 entries with the longest topic names are ~1.1 MB, well
@@ -563,18 +568,40 @@ pub(super) async fn read_pushes(
         let timeout = shared.client.config().request_timeout;
         let transport = &shared.client.inner.transport;
         let filter = shared.config.filter.as_ref();
-        let mut stream =
-            PartitionPushStream::open(transport, leader, request, filter, timeout).await?;
+        let inner = &shared.client.inner;
+        let partitions = std::slice::from_ref(partition);
+        let open = PartitionPushStream::open(transport, leader, request, filter, timeout);
+        let mut stream = inner
+            .call_following(leader, open, || inner.leader_moved_from(leader, partitions))
+            .await?;
+        // A quiet stream may be waiting for records or on a leader that died: it asks who
+        // leads every `leader_check`, and checks the connection once quiet for `timeout`.
+        let leader_check = shared
+            .client
+            .config()
+            .leader_probe_after
+            .max(PUSH_STREAM_LEADER_CHECK_MIN);
+        let mut quiet = Duration::ZERO;
         loop {
             let next = tokio::select! {
                 // Between pushes only: a push being applied is never cut.
                 () = stop.cancelled() => return Ok(()),
                 next = stream.next() => next?,
-                () = tokio::time::sleep(timeout) => {
-                    probe(shared, leader, timeout).await?;
+                () = tokio::time::sleep(leader_check) => {
+                    quiet += leader_check;
+                    if let Some(reason) = inner.leader_moved_from(leader, partitions).await {
+                        return Err(Error::transport(format!(
+                            "left the push stream of {partition} at {leader}: {reason}"
+                        )));
+                    }
+                    if quiet >= timeout {
+                        quiet = Duration::ZERO;
+                        probe(shared, leader, timeout).await?;
+                    }
                     continue;
                 }
             };
+            quiet = Duration::ZERO;
             let Some((answer, next_offset)) = next else {
                 return Err(Error::transport(format!(
                     "{leader} ended the push stream of {partition}"

@@ -691,17 +691,11 @@ pub(super) async fn produce(
         .min()
         .unwrap_or_else(|| Instant::now() + timeout);
     let inner = &shared.client.inner;
-    let call = inner.transport.call(addr, &request, timeout);
-    // Unanswered for a while: ask who leads these partitions now, and go there if it is
-    // no longer `addr` (a leader that died answers nothing until `timeout`).
-    let topics: Vec<String> = batches.iter().map(|b| b.partition.topic.clone()).collect();
-    let call = inner.call_following(addr, call, || async {
-        inner.probe_leaders(&topics, Instant::now()).await;
-        batches.iter().find_map(|batch| {
-            let now = inner.cached_leader(&batch.partition)?;
-            (now != addr).then(|| format!("{} is led by {now} now", batch.partition))
-        })
-    });
+    // Unanswered for a while, it asks who leads these partitions now, and is abandoned (to
+    // be resent there) if that is no longer `addr`: a leader that died answers nothing
+    // until `timeout`.
+    let partitions: Vec<TopicPartition> = batches.iter().map(|b| b.partition.clone()).collect();
+    let call = inner.call_leader(addr, &partitions, &request, timeout);
     let response = match tokio::time::timeout_at(deadline.into(), call).await {
         Ok(response) => response,
         Err(_) => Err(Error::Timeout(format!(
@@ -711,6 +705,21 @@ pub(super) async fn produce(
     };
     if let Ok(response) = &response {
         shared.throttled(addr, response.throttle_time_ms);
+        // A broker that no longer leads names the one it knows: the retry goes there
+        // without waiting for a metadata refresh.
+        for topic in &response.topics {
+            for answer in &topic.partitions {
+                if let Some(hint) = &answer.current_leader
+                    && matches!(
+                        answer.error,
+                        ErrorCode::NotLeader | ErrorCode::FencedLeaderEpoch
+                    )
+                {
+                    let partition = TopicPartition::new(topic.name.clone(), answer.partition);
+                    inner.note_leader(&partition, hint.leader_id, hint.leader_epoch);
+                }
+            }
+        }
     }
     match response {
         Ok(response) => batches
