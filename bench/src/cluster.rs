@@ -14,6 +14,12 @@ use ketch_client::{Acks, Client, ClientConfig, NewTopic, ProducerConfig, Produce
 use ketch_testkit::{KetchCluster, KetchProcess};
 
 const TOPIC: &str = "bench-cluster";
+/// The failover runs on a topic of its own: right after the throughput run's flood the
+/// followers of `TOPIC` are far behind, and a new leader of it cannot commit until one
+/// catches up (a broker matter, measured apart from the client's part here).
+const FAILOVER_TOPIC: &str = "bench-failover";
+/// Bound of the wait for the failover topic's leader before the kill.
+const LEADER_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// The client's defaults (request_timeout 30 s, connect_timeout 10 s, idle_timeout 30 s,
 /// leader_probe_after 300 ms): the failover figure is what an application gets untuned.
@@ -68,7 +74,11 @@ async fn produce_rate(
 }
 
 async fn create(client: &Client, replication_factor: u16) -> anyhow::Result<()> {
-    let mut topic = NewTopic::new(TOPIC, 1);
+    create_named(client, TOPIC, replication_factor).await
+}
+
+async fn create_named(client: &Client, name: &str, replication_factor: u16) -> anyhow::Result<()> {
+    let mut topic = NewTopic::new(name, 1);
     topic.replication_factor = replication_factor;
     client.admin().create_topic(topic).await?;
     Ok(())
@@ -102,9 +112,24 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
     );
 
     // Failover: a producer writes steadily; kill the leader; time to the next ack.
-    let leader = client.admin().describe_topic(TOPIC).await?.partitions[0]
-        .leader
-        .context("no leader")?;
+    create_named(&client, FAILOVER_TOPIC, 3).await?;
+    let waited = Instant::now();
+    let leader = loop {
+        if let Some(leader) = client
+            .admin()
+            .describe_topic(FAILOVER_TOPIC)
+            .await?
+            .partitions[0]
+            .leader
+        {
+            break leader;
+        }
+        ensure!(
+            waited.elapsed() < LEADER_WAIT_MAX,
+            "{FAILOVER_TOPIC} has no leader after {LEADER_WAIT_MAX:?}"
+        );
+        tokio::time::sleep(LEADER_POLL_INTERVAL).await;
+    };
     let producer = Arc::new(client.producer(producer_config()).await?);
     let last_ack: Arc<Mutex<Option<Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -115,7 +140,7 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
             while !stop.load(Ordering::SeqCst) {
                 let record = ProducerRecord {
                     partition: Some(0),
-                    ..ProducerRecord::new(TOPIC, vec![b'y'; record_bytes])
+                    ..ProducerRecord::new(FAILOVER_TOPIC, vec![b'y'; record_bytes])
                 };
                 let delivery = producer.send(record).await?;
                 let last_ack = last_ack.clone();
@@ -140,7 +165,7 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
         let observer = observer.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(topic) = observer.admin().describe_topic(TOPIC).await
+                if let Ok(topic) = observer.admin().describe_topic(FAILOVER_TOPIC).await
                     && let Some(now) = topic.partitions[0].leader
                     && now != leader
                 {

@@ -74,6 +74,9 @@ pub(crate) const COORDINATOR_RETRY_TIME_MIN: Duration = Duration::from_secs(15);
 /// After the first answer to a leader probe, how long to wait for the other brokers' (one
 /// of them may have seen a newer election); a dead broker never answers.
 const LEADER_PROBE_ANSWERS_WAIT: Duration = Duration::from_millis(100);
+/// Requests waiting on the same leaders share a probe that started this recently: a burst of
+/// requests to a dead leader sends a few probes, not one each.
+pub(crate) const LEADER_PROBE_SHARED_WITHIN: Duration = Duration::from_millis(100);
 /// A leader probe gives up after this long without an answer.
 const LEADER_PROBE_TIME_MAX: Duration = Duration::from_secs(1);
 /// After the first FindCoordinator answer, how long to wait for a broker that names itself
@@ -401,7 +404,7 @@ impl ClientInner {
                 .call(addr, request, self.config.request_timeout);
             let result = self
                 .call_following(addr, call, || async {
-                    let _ = self.refresh_metadata(Some(Instant::now())).await;
+                    self.probe_controller().await;
                     let now = self.controller();
                     (now != addr).then(|| format!("the controller is {now} now"))
                 })
@@ -647,19 +650,67 @@ impl ClientInner {
         timeout: Duration,
     ) -> Result<R::Response> {
         let call = self.transport.call(addr, request, timeout);
-        self.call_following(addr, call, || self.leader_moved_from(addr, partitions))
-            .await
+        self.call_following(addr, call, || {
+            self.leader_moved_from(addr, partitions, LEADER_PROBE_SHARED_WITHIN)
+        })
+        .await
+    }
+
+    /// Asks every known broker at once which broker is the controller (a Metadata request
+    /// for no topic: small however many partitions there are) and keeps the first answer,
+    /// within [`LEADER_PROBE_TIME_MAX`].
+    async fn probe_controller(&self) {
+        let candidates: Vec<SocketAddr> = {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            metadata.brokers.values().copied().collect()
+        };
+        let request = &MetadataRequest {
+            topics: Some(Vec::new()),
+        };
+        let mut asks: futures_util::stream::FuturesUnordered<_> = candidates
+            .into_iter()
+            .map(|addr| async move {
+                let answer = self
+                    .transport
+                    .call(addr, request, self.config.request_timeout)
+                    .await;
+                (addr, answer)
+            })
+            .collect();
+        let until = tokio::time::Instant::now() + LEADER_PROBE_TIME_MAX;
+        while let Ok(Some((addr, answer))) =
+            tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut asks)).await
+        {
+            match answer {
+                Ok(response) => {
+                    let answered = self.metadata_from(addr, response, Instant::now()).await;
+                    let mut metadata = self.metadata.lock().expect("metadata lock");
+                    for (node, addr) in answered.brokers {
+                        metadata.brokers.entry(node).or_insert(addr);
+                    }
+                    metadata.controller = answered.controller;
+                    return;
+                }
+                Err(error) => tracing::debug!(%addr, %error, "controller probe failed"),
+            }
+        }
     }
 
     /// Probes the leaders of `partitions`' topics; why one of them is no longer led at
     /// `addr`, if one is not (`None` too while no leader is known).
+    ///
+    /// A probe of the same topic that started less than `fresh_within` ago (another
+    /// caller's) answers for this one.
     pub(crate) async fn leader_moved_from(
         &self,
         addr: SocketAddr,
         partitions: &[TopicPartition],
+        fresh_within: Duration,
     ) -> Option<String> {
         let topics: Vec<String> = partitions.iter().map(|p| p.topic.clone()).collect();
-        self.probe_leaders(&topics, Instant::now()).await;
+        let now = Instant::now();
+        self.probe_leaders(&topics, now.checked_sub(fresh_within).unwrap_or(now))
+            .await;
         partitions.iter().find_map(|partition| {
             let now = self.cached_leader(partition)?;
             (now != addr).then(|| format!("{partition} is led by {now} now"))

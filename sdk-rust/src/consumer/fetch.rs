@@ -572,7 +572,13 @@ pub(super) async fn read_pushes(
         let partitions = std::slice::from_ref(partition);
         let open = PartitionPushStream::open(transport, leader, request, filter, timeout);
         let mut stream = inner
-            .call_following(leader, open, || inner.leader_moved_from(leader, partitions))
+            .call_following(leader, open, || {
+                inner.leader_moved_from(
+                    leader,
+                    partitions,
+                    crate::client::LEADER_PROBE_SHARED_WITHIN,
+                )
+            })
             .await?;
         // A quiet stream may be waiting for records or on a leader that died: it asks who
         // leads every `leader_check`, and checks the connection once quiet for `timeout`.
@@ -589,7 +595,9 @@ pub(super) async fn read_pushes(
                 next = stream.next() => next?,
                 () = tokio::time::sleep(leader_check) => {
                     quiet += leader_check;
-                    if let Some(reason) = inner.leader_moved_from(leader, partitions).await {
+                    // The streams of a topic's partitions share one probe per check.
+                    let moved = inner.leader_moved_from(leader, partitions, leader_check / 2);
+                    if let Some(reason) = moved.await {
                         return Err(Error::transport(format!(
                             "left the push stream of {partition} at {leader}: {reason}"
                         )));
