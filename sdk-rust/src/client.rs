@@ -741,7 +741,7 @@ impl ClientInner {
     /// partition, the answer with the highest leader epoch: a partition's replicas answer
     /// from their own Raft state, so a new leader is known as soon as one replica has heard
     /// from it, before the metadata log records it. Waits for every answer but at most
-    /// [`LEADER_PROBE_ANSWERS_WAIT`] after the first, and [`LEADER_PROBE_TIME_MAX`] in all. A probe that started at or after
+    /// [`LEADER_PROBE_ANSWERS_WAIT`] after the first (none once one named a newer leader), and [`LEADER_PROBE_TIME_MAX`] in all. A probe that started at or after
     /// `asked_at` (another caller's) answers for this one.
     pub(crate) async fn probe_leaders(&self, topics: &[String], asked_at: Instant) {
         let mut probes = self.leader_probes.lock().await;
@@ -788,10 +788,11 @@ impl ClientInner {
             match answer {
                 Ok(response) => {
                     let answered = self.metadata_from(addr, response, started).await;
-                    merge_newer_leaders(
-                        &mut self.metadata.lock().expect("metadata lock"),
-                        answered,
-                    );
+                    let mut cached = self.metadata.lock().expect("metadata lock");
+                    if merge_newer_leaders(&mut cached, answered) {
+                        // A newer leader is news enough: a dead one would never answer.
+                        break;
+                    }
                 }
                 Err(error) => tracing::debug!(%addr, %error, "leader probe failed"),
             }
@@ -852,8 +853,9 @@ fn newer_leaders(
 
 /// Merges a probe's answer into the cache: brokers it names that the cache lacks, and each
 /// partition's leader where the answer's epoch is higher. Topics the cache does not hold (or
-/// holds under another id) are left to the next full refresh.
-fn merge_newer_leaders(cached: &mut Metadata, answered: Metadata) {
+/// holds under another id) are left to the next full refresh. Whether a leader changed.
+fn merge_newer_leaders(cached: &mut Metadata, answered: Metadata) -> bool {
+    let mut changed = false;
     for (node, addr) in answered.brokers {
         cached.brokers.entry(node).or_insert(addr);
     }
@@ -866,9 +868,11 @@ fn merge_newer_leaders(cached: &mut Metadata, answered: Metadata) {
             if merged != **known {
                 tracing::debug!(topic = %name, leaders = ?merged.leaders, epochs = ?merged.leader_epochs, "a probe found newer leaders");
                 *known = Arc::new(merged);
+                changed = true;
             }
         }
     }
+    changed
 }
 
 /// A broker's advertised address, or the address that answered when the broker advertises
