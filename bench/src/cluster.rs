@@ -1,7 +1,8 @@
 //! `ketch-bench cluster`: produce `record_bytes` records with `acks=all` to one partition of a
 //! topic with RF=1 on one broker, then RF=3 on a three-broker cluster (the CLI contract:
 //! `--node-id`, `--peers`, `--ca-dir`), and the time from killing a partition leader
-//! (SIGKILL) to the first acknowledged produce on its successor; with `--idle-partitions N`,
+//! (SIGKILL) to the first acknowledged produce on its successor (client defaults, a topic of
+//! its own, and when a surviving replica named the new leader); with `--idle-partitions N`,
 //! the CPU and RSS of three idle brokers hosting a topic of N partitions (RF=3).
 
 use std::path::Path;
