@@ -81,9 +81,12 @@ pub const REASSIGN_CATCH_UP_LAG_ENTRIES_MAX: u64 = 1000;
 pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// How long a partition replica whose Raft stopped on a fatal error waits before its first
 /// restart; each further restart of it waits twice as long, up to
-/// [`REPLICA_RESTART_BACKOFF_MAX`].
+/// [`REPLICA_RESTART_BACKOFF_MAX`] — short enough that a replica stopped by a full disk is
+/// back within seconds of the space returning (a restart is an open of its log: cheap).
 pub const REPLICA_RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// A restarted replica that then ran this long without failing starts its backoff over.
+pub const REPLICA_HEALTHY_RUN_MIN: Duration = Duration::from_secs(60);
 /// How long a replica restarted after a fatal error holds its own elections back.
 pub const RESTARTED_REPLICA_ELECTION_HOLD: Duration = Duration::from_secs(10);
 /// The largest metadata read at once while applying.
@@ -770,6 +773,21 @@ impl<T: PeerTransport> Controller<T> {
                 .dir
                 .join("partitions")
                 .join(format!("{}-{index}", TopicId(topic.id)));
+            if restarts > 0 {
+                // It failed (a full disk, a broken file): it must not come back as the leader
+                // it may have been (see `resign_leadership`).
+                match crate::replication::replica::resign_leadership(&dir, self.node_id) {
+                    Ok(true) => tracing::warn!(
+                        topic = %topic.name,
+                        partition = index,
+                        "a failed partition replica that led gives up its leadership"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(ClusterError::new(e.code(), e.to_string()));
+                    }
+                }
+            }
             let producers = ProducerStateHook::new();
             let replica = PartitionReplica::open_with_hook(
                 &dir,
@@ -824,8 +842,9 @@ impl<T: PeerTransport> Controller<T> {
     }
 
     /// Takes `failed` (a replica whose Raft stopped on a fatal error) out of service and, after
-    /// a backoff, opens it again on its data; a replica that cannot be opened stays out of
-    /// service (not hosted: its peers lead and replicate without it), and says so.
+    /// a backoff, opens it again on its data; while it cannot be opened (its disk still full,
+    /// say) it stays out of service (not hosted: its peers lead and replicate without it) and
+    /// is tried again after each backoff, for as long as this broker hosts it.
     async fn restart_replica(
         self: &Arc<Self>,
         topic_id: u64,
@@ -846,9 +865,7 @@ impl<T: PeerTransport> Controller<T> {
             return;
         }
         metrics::counter!(crate::metrics::names::REPLICA_FAILURES).increment(1);
-        let backoff = REPLICA_RESTART_BACKOFF_INITIAL
-            .saturating_mul(1u32 << restarts.min(16))
-            .min(REPLICA_RESTART_BACKOFF_MAX);
+        let backoff = restart_backoff(restarts);
         tracing::error!(
             topic = %failed.topic,
             partition = failed.index,
@@ -862,29 +879,44 @@ impl<T: PeerTransport> Controller<T> {
         let (topic, index) = key;
         drop(failed);
         drop(removed);
-        tokio::time::sleep(backoff).await;
-        let Some(image) = self.topic(&topic).filter(|t| t.id == topic_id) else {
-            return;
-        };
-        if !image.hosts(index).contains(&self.node_id) {
-            return;
-        }
-        // Never initialized again: the group exists (its log is on disk).
-        match self
-            .open_replica_after_restarts(&image, index, false, restarts + 1)
-            .await
-        {
-            Ok(()) => tracing::info!(
-                topic,
-                partition = index,
-                "a failed partition replica restarted"
-            ),
-            Err(e) => tracing::error!(
-                topic,
-                partition = index,
-                error = %e.message,
-                "a failed partition replica could not restart: it stays out of service"
-            ),
+        let mut restarts = restarts;
+        let mut backoff = backoff;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let Some(image) = self.topic(&topic).filter(|t| t.id == topic_id) else {
+                return;
+            };
+            if !image.hosts(index).contains(&self.node_id) {
+                return;
+            }
+            // Never initialized again: the group exists (its log is on disk).
+            match self
+                .open_replica_after_restarts(&image, index, false, restarts + 1)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(
+                        topic,
+                        partition = index,
+                        "a failed partition replica restarted"
+                    );
+                    return;
+                }
+                // What stopped it may stop its opening too (a disk still full): try again,
+                // as long as the broker hosts it. Its peers lead and replicate without it
+                // meanwhile.
+                Err(e) => {
+                    restarts += 1;
+                    backoff = restart_backoff(restarts);
+                    tracing::error!(
+                        topic,
+                        partition = index,
+                        error = %e.message,
+                        ?backoff,
+                        "a failed partition replica could not restart: trying again"
+                    );
+                }
+            }
         }
     }
 
@@ -1359,8 +1391,14 @@ async fn restart_on_failure<T: PeerTransport>(
     failed: impl std::future::Future<Output = Option<String>>,
     restarts: u32,
 ) {
+    let opened = tokio::time::Instant::now();
     let Some(reason) = failed.await else {
         return;
+    };
+    let restarts = if opened.elapsed() >= REPLICA_HEALTHY_RUN_MIN {
+        0
+    } else {
+        restarts
     };
     let (Some(controller), Some(partition)) = (controller.upgrade(), partition.upgrade()) else {
         return;
@@ -1368,6 +1406,13 @@ async fn restart_on_failure<T: PeerTransport>(
     controller
         .restart_replica(topic_id, partition, reason, restarts)
         .await;
+}
+
+/// How long a replica waits before its restart after `restarts` earlier ones.
+fn restart_backoff(restarts: u32) -> Duration {
+    REPLICA_RESTART_BACKOFF_INITIAL
+        .saturating_mul(1u32 << restarts.min(16))
+        .min(REPLICA_RESTART_BACKOFF_MAX)
 }
 
 /// Tells the controller each time this replica becomes its partition's leader, and, while
