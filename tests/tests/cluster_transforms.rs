@@ -108,16 +108,16 @@ async fn filters_on(
 
 /// Retries `check` until it is true (bounded by [`PROPAGATION_MAX`]); the last error or
 /// state says why it was not.
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Result<(), String>>>,
+    Fut: std::future::Future<Output = anyhow::Result<Result<T, String>>>,
 {
     let started = Instant::now();
     let mut last = String::from("never checked");
     while started.elapsed() < PROPAGATION_MAX {
         match check().await {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(state)) => last = state,
             Err(e) => last = format!("{e:#}"),
         }
@@ -132,18 +132,43 @@ async fn wait_for_list(
     node: NodeId,
     expected: &[(&str, u32)],
 ) -> anyhow::Result<Vec<(String, u32, Bytes)>> {
-    let mut listed = Vec::new();
     eventually(&format!("node {node} lists {expected:?}"), || async {
-        listed = filters_on(cluster, node).await?;
+        let listed = filters_on(cluster, node).await?;
         let names: Vec<(&str, u32)> = listed.iter().map(|(n, v, _)| (n.as_str(), *v)).collect();
         Ok(if names == expected {
-            Ok(())
+            Ok(listed.clone())
         } else {
             Err(format!("it lists {names:?}"))
         })
     })
-    .await?;
-    Ok(listed)
+    .await
+}
+
+/// A malformed record (not idempotent) produced at node `at`: answered, and sent by the
+/// chain to the dead-letter topic.
+async fn dead_letter(cluster: &TestCluster, at: NodeId, text: &str) -> anyhow::Result<()> {
+    let client = raw(cluster, at).await?;
+    let answer = client.produce("orders", 0, batch(&[text])).await;
+    client.close();
+    let answer = answer?;
+    ensure!(answer.error == ErrorCode::None, "{answer:?}");
+    Ok(())
+}
+
+/// Produces `records` to `halves`/0 and expects them at `base_offset`.
+async fn produce_expect(
+    client: &RawClient,
+    records: Bytes,
+    base_offset: i64,
+) -> anyhow::Result<()> {
+    let answer = client.produce("halves", 0, records).await?;
+    ensure!(answer.error == ErrorCode::None, "{answer:?}");
+    ensure!(
+        answer.base_offset == base_offset,
+        "base offset {} not {base_offset}",
+        answer.base_offset
+    );
+    Ok(())
 }
 
 async fn upload(
@@ -297,24 +322,15 @@ async fn modules_uploaded_through_one_broker_are_on_every_broker() -> anyhow::Re
     assert_eq!(set.filters.len(), 1);
     for node in [1, 3] {
         let client = raw(&cluster, node).await?;
-        let mut refused = None;
-        eventually(&format!("node {node} refuses to delete pii"), || async {
-            match client
-                .call(&FilterDeleteRequest {
-                    name: "pii".into(),
-                    force: false,
-                })
-                .await?
-            {
-                Err(e) => {
-                    refused = Some(e);
-                    Ok(Ok(()))
-                }
-                Ok(_) => bail!("node {node} deleted pii in use"),
-            }
-        })
-        .await?;
-        let refused = refused.context("refused")?;
+        // Decided in log order: whatever node `node` applied so far, the delete lands after
+        // the chain.
+        let refused = client
+            .call(&FilterDeleteRequest {
+                name: "pii".into(),
+                force: false,
+            })
+            .await?
+            .expect_err("pii is in use");
         assert_eq!(refused.code, ErrorCode::FilterInUse, "{refused:?}");
         assert!(
             refused.message.contains("produce chain of topic events"),
@@ -464,19 +480,8 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
         }
     };
     // A malformed record (not idempotent) goes to the dead-letter topic, through the leader.
-    let dead_letter = |at: NodeId, text: &'static str| {
-        let cluster = &cluster;
-        async move {
-            let client = raw(cluster, at).await?;
-            let answer = client.produce("orders", 0, batch(&[text])).await;
-            client.close();
-            let answer = answer?;
-            ensure!(answer.error == ErrorCode::None, "{answer:?}");
-            anyhow::Ok(())
-        }
-    };
     wait_acked(300).await?;
-    dead_letter(old_leader, "{before").await?;
+    dead_letter(&cluster, old_leader, "{before").await?;
     let acked_before_kill = acked.lock().unwrap().len();
     cluster.process.kill(old_leader);
     println!("killed leader node {old_leader} after {acked_before_kill} acknowledgements");
@@ -484,7 +489,7 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
     let new_leader = cluster
         .wait_for_leader("orders", 0, &[old_leader], PROPAGATION_MAX)
         .await?;
-    dead_letter(new_leader, "{after").await?;
+    dead_letter(&cluster, new_leader, "{after").await?;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let sent = tokio::time::timeout(WAIT_MAX, writer)
         .await
@@ -504,14 +509,13 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
     // Every acknowledged record once, at its offset, redacted by the chain; offsets dense.
     let reader = raw(&cluster, new_leader).await?;
     let want_end = acked.values().max().map_or(0, |o| o + 1);
-    let mut records = Vec::new();
-    eventually(
+    let records = eventually(
         "the new leader serves every acknowledged record",
         || async {
-            records = reader.read_all("orders", 0).await?;
+            let records = reader.read_all("orders", 0).await?;
             let end = records.last().map_or(0, |r| r.offset + 1);
             Ok(if end >= want_end {
-                Ok(())
+                Ok(records)
             } else {
                 Err(format!("read up to {end} of {want_end}"))
             })
@@ -566,6 +570,106 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
             Some("orders/0")
         );
     }
+    client.close();
+    Ok(())
+}
+
+/// A chain that changes the record count (`validate`, on-error `skip`) on an RF=3 topic,
+/// with hand-made idempotent batches at the leader: a retry is answered as a duplicate with
+/// the first answer's offset, also by the next leader after `kill -9` (its producer state was
+/// applied from the stored outputs, which keep the input's last sequence); the producer
+/// continues after the input's last sequence; an idempotent batch the chain empties is
+/// refused with the reason, a plain one is answered and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[])?;
+    upload(&cluster, 1, "validate", example("json_validate")?).await?;
+    cluster.create_topic(1, "halves", 1, 3)?;
+    let set = raw(&cluster, 1)
+        .await?
+        .call_ok(&TopicSetFiltersRequest {
+            topic: "halves".into(),
+            filters: vec!["validate".into()],
+            params: String::new(),
+            on_error: "skip".into(),
+        })
+        .await?;
+    assert_eq!(set.filters.len(), 1);
+    let leader = cluster
+        .wait_for_leader("halves", 0, &[], PROPAGATION_MAX)
+        .await?;
+    let client = raw(&cluster, leader).await?;
+    // The leader applies the chain as it commits: wait until it runs it.
+    eventually("the leader has the chain", || async {
+        let described = client
+            .call_ok(&TopicFiltersRequest {
+                topic: "halves".into(),
+            })
+            .await?;
+        Ok(if described.filters.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("{described:?}"))
+        })
+    })
+    .await?;
+    let id = client.call_ok(&InitProducerIdRequest {}).await?;
+    let stamped = |base_sequence: i32, values: &[&str]| {
+        let mut builder = BatchBuilder::new(1024 * 1024).with_producer(ProducerStamp {
+            producer_id: id.producer_id,
+            producer_epoch: id.producer_epoch,
+            base_sequence,
+        });
+        for value in values {
+            assert!(builder.try_append(now_ms(), None, Some(value.as_bytes()), &[]));
+        }
+        builder.finish()
+    };
+    let first = stamped(0, &["1", "{x", "2", "{y", "3"]);
+    let second = stamped(5, &["4", "{z"]);
+    produce_expect(&client, first.clone(), 0).await?;
+    produce_expect(&client, first.clone(), 0).await?;
+    produce_expect(&client, second.clone(), 3).await?;
+    produce_expect(&client, first.clone(), 0).await?;
+    client.close();
+
+    cluster.process.kill(leader);
+    let new_leader = cluster
+        .wait_for_leader("halves", 0, &[leader], PROPAGATION_MAX)
+        .await?;
+    println!("killed leader node {leader}; new leader node {new_leader}");
+    let client = raw(&cluster, new_leader).await?;
+    // The new leader answers retries once it committed an entry of its term (bounded).
+    eventually("the new leader answers a retry as a duplicate", || async {
+        Ok(match produce_expect(&client, second.clone(), 3).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(format!("{e:#}")),
+        })
+    })
+    .await?;
+    produce_expect(&client, first.clone(), 0).await?;
+    // The producer continues after the input's last sequence (6), not the output's count.
+    produce_expect(&client, stamped(7, &["5", "{w", "6"]), 4).await?;
+    let refused = client.produce("halves", 0, stamped(10, &["{only"])).await?;
+    assert_eq!(refused.error, ErrorCode::InvalidRequest, "{refused:?}");
+    assert!(
+        refused
+            .error_message
+            .unwrap_or_default()
+            .contains("kept no record of an idempotent batch"),
+    );
+    let plain = client.produce("halves", 0, batch(&["{only"])).await?;
+    assert_eq!(plain.error, ErrorCode::None, "{plain:?}");
+    // The refused batch took no sequence: the producer continues at 10.
+    produce_expect(&client, stamped(10, &["7"]), 6).await?;
+    let values: Vec<String> = client
+        .read_all("halves", 0)
+        .await?
+        .iter()
+        .map(value)
+        .collect();
+    assert_eq!(values, ["1", "2", "3", "4", "5", "6", "7"]);
     client.close();
     Ok(())
 }

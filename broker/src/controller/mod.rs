@@ -165,9 +165,12 @@ pub enum MetadataCommand {
         created_ms: i64,
         module: String,
     },
-    /// Every version of a module deleted.
+    /// Every version of a module deleted; without `force`, not while a replicated topic's
+    /// chain uses it (decided in log order, so every broker decides alike).
     FilterDeleted {
         name: String,
+        #[serde(default)]
+        force: bool,
     },
     /// A replicated topic's produce chain set (`None`: cleared). Leaders run it before they
     /// propose a batch.

@@ -97,10 +97,16 @@ impl Image {
                     module,
                 })
             }
-            MetadataCommand::FilterDeleted { name } => match self.filters.remove(&name) {
-                Some(_) => Effect::Wasm(WasmEffect::Remove(name)),
-                None => Effect::None,
-            },
+            MetadataCommand::FilterDeleted { name, force } => {
+                if !force && !self.filter_users(&name).is_empty() {
+                    // In use: the proposer answers `filter_in_use`.
+                    return Effect::None;
+                }
+                match self.filters.remove(&name) {
+                    Some(_) => Effect::Wasm(WasmEffect::Remove(name)),
+                    None => Effect::None,
+                }
+            }
             MetadataCommand::ProduceChainSet {
                 topic,
                 topic_id,
@@ -299,9 +305,23 @@ impl<T: PeerTransport> Controller<T> {
         }
         let command = MetadataCommand::FilterDeleted {
             name: name.to_owned(),
+            force,
         };
         let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
-        self.wait_applied(offset, PROPOSE_TIMEOUT).await
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        // A chain set since the check above, in log order before the delete, kept it.
+        let users = self
+            .image
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter_users(name);
+        if !force && !users.is_empty() {
+            return Err(transform_error(TransformError::InUse {
+                name: name.to_owned(),
+                users,
+            }));
+        }
+        Ok(())
     }
 
     /// Sets (or clears) a replicated topic's produce chain cluster-wide and waits until this
@@ -422,6 +442,22 @@ mod tests {
         }
     }
 
+    fn set_chain(module: &str) -> MetadataCommand {
+        MetadataCommand::ProduceChainSet {
+            topic: "t".into(),
+            topic_id: 7,
+            spec: Some(ChainSpec {
+                topic_id: 7,
+                modules: vec![crate::transform::chain::ChainModule {
+                    name: module.into(),
+                    version: 1,
+                }],
+                params: String::new(),
+                on_error: crate::transform::OnError::Fail,
+            }),
+        }
+    }
+
     fn installed(effect: Effect) -> Option<u32> {
         match effect {
             Effect::Wasm(WasmEffect::Install { meta, .. }) => Some(meta.version),
@@ -432,20 +468,54 @@ mod tests {
     #[test]
     fn versions_follow_log_order_and_the_same_bytes_again_keep_the_latest() {
         let mut image = Image::default();
+        image.apply(MetadataCommand::TopicCreated {
+            name: "t".into(),
+            id: 7,
+            replicas: vec![vec![1]],
+            configs: vec![],
+        });
         let cases = [
             (upload("f", "aa"), Some(1)),
             (upload("f", "aa"), None),
             (upload("f", "bb"), Some(2)),
             (upload("f", "aa"), Some(3)),
             (upload("g", "aa"), Some(1)),
-            (MetadataCommand::FilterDeleted { name: "f".into() }, None),
+            (
+                MetadataCommand::FilterDeleted {
+                    name: "f".into(),
+                    force: false,
+                },
+                None,
+            ),
+            (upload("f", "cc"), Some(1)),
+            (upload("g", "bb"), Some(2)),
+            (set_chain("f"), None),
+            (
+                MetadataCommand::FilterDeleted {
+                    name: "f".into(),
+                    force: false,
+                },
+                None,
+            ),
+            // Kept: still in use.
+            (upload("f", "dd"), Some(2)),
+            (
+                MetadataCommand::FilterDeleted {
+                    name: "f".into(),
+                    force: true,
+                },
+                None,
+            ),
             (upload("f", "bb"), Some(1)),
         ];
         for (i, (command, expected)) in cases.into_iter().enumerate() {
             assert_eq!(installed(image.apply(command)), expected, "step {i}");
         }
         assert!(matches!(
-            image.apply(MetadataCommand::FilterDeleted { name: "h".into() }),
+            image.apply(MetadataCommand::FilterDeleted {
+                name: "h".into(),
+                force: false
+            }),
             Effect::None
         ));
     }

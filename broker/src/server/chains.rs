@@ -49,7 +49,6 @@ pub(super) async fn set_filters(
     state: &State,
     request: TopicSetFiltersRequest,
 ) -> Result<TopicSetFiltersResponse, ClusterError> {
-    let _admin = state.transforms.chains.admin.lock().await;
     if request.topic == OFFSETS_TOPIC {
         return Err(ClusterError::new(
             ErrorCode::Unauthorized,
@@ -57,8 +56,11 @@ pub(super) async fn set_filters(
         ));
     }
     if let Some(node) = &state.cluster_node {
+        // Not under the admin lock: the metadata log orders changes, and this broker's
+        // apply of this very change takes the lock to install the chain.
         return set_filters_replicated(state, node, request).await;
     }
+    let _admin = state.transforms.chains.admin.lock().await;
     let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
         ClusterError::new(
             ErrorCode::UnknownTopic,
