@@ -366,8 +366,8 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
     let mut cluster = TestCluster::start(3, &[])?;
     upload(&cluster, 1, "validate", example("json_validate")?).await?;
     upload(&cluster, 1, "pii", example("pii_redact")?).await?;
-    cluster.create_topic(2, "orders", 1, 3)?;
-    cluster.create_topic(2, "dlq", 1, 3)?;
+    cluster.create_topic(1, "orders", 1, 3)?;
+    cluster.create_topic(1, "dlq", 1, 3)?;
     // Set through node 3 (its registry has the modules once it applied the uploads).
     let admin3 = raw(&cluster, 3).await?;
     eventually("node 3 sets the chain", || async {
