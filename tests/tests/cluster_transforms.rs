@@ -221,6 +221,22 @@ async fn modules_uploaded_through_one_broker_are_on_every_broker() -> anyhow::Re
         .await?
         .expect_err("junk is refused");
     assert_eq!(refused.code, ErrorCode::InvalidFilter, "{refused:?}");
+    // A module too large to travel in the metadata log is refused with the bound.
+    let refused = client
+        .call(&FilterUploadRequest {
+            name: "huge".into(),
+            description: String::new(),
+            module: vec![0u8; 12 * 1024 * 1024].into(),
+        })
+        .await?
+        .expect_err("a 12 MiB module is refused on a cluster");
+    assert_eq!(refused.code, ErrorCode::InvalidFilter, "{refused:?}");
+    assert!(
+        refused
+            .message
+            .contains("a cluster replicates modules of at most"),
+        "{refused:?}"
+    );
     client.close();
 
     // Node 3 is down while a module is uploaded through node 2 and another deleted

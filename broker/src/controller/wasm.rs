@@ -212,6 +212,25 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// Refuses a module too large to travel in the metadata log.
+    pub fn check_filter_module_size(
+        &self,
+        name: &str,
+        module_bytes: usize,
+    ) -> Result<(), ClusterError> {
+        if module_bytes > CLUSTER_FILTER_MODULE_BYTES_MAX {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidFilter,
+                format!(
+                    "filter `{name}` refused: module is {module_bytes} bytes; a cluster \
+                     replicates modules of at most {CLUSTER_FILTER_MODULE_BYTES_MAX} bytes \
+                     (they travel in the metadata log)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Uploads a module cluster-wide: commits it (its bytes validated by the caller) and
     /// waits until this broker stored it; returns the version the log gave it.
     pub async fn upload_filter(
@@ -221,17 +240,7 @@ impl<T: PeerTransport> Controller<T> {
         module: &[u8],
         now_ms: i64,
     ) -> Result<VersionMeta, ClusterError> {
-        if module.len() > CLUSTER_FILTER_MODULE_BYTES_MAX {
-            return Err(ClusterError::new(
-                ErrorCode::InvalidFilter,
-                format!(
-                    "filter `{name}` refused: module is {} bytes; a cluster replicates modules \
-                     of at most {CLUSTER_FILTER_MODULE_BYTES_MAX} bytes (they travel in the \
-                     metadata log)",
-                    module.len()
-                ),
-            ));
-        }
+        self.check_filter_module_size(name, module.len())?;
         let digest = crate::transform::registry::digest_hex(module);
         let command = MetadataCommand::FilterUploaded {
             name: name.to_owned(),

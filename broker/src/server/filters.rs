@@ -42,6 +42,8 @@ pub(super) async fn upload(
         // through the metadata log, which every broker's registry follows.
         Some(node) => {
             crate::transform::registry::validate_name(&name).map_err(cluster_error)?;
+            node.controller
+                .check_filter_module_size(&name, request.module.len())?;
             let engine = state.transforms.engine.clone();
             let module = request.module.clone();
             let what = name.clone();
