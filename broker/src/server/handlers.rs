@@ -590,6 +590,21 @@ pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> Prod
                                 leader: (None, 0),
                             })
                         }
+                        // A restarted broker replaying the metadata log may host (and
+                        // lead) a partition before it applied the topic's produce chain:
+                        // it takes no write until it caught up, so none skips the chain.
+                        Some(_) if !node.controller.caught_up() => {
+                            Err(crate::controller::ProduceRefused {
+                                error: ClusterError::new(
+                                    ErrorCode::NotLeader,
+                                    format!(
+                                        "node {} is still catching up with the cluster metadata",
+                                        node.controller.node_id()
+                                    ),
+                                ),
+                                leader: (None, 0),
+                            })
+                        }
                         Some(partition) => {
                             match state.transforms.chains.get(&name, partition.topic_id) {
                                 Some(Ok(chain)) => super::chains::produce_replicated(
