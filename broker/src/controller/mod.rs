@@ -19,7 +19,8 @@
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
-//! its `Security`.
+//! its `Security`. Wasm modules (bytes included) and replicated topics' produce chains
+//! travel the same way (`FilterUploaded`, `FilterDeleted`, `ProduceChainSet`): see [`wasm`].
 //!
 //! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
 //! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
