@@ -595,7 +595,8 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
 /// the first answer's offset, also by the next leader after `kill -9` (its producer state was
 /// applied from the stored outputs, which keep the input's last sequence); the producer
 /// continues after the input's last sequence; an idempotent batch the chain empties is
-/// refused with the reason, a plain one is answered and stores nothing.
+/// refused with the reason, a plain one is answered and stores nothing; the killed leader,
+/// restarted and leading again, has the chain and the producer state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill()
 -> anyhow::Result<()> {
@@ -679,13 +680,61 @@ async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill
     assert_eq!(plain.error, ErrorCode::None, "{plain:?}");
     // The refused batch took no sequence: the producer continues at 10.
     produce_expect(&client, stamped(10, &["7"]), 6).await?;
+    client.close();
+
+    // The killed leader restarts (its chain comes back from its replay of the metadata
+    // log) and leads again: it answers retries as duplicates and runs the chain.
+    cluster.process.restart(leader)?;
+    eventually(
+        &format!("leadership moves back to node {leader}"),
+        || async {
+            let output = cluster
+                .process
+                .cli(new_leader)
+                .args([
+                    "cluster",
+                    "transfer-leader",
+                    "halves",
+                    "0",
+                    &leader.to_string(),
+                ])
+                .output()?;
+            Ok(if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        cluster
+            .wait_for_leader("halves", 0, &[], PROPAGATION_MAX)
+            .await?
+            == leader,
+        "node {leader} does not lead halves/0 again"
+    );
+    let client = raw(&cluster, leader).await?;
+    eventually(
+        "the restarted leader answers a retry as a duplicate",
+        || async {
+            Ok(
+                match produce_expect(&client, stamped(10, &["7"]), 6).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(format!("{e:#}")),
+                },
+            )
+        },
+    )
+    .await?;
+    produce_expect(&client, stamped(11, &["{v", "8"]), 7).await?;
     let values: Vec<String> = client
         .read_all("halves", 0)
         .await?
         .iter()
         .map(value)
         .collect();
-    assert_eq!(values, ["1", "2", "3", "4", "5", "6", "7"]);
+    assert_eq!(values, ["1", "2", "3", "4", "5", "6", "7", "8"]);
     client.close();
     Ok(())
 }
