@@ -19,7 +19,8 @@
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
-//! its `Security`.
+//! its `Security`. Wasm modules (bytes included) and replicated topics' produce chains
+//! travel the same way (`FilterUploaded`, `FilterDeleted`, `ProduceChainSet`): see [`wasm`].
 //!
 //! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
 //! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
@@ -31,6 +32,7 @@
 //! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
+pub mod wasm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -44,7 +46,9 @@ use ketch_protocol::messages::Acks;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use partition::{LeaderView, ProduceRefused, ProducerStateHook, ReplicatedPartition};
+pub use partition::{
+    LeaderView, ProduceRefused, ProducerStateHook, ReplicatedBatch, ReplicatedPartition,
+};
 
 use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
@@ -154,6 +158,31 @@ pub enum MetadataCommand {
     Security {
         change: SecurityChange,
     },
+    /// A Wasm module uploaded through any broker: every broker stores it in its registry as
+    /// the next version of `name` (versions are numbered in log order, so every broker gives
+    /// the same number). The bytes travel in the command (base64): see [`wasm`].
+    FilterUploaded {
+        name: String,
+        /// SHA-256 of the module, lower-case hex.
+        digest: String,
+        description: String,
+        created_ms: i64,
+        module: String,
+    },
+    /// Every version of a module deleted; without `force`, not while a replicated topic's
+    /// chain uses it (decided in log order, so every broker decides alike).
+    FilterDeleted {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// A replicated topic's produce chain set (`None`: cleared). Leaders run it before they
+    /// propose a batch.
+    ProduceChainSet {
+        topic: String,
+        topic_id: u64,
+        spec: Option<crate::transform::ChainSpec>,
+    },
 }
 
 /// A topic as the metadata log says.
@@ -190,6 +219,10 @@ pub struct Image {
     pub topics: BTreeMap<String, TopicImage>,
     /// Brokers added after start (the initial ones are every broker's `--peers`).
     pub added_brokers: BTreeMap<NodeId, std::net::SocketAddr>,
+    /// Every Wasm module's versions, in log order.
+    pub filters: BTreeMap<String, Vec<wasm::FilterVersionImage>>,
+    /// Replicated topics' produce chains, by topic name.
+    pub chains: BTreeMap<String, crate::transform::ChainSpec>,
 }
 
 impl Image {
@@ -222,6 +255,7 @@ impl Image {
                     Some(topic) if topic.id == id => {}
                     _ => return Effect::None,
                 }
+                self.chains.remove(&name);
                 self.topics
                     .remove(&name)
                     .map_or(Effect::None, Effect::Close)
@@ -285,6 +319,9 @@ impl Image {
                 Err(_) => Effect::None,
             },
             MetadataCommand::Security { change } => Effect::Security(change),
+            command @ (MetadataCommand::FilterUploaded { .. }
+            | MetadataCommand::FilterDeleted { .. }
+            | MetadataCommand::ProduceChainSet { .. }) => self.apply_wasm(command),
         }
     }
 }
@@ -298,6 +335,8 @@ enum Effect {
     /// Open or close this broker's replica of one partition to match [`TopicImage::hosts`].
     Reconcile(TopicImage, u32),
     Security(SecurityChange),
+    /// A module, its bytes, or a chain to bring in line with the image.
+    Wasm(wasm::WasmEffect),
 }
 
 /// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
@@ -349,6 +388,7 @@ pub struct Controller<T: PeerTransport> {
     /// Default retention of new topics (the broker's setting).
     retention_ms: i64,
     security: Option<Arc<Security>>,
+    transforms: Option<Arc<crate::transform::Transforms>>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
@@ -377,6 +417,9 @@ pub struct ControllerConfig {
     pub clock_ms: fn() -> i64,
     /// The broker's security state, kept by the metadata log's `Security` commands.
     pub security: Option<Arc<Security>>,
+    /// The broker's Wasm registry and produce chains, kept by the metadata log's
+    /// `Filter*` and `ProduceChainSet` commands.
+    pub transforms: Option<Arc<crate::transform::Transforms>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -428,6 +471,7 @@ impl<T: PeerTransport> Controller<T> {
             clock,
             retention_ms: config.retention_ms,
             security: config.security,
+            transforms: config.transforms,
         });
         tokio::spawn(controller.clone().apply_loop());
         Ok(controller)
@@ -698,12 +742,17 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
             Effect::Close(topic) => {
+                if let Some(transforms) = &self.transforms {
+                    // Its chain's modules are no longer in use by it.
+                    transforms.chains.set(&topic.name, None);
+                }
                 for index in 0..topic.replicas.len() as u32 {
                     // A deleted topic's directories are never reused (named by topic id).
                     drop(self.close_replica(&topic.name, index));
                 }
             }
             Effect::BrokerAdded(node, addr) => self.transport.learn_address(node, addr),
+            Effect::Wasm(effect) => self.apply_wasm_effect(effect).await,
             Effect::Reconcile(topic, index) => {
                 let host = topic.hosts(index).contains(&self.node_id);
                 let hosted = self.partition(&topic.name, index).is_some();
