@@ -399,15 +399,13 @@ impl ClientInner {
         let mut attempt = 0;
         loop {
             let addr = self.controller();
-            let call = self
-                .transport
-                .call(addr, request, self.config.request_timeout);
+            // Not followed to another controller while unanswered: an admin request is not
+            // idempotent (a CreateTopic abandoned at a controller that then completed it
+            // would be refused `topic_already_exists` at the next), and a broker that knows
+            // no controller yet names itself.
             let result = self
-                .call_following(addr, call, || async {
-                    self.probe_controller().await;
-                    let now = self.controller();
-                    (now != addr).then(|| format!("the controller is {now} now"))
-                })
+                .transport
+                .call(addr, request, self.config.request_timeout)
                 .await;
             match result {
                 Err(error) if error.is_retriable() && Instant::now() < deadline => {
@@ -654,46 +652,6 @@ impl ClientInner {
             self.leader_moved_from(addr, partitions, LEADER_PROBE_SHARED_WITHIN)
         })
         .await
-    }
-
-    /// Asks every known broker at once which broker is the controller (a Metadata request
-    /// for no topic: small however many partitions there are) and keeps the first answer,
-    /// within [`LEADER_PROBE_TIME_MAX`].
-    async fn probe_controller(&self) {
-        let candidates: Vec<SocketAddr> = {
-            let metadata = self.metadata.lock().expect("metadata lock");
-            metadata.brokers.values().copied().collect()
-        };
-        let request = &MetadataRequest {
-            topics: Some(Vec::new()),
-        };
-        let mut asks: futures_util::stream::FuturesUnordered<_> = candidates
-            .into_iter()
-            .map(|addr| async move {
-                let answer = self
-                    .transport
-                    .call(addr, request, self.config.request_timeout)
-                    .await;
-                (addr, answer)
-            })
-            .collect();
-        let until = tokio::time::Instant::now() + LEADER_PROBE_TIME_MAX;
-        while let Ok(Some((addr, answer))) =
-            tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut asks)).await
-        {
-            match answer {
-                Ok(response) => {
-                    let answered = self.metadata_from(addr, response, Instant::now()).await;
-                    let mut metadata = self.metadata.lock().expect("metadata lock");
-                    for (node, addr) in answered.brokers {
-                        metadata.brokers.entry(node).or_insert(addr);
-                    }
-                    metadata.controller = answered.controller;
-                    return;
-                }
-                Err(error) => tracing::debug!(%addr, %error, "controller probe failed"),
-            }
-        }
     }
 
     /// Probes the leaders of `partitions`' topics; why one of them is no longer led at

@@ -82,8 +82,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Time limit of one QUIC handshake.
     pub connect_timeout: Duration,
-    /// How long a request to a partition's leader (or a group's coordinator, or the
-    /// controller) may go unanswered before the client asks the other brokers who leads now,
+    /// How long a request to a partition's leader (or a group's coordinator) may go
+    /// unanswered before the client asks the other brokers who leads now,
     /// and again every time this passes while it stays unanswered. When they name another
     /// leader (a higher leader epoch), the request is abandoned and sent there at once: a
     /// leader that died is left behind in about an election's time, not after
