@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use openraft::ServerState;
 
+use super::beacons::Beacons;
 use super::{NodeId, Raft};
 
 /// When to stand for election.
@@ -89,6 +90,8 @@ struct Seen {
     leader_known: bool,
     state: ServerState,
     voter: bool,
+    /// The term of the vote.
+    term: u64,
 }
 
 async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
@@ -96,6 +99,7 @@ async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
         heard_at: state.vote_last_modified(),
         leader_known: state.vote_ref().is_committed(),
         state: state.server_state,
+        term: state.vote_ref().leader_id().term,
         voter: state
             .membership_state
             .effective()
@@ -142,17 +146,45 @@ fn held_until(node: NodeId, group: &str) -> Option<tokio::time::Instant> {
 /// Runs the election timer of `node`'s replica of `group` until its Raft stops.
 /// `greater_log_seen` is set by the group's network when a voter refused this node's vote
 /// because its log is longer; the timer then waits the smaller-log delay more before it
-/// stands again.
+/// stands again. With `beacons` ([`super::beacons`]: openraft sends no heartbeats), a
+/// follower also counts from the last beacon that named the group at its term or later.
 pub async fn drive(
     raft: Raft,
     node: NodeId,
     group: String,
     timing: ElectionTiming,
     greater_log_seen: Arc<AtomicBool>,
+    beacons: Option<Arc<Beacons>>,
 ) {
     let mut draws = Draws::new(node, &group);
+    let beacon_at = |term: u64| beacons.as_ref().and_then(|b| b.heard_at(&group, term));
     loop {
         let timeout = draws.timeout(&timing);
+        // Cheap first (no call into the Raft core): a leader, a learner, or a follower whose
+        // leader's beacons are coming in only waits.
+        let (state, term, voter) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == node);
+            (m.state, m.current_term, voter)
+        };
+        if matches!(state, ServerState::Shutdown) {
+            return;
+        }
+        if state == ServerState::Leader || !voter {
+            tokio::time::sleep(timeout).await;
+            continue;
+        }
+        if let Some(at) = beacon_at(term)
+            && at + timeout > tokio::time::Instant::now()
+        {
+            tokio::time::sleep_until(at + timeout).await;
+            continue;
+        }
         let Some(before) = seen(&raft, node).await else {
             return;
         };
@@ -160,13 +192,9 @@ pub async fn drive(
             tokio::time::sleep(timeout).await;
             continue;
         }
-        let wait = if before.leader_known {
-            timing.leader_lease() + timeout
-        } else {
-            timeout
-        };
-        let since = before.heard_at.unwrap_or_else(tokio::time::Instant::now);
-        tokio::time::sleep_until(since + wait).await;
+        let beacon_before = beacon_at(before.term);
+        let stand_at = stand_at(&timing, &before, beacon_before, timeout, beacons.is_some());
+        tokio::time::sleep_until(stand_at).await;
         if greater_log_seen.swap(false, Ordering::Relaxed) {
             // The last election showed a voter with a longer log: let it stand first.
             tokio::time::sleep(timing.smaller_log_delay()).await;
@@ -175,7 +203,10 @@ pub async fn drive(
         let Some(after) = seen(&raft, node).await else {
             return;
         };
-        if after != before || after.state == ServerState::Leader {
+        if after != before
+            || after.state == ServerState::Leader
+            || beacon_at(after.term) != beacon_before
+        {
             // Heard from a leader (or voted) meanwhile: count again from then.
             continue;
         }
@@ -184,10 +215,48 @@ pub async fn drive(
             tokio::time::sleep_until(until).await;
             continue;
         }
-        tracing::debug!(node, group = %group, ?wait, "no leader heard from: standing for election");
+        tracing::debug!(node, group = %group, ?timeout, "no leader heard from: standing for election");
         if raft.trigger().elect().await.is_err() {
             return;
         }
+    }
+}
+
+/// When a follower or candidate that last saw `seen` (and a beacon at `beacon_at`) stands,
+/// for a drawn `timeout`. Without beacons, openraft's rule: the leader lease and the timeout
+/// after the vote was last touched. With beacons, the later of the timeout after the last
+/// beacon and the lease after the vote was last touched (voters refuse votes before), the
+/// latter still spread by the draw so two followers of a dead leader do not stand together.
+fn stand_at(
+    timing: &ElectionTiming,
+    seen: &Seen,
+    beacon_at: Option<tokio::time::Instant>,
+    timeout: Duration,
+    beacons: bool,
+) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let lease = if seen.leader_known {
+        timing.leader_lease()
+    } else {
+        Duration::ZERO
+    };
+    if !beacons {
+        return seen.heard_at.unwrap_or(now) + lease + timeout;
+    }
+    let spread = timeout.saturating_sub(Duration::from_millis(timing.election_timeout_min_ms));
+    let after_vote = seen.heard_at.map(|at| {
+        if seen.leader_known {
+            at + lease + spread
+        } else {
+            at + timeout
+        }
+    });
+    let after_beacon = beacon_at.map(|at| at + timeout);
+    match (after_vote, after_beacon) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => now + timeout,
     }
 }
 
