@@ -58,6 +58,7 @@ struct State {
     cut: HashSet<(NodeId, NodeId)>,
     delivered: u64,
     dropped: u64,
+    beacons_delivered: u64,
     /// Each node's leader beacons ([`super::beacons`]), made when first asked for.
     beacons: HashMap<NodeId, Arc<Beacons>>,
 }
@@ -81,8 +82,11 @@ pub struct SimNetwork {
 /// Counters of what the network did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimStats {
+    /// Requests answered (beacons included).
     pub delivered: u64,
     pub dropped: u64,
+    /// Of `delivered`, the leader beacons ([`super::beacons`]).
+    pub beacons_delivered: u64,
 }
 
 /// What the network decided for one request.
@@ -106,6 +110,7 @@ impl SimNetwork {
                 cut: HashSet::new(),
                 delivered: 0,
                 dropped: 0,
+                beacons_delivered: 0,
                 beacons: HashMap::new(),
             }),
         }
@@ -146,6 +151,7 @@ impl SimNetwork {
         SimStats {
             delivered: state.delivered,
             dropped: state.dropped,
+            beacons_delivered: state.beacons_delivered,
         }
     }
 
@@ -271,6 +277,7 @@ impl SimNetwork {
             });
         }
         state.delivered += 1;
+        state.beacons_delivered += 1;
         answer
     }
 }

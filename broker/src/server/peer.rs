@@ -5,7 +5,10 @@
 //! connection per broker pair shared by every partition group, one bidirectional stream per
 //! request: `length:u32 | peer_wire request`, answered by `length:u32 | peer_wire answer`
 //! (see [`crate::replication::peer_wire`]). A request names its group; the receiving broker
-//! answers with its replica of that group, or "unreachable" if it has none.
+//! answers with its replica of that group, or "unreachable" if it has none. A leader beacon
+//! ([`crate::replication::beacons`]: which groups the sender leads, one per broker pair every
+//! 100 ms in place of every group's heartbeats) names many and is taken by [`PeerGroups`]'
+//! beacons.
 //!
 //! `ketch serve` in a cluster runs it on the broker's own endpoint ([`QuicPeers::on_endpoint`]):
 //! one UDP port for clients and peers, told apart by ALPN, a peer connection checked against
