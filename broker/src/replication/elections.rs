@@ -28,6 +28,10 @@ use openraft::ServerState;
 use super::beacons::Beacons;
 use super::{NodeId, Raft};
 
+/// How long a leader's or a non-voter's timer waits at most before it looks again (it wakes
+/// sooner when the replica's state or voting changes).
+const PASSIVE_WAIT_MAX: Duration = Duration::from_secs(5);
+
 /// When to stand for election.
 #[derive(Debug, Clone, Copy)]
 pub struct ElectionTiming {
@@ -176,7 +180,17 @@ pub async fn drive(
             return;
         }
         if state == ServerState::Leader || !voter {
-            tokio::time::sleep(timeout).await;
+            // Nothing to time until that changes (or, bounded, in a while).
+            let mut metrics = raft.metrics();
+            let changed = metrics.wait_for(|m| {
+                m.state != state
+                    || m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|id| id == node)
+                        != voter
+            });
+            let _ = tokio::time::timeout(PASSIVE_WAIT_MAX, changed).await;
             continue;
         }
         if let Some(at) = beacon_at(term)

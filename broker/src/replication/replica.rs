@@ -82,13 +82,28 @@ impl ReplicaConfig {
 
     /// openraft's configuration; with `beacons`, its heartbeats and ticks are off (leader
     /// beacons carry liveness, [`super::beacons`]).
+    ///
+    /// With beacons openraft's heartbeat interval is only how long an AppendEntries may take
+    /// (and its tick's period, which wakes even while off: hundreds of groups' ticks are
+    /// most of an idle broker's wake-ups), and its minimum election timeout only bounds a
+    /// vote request (its own election timer is off): both are made as long as the leader
+    /// lease (`election_timeout_max`, which is kept) allows.
     fn raft_config(&self, beacons: bool) -> Result<openraft::Config, ReplicationError> {
+        let (heartbeat_interval, election_timeout_min) = if beacons {
+            let max = self.election_timeout_max_ms;
+            (
+                self.heartbeat_interval_ms.max(max.saturating_sub(2)),
+                self.election_timeout_min_ms.max(max.saturating_sub(1)),
+            )
+        } else {
+            (self.heartbeat_interval_ms, self.election_timeout_min_ms)
+        };
         openraft::Config {
             enable_heartbeat: !beacons,
             enable_tick: !beacons,
             cluster_name: self.group.to_string(),
-            heartbeat_interval: self.heartbeat_interval_ms,
-            election_timeout_min: self.election_timeout_min_ms,
+            heartbeat_interval,
+            election_timeout_min,
             election_timeout_max: self.election_timeout_max_ms,
             // The log is the data: never snapshot (and so never purge) on openraft's own.
             snapshot_policy: SnapshotPolicy::Never,
