@@ -49,6 +49,15 @@ pub const BEACON_GROUP: &str = "";
 pub struct Beacons {
     local: Mutex<Local>,
     heard: Mutex<HashMap<GroupId, Heard>>,
+    /// Followers waiting for their leader's beacons to stop ([`Beacons::silence`]): checked
+    /// each round by the sending task, so hundreds of followers need no timer of their own.
+    watched: Mutex<HashMap<GroupId, Watch>>,
+}
+
+struct Watch {
+    term: u64,
+    silence: Duration,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Beacons {
@@ -151,6 +160,45 @@ impl Beacons {
         }
     }
 
+    /// Returns once no beacon named `group` at `term` or later for `silence` (checked each
+    /// round, so up to [`BEACON_INTERVAL`] late), or if the node stops sending beacons.
+    /// One waiter per group (a new one replaces the old).
+    pub async fn silence(&self, group: &GroupId, term: u64, silence: Duration) {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let notified = wake.notified();
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                group.clone(),
+                Watch {
+                    term,
+                    silence,
+                    wake: wake.clone(),
+                },
+            );
+        let guard = Unwatch(self, group, wake.clone());
+        notified.await;
+        drop(guard);
+    }
+
+    /// Wakes the followers whose leader fell silent (all of them when `all`).
+    fn wake_silent(&self, all: bool) {
+        let now = tokio::time::Instant::now();
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        watched.retain(|group, watch| {
+            let live = heard
+                .get(group)
+                .is_some_and(|h| h.term >= watch.term && now.duration_since(h.at) < watch.silence);
+            if live && !all {
+                return true;
+            }
+            watch.wake.notify_one();
+            false
+        });
+    }
+
     /// When a beacon last named `group` led in `term` or later.
     pub fn heard_at(&self, group: &str, term: u64) -> Option<tokio::time::Instant> {
         self.heard
@@ -159,6 +207,22 @@ impl Beacons {
             .get(group)
             .filter(|h| h.term >= term)
             .map(|h| h.at)
+    }
+}
+
+/// Removes a [`Beacons::silence`] waiter that stopped waiting (woken or dropped), unless
+/// another replaced it.
+struct Unwatch<'a>(&'a Beacons, &'a GroupId, Arc<tokio::sync::Notify>);
+
+impl Drop for Unwatch<'_> {
+    fn drop(&mut self) {
+        let mut watched = self.0.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched
+            .get(self.1)
+            .is_some_and(|w| Arc::ptr_eq(&w.wake, &self.2))
+        {
+            watched.remove(self.1);
+        }
     }
 }
 
@@ -186,6 +250,8 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
             let mut local = beacons.local.lock().unwrap_or_else(|e| e.into_inner());
             if local.groups.is_empty() {
                 local.sending = false;
+                drop(local);
+                beacons.wake_silent(true);
                 return;
             }
             for (group, registered) in &local.groups {
@@ -221,6 +287,7 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                 }
             }
         }
+        beacons.wake_silent(false);
         for raft in nudge {
             let _ = raft.trigger().heartbeat().await;
         }
@@ -260,5 +327,45 @@ mod tests {
         let later = beacons.heard_at(&group, 7).expect("heard");
         assert!(later > first);
         assert_eq!(beacons.heard_at("t/1", 0), None);
+    }
+
+    #[tokio::test]
+    async fn a_silence_waiter_wakes_only_once_its_leader_stops_announcing() {
+        let beacons = Arc::new(Beacons::default());
+        let group: GroupId = "t/0".into();
+        beacons.heard(vec![(group.clone(), 5)]);
+        let waiter = {
+            let (beacons, group) = (beacons.clone(), group.clone());
+            tokio::spawn(
+                async move { beacons.silence(&group, 5, Duration::from_millis(100)).await },
+            )
+        };
+        // Beacons every 10 ms, rounds every 10 ms: no wake for 300 ms.
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            beacons.heard(vec![(group.clone(), 5)]);
+            beacons.wake_silent(false);
+            assert!(!waiter.is_finished(), "woken while beacons came in");
+        }
+        // An older term's beacon (a deposed leader still announcing) does not keep it asleep.
+        let silent_from = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            beacons.heard(vec![(group.clone(), 4)]);
+            beacons.wake_silent(false);
+            if waiter.is_finished() {
+                break;
+            }
+            assert!(
+                silent_from.elapsed() < Duration::from_secs(5),
+                "not woken after its leader fell silent"
+            );
+        }
+        assert!(silent_from.elapsed() >= Duration::from_millis(90));
+        waiter.await.unwrap();
+        assert!(
+            beacons.watched.lock().unwrap().is_empty(),
+            "a woken waiter left behind"
+        );
     }
 }

@@ -193,10 +193,20 @@ pub async fn drive(
             let _ = tokio::time::timeout(PASSIVE_WAIT_MAX, changed).await;
             continue;
         }
-        if let Some(at) = beacon_at(term)
+        if let Some(beacons) = &beacons
+            && let Some(at) = beacons.heard_at(&group, term)
             && at + timeout > tokio::time::Instant::now()
         {
-            tokio::time::sleep_until(at + timeout).await;
+            // The leader's beacons come in: wait (with no timer of our own) until they stop
+            // for `timeout`, or this replica's state or term moves.
+            let group: super::network::GroupId = group.as_str().into();
+            let mut metrics = raft.metrics();
+            let moved = metrics.wait_for(|m| m.state != state || m.current_term != term);
+            tokio::select! {
+                () = beacons.silence(&group, term, timeout) => {}
+                _ = moved => {}
+                () = tokio::time::sleep(PASSIVE_WAIT_MAX) => {}
+            }
             continue;
         }
         let Some(before) = seen(&raft, node).await else {
