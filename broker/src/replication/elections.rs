@@ -16,7 +16,9 @@
 //! their lease lasts), a candidate stands again after a random election timeout. "Heard from"
 //! is openraft's own vote time (`RaftState::vote_last_modified`, touched by every accepted
 //! heartbeat, append and granted vote); a node told by a voter that its log is shorter waits
-//! longer before it stands again, as openraft's timer does. The randomness is a seeded generator (node and group),
+//! longer before it stands again, as openraft's timer does. With leader beacons
+//! ([`super::beacons`]: openraft sends no heartbeats) a follower also counts from the last
+//! beacon naming its group, and waits for the beacons to stop without a timer of its own. The randomness is a seeded generator (node and group),
 //! no wall clock is read: the waits run on tokio's timer, like openraft's.
 
 use std::sync::Arc;

@@ -52,11 +52,11 @@ impl std::fmt::Debug for ReplicaConfig {
 }
 
 /// Defaults, for the 2 s failover target. A transport with leader beacons (both of ours:
-/// [`super::beacons`]) turns openraft's per-group heartbeats off, so the heartbeat interval
-/// is then only how long an AppendEntries may take (openraft 0.9 times each out after it) and
-/// the election timeouts are: the leader lease (voters refuse votes for `max` after their
-/// last append) and the range a follower's silence is drawn from after the last beacon. A
-/// leader kill elects in about `min..max` idle, `max + (0..max-min)` under writes.
+/// [`super::beacons`]) turns openraft's per-group heartbeats off (the heartbeat interval then
+/// only floors how long an AppendEntries may take: see `raft_config`), and the election
+/// timeouts are the leader lease (voters refuse votes for `max` after their last append) and
+/// the range a follower's silence is drawn from after the last beacon. A leader kill elects
+/// in about `min..max` idle, `max + (0..max-min)` under writes.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 100;
 pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 300;
 pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 600;
