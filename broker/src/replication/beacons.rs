@@ -280,8 +280,10 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                         *id != node && matched.map(|m| m.index) != metrics.last_log_index
                     })
                 });
-                if (lagging && round % LAGGING_NUDGE_ROUNDS == 0)
-                    || (round + spread(group)) % REFRESH_ROUNDS == 0
+                if (lagging && round.is_multiple_of(LAGGING_NUDGE_ROUNDS))
+                    || round
+                        .wrapping_add(spread(group))
+                        .is_multiple_of(REFRESH_ROUNDS)
                 {
                     nudge.push(registered.raft.clone());
                 }
