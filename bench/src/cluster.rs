@@ -107,7 +107,7 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
     create(&client, 3).await?;
     let rf3 = produce_rate(&client, record_bytes, duration).await?;
     println!(
-        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  ({:.0}% of RF=1)",
+        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  ({:.0}% of RF=1; target ≥ 40%)",
         rf3 * record_bytes as f64 / 1048576.0,
         100.0 * rf3 / rf1
     );
@@ -199,7 +199,7 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
         Err(_) => "the observer saw no new leader".to_owned(),
     };
     println!(
-        "failover (kill -9 of broker {leader}, the leader → first ack on the new leader, client defaults): {:?} ({elected})",
+        "failover (kill -9 of broker {leader}, the leader → first ack on the new leader, client defaults): {:?} (target ≤ 2 s; {elected})",
         first - killed_at
     );
     observer.close();
@@ -263,7 +263,7 @@ pub async fn idle(scratch: &Path, partitions: u32, window: Duration) -> anyhow::
         .map(|pid| crate::partitions::status_field(*pid, "VmRSS:"))
         .collect::<anyhow::Result<_>>()?;
     println!(
-        "idle over {window:?}: CPU {:.1}% of one core (brokers {}), RSS {} MiB",
+        "idle over {window:?}: CPU {:.1}% of one core (brokers {}; target ≤ 5% together), RSS {} MiB",
         cpu.iter().sum::<f64>(),
         cpu.iter()
             .map(|c| format!("{c:.1}%"))

@@ -348,6 +348,57 @@ fn check_invariants(cluster: &Cluster, acked: &[(i64, i64, Vec<String>)], contex
     println!("{context}: {report}");
 }
 
+/// An idle group costs one beacon per peer and round, not a heartbeat per group: while the
+/// group idles its replicas exchange no openraft request at all (but for the refresh
+/// heartbeat every 10 s), its leader keeps its term (the followers hear its beacons), and
+/// when the leader dies a follower stands within the election timeout of its last beacon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_group_sends_beacons_not_heartbeats_and_elects_fast_when_its_leader_dies() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 7, Faults::default()).await;
+    let leader = cluster.wait_for_leader(None).await;
+    let acked = cluster.write(&["x".to_owned()]).await.expect("written");
+    cluster.wait_converged(acked.1 + 1).await;
+    // Let the commit index reach the followers.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, term) = cluster.replica(leader).leader();
+    let before = cluster.network.stats();
+    let idle_from = Instant::now();
+    tokio::time::sleep(IDLE).await;
+    let after = cluster.network.stats();
+    let idled = idle_from.elapsed();
+    let beacons = after.beacons_delivered - before.beacons_delivered;
+    let requests = (after.delivered - before.delivered) - beacons;
+    println!("idle {idled:?}: {beacons} beacons, {requests} other requests delivered");
+    // 2 peers × 10 rounds a second, less what a starved test machine skips.
+    assert!(beacons >= 20, "{beacons} beacons in {idled:?}");
+    // Refresh heartbeats only: one per follower per 10 s (and its round may fall in here).
+    assert!(requests <= 4, "{requests} requests in an idle {idled:?}");
+    assert_eq!(
+        cluster.replica(leader).leader(),
+        (Some(leader), term),
+        "an idle leader lost its term"
+    );
+    for node in [1, 2, 3] {
+        assert_eq!(
+            cluster.replica(node).leader().1,
+            term,
+            "node {node}'s term moved"
+        );
+    }
+    let crashed_at = Instant::now();
+    cluster.crash(leader).await;
+    let new_leader = cluster.wait_for_leader(Some(leader)).await;
+    let elected = crashed_at.elapsed();
+    println!("idle leader {leader} crashed; node {new_leader} leads after {elected:?}");
+    // Election timeouts 400–800 ms here; a starved machine adds to it, never doubles it.
+    assert!(
+        elected < Duration::from_secs(5),
+        "elected after {elected:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_elect_replicate_and_survive_the_leader_crash() {
     let dir = tempfile::tempdir().unwrap();

@@ -1475,13 +1475,15 @@ async fn report_leadership<T: PeerTransport>(
     let mut reported_isr: Option<Vec<NodeId>> = None;
     let mut tick = tokio::time::interval(ISR_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let node_id = partition.replica.node_id();
     loop {
+        // Only a leader checks its ISR: a follower's task sleeps until leadership moves.
         let changed = tokio::select! {
             changed = partition.replica.leader_changed(known) => match changed {
                 Some(now) => Some(now),
                 None => return,
             },
-            _ = tick.tick() => None,
+            _ = tick.tick(), if known.0 == Some(node_id) => None,
         };
         let Some(controller) = controller.upgrade() else {
             return;

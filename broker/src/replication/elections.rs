@@ -16,7 +16,9 @@
 //! their lease lasts), a candidate stands again after a random election timeout. "Heard from"
 //! is openraft's own vote time (`RaftState::vote_last_modified`, touched by every accepted
 //! heartbeat, append and granted vote); a node told by a voter that its log is shorter waits
-//! longer before it stands again, as openraft's timer does. The randomness is a seeded generator (node and group),
+//! longer before it stands again, as openraft's timer does. With leader beacons
+//! ([`super::beacons`]: openraft sends no heartbeats) a follower also counts from the last
+//! beacon naming its group, and waits for the beacons to stop without a timer of its own. The randomness is a seeded generator (node and group),
 //! no wall clock is read: the waits run on tokio's timer, like openraft's.
 
 use std::sync::Arc;
@@ -25,7 +27,12 @@ use std::time::Duration;
 
 use openraft::ServerState;
 
+use super::beacons::Beacons;
 use super::{NodeId, Raft};
+
+/// How long a leader's or a non-voter's timer waits at most before it looks again (it wakes
+/// sooner when the replica's state or voting changes).
+const PASSIVE_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// When to stand for election.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +96,8 @@ struct Seen {
     leader_known: bool,
     state: ServerState,
     voter: bool,
+    /// The term of the vote.
+    term: u64,
 }
 
 async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
@@ -96,6 +105,7 @@ async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
         heard_at: state.vote_last_modified(),
         leader_known: state.vote_ref().is_committed(),
         state: state.server_state,
+        term: state.vote_ref().leader_id().term,
         voter: state
             .membership_state
             .effective()
@@ -142,17 +152,65 @@ fn held_until(node: NodeId, group: &str) -> Option<tokio::time::Instant> {
 /// Runs the election timer of `node`'s replica of `group` until its Raft stops.
 /// `greater_log_seen` is set by the group's network when a voter refused this node's vote
 /// because its log is longer; the timer then waits the smaller-log delay more before it
-/// stands again.
+/// stands again. With `beacons` ([`super::beacons`]: openraft sends no heartbeats), a
+/// follower also counts from the last beacon that named the group at its term or later.
 pub async fn drive(
     raft: Raft,
     node: NodeId,
     group: String,
     timing: ElectionTiming,
     greater_log_seen: Arc<AtomicBool>,
+    beacons: Option<Arc<Beacons>>,
 ) {
     let mut draws = Draws::new(node, &group);
+    let beacon_at = |term: u64| beacons.as_ref().and_then(|b| b.heard_at(&group, term));
     loop {
         let timeout = draws.timeout(&timing);
+        // Cheap first (no call into the Raft core): a leader, a learner, or a follower whose
+        // leader's beacons are coming in only waits.
+        let (state, term, voter) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == node);
+            (m.state, m.current_term, voter)
+        };
+        if matches!(state, ServerState::Shutdown) {
+            return;
+        }
+        if state == ServerState::Leader || !voter {
+            // Nothing to time until that changes (or, bounded, in a while).
+            let mut metrics = raft.metrics();
+            let changed = metrics.wait_for(|m| {
+                m.state != state
+                    || m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|id| id == node)
+                        != voter
+            });
+            let _ = tokio::time::timeout(PASSIVE_WAIT_MAX, changed).await;
+            continue;
+        }
+        if let Some(beacons) = &beacons
+            && let Some(at) = beacons.heard_at(&group, term)
+            && at + timeout > tokio::time::Instant::now()
+        {
+            // The leader's beacons come in: wait (with no timer of our own) until they stop
+            // for `timeout`, or this replica's state or term moves.
+            let group: super::network::GroupId = group.as_str().into();
+            let mut metrics = raft.metrics();
+            let moved = metrics.wait_for(|m| m.state != state || m.current_term != term);
+            tokio::select! {
+                () = beacons.silence(&group, term, timeout) => {}
+                _ = moved => {}
+                () = tokio::time::sleep(PASSIVE_WAIT_MAX) => {}
+            }
+            continue;
+        }
         let Some(before) = seen(&raft, node).await else {
             return;
         };
@@ -160,13 +218,9 @@ pub async fn drive(
             tokio::time::sleep(timeout).await;
             continue;
         }
-        let wait = if before.leader_known {
-            timing.leader_lease() + timeout
-        } else {
-            timeout
-        };
-        let since = before.heard_at.unwrap_or_else(tokio::time::Instant::now);
-        tokio::time::sleep_until(since + wait).await;
+        let beacon_before = beacon_at(before.term);
+        let stand_at = stand_at(&timing, &before, beacon_before, timeout, beacons.is_some());
+        tokio::time::sleep_until(stand_at).await;
         if greater_log_seen.swap(false, Ordering::Relaxed) {
             // The last election showed a voter with a longer log: let it stand first.
             tokio::time::sleep(timing.smaller_log_delay()).await;
@@ -175,7 +229,10 @@ pub async fn drive(
         let Some(after) = seen(&raft, node).await else {
             return;
         };
-        if after != before || after.state == ServerState::Leader {
+        if after != before
+            || after.state == ServerState::Leader
+            || beacon_at(after.term) != beacon_before
+        {
             // Heard from a leader (or voted) meanwhile: count again from then.
             continue;
         }
@@ -184,10 +241,48 @@ pub async fn drive(
             tokio::time::sleep_until(until).await;
             continue;
         }
-        tracing::debug!(node, group = %group, ?wait, "no leader heard from: standing for election");
+        tracing::debug!(node, group = %group, ?timeout, "no leader heard from: standing for election");
         if raft.trigger().elect().await.is_err() {
             return;
         }
+    }
+}
+
+/// When a follower or candidate that last saw `seen` (and a beacon at `beacon_at`) stands,
+/// for a drawn `timeout`. Without beacons, openraft's rule: the leader lease and the timeout
+/// after the vote was last touched. With beacons, the later of the timeout after the last
+/// beacon and the lease after the vote was last touched (voters refuse votes before), the
+/// latter still spread by the draw so two followers of a dead leader do not stand together.
+fn stand_at(
+    timing: &ElectionTiming,
+    seen: &Seen,
+    beacon_at: Option<tokio::time::Instant>,
+    timeout: Duration,
+    beacons: bool,
+) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let lease = if seen.leader_known {
+        timing.leader_lease()
+    } else {
+        Duration::ZERO
+    };
+    if !beacons {
+        return seen.heard_at.unwrap_or(now) + lease + timeout;
+    }
+    let spread = timeout.saturating_sub(Duration::from_millis(timing.election_timeout_min_ms));
+    let after_vote = seen.heard_at.map(|at| {
+        if seen.leader_known {
+            at + lease + spread
+        } else {
+            at + timeout
+        }
+    });
+    let after_beacon = beacon_at.map(|at| at + timeout);
+    match (after_vote, after_beacon) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => now + timeout,
     }
 }
 

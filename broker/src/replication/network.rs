@@ -37,6 +37,10 @@ pub enum PeerRequest {
     /// Leadership transfer: the receiving replica campaigns now (openraft's
     /// `trigger().elect()`). Not an openraft RPC.
     Elect,
+    /// The sender leads these groups, each in its term ([`super::beacons`]): one per broker
+    /// pair in place of every group's heartbeats. Sent under [`super::beacons::BEACON_GROUP`].
+    /// Not an openraft RPC.
+    Beacon(Vec<(GroupId, u64)>),
 }
 
 /// The answer to a [`PeerRequest`].
@@ -88,6 +92,31 @@ pub trait PeerTransport: Send + Sync + 'static {
     /// Learns where a broker added to the cluster after start listens (`add-broker`); a
     /// transport that does not route by address ignores it.
     fn learn_address(&self, _node: NodeId, _addr: std::net::SocketAddr) {}
+
+    /// `node`'s leader beacons ([`super::beacons`]), if this transport carries them: then
+    /// its replicas run without openraft's per-group heartbeats and ticks.
+    fn beacons(&self, _node: NodeId) -> Option<Arc<super::beacons::Beacons>> {
+        None
+    }
+}
+
+/// Takes a [`PeerRequest::Beacon`] in on `node` (the receiving side of every transport,
+/// before it looks for a group: beacons name many).
+pub fn serve_beacon(
+    beacons: Option<&super::beacons::Beacons>,
+    node: NodeId,
+    groups: Vec<(GroupId, u64)>,
+) -> Result<PeerResponse, PeerError> {
+    match beacons {
+        Some(beacons) => {
+            beacons.heard(groups);
+            Ok(PeerResponse::Done)
+        }
+        None => Err(PeerError::Remote {
+            node,
+            reason: "this node takes no beacons".into(),
+        }),
+    }
 }
 
 /// Answers a peer request with the local replica of its group (the receiving side of every
@@ -137,6 +166,7 @@ pub async fn serve(
             .await
             .map(|()| PeerResponse::Done)
             .map_err(|e| remote(&e)),
+        PeerRequest::Beacon(_) => Err(remote(&"a beacon names no group of its own")),
     }
 }
 

@@ -34,6 +34,9 @@ const KIND_PROPOSE: u8 = 4;
 const KIND_HOLD_ELECTIONS: u8 = 0x35;
 const KIND_ELECT: u8 = 0x36;
 const KIND_DONE: u8 = 0x37;
+const KIND_BEACON: u8 = 0x38;
+/// The least bytes one group of a beacon takes (an empty name and a term).
+const BEACON_GROUP_BYTES_MIN: usize = 10;
 const ENTRY_BLANK: u8 = 0;
 const ENTRY_DATA: u8 = 1;
 const ENTRY_MEMBERSHIP: u8 = 2;
@@ -239,6 +242,14 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             out.put_u64(*ms);
         }
         PeerRequest::Elect => out.put_u8(KIND_ELECT),
+        PeerRequest::Beacon(groups) => {
+            out.put_u8(KIND_BEACON);
+            out.put_u32(groups.len() as u32);
+            for (group, term) in groups {
+                put_str(&mut out, group);
+                out.put_u64(*term);
+            }
+        }
     }
     Ok(out.freeze())
 }
@@ -299,6 +310,18 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
         }
         KIND_HOLD_ELECTIONS => PeerRequest::HoldElections(r.u64("hold ms")?),
         KIND_ELECT => PeerRequest::Elect,
+        KIND_BEACON => {
+            let count = r.u32("beacon group count")? as usize;
+            if count > r.0.len() / BEACON_GROUP_BYTES_MIN {
+                return Err(PeerWireError::Truncated("beacon groups"));
+            }
+            let mut groups = Vec::with_capacity(count);
+            for _ in 0..count {
+                let group: GroupId = r.str("beacon group")?.into();
+                groups.push((group, r.u64("beacon term")?));
+            }
+            PeerRequest::Beacon(groups)
+        }
         _ => return Err(PeerWireError::Invalid("request kind")),
     };
     r.finish()?;
@@ -490,6 +513,8 @@ mod tests {
             PeerRequest::HoldElections(5_000),
             PeerRequest::HoldElections(0),
             PeerRequest::Elect,
+            PeerRequest::Beacon(vec![("t/0".into(), 3), ("topic-id/12".into(), u64::MAX)]),
+            PeerRequest::Beacon(vec![]),
         ]
     }
 

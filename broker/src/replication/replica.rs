@@ -13,6 +13,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
+use super::beacons::{BeaconToken, Beacons};
 use super::elections::ElectionTiming;
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, RaftState, Shared};
 use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
@@ -50,16 +51,22 @@ impl std::fmt::Debug for ReplicaConfig {
     }
 }
 
-/// Defaults, for the 2 s failover target: openraft 0.9 followers refuse votes while their
-/// leader's lease (about the election timeout) lasts, so a failover takes one to two election
-/// timeouts; measured over loopback QUIC, 1.5–2.6 s. Heartbeats this often cost idle CPU per
-/// group: coalescing them per broker pair (or quiescent followers) is the way to both targets.
+/// Defaults, for the 2 s failover target. A transport with leader beacons (both of ours:
+/// [`super::beacons`]) turns openraft's per-group heartbeats off (the heartbeat interval then
+/// only floors how long an AppendEntries may take: see `raft_config`), and the election
+/// timeouts are the leader lease (voters refuse votes for `max` after their last append) and
+/// the range a follower's silence is drawn from after the last beacon. A leader kill elects
+/// in about `min..max` idle, `max + (0..max-min)` under writes.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 100;
-pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 500;
-pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 1000;
+pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 300;
+pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 600;
 
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT * 3 <= ELECTION_TIMEOUT_MIN_MS_DEFAULT);
 const _: () = assert!(ELECTION_TIMEOUT_MIN_MS_DEFAULT < ELECTION_TIMEOUT_MAX_MS_DEFAULT);
+// A follower hears at least two beacons before its shortest silence runs out.
+const _: () = assert!(
+    3 * super::beacons::BEACON_INTERVAL.as_millis() as u64 <= ELECTION_TIMEOUT_MIN_MS_DEFAULT
+);
 
 impl ReplicaConfig {
     pub fn new(node_id: NodeId, group: GroupId, clock: Clock) -> ReplicaConfig {
@@ -73,11 +80,30 @@ impl ReplicaConfig {
         }
     }
 
-    fn raft_config(&self) -> Result<openraft::Config, ReplicationError> {
+    /// openraft's configuration; with `beacons`, its heartbeats and ticks are off (leader
+    /// beacons carry liveness, [`super::beacons`]).
+    ///
+    /// With beacons openraft's heartbeat interval is only how long an AppendEntries may take
+    /// (and its tick's period, which wakes even while off: hundreds of groups' ticks are
+    /// most of an idle broker's wake-ups), and its minimum election timeout only bounds a
+    /// vote request (its own election timer is off): both are made as long as the leader
+    /// lease (`election_timeout_max`, which is kept) allows.
+    fn raft_config(&self, beacons: bool) -> Result<openraft::Config, ReplicationError> {
+        let (heartbeat_interval, election_timeout_min) = if beacons {
+            let max = self.election_timeout_max_ms;
+            (
+                self.heartbeat_interval_ms.max(max.saturating_sub(2)),
+                self.election_timeout_min_ms.max(max.saturating_sub(1)),
+            )
+        } else {
+            (self.heartbeat_interval_ms, self.election_timeout_min_ms)
+        };
         openraft::Config {
+            enable_heartbeat: !beacons,
+            enable_tick: !beacons,
             cluster_name: self.group.to_string(),
-            heartbeat_interval: self.heartbeat_interval_ms,
-            election_timeout_min: self.election_timeout_min_ms,
+            heartbeat_interval,
+            election_timeout_min,
             election_timeout_max: self.election_timeout_max_ms,
             // The log is the data: never snapshot (and so never purge) on openraft's own.
             snapshot_policy: SnapshotPolicy::Never,
@@ -192,6 +218,7 @@ async fn supervise(
     group: String,
     timing: ElectionTiming,
     greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
+    beacons: Option<Arc<Beacons>>,
 ) {
     let failure = wait_for_failure(raft.metrics());
     tokio::pin!(failure);
@@ -199,7 +226,7 @@ async fn supervise(
         tracing::error!(node, group = %group, reason, "a replica's Raft stopped on a fatal error");
     };
     tokio::select! {
-        () = super::elections::drive(raft.clone(), node, group.clone(), timing, greater_log_seen) => {}
+        () = super::elections::drive(raft.clone(), node, group.clone(), timing, greater_log_seen, beacons) => {}
         reason = &mut failure => {
             if let Some(reason) = reason {
                 log(&reason);
@@ -284,6 +311,8 @@ pub struct PartitionReplica {
     elections: tokio::task::AbortHandle,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
+    /// The node's leader beacons this replica is registered with, if the transport has them.
+    beacons: Option<(Arc<Beacons>, BeaconToken)>,
 }
 
 /// How often the leader's last log index is sampled (at most) to judge followers' lag in time.
@@ -334,6 +363,9 @@ impl LastIndexSamples {
 impl Drop for PartitionReplica {
     fn drop(&mut self) {
         self.elections.abort();
+        if let Some((beacons, token)) = &self.beacons {
+            beacons.unregister(&self.group, *token);
+        }
     }
 }
 
@@ -368,13 +400,14 @@ impl PartitionReplica {
         transport: Arc<T>,
         hook: Box<dyn ApplyHook>,
     ) -> Result<PartitionReplica, ReplicationError> {
-        let raft_config = Arc::new(config.raft_config()?);
+        let beacons = transport.beacons(config.node_id);
+        let raft_config = Arc::new(config.raft_config(beacons.is_some())?);
         let (store, state_machine) =
             open_stores_with_hook(dir, log_config, config.clock.clone(), hook)?;
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
         let applied = state_machine.handle();
-        let network = PeerNetwork::new(transport, config.group.clone(), config.node_id);
+        let network = PeerNetwork::new(transport.clone(), config.group.clone(), config.node_id);
         let leader_lease = Duration::from_millis(raft_config.election_timeout_max);
         let greater_log_seen = network.greater_log_seen();
         let raft = Raft::new(config.node_id, raft_config, network, store, state_machine)
@@ -390,8 +423,18 @@ impl PartitionReplica {
             config.group.to_string(),
             timing,
             greater_log_seen,
+            beacons.clone(),
         ))
         .abort_handle();
+        let beacons = beacons.map(|beacons| {
+            let token = beacons.register(
+                config.node_id,
+                config.group.clone(),
+                raft.clone(),
+                &transport,
+            );
+            (beacons, token)
+        });
         Ok(PartitionReplica {
             node_id: config.node_id,
             group: config.group,
@@ -404,6 +447,7 @@ impl PartitionReplica {
             leader_lease,
             elections,
             last_index_samples: std::sync::Mutex::default(),
+            beacons,
         })
     }
 
@@ -951,7 +995,7 @@ impl PartitionReplica {
             .hand_over(transport, target, &others, epoch, deadline)
             .await;
         // Restore whatever happened.
-        self.raft.runtime_config().heartbeat(true);
+        self.set_heartbeats(true);
         super::elections::hold(self.node_id, &self.group, Duration::ZERO);
         for node in &others {
             let _ = tokio::time::timeout(
@@ -967,6 +1011,15 @@ impl PartitionReplica {
         }
         self.writes_held.store(false, Ordering::Release);
         outcome
+    }
+
+    /// Starts (or stops) telling the followers this leader lives: openraft's heartbeats, or
+    /// with beacons ([`super::beacons`]), this group's place in them.
+    fn set_heartbeats(&self, on: bool) {
+        match &self.beacons {
+            Some((beacons, _)) => beacons.set_quiet(&self.group, !on),
+            None => self.raft.runtime_config().heartbeat(on),
+        }
     }
 
     async fn hand_over<T: PeerTransport>(
@@ -1021,7 +1074,7 @@ impl PartitionReplica {
             .await;
         }
         super::elections::hold(self.node_id, &self.group, Duration::from_millis(hold_ms));
-        self.raft.runtime_config().heartbeat(false);
+        self.set_heartbeats(false);
         // 3. After the leases ran out, the target campaigns until it leads.
         let lease_over =
             tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(100);
@@ -1066,6 +1119,9 @@ impl PartitionReplica {
     /// handle closes it. Writes in flight fail with [`ReplicationError::Stopped`].
     pub async fn stop(&self) {
         self.elections.abort();
+        if let Some((beacons, token)) = &self.beacons {
+            beacons.unregister(&self.group, *token);
+        }
         let _ = self.raft.shutdown().await;
         // openraft applies nothing more: the next start re-applies nothing.
         let applied = self.applied.clone();

@@ -8,10 +8,13 @@
 //! which 0.9 does not offer.)
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::network::{GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve};
+use super::beacons::Beacons;
+use super::network::{
+    GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve, serve_beacon,
+};
 use super::{NodeId, Raft};
 
 /// How unreliable the simulated network is.
@@ -55,6 +58,9 @@ struct State {
     cut: HashSet<(NodeId, NodeId)>,
     delivered: u64,
     dropped: u64,
+    beacons_delivered: u64,
+    /// Each node's leader beacons ([`super::beacons`]), made when first asked for.
+    beacons: HashMap<NodeId, Arc<Beacons>>,
 }
 
 impl std::fmt::Debug for State {
@@ -76,13 +82,18 @@ pub struct SimNetwork {
 /// Counters of what the network did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimStats {
+    /// Requests answered (beacons included).
     pub delivered: u64,
     pub dropped: u64,
+    /// Of `delivered`, the leader beacons ([`super::beacons`]).
+    pub beacons_delivered: u64,
 }
 
 /// What the network decided for one request.
 struct Plan {
     target: Option<Raft>,
+    /// Whether `to` is reachable and has a replica up (where a beacon goes).
+    up: bool,
     request_delay: Duration,
     answer_delay: Duration,
     drop_request: bool,
@@ -99,6 +110,8 @@ impl SimNetwork {
                 cut: HashSet::new(),
                 delivered: 0,
                 dropped: 0,
+                beacons_delivered: 0,
+                beacons: HashMap::new(),
             }),
         }
     }
@@ -138,6 +151,7 @@ impl SimNetwork {
         SimStats {
             delivered: state.delivered,
             dropped: state.dropped,
+            beacons_delivered: state.beacons_delivered,
         }
     }
 
@@ -148,6 +162,8 @@ impl SimNetwork {
         let target = reachable
             .then(|| state.nodes.get(&(group.clone(), to)).cloned())
             .flatten();
+        // A beacon names no group: it reaches a node that has any replica up.
+        let up = reachable && state.nodes.keys().any(|(_, node)| *node == to);
         let delay = |rng: &mut SimRng| match faults.delay_ms_max {
             0 => Duration::ZERO,
             max => Duration::from_millis(rng.below(max + 1)),
@@ -158,6 +174,7 @@ impl SimNetwork {
         let drop_answer = state.rng.chance_per_mille(faults.drop_per_mille);
         Plan {
             target,
+            up,
             request_delay,
             answer_delay,
             drop_request,
@@ -167,6 +184,10 @@ impl SimNetwork {
 }
 
 impl PeerTransport for SimNetwork {
+    fn beacons(&self, node: NodeId) -> Option<Arc<Beacons>> {
+        Some(self.state().beacons.entry(node).or_default().clone())
+    }
+
     async fn call(
         &self,
         group: &GroupId,
@@ -175,6 +196,9 @@ impl PeerTransport for SimNetwork {
         request: PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
         let plan = self.plan(group, from, to);
+        if let PeerRequest::Beacon(led) = request {
+            return self.beacon(plan, to, from, led).await;
+        }
         let Some(target) = plan.target else {
             return Err(PeerError::Unreachable {
                 node: to,
@@ -207,6 +231,53 @@ impl PeerTransport for SimNetwork {
             });
         }
         state.delivered += 1;
+        answer
+    }
+}
+
+impl SimNetwork {
+    /// Delivers a beacon with the same faults as any request.
+    async fn beacon(
+        &self,
+        plan: Plan,
+        to: NodeId,
+        from: NodeId,
+        led: Vec<(GroupId, u64)>,
+    ) -> Result<PeerResponse, PeerError> {
+        let down = || PeerError::Unreachable {
+            node: to,
+            reason: "down or cut off".into(),
+        };
+        if !plan.up {
+            return Err(down());
+        }
+        tokio::time::sleep(plan.request_delay).await;
+        let beacons = {
+            let mut state = self.state();
+            if plan.drop_request {
+                state.dropped += 1;
+                return Err(PeerError::Lost {
+                    node: to,
+                    reason: "request dropped".into(),
+                });
+            }
+            if !state.nodes.keys().any(|(_, node)| *node == to) {
+                return Err(down());
+            }
+            state.beacons.entry(to).or_default().clone()
+        };
+        let answer = serve_beacon(Some(&beacons), to, led);
+        tokio::time::sleep(plan.answer_delay).await;
+        let mut state = self.state();
+        if plan.drop_answer || state.cut.contains(&(to, from)) {
+            state.dropped += 1;
+            return Err(PeerError::Lost {
+                node: to,
+                reason: "answer dropped".into(),
+            });
+        }
+        state.delivered += 1;
+        state.beacons_delivered += 1;
         answer
     }
 }

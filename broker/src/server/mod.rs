@@ -411,6 +411,7 @@ impl Broker {
                     endpoint.clone(),
                     &tls,
                     peers.iter().map(|(id, addr)| (*id, *addr)).collect(),
+                    groups.beacons(),
                 )?;
                 let verifier = peer::PeerVerifier::new(tls.roots.clone())?;
                 let controller = crate::controller::Controller::start(

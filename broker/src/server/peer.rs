@@ -5,7 +5,10 @@
 //! connection per broker pair shared by every partition group, one bidirectional stream per
 //! request: `length:u32 | peer_wire request`, answered by `length:u32 | peer_wire answer`
 //! (see [`crate::replication::peer_wire`]). A request names its group; the receiving broker
-//! answers with its replica of that group, or "unreachable" if it has none.
+//! answers with its replica of that group, or "unreachable" if it has none. A leader beacon
+//! ([`crate::replication::beacons`]: which groups the sender leads, one per broker pair every
+//! 100 ms in place of every group's heartbeats) names many and is taken by [`PeerGroups`]'
+//! beacons.
 //!
 //! `ketch serve` in a cluster runs it on the broker's own endpoint ([`QuicPeers::on_endpoint`]):
 //! one UDP port for clients and peers, told apart by ALPN, a peer connection checked against
@@ -20,6 +23,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::replication::beacons::Beacons;
+use crate::replication::network::serve_beacon;
 use crate::replication::network::{
     GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve,
 };
@@ -61,10 +66,12 @@ pub enum PeerSetupError {
     },
 }
 
-/// The replicas this broker serves to its peers, by group.
+/// The replicas this broker serves to its peers, by group, and the leader beacons its
+/// peers send it ([`crate::replication::beacons`]).
 #[derive(Default)]
 pub struct PeerGroups {
     groups: RwLock<HashMap<GroupId, Raft>>,
+    beacons: Arc<Beacons>,
 }
 
 impl std::fmt::Debug for PeerGroups {
@@ -91,6 +98,11 @@ impl PeerGroups {
             .remove(group);
     }
 
+    /// This broker's leader beacons: what its peers announced, what it announces.
+    pub fn beacons(&self) -> Arc<Beacons> {
+        self.beacons.clone()
+    }
+
     fn get(&self, group: &GroupId) -> Option<Raft> {
         self.groups
             .read()
@@ -113,6 +125,8 @@ pub struct QuicPeers {
     client_config: quinn::ClientConfig,
     /// When each peer last answered a request.
     answered: std::sync::Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// This broker's leader beacons (shared with its [`PeerGroups`], which takes its peers').
+    beacons: Arc<Beacons>,
 }
 
 /// A peer's connection; the async mutex serialises (re)connecting to it.
@@ -206,12 +220,14 @@ fn peer_client_config(tls: &PeerTls) -> Result<quinn::ClientConfig, PeerSetupErr
 impl QuicPeers {
     /// The peer transport on a broker's own endpoint (which accepts `ketch-peer/1` beside
     /// `ketch/1` and hands peer connections to [`serve_peer_connection`]): outgoing
-    /// connections leave from the same UDP port.
+    /// connections leave from the same UDP port. `beacons` are those of the [`PeerGroups`]
+    /// the endpoint answers peers with.
     pub fn on_endpoint(
         node_id: NodeId,
         endpoint: quinn::Endpoint,
         tls: &PeerTls,
         addresses: HashMap<NodeId, SocketAddr>,
+        beacons: Arc<Beacons>,
     ) -> Result<Arc<QuicPeers>, PeerSetupError> {
         Ok(Arc::new(QuicPeers {
             node_id,
@@ -220,6 +236,7 @@ impl QuicPeers {
             addresses: RwLock::new(addresses),
             connections: std::sync::Mutex::new(HashMap::new()),
             answered: std::sync::Mutex::default(),
+            beacons,
         }))
     }
 
@@ -262,6 +279,7 @@ impl QuicPeers {
                 source,
             }
         })?;
+        let beacons = groups.beacons();
         tokio::spawn(accept(endpoint.clone(), node_id, groups));
         Ok(Arc::new(QuicPeers {
             node_id,
@@ -270,6 +288,7 @@ impl QuicPeers {
             addresses: RwLock::new(addresses),
             connections: std::sync::Mutex::new(HashMap::new()),
             answered: std::sync::Mutex::default(),
+            beacons,
         }))
     }
 
@@ -375,6 +394,10 @@ async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
 }
 
 impl PeerTransport for QuicPeers {
+    fn beacons(&self, node: NodeId) -> Option<Arc<Beacons>> {
+        (node == self.node_id).then(|| self.beacons.clone())
+    }
+
     fn learn_address(&self, node: NodeId, addr: SocketAddr) {
         self.addresses
             .write()
@@ -468,6 +491,7 @@ async fn answer(
         }
     };
     let answer = match peer_wire::decode_request(message) {
+        Ok((_, PeerRequest::Beacon(led))) => serve_beacon(Some(&groups.beacons), node_id, led),
         Ok((group, request)) => match groups.get(&group) {
             Some(raft) => serve(&raft, node_id, &group, request).await,
             None => Err(PeerError::Unreachable {
