@@ -710,15 +710,13 @@ async fn produce_replicated(
             work.push(tokio::spawn(async move {
                 let node = state.cluster_node.as_ref().expect("a cluster broker");
                 let result = match node.controller.partition(&name, p.partition) {
-                    Some(_) if &*name == OFFSETS_TOPIC => {
-                        Err(crate::controller::ProduceRefused {
-                            error: ClusterError::new(
-                                ErrorCode::Unauthorized,
-                                "the offsets topic is written by the broker only",
-                            ),
-                            leader: (None, 0),
-                        })
-                    }
+                    Some(_) if &*name == OFFSETS_TOPIC => Err(crate::controller::ProduceRefused {
+                        error: ClusterError::new(
+                            ErrorCode::Unauthorized,
+                            "the offsets topic is written by the broker only",
+                        ),
+                        leader: (None, 0),
+                    }),
                     Some(partition) => partition
                         .produce(p.records, acks, timeout, state.config.batch_bytes_max)
                         .await
