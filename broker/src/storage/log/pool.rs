@@ -29,9 +29,10 @@ struct PoolState {
     threads: usize,
     /// Workers waiting on `ready`.
     sleeping: usize,
-    /// Wake-ups sent to sleeping workers and not yet taken by one: a schedule that finds one
-    /// pending adds none (that worker will find this log too), so a burst of appends costs
-    /// one futex wake, not one each.
+    /// Wake-ups sent to sleeping workers and not yet taken by one. A schedule wakes another
+    /// sleeper only while fewer are on their way than logs are queued: four logs queued at
+    /// once still sync in parallel on four workers (`fsync always`), while the thousands
+    /// of appends of one request cost at most a wake per sleeping worker, not one each.
     wakes_pending: usize,
 }
 
@@ -56,14 +57,12 @@ impl WriterPool {
     pub(super) fn schedule(&'static self, shared: Arc<Shared>) {
         let mut state = lock(&self.state);
         state.logs.push_back(shared);
-        if state.wakes_pending > 0 {
-            // A worker is waking and will take the queue's logs.
-            return;
-        }
         if state.sleeper_unclaimed() {
-            state.wakes_pending += 1;
-            drop(state);
-            self.ready.notify_one();
+            if state.logs.len() > state.wakes_pending {
+                state.wakes_pending += 1;
+                drop(state);
+                self.ready.notify_one();
+            }
             return;
         }
         if state.threads < WRITER_THREADS_MAX {
