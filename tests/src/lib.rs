@@ -12,6 +12,7 @@ pub use ketch_testkit::history;
 pub use ketch_testkit::{READY_TIMEOUT as BROKER_READY_TIMEOUT, ketch_bin, now_ms};
 
 pub mod cluster;
+pub mod load;
 pub mod raw;
 pub mod relay;
 

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ketch_client::{
-    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
-};
+use ketch_client::{Acks, Client, ProducerConfig, ProducerRecord};
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::{Op, Recorder};
+use ketch_e2e::load::{self, ProduceLoad};
 use ketch_testkit::cluster::NodeId;
 
 /// Bound of every wait.
@@ -77,102 +76,31 @@ async fn wait_described_leader(
     }
 }
 
-/// Sends `v0`, `v1`, ... to `topic`/0 (`acks=all`, idempotent) until told to stop; records
-/// each send and its outcome. Answers the number of failed sends.
+/// The continuous `acks=all` idempotent load (`ketch_e2e::load`) on `topic`/0 until told to
+/// stop, recorded in `history`. Answers the number of failed sends.
 async fn produce(
     client: Client,
     topic: &'static str,
     history: Recorder,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<u64> {
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::All,
-            idempotent: true,
-            delivery_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(5),
-            ..ProducerConfig::default()
-        })
-        .await?;
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut deliveries = Vec::new();
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let value = format!("v{i}");
-        i += 1;
-        history.record(|h| h.invoke(value.clone()));
-        let record = ProducerRecord {
-            partition: Some(0),
-            ..ProducerRecord::new(topic, value.clone())
-        };
-        match producer.send(record).await {
-            Ok(delivery) => {
-                let history = history.clone();
-                let failed = failed.clone();
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                delivery.on_delivery(move |outcome| {
-                    match outcome {
-                        Ok(meta) => history.record(|h| h.ack(value, meta.partition, meta.offset)),
-                        Err(e) => {
-                            println!("producer: delivery failed: {e}");
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            history.record(|h| h.indeterminate(value))
-                        }
-                    }
-                    let _ = done_tx.send(());
-                });
-                deliveries.push(done_rx);
-            }
-            Err(e) => {
-                println!("producer: send failed: {e}");
-                failed.fetch_add(1, Ordering::SeqCst);
-                history.record(|h| h.fail(value))
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(3)).await;
-    }
-    for delivery in deliveries {
-        let _ = delivery.await;
-    }
-    producer.close().await?;
-    Ok(failed.load(Ordering::SeqCst))
+    let load = ProduceLoad {
+        send_interval: Some(Duration::from_millis(3)),
+        ..ProduceLoad::new(topic, 1)
+    };
+    let errors = load::produce(client, load, history, stop, Arc::default()).await?;
+    Ok(errors.values().sum())
 }
 
-/// Reads `topic`/0 from offset 0 as records commit, following the leader, until told to
-/// stop; records each read as consumer `live`. Answers the next offset it would read.
+/// Reads `topic`/0 from offset 0 as records commit, following its leader, until told to
+/// stop, recording each read as consumer `live`.
 async fn consume(
     client: Client,
     topic: &'static str,
     history: Recorder,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<i64> {
-    history.record(|h| h.seek("live", 0, 0));
-    let consumer = client.assign(
-        ConsumerConfig {
-            auto_offset_reset: AutoOffsetReset::Earliest,
-            auto_commit: false,
-            ..ConsumerConfig::default()
-        },
-        &[TopicPartition::new(topic, 0)],
-    )?;
-    let mut next = 0;
-    while !stop.load(Ordering::SeqCst) {
-        match consumer.recv_many(500, Duration::from_millis(100)).await {
-            Ok(records) => history.record(|h| {
-                for record in records {
-                    let value = record
-                        .value
-                        .map(|v| String::from_utf8_lossy(&v).into_owned())
-                        .unwrap_or_default();
-                    h.read("live", record.partition, record.offset, value);
-                    next = record.offset + 1;
-                }
-            }),
-            Err(e) => println!("live consumer: {e}"),
-        }
-    }
-    consumer.close().await?;
-    Ok(next)
+) -> anyhow::Result<()> {
+    load::consume(client, topic, 1, history, stop, Arc::default()).await
 }
 
 fn acknowledged(history: &Recorder) -> usize {

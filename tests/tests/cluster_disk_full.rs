@@ -1,106 +1,36 @@
 //! A cluster broker's disk fills up for real (its data directory a small tmpfs of its own,
 //! `ketch_testkit::disk`) under a continuous `acks=all` idempotent producer: the other two
 //! brokers keep a quorum, so every send is acknowledged (after retries) and nothing is lost;
-//! once space is freed the full broker's replicas catch up and rejoin every in-sync set —
-//! without a restart. The queue checker judges the history (lost, duplicated, moved
+//! the full broker's replicas stop on ENOSPC and are reopened after a backoff as followers
+//! (one that led gives its leadership up, so the others elect a leader that can write); once
+//! space is freed they catch up and rejoin every in-sync set — without a broker restart. The queue checker judges the history (lost, duplicated, moved
 //! records), read back from the partition leaders.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ketch_client::{Acks, Client, ProducerConfig, ProducerRecord};
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::Recorder;
+use ketch_e2e::load::{self, ProduceLoad, Progress};
 use ketch_testkit::cluster::NodeId;
 use ketch_testkit::disk;
 
 const TOPIC: &str = "filling";
 const PARTITIONS: u32 = 3;
-/// The full broker's disk, and the ballast that takes most of it.
-const DISK_MIB: u32 = 48;
-const BALLAST_MIB: u32 = 36;
-/// Each record's value: a name, then padding to about this size.
+/// The full broker's disk, and the ballast that takes most of it: 12 MiB to fill, then
+/// room for everything the test writes once the ballast goes (the full broker must be able
+/// to hold what the others hold to catch up).
+const DISK_MIB: u32 = 128;
+const BALLAST_MIB: u32 = 116;
+/// Each record's value: a name, then this much padding.
 const VALUE_BYTES: usize = 1024;
+/// The producer's pace: about 1 MB/s, so the whole test writes tens of MB, not GBs.
+const SEND_INTERVAL: Duration = Duration::from_millis(1);
 /// Bound of every wait.
 const WAIT_MAX: Duration = Duration::from_secs(90);
 const FULL: NodeId = 3;
-
-/// Sends numbered values round robin over the partitions until `stop`; records every
-/// invocation and outcome. Returns the delivery errors by reason.
-async fn produce(
-    client: Client,
-    history: Recorder,
-    stop: Arc<AtomicBool>,
-    acked: Arc<std::sync::atomic::AtomicU64>,
-) -> anyhow::Result<BTreeMap<String, u64>> {
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::All,
-            idempotent: true,
-            delivery_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(5),
-            ..ProducerConfig::default()
-        })
-        .await?;
-    let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
-    let mut deliveries = Vec::new();
-    let padding = "x".repeat(VALUE_BYTES);
-    let mut i: u64 = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let name = format!("v{i}");
-        let value = format!("{name}:{padding}");
-        let partition = (i % u64::from(PARTITIONS)) as u32;
-        i += 1;
-        history.record(|h| h.invoke(value.clone()));
-        let record = ProducerRecord {
-            partition: Some(partition),
-            ..ProducerRecord::new(TOPIC, value.clone())
-        };
-        match producer.send(record).await {
-            Ok(delivery) => {
-                let (history, errors, acked) = (history.clone(), errors.clone(), acked.clone());
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                delivery.on_delivery(move |outcome| {
-                    match outcome {
-                        Ok(meta) => {
-                            history.record(|h| h.ack(value, meta.partition, meta.offset));
-                            acked.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(e) => {
-                            *errors.lock().unwrap().entry(e.to_string()).or_default() += 1;
-                            history.record(|h| h.indeterminate(value));
-                        }
-                    }
-                    let _ = done_tx.send(());
-                });
-                deliveries.push(done_rx);
-            }
-            Err(e) => {
-                *errors
-                    .lock()
-                    .unwrap()
-                    .entry(format!("send: {e}"))
-                    .or_default() += 1;
-                history.record(|h| h.fail(value));
-            }
-        }
-        // Bounded in flight: the producer's own queue applies back-pressure through send.
-        if deliveries.len() >= 4096 {
-            for delivery in deliveries.drain(..2048) {
-                let _ = delivery.await;
-            }
-        }
-    }
-    for delivery in deliveries {
-        let _ = delivery.await;
-    }
-    producer.close().await?;
-    let errors = errors.lock().unwrap().clone();
-    Ok(errors)
-}
 
 /// Waits (bounded by [`WAIT_MAX`]) until `check` holds; `what` names it in the error.
 async fn wait_until(
@@ -120,9 +50,21 @@ async fn wait_until(
     bail!("{what}: not within {WAIT_MAX:?} (last: {last})")
 }
 
+/// The last `lines` WARN and ERROR lines of a broker log.
+fn warnings(log: &str, lines: usize) -> String {
+    let picked: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    picked[picked.len().saturating_sub(lines)..].join("\n")
+}
+
 /// `ketch topic describe` through node `via` (its own view: the high watermark of its local
-/// replica): per partition, the high watermark and the in-sync replicas.
-fn describe_via(cluster: &TestCluster, via: NodeId) -> anyhow::Result<Vec<(i64, Vec<NodeId>)>> {
+/// replica): per partition, the high watermark, the in-sync replicas and the leader.
+fn describe_via(
+    cluster: &TestCluster,
+    via: NodeId,
+) -> anyhow::Result<Vec<(i64, Vec<NodeId>, String)>> {
     let output = cluster
         .process
         .cli(via)
@@ -156,7 +98,7 @@ fn describe_via(cluster: &TestCluster, via: NodeId) -> anyhow::Result<Vec<(i64, 
             .filter(|n| !n.is_empty())
             .map(str::parse)
             .collect::<Result<_, _>>()?;
-        rows.push((high_watermark, isr));
+        rows.push((high_watermark, isr, format!("leader {}", column("LEADER")?)));
     }
     ensure!(
         rows.len() == PARTITIONS as usize,
@@ -166,11 +108,6 @@ fn describe_via(cluster: &TestCluster, via: NodeId) -> anyhow::Result<Vec<(i64, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "passes up to the last phase: writes go on, the full broker leaves every ISR, its \
-            replicas stop on ENOSPC and restart (following: elections held after a failure); \
-            once space is freed they run again but do not rejoin the ISR within 90 s — cause \
-            not found yet; under heavy load one run also failed earlier, the full broker still \
-            in an ISR after 90 s (14:50 UTC 2026-11-30)"]
 async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_returns()
 -> anyhow::Result<()> {
     if !disk::available() {
@@ -188,6 +125,19 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
             Vec::new()
         }
     })?;
+    let result = fill_and_free(&cluster).await;
+    if result.is_err() {
+        for node in cluster.process.node_ids() {
+            println!(
+                "--- node {node}'s last warnings and errors ---\n{}",
+                warnings(&cluster.process.log(node), 40)
+            );
+        }
+    }
+    result
+}
+
+async fn fill_and_free(cluster: &TestCluster) -> anyhow::Result<()> {
     cluster.create_topic(1, TOPIC, PARTITIONS, 3)?;
     let full_pid = cluster.process.pid(FULL).context("the full node runs")?;
     let full_dir = cluster
@@ -199,12 +149,18 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
 
     let history = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let producer = tokio::spawn(produce(
+    let progress = Arc::new(Progress::default());
+    let load = ProduceLoad {
+        send_interval: Some(SEND_INTERVAL),
+        padding_bytes: VALUE_BYTES,
+        ..ProduceLoad::new(TOPIC, PARTITIONS)
+    };
+    let producer = tokio::spawn(load::produce(
         cluster.client().await?,
+        load,
         history.clone(),
         stop.clone(),
-        acked.clone(),
+        progress.clone(),
     ));
 
     // The full broker runs out of space (its log says so) while the producer goes on.
@@ -213,13 +169,16 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
         Ok(cluster.process.log(FULL).contains("no space left"))
     })
     .await?;
-    let at_full = acked.load(Ordering::SeqCst);
+    let at_full = progress.acked();
     println!("node {FULL}'s disk is full after {at_full} acknowledged records");
     // It leaves every partition's in-sync replicas (it stores nothing more)...
     wait_until("the full broker out of every in-sync set", async || {
-        Ok(describe_via(&cluster, 1)?
-            .iter()
-            .all(|(_, isr)| !isr.contains(&FULL)))
+        let rows = describe_via(cluster, 1)?;
+        ensure!(
+            rows.iter().all(|(_, isr, _)| !isr.contains(&FULL)),
+            "(high watermark, ISR, leader) per partition: {rows:?}"
+        );
+        Ok(true)
     })
     .await?;
     // ...and writes go on without it: a quorum of two.
@@ -227,7 +186,7 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
         "acknowledgements while one broker's disk is full",
         async || {
             ensure!(!producer.is_finished(), "the producer stopped");
-            Ok(acked.load(Ordering::SeqCst) >= at_full + 2_000)
+            Ok(progress.acked() >= at_full + 2_000)
         },
     )
     .await?;
@@ -238,9 +197,12 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
     wait_until(
         "every partition in sync on all three brokers again",
         async || {
-            Ok(describe_via(&cluster, 1)?
-                .iter()
-                .all(|(_, isr)| isr.contains(&FULL)))
+            let rows = describe_via(cluster, 1)?;
+            ensure!(
+                rows.iter().all(|(_, isr, _)| isr.contains(&FULL)),
+                "(high watermark, ISR, leader) per partition: {rows:?}"
+            );
+            Ok(true)
         },
     )
     .await?;
@@ -268,9 +230,9 @@ async fn a_full_disk_on_one_broker_loses_nothing_and_it_catches_up_when_space_re
     wait_until(
         "the full broker's replicas at every acknowledged end",
         async || {
-            let marks: Vec<i64> = describe_via(&cluster, FULL)?
+            let marks: Vec<i64> = describe_via(cluster, FULL)?
                 .into_iter()
-                .map(|(high_watermark, _)| high_watermark)
+                .map(|(high_watermark, _, _)| high_watermark)
                 .collect();
             Ok(marks.iter().zip(&ends).all(|(mark, end)| mark >= end))
         },

@@ -16,11 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ketch_client::{
-    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
-};
+use ketch_client::{AutoOffsetReset, Client, ConsumerConfig, TopicPartition};
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::{Op, Recorder, Report};
+use ketch_e2e::load::{self, ProduceLoad, Progress, SendErrors};
 use ketch_testkit::cluster::NodeId;
 
 const TOPIC: &str = "events";
@@ -32,23 +31,15 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 /// Pause between two sends of the continuous producer.
 const SEND_INTERVAL: Duration = Duration::from_millis(2);
 
-/// Next offset to read, per partition.
-type Positions = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, i64>>>;
-
 /// A producer writing continuously to every partition, and a consumer of every partition
 /// reading as records commit, both recording into one history.
 struct Workload {
     history: Recorder,
     stop: Arc<AtomicBool>,
     stop_consumer: Arc<AtomicBool>,
-    /// The live consumer's next offset per partition.
-    positions: Positions,
-    /// When each acknowledgement arrived, and for which partition.
-    acks: Arc<std::sync::Mutex<Vec<(Instant, u32)>>>,
+    progress: Arc<Progress>,
     producer: tokio::task::JoinHandle<anyhow::Result<SendErrors>>,
     consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// Records read by the live consumer.
-    reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Workload {
@@ -56,32 +47,34 @@ impl Workload {
         let history = Recorder::new();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_consumer = Arc::new(AtomicBool::new(false));
-        let positions = Positions::default();
-        let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
         let client = cluster.client().await?;
-        let producer = tokio::spawn(produce(
+        let load = ProduceLoad {
+            send_interval: Some(SEND_INTERVAL),
+            ..ProduceLoad::new(TOPIC, PARTITIONS)
+        };
+        let producer = tokio::spawn(load::produce(
             client.clone(),
+            load,
             history.clone(),
             stop.clone(),
-            acks.clone(),
+            progress.clone(),
         ));
-        let consumer = tokio::spawn(consume(
+        let consumer = tokio::spawn(load::consume(
             client,
+            TOPIC,
+            PARTITIONS,
             history.clone(),
             stop_consumer.clone(),
-            reads.clone(),
-            positions.clone(),
+            progress.clone(),
         ));
         Ok(Workload {
             history,
             stop,
             stop_consumer,
-            positions,
-            acks,
+            progress,
             producer,
             consumer,
-            reads,
         })
     }
 
@@ -93,30 +86,9 @@ impl Workload {
         after: Instant,
         count: usize,
     ) -> anyhow::Result<Instant> {
-        let started = Instant::now();
-        loop {
-            let (first, seen) = {
-                let acks = self.acks.lock().unwrap();
-                let mut matching = acks
-                    .iter()
-                    .filter(|(at, p)| *at > after && partition.is_none_or(|want| want == *p));
-                let first = matching.next().map(|(at, _)| *at);
-                (first, first.map_or(0, |_| 1 + matching.count()))
-            };
-            if seen >= count {
-                return Ok(first.expect("counted"));
-            }
-            if self.producer.is_finished() {
-                bail!("the producer stopped after {seen} of {count} acknowledgements");
-            }
-            if started.elapsed() > WAIT_MAX {
-                bail!(
-                    "{seen} of {count} acknowledgements (partition {partition:?}) within \
-                     {WAIT_MAX:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.progress
+            .wait_for_acks(&self.producer, partition, after, count, WAIT_MAX)
+            .await
     }
 
     /// How long after `at` acknowledgements of `partition` resumed: the end of the first
@@ -124,7 +96,7 @@ impl Workload {
     /// fault did not stall the partition that long).
     fn resumed_after(&self, partition: u32, at: Instant) -> Option<Duration> {
         const ACK_SILENCE_MIN: Duration = Duration::from_millis(200);
-        let acks = self.acks.lock().unwrap();
+        let acks = self.progress.acks.lock().unwrap();
         let times: Vec<Instant> = acks
             .iter()
             .filter(|(_, p)| *p == partition)
@@ -157,7 +129,7 @@ impl Workload {
         }
         let started = Instant::now();
         let caught_up = || {
-            let positions = self.positions.lock().unwrap();
+            let positions = self.progress.positions.lock().unwrap();
             ends.iter()
                 .all(|(p, end)| positions.get(p).is_some_and(|at| at >= end))
         };
@@ -168,7 +140,7 @@ impl Workload {
             format!(
                 "the live consumer did not catch up within {WAIT_MAX:?}: at {:?}, acknowledged \
                  ends {ends:?}",
-                self.positions.lock().unwrap()
+                self.progress.positions.lock().unwrap()
             )
         });
         self.stop_consumer.store(true, Ordering::SeqCst);
@@ -181,7 +153,7 @@ impl Workload {
         let report = self.history.snapshot().check();
         println!(
             "{context}: {report} (live consumer read {})",
-            self.reads.load(Ordering::Relaxed)
+            self.progress.reads.load(Ordering::Relaxed)
         );
         if !report.is_valid() {
             bail!(
@@ -199,132 +171,6 @@ impl Workload {
         }
         Ok(report)
     }
-}
-
-/// Sends `v0`, `v1`, ... round-robin over the partitions until told to stop, recording each
-/// send and its outcome; then waits for every delivery.
-async fn produce(
-    client: Client,
-    history: Recorder,
-    stop: Arc<AtomicBool>,
-    acks: Arc<std::sync::Mutex<Vec<(Instant, u32)>>>,
-) -> anyhow::Result<SendErrors> {
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::All,
-            idempotent: true,
-            delivery_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(5),
-            ..ProducerConfig::default()
-        })
-        .await?;
-    let mut deliveries = Vec::new();
-    // Why deliveries failed, counted, for the report.
-    let errors = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
-        String,
-        u64,
-    >::new()));
-    let mut i: u64 = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let value = format!("v{i}");
-        let partition = (i % u64::from(PARTITIONS)) as u32;
-        i += 1;
-        history.record(|h| h.invoke(value.clone()));
-        let record = ProducerRecord {
-            partition: Some(partition),
-            ..ProducerRecord::new(TOPIC, value.clone())
-        };
-        match producer.send(record).await {
-            Ok(delivery) => {
-                let history = history.clone();
-                let acks = acks.clone();
-                let errors = errors.clone();
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                delivery.on_delivery(move |outcome| {
-                    match outcome {
-                        Ok(meta) => {
-                            history.record(|h| h.ack(value, meta.partition, meta.offset));
-                            acks.lock().unwrap().push((Instant::now(), meta.partition));
-                        }
-                        // Retries gave up: it may be stored (once) or not.
-                        Err(e) => {
-                            *errors.lock().unwrap().entry(e.to_string()).or_default() += 1;
-                            history.record(|h| h.indeterminate(value))
-                        }
-                    }
-                    let _ = done_tx.send(());
-                });
-                deliveries.push(done_rx);
-            }
-            // Never queued, so never sent.
-            Err(e) => {
-                *errors
-                    .lock()
-                    .unwrap()
-                    .entry(format!("send: {e}"))
-                    .or_default() += 1;
-                history.record(|h| h.fail(value))
-            }
-        }
-        tokio::time::sleep(SEND_INTERVAL).await;
-    }
-    for delivery in deliveries {
-        let _ = delivery.await;
-    }
-    let errors = errors.lock().unwrap().clone();
-    for (error, count) in &errors {
-        println!("producer: {count} failed: {error}");
-    }
-    producer.close().await?;
-    Ok(errors)
-}
-
-/// Why sends failed (at once, or after retries), and how many.
-type SendErrors = std::collections::BTreeMap<String, u64>;
-
-/// Reads every partition from offset 0 as records commit, following leaders, until told to
-/// stop, recording each read as consumer `live`.
-async fn consume(
-    client: Client,
-    history: Recorder,
-    stop: Arc<AtomicBool>,
-    reads: Arc<std::sync::atomic::AtomicU64>,
-    positions: Positions,
-) -> anyhow::Result<()> {
-    let partitions: Vec<TopicPartition> = (0..PARTITIONS)
-        .map(|p| TopicPartition::new(TOPIC, p))
-        .collect();
-    history.record(|h| (0..PARTITIONS).for_each(|p| h.seek("live", p, 0)));
-    let consumer = client.assign(
-        ConsumerConfig {
-            auto_offset_reset: AutoOffsetReset::Earliest,
-            auto_commit: false,
-            ..ConsumerConfig::default()
-        },
-        &partitions,
-    )?;
-    while !stop.load(Ordering::SeqCst) {
-        match consumer.recv_many(500, Duration::from_millis(100)).await {
-            Ok(records) => history.record(|h| {
-                for record in records {
-                    let value = record
-                        .value
-                        .map(|v| String::from_utf8_lossy(&v).into_owned())
-                        .unwrap_or_default();
-                    h.read("live", record.partition, record.offset, value);
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    positions
-                        .lock()
-                        .unwrap()
-                        .insert(record.partition, record.offset + 1);
-                }
-            }),
-            // The consumer retries by itself; an error here is one it reports.
-            Err(e) => println!("live consumer: {e}"),
-        }
-    }
-    consumer.close().await?;
-    Ok(())
 }
 
 /// One cluster at a time: two would share the machine's cores, and a starved heartbeat

@@ -19,7 +19,8 @@
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
-//! its `Security`.
+//! its `Security`. Wasm modules (bytes included) and replicated topics' produce chains
+//! travel the same way (`FilterUploaded`, `FilterDeleted`, `ProduceChainSet`): see [`wasm`].
 //!
 //! The controller also creates the cluster's `__consumer_offsets` ([`OFFSETS_PARTITIONS`]
 //! replicated partitions), whose leaders coordinate consumer groups (`crate::groups::replicated`).
@@ -31,6 +32,7 @@
 //! made unique across brokers by putting the node id in their high bits.
 
 pub mod partition;
+pub mod wasm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -44,7 +46,9 @@ use ketch_protocol::messages::Acks;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use partition::{LeaderView, ProduceRefused, ProducerStateHook, ReplicatedPartition};
+pub use partition::{
+    LeaderView, ProduceRefused, ProducerStateHook, ReplicatedBatch, ReplicatedPartition,
+};
 
 use crate::auth::{Security, SecurityChange};
 use crate::cluster::{ClusterError, TopicConfig, TopicId};
@@ -81,9 +85,12 @@ pub const REASSIGN_CATCH_UP_LAG_ENTRIES_MAX: u64 = 1000;
 pub const ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX: u64 = 16;
 /// How long a partition replica whose Raft stopped on a fatal error waits before its first
 /// restart; each further restart of it waits twice as long, up to
-/// [`REPLICA_RESTART_BACKOFF_MAX`].
+/// [`REPLICA_RESTART_BACKOFF_MAX`] — short enough that a replica stopped by a full disk is
+/// back within seconds of the space returning (a restart is an open of its log: cheap).
 pub const REPLICA_RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// A restarted replica that then ran this long without failing starts its backoff over.
+pub const REPLICA_HEALTHY_RUN_MIN: Duration = Duration::from_secs(60);
 /// How long a replica restarted after a fatal error holds its own elections back.
 pub const RESTARTED_REPLICA_ELECTION_HOLD: Duration = Duration::from_secs(10);
 /// The largest metadata read at once while applying.
@@ -151,6 +158,31 @@ pub enum MetadataCommand {
     Security {
         change: SecurityChange,
     },
+    /// A Wasm module uploaded through any broker: every broker stores it in its registry as
+    /// the next version of `name` (versions are numbered in log order, so every broker gives
+    /// the same number). The bytes travel in the command (base64): see [`wasm`].
+    FilterUploaded {
+        name: String,
+        /// SHA-256 of the module, lower-case hex.
+        digest: String,
+        description: String,
+        created_ms: i64,
+        module: String,
+    },
+    /// Every version of a module deleted; without `force`, not while a replicated topic's
+    /// chain uses it (decided in log order, so every broker decides alike).
+    FilterDeleted {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// A replicated topic's produce chain set (`None`: cleared). Leaders run it before they
+    /// propose a batch.
+    ProduceChainSet {
+        topic: String,
+        topic_id: u64,
+        spec: Option<crate::transform::ChainSpec>,
+    },
 }
 
 /// A topic as the metadata log says.
@@ -187,6 +219,10 @@ pub struct Image {
     pub topics: BTreeMap<String, TopicImage>,
     /// Brokers added after start (the initial ones are every broker's `--peers`).
     pub added_brokers: BTreeMap<NodeId, std::net::SocketAddr>,
+    /// Every Wasm module's versions, in log order.
+    pub filters: BTreeMap<String, Vec<wasm::FilterVersionImage>>,
+    /// Replicated topics' produce chains, by topic name.
+    pub chains: BTreeMap<String, crate::transform::ChainSpec>,
 }
 
 impl Image {
@@ -219,6 +255,7 @@ impl Image {
                     Some(topic) if topic.id == id => {}
                     _ => return Effect::None,
                 }
+                self.chains.remove(&name);
                 self.topics
                     .remove(&name)
                     .map_or(Effect::None, Effect::Close)
@@ -282,6 +319,9 @@ impl Image {
                 Err(_) => Effect::None,
             },
             MetadataCommand::Security { change } => Effect::Security(change),
+            command @ (MetadataCommand::FilterUploaded { .. }
+            | MetadataCommand::FilterDeleted { .. }
+            | MetadataCommand::ProduceChainSet { .. }) => self.apply_wasm(command),
         }
     }
 }
@@ -295,6 +335,8 @@ enum Effect {
     /// Open or close this broker's replica of one partition to match [`TopicImage::hosts`].
     Reconcile(TopicImage, u32),
     Security(SecurityChange),
+    /// A module, its bytes, or a chain to bring in line with the image.
+    Wasm(wasm::WasmEffect),
 }
 
 /// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
@@ -346,6 +388,7 @@ pub struct Controller<T: PeerTransport> {
     /// Default retention of new topics (the broker's setting).
     retention_ms: i64,
     security: Option<Arc<Security>>,
+    transforms: Option<Arc<crate::transform::Transforms>>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
@@ -374,6 +417,9 @@ pub struct ControllerConfig {
     pub clock_ms: fn() -> i64,
     /// The broker's security state, kept by the metadata log's `Security` commands.
     pub security: Option<Arc<Security>>,
+    /// The broker's Wasm registry and produce chains, kept by the metadata log's
+    /// `Filter*` and `ProduceChainSet` commands.
+    pub transforms: Option<Arc<crate::transform::Transforms>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -425,6 +471,7 @@ impl<T: PeerTransport> Controller<T> {
             clock,
             retention_ms: config.retention_ms,
             security: config.security,
+            transforms: config.transforms,
         });
         tokio::spawn(controller.clone().apply_loop());
         Ok(controller)
@@ -695,12 +742,17 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
             Effect::Close(topic) => {
+                if let Some(transforms) = &self.transforms {
+                    // Its chain's modules are no longer in use by it.
+                    transforms.chains.set(&topic.name, None);
+                }
                 for index in 0..topic.replicas.len() as u32 {
                     // A deleted topic's directories are never reused (named by topic id).
                     drop(self.close_replica(&topic.name, index));
                 }
             }
             Effect::BrokerAdded(node, addr) => self.transport.learn_address(node, addr),
+            Effect::Wasm(effect) => self.apply_wasm_effect(effect).await,
             Effect::Reconcile(topic, index) => {
                 let host = topic.hosts(index).contains(&self.node_id);
                 let hosted = self.partition(&topic.name, index).is_some();
@@ -770,6 +822,21 @@ impl<T: PeerTransport> Controller<T> {
                 .dir
                 .join("partitions")
                 .join(format!("{}-{index}", TopicId(topic.id)));
+            if restarts > 0 {
+                // It failed (a full disk, a broken file): it must not come back as the leader
+                // it may have been (see `resign_leadership`).
+                match crate::replication::replica::resign_leadership(&dir, self.node_id) {
+                    Ok(true) => tracing::warn!(
+                        topic = %topic.name,
+                        partition = index,
+                        "a failed partition replica that led gives up its leadership"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(ClusterError::new(e.code(), e.to_string()));
+                    }
+                }
+            }
             let producers = ProducerStateHook::new();
             let replica = PartitionReplica::open_with_hook(
                 &dir,
@@ -824,8 +891,9 @@ impl<T: PeerTransport> Controller<T> {
     }
 
     /// Takes `failed` (a replica whose Raft stopped on a fatal error) out of service and, after
-    /// a backoff, opens it again on its data; a replica that cannot be opened stays out of
-    /// service (not hosted: its peers lead and replicate without it), and says so.
+    /// a backoff, opens it again on its data; while it cannot be opened (its disk still full,
+    /// say) it stays out of service (not hosted: its peers lead and replicate without it) and
+    /// is tried again after each backoff, for as long as this broker hosts it.
     async fn restart_replica(
         self: &Arc<Self>,
         topic_id: u64,
@@ -846,9 +914,7 @@ impl<T: PeerTransport> Controller<T> {
             return;
         }
         metrics::counter!(crate::metrics::names::REPLICA_FAILURES).increment(1);
-        let backoff = REPLICA_RESTART_BACKOFF_INITIAL
-            .saturating_mul(1u32 << restarts.min(16))
-            .min(REPLICA_RESTART_BACKOFF_MAX);
+        let backoff = restart_backoff(restarts);
         tracing::error!(
             topic = %failed.topic,
             partition = failed.index,
@@ -862,29 +928,44 @@ impl<T: PeerTransport> Controller<T> {
         let (topic, index) = key;
         drop(failed);
         drop(removed);
-        tokio::time::sleep(backoff).await;
-        let Some(image) = self.topic(&topic).filter(|t| t.id == topic_id) else {
-            return;
-        };
-        if !image.hosts(index).contains(&self.node_id) {
-            return;
-        }
-        // Never initialized again: the group exists (its log is on disk).
-        match self
-            .open_replica_after_restarts(&image, index, false, restarts + 1)
-            .await
-        {
-            Ok(()) => tracing::info!(
-                topic,
-                partition = index,
-                "a failed partition replica restarted"
-            ),
-            Err(e) => tracing::error!(
-                topic,
-                partition = index,
-                error = %e.message,
-                "a failed partition replica could not restart: it stays out of service"
-            ),
+        let mut restarts = restarts;
+        let mut backoff = backoff;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let Some(image) = self.topic(&topic).filter(|t| t.id == topic_id) else {
+                return;
+            };
+            if !image.hosts(index).contains(&self.node_id) {
+                return;
+            }
+            // Never initialized again: the group exists (its log is on disk).
+            match self
+                .open_replica_after_restarts(&image, index, false, restarts + 1)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(
+                        topic,
+                        partition = index,
+                        "a failed partition replica restarted"
+                    );
+                    return;
+                }
+                // What stopped it may stop its opening too (a disk still full): try again,
+                // as long as the broker hosts it. Its peers lead and replicate without it
+                // meanwhile.
+                Err(e) => {
+                    restarts += 1;
+                    backoff = restart_backoff(restarts);
+                    tracing::error!(
+                        topic,
+                        partition = index,
+                        error = %e.message,
+                        ?backoff,
+                        "a failed partition replica could not restart: trying again"
+                    );
+                }
+            }
         }
     }
 
@@ -1359,8 +1440,14 @@ async fn restart_on_failure<T: PeerTransport>(
     failed: impl std::future::Future<Output = Option<String>>,
     restarts: u32,
 ) {
+    let opened = tokio::time::Instant::now();
     let Some(reason) = failed.await else {
         return;
+    };
+    let restarts = if opened.elapsed() >= REPLICA_HEALTHY_RUN_MIN {
+        0
+    } else {
+        restarts
     };
     let (Some(controller), Some(partition)) = (controller.upgrade(), partition.upgrade()) else {
         return;
@@ -1368,6 +1455,13 @@ async fn restart_on_failure<T: PeerTransport>(
     controller
         .restart_replica(topic_id, partition, reason, restarts)
         .await;
+}
+
+/// How long a replica waits before its restart after `restarts` earlier ones.
+fn restart_backoff(restarts: u32) -> Duration {
+    REPLICA_RESTART_BACKOFF_INITIAL
+        .saturating_mul(1u32 << restarts.min(16))
+        .min(REPLICA_RESTART_BACKOFF_MAX)
 }
 
 /// Tells the controller each time this replica becomes its partition's leader, and, while

@@ -147,6 +147,14 @@ impl ApplyHook for ProducerStateHook {
     }
 }
 
+/// A batch for [`ReplicatedPartition::produce_prepared`]: idempotence is checked on `input`,
+/// `output` is written (`None`: a produce chain kept no record).
+#[derive(Debug, Clone)]
+pub struct ReplicatedBatch {
+    pub input: BatchHeader,
+    pub output: Option<Bytes>,
+}
+
 /// One hosted replica of a replicated partition.
 #[derive(Debug)]
 pub struct ReplicatedPartition {
@@ -214,7 +222,25 @@ impl ReplicatedPartition {
         timeout: Duration,
         batch_bytes_max: u32,
     ) -> Result<i64, ProduceRefused> {
-        let node_id = self.replica.node_id();
+        let batches = self
+            .validate(records, batch_bytes_max)?
+            .into_iter()
+            .map(|(input, bytes)| ReplicatedBatch {
+                input,
+                output: Some(bytes),
+            })
+            .collect();
+        self.produce_prepared(batches, acks, timeout, batch_bytes_max)
+            .await
+    }
+
+    /// The batches of a produce request's `records`, each validated as a client's batch
+    /// (nothing is written if one is bad).
+    pub fn validate(
+        &self,
+        records: Bytes,
+        batch_bytes_max: u32,
+    ) -> Result<Vec<(BatchHeader, Bytes)>, ProduceRefused> {
         let mut batches: Vec<(BatchHeader, Bytes)> = Vec::new();
         let mut slices = BatchSlices::new(records);
         for slice in &mut slices {
@@ -239,11 +265,79 @@ impl ReplicatedPartition {
                 "the records are not whole record batches".into(),
             ));
         }
+        Ok(batches)
+    }
+
+    /// Proposes validated batches in order — each one's `output` with idempotence checked on
+    /// its `input` (a produce chain's result in the produced batch's place: the output
+    /// carries the input's producer and epoch with sequences ending at the input's last, so
+    /// every replica's state applied from the output dedups a retry of the input) — and
+    /// answers the first base offset once `acks` is met for all. An output the chain
+    /// emptied is not proposed; an idempotent one is refused before anything is proposed
+    /// (its sequences would have to be taken without an entry, and a new leader would not
+    /// know them).
+    pub async fn produce_prepared(
+        &self,
+        batches: Vec<ReplicatedBatch>,
+        acks: Acks,
+        timeout: Duration,
+        batch_bytes_max: u32,
+    ) -> Result<i64, ProduceRefused> {
+        let node_id = self.replica.node_id();
+        for batch in &batches {
+            match &batch.output {
+                None if batch.input.is_idempotent() => {
+                    return Err(self.refused(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "the produce chain of {} kept no record of an idempotent batch \
+                             (sequences {}..={}); on a replicated topic such a batch cannot \
+                             take its sequences yet: send it without idempotence, or keep a \
+                             record",
+                            self.topic,
+                            batch.input.base_sequence,
+                            batch.input.base_sequence + batch.input.last_offset_delta
+                        ),
+                    ));
+                }
+                Some(output) if output.len() > batch_bytes_max as usize => {
+                    return Err(self.refused(
+                        ErrorCode::RecordTooLarge,
+                        format!(
+                            "the produce chain's output batch of {} bytes is over \
+                             batch_bytes_max {batch_bytes_max}",
+                            output.len()
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first_base = None;
         let gap_deadline = tokio::time::Instant::now() + crate::cluster::SEQUENCE_GAP_WAIT_MAX;
-        for (header, bytes) in batches {
+        for ReplicatedBatch { input, output } in batches {
+            let Some(bytes) = output else {
+                // Not idempotent (refused above): nothing to write.
+                first_base.get_or_insert(self.replica.high_watermark());
+                continue;
+            };
+            let header = input;
             let idempotent = header.is_idempotent();
+            // What the log will hold (and the state machine apply): the output's header.
+            let proposed_header = if idempotent {
+                match batch::validate(&bytes) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return Err(self.refused(
+                            ErrorCode::CorruptBatch,
+                            format!("the produce chain's output batch is invalid: {e}"),
+                        ));
+                    }
+                }
+            } else {
+                header
+            };
             let pending = loop {
                 // Registered before the state is looked at: an apply or a proposal right
                 // after the look still wakes this request.
@@ -280,7 +374,7 @@ impl ReplicatedPartition {
                                 .committed
                                 .check_with_pending(&header, state.proposals.iter());
                             if check == SequenceCheck::Append {
-                                state.proposals.push_back(header);
+                                state.proposals.push_back(proposed_header);
                             }
                             Some(check)
                         }
@@ -334,7 +428,7 @@ impl ReplicatedPartition {
                             if state
                                 .proposals
                                 .back()
-                                .is_some_and(|p| same_batch(p, &header))
+                                .is_some_and(|p| same_batch(p, &proposed_header))
                             {
                                 state.proposals.pop_back();
                             }

@@ -37,6 +37,10 @@ const RAFT_STATE_BYTES: usize = 4 + 18 + 17 + 17 + 8 + 8 + 8 + 4;
 pub const COMMITTED_CHECKPOINT_ENTRIES: u64 = 1024;
 /// Bytes read from storage at a time when serving entries.
 const READ_BYTES_MAX: usize = 1024 * 1024;
+/// Most payload bytes a leader sends a follower in one AppendEntries (see
+/// `PartitionLogReader::limited_get_log_entries`): at loopback and LAN speeds well within
+/// the RPC's time limit, and a few batches' worth at the producer's default batch size.
+pub const APPEND_PAYLOAD_BYTES_MAX: usize = 256 * 1024;
 /// Append calls whose flush is awaited at once (openraft pipelines a few; this bounds it).
 const APPENDS_IN_FLIGHT_MAX: usize = 1024;
 
@@ -205,11 +209,27 @@ impl Shared {
     /// follower it became truncates; an error here would be fatal to the whole replica.)
     // openraft's error type is what its reader trait returns: not ours to shrink.
     #[allow(clippy::result_large_err)]
-    fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
+    ///
+    /// Stops before the entry that would take the answer past `bytes_max` (payload bytes),
+    /// but always answers at least one entry of a non-empty range.
+    fn read_entries(
+        &self,
+        start: u64,
+        end: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
         let mut out = Vec::with_capacity((end.saturating_sub(start)).min(1024) as usize);
+        let mut bytes = 0usize;
+        let mut room = |out: &Vec<Entry>, entry_bytes: usize| {
+            bytes = bytes.saturating_add(entry_bytes);
+            out.is_empty() || bytes <= bytes_max
+        };
         let mut next = start;
         while next < end {
             if let Some((_, entry)) = lock(&self.pending).get(&next) {
+                if !room(&out, payload_bytes(entry)) {
+                    return Ok(out);
+                }
                 out.push(entry.clone());
                 next += 1;
                 continue;
@@ -240,6 +260,9 @@ impl Shared {
                 };
                 if next >= end || header.base_offset != position.base {
                     break;
+                }
+                if !room(&out, batch.len()) {
+                    return Ok(out);
                 }
                 let (entry, _) = entries::decode(batch, next).map_err(|e| read_error(&e))?;
                 out.push(entry);
@@ -310,7 +333,37 @@ impl RaftLogReader<PartitionRaft> for PartitionLogReader {
             let index = lock(&self.shared.index);
             (index.first_index(), index.next_index())
         };
-        self.shared.read_entries(start.max(first), end.min(next))
+        self.shared
+            .read_entries(start.max(first), end.min(next), usize::MAX)
+    }
+
+    /// What a leader sends a follower in one AppendEntries: at most
+    /// [`APPEND_PAYLOAD_BYTES_MAX`] of batches (at least one). openraft 0.9 gives every
+    /// AppendEntries only `heartbeat_interval` to be answered, and counts its payload in
+    /// entries (`max_payload_entries`), not bytes: a follower far behind (restarted, its disk
+    /// full for a while, or left behind by a flood) was sent hundreds of batches of up to a
+    /// MiB each per call, no call could be answered in time, every one was re-sent, and the
+    /// follower never caught up.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        let (first, next) = {
+            let index = lock(&self.shared.index);
+            (index.first_index(), index.next_index())
+        };
+        self.shared
+            .read_entries(start.max(first), end.min(next), APPEND_PAYLOAD_BYTES_MAX)
+    }
+}
+
+/// Payload bytes of one entry (a data entry's batch; membership and blank entries count as
+/// none).
+fn payload_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(batch) => batch.bytes.len(),
+        _ => 0,
     }
 }
 

@@ -14,7 +14,7 @@ use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
 use super::elections::ElectionTiming;
-use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, Shared};
+use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, RaftState, Shared};
 use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
 use super::state_machine::{AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine};
 use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
@@ -222,6 +222,33 @@ pub fn open_stores(
     clock: Clock,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
     open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook))
+}
+
+/// Makes the replica in `dir` (not open) start as a follower even if it led its group when
+/// it stopped: its checkpointed vote, if a committed vote for `node` (a leader's), becomes
+/// the same vote uncommitted (a candidate's). openraft 0.9 restores a node whose vote is
+/// committed for itself as leader at once; a replica reopened after a fatal error (a full
+/// disk) would then lead again, fail its next append and take the partition's writes down
+/// with it, round after round. With the vote a candidate's, it neither leads nor votes for
+/// another in that term, the other replicas elect a leader in the next term, and it follows.
+/// Answers whether the vote changed.
+pub fn resign_leadership(dir: &Path, node: NodeId) -> Result<bool, ReplicationError> {
+    let path = dir.join(RAFT_STATE_FILE);
+    let Some(mut state) = RaftState::read(&path)? else {
+        return Ok(false);
+    };
+    let Some(vote) = state.vote else {
+        return Ok(false);
+    };
+    if !vote.is_committed() || vote.leader_id().voted_for() != Some(node) {
+        return Ok(false);
+    }
+    state.vote = Some(super::Vote::new(vote.leader_id().term, node));
+    state.write(&path).map_err(|e| LogStoreError::Checkpoint {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(true)
 }
 
 /// [`open_stores`], with `hook` applying committed data batches (its state checkpointed
@@ -1061,6 +1088,43 @@ impl PartitionReplica {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A leader's committed vote becomes the same term's candidate vote; any other vote, or
+    /// none, is left as it is.
+    #[test]
+    fn resigning_turns_only_this_leaders_committed_vote_into_a_candidates() {
+        use super::super::Vote;
+        let cases: [(Option<Vote>, Option<Vote>); 4] = [
+            (Some(Vote::new_committed(7, 3)), Some(Vote::new(7, 3))),
+            (
+                Some(Vote::new_committed(7, 2)),
+                Some(Vote::new_committed(7, 2)),
+            ),
+            (Some(Vote::new(8, 3)), Some(Vote::new(8, 3))),
+            (None, None),
+        ];
+        for (before, after) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(RAFT_STATE_FILE);
+            let state = RaftState {
+                vote: before,
+                committed: Some(super::super::LogId::new(
+                    openraft::CommittedLeaderId::new(7, 3),
+                    41,
+                )),
+                ..RaftState::default()
+            };
+            state.write(&path).unwrap();
+            let changed = resign_leadership(dir.path(), 3).unwrap();
+            let read = RaftState::read(&path).unwrap().unwrap();
+            assert_eq!(read.vote, after, "{before:?}");
+            assert_eq!(changed, before != after, "{before:?}");
+            // Nothing else moves.
+            assert_eq!(read.committed, state.committed);
+        }
+        let empty = tempfile::tempdir().unwrap();
+        assert!(!resign_leadership(empty.path(), 3).unwrap());
+    }
 
     /// The reference index is the leader's last index as of `lag_time_max` ago, judged from
     /// samples; 0 until the term is that old; a new term starts over.

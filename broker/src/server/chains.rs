@@ -49,21 +49,18 @@ pub(super) async fn set_filters(
     state: &State,
     request: TopicSetFiltersRequest,
 ) -> Result<TopicSetFiltersResponse, ClusterError> {
-    let _admin = state.transforms.chains.admin.lock().await;
     if request.topic == OFFSETS_TOPIC {
         return Err(ClusterError::new(
             ErrorCode::Unauthorized,
             "the offsets topic is written by the broker only",
         ));
     }
-    if let Some(node) = &state.cluster_node
-        && node.controller.topic(&request.topic).is_some()
-    {
-        return Err(ClusterError::new(
-            ErrorCode::InvalidRequest,
-            "produce filters on replicated topics are not supported yet",
-        ));
+    if let Some(node) = &state.cluster_node {
+        // Not under the admin lock: the metadata log orders changes, and this broker's
+        // apply of this very change takes the lock to install the chain.
+        return set_filters_replicated(state, node, request).await;
     }
+    let _admin = state.transforms.chains.admin.lock().await;
     let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
         ClusterError::new(
             ErrorCode::UnknownTopic,
@@ -128,6 +125,83 @@ pub(super) async fn set_filters(
     })
 }
 
+/// A replicated topic's chain: checked and opened here as on one broker, then committed
+/// through the metadata log, which opens it on every broker (whichever leads a partition
+/// runs it before proposing).
+async fn set_filters_replicated(
+    state: &State,
+    node: &super::ClusterNode,
+    request: TopicSetFiltersRequest,
+) -> Result<TopicSetFiltersResponse, ClusterError> {
+    let controller = &node.controller;
+    let topic = controller.topic(&request.topic).ok_or_else(|| {
+        ClusterError::new(
+            ErrorCode::UnknownTopic,
+            format!("unknown topic {:?}", request.topic),
+        )
+    })?;
+    if request.filters.len() > CHAIN_MODULES_MAX {
+        return Err(invalid(format!(
+            "a produce chain holds at most {CHAIN_MODULES_MAX} filters, not {}",
+            request.filters.len()
+        )));
+    }
+    let on_error: OnError = request.on_error.parse().map_err(invalid)?;
+    if let OnError::DeadLetter(dead_letters) = &on_error {
+        if *dead_letters == request.topic {
+            return Err(invalid(
+                "the dead-letter topic must be another topic than the chain's",
+            ));
+        }
+        if controller.topic(dead_letters).is_none() {
+            return Err(ClusterError::new(
+                ErrorCode::UnknownTopic,
+                format!("unknown dead-letter topic {dead_letters:?}: create it first"),
+            ));
+        }
+    }
+    if request.filters.is_empty() {
+        controller
+            .set_produce_chain(&request.topic, topic.id, None)
+            .await?;
+        tracing::info!(topic = %request.topic, "produce chain cleared (cluster-wide)");
+        return Ok(TopicSetFiltersResponse { filters: vec![] });
+    }
+    let mut modules = Vec::with_capacity(request.filters.len());
+    for name in &request.filters {
+        let version = state
+            .transforms
+            .latest_version(name)
+            .map_err(cluster_error)?;
+        modules.push(ChainModule {
+            name: name.clone(),
+            version,
+        });
+    }
+    let spec = ChainSpec {
+        topic_id: topic.id,
+        modules,
+        params: request.params,
+        on_error,
+    };
+    // Opened once here first: a module that refuses its params refuses the request before
+    // anything is committed, and the old chain stays.
+    drop(
+        state
+            .transforms
+            .produce_chain(&request.topic, spec.clone())
+            .await
+            .map_err(cluster_error)?,
+    );
+    controller
+        .set_produce_chain(&request.topic, topic.id, Some(spec.clone()))
+        .await?;
+    tracing::info!(topic = %request.topic, chain = ?spec.modules, on_error = %spec.on_error, "produce chain set (cluster-wide)");
+    Ok(TopicSetFiltersResponse {
+        filters: spec.modules.iter().map(chain_filter).collect(),
+    })
+}
+
 fn chain_filter(m: &ChainModule) -> ChainFilter {
     ChainFilter {
         name: m.name.clone(),
@@ -139,26 +213,27 @@ pub(super) fn describe(
     state: &State,
     request: &TopicFiltersRequest,
 ) -> Result<TopicFiltersResponse, ClusterError> {
-    // Replicated topics have no produce chains yet (they would live in the metadata log).
-    if let Some(node) = &state.cluster_node
-        && node.controller.topic(&request.topic).is_some()
-    {
-        return Ok(TopicFiltersResponse {
-            topic: request.topic.clone(),
-            filters: vec![],
-            params: String::new(),
-            on_error: String::new(),
-        });
-    }
-    let topic = state.cluster.topic(&request.topic).ok_or_else(|| {
+    let unknown = || {
         ClusterError::new(
             ErrorCode::UnknownTopic,
             format!("unknown topic {:?}", request.topic),
         )
-    })?;
-    let spec = ChainSpec::read(topic.dir())
-        .map_err(cluster_error)?
-        .filter(|spec| spec.topic_id == topic.id.0);
+    };
+    let spec = match &state.cluster_node {
+        // Replicated topics: the chain the metadata log holds.
+        Some(node) => {
+            let topic = node.controller.topic(&request.topic).ok_or_else(unknown)?;
+            node.controller
+                .produce_chain_spec(&request.topic)
+                .filter(|spec| spec.topic_id == topic.id)
+        }
+        None => {
+            let topic = state.cluster.topic(&request.topic).ok_or_else(unknown)?;
+            ChainSpec::read(topic.dir())
+                .map_err(cluster_error)?
+                .filter(|spec| spec.topic_id == topic.id.0)
+        }
+    };
     Ok(match spec {
         Some(spec) => TopicFiltersResponse {
             topic: request.topic.clone(),
@@ -247,6 +322,103 @@ pub(super) async fn submit(
     }
     // The turn is released when this returns: the batches then hold their place.
     partition.submit_prepared(prepared, now_ms()).await
+}
+
+/// A produce request to a replicated partition whose topic has a chain, on its leader: run
+/// the chain on every batch (on the filter threads), commit dead letters, then propose the
+/// outputs with idempotence checked on the inputs. Dead letters are at least once, as on
+/// one broker.
+pub(super) async fn produce_replicated(
+    state: &State,
+    node: &super::ClusterNode,
+    partition: &Arc<crate::controller::ReplicatedPartition>,
+    chain: Arc<ProduceChain>,
+    records: Bytes,
+    acks: Acks,
+    timeout: std::time::Duration,
+) -> Result<i64, crate::controller::ProduceRefused> {
+    let refused = |error: ClusterError| crate::controller::ProduceRefused {
+        error,
+        leader: partition.leader(),
+    };
+    // Only the leader runs the chain (and sends dead letters): a follower answers as
+    // without one.
+    let (leader, epoch) = partition.leader();
+    if leader != Some(node.controller.node_id()) {
+        return Err(crate::controller::ProduceRefused {
+            error: ClusterError::new(
+                ErrorCode::NotLeader,
+                format!(
+                    "node {} does not lead {}/{} (leader {leader:?}, epoch {epoch})",
+                    node.controller.node_id(),
+                    partition.topic,
+                    partition.index
+                ),
+            ),
+            leader: (leader, epoch),
+        });
+    }
+    let batches = partition.validate(records, state.config.batch_bytes_max)?;
+    let idempotent = batches.iter().any(|(header, _)| header.is_idempotent());
+    let mut turn = (!idempotent).then(|| chain.take_turn(partition.index));
+    let index = partition.index;
+    let inputs: Vec<Bytes> = batches.iter().map(|(_, bytes)| bytes.clone()).collect();
+    let ran_chain = chain.clone();
+    let outputs = state
+        .transforms
+        .run(move || {
+            inputs
+                .into_iter()
+                .map(|bytes| {
+                    let batch = RecordBatch::new(bytes).map_err(|e| {
+                        TransformError::Storage(format!("a validated batch did not parse: {e}"))
+                    })?;
+                    ran_chain.apply(index, &batch)
+                })
+                .collect::<Result<Vec<_>, TransformError>>()
+        })
+        .await
+        .and_then(|outputs| outputs)
+        .map_err(|e| refused(cluster_error(e)))?;
+    if let OnError::DeadLetter(dead_letter_topic) = &chain.spec.on_error {
+        let source = format!("{}/{}", partition.topic, partition.index);
+        for output in outputs.iter().filter(|o| !o.dead_letters.is_empty()) {
+            node.controller
+                .append_dead_letters(
+                    dead_letter_topic,
+                    index,
+                    dead_letter_batch(&output.dead_letters, &source),
+                    timeout,
+                )
+                .await
+                .map_err(|e| {
+                    refused(ClusterError::new(
+                        e.code,
+                        format!(
+                            "sending rejected records to the dead-letter topic \
+                             {dead_letter_topic:?}: {}",
+                            e.message
+                        ),
+                    ))
+                })?;
+        }
+    }
+    let prepared = batches
+        .into_iter()
+        .zip(outputs)
+        .map(|((input, _), output)| crate::controller::ReplicatedBatch {
+            input,
+            output: output.batch,
+        })
+        .collect();
+    if let Some(turn) = turn.as_mut() {
+        turn.wait_for_previous().await;
+    }
+    // The turn is held until the batches are committed: requests without idempotence keep
+    // their arrival order.
+    partition
+        .produce_prepared(prepared, acks, timeout, state.config.batch_bytes_max)
+        .await
 }
 
 /// Appends rejected records to the dead-letter topic (at least once: a retried produce sends

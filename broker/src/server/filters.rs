@@ -37,11 +37,37 @@ pub(super) async fn upload(
 ) -> Result<FilterUploadResponse, ClusterError> {
     let started = std::time::Instant::now();
     let name = request.name.clone();
-    let meta = state
-        .transforms
-        .upload(request.name, request.description, request.module, now_ms())
-        .await
-        .map_err(cluster_error)?;
+    let meta = match &state.cluster_node {
+        // A cluster: validated here (refused before it reaches the log), then committed
+        // through the metadata log, which every broker's registry follows.
+        Some(node) => {
+            crate::transform::registry::validate_name(&name).map_err(cluster_error)?;
+            node.controller
+                .check_filter_module_size(&name, request.module.len())?;
+            let engine = state.transforms.engine.clone();
+            let module = request.module.clone();
+            let what = name.clone();
+            state
+                .transforms
+                .run(move || {
+                    engine
+                        .compile(&module)
+                        .map(drop)
+                        .map_err(|reason| TransformError::Invalid { name: what, reason })
+                })
+                .await
+                .and_then(|r| r)
+                .map_err(cluster_error)?;
+            node.controller
+                .upload_filter(&name, request.description, &request.module, now_ms())
+                .await?
+        }
+        None => state
+            .transforms
+            .upload(request.name, request.description, request.module, now_ms())
+            .await
+            .map_err(cluster_error)?,
+    };
     tracing::info!(
         filter = %name,
         version = meta.version,
@@ -84,15 +110,22 @@ pub(super) fn describe(
     })
 }
 
-pub(super) fn delete(
+pub(super) async fn delete(
     state: &State,
     request: &FilterDeleteRequest,
 ) -> Result<FilterDeleteResponse, ClusterError> {
-    state
-        .transforms
-        .registry
-        .delete(&request.name, request.force)
-        .map_err(cluster_error)?;
+    match &state.cluster_node {
+        Some(node) => {
+            node.controller
+                .delete_filter(&request.name, request.force)
+                .await?
+        }
+        None => state
+            .transforms
+            .registry
+            .delete(&request.name, request.force)
+            .map_err(cluster_error)?,
+    }
     tracing::info!(filter = %request.name, force = request.force, "filter deleted");
     Ok(FilterDeleteResponse {})
 }
@@ -123,8 +156,9 @@ pub(super) async fn subscribe_filtered(
     let push_bytes_max = request
         .push_bytes_max
         .clamp(1, state.config.batch_bytes_max.max(1024 * 1024));
-    // An unknown partition is reported before the module is loaded.
-    if let Err(e) = state.cluster.partition(&request.topic, request.partition) {
+    // An unknown partition is reported before the module is loaded (in a cluster: one this
+    // broker does not host; the read itself follows the replica, as plain subscriptions do).
+    if let Err(e) = super::handlers::watch_partition(state, &request.topic, request.partition) {
         let _ = send
             .write_all(&frame::encode_error_response(e.code, &e.message))
             .await;

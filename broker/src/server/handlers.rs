@@ -204,7 +204,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         Request::FilterDescribe(r) => {
             respond(state, api, version, super::filters::describe(state, &r))
         }
-        Request::FilterDelete(r) => respond(state, api, version, super::filters::delete(state, &r)),
+        Request::FilterDelete(r) => {
+            respond(state, api, version, super::filters::delete(state, &r).await)
+        }
         Request::TopicSetFilters(r) => respond(
             state,
             api,
@@ -213,6 +215,20 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         ),
         Request::TopicFilters(r) => {
             respond(state, api, version, super::chains::describe(state, &r))
+        }
+        Request::TransformCreate(_) if state.cluster_node.is_some() => {
+            respond::<TransformCreateResponse>(
+                state,
+                api,
+                version,
+                Err(ClusterError::new(
+                    ErrorCode::InvalidRequest,
+                    "topic-to-topic transforms are not supported on a cluster yet (their position \
+                 and output sequences are kept by one broker, and a replicated input's leader \
+                 moves); use a produce chain (`ketch topic set-filters`) or a consume-path \
+                 filter",
+                )),
+            )
         }
         Request::TransformCreate(r) => respond(
             state,
@@ -717,10 +733,43 @@ async fn produce_replicated(
                         ),
                         leader: (None, 0),
                     }),
-                    Some(partition) => partition
-                        .produce(p.records, acks, timeout, state.config.batch_bytes_max)
-                        .await
-                        .map(|base| (base, 0)),
+                    // A restarted broker replaying the metadata log may host (and lead) a
+                    // partition before it applied the topic's produce chain: it takes no
+                    // write until it caught up, so none skips the chain.
+                    Some(_) if !node.controller.caught_up() => {
+                        Err(crate::controller::ProduceRefused {
+                            error: ClusterError::new(
+                                ErrorCode::NotLeader,
+                                format!(
+                                    "node {} is still catching up with the cluster metadata",
+                                    node.controller.node_id()
+                                ),
+                            ),
+                            leader: (None, 0),
+                        })
+                    }
+                    Some(partition) => {
+                        match state.transforms.chains.get(&name, partition.topic_id) {
+                            Some(Ok(chain)) => super::chains::produce_replicated(
+                                &state, node, &partition, chain, p.records, acks, timeout,
+                            )
+                            .await
+                            .map(|base| (base, 0)),
+                            Some(Err(e)) => Err(crate::controller::ProduceRefused {
+                                error: ClusterError::new(
+                                    e.code(),
+                                    format!(
+                                        "the produce chain of topic {name:?} is not usable: {e}"
+                                    ),
+                                ),
+                                leader: partition.leader(),
+                            }),
+                            None => partition
+                                .produce(p.records, acks, timeout, state.config.batch_bytes_max)
+                                .await
+                                .map(|base| (base, 0)),
+                        }
+                    }
                     None => Err(node.controller.not_hosted(&name, p.partition)),
                 };
                 (

@@ -350,6 +350,7 @@ impl Broker {
         })
         .await
         .map_err(|e| StartError::Quic(format!("opening the filter registry panicked: {e}")))??;
+        let transforms = Arc::new(transforms);
         let group_config = crate::group::GroupConfig {
             session_timeout_ms_min: config.group_session_timeout_ms_min,
             session_timeout_ms_max: config.group_session_timeout_ms_max,
@@ -421,6 +422,7 @@ impl Broker {
                         retention_ms: config.retention_ms,
                         clock_ms: crate::cluster::now_ms,
                         security: Some(security.clone()),
+                        transforms: Some(transforms.clone()),
                     },
                     transport,
                     groups.clone(),
@@ -453,7 +455,7 @@ impl Broker {
         let state = Arc::new(State {
             cluster,
             groups,
-            transforms: Arc::new(transforms),
+            transforms,
             pipelines: std::sync::OnceLock::new(),
             security,
             requests: Arc::new(Semaphore::new(config.requests_in_flight_max as usize)),

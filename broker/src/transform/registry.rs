@@ -78,6 +78,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The digest a module is known by: SHA-256 of its bytes, lower-case hex.
+pub fn digest_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -191,6 +196,91 @@ impl Registry {
             }),
         );
         Ok(meta)
+    }
+
+    /// Makes `meta.version` of `name` the module `bytes` (a cluster broker applying an upload
+    /// from the metadata log, where the version was decided). Idempotent: a version already
+    /// stored with the same digest is left alone (a restarted broker replays every upload);
+    /// one stored with another digest is replaced (the log is the truth: a replay of a
+    /// name deleted and uploaded again passes through its older versions). Returns whether
+    /// anything was written. CPU-heavy: callers run it on the filter pool.
+    pub fn install(
+        &self,
+        engine: &FilterEngine,
+        name: &str,
+        meta: VersionMeta,
+        bytes: &[u8],
+    ) -> Result<bool, TransformError> {
+        validate_name(name)?;
+        let digest = hex(&Sha256::digest(bytes));
+        if digest != meta.digest || bytes.len() as u64 != meta.module_bytes {
+            return Err(TransformError::Storage(format!(
+                "filter `{name}` v{}: the module's bytes do not match its digest",
+                meta.version
+            )));
+        }
+        let stored = |entries: &BTreeMap<String, Entry>| {
+            entries.get(name).is_some_and(|e| {
+                e.meta
+                    .versions
+                    .iter()
+                    .any(|v| v.version == meta.version && v.digest == meta.digest)
+            })
+        };
+        if stored(&self.entries.lock().expect("registry lock")) {
+            return Ok(false);
+        }
+        let (artifact, module) =
+            engine
+                .compile(bytes)
+                .map_err(|reason| TransformError::Invalid {
+                    name: name.to_owned(),
+                    reason,
+                })?;
+        let mut entries = self.entries.lock().expect("registry lock");
+        if stored(&entries) {
+            return Ok(false);
+        }
+        let entry = entries.entry(name.to_owned()).or_default();
+        entry.meta.name = name.to_owned();
+        let version = meta.version;
+        let dir = self.filter_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| storage("creating", &dir, e))?;
+        let wasm = dir.join(format!("v{version}.wasm"));
+        write_durably(&wasm, bytes).map_err(|e| storage("writing", &wasm, e))?;
+        let cwasm = dir.join(format!("v{version}.cwasm"));
+        write_durably(&cwasm, &artifact).map_err(|e| storage("writing", &cwasm, e))?;
+        let mut updated = entry.meta.clone();
+        updated.versions.retain(|v| v.version != version);
+        updated.versions.push(meta);
+        updated.versions.sort_by_key(|v| v.version);
+        let meta_path = dir.join("meta.json");
+        let json = serde_json::to_vec_pretty(&updated).expect("meta serializes");
+        write_durably(&meta_path, &json).map_err(|e| storage("writing", &meta_path, e))?;
+        entry.meta = updated;
+        entry.loaded.insert(
+            version,
+            Arc::new(LoadedModule {
+                name: name.to_owned(),
+                version,
+                module,
+            }),
+        );
+        Ok(true)
+    }
+
+    /// Whether `version` of `name` is stored here with `digest`.
+    pub fn has_digest(&self, name: &str, version: u32, digest: &str) -> bool {
+        self.entries
+            .lock()
+            .expect("registry lock")
+            .get(name)
+            .is_some_and(|e| {
+                e.meta
+                    .versions
+                    .iter()
+                    .any(|v| v.version == version && v.digest == digest)
+            })
     }
 
     /// Every filter with its latest version.
