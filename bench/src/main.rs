@@ -129,6 +129,10 @@ struct PartitionsArgs {
     /// How long the idle broker's CPU is measured after the restart.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     idle: Duration,
+    /// Only the produce phase (create, then produce across the partitions and across 4): no
+    /// restart, consumer or idle figures. For profiling the produce path.
+    #[arg(long)]
+    produce_only: bool,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -399,6 +403,7 @@ async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
         records: args.records,
         record_bytes: args.record_bytes,
         idle_window: args.idle,
+        produce_only: args.produce_only,
     };
     let rows = partitions::run(&ketch, &scratch, &options).await;
     let text = partitions::text(&rows, args.records, args.record_bytes);

@@ -41,6 +41,8 @@ pub struct PartitionsOptions {
     pub records: u64,
     pub record_bytes: usize,
     pub idle_window: Duration,
+    /// Stop after the produce phase (the later figures stay 0).
+    pub produce_only: bool,
 }
 
 pub async fn run(
@@ -85,9 +87,30 @@ async fn one(
         .await?;
     let value = Bytes::from(vec![0x5a; options.record_bytes]);
     let records = options.records.max(u64::from(count));
+    if options.produce_only {
+        // For a profiler to attach to the broker for this phase.
+        eprintln!(
+            "broker pid {}: producing {records} records across {count} partitions",
+            broker.process.pid()
+        );
+    }
     let produce_records_per_sec = produce(&client, "many", count, records, &value).await?;
     let four_partitions_records_per_sec = produce(&client, "four", 4, records, &value).await?;
     client.close();
+    if options.produce_only {
+        return Ok(PartitionsRow {
+            partitions: count,
+            create_ms,
+            produce_records_per_sec,
+            four_partitions_records_per_sec,
+            restart_to_ready_ms: 0.0,
+            rss_bytes: 0,
+            threads: 0,
+            restart_cpu_percent: 0.0,
+            consume_records_per_sec: 0.0,
+            idle_cpu_percent: 0.0,
+        });
+    }
     drop(broker.process);
     // A restart with data in every partition.
     let mut process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;

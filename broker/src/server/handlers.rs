@@ -541,132 +541,98 @@ fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, Cl
     })
 }
 
+/// Where a single node's produce request goes for one of its topics: the topic's partitions
+/// and produce chain, looked up once per topic rather than once per partition.
+struct ProduceTarget {
+    topic: Arc<crate::cluster::Topic>,
+    chain: Option<Result<Arc<crate::transform::ProduceChain>, ClusterError>>,
+}
+
+impl ProduceTarget {
+    fn resolve(state: &State, name: &str) -> Result<ProduceTarget, ClusterError> {
+        if name == OFFSETS_TOPIC {
+            return Err(ClusterError::new(
+                ErrorCode::Unauthorized,
+                "the offsets topic is written by the broker only",
+            ));
+        }
+        let topic = state.cluster.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        let chain = super::chains::chain_of(state, name);
+        Ok(ProduceTarget { topic, chain })
+    }
+
+    fn partition(&self, partition: u32) -> Result<Arc<Partition>, ClusterError> {
+        self.topic
+            .partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| {
+                ClusterError::new(
+                    ErrorCode::UnknownPartition,
+                    format!(
+                        "topic {:?} has {} partitions; {partition} does not exist",
+                        self.topic.name,
+                        self.topic.partitions.len()
+                    ),
+                )
+            })
+    }
+}
+
 /// Validates every batch in `records` and hands them, in order, to one partition's log.
 async fn submit_all(
     state: &State,
-    topic: &str,
+    target: &Result<ProduceTarget, ClusterError>,
     partition: u32,
     records: Bytes,
 ) -> Result<(Arc<Partition>, Submitted), ClusterError> {
-    if topic == OFFSETS_TOPIC {
-        return Err(ClusterError::new(
-            ErrorCode::Unauthorized,
-            "the offsets topic is written by the broker only",
-        ));
-    }
-    let partition = state.cluster.partition(topic, partition)?;
-    let submitted = match super::chains::chain_of(state, topic) {
-        Some(chain) => super::chains::submit(state, &partition, chain?, records).await?,
+    let target = target.as_ref().map_err(Clone::clone)?;
+    let partition = target.partition(partition)?;
+    let submitted = match &target.chain {
+        Some(chain) => {
+            let chain = chain.as_ref().map_err(Clone::clone)?.clone();
+            super::chains::submit(state, &partition, chain, records).await?
+        }
         None => partition.submit(records, now_ms()).await?,
     };
     Ok((partition, submitted))
 }
 
+/// A partition's outcome in a produce answer: its base offset and log start, or the error
+/// (with a leader hint in a cluster).
+type PartitionOutcome = Result<(i64, i64), (ClusterError, Option<LeaderHint>)>;
+
 pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> ProduceResponse {
     let started = std::time::Instant::now();
     let acks = request.acks;
-    let mut work = Vec::new();
-    let mut all_submitted = Vec::new();
-    for topic in request.topics {
-        for p in topic.partitions {
-            let name = topic.name.clone();
-            let state = state.clone();
-            let (submitted_tx, submitted_rx) = tokio::sync::oneshot::channel::<()>();
-            all_submitted.push(submitted_rx);
-            // Partitions append concurrently; batches within one partition stay in order.
-            // The task owns the whole append, so nothing is left half-settled if this
-            // request's handler goes away.
-            let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
-            work.push(tokio::spawn(async move {
-                if let Some(node) = &state.cluster_node {
-                    drop(submitted_tx);
-                    let result = match node.controller.partition(&name, p.partition) {
-                        Some(_) if name == OFFSETS_TOPIC => {
-                            Err(crate::controller::ProduceRefused {
-                                error: ClusterError::new(
-                                    ErrorCode::Unauthorized,
-                                    "the offsets topic is written by the broker only",
-                                ),
-                                leader: (None, 0),
-                            })
-                        }
-                        // A restarted broker replaying the metadata log may host (and
-                        // lead) a partition before it applied the topic's produce chain:
-                        // it takes no write until it caught up, so none skips the chain.
-                        Some(_) if !node.controller.caught_up() => {
-                            Err(crate::controller::ProduceRefused {
-                                error: ClusterError::new(
-                                    ErrorCode::NotLeader,
-                                    format!(
-                                        "node {} is still catching up with the cluster metadata",
-                                        node.controller.node_id()
-                                    ),
-                                ),
-                                leader: (None, 0),
-                            })
-                        }
-                        Some(partition) => {
-                            match state.transforms.chains.get(&name, partition.topic_id) {
-                                Some(Ok(chain)) => super::chains::produce_replicated(
-                                    &state, node, &partition, chain, p.records, acks, timeout,
-                                )
-                                .await
-                                .map(|base| (base, 0)),
-                                Some(Err(e)) => Err(crate::controller::ProduceRefused {
-                                    error: ClusterError::new(
-                                        e.code(),
-                                        format!(
-                                            "the produce chain of topic {name:?} is not usable: {e}"
-                                        ),
-                                    ),
-                                    leader: partition.leader(),
-                                }),
-                                None => partition
-                                    .produce(p.records, acks, timeout, state.config.batch_bytes_max)
-                                    .await
-                                    .map(|base| (base, 0)),
-                            }
-                        }
-                        None => Err(node.controller.not_hosted(&name, p.partition)),
-                    };
-                    return (
-                        name,
-                        p.partition,
-                        result.map_err(|r| (r.error, hint(r.leader))),
-                    );
-                }
-                let submitted = submit_all(&state, &name, p.partition, p.records).await;
-                drop(submitted_tx);
-                let result = match submitted {
-                    Ok((partition, submitted)) => submitted
-                        .wait()
-                        .await
-                        .map(|appended| (appended.base_offset, partition.offsets().log_start)),
-                    Err(error) => Err(error),
-                };
-                (name, p.partition, result.map_err(|e| (e, None)))
-            }));
-        }
-    }
+    let (submitted_tx, submitted_rx) = tokio::sync::oneshot::channel::<()>();
+    // The task owns the whole append, so nothing is left half-settled if this request's
+    // handler goes away.
+    let work = if state.cluster_node.is_some() {
+        drop(submitted_tx);
+        tokio::spawn(produce_replicated(state.clone(), request))
+    } else {
+        tokio::spawn(produce_local(state.clone(), request, submitted_tx))
+    };
     if acks == Acks::None {
         // The client asked not to wait for the appends, but the answer waits until each
         // partition's batches hold their place in its order: the client's next request for
         // the partition, sent after this answer, lands after them.
-        for submitted in all_submitted {
-            let _ = submitted.await;
-        }
+        let _ = submitted_rx.await;
         state.metrics.produce_acked(acks, started);
         return ProduceResponse::default();
     }
+    let outcomes = match work.await {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::error!(error = %e, "produce task failed");
+            Vec::new()
+        }
+    };
     let mut topics: Vec<ProduceTopicResponse> = Vec::new();
-    for task in work {
-        let (name, partition, result) = match task.await {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::error!(error = %e, "produce task failed");
-                continue;
-            }
-        };
+    for (name, partition, result) in outcomes {
         let response = match result {
             Ok((base_offset, log_start_offset)) => ProducePartitionResponse {
                 partition,
@@ -691,10 +657,11 @@ pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> Prod
                 current_leader,
             },
         };
-        match topics.iter_mut().find(|t| t.name == name) {
+        // Outcomes come topic by topic, in request order.
+        match topics.last_mut().filter(|t| t.name == *name) {
             Some(topic) => topic.partitions.push(response),
             None => topics.push(ProduceTopicResponse {
-                name,
+                name: name.to_string(),
                 partitions: vec![response],
             }),
         }
@@ -704,6 +671,123 @@ pub(super) async fn produce(state: &Arc<State>, request: ProduceRequest) -> Prod
         topics,
         throttle_time_ms: 0,
     }
+}
+
+/// A single node's produce request, in one task: every partition's batches are submitted
+/// (concurrently: one partition waiting for a sequence gap holds up none of the others),
+/// `submitted` is dropped once all hold their place in their partitions' order, then each
+/// partition's appends are awaited and settled.
+async fn produce_local(
+    state: Arc<State>,
+    request: ProduceRequest,
+    submitted: tokio::sync::oneshot::Sender<()>,
+) -> Vec<(Arc<str>, u32, PartitionOutcome)> {
+    let mut submits = Vec::new();
+    for topic in request.topics {
+        let name: Arc<str> = Arc::from(topic.name.as_str());
+        let target = Arc::new(ProduceTarget::resolve(&state, &name));
+        for p in topic.partitions {
+            let (state, name, target) = (&state, name.clone(), target.clone());
+            submits.push(async move {
+                let result = submit_all(state, &target, p.partition, p.records).await;
+                (name, p.partition, result)
+            });
+        }
+    }
+    let submits = futures_util::future::join_all(submits).await;
+    drop(submitted);
+    let mut outcomes = Vec::with_capacity(submits.len());
+    for (name, partition, submitted) in submits {
+        let result = match submitted {
+            Ok((partition, submitted)) => submitted
+                .wait()
+                .await
+                .map(|appended| (appended.base_offset, partition.offsets().log_start)),
+            Err(error) => Err(error),
+        };
+        outcomes.push((name, partition, result.map_err(|e| (e, None))));
+    }
+    outcomes
+}
+
+/// A cluster broker's produce request: each partition in a task of its own (its leader
+/// proposes the batches through Raft).
+async fn produce_replicated(
+    state: Arc<State>,
+    request: ProduceRequest,
+) -> Vec<(Arc<str>, u32, PartitionOutcome)> {
+    let acks = request.acks;
+    let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
+    let mut work = Vec::new();
+    for topic in request.topics {
+        let name: Arc<str> = Arc::from(topic.name.as_str());
+        for p in topic.partitions {
+            let (state, name) = (state.clone(), name.clone());
+            work.push(tokio::spawn(async move {
+                let node = state.cluster_node.as_ref().expect("a cluster broker");
+                let result = match node.controller.partition(&name, p.partition) {
+                    Some(_) if &*name == OFFSETS_TOPIC => Err(crate::controller::ProduceRefused {
+                        error: ClusterError::new(
+                            ErrorCode::Unauthorized,
+                            "the offsets topic is written by the broker only",
+                        ),
+                        leader: (None, 0),
+                    }),
+                    // A restarted broker replaying the metadata log may host (and lead) a
+                    // partition before it applied the topic's produce chain: it takes no
+                    // write until it caught up, so none skips the chain.
+                    Some(_) if !node.controller.caught_up() => {
+                        Err(crate::controller::ProduceRefused {
+                            error: ClusterError::new(
+                                ErrorCode::NotLeader,
+                                format!(
+                                    "node {} is still catching up with the cluster metadata",
+                                    node.controller.node_id()
+                                ),
+                            ),
+                            leader: (None, 0),
+                        })
+                    }
+                    Some(partition) => {
+                        match state.transforms.chains.get(&name, partition.topic_id) {
+                            Some(Ok(chain)) => super::chains::produce_replicated(
+                                &state, node, &partition, chain, p.records, acks, timeout,
+                            )
+                            .await
+                            .map(|base| (base, 0)),
+                            Some(Err(e)) => Err(crate::controller::ProduceRefused {
+                                error: ClusterError::new(
+                                    e.code(),
+                                    format!(
+                                        "the produce chain of topic {name:?} is not usable: {e}"
+                                    ),
+                                ),
+                                leader: partition.leader(),
+                            }),
+                            None => partition
+                                .produce(p.records, acks, timeout, state.config.batch_bytes_max)
+                                .await
+                                .map(|base| (base, 0)),
+                        }
+                    }
+                    None => Err(node.controller.not_hosted(&name, p.partition)),
+                };
+                (
+                    name,
+                    p.partition,
+                    result.map_err(|r| (r.error, hint(r.leader))),
+                )
+            }));
+        }
+    }
+    let mut outcomes = Vec::with_capacity(work.len());
+    for task in work {
+        match task.await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => tracing::error!(error = %e, "produce task failed"),
+        }
+    }
+    outcomes
 }
 
 /// The leader hint of a produce answer.

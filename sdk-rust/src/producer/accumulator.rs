@@ -85,6 +85,11 @@ pub(crate) struct Accumulator<D> {
     /// Each topic's queues, indexed by partition. Looked up by `&str`, so appending a record
     /// allocates no key; idle queues stay in place (at most one per partition ever used).
     queues: HashMap<String, Vec<PartitionQueue<D>>>,
+    /// When the sender looks at the batches next without being woken (the deadline of its
+    /// sleep; `None`: only when woken). A new batch whose linger ends later needs no wake-up:
+    /// with a record per batch across thousands of partitions, waking the sender for every
+    /// new batch made it scan every queue once per record.
+    sender_looks_at: Option<Instant>,
 }
 
 impl<D> Accumulator<D> {
@@ -99,7 +104,13 @@ impl<D> Accumulator<D> {
             linger,
             in_flight_max,
             queues: HashMap::new(),
+            sender_looks_at: None,
         }
+    }
+
+    /// The sender sleeps until `deadline` (`None`: until woken); see [`Appended::wake`].
+    pub(crate) fn set_sender_looks_at(&mut self, deadline: Option<Instant>) {
+        self.sender_looks_at = deadline;
     }
 
     /// Appends a record to the partition's open batch, opening a new batch (and its ledger,
@@ -151,8 +162,13 @@ impl<D> Accumulator<D> {
             .batches
             .back_mut()
             .expect("the batch just appended to");
+        // A new batch wakes the sender only if it would otherwise look after its linger.
+        let opened_needs_look = !appended_to_open
+            && self
+                .sender_looks_at
+                .is_none_or(|at| at > batch.created_at + self.linger);
         Some(Appended {
-            wake: !appended_to_open || batch.sealed,
+            wake: opened_needs_look || batch.sealed,
             index: batch.records() - 1,
             ledger: &mut batch.ledger,
         })
@@ -265,13 +281,30 @@ impl<D> Accumulator<D> {
     }
 
     /// The earliest `deadline` of a queued batch at the front of its partition's queue.
+    #[cfg(test)]
     pub(crate) fn next_expiry(&self, deadline: impl Fn(&D) -> Instant) -> Option<Instant> {
-        self.queues
-            .values()
-            .flatten()
-            .filter_map(|queue| queue.batches.front())
-            .map(|batch| deadline(&batch.ledger))
-            .min()
+        self.next_deadline_and_expiry(deadline).1
+    }
+
+    /// [`Self::next_deadline`] and [`Self::next_expiry`] in one pass over the queues.
+    pub(crate) fn next_deadline_and_expiry(
+        &self,
+        deadline: impl Fn(&D) -> Instant,
+    ) -> (Option<Instant>, Option<Instant>) {
+        let mut linger_ends: Option<Instant> = None;
+        let mut expiry: Option<Instant> = None;
+        for queue in self.queues.values().flatten() {
+            let Some(batch) = queue.batches.front() else {
+                continue;
+            };
+            let expires = deadline(&batch.ledger);
+            expiry = Some(expiry.map_or(expires, |e| e.min(expires)));
+            if queue.in_flight < self.in_flight_max {
+                let ends = batch.created_at + self.linger;
+                linger_ends = Some(linger_ends.map_or(ends, |e| e.min(ends)));
+            }
+        }
+        (linger_ends, expiry)
     }
 
     /// Seals every open batch so that all of them are ready.
@@ -284,6 +317,7 @@ impl<D> Accumulator<D> {
     }
 
     /// When the earliest unsent batch's linger ends (`None`: nothing is waiting).
+    #[cfg(test)]
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queues
             .values()

@@ -39,7 +39,8 @@ use ketch_protocol::batch::{
     BATCH_BYTES_MAX, BATCH_HEADER_BYTES, BatchBuilder, Header, ProducerStamp, compute_crc,
 };
 use ketch_protocol::messages::{
-    Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+    Acks, InitProducerIdRequest, ProducePartition, ProducePartitionResponse, ProduceRequest,
+    ProduceTopic,
 };
 use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
@@ -681,7 +682,7 @@ mod tests {
     use super::delivery::BatchOutcome;
     use super::sender::partition_result;
     use super::*;
-    use ketch_protocol::messages::{ProducePartitionResponse, ProduceTopicResponse};
+    use ketch_protocol::messages::{ProduceResponse, ProduceTopicResponse};
 
     fn response(error: ErrorCode, base_offset: i64) -> ProduceResponse {
         ProduceResponse {

@@ -121,6 +121,8 @@ impl Sender {
 
     pub(super) async fn run(mut self) {
         let mut identity_retry_at = Instant::now();
+        // The earliest delivery deadline of a queued batch, as of the end of the last pass.
+        let mut next_expiry: Option<Instant> = None;
         let client_closed = self.shared.client.inner.closed.clone();
         loop {
             if client_closed.is_cancelled() {
@@ -156,7 +158,11 @@ impl Sender {
                     }
                 }
             }
-            self.expire_queued(Instant::now());
+            // Batches queued later expire later than the earliest one seen at the end of
+            // the last pass: no need to look through every queue before then.
+            if next_expiry.is_some_and(|expiry| expiry <= Instant::now()) {
+                self.expire_queued(Instant::now());
+            }
             if !self.renew_identity {
                 self.restamp_forgotten(now);
             }
@@ -204,36 +210,35 @@ impl Sender {
             {
                 break;
             }
-            let linger_deadline = if self.renew_identity {
-                Some(identity_retry_at)
-            } else {
-                self.shared
-                    .state
-                    .lock()
-                    .expect("state")
-                    .accumulator
-                    .next_deadline()
+            let deadline = {
+                // Under one lock with `set_sender_looks_at`: a batch opened after this sees
+                // the deadline the sender sleeps until.
+                let mut state = self.shared.state.lock().expect("state");
+                let accumulator = &mut state.accumulator;
+                let (linger_deadline, expiry) =
+                    accumulator.next_deadline_and_expiry(|delivery| delivery.deadline);
+                let linger_deadline = if self.renew_identity {
+                    Some(identity_retry_at)
+                } else {
+                    linger_deadline
+                };
+                next_expiry = expiry;
+                let mut deadline = self
+                    .retries
+                    .iter()
+                    .filter(|batch| !self.resequence.contains(&batch.partition))
+                    .map(|batch| batch.retry_at)
+                    .chain(linger_deadline)
+                    .chain(expiry)
+                    .min();
+                if !self.resequence.is_empty() {
+                    // Held partitions may look ready to the accumulator; an outcome wakes us.
+                    let floor = now + self.shared.config.retry_backoff_initial;
+                    deadline = Some(deadline.map_or(floor, |d| d.max(floor)));
+                }
+                accumulator.set_sender_looks_at(deadline);
+                deadline
             };
-            let expiry = self
-                .shared
-                .state
-                .lock()
-                .expect("state")
-                .accumulator
-                .next_expiry(|delivery| delivery.deadline);
-            let mut deadline = self
-                .retries
-                .iter()
-                .filter(|batch| !self.resequence.contains(&batch.partition))
-                .map(|batch| batch.retry_at)
-                .chain(linger_deadline)
-                .chain(expiry)
-                .min();
-            if !self.resequence.is_empty() {
-                // Held partitions may look ready to the accumulator; an outcome wakes us.
-                let floor = now + self.shared.config.retry_backoff_initial;
-                deadline = Some(deadline.map_or(floor, |d| d.max(floor)));
-            }
             tokio::select! {
                 () = client_closed.cancelled() => {}
                 _ = self.shared.wake.notified() => {}
@@ -380,33 +385,35 @@ impl Sender {
     /// oldest batch.
     pub(super) async fn dispatch(&mut self, batches: Vec<InFlightBatch>) {
         let request_bytes_max = self.shared.config.request_bytes_max;
-        let mut requests: Vec<(SocketAddr, usize, Vec<InFlightBatch>)> = Vec::new();
+        let mut requests: Vec<OpenRequest> = Vec::new();
         for mut batch in batches {
             batch.sent_behind_unsettled = self.behind_unsettled(&batch);
             match self.shared.client.inner.leader(&batch.partition).await {
                 Ok(addr) => {
                     let bytes = request_bytes_of(&batch);
-                    let open = requests.iter_mut().find(|(to, size, batches)| {
-                        *to == addr
-                            && *size + bytes <= request_bytes_max
-                            && batches.iter().all(|b| b.partition != batch.partition)
+                    let open = requests.iter_mut().find(|request| {
+                        request.addr == addr
+                            && request.bytes + bytes <= request_bytes_max
+                            && !request.partitions.contains(&batch.partition)
                     });
                     match open {
-                        Some((_, size, batches)) => {
-                            *size += bytes;
-                            batches.push(batch);
+                        Some(request) => {
+                            request.bytes += bytes;
+                            request.partitions.insert(batch.partition.clone());
+                            request.batches.push(batch);
                         }
-                        None => requests.push((
+                        None => requests.push(OpenRequest {
                             addr,
-                            crate::config::REQUEST_OVERHEAD_BYTES_MAX + bytes,
-                            vec![batch],
-                        )),
+                            bytes: crate::config::REQUEST_OVERHEAD_BYTES_MAX + bytes,
+                            partitions: HashSet::from([batch.partition.clone()]),
+                            batches: vec![batch],
+                        }),
                     }
                 }
                 Err(error) => self.settle(batch, Err(error)),
             }
         }
-        for (addr, _, batches) in requests {
+        for OpenRequest { addr, batches, .. } in requests {
             self.in_flight += batches.len();
             let shared = self.shared.clone();
             let requests = self.requests.clone();
@@ -645,6 +652,15 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// A produce request being filled by [`Sender::dispatch`].
+struct OpenRequest {
+    addr: SocketAddr,
+    bytes: usize,
+    /// Its batches' partitions (a set: a request may carry thousands).
+    partitions: HashSet<TopicPartition>,
+    batches: Vec<InFlightBatch>,
+}
+
 /// What a batch adds to a produce request: its bytes, its partition entry and (at most) its
 /// topic's name and entry.
 fn request_bytes_of(batch: &InFlightBatch) -> usize {
@@ -722,13 +738,28 @@ pub(super) async fn produce(
         }
     }
     match response {
-        Ok(response) => batches
-            .into_iter()
-            .map(|batch| {
-                let result = partition_result(&response, &batch.partition, config.acks);
-                (batch, result)
-            })
-            .collect(),
+        Ok(response) => {
+            // One lookup per batch: a request may carry thousands of partitions.
+            let answers: HashMap<(&str, u32), &ProducePartitionResponse> = response
+                .topics
+                .iter()
+                .flat_map(|topic| {
+                    topic
+                        .partitions
+                        .iter()
+                        .map(move |p| ((topic.name.as_str(), p.partition), p))
+                })
+                .collect();
+            batches
+                .into_iter()
+                .map(|batch| {
+                    let key = (batch.partition.topic.as_str(), batch.partition.partition);
+                    let answer = answers.get(&key).copied();
+                    let result = answer_result(answer, &batch.partition, config.acks);
+                    (batch, result)
+                })
+                .collect()
+        }
         Err(error) => batches
             .into_iter()
             .map(|batch| (batch, Err(error.clone())))
@@ -738,8 +769,9 @@ pub(super) async fn produce(
 
 /// A partition's base offset from a produce response. A duplicate of a batch the broker
 /// already has is a success: the broker answers with the original offset.
+#[cfg(test)]
 pub(super) fn partition_result(
-    response: &ProduceResponse,
+    response: &ketch_protocol::messages::ProduceResponse,
     partition: &TopicPartition,
     acks: Acks,
 ) -> Result<i64> {
@@ -749,6 +781,15 @@ pub(super) fn partition_result(
         .filter(|topic| topic.name == partition.topic)
         .flat_map(|topic| &topic.partitions)
         .find(|p| p.partition == partition.partition);
+    answer_result(found, partition, acks)
+}
+
+/// What the broker's answer for a partition (`None`: it gave none) means for its batch.
+fn answer_result(
+    found: Option<&ProducePartitionResponse>,
+    partition: &TopicPartition,
+    acks: Acks,
+) -> Result<i64> {
     let Some(answer) = found else {
         if acks == Acks::None {
             // A broker may answer `acks=none` before (and without) any partition result.

@@ -577,6 +577,15 @@ impl PartitionLog {
         }
         self.shared.sync_active_files()?;
         {
+            // As at roll: the file holds exactly what the writer wrote (checked here rather
+            // than before every write).
+            let (log, path, size) = {
+                let view = lock(&self.shared.view);
+                let active = view.active();
+                (active.log.clone(), active.log_path.clone(), active.size)
+            };
+            let on_disk = log.len().map_err(io_error("stat", &path))?;
+            assert_eq!(on_disk, size, "log file size matches the segment size");
             let marker = self.shared.dir.join(CLEAN_SHUTDOWN_FILE);
             rewrite_file(self.shared.backend.as_ref(), &marker, &[])?;
             self.shared

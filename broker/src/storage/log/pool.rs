@@ -27,7 +27,20 @@ pub(super) struct WriterPool {
 struct PoolState {
     logs: VecDeque<Arc<Shared>>,
     threads: usize,
-    idle: usize,
+    /// Workers waiting on `ready`.
+    sleeping: usize,
+    /// Wake-ups sent to sleeping workers and not yet taken by one. A schedule wakes another
+    /// sleeper only while fewer are on their way than logs are queued: four logs queued at
+    /// once still sync in parallel on four workers (`fsync always`), while the thousands
+    /// of appends of one request cost at most a wake per sleeping worker, not one each.
+    wakes_pending: usize,
+}
+
+impl PoolState {
+    /// Whether a sleeping worker can be woken that is not already on its way.
+    fn sleeper_unclaimed(&self) -> bool {
+        self.sleeping > self.wakes_pending
+    }
 }
 
 static POOL: OnceLock<WriterPool> = OnceLock::new();
@@ -44,7 +57,15 @@ impl WriterPool {
     pub(super) fn schedule(&'static self, shared: Arc<Shared>) {
         let mut state = lock(&self.state);
         state.logs.push_back(shared);
-        if state.idle == 0 && state.threads < WRITER_THREADS_MAX {
+        if state.sleeper_unclaimed() {
+            if state.logs.len() > state.wakes_pending {
+                state.wakes_pending += 1;
+                drop(state);
+                self.ready.notify_one();
+            }
+            return;
+        }
+        if state.threads < WRITER_THREADS_MAX {
             let number = state.threads;
             let spawned = std::thread::Builder::new()
                 .name(format!("ketch-writer-{number}"))
@@ -58,8 +79,6 @@ impl WriterPool {
                 Err(e) => panic!("cannot start any storage writer thread: {e}"),
             }
         }
-        drop(state);
-        self.ready.notify_one();
     }
 
     fn run_worker(&'static self) {
@@ -73,9 +92,12 @@ impl WriterPool {
                         if let Some(shared) = state.logs.pop_front() {
                             break shared;
                         }
-                        state.idle += 1;
+                        state.sleeping += 1;
                         state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
-                        state.idle -= 1;
+                        state.sleeping -= 1;
+                        // Woken by a schedule (or spuriously: then a wake-up still pending
+                        // reaches a worker that finds the queue drained, which is harmless).
+                        state.wakes_pending = state.wakes_pending.saturating_sub(1);
                     }
                 }
             };
@@ -114,8 +136,12 @@ fn run_one_group(shared: &Shared) -> bool {
     let mut queue = lock(&shared.queue);
     if queue.requests.is_empty() {
         queue.scheduled = false;
+        // Only `close` waits for this (a notify is a futex call even with nobody waiting).
+        let closing = queue.closing;
         drop(queue);
-        shared.queue_ready.notify_all();
+        if closing {
+            shared.queue_ready.notify_all();
+        }
         false
     } else {
         true
