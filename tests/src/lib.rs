@@ -88,3 +88,23 @@ impl TestBroker {
             .with_context(|| format!("the broker stopped serving after {after}"))
     }
 }
+
+/// The repository's root directory.
+pub fn repo_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The compiled Wasm example `crate_name`: in `$KETCH_WASM_DIR`, or where
+/// `scripts/test-all.sh` builds them (`target/wasm/wasm32-unknown-unknown/release`).
+pub fn wasm_example_path(crate_name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::var_os("KETCH_WASM_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/wasm/wasm32-unknown-unknown/release"));
+    let path = dir.join(format!("{crate_name}.wasm"));
+    anyhow::ensure!(
+        path.exists(),
+        "{}: build the examples first (scripts/test-all.sh)",
+        path.display()
+    );
+    Ok(path)
+}

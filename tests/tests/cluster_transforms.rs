@@ -16,7 +16,6 @@
 //! `target/wasm/wasm32-unknown-unknown/release` (or `$KETCH_WASM_DIR`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,25 +37,15 @@ use ketch_testkit::cluster::NodeId;
 const PROPAGATION_MAX: Duration = Duration::from_secs(30);
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn example(crate_name: &str) -> anyhow::Result<Bytes> {
-    let dir = std::env::var_os("KETCH_WASM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/wasm/wasm32-unknown-unknown/release"));
-    let path = dir.join(format!("{crate_name}.wasm"));
-    ensure!(
-        path.exists(),
-        "{}: build the examples first (scripts/test-all.sh)",
-        path.display()
-    );
-    Ok(std::fs::read(path)?.into())
+    Ok(std::fs::read(ketch_e2e::wasm_example_path(crate_name)?)?.into())
 }
 
 fn keep_even() -> anyhow::Result<Bytes> {
-    Ok(wat::parse_file(repo().join("wasm-filters/examples/wat/keep-even.wat"))?.into())
+    Ok(
+        wat::parse_file(ketch_e2e::repo_dir().join("wasm-filters/examples/wat/keep-even.wat"))?
+            .into(),
+    )
 }
 
 fn now_ms() -> i64 {

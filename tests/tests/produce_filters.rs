@@ -19,23 +19,6 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{BatchBuilder, ProducerStamp, Record};
 use ketch_protocol::messages::InitProducerIdRequest;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn example_path(crate_name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::var_os("KETCH_WASM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/wasm/wasm32-unknown-unknown/release"));
-    let path = dir.join(format!("{crate_name}.wasm"));
-    ensure!(
-        path.exists(),
-        "{}: build the examples first (scripts/test-all.sh)",
-        path.display()
-    );
-    Ok(path)
-}
-
 /// A WAT module compiled into `dir`, for `ketch filter deploy`.
 fn wat_file(dir: &std::path::Path, wat: PathBuf) -> anyhow::Result<PathBuf> {
     let bytes = wat::parse_file(&wat)?;
@@ -122,8 +105,8 @@ impl Cli<'_> {
 async fn set_filters_validates_redacts_and_applies_each_on_error_policy() -> anyhow::Result<()> {
     let mut broker = TestBroker::start(&[])?;
     let cli = Cli(&broker);
-    let validate = example_path("json_validate")?;
-    let pii = example_path("pii_redact")?;
+    let validate = ketch_e2e::wasm_example_path("json_validate")?;
+    let pii = ketch_e2e::wasm_example_path("pii_redact")?;
     cli.ok(&["filter", "deploy", "validate", validate.to_str().unwrap()])?;
     cli.ok(&["filter", "deploy", "pii", pii.to_str().unwrap()])?;
     cli.ok(&["topic", "create", "orders"])?;
@@ -328,7 +311,7 @@ async fn idempotent_retries_through_a_chain_store_nothing_twice_even_across_kill
     let scratch = tempfile::tempdir()?;
     let even = wat_file(
         scratch.path(),
-        repo().join("wasm-filters/examples/wat/keep-even.wat"),
+        ketch_e2e::repo_dir().join("wasm-filters/examples/wat/keep-even.wat"),
     )?;
     let cli = Cli(&broker);
     cli.ok(&["filter", "deploy", "even", even.to_str().unwrap()])?;
@@ -378,7 +361,7 @@ async fn idempotent_retries_through_a_chain_store_nothing_twice_even_across_kill
 async fn a_batch_the_chain_empties_advances_its_producer_durably_across_kill_9()
 -> anyhow::Result<()> {
     let mut broker = TestBroker::start(&[])?;
-    let scan = example_path("byte_scan")?;
+    let scan = ketch_e2e::wasm_example_path("byte_scan")?;
     let cli = Cli(&broker);
     cli.ok(&["filter", "deploy", "scan", scan.to_str().unwrap()])?;
     cli.ok(&["topic", "create", "sparse"])?;
@@ -448,7 +431,7 @@ async fn a_hostile_module_on_the_produce_path_fails_only_its_own_produce() -> an
     let scratch = tempfile::tempdir()?;
     let looping = wat_file(
         scratch.path(),
-        repo().join("wasm-filters/hostile/infinite-loop.wat"),
+        ketch_e2e::repo_dir().join("wasm-filters/hostile/infinite-loop.wat"),
     )?;
     let cli = Cli(&broker);
     cli.ok(&["filter", "deploy", "loop", looping.to_str().unwrap()])?;

@@ -17,22 +17,6 @@ use ketch_protocol::batch::{BatchBuilder, ProducerStamp};
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
-fn example_path(crate_name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::var_os("KETCH_WASM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/wasm/wasm32-unknown-unknown/release")
-        });
-    let path = dir.join(format!("{crate_name}.wasm"));
-    ensure!(
-        path.exists(),
-        "{}: build the examples first (scripts/test-all.sh)",
-        path.display()
-    );
-    Ok(path)
-}
-
 fn cli(broker: &TestBroker, args: &[&str]) -> anyhow::Result<std::process::Output> {
     let mut child = broker
         .process
@@ -187,7 +171,7 @@ fn identities(positions_dir: &std::path::Path) -> anyhow::Result<Vec<(i64, i16)>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyhow::Result<()> {
     let mut broker = TestBroker::start(&[])?;
-    let router = example_path("key_router")?;
+    let router = ketch_e2e::wasm_example_path("key_router")?;
     ok(
         &broker,
         &["filter", "deploy", "router", router.to_str().unwrap()],

@@ -278,23 +278,8 @@ pub(super) async fn submit(
     let idempotent = batches.iter().any(|(header, _)| header.is_idempotent());
     let mut turn = (!idempotent).then(|| chain.take_turn(partition.index));
     let index = partition.index;
-    let inputs: Vec<Bytes> = batches.iter().map(|(_, bytes)| bytes.clone()).collect();
-    let ran_chain = chain.clone();
-    let outputs = state
-        .transforms
-        .run(move || {
-            inputs
-                .into_iter()
-                .map(|bytes| {
-                    let batch = RecordBatch::new(bytes).map_err(|e| {
-                        TransformError::Storage(format!("a validated batch did not parse: {e}"))
-                    })?;
-                    ran_chain.apply(index, &batch)
-                })
-                .collect::<Result<Vec<_>, TransformError>>()
-        })
+    let outputs = run_chain(state, &chain, index, &batches)
         .await
-        .and_then(|outputs| outputs)
         .map_err(cluster_error)?;
     if let OnError::DeadLetter(dead_letter_topic) = &chain.spec.on_error {
         let source = format!("{}/{}", partition.topic, partition.index);
@@ -322,6 +307,33 @@ pub(super) async fn submit(
     }
     // The turn is released when this returns: the batches then hold their place.
     partition.submit_prepared(prepared, now_ms()).await
+}
+
+/// Runs `chain` on validated `batches` of partition `index`, on the filter threads: one
+/// output per batch, in order.
+async fn run_chain(
+    state: &State,
+    chain: &Arc<ProduceChain>,
+    index: u32,
+    batches: &[(ketch_protocol::batch::BatchHeader, Bytes)],
+) -> Result<Vec<crate::transform::chain::ChainOutput>, TransformError> {
+    let inputs: Vec<Bytes> = batches.iter().map(|(_, bytes)| bytes.clone()).collect();
+    let chain = chain.clone();
+    state
+        .transforms
+        .run(move || {
+            inputs
+                .into_iter()
+                .map(|bytes| {
+                    let batch = RecordBatch::new(bytes).map_err(|e| {
+                        TransformError::Storage(format!("a validated batch did not parse: {e}"))
+                    })?;
+                    chain.apply(index, &batch)
+                })
+                .collect::<Result<Vec<_>, TransformError>>()
+        })
+        .await
+        .and_then(|outputs| outputs)
 }
 
 /// A produce request to a replicated partition whose topic has a chain, on its leader: run
@@ -362,23 +374,8 @@ pub(super) async fn produce_replicated(
     let idempotent = batches.iter().any(|(header, _)| header.is_idempotent());
     let mut turn = (!idempotent).then(|| chain.take_turn(partition.index));
     let index = partition.index;
-    let inputs: Vec<Bytes> = batches.iter().map(|(_, bytes)| bytes.clone()).collect();
-    let ran_chain = chain.clone();
-    let outputs = state
-        .transforms
-        .run(move || {
-            inputs
-                .into_iter()
-                .map(|bytes| {
-                    let batch = RecordBatch::new(bytes).map_err(|e| {
-                        TransformError::Storage(format!("a validated batch did not parse: {e}"))
-                    })?;
-                    ran_chain.apply(index, &batch)
-                })
-                .collect::<Result<Vec<_>, TransformError>>()
-        })
+    let outputs = run_chain(state, &chain, index, &batches)
         .await
-        .and_then(|outputs| outputs)
         .map_err(|e| refused(cluster_error(e)))?;
     if let OnError::DeadLetter(dead_letter_topic) = &chain.spec.on_error {
         let source = format!("{}/{}", partition.topic, partition.index);
