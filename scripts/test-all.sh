@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "toolchain"
+# CI builds once from a clean clone: incremental caches (GBs of target/) buy nothing there.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 rustc --version
 cargo --version
 
