@@ -70,7 +70,9 @@ step "Rust tests"
 cargo test --locked --workspace --no-fail-fast
 
 step "behaviour scenarios (tests/scenarios/*.toml), Rust runner against real brokers"
-cargo test --locked -p ketch-client --test scenarios
+# --workspace: the features of the build above (a `-p ketch-client` build resolves its own
+# and compiles most dependencies again).
+cargo test --locked --workspace --test scenarios
 
 step "Python SDK: build ketch._native once (debug, this target dir), stubs, mypy --strict, pytest against real brokers"
 (cd sdk-python && VIRTUAL_ENV="$PWD/../target/py-venv" ../target/py-venv/bin/maturin develop --quiet)
