@@ -1473,8 +1473,15 @@ async fn report_leadership<T: PeerTransport>(
 ) {
     let mut known = (None, 0);
     let mut reported_isr: Option<Vec<NodeId>> = None;
-    let mut tick = tokio::time::interval(ISR_CHECK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Every led partition's check falls on one process-wide grid (`Skip` keeps it there):
+    // a broker leading hundreds of partitions wakes once a second for all of them, not
+    // hundreds of times.
+    let first = crate::replication::runtime::on_grid(
+        tokio::time::Instant::now() + ISR_CHECK_INTERVAL,
+        ISR_CHECK_INTERVAL,
+    );
+    let mut tick = tokio::time::interval_at(first, ISR_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let node_id = partition.replica.node_id();
     loop {
         // Only a leader checks its ISR: a follower's task sleeps until leadership moves.

@@ -10,6 +10,13 @@
 //! ([`super::elections`]) of a follower counts from the last beacon that named its group at
 //! its term or later (a leader of a later term also lives: it must not be challenged).
 //!
+//! A beacon names its groups only when that list changed: the list is numbered, and while
+//! it holds (leadership rarely moves) a round sends the peer only the number, which the peer
+//! takes as every group of that list named again. A peer that does not have the list (it
+//! restarted, or the list never arrived) answers [`PeerResponse::BeaconListUnknown`] and
+//! gets the whole list the next round. An idle broker's round is then a look at which
+//! groups' metrics changed and two tiny messages, however many groups it leads.
+//!
 //! What heartbeats did besides liveness is kept: a leader whose followers lag (one came
 //! back, an append was lost) gets an openraft heartbeat every [`LAGGING_NUDGE_ROUNDS`]
 //! rounds (openraft retries replication on a heartbeat), every group gets one every
@@ -19,12 +26,14 @@
 //! or late beacon can only start an election, which voters settle as always.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::{RaftMetrics, ServerState};
+use tokio::sync::watch;
 
-use super::network::{GroupId, PeerRequest, PeerTransport};
+use super::network::{Beacon, GroupId, PeerRequest, PeerResponse, PeerTransport};
 use super::{NodeId, Raft};
 
 /// How often a node tells each peer which groups it leads.
@@ -48,7 +57,7 @@ pub const BEACON_GROUP: &str = "";
 #[derive(Default)]
 pub struct Beacons {
     local: Mutex<Local>,
-    heard: Mutex<HashMap<GroupId, Heard>>,
+    heard: Mutex<HeardState>,
     /// Followers waiting for their leader's beacons to stop ([`Beacons::silence`]): checked
     /// each round by the sending task, so hundreds of followers need no timer of their own.
     watched: Mutex<HashMap<GroupId, Watch>>,
@@ -76,20 +85,88 @@ struct Local {
     /// Whether the sending task runs (it stops when no group is left).
     sending: bool,
     next_token: u64,
+    /// A group was registered, unregistered or quieted since the last round: the lists
+    /// are built again.
+    changed: bool,
 }
 
 struct Registered {
     raft: Raft,
+    /// The group's metrics, looked at again only when they changed.
+    metrics: watch::Receiver<RaftMetrics<NodeId, openraft::EmptyNode>>,
     token: u64,
     /// Set during a leadership transfer: announce nothing for this group.
     quiet: bool,
+    /// What the last look at the metrics found (`None`: never looked).
+    seen: Option<Seen>,
 }
 
-/// The newest beacon that named a group.
+/// A group as its metrics last showed it, for the rounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    /// The term it leads in, if this node leads it (and votes in it).
+    leads: Option<u64>,
+    /// Its other voters.
+    peers: Vec<NodeId>,
+    /// A follower has not matched the leader's last log entry.
+    lagging: bool,
+}
+
+impl Seen {
+    fn of(node: NodeId, raft: &Raft, metrics: &RaftMetrics<NodeId, openraft::EmptyNode>) -> Seen {
+        let membership = metrics.membership_config.membership();
+        let voter = membership.voter_ids().any(|id| id == node);
+        let leader = metrics.state == ServerState::Leader;
+        if leader && !voter {
+            // Removed from its group: openraft steps such a leader down on a tick.
+            raft.runtime_config().tick(true);
+        }
+        let lagging = leader
+            && metrics.replication.as_ref().is_some_and(|replication| {
+                replication.iter().any(|(id, matched)| {
+                    *id != node && matched.map(|m| m.index) != metrics.last_log_index
+                })
+            });
+        Seen {
+            leads: (leader && voter).then_some(metrics.current_term),
+            peers: membership.voter_ids().filter(|id| *id != node).collect(),
+            lagging,
+        }
+    }
+}
+
+/// The newest beacon that named a group: at `at`, or later if `from`'s list `list` was
+/// confirmed since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Heard {
     term: u64,
+    from: NodeId,
+    list: u64,
     at: tokio::time::Instant,
+}
+
+/// A peer's current list and when it was last confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerList {
+    list: u64,
+    at: tokio::time::Instant,
+}
+
+#[derive(Debug, Default)]
+struct HeardState {
+    groups: HashMap<GroupId, Heard>,
+    peers: HashMap<NodeId, PeerList>,
+}
+
+impl HeardState {
+    /// When a beacon last named `group` led in `term` or later.
+    fn at(&self, group: &str, term: u64) -> Option<tokio::time::Instant> {
+        let heard = self.groups.get(group).filter(|h| h.term >= term)?;
+        Some(match self.peers.get(&heard.from) {
+            Some(peer) if peer.list == heard.list => peer.at.max(heard.at),
+            _ => heard.at,
+        })
+    }
 }
 
 /// A registration, to undo with [`Beacons::unregister`].
@@ -109,14 +186,18 @@ impl Beacons {
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         local.next_token += 1;
         let token = local.next_token;
+        let metrics = raft.metrics();
         local.groups.insert(
             group,
             Registered {
                 raft,
+                metrics,
                 token,
                 quiet: false,
+                seen: None,
             },
         );
+        local.changed = true;
         if !local.sending {
             local.sending = true;
             tokio::spawn(send(self.clone(), node, transport.clone()));
@@ -130,9 +211,11 @@ impl Beacons {
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         if local.groups.get(group).is_some_and(|r| r.token == token.0) {
             local.groups.remove(group);
+            local.changed = true;
             self.heard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .groups
                 .remove(group);
         }
     }
@@ -142,22 +225,57 @@ impl Beacons {
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(registered) = local.groups.get_mut(group) {
             registered.quiet = quiet;
+            local.changed = true;
         }
     }
 
-    /// A peer leads `groups`, each in its term, now.
-    pub fn heard(&self, groups: Vec<(GroupId, u64)>) {
+    /// Takes a peer's beacon in: its list (every group named, each in its term, now), or
+    /// the number of a list it sent before. `false`: that list is not known here (the
+    /// sender then sends the whole list).
+    pub fn take(&self, beacon: Beacon) -> bool {
         let now = tokio::time::Instant::now();
         let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        for (group, term) in groups {
-            match heard.get_mut(&group) {
-                Some(old) if old.term > term => {}
-                Some(old) => *old = Heard { term, at: now },
-                None => {
-                    heard.insert(group, Heard { term, at: now });
+        let Some(groups) = beacon.groups else {
+            return match heard.peers.get_mut(&beacon.from) {
+                Some(peer) if peer.list == beacon.list => {
+                    peer.at = now;
+                    true
+                }
+                _ => false,
+            };
+        };
+        // The groups of the list this one replaces keep the time that list was last
+        // confirmed (those this list names again are stamped now below).
+        if let Some(old) = heard.peers.get(&beacon.from).copied() {
+            for h in heard.groups.values_mut() {
+                if h.from == beacon.from && h.list == old.list {
+                    h.at = h.at.max(old.at);
                 }
             }
         }
+        let named = Heard {
+            term: 0,
+            from: beacon.from,
+            list: beacon.list,
+            at: now,
+        };
+        for (group, term) in groups {
+            match heard.groups.get_mut(&group) {
+                Some(old) if old.term > term => {}
+                Some(old) => *old = Heard { term, ..named },
+                None => {
+                    heard.groups.insert(group, Heard { term, ..named });
+                }
+            }
+        }
+        heard.peers.insert(
+            beacon.from,
+            PeerList {
+                list: beacon.list,
+                at: now,
+            },
+        );
+        true
     }
 
     /// Returns once no beacon named `group` at `term` or later for `silence` (checked each
@@ -189,8 +307,8 @@ impl Beacons {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         watched.retain(|group, watch| {
             let live = heard
-                .get(group)
-                .is_some_and(|h| h.term >= watch.term && now.duration_since(h.at) < watch.silence);
+                .at(group, watch.term)
+                .is_some_and(|at| now.duration_since(at) < watch.silence);
             if live && !all {
                 return true;
             }
@@ -204,9 +322,7 @@ impl Beacons {
         self.heard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(group)
-            .filter(|h| h.term >= term)
-            .map(|h| h.at)
+            .at(group, term)
     }
 }
 
@@ -235,17 +351,32 @@ fn spread(group: &str) -> u64 {
     hash
 }
 
+/// What a node last told one peer: its list, under its number, and the number the peer
+/// confirmed having (0: none).
+struct Told {
+    list: u64,
+    groups: Vec<(GroupId, u64)>,
+    confirmed: Arc<AtomicU64>,
+}
+
 /// Sends `node`'s beacons every [`BEACON_INTERVAL`] until no group is registered.
 async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: Arc<T>) {
     let mut ticker = tokio::time::interval(BEACON_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let beacon_group: GroupId = BEACON_GROUP.into();
     let mut round: u64 = 0;
+    let mut told: BTreeMap<NodeId, Told> = BTreeMap::new();
+    // List numbers start at a random point, so a restarted node's lists are not taken for
+    // its earlier ones.
+    let mut next_list: u64 = {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(node) >> 1
+    };
     loop {
         ticker.tick().await;
         round += 1;
-        let mut to_peers: BTreeMap<NodeId, Vec<(GroupId, u64)>> = BTreeMap::new();
         let mut nudge = Vec::new();
+        let mut lists: Option<BTreeMap<NodeId, Vec<(GroupId, u64)>>> = None;
         {
             let mut local = beacons.local.lock().unwrap_or_else(|e| e.into_inner());
             if local.groups.is_empty() {
@@ -254,33 +385,30 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                 beacons.wake_silent(true);
                 return;
             }
-            for (group, registered) in &local.groups {
-                if registered.quiet {
+            let mut changed = std::mem::take(&mut local.changed);
+            for (group, registered) in &mut local.groups {
+                if registered.seen.is_none() || registered.metrics.has_changed().unwrap_or(false) {
+                    let seen = Seen::of(
+                        node,
+                        &registered.raft,
+                        &registered.metrics.borrow_and_update(),
+                    );
+                    if registered
+                        .seen
+                        .as_ref()
+                        .is_none_or(|old| old.leads != seen.leads || old.peers != seen.peers)
+                    {
+                        changed = true;
+                    }
+                    registered.seen = Some(seen);
+                }
+                let Some(seen) = &registered.seen else {
+                    continue;
+                };
+                if seen.leads.is_none() || registered.quiet {
                     continue;
                 }
-                let metrics = registered.raft.metrics();
-                let metrics = metrics.borrow();
-                if metrics.state != ServerState::Leader {
-                    continue;
-                }
-                let membership = metrics.membership_config.membership();
-                if !membership.voter_ids().any(|id| id == node) {
-                    // Removed from its group: openraft steps such a leader down on a tick.
-                    registered.raft.runtime_config().tick(true);
-                    continue;
-                }
-                for peer in membership.voter_ids().filter(|id| *id != node) {
-                    to_peers
-                        .entry(peer)
-                        .or_default()
-                        .push((group.clone(), metrics.current_term));
-                }
-                let lagging = metrics.replication.as_ref().is_some_and(|replication| {
-                    replication.iter().any(|(id, matched)| {
-                        *id != node && matched.map(|m| m.index) != metrics.last_log_index
-                    })
-                });
-                if (lagging && round.is_multiple_of(LAGGING_NUDGE_ROUNDS))
+                if (seen.lagging && round.is_multiple_of(LAGGING_NUDGE_ROUNDS))
                     || round
                         .wrapping_add(spread(group))
                         .is_multiple_of(REFRESH_ROUNDS)
@@ -288,19 +416,103 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                     nudge.push(registered.raft.clone());
                 }
             }
+            if changed {
+                let mut built: BTreeMap<NodeId, Vec<(GroupId, u64)>> = BTreeMap::new();
+                for (group, registered) in &local.groups {
+                    let Some(Seen {
+                        leads: Some(term),
+                        peers,
+                        ..
+                    }) = &registered.seen
+                    else {
+                        continue;
+                    };
+                    if registered.quiet {
+                        continue;
+                    }
+                    for peer in peers {
+                        built.entry(*peer).or_default().push((group.clone(), *term));
+                    }
+                }
+                lists = Some(built);
+            }
+        }
+        if let Some(mut lists) = lists {
+            // A peer named in no list any more hears nothing: its groups fall silent.
+            told.retain(|peer, _| lists.contains_key(peer));
+            for (peer, mut groups) in std::mem::take(&mut lists) {
+                groups.sort_unstable();
+                match told.get_mut(&peer) {
+                    Some(old) if old.groups == groups => {}
+                    Some(old) => {
+                        next_list += 1;
+                        old.list = next_list;
+                        old.groups = groups;
+                    }
+                    None => {
+                        next_list += 1;
+                        told.insert(
+                            peer,
+                            Told {
+                                list: next_list,
+                                groups,
+                                confirmed: Arc::new(AtomicU64::new(0)),
+                            },
+                        );
+                    }
+                }
+            }
         }
         beacons.wake_silent(false);
         for raft in nudge {
             let _ = raft.trigger().heartbeat().await;
         }
-        for (peer, groups) in to_peers {
-            for chunk in groups.chunks(BEACON_GROUPS_MAX) {
-                let (transport, group, chunk) =
-                    (transport.clone(), beacon_group.clone(), chunk.to_vec());
+        for (&peer, told) in &told {
+            let list = told.list;
+            let whole = told.confirmed.load(Ordering::Acquire) != list;
+            let chunks: Vec<Option<Vec<(GroupId, u64)>>> = if whole {
+                told.groups
+                    .chunks(BEACON_GROUPS_MAX)
+                    .map(|chunk| Some(chunk.to_vec()))
+                    .collect()
+            } else {
+                vec![None]
+            };
+            // A list in several parts is confirmed once every part was answered.
+            let unanswered = Arc::new(std::sync::atomic::AtomicUsize::new(chunks.len()));
+            for groups in chunks {
+                let (transport, group, confirmed, unanswered) = (
+                    transport.clone(),
+                    beacon_group.clone(),
+                    told.confirmed.clone(),
+                    unanswered.clone(),
+                );
                 tokio::spawn(async move {
-                    let call = transport.call(&group, node, peer, PeerRequest::Beacon(chunk));
-                    if let Ok(Err(e)) = tokio::time::timeout(BEACON_CALL_TIMEOUT, call).await {
-                        tracing::trace!(node, peer, error = %e, "a beacon was not answered");
+                    let beacon = Beacon {
+                        from: node,
+                        list,
+                        groups,
+                    };
+                    let ping = beacon.groups.is_none();
+                    let call = transport.call(&group, node, peer, PeerRequest::Beacon(beacon));
+                    match tokio::time::timeout(BEACON_CALL_TIMEOUT, call).await {
+                        Ok(Ok(PeerResponse::BeaconListUnknown)) if ping => {
+                            let _ = confirmed.compare_exchange(
+                                list,
+                                0,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                        Ok(Ok(_)) => {
+                            if !ping && unanswered.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                confirmed.store(list, Ordering::Release);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::trace!(node, peer, error = %e, "a beacon was not answered");
+                        }
+                        Err(_) => {}
                     }
                 });
             }
@@ -312,48 +524,94 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
 mod tests {
     use super::*;
 
+    fn full(from: NodeId, list: u64, groups: &[(&GroupId, u64)]) -> Beacon {
+        Beacon {
+            from,
+            list,
+            groups: Some(groups.iter().map(|(g, t)| ((*g).clone(), *t)).collect()),
+        }
+    }
+
+    fn ping(from: NodeId, list: u64) -> Beacon {
+        Beacon {
+            from,
+            list,
+            groups: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_beacon_counts_for_its_term_and_later_ones_only() {
         let beacons = Beacons::default();
         let group: GroupId = "t/0".into();
         assert_eq!(beacons.heard_at(&group, 0), None);
-        beacons.heard(vec![(group.clone(), 5)]);
+        assert!(beacons.take(full(2, 1, &[(&group, 5)])));
         let first = beacons.heard_at(&group, 5).expect("heard");
         assert_eq!(beacons.heard_at(&group, 4), Some(first));
         assert_eq!(beacons.heard_at(&group, 6), None, "a stale leader's beacon");
         tokio::time::sleep(Duration::from_millis(2)).await;
-        // An older term's beacon (a deposed leader still announcing) does not refresh it.
-        beacons.heard(vec![(group.clone(), 4)]);
+        // An older term's beacon (a deposed leader still announcing) does not refresh it,
+        // nor do the pings of that deposed leader's list.
+        assert!(beacons.take(full(3, 1, &[(&group, 4)])));
+        assert!(beacons.take(ping(3, 1)));
         assert_eq!(beacons.heard_at(&group, 5), Some(first));
-        beacons.heard(vec![(group.clone(), 7)]);
+        assert!(beacons.take(full(3, 2, &[(&group, 7)])));
         let later = beacons.heard_at(&group, 7).expect("heard");
         assert!(later > first);
         assert_eq!(beacons.heard_at("t/1", 0), None);
     }
 
     #[tokio::test]
+    async fn a_ping_names_again_every_group_of_its_list_and_only_those() {
+        let beacons = Beacons::default();
+        let (a, b): (GroupId, GroupId) = ("t/0".into(), "t/1".into());
+        assert!(!beacons.take(ping(2, 1)), "a list never sent is unknown");
+        assert!(beacons.take(full(2, 1, &[(&a, 5), (&b, 5)])));
+        let first = beacons.heard_at(&a, 5).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(beacons.take(ping(2, 1)));
+        let pinged = beacons.heard_at(&a, 5).unwrap();
+        assert!(pinged > first);
+        assert_eq!(beacons.heard_at(&b, 5), Some(pinged));
+        // The sender stops leading `b`: its next list leaves it out, and its pings no
+        // longer refresh `b`.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(beacons.take(full(2, 2, &[(&a, 5)])));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(beacons.take(ping(2, 2)));
+        assert!(beacons.heard_at(&a, 5).unwrap() > pinged);
+        assert_eq!(beacons.heard_at(&b, 5), Some(pinged));
+        // A ping of an older list (answered late, or a list since replaced) is refused.
+        assert!(!beacons.take(ping(2, 1)));
+        // A receiver that forgot everything (restarted) refuses pings until the next list.
+        let fresh = Beacons::default();
+        assert!(!fresh.take(ping(2, 2)));
+    }
+
+    #[tokio::test]
     async fn a_silence_waiter_wakes_only_once_its_leader_stops_announcing() {
         let beacons = Arc::new(Beacons::default());
         let group: GroupId = "t/0".into();
-        beacons.heard(vec![(group.clone(), 5)]);
+        assert!(beacons.take(full(2, 1, &[(&group, 5)])));
         let waiter = {
             let (beacons, group) = (beacons.clone(), group.clone());
             tokio::spawn(
                 async move { beacons.silence(&group, 5, Duration::from_millis(100)).await },
             )
         };
-        // Beacons every 10 ms, rounds every 10 ms: no wake for 300 ms.
+        // Pings every 10 ms, rounds every 10 ms: no wake for 300 ms.
         for _ in 0..30 {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            beacons.heard(vec![(group.clone(), 5)]);
+            assert!(beacons.take(ping(2, 1)));
             beacons.wake_silent(false);
             assert!(!waiter.is_finished(), "woken while beacons came in");
         }
         // An older term's beacon (a deposed leader still announcing) does not keep it asleep.
         let silent_from = tokio::time::Instant::now();
+        assert!(beacons.take(full(3, 1, &[(&group, 4)])));
         loop {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            beacons.heard(vec![(group.clone(), 4)]);
+            assert!(beacons.take(ping(3, 1)));
             beacons.wake_silent(false);
             if waiter.is_finished() {
                 break;

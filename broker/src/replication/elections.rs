@@ -34,6 +34,15 @@ use super::{NodeId, Raft};
 /// sooner when the replica's state or voting changes).
 const PASSIVE_WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// When a passive wait that starts now ends: [`PASSIVE_WAIT_MAX`] on, rounded up to a whole
+/// second of a grid every group shares, so hundreds of waiting timers end at a few instants.
+fn passive_until() -> tokio::time::Instant {
+    super::runtime::on_grid(
+        tokio::time::Instant::now() + PASSIVE_WAIT_MAX,
+        Duration::from_secs(1),
+    )
+}
+
 /// When to stand for election.
 #[derive(Debug, Clone, Copy)]
 pub struct ElectionTiming {
@@ -192,7 +201,7 @@ pub async fn drive(
                         .any(|id| id == node)
                         != voter
             });
-            let _ = tokio::time::timeout(PASSIVE_WAIT_MAX, changed).await;
+            let _ = tokio::time::timeout_at(passive_until(), changed).await;
             continue;
         }
         if let Some(beacons) = &beacons
@@ -207,7 +216,7 @@ pub async fn drive(
             tokio::select! {
                 () = beacons.silence(&group, term, timeout) => {}
                 _ = moved => {}
-                () = tokio::time::sleep(PASSIVE_WAIT_MAX) => {}
+                () = tokio::time::sleep_until(passive_until()) => {}
             }
             continue;
         }

@@ -54,6 +54,7 @@ pub mod log_store;
 pub mod network;
 pub mod peer_wire;
 pub mod replica;
+pub mod runtime;
 pub mod sim;
 pub mod state_machine;
 
@@ -131,6 +132,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::EmptyNode,
         SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = runtime::GridRuntime,
 );
 
 /// The openraft handle of a partition group.

@@ -40,7 +40,18 @@ pub enum PeerRequest {
     /// The sender leads these groups, each in its term ([`super::beacons`]): one per broker
     /// pair in place of every group's heartbeats. Sent under [`super::beacons::BEACON_GROUP`].
     /// Not an openraft RPC.
-    Beacon(Vec<(GroupId, u64)>),
+    Beacon(Beacon),
+}
+
+/// A leader beacon ([`super::beacons`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beacon {
+    /// The sender.
+    pub from: NodeId,
+    /// The number of the sender's list of the groups it leads where the receiver votes.
+    pub list: u64,
+    /// The list, each group with its term; `None`: list `list`, sent before, still holds.
+    pub groups: Option<Vec<(GroupId, u64)>>,
 }
 
 /// The answer to a [`PeerRequest`].
@@ -51,8 +62,11 @@ pub enum PeerResponse {
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
     /// A [`PeerRequest::Propose`] committed: where its records landed, in which term.
     Proposed(super::Applied, u64),
-    /// A [`PeerRequest::HoldElections`] or [`PeerRequest::Elect`] was done.
+    /// A [`PeerRequest::HoldElections`] or [`PeerRequest::Elect`] was done, or a beacon
+    /// taken.
     Done,
+    /// A beacon named a list of the sender's that this node does not have: send it whole.
+    BeaconListUnknown,
 }
 
 /// Why a peer request got no answer.
@@ -105,13 +119,14 @@ pub trait PeerTransport: Send + Sync + 'static {
 pub fn serve_beacon(
     beacons: Option<&super::beacons::Beacons>,
     node: NodeId,
-    groups: Vec<(GroupId, u64)>,
+    beacon: Beacon,
 ) -> Result<PeerResponse, PeerError> {
     match beacons {
-        Some(beacons) => {
-            beacons.heard(groups);
-            Ok(PeerResponse::Done)
-        }
+        Some(beacons) => Ok(if beacons.take(beacon) {
+            PeerResponse::Done
+        } else {
+            PeerResponse::BeaconListUnknown
+        }),
         None => Err(PeerError::Remote {
             node,
             reason: "this node takes no beacons".into(),

@@ -23,7 +23,7 @@ use openraft::storage::SnapshotMeta;
 use openraft::{CommittedLeaderId, EntryPayload, StoredMembership};
 
 use super::entries::{self, decode_membership, encode_membership};
-use super::network::{GroupId, PeerError, PeerRequest, PeerResponse};
+use super::network::{Beacon, GroupId, PeerError, PeerRequest, PeerResponse};
 use super::{Entry, LogBatch, LogId, NodeId, Vote};
 
 const KIND_APPEND: u8 = 1;
@@ -35,6 +35,7 @@ const KIND_HOLD_ELECTIONS: u8 = 0x35;
 const KIND_ELECT: u8 = 0x36;
 const KIND_DONE: u8 = 0x37;
 const KIND_BEACON: u8 = 0x38;
+const KIND_BEACON_LIST_UNKNOWN: u8 = 0x39;
 /// The least bytes one group of a beacon takes (an empty name and a term).
 const BEACON_GROUP_BYTES_MIN: usize = 10;
 const ENTRY_BLANK: u8 = 0;
@@ -242,12 +243,20 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             out.put_u64(*ms);
         }
         PeerRequest::Elect => out.put_u8(KIND_ELECT),
-        PeerRequest::Beacon(groups) => {
+        PeerRequest::Beacon(beacon) => {
             out.put_u8(KIND_BEACON);
-            out.put_u32(groups.len() as u32);
-            for (group, term) in groups {
-                put_str(&mut out, group);
-                out.put_u64(*term);
+            out.put_u64(beacon.from);
+            out.put_u64(beacon.list);
+            match &beacon.groups {
+                None => out.put_u8(0),
+                Some(groups) => {
+                    out.put_u8(1);
+                    out.put_u32(groups.len() as u32);
+                    for (group, term) in groups {
+                        put_str(&mut out, group);
+                        out.put_u64(*term);
+                    }
+                }
             }
         }
     }
@@ -311,16 +320,25 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
         KIND_HOLD_ELECTIONS => PeerRequest::HoldElections(r.u64("hold ms")?),
         KIND_ELECT => PeerRequest::Elect,
         KIND_BEACON => {
-            let count = r.u32("beacon group count")? as usize;
-            if count > r.0.len() / BEACON_GROUP_BYTES_MIN {
-                return Err(PeerWireError::Truncated("beacon groups"));
-            }
-            let mut groups = Vec::with_capacity(count);
-            for _ in 0..count {
-                let group: GroupId = r.str("beacon group")?.into();
-                groups.push((group, r.u64("beacon term")?));
-            }
-            PeerRequest::Beacon(groups)
+            let from = r.u64("beacon sender")?;
+            let list = r.u64("beacon list")?;
+            let groups = match r.u8("beacon form")? {
+                0 => None,
+                1 => {
+                    let count = r.u32("beacon group count")? as usize;
+                    if count > r.0.len() / BEACON_GROUP_BYTES_MIN {
+                        return Err(PeerWireError::Truncated("beacon groups"));
+                    }
+                    let mut groups = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let group: GroupId = r.str("beacon group")?.into();
+                        groups.push((group, r.u64("beacon term")?));
+                    }
+                    Some(groups)
+                }
+                _ => return Err(PeerWireError::Invalid("beacon form")),
+            };
+            PeerRequest::Beacon(Beacon { from, list, groups })
         }
         _ => return Err(PeerWireError::Invalid("request kind")),
     };
@@ -367,6 +385,7 @@ pub fn encode_response(answer: &std::result::Result<PeerResponse, PeerError>) ->
                     out.put_u64(*term);
                 }
                 PeerResponse::Done => out.put_u8(KIND_DONE),
+                PeerResponse::BeaconListUnknown => out.put_u8(KIND_BEACON_LIST_UNKNOWN),
             }
         }
         Err(error) => {
@@ -419,6 +438,7 @@ pub fn decode_response(
                 )
             }
             KIND_DONE => PeerResponse::Done,
+            KIND_BEACON_LIST_UNKNOWN => PeerResponse::BeaconListUnknown,
             _ => return Err(PeerWireError::Invalid("answer kind")),
         }),
         1 => {
@@ -513,8 +533,21 @@ mod tests {
             PeerRequest::HoldElections(5_000),
             PeerRequest::HoldElections(0),
             PeerRequest::Elect,
-            PeerRequest::Beacon(vec![("t/0".into(), 3), ("topic-id/12".into(), u64::MAX)]),
-            PeerRequest::Beacon(vec![]),
+            PeerRequest::Beacon(Beacon {
+                from: 2,
+                list: 7,
+                groups: Some(vec![("t/0".into(), 3), ("topic-id/12".into(), u64::MAX)]),
+            }),
+            PeerRequest::Beacon(Beacon {
+                from: 3,
+                list: u64::MAX,
+                groups: Some(vec![]),
+            }),
+            PeerRequest::Beacon(Beacon {
+                from: 1,
+                list: 9,
+                groups: None,
+            }),
         ]
     }
 
@@ -555,6 +588,7 @@ mod tests {
                 vote: Vote::new(2, 2),
             })),
             Ok(PeerResponse::Done),
+            Ok(PeerResponse::BeaconListUnknown),
             Err(PeerError::Remote {
                 node: 7,
                 reason: "stopped".into(),

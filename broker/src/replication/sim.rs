@@ -242,7 +242,7 @@ impl SimNetwork {
         plan: Plan,
         to: NodeId,
         from: NodeId,
-        led: Vec<(GroupId, u64)>,
+        led: super::network::Beacon,
     ) -> Result<PeerResponse, PeerError> {
         let down = || PeerError::Unreachable {
             node: to,

@@ -1,8 +1,9 @@
 //! The wasmtime side: one `Engine` (pooling allocator, epoch interruption, a ticker thread),
 //! upload validation, and instances that run one batch at a time under the limits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 use wasmtime::{
@@ -82,18 +83,71 @@ impl ResourceLimiter for HostState {
     }
 }
 
-/// The broker's one engine, with the epoch ticker running for its life.
+/// Advances the engine's epoch every [`EPOCH_TICK`] while guest code runs somewhere, and
+/// sleeps while none does: an idle broker has no thread waking 200 times a second.
+///
+/// A call enters ([`EpochTicker::enter`]) before it arms its deadline; the first one to
+/// enter wakes the ticker (an unpark before the ticker parks is kept, so none is lost).
+/// Epochs only advance while some call runs, so a deadline of `n` ticks is still at least
+/// `n - 1` ticks of that call's time.
+#[derive(Debug, Default)]
+struct EpochTicker {
+    running: AtomicUsize,
+    stop: AtomicBool,
+    thread: OnceLock<Thread>,
+}
+
+impl EpochTicker {
+    fn run(&self, engine: &Engine) {
+        while !self.stop.load(Ordering::Acquire) {
+            if self.running.load(Ordering::Acquire) == 0 {
+                std::thread::park();
+                continue;
+            }
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> Running {
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Running(self.clone())
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// Guest code running: the epoch ticker ticks until the last of these is dropped.
+#[derive(Debug)]
+struct Running(Arc<EpochTicker>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The broker's one engine, with its epoch ticker thread.
 #[derive(Debug)]
 pub struct FilterEngine {
     engine: Engine,
     linker: Linker<HostState>,
     pub limits: Limits,
-    stop: Arc<AtomicBool>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl Drop for FilterEngine {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -116,23 +170,19 @@ impl FilterEngine {
         linker
             .func_wrap(abi::IMPORT_MODULE, abi::IMPORT_LOG, host_log)
             .map_err(|e| format!("defining ketch.log: {e}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = Arc::new(EpochTicker::default());
         let ticker_engine = engine.clone();
-        let ticker_stop = stop.clone();
-        std::thread::Builder::new()
+        let thread_ticker = ticker.clone();
+        let thread = std::thread::Builder::new()
             .name("wasm-epoch".into())
-            .spawn(move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
+            .spawn(move || thread_ticker.run(&ticker_engine))
             .map_err(|e| format!("starting the epoch ticker: {e}"))?;
+        let _ = ticker.thread.set(thread.thread().clone());
         Ok(FilterEngine {
             engine,
             linker,
             limits,
-            stop,
+            ticker,
         })
     }
 
@@ -308,11 +358,13 @@ impl FilterEngine {
         );
         store.limiter(|state| state);
         store.epoch_deadline_trap();
+        let running = self.ticker.enter();
         store.set_epoch_deadline(self.deadline_ticks());
         let instance = self
             .linker
             .instantiate(&mut store, module)
             .map_err(|e| classify(&e, store.data(), self.limits.batch_time_ms_max))?;
+        drop(running);
         let typed = |store: &mut Store<HostState>, name: &str| {
             instance
                 .get_func(&mut *store, name)
@@ -342,6 +394,7 @@ impl FilterEngine {
             init,
             process,
             deadline_ticks: self.deadline_ticks(),
+            ticker: self.ticker.clone(),
             batch_time_ms_max: self.limits.batch_time_ms_max,
             output_bytes_max: self.limits.output_bytes_max,
         })
@@ -491,6 +544,7 @@ pub struct Instance {
     init: TypedFunc<(i32, i32), i64>,
     process: TypedFunc<(i32, i32), i64>,
     deadline_ticks: u64,
+    ticker: Arc<EpochTicker>,
     batch_time_ms_max: u64,
     output_bytes_max: usize,
 }
@@ -504,12 +558,16 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
-    fn arm(&mut self) {
+    /// Readies a call: the ticker runs until the returned guard is dropped.
+    #[must_use]
+    fn arm(&mut self) -> Running {
+        let running = self.ticker.enter();
         self.store.set_epoch_deadline(self.deadline_ticks);
         let state = self.store.data_mut();
         state.logs_left = LOG_MESSAGES_PER_CALL_MAX;
         state.panic_message = None;
         state.memory_refused = None;
+        running
     }
 
     fn fail(&self, e: &wasmtime::Error) -> FailureReason {
@@ -517,7 +575,7 @@ impl Instance {
     }
 
     pub fn abi_version(&mut self) -> Result<i32, FailureReason> {
-        self.arm();
+        let _running = self.arm();
         self.abi_version
             .call(&mut self.store, ())
             .map_err(|e| self.fail(&e))
@@ -542,7 +600,7 @@ impl Instance {
         input: &[u8],
         record_count: usize,
     ) -> Result<Output, FailureReason> {
-        self.arm();
+        let _running = self.arm();
         let len = i32::try_from(input.len())
             .map_err(|_| FailureReason::BadOutput("input larger than 2 GiB".into()))?;
         let ptr = self
