@@ -470,7 +470,8 @@ async fn reassign_shrinks_grows_and_moves_replicas_under_load() -> anyhow::Resul
     while partition_dirs(&cluster, dropped)?.is_superset(&before) {
         ensure!(
             started.elapsed() < WAIT_MAX,
-            "node {dropped} kept its replica's directory"
+            "node {dropped} kept its replica's directory\n{}",
+            cluster.process.log_tails(40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

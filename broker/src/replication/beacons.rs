@@ -37,7 +37,7 @@ use super::network::{Beacon, GroupId, PeerRequest, PeerResponse, PeerTransport};
 use super::{NodeId, Raft};
 
 /// How often a node tells each peer which groups it leads.
-pub const BEACON_INTERVAL: Duration = Duration::from_millis(100);
+pub const BEACON_INTERVAL: Duration = Duration::from_millis(150);
 /// How long a beacon may take to be answered before it is given up (a dead peer must not
 /// pile up beacons).
 pub const BEACON_CALL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -46,8 +46,9 @@ pub const BEACON_GROUPS_MAX: usize = 4096;
 /// A leader with a follower behind gets an openraft heartbeat (a replication retry) every
 /// this many rounds.
 pub const LAGGING_NUDGE_ROUNDS: u64 = 5;
-/// Every led group gets an openraft heartbeat every this many rounds (10 s).
-pub const REFRESH_ROUNDS: u64 = 100;
+/// Every led group gets an openraft heartbeat every this many rounds (about 10 s): it
+/// repairs a follower's commit index whose message was lost.
+pub const REFRESH_ROUNDS: u64 = 66;
 
 /// The name beacons travel under (no group has it: group names are never empty).
 pub const BEACON_GROUP: &str = "";
@@ -99,6 +100,9 @@ struct Registered {
     quiet: bool,
     /// What the last look at the metrics found (`None`: never looked).
     seen: Option<Seen>,
+    /// The applied index the followers were last sent a heartbeat for, after writes
+    /// stopped (see `send`).
+    applied_told: Option<u64>,
 }
 
 /// A group as its metrics last showed it, for the rounds.
@@ -110,6 +114,8 @@ struct Seen {
     peers: Vec<NodeId>,
     /// A follower has not matched the leader's last log entry.
     lagging: bool,
+    /// The last entry applied (committed) here.
+    applied: Option<u64>,
 }
 
 impl Seen {
@@ -131,6 +137,7 @@ impl Seen {
             leads: (leader && voter).then_some(metrics.current_term),
             peers: membership.voter_ids().filter(|id| *id != node).collect(),
             lagging,
+            applied: metrics.last_applied.map(|id| id.index),
         }
     }
 }
@@ -195,6 +202,7 @@ impl Beacons {
                 token,
                 quiet: false,
                 seen: None,
+                applied_told: None,
             },
         );
         local.changed = true;
@@ -387,7 +395,9 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
             }
             let mut changed = std::mem::take(&mut local.changed);
             for (group, registered) in &mut local.groups {
-                if registered.seen.is_none() || registered.metrics.has_changed().unwrap_or(false) {
+                let looked =
+                    registered.seen.is_none() || registered.metrics.has_changed().unwrap_or(false);
+                if looked {
                     let seen = Seen::of(
                         node,
                         &registered.raft,
@@ -408,7 +418,17 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                 if seen.leads.is_none() || registered.quiet {
                     continue;
                 }
-                if (seen.lagging && round.is_multiple_of(LAGGING_NUDGE_ROUNDS))
+                // Writes stopped (nothing changed for a round) after the commit index moved:
+                // one heartbeat carries it to the followers. openraft sends a new commit
+                // index on its own, but drops it while a follower's replication backs off
+                // after an error, and the next append or refresh may be far off (a broker
+                // would not know a new topic for seconds).
+                let settled = !looked && registered.applied_told != seen.applied;
+                if settled {
+                    registered.applied_told = seen.applied;
+                }
+                if settled
+                    || (seen.lagging && round.is_multiple_of(LAGGING_NUDGE_ROUNDS))
                     || round
                         .wrapping_add(spread(group))
                         .is_multiple_of(REFRESH_ROUNDS)

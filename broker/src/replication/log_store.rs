@@ -39,7 +39,7 @@ pub const COMMITTED_CHECKPOINT_ENTRIES: u64 = 1024;
 const READ_BYTES_MAX: usize = 1024 * 1024;
 /// Most payload bytes a leader sends a follower in one AppendEntries (see
 /// `PartitionLogReader::limited_get_log_entries`): at loopback and LAN speeds well within
-/// the RPC's time limit (~600 ms), and eight batches at the producer's default batch size
+/// the RPC's time limit (~900 ms), and eight batches at the producer's default batch size
 /// (256 KiB) — a follower syncs once per call, and a call carries what piled up while the
 /// one before it was answered.
 pub const APPEND_PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;

@@ -58,8 +58,8 @@ impl std::fmt::Debug for ReplicaConfig {
 /// the range a follower's silence is drawn from after the last beacon. A leader kill elects
 /// in about `min..max` idle, `max + (0..max-min)` under writes.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 100;
-pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 300;
-pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 600;
+pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 450;
+pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 900;
 
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT * 3 <= ELECTION_TIMEOUT_MIN_MS_DEFAULT);
 const _: () = assert!(ELECTION_TIMEOUT_MIN_MS_DEFAULT < ELECTION_TIMEOUT_MAX_MS_DEFAULT);
@@ -974,10 +974,27 @@ impl PartitionReplica {
             return Ok((self.node_id, epoch));
         }
         if !transport.answered_within(target, 2 * self.leader_lease) {
-            return Err(ReplicationError::TransferFailed(format!(
-                "node {target} has not answered for {:?}",
-                2 * self.leader_lease
-            )));
+            // Nothing heard from it lately (or ever: a broker that just started): ask it
+            // something harmless (allow its elections, which nothing held). Any answer, even
+            // "no replica here yet" from a broker still catching up on metadata, shows it
+            // alive: the handover then waits (bounded) for its log to catch up. No answer
+            // within a lease: refused.
+            let _ = tokio::time::timeout(
+                self.leader_lease,
+                transport.call(
+                    &self.group,
+                    self.node_id,
+                    target,
+                    PeerRequest::HoldElections(0),
+                ),
+            )
+            .await;
+            if !transport.answered_within(target, 2 * self.leader_lease) {
+                return Err(ReplicationError::TransferFailed(format!(
+                    "node {target} has not answered for {:?}",
+                    2 * self.leader_lease
+                )));
+            }
         }
         let Ok(_one) = self.transfer.try_lock() else {
             return Err(ReplicationError::TransferFailed(
