@@ -106,7 +106,7 @@ struct Registered {
 }
 
 /// A group as its metrics last showed it, for the rounds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Seen {
     /// The term it leads in, if this node leads it (and votes in it).
     leads: Option<u64>,
@@ -359,8 +359,8 @@ fn spread(group: &str) -> u64 {
     hash
 }
 
-/// What a node last told one peer: its list, under its number, and the number the peer
-/// confirmed having (0: none).
+/// What a node last told one peer: its list, under its number (0: none yet), and the
+/// number the peer confirmed having (0: none).
 struct Told {
     list: u64,
     groups: Vec<(GroupId, u64)>,
@@ -378,7 +378,7 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
     // its earlier ones.
     let mut next_list: u64 = {
         use std::hash::BuildHasher;
-        std::collections::hash_map::RandomState::new().hash_one(node) >> 1
+        (std::collections::hash_map::RandomState::new().hash_one(node) >> 1).max(1)
     };
     loop {
         ticker.tick().await;
@@ -457,29 +457,20 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
                 lists = Some(built);
             }
         }
-        if let Some(mut lists) = lists {
+        if let Some(lists) = lists {
             // A peer named in no list any more hears nothing: its groups fall silent.
             told.retain(|peer, _| lists.contains_key(peer));
-            for (peer, mut groups) in std::mem::take(&mut lists) {
+            for (peer, mut groups) in lists {
                 groups.sort_unstable();
-                match told.get_mut(&peer) {
-                    Some(old) if old.groups == groups => {}
-                    Some(old) => {
-                        next_list += 1;
-                        old.list = next_list;
-                        old.groups = groups;
-                    }
-                    None => {
-                        next_list += 1;
-                        told.insert(
-                            peer,
-                            Told {
-                                list: next_list,
-                                groups,
-                                confirmed: Arc::new(AtomicU64::new(0)),
-                            },
-                        );
-                    }
+                let told = told.entry(peer).or_insert_with(|| Told {
+                    list: 0,
+                    groups: Vec::new(),
+                    confirmed: Arc::new(AtomicU64::new(0)),
+                });
+                if told.list == 0 || told.groups != groups {
+                    next_list += 1;
+                    told.list = next_list;
+                    told.groups = groups;
                 }
             }
         }

@@ -196,8 +196,8 @@ impl PeerTransport for SimNetwork {
         request: PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
         let plan = self.plan(group, from, to);
-        if let PeerRequest::Beacon(led) = request {
-            return self.beacon(plan, to, from, led).await;
+        if let PeerRequest::Beacon(beacon) = request {
+            return self.beacon(plan, to, from, beacon).await;
         }
         let Some(target) = plan.target else {
             return Err(PeerError::Unreachable {
@@ -242,7 +242,7 @@ impl SimNetwork {
         plan: Plan,
         to: NodeId,
         from: NodeId,
-        led: super::network::Beacon,
+        beacon: super::network::Beacon,
     ) -> Result<PeerResponse, PeerError> {
         let down = || PeerError::Unreachable {
             node: to,
@@ -266,7 +266,7 @@ impl SimNetwork {
             }
             state.beacons.entry(to).or_default().clone()
         };
-        let answer = serve_beacon(Some(&beacons), to, led);
+        let answer = serve_beacon(Some(&beacons), to, beacon);
         tokio::time::sleep(plan.answer_delay).await;
         let mut state = self.state();
         if plan.drop_answer || state.cut.contains(&(to, from)) {

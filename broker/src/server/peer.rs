@@ -491,7 +491,9 @@ async fn answer(
         }
     };
     let answer = match peer_wire::decode_request(message) {
-        Ok((_, PeerRequest::Beacon(led))) => serve_beacon(Some(&groups.beacons), node_id, led),
+        Ok((_, PeerRequest::Beacon(beacon))) => {
+            serve_beacon(Some(&groups.beacons), node_id, beacon)
+        }
         Ok((group, request)) => match groups.get(&group) {
             Some(raft) => serve(&raft, node_id, &group, request).await,
             None => Err(PeerError::Unreachable {
