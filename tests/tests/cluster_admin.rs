@@ -89,6 +89,9 @@ async fn produce(
         ..ProduceLoad::new(topic, 1)
     };
     let errors = load::produce(client, load, history, stop, Arc::default()).await?;
+    if !errors.is_empty() {
+        println!("{topic}: sends failed: {errors:?}");
+    }
     Ok(errors.values().sum())
 }
 

@@ -70,7 +70,7 @@ pub const PROPOSE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a new topic's creation waits for every partition to have a known leader.
 pub const CREATE_LEADERS_WAIT_MAX: Duration = Duration::from_secs(10);
 /// A follower that answered nothing for this long is out of sync (a follower that lags
-/// gets a replication retry every 750 ms, and every group a heartbeat every 10 s).
+/// gets a replication retry every 450 ms, and every group a heartbeat every 10 s).
 pub const IN_SYNC_ANSWERED_WITHIN: Duration = Duration::from_secs(2);
 /// How often a leader checks whether its partition's in-sync replicas changed.
 pub const ISR_CHECK_INTERVAL: Duration = Duration::from_secs(1);

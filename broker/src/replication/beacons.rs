@@ -44,8 +44,9 @@ pub const BEACON_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Groups named in one beacon message at most (more are split over several).
 pub const BEACON_GROUPS_MAX: usize = 4096;
 /// A leader with a follower behind gets an openraft heartbeat (a replication retry) every
-/// this many rounds.
-pub const LAGGING_NUDGE_ROUNDS: u64 = 5;
+/// this many rounds (450 ms: a follower that failed a call is skipped for openraft's 500 ms
+/// backoff, and needs such a retry after it).
+pub const LAGGING_NUDGE_ROUNDS: u64 = 3;
 /// Every led group gets an openraft heartbeat every this many rounds (about 10 s): it
 /// repairs a follower's commit index whose message was lost.
 pub const REFRESH_ROUNDS: u64 = 66;

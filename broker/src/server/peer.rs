@@ -144,6 +144,12 @@ const PEER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// A peer connection with nothing received for this long is closed (negotiated: the smaller
 /// of both sides' limits).
 const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The round trip assumed before a peer connection measured one. quinn's default (333 ms,
+/// for the open internet) retransmits a lost handshake packet only after about a second: a
+/// broker that dialled a peer still starting up (its first packet met a closed port) sent
+/// that peer nothing for a second or more, and the peer missed the metadata meanwhile.
+/// Brokers of a cluster share a network.
+const PEER_INITIAL_RTT: Duration = Duration::from_millis(50);
 
 fn transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
@@ -154,6 +160,7 @@ fn transport_config() -> quinn::TransportConfig {
         // PEER_IDLE_TIMEOUT, so the next call connects afresh instead of sending into the old
         // connection until a long idle timeout ran out (a restarted broker stayed out of its
         // groups ~30 s so, its own elections raising terms the leaders never reached).
+        .initial_rtt(PEER_INITIAL_RTT)
         .keep_alive_interval(Some(PEER_KEEP_ALIVE_INTERVAL))
         .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")));
     transport
