@@ -569,3 +569,143 @@ async fn a_restart_from_the_checkpoint_holds_what_a_full_replay_builds() {
         checkpoint_restarts(seed).await;
     }
 }
+
+/// Waits until every running node's committed state key `name` is `expected`.
+async fn wait_for_state(cluster: &Cluster, name: &str, expected: Option<&[u8]>, context: &str) {
+    let started = Instant::now();
+    loop {
+        let states: Vec<(NodeId, Option<Bytes>)> = cluster
+            .running()
+            .iter()
+            .map(|n| (n.partition.replica.node_id(), n.partition.state(name)))
+            .collect();
+        if states.iter().all(|(_, s)| s.as_deref() == expected) {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT_MAX,
+            "{context}: state {name:?} is not {expected:?} everywhere: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// State entries (what a topic-to-topic transform keeps in its input partition): committed
+/// through the leader only, applied on every replica, never given a Kafka offset nor shown to
+/// readers, kept across a failover and a restart (checkpoint or replay), and deleted alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_entries_take_no_offsets_and_travel_with_the_partition() {
+    let seed = seeds(1)[0];
+    println!("seed {seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), seed).await;
+    let values = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    };
+    assert_eq!(cluster.produce(&batch(7, 0, &values("a", 3))).await, 0);
+    let leader = cluster.wait_for_leader(None).await;
+    let partition = cluster.node(leader).partition.clone();
+    partition
+        .write_state("transform/t/1", Some(b"one"), WRITE_TIMEOUT)
+        .await
+        .expect("the leader commits a state entry");
+    // The next data batch continues the offsets as if the state entry were not there.
+    assert_eq!(cluster.produce(&batch(7, 3, &values("b", 2))).await, 3);
+    cluster.wait_converged(5).await;
+    wait_for_state(&cluster, "transform/t/1", Some(b"one"), "after the write").await;
+    let expected: Vec<(i64, String)> = values("a", 3)
+        .into_iter()
+        .chain(values("b", 2))
+        .enumerate()
+        .map(|(i, v)| (i as i64, v))
+        .collect();
+    cluster.check_replicas(&expected, "after a state entry");
+    // A follower cannot commit one.
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let refused = cluster
+        .node(follower)
+        .partition
+        .write_state("transform/t/1", Some(b"two"), WRITE_TIMEOUT)
+        .await
+        .expect_err("a follower is refused");
+    assert_eq!(
+        refused.code,
+        ketch_protocol::ErrorCode::NotLeader,
+        "{refused:?}"
+    );
+    // Too large a value is refused before anything is proposed.
+    let refused = partition
+        .write_state("big", Some(&vec![0; 64 * 1024]), WRITE_TIMEOUT)
+        .await
+        .expect_err("too large");
+    assert!(refused.message.contains("too long"), "{refused:?}");
+
+    // The new leader, past its read barrier, reads what the old one committed. (A replica
+    // held here would outlive its node's crash and meet the restarted one in its directory.)
+    drop(partition);
+    cluster.crash(leader).await;
+    let new_leader = cluster.wait_for_leader(Some(leader)).await;
+    let partition = cluster.node(new_leader).partition.clone();
+    partition
+        .read_barrier(WRITE_TIMEOUT)
+        .await
+        .expect("read barrier");
+    assert_eq!(
+        partition.state("transform/t/1").as_deref(),
+        Some(&b"one"[..])
+    );
+    partition
+        .write_state("transform/t/1", Some(b"three"), WRITE_TIMEOUT)
+        .await
+        .expect("the new leader writes");
+    partition
+        .write_state("transform/u/2", Some(b"other"), WRITE_TIMEOUT)
+        .await
+        .expect("the new leader writes");
+    partition
+        .write_state("transform/u/2", None, WRITE_TIMEOUT)
+        .await
+        .expect("the new leader deletes");
+    assert_eq!(cluster.produce(&batch(7, 5, &values("c", 1))).await, 5);
+    drop(partition);
+
+    // The crashed node restarts (from its checkpoint plus a replay) and agrees.
+    cluster.start_node(leader).await;
+    cluster.wait_converged(6).await;
+    wait_for_state(
+        &cluster,
+        "transform/t/1",
+        Some(b"three"),
+        "after the restart",
+    )
+    .await;
+    wait_for_state(&cluster, "transform/u/2", None, "after the restart").await;
+    for node in cluster.running() {
+        assert_eq!(
+            node.partition.state_names(),
+            vec!["transform/t/1".to_owned()],
+            "node {}",
+            node.partition.replica.node_id()
+        );
+    }
+    let mut expected = expected;
+    expected.push((5, "c0".into()));
+    cluster.check_replicas(&expected, "after the restart");
+    // And every node again after all of them restart at once.
+    for node in 1..=3 {
+        cluster.crash(node).await;
+    }
+    for node in 1..=3 {
+        cluster.start_node(node).await;
+    }
+    cluster.wait_for_leader(None).await;
+    wait_for_state(
+        &cluster,
+        "transform/t/1",
+        Some(b"three"),
+        "after a full restart",
+    )
+    .await;
+    cluster.check_replicas(&expected, "after a full restart");
+    cluster.stop_all().await;
+}

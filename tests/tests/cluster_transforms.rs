@@ -10,7 +10,8 @@
 //!   by the leader before it proposes: under an idempotent `acks=all` producer whose leader is
 //!   killed, every acknowledged record is stored once, transformed, at dense offsets, and
 //!   rejected records reach the dead-letter topic.
-//! - Topic-to-topic transforms are refused on a cluster with the reason.
+//! - A topic-to-topic transform writing to its own input is refused on a cluster too (the
+//!   cluster's transforms are tested in `cluster_pipelines.rs`).
 //!
 //! The example modules are built for wasm32 by `scripts/test-all.sh` into
 //! `target/wasm/wasm32-unknown-unknown/release` (or `$KETCH_WASM_DIR`).
@@ -343,7 +344,7 @@ async fn modules_uploaded_through_one_broker_are_on_every_broker() -> anyhow::Re
         );
         client.close();
     }
-    // Topic-to-topic transforms are refused on a cluster, with the reason.
+    // A topic-to-topic transform writing to its own input is refused, with the reason.
     let refused = raw(&cluster, 1)
         .await?
         .call(&TransformCreateRequest {
@@ -351,13 +352,14 @@ async fn modules_uploaded_through_one_broker_are_on_every_broker() -> anyhow::Re
             filter: "even".into(),
             input: "events".into(),
             outputs: vec!["events".into()],
-            from: "earliest".into(),
+            from: "beginning".into(),
             params: String::new(),
         })
         .await?
-        .expect_err("transforms are refused on a cluster");
+        .expect_err("a transform into its own input is refused");
+    assert_eq!(refused.code, ErrorCode::InvalidRequest, "{refused:?}");
     assert!(
-        refused.message.contains("not supported on a cluster"),
+        refused.message.contains("must not be the input topic"),
         "{refused:?}"
     );
     client.close();

@@ -31,6 +31,7 @@
 //! Known limits: the metadata group's voters are the initial `--peers`; producer ids are
 //! made unique across brokers by putting the node id in their high bits.
 
+pub mod forward;
 pub mod partition;
 pub mod wasm;
 
@@ -183,6 +184,18 @@ pub enum MetadataCommand {
         topic_id: u64,
         spec: Option<crate::transform::ChainSpec>,
     },
+    /// A topic-to-topic transform created (`create`: only if the name is free, so the first
+    /// create of a name wins) or its definition replaced (pause, resume: same `id` only).
+    /// The leader of each input partition runs its part (`crate::pipeline::replicated`).
+    TransformSet {
+        meta: crate::pipeline::Meta,
+        create: bool,
+    },
+    /// A transform deleted (its `id`, so a late delete never removes a re-created one).
+    TransformDeleted {
+        name: String,
+        id: u64,
+    },
 }
 
 /// A topic as the metadata log says.
@@ -223,6 +236,8 @@ pub struct Image {
     pub filters: BTreeMap<String, Vec<wasm::FilterVersionImage>>,
     /// Replicated topics' produce chains, by topic name.
     pub chains: BTreeMap<String, crate::transform::ChainSpec>,
+    /// Topic-to-topic transforms, by name.
+    pub transforms: BTreeMap<String, crate::pipeline::Meta>,
 }
 
 impl Image {
@@ -319,6 +334,27 @@ impl Image {
                 Err(_) => Effect::None,
             },
             MetadataCommand::Security { change } => Effect::Security(change),
+            MetadataCommand::TransformSet { meta, create } => {
+                let free = !self.transforms.contains_key(&meta.name);
+                let same = self
+                    .transforms
+                    .get(&meta.name)
+                    .is_some_and(|known| known.id == meta.id);
+                if (create && free) || (!create && same) {
+                    self.transforms.insert(meta.name.clone(), meta);
+                }
+                Effect::None
+            }
+            MetadataCommand::TransformDeleted { name, id } => {
+                if self
+                    .transforms
+                    .get(&name)
+                    .is_some_and(|known| known.id == id)
+                {
+                    self.transforms.remove(&name);
+                }
+                Effect::None
+            }
             command @ (MetadataCommand::FilterUploaded { .. }
             | MetadataCommand::FilterDeleted { .. }
             | MetadataCommand::ProduceChainSet { .. }) => self.apply_wasm(command),
@@ -1033,6 +1069,12 @@ impl<T: PeerTransport> Controller<T> {
             .propose(&MetadataCommand::Security { change }, PROPOSE_TIMEOUT)
             .await?;
         self.wait_applied(offset, PROPOSE_TIMEOUT).await
+    }
+
+    /// The metadata offset this broker's image applied so far (the next to apply), changing
+    /// with every command applied.
+    pub fn watch_applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
     }
 
     /// Waits until this broker's image has applied the metadata log through `offset`.

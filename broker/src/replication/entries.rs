@@ -8,6 +8,17 @@
 //! membership:  configs:u8 | per config: voters:u16, voter ids u64...
 //!              nodes:u16, node ids u64... (voters and learners)
 //! ```
+//!
+//! A **state entry** is a data entry (openraft's `Normal` payload, proposed by this broker's
+//! own code, never by a client) whose batch is also a control batch: one record, key
+//! `ketch.state`, so it takes no Kafka offset and consumers never see it. It sets one key of
+//! the partition's replicated key-value state, applied at commit on every replica (what a
+//! topic-to-topic transform reading this partition has done, say):
+//!
+//! ```text
+//! layout:u8 = 1 | name_len:u16 | name (UTF-8) | present:u8 | value (present = 1; absent:
+//! the key is deleted)
+//! ```
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -22,8 +33,15 @@ pub const CONTROL_KEY: &[u8] = b"ketch.raft";
 const CONTROL_LAYOUT: u8 = 1;
 const KIND_BLANK: u8 = 0;
 const KIND_MEMBERSHIP: u8 = 1;
+/// The key of a state entry's record.
+pub const STATE_KEY: &[u8] = b"ketch.state";
+const STATE_LAYOUT: u8 = 1;
 /// A control batch is small; this bounds its builder.
 const CONTROL_BATCH_BYTES_MAX: usize = 64 * 1024;
+/// The largest value a state entry holds.
+pub const STATE_VALUE_BYTES_MAX: usize = 32 * 1024;
+/// The longest name of a state key.
+pub const STATE_NAME_BYTES_MAX: usize = 512;
 /// The largest membership a control batch holds (far above any real replica set).
 pub const MEMBERSHIP_NODES_MAX: usize = 1024;
 
@@ -53,6 +71,10 @@ pub enum EntryError {
     TermTooLarge(u64),
     #[error("membership of {0} nodes exceeds {MEMBERSHIP_NODES_MAX}")]
     MembershipTooLarge(usize),
+    #[error(
+        "a state entry's name ({name} bytes, at most {STATE_NAME_BYTES_MAX}) or value ({value} bytes, at most {STATE_VALUE_BYTES_MAX}) is too long"
+    )]
+    StateTooLarge { name: usize, value: usize },
 }
 
 /// Where one entry lies in the log.
@@ -265,6 +287,80 @@ fn control_batch(value: &[u8], offset: i64, epoch: i32, now_ms: i64) -> Bytes {
     bytes.freeze()
 }
 
+/// The batch of a state entry setting `name` to `value` (`None`: deleting it), for
+/// [`super::PartitionReplica::write_state`]: unstamped, placed by the log like any data entry.
+pub fn state_batch(name: &str, value: Option<&[u8]>, now_ms: i64) -> Result<Bytes, EntryError> {
+    let value_len = value.map_or(0, <[u8]>::len);
+    if name.len() > STATE_NAME_BYTES_MAX || value_len > STATE_VALUE_BYTES_MAX {
+        return Err(EntryError::StateTooLarge {
+            name: name.len(),
+            value: value_len,
+        });
+    }
+    let mut record = BytesMut::with_capacity(4 + name.len() + value_len);
+    record.put_u8(STATE_LAYOUT);
+    record.put_u16(name.len() as u16);
+    record.put_slice(name.as_bytes());
+    match value {
+        Some(value) => {
+            record.put_u8(1);
+            record.put_slice(value);
+        }
+        None => record.put_u8(0),
+    }
+    let mut builder =
+        BatchBuilder::new(CONTROL_BATCH_BYTES_MAX).with_attributes(attributes::CONTROL);
+    assert!(builder.try_append(now_ms, Some(STATE_KEY), Some(&record), &[]));
+    let mut bytes = BytesMut::from(&builder.finish()[..]);
+    batch::set_partition_leader_epoch(&mut bytes, -1);
+    Ok(bytes.freeze())
+}
+
+/// The key and value a state entry's stored batch sets (`None` value: deleted); `None` if
+/// `stored` is not a state entry.
+pub fn decode_state(stored: &Bytes) -> Option<Result<(String, Option<Bytes>), EntryError>> {
+    let header = BatchHeader::parse(stored).ok()?;
+    if header.attributes & attributes::CONTROL == 0 {
+        return None;
+    }
+    let offset = header.base_offset;
+    let bad = |reason| EntryError::Control { offset, reason };
+    let records = match RecordBatch::new(stored.clone()).and_then(|b| b.decode_all()) {
+        Ok(records) => records,
+        Err(source) => return Some(Err(EntryError::Batch { offset, source })),
+    };
+    let [record] = &records[..] else {
+        return Some(Err(bad("a control batch holds exactly one record")));
+    };
+    if record.key.as_deref() != Some(STATE_KEY) {
+        return None;
+    }
+    let parse = || -> Result<(String, Option<Bytes>), EntryError> {
+        let value = record.value.as_ref().ok_or(bad("no value"))?;
+        let mut reader = Reader(value);
+        if reader.u8().ok_or(bad("empty"))? != STATE_LAYOUT {
+            return Err(bad("unknown state layout"));
+        }
+        let len = u16::from_be_bytes(
+            reader
+                .take(2)
+                .ok_or(bad("truncated state name"))?
+                .try_into()
+                .expect("two bytes"),
+        ) as usize;
+        let name = std::str::from_utf8(reader.take(len).ok_or(bad("truncated state name"))?)
+            .map_err(|_| bad("a state name is not UTF-8"))?
+            .to_owned();
+        let body = match reader.u8().ok_or(bad("no state presence"))? {
+            0 if reader.0.is_empty() => None,
+            1 => Some(value.slice(value.len() - reader.0.len()..)),
+            _ => return Err(bad("bad state presence")),
+        };
+        Ok((name, body))
+    };
+    Some(parse())
+}
+
 /// Writes a membership as a control record holds it (see the module documentation).
 pub fn encode_membership(membership: &Membership, out: &mut BytesMut) -> Result<(), EntryError> {
     let configs = membership.get_joint_config();
@@ -313,14 +409,24 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         ));
     }
     let bad = |reason| EntryError::Control { offset, reason };
-    let records = RecordBatch::new(stored)
+    let records = RecordBatch::new(stored.clone())
         .and_then(|b| b.decode_all())
         .map_err(|source| EntryError::Batch { offset, source })?;
     let [record] = &records[..] else {
         return Err(bad("a control batch holds exactly one record"));
     };
+    if record.key.as_deref() == Some(STATE_KEY) {
+        // A state entry: data to Raft, a control batch to Kafka offsets and consumers.
+        return Ok((
+            Entry {
+                log_id,
+                payload: EntryPayload::Normal(LogBatch::new(stored)),
+            },
+            position,
+        ));
+    }
     if record.key.as_deref() != Some(CONTROL_KEY) {
-        return Err(bad("a control record's key is ketch.raft"));
+        return Err(bad("a control record's key is ketch.raft or ketch.state"));
     }
     let value = record.value.as_deref().ok_or(bad("no value"))?;
     let mut reader = Reader(value);
@@ -531,5 +637,47 @@ mod tests {
         index.truncate_from(3);
         assert_eq!((index.next_index(), index.next_offset()), (3, 5));
         assert_eq!(index.kafka_offset(5), 3);
+    }
+
+    #[test]
+    fn state_entries_are_data_to_raft_and_control_batches_to_everyone_else() {
+        for (name, value) in [
+            ("transform/t/1", Some(&b"{\"offset\":5}"[..])),
+            ("gone", None),
+            ("", Some(&b""[..])),
+        ] {
+            let batch = state_batch(name, value, 9).unwrap();
+            // Clients may never send one.
+            assert!(batch::validate_from_client(&batch).is_err());
+            let data = entry(3, 4, EntryPayload::Normal(LogBatch::new(batch)));
+            let stored = encode(&data, 17, 9).unwrap();
+            let (decoded, position) = decode(stored.clone(), 4).unwrap();
+            assert!(matches!(decoded.payload, EntryPayload::Normal(_)));
+            assert_eq!(
+                position,
+                Position {
+                    base: 17,
+                    term: 3,
+                    records: 1,
+                    control: true
+                }
+            );
+            let (decoded_name, decoded_value) = decode_state(&stored).unwrap().unwrap();
+            assert_eq!(decoded_name, name);
+            assert_eq!(decoded_value.as_deref(), value);
+        }
+        // A data batch and a Raft control batch are not state entries.
+        assert!(decode_state(&data(2)).is_none());
+        let blank = encode(&entry(1, 0, EntryPayload::Blank), 0, 5).unwrap();
+        assert!(decode_state(&blank).is_none());
+        // Bounds.
+        assert!(matches!(
+            state_batch("x", Some(&vec![0; STATE_VALUE_BYTES_MAX + 1]), 0),
+            Err(EntryError::StateTooLarge { .. })
+        ));
+        assert!(matches!(
+            state_batch(&"n".repeat(STATE_NAME_BYTES_MAX + 1), None, 0),
+            Err(EntryError::StateTooLarge { .. })
+        ));
     }
 }

@@ -67,7 +67,23 @@ pub enum PeerResponse {
     Done,
     /// A beacon named a list of the sender's that this node does not have: send it whole.
     BeaconListUnknown,
+    /// A forwarded idempotent [`PeerRequest::Propose`] refused by the leader's producer
+    /// checks: the wire error code (`ketch_protocol::ErrorCode`) and why.
+    Refused(u16, String),
 }
+
+/// How a broker answers a forwarded [`PeerRequest::Propose`] of an idempotent batch for a
+/// data partition it leads: through the same producer checks as a client's produce (so a
+/// retried batch is answered as a duplicate, never stored twice). `None`: not such a
+/// partition here; the request is served as a plain proposal.
+pub trait ForwardedProduce: Send + Sync + 'static {
+    fn produce(&self, group: GroupId, batch: bytes::Bytes) -> ForwardedAnswer;
+}
+
+/// The answer of [`ForwardedProduce::produce`], to await.
+pub type ForwardedAnswer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<Result<PeerResponse, PeerError>>> + Send>,
+>;
 
 /// Why a peer request got no answer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -11,7 +11,8 @@
 //! log id?:  0:u8 | 1:u8 term:u64 index:u64
 //! entry:    index:u64 | term:u64 | kind:u8 (0 blank, 1 data: len:u32 batch, 2 membership)
 //! kinds:    1 append entries, 2 vote, 3 install snapshot, 4 propose
-//! propose:  request len:u32 batch; answer base:i64 last:i64 term:u64
+//! propose:  request len:u32 batch; answer base:i64 last:i64 term:u64,
+//!           or refused (0x3a): code:u16 | message:str (a leader's idempotence checks)
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -36,6 +37,7 @@ const KIND_ELECT: u8 = 0x36;
 const KIND_DONE: u8 = 0x37;
 const KIND_BEACON: u8 = 0x38;
 const KIND_BEACON_LIST_UNKNOWN: u8 = 0x39;
+const KIND_REFUSED: u8 = 0x3a;
 /// The least bytes one group of a beacon takes (an empty name and a term).
 const BEACON_GROUP_BYTES_MIN: usize = 10;
 const ENTRY_BLANK: u8 = 0;
@@ -386,6 +388,11 @@ pub fn encode_response(answer: &std::result::Result<PeerResponse, PeerError>) ->
                 }
                 PeerResponse::Done => out.put_u8(KIND_DONE),
                 PeerResponse::BeaconListUnknown => out.put_u8(KIND_BEACON_LIST_UNKNOWN),
+                PeerResponse::Refused(code, message) => {
+                    out.put_u8(KIND_REFUSED);
+                    out.put_u16(*code);
+                    put_str(&mut out, message);
+                }
             }
         }
         Err(error) => {
@@ -439,6 +446,10 @@ pub fn decode_response(
             }
             KIND_DONE => PeerResponse::Done,
             KIND_BEACON_LIST_UNKNOWN => PeerResponse::BeaconListUnknown,
+            KIND_REFUSED => {
+                let code = r.u16("refusal code")?;
+                PeerResponse::Refused(code, r.str("refusal message")?)
+            }
             _ => return Err(PeerWireError::Invalid("answer kind")),
         }),
         1 => {
@@ -589,6 +600,10 @@ mod tests {
             })),
             Ok(PeerResponse::Done),
             Ok(PeerResponse::BeaconListUnknown),
+            Ok(PeerResponse::Refused(
+                ketch_protocol::ErrorCode::OutOfOrderSequence.as_u16(),
+                "sequence 7 after 3".into(),
+            )),
             Err(PeerError::Remote {
                 node: 7,
                 reason: "stopped".into(),

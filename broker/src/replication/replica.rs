@@ -517,6 +517,58 @@ impl PartitionReplica {
         }
     }
 
+    /// Commits a state entry setting `name` to `value` (`None`: deleting it) through Raft,
+    /// within `timeout`; every replica applies it at commit (see [`super::entries`]). Only a
+    /// leader can commit it: a leader deposed without knowing it yet fails here, so the
+    /// state a caller keeps this way has one writer at a time.
+    pub async fn write_state(
+        &self,
+        name: &str,
+        value: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), ReplicationError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let batch = super::entries::state_batch(name, value, now_ms)
+            .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+        if self.writes_held.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ReplicationError::NotLeader {
+                leader: Some(self.node_id),
+                epoch: self.leader().1,
+            });
+        }
+        let write = self.raft.client_write(LogBatch {
+            bytes: batch,
+            local_ack: None,
+        });
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(
+                forward,
+            )))) => Err(ReplicationError::NotLeader {
+                leader: forward.leader_id,
+                epoch: self.raft.metrics().borrow().current_term,
+            }),
+            Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
+    }
+
+    /// Waits (within `timeout`) until this replica, as leader, has applied every entry
+    /// committed before now, confirmed by a quorum: what it then reads from its applied
+    /// state is current.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ReplicationError> {
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => {
+                let (leader, epoch) = self.leader();
+                Err(ReplicationError::NotLeader { leader, epoch })
+            }
+            Err(_) => Err(ReplicationError::Timeout(timeout)),
+        }
+    }
+
     /// Hands `batch` to Raft and returns, once it is queued (so batches proposed one after
     /// another take log places in that order), the future of its outcome as [`Self::write`]
     /// describes. The future owns what it needs: it may be awaited on another task, and it

@@ -61,8 +61,10 @@ pub struct AppliedEntry<'a> {
     pub term: u64,
     pub index: u64,
     /// A data entry's batch header, its base offset the Kafka offset it landed at; `None`
-    /// for a control entry (blank, membership).
+    /// for a control entry (blank, membership, state).
     pub batch: Option<&'a BatchHeader>,
+    /// A state entry's key and value (`None`: the key is deleted); see [`entries`].
+    pub state: Option<(&'a str, Option<&'a bytes::Bytes>)>,
 }
 
 /// State derived from committed entries, kept by the caller of
@@ -432,6 +434,27 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                         let position = self.shared.position(log_id.index).ok_or_else(|| {
                             apply_error("a committed entry is not in the log".into())
                         })?;
+                        if position.control {
+                            let (name, value) = entries::decode_state(&batch.bytes)
+                                .ok_or_else(|| {
+                                    apply_error("a control data entry is not a state entry".into())
+                                })?
+                                .map_err(|e| apply_error(e.to_string()))?;
+                            applier.hook.apply(AppliedEntry {
+                                term,
+                                index: log_id.index,
+                                batch: None,
+                                state: Some((&name, value.as_ref())),
+                            });
+                            applier.bytes_since_checkpoint += batch.bytes.len() as u64;
+                            applier.state.applied = Some(log_id);
+                            applier.entries_since_checkpoint += 1;
+                            answers.push(Applied {
+                                base_offset: -1,
+                                last_offset: -1,
+                            });
+                            continue;
+                        }
                         let mut header = BatchHeader::parse(&batch.bytes)
                             .map_err(|e| apply_error(format!("a committed batch: {e}")))?;
                         let base_offset = self.shared.kafka_offset(position.base);
@@ -441,6 +464,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                             term,
                             index: log_id.index,
                             batch: Some(&header),
+                            state: None,
                         });
                         applier.bytes_since_checkpoint += batch.bytes.len() as u64;
                         self.high_watermark.send_replace(last_offset + 1);
@@ -454,6 +478,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                             term,
                             index: log_id.index,
                             batch: None,
+                            state: None,
                         });
                         Applied {
                             base_offset: -1,
@@ -465,6 +490,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                             term,
                             index: log_id.index,
                             batch: None,
+                            state: None,
                         });
                         applier.state.membership = StoredMembership::new(Some(log_id), membership);
                         Applied {

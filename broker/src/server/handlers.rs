@@ -216,20 +216,32 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
         Request::TopicFilters(r) => {
             respond(state, api, version, super::chains::describe(state, &r))
         }
-        Request::TransformCreate(_) if state.cluster_node.is_some() => {
-            respond::<TransformCreateResponse>(
-                state,
-                api,
-                version,
-                Err(ClusterError::new(
-                    ErrorCode::InvalidRequest,
-                    "topic-to-topic transforms are not supported on a cluster yet (their position \
-                 and output sequences are kept by one broker, and a replicated input's leader \
-                 moves); use a produce chain (`ketch topic set-filters`) or a consume-path \
-                 filter",
-                )),
-            )
-        }
+        Request::TransformCreate(r) if let Some(node) = &state.cluster_node => respond(
+            state,
+            api,
+            version,
+            node.pipelines
+                .create(r)
+                .await
+                .map(|transform| TransformCreateResponse { transform }),
+        ),
+        Request::TransformDescribe(r) if let Some(node) = &state.cluster_node => respond(
+            state,
+            api,
+            version,
+            node.pipelines
+                .describe(&r.name)
+                .map(|transforms| TransformDescribeResponse { transforms }),
+        ),
+        Request::TransformAlter(r) if let Some(node) = &state.cluster_node => respond(
+            state,
+            api,
+            version,
+            node.pipelines
+                .alter(&r.name, &r.action)
+                .await
+                .map(|()| TransformAlterResponse {}),
+        ),
         Request::TransformCreate(r) => respond(
             state,
             api,

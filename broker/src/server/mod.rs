@@ -173,6 +173,8 @@ pub(crate) struct ClusterNode {
     pub verifier: peer::PeerVerifier,
     /// The consumer groups this broker coordinates (leader of their offsets partition).
     pub offsets: Arc<crate::groups::replicated::ReplicatedGroups<peer::QuicPeers>>,
+    /// Topic-to-topic transforms on replicated topics.
+    pub pipelines: Arc<crate::pipeline::replicated::ReplicatedPipelines<peer::QuicPeers>>,
 }
 
 /// A tiny cancellation token (a watch channel): set once, awaited by many.
@@ -402,6 +404,7 @@ impl Broker {
         if let Some(path) = &admin_token_path {
             tracing::warn!(path = %path.display(), principal = crate::auth::ADMIN_PRINCIPAL, "wrote the first admin token (mode 0600); use it with --token and keep it secret");
         }
+        let cluster = Arc::new(cluster);
         let cluster_node = match (cluster_peers, peer_tls) {
             (Some(peers), Some(tls)) => {
                 let node_id = config.node_id.expect("validated with peers");
@@ -429,6 +432,7 @@ impl Broker {
                     groups.clone(),
                 )
                 .await?;
+                groups.set_forwarded_produce(controller.forwarded_produce());
                 let offsets = crate::groups::replicated::ReplicatedGroups::start(
                     controller.clone(),
                     group_config.clone(),
@@ -436,16 +440,27 @@ impl Broker {
                 if security.mode() == crate::auth::AuthMode::Required {
                     tokio::spawn(share_admin_tokens(controller.clone(), security.clone()));
                 }
+                let allocating = cluster.clone();
+                let pipelines = crate::pipeline::replicated::ReplicatedPipelines::start(
+                    controller.clone(),
+                    transforms.clone(),
+                    Arc::new(move || {
+                        let local = allocating.allocate_producer_id()?;
+                        assert!(local < 1 << crate::controller::PRODUCER_ID_LOCAL_BITS);
+                        Ok(((node_id as i64) << crate::controller::PRODUCER_ID_LOCAL_BITS) | local)
+                    }),
+                    config.batch_bytes_max as usize,
+                );
                 Some(ClusterNode {
                     controller,
                     groups,
                     verifier,
                     offsets,
+                    pipelines,
                 })
             }
             _ => None,
         };
-        let cluster = Arc::new(cluster);
         let groups_cluster = cluster.clone();
         let groups =
             tokio::task::spawn_blocking(move || Groups::open(groups_cluster, group_config))
@@ -572,6 +587,7 @@ impl Broker {
         }
         background.abort();
         if let Some(node) = &state.cluster_node {
+            node.pipelines.stop();
             node.controller.stop().await;
         }
         if let Some(cleaner) = cleaner {

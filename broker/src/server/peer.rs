@@ -26,7 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::replication::beacons::Beacons;
 use crate::replication::network::serve_beacon;
 use crate::replication::network::{
-    GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve,
+    ForwardedProduce, GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve,
 };
 use crate::replication::peer_wire;
 use crate::replication::{NodeId, Raft};
@@ -72,6 +72,8 @@ pub enum PeerSetupError {
 pub struct PeerGroups {
     groups: RwLock<HashMap<GroupId, Raft>>,
     beacons: Arc<Beacons>,
+    /// Answers forwarded idempotent produces (the controller, once started).
+    produce: std::sync::OnceLock<Arc<dyn ForwardedProduce>>,
 }
 
 impl std::fmt::Debug for PeerGroups {
@@ -96,6 +98,11 @@ impl PeerGroups {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(group);
+    }
+
+    /// Where forwarded idempotent produces go from now on (set once).
+    pub fn set_forwarded_produce(&self, produce: Arc<dyn ForwardedProduce>) {
+        let _ = self.produce.set(produce);
     }
 
     /// This broker's leader beacons: what its peers announced, what it announces.
@@ -500,6 +507,23 @@ async fn answer(
     let answer = match peer_wire::decode_request(message) {
         Ok((_, PeerRequest::Beacon(beacon))) => {
             serve_beacon(Some(&groups.beacons), node_id, beacon)
+        }
+        Ok((group, PeerRequest::Propose(batch)))
+            if groups.produce.get().is_some()
+                && ketch_protocol::batch::BatchHeader::parse(&batch)
+                    .is_ok_and(|h| h.is_idempotent()) =>
+        {
+            let produce = groups.produce.get().expect("checked").clone();
+            match produce.produce(group.clone(), batch.clone()).await {
+                Some(answer) => answer,
+                None => match groups.get(&group) {
+                    Some(raft) => serve(&raft, node_id, &group, PeerRequest::Propose(batch)).await,
+                    None => Err(PeerError::Unreachable {
+                        node: node_id,
+                        reason: format!("no replica of {group} here"),
+                    }),
+                },
+            }
         }
         Ok((group, request)) => match groups.get(&group) {
             Some(raft) => serve(&raft, node_id, &group, request).await,

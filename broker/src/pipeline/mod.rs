@@ -24,6 +24,10 @@
 //! first output, in the output partition of the input partition's number modulo its count.
 //! A module failure or a record error stops the partition's task with `failed` and the
 //! reason; `resume` starts it again.
+//!
+//! On a cluster the same transforms run on replicated topics: see [`replicated`].
+
+pub mod replicated;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,6 +122,13 @@ pub struct Meta {
     /// Per input partition, the offset `End` resolved to at creation.
     pub end_offsets: Vec<i64>,
     pub paused: bool,
+    /// Tells one creation of a name from another (a cluster's transforms; 0 on one broker).
+    #[serde(default)]
+    pub id: u64,
+    /// Resumes so far (a cluster's transforms): a partition failed under an older count
+    /// starts again.
+    #[serde(default)]
+    pub resumes: u64,
 }
 
 /// One input partition's committed state (`p-I.json`).
@@ -138,6 +149,13 @@ struct Position {
     /// outputs are the same batches with the same sequences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_to: Option<i64>,
+    /// A cluster's transform: why this partition stopped (a module or record error), kept
+    /// with the position so every broker reports it; cleared by a resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failed: Option<String>,
+    /// A cluster's transform: the `Meta::resumes` this state was written under.
+    #[serde(default)]
+    resumes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,6 +376,8 @@ impl Pipelines {
                 .map(|p| p.offsets().high_watermark)
                 .collect(),
             paused: false,
+            id: 0,
+            resumes: 0,
         };
         let dir = self.dir.join(&meta.name);
         let created = (|| {
@@ -746,6 +766,7 @@ impl Pipelines {
                 records_in: position.records_in + chunk.records_in,
                 records_out: position.records_out + records_out,
                 pending_to: None,
+                ..Position::default()
             };
             if let Err(e) = save_position(path.clone(), committed.clone()).await {
                 // The outputs are written; a retry rewrites them as duplicates.
@@ -841,34 +862,13 @@ impl Pipelines {
             let partition = output.partitions[index as usize % output.partitions.len()].clone();
             let key = format!("{topic}/{}", partition.index);
             let mut sequence = sequences.get(&key).copied().unwrap_or(0);
-            let mut builder: Option<BatchBuilder> = None;
-            let mut batches = Vec::new();
-            for record in records {
-                loop {
-                    let b = builder.get_or_insert_with(|| {
-                        BatchBuilder::new(batch_bytes_max).with_producer(ProducerStamp {
-                            producer_id: position.producer_id,
-                            producer_epoch: position.producer_epoch,
-                            base_sequence: sequence,
-                        })
-                    });
-                    if b.try_append(
-                        record.timestamp,
-                        record.key.as_deref(),
-                        record.value.as_deref(),
-                        &record.headers,
-                    ) {
-                        break;
-                    }
-                    let full = builder.take().expect("a builder");
-                    sequence = (sequence.wrapping_add(full.records_count())) & i32::MAX;
-                    batches.push(full.finish());
-                }
-            }
-            if let Some(last) = builder.take().filter(|b| !b.is_empty()) {
-                sequence = (sequence.wrapping_add(last.records_count())) & i32::MAX;
-                batches.push(last.finish());
-            }
+            let batches = output_batches(
+                records,
+                position.producer_id,
+                position.producer_epoch,
+                &mut sequence,
+                batch_bytes_max,
+            );
             for batch in batches {
                 match partition.append(batch, now_ms()).await {
                     Ok(_) => {}
@@ -888,6 +888,46 @@ impl Pipelines {
         }
         Ok(())
     }
+}
+
+/// `records` as idempotent batches of at most `batch_bytes_max` bytes, stamped with
+/// `producer_id`/`producer_epoch` and sequences from `*sequence` on (advanced past them).
+fn output_batches(
+    records: &[Record],
+    producer_id: i64,
+    producer_epoch: i16,
+    sequence: &mut i32,
+    batch_bytes_max: usize,
+) -> Vec<Bytes> {
+    let mut builder: Option<BatchBuilder> = None;
+    let mut batches = Vec::new();
+    for record in records {
+        loop {
+            let b = builder.get_or_insert_with(|| {
+                BatchBuilder::new(batch_bytes_max).with_producer(ProducerStamp {
+                    producer_id,
+                    producer_epoch,
+                    base_sequence: *sequence,
+                })
+            });
+            if b.try_append(
+                record.timestamp,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                &record.headers,
+            ) {
+                break;
+            }
+            let full = builder.take().expect("a builder");
+            *sequence = (sequence.wrapping_add(full.records_count())) & i32::MAX;
+            batches.push(full.finish());
+        }
+    }
+    if let Some(last) = builder.take().filter(|b| !b.is_empty()) {
+        *sequence = (sequence.wrapping_add(last.records_count())) & i32::MAX;
+        batches.push(last.finish());
+    }
+    batches
 }
 
 async fn save_position(path: PathBuf, position: Position) -> Result<(), ClusterError> {
