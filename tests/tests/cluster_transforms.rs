@@ -368,8 +368,6 @@ async fn modules_uploaded_through_one_broker_are_on_every_broker() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyhow::Result<()> {
-    let seed = now_ms() as u64;
-    println!("seed {seed}");
     let mut cluster = TestCluster::start(3, &[])?;
     upload(&cluster, 1, "validate", example("json_validate")?).await?;
     upload(&cluster, 1, "pii", example("pii_redact")?).await?;
@@ -448,7 +446,10 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
                     partition: Some(0),
                     ..ProducerRecord::new(
                         "orders",
-                        format!(r#"{{"n":{n},"seed":{seed},"to":"user{n}@example.com"}}"#),
+                        // No long number in the value: one of 13+ digits passing the Luhn
+                        // check (a millisecond timestamp does, now and then) is redacted as
+                        // a card number, and the value no longer parses.
+                        format!(r#"{{"n":{n},"to":"user{n}@example.com"}}"#),
                     )
                 };
                 let delivery = producer.send(record).await?;
@@ -585,9 +586,10 @@ async fn a_produce_chain_on_a_replicated_topic_survives_a_leader_kill() -> anyho
 /// with hand-made idempotent batches at the leader: a retry is answered as a duplicate with
 /// the first answer's offset, also by the next leader after `kill -9` (its producer state was
 /// applied from the stored outputs, which keep the input's last sequence); the producer
-/// continues after the input's last sequence; an idempotent batch the chain empties is
-/// refused with the reason, a plain one is answered and stores nothing; the killed leader,
-/// restarted and leading again, has the chain and the producer state.
+/// continues after the input's last sequence; an idempotent batch the chain empties takes
+/// its sequences (a state entry, no record) and is answered with the high watermark, its
+/// retry as a duplicate, also by another leader; a plain one is answered and stores nothing;
+/// the killed leader, restarted and leading again, has the chain and the producer state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill()
 -> anyhow::Result<()> {
@@ -659,18 +661,14 @@ async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill
     produce_expect(&client, first.clone(), 0).await?;
     // The producer continues after the input's last sequence (6), not the output's count.
     produce_expect(&client, stamped(7, &["5", "{w", "6"]), 4).await?;
-    let refused = client.produce("halves", 0, stamped(10, &["{only"])).await?;
-    assert_eq!(refused.error, ErrorCode::InvalidRequest, "{refused:?}");
-    assert!(
-        refused
-            .error_message
-            .unwrap_or_default()
-            .contains("kept no record of an idempotent batch"),
-    );
+    // Emptied by the chain: answered with the high watermark, stores nothing, takes
+    // sequence 10; its retry is a duplicate.
+    produce_expect(&client, stamped(10, &["{only"]), 6).await?;
+    produce_expect(&client, stamped(10, &["{only"]), 6).await?;
     let plain = client.produce("halves", 0, batch(&["{only"])).await?;
     assert_eq!(plain.error, ErrorCode::None, "{plain:?}");
-    // The refused batch took no sequence: the producer continues at 10.
-    produce_expect(&client, stamped(10, &["7"]), 6).await?;
+    // The producer continues at 11.
+    produce_expect(&client, stamped(11, &["7"]), 6).await?;
     client.close();
 
     // The killed leader restarts (its chain comes back from its replay of the metadata
@@ -710,7 +708,7 @@ async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill
         "the restarted leader answers a retry as a duplicate",
         || async {
             Ok(
-                match produce_expect(&client, stamped(10, &["7"]), 6).await {
+                match produce_expect(&client, stamped(11, &["7"]), 6).await {
                     Ok(()) => Ok(()),
                     Err(e) => Err(format!("{e:#}")),
                 },
@@ -718,7 +716,9 @@ async fn idempotent_retries_through_a_count_changing_chain_survive_a_leader_kill
         },
     )
     .await?;
-    produce_expect(&client, stamped(11, &["{v", "8"]), 7).await?;
+    // The emptied batch's retry is a duplicate here too (its entry was applied here).
+    produce_expect(&client, stamped(10, &["{only"]), 6).await?;
+    produce_expect(&client, stamped(12, &["{v", "8"]), 7).await?;
     let values: Vec<String> = client
         .read_all("halves", 0)
         .await?

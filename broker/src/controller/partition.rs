@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use crate::cluster::ClusterError;
 use crate::cluster::producers::{ProducerTable, SequenceCheck};
 use crate::replication::network::GroupId;
+use crate::replication::replica::Proposal;
 use crate::replication::{AppliedEntry, ApplyHook, NodeId, PartitionReplica, ReplicationError};
 
 /// A follower that holds every entry its leader had this long ago counts as in sync
@@ -118,6 +119,41 @@ impl ProducerStateHook {
     }
 }
 
+/// The state entry that takes an idempotent batch's sequences without records (a produce
+/// chain kept none of them): `producer_id:i64 | epoch:i16 | base_sequence:i32 |
+/// last_offset_delta:i32`. Applied to the producer table, never kept as a key.
+const PRODUCER_SEQUENCES_KEY: &str = "ketch.producer-sequences";
+
+fn encode_emptied(header: &BatchHeader) -> [u8; 18] {
+    let mut out = [0u8; 18];
+    out[0..8].copy_from_slice(&header.producer_id.to_be_bytes());
+    out[8..10].copy_from_slice(&header.producer_epoch.to_be_bytes());
+    out[10..14].copy_from_slice(&header.base_sequence.to_be_bytes());
+    out[14..18].copy_from_slice(&header.last_offset_delta.to_be_bytes());
+    out
+}
+
+/// The header an emptied batch's entry stands for (its base offset set by the caller).
+fn decode_emptied(value: &[u8]) -> Option<BatchHeader> {
+    let value: &[u8; 18] = value.try_into().ok()?;
+    let last_offset_delta = i32::from_be_bytes(value[14..18].try_into().expect("4 bytes"));
+    Some(BatchHeader {
+        base_offset: -1,
+        batch_length: 0,
+        partition_leader_epoch: -1,
+        magic: 2,
+        crc: 0,
+        attributes: 0,
+        last_offset_delta,
+        base_timestamp: 0,
+        max_timestamp: 0,
+        producer_id: i64::from_be_bytes(value[0..8].try_into().expect("8 bytes")),
+        producer_epoch: i16::from_be_bytes(value[8..10].try_into().expect("2 bytes")),
+        base_sequence: i32::from_be_bytes(value[10..14].try_into().expect("4 bytes")),
+        records_count: last_offset_delta.checked_add(1)?,
+    })
+}
+
 /// The checkpoint body of a partition's applied state: this magic, the producer table's
 /// length and bytes, then the state keys (`count:u32 | per key: name_len:u16, name,
 /// value_len:u32, value`). A body without the magic is a producer table alone (written
@@ -190,12 +226,24 @@ impl ApplyHook for ProducerStateHook {
         {
             let mut state = lock(&self.state);
             state.applied_term = entry.term;
-            if let Some((name, value)) = entry.state {
-                match value {
-                    Some(value) => {
+            if let Some(entry_state) = entry.state {
+                match (entry_state.name, entry_state.value) {
+                    (PRODUCER_SEQUENCES_KEY, Some(value)) => {
+                        if let Some(mut header) = decode_emptied(value) {
+                            header.base_offset = entry_state.offset;
+                            state.committed.replay(&header);
+                            if state.proposals_term == entry.term
+                                && let Some(at) =
+                                    state.proposals.iter().position(|p| same_batch(p, &header))
+                            {
+                                state.proposals.remove(at);
+                            }
+                        }
+                    }
+                    (name, Some(value)) => {
                         state.states.insert(name.to_owned(), value.clone());
                     }
-                    None => {
+                    (name, None) => {
                         state.states.remove(name);
                     }
                 }
@@ -390,9 +438,10 @@ impl ReplicatedPartition {
     /// carries the input's producer and epoch with sequences ending at the input's last, so
     /// every replica's state applied from the output dedups a retry of the input) — and
     /// answers the first base offset once `acks` is met for all. An output the chain
-    /// emptied is not proposed; an idempotent one is refused before anything is proposed
-    /// (its sequences would have to be taken without an entry, and a new leader would not
-    /// know them).
+    /// emptied is not written; if its input is idempotent, a state entry takes its sequences
+    /// instead (`PRODUCER_SEQUENCES_KEY`, applied to the producer table on every replica), so
+    /// a retry of it is a duplicate on any later leader and the producer's next batch follows
+    /// on. Such a batch is answered with the high watermark, as on one broker.
     pub async fn produce_prepared(
         &self,
         batches: Vec<ReplicatedBatch>,
@@ -403,20 +452,6 @@ impl ReplicatedPartition {
         let node_id = self.replica.node_id();
         for batch in &batches {
             match &batch.output {
-                None if batch.input.is_idempotent() => {
-                    return Err(self.refused(
-                        ErrorCode::InvalidRequest,
-                        format!(
-                            "the produce chain of {} kept no record of an idempotent batch \
-                             (sequences {}..={}); on a replicated topic such a batch cannot \
-                             take its sequences yet: send it without idempotence, or keep a \
-                             record",
-                            self.topic,
-                            batch.input.base_sequence,
-                            batch.input.base_sequence + batch.input.last_offset_delta
-                        ),
-                    ));
-                }
                 Some(output) if output.len() > batch_bytes_max as usize => {
                     return Err(self.refused(
                         ErrorCode::RecordTooLarge,
@@ -434,16 +469,18 @@ impl ReplicatedPartition {
         let mut first_base = None;
         let gap_deadline = tokio::time::Instant::now() + crate::cluster::SEQUENCE_GAP_WAIT_MAX;
         for ReplicatedBatch { input, output } in batches {
-            let Some(bytes) = output else {
-                // Not idempotent (refused above): nothing to write.
-                first_base.get_or_insert(self.replica.high_watermark());
-                continue;
-            };
             let header = input;
             let idempotent = header.is_idempotent();
-            // What the log will hold (and the state machine apply): the output's header.
-            let proposed_header = if idempotent {
-                match batch::validate(&bytes) {
+            if output.is_none() && !idempotent {
+                // Emptied by the chain and no sequences to take: nothing to write.
+                first_base.get_or_insert(self.replica.high_watermark());
+                continue;
+            }
+            let emptied = encode_emptied(&header);
+            // What the log will hold (and the state machine apply): the output's header, or
+            // the input's for an emptied one.
+            let proposed_header = match &output {
+                Some(bytes) if idempotent => match batch::validate(bytes) {
                     Ok(h) => h,
                     Err(e) => {
                         return Err(self.refused(
@@ -451,9 +488,8 @@ impl ReplicatedPartition {
                             format!("the produce chain's output batch is invalid: {e}"),
                         ));
                     }
-                }
-            } else {
-                header
+                },
+                _ => header,
             };
             let pending = loop {
                 // Registered before the state is looked at: an apply or a proposal right
@@ -536,7 +572,14 @@ impl ReplicatedPartition {
                         continue;
                     }
                 }
-                let pending = match self.replica.propose(bytes.clone(), acks).await {
+                let proposal = match &output {
+                    Some(bytes) => Proposal::Batch(bytes.clone()),
+                    None => Proposal::State {
+                        name: PRODUCER_SEQUENCES_KEY,
+                        value: Some(&emptied),
+                    },
+                };
+                let pending = match self.replica.propose_entry(proposal, acks).await {
                     Ok(pending) => pending,
                     Err(e) => {
                         if idempotent {
@@ -575,6 +618,9 @@ impl ReplicatedPartition {
                 Err(_) => Err(ReplicationError::Timeout(timeout)),
             };
             match result {
+                Ok(_) if output.is_none() => {
+                    first_base.get_or_insert(self.replica.high_watermark());
+                }
                 Ok(appended) => {
                     first_base.get_or_insert(appended.base_offset);
                 }

@@ -167,6 +167,18 @@ impl ReplicationError {
     }
 }
 
+/// What [`PartitionReplica::propose_entry`] proposes.
+#[derive(Debug, Clone)]
+pub enum Proposal<'a> {
+    /// A client's record batch (validated as one).
+    Batch(Bytes),
+    /// A state entry setting (or, `None`, deleting) one key (see [`super::entries`]).
+    State {
+        name: &'a str,
+        value: Option<&'a [u8]>,
+    },
+}
+
 /// Where a committed write landed (Kafka offsets) and in which leader epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -527,30 +539,11 @@ impl PartitionReplica {
         value: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(), ReplicationError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let batch = super::entries::state_batch(name, value, now_ms)
-            .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
-        if self.writes_held.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(ReplicationError::NotLeader {
-                leader: Some(self.node_id),
-                epoch: self.leader().1,
-            });
-        }
-        let write = self.raft.client_write(LogBatch {
-            bytes: batch,
-            local_ack: None,
-        });
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(
-                forward,
-            )))) => Err(ReplicationError::NotLeader {
-                leader: forward.leader_id,
-                epoch: self.raft.metrics().borrow().current_term,
-            }),
-            Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
+        let pending = self
+            .propose_entry(Proposal::State { name, value }, Acks::All)
+            .await?;
+        match tokio::time::timeout(timeout, pending).await {
+            Ok(result) => result.map(drop),
             Err(_) => Err(ReplicationError::Timeout(timeout)),
         }
     }
@@ -581,22 +574,48 @@ impl PartitionReplica {
         impl std::future::Future<Output = Result<Appended, ReplicationError>> + Send + 'static,
         ReplicationError,
     > {
-        let header = batch::validate_from_client(&batch)
-            .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+        self.propose_entry(Proposal::Batch(batch), acks).await
+    }
+
+    /// [`Self::propose`] of a client's batch or of a state entry (whose answer has no
+    /// offsets: -1, or with `acks` short of all the Kafka offset the next record takes).
+    pub async fn propose_entry(
+        &self,
+        proposal: Proposal<'_>,
+        acks: Acks,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Appended, ReplicationError>> + Send + 'static,
+        ReplicationError,
+    > {
+        let (bytes, records_count) = match proposal {
+            Proposal::Batch(batch) => {
+                let header = batch::validate_from_client(&batch)
+                    .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
+                // A client batch carries no term: an entry stamped with its own term is one
+                // a leader already placed (see `entries::encode`).
+                let mut unstamped = BytesMut::from(&batch[..]);
+                batch::set_partition_leader_epoch(&mut unstamped, -1);
+                (unstamped.freeze(), header.records_count)
+            }
+            Proposal::State { name, value } => {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let batch = super::entries::state_batch(name, value, now_ms)
+                    .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                (batch, 1)
+            }
+        };
         if self.writes_held.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ReplicationError::NotLeader {
                 leader: Some(self.node_id),
                 epoch: self.leader().1,
             });
         }
-        // A client batch carries no term: an entry stamped with its own term is one a
-        // leader already placed (see `entries::encode`).
-        let mut unstamped = BytesMut::from(&batch[..]);
-        batch::set_partition_leader_epoch(&mut unstamped, -1);
-        debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
         let (local_ack, locally_durable) = LocalAck::new();
         let payload = LogBatch {
-            bytes: unstamped.freeze(),
+            bytes,
             local_ack: (acks != Acks::All).then_some(local_ack),
         };
         let committed = self
@@ -642,7 +661,7 @@ impl PartitionReplica {
                         let base_offset = shared.kafka_offset(storage_offset);
                         Ok(Appended {
                             base_offset,
-                            last_offset: base_offset + i64::from(header.records_count) - 1,
+                            last_offset: base_offset + i64::from(records_count) - 1,
                             leader_epoch: term,
                         })
                     }

@@ -63,8 +63,18 @@ pub struct AppliedEntry<'a> {
     /// A data entry's batch header, its base offset the Kafka offset it landed at; `None`
     /// for a control entry (blank, membership, state).
     pub batch: Option<&'a BatchHeader>,
-    /// A state entry's key and value (`None`: the key is deleted); see [`entries`].
-    pub state: Option<(&'a str, Option<&'a bytes::Bytes>)>,
+    /// A state entry (see [`entries`]).
+    pub state: Option<StateEntry<'a>>,
+}
+
+/// A committed state entry, as an [`ApplyHook`] is told of it.
+#[derive(Debug, Clone, Copy)]
+pub struct StateEntry<'a> {
+    pub name: &'a str,
+    /// `None`: the key is deleted.
+    pub value: Option<&'a bytes::Bytes>,
+    /// The Kafka offset the next data record after it takes (where it sits in the log).
+    pub offset: i64,
 }
 
 /// State derived from committed entries, kept by the caller of
@@ -444,7 +454,11 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                                 term,
                                 index: log_id.index,
                                 batch: None,
-                                state: Some((&name, value.as_ref())),
+                                state: Some(StateEntry {
+                                    name: &name,
+                                    value: value.as_ref(),
+                                    offset: self.shared.kafka_offset(position.base),
+                                }),
                             });
                             applier.bytes_since_checkpoint += batch.bytes.len() as u64;
                             applier.state.applied = Some(log_id);
