@@ -6,7 +6,9 @@
 //!   input record's output is in the output topic exactly once, in input order per partition
 //!   (output partition = input partition modulo the output's partition count).
 //! - Transforms are described, paused, resumed and deleted through any broker; an unknown
-//!   input topic and a duplicate name are refused with their error codes.
+//!   input topic and a duplicate name are refused with their error codes; a module error
+//!   stops a partition with the reason, which every broker reports (also after a resume that
+//!   fails again).
 //!
 //! The module is `pii-redact` (built for wasm32 by `scripts/test-all.sh` into
 //! `target/wasm/wasm32-unknown-unknown/release`, or `$KETCH_WASM_DIR`): it maps every record
@@ -598,6 +600,36 @@ async fn administration(cluster: &TestCluster) -> anyhow::Result<()> {
     }
     producer.close().await?;
     client.close();
+
+    // A module error stops the partition; the reason is committed with its state, so every
+    // broker reports it, also after a resume through another broker (which fails again).
+    upload(cluster, 2, "router", example("key_router")?).await?;
+    create(
+        cluster,
+        2,
+        &TransformCreateRequest {
+            name: "stray".into(),
+            filter: "router".into(),
+            params: r#"{"routes":{},"default":"elsewhere"}"#.into(),
+            ..create_request("stray", "in")
+        },
+    )
+    .await?;
+    let reason = "to topic \"elsewhere\", which is not one of the transform's outputs";
+    for node in [1, 2, 3] {
+        wait_for_status(cluster, node, "stray", "failed with the reason", |t| {
+            t.status == "failed" && t.last_error.contains(reason)
+        })
+        .await?;
+    }
+    alter(cluster, 1, "stray", "resume").await?;
+    for node in [3, 2, 1] {
+        wait_for_status(cluster, node, "stray", "failed again", |t| {
+            t.status == "failed" && t.last_error.contains(reason)
+        })
+        .await?;
+    }
+    alter(cluster, 3, "stray", "delete").await?;
 
     // Deleted through node 1: eventually unknown on every broker.
     alter(cluster, 1, "t", "delete").await?;
