@@ -115,6 +115,9 @@ pub struct BrokerConfig {
     pub group_heartbeat_interval_ms: u32,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// How often a cluster broker hands the partitions it leads back to their preferred
+    /// replicas (the first listed) when those are in sync; 0: never.
+    pub leader_rebalance_interval_ms: u64,
     /// The HTTP endpoint serving `/metrics`, `/health` and `/ready`.
     pub metrics_listen: MetricsListen,
     /// Label partition gauges by partition; `false` sums them per topic (for brokers with
@@ -234,6 +237,7 @@ impl Default for BrokerConfig {
             group_session_timeout_ms_max: 300_000,
             group_heartbeat_interval_ms: 1_000,
             shutdown_grace_ms: 10_000,
+            leader_rebalance_interval_ms: 300_000,
             metrics_listen: MetricsListen::Addr(SocketAddr::from(([127, 0, 0, 1], 9193))),
             metrics_partition_labels: true,
             filter_memory_bytes_max: 32 * 1024 * 1024,

@@ -177,6 +177,12 @@ pub struct ServeArgs {
     /// with many partitions). [default: true]
     #[arg(long, env = "KETCH_METRICS_PARTITION_LABELS", value_name = "BOOL")]
     metrics_partition_labels: Option<bool>,
+    /// A cluster broker hands each partition it leads back to the partition's preferred
+    /// replica (the first listed) when that replica is in sync, checking this often, in
+    /// milliseconds; 0 turns it off (Kafka's `auto.leader.rebalance.enable`). [default:
+    /// 300000]
+    #[arg(long, env = "KETCH_LEADER_REBALANCE_INTERVAL_MS", value_name = "MS")]
+    leader_rebalance_interval_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -217,7 +223,8 @@ impl ServeArgs {
             metrics_listen,
             metrics_partition_labels,
             connections_per_ip_max,
-            open_files_max
+            open_files_max,
+            leader_rebalance_interval_ms
         );
         if self.node_id.is_some() {
             config.node_id = self.node_id;

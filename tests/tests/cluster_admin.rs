@@ -1,7 +1,8 @@
 //! Cluster administration on real brokers (`ketch cluster transfer-leader`): a partition's
 //! leadership moves under a continuous `acks=all` producer and a live consumer with no
 //! acknowledged record lost (the queue checker judges the history), the controller moves,
-//! and bad requests are refused with a clear error and change nothing.
+//! and bad requests are refused with a clear error and change nothing; leadership goes back
+//! to preferred replicas on its own once they are in sync.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -692,6 +693,47 @@ async fn a_single_node_refuses_cluster_administration() -> anyhow::Result<()> {
             err.contains("invalid_request") && err.contains("not part of a cluster"),
             "{args:?}: {err}"
         );
+    }
+    Ok(())
+}
+
+/// Preferred-leader rebalancing (`--leader-rebalance-interval-ms`): after the broker that
+/// was the preferred leader of some partitions is killed, the survivors lead them; once it is
+/// back and in sync, each partition is led by its preferred replica (the first listed)
+/// again, without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_goes_back_to_preferred_replicas() -> anyhow::Result<()> {
+    const PARTITIONS: u32 = 3;
+    let mut cluster = TestCluster::start(3, &["--leader-rebalance-interval-ms", "500"])?;
+    cluster.create_topic(1, "spread", PARTITIONS, 3)?;
+    let mut preferred = Vec::new();
+    for p in 0..PARTITIONS {
+        let (_, replicas) = described(&cluster, 1, "spread", p)?;
+        let first: NodeId = replicas
+            .split(',')
+            .next()
+            .and_then(|r| r.trim().parse().ok())
+            .with_context(|| format!("replicas {replicas:?}"))?;
+        preferred.push(first);
+        wait_described_leader(&cluster, 1, "spread", p, first).await?;
+    }
+    // Placement spreads the preferred leaders: every broker is one.
+    let mut spread = preferred.clone();
+    spread.sort_unstable();
+    ensure!(spread == [1, 2, 3], "preferred leaders {preferred:?}");
+
+    let victim = preferred[0];
+    cluster.process.kill(victim);
+    let survivor = (1..=3).find(|n| *n != victim).expect("three brokers");
+    let moved = cluster
+        .wait_for_leader("spread", 0, &[victim], WAIT_MAX)
+        .await?;
+    ensure!(moved != victim, "spread/0 still led by the killed node");
+    cluster.process.restart(victim)?;
+    for (p, want) in preferred.iter().enumerate() {
+        wait_described_leader(&cluster, survivor, "spread", p as u32, *want)
+            .await
+            .with_context(|| cluster.process.log_tails(20))?;
     }
     Ok(())
 }

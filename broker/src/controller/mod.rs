@@ -33,6 +33,7 @@
 
 pub mod forward;
 pub mod partition;
+mod rebalance;
 pub mod wasm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -456,6 +457,8 @@ pub struct ControllerConfig {
     /// The broker's Wasm registry and produce chains, kept by the metadata log's
     /// `Filter*` and `ProduceChainSet` commands.
     pub transforms: Option<Arc<crate::transform::Transforms>>,
+    /// How often partitions led here go back to their preferred replicas; `None`: never.
+    pub leader_rebalance_interval: Option<Duration>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -510,6 +513,12 @@ impl<T: PeerTransport> Controller<T> {
             transforms: config.transforms,
         });
         tokio::spawn(controller.clone().apply_loop());
+        if let Some(interval) = config.leader_rebalance_interval {
+            tokio::spawn(rebalance::rebalance_loop(
+                Arc::downgrade(&controller),
+                interval,
+            ));
+        }
         Ok(controller)
     }
 

@@ -427,6 +427,8 @@ impl Broker {
                         clock_ms: crate::cluster::now_ms,
                         security: Some(security.clone()),
                         transforms: Some(transforms.clone()),
+                        leader_rebalance_interval: (config.leader_rebalance_interval_ms > 0)
+                            .then(|| Duration::from_millis(config.leader_rebalance_interval_ms)),
                     },
                     transport,
                     groups.clone(),
