@@ -321,8 +321,12 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                         .await;
                     return;
                 }
-                // New input, or a look at the leadership now and then.
-                let _ = tokio::time::timeout(RECONCILE_INTERVAL, high_watermark.changed()).await;
+                // New input, or the leadership lost: no timer, so an idle task costs nothing.
+                let known = hosted.leader();
+                tokio::select! {
+                    _ = high_watermark.changed() => {}
+                    _ = hosted.replica.leader_changed(known) => {}
+                }
                 if !hosted.replica.is_leader() {
                     return;
                 }
