@@ -1175,11 +1175,9 @@ pub(super) async fn subscribe_many(
             offset: p.offset,
             partition_max_bytes: p.push_bytes_max.clamp(1, push_bytes_cap),
         };
-        match state.cluster.partition(&fetch.topic, fetch.partition) {
-            Ok(partition) => subscribed.push(Subscribed {
-                watch: partition.watch_high_watermark(),
-                fetch,
-            }),
+        // A cluster broker's replica, or a single node's partition.
+        match watch_partition(state, &fetch.topic, fetch.partition) {
+            Ok(watch) => subscribed.push(Subscribed { watch, fetch }),
             Err(e) => {
                 state.metrics.error(Some(ApiKey::SubscribeMany), e.code);
                 let gone = partition_answer(fetch.topic, fetch.partition, e.code, Some(e.message));
