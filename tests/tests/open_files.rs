@@ -3,8 +3,11 @@
 //! besides partition files) while every partition takes writes, and after a SIGKILL restart
 //! every record is read back by one consumer.
 //!
-//! The broker runs on an ephemeral loopback port in a temporary directory; the test stops
-//! exactly that process.
+//! The same on a cluster of three brokers: the replicas of replicated partitions share each
+//! broker's budget.
+//!
+//! The brokers run on ephemeral loopback ports in temporary directories; the tests stop
+//! exactly those processes.
 
 use std::time::Duration;
 
@@ -20,6 +23,11 @@ const PARTITIONS: u32 = 300;
 
 /// Segment and index files the process has open (its other descriptors do not count).
 fn open_partition_files(pid: u32) -> anyhow::Result<usize> {
+    open_files_under(pid, "/topics/")
+}
+
+/// Segment and index files the process has open under a directory named `under`.
+fn open_files_under(pid: u32, under: &str) -> anyhow::Result<usize> {
     let mut count = 0;
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         // A descriptor closed while listing is simply gone.
@@ -27,8 +35,9 @@ fn open_partition_files(pid: u32) -> anyhow::Result<usize> {
             continue;
         };
         let name = target.to_string_lossy();
-        // Not the broker's own log file: segment files live under `topics/`.
-        if name.contains("/topics/")
+        // Not the broker's own log file: segment files live under `topics/` (and a cluster
+        // broker's replicas under `cluster/partitions/`).
+        if name.contains(under)
             && [".log", ".index", ".timeindex"]
                 .iter()
                 .any(|ext| name.ends_with(ext))
@@ -40,9 +49,17 @@ fn open_partition_files(pid: u32) -> anyhow::Result<usize> {
 }
 
 async fn produce_round(client: &ketch_client::Client, round: u32) -> anyhow::Result<()> {
+    produce_round_over(client, round, PARTITIONS).await
+}
+
+async fn produce_round_over(
+    client: &ketch_client::Client,
+    round: u32,
+    partitions: u32,
+) -> anyhow::Result<()> {
     let producer = client.producer(ProducerConfig::default()).await?;
     let mut deliveries = Vec::new();
-    for partition in 0..PARTITIONS {
+    for partition in 0..partitions {
         deliveries.push(
             producer
                 .send(ProducerRecord {
@@ -133,5 +150,89 @@ async fn a_broker_keeps_to_its_open_files_budget_and_recovers_every_record() -> 
         );
     }
     consumer.close().await?;
+    Ok(())
+}
+
+/// Three brokers, each hosting a replica of every partition of a 100-partition RF=3 topic
+/// (over 300 log files each, with the offsets topic's): each keeps its replicas' files within
+/// its `--open-files-max` while every partition takes `acks=all` writes, and a consumer then
+/// reads every record back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_replicas_share_the_open_files_budget() -> anyhow::Result<()> {
+    const REPLICATED: u32 = 100;
+    let budget = OPEN_FILES_MAX.to_string();
+    let cluster = ketch_e2e::cluster::TestCluster::start(
+        3,
+        &[
+            "--open-files-max",
+            &budget,
+            "--segment-bytes-max",
+            "1048576",
+        ],
+    )?;
+    cluster.create_topic(1, "wide", REPLICATED, 3)?;
+    let pids: Vec<u32> = cluster
+        .process
+        .node_ids()
+        .into_iter()
+        .map(|n| cluster.process.pid(n).context("broker pid"))
+        .collect::<anyhow::Result<_>>()?;
+    let client = cluster.client().await?;
+    let mut peaks = vec![0; pids.len()];
+    let measure = |peaks: &mut Vec<usize>| -> anyhow::Result<()> {
+        for (peak, pid) in peaks.iter_mut().zip(&pids) {
+            *peak = (*peak).max(open_files_under(*pid, "/cluster/partitions/")?);
+        }
+        Ok(())
+    };
+    measure(&mut peaks)?;
+    for round in 0..2 {
+        produce_round_over(&client, round, REPLICATED).await?;
+        measure(&mut peaks)?;
+    }
+    for peak in &peaks {
+        ensure!(
+            *peak <= OPEN_FILES_MAX,
+            "{peak} replica files open on one broker, budget {OPEN_FILES_MAX} (peaks {peaks:?})"
+        );
+    }
+    ensure!(
+        peaks.iter().any(|p| *p >= OPEN_FILES_MAX / 2),
+        "the budget was never used: {peaks:?}"
+    );
+    let partitions: Vec<_> = (0..REPLICATED)
+        .map(|p| TopicPartition::new("wide", p))
+        .collect();
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        &partitions,
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    let total = (REPLICATED * 2) as usize;
+    while seen.len() < total {
+        let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .with_context(|| format!("read {} of {total} records", seen.len()))??;
+        let value = String::from_utf8(record.value.clone().unwrap_or_default().to_vec())?;
+        ensure!(
+            value == format!("{}/{}", record.partition, record.offset),
+            "{value} at {}/{}",
+            record.partition,
+            record.offset
+        );
+        ensure!(
+            seen.insert((record.partition, record.offset)),
+            "a duplicate"
+        );
+    }
+    measure(&mut peaks)?;
+    for peak in &peaks {
+        ensure!(*peak <= OPEN_FILES_MAX, "{peak} open while reading");
+    }
+    consumer.close().await?;
+    client.close();
     Ok(())
 }

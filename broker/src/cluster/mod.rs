@@ -1143,6 +1143,12 @@ impl Cluster {
         }
     }
 
+    /// The open-files budget as a file backend, for logs this broker opens elsewhere (its
+    /// cluster replicas), so every partition log shares `open_files_max`.
+    pub fn file_backend(&self) -> Arc<dyn storage::FileBackend> {
+        Arc::new(self.open_files.clone())
+    }
+
     /// Open partition-log files against `open_files_max`.
     pub fn open_files_stats(&self) -> storage::OpenFilesStats {
         self.open_files.stats()

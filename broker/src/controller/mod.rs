@@ -426,6 +426,8 @@ pub struct Controller<T: PeerTransport> {
     retention_ms: i64,
     security: Option<Arc<Security>>,
     transforms: Option<Arc<crate::transform::Transforms>>,
+    /// Where partition replicas open their log files.
+    file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
@@ -459,6 +461,9 @@ pub struct ControllerConfig {
     pub transforms: Option<Arc<crate::transform::Transforms>>,
     /// How often partitions led here go back to their preferred replicas; `None`: never.
     pub leader_rebalance_interval: Option<Duration>,
+    /// Where partition replicas open their log files: the broker's open-files budget, shared
+    /// with its single-node logs (`None`: the file system directly).
+    pub file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -511,6 +516,7 @@ impl<T: PeerTransport> Controller<T> {
             retention_ms: config.retention_ms,
             security: config.security,
             transforms: config.transforms,
+            file_backend: config.file_backend,
         });
         tokio::spawn(controller.clone().apply_loop());
         if let Some(interval) = config.leader_rebalance_interval {
@@ -886,7 +892,10 @@ impl<T: PeerTransport> Controller<T> {
             let replica = PartitionReplica::open_with_hook(
                 &dir,
                 self.log_config.clone(),
-                ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone()),
+                ReplicaConfig {
+                    file_backend: self.file_backend.clone(),
+                    ..ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone())
+                },
                 self.transport.clone(),
                 Box::new(producers.clone()),
             )

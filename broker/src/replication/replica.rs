@@ -37,6 +37,9 @@ pub struct ReplicaConfig {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub clock: Clock,
+    /// Where the partition log's files are opened (the broker's open-files budget, say);
+    /// `None`: the file system directly.
+    pub file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
 }
 
 impl std::fmt::Debug for ReplicaConfig {
@@ -77,6 +80,7 @@ impl ReplicaConfig {
             election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS_DEFAULT,
             election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS_DEFAULT,
             clock,
+            file_backend: None,
         }
     }
 
@@ -260,7 +264,7 @@ pub fn open_stores(
     log_config: LogConfig,
     clock: Clock,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
-    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook))
+    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook), None)
 }
 
 /// Makes the replica in `dir` (not open) start as a follower even if it led its group when
@@ -291,14 +295,18 @@ pub fn resign_leadership(dir: &Path, node: NodeId) -> Result<bool, ReplicationEr
 }
 
 /// [`open_stores`], with `hook` applying committed data batches (its state checkpointed
-/// beside the log with the applied log id, and restored from there).
+/// beside the log with the applied log id, and restored from there), the log's files
+/// opened through `file_backend` (the file system when `None`).
 pub fn open_stores_with_hook(
     dir: &Path,
     log_config: LogConfig,
     clock: Clock,
     hook: Box<dyn ApplyHook>,
+    file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
-    let (log, _report) = PartitionLog::open(dir.join(LOG_DIR), log_config, clock())?;
+    let backend = file_backend.unwrap_or_else(|| Arc::new(crate::storage::StdBackend));
+    let (log, _report) =
+        PartitionLog::open_with_backend(backend, dir.join(LOG_DIR), log_config, clock())?;
     let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
     let state_machine = PartitionStateMachine::open(store.shared(), dir, hook);
     Ok((store, state_machine))
@@ -414,8 +422,13 @@ impl PartitionReplica {
     ) -> Result<PartitionReplica, ReplicationError> {
         let beacons = transport.beacons(config.node_id);
         let raft_config = Arc::new(config.raft_config(beacons.is_some())?);
-        let (store, state_machine) =
-            open_stores_with_hook(dir, log_config, config.clock.clone(), hook)?;
+        let (store, state_machine) = open_stores_with_hook(
+            dir,
+            log_config,
+            config.clock.clone(),
+            hook,
+            config.file_backend.clone(),
+        )?;
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
         let applied = state_machine.handle();

@@ -429,6 +429,7 @@ impl Broker {
                         transforms: Some(transforms.clone()),
                         leader_rebalance_interval: (config.leader_rebalance_interval_ms > 0)
                             .then(|| Duration::from_millis(config.leader_rebalance_interval_ms)),
+                        file_backend: Some(cluster.file_backend()),
                     },
                     transport,
                     groups.clone(),
