@@ -737,3 +737,66 @@ async fn leadership_goes_back_to_preferred_replicas() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A topic created while one broker is down is led at once by the others, also the
+/// partitions whose first replica is the dead broker (every replica of a new partition
+/// initializes its group), takes `acks=all` writes in every partition, and the broker that
+/// was down catches up when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_while_a_broker_is_down_is_led_by_the_others() -> anyhow::Result<()> {
+    const PARTITIONS: u32 = 3;
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.process.kill(3);
+    cluster.create_topic(1, "later", PARTITIONS, 3)?;
+    for p in 0..PARTITIONS {
+        let (_, replicas) = described(&cluster, 1, "later", p)?;
+        let leader = cluster
+            .wait_for_leader("later", p, &[3], Duration::from_secs(20))
+            .await
+            .with_context(|| format!("partition {p}, replicas {replicas}"))?;
+        ensure!(leader != 3, "partition {p} led by the dead broker");
+    }
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut deliveries = Vec::new();
+    for p in 0..PARTITIONS {
+        deliveries.push(
+            producer
+                .send(ProducerRecord {
+                    partition: Some(p),
+                    value: Some(format!("v{p}").into()),
+                    ..ProducerRecord::new("later", "")
+                })
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        tokio::time::timeout(WAIT_MAX, delivery)
+            .await
+            .context("an acks=all send with one broker down")??;
+    }
+    producer.close().await?;
+    client.close();
+    // Back, broker 3 catches up: it answers describe with every partition led.
+    cluster.process.restart(3)?;
+    for p in 0..PARTITIONS {
+        let started = Instant::now();
+        loop {
+            let (leader, _) = described(&cluster, 3, "later", p)?;
+            if leader.is_some() {
+                break;
+            }
+            ensure!(
+                started.elapsed() < WAIT_MAX,
+                "node 3 knows no leader of later/{p}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}

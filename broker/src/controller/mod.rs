@@ -13,8 +13,9 @@
 //! proposal retried after an ambiguous failure is harmless.
 //!
 //! Applying a `TopicCreated` that places a replica here opens it ([`ReplicatedPartition`],
-//! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); the first
-//! replica of a partition's list initializes its group, and a restart rejoins it. The image is
+//! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); every
+//! replica of a new partition initializes its group with the same membership (a broker
+//! replaying the log at start: only the first), and a restart rejoins it. The image is
 //! rebuilt at start-up by replaying the metadata log (never purged yet).
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
@@ -778,13 +779,20 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
             Effect::Open(topic) => {
+                // A topic created now is initialized by every replica, with the same
+                // membership (safe in openraft: the same config on several nodes), so a
+                // partition gets a leader while any quorum of its replicas runs, even with
+                // the first one down. Replaying the log at start, only the first does, as
+                // before: a replica since moved away by a reassignment must not form the old
+                // group again.
+                let live = self.caught_up();
                 for (index, replicas) in topic.replicas.iter().enumerate() {
                     if replicas.contains(&self.node_id)
                         && let Err(e) = self
                             .open_replica(
                                 &topic,
                                 index as u32,
-                                replicas.first() == Some(&self.node_id),
+                                live || replicas.first() == Some(&self.node_id),
                             )
                             .await
                     {
