@@ -17,11 +17,13 @@ use clap::{Parser, Subcommand};
     about = "Ketch: a durable, replicated event log over QUIC"
 )]
 struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ketch_broker=debug`.
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ketch_broker=debug`. The
+    /// default leaves out openraft's replication errors (one per retry of every group while
+    /// a peer is down); the broker says once when a peer stops and starts answering.
     #[arg(
         long,
         env = "KETCH_LOG",
-        default_value = "warn,ketch=info,ketch_broker=info",
+        default_value = "warn,ketch=info,ketch_broker=info,openraft::replication=off",
         global = true
     )]
     log: String,

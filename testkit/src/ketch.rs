@@ -118,7 +118,8 @@ impl KetchProcess {
             .env("KETCH_METRICS_LISTEN", "127.0.0.1:0")
             .env(
                 "KETCH_LOG",
-                std::env::var("KETCH_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("KETCH_LOG")
+                    .unwrap_or_else(|_| "info,openraft::replication=off".into()),
             );
         let process = ServerProcess::spawn(
             "ketch",

@@ -800,3 +800,48 @@ async fn a_topic_created_while_a_broker_is_down_is_led_by_the_others() -> anyhow
     }
     Ok(())
 }
+
+/// A dead peer is said once by each broker that replicates to it (and again when it
+/// answers), not once per retry of every group: the log stays quiet while it is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_is_logged_once_not_per_retry() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "quiet", 6, 3)?;
+    for p in 0..6 {
+        cluster.wait_for_leader("quiet", p, &[], WAIT_MAX).await?;
+    }
+    cluster.process.kill(3);
+    let before = cluster.process.log(1).lines().count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = cluster.process.log(1);
+    let grown: Vec<&str> = log.lines().skip(before).collect();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("peer does not answer") && l.contains("peer=3"))
+        .count();
+    ensure!(
+        said == 1,
+        "node 1 said {said} times that node 3 does not answer"
+    );
+    ensure!(
+        grown.len() <= 40,
+        "node 1 logged {} lines in 4 s with a peer down:\n{}",
+        grown.len(),
+        grown[..grown.len().min(30)].join("\n")
+    );
+    cluster.process.restart(3)?;
+    let started = Instant::now();
+    while !cluster
+        .process
+        .log(1)
+        .lines()
+        .any(|l| l.contains("peer answers again") && l.contains("peer=3"))
+    {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node 1 never said node 3 answers again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! [`super::sim::SimNetwork`] is the in-memory transport of the tests; the QUIC transport
 //! (ALPN of its own) is the production one.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -271,12 +272,39 @@ impl<T: PeerTransport> PeerClient<T> {
         let call = network
             .transport
             .call(&network.group, network.from, self.to, request);
-        match tokio::time::timeout(option.hard_ttl(), call).await {
+        let answer = match tokio::time::timeout(option.hard_ttl(), call).await {
             Ok(answer) => answer,
             Err(_) => Err(PeerError::Lost {
                 node: self.to,
                 reason: format!("no answer within {:?}", option.hard_ttl()),
             }),
+        };
+        match &answer {
+            Ok(_) | Err(PeerError::Remote { .. }) => note_reachable(network.from, self.to, None),
+            Err(e) => note_reachable(network.from, self.to, Some(e)),
+        }
+        answer
+    }
+}
+
+/// Which peers each node found unreachable, by (node, peer): a peer that stops answering is
+/// said once (WARN) and again when it answers (INFO), not at every retry of every group
+/// (openraft's own replication errors, one per retry, are off by default in `ketch serve`).
+static UNREACHABLE: std::sync::Mutex<BTreeSet<(NodeId, NodeId)>> =
+    std::sync::Mutex::new(BTreeSet::new());
+
+fn note_reachable(from: NodeId, to: NodeId, failure: Option<&PeerError>) {
+    let mut unreachable = UNREACHABLE.lock().unwrap_or_else(|e| e.into_inner());
+    match failure {
+        Some(e) => {
+            if unreachable.insert((from, to)) {
+                tracing::warn!(node = from, peer = to, error = %e, "peer does not answer; replication to it is retried (said again when it answers)");
+            }
+        }
+        None => {
+            if unreachable.remove(&(from, to)) {
+                tracing::info!(node = from, peer = to, "peer answers again");
+            }
         }
     }
 }
