@@ -845,3 +845,57 @@ async fn a_dead_peer_is_logged_once_not_per_retry() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `ketch topic alter` on a cluster (it answered `unknown_topic` for ever, from the
+/// single-node store): set through one broker, every broker describes the new settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_configs_are_altered_through_any_broker() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "settings", 2, 3)?;
+    let (ok, out, err) = cli(
+        &cluster,
+        2,
+        &[
+            "topic",
+            "alter",
+            "settings",
+            "--config",
+            "retention.ms=3600000",
+            "--cleanup-policy",
+            "compact",
+        ],
+    )?;
+    ensure!(ok, "topic alter: {out}{err}");
+    for node in [1, 2, 3] {
+        let started = Instant::now();
+        loop {
+            let (ok, out, err) = cli(&cluster, node, &["topic", "describe", "settings"])?;
+            ensure!(ok, "topic describe: {out}{err}");
+            if out.contains("retention.ms=3600000") && out.contains("cleanup.policy=compact") {
+                break;
+            }
+            ensure!(
+                started.elapsed() < WAIT_MAX,
+                "node {node} describes settings as:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A bad value is refused with the reason, and changes nothing.
+    let (ok, out, err) = cli(
+        &cluster,
+        3,
+        &[
+            "topic",
+            "alter",
+            "settings",
+            "--config",
+            "retention.ms=soon",
+        ],
+    )?;
+    ensure!(!ok, "a bad value was taken: {out}{err}");
+    ensure!(err.contains("retention.ms"), "{err}");
+    let (_, out, _) = cli(&cluster, 1, &["topic", "describe", "settings"])?;
+    ensure!(out.contains("retention.ms=3600000"), "{out}");
+    Ok(())
+}

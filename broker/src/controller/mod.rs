@@ -122,6 +122,13 @@ pub enum MetadataCommand {
         name: String,
         id: u64,
     },
+    /// A topic's configuration replaced (`ketch topic alter`): every broker describes the
+    /// new one.
+    TopicConfigAltered {
+        name: String,
+        id: u64,
+        configs: Vec<(String, String)>,
+    },
     /// A partition's replica became leader in `epoch` (reported by that leader).
     PartitionLeader {
         topic_id: u64,
@@ -276,6 +283,12 @@ impl Image {
                 self.topics
                     .remove(&name)
                     .map_or(Effect::None, Effect::Close)
+            }
+            MetadataCommand::TopicConfigAltered { name, id, configs } => {
+                if let Some(topic) = self.topics.get_mut(&name).filter(|t| t.id == id) {
+                    topic.configs = configs;
+                }
+                Effect::None
             }
             MetadataCommand::PartitionLeader {
                 topic_id,
@@ -1264,6 +1277,61 @@ impl<T: PeerTransport> Controller<T> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Sets `entries` on a topic's configuration cluster-wide (validated as on one broker)
+    /// and waits until this broker applied it; answers the topic as it is then.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        entries: &[ketch_protocol::messages::ConfigEntry],
+    ) -> Result<TopicImage, ClusterError> {
+        let topic = self.topic(name).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
+        })?;
+        let mut config = TopicConfig {
+            partitions: topic.replicas.len() as u32,
+            retention_ms: self.retention_ms,
+            retention_bytes: -1,
+            cleanup_policy: Default::default(),
+            delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+        };
+        for (key, value) in &topic.configs {
+            config.set(key, value)?;
+        }
+        let before = config.clone();
+        for entry in entries {
+            config.set(&entry.key, &entry.value)?;
+        }
+        if name == crate::cluster::OFFSETS_TOPIC && !config.cleanup_policy.compacts() {
+            return Err(ClusterError::new(
+                ErrorCode::InvalidConfig,
+                "the offsets topic is always compacted",
+            ));
+        }
+        if config == before {
+            return Ok(topic);
+        }
+        let command = MetadataCommand::TopicConfigAltered {
+            name: name.to_owned(),
+            id: topic.id,
+            configs: config
+                .entries()
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+        };
+        let offset = self.propose(&command, PROPOSE_TIMEOUT).await?;
+        self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
+        tracing::info!(topic = name, configs = ?config, "altered topic config");
+        self.topic(name)
+            .filter(|t| t.id == topic.id)
+            .ok_or_else(|| {
+                ClusterError::new(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {name:?} was deleted meanwhile"),
+                )
+            })
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClusterError> {

@@ -67,6 +67,22 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
                 deleted.map(|()| DeleteTopicResponse {}),
             )
         }
+        Request::AlterTopicConfig(r) if let Some(node) = &state.cluster_node => respond(
+            state,
+            api,
+            version,
+            node.controller
+                .alter_topic_config(&r.name, &r.configs)
+                .await
+                .map(|topic| AlterTopicConfigResponse {
+                    name: topic.name,
+                    configs: topic
+                        .configs
+                        .into_iter()
+                        .map(|(key, value)| ConfigEntry { key, value })
+                        .collect(),
+                }),
+        ),
         Request::AlterTopicConfig(r) => respond(
             state,
             api,
