@@ -15,6 +15,10 @@ use crate::config::{ClientConfig, backoff};
 use crate::error::{Error, Result};
 use crate::transport::{Transport, resolve};
 
+/// How long an admin request answered `unknown_topic` (or `unknown_partition`) is retried:
+/// about how long a topic created through one broker takes to reach the others.
+const ADMIN_UNKNOWN_RETRY_MAX: Duration = Duration::from_secs(3);
+
 /// A connection to a Ketch cluster: the entry point of the crate.
 ///
 /// Cheap to clone (an `Arc` inside); every clone shares the QUIC connections (one per broker)
@@ -395,7 +399,8 @@ impl ClientInner {
     /// Sends a request to the controller, retrying retriable failures (with metadata refresh)
     /// until `request_timeout` has passed.
     pub(crate) async fn call_controller<R: Api>(&self, request: &R) -> Result<R::Response> {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let started = Instant::now();
+        let deadline = started + self.config.request_timeout;
         let mut attempt = 0;
         loop {
             let addr = self.controller();
@@ -408,6 +413,18 @@ impl ClientInner {
                 .call(addr, request, self.config.request_timeout)
                 .await;
             match result {
+                // A topic or partition the cluster does not know is retried only as long as
+                // metadata takes to reach every broker (one created through another broker
+                // a moment ago): `ketch topic delete nosuch` answers in seconds, not after
+                // the whole request timeout.
+                Err(error)
+                    if matches!(
+                        error.code(),
+                        Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+                    ) && started.elapsed() >= ADMIN_UNKNOWN_RETRY_MAX =>
+                {
+                    return Err(error);
+                }
                 Err(error) if error.is_retriable() && Instant::now() < deadline => {
                     self.after_retriable(&error, attempt, deadline).await;
                     attempt += 1;
