@@ -649,3 +649,70 @@ async fn administration(cluster: &TestCluster) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A transform whose input partitions have one replica each, on different brokers: every
+/// broker describes the whole transform (each partition's state asked of its leader), and a
+/// module error in a partition led by one broker shows as failed through every broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broker_describes_a_transform_whose_partitions_it_does_not_host() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start(3, &[])?;
+    let result = described_whole(&cluster).await;
+    with_logs(&cluster, result)
+}
+
+async fn described_whole(cluster: &TestCluster) -> anyhow::Result<()> {
+    const N: usize = 90;
+    upload(cluster, 1, "pii", example("pii_redact")?).await?;
+    upload(cluster, 1, "router", example("key_router")?).await?;
+    cluster.create_topic(1, "in", 3, 1)?;
+    cluster.create_topic(1, "out", 3, 1)?;
+    create(cluster, 1, &create_request("t", "in")).await?;
+    let client = cluster.client().await?;
+    let producer = producer(&client).await?;
+    let mut deliveries = Vec::new();
+    for n in 0..N {
+        deliveries.push(
+            producer
+                .send(ProducerRecord {
+                    partition: Some((n % 3) as u32),
+                    ..ProducerRecord::keyed("in", format!("k{n}"), input_value(n))
+                })
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await?;
+    client.close();
+    for node in [1, 2, 3] {
+        wait_for_status(cluster, node, "t", "with every input counted", |t| {
+            t.status == "running"
+                && t.records_in == N as u64
+                && t.records_out == N as u64
+                && t.lag == 0
+        })
+        .await?;
+    }
+    // Routed to a topic that is not an output: every partition fails, each on its own
+    // broker; every broker says so.
+    create(
+        cluster,
+        2,
+        &TransformCreateRequest {
+            name: "stray".into(),
+            filter: "router".into(),
+            params: r#"{"routes":{},"default":"elsewhere"}"#.into(),
+            ..create_request("stray", "in")
+        },
+    )
+    .await?;
+    for node in [1, 2, 3] {
+        wait_for_status(cluster, node, "stray", "failed", |t| {
+            t.status == "failed" && t.last_error.contains("not one of the transform's outputs")
+        })
+        .await?;
+    }
+    Ok(())
+}

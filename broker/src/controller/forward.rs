@@ -108,6 +108,56 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// The committed value of state key `name` of `topic`/`index` and the high watermark:
+    /// from this broker's replica, or asked of the partition's leader (within `timeout`).
+    /// `Err` when no replica answers.
+    pub async fn read_partition_state(
+        &self,
+        topic: &str,
+        index: u32,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(Option<Bytes>, i64), ClusterError> {
+        if let Some(hosted) = self.partition(topic, index) {
+            return Ok((hosted.state(name), hosted.replica.high_watermark()));
+        }
+        let image = self.topic(topic).ok_or_else(|| {
+            ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
+        })?;
+        let group: GroupId = format!("{}/{index}", TopicId(image.id)).into();
+        let leader = self.leader_of(&image, index).0.ok_or_else(|| {
+            ClusterError::new(
+                ErrorCode::NotLeader,
+                format!("{topic}/{index} has no known leader"),
+            )
+        })?;
+        let asked = tokio::time::timeout(
+            timeout,
+            self.transport.call(
+                &group,
+                self.node_id,
+                leader,
+                PeerRequest::ReadState(name.to_owned()),
+            ),
+        )
+        .await;
+        match asked {
+            Ok(Ok(PeerResponse::State {
+                value,
+                high_watermark,
+            })) => Ok((value, high_watermark)),
+            Ok(Ok(other)) => Err(ClusterError::new(
+                ErrorCode::Unknown,
+                format!("node {leader} answered {other:?}"),
+            )),
+            Ok(Err(e)) => Err(ClusterError::new(ErrorCode::Timeout, e.to_string())),
+            Err(_) => Err(ClusterError::new(
+                ErrorCode::Timeout,
+                format!("node {leader} did not answer within {timeout:?}"),
+            )),
+        }
+    }
+
     /// The handler the peer server asks to answer forwarded idempotent produces.
     pub fn forwarded_produce(self: &Arc<Self>) -> Arc<dyn ForwardedProduce> {
         Arc::new(Forwarded(Arc::downgrade(self)))
@@ -146,6 +196,14 @@ impl<T: PeerTransport> ForwardedProduce for Forwarded<T> {
                 Err(e) => PeerResponse::Refused(e.code.as_u16(), e.message),
             };
             Some(Ok(answer))
+        })
+    }
+
+    fn read_state(&self, group: &GroupId, name: &str) -> Option<PeerResponse> {
+        let hosted = self.0.upgrade()?.hosted_by_group(group)?;
+        Some(PeerResponse::State {
+            value: hosted.state(name),
+            high_watermark: hosted.replica.high_watermark(),
         })
     }
 }

@@ -49,6 +49,8 @@ const STATE_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTPUT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before retrying what failed for a reason that may pass.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// How long describe waits for a partition's leader to tell its state.
+const DESCRIBE_STATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The prefix of a transform's state key in an input partition.
 const STATE_PREFIX: &str = "transform/";
 
@@ -629,7 +631,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             ));
         }
         tracing::info!(transform = %meta.name, filter = %meta.filter, version, input = %meta.input, outputs = ?meta.outputs, "transform created");
-        self.describe(&meta.name).map(|mut all| all.remove(0))
+        self.describe(&meta.name).await.map(|mut all| all.remove(0))
     }
 
     async fn commit(&self, command: MetadataCommand) -> Result<(), ClusterError> {
@@ -637,9 +639,10 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         self.controller.wait_applied(offset, PROPOSE_TIMEOUT).await
     }
 
-    /// One transform (`name`), or every one (`name` empty), from this broker's replicas of
-    /// the input partitions (partitions not hosted here count as unknown: zero).
-    pub fn describe(&self, name: &str) -> Result<Vec<TransformInfo>, ClusterError> {
+    /// One transform (`name`), or every one (`name` empty): each input partition's state
+    /// from this broker's replica, or asked of the partition's leader (`ReadState`, bounded);
+    /// a partition no replica answers for is named in `last_error` and counts nothing.
+    pub async fn describe(&self, name: &str) -> Result<Vec<TransformInfo>, ClusterError> {
         let image = self.controller.image();
         if !name.is_empty() && !image.transforms.contains_key(name) {
             return Err(error(
@@ -648,63 +651,79 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             ));
         }
         let errors = self.errors.lock().expect("transform errors").clone();
-        Ok(image
+        let mut described = Vec::new();
+        for meta in image
             .transforms
             .values()
             .filter(|m| name.is_empty() || m.name == name)
-            .map(|meta| {
-                let input = image
-                    .topics
-                    .get(&meta.input)
-                    .filter(|t| t.id == meta.input_topic_id);
-                let (mut records_in, mut records_out, mut lag) = (0, 0, 0);
-                let mut failed = None;
-                let mut last_error = String::new();
-                match input {
-                    None => failed = Some("the input topic was deleted".to_owned()),
-                    Some(input) => {
-                        for index in 0..input.replicas.len() as u32 {
-                            if let Some(message) = errors.get(&(meta.name.clone(), index)) {
-                                last_error = format!("partition {index}: {message}");
-                            }
-                            let Some(hosted) = self.controller.partition(&meta.input, index) else {
+        {
+            let input = image
+                .topics
+                .get(&meta.input)
+                .filter(|t| t.id == meta.input_topic_id);
+            let (mut records_in, mut records_out, mut lag) = (0, 0, 0);
+            let mut failed = None;
+            let mut last_error = String::new();
+            match input {
+                None => failed = Some("the input topic was deleted".to_owned()),
+                Some(input) => {
+                    for index in 0..input.replicas.len() as u32 {
+                        if let Some(message) = errors.get(&(meta.name.clone(), index)) {
+                            last_error = format!("partition {index}: {message}");
+                        }
+                        let read = self
+                            .controller
+                            .read_partition_state(
+                                &meta.input,
+                                index,
+                                &state_key(meta),
+                                DESCRIBE_STATE_TIMEOUT,
+                            )
+                            .await;
+                        let (value, high_watermark) = match read {
+                            Ok(read) => read,
+                            Err(e) => {
+                                last_error =
+                                    format!("partition {index}: state unknown: {}", e.message);
                                 continue;
-                            };
-                            let position = Self::committed(meta, &hosted).ok().flatten();
-                            let offset = position.as_ref().map_or(0, |p| p.offset);
-                            lag += (hosted.replica.high_watermark() - offset).max(0);
-                            if let Some(p) = position {
-                                records_in += p.records_in;
-                                records_out += p.records_out;
-                                if let Some(why) = p.failed.filter(|_| p.resumes >= meta.resumes) {
-                                    failed = Some(format!("partition {index}: {why}"));
-                                }
+                            }
+                        };
+                        let position: Option<Position> =
+                            value.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                        let offset = position.as_ref().map_or(0, |p| p.offset);
+                        lag += (high_watermark - offset).max(0);
+                        if let Some(p) = position {
+                            records_in += p.records_in;
+                            records_out += p.records_out;
+                            if let Some(why) = p.failed.filter(|_| p.resumes >= meta.resumes) {
+                                failed = Some(format!("partition {index}: {why}"));
                             }
                         }
                     }
                 }
-                let status = if meta.paused {
-                    "paused"
-                } else if failed.is_some() {
-                    "failed"
-                } else {
-                    "running"
-                };
-                TransformInfo {
-                    name: meta.name.clone(),
-                    filter: meta.filter.clone(),
-                    filter_version: meta.filter_version,
-                    input: meta.input.clone(),
-                    outputs: meta.outputs.clone(),
-                    params: meta.params.clone(),
-                    status: status.into(),
-                    records_in,
-                    records_out,
-                    lag,
-                    last_error: failed.unwrap_or(last_error),
-                }
-            })
-            .collect())
+            }
+            let status = if meta.paused {
+                "paused"
+            } else if failed.is_some() {
+                "failed"
+            } else {
+                "running"
+            };
+            described.push(TransformInfo {
+                name: meta.name.clone(),
+                filter: meta.filter.clone(),
+                filter_version: meta.filter_version,
+                input: meta.input.clone(),
+                outputs: meta.outputs.clone(),
+                params: meta.params.clone(),
+                status: status.into(),
+                records_in,
+                records_out,
+                lag,
+                last_error: failed.unwrap_or(last_error),
+            });
+        }
+        Ok(described)
     }
 
     /// `pause`, `resume` (also restarts failed partitions) or `delete`, cluster-wide.

@@ -38,6 +38,9 @@ pub enum PeerRequest {
     /// Leadership transfer: the receiving replica campaigns now (openraft's
     /// `trigger().elect()`). Not an openraft RPC.
     Elect,
+    /// The committed value of state key `name` of the group's partition (any replica
+    /// answers from its applied state; see `super::entries`). Not an openraft RPC.
+    ReadState(String),
     /// The sender leads these groups, each in its term ([`super::beacons`]): one per broker
     /// pair in place of every group's heartbeats. Sent under [`super::beacons::BEACON_GROUP`].
     /// Not an openraft RPC.
@@ -71,14 +74,22 @@ pub enum PeerResponse {
     /// A forwarded idempotent [`PeerRequest::Propose`] refused by the leader's producer
     /// checks: the wire error code (`ketch_protocol::ErrorCode`) and why.
     Refused(u16, String),
+    /// The answer to [`PeerRequest::ReadState`]: the value (`None`: the key is not set) and
+    /// the replica's high watermark.
+    State {
+        value: Option<bytes::Bytes>,
+        high_watermark: i64,
+    },
 }
 
-/// How a broker answers a forwarded [`PeerRequest::Propose`] of an idempotent batch for a
-/// data partition it leads: through the same producer checks as a client's produce (so a
-/// retried batch is answered as a duplicate, never stored twice). `None`: not such a
-/// partition here; the request is served as a plain proposal.
+/// What a broker's data partitions answer beyond Raft: a forwarded [`PeerRequest::Propose`]
+/// of an idempotent batch goes through the leader's producer checks (a retried batch is
+/// answered as a duplicate, never stored twice), and [`PeerRequest::ReadState`] reads the
+/// replica's state. `None`: not such a partition here (a Propose is then served as a plain
+/// proposal).
 pub trait ForwardedProduce: Send + Sync + 'static {
     fn produce(&self, group: GroupId, batch: bytes::Bytes) -> ForwardedAnswer;
+    fn read_state(&self, group: &GroupId, name: &str) -> Option<PeerResponse>;
 }
 
 /// The answer of [`ForwardedProduce::produce`], to await.
@@ -199,6 +210,8 @@ pub async fn serve(
             .map(|()| PeerResponse::Done)
             .map_err(|e| remote(&e)),
         PeerRequest::Beacon(_) => Err(remote(&"a beacon names no group of its own")),
+        // The state lives beside Raft (the broker's hook): its server answers it.
+        PeerRequest::ReadState(_) => Err(remote(&"this replica keeps no partition state")),
     }
 }
 

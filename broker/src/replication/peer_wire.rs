@@ -13,6 +13,8 @@
 //! kinds:    1 append entries, 2 vote, 3 install snapshot, 4 propose
 //! propose:  request len:u32 batch; answer base:i64 last:i64 term:u64,
 //!           or refused (0x3a): code:u16 | message:str (a leader's idempotence checks)
+//! state:    request (0x3b) name:str; answer (0x3c) high_watermark:i64 | present:u8
+//!           | len:u32 value
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -38,6 +40,8 @@ const KIND_DONE: u8 = 0x37;
 const KIND_BEACON: u8 = 0x38;
 const KIND_BEACON_LIST_UNKNOWN: u8 = 0x39;
 const KIND_REFUSED: u8 = 0x3a;
+const KIND_READ_STATE: u8 = 0x3b;
+const KIND_STATE: u8 = 0x3c;
 /// The least bytes one group of a beacon takes (an empty name and a term).
 const BEACON_GROUP_BYTES_MIN: usize = 10;
 const ENTRY_BLANK: u8 = 0;
@@ -245,6 +249,10 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             out.put_u64(*ms);
         }
         PeerRequest::Elect => out.put_u8(KIND_ELECT),
+        PeerRequest::ReadState(name) => {
+            out.put_u8(KIND_READ_STATE);
+            put_str(&mut out, name);
+        }
         PeerRequest::Beacon(beacon) => {
             out.put_u8(KIND_BEACON);
             out.put_u64(beacon.from);
@@ -321,6 +329,7 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
         }
         KIND_HOLD_ELECTIONS => PeerRequest::HoldElections(r.u64("hold ms")?),
         KIND_ELECT => PeerRequest::Elect,
+        KIND_READ_STATE => PeerRequest::ReadState(r.str("state name")?),
         KIND_BEACON => {
             let from = r.u64("beacon sender")?;
             let list = r.u64("beacon list")?;
@@ -393,6 +402,21 @@ pub fn encode_response(answer: &std::result::Result<PeerResponse, PeerError>) ->
                     out.put_u16(*code);
                     put_str(&mut out, message);
                 }
+                PeerResponse::State {
+                    value,
+                    high_watermark,
+                } => {
+                    out.put_u8(KIND_STATE);
+                    out.put_i64(*high_watermark);
+                    match value {
+                        None => out.put_u8(0),
+                        Some(value) => {
+                            out.put_u8(1);
+                            out.put_u32(value.len() as u32);
+                            out.put_slice(value);
+                        }
+                    }
+                }
             }
         }
         Err(error) => {
@@ -449,6 +473,21 @@ pub fn decode_response(
             KIND_REFUSED => {
                 let code = r.u16("refusal code")?;
                 PeerResponse::Refused(code, r.str("refusal message")?)
+            }
+            KIND_STATE => {
+                let high_watermark = r.u64("high watermark")? as i64;
+                let value = match r.u8("state presence")? {
+                    0 => None,
+                    1 => {
+                        let len = r.u32("state length")? as usize;
+                        Some(r.bytes(len, "state value")?)
+                    }
+                    _ => return Err(PeerWireError::Invalid("state presence")),
+                };
+                PeerResponse::State {
+                    value,
+                    high_watermark,
+                }
             }
             _ => return Err(PeerWireError::Invalid("answer kind")),
         }),
@@ -544,6 +583,7 @@ mod tests {
             PeerRequest::HoldElections(5_000),
             PeerRequest::HoldElections(0),
             PeerRequest::Elect,
+            PeerRequest::ReadState("transform/t/1".into()),
             PeerRequest::Beacon(Beacon {
                 from: 2,
                 list: 7,
@@ -604,6 +644,14 @@ mod tests {
                 ketch_protocol::ErrorCode::OutOfOrderSequence.as_u16(),
                 "sequence 7 after 3".into(),
             )),
+            Ok(PeerResponse::State {
+                value: None,
+                high_watermark: 0,
+            }),
+            Ok(PeerResponse::State {
+                value: Some(Bytes::from_static(b"{\"offset\":7}")),
+                high_watermark: 12,
+            }),
             Err(PeerError::Remote {
                 node: 7,
                 reason: "stopped".into(),

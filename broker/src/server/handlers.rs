@@ -247,6 +247,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             version,
             node.pipelines
                 .describe(&r.name)
+                .await
                 .map(|transforms| TransformDescribeResponse { transforms }),
         ),
         Request::TransformAlter(r) if let Some(node) = &state.cluster_node => respond(

@@ -525,6 +525,17 @@ async fn answer(
                 },
             }
         }
+        Ok((group, PeerRequest::ReadState(name))) => match groups
+            .produce
+            .get()
+            .and_then(|hosted| hosted.read_state(&group, &name))
+        {
+            Some(answer) => Ok(answer),
+            None => Err(PeerError::Unreachable {
+                node: node_id,
+                reason: format!("no replica of {group} here"),
+            }),
+        },
         Ok((group, request)) => match groups.get(&group) {
             Some(raft) => serve(&raft, node_id, &group, request).await,
             None => Err(PeerError::Unreachable {
