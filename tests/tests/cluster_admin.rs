@@ -899,3 +899,55 @@ async fn topic_configs_are_altered_through_any_broker() -> anyhow::Result<()> {
     ensure!(out.contains("retention.ms=3600000"), "{out}");
     Ok(())
 }
+
+/// `ketch topic describe` through any broker gives each partition's high watermark as its
+/// leader has it, also for partitions the asked broker holds no replica of (it said -1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_describe_gives_every_partitions_high_watermark() -> anyhow::Result<()> {
+    const PARTITIONS: u32 = 3;
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "counted", PARTITIONS, 1)?;
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut deliveries = Vec::new();
+    // Partition p gets p + 2 records.
+    for p in 0..PARTITIONS {
+        for i in 0..p + 2 {
+            deliveries.push(
+                producer
+                    .send(ProducerRecord {
+                        partition: Some(p),
+                        value: Some(format!("{p}-{i}").into()),
+                        ..ProducerRecord::new("counted", "")
+                    })
+                    .await?,
+            );
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await?;
+    client.close();
+    for node in [1, 2, 3] {
+        let (ok, out, err) = cli(&cluster, node, &["topic", "describe", "counted"])?;
+        ensure!(ok, "{out}{err}");
+        for p in 0..PARTITIONS {
+            let line = out
+                .lines()
+                .find(|l| l.split('\t').next() == Some(&p.to_string()))
+                .with_context(|| format!("no partition {p} in:\n{out}"))?;
+            let high_watermark = line.split('\t').nth(3).unwrap_or_default();
+            ensure!(
+                high_watermark == (p + 2).to_string(),
+                "node {node} describes partition {p} with high watermark {high_watermark}:\n{out}"
+            );
+        }
+    }
+    Ok(())
+}

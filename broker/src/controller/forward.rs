@@ -108,6 +108,20 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// A partition's high watermark as its leader has it: this broker's replica when it
+    /// leads, else asked of the leader (within `timeout`), else this broker's follower
+    /// replica's; -1 when none of them answers.
+    pub async fn leader_high_watermark(&self, topic: &str, index: u32, timeout: Duration) -> i64 {
+        let hosted = self.partition(topic, index);
+        if let Some(hosted) = hosted.as_ref().filter(|h| h.replica.is_leader()) {
+            return hosted.replica.high_watermark();
+        }
+        match self.ask_partition_state(topic, index, "", timeout).await {
+            Ok((_, high_watermark)) => high_watermark,
+            Err(_) => hosted.map_or(-1, |h| h.replica.high_watermark()),
+        }
+    }
+
     /// The committed value of state key `name` of `topic`/`index` and the high watermark:
     /// from this broker's replica, or asked of the partition's leader (within `timeout`).
     /// `Err` when no replica answers.
@@ -121,6 +135,16 @@ impl<T: PeerTransport> Controller<T> {
         if let Some(hosted) = self.partition(topic, index) {
             return Ok((hosted.state(name), hosted.replica.high_watermark()));
         }
+        self.ask_partition_state(topic, index, name, timeout).await
+    }
+
+    async fn ask_partition_state(
+        &self,
+        topic: &str,
+        index: u32,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(Option<Bytes>, i64), ClusterError> {
         let image = self.topic(topic).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
         })?;

@@ -160,7 +160,9 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             respond::<AddBrokerResponse>(state, api, version, Err(not_a_cluster()))
         }
         Request::ListTopics(_) => respond(state, api, version, Ok(list_topics(state))),
-        Request::DescribeTopic(r) => respond(state, api, version, describe_topic(state, &r.name)),
+        Request::DescribeTopic(r) => {
+            respond(state, api, version, describe_topic(state, &r.name).await)
+        }
         Request::Produce(r) => respond(state, api, version, Ok(produce(state, r).await)),
         Request::Fetch(r) => respond(state, api, version, Ok(fetch(state, r).await)),
         Request::ListOffsets(r) => respond(state, api, version, Ok(list_offsets(state, r))),
@@ -514,16 +516,33 @@ pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
     }
 }
 
-fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
+async fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
     if let Some(node) = &state.cluster_node {
         let topic = node.controller.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;
+        // Each partition's high watermark as its leader has it, asked of the leader when
+        // this broker does not lead it (an admin request: 64 questions at a time).
+        use futures_util::StreamExt as _;
+        let partitions: Vec<PartitionMetadata> =
+            futures_util::stream::iter(0..topic.replicas.len() as u32)
+                .map(|p| {
+                    let topic = &topic;
+                    async move {
+                        let mut metadata = replicated_partition_metadata(node, topic, p);
+                        metadata.high_watermark = node
+                            .controller
+                            .leader_high_watermark(&topic.name, p, Duration::from_secs(2))
+                            .await;
+                        metadata
+                    }
+                })
+                .buffered(64)
+                .collect()
+                .await;
         return Ok(DescribeTopicResponse {
             name: topic.name.clone(),
-            partitions: (0..topic.replicas.len() as u32)
-                .map(|p| replicated_partition_metadata(node, &topic, p))
-                .collect(),
+            partitions,
             in_sync_replicas: (0..topic.replicas.len() as u32)
                 .map(|p| {
                     node.controller
