@@ -600,7 +600,7 @@ pub(crate) async fn list_offsets(
     }
 }
 
-async fn list_offsets_once(
+pub(crate) async fn list_offsets_once(
     client: &Client,
     specs: &[(TopicPartition, OffsetSpec)],
 ) -> Result<Vec<Result<i64>>> {
@@ -612,7 +612,9 @@ async fn list_offsets_once(
             Err(error) => results[index] = Err(error),
         }
     }
-    for (addr, indexes) in by_leader {
+    // Every leader at once, and a leader that fails (down, unreachable) fails only its own
+    // partitions: a consumer of many partitions starts on those whose leaders answer.
+    let asked = futures_util::future::join_all(by_leader.into_iter().map(|(addr, indexes)| {
         let request = ListOffsetsRequest {
             partitions: indexes
                 .iter()
@@ -624,11 +626,26 @@ async fn list_offsets_once(
                 .collect(),
         };
         let partitions: Vec<TopicPartition> = indexes.iter().map(|&i| specs[i].0.clone()).collect();
-        let response = client
-            .inner
-            .call_leader(addr, &partitions, &request, client.config().request_timeout)
-            .await?;
-        let mut ends = Vec::new();
+        async move {
+            let response = client
+                .inner
+                .call_leader(addr, &partitions, &request, client.config().request_timeout)
+                .await;
+            (indexes, response)
+        }
+    }))
+    .await;
+    let mut ends = Vec::new();
+    for (indexes, response) in asked {
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                for index in indexes {
+                    results[index] = Err(error.clone());
+                }
+                continue;
+            }
+        };
         for &index in &indexes {
             let (partition, spec) = &specs[index];
             let answer = response
@@ -650,15 +667,15 @@ async fn list_offsets_once(
                 Some(a) => Ok(a.offset),
             };
         }
-        if !ends.is_empty() {
-            let latest: Vec<_> = ends
-                .iter()
-                .map(|&i| (specs[i].0.clone(), OffsetSpec::Latest))
-                .collect();
-            let resolved = Box::pin(list_offsets_once(client, &latest)).await?;
-            for (index, result) in ends.into_iter().zip(resolved) {
-                results[index] = result;
-            }
+    }
+    if !ends.is_empty() {
+        let latest: Vec<_> = ends
+            .iter()
+            .map(|&i| (specs[i].0.clone(), OffsetSpec::Latest))
+            .collect();
+        let resolved = Box::pin(list_offsets_once(client, &latest)).await?;
+        for (index, result) in ends.into_iter().zip(resolved) {
+            results[index] = result;
         }
     }
     Ok(results)

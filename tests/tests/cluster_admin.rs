@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ketch_client::{Acks, Client, ProducerConfig, ProducerRecord};
+use ketch_client::{
+    Acks, AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
+};
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::{Op, Recorder};
 use ketch_e2e::load::{self, ProduceLoad};
@@ -949,5 +951,75 @@ async fn topic_describe_gives_every_partitions_high_watermark() -> anyhow::Resul
             );
         }
     }
+    Ok(())
+}
+
+/// A consumer of every partition of a topic whose one partition has no live replica (RF=1,
+/// its broker killed) reads the others: looking up where to start no longer waits for every
+/// leader to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_reads_the_partitions_whose_leaders_live() -> anyhow::Result<()> {
+    const PARTITIONS: u32 = 3;
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "patchy", PARTITIONS, 1)?;
+    let mut leaders = Vec::new();
+    for p in 0..PARTITIONS {
+        leaders.push(cluster.wait_for_leader("patchy", p, &[], WAIT_MAX).await?);
+    }
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..Default::default()
+        })
+        .await?;
+    for p in 0..PARTITIONS {
+        producer
+            .send(ProducerRecord {
+                partition: Some(p),
+                value: Some(format!("p{p}").into()),
+                ..ProducerRecord::new("patchy", "")
+            })
+            .await?
+            .await?;
+    }
+    producer.close().await?;
+    client.close();
+    // Kill the leader of a partition that node 1 (the consumer's bootstrap) does not lead.
+    let victim = *leaders
+        .iter()
+        .find(|l| **l != 1)
+        .context("every partition is led by node 1")?;
+    cluster.process.kill(victim);
+    let alive: Vec<u32> = (0..PARTITIONS)
+        .filter(|p| leaders[*p as usize] != victim)
+        .collect();
+    let client = cluster.client().await?;
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        &(0..PARTITIONS)
+            .map(|p| TopicPartition::new("patchy", p))
+            .collect::<Vec<_>>(),
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < alive.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(record)) => {
+                seen.insert(record.partition);
+            }
+            // A partition whose leader is gone may say so; the others go on.
+            Ok(Err(_)) => {}
+            Err(_) => bail!(
+                "read partitions {seen:?} in 20 s, not every partition of {alive:?} (node {victim} down)"
+            ),
+        }
+    }
+    consumer.close().await?;
+    client.close();
     Ok(())
 }

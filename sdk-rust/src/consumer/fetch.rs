@@ -886,10 +886,20 @@ pub(super) async fn resolve_positions(
         .iter()
         .map(|(partition, _, spec)| (partition.clone(), *spec))
         .collect();
-    let offsets = list_offsets(&shared.client, &specs).await?;
+    // One attempt: the partitions whose leaders answered start now; the others stay to look
+    // up and the fetcher asks again after its backoff (one leader down must not hold up
+    // every partition of the consumer).
+    let offsets = list_offsets_once(&shared.client, &specs).await?;
+    let mut failed = None;
     let mut state = shared.state.lock().expect("consumer state lock");
     for ((partition, epoch, _), offset) in lookups.into_iter().zip(offsets) {
-        let offset = offset?;
+        let offset = match offset {
+            Ok(offset) => offset,
+            Err(error) => {
+                failed.get_or_insert(error);
+                continue;
+            }
+        };
         if let Some(s) = state.partitions.get_mut(&partition)
             && s.epoch == epoch
         {
@@ -897,5 +907,5 @@ pub(super) async fn resolve_positions(
             s.position = Some(offset);
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
