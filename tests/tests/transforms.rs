@@ -404,3 +404,45 @@ async fn a_router_transform_survives_kill_9_without_loss_or_duplicates() -> anyh
     ensure!(ok(&broker, &["transform", "list"])?.is_empty());
     Ok(())
 }
+
+/// A transform whose input topic is deleted says so: failed, with the reason (it showed
+/// `running` for ever while its tasks waited on the deleted partitions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transform_whose_input_is_deleted_is_failed_with_the_reason() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&[])?;
+    let router = ketch_e2e::wasm_example_path("key_router")?;
+    ok(
+        &broker,
+        &["filter", "deploy", "router", router.to_str().unwrap()],
+    )?;
+    let client = broker.client().await?;
+    client.admin().create_topic(NewTopic::new("tin", 2)).await?;
+    client
+        .admin()
+        .create_topic(NewTopic::new("tout", 1))
+        .await?;
+    ok(
+        &broker,
+        &[
+            "transform",
+            "create",
+            "tt",
+            "--filter",
+            "router",
+            "--input",
+            "tin",
+            "--output",
+            "tout",
+            "--params",
+            r#"{"routes":{},"default":"tout"}"#,
+        ],
+    )?;
+    wait_for(&client, "tt", "running", |s| s.status == "running").await?;
+    client.admin().delete_topic("tin").await?;
+    let failed = wait_for(&client, "tt", "failed", |s| s.status == "failed").await?;
+    ensure!(
+        failed.last_error.contains("input topic was deleted"),
+        "{failed:?}"
+    );
+    Ok(())
+}

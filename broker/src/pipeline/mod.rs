@@ -419,7 +419,11 @@ impl Pipelines {
         let meta = running.meta.lock().expect("transform meta").clone();
         let stats = running.stats.lock().expect("transform stats");
         let mut lag = 0;
-        if let Some(topic) = self.cluster.topic(&meta.input) {
+        let input = self
+            .cluster
+            .topic(&meta.input)
+            .filter(|t| t.id.0 == meta.input_topic_id);
+        if let Some(topic) = &input {
             for partition in &topic.partitions {
                 let position = stats.positions.get(&partition.index).map_or(0, |p| p.0);
                 lag += (partition.offsets().high_watermark - position).max(0);
@@ -427,10 +431,14 @@ impl Pipelines {
         }
         let status = if meta.paused {
             "paused"
-        } else if !stats.failed.is_empty() {
+        } else if !stats.failed.is_empty() || input.is_none() {
             "failed"
         } else {
             "running"
+        };
+        let last_error = match input {
+            None => "the input topic was deleted".to_owned(),
+            Some(_) => stats.last_error.clone(),
         };
         TransformInfo {
             name: meta.name,
@@ -443,7 +451,7 @@ impl Pipelines {
             records_in: stats.positions.values().map(|p| p.1).sum(),
             records_out: stats.positions.values().map(|p| p.2).sum(),
             lag,
-            last_error: stats.last_error.clone(),
+            last_error,
         }
     }
 
@@ -642,6 +650,9 @@ impl Pipelines {
                 }
             };
             if bytes.is_empty() {
+                // Only the watch is kept while waiting: a deleted input drops its sender, and
+                // the task wakes to find the topic gone.
+                drop(partition);
                 tokio::select! {
                     _ = high_watermark.changed() => {}
                     _ = control.changed() => {}
