@@ -209,7 +209,8 @@ pub struct ProduceArgs {
     /// Split each line at the first SEP: the part before is the key. [default: no key]
     #[arg(long, value_name = "SEP")]
     key_separator: Option<String>,
-    /// Write every record to this partition. [default: by key hash, round robin without key]
+    /// Write every record to this partition. [default: by key hash; records without a key
+    /// stick to one partition per batch, as Kafka's default partitioner does (KIP-794)]
     #[arg(long)]
     partition: Option<u32>,
     /// Acknowledgement to wait for: none, leader (the leader's append) or all (every in-sync
