@@ -119,7 +119,9 @@ impl KetchProcess {
             .env(
                 "KETCH_LOG",
                 std::env::var("KETCH_LOG")
-                    .unwrap_or_else(|_| "info,openraft::replication=off".into()),
+                    .unwrap_or_else(|_| {
+                        "info,openraft::replication=off,openraft::engine::handler::replication_handler=off".into()
+                    }),
             );
         let process = ServerProcess::spawn(
             "ketch",

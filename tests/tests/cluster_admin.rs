@@ -816,18 +816,38 @@ async fn a_dead_peer_is_logged_once_not_per_retry() -> anyhow::Result<()> {
     let before = cluster.process.log(1).lines().count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let log = cluster.process.log(1);
-    let grown: Vec<&str> = log.lines().skip(before).collect();
-    let said = log
+    // WARN and ERROR lines: what the default filter shows of openraft (tests log INFO).
+    let grown: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("peer does not answer") && l.contains("peer=3"))
-        .count();
-    ensure!(
-        said == 1,
-        "node 1 said {said} times that node 3 does not answer"
+        .skip(before)
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    // Once the kill is seen, node 3's state is said once: "does not answer" (a slow answer
+    // under load before the kill may have been said and taken back already).
+    let state_lines = |lines: &[&str]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| {
+                l.contains("peer=3")
+                    && (l.contains("peer does not answer") || l.contains("peer answers again"))
+            })
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let all: Vec<&str> = log.lines().collect();
+    let after_kill = state_lines(&all[before.min(all.len())..]);
+    let last = state_lines(&all).pop().unwrap_or_default();
+    println!(
+        "node 1 logged {} WARN/ERROR lines in 4 s with node 3 down",
+        grown.len()
     );
     ensure!(
-        grown.len() <= 40,
-        "node 1 logged {} lines in 4 s with a peer down:\n{}",
+        after_kill.len() <= 1 && last.contains("peer does not answer"),
+        "node 1 said of node 3 after its kill: {after_kill:?} (last: {last:?})"
+    );
+    ensure!(
+        grown.len() <= 10,
+        "node 1 logged {} WARN/ERROR lines in 4 s with a peer down:\n{}",
         grown.len(),
         grown[..grown.len().min(30)].join("\n")
     );
@@ -837,6 +857,7 @@ async fn a_dead_peer_is_logged_once_not_per_retry() -> anyhow::Result<()> {
         .process
         .log(1)
         .lines()
+        .skip(all.len())
         .any(|l| l.contains("peer answers again") && l.contains("peer=3"))
     {
         ensure!(

@@ -5,7 +5,7 @@
 //! [`super::sim::SimNetwork`] is the in-memory transport of the tests; the QUIC transport
 //! (ALPN of its own) is the production one.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -282,6 +282,7 @@ impl<T: PeerTransport> PeerClient<T> {
         option: &RPCOption,
     ) -> Result<PeerResponse, PeerError> {
         let network = &self.network;
+        let started = std::time::Instant::now();
         let call = network
             .transport
             .call(&network.group, network.from, self.to, request);
@@ -293,8 +294,10 @@ impl<T: PeerTransport> PeerClient<T> {
             }),
         };
         match &answer {
-            Ok(_) | Err(PeerError::Remote { .. }) => note_reachable(network.from, self.to, None),
-            Err(e) => note_reachable(network.from, self.to, Some(e)),
+            Ok(_) | Err(PeerError::Remote { .. }) => {
+                note_reachable(network.from, self.to, started, None);
+            }
+            Err(e) => note_reachable(network.from, self.to, started, Some(e)),
         }
         answer
     }
@@ -303,19 +306,32 @@ impl<T: PeerTransport> PeerClient<T> {
 /// Which peers each node found unreachable, by (node, peer): a peer that stops answering is
 /// said once (WARN) and again when it answers (INFO), not at every retry of every group
 /// (openraft's own replication errors, one per retry, are off by default in `ketch serve`).
-static UNREACHABLE: std::sync::Mutex<BTreeSet<(NodeId, NodeId)>> =
-    std::sync::Mutex::new(BTreeSet::new());
+/// A peer is back only on an answer to a call made after it was found unreachable: calls in
+/// flight when it died may still complete, in any order, and must not make it flap.
+static UNREACHABLE: std::sync::Mutex<BTreeMap<(NodeId, NodeId), std::time::Instant>> =
+    std::sync::Mutex::new(BTreeMap::new());
 
-fn note_reachable(from: NodeId, to: NodeId, failure: Option<&PeerError>) {
+fn note_reachable(
+    from: NodeId,
+    to: NodeId,
+    call_started: std::time::Instant,
+    failure: Option<&PeerError>,
+) {
     let mut unreachable = UNREACHABLE.lock().unwrap_or_else(|e| e.into_inner());
     match failure {
         Some(e) => {
-            if unreachable.insert((from, to)) {
+            if let std::collections::btree_map::Entry::Vacant(entry) = unreachable.entry((from, to))
+            {
+                entry.insert(std::time::Instant::now());
                 tracing::warn!(node = from, peer = to, error = %e, "peer does not answer; replication to it is retried (said again when it answers)");
             }
         }
         None => {
-            if unreachable.remove(&(from, to)) {
+            if unreachable
+                .get(&(from, to))
+                .is_some_and(|found_at| call_started > *found_at)
+            {
+                unreachable.remove(&(from, to));
                 tracing::info!(node = from, peer = to, "peer answers again");
             }
         }
