@@ -13,9 +13,9 @@
 //! proposal retried after an ambiguous failure is harmless.
 //!
 //! Applying a `TopicCreated` that places a replica here opens it ([`ReplicatedPartition`],
-//! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); every
-//! replica of a new partition initializes its group with the same membership (a broker
-//! replaying the log at start: only the first), and a restart rejoins it. The image is
+//! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); the first
+//! replica of a partition's list initializes its group (the others too, with the same
+//! membership, if it has not after 2 s: it is down), and a restart rejoins it. The image is
 //! rebuilt at start-up by replaying the metadata log (never purged yet).
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
@@ -388,6 +388,39 @@ enum Effect {
     Security(SecurityChange),
     /// A module, its bytes, or a chain to bring in line with the image.
     Wasm(wasm::WasmEffect),
+}
+
+/// How long the other replicas of a new partition wait for its first replica to make the
+/// group before they make it themselves.
+const FIRST_REPLICA_WAIT: Duration = Duration::from_secs(2);
+
+/// Makes a new partition's group from this (not first) replica if, after
+/// [`FIRST_REPLICA_WAIT`], it has heard from no leader and is still pristine (its first
+/// replica is down).
+async fn initialize_if_leaderless<T: PeerTransport>(
+    controller: std::sync::Weak<Controller<T>>,
+    topic: String,
+    index: u32,
+    members: BTreeSet<NodeId>,
+) {
+    tokio::time::sleep(FIRST_REPLICA_WAIT).await;
+    let Some(hosted) = controller
+        .upgrade()
+        .and_then(|c| c.partition(&topic, index))
+    else {
+        return;
+    };
+    if hosted.leader().0.is_some() || hosted.replica.raft().is_initialized().await.unwrap_or(true) {
+        return;
+    }
+    tracing::info!(
+        topic,
+        partition = index,
+        "the first replica has not made this partition's group: making it here"
+    );
+    if let Err(e) = hosted.replica.initialize(members).await {
+        tracing::warn!(topic, partition = index, error = %e, "could not make the partition's group");
+    }
 }
 
 /// Places `partitions` × `replication_factor` replicas on `brokers`: partition `p`'s replicas
@@ -792,24 +825,28 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
             Effect::Open(topic) => {
-                // A topic created now is initialized by every replica, with the same
-                // membership (safe in openraft: the same config on several nodes), so a
-                // partition gets a leader while any quorum of its replicas runs, even with
-                // the first one down. Replaying the log at start, only the first does, as
-                // before: a replica since moved away by a reassignment must not form the old
-                // group again.
                 let live = self.caught_up();
                 for (index, replicas) in topic.replicas.iter().enumerate() {
-                    if replicas.contains(&self.node_id)
-                        && let Err(e) = self
-                            .open_replica(
-                                &topic,
-                                index as u32,
-                                live || replicas.first() == Some(&self.node_id),
-                            )
-                            .await
-                    {
+                    if !replicas.contains(&self.node_id) {
+                        continue;
+                    }
+                    let first = replicas.first() == Some(&self.node_id);
+                    if let Err(e) = self.open_replica(&topic, index as u32, first).await {
                         tracing::error!(topic = %topic.name, partition = index, error = %e, "could not open a partition replica");
+                        continue;
+                    }
+                    if live && !first {
+                        // The first replica (the preferred leader) makes the group; if it is
+                        // down, the others make it after a while, with the same membership
+                        // (safe in openraft), so the partition is led while a quorum runs.
+                        // Not when replaying the log at start: a replica since moved away by
+                        // a reassignment must not form the old group again.
+                        tokio::spawn(initialize_if_leaderless(
+                            Arc::downgrade(self),
+                            topic.name.clone(),
+                            index as u32,
+                            replicas.iter().copied().collect(),
+                        ));
                     }
                 }
             }
