@@ -516,6 +516,10 @@ pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
     }
 }
 
+/// How long DescribeTopic waits for a partition's leader to tell its high watermark: short,
+/// so a leader that just died (its successor elected meanwhile) delays the answer little.
+const DESCRIBE_HIGH_WATERMARK_TIMEOUT: Duration = Duration::from_millis(300);
+
 async fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
     if let Some(node) = &state.cluster_node {
         let topic = node.controller.topic(name).ok_or_else(|| {
@@ -532,7 +536,7 @@ async fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicRespon
                         let mut metadata = replicated_partition_metadata(node, topic, p);
                         metadata.high_watermark = node
                             .controller
-                            .leader_high_watermark(&topic.name, p, Duration::from_secs(2))
+                            .leader_high_watermark(&topic.name, p, DESCRIBE_HIGH_WATERMARK_TIMEOUT)
                             .await;
                         metadata
                     }
