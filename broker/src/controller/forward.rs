@@ -21,8 +21,6 @@ use crate::replication::network::{
 
 /// How long a forwarded produce may wait for its commit on the leader.
 const FORWARDED_PRODUCE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A leader that answered nothing for this long is not asked for a partition's state.
-const LEADER_SILENT_AFTER: Duration = Duration::from_secs(1);
 /// Pause between attempts while a partition has no leader that answers.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -157,14 +155,6 @@ impl<T: PeerTransport> Controller<T> {
                 format!("{topic}/{index} has no known leader"),
             )
         })?;
-        // A leader silent for a while (dead, cut off) is not asked: describe answers at once
-        // with what it knows rather than wait out the timeout.
-        if !self.transport.answered_within(leader, LEADER_SILENT_AFTER) {
-            return Err(ClusterError::new(
-                ErrorCode::Timeout,
-                format!("node {leader}, the leader of {topic}/{index}, has not answered lately"),
-            ));
-        }
         let asked = tokio::time::timeout(
             timeout,
             self.transport.call(

@@ -247,6 +247,8 @@ pub struct Image {
     pub chains: BTreeMap<String, crate::transform::ChainSpec>,
     /// Topic-to-topic transforms, by name.
     pub transforms: BTreeMap<String, crate::pipeline::Meta>,
+    /// Transforms deleted (name, id): their state in input partitions may go.
+    pub deleted_transforms: BTreeSet<(String, u64)>,
 }
 
 impl Image {
@@ -367,6 +369,7 @@ impl Image {
                     .is_some_and(|known| known.id == id)
                 {
                     self.transforms.remove(&name);
+                    self.deleted_transforms.insert((name, id));
                 }
                 Effect::None
             }

@@ -54,6 +54,9 @@ const DESCRIBE_STATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The prefix of a transform's state key in an input partition.
 const STATE_PREFIX: &str = "transform/";
 
+/// A task's transform name, id, resumes, input partition and leader term.
+type TaskKey = (String, u64, u64, u32, u64);
+
 /// Where a new partition task's producer id comes from (unique across the cluster).
 pub type AllocateProducerId = Arc<dyn Fn() -> Result<i64, ClusterError> + Send + Sync>;
 
@@ -82,10 +85,13 @@ pub struct ReplicatedPipelines<T: PeerTransport> {
     allocate_producer_id: AllocateProducerId,
     batch_bytes_max: usize,
     /// Running tasks by transform name, id, resumes (a resume starts failed partitions
-    /// again) and input partition.
-    tasks: Mutex<HashMap<(String, u64, u64, u32), Task>>,
-    /// The last error each partition task here met, by transform name and partition.
-    errors: Mutex<BTreeMap<(String, u32), String>>,
+    /// again), input partition and the leader term it runs in (a leader deposed and elected
+    /// again runs a new task: the old one's position may be older than what another leader
+    /// committed meanwhile).
+    tasks: Mutex<HashMap<TaskKey, Task>>,
+    /// The last error each partition task here met since its last commit, by transform
+    /// name, id and partition.
+    errors: Mutex<BTreeMap<(String, u64, u32), String>>,
     /// Serialises create and alter on this broker.
     admin: tokio::sync::Mutex<()>,
 }
@@ -158,42 +164,59 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 if let Some(hosted) = self.controller.partition(&meta.input, index)
                     && hosted.replica.is_leader()
                 {
-                    wanted.push((meta.clone(), index, hosted));
+                    let term = hosted.leader().1;
+                    wanted.push((meta.clone(), index, hosted, term));
                 }
             }
         }
         {
             let mut tasks = self.tasks.lock().expect("transform tasks");
-            tasks.retain(|(name, id, resumes, index), task| {
+            tasks.retain(|(name, id, resumes, index, term), task| {
                 !task.handle.is_finished()
-                    && wanted.iter().any(|(m, i, _)| {
-                        m.name == *name && m.id == *id && m.resumes == *resumes && i == index
+                    && wanted.iter().any(|(m, i, _, t)| {
+                        m.name == *name
+                            && m.id == *id
+                            && m.resumes == *resumes
+                            && i == index
+                            && t == term
                     })
             });
-            for (meta, index, hosted) in &wanted {
-                let key = (meta.name.clone(), meta.id, meta.resumes, *index);
+            for (meta, index, hosted, term) in &wanted {
+                let key = (meta.name.clone(), meta.id, meta.resumes, *index, *term);
                 if tasks.contains_key(&key) {
                     continue;
                 }
                 let this = self.clone();
-                let (meta, index, hosted) = (meta.clone(), *index, hosted.clone());
-                let handle = tokio::spawn(async move { this.run(meta, index, hosted).await });
+                let (meta, index, hosted, term) = (meta.clone(), *index, hosted.clone(), *term);
+                let handle = tokio::spawn(async move { this.run(meta, index, hosted, term).await });
                 tasks.insert(key, Task { handle });
             }
         }
-        // The state of transforms deleted (or re-created) goes with them, by the leaders.
+        self.errors
+            .lock()
+            .expect("transform errors")
+            .retain(|(name, id, _), _| image.transforms.get(name).is_some_and(|m| m.id == *id));
+        // The state of deleted transforms goes with them, by the leaders. Only of transforms
+        // this broker's metadata says were deleted: one it does not know yet (its metadata
+        // lags) keeps its state.
+        if image.deleted_transforms.is_empty() {
+            return;
+        }
         for hosted in self.controller.hosted() {
             if !hosted.replica.is_leader() {
                 continue;
             }
             for key in hosted.state_names() {
-                let Some(rest) = key.strip_prefix(STATE_PREFIX) else {
+                let Some((name, id)) = key
+                    .strip_prefix(STATE_PREFIX)
+                    .and_then(|rest| rest.rsplit_once('/'))
+                    .and_then(|(name, id)| Some((name.to_owned(), id.parse::<u64>().ok()?)))
+                else {
                     continue;
                 };
-                let live = image.transforms.values().any(|m| {
-                    m.input_topic_id == hosted.topic_id && format!("{}/{}", m.name, m.id) == rest
-                });
-                if !live && let Err(e) = hosted.write_state(&key, None, STATE_TIMEOUT).await {
+                if image.deleted_transforms.contains(&(name, id))
+                    && let Err(e) = hosted.write_state(&key, None, STATE_TIMEOUT).await
+                {
                     tracing::debug!(key, error = %e.message, "dropping a deleted transform's state");
                 }
             }
@@ -205,7 +228,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         self.errors
             .lock()
             .expect("transform errors")
-            .insert((meta.name.clone(), index), message.to_owned());
+            .insert((meta.name.clone(), meta.id, index), message.to_owned());
     }
 
     /// The committed state of `meta`'s partition on `hosted` (any replica).
@@ -236,12 +259,25 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
 
     /// The task of `meta` on input partition `index`, led here; returns when this broker
     /// no longer leads it (the runner starts it again if it does).
-    async fn run(self: Arc<Self>, meta: Meta, index: u32, hosted: Arc<ReplicatedPartition>) {
+    async fn run(
+        self: Arc<Self>,
+        meta: Meta,
+        index: u32,
+        hosted: Arc<ReplicatedPartition>,
+        term: u64,
+    ) {
         let not_leader = |e: &ClusterError| e.code == ErrorCode::NotLeader;
+        // This task writes state only while this replica leads in `term`: a leader deposed
+        // and elected again must not write a position older than what another committed.
+        let me = hosted.replica.node_id();
+        let leading = || hosted.replica.is_leader() && hosted.leader() == (Some(me), term);
         if let Err(e) = hosted.read_barrier(STATE_TIMEOUT).await {
             if !not_leader(&e) {
                 self.note_error(&meta, index, &e.message);
             }
+            return;
+        }
+        if !leading() {
             return;
         }
         let mut position = match Self::committed(&meta, &hosted) {
@@ -270,6 +306,9 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     ..Position::default()
                 };
                 // The identity is committed before anything is written with it.
+                if !leading() {
+                    return;
+                }
                 if let Err(e) = Self::save(&meta, &hosted, &position).await {
                     if !not_leader(&e) {
                         self.note_error(&meta, index, &e.message);
@@ -292,6 +331,9 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             }
             position.failed = None;
             position.resumes = meta.resumes;
+            if !leading() {
+                return;
+            }
             if let Err(e) = Self::save(&meta, &hosted, &position).await {
                 if !not_leader(&e) {
                     self.note_error(&meta, index, &e.message);
@@ -307,7 +349,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             let bytes = match hosted.read(position.offset, CHUNK_BYTES_MAX) {
                 Ok((bytes, _)) => bytes,
                 Err(e) => {
-                    self.fail(&meta, index, &hosted, &mut position, e.message)
+                    self.fail(&meta, index, &hosted, term, &mut position, e.message)
                         .await;
                     return;
                 }
@@ -319,7 +361,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                         "the pending chunk {}..{:?} of {}/{index} is not readable",
                         position.offset, position.pending_to, meta.input
                     );
-                    self.fail(&meta, index, &hosted, &mut position, message)
+                    self.fail(&meta, index, &hosted, term, &mut position, message)
                         .await;
                     return;
                 }
@@ -348,7 +390,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 {
                     Ok(session) => session,
                     Err(e) => {
-                        self.fail(&meta, index, &hosted, &mut position, e.to_string())
+                        self.fail(&meta, index, &hosted, term, &mut position, e.to_string())
                             .await;
                         return;
                     }
@@ -375,7 +417,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     chunk
                 }
                 Ok((_, Err(message))) => {
-                    self.fail(&meta, index, &hosted, &mut position, message)
+                    self.fail(&meta, index, &hosted, term, &mut position, message)
                         .await;
                     return;
                 }
@@ -392,6 +434,9 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     pending_to: Some(chunk.next_offset),
                     ..position.clone()
                 };
+                if !leading() {
+                    return;
+                }
                 if let Err(e) = Self::save(&meta, &hosted, &pending).await {
                     if not_leader(&e) {
                         return;
@@ -404,12 +449,12 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             }
             let mut sequences = position.sequences.clone();
             let records_out = match self
-                .write_outputs(&position, index, &chunk, &mut sequences)
+                .write_outputs(&position, index, &chunk, redo, &mut sequences)
                 .await
             {
                 Ok(records_out) => records_out,
                 Err(e) if e.code == ErrorCode::UnknownTopic => {
-                    self.fail(&meta, index, &hosted, &mut position, e.message)
+                    self.fail(&meta, index, &hosted, term, &mut position, e.message)
                         .await;
                     return;
                 }
@@ -430,6 +475,9 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 pending_to: None,
                 ..position.clone()
             };
+            if !leading() {
+                return;
+            }
             if let Err(e) = Self::save(&meta, &hosted, &committed).await {
                 if not_leader(&e) {
                     return;
@@ -440,6 +488,12 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 continue;
             }
             position = committed;
+            // Past whatever went wrong: the error is no longer current.
+            self.errors.lock().expect("transform errors").remove(&(
+                meta.name.clone(),
+                meta.id,
+                index,
+            ));
         }
     }
 
@@ -450,11 +504,16 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         meta: &Meta,
         index: u32,
         hosted: &ReplicatedPartition,
+        term: u64,
         position: &mut Position,
         message: String,
     ) {
         self.note_error(meta, index, &message);
         position.failed = Some(message);
+        let me = hosted.replica.node_id();
+        if !(hosted.replica.is_leader() && hosted.leader() == (Some(me), term)) {
+            return;
+        }
         if Self::save(meta, hosted, position).await.is_ok() {
             // Stopped until a resume (a new definition, so a new task).
             std::future::pending::<()>().await;
@@ -468,9 +527,9 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         position: &Position,
         index: u32,
         chunk: &Chunk,
+        redo: bool,
         sequences: &mut BTreeMap<String, i32>,
     ) -> Result<u64, ClusterError> {
-        let redo = position.pending_to.is_some();
         let mut records_out = 0;
         for (topic, records) in &chunk.outputs {
             let output = self.controller.topic(topic).ok_or_else(|| {
@@ -668,7 +727,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 None => failed = Some("the input topic was deleted".to_owned()),
                 Some(input) => {
                     for index in 0..input.replicas.len() as u32 {
-                        if let Some(message) = errors.get(&(meta.name.clone(), index)) {
+                        if let Some(message) = errors.get(&(meta.name.clone(), meta.id, index)) {
                             last_error = format!("partition {index}: {message}");
                         }
                         let read = self

@@ -896,7 +896,13 @@ pub(super) async fn resolve_positions(
         let offset = match offset {
             Ok(offset) => offset,
             Err(error) => {
-                failed.get_or_insert(error);
+                // Kept: one that says the metadata is stale, so the fetcher refreshes it.
+                if failed
+                    .as_ref()
+                    .is_none_or(|kept: &Error| !kept.invalidates_metadata())
+                {
+                    failed = Some(error);
+                }
                 continue;
             }
         };
