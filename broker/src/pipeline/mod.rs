@@ -325,42 +325,8 @@ impl Pipelines {
                 format!("unknown input topic {:?}", request.input),
             )
         })?;
-        if request.outputs.is_empty() {
-            return Err(error(
-                ErrorCode::InvalidRequest,
-                "a transform needs at least one output topic",
-            ));
-        }
-        for output in &request.outputs {
-            if *output == request.input {
-                return Err(error(
-                    ErrorCode::InvalidRequest,
-                    "an output topic must not be the input topic",
-                ));
-            }
-            if output == crate::cluster::OFFSETS_TOPIC || self.cluster.topic(output).is_none() {
-                return Err(error(
-                    ErrorCode::UnknownTopic,
-                    format!("unknown output topic {output:?}: create it first"),
-                ));
-            }
-        }
-        let version = self
-            .transforms
-            .latest_version(&request.filter)
-            .map_err(|e| error(e.code(), e.to_string()))?;
-        // The module must accept its params now, not at the first record.
-        let session = self
-            .transforms
-            .session(
-                &request.filter,
-                Some(version),
-                request.params.clone(),
-                format!("transform {}", request.name),
-            )
-            .await
-            .map_err(|e| error(e.code(), e.to_string()))?;
-        drop(session);
+        check_outputs(&request, |topic| self.cluster.topic(topic).is_some())?;
+        let version = checked_version(&self.transforms, &request).await?;
         let meta = Meta {
             name: request.name.clone(),
             filter: request.filter,
@@ -939,6 +905,55 @@ fn output_batches(
         batches.push(last.finish());
     }
     batches
+}
+
+/// What every create checks of a request's outputs (`exists`: whether a topic exists).
+fn check_outputs(
+    request: &TransformCreateRequest,
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), ClusterError> {
+    if request.outputs.is_empty() {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "a transform needs at least one output topic",
+        ));
+    }
+    for output in &request.outputs {
+        if *output == request.input {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "an output topic must not be the input topic",
+            ));
+        }
+        if output == crate::cluster::OFFSETS_TOPIC || !exists(output) {
+            return Err(error(
+                ErrorCode::UnknownTopic,
+                format!("unknown output topic {output:?}: create it first"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The module version a new transform pins (the latest), once the module accepted the
+/// request's params: they are refused at create, not at the first record.
+async fn checked_version(
+    transforms: &Transforms,
+    request: &TransformCreateRequest,
+) -> Result<u32, ClusterError> {
+    let version = transforms
+        .latest_version(&request.filter)
+        .map_err(|e| error(e.code(), e.to_string()))?;
+    transforms
+        .session(
+            &request.filter,
+            Some(version),
+            request.params.clone(),
+            format!("transform {}", request.name),
+        )
+        .await
+        .map_err(|e| error(e.code(), e.to_string()))?;
+    Ok(version)
 }
 
 async fn save_position(path: PathBuf, position: Position) -> Result<(), ClusterError> {

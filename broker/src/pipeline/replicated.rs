@@ -246,11 +246,25 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             .transpose()
     }
 
+    /// Commits `position` as `meta`'s state of `hosted`, only while this replica leads in
+    /// `term`: a leader deposed and elected again must not write a position older than
+    /// what another committed meanwhile (refused `not_leader`).
     async fn save(
         meta: &Meta,
         hosted: &ReplicatedPartition,
+        term: u64,
         position: &Position,
     ) -> Result<(), ClusterError> {
+        let me = hosted.replica.node_id();
+        if !(hosted.replica.is_leader() && hosted.leader() == (Some(me), term)) {
+            return Err(error(
+                ErrorCode::NotLeader,
+                format!(
+                    "node {me} no longer leads {}/{} in term {term}",
+                    hosted.topic, hosted.index
+                ),
+            ));
+        }
         let json = serde_json::to_vec(position).expect("positions serialise");
         hosted
             .write_state(&state_key(meta), Some(&json), STATE_TIMEOUT)
@@ -267,17 +281,10 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         term: u64,
     ) {
         let not_leader = |e: &ClusterError| e.code == ErrorCode::NotLeader;
-        // This task writes state only while this replica leads in `term`: a leader deposed
-        // and elected again must not write a position older than what another committed.
-        let me = hosted.replica.node_id();
-        let leading = || hosted.replica.is_leader() && hosted.leader() == (Some(me), term);
         if let Err(e) = hosted.read_barrier(STATE_TIMEOUT).await {
             if !not_leader(&e) {
                 self.note_error(&meta, index, &e.message);
             }
-            return;
-        }
-        if !leading() {
             return;
         }
         let mut position = match Self::committed(&meta, &hosted) {
@@ -306,10 +313,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     ..Position::default()
                 };
                 // The identity is committed before anything is written with it.
-                if !leading() {
-                    return;
-                }
-                if let Err(e) = Self::save(&meta, &hosted, &position).await {
+                if let Err(e) = Self::save(&meta, &hosted, term, &position).await {
                     if !not_leader(&e) {
                         self.note_error(&meta, index, &e.message);
                         tokio::time::sleep(RETRY_BACKOFF).await;
@@ -331,10 +335,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
             }
             position.failed = None;
             position.resumes = meta.resumes;
-            if !leading() {
-                return;
-            }
-            if let Err(e) = Self::save(&meta, &hosted, &position).await {
+            if let Err(e) = Self::save(&meta, &hosted, term, &position).await {
                 if !not_leader(&e) {
                     self.note_error(&meta, index, &e.message);
                     tokio::time::sleep(RETRY_BACKOFF).await;
@@ -434,10 +435,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     pending_to: Some(chunk.next_offset),
                     ..position.clone()
                 };
-                if !leading() {
-                    return;
-                }
-                if let Err(e) = Self::save(&meta, &hosted, &pending).await {
+                if let Err(e) = Self::save(&meta, &hosted, term, &pending).await {
                     if not_leader(&e) {
                         return;
                     }
@@ -475,10 +473,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 pending_to: None,
                 ..position.clone()
             };
-            if !leading() {
-                return;
-            }
-            if let Err(e) = Self::save(&meta, &hosted, &committed).await {
+            if let Err(e) = Self::save(&meta, &hosted, term, &committed).await {
                 if not_leader(&e) {
                     return;
                 }
@@ -510,11 +505,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
     ) {
         self.note_error(meta, index, &message);
         position.failed = Some(message);
-        let me = hosted.replica.node_id();
-        if !(hosted.replica.is_leader() && hosted.leader() == (Some(me), term)) {
-            return;
-        }
-        if Self::save(meta, hosted, position).await.is_ok() {
+        if Self::save(meta, hosted, term, position).await.is_ok() {
             // Stopped until a resume (a new definition, so a new task).
             std::future::pending::<()>().await;
         }
@@ -608,42 +599,8 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                     format!("unknown input topic {:?}", request.input),
                 )
             })?;
-        if request.outputs.is_empty() {
-            return Err(error(
-                ErrorCode::InvalidRequest,
-                "a transform needs at least one output topic",
-            ));
-        }
-        for output in &request.outputs {
-            if *output == request.input {
-                return Err(error(
-                    ErrorCode::InvalidRequest,
-                    "an output topic must not be the input topic",
-                ));
-            }
-            if output == crate::cluster::OFFSETS_TOPIC || !image.topics.contains_key(output) {
-                return Err(error(
-                    ErrorCode::UnknownTopic,
-                    format!("unknown output topic {output:?}: create it first"),
-                ));
-            }
-        }
-        let version = self
-            .transforms
-            .latest_version(&request.filter)
-            .map_err(|e| error(e.code(), e.to_string()))?;
-        // The module must accept its params now, not at the first record.
-        drop(
-            self.transforms
-                .session(
-                    &request.filter,
-                    Some(version),
-                    request.params.clone(),
-                    format!("transform {}", request.name),
-                )
-                .await
-                .map_err(|e| error(e.code(), e.to_string()))?,
-        );
+        super::check_outputs(&request, |topic| image.topics.contains_key(topic))?;
+        let version = super::checked_version(&self.transforms, &request).await?;
         let id = {
             use std::hash::{BuildHasher, Hasher};
             let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();

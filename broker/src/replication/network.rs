@@ -310,6 +310,9 @@ impl<T: PeerTransport> PeerClient<T> {
 /// flight when it died may still complete, in any order, and must not make it flap.
 static UNREACHABLE: std::sync::Mutex<BTreeMap<(NodeId, NodeId), std::time::Instant>> =
     std::sync::Mutex::new(BTreeMap::new());
+/// Entries in [`UNREACHABLE`]: an answer while every peer answers (the common case, on every
+/// AppendEntries) takes no lock.
+static UNREACHABLE_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn note_reachable(
     from: NodeId,
@@ -317,12 +320,17 @@ fn note_reachable(
     call_started: std::time::Instant,
     failure: Option<&PeerError>,
 ) {
+    use std::sync::atomic::Ordering;
+    if failure.is_none() && UNREACHABLE_COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
     let mut unreachable = UNREACHABLE.lock().unwrap_or_else(|e| e.into_inner());
     match failure {
         Some(e) => {
             if let std::collections::btree_map::Entry::Vacant(entry) = unreachable.entry((from, to))
             {
                 entry.insert(std::time::Instant::now());
+                UNREACHABLE_COUNT.fetch_add(1, Ordering::Release);
                 tracing::warn!(node = from, peer = to, error = %e, "peer does not answer; replication to it is retried (said again when it answers)");
             }
         }
@@ -332,6 +340,7 @@ fn note_reachable(
                 .is_some_and(|found_at| call_started > *found_at)
             {
                 unreachable.remove(&(from, to));
+                UNREACHABLE_COUNT.fetch_sub(1, Ordering::Release);
                 tracing::info!(node = from, peer = to, "peer answers again");
             }
         }
