@@ -258,7 +258,7 @@ impl Cluster {
     fn records(&self, node: NodeId) -> Vec<(i64, String)> {
         let replica = &self.node(node).partition.replica;
         let mut out = Vec::new();
-        let mut from = 0;
+        let mut from = replica.log_start_offset();
         loop {
             let batches = replica.read_committed(from, 1024 * 1024).expect("read");
             if batches.is_empty() {
@@ -280,12 +280,19 @@ impl Cluster {
         }
     }
 
-    /// Every node holds exactly `expected` (offset order), and the same producer state.
+    /// Every node holds exactly `expected` (offset order) from its log start on, and the
+    /// same producer state.
     fn check_replicas(&self, expected: &[(i64, String)], context: &str) {
         let mut states = BTreeMap::new();
         for node in self.running() {
             let id = node.partition.replica.node_id();
-            assert_eq!(self.records(id), expected, "{context}: node {id}'s records");
+            let start = node.partition.replica.log_start_offset();
+            let retained: Vec<(i64, String)> = expected
+                .iter()
+                .filter(|(o, _)| *o >= start)
+                .cloned()
+                .collect();
+            assert_eq!(self.records(id), retained, "{context}: node {id}'s records");
             states.insert(
                 id,
                 node.producers
@@ -707,5 +714,194 @@ async fn state_entries_take_no_offsets_and_travel_with_the_partition() {
     )
     .await;
     cluster.check_replicas(&expected, "after a full restart");
+    cluster.stop_all().await;
+}
+
+/// Produces `count` batches of two ~2 KiB records for `producer_id` (so that the 64 KiB
+/// segments roll every ~16 batches), recording them in `expected` and `written`.
+async fn write_padded(
+    cluster: &Cluster,
+    producer_id: i64,
+    count: usize,
+    next_sequence: &mut i32,
+    expected: &mut Vec<(i64, String)>,
+    written: &mut Written,
+) {
+    for _ in 0..count {
+        let values: Vec<String> = (0..2)
+            .map(|r| {
+                format!(
+                    "p{producer_id}-s{}-{}",
+                    *next_sequence + r,
+                    "x".repeat(2000)
+                )
+            })
+            .collect();
+        let base_offset = cluster
+            .produce(&batch(producer_id, *next_sequence, &values))
+            .await;
+        for (i, value) in values.iter().enumerate() {
+            expected.push((base_offset + i as i64, value.clone()));
+        }
+        written.push((*next_sequence, values, base_offset));
+        *next_sequence += 2;
+    }
+}
+
+/// One retention round on every running node, keeping about `bytes_max` of each log.
+async fn retention_round(cluster: &Cluster, bytes_max: u64) -> BTreeMap<NodeId, Option<u64>> {
+    let mut purged = BTreeMap::new();
+    for node in cluster.running() {
+        let replica = &node.partition.replica;
+        let now_ms = (cluster.clock)();
+        let through = replica
+            .apply_retention(now_ms, None, Some(bytes_max))
+            .await
+            .unwrap_or_else(|e| panic!("node {}: retention: {e}", replica.node_id()));
+        purged.insert(replica.node_id(), through);
+    }
+    purged
+}
+
+/// Retention on a replicated log: each replica purges its own log, through Raft, at a
+/// snapshot it captured in an earlier round; a follower that was down while the leader
+/// purged past its end comes back, installs the leader's snapshot (its log starts over
+/// where the snapshot ends) and then holds exactly the leader's retained records, with the
+/// same producer state. A new leader still answers a retry of the last batch as a
+/// duplicate, and a restart of every node (snapshot plus purged log from disk) holds the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_each_replica_and_a_follower_left_behind_installs_the_snapshot() {
+    let seed = seeds(1)[0];
+    println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), seed).await;
+    let producer_id = 9 << 40;
+    let mut next_sequence = 0;
+    let mut expected = Vec::new();
+    let mut written = Written::new();
+    write_padded(
+        &cluster,
+        producer_id,
+        40,
+        &mut next_sequence,
+        &mut expected,
+        &mut written,
+    )
+    .await;
+    let leader = cluster.wait_for_leader(None).await;
+    let behind = (1..=3).find(|n| *n != leader).unwrap();
+    cluster.crash(behind).await;
+    let behind_end = expected.len() as i64;
+
+    write_padded(
+        &cluster,
+        producer_id,
+        40,
+        &mut next_sequence,
+        &mut expected,
+        &mut written,
+    )
+    .await;
+    // The first round only captures where each log stands: nothing is purged yet.
+    let first = retention_round(&cluster, 100 * 1024).await;
+    assert!(
+        first.values().all(Option::is_none),
+        "seed {seed}: round one purged: {first:?}"
+    );
+    let captured_end = expected.len() as i64;
+    write_padded(
+        &cluster,
+        producer_id,
+        60,
+        &mut next_sequence,
+        &mut expected,
+        &mut written,
+    )
+    .await;
+    let second = retention_round(&cluster, 100 * 1024).await;
+    assert!(
+        second.values().all(Option::is_some),
+        "seed {seed}: round two purged: {second:?}"
+    );
+    let started = Instant::now();
+    for node in cluster.running() {
+        let replica = &node.partition.replica;
+        // openraft purges once no replication still reads those entries; each replica
+        // purges through what it had applied at round one (a follower may trail a little).
+        while replica.log_start_offset() <= behind_end {
+            assert!(
+                started.elapsed() < WAIT_MAX,
+                "seed {seed}: node {} starts at {}, not purged past {behind_end}",
+                replica.node_id(),
+                replica.log_start_offset()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            replica.log_start_offset() <= captured_end,
+            "seed {seed}: node {} purged past what it had applied at round one",
+            replica.node_id()
+        );
+    }
+    let leader_start = cluster.node(leader).partition.replica.log_start_offset();
+    cluster.check_replicas(&expected, &format!("seed {seed}: after purge"));
+
+    // The follower left behind ends below the leader's log start: it gets the snapshot.
+    cluster.start_node(behind).await;
+    cluster.wait_converged(expected.len() as i64).await;
+    assert_eq!(
+        cluster.node(behind).partition.replica.log_start_offset(),
+        leader_start,
+        "seed {seed}: the follower's log starts where the leader's snapshot ends"
+    );
+    cluster.check_replicas(&expected, &format!("seed {seed}: after the snapshot"));
+
+    // The old leader goes; a retry of the last batch is a duplicate on the new one.
+    cluster.crash(leader).await;
+    let new_leader = cluster.wait_for_leader(Some(leader)).await;
+    let (base_sequence, values, base_offset) = written.last().unwrap().clone();
+    let answer = cluster
+        .produce(&batch(producer_id, base_sequence, &values))
+        .await;
+    assert_eq!(
+        answer, base_offset,
+        "seed {seed}: a retry on the new leader {new_leader}"
+    );
+    write_padded(
+        &cluster,
+        producer_id,
+        3,
+        &mut next_sequence,
+        &mut expected,
+        &mut written,
+    )
+    .await;
+    cluster.start_node(leader).await;
+    cluster.wait_converged(expected.len() as i64).await;
+    cluster.check_replicas(&expected, &format!("seed {seed}: after failover"));
+
+    // Every node restarts from what it stored.
+    for node in 1..=3 {
+        cluster.crash(node).await;
+    }
+    for node in 1..=3 {
+        cluster.start_node(node).await;
+    }
+    cluster.wait_for_leader(None).await;
+    write_padded(
+        &cluster,
+        producer_id,
+        1,
+        &mut next_sequence,
+        &mut expected,
+        &mut written,
+    )
+    .await;
+    cluster.wait_converged(expected.len() as i64).await;
+    cluster.check_replicas(&expected, &format!("seed {seed}: after a restart"));
+    for node in cluster.running() {
+        assert!(node.partition.replica.log_start_offset() > behind_end);
+    }
     cluster.stop_all().await;
 }

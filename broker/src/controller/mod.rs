@@ -649,6 +649,54 @@ impl<T: PeerTransport> Controller<T> {
             .cloned()
     }
 
+    /// A topic's configuration: the broker's defaults with the topic's own settings.
+    fn topic_config(&self, topic: &TopicImage) -> Result<TopicConfig, ClusterError> {
+        let mut config = TopicConfig {
+            partitions: topic.replicas.len() as u32,
+            retention_ms: self.retention_ms,
+            retention_bytes: -1,
+            cleanup_policy: Default::default(),
+            delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
+        };
+        for (key, value) in &topic.configs {
+            config.set(key, value)?;
+        }
+        Ok(config)
+    }
+
+    /// Retention by time and size on every replica hosted here, each on its own log (see
+    /// `PartitionReplica::apply_retention`), by its topic's settings. Compaction of
+    /// replicated logs is not built: a topic whose policy is only `compact` keeps every
+    /// record on a cluster.
+    pub async fn apply_retention(&self, now_ms: i64) {
+        for hosted in self.hosted() {
+            let Some(topic) = self.topic(&hosted.topic) else {
+                continue;
+            };
+            let Ok(config) = self.topic_config(&topic) else {
+                continue;
+            };
+            let (retention_ms, retention_bytes) = if config.cleanup_policy.deletes() {
+                (
+                    (config.retention_ms >= 0).then_some(config.retention_ms),
+                    (config.retention_bytes >= 0).then_some(config.retention_bytes as u64),
+                )
+            } else {
+                (None, None)
+            };
+            if let Err(e) = hosted
+                .replica
+                .apply_retention(now_ms, retention_ms, retention_bytes)
+                .await
+            {
+                tracing::warn!(
+                    topic = %hosted.topic, partition = hosted.index, error = %e,
+                    "retention failed"
+                );
+            }
+        }
+    }
+
     /// Every hosted replica.
     pub fn hosted(&self) -> Vec<Arc<ReplicatedPartition>> {
         self.partitions
@@ -1329,16 +1377,7 @@ impl<T: PeerTransport> Controller<T> {
         let topic = self.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
         })?;
-        let mut config = TopicConfig {
-            partitions: topic.replicas.len() as u32,
-            retention_ms: self.retention_ms,
-            retention_bytes: -1,
-            cleanup_policy: Default::default(),
-            delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
-        };
-        for (key, value) in &topic.configs {
-            config.set(key, value)?;
-        }
+        let mut config = self.topic_config(&topic)?;
         let before = config.clone();
         for entry in entries {
             config.set(&entry.key, &entry.value)?;

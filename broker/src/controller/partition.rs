@@ -643,10 +643,11 @@ impl ReplicatedPartition {
         // its high watermark may lag a position a consumer already read (from the old
         // leader): a position within the local log is waited at, not out of range.
         let log_end = self.replica.log_end_offset().max(high_watermark);
-        if offset < 0 || offset > log_end {
+        let log_start = self.replica.log_start_offset();
+        if offset < log_start || offset > log_end {
             return Err(ClusterError::new(
                 ErrorCode::OffsetOutOfRange,
-                format!("offset {offset} is outside [0, {log_end}]"),
+                format!("offset {offset} is outside [{log_start}, {log_end}]"),
             ));
         }
         if offset >= high_watermark {
@@ -668,7 +669,7 @@ impl ReplicatedPartition {
     /// that recent).
     pub fn list_offset(&self, spec: OffsetSpec) -> Result<(i64, i64), ClusterError> {
         match spec {
-            OffsetSpec::Earliest => Ok((0, -1)),
+            OffsetSpec::Earliest => Ok((self.replica.log_start_offset(), -1)),
             OffsetSpec::Latest => Ok((self.replica.high_watermark(), -1)),
             OffsetSpec::Timestamp(timestamp_ms) => Ok(
                 match self

@@ -195,7 +195,25 @@ pub(crate) struct Shared {
     index: Mutex<LogIndex>,
     /// Appended entries the storage does not serve yet, by Raft index, with their offset.
     pending: Mutex<BTreeMap<u64, (i64, Entry)>>,
+    /// Where the last snapshot this replica installed ends, once the state machine holds
+    /// it durably: a purge past the log's own end (a snapshot from a leader that purged
+    /// what this replica lacks) starts the log over there.
+    installed: watch::Sender<Option<SnapshotEnd>>,
+    /// Set while a snapshot is being received (from its first chunk to its install).
+    receiving: std::sync::atomic::AtomicBool,
 }
+
+/// Where a snapshot ends: its last log id, and the storage and Kafka offsets after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotEnd {
+    pub last: LogId,
+    pub storage_end: i64,
+    pub kafka_end: i64,
+}
+
+/// How long a purge past the log's end waits for the state machine to install the snapshot
+/// that asked for it (openraft orders the install before the purge, on another task).
+const SNAPSHOT_INSTALL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Shared {
     /// Drops pending entries the storage now serves.
@@ -302,6 +320,49 @@ impl Shared {
 
     pub(crate) fn log(&self) -> &Arc<PartitionLog> {
         &self.log
+    }
+
+    /// The storage offset the log's entries begin at (the storage may still hold purged
+    /// records below it for a moment).
+    pub(crate) fn first_offset(&self) -> i64 {
+        let index = lock(&self.index);
+        index
+            .get(index.first_index())
+            .map_or(index.next_offset(), |p| p.base)
+    }
+
+    /// The storage offset the next entry goes to.
+    pub(crate) fn next_offset(&self) -> i64 {
+        lock(&self.index).next_offset()
+    }
+
+    /// The end of the entry at `index`, also when it is the last purged one (just below
+    /// the first entry).
+    pub(crate) fn end_of(&self, index: u64) -> Option<i64> {
+        let log_index = lock(&self.index);
+        match log_index.get(index) {
+            Some(position) => Some(position.end()),
+            None if index + 1 == log_index.first_index() => Some(
+                log_index
+                    .get(log_index.first_index())
+                    .map_or(log_index.next_offset(), |p| p.base),
+            ),
+            None => None,
+        }
+    }
+
+    /// Tells a purge waiting past the log's end that the snapshot ending at `end` is
+    /// installed and durable.
+    pub(crate) fn snapshot_installed(&self, end: SnapshotEnd) {
+        self.installed.send_replace(Some(end));
+        self.receiving
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A snapshot's first chunk arrived: a purge past the log's end will wait for it.
+    pub(crate) fn snapshot_receiving(&self) {
+        self.receiving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -430,6 +491,11 @@ impl PartitionLogStore {
             .map_or(0, |p| p.index + 1)
             .max(state.first_index);
         // Entries begin after the last purged one, wherever the storage's own start is.
+        // A crash while a follower started over after a snapshot (see `purge`) can leave
+        // the storage ending below where the entries begin: start it over again.
+        if log.log_end_offset() < state.purged_end {
+            log.reset_to(state.purged_end)?;
+        }
         let first_offset = log.log_start_offset().max(state.purged_end);
         let mut index = LogIndex::new(first_index, first_offset, state.controls_before);
         let end = log.high_watermark();
@@ -459,6 +525,8 @@ impl PartitionLogStore {
             log,
             index: Mutex::new(index),
             pending: Mutex::new(BTreeMap::new()),
+            installed: watch::channel(None).0,
+            receiving: std::sync::atomic::AtomicBool::new(false),
         });
         let (in_flight, receiver) = mpsc::channel(APPENDS_IN_FLIGHT_MAX);
         let (done_tx, appends_done) = watch::channel(0u64);
@@ -705,8 +773,21 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         {
             return Ok(());
         }
-        // Purging past the last entry (below a snapshot that is ahead of this log) empties
-        // the log, which then begins after the purged index.
+        let past_end = log_id.index >= lock(&self.shared.index).next_index();
+        let snapshot_ahead = self
+            .shared
+            .receiving
+            .load(std::sync::atomic::Ordering::SeqCst)
+            || self
+                .shared
+                .installed
+                .borrow()
+                .is_some_and(|end| end.last.index >= log_id.index);
+        if past_end && snapshot_ahead {
+            return self.start_over(log_id).await;
+        }
+        // Purging past the last entry with no snapshot received (openraft's own storage
+        // suite does) empties the log, which then begins after the purged index.
         let (controls_before, purged_end) = {
             let mut index = lock(&self.shared.index);
             let purged_end = if log_id.index < index.first_index() {
@@ -733,6 +814,61 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
             .log
             .purge_prefix(purged_end)
             .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
+        Ok(())
+    }
+}
+
+impl PartitionLogStore {
+    /// A purge past the last entry: a snapshot from a leader that purged entries this
+    /// replica never had was installed. The log starts over empty where the snapshot ends
+    /// (its offsets are the leader's, which this log cannot know, so the purge waits until
+    /// the state machine has the snapshot durably). The checkpoint first, then the storage:
+    /// a crash between leaves a storage ending below `purged_end`, which `open` starts over
+    /// again.
+    async fn start_over(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        let purge_error = |why: String| {
+            RaftStorageError::from(StorageIOError::write_logs(openraft::AnyError::error(why)))
+        };
+        let mut installed = self.shared.installed.subscribe();
+        let end = tokio::time::timeout(
+            SNAPSHOT_INSTALL_WAIT_MAX,
+            installed.wait_for(|end| end.is_some_and(|end| end.last.index >= log_id.index)),
+        )
+        .await
+        .map_err(|_| {
+            purge_error(format!(
+                "purge through {log_id} is past the log's end, and no snapshot that far was \
+                 installed within {SNAPSHOT_INSTALL_WAIT_MAX:?}"
+            ))
+        })?
+        .map_err(|_| purge_error("the state machine is gone".into()))?
+        .expect("waited for one");
+        if end.last != log_id {
+            return Err(purge_error(format!(
+                "purge through {log_id} past the log's end, but the snapshot installed ends at {}",
+                end.last
+            )));
+        }
+        let controls_before = u64::try_from(end.storage_end - end.kafka_end).map_err(|_| {
+            purge_error(format!(
+                "snapshot ends at storage offset {} below Kafka offset {}",
+                end.storage_end, end.kafka_end
+            ))
+        })?;
+        *lock(&self.shared.index) =
+            LogIndex::new(log_id.index + 1, end.storage_end, controls_before);
+        lock(&self.shared.pending).clear();
+        self.state.purged = Some(log_id);
+        self.state.controls_before = controls_before;
+        self.state.purged_end = end.storage_end;
+        self.save_state().await?;
+        let log = self.shared.log.clone();
+        let storage_end = end.storage_end;
+        tokio::task::spawn_blocking(move || log.reset_to(storage_end))
+            .await
+            .map_err(|e| purge_error(e.to_string()))?
+            .map_err(|e| purge_error(e.to_string()))?;
+        tracing::info!(last = %log_id, storage_end, "the replica's log starts over after a snapshot");
         Ok(())
     }
 }

@@ -17,7 +17,9 @@ use super::beacons::{BeaconToken, Beacons};
 use super::elections::ElectionTiming;
 use super::log_store::{LogStoreError, PartitionLogStore, RAFT_STATE_FILE, RaftState, Shared};
 use super::network::{GroupId, PeerNetwork, PeerRequest, PeerTransport};
-use super::state_machine::{AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine};
+use super::state_machine::{
+    AppliedHandle, ApplyHook, NoApplyHook, PartitionStateMachine, SnapshotData,
+};
 use super::{Clock, LocalAck, LogBatch, NodeId, PartitionRaft, Raft};
 use crate::storage::{LogConfig, PartitionLog, StorageError};
 
@@ -333,7 +335,19 @@ pub struct PartitionReplica {
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
     /// The node's leader beacons this replica is registered with, if the transport has them.
     beacons: Option<(Arc<Beacons>, BeaconToken)>,
+    /// The applied state captured at earlier retention rounds, oldest first: what the log
+    /// may later be purged through (see [`PartitionReplica::apply_retention`]).
+    retention_points: std::sync::Mutex<std::collections::VecDeque<Arc<SnapshotData>>>,
+    /// One retention round at a time.
+    retention_turn: tokio::sync::Mutex<()>,
 }
+
+/// Captured states a replica keeps for retention (each holds the producer table's
+/// checkpoint). When full, one is dropped so that the rest stay spread over the log: a
+/// purge then lands at most about a span of the log divided by this short of the cut.
+const RETENTION_POINTS_MAX: usize = 8;
+/// How long a retention round waits for openraft to build the snapshot it asked for.
+const SNAPSHOT_BUILD_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// How often the leader's last log index is sampled (at most) to judge followers' lag in time.
 const LAST_INDEX_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
@@ -473,7 +487,149 @@ impl PartitionReplica {
             elections,
             last_index_samples: std::sync::Mutex::default(),
             beacons,
+            retention_points: std::sync::Mutex::default(),
+            retention_turn: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The Kafka offset of the first record this replica's log still holds.
+    pub fn log_start_offset(&self) -> i64 {
+        self.shared.kafka_offset(self.shared.first_offset())
+    }
+
+    /// Retention by time and size (a topic's `retention.ms` and `retention.bytes`, `None`
+    /// unlimited) on this replica's own log, leader or follower, as each Kafka replica
+    /// applies retention to its own log. Answers the Raft index the log was purged
+    /// through, if this round purged.
+    ///
+    /// A replicated log is purged only through Raft, and only through an entry whose
+    /// applied state is the current snapshot (see `state_machine`), so that a follower the
+    /// leader purged past can install the snapshot and receive every retained entry after
+    /// it. Each round therefore captures the applied state as it is, and purges through
+    /// the newest state captured in an earlier round whose entries all lie below the
+    /// segments retention keeps. Records outlive their retention by up to the distance
+    /// between two captured points: about one round (the broker's retention check interval)
+    /// while few are kept, at most about the retained span over [`RETENTION_POINTS_MAX`]
+    /// once they are thinned out. Whole segments go as on a single node.
+    pub async fn apply_retention(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<Option<u64>, ReplicationError> {
+        let points = || {
+            self.retention_points
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if retention_ms.is_none() && retention_bytes.is_none() {
+            points().clear();
+            return Ok(None);
+        }
+        let _turn = self.retention_turn.lock().await;
+        // A leader postpones a purge while a replication call reads those entries, and
+        // retries it only at a replication answer: on a quiet partition, ask again (with a
+        // heartbeat, whose answers are such answers).
+        if let Some(snapshot) = self.applied.snapshot_last() {
+            let purged = self.raft.metrics().borrow().purged;
+            if purged < Some(snapshot) {
+                self.request_purge(snapshot.index).await?;
+            }
+        }
+        let cut = self
+            .shared
+            .log()
+            .retention_point(now_ms, retention_ms, retention_bytes);
+        let snapshot_last = self.applied.snapshot_last();
+        let usable = {
+            let mut points = points();
+            points.retain(|p| Some(p.end.last) > snapshot_last);
+            let mut usable = None;
+            while points.front().is_some_and(|p| p.end.storage_end <= cut) {
+                usable = points.pop_front();
+            }
+            usable
+        };
+        let mut purged = None;
+        if let Some(point) = usable {
+            // Still in the log as captured (a follower's uncommitted tail may have been
+            // replaced since, though an applied entry never is).
+            let last = point.end.last;
+            let in_log = self
+                .shared
+                .position(last.index)
+                .is_some_and(|p| p.term == last.leader_id.term && p.end() == point.end.storage_end);
+            if in_log {
+                self.purge_through(point).await?;
+                purged = Some(last.index);
+            }
+        }
+        if let Some(captured) = self.applied.capture(&self.shared) {
+            let mut points = points();
+            let newest = points
+                .back()
+                .map(|p| p.end.last)
+                .or(self.applied.snapshot_last());
+            if Some(captured.end.last) > newest {
+                points.push_back(captured);
+                if points.len() > RETENTION_POINTS_MAX {
+                    // Keep the points spread over the log: drop the inner one whose
+                    // neighbours are closest together.
+                    let drop = (1..points.len() - 1)
+                        .min_by_key(|&i| {
+                            points[i + 1].end.storage_end - points[i - 1].end.storage_end
+                        })
+                        .expect("more than two points");
+                    points.remove(drop);
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    /// Makes `point` the current snapshot and purges the log through its last entry.
+    async fn purge_through(&self, point: Arc<SnapshotData>) -> Result<(), ReplicationError> {
+        let last = point.end.last;
+        let stopped = |e: &dyn std::fmt::Display| ReplicationError::Stopped(e.to_string());
+        // The applied-state checkpoint is never left below the purge: a restart re-applies
+        // from it, and the entries before the purge are gone.
+        let applied = self.applied.clone();
+        tokio::task::spawn_blocking(move || applied.checkpoint_now())
+            .await
+            .map_err(|e| stopped(&e))?
+            .map_err(|e| stopped(&e))?;
+        self.applied.stage(point);
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| stopped(&e))?;
+        let mut metrics = self.raft.metrics();
+        tokio::time::timeout(
+            SNAPSHOT_BUILD_WAIT_MAX,
+            metrics.wait_for(|m| m.snapshot >= Some(last) || m.running_state.is_err()),
+        )
+        .await
+        .map_err(|_| ReplicationError::Timeout(SNAPSHOT_BUILD_WAIT_MAX))?
+        .map_err(|e| stopped(&e))?;
+        if let Some(reason) = self.failure() {
+            return Err(ReplicationError::Stopped(reason));
+        }
+        self.request_purge(last.index).await?;
+        tracing::debug!(group = %self.group, %last, "retention purges the log");
+        Ok(())
+    }
+
+    /// Asks openraft to purge through `index` (within the current snapshot); a leader also
+    /// sends a heartbeat, at whose answers a postponed purge is retried.
+    async fn request_purge(&self, index: u64) -> Result<(), ReplicationError> {
+        let stopped = |e: &dyn std::fmt::Display| ReplicationError::Stopped(e.to_string());
+        let trigger = self.raft.trigger();
+        trigger.purge_log(index).await.map_err(|e| stopped(&e))?;
+        if self.is_leader() {
+            trigger.heartbeat().await.map_err(|e| stopped(&e))?;
+        }
+        Ok(())
     }
 
     pub fn raft(&self) -> &Raft {

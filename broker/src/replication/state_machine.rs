@@ -23,9 +23,23 @@
 //! # Snapshots
 //!
 //! The records themselves are the log, so a snapshot is the applied state above with no
-//! records. Logs are not purged below it yet (openraft is configured never to snapshot on
-//! its own), so a snapshot is never sent to a follower: one that would be is refused as an
-//! error rather than installed without the records.
+//! records, and where the log stands after it (the storage and Kafka offsets). It exists
+//! for retention: a replica purges its log only through the entry its current snapshot
+//! ends at, and always to exactly there (see `PartitionReplica::apply_retention`), so a
+//! snapshot plus the entries the log still holds is the whole retained partition. A
+//! follower so far behind that the leader purged what it lacks installs the snapshot (its
+//! log starts over, empty, where the snapshot ends: see `log_store`) and then receives
+//! every retained entry after it.
+//!
+//! openraft is configured never to snapshot on its own. A snapshot is built only when the
+//! replica has staged the state it captured earlier at the entry it is about to purge
+//! through ([`AppliedHandle::capture`], [`AppliedHandle::stage`]). It is written durably
+//! to [`SNAPSHOT_FILE`] before any purge relies on it:
+//!
+//! ```text
+//! magic "KSN1":u32 | storage_end i64 | kafka_end i64 | checkpoint: len u32, bytes (above)
+//!   | crc32c u32 (of everything before it)
+//! ```
 
 use std::io::{Cursor, Write as _};
 use std::path::{Path, PathBuf};
@@ -41,7 +55,7 @@ use openraft::{
 use tokio::sync::watch;
 
 use super::entries;
-use super::log_store::Shared;
+use super::log_store::{Shared, SnapshotEnd};
 use super::{Applied, Entry, LogId, NodeId, PartitionRaft, RaftStorageError};
 
 /// The applied-state checkpoint, beside the partition log.
@@ -51,6 +65,9 @@ const APPLIED_STATE_MAGIC: u32 = u32::from_be_bytes(*b"KAS1");
 pub const APPLIED_CHECKPOINT_ENTRIES: u64 = 1024;
 /// ... or this many bytes of data entries, whichever comes first.
 pub const APPLIED_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// The current snapshot, beside the partition log.
+pub const SNAPSHOT_FILE: &str = "snapshot.checkpoint";
+const SNAPSHOT_MAGIC: u32 = u32::from_be_bytes(*b"KSN1");
 /// A checkpoint larger than this is refused as damaged (a hook body of a full producer
 /// table is about 10,000 × 91 bytes).
 const APPLIED_STATE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -221,6 +238,87 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
     ))
 }
 
+/// A snapshot: the applied state at its last entry (a checkpoint's bytes) and where the
+/// log stands after that entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotData {
+    pub end: SnapshotEnd,
+    pub membership: StoredMembership<NodeId, openraft::EmptyNode>,
+    /// The checkpoint bytes of the applied state at `end.last` ([`encode_checkpoint`]).
+    pub checkpoint: Vec<u8>,
+}
+
+impl SnapshotData {
+    /// The snapshot's bytes (layout in the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28 + self.checkpoint.len());
+        out.extend_from_slice(&SNAPSHOT_MAGIC.to_be_bytes());
+        out.extend_from_slice(&self.end.storage_end.to_be_bytes());
+        out.extend_from_slice(&self.end.kafka_end.to_be_bytes());
+        out.extend_from_slice(&(self.checkpoint.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.checkpoint);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// Decodes and checks a snapshot's bytes; the hook's body is returned beside it.
+    pub fn decode(bytes: &[u8]) -> Result<(SnapshotData, Vec<u8>), String> {
+        if bytes.len() < 4 + 8 + 8 + 4 + 4 {
+            return Err(format!("a snapshot of {} bytes is too short", bytes.len()));
+        }
+        let (content, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(content) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+            return Err("snapshot CRC mismatch".into());
+        }
+        let u32_at = |at: usize| u32::from_be_bytes(content[at..at + 4].try_into().expect("4"));
+        let i64_at = |at: usize| i64::from_be_bytes(content[at..at + 8].try_into().expect("8"));
+        if u32_at(0) != SNAPSHOT_MAGIC {
+            return Err("not a snapshot".into());
+        }
+        let storage_end = i64_at(4);
+        let kafka_end = i64_at(12);
+        let len = u32_at(20) as usize;
+        let checkpoint = content
+            .get(24..)
+            .filter(|rest| rest.len() == len)
+            .ok_or_else(|| "snapshot length mismatch".to_owned())?;
+        let (state, body) = decode_checkpoint(checkpoint)?;
+        let last = state
+            .applied
+            .ok_or_else(|| "a snapshot of no applied entry".to_owned())?;
+        if kafka_end < 0 || storage_end < kafka_end {
+            return Err(format!(
+                "a snapshot ending at storage offset {storage_end}, Kafka offset {kafka_end}"
+            ));
+        }
+        Ok((
+            SnapshotData {
+                end: SnapshotEnd {
+                    last,
+                    storage_end,
+                    kafka_end,
+                },
+                membership: state.membership,
+                checkpoint: checkpoint.to_vec(),
+            },
+            body.to_vec(),
+        ))
+    }
+
+    fn snapshot(&self) -> Snapshot<PartitionRaft> {
+        let last = self.end.last;
+        Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(last),
+                last_membership: self.membership.clone(),
+                snapshot_id: format!("{}-{}", last.leader_id.term, last.index),
+            },
+            snapshot: Box::new(Cursor::new(self.encode())),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` crash-safely: temporary file, fsync, rename, fsync of the
 /// directory.
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -247,6 +345,10 @@ pub(crate) struct Applier {
     checkpointed: Option<LogId>,
     entries_since_checkpoint: u64,
     bytes_since_checkpoint: u64,
+    /// The current snapshot (openraft's), durable in [`SNAPSHOT_FILE`].
+    snapshot: Option<Arc<SnapshotData>>,
+    /// The captured state the next snapshot build makes current.
+    staged: Option<Arc<SnapshotData>>,
 }
 
 impl Applier {
@@ -288,6 +390,42 @@ impl AppliedHandle {
             None => Ok(()),
         }
     }
+
+    /// The applied state now, as a snapshot that could later become current (the entry it
+    /// ends at must then still be in the log); `None` before anything was applied or while
+    /// the hook cannot checkpoint.
+    pub(crate) fn capture(&self, shared: &Shared) -> Option<Arc<SnapshotData>> {
+        let last = lock(&self.0).state.applied?;
+        self.capture_ending_at(shared, shared.end_of(last.index)?)
+    }
+
+    /// [`Self::capture`], the log taken to stand at `storage_end` after the last applied
+    /// entry.
+    fn capture_ending_at(&self, shared: &Shared, storage_end: i64) -> Option<Arc<SnapshotData>> {
+        let applier = lock(&self.0);
+        let last = applier.state.applied?;
+        let body = applier.hook.checkpoint()?;
+        let checkpoint = encode_checkpoint(&applier.state, &body).ok()?;
+        Some(Arc::new(SnapshotData {
+            end: SnapshotEnd {
+                last,
+                storage_end,
+                kafka_end: shared.kafka_offset(storage_end),
+            },
+            membership: applier.state.membership.clone(),
+            checkpoint,
+        }))
+    }
+
+    /// Makes `snapshot` the one the next build (openraft's `trigger().snapshot()`) answers.
+    pub(crate) fn stage(&self, snapshot: Arc<SnapshotData>) {
+        lock(&self.0).staged = Some(snapshot);
+    }
+
+    /// The last entry of the current snapshot.
+    pub(crate) fn snapshot_last(&self) -> Option<LogId> {
+        lock(&self.0).snapshot.as_ref().map(|s| s.end.last)
+    }
 }
 
 /// openraft's [`RaftStateMachine`] of a partition.
@@ -296,6 +434,7 @@ pub struct PartitionStateMachine {
     shared: Arc<Shared>,
     applier: Arc<Mutex<Applier>>,
     high_watermark: Arc<watch::Sender<i64>>,
+    snapshot_path: PathBuf,
 }
 
 impl PartitionStateMachine {
@@ -307,26 +446,56 @@ impl PartitionStateMachine {
         mut hook: Box<dyn ApplyHook>,
     ) -> PartitionStateMachine {
         let path = dir.join(APPLIED_STATE_FILE);
+        let snapshot_path = dir.join(SNAPSHOT_FILE);
+        let snapshot = match std::fs::read(&snapshot_path) {
+            Ok(bytes) => match SnapshotData::decode(&bytes) {
+                Ok((snapshot, _)) => Some(Arc::new(snapshot)),
+                Err(why) => {
+                    tracing::warn!(path = %snapshot_path.display(), %why, "snapshot refused");
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %snapshot_path.display(), error = %e, "snapshot unreadable");
+                None
+            }
+        };
         // Until openraft applies the committed entries (it re-applies those after the
         // checkpoint at start-up), the high watermark is where the checkpoint ends.
-        let mut start = shared.kafka_offset(shared.log().log_start_offset());
+        let mut start = shared.kafka_offset(shared.first_offset());
         let mut state = AppliedState::default();
+        let mut checkpointed = None;
         match load_checkpoint(&shared, &path, hook.as_mut()) {
             Ok(Some((loaded, end))) => {
                 state = loaded;
                 start = end;
+                checkpointed = state.applied;
             }
-            Ok(None) => {}
-            Err(why) => {
-                hook.reset();
-                tracing::warn!(
-                    path = %path.display(),
-                    %why,
-                    "applied-state checkpoint refused: replaying the whole committed log"
-                );
+            loaded => {
+                if let Err(why) = loaded {
+                    hook.reset();
+                    tracing::warn!(
+                        path = %path.display(),
+                        %why,
+                        "applied-state checkpoint refused: replaying from the snapshot, or the whole log"
+                    );
+                }
+                // A purged log can only be replayed from the snapshot it was purged below.
+                if let Some(snapshot) = &snapshot {
+                    match restore_snapshot(&shared, snapshot, hook.as_mut()) {
+                        Ok((loaded, end)) => {
+                            state = loaded;
+                            start = end;
+                        }
+                        Err(why) => {
+                            hook.reset();
+                            tracing::warn!(path = %snapshot_path.display(), %why, "snapshot not usable to replay from");
+                        }
+                    }
+                }
             }
         }
-        let checkpointed = state.applied;
         PartitionStateMachine {
             shared,
             applier: Arc::new(Mutex::new(Applier {
@@ -336,8 +505,11 @@ impl PartitionStateMachine {
                 checkpointed,
                 entries_since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
+                snapshot,
+                staged: None,
             })),
             high_watermark: Arc::new(watch::channel(start).0),
+            snapshot_path,
         }
     }
 
@@ -371,49 +543,114 @@ fn load_checkpoint(
             shared.kafka_offset(shared.log().log_start_offset()),
         )));
     };
-    // The entry it ends at must be in the log as it was applied: a log that lost its tail
-    // (`fsync = never`, or a follower's unsynced entries) cannot re-apply from here.
-    let position = shared
-        .position(applied.index)
+    // The entry it ends at must be in the log as it was applied (or be the last one purged,
+    // whose snapshot this state is): a log that lost its tail (`fsync = never`, or a
+    // follower's unsynced entries) cannot re-apply from here.
+    let end = shared
+        .end_of(applied.index)
         .ok_or_else(|| format!("its last applied entry {} is not in the log", applied.index))?;
-    if position.term != applied.leader_id.term {
+    if let Some(position) = shared.position(applied.index)
+        && position.term != applied.leader_id.term
+    {
         return Err(format!(
             "its last applied entry {} is of term {}, the log's of term {}",
             applied.index, applied.leader_id.term, position.term
         ));
     }
     hook.restore(body)?;
-    Ok(Some((state, shared.kafka_offset(position.end()))))
+    Ok(Some((state, shared.kafka_offset(end))))
 }
 
-/// A snapshot is the applied state without records (see the module documentation).
+/// Restores `hook` from a snapshot whose last entry is the log's last purged one or still
+/// in the log: the applied state and the high watermark it implies.
+fn restore_snapshot(
+    shared: &Shared,
+    snapshot: &SnapshotData,
+    hook: &mut dyn ApplyHook,
+) -> Result<(AppliedState, i64), String> {
+    let end = shared.end_of(snapshot.end.last.index).ok_or_else(|| {
+        format!(
+            "it ends at entry {}, which the log neither holds nor was purged through",
+            snapshot.end.last.index
+        )
+    })?;
+    if end != snapshot.end.storage_end {
+        return Err(format!(
+            "it ends at storage offset {}, the log's entry {} at {end}",
+            snapshot.end.storage_end, snapshot.end.last.index
+        ));
+    }
+    let (state, body) = decode_checkpoint(&snapshot.checkpoint)?;
+    hook.restore(body)?;
+    Ok((state, snapshot.end.kafka_end))
+}
+
+/// Builds the staged snapshot (see the module documentation): writes it durably and makes
+/// it current.
 #[derive(Debug)]
-pub struct MetadataSnapshot {
-    state: AppliedState,
-    body: Vec<u8>,
+pub struct PartitionSnapshotBuilder {
+    staged: Option<Arc<SnapshotData>>,
+    applier: Arc<Mutex<Applier>>,
+    shared: Arc<Shared>,
+    path: PathBuf,
 }
 
-impl RaftSnapshotBuilder<PartitionRaft> for MetadataSnapshot {
+impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, RaftStorageError> {
-        let snapshot_id = match &self.state.applied {
-            Some(id) => format!("{}-{}", id.leader_id.term, id.index),
-            None => "empty".to_owned(),
+        let error = |why: String| {
+            RaftStorageError::from(StorageIOError::write_snapshot(
+                None,
+                openraft::AnyError::error(why),
+            ))
         };
-        let data = encode_checkpoint(&self.state, &self.body)
-            .map_err(|e| StorageIOError::write_snapshot(None, openraft::AnyError::error(e)))?;
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: self.state.applied,
-                last_membership: self.state.membership.clone(),
-                snapshot_id,
+        // The broker always stages the state it purges through: a snapshot of the state
+        // now would end past the purge point, and a follower installing it would miss the
+        // entries between the two. Unstaged (openraft's API used directly) it is the state
+        // now, as openraft's contract says.
+        let staged = match self.staged.take() {
+            Some(staged) => staged,
+            None => match AppliedHandle(self.applier.clone()).capture(&self.shared) {
+                Some(captured) => captured,
+                None if lock(&self.applier).state.applied.is_none() => {
+                    // Nothing applied: an empty snapshot, which nothing is purged below.
+                    let empty = encode_checkpoint(&AppliedState::default(), &[]).map_err(error)?;
+                    return Ok(Snapshot {
+                        meta: SnapshotMeta {
+                            last_log_id: None,
+                            last_membership: StoredMembership::default(),
+                            snapshot_id: "empty".into(),
+                        },
+                        snapshot: Box::new(Cursor::new(empty)),
+                    });
+                }
+                // Applied entries the log does not hold (openraft's storage suite feeds
+                // the state machine alone): the log's end is where it stands.
+                None => AppliedHandle(self.applier.clone())
+                    .capture_ending_at(&self.shared, self.shared.next_offset())
+                    .ok_or_else(|| error("the applied state cannot be captured now".into()))?,
             },
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        };
+        let path = self.path.clone();
+        let bytes = staged.encode();
+        tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+            .await
+            .map_err(|e| error(e.to_string()))?
+            .map_err(|e| error(format!("{}: {e}", self.path.display())))?;
+        let snapshot = staged.snapshot();
+        let mut applier = lock(&self.applier);
+        if applier
+            .snapshot
+            .as_ref()
+            .is_none_or(|current| current.end.last < staged.end.last)
+        {
+            applier.snapshot = Some(staged);
+        }
+        Ok(snapshot)
     }
 }
 
 impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
-    type SnapshotBuilder = MetadataSnapshot;
+    type SnapshotBuilder = PartitionSnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -540,36 +777,76 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let applier = lock(&self.applier);
-        MetadataSnapshot {
-            state: applier.state.clone(),
-            body: applier.hook.checkpoint().unwrap_or_default(),
+        PartitionSnapshotBuilder {
+            staged: lock(&self.applier).staged.take(),
+            applier: self.applier.clone(),
+            shared: self.shared.clone(),
+            path: self.snapshot_path.clone(),
         }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        self.shared.snapshot_receiving();
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
+    /// Installs a leader's snapshot: the applied state becomes the snapshot's, durably
+    /// (snapshot file and applied-state checkpoint), and only then is the log store told
+    /// where the log starts over (see `log_store`).
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::EmptyNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), RaftStorageError> {
-        Err(StorageIOError::write_snapshot(
-            Some(meta.signature()),
-            openraft::AnyError::error(
-                "partition snapshots carry no records and logs are never purged below them: \
-                 a follower this far behind needs the log itself (not implemented yet)",
-            ),
-        )
-        .into())
+        let error = |why: String| {
+            RaftStorageError::from(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                openraft::AnyError::error(why),
+            ))
+        };
+        let bytes = snapshot.into_inner();
+        let (data, body) = SnapshotData::decode(&bytes).map_err(error)?;
+        if Some(data.end.last) != meta.last_log_id {
+            return Err(error(format!(
+                "the snapshot's data ends at {}, its meta at {:?}",
+                data.end.last, meta.last_log_id
+            )));
+        }
+        let (state, _) = decode_checkpoint(&data.checkpoint).map_err(error)?;
+        let snapshot_path = self.snapshot_path.clone();
+        let (checkpoint_path, checkpoint) = {
+            let applier = lock(&self.applier);
+            (applier.path.clone(), data.checkpoint.clone())
+        };
+        tokio::task::spawn_blocking(move || {
+            write_durably(&snapshot_path, &bytes)?;
+            write_durably(&checkpoint_path, &checkpoint)
+        })
+        .await
+        .map_err(|e| error(e.to_string()))?
+        .map_err(|e| error(e.to_string()))?;
+        {
+            let mut applier = lock(&self.applier);
+            if let Err(why) = applier.hook.restore(&body) {
+                applier.hook.reset();
+                return Err(error(format!("the snapshot's applied state: {why}")));
+            }
+            applier.state = state;
+            applier.checkpointed = applier.state.applied;
+            applier.entries_since_checkpoint = 0;
+            applier.bytes_since_checkpoint = 0;
+            applier.snapshot = Some(Arc::new(data.clone()));
+        }
+        self.high_watermark.send_replace(data.end.kafka_end);
+        self.shared.snapshot_installed(data.end);
+        tracing::info!(last = %data.end.last, kafka_end = data.end.kafka_end, "installed a snapshot");
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<PartitionRaft>>, RaftStorageError> {
-        Ok(None)
+        Ok(lock(&self.applier).snapshot.as_ref().map(|s| s.snapshot()))
     }
 }
 

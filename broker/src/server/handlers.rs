@@ -354,7 +354,7 @@ fn replicated_partition_metadata(
             .iter()
             .map(|r| *r as u32)
             .collect(),
-        log_start_offset: 0,
+        log_start_offset: hosted.as_ref().map_or(0, |p| p.replica.log_start_offset()),
         high_watermark: hosted.map_or(-1, |p| p.replica.high_watermark()),
     }
 }
@@ -897,14 +897,16 @@ pub(super) fn fetch_partition(
     let mut response = partition_answer(p.topic.clone(), p.partition, ErrorCode::None, None);
     if let Some(node) = &state.cluster_node {
         let result = match node.controller.partition(&p.topic, p.partition) {
-            Some(hosted) => hosted.read(p.offset, max_bytes),
+            Some(hosted) => hosted
+                .read(p.offset, max_bytes)
+                .map(|(records, hwm)| (records, hwm, hosted.replica.log_start_offset())),
             None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
         };
         match result {
-            Ok((records, high_watermark)) => {
+            Ok((records, high_watermark, log_start)) => {
                 response.records = records;
                 response.high_watermark = high_watermark;
-                response.log_start_offset = 0;
+                response.log_start_offset = log_start;
             }
             Err(e) => {
                 state.metrics.error(Some(api), e.code);

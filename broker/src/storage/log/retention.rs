@@ -21,26 +21,32 @@ impl PartitionLog {
         retention_bytes: Option<u64>,
     ) -> Result<RetentionOutcome, StorageError> {
         let _write = lock(&self.shared.write);
-        let count = {
-            let view = lock(&self.shared.view);
-            let sealed = view.segments.len() - 1;
-            let mut count = 0;
-            if let Some(retention_ms) = retention_ms {
-                let threshold = now_ms.saturating_sub(retention_ms);
-                while count < sealed && view.segments[count].max_timestamp() < threshold {
-                    count += 1;
-                }
-            }
-            if let Some(retention_bytes) = retention_bytes {
-                let mut total: u64 = view.segments[count..].iter().map(|s| s.size).sum();
-                while count < sealed && total > retention_bytes {
-                    total -= view.segments[count].size;
-                    count += 1;
-                }
-            }
-            count
-        };
+        let count = retention_count(
+            &lock(&self.shared.view),
+            now_ms,
+            retention_ms,
+            retention_bytes,
+        );
         self.shared.delete_oldest_segments(count)
+    }
+
+    /// Where [`Self::apply_retention_limits`] would start the log: the base offset of the
+    /// first segment it keeps (the log start if it deletes none). Deletes nothing: a
+    /// replicated log is purged through its consensus group instead, which moves its start
+    /// by [`Self::purge_prefix`].
+    pub fn retention_point(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<u64>,
+    ) -> i64 {
+        let view = lock(&self.shared.view);
+        let count = retention_count(&view, now_ms, retention_ms, retention_bytes);
+        if count == 0 {
+            view.log_start
+        } else {
+            view.segments[count].base_offset.max(view.log_start)
+        }
     }
 
     /// Advances the log start offset to `up_to_offset` (records below it are gone) and deletes
@@ -70,6 +76,31 @@ impl PartitionLog {
         }
         Ok(())
     }
+}
+
+/// How many of the oldest (sealed) segments retention by time and size removes.
+fn retention_count(
+    view: &View,
+    now_ms: i64,
+    retention_ms: Option<i64>,
+    retention_bytes: Option<u64>,
+) -> usize {
+    let sealed = view.segments.len() - 1;
+    let mut count = 0;
+    if let Some(retention_ms) = retention_ms {
+        let threshold = now_ms.saturating_sub(retention_ms);
+        while count < sealed && view.segments[count].max_timestamp() < threshold {
+            count += 1;
+        }
+    }
+    if let Some(retention_bytes) = retention_bytes {
+        let mut total: u64 = view.segments[count..].iter().map(|s| s.size).sum();
+        while count < sealed && total > retention_bytes {
+            total -= view.segments[count].size;
+            count += 1;
+        }
+    }
+    count
 }
 
 impl Shared {
@@ -130,7 +161,7 @@ impl Shared {
             .map_err(io_error("fsync", &self.dir))
     }
 
-    fn write_log_start_checkpoint(&self, log_start: i64) -> Result<(), StorageError> {
+    pub(super) fn write_log_start_checkpoint(&self, log_start: i64) -> Result<(), StorageError> {
         self.write_offset_checkpoint(
             LOG_START_CHECKPOINT_TMP_FILE,
             LOG_START_CHECKPOINT_FILE,

@@ -57,6 +57,80 @@ impl PartitionLog {
     }
 }
 
+impl PartitionLog {
+    /// Empties the log and makes it begin (and end) at `offset`, which must not be below the
+    /// log start: a replica that installs a snapshot ending past its own log starts over
+    /// where the snapshot ends. Records at or above `offset` are cut first, so a new segment
+    /// never overlaps an old one. Then the new, empty segment is created and synced before
+    /// the old ones are removed (oldest first): a crash between leaves old segments wholly
+    /// below `offset`, which a later `purge_prefix(offset)` removes.
+    pub fn reset_to(&self, offset: i64) -> Result<(), StorageError> {
+        let (log_start, log_end) = {
+            let view = lock(&self.shared.view);
+            (view.log_start, view.log_end)
+        };
+        if offset < log_start {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                log_start,
+                log_end,
+            });
+        }
+        if log_start == offset && log_end == offset {
+            return Ok(());
+        }
+        if offset < log_end {
+            self.truncate_suffix(log_start)?;
+        }
+        let mut write = lock(&self.shared.write);
+        lock(&self.shared.queue).check_not_poisoned()?;
+        let _exclusive = self
+            .shared
+            .truncation
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.leave_clean_state(&mut write)?;
+        self.shared.forget_clean_offset_above(offset)?;
+        let active_base = lock(&self.shared.view).active().base_offset;
+        let new_segment = if active_base == offset {
+            // The active segment is empty and begins there already.
+            None
+        } else {
+            let segment = Segment::create(self.shared.backend.as_ref(), &self.shared.dir, offset)?;
+            self.shared
+                .backend
+                .sync_dir(&self.shared.dir)
+                .map_err(io_error("fsync", &self.shared.dir))?;
+            Some(segment)
+        };
+        let removed = {
+            let mut view = lock(&self.shared.view);
+            let removed = match new_segment {
+                Some(segment) => std::mem::replace(&mut view.segments, vec![segment]),
+                None => {
+                    let keep = view.segments.len() - 1;
+                    view.segments.drain(..keep).collect()
+                }
+            };
+            view.log_start = offset;
+            view.log_end = offset;
+            view.high_watermark = offset;
+            removed
+        };
+        let result = self
+            .shared
+            .remove_segment_files(&removed, Oldest::First)
+            .and_then(|()| self.shared.write_log_start_checkpoint(offset));
+        if let Err(e) = &result {
+            self.shared
+                .poison(format!("reset_to({offset}) failed: {e}"));
+        }
+        write.unsynced = false;
+        tracing::info!(dir = %self.shared.dir.display(), offset, "the log starts over");
+        result
+    }
+}
+
 impl Shared {
     /// Compaction's clean offset must not stay above a cut: the offsets from there will be
     /// written again, so they are dirty. Removes the cleaner checkpoint (a missing one means
