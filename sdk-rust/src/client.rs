@@ -18,6 +18,8 @@ use crate::transport::{Transport, resolve};
 /// How long an admin request answered `unknown_topic` (or `unknown_partition`) is retried:
 /// about how long a topic created through one broker takes to reach the others.
 const ADMIN_UNKNOWN_RETRY_MAX: Duration = Duration::from_secs(3);
+/// How long [`ClientInner::call_any_broker`] waits for one broker before asking another too.
+const HEDGE_DELAY: Duration = Duration::from_millis(500);
 
 /// A connection to a Ketch cluster: the entry point of the crate.
 ///
@@ -432,6 +434,70 @@ impl ClientInner {
                 result => return result,
             }
         }
+    }
+
+    /// Sends a request any broker answers alike, and that may be answered twice harmlessly
+    /// (InitProducerId outside transactions: a second answer only wastes an id), to the
+    /// controller first and, while no answer has come, to each other known broker in turn
+    /// every [`HEDGE_DELAY`] (or at once when one fails); the first answer wins. A dead
+    /// broker costs a connect timeout, which may be longer than the whole request timeout:
+    /// this way it costs [`HEDGE_DELAY`]. When every broker failed, the controller is
+    /// retried as [`Self::call_controller`] does.
+    pub(crate) async fn call_any_broker<R: Api>(&self, request: &R) -> Result<R::Response> {
+        use futures_util::StreamExt as _;
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut targets = vec![self.controller()];
+        {
+            let metadata = self.metadata.lock().expect("metadata lock");
+            targets.extend(metadata.brokers.values().copied());
+        }
+        targets.extend(self.bootstrap.iter().copied());
+        let mut seen = std::collections::HashSet::new();
+        targets.retain(|addr| seen.insert(*addr));
+        let mut targets = targets.into_iter();
+        let mut calls = futures_util::stream::FuturesUnordered::new();
+        let launch = |addr: SocketAddr| {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            self.transport.call(addr, request, timeout)
+        };
+        if let Some(addr) = targets.next() {
+            calls.push(launch(addr));
+        }
+        let mut more = true;
+        let mut last_error = None;
+        loop {
+            let hedge = tokio::time::sleep(HEDGE_DELAY);
+            tokio::select! {
+                answer = calls.next(), if !calls.is_empty() => match answer {
+                    Some(Ok(response)) => return Ok(response),
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "a broker did not answer; asking another");
+                        last_error = Some(error);
+                        match targets.next() {
+                            Some(addr) => calls.push(launch(addr)),
+                            None => more = false,
+                        }
+                    }
+                    None => {}
+                },
+                () = hedge, if more => match targets.next() {
+                    Some(addr) => calls.push(launch(addr)),
+                    None => more = false,
+                },
+            }
+            if calls.is_empty() && !more {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(last_error.unwrap_or_else(|| {
+                    Error::Timeout(format!(
+                        "no broker answered within {:?}",
+                        self.config.request_timeout
+                    ))
+                }));
+            }
+        }
+        self.call_controller(request).await
     }
 
     /// Sends a group request to the group's coordinator (found with FindCoordinator and

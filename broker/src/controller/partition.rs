@@ -277,6 +277,10 @@ impl ApplyHook for ProducerStateHook {
     fn reset(&mut self) {
         *lock(&self.state) = ProducerState::default();
     }
+
+    fn detached(&self) -> Box<dyn ApplyHook> {
+        Box::new(ProducerStateHook::new())
+    }
 }
 
 /// A batch for [`ReplicatedPartition::produce_prepared`]: idempotence is checked on `input`,

@@ -232,7 +232,7 @@ impl Shared {
     ///
     /// Stops before the entry that would take the answer past `bytes_max` (payload bytes),
     /// but always answers at least one entry of a non-empty range.
-    fn read_entries(
+    pub(crate) fn read_entries(
         &self,
         start: u64,
         end: u64,
@@ -329,6 +329,32 @@ impl Shared {
         index
             .get(index.first_index())
             .map_or(index.next_offset(), |p| p.base)
+    }
+
+    /// The last entry at or below `index_max` that ends at or below storage offset `end`.
+    pub(crate) fn last_entry_ending_by(&self, end: i64, index_max: u64) -> Option<LogId> {
+        let index = lock(&self.index);
+        let first = index.first_index();
+        let last = index.next_index().checked_sub(1)?.min(index_max);
+        if last < first {
+            return None;
+        }
+        // Entries end in increasing order: find the last one ending by `end`.
+        let (mut lo, mut hi) = (first, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if index.get(mid).is_some_and(|p| p.end() <= end) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let found = lo.checked_sub(1).filter(|i| *i >= first)?;
+        let position = index.get(found)?;
+        Some(LogId::new(
+            openraft::CommittedLeaderId::new(position.term, 0),
+            found,
+        ))
     }
 
     /// The storage offset the next entry goes to.

@@ -335,17 +335,10 @@ pub struct PartitionReplica {
     last_index_samples: std::sync::Mutex<LastIndexSamples>,
     /// The node's leader beacons this replica is registered with, if the transport has them.
     beacons: Option<(Arc<Beacons>, BeaconToken)>,
-    /// The applied state captured at earlier retention rounds, oldest first: what the log
-    /// may later be purged through (see [`PartitionReplica::apply_retention`]).
-    retention_points: std::sync::Mutex<std::collections::VecDeque<Arc<SnapshotData>>>,
     /// One retention round at a time.
     retention_turn: tokio::sync::Mutex<()>,
 }
 
-/// Captured states a replica keeps for retention (each holds the producer table's
-/// checkpoint). When full, one is dropped so that the rest stay spread over the log: a
-/// purge then lands at most about a span of the log divided by this short of the cut.
-const RETENTION_POINTS_MAX: usize = 8;
 /// How long a retention round waits for openraft to build the snapshot it asked for.
 const SNAPSHOT_BUILD_WAIT_MAX: Duration = Duration::from_secs(10);
 
@@ -487,7 +480,6 @@ impl PartitionReplica {
             elections,
             last_index_samples: std::sync::Mutex::default(),
             beacons,
-            retention_points: std::sync::Mutex::default(),
             retention_turn: tokio::sync::Mutex::new(()),
         })
     }
@@ -502,35 +494,28 @@ impl PartitionReplica {
     /// applies retention to its own log. Answers the Raft index the log was purged
     /// through, if this round purged.
     ///
-    /// A replicated log is purged only through Raft, and only through an entry whose
-    /// applied state is the current snapshot (see `state_machine`), so that a follower the
-    /// leader purged past can install the snapshot and receive every retained entry after
-    /// it. Each round therefore captures the applied state as it is, and purges through
-    /// the newest state captured in an earlier round whose entries all lie below the
-    /// segments retention keeps. Records outlive their retention by up to the distance
-    /// between two captured points: about one round (the broker's retention check interval)
-    /// while few are kept, at most about the retained span over [`RETENTION_POINTS_MAX`]
-    /// once they are thinned out. Whole segments go as on a single node.
+    /// A replicated log is purged only through Raft, and only through the entry the
+    /// current snapshot ends at (see `state_machine`), so that a follower the leader purged
+    /// past can install the snapshot and receive every retained entry after it. The
+    /// snapshot is the applied state at the last applied entry that ends where retention's
+    /// first kept segment begins: replayed (in a detached hook) from the current snapshot
+    /// through the entries about to go, so each purge reads what it deletes once. Whole
+    /// segments go, as on a single node.
     pub async fn apply_retention(
         &self,
         now_ms: i64,
         retention_ms: Option<i64>,
         retention_bytes: Option<u64>,
     ) -> Result<Option<u64>, ReplicationError> {
-        let points = || {
-            self.retention_points
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        };
         if retention_ms.is_none() && retention_bytes.is_none() {
-            points().clear();
             return Ok(None);
         }
         let _turn = self.retention_turn.lock().await;
+        let snapshot_last = self.applied.snapshot_last();
         // A leader postpones a purge while a replication call reads those entries, and
         // retries it only at a replication answer: on a quiet partition, ask again (with a
         // heartbeat, whose answers are such answers).
-        if let Some(snapshot) = self.applied.snapshot_last() {
+        if let Some(snapshot) = snapshot_last {
             let purged = self.raft.metrics().borrow().purged;
             if purged < Some(snapshot) {
                 self.request_purge(snapshot.index).await?;
@@ -540,51 +525,29 @@ impl PartitionReplica {
             .shared
             .log()
             .retention_point(now_ms, retention_ms, retention_bytes);
-        let snapshot_last = self.applied.snapshot_last();
-        let usable = {
-            let mut points = points();
-            points.retain(|p| Some(p.end.last) > snapshot_last);
-            let mut usable = None;
-            while points.front().is_some_and(|p| p.end.storage_end <= cut) {
-                usable = points.pop_front();
-            }
-            usable
+        let Some(applied) = self.applied.applied() else {
+            return Ok(None);
         };
-        let mut purged = None;
-        if let Some(point) = usable {
-            // Still in the log as captured (a follower's uncommitted tail may have been
-            // replaced since, though an applied entry never is).
-            let last = point.end.last;
-            let in_log = self
-                .shared
-                .position(last.index)
-                .is_some_and(|p| p.term == last.leader_id.term && p.end() == point.end.storage_end);
-            if in_log {
-                self.purge_through(point).await?;
-                purged = Some(last.index);
-            }
+        let Some(target) = self.shared.last_entry_ending_by(cut, applied.index) else {
+            return Ok(None);
+        };
+        if Some(target) <= snapshot_last {
+            return Ok(None);
         }
-        if let Some(captured) = self.applied.capture(&self.shared) {
-            let mut points = points();
-            let newest = points
-                .back()
-                .map(|p| p.end.last)
-                .or(self.applied.snapshot_last());
-            if Some(captured.end.last) > newest {
-                points.push_back(captured);
-                if points.len() > RETENTION_POINTS_MAX {
-                    // Keep the points spread over the log: drop the inner one whose
-                    // neighbours are closest together.
-                    let drop = (1..points.len() - 1)
-                        .min_by_key(|&i| {
-                            points[i + 1].end.storage_end - points[i - 1].end.storage_end
-                        })
-                        .expect("more than two points");
-                    points.remove(drop);
-                }
-            }
-        }
-        Ok(purged)
+        tracing::debug!(group = %self.group, cut, %target, ?snapshot_last, "retention purges");
+        let base = self.applied.snapshot();
+        let hook = self.applied.detached_hook();
+        let shared = self.shared.clone();
+        let point = tokio::task::spawn_blocking(move || {
+            super::state_machine::replay_to(&shared, base.as_deref(), hook, target)
+        })
+        .await
+        .map_err(|e| ReplicationError::Stopped(e.to_string()))?
+        .map_err(|why| {
+            ReplicationError::Stopped(format!("retention's replay to {target}: {why}"))
+        })?;
+        self.purge_through(point).await?;
+        Ok(Some(target.index))
     }
 
     /// Makes `point` the current snapshot and purges the log through its last entry.

@@ -32,9 +32,10 @@
 //! every retained entry after it.
 //!
 //! openraft is configured never to snapshot on its own. A snapshot is built only when the
-//! replica has staged the state it captured earlier at the entry it is about to purge
-//! through ([`AppliedHandle::capture`], [`AppliedHandle::stage`]). It is written durably
-//! to [`SNAPSHOT_FILE`] before any purge relies on it:
+//! replica has staged the state at the entry it is about to purge through, replayed from
+//! the previous snapshot through the entries about to go ([`replay_to`],
+//! [`AppliedHandle::stage`]). It is written durably to [`SNAPSHOT_FILE`] before any purge
+//! relies on it:
 //!
 //! ```text
 //! magic "KSN1":u32 | storage_end i64 | kafka_end i64 | checkpoint: len u32, bytes (above)
@@ -106,6 +107,9 @@ pub trait ApplyHook: std::fmt::Debug + Send + 'static {
     fn restore(&mut self, body: &[u8]) -> Result<(), String>;
     /// Forgets everything: a full replay follows.
     fn reset(&mut self);
+    /// A new, empty hook of the same kind that shares nothing with this one (a retention
+    /// replay derives a past state in it).
+    fn detached(&self) -> Box<dyn ApplyHook>;
 }
 
 /// The hook of a replica with nothing to derive (the metadata log).
@@ -125,6 +129,9 @@ impl ApplyHook for NoApplyHook {
         }
     }
     fn reset(&mut self) {}
+    fn detached(&self) -> Box<dyn ApplyHook> {
+        Box::new(NoApplyHook)
+    }
 }
 
 /// What the checkpoint holds besides the hook's body.
@@ -426,6 +433,21 @@ impl AppliedHandle {
     pub(crate) fn snapshot_last(&self) -> Option<LogId> {
         lock(&self.0).snapshot.as_ref().map(|s| s.end.last)
     }
+
+    /// The current snapshot.
+    pub(crate) fn snapshot(&self) -> Option<Arc<SnapshotData>> {
+        lock(&self.0).snapshot.clone()
+    }
+
+    /// The last applied entry.
+    pub(crate) fn applied(&self) -> Option<LogId> {
+        lock(&self.0).state.applied
+    }
+
+    /// A new, empty hook of the applied state's kind ([`ApplyHook::detached`]).
+    pub(crate) fn detached_hook(&self) -> Box<dyn ApplyHook> {
+        lock(&self.0).hook.detached()
+    }
 }
 
 /// openraft's [`RaftStateMachine`] of a partition.
@@ -585,6 +607,146 @@ fn restore_snapshot(
     Ok((state, snapshot.end.kafka_end))
 }
 
+/// Applies one committed entry to `state` and `hook`: the answer to its proposer, and the
+/// payload bytes it carried (for the checkpoint's pacing). The state machine and a
+/// retention replay ([`replay_to`]) both apply entries through here.
+fn apply_entry(
+    shared: &Shared,
+    state: &mut AppliedState,
+    hook: &mut dyn ApplyHook,
+    entry: Entry,
+) -> Result<(Applied, u64), String> {
+    let log_id = entry.log_id;
+    let term = log_id.leader_id.term;
+    let none = Applied {
+        base_offset: -1,
+        last_offset: -1,
+    };
+    let answer = match entry.payload {
+        EntryPayload::Normal(batch) => {
+            // Where the entry lies is the log's business, whatever bytes the entry carries
+            // here (a committed entry is never truncated).
+            let position = shared
+                .position(log_id.index)
+                .ok_or_else(|| "a committed entry is not in the log".to_owned())?;
+            let bytes = batch.bytes.len() as u64;
+            if position.control {
+                let (name, value) = entries::decode_state(&batch.bytes)
+                    .ok_or_else(|| "a control data entry is not a state entry".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                hook.apply(AppliedEntry {
+                    term,
+                    index: log_id.index,
+                    batch: None,
+                    state: Some(StateEntry {
+                        name: &name,
+                        value: value.as_ref(),
+                        offset: shared.kafka_offset(position.base),
+                    }),
+                });
+                state.applied = Some(log_id);
+                return Ok((none, bytes));
+            }
+            let mut header =
+                BatchHeader::parse(&batch.bytes).map_err(|e| format!("a committed batch: {e}"))?;
+            let base_offset = shared.kafka_offset(position.base);
+            let last_offset = base_offset + i64::from(position.records) - 1;
+            header.base_offset = base_offset;
+            hook.apply(AppliedEntry {
+                term,
+                index: log_id.index,
+                batch: Some(&header),
+                state: None,
+            });
+            state.applied = Some(log_id);
+            return Ok((
+                Applied {
+                    base_offset,
+                    last_offset,
+                },
+                bytes,
+            ));
+        }
+        EntryPayload::Blank => {
+            hook.apply(AppliedEntry {
+                term,
+                index: log_id.index,
+                batch: None,
+                state: None,
+            });
+            none
+        }
+        EntryPayload::Membership(membership) => {
+            hook.apply(AppliedEntry {
+                term,
+                index: log_id.index,
+                batch: None,
+                state: None,
+            });
+            state.membership = StoredMembership::new(Some(log_id), membership);
+            none
+        }
+    };
+    state.applied = Some(log_id);
+    Ok((answer, 0))
+}
+
+/// Entries read from the log at a time by [`replay_to`].
+const REPLAY_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// The applied state at entry `upto` as a snapshot, replayed into `hook` (a detached, empty
+/// one: see [`ApplyHook::detached`]) from `base` (the current snapshot, whose last entry is
+/// where the log begins; `None`: the log's first entry, which must be index 0) through the
+/// log's entries. Blocking: it reads the log.
+pub(crate) fn replay_to(
+    shared: &Shared,
+    base: Option<&SnapshotData>,
+    mut hook: Box<dyn ApplyHook>,
+    upto: LogId,
+) -> Result<Arc<SnapshotData>, String> {
+    let (mut state, mut next) = match base {
+        Some(base) => {
+            let (state, body) = decode_checkpoint(&base.checkpoint)?;
+            hook.restore(body)?;
+            (state, base.end.last.index + 1)
+        }
+        None => (AppliedState::default(), 0),
+    };
+    while next <= upto.index {
+        let entries = shared
+            .read_entries(next, upto.index + 1, REPLAY_BYTES_MAX)
+            .map_err(|e| e.to_string())?;
+        if entries.is_empty() {
+            return Err(format!("entry {next} is not in the log"));
+        }
+        for entry in entries {
+            if entry.log_id.index != next {
+                return Err(format!("read entry {} for {next}", entry.log_id.index));
+            }
+            apply_entry(shared, &mut state, hook.as_mut(), entry)?;
+            next += 1;
+        }
+    }
+    if state.applied != Some(upto) {
+        return Err(format!("replayed to {:?}, not {upto}", state.applied));
+    }
+    let storage_end = shared
+        .end_of(upto.index)
+        .ok_or_else(|| format!("entry {} is not in the log", upto.index))?;
+    let body = hook
+        .checkpoint()
+        .ok_or_else(|| "the replayed state has no checkpoint".to_owned())?;
+    Ok(Arc::new(SnapshotData {
+        end: SnapshotEnd {
+            last: upto,
+            storage_end,
+            kafka_end: shared.kafka_offset(storage_end),
+        },
+        membership: state.membership.clone(),
+        checkpoint: encode_checkpoint(&state, &body)?,
+    }))
+}
+
 /// Builds the staged snapshot (see the module documentation): writes it durably and makes
 /// it current.
 #[derive(Debug)]
@@ -668,89 +830,20 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         let mut answers = Vec::new();
         let due = {
             let mut applier = lock(&self.applier);
+            let applier = &mut *applier;
             for entry in entries {
                 let log_id = entry.log_id;
-                let term = log_id.leader_id.term;
-                let answer = match entry.payload {
-                    EntryPayload::Normal(batch) => {
-                        // Where the entry lies is the log's business, whatever bytes the
-                        // entry carries here (a committed entry is never truncated).
-                        let apply_error = |why: String| {
-                            StorageIOError::apply(log_id, openraft::AnyError::error(why))
-                        };
-                        let position = self.shared.position(log_id.index).ok_or_else(|| {
-                            apply_error("a committed entry is not in the log".into())
-                        })?;
-                        if position.control {
-                            let (name, value) = entries::decode_state(&batch.bytes)
-                                .ok_or_else(|| {
-                                    apply_error("a control data entry is not a state entry".into())
-                                })?
-                                .map_err(|e| apply_error(e.to_string()))?;
-                            applier.hook.apply(AppliedEntry {
-                                term,
-                                index: log_id.index,
-                                batch: None,
-                                state: Some(StateEntry {
-                                    name: &name,
-                                    value: value.as_ref(),
-                                    offset: self.shared.kafka_offset(position.base),
-                                }),
-                            });
-                            applier.bytes_since_checkpoint += batch.bytes.len() as u64;
-                            applier.state.applied = Some(log_id);
-                            applier.entries_since_checkpoint += 1;
-                            answers.push(Applied {
-                                base_offset: -1,
-                                last_offset: -1,
-                            });
-                            continue;
-                        }
-                        let mut header = BatchHeader::parse(&batch.bytes)
-                            .map_err(|e| apply_error(format!("a committed batch: {e}")))?;
-                        let base_offset = self.shared.kafka_offset(position.base);
-                        let last_offset = base_offset + i64::from(position.records) - 1;
-                        header.base_offset = base_offset;
-                        applier.hook.apply(AppliedEntry {
-                            term,
-                            index: log_id.index,
-                            batch: Some(&header),
-                            state: None,
-                        });
-                        applier.bytes_since_checkpoint += batch.bytes.len() as u64;
-                        self.high_watermark.send_replace(last_offset + 1);
-                        Applied {
-                            base_offset,
-                            last_offset,
-                        }
-                    }
-                    EntryPayload::Blank => {
-                        applier.hook.apply(AppliedEntry {
-                            term,
-                            index: log_id.index,
-                            batch: None,
-                            state: None,
-                        });
-                        Applied {
-                            base_offset: -1,
-                            last_offset: -1,
-                        }
-                    }
-                    EntryPayload::Membership(membership) => {
-                        applier.hook.apply(AppliedEntry {
-                            term,
-                            index: log_id.index,
-                            batch: None,
-                            state: None,
-                        });
-                        applier.state.membership = StoredMembership::new(Some(log_id), membership);
-                        Applied {
-                            base_offset: -1,
-                            last_offset: -1,
-                        }
-                    }
-                };
-                applier.state.applied = Some(log_id);
+                let (answer, bytes) = apply_entry(
+                    &self.shared,
+                    &mut applier.state,
+                    applier.hook.as_mut(),
+                    entry,
+                )
+                .map_err(|why| StorageIOError::apply(log_id, openraft::AnyError::error(why)))?;
+                if answer.base_offset >= 0 {
+                    self.high_watermark.send_replace(answer.last_offset + 1);
+                }
+                applier.bytes_since_checkpoint += bytes;
                 applier.entries_since_checkpoint += 1;
                 answers.push(answer);
             }

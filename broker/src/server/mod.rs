@@ -625,6 +625,14 @@ async fn background_tasks(state: Arc<State>) {
         _ => 3_600_000,
     };
     let mut flush = tokio::time::interval(Duration::from_millis(flush_ms.max(1)));
+    /// Aborts the replicated retention round in progress when these tasks are aborted.
+    struct Round(tokio::task::JoinHandle<()>);
+    impl Drop for Round {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut replicated_retention: Option<Round> = None;
     loop {
         tokio::select! {
             _ = flush.tick(), if matches!(state.config.fsync, crate::config::Fsync::IntervalMs(_)) => {
@@ -634,6 +642,16 @@ async fn background_tasks(state: Arc<State>) {
             _ = retention.tick() => {
                 let cluster = state.cluster.clone();
                 let _ = tokio::task::spawn_blocking(move || cluster.apply_retention(crate::cluster::now_ms())).await;
+                // Replicated logs purge through their groups, which takes round trips to
+                // openraft: a round runs beside this loop, one at a time.
+                if let Some(node) = &state.cluster_node
+                    && replicated_retention.as_ref().is_none_or(|r| r.0.is_finished())
+                {
+                    let controller = node.controller.clone();
+                    replicated_retention = Some(Round(tokio::spawn(async move {
+                        controller.apply_retention(crate::cluster::now_ms()).await;
+                    })));
+                }
             }
             _ = groups.tick() => handlers::expire_group_members(&state),
             _ = producer_checkpoints.tick() => {

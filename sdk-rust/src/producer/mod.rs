@@ -409,7 +409,7 @@ impl Producer {
         let sequences = if config.idempotent {
             let id = client
                 .inner
-                .call_controller(&InitProducerIdRequest {})
+                .call_any_broker(&InitProducerIdRequest {})
                 .await?;
             Some(Sequences::new(id.producer_id, id.producer_epoch))
         } else {
