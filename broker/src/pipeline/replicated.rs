@@ -347,6 +347,21 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
         let mut high_watermark = hosted.replica.watch_high_watermark();
         loop {
             high_watermark.mark_unchanged();
+            // As on a single node: input retention removed before it was read is skipped,
+            // and said.
+            let log_start = hosted.replica.log_start_offset();
+            if position.offset < log_start {
+                self.note_error(
+                    &meta,
+                    index,
+                    &format!(
+                        "offsets {}..{log_start} were removed by retention before the transform read them",
+                        position.offset
+                    ),
+                );
+                position.offset = log_start;
+                position.pending_to = None;
+            }
             let bytes = match hosted.read(position.offset, CHUNK_BYTES_MAX) {
                 Ok((bytes, _)) => bytes,
                 Err(e) => {

@@ -715,7 +715,7 @@ pub(super) async fn handle_fetched(
                     ErrorCode::OffsetOutOfRange,
                     format!("offset {offset} of {partition} is out of range"),
                 );
-                send(sender, Err(error)).await?;
+                send_partition_error(sender, partition, epoch, error).await?;
             }
             return Ok(None);
         }
@@ -731,7 +731,7 @@ pub(super) async fn handle_fetched(
                 return Ok(Some(error));
             }
             pause(shared, partition, epoch);
-            send(sender, Err(error)).await?;
+            send_partition_error(sender, partition, epoch, error).await?;
             return Ok(None);
         }
     }
@@ -755,14 +755,32 @@ pub(super) async fn handle_fetched(
             partition: partition.clone(),
             epoch,
             records: records.into_iter(),
+            error: None,
         };
         send(sender, Ok(chunk)).await?;
     }
     if let Some(error) = error {
         pause(shared, partition, epoch);
-        send(sender, Err(error)).await?;
+        send_partition_error(sender, partition, epoch, error).await?;
     }
     Ok(None)
+}
+
+/// Reports an error of `partition` met under `epoch`: dropped unread if a seek moves the
+/// partition on before the application reads it (see [`Chunk`]).
+pub(super) async fn send_partition_error(
+    sender: &mpsc::Sender<Result<Chunk>>,
+    partition: &TopicPartition,
+    epoch: u64,
+    error: Error,
+) -> Result<()> {
+    let chunk = Chunk {
+        partition: partition.clone(),
+        epoch,
+        records: Vec::new().into_iter(),
+        error: Some(error),
+    };
+    send(sender, Ok(chunk)).await
 }
 
 /// Moves the fetch position forward to `next` (never back) while it is `epoch`'s.
@@ -874,7 +892,7 @@ pub(super) async fn resolve_positions(
                             "{partition} has no committed offset and auto_offset_reset is Error"
                         ),
                     );
-                    send(sender, Err(error)).await?;
+                    send_partition_error(sender, &partition, epoch, error).await?;
                 }
             }
         }

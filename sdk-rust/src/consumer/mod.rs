@@ -260,12 +260,16 @@ enum FetchPosition {
     Paused,
 }
 
-/// Records of one partition from one push, tagged with the epoch they were fetched under.
+/// Records of one partition from one push, tagged with the epoch they were fetched under,
+/// and then an error of that partition met under the same epoch, if any: like the records,
+/// it is reported only while the partition is still at that epoch (a `seek` since, as right
+/// after `assign`, replaced the position it was about).
 #[derive(Debug)]
 struct Chunk {
     partition: TopicPartition,
     epoch: u64,
     records: std::vec::IntoIter<ConsumerRecord>,
+    error: Option<Error>,
 }
 
 #[derive(Debug)]
@@ -301,6 +305,13 @@ impl State {
     /// Accepts a record for delivery if its partition is still assigned under the same epoch
     /// and it is not below the position (nor before the time of a seek by time), advancing
     /// the position past it.
+    /// Whether `partition` is still at `epoch` (its errors from then are still news).
+    fn is_current(&self, partition: &TopicPartition, epoch: u64) -> bool {
+        self.partitions
+            .get(partition)
+            .is_some_and(|state| state.epoch == epoch)
+    }
+
     fn accept(&mut self, partition: &TopicPartition, epoch: u64, record: &ConsumerRecord) -> bool {
         let Some(state) = self.partitions.get_mut(partition) else {
             return false;
@@ -483,8 +494,15 @@ impl Consumer {
                         return Ok(record);
                     }
                 }
+                let error = chunk
+                    .error
+                    .take()
+                    .filter(|_| state.is_current(&chunk.partition, chunk.epoch));
                 drop(state);
                 inbox.current = None;
+                if let Some(error) = error {
+                    return Err(error);
+                }
             }
             match inbox.receiver.recv().await {
                 Some(Ok(chunk)) => inbox.current = Some(chunk),
@@ -545,8 +563,19 @@ impl Consumer {
                 if records.len() == max_records {
                     break;
                 }
+                let error = chunk
+                    .error
+                    .take()
+                    .filter(|_| state.is_current(&chunk.partition, chunk.epoch));
                 drop(state);
                 inbox.current = None;
+                if let Some(error) = error {
+                    if records.is_empty() {
+                        return Err(error);
+                    }
+                    inbox.error = Some(error);
+                    break;
+                }
             }
             let next = if records.is_empty() {
                 match tokio::time::timeout_at(deadline, inbox.receiver.recv()).await {
