@@ -208,6 +208,46 @@ fn purge_prefix_crashed_at_every_step_leaves_a_dense_suffix() {
     );
 }
 
+/// `reset_to` (a follower starting its log over past its end, after a snapshot): a crash at
+/// any step leaves either the new, empty log or a dense run of old segments reaching the
+/// old end (never a hole, which recovery would report as damage), and `reset_to` again
+/// then finishes it — what the replicated log store does at open.
+#[test]
+fn reset_to_crashed_at_every_step_leaves_old_or_new_and_finishes_again() {
+    check_every_step(
+        "reset_to_crashed_at_every_step",
+        |log| {
+            let _ = log.reset_to(200);
+        },
+        |log, appended, stored| {
+            if log.log_end_offset() == 200 {
+                if !stored.is_empty() || log.log_start_offset() != 200 {
+                    return Err(format!(
+                        "new log at 200 starts at {} and holds {} batches",
+                        log.log_start_offset(),
+                        stored.len()
+                    ));
+                }
+                return Ok(());
+            }
+            contiguous_run(stored, appended, appended.len(), appended.len())?;
+            log.reset_to(200)
+                .map_err(|e| format!("reset_to again: {e}"))?;
+            if log.log_start_offset() != 200 || log.log_end_offset() != 200 {
+                return Err(format!(
+                    "after reset_to again: [{}, {})",
+                    log.log_start_offset(),
+                    log.log_end_offset()
+                ));
+            }
+            if !stored_batches(log).is_empty() {
+                return Err("records left after reset_to again".into());
+            }
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn truncate_suffix_crashed_at_every_step_leaves_a_dense_prefix() {
     check_every_step(

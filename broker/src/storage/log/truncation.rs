@@ -60,10 +60,11 @@ impl PartitionLog {
 impl PartitionLog {
     /// Empties the log and makes it begin (and end) at `offset`, which must not be below the
     /// log start: a replica that installs a snapshot ending past its own log starts over
-    /// where the snapshot ends. Records at or above `offset` are cut first, so a new segment
-    /// never overlaps an old one. Then the new, empty segment is created and synced before
-    /// the old ones are removed (oldest first): a crash between leaves old segments wholly
-    /// below `offset`, which a later `purge_prefix(offset)` removes.
+    /// where the snapshot ends. Records at or above `offset` are cut first, so the new
+    /// segment never overlaps an old one. Then the old segments' files are removed (oldest
+    /// first) before the new, empty segment is created: a crash midway leaves a dense run
+    /// of old segments (or none) ending below `offset`, never a hole, and the caller starts
+    /// over again at open (see `replication::log_store`).
     pub fn reset_to(&self, offset: i64) -> Result<(), StorageError> {
         let (log_start, log_end) = {
             let view = lock(&self.shared.view);
@@ -91,36 +92,62 @@ impl PartitionLog {
             .unwrap_or_else(|e| e.into_inner());
         self.shared.leave_clean_state(&mut write)?;
         self.shared.forget_clean_offset_above(offset)?;
-        let active_base = lock(&self.shared.view).active().base_offset;
-        let new_segment = if active_base == offset {
-            // The active segment is empty and begins there already.
-            None
-        } else {
-            let segment = Segment::create(self.shared.backend.as_ref(), &self.shared.dir, offset)?;
+        let (old_files, keep_active) = {
+            let view = lock(&self.shared.view);
+            // The active segment may be empty and begin there already.
+            let keep_active = view.active().base_offset == offset;
+            let old = if keep_active {
+                &view.segments[..view.segments.len() - 1]
+            } else {
+                &view.segments[..]
+            };
+            let files: Vec<PathBuf> = old
+                .iter()
+                .flat_map(|segment| segment.files().map(|(_, path)| path.clone()))
+                .collect();
+            (files, keep_active)
+        };
+        let result = (|| {
+            // Oldest first; readers keep reading through the handles they hold until the
+            // view changes.
+            for path in &old_files {
+                match self.shared.backend.remove(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StorageError::io("remove", path.clone(), e));
+                    }
+                    _ => {}
+                }
+            }
             self.shared
                 .backend
                 .sync_dir(&self.shared.dir)
                 .map_err(io_error("fsync", &self.shared.dir))?;
-            Some(segment)
-        };
-        let removed = {
-            let mut view = lock(&self.shared.view);
-            let removed = match new_segment {
-                Some(segment) => std::mem::replace(&mut view.segments, vec![segment]),
-                None => {
-                    let keep = view.segments.len() - 1;
-                    view.segments.drain(..keep).collect()
-                }
+            let new_segment = if keep_active {
+                None
+            } else {
+                let segment =
+                    Segment::create(self.shared.backend.as_ref(), &self.shared.dir, offset)?;
+                self.shared
+                    .backend
+                    .sync_dir(&self.shared.dir)
+                    .map_err(io_error("fsync", &self.shared.dir))?;
+                Some(segment)
             };
-            view.log_start = offset;
-            view.log_end = offset;
-            view.high_watermark = offset;
-            removed
-        };
-        let result = self
-            .shared
-            .remove_segment_files(&removed, Oldest::First)
-            .and_then(|()| self.shared.write_log_start_checkpoint(offset));
+            {
+                let mut view = lock(&self.shared.view);
+                match new_segment {
+                    Some(segment) => view.segments = vec![segment],
+                    None => {
+                        let keep = view.segments.len() - 1;
+                        view.segments.drain(..keep);
+                    }
+                }
+                view.log_start = offset;
+                view.log_end = offset;
+                view.high_watermark = offset;
+            }
+            self.shared.write_log_start_checkpoint(offset)
+        })();
         if let Err(e) = &result {
             self.shared
                 .poison(format!("reset_to({offset}) failed: {e}"));
