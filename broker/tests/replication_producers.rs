@@ -264,12 +264,13 @@ impl Cluster {
             if batches.is_empty() {
                 return out;
             }
-            for CommittedBatch { base_offset, bytes } in batches {
+            for CommittedBatch { bytes, .. } in batches {
                 let records = RecordBatch::new(bytes)
                     .and_then(|b| b.decode_all())
                     .expect("batch");
-                for (i, record) in records.into_iter().enumerate() {
-                    let offset = base_offset + i as i64;
+                // Each record's own offset: a compacted batch's records are sparse.
+                for record in records {
+                    let offset = record.offset;
                     if offset >= from {
                         let value = record.value.expect("value");
                         out.push((offset, String::from_utf8(value.to_vec()).unwrap()));
@@ -772,6 +773,11 @@ async fn retention_round(cluster: &Cluster, bytes_max: u64) -> BTreeMap<NodeId, 
 /// same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_each_replica_and_a_follower_left_behind_installs_the_snapshot() {
+    // `RUST_LOG=openraft=info,ketch_broker=debug` shows what the replicas did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let seed = seeds(1)[0];
     println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
     let dir = tempfile::tempdir().unwrap();
@@ -895,5 +901,220 @@ async fn retention_purges_each_replica_and_a_follower_left_behind_installs_the_s
     for node in cluster.running() {
         assert!(node.partition.replica.log_start_offset() > behind_end);
     }
+    cluster.stop_all().await;
+}
+
+/// An idempotent batch of keyed records from `producer_id` (epoch 0) at `base_sequence`.
+fn keyed_batch(producer_id: i64, base_sequence: i32, records: &[(String, String)]) -> Bytes {
+    let mut builder = BatchBuilder::new(BATCH_BYTES_MAX as usize).with_producer(ProducerStamp {
+        producer_id,
+        producer_epoch: 0,
+        base_sequence,
+    });
+    for (key, value) in records {
+        assert!(builder.try_append(1, Some(key.as_bytes()), Some(value.as_bytes()), &[]));
+    }
+    builder.finish()
+}
+
+/// Key compaction of a replicated log: every replica compacts its own committed log, every
+/// entry stays one batch (emptied ones too), so each replica keeps each key's latest record
+/// at its offset, a follower that was down catches up from the leader's compacted entries
+/// (storing them as they are), every node reopens from disk with compacted entries in its
+/// log (also in a follower's active segment), the producer state is the same everywhere,
+/// and a new leader still answers a retry as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_each_keys_latest_on_every_replica_and_entries_stay_whole() {
+    use ketch_broker::storage::CompactionConfig;
+    const KEYS: usize = 10;
+    let seed = seeds(1)[0];
+    println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
+    let mut rng = SimRng::new(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), seed).await;
+    let producer_id = 11 << 40;
+    let leader = cluster.wait_for_leader(None).await;
+    let behind = (1..=3).find(|n| *n != leader).unwrap();
+    let mut written: Vec<(i64, String, String)> = Vec::new();
+    let mut last_batch = None;
+    let mut sequence = 0;
+    let mut produce_round = |count: usize| {
+        let mut batches = Vec::new();
+        for _ in 0..count {
+            let records: Vec<(String, String)> = (0..4)
+                .map(|r| {
+                    let key = format!("k{}", rng.below(KEYS as u64));
+                    let value = format!("{key}-s{}-{}", sequence + r, "x".repeat(1000));
+                    (key, value)
+                })
+                .collect();
+            batches.push((sequence, records));
+            sequence += 4;
+        }
+        batches
+    };
+    let first = produce_round(40);
+    let second = produce_round(80);
+    for (round, batches) in [first, second].into_iter().enumerate() {
+        if round == 1 {
+            cluster.crash(behind).await;
+        }
+        for (base_sequence, records) in batches {
+            let bytes = keyed_batch(producer_id, base_sequence, &records);
+            let base = cluster.produce(&bytes).await;
+            for (i, (key, value)) in records.iter().enumerate() {
+                written.push((base + i as i64, key.clone(), value.clone()));
+            }
+            last_batch = Some((base_sequence, records, base));
+        }
+    }
+    let end = written.len() as i64;
+    cluster.wait_converged(end).await;
+    let latest: BTreeMap<String, (i64, String)> = written
+        .iter()
+        .map(|(offset, key, value)| (key.clone(), (*offset, value.clone())))
+        .collect();
+    let all: BTreeMap<i64, String> = written.iter().map(|(o, _, v)| (*o, v.clone())).collect();
+    // Stored records are written ones at their offsets, in order, with every key's latest.
+    let check = |node: NodeId, context: &str| -> Vec<(i64, String)> {
+        let stored = cluster.records(node);
+        for (offset, value) in &stored {
+            assert_eq!(
+                all.get(offset),
+                Some(value),
+                "{context}: node {node} at {offset}"
+            );
+        }
+        for (key, (offset, value)) in &latest {
+            assert!(
+                stored.contains(&(*offset, value.clone())),
+                "{context}: node {node} lost {key}'s latest record at {offset}"
+            );
+        }
+        stored
+    };
+
+    let compaction = CompactionConfig {
+        min_dirty_per_mille: 0,
+        ..CompactionConfig::default()
+    };
+    let mut before_restart = BTreeMap::new();
+    for node in cluster.running() {
+        let replica = &node.partition.replica;
+        let id = replica.node_id();
+        let outcome = replica
+            .compact(&compaction, (cluster.clock)(), &mut |_| {})
+            .unwrap_or_else(|e| panic!("seed {seed}: node {id}: compaction: {e}"));
+        assert!(
+            outcome.records_removed > 0,
+            "seed {seed}: node {id}: {outcome:?}"
+        );
+        let stored = check(id, &format!("seed {seed}: compacted"));
+        assert!(
+            stored.len() < written.len() / 2,
+            "seed {seed}: node {id} keeps {} of {}",
+            stored.len(),
+            written.len()
+        );
+        before_restart.insert(id, stored);
+    }
+
+    // The follower that was down catches up from compacted entries, and stores them.
+    cluster.start_node(behind).await;
+    cluster.wait_converged(end).await;
+    check(behind, &format!("seed {seed}: caught up"));
+    let producers = |context: &str| {
+        let states: BTreeSet<Vec<u8>> = cluster
+            .running()
+            .iter()
+            .map(|n| n.producers.committed_bytes().expect("no batch in flight"))
+            .collect();
+        assert_eq!(states.len(), 1, "{context}: producer states differ");
+    };
+    producers(&format!("seed {seed}: caught up"));
+    before_restart.insert(behind, cluster.records(behind));
+
+    // Every node reopens from what it stored (compacted entries in the log and, on the
+    // follower, in its active segment) and holds what it held.
+    for node in 1..=3 {
+        cluster.crash(node).await;
+    }
+    for node in 1..=3 {
+        cluster.start_node(node).await;
+    }
+    let new_leader = cluster.wait_for_leader(None).await;
+    cluster.wait_converged(end).await;
+    for node in 1..=3 {
+        assert_eq!(
+            cluster.records(node),
+            before_restart[&node],
+            "seed {seed}: node {node} after a restart"
+        );
+    }
+    producers(&format!("seed {seed}: restarted"));
+    let (base_sequence, records, base) = last_batch.unwrap();
+    let answer = cluster
+        .produce(&keyed_batch(producer_id, base_sequence, &records))
+        .await;
+    assert_eq!(answer, base, "seed {seed}: a retry on {new_leader}");
+    cluster.stop_all().await;
+}
+
+/// Every replica stops and starts again: openraft restores the old leader as leader at
+/// once (its vote was committed for itself) and appends nothing, so no entry of its term is
+/// applied in this run. Idempotent writes must still go on: the leader writes a barrier
+/// entry of its term (they waited for ever for the producer table to be known complete),
+/// and a retry of the last batch before the stop is answered as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restored_at_start_up_takes_idempotent_writes() {
+    let seed = seeds(1)[0];
+    println!("seed {seed} (rerun alone with KETCH_SIM_SEED={seed})");
+    let mut rng = SimRng::new(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), seed).await;
+    let producer_id = 13 << 40;
+    let mut next_sequence = 0;
+    let mut expected = Vec::new();
+    let written = write_batches(
+        &cluster,
+        &mut rng,
+        producer_id,
+        5,
+        &mut next_sequence,
+        &mut expected,
+    )
+    .await;
+    let leader = cluster.wait_for_leader(None).await;
+    cluster.wait_converged(expected.len() as i64).await;
+    for node in 1..=3 {
+        cluster.crash(node).await;
+    }
+    for node in 1..=3 {
+        cluster.start_node(node).await;
+    }
+    assert_eq!(
+        cluster.wait_for_leader(None).await,
+        leader,
+        "seed {seed}: the old leader is restored as leader"
+    );
+    let (base_sequence, values, base_offset) = written.last().unwrap().clone();
+    let answer = cluster
+        .produce(&batch(producer_id, base_sequence, &values))
+        .await;
+    assert_eq!(
+        answer, base_offset,
+        "seed {seed}: a retry after the restart"
+    );
+    write_batches(
+        &cluster,
+        &mut rng,
+        producer_id,
+        2,
+        &mut next_sequence,
+        &mut expected,
+    )
+    .await;
+    cluster.wait_converged(expected.len() as i64).await;
+    cluster.check_replicas(&expected, &format!("seed {seed}"));
     cluster.stop_all().await;
 }

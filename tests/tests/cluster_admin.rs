@@ -1300,3 +1300,192 @@ async fn retention_deletes_old_segments_and_a_follower_behind_it_catches_up() ->
     );
     Ok(())
 }
+
+/// Bytes of node `node`'s replicated segment files.
+fn replica_log_bytes(root: &std::path::Path, node: &str) -> u64 {
+    let mut bytes = 0;
+    let partitions = root.join(node).join("cluster/partitions");
+    for partition in std::fs::read_dir(partitions)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for file in std::fs::read_dir(partition.path().join("log"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if file.path().extension().is_some_and(|x| x == "log") {
+                bytes += file.metadata().map_or(0, |m| m.len());
+            }
+        }
+    }
+    bytes
+}
+
+/// Reads `topic`/0 from the beginning to `end` through the partition's leader: (offset, key,
+/// the number the value starts with).
+async fn read_keyed(
+    client: &Client,
+    topic: &str,
+    end: i64,
+) -> anyhow::Result<Vec<(i64, String, i64)>> {
+    let partition = TopicPartition::new(topic, 0);
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..Default::default()
+        },
+        std::slice::from_ref(&partition),
+    )?;
+    let mut out = Vec::new();
+    loop {
+        let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .context("no record within 10 s")??;
+        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+        let value =
+            String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned();
+        out.push((record.offset, key, value[..8].parse()?));
+        if record.offset + 1 >= end {
+            break;
+        }
+    }
+    consumer.close().await?;
+    Ok(out)
+}
+
+/// Key compaction on a replicated topic (`--cleanup-policy compact`, RF=3): every replica
+/// compacts its own log (each holds a fraction of what was written), a read from the
+/// beginning shows rising offsets, every record at the offset it was written at and each
+/// key's latest value, and so does a read after the leadership moved to another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_each_keys_latest_on_every_replica() -> anyhow::Result<()> {
+    const RECORDS: i64 = 2000;
+    const KEYS: i64 = 20;
+    let cluster = TestCluster::start(
+        3,
+        &[
+            "--batch-bytes-max",
+            "16384",
+            "--frame-bytes-max",
+            "1048576",
+            "--segment-bytes-max",
+            "32768",
+            "--log-cleaner-interval-ms",
+            "200",
+        ],
+    )?;
+    let (ok, out, err) = cli(
+        &cluster,
+        1,
+        &[
+            "topic",
+            "create",
+            "users",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "3",
+            "--cleanup-policy",
+            "compact",
+        ],
+    )?;
+    ensure!(ok, "topic create: {out}{err}");
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            batch_bytes_max: 8192,
+            ..Default::default()
+        })
+        .await?;
+    let mut deliveries = Vec::new();
+    for i in 0..RECORDS {
+        let key = format!("user-{}", i % KEYS);
+        let value = format!("{i:08}-{}", "x".repeat(200));
+        deliveries.push(
+            producer
+                .send(ProducerRecord::keyed("users", key, value))
+                .await?,
+        );
+    }
+    producer.flush().await?;
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await?;
+    let root = cluster.dir().to_path_buf();
+    let check = |records: &[(i64, String, i64)]| -> anyhow::Result<()> {
+        let mut last = -1;
+        let mut latest = std::collections::BTreeMap::new();
+        for (offset, key, n) in records {
+            ensure!(*offset > last, "offset {offset} after {last}");
+            ensure!(
+                *offset == *n,
+                "record {n} is at offset {offset}: offsets must stay"
+            );
+            last = *offset;
+            latest.insert(key.clone(), *n);
+        }
+        for k in 0..KEYS {
+            let want = RECORDS - KEYS + k;
+            let key = format!("user-{k}");
+            ensure!(
+                latest.get(&key) == Some(&want),
+                "{key}: latest {:?}, written {want}",
+                latest.get(&key)
+            );
+        }
+        Ok(())
+    };
+    // ~440 KB written; the cleaner compacts every sealed segment of every replica.
+    let started = Instant::now();
+    loop {
+        let bytes: Vec<u64> = ["node-1", "node-2", "node-3"]
+            .iter()
+            .map(|node| replica_log_bytes(&root, node))
+            .collect();
+        let records = read_keyed(&client, "users", RECORDS).await?;
+        check(&records)?;
+        if records.len() < RECORDS as usize / 4 && bytes.iter().all(|b| *b < 150_000) {
+            println!(
+                "{RECORDS} records compacted to {}, replicas hold {bytes:?} bytes",
+                records.len()
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "not compacted: {} records read, replicas hold {bytes:?} bytes",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Another replica leads: its compacted log serves the same.
+    let (leader, _) = described(&cluster, 1, "users", 0)?;
+    let leader = leader.context("users/0 has a leader")?;
+    let target = (1..=3).find(|n| *n != leader).expect("three nodes");
+    let started = Instant::now();
+    loop {
+        let (ok, out, err) = cli(
+            &cluster,
+            leader,
+            &[
+                "cluster",
+                "transfer-leader",
+                "users",
+                "0",
+                &target.to_string(),
+            ],
+        )?;
+        if ok {
+            break;
+        }
+        ensure!(started.elapsed() < WAIT_MAX, "transfer-leader: {out}{err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_described_leader(&cluster, leader, "users", 0, target).await?;
+    check(&read_keyed(&client, "users", RECORDS).await?)?;
+    Ok(())
+}

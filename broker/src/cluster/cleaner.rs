@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Cluster, now_ms};
+use crate::storage;
 
 /// Throttling is measured over windows this long (so a burst is at most a window's worth).
 const THROTTLE_WINDOW: Duration = Duration::from_millis(100);
@@ -39,14 +40,41 @@ impl Stop {
     }
 }
 
+/// One log's compaction for the cleaner to run (blocking, on its thread): `run` is given the
+/// cleaner's I/O throttle.
+pub struct CompactionJob {
+    pub label: String,
+    #[allow(clippy::type_complexity)]
+    pub run:
+        Box<dyn FnOnce(&mut dyn FnMut(u64)) -> Result<storage::CompactionOutcome, String> + Send>,
+}
+
+impl std::fmt::Debug for CompactionJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactionJob")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Logs the cleaner compacts besides the broker's own topics: a cluster broker's replicas.
+pub trait CompactedLogs: Send + Sync + 'static {
+    /// The logs whose policy compacts, each as a job, now.
+    fn compactions(&self, cluster: &Cluster) -> Vec<CompactionJob>;
+}
+
 impl LogCleaner {
-    pub fn start(cluster: Arc<Cluster>) -> std::io::Result<LogCleaner> {
+    /// Starts the cleaner over `cluster`'s compacted topics and whatever `more` holds.
+    pub fn start(
+        cluster: Arc<Cluster>,
+        more: Option<Arc<dyn CompactedLogs>>,
+    ) -> std::io::Result<LogCleaner> {
         let stop = Arc::new(Stop::default());
         let thread = std::thread::Builder::new()
             .name("ketch-cleaner".into())
             .spawn({
                 let stop = stop.clone();
-                move || run(&cluster, &stop)
+                move || run(&cluster, more.as_deref(), &stop)
             })?;
         Ok(LogCleaner {
             stop,
@@ -73,7 +101,7 @@ impl Drop for LogCleaner {
     }
 }
 
-fn run(cluster: &Cluster, stop: &Stop) {
+fn run(cluster: &Cluster, more: Option<&dyn CompactedLogs>, stop: &Stop) {
     let config = cluster.config();
     let interval = Duration::from_millis(config.log_cleaner_interval_ms);
     let rate = config.log_cleaner_io_bytes_per_sec_max;
@@ -98,6 +126,22 @@ fn run(cluster: &Cluster, stop: &Stop) {
                 if *stop.stopped.lock().unwrap_or_else(|e| e.into_inner()) {
                     return;
                 }
+            }
+        }
+        for job in more
+            .map(|more| more.compactions(cluster))
+            .unwrap_or_default()
+        {
+            let mut throttle = Throttle::new(rate, stop);
+            match (job.run)(&mut |bytes| throttle.io(bytes)) {
+                Ok(outcome) if outcome.segments_rewritten > 0 => {
+                    tracing::debug!(log = %job.label, ?outcome, "compacted")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(log = %job.label, error = %e, "compaction failed"),
+            }
+            if *stop.stopped.lock().unwrap_or_else(|e| e.into_inner()) {
+                return;
             }
         }
     }

@@ -27,7 +27,7 @@ use crate::metrics::{FsyncMetrics, TopicMetrics};
 use crate::storage::{self, PartitionLog, StorageError};
 use producers::{ProducerTable, SequenceCheck};
 
-pub use cleaner::LogCleaner;
+pub use cleaner::{CompactedLogs, CompactionJob, LogCleaner};
 pub use producers::PRODUCER_BATCHES_REMEMBERED_MAX;
 
 pub use crate::group::OFFSETS_TOPIC;

@@ -480,6 +480,36 @@ pub struct Controller<T: PeerTransport> {
     file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
 }
 
+/// The log cleaner compacts this broker's replicas of compacted topics (each replica its
+/// own log, as with retention).
+impl<T: PeerTransport> crate::cluster::CompactedLogs for Controller<T> {
+    fn compactions(&self, cluster: &crate::cluster::Cluster) -> Vec<crate::cluster::CompactionJob> {
+        let mut jobs = Vec::new();
+        for hosted in self.hosted() {
+            let Some(topic) = self.topic(&hosted.topic) else {
+                continue;
+            };
+            let Ok(config) = self.topic_config(&topic) else {
+                continue;
+            };
+            if !config.cleanup_policy.compacts() {
+                continue;
+            }
+            let compaction = cluster.compaction_config(&config);
+            jobs.push(crate::cluster::CompactionJob {
+                label: format!("{}/{} (replica)", hosted.topic, hosted.index),
+                run: Box::new(move |throttle| {
+                    hosted
+                        .replica
+                        .compact(&compaction, crate::cluster::now_ms(), throttle)
+                        .map_err(|e| e.to_string())
+                }),
+            });
+        }
+        jobs
+    }
+}
+
 impl<T: PeerTransport> std::fmt::Debug for Controller<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")

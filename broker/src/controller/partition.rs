@@ -187,7 +187,8 @@ fn decode_state_checkpoint(body: &[u8], state: &mut ProducerState) -> Result<(),
     let mut reader = crate::cluster::checkpoint::Reader::new(rest);
     let table_len = reader.u32().ok_or_else(malformed)? as usize;
     let table = reader.take(table_len).ok_or_else(malformed)?;
-    // Replicated logs are not trimmed below their start yet: every batch is kept.
+    // Every producer's batches are kept, also those retention purged the batches of (a
+    // longer memory only answers more retries as duplicates).
     state
         .committed
         .restore_checkpoint(table, 0)
@@ -305,7 +306,16 @@ pub struct ReplicatedPartition {
     /// the order they were checked.
     propose_turn: tokio::sync::Mutex<()>,
     producers: ProducerStateHook,
+    /// The last term this leader wrote its barrier in (see [`TERM_BARRIER_KEY`]).
+    barrier_term: std::sync::atomic::AtomicU64,
 }
+
+/// A state entry (deleting this key: nothing is kept) that a leader writes when an
+/// idempotent produce finds no entry of its term applied yet. A leader elected in this run
+/// has its blank entry for that; one openraft restored as leader at start-up (its vote was
+/// committed for itself) appends nothing, and without an entry of its term committed the
+/// producer table is never known complete: idempotent produce would wait for ever.
+const TERM_BARRIER_KEY: &str = "ketch.term-barrier";
 
 fn cluster_error(e: &ReplicationError) -> ClusterError {
     ClusterError::new(e.code(), e.to_string())
@@ -335,6 +345,7 @@ impl ReplicatedPartition {
             replica,
             propose_turn: tokio::sync::Mutex::new(()),
             producers,
+            barrier_term: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -539,6 +550,20 @@ impl ReplicatedPartition {
                     let wait_until = match check {
                         None => {
                             drop(turn);
+                            let barrier = self
+                                .barrier_term
+                                .swap(term, std::sync::atomic::Ordering::SeqCst);
+                            if barrier != term {
+                                // Its commit applies this term's first entry here (or the
+                                // leadership moved on: the loop finds out).
+                                let left =
+                                    deadline.saturating_duration_since(tokio::time::Instant::now());
+                                if let Err(e) = self.write_state(TERM_BARRIER_KEY, None, left).await
+                                {
+                                    tracing::debug!(topic = %self.topic, partition = self.index, error = %e.message, "term barrier not written");
+                                }
+                                continue;
+                            }
                             if tokio::time::timeout_at(deadline, moved).await.is_err() {
                                 return Err(self.refused(
                                     ErrorCode::Timeout,

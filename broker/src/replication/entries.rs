@@ -83,7 +83,8 @@ pub struct Position {
     /// The storage offset of its batch.
     pub base: i64,
     pub term: u64,
-    /// Records in the batch (a control batch has one, which clients never see).
+    /// Offsets the batch spans (a control batch one, which clients never see): its records
+    /// until compaction removes some.
     pub records: u32,
     pub control: bool,
 }
@@ -395,7 +396,8 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
     let position = Position {
         base: offset,
         term,
-        records: header.records_count as u32,
+        // The offsets it spans: compaction may have removed records, never offsets.
+        records: header.last_offset_delta as u32 + 1,
         control: header.attributes & attributes::CONTROL != 0,
     };
     let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);

@@ -748,7 +748,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                 let write = self
                     .shared
                     .log
-                    .append(stored.clone(), now_ms)
+                    .append_entry(stored.clone(), now_ms)
                     .map_err(|e| write_error(&e))?;
                 let (stored_entry, position) =
                     entries::decode(stored, log_id.index).map_err(|e| write_error(&e))?;

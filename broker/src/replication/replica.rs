@@ -550,6 +550,31 @@ impl PartitionReplica {
         Ok(Some(target.index))
     }
 
+    /// Key compaction (`cleanup.policy=compact`) of this replica's own log, leader or
+    /// follower, up to the end of its last applied entry (committed: a record is removed
+    /// only for a later one that can never be truncated away). Every entry stays one batch
+    /// (see [`PartitionLog::compact_replicated`]), so the log's index, the followers it
+    /// feeds and a replay of its entries are unchanged but for the records removed. Blocking
+    /// I/O, `throttle` told of every byte.
+    pub fn compact(
+        &self,
+        config: &crate::storage::CompactionConfig,
+        now_ms: i64,
+        throttle: &mut dyn FnMut(u64),
+    ) -> Result<crate::storage::CompactionOutcome, ReplicationError> {
+        let end = self
+            .applied
+            .applied()
+            .and_then(|applied| self.shared.end_of(applied.index));
+        let Some(end) = end else {
+            return Ok(Default::default());
+        };
+        Ok(self
+            .shared
+            .log()
+            .compact_replicated(config, now_ms, end, throttle)?)
+    }
+
     /// Makes `point` the current snapshot and purges the log through its last entry.
     async fn purge_through(&self, point: Arc<SnapshotData>) -> Result<(), ReplicationError> {
         let last = point.end.last;
@@ -904,7 +929,8 @@ impl PartitionReplica {
             for slice in BatchSlices::new(bytes) {
                 let (header, stored) =
                     slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
-                storage_offset = header.base_offset + i64::from(header.records_count);
+                // The offset span, not the records count: compaction empties batches.
+                storage_offset = header.next_offset();
                 read += stored.len();
                 if header.attributes & attributes::CONTROL != 0 {
                     continue;
@@ -1022,7 +1048,8 @@ impl PartitionReplica {
             for slice in BatchSlices::new(bytes) {
                 let (header, _) =
                     slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
-                storage_offset = header.base_offset + i64::from(header.records_count);
+                // The offset span, not the records count: compaction empties batches.
+                storage_offset = header.next_offset();
                 if header.attributes & attributes::CONTROL != 0 {
                     continue;
                 }

@@ -535,7 +535,11 @@ impl Broker {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         let state = self.state.clone();
         let background = tokio::spawn(background_tasks(state.clone()));
-        let cleaner = match crate::cluster::LogCleaner::start(state.cluster.clone()) {
+        let replicas = state
+            .cluster_node
+            .as_ref()
+            .map(|node| node.controller.clone() as Arc<dyn crate::cluster::CompactedLogs>);
+        let cleaner = match crate::cluster::LogCleaner::start(state.cluster.clone(), replicas) {
             Ok(cleaner) => Some(cleaner),
             Err(e) => {
                 tracing::error!(error = %e, "could not start the log cleaner: compacted topics grow");

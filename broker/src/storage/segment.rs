@@ -358,7 +358,7 @@ pub(crate) fn resync(
             let total = header.total_bytes() as u64;
             if header.base_offset < min_offset
                 || header.next_offset() > end_offset
-                || i64::from(header.last_offset_delta) != i64::from(header.records_count) - 1
+                || !offsets_covered(&header)
                 || candidate + total > limit
             {
                 continue;
@@ -561,10 +561,9 @@ pub(crate) fn scan_log_fully(
                                 "batch base offset {} where {expected} was expected",
                                 header.base_offset
                             ));
-                        } else if i64::from(header.last_offset_delta)
-                            != i64::from(header.records_count) - 1
-                        {
-                            problem = Some("batch offsets are not dense".to_owned());
+                        } else if !offsets_covered(&header) {
+                            problem =
+                                Some("batch record count does not fit its offsets".to_owned());
                         }
                     }
                 }
@@ -601,7 +600,7 @@ pub(crate) fn scan_log_fully(
                     });
                 cut_batch_whole = cut_batch_offsets.zip(parsed).and_then(|(offsets, h)| {
                     let end = position + h.total_bytes() as u64;
-                    let dense = i64::from(h.last_offset_delta) == i64::from(h.records_count) - 1;
+                    let dense = offsets_covered(&h);
                     (end <= size && dense).then_some((offsets, end))
                 });
                 stopped = Some(reason);
@@ -873,6 +872,15 @@ pub(crate) fn read_whole_file(
 
 pub(crate) fn encode_index_files(index: &SegmentIndex) -> (Vec<u8>, Vec<u8>) {
     (encode_offsets(&index.offsets), encode_times(&index.times))
+}
+
+/// Whether a batch's record count fits the offsets it spans: one record per offset as
+/// produced, or fewer after compaction (a replicated log's tail may hold a compacted entry
+/// from its leader). The CRC is what tells a batch from garbage.
+fn offsets_covered(header: &BatchHeader) -> bool {
+    header.last_offset_delta >= 0
+        && header.records_count >= 0
+        && i64::from(header.records_count) <= i64::from(header.last_offset_delta) + 1
 }
 
 #[cfg(test)]

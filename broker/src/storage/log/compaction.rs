@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
 
-use ketch_protocol::batch::{RecordBatch, empty_batch, retain_records};
+use ketch_protocol::batch::{RecordBatch, attributes, empty_batch, retain_records};
 
 use super::*;
 
@@ -181,6 +181,32 @@ impl PartitionLog {
         now_ms: i64,
         throttle: &mut dyn FnMut(u64),
     ) -> Result<CompactionOutcome, StorageError> {
+        self.compact_with(config, now_ms, i64::MAX, false, throttle)
+    }
+
+    /// [`Self::compact`] for a replicated log, whose batches are its consensus entries: only
+    /// the sealed segments that end at or below `end_max` (the committed end: a record may be
+    /// superseded only by a record that can no longer be truncated away), every batch stays
+    /// one batch (emptied ones keep their header: term, producer fields and offset span), and
+    /// control batches are kept as they are and never enter the key map.
+    pub fn compact_replicated(
+        &self,
+        config: &CompactionConfig,
+        now_ms: i64,
+        end_max: i64,
+        throttle: &mut dyn FnMut(u64),
+    ) -> Result<CompactionOutcome, StorageError> {
+        self.compact_with(config, now_ms, end_max, true, throttle)
+    }
+
+    fn compact_with(
+        &self,
+        config: &CompactionConfig,
+        now_ms: i64,
+        end_max: i64,
+        keep_batches: bool,
+        throttle: &mut dyn FnMut(u64),
+    ) -> Result<CompactionOutcome, StorageError> {
         if config.key_map_bytes_max < KEY_MAP_BYTES_MIN {
             return Err(StorageError::InvalidConfig(format!(
                 "key_map_bytes_max must be at least {KEY_MAP_BYTES_MIN}"
@@ -191,7 +217,8 @@ impl PartitionLog {
         let mut outcome = CompactionOutcome::default();
         loop {
             lock(&shared.queue).check_open()?;
-            let (sealed, log_start) = shared.sealed_segments();
+            let (mut sealed, log_start) = shared.sealed_segments();
+            sealed.retain(|s| s.end_offset <= end_max);
             let Some(last) = sealed.last() else { break };
             let dirty_end = last.end_offset;
             let floor = shared
@@ -225,7 +252,7 @@ impl PartitionLog {
             let mut expire_at = i64::MAX;
             for segment in sealed.iter().filter(|s| s.base_offset < map.end) {
                 let (walk, rewritten) =
-                    self.clean_segment(segment, &map, config, now_ms, throttle)?;
+                    self.clean_segment(segment, &map, config, now_ms, keep_batches, throttle)?;
                 expire_at = expire_at.min(walk.tombstones_expire_at_ms);
                 if let Some(bytes_removed) = rewritten {
                     outcome.segments_rewritten += 1;
@@ -265,6 +292,7 @@ impl PartitionLog {
         map: &KeyMap,
         config: &CompactionConfig,
         now_ms: i64,
+        keep_batches: bool,
         throttle: &mut dyn FnMut(u64),
     ) -> Result<(Walk, Option<u64>), StorageError> {
         let shared = &self.shared;
@@ -272,6 +300,7 @@ impl PartitionLog {
             map,
             tombstone_expired_before: now_ms.saturating_sub(config.delete_retention_ms),
             delete_retention_ms: config.delete_retention_ms,
+            keep_batches,
         };
         let walk = match walk_segment(segment, &rules, throttle, |_| Ok(()))? {
             Ok(walk) => walk,
@@ -384,6 +413,9 @@ struct Rules<'a> {
     map: &'a KeyMap,
     tombstone_expired_before: i64,
     delete_retention_ms: i64,
+    /// A replicated log's batches are its entries: none is merged or dropped, and control
+    /// batches are left alone (see [`PartitionLog::compact_replicated`]).
+    keep_batches: bool,
 }
 
 /// Reads a segment batch by batch and tells `emit` what becomes of each. The inner `Err` is
@@ -430,6 +462,12 @@ fn walk_segment(
                 header.next_offset()
             )));
         }
+        if rules.keep_batches && header.attributes & attributes::CONTROL != 0 {
+            emit(Output::Verbatim(batch.as_bytes()))?;
+            position += batch.as_bytes().len() as u64;
+            expected = header.next_offset();
+            continue;
+        }
         let mut removed = 0u64;
         let mut failed = None;
         let mut decide = |record: &ketch_protocol::batch::Record| -> bool {
@@ -453,7 +491,13 @@ fn walk_segment(
         }
         walk.records_removed += removed;
         let kept = header.records_count as u64 - removed;
-        if kept == 0 {
+        if rules.keep_batches {
+            // One batch stays one batch, emptied or not (its header is kept).
+            match retained {
+                Some(bytes) if removed > 0 => emit(Output::Retained(bytes))?,
+                _ => emit(Output::Verbatim(batch.as_bytes()))?,
+            }
+        } else if kept == 0 {
             let (base, batches, max_timestamp) = run.unwrap_or((header.base_offset, 0, i64::MIN));
             run = Some((base, batches + 1, max_timestamp.max(header.max_timestamp)));
         } else {
@@ -523,7 +567,10 @@ fn build_key_map(
             };
             throttle(batch.as_bytes().len() as u64);
             position += batch.as_bytes().len() as u64;
-            if batch.header().next_offset() <= start {
+            // Control batches (a replicated log's consensus records) are not keyed data.
+            if batch.header().next_offset() <= start
+                || batch.header().attributes & attributes::CONTROL != 0
+            {
                 continue;
             }
             for record in batch.records() {

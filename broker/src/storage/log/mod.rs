@@ -417,6 +417,22 @@ impl PartitionLog {
     /// offset deltas); a bad batch, a full queue or a poisoned log fail at once and nothing is
     /// written. The storage assigns the offsets: the batch's base offset is overwritten.
     pub fn append(&self, batch: Bytes, now_ms: i64) -> Result<AppendFuture, StorageError> {
+        self.append_checked(batch, now_ms, true)
+    }
+
+    /// [`Self::append`] of a replicated log's entry, which may be a batch compaction emptied
+    /// of some or all records on the replica that sent it (its offsets still all covered):
+    /// a follower stores the leader's entries as they are.
+    pub fn append_entry(&self, batch: Bytes, now_ms: i64) -> Result<AppendFuture, StorageError> {
+        self.append_checked(batch, now_ms, false)
+    }
+
+    fn append_checked(
+        &self,
+        batch: Bytes,
+        now_ms: i64,
+        dense: bool,
+    ) -> Result<AppendFuture, StorageError> {
         let config = &self.shared.config;
         if batch.len() > config.batch_bytes_max as usize {
             return Err(StorageError::BatchTooLarge {
@@ -425,8 +441,9 @@ impl PartitionLog {
             });
         }
         let header = verify_crc(&batch)?;
-        // Appended batches are dense (compaction rewrites sealed segments, never appends).
-        if ketch_protocol::batch::check_dense(&header).is_err() {
+        // Produced batches are dense; compaction rewrites sealed segments and never appends,
+        // but a replicated log's entries may come from a compacted log.
+        if dense && ketch_protocol::batch::check_dense(&header).is_err() {
             return Err(StorageError::MalformedBatch {
                 reason: "a batch holds at least one record, and last offset delta must be \
                          records count - 1",
