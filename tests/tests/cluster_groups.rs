@@ -149,6 +149,14 @@ async fn committed_offsets_survive_the_coordinators_death() -> anyhow::Result<()
     let coordinator = agreed_coordinator(&cluster, GROUP).await?;
     let first = coordinator.node_id as NodeId;
     println!("group {GROUP:?}: coordinator node {first}");
+    // Compacted, as Kafka's: commits for ever keep one record per group and partition.
+    let described = cluster
+        .process
+        .cli(first)
+        .args(["topic", "describe", "__consumer_offsets"])
+        .output()?;
+    let described = String::from_utf8_lossy(&described.stdout).into_owned();
+    ensure!(described.contains("cleanup.policy=compact"), "{described}");
 
     // A group request at any other broker is refused with not_coordinator, and changes
     // nothing there.

@@ -695,9 +695,8 @@ impl<T: PeerTransport> Controller<T> {
     }
 
     /// Retention by time and size on every replica hosted here, each on its own log (see
-    /// `PartitionReplica::apply_retention`), by its topic's settings. Compaction of
-    /// replicated logs is not built: a topic whose policy is only `compact` keeps every
-    /// record on a cluster.
+    /// `PartitionReplica::apply_retention`), by its topic's settings (compaction is the log
+    /// cleaner's: see the `CompactedLogs` implementation).
     pub async fn apply_retention(&self, now_ms: i64) {
         for hosted in self.hosted() {
             let Some(topic) = self.topic(&hosted.topic) else {
@@ -1358,11 +1357,13 @@ impl<T: PeerTransport> Controller<T> {
             if self.caught_up() {
                 let brokers: Vec<NodeId> = self.peers.keys().copied().collect();
                 let id = TopicId::generate().0;
+                // Compacted, as Kafka's: committing offsets for ever keeps one record per
+                // group and partition, not every commit.
                 let config = TopicConfig {
                     partitions: OFFSETS_PARTITIONS,
                     retention_ms: -1,
                     retention_bytes: -1,
-                    cleanup_policy: Default::default(),
+                    cleanup_policy: crate::cluster::CleanupPolicy::Compact,
                     delete_retention_ms: crate::storage::DELETE_RETENTION_MS_DEFAULT,
                 };
                 let command = MetadataCommand::TopicCreated {
