@@ -310,6 +310,16 @@ impl Cluster {
         }
     }
 
+    /// Stops every node, then starts them all again from what they stored.
+    async fn restart_all(&self) {
+        for node in 1..=3 {
+            self.crash(node).await;
+        }
+        for node in 1..=3 {
+            self.start_node(node).await;
+        }
+    }
+
     async fn stop_all(self) {
         let nodes: Vec<NodeId> = self.nodes.lock().unwrap().keys().copied().collect();
         for node in nodes {
@@ -320,6 +330,15 @@ impl Cluster {
 
 /// One producer's batches, as written: (base sequence, values, base offset).
 type Written = Vec<(i32, Vec<String>, i64)>;
+
+/// Sends the last batch of `written` again: it must be answered with its original offset.
+async fn retry_is_duplicate(cluster: &Cluster, producer_id: i64, written: &Written, context: &str) {
+    let (base_sequence, values, base_offset) = written.last().expect("a batch was written");
+    let answer = cluster
+        .produce(&batch(producer_id, *base_sequence, values))
+        .await;
+    assert_eq!(answer, *base_offset, "{context}: a retry of the last batch");
+}
 
 async fn write_batches(
     cluster: &Cluster,
@@ -700,12 +719,7 @@ async fn state_entries_take_no_offsets_and_travel_with_the_partition() {
     expected.push((5, "c0".into()));
     cluster.check_replicas(&expected, "after the restart");
     // And every node again after all of them restart at once.
-    for node in 1..=3 {
-        cluster.crash(node).await;
-    }
-    for node in 1..=3 {
-        cluster.start_node(node).await;
-    }
+    cluster.restart_all().await;
     cluster.wait_for_leader(None).await;
     wait_for_state(
         &cluster,
@@ -858,14 +872,13 @@ async fn retention_purges_each_replica_and_a_follower_left_behind_installs_the_s
     // The old leader goes; a retry of the last batch is a duplicate on the new one.
     cluster.crash(leader).await;
     let new_leader = cluster.wait_for_leader(Some(leader)).await;
-    let (base_sequence, values, base_offset) = written.last().unwrap().clone();
-    let answer = cluster
-        .produce(&batch(producer_id, base_sequence, &values))
-        .await;
-    assert_eq!(
-        answer, base_offset,
-        "seed {seed}: a retry on the new leader {new_leader}"
-    );
+    retry_is_duplicate(
+        &cluster,
+        producer_id,
+        &written,
+        &format!("seed {seed}: new leader {new_leader}"),
+    )
+    .await;
     write_padded(
         &cluster,
         producer_id,
@@ -880,12 +893,7 @@ async fn retention_purges_each_replica_and_a_follower_left_behind_installs_the_s
     cluster.check_replicas(&expected, &format!("seed {seed}: after failover"));
 
     // Every node restarts from what it stored.
-    for node in 1..=3 {
-        cluster.crash(node).await;
-    }
-    for node in 1..=3 {
-        cluster.start_node(node).await;
-    }
+    cluster.restart_all().await;
     cluster.wait_for_leader(None).await;
     write_padded(
         &cluster,
@@ -1036,12 +1044,7 @@ async fn compaction_keeps_each_keys_latest_on_every_replica_and_entries_stay_who
 
     // Every node reopens from what it stored (compacted entries in the log and, on the
     // follower, in its active segment) and holds what it held.
-    for node in 1..=3 {
-        cluster.crash(node).await;
-    }
-    for node in 1..=3 {
-        cluster.start_node(node).await;
-    }
+    cluster.restart_all().await;
     let new_leader = cluster.wait_for_leader(None).await;
     cluster.wait_converged(end).await;
     for node in 1..=3 {
@@ -1086,25 +1089,19 @@ async fn a_leader_restored_at_start_up_takes_idempotent_writes() {
     .await;
     let leader = cluster.wait_for_leader(None).await;
     cluster.wait_converged(expected.len() as i64).await;
-    for node in 1..=3 {
-        cluster.crash(node).await;
-    }
-    for node in 1..=3 {
-        cluster.start_node(node).await;
-    }
+    cluster.restart_all().await;
     assert_eq!(
         cluster.wait_for_leader(None).await,
         leader,
         "seed {seed}: the old leader is restored as leader"
     );
-    let (base_sequence, values, base_offset) = written.last().unwrap().clone();
-    let answer = cluster
-        .produce(&batch(producer_id, base_sequence, &values))
-        .await;
-    assert_eq!(
-        answer, base_offset,
-        "seed {seed}: a retry after the restart"
-    );
+    retry_is_duplicate(
+        &cluster,
+        producer_id,
+        &written,
+        &format!("seed {seed}: after the restart"),
+    )
+    .await;
     write_batches(
         &cluster,
         &mut rng,

@@ -1046,6 +1046,49 @@ async fn a_consumer_reads_the_partitions_whose_leaders_live() -> anyhow::Result<
     Ok(())
 }
 
+/// Three brokers with 32 KiB segments, whose retention and log cleaner run every 200 ms.
+fn small_segments_cluster() -> anyhow::Result<TestCluster> {
+    TestCluster::start(
+        3,
+        &[
+            "--batch-bytes-max",
+            "16384",
+            "--frame-bytes-max",
+            "1048576",
+            "--segment-bytes-max",
+            "32768",
+            "--retention-check-interval-ms",
+            "200",
+            "--log-cleaner-interval-ms",
+            "200",
+        ],
+    )
+}
+
+/// Produces `records` with `acks=all` in 8 KiB batches and waits for every acknowledgement.
+async fn produce_acked(
+    client: &Client,
+    records: impl Iterator<Item = ProducerRecord>,
+) -> anyhow::Result<()> {
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            batch_bytes_max: 8192,
+            ..Default::default()
+        })
+        .await?;
+    let mut deliveries = Vec::new();
+    for record in records {
+        deliveries.push(producer.send(record).await?);
+    }
+    producer.flush().await?;
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await?;
+    Ok(())
+}
+
 /// The `.log` segment files of replicated partitions under each node's data directory.
 fn replica_segments(root: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
     fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
@@ -1110,19 +1153,7 @@ fn segment_bases(root: &std::path::Path, node: &str) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_segments_and_a_follower_behind_it_catches_up() -> anyhow::Result<()>
 {
-    let mut cluster = TestCluster::start(
-        3,
-        &[
-            "--batch-bytes-max",
-            "16384",
-            "--frame-bytes-max",
-            "1048576",
-            "--segment-bytes-max",
-            "32768",
-            "--retention-check-interval-ms",
-            "200",
-        ],
-    )?;
+    let mut cluster = small_segments_cluster()?;
     cluster.create_topic(1, "expiring", 1, 3)?;
     let (ok, out, err) = cli(
         &cluster,
@@ -1148,28 +1179,13 @@ async fn retention_deletes_old_segments_and_a_follower_behind_it_catches_up() ->
     let client = cluster.client().await?;
     cluster.process.kill(behind);
 
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::All,
-            batch_bytes_max: 8192,
-            ..Default::default()
-        })
-        .await?;
     const RECORDS: usize = 3000;
-    let mut deliveries = Vec::new();
-    for i in 0..RECORDS {
-        let value = format!("{i:06}-{}", "x".repeat(200));
-        deliveries.push(
-            producer
-                .send(ProducerRecord::new("expiring", value))
-                .await?,
-        );
-    }
-    producer.flush().await?;
-    for delivery in deliveries {
-        delivery.await?;
-    }
-    producer.close().await?;
+    produce_acked(
+        &client,
+        (0..RECORDS)
+            .map(|i| ProducerRecord::new("expiring", format!("{i:06}-{}", "x".repeat(200)))),
+    )
+    .await?;
 
     let partition = TopicPartition::new("expiring", 0);
     let behind_dir = format!("node-{behind}");
@@ -1363,19 +1379,7 @@ async fn read_keyed(
 async fn compaction_keeps_each_keys_latest_on_every_replica() -> anyhow::Result<()> {
     const RECORDS: i64 = 2000;
     const KEYS: i64 = 20;
-    let cluster = TestCluster::start(
-        3,
-        &[
-            "--batch-bytes-max",
-            "16384",
-            "--frame-bytes-max",
-            "1048576",
-            "--segment-bytes-max",
-            "32768",
-            "--log-cleaner-interval-ms",
-            "200",
-        ],
-    )?;
+    let cluster = small_segments_cluster()?;
     let (ok, out, err) = cli(
         &cluster,
         1,
@@ -1393,28 +1397,14 @@ async fn compaction_keeps_each_keys_latest_on_every_replica() -> anyhow::Result<
     )?;
     ensure!(ok, "topic create: {out}{err}");
     let client = cluster.client().await?;
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::All,
-            batch_bytes_max: 8192,
-            ..Default::default()
-        })
-        .await?;
-    let mut deliveries = Vec::new();
-    for i in 0..RECORDS {
-        let key = format!("user-{}", i % KEYS);
-        let value = format!("{i:08}-{}", "x".repeat(200));
-        deliveries.push(
-            producer
-                .send(ProducerRecord::keyed("users", key, value))
-                .await?,
-        );
-    }
-    producer.flush().await?;
-    for delivery in deliveries {
-        delivery.await?;
-    }
-    producer.close().await?;
+    produce_acked(
+        &client,
+        (0..RECORDS).map(|i| {
+            let value = format!("{i:08}-{}", "x".repeat(200));
+            ProducerRecord::keyed("users", format!("user-{}", i % KEYS), value)
+        }),
+    )
+    .await?;
     let root = cluster.dir().to_path_buf();
     let check = |records: &[(i64, String, i64)]| -> anyhow::Result<()> {
         let mut last = -1;
