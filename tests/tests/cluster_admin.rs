@@ -1046,6 +1046,52 @@ async fn a_consumer_reads_the_partitions_whose_leaders_live() -> anyhow::Result<
     Ok(())
 }
 
+/// The `.log` segment files of node `node`'s replicated partitions (`node-N`).
+fn replica_segment_files(root: &std::path::Path, node: &str) -> Vec<std::path::PathBuf> {
+    let partitions = std::fs::read_dir(root.join(node).join("cluster/partitions"));
+    partitions
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|partition| {
+            std::fs::read_dir(partition.path().join("log"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|file| file.path())
+        .filter(|path| path.extension().is_some_and(|x| x == "log"))
+        .collect()
+}
+
+/// How many segment files each node that has any holds of replicated partitions.
+fn replica_segments(root: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    (1..=3)
+        .map(|n| format!("node-{n}"))
+        .map(|node| (replica_segment_files(root, &node).len(), node))
+        .filter(|(count, _)| *count > 0)
+        .map(|(count, node)| (node, count))
+        .collect()
+}
+
+/// The base offsets of node `node`'s replicated segments (their file names), ascending.
+fn segment_bases(root: &std::path::Path, node: &str) -> Vec<i64> {
+    let mut bases: Vec<i64> = replica_segment_files(root, node)
+        .iter()
+        .filter_map(|path| path.file_stem()?.to_str()?.parse().ok())
+        .collect();
+    bases.sort_unstable();
+    bases
+}
+
+/// Bytes of node `node`'s replicated segment files.
+fn replica_log_bytes(root: &std::path::Path, node: &str) -> u64 {
+    replica_segment_files(root, node)
+        .iter()
+        .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+        .sum()
+}
+
 /// Three brokers with 32 KiB segments, whose retention and log cleaner run every 200 ms.
 fn small_segments_cluster() -> anyhow::Result<TestCluster> {
     TestCluster::start(
@@ -1087,60 +1133,6 @@ async fn produce_acked(
     }
     producer.close().await?;
     Ok(())
-}
-
-/// The `.log` segment files of replicated partitions under each node's data directory.
-fn replica_segments(root: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|x| x == "log") {
-                out.push(path);
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(root, &mut files);
-    let mut per_node = std::collections::BTreeMap::new();
-    for file in files {
-        let relative = file
-            .strip_prefix(root)
-            .unwrap_or(&file)
-            .to_string_lossy()
-            .into_owned();
-        if let Some((node, _)) = relative.split_once("/cluster/partitions/") {
-            *per_node.entry(node.to_owned()).or_insert(0) += 1;
-        }
-    }
-    per_node
-}
-
-/// The base offsets of node `node`'s replicated segments (their file names), ascending.
-fn segment_bases(root: &std::path::Path, node: &str) -> Vec<i64> {
-    let mut bases = Vec::new();
-    let partitions = root.join(node).join("cluster/partitions");
-    for partition in std::fs::read_dir(partitions)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for file in std::fs::read_dir(partition.path().join("log"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let path = file.path();
-            if path.extension().is_some_and(|x| x == "log")
-                && let Some(base) = path.file_stem().and_then(|s| s.to_str()?.parse().ok())
-            {
-                bases.push(base);
-            }
-        }
-    }
-    bases.sort_unstable();
-    bases
 }
 
 /// Retention on a replicated topic (it never ran on a cluster: replicated logs grew for
@@ -1315,28 +1307,6 @@ async fn retention_deletes_old_segments_and_a_follower_behind_it_catches_up() ->
         "{error}"
     );
     Ok(())
-}
-
-/// Bytes of node `node`'s replicated segment files.
-fn replica_log_bytes(root: &std::path::Path, node: &str) -> u64 {
-    let mut bytes = 0;
-    let partitions = root.join(node).join("cluster/partitions");
-    for partition in std::fs::read_dir(partitions)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for file in std::fs::read_dir(partition.path().join("log"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if file.path().extension().is_some_and(|x| x == "log") {
-                bytes += file.metadata().map_or(0, |m| m.len());
-            }
-        }
-    }
-    bytes
 }
 
 /// Reads `topic`/0 from the beginning to `end` through the partition's leader: (offset, key,
