@@ -485,13 +485,7 @@ pub struct Controller<T: PeerTransport> {
 impl<T: PeerTransport> crate::cluster::CompactedLogs for Controller<T> {
     fn compactions(&self, cluster: &crate::cluster::Cluster) -> Vec<crate::cluster::CompactionJob> {
         let mut jobs = Vec::new();
-        for hosted in self.hosted() {
-            let Some(topic) = self.topic(&hosted.topic) else {
-                continue;
-            };
-            let Ok(config) = self.topic_config(&topic) else {
-                continue;
-            };
+        for (hosted, config) in self.hosted_with_configs() {
             if !config.cleanup_policy.compacts() {
                 continue;
             }
@@ -698,13 +692,7 @@ impl<T: PeerTransport> Controller<T> {
     /// `PartitionReplica::apply_retention`), by its topic's settings (compaction is the log
     /// cleaner's: see the `CompactedLogs` implementation).
     pub async fn apply_retention(&self, now_ms: i64) {
-        for hosted in self.hosted() {
-            let Some(topic) = self.topic(&hosted.topic) else {
-                continue;
-            };
-            let Ok(config) = self.topic_config(&topic) else {
-                continue;
-            };
+        for (hosted, config) in self.hosted_with_configs() {
             let (retention_ms, retention_bytes) = if config.cleanup_policy.deletes() {
                 (
                     (config.retention_ms >= 0).then_some(config.retention_ms),
@@ -724,6 +712,17 @@ impl<T: PeerTransport> Controller<T> {
                 );
             }
         }
+    }
+
+    /// Every hosted replica whose topic the metadata knows, with the topic's configuration.
+    fn hosted_with_configs(&self) -> Vec<(Arc<ReplicatedPartition>, TopicConfig)> {
+        self.hosted()
+            .into_iter()
+            .filter_map(|hosted| {
+                let config = self.topic_config(&self.topic(&hosted.topic)?).ok()?;
+                Some((hosted, config))
+            })
+            .collect()
     }
 
     /// Every hosted replica.

@@ -284,6 +284,14 @@ impl ApplyHook for ProducerStateHook {
     }
 }
 
+/// What [`ReplicatedPartition::read`] answers.
+#[derive(Debug, Clone)]
+pub struct ReplicaRead {
+    pub records: Bytes,
+    pub high_watermark: i64,
+    pub log_start: i64,
+}
+
 /// A batch for [`ReplicatedPartition::produce_prepared`]: idempotence is checked on `input`,
 /// `output` is written (`None`: a produce chain kept no record).
 #[derive(Debug, Clone)]
@@ -665,8 +673,8 @@ impl ReplicatedPartition {
     }
 
     /// Committed batches from `offset` (whole batches, the one holding it first), up to
-    /// about `max_bytes`, and the high watermark.
-    pub fn read(&self, offset: i64, max_bytes: u32) -> Result<(Bytes, i64), ClusterError> {
+    /// about `max_bytes`, with the high watermark and log start they were read between.
+    pub fn read(&self, offset: i64, max_bytes: u32) -> Result<ReplicaRead, ClusterError> {
         let high_watermark = self.replica.high_watermark();
         // A new leader learns the commit index only once it commits in its own term, so
         // its high watermark may lag a position a consumer already read (from the old
@@ -679,8 +687,13 @@ impl ReplicatedPartition {
                 format!("offset {offset} is outside [{log_start}, {log_end}]"),
             ));
         }
+        let answer = |records| ReplicaRead {
+            records,
+            high_watermark,
+            log_start,
+        };
         if offset >= high_watermark {
-            return Ok((Bytes::new(), high_watermark));
+            return Ok(answer(Bytes::new()));
         }
         let batches = self
             .replica
@@ -690,7 +703,7 @@ impl ReplicatedPartition {
         for b in batches {
             out.extend_from_slice(&b.bytes);
         }
-        Ok((out.freeze(), high_watermark))
+        Ok(answer(out.freeze()))
     }
 
     /// ListOffsets on this replica, answered as the single-node log answers it: the offset

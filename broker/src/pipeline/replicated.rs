@@ -363,7 +363,7 @@ impl<T: PeerTransport> ReplicatedPipelines<T> {
                 position.pending_to = None;
             }
             let bytes = match hosted.read(position.offset, CHUNK_BYTES_MAX) {
-                Ok((bytes, _)) => bytes,
+                Ok(read) => read.records,
                 Err(e) => {
                     self.fail(&meta, index, &hosted, term, &mut position, e.message)
                         .await;

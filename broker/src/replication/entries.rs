@@ -137,6 +137,11 @@ impl LogIndex {
         self.next_offset
     }
 
+    /// The storage offset the first entry begins at (the next one's, if none is held).
+    pub fn first_offset(&self) -> i64 {
+        self.positions.front().map_or(self.next_offset, |p| p.base)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }

@@ -325,10 +325,7 @@ impl Shared {
     /// The storage offset the log's entries begin at (the storage may still hold purged
     /// records below it for a moment).
     pub(crate) fn first_offset(&self) -> i64 {
-        let index = lock(&self.index);
-        index
-            .get(index.first_index())
-            .map_or(index.next_offset(), |p| p.base)
+        lock(&self.index).first_offset()
     }
 
     /// The last entry at or below `index_max` that ends at or below storage offset `end`.
@@ -368,11 +365,7 @@ impl Shared {
         let log_index = lock(&self.index);
         match log_index.get(index) {
             Some(position) => Some(position.end()),
-            None if index + 1 == log_index.first_index() => Some(
-                log_index
-                    .get(log_index.first_index())
-                    .map_or(log_index.next_offset(), |p| p.base),
-            ),
+            None if index + 1 == log_index.first_index() => Some(log_index.first_offset()),
             None => None,
         }
     }
@@ -818,9 +811,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
             let mut index = lock(&self.shared.index);
             let purged_end = if log_id.index < index.first_index() {
                 // Nothing stored at or below it: the log keeps beginning where it does.
-                index
-                    .get(index.first_index())
-                    .map_or(index.next_offset(), |p| p.base)
+                index.first_offset()
             } else {
                 index
                     .get(log_id.index)

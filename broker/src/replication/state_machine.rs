@@ -256,6 +256,28 @@ pub struct SnapshotData {
 }
 
 impl SnapshotData {
+    /// The snapshot of `state` (the hook's `body` beside it), the log standing at storage
+    /// offset `storage_end` after its last entry.
+    fn of(
+        shared: &Shared,
+        state: &AppliedState,
+        body: &[u8],
+        storage_end: i64,
+    ) -> Result<Arc<SnapshotData>, String> {
+        let last = state
+            .applied
+            .ok_or_else(|| "a snapshot of no applied entry".to_owned())?;
+        Ok(Arc::new(SnapshotData {
+            end: SnapshotEnd {
+                last,
+                storage_end,
+                kafka_end: shared.kafka_offset(storage_end),
+            },
+            membership: state.membership.clone(),
+            checkpoint: encode_checkpoint(state, body)?,
+        }))
+    }
+
     /// The snapshot's bytes (layout in the module documentation).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(28 + self.checkpoint.len());
@@ -269,8 +291,9 @@ impl SnapshotData {
         out
     }
 
-    /// Decodes and checks a snapshot's bytes; the hook's body is returned beside it.
-    pub fn decode(bytes: &[u8]) -> Result<(SnapshotData, Vec<u8>), String> {
+    /// Decodes and checks a snapshot's bytes (its checkpoint is checked, and decoded again
+    /// by whoever restores from it).
+    pub fn decode(bytes: &[u8]) -> Result<SnapshotData, String> {
         if bytes.len() < 4 + 8 + 8 + 4 + 4 {
             return Err(format!("a snapshot of {} bytes is too short", bytes.len()));
         }
@@ -290,7 +313,7 @@ impl SnapshotData {
             .get(24..)
             .filter(|rest| rest.len() == len)
             .ok_or_else(|| "snapshot length mismatch".to_owned())?;
-        let (state, body) = decode_checkpoint(checkpoint)?;
+        let (state, _) = decode_checkpoint(checkpoint)?;
         let last = state
             .applied
             .ok_or_else(|| "a snapshot of no applied entry".to_owned())?;
@@ -299,18 +322,15 @@ impl SnapshotData {
                 "a snapshot ending at storage offset {storage_end}, Kafka offset {kafka_end}"
             ));
         }
-        Ok((
-            SnapshotData {
-                end: SnapshotEnd {
-                    last,
-                    storage_end,
-                    kafka_end,
-                },
-                membership: state.membership,
-                checkpoint: checkpoint.to_vec(),
+        Ok(SnapshotData {
+            end: SnapshotEnd {
+                last,
+                storage_end,
+                kafka_end,
             },
-            body.to_vec(),
-        ))
+            membership: state.membership,
+            checkpoint: checkpoint.to_vec(),
+        })
     }
 
     fn snapshot(&self) -> Snapshot<PartitionRaft> {
@@ -398,32 +418,6 @@ impl AppliedHandle {
         }
     }
 
-    /// The applied state now, as a snapshot that could later become current (the entry it
-    /// ends at must then still be in the log); `None` before anything was applied or while
-    /// the hook cannot checkpoint.
-    pub(crate) fn capture(&self, shared: &Shared) -> Option<Arc<SnapshotData>> {
-        let last = lock(&self.0).state.applied?;
-        self.capture_ending_at(shared, shared.end_of(last.index)?)
-    }
-
-    /// [`Self::capture`], the log taken to stand at `storage_end` after the last applied
-    /// entry.
-    fn capture_ending_at(&self, shared: &Shared, storage_end: i64) -> Option<Arc<SnapshotData>> {
-        let applier = lock(&self.0);
-        let last = applier.state.applied?;
-        let body = applier.hook.checkpoint()?;
-        let checkpoint = encode_checkpoint(&applier.state, &body).ok()?;
-        Some(Arc::new(SnapshotData {
-            end: SnapshotEnd {
-                last,
-                storage_end,
-                kafka_end: shared.kafka_offset(storage_end),
-            },
-            membership: applier.state.membership.clone(),
-            checkpoint,
-        }))
-    }
-
     /// Makes `snapshot` the one the next build (openraft's `trigger().snapshot()`) answers.
     pub(crate) fn stage(&self, snapshot: Arc<SnapshotData>) {
         lock(&self.0).staged = Some(snapshot);
@@ -471,7 +465,7 @@ impl PartitionStateMachine {
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let snapshot = match std::fs::read(&snapshot_path) {
             Ok(bytes) => match SnapshotData::decode(&bytes) {
-                Ok((snapshot, _)) => Some(Arc::new(snapshot)),
+                Ok(snapshot) => Some(Arc::new(snapshot)),
                 Err(why) => {
                     tracing::warn!(path = %snapshot_path.display(), %why, "snapshot refused");
                     None
@@ -736,15 +730,7 @@ pub(crate) fn replay_to(
     let body = hook
         .checkpoint()
         .ok_or_else(|| "the replayed state has no checkpoint".to_owned())?;
-    Ok(Arc::new(SnapshotData {
-        end: SnapshotEnd {
-            last: upto,
-            storage_end,
-            kafka_end: shared.kafka_offset(storage_end),
-        },
-        membership: state.membership.clone(),
-        checkpoint: encode_checkpoint(&state, &body)?,
-    }))
+    SnapshotData::of(shared, &state, &body, storage_end)
 }
 
 /// Builds the staged snapshot (see the module documentation): writes it durably and makes
@@ -771,9 +757,9 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
         // now, as openraft's contract says.
         let staged = match self.staged.take() {
             Some(staged) => staged,
-            None => match AppliedHandle(self.applier.clone()).capture(&self.shared) {
-                Some(captured) => captured,
-                None if lock(&self.applier).state.applied.is_none() => {
+            None => {
+                let applier = lock(&self.applier);
+                let Some(last) = applier.state.applied else {
                     // Nothing applied: an empty snapshot, which nothing is purged below.
                     let empty = encode_checkpoint(&AppliedState::default(), &[]).map_err(error)?;
                     return Ok(Snapshot {
@@ -784,13 +770,19 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
                         },
                         snapshot: Box::new(Cursor::new(empty)),
                     });
-                }
-                // Applied entries the log does not hold (openraft's storage suite feeds
-                // the state machine alone): the log's end is where it stands.
-                None => AppliedHandle(self.applier.clone())
-                    .capture_ending_at(&self.shared, self.shared.next_offset())
-                    .ok_or_else(|| error("the applied state cannot be captured now".into()))?,
-            },
+                };
+                let body = applier
+                    .hook
+                    .checkpoint()
+                    .ok_or_else(|| error("the applied state cannot be captured now".into()))?;
+                // Applied entries the log does not hold (openraft's storage suite feeds the
+                // state machine alone) leave the log standing at its end.
+                let storage_end = self
+                    .shared
+                    .end_of(last.index)
+                    .unwrap_or_else(|| self.shared.next_offset());
+                SnapshotData::of(&self.shared, &applier.state, &body, storage_end).map_err(error)?
+            }
         };
         let path = self.path.clone();
         let bytes = staged.encode();
@@ -898,14 +890,14 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
             ))
         };
         let bytes = snapshot.into_inner();
-        let (data, body) = SnapshotData::decode(&bytes).map_err(error)?;
+        let data = SnapshotData::decode(&bytes).map_err(error)?;
         if Some(data.end.last) != meta.last_log_id {
             return Err(error(format!(
                 "the snapshot's data ends at {}, its meta at {:?}",
                 data.end.last, meta.last_log_id
             )));
         }
-        let (state, _) = decode_checkpoint(&data.checkpoint).map_err(error)?;
+        let (state, body) = decode_checkpoint(&data.checkpoint).map_err(error)?;
         let snapshot_path = self.snapshot_path.clone();
         let (checkpoint_path, checkpoint) = {
             let applier = lock(&self.applier);
@@ -920,7 +912,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         .map_err(|e| error(e.to_string()))?;
         {
             let mut applier = lock(&self.applier);
-            if let Err(why) = applier.hook.restore(&body) {
+            if let Err(why) = applier.hook.restore(body) {
                 applier.hook.reset();
                 return Err(error(format!("the snapshot's applied state: {why}")));
             }

@@ -897,16 +897,14 @@ pub(super) fn fetch_partition(
     let mut response = partition_answer(p.topic.clone(), p.partition, ErrorCode::None, None);
     if let Some(node) = &state.cluster_node {
         let result = match node.controller.partition(&p.topic, p.partition) {
-            Some(hosted) => hosted
-                .read(p.offset, max_bytes)
-                .map(|(records, hwm)| (records, hwm, hosted.replica.log_start_offset())),
+            Some(hosted) => hosted.read(p.offset, max_bytes),
             None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
         };
         match result {
-            Ok((records, high_watermark, log_start)) => {
-                response.records = records;
-                response.high_watermark = high_watermark;
-                response.log_start_offset = log_start;
+            Ok(read) => {
+                response.records = read.records;
+                response.high_watermark = read.high_watermark;
+                response.log_start_offset = read.log_start;
             }
             Err(e) => {
                 state.metrics.error(Some(api), e.code);

@@ -146,14 +146,20 @@ impl Shared {
             Oldest::First => Box::new(segments.iter()),
             Oldest::Last => Box::new(segments.iter().rev()),
         };
-        for segment in ordered {
-            for (_, path) in segment.files() {
-                match self.backend.remove(path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(StorageError::io("remove", path.clone(), e));
-                    }
-                    _ => {}
+        self.remove_files(ordered.flat_map(|segment| segment.files().map(|(_, path)| path)))
+    }
+
+    /// Removes `paths` in order (one already gone is fine), then syncs the directory.
+    pub(super) fn remove_files<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a PathBuf>,
+    ) -> Result<(), StorageError> {
+        for path in paths {
+            match self.backend.remove(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StorageError::io("remove", path.clone(), e));
                 }
+                _ => {}
             }
         }
         self.backend

@@ -110,18 +110,7 @@ impl PartitionLog {
         let result = (|| {
             // Oldest first; readers keep reading through the handles they hold until the
             // view changes.
-            for path in &old_files {
-                match self.shared.backend.remove(path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(StorageError::io("remove", path.clone(), e));
-                    }
-                    _ => {}
-                }
-            }
-            self.shared
-                .backend
-                .sync_dir(&self.shared.dir)
-                .map_err(io_error("fsync", &self.shared.dir))?;
+            self.shared.remove_files(&old_files)?;
             let new_segment = if keep_active {
                 None
             } else {
