@@ -58,6 +58,17 @@ fn batch(value: &str) -> Bytes {
     builder.finish()
 }
 
+/// The `i`th value written: every third one is 300 KiB, so its batch travels to the
+/// followers as a chunk of its own (shared with the leader's entry, not copied) and spans
+/// many QUIC packets; the others are a few bytes, inline in the message.
+fn value(i: i64) -> String {
+    if i % 3 == 0 {
+        format!("v{i}-{}", "x".repeat(300 * 1024))
+    } else {
+        format!("v{i}")
+    }
+}
+
 struct Node {
     peers: Arc<QuicPeers>,
     groups: Arc<PeerGroups>,
@@ -87,7 +98,7 @@ async fn wait_for_leader(nodes: &HashMap<NodeId, Node>) -> NodeId {
 
 fn values(replica: &PartitionReplica) -> Vec<(i64, String)> {
     let mut out = Vec::new();
-    for committed in replica.read_committed(0, 1 << 20).unwrap() {
+    for committed in replica.read_committed(0, 16 << 20).unwrap() {
         let records = RecordBatch::new(committed.bytes)
             .unwrap()
             .decode_all()
@@ -160,7 +171,7 @@ async fn three_brokers_replicate_over_quic_and_fail_over() {
     for i in 0..10 {
         let appended = nodes[&leader]
             .replica
-            .write(batch(&format!("v{i}")), Acks::All, WAIT_MAX)
+            .write(batch(&value(i)), Acks::All, WAIT_MAX)
             .await
             .unwrap();
         assert_eq!(appended.base_offset, i);
@@ -195,7 +206,7 @@ async fn three_brokers_replicate_over_quic_and_fail_over() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let expected: Vec<(i64, String)> = (0..10)
-            .map(|i| (i, format!("v{i}")))
+            .map(|i| (i, value(i)))
             .chain([(10, "after".to_owned())])
             .collect();
         assert_eq!(values(&node.replica), expected);

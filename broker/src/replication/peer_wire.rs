@@ -115,6 +115,79 @@ impl Reader {
     }
 }
 
+/// Payloads at least this long are referenced by an encoded message, not copied into it.
+const PAYLOAD_BYTES_SHARED_MIN: usize = 4096;
+
+/// An encoded message as a run of chunks whose concatenation is the message: record batches
+/// and snapshot data at least [`PAYLOAD_BYTES_SHARED_MIN`] long are shared with the request
+/// (a reference count), never copied, so a transport can hand them to its stream as they are.
+/// A leader sends every batch to each follower; each send copied it twice before the stream
+/// (into the message, then into the framed message).
+#[derive(Debug, Default)]
+pub struct Chunks {
+    done: Vec<Bytes>,
+    /// The fixed-size fields after the last shared payload.
+    buf: BytesMut,
+    len: usize,
+}
+
+impl Chunks {
+    fn put_payload(&mut self, payload: &Bytes) {
+        if payload.len() < PAYLOAD_BYTES_SHARED_MIN {
+            self.buf.put_slice(payload);
+            return;
+        }
+        self.close_buf();
+        self.len += payload.len();
+        self.done.push(payload.clone());
+    }
+
+    fn close_buf(&mut self) {
+        if !self.buf.is_empty() {
+            let fields = self.buf.split().freeze();
+            self.len += fields.len();
+            self.done.push(fields);
+        }
+    }
+
+    /// The message's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len + self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The chunks, in order.
+    pub fn into_vec(mut self) -> Vec<Bytes> {
+        self.close_buf();
+        self.done
+    }
+
+    /// The message in one piece (a copy of every chunk).
+    pub fn concat(self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.len());
+        for chunk in self.into_vec() {
+            out.put_slice(&chunk);
+        }
+        out.freeze()
+    }
+}
+
+impl std::ops::Deref for Chunks {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Chunks {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+}
+
 fn put_str(out: &mut BytesMut, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
     out.put_u16(bytes.len() as u16);
@@ -171,7 +244,7 @@ fn membership(r: &mut Reader) -> Result<super::Membership> {
     Ok(membership)
 }
 
-fn put_entry(out: &mut BytesMut, entry: &Entry) -> Result<()> {
+fn put_entry(out: &mut Chunks, entry: &Entry) -> Result<()> {
     out.put_u64(entry.log_id.index);
     out.put_u64(entry.log_id.leader_id.term);
     match &entry.payload {
@@ -179,7 +252,7 @@ fn put_entry(out: &mut BytesMut, entry: &Entry) -> Result<()> {
         EntryPayload::Normal(batch) => {
             out.put_u8(ENTRY_DATA);
             out.put_u32(batch.bytes.len() as u32);
-            out.put_slice(&batch.bytes);
+            out.put_payload(&batch.bytes);
         }
         EntryPayload::Membership(m) => {
             out.put_u8(ENTRY_MEMBERSHIP);
@@ -207,9 +280,14 @@ fn entry(r: &mut Reader) -> Result<Entry> {
     })
 }
 
-/// Encodes a request for `group`.
+/// Encodes a request for `group` in one piece.
 pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
-    let mut out = BytesMut::new();
+    encode_request_chunks(group, request).map(Chunks::concat)
+}
+
+/// Encodes a request for `group` as chunks that share its batches (see [`Chunks`]).
+pub fn encode_request_chunks(group: &str, request: &PeerRequest) -> Result<Chunks> {
+    let mut out = Chunks::default();
     put_str(&mut out, group);
     match request {
         PeerRequest::AppendEntries(r) => {
@@ -242,7 +320,7 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
         PeerRequest::Propose(batch) => {
             out.put_u8(KIND_PROPOSE);
             out.put_u32(batch.len() as u32);
-            out.put_slice(batch);
+            out.put_payload(batch);
         }
         PeerRequest::HoldElections(ms) => {
             out.put_u8(KIND_HOLD_ELECTIONS);
@@ -270,7 +348,7 @@ pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
             }
         }
     }
-    Ok(out.freeze())
+    Ok(out)
 }
 
 /// Decodes a request: its group and the request.
@@ -600,6 +678,66 @@ mod tests {
                 groups: None,
             }),
         ]
+    }
+
+    /// Batches at least `PAYLOAD_BYTES_SHARED_MIN` long travel as the request's own bytes
+    /// (one chunk each, the same memory), smaller ones inline; either way the chunks in order
+    /// are the one-piece encoding, and it decodes to the request.
+    #[test]
+    fn large_batches_are_shared_not_copied() {
+        let big = |fill: u8, len: usize| Bytes::from(vec![fill; len]);
+        let batches = [
+            big(1, PAYLOAD_BYTES_SHARED_MIN),
+            big(2, 10),
+            big(3, PAYLOAD_BYTES_SHARED_MIN + 1),
+            big(4, PAYLOAD_BYTES_SHARED_MIN - 1),
+        ];
+        let append = || {
+            let entries = batches
+                .iter()
+                .enumerate()
+                .map(|(i, batch)| Entry {
+                    log_id: id(2, 5 + i as u64).unwrap(),
+                    payload: EntryPayload::Normal(LogBatch::new(batch.clone())),
+                })
+                .collect();
+            PeerRequest::AppendEntries(AppendEntriesRequest {
+                vote: Vote::new(2, 1),
+                prev_log_id: id(2, 4),
+                entries,
+                leader_commit: id(2, 4),
+            })
+        };
+        for propose in [false, true] {
+            let request = if propose {
+                PeerRequest::Propose(batches[2].clone())
+            } else {
+                append()
+            };
+            let chunks = encode_request_chunks("t/0", &request).unwrap();
+            let len = chunks.len();
+            let chunks = chunks.into_vec();
+            assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), len);
+            let shared: Vec<&Bytes> = batches
+                .iter()
+                .filter(|b| b.len() >= PAYLOAD_BYTES_SHARED_MIN)
+                .filter(|b| !propose || b[0] == 3)
+                .collect();
+            for batch in &shared {
+                assert!(
+                    chunks
+                        .iter()
+                        .any(|c| c.as_ptr() == batch.as_ptr() && c.len() == batch.len()),
+                    "a batch of {} bytes was copied",
+                    batch.len()
+                );
+            }
+            let whole = encode_request("t/0", &request).unwrap();
+            assert_eq!(whole.len(), len);
+            assert_eq!(whole, chunks.concat());
+            let (_, decoded) = decode_request(whole).unwrap();
+            assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::replication::beacons::Beacons;
@@ -169,7 +169,13 @@ fn transport_config() -> quinn::TransportConfig {
         // groups ~30 s so, its own elections raising terms the leaders never reached).
         .initial_rtt(PEER_INITIAL_RTT)
         .keep_alive_interval(Some(PEER_KEEP_ALIVE_INTERVAL))
-        .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")));
+        .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")))
+        .stream_receive_window((8u32 * 1024 * 1024).into())
+        .receive_window((64u32 * 1024 * 1024).into())
+        .send_window(64 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
+    transport.mtu_discovery_config(Some(mtu));
     transport
 }
 
@@ -378,33 +384,48 @@ impl QuicPeers {
     }
 }
 
-/// Writes one length-prefixed message and finishes the stream.
-async fn write_message(send: &mut quinn::SendStream, message: Bytes) -> Result<(), String> {
-    let mut framed = BytesMut::with_capacity(4 + message.len());
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    send.write_all(&framed).await.map_err(|e| e.to_string())?;
+/// Writes one length-prefixed message, given as chunks (shared, not copied: see
+/// [`peer_wire::Chunks`]), and finishes the stream.
+async fn write_message(send: &mut quinn::SendStream, message: Vec<Bytes>) -> Result<(), String> {
+    let len: usize = message.iter().map(Bytes::len).sum();
+    let len = u32::try_from(len).map_err(|_| format!("a peer message of {len} bytes"))?;
+    let mut chunks = Vec::with_capacity(1 + message.len());
+    chunks.push(Bytes::copy_from_slice(&len.to_be_bytes()));
+    chunks.extend(message);
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())
 }
 
 /// Reads one length-prefixed message (bounded by [`PEER_FRAME_BYTES_MAX`]) that ends the
-/// stream.
+/// stream, into one buffer of its announced length.
 async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
-    let bytes = recv
-        .read_to_end(4 + PEER_FRAME_BYTES_MAX)
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix)
         .await
-        .map_err(|e| e.to_string())?;
-    if bytes.len() < 4 {
-        return Err("a peer message without its length".into());
-    }
-    let length = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
-    if length != bytes.len() - 4 {
+        .map_err(|e| format!("a peer message without its length: {e}"))?;
+    let length = u32::from_be_bytes(prefix) as usize;
+    if length > PEER_FRAME_BYTES_MAX {
         return Err(format!(
-            "a peer message says {length} bytes, {} came",
-            bytes.len() - 4
+            "a peer message says {length} bytes, over the limit of {PEER_FRAME_BYTES_MAX}"
         ));
     }
-    Ok(Bytes::from(bytes).slice(4..))
+    let mut message = vec![0u8; length];
+    recv.read_exact(&mut message).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(got) => {
+            format!("a peer message says {length} bytes, {got} came")
+        }
+        quinn::ReadExactError::ReadError(e) => e.to_string(),
+    })?;
+    // The message ends the stream: anything after it is a framing error.
+    match recv.read_to_end(0).await {
+        Ok(_) => Ok(Bytes::from(message)),
+        Err(quinn::ReadToEndError::TooLong) => {
+            Err(format!("a peer message says {length} bytes, more came"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl PeerTransport for QuicPeers {
@@ -434,11 +455,12 @@ impl PeerTransport for QuicPeers {
         to: NodeId,
         request: PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
-        let message =
-            peer_wire::encode_request(group, &request).map_err(|e| PeerError::Remote {
+        let message = peer_wire::encode_request_chunks(group, &request)
+            .map_err(|e| PeerError::Remote {
                 node: to,
                 reason: e.to_string(),
-            })?;
+            })?
+            .into_vec();
         let connection = self.connection(to).await?;
         let lost = |reason: String| PeerError::Lost { node: to, reason };
         let (mut send, mut recv) = match connection.open_bi().await {
@@ -548,7 +570,7 @@ async fn answer(
             reason: e.to_string(),
         }),
     };
-    let _ = write_message(&mut send, peer_wire::encode_response(&answer)).await;
+    let _ = write_message(&mut send, vec![peer_wire::encode_response(&answer)]).await;
 }
 
 impl crate::controller::RegisterGroups for PeerGroups {
