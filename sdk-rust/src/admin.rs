@@ -604,55 +604,90 @@ pub(crate) async fn list_offsets_once(
     client: &Client,
     specs: &[(TopicPartition, OffsetSpec)],
 ) -> Result<Vec<Result<i64>>> {
-    let mut by_leader: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+    use futures_util::StreamExt as _;
     let mut results: Vec<Result<i64>> = vec![Ok(-1); specs.len()];
+    let mut answers = list_offsets_by_leader(client, specs).await;
+    while let Some(answered) = answers.next().await {
+        for (index, result) in answered {
+            results[index] = result;
+        }
+    }
+    Ok(results)
+}
+
+/// One leader's part of an offset lookup: each partition's index in the specs and result.
+pub(crate) type LeaderAnswer = Vec<(usize, Result<i64>)>;
+
+/// Looks `specs` up at their leaders, every leader at once; the stream yields each leader's
+/// partitions as it answers (a partition with no known leader at once). A leader that fails
+/// (down, unreachable) fails only its own partitions, and a caller that does not wait for it
+/// can start on the others (a consumer of many partitions starts on those whose leaders
+/// answer).
+pub(crate) async fn list_offsets_by_leader<'a>(
+    client: &'a Client,
+    specs: &'a [(TopicPartition, OffsetSpec)],
+) -> futures_util::stream::FuturesUnordered<futures_util::future::BoxFuture<'a, LeaderAnswer>> {
+    use futures_util::FutureExt as _;
+    let answers = futures_util::stream::FuturesUnordered::new();
+    let mut by_leader: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+    let mut unled = Vec::new();
     for (index, (partition, _)) in specs.iter().enumerate() {
         match client.inner.leader(partition).await {
             Ok(addr) => by_leader.entry(addr).or_default().push(index),
-            Err(error) => results[index] = Err(error),
+            Err(error) => unled.push((index, Err(error))),
         }
     }
-    // Every leader at once, and a leader that fails (down, unreachable) fails only its own
-    // partitions: a consumer of many partitions starts on those whose leaders answer.
-    let asked = futures_util::future::join_all(by_leader.into_iter().map(|(addr, indexes)| {
+    if !unled.is_empty() {
+        answers.push(futures_util::future::ready(unled).boxed());
+    }
+    for (addr, indexes) in by_leader {
+        answers.push(ask_leader(client, specs, addr, indexes).boxed());
+    }
+    answers
+}
+
+/// Asks the leader at `addr` for the offsets of `specs[indexes]`.
+async fn ask_leader(
+    client: &Client,
+    specs: &[(TopicPartition, OffsetSpec)],
+    addr: SocketAddr,
+    indexes: Vec<usize>,
+) -> LeaderAnswer {
+    let mut answered = Vec::with_capacity(indexes.len());
+    let mut asking: Vec<(usize, OffsetSpec)> = indexes.iter().map(|&i| (i, specs[i].1)).collect();
+    // At most twice: a timestamp past the last record is asked again as the log end.
+    while !asking.is_empty() {
         let request = ListOffsetsRequest {
-            partitions: indexes
+            partitions: asking
                 .iter()
-                .map(|&i| ListOffsetsPartition {
+                .map(|&(i, spec)| ListOffsetsPartition {
                     topic: specs[i].0.topic.clone(),
                     partition: specs[i].0.partition,
-                    spec: specs[i].1,
+                    spec,
                 })
                 .collect(),
         };
-        let partitions: Vec<TopicPartition> = indexes.iter().map(|&i| specs[i].0.clone()).collect();
-        async move {
-            let response = client
-                .inner
-                .call_leader(addr, &partitions, &request, client.config().request_timeout)
-                .await;
-            (indexes, response)
-        }
-    }))
-    .await;
-    let mut ends = Vec::new();
-    for (indexes, response) in asked {
-        let response = match response {
+        let partitions: Vec<TopicPartition> =
+            asking.iter().map(|&(i, _)| specs[i].0.clone()).collect();
+        let response = match client
+            .inner
+            .call_leader(addr, &partitions, &request, client.config().request_timeout)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
-                for index in indexes {
-                    results[index] = Err(error.clone());
-                }
-                continue;
+                answered.extend(asking.into_iter().map(|(i, _)| (i, Err(error.clone()))));
+                break;
             }
         };
-        for &index in &indexes {
-            let (partition, spec) = &specs[index];
+        let mut again = Vec::new();
+        for (index, spec) in asking {
+            let partition = &specs[index].0;
             let answer = response
                 .partitions
                 .iter()
                 .find(|p| p.topic == partition.topic && p.partition == partition.partition);
-            results[index] = match answer {
+            let result = match answer {
                 None => Err(Error::transport(format!(
                     "list offsets response has no result for {partition}"
                 ))),
@@ -661,24 +696,16 @@ pub(crate) async fn list_offsets_once(
                     format!("listing offsets of {partition} failed"),
                 )),
                 Some(a) if a.offset < 0 && matches!(spec, OffsetSpec::Timestamp(_)) => {
-                    ends.push(index);
-                    Ok(-1)
+                    again.push((index, OffsetSpec::Latest));
+                    continue;
                 }
                 Some(a) => Ok(a.offset),
             };
+            answered.push((index, result));
         }
+        asking = again;
     }
-    if !ends.is_empty() {
-        let latest: Vec<_> = ends
-            .iter()
-            .map(|&i| (specs[i].0.clone(), OffsetSpec::Latest))
-            .collect();
-        let resolved = Box::pin(list_offsets_once(client, &latest)).await?;
-        for (index, result) in ends.into_iter().zip(resolved) {
-            results[index] = result;
-        }
-    }
-    Ok(results)
+    answered
 }
 
 /// The admin handle: here, so the client core knows nothing of it.

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ketch_client::{AutoOffsetReset, Client, ConsumerConfig, TopicPartition};
+use ketch_client::{
+    AutoOffsetReset, Client, ConsumerConfig, ProducerConfig, ProducerRecord, TopicPartition,
+};
 use ketch_e2e::cluster::TestCluster;
 use ketch_e2e::history::{Op, Recorder, Report};
 use ketch_e2e::load::{self, ProduceLoad, Progress, SendErrors};
@@ -613,4 +615,94 @@ type Acked = Arc<std::sync::Mutex<std::collections::BTreeMap<u32, i64>>>;
 struct Commits {
     acknowledged: u64,
     failed: u64,
+}
+
+/// 3 brokers, a topic of 3 partitions with RF 1 spread over them; the broker of partition 0
+/// is killed (-9) before a consumer of all three starts. The consumer reads the partitions
+/// of the live brokers at once: its first offset lookup does not wait for the dead one, whose
+/// connect timeout is a minute here (the consumer waited it out before reading anything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_holds_up_only_its_own_partitions() -> anyhow::Result<()> {
+    const SPREAD: &str = "spread";
+    const PER_PARTITION: usize = 5;
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(3, &[]))?;
+    tokio::task::block_in_place(|| cluster.create_topic(1, SPREAD, 3, 1))?;
+    let mut leaders = Vec::new();
+    for partition in 0..3 {
+        leaders.push(
+            cluster
+                .wait_for_leader(SPREAD, partition, &[], LEADER_WAIT)
+                .await?,
+        );
+    }
+    let dead = leaders[0];
+    let live: Vec<u32> = (0..3).filter(|&p| leaders[p as usize] != dead).collect();
+    anyhow::ensure!(
+        !live.is_empty(),
+        "every partition is on broker {dead}: {leaders:?}"
+    );
+    let client = cluster.client().await?;
+    let producer = client.producer(ProducerConfig::default()).await?;
+    for partition in 0..3 {
+        for i in 0..PER_PARTITION {
+            producer
+                .send(ProducerRecord {
+                    partition: Some(partition),
+                    ..ProducerRecord::new(SPREAD, format!("p{partition}-{i}"))
+                })
+                .await?
+                .await?;
+        }
+    }
+    producer.close().await?;
+    client.close();
+    cluster.process.kill(dead);
+
+    let mut config = cluster.client_config();
+    config.bootstrap = live
+        .iter()
+        .map(|&p| cluster.process.addr(leaders[p as usize]).to_string())
+        .collect();
+    config.connect_timeout = CONNECT_TIMEOUT;
+    let client = Client::connect(config).await?;
+    let all: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(SPREAD, p)).collect();
+    let consumer = client.assign(
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            auto_commit: false,
+            ..ConsumerConfig::default()
+        },
+        &all,
+    )?;
+    let started = Instant::now();
+    let mut read = std::collections::BTreeSet::new();
+    while read.len() < live.len() * PER_PARTITION && started.elapsed() < CONNECT_TIMEOUT / 2 {
+        match consumer.recv_many(100, Duration::from_millis(200)).await {
+            Ok(records) => {
+                for record in records {
+                    anyhow::ensure!(
+                        live.contains(&record.partition),
+                        "a record of the dead broker's partition {}",
+                        record.partition
+                    );
+                    read.insert((record.partition, record.offset));
+                }
+            }
+            Err(e) => println!("consumer: {e}"),
+        }
+    }
+    let took = started.elapsed();
+    consumer.close().await?;
+    client.close();
+    anyhow::ensure!(
+        read.len() == live.len() * PER_PARTITION,
+        "read {} of the {} records of the live partitions {live:?} in {took:?} (half the \
+         connect timeout): the dead leader held them up",
+        read.len(),
+        live.len() * PER_PARTITION
+    );
+    println!("read the live partitions {live:?} in {took:?}");
+    Ok(())
 }

@@ -78,6 +78,10 @@ pub(super) const PARTITION_STREAMS_MAX: usize = 32;
 /// topic are shared by its partitions' streams).
 const PUSH_STREAM_LEADER_CHECK_MIN: Duration = Duration::from_secs(1);
 
+/// How long an offset lookup waits for the other leaders once one has answered: the
+/// partitions looked up start, the rest are looked up again after the fetcher's backoff.
+const LOOKUP_STRAGGLERS_WAIT: Duration = Duration::from_millis(500);
+
 /// Partitions one `SubscribeMany` stream carries at most (the broker takes up to
 /// `SUBSCRIBE_PARTITIONS_MAX`; 4,096 entries with the longest topic names are ~1.1 MB, well
 /// inside a request frame). 10,000 partitions at one broker take 3 streams.
@@ -904,31 +908,59 @@ pub(super) async fn resolve_positions(
         .iter()
         .map(|(partition, _, spec)| (partition.clone(), *spec))
         .collect();
-    // One attempt: the partitions whose leaders answered start now; the others stay to look
-    // up and the fetcher asks again after its backoff (one leader down must not hold up
-    // every partition of the consumer).
-    let offsets = list_offsets_once(&shared.client, &specs).await?;
+    // One attempt. Each leader's answer is taken as it comes; once one has answered, the
+    // others get `LOOKUP_STRAGGLERS_WAIT` more. Then the partitions looked up start and the
+    // rest stay to look up: the fetcher asks again after its backoff, so a leader that is
+    // down (its connect timeout is 10 s by default) holds up only its own partitions.
+    let mut answers = list_offsets_by_leader(&shared.client, &specs).await;
     let mut failed = None;
-    let mut state = shared.state.lock().expect("consumer state lock");
-    for ((partition, epoch, _), offset) in lookups.into_iter().zip(offsets) {
-        let offset = match offset {
-            Ok(offset) => offset,
-            Err(error) => {
-                // Kept: one that says the metadata is stale, so the fetcher refreshes it.
-                if failed
-                    .as_ref()
-                    .is_none_or(|kept: &Error| !kept.invalidates_metadata())
+    let mut stragglers_until = None;
+    let mut unanswered = specs.len();
+    loop {
+        let next = match stragglers_until {
+            None => futures_util::StreamExt::next(&mut answers).await,
+            Some(until) => {
+                match tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut answers))
+                    .await
                 {
-                    failed = Some(error);
+                    Ok(next) => next,
+                    Err(_) if failed.as_ref().is_some_and(Error::invalidates_metadata) => break,
+                    Err(_) => {
+                        failed = Some(Error::transport(format!(
+                            "the leaders of {unanswered} partitions did not answer an offset lookup \
+                         within {LOOKUP_STRAGGLERS_WAIT:?} of the others: looking them up again"
+                        )));
+                        break;
+                    }
                 }
-                continue;
             }
         };
-        if let Some(s) = state.partitions.get_mut(&partition)
-            && s.epoch == epoch
-        {
-            s.fetch = FetchPosition::At(offset);
-            s.position = Some(offset);
+        let Some(answered) = next else { break };
+        unanswered -= answered.len();
+        stragglers_until
+            .get_or_insert_with(|| tokio::time::Instant::now() + LOOKUP_STRAGGLERS_WAIT);
+        let mut state = shared.state.lock().expect("consumer state lock");
+        for (index, offset) in answered {
+            let (partition, epoch, _) = &lookups[index];
+            let offset = match offset {
+                Ok(offset) => offset,
+                Err(error) => {
+                    // Kept: one that says the metadata is stale, so the fetcher refreshes it.
+                    if failed
+                        .as_ref()
+                        .is_none_or(|kept: &Error| !kept.invalidates_metadata())
+                    {
+                        failed = Some(error);
+                    }
+                    continue;
+                }
+            };
+            if let Some(s) = state.partitions.get_mut(partition)
+                && s.epoch == *epoch
+            {
+                s.fetch = FetchPosition::At(offset);
+                s.position = Some(offset);
+            }
         }
     }
     failed.map_or(Ok(()), Err)

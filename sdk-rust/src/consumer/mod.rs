@@ -35,7 +35,7 @@ use ketch_protocol::messages::{
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::list_offsets_once;
+use crate::admin::list_offsets_by_leader;
 use crate::client::Client;
 use crate::config::{AutoOffsetReset, ConsumerConfig, backoff};
 use crate::error::{Error, Result};
