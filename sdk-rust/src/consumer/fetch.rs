@@ -908,10 +908,11 @@ pub(super) async fn resolve_positions(
         .iter()
         .map(|(partition, _, spec)| (partition.clone(), *spec))
         .collect();
-    // One attempt. Each leader's answer is taken as it comes; once one has answered, the
-    // others get `LOOKUP_STRAGGLERS_WAIT` more. Then the partitions looked up start and the
-    // rest stay to look up: the fetcher asks again after its backoff, so a leader that is
-    // down (its connect timeout is 10 s by default) holds up only its own partitions.
+    // One attempt. Each leader's answer is taken as it comes; once one has answered with
+    // offsets, the others get `LOOKUP_STRAGGLERS_WAIT` more. Then the partitions looked up
+    // start and the rest stay to look up: the fetcher asks again after its backoff, so a
+    // leader that is down (a 10 s connect timeout by default) holds up only its own
+    // partitions.
     let mut answers = list_offsets_by_leader(&shared.client, &specs).await;
     let mut failed = None;
     let mut stragglers_until = None;
@@ -937,8 +938,12 @@ pub(super) async fn resolve_positions(
         };
         let Some(answered) = next else { break };
         unanswered -= answered.len();
-        stragglers_until
-            .get_or_insert_with(|| tokio::time::Instant::now() + LOOKUP_STRAGGLERS_WAIT);
+        // The clock starts at a leader's offsets, not at a failure (partitions with no known
+        // leader are answered at once).
+        if answered.iter().any(|(_, offset)| offset.is_ok()) {
+            stragglers_until
+                .get_or_insert_with(|| tokio::time::Instant::now() + LOOKUP_STRAGGLERS_WAIT);
+        }
         let mut state = shared.state.lock().expect("consumer state lock");
         for (index, offset) in answered {
             let (partition, epoch, _) = &lookups[index];
