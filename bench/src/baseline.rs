@@ -69,12 +69,15 @@ fn client_transport() -> quinn::TransportConfig {
     transport
 }
 
-/// A UDP endpoint with the broker's endpoint settings (the client uses the same).
+/// A UDP endpoint with the broker's endpoint settings and socket buffers (the client uses the
+/// same).
 fn endpoint(server: Option<quinn::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    ketch_broker::server::size_udp_buffers(&socket);
     Ok(quinn::Endpoint::new(
         ketch_broker::server::endpoint_config(),
         server,
-        std::net::UdpSocket::bind("127.0.0.1:0")?,
+        socket,
         Arc::new(quinn::TokioRuntime),
     )?)
 }

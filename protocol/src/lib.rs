@@ -24,3 +24,11 @@ pub const ALPN: &[u8] = b"ketch/1";
 /// ACKs, AEAD calls. Elsewhere discovery settles on the path's real MTU. Ten datagrams (quinn's
 /// segmentation-offload batch) must fit in one 64 KiB UDP send, hence not 9000.
 pub const UDP_PAYLOAD_BYTES_MAX: u16 = 6_500;
+
+/// The receive and send buffer a Ketch endpoint asks for on its UDP socket (the kernel caps it
+/// at `net.core.rmem_max` / `wmem_max`). The default (~208 KiB on Linux) holds a few dozen
+/// datagrams: a burst of a leader's AppendEntries or a producer's request overflowed it
+/// whenever the receiving thread was late, and every datagram dropped so costs QUIC a
+/// retransmission and a congestion-window cut (5% of the datagrams of a 3-broker benchmark run
+/// on one machine were dropped). quic-go asks for about the same.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;

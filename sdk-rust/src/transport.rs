@@ -396,6 +396,7 @@ impl Transport {
         };
         let mut endpoint = std::net::UdpSocket::bind(bind)
             .and_then(|socket| {
+                size_udp_buffers(&socket);
                 quinn::Endpoint::new(
                     endpoint_config(),
                     None,
@@ -626,6 +627,7 @@ impl Transport {
                 message: format!("cannot bind UDP {bind}: {e}"),
                 source: Some(Cause::new(e)),
             })?;
+            size_udp_buffers(&socket);
             endpoint.rebind(socket).map_err(|e| Error::Transport {
                 message: format!("cannot move to a new UDP socket: {e}"),
                 source: Some(Cause::new(e)),
@@ -975,5 +977,25 @@ mod tests {
         let config = rustls_config(&Tls::DangerAcceptInvalidCerts, None, Arc::default()).unwrap();
         assert_eq!(config.alpn_protocols, [ALPN.to_vec()]);
         assert!(quinn::crypto::rustls::QuicClientConfig::try_from(config).is_ok());
+    }
+}
+
+/// Asks for [`ketch_protocol::UDP_SOCKET_BUFFER_BYTES`] of receive and send buffer on a
+/// client socket (best effort: the kernel caps both at `net.core.rmem_max` / `wmem_max`). A
+/// datagram dropped by a full buffer costs QUIC a retransmission and a congestion-window cut.
+fn size_udp_buffers(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let want = ketch_protocol::UDP_SOCKET_BUFFER_BYTES;
+    let _ = socket.set_recv_buffer_size(want);
+    let _ = socket.set_send_buffer_size(want);
+    // Linux reports twice what it grants (its bookkeeping): half the request is all of it.
+    if let Ok(got) = socket.recv_buffer_size()
+        && got < want / 2
+    {
+        tracing::debug!(
+            receive_buffer_bytes = got,
+            wanted_bytes = want,
+            "small UDP receive buffer (raise net.core.rmem_max)"
+        );
     }
 }

@@ -222,6 +222,27 @@ pub fn transport_config(config: &BrokerConfig) -> quinn::TransportConfig {
     transport
 }
 
+/// Asks for [`ketch_protocol::UDP_SOCKET_BUFFER_BYTES`] of receive and send buffer on the
+/// broker's socket. The kernel caps both (`net.core.rmem_max`, `wmem_max`); a receive buffer
+/// left much smaller is logged with the setting to raise, as a lost datagram costs QUIC a
+/// retransmission and a congestion-window cut.
+pub fn size_udp_buffers(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let want = ketch_protocol::UDP_SOCKET_BUFFER_BYTES;
+    let _ = socket.set_recv_buffer_size(want);
+    let _ = socket.set_send_buffer_size(want);
+    // Linux reports twice what it grants (its bookkeeping): half the request is all of it.
+    if let Ok(got) = socket.recv_buffer_size()
+        && got < want / 2
+    {
+        tracing::info!(
+            receive_buffer_bytes = got,
+            wanted_bytes = want,
+            "the UDP receive buffer is small: bursts may be dropped (raise net.core.rmem_max)"
+        );
+    }
+}
+
 /// The endpoint settings: accept datagrams up to [`ketch_protocol::UDP_PAYLOAD_BYTES_MAX`].
 pub fn endpoint_config() -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
@@ -365,6 +386,7 @@ impl Broker {
         let socket = std::net::UdpSocket::bind(config.listen);
         let endpoint = socket
             .and_then(|socket| {
+                size_udp_buffers(&socket);
                 quinn::Endpoint::new(
                     endpoint_config_in(&config.data_dir)?,
                     Some(server_config),

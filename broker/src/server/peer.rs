@@ -293,12 +293,20 @@ impl QuicPeers {
             quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?,
         ));
         server_config.transport_config(transport.clone());
-        let endpoint = quinn::Endpoint::server(server_config, listen).map_err(|source| {
-            PeerSetupError::Bind {
+        let endpoint = std::net::UdpSocket::bind(listen)
+            .and_then(|socket| {
+                super::size_udp_buffers(&socket);
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|source| PeerSetupError::Bind {
                 addr: listen,
                 source,
-            }
-        })?;
+            })?;
         let beacons = groups.beacons();
         tokio::spawn(accept(endpoint.clone(), node_id, groups));
         Ok(Arc::new(QuicPeers {
