@@ -910,6 +910,26 @@ impl<T: Wire> ResponseStream<T> {
     }
 }
 
+/// Asks for [`ketch_protocol::UDP_SOCKET_BUFFER_BYTES`] of receive and send buffer on a
+/// client socket (best effort: the kernel caps both at `net.core.rmem_max` / `wmem_max`). A
+/// datagram dropped by a full buffer costs QUIC a retransmission and a congestion-window cut.
+fn size_udp_buffers(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let want = ketch_protocol::UDP_SOCKET_BUFFER_BYTES;
+    let _ = socket.set_recv_buffer_size(want);
+    let _ = socket.set_send_buffer_size(want);
+    // Linux reports twice what it grants (its bookkeeping): half the request is all of it.
+    if let Ok(got) = socket.recv_buffer_size()
+        && got < want / 2
+    {
+        tracing::debug!(
+            receive_buffer_bytes = got,
+            wanted_bytes = want,
+            "small UDP receive buffer (raise net.core.rmem_max)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -977,25 +997,5 @@ mod tests {
         let config = rustls_config(&Tls::DangerAcceptInvalidCerts, None, Arc::default()).unwrap();
         assert_eq!(config.alpn_protocols, [ALPN.to_vec()]);
         assert!(quinn::crypto::rustls::QuicClientConfig::try_from(config).is_ok());
-    }
-}
-
-/// Asks for [`ketch_protocol::UDP_SOCKET_BUFFER_BYTES`] of receive and send buffer on a
-/// client socket (best effort: the kernel caps both at `net.core.rmem_max` / `wmem_max`). A
-/// datagram dropped by a full buffer costs QUIC a retransmission and a congestion-window cut.
-fn size_udp_buffers(socket: &std::net::UdpSocket) {
-    let socket = socket2::SockRef::from(socket);
-    let want = ketch_protocol::UDP_SOCKET_BUFFER_BYTES;
-    let _ = socket.set_recv_buffer_size(want);
-    let _ = socket.set_send_buffer_size(want);
-    // Linux reports twice what it grants (its bookkeeping): half the request is all of it.
-    if let Ok(got) = socket.recv_buffer_size()
-        && got < want / 2
-    {
-        tracing::debug!(
-            receive_buffer_bytes = got,
-            wanted_bytes = want,
-            "small UDP receive buffer (raise net.core.rmem_max)"
-        );
     }
 }
