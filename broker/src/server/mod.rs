@@ -1250,3 +1250,33 @@ async fn write_chunks(
     let _ = send.finish();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The broker's socket gets the buffers it asks for, up to the kernel's caps (read from
+    /// `/proc`, so the check holds on a machine whose caps are low); Linux reports twice
+    /// what it grants.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn udp_buffers_are_sized_up_to_the_kernel_caps() {
+        let cap = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .expect("a Linux /proc")
+                .trim()
+                .parse()
+                .expect("a number")
+        };
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        super::size_udp_buffers(&socket);
+        let socket = socket2::SockRef::from(&socket);
+        let want = ketch_protocol::UDP_SOCKET_BUFFER_BYTES;
+        assert_eq!(
+            socket.recv_buffer_size().unwrap(),
+            2 * want.min(cap("rmem_max"))
+        );
+        assert_eq!(
+            socket.send_buffer_size().unwrap(),
+            2 * want.min(cap("wmem_max"))
+        );
+    }
+}
