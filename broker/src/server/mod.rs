@@ -212,14 +212,21 @@ pub fn transport_config(config: &BrokerConfig) -> quinn::TransportConfig {
             Duration::from_secs(60)
                 .try_into()
                 .expect("idle timeout fits"),
-        ))
+        ));
+    set_windows_and_datagrams(&mut transport);
+    transport
+}
+
+/// The flow-control windows (8 MiB a stream, 64 MiB a connection) and the datagram bound
+/// ([`ketch_protocol::UDP_PAYLOAD_BYTES_MAX`]) of client and peer connections alike.
+pub(crate) fn set_windows_and_datagrams(transport: &mut quinn::TransportConfig) {
+    transport
         .stream_receive_window((8u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
         .send_window(64 * 1024 * 1024);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
     transport.mtu_discovery_config(Some(mtu));
-    transport
 }
 
 /// Asks for [`ketch_protocol::UDP_SOCKET_BUFFER_BYTES`] of receive and send buffer on the

@@ -169,13 +169,8 @@ fn transport_config() -> quinn::TransportConfig {
         // groups ~30 s so, its own elections raising terms the leaders never reached).
         .initial_rtt(PEER_INITIAL_RTT)
         .keep_alive_interval(Some(PEER_KEEP_ALIVE_INTERVAL))
-        .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")))
-        .stream_receive_window((8u32 * 1024 * 1024).into())
-        .receive_window((64u32 * 1024 * 1024).into())
-        .send_window(64 * 1024 * 1024);
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(ketch_protocol::UDP_PAYLOAD_BYTES_MAX);
-    transport.mtu_discovery_config(Some(mtu));
+        .max_idle_timeout(Some(PEER_IDLE_TIMEOUT.try_into().expect("fits")));
+    super::set_windows_and_datagrams(&mut transport);
     transport
 }
 
