@@ -1,5 +1,6 @@
-//! `ketch-bench cluster`: produce `record_bytes` records with `acks=all` to one partition of a
-//! topic with RF=1 on one broker, then RF=3 on a three-broker cluster (the CLI contract:
+//! `ketch-bench cluster`: produce `record_bytes` records with `acks=all`, round robin over the
+//! partitions of a topic (`--partitions`, 1 by default), with RF=1 on one broker, then RF=3 on
+//! a three-broker cluster (the CLI contract:
 //! `--node-id`, `--peers`, `--ca-dir`), and the time from killing a partition leader
 //! (SIGKILL) to the first acknowledged produce on its successor (client defaults, a topic of
 //! its own, and when a surviving replica named the new leader); with `--idle-partitions N`,
@@ -42,11 +43,12 @@ fn producer_config() -> ProducerConfig {
 /// How often the failover's observer asks who leads the partition.
 const LEADER_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Records per second for `duration`, one producer, one partition.
+/// Records per second for `duration`, one producer, round robin over `partitions`.
 async fn produce_rate(
     client: &Client,
     record_bytes: usize,
     duration: Duration,
+    partitions: u32,
 ) -> anyhow::Result<f64> {
     let producer = client.producer(producer_config()).await?;
     let value = vec![b'x'; record_bytes];
@@ -55,7 +57,7 @@ async fn produce_rate(
     let mut sent = 0u64;
     while started.elapsed() < duration {
         let record = ProducerRecord {
-            partition: Some(0),
+            partition: Some((sent % u64::from(partitions)) as u32),
             ..ProducerRecord::new(TOPIC, value.clone())
         };
         deliveries.push(producer.send(record).await?);
@@ -74,26 +76,37 @@ async fn produce_rate(
     Ok(sent as f64 / elapsed.as_secs_f64())
 }
 
-async fn create(client: &Client, replication_factor: u16) -> anyhow::Result<()> {
-    create_named(client, TOPIC, replication_factor).await
+async fn create(client: &Client, replication_factor: u16, partitions: u32) -> anyhow::Result<()> {
+    create_named(client, TOPIC, replication_factor, partitions).await
 }
 
-async fn create_named(client: &Client, name: &str, replication_factor: u16) -> anyhow::Result<()> {
-    let mut topic = NewTopic::new(name, 1);
+async fn create_named(
+    client: &Client,
+    name: &str,
+    replication_factor: u16,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let mut topic = NewTopic::new(name, partitions);
     topic.replication_factor = replication_factor;
     client.admin().create_topic(topic).await?;
     Ok(())
 }
 
-pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    scratch: &Path,
+    record_bytes: usize,
+    duration: Duration,
+    partitions: u32,
+) -> anyhow::Result<()> {
     println!(
-        "produce {record_bytes} B records, acks=all, idempotent, 1 producer, 1 partition, {duration:?} each (fsync always)"
+        "produce {record_bytes} B records, acks=all, idempotent, 1 producer, {partitions} \
+         partition(s), {duration:?} each (fsync always)"
     );
     let single_dir = tempfile::tempdir_in(scratch)?;
     let single = KetchProcess::start(single_dir.path(), &[])?;
     let client = Client::connect(client_config(vec![single.broker_arg()], &single.ca)).await?;
-    create(&client, 1).await?;
-    let rf1 = produce_rate(&client, record_bytes, duration).await?;
+    create(&client, 1, partitions).await?;
+    let rf1 = produce_rate(&client, record_bytes, duration, partitions).await?;
     client.close();
     drop(single);
     println!(
@@ -104,8 +117,8 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
     let base = tempfile::tempdir_in(scratch)?;
     let mut cluster = KetchCluster::start(base.path(), 3, &[])?;
     let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
-    create(&client, 3).await?;
-    let rf3 = produce_rate(&client, record_bytes, duration).await?;
+    create(&client, 3, partitions).await?;
+    let rf3 = produce_rate(&client, record_bytes, duration, partitions).await?;
     println!(
         "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  ({:.0}% of RF=1; target ≥ 40%)",
         rf3 * record_bytes as f64 / 1048576.0,
@@ -113,7 +126,7 @@ pub async fn run(scratch: &Path, record_bytes: usize, duration: Duration) -> any
     );
 
     // Failover: a producer writes steadily; kill the leader; time to the next ack.
-    create_named(&client, FAILOVER_TOPIC, 3).await?;
+    create_named(&client, FAILOVER_TOPIC, 3, 1).await?;
     let waited = Instant::now();
     let leader = loop {
         if let Some(leader) = client

@@ -103,6 +103,11 @@ struct ClusterArgs {
     duration: Duration,
     #[arg(long, env = "KETCH_BENCH_SCRATCH")]
     scratch: Option<PathBuf>,
+    /// Partitions of the throughput topic, written round robin by the one producer. With more
+    /// than one, the RF=3 partitions' leaders spread over the three brokers, and each
+    /// partition has its own AppendEntries in flight to each follower.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
     /// Also measure an idle cluster: 3 brokers with a topic of this many partitions (RF=3),
     /// CPU (percent of one core, the three brokers together) and RSS. 0: skip.
     #[arg(long, default_value_t = 0)]
@@ -324,7 +329,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Cluster(args)) => runtime.block_on(async {
             let scratch = args.scratch.unwrap_or_else(std::env::temp_dir);
             if !args.idle_only {
-                cluster::run(&scratch, args.record_bytes, args.duration).await?;
+                cluster::run(&scratch, args.record_bytes, args.duration, args.partitions).await?;
             }
             if args.idle_partitions > 0 {
                 cluster::idle(&scratch, args.idle_partitions, args.idle_window).await?;
