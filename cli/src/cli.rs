@@ -643,10 +643,17 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                             .collect()
                     }
                 };
-                // An explicit offset outside the log is an error, not a silent reset.
-                let auto_offset_reset = match from {
-                    Offset::At(_) => AutoOffsetReset::Error,
-                    _ => AutoOffsetReset::Earliest,
+                // The beginning and the end are what the reset policy gives a consumer
+                // without a group: no seek. A seek right after `assign` races the consumer's
+                // first lookup, which may already have started reading at the reset
+                // position; the seek then restarts each partition, and the broker reads
+                // (and counts as consumed) what it had sent twice. An explicit offset
+                // outside the log is an error, not a silent reset.
+                let (auto_offset_reset, seek) = match from {
+                    Offset::Beginning => (AutoOffsetReset::Earliest, false),
+                    Offset::End => (AutoOffsetReset::Latest, false),
+                    Offset::At(_) => (AutoOffsetReset::Error, true),
+                    _ => (AutoOffsetReset::Earliest, true),
                 };
                 let config = ConsumerConfig {
                     auto_offset_reset,
@@ -654,8 +661,10 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                     ..ConsumerConfig::default()
                 };
                 let consumer = client.assign(config, &partitions)?;
-                for partition in &partitions {
-                    consumer.seek(partition, from)?;
+                if seek {
+                    for partition in &partitions {
+                        consumer.seek(partition, from)?;
+                    }
                 }
                 consumer
             }
