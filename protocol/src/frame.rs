@@ -207,7 +207,9 @@ fn encode_frame(body: impl FnOnce(&mut BytesMut)) -> Bytes {
     buf.freeze()
 }
 
-fn encode_frame_chunks(body: impl FnOnce(&mut Chunked)) -> Vec<Bytes> {
+/// A frame (its length prefix, then what `body` writes) as chunks: byte strings `body` puts
+/// with [`Chunked::put_shared`] are not copied into it.
+pub fn encode_frame_chunks(body: impl FnOnce(&mut Chunked)) -> Vec<Bytes> {
     let mut out = Chunked::new();
     out.buf().reserve(64);
     out.buf().put_u32(0);

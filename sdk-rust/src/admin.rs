@@ -571,39 +571,29 @@ pub(crate) async fn list_offsets(
     let deadline = Instant::now() + client.config().request_timeout;
     let mut attempt = 0;
     loop {
-        match list_offsets_once(client, specs).await {
-            Ok(results) => {
-                let retry = results.iter().find_map(|r| match r {
-                    Err(error) if error.is_retriable() => Some(error.clone()),
-                    _ => None,
-                });
-                match retry {
-                    Some(error) if Instant::now() < deadline => {
-                        client
-                            .inner
-                            .after_retriable(&error, attempt, deadline)
-                            .await;
-                        attempt += 1;
-                    }
-                    _ => return Ok(results),
-                }
-            }
-            Err(error) if error.is_retriable() && Instant::now() < deadline => {
+        let results = list_offsets_once(client, specs).await;
+        let retry = results.iter().find_map(|r| match r {
+            Err(error) if error.is_retriable() => Some(error.clone()),
+            _ => None,
+        });
+        match retry {
+            Some(error) if Instant::now() < deadline => {
                 client
                     .inner
                     .after_retriable(&error, attempt, deadline)
                     .await;
                 attempt += 1;
             }
-            Err(error) => return Err(error),
+            _ => return Ok(results),
         }
     }
 }
 
+/// One round of [`list_offsets`]: each partition's offset or why it has none.
 pub(crate) async fn list_offsets_once(
     client: &Client,
     specs: &[(TopicPartition, OffsetSpec)],
-) -> Result<Vec<Result<i64>>> {
+) -> Vec<Result<i64>> {
     use futures_util::StreamExt as _;
     let mut results: Vec<Result<i64>> = vec![Ok(-1); specs.len()];
     let mut answers = list_offsets_by_leader(client, specs).await;
@@ -612,7 +602,7 @@ pub(crate) async fn list_offsets_once(
             results[index] = result;
         }
     }
-    Ok(results)
+    results
 }
 
 /// One leader's part of an offset lookup: each partition's index in the specs and result.

@@ -18,6 +18,7 @@
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use ketch_protocol::wire::Chunked;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -115,79 +116,6 @@ impl Reader {
     }
 }
 
-/// Payloads at least this long are referenced by an encoded message, not copied into it.
-const PAYLOAD_BYTES_SHARED_MIN: usize = 4096;
-
-/// An encoded message as a run of chunks whose concatenation is the message: record batches
-/// and snapshot data at least [`PAYLOAD_BYTES_SHARED_MIN`] long are shared with the request
-/// (a reference count), never copied, so a transport can hand them to its stream as they are.
-/// A leader sends every batch to each follower; each send copied it twice before the stream
-/// (into the message, then into the framed message).
-#[derive(Debug, Default)]
-pub struct Chunks {
-    done: Vec<Bytes>,
-    /// The fixed-size fields after the last shared payload.
-    buf: BytesMut,
-    len: usize,
-}
-
-impl Chunks {
-    fn put_payload(&mut self, payload: &Bytes) {
-        if payload.len() < PAYLOAD_BYTES_SHARED_MIN {
-            self.buf.put_slice(payload);
-            return;
-        }
-        self.close_buf();
-        self.len += payload.len();
-        self.done.push(payload.clone());
-    }
-
-    fn close_buf(&mut self) {
-        if !self.buf.is_empty() {
-            let fields = self.buf.split().freeze();
-            self.len += fields.len();
-            self.done.push(fields);
-        }
-    }
-
-    /// The message's length in bytes.
-    pub fn len(&self) -> usize {
-        self.len + self.buf.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The chunks, in order.
-    pub fn into_vec(mut self) -> Vec<Bytes> {
-        self.close_buf();
-        self.done
-    }
-
-    /// The message in one piece (a copy of every chunk).
-    pub fn concat(self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.len());
-        for chunk in self.into_vec() {
-            out.put_slice(&chunk);
-        }
-        out.freeze()
-    }
-}
-
-impl std::ops::Deref for Chunks {
-    type Target = BytesMut;
-    fn deref(&self) -> &BytesMut {
-        &self.buf
-    }
-}
-
-impl std::ops::DerefMut for Chunks {
-    fn deref_mut(&mut self) -> &mut BytesMut {
-        &mut self.buf
-    }
-}
-
 fn put_str(out: &mut BytesMut, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
     out.put_u16(bytes.len() as u16);
@@ -244,19 +172,19 @@ fn membership(r: &mut Reader) -> Result<super::Membership> {
     Ok(membership)
 }
 
-fn put_entry(out: &mut Chunks, entry: &Entry) -> Result<()> {
-    out.put_u64(entry.log_id.index);
-    out.put_u64(entry.log_id.leader_id.term);
+fn put_entry(out: &mut Chunked, entry: &Entry) -> Result<()> {
+    out.buf().put_u64(entry.log_id.index);
+    out.buf().put_u64(entry.log_id.leader_id.term);
     match &entry.payload {
-        EntryPayload::Blank => out.put_u8(ENTRY_BLANK),
+        EntryPayload::Blank => out.buf().put_u8(ENTRY_BLANK),
         EntryPayload::Normal(batch) => {
-            out.put_u8(ENTRY_DATA);
-            out.put_u32(batch.bytes.len() as u32);
-            out.put_payload(&batch.bytes);
+            out.buf().put_u8(ENTRY_DATA);
+            out.buf().put_u32(batch.bytes.len() as u32);
+            out.put_shared(batch.bytes.clone());
         }
         EntryPayload::Membership(m) => {
-            out.put_u8(ENTRY_MEMBERSHIP);
-            put_membership(out, m)?;
+            out.buf().put_u8(ENTRY_MEMBERSHIP);
+            put_membership(out.buf(), m)?;
         }
     }
     Ok(())
@@ -282,73 +210,76 @@ fn entry(r: &mut Reader) -> Result<Entry> {
 
 /// Encodes a request for `group` in one piece.
 pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
-    encode_request_chunks(group, request).map(Chunks::concat)
+    let mut out = Chunked::new();
+    encode_request_into(&mut out, group, request)?;
+    Ok(out.into_chunks().concat().into())
 }
 
-/// Encodes a request for `group` as chunks that share its batches (see [`Chunks`]).
-pub fn encode_request_chunks(group: &str, request: &PeerRequest) -> Result<Chunks> {
-    let mut out = Chunks::default();
-    put_str(&mut out, group);
+/// Encodes a request for `group` into `out`, its record batches shared, not copied (a leader
+/// sends each batch to every follower: copying it per follower and call was the leader's
+/// largest cost per byte).
+pub fn encode_request_into(out: &mut Chunked, group: &str, request: &PeerRequest) -> Result<()> {
+    put_str(out.buf(), group);
     match request {
         PeerRequest::AppendEntries(r) => {
-            out.put_u8(KIND_APPEND);
-            put_vote(&mut out, &r.vote);
-            put_log_id(&mut out, &r.prev_log_id);
-            put_log_id(&mut out, &r.leader_commit);
-            out.put_u32(r.entries.len() as u32);
+            out.buf().put_u8(KIND_APPEND);
+            put_vote(out.buf(), &r.vote);
+            put_log_id(out.buf(), &r.prev_log_id);
+            put_log_id(out.buf(), &r.leader_commit);
+            out.buf().put_u32(r.entries.len() as u32);
             for e in &r.entries {
-                put_entry(&mut out, e)?;
+                put_entry(out, e)?;
             }
         }
         PeerRequest::Vote(r) => {
-            out.put_u8(KIND_VOTE);
-            put_vote(&mut out, &r.vote);
-            put_log_id(&mut out, &r.last_log_id);
+            out.buf().put_u8(KIND_VOTE);
+            put_vote(out.buf(), &r.vote);
+            put_log_id(out.buf(), &r.last_log_id);
         }
         PeerRequest::InstallSnapshot(r) => {
-            out.put_u8(KIND_SNAPSHOT);
-            put_vote(&mut out, &r.vote);
-            put_log_id(&mut out, &r.meta.last_log_id);
-            put_log_id(&mut out, r.meta.last_membership.log_id());
-            put_membership(&mut out, r.meta.last_membership.membership())?;
-            put_str(&mut out, &r.meta.snapshot_id);
-            out.put_u64(r.offset);
-            out.put_u32(r.data.len() as u32);
-            out.put_slice(&r.data);
-            out.put_u8(u8::from(r.done));
+            out.buf().put_u8(KIND_SNAPSHOT);
+            put_vote(out.buf(), &r.vote);
+            put_log_id(out.buf(), &r.meta.last_log_id);
+            put_log_id(out.buf(), r.meta.last_membership.log_id());
+            put_membership(out.buf(), r.meta.last_membership.membership())?;
+            put_str(out.buf(), &r.meta.snapshot_id);
+            out.buf().put_u64(r.offset);
+            out.buf().put_u32(r.data.len() as u32);
+            out.buf().put_slice(&r.data);
+            out.buf().put_u8(u8::from(r.done));
         }
         PeerRequest::Propose(batch) => {
-            out.put_u8(KIND_PROPOSE);
-            out.put_u32(batch.len() as u32);
-            out.put_payload(batch);
+            out.buf().put_u8(KIND_PROPOSE);
+            out.buf().put_u32(batch.len() as u32);
+            out.put_shared(batch.clone());
         }
         PeerRequest::HoldElections(ms) => {
-            out.put_u8(KIND_HOLD_ELECTIONS);
-            out.put_u64(*ms);
+            out.buf().put_u8(KIND_HOLD_ELECTIONS);
+            out.buf().put_u64(*ms);
         }
-        PeerRequest::Elect => out.put_u8(KIND_ELECT),
+        PeerRequest::Elect => out.buf().put_u8(KIND_ELECT),
         PeerRequest::ReadState(name) => {
-            out.put_u8(KIND_READ_STATE);
-            put_str(&mut out, name);
+            out.buf().put_u8(KIND_READ_STATE);
+            put_str(out.buf(), name);
         }
         PeerRequest::Beacon(beacon) => {
-            out.put_u8(KIND_BEACON);
-            out.put_u64(beacon.from);
-            out.put_u64(beacon.list);
+            out.buf().put_u8(KIND_BEACON);
+            out.buf().put_u64(beacon.from);
+            out.buf().put_u64(beacon.list);
             match &beacon.groups {
-                None => out.put_u8(0),
+                None => out.buf().put_u8(0),
                 Some(groups) => {
-                    out.put_u8(1);
-                    out.put_u32(groups.len() as u32);
+                    out.buf().put_u8(1);
+                    out.buf().put_u32(groups.len() as u32);
                     for (group, term) in groups {
-                        put_str(&mut out, group);
-                        out.put_u64(*term);
+                        put_str(out.buf(), group);
+                        out.buf().put_u64(*term);
                     }
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes a request: its group and the request.
@@ -606,6 +537,7 @@ mod tests {
 
     use super::*;
     use crate::replication::Membership;
+    use ketch_protocol::wire::SHARED_CHUNK_BYTES_MIN;
 
     fn id(term: u64, index: u64) -> Option<LogId> {
         Some(LogId::new(CommittedLeaderId::new(term, 0), index))
@@ -680,17 +612,17 @@ mod tests {
         ]
     }
 
-    /// Batches at least `PAYLOAD_BYTES_SHARED_MIN` long travel as the request's own bytes
+    /// Batches at least `SHARED_CHUNK_BYTES_MIN` long travel as the request's own bytes
     /// (one chunk each, the same memory), smaller ones inline; either way the chunks in order
     /// are the one-piece encoding, and it decodes to the request.
     #[test]
     fn large_batches_are_shared_not_copied() {
         let big = |fill: u8, len: usize| Bytes::from(vec![fill; len]);
         let batches = [
-            big(1, PAYLOAD_BYTES_SHARED_MIN),
+            big(1, SHARED_CHUNK_BYTES_MIN),
             big(2, 10),
-            big(3, PAYLOAD_BYTES_SHARED_MIN + 1),
-            big(4, PAYLOAD_BYTES_SHARED_MIN - 1),
+            big(3, SHARED_CHUNK_BYTES_MIN + 1),
+            big(4, SHARED_CHUNK_BYTES_MIN - 1),
         ];
         let append = || {
             let entries = batches
@@ -714,13 +646,14 @@ mod tests {
             } else {
                 append()
             };
-            let chunks = encode_request_chunks("t/0", &request).unwrap();
+            let mut chunks = Chunked::new();
+            encode_request_into(&mut chunks, "t/0", &request).unwrap();
             let len = chunks.len();
-            let chunks = chunks.into_vec();
+            let chunks = chunks.into_chunks();
             assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), len);
             let shared: Vec<&Bytes> = batches
                 .iter()
-                .filter(|b| b.len() >= PAYLOAD_BYTES_SHARED_MIN)
+                .filter(|b| b.len() >= SHARED_CHUNK_BYTES_MIN)
                 .filter(|b| !propose || b[0] == 3)
                 .collect();
             for batch in &shared {

@@ -387,20 +387,6 @@ impl QuicPeers {
     }
 }
 
-/// Writes one length-prefixed message, given as chunks (shared, not copied: see
-/// [`peer_wire::Chunks`]), and finishes the stream.
-async fn write_message(send: &mut quinn::SendStream, message: Vec<Bytes>) -> Result<(), String> {
-    let len: usize = message.iter().map(Bytes::len).sum();
-    let len = u32::try_from(len).map_err(|_| format!("a peer message of {len} bytes"))?;
-    let mut chunks = Vec::with_capacity(1 + message.len());
-    chunks.push(Bytes::copy_from_slice(&len.to_be_bytes()));
-    chunks.extend(message);
-    send.write_all_chunks(&mut chunks)
-        .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())
-}
-
 /// Reads one length-prefixed message (bounded by [`PEER_FRAME_BYTES_MAX`]) that ends the
 /// stream, into one buffer of its announced length.
 async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
@@ -458,12 +444,15 @@ impl PeerTransport for QuicPeers {
         to: NodeId,
         request: PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
-        let message = peer_wire::encode_request_chunks(group, &request)
-            .map_err(|e| PeerError::Remote {
-                node: to,
-                reason: e.to_string(),
-            })?
-            .into_vec();
+        // A peer message is framed as a client's is: its length, then the message.
+        let mut encoded = Ok(());
+        let message = ketch_protocol::frame::encode_frame_chunks(|out| {
+            encoded = peer_wire::encode_request_into(out, group, &request);
+        });
+        encoded.map_err(|e| PeerError::Remote {
+            node: to,
+            reason: e.to_string(),
+        })?;
         let connection = self.connection(to).await?;
         let lost = |reason: String| PeerError::Lost { node: to, reason };
         let (mut send, mut recv) = match connection.open_bi().await {
@@ -476,7 +465,9 @@ impl PeerTransport for QuicPeers {
                 });
             }
         };
-        write_message(&mut send, message).await.map_err(lost)?;
+        super::write_chunks(&mut send, message)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
         let answer = read_message(&mut recv).await.map_err(lost)?;
         self.answered
             .lock()
@@ -573,7 +564,9 @@ async fn answer(
             reason: e.to_string(),
         }),
     };
-    let _ = write_message(&mut send, vec![peer_wire::encode_response(&answer)]).await;
+    let answer = peer_wire::encode_response(&answer);
+    let frame = ketch_protocol::frame::encode_frame_chunks(|out| out.put_shared(answer));
+    let _ = super::write_chunks(&mut send, frame).await;
 }
 
 impl crate::controller::RegisterGroups for PeerGroups {

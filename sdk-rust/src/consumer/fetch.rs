@@ -918,25 +918,24 @@ pub(super) async fn resolve_positions(
     let mut stragglers_until = None;
     let mut unanswered = specs.len();
     loop {
+        let next = futures_util::StreamExt::next(&mut answers);
         let next = match stragglers_until {
-            None => futures_util::StreamExt::next(&mut answers).await,
-            Some(until) => {
-                match tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut answers))
-                    .await
-                {
-                    Ok(next) => next,
-                    Err(_) if failed.as_ref().is_some_and(Error::invalidates_metadata) => break,
-                    Err(_) => {
-                        failed = Some(Error::transport(format!(
-                            "the leaders of {unanswered} partitions did not answer an offset lookup \
-                         within {LOOKUP_STRAGGLERS_WAIT:?} of the others: looking them up again"
-                        )));
-                        break;
-                    }
-                }
+            None => Ok(next.await),
+            Some(until) => tokio::time::timeout_at(until, next).await,
+        };
+        let answered = match next {
+            Ok(Some(answered)) => answered,
+            Ok(None) => break,
+            // A kept error that says the metadata is stale already makes the fetcher retry.
+            Err(_) if failed.as_ref().is_some_and(Error::invalidates_metadata) => break,
+            Err(_) => {
+                failed = Some(Error::transport(format!(
+                    "the leaders of {unanswered} partitions did not answer an offset lookup \
+                     within {LOOKUP_STRAGGLERS_WAIT:?} of the others: looking them up again"
+                )));
+                break;
             }
         };
-        let Some(answered) = next else { break };
         unanswered -= answered.len();
         // The clock starts at a leader's offsets, not at a failure (partitions with no known
         // leader are answered at once).
