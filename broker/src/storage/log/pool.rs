@@ -7,6 +7,14 @@
 //! for it (everything queued: one write, one fsync under `Always`), and puts it back at the
 //! end of the queue if more arrived meanwhile, so a busy log cannot starve the others.
 //! Threads start lazily, up to [`WRITER_THREADS_MAX`].
+//!
+//! How many workers a schedule wakes depends on what the log's groups do. A group that may
+//! fsync blocks for milliseconds, so each queued log of that kind may wake a worker of its
+//! own (four logs sync in parallel on four workers). A group under `fsync never` is a
+//! `pwrite` into the page cache, CPU work of a few microseconds: such logs wake another
+//! worker only per [`NON_BLOCKING_LOGS_PER_WORKER`] queued and never more than there are
+//! cores, so a request spread over thousands of partitions keeps one or two workers busy
+//! instead of waking all of them to contend for the queue.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -34,6 +42,9 @@ struct PoolState {
     /// once still sync in parallel on four workers (`fsync always`), while the thousands
     /// of appends of one request cost at most a wake per sleeping worker, not one each.
     wakes_pending: usize,
+    /// Workers running a group of a log that may fsync (they may be blocked in it, and so
+    /// are not counted as awake for logs that never fsync).
+    running_blocking: usize,
 }
 
 impl PoolState {
@@ -45,6 +56,22 @@ impl PoolState {
 
 static POOL: OnceLock<WriterPool> = OnceLock::new();
 
+/// Queued logs per awake worker before another is woken for logs that never fsync: their
+/// groups are CPU work (a `pwrite` into the page cache), so more workers than cores only
+/// contend, and waking one per log cost a futex call and a context switch per append.
+const NON_BLOCKING_LOGS_PER_WORKER: usize = 64;
+
+/// Workers worth running at once for logs that never fsync: one per core.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Whether `shared`'s write groups may block in `fdatasync` (any policy but `Never`).
+fn may_block(shared: &Shared) -> bool {
+    !matches!(shared.config.fsync, crate::storage::FsyncPolicy::Never)
+}
+
 pub(super) fn pool() -> &'static WriterPool {
     POOL.get_or_init(|| WriterPool {
         state: Mutex::new(PoolState::default()),
@@ -55,8 +82,23 @@ pub(super) fn pool() -> &'static WriterPool {
 impl WriterPool {
     /// Queues a log whose `scheduled` flag the caller just set.
     pub(super) fn schedule(&'static self, shared: Arc<Shared>) {
+        let blocking = may_block(&shared);
         let mut state = lock(&self.state);
         state.logs.push_back(shared);
+        if !blocking {
+            // Workers that will look at the queue soon without a wake: running a group that
+            // cannot block, or woken and on their way.
+            let awake =
+                state.threads - state.sleeping - state.running_blocking + state.wakes_pending;
+            let wanted = state
+                .logs
+                .len()
+                .div_ceil(NON_BLOCKING_LOGS_PER_WORKER)
+                .min(cores());
+            if awake >= wanted {
+                return;
+            }
+        }
         if state.sleeper_unclaimed() {
             if state.logs.len() > state.wakes_pending {
                 state.wakes_pending += 1;
@@ -90,6 +132,9 @@ impl WriterPool {
                     let mut state = lock(&self.state);
                     loop {
                         if let Some(shared) = state.logs.pop_front() {
+                            if may_block(&shared) {
+                                state.running_blocking += 1;
+                            }
                             break shared;
                         }
                         state.sleeping += 1;
@@ -101,11 +146,22 @@ impl WriterPool {
                     }
                 }
             };
-            if run_one_group(&shared) {
+            let blocking = may_block(&shared);
+            let more = run_one_group(&shared);
+            if !(more || blocking) {
+                continue;
+            }
+            let mut state = lock(&self.state);
+            if blocking {
+                state.running_blocking -= 1;
+            }
+            if more {
                 // More arrived: go on with it unless another log is waiting its turn (no
                 // hand-over to another thread when this log is the only busy one).
-                let state = lock(&self.state);
                 if state.logs.is_empty() {
+                    if blocking {
+                        state.running_blocking += 1;
+                    }
                     next = Some(shared);
                 } else {
                     drop(state);
