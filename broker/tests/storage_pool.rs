@@ -10,15 +10,6 @@ use storage_support::*;
 
 const LOGS: usize = 1000;
 
-/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task).
-fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(prefix))
-        .count()
-}
-
 /// A write group under `fsync never` is a `pwrite` into the page cache: more workers than
 /// cores only contend for the queue. Before, every queued log woke (or started) a worker of
 /// its own: this burst ran all eight on any machine, and a 10,000-partition produce spent

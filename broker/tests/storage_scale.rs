@@ -71,16 +71,6 @@ fn a_million_records_across_many_segments_scan_back_exactly() {
     );
 }
 
-/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task; names
-/// are cut to 15 bytes there).
-fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(prefix))
-        .count()
-}
-
 /// Issue 8 "Scale": many logs share a bounded pool of writer threads. Before the pool each
 /// log had its own thread (`ketch-log-<dir>`): 300 logs, 300 threads.
 #[test]

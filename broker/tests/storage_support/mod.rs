@@ -173,3 +173,13 @@ pub fn assert_same_batch(stored: &[u8], appended: &[u8], base_offset: i64) {
 pub fn records(batch: &RecordBatch) -> Vec<Record> {
     batch.decode_all().expect("records decode")
 }
+
+/// Threads of this process whose name starts with `prefix` (Linux: /proc/self/task; names
+/// are cut to 15 bytes there).
+pub fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
