@@ -151,7 +151,7 @@ impl Client {
                 leader_probes: tokio::sync::Mutex::default(),
             }),
         };
-        client.inner.refresh_metadata(None).await?;
+        client.inner.load_first_metadata().await?;
         Ok(client)
     }
 
@@ -204,6 +204,29 @@ impl Client {
 }
 
 impl ClientInner {
+    /// The first metadata load of [`Client::connect`]. A broker that answers but cannot
+    /// serve metadata yet with a retriable code (a cluster broker still replaying the
+    /// metadata log answers `overloaded`) is asked again, with backoff, until
+    /// `request_timeout` has passed since the first ask: a client whose only bootstrap is a
+    /// broker that just restarted (the CLI's `--broker`) waits for it instead of failing. A
+    /// broker that cannot be reached, or refuses for good, fails the connect at once.
+    async fn load_first_metadata(&self) -> Result<()> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut backoff = self.config.reconnect_backoff_initial;
+        loop {
+            match self.refresh_metadata(None).await {
+                Err(Error::Broker { code, .. })
+                    if code.is_retriable() && Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(%code, ?backoff, "the bootstrap brokers cannot serve metadata yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.reconnect_backoff_max);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Loads the cluster metadata from the first broker that answers.
     pub(crate) async fn refresh_metadata(&self, requested_at: Option<Instant>) -> Result<()> {
         let _guard = self.refresh_lock.lock().await;
@@ -258,7 +281,12 @@ impl ClientInner {
                 }
                 Err(error) => {
                     tracing::debug!(%addr, %error, "metadata request failed");
-                    last_error = Some(error);
+                    // A broker's own answer says more than another one's silence (and
+                    // decides whether the first load asks again).
+                    let answered = matches!(last_error, Some(Error::Broker { .. }));
+                    if !answered || matches!(error, Error::Broker { .. }) {
+                        last_error = Some(error);
+                    }
                 }
             }
         }

@@ -1632,3 +1632,43 @@ async fn a_slow_leader_that_still_leads_keeps_its_request() {
     );
     client.close();
 }
+
+/// A cluster broker that is still replaying the metadata log answers Metadata with
+/// `overloaded` (retriable). A client whose only bootstrap broker is that one (the CLI's
+/// `--broker`) asks again until it answers, within `request_timeout`: `ketch group list`
+/// against a just-restarted broker failed at once with "still catching up".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_asks_a_broker_still_catching_up_again() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, seen| match request {
+        Request::Metadata(_) if seen < 3 => Reply::Frame(encode_error_response(
+            ErrorCode::Overloaded,
+            "this broker is still catching up with the cluster metadata",
+        )),
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    assert_eq!(broker.count(ApiKey::Metadata), 4);
+    assert_eq!(within(client.partition_count("t")).await.unwrap(), 1);
+    client.close();
+}
+
+/// An answer that is not retriable fails the connect at once, with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_fails_at_once_on_a_refusal_that_is_not_retriable() {
+    let _serial = SERIAL.lock().await;
+    let broker = start(|request, _| match request {
+        Request::Metadata(_) => Reply::Frame(encode_error_response(
+            ErrorCode::Unauthorized,
+            "not allowed to describe the cluster",
+        )),
+        _ => not_scripted(),
+    });
+    let error = within(Client::connect(broker.config()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(error.code(), Some(ErrorCode::Unauthorized), "{error}");
+    assert_eq!(broker.count(ApiKey::Metadata), 1);
+}
