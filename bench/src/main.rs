@@ -138,6 +138,9 @@ struct PartitionsArgs {
     /// restart, consumer or idle figures. For profiling the produce path.
     #[arg(long)]
     produce_only: bool,
+    /// The broker's fsync policy: never, always or interval:MS.
+    #[arg(long, default_value = "never")]
+    fsync: Durability,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -409,9 +412,10 @@ async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
         record_bytes: args.record_bytes,
         idle_window: args.idle,
         produce_only: args.produce_only,
+        durability: args.fsync,
     };
     let rows = partitions::run(&ketch, &scratch, &options).await;
-    let text = partitions::text(&rows, args.records, args.record_bytes);
+    let text = partitions::text(&rows, &options);
     if args.output.json {
         eprint!("{text}");
         let json: Vec<_> = rows

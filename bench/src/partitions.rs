@@ -43,6 +43,8 @@ pub struct PartitionsOptions {
     pub idle_window: Duration,
     /// Stop after the produce phase (the later figures stay 0).
     pub produce_only: bool,
+    /// The broker's fsync policy.
+    pub durability: Durability,
 }
 
 pub async fn run(
@@ -72,7 +74,7 @@ async fn one(
         "--partitions-per-topic-max".to_owned(),
         count.max(4).to_string(),
     ];
-    let process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;
+    let process = ketch.spawn_in_with(dir.path(), options.durability, &extra)?;
     let broker = Broker::attach(process)?;
     let client = broker.client().await?;
     let admin = client.admin();
@@ -113,7 +115,7 @@ async fn one(
     }
     drop(broker.process);
     // A restart with data in every partition.
-    let mut process = ketch.spawn_in_with(dir.path(), Durability::OsWriteback, &extra)?;
+    let mut process = ketch.spawn_in_with(dir.path(), options.durability, &extra)?;
     let restart_to_ready_ms = process.start_to_ready.as_secs_f64() * 1e3;
     let (rss_bytes, _) = process.memory()?;
     let threads = status_field(process.pid(), "Threads:")?;
@@ -254,9 +256,10 @@ fn clock_ticks_per_sec() -> f64 {
     100.0
 }
 
-pub fn text(rows: &[Result<PartitionsRow, String>], records: u64, record_bytes: usize) -> String {
+pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions) -> String {
+    let (records, record_bytes) = (options.records, options.record_bytes);
     let mut out = format!(
-        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, fsync never)\n\
+        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, {fsync})\n\
          {:>10} {:>10} {:>14} {:>14} {:>7} {:>12} {:>9} {:>8} {:>12} {:>14} {:>9}\n",
         "partitions",
         "create ms",
@@ -268,7 +271,8 @@ pub fn text(rows: &[Result<PartitionsRow, String>], records: u64, record_bytes: 
         "threads",
         "restart CPU",
         "consume rec/s",
-        "idle CPU"
+        "idle CPU",
+        fsync = options.durability.name(),
     );
     for row in rows {
         match row {
