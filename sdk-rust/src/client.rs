@@ -119,8 +119,10 @@ impl TopicLayout {
 
 impl Client {
     /// Validates the configuration, connects to the first bootstrap broker that answers and
-    /// loads the cluster metadata. Background tasks of every handle made from this client
-    /// run on the runtime this is called on.
+    /// loads the cluster metadata. Brokers that answer with a retriable refusal (a cluster
+    /// broker still replaying the metadata log says `overloaded`) are asked again until
+    /// `request_timeout`; unreachable brokers and other refusals fail it at once. Background
+    /// tasks of every handle made from this client run on the runtime this is called on.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         config.validate()?;
         let closed = CancellationToken::new();
