@@ -254,6 +254,60 @@ fn tombstones_go_after_delete_retention() {
     assert!(got.values().all(|r| r.key.as_deref() != Some(b"a")));
 }
 
+/// A compacted topic written for ever, as `__consumer_offsets` is (a few keys committed over
+/// and over, the log rolling and compacting round after round): merging keeps the sealed
+/// segments few, instead of one (near empty) segment per roll for ever, and every round the
+/// log still equals the model; the reopened log is the same.
+#[test]
+fn compacted_segments_merge_so_their_count_stays_bounded() {
+    let mut rng = Rng::from_env("compacted_segments_merge_so_their_count_stays_bounded");
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, config());
+    let compaction = CompactionConfig {
+        min_dirty_per_mille: 0,
+        ..CompactionConfig::default()
+    };
+    let keys = 8u64;
+    let mut written = BTreeMap::new();
+    let mut rolls = 0;
+    for round in 0..40 {
+        let segments_before = log.segments().len();
+        // Values of 0–60 bytes, 1–5 records a batch: ~20 batches a 2 KiB segment.
+        written.extend(write_random(&log, &mut rng, 60, keys));
+        rolls += log.segments().len() - segments_before;
+        let active = active_base(&log);
+        let outcome = log.compact(&compaction, 0, &mut no_throttle()).unwrap();
+        assert_eq!(
+            stored(&log),
+            model(&written, active, i64::MIN),
+            "round {round}: {outcome:?}"
+        );
+        let segments = log.segments();
+        let sealed = segments.len() - 1;
+        let sealed_bytes: u64 = segments[..sealed].iter().map(|s| s.size_bytes).sum();
+        // Greedy grouping leaves no two neighbours that would fit one segment together
+        // (less the one empty batch two runs may become): at most two segments per
+        // `segment_bytes_max` of what remains. Unmerged, every roll stays a segment.
+        let segment_bytes_max = config().segment_bytes_max - 64;
+        let bound = 2 * sealed_bytes.div_ceil(segment_bytes_max) as usize + 1;
+        assert!(
+            sealed <= bound,
+            "round {round}: {sealed} sealed segments of {sealed_bytes} bytes after {rolls} \
+             rolls (at most {bound}): {outcome:?}"
+        );
+    }
+    let segments = log.segments();
+    println!("{rolls} rolls left {} segments", segments.len());
+    assert!(rolls >= 4 * segments.len(), "the log rolled {rolls} times");
+    log.close().unwrap();
+    drop(log);
+    let (log, report) = open_sim(&sim, config());
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(log.segments().len(), segments.len());
+    let active = active_base(&log);
+    assert_eq!(stored(&log), model(&written, active, i64::MIN));
+}
+
 /// The issue's example: one key written a million times compacts to one record.
 #[test]
 fn a_key_written_a_million_times_compacts_to_one_record() {

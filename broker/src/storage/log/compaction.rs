@@ -20,15 +20,27 @@
 //! in the map is its key's latest record. The key hash is SHA-256 cut to 128 bits, so a
 //! producer cannot make two keys collide on purpose.
 //!
-//! **Crash safety.** Each segment is rewritten on its own: `N.log.cleaned` and its two
+//! **Merging.** A pass first walks every segment it covers without writing, to learn what
+//! each would lose and its size once cleaned; it then groups consecutive segments greedily
+//! while their cleaned sizes fit `segment_bytes_max` and their offsets a u32 past the
+//! group's base (as Kafka's cleaner groups segments), and writes each group that changes —
+//! one that lost records, or more than one segment — as one segment at the first one's base
+//! offset. Runs of emptied batches that meet across the merged segments become one empty
+//! batch. So a compacted log written for ever (`__consumer_offsets`) keeps a few segments
+//! per `segment_bytes_max` of live data instead of one per roll. A damaged segment is never
+//! grouped, and a group whose second walk fails is left as it was.
+//!
+//! **Crash safety.** A group is rewritten on its own: `N.log.cleaned` and its two
 //! `.cleaned` indexes are written and synced, the directory synced, then
-//! `N.log.cleaned` is renamed to `N.log.swap` and the directory synced (the commit
-//! point), then the indexes and `N.log.swap` are renamed over the old files and the
-//! directory synced. Recovery removes `.cleaned` files (an uncommitted rewrite) and
-//! completes a `.swap` (renames it over `N.log` and drops that segment's indexes so they are
-//! rebuilt) — unless `N.log` is gone (retention deleted the segment), when the swap is
-//! removed too. Either way every step leaves the old or the new segment, both of which hold
-//! each key's latest record. Readers holding the old file keep reading it.
+//! `N.log.cleaned` is renamed to `N.log.swap` — `N.log.E.swap` for a merge whose last
+//! segment ends at offset `E` — and the directory synced (the commit point); then the
+//! segments the merge covers (bases in `(N, E)`) are unlinked, the indexes and the swap are
+//! renamed over `N`'s old files and the directory synced. Recovery removes `.cleaned` files
+//! (an uncommitted rewrite) and completes a swap: unlinks what is left of the segments a
+//! merge covers, renames it over `N.log` and drops that segment's indexes so they are
+//! rebuilt — unless `N.log` is gone (retention deleted the segment), when the swap is
+//! removed too. Either way every step leaves the old segments or the new one, both of which
+//! hold each key's latest record. Readers holding an old file keep reading it.
 //!
 //! **Bounded.** Memory: the key map (`key_map_bytes_max`) and one batch at a time. I/O:
 //! every byte read or written is reported to the caller's `throttle`, which may sleep
@@ -89,7 +101,10 @@ impl Default for CompactionConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CompactionOutcome {
     pub passes: u32,
+    /// Old segments rewritten (a merged group counts each of its segments).
     pub segments_rewritten: usize,
+    /// Segments that merging removed: each group of `n` merged into one counts `n - 1`.
+    pub segments_merged: usize,
     pub records_removed: u64,
     /// Sealed log bytes before and after the rewrites.
     pub bytes_removed: u64,
@@ -249,13 +264,38 @@ impl PartitionLog {
                     end: clean,
                 }
             };
-            let mut expire_at = i64::MAX;
-            for segment in sealed.iter().filter(|s| s.base_offset < map.end) {
-                let (walk, rewritten) =
-                    self.clean_segment(segment, &map, config, now_ms, keep_batches, throttle)?;
-                expire_at = expire_at.min(walk.tombstones_expire_at_ms);
-                if let Some(bytes_removed) = rewritten {
-                    outcome.segments_rewritten += 1;
+            let rules = Rules {
+                map: &map,
+                tombstone_expired_before: now_ms.saturating_sub(config.delete_retention_ms),
+                delete_retention_ms: config.delete_retention_ms,
+                keep_batches,
+            };
+            let plans = sealed
+                .iter()
+                .filter(|s| s.base_offset < map.end)
+                .map(|segment| plan_segment(segment, &rules, throttle))
+                .collect::<Result<Vec<_>, _>>()?;
+            let expire_at = plans
+                .iter()
+                .filter_map(|plan| plan.walk.as_ref())
+                .map(|walk| walk.tombstones_expire_at_ms)
+                .min()
+                .unwrap_or(i64::MAX);
+            for group in merge_groups(&plans, shared.config.segment_bytes_max) {
+                let plans = &plans[group];
+                let changes = plans.len() > 1
+                    || plans.iter().any(|plan| {
+                        plan.walk
+                            .as_ref()
+                            .is_some_and(|w| w.records_removed > 0 || w.runs_merged > 0)
+                    });
+                if !changes {
+                    continue;
+                }
+                let group: Vec<Sealed> = plans.iter().map(|plan| plan.segment.clone()).collect();
+                if let Some((walk, bytes_removed)) = self.rewrite_group(&group, &rules, throttle)? {
+                    outcome.segments_rewritten += group.len();
+                    outcome.segments_merged += group.len() - 1;
                     outcome.records_removed += walk.records_removed;
                     outcome.bytes_removed += bytes_removed;
                 }
@@ -275,7 +315,8 @@ impl PartitionLog {
         if outcome.segments_rewritten > 0 {
             tracing::info!(
                 dir = %shared.dir.display(), passes = outcome.passes,
-                segments = outcome.segments_rewritten, records_removed = outcome.records_removed,
+                segments = outcome.segments_rewritten, merged = outcome.segments_merged,
+                records_removed = outcome.records_removed,
                 bytes_removed = outcome.bytes_removed, clean_offset = outcome.clean_offset,
                 "compacted"
             );
@@ -283,36 +324,20 @@ impl PartitionLog {
         Ok(outcome)
     }
 
-    /// Walks one segment; if anything would change, writes the new segment and swaps it
-    /// in. Returns the walk and, if it was swapped in, the bytes it saved. A damaged
-    /// segment is left as it is (its damage stays reported by reads).
-    fn clean_segment(
+    /// Writes `group` (consecutive sealed segments, walked clean by [`plan_segment`]) as one
+    /// new segment at the first one's base offset and swaps it in for all of them. Returns
+    /// the rewrite's walk and the bytes it saved, or `None` if it was not swapped in (a
+    /// segment changed meanwhile, or a read failed this time).
+    fn rewrite_group(
         &self,
-        segment: &Sealed,
-        map: &KeyMap,
-        config: &CompactionConfig,
-        now_ms: i64,
-        keep_batches: bool,
+        group: &[Sealed],
+        rules: &Rules<'_>,
         throttle: &mut dyn FnMut(u64),
-    ) -> Result<(Walk, Option<u64>), StorageError> {
+    ) -> Result<Option<(Walk, u64)>, StorageError> {
         let shared = &self.shared;
-        let rules = Rules {
-            map,
-            tombstone_expired_before: now_ms.saturating_sub(config.delete_retention_ms),
-            delete_retention_ms: config.delete_retention_ms,
-            keep_batches,
-        };
-        let walk = match walk_segment(segment, &rules, throttle, |_| Ok(()))? {
-            Ok(walk) => walk,
-            Err(reason) => {
-                tracing::warn!(segment = %segment.path.display(), %reason, "compaction skips a damaged segment");
-                return Ok((Walk::default(), None));
-            }
-        };
-        if walk.records_removed == 0 && walk.runs_merged == 0 {
-            return Ok((walk, None));
-        }
-        let paths = SegmentPaths::new(&shared.dir, segment.base_offset);
+        let first = &group[0];
+        let end_offset = group.last().expect("a group has segments").end_offset;
+        let paths = SegmentPaths::new(&shared.dir, first.base_offset);
         let cleaned = |path: &Path| with_suffix(path, CLEANED_SUFFIX);
         let log_path = cleaned(&paths.log);
         let log = shared
@@ -333,44 +358,44 @@ impl PartitionLog {
         let mut write_batch =
             |bytes: &[u8], buffer: &mut Vec<u8>, size: &mut u64| -> Result<(), StorageError> {
                 let header = BatchHeader::parse(bytes).expect("checked by the walk");
-                let position = *size + buffer.len() as u64;
-                index.observe(segment.base_offset, position as u32, &header, interval);
+                let position = u32::try_from(*size + buffer.len() as u64)
+                    .expect("a group is at most segment_bytes_max: positions are u32");
+                index.observe(first.base_offset, position, &header, interval);
                 buffer.extend_from_slice(bytes);
                 if buffer.len() >= WRITE_BUFFER_BYTES_MAX {
                     flush(buffer, size)?;
                 }
                 Ok(())
             };
-        let second = walk_segment(segment, &rules, throttle, |output| match output {
+        let walked = walk_segments(group, rules, throttle, |output| match output {
             Output::Verbatim(bytes) => write_batch(bytes, &mut buffer, &mut size),
             Output::Retained(bytes) => write_batch(&bytes, &mut buffer, &mut size),
             Output::Empty {
-                mut base_offset,
-                mut count,
+                base_offset,
+                count,
                 max_timestamp,
             } => {
-                while count > 0 {
-                    let span = count.min(i64::from(i32::MAX));
-                    let bytes = empty_batch(base_offset, span as i32, max_timestamp);
+                for bytes in empty_batches(base_offset, count, max_timestamp) {
                     write_batch(&bytes, &mut buffer, &mut size)?;
-                    base_offset += span;
-                    count -= span;
                 }
                 Ok(())
             }
         })?;
-        if let Err(reason) = second {
-            // The segment changed under us (it cannot: sealed segments are immutable) or a
-            // read failed the second time: leave it.
-            tracing::warn!(segment = %segment.path.display(), %reason, "compaction skips a segment");
-            let _ = shared.backend.remove(&log_path);
-            return Ok((Walk::default(), None));
-        }
+        let walk = match walked {
+            Ok(walk) => walk,
+            Err(reason) => {
+                // A sealed segment cannot change, so a read failed the second time: leave
+                // the group as it is.
+                tracing::warn!(segment = %first.path.display(), %reason, "compaction skips a group of segments");
+                let _ = shared.backend.remove(&log_path);
+                return Ok(None);
+            }
+        };
         if !buffer.is_empty() {
             flush(&mut buffer, &mut size)?;
         }
         throttle(size);
-        index.seal(segment.base_offset);
+        index.seal(first.base_offset);
         log.sync_data().map_err(io_error("fsync", &log_path))?;
         let (offsets_bytes, times_bytes) = encode_index_files(&index);
         let offset_index_path = cleaned(&paths.offset_index);
@@ -380,7 +405,7 @@ impl PartitionLog {
         let time_index_file =
             rewrite_file(shared.backend.as_ref(), &time_index_path, &times_bytes)?;
         let new_segment = Segment {
-            base_offset: segment.base_offset,
+            base_offset: first.base_offset,
             log_path: paths.log.clone(),
             offset_index_path: paths.offset_index.clone(),
             time_index_path: paths.time_index.clone(),
@@ -389,14 +414,14 @@ impl PartitionLog {
             time_index_file,
             size,
             committed_size: size,
-            next_offset: segment.end_offset,
+            next_offset: end_offset,
             offset_entries_on_disk: index.offsets.len(),
             time_entries_on_disk: index.times.len(),
             index,
             first_append_ms: None,
         };
-        let swapped = shared.swap_segment(
-            segment,
+        let swapped = shared.swap_segments(
+            group,
             new_segment,
             [
                 (log_path, paths.log),
@@ -404,8 +429,116 @@ impl PartitionLog {
                 (time_index_path, paths.time_index),
             ],
         )?;
-        Ok((walk, swapped.then(|| segment.size.saturating_sub(size))))
+        let old_size: u64 = group.iter().map(|s| s.size).sum();
+        Ok(swapped.then(|| (walk, old_size.saturating_sub(size))))
     }
+}
+
+/// One sealed segment as a pass's first walk found it.
+struct Plan {
+    segment: Sealed,
+    /// `None`: damaged, left as it is (its damage stays reported by reads).
+    walk: Option<Walk>,
+    /// Bytes of the segment once cleaned.
+    cleaned_bytes: u64,
+    /// Whether it begins and ends with a run of emptied batches: in a group, a run that
+    /// ends one segment and the run that begins the next become one empty batch.
+    starts_empty: bool,
+    ends_empty: bool,
+}
+
+/// Walks `segment` without writing: what cleaning it would remove, and its size after.
+fn plan_segment(
+    segment: &Sealed,
+    rules: &Rules<'_>,
+    throttle: &mut dyn FnMut(u64),
+) -> Result<Plan, StorageError> {
+    let mut cleaned_bytes = 0u64;
+    let mut outputs = 0u64;
+    let mut starts_empty = false;
+    let mut ends_empty = false;
+    let walked = walk_segments(std::slice::from_ref(segment), rules, throttle, |output| {
+        ends_empty = matches!(output, Output::Empty { .. });
+        starts_empty |= outputs == 0 && ends_empty;
+        outputs += 1;
+        cleaned_bytes += match output {
+            Output::Verbatim(bytes) => bytes.len() as u64,
+            Output::Retained(bytes) => bytes.len() as u64,
+            Output::Empty {
+                base_offset,
+                count,
+                max_timestamp,
+            } => empty_batches(base_offset, count, max_timestamp)
+                .map(|b| b.len() as u64)
+                .sum(),
+        };
+        Ok(())
+    })?;
+    let walk = match walked {
+        Ok(walk) => Some(walk),
+        Err(reason) => {
+            tracing::warn!(segment = %segment.path.display(), %reason, "compaction skips a damaged segment");
+            None
+        }
+    };
+    Ok(Plan {
+        segment: segment.clone(),
+        walk,
+        cleaned_bytes,
+        starts_empty,
+        ends_empty,
+    })
+}
+
+/// Splits consecutive planned segments into the groups each rewritten as one segment:
+/// greedily, while the cleaned bytes fit `segment_bytes_max` and the offsets a u32 past the
+/// group's base (Kafka's cleaner groups segments the same way). A damaged segment is a
+/// group of its own, never rewritten.
+fn merge_groups(plans: &[Plan], segment_bytes_max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while start < plans.len() {
+        let mut end = start + 1;
+        if plans[start].walk.is_some() {
+            let base = plans[start].segment.base_offset;
+            let mut bytes = plans[start].cleaned_bytes;
+            while let Some(next) = plans.get(end) {
+                let previous = &plans[end - 1];
+                let joined_runs = previous.ends_empty && next.starts_empty;
+                let next_bytes = next.cleaned_bytes
+                    - if joined_runs {
+                        BATCH_HEADER_BYTES as u64
+                    } else {
+                        0
+                    };
+                let fits = next.walk.is_some()
+                    && next.segment.base_offset == previous.segment.end_offset
+                    && bytes + next_bytes <= segment_bytes_max
+                    && next.segment.end_offset - base <= i64::from(u32::MAX);
+                if !fits {
+                    break;
+                }
+                bytes += next_bytes;
+                end += 1;
+            }
+        }
+        if plans[start].walk.is_some() {
+            groups.push(start..end);
+        }
+        start = end;
+    }
+    groups
+}
+
+/// The empty batches that span offsets `[base_offset, base_offset + count)` (a batch spans
+/// at most `i32::MAX` offsets).
+fn empty_batches(base_offset: i64, count: i64, max_timestamp: i64) -> impl Iterator<Item = Bytes> {
+    let spans = (count + i64::from(i32::MAX) - 1) / i64::from(i32::MAX);
+    (0..spans).map(move |i| {
+        let base = base_offset + i * i64::from(i32::MAX);
+        let span = (base_offset + count - base).min(i64::from(i32::MAX));
+        empty_batch(base, span as i32, max_timestamp)
+    })
 }
 
 /// What a walk decides per record.
@@ -418,10 +551,11 @@ struct Rules<'a> {
     keep_batches: bool,
 }
 
-/// Reads a segment batch by batch and tells `emit` what becomes of each. The inner `Err` is
-/// a reason to leave the segment alone (damage, a gap in offsets).
-fn walk_segment(
-    segment: &Sealed,
+/// Reads consecutive segments batch by batch and tells `emit` what becomes of each (an empty
+/// run may span segments). The inner `Err` is a reason to leave the segments alone (damage,
+/// a gap in offsets).
+fn walk_segments(
+    segments: &[Sealed],
     rules: &Rules<'_>,
     throttle: &mut dyn FnMut(u64),
     mut emit: impl FnMut(Output<'_>) -> Result<(), StorageError>,
@@ -430,8 +564,7 @@ fn walk_segment(
         tombstones_expire_at_ms: i64::MAX,
         ..Walk::default()
     };
-    let mut position = 0u64;
-    let mut expected = segment.base_offset;
+    let mut expected = segments.first().map_or(0, |s| s.base_offset);
     // An empty run being collected: (base offset, input batches, max timestamp).
     let mut run: Option<(i64, u64, i64)> = None;
     let end_run = |run: &mut Option<(i64, u64, i64)>,
@@ -449,72 +582,80 @@ fn walk_segment(
         }
         Ok(())
     };
-    while position < segment.size {
-        let Some(batch) = read_batch(segment, position)? else {
-            return Ok(Err(format!("no whole batch at byte {position}")));
-        };
-        throttle(batch.as_bytes().len() as u64);
-        let header = *batch.header();
-        if header.base_offset != expected || header.next_offset() > segment.end_offset {
-            return Ok(Err(format!(
-                "batch at byte {position} has offsets [{}, {}), expected from {expected}",
-                header.base_offset,
-                header.next_offset()
-            )));
+    for segment in segments {
+        let damaged = |what: String| Ok(Err(format!("segment {}: {what}", segment.base_offset)));
+        if segment.base_offset != expected {
+            return damaged(format!("follows a segment that ends at offset {expected}"));
         }
-        if rules.keep_batches && header.attributes & attributes::CONTROL != 0 {
-            emit(Output::Verbatim(batch.as_bytes()))?;
-            position += batch.as_bytes().len() as u64;
-            expected = header.next_offset();
-            continue;
-        }
-        let mut removed = 0u64;
-        let mut failed = None;
-        let mut decide = |record: &ketch_protocol::batch::Record| -> bool {
-            let keep = keep_record(record, rules, &mut walk.tombstones_expire_at_ms);
-            removed += u64::from(!keep);
-            keep
-        };
-        let retained = if header.records_count == 0 {
-            None
-        } else {
-            match retain_records(&batch, &mut decide) {
-                Ok(bytes) => Some(bytes),
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    None
+        let mut position = 0u64;
+        while position < segment.size {
+            let Some(batch) = read_batch(segment, position)? else {
+                return damaged(format!("no whole batch at byte {position}"));
+            };
+            throttle(batch.as_bytes().len() as u64);
+            let header = *batch.header();
+            if header.base_offset != expected || header.next_offset() > segment.end_offset {
+                return damaged(format!(
+                    "batch at byte {position} has offsets [{}, {}), expected from {expected}",
+                    header.base_offset,
+                    header.next_offset()
+                ));
+            }
+            if rules.keep_batches && header.attributes & attributes::CONTROL != 0 {
+                emit(Output::Verbatim(batch.as_bytes()))?;
+                position += batch.as_bytes().len() as u64;
+                expected = header.next_offset();
+                continue;
+            }
+            let mut removed = 0u64;
+            let mut failed = None;
+            let mut decide = |record: &ketch_protocol::batch::Record| -> bool {
+                let keep = keep_record(record, rules, &mut walk.tombstones_expire_at_ms);
+                removed += u64::from(!keep);
+                keep
+            };
+            let retained = if header.records_count == 0 {
+                None
+            } else {
+                match retain_records(&batch, &mut decide) {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        None
+                    }
+                }
+            };
+            if let Some(reason) = failed {
+                return damaged(format!("batch at byte {position}: {reason}"));
+            }
+            walk.records_removed += removed;
+            let kept = header.records_count as u64 - removed;
+            if rules.keep_batches {
+                // One batch stays one batch, emptied or not (its header is kept).
+                match retained {
+                    Some(bytes) if removed > 0 => emit(Output::Retained(bytes))?,
+                    _ => emit(Output::Verbatim(batch.as_bytes()))?,
+                }
+            } else if kept == 0 {
+                let (base, batches, max_timestamp) =
+                    run.unwrap_or((header.base_offset, 0, i64::MIN));
+                run = Some((base, batches + 1, max_timestamp.max(header.max_timestamp)));
+            } else {
+                end_run(&mut run, header.base_offset, &mut walk, &mut emit)?;
+                match retained {
+                    Some(bytes) if removed > 0 => emit(Output::Retained(bytes))?,
+                    _ => emit(Output::Verbatim(batch.as_bytes()))?,
                 }
             }
-        };
-        if let Some(reason) = failed {
-            return Ok(Err(format!("batch at byte {position}: {reason}")));
+            position += batch.as_bytes().len() as u64;
+            expected = header.next_offset();
         }
-        walk.records_removed += removed;
-        let kept = header.records_count as u64 - removed;
-        if rules.keep_batches {
-            // One batch stays one batch, emptied or not (its header is kept).
-            match retained {
-                Some(bytes) if removed > 0 => emit(Output::Retained(bytes))?,
-                _ => emit(Output::Verbatim(batch.as_bytes()))?,
-            }
-        } else if kept == 0 {
-            let (base, batches, max_timestamp) = run.unwrap_or((header.base_offset, 0, i64::MIN));
-            run = Some((base, batches + 1, max_timestamp.max(header.max_timestamp)));
-        } else {
-            end_run(&mut run, header.base_offset, &mut walk, &mut emit)?;
-            match retained {
-                Some(bytes) if removed > 0 => emit(Output::Retained(bytes))?,
-                _ => emit(Output::Verbatim(batch.as_bytes()))?,
-            }
+        if expected != segment.end_offset {
+            return damaged(format!(
+                "ends at offset {expected}, the next one starts at {}",
+                segment.end_offset
+            ));
         }
-        position += batch.as_bytes().len() as u64;
-        expected = header.next_offset();
-    }
-    if expected != segment.end_offset {
-        return Ok(Err(format!(
-            "the segment ends at offset {expected}, the next one starts at {}",
-            segment.end_offset
-        )));
     }
     end_run(&mut run, expected, &mut walk, &mut emit)?;
     Ok(Ok(walk))
@@ -645,23 +786,31 @@ impl Shared {
         (sealed, view.log_start)
     }
 
-    /// Puts a rewritten segment in place of `old` (see the module docs for the steps).
-    /// `renames` are (written name, final name), the log first. Returns false, and removes
-    /// the new files, if `old` is no longer a sealed segment of the log.
-    fn swap_segment(
+    /// Puts a rewritten segment in place of the consecutive sealed segments `old` (see the
+    /// module docs for the steps). `renames` are (written name, final name), the log first.
+    /// Returns false, and removes the new files, if `old` is no longer a run of sealed
+    /// segments of the log.
+    fn swap_segments(
         &self,
-        old: &Sealed,
+        old: &[Sealed],
         new: Segment,
         renames: [(PathBuf, PathBuf); 3],
     ) -> Result<bool, StorageError> {
         let _write = lock(&self.write);
         let still_there = {
             let view = lock(&self.view);
-            view.segments[..view.segments.len() - 1].iter().any(|s| {
-                s.base_offset == old.base_offset
-                    && s.size == old.size
-                    && Arc::ptr_eq(&s.log, &old.log)
-            })
+            let sealed = &view.segments[..view.segments.len() - 1];
+            sealed
+                .iter()
+                .position(|s| s.base_offset == old[0].base_offset)
+                .is_some_and(|i| {
+                    sealed.len() >= i + old.len()
+                        && sealed[i..i + old.len()].iter().zip(old).all(|(s, o)| {
+                            s.base_offset == o.base_offset
+                                && s.size == o.size
+                                && Arc::ptr_eq(&s.log, &o.log)
+                        })
+                })
         };
         if !still_there || lock(&self.queue).check_not_poisoned().is_err() {
             for (written, _) in &renames {
@@ -679,22 +828,31 @@ impl Shared {
                 .rename(from, to)
                 .map_err(io_error("rename", from))
         };
+        let end_offset = old.last().expect("a group has segments").end_offset;
         sync_dir()?;
-        let swap = with_suffix(&renames[0].1, SWAP_SUFFIX);
+        let swap = swap_path(&renames[0].1, (old.len() > 1).then_some(end_offset));
         rename(&renames[0].0, &swap)?;
         sync_dir()?;
         // Committed: from here on recovery finishes the swap.
         let finish = || -> Result<(), StorageError> {
+            for covered in &old[1..] {
+                let paths = SegmentPaths::new(&self.dir, covered.base_offset);
+                for path in [&paths.log, &paths.offset_index, &paths.time_index] {
+                    self.backend
+                        .remove(path)
+                        .map_err(io_error("remove", path))?;
+                }
+            }
             rename(&renames[1].0, &renames[1].1)?;
             rename(&renames[2].0, &renames[2].1)?;
             rename(&swap, &renames[0].1)?;
             sync_dir()
         };
         if let Err(e) = finish() {
-            // The old segment is still what readers use; recovery completes the swap.
+            // The old segments are still what readers use; recovery completes the swap.
             self.poison(format!(
-                "compaction of segment {} failed after its commit: {e}",
-                old.base_offset
+                "compaction of segments [{}, {end_offset}) failed after its commit: {e}",
+                old[0].base_offset
             ));
             return Err(e);
         }
@@ -702,9 +860,9 @@ impl Shared {
         let i = view
             .segments
             .iter()
-            .position(|s| s.base_offset == old.base_offset)
+            .position(|s| s.base_offset == old[0].base_offset)
             .expect("checked under the write lock");
-        view.segments[i] = new;
+        view.segments.splice(i..i + old.len(), [new]);
         Ok(true)
     }
 
@@ -720,6 +878,31 @@ impl Shared {
     }
 }
 
+/// The name a rewritten log takes at the commit: `N.log.swap`, or `N.log.E.swap` (`E` in
+/// 20 digits) for a group of segments merged into one that ends at offset `E`, so that
+/// recovery knows which segments the merge covers.
+fn swap_path(log: &Path, merged_end: Option<i64>) -> PathBuf {
+    match merged_end {
+        None => with_suffix(log, SWAP_SUFFIX),
+        Some(end) => with_suffix(log, &format!("{end:020}.{SWAP_SUFFIX}")),
+    }
+}
+
+/// The base offset and, for a merge, the end offset a swap file's name gives.
+fn parse_swap_name(name: &str) -> Option<(i64, Option<i64>)> {
+    let stem = name.strip_suffix(&format!(".{SWAP_SUFFIX}"))?;
+    if let Some(base) = parse_segment_file_name(stem, LOG_EXTENSION) {
+        return Some((base, None));
+    }
+    let (log, end) = stem.rsplit_once('.')?;
+    let base = parse_segment_file_name(log, LOG_EXTENSION)?;
+    if end.len() != 20 || !end.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let end: i64 = end.parse().ok()?;
+    (end > base).then_some((base, Some(end)))
+}
+
 /// Recovery's part: finish committed swaps and remove uncommitted rewrites. Returns whether
 /// the directory changed.
 pub(super) fn recover_compaction(
@@ -731,19 +914,32 @@ pub(super) fn recover_compaction(
     let mut changed = false;
     for name in names {
         let path = dir.join(name);
-        if let Some(stem) = name.strip_suffix(&format!(".{SWAP_SUFFIX}")) {
-            let Some(base) = parse_segment_file_name(stem, LOG_EXTENSION) else {
+        if name.ends_with(&format!(".{SWAP_SUFFIX}")) {
+            let Some((base, merged_end)) = parse_swap_name(name) else {
                 continue;
             };
             let paths = SegmentPaths::new(dir, base);
             if names.iter().any(|n| dir.join(n) == paths.log) {
-                for index in [&paths.offset_index, &paths.time_index] {
-                    match backend.remove(index) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(StorageError::io("remove", index.clone(), e));
-                        }
-                        _ => {}
+                let remove = |path: &PathBuf| match backend.remove(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(StorageError::io("remove", path.clone(), e))
                     }
+                    _ => Ok(()),
+                };
+                // A merge: the segments it covers go first (some may be gone already).
+                if let Some(end) = merged_end {
+                    for other in names {
+                        let covered = [LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION]
+                            .iter()
+                            .filter_map(|ext| parse_segment_file_name(other, ext))
+                            .any(|b| base < b && b < end);
+                        if covered {
+                            remove(&dir.join(other))?;
+                        }
+                    }
+                }
+                for index in [&paths.offset_index, &paths.time_index] {
+                    remove(index)?;
                 }
                 backend
                     .rename(&path, &paths.log)
@@ -763,4 +959,111 @@ pub(super) fn recover_compaction(
         }
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sim::SimBackend;
+
+    fn plan(base: i64, end: i64, cleaned_bytes: u64, damaged: bool, runs: (bool, bool)) -> Plan {
+        let sim = SimBackend::new();
+        let path = PathBuf::from("/sim/x.log");
+        Plan {
+            segment: Sealed {
+                base_offset: base,
+                end_offset: end,
+                log: sim.create(&path).unwrap(),
+                path,
+                size: cleaned_bytes,
+            },
+            walk: (!damaged).then(Walk::default),
+            cleaned_bytes,
+            starts_empty: runs.0,
+            ends_empty: runs.1,
+        }
+    }
+
+    #[test]
+    fn groups_fill_a_segment_greedily_and_stop_at_damage_and_offset_range() {
+        let n = (false, false);
+        // (plans, segment_bytes_max, groups)
+        type Case = (Vec<Plan>, u64, Vec<(usize, usize)>);
+        let cases: Vec<Case> = vec![
+            (vec![], 100, vec![]),
+            (vec![plan(0, 10, 500, false, n)], 100, vec![(0, 1)]),
+            (
+                vec![
+                    plan(0, 10, 40, false, n),
+                    plan(10, 20, 60, false, n),
+                    plan(20, 30, 1, false, n),
+                ],
+                100,
+                vec![(0, 2), (2, 3)],
+            ),
+            // A damaged segment is never grouped, and splits the run.
+            (
+                vec![
+                    plan(0, 10, 10, false, n),
+                    plan(10, 20, 10, true, n),
+                    plan(20, 30, 10, false, n),
+                    plan(30, 40, 10, false, n),
+                ],
+                100,
+                vec![(0, 1), (2, 4)],
+            ),
+            // Runs of emptied batches that meet become one empty batch: three segments of
+            // one empty batch each merge into one of 61 bytes.
+            (
+                vec![
+                    plan(0, 10, 61, false, (false, true)),
+                    plan(10, 20, 61, false, (true, true)),
+                    plan(20, 30, 61, false, (true, false)),
+                ],
+                61,
+                vec![(0, 3)],
+            ),
+            // Offsets past a u32 from the group's base start a new group.
+            (
+                vec![
+                    plan(0, 10, 1, false, n),
+                    plan(10, i64::from(u32::MAX) + 1, 1, false, n),
+                ],
+                100,
+                vec![(0, 1), (1, 2)],
+            ),
+        ];
+        for (i, (plans, max, expected)) in cases.into_iter().enumerate() {
+            let groups: Vec<(usize, usize)> = merge_groups(&plans, max)
+                .into_iter()
+                .map(|r| (r.start, r.end))
+                .collect();
+            assert_eq!(groups, expected, "case {i}");
+        }
+    }
+
+    #[test]
+    fn swap_names_say_what_a_merge_covers() {
+        let dir = Path::new("/d");
+        let log = dir.join("00000000000000000005.log");
+        let single = swap_path(&log, None);
+        let merged = swap_path(&log, Some(42));
+        let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(name(&single), "00000000000000000005.log.swap");
+        assert_eq!(
+            name(&merged),
+            "00000000000000000005.log.00000000000000000042.swap"
+        );
+        assert_eq!(parse_swap_name(&name(&single)), Some((5, None)));
+        assert_eq!(parse_swap_name(&name(&merged)), Some((5, Some(42))));
+        for bad in [
+            "00000000000000000005.log",
+            "00000000000000000005.log.42.swap",
+            "00000000000000000005.log.00000000000000000005.swap",
+            "00000000000000000005.index.swap",
+            "x.log.swap",
+        ] {
+            assert_eq!(parse_swap_name(bad), None, "{bad}");
+        }
+    }
 }
