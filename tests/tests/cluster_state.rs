@@ -287,3 +287,203 @@ fn partitions_led_and_under_replicated_partitions_add_up_across_brokers() -> any
     })?;
     Ok(())
 }
+
+/// Base offsets of the metadata log segments in a broker's data directory, ascending (its
+/// segment files' names).
+fn metadata_segment_bases(data_dir: &std::path::Path) -> anyhow::Result<Vec<i64>> {
+    let dir = data_dir.join("cluster").join("metadata").join("log");
+    let mut bases: Vec<i64> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".log")?.parse().ok()
+        })
+        .collect();
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Runs `ketch ARGS` against node `via` (no token); its stdout, or an error with its stderr.
+fn run(cluster: &TestCluster, via: NodeId, args: &[&str]) -> anyhow::Result<String> {
+    let output = cluster.process.cli(via).args(args).output()?;
+    if !output.status.success() {
+        bail!(
+            "ketch {args:?} via node {via} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Whether node `via` lists exactly `born` and `kept` of the test's topics, and describes
+/// `kept` with `retention.ms` at `retention`.
+fn says_born_and_kept(cluster: &TestCluster, via: NodeId, retention: &str) -> anyhow::Result<bool> {
+    let listed = run(cluster, via, &["topic", "list"])?;
+    let mut names: Vec<&str> = listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| ["kept", "doomed", "born"].contains(name))
+        .collect();
+    names.sort_unstable();
+    let described = run(cluster, via, &["topic", "describe", "kept"])?;
+    Ok(names == ["born", "kept"] && described.contains(&format!("retention.ms={retention}")))
+}
+
+/// The metadata log does not grow for ever: past two segments it is purged through a
+/// snapshot of the state it built (topics, configs, modules, security). A broker restarted
+/// after a purge starts from its own snapshot, and a broker that was down while the others
+/// purged past everything it had installs the controller's snapshot: both then say what the
+/// others say — a topic deleted while it was down is gone, one created is there, the last
+/// config change holds, a module uploaded is listed — and serve. Before, the log was never purged (no snapshot file, its
+/// first segment at 0 for ever).
+#[test]
+fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_snapshot()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            "--segment-bytes-max",
+            "4096",
+            "--batch-bytes-max",
+            "4096",
+            "--retention-check-interval-ms",
+            "200",
+        ],
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let data_dirs: Vec<std::path::PathBuf> = [1, 2, 3]
+        .iter()
+        .map(|&id| {
+            Ok(cluster
+                .process
+                .broker(id)
+                .context("running")?
+                .data_dir
+                .clone())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    cluster.create_topic(1, "kept", 2, 3)?;
+    cluster.create_topic(1, "doomed", 1, 3)?;
+    cluster.process.kill(3);
+    // A module uploaded while node 3 is down reaches it in the snapshot.
+    let scratch = tempfile::tempdir()?;
+    let even = scratch.path().join("keep-even.wasm");
+    std::fs::write(
+        &even,
+        wat::parse_file(ketch_e2e::repo_dir().join("wasm-filters/examples/wat/keep-even.wat"))?,
+    )?;
+    run(
+        &cluster,
+        1,
+        &["filter", "deploy", "even", &even.to_string_lossy()],
+    )?;
+    let node3_last_base = *metadata_segment_bases(&data_dirs[2])?
+        .last()
+        .with_context(|| format!("node 3 has no metadata log in {}", data_dirs[2].display()))?;
+    // Past node 3's last segment by more than a 4 KiB segment holds (batches of at least
+    // 61 bytes): node 3 can only catch up from a snapshot.
+    let purged_past_node3 = node3_last_base + 4096 / 61 + 1;
+    let last_retention = runtime.block_on(async {
+        let client = cluster.client().await?;
+        let admin = client.admin();
+        admin.delete_topic("doomed").await?;
+        admin
+            .create_topic(ketch_client::NewTopic {
+                name: "born".into(),
+                partitions: 1,
+                replication_factor: 3,
+                configs: vec![],
+            })
+            .await?;
+        let started = Instant::now();
+        let mut retention = 600_000;
+        loop {
+            for _ in 0..10 {
+                retention += 1;
+                admin
+                    .alter_topic_config(
+                        "kept",
+                        vec![("retention.ms".into(), retention.to_string())],
+                    )
+                    .await?;
+            }
+            let starts = [
+                metadata_segment_bases(&data_dirs[0])?[0],
+                metadata_segment_bases(&data_dirs[1])?[0],
+            ];
+            if starts.iter().all(|&start| start >= purged_past_node3) {
+                println!(
+                    "after {} config changes the metadata logs of nodes 1 and 2 start at \
+                     {starts:?}; node 3's last segment starts at {node3_last_base}",
+                    retention - 600_000
+                );
+                break;
+            }
+            ensure!(
+                started.elapsed() < PROPAGATION_MAX * 3,
+                "the metadata logs of nodes 1 and 2 start at {starts:?} after {} config \
+                 changes; not purged past {purged_past_node3}",
+                retention - 600_000
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        client.close();
+        anyhow::Ok(retention.to_string())
+    })?;
+    for (id, dir) in [(1, &data_dirs[0]), (2, &data_dirs[1])] {
+        ensure!(
+            dir.join("cluster/metadata/snapshot.checkpoint").exists(),
+            "node {id} purged without a snapshot file"
+        );
+    }
+    // A restart starts from the broker's own snapshot.
+    cluster.process.restart(1)?;
+    eventually("node 1, restarted, says what it said", || {
+        says_born_and_kept(&cluster, 1, &last_retention)
+    })?;
+    // Node 3 was down through the purges: it installs the leader's snapshot.
+    cluster.process.restart(3)?;
+    eventually(
+        "node 3, back after the purges, says what the others say",
+        || says_born_and_kept(&cluster, 3, &last_retention),
+    )?;
+    eventually("node 3 lists the module uploaded while it was down", || {
+        Ok(run(&cluster, 3, &["filter", "list"])?
+            .lines()
+            .any(|line| line.starts_with("even\t")))
+    })?;
+    let log = cluster.process.log(3);
+    ensure!(
+        log.contains("installed a snapshot")
+            && log.contains("the metadata log was purged past what this broker applied"),
+        "node 3 did not install the metadata snapshot:\n{}",
+        cluster.process.log_tails(30)
+    );
+    // And everything serves: a record produced to the topic born while node 3 was down is
+    // read back through node 3.
+    cli(
+        &cluster,
+        3,
+        "",
+        &["produce", "born"],
+        Some("after-the-snapshot\n"),
+    )?;
+    let read = run(
+        &cluster,
+        3,
+        &[
+            "consume",
+            "born",
+            "--from",
+            "beginning",
+            "--max-records",
+            "1",
+            "--timeout-ms",
+            "20000",
+        ],
+    )?;
+    ensure!(read.contains("after-the-snapshot"), "read back: {read:?}");
+    Ok(())
+}

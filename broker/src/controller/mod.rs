@@ -16,7 +16,10 @@
 //! a `PartitionReplica` in `<data>/cluster/partitions/<topic id>-<partition>/`); the first
 //! replica of a partition's list initializes its group (the others too, with the same
 //! membership, if it has not after 2 s: it is down), and a restart rejoins it. The image is
-//! rebuilt at start-up by replaying the metadata log (never purged yet).
+//! rebuilt at start-up by replaying the metadata log. The log is purged past two segments
+//! ([`METADATA_SEGMENT_BYTES_MAX`] each at most) through a snapshot of the state it built
+//! ([`snapshot`]); a broker whose log no longer holds what it needs next (a restart after a
+//! purge, or a follower the leader purged past) starts from that snapshot.
 //!
 //! The security state (tokens, ACLs, quotas, producer-id owners) travels the same way:
 //! `MetadataCommand::Security` carries an `auth::SecurityChange` that every broker applies to
@@ -35,6 +38,7 @@
 pub mod forward;
 pub mod partition;
 mod rebalance;
+pub mod snapshot;
 pub mod wasm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -208,7 +212,7 @@ pub enum MetadataCommand {
 }
 
 /// A topic as the metadata log says.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TopicImage {
     pub name: String,
     pub id: u64,
@@ -236,7 +240,7 @@ impl TopicImage {
 }
 
 /// Every broker's in-memory replica of the cluster metadata.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Image {
     pub topics: BTreeMap<String, TopicImage>,
     /// Brokers added after start (the initial ones are every broker's `--peers`).
@@ -445,6 +449,22 @@ pub fn place(
         .collect()
 }
 
+/// The metadata log's segments are at most this large (smaller if the broker's are), so it
+/// rolls, and is purged through a snapshot, well before a data partition would.
+pub const METADATA_SEGMENT_BYTES_MAX: u64 = 8 * 1024 * 1024;
+
+/// The metadata log's configuration: the broker's, with segments of at most
+/// [`METADATA_SEGMENT_BYTES_MAX`]. Retention is the controller's: past two segments' worth,
+/// the log is purged through a snapshot of the state it built (see [`snapshot`]).
+fn metadata_log_config(broker: &LogConfig) -> LogConfig {
+    LogConfig {
+        segment_bytes_max: broker.segment_bytes_max.min(METADATA_SEGMENT_BYTES_MAX),
+        retention_ms: None,
+        retention_bytes: None,
+        ..broker.clone()
+    }
+}
+
 fn encode_command(command: &MetadataCommand, now_ms: i64) -> Bytes {
     let value = serde_json::to_vec(command).expect("metadata commands serialize");
     let mut builder = BatchBuilder::new(ketch_protocol::batch::BATCH_BYTES_MAX);
@@ -459,6 +479,8 @@ pub struct Controller<T: PeerTransport> {
     transport: Arc<T>,
     groups: Arc<dyn RegisterGroups>,
     metadata: PartitionReplica,
+    /// The metadata log is purged (through a snapshot) past this many bytes.
+    metadata_retained_bytes: u64,
     image: RwLock<Image>,
     /// The metadata offset applied so far (the next to apply).
     applied: watch::Sender<i64>,
@@ -556,11 +578,14 @@ impl<T: PeerTransport> Controller<T> {
             |e: &dyn std::fmt::Display| ClusterError::new(ErrorCode::StorageFailed, e.to_string());
         std::fs::create_dir_all(dir.join("partitions")).map_err(|e| storage(&e))?;
         let group: GroupId = METADATA_GROUP.into();
-        let metadata = PartitionReplica::open(
+        let metadata_log_config = metadata_log_config(&config.log_config);
+        let metadata_retained_bytes = 2 * metadata_log_config.segment_bytes_max;
+        let metadata = PartitionReplica::open_with_hook(
             &dir.join("metadata"),
-            config.log_config.clone(),
+            metadata_log_config,
             ReplicaConfig::new(config.node_id, group.clone(), clock.clone()),
             transport.clone(),
+            Box::new(snapshot::MetadataHook::default()),
         )
         .await
         .map_err(|e| storage(&e))?;
@@ -579,6 +604,7 @@ impl<T: PeerTransport> Controller<T> {
             transport,
             groups,
             metadata,
+            metadata_retained_bytes,
             image: RwLock::default(),
             applied: watch::Sender::new(0),
             partitions: RwLock::default(),
@@ -692,6 +718,14 @@ impl<T: PeerTransport> Controller<T> {
     /// `PartitionReplica::apply_retention`), by its topic's settings (compaction is the log
     /// cleaner's: see the `CompactedLogs` implementation).
     pub async fn apply_retention(&self, now_ms: i64) {
+        // The metadata log keeps two segments' worth; what goes is in the snapshot.
+        if let Err(e) = self
+            .metadata
+            .apply_retention(now_ms, None, Some(self.metadata_retained_bytes))
+            .await
+        {
+            tracing::warn!(error = %e, "purging the metadata log failed");
+        }
         for (hosted, config) in self.hosted_with_configs() {
             let (retention_ms, retention_bytes) = if config.cleanup_policy.deletes() {
                 (
@@ -834,8 +868,38 @@ impl<T: PeerTransport> Controller<T> {
         loop {
             let high = *high_watermark.borrow_and_update();
             while next < high {
+                if next < self.metadata.log_start_offset() {
+                    // Purged: what the log held below its start is in the snapshot.
+                    match self.metadata_snapshot() {
+                        Ok((end, state)) if end > next => {
+                            tracing::info!(
+                                from = next,
+                                to = end,
+                                "the metadata log was purged past what this broker applied: installing its snapshot"
+                            );
+                            self.install_snapshot(state).await;
+                            next = end;
+                        }
+                        Ok((end, _)) => {
+                            // A newer snapshot is on its way (installing, or being built).
+                            tracing::debug!(
+                                next,
+                                end,
+                                "the metadata snapshot is behind the log start"
+                            );
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, offset = next, "the metadata log's snapshot cannot be read");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                    continue;
+                }
                 let batches = match self.metadata.read_committed(next, APPLY_READ_BYTES_MAX) {
                     Ok(batches) => batches,
+                    // Purged meanwhile (a snapshot installed from the leader): see above.
+                    Err(_) if next < self.metadata.log_start_offset() => continue,
                     Err(e) => {
                         tracing::error!(error = %e, offset = next, "reading the metadata log failed");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -855,13 +919,7 @@ impl<T: PeerTransport> Controller<T> {
                         }
                     };
                     next = batch.header().next_offset();
-                    for record in batch.records() {
-                        let command = record.map_err(|e| e.to_string()).and_then(|r| {
-                            serde_json::from_slice::<MetadataCommand>(
-                                r.value.as_deref().unwrap_or_default(),
-                            )
-                            .map_err(|e| e.to_string())
-                        });
+                    for command in snapshot::decode_commands(&batch) {
                         match command {
                             Ok(command) => self.apply(command).await,
                             Err(e) => {
@@ -878,12 +936,39 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// The metadata log's current snapshot: the Kafka offset after it, and its state.
+    fn metadata_snapshot(&self) -> Result<(i64, snapshot::MetadataState), String> {
+        let (end, body) = self
+            .metadata
+            .snapshot_state()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the log was purged, and there is no snapshot".to_owned())?;
+        let state = serde_json::from_slice(&body).map_err(|e| format!("its state: {e}"))?;
+        Ok((end, state))
+    }
+
+    /// Makes this broker what the metadata snapshot `state` says (see [`snapshot`]).
+    async fn install_snapshot(self: &Arc<Self>, state: snapshot::MetadataState) {
+        let old = std::mem::replace(
+            &mut *self.image.write().unwrap_or_else(|e| e.into_inner()),
+            state.image.clone(),
+        );
+        for effect in snapshot::snapshot_effects(&old, &state) {
+            self.run_effect(effect).await;
+        }
+    }
+
     async fn apply(self: &Arc<Self>, command: MetadataCommand) {
         let effect = self
             .image
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .apply(command);
+        self.run_effect(effect).await;
+    }
+
+    /// Does what applying a command (or installing a snapshot) asks of this broker.
+    async fn run_effect(self: &Arc<Self>, effect: Effect) {
         match effect {
             Effect::None => {}
             Effect::Security(change) => {
@@ -909,7 +994,10 @@ impl<T: PeerTransport> Controller<T> {
                     if !replicas.contains(&self.node_id) {
                         continue;
                     }
-                    let first = replicas.first() == Some(&self.node_id);
+                    // The first replica makes the group of a partition never led yet (a new
+                    // topic; a snapshot knows the leaders of partitions that were).
+                    let first = replicas.first() == Some(&self.node_id)
+                        && topic.leaders.get(index).is_none_or(Option::is_none);
                     if let Err(e) = self.open_replica(&topic, index as u32, first).await {
                         tracing::error!(topic = %topic.name, partition = index, error = %e, "could not open a partition replica");
                         continue;

@@ -39,7 +39,7 @@ const _: () = assert!(
 );
 
 /// One version of a module as the metadata log says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FilterVersionImage {
     pub version: u32,
     pub digest: String,

@@ -489,6 +489,19 @@ impl PartitionReplica {
         self.shared.kafka_offset(self.shared.first_offset())
     }
 
+    /// The current snapshot's hook state (the body its [`ApplyHook`] checkpointed) and the
+    /// Kafka offset after its last entry, where the log continues; `None` before the first
+    /// purge. For a hook whose owner keeps state of its own from the committed records (the
+    /// metadata image): once the log is purged, that state starts from here.
+    pub fn snapshot_state(&self) -> Result<Option<(i64, Vec<u8>)>, ReplicationError> {
+        let Some(snapshot) = self.applied.snapshot() else {
+            return Ok(None);
+        };
+        let (_, body) = super::state_machine::decode_checkpoint(&snapshot.checkpoint)
+            .map_err(|why| ReplicationError::Stopped(format!("the current snapshot: {why}")))?;
+        Ok(Some((snapshot.end.kafka_end, body.to_vec())))
+    }
+
     /// Retention by time and size (a topic's `retention.ms` and `retention.bytes`, `None`
     /// unlimited) on this replica's own log, leader or follower, as each Kafka replica
     /// applies retention to its own log. Answers the Raft index the log was purged

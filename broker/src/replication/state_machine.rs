@@ -69,9 +69,10 @@ pub const APPLIED_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 /// The current snapshot, beside the partition log.
 pub const SNAPSHOT_FILE: &str = "snapshot.checkpoint";
 const SNAPSHOT_MAGIC: u32 = u32::from_be_bytes(*b"KSN1");
-/// A checkpoint larger than this is refused as damaged (a hook body of a full producer
-/// table is about 10,000 × 91 bytes).
-const APPLIED_STATE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// A checkpoint larger than this is refused as damaged: a sanity bound, far above any real
+/// state (a hook body of a full producer table is about 10,000 × 91 bytes; the metadata
+/// state holds every Wasm module, each at most 11 MiB, as base64).
+const APPLIED_STATE_BYTES_MAX: usize = 1024 * 1024 * 1024;
 
 /// One committed entry, as an [`ApplyHook`] is told of it.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +82,9 @@ pub struct AppliedEntry<'a> {
     /// A data entry's batch header, its base offset the Kafka offset it landed at; `None`
     /// for a control entry (blank, membership, state).
     pub batch: Option<&'a BatchHeader>,
+    /// A data entry's whole batch as the entry carries it (its base offset field is not
+    /// patched: `batch` has the offset), for hooks that read the records (the metadata log).
+    pub bytes: Option<&'a bytes::Bytes>,
     /// A state entry (see [`entries`]).
     pub state: Option<StateEntry<'a>>,
 }
@@ -632,6 +636,7 @@ fn apply_entry(
                     term,
                     index: log_id.index,
                     batch: None,
+                    bytes: None,
                     state: Some(StateEntry {
                         name: &name,
                         value: value.as_ref(),
@@ -650,6 +655,7 @@ fn apply_entry(
                 term,
                 index: log_id.index,
                 batch: Some(&header),
+                bytes: Some(&batch.bytes),
                 state: None,
             });
             state.applied = Some(log_id);
@@ -666,6 +672,7 @@ fn apply_entry(
                 term,
                 index: log_id.index,
                 batch: None,
+                bytes: None,
                 state: None,
             });
             none
@@ -675,6 +682,7 @@ fn apply_entry(
                 term,
                 index: log_id.index,
                 batch: None,
+                bytes: None,
                 state: None,
             });
             state.membership = StoredMembership::new(Some(log_id), membership);
