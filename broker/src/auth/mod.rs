@@ -37,7 +37,7 @@ const ACLS_FILE: &str = "acls.json";
 const QUOTAS_FILE: &str = "quotas.json";
 /// Producer ids whose owner is remembered; past this the oldest are forgotten (their
 /// producers are answered `unknown_producer` and take a new id).
-const PRODUCER_OWNERS_MAX: usize = 262_144;
+pub(crate) const PRODUCER_OWNERS_MAX: usize = 262_144;
 /// Audit lines written per second at most; the rest are counted and reported in the next one.
 const AUDIT_EVENTS_PER_S_MAX: u32 = 20;
 

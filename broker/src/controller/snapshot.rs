@@ -19,9 +19,10 @@
 //!
 //! **Cost.** The state is in memory twice on every broker (the hook's and the image), with
 //! every module's base64 in the hook's: modules are few and bounded
-//! (`CLUSTER_FILTER_MODULE_BYTES_MAX`). Security changes are kept whole, in order.
+//! (`CLUSTER_FILTER_MODULE_BYTES_MAX`). Security changes are kept whole, in order, but for
+//! the producer ids issued: only as many of the last as a broker remembers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use ketch_protocol::batch::RecordBatch;
 use serde::{Deserialize, Serialize};
@@ -38,8 +39,12 @@ pub struct MetadataState {
     pub image: Image,
     /// Per module name, each version the image lists: its meta and its bytes (base64).
     pub modules: BTreeMap<String, Vec<(VersionMeta, String)>>,
-    /// Every security change, in log order.
+    /// Every security change but the producer ids issued, in log order.
     pub security: Vec<SecurityChange>,
+    /// The producer ids issued last (`ProducerIssued`), at most as many as a broker remembers
+    /// the owners of (`auth::PRODUCER_OWNERS_MAX`): one per producer ever started would
+    /// grow without end.
+    pub producers_issued: VecDeque<SecurityChange>,
 }
 
 impl MetadataState {
@@ -51,6 +56,12 @@ impl MetadataState {
             }
             Effect::Wasm(WasmEffect::Remove(name)) => {
                 self.modules.remove(&name);
+            }
+            Effect::Security(change @ SecurityChange::ProducerIssued { .. }) => {
+                self.producers_issued.push_back(change);
+                if self.producers_issued.len() > crate::auth::PRODUCER_OWNERS_MAX {
+                    self.producers_issued.pop_front();
+                }
             }
             Effect::Security(change) => self.security.push(change),
             _ => {}
@@ -145,7 +156,13 @@ pub(super) fn snapshot_effects(old: &Image, new: &MetadataState) -> Vec<Effect> 
     for (&node, &address) in &new.image.added_brokers {
         effects.push(Effect::BrokerAdded(node, address));
     }
-    effects.extend(new.security.iter().cloned().map(Effect::Security));
+    effects.extend(
+        new.security
+            .iter()
+            .chain(&new.producers_issued)
+            .cloned()
+            .map(Effect::Security),
+    );
     for (name, topic) in &old.topics {
         if new.image.topics.get(name).is_none_or(|t| t.id != topic.id) {
             effects.push(Effect::Close(topic.clone()));
@@ -374,13 +391,41 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1, 2]
         );
-        assert_eq!(restored.state.security.len(), 2);
+        assert_eq!(restored.state.security.len(), 0);
+        assert_eq!(restored.state.producers_issued.len(), 2);
         // An empty body (a checkpoint from before the metadata had a state) and a broken
         // one are refused, leaving the hook reset: the log is replayed instead.
         for bad in [&b""[..], b"{not json"] {
             assert!(hook.restore(bad).is_err());
             assert!(hook.state.image.topics.is_empty());
         }
+    }
+
+    /// Producer ids are issued for ever; the snapshot keeps the last ones a broker remembers.
+    #[test]
+    fn the_producer_ids_issued_are_kept_only_as_far_as_brokers_remember_them() {
+        let mut state = MetadataState::default();
+        let issued = crate::auth::PRODUCER_OWNERS_MAX as i64 + 10;
+        for producer_id in 0..issued {
+            state.apply(MetadataCommand::Security {
+                change: SecurityChange::ProducerIssued {
+                    producer_id,
+                    principal: "p".into(),
+                },
+            });
+        }
+        assert_eq!(
+            state.producers_issued.len(),
+            crate::auth::PRODUCER_OWNERS_MAX
+        );
+        assert_eq!(
+            state.producers_issued.front(),
+            Some(&SecurityChange::ProducerIssued {
+                producer_id: 10,
+                principal: "p".into()
+            })
+        );
+        assert!(state.security.is_empty());
     }
 
     /// A broker starting from a snapshot (an empty image) does what replaying the whole log
