@@ -31,7 +31,8 @@ pub enum ClusterCommand {
     /// Changes a partition's replicas to the brokers listed (node ids, comma-separated, the
     /// first the preferred leader), e.g. `ketch cluster reassign events 0 1,2,4`. New
     /// replicas copy the log before they vote; replicas left out delete theirs. Keep at
-    /// least one current replica (move in steps).
+    /// least one current replica (move in steps). `__cluster_metadata 0 VOTERS` changes the
+    /// controller quorum (brokers left out keep receiving the metadata).
     Reassign {
         topic: String,
         partition: u32,

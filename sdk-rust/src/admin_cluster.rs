@@ -62,6 +62,10 @@ impl Admin {
     /// At least one current replica must stay (move further in steps). If the leader itself
     /// leaves, leadership moves first to a replica that stays.
     ///
+    /// With [`CLUSTER_METADATA_TOPIC`] partition 0 it changes the controller quorum (the
+    /// metadata log's voters, KRaft's KIP-853): new voters catch up first, brokers left out
+    /// keep receiving the metadata as learners — so a voter lost for good can be replaced.
+    ///
     /// Fails with [`crate::ErrorCode::InvalidReplicaAssignment`] for an empty or repeated
     /// list or a broker not in the cluster, and with
     /// [`crate::ErrorCode::ReassignmentIncomplete`] when a step did not finish in time (a

@@ -1449,3 +1449,69 @@ async fn compaction_keeps_each_keys_latest_on_every_replica() -> anyhow::Result<
     check(&read_keyed(&client, "users", RECORDS).await?)?;
     Ok(())
 }
+
+/// The controller quorum is not fixed to `--peers`: `reassign __cluster_metadata 0 VOTERS`
+/// changes the metadata log's voters, so a voter lost for good is replaced by an added
+/// broker. Here node 1 leaves the quorum for node 4 (it stays a broker, and a learner of the
+/// metadata); then nodes 1 and 2 die, and nodes 3 and 4 — a majority of the new quorum,
+/// a minority of the old one — still elect a controller and create a topic. Before, the
+/// voters were the initial three for ever and the same create failed. A refused change
+/// (an unknown broker, none of the current voters kept) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_voters_change_so_the_cluster_outlives_its_initial_quorum()
+-> anyhow::Result<()> {
+    const METADATA: &str = "__cluster_metadata";
+    let mut cluster = TestCluster::start(3, &[])?;
+    let new = cluster.process.start_joining()?;
+    let addr = cluster.process.addr(new);
+    let (ok, out, err) = cli(
+        &cluster,
+        1,
+        &["cluster", "add-broker", &format!("{new}@{addr}")],
+    )?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    // Refused: a broker the cluster does not know, and a quorum with no current voter.
+    let (ok, _, err) = reassign(&cluster, 1, METADATA, "2,3,9")?;
+    ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
+    let (ok, _, err) = reassign(&cluster, 1, METADATA, &new.to_string())?;
+    ensure!(!ok && err.contains("keep none"), "{err}");
+    // Asked through any broker: the client finds the controller (and, if the controller
+    // leaves the quorum, the one it hands over to).
+    let target = format!("2,3,{new}");
+    let (ok, out, err) = reassign(&cluster, new, METADATA, &target)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    ensure!(out.contains(&format!("replicas {target}")), "{out}");
+    // Node 1 still gets the metadata as a learner: a topic created now reaches it.
+    cluster.create_topic(3, "after-the-change", 1, 3)?;
+    let started = Instant::now();
+    while described(&cluster, 1, "after-the-change", 0).is_err() {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node 1 never learnt of the topic created after it left the quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two of the three initial voters die: the new quorum still has a majority.
+    cluster.process.kill(1);
+    cluster.process.kill(2);
+    let started = Instant::now();
+    loop {
+        let (ok, out, err) = cli(
+            &cluster,
+            3,
+            &["topic", "create", "without-1-and-2", "--partitions", "1"],
+        )?;
+        if ok {
+            break;
+        }
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "no topic created by nodes 3 and {new}: {out}{err}\n{}",
+            cluster.process.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (ok, out, err) = cli(&cluster, new, &["topic", "list"])?;
+    ensure!(ok && out.contains("without-1-and-2"), "{out}{err}");
+    Ok(())
+}

@@ -32,7 +32,8 @@
 //! Administration: [`Controller::transfer_leader`], [`Controller::reassign`] and
 //! [`Controller::add_broker`] (brokers added after start are learners of the metadata log).
 //!
-//! Known limits: the metadata group's voters are the initial `--peers`; producer ids are
+//! The metadata group's voters start as the initial `--peers`; `reassign __cluster_metadata 0
+//! VOTERS` changes them ([`Controller::reassign`]). Known limit: producer ids are
 //! made unique across brokers by putting the node id in their high bits.
 
 pub mod forward;
@@ -1629,6 +1630,9 @@ impl<T: PeerTransport> Controller<T> {
         partition: u32,
         target: &[NodeId],
     ) -> Result<Vec<NodeId>, ClusterError> {
+        if topic == METADATA_GROUP {
+            return self.reassign_metadata(partition, target).await;
+        }
         let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
         let image = self.topic(topic).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {topic:?}"))
@@ -1677,7 +1681,12 @@ impl<T: PeerTransport> Controller<T> {
         let offset = self.propose(&start, PROPOSE_TIMEOUT).await?;
         self.wait_applied(offset, PROPOSE_TIMEOUT).await?;
         replica
-            .change_voters(wanted, REASSIGN_CATCH_UP_LAG_ENTRIES_MAX, REASSIGN_TIMEOUT)
+            .change_voters(
+                wanted,
+                REASSIGN_CATCH_UP_LAG_ENTRIES_MAX,
+                REASSIGN_TIMEOUT,
+                false,
+            )
             .await
             .map_err(|e| match e {
                 crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
@@ -1700,6 +1709,75 @@ impl<T: PeerTransport> Controller<T> {
     /// broker learns its address, placement and `reassign` may use it) and the broker joins
     /// the metadata group as a learner and catches up (bounded), so it answers Metadata.
     /// Asking again is harmless.
+    /// `reassign __cluster_metadata 0 VOTERS`: makes `target` the metadata log's voters
+    /// (the controller quorum), as KRaft's dynamic quorum does (KIP-853) — so a voter gone
+    /// for good can be replaced by an added broker, and a quorum can grow or shrink. New
+    /// voters catch up as learners first; brokers left out stay learners (every broker
+    /// applies the metadata). The change is in the metadata log's own membership, so it
+    /// survives restarts; `--peers` stays the brokers' addresses and the first membership.
+    /// On the controller; if it leaves the quorum, the controller moves first to a voter
+    /// that stays and this answers `not_leader` (the client asks the new one).
+    async fn reassign_metadata(
+        &self,
+        partition: u32,
+        target: &[NodeId],
+    ) -> Result<Vec<NodeId>, ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        if partition != 0 {
+            return Err(ClusterError::new(
+                ErrorCode::UnknownPartition,
+                format!("{METADATA_GROUP} has only partition 0"),
+            ));
+        }
+        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
+        if target.is_empty() || wanted.len() != target.len() {
+            return Err(invalid(format!(
+                "voters {target:?}: give one or more distinct brokers"
+            )));
+        }
+        let brokers = self.brokers();
+        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
+            return Err(invalid(format!(
+                "broker {unknown} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
+            )));
+        }
+        if !self.metadata.is_leader() {
+            return Err(self.not_hosted_here(METADATA_GROUP, 0, self.metadata.leader()));
+        }
+        if !wanted.contains(&self.node_id) {
+            let voters = self.metadata.voters();
+            let Some(stays) = target.iter().find(|n| voters.contains(n)) else {
+                return Err(invalid(format!(
+                    "voters {target:?} keep none of {voters:?}: change them in steps that keep one"
+                )));
+            };
+            let (leader, epoch) = self.transfer_leader(METADATA_GROUP, 0, *stays).await?;
+            return Err(self.not_hosted_here(METADATA_GROUP, 0, (Some(leader), epoch)));
+        }
+        self.metadata
+            .change_voters(
+                wanted,
+                ADD_BROKER_CATCH_UP_LAG_ENTRIES_MAX,
+                REASSIGN_TIMEOUT,
+                true,
+            )
+            .await
+            .map_err(|e| match e {
+                crate::replication::replica::ReplicationError::NotLeader { leader, epoch } => {
+                    self.not_hosted_here(METADATA_GROUP, 0, (leader, epoch))
+                }
+                e => ClusterError::new(e.code(), e.to_string()),
+            })?;
+        tracing::info!(voters = ?target, "the metadata log's voters changed");
+        Ok(target.to_vec())
+    }
+
+    /// The metadata log's voters (the controller quorum) as this broker knows them.
+    pub fn metadata_voters(&self) -> BTreeSet<NodeId> {
+        self.metadata.voters()
+    }
+
     pub async fn add_broker(
         &self,
         node: NodeId,

@@ -1080,13 +1080,15 @@ impl PartitionReplica {
     /// On the leader: makes `voters` the group's voting members, within `timeout`. Each new
     /// one joins as a learner first and must come within `lag_entries_max` entries of the
     /// leader's log; then openraft's joint change commits the new voters, and members left
-    /// out are removed. Asking again after a failure (or at a new leader) finishes the
-    /// change: members already added are not added again.
+    /// out are removed — or stay as learners with `keep_removed_as_learners` (the metadata
+    /// log: every broker applies it). Asking again after a failure (or at a new leader)
+    /// finishes the change: members already added are not added again.
     pub async fn change_voters(
         &self,
         voters: BTreeSet<NodeId>,
         lag_entries_max: u64,
         timeout: Duration,
+        keep_removed_as_learners: bool,
     ) -> Result<(), ReplicationError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let incomplete = |m: String| ReplicationError::MembershipIncomplete(m);
@@ -1173,7 +1175,10 @@ impl PartitionReplica {
         if voters == current {
             return Ok(());
         }
-        match tokio::time::timeout_at(deadline, self.raft.change_membership(voters, false)).await {
+        let change = self
+            .raft
+            .change_membership(voters, keep_removed_as_learners);
+        match tokio::time::timeout_at(deadline, change).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(self, e)),
             Err(_) => Err(incomplete(
