@@ -139,7 +139,8 @@ fn crash_under_never_leaves_a_valid_prefix() {
 }
 
 /// After `inject`, the next append fails with `Poisoned` (naming the injected cause), every
-/// later one fails at once, reads of acknowledged data go on, and a reopened log works.
+/// later one fails at once, as do truncation, retention and purges; reads of acknowledged
+/// data go on, and a reopened log works.
 fn check_poisoning(inject: fn(&SimBackend), fsync: FsyncPolicy) {
     let sim = SimBackend::new();
     let (log, _) = open_sim(&sim, sim_config(fsync));
@@ -162,6 +163,18 @@ fn check_poisoning(inject: fn(&SimBackend), fsync: FsyncPolicy) {
         log.truncate_suffix(0),
         Err(StorageError::Poisoned { .. })
     ));
+    // Nor is anything deleted from the front: a poisoned log stays as recovery needs it
+    // (a compaction merge cut short needs the first segment it covers).
+    let segments = log.segments().len();
+    assert!(matches!(
+        log.apply_retention_limits(i64::MAX, Some(0), Some(0)),
+        Err(StorageError::Poisoned { .. })
+    ));
+    assert!(matches!(
+        log.purge_prefix(high_watermark),
+        Err(StorageError::Poisoned { .. })
+    ));
+    assert_eq!(log.segments().len(), segments);
     assert_eq!(
         log.high_watermark(),
         high_watermark,

@@ -270,21 +270,29 @@ impl PartitionLog {
                 delete_retention_ms: config.delete_retention_ms,
                 keep_batches,
             };
-            let plans = sealed
+            let mut plans = sealed
                 .iter()
                 .filter(|s| s.base_offset < map.end)
                 .map(|segment| plan_segment(segment, &rules, throttle))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Each plan holds its segment's files: no other reference to them may outlive
+            // the rewrite that unlinks them (a merged segment's are held open until dropped).
+            drop(sealed);
             let expire_at = plans
                 .iter()
                 .filter_map(|plan| plan.walk.as_ref())
                 .map(|walk| walk.tombstones_expire_at_ms)
                 .min()
                 .unwrap_or(i64::MAX);
-            for group in merge_groups(&plans, shared.config.segment_bytes_max) {
-                let plans = &plans[group];
-                let changes = plans.len() > 1
-                    || plans.iter().any(|plan| {
+            let groups = merge_groups(&plans, shared.config.segment_bytes_max);
+            let mut plans = plans.drain(..).map(Some).collect::<Vec<_>>();
+            for group in groups {
+                let group: Vec<Plan> = plans[group]
+                    .iter_mut()
+                    .map(|plan| plan.take().expect("groups do not overlap"))
+                    .collect();
+                let changes = group.len() > 1
+                    || group.iter().any(|plan| {
                         plan.walk
                             .as_ref()
                             .is_some_and(|w| w.records_removed > 0 || w.runs_merged > 0)
@@ -292,7 +300,7 @@ impl PartitionLog {
                 if !changes {
                     continue;
                 }
-                let group: Vec<Sealed> = plans.iter().map(|plan| plan.segment.clone()).collect();
+                let group: Vec<Sealed> = group.into_iter().map(|plan| plan.segment).collect();
                 if let Some((walk, bytes_removed)) = self.rewrite_group(&group, &rules, throttle)? {
                     outcome.segments_rewritten += group.len();
                     outcome.segments_merged += group.len() - 1;
@@ -842,6 +850,10 @@ impl Shared {
                         .remove(path)
                         .map_err(io_error("remove", path))?;
                 }
+            }
+            if old.len() > 1 {
+                // The unlinks are durable before the swap stops naming what they cover.
+                sync_dir()?;
             }
             rename(&renames[1].0, &renames[1].1)?;
             rename(&renames[2].0, &renames[2].1)?;

@@ -21,6 +21,9 @@ impl PartitionLog {
         retention_bytes: Option<u64>,
     ) -> Result<RetentionOutcome, StorageError> {
         let _write = lock(&self.shared.write);
+        // A poisoned log is left as it is for recovery (a compaction's merge may be half
+        // finished: its swap needs the first segment it covers).
+        lock(&self.shared.queue).check_not_poisoned()?;
         let count = retention_count(
             &lock(&self.shared.view),
             now_ms,
@@ -53,6 +56,7 @@ impl PartitionLog {
     /// the sealed segments that lie wholly below it. For raft: purging applied entries.
     pub fn purge_prefix(&self, up_to_offset: i64) -> Result<(), StorageError> {
         let _write = lock(&self.shared.write);
+        lock(&self.shared.queue).check_not_poisoned()?;
         let count = {
             let view = lock(&self.shared.view);
             if up_to_offset > view.log_end {
