@@ -315,27 +315,76 @@ fn run(cluster: &TestCluster, via: NodeId, args: &[&str]) -> anyhow::Result<Stri
     Ok(String::from_utf8(output.stdout)?)
 }
 
-/// Whether node `via` lists exactly `born` and `kept` of the test's topics, and describes
-/// `kept` with `retention.ms` at `retention`.
-fn says_born_and_kept(cluster: &TestCluster, via: NodeId, retention: &str) -> anyhow::Result<bool> {
+/// Whether node `via` lists exactly `expected` of the test's topics, and describes `kept`
+/// with `retention.ms` at `retention`.
+fn says_topics(
+    cluster: &TestCluster,
+    via: NodeId,
+    expected: &[&str],
+    retention: i64,
+) -> anyhow::Result<bool> {
     let listed = run(cluster, via, &["topic", "list"])?;
     let mut names: Vec<&str> = listed
         .lines()
         .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| ["kept", "doomed", "born"].contains(name))
+        .filter(|name| ["kept", "doomed", "born", "late"].contains(name))
         .collect();
     names.sort_unstable();
     let described = run(cluster, via, &["topic", "describe", "kept"])?;
-    Ok(names == ["born", "kept"] && described.contains(&format!("retention.ms={retention}")))
+    Ok(names == expected && described.contains(&format!("retention.ms={retention}")))
+}
+
+/// Alters `kept`'s `retention.ms` (from `retention` up) through `client` until the metadata
+/// logs in `data_dirs` all start at `past` or later; returns the last value set.
+async fn churn_until_purged(
+    client: &ketch_client::Client,
+    data_dirs: &[&std::path::Path],
+    past: i64,
+    mut retention: i64,
+) -> anyhow::Result<i64> {
+    let admin = client.admin();
+    let started = Instant::now();
+    let first = retention;
+    loop {
+        for _ in 0..10 {
+            retention += 1;
+            admin
+                .alter_topic_config("kept", vec![("retention.ms".into(), retention.to_string())])
+                .await?;
+        }
+        let starts = data_dirs
+            .iter()
+            .map(|dir| Ok(metadata_segment_bases(dir)?[0]))
+            .collect::<anyhow::Result<Vec<i64>>>()?;
+        if starts.iter().all(|&start| start >= past) {
+            println!(
+                "after {} config changes the metadata logs start at {starts:?} (past {past})",
+                retention - first
+            );
+            return Ok(retention);
+        }
+        ensure!(
+            started.elapsed() < PROPAGATION_MAX * 3,
+            "the metadata logs start at {starts:?} after {} config changes; not purged past \
+             {past}",
+            retention - first
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The metadata log does not grow for ever: past two segments it is purged through a
-/// snapshot of the state it built (topics, configs, modules, security). A broker restarted
-/// after a purge starts from its own snapshot, and a broker that was down while the others
-/// purged past everything it had installs the controller's snapshot: both then say what the
-/// others say — a topic deleted while it was down is gone, one created is there, the last
-/// config change holds, a module uploaded is listed — and serve. Before, the log was never purged (no snapshot file, its
-/// first segment at 0 for ever).
+/// snapshot of the state it built (topics, configs, modules, security), never past what the
+/// broker's own image applied.
+/// - A broker restarted after a purge starts from its own snapshot.
+/// - A broker that was down while the others purged past everything it had installs the
+///   leader's snapshot as it starts, and removes the replica of a topic deleted meanwhile.
+/// - A broker paused (SIGSTOP) while the others purged past it installs the snapshot while
+///   running, and then applies on — with the cluster idle.
+///
+/// Each then says what the others say: a topic deleted while it was away is gone, one
+/// created is there, the last config change holds, a module uploaded is listed; and it
+/// serves. Before, the log was never purged (its first segment at 0 for ever).
 #[test]
 fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_snapshot()
 -> anyhow::Result<()> {
@@ -379,13 +428,16 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
         1,
         &["filter", "deploy", "even", &even.to_string_lossy()],
     )?;
-    let node3_last_base = *metadata_segment_bases(&data_dirs[2])?
-        .last()
-        .with_context(|| format!("node 3 has no metadata log in {}", data_dirs[2].display()))?;
-    // Past node 3's last segment by more than a 4 KiB segment holds (batches of at least
-    // 61 bytes): node 3 can only catch up from a snapshot.
-    let purged_past_node3 = node3_last_base + 4096 / 61 + 1;
-    let last_retention = runtime.block_on(async {
+    // Past a node's last segment by more than a 4 KiB segment holds (batches of at least
+    // 61 bytes): that node can only catch up from a snapshot.
+    let past_the_end_of = |dir: &std::path::Path| -> anyhow::Result<i64> {
+        let last = *metadata_segment_bases(dir)?
+            .last()
+            .with_context(|| format!("no metadata log in {}", dir.display()))?;
+        Ok(last + 4096 / 61 + 1)
+    };
+    let past_node3 = past_the_end_of(&data_dirs[2])?;
+    let retention = runtime.block_on(async {
         let client = cluster.client().await?;
         let admin = client.admin();
         admin.delete_topic("doomed").await?;
@@ -397,40 +449,15 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
                 configs: vec![],
             })
             .await?;
-        let started = Instant::now();
-        let mut retention = 600_000;
-        loop {
-            for _ in 0..10 {
-                retention += 1;
-                admin
-                    .alter_topic_config(
-                        "kept",
-                        vec![("retention.ms".into(), retention.to_string())],
-                    )
-                    .await?;
-            }
-            let starts = [
-                metadata_segment_bases(&data_dirs[0])?[0],
-                metadata_segment_bases(&data_dirs[1])?[0],
-            ];
-            if starts.iter().all(|&start| start >= purged_past_node3) {
-                println!(
-                    "after {} config changes the metadata logs of nodes 1 and 2 start at \
-                     {starts:?}; node 3's last segment starts at {node3_last_base}",
-                    retention - 600_000
-                );
-                break;
-            }
-            ensure!(
-                started.elapsed() < PROPAGATION_MAX * 3,
-                "the metadata logs of nodes 1 and 2 start at {starts:?} after {} config \
-                 changes; not purged past {purged_past_node3}",
-                retention - 600_000
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        let retention = churn_until_purged(
+            &client,
+            &[&data_dirs[0], &data_dirs[1]],
+            past_node3,
+            600_000,
+        )
+        .await?;
         client.close();
-        anyhow::Ok(retention.to_string())
+        anyhow::Ok(retention)
     })?;
     for (id, dir) in [(1, &data_dirs[0]), (2, &data_dirs[1])] {
         ensure!(
@@ -441,13 +468,13 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
     // A restart starts from the broker's own snapshot.
     cluster.process.restart(1)?;
     eventually("node 1, restarted, says what it said", || {
-        says_born_and_kept(&cluster, 1, &last_retention)
+        says_topics(&cluster, 1, &["born", "kept"], retention)
     })?;
     // Node 3 was down through the purges: it installs the leader's snapshot.
     cluster.process.restart(3)?;
     eventually(
         "node 3, back after the purges, says what the others say",
-        || says_born_and_kept(&cluster, 3, &last_retention),
+        || says_topics(&cluster, 3, &["born", "kept"], retention),
     )?;
     eventually("node 3 lists the module uploaded while it was down", || {
         Ok(run(&cluster, 3, &["filter", "list"])?
@@ -457,8 +484,9 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
     let log = cluster.process.log(3);
     ensure!(
         log.contains("installed a snapshot")
-            && log.contains("the metadata log was purged past what this broker applied"),
-        "node 3 did not install the metadata snapshot:\n{}",
+            && log.contains("the metadata log was purged past what this broker applied")
+            && log.contains("removed partition replicas the cluster metadata does not place here"),
+        "node 3 did not install the metadata snapshot and remove the deleted topic's replica:\n{}",
         cluster.process.log_tails(30)
     );
     // And everything serves: a record produced to the topic born while node 3 was down is
@@ -485,5 +513,53 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
         ],
     )?;
     ensure!(read.contains("after-the-snapshot"), "read back: {read:?}");
+
+    // Node 2 pauses while the others purge past it; woken, it installs the snapshot while
+    // running, and catches up with nothing more happening in the cluster.
+    let past_node2 = past_the_end_of(&data_dirs[1])?;
+    cluster.process.pause(2)?;
+    let retention = runtime.block_on(async {
+        // A new partition whose first replica is node 2 is made by another after 2 s.
+        let client = ketch_client::Client::connect(ketch_client::ClientConfig {
+            bootstrap: [1, 3]
+                .iter()
+                .map(|&id| cluster.process.addr(id).to_string())
+                .collect(),
+            request_timeout: PROPAGATION_MAX,
+            ..cluster.client_config()
+        })
+        .await?;
+        let admin = client.admin();
+        admin.delete_topic("born").await?;
+        admin
+            .create_topic(ketch_client::NewTopic {
+                name: "late".into(),
+                partitions: 1,
+                replication_factor: 3,
+                configs: vec![],
+            })
+            .await?;
+        let retention = churn_until_purged(
+            &client,
+            &[&data_dirs[0], &data_dirs[2]],
+            past_node2,
+            retention,
+        )
+        .await?;
+        client.close();
+        anyhow::Ok(retention)
+    })?;
+    cluster.process.resume(2)?;
+    eventually(
+        "node 2, woken after the purges, says what the others say",
+        || says_topics(&cluster, 2, &["kept", "late"], retention),
+    )?;
+    let log = cluster.process.log(2);
+    ensure!(
+        log.contains("installed a snapshot")
+            && log.contains("the metadata log was purged past what this broker applied"),
+        "node 2 did not install the metadata snapshot while running:\n{}",
+        cluster.process.log_tails(30)
+    );
     Ok(())
 }

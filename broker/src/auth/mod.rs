@@ -485,6 +485,11 @@ impl Security {
         }
     }
 
+    /// Every ACL.
+    pub fn acls(&self) -> Vec<Acl> {
+        self.acl_table().rules().to_vec()
+    }
+
     /// Every token record of `principal`.
     pub fn tokens_of(&self, principal: &str) -> Vec<TokenRecord> {
         let tokens = self.tokens.read().expect("tokens lock");

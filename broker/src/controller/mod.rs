@@ -101,6 +101,10 @@ pub const REPLICA_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(8);
 pub const REPLICA_HEALTHY_RUN_MIN: Duration = Duration::from_secs(60);
 /// How long a replica restarted after a fatal error holds its own elections back.
 pub const RESTARTED_REPLICA_ELECTION_HOLD: Duration = Duration::from_secs(10);
+/// How long the apply loop waits before reading again after a read below the high watermark
+/// found nothing, and how many times in a row it does so.
+const EMPTY_READ_RETRY: Duration = Duration::from_millis(50);
+const EMPTY_READS_MAX: u32 = 100;
 /// The largest metadata read at once while applying.
 const APPLY_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Partitions of a cluster's `__consumer_offsets` (a group's offsets live in one of them).
@@ -719,10 +723,12 @@ impl<T: PeerTransport> Controller<T> {
     /// `PartitionReplica::apply_retention`), by its topic's settings (compaction is the log
     /// cleaner's: see the `CompactedLogs` implementation).
     pub async fn apply_retention(&self, now_ms: i64) {
-        // The metadata log keeps two segments' worth; what goes is in the snapshot.
+        // The metadata log keeps two segments' worth; what goes is in the snapshot. Never
+        // past what the image applied: a purge under it would make it install a snapshot.
+        let applied = *self.applied.borrow();
         if let Err(e) = self
             .metadata
-            .apply_retention(now_ms, None, Some(self.metadata_retained_bytes))
+            .apply_retention_below(now_ms, None, Some(self.metadata_retained_bytes), applied)
             .await
         {
             tracing::warn!(error = %e, "purging the metadata log failed");
@@ -866,11 +872,20 @@ impl<T: PeerTransport> Controller<T> {
     async fn apply_loop(self: Arc<Self>) {
         let mut high_watermark = self.metadata.watch_high_watermark();
         let mut next = 0i64;
+        // Reads that found nothing below the high watermark, in a row (see below).
+        let mut empty_reads = 0u32;
+        // Whether `remove_stale_replicas` ran.
+        let mut swept = false;
         loop {
             let high = *high_watermark.borrow_and_update();
             while next < high {
-                if next < self.metadata.log_start_offset() {
-                    // Purged: what the log held below its start is in the snapshot.
+                // What the log held below its start is in the snapshot; so is what a follower
+                // holds below a snapshot it just installed from its leader (its log is reset
+                // after the install: entries still there may be ones no leader committed).
+                let snapshot_end = self.metadata.snapshot_end();
+                if next < self.metadata.log_start_offset()
+                    || snapshot_end.is_some_and(|end| end > next)
+                {
                     match self.metadata_snapshot() {
                         Ok((end, state)) if end > next => {
                             tracing::info!(
@@ -908,8 +923,17 @@ impl<T: PeerTransport> Controller<T> {
                     }
                 };
                 if batches.is_empty() {
-                    break;
+                    // The high watermark is ahead of the log: a snapshot install moved it and
+                    // resets the log next. Look again shortly (a while: not for ever) rather
+                    // than wait for a commit that may not come on an idle cluster.
+                    empty_reads += 1;
+                    if empty_reads > EMPTY_READS_MAX {
+                        break;
+                    }
+                    tokio::time::sleep(EMPTY_READ_RETRY).await;
+                    continue;
                 }
+                empty_reads = 0;
                 for committed in batches {
                     let batch = match RecordBatch::new(committed.bytes) {
                         Ok(batch) => batch,
@@ -931,9 +955,54 @@ impl<T: PeerTransport> Controller<T> {
                 }
             }
             self.applied.send_replace(next);
+            if !swept && self.caught_up() {
+                swept = true;
+                self.remove_stale_replicas().await;
+            }
             if high_watermark.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Once after start-up, when the image has caught up with the metadata log: removes the
+    /// partition directories of replicas the image does not place here — deleted topics and
+    /// replicas moved away whose removal a crash cut short, or that a start from a snapshot
+    /// never saw closed. Every directory was made by a command applied by now, so one the
+    /// image does not place here is stale. Runs in the apply loop: no apply races it.
+    async fn remove_stale_replicas(&self) {
+        let mut placed = BTreeSet::new();
+        for topic in self.image().topics.values() {
+            for index in 0..topic.replicas.len() as u32 {
+                if topic.hosts(index).contains(&self.node_id) {
+                    placed.insert(format!("{}-{index}", TopicId(topic.id)));
+                }
+            }
+        }
+        let partitions = self.dir.join("partitions");
+        let removed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut removed = Vec::new();
+            for entry in std::fs::read_dir(&partitions)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !placed.contains(&name) && entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                    removed.push(name);
+                }
+            }
+            Ok(removed)
+        })
+        .await;
+        match removed {
+            Ok(Ok(removed)) if !removed.is_empty() => tracing::info!(
+                ?removed,
+                "removed partition replicas the cluster metadata does not place here"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not remove replicas the cluster metadata does not place here")
+            }
+            Err(e) => tracing::warn!(error = %e, "removing stale replicas panicked"),
         }
     }
 
@@ -954,8 +1023,44 @@ impl<T: PeerTransport> Controller<T> {
             &mut *self.image.write().unwrap_or_else(|e| e.into_inner()),
             state.image.clone(),
         );
+        if old.topics.is_empty() && old.filters.is_empty() {
+            // At start-up: modules a replay of the whole log would have deleted. (Partition
+            // directories are swept once the image is caught up: `remove_stale_replicas`.)
+            self.remove_modules_the_snapshot_lacks(&state).await;
+        }
         for effect in snapshot::snapshot_effects(&old, &state) {
             self.run_effect(effect).await;
+        }
+        if let Some(security) = &self.security {
+            let changes = state
+                .security
+                .changes_from(&security.acls(), &security.quotas().limits());
+            for change in changes {
+                self.run_effect(Effect::Security(change)).await;
+            }
+        }
+    }
+
+    /// At start-up from a snapshot: removes the modules the snapshot does not list as this
+    /// registry has them (deleted, or deleted and uploaded again), before the snapshot's are
+    /// installed. A module uploaded after the snapshot is installed again by its command.
+    async fn remove_modules_the_snapshot_lacks(&self, state: &snapshot::MetadataState) {
+        let Some(transforms) = &self.transforms else {
+            return;
+        };
+        for (name, _) in transforms.registry.list() {
+            let Ok((versions, _)) = transforms.registry.describe(&name) else {
+                continue;
+            };
+            let listed = state.image.filters.get(&name).is_some_and(|image| {
+                versions.len() <= image.len()
+                    && versions.iter().zip(image).all(|(local, image)| {
+                        local.version == image.version && local.digest == image.digest
+                    })
+            });
+            if !listed {
+                self.apply_wasm_effect(wasm::WasmEffect::Remove(name)).await;
+            }
         }
     }
 

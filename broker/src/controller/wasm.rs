@@ -38,6 +38,10 @@ const _: () = assert!(
         <= ketch_protocol::batch::BATCH_BYTES_MAX
 );
 
+/// The most module bytes (every version of every module) a cluster keeps: each is in the
+/// metadata snapshot, in memory on every broker, until its module is deleted.
+pub const CLUSTER_FILTER_MODULES_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
 /// One version of a module as the metadata log says.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FilterVersionImage {
@@ -241,6 +245,26 @@ impl<T: PeerTransport> Controller<T> {
         now_ms: i64,
     ) -> Result<VersionMeta, ClusterError> {
         self.check_filter_module_size(name, module.len())?;
+        if let Some(transforms) = &self.transforms {
+            let stored: u64 = transforms
+                .registry
+                .list()
+                .iter()
+                .filter_map(|(name, _)| transforms.registry.describe(name).ok())
+                .flat_map(|(versions, _)| versions)
+                .map(|v| v.module_bytes)
+                .sum();
+            if stored + module.len() as u64 > CLUSTER_FILTER_MODULES_BYTES_MAX {
+                return Err(ClusterError::new(
+                    ErrorCode::InvalidFilter,
+                    format!(
+                        "filter `{name}` refused: the cluster keeps {stored} bytes of modules \
+                         (every version), and at most {CLUSTER_FILTER_MODULES_BYTES_MAX}; \
+                         delete filters no longer used"
+                    ),
+                ));
+            }
+        }
         let digest = crate::transform::registry::digest_hex(module);
         let command = MetadataCommand::FilterUploaded {
             name: name.to_owned(),

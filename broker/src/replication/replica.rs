@@ -489,6 +489,11 @@ impl PartitionReplica {
         self.shared.kafka_offset(self.shared.first_offset())
     }
 
+    /// The Kafka offset after the current snapshot's last entry; `None` before the first.
+    pub fn snapshot_end(&self) -> Option<i64> {
+        self.applied.snapshot().map(|s| s.end.kafka_end)
+    }
+
     /// The current snapshot's hook state (the body its [`ApplyHook`] checkpointed) and the
     /// Kafka offset after its last entry, where the log continues; `None` before the first
     /// purge. For a hook whose owner keeps state of its own from the committed records (the
@@ -520,6 +525,20 @@ impl PartitionReplica {
         retention_ms: Option<i64>,
         retention_bytes: Option<u64>,
     ) -> Result<Option<u64>, ReplicationError> {
+        self.apply_retention_below(now_ms, retention_ms, retention_bytes, i64::MAX)
+            .await
+    }
+
+    /// [`Self::apply_retention`] that keeps every record at or past Kafka offset
+    /// `kafka_offset_min`: for a log whose owner reads it beside the state machine (the
+    /// metadata image), so the log is never purged past what the owner read.
+    pub async fn apply_retention_below(
+        &self,
+        now_ms: i64,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<u64>,
+        kafka_offset_min: i64,
+    ) -> Result<Option<u64>, ReplicationError> {
         if retention_ms.is_none() && retention_bytes.is_none() {
             return Ok(None);
         }
@@ -538,6 +557,11 @@ impl PartitionReplica {
             .shared
             .log()
             .retention_point(now_ms, retention_ms, retention_bytes);
+        let cut = if kafka_offset_min == i64::MAX {
+            cut
+        } else {
+            cut.min(self.shared.storage_offset(kafka_offset_min))
+        };
         let Some(applied) = self.applied.applied() else {
             return Ok(None);
         };

@@ -158,6 +158,13 @@ fn put_log_id(out: &mut Vec<u8>, id: Option<&LogId>) {
 
 /// Encodes a checkpoint (layout in the module documentation).
 pub fn encode_checkpoint(state: &AppliedState, body: &[u8]) -> Result<Vec<u8>, String> {
+    // What `decode_checkpoint` would refuse is never written (a purge would rely on it).
+    if body.len() > APPLIED_STATE_BYTES_MAX - 1024 {
+        return Err(format!(
+            "a state of {} bytes is over the checkpoint limit of {APPLIED_STATE_BYTES_MAX}",
+            body.len()
+        ));
+    }
     let mut out = Vec::with_capacity(64 + body.len());
     out.extend_from_slice(&APPLIED_STATE_MAGIC.to_be_bytes());
     put_log_id(&mut out, state.applied.as_ref());
