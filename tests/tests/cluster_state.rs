@@ -373,6 +373,43 @@ async fn churn_until_purged(
     }
 }
 
+/// While a broker is away, through the two `running` ones: deletes topic `delete`, creates
+/// `create` (RF=3), then changes `kept`'s config until the metadata logs in `data_dirs`
+/// start at `past` or later; returns the last `retention.ms` set.
+async fn change_while_away(
+    cluster: &TestCluster,
+    running: [NodeId; 2],
+    delete: &str,
+    create: &str,
+    data_dirs: [&std::path::Path; 2],
+    past: i64,
+    retention: i64,
+) -> anyhow::Result<i64> {
+    // A new partition whose first replica is away is made by another after 2 s.
+    let client = ketch_client::Client::connect(ketch_client::ClientConfig {
+        bootstrap: running
+            .iter()
+            .map(|&id| cluster.process.addr(id).to_string())
+            .collect(),
+        request_timeout: PROPAGATION_MAX,
+        ..cluster.client_config()
+    })
+    .await?;
+    let admin = client.admin();
+    admin.delete_topic(delete).await?;
+    admin
+        .create_topic(ketch_client::NewTopic {
+            name: create.into(),
+            partitions: 1,
+            replication_factor: 3,
+            configs: vec![],
+        })
+        .await?;
+    let retention = churn_until_purged(&client, &data_dirs, past, retention).await?;
+    client.close();
+    Ok(retention)
+}
+
 /// The metadata log does not grow for ever: past two segments it is purged through a
 /// snapshot of the state it built (topics, configs, modules, security), never past what the
 /// broker's own image applied.
@@ -437,28 +474,15 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
         Ok(last + 4096 / 61 + 1)
     };
     let past_node3 = past_the_end_of(&data_dirs[2])?;
-    let retention = runtime.block_on(async {
-        let client = cluster.client().await?;
-        let admin = client.admin();
-        admin.delete_topic("doomed").await?;
-        admin
-            .create_topic(ketch_client::NewTopic {
-                name: "born".into(),
-                partitions: 1,
-                replication_factor: 3,
-                configs: vec![],
-            })
-            .await?;
-        let retention = churn_until_purged(
-            &client,
-            &[&data_dirs[0], &data_dirs[1]],
-            past_node3,
-            600_000,
-        )
-        .await?;
-        client.close();
-        anyhow::Ok(retention)
-    })?;
+    let retention = runtime.block_on(change_while_away(
+        &cluster,
+        [1, 2],
+        "doomed",
+        "born",
+        [&data_dirs[0], &data_dirs[1]],
+        past_node3,
+        600_000,
+    ))?;
     for (id, dir) in [(1, &data_dirs[0]), (2, &data_dirs[1])] {
         ensure!(
             dir.join("cluster/metadata/snapshot.checkpoint").exists(),
@@ -518,37 +542,15 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
     // running, and catches up with nothing more happening in the cluster.
     let past_node2 = past_the_end_of(&data_dirs[1])?;
     cluster.process.pause(2)?;
-    let retention = runtime.block_on(async {
-        // A new partition whose first replica is node 2 is made by another after 2 s.
-        let client = ketch_client::Client::connect(ketch_client::ClientConfig {
-            bootstrap: [1, 3]
-                .iter()
-                .map(|&id| cluster.process.addr(id).to_string())
-                .collect(),
-            request_timeout: PROPAGATION_MAX,
-            ..cluster.client_config()
-        })
-        .await?;
-        let admin = client.admin();
-        admin.delete_topic("born").await?;
-        admin
-            .create_topic(ketch_client::NewTopic {
-                name: "late".into(),
-                partitions: 1,
-                replication_factor: 3,
-                configs: vec![],
-            })
-            .await?;
-        let retention = churn_until_purged(
-            &client,
-            &[&data_dirs[0], &data_dirs[2]],
-            past_node2,
-            retention,
-        )
-        .await?;
-        client.close();
-        anyhow::Ok(retention)
-    })?;
+    let retention = runtime.block_on(change_while_away(
+        &cluster,
+        [1, 3],
+        "born",
+        "late",
+        [&data_dirs[0], &data_dirs[2]],
+        past_node2,
+        retention,
+    ))?;
     cluster.process.resume(2)?;
     eventually(
         "node 2, woken after the purges, says what the others say",

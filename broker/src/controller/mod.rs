@@ -1748,19 +1748,7 @@ impl<T: PeerTransport> Controller<T> {
                 format!("{topic} has no partition {partition}"),
             )
         })?;
-        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
-        if target.is_empty() || wanted.len() != target.len() {
-            return Err(invalid(format!(
-                "replicas {target:?}: give one or more distinct brokers"
-            )));
-        }
-        let brokers = self.brokers();
-        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
-            return Err(invalid(format!(
-                "broker {unknown} is not a member of the cluster (brokers {:?})",
-                brokers.keys().collect::<Vec<_>>()
-            )));
-        }
+        let wanted = self.reassignment_target("replicas", target)?;
         let hosted = self
             .partition(topic, partition)
             .ok_or_else(|| self.not_hosted(topic, partition).error)?;
@@ -1834,19 +1822,7 @@ impl<T: PeerTransport> Controller<T> {
                 format!("{METADATA_GROUP} has only partition 0"),
             ));
         }
-        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
-        if target.is_empty() || wanted.len() != target.len() {
-            return Err(invalid(format!(
-                "voters {target:?}: give one or more distinct brokers"
-            )));
-        }
-        let brokers = self.brokers();
-        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
-            return Err(invalid(format!(
-                "broker {unknown} is not a member of the cluster (brokers {:?})",
-                brokers.keys().collect::<Vec<_>>()
-            )));
-        }
+        let wanted = self.reassignment_target("voters", target)?;
         if !self.metadata.is_leader() {
             return Err(self.not_hosted_here(METADATA_GROUP, 0, self.metadata.leader()));
         }
@@ -1876,6 +1852,30 @@ impl<T: PeerTransport> Controller<T> {
             })?;
         tracing::info!(voters = ?target, "the metadata log's voters changed");
         Ok(target.to_vec())
+    }
+
+    /// `target` as a set, if it names one or more distinct brokers of the cluster (`what` it
+    /// is names it in the error).
+    fn reassignment_target(
+        &self,
+        what: &str,
+        target: &[NodeId],
+    ) -> Result<BTreeSet<NodeId>, ClusterError> {
+        let invalid = |m: String| ClusterError::new(ErrorCode::InvalidReplicaAssignment, m);
+        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
+        if target.is_empty() || wanted.len() != target.len() {
+            return Err(invalid(format!(
+                "{what} {target:?}: give one or more distinct brokers"
+            )));
+        }
+        let brokers = self.brokers();
+        if let Some(unknown) = target.iter().find(|n| !brokers.contains_key(n)) {
+            return Err(invalid(format!(
+                "broker {unknown} is not a member of the cluster (brokers {:?})",
+                brokers.keys().collect::<Vec<_>>()
+            )));
+        }
+        Ok(wanted)
     }
 
     /// The metadata log's voters (the controller quorum) as this broker knows them.
