@@ -1475,12 +1475,24 @@ async fn the_metadata_voters_change_so_the_cluster_outlives_its_initial_quorum()
     ensure!(!ok && err.contains("invalid_replica_assignment"), "{err}");
     let (ok, _, err) = reassign(&cluster, 1, METADATA, &new.to_string())?;
     ensure!(!ok && err.contains("keep none"), "{err}");
+    let (_, voters) = described(&cluster, new, METADATA, 0)?;
+    ensure!(
+        voters == "1,2,3",
+        "the initial quorum is described as {voters}"
+    );
     // Asked through any broker: the client finds the controller (and, if the controller
     // leaves the quorum, the one it hands over to).
     let target = format!("2,3,{new}");
     let (ok, out, err) = reassign(&cluster, new, METADATA, &target)?;
     ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
     ensure!(out.contains(&format!("replicas {target}")), "{out}");
+    // `topic describe __cluster_metadata`: the controller and the quorum.
+    let (controller, voters) = described(&cluster, 1, METADATA, 0)?;
+    ensure!(voters == target, "the quorum is described as {voters}");
+    ensure!(
+        controller.is_some_and(|c| c != 1),
+        "controller {controller:?}: node 1 left the quorum"
+    );
     // Node 1 still gets the metadata as a learner: a topic created now reaches it.
     cluster.create_topic(3, "after-the-change", 1, 3)?;
     let started = Instant::now();

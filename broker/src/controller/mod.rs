@@ -116,6 +116,21 @@ pub const OFFSETS_REPLICATION_FACTOR_MAX: usize = 3;
 /// Producer ids: the node id goes above this many bits of locally allocated id.
 pub const PRODUCER_ID_LOCAL_BITS: u32 = 40;
 
+/// The metadata log as `ketch topic describe __cluster_metadata` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataDescription {
+    /// The controller, as this broker knows it, and its epoch (term).
+    pub leader: Option<NodeId>,
+    pub epoch: u64,
+    /// The controller quorum.
+    pub voters: Vec<NodeId>,
+    /// The voters in sync with the controller; empty unless this broker is the controller.
+    pub in_sync_voters: Vec<NodeId>,
+    /// Where the log starts (past it: purged through a snapshot) and the commit point.
+    pub log_start_offset: i64,
+    pub high_watermark: i64,
+}
+
 /// A change of cluster metadata: one record of the metadata log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -1878,9 +1893,21 @@ impl<T: PeerTransport> Controller<T> {
         Ok(wanted)
     }
 
-    /// The metadata log's voters (the controller quorum) as this broker knows them.
-    pub fn metadata_voters(&self) -> BTreeSet<NodeId> {
-        self.metadata.voters()
+    /// `__cluster_metadata` described as a topic of one partition: see
+    /// [`MetadataDescription`].
+    pub fn describe_metadata(&self) -> MetadataDescription {
+        let (leader, epoch) = self.metadata.leader();
+        MetadataDescription {
+            leader,
+            epoch,
+            voters: self.metadata.voters().into_iter().collect(),
+            in_sync_voters: self
+                .metadata
+                .in_sync_replicas(partition::IN_SYNC_LAG_TIME_MAX)
+                .unwrap_or_default(),
+            log_start_offset: self.metadata.log_start_offset(),
+            high_watermark: self.metadata.high_watermark(),
+        }
     }
 
     pub async fn add_broker(

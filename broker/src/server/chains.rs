@@ -221,6 +221,8 @@ pub(super) fn describe(
     };
     let spec = match &state.cluster_node {
         // Replicated topics: the chain the metadata log holds.
+        // The metadata log takes no produce, and has no chain.
+        Some(_) if request.topic == crate::controller::METADATA_GROUP => None,
         Some(node) => {
             let topic = node.controller.topic(&request.topic).ok_or_else(unknown)?;
             node.controller

@@ -521,6 +521,26 @@ pub(super) fn list_topics(state: &State) -> ListTopicsResponse {
 const DESCRIBE_HIGH_WATERMARK_TIMEOUT: Duration = Duration::from_millis(300);
 
 async fn describe_topic(state: &State, name: &str) -> Result<DescribeTopicResponse, ClusterError> {
+    if let Some(node) = &state.cluster_node
+        && name == crate::controller::METADATA_GROUP
+    {
+        // The metadata log itself: its leader is the controller, its replicas the quorum.
+        let described = node.controller.describe_metadata();
+        return Ok(DescribeTopicResponse {
+            name: name.to_owned(),
+            partitions: vec![PartitionMetadata {
+                partition: 0,
+                error: ErrorCode::None,
+                leader: described.leader.map_or(NO_LEADER, |l| l as u32),
+                leader_epoch: described.epoch as i32,
+                replicas: described.voters.iter().map(|v| *v as u32).collect(),
+                log_start_offset: described.log_start_offset,
+                high_watermark: described.high_watermark,
+            }],
+            in_sync_replicas: vec![described.in_sync_voters.iter().map(|v| *v as u32).collect()],
+            configs: Vec::new(),
+        });
+    }
     if let Some(node) = &state.cluster_node {
         let topic = node.controller.topic(name).ok_or_else(|| {
             ClusterError::new(ErrorCode::UnknownTopic, format!("unknown topic {name:?}"))
