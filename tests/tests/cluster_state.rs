@@ -509,7 +509,9 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
     ensure!(
         log.contains("installed a snapshot")
             && log.contains("the metadata log was purged past what this broker applied")
-            && log.contains("removed partition replicas the cluster metadata does not place here"),
+            && log.contains(
+                "removed partition replicas of topics the cluster metadata does not know"
+            ),
         "node 3 did not install the metadata snapshot and remove the deleted topic's replica:\n{}",
         cluster.process.log_tails(30)
     );

@@ -928,6 +928,11 @@ impl<T: PeerTransport> Controller<T> {
                     continue;
                 }
                 let batches = match self.metadata.read_committed(next, APPLY_READ_BYTES_MAX) {
+                    // A snapshot installed while reading: what was read may be entries the
+                    // reset is about to drop. The snapshot comes first.
+                    Ok(_) if self.metadata.snapshot_end().is_some_and(|end| end > next) => {
+                        continue;
+                    }
                     Ok(batches) => batches,
                     // Purged meanwhile (a snapshot installed from the leader): see above.
                     Err(_) if next < self.metadata.log_start_offset() => continue,
@@ -943,6 +948,7 @@ impl<T: PeerTransport> Controller<T> {
                     // than wait for a commit that may not come on an idle cluster.
                     empty_reads += 1;
                     if empty_reads > EMPTY_READS_MAX {
+                        empty_reads = 0;
                         break;
                     }
                     tokio::time::sleep(EMPTY_READ_RETRY).await;
@@ -981,41 +987,68 @@ impl<T: PeerTransport> Controller<T> {
     }
 
     /// Once after start-up, when the image has caught up with the metadata log: removes the
-    /// partition directories of replicas the image does not place here — deleted topics and
-    /// replicas moved away whose removal a crash cut short, or that a start from a snapshot
-    /// never saw closed. Every directory was made by a command applied by now, so one the
-    /// image does not place here is stale. Runs in the apply loop: no apply races it.
+    /// partition directories of topics the image does not know — deleted topics whose
+    /// removal a crash cut short, or that a start from a snapshot never saw deleted (a topic
+    /// id is never reused). Directories of known topics are left alone, placed here or not:
+    /// a replica a reassignment left out may still be a voter of its group (a reassignment
+    /// cut short), and only its group's membership can say. Never on a broker whose metadata
+    /// log was empty at start (new, or its metadata lost): its image knows nothing yet.
+    /// Runs in the apply loop: no apply races it.
     async fn remove_stale_replicas(&self) {
-        let mut placed = BTreeSet::new();
-        for topic in self.image().topics.values() {
-            for index in 0..topic.replicas.len() as u32 {
-                if topic.hosts(index).contains(&self.node_id) {
-                    placed.insert(format!("{}-{index}", TopicId(topic.id)));
-                }
-            }
+        if self.metadata_end_at_open == 0 {
+            return;
         }
+        let known: BTreeSet<String> = self
+            .image()
+            .topics
+            .values()
+            .map(|topic| TopicId(topic.id).to_string())
+            .collect();
         let partitions = self.dir.join("partitions");
-        let removed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+        let swept = tokio::task::spawn_blocking(move || {
             let mut removed = Vec::new();
-            for entry in std::fs::read_dir(&partitions)? {
-                let entry = entry?;
+            let mut failed = Vec::new();
+            let entries = match std::fs::read_dir(&partitions) {
+                Ok(entries) => entries,
+                Err(e) => return (removed, vec![format!("{}: {e}", partitions.display())]),
+            };
+            for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !placed.contains(&name) && entry.file_type()?.is_dir() {
-                    std::fs::remove_dir_all(entry.path())?;
-                    removed.push(name);
+                // `<topic id>-<partition>`; anything else is not ours to remove.
+                let Some((topic_id, index)) = name.rsplit_once('-') else {
+                    continue;
+                };
+                let ours = topic_id.len() == 16
+                    && topic_id.bytes().all(|b| b.is_ascii_hexdigit())
+                    && index.parse::<u32>().is_ok()
+                    && entry.file_type().is_ok_and(|t| t.is_dir());
+                if !ours || known.contains(topic_id) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed.push(name),
+                    // Gone meanwhile (a deleted topic's replica closing): fine.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => failed.push(format!("{name}: {e}")),
                 }
             }
-            Ok(removed)
+            (removed, failed)
         })
         .await;
-        match removed {
-            Ok(Ok(removed)) if !removed.is_empty() => tracing::info!(
-                ?removed,
-                "removed partition replicas the cluster metadata does not place here"
-            ),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not remove replicas the cluster metadata does not place here")
+        match swept {
+            Ok((removed, failed)) => {
+                if !removed.is_empty() {
+                    tracing::info!(
+                        ?removed,
+                        "removed partition replicas of topics the cluster metadata does not know"
+                    );
+                }
+                if !failed.is_empty() {
+                    tracing::warn!(
+                        ?failed,
+                        "could not remove replicas of topics the cluster metadata does not know"
+                    );
+                }
             }
             Err(e) => tracing::warn!(error = %e, "removing stale replicas panicked"),
         }

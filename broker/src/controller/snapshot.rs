@@ -5,9 +5,13 @@
 //! module from the snapshot, as it would have from the command) and the security state
 //! ([`SecurityState`]: tokens, ACLs, quotas, the producer ids issued last), built as
 //! `auth::Security::apply` builds a broker's. A broker installing it is brought to that
-//! state in changes that never grant, even for a moment, what the state does not (ACLs
-//! removed and added in one change; revocations stick) — a replay of the history would
-//! re-grant an ACL between its add and its later remove. [`MetadataHook`] is the metadata replica's [`ApplyHook`]: it applies every
+//! state in changes that never grant, on the way, what the state does not (ACLs removed and
+//! added in one change; revocations stick) — a replay of the history would re-grant an ACL
+//! between its add and its later remove. (A broker restarting from a snapshot older than
+//! what it applied before is taken back to the snapshot's state and then forward through
+//! the log after it, as a restart without snapshots replays the whole log: an ACL removed
+//! in between holds again until its removal is applied.) [`MetadataHook`] is the metadata
+//! replica's [`ApplyHook`]: it applies every
 //! committed command to a `MetadataState` on every replica, so the replication layer's
 //! checkpoints and snapshots carry it (JSON) and a purge of the log through a snapshot loses
 //! nothing (see `replication::state_machine`).
@@ -22,8 +26,8 @@
 //! snapshot's and names what to close, open, reconcile, install and remove — at start-up,
 //! with an empty image, that is everything a replay of the whole log would do; the
 //! security changes come from [`SecurityState::changes_from`] against the broker's live
-//! security. Partition directories a start from a snapshot never saw closed are swept once
-//! the image has caught up (`Controller::remove_stale_replicas`).
+//! security. Partition directories of topics a start from a snapshot never saw deleted are
+//! swept once the image has caught up (`Controller::remove_stale_replicas`).
 //!
 //! **Cost.** The state is in memory twice on every broker (the hook's and the image), with
 //! every module version's base64 in the hook's: bounded by

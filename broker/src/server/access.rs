@@ -131,6 +131,10 @@ pub(super) fn needs(request: &Request) -> Vec<Need> {
             .collect(),
         Request::CreateTopic(r) => vec![need(Create, Topic, &r.name)],
         Request::DeleteTopic(r) => vec![need(Delete, Topic, &r.name)],
+        // The metadata log's description is the controller quorum's: cluster information.
+        Request::DescribeTopic(r) if r.name == crate::controller::METADATA_GROUP => {
+            vec![need(Describe, Cluster, "")]
+        }
         Request::DescribeTopic(r) => vec![need(Describe, Topic, &r.name)],
         Request::AlterTopicConfig(r) => vec![need(Alter, Topic, &r.name)],
         Request::Produce(r) => r
