@@ -8,7 +8,7 @@
 //! the client stops it (or the script resets or ends it).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1116,11 +1116,21 @@ fn ten_then_out_of_range(offset: i64) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
     let _serial = SERIAL.lock().await;
-    let broker = start(|request, seen| match request {
+    // The log starts at 0, and at 100 once retention ran: when the stream below 100 was
+    // refused. (Keyed on the second ListOffsets before, a second lookup before the first
+    // stream — seen once in CI — moved the start early and left the test waiting for
+    // records that never came; now such a lookup fails the count below instead.)
+    let retention_ran = Arc::new(AtomicBool::new(false));
+    let ran = retention_ran.clone();
+    let broker = start(move |request, _| match request {
         Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
-        // The log starts at 0, and at 100 once retention ran.
-        Request::ListOffsets(r) => Reply::Frame(listed(r, if seen == 0 { 0 } else { 100 })),
-        Request::Subscribe(s) if s.offset < 100 => ten_then_out_of_range(s.offset),
+        Request::ListOffsets(r) => {
+            Reply::Frame(listed(r, if ran.load(Ordering::SeqCst) { 100 } else { 0 }))
+        }
+        Request::Subscribe(s) if s.offset < 100 => {
+            ran.store(true, Ordering::SeqCst);
+            ten_then_out_of_range(s.offset)
+        }
         Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
         _ => not_scripted(),
     });
@@ -1131,10 +1141,30 @@ async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
         .unwrap();
     let mut expected = offsets_from(0, 10);
     expected.extend(offsets_from(100, 20));
-    assert_eq!(recv_offsets(&consumer, 30).await, expected);
+    // Shorter than `recv_offsets`'s own bound, so that a stall says what the broker saw.
+    let received = tokio::time::timeout(WAIT_MAX / 2, recv_offsets(&consumer, 30))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "30 records not received within {:?}; subscribes at {:?}, {} lookups",
+                WAIT_MAX / 2,
+                broker
+                    .subscribes()
+                    .iter()
+                    .map(|s| s.offset)
+                    .collect::<Vec<_>>(),
+                broker.count(ApiKey::ListOffsets)
+            )
+        });
+    assert_eq!(received, expected);
     let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
     assert_eq!(offsets, [0, 100]);
-    assert_eq!(broker.count(ApiKey::ListOffsets), 2);
+    assert!(retention_ran.load(Ordering::SeqCst));
+    assert_eq!(
+        broker.count(ApiKey::ListOffsets),
+        2,
+        "one lookup at the start and one after the refusal"
+    );
     within(consumer.close()).await.unwrap();
 }
 
