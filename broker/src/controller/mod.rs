@@ -1845,14 +1845,10 @@ impl<T: PeerTransport> Controller<T> {
         Ok(target.to_vec())
     }
 
-    /// Registers broker `node` at `addr`, started after the cluster (`ketch serve --node-id
-    /// N` with the existing `--peers`), on the controller: `BrokerAdded` is committed (every
-    /// broker learns its address, placement and `reassign` may use it) and the broker joins
-    /// the metadata group as a learner and catches up (bounded), so it answers Metadata.
-    /// Asking again is harmless.
     /// `reassign __cluster_metadata 0 VOTERS`: makes `target` the metadata log's voters
     /// (the controller quorum), as KRaft's dynamic quorum does (KIP-853) — so a voter gone
-    /// for good can be replaced by an added broker, and a quorum can grow or shrink. New
+    /// for good can be replaced by an added broker while a majority of the old voters is up,
+    /// and a quorum can grow or shrink. New
     /// voters catch up as learners first; brokers left out stay learners (every broker
     /// applies the metadata). The change is in the metadata log's own membership, so it
     /// survives restarts; `--peers` stays the brokers' addresses and the first membership.
@@ -1943,6 +1939,11 @@ impl<T: PeerTransport> Controller<T> {
         }
     }
 
+    /// Registers broker `node` at `addr`, started after the cluster (`ketch serve --node-id
+    /// N` with the existing `--peers`), on the controller: `BrokerAdded` is committed (every
+    /// broker learns its address, placement and `reassign` may use it) and the broker joins
+    /// the metadata group as a learner and catches up (bounded), so it answers Metadata.
+    /// Asking again is harmless.
     pub async fn add_broker(
         &self,
         node: NodeId,
