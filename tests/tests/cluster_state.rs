@@ -542,8 +542,9 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
 
     // Node 2 pauses while the others purge past it; woken, it installs the snapshot while
     // running, and catches up with nothing more happening in the cluster.
-    let past_node2 = past_the_end_of(&data_dirs[1])?;
+    // Paused first: a running node 2 could still append and roll after the measure.
     cluster.process.pause(2)?;
+    let past_node2 = past_the_end_of(&data_dirs[1])?;
     let retention = runtime.block_on(change_while_away(
         &cluster,
         [1, 3],
