@@ -1168,6 +1168,79 @@ async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
     within(consumer.close()).await.unwrap();
 }
 
+/// The reset above, with the records fetched before it still queued when it moves the
+/// position forward: they are delivered first. (The consumer used to set the position at the
+/// lookup, which dropped them: the test above lost records 0-9 when `recv` fell behind.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_forward_delivers_the_records_queued_before_it() {
+    let _serial = SERIAL.lock().await;
+    let retention_ran = Arc::new(AtomicBool::new(false));
+    let ran = retention_ran.clone();
+    let broker = start(move |request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => {
+            Reply::Frame(listed(r, if ran.load(Ordering::SeqCst) { 100 } else { 0 }))
+        }
+        Request::Subscribe(s) if s.offset < 100 => {
+            ran.store(true, Ordering::SeqCst);
+            ten_then_out_of_range(s.offset)
+        }
+        Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    // Nothing is read until the consumer has reset and streams from the new start.
+    wait_for("the stream from the new log start", || {
+        broker.subscribes().iter().any(|s| s.offset == 100)
+    })
+    .await;
+    assert_eq!(consumer.position(&partition), Some(0));
+    let mut expected = offsets_from(0, 10);
+    expected.extend(offsets_from(100, 20));
+    assert_eq!(recv_offsets(&consumer, 30).await, expected);
+    assert_eq!(consumer.position(&partition), Some(120));
+    within(consumer.close()).await.unwrap();
+}
+
+/// A reset that moves back (the log was truncated below what was fetched, so the reset to
+/// the earliest offset reads records already seen again): the records queued before it are
+/// delivered, then every record from where it moved. (The consumer used to set the position
+/// at the lookup, which then dropped the records it read again below the queued ones.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_back_delivers_the_queued_records_then_reads_again_from_where_it_moved() {
+    let _serial = SERIAL.lock().await;
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let broker = start(move |request, _| match request {
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::ListOffsets(r) => Reply::Frame(listed(r, 0)),
+        Request::Subscribe(s) if !subscribed.swap(true, Ordering::SeqCst) => {
+            ten_then_out_of_range(s.offset)
+        }
+        Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let partition = TopicPartition::new("t", 0);
+    let consumer = client
+        .assign(earliest(), std::slice::from_ref(&partition))
+        .unwrap();
+    wait_for("the second stream from offset 0", || {
+        broker.subscribes().len() == 2
+    })
+    .await;
+    let mut expected = offsets_from(0, 10);
+    expected.extend(offsets_from(0, 20));
+    assert_eq!(recv_offsets(&consumer, 30).await, expected);
+    assert_eq!(consumer.position(&partition), Some(20));
+    let offsets: Vec<i64> = broker.subscribes().iter().map(|s| s.offset).collect();
+    assert_eq!(offsets, [0, 0]);
+    within(consumer.close()).await.unwrap();
+}
+
 /// With `AutoOffsetReset::Error`, the same out-of-range push pauses the partition and
 /// reports the error once; a seek resumes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

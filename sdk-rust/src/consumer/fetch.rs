@@ -760,6 +760,7 @@ pub(super) async fn handle_fetched(
             epoch,
             records: records.into_iter(),
             error: None,
+            reposition: None,
         };
         send(sender, Ok(chunk)).await?;
     }
@@ -783,6 +784,7 @@ pub(super) async fn send_partition_error(
         epoch,
         records: Vec::new().into_iter(),
         error: Some(error),
+        reposition: None,
     };
     send(sender, Ok(chunk)).await
 }
@@ -943,29 +945,72 @@ pub(super) async fn resolve_positions(
             stragglers_until
                 .get_or_insert_with(|| tokio::time::Instant::now() + LOOKUP_STRAGGLERS_WAIT);
         }
-        let mut state = shared.state.lock().expect("consumer state lock");
-        for (index, offset) in answered {
-            let (partition, epoch, _) = &lookups[index];
-            let offset = match offset {
-                Ok(offset) => offset,
-                Err(error) => {
-                    // Kept: one that says the metadata is stale, so the fetcher refreshes it.
-                    if failed
-                        .as_ref()
-                        .is_none_or(|kept: &Error| !kept.invalidates_metadata())
-                    {
-                        failed = Some(error);
+        let mut resets = Vec::new();
+        {
+            let mut state = shared.state.lock().expect("consumer state lock");
+            for (index, offset) in answered {
+                let (partition, epoch, _) = &lookups[index];
+                let offset = match offset {
+                    Ok(offset) => offset,
+                    Err(error) => {
+                        // Kept: one that says the metadata is stale, so the fetcher refreshes
+                        // it.
+                        if failed
+                            .as_ref()
+                            .is_none_or(|kept: &Error| !kept.invalidates_metadata())
+                        {
+                            failed = Some(error);
+                        }
+                        continue;
                     }
-                    continue;
+                };
+                if let Some(s) = state.partitions.get_mut(partition)
+                    && s.epoch == *epoch
+                {
+                    if s.position.is_some() {
+                        resets.push((partition, *epoch, offset));
+                    } else {
+                        s.fetch = FetchPosition::At(offset);
+                        s.position = Some(offset);
+                    }
                 }
-            };
-            if let Some(s) = state.partitions.get_mut(partition)
-                && s.epoch == *epoch
-            {
-                s.fetch = FetchPosition::At(offset);
-                s.position = Some(offset);
             }
+        }
+        for (partition, epoch, offset) in resets {
+            reset_to(shared, sender, partition, epoch, offset).await?;
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Streams `partition` from `offset` after an auto-offset-reset at `epoch` (an error, not a
+/// seek, moved it: a seek starts a new epoch with no position). Records fetched before the
+/// error may still be queued under this epoch, so the position is moved by a chunk queued
+/// behind them: they are delivered first. Setting it here instead dropped them when the
+/// reset moved forward (a log start that retention moved past them) and dropped the new
+/// records when it moved back (a log truncated below them). The chunk is queued before the
+/// partition streams again, so nothing fetched from `offset` can overtake it.
+async fn reset_to(
+    shared: &Shared,
+    sender: &mpsc::Sender<Result<Chunk>>,
+    partition: &TopicPartition,
+    epoch: u64,
+    offset: i64,
+) -> Result<()> {
+    let chunk = Chunk {
+        partition: partition.clone(),
+        epoch,
+        records: Vec::new().into_iter(),
+        error: None,
+        reposition: Some(offset),
+    };
+    send(sender, Ok(chunk)).await?;
+    let mut state = shared.state.lock().expect("consumer state lock");
+    if let Some(s) = state.partitions.get_mut(partition)
+        && s.epoch == epoch
+        && matches!(s.fetch, FetchPosition::Lookup(_))
+    {
+        s.fetch = FetchPosition::At(offset);
+    }
+    Ok(())
 }

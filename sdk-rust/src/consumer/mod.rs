@@ -264,12 +264,17 @@ enum FetchPosition {
 /// and then an error of that partition met under the same epoch, if any: like the records,
 /// it is reported only while the partition is still at that epoch (a `seek` since, as right
 /// after `assign`, replaced the position it was about).
+///
+/// A chunk may instead move the position (`reposition`): an auto-offset-reset after an
+/// error sends one, so that records fetched before the reset and still queued are
+/// delivered first, and the position moves only once they are (see `resolve_positions`).
 #[derive(Debug)]
 struct Chunk {
     partition: TopicPartition,
     epoch: u64,
     records: std::vec::IntoIter<ConsumerRecord>,
     error: Option<Error>,
+    reposition: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -302,16 +307,22 @@ impl State {
         );
     }
 
+    /// Applies what a chunk carries after its records: moves the position if it says so and
+    /// returns its error, both only while the partition is still at the chunk's epoch.
+    fn finish_chunk(&mut self, chunk: &mut Chunk) -> Option<Error> {
+        let state = self
+            .partitions
+            .get_mut(&chunk.partition)
+            .filter(|state| state.epoch == chunk.epoch)?;
+        if let Some(offset) = chunk.reposition.take() {
+            state.position = Some(offset);
+        }
+        chunk.error.take()
+    }
+
     /// Accepts a record for delivery if its partition is still assigned under the same epoch
     /// and it is not below the position (nor before the time of a seek by time), advancing
     /// the position past it.
-    /// Whether `partition` is still at `epoch` (its errors from then are still news).
-    fn is_current(&self, partition: &TopicPartition, epoch: u64) -> bool {
-        self.partitions
-            .get(partition)
-            .is_some_and(|state| state.epoch == epoch)
-    }
-
     fn accept(&mut self, partition: &TopicPartition, epoch: u64, record: &ConsumerRecord) -> bool {
         let Some(state) = self.partitions.get_mut(partition) else {
             return false;
@@ -494,10 +505,7 @@ impl Consumer {
                         return Ok(record);
                     }
                 }
-                let error = chunk
-                    .error
-                    .take()
-                    .filter(|_| state.is_current(&chunk.partition, chunk.epoch));
+                let error = state.finish_chunk(chunk);
                 drop(state);
                 inbox.current = None;
                 if let Some(error) = error {
@@ -563,10 +571,7 @@ impl Consumer {
                 if records.len() == max_records {
                     break;
                 }
-                let error = chunk
-                    .error
-                    .take()
-                    .filter(|_| state.is_current(&chunk.partition, chunk.epoch));
+                let error = state.finish_chunk(chunk);
                 drop(state);
                 inbox.current = None;
                 if let Some(error) = error {
