@@ -83,10 +83,15 @@ async fn one(
         .create_topic(ketch_client::NewTopic::new("many", count))
         .await
         .context("creating the topic")?;
+    // The create answers once every partition has a leader, or after a bound
+    // (`CREATE_LEADERS_WAIT_MAX`): the figure counts until they all have one, so that the
+    // produce below never measures partitions still being created.
+    wait_for_leaders(&admin, "many").await?;
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
     admin
         .create_topic(ketch_client::NewTopic::new("four", 4))
         .await?;
+    wait_for_leaders(&admin, "four").await?;
     let value = Bytes::from(vec![0x5a; options.record_bytes]);
     let records = options.records.max(u64::from(count));
     if options.produce_only {
@@ -144,6 +149,31 @@ async fn one(
         consume_records_per_sec,
         idle_cpu_percent,
     })
+}
+
+/// Bound of the wait for a new topic's partitions to have leaders.
+const LEADERS_WAIT_MAX: Duration = Duration::from_secs(120);
+
+/// Waits until every partition of `topic` has a leader; fails after [`LEADERS_WAIT_MAX`].
+async fn wait_for_leaders(admin: &ketch_client::Admin, topic: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let described = admin.describe_topic(topic).await?;
+        let led = described
+            .partitions
+            .iter()
+            .filter(|p| p.leader.is_some())
+            .count();
+        if led == described.partitions.len() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < LEADERS_WAIT_MAX,
+            "{led} of {} partitions of {topic} have a leader after {LEADERS_WAIT_MAX:?}",
+            described.partitions.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// CPU the process uses over `window`, percent of one core.
