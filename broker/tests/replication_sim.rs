@@ -996,3 +996,70 @@ async fn offset_for_timestamp_finds_committed_data_batches_on_every_replica() {
     }
     cluster.stop_all().await;
 }
+
+/// A change of voters cut short leaves its new member as a learner; a change to another set
+/// that replaces it removes that learner too (left in, the leader would replicate to it for
+/// ever), and a voter left out goes even while it is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_change_replacing_one_cut_short_removes_its_learners() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 7, Faults::default()).await;
+    let leader_id = cluster.wait_for_leader(None).await;
+    let acked = vec![
+        cluster
+            .write(&["before".to_owned()])
+            .await
+            .expect("written"),
+    ];
+    let others: Vec<NodeId> = (1..=3).filter(|n| *n != leader_id).collect();
+    let (kept, dropped) = (others[0], others[1]);
+    cluster.crash(dropped).await;
+    let membership = |cluster: &Cluster| {
+        let replica = cluster.replica(leader_id);
+        let metrics = replica.raft().metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        (
+            membership.voter_ids().collect::<BTreeSet<NodeId>>(),
+            membership.learner_ids().collect::<BTreeSet<NodeId>>(),
+        )
+    };
+    // Node 4 never starts: it is added as a learner and never catches up.
+    let leader = cluster.replica(leader_id);
+    let cut = leader
+        .change_voters(
+            BTreeSet::from([leader_id, kept, 4]),
+            0,
+            Duration::from_secs(2),
+            false,
+        )
+        .await;
+    assert!(
+        matches!(cut, Err(ReplicationError::MembershipIncomplete(_))),
+        "{cut:?}"
+    );
+    assert_eq!(
+        membership(&cluster),
+        (BTreeSet::from([1, 2, 3]), BTreeSet::from([4]))
+    );
+    leader
+        .change_voters(BTreeSet::from([leader_id, kept]), 0, WAIT_MAX, false)
+        .await
+        .expect("the replacing change");
+    assert_eq!(
+        membership(&cluster),
+        (BTreeSet::from([leader_id, kept]), BTreeSet::new())
+    );
+    // Asking again changes nothing and succeeds.
+    leader
+        .change_voters(BTreeSet::from([leader_id, kept]), 0, WAIT_MAX, false)
+        .await
+        .expect("asked again");
+    drop(leader);
+    let mut acked = acked;
+    acked.push(cluster.write(&["after".to_owned()]).await.expect("written"));
+    let end = acked.last().unwrap().1 + 1;
+    cluster.wait_converged(end).await;
+    check_invariants(&cluster, &acked, "after the voter changes");
+    cluster.stop_all().await;
+}

@@ -76,6 +76,9 @@ pub enum ErrorCode {
     /// or the membership change did not commit); the partition is served as it is, and the
     /// same request again finishes the change.
     ReassignmentIncomplete = 69,
+    /// Another change of the partition's replicas is running on its leader; ask again once it
+    /// has ended (it ends within the reassignment time limit, finished or not).
+    ReassignmentInProgress = 70,
 }
 
 impl ErrorCode {
@@ -127,6 +130,7 @@ impl ErrorCode {
         ErrorCode::LeaderTransferFailed,
         ErrorCode::InvalidReplicaAssignment,
         ErrorCode::ReassignmentIncomplete,
+        ErrorCode::ReassignmentInProgress,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -208,6 +212,7 @@ impl ErrorCode {
             ErrorCode::LeaderTransferFailed => "leader_transfer_failed",
             ErrorCode::InvalidReplicaAssignment => "invalid_replica_assignment",
             ErrorCode::ReassignmentIncomplete => "reassignment_incomplete",
+            ErrorCode::ReassignmentInProgress => "reassignment_in_progress",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::AuthenticationFailed => "authentication_failed",
         }

@@ -70,7 +70,9 @@ impl Admin {
     /// list or a broker not in the cluster, and with
     /// [`crate::ErrorCode::ReassignmentIncomplete`] when a step did not finish in time (a
     /// new replica is down, say): the partition is served as it is, and asking again
-    /// finishes the change.
+    /// finishes the change (or, with other replicas, replaces it). Fails with
+    /// [`crate::ErrorCode::ReassignmentInProgress`] while another reassignment of the
+    /// partition runs.
     pub async fn reassign_partition(
         &self,
         topic: &str,

@@ -569,6 +569,98 @@ async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
     Ok(())
 }
 
+/// A second reassignment of a partition while one runs is refused with
+/// `reassignment_in_progress` (two membership changes of one group at once raced, and the
+/// second's replica set let a broker the first had made a member close its replica). Once
+/// the first is cut short, another target replaces it: the cut one's brokers are no longer
+/// members once it is done, and the partition is served on the new replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_is_refused_while_another_runs_and_replaces_one_cut_short()
+-> anyhow::Result<()> {
+    const TOPIC: &str = "replaced";
+    let mut cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, TOPIC, 1, 2)?;
+    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
+    let outsider = (1..=3)
+        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
+        .expect("RF 2 of 3");
+    let follower = (1..=3)
+        .find(|n| *n != leader && *n != outsider)
+        .expect("a follower");
+    let before = partition_dirs(&cluster, follower)?;
+    // Onto a dead broker: runs until the reassignment time limit (20 s).
+    cluster.process.kill(outsider);
+    let all = format!("{replicas},{outsider}");
+    let first = cluster
+        .process
+        .cli(leader)
+        .args(["cluster", "reassign", TOPIC, "0", &all])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the first reassignment")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let alone = leader.to_string();
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &alone)?;
+    ensure!(!ok, "a reassignment while another ran succeeded: {out}");
+    ensure!(err.contains("reassignment_in_progress"), "{out}{err}");
+    let first = tokio::task::spawn_blocking(move || first.wait_with_output())
+        .await?
+        .context("waiting for the first reassignment")?;
+    let first_err = String::from_utf8_lossy(&first.stderr);
+    ensure!(
+        !first.status.success() && first_err.contains("reassignment_incomplete"),
+        "the reassignment onto a dead broker: {first_err}"
+    );
+    wait_described_replicas(&cluster, leader, TOPIC, &replicas).await?;
+
+    // Another target replaces the one cut short (its dead broker is a learner of the group
+    // by now): the follower leaves, and so does the learner.
+    let (ok, out, err) = reassign(&cluster, leader, TOPIC, &alone)?;
+    ensure!(ok, "{out}{err}\n{}", cluster.process.log_tails(30));
+    for node in [leader, follower] {
+        wait_described_replicas(&cluster, node, TOPIC, &alone).await?;
+    }
+    let started = Instant::now();
+    while partition_dirs(&cluster, follower)?.is_superset(&before) {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {follower} kept its replica's directory\n{}",
+            cluster.process.log_tails(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // With one voter left, every write commits on the leader alone: were the dead broker
+    // still a voter of the group, none could.
+    let client = cluster.client().await?;
+    let producer = client
+        .producer(ProducerConfig {
+            acks: Acks::All,
+            ..ProducerConfig::default()
+        })
+        .await?;
+    let written = tokio::time::timeout(
+        WAIT_MAX,
+        producer
+            .send(ProducerRecord {
+                partition: Some(0),
+                ..ProducerRecord::new(TOPIC, "after")
+            })
+            .await?,
+    )
+    .await
+    .context("a write after the replacing reassignment did not commit")??;
+    ensure!(written.offset >= 0);
+    // The broker left out comes back and hosts nothing of the partition.
+    cluster.process.restart(outsider)?;
+    cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
+    wait_described_replicas(&cluster, outsider, TOPIC, &alone).await?;
+    producer.close().await?;
+    client.close();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_added_broker_gets_metadata_and_takes_a_replica() -> anyhow::Result<()> {
     const TOPIC: &str = "grow";

@@ -242,7 +242,9 @@ pub struct TopicImage {
     pub leaders: Vec<Option<(NodeId, u64)>>,
     /// The last in-sync replicas each partition's leader reported, with its epoch.
     pub isr: Vec<Option<(u64, Vec<NodeId>)>>,
-    /// Per partition, the replica set a reassignment in progress moves it to.
+    /// Per partition, the brokers a reassignment in progress adds: the replica set it moves
+    /// the partition to, then the brokers of any earlier target it replaced (those host a
+    /// replica until the reassignment is done).
     pub reassigning: Vec<Option<Vec<NodeId>>>,
 }
 
@@ -350,7 +352,19 @@ impl Image {
                 target,
             } => match self.topics.values_mut().find(|t| t.id == topic_id) {
                 Some(topic) if (partition as usize) < topic.replicas.len() => {
-                    topic.reassigning[partition as usize] = Some(target);
+                    // A reassignment that replaces one cut short (its leader died, or it ran
+                    // out of time) keeps that one's brokers hosting until it is done: they may
+                    // be learners or voters of the group, and a voter that closed its replica
+                    // could leave the group without a quorum. Its membership change removes
+                    // them; `PartitionReassigned` then closes them.
+                    let slot = &mut topic.reassigning[partition as usize];
+                    let mut hosts = target;
+                    for earlier in slot.iter().flatten() {
+                        if !hosts.contains(earlier) {
+                            hosts.push(*earlier);
+                        }
+                    }
+                    *slot = Some(hosts);
                     Effect::Reconcile(topic.clone(), partition)
                 }
                 _ => Effect::None,
@@ -520,6 +534,25 @@ pub struct Controller<T: PeerTransport> {
     transforms: Option<Arc<crate::transform::Transforms>>,
     /// Where partition replicas open their log files.
     file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
+    /// The replica changes running here (as their groups' leader), by group and partition,
+    /// with their targets: one at a time per group (see [`Controller::reassign`]).
+    reassignments_running: std::sync::Mutex<HashMap<(String, u32), Vec<NodeId>>>,
+}
+
+/// A replica change running on this broker: removed from
+/// [`Controller::reassignments_running`] when it ends, however it ends.
+struct RunningReassignment<'a> {
+    running: &'a std::sync::Mutex<HashMap<(String, u32), Vec<NodeId>>>,
+    key: (String, u32),
+}
+
+impl Drop for RunningReassignment<'_> {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .expect("reassignments lock")
+            .remove(&self.key);
+    }
 }
 
 /// The log cleaner compacts this broker's replicas of compacted topics (each replica its
@@ -637,6 +670,7 @@ impl<T: PeerTransport> Controller<T> {
             security: config.security,
             transforms: config.transforms,
             file_backend: config.file_backend,
+            reassignments_running: std::sync::Mutex::default(),
         });
         tokio::spawn(controller.clone().apply_loop());
         if let Some(interval) = config.leader_rebalance_interval {
@@ -1814,6 +1848,7 @@ impl<T: PeerTransport> Controller<T> {
             let (leader, epoch) = self.transfer_leader(topic, partition, *stays).await?;
             return Err(self.not_hosted_here(topic, partition, (Some(leader), epoch)));
         }
+        let _running = self.start_reassignment(topic, partition, target)?;
         let start = MetadataCommand::PartitionReassigning {
             topic_id: image.id,
             partition,
@@ -1880,6 +1915,7 @@ impl<T: PeerTransport> Controller<T> {
             let (leader, epoch) = self.transfer_leader(METADATA_GROUP, 0, *stays).await?;
             return Err(self.not_hosted_here(METADATA_GROUP, 0, (Some(leader), epoch)));
         }
+        let _running = self.start_reassignment(METADATA_GROUP, partition, target)?;
         self.metadata
             .change_voters(
                 wanted,
@@ -1896,6 +1932,38 @@ impl<T: PeerTransport> Controller<T> {
             })?;
         tracing::info!(voters = ?target, "the metadata log's voters changed");
         Ok(target.to_vec())
+    }
+
+    /// Registers a replica change of `group`/`partition` to `target` as running here, or
+    /// refuses it while another one runs: two membership changes of one group at once would
+    /// race (openraft takes one at a time and refuses the other midway, after its learners
+    /// were added), and the first one's end would then commit a replica set the second had
+    /// changed.
+    fn start_reassignment(
+        &self,
+        group: &str,
+        partition: u32,
+        target: &[NodeId],
+    ) -> Result<RunningReassignment<'_>, ClusterError> {
+        let key = (group.to_owned(), partition);
+        let mut running = self
+            .reassignments_running
+            .lock()
+            .expect("reassignments lock");
+        if let Some(other) = running.get(&key) {
+            return Err(ClusterError::new(
+                ErrorCode::ReassignmentInProgress,
+                format!(
+                    "{group}/{partition} is being reassigned to {other:?} on this broker; ask \
+                     again once that has ended (within {REASSIGN_TIMEOUT:?})"
+                ),
+            ));
+        }
+        running.insert(key.clone(), target.to_vec());
+        Ok(RunningReassignment {
+            running: &self.reassignments_running,
+            key,
+        })
     }
 
     /// `target` as a set, if it names one or more distinct brokers of the cluster (`what` it
@@ -2168,6 +2236,45 @@ mod tests {
         assert!(matches!(image.apply(deleted(8)), Effect::None));
         assert!(matches!(image.apply(deleted(7)), Effect::Close(_)));
         assert!(image.topics.is_empty());
+    }
+
+    /// A reassignment that replaces one cut short keeps the earlier target's brokers among
+    /// the hosts until it is done (they may be members of the group); once done, only its
+    /// replicas host.
+    #[test]
+    fn a_replacing_reassignment_keeps_the_replaced_targets_hosts_until_done() {
+        let mut image = Image::default();
+        image.apply(MetadataCommand::TopicCreated {
+            name: "t".into(),
+            id: 7,
+            replicas: vec![vec![1, 2]],
+            configs: vec![],
+        });
+        let reassigning = |target: Vec<NodeId>| MetadataCommand::PartitionReassigning {
+            topic_id: 7,
+            partition: 0,
+            target,
+        };
+        let hosts = |image: &Image| image.topics["t"].hosts(0).into_iter().collect::<Vec<_>>();
+        image.apply(reassigning(vec![1, 2, 3]));
+        assert_eq!(hosts(&image), [1, 2, 3]);
+        // Cut short; another target instead: broker 3 may be a learner or voter by now.
+        assert!(matches!(
+            image.apply(reassigning(vec![1, 4])),
+            Effect::Reconcile(_, 0)
+        ));
+        assert_eq!(image.topics["t"].reassigning[0], Some(vec![1, 4, 2, 3]));
+        assert_eq!(hosts(&image), [1, 2, 3, 4]);
+        // The same target again (asking again after a cut) changes nothing.
+        image.apply(reassigning(vec![1, 4]));
+        assert_eq!(hosts(&image), [1, 2, 3, 4]);
+        image.apply(MetadataCommand::PartitionReassigned {
+            topic_id: 7,
+            partition: 0,
+            replicas: vec![1, 4],
+        });
+        assert_eq!(hosts(&image), [1, 4]);
+        assert_eq!(image.topics["t"].reassigning[0], None);
     }
 
     #[test]

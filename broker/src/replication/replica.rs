@@ -1105,8 +1105,10 @@ impl PartitionReplica {
     /// one joins as a learner first and must come within `lag_entries_max` entries of the
     /// leader's log; then openraft's joint change commits the new voters, and members left
     /// out are removed — or stay as learners with `keep_removed_as_learners` (the metadata
-    /// log: every broker applies it). Asking again after a failure (or at a new leader)
-    /// finishes the change: members already added are not added again.
+    /// log: every broker applies it). Without it, learners outside `voters` (left by an
+    /// earlier change to another set, cut short) are removed too. Asking again after a
+    /// failure (or at a new leader) finishes the change: members already added are not added
+    /// again.
     pub async fn change_voters(
         &self,
         voters: BTreeSet<NodeId>,
@@ -1196,18 +1198,47 @@ impl PartitionReplica {
                 )));
             }
         }
-        if voters == current {
+        if voters != current {
+            let change = self
+                .raft
+                .change_membership(voters.clone(), keep_removed_as_learners);
+            match tokio::time::timeout_at(deadline, change).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(write_error(self, e)),
+                Err(_) => {
+                    return Err(incomplete(
+                        "the membership change did not commit in time".into(),
+                    ));
+                }
+            }
+        }
+        if keep_removed_as_learners {
             return Ok(());
         }
-        let change = self
+        // Learners outside the voters: added by an earlier change to another set that was cut
+        // short and replaced by this one. Left in, they would be replicated to for ever by a
+        // leader whose partition they no longer host.
+        let strays: BTreeSet<NodeId> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .learner_ids()
+                .filter(|n| !voters.contains(n))
+                .collect()
+        };
+        if strays.is_empty() {
+            return Ok(());
+        }
+        let remove = self
             .raft
-            .change_membership(voters, keep_removed_as_learners);
-        match tokio::time::timeout_at(deadline, change).await {
+            .change_membership(openraft::ChangeMembers::RemoveNodes(strays.clone()), false);
+        match tokio::time::timeout_at(deadline, remove).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(self, e)),
-            Err(_) => Err(incomplete(
-                "the membership change did not commit in time".into(),
-            )),
+            Err(_) => Err(incomplete(format!(
+                "removing learners {strays:?} did not commit in time"
+            ))),
         }
     }
 
