@@ -225,6 +225,74 @@ fn tokens_acls_and_producer_ids_hold_on_every_broker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A broker that restarts while its peers are away has tokens and rules only as its own log
+/// holds them: until it has caught up with the cluster (learnt a controller's commit point
+/// and applied up to it), it answers nothing that needs a credential, so a token revoked
+/// while it was down is not honoured again, not even for a moment. (It used to be: the
+/// replayed state granted it until the replay reached the revocation.)
+#[test]
+fn a_broker_catching_up_honours_no_token_revoked_while_it_was_down() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &["--auth", "required"])?;
+    let node1 = cluster.process.broker(1).context("node 1 runs")?;
+    let admin = std::fs::read_to_string(node1.data_dir.join("admin.token"))?
+        .trim()
+        .to_owned();
+    let created = cli(
+        &cluster,
+        1,
+        &admin,
+        &["token", "create", "--principal", "alice"],
+        None,
+    )?;
+    let alice = created
+        .split_whitespace()
+        .last()
+        .context("token create printed nothing")?
+        .to_owned();
+    eventually("alice's token on node 2", || {
+        cli(&cluster, 2, &alice, &["topic", "list"], None).map(|_| true)
+    })?;
+
+    // Revoked while node 2 is down; then node 2 comes back alone.
+    cluster.process.kill(2);
+    cli(&cluster, 1, &admin, &["token", "revoke", &alice], None)?;
+    eventually("the revocation on node 3", || {
+        Ok(cli(&cluster, 3, &alice, &["topic", "list"], None).is_err())
+    })?;
+    cluster.process.kill(1);
+    cluster.process.kill(3);
+    cluster.process.restart(2)?;
+    // Refused at authentication (every credential is, until node 2 caught up): Metadata
+    // alone, refused while catching up with or without credentials, would not show that
+    // the revoked token was not taken. (The CLI retries for ~26 s before it gives up.)
+    let asked = Instant::now();
+    let refused = cli(&cluster, 2, &alice, &["topic", "list"], None);
+    let Err(error) = refused else {
+        bail!("node 2, not caught up, answered alice: {refused:?}");
+    };
+    println!(
+        "node 2 refused alice after {:?}: {error:#}",
+        asked.elapsed()
+    );
+    ensure!(
+        format!("{error:#}").contains("tokens and ACLs may be out of date"),
+        "node 2 refused alice for another reason: {error:#}"
+    );
+
+    // The others back: node 2 catches up, and the revocation holds there.
+    cluster.process.restart(1)?;
+    cluster.process.restart(3)?;
+    eventually("the admin token on caught-up node 2", || {
+        cli(&cluster, 2, &admin, &["topic", "list"], None).map(|_| true)
+    })?;
+    let refused = cli(&cluster, 2, &alice, &["topic", "list"], None);
+    ensure!(
+        refused.is_err(),
+        "node 2 answered a revoked token: {refused:?}"
+    );
+    Ok(())
+}
+
 /// The value of an unlabelled gauge in a broker's `/metrics` (absent: 0).
 fn gauge(metrics: SocketAddr, name: &str) -> anyhow::Result<f64> {
     let timeout = Duration::from_secs(5);

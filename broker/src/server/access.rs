@@ -244,14 +244,31 @@ pub(super) async fn check(
     // Formatted only when something is audited.
     let remote = auth.remote;
     let security = &state.security;
-    if let Request::Authenticate(r) = &request {
-        return authenticate(state, auth, r, now);
-    }
     if let Request::ApiVersions(_) = &request {
         return Checked::Proceed {
             request,
             principal: Arc::from(ANONYMOUS),
         };
+    }
+    // A cluster broker that (re)started replays the metadata log: its tokens and rules are
+    // those of its last snapshot and then of each entry as it is applied, so a token revoked
+    // or a rule removed since would hold again until the replay reaches its removal. Until
+    // the broker has caught up, nothing that needs a credential is answered (retriable: the
+    // client asks again or another broker), as Metadata is not.
+    if security.enforced()
+        && let Some(node) = &state.cluster_node
+        && !node.controller.caught_up()
+    {
+        return Checked::Answer(error_frame(
+            state,
+            api,
+            ErrorCode::Overloaded,
+            "this broker is still catching up with the cluster metadata (its tokens and \
+             ACLs may be out of date): ask again, or ask another broker",
+        ));
+    }
+    if let Request::Authenticate(r) = &request {
+        return authenticate(state, auth, r, now);
     }
     let session = auth.session.lock().expect("session lock").clone();
     let principal: Arc<str> = match session {
