@@ -1113,13 +1113,9 @@ fn ten_then_out_of_range(offset: i64) -> Reply {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
-    let _serial = SERIAL.lock().await;
-    // The log starts at 0, and at 100 once retention ran: when the stream below 100 was
-    // refused. (Keyed on the second ListOffsets before, a second lookup before the first
-    // stream — seen once in CI — moved the start early and left the test waiting for
-    // records that never came; now such a lookup fails the count below instead.)
+/// A broker whose log of `t/0` starts at 0, and at 100 once retention ran: when a stream
+/// below 100 was refused (after ten records). Answers whether retention ran.
+fn retention_moves_the_log_start() -> (FakeBroker, Arc<AtomicBool>) {
     let retention_ran = Arc::new(AtomicBool::new(false));
     let ran = retention_ran.clone();
     let broker = start(move |request, _| match request {
@@ -1134,6 +1130,17 @@ async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
         Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
         _ => not_scripted(),
     });
+    (broker, retention_ran)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
+    let _serial = SERIAL.lock().await;
+    // The log starts at 0, and at 100 once retention ran: when the stream below 100 was
+    // refused. (Keyed on the second ListOffsets before, a second lookup before the first
+    // stream — seen once in CI — moved the start early and left the test waiting for
+    // records that never came; now such a lookup fails the count below instead.)
+    let (broker, retention_ran) = retention_moves_the_log_start();
     let client = within(Client::connect(broker.config())).await.unwrap();
     let partition = TopicPartition::new("t", 0);
     let consumer = client
@@ -1174,20 +1181,7 @@ async fn offset_out_of_range_on_a_stream_resets_to_the_log_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_forward_delivers_the_records_queued_before_it() {
     let _serial = SERIAL.lock().await;
-    let retention_ran = Arc::new(AtomicBool::new(false));
-    let ran = retention_ran.clone();
-    let broker = start(move |request, _| match request {
-        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
-        Request::ListOffsets(r) => {
-            Reply::Frame(listed(r, if ran.load(Ordering::SeqCst) { 100 } else { 0 }))
-        }
-        Request::Subscribe(s) if s.offset < 100 => {
-            ran.store(true, Ordering::SeqCst);
-            ten_then_out_of_range(s.offset)
-        }
-        Request::Subscribe(s) => Reply::push(pushes_from(0, s.offset, 2, 10)),
-        _ => not_scripted(),
-    });
+    let (broker, _) = retention_moves_the_log_start();
     let client = within(Client::connect(broker.config())).await.unwrap();
     let partition = TopicPartition::new("t", 0);
     let consumer = client

@@ -528,17 +528,25 @@ async fn reassign_shrinks_grows_and_moves_replicas_under_load() -> anyhow::Resul
     Ok(())
 }
 
+/// Three brokers and `topic` with one partition on two of them: the cluster, the
+/// partition's leader, its replicas as `ketch topic describe` lists them, and the broker
+/// that is not one.
+async fn two_of_three(topic: &str) -> anyhow::Result<(TestCluster, NodeId, String, NodeId)> {
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, topic, 1, 2)?;
+    let leader = cluster.wait_for_leader(topic, 0, &[], WAIT_MAX).await?;
+    let (_, replicas) = described(&cluster, 1, topic, 0)?;
+    let outsider = (1..=3)
+        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
+        .context("RF 2 of 3")?;
+    Ok((cluster, leader, replicas, outsider))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
 -> anyhow::Result<()> {
     const TOPIC: &str = "halfway";
-    let mut cluster = TestCluster::start(3, &[])?;
-    cluster.create_topic(1, TOPIC, 1, 2)?;
-    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
-    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
-    let outsider = (1..=3)
-        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
-        .expect("RF 2 of 3");
+    let (mut cluster, leader, replicas, outsider) = two_of_three(TOPIC).await?;
     cluster.process.kill(outsider);
     let all = format!("{replicas},{outsider}");
     let (ok, out, err) = reassign(&cluster, leader, TOPIC, &all)?;
@@ -578,13 +586,7 @@ async fn a_reassignment_cut_short_by_a_dead_broker_is_finished_by_asking_again()
 async fn a_reassignment_is_refused_while_another_runs_and_replaces_one_cut_short()
 -> anyhow::Result<()> {
     const TOPIC: &str = "replaced";
-    let mut cluster = TestCluster::start(3, &[])?;
-    cluster.create_topic(1, TOPIC, 1, 2)?;
-    let leader = cluster.wait_for_leader(TOPIC, 0, &[], WAIT_MAX).await?;
-    let (_, replicas) = described(&cluster, 1, TOPIC, 0)?;
-    let outsider = (1..=3)
-        .find(|n| !replicas.split(',').any(|r| r == n.to_string()))
-        .expect("RF 2 of 3");
+    let (mut cluster, leader, replicas, outsider) = two_of_three(TOPIC).await?;
     let follower = (1..=3)
         .find(|n| *n != leader && *n != outsider)
         .expect("a follower");

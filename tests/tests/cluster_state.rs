@@ -60,6 +60,27 @@ fn cli(
     Ok(String::from_utf8(output.stdout)?)
 }
 
+/// `ketch token create --principal PRINCIPAL` through node `via` as `admin`: the token.
+fn create_token(
+    cluster: &TestCluster,
+    via: NodeId,
+    admin: &str,
+    principal: &str,
+) -> anyhow::Result<String> {
+    let created = cli(
+        cluster,
+        via,
+        admin,
+        &["token", "create", "--principal", principal],
+        None,
+    )?;
+    Ok(created
+        .split_whitespace()
+        .last()
+        .context("token create printed nothing")?
+        .to_owned())
+}
+
 /// Retries `check` until it is true (bounded by [`PROPAGATION_MAX`]); the last error says why.
 fn eventually(what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -125,18 +146,7 @@ fn tokens_acls_and_producer_ids_hold_on_every_broker() -> anyhow::Result<()> {
             None,
         )?;
     }
-    let created = cli(
-        &cluster,
-        3,
-        &admin,
-        &["token", "create", "--principal", "alice"],
-        None,
-    )?;
-    let alice = created
-        .split_whitespace()
-        .last()
-        .context("token create printed nothing")?
-        .to_owned();
+    let alice = create_token(&cluster, 3, &admin, "alice")?;
 
     for via in [1, 2, 3] {
         eventually(&format!("alice's token and rules on node {via}"), || {
@@ -237,18 +247,7 @@ fn a_broker_catching_up_honours_no_token_revoked_while_it_was_down() -> anyhow::
     let admin = std::fs::read_to_string(node1.data_dir.join("admin.token"))?
         .trim()
         .to_owned();
-    let created = cli(
-        &cluster,
-        1,
-        &admin,
-        &["token", "create", "--principal", "alice"],
-        None,
-    )?;
-    let alice = created
-        .split_whitespace()
-        .last()
-        .context("token create printed nothing")?
-        .to_owned();
+    let alice = create_token(&cluster, 1, &admin, "alice")?;
     eventually("alice's token on node 2", || {
         cli(&cluster, 2, &alice, &["topic", "list"], None).map(|_| true)
     })?;
