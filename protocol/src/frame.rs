@@ -313,6 +313,43 @@ mod tests {
         assert_eq!((decoded.code, decoded.raw_code), (ErrorCode::Unknown, 999));
     }
 
+    /// A request of many small batches is a few chunks, whatever the batch count: each
+    /// chunk becomes a segment of the QUIC stream's send buffer, which quinn scans per
+    /// packet. Large batches stay chunks of their own (not copied).
+    #[test]
+    fn small_batches_are_copied_into_few_chunks_and_large_ones_are_shared() {
+        let small = Bytes::from(vec![7u8; 1100]);
+        let large = Bytes::from(vec![9u8; crate::wire::SHARED_CHUNK_BYTES_MIN]);
+        let request = |records: &Bytes, partitions: u32| ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 1000,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: (0..partitions)
+                    .map(|partition| ProducePartition {
+                        partition,
+                        records: records.clone(),
+                    })
+                    .collect(),
+            }],
+        };
+        let many_small = encode_request_chunks(&request(&small, 5000));
+        assert_eq!(many_small.len(), 1);
+        let large_ones = encode_request_chunks(&request(&large, 4));
+        let shared = large_ones
+            .iter()
+            .filter(|chunk| chunk.as_ptr() == large.as_ptr())
+            .count();
+        assert_eq!(shared, 4, "each large batch is the caller's own bytes");
+        // Either way, the same bytes as the contiguous encoding.
+        for (chunks, contiguous) in [
+            (many_small, encode_request(&request(&small, 5000))),
+            (large_ones, encode_request(&request(&large, 4))),
+        ] {
+            assert_eq!(chunks.concat(), contiguous.to_vec());
+        }
+    }
+
     #[test]
     fn oversized_frame_is_refused_from_its_prefix() {
         let mut decoder = FrameDecoder::new(1024);
