@@ -248,22 +248,7 @@ pub async fn idle(scratch: &Path, partitions: u32, window: Duration) -> anyhow::
     topic.replication_factor = 3;
     client.admin().create_topic(topic).await?;
     let started = Instant::now();
-    loop {
-        let described = client.admin().describe_topic(IDLE_TOPIC).await?;
-        let led = described
-            .partitions
-            .iter()
-            .filter(|p| p.leader.is_some())
-            .count();
-        if led == partitions as usize {
-            break;
-        }
-        ensure!(
-            started.elapsed() < LEADERS_WAIT_MAX,
-            "{led} of {partitions} partitions have a leader after {LEADERS_WAIT_MAX:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::partitions::wait_for_leaders(&client.admin(), IDLE_TOPIC, LEADERS_WAIT_MAX).await?;
     println!(
         "idle cluster: 3 brokers, {partitions} partitions RF=3, all led after {:?}",
         started.elapsed()

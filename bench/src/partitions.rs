@@ -86,12 +86,12 @@ async fn one(
     // The create answers once every partition has a leader, or after a bound
     // (`CREATE_LEADERS_WAIT_MAX`): the figure counts until they all have one, so that the
     // produce below never measures partitions still being created.
-    wait_for_leaders(&admin, "many").await?;
+    wait_for_leaders(&admin, "many", LEADERS_WAIT_MAX).await?;
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
     admin
         .create_topic(ketch_client::NewTopic::new("four", 4))
         .await?;
-    wait_for_leaders(&admin, "four").await?;
+    wait_for_leaders(&admin, "four", LEADERS_WAIT_MAX).await?;
     let value = Bytes::from(vec![0x5a; options.record_bytes]);
     let records = options.records.max(u64::from(count));
     if options.produce_only {
@@ -154,8 +154,12 @@ async fn one(
 /// Bound of the wait for a new topic's partitions to have leaders.
 const LEADERS_WAIT_MAX: Duration = Duration::from_secs(120);
 
-/// Waits until every partition of `topic` has a leader; fails after [`LEADERS_WAIT_MAX`].
-async fn wait_for_leaders(admin: &ketch_client::Admin, topic: &str) -> anyhow::Result<()> {
+/// Waits until every partition of `topic` has a leader; fails after `bound`.
+pub(crate) async fn wait_for_leaders(
+    admin: &ketch_client::Admin,
+    topic: &str,
+    bound: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let described = admin.describe_topic(topic).await?;
@@ -168,8 +172,8 @@ async fn wait_for_leaders(admin: &ketch_client::Admin, topic: &str) -> anyhow::R
             return Ok(());
         }
         anyhow::ensure!(
-            started.elapsed() < LEADERS_WAIT_MAX,
-            "{led} of {} partitions of {topic} have a leader after {LEADERS_WAIT_MAX:?}",
+            started.elapsed() < bound,
+            "{led} of {} partitions of {topic} have a leader after {bound:?}",
             described.partitions.len()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

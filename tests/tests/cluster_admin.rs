@@ -406,6 +406,26 @@ fn partition_dirs(
         .collect()
 }
 
+/// Waits until one of the partition directories node `node` had (`before`) is gone: the
+/// replica a reassignment left out deleted its log. Other partitions (`__consumer_offsets`)
+/// may appear meanwhile.
+async fn wait_replica_removed(
+    cluster: &TestCluster,
+    node: NodeId,
+    before: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while partition_dirs(cluster, node)?.is_superset(before) {
+        ensure!(
+            started.elapsed() < WAIT_MAX,
+            "node {node} kept its replica's directory\n{}",
+            cluster.process.log_tails(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// The replicas `ketch topic describe` shows through node `via`, once they are `want`.
 async fn wait_described_replicas(
     cluster: &TestCluster,
@@ -472,16 +492,7 @@ async fn reassign_shrinks_grows_and_moves_replicas_under_load() -> anyhow::Resul
     for node in cluster.process.node_ids() {
         wait_described_replicas(&cluster, node, TOPIC, &two).await?;
     }
-    let started = Instant::now();
-    // Other partitions (`__consumer_offsets`) may appear meanwhile: one that was there goes.
-    while partition_dirs(&cluster, dropped)?.is_superset(&before) {
-        ensure!(
-            started.elapsed() < WAIT_MAX,
-            "node {dropped} kept its replica's directory\n{}",
-            cluster.process.log_tails(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_replica_removed(&cluster, dropped, &before).await?;
     wait_for_more_acks(&history, 100).await?;
 
     // And back to 3: the returning replica copies the log before it votes.
@@ -624,15 +635,7 @@ async fn a_reassignment_is_refused_while_another_runs_and_replaces_one_cut_short
     for node in [leader, follower] {
         wait_described_replicas(&cluster, node, TOPIC, &alone).await?;
     }
-    let started = Instant::now();
-    while partition_dirs(&cluster, follower)?.is_superset(&before) {
-        ensure!(
-            started.elapsed() < WAIT_MAX,
-            "node {follower} kept its replica's directory\n{}",
-            cluster.process.log_tails(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_replica_removed(&cluster, follower, &before).await?;
     // With one voter left, every write commits on the leader alone: were the dead broker
     // still a voter of the group, none could.
     let client = cluster.client().await?;

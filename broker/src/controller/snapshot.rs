@@ -9,8 +9,9 @@
 //! added in one change; revocations stick) — a replay of the history would re-grant an ACL
 //! between its add and its later remove. (A broker restarting from a snapshot older than
 //! what it applied before is taken back to the snapshot's state and then forward through
-//! the log after it, as a restart without snapshots replays the whole log: an ACL removed
-//! in between holds again until its removal is applied.) [`MetadataHook`] is the metadata
+//! the log after it, as a restart without snapshots replays the whole log; until it has
+//! caught up it takes no credential — `server::access::check` — so an ACL removed or a
+//! token revoked in between is never honoured again.) [`MetadataHook`] is the metadata
 //! replica's [`ApplyHook`]: it applies every
 //! committed command to a `MetadataState` on every replica, so the replication layer's
 //! checkpoints and snapshots carry it (JSON) and a purge of the log through a snapshot loses

@@ -1198,19 +1198,24 @@ impl PartitionReplica {
                 )));
             }
         }
-        if voters != current {
+        // One membership change, committed by `deadline`.
+        let commit = |change: openraft::ChangeMembers<NodeId, openraft::EmptyNode>,
+                      what: String| async move {
             let change = self
                 .raft
-                .change_membership(voters.clone(), keep_removed_as_learners);
+                .change_membership(change, keep_removed_as_learners);
             match tokio::time::timeout_at(deadline, change).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(write_error(self, e)),
-                Err(_) => {
-                    return Err(incomplete(
-                        "the membership change did not commit in time".into(),
-                    ));
-                }
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(write_error(self, e)),
+                Err(_) => Err(incomplete(format!("{what} did not commit in time"))),
             }
+        };
+        if voters != current {
+            commit(
+                openraft::ChangeMembers::ReplaceAllVoters(voters.clone()),
+                "the membership change".into(),
+            )
+            .await?;
         }
         if keep_removed_as_learners {
             return Ok(());
@@ -1230,16 +1235,8 @@ impl PartitionReplica {
         if strays.is_empty() {
             return Ok(());
         }
-        let remove = self
-            .raft
-            .change_membership(openraft::ChangeMembers::RemoveNodes(strays.clone()), false);
-        match tokio::time::timeout_at(deadline, remove).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(write_error(self, e)),
-            Err(_) => Err(incomplete(format!(
-                "removing learners {strays:?} did not commit in time"
-            ))),
-        }
+        let what = format!("removing learners {strays:?}");
+        commit(openraft::ChangeMembers::RemoveNodes(strays), what).await
     }
 
     /// Hands this leader's leadership to `target`, a voter, within `timeout`; returns the

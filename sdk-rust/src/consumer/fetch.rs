@@ -756,11 +756,8 @@ pub(super) async fn handle_fetched(
     }
     if !records.is_empty() {
         let chunk = Chunk {
-            partition: partition.clone(),
-            epoch,
             records: records.into_iter(),
-            error: None,
-            reposition: None,
+            ..Chunk::empty(partition, epoch)
         };
         send(sender, Ok(chunk)).await?;
     }
@@ -780,11 +777,8 @@ pub(super) async fn send_partition_error(
     error: Error,
 ) -> Result<()> {
     let chunk = Chunk {
-        partition: partition.clone(),
-        epoch,
-        records: Vec::new().into_iter(),
         error: Some(error),
-        reposition: None,
+        ..Chunk::empty(partition, epoch)
     };
     send(sender, Ok(chunk)).await
 }
@@ -998,11 +992,8 @@ async fn reset_to(
     offset: i64,
 ) -> Result<()> {
     let chunk = Chunk {
-        partition: partition.clone(),
-        epoch,
-        records: Vec::new().into_iter(),
-        error: None,
         reposition: Some(offset),
+        ..Chunk::empty(partition, epoch)
     };
     send(sender, Ok(chunk)).await?;
     let mut state = shared.state.lock().expect("consumer state lock");

@@ -277,6 +277,19 @@ struct Chunk {
     reposition: Option<i64>,
 }
 
+impl Chunk {
+    /// Nothing of `partition` at `epoch` yet: the fields that carry something are set over it.
+    fn empty(partition: &TopicPartition, epoch: u64) -> Chunk {
+        Chunk {
+            partition: partition.clone(),
+            epoch,
+            records: Vec::new().into_iter(),
+            error: None,
+            reposition: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inbox {
     receiver: mpsc::Receiver<Result<Chunk>>,
