@@ -15,9 +15,13 @@ use crate::config::{ClientConfig, backoff};
 use crate::error::{Error, Result};
 use crate::transport::{Transport, resolve};
 
-/// How long an admin request answered `unknown_topic` (or `unknown_partition`) is retried:
-/// about how long a topic created through one broker takes to reach the others.
-const ADMIN_UNKNOWN_RETRY_MAX: Duration = Duration::from_secs(3);
+/// How long a topic (or partition) the cluster does not know is asked for again before it
+/// is reported unknown — an admin request answered `unknown_topic`, a producer's topic
+/// missing from the metadata: about how long a topic created through one broker takes to
+/// reach the others (the first broker to answer a metadata refresh may not have it yet).
+pub(crate) const UNKNOWN_TOPIC_RETRY_MAX: Duration = Duration::from_secs(3);
+/// Between two metadata refreshes that look for a missing topic.
+const UNKNOWN_TOPIC_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// How long [`ClientInner::call_any_broker`] waits for one broker before asking another too.
 const HEDGE_DELAY: Duration = Duration::from_millis(500);
 
@@ -366,18 +370,26 @@ impl ClientInner {
         metadata.topics.get(topic).cloned()
     }
 
-    /// A topic's layout, refreshing once if it is unknown or the cache is old.
+    /// A topic's layout, refreshing if it is unknown or the cache is old; a topic still
+    /// missing is asked for again for up to [`UNKNOWN_TOPIC_RETRY_MAX`].
     pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicLayout>> {
         if let Some(layout) = self.cached_topic(topic, Some(Instant::now())) {
             return Ok(layout);
         }
-        self.refresh_metadata(Some(Instant::now())).await?;
-        self.cached_topic(topic, None).ok_or_else(|| {
-            Error::from_code(
-                ErrorCode::UnknownTopic,
-                format!("topic {topic:?} not found"),
-            )
-        })
+        let started = Instant::now();
+        loop {
+            self.refresh_metadata(Some(Instant::now())).await?;
+            if let Some(layout) = self.cached_topic(topic, None) {
+                return Ok(layout);
+            }
+            if started.elapsed() >= UNKNOWN_TOPIC_RETRY_MAX {
+                return Err(Error::from_code(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {topic:?} not found"),
+                ));
+            }
+            tokio::time::sleep(UNKNOWN_TOPIC_RETRY_INTERVAL).await;
+        }
     }
 
     /// The address of a partition's leader from the cache; `None` if unknown.
@@ -453,7 +465,7 @@ impl ClientInner {
                     if matches!(
                         error.code(),
                         Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
-                    ) && started.elapsed() >= ADMIN_UNKNOWN_RETRY_MAX =>
+                    ) && started.elapsed() >= UNKNOWN_TOPIC_RETRY_MAX =>
                 {
                     return Err(error);
                 }

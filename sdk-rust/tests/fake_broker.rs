@@ -531,6 +531,38 @@ async fn not_leader_refreshes_metadata_and_resends_the_same_batch() {
     );
 }
 
+/// A topic created through another broker a moment ago: the first metadata answers lack
+/// it (the broker that answered has not applied the create yet). `send` asks again instead
+/// of failing `unknown_topic` at once — a producer right after a create failed so in CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_missing_from_the_first_metadata_answers_is_asked_for_again() {
+    let _serial = SERIAL.lock().await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counted = answered.clone();
+    let broker = start(move |request, seen| match request {
+        Request::Metadata(_) if counted.fetch_add(1, Ordering::SeqCst) < 3 => {
+            let addr = *ADDR.lock().unwrap();
+            Reply::Frame(encode_response(&MetadataResponse {
+                brokers: vec![BrokerInfo {
+                    node_id: 0,
+                    host: addr.ip().to_string(),
+                    port: addr.port(),
+                }],
+                controller_id: 0,
+                topics: vec![],
+            }))
+        }
+        Request::Metadata(_) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
+        Request::InitProducerId(_) => Reply::Frame(producer_id(100 + seen as i64)),
+        Request::Produce(_) => Reply::Frame(produced(ErrorCode::None, 0)),
+        _ => not_scripted(),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    assert_eq!(send_one(&producer, "a").await, Ok(0));
+    assert!(answered.load(Ordering::SeqCst) > 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_response_is_retried_and_the_duplicate_counts_as_written() {
     let _serial = SERIAL.lock().await;

@@ -45,7 +45,7 @@ use ketch_protocol::messages::{
 use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
 use crate::TopicPartition;
-use crate::client::{Client, TopicLayout};
+use crate::client::{Client, TopicLayout, UNKNOWN_TOPIC_RETRY_MAX};
 use crate::config::{ProducerConfig, backoff};
 use crate::error::{Error, Result};
 use crate::partitioner::Partitioner;
@@ -220,9 +220,10 @@ impl Shared {
         Ok(())
     }
 
-    /// `try_send` found `topic` missing from the metadata at `now`: `UnknownTopic` if a
-    /// metadata refresh that started after it was first found missing does not have it
-    /// either, else `WouldBlock` (the refresh is under way).
+    /// `try_send` found `topic` missing from the metadata at `now`: `UnknownTopic` once
+    /// metadata refreshed after it was first found missing still lacks it
+    /// [`UNKNOWN_TOPIC_RETRY_MAX`] later (as `send` waits), else `WouldBlock` (a refresh is
+    /// under way).
     fn topic_missing(&self, topic: &str, now: Instant) -> Error {
         let updated = self.client.inner.metadata_updated();
         let mut missing = self.missing_topics.lock().expect("missing topics");
@@ -236,7 +237,9 @@ impl Shared {
                 now
             }
         };
-        if updated.is_some_and(|updated| updated > since) {
+        if updated.is_some_and(|updated| updated > since)
+            && now.saturating_duration_since(since) >= UNKNOWN_TOPIC_RETRY_MAX
+        {
             missing.remove(topic);
             return Error::from_code(
                 ErrorCode::UnknownTopic,
@@ -458,8 +461,10 @@ impl Producer {
     /// Queues a record and returns the future of its delivery. Waits while the buffer is full
     /// (`buffer_bytes_max`). Cancelling this call before it returns queues nothing.
     ///
-    /// Fails at once for an unknown topic or partition, a record that can never fit, or a
-    /// closed producer or client.
+    /// Fails at once for an unknown partition, a record that can never fit, or a closed
+    /// producer or client; for a topic missing from the metadata once refreshes have lacked
+    /// it for 3 s (a topic created through another broker a moment ago may not have reached
+    /// the broker that answered first).
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
         let shared = &self.shared;
         shared.check_open()?;
