@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ketch_broker::replication::log_store::FOLLOWER_CACHED_TAIL_BYTES_MAX;
 use ketch_broker::replication::network::GroupId;
 use ketch_broker::replication::replica::CommittedBatch;
 use ketch_broker::replication::sim::{Faults, SimNetwork, SimRng};
@@ -397,6 +398,44 @@ async fn an_idle_group_sends_beacons_not_heartbeats_and_elects_fast_when_its_lea
         elected < Duration::from_secs(5),
         "elected after {elected:?}"
     );
+}
+
+/// Only a leader leaves its log to the page cache: every other replica bounds its cached
+/// tail (`FOLLOWER_CACHED_TAIL_BYTES_MAX`), and the bound follows the role through a
+/// failover and an old leader's return (which reopens with its own leader's vote, then
+/// takes the new leader's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_leaves_its_log_to_the_page_cache() {
+    let check = |cluster: &Cluster, leader: NodeId, context: &str| {
+        for replica in cluster.running() {
+            let expected = (replica.node_id() != leader).then_some(FOLLOWER_CACHED_TAIL_BYTES_MAX);
+            assert_eq!(
+                replica.cached_tail_bytes_max(),
+                expected,
+                "{context}: node {} (leader {leader})",
+                replica.node_id()
+            );
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 7, Faults::default()).await;
+    let leader = cluster.wait_for_leader(None).await;
+    let first = cluster.write(&["a".into()]).await.expect("written");
+    cluster.wait_converged(first.1 + 1).await;
+    check(&cluster, leader, "first leader");
+
+    cluster.crash(leader).await;
+    let new_leader = cluster.wait_for_leader(Some(leader)).await;
+    let second = cluster.write(&["b".into()]).await.expect("written");
+    cluster.wait_converged(second.1 + 1).await;
+    check(&cluster, new_leader, "after the failover");
+
+    cluster.start_node(leader).await;
+    cluster.wait_converged(second.1 + 1).await;
+    let (known, _) = cluster.replica(leader).leader();
+    assert_eq!(known, Some(new_leader));
+    check(&cluster, new_leader, "after the old leader's return");
+    cluster.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

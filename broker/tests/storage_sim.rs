@@ -366,3 +366,82 @@ fn disk_full_is_reported_and_writes_resume_when_space_returns() {
         check(&log);
     }
 }
+
+/// The log files in the simulated data dir: (path, live length), by base offset.
+fn log_files(sim: &SimBackend) -> Vec<(std::path::PathBuf, u64)> {
+    use ketch_broker::storage::FileBackend;
+    let mut names: Vec<String> = sim
+        .list_dir(&sim_dir())
+        .unwrap()
+        .into_iter()
+        .filter(|name| name.ends_with(".log"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let path = sim_dir().join(name);
+            let len = sim.contents(&path).unwrap().len() as u64;
+            (path, len)
+        })
+        .collect()
+}
+
+/// With a cached tail bound, every fsync drops the log's bytes older than the tail from the
+/// page cache, rounded down to whole pages, and each segment's at its roll; never a byte
+/// before it is durable (the sim refuses that, and the drop would not be recorded). With
+/// no bound, or before any fsync under `Never`, nothing is dropped.
+#[test]
+fn a_cached_tail_bound_drops_only_durable_bytes_older_than_the_tail() {
+    const TAIL: u64 = 16 * 1024;
+    const PAGE: u64 = 4096;
+    let expected = |len: u64| len.saturating_sub(TAIL) / PAGE * PAGE;
+    let config = |fsync| LogConfig {
+        segment_bytes_max: 64 * 1024,
+        ..sim_config(fsync)
+    };
+
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, config(FsyncPolicy::Always));
+    log.set_cached_tail_bytes_max(Some(TAIL));
+    for i in 0..60u64 {
+        append(&log, &batch(3, 1000, 0, i), 0);
+        let files = log_files(&sim);
+        for (path, len) in &files {
+            assert_eq!(
+                sim.cache_dropped_to(path),
+                Some(expected(*len)),
+                "after append {i}: {} of {len} bytes",
+                path.display()
+            );
+        }
+    }
+    let files = log_files(&sim);
+    assert!(files.len() >= 3, "the appends rolled segments: {files:?}");
+    assert!(sim.cache_dropped_to(&files[0].0).unwrap() > 0);
+
+    // No bound: the OS decides.
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, config(FsyncPolicy::Always));
+    for i in 0..60u64 {
+        append(&log, &batch(3, 1000, 0, i), 0);
+    }
+    for (path, _) in log_files(&sim) {
+        assert_eq!(sim.cache_dropped_to(&path), Some(0));
+    }
+
+    // Under `Never` only a flush makes bytes durable, and only then are they dropped.
+    let sim = SimBackend::new();
+    let (log, _) = open_sim(&sim, config(FsyncPolicy::Never));
+    log.set_cached_tail_bytes_max(Some(TAIL));
+    for i in 0..15u64 {
+        append(&log, &batch(3, 1000, 0, i), 0);
+    }
+    let files = log_files(&sim);
+    assert_eq!(files.len(), 1, "still one segment");
+    let (path, len) = files[0].clone();
+    assert!(expected(len) > 0);
+    assert_eq!(sim.cache_dropped_to(&path), Some(0), "nothing durable yet");
+    block_on(log.flush().unwrap()).unwrap();
+    assert_eq!(sim.cache_dropped_to(&path), Some(expected(len)));
+}

@@ -24,6 +24,11 @@ use super::entries::{self, LogIndex, Position};
 use super::{Clock, Entry, LocalAck, LogId, PartitionRaft, RaftStorageError, Vote};
 use crate::storage::{AppendFuture, FsyncPolicy, PartitionLog};
 
+/// How much of its log a replica that does not lead keeps in the OS page cache (see
+/// [`PartitionLogStore::cache_as`]): well past the entries it applies at commit, which
+/// follow its appends by an AppendEntries or two (2 MiB each at most).
+pub const FOLLOWER_CACHED_TAIL_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
 /// The checkpoint of the vote, committed and purged log ids, beside the partition log.
 pub const RAFT_STATE_FILE: &str = "raft-state.checkpoint";
 const RAFT_STATE_MAGIC: u32 = u32::from_be_bytes(*b"KRS1");
@@ -477,6 +482,8 @@ pub struct PartitionLogStore {
     appends_done: watch::Receiver<u64>,
     /// The committed entry count last written to the checkpoint.
     committed_written: u64,
+    /// This replica's node, once [`PartitionLogStore::cache_as`] named it.
+    node: Option<super::NodeId>,
 }
 
 impl std::fmt::Debug for PartitionLogStore {
@@ -558,12 +565,37 @@ impl PartitionLogStore {
             in_flight,
             appends_made: 0,
             appends_done,
+            node: None,
             committed_written: state.committed.map_or(0, |id| id.index + 1),
         })
     }
 
     pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// Makes the log's page cache follow `node`'s role in the group, now and at every vote
+    /// it saves: while it does not lead, the OS keeps only the last
+    /// [`FOLLOWER_CACHED_TAIL_BYTES_MAX`] of the log cached (see
+    /// [`PartitionLog::set_cached_tail_bytes_max`]). Consumers and followers read from the
+    /// leader; a follower's own reads (applying entries at commit) are of its newest bytes.
+    /// Without it (a store opened alone), the OS decides.
+    pub fn cache_as(&mut self, node: super::NodeId) {
+        self.node = Some(node);
+        self.follow_role_in_cache();
+    }
+
+    fn follow_role_in_cache(&self) {
+        let Some(node) = self.node else {
+            return;
+        };
+        let leads = self
+            .state
+            .vote
+            .is_some_and(|vote| vote.is_committed() && vote.leader_id().voted_for() == Some(node));
+        self.shared
+            .log
+            .set_cached_tail_bytes_max((!leads).then_some(FOLLOWER_CACHED_TAIL_BYTES_MAX));
     }
 
     async fn save_state(&mut self) -> Result<(), RaftStorageError> {
@@ -667,7 +699,9 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), RaftStorageError> {
         self.state.vote = Some(*vote);
-        self.save_state().await
+        self.save_state().await?;
+        self.follow_role_in_cache();
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, RaftStorageError> {

@@ -429,13 +429,14 @@ impl PartitionReplica {
     ) -> Result<PartitionReplica, ReplicationError> {
         let beacons = transport.beacons(config.node_id);
         let raft_config = Arc::new(config.raft_config(beacons.is_some())?);
-        let (store, state_machine) = open_stores_with_hook(
+        let (mut store, state_machine) = open_stores_with_hook(
             dir,
             log_config,
             config.clock.clone(),
             hook,
             config.file_backend.clone(),
         )?;
+        store.cache_as(config.node_id);
         let shared = store.shared();
         let high_watermark = state_machine.high_watermark();
         let applied = state_machine.handle();
@@ -881,6 +882,13 @@ impl PartitionReplica {
     /// The Kafka offset after the last record in this replica's own log, committed or not.
     pub fn log_end_offset(&self) -> i64 {
         self.shared.kafka_offset(self.shared.log().log_end_offset())
+    }
+
+    /// How much of this replica's log the OS page cache keeps (see
+    /// [`crate::storage::PartitionLog::set_cached_tail_bytes_max`]): `None` while it leads,
+    /// [`super::log_store::FOLLOWER_CACHED_TAIL_BYTES_MAX`] otherwise.
+    pub fn cached_tail_bytes_max(&self) -> Option<u64> {
+        self.shared.log().cached_tail_bytes_max()
     }
 
     /// The high watermark, as it moves (its sender goes when the replica stops).

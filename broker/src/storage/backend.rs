@@ -28,6 +28,14 @@ pub trait StorageFile: Send + Sync + Debug {
     }
     /// Makes the written bytes and the length durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
+    /// Asks the OS to drop `len` bytes from `position` from its page cache: later reads of
+    /// them go to the disk. Callers drop only bytes a `sync_data` made durable (the OS
+    /// keeps dirty pages anyway). Advice: changes no data, and a backend without a page
+    /// cache ignores it.
+    fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
+        let _ = (position, len);
+        Ok(())
+    }
 }
 
 /// A directory of files. Paths are the directory joined with a plain file name.
@@ -75,6 +83,20 @@ impl StorageFile for StdFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        rustix::fs::fadvise(
+            &self.file,
+            position,
+            Some(len),
+            rustix::fs::Advice::DontNeed,
+        )
+        .map_err(io::Error::from)
     }
 }
 

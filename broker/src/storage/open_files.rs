@@ -476,6 +476,10 @@ impl StorageFile for CountedFile {
     fn sync_data(&self) -> io::Result<()> {
         self.file().sync_data()
     }
+
+    fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
+        self.file().drop_cached(position, len)
+    }
 }
 
 impl StorageFile for CachedFile {
@@ -503,6 +507,10 @@ impl StorageFile for CachedFile {
         self.handle()?.sync_data()?;
         self.slot.synced_writes.fetch_max(writes, Ordering::AcqRel);
         Ok(())
+    }
+
+    fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
+        self.handle()?.drop_cached(position, len)
     }
 }
 

@@ -70,6 +70,8 @@ struct SimFileData {
     durable: Vec<u8>,
     /// Lowest byte position changed since the last sync; `usize::MAX` when clean.
     dirty_from: usize,
+    /// The end of the furthest range dropped from the (modelled) page cache.
+    dropped_to: u64,
 }
 
 /// How many operations of each kind the backend has served (successful or not).
@@ -80,6 +82,8 @@ pub struct SimCounts {
     pub sync_dirs: u64,
     /// Mutating operations of every kind: writes, `set_len`, syncs, create, remove, rename.
     pub steps: u64,
+    /// `drop_cached` calls (advice: not a step, it changes nothing a crash could see).
+    pub cache_drops: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +331,14 @@ impl SimBackend {
         Some(state.files[id].data.clone())
     }
 
+    /// Up to where a file's bytes were dropped from the page cache (0: none were), if it
+    /// exists.
+    pub fn cache_dropped_to(&self, path: &Path) -> Option<u64> {
+        let state = self.lock();
+        let id = state.live.get(path)?;
+        Some(state.files[id].dropped_to)
+    }
+
     /// The bytes of a file that would survive a crash now.
     pub fn durable_contents(&self, path: &Path) -> Option<Vec<u8>> {
         let state = self.lock();
@@ -464,6 +476,23 @@ impl StorageFile for SimFile {
         file.dirty_from = usize::MAX;
         Ok(())
     }
+
+    /// Drops nothing (there is no page cache) but checks the caller's promise: only bytes a
+    /// sync made durable are dropped. Dropping others is a bug, answered with an error.
+    fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
+        let mut state = self.lock()?;
+        state.counts.cache_drops += 1;
+        let file = file_mut(&mut state, self.id, &self.path)?;
+        let end = position.saturating_add(len);
+        let clean_to = file.dirty_from.min(file.durable.len()) as u64;
+        if end > clean_to {
+            return Err(io::Error::other(format!(
+                "drop_cached of {position}..{end}: bytes from {clean_to} are not durable"
+            )));
+        }
+        file.dropped_to = file.dropped_to.max(end);
+        Ok(())
+    }
 }
 
 impl FileBackend for SimBackend {
@@ -494,6 +523,7 @@ impl FileBackend for SimBackend {
                 let file = state.files.get_mut(&id).expect("live file has data");
                 file.data.clear();
                 file.dirty_from = 0;
+                file.dropped_to = 0;
                 id
             }
             None => {

@@ -220,6 +220,9 @@ struct WriteState {
     /// The clean-shutdown marker is on disk: removed (and the removal synced) before the
     /// first change to the log's data, so an idle log opens and closes without a dir fsync.
     clean_marker: bool,
+    /// The segment (by base offset) whose log file's bytes below the position were dropped
+    /// from the page cache ([`PartitionLog::set_cached_tail_bytes_max`]).
+    cache_dropped: Option<(i64, u64)>,
 }
 
 /// What readers see; locked briefly, never across I/O.
@@ -294,6 +297,8 @@ struct Shared {
     dirty_floor: compaction::DirtyFloor,
     /// The clean offset the cleaner checkpoint holds (0 when there is none).
     clean_offset_on_disk: AtomicI64,
+    /// See [`PartitionLog::set_cached_tail_bytes_max`]; `u64::MAX`: no bound.
+    cached_tail_bytes_max: AtomicU64,
 }
 
 /// Locks a mutex even if a panicking thread poisoned it: the writer's exit guard must still
@@ -390,6 +395,7 @@ impl PartitionLog {
                 last_sync_ms: None,
                 unsynced: false,
                 buffer: Vec::new(),
+                cache_dropped: None,
             }),
             view: Mutex::new(view),
             truncation: RwLock::new(()),
@@ -401,6 +407,7 @@ impl PartitionLog {
             }),
             dirty_floor: AtomicI64::new(i64::MAX),
             clean_offset_on_disk: AtomicI64::new(clean_offset),
+            cached_tail_bytes_max: AtomicU64::new(u64::MAX),
         });
         Ok((PartitionLog { shared }, report))
     }
@@ -499,6 +506,27 @@ impl PartitionLog {
             self.schedule(queue);
         }
         Ok(Completion { receiver })
+    }
+
+    /// Bounds how much of the log the OS page cache keeps once durable: after each fsync
+    /// the writer drops the active segment's bytes older than its last `bytes` (and a
+    /// sealed segment's at its roll). For a log hardly anyone reads soon — a follower
+    /// replica's — so it neither displaces data that readers want nor makes the OS find a
+    /// fresh page for every byte written. Reads of dropped bytes go to the disk. `None`
+    /// (the default) leaves the page cache to the OS. Nothing is dropped before it is
+    /// durable, so under `FsyncPolicy::Never` nothing is dropped.
+    pub fn set_cached_tail_bytes_max(&self, bytes: Option<u64>) {
+        self.shared
+            .cached_tail_bytes_max
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The bound [`Self::set_cached_tail_bytes_max`] set, if any.
+    pub fn cached_tail_bytes_max(&self) -> Option<u64> {
+        match self.shared.cached_tail_bytes_max.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            bytes => Some(bytes),
+        }
     }
 
     pub fn offsets(&self) -> LogOffsets {

@@ -320,6 +320,7 @@ impl Shared {
             }
             Ok(())
         })?;
+        self.drop_cached(write, active.base_offset, &active.log, active.written);
         let segment = Segment::create(self.backend.as_ref(), &self.dir, active.next_offset)?;
         self.backend
             .sync_dir(&self.dir)
@@ -352,17 +353,59 @@ impl Shared {
             return Ok(());
         }
         if write.unsynced {
-            let (log, path) = {
+            let (base_offset, log, path, size) = {
                 let view = lock(&self.view);
-                (view.active().log.clone(), view.active().log_path.clone())
+                let active = view.active();
+                (
+                    active.base_offset,
+                    active.log.clone(),
+                    active.log_path.clone(),
+                    active.size,
+                )
             };
             self.observed_sync(|| log.sync_data().map_err(io_error("fsync", &path)))?;
             write.unsynced = false;
+            self.drop_cached(write, base_offset, &log, size);
         }
         if let Some(now) = group_now_ms {
             write.last_sync_ms = Some(now);
         }
         Ok(())
+    }
+
+    /// Drops the bytes of segment `base_offset`'s log file older than the cached tail from
+    /// the page cache, once `durable_size` of them are durable (see
+    /// [`PartitionLog::set_cached_tail_bytes_max`]). Advice: a failure is logged, never
+    /// fatal.
+    fn drop_cached(
+        &self,
+        write: &mut WriteState,
+        base_offset: i64,
+        log: &Arc<dyn StorageFile>,
+        durable_size: u64,
+    ) {
+        let keep = self.cached_tail_bytes_max.load(Ordering::Relaxed);
+        if keep == u64::MAX {
+            return;
+        }
+        let dropped_to = match write.cache_dropped {
+            Some((base, to)) if base == base_offset => to,
+            _ => 0,
+        };
+        let to = durable_size.saturating_sub(keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES;
+        if to <= dropped_to {
+            return;
+        }
+        // The OS drops only whole folios, which may be larger than a page: one that
+        // straddled the last range's end was kept, so this range covers it again.
+        let from = dropped_to.saturating_sub(CACHE_FOLIO_BYTES_MAX);
+        match log.drop_cached(from, to - from) {
+            Ok(()) => write.cache_dropped = Some((base_offset, to)),
+            Err(e) => tracing::warn!(
+                dir = %self.dir.display(), base_offset, error = %e,
+                "could not drop written bytes from the page cache"
+            ),
+        }
     }
 
     /// Everything written is acknowledged: readers may see it. Returns the log start.
@@ -406,6 +449,12 @@ impl GroupStart {
         }
     }
 }
+
+/// The page size the cached tail is rounded to.
+const CACHE_PAGE_BYTES: u64 = 4096;
+/// The largest page-cache folio (Linux on x86-64: a PMD, 2 MiB); the OS keeps a folio a
+/// drop covers only in part.
+const CACHE_FOLIO_BYTES_MAX: u64 = 2 * 1024 * 1024;
 
 /// ENOSPC (or EDQUOT): the write did not fit; nothing says the disk is unreliable.
 fn is_no_space(error: &std::io::Error) -> bool {
