@@ -262,6 +262,11 @@ pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryErr
                     expected: offset,
                 });
             }
+            if header.partition_leader_epoch == epoch {
+                // Stamped already (a follower's copy of the leader's entry): stored as it
+                // came, without a copy.
+                return Ok(stored.clone());
+            }
             let mut bytes = BytesMut::from(&stored[..]);
             batch::set_base_offset(&mut bytes, offset);
             batch::set_partition_leader_epoch(&mut bytes, epoch);
@@ -586,8 +591,14 @@ mod tests {
             0,
         )
         .unwrap();
-        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::new(stored)));
-        assert!(encode(&replicated, 7, 0).is_ok());
+        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::new(stored.clone())));
+        let again = encode(&replicated, 7, 0).unwrap();
+        assert_eq!(again, stored);
+        assert_eq!(
+            again.as_ptr(),
+            stored.as_ptr(),
+            "stored as it came, not copied"
+        );
         match encode(&replicated, 8, 0) {
             Err(EntryError::OffsetMismatch {
                 stamped: 7,
