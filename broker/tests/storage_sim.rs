@@ -445,3 +445,63 @@ fn a_cached_tail_bound_drops_only_durable_bytes_older_than_the_tail() {
     block_on(log.flush().unwrap()).unwrap();
     assert_eq!(sim.cache_dropped_to(&path), Some(expected(len)));
 }
+
+/// A batch of 64 KiB or more whose base offset is already its place (a replicated entry) is
+/// written from its own bytes, between the buffered writes of the others; every batch is
+/// stored byte for byte at dense offsets either way, and a crash keeps them all (durable).
+#[test]
+fn placed_large_batches_are_written_from_their_own_bytes_between_buffered_ones() {
+    // (records, value bytes, placed at its offset): small, large placed, large unplaced,
+    // small, large placed, large placed.
+    let shapes = [
+        (2, 100, false),
+        (3, 30_000, true),
+        (3, 30_000, false),
+        (1, 10, false),
+        (2, 40_000, true),
+        (1, 70_000, true),
+    ];
+    let mut batches = Vec::new();
+    let mut next_offset = 0i64;
+    for (tag, (records, value_bytes, placed)) in shapes.into_iter().enumerate() {
+        let mut bytes = bytes::BytesMut::from(&batch(records, value_bytes, 0, tag as u64)[..]);
+        ketch_protocol::batch::set_base_offset(&mut bytes, if placed { next_offset } else { 77 });
+        next_offset += records as i64;
+        batches.push(bytes.freeze());
+    }
+    let sim = SimBackend::new();
+    let config = LogConfig {
+        segment_bytes_max: 64 * 1024 * 1024,
+        ..sim_config(FsyncPolicy::Always)
+    };
+    let (log, _) = open_sim(&sim, config.clone());
+    sim.hold_syncs();
+    let pending: Vec<_> = batches
+        .iter()
+        .map(|b| log.append(b.clone(), 0).unwrap())
+        .collect();
+    assert!(sim.wait_for_held_syncs(1, WAIT));
+    sim.release_syncs();
+    let outcomes: Vec<_> = pending.into_iter().map(|p| block_on(p).unwrap()).collect();
+    // However the writer split them into groups: [small] buffered; [large placed] direct;
+    // [large unplaced, small] buffered; [large placed] direct; [large placed] direct.
+    // Copying every batch wrote one or two.
+    assert_eq!(sim.counts().writes, 5, "placed batches are written apart");
+    let mut expected_offset = 0i64;
+    for outcome in &outcomes {
+        assert_eq!(outcome.base_offset, expected_offset);
+        expected_offset = outcome.last_offset + 1;
+    }
+    let check = |log: &ketch_broker::storage::PartitionLog| {
+        let stored = read_all(log, 1 << 20).unwrap();
+        assert_eq!(stored.len(), batches.len());
+        for ((stored, appended), outcome) in stored.iter().zip(&batches).zip(&outcomes) {
+            assert_same_batch(stored.as_bytes(), appended, outcome.base_offset);
+        }
+    };
+    check(&log);
+    sim.crash();
+    drop(log);
+    let (log, _) = open_sim(&sim, config);
+    check(&log);
+}
