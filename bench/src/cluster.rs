@@ -43,6 +43,10 @@ fn producer_config() -> ProducerConfig {
 /// How often the failover's observer asks who leads the partition.
 const LEADER_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Deliveries the produce loop leaves outstanding (a bound on its memory, far above what the
+/// producer keeps in flight).
+const DELIVERIES_OUTSTANDING_MAX: usize = 10_000;
+
 /// Records per second for `duration`, one producer, round robin over `partitions`.
 async fn produce_rate(
     client: &Client,
@@ -53,19 +57,22 @@ async fn produce_rate(
     let producer = client.producer(producer_config()).await?;
     let value = vec![b'x'; record_bytes];
     let started = Instant::now();
-    let mut deliveries = Vec::new();
+    // A window of outstanding deliveries, the oldest awaited as a new one goes out: the
+    // producer's pipeline stays full (awaiting all 10,000 at once emptied it every 10 MiB,
+    // a stall that cost a replicated partition, whose acks take longer, more).
+    let mut deliveries = std::collections::VecDeque::new();
     let mut sent = 0u64;
     while started.elapsed() < duration {
         let record = ProducerRecord {
             partition: Some((sent % u64::from(partitions)) as u32),
             ..ProducerRecord::new(TOPIC, value.clone())
         };
-        deliveries.push(producer.send(record).await?);
+        deliveries.push_back(producer.send(record).await?);
         sent += 1;
-        if deliveries.len() >= 10_000 {
-            for d in deliveries.drain(..) {
-                d.await?;
-            }
+        if deliveries.len() > DELIVERIES_OUTSTANDING_MAX
+            && let Some(oldest) = deliveries.pop_front()
+        {
+            oldest.await?;
         }
     }
     for d in deliveries {
