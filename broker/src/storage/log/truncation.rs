@@ -9,6 +9,9 @@ impl PartitionLog {
     /// For raft: the follower's conflicting suffix.
     pub fn truncate_suffix(&self, from_offset: i64) -> Result<(), StorageError> {
         let mut write = lock(&self.shared.write);
+        // Bytes written again where the cut was go back to the page cache: the next drop
+        // covers the active segment from its start.
+        write.cache_dropped = None;
         lock(&self.shared.queue).check_not_poisoned()?;
         let (i, plan) = {
             let view = lock(&self.shared.view);
@@ -84,6 +87,9 @@ impl PartitionLog {
             self.truncate_suffix(log_start)?;
         }
         let mut write = lock(&self.shared.write);
+        // Bytes written again where the cut was go back to the page cache: the next drop
+        // covers the active segment from its start.
+        write.cache_dropped = None;
         lock(&self.shared.queue).check_not_poisoned()?;
         let _exclusive = self
             .shared
