@@ -420,23 +420,24 @@ fn a_cached_tail_bound_drops_only_durable_bytes_older_than_the_tail() {
     assert!(files.len() >= 3, "the appends rolled segments: {files:?}");
     assert!(sim.cache_dropped_to(&files[0].0).unwrap() > 0);
 
+    let filled = |fsync, bound, appends| {
+        let sim = SimBackend::new();
+        let (log, _) = open_sim(&sim, config(fsync));
+        log.set_cached_tail_bytes_max(bound);
+        for i in 0..appends {
+            append(&log, &batch(3, 1000, 0, i), 0);
+        }
+        (sim, log)
+    };
+
     // No bound: the OS decides.
-    let sim = SimBackend::new();
-    let (log, _) = open_sim(&sim, config(FsyncPolicy::Always));
-    for i in 0..60u64 {
-        append(&log, &batch(3, 1000, 0, i), 0);
-    }
+    let (sim, _log) = filled(FsyncPolicy::Always, None, 60);
     for (path, _) in log_files(&sim) {
         assert_eq!(sim.cache_dropped_to(&path), Some(0));
     }
 
     // Under `Never` only a flush makes bytes durable, and only then are they dropped.
-    let sim = SimBackend::new();
-    let (log, _) = open_sim(&sim, config(FsyncPolicy::Never));
-    log.set_cached_tail_bytes_max(Some(TAIL));
-    for i in 0..15u64 {
-        append(&log, &batch(3, 1000, 0, i), 0);
-    }
+    let (sim, log) = filled(FsyncPolicy::Never, Some(TAIL), 15);
     let files = log_files(&sim);
     assert_eq!(files.len(), 1, "still one segment");
     let (path, len) = files[0].clone();
