@@ -506,3 +506,49 @@ fn placed_large_batches_are_written_from_their_own_bytes_between_buffered_ones()
     let (log, _) = open_sim(&sim, config);
     check(&log);
 }
+
+/// A placed batch written from its own bytes and cut short by a full disk is undone like a
+/// buffered one: the file loses the half-written bytes, and once space returns the next
+/// batch goes at the same offset.
+#[test]
+fn a_placed_batch_cut_by_a_full_disk_is_undone() {
+    let placed = |offset: i64, tag: u64| {
+        let mut bytes = bytes::BytesMut::from(&batch(2, 40_000, 0, tag)[..]);
+        ketch_protocol::batch::set_base_offset(&mut bytes, offset);
+        bytes.freeze()
+    };
+    let sim = SimBackend::new();
+    let config = LogConfig {
+        segment_bytes_max: 64 * 1024 * 1024,
+        ..sim_config(FsyncPolicy::Always)
+    };
+    let (log, _) = open_sim(&sim, config.clone());
+    let first = placed(0, 1);
+    assert_eq!(append(&log, &first, 0).base_offset, 0);
+    sim.set_disk_full(true);
+    assert!(matches!(
+        block_on(log.append(placed(2, 2), 0).unwrap()),
+        Err(StorageError::NoSpace { .. })
+    ));
+    assert_eq!(log.log_end_offset(), 2, "the failed write was undone");
+    assert_eq!(
+        log_files(&sim)[0].1,
+        first.len() as u64,
+        "and cut from the file"
+    );
+    sim.set_disk_full(false);
+    log.resume_writes();
+    let second = placed(2, 3);
+    assert_eq!(append(&log, &second, 0).base_offset, 2);
+    let check = |log: &ketch_broker::storage::PartitionLog| {
+        let stored = read_all(log, 1 << 20).unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_same_batch(stored[0].as_bytes(), &first, 0);
+        assert_same_batch(stored[1].as_bytes(), &second, 2);
+    };
+    check(&log);
+    sim.crash();
+    drop(log);
+    let (log, _) = open_sim(&sim, config);
+    check(&log);
+}
