@@ -82,8 +82,6 @@ pub struct SimCounts {
     pub sync_dirs: u64,
     /// Mutating operations of every kind: writes, `set_len`, syncs, create, remove, rename.
     pub steps: u64,
-    /// `drop_cached` calls (advice: not a step, it changes nothing a crash could see).
-    pub cache_drops: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +479,6 @@ impl StorageFile for SimFile {
     /// sync made durable are dropped. Dropping others is a bug, answered with an error.
     fn drop_cached(&self, position: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock()?;
-        state.counts.cache_drops += 1;
         let file = file_mut(&mut state, self.id, &self.path)?;
         let end = position.saturating_add(len);
         let clean_to = file.dirty_from.min(file.durable.len()) as u64;

@@ -38,9 +38,7 @@ impl Active {
             pending_times: Vec::new(),
         }
     }
-}
 
-impl Active {
     /// Writes `bytes` (if any) where the written part of the segment's log file ends.
     fn write_at_end(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         if bytes.is_empty() {
@@ -238,13 +236,13 @@ impl Shared {
                 && append.header.base_offset == base_offset
             {
                 // Placed already (a replicated entry): written from its own bytes, after
-                // what is buffered, rather than copied into the buffer.
-                let header = BatchHeader::parse(&append.batch).expect("checked by append");
+                // what is buffered, rather than copied into the buffer; its header is the
+                // one `append` parsed.
                 active.write_at_end(buffer)?;
                 buffer.clear();
                 active.write_at_end(&append.batch)?;
                 write.unsynced = true;
-                header
+                append.header
             } else {
                 let start = buffer.len();
                 buffer.extend_from_slice(&append.batch);
