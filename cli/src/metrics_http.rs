@@ -60,6 +60,15 @@ pub struct Endpoint {
     pub broker: Arc<OnceLock<BrokerProbe>>,
 }
 
+/// Whether `start` failed because another socket holds the address.
+pub fn is_addr_in_use(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+    })
+}
+
 /// Binds `addr` and serves until the runtime stops; returns the bound address.
 pub async fn start(addr: SocketAddr, endpoint: Endpoint) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {

@@ -136,7 +136,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KETCH_SHUTDOWN_GRACE_MS", value_name = "MS")]
     shutdown_grace_ms: Option<u64>,
     /// HTTP address serving Prometheus metrics (/metrics), /health and /ready; port 0 picks a
-    /// free port; `off` disables it. [default: 127.0.0.1:9193]
+    /// free port; `off` disables it. [default: 127.0.0.1:9193, or a free port if another
+    /// process (a second broker on this machine) holds it]
     #[arg(long, env = "KETCH_METRICS_LISTEN", value_name = "HOST:PORT|off")]
     metrics_listen: Option<MetricsListen>,
     /// How clients authenticate: required (a client certificate or an API token), optional
@@ -265,6 +266,9 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // An address the operator chose (flag, environment, config file) must be had; the
+    // built-in default gives way to another broker on the same machine.
+    let metrics_listen_chosen = args.metrics_listen.is_some() || args.config.is_some();
     let mut config = args.into_config()?;
     fit_open_files(&mut config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -285,7 +289,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     handle: metrics_http::install_recorder()?,
                     broker: broker_probe.clone(),
                 };
-                Some(metrics_http::start(addr, endpoint).await?)
+                Some(match metrics_http::start(addr, endpoint.clone()).await {
+                    Err(e) if !metrics_listen_chosen && metrics_http::is_addr_in_use(&e) => {
+                        let bound =
+                            metrics_http::start(SocketAddr::new(addr.ip(), 0), endpoint).await?;
+                        tracing::warn!(
+                            default = %addr, metrics = %bound,
+                            "the default metrics address is taken (another broker on this \
+                             machine?): metrics are served on a free port instead; choose one \
+                             with --metrics-listen"
+                        );
+                        bound
+                    }
+                    other => other?,
+                })
             }
         };
         let auth = config.auth_mode().name();

@@ -421,3 +421,96 @@ fn ready_flips_to_unavailable_while_draining_and_health_stays() -> anyhow::Resul
     broker.process.kill();
     Ok(())
 }
+
+/// `ketch serve` started with the defaults while another process holds the default metrics
+/// address — a second broker on one machine, as the README's three-broker cluster and the
+/// `--node-id/--listen/--peers` contract start them — serves its metrics on a free port and
+/// says so; an address chosen with `--metrics-listen` and taken still fails, clearly. Before,
+/// the second and third brokers of the README's cluster exited at once.
+#[test]
+fn a_taken_default_metrics_address_gives_way_and_a_chosen_one_fails() -> anyhow::Result<()> {
+    const DEFAULT: &str = "127.0.0.1:9193";
+    // Held here, or by another process already: taken either way.
+    let _holder = std::net::TcpListener::bind(DEFAULT);
+    ensure!(
+        std::net::TcpListener::bind(DEFAULT).is_err(),
+        "{DEFAULT} is taken"
+    );
+    let dir = tempfile::tempdir()?;
+    let serve = |name: &str, metrics: Option<&str>| {
+        let mut command = Command::new(ketch_testkit::ketch_bin());
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join(name))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env_remove("KETCH_METRICS_LISTEN")
+            .env("KETCH_LOG", "info");
+        if let Some(metrics) = metrics {
+            command.arg("--metrics-listen").arg(metrics);
+        }
+        command
+    };
+
+    let log = dir.path().join("default.log");
+    let broker = ketch_testkit::ServerProcess::spawn(
+        "ketch",
+        serve("default", None),
+        ketch_testkit::ReadyOn::Stdout,
+        "ketch ready ",
+        &log,
+        ketch_testkit::READY_TIMEOUT,
+    )?;
+    let metrics: SocketAddr = broker
+        .ready_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("metrics="))
+        .with_context(|| format!("no metrics= in {:?}", broker.ready_line))?
+        .parse()?;
+    ensure!(
+        metrics.to_string() != DEFAULT,
+        "moved off the default: {metrics}"
+    );
+    ensure!(
+        metrics.ip().is_loopback(),
+        "on the default's host: {metrics}"
+    );
+    assert_eq!(get(metrics, "/health")?.0, 200);
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(
+        text.contains("WARN") && text.contains("the default metrics address is taken"),
+        "the broker says where its metrics went:\n{text}"
+    );
+    drop(broker);
+
+    let mut chosen = serve("chosen", Some(DEFAULT))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = chosen.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > WAIT_MAX {
+            chosen.kill()?;
+            chosen.wait()?;
+            bail!("a broker whose chosen metrics address is taken still runs after {WAIT_MAX:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    chosen
+        .stderr
+        .take()
+        .context("stderr is piped")?
+        .read_to_string(&mut stderr)?;
+    ensure!(!status.success(), "exits with an error: {status}");
+    ensure!(
+        stderr.contains("binding the metrics endpoint 127.0.0.1:9193")
+            && stderr.contains("--metrics-listen"),
+        "names the address and the flag: {stderr}"
+    );
+    Ok(())
+}
