@@ -26,8 +26,63 @@ fn open_partition_files(pid: u32) -> anyhow::Result<usize> {
     open_files_under(pid, "/topics/")
 }
 
+/// A process stopped by SIGSTOP until this is dropped (SIGCONT).
+struct Frozen(rustix::process::Pid);
+
+/// How long a stopped process's threads may take to reach the stop (one inside an `fsync`
+/// stops when it returns).
+const FREEZE_WAIT_MAX: Duration = Duration::from_secs(10);
+
+impl Frozen {
+    /// Stops `pid` and waits until every one of its threads is stopped.
+    fn new(pid: u32) -> anyhow::Result<Frozen> {
+        let pid = rustix::process::Pid::from_raw(pid.try_into()?).context("pid 0")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP)?;
+        let frozen = Frozen(pid);
+        let deadline = std::time::Instant::now() + FREEZE_WAIT_MAX;
+        while !frozen.all_threads_stopped()? {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "process {} did not stop within {FREEZE_WAIT_MAX:?}",
+                pid.as_raw_nonzero()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(frozen)
+    }
+
+    fn all_threads_stopped(&self) -> anyhow::Result<bool> {
+        let tasks = format!("/proc/{}/task", self.0.as_raw_nonzero());
+        for task in std::fs::read_dir(tasks)? {
+            // A thread that exited while listing is gone, not running.
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+                continue;
+            };
+            // The state follows the command name, which is in parentheses and may hold any
+            // character: take the field after the last `)`.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            if !state.is_some_and(|s| s.starts_with('T') || s.starts_with('t')) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(self.0, rustix::process::Signal::CONT);
+    }
+}
+
 /// Segment and index files the process has open under a directory named `under`.
+///
+/// Counted with the process stopped: a listing of a running process's descriptors is no
+/// snapshot (each is resolved after the listing), so it can count a file at one descriptor,
+/// then see its number taken by something else and another file opened under a number not
+/// yet resolved, and count two files where one was ever open.
 fn open_files_under(pid: u32, under: &str) -> anyhow::Result<usize> {
+    let _frozen = Frozen::new(pid)?;
     let mut count = 0;
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         // A descriptor closed while listing is simply gone.
