@@ -1,4 +1,5 @@
-//! Clients that try to exhaust the broker: a stalled or hostile client may only hurt itself.
+//! Clients that try to exhaust the broker: a stalled or hostile client may only hurt itself,
+//! and honest clients that together ask for more than the broker holds are served in turn.
 //!
 //! Each test starts its own broker on an ephemeral loopback port in a temporary directory and
 //! stops exactly that process when it ends.
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use bytes::Bytes;
+use ketch_client::{Acks, NewTopic, ProducerConfig, ProducerRecord};
 use ketch_e2e::TestBroker;
 use ketch_e2e::raw::{OpenRequest, decode_response_frame};
 use ketch_protocol::ErrorCode;
@@ -106,4 +108,102 @@ async fn claimed_but_unsent_frames_do_not_stall_other_clients() -> anyhow::Resul
         attack_started.elapsed()
     );
     broker.assert_serving("the stalled-frame attack").await
+}
+
+/// Producers of the crowd test, each on a connection of its own (all from 127.0.0.1).
+const CROWD_PRODUCERS: usize = 8;
+const CROWD_PARTITIONS: u32 = 64;
+/// 8 MiB of 1 KiB records each: together 64 MiB, eight times the IP's share of request memory.
+const CROWD_RECORDS_PER_PRODUCER: u64 = 8 * 1024;
+/// Below the broker's 30 s limit on a request's wait for memory: the crowd's records are
+/// delivered in a few seconds when requests take turns, and not before that limit dropped
+/// them when they deadlocked.
+const CROWD_DELIVERED_MAX: Duration = Duration::from_secs(25);
+
+/// Producers that together keep far more request bytes in flight than the broker's request
+/// memory (`--request-bytes-in-flight-max` 32 MiB, so 8 MiB for their one source IP): their
+/// requests wait their turn, none waits out the broker's limit, and every record is delivered
+/// and stored. Memory reserved chunk by chunk as each body arrived deadlocked here: every
+/// request held part of the IP's share and waited for more, until the limit dropped them all
+/// (a hundred producers on one broker fell from ~230k to ~9k records/s that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_asking_for_more_request_memory_than_there_is_take_turns() -> anyhow::Result<()> {
+    let broker = TestBroker::start(&["--request-bytes-in-flight-max", "33554432"])?;
+    let client = broker.client().await?;
+    client
+        .admin()
+        .create_topic(NewTopic::new("crowd", CROWD_PARTITIONS))
+        .await?;
+    let value = Bytes::from(vec![b'c'; 1024]);
+    let mut crowd = Vec::with_capacity(CROWD_PRODUCERS);
+    for _ in 0..CROWD_PRODUCERS {
+        let client = broker.client().await?;
+        let producer = client
+            .producer(ProducerConfig {
+                acks: Acks::Leader,
+                ..Default::default()
+            })
+            .await?;
+        crowd.push((client, producer));
+    }
+    let started = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for (client, producer) in crowd {
+        let value = value.clone();
+        running.spawn(async move {
+            let mut deliveries = Vec::with_capacity(CROWD_RECORDS_PER_PRODUCER as usize);
+            for i in 0..CROWD_RECORDS_PER_PRODUCER {
+                deliveries.push(
+                    producer
+                        .send(ProducerRecord {
+                            partition: Some((i % u64::from(CROWD_PARTITIONS)) as u32),
+                            value: Some(value.clone()),
+                            ..ProducerRecord::new("crowd", "")
+                        })
+                        .await?,
+                );
+            }
+            for delivery in deliveries {
+                delivery.await?;
+            }
+            producer.close().await?;
+            client.close();
+            anyhow::Ok(())
+        });
+    }
+    let all_delivered = async {
+        while let Some(done) = running.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(CROWD_DELIVERED_MAX, all_delivered)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the crowd's records were not delivered within {CROWD_DELIVERED_MAX:?}; broker log:\n{}",
+                broker.process.log()
+            )
+        })??;
+    println!(
+        "{} records of {CROWD_PRODUCERS} producers delivered in {:?}",
+        CROWD_RECORDS_PER_PRODUCER * CROWD_PRODUCERS as u64,
+        started.elapsed()
+    );
+    let log = broker.process.log();
+    ensure!(
+        !log.contains("no request memory"),
+        "a request waited out the limit on request memory:\n{log}"
+    );
+    let described = client.admin().describe_topic("crowd").await?;
+    let stored: i64 = described
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark - p.log_start_offset)
+        .sum();
+    ensure!(
+        stored == (CROWD_RECORDS_PER_PRODUCER * CROWD_PRODUCERS as u64) as i64,
+        "{stored} records stored"
+    );
+    broker.assert_serving("the crowd of producers").await
 }

@@ -35,12 +35,10 @@ const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const OVERSIZED_FRAME_KEY_WAIT: Duration = Duration::from_secs(1);
 /// Units of the request-memory semaphores.
 const MEMORY_PERMIT_BYTES: usize = 1024;
-/// Request memory is reserved as the body arrives, at most this much at a time: a length
-/// prefix that claims a large frame reserves nothing until its bytes come.
-const REQUEST_READ_CHUNK_BYTES: usize = 256 * 1024;
-/// The first reservation of a request body; each next one is as large as all before it (up
-/// to [`REQUEST_READ_CHUNK_BYTES`]), so a stream that trickles its request (slowloris) holds
-/// little, and a fast one reserves in few steps.
+/// The first part of a request body, reserved from its connection's share alone and read
+/// before the rest is reserved: a length prefix that claims a large frame reserves no more
+/// than this until these bytes come, so a stream that trickles its request (slowloris) holds
+/// little. See [`read_request`].
 const REQUEST_READ_FIRST_CHUNK_BYTES: usize = 16 * 1024;
 /// The share of `request_bytes_in_flight_max` one connection may hold: a client that stalls
 /// its requests (or floods them) waits on its own share, not on everyone's.
@@ -735,8 +733,10 @@ impl IpSlot {
             .lock()
             .expect("connection counts lock");
         let share = counts.entry(ip).or_insert_with(|| {
+            // Never less than the largest frame (a filter upload may exceed
+            // `frame_bytes_max`), which must fit in the share to be read at all.
             let bytes = (state.config.request_bytes_in_flight_max / IP_REQUEST_MEMORY_DIVISOR)
-                .max(u64::from(state.config.frame_bytes_max));
+                .max(state.config.filter_upload_frame_bytes_max() as u64);
             IpShare {
                 connections: 0,
                 request_memory: Arc::new(Semaphore::new(
@@ -777,6 +777,17 @@ struct ConnectionShare {
     ip_request_memory: Arc<Semaphore>,
     /// Who the connection is.
     auth: access::ConnectionAuth,
+}
+
+/// A connection's share of request memory: `request_bytes_in_flight_max /`
+/// [`CONNECTION_REQUEST_MEMORY_DIVISOR`], and never less than the largest frame beside a first
+/// chunk for every stream it may open, so that the first chunks its streams hold while they
+/// wait (see [`read_request`]) never keep a whole frame from its share.
+fn connection_request_memory_bytes(config: &BrokerConfig) -> u64 {
+    let first_chunks =
+        u64::from(config.streams_per_connection_max) * REQUEST_READ_FIRST_CHUNK_BYTES as u64;
+    (config.request_bytes_in_flight_max / CONNECTION_REQUEST_MEMORY_DIVISOR)
+        .max(config.filter_upload_frame_bytes_max() as u64 + first_chunks)
 }
 
 /// Request memory held by one request: its connection's share, its IP's and the broker's,
@@ -835,9 +846,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, slot: Ip
     }
     tracing::debug!(%remote, "connection open");
     let _open = OpenGuard::new(&state.metrics.connections);
-    let connection_memory = (state.config.request_bytes_in_flight_max
-        / CONNECTION_REQUEST_MEMORY_DIVISOR)
-        .max(u64::from(state.config.frame_bytes_max));
+    let connection_memory = connection_request_memory_bytes(&state.config);
     let share = Arc::new(ConnectionShare {
         auth: access::ConnectionAuth::new(&state, &connection),
         remote,
@@ -1049,10 +1058,25 @@ enum ReadFailure {
     Gone,
 }
 
-/// Reads one request frame. Memory is reserved as the body arrives, in chunks, from the
-/// connection's share and then the broker's; every wait is bounded: no byte for
-/// [`REQUEST_STALL_TIMEOUT`] (inside the length prefix too) or the whole frame not within
-/// [`REQUEST_READ_TIMEOUT`] ends the request with `timeout`, and is logged.
+/// Reads one request frame; every wait is bounded: no byte for [`REQUEST_STALL_TIMEOUT`]
+/// (inside the length prefix too) or the whole frame not within [`REQUEST_READ_TIMEOUT`] ends
+/// the request with `timeout`, and is logged.
+///
+/// Memory is reserved in two steps, and no request ever waits at a share while it holds part
+/// of that share for itself:
+/// 1. the first [`REQUEST_READ_FIRST_CHUNK_BYTES`] of the body (or all of a smaller one), from
+///    the connection's share alone, are read before anything more is reserved: a stream that
+///    claims a large frame and sends little holds little. The connection's share holds a first
+///    chunk for each of its streams beside its largest frame, so first chunks never keep a
+///    whole frame out;
+/// 2. once they have come, the whole body at once from each share in turn: the connection's
+///    (the rest), the IP's, the broker's. A request waiting at one share holds only shares
+///    taken before it in that order, and whoever holds what it waits for holds a whole frame,
+///    which completes as its bytes arrive.
+///
+/// Reserving as the body arrived, chunk by chunk, deadlocked under load: a hundred producers
+/// on one IP each held part of the IP's share and waited for more, and every request waited
+/// out [`REQUEST_READ_TIMEOUT`].
 async fn read_request(
     recv: &mut quinn::RecvStream,
     state: &State,
@@ -1102,9 +1126,12 @@ async fn read_request(
             ),
         },
     )?;
-    let mut gathered: Option<bytes::BytesMut> = None;
-    let mut single: Option<Bytes> = None;
-    let mut read = 0usize;
+    let mut body = BodyReader {
+        length,
+        read: 0,
+        gathered: None,
+        single: None,
+    };
     if length > frame_bytes_max {
         // Only a filter upload may be this large: its API key follows the prefix at once (a
         // client writes them together), so wait for those two bytes only briefly, before any
@@ -1137,106 +1164,163 @@ async fn read_request(
         if u16::from_be_bytes(key) != ketch_protocol::messages::ApiKey::FilterUpload as u16 {
             return Err(too_large(""));
         }
-        let mut buffer = bytes::BytesMut::with_capacity(REQUEST_READ_CHUNK_BYTES);
+        let mut buffer = bytes::BytesMut::with_capacity(REQUEST_READ_FIRST_CHUNK_BYTES);
         buffer.extend_from_slice(&key);
-        gathered = Some(buffer);
-        read = key.len();
+        body.gathered = Some(buffer);
+        body.read = key.len();
     }
-    let mut memory: Option<RequestMemory> = None;
-    let mut reserved = 0usize;
-    while read < length {
-        if reserved <= read {
-            let chunk = reserved
-                .clamp(REQUEST_READ_FIRST_CHUNK_BYTES, REQUEST_READ_CHUNK_BYTES)
-                .min(length - reserved);
-            let permits = memory_permits(chunk);
-            let reserve = async {
-                let connection = share
-                    .request_memory
-                    .clone()
-                    .acquire_many_owned(permits)
-                    .await
-                    .ok()?;
-                let ip = share
-                    .ip_request_memory
-                    .clone()
-                    .acquire_many_owned(permits)
-                    .await
-                    .ok()?;
-                let broker = state
-                    .request_memory
-                    .clone()
-                    .acquire_many_owned(permits)
-                    .await
-                    .ok()?;
-                Some((connection, ip, broker))
-            };
-            if state.request_memory.available_permits() < permits as usize
-                || share.request_memory.available_permits() < permits as usize
-                || share.ip_request_memory.available_permits() < permits as usize
-            {
-                state.metrics.throttled_by_memory.increment(1);
-            }
-            let (mut connection, mut ip, mut broker) = tokio::time::timeout_at(deadline, reserve)
-                .await
-                .map_err(|_| {
-                    stalled(format!(
-                        "no request memory for {length} bytes within {} s",
-                        REQUEST_READ_TIMEOUT.as_secs()
-                    ))
-                })?
-                .ok_or(ReadFailure::Gone)?;
-            if let Some(held) = memory.take() {
-                connection.merge(held._connection);
-                ip.merge(held._ip);
-                broker.merge(held._broker);
-            }
-            memory = Some(RequestMemory {
-                _connection: connection,
-                _ip: ip,
-                _broker: broker,
-            });
-            reserved += chunk;
-        }
-        let wait = (tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT).min(deadline);
-        let chunk = match tokio::time::timeout_at(wait, recv.read_chunk(reserved - read, true))
-            .await
+    if length == 0 {
+        return Ok((Bytes::new(), None));
+    }
+    let no_memory = || {
+        stalled(format!(
+            "no request memory for {length} bytes within {} s",
+            REQUEST_READ_TIMEOUT.as_secs()
+        ))
+    };
+    let count_throttled = |permits: u32, semaphores: &[&Semaphore]| {
+        if semaphores
+            .iter()
+            .any(|s| s.available_permits() < permits as usize)
         {
-            Ok(Ok(Some(chunk))) => chunk.bytes,
-            Ok(Ok(None)) => {
-                return Err(ReadFailure::Answer {
-                    code: ErrorCode::MalformedFrame,
-                    message: format!(
-                        "request ended after {read} of the {length} bytes its length prefix announced"
-                    ),
-                });
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "request stream failed");
-                return Err(ReadFailure::Gone);
-            }
-            Err(_) => {
-                return Err(stalled(format!(
-                    "request stalled after {read} of the {length} bytes its length prefix announced"
-                )));
-            }
-        };
-        read += chunk.len();
-        // A body that arrives in one chunk is used as it is (no copy); otherwise chunks are
-        // gathered into one buffer that grows with what arrived (at most twice what is
-        // reserved), not with what the prefix claims.
-        if gathered.is_none() && read == length {
-            single = Some(chunk);
-            break;
+            state.metrics.throttled_by_memory.increment(1);
         }
-        gathered
-            .get_or_insert_with(|| bytes::BytesMut::with_capacity(reserved))
-            .extend_from_slice(&chunk);
+    };
+    // 1. The first chunk, from the connection's share.
+    let first_end = length.min(body.read + REQUEST_READ_FIRST_CHUNK_BYTES);
+    let first_permits = memory_permits(first_end - body.read);
+    count_throttled(first_permits, &[&share.request_memory]);
+    let first = tokio::time::timeout_at(
+        deadline,
+        share
+            .request_memory
+            .clone()
+            .acquire_many_owned(first_permits),
+    )
+    .await
+    .map_err(|_| no_memory())?
+    .map_err(|_| ReadFailure::Gone)?;
+    body.read_to(recv, first_end, deadline, &stalled).await?;
+    // 2. The whole body, from each share in turn.
+    let permits = memory_permits(length);
+    count_throttled(
+        permits,
+        &[
+            &share.request_memory,
+            &share.ip_request_memory,
+            &state.request_memory,
+        ],
+    );
+    let reserve = async {
+        let mut connection = first;
+        if permits > first_permits {
+            connection.merge(
+                share
+                    .request_memory
+                    .clone()
+                    .acquire_many_owned(permits - first_permits)
+                    .await
+                    .ok()?,
+            );
+        }
+        let ip = share
+            .ip_request_memory
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .ok()?;
+        let broker = state
+            .request_memory
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .ok()?;
+        Some(RequestMemory {
+            _connection: connection,
+            _ip: ip,
+            _broker: broker,
+        })
+    };
+    let memory = tokio::time::timeout_at(deadline, reserve)
+        .await
+        .map_err(|_| no_memory())?
+        .ok_or(ReadFailure::Gone)?;
+    body.make_room();
+    body.read_to(recv, length, deadline, &stalled).await?;
+    Ok((body.finish(), Some(memory)))
+}
+
+/// A request body as it arrives.
+struct BodyReader {
+    length: usize,
+    read: usize,
+    /// Chunks gathered into one buffer, which grows with what arrived, not with what the
+    /// prefix claims.
+    gathered: Option<bytes::BytesMut>,
+    /// A body that arrived in one chunk, used as it is (no copy).
+    single: Option<Bytes>,
+}
+
+impl BodyReader {
+    /// Reads until `upto` bytes of the body have come.
+    async fn read_to(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        upto: usize,
+        deadline: tokio::time::Instant,
+        stalled: &impl Fn(String) -> ReadFailure,
+    ) -> Result<(), ReadFailure> {
+        let length = self.length;
+        while self.read < upto {
+            let wait = (tokio::time::Instant::now() + REQUEST_STALL_TIMEOUT).min(deadline);
+            let chunk = match tokio::time::timeout_at(wait, recv.read_chunk(upto - self.read, true))
+                .await
+            {
+                Ok(Ok(Some(chunk))) => chunk.bytes,
+                Ok(Ok(None)) => {
+                    return Err(ReadFailure::Answer {
+                        code: ErrorCode::MalformedFrame,
+                        message: format!(
+                            "request ended after {} of the {length} bytes its length prefix announced",
+                            self.read
+                        ),
+                    });
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "request stream failed");
+                    return Err(ReadFailure::Gone);
+                }
+                Err(_) => {
+                    return Err(stalled(format!(
+                        "request stalled after {} of the {length} bytes its length prefix announced",
+                        self.read
+                    )));
+                }
+            };
+            self.read += chunk.len();
+            if self.gathered.is_none() && self.read == length {
+                self.single = Some(chunk);
+                return Ok(());
+            }
+            self.gathered
+                .get_or_insert_with(|| bytes::BytesMut::with_capacity(upto))
+                .extend_from_slice(&chunk);
+        }
+        Ok(())
     }
-    let body = single
-        .or_else(|| gathered.map(bytes::BytesMut::freeze))
-        .unwrap_or_default();
-    Ok((body, memory))
+
+    /// Room for the whole body at once, once it is reserved.
+    fn make_room(&mut self) {
+        if let Some(gathered) = &mut self.gathered {
+            gathered.reserve(self.length - gathered.len());
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        self.single
+            .or_else(|| self.gathered.map(bytes::BytesMut::freeze))
+            .unwrap_or_default()
+    }
 }
 
 fn decode_error_response(error: &DecodeError) -> Bytes {
