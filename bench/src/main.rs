@@ -131,6 +131,11 @@ struct PartitionsArgs {
     /// Bytes of each record's value.
     #[arg(long, default_value_t = 1024)]
     record_bytes: usize,
+    /// Producers writing at once, each on a connection of its own, in both the
+    /// many-partition and the 4-partition run (issue 8's workload: "100 producers' worth of
+    /// load spread over them").
+    #[arg(long, default_value_t = 100)]
+    producers: u32,
     /// How long the idle broker's CPU is measured after the restart.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     idle: Duration,
@@ -410,6 +415,7 @@ async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
         counts: args.partitions,
         records: args.records,
         record_bytes: args.record_bytes,
+        producers: args.producers,
         idle_window: args.idle,
         produce_only: args.produce_only,
         durability: args.fsync,

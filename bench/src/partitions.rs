@@ -1,6 +1,7 @@
 //! `ketch-bench partitions`: many partitions on one broker (issue 8's scale targets). For
 //! each partition count: create a topic with that many partitions, produce the same records
-//! spread over them (explicit partition, round robin) and over 4 partitions, stop the broker,
+//! spread over them (explicit partition, round robin) and over 4 partitions, from
+//! `--producers` producers at once (issue 8: "100 producers' worth of load"), stop the broker,
 //! start it again on its data (every partition holds data) and measure start to ready,
 //! resident memory, threads and idle CPU. Prints one row per count; a count the broker cannot
 //! hold prints its error instead.
@@ -19,6 +20,8 @@ use crate::systems::ketch::{Broker, Ketch};
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PartitionsRow {
     pub partitions: u32,
+    /// Producers writing at once, each on a connection of its own.
+    pub producers: u32,
     pub create_ms: f64,
     pub produce_records_per_sec: f64,
     /// The same records into a 4-partition topic of the same broker.
@@ -40,6 +43,8 @@ pub struct PartitionsOptions {
     pub counts: Vec<u32>,
     pub records: u64,
     pub record_bytes: usize,
+    /// Producers writing at once (both the many-partition and the 4-partition run).
+    pub producers: u32,
     pub idle_window: Duration,
     /// Stop after the produce phase (the later figures stay 0).
     pub produce_only: bool,
@@ -101,12 +106,21 @@ async fn one(
             broker.process.pid()
         );
     }
-    let produce_records_per_sec = produce(&client, "many", count, records, &value).await?;
-    let four_partitions_records_per_sec = produce(&client, "four", 4, records, &value).await?;
+    let producers = options.producers.max(1);
+    let mut clients = Vec::with_capacity(producers as usize);
+    for _ in 0..producers {
+        clients.push(broker.client().await?);
+    }
+    let produce_records_per_sec = produce(&clients, "many", count, records, &value).await?;
+    let four_partitions_records_per_sec = produce(&clients, "four", 4, records, &value).await?;
+    for producer_client in clients {
+        producer_client.close();
+    }
     client.close();
     if options.produce_only {
         return Ok(PartitionsRow {
             partitions: count,
+            producers,
             create_ms,
             produce_records_per_sec,
             four_partitions_records_per_sec,
@@ -139,6 +153,7 @@ async fn one(
     process.stop();
     Ok(PartitionsRow {
         partitions: count,
+        producers,
         create_ms,
         produce_records_per_sec,
         four_partitions_records_per_sec,
@@ -226,40 +241,67 @@ async fn consume_all(
     Ok(received as f64 / elapsed)
 }
 
-/// Produces `records` values round robin over `partitions` partitions; records per second.
+/// Produces `records` values round robin over `partitions` partitions from one producer per
+/// client, all at once: producer `p` of `n` sends records `p`, `p + n`, `p + 2n`, ... of the
+/// round robin, so together they cover every partition evenly. Records per second, from the
+/// first send to the last delivery.
 async fn produce(
-    client: &ketch_client::Client,
+    clients: &[ketch_client::Client],
     topic: &str,
     partitions: u32,
     records: u64,
     value: &Bytes,
 ) -> anyhow::Result<f64> {
-    let producer = client
-        .producer(ProducerConfig {
-            acks: Acks::Leader,
-            linger: Duration::from_millis(5),
-            ..Default::default()
-        })
-        .await?;
-    let started = Instant::now();
-    let mut pending = Vec::with_capacity(records as usize);
-    for i in 0..records {
-        pending.push(
-            producer
-                .send(ProducerRecord {
-                    topic: topic.to_owned(),
-                    partition: Some((i % u64::from(partitions)) as u32),
-                    value: Some(value.clone()),
+    let mut producers = Vec::with_capacity(clients.len());
+    for client in clients {
+        producers.push(
+            client
+                .producer(ProducerConfig {
+                    acks: Acks::Leader,
+                    linger: Duration::from_millis(5),
                     ..Default::default()
                 })
                 .await?,
         );
     }
-    for delivery in pending {
-        delivery.await.context("a record was not delivered")?;
+    let stride = producers.len() as u64;
+    // Each run starts with no dirty pages: the run before it (a gigabyte with `--records
+    // 1000000`) would otherwise still be written back during this one, and the kernel
+    // throttles a writer while that lasts.
+    tokio::task::spawn_blocking(rustix::fs::sync).await?;
+    let started = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for (first, producer) in producers.into_iter().enumerate() {
+        let topic = topic.to_owned();
+        let value = value.clone();
+        running.spawn(async move {
+            let mut pending = Vec::with_capacity((records / stride + 1) as usize);
+            for i in (first as u64..records).step_by(stride as usize) {
+                pending.push(
+                    producer
+                        .send(ProducerRecord {
+                            topic: topic.clone(),
+                            partition: Some((i % u64::from(partitions)) as u32),
+                            value: Some(value.clone()),
+                            ..Default::default()
+                        })
+                        .await?,
+                );
+            }
+            for delivery in pending {
+                delivery.await.context("a record was not delivered")?;
+            }
+            anyhow::Ok(producer)
+        });
+    }
+    let mut finished = Vec::with_capacity(stride as usize);
+    while let Some(producer) = running.join_next().await {
+        finished.push(producer??);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    producer.close().await?;
+    for producer in finished {
+        producer.close().await?;
+    }
     Ok(records as f64 / elapsed)
 }
 
@@ -293,7 +335,7 @@ fn clock_ticks_per_sec() -> f64 {
 pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions) -> String {
     let (records, record_bytes) = (options.records, options.record_bytes);
     let mut out = format!(
-        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, {fsync})\n\
+        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, {producers} producer{plural} at once, {fsync})\n\
          {:>10} {:>10} {:>14} {:>14} {:>7} {:>12} {:>9} {:>8} {:>12} {:>14} {:>9}\n",
         "partitions",
         "create ms",
@@ -307,6 +349,8 @@ pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions)
         "consume rec/s",
         "idle CPU",
         fsync = options.durability.name(),
+        producers = options.producers.max(1),
+        plural = if options.producers > 1 { "s" } else { "" },
     );
     for row in rows {
         match row {
