@@ -415,7 +415,7 @@ async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
         counts: args.partitions,
         records: args.records,
         record_bytes: args.record_bytes,
-        producers: args.producers,
+        producers: args.producers.max(1),
         idle_window: args.idle,
         produce_only: args.produce_only,
         durability: args.fsync,

@@ -43,7 +43,7 @@ pub struct PartitionsOptions {
     pub counts: Vec<u32>,
     pub records: u64,
     pub record_bytes: usize,
-    /// Producers writing at once (both the many-partition and the 4-partition run).
+    /// Producers writing at once (both the many-partition and the 4-partition run), at least 1.
     pub producers: u32,
     pub idle_window: Duration,
     /// Stop after the produce phase (the later figures stay 0).
@@ -106,7 +106,7 @@ async fn one(
             broker.process.pid()
         );
     }
-    let producers = options.producers.max(1);
+    let producers = options.producers;
     let mut clients = Vec::with_capacity(producers as usize);
     for _ in 0..producers {
         clients.push(broker.client().await?);
@@ -349,7 +349,7 @@ pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions)
         "consume rec/s",
         "idle CPU",
         fsync = options.durability.name(),
-        producers = options.producers.max(1),
+        producers = options.producers,
         plural = if options.producers > 1 { "s" } else { "" },
     );
     for row in rows {

@@ -266,7 +266,8 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    // An address the operator chose (flag, environment, config file) must be had; the
+    // An address the operator chose (flag or environment; with a config file, whatever the
+    // file says, as its values are not told apart from the defaults) must be had; the
     // built-in default gives way to another broker on the same machine.
     let metrics_listen_chosen = args.metrics_listen.is_some() || args.config.is_some();
     let mut config = args.into_config()?;
