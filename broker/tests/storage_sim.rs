@@ -447,11 +447,12 @@ fn a_cached_tail_bound_drops_only_durable_bytes_older_than_the_tail() {
     assert_eq!(sim.cache_dropped_to(&path), Some(expected(len)));
 }
 
-/// A batch of 64 KiB or more whose base offset is already its place (a replicated entry) is
-/// written from its own bytes, between the buffered writes of the others; every batch is
-/// stored byte for byte at dense offsets either way, and a crash keeps them all (durable).
+/// A write group is one vectored write of its batches from their own bytes, each behind the
+/// base offset it was given, whether the batch came with that offset already (a replicated
+/// entry) or not, small or large; every batch is stored byte for byte at dense offsets, and a
+/// crash keeps them all (durable).
 #[test]
-fn placed_large_batches_are_written_from_their_own_bytes_between_buffered_ones() {
+fn a_write_group_is_one_write_of_its_batches_at_their_offsets() {
     // (records, value bytes, placed at its offset): small, large placed, large unplaced,
     // small, large placed, large placed.
     let shapes = [
@@ -484,10 +485,14 @@ fn placed_large_batches_are_written_from_their_own_bytes_between_buffered_ones()
     assert!(sim.wait_for_held_syncs(1, WAIT));
     sim.release_syncs();
     let outcomes: Vec<_> = pending.into_iter().map(|p| block_on(p).unwrap()).collect();
-    // However the writer split them into groups: [small] buffered; [large placed] direct;
-    // [large unplaced, small] buffered; [large placed] direct; [large placed] direct.
-    // Copying every batch wrote one or two.
-    assert_eq!(sim.counts().writes, 5, "placed batches are written apart");
+    // The first group is the batches queued when the writer woke (its sync was held), the
+    // second the rest: one write each. A writer that wrote large placed batches apart from
+    // the others made five.
+    let writes = sim.counts().writes;
+    assert!(
+        (1..=2).contains(&writes),
+        "{writes} writes for two groups at most"
+    );
     let mut expected_offset = 0i64;
     for outcome in &outcomes {
         assert_eq!(outcome.base_offset, expected_offset);

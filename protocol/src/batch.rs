@@ -38,6 +38,11 @@ pub const NO_PRODUCER_EPOCH: i16 = -1;
 pub const NO_SEQUENCE: i32 = -1;
 
 const OFFSET_BASE_OFFSET: usize = 0;
+/// The base offset is a batch's first field, 8 bytes big-endian, and nothing else (the CRC
+/// included) covers it: a writer that gives a batch its place writes these bytes and then the
+/// rest of the batch as it came.
+pub const BASE_OFFSET_BYTES: usize = 8;
+const _: () = assert!(OFFSET_BASE_OFFSET == 0);
 const OFFSET_BATCH_LENGTH: usize = 8;
 const OFFSET_LEADER_EPOCH: usize = 12;
 const OFFSET_MAGIC: usize = 16;

@@ -387,11 +387,13 @@ impl Submitted {
 }
 
 impl Partition {
+    /// The log's offsets, read together (one look at the log's view, so they agree).
     pub fn offsets(&self) -> PartitionOffsets {
+        let offsets = self.log.offsets();
         PartitionOffsets {
-            log_start: self.log.log_start_offset(),
-            high_watermark: self.log.high_watermark(),
-            log_end: self.log.log_end_offset(),
+            log_start: offsets.log_start_offset,
+            high_watermark: offsets.high_watermark,
+            log_end: offsets.log_end_offset,
         }
     }
 

@@ -465,6 +465,10 @@ impl StorageFile for CountedFile {
         self.file().write_at(buf, position)
     }
 
+    fn write_vectored_at(&self, bufs: &[&[u8]], position: u64) -> io::Result<()> {
+        self.file().write_vectored_at(bufs, position)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file().set_len(len)
     }
@@ -489,6 +493,10 @@ impl StorageFile for CachedFile {
 
     fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
         self.write_op(|file| file.write_at(buf, position))
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], position: u64) -> io::Result<()> {
+        self.write_op(|file| file.write_vectored_at(bufs, position))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

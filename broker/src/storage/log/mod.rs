@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_channel::oneshot;
-use ketch_protocol::batch::{BATCH_HEADER_BYTES, BatchHeader, set_base_offset, verify_crc};
+use ketch_protocol::batch::{
+    BASE_OFFSET_BYTES, BATCH_HEADER_BYTES, BatchHeader, verify_crc,
+};
 
 use super::backend::{FileBackend, StdBackend, StorageFile};
 use super::error::{DamagedOffsets, StorageError};
@@ -216,7 +218,6 @@ struct WriteState {
     last_sync_ms: Option<i64>,
     /// Bytes were written to the active log file since its last fsync.
     unsynced: bool,
-    buffer: Vec<u8>,
     /// The clean-shutdown marker is on disk: removed (and the removal synced) before the
     /// first change to the log's data, so an idle log opens and closes without a dir fsync.
     clean_marker: bool,
@@ -394,7 +395,6 @@ impl PartitionLog {
                 clean_marker: report.clean_shutdown,
                 last_sync_ms: None,
                 unsynced: false,
-                buffer: Vec::new(),
                 cache_dropped: None,
             }),
             view: Mutex::new(view),

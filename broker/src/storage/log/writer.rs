@@ -8,12 +8,12 @@ struct Active {
     base_offset: i64,
     log: Arc<dyn StorageFile>,
     log_path: PathBuf,
-    /// Bytes of the segment including those still in the write buffer.
+    /// Bytes of the segment including those placed and not yet written.
     size: u64,
     /// Bytes on disk.
     written: u64,
     next_offset: i64,
-    /// Base offset of the first batch in the write buffer.
+    /// Base offset of the first batch placed and not yet published to readers.
     buffered_from_offset: Option<i64>,
     first_append_ms: Option<i64>,
     cursor: IndexCursor,
@@ -39,16 +39,47 @@ impl Active {
         }
     }
 
-    /// Writes `bytes` (if any) where the written part of the segment's log file ends.
-    fn write_at_end(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        if bytes.is_empty() {
+    /// Writes the placed batches (if any) where the written part of the segment's log file
+    /// ends, with one vectored write, and forgets them.
+    fn write_placed(&mut self, placed: &mut Placed<'_>) -> Result<(), StorageError> {
+        if placed.batches.is_empty() {
             return Ok(());
         }
+        let bufs: Vec<&[u8]> = placed
+            .batches
+            .iter()
+            .flat_map(|(base_offset, batch)| [&base_offset[..], &batch[BASE_OFFSET_BYTES..]])
+            .collect();
         self.log
-            .write_at(bytes, self.written)
+            .write_vectored_at(&bufs, self.written)
             .map_err(io_error("write", &self.log_path))?;
-        self.written += bytes.len() as u64;
+        self.written += placed.bytes as u64;
+        placed.batches.clear();
+        placed.bytes = 0;
         Ok(())
+    }
+}
+
+/// Batches of a group given their place in the active segment and not written yet. Each is
+/// written from its own bytes behind the base offset it was given, one vectored write for many
+/// batches: no copy into a buffer (a buffer per log held memory for each of thousands of
+/// partitions, and filling it faulted in fresh pages).
+#[derive(Default)]
+struct Placed<'a> {
+    batches: Vec<([u8; BASE_OFFSET_BYTES], &'a [u8])>,
+    bytes: usize,
+}
+
+impl<'a> Placed<'a> {
+    fn push(&mut self, base_offset: i64, batch: &'a [u8]) {
+        self.batches.push((base_offset.to_be_bytes(), batch));
+        self.bytes += batch.len();
+    }
+
+    /// Enough for one write: bounded in bytes, and in buffers (two a batch) by what one
+    /// `pwritev` takes.
+    fn full(&self) -> bool {
+        self.bytes >= WRITE_BUFFER_BYTES_MAX || self.batches.len() >= PLACED_BATCHES_MAX
     }
 }
 
@@ -160,10 +191,8 @@ impl Shared {
             let view = lock(&self.view);
             (Active::of(view.active()), GroupStart::of(&view))
         };
-        let mut buffer = std::mem::take(&mut write.buffer);
-        buffer.clear();
-        let result = self.write_group_into(write, appends, outcomes, &mut active, &mut buffer);
-        write.buffer = buffer;
+        let mut placed = Placed::default();
+        let result = self.write_group_into(write, appends, outcomes, &mut active, &mut placed);
         match result {
             Err(StorageError::Io { source, path, .. })
                 if is_no_space(&source) && active.base_offset == before.base_offset =>
@@ -204,13 +233,13 @@ impl Shared {
         Ok(())
     }
 
-    fn write_group_into(
+    fn write_group_into<'a>(
         &self,
         write: &mut WriteState,
-        appends: &[PendingAppend],
+        appends: &'a [PendingAppend],
         outcomes: &mut Vec<AppendOutcome>,
         active: &mut Active,
-        buffer: &mut Vec<u8>,
+        placed: &mut Placed<'a>,
     ) -> Result<Option<i64>, StorageError> {
         let config = &self.config;
         let mut group_now_ms = i64::MIN;
@@ -224,7 +253,7 @@ impl Shared {
             });
             let offsets_overflow = last_offset - active.base_offset > i64::from(u32::MAX);
             if active.size > 0 && (full || old || offsets_overflow) {
-                self.roll(write, active, buffer)?;
+                self.roll(write, active, placed)?;
             }
             let base_offset = active.next_offset;
             let position = active.size;
@@ -232,24 +261,11 @@ impl Shared {
                 position < u64::from(u32::MAX),
                 "batch position fits the index"
             );
-            let header = if batch_bytes >= DIRECT_WRITE_BYTES_MIN
-                && append.header.base_offset == base_offset
-            {
-                // Placed already (a replicated entry): written from its own bytes, after
-                // what is buffered, rather than copied into the buffer; its header is the
-                // one `append` parsed.
-                active.write_at_end(buffer)?;
-                buffer.clear();
-                active.write_at_end(&append.batch)?;
-                write.unsynced = true;
-                append.header
-            } else {
-                let start = buffer.len();
-                buffer.extend_from_slice(&append.batch);
-                set_base_offset(&mut buffer[start..], base_offset);
-                BatchHeader::parse(&buffer[start..]).expect("checked by append")
+            placed.push(base_offset, &append.batch);
+            let header = BatchHeader {
+                base_offset,
+                ..append.header
             };
-            assert_eq!(header.base_offset, base_offset);
             assert_eq!(header.total_bytes() as u64, batch_bytes);
             active.buffered_from_offset.get_or_insert(base_offset);
             let (offset_entry, time_entry) = active.cursor.observe(
@@ -269,29 +285,28 @@ impl Shared {
                 max_timestamp: header.max_timestamp,
                 log_start_offset: -1,
             });
-            if buffer.len() >= WRITE_BUFFER_BYTES_MAX {
-                self.write_out(write, active, buffer)?;
+            if placed.full() {
+                self.write_out(write, active, placed)?;
             }
         }
-        self.write_out(write, active, buffer)?;
+        self.write_out(write, active, placed)?;
         Ok(Some(group_now_ms))
     }
 
-    /// Writes the buffered batches of the active segment, then publishes its new size and
+    /// Writes the placed batches of the active segment, then publishes its new size and
     /// index entries to readers (who still stop at the high watermark). The entries reach
     /// the index files at roll or close (`Shared::write_active_index`).
     fn write_out(
         &self,
         write: &mut WriteState,
         active: &mut Active,
-        buffer: &mut Vec<u8>,
+        placed: &mut Placed<'_>,
     ) -> Result<(), StorageError> {
-        if !buffer.is_empty() {
+        if !placed.batches.is_empty() {
             // The write goes at the segment's own idea of its end; that the file agrees is
             // asserted at roll (a `stat` per write group was a third of the writer's system
             // time with a batch per group across thousands of partitions).
-            active.write_at_end(buffer)?;
-            buffer.clear();
+            active.write_placed(placed)?;
             write.unsynced = true;
         }
         assert_eq!(active.written, active.size);
@@ -318,13 +333,13 @@ impl Shared {
         &self,
         write: &mut WriteState,
         active: &mut Active,
-        buffer: &mut Vec<u8>,
+        placed: &mut Placed<'_>,
     ) -> Result<(), StorageError> {
-        self.write_out(write, active, buffer)?;
+        self.write_out(write, active, placed)?;
         active
             .pending_times
             .extend(active.cursor.seal(active.base_offset));
-        self.write_out(write, active, buffer)?;
+        self.write_out(write, active, placed)?;
         let on_disk = active
             .log
             .len()
@@ -471,10 +486,8 @@ impl GroupStart {
     }
 }
 
-/// A batch at least this large whose base offset is already its place is written from its
-/// own bytes instead of being copied into the write buffer (below it, one `pwrite` for many
-/// batches costs less than the copy).
-const DIRECT_WRITE_BYTES_MIN: u64 = 64 * 1024;
+/// Batches one write takes at most: two buffers each, within Linux's `IOV_MAX` (1024).
+const PLACED_BATCHES_MAX: usize = 512;
 
 /// The page size the cached tail is rounded to.
 const CACHE_PAGE_BYTES: u64 = 4096;
