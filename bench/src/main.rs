@@ -136,6 +136,11 @@ struct PartitionsArgs {
     /// load spread over them").
     #[arg(long, default_value_t = 100)]
     producers: u32,
+    /// Produce runs of each kind, alternating which goes first (many-partition then
+    /// 4-partition, then the other way round, ...): the figures are the medians. One run of
+    /// each is at the mercy of a noisy machine and of the run before it.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// How long the idle broker's CPU is measured after the restart.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     idle: Duration,
@@ -416,6 +421,7 @@ async fn run_partitions(args: PartitionsArgs) -> anyhow::Result<()> {
         records: args.records,
         record_bytes: args.record_bytes,
         producers: args.producers.max(1),
+        rounds: args.rounds.max(1),
         idle_window: args.idle,
         produce_only: args.produce_only,
         durability: args.fsync,

@@ -1,7 +1,8 @@
 //! `ketch-bench partitions`: many partitions on one broker (issue 8's scale targets). For
 //! each partition count: create a topic with that many partitions, produce the same records
 //! spread over them (explicit partition, round robin) and over 4 partitions, from
-//! `--producers` producers at once (issue 8: "100 producers' worth of load"), stop the broker,
+//! `--producers` producers at once (issue 8: "100 producers' worth of load"), `--rounds` times
+//! each in alternating order (the medians are the figures), stop the broker,
 //! start it again on its data (every partition holds data) and measure start to ready,
 //! resident memory, threads and idle CPU. Prints one row per count; a count the broker cannot
 //! hold prints its error instead.
@@ -23,9 +24,12 @@ pub struct PartitionsRow {
     /// Producers writing at once, each on a connection of its own.
     pub producers: u32,
     pub create_ms: f64,
+    /// The median of the rounds' figures.
     pub produce_records_per_sec: f64,
-    /// The same records into a 4-partition topic of the same broker.
+    /// The same records into a 4-partition topic of the same broker: the median of the rounds.
     pub four_partitions_records_per_sec: f64,
+    /// Each round's figures, in the order they ran: many partitions, 4 partitions.
+    pub rounds: Vec<(f64, f64)>,
     pub restart_to_ready_ms: f64,
     pub rss_bytes: u64,
     pub threads: u64,
@@ -45,6 +49,9 @@ pub struct PartitionsOptions {
     pub record_bytes: usize,
     /// Producers writing at once (both the many-partition and the 4-partition run), at least 1.
     pub producers: u32,
+    /// Produce runs of each kind, at least 1: round `r` runs the many-partition one first when
+    /// `r` is even, the 4-partition one first when odd.
+    pub rounds: u32,
     pub idle_window: Duration,
     /// Stop after the produce phase (the later figures stay 0).
     pub produce_only: bool,
@@ -111,8 +118,19 @@ async fn one(
     for _ in 0..producers {
         clients.push(broker.client().await?);
     }
-    let produce_records_per_sec = produce(&clients, "many", count, records, &value).await?;
-    let four_partitions_records_per_sec = produce(&clients, "four", 4, records, &value).await?;
+    let mut rounds = Vec::with_capacity(options.rounds as usize);
+    for round in 0..options.rounds {
+        let (many, four) = if round % 2 == 0 {
+            let many = produce(&clients, "many", count, records, &value).await?;
+            (many, produce(&clients, "four", 4, records, &value).await?)
+        } else {
+            let four = produce(&clients, "four", 4, records, &value).await?;
+            (produce(&clients, "many", count, records, &value).await?, four)
+        };
+        rounds.push((many, four));
+    }
+    let produce_records_per_sec = median(rounds.iter().map(|r| r.0));
+    let four_partitions_records_per_sec = median(rounds.iter().map(|r| r.1));
     for producer_client in clients {
         producer_client.close();
     }
@@ -124,6 +142,7 @@ async fn one(
             create_ms,
             produce_records_per_sec,
             four_partitions_records_per_sec,
+            rounds,
             restart_to_ready_ms: 0.0,
             rss_bytes: 0,
             threads: 0,
@@ -142,7 +161,9 @@ async fn one(
     let consume_records_per_sec = {
         let broker = Broker::attach(process)?;
         let client = broker.client().await?;
-        let rate = consume_all(&client, "many", count, records).await;
+        // Every round's records.
+        let stored = records * u64::from(options.rounds);
+        let rate = consume_all(&client, "many", count, stored).await;
         client.close();
         process = broker.process;
         rate?
@@ -157,6 +178,7 @@ async fn one(
         create_ms,
         produce_records_per_sec,
         four_partitions_records_per_sec,
+        rounds,
         restart_to_ready_ms,
         rss_bytes,
         threads,
@@ -305,6 +327,21 @@ async fn produce(
     Ok(records as f64 / elapsed)
 }
 
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
 pub(crate) fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -335,7 +372,7 @@ fn clock_ticks_per_sec() -> f64 {
 pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions) -> String {
     let (records, record_bytes) = (options.records, options.record_bytes);
     let mut out = format!(
-        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, {producers} producer{plural} at once, {fsync})\n\
+        "many partitions on one broker ({record_bytes} B records, at least {records} records per run, {producers} producer{plural} at once, {fsync}; produce figures are the medians of {rounds} round{rounds_plural})\n\
          {:>10} {:>10} {:>14} {:>14} {:>7} {:>12} {:>9} {:>8} {:>12} {:>14} {:>9}\n",
         "partitions",
         "create ms",
@@ -351,6 +388,8 @@ pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions)
         fsync = options.durability.name(),
         producers = options.producers,
         plural = if options.producers > 1 { "s" } else { "" },
+        rounds = options.rounds,
+        rounds_plural = if options.rounds > 1 { "s" } else { "" },
     );
     for row in rows {
         match row {
@@ -371,5 +410,35 @@ pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions)
             Err(e) => out.push_str(&format!("  failed: {e}\n")),
         }
     }
+    for row in rows.iter().flatten().filter(|r| r.rounds.len() > 1) {
+        let rounds: Vec<String> = row
+            .rounds
+            .iter()
+            .map(|(many, four)| format!("{many:.0} / {four:.0}"))
+            .collect();
+        out.push_str(&format!(
+            "{:>10} partitions, each round's rec/s (many / 4 partitions): {}\n",
+            row.partitions,
+            rounds.join(", ")
+        ));
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_two_middle_ones() {
+        for (values, expected) in [
+            (vec![], 0.0),
+            (vec![5.0], 5.0),
+            (vec![9.0, 1.0, 4.0], 4.0),
+            (vec![9.0, 1.0, 4.0, 2.0], 3.0),
+            (vec![3.0, 3.0, 100.0], 3.0),
+        ] {
+            assert_eq!(median(values.iter().copied()), expected, "{values:?}");
+        }
+    }
 }
