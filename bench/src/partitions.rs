@@ -125,7 +125,10 @@ async fn one(
             (many, produce(&clients, "four", 4, records, &value).await?)
         } else {
             let four = produce(&clients, "four", 4, records, &value).await?;
-            (produce(&clients, "many", count, records, &value).await?, four)
+            (
+                produce(&clients, "many", count, records, &value).await?,
+                four,
+            )
         };
         rounds.push((many, four));
     }

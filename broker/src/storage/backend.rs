@@ -194,7 +194,14 @@ mod tests {
         let path = dir.path().join("file");
         let file = StdBackend.create(&path).unwrap();
         file.write_at(&[0xAA; 100], 0).unwrap();
-        for count in [0, 1, 2, IO_SLICES_MAX - 1, IO_SLICES_MAX, 3 * IO_SLICES_MAX + 7] {
+        for count in [
+            0,
+            1,
+            2,
+            IO_SLICES_MAX - 1,
+            IO_SLICES_MAX,
+            3 * IO_SLICES_MAX + 7,
+        ] {
             let owned: Vec<Vec<u8>> = (0..count)
                 .map(|i| vec![(i % 251) as u8; i % 5 * 3])
                 .collect();

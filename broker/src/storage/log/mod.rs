@@ -13,9 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_channel::oneshot;
-use ketch_protocol::batch::{
-    BASE_OFFSET_BYTES, BATCH_HEADER_BYTES, BatchHeader, verify_crc,
-};
+use ketch_protocol::batch::{BASE_OFFSET_BYTES, BATCH_HEADER_BYTES, BatchHeader, verify_crc};
 
 use super::backend::{FileBackend, StdBackend, StorageFile};
 use super::error::{DamagedOffsets, StorageError};
@@ -483,8 +481,9 @@ impl PartitionLog {
     fn schedule(&self, mut queue: MutexGuard<'_, Queue>) {
         if !queue.scheduled {
             queue.scheduled = true;
+            let queued_bytes = queue.bytes;
             drop(queue);
-            pool::pool().schedule(self.shared.clone());
+            pool::pool().schedule(self.shared.clone(), queued_bytes);
         }
     }
 

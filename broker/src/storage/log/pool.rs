@@ -14,7 +14,11 @@
 //! `pwrite` into the page cache, CPU work of a few microseconds: such logs wake another
 //! worker only per [`NON_BLOCKING_LOGS_PER_WORKER`] queued and never more than there are
 //! cores, so a request spread over thousands of partitions keeps one or two workers busy
-//! instead of waking all of them to contend for the queue.
+//! instead of waking all of them to contend for the queue. The exception is a log with
+//! [`HEAVY_GROUP_BYTES_MIN`] or more queued: its group copies that much into the page cache
+//! (a millisecond or more where the pages are fresh), so each such log may wake a worker of
+//! its own, still no more than there are cores: four busy partitions are copied on every
+//! core, not on one.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -33,7 +37,9 @@ pub(super) struct WriterPool {
 
 #[derive(Default)]
 struct PoolState {
-    logs: VecDeque<Arc<Shared>>,
+    logs: VecDeque<Scheduled>,
+    /// Logs in `logs` that were heavy (see [`HEAVY_GROUP_BYTES_MIN`]) when scheduled.
+    heavy: usize,
     threads: usize,
     /// Workers waiting on `ready`.
     sleeping: usize,
@@ -45,6 +51,13 @@ struct PoolState {
     /// Workers running a group of a log that may fsync (they may be blocked in it, and so
     /// are not counted as awake for logs that never fsync).
     running_blocking: usize,
+}
+
+/// A log in the ready queue.
+struct Scheduled {
+    shared: Arc<Shared>,
+    /// It had [`HEAVY_GROUP_BYTES_MIN`] or more queued when scheduled.
+    heavy: bool,
 }
 
 impl PoolState {
@@ -60,6 +73,18 @@ static POOL: OnceLock<WriterPool> = OnceLock::new();
 /// groups are CPU work (a `pwrite` into the page cache), so more workers than cores only
 /// contend, and waking one per log cost a futex call and a context switch per append.
 const NON_BLOCKING_LOGS_PER_WORKER: usize = 64;
+
+/// Queued bytes from which a log that never fsyncs is worth a worker of its own (up to one
+/// per core): its group is a copy long enough that a second core copying another log's
+/// beside it pays for the wake-up many times over.
+pub(super) const HEAVY_GROUP_BYTES_MIN: u64 = 128 * 1024;
+
+/// Workers wanted awake for `logs` queued logs that never fsync, `heavy` of them heavy.
+fn non_blocking_workers_wanted(logs: usize, heavy: usize, cores: usize) -> usize {
+    logs.div_ceil(NON_BLOCKING_LOGS_PER_WORKER)
+        .max(heavy)
+        .min(cores)
+}
 
 /// Workers worth running at once for logs that never fsync: one per core.
 fn cores() -> usize {
@@ -80,21 +105,20 @@ pub(super) fn pool() -> &'static WriterPool {
 }
 
 impl WriterPool {
-    /// Queues a log whose `scheduled` flag the caller just set.
-    pub(super) fn schedule(&'static self, shared: Arc<Shared>) {
+    /// Queues a log whose `scheduled` flag the caller just set, with `queued_bytes` of
+    /// batches waiting.
+    pub(super) fn schedule(&'static self, shared: Arc<Shared>, queued_bytes: u64) {
         let blocking = may_block(&shared);
+        let heavy = queued_bytes >= HEAVY_GROUP_BYTES_MIN;
         let mut state = lock(&self.state);
-        state.logs.push_back(shared);
+        state.logs.push_back(Scheduled { shared, heavy });
+        state.heavy += usize::from(heavy);
         if !blocking {
             // Workers that will look at the queue soon without a wake: running a group that
             // cannot block, or woken and on their way.
             let awake =
                 state.threads - state.sleeping - state.running_blocking + state.wakes_pending;
-            let wanted = state
-                .logs
-                .len()
-                .div_ceil(NON_BLOCKING_LOGS_PER_WORKER)
-                .min(cores());
+            let wanted = non_blocking_workers_wanted(state.logs.len(), state.heavy, cores());
             if awake >= wanted {
                 return;
             }
@@ -131,7 +155,8 @@ impl WriterPool {
                 None => {
                     let mut state = lock(&self.state);
                     loop {
-                        if let Some(shared) = state.logs.pop_front() {
+                        if let Some(Scheduled { shared, heavy }) = state.logs.pop_front() {
+                            state.heavy -= usize::from(heavy);
                             if may_block(&shared) {
                                 state.running_blocking += 1;
                             }
@@ -147,33 +172,31 @@ impl WriterPool {
                 }
             };
             let blocking = may_block(&shared);
-            let more = run_one_group(&shared);
-            if !(more || blocking) {
-                continue;
-            }
-            let mut state = lock(&self.state);
-            if blocking {
-                state.running_blocking -= 1;
-            }
-            if more {
-                // More arrived: go on with it unless another log is waiting its turn (no
-                // hand-over to another thread when this log is the only busy one).
-                if state.logs.is_empty() {
-                    if blocking {
-                        state.running_blocking += 1;
-                    }
-                    next = Some(shared);
-                } else {
-                    drop(state);
-                    self.schedule(shared);
+            let Some(queued_bytes) = run_one_group(&shared) else {
+                if blocking {
+                    lock(&self.state).running_blocking -= 1;
                 }
+                continue;
+            };
+            let mut state = lock(&self.state);
+            // More arrived: go on with it unless another log is waiting its turn (no
+            // hand-over to another thread when this log is the only busy one).
+            if state.logs.is_empty() {
+                next = Some(shared);
+            } else {
+                if blocking {
+                    state.running_blocking -= 1;
+                }
+                drop(state);
+                self.schedule(shared, queued_bytes);
             }
         }
     }
 }
 
-/// Runs one write group of `shared`; returns whether the log must be scheduled again.
-fn run_one_group(shared: &Shared) -> bool {
+/// Runs one write group of `shared`; returns the bytes queued meanwhile if the log must be
+/// scheduled again.
+fn run_one_group(shared: &Shared) -> Option<u64> {
     let requests = {
         let mut queue = lock(&shared.queue);
         queue.bytes = 0;
@@ -198,8 +221,38 @@ fn run_one_group(shared: &Shared) -> bool {
         if closing {
             shared.queue_ready.notify_all();
         }
-        false
+        None
     } else {
-        true
+        Some(queue.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Light logs (a `pwrite` of a few KiB each) share a worker per 64; heavy ones get a
+    /// worker each; never more than there are cores.
+    #[test]
+    fn workers_wanted_for_logs_that_never_fsync() {
+        for (logs, heavy, cores, wanted) in [
+            (1, 0, 2, 1),
+            (4, 0, 2, 1),
+            (64, 0, 2, 1),
+            (65, 0, 2, 2),
+            (10_000, 0, 2, 2),
+            (10_000, 0, 8, 8),
+            (1, 1, 2, 1),
+            (4, 4, 2, 2),
+            (4, 2, 8, 2),
+            (4, 4, 8, 4),
+            (70, 3, 8, 3),
+        ] {
+            assert_eq!(
+                non_blocking_workers_wanted(logs, heavy, cores),
+                wanted,
+                "{logs} logs, {heavy} heavy, {cores} cores"
+            );
+        }
     }
 }
