@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use std::io::Write as _;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ketch_protocol::batch::BatchSlices;
@@ -50,6 +51,20 @@ const READ_BYTES_MAX: usize = 1024 * 1024;
 pub const APPEND_PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;
 /// Append calls whose flush is awaited at once (openraft pipelines a few; this bounds it).
 const APPENDS_IN_FLIGHT_MAX: usize = 1024;
+/// Payload bytes of a replica's newest entries kept in memory after the storage serves
+/// them, for the reads that follow an append within moments: each follower's next
+/// AppendEntries and the state machine's apply at commit. Read back from the storage, each
+/// such read allocated and zeroed a buffer of up to [`READ_BYTES_MAX`] and copied the
+/// entries out of the page cache, once per follower: a quarter of an RF=3 leader's CPU.
+const RECENT_ENTRIES_BYTES_MAX: usize = 2 * APPEND_PAYLOAD_BYTES_MAX;
+/// Entries a replica keeps so at most (this bounds the work of each prune).
+const RECENT_ENTRIES_MAX: usize = 256;
+/// The same bytes over every replica of the process, about (two replicas pruning at once
+/// can pass it by one replica's share): past it served entries are dropped at once, and
+/// their reads go to the storage.
+const RECENT_ENTRIES_BYTES_PROCESS_MAX: usize = 64 * 1024 * 1024;
+/// Payload bytes kept under [`RECENT_ENTRIES_BYTES_MAX`] by every replica of the process.
+static RECENT_ENTRIES_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Why a replicated log cannot open.
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +213,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Shared {
     log: Arc<PartitionLog>,
     index: Mutex<LogIndex>,
-    /// Appended entries the storage does not serve yet, by Raft index, with their offset.
+    /// Appended entries the storage does not serve yet, and the newest few it does (see
+    /// [`RECENT_ENTRIES_BYTES_MAX`]), by Raft index, with their offset.
     pending: Mutex<BTreeMap<u64, (i64, Entry)>>,
+    /// Payload bytes of the served entries in `pending` (counted in
+    /// [`RECENT_ENTRIES_BYTES`]); changed under the `pending` lock.
+    recent_bytes: AtomicUsize,
     /// Where the last snapshot this replica installed ends, once the state machine holds
     /// it durably: a purge past the log's own end (a snapshot from a leader that purged
     /// what this replica lacks) starts the log over there.
@@ -220,11 +239,68 @@ pub struct SnapshotEnd {
 /// that asked for it (openraft orders the install before the purge, on another task).
 const SNAPSHOT_INSTALL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Which served entries to keep, from `(index, base offset, payload bytes)` of the pending
+/// entries newest first, with the storage serving offsets below `served`: the newest served
+/// ones within `bytes_max` and `count_max`. Served entries are a prefix of the pending ones
+/// (offsets grow with the index). Returns the newest index to drop with everything below
+/// it (`None`: drop nothing), and the payload bytes kept.
+fn recent_to_keep(
+    newest_first: impl Iterator<Item = (u64, i64, usize)>,
+    served: i64,
+    bytes_max: usize,
+    count_max: usize,
+) -> (Option<u64>, usize) {
+    let (mut kept, mut kept_bytes) = (0usize, 0usize);
+    for (index, base, bytes) in newest_first {
+        if base >= served {
+            continue;
+        }
+        if kept == count_max || kept_bytes + bytes > bytes_max {
+            return (Some(index), kept_bytes);
+        }
+        kept += 1;
+        kept_bytes += bytes;
+    }
+    (None, kept_bytes)
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        RECENT_ENTRIES_BYTES.fetch_sub(*self.recent_bytes.get_mut(), Ordering::Relaxed);
+    }
+}
+
 impl Shared {
-    /// Drops pending entries the storage now serves.
+    /// Drops pending entries the storage now serves, except the newest within the recent
+    /// entries' bounds ([`RECENT_ENTRIES_BYTES_MAX`], [`RECENT_ENTRIES_MAX`], and
+    /// [`RECENT_ENTRIES_BYTES_PROCESS_MAX`] for the whole process).
     fn prune_pending(&self) {
         let served = self.log.high_watermark();
-        lock(&self.pending).retain(|_, (base, _)| *base >= served);
+        let mut pending = lock(&self.pending);
+        let mine = self.recent_bytes.load(Ordering::Relaxed);
+        let others = RECENT_ENTRIES_BYTES
+            .load(Ordering::Relaxed)
+            .saturating_sub(mine);
+        let bytes_max =
+            RECENT_ENTRIES_BYTES_MAX.min(RECENT_ENTRIES_BYTES_PROCESS_MAX.saturating_sub(others));
+        let (dropped_to, kept_bytes) = recent_to_keep(
+            pending
+                .iter()
+                .rev()
+                .map(|(index, (base, entry))| (*index, *base, payload_bytes(entry))),
+            served,
+            bytes_max,
+            RECENT_ENTRIES_MAX,
+        );
+        if let Some(index) = dropped_to {
+            *pending = pending.split_off(&(index + 1));
+        }
+        self.recent_bytes.store(kept_bytes, Ordering::Relaxed);
+        if kept_bytes >= mine {
+            RECENT_ENTRIES_BYTES.fetch_add(kept_bytes - mine, Ordering::Relaxed);
+        } else {
+            RECENT_ENTRIES_BYTES.fetch_sub(mine - kept_bytes, Ordering::Relaxed);
+        }
     }
 
     /// Reads the entries of `start..end` that are still there: the range may have been
@@ -551,6 +627,7 @@ impl PartitionLogStore {
             log,
             index: Mutex::new(index),
             pending: Mutex::new(BTreeMap::new()),
+            recent_bytes: AtomicUsize::new(0),
             installed: watch::channel(None).0,
             receiving: std::sync::atomic::AtomicBool::new(false),
         });
@@ -810,6 +887,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         // from one the truncation raced (see `Shared::read_entries`).
         lock(&self.shared.index).truncate_from(log_id.index);
         lock(&self.shared.pending).retain(|index, _| *index < log_id.index);
+        self.shared.prune_pending();
         self.shared
             .log
             .truncate_suffix(position.base)
@@ -860,6 +938,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         self.state.controls_before = controls_before;
         self.state.purged_end = purged_end;
         lock(&self.shared.pending).retain(|index, _| *index > log_id.index);
+        self.shared.prune_pending();
         self.save_state().await?;
         self.shared
             .log
@@ -909,6 +988,7 @@ impl PartitionLogStore {
         *lock(&self.shared.index) =
             LogIndex::new(log_id.index + 1, end.storage_end, controls_before);
         lock(&self.shared.pending).clear();
+        self.shared.prune_pending();
         self.state.purged = Some(log_id);
         self.state.controls_before = controls_before;
         self.state.purged_end = end.storage_end;
@@ -927,6 +1007,32 @@ impl PartitionLogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The newest served entries stay within the byte and count bounds; entries the storage
+    /// does not serve yet always stay; everything older than the first one dropped goes.
+    #[test]
+    fn recent_entries_kept_are_the_newest_served_within_the_bounds() {
+        // (index, base offset, payload bytes), oldest first.
+        let entries: Vec<(u64, i64, usize)> = (0..10)
+            .map(|i| (i, i as i64 * 10, 100 + i as usize))
+            .collect();
+        let keep = |served, bytes_max, count_max| {
+            recent_to_keep(entries.iter().rev().copied(), served, bytes_max, count_max)
+        };
+        // Nothing served: nothing dropped.
+        assert_eq!(keep(0, 0, 0), (None, 0));
+        // All served, room for all.
+        assert_eq!(keep(100, usize::MAX, 100), (None, (100..110).sum()));
+        // All served, room for the newest two by bytes (109 + 108), not three.
+        assert_eq!(keep(100, 109 + 108 + 106, 100), (Some(7), 109 + 108));
+        // By count.
+        assert_eq!(keep(100, usize::MAX, 3), (Some(6), 109 + 108 + 107));
+        // Entries 8 and 9 not served yet (offsets 80, 90): they stay whatever the bounds,
+        // and the served ones below them are kept newest first.
+        assert_eq!(keep(80, 107, 100), (Some(6), 107));
+        assert_eq!(keep(80, 0, 100), (Some(7), 0));
+        assert_eq!(keep(80, usize::MAX, 0), (Some(7), 0));
+    }
 
     #[test]
     fn raft_state_round_trips_and_damage_is_an_error() {
