@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ketch_broker::replication::log_store::FOLLOWER_CACHED_TAIL_BYTES_MAX;
+use ketch_broker::replication::log_store::{
+    FOLLOWER_CACHED_TAIL_BYTES_MAX, RECENT_ENTRIES_BYTES_MAX, RECENT_ENTRIES_IDLE_MAX,
+};
 use ketch_broker::replication::network::GroupId;
 use ketch_broker::replication::replica::CommittedBatch;
 use ketch_broker::replication::sim::{Faults, SimNetwork, SimRng};
@@ -1100,5 +1102,57 @@ async fn a_voter_change_replacing_one_cut_short_removes_its_learners() {
     let end = acked.last().unwrap().1 + 1;
     cluster.wait_converged(end).await;
     check_invariants(&cluster, &acked, "after the voter changes");
+    cluster.stop_all().await;
+}
+
+/// Replicas keep their newest served entries in memory while they append (for the
+/// followers' next AppendEntries and the apply at commit), never more than their bound, and
+/// drop them once they have appended nothing for `RECENT_ENTRIES_IDLE_MAX`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_recent_entries_while_writing_and_drop_them_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), 11, Faults::default()).await;
+    cluster.wait_for_leader(None).await;
+    let mut kept_seen = BTreeMap::new();
+    let mut end = 0;
+    for round in 0..40 {
+        let values: Vec<String> = (0..5).map(|i| format!("value {round}-{i}")).collect();
+        let written = cluster.write(&values).await.expect("written");
+        end = written.1 + 1;
+        for replica in cluster.running() {
+            let kept = replica.recent_entries_bytes();
+            assert!(
+                kept <= RECENT_ENTRIES_BYTES_MAX,
+                "node {} keeps {kept} bytes",
+                replica.node_id()
+            );
+            let seen = kept_seen.entry(replica.node_id()).or_insert(0);
+            *seen = kept.max(*seen);
+        }
+    }
+    cluster.wait_converged(end).await;
+    assert!(
+        kept_seen.values().any(|kept| *kept > 0),
+        "no replica kept an entry while writing: {kept_seen:?}"
+    );
+    // Idle: every replica drops what it kept, within a bound well past the idle limit.
+    let idle_from = Instant::now();
+    let bound = RECENT_ENTRIES_IDLE_MAX * 10;
+    loop {
+        let kept: Vec<(NodeId, usize)> = cluster
+            .running()
+            .iter()
+            .map(|r| (r.node_id(), r.recent_entries_bytes()))
+            .collect();
+        if kept.iter().all(|(_, bytes)| *bytes == 0) {
+            break;
+        }
+        assert!(
+            idle_from.elapsed() < bound,
+            "still kept after {:?} idle: {kept:?}",
+            idle_from.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.stop_all().await;
 }

@@ -56,7 +56,7 @@ const APPENDS_IN_FLIGHT_MAX: usize = 1024;
 /// AppendEntries and the state machine's apply at commit. Read back from the storage, each
 /// such read allocated and zeroed a buffer of up to [`READ_BYTES_MAX`] and copied the
 /// entries out of the page cache, once per follower: a quarter of an RF=3 leader's CPU.
-const RECENT_ENTRIES_BYTES_MAX: usize = 2 * APPEND_PAYLOAD_BYTES_MAX;
+pub const RECENT_ENTRIES_BYTES_MAX: usize = 2 * APPEND_PAYLOAD_BYTES_MAX;
 /// Entries a replica keeps so at most (this bounds the work of each prune).
 const RECENT_ENTRIES_MAX: usize = 256;
 /// The same bytes over every replica of the process, about (two replicas pruning at once
@@ -65,6 +65,10 @@ const RECENT_ENTRIES_MAX: usize = 256;
 const RECENT_ENTRIES_BYTES_PROCESS_MAX: usize = 64 * 1024 * 1024;
 /// Payload bytes kept under [`RECENT_ENTRIES_BYTES_MAX`] by every replica of the process.
 static RECENT_ENTRIES_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// A replica that appends nothing for this long drops the served entries it kept: the reads
+/// they were kept for come within milliseconds of an append, and an idle replica would
+/// otherwise hold them, and its part of the process bound, until its next append.
+pub const RECENT_ENTRIES_IDLE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a replicated log cannot open.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +279,21 @@ impl Shared {
     /// entries' bounds ([`RECENT_ENTRIES_BYTES_MAX`], [`RECENT_ENTRIES_MAX`], and
     /// [`RECENT_ENTRIES_BYTES_PROCESS_MAX`] for the whole process).
     fn prune_pending(&self) {
+        self.prune_pending_keeping(RECENT_ENTRIES_BYTES_MAX);
+    }
+
+    /// Payload bytes of served entries kept in memory.
+    pub(crate) fn recent_entries_bytes(&self) -> usize {
+        self.recent_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Drops every pending entry the storage serves (see [`RECENT_ENTRIES_IDLE_MAX`]).
+    fn forget_recent(&self) {
+        self.prune_pending_keeping(0);
+    }
+
+    /// [`Self::prune_pending`], keeping at most `recent_bytes_max` of served entries.
+    fn prune_pending_keeping(&self, recent_bytes_max: usize) {
         let served = self.log.high_watermark();
         let mut pending = lock(&self.pending);
         let mine = self.recent_bytes.load(Ordering::Relaxed);
@@ -282,7 +301,7 @@ impl Shared {
             .load(Ordering::Relaxed)
             .saturating_sub(mine);
         let bytes_max =
-            RECENT_ENTRIES_BYTES_MAX.min(RECENT_ENTRIES_BYTES_PROCESS_MAX.saturating_sub(others));
+            recent_bytes_max.min(RECENT_ENTRIES_BYTES_PROCESS_MAX.saturating_sub(others));
         let (dropped_to, kept_bytes) = recent_to_keep(
             pending
                 .iter()
@@ -704,7 +723,21 @@ async fn flush_worker(
     mut in_flight: mpsc::Receiver<InFlight>,
     done: watch::Sender<u64>,
 ) {
-    while let Some(InFlight { writes, callback }) = in_flight.recv().await {
+    loop {
+        let next = if shared.recent_bytes.load(Ordering::Relaxed) > 0 {
+            match tokio::time::timeout(RECENT_ENTRIES_IDLE_MAX, in_flight.recv()).await {
+                Ok(next) => next,
+                Err(_idle) => {
+                    shared.forget_recent();
+                    continue;
+                }
+            }
+        } else {
+            in_flight.recv().await
+        };
+        let Some(InFlight { writes, callback }) = next else {
+            break;
+        };
         let mut result = Ok(());
         for write in writes {
             let expected = write.offset;

@@ -891,6 +891,12 @@ impl PartitionReplica {
         self.shared.log().cached_tail_bytes_max()
     }
 
+    /// Payload bytes of entries the storage serves that this replica still keeps in memory
+    /// (see `log_store::RECENT_ENTRIES_BYTES_MAX`).
+    pub fn recent_entries_bytes(&self) -> usize {
+        self.shared.recent_entries_bytes()
+    }
+
     /// The high watermark, as it moves (its sender goes when the replica stops).
     pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
         self.high_watermark.clone()
