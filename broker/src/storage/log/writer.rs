@@ -76,10 +76,10 @@ impl<'a> Placed<'a> {
         self.bytes += batch.len();
     }
 
-    /// Enough for one write: bounded in bytes, and in buffers (two a batch) by what one
-    /// `pwritev` takes.
+    /// Enough for one write (the backend splits a write into as many `pwritev` calls as
+    /// its buffers need).
     fn full(&self) -> bool {
-        self.bytes >= WRITE_BUFFER_BYTES_MAX || self.batches.len() >= PLACED_BATCHES_MAX
+        self.bytes >= WRITE_BUFFER_BYTES_MAX
     }
 }
 
@@ -485,9 +485,6 @@ impl GroupStart {
         }
     }
 }
-
-/// Batches one write takes at most: two buffers each, within Linux's `IOV_MAX` (1024).
-const PLACED_BATCHES_MAX: usize = 512;
 
 /// The page size the cached tail is rounded to.
 const CACHE_PAGE_BYTES: u64 = 4096;
