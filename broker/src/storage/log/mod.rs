@@ -222,6 +222,9 @@ struct WriteState {
     /// The segment (by base offset) whose log file's bytes below the position were dropped
     /// from the page cache ([`PartitionLog::set_cached_tail_bytes_max`]).
     cache_dropped: Option<(i64, u64)>,
+    /// The last sealed segment's log file while part of it is still in the cached tail:
+    /// its size, and its bytes below the position dropped.
+    sealed_cached: Option<(Arc<dyn StorageFile>, u64, u64)>,
 }
 
 /// What readers see; locked briefly, never across I/O.
@@ -394,6 +397,7 @@ impl PartitionLog {
                 last_sync_ms: None,
                 unsynced: false,
                 cache_dropped: None,
+                sealed_cached: None,
             }),
             view: Mutex::new(view),
             truncation: RwLock::new(()),
@@ -508,8 +512,9 @@ impl PartitionLog {
     }
 
     /// Bounds how much of the log the OS page cache keeps once durable: after each fsync
-    /// the writer drops the active segment's bytes older than its last `bytes` (and a
-    /// sealed segment's at its roll). For a log hardly anyone reads soon — a follower
+    /// the writer drops the log's bytes older than its last `bytes` — the active segment's,
+    /// and the last sealed segment's as far as the tail no longer reaches into it (older
+    /// segments leave the cache whole at the next roll). For a log hardly anyone reads soon — a follower
     /// replica's — so it neither displaces data that readers want nor makes the OS find a
     /// fresh page for every byte written. Reads of dropped bytes go to the disk. `None`
     /// (the default) leaves the page cache to the OS. Nothing is dropped before it is

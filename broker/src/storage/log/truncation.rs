@@ -12,6 +12,7 @@ impl PartitionLog {
         // Bytes written again where the cut was go back to the page cache: the next drop
         // covers the active segment from its start.
         write.cache_dropped = None;
+        write.sealed_cached = None;
         lock(&self.shared.queue).check_not_poisoned()?;
         let (i, plan) = {
             let view = lock(&self.shared.view);
@@ -90,6 +91,7 @@ impl PartitionLog {
         // Bytes written again where the cut was go back to the page cache: the next drop
         // covers the active segment from its start.
         write.cache_dropped = None;
+        write.sealed_cached = None;
         lock(&self.shared.queue).check_not_poisoned()?;
         let _exclusive = self
             .shared

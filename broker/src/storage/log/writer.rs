@@ -357,6 +357,7 @@ impl Shared {
             Ok(())
         })?;
         self.drop_cached(write, active.base_offset, &active.log, active.written);
+        self.seal_cached(write, active);
         let segment = Segment::create(self.backend.as_ref(), &self.dir, active.next_offset)?;
         self.backend
             .sync_dir(&self.dir)
@@ -409,8 +410,44 @@ impl Shared {
         Ok(())
     }
 
+    /// At a roll: the segment being sealed (durable) becomes the one whose tail is part of
+    /// the log's cached tail until the new active segment holds all of it; the one before
+    /// it leaves the page cache whole.
+    fn seal_cached(&self, write: &mut WriteState, sealed: &Active) {
+        if let Some((log, size, dropped_to)) = write.sealed_cached.take() {
+            self.drop_cached_range(&log, dropped_to, size);
+        }
+        if self.cached_tail_bytes_max.load(Ordering::Relaxed) == u64::MAX {
+            return;
+        }
+        let dropped_to = match write.cache_dropped {
+            Some((base, to)) if base == sealed.base_offset => to,
+            _ => 0,
+        };
+        write.sealed_cached = Some((sealed.log.clone(), sealed.written, dropped_to));
+    }
+
+    /// Drops `log`'s bytes from `dropped_to` (where an earlier drop ended) to `to` from the
+    /// page cache. Returns whether it did.
+    fn drop_cached_range(&self, log: &Arc<dyn StorageFile>, dropped_to: u64, to: u64) -> bool {
+        // The OS drops only whole folios, which may be larger than a page: one that
+        // straddled the last range's end was kept, so this range covers it again.
+        let from = dropped_to.saturating_sub(CACHE_FOLIO_BYTES_MAX);
+        match log.drop_cached(from, to.saturating_sub(from)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    dir = %self.dir.display(), error = %e,
+                    "could not drop written bytes from the page cache"
+                );
+                false
+            }
+        }
+    }
+
     /// Drops the bytes of segment `base_offset`'s log file older than the cached tail from
-    /// the page cache, once `durable_size` of them are durable (see
+    /// the page cache, once `durable_size` of them are durable, and of the last sealed
+    /// segment what the tail no longer reaches (see
     /// [`PartitionLog::set_cached_tail_bytes_max`]). Advice: a failure is logged, never
     /// fatal.
     fn drop_cached(
@@ -428,19 +465,24 @@ impl Shared {
             Some((base, to)) if base == base_offset => to,
             _ => 0,
         };
-        let to = durable_size.saturating_sub(keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES;
-        if to <= dropped_to {
-            return;
+        // The tail reaches back this far into the last sealed segment.
+        let sealed_keep = keep.saturating_sub(durable_size);
+        if let Some((sealed, size, sealed_dropped_to)) = &mut write.sealed_cached {
+            let to = if sealed_keep == 0 {
+                *size
+            } else {
+                size.saturating_sub(sealed_keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES
+            };
+            if to > *sealed_dropped_to && self.drop_cached_range(sealed, *sealed_dropped_to, to) {
+                *sealed_dropped_to = to;
+            }
+            if sealed_keep == 0 {
+                write.sealed_cached = None;
+            }
         }
-        // The OS drops only whole folios, which may be larger than a page: one that
-        // straddled the last range's end was kept, so this range covers it again.
-        let from = dropped_to.saturating_sub(CACHE_FOLIO_BYTES_MAX);
-        match log.drop_cached(from, to - from) {
-            Ok(()) => write.cache_dropped = Some((base_offset, to)),
-            Err(e) => tracing::warn!(
-                dir = %self.dir.display(), base_offset, error = %e,
-                "could not drop written bytes from the page cache"
-            ),
+        let to = durable_size.saturating_sub(keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES;
+        if to > dropped_to && self.drop_cached_range(log, dropped_to, to) {
+            write.cache_dropped = Some((base_offset, to));
         }
     }
 
