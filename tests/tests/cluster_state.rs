@@ -527,7 +527,11 @@ fn the_metadata_log_is_purged_and_restarted_or_lagging_brokers_start_from_its_sn
     let doomed_dir = data_dirs[2]
         .join("cluster/partitions")
         .join(format!("{doomed_id}-0"));
-    ensure!(doomed_dir.is_dir(), "node 3 hosts {}", doomed_dir.display());
+    // The create answers once the partition has a leader; node 3 makes its replica as it
+    // applies the metadata, which may come a moment later.
+    eventually(&format!("node 3 hosts {}", doomed_dir.display()), || {
+        Ok(doomed_dir.is_dir())
+    })?;
     cluster.process.kill(3);
     // A module uploaded while node 3 is down reaches it in the snapshot.
     let scratch = tempfile::tempdir()?;
