@@ -1,7 +1,8 @@
 //! `ketch-bench cluster`: produce `record_bytes` records with `acks=all`, round robin over the
-//! partitions of a topic (`--partitions`, 1 by default), with RF=1 on one broker, then RF=3 on
-//! a three-broker cluster (the CLI contract:
-//! `--node-id`, `--peers`, `--ca-dir`), and the time from killing a partition leader
+//! partitions of a topic (`--partitions`, 1 by default), with RF=1 on one broker and RF=3 on
+//! a three-broker cluster (the CLI contract: `--node-id`, `--peers`, `--ca-dir`), `--rounds`
+//! times each on fresh brokers, alternating which goes first (the figures are the medians),
+//! and the time from killing a partition leader
 //! (SIGKILL) to the first acknowledged produce on its successor (client defaults, a topic of
 //! its own, and when a surviving replica named the new leader); with `--idle-partitions N`,
 //! the CPU and RSS of three idle brokers hosting a topic of N partitions (RF=3).
@@ -16,9 +17,9 @@ use ketch_client::{Acks, Client, ClientConfig, NewTopic, ProducerConfig, Produce
 use ketch_testkit::{KetchCluster, KetchProcess};
 
 const TOPIC: &str = "bench-cluster";
-/// The failover runs on a topic of its own: right after the throughput run's flood the
-/// followers of `TOPIC` are far behind, and a new leader of it cannot commit until one
-/// catches up (a broker matter, measured apart from the client's part here).
+/// The failover runs on a cluster and a topic of its own: right after a throughput run's
+/// flood the followers of `TOPIC` are far behind, and a new leader of it cannot commit until
+/// one catches up (a broker matter, measured apart from the client's part here).
 const FAILOVER_TOPIC: &str = "bench-failover";
 /// Bound of the wait for the failover topic's leader before the kill.
 const LEADER_WAIT_MAX: Duration = Duration::from_secs(30);
@@ -99,40 +100,90 @@ async fn create_named(
     Ok(())
 }
 
-pub async fn run(
-    scratch: &Path,
-    record_bytes: usize,
-    duration: Duration,
-    partitions: u32,
-) -> anyhow::Result<()> {
+/// What `ketch-bench cluster` measures.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub record_bytes: usize,
+    /// Of each produce run.
+    pub duration: Duration,
+    pub partitions: u32,
+    /// Produce runs of each kind (RF=1, RF=3), alternating which goes first.
+    pub rounds: u32,
+}
+
+/// Records per second with RF=1 on a broker of its own, started and stopped here.
+async fn rf1_rate(scratch: &Path, run: &Run) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir_in(scratch)?;
+    let single = KetchProcess::start(dir.path(), &[])?;
+    let client = Client::connect(client_config(vec![single.broker_arg()], &single.ca)).await?;
+    create(&client, 1, run.partitions).await?;
+    let rate = produce_rate(&client, run.record_bytes, run.duration, run.partitions).await?;
+    client.close();
+    Ok(rate)
+}
+
+/// Records per second with RF=3 on a cluster of three of its own, started and stopped here.
+async fn rf3_rate(scratch: &Path, run: &Run) -> anyhow::Result<f64> {
+    let base = tempfile::tempdir_in(scratch)?;
+    let cluster = KetchCluster::start(base.path(), 3, &[])?;
+    let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
+    create(&client, 3, run.partitions).await?;
+    let rate = produce_rate(&client, run.record_bytes, run.duration, run.partitions).await?;
+    client.close();
+    Ok(rate)
+}
+
+pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
+    let Run {
+        record_bytes,
+        duration,
+        partitions,
+        rounds,
+    } = *run;
     println!(
         "produce {record_bytes} B records, acks=all, idempotent, 1 producer, {partitions} \
-         partition(s), {duration:?} each (fsync always)"
+         partition(s), {duration:?} each (fsync always), {rounds} round(s) alternating which \
+         goes first"
     );
-    let single_dir = tempfile::tempdir_in(scratch)?;
-    let single = KetchProcess::start(single_dir.path(), &[])?;
-    let client = Client::connect(client_config(vec![single.broker_arg()], &single.ca)).await?;
-    create(&client, 1, partitions).await?;
-    let rf1 = produce_rate(&client, record_bytes, duration, partitions).await?;
-    client.close();
-    drop(single);
+    let mib = |rate: f64| rate * record_bytes as f64 / 1048576.0;
+    let (mut rf1s, mut rf3s) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (rf1, rf3) = if round % 2 == 0 {
+            let rf1 = rf1_rate(scratch, run).await?;
+            (rf1, rf3_rate(scratch, run).await?)
+        } else {
+            let rf3 = rf3_rate(scratch, run).await?;
+            (rf1_rate(scratch, run).await?, rf3)
+        };
+        println!(
+            "round {}{}: RF=1 {rf1:.0}, RF=3 {rf3:.0} records/s ({:.0}%)",
+            round + 1,
+            if round % 2 == 0 {
+                " (RF=1 first)"
+            } else {
+                " (RF=3 first)"
+            },
+            100.0 * rf3 / rf1
+        );
+        rf1s.push(rf1);
+        rf3s.push(rf3);
+    }
+    let rf1 = crate::stats::median(&rf1s).expect("at least one round");
+    let rf3 = crate::stats::median(&rf3s).expect("at least one round");
     println!(
-        "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s",
-        rf1 * record_bytes as f64 / 1048576.0
+        "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s  (median)",
+        mib(rf1)
     );
-
-    let base = tempfile::tempdir_in(scratch)?;
-    let mut cluster = KetchCluster::start(base.path(), 3, &[])?;
-    let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
-    create(&client, 3, partitions).await?;
-    let rf3 = produce_rate(&client, record_bytes, duration, partitions).await?;
     println!(
-        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  ({:.0}% of RF=1; target ≥ 40%)",
-        rf3 * record_bytes as f64 / 1048576.0,
+        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  (median; {:.0}% of RF=1; target ≥ 40%)",
+        mib(rf3),
         100.0 * rf3 / rf1
     );
 
     // Failover: a producer writes steadily; kill the leader; time to the next ack.
+    let base = tempfile::tempdir_in(scratch)?;
+    let mut cluster = KetchCluster::start(base.path(), 3, &[])?;
+    let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
     create_named(&client, FAILOVER_TOPIC, 3, 1).await?;
     let waited = Instant::now();
     let leader = loop {

@@ -108,6 +108,11 @@ struct ClusterArgs {
     /// partition has its own AppendEntries in flight to each follower.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Produce runs of each kind, alternating which goes first (RF=1 then RF=3, then the
+    /// other way round, ...), each on brokers of its own: the figures are the medians. One
+    /// run of each swung up to 2× with the same binaries, and RF=3 always came second.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Also measure an idle cluster: 3 brokers with a topic of this many partitions (RF=3),
     /// CPU (percent of one core, the three brokers together) and RSS. 0: skip.
     #[arg(long, default_value_t = 0)]
@@ -342,7 +347,13 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Cluster(args)) => runtime.block_on(async {
             let scratch = args.scratch.unwrap_or_else(std::env::temp_dir);
             if !args.idle_only {
-                cluster::run(&scratch, args.record_bytes, args.duration, args.partitions).await?;
+                let run = cluster::Run {
+                    record_bytes: args.record_bytes,
+                    duration: args.duration,
+                    partitions: args.partitions,
+                    rounds: args.rounds.max(1),
+                };
+                cluster::run(&scratch, &run).await?;
             }
             if args.idle_partitions > 0 {
                 cluster::idle(&scratch, args.idle_partitions, args.idle_window).await?;

@@ -132,8 +132,9 @@ async fn one(
         };
         rounds.push((many, four));
     }
-    let produce_records_per_sec = median(rounds.iter().map(|r| r.0));
-    let four_partitions_records_per_sec = median(rounds.iter().map(|r| r.1));
+    let median = |values: Vec<f64>| crate::stats::median(&values).unwrap_or(0.0);
+    let produce_records_per_sec = median(rounds.iter().map(|r| r.0).collect());
+    let four_partitions_records_per_sec = median(rounds.iter().map(|r| r.1).collect());
     for producer_client in clients {
         producer_client.close();
     }
@@ -330,21 +331,6 @@ async fn produce(
     Ok(records as f64 / elapsed)
 }
 
-/// The middle value (the mean of the two middle ones for an even count); 0 for none.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
-}
-
 pub(crate) fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -426,22 +412,4 @@ pub fn text(rows: &[Result<PartitionsRow, String>], options: &PartitionsOptions)
         ));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::median;
-
-    #[test]
-    fn the_median_is_the_middle_value_or_the_mean_of_the_two_middle_ones() {
-        for (values, expected) in [
-            (vec![], 0.0),
-            (vec![5.0], 5.0),
-            (vec![9.0, 1.0, 4.0], 4.0),
-            (vec![9.0, 1.0, 4.0, 2.0], 3.0),
-            (vec![3.0, 3.0, 100.0], 3.0),
-        ] {
-            assert_eq!(median(values.iter().copied()), expected, "{values:?}");
-        }
-    }
 }
