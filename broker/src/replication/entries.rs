@@ -251,22 +251,28 @@ pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryErr
     let term = entry.log_id.leader_id.term;
     let epoch = term_as_epoch(term)?;
     match &entry.payload {
-        EntryPayload::Normal(LogBatch { bytes: stored, .. }) => {
+        EntryPayload::Normal(LogBatch {
+            bytes: stored,
+            placed,
+            ..
+        }) => {
             let header = BatchHeader::parse(stored)
                 .map_err(|source| EntryError::Batch { offset, source })?;
-            if header.partition_leader_epoch == epoch && header.base_offset != offset {
-                return Err(EntryError::OffsetMismatch {
-                    index: entry.log_id.index,
-                    term,
-                    stamped: header.base_offset,
-                    expected: offset,
-                });
-            }
-            if header.partition_leader_epoch == epoch {
+            if *placed {
                 // Stamped already (a follower's copy of the leader's entry): stored as it
-                // came, without a copy.
+                // came, without a copy, and only where the leader put it.
+                if header.partition_leader_epoch != epoch || header.base_offset != offset {
+                    return Err(EntryError::OffsetMismatch {
+                        index: entry.log_id.index,
+                        term,
+                        stamped: header.base_offset,
+                        expected: offset,
+                    });
+                }
                 return Ok(stored.clone());
             }
+            // A client's batch: whatever its header says, a copy stamped here (the one copy
+            // a leader makes of it).
             let mut bytes = BytesMut::from(&stored[..]);
             batch::set_base_offset(&mut bytes, offset);
             batch::set_partition_leader_epoch(&mut bytes, epoch);
@@ -415,7 +421,7 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         return Ok((
             Entry {
                 log_id,
-                payload: EntryPayload::Normal(LogBatch::new(stored)),
+                payload: EntryPayload::Normal(LogBatch::placed(stored)),
             },
             position,
         ));
@@ -432,7 +438,7 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         return Ok((
             Entry {
                 log_id,
-                payload: EntryPayload::Normal(LogBatch::new(stored)),
+                payload: EntryPayload::Normal(LogBatch::placed(stored)),
             },
             position,
         ));
@@ -591,7 +597,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::new(stored.clone())));
+        let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::placed(stored.clone())));
         let again = encode(&replicated, 7, 0).unwrap();
         assert_eq!(again, stored);
         assert_eq!(
@@ -616,6 +622,53 @@ mod tests {
                 0
             )
             .is_ok()
+        );
+    }
+
+    /// A client's batch is stamped where it lands, in a copy, whatever its header says: one
+    /// that names the leader's term and some other offset is not taken for a placed entry
+    /// (and refused); a placed entry is stored only with its own term, at its own offset.
+    #[test]
+    fn a_client_batch_is_stamped_where_it_lands_whatever_its_header_says() {
+        let mut claimed = bytes::BytesMut::from(&data(2)[..]);
+        batch::set_partition_leader_epoch(&mut claimed, 3);
+        batch::set_base_offset(&mut claimed, 40);
+        let claimed = claimed.freeze();
+        let stored = encode(
+            &entry(3, 5, EntryPayload::Normal(LogBatch::new(claimed.clone()))),
+            7,
+            0,
+        )
+        .unwrap();
+        let header = BatchHeader::parse(&stored).unwrap();
+        assert_eq!((header.base_offset, header.partition_leader_epoch), (7, 3));
+        assert_ne!(stored.as_ptr(), claimed.as_ptr(), "a copy was stamped");
+        assert_eq!(
+            stored[12..],
+            claimed[12..],
+            "nothing but the offset changed"
+        );
+
+        // The same bytes as a placed entry of term 4 (its epoch says 3): refused.
+        let mut placed = bytes::BytesMut::from(&claimed[..]);
+        batch::set_base_offset(&mut placed, 7);
+        let placed = placed.freeze();
+        assert!(matches!(
+            encode(
+                &entry(4, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
+                7,
+                0
+            ),
+            Err(EntryError::OffsetMismatch { .. })
+        ));
+        assert_eq!(
+            encode(
+                &entry(3, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
+                7,
+                0
+            )
+            .unwrap(),
+            placed
         );
     }
 

@@ -75,13 +75,27 @@ pub type NodeId = u64;
 pub struct LogBatch {
     pub bytes: Bytes,
     pub local_ack: Option<LocalAck>,
+    /// The batch carries the offset and term its leader stamped on it (an entry read from a
+    /// log or received from a leader): stored as it is, and only at that offset. Otherwise
+    /// (a client's batch, whatever its header says) the log stamps a copy where it lands.
+    pub placed: bool,
 }
 
 impl LogBatch {
+    /// A batch a leader accepted, to be stamped where it lands.
     pub fn new(bytes: Bytes) -> LogBatch {
         LogBatch {
             bytes,
             local_ack: None,
+            placed: false,
+        }
+    }
+
+    /// A batch its leader stamped already (see [`LogBatch::placed`]).
+    pub fn placed(bytes: Bytes) -> LogBatch {
+        LogBatch {
+            placed: true,
+            ..LogBatch::new(bytes)
         }
     }
 }

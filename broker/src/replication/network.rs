@@ -192,9 +192,7 @@ pub async fn serve(
             .map_err(|e| remote(&e)),
         PeerRequest::Propose(batch) => {
             ketch_protocol::batch::validate_from_client(&batch).map_err(|e| remote(&e))?;
-            let mut unstamped = bytes::BytesMut::from(&batch[..]);
-            ketch_protocol::batch::set_partition_leader_epoch(&mut unstamped, -1);
-            raft.client_write(super::LogBatch::new(unstamped.freeze()))
+            raft.client_write(super::LogBatch::new(batch))
                 .await
                 .map(|answer| PeerResponse::Proposed(answer.data, answer.log_id.leader_id.term))
                 .map_err(|e| remote(&e))

@@ -197,7 +197,7 @@ fn entry(r: &mut Reader) -> Result<Entry> {
         ENTRY_BLANK => EntryPayload::Blank,
         ENTRY_DATA => {
             let len = r.u32("entry length")? as usize;
-            EntryPayload::Normal(LogBatch::new(r.bytes(len, "entry batch")?))
+            EntryPayload::Normal(LogBatch::placed(r.bytes(len, "entry batch")?))
         }
         ENTRY_MEMBERSHIP => EntryPayload::Membership(membership(r)?),
         _ => return Err(PeerWireError::Invalid("entry kind")),

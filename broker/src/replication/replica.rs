@@ -787,11 +787,8 @@ impl PartitionReplica {
                 let header = batch::validate_from_client(&batch)
                     .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
                 debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
-                // A client batch carries no term: an entry stamped with its own term is one
-                // a leader already placed (see `entries::encode`).
-                let mut unstamped = BytesMut::from(&batch[..]);
-                batch::set_partition_leader_epoch(&mut unstamped, -1);
-                (unstamped.freeze(), header.records_count)
+                // Not placed: the log stamps a copy (`entries::encode`).
+                (batch, header.records_count)
             }
             Proposal::State { name, value } => {
                 let now_ms = std::time::SystemTime::now()
@@ -810,8 +807,8 @@ impl PartitionReplica {
         }
         let (local_ack, locally_durable) = LocalAck::new();
         let payload = LogBatch {
-            bytes,
             local_ack: (acks != Acks::All).then_some(local_ack),
+            ..LogBatch::new(bytes)
         };
         let committed = self
             .raft
