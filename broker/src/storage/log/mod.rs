@@ -222,9 +222,9 @@ struct WriteState {
     /// The segment (by base offset) whose log file's bytes below the position were dropped
     /// from the page cache ([`PartitionLog::set_cached_tail_bytes_max`]).
     cache_dropped: Option<(i64, u64)>,
-    /// The last sealed segment's log file while part of it is still in the cached tail:
-    /// its size, and its bytes below the position dropped.
-    sealed_cached: Option<(Arc<dyn StorageFile>, u64, u64)>,
+    /// The last sealed segment (by base offset) while part of it is still in the cached
+    /// tail: its log file, its size, and its bytes below the position dropped.
+    sealed_cached: Option<(i64, Arc<dyn StorageFile>, u64, u64)>,
 }
 
 /// What readers see; locked briefly, never across I/O.

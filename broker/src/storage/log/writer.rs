@@ -414,7 +414,9 @@ impl Shared {
     /// the log's cached tail until the new active segment holds all of it; the one before
     /// it leaves the page cache whole.
     fn seal_cached(&self, write: &mut WriteState, sealed: &Active) {
-        if let Some((log, size, dropped_to)) = write.sealed_cached.take() {
+        if let Some((base_offset, log, size, dropped_to)) = write.sealed_cached.take()
+            && self.has_segment(base_offset)
+        {
             self.drop_cached_range(&log, dropped_to, size);
         }
         if self.cached_tail_bytes_max.load(Ordering::Relaxed) == u64::MAX {
@@ -424,7 +426,21 @@ impl Shared {
             Some((base, to)) if base == sealed.base_offset => to,
             _ => 0,
         };
-        write.sealed_cached = Some((sealed.log.clone(), sealed.written, dropped_to));
+        write.sealed_cached = Some((
+            sealed.base_offset,
+            sealed.log.clone(),
+            sealed.written,
+            dropped_to,
+        ));
+    }
+
+    /// Whether segment `base_offset` is still in the log (retention and purges delete sealed
+    /// segments between write groups, under the same lock as the writer's).
+    fn has_segment(&self, base_offset: i64) -> bool {
+        lock(&self.view)
+            .segments
+            .binary_search_by_key(&base_offset, |s| s.base_offset)
+            .is_ok()
     }
 
     /// Drops `log`'s bytes from `dropped_to` (where an earlier drop ended) to `to` from the
@@ -467,7 +483,12 @@ impl Shared {
         };
         // The tail reaches back this far into the last sealed segment.
         let sealed_keep = keep.saturating_sub(durable_size);
-        if let Some((sealed, size, sealed_dropped_to)) = &mut write.sealed_cached {
+        if let Some((sealed_base, _, _, _)) = write.sealed_cached
+            && !self.has_segment(sealed_base)
+        {
+            write.sealed_cached = None;
+        }
+        if let Some((_, sealed, size, sealed_dropped_to)) = &mut write.sealed_cached {
             let to = if sealed_keep == 0 {
                 *size
             } else {
