@@ -245,8 +245,9 @@ fn term_as_epoch(term: u64) -> Result<i32, EntryError> {
 
 /// The stored batch of `entry`, placed at storage offset `offset`: a data batch gets its base
 /// offset and leader epoch (= term) patched; a blank or membership entry becomes a control
-/// batch. A data batch already stamped with its term (a leader's stored batch replicated to
-/// this follower) must have been stamped for `offset`: that is the `append_at` check.
+/// batch. A placed data batch ([`LogBatch::placed`]: a leader's stored batch replicated to
+/// this follower) is stored as it is, and must have been stamped for `offset` in the entry's
+/// term: that is the `append_at` check.
 pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryError> {
     let term = entry.log_id.leader_id.term;
     let epoch = term_as_epoch(term)?;

@@ -804,7 +804,7 @@ impl Shared {
         new: Segment,
         renames: [(PathBuf, PathBuf); 3],
     ) -> Result<bool, StorageError> {
-        let _write = lock(&self.write);
+        let mut write = lock(&self.write);
         let still_there = {
             let view = lock(&self.view);
             let sealed = &view.segments[..view.segments.len() - 1];
@@ -875,6 +875,7 @@ impl Shared {
             .position(|s| s.base_offset == old[0].base_offset)
             .expect("checked under the write lock");
         view.segments.splice(i..i + old.len(), [new]);
+        write.segments_removed(|base| old.iter().any(|s| s.base_offset == base));
         Ok(true)
     }
 

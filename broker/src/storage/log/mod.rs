@@ -222,9 +222,32 @@ struct WriteState {
     /// The segment (by base offset) whose log file's bytes below the position were dropped
     /// from the page cache ([`PartitionLog::set_cached_tail_bytes_max`]).
     cache_dropped: Option<(i64, u64)>,
-    /// The last sealed segment (by base offset) while part of it is still in the cached
-    /// tail: its log file, its size, and its bytes below the position dropped.
-    sealed_cached: Option<(i64, Arc<dyn StorageFile>, u64, u64)>,
+    /// The last sealed segment while part of it is still in the cached tail.
+    sealed_cached: Option<SealedCached>,
+}
+
+/// A sealed segment's log file whose bytes the writer still drops from the page cache as the
+/// log's cached tail moves past them.
+struct SealedCached {
+    base_offset: i64,
+    log: Arc<dyn StorageFile>,
+    size: u64,
+    /// Its bytes below this were dropped.
+    dropped_to: u64,
+}
+
+impl WriteState {
+    /// Segments left the log (retention, a purge, a compaction's swap): the writer drops
+    /// nothing more from any of them.
+    fn segments_removed(&mut self, removed: impl Fn(i64) -> bool) {
+        if self
+            .sealed_cached
+            .as_ref()
+            .is_some_and(|sealed| removed(sealed.base_offset))
+        {
+            self.sealed_cached = None;
+        }
+    }
 }
 
 /// What readers see; locked briefly, never across I/O.

@@ -20,7 +20,7 @@ impl PartitionLog {
         retention_ms: Option<i64>,
         retention_bytes: Option<u64>,
     ) -> Result<RetentionOutcome, StorageError> {
-        let _write = lock(&self.shared.write);
+        let mut write = lock(&self.shared.write);
         // A poisoned log is left as it is for recovery (a compaction's merge may be half
         // finished: its swap needs the first segment it covers).
         lock(&self.shared.queue).check_not_poisoned()?;
@@ -30,7 +30,7 @@ impl PartitionLog {
             retention_ms,
             retention_bytes,
         );
-        self.shared.delete_oldest_segments(count)
+        self.shared.delete_oldest_segments(&mut write, count)
     }
 
     /// Where [`Self::apply_retention_limits`] would start the log: the base offset of the
@@ -55,7 +55,7 @@ impl PartitionLog {
     /// Advances the log start offset to `up_to_offset` (records below it are gone) and deletes
     /// the sealed segments that lie wholly below it. For raft: purging applied entries.
     pub fn purge_prefix(&self, up_to_offset: i64) -> Result<(), StorageError> {
-        let _write = lock(&self.shared.write);
+        let mut write = lock(&self.shared.write);
         lock(&self.shared.queue).check_not_poisoned()?;
         let count = {
             let view = lock(&self.shared.view);
@@ -69,7 +69,7 @@ impl PartitionLog {
                 .take_while(|&i| view.segments[i].base_offset <= up_to_offset)
                 .count()
         };
-        self.shared.delete_oldest_segments(count)?;
+        self.shared.delete_oldest_segments(&mut write, count)?;
         let first_base = {
             let mut view = lock(&self.shared.view);
             view.log_start = view.log_start.max(up_to_offset);
@@ -109,7 +109,11 @@ fn retention_count(
 
 impl Shared {
     /// Detaches the `count` oldest segments from the view and deletes their files.
-    fn delete_oldest_segments(&self, count: usize) -> Result<RetentionOutcome, StorageError> {
+    fn delete_oldest_segments(
+        &self,
+        write: &mut WriteState,
+        count: usize,
+    ) -> Result<RetentionOutcome, StorageError> {
         let (removed, log_start) = {
             let mut view = lock(&self.view);
             assert!(
@@ -117,6 +121,7 @@ impl Shared {
                 "the active segment is never deleted"
             );
             let removed: Vec<Segment> = view.segments.drain(..count).collect();
+            write.segments_removed(|base| removed.iter().any(|s| s.base_offset == base));
             view.log_start = view.log_start.max(view.segments[0].base_offset);
             (removed, view.log_start)
         };

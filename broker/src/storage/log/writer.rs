@@ -414,10 +414,8 @@ impl Shared {
     /// the log's cached tail until the new active segment holds all of it; the one before
     /// it leaves the page cache whole.
     fn seal_cached(&self, write: &mut WriteState, sealed: &Active) {
-        if let Some((base_offset, log, size, dropped_to)) = write.sealed_cached.take()
-            && self.has_segment(base_offset)
-        {
-            self.drop_cached_range(&log, dropped_to, size);
+        if let Some(mut before) = write.sealed_cached.take() {
+            self.drop_cached_range(&before.log, &mut before.dropped_to, before.size);
         }
         if self.cached_tail_bytes_max.load(Ordering::Relaxed) == u64::MAX {
             return;
@@ -426,46 +424,37 @@ impl Shared {
             Some((base, to)) if base == sealed.base_offset => to,
             _ => 0,
         };
-        write.sealed_cached = Some((
-            sealed.base_offset,
-            sealed.log.clone(),
-            sealed.written,
+        write.sealed_cached = Some(SealedCached {
+            base_offset: sealed.base_offset,
+            log: sealed.log.clone(),
+            size: sealed.written,
             dropped_to,
-        ));
-    }
-
-    /// Whether segment `base_offset` is still in the log (retention and purges delete sealed
-    /// segments between write groups, under the same lock as the writer's).
-    fn has_segment(&self, base_offset: i64) -> bool {
-        lock(&self.view)
-            .segments
-            .binary_search_by_key(&base_offset, |s| s.base_offset)
-            .is_ok()
+        });
     }
 
     /// Drops `log`'s bytes from `dropped_to` (where an earlier drop ended) to `to` from the
-    /// page cache. Returns whether it did.
-    fn drop_cached_range(&self, log: &Arc<dyn StorageFile>, dropped_to: u64, to: u64) -> bool {
+    /// page cache, and moves `dropped_to` there; nothing if it is there already. Advice: a
+    /// failure is logged, never fatal.
+    fn drop_cached_range(&self, log: &Arc<dyn StorageFile>, dropped_to: &mut u64, to: u64) {
+        if to <= *dropped_to {
+            return;
+        }
         // The OS drops only whole folios, which may be larger than a page: one that
         // straddled the last range's end was kept, so this range covers it again.
         let from = dropped_to.saturating_sub(CACHE_FOLIO_BYTES_MAX);
-        match log.drop_cached(from, to.saturating_sub(from)) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    dir = %self.dir.display(), error = %e,
-                    "could not drop written bytes from the page cache"
-                );
-                false
-            }
+        match log.drop_cached(from, to - from) {
+            Ok(()) => *dropped_to = to,
+            Err(e) => tracing::warn!(
+                dir = %self.dir.display(), error = %e,
+                "could not drop written bytes from the page cache"
+            ),
         }
     }
 
     /// Drops the bytes of segment `base_offset`'s log file older than the cached tail from
     /// the page cache, once `durable_size` of them are durable, and of the last sealed
     /// segment what the tail no longer reaches (see
-    /// [`PartitionLog::set_cached_tail_bytes_max`]). Advice: a failure is logged, never
-    /// fatal.
+    /// [`PartitionLog::set_cached_tail_bytes_max`]).
     fn drop_cached(
         &self,
         write: &mut WriteState,
@@ -477,34 +466,26 @@ impl Shared {
         if keep == u64::MAX {
             return;
         }
-        let dropped_to = match write.cache_dropped {
-            Some((base, to)) if base == base_offset => to,
-            _ => 0,
-        };
         // The tail reaches back this far into the last sealed segment.
         let sealed_keep = keep.saturating_sub(durable_size);
-        if let Some((sealed_base, _, _, _)) = write.sealed_cached
-            && !self.has_segment(sealed_base)
-        {
-            write.sealed_cached = None;
-        }
-        if let Some((_, sealed, size, sealed_dropped_to)) = &mut write.sealed_cached {
+        if let Some(sealed) = &mut write.sealed_cached {
             let to = if sealed_keep == 0 {
-                *size
+                sealed.size
             } else {
-                size.saturating_sub(sealed_keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES
+                sealed.size.saturating_sub(sealed_keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES
             };
-            if to > *sealed_dropped_to && self.drop_cached_range(sealed, *sealed_dropped_to, to) {
-                *sealed_dropped_to = to;
-            }
+            self.drop_cached_range(&sealed.log, &mut sealed.dropped_to, to);
             if sealed_keep == 0 {
                 write.sealed_cached = None;
             }
         }
+        let mut dropped_to = match write.cache_dropped {
+            Some((base, to)) if base == base_offset => to,
+            _ => 0,
+        };
         let to = durable_size.saturating_sub(keep) / CACHE_PAGE_BYTES * CACHE_PAGE_BYTES;
-        if to > dropped_to && self.drop_cached_range(log, dropped_to, to) {
-            write.cache_dropped = Some((base_offset, to));
-        }
+        self.drop_cached_range(log, &mut dropped_to, to);
+        write.cache_dropped = Some((base_offset, dropped_to));
     }
 
     /// Everything written is acknowledged: readers may see it. Returns the log start.
