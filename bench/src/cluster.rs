@@ -6,6 +6,11 @@
 //! (SIGKILL) to the first acknowledged produce on its successor (client defaults, a topic of
 //! its own, and when a surviving replica named the new leader); with `--idle-partitions N`,
 //! the CPU and RSS of three idle brokers hosting a topic of N partitions (RF=3).
+//!
+//! Every produce run also says what it cost in CPU: the brokers' and this process's CPU time
+//! (`/proc/PID/stat`) per MiB produced, and how busy the whole machine was (`/proc/stat`).
+//! On a machine whose cores the brokers and the producer share, a run that keeps it busy is
+//! bound by that cost, and RF=3 ÷ RF=1 is about the inverse of its ratio.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,26 +116,89 @@ pub struct Run {
     pub rounds: u32,
 }
 
-/// Records per second with RF=1 on a broker of its own, started and stopped here.
-async fn rf1_rate(scratch: &Path, run: &Run) -> anyhow::Result<f64> {
+/// One produce run: its rate and what it cost.
+#[derive(Debug, Clone, Copy)]
+struct Produced {
+    /// Records per second.
+    rate: f64,
+    /// CPU time of the brokers and of this process (the producer), milliseconds per MiB
+    /// produced.
+    cpu_ms_per_mib: f64,
+    /// The share of the machine's CPU time that was not idle (nor waiting for I/O).
+    machine_busy: f64,
+}
+
+/// Busy and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`).
+fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().context("/proc/stat cpu line"))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(ticks.len() >= 5, "/proc/stat cpu line too short: {line}");
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let total: u64 = ticks.iter().take(8).sum();
+    Ok((total - ticks[3] - ticks[4], total))
+}
+
+/// Produces for `run.duration` through `client` while `brokers` (their pids) serve it.
+async fn produce_measured(client: &Client, brokers: &[u32], run: &Run) -> anyhow::Result<Produced> {
+    let processes: Vec<u32> = brokers
+        .iter()
+        .copied()
+        .chain([std::process::id()])
+        .collect();
+    let cpu = |pids: &[u32]| -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|&pid| crate::partitions::cpu_ticks(pid))
+            .sum()
+    };
+    let (cpu_before, machine_before) = (cpu(&processes)?, machine_ticks()?);
+    let rate = produce_rate(client, run.record_bytes, run.duration, run.partitions).await?;
+    let (cpu_after, machine_after) = (cpu(&processes)?, machine_ticks()?);
+    // The rate's window, give or take the last acks: close enough for a cost per MiB.
+    let mib = rate * run.duration.as_secs_f64() * run.record_bytes as f64 / 1048576.0;
+    let cpu_s = (cpu_after - cpu_before) as f64 / crate::partitions::clock_ticks_per_sec();
+    let (busy, total) = (
+        machine_after.0 - machine_before.0,
+        machine_after.1 - machine_before.1,
+    );
+    Ok(Produced {
+        rate,
+        cpu_ms_per_mib: cpu_s * 1000.0 / mib.max(f64::MIN_POSITIVE),
+        machine_busy: busy as f64 / total.max(1) as f64,
+    })
+}
+
+/// RF=1 on a broker of its own, started and stopped here.
+async fn rf1_rate(scratch: &Path, run: &Run) -> anyhow::Result<Produced> {
     let dir = tempfile::tempdir_in(scratch)?;
     let single = KetchProcess::start(dir.path(), &[])?;
     let client = Client::connect(client_config(vec![single.broker_arg()], &single.ca)).await?;
     create(&client, 1, run.partitions).await?;
-    let rate = produce_rate(&client, run.record_bytes, run.duration, run.partitions).await?;
+    let pids: Vec<u32> = single.pid().into_iter().collect();
+    let produced = produce_measured(&client, &pids, run).await?;
     client.close();
-    Ok(rate)
+    Ok(produced)
 }
 
-/// Records per second with RF=3 on a cluster of three of its own, started and stopped here.
-async fn rf3_rate(scratch: &Path, run: &Run) -> anyhow::Result<f64> {
+/// RF=3 on a cluster of three of its own, started and stopped here.
+async fn rf3_rate(scratch: &Path, run: &Run) -> anyhow::Result<Produced> {
     let base = tempfile::tempdir_in(scratch)?;
     let cluster = KetchCluster::start(base.path(), 3, &[])?;
     let client = Client::connect(client_config(cluster.bootstrap(), &cluster.ca)).await?;
     create(&client, 3, run.partitions).await?;
-    let rate = produce_rate(&client, run.record_bytes, run.duration, run.partitions).await?;
+    let pids: Vec<u32> = cluster
+        .brokers
+        .iter()
+        .filter_map(KetchProcess::pid)
+        .collect();
+    ensure!(pids.len() == 3, "the cluster's brokers: {pids:?}");
+    let produced = produce_measured(&client, &pids, run).await?;
     client.close();
-    Ok(rate)
+    Ok(produced)
 }
 
 pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
@@ -147,6 +215,8 @@ pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
     );
     let mib = |rate: f64| rate * record_bytes as f64 / 1048576.0;
     let (mut rf1s, mut rf3s) = (Vec::new(), Vec::new());
+    let (mut rf1_costs, mut rf3_costs) = (Vec::new(), Vec::new());
+    let (mut rf1_busy, mut rf3_busy) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let (rf1, rf3) = if round % 2 == 0 {
             let rf1 = rf1_rate(scratch, run).await?;
@@ -156,28 +226,46 @@ pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
             (rf1_rate(scratch, run).await?, rf3)
         };
         println!(
-            "round {}{}: RF=1 {rf1:.0}, RF=3 {rf3:.0} records/s ({:.0}%)",
+            "round {}{}: RF=1 {:.0}, RF=3 {:.0} records/s ({:.0}%); CPU {:.1} and {:.1} ms/MiB \
+             ({:.1}×), machine busy {:.0}% and {:.0}%",
             round + 1,
             if round % 2 == 0 {
                 " (RF=1 first)"
             } else {
                 " (RF=3 first)"
             },
-            100.0 * rf3 / rf1
+            rf1.rate,
+            rf3.rate,
+            100.0 * rf3.rate / rf1.rate,
+            rf1.cpu_ms_per_mib,
+            rf3.cpu_ms_per_mib,
+            rf3.cpu_ms_per_mib / rf1.cpu_ms_per_mib,
+            100.0 * rf1.machine_busy,
+            100.0 * rf3.machine_busy,
         );
-        rf1s.push(rf1);
-        rf3s.push(rf3);
+        rf1s.push(rf1.rate);
+        rf3s.push(rf3.rate);
+        rf1_costs.push(rf1.cpu_ms_per_mib);
+        rf3_costs.push(rf3.cpu_ms_per_mib);
+        rf1_busy.push(rf1.machine_busy);
+        rf3_busy.push(rf3.machine_busy);
     }
-    let rf1 = crate::stats::median(&rf1s).expect("at least one round");
-    let rf3 = crate::stats::median(&rf3s).expect("at least one round");
+    let median = |values: &[f64]| crate::stats::median(values).expect("at least one round");
+    let (rf1, rf3) = (median(&rf1s), median(&rf3s));
+    let (rf1_cost, rf3_cost) = (median(&rf1_costs), median(&rf3_costs));
     println!(
-        "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s  (median)",
-        mib(rf1)
+        "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s  (median; CPU {rf1_cost:.1} ms/MiB, \
+         machine busy {:.0}%)",
+        mib(rf1),
+        100.0 * median(&rf1_busy)
     );
     println!(
-        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  (median; {:.0}% of RF=1; target ≥ 40%)",
+        "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  (median; {:.0}% of RF=1; target ≥ 40%; \
+         CPU {rf3_cost:.1} ms/MiB = {:.1}× RF=1's, machine busy {:.0}%)",
         mib(rf3),
-        100.0 * rf3 / rf1
+        100.0 * rf3 / rf1,
+        rf3_cost / rf1_cost,
+        100.0 * median(&rf3_busy)
     );
 
     // Failover: a producer writes steadily; kill the leader; time to the next ack.

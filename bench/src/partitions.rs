@@ -342,7 +342,7 @@ pub(crate) fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
 }
 
 /// utime + stime of the process, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
@@ -353,7 +353,7 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(utime + stime)
 }
 
-fn clock_ticks_per_sec() -> f64 {
+pub(crate) fn clock_ticks_per_sec() -> f64 {
     // Linux has reported USER_HZ = 100 to user space on every architecture for decades.
     100.0
 }
