@@ -1,13 +1,20 @@
 //! Byte-rate quotas per principal, enforced by delay rather than refusal: each principal and
 //! direction has a virtual clock that every request advances by `bytes / rate`; a request
 //! that finds the clock ahead of now waits the difference (at most [`QUOTA_DELAY_MS_MAX`]).
-//! Time is passed in.
+//! The clock may fall behind now by up to [`QUOTA_BURST_MS`]: a principal that was slower
+//! than its rate (idle, or held up by something other than its quota, such as a slow disk)
+//! gets that much of it back at once, as a token bucket a second deep does. Without it,
+//! every request that came late lost its lateness for good, and a client held up now and
+//! then ran below its rate. Time is passed in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
 
 /// The longest one request is held back; a client far over its rate waits this per request.
 pub const QUOTA_DELAY_MS_MAX: u64 = 10_000;
+/// How far a principal's budget clock may fall behind now: the most of its rate it can
+/// use at once after being slower than it (1 s of the rate).
+pub const QUOTA_BURST_MS: u64 = 1_000;
 
 /// A principal's byte rates; 0 is no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -78,9 +85,9 @@ impl Quotas {
         let ready_at = clocks
             .entry((principal.to_owned(), direction))
             .or_insert(now);
-        let start = ready_at.max(now);
+        let start = ready_at.max(now - QUOTA_BURST_MS as f64);
         *ready_at = start + bytes as f64 * 1000.0 / rate as f64;
-        ((start - now) as u64).min(QUOTA_DELAY_MS_MAX)
+        ((start - now).max(0.0) as u64).min(QUOTA_DELAY_MS_MAX)
     }
 }
 
@@ -131,5 +138,38 @@ mod tests {
         // Removing the quota frees the principal at once.
         quotas.set("greedy", QuotaLimits::default());
         assert_eq!(quotas.charge("greedy", Direction::Produce, 1, 6000), 0);
+    }
+
+    #[test]
+    fn a_principal_held_up_gets_at_most_a_second_of_its_rate_back() {
+        let quotas = Quotas::default();
+        quotas.set(
+            "late",
+            QuotaLimits {
+                produce_bytes_per_s: 1000,
+                fetch_bytes_per_s: 0,
+            },
+        );
+        // 500 bytes every 500 ms is its rate; one request comes 300 ms late (at 1300, not
+        // 1000), and the next, on time again at 1500, is not held back for it (it was
+        // 300 ms: the late one had moved the clock to 1800); the one after it is.
+        let cases = [
+            (0, 500, 0),
+            (500, 500, 0),
+            (1300, 500, 0),
+            (1500, 500, 0),
+            (1500, 500, 500),
+        ];
+        for (now, bytes, delay) in cases {
+            assert_eq!(
+                quotas.charge("late", Direction::Produce, bytes, now),
+                delay,
+                "at {now}"
+            );
+        }
+        // After a long idle time it may run one second ahead of its rate, and no further.
+        assert_eq!(quotas.charge("late", Direction::Produce, 1000, 60_000), 0);
+        assert_eq!(quotas.charge("late", Direction::Produce, 500, 60_000), 0);
+        assert_eq!(quotas.charge("late", Direction::Produce, 500, 60_000), 500);
     }
 }
