@@ -139,6 +139,19 @@ async fn values_from_start(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<S
             })
             .await?;
         let partition = &response.partitions[0];
+        if partition.error == ErrorCode::OffsetOutOfRange {
+            // Retention goes on while we read (the topics here keep little): what it removed
+            // under the reader is gone, and a consumer goes on from the new log start, as
+            // Kafka's does with `auto.offset.reset=earliest`. Anything else out of range
+            // (past the end) is a failure.
+            let start = values_start(raw, topic).await?;
+            ensure!(
+                start > offset,
+                "fetch {topic}@{offset}: offset_out_of_range, but the log starts at {start}"
+            );
+            offset = start;
+            continue;
+        }
         ensure!(
             partition.error == ErrorCode::None,
             "fetch {topic}@{offset}: {}",
