@@ -134,7 +134,7 @@ fn machine_ticks() -> anyhow::Result<(u64, u64)> {
     let line = stat.lines().next().context("/proc/stat is empty")?;
     let ticks: Vec<u64> = line
         .split_whitespace()
-        .skip(1)
+        .skip(1) // the "cpu" label
         .map(|t| t.parse().context("/proc/stat cpu line"))
         .collect::<anyhow::Result<_>>()?;
     ensure!(ticks.len() >= 5, "/proc/stat cpu line too short: {line}");
@@ -150,14 +150,15 @@ async fn produce_measured(client: &Client, brokers: &[u32], run: &Run) -> anyhow
         .copied()
         .chain([std::process::id()])
         .collect();
-    let cpu = |pids: &[u32]| -> anyhow::Result<u64> {
-        pids.iter()
+    let cpu = || -> anyhow::Result<u64> {
+        processes
+            .iter()
             .map(|&pid| crate::partitions::cpu_ticks(pid))
             .sum()
     };
-    let (cpu_before, machine_before) = (cpu(&processes)?, machine_ticks()?);
+    let (cpu_before, machine_before) = (cpu()?, machine_ticks()?);
     let rate = produce_rate(client, run.record_bytes, run.duration, run.partitions).await?;
-    let (cpu_after, machine_after) = (cpu(&processes)?, machine_ticks()?);
+    let (cpu_after, machine_after) = (cpu()?, machine_ticks()?);
     // The rate's window, give or take the last acks: close enough for a cost per MiB.
     let mib = rate * run.duration.as_secs_f64() * run.record_bytes as f64 / 1048576.0;
     let cpu_s = (cpu_after - cpu_before) as f64 / crate::partitions::clock_ticks_per_sec();
@@ -215,8 +216,6 @@ pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
     );
     let mib = |rate: f64| rate * record_bytes as f64 / 1048576.0;
     let (mut rf1s, mut rf3s) = (Vec::new(), Vec::new());
-    let (mut rf1_costs, mut rf3_costs) = (Vec::new(), Vec::new());
-    let (mut rf1_busy, mut rf3_busy) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let (rf1, rf3) = if round % 2 == 0 {
             let rf1 = rf1_rate(scratch, run).await?;
@@ -243,21 +242,22 @@ pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
             100.0 * rf1.machine_busy,
             100.0 * rf3.machine_busy,
         );
-        rf1s.push(rf1.rate);
-        rf3s.push(rf3.rate);
-        rf1_costs.push(rf1.cpu_ms_per_mib);
-        rf3_costs.push(rf3.cpu_ms_per_mib);
-        rf1_busy.push(rf1.machine_busy);
-        rf3_busy.push(rf3.machine_busy);
+        rf1s.push(rf1);
+        rf3s.push(rf3);
     }
-    let median = |values: &[f64]| crate::stats::median(values).expect("at least one round");
-    let (rf1, rf3) = (median(&rf1s), median(&rf3s));
-    let (rf1_cost, rf3_cost) = (median(&rf1_costs), median(&rf3_costs));
+    // Each figure's own median over the rounds.
+    let median = |runs: &[Produced], figure: fn(&Produced) -> f64| {
+        let values: Vec<f64> = runs.iter().map(figure).collect();
+        crate::stats::median(&values).expect("at least one round")
+    };
+    let (rf1, rf3) = (median(&rf1s, |p| p.rate), median(&rf3s, |p| p.rate));
+    let rf1_cost = median(&rf1s, |p| p.cpu_ms_per_mib);
+    let rf3_cost = median(&rf3s, |p| p.cpu_ms_per_mib);
     println!(
         "RF=1, one broker:    {rf1:>10.0} records/s  {:>7.1} MiB/s  (median; CPU {rf1_cost:.1} ms/MiB, \
          machine busy {:.0}%)",
         mib(rf1),
-        100.0 * median(&rf1_busy)
+        100.0 * median(&rf1s, |p| p.machine_busy)
     );
     println!(
         "RF=3, three brokers: {rf3:>10.0} records/s  {:>7.1} MiB/s  (median; {:.0}% of RF=1; target ≥ 40%; \
@@ -265,7 +265,7 @@ pub async fn run(scratch: &Path, run: &Run) -> anyhow::Result<()> {
         mib(rf3),
         100.0 * rf3 / rf1,
         rf3_cost / rf1_cost,
-        100.0 * median(&rf3_busy)
+        100.0 * median(&rf3s, |p| p.machine_busy)
     );
 
     // Failover: a producer writes steadily; kill the leader; time to the next ack.
