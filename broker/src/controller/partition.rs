@@ -298,6 +298,10 @@ pub struct ReplicaRead {
 pub struct ReplicatedBatch {
     pub input: BatchHeader,
     pub output: Option<Bytes>,
+    /// `output` is the very batch `input` was validated from as a client's batch (no
+    /// produce chain ran): it is not checked again before it is proposed (the storage still
+    /// checks its CRC before writing it).
+    pub output_is_input: bool,
 }
 
 /// One hosted replica of a replicated partition.
@@ -416,6 +420,7 @@ impl ReplicatedPartition {
             .map(|(input, bytes)| ReplicatedBatch {
                 input,
                 output: Some(bytes),
+                output_is_input: true,
             })
             .collect();
         self.produce_prepared(batches, acks, timeout, batch_bytes_max)
@@ -491,8 +496,14 @@ impl ReplicatedPartition {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first_base = None;
         let gap_deadline = tokio::time::Instant::now() + crate::cluster::SEQUENCE_GAP_WAIT_MAX;
-        for ReplicatedBatch { input, output } in batches {
+        for ReplicatedBatch {
+            input,
+            mut output,
+            output_is_input,
+        } in batches
+        {
             let header = input;
+            let has_output = output.is_some();
             let idempotent = header.is_idempotent();
             if output.is_none() && !idempotent {
                 // Emptied by the chain and no sequences to take: nothing to write.
@@ -503,6 +514,7 @@ impl ReplicatedPartition {
             // What the log will hold (and the state machine apply): the output's header, or
             // the input's for an emptied one.
             let proposed_header = match &output {
+                Some(_) if output_is_input => header,
                 Some(bytes) if idempotent => match batch::validate(bytes) {
                     Ok(h) => h,
                     Err(e) => {
@@ -609,8 +621,10 @@ impl ReplicatedPartition {
                         continue;
                     }
                 }
-                let proposal = match &output {
-                    Some(bytes) => Proposal::Batch(bytes.clone()),
+                // Moved, not cloned: the log stamps a batch nothing else holds in place.
+                let proposal = match output.take() {
+                    Some(batch) if output_is_input => Proposal::Validated { batch, header },
+                    Some(bytes) => Proposal::Batch(bytes),
                     None => Proposal::State {
                         name: PRODUCER_SEQUENCES_KEY,
                         value: Some(&emptied),
@@ -655,7 +669,7 @@ impl ReplicatedPartition {
                 Err(_) => Err(ReplicationError::Timeout(timeout)),
             };
             match result {
-                Ok(_) if output.is_none() => {
+                Ok(_) if !has_output => {
                     first_base.get_or_insert(self.replica.high_watermark());
                 }
                 Ok(appended) => {

@@ -248,18 +248,22 @@ fn term_as_epoch(term: u64) -> Result<i32, EntryError> {
 /// batch. A placed data batch ([`LogBatch::placed`]: a leader's stored batch replicated to
 /// this follower) is stored as it is, and must have been stamped for `offset` in the entry's
 /// term: that is the `append_at` check.
-pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryError> {
+///
+/// A client's batch is stamped in place when nothing else holds its bytes (a produce
+/// request of one batch, as a leader usually gets), and in a copy otherwise: the stamp never
+/// changes bytes someone else can see.
+pub fn encode(entry: Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryError> {
     let term = entry.log_id.leader_id.term;
     let epoch = term_as_epoch(term)?;
-    match &entry.payload {
+    match entry.payload {
         EntryPayload::Normal(LogBatch {
             bytes: stored,
             placed,
             ..
         }) => {
-            let header = BatchHeader::parse(stored)
+            let header = BatchHeader::parse(&stored)
                 .map_err(|source| EntryError::Batch { offset, source })?;
-            if *placed {
+            if placed {
                 // Stamped already (a follower's copy of the leader's entry): stored as it
                 // came, without a copy, and only where the leader put it.
                 if header.partition_leader_epoch != epoch || header.base_offset != offset {
@@ -270,11 +274,13 @@ pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryErr
                         expected: offset,
                     });
                 }
-                return Ok(stored.clone());
+                return Ok(stored);
             }
-            // A client's batch: whatever its header says, a copy stamped here (the one copy
-            // a leader makes of it).
-            let mut bytes = BytesMut::from(&stored[..]);
+            // A client's batch: whatever its header says, stamped here. The stamped fields
+            // lie before the part the CRC covers.
+            let mut bytes = stored
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             batch::set_base_offset(&mut bytes, offset);
             batch::set_partition_leader_epoch(&mut bytes, epoch);
             Ok(bytes.freeze())
@@ -289,7 +295,7 @@ pub fn encode(entry: &Entry, offset: i64, now_ms: i64) -> Result<Bytes, EntryErr
             let mut value = BytesMut::new();
             value.put_u8(CONTROL_LAYOUT);
             value.put_u8(KIND_MEMBERSHIP);
-            encode_membership(membership, &mut value)?;
+            encode_membership(&membership, &mut value)?;
             Ok(control_batch(&value, offset, epoch, now_ms))
         }
     }
@@ -555,7 +561,7 @@ mod tests {
             ),
         ];
         for (entry, offset, records, control) in cases {
-            let stored = encode(&entry, offset, 77).unwrap();
+            let stored = encode(entry.clone(), offset, 77).unwrap();
             batch::validate(&stored).unwrap();
             let header = BatchHeader::parse(&stored).unwrap();
             assert_eq!(header.base_offset, offset);
@@ -593,20 +599,20 @@ mod tests {
     fn a_follower_appends_a_stamped_batch_only_at_its_leaders_offset() {
         // The leader stored this batch at offset 7 in term 3.
         let stored = encode(
-            &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+            entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
             7,
             0,
         )
         .unwrap();
         let replicated = entry(3, 5, EntryPayload::Normal(LogBatch::placed(stored.clone())));
-        let again = encode(&replicated, 7, 0).unwrap();
+        let again = encode(replicated.clone(), 7, 0).unwrap();
         assert_eq!(again, stored);
         assert_eq!(
             again.as_ptr(),
             stored.as_ptr(),
             "stored as it came, not copied"
         );
-        match encode(&replicated, 8, 0) {
+        match encode(replicated, 8, 0) {
             Err(EntryError::OffsetMismatch {
                 stamped: 7,
                 expected: 8,
@@ -618,7 +624,7 @@ mod tests {
         // A fresh client batch (epoch -1) is placed wherever the log is.
         assert!(
             encode(
-                &entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
+                entry(3, 5, EntryPayload::Normal(LogBatch::new(data(2)))),
                 8,
                 0
             )
@@ -626,7 +632,8 @@ mod tests {
         );
     }
 
-    /// A client's batch is stamped where it lands, in a copy, whatever its header says: one
+    /// A client's batch is stamped where it lands (in a copy here: the test holds its bytes),
+    /// whatever its header says: one
     /// that names the leader's term and some other offset is not taken for a placed entry
     /// (and refused); a placed entry is stored only with its own term, at its own offset.
     #[test]
@@ -636,7 +643,7 @@ mod tests {
         batch::set_base_offset(&mut claimed, 40);
         let claimed = claimed.freeze();
         let stored = encode(
-            &entry(3, 5, EntryPayload::Normal(LogBatch::new(claimed.clone()))),
+            entry(3, 5, EntryPayload::Normal(LogBatch::new(claimed.clone()))),
             7,
             0,
         )
@@ -656,7 +663,7 @@ mod tests {
         let placed = placed.freeze();
         assert!(matches!(
             encode(
-                &entry(4, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
+                entry(4, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
                 7,
                 0
             ),
@@ -664,13 +671,46 @@ mod tests {
         ));
         assert_eq!(
             encode(
-                &entry(3, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
+                entry(3, 5, EntryPayload::Normal(LogBatch::placed(placed.clone()))),
                 7,
                 0
             )
             .unwrap(),
             placed
         );
+    }
+
+    /// A client's batch nothing else holds is stamped where it lies (the leader's one copy
+    /// of it saved); one whose bytes are shared is stamped in a copy, and the bytes others
+    /// see stay as the client sent them.
+    #[test]
+    fn a_client_batch_is_stamped_in_place_only_when_nothing_else_holds_it() {
+        let sole = data(2);
+        let at = sole.as_ptr();
+        let stored = encode(entry(3, 5, EntryPayload::Normal(LogBatch::new(sole))), 7, 0).unwrap();
+        assert_eq!(stored.as_ptr(), at, "stamped in place");
+        let header = batch::validate(&stored).unwrap();
+        assert_eq!((header.base_offset, header.partition_leader_epoch), (7, 3));
+
+        // A batch sliced from a request body that still holds it.
+        let body = data(2);
+        let slice = body.slice(..);
+        let stored = encode(
+            entry(3, 5, EntryPayload::Normal(LogBatch::new(slice))),
+            9,
+            0,
+        )
+        .unwrap();
+        assert_ne!(stored.as_ptr(), body.as_ptr(), "a copy was stamped");
+        assert_eq!(BatchHeader::parse(&stored).unwrap().base_offset, 9);
+        let untouched = BatchHeader::parse(&body).unwrap();
+        assert_eq!(
+            (untouched.base_offset, untouched.partition_leader_epoch),
+            (0, -1),
+            "the shared bytes are as the client sent them"
+        );
+        assert_eq!(stored[12..16], 3i32.to_be_bytes());
+        assert_eq!(stored[16..], body[16..]);
     }
 
     #[test]
@@ -722,7 +762,7 @@ mod tests {
             // Clients may never send one.
             assert!(batch::validate_from_client(&batch).is_err());
             let data = entry(3, 4, EntryPayload::Normal(LogBatch::new(batch)));
-            let stored = encode(&data, 17, 9).unwrap();
+            let stored = encode(data, 17, 9).unwrap();
             let (decoded, position) = decode(stored.clone(), 4).unwrap();
             assert!(matches!(decoded.payload, EntryPayload::Normal(_)));
             assert_eq!(
@@ -740,7 +780,7 @@ mod tests {
         }
         // A data batch and a Raft control batch are not state entries.
         assert!(decode_state(&data(2)).is_none());
-        let blank = encode(&entry(1, 0, EntryPayload::Blank), 0, 5).unwrap();
+        let blank = encode(entry(1, 0, EntryPayload::Blank), 0, 5).unwrap();
         assert!(decode_state(&blank).is_none());
         // Bounds.
         assert!(matches!(

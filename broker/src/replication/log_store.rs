@@ -45,9 +45,9 @@ pub const COMMITTED_CHECKPOINT_ENTRIES: u64 = 1024;
 const READ_BYTES_MAX: usize = 1024 * 1024;
 /// Most payload bytes a leader sends a follower in one AppendEntries (see
 /// `PartitionLogReader::limited_get_log_entries`): at loopback and LAN speeds well within
-/// the RPC's time limit (~900 ms), and eight batches at the producer's default batch size
-/// (256 KiB) — a follower syncs once per call, and a call carries what piled up while the
-/// one before it was answered.
+/// the RPC's time limit (~900 ms), and two batches at the producer's default batch size
+/// (1 MiB), eight of 256 KiB — a follower syncs once per call, and a call carries what
+/// piled up while the one before it was answered.
 pub const APPEND_PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;
 /// Append calls whose flush is awaited at once (openraft pipelines a few; this bounds it).
 const APPENDS_IN_FLIGHT_MAX: usize = 1024;
@@ -56,7 +56,9 @@ const APPENDS_IN_FLIGHT_MAX: usize = 1024;
 /// AppendEntries and the state machine's apply at commit. Read back from the storage, each
 /// such read allocated and zeroed a buffer of up to [`READ_BYTES_MAX`] and copied the
 /// entries out of the page cache, once per follower: a quarter of an RF=3 leader's CPU.
-pub const RECENT_ENTRIES_BYTES_MAX: usize = 2 * APPEND_PAYLOAD_BYTES_MAX;
+/// Room for a producer's window at its defaults (5 batches of 1 MiB in flight) and more:
+/// at 4 MiB, the reads of 1 MiB batches went to the storage again.
+pub const RECENT_ENTRIES_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Entries a replica keeps so at most (this bounds the work of each prune).
 const RECENT_ENTRIES_MAX: usize = 256;
 /// The same bytes over every replica of the process, about (two replicas pruning at once
@@ -880,8 +882,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                     openraft::EntryPayload::Normal(batch) => batch.local_ack.clone(),
                     _ => None,
                 };
-                let stored =
-                    entries::encode(&entry, offset, now_ms).map_err(|e| write_error(&e))?;
+                let stored = entries::encode(entry, offset, now_ms).map_err(|e| write_error(&e))?;
                 let write = self
                     .shared
                     .log

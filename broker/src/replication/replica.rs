@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ketch_protocol::ErrorCode;
-use ketch_protocol::batch::{self, BatchSlices, attributes};
+use ketch_protocol::batch::{self, BatchHeader, BatchSlices, attributes};
 use ketch_protocol::messages::Acks;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
@@ -178,6 +178,9 @@ impl ReplicationError {
 pub enum Proposal<'a> {
     /// A client's record batch (validated as one).
     Batch(Bytes),
+    /// A client's record batch its caller validated already
+    /// (`batch::validate_from_client`, which gave `header`): not checked twice.
+    Validated { batch: Bytes, header: BatchHeader },
     /// A state entry setting (or, `None`, deleting) one key (see [`super::entries`]).
     State {
         name: &'a str,
@@ -787,7 +790,11 @@ impl PartitionReplica {
                 let header = batch::validate_from_client(&batch)
                     .map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
                 debug_assert_eq!(header.attributes & attributes::CONTROL, 0);
-                // Not placed: the log stamps a copy (`entries::encode`).
+                // Not placed: the log stamps it where it lands (`entries::encode`).
+                (batch, header.records_count)
+            }
+            Proposal::Validated { batch, header } => {
+                debug_assert_eq!(batch::validate_from_client(&batch).ok(), Some(header));
                 (batch, header.records_count)
             }
             Proposal::State { name, value } => {

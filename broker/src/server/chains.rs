@@ -408,6 +408,7 @@ pub(super) async fn produce_replicated(
         .map(|((input, _), output)| crate::controller::ReplicatedBatch {
             input,
             output: output.batch,
+            output_is_input: false,
         })
         .collect();
     if let Some(turn) = turn.as_mut() {

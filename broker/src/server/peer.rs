@@ -388,7 +388,8 @@ impl QuicPeers {
 }
 
 /// Reads one length-prefixed message (bounded by [`PEER_FRAME_BYTES_MAX`]) that ends the
-/// stream, into one buffer of its announced length.
+/// stream: the stream's one chunk as it came, or the chunks gathered into one buffer of the
+/// announced length (not zeroed first: an AppendEntries of megabytes was written twice so).
 async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix)
@@ -400,16 +401,27 @@ async fn read_message(recv: &mut quinn::RecvStream) -> Result<Bytes, String> {
             "a peer message says {length} bytes, over the limit of {PEER_FRAME_BYTES_MAX}"
         ));
     }
-    let mut message = vec![0u8; length];
-    recv.read_exact(&mut message).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(got) => {
-            format!("a peer message says {length} bytes, {got} came")
+    let mut single = None;
+    let mut gathered = bytes::BytesMut::new();
+    let mut got = 0;
+    while got < length {
+        let chunk = match recv.read_chunk(length - got, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return Err(format!("a peer message says {length} bytes, {got} came")),
+            Err(e) => return Err(e.to_string()),
+        };
+        got += chunk.len();
+        if got == length && gathered.is_empty() {
+            single = Some(chunk);
+        } else {
+            gathered.reserve(length - gathered.len());
+            gathered.extend_from_slice(&chunk);
         }
-        quinn::ReadExactError::ReadError(e) => e.to_string(),
-    })?;
+    }
+    let message = single.unwrap_or_else(|| gathered.freeze());
     // The message ends the stream: anything after it is a framing error.
     match recv.read_to_end(0).await {
-        Ok(_) => Ok(Bytes::from(message)),
+        Ok(_) => Ok(message),
         Err(quinn::ReadToEndError::TooLong) => {
             Err(format!("a peer message says {length} bytes, more came"))
         }
