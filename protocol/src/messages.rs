@@ -787,8 +787,12 @@ wire_struct! {
     // ---- API versions (19) ----
 
     pub struct ApiVersionsRequest {}
+    /// From version 1, `batch_bytes_max` is the largest record batch the broker accepts
+    /// (its `--batch-bytes-max`; 0 in a version 0 answer: not said): a producer caps its
+    /// batches at it, so records that each fit never meet `record_too_large` together.
     pub struct ApiVersionsResponse {
         pub apis: Vec<ApiVersionRange>,
+        pub batch_bytes_max: u32 => since 1,
     }
     pub struct ApiVersionRange {
         pub api_key: u16,
@@ -960,7 +964,7 @@ apis! {
     16 FilterUpload [0 ..= 0] => FilterUploadRequest, FilterUploadResponse;
     17 FilterList [0 ..= 0] => FilterListRequest, FilterListResponse;
     18 FilterDelete [0 ..= 0] => FilterDeleteRequest, FilterDeleteResponse;
-    19 ApiVersions [0 ..= 0] => ApiVersionsRequest, ApiVersionsResponse;
+    19 ApiVersions [0 ..= 1] => ApiVersionsRequest, ApiVersionsResponse;
     20 FilterDescribe [0 ..= 0] => FilterDescribeRequest, FilterDescribeResponse;
     21 SubscribeFiltered [0 ..= 0] => SubscribeFilteredRequest, FilteredPushResponse;
     22 Authenticate [0 ..= 0] => AuthenticateRequest, AuthenticateResponse;

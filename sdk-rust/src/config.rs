@@ -282,7 +282,9 @@ pub struct ProducerConfig {
     /// `batch_bytes_max`: a batch only grows this large while the partition's
     /// `partition_in_flight_batches_max` batches are out, and then the bytes in flight,
     /// which bound a partition's throughput at a given round trip, are what counts (an
-    /// `acks=all` write to three replicas ran 20% faster than with 256 KiB batches).
+    /// `acks=all` write to three replicas ran a third faster than with 256 KiB batches).
+    /// A producer lowers it to the brokers' cap (their `--batch-bytes-max`, said in their
+    /// ApiVersions answer), so records that each fit are never refused together.
     pub batch_bytes_max: usize,
     /// Cap of bytes buffered and in flight; `send` waits while it is full.
     pub buffer_bytes_max: usize,
@@ -333,6 +335,9 @@ impl Default for ProducerConfig {
     }
 }
 
+/// The smallest `batch_bytes_max` a producer takes (its own configuration or a broker's cap).
+pub(crate) const BATCH_BYTES_MIN: usize = 128;
+
 /// What a produce request adds to its batches at most, beyond a few bytes per batch (the
 /// frame, the request header, acks and timeout, array counts).
 pub(crate) const REQUEST_OVERHEAD_BYTES_MAX: usize = 1024;
@@ -340,9 +345,9 @@ pub(crate) const REQUEST_OVERHEAD_BYTES_MAX: usize = 1024;
 impl ProducerConfig {
     /// Checks every value; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
-        if self.batch_bytes_max < 128 || self.batch_bytes_max > BATCH_BYTES_MAX {
+        if self.batch_bytes_max < BATCH_BYTES_MIN || self.batch_bytes_max > BATCH_BYTES_MAX {
             return Err(Error::Config(format!(
-                "batch_bytes_max must be within 128..={BATCH_BYTES_MAX}"
+                "batch_bytes_max must be within {BATCH_BYTES_MIN}..={BATCH_BYTES_MAX}"
             )));
         }
         if self.buffer_bytes_max < self.batch_bytes_max {

@@ -296,8 +296,9 @@ pub(crate) struct Transport {
     checking: Arc<Mutex<std::collections::HashSet<usize>>>,
     /// What each broker's current connection (`stable_id`) answered to ApiVersions: asked
     /// once per connection, before the first request of an API this build speaks at more
-    /// than one version. One entry per broker address, like `slots`.
-    versions: Mutex<HashMap<SocketAddr, NegotiatedVersions>>,
+    /// than one version (or a producer asks the broker's batch cap). One entry per broker
+    /// address, like `slots`.
+    versions: Mutex<HashMap<SocketAddr, (usize, Arc<Negotiated>)>>,
     /// Until when a broker's quota told this client to send it no more requests of an API
     /// (Produce, Fetch): `call` waits until then before it sends one (Kafka's KIP-219).
     throttled_until: Mutex<HashMap<(SocketAddr, u16), Instant>>,
@@ -317,8 +318,14 @@ pub struct TlsHandshakes {
     pub resumed: u64,
 }
 
-/// A connection's `stable_id` and what its broker answered to ApiVersions.
-type NegotiatedVersions = (usize, Arc<[ApiVersionRange]>);
+/// What a broker answered to ApiVersions.
+#[derive(Debug)]
+pub(crate) struct Negotiated {
+    apis: Vec<ApiVersionRange>,
+    /// The largest record batch the broker accepts (`None`: a broker that answers only
+    /// version 0, which does not say).
+    pub(crate) batch_bytes_max: Option<u32>,
+}
 
 /// One broker's connection. The async mutex serialises (re)connect attempts, so concurrent
 /// callers share one handshake and one backoff.
@@ -667,6 +674,64 @@ impl Transport {
         }
     }
 
+    /// What the broker at `addr` answered to ApiVersions on `connection`, asked once per
+    /// connection: at this build's version, and at version 0 (which every broker speaks)
+    /// if the broker does not speak that one.
+    async fn negotiated(
+        &self,
+        addr: SocketAddr,
+        connection: &quinn::Connection,
+    ) -> Result<Arc<Negotiated>> {
+        let id = connection.stable_id();
+        let known = self
+            .versions
+            .lock()
+            .expect("versions lock")
+            .get(&addr)
+            .filter(|(known_id, _)| *known_id == id)
+            .map(|(_, negotiated)| negotiated.clone());
+        if let Some(negotiated) = known {
+            return Ok(negotiated);
+        }
+        let ask = |version| async move {
+            let frame = encode_request_chunks_at(&ApiVersionsRequest {}, version);
+            let frame = exchange(connection, frame, self.frame_bytes_max).await?;
+            Ok::<_, Error>(decode_response_at::<ApiVersionsResponse>(frame, version)?)
+        };
+        let answer = match ask(ApiVersionsRequest::VERSION).await? {
+            Err(refused) if refused.code == ErrorCode::UnsupportedVersion => ask(0).await??,
+            answer => answer?,
+        };
+        let negotiated = Arc::new(Negotiated {
+            batch_bytes_max: (answer.batch_bytes_max > 0).then_some(answer.batch_bytes_max),
+            apis: answer.apis,
+        });
+        self.versions
+            .lock()
+            .expect("versions lock")
+            .insert(addr, (id, negotiated.clone()));
+        Ok(negotiated)
+    }
+
+    /// What the broker at `addr` answered to ApiVersions (connecting and asking if this
+    /// client has not yet), within `timeout`.
+    pub(crate) async fn broker_versions(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Arc<Negotiated>> {
+        let ask = async {
+            let connection = self.connection(addr).await?;
+            self.negotiated(addr, &connection).await
+        };
+        tokio::select! {
+            result = tokio::time::timeout(timeout, ask) => result.map_err(|_| {
+                Error::Timeout(format!("ApiVersions request to {addr} after {timeout:?}"))
+            })?,
+            () = self.closed.cancelled() => Err(Error::Closed),
+        }
+    }
+
     /// The version to send `R` at on `connection`: the highest both this build and the
     /// broker speak. An API this build speaks at one version only is sent at it without
     /// asking (the broker refuses it if it does not speak it); otherwise the broker's
@@ -679,30 +744,8 @@ impl Transport {
         if R::MIN_VERSION == R::VERSION {
             return Ok(R::VERSION);
         }
-        let id = connection.stable_id();
-        let known = self
-            .versions
-            .lock()
-            .expect("versions lock")
-            .get(&addr)
-            .filter(|(known_id, _)| *known_id == id)
-            .map(|(_, apis)| apis.clone());
-        let apis = match known {
-            Some(apis) => apis,
-            None => {
-                // Version 0 of ApiVersions is the one every broker speaks.
-                let frame = encode_request_chunks_at(&ApiVersionsRequest {}, 0);
-                let frame = exchange(connection, frame, self.frame_bytes_max).await?;
-                let answer = decode_response_at::<ApiVersionsResponse>(frame, 0)??;
-                let apis: Arc<[ApiVersionRange]> = answer.apis.into();
-                self.versions
-                    .lock()
-                    .expect("versions lock")
-                    .insert(addr, (id, apis.clone()));
-                apis
-            }
-        };
-        negotiate_version(R::KEY, &apis).ok_or_else(|| {
+        let apis = &self.negotiated(addr, connection).await?.apis;
+        negotiate_version(R::KEY, apis).ok_or_else(|| {
             let (min, max) = R::KEY.versions();
             Error::from_code(
                 ErrorCode::UnsupportedVersion,

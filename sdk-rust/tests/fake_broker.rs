@@ -217,6 +217,7 @@ async fn serve(
                         Reply::NotScripted => Reply::Frame(match request {
                             Request::ApiVersions(_) => encode_response(&ApiVersionsResponse {
                                 apis: supported_api_versions(),
+                                batch_bytes_max: 1024 * 1024,
                             }),
                             _ => encode_error_response(ErrorCode::UnsupportedApi, "not scripted"),
                         }),
@@ -1427,6 +1428,7 @@ async fn a_quiet_stream_checks_the_broker_and_leaves_one_that_stopped_answering(
     let _serial = SERIAL.lock().await;
     let versions = encode_response(&ApiVersionsResponse {
         apis: supported_api_versions(),
+        batch_bytes_max: 1024 * 1024,
     });
     let broker = start(move |request, seen| match (request, seen) {
         (Request::Metadata(_), _) => Reply::Frame(metadata(*ADDR.lock().unwrap(), 1)),
@@ -1523,7 +1525,10 @@ fn announcing_produce(min: u16, max: u16) -> impl Fn(&Request, usize) -> Reply +
                     (range.min_version, range.max_version) = (min, max);
                 }
             }
-            Reply::Frame(encode_response(&ApiVersionsResponse { apis }))
+            Reply::Frame(encode_response(&ApiVersionsResponse {
+                apis,
+                batch_bytes_max: 1024 * 1024,
+            }))
         }
         _ => inner(request, seen),
     }

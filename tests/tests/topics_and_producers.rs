@@ -172,6 +172,83 @@ async fn values_from_start(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<S
     Ok(values)
 }
 
+/// A producer keeps its batches within the broker's `--batch-bytes-max` (which the broker
+/// says in its ApiVersions answer), whatever its own `batch_bytes_max` is: records that each
+/// fit are never refused together. (With the producer's 1 MiB default against a broker that
+/// takes 16 KiB, a producer running ahead of its acks built batches the broker refused as
+/// `record_too_large`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_keeps_its_batches_within_the_brokers_cap() -> anyhow::Result<()> {
+    const TOPIC: &str = "capped";
+    const CAP: usize = 16 * 1024;
+    const RECORDS: usize = 2_000;
+    let broker = TestBroker::start(&["--batch-bytes-max", &CAP.to_string()])?;
+    let client = Client::connect(broker.client_config()).await?;
+    client.admin().create_topic(NewTopic::new(TOPIC, 1)).await?;
+    let config = ProducerConfig::default();
+    ensure!(
+        config.batch_bytes_max > CAP,
+        "the default must be above the broker's cap here"
+    );
+    let producer = client.producer(config).await?;
+    let mut deliveries = Vec::with_capacity(RECORDS);
+    for i in 0..RECORDS {
+        let mut value = format!("v-{i:05}").into_bytes();
+        value.resize(1000, b'.');
+        deliveries.push(producer.send(ProducerRecord::new(TOPIC, value)).await?);
+    }
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        delivery.await.with_context(|| format!("record {i}"))?;
+    }
+    producer.close().await?;
+
+    let raw = broker.raw().await?;
+    let values = values_from_start(&raw, TOPIC).await?;
+    ensure!(
+        values.len() == RECORDS,
+        "{} of {RECORDS} records stored",
+        values.len()
+    );
+    for (i, value) in values.iter().enumerate() {
+        ensure!(
+            value.starts_with(&format!("v-{i:05}")),
+            "record {i} is {value:.8}"
+        );
+    }
+    // Batched, and every batch within the cap.
+    let (mut offset, end) = (0, raw.high_watermark(TOPIC, 0).await?);
+    let mut most_records = 0;
+    while offset < end {
+        let response = raw
+            .call_ok(&FetchRequest {
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: 1024 * 1024,
+                partitions: vec![FetchPartition {
+                    topic: TOPIC.to_owned(),
+                    partition: 0,
+                    offset,
+                    partition_max_bytes: 1024 * 1024,
+                }],
+            })
+            .await?;
+        let (batches, _) = batch::split_batches(response.partitions[0].records.clone());
+        for batch in batches {
+            let header = *batch?.header();
+            ensure!(
+                header.total_bytes() <= CAP,
+                "a batch of {} bytes at {} is over the broker's {CAP}",
+                header.total_bytes(),
+                header.base_offset
+            );
+            most_records = most_records.max(header.records_count);
+            offset = header.next_offset();
+        }
+    }
+    ensure!(most_records > 1, "the producer batched no records together");
+    Ok(())
+}
+
 /// An idempotent producer whose state the broker lost (retention removed every batch it
 /// wrote, then the broker restarted) and that goes on at sequence > 0 is told
 /// `unknown_producer` at once; the client renews its id and resends, so every record is

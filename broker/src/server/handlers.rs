@@ -308,6 +308,7 @@ pub(super) async fn dispatch(state: &Arc<State>, request: Request, version: u16)
             version,
             Ok(ApiVersionsResponse {
                 apis: supported_api_versions(),
+                batch_bytes_max: state.config.batch_bytes_max,
             }),
         ),
     }

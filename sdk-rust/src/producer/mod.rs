@@ -46,7 +46,7 @@ use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc};
 
 use crate::TopicPartition;
 use crate::client::{Client, TopicLayout, UNKNOWN_TOPIC_RETRY_MAX};
-use crate::config::{ProducerConfig, backoff};
+use crate::config::{BATCH_BYTES_MIN, ProducerConfig, backoff};
 use crate::error::{Error, Result};
 use crate::partitioner::Partitioner;
 use accumulator::{Accumulator, RecordRef};
@@ -407,17 +407,30 @@ impl WallClock {
 }
 
 impl Producer {
-    pub(crate) async fn new(client: Client, config: ProducerConfig) -> Result<Producer> {
+    pub(crate) async fn new(client: Client, mut config: ProducerConfig) -> Result<Producer> {
         config.validate()?;
-        let sequences = if config.idempotent {
+        let producer_id = async {
+            if !config.idempotent {
+                return Ok(None);
+            }
             let id = client
                 .inner
                 .call_any_broker(&InitProducerIdRequest {})
                 .await?;
-            Some(Sequences::new(id.producer_id, id.producer_epoch))
-        } else {
-            None
+            Ok::<_, Error>(Some(Sequences::new(id.producer_id, id.producer_epoch)))
         };
+        let (sequences, broker_cap) =
+            tokio::join!(producer_id, client.inner.broker_batch_bytes_max());
+        let sequences = sequences?;
+        // A batch of records that each fit is never refused as too large together: batches
+        // stay within what the brokers accept (their `--batch-bytes-max`), whatever the
+        // configuration says. A single larger record still travels alone, and is refused.
+        if let Some(cap) = broker_cap {
+            config.batch_bytes_max = config
+                .batch_bytes_max
+                .min(cap as usize)
+                .max(BATCH_BYTES_MIN);
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 accumulator: Accumulator::new(
