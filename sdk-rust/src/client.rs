@@ -485,12 +485,9 @@ impl ClientInner {
     /// broker costs a connect timeout, which may be longer than the whole request timeout:
     /// this way it costs [`HEDGE_DELAY`]. When every broker failed, the controller is
     /// retried as [`Self::call_controller`] does.
-    /// The smallest record batch cap (`batch_bytes_max`) the brokers this client knows of
-    /// said in their ApiVersions answers: asked of the first of the controller, the known
-    /// brokers and the bootstrap brokers that answers, if none was asked yet. `None` if no
-    /// broker answered within `request_timeout` or none says (a broker of an older build).
-    pub(crate) async fn broker_batch_bytes_max(&self) -> Option<u32> {
-        let deadline = Instant::now() + self.config.request_timeout;
+    /// Whom to ask a question any broker answers, in order: the controller, the known
+    /// brokers, the bootstrap brokers, each once.
+    fn any_broker_targets(&self) -> Vec<SocketAddr> {
         let mut targets = vec![self.controller()];
         {
             let metadata = self.metadata.lock().expect("metadata lock");
@@ -499,7 +496,16 @@ impl ClientInner {
         targets.extend(self.bootstrap.iter().copied());
         let mut seen = std::collections::HashSet::new();
         targets.retain(|addr| seen.insert(*addr));
-        for addr in targets {
+        targets
+    }
+
+    /// The smallest record batch cap (`batch_bytes_max`) the brokers this client knows of
+    /// said in their ApiVersions answers: asked of the first of the controller, the known
+    /// brokers and the bootstrap brokers that answers, if none was asked yet. `None` if no
+    /// broker answered within `request_timeout` or none says (a broker of an older build).
+    pub(crate) async fn broker_batch_bytes_max(&self) -> Option<u32> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        for addr in self.any_broker_targets() {
             let timeout = deadline.saturating_duration_since(Instant::now());
             match self.transport.broker_versions(addr, timeout).await {
                 Ok(negotiated) => return negotiated.batch_bytes_max,
@@ -514,15 +520,7 @@ impl ClientInner {
     pub(crate) async fn call_any_broker<R: Api>(&self, request: &R) -> Result<R::Response> {
         use futures_util::StreamExt as _;
         let deadline = Instant::now() + self.config.request_timeout;
-        let mut targets = vec![self.controller()];
-        {
-            let metadata = self.metadata.lock().expect("metadata lock");
-            targets.extend(metadata.brokers.values().copied());
-        }
-        targets.extend(self.bootstrap.iter().copied());
-        let mut seen = std::collections::HashSet::new();
-        targets.retain(|addr| seen.insert(*addr));
-        let mut targets = targets.into_iter();
+        let mut targets = self.any_broker_targets().into_iter();
         let mut calls = futures_util::stream::FuturesUnordered::new();
         let launch = |addr: SocketAddr| {
             let timeout = deadline.saturating_duration_since(Instant::now());

@@ -115,6 +115,26 @@ async fn every_acks_setting_keeps_partition_order() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Partition 0 of `topic` from `offset`, up to 1 MiB, without waiting.
+async fn fetch(
+    raw: &RawClient,
+    topic: &str,
+    offset: i64,
+) -> anyhow::Result<ketch_protocol::messages::FetchResponse> {
+    raw.call_ok(&FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1024 * 1024,
+        partitions: vec![FetchPartition {
+            topic: topic.to_owned(),
+            partition: 0,
+            offset,
+            partition_max_bytes: 1024 * 1024,
+        }],
+    })
+    .await
+}
+
 /// The values of every record from the partition's log start to its high watermark (the log
 /// may not start at 0: retention removed its head).
 async fn values_from_start(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<String>> {
@@ -125,19 +145,7 @@ async fn values_from_start(raw: &RawClient, topic: &str) -> anyhow::Result<Vec<S
     let deadline = Instant::now() + WAIT_MAX;
     while offset < end {
         ensure!(Instant::now() < deadline, "reading {topic} did not finish");
-        let response = raw
-            .call_ok(&FetchRequest {
-                max_wait_ms: 0,
-                min_bytes: 0,
-                max_bytes: 1024 * 1024,
-                partitions: vec![FetchPartition {
-                    topic: topic.to_owned(),
-                    partition: 0,
-                    offset,
-                    partition_max_bytes: 1024 * 1024,
-                }],
-            })
-            .await?;
+        let response = fetch(raw, topic, offset).await?;
         let partition = &response.partitions[0];
         if partition.error == ErrorCode::OffsetOutOfRange {
             // Retention goes on while we read (the topics here keep little): what it removed
@@ -219,19 +227,7 @@ async fn a_producer_keeps_its_batches_within_the_brokers_cap() -> anyhow::Result
     let (mut offset, end) = (0, raw.high_watermark(TOPIC, 0).await?);
     let mut most_records = 0;
     while offset < end {
-        let response = raw
-            .call_ok(&FetchRequest {
-                max_wait_ms: 0,
-                min_bytes: 0,
-                max_bytes: 1024 * 1024,
-                partitions: vec![FetchPartition {
-                    topic: TOPIC.to_owned(),
-                    partition: 0,
-                    offset,
-                    partition_max_bytes: 1024 * 1024,
-                }],
-            })
-            .await?;
+        let response = fetch(&raw, TOPIC, offset).await?;
         let (batches, _) = batch::split_batches(response.partitions[0].records.clone());
         for batch in batches {
             let header = *batch?.header();
