@@ -116,6 +116,7 @@ export interface ProducerOptions {
   acks?: 'all' | 'leader' | 'none'
   /** How long a batch that is not full waits for more records (default 5 ms). */
   lingerMs?: number
+  /** Largest batch in bytes (default 1 MiB, lowered to the brokers' own cap). */
   batchBytesMax?: number
   /** Bytes buffered and in flight; sends wait while it is full (default 32 MiB). */
   bufferBytesMax?: number

@@ -271,7 +271,8 @@ class Client:
         delivery_timeout: Optional[float] = None,
     ) -> "Producer":
         """A producer. ``acks`` is ``"all"`` (durable), ``"leader"`` or ``"none"``;
-        ``linger_ms`` is how long a batch waits for more records. As a context manager it
+        ``linger_ms`` is how long a batch waits for more records; ``batch_bytes_max`` caps a
+        batch (1 MiB by default, lowered to the brokers' own cap). As a context manager it
         flushes and closes on exit."""
         return Producer(
             self._native.producer(
