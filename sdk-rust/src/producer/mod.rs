@@ -419,9 +419,9 @@ impl Producer {
                 .await?;
             Ok::<_, Error>(Some(Sequences::new(id.producer_id, id.producer_epoch)))
         };
-        let (sequences, broker_cap) =
-            tokio::join!(producer_id, client.inner.broker_batch_bytes_max());
-        let sequences = sequences?;
+        // Asked side by side; a refused producer id fails at once.
+        let broker_cap = async { Ok(client.inner.broker_batch_bytes_max().await) };
+        let (sequences, broker_cap) = tokio::try_join!(producer_id, broker_cap)?;
         // A batch of records that each fit is never refused as too large together: batches
         // stay within what the brokers accept (their `--batch-bytes-max`), whatever the
         // configuration says. A single larger record still travels alone, and is refused.
