@@ -1568,6 +1568,99 @@ async fn the_client_sends_the_highest_version_both_sides_speak() {
     client.close();
 }
 
+/// A producer caps its batches at the `batch_bytes_max` the broker says in its ApiVersions
+/// answer, below its own (1 MiB by default): records sent faster than they are acknowledged
+/// go in batches of the broker's size, never in one the broker would refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_caps_its_batches_at_what_the_broker_says() {
+    const CAP: u32 = 4096;
+    let _serial = SERIAL.lock().await;
+    let inner = scripted(|seen| {
+        Reply::Frame(encode_response(&ProduceResponse {
+            topics: vec![ProduceTopicResponse {
+                name: "t".into(),
+                partitions: vec![ProducePartitionResponse {
+                    partition: 0,
+                    base_offset: seen as i64,
+                    log_append_time_ms: -1,
+                    ..Default::default()
+                }],
+            }],
+            throttle_time_ms: 0,
+        }))
+    });
+    let broker = start(move |request, seen| match request {
+        Request::ApiVersions(_) => Reply::Frame(encode_response(&ApiVersionsResponse {
+            apis: supported_api_versions(),
+            batch_bytes_max: CAP,
+        })),
+        _ => inner(request, seen),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..40 {
+        let value = format!("{i:0>500}");
+        let record = ProducerRecord::new("t", value);
+        deliveries.push(within(producer.send(record)).await.expect("queued"));
+    }
+    for delivery in deliveries {
+        within(delivery).await.expect("delivered");
+    }
+    let batches: Vec<usize> = broker
+        .requests()
+        .iter()
+        .filter_map(|r| match r {
+            Request::Produce(p) => Some(p.topics[0].partitions[0].records.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        batches.iter().all(|&bytes| bytes <= CAP as usize),
+        "batches of {batches:?} bytes against a cap of {CAP}"
+    );
+    assert!(batches.len() < 40, "records were batched: {batches:?}");
+    within(producer.close()).await.unwrap();
+    client.close();
+}
+
+/// A broker that speaks ApiVersions version 0 only refuses the client's version-1 question
+/// (`unsupported_version`); the client asks again at version 0 on the same connection, and
+/// goes on with its own batch cap, as that answer names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_speaks_api_versions_0_only_is_asked_again_at_0() {
+    let _serial = SERIAL.lock().await;
+    let mut apis = supported_api_versions();
+    for range in &mut apis {
+        // An old broker: ApiVersions and Produce at version 0 only.
+        if range.api_key == ApiKey::ApiVersions as u16 || range.api_key == ApiKey::Produce as u16 {
+            (range.min_version, range.max_version) = (0, 0);
+        }
+    }
+    let v0 = ketch_protocol::frame::encode_response_at(
+        &ApiVersionsResponse {
+            apis,
+            batch_bytes_max: 0,
+        },
+        0,
+    );
+    let inner = announcing_produce(0, 0);
+    let broker = start(move |request, seen| match (request, seen) {
+        (Request::ApiVersions(_), 0) => Reply::Frame(encode_error_response(
+            ErrorCode::UnsupportedVersion,
+            "ApiVersions version 1 is not supported",
+        )),
+        (Request::ApiVersions(_), _) => Reply::Frame(v0.clone()),
+        _ => inner(request, seen),
+    });
+    let client = within(Client::connect(broker.config())).await.unwrap();
+    let producer = within(client.producer(fast_retries())).await.unwrap();
+    assert_eq!(send_one(&producer, "a").await, Ok(0));
+    assert_eq!(broker.count(ApiKey::ApiVersions), 2);
+    within(producer.close()).await.unwrap();
+    client.close();
+}
+
 /// A group request answered `not_coordinator` makes the client find the coordinator again
 /// (FindCoordinator) and retry there; the coordinator it found is cached for the next calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
