@@ -499,10 +499,11 @@ impl ClientInner {
         targets
     }
 
-    /// The smallest record batch cap (`batch_bytes_max`) the brokers this client knows of
-    /// said in their ApiVersions answers: asked of the first of the controller, the known
-    /// brokers and the bootstrap brokers that answers, if none was asked yet. `None` if no
-    /// broker answered within `request_timeout` or none says (a broker of an older build).
+    /// The record batch cap (`batch_bytes_max`) a broker says in its ApiVersions answer:
+    /// that of the first of the controller, the known brokers and the bootstrap brokers that
+    /// answers (each connection's answer is kept, so usually no request goes out). `None` if
+    /// no broker answered within `request_timeout`, or the one that did does not say (a
+    /// broker of an older build).
     pub(crate) async fn broker_batch_bytes_max(&self) -> Option<u32> {
         let deadline = Instant::now() + self.config.request_timeout;
         for addr in self.any_broker_targets() {

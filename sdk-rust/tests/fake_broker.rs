@@ -1575,20 +1575,7 @@ async fn the_client_sends_the_highest_version_both_sides_speak() {
 async fn a_producer_caps_its_batches_at_what_the_broker_says() {
     const CAP: u32 = 4096;
     let _serial = SERIAL.lock().await;
-    let inner = scripted(|seen| {
-        Reply::Frame(encode_response(&ProduceResponse {
-            topics: vec![ProduceTopicResponse {
-                name: "t".into(),
-                partitions: vec![ProducePartitionResponse {
-                    partition: 0,
-                    base_offset: seen as i64,
-                    log_append_time_ms: -1,
-                    ..Default::default()
-                }],
-            }],
-            throttle_time_ms: 0,
-        }))
-    });
+    let inner = scripted(|seen| Reply::Frame(produced(ErrorCode::None, seen as i64)));
     let broker = start(move |request, seen| match request {
         Request::ApiVersions(_) => Reply::Frame(encode_response(&ApiVersionsResponse {
             apis: supported_api_versions(),

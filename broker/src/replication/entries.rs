@@ -633,9 +633,9 @@ mod tests {
     }
 
     /// A client's batch is stamped where it lands (in a copy here: the test holds its bytes),
-    /// whatever its header says: one
-    /// that names the leader's term and some other offset is not taken for a placed entry
-    /// (and refused); a placed entry is stored only with its own term, at its own offset.
+    /// whatever its header says: one that names the leader's term and some other offset is
+    /// not taken for a placed entry (and refused); a placed entry is stored only with its own
+    /// term, at its own offset.
     #[test]
     fn a_client_batch_is_stamped_where_it_lands_whatever_its_header_says() {
         let mut claimed = bytes::BytesMut::from(&data(2)[..]);
