@@ -495,6 +495,8 @@ impl TracedBroker {
         let data = dir.path().join("data");
         let mut strace = std::process::Command::new("strace")
             .arg("-f")
+            // `-y`: descriptor arguments are printed with their paths.
+            .arg("-y")
             .arg("-e")
             .arg("trace=openat,mkdir,rename,renameat,renameat2,fsync,fdatasync")
             .arg("-o")
@@ -536,8 +538,8 @@ impl TracedBroker {
         }))
     }
 
-    /// Waits (bounded) until the trace holds, after the first line containing `after`, an
-    /// fsync of every directory in `synced` (by path, through the descriptor that opened it).
+    /// Waits (bounded) until the trace holds, after the first line containing `after`, a
+    /// successful fsync of every directory in `synced` (by the path strace gives its descriptor).
     fn expect_synced_after(&self, after: &str, synced: &[String]) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -555,32 +557,50 @@ impl TracedBroker {
     }
 }
 
-/// The directories of `synced` not fsynced after the first line containing `after`.
+/// The directories of `synced` not fsynced (the call returned 0) after the first line
+/// containing `after`.
+///
+/// The trace comes from `strace -f -y`: every descriptor argument carries the path it was
+/// opened with (`fsync(17</data/topics>) = 0`), so no `openat` has to be matched to its
+/// descriptor. Under `-f` a call that another thread's call interrupts is printed in two
+/// lines of its thread, `fsync(17</data/topics> <unfinished ...>` and later
+/// `<... fsync resumed>) = 0`; both shapes count.
 fn missing_syncs(trace: &str, after: &str, synced: &[String]) -> Vec<String> {
-    // Descriptor -> path it opened. Threads share descriptors (strace prints the thread id),
-    // and the broker is one process, so the descriptor alone is the key.
-    let mut open: std::collections::HashMap<String, String> = Default::default();
+    // Thread id -> path of the fsync it has started and not yet finished.
+    let mut unfinished: std::collections::HashMap<&str, &str> = Default::default();
     let mut seen_after = false;
     let mut missing: Vec<String> = synced.to_vec();
     for line in trace.lines() {
-        let Some((_thread, call)) = line.split_once(' ') else {
+        let Some((thread, call)) = line.split_once(' ') else {
             continue;
         };
         let call = call.trim_start();
         if !seen_after {
             seen_after = call.contains(after);
+            continue;
         }
-        if let Some(rest) = call.strip_prefix("openat(AT_FDCWD, \"")
-            && let Some((path, tail)) = rest.split_once('"')
-            && let Some(fd) = tail.rsplit("= ").next()
-        {
-            open.insert(fd.trim().to_owned(), path.to_owned());
-        }
-        if seen_after
-            && let Some(fd) = call.strip_prefix("fsync(")
-            && let Some(fd) = fd.split(')').next()
-            && let Some(path) = open.get(fd)
-        {
+        let (path, result) = if let Some(args) = call.strip_prefix("fsync(") {
+            let Some(path) = args
+                .split_once('<')
+                .and_then(|(_fd, rest)| rest.split_once('>'))
+                .map(|(path, _)| path)
+            else {
+                continue;
+            };
+            if call.ends_with("<unfinished ...>") {
+                unfinished.insert(thread, path);
+                continue;
+            }
+            (path, call)
+        } else if call.starts_with("<... fsync resumed>") {
+            let Some(path) = unfinished.remove(thread) else {
+                continue;
+            };
+            (path, call)
+        } else {
+            continue;
+        };
+        if result.trim_end().ends_with(") = 0") {
             missing.retain(|dir| dir != path);
         }
     }
@@ -588,6 +608,47 @@ fn missing_syncs(trace: &str, after: &str, synced: &[String]) -> Vec<String> {
         return synced.to_vec();
     }
     missing
+}
+
+/// The trace check reads both shapes strace gives an fsync under `-f`, counts only fsyncs
+/// after the marker that returned 0, and reports every directory it did not see synced.
+#[test]
+fn the_trace_check_reads_interrupted_calls_and_failed_ones() {
+    let trace = "\
+7  fsync(3</d/topics>) = 0
+7  mkdir(\"/d/topics/t\", 0777) = 0
+8  fsync(4</d/topics> <unfinished ...>
+7  openat(AT_FDCWD</>, \"/d/topics/t/0\", O_RDONLY) = 5</d/topics/t/0>
+8  <... fsync resumed>) = 0
+7  fsync(6</d/deleted> <unfinished ...>
+9  fsync(5</d/other>) = -1 EIO (Input/output error)
+7  <... fsync resumed>) = -1 EIO (Input/output error)
+";
+    let dirs = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let marker = "mkdir(\"/d/topics/t\"";
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        // An interrupted fsync that resumed with 0 counts.
+        (marker, &["/d/topics"], &[]),
+        // Failed fsyncs, whole or interrupted, do not.
+        (
+            marker,
+            &["/d/deleted", "/d/other"],
+            &["/d/deleted", "/d/other"],
+        ),
+        // A directory never synced is missing.
+        (marker, &["/d/topics", "/d/never"], &["/d/never"]),
+        // Only fsyncs after the marker count: the first line's does not.
+        ("fsync(6<", &["/d/topics"], &["/d/topics"]),
+        // No marker in the trace: everything is missing.
+        ("rename(", &["/d/topics"], &["/d/topics"]),
+    ];
+    for (after, synced, expected) in cases {
+        assert_eq!(
+            missing_syncs(trace, after, &dirs(synced)),
+            dirs(expected),
+            "after {after:?}, syncs of {synced:?}"
+        );
+    }
 }
 
 impl Drop for TracedBroker {
