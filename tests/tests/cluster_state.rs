@@ -355,6 +355,54 @@ fn partitions_led_and_under_replicated_partitions_add_up_across_brokers() -> any
     Ok(())
 }
 
+/// Every broker of a cluster counts and times the fsyncs of its replicas' logs
+/// (`ketch_fsyncs_total`, `ketch_fsync_duration_seconds`), a follower's as well as the
+/// leader's. (Before, only single-node logs were observed: a cluster broker syncing every
+/// append reported no fsync at all.)
+#[test]
+fn every_broker_counts_the_fsyncs_of_its_replicas() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[])?;
+    cluster.create_topic(1, "synced", 1, 3)?;
+    eventually("the partition led, none under-replicated", || {
+        Ok(cluster_sum(&cluster, "ketch_partitions_led")? == 1.0
+            && cluster_sum(&cluster, "ketch_under_replicated_partitions")? == 0.0
+            && cluster_sum(&cluster, "ketch_replicas")? == 3.0)
+    })?;
+    let metrics = |id: NodeId, name: &str| -> anyhow::Result<f64> {
+        let broker = cluster.process.broker(id).context("a running broker")?;
+        gauge(broker.metrics.context("metrics endpoint")?, name)
+    };
+    let ids = cluster.process.node_ids();
+    let before = ids
+        .iter()
+        .map(|&id| metrics(id, "ketch_fsyncs_total"))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    // acks=all: the leader and a follower sync the records before the CLI is answered; the
+    // other follower syncs them as it catches up.
+    let lines: String = (0..20).map(|i| format!("record-{i}\n")).collect();
+    cli(
+        &cluster,
+        1,
+        "",
+        &["produce", "synced", "--acks", "all"],
+        Some(&lines),
+    )?;
+    eventually("every broker's fsync count risen by the produce", || {
+        let mut risen = true;
+        for (id, before) in ids.iter().zip(&before) {
+            let synced = metrics(*id, "ketch_fsyncs_total")?;
+            let timed = metrics(*id, "ketch_fsync_duration_seconds_count")?;
+            ensure!(
+                timed == synced,
+                "node {id}: {synced} fsyncs counted, {timed} timed"
+            );
+            risen &= synced > *before;
+        }
+        Ok(risen)
+    })?;
+    Ok(())
+}
+
 /// Base offsets of the metadata log segments in a broker's data directory, ascending (its
 /// segment files' names).
 fn metadata_segment_bases(data_dir: &std::path::Path) -> anyhow::Result<Vec<i64>> {

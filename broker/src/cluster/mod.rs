@@ -1151,6 +1151,12 @@ impl Cluster {
         Arc::new(self.open_files.clone())
     }
 
+    /// The fsync metrics as a storage observer, for logs this broker opens elsewhere (its
+    /// cluster replicas), so `ketch_fsyncs_total` counts every partition log's syncs.
+    pub fn sync_observer(&self) -> Arc<dyn storage::StorageObserver> {
+        self.fsync_metrics.clone()
+    }
+
     /// Open partition-log files against `open_files_max`.
     pub fn open_files_stats(&self) -> storage::OpenFilesStats {
         self.open_files.stats()

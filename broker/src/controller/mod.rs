@@ -534,6 +534,8 @@ pub struct Controller<T: PeerTransport> {
     transforms: Option<Arc<crate::transform::Transforms>>,
     /// Where partition replicas open their log files.
     file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
+    /// Told of every replica log's syncs (the broker's fsync metrics).
+    sync_observer: Option<Arc<dyn crate::storage::StorageObserver>>,
     /// The replica changes running here (as their groups' leader), by group and partition,
     /// with their targets: one at a time per group (see [`Controller::reassign`]).
     reassignments_running: std::sync::Mutex<HashMap<(String, u32), Vec<NodeId>>>,
@@ -613,6 +615,9 @@ pub struct ControllerConfig {
     /// Where partition replicas open their log files: the broker's open-files budget, shared
     /// with its single-node logs (`None`: the file system directly).
     pub file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
+    /// Told of the syncs of every replica's log, the metadata log's included: the broker's
+    /// fsync metrics, shared with its single-node logs (`None`: nobody).
+    pub sync_observer: Option<Arc<dyn crate::storage::StorageObserver>>,
 }
 
 impl<T: PeerTransport> Controller<T> {
@@ -636,7 +641,10 @@ impl<T: PeerTransport> Controller<T> {
         let metadata = PartitionReplica::open_with_hook(
             &dir.join("metadata"),
             metadata_log_config,
-            ReplicaConfig::new(config.node_id, group.clone(), clock.clone()),
+            ReplicaConfig {
+                sync_observer: config.sync_observer.clone(),
+                ..ReplicaConfig::new(config.node_id, group.clone(), clock.clone())
+            },
             transport.clone(),
             Box::new(snapshot::MetadataHook::default()),
         )
@@ -670,6 +678,7 @@ impl<T: PeerTransport> Controller<T> {
             security: config.security,
             transforms: config.transforms,
             file_backend: config.file_backend,
+            sync_observer: config.sync_observer,
             reassignments_running: std::sync::Mutex::default(),
         });
         tokio::spawn(controller.clone().apply_loop());
@@ -1307,6 +1316,7 @@ impl<T: PeerTransport> Controller<T> {
                 self.log_config.clone(),
                 ReplicaConfig {
                     file_backend: self.file_backend.clone(),
+                    sync_observer: self.sync_observer.clone(),
                     ..ReplicaConfig::new(self.node_id, group.clone(), self.clock.clone())
                 },
                 self.transport.clone(),

@@ -42,6 +42,9 @@ pub struct ReplicaConfig {
     /// Where the partition log's files are opened (the broker's open-files budget, say);
     /// `None`: the file system directly.
     pub file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
+    /// Told of every sync of the partition log's writer (the broker's fsync metrics);
+    /// `None`: nobody.
+    pub sync_observer: Option<Arc<dyn crate::storage::StorageObserver>>,
 }
 
 impl std::fmt::Debug for ReplicaConfig {
@@ -83,6 +86,7 @@ impl ReplicaConfig {
             election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS_DEFAULT,
             clock,
             file_backend: None,
+            sync_observer: None,
         }
     }
 
@@ -269,7 +273,7 @@ pub fn open_stores(
     log_config: LogConfig,
     clock: Clock,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
-    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook), None)
+    open_stores_with_hook(dir, log_config, clock, Box::new(NoApplyHook), None, None)
 }
 
 /// Makes the replica in `dir` (not open) start as a follower even if it led its group when
@@ -301,17 +305,24 @@ pub fn resign_leadership(dir: &Path, node: NodeId) -> Result<bool, ReplicationEr
 
 /// [`open_stores`], with `hook` applying committed data batches (its state checkpointed
 /// beside the log with the applied log id, and restored from there), the log's files
-/// opened through `file_backend` (the file system when `None`).
+/// opened through `file_backend` (the file system when `None`) and its writer's syncs
+/// shown to `sync_observer`.
 pub fn open_stores_with_hook(
     dir: &Path,
     log_config: LogConfig,
     clock: Clock,
     hook: Box<dyn ApplyHook>,
     file_backend: Option<Arc<dyn crate::storage::FileBackend>>,
+    sync_observer: Option<Arc<dyn crate::storage::StorageObserver>>,
 ) -> Result<(PartitionLogStore, PartitionStateMachine), ReplicationError> {
     let backend = file_backend.unwrap_or_else(|| Arc::new(crate::storage::StdBackend));
-    let (log, _report) =
-        PartitionLog::open_with_backend(backend, dir.join(LOG_DIR), log_config, clock())?;
+    let (log_dir, now) = (dir.join(LOG_DIR), clock());
+    let (log, _report) = match sync_observer {
+        Some(observer) => {
+            PartitionLog::open_observed_with_backend(backend, log_dir, log_config, now, observer)?
+        }
+        None => PartitionLog::open_with_backend(backend, log_dir, log_config, now)?,
+    };
     let store = PartitionLogStore::open(Arc::new(log), dir.join(RAFT_STATE_FILE), clock)?;
     let state_machine = PartitionStateMachine::open(store.shared(), dir, hook);
     Ok((store, state_machine))
@@ -438,6 +449,7 @@ impl PartitionReplica {
             config.clock.clone(),
             hook,
             config.file_backend.clone(),
+            config.sync_observer.clone(),
         )?;
         store.cache_as(config.node_id);
         let shared = store.shared();

@@ -457,6 +457,7 @@ impl Broker {
                         leader_rebalance_interval: (config.leader_rebalance_interval_ms > 0)
                             .then(|| Duration::from_millis(config.leader_rebalance_interval_ms)),
                         file_backend: Some(cluster.file_backend()),
+                        sync_observer: Some(cluster.sync_observer()),
                     },
                     transport,
                     groups.clone(),
