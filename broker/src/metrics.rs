@@ -237,7 +237,7 @@ pub fn describe() {
 }
 
 /// Records and bytes per batch list: the count comes from the batch headers.
-fn records_in(records: &[u8]) -> u64 {
+pub(crate) fn records_in(records: &[u8]) -> u64 {
     let mut count = 0u64;
     let mut rest = records;
     while let Ok(header) = batch::BatchHeader::parse(rest) {
@@ -416,9 +416,36 @@ pub(crate) fn collect(state: &State) {
     use metrics::gauge;
     use names::*;
     let per_partition = state.config.metrics_partition_labels;
+    // segments, bytes, queue, log start, high watermark: of each partition log here, or
+    // summed per topic.
+    let mut sums: std::collections::BTreeMap<String, [f64; 5]> = Default::default();
+    let mut log_gauges = |topic: &str, index: u32, values: [f64; 5]| {
+        if per_partition {
+            let labels = [
+                ("topic", topic.to_owned()),
+                ("partition", index.to_string()),
+            ];
+            set_log_gauges(&labels, values);
+        } else {
+            let sum = sums.entry(topic.to_owned()).or_default();
+            for (sum, value) in sum.iter_mut().zip(values) {
+                *sum += value;
+            }
+        }
+    };
+    // A cluster broker's replicas (leaders' and followers' alike). A topic also kept as a
+    // single-node log here (the offsets topic) is reported as its replicas.
+    let hosted = state
+        .cluster_node
+        .as_ref()
+        .map(|node| node.controller.hosted())
+        .unwrap_or_default();
+    let hosted_topics: std::collections::HashSet<&str> =
+        hosted.iter().map(|p| p.topic.as_str()).collect();
     for topic in state.cluster.topics() {
-        // segments, bytes, queue, log start, high watermark
-        let mut sums = [0f64; 5];
+        if hosted_topics.contains(topic.name.as_str()) {
+            continue;
+        }
         for partition in &topic.partitions {
             let offsets = partition.offsets();
             let (segments, bytes) = partition.segments_and_bytes();
@@ -429,21 +456,24 @@ pub(crate) fn collect(state: &State) {
                 offsets.log_start as f64,
                 offsets.high_watermark as f64,
             ];
-            if per_partition {
-                let labels = [
-                    ("topic", topic.name.clone()),
-                    ("partition", partition.index.to_string()),
-                ];
-                set_log_gauges(&labels, values);
-            } else {
-                for (sum, value) in sums.iter_mut().zip(values) {
-                    *sum += value;
-                }
-            }
+            log_gauges(&topic.name, partition.index, values);
         }
-        if !per_partition {
-            set_log_gauges(&[("topic", topic.name.clone())], sums);
-        }
+    }
+    for partition in &hosted {
+        let log = partition.replica.log();
+        let segments = log.segments();
+        let bytes: u64 = segments.iter().map(|s| s.size_bytes).sum();
+        let values = [
+            segments.len() as f64,
+            bytes as f64,
+            log.append_queue_bytes() as f64,
+            partition.replica.log_start_offset() as f64,
+            partition.replica.high_watermark() as f64,
+        ];
+        log_gauges(&partition.topic, partition.index, values);
+    }
+    for (topic, values) in sums {
+        set_log_gauges(&[("topic", topic)], values);
     }
     let lag_of = |topic: &str, partition: u32| {
         state.cluster.partition(topic, partition).ok().map(|p| {
@@ -488,7 +518,6 @@ pub(crate) fn collect(state: &State) {
     gauge!(OPEN_FILES_LIMIT).set(state.config.open_files_max as f64);
     gauge!(SERVING).set(if state.is_serving() { 1.0 } else { 0.0 });
     if let Some(node) = &state.cluster_node {
-        let hosted = node.controller.hosted();
         let (mut led, mut under_replicated) = (0usize, 0usize);
         for partition in &hosted {
             if !partition.replica.is_leader() {

@@ -355,12 +355,14 @@ fn partitions_led_and_under_replicated_partitions_add_up_across_brokers() -> any
     Ok(())
 }
 
-/// Every broker of a cluster counts and times the fsyncs of its replicas' logs
-/// (`ketch_fsyncs_total`, `ketch_fsync_duration_seconds`), a follower's as well as the
-/// leader's. (Before, only single-node logs were observed: a cluster broker syncing every
-/// append reported no fsync at all.)
+/// Every broker of a cluster reports its replicas' logs as a single-node broker reports its
+/// logs: it counts and times their fsyncs (`ketch_fsyncs_total`,
+/// `ketch_fsync_duration_seconds`) and gauges each one's high watermark and size, a
+/// follower's as well as the leader's; the leader counts the records produced, and the broker
+/// serving a fetch the records consumed, once each. (Before, only single-node logs were
+/// reported: a cluster broker syncing every append showed no fsync, no topic and no record.)
 #[test]
-fn every_broker_counts_the_fsyncs_of_its_replicas() -> anyhow::Result<()> {
+fn every_broker_reports_its_replicas_logs() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, &[])?;
     cluster.create_topic(1, "synced", 1, 3)?;
     eventually("the partition led, none under-replicated", || {
@@ -400,6 +402,46 @@ fn every_broker_counts_the_fsyncs_of_its_replicas() -> anyhow::Result<()> {
         }
         Ok(risen)
     })?;
+    let partition = r#"{topic="synced",partition="0"}"#;
+    let topic = r#"{topic="synced"}"#;
+    eventually("every replica's high watermark and size gauged", || {
+        let mut reported = true;
+        for &id in &ids {
+            let watermark = metrics(id, &format!("ketch_log_high_watermark{partition}"))?;
+            let size = metrics(id, &format!("ketch_log_size_bytes{partition}"))?;
+            ensure!(watermark <= 20.0, "node {id}: high watermark {watermark}");
+            reported &= watermark == 20.0 && size > 0.0;
+        }
+        Ok(reported)
+    })?;
+    let sum = |name: &str| -> anyhow::Result<f64> {
+        ids.iter()
+            .map(|&id| metrics(id, &format!("{name}{topic}")))
+            .sum()
+    };
+    ensure!(
+        sum("ketch_produced_records_total")? == 20.0,
+        "records produced, over the brokers: {}",
+        sum("ketch_produced_records_total")?
+    );
+    let consumed = run(
+        &cluster,
+        2,
+        &[
+            "consume",
+            "synced",
+            "--from",
+            "beginning",
+            "--max-records",
+            "20",
+        ],
+    )?;
+    ensure!(consumed.lines().count() == 20, "consumed {consumed:?}");
+    ensure!(
+        sum("ketch_consumed_records_total")? == 20.0,
+        "records consumed, over the brokers: {}",
+        sum("ketch_consumed_records_total")?
+    );
     Ok(())
 }
 

@@ -320,6 +320,9 @@ pub struct ReplicatedPartition {
     producers: ProducerStateHook,
     /// The last term this leader wrote its barrier in (see [`TERM_BARRIER_KEY`]).
     barrier_term: std::sync::atomic::AtomicU64,
+    /// The topic's produced and consumed counters (handles shared with its other partitions
+    /// here: the recorder keeps one counter per topic).
+    pub(crate) metrics: crate::metrics::TopicMetrics,
 }
 
 /// A state entry (deleting this key: nothing is kept) that a leader writes when an
@@ -348,6 +351,7 @@ impl ReplicatedPartition {
         producers: ProducerStateHook,
     ) -> ReplicatedPartition {
         ReplicatedPartition {
+            metrics: crate::metrics::TopicMetrics::new(&topic),
             topic,
             topic_id,
             index,
@@ -526,6 +530,10 @@ impl ReplicatedPartition {
                 },
                 _ => header,
             };
+            // Counted once committed (a retried duplicate is answered below, not counted).
+            let produced = output
+                .as_deref()
+                .map(|b| (crate::metrics::records_in(b), b.len() as u64));
             let pending = loop {
                 // Registered before the state is looked at: an apply or a proposal right
                 // after the look still wakes this request.
@@ -674,6 +682,9 @@ impl ReplicatedPartition {
                 }
                 Ok(appended) => {
                     first_base.get_or_insert(appended.base_offset);
+                    if let Some((records, bytes)) = produced {
+                        self.metrics.produced(records, bytes);
+                    }
                 }
                 Err(e) => {
                     return Err(ProduceRefused {

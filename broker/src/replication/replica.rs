@@ -500,6 +500,11 @@ impl PartitionReplica {
         })
     }
 
+    /// The partition log under this replica (for its size and queue gauges).
+    pub(crate) fn log(&self) -> &Arc<PartitionLog> {
+        self.shared.log()
+    }
+
     /// The Kafka offset of the first record this replica's log still holds.
     pub fn log_start_offset(&self) -> i64 {
         self.shared.kafka_offset(self.shared.first_offset())

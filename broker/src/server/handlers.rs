@@ -918,7 +918,9 @@ pub(super) fn fetch_partition(
     let mut response = partition_answer(p.topic.clone(), p.partition, ErrorCode::None, None);
     if let Some(node) = &state.cluster_node {
         let result = match node.controller.partition(&p.topic, p.partition) {
-            Some(hosted) => hosted.read(p.offset, max_bytes),
+            Some(hosted) => hosted.read(p.offset, max_bytes).inspect(|read| {
+                hosted.metrics.consumed(&read.records);
+            }),
             None => Err(node.controller.not_hosted(&p.topic, p.partition).error),
         };
         match result {
