@@ -461,10 +461,9 @@ pub(crate) fn collect(state: &State) {
     }
     for partition in &hosted {
         let log = partition.replica.log();
-        let segments = log.segments();
-        let bytes: u64 = segments.iter().map(|s| s.size_bytes).sum();
+        let (segments, bytes) = log.segments_and_bytes();
         let values = [
-            segments.len() as f64,
+            segments as f64,
             bytes as f64,
             log.append_queue_bytes() as f64,
             partition.replica.log_start_offset() as f64,

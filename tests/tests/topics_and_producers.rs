@@ -498,7 +498,7 @@ impl TracedBroker {
             // `-y`: descriptor arguments are printed with their paths.
             .arg("-y")
             .arg("-e")
-            .arg("trace=openat,mkdir,rename,renameat,renameat2,fsync,fdatasync")
+            .arg("trace=mkdir,rename,renameat,renameat2,fsync,fdatasync")
             .arg("-o")
             .arg(&trace)
             .arg(ketch_e2e::ketch_bin())
@@ -579,7 +579,7 @@ fn missing_syncs(trace: &str, after: &str, synced: &[String]) -> Vec<String> {
             seen_after = call.contains(after);
             continue;
         }
-        let (path, result) = if let Some(args) = call.strip_prefix("fsync(") {
+        let path = if let Some(args) = call.strip_prefix("fsync(") {
             let Some(path) = args
                 .split_once('<')
                 .and_then(|(_fd, rest)| rest.split_once('>'))
@@ -591,16 +591,16 @@ fn missing_syncs(trace: &str, after: &str, synced: &[String]) -> Vec<String> {
                 unfinished.insert(thread, path);
                 continue;
             }
-            (path, call)
+            path
         } else if call.starts_with("<... fsync resumed>") {
             let Some(path) = unfinished.remove(thread) else {
                 continue;
             };
-            (path, call)
+            path
         } else {
             continue;
         };
-        if result.trim_end().ends_with(") = 0") {
+        if call.trim_end().ends_with(") = 0") {
             missing.retain(|dir| dir != path);
         }
     }

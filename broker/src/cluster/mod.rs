@@ -698,9 +698,7 @@ impl Partition {
 
     /// Segment count and total bytes of the log.
     pub fn segments_and_bytes(&self) -> (u64, u64) {
-        let segments = self.log.segments();
-        let bytes = segments.iter().map(|s| s.size_bytes).sum();
-        (segments.len() as u64, bytes)
+        self.log.segments_and_bytes()
     }
 
     /// Bytes queued for the log's writer.

@@ -586,6 +586,13 @@ impl PartitionLog {
         lock(&self.shared.queue).bytes
     }
 
+    /// Segment count and total bytes of the log (the scrape's gauges: nothing copied).
+    pub fn segments_and_bytes(&self) -> (u64, u64) {
+        let view = lock(&self.shared.view);
+        let bytes = view.segments.iter().map(|s| s.size).sum();
+        (view.segments.len() as u64, bytes)
+    }
+
     pub fn segments(&self) -> Vec<SegmentInfo> {
         let view = lock(&self.shared.view);
         view.segments
