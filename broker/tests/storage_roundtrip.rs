@@ -136,6 +136,58 @@ fn check_rejected(bad: Bytes, config: LogConfig, expect: fn(&StorageError) -> bo
     assert_eq!(log.segments()[0].size_bytes, before[0].size_bytes * 2);
 }
 
+/// A replicated log's entries appended in one call are written in one group (one fsync),
+/// however soon a writer wakes for the first; a bad entry among them fails the whole call
+/// and queues none of it.
+#[test]
+fn entries_appended_together_are_one_write_group_and_fail_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open_std(dir.path(), LogConfig::default());
+    let mut next = 0;
+    for call in 0..40u64 {
+        let entries: Vec<Bytes> = (0..6).map(|i| batch(4, 2000, 0, call * 6 + i)).collect();
+        let before = log.stats();
+        let futures = log.append_entries(entries, 0).expect("queued");
+        assert_eq!(futures.len(), 6);
+        for future in futures {
+            let outcome = block_on(future).expect("written");
+            assert_eq!(
+                outcome.base_offset, next,
+                "call {call}: entries land in order"
+            );
+            next = outcome.last_offset + 1;
+        }
+        let after = log.stats();
+        assert_eq!(
+            after.write_groups - before.write_groups,
+            1,
+            "call {call}: one group for the whole call"
+        );
+        assert_eq!(after.fsyncs - before.fsyncs, 1, "call {call}: one fsync");
+    }
+    assert!(log.append_entries(Vec::new(), 0).unwrap().is_empty());
+
+    let mut flipped = batch(4, 2000, 0, 999).to_vec();
+    flipped[100] ^= 0x40;
+    let mixed = vec![
+        batch(4, 2000, 0, 1000),
+        Bytes::from(flipped),
+        batch(4, 2000, 0, 1001),
+    ];
+    match log.append_entries(mixed, 0) {
+        Err(StorageError::InvalidBatch(_)) => {}
+        other => panic!("a call with a corrupt entry: {:?}", other.map(|f| f.len())),
+    }
+    assert_eq!(
+        log.append_queue_bytes(),
+        0,
+        "nothing of the failed call is queued"
+    );
+    let outcome = append(&log, &batch(2, 10, 0, 1002), 0);
+    assert_eq!(outcome.base_offset, next, "the failed call took no offsets");
+    assert_eq!(log.offsets().log_end_offset, next + 2);
+}
+
 #[test]
 fn bad_batches_are_rejected_before_anything_is_written() {
     let good = batch(3, 50, 0, 7).to_vec();

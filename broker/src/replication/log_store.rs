@@ -720,6 +720,63 @@ impl PartitionLogStore {
     }
 }
 
+/// An entry placed in the log's offsets and indexed, not yet queued for the writer.
+struct Staged {
+    log_id: LogId,
+    offset: i64,
+    stored: bytes::Bytes,
+    local_ack: Option<LocalAck>,
+}
+
+fn write_error(log_id: Option<LogId>, e: &dyn std::error::Error) -> RaftStorageError {
+    let error = openraft::AnyError::error(e.to_string());
+    match log_id {
+        Some(log_id) => StorageIOError::write_log_entry(log_id, error),
+        None => StorageIOError::write_logs(error),
+    }
+    .into()
+}
+
+/// Places each entry at the log's next offset (stamped as the storage keeps it), indexes it
+/// and keeps it pending for readers until it is durable. Entries must continue the index.
+fn stage_entries(
+    entries: impl Iterator<Item = Entry>,
+    index: &mut LogIndex,
+    pending: &mut BTreeMap<u64, (i64, Entry)>,
+    now_ms: i64,
+) -> Result<Vec<Staged>, RaftStorageError> {
+    let mut staged = Vec::new();
+    for entry in entries {
+        let log_id = entry.log_id;
+        let write_error = |e: &dyn std::error::Error| write_error(Some(log_id), e);
+        if log_id.index != index.next_index() {
+            return Err(write_error(&std::io::Error::other(format!(
+                "entry {} appended where entry {} belongs",
+                log_id.index,
+                index.next_index()
+            ))));
+        }
+        let offset = index.next_offset();
+        let local_ack = match &entry.payload {
+            openraft::EntryPayload::Normal(batch) => batch.local_ack.clone(),
+            _ => None,
+        };
+        let stored = entries::encode(entry, offset, now_ms).map_err(|e| write_error(&e))?;
+        let (stored_entry, position) =
+            entries::decode(stored.clone(), log_id.index).map_err(|e| write_error(&e))?;
+        debug_assert_eq!(stored_entry.log_id, log_id);
+        index.push(position);
+        pending.insert(log_id.index, (offset, stored_entry));
+        staged.push(Staged {
+            log_id,
+            offset,
+            stored,
+            local_ack,
+        });
+    }
+    Ok(staged)
+}
+
 async fn flush_worker(
     shared: Arc<Shared>,
     mut in_flight: mpsc::Receiver<InFlight>,
@@ -862,43 +919,38 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         {
             let mut index = lock(&self.shared.index);
             let mut pending = lock(&self.shared.pending);
-            for entry in entries {
-                let log_id = entry.log_id;
-                let write_error = |e: &dyn std::error::Error| {
-                    RaftStorageError::from(StorageIOError::write_log_entry(
-                        log_id,
-                        openraft::AnyError::error(e.to_string()),
-                    ))
-                };
-                if log_id.index != index.next_index() {
-                    return Err(write_error(&std::io::Error::other(format!(
-                        "entry {} appended where entry {} belongs",
-                        log_id.index,
-                        index.next_index()
-                    ))));
+            let first_new = index.next_index();
+            // Every entry is placed and indexed first, then all are queued in one call, so
+            // the writer takes them in one group (one fsync). Should anything fail, none of
+            // the call's entries stay indexed or pending.
+            let staged =
+                stage_entries(entries, &mut index, &mut pending, now_ms).and_then(|staged| {
+                    let batches = staged.iter().map(|s| s.stored.clone()).collect();
+                    let futures = self
+                        .shared
+                        .log
+                        .append_entries(batches, now_ms)
+                        .map_err(|e| {
+                            let log_id = staged.first().map(|s| s.log_id);
+                            write_error(log_id, &e)
+                        })?;
+                    Ok((staged, futures))
+                });
+            let (staged, futures) = match staged {
+                Ok(staged) => staged,
+                Err(e) => {
+                    index.truncate_from(first_new);
+                    pending.retain(|index, _| *index < first_new);
+                    return Err(e);
                 }
-                let offset = index.next_offset();
-                let local_ack = match &entry.payload {
-                    openraft::EntryPayload::Normal(batch) => batch.local_ack.clone(),
-                    _ => None,
-                };
-                let stored = entries::encode(entry, offset, now_ms).map_err(|e| write_error(&e))?;
-                let write = self
-                    .shared
-                    .log
-                    .append_entry(stored.clone(), now_ms)
-                    .map_err(|e| write_error(&e))?;
-                let (stored_entry, position) =
-                    entries::decode(stored, log_id.index).map_err(|e| write_error(&e))?;
-                debug_assert_eq!(stored_entry.log_id, log_id);
-                index.push(position);
-                pending.insert(log_id.index, (offset, stored_entry));
+            };
+            for (staged, future) in staged.into_iter().zip(futures) {
                 writes.push(EntryWrite {
-                    index: log_id.index,
-                    term: log_id.leader_id.term,
-                    offset,
-                    future: write,
-                    local_ack,
+                    index: staged.log_id.index,
+                    term: staged.log_id.leader_id.term,
+                    offset: staged.offset,
+                    future,
+                    local_ack: staged.local_ack,
                 });
             }
         }

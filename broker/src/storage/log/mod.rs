@@ -452,11 +452,36 @@ impl PartitionLog {
         self.append_checked(batch, now_ms, true)
     }
 
-    /// [`Self::append`] of a replicated log's entry, which may be a batch compaction emptied
-    /// of some or all records on the replica that sent it (its offsets still all covered):
-    /// a follower stores the leader's entries as they are.
-    pub fn append_entry(&self, batch: Bytes, now_ms: i64) -> Result<AppendFuture, StorageError> {
-        self.append_checked(batch, now_ms, false)
+    /// [`Self::append`] of a replicated log's entries, each of which may be a batch
+    /// compaction emptied of some or all records on the replica that sent it (its offsets
+    /// still all covered): a follower stores the leader's entries as they are.
+    ///
+    /// All are checked first and queued together, so one write group (one `write`, one
+    /// fsync under `Always`) takes them all. Appended one by one, a writer woken by the first
+    /// took it alone and synced it, and the rest waited for a second group and a second
+    /// fsync: a follower paid ~1.5 fsyncs per AppendEntries. A bad entry, a full queue or a
+    /// poisoned log fail the whole call, and nothing of it is queued.
+    pub fn append_entries(
+        &self,
+        batches: Vec<Bytes>,
+        now_ms: i64,
+    ) -> Result<Vec<AppendFuture>, StorageError> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let checked = batches
+            .into_iter()
+            .map(|batch| self.check_append(batch, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batches_bytes: u64 = checked.iter().map(|(batch, _)| batch.len() as u64).sum();
+        let mut queue = lock(&self.shared.queue);
+        self.check_room(&queue, batches_bytes)?;
+        let futures = checked
+            .into_iter()
+            .map(|(batch, header)| Self::push_append(&mut queue, batch, header, now_ms))
+            .collect();
+        self.schedule(queue);
+        Ok(futures)
     }
 
     fn append_checked(
@@ -465,6 +490,21 @@ impl PartitionLog {
         now_ms: i64,
         dense: bool,
     ) -> Result<AppendFuture, StorageError> {
+        let (batch, header) = self.check_append(batch, dense)?;
+        let mut queue = lock(&self.shared.queue);
+        self.check_room(&queue, batch.len() as u64)?;
+        let future = Self::push_append(&mut queue, batch, header, now_ms);
+        self.schedule(queue);
+        Ok(future)
+    }
+
+    /// Checks a batch before it is queued: its size, header and CRC, and (`dense`) that its
+    /// offset deltas are dense.
+    fn check_append(
+        &self,
+        batch: Bytes,
+        dense: bool,
+    ) -> Result<(Bytes, BatchHeader), StorageError> {
         let config = &self.shared.config;
         if batch.len() > config.batch_bytes_max as usize {
             return Err(StorageError::BatchTooLarge {
@@ -481,27 +521,38 @@ impl PartitionLog {
                          records count - 1",
             });
         }
-        let (done, receiver) = oneshot::channel();
-        {
-            let mut queue = lock(&self.shared.queue);
-            queue.check_open()?;
-            let batch_bytes = batch.len() as u64;
-            if queue.bytes > 0 && queue.bytes + batch_bytes > config.append_queue_bytes_max {
-                return Err(StorageError::QueueFull {
-                    queued_bytes: queue.bytes,
-                    append_queue_bytes_max: config.append_queue_bytes_max,
-                });
-            }
-            queue.bytes += batch_bytes;
-            queue.requests.push(Request::Append(PendingAppend {
-                batch,
-                header,
-                now_ms,
-                done,
-            }));
-            self.schedule(queue);
+        Ok((batch, header))
+    }
+
+    /// Whether `bytes` more may be queued: the log is open and, unless the queue is empty,
+    /// stays within `append_queue_bytes_max`.
+    fn check_room(&self, queue: &Queue, bytes: u64) -> Result<(), StorageError> {
+        queue.check_open()?;
+        let append_queue_bytes_max = self.shared.config.append_queue_bytes_max;
+        if queue.bytes > 0 && queue.bytes + bytes > append_queue_bytes_max {
+            return Err(StorageError::QueueFull {
+                queued_bytes: queue.bytes,
+                append_queue_bytes_max,
+            });
         }
-        Ok(Completion { receiver })
+        Ok(())
+    }
+
+    fn push_append(
+        queue: &mut Queue,
+        batch: Bytes,
+        header: BatchHeader,
+        now_ms: i64,
+    ) -> AppendFuture {
+        let (done, receiver) = oneshot::channel();
+        queue.bytes += batch.len() as u64;
+        queue.requests.push(Request::Append(PendingAppend {
+            batch,
+            header,
+            now_ms,
+            done,
+        }));
+        Completion { receiver }
     }
 
     /// Hands the log to the writer pool unless it is there already.
