@@ -586,7 +586,8 @@ impl PartitionLog {
     }
 
     /// Bounds how much of the log the OS page cache keeps once durable: after each fsync
-    /// the writer drops the log's bytes older than its last `bytes` — the active segment's,
+    /// (once it has answered the group, before the log's next) the writer drops the log's
+    /// bytes older than its last `bytes` — the active segment's,
     /// and the last sealed segment's as far as the tail no longer reaches into it (older
     /// segments leave the cache whole at the next roll). For a log hardly anyone reads soon — a follower
     /// replica's — so it neither displaces data that readers want nor makes the OS find a

@@ -102,7 +102,7 @@ impl Shared {
                     .and_then(|group_now_ms| {
                         self.sync_group(write, group_now_ms, !flushes.is_empty())
                     })
-                    .map(|()| outcomes)
+                    .map(|synced| (outcomes, synced))
                     .inspect_err(|e| match e {
                         StorageError::NoSpace { path } => {
                             tracing::error!(
@@ -118,7 +118,7 @@ impl Shared {
         };
         self.stats.write_groups.fetch_add(1, Ordering::Relaxed);
         match result {
-            Ok(mut outcomes) => {
+            Ok((mut outcomes, synced)) => {
                 let log_start = self.publish_high_watermark();
                 self.stats
                     .batches_appended
@@ -129,6 +129,11 @@ impl Shared {
                 }
                 for done in flushes {
                     let _ = done.send(Ok(()));
+                }
+                // Advice about durable bytes, after the answers: a follower's round trip
+                // (and an acks=all produce) need not wait for the page cache to be trimmed.
+                if let Some(synced) = synced {
+                    self.drop_cached(write, synced.base_offset, &synced.log, synced.size);
                 }
             }
             Err(StorageError::NoSpace { path }) => {
@@ -372,12 +377,14 @@ impl Shared {
     }
 
     /// One fsync for the whole group, if the policy (or a flush request) asks for it.
+    /// Returns the active segment it synced, whose bytes the caller may then drop from the page cache
+    /// ([`Self::drop_cached`]) once it has answered the group.
     fn sync_group(
         &self,
         write: &mut WriteState,
         group_now_ms: Option<i64>,
         flush_requested: bool,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<SyncedTail>, StorageError> {
         let policy_wants = match (self.config.fsync, group_now_ms) {
             (_, None) | (FsyncPolicy::Never, _) => false,
             (FsyncPolicy::Always, Some(_)) => true,
@@ -387,8 +394,9 @@ impl Shared {
             }
         };
         if !(policy_wants || flush_requested) {
-            return Ok(());
+            return Ok(None);
         }
+        let mut synced = None;
         if write.unsynced {
             let (base_offset, log, path, size) = {
                 let view = lock(&self.view);
@@ -402,12 +410,16 @@ impl Shared {
             };
             self.observed_sync(|| log.sync_data().map_err(io_error("fsync", &path)))?;
             write.unsynced = false;
-            self.drop_cached(write, base_offset, &log, size);
+            synced = Some(SyncedTail {
+                base_offset,
+                log,
+                size,
+            });
         }
         if let Some(now) = group_now_ms {
             write.last_sync_ms = Some(now);
         }
-        Ok(())
+        Ok(synced)
     }
 
     /// At a roll: the segment being sealed (durable) becomes the one whose tail is part of
@@ -537,6 +549,13 @@ const CACHE_PAGE_BYTES: u64 = 4096;
 const CACHE_FOLIO_BYTES_MAX: u64 = 2 * 1024 * 1024;
 
 /// ENOSPC (or EDQUOT): the write did not fit; nothing says the disk is unreliable.
+/// The active segment as one group's fsync left it durable.
+struct SyncedTail {
+    base_offset: i64,
+    log: Arc<dyn StorageFile>,
+    size: u64,
+}
+
 fn is_no_space(error: &std::io::Error) -> bool {
     error.kind() == std::io::ErrorKind::StorageFull
         || matches!(error.raw_os_error(), Some(28 | 122))
