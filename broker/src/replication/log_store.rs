@@ -544,7 +544,7 @@ impl RaftLogReader<PartitionRaft> for PartitionLogReader {
 
 /// Payload bytes of one entry (a data entry's batch; membership and blank entries count as
 /// none).
-fn payload_bytes(entry: &Entry) -> usize {
+pub(super) fn payload_bytes(entry: &Entry) -> usize {
     match &entry.payload {
         openraft::EntryPayload::Normal(batch) => batch.bytes.len(),
         _ => 0,
@@ -737,16 +737,22 @@ fn write_error(log_id: Option<LogId>, e: &dyn std::error::Error) -> RaftStorageE
     .into()
 }
 
-/// Places each entry at the log's next offset (stamped as the storage keeps it), indexes it
-/// and keeps it pending for readers until it is durable. Entries must continue the index.
-fn stage_entries(
-    entries: impl Iterator<Item = Entry>,
+/// Places each entry at the log's next offset (stamped as the storage keeps it), indexes it,
+/// keeps it pending for readers until it is durable, and queues them all for the writer in
+/// one call, so it takes them in one group (one fsync). Entries must continue the index.
+/// Should anything fail, none of the call's entries stay indexed, pending or queued.
+// openraft's error type is what its storage trait returns: not ours to shrink.
+#[allow(clippy::result_large_err)]
+fn queue_entries(
+    mut entries: impl Iterator<Item = Entry>,
     index: &mut LogIndex,
     pending: &mut BTreeMap<u64, (i64, Entry)>,
+    log: &PartitionLog,
     now_ms: i64,
-) -> Result<Vec<Staged>, RaftStorageError> {
+) -> Result<Vec<(Staged, AppendFuture)>, RaftStorageError> {
+    let first_new = index.next_index();
     let mut staged = Vec::new();
-    for entry in entries {
+    let mut stage = |entry: Entry| {
         let log_id = entry.log_id;
         let write_error = |e: &dyn std::error::Error| write_error(Some(log_id), e);
         if log_id.index != index.next_index() {
@@ -773,8 +779,22 @@ fn stage_entries(
             stored,
             local_ack,
         });
+        Ok(())
+    };
+    let staged_all = entries.try_for_each(&mut stage);
+    let queued = staged_all.and_then(|()| {
+        let batches = staged.iter().map(|s| s.stored.clone()).collect();
+        log.append_entries(batches, now_ms)
+            .map_err(|e| write_error(staged.first().map(|s| s.log_id), &e))
+    });
+    match queued {
+        Ok(futures) => Ok(staged.into_iter().zip(futures).collect()),
+        Err(e) => {
+            index.truncate_from(first_new);
+            pending.retain(|index, _| *index < first_new);
+            Err(e)
+        }
     }
-    Ok(staged)
 }
 
 async fn flush_worker(
@@ -919,32 +939,9 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         {
             let mut index = lock(&self.shared.index);
             let mut pending = lock(&self.shared.pending);
-            let first_new = index.next_index();
-            // Every entry is placed and indexed first, then all are queued in one call, so
-            // the writer takes them in one group (one fsync). Should anything fail, none of
-            // the call's entries stay indexed or pending.
-            let staged =
-                stage_entries(entries, &mut index, &mut pending, now_ms).and_then(|staged| {
-                    let batches = staged.iter().map(|s| s.stored.clone()).collect();
-                    let futures = self
-                        .shared
-                        .log
-                        .append_entries(batches, now_ms)
-                        .map_err(|e| {
-                            let log_id = staged.first().map(|s| s.log_id);
-                            write_error(log_id, &e)
-                        })?;
-                    Ok((staged, futures))
-                });
-            let (staged, futures) = match staged {
-                Ok(staged) => staged,
-                Err(e) => {
-                    index.truncate_from(first_new);
-                    pending.retain(|index, _| *index < first_new);
-                    return Err(e);
-                }
-            };
-            for (staged, future) in staged.into_iter().zip(futures) {
+            let queued =
+                queue_entries(entries, &mut index, &mut pending, &self.shared.log, now_ms)?;
+            for (staged, future) in queued {
                 writes.push(EntryWrite {
                     index: staged.log_id.index,
                     term: staged.log_id.leader_id.term,
