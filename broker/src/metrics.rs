@@ -45,6 +45,8 @@ pub mod names {
     pub const FSYNC_FAILURES: &str = "ketch_fsync_failures_total";
     pub const REPLICA_FAILURES: &str = "ketch_replica_failures_total";
     pub const FSYNC_DURATION: &str = "ketch_fsync_duration_seconds";
+    pub const REPLICATION_APPEND_DURATION: &str = "ketch_replication_append_duration_seconds";
+    pub const REPLICATION_APPEND_BYTES: &str = "ketch_replication_append_bytes_total";
     pub const APPEND_QUEUE_BYTES: &str = "ketch_append_queue_bytes";
     pub const LOG_SEGMENTS: &str = "ketch_log_segments";
     pub const LOG_SIZE_BYTES: &str = "ketch_log_size_bytes";
@@ -128,6 +130,11 @@ pub fn describe() {
             Unit::Count,
             "Requests that waited for a slot, per limit (requests_in_flight, request_memory).",
         ),
+        (
+            REPLICATION_APPEND_BYTES,
+            Unit::Bytes,
+            "Record batch bytes a leader sent in AppendEntries, per follower broker (`peer`).",
+        ),
     ];
     for (name, unit, help) in counters {
         metrics::describe_counter!(*name, *unit, *help);
@@ -144,6 +151,10 @@ pub fn describe() {
         (
             FSYNC_DURATION,
             "Duration of one fdatasync round of a log writer.",
+        ),
+        (
+            REPLICATION_APPEND_DURATION,
+            "Time from a leader sending an AppendEntries with entries to a follower broker (`peer`) until its answer: the transfer and the follower's write and fsync. openraft 0.9 keeps one in flight per follower and group, so this bounds a partition's replication rate.",
         ),
     ];
     for (name, help) in histograms {
@@ -284,6 +295,30 @@ impl TopicMetrics {
         }
         self.consumed_records.increment(records_in(batches));
         self.consumed_bytes.increment(batches.len() as u64);
+    }
+}
+
+/// What a leader's AppendEntries with entries to one follower broker cost: their round trip
+/// and the batch bytes they carried. One per (group, follower) replication stream; the
+/// handles are shared by every group's stream to that broker.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerAppendMetrics {
+    duration: Histogram,
+    bytes: Counter,
+}
+
+impl PeerAppendMetrics {
+    pub(crate) fn new(peer: u64) -> PeerAppendMetrics {
+        let label = [("peer", peer.to_string())];
+        PeerAppendMetrics {
+            duration: metrics::histogram!(names::REPLICATION_APPEND_DURATION, &label),
+            bytes: metrics::counter!(names::REPLICATION_APPEND_BYTES, &label),
+        }
+    }
+
+    pub(crate) fn answered(&self, bytes: u64, took: Duration) {
+        self.duration.record(took.as_secs_f64());
+        self.bytes.increment(bytes);
     }
 }
 

@@ -359,8 +359,10 @@ fn partitions_led_and_under_replicated_partitions_add_up_across_brokers() -> any
 /// logs: it counts and times their fsyncs (`ketch_fsyncs_total`,
 /// `ketch_fsync_duration_seconds`) and gauges each one's high watermark and size, a
 /// follower's as well as the leader's; the leader counts the records produced, and the broker
-/// serving a fetch the records consumed, once each. (Before, only single-node logs were
-/// reported: a cluster broker syncing every append showed no fsync, no topic and no record.)
+/// serving a fetch the records consumed, once each; the leader counts and times the
+/// AppendEntries that carried the records to each follower. (Before, only single-node logs
+/// were reported: a cluster broker syncing every append showed no fsync, no topic and no
+/// record.)
 #[test]
 fn every_broker_reports_its_replicas_logs() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, &[])?;
@@ -379,6 +381,34 @@ fn every_broker_reports_its_replicas_logs() -> anyhow::Result<()> {
         .iter()
         .map(|&id| metrics(id, "ketch_fsyncs_total"))
         .collect::<anyhow::Result<Vec<f64>>>()?;
+    // What the partition's leader sent each follower in AppendEntries, and how many it timed.
+    let mut leaders = Vec::new();
+    for &id in &ids {
+        if metrics(id, "ketch_partitions_led")? == 1.0 {
+            leaders.push(id);
+        }
+    }
+    let [leader] = leaders[..] else {
+        anyhow::bail!("one leader, not {leaders:?}");
+    };
+    let followers: Vec<NodeId> = ids.iter().copied().filter(|&id| id != leader).collect();
+    let appended = |peer: NodeId| -> anyhow::Result<(f64, f64)> {
+        let label = format!(r#"{{peer="{peer}"}}"#);
+        Ok((
+            metrics(
+                leader,
+                &format!("ketch_replication_append_bytes_total{label}"),
+            )?,
+            metrics(
+                leader,
+                &format!("ketch_replication_append_duration_seconds_count{label}"),
+            )?,
+        ))
+    };
+    let appended_before = followers
+        .iter()
+        .map(|&peer| appended(peer))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // acks=all: the leader and a follower sync the records before the CLI is answered; the
     // other follower syncs them as it catches up.
     let lines: String = (0..20).map(|i| format!("record-{i}\n")).collect();
@@ -424,6 +454,22 @@ fn every_broker_reports_its_replicas_logs() -> anyhow::Result<()> {
         "records produced, over the brokers: {}",
         sum("ketch_produced_records_total")?
     );
+    // The leader sent every follower the produced batches (and perhaps metadata entries, if
+    // it also leads the controller), in AppendEntries it timed.
+    let produced_bytes = sum("ketch_produced_bytes_total")?;
+    ensure!(produced_bytes > 0.0, "no produced bytes counted");
+    eventually(
+        "the leader's AppendEntries to each follower counted",
+        || {
+            let mut counted = true;
+            for (&peer, (bytes_before, timed_before)) in followers.iter().zip(&appended_before) {
+                let (bytes, timed) = appended(peer)?;
+                counted &= bytes - bytes_before >= produced_bytes && timed > *timed_before;
+            }
+            Ok(counted)
+        },
+    )?;
+
     let consumed = run(
         &cluster,
         2,

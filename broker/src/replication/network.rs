@@ -257,6 +257,7 @@ impl<T> Clone for PeerNetwork<T> {
 pub struct PeerClient<T> {
     network: PeerNetwork<T>,
     to: NodeId,
+    appends: crate::metrics::PeerAppendMetrics,
 }
 
 impl<T: PeerTransport> RaftNetworkFactory<PartitionRaft> for PeerNetwork<T> {
@@ -266,6 +267,7 @@ impl<T: PeerTransport> RaftNetworkFactory<PartitionRaft> for PeerNetwork<T> {
         PeerClient {
             network: self.clone(),
             to: target,
+            appends: crate::metrics::PeerAppendMetrics::new(target),
         }
     }
 }
@@ -367,8 +369,20 @@ impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
         rpc: AppendEntriesRequest<PartitionRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        // Heartbeats and commit notices (no entries) are not what replication costs.
+        let bytes: usize = rpc
+            .entries
+            .iter()
+            .map(super::log_store::payload_bytes)
+            .sum();
+        let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
         match self.call(PeerRequest::AppendEntries(rpc), &option).await {
-            Ok(PeerResponse::AppendEntries(answer)) => Ok(answer),
+            Ok(PeerResponse::AppendEntries(answer)) => {
+                if let Some(started) = started {
+                    self.appends.answered(bytes as u64, started.elapsed());
+                }
+                Ok(answer)
+            }
             Ok(other) => Err(unexpected(self.to, &other)),
             Err(e) => Err(rpc_error(e)),
         }
