@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader, BatchSlices};
 use ketch_protocol::messages::{Acks, OffsetSpec};
@@ -720,15 +720,11 @@ impl ReplicatedPartition {
         if offset >= high_watermark {
             return Ok(answer(Bytes::new()));
         }
-        let batches = self
+        let records = self
             .replica
-            .read_committed(offset, max_bytes.max(1) as usize)
+            .read_committed_records(offset, max_bytes.max(1) as usize)
             .map_err(|e| cluster_error(&e))?;
-        let mut out = BytesMut::new();
-        for b in batches {
-            out.extend_from_slice(&b.bytes);
-        }
-        Ok(answer(out.freeze()))
+        Ok(answer(records))
     }
 
     /// ListOffsets on this replica, answered as the single-node log answers it: the offset

@@ -988,8 +988,30 @@ impl PartitionReplica {
         from: i64,
         max_bytes: usize,
     ) -> Result<Vec<CommittedBatch>, ReplicationError> {
+        BatchSlices::new(self.read_committed_records(from, max_bytes)?)
+            .map(|slice| {
+                let (header, bytes) =
+                    slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                Ok(CommittedBatch {
+                    base_offset: header.base_offset,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+
+    /// [`Self::read_committed`] as one buffer of batches, as a fetch answers them: each
+    /// stamped with its Kafka base offset. A storage read is patched where it was read
+    /// into, and control batches are moved out of it in place, so the records are copied
+    /// once, from the page cache (before, a second time per batch to stamp it and a third
+    /// into the answer).
+    pub fn read_committed_records(
+        &self,
+        from: i64,
+        max_bytes: usize,
+    ) -> Result<Bytes, ReplicationError> {
         let high_watermark = self.high_watermark();
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let mut storage_offset = self.shared.storage_offset(from);
         let mut read = 0usize;
         let log = self.shared.log();
@@ -998,9 +1020,15 @@ impl PartitionReplica {
             if bytes.is_empty() {
                 break;
             }
-            for slice in BatchSlices::new(bytes) {
+            // The batches of this read to answer: where each is, how long, its Kafka base.
+            let mut kept = Vec::new();
+            let mut at = 0usize;
+            let mut past_high_watermark = false;
+            for slice in BatchSlices::new(bytes.clone()) {
                 let (header, stored) =
                     slice.map_err(|e| ReplicationError::InvalidBatch(e.to_string()))?;
+                let start = at;
+                at += stored.len();
                 // The offset span, not the records count: compaction empties batches.
                 storage_offset = header.next_offset();
                 read += stored.len();
@@ -1009,17 +1037,35 @@ impl PartitionReplica {
                 }
                 let base_offset = self.shared.kafka_offset(header.base_offset);
                 if base_offset >= high_watermark {
-                    return Ok(out);
+                    past_high_watermark = true;
+                    break;
                 }
-                let mut bytes = BytesMut::from(&stored[..]);
-                batch::set_base_offset(&mut bytes, base_offset);
-                out.push(CommittedBatch {
-                    base_offset,
-                    bytes: bytes.freeze(),
-                });
+                kept.push((start, stored.len(), base_offset));
+            }
+            // The read's buffer is this call's alone (the slices above are gone): stamped
+            // in place, unless the storage shares it.
+            let mut buffer = bytes
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            let mut len = 0;
+            for (start, batch_len, base_offset) in kept {
+                if start != len {
+                    buffer.copy_within(start..start + batch_len, len);
+                }
+                batch::set_base_offset(&mut buffer[len..len + batch_len], base_offset);
+                len += batch_len;
+            }
+            buffer.truncate(len);
+            if out.is_empty() {
+                out = buffer;
+            } else {
+                out.extend_from_slice(&buffer);
+            }
+            if past_high_watermark {
+                break;
             }
         }
-        Ok(out)
+        Ok(out.freeze())
     }
 
     /// The voting members of the group as this replica knows them.
