@@ -34,7 +34,7 @@ use openraft::{RaftMetrics, ServerState};
 use tokio::sync::watch;
 
 use super::network::{Beacon, GroupId, PeerRequest, PeerResponse, PeerTransport};
-use super::{NodeId, Raft};
+use super::{NodeId, PartitionRaft, Raft};
 
 /// How often a node tells each peer which groups it leads.
 pub const BEACON_INTERVAL: Duration = Duration::from_millis(150);
@@ -95,7 +95,7 @@ struct Local {
 struct Registered {
     raft: Raft,
     /// The group's metrics, looked at again only when they changed.
-    metrics: watch::Receiver<RaftMetrics<NodeId, openraft::EmptyNode>>,
+    metrics: watch::Receiver<RaftMetrics<PartitionRaft>>,
     token: u64,
     /// Set during a leadership transfer: announce nothing for this group.
     quiet: bool,
@@ -120,7 +120,7 @@ struct Seen {
 }
 
 impl Seen {
-    fn of(node: NodeId, raft: &Raft, metrics: &RaftMetrics<NodeId, openraft::EmptyNode>) -> Seen {
+    fn of(node: NodeId, raft: &Raft, metrics: &RaftMetrics<PartitionRaft>) -> Seen {
         let membership = metrics.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == node);
         let leader = metrics.state == ServerState::Leader;
@@ -194,7 +194,7 @@ impl Beacons {
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         local.next_token += 1;
         let token = local.next_token;
-        let metrics = raft.metrics();
+        let metrics = super::metrics_watch(&raft);
         local.groups.insert(
             group,
             Registered {

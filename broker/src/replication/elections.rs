@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver as _;
 
 use super::beacons::Beacons;
 use super::{NodeId, Raft};
@@ -111,7 +112,7 @@ struct Seen {
 
 async fn seen(raft: &Raft, node: NodeId) -> Option<Seen> {
     raft.with_raft_state(move |state| Seen {
-        heard_at: state.vote_last_modified(),
+        heard_at: state.vote_last_modified().map(super::runtime::to_tokio),
         leader_known: state.vote_ref().is_committed(),
         state: state.server_state,
         term: state.vote_ref().leader_id().term,
@@ -179,7 +180,7 @@ pub async fn drive(
         // leader's beacons are coming in only waits.
         let (state, term, voter) = {
             let metrics = raft.metrics();
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             let voter = m
                 .membership_config
                 .membership()
@@ -192,7 +193,7 @@ pub async fn drive(
         }
         if state == ServerState::Leader || !voter {
             // Nothing to time until that changes (or, bounded, in a while).
-            let mut metrics = raft.metrics();
+            let mut metrics = super::metrics_watch(&raft);
             let changed = metrics.wait_for(|m| {
                 m.state != state
                     || m.membership_config
@@ -211,7 +212,7 @@ pub async fn drive(
             // The leader's beacons come in: wait (with no timer of our own) until they stop
             // for `timeout`, or this replica's state or term moves.
             let group: super::network::GroupId = group.as_str().into();
-            let mut metrics = raft.metrics();
+            let mut metrics = super::metrics_watch(&raft);
             let moved = metrics.wait_for(|m| m.state != state || m.current_term != term);
             tokio::select! {
                 () = beacons.silence(&group, term, timeout) => {}
@@ -251,7 +252,7 @@ pub async fn drive(
             continue;
         }
         tracing::debug!(node, group = %group, ?timeout, "no leader heard from: standing for election");
-        if raft.trigger().elect().await.is_err() {
+        if raft.trigger().elect(false).await.is_err() {
             return;
         }
     }

@@ -24,9 +24,9 @@ use std::collections::{BTreeSet, VecDeque};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ketch_protocol::batch::{self, BatchBuilder, BatchHeader, RecordBatch, attributes};
-use openraft::{CommittedLeaderId, EntryPayload};
+use openraft::EntryPayload;
 
-use super::{Entry, LogBatch, LogId, Membership, NodeId};
+use super::{CommittedLeaderId, Entry, LogBatch, LogId, Membership, NodeId};
 
 /// The key of a control record.
 pub const CONTROL_KEY: &[u8] = b"ketch.raft";
@@ -423,7 +423,7 @@ pub fn decode(stored: Bytes, index: u64) -> Result<(Entry, Position), EntryError
         records: header.last_offset_delta as u32 + 1,
         control: header.attributes & attributes::CONTROL != 0,
     };
-    let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);
+    let log_id = LogId::new(CommittedLeaderId::new(term), index);
     if !position.control {
         return Ok((
             Entry {
@@ -490,7 +490,7 @@ pub fn decode_membership(bytes: &[u8]) -> Result<(Membership, usize), &'static s
         return Err("a voter is missing from the nodes");
     }
     Ok((
-        Membership::new(configs, nodes),
+        Membership::new(configs, nodes).map_err(|_| "an invalid membership")?,
         bytes.len() - reader.0.len(),
     ))
 }
@@ -534,7 +534,7 @@ mod tests {
 
     fn entry(term: u64, index: u64, payload: EntryPayload<super::super::PartitionRaft>) -> Entry {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, 0), index),
+            log_id: LogId::new(CommittedLeaderId::new(term), index),
             payload,
         }
     }

@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ketch_protocol::batch::BatchSlices;
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{CommittedLeaderId, OptionalSend, RaftLogReader, StorageIOError};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use super::CommittedLeaderId;
 use tokio::sync::{mpsc, watch};
 
 use super::entries::{self, LogIndex, Position};
@@ -107,8 +108,9 @@ impl RaftState {
             Some(vote) => {
                 out.push(1);
                 out.extend_from_slice(&vote.leader_id().term.to_be_bytes());
-                // `u64::MAX`: voted for nobody in this term yet.
-                let node = vote.leader_id().voted_for().unwrap_or(u64::MAX);
+                // (openraft 0.9 wrote `u64::MAX` for "voted for nobody in this term yet";
+                // 0.10's votes always name a node, and such a vote reads back as is.)
+                let node = vote.leader_id().voted_for;
                 out.extend_from_slice(&node.to_be_bytes());
                 out.push(u8::from(vote.is_committed()));
             }
@@ -149,13 +151,11 @@ impl RaftState {
             0 => None,
             1 => {
                 let (term, node) = (u64_at(5), u64_at(13));
-                let mut vote = Vote::new(term, node);
-                if node == u64::MAX {
-                    vote.leader_id.voted_for = None;
-                }
-                if content[21] == 1 {
-                    vote.commit();
-                }
+                let vote = if content[21] == 1 {
+                    Vote::new_committed(term, node)
+                } else {
+                    Vote::new(term, node)
+                };
                 Some(vote)
             }
             _ => return Err("bad vote tag"),
@@ -163,7 +163,7 @@ impl RaftState {
         let log_id = |at: usize| match content[at] {
             0 => Ok(None),
             1 => Ok(Some(LogId::new(
-                CommittedLeaderId::new(u64_at(at + 1), 0),
+                CommittedLeaderId::new(u64_at(at + 1)),
                 u64_at(at + 9),
             ))),
             _ => Err("bad log id tag"),
@@ -231,6 +231,8 @@ pub(crate) struct Shared {
     installed: watch::Sender<Option<SnapshotEnd>>,
     /// Set while a snapshot is being received (from its first chunk to its install).
     receiving: std::sync::atomic::AtomicBool,
+    /// The vote as last saved durably (openraft 0.10 reads it through the log readers).
+    vote: Mutex<Option<Vote>>,
 }
 
 /// Where a snapshot ends: its last log id, and the storage and Kafka offsets after it.
@@ -364,10 +366,7 @@ impl Shared {
             let at = next;
             let gone = || lock(&self.index).get(at) != Some(position);
             let read_error = |e: &dyn std::error::Error| {
-                RaftStorageError::from(StorageIOError::read_log_at_index(
-                    at,
-                    openraft::AnyError::error(e.to_string()),
-                ))
+                std::io::Error::other(e.to_string())
             };
             let bytes = match self.log.read(position.base, READ_BYTES_MAX) {
                 Ok(bytes) => bytes,
@@ -451,7 +450,7 @@ impl Shared {
         let found = lo.checked_sub(1).filter(|i| *i >= first)?;
         let position = index.get(found)?;
         Some(LogId::new(
-            openraft::CommittedLeaderId::new(position.term, 0),
+            CommittedLeaderId::new(position.term),
             found,
         ))
     }
@@ -508,6 +507,10 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 impl RaftLogReader<PartitionRaft> for PartitionLogReader {
+    async fn read_vote(&mut self) -> Result<Option<Vote>, RaftStorageError> {
+        Ok(*lock(&self.shared.vote))
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -554,7 +557,7 @@ pub(super) fn payload_bytes(entry: &Entry) -> usize {
 /// One append call whose flush the worker awaits.
 struct InFlight {
     writes: Vec<EntryWrite>,
-    callback: LogFlushed<PartitionRaft>,
+    callback: IOFlushed<PartitionRaft>,
 }
 
 /// One entry's append: its index, the offset it must land at, and who waits for it
@@ -651,6 +654,7 @@ impl PartitionLogStore {
             recent_bytes: AtomicUsize::new(0),
             installed: watch::channel(None).0,
             receiving: std::sync::atomic::AtomicBool::new(false),
+            vote: Mutex::new(state.vote),
         });
         let (in_flight, receiver) = mpsc::channel(APPENDS_IN_FLIGHT_MAX);
         let (done_tx, appends_done) = watch::channel(0u64);
@@ -690,7 +694,7 @@ impl PartitionLogStore {
         let leads = self
             .state
             .vote
-            .is_some_and(|vote| vote.is_committed() && vote.leader_id().voted_for() == Some(node));
+            .is_some_and(|vote| vote.is_committed() && vote.leader_id().voted_for == node);
         self.shared
             .log
             .set_cached_tail_bytes_max((!leads).then_some(FOLLOWER_CACHED_TAIL_BYTES_MAX));
@@ -701,8 +705,8 @@ impl PartitionLogStore {
         let path = self.state_path.clone();
         tokio::task::spawn_blocking(move || state.write(&path))
             .await
-            .map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e.to_string())))?
-            .map_err(|e| StorageIOError::write_vote(&e))?;
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .map_err(|e| std::io::Error::other(format!("writing the raft state: {e}")))?;
         self.committed_written = state.committed.map_or(0, |id| id.index + 1);
         Ok(())
     }
@@ -715,7 +719,7 @@ impl PartitionLogStore {
             .await
             .map(|_| ())
             .map_err(|_| {
-                StorageIOError::write_logs(openraft::AnyError::error("flush worker gone")).into()
+                std::io::Error::other("flush worker gone").into()
             })
     }
 }
@@ -729,12 +733,10 @@ struct Staged {
 }
 
 fn write_error(log_id: Option<LogId>, e: &dyn std::error::Error) -> RaftStorageError {
-    let error = openraft::AnyError::error(e.to_string());
     match log_id {
-        Some(log_id) => StorageIOError::write_log_entry(log_id, error),
-        None => StorageIOError::write_logs(error),
+        Some(log_id) => std::io::Error::other(format!("writing log entry {log_id}: {e}")),
+        None => std::io::Error::other(format!("writing logs: {e}")),
     }
-    .into()
 }
 
 /// Places each entry at the log's next offset (stamped as the storage keeps it), indexes it,
@@ -850,11 +852,15 @@ async fn flush_worker(
         }
         shared.prune_pending();
         done.send_modify(|n| *n += 1);
-        callback.log_io_completed(result);
+        callback.io_completed(result);
     }
 }
 
 impl RaftLogReader<PartitionRaft> for PartitionLogStore {
+    async fn read_vote(&mut self) -> Result<Option<Vote>, RaftStorageError> {
+        Ok(self.state.vote)
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -873,7 +879,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     async fn get_log_state(&mut self) -> Result<LogState<PartitionRaft>, RaftStorageError> {
         let last = lock(&self.shared.index)
             .last()
-            .map(|(index, p)| LogId::new(CommittedLeaderId::new(p.term, 0), index));
+            .map(|(index, p)| LogId::new(CommittedLeaderId::new(p.term), index));
         Ok(LogState {
             last_purged_log_id: self.state.purged,
             last_log_id: last.or(self.state.purged),
@@ -889,12 +895,9 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), RaftStorageError> {
         self.state.vote = Some(*vote);
         self.save_state().await?;
+        *lock(&self.shared.vote) = Some(*vote);
         self.follow_role_in_cache();
         Ok(())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote>, RaftStorageError> {
-        Ok(self.state.vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
@@ -913,7 +916,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<PartitionRaft>,
+        callback: IOFlushed<PartitionRaft>,
     ) -> Result<(), RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
@@ -956,13 +959,17 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
             .send(InFlight { writes, callback })
             .await
             .map_err(|_| {
-                StorageIOError::write_logs(openraft::AnyError::error("flush worker gone"))
+                std::io::Error::other("flush worker gone")
             })?;
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+    /// Drops every entry after `last` (everything, if `None`).
+    async fn truncate_after(&mut self, last: Option<LogId>) -> Result<(), RaftStorageError> {
         self.settle_appends().await?;
+        let from = last.map_or(0, |last| last.index + 1);
+        let from = from.max(lock(&self.shared.index).first_index());
+        let log_id = LogId::new(CommittedLeaderId::new(0), from);
         let Some(position) = self.shared.position(log_id.index) else {
             return Ok(());
         };
@@ -974,7 +981,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         self.shared
             .log
             .truncate_suffix(position.base)
-            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(())
     }
 
@@ -1026,7 +1033,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         self.shared
             .log
             .purge_prefix(purged_end)
-            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e.to_string())))?;
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(())
     }
 }
@@ -1040,7 +1047,7 @@ impl PartitionLogStore {
     /// again.
     async fn start_over(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         let purge_error = |why: String| {
-            RaftStorageError::from(StorageIOError::write_logs(openraft::AnyError::error(why)))
+            std::io::Error::other(why)
         };
         let mut installed = self.shared.installed.subscribe();
         let end = tokio::time::timeout(
@@ -1133,8 +1140,8 @@ mod tests {
             },
             RaftState {
                 vote: Some(committed_vote),
-                committed: Some(LogId::new(CommittedLeaderId::new(7, 0), 41)),
-                purged: Some(LogId::new(CommittedLeaderId::new(5, 0), 9)),
+                committed: Some(LogId::new(CommittedLeaderId::new(7), 41)),
+                purged: Some(LogId::new(CommittedLeaderId::new(5), 9)),
                 controls_before: 4,
                 purged_end: 77,
                 first_index: 3,

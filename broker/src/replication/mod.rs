@@ -100,6 +100,12 @@ impl LogBatch {
     }
 }
 
+impl std::fmt::Display for LogBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogBatch({} bytes)", self.bytes.len())
+    }
+}
+
 impl std::fmt::Debug for LogBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "LogBatch({} bytes)", self.bytes.len())
@@ -140,23 +146,62 @@ pub struct Applied {
 
 openraft::declare_raft_types!(
     /// openraft's types for a partition group: an entry's payload is a record batch.
+    /// `leader_id_std`: a term names exactly one leader, so term == partition leader epoch.
     pub PartitionRaft:
         D = LogBatch,
         R = Applied,
         NodeId = NodeId,
         Node = openraft::EmptyNode,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        Term = u64,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, NodeId>,
         AsyncRuntime = runtime::GridRuntime,
 );
 
 /// The openraft handle of a partition group.
-pub type Raft = openraft::Raft<PartitionRaft>;
-pub type Entry = openraft::Entry<PartitionRaft>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
+pub type Raft = openraft::Raft<PartitionRaft, state_machine::PartitionStateMachine>;
+pub type Entry = openraft::type_config::alias::EntryOf<PartitionRaft>;
+pub type EntryPayload = openraft::type_config::alias::EntryPayloadOf<PartitionRaft>;
+pub type LogId = openraft::type_config::alias::LogIdOf<PartitionRaft>;
+pub type CommittedLeaderId = openraft::type_config::alias::CommittedLeaderIdOf<PartitionRaft>;
+pub type LeaderId = openraft::type_config::alias::LeaderIdOf<PartitionRaft>;
+pub type Vote = openraft::type_config::alias::VoteOf<PartitionRaft>;
 pub type Membership = openraft::Membership<NodeId, openraft::EmptyNode>;
-pub type RaftStorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<PartitionRaft>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<PartitionRaft>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<PartitionRaft, SnapshotBytes>;
+pub type RaftStorageError = std::io::Error;
+/// The snapshot data type (openraft 0.10 moved it from the type config to the state machine).
+pub type SnapshotBytes = std::io::Cursor<Vec<u8>>;
 
 /// The time in milliseconds since the epoch, as the broker's clock gives it (tests pass a
 /// fake one). Stamps control batches and ages segments.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub use openraft::async_runtime::WatchReceiver as _;
+
+/// A group's metrics as a tokio watch (openraft 0.10's own watch type offers neither
+/// `wait_for` nor `has_changed`): a task forwards every change until either side is gone.
+/// For one-shot looks use `raft.metrics().borrow_watched()`, which spawns nothing.
+pub fn metrics_watch(
+    raft: &Raft,
+) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<PartitionRaft>> {
+    let mut from = raft.metrics();
+    let (to, receiver) = tokio::sync::watch::channel(from.borrow_watched().clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = from.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = from.borrow_watched().clone();
+                    if to.send(now).is_err() {
+                        break;
+                    }
+                }
+                () = to.closed() => break,
+            }
+        }
+    });
+    receiver
+}

@@ -9,14 +9,27 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::OptionalSend;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     VoteRequest, VoteResponse,
 };
 
-use super::{NodeId, PartitionRaft, Raft};
+use super::{NodeId, PartitionRaft, Raft, Snapshot, SnapshotMeta, Vote};
+
+/// How many AppendEntries a leader keeps in flight to one follower ([`PeerClient`]'s
+/// `stream_append`): each is its own transport call, answered in request order.
+pub const APPENDS_IN_FLIGHT_PER_PEER: usize = 8;
+
+/// A whole snapshot, as a leader sends it (openraft 0.10 sends snapshots whole).
+#[derive(Debug)]
+pub struct FullSnapshot {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub data: Vec<u8>,
+}
 
 /// Which partition group a peer request belongs to (`topic-id/partition`, say).
 pub type GroupId = Arc<str>;
@@ -25,8 +38,8 @@ pub type GroupId = Arc<str>;
 #[derive(Debug)]
 pub enum PeerRequest {
     AppendEntries(AppendEntriesRequest<PartitionRaft>),
-    Vote(VoteRequest<NodeId>),
-    InstallSnapshot(InstallSnapshotRequest<PartitionRaft>),
+    Vote(VoteRequest<PartitionRaft>),
+    InstallSnapshot(FullSnapshot),
     /// A record batch for the group's leader to write (`acks=all`): how a broker that does
     /// not lead a group (the metadata controller's, say) forwards a write to the one that
     /// does. Not an openraft RPC.
@@ -61,9 +74,9 @@ pub struct Beacon {
 /// The answer to a [`PeerRequest`].
 #[derive(Debug)]
 pub enum PeerResponse {
-    AppendEntries(AppendEntriesResponse<NodeId>),
-    Vote(VoteResponse<NodeId>),
-    InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    AppendEntries(AppendEntriesResponse<PartitionRaft>),
+    Vote(VoteResponse<PartitionRaft>),
+    InstallSnapshot(SnapshotResponse<PartitionRaft>),
     /// A [`PeerRequest::Propose`] committed: where its records landed, in which term.
     Proposed(super::Applied, u64),
     /// A [`PeerRequest::HoldElections`] or [`PeerRequest::Elect`] was done, or a beacon
@@ -186,7 +199,13 @@ pub async fn serve(
             .map(PeerResponse::Vote)
             .map_err(|e| remote(&e)),
         PeerRequest::InstallSnapshot(r) => raft
-            .install_snapshot(r)
+            .install_full_snapshot(
+                r.vote,
+                Snapshot {
+                    meta: r.meta,
+                    snapshot: std::io::Cursor::new(r.data),
+                },
+            )
             .await
             .map(PeerResponse::InstallSnapshot)
             .map_err(|e| remote(&e)),
@@ -203,7 +222,7 @@ pub async fn serve(
         }
         PeerRequest::Elect => raft
             .trigger()
-            .elect()
+            .elect(false)
             .await
             .map(|()| PeerResponse::Done)
             .map_err(|e| remote(&e)),
@@ -272,8 +291,17 @@ impl<T: PeerTransport> RaftNetworkFactory<PartitionRaft> for PeerNetwork<T> {
     }
 }
 
-type RpcError<E = openraft::error::Infallible> =
-    RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId, E>>;
+type RpcError = RPCError<PartitionRaft>;
+
+impl<T> Clone for PeerClient<T> {
+    fn clone(&self) -> Self {
+        PeerClient {
+            network: self.network.clone(),
+            to: self.to,
+            appends: self.appends.clone(),
+        }
+    }
+}
 
 impl<T: PeerTransport> PeerClient<T> {
     async fn call(
@@ -347,7 +375,7 @@ fn note_reachable(
     }
 }
 
-fn rpc_error<E: std::error::Error>(error: PeerError) -> RpcError<E> {
+fn rpc_error(error: PeerError) -> RpcError {
     match error {
         PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&error)),
         PeerError::Lost { .. } | PeerError::Remote { .. } => {
@@ -356,19 +384,19 @@ fn rpc_error<E: std::error::Error>(error: PeerError) -> RpcError<E> {
     }
 }
 
-fn unexpected<E: std::error::Error>(to: NodeId, answer: &PeerResponse) -> RpcError<E> {
+fn unexpected(to: NodeId, answer: &PeerResponse) -> RpcError {
     rpc_error(PeerError::Remote {
         node: to,
         reason: format!("answered with the wrong kind of response: {answer:?}"),
     })
 }
 
-impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
-    async fn append_entries(
-        &mut self,
+impl<T: PeerTransport> PeerClient<T> {
+    async fn append(
+        &self,
         rpc: AppendEntriesRequest<PartitionRaft>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RpcError> {
         // Heartbeats and commit notices (no entries) are not what replication costs.
         let bytes: usize = rpc
             .entries
@@ -376,7 +404,7 @@ impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
             .map(super::log_store::payload_bytes)
             .sum();
         let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
-        match self.call(PeerRequest::AppendEntries(rpc), &option).await {
+        match self.call(PeerRequest::AppendEntries(rpc), option).await {
             Ok(PeerResponse::AppendEntries(answer)) => {
                 if let Some(started) = started {
                     self.appends.answered(bytes as u64, started.elapsed());
@@ -387,24 +415,128 @@ impl<T: PeerTransport> RaftNetwork<PartitionRaft> for PeerClient<T> {
             Err(e) => Err(rpc_error(e)),
         }
     }
+}
 
-    async fn install_snapshot(
+impl<T: PeerTransport> RaftNetworkV2<PartitionRaft> for PeerClient<T> {
+    type SnapshotData = std::io::Cursor<Vec<u8>>;
+
+    async fn append_entries(
         &mut self,
-        rpc: InstallSnapshotRequest<PartitionRaft>,
+        rpc: AppendEntriesRequest<PartitionRaft>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
-        match self.call(PeerRequest::InstallSnapshot(rpc), &option).await {
-            Ok(PeerResponse::InstallSnapshot(answer)) => Ok(answer),
-            Ok(other) => Err(unexpected(self.to, &other)),
-            Err(e) => Err(rpc_error(e)),
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RpcError> {
+        self.append(rpc, &option).await
+    }
+
+    /// Pipelined: each request of `input` is sent (its own transport call, on a task of its
+    /// own) as soon as it comes, without waiting for the answers to those before it, at most
+    /// [`APPENDS_IN_FLIGHT_PER_PEER`] at once; the answers are yielded in request order. The
+    /// stream ends after the first error, conflict or partial success, as openraft's
+    /// sequential default does (answers to requests sent after it are dropped).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> openraft::base::BoxFuture<
+        's,
+        Result<
+            openraft::base::BoxStream<'s, Result<StreamAppendResult<PartitionRaft>, RpcError>>,
+            RpcError,
+        >,
+    >
+    where
+        S: futures_util::Stream<Item = AppendEntriesRequest<PartitionRaft>>
+            + OptionalSend
+            + Unpin
+            + 'static,
+    {
+        use futures_util::StreamExt as _;
+        let client = self.clone();
+        Box::pin(async move {
+            let answers = input
+                .map(move |rpc| {
+                    let client = client.clone();
+                    let option = option.clone();
+                    let to = client.to;
+                    let prev = rpc.prev_log_id;
+                    let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+                    let sent = tokio::spawn(async move { client.append(rpc, &option).await });
+                    async move {
+                        let answer = match sent.await {
+                            Ok(answer) => answer?,
+                            Err(e) => {
+                                return Err(rpc_error(PeerError::Lost {
+                                    node: to,
+                                    reason: format!("append task: {e}"),
+                                }));
+                            }
+                        };
+                        let partial = match &answer {
+                            AppendEntriesResponse::PartialSuccess(upto) => Some(*upto != last),
+                            _ => None,
+                        };
+                        let result = answer.into_stream_result(prev, last);
+                        let go_on = result.is_ok() && partial != Some(true);
+                        Ok((result, go_on))
+                    }
+                })
+                .buffered(APPENDS_IN_FLIGHT_PER_PEER)
+                .scan(true, |going, item| {
+                    if !*going {
+                        return futures_util::future::ready(None);
+                    }
+                    let out = match item {
+                        Ok((result, go_on)) => {
+                            *going = go_on;
+                            Ok(result)
+                        }
+                        Err(e) => {
+                            *going = false;
+                            Err(e)
+                        }
+                    };
+                    futures_util::future::ready(Some(out))
+                });
+            let answers: openraft::base::BoxStream<'s, _> = Box::pin(answers);
+            Ok(answers)
+        })
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
+        let request = PeerRequest::InstallSnapshot(FullSnapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        });
+        let to = self.to;
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            answer = self.call(request, &option) => match answer {
+                Ok(PeerResponse::InstallSnapshot(answer)) => Ok(answer),
+                Ok(other) => Err(match unexpected(to, &other) {
+                    RPCError::Network(e) => StreamingError::Network(e),
+                    RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+                    other => StreamingError::Network(NetworkError::new(&other)),
+                }),
+                Err(e @ PeerError::Unreachable { .. }) => {
+                    Err(StreamingError::Unreachable(Unreachable::new(&e)))
+                }
+                Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+            },
         }
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<PartitionRaft>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RpcError> {
+    ) -> Result<VoteResponse<PartitionRaft>, RpcError> {
         let last_log_id = rpc.last_log_id;
         match self.call(PeerRequest::Vote(rpc), &option).await {
             Ok(PeerResponse::Vote(answer)) => {

@@ -19,15 +19,14 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ketch_protocol::wire::Chunked;
+use openraft::EntryPayload;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::storage::SnapshotMeta;
-use openraft::{CommittedLeaderId, EntryPayload, StoredMembership};
 
 use super::entries::{self, decode_membership, encode_membership};
-use super::network::{Beacon, GroupId, PeerError, PeerRequest, PeerResponse};
+use super::network::{Beacon, FullSnapshot, GroupId, PeerError, PeerRequest, PeerResponse};
+use super::{CommittedLeaderId, SnapshotMeta, StoredMembership};
 use super::{Entry, LogBatch, LogId, NodeId, Vote};
 
 const KIND_APPEND: u8 = 1;
@@ -124,20 +123,18 @@ fn put_str(out: &mut BytesMut, s: &str) {
 
 fn put_vote(out: &mut BytesMut, vote: &Vote) {
     out.put_u64(vote.leader_id().term);
-    out.put_u64(vote.leader_id().voted_for().unwrap_or(u64::MAX));
+    out.put_u64(vote.leader_id().voted_for);
     out.put_u8(u8::from(vote.is_committed()));
 }
 
 fn vote(r: &mut Reader) -> Result<Vote> {
     let term = r.u64("vote term")?;
     let node = r.u64("vote node")?;
-    let mut vote = Vote::new(term, node);
-    if node == u64::MAX {
-        vote.leader_id.voted_for = None;
-    }
-    if r.bool("vote committed")? {
-        vote.commit();
-    }
+    let vote = if r.bool("vote committed")? {
+        Vote::new_committed(term, node)
+    } else {
+        Vote::new(term, node)
+    };
     Ok(vote)
 }
 
@@ -158,7 +155,7 @@ fn log_id(r: &mut Reader) -> Result<Option<LogId>> {
     }
     let term = r.u64("log id term")?;
     let index = r.u64("log id index")?;
-    Ok(Some(LogId::new(CommittedLeaderId::new(term, 0), index)))
+    Ok(Some(LogId::new(CommittedLeaderId::new(term), index)))
 }
 
 fn put_membership(out: &mut BytesMut, membership: &super::Membership) -> Result<()> {
@@ -203,7 +200,7 @@ fn entry(r: &mut Reader) -> Result<Entry> {
         _ => return Err(PeerWireError::Invalid("entry kind")),
     };
     Ok(Entry {
-        log_id: LogId::new(CommittedLeaderId::new(term, 0), index),
+        log_id: LogId::new(CommittedLeaderId::new(term), index),
         payload,
     })
 }
@@ -242,11 +239,9 @@ pub fn encode_request_into(out: &mut Chunked, group: &str, request: &PeerRequest
             put_log_id(out.buf(), &r.meta.last_log_id);
             put_log_id(out.buf(), r.meta.last_membership.log_id());
             put_membership(out.buf(), r.meta.last_membership.membership())?;
-            put_str(out.buf(), &r.meta.snapshot_id);
-            out.buf().put_u64(r.offset);
-            out.buf().put_u32(r.data.len() as u32);
+            // The whole snapshot (openraft 0.10 sends snapshots whole, not in chunks).
+            out.buf().put_u64(r.data.len() as u64);
             out.buf().put_slice(&r.data);
-            out.buf().put_u8(u8::from(r.done));
         }
         PeerRequest::Propose(batch) => {
             out.buf().put_u8(KIND_PROPOSE);
@@ -315,21 +310,16 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
             let last_log_id = log_id(&mut r)?;
             let membership_log_id = log_id(&mut r)?;
             let membership = membership(&mut r)?;
-            let snapshot_id = r.str("snapshot id")?;
-            let offset = r.u64("snapshot offset")?;
-            let len = r.u32("snapshot data length")? as usize;
+            let len = usize::try_from(r.u64("snapshot data length")?)
+                .map_err(|_| PeerWireError::Invalid("snapshot data length"))?;
             let data = r.bytes(len, "snapshot data")?.to_vec();
-            let done = r.bool("snapshot done")?;
-            PeerRequest::InstallSnapshot(InstallSnapshotRequest {
+            PeerRequest::InstallSnapshot(FullSnapshot {
                 vote,
                 meta: SnapshotMeta {
                     last_log_id,
                     last_membership: StoredMembership::new(membership_log_id, membership),
-                    snapshot_id,
                 },
-                offset,
                 data,
-                done,
             })
         }
         KIND_PROPOSE => {
@@ -462,9 +452,7 @@ pub fn decode_response(
                 let granted = r.bool("vote granted")?;
                 PeerResponse::Vote(VoteResponse::new(vote, log_id(&mut r)?, granted))
             }
-            KIND_SNAPSHOT => PeerResponse::InstallSnapshot(InstallSnapshotResponse {
-                vote: vote(&mut r)?,
-            }),
+            KIND_SNAPSHOT => PeerResponse::InstallSnapshot(SnapshotResponse::new(vote(&mut r)?)),
             KIND_PROPOSE => {
                 let base_offset = r.u64("base offset")? as i64;
                 let last_offset = r.u64("last offset")? as i64;
@@ -540,7 +528,7 @@ mod tests {
     use ketch_protocol::wire::SHARED_CHUNK_BYTES_MIN;
 
     fn id(term: u64, index: u64) -> Option<LogId> {
-        Some(LogId::new(CommittedLeaderId::new(term, 0), index))
+        Some(LogId::new(CommittedLeaderId::new(term), index))
     }
 
     fn requests() -> Vec<PeerRequest> {

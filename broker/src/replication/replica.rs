@@ -10,6 +10,7 @@ use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader, BatchSlices, attributes};
 use ketch_protocol::messages::Acks;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::async_runtime::WatchReceiver as _;
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
@@ -210,7 +211,7 @@ pub struct CommittedBatch {
 
 /// Why a Raft stopped on its own, from its `running_state`: `None` while it runs or when it
 /// was shut down on purpose.
-pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<NodeId>>) -> Option<String> {
+pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<PartitionRaft>>) -> Option<String> {
     match running_state {
         Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
         Err(fatal) => Some(fatal.to_string()),
@@ -220,7 +221,7 @@ pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<NodeId>>) 
 /// Waits until the Raft behind `metrics` stops on its own and says why; `None` once it was
 /// shut down on purpose or dropped.
 async fn wait_for_failure(
-    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, openraft::EmptyNode>>,
+    mut metrics: watch::Receiver<openraft::RaftMetrics<PartitionRaft>>,
 ) -> Option<String> {
     loop {
         {
@@ -245,7 +246,7 @@ async fn supervise(
     greater_log_seen: Arc<std::sync::atomic::AtomicBool>,
     beacons: Option<Arc<Beacons>>,
 ) {
-    let failure = wait_for_failure(raft.metrics());
+    let failure = wait_for_failure(super::metrics_watch(&raft));
     tokio::pin!(failure);
     let log = |reason: &str| {
         tracing::error!(node, group = %group, reason, "a replica's Raft stopped on a fatal error");
@@ -292,7 +293,7 @@ pub fn resign_leadership(dir: &Path, node: NodeId) -> Result<bool, ReplicationEr
     let Some(vote) = state.vote else {
         return Ok(false);
     };
-    if !vote.is_committed() || vote.leader_id().voted_for() != Some(node) {
+    if !vote.is_committed() || vote.leader_id().voted_for != node {
         return Ok(false);
     }
     state.vote = Some(super::Vote::new(vote.leader_id().term, node));
@@ -569,7 +570,7 @@ impl PartitionReplica {
         // retries it only at a replication answer: on a quiet partition, ask again (with a
         // heartbeat, whose answers are such answers).
         if let Some(snapshot) = snapshot_last {
-            let purged = self.raft.metrics().borrow().purged;
+            let purged = self.raft.metrics().borrow_watched().purged;
             if purged < Some(snapshot) {
                 self.request_purge(snapshot.index).await?;
             }
@@ -650,7 +651,7 @@ impl PartitionReplica {
             .snapshot()
             .await
             .map_err(|e| stopped(&e))?;
-        let mut metrics = self.raft.metrics();
+        let mut metrics = super::metrics_watch(&self.raft);
         tokio::time::timeout(
             SNAPSHOT_BUILD_WAIT_MAX,
             metrics.wait_for(|m| m.snapshot >= Some(last) || m.running_state.is_err()),
@@ -699,19 +700,19 @@ impl PartitionReplica {
     /// The leader this replica knows and the current term (the leader epoch).
     pub fn leader(&self) -> (Option<NodeId>, u64) {
         let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
+        let metrics = metrics.borrow_watched();
         (metrics.current_leader, metrics.current_term)
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().state == ServerState::Leader
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
     /// Confirms with a quorum (a round of heartbeats) that this replica still leads its
     /// group, within `timeout`: a leader deposed without knowing it yet fails here, so what
     /// it reads from its own state afterwards is not stale.
     pub async fn confirm_leader(&self, timeout: Duration) -> Result<(), ReplicationError> {
-        match tokio::time::timeout(timeout, self.raft.get_read_log_id()).await {
+        match tokio::time::timeout(timeout, self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => {
                 let (leader, epoch) = self.leader();
@@ -767,7 +768,7 @@ impl PartitionReplica {
     /// committed before now, confirmed by a quorum: what it then reads from its applied
     /// state is current.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ReplicationError> {
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => {
                 let (leader, epoch) = self.leader();
@@ -834,9 +835,9 @@ impl PartitionReplica {
             local_ack: (acks != Acks::All).then_some(local_ack),
             ..LogBatch::new(bytes)
         };
-        let committed = self
-            .raft
-            .client_write_ff(payload)
+        let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
+        self.raft
+            .client_write_ff(payload, Some(responder))
             .await
             .map_err(|e| ReplicationError::Stopped(e.to_string()))?;
         let raft = self.raft.clone();
@@ -847,7 +848,7 @@ impl PartitionReplica {
                 Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                     Err(ReplicationError::NotLeader {
                         leader: forward.leader_id,
-                        epoch: raft.metrics().borrow().current_term,
+                        epoch: raft.metrics().borrow_watched().current_term,
                     })
                 }
                 Ok(Err(e)) => Err(ReplicationError::Stopped(e.to_string())),
@@ -891,13 +892,13 @@ impl PartitionReplica {
     /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
     /// `None` while it runs and after [`Self::stop`].
     pub fn failure(&self) -> Option<String> {
-        fatal_reason(&self.raft.metrics().borrow().running_state)
+        fatal_reason(&self.raft.metrics().borrow_watched().running_state)
     }
 
     /// Resolves, with the reason, once this replica's Raft stops on its own; with `None` once
     /// it is stopped on purpose. It does not hold the replica: a supervisor may await it.
     pub fn failed(&self) -> impl std::future::Future<Output = Option<String>> + Send + 'static {
-        wait_for_failure(self.raft.metrics())
+        wait_for_failure(super::metrics_watch(&self.raft))
     }
 
     /// The Kafka offset after the last record in this replica's own log, committed or not.
@@ -929,7 +930,7 @@ impl PartitionReplica {
         &self,
         known: (Option<NodeId>, u64),
     ) -> Option<(Option<NodeId>, u64)> {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = super::metrics_watch(&self.raft);
         loop {
             let now = {
                 let m = metrics.borrow_and_update();
@@ -953,7 +954,7 @@ impl PartitionReplica {
     /// makes one a second per led partition).
     pub fn in_sync_replicas(&self, lag_time_max: Duration) -> Option<Vec<NodeId>> {
         let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
+        let metrics = metrics.borrow_watched();
         if metrics.state != ServerState::Leader {
             return None;
         }
@@ -1072,7 +1073,7 @@ impl PartitionReplica {
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .voter_ids()
@@ -1094,7 +1095,7 @@ impl PartitionReplica {
         }
         let member = {
             let metrics = self.raft.metrics();
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             let membership = m.membership_config.membership();
             membership.voter_ids().any(|n| n == node) || membership.learner_ids().any(|n| n == node)
         };
@@ -1118,7 +1119,7 @@ impl PartitionReplica {
                 }
             }
         }
-        let mut metrics = self.raft.metrics();
+        let mut metrics = super::metrics_watch(&self.raft);
         loop {
             let caught_up = {
                 let m = metrics.borrow_and_update();
@@ -1205,7 +1206,7 @@ impl PartitionReplica {
         };
         let write_error =
             |replica: &PartitionReplica,
-             e: RaftError<NodeId, ClientWriteError<NodeId, openraft::EmptyNode>>| {
+             e: RaftError<PartitionRaft, ClientWriteError<PartitionRaft>>| {
                 match e {
                     RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
                         not_leader(replica)
@@ -1218,7 +1219,7 @@ impl PartitionReplica {
         }
         let (current, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
             let metrics = self.raft.metrics();
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             let membership = m.membership_config.membership();
             (
                 membership.voter_ids().collect(),
@@ -1245,7 +1246,7 @@ impl PartitionReplica {
             }
         }
         // New members catch up before they can vote.
-        let mut metrics = self.raft.metrics();
+        let mut metrics = super::metrics_watch(&self.raft);
         loop {
             let behind: Vec<NodeId> = {
                 let m = metrics.borrow_and_update();
@@ -1306,7 +1307,7 @@ impl PartitionReplica {
         // leader whose partition they no longer host.
         let strays: BTreeSet<NodeId> = {
             let metrics = self.raft.metrics();
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             m.membership_config
                 .membership()
                 .learner_ids()
@@ -1430,7 +1431,7 @@ impl PartitionReplica {
     ) -> Result<(NodeId, u64), ReplicationError> {
         let failed = |why: String| Err(ReplicationError::TransferFailed(why));
         // 1. The target catches up with everything this leader has (no new writes come).
-        let mut metrics = self.raft.metrics();
+        let mut metrics = super::metrics_watch(&self.raft);
         loop {
             let caught_up = {
                 let m = metrics.borrow_and_update();
@@ -1563,7 +1564,7 @@ mod tests {
             let state = RaftState {
                 vote: before,
                 committed: Some(super::super::LogId::new(
-                    openraft::CommittedLeaderId::new(7, 3),
+                    CommittedLeaderId::new(7),
                     41,
                 )),
                 ..RaftState::default()

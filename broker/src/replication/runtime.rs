@@ -16,7 +16,9 @@ use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use openraft::{AsyncRuntime, OptionalSend, TokioRuntime};
+use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
+#[allow(deprecated)]
+use openraft::impls::TokioRuntime;
 
 /// The step that coalesced deadlines are rounded up to.
 pub const TIMER_GRID: Duration = Duration::from_millis(50);
@@ -41,9 +43,25 @@ pub fn on_grid(at: tokio::time::Instant, step: Duration) -> tokio::time::Instant
     at + Duration::from_nanos((step_ns - over) as u64)
 }
 
+/// openraft's instant as tokio's (`TokioInstant` keeps its inner instant private).
+pub fn to_tokio(at: TokioInstant) -> tokio::time::Instant {
+    let ago = <TokioInstant as openraft::Instant>::now() - at;
+    tokio::time::Instant::now() - ago
+}
+
 /// tokio with coalesced `sleep_until` deadlines (see the module documentation).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct GridRuntime;
+///
+/// openraft 0.10 also calls `sleep_until` in its IO-completion forwarder, with a deadline a
+/// microsecond away (batching completions): rounding that onto the grid would delay every
+/// flush notification by up to a grid step. So only a deadline at least one grid step away
+/// (the tick loop's, 1.5 heartbeat intervals) is rounded; shorter ones are tokio's as asked.
+pub struct GridRuntime(Tokio);
+
+impl std::fmt::Debug for GridRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GridRuntime")
+    }
+}
 
 type Tokio = TokioRuntime;
 
@@ -55,9 +73,10 @@ impl AsyncRuntime for GridRuntime {
     type TimeoutError = <Tokio as AsyncRuntime>::TimeoutError;
     type Timeout<R, T: Future<Output = R> + OptionalSend> = <Tokio as AsyncRuntime>::Timeout<R, T>;
     type ThreadLocalRng = <Tokio as AsyncRuntime>::ThreadLocalRng;
-    type OneshotSender<T: OptionalSend> = <Tokio as AsyncRuntime>::OneshotSender<T>;
-    type OneshotReceiverError = <Tokio as AsyncRuntime>::OneshotReceiverError;
-    type OneshotReceiver<T: OptionalSend> = <Tokio as AsyncRuntime>::OneshotReceiver<T>;
+    type Mpsc = <Tokio as AsyncRuntime>::Mpsc;
+    type Watch = <Tokio as AsyncRuntime>::Watch;
+    type Oneshot = <Tokio as AsyncRuntime>::Oneshot;
+    type Mutex<T: OptionalSend + 'static> = <Tokio as AsyncRuntime>::Mutex<T>;
 
     fn spawn<T>(future: T) -> Self::JoinHandle<T::Output>
     where
@@ -72,7 +91,13 @@ impl AsyncRuntime for GridRuntime {
     }
 
     fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
-        Tokio::sleep_until(on_grid(deadline, TIMER_GRID))
+        // TokioInstant's inner instant is private: go through a duration from now.
+        let ahead = deadline - <TokioInstant as openraft::Instant>::now();
+        if ahead < TIMER_GRID {
+            return Tokio::sleep_until(deadline);
+        }
+        let at = tokio::time::Instant::now() + ahead;
+        Tokio::sleep_until(deadline + (on_grid(at, TIMER_GRID) - at))
     }
 
     fn timeout<R, F: Future<Output = R> + OptionalSend>(
@@ -97,11 +122,15 @@ impl AsyncRuntime for GridRuntime {
         Tokio::thread_rng()
     }
 
-    fn oneshot<T>() -> (Self::OneshotSender<T>, Self::OneshotReceiver<T>)
+    fn new(threads: usize) -> Self {
+        GridRuntime(Tokio::new(threads))
+    }
+
+    fn block_on<F, T>(&mut self, future: F) -> T
     where
-        T: OptionalSend,
+        F: Future<Output = T>,
     {
-        Tokio::oneshot()
+        self.0.block_on(future)
     }
 }
 

@@ -48,16 +48,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use ketch_protocol::batch::BatchHeader;
-use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
-use openraft::{
-    CommittedLeaderId, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError,
-    StoredMembership,
-};
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
 use super::entries;
 use super::log_store::{Shared, SnapshotEnd};
-use super::{Applied, Entry, LogId, NodeId, PartitionRaft, RaftStorageError};
+use super::{
+    Applied, CommittedLeaderId, Entry, LogId, PartitionRaft, RaftStorageError, Snapshot,
+    SnapshotMeta, StoredMembership,
+};
 
 /// The applied-state checkpoint, beside the partition log.
 pub const APPLIED_STATE_FILE: &str = "applied-state.checkpoint";
@@ -142,7 +142,7 @@ impl ApplyHook for NoApplyHook {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AppliedState {
     pub applied: Option<LogId>,
-    pub membership: StoredMembership<NodeId, openraft::EmptyNode>,
+    pub membership: StoredMembership,
 }
 
 fn put_log_id(out: &mut Vec<u8>, id: Option<&LogId>) {
@@ -217,7 +217,7 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
         match raw[0] {
             0 => Ok(None),
             1 => Ok(Some(LogId::new(
-                CommittedLeaderId::new(u64_of(&raw[1..9]), 0),
+                CommittedLeaderId::new(u64_of(&raw[1..9])),
                 u64_of(&raw[9..17]),
             ))),
             _ => Err("bad log id tag".into()),
@@ -261,7 +261,7 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<(AppliedState, &[u8]), String> 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotData {
     pub end: SnapshotEnd,
-    pub membership: StoredMembership<NodeId, openraft::EmptyNode>,
+    pub membership: StoredMembership,
     /// The checkpoint bytes of the applied state at `end.last` ([`encode_checkpoint`]).
     pub checkpoint: Vec<u8>,
 }
@@ -344,15 +344,14 @@ impl SnapshotData {
         })
     }
 
-    fn snapshot(&self) -> Snapshot<PartitionRaft> {
+    fn snapshot(&self) -> Snapshot {
         let last = self.end.last;
         Snapshot {
             meta: SnapshotMeta {
                 last_log_id: Some(last),
                 last_membership: self.membership.clone(),
-                snapshot_id: format!("{}-{}", last.leader_id.term, last.index),
             },
-            snapshot: Box::new(Cursor::new(self.encode())),
+            snapshot: Cursor::new(self.encode()),
         }
     }
 }
@@ -759,12 +758,11 @@ pub struct PartitionSnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, RaftStorageError> {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, RaftStorageError> {
         let error = |why: String| {
-            RaftStorageError::from(StorageIOError::write_snapshot(
-                None,
-                openraft::AnyError::error(why),
-            ))
+            std::io::Error::other(why)
         };
         // The broker always stages the state it purges through: a snapshot of the state
         // now would end past the purge point, and a follower installing it would miss the
@@ -781,9 +779,8 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
                         meta: SnapshotMeta {
                             last_log_id: None,
                             last_membership: StoredMembership::default(),
-                            snapshot_id: "empty".into(),
                         },
-                        snapshot: Box::new(Cursor::new(empty)),
+                        snapshot: Cursor::new(empty),
                     });
                 };
                 let body = applier
@@ -819,40 +816,50 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
 }
 
 impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = PartitionSnapshotBuilder;
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, openraft::EmptyNode>), RaftStorageError>
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError>
     {
         let applier = lock(&self.applier);
         Ok((applier.state.applied, applier.state.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, RaftStorageError>
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), RaftStorageError>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        Strm: futures_util::Stream<
+                Item = Result<openraft::storage::EntryResponder<PartitionRaft>, std::io::Error>,
+            > + Unpin
+            + OptionalSend,
     {
-        let mut answers = Vec::new();
+        use futures_util::StreamExt as _;
+        // openraft 0.10 streams the entries; those ready now are applied under one lock,
+        // as 0.9's batch was.
+        let mut batch = Vec::new();
+        while let Some(item) = entries.next().await {
+            batch.push(item?);
+        }
         let due = {
             let mut applier = lock(&self.applier);
             let applier = &mut *applier;
-            for entry in entries {
-                let log_id = entry.log_id;
+            for (entry, responder) in batch {
                 let (answer, bytes) = apply_entry(
                     &self.shared,
                     &mut applier.state,
                     applier.hook.as_mut(),
                     entry,
                 )
-                .map_err(|why| StorageIOError::apply(log_id, openraft::AnyError::error(why)))?;
+                .map_err(|why| std::io::Error::other(why))?;
                 if answer.base_offset >= 0 {
                     self.high_watermark.send_replace(answer.last_offset + 1);
                 }
                 applier.bytes_since_checkpoint += bytes;
                 applier.entries_since_checkpoint += 1;
-                answers.push(answer);
+                if let Some(responder) = responder {
+                    responder.send(answer);
+                }
             }
             if applier.entries_since_checkpoint >= APPLIED_CHECKPOINT_ENTRIES
                 || applier.bytes_since_checkpoint >= APPLIED_CHECKPOINT_BYTES
@@ -873,7 +880,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                 tracing::warn!(path = %path.display(), error = %e, "applied-state checkpoint failed");
             }
         }
-        Ok(answers)
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -885,24 +892,19 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        self.shared.snapshot_receiving();
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     /// Installs a leader's snapshot: the applied state becomes the snapshot's, durably
     /// (snapshot file and applied-state checkpoint), and only then is the log store told
     /// where the log starts over (see `log_store`).
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::EmptyNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
     ) -> Result<(), RaftStorageError> {
+        // openraft 0.10 hands the whole snapshot over at once (no chunked receive): what
+        // `begin_receiving_snapshot` marked in 0.9 is marked here.
+        self.shared.snapshot_receiving();
         let error = |why: String| {
-            RaftStorageError::from(StorageIOError::write_snapshot(
-                Some(meta.signature()),
-                openraft::AnyError::error(why),
-            ))
+            std::io::Error::other(format!("installing snapshot {:?}: {why}", meta.signature()))
         };
         let bytes = snapshot.into_inner();
         let data = SnapshotData::decode(&bytes).map_err(error)?;
@@ -945,7 +947,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<Snapshot<PartitionRaft>>, RaftStorageError> {
+    ) -> Result<Option<Snapshot>, RaftStorageError> {
         Ok(lock(&self.applier).snapshot.as_ref().map(|s| s.snapshot()))
     }
 }
@@ -966,9 +968,9 @@ mod tests {
         let states = [
             AppliedState::default(),
             AppliedState {
-                applied: Some(LogId::new(CommittedLeaderId::new(3, 0), 77)),
+                applied: Some(LogId::new(CommittedLeaderId::new(3), 77)),
                 membership: StoredMembership::new(
-                    Some(LogId::new(CommittedLeaderId::new(1, 0), 1)),
+                    Some(LogId::new(CommittedLeaderId::new(1), 1)),
                     membership,
                 ),
             },
