@@ -532,7 +532,7 @@ mod tests {
         builder.finish()
     }
 
-    fn entry(term: u64, index: u64, payload: EntryPayload<super::super::PartitionRaft>) -> Entry {
+    fn entry(term: u64, index: u64, payload: super::super::EntryPayload) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term), index),
             payload,
@@ -544,7 +544,8 @@ mod tests {
         let membership = Membership::new(
             vec![BTreeSet::from([1, 2, 3]), BTreeSet::from([2, 3, 4])],
             BTreeSet::from([1, 2, 3, 4, 5]),
-        );
+        )
+        .unwrap();
         let cases = [
             (
                 entry(1, 0, EntryPayload::Membership(membership.clone())),

@@ -1126,8 +1126,7 @@ mod tests {
 
     #[test]
     fn raft_state_round_trips_and_damage_is_an_error() {
-        let mut committed_vote = Vote::new(7, 3);
-        committed_vote.commit();
+        let committed_vote = Vote::new_committed(7, 3);
         let states = [
             RaftState::default(),
             RaftState {

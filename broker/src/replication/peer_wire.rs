@@ -535,9 +535,9 @@ mod tests {
         let membership = Membership::new(
             vec![BTreeSet::from([1, 2, 3])],
             BTreeSet::from([1, 2, 3, 4]),
-        );
-        let mut committed = Vote::new(4, 2);
-        committed.commit();
+        )
+        .unwrap();
+        let committed = Vote::new_committed(4, 2);
         vec![
             PeerRequest::AppendEntries(AppendEntriesRequest {
                 vote: committed,
@@ -567,16 +567,13 @@ mod tests {
                 leader_commit: None,
             }),
             PeerRequest::Vote(VoteRequest::new(Vote::new(5, 3), id(4, 12))),
-            PeerRequest::InstallSnapshot(InstallSnapshotRequest {
+            PeerRequest::InstallSnapshot(FullSnapshot {
                 vote: committed,
                 meta: SnapshotMeta {
                     last_log_id: id(4, 12),
                     last_membership: StoredMembership::new(id(4, 12), membership),
-                    snapshot_id: "4-12".into(),
                 },
-                offset: 0,
                 data: vec![1, 2, 3],
-                done: true,
             }),
             PeerRequest::HoldElections(5_000),
             PeerRequest::HoldElections(0),
@@ -694,9 +691,7 @@ mod tests {
                 id(4, 4),
                 true,
             ))),
-            Ok(PeerResponse::InstallSnapshot(InstallSnapshotResponse {
-                vote: Vote::new(2, 2),
-            })),
+            Ok(PeerResponse::InstallSnapshot(SnapshotResponse::new(Vote::new(2, 2)))),
             Ok(PeerResponse::Done),
             Ok(PeerResponse::BeaconListUnknown),
             Ok(PeerResponse::Refused(

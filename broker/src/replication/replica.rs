@@ -1564,7 +1564,7 @@ mod tests {
             let state = RaftState {
                 vote: before,
                 committed: Some(super::super::LogId::new(
-                    CommittedLeaderId::new(7),
+                    super::super::CommittedLeaderId::new(7),
                     41,
                 )),
                 ..RaftState::default()

@@ -964,7 +964,8 @@ mod tests {
         let membership = Membership::new(
             vec![BTreeSet::from([1, 2, 3])],
             BTreeSet::from([1, 2, 3, 4]),
-        );
+        )
+        .unwrap();
         let states = [
             AppliedState::default(),
             AppliedState {
