@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver as _;
 use ketch_broker::replication::log_store::{
     FOLLOWER_CACHED_TAIL_BYTES_MAX, RECENT_ENTRIES_BYTES_MAX, RECENT_ENTRIES_IDLE_MAX,
 };
@@ -251,7 +252,7 @@ impl Cluster {
             if started.elapsed() >= WAIT_MAX {
                 // What each replica's Raft thinks, for the failure report.
                 for r in self.running() {
-                    eprintln!("node {}: {:?}", r.node_id(), r.raft().metrics().borrow());
+                    eprintln!("node {}: {:?}", r.node_id(), r.raft().metrics().borrow_watched());
                 }
             }
             assert!(
@@ -676,7 +677,7 @@ async fn simulate(seed: u64) {
                 // What each replica's Raft thinks: a quorum that is up and elects no one is
                 // a liveness bug worth its seed.
                 for r in cluster.running() {
-                    let m = r.raft().metrics().borrow().clone();
+                    let m = r.raft().metrics().borrow_watched().clone();
                     println!(
                         "seed {seed}: node {} {:?} leader {:?} vote {} last log {:?} \
                          applied {:?} running {:?}",
@@ -849,7 +850,8 @@ async fn a_log_reader_racing_truncation_finds_fewer_entries_not_an_error() {
     // Truncate the log one entry at a time from its end, as conflicting suffixes go.
     for index in (2..=last.index).rev() {
         store
-            .truncate(openraft::LogId::new(last.leader_id, index))
+            // openraft 0.10: truncate_after keeps through the given id (0.9 truncated from it).
+            .truncate_after(Some(openraft::LogId::new(last.leader_id, index - 1)))
             .await
             .unwrap();
         tokio::task::yield_now().await;
@@ -1058,7 +1060,7 @@ async fn a_voter_change_replacing_one_cut_short_removes_its_learners() {
     let membership = |cluster: &Cluster| {
         let replica = cluster.replica(leader_id);
         let metrics = replica.raft().metrics();
-        let m = metrics.borrow();
+        let m = metrics.borrow_watched();
         let membership = m.membership_config.membership();
         (
             membership.voter_ids().collect::<BTreeSet<NodeId>>(),

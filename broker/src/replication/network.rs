@@ -188,11 +188,13 @@ pub async fn serve(
         reason: e.to_string(),
     };
     match request {
-        PeerRequest::AppendEntries(r) => raft
-            .append_entries(r)
-            .await
-            .map(PeerResponse::AppendEntries)
-            .map_err(|e| remote(&e)),
+        PeerRequest::AppendEntries(r) => {
+            wait_for_predecessor(raft, &r).await;
+            raft.append_entries(r)
+                .await
+                .map(PeerResponse::AppendEntries)
+                .map_err(|e| remote(&e))
+        }
         PeerRequest::Vote(r) => raft
             .vote(r)
             .await
@@ -230,6 +232,36 @@ pub async fn serve(
         // The state lives beside Raft (the broker's hook): its server answers it.
         PeerRequest::ReadState(_) => Err(remote(&"this replica keeps no partition state")),
     }
+}
+
+/// How long an AppendEntries that continues past this replica's log waits for the one
+/// before it (see [`wait_for_predecessor`]).
+const PREDECESSOR_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A leader pipelines AppendEntries (see [`PeerClient`]'s `stream_append`), each its own
+/// transport call, so they may arrive out of order. One that continues past this replica's
+/// log (its `prev_log_id` beyond the last entry) most likely overtook its predecessor: it
+/// waits (at most [`PREDECESSOR_WAIT_MAX`]) until the log reaches its `prev_log_id`, rather
+/// than being answered with a conflict that openraft 0.10 takes for a reverted follower log
+/// once the predecessor's success is counted.
+async fn wait_for_predecessor(raft: &Raft, request: &AppendEntriesRequest<PartitionRaft>) {
+    use openraft::async_runtime::WatchReceiver as _;
+    let Some(prev) = request.prev_log_id.map(|id| id.index) else {
+        return;
+    };
+    let mut metrics = raft.metrics();
+    let reached = |m: &openraft::RaftMetrics<PartitionRaft>| m.last_log_index >= Some(prev);
+    if reached(&metrics.borrow_watched()) {
+        return;
+    }
+    let _ = tokio::time::timeout(PREDECESSOR_WAIT_MAX, async {
+        while metrics.changed().await.is_ok() {
+            if reached(&metrics.borrow_watched()) {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// openraft's network factory over a [`PeerTransport`], for one group on one node.
