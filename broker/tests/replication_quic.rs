@@ -3,6 +3,7 @@
 //! batches replicate, the leader's broker goes away, another takes over; a peer whose
 //! certificate another CA issued is refused.
 
+use openraft::async_runtime::WatchReceiver as _;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -84,7 +85,7 @@ async fn wait_for_leader(nodes: &HashMap<NodeId, Node>) -> NodeId {
         if started.elapsed() >= WAIT_MAX {
             // Each replica's own view, so a replica whose Raft stopped says why.
             for (id, node) in nodes {
-                let m = node.replica.raft().metrics().borrow().clone();
+                let m = node.replica.raft().metrics().borrow_watched().clone();
                 println!(
                     "node {id} {:?} leader {:?} vote {} last log {:?} running {:?}",
                     m.state, m.current_leader, m.vote, m.last_log_index, m.running_state

@@ -344,6 +344,8 @@ pub struct PartitionReplica {
     transfer: tokio::sync::Mutex<()>,
     /// The leader lease openraft gives (its `election_timeout_max`).
     leader_lease: Duration,
+    /// Until when this leader's write lease is known fresh (see `renew_write_lease`).
+    write_lease_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// The group's election timer ([`super::elections`]), stopped with the replica.
     elections: tokio::task::AbortHandle,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
@@ -492,6 +494,7 @@ impl PartitionReplica {
             high_watermark,
             applied,
             writes_held: std::sync::atomic::AtomicBool::new(false),
+            write_lease_until: Arc::default(),
             transfer: tokio::sync::Mutex::new(()),
             leader_lease,
             elections,
@@ -701,11 +704,16 @@ impl PartitionReplica {
     pub fn leader(&self) -> (Option<NodeId>, u64) {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
-        (metrics.current_leader, metrics.current_term)
+        // openraft 0.10's `initialize` makes the initializing node leader of term 0 for a
+        // moment, before the election of term 1: no leader epoch of ours.
+        let leader = metrics.current_leader.filter(|_| metrics.current_term > 0);
+        (leader, metrics.current_term)
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().state == ServerState::Leader
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.state == ServerState::Leader && metrics.current_term > 0
     }
 
     /// Confirms with a quorum (a round of heartbeats) that this replica still leads its
@@ -835,6 +843,10 @@ impl PartitionReplica {
             local_ack: (acks != Acks::All).then_some(local_ack),
             ..LogBatch::new(bytes)
         };
+        self.renew_write_lease().await;
+        let submitted_at = tokio::time::Instant::now();
+        let lease_until = self.write_lease_until.clone();
+        let half_lease = self.leader_lease / 2;
         let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
         self.raft
             .client_write_ff(payload, Some(responder))
@@ -844,7 +856,15 @@ impl PartitionReplica {
         let shared = self.shared.clone();
         Ok(async move {
             let not_leader = |result: Result<_, _>| match result {
-                Ok(Ok(answer)) => Ok(answer),
+                Ok(Ok(answer)) => {
+                    // Committed: a quorum acknowledged an append sent after `submitted_at`.
+                    let mut until = lease_until.lock().unwrap_or_else(|e| e.into_inner());
+                    let renewed = submitted_at + half_lease;
+                    if until.is_none_or(|u| u < renewed) {
+                        *until = Some(renewed);
+                    }
+                    Ok(answer)
+                }
                 Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                     Err(ReplicationError::NotLeader {
                         leader: forward.leader_id,
@@ -887,6 +907,35 @@ impl PartitionReplica {
                 },
             }
         })
+    }
+
+    /// openraft 0.10 refuses writes (`ForwardToLeader`, no leader named) from a leader whose
+    /// lease ran out: no quorum acknowledged anything it sent within `election_timeout_max`.
+    /// With leader beacons in place of per-group heartbeats an idle leader's lease runs out,
+    /// and a new leader has none until its first acknowledgement. Unless a commit renewed it
+    /// lately, one ReadIndex round (a heartbeat each voter answers) renews it first.
+    async fn renew_write_lease(&self) {
+        let now = tokio::time::Instant::now();
+        let fresh = self
+            .write_lease_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| now < until);
+        if fresh {
+            return;
+        }
+        let confirmed = tokio::time::timeout(
+            self.leader_lease,
+            self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex),
+        )
+        .await;
+        if matches!(confirmed, Ok(Ok(_))) {
+            let mut until = self.write_lease_until.lock().unwrap_or_else(|e| e.into_inner());
+            let renewed = now + self.leader_lease / 2;
+            if until.is_none_or(|u| u < renewed) {
+                *until = Some(renewed);
+            }
+        }
     }
 
     /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
