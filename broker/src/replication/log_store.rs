@@ -233,6 +233,29 @@ pub(crate) struct Shared {
     receiving: std::sync::atomic::AtomicBool,
     /// The vote as last saved durably (openraft 0.10 reads it through the log readers).
     vote: Mutex<Option<Vote>>,
+    /// The index after the last entry this replica's own log has durable (as the fsync policy
+    /// makes it: see `flush_worker`). openraft 0.10 no longer waits for a local append before
+    /// it goes on, so an entry can be committed by the other replicas and applied here before
+    /// this log has it; the state machine waits for this before it applies (and publishes the
+    /// high watermark past) an entry, as 0.9's order gave.
+    pub(crate) durable_next: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Waits until this log has every entry below `next_index` durable.
+    /// Entries the log does not index (a state machine fed on its own, as openraft's
+    /// storage suite does) are not waited for.
+    pub(crate) async fn wait_durable(&self, next_index: u64) -> Result<(), RaftStorageError> {
+        if next_index > lock(&self.index).next_index() {
+            return Ok(());
+        }
+        let mut durable = self.durable_next.subscribe();
+        durable
+            .wait_for(|d| *d >= next_index)
+            .await
+            .map(drop)
+            .map_err(|_| std::io::Error::other("the log store is gone"))
+    }
 }
 
 /// Where a snapshot ends: its last log id, and the storage and Kafka offsets after it.
@@ -647,6 +670,7 @@ impl PartitionLogStore {
                 offset = position.end();
             }
         }
+        let next_index_at_open = index.next_index();
         let shared = Arc::new(Shared {
             log,
             index: Mutex::new(index),
@@ -655,6 +679,7 @@ impl PartitionLogStore {
             installed: watch::channel(None).0,
             receiving: std::sync::atomic::AtomicBool::new(false),
             vote: Mutex::new(state.vote),
+            durable_next: watch::channel(next_index_at_open).0,
         });
         let (in_flight, receiver) = mpsc::channel(APPENDS_IN_FLIGHT_MAX);
         let (done_tx, appends_done) = watch::channel(0u64);
@@ -820,6 +845,7 @@ async fn flush_worker(
             break;
         };
         let mut result = Ok(());
+        let written_next = writes.last().map(|w| w.index + 1);
         for write in writes {
             let expected = write.offset;
             let outcome = match write.future.await {
@@ -851,6 +877,11 @@ async fn flush_worker(
             }
         }
         shared.prune_pending();
+        if result.is_ok()
+            && let Some(next) = written_next
+        {
+            shared.durable_next.send_modify(|d| *d = (*d).max(next));
+        }
         done.send_modify(|n| *n += 1);
         callback.io_completed(result);
     }
@@ -935,6 +966,9 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
             if begins_later {
                 let first_index = first.log_id.index;
                 lock(&self.shared.index).begin_at(first_index);
+                self.shared
+                    .durable_next
+                    .send_modify(|d| *d = (*d).max(first_index));
                 self.state.first_index = first_index;
                 self.save_state().await?;
             }
@@ -970,6 +1004,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         let from = last.map_or(0, |last| last.index + 1);
         let from = from.max(lock(&self.shared.index).first_index());
         let log_id = LogId::new(CommittedLeaderId::new(0), from);
+        self.shared.durable_next.send_modify(|d| *d = (*d).min(from));
         let Some(position) = self.shared.position(log_id.index) else {
             return Ok(());
         };
@@ -1089,6 +1124,9 @@ impl PartitionLogStore {
             .await
             .map_err(|e| purge_error(e.to_string()))?
             .map_err(|e| purge_error(e.to_string()))?;
+        self.shared
+            .durable_next
+            .send_modify(|d| *d = (*d).max(log_id.index + 1));
         tracing::info!(last = %log_id, storage_end, "the replica's log starts over after a snapshot");
         Ok(())
     }

@@ -841,6 +841,10 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         while let Some(item) = entries.next().await {
             batch.push(item?);
         }
+        // Not before this log has them durable (see `Shared::durable_next`).
+        if let Some((last, _)) = batch.last() {
+            self.shared.wait_durable(last.log_id.index + 1).await?;
+        }
         let due = {
             let mut applier = lock(&self.applier);
             let applier = &mut *applier;
