@@ -1,4 +1,4 @@
-//! openraft's own storage test suite (`openraft::testing::Suite`) run against the
+//! openraft's own storage test suite (`openraft::testing::log::Suite`) run against the
 //! replicated partition log and its state machine: votes, log states, reads, truncation,
 //! purges, membership found in the log, re-applying committed entries.
 
@@ -9,7 +9,7 @@ use ketch_broker::replication::replica::open_stores;
 use ketch_broker::replication::state_machine::PartitionStateMachine;
 use ketch_broker::replication::{Clock, PartitionRaft, RaftStorageError};
 use ketch_broker::storage::LogConfig;
-use openraft::testing::{StoreBuilder, Suite};
+use openraft::testing::log::{StoreBuilder, Suite};
 
 struct Builder;
 
@@ -18,8 +18,10 @@ impl StoreBuilder<PartitionRaft, PartitionLogStore, PartitionStateMachine, tempf
 {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, PartitionLogStore, PartitionStateMachine), RaftStorageError>
-    {
+    ) -> Result<
+        (tempfile::TempDir, PartitionLogStore, PartitionStateMachine),
+        openraft::StorageError<PartitionRaft>,
+    > {
         let dir = tempfile::tempdir().expect("temporary directory");
         let clock: Clock = Arc::new(|| 1_700_000_000_000);
         let (store, state_machine) = open_stores(dir.path(), LogConfig::default(), clock)
@@ -38,7 +40,10 @@ fn openraft_storage_suite() {
     let mut check = |name: &str, test: fn(PartitionLogStore, PartitionStateMachine) -> Fut| {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let result = runtime.block_on(async {
-            let (_dir, store, state_machine) = Builder.build().await?;
+            let (_dir, store, state_machine) = Builder
+                .build()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
             test(store, state_machine).await
         });
         if let Err(e) = result {
@@ -117,11 +122,18 @@ fn openraft_storage_suite() {
     check("purge_logs_upto_20", |s, m| {
         Box::pin(S::purge_logs_upto_20(s, m))
     });
-    check("delete_logs_since_11", |s, m| {
-        Box::pin(S::delete_logs_since_11(s, m))
+    // openraft 0.10 truncates after a log id (0.9's `delete_logs_since_*` became these).
+    check("delete_logs_after_11", |s, m| {
+        Box::pin(S::delete_logs_after_11(s, m))
     });
-    check("delete_logs_since_0", |s, m| {
-        Box::pin(S::delete_logs_since_0(s, m))
+    check("delete_logs_after_5", |s, m| {
+        Box::pin(S::delete_logs_after_5(s, m))
+    });
+    check("delete_logs_after_0", |s, m| {
+        Box::pin(S::delete_logs_after_0(s, m))
+    });
+    check("delete_logs_after_none", |s, m| {
+        Box::pin(S::delete_logs_after_none(s, m))
     });
     check("append_to_log", |s, m| Box::pin(S::append_to_log(s, m)));
     check("snapshot_meta", |s, m| Box::pin(S::snapshot_meta(s, m)));
