@@ -23,6 +23,19 @@ use super::{NodeId, PartitionRaft, Raft, Snapshot, SnapshotMeta, Vote};
 /// `stream_append`): each is its own transport call, answered in request order.
 pub const APPENDS_IN_FLIGHT_PER_PEER: usize = 8;
 
+/// [`APPENDS_IN_FLIGHT_PER_PEER`], or `KETCH_APPENDS_IN_FLIGHT` if set (spike: to measure
+/// what the pipelining itself is worth; 1 is openraft's sequential default's behaviour).
+fn appends_in_flight_per_peer() -> usize {
+    static IN_FLIGHT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *IN_FLIGHT.get_or_init(|| {
+        std::env::var("KETCH_APPENDS_IN_FLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(APPENDS_IN_FLIGHT_PER_PEER)
+    })
+}
+
 /// A whole snapshot, as a leader sends it (openraft 0.10 sends snapshots whole).
 #[derive(Debug)]
 pub struct FullSnapshot {
@@ -512,7 +525,7 @@ impl<T: PeerTransport> RaftNetworkV2<PartitionRaft> for PeerClient<T> {
                         Ok((result, go_on))
                     }
                 })
-                .buffered(APPENDS_IN_FLIGHT_PER_PEER)
+                .buffered(appends_in_flight_per_peer())
                 .scan(true, |going, item| {
                     if !*going {
                         return futures_util::future::ready(None);
