@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use openraft::async_runtime::WatchReceiver as _;
 use ketch_broker::replication::log_store::{
     FOLLOWER_CACHED_TAIL_BYTES_MAX, RECENT_ENTRIES_BYTES_MAX, RECENT_ENTRIES_IDLE_MAX,
 };
@@ -35,6 +34,7 @@ use ketch_broker::storage::{FsyncPolicy, LogConfig};
 use ketch_protocol::batch::{BatchBuilder, RecordBatch};
 use ketch_protocol::messages::Acks;
 use ketch_testkit::history::{Recorder, Report};
+use openraft::async_runtime::WatchReceiver as _;
 
 /// Bound of every wait in these tests.
 const WAIT_MAX: Duration = Duration::from_secs(20);
@@ -252,7 +252,11 @@ impl Cluster {
             if started.elapsed() >= WAIT_MAX {
                 // What each replica's Raft thinks, for the failure report.
                 for r in self.running() {
-                    eprintln!("node {}: {:?}", r.node_id(), r.raft().metrics().borrow_watched());
+                    eprintln!(
+                        "node {}: {:?}",
+                        r.node_id(),
+                        r.raft().metrics().borrow_watched()
+                    );
                 }
             }
             assert!(

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::CommittedLeaderId;
 use ketch_protocol::batch::BatchSlices;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use super::CommittedLeaderId;
 use tokio::sync::{mpsc, watch};
 
 use super::entries::{self, LogIndex, Position};
@@ -388,9 +388,7 @@ impl Shared {
             // where it was, a failed read is a real error.
             let at = next;
             let gone = || lock(&self.index).get(at) != Some(position);
-            let read_error = |e: &dyn std::error::Error| {
-                std::io::Error::other(e.to_string())
-            };
+            let read_error = |e: &dyn std::error::Error| std::io::Error::other(e.to_string());
             let bytes = match self.log.read(position.base, READ_BYTES_MAX) {
                 Ok(bytes) => bytes,
                 Err(_) if gone() => break,
@@ -472,10 +470,7 @@ impl Shared {
         }
         let found = lo.checked_sub(1).filter(|i| *i >= first)?;
         let position = index.get(found)?;
-        Some(LogId::new(
-            CommittedLeaderId::new(position.term),
-            found,
-        ))
+        Some(LogId::new(CommittedLeaderId::new(position.term), found))
     }
 
     /// The storage offset the next entry goes to.
@@ -743,9 +738,7 @@ impl PartitionLogStore {
             .wait_for(|done| *done >= made)
             .await
             .map(|_| ())
-            .map_err(|_| {
-                std::io::Error::other("flush worker gone").into()
-            })
+            .map_err(|_| std::io::Error::other("flush worker gone").into())
     }
 }
 
@@ -770,13 +763,17 @@ fn write_error(log_id: Option<LogId>, e: &dyn std::error::Error) -> RaftStorageE
 /// Should anything fail, none of the call's entries stay indexed, pending or queued.
 // openraft's error type is what its storage trait returns: not ours to shrink.
 #[allow(clippy::result_large_err)]
+///
+/// `Ok(None)`: the writer's queue has no room for them now; nothing was done (wait for the
+/// appends in flight and call again). A full queue is no error for a replica: openraft takes
+/// a failed append as fatal.
 fn queue_entries(
     mut entries: impl Iterator<Item = Entry>,
     index: &mut LogIndex,
     pending: &mut BTreeMap<u64, (i64, Entry)>,
     log: &PartitionLog,
     now_ms: i64,
-) -> Result<Vec<(Staged, AppendFuture)>, RaftStorageError> {
+) -> Result<Option<Vec<(Staged, AppendFuture)>>, RaftStorageError> {
     let first_new = index.next_index();
     let mut staged = Vec::new();
     let mut stage = |entry: Entry| {
@@ -809,17 +806,23 @@ fn queue_entries(
         Ok(())
     };
     let staged_all = entries.try_for_each(&mut stage);
+    let bytes: u64 = staged.iter().map(|s| s.stored.len() as u64).sum();
+    let roomy = staged_all.is_ok() && log.append_queue_has_room(bytes);
     let queued = staged_all.and_then(|()| {
+        if !roomy {
+            return Ok(None);
+        }
         let batches = staged.iter().map(|s| s.stored.clone()).collect();
         log.append_entries(batches, now_ms)
+            .map(Some)
             .map_err(|e| write_error(staged.first().map(|s| s.log_id), &e))
     });
     match queued {
-        Ok(futures) => Ok(staged.into_iter().zip(futures).collect()),
-        Err(e) => {
+        Ok(Some(futures)) => Ok(Some(staged.into_iter().zip(futures).collect())),
+        Ok(None) | Err(_) => {
             index.truncate_from(first_new);
             pending.retain(|index, _| *index < first_new);
-            Err(e)
+            queued.map(|_| None)
         }
     }
 }
@@ -955,6 +958,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     {
         let now_ms = (self.clock)();
         let mut writes = Vec::new();
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut entries = entries.into_iter().peekable();
         // An empty log may begin past its expected index (after entries it never had); the
         // new beginning is checkpointed before anything is written at it.
@@ -973,11 +977,22 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                 self.save_state().await?;
             }
         }
+        let entries: Vec<Entry> = entries.collect();
+        let queued = loop {
+            let queued = {
+                let mut index = lock(&self.shared.index);
+                let mut pending = lock(&self.shared.pending);
+                let entries = entries.iter().cloned();
+                queue_entries(entries, &mut index, &mut pending, &self.shared.log, now_ms)?
+            };
+            match queued {
+                Some(queued) => break queued,
+                // The writer is behind: wait for what is in flight (then the queue is empty
+                // and takes anything), which holds openraft back as 0.9's order did.
+                None => self.settle_appends().await?,
+            }
+        };
         {
-            let mut index = lock(&self.shared.index);
-            let mut pending = lock(&self.shared.pending);
-            let queued =
-                queue_entries(entries, &mut index, &mut pending, &self.shared.log, now_ms)?;
             for (staged, future) in queued {
                 writes.push(EntryWrite {
                     index: staged.log_id.index,
@@ -992,9 +1007,7 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         self.in_flight
             .send(InFlight { writes, callback })
             .await
-            .map_err(|_| {
-                std::io::Error::other("flush worker gone")
-            })?;
+            .map_err(|_| std::io::Error::other("flush worker gone"))?;
         Ok(())
     }
 
@@ -1004,7 +1017,9 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
         let from = last.map_or(0, |last| last.index + 1);
         let from = from.max(lock(&self.shared.index).first_index());
         let log_id = LogId::new(CommittedLeaderId::new(0), from);
-        self.shared.durable_next.send_modify(|d| *d = (*d).min(from));
+        self.shared
+            .durable_next
+            .send_modify(|d| *d = (*d).min(from));
         let Some(position) = self.shared.position(log_id.index) else {
             return Ok(());
         };
@@ -1081,9 +1096,7 @@ impl PartitionLogStore {
     /// a crash between leaves a storage ending below `purged_end`, which `open` starts over
     /// again.
     async fn start_over(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
-        let purge_error = |why: String| {
-            std::io::Error::other(why)
-        };
+        let purge_error = |why: String| std::io::Error::other(why);
         let mut installed = self.shared.installed.subscribe();
         let end = tokio::time::timeout(
             SNAPSHOT_INSTALL_WAIT_MAX,

@@ -47,6 +47,7 @@
 //! I/O itself and reads no wall clock: timestamps come from the [`Clock`] it is given (its
 //! timers are tokio's, as openraft's are).
 
+pub mod append_intake;
 pub mod beacons;
 pub mod elections;
 pub mod entries;

@@ -13,8 +13,8 @@ use openraft::OptionalSend;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 
 use super::{NodeId, PartitionRaft, Raft, Snapshot, SnapshotMeta, Vote};
@@ -23,17 +23,64 @@ use super::{NodeId, PartitionRaft, Raft, Snapshot, SnapshotMeta, Vote};
 /// `stream_append`): each is its own transport call, answered in request order.
 pub const APPENDS_IN_FLIGHT_PER_PEER: usize = 8;
 
-/// [`APPENDS_IN_FLIGHT_PER_PEER`], or `KETCH_APPENDS_IN_FLIGHT` if set (spike: to measure
-/// what the pipelining itself is worth; 1 is openraft's sequential default's behaviour).
-fn appends_in_flight_per_peer() -> usize {
-    static IN_FLIGHT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *IN_FLIGHT.get_or_init(|| {
-        std::env::var("KETCH_APPENDS_IN_FLIGHT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n >= 1)
-            .unwrap_or(APPENDS_IN_FLIGHT_PER_PEER)
+/// How long a follower holds a pipelined AppendEntries that came before its predecessor
+/// ([`super::append_intake`]). Only a lost predecessor makes it wait that long, and then the
+/// leader's stream has failed already; the leader's own wait for an answer is its
+/// `heartbeat_interval`, below a second.
+pub const PREDECESSOR_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The number of the next pipelined AppendEntries stream this process opens, as a leader
+/// ([`PeerClient`]'s `stream_append`). Starts from the clock, so a restarted broker does
+/// not reuse a number its peers may still hold.
+fn next_stream_number() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        std::sync::atomic::AtomicU64::new(now)
     })
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One group's replica as its peers reach it: its Raft, and the intake that hands a leader's
+/// pipelined AppendEntries to it in order.
+#[derive(Clone)]
+pub struct Served {
+    raft: Raft,
+    appends: Arc<Intake>,
+}
+
+/// The intake of a replica's pipelined AppendEntries.
+type Intake = super::append_intake::AppendIntake<
+    AppendEntriesRequest<PartitionRaft>,
+    Result<StreamAppendResult<PartitionRaft>, openraft::error::Fatal<PartitionRaft>>,
+>;
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("appends", &self.appends)
+            .finish()
+    }
+}
+
+impl Served {
+    pub fn new(raft: Raft) -> Served {
+        let replica = raft.clone();
+        let start: super::append_intake::Start<_, _> = Box::new(move |input| {
+            use futures_util::StreamExt as _;
+            replica.stream_append(input).boxed()
+        });
+        Served {
+            raft,
+            appends: Arc::new(Intake::new(start, PREDECESSOR_WAIT_MAX)),
+        }
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
 }
 
 /// A whole snapshot, as a leader sends it (openraft 0.10 sends snapshots whole).
@@ -51,6 +98,14 @@ pub type GroupId = Arc<str>;
 #[derive(Debug)]
 pub enum PeerRequest {
     AppendEntries(AppendEntriesRequest<PartitionRaft>),
+    /// Request `seq` (from 0) of a leader's pipelined stream `stream` (a number unique to
+    /// the leader's process): the follower hands a stream's requests to its replica in `seq`
+    /// order, whatever order they arrive in ([`super::append_intake`]).
+    AppendInStream {
+        stream: u64,
+        seq: u64,
+        request: AppendEntriesRequest<PartitionRaft>,
+    },
     Vote(VoteRequest<PartitionRaft>),
     InstallSnapshot(FullSnapshot),
     /// A record batch for the group's leader to write (`acks=all`): how a broker that does
@@ -191,22 +246,33 @@ pub fn serve_beacon(
 /// Answers a peer request with the local replica of its group (the receiving side of every
 /// transport).
 pub async fn serve(
-    raft: &Raft,
+    served: &Served,
     node: NodeId,
     group: &GroupId,
     request: PeerRequest,
 ) -> Result<PeerResponse, PeerError> {
+    let raft = &served.raft;
     let remote = |e: &dyn std::fmt::Display| PeerError::Remote {
         node,
         reason: e.to_string(),
     };
     match request {
-        PeerRequest::AppendEntries(r) => {
-            wait_for_predecessor(raft, &r).await;
-            raft.append_entries(r)
-                .await
-                .map(PeerResponse::AppendEntries)
-                .map_err(|e| remote(&e))
+        PeerRequest::AppendEntries(r) => raft
+            .append_entries(r)
+            .await
+            .map(PeerResponse::AppendEntries)
+            .map_err(|e| remote(&e)),
+        PeerRequest::AppendInStream {
+            stream,
+            seq,
+            request,
+        } => {
+            let leader = request.vote.leader_id().voted_for;
+            match served.appends.submit((leader, stream), seq, request).await {
+                Ok(Ok(result)) => Ok(PeerResponse::AppendEntries(result.into())),
+                Ok(Err(fatal)) => Err(remote(&fatal)),
+                Err(refused) => Err(remote(&refused)),
+            }
         }
         PeerRequest::Vote(r) => raft
             .vote(r)
@@ -245,36 +311,6 @@ pub async fn serve(
         // The state lives beside Raft (the broker's hook): its server answers it.
         PeerRequest::ReadState(_) => Err(remote(&"this replica keeps no partition state")),
     }
-}
-
-/// How long an AppendEntries that continues past this replica's log waits for the one
-/// before it (see [`wait_for_predecessor`]).
-const PREDECESSOR_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// A leader pipelines AppendEntries (see [`PeerClient`]'s `stream_append`), each its own
-/// transport call, so they may arrive out of order. One that continues past this replica's
-/// log (its `prev_log_id` beyond the last entry) most likely overtook its predecessor: it
-/// waits (at most [`PREDECESSOR_WAIT_MAX`]) until the log reaches its `prev_log_id`, rather
-/// than being answered with a conflict that openraft 0.10 takes for a reverted follower log
-/// once the predecessor's success is counted.
-async fn wait_for_predecessor(raft: &Raft, request: &AppendEntriesRequest<PartitionRaft>) {
-    use openraft::async_runtime::WatchReceiver as _;
-    let Some(prev) = request.prev_log_id.map(|id| id.index) else {
-        return;
-    };
-    let mut metrics = raft.metrics();
-    let reached = |m: &openraft::RaftMetrics<PartitionRaft>| m.last_log_index >= Some(prev);
-    if reached(&metrics.borrow_watched()) {
-        return;
-    }
-    let _ = tokio::time::timeout(PREDECESSOR_WAIT_MAX, async {
-        while metrics.changed().await.is_ok() {
-            if reached(&metrics.borrow_watched()) {
-                return;
-            }
-        }
-    })
-    .await;
 }
 
 /// openraft's network factory over a [`PeerTransport`], for one group on one node.
@@ -437,9 +473,12 @@ fn unexpected(to: NodeId, answer: &PeerResponse) -> RpcError {
 }
 
 impl<T: PeerTransport> PeerClient<T> {
+    /// Sends an AppendEntries on its own, or as request `seq` of pipelined stream `stream`
+    /// (`in_stream`).
     async fn append(
         &self,
         rpc: AppendEntriesRequest<PartitionRaft>,
+        in_stream: Option<(u64, u64)>,
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<PartitionRaft>, RpcError> {
         // Heartbeats and commit notices (no entries) are not what replication costs.
@@ -449,7 +488,15 @@ impl<T: PeerTransport> PeerClient<T> {
             .map(super::log_store::payload_bytes)
             .sum();
         let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
-        match self.call(PeerRequest::AppendEntries(rpc), option).await {
+        let request = match in_stream {
+            None => PeerRequest::AppendEntries(rpc),
+            Some((stream, seq)) => PeerRequest::AppendInStream {
+                stream,
+                seq,
+                request: rpc,
+            },
+        };
+        match self.call(request, option).await {
             Ok(PeerResponse::AppendEntries(answer)) => {
                 if let Some(started) = started {
                     self.appends.answered(bytes as u64, started.elapsed());
@@ -470,12 +517,14 @@ impl<T: PeerTransport> RaftNetworkV2<PartitionRaft> for PeerClient<T> {
         rpc: AppendEntriesRequest<PartitionRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<PartitionRaft>, RpcError> {
-        self.append(rpc, &option).await
+        self.append(rpc, None, &option).await
     }
 
     /// Pipelined: each request of `input` is sent (its own transport call, on a task of its
     /// own) as soon as it comes, without waiting for the answers to those before it, at most
-    /// [`APPENDS_IN_FLIGHT_PER_PEER`] at once; the answers are yielded in request order. The
+    /// [`APPENDS_IN_FLIGHT_PER_PEER`] at once; the answers are yielded in request order. Each
+    /// request names the stream and its place in it, so the follower hands them to its
+    /// replica in the order sent, whatever order they arrive in ([`super::append_intake`]). The
     /// stream ends after the first error, conflict or partial success, as openraft's
     /// sequential default does (answers to requests sent after it are dropped).
     fn stream_append<'s, S>(
@@ -497,15 +546,19 @@ impl<T: PeerTransport> RaftNetworkV2<PartitionRaft> for PeerClient<T> {
     {
         use futures_util::StreamExt as _;
         let client = self.clone();
+        let stream = next_stream_number();
         Box::pin(async move {
             let answers = input
-                .map(move |rpc| {
+                .zip(futures_util::stream::iter(0u64..))
+                .map(move |(rpc, seq)| {
                     let client = client.clone();
                     let option = option.clone();
                     let to = client.to;
                     let prev = rpc.prev_log_id;
                     let last = rpc.entries.last().map(|e| e.log_id).or(prev);
-                    let sent = tokio::spawn(async move { client.append(rpc, &option).await });
+                    let sent = tokio::spawn(async move {
+                        client.append(rpc, Some((stream, seq)), &option).await
+                    });
                     async move {
                         let answer = match sent.await {
                             Ok(answer) => answer?,
@@ -525,7 +578,7 @@ impl<T: PeerTransport> RaftNetworkV2<PartitionRaft> for PeerClient<T> {
                         Ok((result, go_on))
                     }
                 })
-                .buffered(appends_in_flight_per_peer())
+                .buffered(APPENDS_IN_FLIGHT_PER_PEER)
                 .scan(true, |going, item| {
                     if !*going {
                         return futures_util::future::ready(None);

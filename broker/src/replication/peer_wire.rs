@@ -33,6 +33,7 @@ const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 const KIND_PROPOSE: u8 = 4;
+const KIND_APPEND_IN_STREAM: u8 = 5;
 // Leadership transfer (kinds from 0x35 up, apart from other additions).
 const KIND_HOLD_ELECTIONS: u8 = 0x35;
 const KIND_ELECT: u8 = 0x36;
@@ -205,6 +206,37 @@ fn entry(r: &mut Reader) -> Result<Entry> {
     })
 }
 
+fn put_append(out: &mut Chunked, r: &AppendEntriesRequest<super::PartitionRaft>) -> Result<()> {
+    put_vote(out.buf(), &r.vote);
+    put_log_id(out.buf(), &r.prev_log_id);
+    put_log_id(out.buf(), &r.leader_commit);
+    out.buf().put_u32(r.entries.len() as u32);
+    for e in &r.entries {
+        put_entry(out, e)?;
+    }
+    Ok(())
+}
+
+fn append(r: &mut Reader) -> Result<AppendEntriesRequest<super::PartitionRaft>> {
+    let vote = vote(r)?;
+    let prev_log_id = log_id(r)?;
+    let leader_commit = log_id(r)?;
+    let count = r.u32("entry count")? as usize;
+    if count > r.0.len() / ENTRY_BYTES_MIN {
+        return Err(PeerWireError::Truncated("entries"));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        entries.push(entry(r)?);
+    }
+    Ok(AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        entries,
+        leader_commit,
+    })
+}
+
 /// Encodes a request for `group` in one piece.
 pub fn encode_request(group: &str, request: &PeerRequest) -> Result<Bytes> {
     let mut out = Chunked::new();
@@ -220,13 +252,17 @@ pub fn encode_request_into(out: &mut Chunked, group: &str, request: &PeerRequest
     match request {
         PeerRequest::AppendEntries(r) => {
             out.buf().put_u8(KIND_APPEND);
-            put_vote(out.buf(), &r.vote);
-            put_log_id(out.buf(), &r.prev_log_id);
-            put_log_id(out.buf(), &r.leader_commit);
-            out.buf().put_u32(r.entries.len() as u32);
-            for e in &r.entries {
-                put_entry(out, e)?;
-            }
+            put_append(out, r)?;
+        }
+        PeerRequest::AppendInStream {
+            stream,
+            seq,
+            request,
+        } => {
+            out.buf().put_u8(KIND_APPEND_IN_STREAM);
+            out.buf().put_u64(*stream);
+            out.buf().put_u64(*seq);
+            put_append(out, request)?;
         }
         PeerRequest::Vote(r) => {
             out.buf().put_u8(KIND_VOTE);
@@ -282,25 +318,12 @@ pub fn decode_request(bytes: Bytes) -> Result<(GroupId, PeerRequest)> {
     let mut r = Reader(bytes);
     let group: GroupId = r.str("group")?.into();
     let request = match r.u8("request kind")? {
-        KIND_APPEND => {
-            let vote = vote(&mut r)?;
-            let prev_log_id = log_id(&mut r)?;
-            let leader_commit = log_id(&mut r)?;
-            let count = r.u32("entry count")? as usize;
-            if count > r.0.len() / ENTRY_BYTES_MIN {
-                return Err(PeerWireError::Truncated("entries"));
-            }
-            let mut entries = Vec::with_capacity(count);
-            for _ in 0..count {
-                entries.push(entry(&mut r)?);
-            }
-            PeerRequest::AppendEntries(AppendEntriesRequest {
-                vote,
-                prev_log_id,
-                entries,
-                leader_commit,
-            })
-        }
+        KIND_APPEND => PeerRequest::AppendEntries(append(&mut r)?),
+        KIND_APPEND_IN_STREAM => PeerRequest::AppendInStream {
+            stream: r.u64("stream")?,
+            seq: r.u64("place in stream")?,
+            request: append(&mut r)?,
+        },
         KIND_VOTE => {
             let vote = vote(&mut r)?;
             PeerRequest::Vote(VoteRequest::new(vote, log_id(&mut r)?))
@@ -566,6 +589,19 @@ mod tests {
                 entries: vec![],
                 leader_commit: None,
             }),
+            PeerRequest::AppendInStream {
+                stream: u64::MAX - 3,
+                seq: 17,
+                request: AppendEntriesRequest {
+                    vote: committed,
+                    prev_log_id: id(4, 12),
+                    entries: vec![Entry {
+                        log_id: id(4, 13).unwrap(),
+                        payload: EntryPayload::Normal(LogBatch::new(Bytes::from_static(b"b"))),
+                    }],
+                    leader_commit: id(4, 12),
+                },
+            },
             PeerRequest::Vote(VoteRequest::new(Vote::new(5, 3), id(4, 12))),
             PeerRequest::InstallSnapshot(FullSnapshot {
                 vote: committed,
@@ -691,7 +727,9 @@ mod tests {
                 id(4, 4),
                 true,
             ))),
-            Ok(PeerResponse::InstallSnapshot(SnapshotResponse::new(Vote::new(2, 2)))),
+            Ok(PeerResponse::InstallSnapshot(SnapshotResponse::new(
+                Vote::new(2, 2),
+            ))),
             Ok(PeerResponse::Done),
             Ok(PeerResponse::BeaconListUnknown),
             Ok(PeerResponse::Refused(

@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use ketch_protocol::ErrorCode;
 use ketch_protocol::batch::{self, BatchHeader, BatchSlices, attributes};
 use ketch_protocol::messages::Acks;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
@@ -60,6 +60,10 @@ impl std::fmt::Debug for ReplicaConfig {
     }
 }
 
+/// Client writes that openraft merges into one storage append at most: at the largest batch
+/// (1 MiB) half of the writer's default queue (64 MiB).
+pub const MERGED_APPENDS_MAX: u64 = 32;
+
 /// Defaults, for the 2 s failover target. A transport with leader beacons (both of ours:
 /// [`super::beacons`]) turns openraft's per-group heartbeats off (the heartbeat interval then
 /// only floors how long an AppendEntries may take: see `raft_config`), and the election
@@ -94,11 +98,10 @@ impl ReplicaConfig {
     /// openraft's configuration; with `beacons`, its heartbeats and ticks are off (leader
     /// beacons carry liveness, [`super::beacons`]).
     ///
-    /// With beacons openraft's heartbeat interval is only how long an AppendEntries may take
-    /// (and its tick's period, which wakes even while off: hundreds of groups' ticks are
-    /// most of an idle broker's wake-ups), and its minimum election timeout only bounds a
-    /// vote request (its own election timer is off): both are made as long as the leader
-    /// lease (`election_timeout_max`, which is kept) allows.
+    /// With beacons openraft's heartbeat interval is only how long an AppendEntries or a
+    /// heartbeat may take, and its minimum election timeout only bounds a vote request (its
+    /// own election timer is off): both are made as long as the leader lease
+    /// (`election_timeout_max`, which is kept) allows.
     fn raft_config(&self, beacons: bool) -> Result<openraft::Config, ReplicationError> {
         let (heartbeat_interval, election_timeout_min) = if beacons {
             let max = self.election_timeout_max_ms;
@@ -122,6 +125,15 @@ impl ReplicaConfig {
             // Elections are started by our own timer, which draws a fresh timeout each
             // round (openraft 0.9 draws one per node for its lifetime): see `elections`.
             enable_elect: false,
+            // A leader whose lease ran out must still send heartbeats: the ReadIndex round
+            // that renews its lease before a write is one (`renew_write_lease`).
+            quorum_loss_probe_interval: None,
+            // Client writes queued together become one storage append (one write group);
+            // bounded so one append stays well inside the writer's queue.
+            max_append_entries: Some(MERGED_APPENDS_MAX),
+            // A restarted leader whose vote is still committed leads on (as 0.9 did);
+            // `resign_leadership` makes a broker restarted on purpose stand down.
+            enable_leader_restore: Some(true),
             ..Default::default()
         }
         .validate()
@@ -211,7 +223,9 @@ pub struct CommittedBatch {
 
 /// Why a Raft stopped on its own, from its `running_state`: `None` while it runs or when it
 /// was shut down on purpose.
-pub fn fatal_reason(running_state: &Result<(), openraft::error::Fatal<PartitionRaft>>) -> Option<String> {
+pub fn fatal_reason(
+    running_state: &Result<(), openraft::error::Fatal<PartitionRaft>>,
+) -> Option<String> {
     match running_state {
         Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
         Err(fatal) => Some(fatal.to_string()),
@@ -344,8 +358,6 @@ pub struct PartitionReplica {
     transfer: tokio::sync::Mutex<()>,
     /// The leader lease openraft gives (its `election_timeout_max`).
     leader_lease: Duration,
-    /// Until when this leader's write lease is known fresh (see `renew_write_lease`).
-    write_lease_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// The group's election timer ([`super::elections`]), stopped with the replica.
     elections: tokio::task::AbortHandle,
     /// The leader's last log index over time, for [`PartitionReplica::in_sync_replicas`].
@@ -494,7 +506,6 @@ impl PartitionReplica {
             high_watermark,
             applied,
             writes_held: std::sync::atomic::AtomicBool::new(false),
-            write_lease_until: Arc::default(),
             transfer: tokio::sync::Mutex::new(()),
             leader_lease,
             elections,
@@ -720,7 +731,12 @@ impl PartitionReplica {
     /// group, within `timeout`: a leader deposed without knowing it yet fails here, so what
     /// it reads from its own state afterwards is not stale.
     pub async fn confirm_leader(&self, timeout: Duration) -> Result<(), ReplicationError> {
-        match tokio::time::timeout(timeout, self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex)).await {
+        match tokio::time::timeout(
+            timeout,
+            self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => {
                 let (leader, epoch) = self.leader();
@@ -776,7 +792,13 @@ impl PartitionReplica {
     /// committed before now, confirmed by a quorum: what it then reads from its applied
     /// state is current.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ReplicationError> {
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)).await {
+        match tokio::time::timeout(
+            timeout,
+            self.raft
+                .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => {
                 let (leader, epoch) = self.leader();
@@ -844,9 +866,6 @@ impl PartitionReplica {
             ..LogBatch::new(bytes)
         };
         self.renew_write_lease().await;
-        let submitted_at = tokio::time::Instant::now();
-        let lease_until = self.write_lease_until.clone();
-        let half_lease = self.leader_lease / 2;
         let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
         self.raft
             .client_write_ff(payload, Some(responder))
@@ -856,15 +875,7 @@ impl PartitionReplica {
         let shared = self.shared.clone();
         Ok(async move {
             let not_leader = |result: Result<_, _>| match result {
-                Ok(Ok(answer)) => {
-                    // Committed: a quorum acknowledged an append sent after `submitted_at`.
-                    let mut until = lease_until.lock().unwrap_or_else(|e| e.into_inner());
-                    let renewed = submitted_at + half_lease;
-                    if until.is_none_or(|u| u < renewed) {
-                        *until = Some(renewed);
-                    }
-                    Ok(answer)
-                }
+                Ok(Ok(answer)) => Ok(answer),
                 Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                     Err(ReplicationError::NotLeader {
                         leader: forward.leader_id,
@@ -912,30 +923,30 @@ impl PartitionReplica {
     /// openraft 0.10 refuses writes (`ForwardToLeader`, no leader named) from a leader whose
     /// lease ran out: no quorum acknowledged anything it sent within `election_timeout_max`.
     /// With leader beacons in place of per-group heartbeats an idle leader's lease runs out,
-    /// and a new leader has none until its first acknowledgement. Unless a commit renewed it
-    /// lately, one ReadIndex round (a heartbeat each voter answers) renews it first.
+    /// and a new leader has none until its first acknowledgement. Unless a quorum acknowledged
+    /// a send of this leader (term) within half the lease, one heartbeat round renews it
+    /// first (a leader of one needs none). If that fails, the write goes on and is refused as
+    /// not the leader's.
     async fn renew_write_lease(&self) {
-        let now = tokio::time::Instant::now();
-        let fresh = self
-            .write_lease_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|until| now < until);
+        let fresh = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            let alone = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .nth(1)
+                .is_none();
+            let acked_within = |at: &openraft::metrics::SerdeInstant<openraft::TokioInstant>| {
+                <openraft::TokioInstant as openraft::Instant>::now() - **at < self.leader_lease / 2
+            };
+            alone || m.last_quorum_acked.as_ref().is_some_and(acked_within)
+        };
         if fresh {
             return;
         }
-        let confirmed = tokio::time::timeout(
-            self.leader_lease,
-            self.raft.get_read_log_id(openraft::ReadPolicy::ReadIndex),
-        )
-        .await;
-        if matches!(confirmed, Ok(Ok(_))) {
-            let mut until = self.write_lease_until.lock().unwrap_or_else(|e| e.into_inner());
-            let renewed = now + self.leader_lease / 2;
-            if until.is_none_or(|u| u < renewed) {
-                *until = Some(renewed);
-            }
-        }
+        let renew = openraft::LinearizerOption::new(Some(self.leader_lease / 2), true);
+        let _ = tokio::time::timeout(self.leader_lease, self.raft.get_read_linearizer(renew)).await;
     }
 
     /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:

@@ -16,9 +16,9 @@ use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
 #[allow(deprecated)]
 use openraft::impls::TokioRuntime;
+use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
 
 /// The step that coalesced deadlines are rounded up to.
 pub const TIMER_GRID: Duration = Duration::from_millis(50);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::beacons::Beacons;
 use super::network::{
-    GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve, serve_beacon,
+    GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, Served, serve, serve_beacon,
 };
 use super::{NodeId, Raft};
 
@@ -53,7 +53,7 @@ impl SimRng {
 struct State {
     rng: SimRng,
     faults: Faults,
-    nodes: HashMap<(GroupId, NodeId), Raft>,
+    nodes: HashMap<(GroupId, NodeId), Served>,
     /// Node pairs that cannot talk (both directions are listed).
     cut: HashSet<(NodeId, NodeId)>,
     delivered: u64,
@@ -91,7 +91,7 @@ pub struct SimStats {
 
 /// What the network decided for one request.
 struct Plan {
-    target: Option<Raft>,
+    target: Option<Served>,
     /// Whether `to` is reachable and has a replica up (where a beacon goes).
     up: bool,
     request_delay: Duration,
@@ -122,7 +122,9 @@ impl SimNetwork {
 
     /// Makes `node`'s replica of `group` reachable.
     pub fn register(&self, group: &GroupId, node: NodeId, raft: Raft) {
-        self.state().nodes.insert((group.clone(), node), raft);
+        self.state()
+            .nodes
+            .insert((group.clone(), node), Served::new(raft));
     }
 
     /// Makes `node`'s replica of `group` unreachable (it crashed or stopped).

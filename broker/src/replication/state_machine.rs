@@ -761,9 +761,7 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionSnapshotBuilder {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, RaftStorageError> {
-        let error = |why: String| {
-            std::io::Error::other(why)
-        };
+        let error = |why: String| std::io::Error::other(why);
         // The broker always stages the state it purges through: a snapshot of the state
         // now would end past the purge point, and a follower installing it would miss the
         // entries between the two. Unstaged (openraft's API used directly) it is the state
@@ -821,8 +819,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError>
-    {
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
         let applier = lock(&self.applier);
         Ok((applier.state.applied, applier.state.membership.clone()))
     }
@@ -949,9 +946,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot>, RaftStorageError> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, RaftStorageError> {
         Ok(lock(&self.applier).snapshot.as_ref().map(|s| s.snapshot()))
     }
 }

@@ -24,10 +24,10 @@ use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::replication::beacons::Beacons;
-use crate::replication::network::serve_beacon;
 use crate::replication::network::{
     ForwardedProduce, GroupId, PeerError, PeerRequest, PeerResponse, PeerTransport, serve,
 };
+use crate::replication::network::{Served, serve_beacon};
 use crate::replication::peer_wire;
 use crate::replication::{NodeId, Raft};
 
@@ -70,7 +70,7 @@ pub enum PeerSetupError {
 /// peers send it ([`crate::replication::beacons`]).
 #[derive(Default)]
 pub struct PeerGroups {
-    groups: RwLock<HashMap<GroupId, Raft>>,
+    groups: RwLock<HashMap<GroupId, Served>>,
     beacons: Arc<Beacons>,
     /// Answers forwarded idempotent produces (the controller, once started).
     produce: std::sync::OnceLock<Arc<dyn ForwardedProduce>>,
@@ -90,7 +90,7 @@ impl PeerGroups {
         self.groups
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(group, raft);
+            .insert(group, Served::new(raft));
     }
 
     pub fn unregister(&self, group: &GroupId) {
@@ -110,7 +110,7 @@ impl PeerGroups {
         self.beacons.clone()
     }
 
-    fn get(&self, group: &GroupId) -> Option<Raft> {
+    fn get(&self, group: &GroupId) -> Option<Served> {
         self.groups
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -633,6 +633,13 @@ impl PartitionLog {
         }
     }
 
+    /// Whether `bytes` more of batches fit in the writer's queue now, so that an append of
+    /// them is not refused with [`StorageError::QueueFull`] (an empty queue takes anything).
+    pub fn append_queue_has_room(&self, bytes: u64) -> bool {
+        let queue = lock(&self.shared.queue);
+        queue.bytes == 0 || queue.bytes + bytes <= self.shared.config.append_queue_bytes_max
+    }
+
     /// Bytes of batches queued for the writer (bounded by `append_queue_bytes_max`).
     pub fn append_queue_bytes(&self) -> u64 {
         lock(&self.shared.queue).bytes
