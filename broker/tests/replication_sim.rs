@@ -886,7 +886,7 @@ const TRUNCATED_ENTRIES: u64 = 150;
 /// quorum has it: with the leader cut off from both followers the first is answered and the
 /// second is not. After the cut heals, every `acks=all` write is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum() {
+async fn acks_leader_answers_after_the_local_append_acks_all_after_a_quorum_and_none_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), 2, Faults::default()).await;
     let leader = cluster.wait_for_leader(None).await;
@@ -929,6 +929,23 @@ async fn acks_leader_answers_after_the_local_append_and_acks_all_after_a_quorum(
         matches!(quorum, Err(ReplicationError::Timeout(_))),
         "acks=all without a quorum: {quorum:?}"
     );
+    // Once no quorum has answered it for a lease (900 ms), the leader takes no write at all,
+    // whatever the acks: it may have been deposed without knowing, and a write it took
+    // could be truncated by the next leader (openraft's leader lease).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    cluster.history.record(|h| h.invoke("leader-2"));
+    let refused = replica
+        .write(batch(&["leader-2".into()]), Acks::Leader, WRITE_TIMEOUT)
+        .await;
+    assert!(
+        matches!(refused, Err(ReplicationError::NoQuorum { .. })),
+        "acks=leader on a leader no quorum answers: {refused:?}"
+    );
+    assert_eq!(
+        refused.unwrap_err().code(),
+        ketch_protocol::ErrorCode::NotEnoughReplicas
+    );
+    cluster.history.record(|h| h.fail("leader-2"));
     drop(replica);
 
     cluster.network.heal();

@@ -23,7 +23,7 @@ struct Cli {
     #[arg(
         long,
         env = "KETCH_LOG",
-        default_value = "warn,ketch=info,ketch_broker=info,openraft::replication=off,openraft::engine::handler::replication_handler=off",
+        default_value = "warn,ketch=info,ketch_broker=info,openraft::replication=off,openraft::engine::handler::replication_handler=off,openraft::core::heartbeat=off",
         global = true
     )]
     log: String,

@@ -371,8 +371,35 @@ async fn bad_transfers_are_refused_and_change_nothing() -> anyhow::Result<()> {
     ensure!(err.contains("leader_transfer_failed"), "{out}{err}");
     let (now, _) = described(&cluster, leader, TOPIC, 0)?;
     ensure!(now == Some(leader), "the leader moved to {now:?}");
-    // It still takes writes.
+    // With its only follower dead it has no quorum: it still leads, but takes no write,
+    // even with acks=leader (openraft's leader lease: a leader no quorum answers may have
+    // been deposed without knowing, and a write it took could be truncated).
     let client = cluster.client().await?;
+    let impatient = client
+        .producer(ProducerConfig {
+            acks: Acks::Leader,
+            delivery_timeout: Duration::from_secs(3),
+            ..ProducerConfig::default()
+        })
+        .await?;
+    let refused = impatient
+        .send(ProducerRecord {
+            partition: Some(0),
+            ..ProducerRecord::new(TOPIC, "no quorum")
+        })
+        .await?
+        .await;
+    println!("acks=leader without a quorum: {refused:?}");
+    let refused = refused
+        .err()
+        .context("a leader without a quorum took a write")?;
+    ensure!(
+        refused.to_string().contains("not_enough_replicas"),
+        "refused, but not for want of replicas: {refused}"
+    );
+    let _ = impatient.close().await;
+    // Its follower back, it takes writes again, still the leader.
+    cluster.process.restart(follower)?;
     let producer = client
         .producer(ProducerConfig {
             acks: Acks::Leader,
@@ -387,6 +414,8 @@ async fn bad_transfers_are_refused_and_change_nothing() -> anyhow::Result<()> {
         .await?
         .await?;
     producer.close().await?;
+    let (now, _) = described(&cluster, leader, TOPIC, 0)?;
+    ensure!(now == Some(leader), "the leader moved to {now:?}");
     client.close();
     Ok(())
 }

@@ -687,6 +687,21 @@ impl ReplicatedPartition {
                     }
                 }
                 Err(e) => {
+                    if idempotent && matches!(e, ReplicationError::NoQuorum { .. }) {
+                        // Refused by Raft after the hand-over (no quorum answered the
+                        // leader within its lease): never in the log, so no longer pending.
+                        // A retry waiting for it as the original looks again.
+                        let mut state = lock(&self.producers.state);
+                        if let Some(at) = state
+                            .proposals
+                            .iter()
+                            .position(|p| same_batch(p, &proposed_header))
+                        {
+                            state.proposals.remove(at);
+                        }
+                        drop(state);
+                        self.producers.applied.notify_waiters();
+                    }
                     return Err(ProduceRefused {
                         error: cluster_error(&e),
                         leader: self.replica.leader(),

@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::{RaftMetrics, ServerState};
-use tokio::sync::watch;
 
 use super::network::{Beacon, GroupId, PeerRequest, PeerResponse, PeerTransport};
 use super::{NodeId, PartitionRaft, Raft};
@@ -95,7 +94,7 @@ struct Local {
 struct Registered {
     raft: Raft,
     /// The group's metrics, looked at again only when they changed.
-    metrics: watch::Receiver<RaftMetrics<PartitionRaft>>,
+    metrics: super::MetricsWatch,
     token: u64,
     /// Set during a leadership transfer: announce nothing for this group.
     quiet: bool,

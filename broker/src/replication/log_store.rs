@@ -108,8 +108,11 @@ impl RaftState {
             Some(vote) => {
                 out.push(1);
                 out.extend_from_slice(&vote.leader_id().term.to_be_bytes());
-                // (openraft 0.9 wrote `u64::MAX` for "voted for nobody in this term yet";
-                // 0.10's votes always name a node, and such a vote reads back as is.)
+                // openraft 0.9 wrote `u64::MAX` for "voted for nobody in this term yet".
+                // 0.10's votes always name a node: such a vote reads back as a vote for node
+                // `u64::MAX`, which no candidate of that term can win (votes of one term for
+                // different nodes do not compare), so the replica grants no vote before the
+                // next term: as safe as 0.9's, one term slower at worst.
                 let node = vote.leader_id().voted_for;
                 out.extend_from_slice(&node.to_be_bytes());
                 out.push(u8::from(vote.is_committed()));
@@ -1173,6 +1176,29 @@ mod tests {
         assert_eq!(keep(80, 107, 100), (Some(6), 107));
         assert_eq!(keep(80, 0, 100), (Some(7), 0));
         assert_eq!(keep(80, usize::MAX, 0), (Some(7), 0));
+    }
+
+    #[test]
+    fn a_vote_for_nobody_written_by_openraft_0_9_grants_no_candidate_of_its_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RAFT_STATE_FILE);
+        let mut bytes = RaftState {
+            vote: Some(Vote::new(5, 1)),
+            ..RaftState::default()
+        }
+        .encode();
+        // 0.9's "nobody": the node field all ones (the CRC is the file's last 4 bytes).
+        bytes[13..21].copy_from_slice(&u64::MAX.to_be_bytes());
+        let body = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_be_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let vote = RaftState::read(&path).unwrap().unwrap().vote.unwrap();
+        assert_eq!(vote, Vote::new(5, u64::MAX));
+        for candidate in 1..=3 {
+            assert!(Vote::new(5, candidate).partial_cmp(&vote).is_none());
+            assert!(Vote::new(6, candidate) > vote);
+        }
     }
 
     #[test]

@@ -180,29 +180,71 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 pub use openraft::async_runtime::WatchReceiver as _;
 
-/// A group's metrics as a tokio watch (openraft 0.10's own watch type offers neither
-/// `wait_for` nor `has_changed`): a task forwards every change until either side is gone.
-/// For one-shot looks use `raft.metrics().borrow_watched()`, which spawns nothing.
-pub fn metrics_watch(
-    raft: &Raft,
-) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<PartitionRaft>> {
-    let mut from = raft.metrics();
-    let (to, receiver) = tokio::sync::watch::channel(from.borrow_watched().clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                changed = from.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let now = from.borrow_watched().clone();
-                    if to.send(now).is_err() {
-                        break;
-                    }
-                }
-                () = to.closed() => break,
-            }
+/// A group's metrics watch: openraft 0.10's receiver, with the waits tokio's own offers
+/// (`wait_for`, `has_changed`), and no task or copy of its own.
+pub struct MetricsWatch(
+    openraft::type_config::alias::WatchReceiverOf<
+        PartitionRaft,
+        openraft::RaftMetrics<PartitionRaft>,
+    >,
+);
+
+impl std::fmt::Debug for MetricsWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsWatch")
+    }
+}
+
+/// A look at a group's metrics, held briefly.
+pub type MetricsRef<'a> = tokio::sync::watch::Ref<'a, openraft::RaftMetrics<PartitionRaft>>;
+
+/// The metrics sender is gone: the group's Raft stopped.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the group's Raft is gone")]
+pub struct MetricsGone;
+
+impl MetricsWatch {
+    /// The latest metrics, marked seen.
+    pub fn borrow_and_update(&mut self) -> MetricsRef<'_> {
+        self.0.borrow_and_update()
+    }
+
+    /// The latest metrics (not marked seen).
+    pub fn borrow(&self) -> MetricsRef<'_> {
+        use openraft::async_runtime::WatchReceiver as _;
+        self.0.borrow_watched()
+    }
+
+    /// Waits for metrics not seen yet.
+    pub async fn changed(&mut self) -> Result<(), MetricsGone> {
+        self.0.changed().await.map_err(|_| MetricsGone)
+    }
+
+    /// Whether there are metrics not seen yet (it marks them seen).
+    pub fn has_changed(&mut self) -> Result<bool, MetricsGone> {
+        use futures_util::FutureExt as _;
+        match self.0.changed().now_or_never() {
+            None => Ok(false),
+            Some(Ok(())) => Ok(true),
+            Some(Err(_)) => Err(MetricsGone),
         }
-    });
-    receiver
+    }
+
+    /// Waits until `ready` holds for the latest metrics.
+    pub async fn wait_for(
+        &mut self,
+        mut ready: impl FnMut(&openraft::RaftMetrics<PartitionRaft>) -> bool,
+    ) -> Result<(), MetricsGone> {
+        loop {
+            if ready(&self.0.borrow_and_update()) {
+                return Ok(());
+            }
+            self.changed().await?;
+        }
+    }
+}
+
+/// `raft`'s metrics, to wait on.
+pub fn metrics_watch(raft: &Raft) -> MetricsWatch {
+    MetricsWatch(raft.metrics())
 }

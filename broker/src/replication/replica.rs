@@ -148,6 +148,11 @@ pub enum ReplicationError {
     /// This replica does not lead the group; `leader` is the one it knows, in `epoch`.
     #[error("not the leader (leader {leader:?}, epoch {epoch})")]
     NotLeader { leader: Option<NodeId>, epoch: u64 },
+    /// This replica leads (in `epoch`), but no quorum of the group acknowledged it within
+    /// the leader lease: it takes no write, whatever the acks, until one does (it may have
+    /// been deposed without knowing; a write it took could be truncated by the next leader).
+    #[error("the leader (epoch {epoch}) has heard from no quorum of its replicas within the lease")]
+    NoQuorum { epoch: u64 },
     #[error("the write was not committed within {0:?}")]
     Timeout(Duration),
     #[error("invalid batch: {0}")]
@@ -178,6 +183,7 @@ impl ReplicationError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ReplicationError::NotLeader { .. } => ErrorCode::NotLeader,
+            ReplicationError::NoQuorum { .. } => ErrorCode::NotEnoughReplicas,
             ReplicationError::Timeout(_) => ErrorCode::Timeout,
             ReplicationError::InvalidBatch(_) => ErrorCode::InvalidRequest,
             ReplicationError::Stopped(_) => ErrorCode::ShuttingDown,
@@ -234,9 +240,7 @@ pub fn fatal_reason(
 
 /// Waits until the Raft behind `metrics` stops on its own and says why; `None` once it was
 /// shut down on purpose or dropped.
-async fn wait_for_failure(
-    mut metrics: watch::Receiver<openraft::RaftMetrics<PartitionRaft>>,
-) -> Option<String> {
+async fn wait_for_failure(mut metrics: super::MetricsWatch) -> Option<String> {
     loop {
         {
             let now = metrics.borrow_and_update();
@@ -876,6 +880,13 @@ impl PartitionReplica {
         Ok(async move {
             let not_leader = |result: Result<_, _>| match result {
                 Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(ClientWriteError::ForwardToLeader(forward)))
+                    if forward.reason == openraft::errors::ForwardReason::LeaseExpired =>
+                {
+                    Err(ReplicationError::NoQuorum {
+                        epoch: raft.metrics().borrow_watched().current_term,
+                    })
+                }
                 Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                     Err(ReplicationError::NotLeader {
                         leader: forward.leader_id,
@@ -894,16 +905,17 @@ impl PartitionReplica {
                     leader_epoch: answer.log_id.leader_id.term,
                 });
             }
+            let appended = |answer: openraft::raft::ClientWriteResponse<PartitionRaft>| Appended {
+                base_offset: answer.data.base_offset,
+                last_offset: answer.data.last_offset,
+                leader_epoch: answer.log_id.leader_id.term,
+            };
+            let mut committed = std::pin::pin!(committed);
             tokio::select! {
+                // A refusal drops the entry unwritten, which ends both: the refusal says why.
+                biased;
                 // Refused (not the leader) or committed before the local flush was seen.
-                result = committed => {
-                    let answer = not_leader(result)?;
-                    Ok(Appended {
-                        base_offset: answer.data.base_offset,
-                        last_offset: answer.data.last_offset,
-                        leader_epoch: answer.log_id.leader_id.term,
-                    })
-                }
+                result = &mut committed => Ok(appended(not_leader(result)?)),
                 place = locally_durable => match place {
                     Ok(Ok((storage_offset, term))) => {
                         let base_offset = shared.kafka_offset(storage_offset);
@@ -914,7 +926,8 @@ impl PartitionReplica {
                         })
                     }
                     Ok(Err(message)) => Err(ReplicationError::Stopped(message)),
-                    Err(_) => Err(ReplicationError::Stopped("the write was dropped".into())),
+                    // Dropped unwritten: refused, and the refusal is on its way.
+                    Err(_) => Ok(appended(not_leader(committed.await)?)),
                 },
             }
         })
@@ -1160,6 +1173,7 @@ impl PartitionReplica {
             membership.voter_ids().any(|n| n == node) || membership.learner_ids().any(|n| n == node)
         };
         if !member {
+            self.renew_write_lease().await;
             match tokio::time::timeout_at(
                 deadline,
                 self.raft.add_learner(node, openraft::EmptyNode {}, false),
@@ -1290,6 +1304,7 @@ impl PartitionReplica {
             if learners.contains(node) {
                 continue;
             }
+            self.renew_write_lease().await;
             match tokio::time::timeout_at(
                 deadline,
                 self.raft.add_learner(*node, openraft::EmptyNode {}, false),
@@ -1343,6 +1358,7 @@ impl PartitionReplica {
         // One membership change, committed by `deadline`.
         let commit = |change: openraft::ChangeMembers<NodeId, openraft::EmptyNode>,
                       what: String| async move {
+            self.renew_write_lease().await;
             let change = self
                 .raft
                 .change_membership(change, keep_removed_as_learners);

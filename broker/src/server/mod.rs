@@ -876,7 +876,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<State>, slot: Ip
     }
 }
 
-/// A connection that negotiated ALPN `ketch-peer/1` is another broker of the cluster: it must
+/// A connection that negotiated ALPN `ketch-peer/2` is another broker of the cluster: it must
 /// present a certificate of the cluster CA, and is answered by the peer transport until it
 /// closes. Returns whether the connection was a peer's (and is done).
 async fn serve_if_peer(state: &State, connection: &quinn::Connection) -> bool {

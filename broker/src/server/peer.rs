@@ -1,6 +1,6 @@
 //! Broker-to-broker QUIC for replication: the production [`PeerTransport`].
 //!
-//! ALPN `ketch-peer/1`, TLS 1.3 with **mutual** authentication (both ends present a
+//! ALPN `ketch-peer/2`, TLS 1.3 with **mutual** authentication (both ends present a
 //! certificate of the cluster's CA: Raft messages are accepted from members only), one
 //! connection per broker pair shared by every partition group, one bidirectional stream per
 //! request: `length:u32 | peer_wire request`, answered by `length:u32 | peer_wire answer`
@@ -31,8 +31,10 @@ use crate::replication::network::{Served, serve_beacon};
 use crate::replication::peer_wire;
 use crate::replication::{NodeId, Raft};
 
-/// The ALPN of broker-to-broker connections.
-pub const PEER_ALPN: &[u8] = b"ketch-peer/1";
+/// The ALPN of broker-to-broker connections. `/2`: the peer messages of openraft 0.10
+/// (pipelined appends, whole snapshots); a broker of `/1` (openraft 0.9) cannot join, and
+/// says so at the handshake rather than misreading messages.
+pub const PEER_ALPN: &[u8] = b"ketch-peer/2";
 /// The name peers' certificates are issued for and checked against.
 pub const PEER_SERVER_NAME: &str = "ketch-peer";
 /// The largest peer message (an append of many batches).
@@ -128,7 +130,7 @@ pub struct QuicPeers {
     /// One connection per peer, shared by every group. Each peer has its own slot, so a
     /// connection attempt to a dead peer holds up requests to that peer only.
     connections: std::sync::Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
-    /// How outgoing connections present this broker (ALPN `ketch-peer/1`, its certificate).
+    /// How outgoing connections present this broker (ALPN `ketch-peer/2`, its certificate).
     client_config: quinn::ClientConfig,
     /// When each peer last answered a request.
     answered: std::sync::Mutex<HashMap<NodeId, std::time::Instant>>,
@@ -233,7 +235,7 @@ fn peer_client_config(tls: &PeerTls) -> Result<quinn::ClientConfig, PeerSetupErr
 }
 
 impl QuicPeers {
-    /// The peer transport on a broker's own endpoint (which accepts `ketch-peer/1` beside
+    /// The peer transport on a broker's own endpoint (which accepts `ketch-peer/2` beside
     /// `ketch/1` and hands peer connections to [`serve_peer_connection`]): outgoing
     /// connections leave from the same UDP port. `beacons` are those of the [`PeerGroups`]
     /// the endpoint answers peers with.

@@ -277,7 +277,7 @@ pub fn server_crypto(
     server_crypto_with_peers(identity, client_ca, None)
 }
 
-/// [`server_crypto`], and with `cluster_ca` also ALPN `ketch-peer/1` for brokers of the
+/// [`server_crypto`], and with `cluster_ca` also ALPN `ketch-peer/2` for brokers of the
 /// cluster: certificates of that CA are asked for too (a peer connection must present one;
 /// the server checks that after the handshake).
 pub fn server_crypto_with_peers(
