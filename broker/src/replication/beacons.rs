@@ -395,8 +395,7 @@ async fn send<T: PeerTransport>(beacons: Arc<Beacons>, node: NodeId, transport: 
             }
             let mut changed = std::mem::take(&mut local.changed);
             for (group, registered) in &mut local.groups {
-                let looked =
-                    registered.seen.is_none() || registered.metrics.has_changed().unwrap_or(false);
+                let looked = registered.seen.is_none() || registered.metrics.has_changed();
                 if looked {
                     let seen = Seen::of(
                         node,

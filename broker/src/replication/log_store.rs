@@ -741,7 +741,7 @@ impl PartitionLogStore {
             .wait_for(|done| *done >= made)
             .await
             .map(|_| ())
-            .map_err(|_| std::io::Error::other("flush worker gone").into())
+            .map_err(|_| std::io::Error::other("flush worker gone"))
     }
 }
 

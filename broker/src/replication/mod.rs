@@ -220,14 +220,10 @@ impl MetricsWatch {
         self.0.changed().await.map_err(|_| MetricsGone)
     }
 
-    /// Whether there are metrics not seen yet (it marks them seen).
-    pub fn has_changed(&mut self) -> Result<bool, MetricsGone> {
-        use futures_util::FutureExt as _;
-        match self.0.changed().now_or_never() {
-            None => Ok(false),
-            Some(Ok(())) => Ok(true),
-            Some(Err(_)) => Err(MetricsGone),
-        }
+    /// Whether there are metrics not seen yet (a look at a version number: the beacon
+    /// round asks it of every group it sends for).
+    pub fn has_changed(&self) -> bool {
+        self.borrow().has_changed()
     }
 
     /// Waits until `ready` holds for the latest metrics.

@@ -852,7 +852,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
                     applier.hook.as_mut(),
                     entry,
                 )
-                .map_err(|why| std::io::Error::other(why))?;
+                .map_err(std::io::Error::other)?;
                 if answer.base_offset >= 0 {
                     self.high_watermark.send_replace(answer.last_offset + 1);
                 }
