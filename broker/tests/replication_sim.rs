@@ -231,7 +231,11 @@ impl Cluster {
                         return Some((appended.base_offset, appended.last_offset, sent));
                     }
                     Err(ReplicationError::NotLeader { leader, .. }) => hint = leader,
-                    Err(ReplicationError::Timeout(_)) | Err(ReplicationError::Stopped(_)) => {}
+                    // No quorum answered the leader within its lease (cut off, or its
+                    // followers down): retried, as a client retries not_enough_replicas.
+                    Err(ReplicationError::Timeout(_))
+                    | Err(ReplicationError::Stopped(_))
+                    | Err(ReplicationError::NoQuorum { .. }) => {}
                     Err(other) => panic!("write failed: {other}"),
                 }
             }
