@@ -365,7 +365,8 @@ fn check_invariants(cluster: &Cluster, acked: &[(i64, i64, Vec<String>)], contex
 /// heartbeat every 10 s), its leader keeps its term (the followers hear its beacons), and
 /// when the leader dies a follower stands within the election timeout of its last beacon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_group_sends_beacons_not_heartbeats_and_elects_fast_when_its_leader_dies() {
+async fn an_idle_group_sends_beacons_not_heartbeats_takes_writes_and_elects_fast_when_its_leader_dies()
+ {
     const IDLE: Duration = Duration::from_secs(3);
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path(), 7, Faults::default()).await;
@@ -399,6 +400,38 @@ async fn an_idle_group_sends_beacons_not_heartbeats_and_elects_fast_when_its_lea
             "node {node}'s term moved"
         );
     }
+    // Idle longer than its lease (900 ms), the leader has no quorum acknowledgement that
+    // openraft 0.10 would take a write on: a write forwarded to it from a follower still
+    // commits (the leader renews its lease with one heartbeat round first), and so does a
+    // write of its own.
+    use ketch_broker::replication::network::{PeerRequest, PeerResponse, PeerTransport as _};
+    let follower = (1..=3).find(|n| *n != leader).expect("three nodes");
+    cluster.history.record(|h| {
+        for value in ["forwarded", "own"] {
+            h.invoke(value);
+            h.indeterminate(value);
+        }
+    });
+    let forwarded = cluster
+        .network
+        .call(
+            &cluster.group,
+            follower,
+            leader,
+            PeerRequest::Propose(batch(&["forwarded".into()])),
+        )
+        .await;
+    assert!(
+        matches!(forwarded, Ok(PeerResponse::Proposed(..))),
+        "a write forwarded to an idle leader: {forwarded:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let own = cluster
+        .replica(leader)
+        .write(batch(&["own".into()]), Acks::All, WRITE_TIMEOUT)
+        .await;
+    assert!(own.is_ok(), "an idle leader's own write: {own:?}");
+
     let crashed_at = Instant::now();
     cluster.crash(leader).await;
     let new_leader = cluster.wait_for_leader(Some(leader)).await;

@@ -292,6 +292,8 @@ pub async fn serve(
             .map_err(|e| remote(&e)),
         PeerRequest::Propose(batch) => {
             ketch_protocol::batch::validate_from_client(&batch).map_err(|e| remote(&e))?;
+            // An idle leader's lease has run out (beacons, not heartbeats, keep it leader).
+            super::replica::renew_write_lease(raft).await;
             raft.client_write(super::LogBatch::new(batch))
                 .await
                 .map(|answer| PeerResponse::Proposed(answer.data, answer.log_id.leader_id.term))

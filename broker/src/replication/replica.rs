@@ -938,28 +938,10 @@ impl PartitionReplica {
     /// With leader beacons in place of per-group heartbeats an idle leader's lease runs out,
     /// and a new leader has none until its first acknowledgement. Unless a quorum acknowledged
     /// a send of this leader (term) within half the lease, one heartbeat round renews it
-    /// first (a leader of one needs none). If that fails, the write goes on and is refused as
-    /// not the leader's.
+    /// first (a leader of one needs none). If that fails, the write goes on and is refused
+    /// (`ReplicationError::NoQuorum`).
     async fn renew_write_lease(&self) {
-        let fresh = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow_watched();
-            let alone = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .nth(1)
-                .is_none();
-            let acked_within = |at: &openraft::metrics::SerdeInstant<openraft::TokioInstant>| {
-                <openraft::TokioInstant as openraft::Instant>::now() - **at < self.leader_lease / 2
-            };
-            alone || m.last_quorum_acked.as_ref().is_some_and(acked_within)
-        };
-        if fresh {
-            return;
-        }
-        let renew = openraft::LinearizerOption::new(Some(self.leader_lease / 2), true);
-        let _ = tokio::time::timeout(self.leader_lease, self.raft.get_read_linearizer(renew)).await;
+        renew_write_lease(&self.raft).await;
     }
 
     /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
@@ -1614,6 +1596,33 @@ impl PartitionReplica {
             tracing::warn!("a stopped replica's log is still held after {STOP_WAIT_MAX:?}");
         }
     }
+}
+
+/// Renews `raft`'s write lease if it may have run out (see
+/// `PartitionReplica::renew_write_lease`): unless a quorum acknowledged a send of this leader
+/// within half the lease (`election_timeout_max`), one heartbeat round, waited for at most a
+/// lease. A leader of one needs none.
+pub async fn renew_write_lease(raft: &Raft) {
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let fresh = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        let alone = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .nth(1)
+            .is_none();
+        let acked_within = |at: &openraft::metrics::SerdeInstant<openraft::TokioInstant>| {
+            <openraft::TokioInstant as openraft::Instant>::now() - **at < lease / 2
+        };
+        alone || m.last_quorum_acked.as_ref().is_some_and(acked_within)
+    };
+    if fresh {
+        return;
+    }
+    let renew = openraft::LinearizerOption::new(Some(lease / 2), true);
+    let _ = tokio::time::timeout(lease, raft.get_read_linearizer(renew)).await;
 }
 
 #[cfg(test)]
