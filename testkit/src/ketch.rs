@@ -120,7 +120,8 @@ impl KetchProcess {
                 "KETCH_LOG",
                 std::env::var("KETCH_LOG")
                     .unwrap_or_else(|_| {
-                        "info,openraft::replication=off,openraft::engine::handler::replication_handler=off".into()
+                        // `ketch serve`'s default filter, at INFO.
+                        "info,openraft::replication=off,openraft::engine::handler::replication_handler=off,openraft::core::heartbeat=off".into()
                     }),
             );
         let process = ServerProcess::spawn(
