@@ -16,8 +16,10 @@
 //!
 //! Everything is bounded. A request waits at most `wait_max` for its predecessors (a gap means
 //! one was lost, and then the leader's stream has failed already: it opens another). A group
-//! keeps at most [`STREAMS_MAX`] streams, dropping the least recently used. A stream holds at
-//! most [`STREAM_QUEUED_MAX`] requests handed over and not yet answered.
+//! keeps at most [`STREAMS_MAX`] streams, dropping one-request streams (heartbeats) first, then
+//! the least recently used, and remembers the last [`DROPPED_STREAMS_KEPT`] dropped so a late
+//! request of one fails at once. A stream holds at most [`STREAM_QUEUED_MAX`] requests handed
+//! over and not yet answered.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +32,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// The streams a group keeps at once. openraft runs one replication session per follower
 /// and, for reads, one-request heartbeat streams; a leader change adds the new leader's.
 pub const STREAMS_MAX: usize = 8;
+
+/// Streams dropped to make room that a group remembers, so a late request of one fails at
+/// once (its leader opens a new stream) instead of waiting for a first request that will
+/// not come.
+pub const DROPPED_STREAMS_KEPT: usize = 64;
 
 /// Requests of one stream handed to the replica and not yet answered. A leader keeps
 /// `APPENDS_IN_FLIGHT_PER_PEER` in flight; more means the peer is not following the protocol.
@@ -77,6 +84,8 @@ struct Stream<Req, Ans> {
 
 struct Streams<Req, Ans> {
     by_key: HashMap<StreamKey, Stream<Req, Ans>>,
+    /// The streams most recently dropped to make room, oldest first.
+    dropped: VecDeque<StreamKey>,
     clock: u64,
 }
 
@@ -116,6 +125,7 @@ where
             wait_max,
             streams: Mutex::new(Streams {
                 by_key: HashMap::new(),
+                dropped: VecDeque::new(),
                 clock: 0,
             }),
         }
@@ -160,14 +170,23 @@ where
         streams.clock += 1;
         let now = streams.clock;
         if !streams.by_key.contains_key(&key) {
+            if streams.dropped.contains(&key) {
+                return Err(IntakeError::Closed);
+            }
             if streams.by_key.len() >= STREAMS_MAX {
-                let oldest = streams
+                // Streams of one request (a heartbeat's) first, then the least recently
+                // used: a replication session idle for a while is kept over them.
+                let victim = streams
                     .by_key
                     .iter()
-                    .min_by_key(|(_, s)| s.used)
+                    .min_by_key(|(_, s)| (s.progress.borrow().next > 1, s.used))
                     .map(|(k, _)| *k);
-                if let Some(oldest) = oldest {
-                    streams.by_key.remove(&oldest);
+                if let Some(victim) = victim {
+                    streams.by_key.remove(&victim);
+                    if streams.dropped.len() >= DROPPED_STREAMS_KEPT {
+                        streams.dropped.pop_front();
+                    }
+                    streams.dropped.push_back(victim);
                 }
             }
             streams.by_key.insert(
@@ -344,18 +363,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn streams_past_the_limit_drop_the_least_recently_used() {
+    async fn streams_past_the_limit_drop_heartbeats_first_and_late_requests_fail_at_once() {
         let intake = Arc::new(counting());
+        // A replication session: two requests, then idle.
+        let session = (1, 100);
+        for seq in 0..2 {
+            assert_eq!(intake.submit(session, seq, seq).await, Ok(Ok(seq)));
+        }
         let waiting = {
             let intake = intake.clone();
             tokio::spawn(async move { intake.submit((1, 0), 1, 1).await })
         };
         tokio::task::yield_now().await;
+        // Heartbeats (one request each), more than the limit holds.
         for n in 1..=STREAMS_MAX as u64 {
             assert_eq!(intake.submit((1, n), 0, 0).await, Ok(Ok(0)));
         }
-        // Stream 0 was the least recently used: dropped, its waiting request told so.
+        // The stream that never got its first request went first, told so at once.
         assert_eq!(waiting.await.unwrap(), Err(IntakeError::Closed));
         assert_eq!(lock(&intake.streams).by_key.len(), STREAMS_MAX);
+        // The idle session outlived the heartbeats and goes on.
+        assert_eq!(intake.submit(session, 2, 2).await, Ok(Ok(2)));
+        // A request of a dropped stream fails at once, not after the wait for a gap.
+        assert_eq!(intake.submit((1, 0), 2, 2).await, Err(IntakeError::Closed));
+        let dropped_heartbeat = *lock(&intake.streams)
+            .dropped
+            .back()
+            .expect("heartbeats were dropped");
+        assert_eq!(
+            intake.submit(dropped_heartbeat, 1, 1).await,
+            Err(IntakeError::Closed)
+        );
     }
 }
