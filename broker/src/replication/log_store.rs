@@ -961,11 +961,11 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
     {
         let now_ms = (self.clock)();
         let mut writes = Vec::new();
+        // Kept until queued: a full writer queue means staging them again.
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let mut entries = entries.into_iter().peekable();
         // An empty log may begin past its expected index (after entries it never had); the
         // new beginning is checkpointed before anything is written at it.
-        if let Some(first) = entries.peek() {
+        if let Some(first) = entries.first() {
             let begins_later = {
                 let index = lock(&self.shared.index);
                 index.is_empty() && first.log_id.index > index.next_index()
@@ -980,7 +980,6 @@ impl RaftLogStorage<PartitionRaft> for PartitionLogStore {
                 self.save_state().await?;
             }
         }
-        let entries: Vec<Entry> = entries.collect();
         let queued = loop {
             let queued = {
                 let mut index = lock(&self.shared.index);

@@ -869,7 +869,7 @@ impl PartitionReplica {
             local_ack: (acks != Acks::All).then_some(local_ack),
             ..LogBatch::new(bytes)
         };
-        self.renew_write_lease().await;
+        renew_write_lease(&self.raft).await;
         let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
         self.raft
             .client_write_ff(payload, Some(responder))
@@ -931,17 +931,6 @@ impl PartitionReplica {
                 },
             }
         })
-    }
-
-    /// openraft 0.10 refuses writes (`ForwardToLeader`, no leader named) from a leader whose
-    /// lease ran out: no quorum acknowledged anything it sent within `election_timeout_max`.
-    /// With leader beacons in place of per-group heartbeats an idle leader's lease runs out,
-    /// and a new leader has none until its first acknowledgement. Unless a quorum acknowledged
-    /// a send of this leader (term) within half the lease, one heartbeat round renews it
-    /// first (a leader of one needs none). If that fails, the write goes on and is refused
-    /// (`ReplicationError::NoQuorum`).
-    async fn renew_write_lease(&self) {
-        renew_write_lease(&self.raft).await;
     }
 
     /// Why this replica's Raft stopped on its own (a storage error, a panic), if it did:
@@ -1155,7 +1144,7 @@ impl PartitionReplica {
             membership.voter_ids().any(|n| n == node) || membership.learner_ids().any(|n| n == node)
         };
         if !member {
-            self.renew_write_lease().await;
+            renew_write_lease(&self.raft).await;
             match tokio::time::timeout_at(
                 deadline,
                 self.raft.add_learner(node, openraft::EmptyNode {}, false),
@@ -1286,7 +1275,7 @@ impl PartitionReplica {
             if learners.contains(node) {
                 continue;
             }
-            self.renew_write_lease().await;
+            renew_write_lease(&self.raft).await;
             match tokio::time::timeout_at(
                 deadline,
                 self.raft.add_learner(*node, openraft::EmptyNode {}, false),
@@ -1340,7 +1329,7 @@ impl PartitionReplica {
         // One membership change, committed by `deadline`.
         let commit = |change: openraft::ChangeMembers<NodeId, openraft::EmptyNode>,
                       what: String| async move {
-            self.renew_write_lease().await;
+            renew_write_lease(&self.raft).await;
             let change = self
                 .raft
                 .change_membership(change, keep_removed_as_learners);
@@ -1598,10 +1587,14 @@ impl PartitionReplica {
     }
 }
 
-/// Renews `raft`'s write lease if it may have run out (see
-/// `PartitionReplica::renew_write_lease`): unless a quorum acknowledged a send of this leader
-/// within half the lease (`election_timeout_max`), one heartbeat round, waited for at most a
-/// lease. A leader of one needs none.
+/// openraft 0.10 refuses writes (`ForwardToLeader`, no leader named) from a leader whose
+/// lease ran out: no quorum acknowledged anything it sent within `election_timeout_max`.
+/// With leader beacons in place of per-group heartbeats an idle leader's lease runs out,
+/// and a new leader has none until its first acknowledgement. Unless a quorum acknowledged
+/// a send of this leader (term) within half the lease, one heartbeat round renews it
+/// first (a leader of one needs none). If that fails, the write goes on and is refused
+/// (`ReplicationError::NoQuorum`).
+/// The heartbeat round is waited for at most a lease.
 pub async fn renew_write_lease(raft: &Raft) {
     let lease = Duration::from_millis(raft.config().election_timeout_max);
     let fresh = {
